@@ -1,0 +1,43 @@
+// Internal: the memory operations of one kind of device.
+//
+// The CPU implementation is always present; the GPU one exists only in builds
+// with CUDA (ndarray/cuda/), so no CUDA header reaches this file or any public
+// header. All functions are thread-safe.
+#ifndef MX_NDARRAY_DEVICE_H_
+#define MX_NDARRAY_DEVICE_H_
+
+#include <cstddef>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "ndarray/context.h"
+
+namespace mx::internal {
+
+class DeviceApi {
+ public:
+  virtual ~DeviceApi() = default;
+  // Number of devices of this kind.
+  virtual int DeviceCount() = 0;
+  // Allocates bytes on device `id`, aligned to at least 64 bytes.
+  // ResourceExhausted when the device is out of memory.
+  virtual absl::StatusOr<void*> Alloc(int id, size_t bytes) = 0;
+  virtual void Free(int id, void* ptr) = 0;
+  // Copies bytes between two contexts, at least one of which is this device
+  // kind (or both host). Blocks until the copy is complete.
+  virtual absl::Status Copy(void* dst, Context dst_ctx, const void* src,
+                            Context src_ctx, size_t bytes) = 0;
+  // Sets n floats at dst to value.
+  virtual absl::Status Fill(float* dst, int id, float value, size_t n) = 0;
+};
+
+// The host implementation.
+DeviceApi* CpuDeviceApi();
+// The CUDA implementation, or nullptr in a build without CUDA.
+DeviceApi* GpuDeviceApi();
+// The implementation for ctx's device type (nullptr for an unbuilt GPU).
+DeviceApi* DeviceApiFor(Context ctx);
+
+}  // namespace mx::internal
+
+#endif  // MX_NDARRAY_DEVICE_H_

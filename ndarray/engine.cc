@@ -1,0 +1,522 @@
+#include "ndarray/engine.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <queue>
+#include <string>
+#include <thread>
+
+#include "absl/algorithm/container.h"
+#include "absl/container/inlined_vector.h"
+#include "ndarray/base.h"
+
+namespace mx {
+namespace engine {
+
+// A failure shared by every variable it reached. `reported` turns true once a
+// waiter has rethrown it, so that WaitForAll does not report it again.
+struct ErrorBox {
+  explicit ErrorBox(std::exception_ptr e) : error(std::move(e)) {}
+  std::exception_ptr error;
+  std::atomic<bool> reported{false};
+};
+using ErrorRef = std::shared_ptr<ErrorBox>;
+
+using VarList = absl::InlinedVector<Var*, 4>;
+
+// Dependency state of one variable. State below is protected by mu.
+// Invariants: at most one write runs, and never together with reads;
+// `pending` holds the operations that could not start because of this
+// variable, in push order, and when it is not empty its first entry is a
+// write or is a read held back by a running write.
+struct Var {
+  struct Pending {
+    OprBlock* op;
+    bool write;
+  };
+  std::mutex mu;
+  std::deque<Pending> pending;
+  int running_reads = 0;
+  bool running_write = false;
+  ErrorRef error;
+};
+
+struct OprBlock {
+  // Number of variables (plus one for the pusher) not yet granted to this op.
+  std::atomic<int> wait{0};
+  Engine::AsyncFn fn;
+  Context ctx;
+  VarList const_vars;
+  VarList mutable_vars;
+  int priority = 0;
+  uint64_t seq = 0;
+  const char* name = "";
+  // Runs even when its variables carry errors (waits and deletions).
+  bool always_run = false;
+  // Frees mutable_vars[0] after completion.
+  bool delete_var = false;
+};
+
+namespace {
+
+// Removes duplicates, and variables of `mutable_vars` from `const_vars`.
+void Dedupe(VarList* const_vars, VarList* mutable_vars) {
+  auto unique = [](VarList* v) {
+    absl::c_sort(*v);
+    v->erase(std::unique(v->begin(), v->end()), v->end());
+  };
+  unique(mutable_vars);
+  unique(const_vars);
+  const_vars->erase(
+      std::remove_if(const_vars->begin(), const_vars->end(),
+                     [&](Var* v) {
+                       return std::binary_search(mutable_vars->begin(),
+                                                 mutable_vars->end(), v);
+                     }),
+      const_vars->end());
+}
+
+// The first error carried by any variable of op, or null.
+ErrorRef InputError(OprBlock* op) {
+  if (op->always_run) return nullptr;
+  for (const VarList* list : {&op->const_vars, &op->mutable_vars}) {
+    for (Var* v : *list) {
+      std::lock_guard<std::mutex> lock(v->mu);
+      if (v->error) return v->error;
+    }
+  }
+  return nullptr;
+}
+
+int WorkersFromEnv(int requested) {
+  if (requested > 0) return requested;
+  if (const char* v = std::getenv("MX_CPU_WORKER_NTHREADS")) {
+    int n = std::atoi(v);
+    if (n > 0) return n;
+  }
+  int hw = static_cast<int>(std::thread::hardware_concurrency());
+  return hw > 0 ? hw : 1;
+}
+
+// Errors recorded by operations, for WaitForAll.
+class ErrorLog {
+ public:
+  void Record(const ErrorRef& e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    errors_.push_back(e);
+  }
+  // Clears the log and rethrows its first unreported error.
+  void RethrowFirstUnreported() {
+    std::vector<ErrorRef> errors;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      errors.swap(errors_);
+    }
+    for (const ErrorRef& e : errors) {
+      if (!e->reported.exchange(true)) std::rethrow_exception(e->error);
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<ErrorRef> errors_;
+};
+
+// Rethrows and clears var's error, if any.
+void RethrowVarError(Var* var) {
+  ErrorRef error;
+  {
+    std::lock_guard<std::mutex> lock(var->mu);
+    error.swap(var->error);
+  }
+  if (error) {
+    error->reported = true;
+    std::rethrow_exception(error->error);
+  }
+}
+
+OprBlock* NewOpr(Engine::AsyncFn fn, Context ctx,
+                 const std::vector<VarHandle>& const_vars,
+                 const std::vector<VarHandle>& mutable_vars, int priority,
+                 const char* name) {
+  OprBlock* op = new OprBlock;
+  op->fn = std::move(fn);
+  op->ctx = ctx;
+  op->const_vars.assign(const_vars.begin(), const_vars.end());
+  op->mutable_vars.assign(mutable_vars.begin(), mutable_vars.end());
+  Dedupe(&op->const_vars, &op->mutable_vars);
+  op->priority = priority;
+  op->name = name;
+  return op;
+}
+
+// A pool of worker threads that run ready operations, highest priority
+// first and in push order among equal priorities.
+class WorkerPool {
+ public:
+  WorkerPool(int n, std::function<void(OprBlock*)> run) : run_(std::move(run)) {
+    for (int i = 0; i < n; ++i) threads_.emplace_back([this] { Loop(); });
+  }
+  ~WorkerPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  void Push(OprBlock* op) {
+    bool wake;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      op->seq = next_seq_++;
+      queue_.push(op);
+      wake = idle_ > 0;
+    }
+    if (wake) cv_.notify_one();
+  }
+  int size() const { return static_cast<int>(threads_.size()); }
+
+ private:
+  struct Order {
+    bool operator()(const OprBlock* a, const OprBlock* b) const {
+      if (a->priority != b->priority) return a->priority < b->priority;
+      return a->seq > b->seq;
+    }
+  };
+  void Loop() {
+    for (;;) {
+      OprBlock* op;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        while (queue_.empty() && !stop_) {
+          ++idle_;
+          cv_.wait(lock);
+          --idle_;
+        }
+        if (queue_.empty()) return;
+        op = queue_.top();
+        queue_.pop();
+      }
+      run_(op);
+    }
+  }
+
+  std::function<void(OprBlock*)> run_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::priority_queue<OprBlock*, std::vector<OprBlock*>, Order> queue_;
+  uint64_t next_seq_ = 0;
+  int idle_ = 0;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
+};
+
+class ThreadedEngine : public Engine {
+ public:
+  explicit ThreadedEngine(int num_workers)
+      : pool_(num_workers, [this](OprBlock* op) { Run(op); }) {}
+
+  ~ThreadedEngine() override {
+    WaitForPending();
+    // pool_ joins its threads when destroyed.
+  }
+
+  VarHandle NewVariable() override { return new Var; }
+
+  void PushAsync(AsyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
+                 std::vector<VarHandle> mutable_vars, int priority,
+                 const char* name) override {
+    Push(NewOpr(std::move(fn), ctx, const_vars, mutable_vars, priority, name));
+  }
+
+  void DeleteVariable(SyncFn delete_fn, Context ctx, VarHandle var) override {
+    OprBlock* op = NewOpr(
+        [delete_fn = std::move(delete_fn)](RunContext rctx,
+                                           CallbackOnComplete done) {
+          delete_fn(rctx);
+          done();
+        },
+        ctx, {}, {var}, 0, "DeleteVariable");
+    op->always_run = true;
+    op->delete_var = true;
+    Push(op);
+  }
+
+  void WaitForVar(VarHandle var) override {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    OprBlock* op = NewOpr(
+        [&](RunContext, CallbackOnComplete on_complete) {
+          {
+            std::lock_guard<std::mutex> lock(mu);
+            done = true;
+          }
+          cv.notify_all();
+          on_complete();
+        },
+        Context::CPU(), {var}, {}, 0, "WaitForVar");
+    op->always_run = true;
+    Push(op);
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return done; });
+    }
+    RethrowVarError(var);
+  }
+
+  void WaitForAll() override {
+    WaitForPending();
+    errors_.RethrowFirstUnreported();
+  }
+
+  int num_workers() const override { return pool_.size(); }
+  const char* type() const override { return "ThreadedEngine"; }
+
+ protected:
+  void OnComplete(OprBlock* op, std::exception_ptr error) override {
+    ErrorRef ref;
+    if (error) {
+      ref = std::make_shared<ErrorBox>(error);
+      errors_.Record(ref);
+    }
+    Complete(op, std::move(ref));
+  }
+
+ private:
+  void Push(OprBlock* op) {
+    pending_ops_.fetch_add(1, std::memory_order_relaxed);
+    op->wait.store(
+        static_cast<int>(op->const_vars.size() + op->mutable_vars.size()) + 1,
+        std::memory_order_relaxed);
+    for (Var* v : op->const_vars) {
+      bool ready;
+      {
+        std::lock_guard<std::mutex> lock(v->mu);
+        ready = !v->running_write && v->pending.empty();
+        if (ready) {
+          ++v->running_reads;
+        } else {
+          v->pending.push_back({op, false});
+        }
+      }
+      if (ready) DecWait(op);
+    }
+    for (Var* v : op->mutable_vars) {
+      bool ready;
+      {
+        std::lock_guard<std::mutex> lock(v->mu);
+        ready = !v->running_write && v->running_reads == 0 && v->pending.empty();
+        if (ready) {
+          v->running_write = true;
+        } else {
+          v->pending.push_back({op, true});
+        }
+      }
+      if (ready) DecWait(op);
+    }
+    DecWait(op);
+  }
+
+  void DecWait(OprBlock* op) {
+    if (op->wait.fetch_sub(1, std::memory_order_acq_rel) == 1) pool_.Push(op);
+  }
+
+  void Run(OprBlock* op) {
+    ErrorRef input_error = InputError(op);
+    if (input_error) {
+      Complete(op, std::move(input_error));
+      return;
+    }
+    try {
+      op->fn(RunContext{op->ctx}, MakeCallback(op));
+    } catch (...) {
+      // Contract violation by an async fn; treat as the op's failure.
+      OnComplete(op, std::current_exception());
+    }
+  }
+
+  // Releases op's variables, starts what became ready, and frees op.
+  void Complete(OprBlock* op, ErrorRef error) {
+    absl::InlinedVector<OprBlock*, 8> ready;
+    for (Var* v : op->const_vars) {
+      std::lock_guard<std::mutex> lock(v->mu);
+      if (--v->running_reads == 0 && !v->pending.empty()) {
+        // The head of the queue is then a write (see Var's invariants).
+        ready.push_back(v->pending.front().op);
+        v->pending.pop_front();
+        v->running_write = true;
+      }
+    }
+    for (Var* v : op->mutable_vars) {
+      {
+        std::lock_guard<std::mutex> lock(v->mu);
+        if (error) v->error = error;
+        v->running_write = false;
+        if (!v->pending.empty() && v->pending.front().write) {
+          ready.push_back(v->pending.front().op);
+          v->pending.pop_front();
+          v->running_write = true;
+        } else {
+          while (!v->pending.empty() && !v->pending.front().write) {
+            ready.push_back(v->pending.front().op);
+            v->pending.pop_front();
+            ++v->running_reads;
+          }
+        }
+      }
+      if (op->delete_var) {
+        MX_CHECK(v->pending.empty() && v->running_reads == 0);
+        delete v;
+      }
+    }
+    for (OprBlock* r : ready) DecWait(r);
+    delete op;
+    if (pending_ops_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lock(finish_mu_);
+      finish_cv_.notify_all();
+    }
+  }
+
+  void WaitForPending() {
+    std::unique_lock<std::mutex> lock(finish_mu_);
+    finish_cv_.wait(lock, [this] {
+      return pending_ops_.load(std::memory_order_acquire) == 0;
+    });
+  }
+
+  std::atomic<int64_t> pending_ops_{0};
+  std::mutex finish_mu_;
+  std::condition_variable finish_cv_;
+  ErrorLog errors_;
+  WorkerPool pool_;  // last: its threads stop before the state above dies
+};
+
+// Runs every operation inline, in Push. Async operations are waited for.
+class NaiveEngine : public Engine {
+ public:
+  VarHandle NewVariable() override { return new Var; }
+
+  void PushAsync(AsyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
+                 std::vector<VarHandle> mutable_vars, int priority,
+                 const char* name) override {
+    RunInline(NewOpr(std::move(fn), ctx, const_vars, mutable_vars, priority,
+                     name));
+  }
+
+  void DeleteVariable(SyncFn delete_fn, Context ctx, VarHandle var) override {
+    delete_fn(RunContext{ctx});
+    delete var;
+  }
+
+  void WaitForVar(VarHandle var) override { RethrowVarError(var); }
+
+  void WaitForAll() override { errors_.RethrowFirstUnreported(); }
+
+  int num_workers() const override { return 0; }
+  const char* type() const override { return "NaiveEngine"; }
+
+ protected:
+  void OnComplete(OprBlock* op, std::exception_ptr error) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    done_ops_.push_back({op, std::move(error)});
+    cv_.notify_all();
+  }
+
+ private:
+  void RunInline(OprBlock* op) {
+    ErrorRef error = InputError(op);
+    if (!error) {
+      try {
+        op->fn(RunContext{op->ctx}, MakeCallback(op));
+      } catch (...) {
+        OnComplete(op, std::current_exception());
+      }
+      std::exception_ptr e = AwaitCompletion(op);
+      if (e) {
+        error = std::make_shared<ErrorBox>(e);
+        errors_.Record(error);
+      }
+    }
+    if (error) {
+      for (Var* v : op->mutable_vars) {
+        std::lock_guard<std::mutex> lock(v->mu);
+        v->error = error;
+      }
+    }
+    delete op;
+  }
+
+  std::exception_ptr AwaitCompletion(OprBlock* op) {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      for (auto it = done_ops_.begin(); it != done_ops_.end(); ++it) {
+        if (it->first == op) {
+          std::exception_ptr e = it->second;
+          done_ops_.erase(it);
+          return e;
+        }
+      }
+      cv_.wait(lock);
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::pair<OprBlock*, std::exception_ptr>> done_ops_;
+  ErrorLog errors_;
+};
+
+}  // namespace
+}  // namespace engine
+
+void CallbackOnComplete::operator()(std::exception_ptr error) const {
+  engine_->OnComplete(op_, std::move(error));
+}
+
+void Engine::PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
+                      std::vector<VarHandle> mutable_vars, int priority,
+                      const char* name) {
+  PushAsync(
+      [fn = std::move(fn)](RunContext rctx, CallbackOnComplete done) {
+        std::exception_ptr error;
+        try {
+          fn(rctx);
+        } catch (...) {
+          error = std::current_exception();
+        }
+        done(std::move(error));
+      },
+      ctx, std::move(const_vars), std::move(mutable_vars), priority, name);
+}
+
+std::unique_ptr<Engine> CreateEngine(const EngineOptions& options) {
+  if (options.kind == EngineOptions::Kind::kNaive) {
+    return std::make_unique<engine::NaiveEngine>();
+  }
+  return std::make_unique<engine::ThreadedEngine>(
+      engine::WorkersFromEnv(options.num_workers));
+}
+
+std::shared_ptr<Engine> Engine::Shared() {
+  // Destroyed at exit once the last NDArray chunk lets go of it; its
+  // destructor finishes pending operations and joins the workers.
+  static std::shared_ptr<Engine> engine = [] {
+    EngineOptions options;
+    const char* type = std::getenv("MX_ENGINE_TYPE");
+    if (type != nullptr && std::strcmp(type, "NaiveEngine") == 0) {
+      options.kind = EngineOptions::Kind::kNaive;
+    }
+    return std::shared_ptr<Engine>(CreateEngine(options));
+  }();
+  return engine;
+}
+
+Engine* Engine::Get() { return Shared().get(); }
+
+}  // namespace mx

@@ -1,0 +1,138 @@
+// Engine: runs operations asynchronously in dependency order.
+//
+// The model is MXNet's. Every operation is pushed with the variables it reads
+// (const_vars: used but not mutated) and the variables it writes
+// (mutable_vars: mutated). An operation runs once every earlier writer of
+// what it reads, and every earlier reader and writer of what it writes, has
+// completed; independent operations run in parallel on a pool of CPU worker
+// threads. Among ready operations, higher `priority` runs first (the KVStore
+// gives communication of the first layers a higher priority).
+//
+// Errors. An exception thrown by an operation is stored on the variables it
+// writes. Later operations that read or write a failed variable are skipped,
+// and their written variables carry the same error. WaitForVar rethrows the
+// error to the waiter and clears it from that variable; WaitForAll rethrows
+// the first error that no WaitForVar has reported. The engine keeps running.
+//
+// Choice of engine: the environment variable MX_ENGINE_TYPE=NaiveEngine runs
+// every operation inline in Push (for debugging: errors surface at once and
+// stacks are readable); the default is ThreadedEngine.
+// MX_CPU_WORKER_NTHREADS sets the number of worker threads (default: the
+// number of cores).
+//
+// Parallelism. The engine's workers own parallelism for element-wise work:
+// each such operation runs on one thread, and independent operations run
+// side by side. Matrix products call OpenBLAS, whose own threads then own
+// the cores for the duration of the call (see ndarray/cpu_kernels.cc).
+//
+// All methods are thread-safe.
+#ifndef MX_NDARRAY_ENGINE_H_
+#define MX_NDARRAY_ENGINE_H_
+
+#include <exception>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "ndarray/context.h"
+
+namespace mx {
+
+namespace engine {
+struct Var;
+struct OprBlock;
+}  // namespace engine
+
+// A variable: the unit of dependency tracking. NDArrays own one each (slices
+// and reshapes share their parent's).
+using VarHandle = engine::Var*;
+
+// What an operation is told when it runs.
+struct RunContext {
+  Context ctx;
+};
+
+class Engine;
+
+// Handed to an asynchronous operation, which must call it exactly once when
+// it is done, from any thread; pass an exception to fail the operation.
+class CallbackOnComplete {
+ public:
+  void operator()(std::exception_ptr error = nullptr) const;
+
+ private:
+  friend class Engine;
+  CallbackOnComplete(Engine* engine, engine::OprBlock* op)
+      : engine_(engine), op_(op) {}
+  Engine* engine_;
+  engine::OprBlock* op_;
+};
+
+struct EngineOptions {
+  enum class Kind { kThreaded, kNaive };
+  Kind kind = Kind::kThreaded;
+  // Worker threads of the threaded engine; 0 means one per core.
+  int num_workers = 0;
+};
+
+class Engine {
+ public:
+  using SyncFn = std::function<void(RunContext)>;
+  using AsyncFn = std::function<void(RunContext, CallbackOnComplete)>;
+
+  // The process-wide engine chosen by MX_ENGINE_TYPE. NDArray storage holds
+  // Shared() so that the engine outlives every array, even static ones.
+  static Engine* Get();
+  static std::shared_ptr<Engine> Shared();
+
+  virtual ~Engine() = default;
+
+  // A new variable with no pending operations.
+  virtual VarHandle NewVariable() = 0;
+
+  // Pushes an asynchronous operation. fn must call its callback exactly once
+  // and must not throw (report failure through the callback). A variable may
+  // appear in both lists; it then counts as written.
+  virtual void PushAsync(AsyncFn fn, Context ctx,
+                         std::vector<VarHandle> const_vars,
+                         std::vector<VarHandle> mutable_vars, int priority = 0,
+                         const char* name = "") = 0;
+
+  // Pushes a synchronous operation: completion is fn's return; an exception
+  // thrown by fn fails the operation.
+  void PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
+                std::vector<VarHandle> mutable_vars, int priority = 0,
+                const char* name = "");
+
+  // Runs delete_fn once every pending operation on var is complete, then
+  // frees var. delete_fn runs even when var carries an error. No operation
+  // may be pushed on var afterwards.
+  virtual void DeleteVariable(SyncFn delete_fn, Context ctx, VarHandle var) = 0;
+
+  // Blocks until every operation pushed so far that writes var is complete,
+  // then rethrows var's error, if any, and clears it.
+  virtual void WaitForVar(VarHandle var) = 0;
+
+  // Blocks until every operation pushed so far is complete, then rethrows the
+  // first error not yet reported by WaitForVar.
+  virtual void WaitForAll() = 0;
+
+  virtual int num_workers() const = 0;
+  // "ThreadedEngine" or "NaiveEngine".
+  virtual const char* type() const = 0;
+
+ protected:
+  // Called (once) through CallbackOnComplete.
+  virtual void OnComplete(engine::OprBlock* op, std::exception_ptr error) = 0;
+  CallbackOnComplete MakeCallback(engine::OprBlock* op) {
+    return CallbackOnComplete(this, op);
+  }
+  friend class CallbackOnComplete;
+};
+
+// Creates a private engine (tests use this to control the thread count).
+std::unique_ptr<Engine> CreateEngine(const EngineOptions& options);
+
+}  // namespace mx
+
+#endif  // MX_NDARRAY_ENGINE_H_

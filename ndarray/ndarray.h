@@ -1,0 +1,238 @@
+// NDArray: a handle to an n-dimensional float32 array on a Context.
+//
+// The model is MXNet's NDArray as the MXNet.jl overview shows it:
+//
+//   mx::NDArray a = mx::Ones({2, 3});      // 2x3 on cpu(0)
+//   mx::NDArray b = a.Slice(0, 1);          // row 0, shares a's memory
+//   b.Assign(2);                            // the seed's b[:] = 2; a changes
+//   a += mx::Ones({2, 3});                  // truly in place
+//   std::vector<float> host = a.ToVector(); // the seed's copy(a)
+//
+// Handles. Copying an NDArray copies the handle: both refer to the same
+// storage (the seed's `r = a`). Contents are copied only by Assign, Copy and
+// ToVector. Slice (along the first, slowest dimension, so a slice is
+// contiguous) and Reshape return handles that share memory with their parent.
+//
+// Asynchrony. Every operation is pushed to the Engine and returns at once;
+// reading the values (ToVector, printing, WaitToRead) waits for the
+// operations that write them. An operation that fails (for example a kernel
+// that runs out of memory) stores its error on its outputs; the error is
+// thrown by whoever waits on them. Errors in the arguments themselves
+// (mismatched shapes, out-of-range slices, wrong host buffer sizes, an
+// unavailable context) are thrown at once as mx::Error with code
+// kInvalidArgument or kFailedPrecondition and a message naming the shapes.
+//
+// Temporaries (the result of `lr * grad`) come from the pooled allocator in
+// ndarray/storage.h, so expression-heavy code stays close to code that
+// preallocates.
+//
+// Element-wise operations, reductions and dot run on CPU contexts. GPU
+// contexts hold arrays and copy to and from any context; compute kernels on
+// GPU arrays throw kUnimplemented naming the operation.
+#ifndef MX_NDARRAY_NDARRAY_H_
+#define MX_NDARRAY_NDARRAY_H_
+
+#include <cstdint>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "ndarray/base.h"
+#include "ndarray/context.h"
+#include "ndarray/engine.h"
+
+namespace mx {
+
+class NDArray {
+ public:
+  // A null handle, with no storage; is_none() is true.
+  NDArray() = default;
+  // An uninitialized array. Throws mx::Error for a negative dimension or an
+  // unavailable context.
+  explicit NDArray(const Shape& shape, Context ctx = cpu());
+
+  bool is_none() const { return chunk_ == nullptr; }
+  const Shape& shape() const { return shape_; }
+  int64_t size() const { return shape_.Size(); }
+  int ndim() const { return shape_.ndim(); }
+  Context context() const;
+
+  // ---- Contents. Assign* are asynchronous and return *this.
+
+  // Sets every element to value (the seed's a[:] = 0.5).
+  NDArray& Assign(float value);
+  // Copies host data in row-major order (the seed's a[:] = rand(size(a))).
+  // data.size() must equal size().
+  NDArray& Assign(const std::vector<float>& data);
+  // Copies the contents of src, which may live on another context
+  // (the seed's b[:] = a and copy!(z, y)). Shapes must be equal.
+  NDArray& Assign(const NDArray& src);
+
+  // A new array on ctx with a copy of the contents (the seed's mx.copy).
+  NDArray Copy(Context ctx) const;
+  NDArray Copy() const { return Copy(context()); }
+
+  // Waits for pending writes, then copies the contents to the host.
+  std::vector<float> ToVector() const;
+  void SyncCopyToCPU(float* data, size_t n) const;
+  void SyncCopyFromCPU(const float* data, size_t n);
+  // The single value of an array of size 1 (a reduction's result).
+  float Scalar() const;
+
+  // ---- Views that share memory with this array.
+
+  // Rows [begin, end) of the first dimension. 0 <= begin <= end <= shape[0].
+  NDArray Slice(int64_t begin, int64_t end) const;
+  // Row i of the first dimension, with one dimension fewer.
+  NDArray At(int64_t i) const;
+  // The same elements with another shape of equal size. One dimension may be
+  // -1 and is then inferred.
+  NDArray Reshape(const Shape& shape) const;
+
+  // ---- In place: these modify this array's storage (and every view of it).
+  // b must have this shape or broadcast to it.
+  NDArray& operator+=(const NDArray& b);
+  NDArray& operator-=(const NDArray& b);
+  NDArray& operator*=(const NDArray& b);
+  NDArray& operator/=(const NDArray& b);
+  NDArray& operator+=(float s);
+  NDArray& operator-=(float s);
+  NDArray& operator*=(float s);
+  NDArray& operator/=(float s);
+
+  // ---- Synchronization. Both rethrow an error stored by a failed operation.
+
+  // Waits until every pending write of this array is done.
+  void WaitToRead() const;
+  // Waits until every pending read and write of this array is done.
+  void WaitToWrite() const;
+
+  // ---- For kernels and engine operations.
+
+  // The first element. Valid to dereference only inside an engine operation
+  // that declared this array's var, or after WaitToRead / WaitToWrite.
+  float* data() const;
+  VarHandle var() const;
+  // True when both handles refer to the same storage (any views of it).
+  bool SharesStorageWith(const NDArray& other) const {
+    return chunk_ != nullptr && chunk_ == other.chunk_;
+  }
+
+  // "2×3 NDArray<float> @ cpu(0):" and the values, elided when large.
+  std::string ToString() const;
+
+ private:
+  struct Chunk;
+  NDArray(std::shared_ptr<Chunk> chunk, Shape shape, int64_t offset)
+      : chunk_(std::move(chunk)), shape_(std::move(shape)), offset_(offset) {}
+  void CheckNotNone(const char* op) const;
+
+  std::shared_ptr<Chunk> chunk_;
+  Shape shape_;
+  int64_t offset_ = 0;  // in elements, from the start of the chunk
+};
+
+std::ostream& operator<<(std::ostream& os, const NDArray& a);
+
+// ---- Creation (the seed's mx.empty, mx.zeros, mx.ones, mx.copy).
+NDArray Empty(const Shape& shape, Context ctx = cpu());
+NDArray Zeros(const Shape& shape, Context ctx = cpu());
+NDArray Ones(const Shape& shape, Context ctx = cpu());
+NDArray Full(const Shape& shape, float value, Context ctx = cpu());
+// A new array holding a copy of host data; data.size() must equal
+// shape.Size(). Without a shape, a 1-D array.
+NDArray FromVector(const std::vector<float>& data, const Shape& shape,
+                   Context ctx = cpu());
+NDArray FromVector(const std::vector<float>& data, Context ctx = cpu());
+
+// ---- Arithmetic returning new arrays. Array-array operations broadcast
+// NumPy-style: shapes are aligned from the right and each dimension must be
+// equal or 1 in one of them, as in (n,m) with (1,m) or (n,1).
+NDArray operator+(const NDArray& a, const NDArray& b);
+NDArray operator-(const NDArray& a, const NDArray& b);
+NDArray operator*(const NDArray& a, const NDArray& b);
+NDArray operator/(const NDArray& a, const NDArray& b);
+NDArray operator+(const NDArray& a, float s);
+NDArray operator-(const NDArray& a, float s);
+NDArray operator*(const NDArray& a, float s);
+NDArray operator/(const NDArray& a, float s);
+NDArray operator+(float s, const NDArray& a);
+NDArray operator-(float s, const NDArray& a);
+NDArray operator*(float s, const NDArray& a);
+NDArray operator/(float s, const NDArray& a);
+NDArray operator-(const NDArray& a);
+
+// alpha * x + beta * y in one pass (x and y of equal shape): the fused form
+// of an expression that would otherwise make a temporary.
+NDArray Axpby(float alpha, const NDArray& x, float beta, const NDArray& y);
+
+// Matrix product of 2-D arrays through OpenBLAS sgemm: op(a) * op(b) where
+// op transposes when asked. Inner dimensions must agree.
+NDArray Dot(const NDArray& a, const NDArray& b, bool transpose_a = false,
+            bool transpose_b = false);
+
+// ---- Element-wise functions.
+NDArray Exp(const NDArray& a);
+NDArray Log(const NDArray& a);
+NDArray Sqrt(const NDArray& a);
+NDArray Square(const NDArray& a);
+NDArray Abs(const NDArray& a);
+NDArray Sign(const NDArray& a);
+NDArray Relu(const NDArray& a);
+NDArray Sigmoid(const NDArray& a);
+NDArray Tanh(const NDArray& a);
+// Limits each element to [lo, hi]; lo <= hi.
+NDArray Clip(const NDArray& a, float lo, float hi);
+NDArray Maximum(const NDArray& a, const NDArray& b);
+NDArray Minimum(const NDArray& a, const NDArray& b);
+NDArray Maximum(const NDArray& a, float s);
+NDArray Minimum(const NDArray& a, float s);
+
+// ---- Reductions. Without an axis they reduce everything to shape (1,).
+// With an axis (negative counts from the end) they remove that dimension,
+// or keep it with size 1 when keepdims is true.
+NDArray Sum(const NDArray& a);
+NDArray Mean(const NDArray& a);
+NDArray Max(const NDArray& a);
+NDArray Min(const NDArray& a);
+NDArray Norm(const NDArray& a);  // L2 (Frobenius) norm
+NDArray Sum(const NDArray& a, int axis, bool keepdims = false);
+NDArray Mean(const NDArray& a, int axis, bool keepdims = false);
+NDArray Max(const NDArray& a, int axis, bool keepdims = false);
+NDArray Min(const NDArray& a, int axis, bool keepdims = false);
+NDArray Norm(const NDArray& a, int axis, bool keepdims = false);
+
+// ---- Random numbers. srand seeds the process-wide generator; each random
+// operation takes its own seed from it when pushed, so a program that pushes
+// the same operations after srand(s) gets the same values on every run,
+// however the engine schedules them (the seed's mx.srand(42)).
+void srand(uint64_t seed);
+NDArray RandomUniform(float low, float high, const Shape& shape,
+                      Context ctx = cpu());
+NDArray RandomNormal(float mean, float stddev, const Shape& shape,
+                     Context ctx = cpu());
+// Fills an existing array.
+void SampleUniform(float low, float high, NDArray* out);
+void SampleNormal(float mean, float stddev, NDArray* out);
+
+// Waits for every pushed operation; rethrows the first unreported error.
+void WaitAll();
+
+// ---- Files: a named list of arrays (checkpoints use this).
+// Format (little-endian): magic "MXND", version u32, count u64, then per
+// array: name length u32, name bytes, ndim u32, dims i64[ndim], float32
+// data; then a CRC-32 (zlib) of everything before it. Save writes a
+// temporary file and renames it, so a crash never leaves a half-written file
+// under `path`. Load reports a missing file, a wrong magic or version, a
+// truncated file (with the byte offset) and a bad checksum.
+using NamedArrays = std::vector<std::pair<std::string, NDArray>>;
+absl::Status Save(const std::string& path, const NamedArrays& arrays);
+absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx = cpu());
+
+}  // namespace mx
+
+#endif  // MX_NDARRAY_NDARRAY_H_

@@ -1,0 +1,43 @@
+"""Repository rule that wraps system libraries found by pkg-config.
+
+Each entry of _LIBS becomes a cc_library in @system whose linkopts are the
+output of `pkg-config --libs`. Headers live in /usr/include, which the
+toolchain already searches. A missing package is an error that names it and
+the apt package that provides it (deploy/setup.sh installs them all).
+"""
+
+_LIBS = {
+    # target: ([pkg-config modules], "debian package")
+    "absl": (["absl_status", "absl_statusor", "absl_strings", "absl_str_format", "absl_synchronization", "absl_flags", "absl_flags_parse", "absl_time", "absl_random_random", "absl_hash", "absl_raw_hash_set"], "libabsl-dev"),
+    "benchmark": (["benchmark"], "libbenchmark-dev"),
+    "grpc": (["grpc++"], "libgrpc++-dev"),
+    "gtest": (["gmock"], "libgtest-dev libgmock-dev"),
+    "gtest_main": (["gtest_main", "gmock"], "libgtest-dev libgmock-dev"),
+    "openblas": (["openblas"], "libopenblas-dev"),
+    "protobuf": (["protobuf"], "libprotobuf-dev"),
+    "zlib": (["zlib"], "zlib1g-dev"),
+}
+
+def _system_libs_impl(ctx):
+    pkg_config = ctx.which("pkg-config")
+    if pkg_config == None:
+        fail("pkg-config not found: run deploy/setup.sh (apt-get install pkg-config)")
+    lines = ['package(default_visibility = ["//visibility:public"])', ""]
+    for name, (modules, debian) in _LIBS.items():
+        result = ctx.execute([pkg_config, "--libs"] + modules)
+        if result.return_code != 0:
+            fail("pkg-config could not find %s (install Debian package %s): %s" % (" ".join(modules), debian, result.stderr))
+        flags = [f for f in result.stdout.strip().split(" ") if f]
+        lines.append("cc_library(")
+        lines.append('    name = "%s",' % name)
+        lines.append("    linkopts = %s," % repr(flags))
+        lines.append(")")
+        lines.append("")
+    ctx.file("WORKSPACE", 'workspace(name = "%s")\n' % ctx.name)
+    ctx.file("BUILD", "\n".join(lines))
+
+system_libs = repository_rule(
+    implementation = _system_libs_impl,
+    local = True,
+    environ = ["PKG_CONFIG_PATH"],
+)
