@@ -4,7 +4,6 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <mutex>
 #include <queue>
 #include <string>
@@ -38,8 +37,26 @@ struct Var {
     OprBlock* op;
     bool write;
   };
+  // A FIFO that allocates nothing until an operation has to wait (most
+  // variables never queue anything, and temporaries are created per op).
+  class Queue {
+   public:
+    bool empty() const { return head_ == items_.size(); }
+    const Pending& front() const { return items_[head_]; }
+    void push_back(Pending p) { items_.push_back(p); }
+    void pop_front() {
+      if (++head_ == items_.size()) {
+        items_.clear();
+        head_ = 0;
+      }
+    }
+
+   private:
+    std::vector<Pending> items_;
+    size_t head_ = 0;
+  };
   std::mutex mu;
-  std::deque<Pending> pending;
+  Queue pending;
   int running_reads = 0;
   bool running_write = false;
   ErrorRef error;
@@ -48,7 +65,9 @@ struct Var {
 struct OprBlock {
   // Number of variables (plus one for the pusher) not yet granted to this op.
   std::atomic<int> wait{0};
+  // Exactly one of the two is set.
   Engine::AsyncFn fn;
+  Engine::SyncFn sync_fn;
   Context ctx;
   VarList const_vars;
   VarList mutable_vars;
@@ -139,12 +158,10 @@ void RethrowVarError(Var* var) {
   }
 }
 
-OprBlock* NewOpr(Engine::AsyncFn fn, Context ctx,
-                 const std::vector<VarHandle>& const_vars,
+OprBlock* NewOpr(Context ctx, const std::vector<VarHandle>& const_vars,
                  const std::vector<VarHandle>& mutable_vars, int priority,
                  const char* name) {
   OprBlock* op = new OprBlock;
-  op->fn = std::move(fn);
   op->ctx = ctx;
   op->const_vars.assign(const_vars.begin(), const_vars.end());
   op->mutable_vars.assign(mutable_vars.begin(), mutable_vars.end());
@@ -180,6 +197,14 @@ class WorkerPool {
     if (wake) cv_.notify_one();
   }
   int size() const { return static_cast<int>(threads_.size()); }
+  // The highest-priority ready operation, removed from the queue, or null.
+  OprBlock* TryPop() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (queue_.empty()) return nullptr;
+    OprBlock* op = queue_.top();
+    queue_.pop();
+    return op;
+  }
 
  private:
   struct Order {
@@ -231,17 +256,22 @@ class ThreadedEngine : public Engine {
   void PushAsync(AsyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
                  std::vector<VarHandle> mutable_vars, int priority,
                  const char* name) override {
-    Push(NewOpr(std::move(fn), ctx, const_vars, mutable_vars, priority, name));
+    OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
+    op->fn = std::move(fn);
+    Push(op);
+  }
+
+  void PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
+                std::vector<VarHandle> mutable_vars, int priority,
+                const char* name) override {
+    OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
+    op->sync_fn = std::move(fn);
+    Push(op);
   }
 
   void DeleteVariable(SyncFn delete_fn, Context ctx, VarHandle var) override {
-    OprBlock* op = NewOpr(
-        [delete_fn = std::move(delete_fn)](RunContext rctx,
-                                           CallbackOnComplete done) {
-          delete_fn(rctx);
-          done();
-        },
-        ctx, {}, {var}, 0, "DeleteVariable");
+    OprBlock* op = NewOpr(ctx, {}, {var}, 0, "DeleteVariable");
+    op->sync_fn = std::move(delete_fn);
     op->always_run = true;
     op->delete_var = true;
     Push(op);
@@ -251,18 +281,25 @@ class ThreadedEngine : public Engine {
     std::mutex mu;
     std::condition_variable cv;
     bool done = false;
-    OprBlock* op = NewOpr(
-        [&](RunContext, CallbackOnComplete on_complete) {
-          {
-            std::lock_guard<std::mutex> lock(mu);
-            done = true;
-          }
-          cv.notify_all();
-          on_complete();
-        },
-        Context::CPU(), {var}, {}, 0, "WaitForVar");
+    OprBlock* op = NewOpr(Context::CPU(), {var}, {}, 0, "WaitForVar");
+    op->sync_fn = [&](RunContext) {
+      std::lock_guard<std::mutex> lock(mu);
+      done = true;
+      cv.notify_all();
+    };
     op->always_run = true;
     Push(op);
+    // Help while waiting: running ready operations on this thread saves a
+    // worker's wake-up on the common push-then-wait path.
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (done) break;
+      }
+      OprBlock* ready = pool_.TryPop();
+      if (ready == nullptr) break;
+      Run(ready);
+    }
     {
       std::unique_lock<std::mutex> lock(mu);
       cv.wait(lock, [&] { return done; });
@@ -333,12 +370,7 @@ class ThreadedEngine : public Engine {
       Complete(op, std::move(input_error));
       return;
     }
-    try {
-      op->fn(RunContext{op->ctx}, MakeCallback(op));
-    } catch (...) {
-      // Contract violation by an async fn; treat as the op's failure.
-      OnComplete(op, std::current_exception());
-    }
+    Execute(op);
   }
 
   // Releases op's variables, starts what became ready, and frees op.
@@ -405,8 +437,17 @@ class NaiveEngine : public Engine {
   void PushAsync(AsyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
                  std::vector<VarHandle> mutable_vars, int priority,
                  const char* name) override {
-    RunInline(NewOpr(std::move(fn), ctx, const_vars, mutable_vars, priority,
-                     name));
+    OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
+    op->fn = std::move(fn);
+    RunInline(op);
+  }
+
+  void PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
+                std::vector<VarHandle> mutable_vars, int priority,
+                const char* name) override {
+    OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
+    op->sync_fn = std::move(fn);
+    RunInline(op);
   }
 
   void DeleteVariable(SyncFn delete_fn, Context ctx, VarHandle var) override {
@@ -432,11 +473,7 @@ class NaiveEngine : public Engine {
   void RunInline(OprBlock* op) {
     ErrorRef error = InputError(op);
     if (!error) {
-      try {
-        op->fn(RunContext{op->ctx}, MakeCallback(op));
-      } catch (...) {
-        OnComplete(op, std::current_exception());
-      }
+      Execute(op);
       std::exception_ptr e = AwaitCompletion(op);
       if (e) {
         error = std::make_shared<ErrorBox>(e);
@@ -479,20 +516,23 @@ void CallbackOnComplete::operator()(std::exception_ptr error) const {
   engine_->OnComplete(op_, std::move(error));
 }
 
-void Engine::PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
-                      std::vector<VarHandle> mutable_vars, int priority,
-                      const char* name) {
-  PushAsync(
-      [fn = std::move(fn)](RunContext rctx, CallbackOnComplete done) {
-        std::exception_ptr error;
-        try {
-          fn(rctx);
-        } catch (...) {
-          error = std::current_exception();
-        }
-        done(std::move(error));
-      },
-      ctx, std::move(const_vars), std::move(mutable_vars), priority, name);
+void Engine::Execute(engine::OprBlock* op) {
+  if (op->sync_fn) {
+    std::exception_ptr error;
+    try {
+      op->sync_fn(RunContext{op->ctx});
+    } catch (...) {
+      error = std::current_exception();
+    }
+    OnComplete(op, std::move(error));
+    return;
+  }
+  try {
+    op->fn(RunContext{op->ctx}, CallbackOnComplete(this, op));
+  } catch (...) {
+    // Contract violation by an async fn; treat it as the op's failure.
+    OnComplete(op, std::current_exception());
+  }
 }
 
 std::unique_ptr<Engine> CreateEngine(const EngineOptions& options) {

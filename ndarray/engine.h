@@ -100,9 +100,10 @@ class Engine {
 
   // Pushes a synchronous operation: completion is fn's return; an exception
   // thrown by fn fails the operation.
-  void PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
-                std::vector<VarHandle> mutable_vars, int priority = 0,
-                const char* name = "");
+  virtual void PushSync(SyncFn fn, Context ctx,
+                        std::vector<VarHandle> const_vars,
+                        std::vector<VarHandle> mutable_vars, int priority = 0,
+                        const char* name = "") = 0;
 
   // Runs delete_fn once every pending operation on var is complete, then
   // frees var. delete_fn runs even when var carries an error. No operation
@@ -110,7 +111,9 @@ class Engine {
   virtual void DeleteVariable(SyncFn delete_fn, Context ctx, VarHandle var) = 0;
 
   // Blocks until every operation pushed so far that writes var is complete,
-  // then rethrows var's error, if any, and clears it.
+  // then rethrows var's error, if any, and clears it. While it waits, the
+  // calling thread may run ready operations itself, so an operation must not
+  // block on something the waiting thread would do after WaitForVar.
   virtual void WaitForVar(VarHandle var) = 0;
 
   // Blocks until every operation pushed so far is complete, then rethrows the
@@ -124,9 +127,9 @@ class Engine {
  protected:
   // Called (once) through CallbackOnComplete.
   virtual void OnComplete(engine::OprBlock* op, std::exception_ptr error) = 0;
-  CallbackOnComplete MakeCallback(engine::OprBlock* op) {
-    return CallbackOnComplete(this, op);
-  }
+  // Runs op's function: a sync one followed by its completion, or an async
+  // one with a callback.
+  void Execute(engine::OprBlock* op);
   friend class CallbackOnComplete;
 };
 

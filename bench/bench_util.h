@@ -1,0 +1,70 @@
+// Helpers shared by the benchmarks: timing and the BENCH line format.
+//
+// Every figure is printed as one line
+//   BENCH name=<id> value=<v> unit=<u> baseline=<b> ratio=<r> target=<t>
+// where the baseline is measured in the same run and ratio is oriented so
+// that bigger is better; `target` states the goal for the ratio.
+#ifndef MX_BENCH_BENCH_UTIL_H_
+#define MX_BENCH_BENCH_UTIL_H_
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace mx::bench {
+
+inline double NowSeconds() {
+  return std::chrono::duration<double>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Median wall time in seconds of `reps` calls of fn, after one warm-up call.
+inline double MedianSeconds(int reps, const std::function<void()>& fn) {
+  fn();
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    double start = NowSeconds();
+    fn();
+    t.push_back(NowSeconds() - start);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+// Runs a and b alternately `rounds` times (so drift on a shared machine hits
+// both alike) and returns their median times.
+inline std::pair<double, double> MedianPair(int rounds,
+                                            const std::function<void()>& a,
+                                            const std::function<void()>& b) {
+  a();
+  b();
+  std::vector<double> ta, tb;
+  for (int i = 0; i < rounds; ++i) {
+    double s = NowSeconds();
+    a();
+    ta.push_back(NowSeconds() - s);
+    s = NowSeconds();
+    b();
+    tb.push_back(NowSeconds() - s);
+  }
+  std::sort(ta.begin(), ta.end());
+  std::sort(tb.begin(), tb.end());
+  return {ta[ta.size() / 2], tb[tb.size() / 2]};
+}
+
+inline void Report(const std::string& name, double value,
+                   const std::string& unit, double baseline, double ratio,
+                   const std::string& target) {
+  std::printf("BENCH name=%s value=%.4g unit=%s baseline=%.4g ratio=%.3f target=%s\n",
+              name.c_str(), value, unit.c_str(), baseline, ratio,
+              target.c_str());
+  std::fflush(stdout);
+}
+
+}  // namespace mx::bench
+
+#endif  // MX_BENCH_BENCH_UTIL_H_

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Builds and runs every benchmark; each prints BENCH lines (see bench_util.h).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bazel build //bench:all
+for b in ndarray_bench; do
+  echo "== $b"
+  "bazel-bin/bench/$b"
+done
