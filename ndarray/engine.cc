@@ -331,6 +331,10 @@ class ThreadedEngine : public Engine {
     op->wait.store(
         static_cast<int>(op->const_vars.size() + op->mutable_vars.size()) + 1,
         std::memory_order_relaxed);
+    // An op enters the queues of all its variables before the next op enters
+    // any: otherwise two threads pushing ops on {a, b} at once can leave op1
+    // first on a and op2 first on b, each waiting for the other forever.
+    std::lock_guard<std::mutex> push_lock(push_mu_);
     for (Var* v : op->const_vars) {
       bool ready;
       {
@@ -422,6 +426,7 @@ class ThreadedEngine : public Engine {
     });
   }
 
+  std::mutex push_mu_;  // serializes Push (see there)
   std::atomic<int64_t> pending_ops_{0};
   std::mutex finish_mu_;
   std::condition_variable finish_cv_;
@@ -451,13 +456,20 @@ class NaiveEngine : public Engine {
   }
 
   void DeleteVariable(SyncFn delete_fn, Context ctx, VarHandle var) override {
+    std::lock_guard<std::recursive_mutex> lock(run_mu_);
     delete_fn(RunContext{ctx});
     delete var;
   }
 
-  void WaitForVar(VarHandle var) override { RethrowVarError(var); }
+  void WaitForVar(VarHandle var) override {
+    std::lock_guard<std::recursive_mutex> lock(run_mu_);
+    RethrowVarError(var);
+  }
 
-  void WaitForAll() override { errors_.RethrowFirstUnreported(); }
+  void WaitForAll() override {
+    std::lock_guard<std::recursive_mutex> lock(run_mu_);
+    errors_.RethrowFirstUnreported();
+  }
 
   int num_workers() const override { return 0; }
   const char* type() const override { return "NaiveEngine"; }
@@ -471,6 +483,7 @@ class NaiveEngine : public Engine {
 
  private:
   void RunInline(OprBlock* op) {
+    std::lock_guard<std::recursive_mutex> lock(run_mu_);
     ErrorRef error = InputError(op);
     if (!error) {
       Execute(op);
@@ -503,6 +516,12 @@ class NaiveEngine : public Engine {
     }
   }
 
+  // Held while an operation runs, so that operations pushed from different
+  // threads never run at once (the threaded engine would order them; a
+  // debugging engine must not add races). Recursive: operations may push.
+  // The thread that completes an async operation must therefore call its
+  // callback before it pushes anything.
+  std::recursive_mutex run_mu_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::pair<OprBlock*, std::exception_ptr>> done_ops_;

@@ -215,6 +215,9 @@ NDArray RandomUniform(float low, float high, const Shape& shape,
                       Context ctx = cpu());
 NDArray RandomNormal(float mean, float stddev, const Shape& shape,
                      Context ctx = cpu());
+// A fresh seed from the process generator, for kernels that draw their own
+// random numbers (Dropout).
+uint64_t NextRandomSeed();
 // Fills an existing array.
 void SampleUniform(float low, float high, NDArray* out);
 void SampleNormal(float mean, float stddev, NDArray* out);

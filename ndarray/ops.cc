@@ -390,17 +390,13 @@ std::mt19937_64& SeedSource() {
   return gen;
 }
 
-uint64_t NextSeed() {
-  std::lock_guard<std::mutex> lock(SeedMutex());
-  return SeedSource()();
-}
 
 template <typename Dist>
 void Sample(const char* name, Dist dist, NDArray* out) {
   RequireCpu(name, {out});
   float* po = out->data();
   const int64_t n = out->size();
-  const uint64_t seed = NextSeed();
+  const uint64_t seed = NextRandomSeed();
   PushKernel(name, out->context(), {}, {out}, [=]() mutable {
     std::mt19937 gen(static_cast<std::mt19937::result_type>(seed));
     for (int64_t i = 0; i < n; ++i) po[i] = dist(gen);
@@ -408,6 +404,11 @@ void Sample(const char* name, Dist dist, NDArray* out) {
 }
 
 }  // namespace
+
+uint64_t NextRandomSeed() {
+  std::lock_guard<std::mutex> lock(SeedMutex());
+  return SeedSource()();
+}
 
 void srand(uint64_t seed) {
   std::lock_guard<std::mutex> lock(SeedMutex());

@@ -1,0 +1,222 @@
+// Symbol JSON in MXNet's formats. Writing produces the 1.x layout; reading
+// accepts 1.x ("attrs" per node) and 0.8-era files ("param" holding operator
+// parameters and "attr" holding user attributes). Nodes must be listed
+// inputs-first, as MXNet writes them; anything else is an error.
+#include <fstream>
+#include <sstream>
+#include <unordered_map>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "graph/node.h"
+#include "graph/symbol.h"
+#include "nlohmann/json.hpp"
+
+namespace mx {
+
+using graph::Node;
+using graph::NodeEntry;
+using json = nlohmann::json;
+
+namespace {
+
+constexpr int kMxnetVersion = 10901;  // the 1.9.1 layout
+
+bool IsUserAttr(const std::string& key) {
+  return absl::StartsWith(key, "__") && absl::EndsWith(key, "__");
+}
+
+absl::Status Bad(size_t node, const std::string& name, const std::string& msg) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "symbol JSON: node ", node, name.empty() ? "" : absl::StrCat(" '", name, "'"),
+      ": ", msg));
+}
+
+// Reads [node_id, index(, version)] entries.
+absl::StatusOr<NodeEntry> ReadEntry(
+    const json& e, size_t limit,
+    const std::vector<std::shared_ptr<Node>>& nodes, const std::string& where) {
+  if (!e.is_array() || e.size() < 2 || !e[0].is_number_integer() ||
+      !e[1].is_number_integer()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "symbol JSON: ", where, ": an input must be [node, output(, version)], got ",
+        e.dump()));
+  }
+  int64_t id = e[0].get<int64_t>(), index = e[1].get<int64_t>();
+  if (id < 0 || static_cast<size_t>(id) >= limit) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "symbol JSON: ", where, ": input refers to node ", id,
+        ", which is not an earlier node (a cycle or a bad index)"));
+  }
+  const auto& node = nodes[id];
+  if (index < 0 || index >= node->num_outputs()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "symbol JSON: ", where, ": node '", node->name, "' has no output ", index));
+  }
+  return NodeEntry{node, static_cast<int>(index)};
+}
+
+// Collects a node's string-valued attributes from the keys a format uses.
+absl::StatusOr<std::map<std::string, std::string>> StringMap(
+    const json& node, const char* key, size_t id, const std::string& name) {
+  std::map<std::string, std::string> out;
+  if (!node.contains(key)) return out;
+  const json& m = node[key];
+  if (!m.is_object()) return Bad(id, name, absl::StrCat("'", key, "' must be an object"));
+  for (auto it = m.begin(); it != m.end(); ++it) {
+    if (!it.value().is_string()) {
+      return Bad(id, name, absl::StrCat("attribute '", it.key(), "' must be a string"));
+    }
+    out[it.key()] = it.value().get<std::string>();
+  }
+  return out;
+}
+
+absl::StatusOr<std::shared_ptr<Node>> ReadNode(
+    const json& j, size_t id, const std::vector<std::shared_ptr<Node>>& nodes) {
+  if (!j.is_object() || !j.contains("op") || !j["op"].is_string() ||
+      !j.contains("name") || !j["name"].is_string()) {
+    return Bad(id, "", "needs string fields 'op' and 'name'");
+  }
+  auto node = std::make_shared<Node>();
+  node->name = j["name"].get<std::string>();
+  const std::string op_name = j["op"].get<std::string>();
+
+  std::map<std::string, std::string> given;  // params and attributes mixed
+  for (const char* key : {"attrs", "attr", "param"}) {
+    MX_ASSIGN_OR_RETURN(auto m, StringMap(j, key, id, node->name));
+    given.insert(m.begin(), m.end());
+  }
+  if (op_name == "null") {
+    node->attrs = std::move(given);
+  } else {
+    node->op = OpRegistry::Find(op_name);
+    if (node->op == nullptr) return Bad(id, node->name, absl::StrCat("unknown operator '", op_name, "'"));
+    for (auto& [k, v] : given) {
+      bool is_param = false;
+      for (const ParamSpec& p : node->op->params) is_param = is_param || p.name == k;
+      if (is_param) {
+        node->params[k] = v;
+      } else if (IsUserAttr(k)) {
+        node->attrs[k] = v;
+      } else {
+        return Bad(id, node->name, absl::StrCat("unknown attribute '", k,
+                                                "' for operator ", op_name));
+      }
+    }
+    absl::StatusOr<ParsedParams> parsed = node->op->Parse(node->params);
+    if (!parsed.ok()) return Bad(id, node->name, std::string(parsed.status().message()));
+    node->parsed = *std::move(parsed);
+  }
+
+  const json inputs = j.contains("inputs") ? j["inputs"] : json::array();
+  if (!inputs.is_array()) return Bad(id, node->name, "'inputs' must be an array");
+  for (const json& e : inputs) {
+    MX_ASSIGN_OR_RETURN(NodeEntry entry,
+                        ReadEntry(e, id, nodes, absl::StrCat("node ", id, " '", node->name, "'")));
+    node->inputs.push_back(std::move(entry));
+  }
+  if (!node->is_variable()) {
+    size_t expected = node->op->ListArguments(node->parsed).size() +
+                      node->op->ListAuxStates(node->parsed).size();
+    if (node->inputs.size() != expected) {
+      return Bad(id, node->name, absl::StrCat("operator ", op_name, " takes ", expected,
+                                              " inputs but ", node->inputs.size(),
+                                              " are given"));
+    }
+  } else if (!node->inputs.empty()) {
+    return Bad(id, node->name, "a variable cannot have inputs");
+  }
+  return node;
+}
+
+}  // namespace
+
+std::string Symbol::ToJSON() const {
+  std::vector<Node*> order = graph::TopoSort(outputs_);
+  std::unordered_map<const Node*, int> id;
+  json nodes = json::array(), arg_nodes = json::array(), row_ptr = json::array();
+  int rows = 0;
+  row_ptr.push_back(0);
+  for (Node* n : order) {
+    id[n] = static_cast<int>(nodes.size());
+    json j;
+    j["op"] = n->is_variable() ? "null" : n->op->name;
+    j["name"] = n->name;
+    json attrs = json::object();
+    for (const auto& [k, v] : n->params) attrs[k] = v;
+    for (const auto& [k, v] : n->attrs) attrs[k] = v;
+    if (!attrs.empty()) j["attrs"] = attrs;
+    json inputs = json::array();
+    for (const NodeEntry& e : n->inputs) inputs.push_back({id.at(e.node.get()), e.index, 0});
+    j["inputs"] = inputs;
+    if (n->is_variable()) arg_nodes.push_back(id[n]);
+    rows += n->num_outputs();
+    row_ptr.push_back(rows);
+    nodes.push_back(std::move(j));
+  }
+  json heads = json::array();
+  for (const NodeEntry& e : outputs_) heads.push_back({id.at(e.node.get()), e.index, 0});
+  json root;
+  root["nodes"] = nodes;
+  root["arg_nodes"] = arg_nodes;
+  root["node_row_ptr"] = row_ptr;
+  root["heads"] = heads;
+  root["attrs"] = {{"mxnet_version", {"int", kMxnetVersion}}};
+  return root.dump(2);
+}
+
+absl::StatusOr<Symbol> Symbol::FromJSON(const std::string& text) {
+  json root = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (root.is_discarded()) {
+    return absl::InvalidArgumentError("symbol JSON: not valid JSON");
+  }
+  if (!root.is_object() || !root.contains("nodes") || !root["nodes"].is_array() ||
+      !root.contains("heads") || !root["heads"].is_array()) {
+    return absl::InvalidArgumentError(
+        "symbol JSON: expected an object with arrays 'nodes' and 'heads'");
+  }
+  const json& jnodes = root["nodes"];
+  std::vector<std::shared_ptr<Node>> nodes;
+  std::unordered_map<std::string, size_t> variable_names;
+  for (size_t i = 0; i < jnodes.size(); ++i) {
+    MX_ASSIGN_OR_RETURN(std::shared_ptr<Node> node, ReadNode(jnodes[i], i, nodes));
+    if (node->is_variable()) {
+      auto [it, inserted] = variable_names.emplace(node->name, i);
+      if (!inserted) {
+        return Bad(i, node->name, absl::StrCat("duplicate argument name (also node ",
+                                               it->second, ")"));
+      }
+    }
+    nodes.push_back(std::move(node));
+  }
+  std::vector<NodeEntry> heads;
+  for (const json& h : root["heads"]) {
+    MX_ASSIGN_OR_RETURN(NodeEntry e, ReadEntry(h, nodes.size(), nodes, "heads"));
+    heads.push_back(std::move(e));
+  }
+  if (heads.empty()) return absl::InvalidArgumentError("symbol JSON: no heads");
+  return Symbol(std::move(heads));
+}
+
+absl::Status Symbol::Save(const std::string& path) const {
+  std::ofstream out(path);
+  out << ToJSON();
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat("cannot write symbol to ", path));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Symbol> Symbol::Load(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open symbol file ", path));
+  std::stringstream buf;
+  buf << in.rdbuf();
+  absl::StatusOr<Symbol> s = FromJSON(buf.str());
+  if (!s.ok()) {
+    return absl::Status(s.status().code(), absl::StrCat(path, ": ", s.status().message()));
+  }
+  return s;
+}
+
+}  // namespace mx

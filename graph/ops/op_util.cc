@@ -1,0 +1,42 @@
+#include "graph/ops/op_util.h"
+
+#include <algorithm>
+
+extern "C" {
+#include <cblas.h>
+}
+
+namespace mx::ops {
+
+void Gemm(OpReq req, bool trans_a, bool trans_b, int64_t m, int64_t n,
+          int64_t k, float alpha, const float* a, const float* b, float* c) {
+  if (req == OpReq::kNull || m == 0 || n == 0) return;
+  if (k == 0) {
+    if (req == OpReq::kWrite) std::fill(c, c + m * n, 0.0f);
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a,
+              trans_a ? m : k, b, trans_b ? k : n,
+              req == OpReq::kAdd ? 1.0f : 0.0f, c, n);
+}
+
+absl::Status SameShapeInfer(const ParsedParams&, ShapeList* in, ShapeList* out,
+                            ShapeList*) {
+  Shape s;
+  ShapeList all;
+  all.push_back(Shape());
+  for (size_t i = 0; i < in->size(); ++i) {
+    MX_RETURN_IF_ERROR(MergeShape(&all, 0, (*in)[i], absl::StrCat("input ", i)));
+  }
+  for (size_t i = 0; i < out->size(); ++i) {
+    MX_RETURN_IF_ERROR(MergeShape(&all, 0, (*out)[i], absl::StrCat("output ", i)));
+  }
+  for (size_t i = 0; i < in->size(); ++i) {
+    MX_RETURN_IF_ERROR(MergeShape(in, i, all[0], absl::StrCat("input ", i)));
+  }
+  for (size_t i = 0; i < out->size(); ++i) (*out)[i] = all[0];
+  return absl::OkStatus();
+}
+
+}  // namespace mx::ops

@@ -1,0 +1,118 @@
+// SoftmaxOutput: softmax in forward; in backward the gradient of the
+// cross-entropy loss against integer labels, (p - onehot(label)) *
+// grad_scale / normalization, as MXNet computes it. The head gradient is
+// not used (it is a loss).
+#include <algorithm>
+#include <cmath>
+
+#include "graph/ops/op_util.h"
+
+namespace mx::ops {
+namespace {
+
+// (rows, classes) of the softmax: over the last axis of a 2-D view, with
+// data (N, ...) flattened to (N, rest).
+void Dims(const Shape& data, int64_t* rows, int64_t* classes) {
+  *rows = data.ndim() > 0 ? data[0] : 0;
+  *classes = data.RowSize();
+}
+
+absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
+                   ShapeList*) {
+  for (const char* flag : {"multi_output", "preserve_shape", "out_grad"}) {
+    if (p.GetBool(flag)) {
+      return absl::UnimplementedError(
+          absl::StrCat("parameter ", flag, "=True is not supported yet"));
+    }
+  }
+  if (p.GetFloat("smooth_alpha") != 0) {
+    return absl::UnimplementedError("label smoothing (smooth_alpha) is not supported yet");
+  }
+  const Shape& data = (*in)[0];
+  if (data.ndim() == 0) return absl::OkStatus();
+  MX_RETURN_IF_ERROR(MergeShape(in, 1, Shape{data[0]}, "input label"));
+  return MergeShape(out, 0, data, "output");
+}
+
+void Softmax(const float* x, float* y, int64_t rows, int64_t classes) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * classes;
+    float* yr = y + r * classes;
+    float m = *std::max_element(xr, xr + classes);
+    float sum = 0;
+    for (int64_t c = 0; c < classes; ++c) {
+      yr[c] = std::exp(xr[c] - m);
+      sum += yr[c];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t c = 0; c < classes; ++c) yr[c] *= inv;
+  }
+}
+
+void Forward(const OpContext&, const ParsedParams&, const std::vector<TBlob>& in,
+             const std::vector<OpReq>& req, const std::vector<TBlob>& out,
+             const std::vector<TBlob>&) {
+  if (req[0] == OpReq::kNull) return;
+  int64_t rows, classes;
+  Dims(in[0].shape, &rows, &classes);
+  Softmax(in[0].data, out[0].data, rows, classes);
+}
+
+void Backward(const OpContext&, const ParsedParams& p,
+              const std::vector<TBlob>&, const std::vector<TBlob>& in,
+              const std::vector<TBlob>& out, const std::vector<OpReq>& req,
+              const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
+  int64_t rows, classes;
+  Dims(in[0].shape, &rows, &classes);
+  const float* label = in[1].data;
+  const float* prob = out[0].data;
+  const bool use_ignore = p.GetBool("use_ignore");
+  const float ignore = p.GetFloat("ignore_label");
+  const std::string& norm = p.GetString("normalization");
+  int64_t valid = rows;
+  if (norm == "valid" && use_ignore) {
+    valid = 0;
+    for (int64_t r = 0; r < rows; ++r) valid += label[r] != ignore;
+  }
+  float scale = p.GetFloat("grad_scale");
+  if (norm == "batch") scale /= std::max<int64_t>(rows, 1);
+  if (norm == "valid") scale /= std::max<int64_t>(valid, 1);
+  if (req[0] != OpReq::kNull) {
+    float* g = in_grad[0].data;
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool skip = use_ignore && label[r] == ignore;
+      const int64_t k = static_cast<int64_t>(label[r]);
+      for (int64_t c = 0; c < classes; ++c) {
+        float v = skip ? 0.0f : (prob[r * classes + c] - (c == k ? 1.0f : 0.0f)) * scale;
+        Store(req[0], g + r * classes + c, v);
+      }
+    }
+  }
+  // Labels get no gradient; a requested one is zero.
+  if (req[1] == OpReq::kWrite) std::fill(in_grad[1].data, in_grad[1].data + rows, 0.0f);
+}
+
+OpDef Make() {
+  OpDef op;
+  op.name = "SoftmaxOutput";
+  op.params = {{"grad_scale", ParamSpec::Type::kFloat, "1"},
+               {"ignore_label", ParamSpec::Type::kFloat, "-1"},
+               {"use_ignore", ParamSpec::Type::kBool, "False"},
+               {"multi_output", ParamSpec::Type::kBool, "False"},
+               {"preserve_shape", ParamSpec::Type::kBool, "False"},
+               {"normalization", ParamSpec::Type::kString, "null",
+                false, {"null", "batch", "valid"}},
+               {"out_grad", ParamSpec::Type::kBool, "False"},
+               {"smooth_alpha", ParamSpec::Type::kFloat, "0"}};
+  op.arguments = Names({"data", "label"});
+  op.infer_shape = Infer;
+  op.forward = Forward;
+  op.backward = Backward;
+  op.is_loss = true;
+  return op;
+}
+
+MX_REGISTER_OP(Make());
+
+}  // namespace
+}  // namespace mx::ops
