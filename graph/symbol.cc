@@ -402,9 +402,17 @@ absl::StatusOr<Symbol::Shapes> Symbol::InferShape(
       ShapeList in0 = in, aux0 = aux, out0 = out;
       absl::Status st = n->op->infer_shape(n->parsed, &in, &out, &aux);
       if (!st.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat(
+        // The operator speaks of its argument slots; name what fills them.
+        std::vector<std::string> slots = n->op->ListArguments(n->parsed);
+        std::vector<std::string> aux_slots = n->op->ListAuxStates(n->parsed);
+        slots.insert(slots.end(), aux_slots.begin(), aux_slots.end());
+        std::vector<std::string> filled;
+        for (size_t i = 0; i < n->inputs.size() && i < slots.size(); ++i) {
+          filled.push_back(absl::StrCat(slots[i], "=", n->inputs[i].node->name));
+        }
+        return absl::Status(st.code(), absl::StrCat(
             "infer_shape: operator ", n->name, " (", n->op->name, "): ",
-            st.message()));
+            st.message(), " (inputs: ", absl::StrJoin(filled, ", "), ")"));
       }
       // Write back what the operator inferred, checking consistency with
       // what producers already know.

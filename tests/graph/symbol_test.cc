@@ -1,0 +1,286 @@
+// Symbol: names, operators, listings, attributes, shape inference, JSON
+// (written in the 1.x layout, read in 1.x and 0.8 layouts), errors, Graphviz.
+#include <string>
+
+#include "gmock/gmock.h"
+#include "graph/symbol.h"
+#include "gtest/gtest.h"
+
+namespace mx {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+TEST(SymbolNames, AutomaticNamesCountPerOperatorWithinAScope) {
+  NameScope scope;
+  Symbol x = Variable("x");
+  EXPECT_EQ(Op("FullyConnected", {x}, {{"num_hidden", 2}}).name(), "fullyconnected0");
+  EXPECT_EQ(Op("FullyConnected", {x}, {{"num_hidden", 2}}).name(), "fullyconnected1");
+  EXPECT_EQ((x + x).name(), "_plus0");
+  EXPECT_EQ((x * 2.0f).name(), "_mulscalar0");
+  {
+    NameScope inner("block1_");
+    EXPECT_EQ(Op("Activation", {x}, {{"act_type", "relu"}}).name(), "block1_activation0");
+  }
+  EXPECT_EQ(Op("Activation", {x}, {{"act_type", "relu"}}).name(), "activation0");
+}
+
+TEST(SymbolOps, UnknownOperatorIsAnError) {
+  try {
+    Op("NoSuchOp", {Variable("x")});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("unknown operator 'NoSuchOp'"));
+  }
+}
+
+TEST(SymbolOps, BadParametersNameOperatorAndParameter) {
+  Symbol x = Variable("x");
+  try {
+    Op("FullyConnected", {x}, {{"num_hidden", "ten"}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("FullyConnected"));
+    EXPECT_THAT(e.what(), HasSubstr("num_hidden"));
+  }
+  try {
+    Op("FullyConnected", {x}, {{"num_hidden", 3}, {"num_hiden", 3}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("unknown parameter 'num_hiden'"));
+  }
+  try {
+    Op("FullyConnected", {x});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("required parameter 'num_hidden'"));
+  }
+  try {
+    Op("Activation", {x}, {{"act_type", "swish"}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("act_type"));
+    EXPECT_THAT(e.what(), HasSubstr("relu"));
+  }
+}
+
+TEST(SymbolOps, WrongInputsAreErrors) {
+  Symbol x = Variable("x");
+  EXPECT_THROW(Op("Activation", {x, x}, {{"act_type", "relu"}}), Error);
+  EXPECT_THROW(Op("FullyConnected", {{"wieght", x}}, {{"num_hidden", 2}}), Error);
+  try {
+    Op("FullyConnected", {{"weight", x}}, {{"num_hidden", 2}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("required input 'data'"));
+  }
+}
+
+TEST(SymbolOps, NoBiasDropsTheBiasArgument) {
+  Symbol fc = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 2}, {"no_bias", true}}, "fc");
+  EXPECT_THAT(fc.ListArguments(), ElementsAre("data", "fc_weight"));
+}
+
+TEST(SymbolGroup, GroupAndSelectOutputs) {
+  Symbol x = Variable("x");
+  Symbol a = Op("Activation", {x}, {{"act_type", "relu"}}, "a");
+  Symbol b = Op("Activation", {x}, {{"act_type", "tanh"}}, "b");
+  Symbol g = Group({a, b});
+  EXPECT_THAT(g.ListOutputs(), ElementsAre("a_output", "b_output"));
+  EXPECT_EQ(g[1].name(), "b");
+  EXPECT_EQ(g["a_output"].name(), "a");
+  EXPECT_THROW(g[2], Error);
+  EXPECT_THROW(g["c_output"], Error);
+}
+
+TEST(SymbolInternals, ListsEveryOutputInOrder) {
+  Symbol net = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 2}}, "fc");
+  net = Op("Activation", {net}, {{"act_type", "relu"}}, "act");
+  EXPECT_THAT(net.GetInternals().ListOutputs(),
+              ElementsAre("data", "fc_weight", "fc_bias", "fc_output", "act_output"));
+  Symbol fc = net.GetInternals()["fc_output"];
+  EXPECT_THAT(fc.ListArguments(), ElementsAre("data", "fc_weight", "fc_bias"));
+}
+
+TEST(SymbolAttrs, VariableAttributesUseMxnetKeys) {
+  Symbol w = Variable("w", {{"lr_mult", "0.5"}, {"shape", "(3,4)"}, {"group", "g1"}});
+  EXPECT_EQ(w.GetAttr("__lr_mult__"), "0.5");
+  EXPECT_EQ(w.GetAttr("__shape__"), "(3,4)");
+  EXPECT_EQ(w.GetAttr("group"), "g1");
+  EXPECT_EQ(w.GetAttr("missing"), std::nullopt);
+  Symbol y = w * 2.0f;
+  EXPECT_EQ(y.ListAttrs().at("w$__lr_mult__"), "0.5");
+  // __shape__ feeds shape inference.
+  auto shapes = y.InferShape({});
+  ASSERT_TRUE(shapes.ok());
+  EXPECT_THAT(shapes->outputs, ElementsAre(Shape{3, 4}));
+}
+
+TEST(SymbolInferShape, PartialKnowledgeLeavesUnknowns) {
+  Symbol net = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 10}}, "fc");
+  auto shapes = net.InferShape({{"data", Shape{0, 64}}});
+  ASSERT_TRUE(shapes.ok()) << shapes.status();
+  EXPECT_THAT(shapes->arguments, ElementsAre(Shape{0, 64}, Shape{10, 64}, Shape{10}));
+  EXPECT_THAT(shapes->outputs, ElementsAre(Shape{0, 10}));
+  auto none = net.InferShape({});
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->arguments[0].ndim(), 0);
+  auto strict = net.InferShape({}, /*require_complete=*/true);
+  ASSERT_FALSE(strict.ok());
+  EXPECT_THAT(strict.status().message(), HasSubstr("data"));
+}
+
+TEST(SymbolInferShape, InconsistencyNamesOperatorInputAndShapes) {
+  Symbol a = Variable("a"), b = Variable("b");
+  Symbol c = Op("elemwise_add", {a, b}, {}, "add1");
+  auto shapes = c.InferShape({{"a", Shape{2, 3}}, {"b", Shape{3, 2}}});
+  ASSERT_FALSE(shapes.ok());
+  EXPECT_THAT(shapes.status().message(), HasSubstr("add1"));
+  EXPECT_THAT(shapes.status().message(), HasSubstr("(2,3)"));
+  EXPECT_THAT(shapes.status().message(), HasSubstr("(3,2)"));
+
+  Symbol fc = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 4}}, "fc");
+  auto bad = fc.InferShape({{"data", Shape{2, 3}}, {"fc_weight", Shape{4, 5}}});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(bad.status().message(), HasSubstr("fc_weight"));
+}
+
+TEST(SymbolInferShape, UnknownNameIsAnError) {
+  auto shapes = Variable("x").InferShape({{"y", Shape{1}}});
+  ASSERT_FALSE(shapes.ok());
+  EXPECT_THAT(shapes.status().message(), HasSubstr("'y' is not an argument"));
+}
+
+Symbol SmallNet() {
+  Symbol net = Variable("data", {{"lr_mult", "2"}});
+  net = Op("FullyConnected", {net}, {{"num_hidden", 8}}, "fc1");
+  net = Op("Activation", {net}, {{"act_type", "relu"}}, "relu1");
+  return Op("SoftmaxOutput", {net}, {{"grad_scale", 0.5f}}, "out");
+}
+
+TEST(SymbolJson, RoundTripKeepsStructureParamsAndAttrs) {
+  Symbol net = SmallNet();
+  std::string json = net.ToJSON();
+  EXPECT_THAT(json, HasSubstr("\"node_row_ptr\""));
+  EXPECT_THAT(json, HasSubstr("\"num_hidden\": \"8\""));
+  auto loaded = Symbol::FromJSON(json);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->ListArguments(), net.ListArguments());
+  EXPECT_EQ(loaded->ListOutputs(), net.ListOutputs());
+  EXPECT_EQ(loaded->DebugString(), net.DebugString());
+  EXPECT_EQ(loaded->ListAttrs(), net.ListAttrs());
+  EXPECT_EQ(loaded->ToJSON(), json);
+}
+
+// A symbol file as MXNet 1.x writes it.
+constexpr char kMxnet1Json[] = R"({
+  "nodes": [
+    {"op": "null", "name": "data", "inputs": []},
+    {"op": "null", "name": "fc1_weight", "attrs": {"__lr_mult__": "1.0"}, "inputs": []},
+    {"op": "null", "name": "fc1_bias", "inputs": []},
+    {"op": "FullyConnected", "name": "fc1", "attrs": {"num_hidden": "128"},
+     "inputs": [[0, 0, 0], [1, 0, 0], [2, 0, 0]]},
+    {"op": "Activation", "name": "relu1", "attrs": {"act_type": "relu"},
+     "inputs": [[3, 0, 0]]},
+    {"op": "null", "name": "softmax_label", "inputs": []},
+    {"op": "SoftmaxOutput", "name": "softmax", "inputs": [[4, 0, 0], [5, 0, 0]]}
+  ],
+  "arg_nodes": [0, 1, 2, 5],
+  "node_row_ptr": [0, 1, 2, 3, 4, 5, 6, 7],
+  "heads": [[6, 0, 0]],
+  "attrs": {"mxnet_version": ["int", 10500]}
+})";
+
+// The same network in the 0.8-era layout ("param" and "attr").
+constexpr char kMxnet08Json[] = R"({
+  "nodes": [
+    {"op": "null", "param": {}, "name": "data", "inputs": [], "backward_source_id": -1},
+    {"op": "null", "param": {}, "name": "fc1_weight", "inputs": [], "backward_source_id": -1,
+     "attr": {"__lr_mult__": "1.0"}},
+    {"op": "null", "param": {}, "name": "fc1_bias", "inputs": [], "backward_source_id": -1},
+    {"op": "FullyConnected", "param": {"no_bias": "False", "num_hidden": "128"},
+     "name": "fc1", "inputs": [[0, 0], [1, 0], [2, 0]], "backward_source_id": -1},
+    {"op": "Activation", "param": {"act_type": "relu"}, "name": "relu1",
+     "inputs": [[3, 0]], "backward_source_id": -1},
+    {"op": "null", "param": {}, "name": "softmax_label", "inputs": [], "backward_source_id": -1},
+    {"op": "SoftmaxOutput", "param": {"grad_scale": "1", "multi_output": "False"},
+     "name": "softmax", "inputs": [[4, 0], [5, 0]], "backward_source_id": -1}
+  ],
+  "arg_nodes": [0, 1, 2, 5],
+  "heads": [[6, 0]]
+})";
+
+TEST(SymbolJson, ReadsMxnet1xFiles) {
+  auto s = Symbol::FromJSON(kMxnet1Json);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_THAT(s->ListArguments(),
+              ElementsAre("data", "fc1_weight", "fc1_bias", "softmax_label"));
+  EXPECT_THAT(s->ListOutputs(), ElementsAre("softmax_output"));
+  EXPECT_EQ(s->ListAttrs().at("fc1_weight$__lr_mult__"), "1.0");
+  auto shapes = s->InferShape({{"data", Shape{5, 20}}});
+  ASSERT_TRUE(shapes.ok());
+  EXPECT_EQ(shapes->arguments[1], (Shape{128, 20}));
+}
+
+TEST(SymbolJson, ReadsMxnet08Files) {
+  auto s = Symbol::FromJSON(kMxnet08Json);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_THAT(s->ListArguments(),
+              ElementsAre("data", "fc1_weight", "fc1_bias", "softmax_label"));
+  auto again = Symbol::FromJSON(s->ToJSON());
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->DebugString(), s->DebugString());
+}
+
+TEST(SymbolJson, BadFilesGiveClearErrors) {
+  auto expect_error = [](const std::string& json, const std::string& fragment) {
+    auto s = Symbol::FromJSON(json);
+    ASSERT_FALSE(s.ok()) << json;
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(s.status().message()), HasSubstr(fragment));
+  };
+  expect_error("{not json", "not valid JSON");
+  expect_error(R"({"nodes": []})", "'heads'");
+  expect_error(R"({"nodes": [{"op": "Foo", "name": "f", "inputs": []}], "heads": [[0,0,0]]})",
+               "unknown operator 'Foo'");
+  expect_error(R"({"nodes": [{"op": "null", "name": "x", "inputs": []},
+      {"op": "Activation", "name": "a", "attrs": {"act_type": "relu", "colour": "red"},
+       "inputs": [[0,0,0]]}], "heads": [[1,0,0]]})",
+               "unknown attribute 'colour'");
+  // A node that refers to itself or a later node: a cycle.
+  expect_error(R"({"nodes": [{"op": "Activation", "name": "a", "attrs": {"act_type": "relu"},
+       "inputs": [[0,0,0]]}], "heads": [[0,0,0]]})",
+               "not an earlier node");
+  expect_error(R"({"nodes": [{"op": "null", "name": "x", "inputs": []},
+      {"op": "null", "name": "x", "inputs": []},
+      {"op": "elemwise_add", "name": "p", "inputs": [[0,0,0],[1,0,0]]}],
+      "heads": [[2,0,0]]})",
+               "duplicate argument name");
+  expect_error(R"({"nodes": [{"op": "null", "name": "x", "inputs": []},
+      {"op": "elemwise_add", "name": "p", "inputs": [[0,0,0]]}], "heads": [[1,0,0]]})",
+               "takes 2 inputs but 1");
+  expect_error(R"({"nodes": [{"op": "null", "name": "x", "inputs": []}], "heads": [[3,0,0]]})",
+               "heads");
+}
+
+TEST(SymbolJson, SaveAndLoadFile) {
+  std::string path = ::testing::TempDir() + "/net-symbol.json";
+  ASSERT_TRUE(SmallNet().Save(path).ok());
+  auto s = Symbol::Load(path);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->ListArguments(), SmallNet().ListArguments());
+  auto missing = Symbol::Load(path + ".nope");
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(SymbolGraphviz, DotTextWithShapes) {
+  std::string dot = SmallNet().ToGraphviz({{"data", Shape{4, 16}}});
+  EXPECT_THAT(dot, HasSubstr("digraph mx {"));
+  EXPECT_THAT(dot, HasSubstr("fc1\\nFullyConnected\\nnum_hidden=8"));
+  EXPECT_THAT(dot, HasSubstr("[label=\"(4,8)\"]"));    // fc1 -> relu1
+  EXPECT_THAT(dot, HasSubstr("[label=\"(4,16)\"]"));   // data -> fc1
+}
+
+}  // namespace
+}  // namespace mx
