@@ -2,8 +2,9 @@
 # Builds and runs every benchmark; each prints BENCH lines (see bench_util.h).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash deploy/setup.sh --bench
 bazel build //bench:all
-for b in ndarray_bench; do
+for b in ndarray_bench graph_bench; do
   echo "== $b"
   "bazel-bin/bench/$b"
 done

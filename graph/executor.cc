@@ -145,6 +145,8 @@ void AddVars(const std::vector<NDArray>& arrays, const std::vector<int>& ids,
   }
 }
 
+FnProperty Property(const Executor::Plan::NodeRun& run);
+
 }  // namespace
 
 Executor::~Executor() = default;
@@ -523,6 +525,12 @@ absl::Status Executor::Init(const Symbol& symbol, Context ctx,
   return absl::OkStatus();
 }
 
+namespace {
+FnProperty Property(const Executor::Plan::NodeRun& run) {
+  return run.node->op->uses_all_cores ? FnProperty::kCpuParallel : FnProperty::kNormal;
+}
+}  // namespace
+
 void Executor::Forward(bool is_train) {
   Engine* engine = Engine::Get();
   for (size_t k = 0; k < plan_->nodes.size(); ++k) {
@@ -538,7 +546,8 @@ void Executor::Forward(bool is_train) {
           r.node->op->forward(op_ctx, r.node->parsed, r.in_blobs, req, r.out_blobs,
                               r.aux_blobs);
         },
-        ctx_, run.fwd_reads, run.fwd_writes, 0, run.node->op->name.c_str());
+        ctx_, run.fwd_reads, run.fwd_writes, 0, run.node->op->name.c_str(),
+        Property(run));
     if (monitor_) {
       std::vector<std::string> names = run.node->output_names();
       for (size_t j = 0; j < run.out.size(); ++j) monitor_(names[j], plan_->entries[run.out[j]]);
@@ -587,7 +596,8 @@ void Executor::Backward(const std::vector<NDArray>& head_grads) {
           r.node->op->backward(op_ctx, r.node->parsed, r.out_grad_blobs, r.in_blobs,
                                r.out_blobs, r.bwd_req, r.in_grad_blobs, r.aux_blobs);
         },
-        ctx_, run.bwd_reads, run.bwd_writes, 0, run.node->op->name.c_str());
+        ctx_, run.bwd_reads, run.bwd_writes, 0, run.node->op->name.c_str(),
+        Property(run));
   }
 }
 

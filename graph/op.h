@@ -149,6 +149,9 @@ struct OpDef {
   // kernel must then work when in[i].data == out[j].data.
   std::vector<std::pair<int, int>> inplace;
   WorkspaceFn workspace;  // bytes; null means none
+  // The kernels call OpenBLAS products, which use every core: the engine
+  // runs them alone (FnProperty::kCpuParallel).
+  bool uses_all_cores = false;
   // A loss: backward needs no head gradient.
   bool is_loss = false;
   // What backward reads, for memory planning.

@@ -78,6 +78,7 @@ struct OprBlock {
   bool always_run = false;
   // Frees mutable_vars[0] after completion.
   bool delete_var = false;
+  FnProperty prop = FnProperty::kNormal;
 };
 
 namespace {
@@ -172,7 +173,9 @@ OprBlock* NewOpr(Context ctx, const std::vector<VarHandle>& const_vars,
 }
 
 // A pool of worker threads that run ready operations, highest priority
-// first and in push order among equal priorities.
+// first and in push order among equal priorities. A kCpuParallel operation
+// runs alone: it starts once nothing else runs, and nothing starts beside
+// it. Threads that wait for results may run operations through TryPop.
 class WorkerPool {
  public:
   WorkerPool(int n, std::function<void(OprBlock*)> run) : run_(std::move(run)) {
@@ -197,13 +200,18 @@ class WorkerPool {
     if (wake) cv_.notify_one();
   }
   int size() const { return static_cast<int>(threads_.size()); }
-  // The highest-priority ready operation, removed from the queue, or null.
-  OprBlock* TryPop() {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (queue_.empty()) return nullptr;
-    OprBlock* op = queue_.top();
-    queue_.pop();
-    return op;
+
+  // Runs the highest-priority ready operation on the calling thread if it
+  // may start now; false when there is none.
+  bool TryRunOne() {
+    OprBlock* op;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      op = StartTopLocked();
+    }
+    if (op == nullptr) return false;
+    RunAndRelease(op);
+    return true;
   }
 
  private:
@@ -213,21 +221,46 @@ class WorkerPool {
       return a->seq > b->seq;
     }
   };
+
+  // Pops the top operation if the exclusivity rule lets it start.
+  OprBlock* StartTopLocked() {
+    if (queue_.empty() || exclusive_running_) return nullptr;
+    OprBlock* op = queue_.top();
+    const bool exclusive = op->prop == FnProperty::kCpuParallel;
+    if (exclusive && running_ > 0) return nullptr;
+    queue_.pop();
+    ++running_;
+    exclusive_running_ = exclusive;
+    return op;
+  }
+
+  void RunAndRelease(OprBlock* op) {
+    const bool exclusive = op->prop == FnProperty::kCpuParallel;
+    run_(op);  // may complete and free op
+    bool wake;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      --running_;
+      if (exclusive) exclusive_running_ = false;
+      // Workers may have been held back by the exclusivity rule.
+      wake = !queue_.empty() && idle_ > 0;
+    }
+    if (wake) cv_.notify_all();
+  }
+
   void Loop() {
     for (;;) {
       OprBlock* op;
       {
         std::unique_lock<std::mutex> lock(mu_);
-        while (queue_.empty() && !stop_) {
+        while ((op = StartTopLocked()) == nullptr) {
+          if (stop_ && queue_.empty()) return;
           ++idle_;
           cv_.wait(lock);
           --idle_;
         }
-        if (queue_.empty()) return;
-        op = queue_.top();
-        queue_.pop();
       }
-      run_(op);
+      RunAndRelease(op);
     }
   }
 
@@ -237,6 +270,8 @@ class WorkerPool {
   std::priority_queue<OprBlock*, std::vector<OprBlock*>, Order> queue_;
   uint64_t next_seq_ = 0;
   int idle_ = 0;
+  int running_ = 0;
+  bool exclusive_running_ = false;
   bool stop_ = false;
   std::vector<std::thread> threads_;
 };
@@ -255,16 +290,18 @@ class ThreadedEngine : public Engine {
 
   void PushAsync(AsyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
                  std::vector<VarHandle> mutable_vars, int priority,
-                 const char* name) override {
+                 const char* name, FnProperty prop) override {
     OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
+    op->prop = prop;
     op->fn = std::move(fn);
     Push(op);
   }
 
   void PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
                 std::vector<VarHandle> mutable_vars, int priority,
-                const char* name) override {
+                const char* name, FnProperty prop) override {
     OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
+    op->prop = prop;
     op->sync_fn = std::move(fn);
     Push(op);
   }
@@ -296,9 +333,7 @@ class ThreadedEngine : public Engine {
         std::lock_guard<std::mutex> lock(mu);
         if (done) break;
       }
-      OprBlock* ready = pool_.TryPop();
-      if (ready == nullptr) break;
-      Run(ready);
+      if (!pool_.TryRunOne()) break;
     }
     {
       std::unique_lock<std::mutex> lock(mu);
@@ -441,16 +476,18 @@ class NaiveEngine : public Engine {
 
   void PushAsync(AsyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
                  std::vector<VarHandle> mutable_vars, int priority,
-                 const char* name) override {
+                 const char* name, FnProperty prop) override {
     OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
+    op->prop = prop;
     op->fn = std::move(fn);
     RunInline(op);
   }
 
   void PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
                 std::vector<VarHandle> mutable_vars, int priority,
-                const char* name) override {
+                const char* name, FnProperty prop) override {
     OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
+    op->prop = prop;
     op->sync_fn = std::move(fn);
     RunInline(op);
   }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <sstream>
 
@@ -65,7 +66,7 @@ void RequireSameShape(const char* op, const NDArray& a, const NDArray& b) {
 void PushKernel(const char* name, Context ctx,
                 std::initializer_list<const NDArray*> reads,
                 std::initializer_list<const NDArray*> writes,
-                std::function<void()> fn, int priority) {
+                std::function<void()> fn, int priority, FnProperty prop) {
   std::vector<VarHandle> read_vars, write_vars;
   read_vars.reserve(reads.size());
   write_vars.reserve(writes.size());
@@ -73,7 +74,7 @@ void PushKernel(const char* name, Context ctx,
   for (const NDArray* a : writes) write_vars.push_back(a->var());
   Engine::Get()->PushSync([fn = std::move(fn)](RunContext) { fn(); }, ctx,
                           std::move(read_vars), std::move(write_vars),
-                          priority, name);
+                          priority, name, prop);
 }
 
 }  // namespace internal
@@ -81,6 +82,16 @@ void PushKernel(const char* name, Context ctx,
 NDArray::NDArray(const Shape& shape, Context ctx) : shape_(shape) {
   MX_THROW_IF_NOT(shape.IsValid(), "NDArray: invalid shape ", shape.ToString(),
                   ": dimensions must be >= 0");
+  // The byte count must not wrap around (to a small block for a huge array).
+  if (std::find(shape.begin(), shape.end(), 0) == shape.end()) {
+    int64_t elements = 1;
+    for (int64_t d : shape) {
+      MX_THROW_IF_NOT(elements <= PTRDIFF_MAX / int64_t{sizeof(float)} / d,
+                      "NDArray: shape ", shape.ToString(),
+                      " has too many elements to address");
+      elements *= d;
+    }
+  }
   ThrowIfError(CheckContextAvailable(ctx));
   chunk_ = std::make_shared<Chunk>(shape.Size(), ctx);
 }

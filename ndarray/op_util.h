@@ -23,7 +23,8 @@ void RequireSameShape(const char* op, const NDArray& a, const NDArray& b);
 void PushKernel(const char* name, Context ctx,
                 std::initializer_list<const NDArray*> reads,
                 std::initializer_list<const NDArray*> writes,
-                std::function<void()> fn, int priority = 0);
+                std::function<void()> fn, int priority = 0,
+                FnProperty prop = FnProperty::kNormal);
 
 }  // namespace mx::internal
 

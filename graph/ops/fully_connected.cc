@@ -102,6 +102,7 @@ OpDef Make() {
   op.forward = Forward;
   op.backward = Backward;
   op.backward_uses_outputs = false;
+  op.uses_all_cores = true;
   return op;
 }
 
