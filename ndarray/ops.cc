@@ -148,6 +148,16 @@ void BinaryInPlace(const char* name, NDArray& a, const NDArray& b) {
   MX_THROW_IF_NOT(shape == a.shape(), name, ": the right-hand side ",
                   b.shape().ToString(), " does not broadcast to ",
                   a.shape().ToString());
+  // A view that overlaps a elsewhere (a -= a.Slice(0, 1)) would be read after
+  // the kernel overwrote it: read a copy instead, as NumPy does.
+  const float* pa = a.data();
+  const float* pb = b.data();
+  const bool overlaps = b.SharesStorageWith(a) && pb < pa + a.size() &&
+                        pa < pb + b.size();
+  if (overlaps && !(pa == pb && a.shape() == b.shape())) {
+    Binary<F>(name, a, b.Copy(), a);
+    return;
+  }
   Binary<F>(name, a, b, a);
 }
 
@@ -372,7 +382,7 @@ NDArray Dot(const NDArray& a, const NDArray& b, bool transpose_a,
     cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
                 transpose_b ? CblasTrans : CblasNoTrans, m, n, k, 1.0f, pa,
                 lda, pb, ldb, 0.0f, po, n);
-  });
+  }, 0, FnProperty::kCpuParallel);
   return out;
 }
 
