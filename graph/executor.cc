@@ -19,6 +19,9 @@ using graph::NodeEntry;
 // forward and backward operations. Engine operations hold a shared_ptr to
 // the plan, so it outlives the executor while they are pending.
 struct Executor::Plan {
+  // Owns the nodes that NodeRun points to: pending operations may outlive
+  // the executor and every other handle of the symbol.
+  Symbol symbol;
   struct NodeRun {
     Node* node = nullptr;
     std::vector<int> in, out, aux;  // data entry ids
@@ -305,12 +308,14 @@ absl::Status Executor::Init(const Symbol& symbol, Context ctx,
 
   // ---- Entries: one per node output, in execution order.
   auto plan = std::make_shared<Plan>();
+  plan->symbol = symbol;
   std::vector<Node*> order = graph::TopoSort(symbol.outputs());
   std::unordered_map<const Node*, int> first_entry;
-  Symbol internals = symbol.GetInternals();
+  // Shapes of every node output, hidden ones included, in execution order.
+  Symbol internals(graph::AllOutputs(symbol.outputs()));
   absl::StatusOr<Symbol::Shapes> all = internals.InferShape(known, true);
   if (!all.ok()) return absl::InvalidArgumentError(absl::StrCat("bind: ", all.status().message()));
-  plan->entry_shapes = all->outputs;  // internals list every node output in order
+  plan->entry_shapes = all->outputs;
   std::unordered_map<int, const Node*> variable_at;  // entry id -> variable
   {
     int next = 0;

@@ -25,13 +25,18 @@ struct Node {
 
   bool is_variable() const { return op == nullptr; }
   int num_arguments() const;
-  int num_outputs() const;
+  int num_outputs() const;          // all, hidden ones included
+  int num_visible_outputs() const;
   std::vector<std::string> output_names() const;
 };
 
 // Every node reachable from `outputs`, inputs before consumers (depth-first
 // post-order, inputs in order): the order of listings and execution.
 std::vector<Node*> TopoSort(const std::vector<NodeEntry>& outputs);
+
+// Every output of every node reachable from `heads`, hidden outputs
+// included, in TopoSort order, with owning pointers.
+std::vector<NodeEntry> AllOutputs(const std::vector<NodeEntry>& heads);
 
 // Variables used as auxiliary states (mutated inputs) by some operator.
 std::vector<Node*> AuxVariables(const std::vector<Node*>& order);

@@ -30,6 +30,7 @@ absl::StatusOr<bool> ParseBool(const std::string& s) {
 
 absl::StatusOr<Shape> ParseShape(const std::string& s) {
   absl::string_view v = absl::StripAsciiWhitespace(s);
+  if (v == "None") return Shape();  // MXNet writes axis="None" for "all"
   bool bracketed = (absl::ConsumePrefix(&v, "(") && absl::ConsumeSuffix(&v, ")")) ||
                    (absl::ConsumePrefix(&v, "[") && absl::ConsumeSuffix(&v, "]"));
   (void)bracketed;
@@ -152,6 +153,11 @@ std::vector<std::string> OpDef::ListAuxStates(const ParsedParams& p) const {
 
 std::vector<std::string> OpDef::ListOutputs(const ParsedParams& p) const {
   return outputs ? outputs(p) : std::vector<std::string>{"output"};
+}
+
+int OpDef::NumVisibleOutputs(const ParsedParams& p) const {
+  const int all = static_cast<int>(ListOutputs(p).size());
+  return num_visible_outputs ? std::min(num_visible_outputs(p), all) : all;
 }
 
 std::string OpDef::NameHint() const {

@@ -142,6 +142,12 @@ struct OpDef {
   NameListFn aux_states;
   // Output names; default {"output"}.
   NameListFn outputs;
+  // How many of the outputs, from the first, a symbol shows (MXNet's
+  // num_visible_outputs); the rest are hidden: the executor allocates them
+  // and passes them to forward and backward (Dropout keeps its mask there),
+  // but listings, composition and head gradients see only visible ones.
+  // Null: every output is visible.
+  std::function<int(const ParsedParams&)> num_visible_outputs;
   InferShapeFn infer_shape;
   ForwardFn forward;
   BackwardFn backward;  // null: the operator has no gradient
@@ -169,6 +175,7 @@ struct OpDef {
   std::vector<std::string> ListArguments(const ParsedParams& p) const;
   std::vector<std::string> ListAuxStates(const ParsedParams& p) const;
   std::vector<std::string> ListOutputs(const ParsedParams& p) const;
+  int NumVisibleOutputs(const ParsedParams& p) const;
   std::string NameHint() const;
 };
 

@@ -26,6 +26,10 @@ int Node::num_outputs() const {
   return is_variable() ? 1 : static_cast<int>(op->ListOutputs(parsed).size());
 }
 
+int Node::num_visible_outputs() const {
+  return is_variable() ? 1 : op->NumVisibleOutputs(parsed);
+}
+
 std::vector<std::string> Node::output_names() const {
   if (is_variable()) return {name};
   std::vector<std::string> names;
@@ -56,6 +60,21 @@ std::vector<Node*> TopoSort(const std::vector<NodeEntry>& outputs) {
     }
   }
   return order;
+}
+
+std::vector<NodeEntry> AllOutputs(const std::vector<NodeEntry>& heads) {
+  // TopoSort yields raw nodes; entries hold the owning pointers.
+  std::unordered_map<Node*, std::shared_ptr<Node>> owner_of;
+  for (const NodeEntry& e : heads) owner_of[e.node.get()] = e.node;
+  std::vector<Node*> order = TopoSort(heads);
+  for (Node* n : order) {
+    for (const NodeEntry& in : n->inputs) owner_of[in.node.get()] = in.node;
+  }
+  std::vector<NodeEntry> outs;
+  for (Node* n : order) {
+    for (int i = 0; i < n->num_outputs(); ++i) outs.push_back({owner_of[n], i});
+  }
+  return outs;
 }
 
 std::vector<Node*> AuxVariables(const std::vector<Node*>& order) {
@@ -105,7 +124,7 @@ namespace {
 
 Symbol FromNode(std::shared_ptr<Node> node) {
   std::vector<NodeEntry> outs;
-  for (int i = 0; i < node->num_outputs(); ++i) outs.push_back({node, i});
+  for (int i = 0; i < node->num_visible_outputs(); ++i) outs.push_back({node, i});
   return Symbol(std::move(outs));
 }
 
@@ -277,16 +296,9 @@ Symbol Symbol::operator[](const std::string& output_name) const {
 }
 
 Symbol Symbol::GetInternals() const {
-  // TopoSort yields raw nodes; entries hold the owning pointers.
-  std::unordered_map<Node*, std::shared_ptr<Node>> owner_of;
-  for (const NodeEntry& e : outputs_) owner_of[e.node.get()] = e.node;
-  std::vector<Node*> order = graph::TopoSort(outputs_);
-  for (Node* n : order) {
-    for (const NodeEntry& in : n->inputs) owner_of[in.node.get()] = in.node;
-  }
   std::vector<NodeEntry> outs;
-  for (Node* n : order) {
-    for (int i = 0; i < n->num_outputs(); ++i) outs.push_back({owner_of[n], i});
+  for (const NodeEntry& e : graph::AllOutputs(outputs_)) {
+    if (e.index < e.node->num_visible_outputs()) outs.push_back(e);
   }
   return Symbol(std::move(outs));
 }

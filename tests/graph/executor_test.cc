@@ -275,6 +275,20 @@ TEST(ExecutorMonitor, SeesEveryIntermediateOutput) {
                                 "fc3_output", "softmax_output"));
 }
 
+// Regression: pending operations used the symbol's nodes after the executor
+// and the last Symbol handle were gone (a crash in the FullyConnected kernel).
+TEST(ExecutorLifetime, PendingWorkOutlivesExecutorAndSymbol) {
+  NDArray out;
+  for (int i = 0; i < 20; ++i) {
+    auto exec = Executor::SimpleBind(Mlp(), cpu(), {{"data", Shape{64, 784}}}, GradReq::kNull);
+    ASSERT_TRUE(exec.ok());
+    (*exec)->Forward();
+    out = (*exec)->outputs()[0];
+  }  // executor and symbol destroyed with the forward pass still queued
+  std::vector<float> v = out.ToVector();
+  EXPECT_FLOAT_EQ(v[0], 0.1f);
+}
+
 TEST(ExecutorForward, ReturnsBeforeTheWorkIsDone) {
   // Forward only pushes: the outputs are read through the engine.
   auto exec = Executor::SimpleBind(Mlp(), cpu(), {{"data", Shape{64, 784}}}, GradReq::kNull);

@@ -1,0 +1,103 @@
+// Embedding, as MXNet's: out[..., :] = weight[index, :] for every index in
+// data (indices stored as floats, truncated to integers), with weight of
+// shape (input_dim, output_dim) and out of shape data.shape + (output_dim,).
+// Indices outside [0, input_dim) are clipped to the nearest row, as MXNet
+// does (NaN reads row 0). The weight's gradient adds every output row's
+// gradient into the row it read; the indices get none (a requested data
+// gradient is zero). sparse_grad is accepted and gives a dense gradient.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "graph/ops/op_util.h"
+
+namespace mx::ops {
+namespace {
+
+int64_t Row(float index, int64_t input_dim) {
+  if (!(index > 0)) return 0;  // negative, zero and NaN
+  if (index >= static_cast<float>(input_dim - 1)) return input_dim - 1;
+  return static_cast<int64_t>(index);
+}
+
+absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
+                   ShapeList*) {
+  if (p.GetString("dtype") != "float32") {
+    return absl::UnimplementedError(absl::StrCat(
+        "dtype=", p.GetString("dtype"), " is not supported (only float32)"));
+  }
+  const int64_t input_dim = p.GetInt("input_dim");
+  const int64_t output_dim = p.GetInt("output_dim");
+  if (input_dim <= 0 || output_dim <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input_dim (", input_dim, ") and output_dim (", output_dim,
+        ") must be positive"));
+  }
+  MX_RETURN_IF_ERROR(MergeShape(in, 1, Shape{input_dim, output_dim}, "input weight"));
+  const Shape& data = (*in)[0];
+  if (data.ndim() == 0) return absl::OkStatus();
+  Shape o = data;
+  o.push_back(output_dim);
+  return MergeShape(out, 0, o, "output");
+}
+
+void Forward(const OpContext&, const ParsedParams& p,
+             const std::vector<TBlob>& in, const std::vector<OpReq>& req,
+             const std::vector<TBlob>& out, const std::vector<TBlob>&) {
+  const int64_t input_dim = p.GetInt("input_dim");
+  const int64_t dim = p.GetInt("output_dim");
+  const float* index = in[0].data;
+  const float* weight = in[1].data;
+  float* y = out[0].data;
+  for (int64_t i = 0; i < in[0].Size(); ++i) {
+    const float* row = weight + Row(index[i], input_dim) * dim;
+    float* dst = y + i * dim;
+    if (req[0] == OpReq::kWrite) {
+      std::memcpy(dst, row, dim * sizeof(float));
+    } else if (req[0] == OpReq::kAdd) {
+      for (int64_t k = 0; k < dim; ++k) dst[k] += row[k];
+    }
+  }
+}
+
+void Backward(const OpContext&, const ParsedParams& p,
+              const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,
+              const std::vector<TBlob>&, const std::vector<OpReq>& req,
+              const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
+  if (req[0] == OpReq::kWrite) {
+    std::fill(in_grad[0].data, in_grad[0].data + in[0].Size(), 0.0f);
+  }
+  if (req[1] == OpReq::kNull) return;
+  const int64_t input_dim = p.GetInt("input_dim");
+  const int64_t dim = p.GetInt("output_dim");
+  float* gw = in_grad[1].data;
+  if (req[1] == OpReq::kWrite) std::fill(gw, gw + in[1].Size(), 0.0f);
+  const float* index = in[0].data;
+  const float* g = out_grad[0].data;
+  for (int64_t i = 0; i < in[0].Size(); ++i) {
+    float* row = gw + Row(index[i], input_dim) * dim;
+    const float* src = g + i * dim;
+    for (int64_t k = 0; k < dim; ++k) row[k] += src[k];
+  }
+}
+
+OpDef Make() {
+  OpDef op;
+  op.name = "Embedding";
+  op.params = {{"input_dim", ParamSpec::Type::kInt, "", true},
+               {"output_dim", ParamSpec::Type::kInt, "", true},
+               {"dtype", ParamSpec::Type::kString, "float32", false,
+                {"float16", "float32", "float64", "uint8", "int8", "int32", "int64"}},
+               {"sparse_grad", ParamSpec::Type::kBool, "False"}};
+  op.arguments = Names({"data", "weight"});
+  op.infer_shape = Infer;
+  op.forward = Forward;
+  op.backward = Backward;
+  op.backward_uses_outputs = false;
+  return op;
+}
+
+MX_REGISTER_OP(Make());
+
+}  // namespace
+}  // namespace mx::ops

@@ -1,0 +1,353 @@
+// Tensor arithmetic, as MXNet's: dot, the sum and mean reductions, and
+// binary operators with NumPy broadcasting.
+//
+// dot(lhs, rhs) follows MXNet's rule for any number of dimensions: lhs is a
+// matrix of (everything but the last axis) x (last axis), or with
+// transpose_a the transpose of (first axis) x (everything else); rhs is
+// (first axis) x (everything else), or with transpose_b the transpose of
+// (everything but the last axis) x (last axis). The output has the free
+// axes of lhs then those of rhs; two vectors give shape (1,).
+//
+// sum and mean reduce over `axis` (every axis when empty), or over every
+// other axis with exclude; keepdims keeps reduced axes as size 1. A full
+// reduction without keepdims has shape (1,), as in MXNet.
+//
+// broadcast_add/sub/mul/div: shapes are right-aligned and every dimension
+// pair must be equal or contain a 1; each gradient is summed back to its
+// input's shape.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "graph/ops/broadcast.h"
+#include "graph/ops/op_util.h"
+
+namespace mx::ops {
+namespace {
+
+// ---- dot
+
+Shape Slice(const Shape& s, int begin, int end) {
+  return Shape(s.begin() + begin, s.begin() + end);
+}
+
+// The matrix view of one operand: its free axes (the output's share of
+// the shape) and the contracted axis.
+struct Operand {
+  Shape free;
+  int contracted;  // axis index in the operand's shape
+};
+
+Operand Lhs(const Shape& s, bool trans) {
+  const int nd = s.ndim();
+  if (trans) return {nd > 1 ? Slice(s, 1, nd) : Shape(), 0};
+  return {nd > 1 ? Slice(s, 0, nd - 1) : Shape(), nd - 1};
+}
+
+Operand Rhs(const Shape& s, bool trans) {
+  const int nd = s.ndim();
+  if (trans) return {nd > 1 ? Slice(s, 0, nd - 1) : Shape(), nd - 1};
+  return {nd > 1 ? Slice(s, 1, nd) : Shape(), 0};
+}
+
+absl::Status DotInfer(const ParsedParams& p, ShapeList* in, ShapeList* out,
+                      ShapeList*) {
+  Shape& l = (*in)[0];
+  Shape& r = (*in)[1];
+  if (l.ndim() == 0 || r.ndim() == 0) return absl::OkStatus();
+  const bool ta = p.GetBool("transpose_a"), tb = p.GetBool("transpose_b");
+  if (l.ndim() == 1 && r.ndim() == 1 && (ta || tb)) {
+    return absl::InvalidArgumentError("cannot transpose vectors");
+  }
+  const Operand a = Lhs(l, ta), b = Rhs(r, tb);
+  int64_t& ka = l[a.contracted];
+  int64_t& kb = r[b.contracted];
+  if (ka == 0) ka = kb;
+  if (kb == 0) kb = ka;
+  if (ka != kb) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "lhs of shape ", l.ToString(), " and rhs of shape ", r.ToString(),
+        " do not match for dot", ta ? " (transpose_a)" : "",
+        tb ? " (transpose_b)" : ""));
+  }
+  Shape o = a.free;
+  for (int64_t d : b.free) o.push_back(d);
+  if (o.ndim() == 0) o = Shape{1};
+  return MergeShape(out, 0, o, "output");
+}
+
+struct DotDims {
+  int64_t m, n, k;
+};
+
+DotDims GetDotDims(const ParsedParams& p, const Shape& l, const Shape& r) {
+  const Operand a = Lhs(l, p.GetBool("transpose_a"));
+  const Operand b = Rhs(r, p.GetBool("transpose_b"));
+  return {a.free.Size(), b.free.Size(), l[a.contracted]};
+}
+
+void DotForward(const OpContext&, const ParsedParams& p,
+                const std::vector<TBlob>& in, const std::vector<OpReq>& req,
+                const std::vector<TBlob>& out, const std::vector<TBlob>&) {
+  const DotDims d = GetDotDims(p, in[0].shape, in[1].shape);
+  Gemm(req[0], p.GetBool("transpose_a"), p.GetBool("transpose_b"), d.m, d.n,
+       d.k, 1.0f, in[0].data, in[1].data, out[0].data);
+}
+
+void DotBackward(const OpContext&, const ParsedParams& p,
+                 const std::vector<TBlob>& out_grad,
+                 const std::vector<TBlob>& in, const std::vector<TBlob>&,
+                 const std::vector<OpReq>& req,
+                 const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
+  const bool ta = p.GetBool("transpose_a"), tb = p.GetBool("transpose_b");
+  const DotDims d = GetDotDims(p, in[0].shape, in[1].shape);
+  const float* g = out_grad[0].data;  // m x n
+  const float* a = in[0].data;
+  const float* b = in[1].data;
+  // C = op(A) op(B): d op(A) = G op(B)^T, d op(B) = op(A)^T G, stored
+  // transposed back where the operand was transposed.
+  if (ta) {
+    Gemm(req[0], tb, true, d.k, d.m, d.n, 1.0f, b, g, in_grad[0].data);
+  } else {
+    Gemm(req[0], false, !tb, d.m, d.k, d.n, 1.0f, g, b, in_grad[0].data);
+  }
+  if (tb) {
+    Gemm(req[1], true, ta, d.n, d.k, d.m, 1.0f, g, a, in_grad[1].data);
+  } else {
+    Gemm(req[1], !ta, false, d.k, d.n, d.m, 1.0f, a, g, in_grad[1].data);
+  }
+}
+
+OpDef MakeDot() {
+  OpDef op;
+  op.name = "dot";
+  op.params = {{"transpose_a", ParamSpec::Type::kBool, "False"},
+               {"transpose_b", ParamSpec::Type::kBool, "False"},
+               // Accepted for MXNet symbol files; storage is always dense.
+               {"forward_stype", ParamSpec::Type::kString, "None", false,
+                {"None", "default", "row_sparse", "csr"}}};
+  op.arguments = Names({"lhs", "rhs"});
+  op.required_inputs = {"lhs", "rhs"};
+  op.infer_shape = DotInfer;
+  op.forward = DotForward;
+  op.backward = DotBackward;
+  op.backward_uses_outputs = false;
+  return op;
+}
+
+MX_REGISTER_OP(MakeDot());
+
+// ---- sum, mean
+
+// Which axes of a `ndim`-dimensional input are reduced; errors name the
+// offending axis.
+absl::StatusOr<std::vector<bool>> ReducedAxes(const ParsedParams& p, int ndim) {
+  const Shape axes = p.GetShape("axis");
+  std::vector<bool> reduced(ndim, axes.ndim() == 0);
+  if (axes.ndim() == 0) return reduced;
+  for (int64_t axis : axes) {
+    const int64_t a = axis < 0 ? axis + ndim : axis;
+    if (a < 0 || a >= ndim) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "axis ", axis, " is out of range for ", ndim, "-dimensional data"));
+    }
+    if (reduced[a]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "axis ", axis, " appears twice in axis=", axes.ToString()));
+    }
+    reduced[a] = true;
+  }
+  if (p.GetBool("exclude")) reduced.flip();
+  return reduced;
+}
+
+// The input's shape with reduced axes set to 1: the output's layout.
+Shape KeptShape(const Shape& data, const std::vector<bool>& reduced) {
+  Shape s = data;
+  for (int d = 0; d < data.ndim(); ++d) {
+    if (reduced[d]) s[d] = 1;
+  }
+  return s;
+}
+
+absl::Status ReduceInfer(const ParsedParams& p, ShapeList* in, ShapeList* out,
+                         ShapeList*) {
+  const Shape& data = (*in)[0];
+  if (data.ndim() == 0) return absl::OkStatus();
+  MX_ASSIGN_OR_RETURN(std::vector<bool> reduced, ReducedAxes(p, data.ndim()));
+  Shape o;
+  if (p.GetBool("keepdims")) {
+    o = KeptShape(data, reduced);
+  } else {
+    for (int d = 0; d < data.ndim(); ++d) {
+      if (!reduced[d]) o.push_back(data[d]);
+    }
+    if (o.ndim() == 0) o = Shape{1};
+  }
+  return MergeShape(out, 0, o, "output");
+}
+
+// Reductions run over the input with offsets into the kept-shape output.
+std::vector<int64_t> OutputStrides(const ParsedParams& p, const Shape& data) {
+  absl::StatusOr<std::vector<bool>> reduced = ReducedAxes(p, data.ndim());
+  MX_CHECK(reduced.ok());  // checked by shape inference
+  return BroadcastStrides(KeptShape(data, *reduced), data);
+}
+
+OpDef MakeReduce(const char* name, bool mean) {
+  OpDef op;
+  op.name = name;
+  op.params = {{"axis", ParamSpec::Type::kShape, "()"},
+               {"keepdims", ParamSpec::Type::kBool, "False"},
+               {"exclude", ParamSpec::Type::kBool, "False"}};
+  op.infer_shape = ReduceInfer;
+  op.backward_uses_inputs = false;
+  op.backward_uses_outputs = false;
+  op.forward = [mean](const OpContext&, const ParsedParams& p,
+                      const std::vector<TBlob>& in, const std::vector<OpReq>& req,
+                      const std::vector<TBlob>& out, const std::vector<TBlob>&) {
+    const std::vector<int64_t> os = OutputStrides(p, in[0].shape);
+    std::vector<double> acc(out[0].Size(), 0.0);
+    const float* x = in[0].data;
+    ForEachBroadcast(in[0].shape, os, os,
+                     [&](int64_t i, int64_t o, int64_t) { acc[o] += x[i]; });
+    const double scale =
+        mean ? static_cast<double>(out[0].Size()) / std::max<int64_t>(in[0].Size(), 1) : 1.0;
+    for (size_t o = 0; o < acc.size(); ++o) {
+      Store(req[0], out[0].data + o, static_cast<float>(acc[o] * scale));
+    }
+  };
+  op.backward = [mean](const OpContext&, const ParsedParams& p,
+                       const std::vector<TBlob>& out_grad,
+                       const std::vector<TBlob>& in, const std::vector<TBlob>&,
+                       const std::vector<OpReq>& req,
+                       const std::vector<TBlob>& in_grad,
+                       const std::vector<TBlob>&) {
+    if (req[0] == OpReq::kNull) return;
+    const std::vector<int64_t> os = OutputStrides(p, in[0].shape);
+    const float scale =
+        mean ? static_cast<float>(out_grad[0].Size()) / std::max<int64_t>(in[0].Size(), 1)
+             : 1.0f;
+    const float* g = out_grad[0].data;
+    float* gi = in_grad[0].data;
+    ForEachBroadcast(in[0].shape, os, os, [&](int64_t i, int64_t o, int64_t) {
+      Store(req[0], gi + i, g[o] * scale);
+    });
+  };
+  return op;
+}
+
+MX_REGISTER_OP(MakeReduce("sum", false));
+MX_REGISTER_OP(MakeReduce("mean", true));
+
+// ---- broadcast_add, broadcast_sub, broadcast_mul, broadcast_div
+
+enum class Arith { kAdd, kSub, kMul, kDiv };
+
+absl::Status BroadcastInfer(const ParsedParams&, ShapeList* in, ShapeList* out,
+                            ShapeList*) {
+  const Shape& l = (*in)[0];
+  const Shape& r = (*in)[1];
+  if (l.ndim() == 0 || r.ndim() == 0) return absl::OkStatus();
+  const int nd = std::max(l.ndim(), r.ndim());
+  Shape o;
+  for (int d = 0; d < nd; ++d) {
+    const int dl = d - (nd - l.ndim()), dr = d - (nd - r.ndim());
+    const int64_t a = dl >= 0 ? l[dl] : 1;
+    const int64_t b = dr >= 0 ? r[dr] : 1;
+    if (a == b || b == 1) {
+      o.push_back(a);
+    } else if (a == 1) {
+      o.push_back(b);
+    } else if (a == 0 || b == 0) {
+      // An unknown size against a known one above 1: the unknown one is
+      // 1 or equal, so the output has the known size.
+      o.push_back(std::max(a, b));
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "lhs of shape ", l.ToString(), " and rhs of shape ", r.ToString(),
+          " cannot be broadcast together"));
+    }
+  }
+  return MergeShape(out, 0, o, "output");
+}
+
+float Apply(Arith kind, float a, float b) {
+  switch (kind) {
+    case Arith::kAdd: return a + b;
+    case Arith::kSub: return a - b;
+    case Arith::kMul: return a * b;
+    default: return a / b;
+  }
+}
+
+// Zeroes a gradient the kernel will accumulate into, when asked to write.
+void StartAccumulate(OpReq req, const TBlob& grad) {
+  if (req == OpReq::kWrite) std::fill(grad.data, grad.data + grad.Size(), 0.0f);
+}
+
+OpDef MakeBroadcast(const char* name, Arith kind) {
+  OpDef op;
+  op.name = name;
+  op.arguments = Names({"lhs", "rhs"});
+  op.required_inputs = {"lhs", "rhs"};
+  op.infer_shape = BroadcastInfer;
+  // Only an input of the output's size can share its memory, and such an
+  // input is read at the output's own offsets.
+  op.inplace = {{0, 0}, {1, 0}};
+  op.backward_uses_outputs = false;
+  op.backward_uses_inputs = kind == Arith::kMul || kind == Arith::kDiv;
+  op.forward = [kind](const OpContext&, const ParsedParams&,
+                      const std::vector<TBlob>& in, const std::vector<OpReq>& req,
+                      const std::vector<TBlob>& out, const std::vector<TBlob>&) {
+    const Shape& full = out[0].shape;
+    const float* a = in[0].data;
+    const float* b = in[1].data;
+    float* o = out[0].data;
+    ForEachBroadcast(full, BroadcastStrides(in[0].shape, full),
+                     BroadcastStrides(in[1].shape, full),
+                     [&](int64_t i, int64_t ia, int64_t ib) {
+                       Store(req[0], o + i, Apply(kind, a[ia], b[ib]));
+                     });
+  };
+  op.backward = [kind](const OpContext&, const ParsedParams&,
+                       const std::vector<TBlob>& out_grad,
+                       const std::vector<TBlob>& in, const std::vector<TBlob>&,
+                       const std::vector<OpReq>& req,
+                       const std::vector<TBlob>& in_grad,
+                       const std::vector<TBlob>&) {
+    const Shape& full = out_grad[0].shape;
+    const float* g = out_grad[0].data;
+    const float* a = in[0].data;
+    const float* b = in[1].data;
+    const bool want_a = req[0] != OpReq::kNull, want_b = req[1] != OpReq::kNull;
+    if (want_a) StartAccumulate(req[0], in_grad[0]);
+    if (want_b) StartAccumulate(req[1], in_grad[1]);
+    float* ga = in_grad[0].data;
+    float* gb = in_grad[1].data;
+    ForEachBroadcast(full, BroadcastStrides(in[0].shape, full),
+                     BroadcastStrides(in[1].shape, full),
+                     [&](int64_t i, int64_t ia, int64_t ib) {
+                       float da, db;
+                       switch (kind) {
+                         case Arith::kAdd: da = g[i]; db = g[i]; break;
+                         case Arith::kSub: da = g[i]; db = -g[i]; break;
+                         case Arith::kMul: da = g[i] * b[ib]; db = g[i] * a[ia]; break;
+                         default:
+                           da = g[i] / b[ib];
+                           db = -g[i] * a[ia] / (b[ib] * b[ib]);
+                       }
+                       if (want_a) ga[ia] += da;
+                       if (want_b) gb[ib] += db;
+                     });
+  };
+  return op;
+}
+
+MX_REGISTER_OP(MakeBroadcast("broadcast_add", Arith::kAdd));
+MX_REGISTER_OP(MakeBroadcast("broadcast_sub", Arith::kSub));
+MX_REGISTER_OP(MakeBroadcast("broadcast_mul", Arith::kMul));
+MX_REGISTER_OP(MakeBroadcast("broadcast_div", Arith::kDiv));
+
+}  // namespace
+}  // namespace mx::ops
