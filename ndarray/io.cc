@@ -132,9 +132,10 @@ absl::StatusOr<NDArray> ReadArray(Reader& r, const std::string& path,
   }
 }
 
-}  // namespace
-
-absl::Status Save(const std::string& path, const NamedArrays& arrays) {
+// The whole format in memory. `what` prefixes errors about the arrays
+// ("Save <path>" or "SerializeArrays").
+absl::StatusOr<std::string> Encode(const NamedArrays& arrays,
+                                   const std::string& what) {
   Writer w;
   w.Bytes(kMagic, 4);
   w.Put(kVersion);
@@ -142,7 +143,7 @@ absl::Status Save(const std::string& path, const NamedArrays& arrays) {
   for (const auto& [name, array] : arrays) {
     if (array.is_none()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("Save ", path, ": array '", name, "' is null"));
+          absl::StrCat(what, ": array '", name, "' is null"));
     }
     w.Put(static_cast<uint32_t>(name.size()));
     w.Bytes(name.data(), name.size());
@@ -152,39 +153,19 @@ absl::Status Save(const std::string& path, const NamedArrays& arrays) {
     try {
       values = array.ToVector();
     } catch (const Error& e) {
-      return absl::Status(e.code(), absl::StrCat("Save ", path, ": array '",
-                                                 name, "': ", e.what()));
+      return absl::Status(e.code(), absl::StrCat(what, ": array '", name,
+                                                 "': ", e.what()));
     }
     w.Bytes(values.data(), values.size() * sizeof(float));
   }
   w.Put(Crc(w.buf(), w.buf().size()));
-
-  const std::string tmp = path + ".tmp";
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (f == nullptr) return ErrnoError("cannot create", tmp);
-  bool ok = std::fwrite(w.buf().data(), 1, w.buf().size(), f) == w.buf().size();
-  ok = (std::fflush(f) == 0) && ok;
-  if (std::fclose(f) != 0) ok = false;
-  if (!ok) {
-    absl::Status s = ErrnoError("cannot write", tmp);
-    std::remove(tmp.c_str());
-    return s;
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    absl::Status s = ErrnoError("cannot rename to", path);
-    std::remove(tmp.c_str());
-    return s;
-  }
-  return absl::OkStatus();
+  return std::move(w.buf());
 }
 
-absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return ErrnoError("cannot open", path);
-  std::string data((std::istreambuf_iterator<char>(in)),
-                   std::istreambuf_iterator<char>());
-  if (in.bad()) return ErrnoError("cannot read", path);
-
+// Parses the format from memory. `path` (the file, or a label for data that
+// never was one) starts every error.
+absl::StatusOr<NamedArrays> Decode(const std::string& data,
+                                   const std::string& path, Context ctx) {
   if (data.size() < 4 || std::memcmp(data.data(), kMagic, 4) != 0) {
     return absl::DataLossError(absl::StrCat(
         path, ": not an mx NDArray file (bad magic at offset 0)"));
@@ -235,6 +216,48 @@ absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx) {
                                             r.pos()));
   }
   return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> SerializeArrays(const NamedArrays& arrays) {
+  return Encode(arrays, "SerializeArrays");
+}
+
+absl::StatusOr<NamedArrays> DeserializeArrays(const std::string& bytes,
+                                              Context ctx) {
+  return Decode(bytes, "serialized NDArray data", ctx);
+}
+
+absl::Status Save(const std::string& path, const NamedArrays& arrays) {
+  MX_ASSIGN_OR_RETURN(const std::string bytes,
+                      Encode(arrays, absl::StrCat("Save ", path)));
+  const std::string tmp = path + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (f == nullptr) return ErrnoError("cannot create", tmp);
+  bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+  ok = (std::fflush(f) == 0) && ok;
+  if (std::fclose(f) != 0) ok = false;
+  if (!ok) {
+    absl::Status s = ErrnoError("cannot write", tmp);
+    std::remove(tmp.c_str());
+    return s;
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    absl::Status s = ErrnoError("cannot rename to", path);
+    std::remove(tmp.c_str());
+    return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return ErrnoError("cannot open", path);
+  std::string data((std::istreambuf_iterator<char>(in)),
+                   std::istreambuf_iterator<char>());
+  if (in.bad()) return ErrnoError("cannot read", path);
+  return Decode(data, path, ctx);
 }
 
 }  // namespace mx

@@ -235,6 +235,12 @@ void WaitAll();
 using NamedArrays = std::vector<std::pair<std::string, NDArray>>;
 absl::Status Save(const std::string& path, const NamedArrays& arrays);
 absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx = cpu());
+// The same format as a byte string, for state that travels in messages or
+// is embedded in other files (optimizer states). Deserialize reports what
+// Load reports, naming "serialized NDArray data" instead of a file.
+absl::StatusOr<std::string> SerializeArrays(const NamedArrays& arrays);
+absl::StatusOr<NamedArrays> DeserializeArrays(const std::string& bytes,
+                                              Context ctx = cpu());
 
 }  // namespace mx
 

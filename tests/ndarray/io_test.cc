@@ -295,5 +295,34 @@ TEST(SaveLoad, TrailingGarbageIsDetected) {
   EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
 }
 
+// ---- The same format in memory (SerializeArrays / DeserializeArrays).
+
+TEST(SerializeArrays, BytesAreExactlyTheFileContents) {
+  const std::string path = TempPath("same.mxnd");
+  ASSERT_TRUE(SaveSample(path).ok());
+  absl::StatusOr<std::string> bytes = SerializeArrays(SampleArrays());
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  EXPECT_EQ(*bytes, ReadFile(path));
+  absl::StatusOr<NamedArrays> back = DeserializeArrays(*bytes);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ExpectSameArrays(*back, SampleArrays());
+}
+
+TEST(SerializeArrays, NullArrayAndCorruptBytesAreReported) {
+  absl::StatusOr<std::string> null = SerializeArrays({{"ghost", NDArray()}});
+  ASSERT_FALSE(null.ok());
+  EXPECT_EQ(null.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(null.status().message()), HasSubstr("'ghost'"));
+
+  absl::StatusOr<std::string> bytes = SerializeArrays(SampleArrays());
+  ASSERT_TRUE(bytes.ok());
+  absl::StatusOr<NamedArrays> cut =
+      DeserializeArrays(bytes->substr(0, bytes->size() - 9));
+  ASSERT_FALSE(cut.ok());
+  EXPECT_EQ(cut.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(cut.status().message()),
+              HasSubstr("serialized NDArray data"));
+}
+
 }  // namespace
 }  // namespace mx

@@ -1,0 +1,689 @@
+// The Optimizer base (options, multipliers, schedule, state and its
+// serialization) and MXNet's six optimizers, each one fused kernel. The
+// update rules are written out in kvstore/optimizer.h; the expressions below
+// keep MXNet's order of float operations.
+#include "kvstore/optimizer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "kvstore/options.h"
+#include "ndarray/engine.h"
+
+namespace mx {
+namespace {
+
+using internal::FormatNumber;
+using internal::NumberSpec;
+using internal::ParseNumber;
+
+constexpr char kSchedulerKey[] = "lr_scheduler";
+constexpr char kSchedulerPrefix[] = "lr_scheduler.";
+
+// Options of every optimizer. learning_rate's default is per optimizer.
+constexpr NumberSpec kLearningRate{"learning_rate", 0.01, 0.0};
+constexpr NumberSpec kWd{"wd", 0.0, 0.0};
+constexpr NumberSpec kRescaleGrad{"rescale_grad", 1.0};
+constexpr NumberSpec kClipGradient{"clip_gradient", -1.0};
+constexpr NumberSpec kSchedulerBaseLr{"lr_scheduler.base_lr", 0.0, 0.0};
+
+// Options of one optimizer each, with MXNet's defaults.
+constexpr NumberSpec kMomentum{"momentum", 0.0, 0.0, 1.0};
+constexpr NumberSpec kBeta1{"beta1", 0.9, 0.0, 1.0, /*hi_open=*/true};
+constexpr NumberSpec kBeta2{"beta2", 0.999, 0.0, 1.0, /*hi_open=*/true};
+constexpr NumberSpec kAdamEpsilon{"epsilon", 1e-8, 0.0};
+constexpr NumberSpec kAdagradEps{"eps", 1e-7, 0.0};
+constexpr NumberSpec kGamma1{"gamma1", 0.9, 0.0, 1.0};
+constexpr NumberSpec kRmspropEpsilon{"epsilon", 1e-8, 0.0};
+constexpr NumberSpec kClipWeights{"clip_weights", -1.0};
+constexpr NumberSpec kRho{"rho", 0.9, 0.0, 1.0};
+constexpr NumberSpec kAdadeltaEpsilon{"epsilon", 1e-5, 0.0};
+
+// MXNet's clip::Map(x, c) when c >= 0; no clipping when c < 0.
+inline float ClipIf(float x, float c) {
+  if (c < 0) return x;
+  return x > c ? c : (x < -c ? -c : x);
+}
+
+// Pushes one engine operation that applies rule to every element: it reads
+// grad and writes weight and the kStates state arrays. rule takes
+// (float& w, float g, float& s0, ...), one state reference per state.
+template <int kStates, typename Rule>
+void PushFused(const char* name, NDArray& weight, const NDArray& grad,
+               std::vector<NDArray>& states, Rule rule) {
+  MX_CHECK(static_cast<int>(states.size()) == kStates);
+  float* w = weight.data();
+  const float* g = grad.data();
+  float* s0 = kStates > 0 ? states[0].data() : nullptr;
+  float* s1 = kStates > 1 ? states[1].data() : nullptr;
+  const int64_t n = weight.size();
+  std::vector<VarHandle> writes{weight.var()};
+  for (const NDArray& s : states) writes.push_back(s.var());
+  Engine::Get()->PushSync(
+      [=](RunContext) {
+        for (int64_t i = 0; i < n; ++i) {
+          if constexpr (kStates == 0) {
+            rule(w[i], g[i]);
+          } else if constexpr (kStates == 1) {
+            rule(w[i], g[i], s0[i]);
+          } else {
+            rule(w[i], g[i], s0[i], s1[i]);
+          }
+        }
+      },
+      weight.context(), {grad.var()}, std::move(writes), /*priority=*/0, name);
+}
+
+// A double read from options already validated by Create (for the few
+// hyper-parameters MXNet uses in Python's double precision).
+double OptionAsDouble(const Optimizer::Options& options,
+                      const NumberSpec& spec) {
+  auto it = options.find(spec.key);
+  if (it == options.end()) return spec.default_value;
+  double v = 0;
+  MX_CHECK(absl::SimpleAtod(it->second, &v));
+  return v;
+}
+
+// ---- The optimizers.
+
+// SGD, optionally with momentum (MXNet's sgd_update / sgd_mom_update).
+class Sgd : public Optimizer {
+ public:
+  explicit Sgd(const Options& options) : Sgd("sgd", options) {}
+
+ protected:
+  Sgd(std::string name, const Options& options)
+      : Optimizer(std::move(name), options),
+        momentum_(GetFloat(kMomentum.key, kMomentum.default_value)) {}
+
+  int NumStates() const override { return momentum_ != 0 ? 1 : 0; }
+
+  void PushUpdate(NDArray& weight, const NDArray& grad,
+                  std::vector<NDArray>& states, float lr, float wd,
+                  int64_t) override {
+    const float rescale = rescale_grad_, clip = clip_gradient_;
+    const float lr_rescale = lr * rescale;
+    // lr times the rescaled, clipped gradient, associated as MXNet does.
+    auto step = [=](float g) {
+      return clip >= 0 ? lr * ClipIf(rescale * g, clip) : lr_rescale * g;
+    };
+    if (momentum_ == 0) {
+      PushFused<0>("sgd_update", weight, grad, states, [=](float& w, float g) {
+        w = (1.f - lr * wd) * w - step(g);
+      });
+      return;
+    }
+    const float momentum = momentum_;
+    PushFused<1>("sgd_mom_update", weight, grad, states,
+                 [=](float& w, float g, float& m) {
+                   m = momentum * m - lr * wd * w - step(g);
+                   w = w + m;
+                 });
+  }
+
+  float momentum_;
+};
+
+// Nesterov momentum as MXNet 1.x's nag_mom_update; plain SGD without
+// momentum.
+class Nag : public Sgd {
+ public:
+  explicit Nag(const Options& options) : Sgd("nag", options) {}
+
+ protected:
+  void PushUpdate(NDArray& weight, const NDArray& grad,
+                  std::vector<NDArray>& states, float lr, float wd,
+                  int64_t t) override {
+    if (momentum_ == 0) {
+      Sgd::PushUpdate(weight, grad, states, lr, wd, t);
+      return;
+    }
+    const float rescale = rescale_grad_, clip = clip_gradient_;
+    const float momentum = momentum_;
+    PushFused<1>("nag_mom_update", weight, grad, states,
+                 [=](float& w, float g, float& m) {
+                   const float gs = ClipIf(rescale * g, clip);
+                   const float decay = wd * w;
+                   m = momentum * m + gs + decay;
+                   w = w - lr * (momentum * m + gs + decay);
+                 });
+  }
+};
+
+// Adam with MXNet's bias correction folded into the learning rate.
+class Adam : public Optimizer {
+ public:
+  explicit Adam(const Options& options)
+      : Optimizer("adam", options),
+        beta1_(GetFloat(kBeta1.key, kBeta1.default_value)),
+        beta2_(GetFloat(kBeta2.key, kBeta2.default_value)),
+        epsilon_(GetFloat(kAdamEpsilon.key, kAdamEpsilon.default_value)),
+        beta1_double_(OptionAsDouble(options, kBeta1)),
+        beta2_double_(OptionAsDouble(options, kBeta2)) {}
+
+ protected:
+  int NumStates() const override { return 2; }
+
+  void PushUpdate(NDArray& weight, const NDArray& grad,
+                  std::vector<NDArray>& states, float lr, float wd,
+                  int64_t t) override {
+    // Python's doubles: lr *= sqrt(1 - beta2^t) / (1 - beta1^t).
+    const double coef1 = 1.0 - std::pow(beta1_double_, static_cast<double>(t));
+    const double coef2 = 1.0 - std::pow(beta2_double_, static_cast<double>(t));
+    const float lr_t = static_cast<float>(static_cast<double>(lr) *
+                                          (std::sqrt(coef2) / coef1));
+    const float rescale = rescale_grad_, clip = clip_gradient_;
+    const float beta1 = beta1_, beta2 = beta2_, epsilon = epsilon_;
+    PushFused<2>("adam_update", weight, grad, states,
+                 [=](float& w, float g, float& mean, float& var) {
+                   const float gr = ClipIf(g * rescale + w * wd, clip);
+                   mean = beta1 * mean + (1.f - beta1) * gr;
+                   var = beta2 * var + (1.f - beta2) * (gr * gr);
+                   w = w - lr_t * mean / (std::sqrt(var) + epsilon);
+                 });
+  }
+
+ private:
+  float beta1_, beta2_, epsilon_;
+  double beta1_double_, beta2_double_;
+};
+
+// AdaGrad as MXNet 1.x's Python (dense) update.
+class AdaGrad : public Optimizer {
+ public:
+  explicit AdaGrad(const Options& options)
+      : Optimizer("adagrad", options),
+        eps_(GetFloat(kAdagradEps.key, kAdagradEps.default_value)) {}
+
+ protected:
+  int NumStates() const override { return 1; }
+
+  void PushUpdate(NDArray& weight, const NDArray& grad,
+                  std::vector<NDArray>& states, float lr, float wd,
+                  int64_t) override {
+    const float rescale = rescale_grad_, clip = clip_gradient_, eps = eps_;
+    PushFused<1>("adagrad_update", weight, grad, states,
+                 [=](float& w, float g, float& history) {
+                   const float gs = ClipIf(g * rescale, clip);
+                   history += gs * gs;
+                   const float div = gs / std::sqrt(history + eps);
+                   w += (div + w * wd) * -lr;
+                 });
+  }
+
+ private:
+  float eps_;
+};
+
+// RMSProp, Tieleman & Hinton's (MXNet's rmsprop_update, centered=False).
+class RmsProp : public Optimizer {
+ public:
+  explicit RmsProp(const Options& options)
+      : Optimizer("rmsprop", options),
+        gamma1_(GetFloat(kGamma1.key, kGamma1.default_value)),
+        epsilon_(GetFloat(kRmspropEpsilon.key, kRmspropEpsilon.default_value)),
+        clip_weights_(GetFloat(kClipWeights.key, kClipWeights.default_value)) {}
+
+ protected:
+  int NumStates() const override { return 1; }
+
+  void PushUpdate(NDArray& weight, const NDArray& grad,
+                  std::vector<NDArray>& states, float lr, float wd,
+                  int64_t) override {
+    const float rescale = rescale_grad_, clip = clip_gradient_;
+    const float gamma1 = gamma1_, epsilon = epsilon_, clip_w = clip_weights_;
+    PushFused<1>("rmsprop_update", weight, grad, states,
+                 [=](float& w, float g, float& n) {
+                   const float gr = ClipIf(rescale * g + wd * w, clip);
+                   n = (1.f - gamma1) * (gr * gr) + gamma1 * n;
+                   w = ClipIf(w - lr * (gr / std::sqrt(n + epsilon)), clip_w);
+                 });
+  }
+
+ private:
+  float gamma1_, epsilon_, clip_weights_;
+};
+
+// AdaDelta as MXNet 1.x's Python update, which uses no learning rate.
+class AdaDelta : public Optimizer {
+ public:
+  explicit AdaDelta(const Options& options)
+      : Optimizer("adadelta", options),
+        rho_(GetFloat(kRho.key, kRho.default_value)),
+        epsilon_(
+            GetFloat(kAdadeltaEpsilon.key, kAdadeltaEpsilon.default_value)) {}
+
+ protected:
+  int NumStates() const override { return 2; }
+
+  void PushUpdate(NDArray& weight, const NDArray& grad,
+                  std::vector<NDArray>& states, float, float wd,
+                  int64_t) override {
+    const float rescale = rescale_grad_, clip = clip_gradient_;
+    const float rho = rho_, epsilon = epsilon_;
+    PushFused<2>("adadelta_update", weight, grad, states,
+                 [=](float& w, float g, float& acc_g, float& acc_delta) {
+                   const float gs = ClipIf(g * rescale, clip);
+                   acc_g = acc_g * rho + (1.f - rho) * gs * gs;
+                   const float delta = std::sqrt(acc_delta + epsilon) /
+                                       std::sqrt(acc_g + epsilon) * gs;
+                   acc_delta = acc_delta * rho + (1.f - rho) * delta * delta;
+                   w -= delta + wd * w;
+                 });
+  }
+
+ private:
+  float rho_, epsilon_;
+};
+
+// ---- The registry: names, options and factories.
+
+struct OptimizerSpec {
+  double default_lr;
+  std::vector<const NumberSpec*> numbers;
+  // Boolean options of MXNet's that only their default, false, supports.
+  std::vector<std::string> false_only;
+  std::unique_ptr<Optimizer> (*make)(const Optimizer::Options&);
+};
+
+template <typename T>
+std::unique_ptr<Optimizer> Make(const Optimizer::Options& options) {
+  return std::make_unique<T>(options);
+}
+
+const std::map<std::string, OptimizerSpec>& Specs() {
+  static const auto* const kSpecs = new std::map<std::string, OptimizerSpec>{
+      {"sgd", {0.01, {&kMomentum}, {}, &Make<Sgd>}},
+      {"nag", {0.01, {&kMomentum}, {}, &Make<Nag>}},
+      {"adam", {0.001, {&kBeta1, &kBeta2, &kAdamEpsilon}, {}, &Make<Adam>}},
+      {"adagrad", {0.01, {&kAdagradEps}, {}, &Make<AdaGrad>}},
+      {"rmsprop",
+       {0.001,
+        {&kGamma1, &kRmspropEpsilon, &kClipWeights},
+        {"centered"},
+        &Make<RmsProp>}},
+      {"adadelta", {0.01, {&kRho, &kAdadeltaEpsilon}, {}, &Make<AdaDelta>}},
+  };
+  return *kSpecs;
+}
+
+const NumberSpec* const kCommonNumbers[] = {&kLearningRate, &kWd, &kRescaleGrad,
+                                            &kClipGradient};
+
+// Checks every option of optimizer `name` except the scheduler's own ones,
+// which CreateLRScheduler checks.
+absl::Status CheckOptions(const std::string& name, const OptimizerSpec& spec,
+                          const Optimizer::Options& options) {
+  std::vector<const NumberSpec*> numbers(std::begin(kCommonNumbers),
+                                         std::end(kCommonNumbers));
+  numbers.insert(numbers.end(), spec.numbers.begin(), spec.numbers.end());
+  const bool has_scheduler = options.count(kSchedulerKey) > 0;
+  for (const auto& [key, value] : options) {
+    if (key == kSchedulerKey) continue;
+    if (absl::StartsWith(key, kSchedulerPrefix)) {
+      if (!has_scheduler) {
+        return absl::InvalidArgumentError(absl::StrCat(name, ": option '", key,
+                                                       "' needs the option '",
+                                                       kSchedulerKey, "'"));
+      }
+      if (key == kSchedulerBaseLr.key) {
+        MX_RETURN_IF_ERROR(ParseNumber(name, kSchedulerBaseLr, value).status());
+      }
+      continue;
+    }
+    auto number =
+        std::find_if(numbers.begin(), numbers.end(),
+                     [&](const NumberSpec* s) { return key == s->key; });
+    if (number != numbers.end()) {
+      MX_ASSIGN_OR_RETURN(double v, ParseNumber(name, **number, value));
+      if (!std::isfinite(static_cast<float>(v))) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            name, ": option '", key, "' = ", value, " is out of float range"));
+      }
+      continue;
+    }
+    if (std::find(spec.false_only.begin(), spec.false_only.end(), key) !=
+        spec.false_only.end()) {
+      if (value == "false" || value == "False" || value == "0") continue;
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, ": option '", key, "' = '", value,
+                       "' is not supported (only false is)"));
+    }
+    std::vector<std::string> known = {kSchedulerKey};
+    for (const NumberSpec* s : numbers) known.push_back(s->key);
+    known.insert(known.end(), spec.false_only.begin(), spec.false_only.end());
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ": unknown option '", key,
+                     "' (known: ", absl::StrJoin(known, ", "), ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BadEntry(const std::string& entry) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unexpected entry '", entry, "': these are not optimizer states"));
+}
+
+}  // namespace
+
+// ---- Creation and options.
+
+absl::StatusOr<std::unique_ptr<Optimizer>> Optimizer::Create(
+    const std::string& name, const Options& options) {
+  const auto& specs = Specs();
+  auto spec = specs.find(name);
+  if (spec == specs.end()) {
+    std::vector<std::string> names;
+    for (const auto& [known, unused] : specs) names.push_back(known);
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown optimizer '", name,
+                     "' (known: ", absl::StrJoin(names, ", "), ")"));
+  }
+  MX_RETURN_IF_ERROR(CheckOptions(name, spec->second, options));
+  Options filled = options;
+  filled.emplace(kLearningRate.key, FormatNumber(spec->second.default_lr));
+  std::unique_ptr<Optimizer> optimizer = spec->second.make(filled);
+
+  auto scheduler_name = options.find(kSchedulerKey);
+  if (scheduler_name == options.end()) return optimizer;
+  float base_lr = optimizer->base_lr_;
+  Options scheduler_options;
+  for (const auto& [key, value] : options) {
+    if (!absl::StartsWith(key, kSchedulerPrefix)) continue;
+    if (key == kSchedulerBaseLr.key) {
+      base_lr = optimizer->GetFloat(key, base_lr);
+    } else {
+      scheduler_options[key.substr(sizeof(kSchedulerPrefix) - 1)] = value;
+    }
+  }
+  absl::StatusOr<std::unique_ptr<LRScheduler>> scheduler =
+      CreateLRScheduler(scheduler_name->second, base_lr, scheduler_options);
+  if (!scheduler.ok()) {
+    return absl::Status(scheduler.status().code(),
+                        absl::StrCat(name, ": ", scheduler.status().message()));
+  }
+  optimizer->SetLRScheduler(std::move(*scheduler));
+  return optimizer;
+}
+
+Optimizer::Optimizer(std::string name, Options options)
+    : name_(std::move(name)), options_(std::move(options)) {
+  base_lr_ = GetFloat(kLearningRate.key, kLearningRate.default_value);
+  wd_ = GetFloat(kWd.key, kWd.default_value);
+  rescale_grad_ = GetFloat(kRescaleGrad.key, kRescaleGrad.default_value);
+  clip_gradient_ = GetFloat(kClipGradient.key, kClipGradient.default_value);
+}
+
+float Optimizer::GetFloat(const std::string& key, float default_value) const {
+  auto it = options_.find(key);
+  if (it == options_.end()) return default_value;
+  float v = 0;
+  // Create has checked every option: a failure here is a bug in mx.
+  MX_CHECK(absl::SimpleAtof(it->second, &v));
+  return v;
+}
+
+void Optimizer::SetParamNames(const std::map<int, std::string>& names) {
+  names_ = names;
+}
+
+void Optimizer::SetLrMult(const std::map<std::string, float>& mult) {
+  lr_mult_ = mult;
+}
+
+void Optimizer::SetWdMult(const std::map<std::string, float>& mult) {
+  wd_mult_ = mult;
+}
+
+void Optimizer::SetLRScheduler(std::shared_ptr<LRScheduler> scheduler) {
+  for (auto it = options_.begin(); it != options_.end();) {
+    if (it->first == kSchedulerKey ||
+        absl::StartsWith(it->first, kSchedulerPrefix)) {
+      it = options_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (scheduler != nullptr) {
+    for (auto& [key, value] : scheduler->Config()) options_[key] = value;
+  }
+  scheduler_ = std::move(scheduler);
+}
+
+// ---- Learning rate and weight decay of one parameter.
+
+float Optimizer::MultFor(const std::map<std::string, float>& mult, int index,
+                         float fallback) const {
+  auto name = names_.find(index);
+  if (name == names_.end()) return fallback;
+  auto m = mult.find(name->second);
+  return m == mult.end() ? fallback : m->second;
+}
+
+float Optimizer::WdFor(int index) const {
+  float fallback = 1.0f;
+  auto name = names_.find(index);
+  if (name != names_.end() && !absl::EndsWith(name->second, "_weight") &&
+      !absl::EndsWith(name->second, "_gamma")) {
+    fallback = 0.0f;
+  }
+  return wd_ * MultFor(wd_mult_, index, fallback);
+}
+
+float Optimizer::LearningRate(int index) const {
+  auto param = params_.find(index);
+  const int64_t count = param == params_.end() ? 0 : param->second.count;
+  const int64_t num_update = std::max(num_update_, count + 1);
+  const float lr =
+      scheduler_ != nullptr ? scheduler_->LearningRate(num_update) : base_lr_;
+  return lr * MultFor(lr_mult_, index, 1.0f);
+}
+
+std::string Optimizer::ParamLabel(int index) const {
+  auto name = names_.find(index);
+  if (name == names_.end()) return absl::StrCat("parameter ", index);
+  return absl::StrCat("parameter ", index, " ('", name->second, "')");
+}
+
+// ---- Update.
+
+void Optimizer::Update(int index, NDArray weight, const NDArray& grad) {
+  const std::string what =
+      absl::StrCat(name_, " update of ", ParamLabel(index));
+  MX_THROW_IF_NOT(!weight.is_none() && !grad.is_none(), what,
+                  ": the weight or the gradient is a null NDArray");
+  for (const NDArray* a : {static_cast<const NDArray*>(&weight), &grad}) {
+    if (!a->context().is_cpu()) {
+      throw Error(absl::UnimplementedError(absl::StrCat(
+          what, " on ", a->context().ToString(),
+          " is not implemented yet: optimizers run on CPU arrays")));
+    }
+  }
+  MX_THROW_IF_NOT(weight.shape() == grad.shape(), what,
+                  ": the weight has shape ", weight.shape().ToString(),
+                  " but the gradient ", grad.shape().ToString());
+  MX_THROW_IF_NOT(weight.context() == grad.context(), what,
+                  ": the weight is on ", weight.context().ToString(),
+                  " but the gradient on ", grad.context().ToString());
+  auto existing = params_.find(index);
+  if (existing != params_.end() && existing->second.shape.has_value()) {
+    MX_THROW_IF_NOT(*existing->second.shape == weight.shape(), what,
+                    ": the weight has shape ", weight.shape().ToString(),
+                    " but earlier updates (or loaded states) had ",
+                    existing->second.shape->ToString());
+  }
+
+  // MXNet counts the update first, then evaluates the schedule.
+  const float lr = LearningRate(index);
+  const float wd = WdFor(index);
+  Param& param = params_[index];
+  param.shape = weight.shape();
+  const Context ctx = weight.context();
+  if (param.states.empty()) {
+    for (int k = 0; k < NumStates(); ++k) {
+      param.states.push_back(Zeros(weight.shape(), ctx));
+    }
+  } else {
+    for (NDArray& s : param.states) {
+      if (s.context() != ctx) s = s.Copy(ctx);
+    }
+  }
+  ++param.count;
+  num_update_ = std::max(num_update_, param.count);
+  PushUpdate(weight, grad, param.states, lr, wd, param.count);
+}
+
+// ---- States.
+
+NamedArrays Optimizer::StateArrays() const {
+  const NDArray empty = Empty({0});
+  NamedArrays out;
+  out.emplace_back(absl::StrCat("optimizer:", name_), empty);
+  out.emplace_back(absl::StrCat("num_update:", num_update_), empty);
+  for (const auto& [index, param] : params_) {
+    out.emplace_back(absl::StrCat("param:", index, ":count:", param.count),
+                     empty);
+    for (size_t k = 0; k < param.states.size(); ++k) {
+      out.emplace_back(absl::StrCat("param:", index, ":state:", k),
+                       param.states[k]);
+    }
+  }
+  return out;
+}
+
+absl::Status Optimizer::RestoreStates(const NamedArrays& arrays) {
+  std::optional<std::string> saved_name;
+  std::optional<int64_t> saved_num_update;
+  std::map<int, int64_t> counts;
+  std::map<int, std::map<int64_t, NDArray>> states;
+  for (const auto& [entry, array] : arrays) {
+    std::vector<std::string> parts = absl::StrSplit(entry, ':');
+    if (parts.size() == 2 && parts[0] == "optimizer") {
+      saved_name = parts[1];
+      continue;
+    }
+    if (parts.size() == 2 && parts[0] == "num_update") {
+      int64_t n = 0;
+      if (!absl::SimpleAtoi(parts[1], &n) || n < 0) return BadEntry(entry);
+      saved_num_update = n;
+      continue;
+    }
+    int index = 0;
+    int64_t value = 0;
+    if (parts.size() != 4 || parts[0] != "param" ||
+        !absl::SimpleAtoi(parts[1], &index) ||
+        !absl::SimpleAtoi(parts[3], &value) || value < 0) {
+      return BadEntry(entry);
+    }
+    if (parts[2] == "count") {
+      if (!counts.emplace(index, value).second) return BadEntry(entry);
+    } else if (parts[2] == "state") {
+      if (!states[index].emplace(value, array).second) return BadEntry(entry);
+    } else {
+      return BadEntry(entry);
+    }
+  }
+  if (!saved_name.has_value()) {
+    return absl::InvalidArgumentError(
+        "no 'optimizer:<name>' entry: these are not optimizer states");
+  }
+  if (*saved_name != name_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the states were saved by optimizer '", *saved_name,
+                     "', but this optimizer is '", name_, "'"));
+  }
+  if (!saved_num_update.has_value()) {
+    return absl::InvalidArgumentError("no 'num_update:<n>' entry");
+  }
+  for (const auto& [index, unused] : states) {
+    if (counts.count(index) == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          ParamLabel(index), ": states were saved without an update count"));
+    }
+  }
+
+  std::map<int, Param> loaded;
+  int64_t num_update = *saved_num_update;
+  for (const auto& [index, count] : counts) {
+    Param param;
+    param.count = count;
+    num_update = std::max(num_update, count);
+    auto saved = states.find(index);
+    const int num_saved =
+        saved == states.end() ? 0 : static_cast<int>(saved->second.size());
+    if (saved != states.end() && saved->second.rbegin()->first >= NumStates()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          ParamLabel(index), ": state ", saved->second.rbegin()->first,
+          " was saved, but ", name_, " with these options keeps ", NumStates(),
+          " per parameter (were the states saved with other "
+          "options, such as momentum?)"));
+    }
+    if (num_saved != NumStates()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          ParamLabel(index), ": ", num_saved, " state arrays were saved, but ",
+          name_, " with these options keeps ", NumStates()));
+    }
+    if (saved != states.end()) {
+      for (const auto& [k, array] : saved->second) {
+        if (param.shape.has_value() && *param.shape != array.shape()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              ParamLabel(index), ": its saved states have different shapes, ",
+              param.shape->ToString(), " and ", array.shape().ToString()));
+        }
+        param.shape = array.shape();
+        param.states.push_back(array);
+      }
+    }
+    auto current = params_.find(index);
+    if (current != params_.end() && current->second.shape.has_value()) {
+      const Shape& shape = *current->second.shape;
+      if (param.shape.has_value() && *param.shape != shape) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(ParamLabel(index), ": the saved states have shape ",
+                         param.shape->ToString(),
+                         " but the parameter has shape ", shape.ToString()));
+      }
+      param.shape = shape;
+    }
+    loaded.emplace(index, std::move(param));
+  }
+  params_ = std::move(loaded);
+  num_update_ = num_update;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> Optimizer::SaveStates() const {
+  return SerializeArrays(StateArrays());
+}
+
+absl::Status Optimizer::LoadStates(const std::string& bytes) {
+  absl::StatusOr<NamedArrays> arrays = DeserializeArrays(bytes);
+  absl::Status status = arrays.ok() ? RestoreStates(*arrays) : arrays.status();
+  if (status.ok()) return status;
+  return absl::Status(status.code(),
+                      absl::StrCat("LoadStates: ", status.message()));
+}
+
+absl::Status Optimizer::SaveStatesToFile(const std::string& path) const {
+  return Save(path, StateArrays());
+}
+
+absl::Status Optimizer::LoadStatesFromFile(const std::string& path) {
+  MX_ASSIGN_OR_RETURN(NamedArrays arrays, Load(path));
+  absl::Status status = RestoreStates(arrays);
+  if (status.ok()) return status;
+  return absl::Status(status.code(), absl::StrCat("LoadStatesFromFile ", path,
+                                                  ": ", status.message()));
+}
+
+}  // namespace mx
