@@ -1,0 +1,277 @@
+// FeedForward: fit/predict/score, checkpoints in MXNet's layout, resuming.
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "worker/checkpoint.h"
+#include "worker/model.h"
+#include "worker/zoo.h"
+
+namespace mx {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+// Two Gaussian blobs per class in 8 dimensions: easy to separate.
+struct Blobs {
+  NDArray data, label;
+};
+Blobs MakeBlobs(int n, int classes, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> noise(0, 0.3f);
+  std::vector<float> x(n * 8), y(n);
+  for (int i = 0; i < n; ++i) {
+    int c = i % classes;
+    y[i] = c;
+    for (int d = 0; d < 8; ++d) x[i * 8 + d] = (d % classes == c ? 2.0f : 0.0f) + noise(gen);
+  }
+  return {FromVector(x, Shape{n, 8}), FromVector(y, Shape{n})};
+}
+
+Symbol SmallMlp(int classes) {
+  Symbol net = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 16}}, "fc1");
+  net = Op("Activation", {net}, {{"act_type", "relu"}}, "relu1");
+  net = Op("FullyConnected", {net}, {{"num_hidden", classes}}, "fc2");
+  return Op("SoftmaxOutput", {net}, {}, "softmax");
+}
+
+std::unique_ptr<DataIter> Iter(const Blobs& b, int batch, bool shuffle = false) {
+  ArrayIterOptions o;
+  o.batch_size = batch;
+  o.shuffle = shuffle;
+  auto it = ArrayIter(b.data, b.label, o);
+  EXPECT_TRUE(it.ok()) << it.status();
+  return *std::move(it);
+}
+
+FitOptions Sgd(int epochs, float lr, float momentum = 0) {
+  FitOptions f;
+  f.num_epoch = epochs;
+  f.optimizer = "sgd";
+  f.optimizer_options = {{"learning_rate", std::to_string(lr)},
+                         {"momentum", std::to_string(momentum)}};
+  f.initializer = "xavier";
+  return f;
+}
+
+TEST(FeedForwardFit, LearnsSeparableData) {
+  srand(1);
+  Blobs train = MakeBlobs(400, 4, 1), test = MakeBlobs(200, 4, 2);
+  FeedForward model(SmallMlp(4));
+  auto train_it = Iter(train, 20, true), test_it = Iter(test, 20);
+  std::vector<MetricValues> eval_history;
+  FitOptions f = Sgd(5, 0.5f);
+  f.epoch_end_callbacks.push_back([&](const EpochEndParam& p) {
+    eval_history.push_back(p.eval_metrics);
+    return true;
+  });
+  ASSERT_TRUE(model.Fit(train_it.get(), test_it.get(), f).ok());
+  ASSERT_EQ(eval_history.size(), 5u);
+  EXPECT_EQ(eval_history.back()[0].first, "accuracy");
+  EXPECT_GT(eval_history.back()[0].second, 0.95);
+  auto score = model.Score(test_it.get(), "accuracy");
+  ASSERT_TRUE(score.ok());
+  EXPECT_GT((*score)[0].second, 0.95);
+  auto pred = model.Predict(test_it.get());
+  ASSERT_TRUE(pred.ok()) << pred.status();
+  ASSERT_EQ(pred->size(), 1u);
+  EXPECT_EQ((*pred)[0].shape(), (Shape{200, 4}));
+  // Rows are probabilities.
+  std::vector<float> p = (*pred)[0].ToVector();
+  EXPECT_NEAR(p[0] + p[1] + p[2] + p[3], 1.0f, 1e-5);
+}
+
+TEST(FeedForwardFit, PredictDropsPaddingOfTheLastBatch) {
+  srand(2);
+  Blobs train = MakeBlobs(60, 2, 3), test = MakeBlobs(50, 2, 4);
+  FeedForward model(SmallMlp(2));
+  auto train_it = Iter(train, 20), test_it = Iter(test, 20);  // 50 = 20+20+10 (+10 pad)
+  ASSERT_TRUE(model.Fit(train_it.get(), nullptr, Sgd(1, 0.1f)).ok());
+  auto pred = model.Predict(test_it.get());
+  ASSERT_TRUE(pred.ok());
+  EXPECT_EQ((*pred)[0].shape(), (Shape{50, 2}));
+}
+
+TEST(FeedForwardFit, EarlyStoppingEndsTraining) {
+  srand(3);
+  Blobs train = MakeBlobs(40, 2, 5);
+  FeedForward model(SmallMlp(2));
+  auto it = Iter(train, 20);
+  int epochs = 0;
+  FitOptions f = Sgd(50, 0.0f);  // lr 0: the metric never improves
+  f.epoch_end_callbacks.push_back([&](const EpochEndParam&) { ++epochs; return true; });
+  f.epoch_end_callbacks.push_back(EarlyStopping("accuracy", 3));
+  ASSERT_TRUE(model.Fit(it.get(), nullptr, f).ok());
+  EXPECT_EQ(epochs, 4);  // the best at epoch 0, then 3 without improvement
+}
+
+TEST(FeedForwardFit, BadOptimizerIsAnError) {
+  Blobs train = MakeBlobs(40, 2, 5);
+  FeedForward model(SmallMlp(2));
+  auto it = Iter(train, 20);
+  FitOptions f = Sgd(1, 0.1f);
+  f.optimizer = "sgdd";
+  absl::Status s = model.Fit(it.get(), nullptr, f);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("sgdd"));
+}
+
+TEST(FeedForwardFit, DataThatDoesNotFitTheNetworkIsAnError) {
+  NDArray x = Zeros({40, 8}), y = Zeros({40});
+  ArrayIterOptions o;
+  o.batch_size = 20;
+  auto it = ArrayIter(x, y, o);
+  ASSERT_TRUE(it.ok());
+  FeedForward model(zoo::LeNet());  // wants (N, 1, 28, 28)
+  absl::Status s = model.Fit(it->get(), nullptr, Sgd(1, 0.1f));
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("conv1"));
+}
+
+std::string TempPrefix(const std::string& name) { return ::testing::TempDir() + "/" + name; }
+
+TEST(Checkpoint, ParamsFileHasMxnetLayout) {
+  std::string path = TempPrefix("layout.params");
+  ASSERT_TRUE(SaveNDArrayList(path, {{"arg:w", FromVector({1, 2, 3, 4, 5, 6}, Shape{2, 3})}}).ok());
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto u64 = [&](size_t off) { uint64_t v; std::memcpy(&v, bytes.data() + off, 8); return v; };
+  auto u32 = [&](size_t off) { uint32_t v; std::memcpy(&v, bytes.data() + off, 4); return v; };
+  EXPECT_EQ(u64(0), 0x112u);      // list magic
+  EXPECT_EQ(u64(8), 0u);          // reserved
+  EXPECT_EQ(u64(16), 1u);         // one array
+  EXPECT_EQ(u32(24), 0xF993FAC9u);  // V2 record
+  EXPECT_EQ(u32(28), 0u);         // dense
+  EXPECT_EQ(u32(32), 2u);         // ndim
+  EXPECT_EQ(u64(36), 2u);
+  EXPECT_EQ(u64(44), 3u);
+  EXPECT_EQ(u32(52), 1u);         // cpu
+  EXPECT_EQ(u32(56), 0u);         // device 0
+  EXPECT_EQ(u32(60), 0u);         // float32
+  float first;
+  std::memcpy(&first, bytes.data() + 64, 4);
+  EXPECT_EQ(first, 1.0f);
+  EXPECT_EQ(u64(88), 1u);         // one name
+  EXPECT_EQ(u64(96), 5u);
+  EXPECT_EQ(bytes.substr(104), "arg:w");
+}
+
+TEST(Checkpoint, ReadsV1RecordsAndReportsTruncation) {
+  // A file as older MXNet versions wrote it: V1 records have no storage type.
+  std::string bytes;
+  auto put = [&](auto v) { bytes.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+  put(uint64_t{0x112});
+  put(uint64_t{0});
+  put(uint64_t{1});
+  put(uint32_t{0xF993FAC8});
+  put(uint32_t{1});
+  put(int64_t{2});
+  put(int32_t{1});
+  put(int32_t{0});
+  put(int32_t{0});
+  put(7.0f);
+  put(8.0f);
+  put(uint64_t{1});
+  put(uint64_t{5});
+  bytes += "aux:m";
+  std::string path = TempPrefix("v1.params");
+  std::ofstream(path, std::ios::binary) << bytes;
+  auto loaded = LoadNDArrayList(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ASSERT_EQ(loaded->size(), 1u);
+  EXPECT_EQ((*loaded)[0].first, "aux:m");
+  EXPECT_THAT((*loaded)[0].second.ToVector(), ElementsAre(7, 8));
+
+  std::ofstream(path, std::ios::binary) << bytes.substr(0, 50);
+  auto truncated = LoadNDArrayList(path);
+  ASSERT_FALSE(truncated.ok());
+  EXPECT_EQ(truncated.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(truncated.status().message(), HasSubstr("truncated"));
+  EXPECT_THAT(truncated.status().message(), HasSubstr(path));
+}
+
+TEST(Checkpoint, SaveAndLoadModel) {
+  srand(4);
+  Blobs train = MakeBlobs(40, 2, 6);
+  FeedForward model(SmallMlp(2));
+  auto it = Iter(train, 20);
+  ASSERT_TRUE(model.Fit(it.get(), nullptr, Sgd(1, 0.1f)).ok());
+  std::string prefix = TempPrefix("model");
+  ASSERT_TRUE(model.SaveCheckpoint(prefix, 1).ok());
+  auto loaded = FeedForward::LoadCheckpoint(prefix, 1);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->symbol().ListArguments(), model.symbol().ListArguments());
+  for (const auto& [name, a] : model.arg_params()) {
+    EXPECT_EQ(loaded->arg_params().at(name).ToVector(), a.ToVector()) << name;
+  }
+  auto missing = FeedForward::LoadCheckpoint(prefix, 7);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+}
+
+// Training 4 epochs at once equals training 2, checkpointing, loading and
+// training 2 more: parameters and optimizer state (momentum) carry over.
+TEST(Checkpoint, ResumingGivesTheSameParametersAsAnUninterruptedRun) {
+  Blobs train = MakeBlobs(80, 3, 7);
+  std::map<std::string, std::vector<float>> straight;
+  {
+    srand(5);
+    FeedForward model(SmallMlp(3));
+    auto it = Iter(train, 20);
+    ASSERT_TRUE(model.Fit(it.get(), nullptr, Sgd(4, 0.2f, 0.9f)).ok());
+    for (const auto& [n, a] : model.arg_params()) straight[n] = a.ToVector();
+  }
+  std::string prefix = TempPrefix("resume");
+  {
+    srand(5);
+    FeedForward model(SmallMlp(3));
+    auto it = Iter(train, 20);
+    FitOptions f = Sgd(2, 0.2f, 0.9f);
+    f.epoch_end_callbacks.push_back(DoCheckpoint(prefix, 2));
+    ASSERT_TRUE(model.Fit(it.get(), nullptr, f).ok());
+  }
+  auto model = FeedForward::LoadCheckpoint(prefix, 2);
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto it = Iter(train, 20);
+  FitOptions f = Sgd(4, 0.2f, 0.9f);
+  f.begin_epoch = 2;
+  f.optimizer_states_path = CheckpointStatesPath(prefix, 2);
+  ASSERT_TRUE(model->Fit(it.get(), nullptr, f).ok());
+  for (const auto& [n, v] : straight) {
+    EXPECT_EQ(model->arg_params().at(n).ToVector(), v) << n;
+  }
+}
+
+TEST(Callbacks, MetricsLogWritesCsvAndJsonLines) {
+  srand(6);
+  Blobs train = MakeBlobs(40, 2, 8);
+  for (std::string ext : {".csv", ".jsonl"}) {
+    std::string path = TempPrefix("metrics" + ext);
+    std::remove(path.c_str());
+    FeedForward model(SmallMlp(2));
+    auto it = Iter(train, 20);
+    FitOptions f = Sgd(2, 0.1f);
+    f.epoch_end_callbacks.push_back(MetricsLog(path));
+    ASSERT_TRUE(model.Fit(it.get(), it.get(), f).ok());
+    std::ifstream in(path);
+    std::vector<std::string> lines;
+    for (std::string l; std::getline(in, l);) lines.push_back(l);
+    if (ext == ".csv") {
+      ASSERT_EQ(lines.size(), 3u);
+      EXPECT_EQ(lines[0], "epoch,seconds,samples_per_second,train_accuracy,eval_accuracy");
+      EXPECT_THAT(lines[2], ::testing::StartsWith("1,"));
+    } else {
+      ASSERT_EQ(lines.size(), 2u);
+      EXPECT_THAT(lines[1], HasSubstr("\"epoch\": 1"));
+      EXPECT_THAT(lines[1], HasSubstr("\"eval_accuracy\": "));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace mx

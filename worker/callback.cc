@@ -1,0 +1,145 @@
+// Training callbacks (declared in worker/model.h).
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "worker/checkpoint.h"
+#include "worker/model.h"
+
+namespace mx {
+
+namespace {
+
+double Now() {
+  return std::chrono::duration<double>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string Format(const MetricValues& values, const std::string& prefix) {
+  std::string out;
+  for (const auto& [name, v] : values) {
+    absl::StrAppend(&out, " ", prefix, name, "=", absl::StrFormat("%.6f", v));
+  }
+  return out;
+}
+
+}  // namespace
+
+BatchEndCallback Speedometer(int batch_size, int frequent) {
+  auto last = std::make_shared<double>(Now());
+  return [=](const BatchEndParam& p) {
+    if (p.nbatch == 1) *last = Now();  // new epoch: restart the clock
+    if (p.nbatch % frequent != 0) return;
+    double now = Now();
+    double speed = frequent * batch_size / std::max(now - *last, 1e-9);
+    *last = now;
+    std::printf("Epoch[%d] Batch [%d]\tSpeed: %.2f samples/sec%s\n", p.epoch, p.nbatch, speed,
+                p.metric ? Format(p.metric->Get(), "").c_str() : "");
+    std::fflush(stdout);
+  };
+}
+
+BatchEndCallback ProgressBar(int64_t batches_per_epoch) {
+  const bool tty = isatty(STDOUT_FILENO) == 1;
+  return [=](const BatchEndParam& p) {
+    if (!tty || batches_per_epoch <= 0) return;
+    constexpr int kWidth = 40;
+    int filled = static_cast<int>(kWidth * std::min<int64_t>(p.nbatch, batches_per_epoch) /
+                                  batches_per_epoch);
+    std::printf("\rEpoch[%d] [%s%s] %d/%lld", p.epoch, std::string(filled, '=').c_str(),
+                std::string(kWidth - filled, ' ').c_str(), p.nbatch,
+                static_cast<long long>(batches_per_epoch));
+    if (p.nbatch >= batches_per_epoch) std::printf("\n");
+    std::fflush(stdout);
+  };
+}
+
+EpochEndCallback LogEpoch() {
+  return [](const EpochEndParam& p) {
+    std::printf("Epoch[%d]%s%s Time cost=%.3f s (%.0f samples/sec)\n", p.epoch,
+                Format(p.train_metrics, "Train-").c_str(),
+                Format(p.eval_metrics, "Validation-").c_str(), p.seconds, p.samples_per_second);
+    std::fflush(stdout);
+    return true;
+  };
+}
+
+EpochEndCallback DoCheckpoint(const std::string& prefix, int period) {
+  return [=](const EpochEndParam& p) {
+    if ((p.epoch + 1) % period != 0) return true;
+    absl::Status s = p.model->SaveCheckpoint(prefix, p.epoch + 1);
+    if (!s.ok()) {
+      std::fprintf(stderr, "checkpoint of epoch %d failed: %s\n", p.epoch + 1,
+                   std::string(s.message()).c_str());
+      return false;  // stop rather than train on without checkpoints
+    }
+    std::printf("Saved checkpoint to \"%s\"\n", CheckpointParamsPath(prefix, p.epoch + 1).c_str());
+    return true;
+  };
+}
+
+EpochEndCallback EarlyStopping(const std::string& metric, int patience, bool higher_is_better) {
+  struct State {
+    double best = NAN;
+    int since_best = 0;
+  };
+  auto state = std::make_shared<State>();
+  return [=](const EpochEndParam& p) {
+    const MetricValues& values = p.eval_metrics.empty() ? p.train_metrics : p.eval_metrics;
+    for (const auto& [name, v] : values) {
+      if (name != metric) continue;
+      bool better = std::isnan(state->best) || (higher_is_better ? v > state->best : v < state->best);
+      if (better) {
+        state->best = v;
+        state->since_best = 0;
+      } else if (++state->since_best >= patience) {
+        std::printf("Early stopping: %s has not improved for %d epochs (best %.6f)\n",
+                    metric.c_str(), patience, state->best);
+        return false;
+      }
+    }
+    return true;
+  };
+}
+
+EpochEndCallback MetricsLog(const std::string& path) {
+  const bool csv = absl::EndsWith(path, ".csv");
+  auto wrote_header = std::make_shared<bool>(false);
+  return [=](const EpochEndParam& p) {
+    std::ofstream out(path, std::ios::app);
+    if (!out) {
+      std::fprintf(stderr, "cannot append to metrics log %s\n", path.c_str());
+      return true;
+    }
+    if (csv) {
+      if (!*wrote_header) {
+        out << "epoch,seconds,samples_per_second";
+        for (const auto& [n, v] : p.train_metrics) out << ",train_" << n;
+        for (const auto& [n, v] : p.eval_metrics) out << ",eval_" << n;
+        out << "\n";
+        *wrote_header = true;
+      }
+      out << p.epoch << "," << p.seconds << "," << p.samples_per_second;
+      for (const auto& [n, v] : p.train_metrics) out << "," << v;
+      for (const auto& [n, v] : p.eval_metrics) out << "," << v;
+      out << "\n";
+    } else {
+      out << "{\"epoch\": " << p.epoch << ", \"seconds\": " << p.seconds
+          << ", \"samples_per_second\": " << p.samples_per_second;
+      for (const auto& [n, v] : p.train_metrics) out << ", \"train_" << n << "\": " << v;
+      for (const auto& [n, v] : p.eval_metrics) out << ", \"eval_" << n << "\": " << v;
+      out << "}\n";
+    }
+    return true;
+  };
+}
+
+}  // namespace mx

@@ -1,0 +1,248 @@
+#include "worker/checkpoint.h"
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace mx {
+
+namespace {
+
+constexpr uint64_t kListMagic = 0x112;
+constexpr uint32_t kV2Magic = 0xF993FAC9;
+constexpr uint32_t kV1Magic = 0xF993FAC8;
+constexpr int32_t kDenseStorage = 0;
+constexpr int32_t kFloat32 = 0;
+constexpr int32_t kCpuDevice = 1;
+
+class Writer {
+ public:
+  template <typename T>
+  void Put(T v) { buf_.append(reinterpret_cast<const char*>(&v), sizeof(T)); }
+  void Bytes(const void* p, size_t n) { buf_.append(static_cast<const char*>(p), n); }
+  const std::string& str() const { return buf_; }
+
+ private:
+  std::string buf_;
+};
+
+class Reader {
+ public:
+  Reader(const std::string& path, const std::string& data) : path_(path), data_(data) {}
+  template <typename T>
+  absl::Status Get(T* v, const std::string& what) { return Bytes(v, sizeof(T), what); }
+  absl::Status Bytes(void* p, size_t n, const std::string& what) {
+    if (data_.size() - pos_ < n) {
+      return absl::DataLossError(absl::StrCat(path_, ": truncated at offset ", pos_,
+                                              " reading ", what));
+    }
+    std::memcpy(p, data_.data() + pos_, n);
+    pos_ += n;
+    return absl::OkStatus();
+  }
+  size_t pos() const { return pos_; }
+  size_t remaining() const { return data_.size() - pos_; }
+  absl::Status Error(const std::string& msg) const {
+    return absl::DataLossError(absl::StrCat(path_, ": ", msg, " at offset ", pos_));
+  }
+
+ private:
+  const std::string& path_;
+  const std::string& data_;
+  size_t pos_ = 0;
+};
+
+absl::StatusOr<Shape> ReadShape(Reader& r, bool int64_dims, size_t index) {
+  uint32_t ndim = 0;
+  MX_RETURN_IF_ERROR(r.Get(&ndim, absl::StrCat("the rank of array ", index)));
+  if (ndim > 32) return r.Error(absl::StrCat("array ", index, " has rank ", ndim));
+  Shape shape;
+  for (uint32_t d = 0; d < ndim; ++d) {
+    int64_t dim = 0;
+    if (int64_dims) {
+      MX_RETURN_IF_ERROR(r.Get(&dim, absl::StrCat("the shape of array ", index)));
+    } else {
+      uint32_t small = 0;
+      MX_RETURN_IF_ERROR(r.Get(&small, absl::StrCat("the shape of array ", index)));
+      dim = small;
+    }
+    if (dim < 0) return r.Error(absl::StrCat("array ", index, " has a negative dimension"));
+    shape.push_back(dim);
+  }
+  return shape;
+}
+
+absl::StatusOr<NDArray> ReadArray(Reader& r, size_t index, Context ctx) {
+  uint32_t magic = 0;
+  MX_RETURN_IF_ERROR(r.Get(&magic, absl::StrCat("the header of array ", index)));
+  Shape shape;
+  if (magic == kV2Magic || magic == kV1Magic) {
+    if (magic == kV2Magic) {
+      int32_t stype = 0;
+      MX_RETURN_IF_ERROR(r.Get(&stype, "the storage type"));
+      if (stype != kDenseStorage) {
+        return r.Error(absl::StrCat("array ", index, " is sparse (storage type ", stype,
+                                    "); only dense arrays are supported"));
+      }
+    }
+    MX_ASSIGN_OR_RETURN(shape, ReadShape(r, true, index));
+  } else {
+    // Pre-V1 files start with the rank itself and store 32-bit dims.
+    uint32_t ndim = magic;
+    if (ndim > 32) return r.Error(absl::StrCat("array ", index, " has a bad header ", magic));
+    for (uint32_t d = 0; d < ndim; ++d) {
+      uint32_t dim = 0;
+      MX_RETURN_IF_ERROR(r.Get(&dim, absl::StrCat("the shape of array ", index)));
+      shape.push_back(dim);
+    }
+  }
+  if (shape.ndim() == 0) return NDArray();  // MXNet writes none arrays so
+  int32_t dev_type = 0, dev_id = 0, type_flag = 0;
+  MX_RETURN_IF_ERROR(r.Get(&dev_type, "the context"));
+  MX_RETURN_IF_ERROR(r.Get(&dev_id, "the context"));
+  MX_RETURN_IF_ERROR(r.Get(&type_flag, "the type"));
+  if (type_flag != kFloat32) {
+    return r.Error(absl::StrCat("array ", index, " has type flag ", type_flag,
+                                "; only float32 (0) is supported"));
+  }
+  const int64_t n = shape.Size();
+  if (static_cast<uint64_t>(n) > r.remaining() / sizeof(float)) {
+    return r.Error(absl::StrCat("truncated data of array ", index, " ", shape.ToString()));
+  }
+  std::vector<float> values(n);
+  MX_RETURN_IF_ERROR(r.Bytes(values.data(), n * sizeof(float), "array data"));
+  try {
+    return FromVector(values, shape, ctx);
+  } catch (const mx::Error& e) {
+    return e.status();
+  }
+}
+
+absl::Status WriteFile(const std::string& path, const std::string& bytes) {
+  const std::string tmp = path + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (f == nullptr) {
+    return absl::InternalError(absl::StrCat("cannot create ", tmp, ": ", std::strerror(errno)));
+  }
+  bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+  ok = std::fclose(f) == 0 && ok;
+  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    return absl::InternalError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status SaveNDArrayList(const std::string& path, const NamedArrays& arrays) {
+  Writer w;
+  w.Put<uint64_t>(kListMagic);
+  w.Put<uint64_t>(0);
+  w.Put<uint64_t>(arrays.size());
+  for (const auto& [name, a] : arrays) {
+    w.Put<uint32_t>(kV2Magic);
+    w.Put<int32_t>(kDenseStorage);
+    w.Put<uint32_t>(a.ndim());
+    for (int64_t d : a.shape()) w.Put<int64_t>(d);
+    w.Put<int32_t>(kCpuDevice);
+    w.Put<int32_t>(0);
+    w.Put<int32_t>(kFloat32);
+    std::vector<float> values;
+    try {
+      values = a.ToVector();
+    } catch (const mx::Error& e) {
+      return absl::Status(e.code(), absl::StrCat("saving '", name, "' to ", path, ": ", e.what()));
+    }
+    w.Bytes(values.data(), values.size() * sizeof(float));
+  }
+  w.Put<uint64_t>(arrays.size());
+  for (const auto& [name, a] : arrays) {
+    w.Put<uint64_t>(name.size());
+    w.Bytes(name.data(), name.size());
+  }
+  return WriteFile(path, w.str());
+}
+
+absl::StatusOr<NamedArrays> LoadNDArrayList(const std::string& path, Context ctx) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  Reader r(path, data);
+  uint64_t magic = 0, reserved = 0, count = 0;
+  MX_RETURN_IF_ERROR(r.Get(&magic, "the file header"));
+  if (magic != kListMagic) {
+    return absl::DataLossError(absl::StrCat(path, ": not an MXNet NDArray list (header ",
+                                            magic, " at offset 0, expected 0x112)"));
+  }
+  MX_RETURN_IF_ERROR(r.Get(&reserved, "the file header"));
+  MX_RETURN_IF_ERROR(r.Get(&count, "the array count"));
+  if (count > r.remaining()) return r.Error(absl::StrCat("impossible array count ", count));
+  std::vector<NDArray> arrays;
+  for (uint64_t i = 0; i < count; ++i) {
+    MX_ASSIGN_OR_RETURN(NDArray a, ReadArray(r, i, ctx));
+    arrays.push_back(std::move(a));
+  }
+  uint64_t name_count = 0;
+  MX_RETURN_IF_ERROR(r.Get(&name_count, "the name count"));
+  if (name_count != 0 && name_count != count) {
+    return r.Error(absl::StrCat(name_count, " names for ", count, " arrays"));
+  }
+  NamedArrays out;
+  for (uint64_t i = 0; i < count; ++i) {
+    std::string name;
+    if (name_count > 0) {
+      uint64_t len = 0;
+      MX_RETURN_IF_ERROR(r.Get(&len, "a name length"));
+      if (len > r.remaining()) return r.Error("truncated name");
+      name.resize(len);
+      MX_RETURN_IF_ERROR(r.Bytes(name.data(), len, "a name"));
+    }
+    out.emplace_back(std::move(name), arrays[i]);
+  }
+  return out;
+}
+
+std::string CheckpointParamsPath(const std::string& prefix, int epoch) {
+  return absl::StrFormat("%s-%04d.params", prefix, epoch);
+}
+
+std::string CheckpointStatesPath(const std::string& prefix, int epoch) {
+  return absl::StrFormat("%s-%04d.states", prefix, epoch);
+}
+
+absl::Status SaveCheckpoint(const std::string& prefix, int epoch, const Symbol& symbol,
+                            const std::map<std::string, NDArray>& arg_params,
+                            const std::map<std::string, NDArray>& aux_params) {
+  MX_RETURN_IF_ERROR(symbol.Save(prefix + "-symbol.json"));
+  NamedArrays all;
+  for (const auto& [name, a] : arg_params) all.emplace_back("arg:" + name, a);
+  for (const auto& [name, a] : aux_params) all.emplace_back("aux:" + name, a);
+  return SaveNDArrayList(CheckpointParamsPath(prefix, epoch), all);
+}
+
+absl::StatusOr<Checkpoint> LoadCheckpoint(const std::string& prefix, int epoch) {
+  Checkpoint ckpt;
+  MX_ASSIGN_OR_RETURN(ckpt.symbol, Symbol::Load(prefix + "-symbol.json"));
+  const std::string path = CheckpointParamsPath(prefix, epoch);
+  MX_ASSIGN_OR_RETURN(NamedArrays all, LoadNDArrayList(path));
+  for (auto& [name, a] : all) {
+    if (absl::StartsWith(name, "arg:")) {
+      ckpt.arg_params[name.substr(4)] = a;
+    } else if (absl::StartsWith(name, "aux:")) {
+      ckpt.aux_params[name.substr(4)] = a;
+    } else {
+      return absl::DataLossError(absl::StrCat(path, ": array name '", name,
+                                              "' has neither an arg: nor an aux: prefix"));
+    }
+  }
+  return ckpt;
+}
+
+}  // namespace mx

@@ -1,0 +1,39 @@
+// Parameter initializers with MXNet's name rules: arrays whose names end in
+// "bias" or "beta" or "moving_mean" start at 0, "gamma" and "moving_var" at
+// 1, "weight" by the initializer's rule. Names that match none of these,
+// such as a data input, are kInvalidArgument naming the array.
+#ifndef MX_WORKER_INITIALIZER_H_
+#define MX_WORKER_INITIALIZER_H_
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "ndarray/ndarray.h"
+
+namespace mx {
+
+class Initializer {
+ public:
+  virtual ~Initializer() = default;
+  // Fills *array according to its name (see above). Random draws come from
+  // mx's process generator (srand makes them reproducible).
+  absl::Status operator()(const std::string& name, NDArray* array) const;
+
+ protected:
+  // The rule for weights.
+  virtual void InitWeight(const std::string& name, NDArray* array) const = 0;
+};
+
+// "uniform" (scale, default 0.07: U(-scale, scale)), "normal" (sigma,
+// default 0.01), "xavier" (rnd_type uniform|gaussian, factor_type
+// avg|in|out, magnitude 3), "constant" (value). fan_in of a weight of shape
+// (out, in, k...) is in * prod(k); fan_out is out * prod(k).
+absl::StatusOr<std::unique_ptr<Initializer>> CreateInitializer(
+    const std::string& name, const std::map<std::string, std::string>& options = {});
+
+}  // namespace mx
+
+#endif  // MX_WORKER_INITIALIZER_H_

@@ -1,0 +1,297 @@
+#include "worker/model.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "worker/checkpoint.h"
+#include "worker/initializer.h"
+
+namespace mx {
+
+namespace {
+
+double Now() {
+  return std::chrono::duration<double>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Runs fn, turning an mx::Error into its status.
+template <typename F>
+absl::Status Catch(F&& fn) {
+  try {
+    return fn();
+  } catch (const Error& e) {
+    return e.status();
+  }
+}
+
+bool IsInput(const std::string& name, const DataIter& data) {
+  for (const DataDesc& d : data.ProvideData()) {
+    if (d.name == name) return true;
+  }
+  for (const DataDesc& d : data.ProvideLabel()) {
+    if (d.name == name) return true;
+  }
+  return false;
+}
+
+std::map<std::string, float> MultFromAttrs(const Symbol& symbol, const std::string& key) {
+  std::map<std::string, float> mult;
+  for (const auto& [name, value] : symbol.ListAttrs()) {
+    size_t dollar = name.find('$');
+    if (dollar == std::string::npos || name.substr(dollar + 1) != key) continue;
+    mult[name.substr(0, dollar)] = std::stof(value);
+  }
+  return mult;
+}
+
+}  // namespace
+
+FeedForward::FeedForward(Symbol symbol, std::vector<Context> contexts)
+    : symbol_(std::move(symbol)), contexts_(std::move(contexts)) {}
+
+absl::StatusOr<std::vector<std::unique_ptr<Executor>>> FeedForward::BindAll(
+    const DataIter& data, bool for_training) {
+  if (contexts_.size() != 1) {
+    return absl::UnimplementedError(absl::StrCat(
+        "training on ", contexts_.size(),
+        " contexts needs the local KVStore, which this build does not have yet; "
+        "use one context"));
+  }
+  std::map<std::string, Shape> shapes;
+  std::map<std::string, GradReq> reqs;
+  for (const auto& descs : {data.ProvideData(), data.ProvideLabel()}) {
+    for (const DataDesc& d : descs) {
+      shapes[d.name] = d.shape;
+      reqs[d.name] = GradReq::kNull;
+    }
+  }
+  std::vector<std::unique_ptr<Executor>> execs;
+  MX_ASSIGN_OR_RETURN(
+      auto exec, Executor::SimpleBind(symbol_, contexts_[0], shapes,
+                                      for_training ? GradReq::kWrite : GradReq::kNull, reqs));
+  execs.push_back(std::move(exec));
+  return execs;
+}
+
+absl::Status FeedForward::InitParams(const Executor& exec, const FitOptions& options) {
+  MX_ASSIGN_OR_RETURN(auto init, CreateInitializer(options.initializer,
+                                                   options.initializer_options));
+  auto fill = [&](const std::map<std::string, NDArray>& bound,
+                  std::map<std::string, NDArray>* params,
+                  const std::vector<std::string>& names) -> absl::Status {
+    for (const std::string& name : names) {
+      NDArray target = bound.at(name);
+      auto it = params->find(name);
+      if (it != params->end()) {
+        if (it->second.shape() != target.shape()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "parameter '", name, "' has shape ", it->second.shape().ToString(),
+              " but the network needs ", target.shape().ToString()));
+        }
+        target.Assign(it->second);
+      } else {
+        MX_RETURN_IF_ERROR((*init)(name, &target));
+      }
+      (*params)[name] = target;  // the model now refers to the bound array
+    }
+    return absl::OkStatus();
+  };
+  std::vector<std::string> args;
+  for (const auto& [name, a] : exec.arg_dict()) {
+    if (exec.grad_dict().count(name)) args.push_back(name);
+  }
+  std::vector<std::string> aux = symbol_.ListAuxiliaryStates();
+  MX_RETURN_IF_ERROR(fill(exec.arg_dict(), &arg_params_, args));
+  return fill(exec.aux_dict(), &aux_params_, aux);
+}
+
+absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions& options) {
+  if (train == nullptr) return absl::InvalidArgumentError("Fit: no training data");
+  MX_ASSIGN_OR_RETURN(auto execs, BindAll(*train, true));
+  Executor& exec = *execs[0];
+  MX_RETURN_IF_ERROR(InitParams(exec, options));
+
+  Optimizer::Options opt_options = options.optimizer_options;
+  if (!opt_options.count("rescale_grad")) {
+    opt_options["rescale_grad"] = absl::StrCat(1.0 / train->batch_size());
+  }
+  MX_ASSIGN_OR_RETURN(optimizer_, Optimizer::Create(options.optimizer, opt_options));
+  // Parameters in a fixed order: their index is their key.
+  std::vector<std::string> params;
+  for (const std::string& name : symbol_.ListArguments()) {
+    if (exec.grad_dict().count(name)) params.push_back(name);
+  }
+  std::map<int, std::string> names;
+  for (size_t i = 0; i < params.size(); ++i) names[static_cast<int>(i)] = params[i];
+  optimizer_->SetParamNames(names);
+  optimizer_->SetLrMult(MultFromAttrs(symbol_, "__lr_mult__"));
+  optimizer_->SetWdMult(MultFromAttrs(symbol_, "__wd_mult__"));
+  if (!options.optimizer_states_path.empty()) {
+    MX_RETURN_IF_ERROR(optimizer_->LoadStatesFromFile(options.optimizer_states_path));
+  }
+
+  MX_ASSIGN_OR_RETURN(auto metric, CreateMetric(options.eval_metric));
+  std::unique_ptr<Executor> eval_exec;
+  if (eval != nullptr) {
+    std::map<std::string, NDArray> args = exec.arg_dict();
+    for (const auto& descs : {eval->ProvideData(), eval->ProvideLabel()}) {
+      for (const DataDesc& d : descs) args[d.name] = Zeros(d.shape, contexts_[0]);
+    }
+    MX_ASSIGN_OR_RETURN(eval_exec, Executor::Bind(symbol_, contexts_[0], args, {}, {},
+                                                  exec.aux_dict()));
+  }
+
+  for (int epoch = options.begin_epoch; epoch < options.num_epoch; ++epoch) {
+    metric->Reset();
+    const double start = Now();
+    int nbatch = 0;
+    int64_t samples = 0;
+    train->Reset();
+    DataBatch batch;
+    absl::Status st = Catch([&]() -> absl::Status {
+      while (train->Next(&batch)) {
+        MX_RETURN_IF_ERROR(Catch([&] {
+          for (size_t i = 0; i < batch.data.size(); ++i) {
+            NDArray dst = exec.arg_dict().at(train->ProvideData()[i].name);
+            dst.Assign(batch.data[i]);
+          }
+          for (size_t i = 0; i < batch.label.size(); ++i) {
+            NDArray dst = exec.arg_dict().at(train->ProvideLabel()[i].name);
+            dst.Assign(batch.label[i]);
+          }
+          return absl::OkStatus();
+        }));
+        exec.Forward(true);
+        exec.Backward();
+        for (size_t i = 0; i < params.size(); ++i) {
+          optimizer_->Update(static_cast<int>(i), exec.arg_dict().at(params[i]),
+                             exec.grad_dict().at(params[i]));
+        }
+        metric->Update(batch.label, exec.outputs(), batch.pad);
+        ++nbatch;
+        samples += train->batch_size() - batch.pad;
+        BatchEndParam p{epoch, nbatch, train->batch_size(), metric.get()};
+        for (const auto& cb : options.batch_end_callbacks) cb(p);
+      }
+      WaitAll();
+      return absl::OkStatus();
+    });
+    if (!st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("epoch ", epoch, ": ", st.message()));
+    }
+    EpochEndParam end;
+    end.epoch = epoch;
+    end.seconds = Now() - start;
+    end.samples_per_second = samples / std::max(end.seconds, 1e-9);
+    end.train_metrics = metric->Get();
+    end.model = this;
+    end.optimizer = optimizer_.get();
+    if (eval_exec != nullptr) {
+      MX_ASSIGN_OR_RETURN(auto eval_metric, CreateMetric(options.eval_metric));
+      MX_RETURN_IF_ERROR(ForEachBatch(eval, [&](const DataBatch& b, Executor& e) {
+        eval_metric->Update(b.label, e.outputs(), b.pad);
+        return absl::OkStatus();
+      }));
+      end.eval_metrics = eval_metric->Get();
+    }
+    bool go_on = true;
+    for (const auto& cb : options.epoch_end_callbacks) go_on = cb(end) && go_on;
+    if (!go_on) break;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status FeedForward::ForEachBatch(
+    DataIter* data, const std::function<absl::Status(const DataBatch&, Executor&)>& fn) {
+  MX_ASSIGN_OR_RETURN(auto execs, BindAll(*data, false));
+  Executor& exec = *execs[0];
+  for (const std::string& name : symbol_.ListArguments()) {
+    if (IsInput(name, *data)) continue;
+    auto it = arg_params_.find(name);
+    if (it == arg_params_.end()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "parameter '", name, "' is not initialized: Fit or load a checkpoint first"));
+    }
+    NDArray dst = exec.arg_dict().at(name);
+    MX_RETURN_IF_ERROR(Catch([&] {
+      dst.Assign(it->second);
+      return absl::OkStatus();
+    }));
+  }
+  for (const auto& [name, value] : aux_params_) {
+    NDArray dst = exec.aux_dict().at(name);
+    dst.Assign(value);
+  }
+  return Catch([&]() -> absl::Status {
+    data->Reset();
+    DataBatch batch;
+    while (data->Next(&batch)) {
+      for (size_t i = 0; i < batch.data.size(); ++i) {
+        NDArray dst = exec.arg_dict().at(data->ProvideData()[i].name);
+        dst.Assign(batch.data[i]);
+      }
+      exec.Forward(false);
+      MX_RETURN_IF_ERROR(fn(batch, exec));
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::StatusOr<std::vector<NDArray>> FeedForward::Predict(DataIter* data) {
+  std::vector<std::vector<float>> outs;
+  std::vector<Shape> row_shapes;
+  int64_t rows = 0;
+  MX_RETURN_IF_ERROR(ForEachBatch(data, [&](const DataBatch& b, Executor& e) {
+    outs.resize(e.outputs().size());
+    row_shapes.clear();
+    const int keep = data->batch_size() - b.pad;
+    for (size_t i = 0; i < e.outputs().size(); ++i) {
+      const NDArray& o = e.outputs()[i];
+      std::vector<float> v = o.Slice(0, keep).ToVector();
+      outs[i].insert(outs[i].end(), v.begin(), v.end());
+      Shape s = o.shape();
+      row_shapes.push_back(s);
+    }
+    rows += keep;
+    return absl::OkStatus();
+  }));
+  std::vector<NDArray> result;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    Shape s = row_shapes[i];
+    s[0] = rows;
+    result.push_back(FromVector(outs[i], s));
+  }
+  return result;
+}
+
+absl::StatusOr<MetricValues> FeedForward::Score(DataIter* data, const std::string& metric_name) {
+  MX_ASSIGN_OR_RETURN(auto metric, CreateMetric(metric_name));
+  MX_RETURN_IF_ERROR(ForEachBatch(data, [&](const DataBatch& b, Executor& e) {
+    metric->Update(b.label, e.outputs(), b.pad);
+    return absl::OkStatus();
+  }));
+  return metric->Get();
+}
+
+absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) const {
+  MX_RETURN_IF_ERROR(mx::SaveCheckpoint(prefix, epoch, symbol_, arg_params_, aux_params_));
+  if (optimizer_ != nullptr) {
+    MX_RETURN_IF_ERROR(optimizer_->SaveStatesToFile(CheckpointStatesPath(prefix, epoch)));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<FeedForward> FeedForward::LoadCheckpoint(const std::string& prefix, int epoch,
+                                                         std::vector<Context> contexts) {
+  MX_ASSIGN_OR_RETURN(Checkpoint ckpt, mx::LoadCheckpoint(prefix, epoch));
+  FeedForward model(ckpt.symbol, std::move(contexts));
+  model.arg_params_ = std::move(ckpt.arg_params);
+  model.aux_params_ = std::move(ckpt.aux_params);
+  return model;
+}
+
+}  // namespace mx

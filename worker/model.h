@@ -1,0 +1,140 @@
+// FeedForward: the training API (MXNet.jl's FeedForward model).
+//
+//   mx::FeedForward model(net, {mx::cpu()});
+//   mx::FitOptions opt;
+//   opt.num_epoch = 10;
+//   opt.optimizer_options = {{"learning_rate", "0.1"}};
+//   absl::Status s = model.Fit(train.get(), test.get(), opt);
+//   auto probs = model.Predict(test.get());
+//
+// Fit binds an executor per context (all contexts of one batch split
+// evenly), initializes missing parameters, runs forward and backward,
+// updates every parameter with the optimizer (the same updater the KVStore
+// applies) and reports metrics per epoch. Parameters live in arg_params()
+// and aux_params() between calls and are what checkpoints store.
+#ifndef MX_WORKER_MODEL_H_
+#define MX_WORKER_MODEL_H_
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "graph/executor.h"
+#include "graph/symbol.h"
+#include "kvstore/optimizer.h"
+#include "ndarray/ndarray.h"
+#include "worker/io.h"
+#include "worker/metric.h"
+
+namespace mx {
+
+class FeedForward;
+
+using MetricValues = std::vector<std::pair<std::string, double>>;
+
+// Passed to batch callbacks after each training batch.
+struct BatchEndParam {
+  int epoch = 0;
+  int nbatch = 0;            // batches done in this epoch
+  int batch_size = 0;
+  const EvalMetric* metric = nullptr;  // training metric so far
+};
+using BatchEndCallback = std::function<void(const BatchEndParam&)>;
+
+// Passed to epoch callbacks after each epoch (and its evaluation).
+struct EpochEndParam {
+  int epoch = 0;                 // 0-based epoch just finished
+  MetricValues train_metrics;
+  MetricValues eval_metrics;     // empty without evaluation data
+  double seconds = 0;            // training time of the epoch
+  double samples_per_second = 0;
+  FeedForward* model = nullptr;
+  const Optimizer* optimizer = nullptr;
+};
+// Returning false stops training after this epoch (early stopping).
+using EpochEndCallback = std::function<bool(const EpochEndParam&)>;
+
+struct FitOptions {
+  int num_epoch = 10;
+  // Epochs already done (resuming from a checkpoint of this epoch).
+  int begin_epoch = 0;
+  std::string optimizer = "sgd";
+  // learning_rate, momentum, wd, ...; rescale_grad defaults to 1/batch_size.
+  Optimizer::Options optimizer_options;
+  // Optimizer state to resume from (a .states file), if any.
+  std::string optimizer_states_path;
+  std::string initializer = "uniform";
+  std::map<std::string, std::string> initializer_options;
+  std::string eval_metric = "accuracy";
+  std::vector<BatchEndCallback> batch_end_callbacks;
+  std::vector<EpochEndCallback> epoch_end_callbacks;
+};
+
+class FeedForward {
+ public:
+  explicit FeedForward(Symbol symbol, std::vector<Context> contexts = {cpu()});
+
+  // Trains on `train`, evaluating on `eval` (may be null) after each epoch.
+  // Errors: shapes that do not fit the symbol, bad optimizer or initializer
+  // options, an operation that failed during training.
+  absl::Status Fit(DataIter* train, DataIter* eval, const FitOptions& options);
+
+  // Outputs over one pass of `data` (padding removed), concatenated along
+  // the first dimension; one array per symbol output.
+  absl::StatusOr<std::vector<NDArray>> Predict(DataIter* data);
+  // Metric values over one pass of `data`.
+  absl::StatusOr<MetricValues> Score(DataIter* data, const std::string& metric);
+
+  const Symbol& symbol() const { return symbol_; }
+  std::map<std::string, NDArray>& arg_params() { return arg_params_; }
+  std::map<std::string, NDArray>& aux_params() { return aux_params_; }
+  const Optimizer* optimizer() const { return optimizer_.get(); }
+
+  // Writes symbol, parameters and (after Fit) the optimizer state for
+  // `epoch` under `prefix` (see worker/checkpoint.h).
+  absl::Status SaveCheckpoint(const std::string& prefix, int epoch) const;
+  // A model with the symbol and parameters of a checkpoint.
+  static absl::StatusOr<FeedForward> LoadCheckpoint(
+      const std::string& prefix, int epoch, std::vector<Context> contexts = {cpu()});
+
+ private:
+  struct Device;  // an executor on one context
+  absl::StatusOr<std::vector<std::unique_ptr<Executor>>> BindAll(
+      const DataIter& data, bool for_training);
+  absl::Status InitParams(const Executor& exec, const FitOptions& options);
+  absl::Status ForEachBatch(DataIter* data,
+                            const std::function<absl::Status(const DataBatch&, Executor&)>& fn);
+
+  Symbol symbol_;
+  std::vector<Context> contexts_;
+  std::map<std::string, NDArray> arg_params_, aux_params_;
+  std::unique_ptr<Optimizer> optimizer_;
+};
+
+// Callbacks in the manner of MXNet's mx.callback.
+// Logs "Epoch[e] Batch [n] Speed: s samples/sec <metric>=<v>" every
+// `frequent` batches.
+BatchEndCallback Speedometer(int batch_size, int frequent = 50);
+// A progress bar redrawn in place when stdout is a terminal, else nothing.
+BatchEndCallback ProgressBar(int64_t batches_per_epoch);
+// Logs "Epoch[e] Train-accuracy=... Validation-accuracy=... Time cost=...".
+EpochEndCallback LogEpoch();
+// Saves a checkpoint every `period` epochs (numbered epoch + 1, as MXNet).
+EpochEndCallback DoCheckpoint(const std::string& prefix, int period = 1);
+// Stops when the validation metric (or training metric without evaluation
+// data) has not improved for `patience` epochs; `higher_is_better` for
+// accuracy-like metrics.
+EpochEndCallback EarlyStopping(const std::string& metric, int patience,
+                               bool higher_is_better = true);
+// Appends one record per epoch to `path`: CSV (header written once) or JSON
+// lines, chosen by the extension (.csv or .jsonl).
+EpochEndCallback MetricsLog(const std::string& path);
+
+}  // namespace mx
+
+#endif  // MX_WORKER_MODEL_H_
