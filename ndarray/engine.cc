@@ -1,6 +1,7 @@
 #include "ndarray/engine.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -79,6 +80,7 @@ struct OprBlock {
   // Frees mutable_vars[0] after completion.
   bool delete_var = false;
   FnProperty prop = FnProperty::kNormal;
+  int64_t start_us = 0;  // when Execute began, for traces
 };
 
 namespace {
@@ -352,6 +354,7 @@ class ThreadedEngine : public Engine {
 
  protected:
   void OnComplete(OprBlock* op, std::exception_ptr error) override {
+    Trace(op);
     ErrorRef ref;
     if (error) {
       ref = std::make_shared<ErrorBox>(error);
@@ -513,6 +516,7 @@ class NaiveEngine : public Engine {
 
  protected:
   void OnComplete(OprBlock* op, std::exception_ptr error) override {
+    Trace(op);
     std::lock_guard<std::mutex> lock(mu_);
     done_ops_.push_back({op, std::move(error)});
     cv_.notify_all();
@@ -572,7 +576,35 @@ void CallbackOnComplete::operator()(std::exception_ptr error) const {
   engine_->OnComplete(op_, std::move(error));
 }
 
+namespace {
+int64_t NowMicros() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+}  // namespace
+
+void Engine::StartTrace() {
+  std::lock_guard<std::mutex> lock(trace_mu_);
+  trace_.clear();
+  tracing_ = true;
+}
+
+std::vector<TraceEvent> Engine::StopTrace() {
+  tracing_ = false;
+  std::lock_guard<std::mutex> lock(trace_mu_);
+  return std::move(trace_);
+}
+
+void Engine::Trace(const engine::OprBlock* op) {
+  if (!tracing_.load(std::memory_order_relaxed)) return;
+  TraceEvent e{op->name, op->start_us, NowMicros()};
+  std::lock_guard<std::mutex> lock(trace_mu_);
+  trace_.push_back(std::move(e));
+}
+
 void Engine::Execute(engine::OprBlock* op) {
+  if (tracing_.load(std::memory_order_relaxed)) op->start_us = NowMicros();
   if (op->sync_fn) {
     std::exception_ptr error;
     try {

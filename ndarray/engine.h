@@ -29,9 +29,13 @@
 #ifndef MX_NDARRAY_ENGINE_H_
 #define MX_NDARRAY_ENGINE_H_
 
+#include <atomic>
+#include <cstdint>
 #include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "ndarray/context.h"
@@ -77,6 +81,14 @@ class CallbackOnComplete {
       : engine_(engine), op_(op) {}
   Engine* engine_;
   engine::OprBlock* op_;
+};
+
+// One executed operation in a trace: its name and when it ran, in
+// microseconds of a steady clock.
+struct TraceEvent {
+  std::string name;
+  int64_t start_us = 0;
+  int64_t end_us = 0;
 };
 
 struct EngineOptions {
@@ -133,6 +145,12 @@ class Engine {
   // first error not yet reported by WaitForVar.
   virtual void WaitForAll() = 0;
 
+  // Records every operation that completes from now on (tests use this to
+  // check the order in which the engine ran work; a timeline view can be
+  // built from it). StopTrace returns the events in completion order.
+  void StartTrace();
+  std::vector<TraceEvent> StopTrace();
+
   virtual int num_workers() const = 0;
   // "ThreadedEngine" or "NaiveEngine".
   virtual const char* type() const = 0;
@@ -143,6 +161,13 @@ class Engine {
   // Runs op's function: a sync one followed by its completion, or an async
   // one with a callback.
   void Execute(engine::OprBlock* op);
+  // Adds op to the trace, if one is being recorded; called on completion.
+  void Trace(const engine::OprBlock* op);
+
+ private:
+  std::atomic<bool> tracing_{false};
+  std::mutex trace_mu_;
+  std::vector<TraceEvent> trace_;  // guarded by trace_mu_
   friend class CallbackOnComplete;
 };
 

@@ -132,6 +132,7 @@ OpDef MakeDot() {
   op.forward = DotForward;
   op.backward = DotBackward;
   op.backward_uses_outputs = false;
+  op.uses_all_cores = true;  // OpenBLAS products
   return op;
 }
 

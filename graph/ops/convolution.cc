@@ -1,0 +1,362 @@
+// Convolution (2-D, NCHW), as MXNet's: data (N, C, H, W), weight
+// (num_filter, C / num_group, kh, kw), bias (num_filter,), output
+// (N, num_filter, oh, ow) with oh = (H + 2 * pad - dilate * (kh - 1) - 1) /
+// stride + 1.
+//
+// The kernels lower the convolution to matrix products (im2col + sgemm).
+// Images are processed in chunks of B: the chunk is unfolded into a column
+// matrix `col` of (C * kh * kw) rows and B * oh * ow columns, and one sgemm
+// per group covers the whole chunk. B is the fewest images that give the
+// products kMinColumns columns (LeNet's 5x5x50 layer has 8x8 outputs: one
+// image alone would give 64), but at least one and within the `workspace`
+// parameter (MB), as MXNet bounds it. With B > 1 the product lands in
+// `tmp`, laid out (num_filter, B, oh * ow), and is scattered to NCHW; with
+// B = 1 it is written in place. Backward gathers the output gradient the
+// same way, takes the weight gradient from tmp * col^T (col recomputed from
+// the data) and the data gradient from col2im(weight^T * tmp). col and tmp
+// live in the operator workspace.
+#include <algorithm>
+#include <cstring>
+
+#include "graph/ops/op_util.h"
+#include "graph/ops/window2d.h"
+
+namespace mx::ops {
+namespace {
+
+// Columns of the matrix products per chunk: sgemm runs far below its peak
+// on thinner matrices, and wider ones only add cache misses.
+constexpr int64_t kMinColumns = 512;
+
+absl::StatusOr<Window2D> ParseWindow(const ParsedParams& p) {
+  Window2D w;
+  const Shape kernel = p.GetShape("kernel");
+  if (kernel.ndim() != 2) {
+    return absl::UnimplementedError(absl::StrCat(
+        "parameter kernel=", kernel.ToString(), " has ", kernel.ndim(),
+        " dimensions; only 2-D convolution (kernel=(kh, kw)) is supported"));
+  }
+  MX_RETURN_IF_ERROR(Get2D(p, "kernel", 1, w.kernel));
+  MX_RETURN_IF_ERROR(Get2D(p, "stride", 1, w.stride));
+  MX_RETURN_IF_ERROR(Get2D(p, "dilate", 1, w.dilate));
+  MX_RETURN_IF_ERROR(Get2D(p, "pad", 0, w.pad));
+  const int64_t filters = p.GetInt("num_filter");
+  const int64_t groups = p.GetInt("num_group");
+  if (filters < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("parameter num_filter=", filters, " must be positive"));
+  }
+  if (groups < 1 || filters % groups != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "parameter num_group=", groups, " must be positive and divide num_filter=",
+        filters));
+  }
+  return w;
+}
+
+// Everything the kernels need to know about one convolution.
+struct Geometry {
+  Window2D win;
+  int64_t batch, channels, height, width;
+  int64_t filters, groups, out_h, out_w;
+  int64_t chunk;  // images per im2col chunk
+
+  int64_t OutPlane() const { return out_h * out_w; }
+  int64_t ColRows() const { return channels * win.kernel[0] * win.kernel[1]; }
+  // Rows of one group's part of col, and its filters.
+  int64_t GroupRows() const { return ColRows() / groups; }
+  int64_t GroupFilters() const { return filters / groups; }
+  // Floats of col and of tmp for `images` images.
+  int64_t ColFloats(int64_t images) const { return ColRows() * images * OutPlane(); }
+  int64_t TmpFloats(int64_t images) const { return filters * images * OutPlane(); }
+};
+
+// Images per chunk: enough for the products to have kMinColumns columns,
+// within the workspace parameter (MB), at least one.
+int64_t ChunkImages(const ParsedParams& p, const Geometry& g) {
+  const int64_t plane = std::max<int64_t>(g.OutPlane(), 1);
+  int64_t images = std::clamp<int64_t>((kMinColumns + plane - 1) / plane, 1,
+                                       std::max<int64_t>(g.batch, 1));
+  const int64_t per_image = (g.ColFloats(1) + g.TmpFloats(1)) * sizeof(float);
+  const int64_t limit = p.GetInt("workspace") * (int64_t{1} << 20);
+  return std::max<int64_t>(1, std::min(images, limit / std::max<int64_t>(per_image, 1)));
+}
+
+// Geometry of a bound convolution; the shapes were checked by Infer.
+Geometry MakeGeometry(const ParsedParams& p, const Shape& data,
+                      const Shape& out) {
+  Geometry g;
+  g.win = *ParseWindow(p);
+  g.batch = data[0];
+  g.channels = data[1];
+  g.height = data[2];
+  g.width = data[3];
+  g.filters = p.GetInt("num_filter");
+  g.groups = p.GetInt("num_group");
+  g.out_h = out[2];
+  g.out_w = out[3];
+  g.chunk = ChunkImages(p, g);
+  return g;
+}
+
+absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
+                   ShapeList*) {
+  MX_ASSIGN_OR_RETURN(Window2D w, ParseWindow(p));
+  const int64_t filters = p.GetInt("num_filter");
+  const int64_t groups = p.GetInt("num_group");
+  if ((*in)[0].ndim() != 0 && (*in)[0].ndim() != 4) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input data must be 4-D (batch, channel, height, width), but has shape ",
+        (*in)[0].ToString()));
+  }
+  // The weight knows the channels when the data does not.
+  const Shape& weight = (*in)[1];
+  const bool data_has_channels = (*in)[0].ndim() == 4 && (*in)[0][1] != 0;
+  if (!data_has_channels && weight.ndim() == 4 && weight[1] != 0) {
+    MX_RETURN_IF_ERROR(MergeShape(in, 0, Shape{0, weight[1] * groups, 0, 0}, "input data"));
+  }
+  if (!p.GetBool("no_bias")) {
+    MX_RETURN_IF_ERROR(MergeShape(in, 2, Shape{filters}, "input bias"));
+  }
+  const Shape& data = (*in)[0];
+  const int64_t channels = data.ndim() == 4 ? data[1] : 0;
+  if (channels % groups != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input data has shape ", data.ToString(), ": its ", channels,
+        " channels do not divide into num_group=", groups, " groups"));
+  }
+  MX_RETURN_IF_ERROR(MergeShape(
+      in, 1, Shape{filters, channels / groups, w.kernel[0], w.kernel[1]}, "input weight"));
+  if (data.ndim() == 0) return absl::OkStatus();
+  Shape o{data[0], filters, 0, 0};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t size = data[2 + d];
+    if (size == 0) continue;
+    if (size + 2 * w.pad[d] < w.Extent(d)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kernel ", p.GetShape("kernel").ToString(), " with dilate (", w.dilate[0], ",",
+          w.dilate[1], ") spans ", w.Extent(0), "x", w.Extent(1),
+          " and does not fit in input data of shape ", data.ToString(),
+          " padded by (", w.pad[0], ",", w.pad[1], ")"));
+    }
+    o[2 + d] = WindowOutput(w, d, size, false);
+  }
+  return MergeShape(out, 0, o, "output");
+}
+
+size_t Workspace(const ParsedParams& p, const ShapeList& in, const ShapeList& out) {
+  Geometry g = MakeGeometry(p, in[0], out[0]);
+  return (g.ColFloats(g.chunk) + g.TmpFloats(g.chunk)) * sizeof(float);
+}
+
+// Unfolds `images` images starting at `data` into col (ColRows() x
+// images * OutPlane()).
+void Im2Col(const Geometry& g, const float* data, int64_t images, float* col) {
+  const Window2D& w = g.win;
+  const int64_t plane = g.height * g.width;
+  const int64_t out_plane = g.OutPlane();
+  const int64_t row_len = images * out_plane;
+  float* row = col;
+  for (int64_t c = 0; c < g.channels; ++c) {
+    for (int64_t ky = 0; ky < w.kernel[0]; ++ky) {
+      const int64_t y_off = ky * w.dilate[0] - w.pad[0];
+      int64_t y_lo, y_hi;
+      ValidRange(y_off, w.stride[0], g.height, g.out_h, &y_lo, &y_hi);
+      for (int64_t kx = 0; kx < w.kernel[1]; ++kx, row += row_len) {
+        const int64_t x_off = kx * w.dilate[1] - w.pad[1];
+        int64_t x_lo, x_hi;
+        ValidRange(x_off, w.stride[1], g.width, g.out_w, &x_lo, &x_hi);
+        for (int64_t b = 0; b < images; ++b) {
+          const float* src = data + (b * g.channels + c) * plane;
+          float* dst = row + b * out_plane;
+          std::fill(dst, dst + y_lo * g.out_w, 0.0f);
+          for (int64_t oy = y_lo; oy < y_hi; ++oy) {
+            const float* s = src + (oy * w.stride[0] + y_off) * g.width + x_off;
+            float* d = dst + oy * g.out_w;
+            std::fill(d, d + x_lo, 0.0f);
+            if (w.stride[1] == 1) {
+              for (int64_t ox = x_lo; ox < x_hi; ++ox) d[ox] = s[ox];
+            } else {
+              for (int64_t ox = x_lo; ox < x_hi; ++ox) d[ox] = s[ox * w.stride[1]];
+            }
+            std::fill(d + x_hi, d + g.out_w, 0.0f);
+          }
+          std::fill(dst + y_hi * g.out_w, dst + out_plane, 0.0f);
+        }
+      }
+    }
+  }
+}
+
+// The adjoint of Im2Col: adds every entry of col to the input element it
+// was read from.
+void Col2ImAdd(const Geometry& g, const float* col, int64_t images, float* data) {
+  const Window2D& w = g.win;
+  const int64_t plane = g.height * g.width;
+  const int64_t out_plane = g.OutPlane();
+  const int64_t row_len = images * out_plane;
+  const float* row = col;
+  for (int64_t c = 0; c < g.channels; ++c) {
+    for (int64_t ky = 0; ky < w.kernel[0]; ++ky) {
+      const int64_t y_off = ky * w.dilate[0] - w.pad[0];
+      int64_t y_lo, y_hi;
+      ValidRange(y_off, w.stride[0], g.height, g.out_h, &y_lo, &y_hi);
+      for (int64_t kx = 0; kx < w.kernel[1]; ++kx, row += row_len) {
+        const int64_t x_off = kx * w.dilate[1] - w.pad[1];
+        int64_t x_lo, x_hi;
+        ValidRange(x_off, w.stride[1], g.width, g.out_w, &x_lo, &x_hi);
+        for (int64_t b = 0; b < images; ++b) {
+          float* dst = data + (b * g.channels + c) * plane;
+          const float* src = row + b * out_plane;
+          for (int64_t oy = y_lo; oy < y_hi; ++oy) {
+            float* d = dst + (oy * w.stride[0] + y_off) * g.width + x_off;
+            const float* s = src + oy * g.out_w;
+            if (w.stride[1] == 1) {
+              for (int64_t ox = x_lo; ox < x_hi; ++ox) d[ox] += s[ox];
+            } else {
+              for (int64_t ox = x_lo; ox < x_hi; ++ox) d[ox * w.stride[1]] += s[ox];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+void Forward(const OpContext& ctx, const ParsedParams& p,
+             const std::vector<TBlob>& in, const std::vector<OpReq>& req,
+             const std::vector<TBlob>& out, const std::vector<TBlob>&) {
+  if (req[0] == OpReq::kNull) return;
+  const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
+  const bool bias = !p.GetBool("no_bias");
+  const int64_t plane = g.OutPlane();
+  const int64_t image_in = g.channels * g.height * g.width;
+  const int64_t image_out = g.filters * plane;
+  float* col = ctx.workspace;
+  for (int64_t n0 = 0; n0 < g.batch; n0 += g.chunk) {
+    const int64_t images = std::min(g.chunk, g.batch - n0);
+    const int64_t cols = images * plane;
+    Im2Col(g, in[0].data + n0 * image_in, images, col);
+    // One image in write mode: tmp is the output itself.
+    const bool direct = images == 1 && req[0] == OpReq::kWrite;
+    float* tmp = direct ? out[0].data + n0 * image_out : col + g.ColFloats(images);
+    for (int64_t gr = 0; gr < g.groups; ++gr) {
+      Gemm(OpReq::kWrite, false, false, g.GroupFilters(), cols, g.GroupRows(), 1.0f,
+           in[1].data + gr * g.GroupFilters() * g.GroupRows(),
+           col + gr * g.GroupRows() * cols, tmp + gr * g.GroupFilters() * cols);
+    }
+    if (direct && !bias) continue;
+    for (int64_t b = 0; b < images; ++b) {
+      for (int64_t f = 0; f < g.filters; ++f) {
+        const float* src = tmp + f * cols + b * plane;
+        float* dst = out[0].data + (n0 + b) * image_out + f * plane;
+        const float add = bias ? in[2].data[f] : 0.0f;
+        if (req[0] == OpReq::kAdd) {
+          for (int64_t i = 0; i < plane; ++i) dst[i] += src[i] + add;
+        } else {
+          for (int64_t i = 0; i < plane; ++i) dst[i] = src[i] + add;
+        }
+      }
+    }
+  }
+}
+
+void Backward(const OpContext& ctx, const ParsedParams& p,
+              const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,
+              const std::vector<TBlob>&, const std::vector<OpReq>& req,
+              const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
+  const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
+  const int64_t plane = g.OutPlane();
+  const int64_t image_in = g.channels * g.height * g.width;
+  const int64_t image_out = g.filters * plane;
+  const float* dout = out_grad[0].data;
+  if (!p.GetBool("no_bias") && req[2] != OpReq::kNull) {
+    // Sums over the batch first, element-wise (vectorized), then over the
+    // plane.
+    std::vector<float> acc(plane);
+    for (int64_t f = 0; f < g.filters; ++f) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t n = 0; n < g.batch; ++n) {
+        const float* src = dout + n * image_out + f * plane;
+        for (int64_t i = 0; i < plane; ++i) acc[i] += src[i];
+      }
+      double sum = 0;
+      for (float v : acc) sum += v;
+      Store(req[2], in_grad[2].data + f, static_cast<float>(sum));
+    }
+  }
+  if (req[0] == OpReq::kNull && req[1] == OpReq::kNull) return;
+  if (req[0] == OpReq::kWrite) {
+    std::fill(in_grad[0].data, in_grad[0].data + in_grad[0].Size(), 0.0f);
+  }
+  float* col = ctx.workspace;
+  for (int64_t n0 = 0; n0 < g.batch; n0 += g.chunk) {
+    const int64_t images = std::min(g.chunk, g.batch - n0);
+    const int64_t cols = images * plane;
+    // tmp: the chunk's output gradient as (filters, images * plane).
+    const float* tmp = dout + n0 * image_out;
+    if (images > 1) {
+      float* gathered = col + g.ColFloats(images);
+      for (int64_t b = 0; b < images; ++b) {
+        for (int64_t f = 0; f < g.filters; ++f) {
+          std::memcpy(gathered + f * cols + b * plane, dout + (n0 + b) * image_out + f * plane,
+                      plane * sizeof(float));
+        }
+      }
+      tmp = gathered;
+    }
+    if (req[1] != OpReq::kNull) {
+      Im2Col(g, in[0].data + n0 * image_in, images, col);
+      const OpReq wreq = n0 == 0 ? req[1] : OpReq::kAdd;
+      for (int64_t gr = 0; gr < g.groups; ++gr) {
+        Gemm(wreq, false, true, g.GroupFilters(), g.GroupRows(), cols, 1.0f,
+             tmp + gr * g.GroupFilters() * cols, col + gr * g.GroupRows() * cols,
+             in_grad[1].data + gr * g.GroupFilters() * g.GroupRows());
+      }
+    }
+    if (req[0] != OpReq::kNull) {
+      for (int64_t gr = 0; gr < g.groups; ++gr) {
+        Gemm(OpReq::kWrite, true, false, g.GroupRows(), cols, g.GroupFilters(), 1.0f,
+             in[1].data + gr * g.GroupFilters() * g.GroupRows(),
+             tmp + gr * g.GroupFilters() * cols, col + gr * g.GroupRows() * cols);
+      }
+      Col2ImAdd(g, col, images, in_grad[0].data + n0 * image_in);
+    }
+  }
+}
+
+OpDef Make() {
+  OpDef op;
+  op.name = "Convolution";
+  op.params = {
+      {"kernel", ParamSpec::Type::kShape, "", true},
+      {"num_filter", ParamSpec::Type::kInt, "", true},
+      {"stride", ParamSpec::Type::kShape, "(1,1)"},
+      {"dilate", ParamSpec::Type::kShape, "(1,1)"},
+      {"pad", ParamSpec::Type::kShape, "(0,0)"},
+      {"num_group", ParamSpec::Type::kInt, "1"},
+      {"workspace", ParamSpec::Type::kInt, "1024"},
+      {"no_bias", ParamSpec::Type::kBool, "False"},
+      // Accepted for MXNet compatibility; the CPU kernels have one algorithm.
+      {"cudnn_tune", ParamSpec::Type::kString, "None", false,
+       {"None", "off", "limited_workspace", "fastest"}},
+      {"cudnn_off", ParamSpec::Type::kBool, "False"},
+      {"layout", ParamSpec::Type::kString, "None", false, {"None", "NCHW"}},
+  };
+  op.arguments = [](const ParsedParams& p) {
+    return p.GetBool("no_bias") ? std::vector<std::string>{"data", "weight"}
+                                : std::vector<std::string>{"data", "weight", "bias"};
+  };
+  op.infer_shape = Infer;
+  op.forward = Forward;
+  op.backward = Backward;
+  op.workspace = Workspace;
+  op.backward_uses_outputs = false;
+  op.uses_all_cores = true;  // OpenBLAS products
+  return op;
+}
+
+MX_REGISTER_OP(Make());
+
+}  // namespace
+}  // namespace mx::ops

@@ -1,0 +1,304 @@
+// Pooling (2-D, NCHW), as MXNet's: max, avg or sum over windows of `kernel`
+// moved by `stride` over the data padded by `pad`; global_pool pools each
+// whole plane to 1x1. The output extent is 1 + (H + 2 * pad - kernel) /
+// stride, rounded down (pooling_convention=valid) or up (full).
+//
+// Padding is never a value: max takes the maximum of the real elements of
+// a window, sum adds them. avg divides the sum by the window's size clipped
+// to the padded data (count_include_pad=True, MXNet's default) or by the
+// number of real elements (False). Backward sends a max window's gradient
+// to its first maximum in row-major order, and spreads avg and sum windows'
+// gradients as the forward weighed them.
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "graph/ops/op_util.h"
+#include "graph/ops/window2d.h"
+
+namespace mx::ops {
+namespace {
+
+enum class PoolType { kMax, kAvg, kSum };
+
+// The window with global_pool applied: the whole plane, no padding.
+absl::StatusOr<Window2D> ParseWindow(const ParsedParams& p, const Shape& data) {
+  Window2D w;
+  if (p.GetBool("global_pool")) {
+    if (data.ndim() == 4) {
+      w.kernel[0] = data[2];
+      w.kernel[1] = data[3];
+    }
+    return w;
+  }
+  const Shape kernel = p.GetShape("kernel");
+  if (kernel.ndim() != 2) {
+    return absl::UnimplementedError(absl::StrCat(
+        "parameter kernel=", kernel.ToString(), " has ", kernel.ndim(),
+        " dimensions; only 2-D pooling (kernel=(kh, kw)) is supported, or "
+        "global_pool=True"));
+  }
+  MX_RETURN_IF_ERROR(Get2D(p, "kernel", 1, w.kernel));
+  MX_RETURN_IF_ERROR(Get2D(p, "stride", 1, w.stride));
+  MX_RETURN_IF_ERROR(Get2D(p, "pad", 0, w.pad));
+  return w;
+}
+
+PoolType TypeOf(const ParsedParams& p) {
+  const std::string& t = p.GetString("pool_type");
+  return t == "max" ? PoolType::kMax : t == "avg" ? PoolType::kAvg : PoolType::kSum;
+}
+
+absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
+                   ShapeList*) {
+  const Shape& data = (*in)[0];
+  if (data.ndim() != 0 && data.ndim() != 4) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input data must be 4-D (batch, channel, height, width), but has shape ",
+        data.ToString()));
+  }
+  MX_ASSIGN_OR_RETURN(Window2D w, ParseWindow(p, data));
+  if (data.ndim() == 0) return absl::OkStatus();
+  const bool full = p.GetString("pooling_convention") == "full";
+  Shape o{data[0], data[1], 0, 0};
+  if (p.GetBool("global_pool")) {
+    o[2] = o[3] = 1;
+    return MergeShape(out, 0, o, "output");
+  }
+  for (int d = 0; d < 2; ++d) {
+    const int64_t size = data[2 + d];
+    if (size == 0) continue;
+    if (size + 2 * w.pad[d] < w.kernel[d]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kernel (", w.kernel[0], ",", w.kernel[1],
+          ") does not fit in input data of shape ", data.ToString(), " padded by (",
+          w.pad[0], ",", w.pad[1], ")"));
+    }
+    o[2 + d] = WindowOutput(w, d, size, full);
+  }
+  return MergeShape(out, 0, o, "output");
+}
+
+// What the kernels need to know about one pooling, with the per-position
+// quantities precomputed.
+struct Geometry {
+  Window2D win;
+  PoolType type;
+  int64_t planes, height, width, out_h, out_w;
+  // For kernel column kx, the output columns whose window reads a real
+  // input column there: [x_lo[kx], x_hi[kx]).
+  std::vector<int64_t> x_lo, x_hi;
+  // avg: 1 / divisor per output element of a plane (the divisor is the
+  // product of the window's extents along y and x).
+  std::vector<float> inv_divisor;
+
+  // The real input rows [*y0, *y1) of output row oy's windows.
+  void Rows(int64_t oy, int64_t* y0, int64_t* y1) const {
+    const int64_t start = oy * win.stride[0] - win.pad[0];
+    *y0 = std::max<int64_t>(start, 0);
+    *y1 = std::min(start + win.kernel[0], height);
+  }
+};
+
+// The extent of the window at output position o along dimension d, clipped
+// to the padded data (count_pad) or to the real data.
+int64_t WindowExtent(const Window2D& w, int d, int64_t size, int64_t o, bool count_pad) {
+  const int64_t start = o * w.stride[d] - w.pad[d];
+  const int64_t end = std::min(start + w.kernel[d], size + w.pad[d]);
+  if (count_pad) return end - start;
+  return std::max<int64_t>(std::min(end, size) - std::max<int64_t>(start, 0), 0);
+}
+
+Geometry MakeGeometry(const ParsedParams& p, const Shape& data, const Shape& out) {
+  Geometry g;
+  g.win = *ParseWindow(p, data);
+  g.type = TypeOf(p);
+  g.planes = data[0] * data[1];
+  g.height = data[2];
+  g.width = data[3];
+  g.out_h = out[2];
+  g.out_w = out[3];
+  for (int64_t kx = 0; kx < g.win.kernel[1]; ++kx) {
+    int64_t lo, hi;
+    ValidRange(kx - g.win.pad[1], g.win.stride[1], g.width, g.out_w, &lo, &hi);
+    g.x_lo.push_back(lo);
+    g.x_hi.push_back(hi);
+  }
+  if (g.type == PoolType::kAvg) {
+    const bool count_pad = p.GetBool("count_include_pad");
+    for (int64_t oy = 0; oy < g.out_h; ++oy) {
+      const int64_t ey = WindowExtent(g.win, 0, g.height, oy, count_pad);
+      for (int64_t ox = 0; ox < g.out_w; ++ox) {
+        const int64_t ex = WindowExtent(g.win, 1, g.width, ox, count_pad);
+        g.inv_divisor.push_back(1.0f / static_cast<float>(std::max<int64_t>(ey * ex, 1)));
+      }
+    }
+  }
+  return g;
+}
+
+// The kernels are separable: a window's max (or sum) is the max over its
+// columns of the max over its rows. Per output row, the rows are first
+// reduced into one input-wide row (contiguous, vectorized), which the
+// columns of each window then reduce.
+
+// Forward of one output row: col[ix] reduces input rows [y0, y1) of
+// column ix; out[ox] reduces col over the window's columns.
+void ForwardRow(const Geometry& g, const float* x, int64_t oy, float* col, float* out) {
+  const bool max = g.type == PoolType::kMax;
+  const float init = max ? std::numeric_limits<float>::lowest() : 0.0f;
+  int64_t y0, y1;
+  g.Rows(oy, &y0, &y1);
+  std::fill(col, col + g.width, init);
+  for (int64_t iy = y0; iy < y1; ++iy) {
+    const float* r = x + iy * g.width;
+    if (max) {
+      for (int64_t ix = 0; ix < g.width; ++ix) col[ix] = std::max(col[ix], r[ix]);
+    } else {
+      for (int64_t ix = 0; ix < g.width; ++ix) col[ix] += r[ix];
+    }
+  }
+  std::fill(out, out + g.out_w, init);
+  const int64_t sx = g.win.stride[1];
+  for (int64_t kx = 0; kx < g.win.kernel[1]; ++kx) {
+    const float* c = col + kx - g.win.pad[1];
+    if (max) {
+      for (int64_t ox = g.x_lo[kx]; ox < g.x_hi[kx]; ++ox) out[ox] = std::max(out[ox], c[ox * sx]);
+    } else {
+      for (int64_t ox = g.x_lo[kx]; ox < g.x_hi[kx]; ++ox) out[ox] += c[ox * sx];
+    }
+  }
+  if (g.type == PoolType::kAvg) {
+    const float* inv = g.inv_divisor.data() + oy * g.out_w;
+    for (int64_t ox = 0; ox < g.out_w; ++ox) out[ox] *= inv[ox];
+  }
+}
+
+void Forward(const OpContext&, const ParsedParams& p, const std::vector<TBlob>& in,
+             const std::vector<OpReq>& req, const std::vector<TBlob>& out,
+             const std::vector<TBlob>&) {
+  if (req[0] == OpReq::kNull) return;
+  const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
+  std::vector<float> col(g.width), row(g.out_w);
+  for (int64_t pl = 0; pl < g.planes; ++pl) {
+    const float* x = in[0].data + pl * g.height * g.width;
+    float* y = out[0].data + pl * g.out_h * g.out_w;
+    for (int64_t oy = 0; oy < g.out_h; ++oy) {
+      float* yr = y + oy * g.out_w;
+      if (req[0] == OpReq::kWrite) {
+        ForwardRow(g, x, oy, col.data(), yr);
+      } else {
+        ForwardRow(g, x, oy, col.data(), row.data());
+        for (int64_t ox = 0; ox < g.out_w; ++ox) yr[ox] += row[ox];
+      }
+    }
+  }
+}
+
+// Max backward of one output row: routes gy[ox] to the first maximum of
+// window ox in row-major order. Per column, `col` holds the maximum over
+// the window's rows and `arg` the first row holding it; across columns a
+// tie goes to the smaller row, then (scanning left to right) the smaller
+// column.
+void MaxBackwardRow(const Geometry& g, const float* x, int64_t oy, const float* gy,
+                    float* col, int64_t* arg, float* gx) {
+  int64_t y0, y1;
+  g.Rows(oy, &y0, &y1);
+  if (y0 >= y1) return;
+  std::copy(x + y0 * g.width, x + (y0 + 1) * g.width, col);
+  std::fill(arg, arg + g.width, y0);
+  for (int64_t iy = y0 + 1; iy < y1; ++iy) {
+    const float* r = x + iy * g.width;
+    for (int64_t ix = 0; ix < g.width; ++ix) {
+      const bool larger = r[ix] > col[ix];
+      col[ix] = larger ? r[ix] : col[ix];
+      arg[ix] = larger ? iy : arg[ix];
+    }
+  }
+  for (int64_t ox = 0; ox < g.out_w; ++ox) {
+    const int64_t start = ox * g.win.stride[1] - g.win.pad[1];
+    const int64_t x0 = std::max<int64_t>(start, 0);
+    const int64_t x1 = std::min(start + g.win.kernel[1], g.width);
+    if (x0 >= x1) continue;
+    int64_t best = x0;
+    for (int64_t ix = x0 + 1; ix < x1; ++ix) {
+      if (col[ix] > col[best] || (col[ix] == col[best] && arg[ix] < arg[best])) best = ix;
+    }
+    gx[arg[best] * g.width + best] += gy[ox];
+  }
+}
+
+// Sum and avg backward of one output row: the adjoint of ForwardRow.
+void SumBackwardRow(const Geometry& g, int64_t oy, const float* gy, float* scaled, float* col,
+                    float* gx) {
+  if (g.type == PoolType::kAvg) {
+    const float* inv = g.inv_divisor.data() + oy * g.out_w;
+    for (int64_t ox = 0; ox < g.out_w; ++ox) scaled[ox] = gy[ox] * inv[ox];
+    gy = scaled;
+  }
+  std::fill(col, col + g.width, 0.0f);
+  const int64_t sx = g.win.stride[1];
+  for (int64_t kx = 0; kx < g.win.kernel[1]; ++kx) {
+    float* c = col + kx - g.win.pad[1];
+    for (int64_t ox = g.x_lo[kx]; ox < g.x_hi[kx]; ++ox) c[ox * sx] += gy[ox];
+  }
+  int64_t y0, y1;
+  g.Rows(oy, &y0, &y1);
+  for (int64_t iy = y0; iy < y1; ++iy) {
+    float* r = gx + iy * g.width;
+    for (int64_t ix = 0; ix < g.width; ++ix) r[ix] += col[ix];
+  }
+}
+
+void Backward(const OpContext&, const ParsedParams& p, const std::vector<TBlob>& out_grad,
+              const std::vector<TBlob>& in, const std::vector<TBlob>&,
+              const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
+              const std::vector<TBlob>&) {
+  if (req[0] == OpReq::kNull) return;
+  const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
+  if (req[0] == OpReq::kWrite) {
+    std::fill(in_grad[0].data, in_grad[0].data + in_grad[0].Size(), 0.0f);
+  }
+  std::vector<float> col(g.width), scaled(g.out_w);
+  std::vector<int64_t> arg(g.width);
+  for (int64_t pl = 0; pl < g.planes; ++pl) {
+    const float* x = in[0].data + pl * g.height * g.width;
+    float* gx = in_grad[0].data + pl * g.height * g.width;
+    const float* gy = out_grad[0].data + pl * g.out_h * g.out_w;
+    for (int64_t oy = 0; oy < g.out_h; ++oy) {
+      if (g.type == PoolType::kMax) {
+        MaxBackwardRow(g, x, oy, gy + oy * g.out_w, col.data(), arg.data(), gx);
+      } else {
+        SumBackwardRow(g, oy, gy + oy * g.out_w, scaled.data(), col.data(), gx);
+      }
+    }
+  }
+}
+
+OpDef Make() {
+  OpDef op;
+  op.name = "Pooling";
+  op.params = {
+      {"kernel", ParamSpec::Type::kShape, "()"},
+      {"pool_type", ParamSpec::Type::kString, "max", false, {"max", "avg", "sum"}},
+      {"global_pool", ParamSpec::Type::kBool, "False"},
+      {"pooling_convention", ParamSpec::Type::kString, "valid", false, {"valid", "full"}},
+      {"stride", ParamSpec::Type::kShape, "(1,1)"},
+      {"pad", ParamSpec::Type::kShape, "(0,0)"},
+      {"count_include_pad", ParamSpec::Type::kBool, "True"},
+      // Accepted for MXNet compatibility.
+      {"cudnn_off", ParamSpec::Type::kBool, "False"},
+      {"layout", ParamSpec::Type::kString, "None", false, {"None", "NCHW"}},
+  };
+  op.infer_shape = Infer;
+  op.forward = Forward;
+  op.backward = Backward;
+  // Backward finds the maxima again from the input.
+  op.backward_uses_outputs = false;
+  return op;
+}
+
+MX_REGISTER_OP(Make());
+
+}  // namespace
+}  // namespace mx::ops

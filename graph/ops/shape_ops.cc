@@ -1,0 +1,503 @@
+// Operators that only move elements: Flatten, Reshape, Concat and transpose,
+// with MXNet's parameters.
+//
+// Reshape's `shape` takes MXNet's special values (all supported):
+//    0  copy this dimension of the input;
+//   -1  infer this dimension from the others (at most one);
+//   -2  copy all remaining input dimensions;
+//   -3  the product of the next two input dimensions;
+//   -4  split the next input dimension into the two values that follow
+//       (one of them may be -1).
+// With reverse=True the special values are matched right to left, as
+// MXNet does. The legacy target_shape / keep_highest parameters are
+// accepted only at their defaults.
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+
+#include "absl/strings/str_join.h"
+#include "graph/ops/op_util.h"
+
+namespace mx::ops {
+namespace {
+
+// dst = src (or dst += src) for n floats; src may be dst (in place).
+void Copy(OpReq req, const float* src, float* dst, int64_t n) {
+  if (req == OpReq::kWrite) {
+    if (src != dst) std::memcpy(dst, src, n * sizeof(float));
+  } else if (req == OpReq::kAdd) {
+    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+  }
+}
+
+// Forward and backward of operators whose output is their input with
+// another shape.
+void CopyForward(const OpContext&, const ParsedParams&, const std::vector<TBlob>& in,
+                 const std::vector<OpReq>& req, const std::vector<TBlob>& out,
+                 const std::vector<TBlob>&) {
+  Copy(req[0], in[0].data, out[0].data, out[0].Size());
+}
+
+void CopyBackward(const OpContext&, const ParsedParams&, const std::vector<TBlob>& out_grad,
+                  const std::vector<TBlob>&, const std::vector<TBlob>&,
+                  const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
+                  const std::vector<TBlob>&) {
+  Copy(req[0], out_grad[0].data, in_grad[0].data, in_grad[0].Size());
+}
+
+// Product of s[begin, end): 0 (unknown) when one of them is unknown.
+int64_t KnownProduct(const Shape& s, int begin, int end) {
+  int64_t p = 1;
+  for (int d = begin; d < end; ++d) p *= s[d];
+  return p;
+}
+
+// If `data` has exactly one unknown dimension and `size` (its total size)
+// is known, fills that dimension in.
+absl::Status FillOneUnknown(ShapeList* in, int64_t size) {
+  Shape data = (*in)[0];
+  int unknown = -1;
+  int64_t known = 1;
+  for (int d = 0; d < data.ndim(); ++d) {
+    if (data[d] != 0) {
+      known *= data[d];
+    } else if (unknown >= 0) {
+      return absl::OkStatus();  // two unknowns: nothing to say
+    } else {
+      unknown = d;
+    }
+  }
+  if (unknown < 0 || size == 0 || size % known != 0) return absl::OkStatus();
+  data[unknown] = size / known;
+  return MergeShape(in, 0, data, "input data");
+}
+
+OpDef MakeCopyOp() {
+  OpDef op;
+  op.forward = CopyForward;
+  op.backward = CopyBackward;
+  op.inplace = {{0, 0}};
+  op.backward_uses_inputs = false;
+  op.backward_uses_outputs = false;
+  return op;
+}
+
+// ---- Flatten: (N, d1, d2, ...) -> (N, d1 * d2 * ...).
+
+absl::Status FlattenInfer(const ParsedParams&, ShapeList* in, ShapeList* out, ShapeList*) {
+  const Shape& data = (*in)[0];
+  if (data.ndim() == 0) return absl::OkStatus();
+  MX_RETURN_IF_ERROR(MergeShape(out, 0, Shape{data[0], KnownProduct(data, 1, data.ndim())},
+                                "output"));
+  const Shape& o = (*out)[0];
+  if (o.ndim() == 2 && IsKnown(o)) return FillOneUnknown(in, o.Size());
+  return absl::OkStatus();
+}
+
+OpDef MakeFlatten() {
+  OpDef op = MakeCopyOp();
+  op.name = "Flatten";
+  op.infer_shape = FlattenInfer;
+  return op;
+}
+
+// ---- Reshape.
+
+// The output shape for `spec` applied to `data` (unknown dimensions stay
+// 0), following MXNet's InferReshapeShape.
+absl::StatusOr<Shape> ReshapeTarget(const Shape& spec_shape, const Shape& data, bool reverse) {
+  std::vector<int64_t> spec(spec_shape.begin(), spec_shape.end());
+  std::vector<int64_t> src(data.begin(), data.end());
+  if (reverse) {
+    std::reverse(spec.begin(), spec.end());
+    std::reverse(src.begin(), src.end());
+  }
+  auto too_few = [&](int64_t value) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shape=", spec_shape.ToString(), ": the value ", value,
+        " refers to more dimensions than input data of shape ", data.ToString(), " has"));
+  };
+  std::vector<int64_t> dst;
+  size_t next = 0;    // next input dimension
+  int inferred = -1;  // index in dst of the -1
+  // Unknown input dimensions copied as they are (by 0 or -2): they cancel
+  // out when the -1 is inferred.
+  int copied_unknowns = 0;
+  for (size_t i = 0; i < spec.size(); ++i) {
+    const int64_t v = spec[i];
+    if (v > 0) {
+      dst.push_back(v);
+      ++next;
+    } else if (v == 0) {
+      if (next >= src.size()) return too_few(v);
+      copied_unknowns += src[next] == 0;
+      dst.push_back(src[next++]);
+    } else if (v == -1) {
+      if (inferred >= 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "shape=", spec_shape.ToString(), " has more than one -1"));
+      }
+      inferred = static_cast<int>(dst.size());
+      dst.push_back(1);
+      ++next;
+    } else if (v == -2) {
+      while (next < src.size()) {
+        copied_unknowns += src[next] == 0;
+        dst.push_back(src[next++]);
+      }
+    } else if (v == -3) {
+      if (next + 1 >= src.size()) return too_few(v);
+      dst.push_back(src[next] * src[next + 1]);
+      next += 2;
+    } else if (v == -4) {
+      if (i + 2 >= spec.size()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "shape=", spec_shape.ToString(), ": -4 must be followed by two values"));
+      }
+      if (next >= src.size()) return too_few(v);
+      const int64_t whole = src[next++];
+      int64_t a = spec[++i], b = spec[++i];
+      if (a < -1 || b < -1 || a == 0 || b == 0 || (a == -1 && b == -1)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "shape=", spec_shape.ToString(), ": the two values after -4 (", a, ", ", b,
+            ") must be positive, or one of them -1"));
+      }
+      if (a == -1) a = whole != 0 && whole % b == 0 ? whole / b : 0;
+      if (b == -1) b = whole != 0 && whole % a == 0 ? whole / a : 0;
+      if (whole != 0 && a * b != whole) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "shape=", spec_shape.ToString(), ": -4 cannot split dimension ", whole,
+            " of input data ", data.ToString(), " into (", spec[i - 1], ", ", spec[i], ")"));
+      }
+      dst.push_back(a);
+      dst.push_back(b);
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shape=", spec_shape.ToString(), ": ", v,
+          " is not a dimension nor one of the special values 0, -1, -2, -3, -4"));
+    }
+  }
+  if (inferred >= 0) {
+    // known / rest over the known dimensions, when the unknown ones are
+    // exactly the copied ones.
+    int64_t known = 1, rest = 1;
+    int unknowns = 0;
+    for (int64_t d : src) {
+      if (d == 0) ++unknowns;
+      known *= d == 0 ? 1 : d;
+    }
+    for (size_t d = 0; d < dst.size(); ++d) {
+      if (static_cast<int>(d) != inferred) rest *= dst[d] == 0 ? 1 : dst[d];
+    }
+    dst[inferred] = 0;
+    if (unknowns == copied_unknowns) {
+      if (known % rest != 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "shape=", spec_shape.ToString(), ": input data of shape ", data.ToString(), " (",
+            known, " elements) does not divide into dimensions of product ", rest));
+      }
+      dst[inferred] = known / rest;
+    }
+  }
+  if (reverse) std::reverse(dst.begin(), dst.end());
+  return Shape(dst.begin(), dst.end());
+}
+
+absl::Status ReshapeInfer(const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeList*) {
+  if (p.GetShape("target_shape").ndim() != 0 || p.GetBool("keep_highest")) {
+    return absl::UnimplementedError(
+        "the legacy parameters target_shape and keep_highest are not supported; use shape");
+  }
+  const Shape spec = p.GetShape("shape");
+  if (spec.ndim() == 0) {
+    return absl::InvalidArgumentError("parameter shape is missing or empty");
+  }
+  const Shape& data = (*in)[0];
+  if (data.ndim() == 0) {
+    // Without -2, -3, -4 or 0 the output dimensions are the given ones.
+    bool plain = std::all_of(spec.begin(), spec.end(), [](int64_t v) { return v > 0 || v == -1; });
+    if (!plain) return absl::OkStatus();
+    Shape o = spec;
+    for (int d = 0; d < o.ndim(); ++d) o[d] = std::max<int64_t>(o[d], 0);
+    MX_RETURN_IF_ERROR(MergeShape(out, 0, o, "output"));
+  } else {
+    MX_ASSIGN_OR_RETURN(Shape o, ReshapeTarget(spec, data, p.GetBool("reverse")));
+    if (IsKnown(data) && IsKnown(o) && o.Size() != data.Size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shape=", spec.ToString(), " turns input data of shape ", data.ToString(), " (",
+          data.Size(), " elements) into ", o.ToString(), " (", o.Size(), " elements)"));
+    }
+    MX_RETURN_IF_ERROR(MergeShape(out, 0, o, "output"));
+  }
+  const Shape& o = (*out)[0];
+  if (IsKnown(o)) return FillOneUnknown(in, o.Size());
+  return absl::OkStatus();
+}
+
+OpDef MakeReshape() {
+  OpDef op = MakeCopyOp();
+  op.name = "Reshape";
+  op.params = {{"shape", ParamSpec::Type::kShape, "()"},
+               {"reverse", ParamSpec::Type::kBool, "False"},
+               {"target_shape", ParamSpec::Type::kShape, "()"},
+               {"keep_highest", ParamSpec::Type::kBool, "False"}};
+  op.infer_shape = ReshapeInfer;
+  return op;
+}
+
+// ---- Concat: arguments arg0 .. arg{num_args - 1} joined along `dim`.
+
+// Every Concat argument name up to this many inputs is a required input;
+// OpDef::required_inputs is a fixed list, so larger concatenations would
+// get automatic variables for missing inputs.
+constexpr int kMaxRequiredConcatArgs = 256;
+
+std::vector<std::string> ArgNames(int64_t n) {
+  std::vector<std::string> names;
+  for (int64_t i = 0; i < n; ++i) names.push_back(absl::StrCat("arg", i));
+  return names;
+}
+
+// dim normalized against ndim, or an error.
+absl::StatusOr<int> Axis(int64_t dim, int ndim, const char* param) {
+  if (dim < -ndim || dim >= ndim) {
+    return absl::InvalidArgumentError(absl::StrCat("parameter ", param, "=", dim,
+                                                   " is out of range for ", ndim,
+                                                   "-dimensional inputs"));
+  }
+  return static_cast<int>(dim < 0 ? dim + ndim : dim);
+}
+
+absl::Status ConcatInfer(const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeList*) {
+  const int64_t n = in->size();
+  // The rank comes from the output or the first input that knows it.
+  std::string ref_name = "output";
+  Shape ref = (*out)[0];
+  for (int64_t i = 0; i < n && ref.ndim() == 0; ++i) {
+    ref_name = absl::StrCat("input arg", i);
+    ref = (*in)[i];
+  }
+  const int ndim = ref.ndim();
+  for (int64_t i = 0; i < n; ++i) {
+    const Shape& s = (*in)[i];
+    if (s.ndim() != 0 && s.ndim() != ndim) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "input arg", i, " has shape ", s.ToString(), " but ", ref_name, " has shape ",
+          ref.ToString(), ": Concat needs the same number of dimensions everywhere"));
+    }
+  }
+  if (ndim == 0) return absl::OkStatus();
+  MX_ASSIGN_OR_RETURN(int axis, Axis(p.GetInt("dim"), ndim, "dim"));
+  // The shape every input and the output share, with the axis unknown.
+  ShapeList common(1);
+  auto merge = [&](const Shape& s, const std::string& what) -> absl::Status {
+    if (s.ndim() == 0) return absl::OkStatus();
+    Shape t = s;
+    t[axis] = 0;
+    Shape before = common[0];
+    if (!MergeShape(&common, 0, t, what).ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " has shape ", s.ToString(), " but the other inputs and output give ",
+          before.ToString(), " (with dimension ", axis,
+          " unknown): the shapes of Concat's inputs must agree except in dim=", axis));
+    }
+    return absl::OkStatus();
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    MX_RETURN_IF_ERROR(merge((*in)[i], absl::StrCat("input arg", i)));
+  }
+  MX_RETURN_IF_ERROR(merge((*out)[0], "output"));
+  int64_t sum = 0;
+  int unknown = -1, unknowns = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    Shape s = common[0];
+    const Shape& given = (*in)[i];
+    s[axis] = given.ndim() != 0 ? given[axis] : 0;
+    MX_RETURN_IF_ERROR(MergeShape(in, i, s, absl::StrCat("input arg", i)));
+    if (s[axis] == 0) {
+      unknown = static_cast<int>(i);
+      ++unknowns;
+    }
+    sum += s[axis];
+  }
+  Shape o = common[0];
+  o[axis] = unknowns == 0 ? sum : 0;
+  MX_RETURN_IF_ERROR(MergeShape(out, 0, o, "output"));
+  const int64_t total = (*out)[0][axis];
+  if (unknowns == 1 && total != 0) {
+    if (total <= sum) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "output has shape ", (*out)[0].ToString(), " but the known inputs already sum to ",
+          sum, " along dim=", axis));
+    }
+    Shape s = (*in)[unknown];
+    s[axis] = total - sum;
+    MX_RETURN_IF_ERROR(MergeShape(in, unknown, s, absl::StrCat("input arg", unknown)));
+  }
+  return absl::OkStatus();
+}
+
+// Calls f(i, in_offset, out_offset, n) for every run of n floats that input
+// i and the output share: the inputs' rows (dimensions from `dim` on) lie
+// side by side in the output's rows.
+template <typename F>
+void ForEachConcatBlock(const ParsedParams& p, const std::vector<TBlob>& in, const Shape& o, F f) {
+  const int axis = *Axis(p.GetInt("dim"), o.ndim(), "dim");
+  const int64_t outer = KnownProduct(o, 0, axis);
+  const int64_t inner = KnownProduct(o, axis + 1, o.ndim());
+  const int64_t row = o[axis] * inner;
+  int64_t offset = 0;
+  for (size_t i = 0; i < in.size(); ++i) {
+    const int64_t block = in[i].shape[axis] * inner;
+    for (int64_t r = 0; r < outer; ++r) f(i, r * block, offset + r * row, block);
+    offset += block;
+  }
+}
+
+OpDef MakeConcat() {
+  OpDef op;
+  op.name = "Concat";
+  op.params = {{"num_args", ParamSpec::Type::kInt, "", true},
+               {"dim", ParamSpec::Type::kInt, "1"}};
+  op.arguments = [](const ParsedParams& p) { return ArgNames(p.GetInt("num_args")); };
+  op.required_inputs = ArgNames(kMaxRequiredConcatArgs);
+  op.infer_shape = [](const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeList* aux) {
+    if (p.GetInt("num_args") < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameter num_args=", p.GetInt("num_args"), " must be positive"));
+    }
+    return ConcatInfer(p, in, out, aux);
+  };
+  op.forward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& in,
+                  const std::vector<OpReq>& req, const std::vector<TBlob>& out,
+                  const std::vector<TBlob>&) {
+    ForEachConcatBlock(p, in, out[0].shape, [&](size_t i, int64_t src, int64_t dst, int64_t n) {
+      Copy(req[0], in[i].data + src, out[0].data + dst, n);
+    });
+  };
+  op.backward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& out_grad,
+                   const std::vector<TBlob>& in, const std::vector<TBlob>&,
+                   const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
+                   const std::vector<TBlob>&) {
+    ForEachConcatBlock(p, in, out_grad[0].shape,
+                       [&](size_t i, int64_t dst, int64_t src, int64_t n) {
+                         if (req[i] == OpReq::kNull) return;
+                         Copy(req[i], out_grad[0].data + src, in_grad[i].data + dst, n);
+                       });
+  };
+  // Backward reads only the shapes of the inputs.
+  op.backward_uses_inputs = false;
+  op.backward_uses_outputs = false;
+  return op;
+}
+
+// ---- transpose: out.shape[i] = data.shape[axes[i]].
+
+// The permutation for `ndim` dimensions: axes normalized, or all reversed
+// when axes is empty.
+absl::StatusOr<std::vector<int>> Permutation(const ParsedParams& p, int ndim) {
+  const Shape axes = p.GetShape("axes");
+  std::vector<int> perm(ndim);
+  if (axes.ndim() == 0) {
+    for (int i = 0; i < ndim; ++i) perm[i] = ndim - 1 - i;
+    return perm;
+  }
+  if (axes.ndim() != ndim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "parameter axes=", axes.ToString(), " has ", axes.ndim(),
+        " entries but input data has ", ndim, " dimensions"));
+  }
+  std::vector<bool> seen(ndim, false);
+  for (int i = 0; i < ndim; ++i) {
+    MX_ASSIGN_OR_RETURN(perm[i], Axis(axes[i], ndim, "axes"));
+    if (seen[perm[i]]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter axes=", axes.ToString(), " is not a permutation of the ", ndim,
+          " dimensions"));
+    }
+    seen[perm[i]] = true;
+  }
+  return perm;
+}
+
+absl::Status TransposeInfer(const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeList*) {
+  const int ndim = (*in)[0].ndim() != 0 ? (*in)[0].ndim() : (*out)[0].ndim();
+  if (ndim == 0) return absl::OkStatus();
+  MX_ASSIGN_OR_RETURN(std::vector<int> perm, Permutation(p, ndim));
+  Shape o(perm.begin(), perm.end()), d(perm.begin(), perm.end());
+  for (int i = 0; i < ndim; ++i) {
+    o[i] = (*in)[0].ndim() != 0 ? (*in)[0][perm[i]] : 0;
+    d[perm[i]] = (*out)[0].ndim() != 0 ? (*out)[0][i] : 0;
+  }
+  MX_RETURN_IF_ERROR(MergeShape(out, 0, o, "output"));
+  return MergeShape(in, 0, d, "input data");
+}
+
+// dst[j] for the output index j = src[the input index it comes from], where
+// the output's dimension i is the input's dimension perm[i].
+void Transpose(OpReq req, const float* src, const Shape& src_shape, const std::vector<int>& perm,
+               float* dst) {
+  if (req == OpReq::kNull) return;
+  const int ndim = src_shape.ndim();
+  if (ndim == 0) {
+    Store(req, dst, *src);
+    return;
+  }
+  std::vector<int64_t> src_stride(ndim, 1), shape(ndim), stride(ndim);
+  for (int d = ndim - 2; d >= 0; --d) src_stride[d] = src_stride[d + 1] * src_shape[d + 1];
+  for (int i = 0; i < ndim; ++i) {
+    shape[i] = src_shape[perm[i]];
+    stride[i] = src_stride[perm[i]];
+  }
+  const int64_t total = src_shape.Size();
+  const int64_t last = shape[ndim - 1], last_stride = stride[ndim - 1];
+  std::vector<int64_t> index(ndim, 0);
+  int64_t offset = 0;  // source offset of the output row at `index`
+  for (int64_t j = 0; j < total; j += last) {
+    const float* s = src + offset;
+    float* d = dst + j;
+    if (req == OpReq::kWrite) {
+      for (int64_t k = 0; k < last; ++k) d[k] = s[k * last_stride];
+    } else {
+      for (int64_t k = 0; k < last; ++k) d[k] += s[k * last_stride];
+    }
+    for (int i = ndim - 2; i >= 0; --i) {
+      offset += stride[i];
+      if (++index[i] < shape[i]) break;
+      offset -= stride[i] * shape[i];
+      index[i] = 0;
+    }
+  }
+}
+
+OpDef MakeTranspose() {
+  OpDef op;
+  op.name = "transpose";
+  op.params = {{"axes", ParamSpec::Type::kShape, "()"}};
+  op.infer_shape = TransposeInfer;
+  op.forward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& in,
+                  const std::vector<OpReq>& req, const std::vector<TBlob>& out,
+                  const std::vector<TBlob>&) {
+    Transpose(req[0], in[0].data, in[0].shape, *Permutation(p, in[0].shape.ndim()), out[0].data);
+  };
+  op.backward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& out_grad,
+                   const std::vector<TBlob>&, const std::vector<TBlob>&,
+                   const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
+                   const std::vector<TBlob>&) {
+    std::vector<int> perm = *Permutation(p, out_grad[0].shape.ndim());
+    std::vector<int> inverse(perm.size());
+    for (size_t i = 0; i < perm.size(); ++i) inverse[perm[i]] = static_cast<int>(i);
+    Transpose(req[0], out_grad[0].data, out_grad[0].shape, inverse, in_grad[0].data);
+  };
+  op.backward_uses_inputs = false;
+  op.backward_uses_outputs = false;
+  return op;
+}
+
+MX_REGISTER_OP(MakeFlatten());
+MX_REGISTER_OP(MakeReshape());
+MX_REGISTER_OP(MakeConcat());
+MX_REGISTER_OP(MakeTranspose());
+
+}  // namespace
+}  // namespace mx::ops

@@ -1,0 +1,374 @@
+// Convolution, Pooling, Flatten, Reshape, Concat and transpose beyond the
+// operator table: names and argument lists, shape inference from partial
+// knowledge (in both directions where MXNet does it), the errors for bad
+// shapes and parameters, and max pooling's choice among equal maxima.
+#include <map>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "graph/executor.h"
+#include "graph/symbol.h"
+#include "gtest/gtest.h"
+#include "ndarray/ndarray.h"
+
+namespace mx {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+using ShapeMap = std::map<std::string, Shape>;
+
+Symbol Unary(const std::string& op, Params params) {
+  return Op(op, {Variable("data")}, params, "op");
+}
+
+Symbol::Shapes Infer(const Symbol& s, const ShapeMap& known) {
+  auto shapes = s.InferShape(known);
+  EXPECT_TRUE(shapes.ok()) << shapes.status();
+  return shapes.ok() ? *shapes : Symbol::Shapes{};
+}
+
+std::string InferError(const Symbol& s, const ShapeMap& known) {
+  auto shapes = s.InferShape(known);
+  EXPECT_FALSE(shapes.ok());
+  return shapes.ok() ? "" : std::string(shapes.status().message());
+}
+
+// ---- Names.
+
+TEST(LayerNames, DefaultToTheLowerCasedOperator) {
+  NameScope scope;
+  Symbol data = Variable("data");
+  EXPECT_EQ(Op("Convolution", {data}, {{"kernel", "(3,3)"}, {"num_filter", 2}}).name(),
+            "convolution0");
+  EXPECT_EQ(Op("Pooling", {data}, {{"kernel", "(2,2)"}}).name(), "pooling0");
+  EXPECT_EQ(Op("Flatten", {data}).name(), "flatten0");
+  EXPECT_EQ(Op("Reshape", {data}, {{"shape", "(-1,)"}}).name(), "reshape0");
+  EXPECT_EQ(Op("Concat", {data, data}, {{"num_args", 2}}).name(), "concat0");
+  EXPECT_EQ(Op("transpose", {data}).name(), "transpose0");
+}
+
+TEST(ConvolutionNames, CreatesWeightAndBiasLikeMXNet) {
+  Symbol conv = Op("Convolution", {Variable("data")}, {{"kernel", "(5,5)"}, {"num_filter", 20}},
+                   "conv1");
+  EXPECT_THAT(conv.ListArguments(), ElementsAre("data", "conv1_weight", "conv1_bias"));
+  Symbol no_bias = Op("Convolution", {Variable("data")},
+                      {{"kernel", "(5,5)"}, {"num_filter", 20}, {"no_bias", true}}, "conv2");
+  EXPECT_THAT(no_bias.ListArguments(), ElementsAre("data", "conv2_weight"));
+}
+
+TEST(ConcatNames, ArgumentsAreArg0ToArgNAndAllRequired) {
+  Symbol a = Variable("a"), b = Variable("b");
+  Symbol c = Op("Concat", {a, b}, {{"num_args", 2}}, "cat");
+  EXPECT_THAT(c.ListArguments(), ElementsAre("a", "b"));
+  try {
+    Op("Concat", {a}, {{"num_args", 2}}, "cat");
+    ADD_FAILURE() << "a missing Concat input must be an error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("required input 'arg1' is missing"));
+  }
+}
+
+// ---- Convolution.
+
+TEST(ConvolutionShapes, LeNetLayers) {
+  Symbol s = Op("Convolution", {Variable("data")}, {{"kernel", "(5,5)"}, {"num_filter", 20}},
+                "conv1");
+  s = Op("Pooling", {s}, {{"kernel", "(2,2)"}, {"stride", "(2,2)"}}, "pool1");
+  s = Op("Convolution", {s}, {{"kernel", "(5,5)"}, {"num_filter", 50}}, "conv2");
+  s = Op("Pooling", {s}, {{"kernel", "(2,2)"}, {"stride", "(2,2)"}}, "pool2");
+  s = Op("Flatten", {s}, {}, "flat");
+  Symbol::Shapes shapes = Infer(s, {{"data", Shape{100, 1, 28, 28}}});
+  EXPECT_THAT(shapes.arguments,
+              ElementsAre(Shape{100, 1, 28, 28}, Shape{20, 1, 5, 5}, Shape{20},
+                          Shape{50, 20, 5, 5}, Shape{50}));
+  EXPECT_THAT(shapes.outputs, ElementsAre(Shape{100, 800}));
+}
+
+TEST(ConvolutionShapes, StridePadDilateAndGroups) {
+  Symbol s = Unary("Convolution", {{"kernel", "(3,2)"},
+                                   {"num_filter", 6},
+                                   {"stride", "(2,3)"},
+                                   {"pad", "(1,2)"},
+                                   {"dilate", "(2,1)"},
+                                   {"num_group", 3}});
+  Symbol::Shapes shapes = Infer(s, {{"data", Shape{2, 9, 10, 11}}});
+  // oh = (10 + 2 - 2*2 - 1) / 2 + 1 = 4; ow = (11 + 4 - 1 - 1) / 3 + 1 = 5.
+  EXPECT_THAT(shapes.outputs, ElementsAre(Shape{2, 6, 4, 5}));
+  EXPECT_EQ(shapes.arguments[1], (Shape{6, 3, 3, 2}));
+}
+
+TEST(ConvolutionShapes, UnknownBatchStaysUnknown) {
+  Symbol s = Unary("Convolution", {{"kernel", "(3,3)"}, {"num_filter", 4}});
+  Symbol::Shapes shapes = Infer(s, {{"data", Shape{0, 3, 8, 8}}});
+  EXPECT_EQ(shapes.outputs[0], (Shape{0, 4, 6, 6}));
+  EXPECT_EQ(shapes.arguments[1], (Shape{4, 3, 3, 3}));
+}
+
+TEST(ConvolutionShapes, WeightTellsTheChannels) {
+  Symbol s = Unary("Convolution", {{"kernel", "(3,3)"}, {"num_filter", 4}, {"num_group", 2}});
+  Symbol::Shapes shapes = Infer(s, {{"op_weight", Shape{4, 3, 3, 3}}});
+  EXPECT_EQ(shapes.arguments[0], (Shape{0, 6, 0, 0}));
+  EXPECT_EQ(shapes.arguments[2], (Shape{4}));
+}
+
+TEST(ConvolutionShapes, KernelLargerThanThePaddedInputNamesTheShapes) {
+  Symbol s = Unary("Convolution", {{"kernel", "(5,5)"}, {"num_filter", 4}, {"pad", "(1,1)"}});
+  std::string e = InferError(s, {{"data", Shape{1, 1, 2, 8}}});
+  EXPECT_THAT(e, HasSubstr("op (Convolution)"));
+  EXPECT_THAT(e, HasSubstr("kernel (5,5)"));
+  EXPECT_THAT(e, HasSubstr("(1,1,2,8)"));
+}
+
+TEST(ConvolutionShapes, ChannelsMustDivideIntoGroups) {
+  Symbol s = Unary("Convolution", {{"kernel", "(1,1)"}, {"num_filter", 4}, {"num_group", 2}});
+  std::string e = InferError(s, {{"data", Shape{1, 3, 4, 4}}});
+  EXPECT_THAT(e, HasSubstr("(1,3,4,4)"));
+  EXPECT_THAT(e, HasSubstr("num_group=2"));
+}
+
+TEST(ConvolutionShapes, WrongWeightNamesBothShapes) {
+  Symbol s = Unary("Convolution", {{"kernel", "(3,3)"}, {"num_filter", 4}});
+  std::string e = InferError(s, {{"data", Shape{1, 3, 8, 8}}, {"op_weight", Shape{4, 2, 3, 3}}});
+  EXPECT_THAT(e, HasSubstr("weight"));
+  EXPECT_THAT(e, HasSubstr("(4,2,3,3)"));
+  EXPECT_THAT(e, HasSubstr("(4,3,3,3)"));
+}
+
+TEST(ConvolutionShapes, OnlyTwoDimensionalKernels) {
+  std::string e = InferError(Unary("Convolution", {{"kernel", "(3,3,3)"}, {"num_filter", 4}}),
+                        {{"data", Shape{1, 3, 8, 8, 8}}});
+  EXPECT_THAT(e, HasSubstr("kernel=(3,3,3)"));
+  EXPECT_THAT(e, HasSubstr("only 2-D"));
+}
+
+TEST(ConvolutionShapes, DataMustBeFourDimensional) {
+  std::string e = InferError(Unary("Convolution", {{"kernel", "(3,3)"}, {"num_filter", 4}}),
+                        {{"data", Shape{3, 8, 8}}});
+  EXPECT_THAT(e, HasSubstr("4-D"));
+  EXPECT_THAT(e, HasSubstr("(3,8,8)"));
+}
+
+TEST(ConvolutionParams, BadValuesNameTheParameter) {
+  auto error = [](Params params) {
+    return InferError(Unary("Convolution", params), {{"data", Shape{1, 4, 8, 8}}});
+  };
+  EXPECT_THAT(error({{"kernel", "(3,3)"}, {"num_filter", 4}, {"stride", "(0,1)"}}),
+              HasSubstr("stride=(0,1)"));
+  EXPECT_THAT(error({{"kernel", "(3,3)"}, {"num_filter", 6}, {"num_group", 4}}),
+              HasSubstr("num_group=4"));
+  EXPECT_THAT(error({{"kernel", "(3,3)"}, {"num_filter", 4}, {"pad", "(1,1,1)"}}),
+              HasSubstr("pad=(1,1,1)"));
+  try {
+    Unary("Convolution", {{"kernel", "(3,3)"}});
+    ADD_FAILURE() << "num_filter is required";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("Convolution: required parameter 'num_filter'"));
+  }
+  try {
+    Unary("Convolution", {{"kernel", "(3,3)"}, {"num_filter", 2}, {"layout", "NHWC"}});
+    ADD_FAILURE() << "only NCHW is supported";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("layout"));
+  }
+}
+
+// ---- Pooling.
+
+TEST(PoolingShapes, ValidRoundsDownAndFullRoundsUp) {
+  Params p = {{"kernel", "(3,3)"}, {"stride", "(2,2)"}};
+  EXPECT_EQ(Infer(Unary("Pooling", p), {{"data", Shape{1, 2, 8, 9}}}).outputs[0],
+            (Shape{1, 2, 3, 4}));
+  p.push_back({"pooling_convention", "full"});
+  EXPECT_EQ(Infer(Unary("Pooling", p), {{"data", Shape{1, 2, 8, 9}}}).outputs[0],
+            (Shape{1, 2, 4, 4}));
+}
+
+TEST(PoolingShapes, GlobalPoolIgnoresTheKernel) {
+  Symbol s = Unary("Pooling", {{"global_pool", true}, {"pool_type", "avg"}});
+  EXPECT_EQ(Infer(s, {{"data", Shape{2, 3, 7, 5}}}).outputs[0], (Shape{2, 3, 1, 1}));
+  EXPECT_EQ(Infer(s, {{"data", Shape{0, 3, 0, 0}}}).outputs[0], (Shape{0, 3, 1, 1}));
+}
+
+TEST(PoolingShapes, KernelLargerThanThePaddedInputNamesTheShapes) {
+  std::string e =
+      InferError(Unary("Pooling", {{"kernel", "(4,4)"}}), {{"data", Shape{1, 1, 3, 9}}});
+  EXPECT_THAT(e, HasSubstr("(4,4)"));
+  EXPECT_THAT(e, HasSubstr("(1,1,3,9)"));
+}
+
+TEST(PoolingParams, KernelIsNeededWithoutGlobalPool) {
+  std::string e = InferError(Unary("Pooling", {}), {{"data", Shape{1, 1, 3, 3}}});
+  EXPECT_THAT(e, HasSubstr("kernel"));
+  try {
+    Unary("Pooling", {{"kernel", "(2,2)"}, {"pool_type", "median"}});
+    ADD_FAILURE() << "median is not a pool type";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("pool_type"));
+  }
+}
+
+// Runs max pooling forward and backward (head gradient of ones) on `data`.
+std::vector<float> MaxPoolGradient(const std::vector<float>& data, Shape shape, Params params) {
+  Symbol s = Op("Pooling", {Variable("data")}, params, "pool");
+  NDArray grad = Zeros(shape);
+  auto exec = Executor::Bind(s, cpu(), {{"data", FromVector(data, shape)}}, {{"data", grad}});
+  EXPECT_TRUE(exec.ok()) << exec.status();
+  if (!exec.ok()) return {};
+  (*exec)->Forward(true);
+  (*exec)->Backward({Ones((*exec)->outputs()[0].shape())});
+  return grad.ToVector();
+}
+
+TEST(PoolingGradient, MaxGoesToTheFirstOfEqualMaxima) {
+  // One 3x3 window: the maximum 5 appears at (0,2), (1,0) and (2,1); the
+  // first in row-major order is (0,2).
+  std::vector<float> g = MaxPoolGradient({1, 2, 5,  //
+                                          5, 0, 3,  //
+                                          4, 5, 1},
+                                         Shape{1, 1, 3, 3}, {{"kernel", "(3,3)"}});
+  EXPECT_THAT(g, ElementsAre(0, 0, 1, 0, 0, 0, 0, 0, 0));
+  // Equal maxima in one row of the window, and a constant image.
+  g = MaxPoolGradient({0, 7, 7, 0}, Shape{1, 1, 2, 2}, {{"kernel", "(2,2)"}});
+  EXPECT_THAT(g, ElementsAre(0, 1, 0, 0));
+  g = MaxPoolGradient(std::vector<float>(16, 0.0f), Shape{1, 1, 4, 4},
+                      {{"kernel", "(2,2)"}, {"stride", "(2,2)"}});
+  EXPECT_THAT(g, ElementsAre(1, 0, 1, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0));
+}
+
+TEST(PoolingGradient, OverlappingWindowsAccumulate) {
+  // 3 windows of width 2 over 4 columns; the maximum 9 wins the first two.
+  std::vector<float> g = MaxPoolGradient({1, 9, 2, 3}, Shape{1, 1, 1, 4}, {{"kernel", "(1,2)"}});
+  EXPECT_THAT(g, ElementsAre(0, 2, 0, 1));
+}
+
+// ---- Flatten and Reshape.
+
+TEST(FlattenShapes, KeepsTheBatchAndMultipliesTheRest) {
+  EXPECT_EQ(Infer(Unary("Flatten", {}), {{"data", Shape{2, 3, 4, 5}}}).outputs[0],
+            (Shape{2, 60}));
+  EXPECT_EQ(Infer(Unary("Flatten", {}), {{"data", Shape{0, 3, 4}}}).outputs[0], (Shape{0, 12}));
+  EXPECT_EQ(Infer(Unary("Flatten", {}), {{"data", Shape{5}}}).outputs[0], (Shape{5, 1}));
+}
+
+Shape ReshapeOf(Shape data, const std::string& shape, bool reverse = false) {
+  Symbol s = Unary("Reshape", {{"shape", shape}, {"reverse", reverse}});
+  Symbol::Shapes shapes = Infer(s, {{"data", data}});
+  return shapes.outputs.empty() ? Shape() : shapes.outputs[0];
+}
+
+TEST(ReshapeShapes, SpecialValuesAsMXNetDocumentsThem) {
+  // The examples of MXNet's Reshape documentation.
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(4,0,2)"), (Shape{4, 3, 2}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(2,0,0)"), (Shape{2, 3, 4}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(6,1,-1)"), (Shape{6, 1, 4}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(3,-1,8)"), (Shape{3, 1, 8}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(-1,)"), (Shape{24}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(-2,)"), (Shape{2, 3, 4}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(2,-2)"), (Shape{2, 3, 4}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(-2,1,1)"), (Shape{2, 3, 4, 1, 1}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(-3,4)"), (Shape{6, 4}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4, 5}, "(-3,-3)"), (Shape{6, 20}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(0,-3)"), (Shape{2, 12}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(-3,-2)"), (Shape{6, 4}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(-4,1,2,-2)"), (Shape{1, 2, 3, 4}));
+  EXPECT_EQ(ReshapeOf({2, 3, 4}, "(2,-4,-1,3,-2)"), (Shape{2, 1, 3, 4}));
+  EXPECT_EQ(ReshapeOf({10, 5, 4}, "(-1,0)"), (Shape{40, 5}));
+  EXPECT_EQ(ReshapeOf({10, 5, 4}, "(-1,0)", true), (Shape{50, 4}));
+}
+
+TEST(ReshapeShapes, PartialKnowledgeInBothDirections) {
+  // An unknown batch taken by the -1 leaves it unknown; one copied by 0
+  // lets the -1 be inferred.
+  EXPECT_EQ(ReshapeOf({0, 784}, "(-1,1,28,28)"), (Shape{0, 1, 28, 28}));
+  EXPECT_EQ(ReshapeOf({0, 1, 28, 28}, "(0,-1)"), (Shape{0, 784}));
+  EXPECT_EQ(ReshapeOf({0, 3, 4}, "(-1,-2)"), (Shape{0, 3, 4}));
+  EXPECT_EQ(ReshapeOf({0, 6, 2}, "(0,-1,3)"), (Shape{0, 4, 3}));
+  EXPECT_EQ(ReshapeOf({0, 3, 4}, "(-3,-1)"), (Shape{0, 0}));
+  // A known output fills the single unknown input dimension.
+  Symbol s = Unary("Reshape", {{"shape", "(-1,784)"}});
+  s = Op("FullyConnected", {s}, {{"num_hidden", 10}}, "fc");
+  Symbol::Shapes shapes = Infer(s, {{"data", Shape{0, 28, 28}}, {"fc_weight", Shape{10, 784}}});
+  EXPECT_EQ(shapes.arguments[0], (Shape{0, 28, 28}));  // the batch is still unknown
+  Symbol r = Unary("Reshape", {{"shape", "(32,784)"}});
+  EXPECT_EQ(Infer(r, {{"data", Shape{0, 28, 28}}}).arguments[0], (Shape{32, 28, 28}));
+}
+
+TEST(ReshapeShapes, ErrorsNameTheShapes) {
+  std::string e = InferError(Unary("Reshape", {{"shape", "(5,-1)"}}), {{"data", Shape{2, 3, 4}}});
+  EXPECT_THAT(e, HasSubstr("(2,3,4)"));
+  EXPECT_THAT(e, HasSubstr("shape=(5,-1)"));
+  e = InferError(Unary("Reshape", {{"shape", "(5,5)"}}), {{"data", Shape{2, 3, 4}}});
+  EXPECT_THAT(e, HasSubstr("24 elements"));
+  EXPECT_THAT(e, HasSubstr("25 elements"));
+  EXPECT_THAT(InferError(Unary("Reshape", {{"shape", "(-1,-1)"}}), {{"data", Shape{2, 3}}}),
+              HasSubstr("more than one -1"));
+  EXPECT_THAT(InferError(Unary("Reshape", {{"shape", "(-4,5,-1)"}}), {{"data", Shape{6}}}),
+              HasSubstr("-4 cannot split dimension 6"));
+  EXPECT_THAT(InferError(Unary("Reshape", {{"shape", "(0,0,0)"}}), {{"data", Shape{2, 3}}}),
+              HasSubstr("more dimensions than input data of shape (2,3)"));
+  EXPECT_THAT(InferError(Unary("Reshape", {{"shape", "(-5,)"}}), {{"data", Shape{2, 3}}}),
+              HasSubstr("-5 is not a dimension"));
+  EXPECT_THAT(InferError(Unary("Reshape", {{"target_shape", "(6,)"}}), {{"data", Shape{2, 3}}}),
+              HasSubstr("target_shape"));
+}
+
+// ---- Concat.
+
+Symbol Concat2(Params params) {
+  return Op("Concat", {Variable("a"), Variable("b")}, params, "cat");
+}
+
+TEST(ConcatShapes, SumsTheAxis) {
+  Symbol::Shapes shapes = Infer(Concat2({{"num_args", 2}}),
+                                {{"a", Shape{2, 3, 4}}, {"b", Shape{2, 5, 4}}});
+  EXPECT_EQ(shapes.outputs[0], (Shape{2, 8, 4}));
+  shapes = Infer(Concat2({{"num_args", 2}, {"dim", -1}}), {{"a", Shape{2, 3}}, {"b", Shape{2, 1}}});
+  EXPECT_EQ(shapes.outputs[0], (Shape{2, 4}));
+}
+
+TEST(ConcatShapes, CompletesInputsFromEachOtherAndTheOutput) {
+  // b's other dimensions come from a; its axis from the output.
+  Symbol s = Op("Reshape", {Concat2({{"num_args", 2}})}, {{"shape", "(2,20)"}}, "r");
+  Symbol::Shapes shapes = Infer(s, {{"a", Shape{2, 3, 4}}, {"b", Shape{0, 0, 0}}});
+  EXPECT_EQ(shapes.arguments[1], (Shape{2, 2, 4}));
+  // Unknown axis on one input: the output's axis stays unknown.
+  shapes = Infer(Concat2({{"num_args", 2}}), {{"a", Shape{2, 3, 4}}, {"b", Shape{2, 0, 4}}});
+  EXPECT_EQ(shapes.outputs[0], (Shape{2, 0, 4}));
+}
+
+TEST(ConcatShapes, MismatchesNameTheInputs) {
+  std::string e =
+      InferError(Concat2({{"num_args", 2}}), {{"a", Shape{2, 3, 4}}, {"b", Shape{3, 3, 4}}});
+  EXPECT_THAT(e, HasSubstr("input arg1"));
+  EXPECT_THAT(e, HasSubstr("(3,3,4)"));
+  e = InferError(Concat2({{"num_args", 2}}), {{"a", Shape{2, 3, 4}}, {"b", Shape{2, 3}}});
+  EXPECT_THAT(e, HasSubstr("(2,3)"));
+  EXPECT_THAT(e, HasSubstr("number of dimensions"));
+  e = InferError(Concat2({{"num_args", 2}, {"dim", 3}}), {{"a", Shape{2, 3}}, {"b", Shape{2, 3}}});
+  EXPECT_THAT(e, HasSubstr("dim=3"));
+}
+
+// ---- transpose.
+
+TEST(TransposeShapes, PermutesAndReversesByDefault) {
+  EXPECT_EQ(Infer(Unary("transpose", {}), {{"data", Shape{2, 3, 4}}}).outputs[0],
+            (Shape{4, 3, 2}));
+  EXPECT_EQ(Infer(Unary("transpose", {{"axes", "(0,2,3,1)"}}), {{"data", Shape{2, 3, 4, 5}}})
+                .outputs[0],
+            (Shape{2, 4, 5, 3}));
+  EXPECT_EQ(Infer(Unary("transpose", {{"axes", "(1,0)"}}), {{"data", Shape{0, 7}}}).outputs[0],
+            (Shape{7, 0}));
+}
+
+TEST(TransposeShapes, AxesMustBeAPermutation) {
+  EXPECT_THAT(InferError(Unary("transpose", {{"axes", "(0,0,1)"}}), {{"data", Shape{2, 3, 4}}}),
+              HasSubstr("not a permutation"));
+  EXPECT_THAT(InferError(Unary("transpose", {{"axes", "(1,0)"}}), {{"data", Shape{2, 3, 4}}}),
+              HasSubstr("axes=(1,0)"));
+}
+
+}  // namespace
+}  // namespace mx
