@@ -34,6 +34,8 @@ struct Executor::Plan {
     std::vector<TBlob> in_blobs, out_blobs, aux_blobs, in_grad_blobs,
         out_grad_blobs;
     std::vector<VarHandle> fwd_reads, fwd_writes, bwd_reads, bwd_writes;
+    // Engine operation names ("fc1", "fc1_backward"), for traces.
+    std::string fwd_name, bwd_name;
   };
   std::vector<Shape> entry_shapes;
   std::vector<NDArray> entries;  // by data entry id
@@ -353,6 +355,8 @@ absl::Status Executor::Init(const Symbol& symbol, Context ctx,
     if (n->is_variable()) continue;
     Plan::NodeRun run;
     run.node = n;
+    run.fwd_name = n->name;
+    run.bwd_name = n->name + "_backward";
     for (int i = 0; i < static_cast<int>(n->inputs.size()); ++i) {
       (i < n->num_arguments() ? run.in : run.aux).push_back(entry_of(n->inputs[i]));
     }
@@ -551,7 +555,7 @@ void Executor::Forward(bool is_train) {
           r.node->op->forward(op_ctx, r.node->parsed, r.in_blobs, req, r.out_blobs,
                               r.aux_blobs);
         },
-        ctx_, run.fwd_reads, run.fwd_writes, 0, run.node->op->name.c_str(),
+        ctx_, run.fwd_reads, run.fwd_writes, 0, run.fwd_name.c_str(),
         Property(run));
     if (monitor_) {
       std::vector<std::string> names = run.node->output_names();
@@ -601,7 +605,7 @@ void Executor::Backward(const std::vector<NDArray>& head_grads) {
           r.node->op->backward(op_ctx, r.node->parsed, r.out_grad_blobs, r.in_blobs,
                                r.out_blobs, r.bwd_req, r.in_grad_blobs, r.aux_blobs);
         },
-        ctx_, run.bwd_reads, run.bwd_writes, 0, run.node->op->name.c_str(),
+        ctx_, run.bwd_reads, run.bwd_writes, 0, run.bwd_name.c_str(),
         Property(run));
   }
 }

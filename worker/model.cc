@@ -55,26 +55,85 @@ FeedForward::FeedForward(Symbol symbol, std::vector<Context> contexts)
 
 absl::StatusOr<std::vector<std::unique_ptr<Executor>>> FeedForward::BindAll(
     const DataIter& data, bool for_training) {
-  if (contexts_.size() != 1) {
-    return absl::UnimplementedError(absl::StrCat(
-        "training on ", contexts_.size(),
-        " contexts needs the local KVStore, which this build does not have yet; "
-        "use one context"));
+  const int devices = for_training ? static_cast<int>(contexts_.size()) : 1;
+  if (devices == 0) return absl::InvalidArgumentError("no context to run on");
+  const int batch = data.batch_size();
+  if (batch % devices != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "batch size ", batch, " does not split evenly over ", devices, " contexts"));
   }
   std::map<std::string, Shape> shapes;
   std::map<std::string, GradReq> reqs;
   for (const auto& descs : {data.ProvideData(), data.ProvideLabel()}) {
     for (const DataDesc& d : descs) {
-      shapes[d.name] = d.shape;
+      Shape s = d.shape;
+      s[0] = batch / devices;
+      shapes[d.name] = s;
       reqs[d.name] = GradReq::kNull;
     }
   }
   std::vector<std::unique_ptr<Executor>> execs;
-  MX_ASSIGN_OR_RETURN(
-      auto exec, Executor::SimpleBind(symbol_, contexts_[0], shapes,
-                                      for_training ? GradReq::kWrite : GradReq::kNull, reqs));
-  execs.push_back(std::move(exec));
+  for (int d = 0; d < devices; ++d) {
+    MX_ASSIGN_OR_RETURN(
+        auto exec, Executor::SimpleBind(symbol_, contexts_[d], shapes,
+                                        for_training ? GradReq::kWrite : GradReq::kNull, reqs));
+    execs.push_back(std::move(exec));
+  }
   return execs;
+}
+
+absl::Status FeedForward::SetUpUpdates(const Executor& exec, const FitOptions& options,
+                                       int batch_size, const std::vector<std::string>& params) {
+  Optimizer::Options opt_options = options.optimizer_options;
+  if (!opt_options.count("rescale_grad")) {
+    opt_options["rescale_grad"] = absl::StrCat(1.0 / batch_size);
+  }
+  MX_ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> optimizer,
+                      Optimizer::Create(options.optimizer, opt_options));
+  std::map<int, std::string> names;
+  for (size_t i = 0; i < params.size(); ++i) names[static_cast<int>(i)] = params[i];
+  optimizer->SetParamNames(names);
+  optimizer->SetLrMult(MultFromAttrs(symbol_, "__lr_mult__"));
+  optimizer->SetWdMult(MultFromAttrs(symbol_, "__wd_mult__"));
+  kvstore_.reset();
+  optimizer_.reset();
+  if (contexts_.size() == 1) {
+    optimizer_ = std::move(optimizer);
+    if (!options.optimizer_states_path.empty()) {
+      return optimizer_->LoadStatesFromFile(options.optimizer_states_path);
+    }
+    return absl::OkStatus();
+  }
+  MX_ASSIGN_OR_RETURN(kvstore_, KVStore::Create(options.kvstore));
+  MX_RETURN_IF_ERROR(kvstore_->SetOptimizer(std::move(optimizer)));
+  for (size_t i = 0; i < params.size(); ++i) {
+    MX_RETURN_IF_ERROR(kvstore_->Init(static_cast<int>(i), exec.arg_dict().at(params[i])));
+  }
+  if (!options.optimizer_states_path.empty()) {
+    return kvstore_->LoadOptimizerStates(options.optimizer_states_path);
+  }
+  return absl::OkStatus();
+}
+
+void FeedForward::Update(const std::vector<std::unique_ptr<Executor>>& execs,
+                         const std::vector<std::string>& params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (optimizer_ != nullptr) {
+      optimizer_->Update(static_cast<int>(i), execs[0]->arg_dict().at(params[i]),
+                         execs[0]->grad_dict().at(params[i]));
+      continue;
+    }
+    std::vector<NDArray> grads, weights;
+    for (const auto& e : execs) {
+      grads.push_back(e->grad_dict().at(params[i]));
+      weights.push_back(e->arg_dict().at(params[i]));
+    }
+    // Communication outranks computation, and the first layers (needed
+    // first by the next forward pass) outrank the last.
+    const int priority = static_cast<int>(params.size() - i);
+    ThrowIfError(kvstore_->Push(static_cast<int>(i), grads, priority));
+    ThrowIfError(kvstore_->Pull(static_cast<int>(i), weights, priority));
+  }
 }
 
 absl::Status FeedForward::InitParams(const Executor& exec, const FitOptions& options) {
@@ -114,37 +173,28 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
   MX_ASSIGN_OR_RETURN(auto execs, BindAll(*train, true));
   Executor& exec = *execs[0];
   MX_RETURN_IF_ERROR(InitParams(exec, options));
-
-  Optimizer::Options opt_options = options.optimizer_options;
-  if (!opt_options.count("rescale_grad")) {
-    opt_options["rescale_grad"] = absl::StrCat(1.0 / train->batch_size());
-  }
-  MX_ASSIGN_OR_RETURN(optimizer_, Optimizer::Create(options.optimizer, opt_options));
   // Parameters in a fixed order: their index is their key.
   std::vector<std::string> params;
   for (const std::string& name : symbol_.ListArguments()) {
     if (exec.grad_dict().count(name)) params.push_back(name);
   }
-  std::map<int, std::string> names;
-  for (size_t i = 0; i < params.size(); ++i) names[static_cast<int>(i)] = params[i];
-  optimizer_->SetParamNames(names);
-  optimizer_->SetLrMult(MultFromAttrs(symbol_, "__lr_mult__"));
-  optimizer_->SetWdMult(MultFromAttrs(symbol_, "__wd_mult__"));
-  if (!options.optimizer_states_path.empty()) {
-    MX_RETURN_IF_ERROR(optimizer_->LoadStatesFromFile(options.optimizer_states_path));
-  }
+  MX_RETURN_IF_ERROR(Catch([&] {
+    for (size_t d = 1; d < execs.size(); ++d) {
+      for (const auto& [name, a] : exec.arg_dict()) {
+        NDArray dst = execs[d]->arg_dict().at(name);
+        dst.Assign(a);
+      }
+      for (const auto& [name, a] : exec.aux_dict()) {
+        NDArray dst = execs[d]->aux_dict().at(name);
+        dst.Assign(a);
+      }
+    }
+    return absl::OkStatus();
+  }));
+  MX_RETURN_IF_ERROR(SetUpUpdates(exec, options, train->batch_size(), params));
 
   MX_ASSIGN_OR_RETURN(auto metric, CreateMetric(options.eval_metric));
-  std::unique_ptr<Executor> eval_exec;
-  if (eval != nullptr) {
-    std::map<std::string, NDArray> args = exec.arg_dict();
-    for (const auto& descs : {eval->ProvideData(), eval->ProvideLabel()}) {
-      for (const DataDesc& d : descs) args[d.name] = Zeros(d.shape, contexts_[0]);
-    }
-    MX_ASSIGN_OR_RETURN(eval_exec, Executor::Bind(symbol_, contexts_[0], args, {}, {},
-                                                  exec.aux_dict()));
-  }
-
+  const int64_t share = train->batch_size() / static_cast<int64_t>(execs.size());
   for (int epoch = options.begin_epoch; epoch < options.num_epoch; ++epoch) {
     metric->Reset();
     const double start = Now();
@@ -154,26 +204,31 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
     DataBatch batch;
     absl::Status st = Catch([&]() -> absl::Status {
       while (train->Next(&batch)) {
-        MX_RETURN_IF_ERROR(Catch([&] {
+        const int64_t valid = train->batch_size() - batch.pad;
+        for (size_t d = 0; d < execs.size(); ++d) {
+          Executor& e = *execs[d];
+          const int64_t begin = d * share;
           for (size_t i = 0; i < batch.data.size(); ++i) {
-            NDArray dst = exec.arg_dict().at(train->ProvideData()[i].name);
-            dst.Assign(batch.data[i]);
+            NDArray dst = e.arg_dict().at(train->ProvideData()[i].name);
+            dst.Assign(batch.data[i].Slice(begin, begin + share));
           }
           for (size_t i = 0; i < batch.label.size(); ++i) {
-            NDArray dst = exec.arg_dict().at(train->ProvideLabel()[i].name);
-            dst.Assign(batch.label[i]);
+            NDArray dst = e.arg_dict().at(train->ProvideLabel()[i].name);
+            dst.Assign(batch.label[i].Slice(begin, begin + share));
           }
-          return absl::OkStatus();
-        }));
-        exec.Forward(true);
-        exec.Backward();
-        for (size_t i = 0; i < params.size(); ++i) {
-          optimizer_->Update(static_cast<int>(i), exec.arg_dict().at(params[i]),
-                             exec.grad_dict().at(params[i]));
+          e.Forward(true);
+          e.Backward();
         }
-        metric->Update(batch.label, exec.outputs(), batch.pad);
+        Update(execs, params);
+        for (size_t d = 0; d < execs.size(); ++d) {
+          const int64_t begin = d * share;
+          std::vector<NDArray> labels;
+          for (const NDArray& l : batch.label) labels.push_back(l.Slice(begin, begin + share));
+          const int pad = static_cast<int>(std::clamp<int64_t>(begin + share - valid, 0, share));
+          metric->Update(labels, execs[d]->outputs(), pad);
+        }
         ++nbatch;
-        samples += train->batch_size() - batch.pad;
+        samples += valid;
         BatchEndParam p{epoch, nbatch, train->batch_size(), metric.get()};
         for (const auto& cb : options.batch_end_callbacks) cb(p);
       }
@@ -189,8 +244,7 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
     end.samples_per_second = samples / std::max(end.seconds, 1e-9);
     end.train_metrics = metric->Get();
     end.model = this;
-    end.optimizer = optimizer_.get();
-    if (eval_exec != nullptr) {
+    if (eval != nullptr) {
       MX_ASSIGN_OR_RETURN(auto eval_metric, CreateMetric(options.eval_metric));
       MX_RETURN_IF_ERROR(ForEachBatch(eval, [&](const DataBatch& b, Executor& e) {
         eval_metric->Update(b.label, e.outputs(), b.pad);
@@ -281,6 +335,8 @@ absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) c
   MX_RETURN_IF_ERROR(mx::SaveCheckpoint(prefix, epoch, symbol_, arg_params_, aux_params_));
   if (optimizer_ != nullptr) {
     MX_RETURN_IF_ERROR(optimizer_->SaveStatesToFile(CheckpointStatesPath(prefix, epoch)));
+  } else if (kvstore_ != nullptr) {
+    MX_RETURN_IF_ERROR(kvstore_->SaveOptimizerStates(CheckpointStatesPath(prefix, epoch)));
   }
   return absl::OkStatus();
 }

@@ -26,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "graph/executor.h"
 #include "graph/symbol.h"
+#include "kvstore/kvstore.h"
 #include "kvstore/optimizer.h"
 #include "ndarray/ndarray.h"
 #include "worker/io.h"
@@ -54,7 +55,7 @@ struct EpochEndParam {
   double seconds = 0;            // training time of the epoch
   double samples_per_second = 0;
   FeedForward* model = nullptr;
-  const Optimizer* optimizer = nullptr;
+
 };
 // Returning false stops training after this epoch (early stopping).
 using EpochEndCallback = std::function<bool(const EpochEndParam&)>;
@@ -71,6 +72,9 @@ struct FitOptions {
   std::string initializer = "uniform";
   std::map<std::string, std::string> initializer_options;
   std::string eval_metric = "accuracy";
+  // The KVStore that sums gradients and applies the optimizer when training
+  // on several contexts (one context updates in place, without a store).
+  std::string kvstore = "local";
   std::vector<BatchEndCallback> batch_end_callbacks;
   std::vector<EpochEndCallback> epoch_end_callbacks;
 };
@@ -93,7 +97,6 @@ class FeedForward {
   const Symbol& symbol() const { return symbol_; }
   std::map<std::string, NDArray>& arg_params() { return arg_params_; }
   std::map<std::string, NDArray>& aux_params() { return aux_params_; }
-  const Optimizer* optimizer() const { return optimizer_.get(); }
 
   // Writes symbol, parameters and (after Fit) the optimizer state for
   // `epoch` under `prefix` (see worker/checkpoint.h).
@@ -103,9 +106,14 @@ class FeedForward {
       const std::string& prefix, int epoch, std::vector<Context> contexts = {cpu()});
 
  private:
-  struct Device;  // an executor on one context
+  // One training executor per context, each taking an equal share of the
+  // batch; or, for inference, one executor on the first context.
   absl::StatusOr<std::vector<std::unique_ptr<Executor>>> BindAll(
       const DataIter& data, bool for_training);
+  absl::Status SetUpUpdates(const Executor& exec, const FitOptions& options, int batch_size,
+                            const std::vector<std::string>& params);
+  void Update(const std::vector<std::unique_ptr<Executor>>& execs,
+              const std::vector<std::string>& params);
   absl::Status InitParams(const Executor& exec, const FitOptions& options);
   absl::Status ForEachBatch(DataIter* data,
                             const std::function<absl::Status(const DataBatch&, Executor&)>& fn);
@@ -113,7 +121,10 @@ class FeedForward {
   Symbol symbol_;
   std::vector<Context> contexts_;
   std::map<std::string, NDArray> arg_params_, aux_params_;
+  // Exactly one of the two applies updates: the optimizer for one context,
+  // the KVStore (which owns the optimizer then) for several.
   std::unique_ptr<Optimizer> optimizer_;
+  std::unique_ptr<KVStore> kvstore_;
 };
 
 // Callbacks in the manner of MXNet's mx.callback.

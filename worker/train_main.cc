@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,8 @@ ABSL_FLAG(double, wd, 0.0, "weight decay");
 ABSL_FLAG(std::string, optimizer_options, "",
           "more optimizer options as key=value,key=value (e.g. beta1=0.9)");
 ABSL_FLAG(std::string, initializer, "xavier", "uniform, normal, xavier or constant");
+ABSL_FLAG(std::string, initializer_options, "",
+          "initializer options as key=value,... (e.g. rnd_type=gaussian,magnitude=2)");
 ABSL_FLAG(int, epochs, 10, "number of epochs to train (in total, counting resumed ones)");
 ABSL_FLAG(int, batch_size, 100, "samples per batch");
 ABSL_FLAG(std::string, contexts, "cpu(0)", "comma-separated contexts, e.g. cpu(0)");
@@ -80,6 +83,20 @@ absl::StatusOr<std::vector<Context>> ParseContexts(const std::string& text) {
   return out;
 }
 
+// Parses "key=value,key=value" for the flag called `flag`.
+absl::StatusOr<std::map<std::string, std::string>> KeyValues(const std::string& flag,
+                                                             const std::string& text) {
+  std::map<std::string, std::string> out;
+  for (absl::string_view kv : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    std::pair<std::string, std::string> p = absl::StrSplit(kv, absl::MaxSplits('=', 1));
+    if (p.first.empty() || p.second.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": '", kv, "' is not key=value"));
+    }
+    out[p.first] = p.second;
+  }
+  return out;
+}
+
 absl::StatusOr<Optimizer::Options> OptimizerOptions() {
   Optimizer::Options opts = {{"learning_rate", absl::StrCat(absl::GetFlag(FLAGS_lr))},
                              {"wd", absl::StrCat(absl::GetFlag(FLAGS_wd))}};
@@ -87,15 +104,9 @@ absl::StatusOr<Optimizer::Options> OptimizerOptions() {
   if (name == "sgd" || name == "nag") {
     opts["momentum"] = absl::StrCat(absl::GetFlag(FLAGS_momentum));
   }
-  for (absl::string_view kv : absl::StrSplit(absl::GetFlag(FLAGS_optimizer_options), ',',
-                                             absl::SkipWhitespace())) {
-    std::pair<std::string, std::string> p = absl::StrSplit(kv, absl::MaxSplits('=', 1));
-    if (p.first.empty() || p.second.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--optimizer_options: '", kv, "' is not key=value"));
-    }
-    opts[p.first] = p.second;
-  }
+  MX_ASSIGN_OR_RETURN(auto extra,
+                      KeyValues("optimizer_options", absl::GetFlag(FLAGS_optimizer_options)));
+  for (auto& [k, v] : extra) opts[k] = v;
   return opts;
 }
 
@@ -167,6 +178,9 @@ absl::Status Run() {
   MX_ASSIGN_OR_RETURN(fit.optimizer_options, OptimizerOptions());
   if (resume > 0) fit.optimizer_states_path = CheckpointStatesPath(prefix, resume);
   fit.initializer = absl::GetFlag(FLAGS_initializer);
+  MX_ASSIGN_OR_RETURN(fit.initializer_options,
+                      KeyValues("initializer_options", absl::GetFlag(FLAGS_initializer_options)));
+
   fit.batch_end_callbacks.push_back(Speedometer(train->batch_size(), 100));
   if (train->num_samples() > 0) {
     fit.batch_end_callbacks.push_back(ProgressBar(train->num_samples() / train->batch_size()));

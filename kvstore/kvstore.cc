@@ -1,0 +1,63 @@
+#include "kvstore/kvstore.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "kvstore/kvstore_internal.h"
+
+namespace mx {
+
+int StringKey(const std::string& name) {
+  uint32_t h = 2166136261u;
+  for (char c : name) h = (h ^ static_cast<uint8_t>(c)) * 16777619u;
+  return static_cast<int>((h & 0x3FFFFFFFu) | 0x40000000u);
+}
+
+Key::Key(const char* name) : Key(std::string(name)) {}
+
+Key::Key(const std::string& name) : id_(StringKey(name)), name_(name) {}
+
+std::string Key::label() const {
+  return name_.empty() ? std::to_string(id_) : absl::StrCat("'", name_, "' (key ", id_, ")");
+}
+
+absl::Status KVStore::Init(const std::vector<Key>& keys, const std::vector<NDArray>& values) {
+  if (keys.size() != values.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("init: ", keys.size(), " keys but ",
+                                                   values.size(), " values"));
+  }
+  for (size_t i = 0; i < keys.size(); ++i) MX_RETURN_IF_ERROR(Init(keys[i], values[i]));
+  return absl::OkStatus();
+}
+
+absl::Status KVStore::PushPull(Key key, const std::vector<NDArray>& values,
+                               const std::vector<NDArray>& outs, int priority) {
+  MX_RETURN_IF_ERROR(Push(key, values, priority));
+  return Pull(key, outs, priority);
+}
+
+absl::Status KVStore::Broadcast(Key key, const NDArray& value, const std::vector<NDArray>& outs,
+                                int priority) {
+  MX_RETURN_IF_ERROR(Init(key, value));
+  return Pull(key, outs, priority);
+}
+
+absl::StatusOr<std::unique_ptr<KVStore>> KVStore::Create(const std::string& type) {
+  if (type == "local") return internal::NewLocalKVStore(type);
+  if (type == "device" || type == "nccl") {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "kvstore type '", type, "' reduces on GPUs: ",
+        BuiltWithCuda() ? "this machine has no usable GPU"
+                        : "this build of mx has no GPU support",
+        " (use 'local')"));
+  }
+  if (type == "dist_sync" || type == "dist_async" || type == "dist_device_sync") {
+    return absl::UnimplementedError(absl::StrCat(
+        "kvstore type '", type, "' needs the parameter-server client, which this build "
+        "does not include yet"));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown kvstore type '", type,
+      "' (types: local, device, nccl, dist_sync, dist_async, dist_device_sync)"));
+}
+
+}  // namespace mx

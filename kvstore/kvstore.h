@@ -1,0 +1,114 @@
+// KVStore: where workers push and pull integer-keyed NDArrays.
+//
+//   auto kv = mx::KVStore::Create("local");
+//   (*kv)->Init(3, mx::Ones({2, 3}) * 2);
+//   mx::NDArray a = mx::Empty({2, 3});
+//   (*kv)->Pull(3, &a);                   // a holds 2.0 everywhere
+//
+// Push sums the values given for a key (one per device) and, when an
+// optimizer or updater is set, applies it to the stored value with the sum
+// as the gradient; without one the stored value becomes the sum. Pull
+// copies the stored value into one or more arrays on any contexts.
+//
+// Push, Pull, PushPull and Broadcast are engine operations: they check their
+// arguments at once (an error Status names the key and the shapes) and
+// return before the data moves. The engine orders them after the
+// operations that write what they read, so a gradient's push waits only for
+// the backward operation that produces it, and `priority` lets the first
+// layers' parameters go first.
+//
+// Types: "local" (reduce on the CPU), "device" and "nccl" (reduce on GPUs;
+// builds with CUDA only), "dist_sync", "dist_async", "dist_device_sync"
+// (parameter servers). A type this binary cannot provide is an error from
+// Create, never a crash or a guess.
+//
+// A KVStore is used from one thread (the training loop).
+#ifndef MX_KVSTORE_KVSTORE_H_
+#define MX_KVSTORE_KVSTORE_H_
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvstore/optimizer.h"
+#include "ndarray/ndarray.h"
+
+namespace mx {
+
+// A key: an integer, or a string mapped to an integer by a fixed hash so
+// that every worker maps it alike (kvstore.h's StringKey).
+class Key {
+ public:
+  Key(int id) : id_(id) {}  // NOLINT: implicit by design
+  Key(const char* name);     // NOLINT
+  Key(const std::string& name);  // NOLINT
+  int id() const { return id_; }
+  // The key as written in messages: "3" or "'fc1_weight' (key 123456)".
+  std::string label() const;
+
+ private:
+  int id_;
+  std::string name_;  // empty for integer keys
+};
+
+// The integer a string key maps to: FNV-1a folded into [2^30, 2^31), a
+// range integer keys of real models do not reach.
+int StringKey(const std::string& name);
+
+class KVStore {
+ public:
+  // Called by Push with the summed values and the stored value to update.
+  // It runs on the pushing thread and must express its work as NDArray
+  // operations (which the engine orders).
+  using Updater = std::function<void(int key, const NDArray& merged, NDArray* stored)>;
+
+  static absl::StatusOr<std::unique_ptr<KVStore>> Create(const std::string& type);
+  virtual ~KVStore() = default;
+
+  const std::string& type() const { return type_; }
+
+  // Stores a copy of value under key. A key initialized twice with the same
+  // shape keeps its first value; with another shape it is an error.
+  virtual absl::Status Init(Key key, const NDArray& value) = 0;
+  absl::Status Init(const std::vector<Key>& keys, const std::vector<NDArray>& values);
+
+  virtual absl::Status Push(Key key, const std::vector<NDArray>& values, int priority = 0) = 0;
+  absl::Status Push(Key key, const NDArray& value, int priority = 0) {
+    return Push(key, std::vector<NDArray>{value}, priority);
+  }
+  virtual absl::Status Pull(Key key, const std::vector<NDArray>& outs, int priority = 0) = 0;
+  absl::Status Pull(Key key, NDArray* out, int priority = 0) {
+    return Pull(key, std::vector<NDArray>{*out}, priority);
+  }
+  // Push then Pull.
+  absl::Status PushPull(Key key, const std::vector<NDArray>& values,
+                        const std::vector<NDArray>& outs, int priority = 0);
+  // Init (if needed) with value, then Pull into outs.
+  absl::Status Broadcast(Key key, const NDArray& value, const std::vector<NDArray>& outs,
+                         int priority = 0);
+
+  virtual void SetUpdater(Updater updater) = 0;
+  // The store applies optimizer->Update(key, stored, merged) on Push.
+  virtual absl::Status SetOptimizer(std::unique_ptr<Optimizer> optimizer) = 0;
+  virtual absl::Status SaveOptimizerStates(const std::string& path) const = 0;
+  virtual absl::Status LoadOptimizerStates(const std::string& path) = 0;
+
+  virtual int rank() const { return 0; }
+  virtual int num_workers() const { return 1; }
+  // Blocks until every worker has reached the barrier (a no-op locally
+  // beyond waiting for this store's pending operations).
+  virtual absl::Status Barrier() = 0;
+
+ protected:
+  explicit KVStore(std::string type) : type_(std::move(type)) {}
+
+ private:
+  std::string type_;
+};
+
+}  // namespace mx
+
+#endif  // MX_KVSTORE_KVSTORE_H_

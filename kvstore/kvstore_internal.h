@@ -1,0 +1,39 @@
+// Internal helpers shared by the KVStore implementations.
+#ifndef MX_KVSTORE_KVSTORE_INTERNAL_H_
+#define MX_KVSTORE_KVSTORE_INTERNAL_H_
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kvstore/kvstore.h"
+
+namespace mx::internal {
+
+// Runs fn, turning an mx::Error it throws into a Status.
+template <typename F>
+absl::Status Guard(F&& fn) {
+  try {
+    fn();
+    return absl::OkStatus();
+  } catch (const Error& e) {
+    return e.status();
+  }
+}
+
+// Throws kUnimplemented unless a is in host memory.
+void RequireHostMemory(const NDArray& a, const char* what);
+
+// Pushes a copy from -> to with a priority (named for traces).
+void Copy(const NDArray& from, const NDArray& to, int priority, const char* name);
+
+// Checks that arrays is non-empty and every array has `shape`.
+absl::Status CheckArrays(const Key& key, const char* what, const char* role,
+                         const std::vector<NDArray>& arrays, const Shape& shape);
+
+std::unique_ptr<KVStore> NewLocalKVStore(const std::string& type);
+
+}  // namespace mx::internal
+
+#endif  // MX_KVSTORE_KVSTORE_INTERNAL_H_

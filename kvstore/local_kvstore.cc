@@ -1,0 +1,192 @@
+// The local KVStore: values live on the CPU; pushes of several device
+// copies are summed by one engine operation per key, so keys reduce in
+// parallel on the engine's workers.
+#include <algorithm>
+#include <cstring>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "kvstore/kvstore.h"
+#include "kvstore/kvstore_internal.h"
+
+namespace mx {
+namespace internal {
+
+namespace {
+
+// Sums values into out in blocks that stay in cache: one pass over out.
+void SumInto(const std::vector<const float*>& values, float* out, int64_t n) {
+  constexpr int64_t kBlock = 4096;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    float* o = out + start;
+    const float* v0 = values[0] + start;
+    std::copy(v0, v0 + len, o);
+    for (size_t k = 1; k < values.size(); ++k) {
+      const float* v = values[k] + start;
+      for (int64_t i = 0; i < len; ++i) o[i] += v[i];
+    }
+  }
+}
+
+class LocalKVStore : public KVStore {
+ public:
+  explicit LocalKVStore(std::string type) : KVStore(std::move(type)) {}
+
+  absl::Status Init(Key key, const NDArray& value) override {
+    if (value.is_none()) return absl::InvalidArgumentError(absl::StrCat("init of key ", key.label(), ": null array"));
+    auto it = store_.find(key.id());
+    if (it != store_.end()) {
+      if (it->second.stored.shape() != value.shape()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "init of key ", key.label(), ": already initialized with shape ",
+            it->second.stored.shape().ToString(), ", now ", value.shape().ToString()));
+      }
+      return absl::OkStatus();  // MXNet keeps the first value
+    }
+    return Guard([&] {
+      Entry& e = store_[key.id()];
+      e.stored = Empty(value.shape(), cpu());
+      e.stored.Assign(value);
+      e.push_name = absl::StrCat("kvstore_push:", key.label());
+      e.pull_name = absl::StrCat("kvstore_pull:", key.label());
+    });
+  }
+
+  absl::Status Push(Key key, const std::vector<NDArray>& values, int priority) override {
+    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "push"));
+    MX_RETURN_IF_ERROR(CheckArrays(key, "push", "value", values, e->stored.shape()));
+    return Guard([&] {
+      NDArray merged = Reduce(e, values, priority);
+      if (optimizer_ != nullptr) {
+        optimizer_->Update(key.id(), e->stored, merged);
+      } else if (updater_) {
+        updater_(key.id(), merged, &e->stored);
+      } else {
+        Copy(merged, e->stored, priority, e->push_name.c_str());
+      }
+    });
+  }
+
+  absl::Status Pull(Key key, const std::vector<NDArray>& outs, int priority) override {
+    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "pull"));
+    MX_RETURN_IF_ERROR(CheckArrays(key, "pull", "output", outs, e->stored.shape()));
+    return Guard([&] {
+      for (const NDArray& out : outs) Copy(e->stored, out, priority, e->pull_name.c_str());
+    });
+  }
+
+  void SetUpdater(Updater updater) override { updater_ = std::move(updater); }
+
+  absl::Status SetOptimizer(std::unique_ptr<Optimizer> optimizer) override {
+    optimizer_ = std::move(optimizer);
+    return absl::OkStatus();
+  }
+
+  absl::Status SaveOptimizerStates(const std::string& path) const override {
+    if (optimizer_ == nullptr) {
+      return absl::FailedPreconditionError("SaveOptimizerStates: no optimizer is set");
+    }
+    return optimizer_->SaveStatesToFile(path);
+  }
+
+  absl::Status LoadOptimizerStates(const std::string& path) override {
+    if (optimizer_ == nullptr) {
+      return absl::FailedPreconditionError("LoadOptimizerStates: set an optimizer first");
+    }
+    return optimizer_->LoadStatesFromFile(path);
+  }
+
+  absl::Status Barrier() override {
+    return Guard([&] {
+      for (auto& [key, e] : store_) e.stored.WaitToRead();
+    });
+  }
+
+ private:
+  struct Entry {
+    NDArray stored;
+    NDArray merged;  // the sum of a multi-device push, allocated once
+    std::string push_name, pull_name;  // engine operation names (stable)
+  };
+
+  absl::StatusOr<Entry*> Find(const Key& key, const char* what) {
+    auto it = store_.find(key.id());
+    if (it == store_.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " of key ", key.label(), ": the key was never initialized (call Init first)"));
+    }
+    return &it->second;
+  }
+
+  // The sum of values: the value itself for a single CPU push, else one
+  // engine operation summing every copy into the key's merge buffer.
+  NDArray Reduce(Entry* e, const std::vector<NDArray>& values, int priority) {
+    if (values.size() == 1 && values[0].context().is_cpu()) return values[0];
+    if (e->merged.is_none()) e->merged = Empty(e->stored.shape(), cpu());
+    std::vector<VarHandle> reads;
+    std::vector<const float*> ptrs;
+    for (const NDArray& v : values) {
+      RequireHostMemory(v, "push");
+      reads.push_back(v.var());
+      ptrs.push_back(v.data());
+    }
+    float* out = e->merged.data();
+    const int64_t n = e->merged.size();
+    Engine::Get()->PushSync([ptrs, out, n](RunContext) { SumInto(ptrs, out, n); }, cpu(),
+                            reads, {e->merged.var()}, priority, e->push_name.c_str());
+    return e->merged;
+  }
+
+  std::map<int, Entry> store_;
+  Updater updater_;
+  std::unique_ptr<Optimizer> optimizer_;
+};
+
+}  // namespace
+
+void RequireHostMemory(const NDArray& a, const char* what) {
+  if (!a.context().is_cpu()) {
+    throw Error(absl::UnimplementedError(absl::StrCat(
+        what, ": arrays on ", a.context().ToString(),
+        " need the device KVStore; the local store reduces host memory")));
+  }
+}
+
+void Copy(const NDArray& from, const NDArray& to, int priority, const char* name) {
+  if (from.SharesStorageWith(to) && from.data() == to.data()) return;
+  RequireHostMemory(from, name);
+  RequireHostMemory(to, name);
+  const float* src = from.data();
+  float* dst = to.data();
+  const size_t bytes = from.size() * sizeof(float);
+  Engine::Get()->PushSync([src, dst, bytes](RunContext) { std::memcpy(dst, src, bytes); },
+                          cpu(), {from.var()}, {to.var()}, priority, name);
+}
+
+absl::Status CheckArrays(const Key& key, const char* what, const char* role,
+                         const std::vector<NDArray>& arrays, const Shape& shape) {
+  if (arrays.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " of key ", key.label(), ": no arrays"));
+  }
+  for (size_t i = 0; i < arrays.size(); ++i) {
+    if (arrays[i].is_none()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " of key ", key.label(), ": ", role, " ", i, " is null"));
+    }
+    if (arrays[i].shape() != shape) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " of key ", key.label(), ": ", role, " ", i, " has shape ",
+          arrays[i].shape().ToString(), " but the key holds ", shape.ToString()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::unique_ptr<KVStore> NewLocalKVStore(const std::string& type) {
+  return std::make_unique<LocalKVStore>(type);
+}
+
+}  // namespace internal
+}  // namespace mx

@@ -1,0 +1,171 @@
+// The KVStore factory and the local store: the seed's example, sums of
+// device copies, updaters and optimizers, string keys, errors, and the
+// engine ordering of pushes.
+#include <chrono>
+#include <thread>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kvstore/kvstore.h"
+
+namespace mx {
+namespace {
+
+using ::testing::Each;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+std::unique_ptr<KVStore> Local() {
+  auto kv = KVStore::Create("local");
+  EXPECT_TRUE(kv.ok()) << kv.status();
+  return *std::move(kv);
+}
+
+TEST(KVStoreSeed, InitAndPull) {
+  auto kv = Local();
+  ASSERT_TRUE(kv->Init(3, Ones({2, 3}) * 2).ok());
+  NDArray a = Empty({2, 3});
+  ASSERT_TRUE(kv->Pull(3, &a).ok());
+  EXPECT_THAT(a.ToVector(), Each(2.0f));
+  EXPECT_EQ(kv->rank(), 0);
+  EXPECT_EQ(kv->num_workers(), 1);
+  EXPECT_EQ(kv->type(), "local");
+}
+
+TEST(KVStoreFactory, UnknownAndUnavailableTypesAreClearErrors) {
+  auto unknown = KVStore::Create("locall");
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(unknown.status().message(), HasSubstr("unknown kvstore type 'locall'"));
+  // No substring guessing: "dist" alone is not dist_sync.
+  EXPECT_EQ(KVStore::Create("dist").status().code(), absl::StatusCode::kInvalidArgument);
+  for (const char* gpu : {"device", "nccl"}) {
+    auto s = KVStore::Create(gpu);
+    ASSERT_FALSE(s.ok());
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(s.status().message(), HasSubstr(BuiltWithCuda() ? "no usable GPU" : "no GPU support"));
+  }
+}
+
+TEST(KVStoreLocal, PushSumsDeviceCopies) {
+  for (int devices : {1, 2, 4, 7}) {
+    auto kv = Local();
+    ASSERT_TRUE(kv->Init(0, Zeros({3})).ok());
+    std::vector<NDArray> grads;
+    for (int d = 0; d < devices; ++d) grads.push_back(FromVector({1.0f * d, 1, 2}, cpu(d)));
+    ASSERT_TRUE(kv->Push(0, grads).ok());
+    std::vector<NDArray> outs;
+    for (int d = 0; d < devices; ++d) outs.push_back(Empty({3}, cpu(d)));
+    ASSERT_TRUE(kv->Pull(0, outs).ok());
+    float sum_d = devices * (devices - 1) / 2.0f;
+    for (const NDArray& o : outs) {
+      EXPECT_THAT(o.ToVector(), ElementsAre(sum_d, devices, 2 * devices)) << devices;
+    }
+  }
+}
+
+TEST(KVStoreLocal, UpdaterSeesTheSum) {
+  auto kv = Local();
+  ASSERT_TRUE(kv->Init(5, Ones({2})).ok());
+  std::vector<int> keys;
+  kv->SetUpdater([&](int key, const NDArray& merged, NDArray* stored) {
+    keys.push_back(key);
+    *stored += merged * 10.0f;
+  });
+  ASSERT_TRUE(kv->Push(5, {FromVector({1, 2}), FromVector({3, 4})}).ok());
+  NDArray out = Empty({2});
+  ASSERT_TRUE(kv->Pull(5, &out).ok());
+  EXPECT_THAT(out.ToVector(), ElementsAre(41, 61));
+  EXPECT_THAT(keys, ElementsAre(5));
+}
+
+TEST(KVStoreLocal, OptimizerUpdatesAndStatesRoundTrip) {
+  auto kv = Local();
+  auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
+  ASSERT_TRUE(sgd.ok());
+  ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+  ASSERT_TRUE(kv->Init(1, FromVector({1, 1})).ok());
+  ASSERT_TRUE(kv->Push(1, FromVector({1, -1})).ok());
+  NDArray w = Empty({2});
+  ASSERT_TRUE(kv->Pull(1, &w).ok());
+  EXPECT_THAT(w.ToVector(), ElementsAre(0.5f, 1.5f));
+  std::string path = ::testing::TempDir() + "/kv.states";
+  ASSERT_TRUE(kv->SaveOptimizerStates(path).ok());
+  ASSERT_TRUE(kv->LoadOptimizerStates(path).ok());
+  ASSERT_TRUE(kv->Push(1, FromVector({1, -1})).ok());  // momentum carries over
+  ASSERT_TRUE(kv->Pull(1, &w).ok());
+  EXPECT_THAT(w.ToVector(), ElementsAre(0.5f - 0.45f - 0.5f, 1.5f + 0.45f + 0.5f));
+}
+
+TEST(KVStoreLocal, PushPullAndBroadcast) {
+  auto kv = Local();
+  NDArray a = Empty({2}), b = Empty({2}, cpu(1));
+  ASSERT_TRUE(kv->Broadcast(9, FromVector({4, 5}), {a, b}).ok());
+  EXPECT_THAT(b.ToVector(), ElementsAre(4, 5));
+  ASSERT_TRUE(kv->PushPull(9, {FromVector({1, 1}), FromVector({2, 2})}, {a}).ok());
+  EXPECT_THAT(a.ToVector(), ElementsAre(3, 3));
+}
+
+TEST(KVStoreLocal, StringKeysMapConsistently) {
+  EXPECT_EQ(StringKey("fc1_weight"), StringKey(std::string("fc1_weight")));
+  EXPECT_NE(StringKey("fc1_weight"), StringKey("fc1_bias"));
+  EXPECT_GE(StringKey("x"), 1 << 30);
+  auto kv = Local();
+  ASSERT_TRUE(kv->Init("fc1_weight", Ones({2})).ok());
+  NDArray out = Empty({2});
+  ASSERT_TRUE(kv->Pull(StringKey("fc1_weight"), &out).ok());
+  EXPECT_THAT(out.ToVector(), ElementsAre(1, 1));
+  absl::Status s = kv->Pull("fc2_weight", &out);
+  EXPECT_THAT(s.message(), HasSubstr("'fc2_weight'"));
+}
+
+TEST(KVStoreLocal, BadRequestsNameKeyAndShapes) {
+  auto kv = Local();
+  absl::Status s = kv->Push(4, Ones({2}));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("key 4"));
+  EXPECT_THAT(s.message(), HasSubstr("never initialized"));
+  NDArray out = Empty({2});
+  EXPECT_THAT(kv->Pull(4, &out).message(), HasSubstr("never initialized"));
+
+  ASSERT_TRUE(kv->Init(4, Ones({2, 3})).ok());
+  s = kv->Push(4, {Ones({2, 3}), Ones({3, 2})});
+  EXPECT_THAT(s.message(), HasSubstr("value 1 has shape (3,2)"));
+  EXPECT_THAT(s.message(), HasSubstr("(2,3)"));
+  s = kv->Pull(4, &out);
+  EXPECT_THAT(s.message(), HasSubstr("output 0 has shape (2,)"));
+  s = kv->Init(4, Ones({6}));
+  EXPECT_THAT(s.message(), HasSubstr("already initialized with shape (2,3)"));
+  EXPECT_TRUE(kv->Init(4, Ones({2, 3})).ok());  // same shape: fine
+  EXPECT_EQ(kv->SaveOptimizerStates("/tmp/x").code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(kv->Push(4, std::vector<NDArray>{}).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A push waits only for the operation that writes its gradient: the push of
+// a gradient produced early completes while another gradient is still being
+// computed.
+TEST(KVStoreLocal, PushWaitsOnlyForItsOwnGradient) {
+  auto kv = Local();
+  NDArray slow = Zeros({4}), fast = Zeros({4});
+  ASSERT_TRUE(kv->Init(1, Zeros({4})).ok());
+  ASSERT_TRUE(kv->Init(2, Zeros({4})).ok());
+  WaitAll();
+  Engine::Get()->StartTrace();
+  Engine::Get()->PushSync([](RunContext) { std::this_thread::sleep_for(std::chrono::milliseconds(200)); },
+                          cpu(), {}, {slow.var()}, 0, "slow_backward");
+  Engine::Get()->PushSync([](RunContext) {}, cpu(), {}, {fast.var()}, 0, "fast_backward");
+  ASSERT_TRUE(kv->Push(1, {slow, slow}).ok());
+  ASSERT_TRUE(kv->Push(2, {fast, fast}).ok());
+  WaitAll();
+  std::vector<TraceEvent> trace = Engine::Get()->StopTrace();
+  std::vector<std::string> order;
+  for (const TraceEvent& e : trace) order.push_back(e.name);
+  auto pos = [&](const std::string& n) {
+    return std::find(order.begin(), order.end(), n) - order.begin();
+  };
+  ASSERT_LT(pos("kvstore_push:2"), static_cast<long>(order.size()));
+  EXPECT_LT(pos("kvstore_push:2"), pos("slow_backward"));
+  EXPECT_GT(pos("kvstore_push:1"), pos("slow_backward"));
+}
+
+}  // namespace
+}  // namespace mx
