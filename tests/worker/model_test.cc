@@ -275,3 +275,74 @@ TEST(Callbacks, MetricsLogWritesCsvAndJsonLines) {
 
 }  // namespace
 }  // namespace mx
+
+namespace mx {
+namespace {
+
+Symbol ThreeLayerMlp() {
+  Symbol net = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 64}}, "fc1");
+  net = Op("Activation", {net}, {{"act_type", "relu"}}, "relu1");
+  net = Op("FullyConnected", {net}, {{"num_hidden", 64}}, "fc2");
+  net = Op("Activation", {net}, {{"act_type", "relu"}}, "relu2");
+  net = Op("FullyConnected", {net}, {{"num_hidden", 4}}, "fc3");
+  return Op("SoftmaxOutput", {net}, {}, "softmax");
+}
+
+TEST(DataParallel, TwoContextsTrainLikeOne) {
+  Blobs train = MakeBlobs(400, 4, 11), test = MakeBlobs(200, 4, 12);
+  std::vector<float> acc;
+  std::vector<std::vector<Context>> setups = {{cpu(0)}, {cpu(0), cpu(1)}};
+  for (const auto& contexts : setups) {
+    srand(9);
+    FeedForward model(ThreeLayerMlp(), contexts);
+    auto it = Iter(train, 20), test_it = Iter(test, 20);
+    ASSERT_TRUE(model.Fit(it.get(), nullptr, Sgd(4, 0.3f)).ok());
+    auto score = model.Score(test_it.get(), "accuracy");
+    ASSERT_TRUE(score.ok());
+    acc.push_back((*score)[0].second);
+  }
+  EXPECT_GT(acc[0], 0.95);
+  // The same total batch gives the same gradients, so the same model up to
+  // float rounding.
+  EXPECT_NEAR(acc[1], acc[0], 0.01);
+}
+
+TEST(DataParallel, BatchMustSplitEvenly) {
+  Blobs train = MakeBlobs(60, 2, 13);
+  FeedForward model(SmallMlp(2), {cpu(0), cpu(1), cpu(2)});
+  auto it = Iter(train, 20);
+  absl::Status s = model.Fit(it.get(), nullptr, Sgd(1, 0.1f));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("does not split evenly over 3 contexts"));
+}
+
+// The push of the last layer's gradient starts while the first layer's
+// backward pass is still to run: communication overlaps computation. The
+// engine's trace gives the order in which operations completed.
+TEST(DataParallel, LastLayerPushOverlapsFirstLayerBackward) {
+  Blobs train = MakeBlobs(40, 4, 14);
+  srand(10);
+  FeedForward model(ThreeLayerMlp(), {cpu(0), cpu(1)});
+  auto it = Iter(train, 40);  // one batch per epoch
+  FitOptions f = Sgd(2, 0.1f);
+  std::vector<std::string> order;
+  f.epoch_end_callbacks.push_back([&](const EpochEndParam& p) {
+    if (p.epoch == 0) Engine::Get()->StartTrace();
+    return true;
+  });
+  ASSERT_TRUE(model.Fit(it.get(), nullptr, f).ok());
+  for (const TraceEvent& e : Engine::Get()->StopTrace()) order.push_back(e.name);
+  auto pos = [&](const std::string& n) {
+    return std::find(order.begin(), order.end(), n) - order.begin();
+  };
+  // Parameters in order: fc1_weight 0, fc1_bias 1, ..., fc3_bias 5.
+  const auto last_push = pos("kvstore_push:4");
+  const auto first_layer_backward = order.size() - 1 - (std::find(order.rbegin(), order.rend(), "fc1_backward") - order.rbegin());
+  ASSERT_LT(last_push, static_cast<long>(order.size())) << "no push of fc3_weight traced";
+  ASSERT_LT(first_layer_backward, order.size()) << "no fc1 backward traced";
+  EXPECT_LT(last_push, static_cast<long>(first_layer_backward))
+      << "fc3_weight's push waited for the whole backward pass";
+}
+
+}  // namespace
+}  // namespace mx
