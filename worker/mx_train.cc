@@ -58,6 +58,8 @@ ABSL_FLAG(int, resume_epoch, 0, "resume from the checkpoint of this epoch (needs
 ABSL_FLAG(uint64_t, seed, 0, "random seed (initialization and shuffling)");
 ABSL_FLAG(int, threads, 0, "engine worker threads (0: one per core)");
 ABSL_FLAG(std::string, metrics_log, "", "append per-epoch metrics to this .csv or .jsonl file");
+ABSL_FLAG(std::string, eval_metric, "accuracy,ce",
+          "metrics to report, comma-separated: accuracy, top_k_accuracy, ce, mse, mae, rmse, f1");
 ABSL_FLAG(int, early_stopping, 0, "stop after N epochs without validation improvement (0: off)");
 
 namespace mx {
@@ -178,6 +180,7 @@ absl::Status Run() {
   MX_ASSIGN_OR_RETURN(fit.optimizer_options, OptimizerOptions());
   if (resume > 0) fit.optimizer_states_path = CheckpointStatesPath(prefix, resume);
   fit.initializer = absl::GetFlag(FLAGS_initializer);
+  fit.eval_metric = absl::GetFlag(FLAGS_eval_metric);
   MX_ASSIGN_OR_RETURN(fit.initializer_options,
                       KeyValues("initializer_options", absl::GetFlag(FLAGS_initializer_options)));
 

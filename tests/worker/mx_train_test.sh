@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The mx_train command line: --help, clear errors for bad flags and files,
+# and a small end-to-end run on CSV data with a checkpoint and a resume.
+set -uo pipefail
+BIN="$1"
+TMP="${TEST_TMPDIR:-$(mktemp -d)}"
+failures=0
+
+# expect_fail "description" "expected substring" args...
+expect_fail() {
+  local what="$1" want="$2"; shift 2
+  local out
+  out=$("$BIN" "$@" 2>&1)
+  local rc=$?
+  if [[ $rc -eq 0 ]]; then
+    echo "FAIL: $what: exit code 0"; failures=$((failures + 1))
+  elif [[ "$out" != *"$want"* ]]; then
+    echo "FAIL: $what: output lacks '$want':"; echo "$out" | head -5; failures=$((failures + 1))
+  else
+    echo "ok: $what"
+  fi
+}
+
+help=$("$BIN" --help 2>&1)
+for flag in network data_dir kvstore optimizer lr momentum epochs batch_size contexts \
+            checkpoint_prefix resume_epoch seed threads; do
+  [[ "$help" == *"--$flag"* ]] || { echo "FAIL: --help lacks --$flag"; failures=$((failures + 1)); }
+done
+
+expect_fail "malformed number" "epochs" --epochs=ten
+expect_fail "unknown flag" "nosuchflag" --nosuchflag=1
+expect_fail "unknown network" "unknown network 'vgg'" --network=vgg
+expect_fail "missing data" "$TMP/nodata" --data_dir="$TMP/nodata"
+expect_fail "distributed kvstore" "dist_sync" --kvstore=dist_sync
+expect_fail "resume without prefix" "--resume_epoch needs --checkpoint_prefix" --resume_epoch=2
+expect_fail "bad context" "--contexts" --contexts=tpu0
+expect_fail "gpu context" "gpu(0)" --contexts="gpu(0)"
+expect_fail "bad batch size" "--batch_size" --batch_size=0
+
+# Tiny CSV data: class = which of 4 features is hot.
+python_free_csv() {
+  local n=$1 file=$2 labels=$3
+  : > "$file"; : > "$labels"
+  for ((i = 0; i < n; i++)); do
+    c=$((i % 4)); row=""
+    for ((j = 0; j < 784; j++)); do
+      if (( j % 4 == c )); then v=1; else v=0; fi
+      row+="${row:+,}$v"
+    done
+    echo "$row" >> "$file"; echo "$c" >> "$labels"
+  done
+}
+python_free_csv 200 "$TMP/train.csv" "$TMP/train_labels.csv"
+python_free_csv 100 "$TMP/test.csv" "$TMP/test_labels.csv"
+csv=(--train_csv="$TMP/train.csv" --train_label_csv="$TMP/train_labels.csv"
+     --test_csv="$TMP/test.csv" --test_label_csv="$TMP/test_labels.csv" --batch_size=20)
+
+out=$("$BIN" "${csv[@]}" --network=mlp --epochs=2 --lr=0.5 --checkpoint_prefix="$TMP/m" 2>&1)
+if [[ $? -ne 0 || "$out" != *"Final test accuracy=1"* ]]; then
+  echo "FAIL: CSV training run:"; echo "$out" | tail -5; failures=$((failures + 1))
+else
+  echo "ok: CSV training run reaches accuracy 1"
+fi
+for f in m-symbol.json m-0001.params m-0002.params m-0002.states; do
+  [[ -s "$TMP/$f" ]] || { echo "FAIL: checkpoint file $f missing"; failures=$((failures + 1)); }
+done
+out=$("$BIN" "${csv[@]}" --network=mlp --epochs=3 --lr=0.5 --checkpoint_prefix="$TMP/m" --resume_epoch=2 2>&1)
+if [[ $? -ne 0 || "$out" != *"Epoch[2]"* || "$out" == *"Epoch[1]"* ]]; then
+  echo "FAIL: resume from epoch 2:"; echo "$out" | tail -5; failures=$((failures + 1))
+else
+  echo "ok: resume trains epoch 2 only"
+fi
+head -c 100 "$TMP/m-0002.params" > "$TMP/cut.params" && mv "$TMP/cut.params" "$TMP/m-0002.params"
+expect_fail "truncated checkpoint" "m-0002.params" "${csv[@]}" --checkpoint_prefix="$TMP/m" --resume_epoch=2
+echo "$failures failures"
+exit $(( failures > 0 ))
