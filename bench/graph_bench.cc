@@ -1,6 +1,7 @@
 // Forward + backward throughput of the MLP 784-128-64-10 and of LeNet at
 // batch 100, against the same networks in PyTorch (its best thread setting)
 // measured in the same run.
+#include <algorithm>
 #include <string>
 
 #include "bench/bench_util.h"
@@ -71,10 +72,16 @@ double MxSamplesPerSecond(const Symbol& net, double seconds) {
   return n * kBatch / (NowSeconds() - start);
 }
 
+// Best of three alternating rounds for each side: these shared machines
+// have slow spells that hit one run or the other (seen: LeNet at 3000 and
+// at 5000 samples/s in consecutive runs, for mx and PyTorch alike).
 void Compare(const std::string& model, const Symbol& net, double target) {
-  double mx = MxSamplesPerSecond(net, 3.0);
-  std::optional<double> torch = TorchSamplesPerSecond(model, 3.0);
-  double base = torch.value_or(0);
+  double mx = 0, base = 0;
+  for (int round = 0; round < 3; ++round) {
+    mx = std::max(mx, MxSamplesPerSecond(net, 2.0));
+    std::optional<double> torch = TorchSamplesPerSecond(model, 2.0);
+    base = std::max(base, torch.value_or(0));
+  }
   Report("train_step_" + model + "_b100", mx, "samples/s", base,
          base > 0 ? mx / base : 0, ">=" + std::to_string(target).substr(0, 3) + "(vs_pytorch_best)");
 }
