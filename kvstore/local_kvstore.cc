@@ -63,6 +63,11 @@ class LocalKVStore : public KVStore {
         optimizer_->Update(key.id(), e->stored, merged);
       } else if (updater_) {
         updater_(key.id(), merged, &e->stored);
+      } else if (merged.SharesStorageWith(e->merged)) {
+        // The sum is the new value: swap buffers instead of copying (the
+        // engine orders later pulls after the sum, and the next sum after
+        // those pulls, through the buffers' variables).
+        std::swap(e->stored, e->merged);
       } else {
         Copy(merged, e->stored, priority, e->push_name.c_str());
       }
