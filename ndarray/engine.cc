@@ -329,23 +329,7 @@ class ThreadedEngine : public Engine {
 
   VarHandle NewVariable() override { return new Var; }
 
-  void PushAsync(AsyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
-                 std::vector<VarHandle> mutable_vars, int priority,
-                 const char* name, FnProperty prop) override {
-    OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
-    op->prop = prop;
-    op->fn = std::move(fn);
-    Push(op);
-  }
-
-  void PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
-                std::vector<VarHandle> mutable_vars, int priority,
-                const char* name, FnProperty prop) override {
-    OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
-    op->prop = prop;
-    op->sync_fn = std::move(fn);
-    Push(op);
-  }
+  void Submit(OprBlock* op) override { Push(op); }
 
   void DeleteVariable(SyncFn delete_fn, Context ctx, VarHandle var) override {
     OprBlock* op = NewOpr(ctx, {}, {var}, 0, "DeleteVariable");
@@ -516,23 +500,7 @@ class NaiveEngine : public Engine {
  public:
   VarHandle NewVariable() override { return new Var; }
 
-  void PushAsync(AsyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
-                 std::vector<VarHandle> mutable_vars, int priority,
-                 const char* name, FnProperty prop) override {
-    OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
-    op->prop = prop;
-    op->fn = std::move(fn);
-    RunInline(op);
-  }
-
-  void PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
-                std::vector<VarHandle> mutable_vars, int priority,
-                const char* name, FnProperty prop) override {
-    OprBlock* op = NewOpr(ctx, const_vars, mutable_vars, priority, name);
-    op->prop = prop;
-    op->sync_fn = std::move(fn);
-    RunInline(op);
-  }
+  void Submit(OprBlock* op) override { RunInline(op); }
 
   void DeleteVariable(SyncFn delete_fn, Context ctx, VarHandle var) override {
     std::lock_guard<std::recursive_mutex> lock(run_mu_);
@@ -640,6 +608,24 @@ void Engine::Trace(const engine::OprBlock* op) {
   TraceEvent e{op->name, op->start_us, NowMicros()};
   std::lock_guard<std::mutex> lock(trace_mu_);
   trace_.push_back(std::move(e));
+}
+
+void Engine::PushAsync(AsyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
+                       std::vector<VarHandle> mutable_vars, int priority,
+                       const char* name, FnProperty prop) {
+  engine::OprBlock* op = engine::NewOpr(ctx, const_vars, mutable_vars, priority, name);
+  op->prop = prop;
+  op->fn = std::move(fn);
+  Submit(op);
+}
+
+void Engine::PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
+                      std::vector<VarHandle> mutable_vars, int priority,
+                      const char* name, FnProperty prop) {
+  engine::OprBlock* op = engine::NewOpr(ctx, const_vars, mutable_vars, priority, name);
+  op->prop = prop;
+  op->sync_fn = std::move(fn);
+  Submit(op);
 }
 
 void Engine::Execute(engine::OprBlock* op) {

@@ -116,19 +116,15 @@ class Engine {
   // Pushes an asynchronous operation. fn must call its callback exactly once
   // and must not throw (report failure through the callback). A variable may
   // appear in both lists; it then counts as written.
-  virtual void PushAsync(AsyncFn fn, Context ctx,
-                         std::vector<VarHandle> const_vars,
-                         std::vector<VarHandle> mutable_vars, int priority = 0,
-                         const char* name = "",
-                         FnProperty prop = FnProperty::kNormal) = 0;
+  void PushAsync(AsyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
+                 std::vector<VarHandle> mutable_vars, int priority = 0,
+                 const char* name = "", FnProperty prop = FnProperty::kNormal);
 
   // Pushes a synchronous operation: completion is fn's return; an exception
   // thrown by fn fails the operation.
-  virtual void PushSync(SyncFn fn, Context ctx,
-                        std::vector<VarHandle> const_vars,
-                        std::vector<VarHandle> mutable_vars, int priority = 0,
-                        const char* name = "",
-                        FnProperty prop = FnProperty::kNormal) = 0;
+  void PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
+                std::vector<VarHandle> mutable_vars, int priority = 0,
+                const char* name = "", FnProperty prop = FnProperty::kNormal);
 
   // Runs delete_fn once every pending operation on var is complete, then
   // frees var. delete_fn runs even when var carries an error. No operation
@@ -158,6 +154,8 @@ class Engine {
  protected:
   // Called (once) through CallbackOnComplete.
   virtual void OnComplete(engine::OprBlock* op, std::exception_ptr error) = 0;
+  // Schedules (or, for the naive engine, runs) a new operation.
+  virtual void Submit(engine::OprBlock* op) = 0;
   // Runs op's function: a sync one followed by its completion, or an async
   // one with a callback.
   void Execute(engine::OprBlock* op);

@@ -1,9 +1,9 @@
 // mx_train: trains a network from the command line.
 //
 //   mx_train --network=mlp --epochs=10 --lr=0.1
-//   mx_train --network=lenet --optimizer=sgd --lr=0.05 --momentum=0.9 \
+//   mx_train --network=lenet --optimizer=sgd --lr=0.05 --momentum=0.9
 //            --epochs=2 --checkpoint_prefix=/tmp/lenet
-//   mx_train --network=/tmp/lenet-symbol.json --resume_epoch=2 --epochs=4 \
+//   mx_train --network=/tmp/lenet-symbol.json --resume_epoch=2 --epochs=4
 //            --checkpoint_prefix=/tmp/lenet
 //
 // Data: Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) by
