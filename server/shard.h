@@ -1,0 +1,104 @@
+// ParameterShard: the keys one parameter server holds, and the rules by
+// which workers' pushes become new values (DESIGN.md, "Distributed mode").
+//
+// The shard knows nothing about the network: the gRPC service (next) calls
+// it, and tests drive it from threads standing in for workers.
+//
+// Synchronous mode (dist_sync). For each key and step the shard waits for
+// exactly one push from every live worker, counted by rank (a second push
+// from the same rank in the same step is an error, not a second vote). It
+// then sums the pushes in rank order, so results are bit-reproducible
+// whatever order they arrived in, applies the optimizer once (or, without
+// one, stores the sum: the summation service), and bumps the key's version.
+// A worker that has pushed v times pulls with min_version = v and gets the
+// value that includes its pushes.
+//
+// Asynchronous mode (dist_async). Each push is applied on arrival and bumps
+// the version.
+//
+// Failures. MarkDead(rank) removes a worker: waiting pulls fail with
+// kUnavailable naming the worker, unless the shard is elastic, in which case
+// steps complete with the remaining workers. Every wait has a deadline and
+// ends with kDeadlineExceeded naming the key and what was missing.
+//
+// Bad requests (unknown key, wrong shape or size, re-init with another
+// shape, bad rank) are kInvalidArgument / kNotFound; the shard keeps
+// serving. All methods are thread-safe.
+#ifndef MX_SERVER_SHARD_H_
+#define MX_SERVER_SHARD_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "kvstore/optimizer.h"
+#include "ndarray/base.h"
+
+namespace mx {
+
+struct ShardOptions {
+  bool sync = true;           // dist_sync; false: dist_async
+  int num_workers = 1;        // ranks 0 .. num_workers-1
+  bool elastic = false;       // continue without dead workers
+};
+
+class ParameterShard {
+ public:
+  explicit ParameterShard(ShardOptions options);
+
+  // Creates key with a value. A second Init with the same shape is a no-op
+  // (every worker may init); another shape is an error naming both.
+  absl::Status Init(int key, const Shape& shape, const std::vector<float>& value);
+
+  // One worker's contribution to key. Returns when it is recorded (sync) or
+  // applied (async); the new value may be pending until the step completes.
+  absl::Status Push(int key, int rank, const std::vector<float>& value);
+
+  struct Value {
+    std::vector<float> data;
+    int64_t version = 0;
+  };
+  // The value of key once its version reaches min_version, waiting at most
+  // until `deadline`.
+  absl::StatusOr<Value> Pull(int key, int64_t min_version, absl::Time deadline);
+
+  // Sets the updater applied to the sum of each step (or each async push).
+  absl::Status SetOptimizer(const std::string& name, const Optimizer::Options& options);
+
+  // Removes a worker from the live set (its death was detected).
+  void MarkDead(int rank);
+  std::set<int> live_workers() const;
+
+ private:
+  struct Key {
+    Shape shape;
+    NDArray stored;                                  // current value
+    std::map<int, std::vector<float>> pending;       // this step, by rank
+    int64_t version = 0;
+  };
+  absl::StatusOr<Key*> Find(int key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Completes key's step if every live worker has pushed.
+  void MaybeComplete(int id, Key* key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Applies `sum` to key: the optimizer, or replaces the value.
+  void Apply(int id, Key* key, const std::vector<float>& sum) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::string DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const ShardOptions options_;
+  mutable absl::Mutex mu_;
+  std::map<int, Key> keys_ ABSL_GUARDED_BY(mu_);
+  std::set<int> live_ ABSL_GUARDED_BY(mu_);
+  std::set<int> dead_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace mx
+
+#endif  // MX_SERVER_SHARD_H_

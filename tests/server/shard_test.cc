@@ -1,0 +1,157 @@
+// ParameterShard: the dist_sync and dist_async rules, driven by threads that
+// stand in for workers.
+#include <algorithm>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/shard.h"
+
+namespace mx {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+absl::Time Soon(int ms = 2000) { return absl::Now() + absl::Milliseconds(ms); }
+
+TEST(ShardSync, SumsInRankOrderBitForBitWhateverTheArrivalOrder) {
+  constexpr int kWorkers = 4, kSteps = 20;
+  // Values whose float sum depends on the order of addition.
+  auto value = [](int step, int rank) {
+    const float v[] = {1e8f, 1.0f, -1e8f, 3.0f};
+    return std::vector<float>{v[rank] * (1 + step % 3), 0.1f * rank + step};
+  };
+  ParameterShard shard({/*sync=*/true, kWorkers, /*elastic=*/false});
+  ASSERT_TRUE(shard.Init(7, Shape{2}, {0, 0}).ok());
+  std::mt19937 gen(1);
+  for (int step = 1; step <= kSteps; ++step) {
+    std::vector<int> order = {0, 1, 2, 3};
+    std::shuffle(order.begin(), order.end(), gen);
+    std::vector<std::thread> workers;
+    for (int rank : order) {
+      workers.emplace_back([&, rank] { ASSERT_TRUE(shard.Push(7, rank, value(step, rank)).ok()); });
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    for (auto& t : workers) t.join();
+    auto got = shard.Pull(7, step, Soon());
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->version, step);
+    std::vector<float> want(2, 0.0f);
+    for (int r = 0; r < kWorkers; ++r) {
+      for (int i = 0; i < 2; ++i) want[i] += value(step, r)[i];
+    }
+    // Without an optimizer the value is the sum (summation service).
+    EXPECT_EQ(std::memcmp(got->data.data(), want.data(), sizeof(float) * 2), 0)
+        << "step " << step << ": " << got->data[0] << " vs " << want[0];
+  }
+}
+
+TEST(ShardSync, PullWaitsForEveryWorkerAndNamesTheMissingOnes) {
+  ParameterShard shard({true, 2, false});
+  ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+  ASSERT_TRUE(shard.Push(1, 0, {2}).ok());
+  auto early = shard.Pull(1, 1, absl::Now() + absl::Milliseconds(50));
+  EXPECT_EQ(early.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(early.status().message(), HasSubstr("worker(s) 1"));
+  std::thread late([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    ASSERT_TRUE(shard.Push(1, 1, {3}).ok());
+  });
+  auto got = shard.Pull(1, 1, Soon());
+  late.join();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_THAT(got->data, ElementsAre(5));
+  // An older version is served at once.
+  EXPECT_TRUE(shard.Pull(1, 0, absl::Now()).ok());
+}
+
+TEST(ShardSync, OnePushPerWorkerPerStep) {
+  ParameterShard shard({true, 2, false});
+  ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+  ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+  absl::Status again = shard.Push(1, 0, {1});
+  EXPECT_EQ(again.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(again.message(), HasSubstr("worker 0 already pushed in step 1"));
+}
+
+TEST(ShardSync, OptimizerRunsOncePerStep) {
+  ParameterShard shard({true, 3, false});
+  ASSERT_TRUE(shard.SetOptimizer("sgd", {{"learning_rate", "0.1"}}).ok());
+  ASSERT_TRUE(shard.Init(2, Shape{2}, {1, 1}).ok());
+  for (int r = 0; r < 3; ++r) ASSERT_TRUE(shard.Push(2, r, {1, 2}).ok());
+  auto got = shard.Pull(2, 1, Soon());
+  ASSERT_TRUE(got.ok());
+  EXPECT_FLOAT_EQ(got->data[0], 1 - 0.1f * 3);
+  EXPECT_FLOAT_EQ(got->data[1], 1 - 0.1f * 6);
+  EXPECT_EQ(got->version, 1);
+  EXPECT_FALSE(shard.SetOptimizer("sgdd", {}).ok());
+}
+
+TEST(ShardAsync, AppliesEachPushOnArrival) {
+  ParameterShard shard({/*sync=*/false, 2, false});
+  ASSERT_TRUE(shard.Init(3, Shape{1}, {0}).ok());
+  ASSERT_TRUE(shard.SetOptimizer("sgd", {{"learning_rate", "1"}}).ok());
+  ASSERT_TRUE(shard.Push(3, 1, {1}).ok());
+  ASSERT_TRUE(shard.Push(3, 1, {1}).ok());  // async: no per-step limit
+  auto got = shard.Pull(3, 2, Soon());
+  ASSERT_TRUE(got.ok());
+  EXPECT_THAT(got->data, ElementsAre(-2));
+  EXPECT_EQ(got->version, 2);
+}
+
+TEST(ShardFailures, DeadWorkerFailsWaitingPullsWithItsRank) {
+  ParameterShard shard({true, 3, false});
+  ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+  ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+  ASSERT_TRUE(shard.Push(1, 1, {1}).ok());
+  std::thread killer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    shard.MarkDead(2);
+  });
+  auto start = absl::Now();
+  auto got = shard.Pull(1, 1, Soon(10000));
+  killer.join();
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(got.status().message(), HasSubstr("worker(s) 2 died"));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));  // no wait for the deadline
+  EXPECT_EQ(shard.Push(1, 2, {1}).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(ShardFailures, ElasticShardCompletesStepsWithoutTheDeadWorker) {
+  ParameterShard shard({true, 3, /*elastic=*/true});
+  ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+  ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+  ASSERT_TRUE(shard.Push(1, 2, {4}).ok());
+  shard.MarkDead(1);
+  auto got = shard.Pull(1, 1, Soon());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_THAT(got->data, ElementsAre(5));
+  EXPECT_THAT(shard.live_workers(), ElementsAre(0, 2));
+  // The next step needs only the two live workers.
+  ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+  ASSERT_TRUE(shard.Push(1, 2, {1}).ok());
+  EXPECT_TRUE(shard.Pull(1, 2, Soon()).ok());
+}
+
+TEST(ShardFailures, BadRequestsAreErrorsAndTheShardKeepsServing) {
+  ParameterShard shard({true, 2, false});
+  EXPECT_EQ(shard.Push(9, 0, {1}).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(shard.Pull(9, 0, Soon()).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(shard.Init(1, Shape{2}, {1}).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(shard.Init(1, Shape{2}, {1, 2}).ok());
+  EXPECT_TRUE(shard.Init(1, Shape{2}, {5, 5}).ok());  // same shape: kept
+  absl::Status reinit = shard.Init(1, Shape{3}, {1, 2, 3});
+  EXPECT_THAT(reinit.message(), HasSubstr("already initialized with shape (2,)"));
+  absl::Status size = shard.Push(1, 0, {1, 2, 3});
+  EXPECT_THAT(size.message(), HasSubstr("3 values but the key holds (2,)"));
+  EXPECT_THAT(shard.Push(1, 5, {1, 2}).message(), HasSubstr("rank 5 is outside 0..1"));
+  auto v = shard.Pull(1, 0, Soon());
+  ASSERT_TRUE(v.ok());
+  EXPECT_THAT(v->data, ElementsAre(1, 2));
+}
+
+}  // namespace
+}  // namespace mx
