@@ -64,27 +64,28 @@ absl::Status ParameterShard::Push(int key, int rank, const std::vector<float>& v
     Apply(key, k, value);
     return absl::OkStatus();
   }
-  if (!k->pending.emplace(rank, value).second) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "push of key ", key, ": worker ", rank, " already pushed in step ", k->version + 1));
-  }
+  k->pending[rank].push_back(value);
   MaybeComplete(key, k);
   return absl::OkStatus();
 }
 
 void ParameterShard::MaybeComplete(int id, Key* k) {
-  if (k->pending.empty()) return;
-  for (int r : live_) {
-    if (!k->pending.count(r)) return;
+  // Steps complete while every live worker has a push queued.
+  for (;;) {
+    if (live_.empty()) return;
+    for (int r : live_) {
+      auto it = k->pending.find(r);
+      if (it == k->pending.end() || it->second.empty()) return;
+    }
+    // Rank order (live_ is sorted): the same bits every run.
+    std::vector<float> sum(k->shape.Size(), 0.0f);
+    for (int r : live_) {
+      std::vector<float>& v = k->pending[r].front();
+      for (size_t i = 0; i < sum.size(); ++i) sum[i] += v[i];
+      k->pending[r].pop_front();
+    }
+    Apply(id, k, sum);
   }
-  // Rank order (std::map iterates ranks ascending): the same bits every run.
-  std::vector<float> sum(k->shape.Size(), 0.0f);
-  for (const auto& [rank, v] : k->pending) {
-    if (!live_.count(rank)) continue;  // pushed, then declared dead
-    for (size_t i = 0; i < sum.size(); ++i) sum[i] += v[i];
-  }
-  k->pending.clear();
-  Apply(id, k, sum);
 }
 
 void ParameterShard::Apply(int id, Key* k, const std::vector<float>& sum) {
@@ -110,7 +111,8 @@ absl::StatusOr<ParameterShard::Value> ParameterShard::Pull(int key, int64_t min_
     if (absl::Now() >= deadline) {
       std::vector<int> missing;
       for (int r : live_) {
-        if (!k->pending.count(r)) missing.push_back(r);
+        auto it = k->pending.find(r);
+        if (it == k->pending.end() || it->second.empty()) missing.push_back(r);
       }
       return absl::DeadlineExceededError(absl::StrCat(
           "pull of key ", key, ": version ", min_version, " not reached by the deadline (at ",

@@ -5,8 +5,9 @@
 // it, and tests drive it from threads standing in for workers.
 //
 // Synchronous mode (dist_sync). For each key and step the shard waits for
-// exactly one push from every live worker, counted by rank (a second push
-// from the same rank in the same step is an error, not a second vote). It
+// exactly one push from every live worker, counted by rank: a worker that
+// pushes again before the step completes has run ahead, and its push is
+// queued for the next step (it is never a second vote in this one). It
 // then sums the pushes in rank order, so results are bit-reproducible
 // whatever order they arrived in, applies the optimizer once (or, without
 // one, stores the sum: the summation service), and bumps the key's version.
@@ -28,6 +29,7 @@
 #define MX_SERVER_SHARD_H_
 
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <set>
@@ -81,7 +83,8 @@ class ParameterShard {
   struct Key {
     Shape shape;
     NDArray stored;                                  // current value
-    std::map<int, std::vector<float>> pending;       // this step, by rank
+    // Pushes not yet in a completed step, by rank, oldest first.
+    std::map<int, std::deque<std::vector<float>>> pending;
     int64_t version = 0;
   };
   absl::StatusOr<Key*> Find(int key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

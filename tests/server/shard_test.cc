@@ -68,13 +68,22 @@ TEST(ShardSync, PullWaitsForEveryWorkerAndNamesTheMissingOnes) {
   EXPECT_TRUE(shard.Pull(1, 0, absl::Now()).ok());
 }
 
-TEST(ShardSync, OnePushPerWorkerPerStep) {
+TEST(ShardSync, AWorkerThatRunsAheadIsQueuedForTheNextStep) {
   ParameterShard shard({true, 2, false});
   ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
   ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
-  absl::Status again = shard.Push(1, 0, {1});
-  EXPECT_EQ(again.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(again.message(), HasSubstr("worker 0 already pushed in step 1"));
+  ASSERT_TRUE(shard.Push(1, 0, {10}).ok());  // step 2 already: not a second vote
+  auto none = shard.Pull(1, 1, absl::Now() + absl::Milliseconds(20));
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kDeadlineExceeded);
+  ASSERT_TRUE(shard.Push(1, 1, {2}).ok());
+  auto step1 = shard.Pull(1, 1, Soon());
+  ASSERT_TRUE(step1.ok());
+  EXPECT_EQ(step1->version, 1);
+  EXPECT_THAT(step1->data, ElementsAre(3));  // 1 + 2
+  ASSERT_TRUE(shard.Push(1, 1, {20}).ok());
+  auto step2 = shard.Pull(1, 2, Soon());
+  ASSERT_TRUE(step2.ok());
+  EXPECT_THAT(step2->data, ElementsAre(30));  // 10 + 20
 }
 
 TEST(ShardSync, OptimizerRunsOncePerStep) {

@@ -1,0 +1,314 @@
+#include "kvstore/dist_kvstore.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+#include "kvstore/kvstore_internal.h"
+#include "proto/mx.grpc.pb.h"
+#include "proto/wire.h"
+
+namespace mx {
+
+int ServerForKey(int key, int num_servers) {
+  // A 32-bit mix (murmur3's finalizer): neighbouring keys spread out.
+  uint32_t h = static_cast<uint32_t>(key);
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return static_cast<int>(h % static_cast<uint32_t>(num_servers));
+}
+
+namespace {
+
+// Collects the outcome of several RPCs; the last one to finish reports the
+// first error (or success) to the engine.
+class Join {
+ public:
+  Join(int calls, std::function<void(std::exception_ptr)> done)
+      : left_(calls), done_(std::move(done)) {}
+  void Finish(absl::Status s) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!s.ok() && first_error_.ok()) first_error_ = std::move(s);
+    }
+    if (left_.fetch_sub(1) == 1) {
+      absl::Status result;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        result = first_error_;
+      }
+      done_(result.ok() ? nullptr : std::make_exception_ptr(Error(result)));
+      delete this;
+    }
+  }
+
+ private:
+  std::atomic<int> left_;
+  std::function<void(std::exception_ptr)> done_;
+  std::mutex mu_;
+  absl::Status first_error_;
+};
+
+// What operations in flight need: shared with them, so that they may
+// outlive the store.
+struct Conn {
+  DistKVStoreOptions options;
+  std::vector<std::unique_ptr<proto::KVStoreService::Stub>> stubs;
+
+  std::chrono::system_clock::time_point Deadline() const {
+    return std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options.rpc_timeout);
+  }
+  absl::Status Named(absl::Status s, const char* what, const std::string& key, int server) const {
+    if (s.ok()) return s;
+    return absl::Status(s.code(), absl::StrCat(what, " of key ", key, " on server ", server, " (",
+                                               options.servers[server], "): ", s.message()));
+  }
+};
+
+class DistKVStore : public KVStore {
+ public:
+  explicit DistKVStore(const DistKVStoreOptions& options)
+      : KVStore(options.sync ? "dist_sync" : "dist_async"), conn_(std::make_shared<Conn>()) {
+    conn_->options = options;
+    for (const std::string& address : options.servers) {
+      conn_->stubs.push_back(proto::KVStoreService::NewStub(SharedChannel(address)));
+    }
+  }
+
+  int rank() const override { return conn_->options.rank; }
+  int num_workers() const override { return conn_->options.num_workers; }
+
+  absl::Status Init(Key key, const NDArray& value) override {
+    if (value.is_none()) return absl::InvalidArgumentError(absl::StrCat("init of key ", key.label(), ": null array"));
+    auto it = keys_.find(key.id());
+    if (it != keys_.end()) {
+      if (it->second->shape != value.shape()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "init of key ", key.label(), ": already initialized with shape ",
+            it->second->shape.ToString(), ", now ", value.shape().ToString()));
+      }
+      return absl::OkStatus();
+    }
+    auto entry = std::make_shared<Entry>();
+    Entry& e = *entry;
+    e.shape = value.shape();
+    e.parts = Partition(key.id(), value.size());
+    e.label = key.label();
+    e.push_name = "dist_push:" + e.label;
+    e.pull_name = "dist_pull:" + e.label;
+    std::vector<float> data;
+    MX_RETURN_IF_ERROR(internal::Guard([&] {
+      data = value.ToVector();
+      e.token = Zeros({1});
+    }));
+    for (const Part& p : e.parts) {
+      proto::InitRequest req;
+      req.set_key(key.id());
+      ToProto(data.data() + p.begin, Shape{p.end - p.begin}, req.mutable_value());
+      proto::InitResponse resp;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(conn_->Deadline());
+      MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[p.server]->Init(&ctx, req, &resp)), "init",
+                               e.label, p.server));
+    }
+    keys_.emplace(key.id(), std::move(entry));
+    return absl::OkStatus();
+  }
+
+  absl::Status Push(Key key, const std::vector<NDArray>& values, int priority) override {
+    MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "push"));
+    MX_RETURN_IF_ERROR(internal::CheckArrays(key, "push", "value", values, e->shape));
+    return internal::Guard([&] {
+      NDArray merged = Sum(e.get(), values, priority);
+      ++e->pushes;
+      const int id = key.id();
+      const float* data = merged.data();
+      Engine::Get()->PushAsync(
+          [conn = conn_, e, id, data](RunContext, CallbackOnComplete done) {
+            auto* join = new Join(static_cast<int>(e->parts.size()), done);
+            for (const Part& p : e->parts) {
+              struct Call {
+                grpc::ClientContext ctx;
+                proto::PushRequest req;
+                proto::PushResponse resp;
+              };
+              auto* call = new Call;
+              call->ctx.set_deadline(conn->Deadline());
+              call->req.set_key(id);
+              call->req.set_rank(conn->options.rank);
+              ToProto(data + p.begin, Shape{p.end - p.begin}, call->req.mutable_value());
+              const int server = p.server;
+              conn->stubs[server]->async()->Push(&call->ctx, &call->req, &call->resp,
+                                            [conn, call, join, e, server](grpc::Status s) {
+                                              join->Finish(conn->Named(FromGrpc(s), "push", e->label, server));
+                                              delete call;
+                                            });
+            }
+          },
+          cpu(), {merged.var()}, {e->token.var()}, priority, e->push_name.c_str());
+    });
+  }
+
+  absl::Status Pull(Key key, const std::vector<NDArray>& outs, int priority) override {
+    MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "pull"));
+    MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pull", "output", outs, e->shape));
+    return internal::Guard([&] {
+      for (const NDArray& o : outs) internal::RequireHostMemory(o, "pull");
+      // dist_sync: the step that includes this worker's pushes. dist_async
+      // applies a push before answering it, and the engine orders this pull
+      // after it (through the key's token).
+      const int64_t min_version = conn_->options.sync ? e->pushes : 0;
+      const int id = key.id();
+      std::vector<float*> dsts;
+      std::vector<VarHandle> writes;
+      for (const NDArray& o : outs) {
+        dsts.push_back(o.data());
+        writes.push_back(o.var());
+      }
+      Engine::Get()->PushAsync(
+          [conn = conn_, e, id, min_version, dsts](RunContext, CallbackOnComplete done) {
+            // Every output receives each slice as it arrives.
+            auto* join = new Join(static_cast<int>(e->parts.size()), done);
+            for (const Part& p : e->parts) {
+              struct Call {
+                grpc::ClientContext ctx;
+                proto::PullRequest req;
+                proto::PullResponse resp;
+              };
+              auto* call = new Call;
+              call->ctx.set_deadline(conn->Deadline());
+              call->req.set_key(id);
+              call->req.set_min_version(min_version);
+              call->req.set_rank(conn->options.rank);
+              const int server = p.server;
+              float* dst = dsts[0] + p.begin;
+              const int64_t len = p.end - p.begin;
+              std::vector<float*> others(dsts.begin() + 1, dsts.end());
+              conn->stubs[server]->async()->Pull(
+                  &call->ctx, &call->req, &call->resp,
+                  [conn, call, join, e, server, dst, len, others, begin = p.begin](grpc::Status s) {
+                    absl::Status st = conn->Named(FromGrpc(s), "pull", e->label, server);
+                    if (st.ok()) {
+                      const std::string& bytes = call->resp.value().data();
+                      if (bytes.size() != static_cast<size_t>(len) * sizeof(float)) {
+                        st = absl::DataLossError(absl::StrCat(
+                            "pull of key ", e->label, ": server ", conn->options.servers[server],
+                            " sent ", bytes.size(), " bytes, expected ", len * sizeof(float)));
+                      } else {
+                        std::memcpy(dst, bytes.data(), bytes.size());
+                        for (float* o : others) std::memcpy(o + begin, bytes.data(), bytes.size());
+                      }
+                    }
+                    join->Finish(st);
+                    delete call;
+                  });
+            }
+          },
+          cpu(), {e->token.var()}, writes, priority, e->pull_name.c_str());
+    });
+  }
+
+  void SetUpdater(Updater) override {
+    // Updates run on the servers (SetOptimizer); a C++ callable cannot be
+    // sent there.
+    throw Error(absl::UnimplementedError(
+        "SetUpdater: a distributed store updates on the servers; use SetOptimizer"));
+  }
+
+  absl::Status SetOptimizer(std::unique_ptr<Optimizer> optimizer) override {
+    for (size_t s = 0; s < conn_->stubs.size(); ++s) {
+      proto::SetOptimizerRequest req;
+      req.set_name(optimizer->name());
+      for (const auto& [k, v] : optimizer->options()) (*req.mutable_options())[k] = v;
+      proto::SetOptimizerResponse resp;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(conn_->Deadline());
+      MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[s]->SetOptimizer(&ctx, req, &resp)),
+                               "set_optimizer", "-", static_cast<int>(s)));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SaveOptimizerStates(const std::string&) const override {
+    return absl::UnimplementedError(
+        "SaveOptimizerStates: the servers' optimizer state cannot be saved yet");
+  }
+  absl::Status LoadOptimizerStates(const std::string&) override {
+    return absl::UnimplementedError(
+        "LoadOptimizerStates: the servers' optimizer state cannot be loaded yet");
+  }
+
+  absl::Status Barrier() override {
+    return absl::UnimplementedError("Barrier: needs the coordinator service");
+  }
+
+ private:
+  struct Part {
+    int server;
+    int64_t begin, end;  // element range of the flattened key
+  };
+  struct Entry {
+    Shape shape;
+    std::vector<Part> parts;
+    NDArray token;   // written by pushes, read by pulls: orders them
+    NDArray merged;  // the sum of a multi-device push
+    int64_t pushes = 0;
+    std::string label, push_name, pull_name;
+  };
+
+  std::vector<Part> Partition(int key, int64_t n) const {
+    const int servers = static_cast<int>(conn_->stubs.size());
+    if (n < conn_->options.big_key_bound || servers == 1) {
+      return {{ServerForKey(key, servers), 0, n}};
+    }
+    std::vector<Part> parts;
+    for (int s = 0; s < servers; ++s) parts.push_back({s, n * s / servers, n * (s + 1) / servers});
+    return parts;
+  }
+
+  absl::StatusOr<std::shared_ptr<Entry>> Find(const Key& key, const char* what) {
+    auto it = keys_.find(key.id());
+    if (it == keys_.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " of key ", key.label(), ": the key was never initialized (call Init first)"));
+    }
+    return it->second;
+  }
+
+  // The sum of the device copies (the value itself for one CPU copy).
+  NDArray Sum(Entry* e, const std::vector<NDArray>& values, int priority) {
+    if (values.size() == 1) {
+      internal::RequireHostMemory(values[0], "push");
+      return values[0];
+    }
+    if (e->merged.is_none()) e->merged = Empty(e->shape);
+    NDArray sum = values[0] + values[1];
+    for (size_t i = 2; i < values.size(); ++i) sum += values[i];
+    internal::Copy(sum, e->merged, priority, e->push_name.c_str());
+    return e->merged;
+  }
+
+  std::shared_ptr<Conn> conn_;
+  std::map<int, std::shared_ptr<Entry>> keys_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOptions& options) {
+  if (options.servers.empty()) return absl::InvalidArgumentError("dist kvstore: no servers");
+  if (options.rank < 0 || options.rank >= options.num_workers) {
+    return absl::InvalidArgumentError(absl::StrCat("dist kvstore: rank ", options.rank,
+                                                   " outside 0..", options.num_workers - 1));
+  }
+  return std::unique_ptr<KVStore>(new DistKVStore(options));
+}
+
+}  // namespace mx

@@ -1,0 +1,41 @@
+// The distributed KVStore client (dist_sync, dist_async): a worker's view of
+// the parameter servers.
+//
+// Keys are partitioned across servers: a key smaller than `big_key_bound`
+// elements lives whole on one server chosen by hash; a larger one is split
+// into one contiguous slice per server, pushed and pulled in parallel.
+// Pushes and pulls are engine operations with gRPC calls in flight; every
+// call has a deadline, and a failure (a server that died, a bad request) is
+// stored on the pull's outputs with a message naming the server and key.
+//
+// This header includes no gRPC or protobuf header.
+#ifndef MX_KVSTORE_DIST_KVSTORE_H_
+#define MX_KVSTORE_DIST_KVSTORE_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "kvstore/kvstore.h"
+
+namespace mx {
+
+struct DistKVStoreOptions {
+  std::vector<std::string> servers;  // host:port, by server rank
+  int rank = 0;                      // this worker
+  int num_workers = 1;
+  bool sync = true;                  // dist_sync, else dist_async
+  int64_t big_key_bound = 1 << 20;   // elements; larger keys are split
+  absl::Duration rpc_timeout = absl::Seconds(30);
+};
+
+absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOptions& options);
+
+// The server that holds a key below the bound (exposed for tests).
+int ServerForKey(int key, int num_servers);
+
+}  // namespace mx
+
+#endif  // MX_KVSTORE_DIST_KVSTORE_H_

@@ -1,0 +1,35 @@
+// The parameter server's gRPC KVStore service over a ParameterShard.
+#ifndef MX_SERVER_KVSTORE_SERVICE_H_
+#define MX_SERVER_KVSTORE_SERVICE_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "server/shard.h"
+
+namespace mx {
+
+// A running parameter server: a gRPC server on `bind_address` (host:port;
+// port 0 picks a free one) serving one shard. Stops (and waits for
+// in-flight calls) when destroyed.
+class ParameterServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<ParameterServer>> Start(
+      const std::string& bind_address, ShardOptions options);
+  ~ParameterServer();
+  // host:port it listens on, with the port actually bound.
+  const std::string& address() const { return address_; }
+  ParameterShard& shard() { return *shard_; }
+
+ private:
+  ParameterServer() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::unique_ptr<ParameterShard> shard_;
+  std::string address_;
+};
+
+}  // namespace mx
+
+#endif  // MX_SERVER_KVSTORE_SERVICE_H_

@@ -1,0 +1,185 @@
+// The distributed KVStore against parameter servers on 127.0.0.1 (in this
+// process, on free ports), with threads standing in for workers.
+#include <thread>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kvstore/dist_kvstore.h"
+#include "server/kvstore_service.h"
+
+namespace mx {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+struct Cluster {
+  std::vector<std::unique_ptr<ParameterServer>> servers;
+  std::vector<std::string> addresses;
+};
+
+Cluster StartServers(int n, int workers, bool sync = true) {
+  Cluster c;
+  for (int i = 0; i < n; ++i) {
+    auto s = ParameterServer::Start("127.0.0.1:0", {sync, workers, false});
+    EXPECT_TRUE(s.ok()) << s.status();
+    c.addresses.push_back((*s)->address());
+    c.servers.push_back(*std::move(s));
+  }
+  return c;
+}
+
+std::unique_ptr<KVStore> Worker(const Cluster& c, int rank, int workers, int64_t bound,
+                                bool sync = true) {
+  DistKVStoreOptions o;
+  o.servers = c.addresses;
+  o.rank = rank;
+  o.num_workers = workers;
+  o.sync = sync;
+  o.big_key_bound = bound;
+  o.rpc_timeout = absl::Seconds(5);
+  auto kv = CreateDistKVStore(o);
+  EXPECT_TRUE(kv.ok()) << kv.status();
+  return *std::move(kv);
+}
+
+// Gradient of worker `rank` at `step` for a key of n elements: values whose
+// float sum depends on the order of addition.
+std::vector<float> Grad(int rank, int step, int64_t n) {
+  std::vector<float> g(n);
+  for (int64_t i = 0; i < n; ++i) g[i] = (rank == 0 ? 1e7f : 0.3f) * (1 + (i + step) % 5) - rank;
+  return g;
+}
+
+TEST(DistSync, TwoServersTwoWorkersMatchASingleProcessBitForBit) {
+  constexpr int kWorkers = 2, kSteps = 5;
+  const std::vector<int64_t> sizes = {3, 40};  // key 1 small, key 2 split (bound 16)
+  Cluster c = StartServers(2, kWorkers);
+  std::vector<std::vector<std::vector<float>>> pulled(kWorkers);
+  std::vector<std::thread> workers;
+  for (int r = 0; r < kWorkers; ++r) {
+    workers.emplace_back([&, r] {
+      auto kv = Worker(c, r, kWorkers, /*bound=*/16);
+      auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
+      ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        ASSERT_TRUE(kv->Init(static_cast<int>(k + 1), Ones({sizes[k]})).ok());
+      }
+      for (int step = 0; step < kSteps; ++step) {
+        for (size_t k = 0; k < sizes.size(); ++k) {
+          NDArray g = FromVector(Grad(r, step, sizes[k]));
+          ASSERT_TRUE(kv->Push(static_cast<int>(k + 1), g).ok());
+        }
+      }
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        NDArray out = Empty({sizes[k]});
+        ASSERT_TRUE(kv->Pull(static_cast<int>(k + 1), &out).ok());
+        pulled[r].push_back(out.ToVector());
+      }
+    });
+  }
+  for (auto& t : workers) t.join();
+
+  // The reference: the same rank-order sums through the same optimizer.
+  auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
+  ASSERT_TRUE(sgd.ok());
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    NDArray w = Ones({sizes[k]});
+    for (int step = 0; step < kSteps; ++step) {
+      std::vector<float> sum(sizes[k], 0.0f);
+      for (int r = 0; r < kWorkers; ++r) {
+        std::vector<float> g = Grad(r, step, sizes[k]);
+        for (int64_t i = 0; i < sizes[k]; ++i) sum[i] += g[i];
+      }
+      (*sgd)->Update(static_cast<int>(k + 1), w, FromVector(sum));
+    }
+    std::vector<float> want = w.ToVector();
+    for (int r = 0; r < kWorkers; ++r) {
+      ASSERT_EQ(pulled[r][k].size(), want.size());
+      EXPECT_EQ(0, std::memcmp(pulled[r][k].data(), want.data(), want.size() * sizeof(float)))
+          << "key " << k + 1 << " worker " << r;
+    }
+  }
+  // Key 2 is split: each server holds one half.
+  for (int s = 0; s < 2; ++s) {
+    auto half = c.servers[s]->shard().Pull(2, kSteps, absl::Now() + absl::Seconds(1));
+    ASSERT_TRUE(half.ok()) << half.status();
+    EXPECT_EQ(half->data.size(), 20u);
+  }
+}
+
+TEST(DistSync, BigKeyRoundTripsAcrossServers) {
+  Cluster c = StartServers(3, 1);
+  auto kv = Worker(c, 0, 1, /*bound=*/100);
+  std::vector<float> v(1000);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i);
+  ASSERT_TRUE(kv->Init(5, FromVector(v)).ok());
+  NDArray a = Empty({1000}), b = Empty({1000}, cpu(1));
+  ASSERT_TRUE(kv->Pull(5, {a, b}).ok());
+  EXPECT_EQ(a.ToVector(), v);
+  EXPECT_EQ(b.ToVector(), v);
+  // Without an optimizer a push replaces the value with the sum.
+  ASSERT_TRUE(kv->Push(5, {FromVector(v), FromVector(v)}).ok());
+  ASSERT_TRUE(kv->Pull(5, &a).ok());
+  EXPECT_EQ(a.ToVector()[999], 2 * 999.0f);
+}
+
+TEST(DistAsync, PushesApplyOnArrival) {
+  Cluster c = StartServers(1, 2, /*sync=*/false);
+  auto kv = Worker(c, 1, 2, 1 << 20, /*sync=*/false);
+  auto sgd = Optimizer::Create("sgd", {{"learning_rate", "1"}});
+  ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+  ASSERT_TRUE(kv->Init(1, Zeros({2})).ok());
+  ASSERT_TRUE(kv->Push(1, FromVector({1, 2})).ok());
+  NDArray out = Empty({2});
+  ASSERT_TRUE(kv->Pull(1, &out).ok());  // no other worker needed
+  EXPECT_THAT(out.ToVector(), ElementsAre(-1, -2));
+}
+
+TEST(DistErrors, BadRequestsNameKeyAndServer) {
+  Cluster c = StartServers(1, 2);
+  auto kv = Worker(c, 0, 2, 1 << 20);
+  EXPECT_THAT(kv->Push(3, Ones({2})).message(), HasSubstr("never initialized"));
+  ASSERT_TRUE(kv->Init(3, Ones({2})).ok());
+  EXPECT_THAT(kv->Push(3, Ones({3})).message(), HasSubstr("(3,)"));
+  // Another worker initializes the key with another shape: the server says no.
+  auto other = Worker(c, 1, 2, 1 << 20);
+  absl::Status s = other->Init(3, Ones({4}));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("server 0 (" + c.addresses[0] + ")"));
+  EXPECT_THAT(s.message(), HasSubstr("already initialized with shape (2,)"));
+}
+
+TEST(DistErrors, PullFromAStoppedServerFailsWithinTheDeadlineNamingIt) {
+  Cluster c = StartServers(1, 1);
+  DistKVStoreOptions o;
+  o.servers = c.addresses;
+  o.rpc_timeout = absl::Seconds(2);
+  auto kv = CreateDistKVStore(o);
+  ASSERT_TRUE(kv.ok());
+  ASSERT_TRUE((*kv)->Init(1, Ones({2})).ok());
+  c.servers.clear();  // the server goes away
+  NDArray out = Empty({2});
+  const absl::Time start = absl::Now();
+  ASSERT_TRUE((*kv)->Pull(1, &out).ok());  // pushed to the engine
+  try {
+    out.WaitToRead();
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr(c.addresses[0]));
+    EXPECT_THAT(e.what(), HasSubstr("pull of key 1"));
+  }
+  EXPECT_LT(absl::Now() - start, absl::Seconds(4));
+}
+
+TEST(DistKVStoreOptions, BadOptionsAreErrors) {
+  DistKVStoreOptions o;
+  EXPECT_EQ(CreateDistKVStore(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.servers = {"127.0.0.1:1"};
+  o.rank = 2;
+  o.num_workers = 2;
+  EXPECT_THAT(CreateDistKVStore(o).status().message(), HasSubstr("rank 2 outside 0..1"));
+}
+
+}  // namespace
+}  // namespace mx
