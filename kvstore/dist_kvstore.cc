@@ -3,6 +3,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <thread>
 #include <condition_variable>
 #include <cstring>
 #include <map>
@@ -63,6 +65,18 @@ struct Conn {
   DistKVStoreOptions options;
   std::vector<std::unique_ptr<proto::KVStoreService::Stub>> stubs;
 
+  // Set when the coordinator reports a dead node: later calls fail with it.
+  absl::Status Failure() const {
+    std::lock_guard<std::mutex> lock(mu);
+    return failure;
+  }
+  void Fail(absl::Status s) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (failure.ok()) failure = std::move(s);
+  }
+  mutable std::mutex mu;
+  absl::Status failure;  // guarded by mu
+
   std::chrono::system_clock::time_point Deadline() const {
     return std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options.rpc_timeout);
   }
@@ -81,6 +95,30 @@ class DistKVStore : public KVStore {
     for (const std::string& address : options.servers) {
       conn_->stubs.push_back(proto::KVStoreService::NewStub(SharedChannel(address)));
     }
+  }
+
+  ~DistKVStore() override {
+    if (heartbeat_.joinable()) {
+      {
+        std::lock_guard<std::mutex> lock(stop_mu_);
+        stop_ = true;
+      }
+      stop_cv_.notify_all();
+      heartbeat_.join();
+    }
+  }
+
+  // Joins the cluster through the coordinator: heartbeats every second.
+  void AttachCoordinator(std::unique_ptr<proto::Coordinator::Stub> coordinator) {
+    coordinator_ = std::move(coordinator);
+    heartbeat_ = std::thread([this] {
+      std::unique_lock<std::mutex> lock(stop_mu_);
+      while (!stop_cv_.wait_for(lock, std::chrono::seconds(1), [this] { return stop_; })) {
+        lock.unlock();
+        Heartbeat();
+        lock.lock();
+      }
+    });
   }
 
   int rank() const override { return conn_->options.rank; }
@@ -124,6 +162,7 @@ class DistKVStore : public KVStore {
   }
 
   absl::Status Push(Key key, const std::vector<NDArray>& values, int priority) override {
+    MX_RETURN_IF_ERROR(conn_->Failure());
     MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "push"));
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "push", "value", values, e->shape));
     return internal::Guard([&] {
@@ -158,6 +197,7 @@ class DistKVStore : public KVStore {
   }
 
   absl::Status Pull(Key key, const std::vector<NDArray>& outs, int priority) override {
+    MX_RETURN_IF_ERROR(conn_->Failure());
     MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "pull"));
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pull", "output", outs, e->shape));
     return internal::Guard([&] {
@@ -247,7 +287,19 @@ class DistKVStore : public KVStore {
   }
 
   absl::Status Barrier() override {
-    return absl::UnimplementedError("Barrier: needs the coordinator service");
+    if (coordinator_ == nullptr) {
+      return absl::FailedPreconditionError("Barrier: this store was not created through a coordinator");
+    }
+    WaitAll();
+    proto::BarrierRequest req;
+    req.set_rank(conn_->options.rank);
+    req.set_epoch(barriers_++);
+    proto::BarrierResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(conn_->Deadline());
+    absl::Status s = FromGrpc(coordinator_->Barrier(&ctx, req, &resp));
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("barrier: ", s.message()));
+    return absl::OkStatus();
   }
 
  private:
@@ -296,10 +348,86 @@ class DistKVStore : public KVStore {
     return e->merged;
   }
 
+  void Heartbeat() {
+    proto::HeartbeatRequest req;
+    req.set_role(proto::WORKER);
+    req.set_rank(conn_->options.rank);
+    proto::HeartbeatResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    grpc::Status s = coordinator_->Heartbeat(&ctx, req, &resp);
+    if (!s.ok()) {
+      conn_->Fail(absl::UnavailableError(absl::StrCat("the coordinator is unreachable: ",
+                                                      s.error_message())));
+      return;
+    }
+    for (const proto::NodeInfo& dead : resp.dead()) {
+      conn_->Fail(absl::UnavailableError(absl::StrCat(
+          dead.role() == proto::SERVER ? "server " : "worker ", dead.rank(), " (",
+          dead.address(), ") died: it stopped sending heartbeats")));
+    }
+  }
+
   std::shared_ptr<Conn> conn_;
   std::map<int, std::shared_ptr<Entry>> keys_;
+  std::unique_ptr<proto::Coordinator::Stub> coordinator_;
+  std::thread heartbeat_;
+  std::mutex stop_mu_;
+  std::condition_variable stop_cv_;
+  bool stop_ = false;  // guarded by stop_mu_
+  int64_t barriers_ = 0;
 };
 
+}  // namespace
+
+namespace {
+
+std::string Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? "" : v;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const std::string& type) {
+  std::string coordinator = Env("MX_COORDINATOR");
+  if (coordinator.empty() && !Env("DMLC_PS_ROOT_URI").empty()) {
+    coordinator = absl::StrCat(Env("DMLC_PS_ROOT_URI"), ":", Env("DMLC_PS_ROOT_PORT"));
+  }
+  if (coordinator.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "kvstore ", type, ": set MX_COORDINATOR=host:port (or DMLC_PS_ROOT_URI and "
+        "DMLC_PS_ROOT_PORT); deploy/launch.py does this"));
+  }
+  DistKVStoreOptions options;
+  options.sync = type != "dist_async";
+  if (std::string t = Env("MX_RPC_TIMEOUT_S"); !t.empty()) {
+    options.rpc_timeout = absl::Seconds(std::max(1, std::atoi(t.c_str())));
+  }
+  auto stub = proto::Coordinator::NewStub(SharedChannel(coordinator));
+  proto::RegisterRequest req;
+  req.set_role(proto::WORKER);
+  proto::RegisterResponse resp;
+  grpc::ClientContext ctx;
+  // Every node of the job must start and register within this time.
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  ctx.set_wait_for_ready(true);  // the coordinator may still be starting
+  absl::Status s = FromGrpc(stub->Register(&ctx, req, &resp));
+  if (!s.ok()) {
+    return absl::Status(s.code(), absl::StrCat("registering with the coordinator at ",
+                                               coordinator, ": ", s.message()));
+  }
+  options.rank = resp.self().rank();
+  options.num_workers = resp.workers_size();
+  for (const proto::NodeInfo& server : resp.servers()) options.servers.push_back(server.address());
+  MX_ASSIGN_OR_RETURN(std::unique_ptr<KVStore> kv, CreateDistKVStore(options));
+  static_cast<DistKVStore*>(kv.get())->AttachCoordinator(std::move(stub));
+  return kv;
+}
+
+namespace {
+const bool kRegistered = KVStore::RegisterType("dist_sync", CreateDistKVStoreFromEnvironment) &&
+                         KVStore::RegisterType("dist_async", CreateDistKVStoreFromEnvironment);
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOptions& options) {

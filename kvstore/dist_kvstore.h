@@ -33,6 +33,14 @@ struct DistKVStoreOptions {
 
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOptions& options);
 
+// KVStore::Create("dist_sync" | "dist_async") for a worker started by the
+// launcher: registers with the coordinator at MX_COORDINATOR (host:port) or
+// DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT, learns its rank and the servers, and
+// heartbeats every second; a node the coordinator declares dead makes later
+// calls fail with its role, rank and address. MX_RPC_TIMEOUT_S bounds every
+// call (default 30).
+absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const std::string& type);
+
 // The server that holds a key below the bound (exposed for tests).
 int ServerForKey(int key, int num_servers);
 

@@ -1,5 +1,7 @@
 #include "kvstore/kvstore.h"
 
+#include <map>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kvstore/kvstore_internal.h"
@@ -41,8 +43,21 @@ absl::Status KVStore::Broadcast(Key key, const NDArray& value, const std::vector
   return Pull(key, outs, priority);
 }
 
+namespace {
+std::map<std::string, KVStore::Factory>& Factories() {
+  static auto* factories = new std::map<std::string, KVStore::Factory>;
+  return *factories;
+}
+}  // namespace
+
+bool KVStore::RegisterType(const std::string& type, Factory factory) {
+  Factories()[type] = std::move(factory);
+  return true;
+}
+
 absl::StatusOr<std::unique_ptr<KVStore>> KVStore::Create(const std::string& type) {
   if (type == "local") return internal::NewLocalKVStore(type);
+  if (auto it = Factories().find(type); it != Factories().end()) return it->second(type);
   if (type == "device" || type == "nccl") {
     return absl::FailedPreconditionError(absl::StrCat(
         "kvstore type '", type, "' reduces on GPUs: ",
@@ -52,8 +67,8 @@ absl::StatusOr<std::unique_ptr<KVStore>> KVStore::Create(const std::string& type
   }
   if (type == "dist_sync" || type == "dist_async" || type == "dist_device_sync") {
     return absl::UnimplementedError(absl::StrCat(
-        "kvstore type '", type, "' needs the parameter-server client, which this build "
-        "does not include yet"));
+        "kvstore type '", type, "' needs the parameter-server client, which this binary "
+        "was built without (link //kvstore:dist_kvstore)"));
   }
   return absl::InvalidArgumentError(absl::StrCat(
       "unknown kvstore type '", type,

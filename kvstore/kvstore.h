@@ -65,7 +65,14 @@ class KVStore {
   // operations (which the engine orders).
   using Updater = std::function<void(int key, const NDArray& merged, NDArray* stored)>;
 
+  // The store of a type. The dist_* types need //kvstore:dist_kvstore linked
+  // in (it registers them) and read the cluster from the environment (see
+  // kvstore/dist_kvstore.h).
   static absl::StatusOr<std::unique_ptr<KVStore>> Create(const std::string& type);
+
+  using Factory = std::function<absl::StatusOr<std::unique_ptr<KVStore>>(const std::string& type)>;
+  // Adds a factory for a type (at static initialization).
+  static bool RegisterType(const std::string& type, Factory factory);
   virtual ~KVStore() = default;
 
   const std::string& type() const { return type_; }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -82,11 +83,15 @@ absl::StatusOr<std::vector<std::unique_ptr<Executor>>> FeedForward::BindAll(
   return execs;
 }
 
-absl::Status FeedForward::SetUpUpdates(const Executor& exec, const FitOptions& options,
-                                       int batch_size, const std::vector<std::string>& params) {
+absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executor>>& execs,
+                                       const FitOptions& options, int batch_size,
+                                       const std::vector<std::string>& params) {
+  const Executor& exec = *execs[0];
   Optimizer::Options opt_options = options.optimizer_options;
   if (!opt_options.count("rescale_grad")) {
-    opt_options["rescale_grad"] = absl::StrCat(1.0 / batch_size);
+    const bool summed = options.store != nullptr && options.store->type() == "dist_sync";
+    const int workers = summed ? options.store->num_workers() : 1;
+    opt_options["rescale_grad"] = absl::StrCat(1.0 / (static_cast<double>(batch_size) * workers));
   }
   MX_ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> optimizer,
                       Optimizer::Create(options.optimizer, opt_options));
@@ -95,19 +100,32 @@ absl::Status FeedForward::SetUpUpdates(const Executor& exec, const FitOptions& o
   optimizer->SetParamNames(names);
   optimizer->SetLrMult(MultFromAttrs(symbol_, "__lr_mult__"));
   optimizer->SetWdMult(MultFromAttrs(symbol_, "__wd_mult__"));
-  kvstore_.reset();
+  kvstore_ = nullptr;
+  owned_kvstore_.reset();
   optimizer_.reset();
-  if (contexts_.size() == 1) {
+  if (contexts_.size() == 1 && options.store == nullptr) {
     optimizer_ = std::move(optimizer);
     if (!options.optimizer_states_path.empty()) {
       return optimizer_->LoadStatesFromFile(options.optimizer_states_path);
     }
     return absl::OkStatus();
   }
-  MX_ASSIGN_OR_RETURN(kvstore_, KVStore::Create(options.kvstore));
+  if (options.store != nullptr) {
+    kvstore_ = options.store;
+  } else {
+    MX_ASSIGN_OR_RETURN(owned_kvstore_, KVStore::Create(options.kvstore));
+    kvstore_ = owned_kvstore_.get();
+  }
   MX_RETURN_IF_ERROR(kvstore_->SetOptimizer(std::move(optimizer)));
   for (size_t i = 0; i < params.size(); ++i) {
     MX_RETURN_IF_ERROR(kvstore_->Init(static_cast<int>(i), exec.arg_dict().at(params[i])));
+  }
+  // Start every device (and, distributed, every worker) from the store's
+  // values: the first Init of a key wins.
+  for (size_t i = 0; i < params.size(); ++i) {
+    std::vector<NDArray> weights;
+    for (const auto& e : execs) weights.push_back(e->arg_dict().at(params[i]));
+    MX_RETURN_IF_ERROR(kvstore_->Pull(static_cast<int>(i), weights));
   }
   if (!options.optimizer_states_path.empty()) {
     return kvstore_->LoadOptimizerStates(options.optimizer_states_path);
@@ -191,7 +209,7 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
     }
     return absl::OkStatus();
   }));
-  MX_RETURN_IF_ERROR(SetUpUpdates(exec, options, train->batch_size(), params));
+  MX_RETURN_IF_ERROR(SetUpUpdates(execs, options, train->batch_size(), params));
 
   MX_ASSIGN_OR_RETURN(auto metric, CreateMetric(options.eval_metric));
   const int64_t share = train->batch_size() / static_cast<int64_t>(execs.size());
@@ -336,7 +354,14 @@ absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) c
   if (optimizer_ != nullptr) {
     MX_RETURN_IF_ERROR(optimizer_->SaveStatesToFile(CheckpointStatesPath(prefix, epoch)));
   } else if (kvstore_ != nullptr) {
-    MX_RETURN_IF_ERROR(kvstore_->SaveOptimizerStates(CheckpointStatesPath(prefix, epoch)));
+    absl::Status s = kvstore_->SaveOptimizerStates(CheckpointStatesPath(prefix, epoch));
+    if (absl::IsUnimplemented(s)) {
+      // Parameter servers cannot hand out their optimizer state yet: the
+      // checkpoint has symbol and parameters; resuming restarts momentum.
+      std::fprintf(stderr, "warning: %s\n", std::string(s.message()).c_str());
+    } else {
+      MX_RETURN_IF_ERROR(s);
+    }
   }
   return absl::OkStatus();
 }

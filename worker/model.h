@@ -75,6 +75,11 @@ struct FitOptions {
   // The KVStore that sums gradients and applies the optimizer when training
   // on several contexts (one context updates in place, without a store).
   std::string kvstore = "local";
+  // An existing store to train through instead (distributed training: the
+  // caller creates it first to learn its rank, for partitioning the data).
+  // With a dist_sync store, rescale_grad defaults to 1 / (batch size x
+  // workers), as the servers sum every worker's gradient.
+  KVStore* store = nullptr;
   std::vector<BatchEndCallback> batch_end_callbacks;
   std::vector<EpochEndCallback> epoch_end_callbacks;
 };
@@ -110,7 +115,8 @@ class FeedForward {
   // batch; or, for inference, one executor on the first context.
   absl::StatusOr<std::vector<std::unique_ptr<Executor>>> BindAll(
       const DataIter& data, bool for_training);
-  absl::Status SetUpUpdates(const Executor& exec, const FitOptions& options, int batch_size,
+  absl::Status SetUpUpdates(const std::vector<std::unique_ptr<Executor>>& execs,
+                            const FitOptions& options, int batch_size,
                             const std::vector<std::string>& params);
   void Update(const std::vector<std::unique_ptr<Executor>>& execs,
               const std::vector<std::string>& params);
@@ -124,7 +130,8 @@ class FeedForward {
   // Exactly one of the two applies updates: the optimizer for one context,
   // the KVStore (which owns the optimizer then) for several.
   std::unique_ptr<Optimizer> optimizer_;
-  std::unique_ptr<KVStore> kvstore_;
+  KVStore* kvstore_ = nullptr;  // owned_kvstore_ or FitOptions::store
+  std::unique_ptr<KVStore> owned_kvstore_;
 };
 
 // Callbacks in the manner of MXNet's mx.callback.

@@ -25,6 +25,7 @@
 #include "absl/strings/strip.h"
 #include "graph/symbol.h"
 #include "ndarray/ndarray.h"
+#include "kvstore/kvstore.h"
 #include "worker/checkpoint.h"
 #include "worker/io.h"
 #include "worker/model.h"
@@ -39,7 +40,8 @@ ABSL_FLAG(std::string, train_label_csv, "", "training labels as CSV");
 ABSL_FLAG(std::string, test_csv, "", "test data as CSV");
 ABSL_FLAG(std::string, test_label_csv, "", "test labels as CSV");
 ABSL_FLAG(std::string, kvstore, "local",
-          "KVStore type: local (single process; others need the KVStore module)");
+          "KVStore type: local, or dist_sync / dist_async for a job started by "
+          "deploy/launch.py (the cluster comes from the environment)");
 ABSL_FLAG(std::string, optimizer, "sgd", "sgd, nag, adam, adagrad, rmsprop or adadelta");
 ABSL_FLAG(double, lr, 0.1, "learning rate");
 ABSL_FLAG(double, momentum, 0.0, "momentum (sgd, nag)");
@@ -118,7 +120,7 @@ std::string DataFile(const std::string& dir, const std::string& stem) {
   return std::ifstream(gz).good() ? gz : absl::StrCat(dir, "/", stem);
 }
 
-absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(bool train, bool flat) {
+absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(bool train, bool flat, int part, int parts) {
   const int batch = absl::GetFlag(FLAGS_batch_size);
   if (batch <= 0) return absl::InvalidArgumentError("--batch_size must be positive");
   const std::string csv = absl::GetFlag(train ? FLAGS_train_csv : FLAGS_test_csv);
@@ -130,6 +132,10 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(bool train, bool flat) {
     o.batch_size = batch;
     o.shuffle = train;
     o.seed = absl::GetFlag(FLAGS_seed);
+    if (train) {
+      o.part_index = part;
+      o.num_parts = parts;
+    }
     return CsvIter(o);
   }
   const std::string dir = absl::GetFlag(FLAGS_data_dir);
@@ -140,17 +146,25 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(bool train, bool flat) {
   o.shuffle = train;
   o.seed = absl::GetFlag(FLAGS_seed);
   o.flat = flat;
+  if (train) {
+    o.part_index = part;
+    o.num_parts = parts;
+  }
   MX_ASSIGN_OR_RETURN(auto iter, MnistIter(o));
   return PrefetchingIter(std::move(iter));
 }
 
 absl::Status Run() {
   srand(absl::GetFlag(FLAGS_seed));
-  if (absl::GetFlag(FLAGS_kvstore) != "local") {
-    return absl::UnimplementedError(absl::StrCat(
-        "--kvstore=", absl::GetFlag(FLAGS_kvstore),
-        ": only 'local' (single process) is available in this build"));
+  // A distributed store first: its rank selects this worker's part of the data.
+  std::unique_ptr<KVStore> store;
+  const std::string kv_type = absl::GetFlag(FLAGS_kvstore);
+  if (kv_type != "local") {
+    MX_ASSIGN_OR_RETURN(store, KVStore::Create(kv_type));
+    std::cout << "worker " << store->rank() << " of " << store->num_workers() << " (" << kv_type
+              << ")" << std::endl;
   }
+  const int part = store ? store->rank() : 0, parts = store ? store->num_workers() : 1;
   MX_ASSIGN_OR_RETURN(std::vector<Context> contexts, ParseContexts(absl::GetFlag(FLAGS_contexts)));
   const std::string network = absl::GetFlag(FLAGS_network);
   const std::string prefix = absl::GetFlag(FLAGS_checkpoint_prefix);
@@ -170,8 +184,8 @@ absl::Status Run() {
     if (!net.ok()) return net.status();
     model = std::make_unique<FeedForward>(*net, contexts);
   }
-  MX_ASSIGN_OR_RETURN(auto train, MakeIter(true, false));
-  MX_ASSIGN_OR_RETURN(auto test, MakeIter(false, false));
+  MX_ASSIGN_OR_RETURN(auto train, MakeIter(true, false, part, parts));
+  MX_ASSIGN_OR_RETURN(auto test, MakeIter(false, false, 0, 1));
 
   FitOptions fit;
   fit.num_epoch = absl::GetFlag(FLAGS_epochs);
@@ -181,6 +195,7 @@ absl::Status Run() {
   if (resume > 0) fit.optimizer_states_path = CheckpointStatesPath(prefix, resume);
   fit.initializer = absl::GetFlag(FLAGS_initializer);
   fit.eval_metric = absl::GetFlag(FLAGS_eval_metric);
+  fit.store = store.get();
   MX_ASSIGN_OR_RETURN(fit.initializer_options,
                       KeyValues("initializer_options", absl::GetFlag(FLAGS_initializer_options)));
 

@@ -1,0 +1,168 @@
+#include "server/coordinator.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "proto/mx.grpc.pb.h"
+#include "proto/wire.h"
+
+namespace mx {
+
+namespace {
+
+const char* RoleName(proto::Role r) { return r == proto::SERVER ? "server" : "worker"; }
+
+class Service final : public proto::Coordinator::Service {
+ public:
+  explicit Service(CoordinatorOptions options) : options_(options) {}
+
+  grpc::Status Register(grpc::ServerContext* ctx, const proto::RegisterRequest* req,
+                        proto::RegisterResponse* resp) override {
+    absl::MutexLock lock(&mu_);
+    std::vector<proto::NodeInfo>& nodes = req->role() == proto::SERVER ? servers_ : workers_;
+    const int expected = req->role() == proto::SERVER ? options_.num_servers : options_.num_workers;
+    if (static_cast<int>(nodes.size()) >= expected) {
+      return ToGrpc(absl::FailedPreconditionError(absl::StrCat(
+          "register: all ", expected, " ", RoleName(req->role()), "s have already registered")));
+    }
+    proto::NodeInfo self;
+    self.set_role(req->role());
+    self.set_rank(static_cast<int>(nodes.size()));
+    self.set_address(req->address());
+    nodes.push_back(self);
+    last_seen_[{req->role(), self.rank()}] = absl::Now();
+    auto all_here = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return static_cast<int>(servers_.size()) == options_.num_servers &&
+             static_cast<int>(workers_.size()) == options_.num_workers;
+    };
+    if (!mu_.AwaitWithDeadline(absl::Condition(&all_here), absl::FromChrono(ctx->deadline()))) {
+      return ToGrpc(absl::DeadlineExceededError(absl::StrCat(
+          "register: only ", servers_.size(), " of ", options_.num_servers, " servers and ",
+          workers_.size(), " of ", options_.num_workers, " workers registered in time")));
+    }
+    *resp->mutable_self() = self;
+    for (const auto& s : servers_) *resp->add_servers() = s;
+    for (const auto& w : workers_) *resp->add_workers() = w;
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Heartbeat(grpc::ServerContext*, const proto::HeartbeatRequest* req,
+                         proto::HeartbeatResponse* resp) override {
+    absl::MutexLock lock(&mu_);
+    auto key = std::make_pair(req->role(), req->rank());
+    if (!dead_.count(key)) last_seen_[key] = absl::Now();
+    for (const auto& [node, info] : dead_) *resp->add_dead() = info;
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Barrier(grpc::ServerContext* ctx, const proto::BarrierRequest* req,
+                       proto::BarrierResponse*) override {
+    absl::MutexLock lock(&mu_);
+    entered_[req->epoch()].insert(req->rank());
+    auto done = [this, epoch = req->epoch()]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      if (DeadWorkers() > 0) return true;
+      return static_cast<int>(entered_[epoch].size()) >= options_.num_workers;
+    };
+    if (!mu_.AwaitWithDeadline(absl::Condition(&done), absl::FromChrono(ctx->deadline()))) {
+      return ToGrpc(absl::DeadlineExceededError(absl::StrCat("barrier ", req->epoch(),
+                                                             ": not every worker arrived in time")));
+    }
+    if (DeadWorkers() > 0) return ToGrpc(absl::UnavailableError(absl::StrCat("barrier: ", DeadList())));
+    return grpc::Status::OK;
+  }
+
+  // Declares nodes dead whose last heartbeat is older than the timeout.
+  void Sweep() {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = absl::Now();
+    for (const auto& [node, seen] : last_seen_) {
+      if (dead_.count(node) || now - seen < options_.heartbeat_timeout) continue;
+      proto::NodeInfo info;
+      info.set_role(node.first);
+      info.set_rank(node.second);
+      const auto& list = node.first == proto::SERVER ? servers_ : workers_;
+      if (node.second < static_cast<int>(list.size())) info.set_address(list[node.second].address());
+      dead_[node] = info;
+    }
+  }
+
+ private:
+  int DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return static_cast<int>(std::count_if(dead_.begin(), dead_.end(), [](const auto& d) {
+      return d.first.first == proto::WORKER;
+    }));
+  }
+  std::string DeadList() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<std::string> names;
+    for (const auto& [node, info] : dead_) {
+      names.push_back(absl::StrCat(RoleName(info.role()), " ", info.rank(), " (", info.address(), ")"));
+    }
+    return absl::StrCat(absl::StrJoin(names, ", "), " stopped sending heartbeats");
+  }
+
+  const CoordinatorOptions options_;
+  absl::Mutex mu_;
+  std::vector<proto::NodeInfo> servers_ ABSL_GUARDED_BY(mu_), workers_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<proto::Role, int>, absl::Time> last_seen_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<proto::Role, int>, proto::NodeInfo> dead_ ABSL_GUARDED_BY(mu_);
+  std::map<int64_t, std::set<int>> entered_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+struct CoordinatorServer::Impl {
+  std::unique_ptr<Service> service;
+  std::unique_ptr<grpc::Server> server;
+  absl::Mutex mu;
+  bool stop ABSL_GUARDED_BY(mu) = false;
+  std::thread sweeper;
+};
+
+absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
+    const std::string& bind_address, CoordinatorOptions options) {
+  KeepGrpcAlive();
+  std::unique_ptr<CoordinatorServer> c(new CoordinatorServer());
+  c->impl_ = std::make_unique<Impl>();
+  c->impl_->service = std::make_unique<Service>(options);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(bind_address, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(c->impl_->service.get());
+  c->impl_->server = builder.BuildAndStart();
+  if (c->impl_->server == nullptr || port == 0) {
+    return absl::UnavailableError(absl::StrCat("coordinator cannot listen on ", bind_address));
+  }
+  c->address_ = absl::StrCat(bind_address.substr(0, bind_address.rfind(':')), ":", port);
+  Impl* impl = c->impl_.get();
+  const absl::Duration period = std::max(options.heartbeat_timeout / 5, absl::Milliseconds(50));
+  impl->sweeper = std::thread([impl, period] {
+    absl::MutexLock lock(&impl->mu);
+    auto stopped = [impl]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl->mu) { return impl->stop; };
+    while (!impl->mu.AwaitWithTimeout(absl::Condition(&stopped), period)) {
+      impl->service->Sweep();
+    }
+  });
+  return c;
+}
+
+CoordinatorServer::~CoordinatorServer() {
+  if (impl_ == nullptr) return;
+  {
+    absl::MutexLock lock(&impl_->mu);
+    impl_->stop = true;
+  }
+  if (impl_->sweeper.joinable()) impl_->sweeper.join();
+  if (impl_->server != nullptr) {
+    impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  }
+}
+
+}  // namespace mx

@@ -1,0 +1,43 @@
+// The coordinator: rendezvous (ranks and the cluster view), heartbeats and
+// barriers for one job.
+//
+// Nodes register with their role; Register answers once every expected node
+// has registered (or the caller's deadline passes). Nodes then heartbeat;
+// one not heard from for `heartbeat_timeout` is declared dead, and every
+// heartbeat answer lists the dead nodes, so servers and workers learn of a
+// failure within a heartbeat interval. Barrier(epoch) returns when every
+// live worker has entered it, or fails naming a worker that died.
+#ifndef MX_SERVER_COORDINATOR_H_
+#define MX_SERVER_COORDINATOR_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace mx {
+
+struct CoordinatorOptions {
+  int num_servers = 1;
+  int num_workers = 1;
+  absl::Duration heartbeat_timeout = absl::Seconds(5);
+};
+
+class CoordinatorServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Start(
+      const std::string& bind_address, CoordinatorOptions options);
+  ~CoordinatorServer();
+  const std::string& address() const { return address_; }
+
+ private:
+  CoordinatorServer() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::string address_;
+};
+
+}  // namespace mx
+
+#endif  // MX_SERVER_COORDINATOR_H_

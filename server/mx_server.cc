@@ -1,0 +1,195 @@
+// mx_server: a coordinator or a parameter server of a distributed job.
+//
+//   mx_server --role=coordinator --bind=127.0.0.1:9000 --num_servers=2 --num_workers=2
+//   mx_server --role=server --coordinator=127.0.0.1:9000 --bind=127.0.0.1:0
+//
+// The DMLC_* variables MXNet users know configure it too (flags win):
+// DMLC_ROLE, DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER,
+// DMLC_NUM_WORKER. --bind is where it listens; --advertise is the address
+// other nodes use (they differ behind a Kubernetes Service). Runs until
+// SIGINT or SIGTERM; a server also stops, with an error, when the
+// coordinator is unreachable for three heartbeats.
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "proto/mx.grpc.pb.h"
+#include "proto/wire.h"
+#include "server/coordinator.h"
+#include "server/kvstore_service.h"
+
+ABSL_FLAG(std::string, role, "", "coordinator or server (default: $DMLC_ROLE)");
+ABSL_FLAG(std::string, bind, "",
+          "host:port to listen on (default: coordinator $DMLC_PS_ROOT_URI:$DMLC_PS_ROOT_PORT, "
+          "server 0.0.0.0:0, any free port)");
+ABSL_FLAG(std::string, advertise, "",
+          "host:port other nodes use to reach this one (default: the bound address, with "
+          "0.0.0.0 replaced by 127.0.0.1)");
+ABSL_FLAG(std::string, coordinator, "",
+          "the coordinator's host:port (default: $DMLC_PS_ROOT_URI:$DMLC_PS_ROOT_PORT)");
+ABSL_FLAG(int, num_servers, 0, "servers in the job (default: $DMLC_NUM_SERVER)");
+ABSL_FLAG(int, num_workers, 0, "workers in the job (default: $DMLC_NUM_WORKER)");
+ABSL_FLAG(std::string, mode, "sync", "sync (dist_sync) or async (dist_async)");
+ABSL_FLAG(bool, elastic, false, "continue without workers that died instead of failing");
+ABSL_FLAG(int, heartbeat_timeout_s, 5, "declare a node dead after this many silent seconds");
+
+namespace mx {
+namespace {
+
+std::string Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? "" : v;
+}
+
+int IntFlagOrEnv(int flag, const char* env, const char* name) {
+  if (flag > 0) return flag;
+  int v = std::atoi(Env(env).c_str());
+  if (v <= 0) {
+    std::cerr << "mx_server: --" << name << " (or $" << env << ") must be a positive number\n";
+    std::exit(2);
+  }
+  return v;
+}
+
+std::string RootAddress() {
+  if (Env("DMLC_PS_ROOT_URI").empty()) return "";
+  return absl::StrCat(Env("DMLC_PS_ROOT_URI"), ":", Env("DMLC_PS_ROOT_PORT"));
+}
+
+// Blocks until SIGINT or SIGTERM (blocked in every thread, so they arrive
+// here), or until `stop` turns true.
+void WaitForSignal(std::atomic<bool>* stop) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  timespec tick{0, 200 * 1000 * 1000};
+  while (!stop->load()) {
+    if (sigtimedwait(&set, nullptr, &tick) > 0) return;
+  }
+}
+
+int RunCoordinator() {
+  std::string bind = absl::GetFlag(FLAGS_bind);
+  if (bind.empty()) bind = RootAddress();
+  if (bind.empty()) {
+    std::cerr << "mx_server: the coordinator needs --bind (or DMLC_PS_ROOT_URI/PORT)\n";
+    return 2;
+  }
+  CoordinatorOptions o;
+  o.num_servers = IntFlagOrEnv(absl::GetFlag(FLAGS_num_servers), "DMLC_NUM_SERVER", "num_servers");
+  o.num_workers = IntFlagOrEnv(absl::GetFlag(FLAGS_num_workers), "DMLC_NUM_WORKER", "num_workers");
+  o.heartbeat_timeout = absl::Seconds(absl::GetFlag(FLAGS_heartbeat_timeout_s));
+  auto c = CoordinatorServer::Start(bind, o);
+  if (!c.ok()) {
+    std::cerr << "mx_server: " << c.status().message() << "\n";
+    return 1;
+  }
+  std::cout << "coordinator listening on " << (*c)->address() << std::endl;
+  std::atomic<bool> stop{false};
+  WaitForSignal(&stop);
+  return 0;
+}
+
+int RunServer() {
+  std::string coordinator = absl::GetFlag(FLAGS_coordinator);
+  if (coordinator.empty()) coordinator = RootAddress();
+  if (coordinator.empty()) {
+    std::cerr << "mx_server: a server needs --coordinator (or DMLC_PS_ROOT_URI/PORT)\n";
+    return 2;
+  }
+  const std::string mode = absl::GetFlag(FLAGS_mode);
+  if (mode != "sync" && mode != "async") {
+    std::cerr << "mx_server: --mode must be sync or async, not '" << mode << "'\n";
+    return 2;
+  }
+  const int workers = IntFlagOrEnv(absl::GetFlag(FLAGS_num_workers), "DMLC_NUM_WORKER", "num_workers");
+  std::string bind = absl::GetFlag(FLAGS_bind);
+  if (bind.empty()) bind = "0.0.0.0:0";
+  auto ps = ParameterServer::Start(bind, {mode == "sync", workers, absl::GetFlag(FLAGS_elastic)});
+  if (!ps.ok()) {
+    std::cerr << "mx_server: " << ps.status().message() << "\n";
+    return 1;
+  }
+  std::string advertise = absl::GetFlag(FLAGS_advertise);
+  if (advertise.empty()) {
+    advertise = (*ps)->address();
+    if (advertise.rfind("0.0.0.0:", 0) == 0) advertise = "127.0.0.1" + advertise.substr(7);
+  }
+  auto stub = proto::Coordinator::NewStub(SharedChannel(coordinator));
+  proto::RegisterRequest req;
+  req.set_role(proto::SERVER);
+  req.set_address(advertise);
+  proto::RegisterResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  ctx.set_wait_for_ready(true);  // the coordinator may still be starting
+  grpc::Status s = stub->Register(&ctx, req, &resp);
+  if (!s.ok()) {
+    std::cerr << "mx_server: registering with the coordinator at " << coordinator << ": "
+              << s.error_message() << "\n";
+    return 1;
+  }
+  const int rank = resp.self().rank();
+  std::cout << "server " << rank << " serving on " << advertise << std::endl;
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> exit_code{0};
+  std::thread heartbeat([&] {
+    int failures = 0;
+    while (!stop.load()) {
+      proto::HeartbeatRequest hb;
+      hb.set_role(proto::SERVER);
+      hb.set_rank(rank);
+      proto::HeartbeatResponse hr;
+      grpc::ClientContext hctx;
+      hctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      if (stub->Heartbeat(&hctx, hb, &hr).ok()) {
+        failures = 0;
+        for (const proto::NodeInfo& dead : hr.dead()) {
+          if (dead.role() == proto::WORKER) (*ps)->shard().MarkDead(dead.rank());
+        }
+      } else if (++failures >= 3) {
+        std::cerr << "mx_server: server " << rank << ": the coordinator at " << coordinator
+                  << " is unreachable; stopping\n";
+        exit_code = 1;
+        stop = true;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+  });
+  WaitForSignal(&stop);
+  stop = true;
+  heartbeat.join();
+  return exit_code.load();
+}
+
+}  // namespace
+}  // namespace mx
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("runs a coordinator or a parameter server of an mx job");
+  absl::ParseCommandLine(argc, argv);
+  // Signals are taken by WaitForSignal, not by gRPC's threads.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  std::string role = absl::GetFlag(FLAGS_role);
+  if (role.empty()) role = mx::Env("DMLC_ROLE");
+  if (role == "coordinator" || role == "scheduler") return mx::RunCoordinator();
+  if (role == "server") return mx::RunServer();
+  std::cerr << "mx_server: --role must be coordinator or server (got '" << role << "')\n";
+  return 2;
+}
