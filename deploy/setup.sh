@@ -8,7 +8,7 @@
 set -euo pipefail
 
 PACKAGES=(
-  bazel-bootstrap bazel-rules-java pkg-config g++
+  bazel-bootstrap bazel-rules-java pkg-config g++ python3
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libopenblas-dev libgtest-dev libgmock-dev libbenchmark-dev
   zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist
