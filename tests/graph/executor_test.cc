@@ -219,6 +219,25 @@ TEST(ExecutorMemory, MlpPlanIsWellBelowNaive) {
   EXPECT_LT((*infer)->memory().planned_bytes, (*infer)->memory().naive_bytes / 2);
 }
 
+TEST(ExecutorMemory, LeNetPlanIsWellBelowNaive) {
+  const Params pool = {{"pool_type", "max"}, {"kernel", Shape{2, 2}}, {"stride", Shape{2, 2}}};
+  Symbol net = Op("Convolution", {Variable("data")}, {{"kernel", Shape{5, 5}}, {"num_filter", 20}});
+  net = Op("Pooling", {Op("Activation", {net}, {{"act_type", "relu"}})}, pool);
+  net = Op("Convolution", {net}, {{"kernel", Shape{5, 5}}, {"num_filter", 50}});
+  net = Op("Pooling", {Op("Activation", {net}, {{"act_type", "relu"}})}, pool);
+  net = Op("FullyConnected", {Op("Flatten", {net})}, {{"num_hidden", 500}});
+  net = Op("FullyConnected", {Op("Activation", {net}, {{"act_type", "relu"}})}, {{"num_hidden", 10}});
+  net = Op("SoftmaxOutput", {net}, {}, "softmax");
+  auto train = Executor::SimpleBind(net, cpu(), {{"data", Shape{100, 1, 28, 28}}}, GradReq::kWrite,
+                                    {{"data", GradReq::kNull}, {"softmax_label", GradReq::kNull}});
+  ASSERT_TRUE(train.ok()) << train.status();
+  Executor::MemoryStats m = (*train)->memory();
+  EXPECT_LT(m.planned_bytes, m.naive_bytes * 3 / 4) << m.planned_bytes << " vs " << m.naive_bytes;
+  auto infer = Executor::SimpleBind(net, cpu(), {{"data", Shape{100, 1, 28, 28}}}, GradReq::kNull);
+  ASSERT_TRUE(infer.ok());
+  EXPECT_LT((*infer)->memory().planned_bytes, (*infer)->memory().naive_bytes / 2);
+}
+
 TEST(ExecutorMemory, PlannedBuffersGiveTheSameResultsAsSeparateOnes) {
   // A chain long enough for buffers to be reused several times.
   Symbol x = Variable("x");

@@ -9,17 +9,7 @@ TMP="${TEST_TMPDIR:-$(mktemp -d)}"
 failures=0
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
-make_csv() {  # rows file labels
-  : > "$2"; : > "$3"
-  for ((i = 0; i < $1; i++)); do
-    c=$((i % 4)); row=""
-    for ((j = 0; j < 784; j++)); do
-      if (( j % 4 == c )); then v=1; else v=0; fi
-      row+="${row:+,}$v"
-    done
-    echo "$row" >> "$2"; echo "$c" >> "$3"
-  done
-}
+source "$(dirname "$0")/../testdata/make_csv.sh"
 make_csv 400 "$TMP/train.csv" "$TMP/train_labels.csv"
 make_csv 100 "$TMP/test.csv" "$TMP/test_labels.csv"
 worker=("$TRAIN" --kvstore=dist_sync --network=mlp --batch_size=20 --lr=0.5

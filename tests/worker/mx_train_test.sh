@@ -37,21 +37,9 @@ expect_fail "bad context" "--contexts" --contexts=tpu0
 expect_fail "gpu context" "gpu(0)" --contexts="gpu(0)"
 expect_fail "bad batch size" "--batch_size" --batch_size=0
 
-# Tiny CSV data: class = which of 4 features is hot.
-python_free_csv() {
-  local n=$1 file=$2 labels=$3
-  : > "$file"; : > "$labels"
-  for ((i = 0; i < n; i++)); do
-    c=$((i % 4)); row=""
-    for ((j = 0; j < 784; j++)); do
-      if (( j % 4 == c )); then v=1; else v=0; fi
-      row+="${row:+,}$v"
-    done
-    echo "$row" >> "$file"; echo "$c" >> "$labels"
-  done
-}
-python_free_csv 200 "$TMP/train.csv" "$TMP/train_labels.csv"
-python_free_csv 100 "$TMP/test.csv" "$TMP/test_labels.csv"
+source "$(dirname "$0")/../testdata/make_csv.sh"
+make_csv 200 "$TMP/train.csv" "$TMP/train_labels.csv"
+make_csv 100 "$TMP/test.csv" "$TMP/test_labels.csv"
 csv=(--train_csv="$TMP/train.csv" --train_label_csv="$TMP/train_labels.csv"
      --test_csv="$TMP/test.csv" --test_label_csv="$TMP/test_labels.csv" --batch_size=20)
 
