@@ -7,6 +7,7 @@
 #include <thread>
 #include <condition_variable>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <mutex>
 
@@ -277,13 +278,47 @@ class DistKVStore : public KVStore {
     return absl::OkStatus();
   }
 
-  absl::Status SaveOptimizerStates(const std::string&) const override {
-    return absl::UnimplementedError(
-        "SaveOptimizerStates: the servers' optimizer state cannot be saved yet");
+  // One file with every server's state, in server order.
+  absl::Status SaveOptimizerStates(const std::string& path) const override {
+    proto::ClusterOptimizerStates all;
+    for (size_t s = 0; s < conn_->stubs.size(); ++s) {
+      proto::SaveOptimizerStatesRequest req;
+      proto::OptimizerStates resp;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(conn_->Deadline());
+      MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[s]->SaveOptimizerStates(&ctx, req, &resp)),
+                                      "save_optimizer_states", "-", static_cast<int>(s)));
+      all.add_servers(resp.states());
+    }
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    if (!out || !all.SerializeToOstream(&out)) {
+      return absl::InternalError(absl::StrCat("cannot write optimizer states to ", path));
+    }
+    return absl::OkStatus();
   }
-  absl::Status LoadOptimizerStates(const std::string&) override {
-    return absl::UnimplementedError(
-        "LoadOptimizerStates: the servers' optimizer state cannot be loaded yet");
+
+  absl::Status LoadOptimizerStates(const std::string& path) override {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+    proto::ClusterOptimizerStates all;
+    if (!all.ParseFromIstream(&in)) {
+      return absl::DataLossError(absl::StrCat(path, ": not a distributed optimizer state file"));
+    }
+    if (all.servers_size() != static_cast<int>(conn_->stubs.size())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, " holds the state of ", all.servers_size(), " servers; this job has ",
+          conn_->stubs.size()));
+    }
+    for (size_t s = 0; s < conn_->stubs.size(); ++s) {
+      proto::OptimizerStates req;
+      req.set_states(all.servers(static_cast<int>(s)));
+      proto::LoadOptimizerStatesResponse resp;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(conn_->Deadline());
+      MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[s]->LoadOptimizerStates(&ctx, req, &resp)),
+                                      "load_optimizer_states", "-", static_cast<int>(s)));
+    }
+    return absl::OkStatus();
   }
 
   absl::Status Barrier() override {

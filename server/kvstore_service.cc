@@ -49,6 +49,19 @@ class Service final : public proto::KVStoreService::Service {
     return ToGrpc(shard_->SetOptimizer(req->name(), options));
   }
 
+  grpc::Status SaveOptimizerStates(grpc::ServerContext*, const proto::SaveOptimizerStatesRequest*,
+                                   proto::OptimizerStates* resp) override {
+    absl::StatusOr<std::string> states = shard_->SaveOptimizerStates();
+    if (!states.ok()) return ToGrpc(states.status());
+    resp->set_states(*std::move(states));
+    return grpc::Status::OK;
+  }
+
+  grpc::Status LoadOptimizerStates(grpc::ServerContext*, const proto::OptimizerStates* req,
+                                   proto::LoadOptimizerStatesResponse*) override {
+    return ToGrpc(shard_->LoadOptimizerStates(req->states()));
+  }
+
  private:
   static absl::Status Prefix(const absl::Status& s, const char* what, int key) {
     return absl::Status(s.code(), absl::StrCat(what, " of key ", key, ": ", s.message()));

@@ -138,6 +138,22 @@ absl::Status ParameterShard::SetOptimizer(const std::string& name,
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::string> ParameterShard::SaveOptimizerStates() const {
+  absl::MutexLock lock(&mu_);
+  if (optimizer_ == nullptr) {
+    return absl::FailedPreconditionError("no optimizer is set on this server");
+  }
+  return optimizer_->SaveStates();
+}
+
+absl::Status ParameterShard::LoadOptimizerStates(const std::string& bytes) {
+  absl::MutexLock lock(&mu_);
+  if (optimizer_ == nullptr) {
+    return absl::FailedPreconditionError("set the optimizer before loading its state");
+  }
+  return optimizer_->LoadStates(bytes);
+}
+
 void ParameterShard::MarkDead(int rank) {
   absl::MutexLock lock(&mu_);
   if (!live_.erase(rank)) return;

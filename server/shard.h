@@ -75,6 +75,10 @@ class ParameterShard {
   // Sets the updater applied to the sum of each step (or each async push).
   absl::Status SetOptimizer(const std::string& name, const Optimizer::Options& options);
 
+  // The optimizer's state, and back (see Optimizer::SaveStates).
+  absl::StatusOr<std::string> SaveOptimizerStates() const;
+  absl::Status LoadOptimizerStates(const std::string& bytes);
+
   // Removes a worker from the live set (its death was detected).
   void MarkDead(int rank);
   std::set<int> live_workers() const;

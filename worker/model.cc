@@ -350,18 +350,14 @@ absl::StatusOr<MetricValues> FeedForward::Score(DataIter* data, const std::strin
 }
 
 absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) const {
+  // Every worker of a distributed job holds the same parameters: worker 0
+  // writes the checkpoint (with the servers' optimizer state).
+  if (kvstore_ != nullptr && kvstore_->rank() != 0) return absl::OkStatus();
   MX_RETURN_IF_ERROR(mx::SaveCheckpoint(prefix, epoch, symbol_, arg_params_, aux_params_));
   if (optimizer_ != nullptr) {
     MX_RETURN_IF_ERROR(optimizer_->SaveStatesToFile(CheckpointStatesPath(prefix, epoch)));
   } else if (kvstore_ != nullptr) {
-    absl::Status s = kvstore_->SaveOptimizerStates(CheckpointStatesPath(prefix, epoch));
-    if (absl::IsUnimplemented(s)) {
-      // Parameter servers cannot hand out their optimizer state yet: the
-      // checkpoint has symbol and parameters; resuming restarts momentum.
-      std::fprintf(stderr, "warning: %s\n", std::string(s.message()).c_str());
-    } else {
-      MX_RETURN_IF_ERROR(s);
-    }
+    MX_RETURN_IF_ERROR(kvstore_->SaveOptimizerStates(CheckpointStatesPath(prefix, epoch)));
   }
   return absl::OkStatus();
 }

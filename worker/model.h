@@ -104,7 +104,8 @@ class FeedForward {
   std::map<std::string, NDArray>& aux_params() { return aux_params_; }
 
   // Writes symbol, parameters and (after Fit) the optimizer state for
-  // `epoch` under `prefix` (see worker/checkpoint.h).
+  // `epoch` under `prefix` (see worker/checkpoint.h). In a distributed job
+  // only worker 0 writes (the optimizer state then comes from the servers).
   absl::Status SaveCheckpoint(const std::string& prefix, int epoch) const;
   // A model with the symbol and parameters of a checkpoint.
   static absl::StatusOr<FeedForward> LoadCheckpoint(

@@ -172,6 +172,54 @@ TEST(DistErrors, PullFromAStoppedServerFailsWithinTheDeadlineNamingIt) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(4));
 }
 
+// Momentum lives on the servers: saving and loading it through the client
+// continues a run exactly, even on a new cluster.
+TEST(DistOptimizerStates, SaveAndLoadContinueARunExactly) {
+  auto sgd = [] { return *Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}}); };
+  const std::vector<float> g1 = {1, -2, 3}, g2 = {0.5f, 0.25f, -1};
+  std::vector<float> straight;
+  {
+    Cluster c = StartServers(2, 1);
+    auto kv = Worker(c, 0, 1, 2);  // bound 2: the key is split over both servers
+    ASSERT_TRUE(kv->SetOptimizer(sgd()).ok());
+    ASSERT_TRUE(kv->Init(1, Ones({3})).ok());
+    ASSERT_TRUE(kv->Push(1, FromVector(g1)).ok());
+    ASSERT_TRUE(kv->Push(1, FromVector(g2)).ok());
+    NDArray out = Empty({3});
+    ASSERT_TRUE(kv->Pull(1, &out).ok());
+    straight = out.ToVector();
+  }
+  const std::string path = ::testing::TempDir() + "/dist.states";
+  std::vector<float> after_one;
+  {
+    Cluster c = StartServers(2, 1);
+    auto kv = Worker(c, 0, 1, 2);
+    EXPECT_EQ(kv->SaveOptimizerStates(path).code(), absl::StatusCode::kFailedPrecondition);
+    ASSERT_TRUE(kv->SetOptimizer(sgd()).ok());
+    ASSERT_TRUE(kv->Init(1, Ones({3})).ok());
+    ASSERT_TRUE(kv->Push(1, FromVector(g1)).ok());
+    NDArray out = Empty({3});
+    ASSERT_TRUE(kv->Pull(1, &out).ok());
+    after_one = out.ToVector();
+    ASSERT_TRUE(kv->SaveOptimizerStates(path).ok());
+  }
+  Cluster c = StartServers(2, 1);
+  auto kv = Worker(c, 0, 1, 2);
+  ASSERT_TRUE(kv->SetOptimizer(sgd()).ok());
+  ASSERT_TRUE(kv->Init(1, FromVector(after_one)).ok());
+  ASSERT_TRUE(kv->LoadOptimizerStates(path).ok());
+  ASSERT_TRUE(kv->Push(1, FromVector(g2)).ok());
+  NDArray out = Empty({3});
+  ASSERT_TRUE(kv->Pull(1, &out).ok());
+  EXPECT_EQ(out.ToVector(), straight);
+
+  Cluster three = StartServers(3, 1);
+  auto other = Worker(three, 0, 1, 2);
+  ASSERT_TRUE(other->SetOptimizer(sgd()).ok());
+  absl::Status s = other->LoadOptimizerStates(path);
+  EXPECT_THAT(s.message(), HasSubstr("holds the state of 2 servers; this job has 3"));
+}
+
 TEST(DistKVStoreOptions, BadOptionsAreErrors) {
   DistKVStoreOptions o;
   EXPECT_EQ(CreateDistKVStore(o).status().code(), absl::StatusCode::kInvalidArgument);
