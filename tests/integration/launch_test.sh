@@ -28,7 +28,19 @@ done
 echo "$out" | grep -q "worker 0 of 2 (dist_sync)" || fail "rank 0 missing"
 echo "$out" | grep -q "worker 1 of 2 (dist_sync)" || fail "rank 1 missing"
 
-# 2. A worker dies mid-job: fail fast, name it, clean up.
+# 2. dist_async converges too (at a smaller learning rate: every worker's
+# gradient is applied on its own, against slightly stale weights).
+async=("${worker[@]/--kvstore=dist_sync/--kvstore=dist_async}")
+async=("${async[@]/--lr=0.5/--lr=0.1}")
+out=$(timeout 120 python3 "$LAUNCH" -n 2 -s 1 --kvstore dist_async --server-binary="$SERVER" -- \
+      "${async[@]}" --epochs=3 2>&1)
+rc=$?
+[[ $rc -eq 0 ]] || fail "dist_async job exit code $rc"
+for w in 0 1; do
+  [[ "$out" == *"[worker $w] Final test accuracy=1"* ]] || fail "dist_async worker $w did not reach accuracy 1"
+done
+
+# 3. A worker dies mid-job: fail fast, name it, clean up.
 python3 "$LAUNCH" -n 2 -s 2 --server-binary="$SERVER" -- "${worker[@]}" --epochs=1000 \
   > "$TMP/killed.log" 2>&1 &
 launcher=$!
