@@ -5,9 +5,12 @@
 #include <random>
 #include <string>
 #include <vector>
+#include <condition_variable>
+#include <mutex>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kvstore/kvstore.h"
 #include "worker/checkpoint.h"
 #include "worker/model.h"
 #include "worker/zoo.h"
@@ -316,32 +319,75 @@ TEST(DataParallel, BatchMustSplitEvenly) {
   EXPECT_THAT(s.message(), HasSubstr("does not split evenly over 3 contexts"));
 }
 
-// The push of the last layer's gradient starts while the first layer's
-// backward pass is still to run: communication overlaps computation. The
-// engine's trace gives the order in which operations completed.
+// The push of the last layer's gradient runs while the first layer's
+// backward pass is still to run: communication overlaps computation. A gate
+// holds the engine until the whole step (two devices' forward and backward,
+// then pushes and pulls with the priorities Fit gives them) is queued, so
+// the order in the engine's trace depends on dependencies and priorities
+// alone, not on how fast this thread pushes.
 TEST(DataParallel, LastLayerPushOverlapsFirstLayerBackward) {
-  Blobs train = MakeBlobs(40, 4, 14);
-  srand(10);
-  FeedForward model(ThreeLayerMlp(), {cpu(0), cpu(1)});
-  auto it = Iter(train, 40);  // one batch per epoch
-  FitOptions f = Sgd(2, 0.1f);
+  Symbol net = ThreeLayerMlp();
+  std::vector<std::unique_ptr<Executor>> execs;
+  for (int d = 0; d < 2; ++d) {
+    auto e = Executor::SimpleBind(net, cpu(d), {{"data", Shape{20, 8}}}, GradReq::kWrite,
+                                  {{"data", GradReq::kNull}, {"softmax_label", GradReq::kNull}});
+    ASSERT_TRUE(e.ok()) << e.status();
+    execs.push_back(*std::move(e));
+  }
+  auto kv = KVStore::Create("local");
+  ASSERT_TRUE(kv.ok());
+  const std::vector<std::string> params = {"fc1_weight", "fc1_bias", "fc2_weight",
+                                           "fc2_bias",   "fc3_weight", "fc3_bias"};
+  for (size_t i = 0; i < params.size(); ++i) {
+    ASSERT_TRUE((*kv)->Init(static_cast<int>(i), execs[0]->arg_dict().at(params[i])).ok());
+  }
+  WaitAll();
+  std::mutex mu;
+  std::condition_variable cv;
+  bool open = false;
+  std::vector<VarHandle> inputs;
+  for (const auto& e : execs) inputs.push_back(e->arg_dict().at("data").var());
+  Engine::Get()->StartTrace();
+  Engine::Get()->PushSync(
+      [&](RunContext) {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return open; });
+      },
+      cpu(), {}, inputs, 0, "gate");
+  for (const auto& e : execs) {
+    e->Forward(true);
+    e->Backward();
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    std::vector<NDArray> grads, weights;
+    for (const auto& e : execs) {
+      grads.push_back(e->grad_dict().at(params[i]));
+      weights.push_back(e->arg_dict().at(params[i]));
+    }
+    const int priority = static_cast<int>(params.size() - i);  // as FeedForward
+    ASSERT_TRUE((*kv)->Push(static_cast<int>(i), grads, priority).ok());
+    ASSERT_TRUE((*kv)->Pull(static_cast<int>(i), weights, priority).ok());
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    open = true;
+  }
+  cv.notify_all();
+  WaitAll();
   std::vector<std::string> order;
-  f.epoch_end_callbacks.push_back([&](const EpochEndParam& p) {
-    if (p.epoch == 0) Engine::Get()->StartTrace();
-    return true;
-  });
-  ASSERT_TRUE(model.Fit(it.get(), nullptr, f).ok());
   for (const TraceEvent& e : Engine::Get()->StopTrace()) order.push_back(e.name);
-  auto pos = [&](const std::string& n) {
+  auto first = [&](const std::string& n) {
     return std::find(order.begin(), order.end(), n) - order.begin();
   };
-  // Parameters in order: fc1_weight 0, fc1_bias 1, ..., fc3_bias 5.
-  const auto last_push = pos("kvstore_push:4");
-  const auto first_layer_backward = order.size() - 1 - (std::find(order.rbegin(), order.rend(), "fc1_backward") - order.rbegin());
-  ASSERT_LT(last_push, static_cast<long>(order.size())) << "no push of fc3_weight traced";
-  ASSERT_LT(first_layer_backward, order.size()) << "no fc1 backward traced";
-  EXPECT_LT(last_push, static_cast<long>(first_layer_backward))
+  auto last = [&](const std::string& n) {
+    return static_cast<long>(order.size()) - 1 -
+           (std::find(order.rbegin(), order.rend(), n) - order.rbegin());
+  };
+  const long push_fc3 = first("kvstore_push:4");
+  ASSERT_LT(push_fc3, static_cast<long>(order.size())) << "no push of fc3_weight traced";
+  EXPECT_LT(push_fc3, last("fc1_backward"))
       << "fc3_weight's push waited for the whole backward pass";
+  EXPECT_GT(push_fc3, last("fc3_backward"));  // but not for less than its gradient
 }
 
 }  // namespace
