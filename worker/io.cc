@@ -144,7 +144,11 @@ struct BatchConfig {
 };
 
 // The first row and the number of rows of part `part_index` of `num_parts`
-// contiguous parts of `total` rows.
+// parts of `total` rows: every part has ceil(total / num_parts) rows, so
+// that all workers take the same number of batches (a dist_sync step needs
+// one push from each); parts start at total * part_index / num_parts, so
+// where the division is not exact neighbouring parts share a row and the
+// last part wraps around to the first rows.
 absl::StatusOr<std::pair<int64_t, int64_t>> PartOf(int64_t total,
                                                    int part_index,
                                                    int num_parts) {
@@ -154,14 +158,12 @@ absl::StatusOr<std::pair<int64_t, int64_t>> PartOf(int64_t total,
         " is invalid: num_parts must be at least 1 and 0 <= part_index < "
         "num_parts"));
   }
-  const int64_t begin = total * part_index / num_parts;
-  const int64_t end = total * (part_index + 1) / num_parts;
-  if (begin == end) {
-    return absl::InvalidArgumentError(absl::StrCat("part ", part_index, " of ",
-                                                   num_parts, " parts of ",
-                                                   total, " samples is empty"));
+  if (total < num_parts) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        total, " samples cannot be split into ", num_parts, " parts"));
   }
-  return std::make_pair(begin, end - begin);
+  const int64_t begin = total * part_index / num_parts;
+  return std::make_pair(begin, (total + num_parts - 1) / num_parts);
 }
 
 absl::Status CheckBatching(const BatchConfig& config) {
@@ -262,7 +264,8 @@ class BatchIter : public DataIter {
 
   void MakeOrder() {
     order_.resize(config_.count);
-    std::iota(order_.begin(), order_.end(), config_.first);
+    const int64_t rows = table_->num_samples();
+    for (int64_t i = 0; i < config_.count; ++i) order_[i] = (config_.first + i) % rows;
     if (!config_.shuffle) return;
     std::seed_seq seq{static_cast<uint32_t>(config_.seed),
                       static_cast<uint32_t>(config_.seed >> 32),
@@ -296,7 +299,7 @@ class BatchIter : public DataIter {
 absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(
     std::unique_ptr<SampleTable> table, BatchConfig config) {
   MX_RETURN_IF_ERROR(CheckBatching(config));
-  MX_CHECK(config.first + config.count <= table->num_samples());
+  MX_CHECK(config.first < table->num_samples() && config.count <= table->num_samples());
   config.data.shape[0] = config.batch_size;
   config.label.shape[0] = config.batch_size;
   return std::unique_ptr<DataIter>(

@@ -89,7 +89,9 @@ struct MnistOptions {
   // Pixel scale: values are byte / 255 * scale.
   float scale = 1.0f;
   // Distributed training: this worker reads part `part_index` of
-  // `num_parts` contiguous parts.
+  // `num_parts` contiguous parts of equal size ceil(n / num_parts), so every
+  // worker takes the same number of batches; where n does not divide,
+  // neighbouring parts share a sample and the last part wraps around.
   int part_index = 0;
   int num_parts = 1;
   LastBatch last_batch = LastBatch::kPad;

@@ -562,7 +562,7 @@ TEST(MnistIter, FlatAndScaledPixels) {
   EXPECT_FLOAT_EQ(data[6 * 2 + 5], 25 / 255.0f * 2.0f);
 }
 
-TEST(MnistIter, PartsAreContiguousAndCoverEverySample) {
+TEST(MnistIter, PartsAreContiguousEqualAndCoverEverySample) {
   MnistFiles f = WriteMnist(Images(7), Labels(7), false);
   std::vector<float> firsts;
   int64_t total = 0;
@@ -579,11 +579,11 @@ TEST(MnistIter, PartsAreContiguousAndCoverEverySample) {
       firsts.push_back(std::round(batch.data[0].ToVector()[0] * 255.0f));
     }
   }
-  EXPECT_EQ(total, 7);
-  EXPECT_THAT(firsts, ElementsAre(0, 10, 20, 30, 40, 50, 60));
+  EXPECT_EQ(total, 9);  // 3 parts of ceil(7 / 3) = 3: boundaries shared
+  EXPECT_THAT(firsts, ElementsAre(0, 10, 20, 20, 30, 40, 40, 50, 60));
 }
 
-TEST(MnistIter, PartsOf7InThreeAre2And2And3) {
+TEST(MnistIter, PartsHaveEqualSizesSoWorkersTakeEqualBatchCounts) {
   MnistFiles f = WriteMnist(Images(7), Labels(7), false);
   std::vector<int64_t> sizes;
   for (int part = 0; part < 3; ++part) {
@@ -594,7 +594,7 @@ TEST(MnistIter, PartsOf7InThreeAre2And2And3) {
     ASSERT_TRUE(iter.ok()) << iter.status();
     sizes.push_back((*iter)->num_samples());
   }
-  EXPECT_THAT(sizes, ElementsAre(2, 2, 3));
+  EXPECT_THAT(sizes, ElementsAre(3, 3, 3));
 }
 
 TEST(MnistIter, RejectsInvalidParts) {
