@@ -269,6 +269,9 @@ class DistKVStore : public KVStore {
       proto::SetOptimizerRequest req;
       req.set_name(optimizer->name());
       for (const auto& [k, v] : optimizer->options()) (*req.mutable_options())[k] = v;
+      for (const auto& [k, v] : optimizer->param_names()) (*req.mutable_param_names())[k] = v;
+      for (const auto& [k, v] : optimizer->lr_mult()) (*req.mutable_lr_mult())[k] = v;
+      for (const auto& [k, v] : optimizer->wd_mult()) (*req.mutable_wd_mult())[k] = v;
       proto::SetOptimizerResponse resp;
       grpc::ClientContext ctx;
       ctx.set_deadline(conn_->Deadline());

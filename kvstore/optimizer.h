@@ -136,6 +136,11 @@ class Optimizer {
   // Everything needed to recreate this optimizer with Create (what
   // set_optimizer sends to parameter servers).
   const Options& options() const { return options_; }
+  // What the setters above set (a distributed store sends them to the
+  // servers with the options).
+  const std::map<int, std::string>& param_names() const { return names_; }
+  const std::map<std::string, float>& lr_mult() const { return lr_mult_; }
+  const std::map<std::string, float>& wd_mult() const { return wd_mult_; }
 
   // States (momentum buffers, update counts) as a byte string in the mx
   // NDArray file format, and back. Loading checks the optimizer name and

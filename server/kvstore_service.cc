@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "proto/mx.grpc.pb.h"
@@ -46,7 +47,10 @@ class Service final : public proto::KVStoreService::Service {
   grpc::Status SetOptimizer(grpc::ServerContext*, const proto::SetOptimizerRequest* req,
                             proto::SetOptimizerResponse*) override {
     Optimizer::Options options(req->options().begin(), req->options().end());
-    return ToGrpc(shard_->SetOptimizer(req->name(), options));
+    std::map<int, std::string> names(req->param_names().begin(), req->param_names().end());
+    std::map<std::string, float> lr_mult(req->lr_mult().begin(), req->lr_mult().end());
+    std::map<std::string, float> wd_mult(req->wd_mult().begin(), req->wd_mult().end());
+    return ToGrpc(shard_->SetOptimizer(req->name(), options, names, lr_mult, wd_mult));
   }
 
   grpc::Status SaveOptimizerStates(grpc::ServerContext*, const proto::SaveOptimizerStatesRequest*,

@@ -131,8 +131,14 @@ absl::StatusOr<ParameterShard::Value> ParameterShard::Pull(int key, int64_t min_
 }
 
 absl::Status ParameterShard::SetOptimizer(const std::string& name,
-                                          const Optimizer::Options& options) {
+                                          const Optimizer::Options& options,
+                                          const std::map<int, std::string>& param_names,
+                                          const std::map<std::string, float>& lr_mult,
+                                          const std::map<std::string, float>& wd_mult) {
   MX_ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> opt, Optimizer::Create(name, options));
+  opt->SetParamNames(param_names);
+  opt->SetLrMult(lr_mult);
+  opt->SetWdMult(wd_mult);
   absl::MutexLock lock(&mu_);
   optimizer_ = std::move(opt);
   return absl::OkStatus();

@@ -72,8 +72,12 @@ class ParameterShard {
   // until `deadline`.
   absl::StatusOr<Value> Pull(int key, int64_t min_version, absl::Time deadline);
 
-  // Sets the updater applied to the sum of each step (or each async push).
-  absl::Status SetOptimizer(const std::string& name, const Optimizer::Options& options);
+  // Sets the updater applied to the sum of each step (or each async push),
+  // with the parameter names and multipliers it applies per key.
+  absl::Status SetOptimizer(const std::string& name, const Optimizer::Options& options,
+                            const std::map<int, std::string>& param_names = {},
+                            const std::map<std::string, float>& lr_mult = {},
+                            const std::map<std::string, float>& wd_mult = {});
 
   // The optimizer's state, and back (see Optimizer::SaveStates).
   absl::StatusOr<std::string> SaveOptimizerStates() const;

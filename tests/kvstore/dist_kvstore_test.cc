@@ -220,6 +220,40 @@ TEST(DistOptimizerStates, SaveAndLoadContinueARunExactly) {
   EXPECT_THAT(s.message(), HasSubstr("holds the state of 2 servers; this job has 3"));
 }
 
+// The servers apply the same per-parameter rules as a worker would: a bias
+// is not decayed, a multiplier scales the learning rate.
+TEST(DistOptimizer, ServersApplyParameterNamesAndMultipliers) {
+  auto make = [] {
+    auto sgd = *Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"wd", "0.1"}});
+    sgd->SetParamNames({{1, "fc_weight"}, {2, "fc_bias"}});
+    sgd->SetLrMult({{"fc_weight", 2.0f}});
+    return sgd;
+  };
+  Cluster c = StartServers(1, 1);
+  auto kv = Worker(c, 0, 1, 1 << 20);
+  ASSERT_TRUE(kv->SetOptimizer(make()).ok());
+  auto local = KVStore::Create("local");
+  ASSERT_TRUE((*local)->SetOptimizer(make()).ok());
+  for (KVStore* store : {kv.get(), local->get()}) {
+    for (int key : {1, 2}) {
+      ASSERT_TRUE(store->Init(key, Ones({2})).ok());
+      ASSERT_TRUE(store->Push(key, FromVector({1, -1})).ok());
+    }
+  }
+  for (int key : {1, 2}) {
+    NDArray d = Empty({2}), l = Empty({2});
+    ASSERT_TRUE(kv->Pull(key, &d).ok());
+    ASSERT_TRUE((*local)->Pull(key, &l).ok());
+    EXPECT_EQ(d.ToVector(), l.ToVector()) << "key " << key;
+  }
+  NDArray bias = Empty({2});
+  ASSERT_TRUE(kv->Pull(2, &bias).ok());
+  EXPECT_THAT(bias.ToVector(), ElementsAre(0.5f, 1.5f));  // no decay
+  NDArray weight = Empty({2});
+  ASSERT_TRUE(kv->Pull(1, &weight).ok());
+  EXPECT_FLOAT_EQ(weight.ToVector()[0], 1 - 1.0f * (1 + 0.1f));  // lr 0.5 x 2
+}
+
 TEST(DistKVStoreOptions, BadOptionsAreErrors) {
   DistKVStoreOptions o;
   EXPECT_EQ(CreateDistKVStore(o).status().code(), absl::StatusCode::kInvalidArgument);
