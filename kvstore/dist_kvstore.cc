@@ -167,7 +167,8 @@ class DistKVStore : public KVStore {
     MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "push"));
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "push", "value", values, e->shape));
     return internal::Guard([&] {
-      NDArray merged = Sum(e.get(), values, priority);
+      NDArray merged =
+          internal::SumCopies(values, e->shape, &e->merged, priority, e->push_name.c_str());
       ++e->pushes;
       const int id = key.id();
       const float* data = merged.data();
@@ -371,19 +372,6 @@ class DistKVStore : public KVStore {
           what, " of key ", key.label(), ": the key was never initialized (call Init first)"));
     }
     return it->second;
-  }
-
-  // The sum of the device copies (the value itself for one CPU copy).
-  NDArray Sum(Entry* e, const std::vector<NDArray>& values, int priority) {
-    if (values.size() == 1) {
-      internal::RequireHostMemory(values[0], "push");
-      return values[0];
-    }
-    if (e->merged.is_none()) e->merged = Empty(e->shape);
-    NDArray sum = values[0] + values[1];
-    for (size_t i = 2; i < values.size(); ++i) sum += values[i];
-    internal::Copy(sum, e->merged, priority, e->push_name.c_str());
-    return e->merged;
   }
 
   void Heartbeat() {

@@ -28,6 +28,12 @@ void RequireHostMemory(const NDArray& a, const char* what);
 // Pushes a copy from -> to with a priority (named for traces).
 void Copy(const NDArray& from, const NDArray& to, int priority, const char* name);
 
+// The sum of a push's device copies: the value itself for a single copy in
+// host memory, else one engine operation (named `name`) summing every copy
+// into *merged, which is allocated on the CPU at the first call.
+NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArray* merged,
+                  int priority, const char* name);
+
 // Checks that arrays is non-empty and every array has `shape`.
 absl::Status CheckArrays(const Key& key, const char* what, const char* role,
                          const std::vector<NDArray>& arrays, const Shape& shape);

@@ -58,7 +58,8 @@ class LocalKVStore : public KVStore {
     MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "push"));
     MX_RETURN_IF_ERROR(CheckArrays(key, "push", "value", values, e->stored.shape()));
     return Guard([&] {
-      NDArray merged = Reduce(e, values, priority);
+      NDArray merged = SumCopies(values, e->stored.shape(), &e->merged, priority,
+                                 e->push_name.c_str());
       if (optimizer_ != nullptr) {
         optimizer_->Update(key.id(), e->stored, merged);
       } else if (updater_) {
@@ -125,31 +126,30 @@ class LocalKVStore : public KVStore {
     return &it->second;
   }
 
-  // The sum of values: the value itself for a single CPU push, else one
-  // engine operation summing every copy into the key's merge buffer.
-  NDArray Reduce(Entry* e, const std::vector<NDArray>& values, int priority) {
-    if (values.size() == 1 && values[0].context().is_cpu()) return values[0];
-    if (e->merged.is_none()) e->merged = Empty(e->stored.shape(), cpu());
-    std::vector<VarHandle> reads;
-    std::vector<const float*> ptrs;
-    for (const NDArray& v : values) {
-      RequireHostMemory(v, "push");
-      reads.push_back(v.var());
-      ptrs.push_back(v.data());
-    }
-    float* out = e->merged.data();
-    const int64_t n = e->merged.size();
-    Engine::Get()->PushSync([ptrs, out, n](RunContext) { SumInto(ptrs, out, n); }, cpu(),
-                            reads, {e->merged.var()}, priority, e->push_name.c_str());
-    return e->merged;
-  }
-
   std::map<int, Entry> store_;
   Updater updater_;
   std::unique_ptr<Optimizer> optimizer_;
 };
 
 }  // namespace
+
+NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArray* merged,
+                  int priority, const char* name) {
+  if (values.size() == 1 && values[0].context().is_cpu()) return values[0];
+  if (merged->is_none()) *merged = Empty(shape, cpu());
+  std::vector<VarHandle> reads;
+  std::vector<const float*> ptrs;
+  for (const NDArray& v : values) {
+    RequireHostMemory(v, "push");
+    reads.push_back(v.var());
+    ptrs.push_back(v.data());
+  }
+  float* out = merged->data();
+  const int64_t n = merged->size();
+  Engine::Get()->PushSync([ptrs, out, n](RunContext) { SumInto(ptrs, out, n); }, cpu(), reads,
+                          {merged->var()}, priority, name);
+  return *merged;
+}
 
 void RequireHostMemory(const NDArray& a, const char* what) {
   if (!a.context().is_cpu()) {
