@@ -150,7 +150,10 @@ void AddVars(const std::vector<NDArray>& arrays, const std::vector<int>& ids,
   }
 }
 
-FnProperty Property(const Executor::Plan::NodeRun& run);
+// How a node's operations use the CPU (OpenBLAS products use every core).
+FnProperty Property(const Executor::Plan::NodeRun& run) {
+  return run.node->op->uses_all_cores ? FnProperty::kCpuParallel : FnProperty::kNormal;
+}
 
 }  // namespace
 
@@ -533,12 +536,6 @@ absl::Status Executor::Init(const Symbol& symbol, Context ctx,
   plan_ = std::move(plan);
   return absl::OkStatus();
 }
-
-namespace {
-FnProperty Property(const Executor::Plan::NodeRun& run) {
-  return run.node->op->uses_all_cores ? FnProperty::kCpuParallel : FnProperty::kNormal;
-}
-}  // namespace
 
 void Executor::Forward(bool is_train) {
   Engine* engine = Engine::Get();
