@@ -1,5 +1,6 @@
 #include "kvstore/dist_kvstore.h"
 
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
@@ -60,11 +61,24 @@ class Join {
   absl::Status first_error_;
 };
 
+const std::string kPushMethod = "/mx.proto.KVStoreService/Push";
+const std::string kPullMethod = "/mx.proto.KVStoreService/Pull";
+constexpr int kPushValueField = 3;  // PushRequest.value
+constexpr int kPullValueField = 1;  // PullResponse.value
+
+// A message without a tensor, as a byte buffer for the raw stubs.
+grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& m) {
+  grpc::Slice bytes(m.SerializeAsString());
+  return grpc::ByteBuffer(&bytes, 1);
+}
+
 // What operations in flight need: shared with them, so that they may
 // outlive the store.
 struct Conn {
   DistKVStoreOptions options;
   std::vector<std::unique_ptr<proto::KVStoreService::Stub>> stubs;
+  // Push and Pull go through raw byte buffers (EncodeWithTensor).
+  std::vector<std::unique_ptr<grpc::GenericStub>> raw_stubs;
 
   // Set when the coordinator reports a dead node: later calls fail with it.
   absl::Status Failure() const {
@@ -77,6 +91,24 @@ struct Conn {
   }
   mutable std::mutex mu;
   absl::Status failure;  // guarded by mu
+
+  // Starts a call of `method` on `server` through the raw stub, with the
+  // store's deadline; `done` receives the status and the response.
+  void CallRaw(int server, const std::string& method, grpc::ByteBuffer request,
+               std::function<void(grpc::Status, const grpc::ByteBuffer&)> done) {
+    struct Call {
+      grpc::ClientContext ctx;
+      grpc::ByteBuffer req, resp;
+    };
+    auto* call = new Call;
+    call->ctx.set_deadline(Deadline());
+    call->req = std::move(request);
+    raw_stubs[server]->UnaryCall(&call->ctx, method, grpc::StubOptions(), &call->req, &call->resp,
+                                 [call, done = std::move(done)](grpc::Status s) {
+                                   done(s, call->resp);
+                                   delete call;
+                                 });
+  }
 
   std::chrono::system_clock::time_point Deadline() const {
     return std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options.rpc_timeout);
@@ -95,6 +127,7 @@ class DistKVStore : public KVStore {
     conn_->options = options;
     for (const std::string& address : options.servers) {
       conn_->stubs.push_back(proto::KVStoreService::NewStub(SharedChannel(address)));
+      conn_->raw_stubs.push_back(std::make_unique<grpc::GenericStub>(SharedChannel(address)));
     }
   }
 
@@ -173,25 +206,22 @@ class DistKVStore : public KVStore {
       const int id = key.id();
       const float* data = merged.data();
       Engine::Get()->PushAsync(
-          [conn = conn_, e, id, data](RunContext, CallbackOnComplete done) {
+          [conn = conn_, e, id, data, merged](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
-              struct Call {
-                grpc::ClientContext ctx;
-                proto::PushRequest req;
-                proto::PushResponse resp;
-              };
-              auto* call = new Call;
-              call->ctx.set_deadline(conn->Deadline());
-              call->req.set_key(id);
-              call->req.set_rank(conn->options.rank);
-              ToProto(data + p.begin, Shape{p.end - p.begin}, call->req.mutable_value());
+              proto::PushRequest header;
+              header.set_key(id);
+              header.set_rank(conn->options.rank);
+              header.mutable_value()->add_shape(p.end - p.begin);
+              header.mutable_value()->set_dtype(proto::FLOAT32);
               const int server = p.server;
-              conn->stubs[server]->async()->Push(&call->ctx, &call->req, &call->resp,
-                                            [conn, call, join, e, server](grpc::Status s) {
-                                              join->Finish(conn->Named(FromGrpc(s), "push", e->label, server));
-                                              delete call;
-                                            });
+              conn->CallRaw(server, kPushMethod,
+                            EncodeWithTensor(header, kPushValueField, data + p.begin,
+                                             (p.end - p.begin) * sizeof(float),
+                                             std::make_shared<NDArray>(merged)),
+                            [conn, join, e, server](grpc::Status s, const grpc::ByteBuffer&) {
+                              join->Finish(conn->Named(FromGrpc(s), "push", e->label, server));
+                            });
             }
           },
           cpu(), {merged.var()}, {e->token.var()}, priority, e->push_name.c_str());
@@ -220,38 +250,18 @@ class DistKVStore : public KVStore {
             // Every output receives each slice as it arrives.
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
-              struct Call {
-                grpc::ClientContext ctx;
-                proto::PullRequest req;
-                proto::PullResponse resp;
-              };
-              auto* call = new Call;
-              call->ctx.set_deadline(conn->Deadline());
-              call->req.set_key(id);
-              call->req.set_min_version(min_version);
-              call->req.set_rank(conn->options.rank);
+              proto::PullRequest header;
+              header.set_key(id);
+              header.set_min_version(min_version);
+              header.set_rank(conn->options.rank);
               const int server = p.server;
-              float* dst = dsts[0] + p.begin;
-              const int64_t len = p.end - p.begin;
-              std::vector<float*> others(dsts.begin() + 1, dsts.end());
-              conn->stubs[server]->async()->Pull(
-                  &call->ctx, &call->req, &call->resp,
-                  [conn, call, join, e, server, dst, len, others, begin = p.begin](grpc::Status s) {
-                    absl::Status st = conn->Named(FromGrpc(s), "pull", e->label, server);
-                    if (st.ok()) {
-                      const std::string& bytes = call->resp.value().data();
-                      if (bytes.size() != static_cast<size_t>(len) * sizeof(float)) {
-                        st = absl::DataLossError(absl::StrCat(
-                            "pull of key ", e->label, ": server ", conn->options.servers[server],
-                            " sent ", bytes.size(), " bytes, expected ", len * sizeof(float)));
-                      } else {
-                        std::memcpy(dst, bytes.data(), bytes.size());
-                        for (float* o : others) std::memcpy(o + begin, bytes.data(), bytes.size());
-                      }
-                    }
-                    join->Finish(st);
-                    delete call;
-                  });
+              conn->CallRaw(server, kPullMethod, EncodeMessage(header),
+                            [conn, join, e, server, dsts, p](grpc::Status s,
+                                                             const grpc::ByteBuffer& resp) {
+                              absl::Status st = conn->Named(FromGrpc(s), "pull", e->label, server);
+                              if (st.ok()) st = ReceivePulled(*conn, *e, resp, p, dsts);
+                              join->Finish(st);
+                            });
             }
           },
           cpu(), {e->token.var()}, writes, priority, e->pull_name.c_str());
@@ -354,6 +364,30 @@ class DistKVStore : public KVStore {
     int64_t pushes = 0;
     std::string label, push_name, pull_name;
   };
+
+  // Copies a pulled slice from the response to every output.
+  static absl::Status ReceivePulled(const Conn& conn, const Entry& e, const grpc::ByteBuffer& resp,
+                                    const Part& p, const std::vector<float*>& dsts) {
+    const size_t expected = (p.end - p.begin) * sizeof(float);
+    const std::string& server = conn.options.servers[p.server];
+    bool received = false;
+    proto::PullResponse header;
+    absl::Status s = DecodeWithTensor(
+        resp, kPullValueField, &header, [&](size_t bytes) -> absl::StatusOr<void*> {
+          if (bytes != expected) {
+            return absl::DataLossError(absl::StrCat("server ", server, " sent ", bytes,
+                                                    " bytes, expected ", expected));
+          }
+          received = true;
+          return static_cast<void*>(dsts[0] + p.begin);
+        });
+    if (s.ok() && !received) s = absl::DataLossError(absl::StrCat("server ", server, " sent no value"));
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("pull of key ", e.label, ": ", s.message()));
+    for (size_t i = 1; i < dsts.size(); ++i) {
+      std::memcpy(dsts[i] + p.begin, dsts[0] + p.begin, expected);
+    }
+    return absl::OkStatus();
+  }
 
   std::vector<Part> Partition(int key, int64_t n) const {
     const int servers = static_cast<int>(conn_->stubs.size());

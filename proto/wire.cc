@@ -1,6 +1,9 @@
 #include "proto/wire.h"
 
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
 #include <grpc/grpc.h>
+#include <grpcpp/support/proto_buffer_reader.h>
 
 #include <cstring>
 #include <map>
@@ -35,22 +38,173 @@ std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address) {
   return channel;
 }
 
-absl::StatusOr<HostTensor> FromProto(const proto::Tensor& t) {
+namespace {
+
+using google::protobuf::io::CodedInputStream;
+using google::protobuf::io::CodedOutputStream;
+
+constexpr int kTensorDataField = 3;  // Tensor.data
+constexpr uint32_t kLengthDelimited = 2;
+
+uint32_t Tag(int field, uint32_t wire_type) { return (static_cast<uint32_t>(field) << 3) | wire_type; }
+
+// Copies the field whose tag was just read from `in` to `out`, unchanged.
+bool CopyField(uint32_t tag, CodedInputStream* in, CodedOutputStream* out) {
+  out->WriteTag(tag);
+  switch (tag & 7) {
+    case 0: {  // varint
+      uint64_t v;
+      if (!in->ReadVarint64(&v)) return false;
+      out->WriteVarint64(v);
+      return true;
+    }
+    case 1: {  // fixed64
+      uint64_t v;
+      if (!in->ReadLittleEndian64(&v)) return false;
+      out->WriteLittleEndian64(v);
+      return true;
+    }
+    case 2: {  // length-delimited
+      uint32_t n;
+      std::string bytes;
+      if (!in->ReadVarint32(&n) || !in->ReadString(&bytes, static_cast<int>(n))) return false;
+      out->WriteVarint32(n);
+      out->WriteString(bytes);
+      return true;
+    }
+    case 5: {  // fixed32
+      uint32_t v;
+      if (!in->ReadLittleEndian32(&v)) return false;
+      out->WriteLittleEndian32(v);
+      return true;
+    }
+    default:  // groups are not used by mx.proto
+      return false;
+  }
+}
+
+// Reads (one occurrence of) the tensor message that `in` is limited to: its
+// data go to `sink` (*have_data says whether an earlier one had data), its
+// other fields to `out`.
+absl::Status DecodeTensor(CodedInputStream* in, const TensorSink& sink, CodedOutputStream* out,
+                          bool* have_data) {
+  while (uint32_t tag = in->ReadTag()) {
+    if (tag != Tag(kTensorDataField, kLengthDelimited)) {
+      if (!CopyField(tag, in, out)) return absl::InvalidArgumentError("malformed tensor field");
+      continue;
+    }
+    uint32_t n;
+    if (*have_data) return absl::InvalidArgumentError("tensor data sent twice");
+    if (!in->ReadVarint32(&n)) return absl::InvalidArgumentError("malformed tensor data length");
+    if (static_cast<int64_t>(n) > in->BytesUntilLimit()) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor data of ", n, " bytes overruns the message"));
+    }
+    absl::StatusOr<void*> dst = sink(n);
+    if (!dst.ok()) return dst.status();
+    if (!in->ReadRaw(*dst, static_cast<int>(n))) return absl::InvalidArgumentError("truncated tensor data");
+    *have_data = true;
+  }
+  if (!in->ConsumedEntireMessage()) return absl::InvalidArgumentError("malformed tensor");
+  return absl::OkStatus();
+}
+
+void DestroyOwner(void* owner) { delete static_cast<std::shared_ptr<const void>*>(owner); }
+
+}  // namespace
+
+grpc::ByteBuffer EncodeWithTensor(const google::protobuf::MessageLite& header, int tensor_field,
+                                  const void* data, size_t bytes,
+                                  std::shared_ptr<const void> owner) {
+  std::string prefix = header.SerializeAsString();
+  {
+    google::protobuf::io::StringOutputStream stream(&prefix);
+    CodedOutputStream out(&stream);
+    const uint32_t data_tag = Tag(kTensorDataField, kLengthDelimited);
+    const size_t tensor_bytes = CodedOutputStream::VarintSize32(data_tag) +
+                                CodedOutputStream::VarintSize64(bytes) + bytes;
+    out.WriteTag(Tag(tensor_field, kLengthDelimited));
+    out.WriteVarint64(tensor_bytes);
+    out.WriteTag(data_tag);
+    out.WriteVarint64(bytes);
+  }
+  grpc::Slice slices[2] = {
+      grpc::Slice(prefix),
+      grpc::Slice(const_cast<void*>(data), bytes, DestroyOwner,
+                  new std::shared_ptr<const void>(std::move(owner)))};
+  return grpc::ByteBuffer(slices, bytes > 0 ? 2 : 1);
+}
+
+absl::Status DecodeWithTensor(const grpc::ByteBuffer& buffer, int tensor_field,
+                              google::protobuf::MessageLite* header, const TensorSink& sink) {
+  grpc::ByteBuffer copy(buffer);  // shares the slices; the reader needs a mutable buffer
+  grpc::ProtoBufferReader reader(&copy);
+  CodedInputStream in(&reader);
+  in.SetTotalBytesLimit(kMaxMessageBytes);
+  std::string rest;  // every field but the tensor's data, re-encoded for `header`
+  bool have_tensor = false, have_data = false;
+  {
+    google::protobuf::io::StringOutputStream stream(&rest);
+    CodedOutputStream out(&stream);
+    while (uint32_t tag = in.ReadTag()) {
+      if (tensor_field == 0 || tag != Tag(tensor_field, kLengthDelimited)) {
+        if (!CopyField(tag, &in, &out)) return absl::InvalidArgumentError("malformed message");
+        continue;
+      }
+      uint32_t n;
+      if (!in.ReadVarint32(&n)) return absl::InvalidArgumentError("malformed tensor length");
+      const CodedInputStream::Limit limit = in.PushLimit(static_cast<int>(n));
+      std::string tensor;
+      {
+        google::protobuf::io::StringOutputStream tensor_stream(&tensor);
+        CodedOutputStream tensor_out(&tensor_stream);
+        MX_RETURN_IF_ERROR(DecodeTensor(&in, sink, &tensor_out, &have_data));
+      }
+      have_tensor = true;
+      in.PopLimit(limit);
+      out.WriteTag(tag);
+      out.WriteVarint32(static_cast<uint32_t>(tensor.size()));
+      out.WriteString(tensor);
+    }
+    if (!in.ConsumedEntireMessage() || reader.status().ok() == false) {
+      return absl::InvalidArgumentError("malformed message");
+    }
+  }
+  if (have_tensor && !have_data) {  // protobuf leaves out empty data
+    absl::StatusOr<void*> dst = sink(0);
+    if (!dst.ok()) return dst.status();
+  }
+  if (!header->ParseFromString(rest)) return absl::InvalidArgumentError("malformed message fields");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Shape> TensorShape(const proto::Tensor& t, size_t data_bytes) {
   if (t.dtype() != proto::FLOAT32) {
     return absl::InvalidArgumentError(absl::StrCat("unsupported dtype ", t.dtype()));
   }
-  HostTensor h;
+  Shape shape;
+  uint64_t elements = 1;
   for (int64_t d : t.shape()) {
-    if (d < 0) return absl::InvalidArgumentError(absl::StrCat("negative dimension ", d));
-    h.shape.push_back(d);
+    // Bounded dimensions keep the product from overflowing.
+    if (d < 0 || d > kMaxMessageBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("bad dimension ", d));
+    }
+    shape.push_back(d);
+    elements *= static_cast<uint64_t>(d);
+    if (elements > kMaxMessageBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor of shape ", shape.ToString(), "... is too large"));
+    }
   }
-  const uint64_t n = static_cast<uint64_t>(h.shape.Size());
-  if (t.data().size() != n * sizeof(float)) {
+  if (data_bytes != elements * sizeof(float)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "tensor of shape ", h.shape.ToString(), " carries ", t.data().size(),
-        " bytes, expected ", n * sizeof(float)));
+        "tensor of shape ", shape.ToString(), " carries ", data_bytes, " bytes, expected ",
+        shape.Size() * sizeof(float)));
   }
-  h.data.resize(n);
+  return shape;
+}
+
+absl::StatusOr<HostTensor> FromProto(const proto::Tensor& t) {
+  MX_ASSIGN_OR_RETURN(Shape shape, TensorShape(t, t.data().size()));
+  HostTensor h{shape, std::vector<float>(shape.Size())};
   std::memcpy(h.data.data(), t.data().data(), t.data().size());
   return h;
 }

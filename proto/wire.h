@@ -5,6 +5,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <functional>
+#include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -25,6 +27,34 @@ struct HostTensor {
 absl::StatusOr<HostTensor> FromProto(const proto::Tensor& t);
 void ToProto(const std::vector<float>& data, proto::Tensor* t);
 void ToProto(const float* data, const Shape& shape, proto::Tensor* t);
+
+// Messages that carry a tensor's data (PushRequest, PullResponse), moved
+// without copies of the data on the sending side and with one copy, out of
+// gRPC's receive buffers, on the receiving side. The bytes are exactly
+// protobuf's encoding of the messages in mx.proto, so any protobuf peer can
+// read and write them.
+//
+// EncodeWithTensor: `header` (with its tensor field holding shape and
+// dtype, no data), then a second occurrence of the tensor field (number
+// `tensor_field`) holding only Tensor.data = `bytes` bytes at `data`;
+// protobuf merges repeated occurrences of a message field. The data are not
+// copied: the buffer refers to them, and `owner` is held until gRPC is done
+// with them. The caller keeps the bytes unchanged until the call completes.
+grpc::ByteBuffer EncodeWithTensor(const google::protobuf::MessageLite& header, int tensor_field,
+                                  const void* data, size_t bytes,
+                                  std::shared_ptr<const void> owner);
+
+// DecodeWithTensor: parses `buffer` into `header`, except the data of the
+// tensor field (number `tensor_field`; 0 for a message without one), which
+// it copies to the memory that `sink(bytes)` returns. Malformed input, or
+// a sink error, is an error (INVALID_ARGUMENT unless the sink says other).
+using TensorSink = std::function<absl::StatusOr<void*>(size_t bytes)>;
+absl::Status DecodeWithTensor(const grpc::ByteBuffer& buffer, int tensor_field,
+                              google::protobuf::MessageLite* header, const TensorSink& sink);
+
+// Checks a decoded tensor's shape and dtype against the number of bytes
+// its data held.
+absl::StatusOr<Shape> TensorShape(const proto::Tensor& t, size_t data_bytes);
 
 // Initializes gRPC once for the life of the process. Clients and servers
 // call it before creating channels: otherwise destroying the last channel

@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <map>
 
@@ -14,7 +15,80 @@ namespace mx {
 
 namespace {
 
-class Service final : public proto::KVStoreService::Service {
+// Push and Pull, which carry tensors, are raw callback methods: the tensor
+// moves between gRPC's buffers and the shard with one copy (see
+// EncodeWithTensor), and a pull waiting for a step holds no thread (the
+// shard answers it when the step completes). The other methods are small
+// and synchronous.
+using ServiceBase = proto::KVStoreService::WithRawCallbackMethod_Push<
+    proto::KVStoreService::WithRawCallbackMethod_Pull<proto::KVStoreService::Service>>;
+
+constexpr int kPushValueField = 3;   // PushRequest.value
+constexpr int kPullValueField = 1;   // PullResponse.value
+
+absl::Status Prefix(const absl::Status& s, const char* what, int key) {
+  return absl::Status(s.code(), absl::StrCat(what, " of key ", key, ": ", s.message()));
+}
+
+grpc::ByteBuffer EmptyMessage() {
+  grpc::Slice empty;
+  return grpc::ByteBuffer(&empty, 1);
+}
+
+// A pull that may wait for its step: answered by the shard, or cancelled
+// when the client goes away or its deadline passes.
+class PullReactor : public grpc::ServerUnaryReactor {
+ public:
+  PullReactor(ParameterShard* shard, grpc::ByteBuffer* response)
+      : shard_(shard), response_(response) {}
+
+  void Start(const grpc::ByteBuffer& request) {
+    proto::PullRequest req;
+    absl::Status s = DecodeWithTensor(request, 0, &req, nullptr);
+    if (!s.ok()) {
+      Finish(ToGrpc(Prefix(s, "pull", req.key())));
+      return;
+    }
+    key_ = req.key();
+    id_ = shard_->PullAsync(key_, req.min_version(),
+                            [this](absl::StatusOr<ParameterShard::Value> v) { Answer(std::move(v)); });
+    started_.store(true);
+  }
+
+  void OnCancel() override {
+    // Answered already (CancelPull false): that answer's Finish stands.
+    if (started_.load() && shard_->CancelPull(key_, id_)) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED,
+                          absl::StrCat("pull of key ", key_, " cancelled while waiting")));
+    }
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void Answer(absl::StatusOr<ParameterShard::Value> v) {
+    if (!v.ok()) {
+      Finish(ToGrpc(v.status()));
+      return;
+    }
+    proto::PullResponse header;
+    header.set_version(v->version);
+    proto::Tensor* t = header.mutable_value();
+    t->add_shape(static_cast<int64_t>(v->data.size()));
+    t->set_dtype(proto::FLOAT32);
+    auto data = std::make_shared<std::vector<float>>(std::move(v->data));
+    *response_ = EncodeWithTensor(header, kPullValueField, data->data(),
+                                  data->size() * sizeof(float), data);
+    Finish(grpc::Status::OK);
+  }
+
+  ParameterShard* const shard_;
+  grpc::ByteBuffer* const response_;
+  int key_ = 0;
+  uint64_t id_ = 0;
+  std::atomic<bool> started_{false};
+};
+
+class Service final : public ServiceBase {
  public:
   explicit Service(ParameterShard* shard) : shard_(shard) {}
 
@@ -25,23 +99,19 @@ class Service final : public proto::KVStoreService::Service {
     return ToGrpc(shard_->Init(req->key(), t->shape, t->data));
   }
 
-  grpc::Status Push(grpc::ServerContext*, const proto::PushRequest* req,
-                    proto::PushResponse*) override {
-    absl::StatusOr<HostTensor> t = FromProto(req->value());
-    if (!t.ok()) return ToGrpc(Prefix(t.status(), "push", req->key()));
-    return ToGrpc(shard_->Push(req->key(), req->rank(), t->data));
+  grpc::ServerUnaryReactor* Push(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+                                 grpc::ByteBuffer* response) override {
+    *response = EmptyMessage();
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    reactor->Finish(ToGrpc(HandlePush(*request)));
+    return reactor;
   }
 
-  grpc::Status Pull(grpc::ServerContext* ctx, const proto::PullRequest* req,
-                    proto::PullResponse* resp) override {
-    // A client without a deadline still gets an answer within kMaxWait.
-    constexpr absl::Duration kMaxWait = absl::Minutes(5);
-    absl::Time deadline = std::min(absl::FromChrono(ctx->deadline()), absl::Now() + kMaxWait);
-    absl::StatusOr<ParameterShard::Value> v = shard_->Pull(req->key(), req->min_version(), deadline);
-    if (!v.ok()) return ToGrpc(v.status());
-    resp->set_version(v->version);
-    ToProto(v->data, resp->mutable_value());
-    return grpc::Status::OK;
+  grpc::ServerUnaryReactor* Pull(grpc::CallbackServerContext*, const grpc::ByteBuffer* request,
+                                 grpc::ByteBuffer* response) override {
+    auto* reactor = new PullReactor(shard_, response);
+    reactor->Start(*request);
+    return reactor;
   }
 
   grpc::Status SetOptimizer(grpc::ServerContext*, const proto::SetOptimizerRequest* req,
@@ -67,9 +137,21 @@ class Service final : public proto::KVStoreService::Service {
   }
 
  private:
-  static absl::Status Prefix(const absl::Status& s, const char* what, int key) {
-    return absl::Status(s.code(), absl::StrCat(what, " of key ", key, ": ", s.message()));
+  absl::Status HandlePush(const grpc::ByteBuffer& request) {
+    proto::PushRequest req;
+    std::vector<float> data;
+    size_t data_bytes = 0;
+    absl::Status s = DecodeWithTensor(request, kPushValueField, &req,
+                                      [&](size_t bytes) -> absl::StatusOr<void*> {
+                                        data_bytes = bytes;
+                                        data.resize((bytes + sizeof(float) - 1) / sizeof(float));
+                                        return static_cast<void*>(data.data());
+                                      });
+    if (s.ok()) s = TensorShape(req.value(), data_bytes).status();
+    if (!s.ok()) return Prefix(s, "push", req.key());
+    return shard_->Push(req.key(), req.rank(), std::move(data));
   }
+
   ParameterShard* shard_;
 };
 

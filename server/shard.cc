@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
 #include "ndarray/ndarray.h"
 
 namespace mx {
@@ -44,48 +45,60 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
   return absl::OkStatus();
 }
 
-absl::Status ParameterShard::Push(int key, int rank, const std::vector<float>& value) {
-  absl::MutexLock lock(&mu_);
-  if (rank < 0 || rank >= options_.num_workers) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "push of key ", key, ": worker rank ", rank, " is outside 0..", options_.num_workers - 1));
+absl::Status ParameterShard::Push(int key, int rank, std::vector<float> value) {
+  Answers answers;
+  {
+    absl::MutexLock lock(&mu_);
+    if (rank < 0 || rank >= options_.num_workers) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "push of key ", key, ": worker rank ", rank, " is outside 0..", options_.num_workers - 1));
+    }
+    if (dead_.count(rank)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "push of key ", key, ": worker ", rank, " was declared dead"));
+    }
+    MX_ASSIGN_OR_RETURN(Key * k, Find(key));
+    if (static_cast<int64_t>(value.size()) != k->shape.Size()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "push of key ", key, " from worker ", rank, ": ", value.size(),
+          " values but the key holds ", k->shape.ToString(), " (", k->shape.Size(), ")"));
+    }
+    if (options_.sync) {
+      k->pending[rank].push_back(std::move(value));
+      MaybeComplete(key, k, &answers);
+    } else {
+      Apply(key, k, value);
+      TakeAnswered(key, k, &answers);
+    }
   }
-  if (dead_.count(rank)) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "push of key ", key, ": worker ", rank, " was declared dead"));
-  }
-  MX_ASSIGN_OR_RETURN(Key * k, Find(key));
-  if (static_cast<int64_t>(value.size()) != k->shape.Size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "push of key ", key, " from worker ", rank, ": ", value.size(),
-        " values but the key holds ", k->shape.ToString(), " (", k->shape.Size(), ")"));
-  }
-  if (!options_.sync) {
-    Apply(key, k, value);
-    return absl::OkStatus();
-  }
-  k->pending[rank].push_back(value);
-  MaybeComplete(key, k);
+  Deliver(std::move(answers));
   return absl::OkStatus();
 }
 
-void ParameterShard::MaybeComplete(int id, Key* k) {
+void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
   // Steps complete while every live worker has a push queued.
   for (;;) {
-    if (live_.empty()) return;
+    if (live_.empty()) break;
+    bool complete = true;
     for (int r : live_) {
       auto it = k->pending.find(r);
-      if (it == k->pending.end() || it->second.empty()) return;
+      if (it == k->pending.end() || it->second.empty()) complete = false;
     }
+    if (!complete) break;
     // Rank order (live_ is sorted): the same bits every run.
-    std::vector<float> sum(k->shape.Size(), 0.0f);
+    std::vector<float> sum;
     for (int r : live_) {
       std::vector<float>& v = k->pending[r].front();
-      for (size_t i = 0; i < sum.size(); ++i) sum[i] += v[i];
+      if (sum.empty()) {
+        sum = std::move(v);
+      } else {
+        for (size_t i = 0; i < sum.size(); ++i) sum[i] += v[i];
+      }
       k->pending[r].pop_front();
     }
     Apply(id, k, sum);
   }
+  TakeAnswered(id, k, answers);
 }
 
 void ParameterShard::Apply(int id, Key* k, const std::vector<float>& sum) {
@@ -99,35 +112,88 @@ void ParameterShard::Apply(int id, Key* k, const std::vector<float>& sum) {
   ++k->version;
 }
 
-absl::StatusOr<ParameterShard::Value> ParameterShard::Pull(int key, int64_t min_version,
-                                                           absl::Time deadline) {
-  absl::MutexLock lock(&mu_);
-  MX_ASSIGN_OR_RETURN(Key * k, Find(key));
-  auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return k->version >= min_version || (!options_.elastic && !dead_.empty());
-  };
-  while (!ready()) {
-    if (mu_.AwaitWithDeadline(absl::Condition(&ready), deadline)) break;
-    if (absl::Now() >= deadline) {
-      std::vector<int> missing;
-      for (int r : live_) {
-        auto it = k->pending.find(r);
-        if (it == k->pending.end() || it->second.empty()) missing.push_back(r);
-      }
-      return absl::DeadlineExceededError(absl::StrCat(
-          "pull of key ", key, ": version ", min_version, " not reached by the deadline (at ",
-          k->version, "; waiting for pushes from worker(s) ", absl::StrJoin(missing, ", "), ")"));
-    }
-  }
-  if (k->version < min_version) {
+std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
+    int id, const Key& k, int64_t min_version) const {
+  if (k.version >= min_version) return Value{k.stored.ToVector(), k.version};
+  if (!options_.elastic && !dead_.empty()) {
     return absl::UnavailableError(absl::StrCat(
-        "pull of key ", key, ": worker(s) ", DeadWorkers(),
+        "pull of key ", id, ": worker(s) ", DeadWorkers(),
         " died; the step cannot complete (not elastic)"));
   }
-  Value v;
-  v.data = k->stored.ToVector();
-  v.version = k->version;
-  return v;
+  return std::nullopt;
+}
+
+void ParameterShard::TakeAnswered(int id, Key* k, Answers* answers) {
+  for (auto it = k->waiters.begin(); it != k->waiters.end();) {
+    std::optional<absl::StatusOr<Value>> answer = Answer(id, *k, it->second.min_version);
+    if (!answer.has_value()) {
+      ++it;
+      continue;
+    }
+    answers->emplace_back(std::move(it->second.done), *std::move(answer));
+    it = k->waiters.erase(it);
+  }
+}
+
+void ParameterShard::Deliver(Answers answers) {
+  for (auto& [done, value] : answers) done(std::move(value));
+}
+
+uint64_t ParameterShard::PullAsync(int key, int64_t min_version, PullCallback done) {
+  std::optional<absl::StatusOr<Value>> answer;
+  uint64_t id;
+  {
+    absl::MutexLock lock(&mu_);
+    id = next_waiter_++;
+    absl::StatusOr<Key*> k = Find(key);
+    if (!k.ok()) {
+      answer = k.status();
+    } else {
+      answer = Answer(key, **k, min_version);
+      if (!answer.has_value()) (*k)->waiters.emplace(id, Waiter{min_version, std::move(done)});
+    }
+  }
+  if (answer.has_value()) done(*std::move(answer));
+  return id;
+}
+
+bool ParameterShard::CancelPull(int key, uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  auto k = keys_.find(key);
+  return k != keys_.end() && k->second.waiters.erase(id) > 0;
+}
+
+absl::StatusOr<ParameterShard::Value> ParameterShard::Pull(int key, int64_t min_version,
+                                                           absl::Time deadline) {
+  struct Result {
+    absl::Notification done;
+    absl::StatusOr<Value> value;
+  };
+  auto result = std::make_shared<Result>();
+  const uint64_t id = PullAsync(key, min_version, [result](absl::StatusOr<Value> v) {
+    result->value = std::move(v);
+    result->done.Notify();
+  });
+  if (!result->done.WaitForNotificationWithDeadline(deadline) && CancelPull(key, id)) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "pull of key ", key, ": version ", min_version, " not reached by the deadline (",
+        MissingPushes(key), ")"));
+  }
+  result->done.WaitForNotification();  // answered, perhaps just now
+  return std::move(result->value);
+}
+
+std::string ParameterShard::MissingPushes(int key) const {
+  absl::MutexLock lock(&mu_);
+  auto k = keys_.find(key);
+  if (k == keys_.end()) return "no such key";
+  std::vector<int> missing;
+  for (int r : live_) {
+    auto it = k->second.pending.find(r);
+    if (it == k->second.pending.end() || it->second.empty()) missing.push_back(r);
+  }
+  return absl::StrCat("at ", k->second.version, "; waiting for pushes from worker(s) ",
+                      absl::StrJoin(missing, ", "));
 }
 
 absl::Status ParameterShard::SetOptimizer(const std::string& name,
@@ -161,11 +227,22 @@ absl::Status ParameterShard::LoadOptimizerStates(const std::string& bytes) {
 }
 
 void ParameterShard::MarkDead(int rank) {
-  absl::MutexLock lock(&mu_);
-  if (!live_.erase(rank)) return;
-  dead_.insert(rank);
-  if (!options_.elastic) return;  // pulls wake up and fail (see Pull)
-  for (auto& [id, k] : keys_) MaybeComplete(id, &k);
+  Answers answers;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!live_.erase(rank)) return;
+    dead_.insert(rank);
+    // Elastic: steps may now complete without it. Otherwise waiting pulls
+    // fail (see Answer).
+    for (auto& [id, k] : keys_) {
+      if (options_.elastic) {
+        MaybeComplete(id, &k, &answers);
+      } else {
+        TakeAnswered(id, &k, &answers);
+      }
+    }
+  }
+  Deliver(std::move(answers));
 }
 
 std::set<int> ParameterShard::live_workers() const {

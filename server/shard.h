@@ -17,6 +17,10 @@
 // Asynchronous mode (dist_async). Each push is applied on arrival and bumps
 // the version.
 //
+// Pulls. PullAsync registers a waiter that is answered when the key reaches
+// the version (at once when it already has), so a server needs no thread
+// per waiting pull; Pull is the blocking form with a deadline.
+//
 // Failures. MarkDead(rank) removes a worker: waiting pulls fail with
 // kUnavailable naming the worker, unless the shard is elastic, in which case
 // steps complete with the remaining workers. Every wait has a deadline and
@@ -30,10 +34,13 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -62,7 +69,7 @@ class ParameterShard {
 
   // One worker's contribution to key. Returns when it is recorded (sync) or
   // applied (async); the new value may be pending until the step completes.
-  absl::Status Push(int key, int rank, const std::vector<float>& value);
+  absl::Status Push(int key, int rank, std::vector<float> value);
 
   struct Value {
     std::vector<float> data;
@@ -71,6 +78,17 @@ class ParameterShard {
   // The value of key once its version reaches min_version, waiting at most
   // until `deadline`.
   absl::StatusOr<Value> Pull(int key, int64_t min_version, absl::Time deadline);
+
+  // Calls `done` exactly once, on the calling thread or on the thread whose
+  // push (or MarkDead) completes the step, never under the shard's lock:
+  // with the value once key's version reaches min_version, or with the
+  // error that prevents it (unknown key, a dead worker). Returns an id for
+  // CancelPull.
+  using PullCallback = std::function<void(absl::StatusOr<Value>)>;
+  uint64_t PullAsync(int key, int64_t min_version, PullCallback done);
+  // Drops a waiting pull. True if it was still waiting: `done` will not be
+  // called. False if it was answered or is being answered now.
+  bool CancelPull(int key, uint64_t id);
 
   // Sets the updater applied to the sum of each step (or each async push),
   // with the parameter names and multipliers it applies per key.
@@ -88,19 +106,35 @@ class ParameterShard {
   std::set<int> live_workers() const;
 
  private:
+  struct Waiter {
+    int64_t min_version;
+    PullCallback done;
+  };
   struct Key {
     Shape shape;
     NDArray stored;                                  // current value
     // Pushes not yet in a completed step, by rank, oldest first.
     std::map<int, std::deque<std::vector<float>>> pending;
     int64_t version = 0;
+    std::map<uint64_t, Waiter> waiters;  // pulls waiting for a version
   };
+  // Answers to give once the lock is released.
+  using Answers = std::vector<std::pair<PullCallback, absl::StatusOr<Value>>>;
+  static void Deliver(Answers answers);
+
   absl::StatusOr<Key*> Find(int key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Completes key's step if every live worker has pushed.
-  void MaybeComplete(int id, Key* key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The answer to a pull of key at min_version, or nullopt while it must wait.
+  std::optional<absl::StatusOr<Value>> Answer(int id, const Key& key, int64_t min_version) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves the waiters of key that can be answered now to `answers`.
+  void TakeAnswered(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Completes key's steps while every live worker has pushed.
+  void MaybeComplete(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Applies `sum` to key: the optimizer, or replaces the value.
   void Apply(int id, Key* key, const std::vector<float>& sum) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Which workers key's current step still waits for, for errors.
+  std::string MissingPushes(int key) const ABSL_LOCKS_EXCLUDED(mu_);
 
   const ShardOptions options_;
   mutable absl::Mutex mu_;
@@ -108,6 +142,7 @@ class ParameterShard {
   std::set<int> live_ ABSL_GUARDED_BY(mu_);
   std::set<int> dead_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace mx
