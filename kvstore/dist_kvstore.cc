@@ -3,6 +3,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <thread>
@@ -63,6 +64,7 @@ class Join {
 
 const std::string kPushMethod = "/mx.proto.KVStoreService/Push";
 const std::string kPullMethod = "/mx.proto.KVStoreService/Pull";
+const std::string kPushPullMethod = "/mx.proto.KVStoreService/PushPull";
 constexpr int kPushValueField = 3;  // PushRequest.value
 constexpr int kPullValueField = 1;  // PullResponse.value
 
@@ -176,6 +178,8 @@ class DistKVStore : public KVStore {
     e.label = key.label();
     e.push_name = "dist_push:" + e.label;
     e.pull_name = "dist_pull:" + e.label;
+    e.pushpull_name = "dist_pushpull:" + e.label;
+    e.id = key.id();
     std::vector<float> data;
     MX_RETURN_IF_ERROR(internal::Guard([&] {
       data = value.ToVector();
@@ -200,27 +204,14 @@ class DistKVStore : public KVStore {
     MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "push"));
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "push", "value", values, e->shape));
     return internal::Guard([&] {
-      NDArray merged =
-          internal::SumCopies(values, e->shape, &e->merged, priority, e->push_name.c_str());
-      ++e->pushes;
-      const int id = key.id();
-      const float* data = merged.data();
+      NDArray merged = Merge(*e, values, priority);
       Engine::Get()->PushAsync(
-          [conn = conn_, e, id, data, merged](RunContext, CallbackOnComplete done) {
+          [conn = conn_, e, merged](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
-              proto::PushRequest header;
-              header.set_key(id);
-              header.set_rank(conn->options.rank);
-              header.mutable_value()->add_shape(p.end - p.begin);
-              header.mutable_value()->set_dtype(proto::FLOAT32);
-              const int server = p.server;
-              conn->CallRaw(server, kPushMethod,
-                            EncodeWithTensor(header, kPushValueField, data + p.begin,
-                                             (p.end - p.begin) * sizeof(float),
-                                             std::make_shared<NDArray>(merged)),
-                            [conn, join, e, server](grpc::Status s, const grpc::ByteBuffer&) {
-                              join->Finish(conn->Named(FromGrpc(s), "push", e->label, server));
+              conn->CallRaw(p.server, kPushMethod, EncodePush(*conn, *e, p, merged, 0),
+                            [conn, join, e, p](grpc::Status s, const grpc::ByteBuffer&) {
+                              join->Finish(conn->Named(FromGrpc(s), "push", e->label, p.server));
                             });
             }
           },
@@ -233,38 +224,60 @@ class DistKVStore : public KVStore {
     MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "pull"));
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pull", "output", outs, e->shape));
     return internal::Guard([&] {
-      for (const NDArray& o : outs) internal::RequireHostMemory(o, "pull");
       // dist_sync: the step that includes this worker's pushes. dist_async
       // applies a push before answering it, and the engine orders this pull
       // after it (through the key's token).
       const int64_t min_version = conn_->options.sync ? e->pushes : 0;
-      const int id = key.id();
-      std::vector<float*> dsts;
-      std::vector<VarHandle> writes;
-      for (const NDArray& o : outs) {
-        dsts.push_back(o.data());
-        writes.push_back(o.var());
-      }
+      const std::vector<float*> dsts = Destinations(outs);
       Engine::Get()->PushAsync(
-          [conn = conn_, e, id, min_version, dsts](RunContext, CallbackOnComplete done) {
-            // Every output receives each slice as it arrives.
+          [conn = conn_, e, min_version, dsts](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
               proto::PullRequest header;
-              header.set_key(id);
+              header.set_key(e->id);
               header.set_min_version(min_version);
               header.set_rank(conn->options.rank);
-              const int server = p.server;
-              conn->CallRaw(server, kPullMethod, EncodeMessage(header),
-                            [conn, join, e, server, dsts, p](grpc::Status s,
-                                                             const grpc::ByteBuffer& resp) {
-                              absl::Status st = conn->Named(FromGrpc(s), "pull", e->label, server);
-                              if (st.ok()) st = ReceivePulled(*conn, *e, resp, p, dsts);
-                              join->Finish(st);
+              conn->CallRaw(p.server, kPullMethod, EncodeMessage(header),
+                            [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
+                              join->Finish(Received(*conn, *e, "pull", s, resp, p, dsts));
                             });
             }
           },
-          cpu(), {e->token.var()}, writes, priority, e->pull_name.c_str());
+          cpu(), {e->token.var()}, Vars(outs), priority, e->pull_name.c_str());
+    });
+  }
+
+  // One round trip per slice: the server answers the push with the value of
+  // the step that includes it.
+  absl::Status PushPull(Key key, const std::vector<NDArray>& values,
+                        const std::vector<NDArray>& outs, int priority) override {
+    MX_RETURN_IF_ERROR(conn_->Failure());
+    MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "pushpull"));
+    MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pushpull", "value", values, e->shape));
+    MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pushpull", "output", outs, e->shape));
+    return internal::Guard([&] {
+      NDArray merged = Merge(*e, values, priority);
+      const int64_t min_version = conn_->options.sync ? e->pushes : 0;
+      const std::vector<float*> dsts = Destinations(outs);
+      std::vector<VarHandle> writes = Vars(outs);
+      writes.push_back(e->token.var());
+      // An output may be the pushed array itself: written, hence read.
+      std::vector<VarHandle> reads;
+      if (std::find(writes.begin(), writes.end(), merged.var()) == writes.end()) {
+        reads.push_back(merged.var());
+      }
+      Engine::Get()->PushAsync(
+          [conn = conn_, e, merged, min_version, dsts](RunContext, CallbackOnComplete done) {
+            auto* join = new Join(static_cast<int>(e->parts.size()), done);
+            for (const Part& p : e->parts) {
+              conn->CallRaw(p.server, kPushPullMethod,
+                            EncodePush(*conn, *e, p, merged, min_version),
+                            [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
+                              join->Finish(Received(*conn, *e, "pushpull", s, resp, p, dsts));
+                            });
+            }
+          },
+          cpu(), reads, writes, priority, e->pushpull_name.c_str());
     });
   }
 
@@ -362,12 +375,51 @@ class DistKVStore : public KVStore {
     NDArray token;   // written by pushes, read by pulls: orders them
     NDArray merged;  // the sum of a multi-device push
     int64_t pushes = 0;
-    std::string label, push_name, pull_name;
+    int id = 0;
+    std::string label, push_name, pull_name, pushpull_name;
   };
 
-  // Copies a pulled slice from the response to every output.
-  static absl::Status ReceivePulled(const Conn& conn, const Entry& e, const grpc::ByteBuffer& resp,
-                                    const Part& p, const std::vector<float*>& dsts) {
+  // The sum of a push's device copies (an engine operation when there are
+  // several), counted as this worker's next push of the key.
+  static NDArray Merge(Entry& e, const std::vector<NDArray>& values, int priority) {
+    ++e.pushes;
+    return internal::SumCopies(values, e.shape, &e.merged, priority, e.push_name.c_str());
+  }
+
+  static std::vector<float*> Destinations(const std::vector<NDArray>& outs) {
+    std::vector<float*> dsts;
+    for (const NDArray& o : outs) {
+      internal::RequireHostMemory(o, "pull");
+      dsts.push_back(o.data());
+    }
+    return dsts;
+  }
+
+  static std::vector<VarHandle> Vars(const std::vector<NDArray>& arrays) {
+    std::vector<VarHandle> vars;
+    for (const NDArray& a : arrays) vars.push_back(a.var());
+    return vars;
+  }
+
+  // Slice p of `merged` as a PushRequest, without copying the data.
+  static grpc::ByteBuffer EncodePush(const Conn& conn, const Entry& e, const Part& p,
+                                     const NDArray& merged, int64_t min_version) {
+    proto::PushRequest header;
+    header.set_key(e.id);
+    header.set_rank(conn.options.rank);
+    header.set_min_version(min_version);
+    header.mutable_value()->add_shape(p.end - p.begin);
+    header.mutable_value()->set_dtype(proto::FLOAT32);
+    return EncodeWithTensor(header, kPushValueField, merged.data() + p.begin,
+                            (p.end - p.begin) * sizeof(float), std::make_shared<NDArray>(merged));
+  }
+
+  // The outcome of a call that answers with slice p of the value: copied to
+  // every output.
+  static absl::Status Received(const Conn& conn, const Entry& e, const char* what,
+                               const grpc::Status& status, const grpc::ByteBuffer& resp,
+                               const Part& p, const std::vector<float*>& dsts) {
+    MX_RETURN_IF_ERROR(conn.Named(FromGrpc(status), what, e.label, p.server));
     const size_t expected = (p.end - p.begin) * sizeof(float);
     const std::string& server = conn.options.servers[p.server];
     bool received = false;
@@ -382,7 +434,7 @@ class DistKVStore : public KVStore {
           return static_cast<void*>(dsts[0] + p.begin);
         });
     if (s.ok() && !received) s = absl::DataLossError(absl::StrCat("server ", server, " sent no value"));
-    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("pull of key ", e.label, ": ", s.message()));
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat(what, " of key ", e.label, ": ", s.message()));
     for (size_t i = 1; i < dsts.size(); ++i) {
       std::memcpy(dsts[i] + p.begin, dsts[0] + p.begin, expected);
     }

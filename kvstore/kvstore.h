@@ -90,8 +90,8 @@ class KVStore {
   absl::Status Pull(Key key, NDArray* out, int priority = 0) {
     return Pull(key, std::vector<NDArray>{*out}, priority);
   }
-  // Push then Pull.
-  absl::Status PushPull(Key key, const std::vector<NDArray>& values,
+  // Push then Pull (a store may do both in one operation).
+  virtual absl::Status PushPull(Key key, const std::vector<NDArray>& values,
                         const std::vector<NDArray>& outs, int priority = 0);
   // Init (if needed) with value, then Pull into outs.
   absl::Status Broadcast(Key key, const NDArray& value, const std::vector<NDArray>& outs,

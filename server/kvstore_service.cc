@@ -21,12 +21,14 @@ namespace {
 // shard answers it when the step completes). The other methods are small
 // and synchronous.
 using ServiceBase = proto::KVStoreService::WithRawCallbackMethod_Push<
-    proto::KVStoreService::WithRawCallbackMethod_Pull<proto::KVStoreService::Service>>;
+    proto::KVStoreService::WithRawCallbackMethod_Pull<
+        proto::KVStoreService::WithRawCallbackMethod_PushPull<proto::KVStoreService::Service>>>;
 
 constexpr int kPushValueField = 3;   // PushRequest.value
 constexpr int kPullValueField = 1;   // PullResponse.value
 
 absl::Status Prefix(const absl::Status& s, const char* what, int key) {
+  if (s.ok()) return s;
   return absl::Status(s.code(), absl::StrCat(what, " of key ", key, ": ", s.message()));
 }
 
@@ -42,15 +44,14 @@ class PullReactor : public grpc::ServerUnaryReactor {
   PullReactor(ParameterShard* shard, grpc::ByteBuffer* response)
       : shard_(shard), response_(response) {}
 
-  void Start(const grpc::ByteBuffer& request) {
-    proto::PullRequest req;
-    absl::Status s = DecodeWithTensor(request, 0, &req, nullptr);
-    if (!s.ok()) {
-      Finish(ToGrpc(Prefix(s, "pull", req.key())));
+  // Answers with `error` at once, or with key's value at min_version.
+  void Start(const absl::Status& error, int key, int64_t min_version) {
+    if (!error.ok()) {
+      Finish(ToGrpc(error));
       return;
     }
-    key_ = req.key();
-    id_ = shard_->PullAsync(key_, req.min_version(),
+    key_ = key;
+    id_ = shard_->PullAsync(key_, min_version,
                             [this](absl::StatusOr<ParameterShard::Value> v) { Answer(std::move(v)); });
     started_.store(true);
   }
@@ -103,14 +104,26 @@ class Service final : public ServiceBase {
                                  grpc::ByteBuffer* response) override {
     *response = EmptyMessage();
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    reactor->Finish(ToGrpc(HandlePush(*request)));
+    proto::PushRequest req;
+    reactor->Finish(ToGrpc(HandlePush(*request, &req)));
     return reactor;
   }
 
   grpc::ServerUnaryReactor* Pull(grpc::CallbackServerContext*, const grpc::ByteBuffer* request,
                                  grpc::ByteBuffer* response) override {
+    proto::PullRequest req;
+    absl::Status s = DecodeWithTensor(*request, 0, &req, nullptr);
     auto* reactor = new PullReactor(shard_, response);
-    reactor->Start(*request);
+    reactor->Start(Prefix(s, "pull", req.key()), req.key(), req.min_version());
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* PushPull(grpc::CallbackServerContext*, const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override {
+    proto::PushRequest req;
+    absl::Status s = HandlePush(*request, &req);
+    auto* reactor = new PullReactor(shard_, response);
+    reactor->Start(s, req.key(), req.min_version());
     return reactor;
   }
 
@@ -137,8 +150,9 @@ class Service final : public ServiceBase {
   }
 
  private:
-  absl::Status HandlePush(const grpc::ByteBuffer& request) {
-    proto::PushRequest req;
+  // Decodes a push into *req (all but the data) and gives it to the shard.
+  absl::Status HandlePush(const grpc::ByteBuffer& request, proto::PushRequest* header) {
+    proto::PushRequest& req = *header;
     std::vector<float> data;
     size_t data_bytes = 0;
     absl::Status s = DecodeWithTensor(request, kPushValueField, &req,

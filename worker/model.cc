@@ -149,8 +149,7 @@ void FeedForward::Update(const std::vector<std::unique_ptr<Executor>>& execs,
     // Communication outranks computation, and the first layers (needed
     // first by the next forward pass) outrank the last.
     const int priority = static_cast<int>(params.size() - i);
-    ThrowIfError(kvstore_->Push(static_cast<int>(i), grads, priority));
-    ThrowIfError(kvstore_->Pull(static_cast<int>(i), weights, priority));
+    ThrowIfError(kvstore_->PushPull(static_cast<int>(i), grads, weights, priority));
   }
 }
 

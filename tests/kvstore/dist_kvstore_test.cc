@@ -2,9 +2,14 @@
 // process, on free ports), with threads standing in for workers.
 #include <thread>
 
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvstore/dist_kvstore.h"
+#include "proto/mx.pb.h"
 #include "server/kvstore_service.h"
 
 namespace mx {
@@ -108,6 +113,69 @@ TEST(DistSync, TwoServersTwoWorkersMatchASingleProcessBitForBit) {
   }
 }
 
+// PushPull (one round trip per slice) gives every worker, at every step,
+// the value a single process computes.
+TEST(DistSync, PushPullGivesEachStepsValue) {
+  constexpr int kWorkers = 2, kSteps = 4;
+  const std::vector<int64_t> sizes = {3, 40};  // key 1 small, key 2 split (bound 16)
+  Cluster c = StartServers(2, kWorkers);
+  // pulled[rank][step][key]
+  std::vector<std::vector<std::vector<std::vector<float>>>> pulled(kWorkers);
+  std::vector<std::thread> workers;
+  for (int r = 0; r < kWorkers; ++r) {
+    workers.emplace_back([&, r] {
+      auto kv = Worker(c, r, kWorkers, /*bound=*/16);
+      auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
+      ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+      std::vector<NDArray> weights;
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        ASSERT_TRUE(kv->Init(static_cast<int>(k + 1), Ones({sizes[k]})).ok());
+        weights.push_back(Empty({sizes[k]}));
+      }
+      for (int step = 0; step < kSteps; ++step) {
+        for (size_t k = 0; k < sizes.size(); ++k) {
+          NDArray g = FromVector(Grad(r, step, sizes[k]));
+          ASSERT_TRUE(kv->PushPull(static_cast<int>(k + 1), {g}, {weights[k]}).ok());
+        }
+        pulled[r].emplace_back();
+        for (const NDArray& w : weights) pulled[r].back().push_back(w.ToVector());
+      }
+    });
+  }
+  for (auto& t : workers) t.join();
+
+  auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
+  ASSERT_TRUE(sgd.ok());
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    NDArray w = Ones({sizes[k]});
+    for (int step = 0; step < kSteps; ++step) {
+      std::vector<float> sum(sizes[k], 0.0f);
+      for (int r = 0; r < kWorkers; ++r) {
+        std::vector<float> g = Grad(r, step, sizes[k]);
+        for (int64_t i = 0; i < sizes[k]; ++i) sum[i] += g[i];
+      }
+      (*sgd)->Update(static_cast<int>(k + 1), w, FromVector(sum));
+      const std::vector<float> want = w.ToVector();
+      for (int r = 0; r < kWorkers; ++r) {
+        ASSERT_EQ(pulled[r].size(), static_cast<size_t>(kSteps));
+        EXPECT_EQ(pulled[r][step][k], want) << "key " << k + 1 << " worker " << r << " step " << step;
+      }
+    }
+  }
+}
+
+// A pushpull whose outputs are the pushed array itself: in place.
+TEST(DistSync, PushPullInPlace) {
+  Cluster c = StartServers(1, 1);
+  auto kv = Worker(c, 0, 1, 1 << 20);
+  ASSERT_TRUE(kv->Init(4, Zeros({3})).ok());
+  NDArray a = FromVector({1, 2, 3});
+  ASSERT_TRUE(kv->PushPull(4, {a}, {a}).ok());  // no optimizer: the sum
+  EXPECT_THAT(a.ToVector(), ElementsAre(1, 2, 3));
+  ASSERT_TRUE(kv->PushPull(4, {a, a}, {a}).ok());
+  EXPECT_THAT(a.ToVector(), ElementsAre(2, 4, 6));
+}
+
 TEST(DistSync, BigKeyRoundTripsAcrossServers) {
   Cluster c = StartServers(3, 1);
   auto kv = Worker(c, 0, 1, /*bound=*/100);
@@ -148,6 +216,57 @@ TEST(DistErrors, BadRequestsNameKeyAndServer) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(), HasSubstr("server 0 (" + c.addresses[0] + ")"));
   EXPECT_THAT(s.message(), HasSubstr("already initialized with shape (2,)"));
+}
+
+// Requests that no mx client sends: the server answers with an error and
+// keeps serving.
+TEST(DistErrors, MalformedMessagesAreRejectedAndTheServerKeepsServing) {
+  Cluster c = StartServers(1, 1);
+  auto kv = Worker(c, 0, 1, 1 << 20);
+  ASSERT_TRUE(kv->Init(1, Ones({2})).ok());
+  grpc::GenericStub stub(grpc::CreateChannel(c.addresses[0], grpc::InsecureChannelCredentials()));
+  auto call = [&](const std::string& method, const std::string& bytes) {
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer req(&slice, 1), resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    absl::Notification done;
+    grpc::Status status;
+    stub.UnaryCall(&ctx, "/mx.proto.KVStoreService/" + method, grpc::StubOptions(), &req, &resp,
+                   [&](grpc::Status s) {
+                     status = s;
+                     done.Notify();
+                   });
+    done.WaitForNotification();
+    return status;
+  };
+  // Garbage: a truncated length-delimited field.
+  grpc::Status s = call("Push", std::string("\x1a\x7f\x01", 3));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  // A well-formed push whose data disagree with its shape.
+  proto::PushRequest bad;
+  bad.set_key(1);
+  bad.mutable_value()->add_shape(2);
+  bad.mutable_value()->set_data(std::string(12, '\0'));
+  s = call("PushPull", bad.SerializeAsString());
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("push of key 1: tensor of shape (2,) carries 12 bytes"));
+  // A pull of a key nobody initialized.
+  proto::PullRequest unknown;
+  unknown.set_key(77);
+  s = call("Pull", unknown.SerializeAsString());
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(s.error_message(), HasSubstr("key 77"));
+  // A plain protobuf push (data in one occurrence of the field) is fine.
+  proto::PushRequest good;
+  good.set_key(1);
+  good.mutable_value()->add_shape(2);
+  const float two[2] = {2, 2};
+  good.mutable_value()->set_data(two, sizeof(two));
+  EXPECT_TRUE(call("Push", good.SerializeAsString()).ok());
+  NDArray out = Empty({2});
+  ASSERT_TRUE(kv->Pull(1, &out).ok());
+  EXPECT_THAT(out.ToVector(), ElementsAre(2, 2));
 }
 
 TEST(DistErrors, PullFromAStoppedServerFailsWithinTheDeadlineNamingIt) {

@@ -1,0 +1,147 @@
+// The tensor-carrying wire encoding: what EncodeWithTensor writes is the
+// protobuf message of mx.proto to any protobuf reader, DecodeWithTensor
+// reads what any protobuf writer writes, and bad bytes are errors.
+#include "proto/wire.h"
+
+#include <cstring>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace mx {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+std::string Flatten(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  EXPECT_TRUE(buffer.Dump(&slices).ok());
+  std::string bytes;
+  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return bytes;
+}
+
+grpc::ByteBuffer Buffer(const std::string& bytes) {
+  grpc::Slice slice(bytes);
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+proto::PushRequest Header(int key, int64_t n) {
+  proto::PushRequest h;
+  h.set_key(key);
+  h.set_rank(1);
+  h.set_min_version(9);
+  h.mutable_value()->add_shape(n);
+  return h;
+}
+
+TEST(Wire, EncodedPushIsTheProtobufMessage) {
+  const std::vector<float> data = {1.5f, -2, 3};
+  auto owner = std::make_shared<std::vector<float>>(data);
+  grpc::ByteBuffer b = EncodeWithTensor(Header(7, 3), 3, owner->data(), 12, owner);
+  proto::PushRequest parsed;
+  ASSERT_TRUE(parsed.ParseFromString(Flatten(b)));
+  EXPECT_EQ(parsed.key(), 7);
+  EXPECT_EQ(parsed.rank(), 1);
+  EXPECT_EQ(parsed.min_version(), 9);
+  EXPECT_THAT(parsed.value().shape(), ElementsAre(3));
+  ASSERT_EQ(parsed.value().data().size(), 12u);
+  EXPECT_EQ(0, std::memcmp(parsed.value().data().data(), data.data(), 12));
+}
+
+TEST(Wire, EncodingDoesNotCopyTheDataAndHoldsItsOwner) {
+  auto owner = std::make_shared<std::vector<float>>(std::vector<float>{1, 2});
+  std::weak_ptr<std::vector<float>> watch = owner;
+  {
+    grpc::ByteBuffer b = EncodeWithTensor(Header(1, 2), 3, owner->data(), 8, owner);
+    std::vector<grpc::Slice> slices;
+    ASSERT_TRUE(b.Dump(&slices).ok());
+    ASSERT_EQ(slices.size(), 2u);
+    EXPECT_EQ(static_cast<const void*>(slices[1].begin()), static_cast<const void*>(owner->data()));
+    owner.reset();
+    EXPECT_FALSE(watch.expired());  // the buffer keeps it
+  }
+  EXPECT_TRUE(watch.expired());
+}
+
+TEST(Wire, DecodesPlainProtobufAndOwnEncoding) {
+  const float values[2] = {4, 5};
+  proto::PushRequest plain = Header(3, 2);
+  plain.mutable_value()->set_data(values, sizeof(values));
+  auto owner = std::make_shared<std::vector<float>>(std::vector<float>{4, 5});
+  for (const grpc::ByteBuffer& b :
+       {Buffer(plain.SerializeAsString()), EncodeWithTensor(Header(3, 2), 3, owner->data(), 8, owner)}) {
+    std::vector<float> out(2, 0);
+    proto::PushRequest header;
+    size_t got = 0;
+    absl::Status s = DecodeWithTensor(b, 3, &header, [&](size_t bytes) -> absl::StatusOr<void*> {
+      got = bytes;
+      return static_cast<void*>(out.data());
+    });
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(got, 8u);
+    EXPECT_THAT(out, ElementsAre(4, 5));
+    EXPECT_EQ(header.key(), 3);
+    EXPECT_EQ(header.min_version(), 9);
+    EXPECT_THAT(header.value().shape(), ElementsAre(2));
+    EXPECT_TRUE(header.value().data().empty());  // went to the sink only
+    EXPECT_TRUE(TensorShape(header.value(), got).ok());
+  }
+}
+
+TEST(Wire, EmptyTensorCallsTheSinkWithZeroBytes) {
+  proto::PushRequest h = Header(1, 0);
+  size_t got = 99;
+  proto::PushRequest header;
+  ASSERT_TRUE(DecodeWithTensor(Buffer(h.SerializeAsString()), 3, &header,
+                               [&](size_t bytes) -> absl::StatusOr<void*> {
+                                 got = bytes;
+                                 return nullptr;
+                               })
+                  .ok());
+  EXPECT_EQ(got, 0u);
+}
+
+TEST(Wire, BadBytesAreErrors) {
+  auto sink = [](size_t) -> absl::StatusOr<void*> {
+    static float space[4];
+    return static_cast<void*>(space);
+  };
+  proto::PushRequest header;
+  // Truncated: the data field claims more bytes than the message holds.
+  proto::PushRequest big = Header(1, 4);
+  big.mutable_value()->set_data(std::string(16, 'x'));
+  std::string bytes = big.SerializeAsString();
+  EXPECT_FALSE(DecodeWithTensor(Buffer(bytes.substr(0, bytes.size() - 3)), 3, &header, sink).ok());
+  // A group wire type (unused by mx.proto).
+  EXPECT_FALSE(DecodeWithTensor(Buffer(std::string("\x0b", 1)), 3, &header, sink).ok());
+  // Data twice.
+  proto::Tensor twice;
+  twice.set_data(std::string(4, 'a'));
+  std::string t = twice.SerializeAsString() + twice.SerializeAsString();
+  proto::PushRequest wrapper;
+  std::string msg = std::string("\x1a", 1) + static_cast<char>(t.size()) + t;
+  absl::Status s = DecodeWithTensor(Buffer(msg), 3, &header, sink);
+  EXPECT_THAT(s.message(), HasSubstr("twice"));
+  // The sink's refusal is the error.
+  s = DecodeWithTensor(Buffer(big.SerializeAsString()), 3, &header,
+                       [](size_t) -> absl::StatusOr<void*> { return absl::DataLossError("no room"); });
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(Wire, TensorShapeChecksSizeDtypeAndDimensions) {
+  proto::Tensor t;
+  t.add_shape(2);
+  t.add_shape(3);
+  EXPECT_TRUE(TensorShape(t, 24).ok());
+  EXPECT_THAT(TensorShape(t, 20).status().message(), HasSubstr("carries 20 bytes, expected 24"));
+  t.add_shape(-1);
+  EXPECT_FALSE(TensorShape(t, 0).ok());
+  proto::Tensor huge;
+  for (int i = 0; i < 4; ++i) huge.add_shape(1 << 20);
+  EXPECT_THAT(TensorShape(huge, 0).status().message(), HasSubstr("too large"));
+}
+
+}  // namespace
+}  // namespace mx
