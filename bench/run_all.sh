@@ -3,8 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh --bench
-bazel build //bench:all
+bazel build //bench:all //server:mx_server //worker:mx_train
 for b in ndarray_bench graph_bench train_bench kvstore_bench dist_bench op_bench; do
   echo "== $b"
   "bazel-bin/bench/$b"
 done
+echo "== dist_train_bench"
+python3 bench/dist_train_bench.py

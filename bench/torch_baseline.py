@@ -9,6 +9,12 @@
       IDX), shuffles, trains with SGD at batch 100, then tests; prints
       "samples_per_s <v> accuracy <a>" (samples/s over the training epochs,
       data handling included).
+  torch_baseline.py train_ddp MODEL THREADS EPOCHS LR WORKERS DATA_DIR
+      data-parallel training with DistributedDataParallel (gloo, WORKERS
+      processes on 127.0.0.1), each on its contiguous part of the training
+      set at batch 100, SGD at LR; prints "samples_per_s <v> accuracy <a>"
+      (all processes' samples over the training epochs' wall time, data
+      loading excluded, as mx_train's epoch times exclude it).
 
 Uses Debian's python3-torch. Prints "unavailable <reason>" and exits 3 if
 torch cannot be imported.
@@ -99,11 +105,69 @@ def train_epochs(model_name, threads, epochs, lr, momentum, data_dir):
     print("samples_per_s", epochs * x.shape[0] / elapsed, "accuracy", acc)
 
 
+def ddp_worker(rank, world, port, model_name, threads, epochs, lr, data_dir, result):
+    import os
+    import torch.distributed as dist
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel({"mlp": mlp, "lenet": lenet}[model_name]())
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    batch = 100
+    x = torch.from_numpy(read_idx(data_dir + "/train-images-idx3-ubyte.gz").astype("float32") / 255.0)
+    y = torch.from_numpy(read_idx(data_dir + "/train-labels-idx1-ubyte.gz").astype("int64"))
+    part = (x.shape[0] + world - 1) // world
+    x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0])
+        for i in range(0, x.shape[0], batch):
+            idx = perm[i:i + batch]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+    dist.barrier()
+    elapsed = time.perf_counter() - start
+    if rank == 0:
+        tx = torch.from_numpy(read_idx(data_dir + "/t10k-images-idx3-ubyte.gz").astype("float32") / 255.0)
+        ty = torch.from_numpy(read_idx(data_dir + "/t10k-labels-idx1-ubyte.gz").astype("int64"))
+        with torch.no_grad():
+            acc = (model(tx).argmax(1) == ty).float().mean().item()
+        result.put((epochs * x.shape[0] * world / elapsed, acc))
+    dist.destroy_process_group()
+
+
+def train_ddp(model_name, threads, epochs, lr, world, data_dir):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    procs = [ctx.Process(target=ddp_worker,
+                         args=(r, world, port, model_name, threads, epochs, lr, data_dir, result))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    rate, acc = result.get(timeout=600)
+    for p in procs:
+        p.join(timeout=60)
+    print("samples_per_s", rate, "accuracy", acc)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "train_step":
         train_step(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
     elif sys.argv[1] == "train_epochs":
         train_epochs(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]),
                      float(sys.argv[6]), sys.argv[7])
+    elif sys.argv[1] == "train_ddp":
+        train_ddp(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]),
+                  int(sys.argv[6]), sys.argv[7])
     else:
         sys.exit("unknown command " + sys.argv[1])
