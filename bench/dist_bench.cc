@@ -1,14 +1,17 @@
-// Distributed KVStore transport: push+pull throughput of one worker against
-// parameter servers on 127.0.0.1 (in this process), one request at a time
-// and 8 keys in flight, for 4 KiB, 1 MiB and 16 MiB values, against loopback
-// TCP bandwidth measured in the same run by a plain socket sender and
-// receiver; and the round-trip latency of a small push+pull (p50, p99).
+// Distributed KVStore transport: pushpull throughput (dist_sync) with 1
+// server and 1 worker and with 2 servers and 2 workers on 127.0.0.1 (in
+// this process), one key at a time and 8 keys in flight, for 4 KiB, 1 MiB
+// and 16 MiB values, against loopback TCP bandwidth measured in the same run
+// by a plain socket sender and receiver; and the round-trip latency of a
+// small pushpull (p50, p99).
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -57,65 +60,100 @@ double LoopbackTcp() {
   return kTotal / seconds;
 }
 
-void Run() {
-  const double tcp = LoopbackTcp();
+// A cluster on 127.0.0.1 in this process: `servers` parameter servers
+// (dist_sync) and one store per worker, each driven by its own thread.
+struct Cluster {
   std::vector<std::unique_ptr<ParameterServer>> servers;
-  DistKVStoreOptions o;
-  for (int i = 0; i < 2; ++i) {
-    auto s = ParameterServer::Start("127.0.0.1:0", {true, 1, false});
-    ThrowIfError(s.status());
-    o.servers.push_back((*s)->address());
-    servers.push_back(*std::move(s));
+  std::vector<std::unique_ptr<KVStore>> workers;
+
+  Cluster(int num_servers, int num_workers) {
+    DistKVStoreOptions o;
+    for (int i = 0; i < num_servers; ++i) {
+      auto s = ParameterServer::Start("127.0.0.1:0", {true, num_workers, false});
+      ThrowIfError(s.status());
+      o.servers.push_back((*s)->address());
+      servers.push_back(*std::move(s));
+    }
+    o.num_workers = num_workers;
+    o.big_key_bound = 1 << 20;  // 4 MiB: the 16 MiB value is split
+    for (int r = 0; r < num_workers; ++r) {
+      o.rank = r;
+      auto kv = CreateDistKVStore(o);
+      ThrowIfError(kv.status());
+      workers.push_back(*std::move(kv));
+    }
   }
-  for (int num_servers : {1, 2}) {
-    DistKVStoreOptions opts = o;
-    opts.servers.resize(num_servers);
-    opts.big_key_bound = 1 << 20;  // 4 MiB: the 16 MiB value is split
-    auto kv = CreateDistKVStore(opts);
-    ThrowIfError(kv.status());
-    int next_key = num_servers * 100;
-    for (int64_t bytes : {int64_t{4} << 10, int64_t{1} << 20, int64_t{16} << 20}) {
-      const int64_t n = bytes / 4;
-      for (int in_flight : {1, 8}) {
-        std::vector<int> keys;
-        std::vector<NDArray> values, outs;
+
+  // Runs fn(rank, store) on every worker at once; returns when all are done.
+  void OnEveryWorker(const std::function<void(int, KVStore&)>& fn) {
+    std::vector<std::thread> threads;
+    for (size_t r = 0; r < workers.size(); ++r) {
+      threads.emplace_back([&, r] { fn(static_cast<int>(r), *workers[r]); });
+    }
+    for (auto& t : threads) t.join();
+  }
+};
+
+void Throughput(Cluster& c, const std::string& config, double tcp, int* next_key) {
+  for (int64_t bytes : {int64_t{4} << 10, int64_t{1} << 20, int64_t{16} << 20}) {
+    const int64_t n = bytes / 4;
+    for (int in_flight : {1, 8}) {
+      std::vector<int> keys;
+      for (int k = 0; k < in_flight; ++k) keys.push_back((*next_key)++);
+      std::vector<std::vector<NDArray>> values(c.workers.size()), outs(c.workers.size());
+      c.OnEveryWorker([&](int r, KVStore& kv) {
         for (int k = 0; k < in_flight; ++k) {
-          keys.push_back(next_key++);
-          values.push_back(RandomUniform(0, 1, {n}));
-          outs.push_back(Empty({n}));
-          ThrowIfError((*kv)->Init(keys.back(), values.back()));
+          values[r].push_back(RandomUniform(0, 1, {n}));
+          outs[r].push_back(Empty({n}));
+          ThrowIfError(kv.Init(keys[k], values[r][k]));
         }
-        const int reps = bytes >= (16 << 20) ? 5 : (bytes >= (1 << 20) ? 20 : 200);
-        auto round = [&] {
+      });
+      const int reps = bytes >= (16 << 20) ? 5 : (bytes >= (1 << 20) ? 20 : 200);
+      auto round = [&] {
+        c.OnEveryWorker([&](int r, KVStore& kv) {
           for (int k = 0; k < in_flight; ++k) {
-            ThrowIfError((*kv)->Push(keys[k], values[k]));
-            ThrowIfError((*kv)->Pull(keys[k], &outs[k]));
+            ThrowIfError(kv.PushPull(keys[k], {values[r][k]}, {outs[r][k]}));
           }
           WaitAll();
-        };
-        double t = MedianSeconds(reps, round);
-        // A push and a pull each move the value once.
-        const double rate = 2.0 * bytes * in_flight / t;
-        Report("dist_pushpull_" + std::to_string(bytes >> 10) + "KiB_x" + std::to_string(in_flight) +
-                   "_servers" + std::to_string(num_servers),
-               rate / 1e9, "GB/s", tcp / 1e9, rate / tcp,
-               bytes >= (16 << 20) ? ">=0.8" : "info");
-      }
+        });
+      };
+      const double t = MedianSeconds(reps, round);
+      // Each worker's push and pull each move the value once.
+      const double rate = 2.0 * bytes * in_flight * c.workers.size() / t;
+      Report("dist_pushpull_" + std::to_string(bytes >> 10) + "KiB_x" + std::to_string(in_flight) +
+                 "_" + config,
+             rate / 1e9, "GB/s", tcp / 1e9, rate / tcp, bytes >= (16 << 20) ? ">=0.8" : "info");
     }
-    // Small round trips: latency distribution.
-    ThrowIfError((*kv)->Init(7, Zeros({16})));
+  }
+}
+
+// Round-trip latency of a small pushpull (dist_sync: every worker's push
+// is in the answer).
+void Latency(Cluster& c, const std::string& config, int key) {
+  std::vector<double> lat;
+  c.OnEveryWorker([&](int r, KVStore& kv) {
+    ThrowIfError(kv.Init(key, Zeros({16})));
     NDArray small = Ones({16}), out = Empty({16});
-    std::vector<double> lat;
     for (int i = 0; i < 500; ++i) {
       const double s = NowSeconds();
-      ThrowIfError((*kv)->Push(7, small));
-      ThrowIfError((*kv)->Pull(7, &out));
+      ThrowIfError(kv.PushPull(key, {small}, {out}));
       out.WaitToRead();
-      lat.push_back((NowSeconds() - s) * 1e6);
+      if (r == 0) lat.push_back((NowSeconds() - s) * 1e6);
     }
-    std::sort(lat.begin(), lat.end());
-    Report("dist_small_rtt_p50_servers" + std::to_string(num_servers), lat[250], "us", 0, 0, "info");
-    Report("dist_small_rtt_p99_servers" + std::to_string(num_servers), lat[495], "us", 0, 0, "info");
+  });
+  std::sort(lat.begin(), lat.end());
+  Report("dist_small_rtt_p50_" + config, lat[250], "us", 0, 0, "info");
+  Report("dist_small_rtt_p99_" + config, lat[495], "us", 0, 0, "info");
+}
+
+void Run() {
+  const double tcp = LoopbackTcp();
+  int next_key = 100;
+  for (int nodes : {1, 2}) {
+    Cluster c(nodes, nodes);
+    const std::string config = std::to_string(nodes) + "servers_" + std::to_string(nodes) + "workers";
+    Throughput(c, config, tcp, &next_key);
+    Latency(c, config, next_key++);
   }
 }
 

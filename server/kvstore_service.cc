@@ -74,11 +74,10 @@ class PullReactor : public grpc::ServerUnaryReactor {
     proto::PullResponse header;
     header.set_version(v->version);
     proto::Tensor* t = header.mutable_value();
-    t->add_shape(static_cast<int64_t>(v->data.size()));
+    t->add_shape(static_cast<int64_t>(v->data->size()));
     t->set_dtype(proto::FLOAT32);
-    auto data = std::make_shared<std::vector<float>>(std::move(v->data));
-    *response_ = EncodeWithTensor(header, kPullValueField, data->data(),
-                                  data->size() * sizeof(float), data);
+    *response_ = EncodeWithTensor(header, kPullValueField, v->data->data(),
+                                  v->data->size() * sizeof(float), v->data);
     Finish(grpc::Status::OK);
   }
 
@@ -158,7 +157,7 @@ class Service final : public ServiceBase {
     absl::Status s = DecodeWithTensor(request, kPushValueField, &req,
                                       [&](size_t bytes) -> absl::StatusOr<void*> {
                                         data_bytes = bytes;
-                                        data.resize((bytes + sizeof(float) - 1) / sizeof(float));
+                                        data = shard_->TakeBuffer((bytes + sizeof(float) - 1) / sizeof(float));
                                         return static_cast<void*>(data.data());
                                       });
     if (s.ok()) s = TensorShape(req.value(), data_bytes).status();

@@ -68,6 +68,7 @@ absl::Status ParameterShard::Push(int key, int rank, std::vector<float> value) {
       MaybeComplete(key, k, &answers);
     } else {
       Apply(key, k, value);
+      Recycle(std::move(value));
       TakeAnswered(key, k, &answers);
     }
   }
@@ -93,10 +94,12 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
         sum = std::move(v);
       } else {
         for (size_t i = 0; i < sum.size(); ++i) sum[i] += v[i];
+        Recycle(std::move(v));
       }
       k->pending[r].pop_front();
     }
     Apply(id, k, sum);
+    Recycle(std::move(sum));
   }
   TakeAnswered(id, k, answers);
 }
@@ -112,9 +115,40 @@ void ParameterShard::Apply(int id, Key* k, const std::vector<float>& sum) {
   ++k->version;
 }
 
+std::vector<float> ParameterShard::TakeBuffer(size_t n) {
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = free_buffers_.begin(); it != free_buffers_.end(); ++it) {
+      if (it->size() != n) continue;
+      std::vector<float> buffer = std::move(*it);
+      free_buffers_.erase(it);
+      free_bytes_ -= n * sizeof(float);
+      return buffer;
+    }
+  }
+  return std::vector<float>(n);
+}
+
+void ParameterShard::Recycle(std::vector<float> buffer) {
+  // Enough for a few steps of every key of a typical model; beyond that,
+  // memory goes back to the allocator.
+  constexpr size_t kMaxFreeBytes = size_t{256} << 20;
+  const size_t bytes = buffer.size() * sizeof(float);
+  if (bytes == 0 || free_bytes_ + bytes > kMaxFreeBytes) return;
+  free_bytes_ += bytes;
+  free_buffers_.push_back(std::move(buffer));
+}
+
 std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
-    int id, const Key& k, int64_t min_version) const {
-  if (k.version >= min_version) return Value{k.stored.ToVector(), k.version};
+    int id, Key* key, int64_t min_version) {
+  const Key& k = *key;
+  if (k.version >= min_version) {
+    if (key->snapshot_version != k.version) {
+      key->snapshot = std::make_shared<const std::vector<float>>(k.stored.ToVector());
+      key->snapshot_version = k.version;
+    }
+    return Value{key->snapshot, k.version};
+  }
   if (!options_.elastic && !dead_.empty()) {
     return absl::UnavailableError(absl::StrCat(
         "pull of key ", id, ": worker(s) ", DeadWorkers(),
@@ -125,7 +159,7 @@ std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
 
 void ParameterShard::TakeAnswered(int id, Key* k, Answers* answers) {
   for (auto it = k->waiters.begin(); it != k->waiters.end();) {
-    std::optional<absl::StatusOr<Value>> answer = Answer(id, *k, it->second.min_version);
+    std::optional<absl::StatusOr<Value>> answer = Answer(id, k, it->second.min_version);
     if (!answer.has_value()) {
       ++it;
       continue;
@@ -149,7 +183,7 @@ uint64_t ParameterShard::PullAsync(int key, int64_t min_version, PullCallback do
     if (!k.ok()) {
       answer = k.status();
     } else {
-      answer = Answer(key, **k, min_version);
+      answer = Answer(key, *k, min_version);
       if (!answer.has_value()) (*k)->waiters.emplace(id, Waiter{min_version, std::move(done)});
     }
   }

@@ -71,8 +71,14 @@ class ParameterShard {
   // applied (async); the new value may be pending until the step completes.
   absl::Status Push(int key, int rank, std::vector<float> value);
 
+  // A buffer of n floats for the next Push, recycled from completed steps
+  // when one of that size is free (no allocation, no page faults, no
+  // zero-fill: its contents are undefined).
+  std::vector<float> TakeBuffer(size_t n);
+
+  // A version of a key's value; every pull of that version shares it.
   struct Value {
-    std::vector<float> data;
+    std::shared_ptr<const std::vector<float>> data;
     int64_t version = 0;
   };
   // The value of key once its version reaches min_version, waiting at most
@@ -117,6 +123,8 @@ class ParameterShard {
     std::map<int, std::deque<std::vector<float>>> pending;
     int64_t version = 0;
     std::map<uint64_t, Waiter> waiters;  // pulls waiting for a version
+    std::shared_ptr<const std::vector<float>> snapshot;  // of `stored` at snapshot_version
+    int64_t snapshot_version = -1;
   };
   // Answers to give once the lock is released.
   using Answers = std::vector<std::pair<PullCallback, absl::StatusOr<Value>>>;
@@ -124,8 +132,10 @@ class ParameterShard {
 
   absl::StatusOr<Key*> Find(int key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The answer to a pull of key at min_version, or nullopt while it must wait.
-  std::optional<absl::StatusOr<Value>> Answer(int id, const Key& key, int64_t min_version) const
+  std::optional<absl::StatusOr<Value>> Answer(int id, Key* key, int64_t min_version)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Keeps a spent push buffer for TakeBuffer (up to a bound).
+  void Recycle(std::vector<float> buffer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves the waiters of key that can be answered now to `answers`.
   void TakeAnswered(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Completes key's steps while every live worker has pushed.
@@ -143,6 +153,8 @@ class ParameterShard {
   std::set<int> dead_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
   uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::vector<float>> free_buffers_ ABSL_GUARDED_BY(mu_);
+  size_t free_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace mx

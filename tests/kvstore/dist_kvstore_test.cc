@@ -109,7 +109,7 @@ TEST(DistSync, TwoServersTwoWorkersMatchASingleProcessBitForBit) {
   for (int s = 0; s < 2; ++s) {
     auto half = c.servers[s]->shard().Pull(2, kSteps, absl::Now() + absl::Seconds(1));
     ASSERT_TRUE(half.ok()) << half.status();
-    EXPECT_EQ(half->data.size(), 20u);
+    EXPECT_EQ(half->data->size(), 20u);
   }
 }
 

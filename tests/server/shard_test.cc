@@ -13,6 +13,7 @@ namespace mx {
 namespace {
 
 using ::testing::ElementsAre;
+using ::testing::UnorderedElementsAre;
 using ::testing::HasSubstr;
 
 absl::Time Soon(int ms = 2000) { return absl::Now() + absl::Milliseconds(ms); }
@@ -44,8 +45,8 @@ TEST(ShardSync, SumsInRankOrderBitForBitWhateverTheArrivalOrder) {
       for (int i = 0; i < 2; ++i) want[i] += value(step, r)[i];
     }
     // Without an optimizer the value is the sum (summation service).
-    EXPECT_EQ(std::memcmp(got->data.data(), want.data(), sizeof(float) * 2), 0)
-        << "step " << step << ": " << got->data[0] << " vs " << want[0];
+    EXPECT_EQ(std::memcmp((*got->data).data(), want.data(), sizeof(float) * 2), 0)
+        << "step " << step << ": " << (*got->data)[0] << " vs " << want[0];
   }
 }
 
@@ -63,7 +64,7 @@ TEST(ShardSync, PullWaitsForEveryWorkerAndNamesTheMissingOnes) {
   auto got = shard.Pull(1, 1, Soon());
   late.join();
   ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_THAT(got->data, ElementsAre(5));
+  EXPECT_THAT((*got->data), ElementsAre(5));
   // An older version is served at once.
   EXPECT_TRUE(shard.Pull(1, 0, absl::Now()).ok());
 }
@@ -79,11 +80,11 @@ TEST(ShardSync, AWorkerThatRunsAheadIsQueuedForTheNextStep) {
   auto step1 = shard.Pull(1, 1, Soon());
   ASSERT_TRUE(step1.ok());
   EXPECT_EQ(step1->version, 1);
-  EXPECT_THAT(step1->data, ElementsAre(3));  // 1 + 2
+  EXPECT_THAT((*step1->data), ElementsAre(3));  // 1 + 2
   ASSERT_TRUE(shard.Push(1, 1, {20}).ok());
   auto step2 = shard.Pull(1, 2, Soon());
   ASSERT_TRUE(step2.ok());
-  EXPECT_THAT(step2->data, ElementsAre(30));  // 10 + 20
+  EXPECT_THAT((*step2->data), ElementsAre(30));  // 10 + 20
 }
 
 TEST(ShardSync, OptimizerRunsOncePerStep) {
@@ -93,8 +94,8 @@ TEST(ShardSync, OptimizerRunsOncePerStep) {
   for (int r = 0; r < 3; ++r) ASSERT_TRUE(shard.Push(2, r, {1, 2}).ok());
   auto got = shard.Pull(2, 1, Soon());
   ASSERT_TRUE(got.ok());
-  EXPECT_FLOAT_EQ(got->data[0], 1 - 0.1f * 3);
-  EXPECT_FLOAT_EQ(got->data[1], 1 - 0.1f * 6);
+  EXPECT_FLOAT_EQ((*got->data)[0], 1 - 0.1f * 3);
+  EXPECT_FLOAT_EQ((*got->data)[1], 1 - 0.1f * 6);
   EXPECT_EQ(got->version, 1);
   EXPECT_FALSE(shard.SetOptimizer("sgdd", {}).ok());
 }
@@ -107,7 +108,7 @@ TEST(ShardAsync, AppliesEachPushOnArrival) {
   ASSERT_TRUE(shard.Push(3, 1, {1}).ok());  // async: no per-step limit
   auto got = shard.Pull(3, 2, Soon());
   ASSERT_TRUE(got.ok());
-  EXPECT_THAT(got->data, ElementsAre(-2));
+  EXPECT_THAT((*got->data), ElementsAre(-2));
   EXPECT_EQ(got->version, 2);
 }
 
@@ -137,7 +138,7 @@ TEST(ShardFailures, ElasticShardCompletesStepsWithoutTheDeadWorker) {
   shard.MarkDead(1);
   auto got = shard.Pull(1, 1, Soon());
   ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_THAT(got->data, ElementsAre(5));
+  EXPECT_THAT((*got->data), ElementsAre(5));
   EXPECT_THAT(shard.live_workers(), ElementsAre(0, 2));
   // The next step needs only the two live workers.
   ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
@@ -159,7 +160,32 @@ TEST(ShardFailures, BadRequestsAreErrorsAndTheShardKeepsServing) {
   EXPECT_THAT(shard.Push(1, 5, {1, 2}).message(), HasSubstr("rank 5 is outside 0..1"));
   auto v = shard.Pull(1, 0, Soon());
   ASSERT_TRUE(v.ok());
-  EXPECT_THAT(v->data, ElementsAre(1, 2));
+  EXPECT_THAT((*v->data), ElementsAre(1, 2));
+}
+
+// Push buffers of completed steps are handed out again: a server's steady
+// state allocates nothing per push.
+TEST(ParameterShard, CompletedStepsRecyclePushBuffers) {
+  ParameterShard shard({true, 2, false});
+  ASSERT_TRUE(shard.Init(1, Shape{3}, {0, 0, 0}).ok());
+  std::vector<float> a = shard.TakeBuffer(3), b = shard.TakeBuffer(3);
+  a.assign({1, 1, 1});
+  b.assign({2, 2, 2});
+  const float* pa = a.data();
+  const float* pb = b.data();
+  ASSERT_TRUE(shard.Push(1, 0, std::move(a)).ok());
+  ASSERT_TRUE(shard.Push(1, 1, std::move(b)).ok());
+  auto got = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_THAT(*got->data, ElementsAre(3, 3, 3));
+  std::vector<float> again = shard.TakeBuffer(3), again2 = shard.TakeBuffer(3);
+  EXPECT_THAT((std::vector<const float*>{again.data(), again2.data()}),
+              UnorderedElementsAre(pa, pb));
+  EXPECT_EQ(shard.TakeBuffer(4).size(), 4u);  // another size: a new buffer
+  // Pulls of one version share one copy of the value.
+  auto second = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(second.ok());
+  EXPECT_EQ(second->data.get(), got->data.get());
 }
 
 }  // namespace
