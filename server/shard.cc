@@ -54,6 +54,9 @@ absl::Status ParameterShard::Push(int key, int rank, const std::vector<float>& v
     return absl::FailedPreconditionError(absl::StrCat(
         "push of key ", key, ": worker ", rank, " was declared dead"));
   }
+  if (!closed_.empty()) {
+    return absl::UnavailableError(absl::StrCat("push of key ", key, ": ", closed_));
+  }
   MX_ASSIGN_OR_RETURN(Key * k, Find(key));
   if (static_cast<int64_t>(value.size()) != k->shape.Size()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -104,7 +107,8 @@ absl::StatusOr<ParameterShard::Value> ParameterShard::Pull(int key, int64_t min_
   absl::MutexLock lock(&mu_);
   MX_ASSIGN_OR_RETURN(Key * k, Find(key));
   auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return k->version >= min_version || (!options_.elastic && !dead_.empty());
+    return k->version >= min_version || (!options_.elastic && !dead_.empty()) ||
+           !closed_.empty();
   };
   while (!ready()) {
     if (mu_.AwaitWithDeadline(absl::Condition(&ready), deadline)) break;
@@ -118,6 +122,9 @@ absl::StatusOr<ParameterShard::Value> ParameterShard::Pull(int key, int64_t min_
           "pull of key ", key, ": version ", min_version, " not reached by the deadline (at ",
           k->version, "; waiting for pushes from worker(s) ", absl::StrJoin(missing, ", "), ")"));
     }
+  }
+  if (!closed_.empty()) {
+    return absl::UnavailableError(absl::StrCat("pull of key ", key, ": ", closed_));
   }
   if (k->version < min_version) {
     return absl::UnavailableError(absl::StrCat(
@@ -166,6 +173,11 @@ void ParameterShard::MarkDead(int rank) {
   dead_.insert(rank);
   if (!options_.elastic) return;  // pulls wake up and fail (see Pull)
   for (auto& [id, k] : keys_) MaybeComplete(id, &k);
+}
+
+void ParameterShard::Close(const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  if (closed_.empty()) closed_ = reason.empty() ? "the server is shutting down" : reason;
 }
 
 std::set<int> ParameterShard::live_workers() const {
