@@ -1,18 +1,38 @@
 #!/usr/bin/env python3
 """Launches a distributed mx job on this machine, like MXNet's tools/launch.py.
 
-  deploy/launch.py -n 2 -s 2 [--kvstore dist_sync] -- bazel-bin/worker/mx_train --kvstore=dist_sync
+  deploy/launch.py -n 2 -s 2 [--kvstore dist_sync] [--elastic] -- bazel-bin/worker/mx_train --kvstore=dist_sync
 
 Starts a coordinator, S parameter servers and N workers (the command after
 --) as local processes on 127.0.0.1, with the DMLC_* / MX_COORDINATOR
 environment the workers' KVStore reads. Every output line is prefixed with
-the process's role and rank. When every worker has exited 0 the servers and
-the coordinator are stopped and the launcher exits 0. If any process fails,
-the others are stopped and the launcher exits with that process's code,
-saying which one failed. Ctrl-C stops everything.
+the process's name ("server 1"); names are launch order, the ranks the
+coordinator assigns may differ, so the launcher's own messages (on stderr,
+"launch.py: ...") give both, and each process's pid.
+
+Success: when every worker has exited 0, the servers and the coordinator are
+stopped with SIGTERM (each logs "shutting down" and exits 0) and the
+launcher exits 0.
+
+Failure: when a process fails (a worker that exits non-zero or is killed, a
+server or the coordinator that exits at all), the launcher says which,
+waits up to 1.2 x --heartbeat-timeout + 3 seconds for the workers to stop on
+their own (they learn of the failure through their RPCs or the
+coordinator's heartbeats and print an error naming the node), then stops
+everything still running and exits with the process's exit code (1 if it
+was killed by a signal or exited 0).
+
+Elastic (--elastic): servers and the coordinator run with --elastic and the
+workers with MX_ELASTIC=1; a worker's death is logged and the job continues
+with the others. The job succeeds (exit 0) when every other worker finishes
+with exit code 0; a server's or the coordinator's death is still fatal, and
+so is the death of every worker.
+
+Ctrl-C (or SIGTERM) stops everything.
 """
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,35 +47,165 @@ def free_port():
         return s.getsockname()[1]
 
 
+def log(message):
+    print(f"launch.py: {message}", file=sys.stderr, flush=True)
+
+
+def how_it_ended(code):
+    """'exit code 3' or 'killed by signal 9 (SIGKILL)' for a Popen returncode."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "unknown signal"
+    return f"killed by signal {-code} ({name})"
+
+
+# The first line a daemon or a worker prints about itself, and what it tells
+# about the process: its rank (and a server's address).
+IDENTITY = [
+    (re.compile(r"^server (\d+) serving on (\S+)"), lambda m: f"rank {m[1]} at {m[2]}"),
+    (re.compile(r"^worker (\d+) of \d+"), lambda m: f"rank {m[1]}"),
+]
+
+
+class Proc:
+    def __init__(self, name, role, popen):
+        self.name = name          # "server 1": launch order
+        self.role = role          # "coordinator", "server" or "worker"
+        self.popen = popen
+        self.identity = None      # "rank 0 at 127.0.0.1:4711", once printed
+        self.pump = None          # the thread copying its output
+
+    def drain(self, timeout=1.0):
+        """Waits (bounded) until the output of the exited process is copied."""
+        self.pump.join(timeout)
+
+    def describe(self):
+        extra = f"{self.identity}, " if self.identity else ""
+        return f"{self.name} ({extra}pid {self.popen.pid})"
+
+
 class Job:
     def __init__(self):
-        self.procs = []  # (name, Popen)
+        self.procs = []
         self.lock = threading.Lock()
 
-    def start(self, name, cmd, env):
+    def start(self, name, role, cmd, env):
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
-        threading.Thread(target=self._pump, args=(name, p), daemon=True).start()
-        self.procs.append((name, p))
-        return p
+        proc = Proc(name, role, p)
+        self.procs.append(proc)
+        proc.pump = threading.Thread(target=self._pump, args=(proc,), daemon=True)
+        proc.pump.start()
+        log(f"started {name} (pid {p.pid})")
+        return proc
 
-    def _pump(self, name, p):
-        for line in iter(p.stdout.readline, b""):
+    def workers(self):
+        return [p for p in self.procs if p.role == "worker"]
+
+    def daemons(self):
+        return [p for p in self.procs if p.role != "worker"]
+
+    def _pump(self, proc):
+        for raw in iter(proc.popen.stdout.readline, b""):
+            line = raw.decode(errors="replace")
+            if proc.identity is None:
+                for pattern, identity in IDENTITY:
+                    m = pattern.match(line)
+                    if m:
+                        proc.identity = identity(m)
             with self.lock:
-                sys.stdout.write(f"[{name}] {line.decode(errors='replace')}")
+                sys.stdout.write(f"[{proc.name}] {line}")
                 sys.stdout.flush()
 
-    def stop_all(self, grace=3.0):
-        for _, p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+    def stop(self, procs, grace=3.0):
+        """SIGTERMs the running ones of procs (their whole process groups),
+        SIGKILLs what is left after `grace` seconds. Returns those killed."""
+        for p in procs:
+            if p.popen.poll() is None:
+                os.killpg(p.popen.pid, signal.SIGTERM)
         deadline = time.time() + grace
-        for _, p in self.procs:
-            while p.poll() is None and time.time() < deadline:
+        killed = []
+        for p in procs:
+            while p.popen.poll() is None and time.time() < deadline:
                 time.sleep(0.05)
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            if p.popen.poll() is None:
+                os.killpg(p.popen.pid, signal.SIGKILL)
+                p.popen.wait()
+                killed.append(p)
+        return killed
+
+    def stop_all(self):
+        self.stop(self.procs)
+
+
+def wait_for(condition, seconds):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def fail(job, proc, code, grace):
+    """A fatal failure: lets the workers report it, stops the job, returns
+    the launcher's exit code."""
+    log(f"{proc.describe()} failed: {how_it_ended(code)}; stopping the job")
+    # The workers notice within a heartbeat timeout and print an error that
+    # names the node; keep them until then so that the log says why.
+    wait_for(lambda: all(w.popen.poll() is not None for w in job.workers()), grace)
+    job.stop_all()
+    return code if code > 0 else 1
+
+
+def finish(job, lost):
+    """Every worker is done, `lost` ones died (elastic): stops the daemons,
+    reports, returns 0."""
+    workers = job.workers()
+    if lost:
+        names = ", ".join(p.describe() for p in lost)
+        log(f"{len(workers) - len(lost)} of {len(workers)} workers finished; "
+            f"the job went on without {names} (elastic)")
+    else:
+        log("all workers finished")
+    daemons = job.daemons()
+    killed = job.stop(daemons)
+    unclean = [p for p in daemons if p in killed or p.popen.returncode != 0]
+    for p in unclean:
+        how = ("did not stop within 3 s of SIGTERM" if p in killed
+               else how_it_ended(p.popen.returncode))
+        log(f"warning: {p.describe()} did not shut down cleanly: {how}")
+    if not unclean:
+        log(f"the coordinator and {len(daemons) - 1} server(s) shut down cleanly")
+    return 0
+
+
+def supervise(job, elastic, grace):
+    """Waits for the job to end; returns the launcher's exit code."""
+    lost = []  # workers that died in an elastic job
+    while True:
+        for p in job.procs:
+            code = p.popen.poll()
+            # A daemon must outlive the workers, even one that exits 0.
+            if code is None or (code == 0 and p.role == "worker") or p in lost:
+                continue
+            p.drain()  # its last lines first
+            if elastic and p.role == "worker":
+                lost.append(p)
+                log(f"{p.describe()} died: {how_it_ended(code)}; "
+                    "the job continues without it (elastic)")
+                continue
+            return fail(job, p, code, grace)
+        workers = job.workers()
+        if all(w.popen.poll() is not None for w in workers):
+            for w in workers:
+                w.drain()
+            if len(lost) == len(workers):
+                log("every worker died; stopping the job")
+                job.stop_all()
+                return 1
+            return finish(job, lost)
+        time.sleep(0.1)
 
 
 def blas_threads(local_workers):
@@ -78,8 +228,10 @@ def main():
     ap.add_argument("-s", "--num-servers", type=int, required=True)
     ap.add_argument("--kvstore", default="dist_sync", choices=["dist_sync", "dist_async"])
     ap.add_argument("--server-binary", default="bazel-bin/server/mx_server")
-    ap.add_argument("--elastic", action="store_true", help="servers continue without dead workers")
-    ap.add_argument("--heartbeat-timeout", type=int, default=5)
+    ap.add_argument("--elastic", action="store_true",
+                    help="continue without workers that die (servers, coordinator and workers)")
+    ap.add_argument("--heartbeat-timeout", type=int, default=5,
+                    help="seconds of silence after which a node is declared dead (at least 2)")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- worker command")
     args = ap.parse_args()
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -87,42 +239,41 @@ def main():
         ap.error("give the worker command after --")
     if args.num_workers < 1 or args.num_servers < 1:
         ap.error("-n and -s must be at least 1")
+    if args.heartbeat_timeout < 2:
+        ap.error("--heartbeat-timeout must be at least 2 (nodes heartbeat every second)")
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
 
     port = free_port()
+    coordinator = f"127.0.0.1:{port}"
     env = dict(os.environ, DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(port),
-               MX_COORDINATOR=f"127.0.0.1:{port}", DMLC_NUM_SERVER=str(args.num_servers),
+               MX_COORDINATOR=coordinator, DMLC_NUM_SERVER=str(args.num_servers),
                DMLC_NUM_WORKER=str(args.num_workers))
     job = Job()
     signal.signal(signal.SIGINT, lambda *_: (job.stop_all(), sys.exit(130)))
     signal.signal(signal.SIGTERM, lambda *_: (job.stop_all(), sys.exit(143)))
     mode = "sync" if args.kvstore == "dist_sync" else "async"
-    common = [f"--heartbeat_timeout_s={args.heartbeat_timeout}"]
-    job.start("coordinator", [args.server_binary, "--role=coordinator",
-                              f"--bind=127.0.0.1:{port}"] + common, dict(env, DMLC_ROLE="scheduler"))
+    elastic = ["--elastic"] if args.elastic else []
+    job.start("coordinator", "coordinator",
+              [args.server_binary, "--role=coordinator", f"--bind={coordinator}",
+               f"--heartbeat_timeout_s={args.heartbeat_timeout}"] + elastic,
+              dict(env, DMLC_ROLE="scheduler"))
     for i in range(args.num_servers):
-        job.start(f"server {i}", [args.server_binary, "--role=server", "--bind=127.0.0.1:0",
-                                  f"--mode={mode}"] + (["--elastic"] if args.elastic else []),
+        job.start(f"server {i}", "server",
+                  [args.server_binary, "--role=server", f"--coordinator={coordinator}",
+                   "--bind=127.0.0.1:0", f"--mode={mode}"] + elastic,
                   dict(env, DMLC_ROLE="server"))
-    worker_env = dict(env, DMLC_ROLE="worker", **blas_threads(args.num_workers))
-    workers = [job.start(f"worker {i}", cmd, worker_env) for i in range(args.num_workers)]
-    # Fail fast: the first process to fail stops the job.
-    while True:
-        for name, p in job.procs:
-            code = p.poll()
-            if code is not None and code != 0:
-                time.sleep(0.2)  # let its last lines through
-                print(f"launch.py: {name} failed with exit code {code}; stopping the job",
-                      file=sys.stderr)
-                job.stop_all()
-                sys.exit(code if code > 0 else 1)
-        if all(w.poll() == 0 for w in workers):
-            time.sleep(0.2)
-            job.stop_all()
-            print("launch.py: all workers finished", file=sys.stderr)
-            return 0
-        time.sleep(0.1)
+    worker_env = dict(env, DMLC_ROLE="worker", MX_ELASTIC="1" if args.elastic else "0",
+                      **blas_threads(args.num_workers))
+    for i in range(args.num_workers):
+        job.start(f"worker {i}", "worker", cmd, worker_env)
+    # A node is declared dead within the timeout plus a sweep (a fifth of
+    # it) of its last heartbeat, and the others hear of it at their next
+    # heartbeat (a second).
+    code = supervise(job, args.elastic, grace=args.heartbeat_timeout * 1.2 + 3)
+    for p in job.procs:
+        p.drain()
+    return code
 
 
 if __name__ == "__main__":

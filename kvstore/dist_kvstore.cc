@@ -474,9 +474,21 @@ class DistKVStore : public KVStore {
       return;
     }
     for (const proto::NodeInfo& dead : resp.dead()) {
+      const bool worker = dead.role() == proto::WORKER;
+      if (worker && dead.rank() == conn_->options.rank) {
+        // The servers refuse its pushes now: say why, not "push refused".
+        conn_->Fail(absl::UnavailableError(absl::StrCat(
+            "the coordinator declared this worker (rank ", dead.rank(),
+            ") dead: its heartbeats did not arrive in time")));
+        continue;
+      }
+      // Elastic: the servers complete steps without a dead worker.
+      if (worker && conn_->options.elastic) continue;
+      const std::string address =
+          dead.address().empty() ? "" : absl::StrCat(" (", dead.address(), ")");
       conn_->Fail(absl::UnavailableError(absl::StrCat(
-          dead.role() == proto::SERVER ? "server " : "worker ", dead.rank(), " (",
-          dead.address(), ") died: it stopped sending heartbeats")));
+          worker ? "worker " : "server ", dead.rank(), address,
+          " died: it stopped sending heartbeats")));
     }
   }
 
@@ -515,6 +527,13 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   options.sync = type != "dist_async";
   if (std::string t = Env("MX_RPC_TIMEOUT_S"); !t.empty()) {
     options.rpc_timeout = absl::Seconds(std::max(1, std::atoi(t.c_str())));
+  }
+  if (std::string e = Env("MX_ELASTIC"); !e.empty()) {
+    if (e != "0" && e != "1") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kvstore ", type, ": MX_ELASTIC must be 0 or 1, not '", e, "'"));
+    }
+    options.elastic = e == "1";
   }
   auto stub = proto::Coordinator::NewStub(SharedChannel(coordinator));
   proto::RegisterRequest req;

@@ -29,6 +29,10 @@ struct DistKVStoreOptions {
   bool sync = true;                  // dist_sync, else dist_async
   int64_t big_key_bound = 1 << 20;   // elements; larger keys are split
   absl::Duration rpc_timeout = absl::Seconds(30);
+  // Elastic job: a worker the coordinator declares dead is ignored (the
+  // servers finish steps without it); a dead server or an unreachable
+  // coordinator still fails the store.
+  bool elastic = false;
 };
 
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOptions& options);
@@ -38,7 +42,9 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOpti
 // DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT, learns its rank and the servers, and
 // heartbeats every second; a node the coordinator declares dead makes later
 // calls fail with its role, rank and address. MX_RPC_TIMEOUT_S bounds every
-// call (default 30).
+// call (default 30). MX_ELASTIC=1 (set by `launch.py --elastic`) makes the
+// store ignore dead workers (DistKVStoreOptions::elastic); the servers and
+// the coordinator must then run with --elastic too.
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const std::string& type);
 
 // The server that holds a key below the bound (exposed for tests).

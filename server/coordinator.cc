@@ -58,6 +58,10 @@ class Service final : public proto::Coordinator::Service {
                          proto::HeartbeatResponse* resp) override {
     absl::MutexLock lock(&mu_);
     auto key = std::make_pair(req->role(), req->rank());
+    if (!last_seen_.count(key)) {
+      return ToGrpc(absl::NotFoundError(absl::StrCat(
+          "heartbeat: ", RoleName(req->role()), " ", req->rank(), " never registered")));
+    }
     if (!dead_.count(key)) last_seen_[key] = absl::Now();
     for (const auto& [node, info] : dead_) *resp->add_dead() = info;
     return grpc::Status::OK;
@@ -66,16 +70,22 @@ class Service final : public proto::Coordinator::Service {
   grpc::Status Barrier(grpc::ServerContext* ctx, const proto::BarrierRequest* req,
                        proto::BarrierResponse*) override {
     absl::MutexLock lock(&mu_);
-    entered_[req->epoch()].insert(req->rank());
-    auto done = [this, epoch = req->epoch()]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      if (DeadWorkers() > 0) return true;
-      return static_cast<int>(entered_[epoch].size()) >= options_.num_workers;
+    const int64_t epoch = req->epoch();
+    if (req->rank() < 0 || req->rank() >= static_cast<int>(workers_.size())) {
+      return ToGrpc(absl::InvalidArgumentError(absl::StrCat(
+          "barrier ", epoch, ": worker rank ", req->rank(), " is not registered")));
+    }
+    entered_[epoch].insert(req->rank());
+    auto done = [this, epoch]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return (!options_.elastic && DeadWorkers() > 0) || EveryLiveWorkerEntered(epoch);
     };
     if (!mu_.AwaitWithDeadline(absl::Condition(&done), absl::FromChrono(ctx->deadline()))) {
-      return ToGrpc(absl::DeadlineExceededError(absl::StrCat("barrier ", req->epoch(),
-                                                             ": not every worker arrived in time")));
+      return ToGrpc(absl::DeadlineExceededError(
+          absl::StrCat("barrier ", epoch, ": not every worker arrived in time")));
     }
-    if (DeadWorkers() > 0) return ToGrpc(absl::UnavailableError(absl::StrCat("barrier: ", DeadList())));
+    if (!options_.elastic && DeadWorkers() > 0) {
+      return ToGrpc(absl::UnavailableError(absl::StrCat("barrier: ", DeadList())));
+    }
     return grpc::Status::OK;
   }
 
@@ -99,6 +109,15 @@ class Service final : public proto::Coordinator::Service {
     return static_cast<int>(std::count_if(dead_.begin(), dead_.end(), [](const auto& d) {
       return d.first.first == proto::WORKER;
     }));
+  }
+  // Whether every worker not declared dead has entered barrier `epoch` (a
+  // dead worker that entered before dying does not matter).
+  bool EveryLiveWorkerEntered(int64_t epoch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const std::set<int>& entered = entered_[epoch];
+    for (int rank = 0; rank < options_.num_workers; ++rank) {
+      if (!dead_.count({proto::WORKER, rank}) && !entered.count(rank)) return false;
+    }
+    return true;
   }
   std::string DeadList() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     std::vector<std::string> names;

@@ -6,7 +6,10 @@
 // one not heard from for `heartbeat_timeout` is declared dead, and every
 // heartbeat answer lists the dead nodes, so servers and workers learn of a
 // failure within a heartbeat interval. Barrier(epoch) returns when every
-// live worker has entered it, or fails naming a worker that died.
+// live worker has entered it. A worker's death fails every barrier, naming
+// it; with `elastic` the dead worker is left out and the barrier completes
+// with the live ones (a dead server is not the coordinator's concern: the
+// workers that use it fail).
 #ifndef MX_SERVER_COORDINATOR_H_
 #define MX_SERVER_COORDINATOR_H_
 
@@ -22,6 +25,7 @@ struct CoordinatorOptions {
   int num_servers = 1;
   int num_workers = 1;
   absl::Duration heartbeat_timeout = absl::Seconds(5);
+  bool elastic = false;  // barriers continue without dead workers
 };
 
 class CoordinatorServer {

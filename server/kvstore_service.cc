@@ -198,7 +198,9 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
 
 ParameterServer::~ParameterServer() {
   if (impl_ != nullptr && impl_->server != nullptr) {
-    // Calls still waiting (pulls) end at once rather than at their deadline.
+    // Pulls waiting in the shard end at once rather than at their deadline
+    // (gRPC's Shutdown cancels calls but waits for their handlers).
+    shard_->Close("the server is shutting down");
     impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   }
 }

@@ -11,8 +11,9 @@
 namespace mx {
 
 // A running parameter server: a gRPC server on `bind_address` (host:port;
-// port 0 picks a free one) serving one shard. Stops (and waits for
-// in-flight calls) when destroyed.
+// port 0 picks a free one) serving one shard. Stops when destroyed: closes
+// the shard (waiting pulls fail at once, kUnavailable) and waits for the
+// calls in flight.
 class ParameterServer {
  public:
   static absl::StatusOr<std::unique_ptr<ParameterServer>> Start(

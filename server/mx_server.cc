@@ -7,8 +7,9 @@
 // DMLC_ROLE, DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER,
 // DMLC_NUM_WORKER. --bind is where it listens; --advertise is the address
 // other nodes use (they differ behind a Kubernetes Service). Runs until
-// SIGINT or SIGTERM; a server also stops, with an error, when the
-// coordinator is unreachable for three heartbeats.
+// SIGINT or SIGTERM, then logs "<role>: shutting down (SIGTERM)", stops
+// serving and exits 0; a server also stops, with an error and exit code 1,
+// when the coordinator is unreachable for three heartbeats.
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 
@@ -39,8 +40,12 @@ ABSL_FLAG(std::string, coordinator, "",
 ABSL_FLAG(int, num_servers, 0, "servers in the job (default: $DMLC_NUM_SERVER)");
 ABSL_FLAG(int, num_workers, 0, "workers in the job (default: $DMLC_NUM_WORKER)");
 ABSL_FLAG(std::string, mode, "sync", "sync (dist_sync) or async (dist_async)");
-ABSL_FLAG(bool, elastic, false, "continue without workers that died instead of failing");
-ABSL_FLAG(int, heartbeat_timeout_s, 5, "declare a node dead after this many silent seconds");
+ABSL_FLAG(bool, elastic, false,
+          "continue without workers that died instead of failing (give it to the coordinator "
+          "and to every server)");
+ABSL_FLAG(int, heartbeat_timeout_s, 5,
+          "the coordinator declares a node dead after this many silent seconds (at least 2: "
+          "nodes heartbeat every second)");
 
 namespace mx {
 namespace {
@@ -66,16 +71,24 @@ std::string RootAddress() {
 }
 
 // Blocks until SIGINT or SIGTERM (blocked in every thread, so they arrive
-// here), or until `stop` turns true.
-void WaitForSignal(std::atomic<bool>* stop) {
+// here) and returns it, or until `stop` turns true and returns 0.
+int WaitForSignal(const std::atomic<bool>* stop) {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
   timespec tick{0, 200 * 1000 * 1000};
   while (!stop->load()) {
-    if (sigtimedwait(&set, nullptr, &tick) > 0) return;
+    const int sig = sigtimedwait(&set, nullptr, &tick);
+    if (sig > 0) return sig;
   }
+  return 0;
+}
+
+// The line an orderly stop logs ("server 1: shutting down (SIGTERM)").
+void LogShutdown(const std::string& who, int sig) {
+  std::cout << who << ": shutting down (" << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ")"
+            << std::endl;
 }
 
 int RunCoordinator() {
@@ -85,18 +98,27 @@ int RunCoordinator() {
     std::cerr << "mx_server: the coordinator needs --bind (or DMLC_PS_ROOT_URI/PORT)\n";
     return 2;
   }
+  const int timeout_s = absl::GetFlag(FLAGS_heartbeat_timeout_s);
+  if (timeout_s < 2) {
+    std::cerr << "mx_server: --heartbeat_timeout_s must be at least 2 (nodes heartbeat every "
+                 "second), not "
+              << timeout_s << "\n";
+    return 2;
+  }
   CoordinatorOptions o;
   o.num_servers = IntFlagOrEnv(absl::GetFlag(FLAGS_num_servers), "DMLC_NUM_SERVER", "num_servers");
   o.num_workers = IntFlagOrEnv(absl::GetFlag(FLAGS_num_workers), "DMLC_NUM_WORKER", "num_workers");
-  o.heartbeat_timeout = absl::Seconds(absl::GetFlag(FLAGS_heartbeat_timeout_s));
+  o.heartbeat_timeout = absl::Seconds(timeout_s);
+  o.elastic = absl::GetFlag(FLAGS_elastic);
   auto c = CoordinatorServer::Start(bind, o);
   if (!c.ok()) {
     std::cerr << "mx_server: " << c.status().message() << "\n";
     return 1;
   }
-  std::cout << "coordinator listening on " << (*c)->address() << std::endl;
-  std::atomic<bool> stop{false};
-  WaitForSignal(&stop);
+  std::cout << "coordinator listening on " << (*c)->address()
+            << (o.elastic ? " (elastic)" : "") << std::endl;
+  const std::atomic<bool> never{false};
+  LogShutdown("coordinator", WaitForSignal(&never));
   return 0;
 }
 
@@ -140,7 +162,8 @@ int RunServer() {
     return 1;
   }
   const int rank = resp.self().rank();
-  std::cout << "server " << rank << " serving on " << advertise << std::endl;
+  std::cout << "server " << rank << " serving on " << advertise
+            << (absl::GetFlag(FLAGS_elastic) ? " (elastic)" : "") << std::endl;
 
   std::atomic<bool> stop{false};
   std::atomic<int> exit_code{0};
@@ -159,16 +182,22 @@ int RunServer() {
           if (dead.role() == proto::WORKER) (*ps)->shard().MarkDead(dead.rank());
         }
       } else if (++failures >= 3) {
-        std::cerr << "mx_server: server " << rank << ": the coordinator at " << coordinator
-                  << " is unreachable; stopping\n";
+        const std::string why =
+            absl::StrCat("the coordinator at ", coordinator, " is unreachable; stopping");
+        std::cerr << "mx_server: server " << rank << ": " << why << "\n";
+        (*ps)->shard().Close(absl::StrCat("server ", rank, " stopped: ", why));
         exit_code = 1;
         stop = true;
         break;
       }
-      std::this_thread::sleep_for(std::chrono::seconds(1));
+      // One second between heartbeats, ending early on a stop.
+      for (int i = 0; i < 10 && !stop.load(); ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
     }
   });
-  WaitForSignal(&stop);
+  const int sig = WaitForSignal(&stop);
+  if (sig != 0) LogShutdown(absl::StrCat("server ", rank), sig);
   stop = true;
   heartbeat.join();
   return exit_code.load();

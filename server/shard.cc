@@ -57,6 +57,9 @@ absl::Status ParameterShard::Push(int key, int rank, std::vector<float> value) {
       return absl::FailedPreconditionError(absl::StrCat(
           "push of key ", key, ": worker ", rank, " was declared dead"));
     }
+    if (!closed_.empty()) {
+      return absl::UnavailableError(absl::StrCat("push of key ", key, ": ", closed_));
+    }
     MX_ASSIGN_OR_RETURN(Key * k, Find(key));
     if (static_cast<int64_t>(value.size()) != k->shape.Size()) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -142,6 +145,9 @@ void ParameterShard::Recycle(std::vector<float> buffer) {
 std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
     int id, Key* key, int64_t min_version) {
   const Key& k = *key;
+  if (!closed_.empty()) {
+    return absl::UnavailableError(absl::StrCat("pull of key ", id, ": ", closed_));
+  }
   if (k.version >= min_version) {
     if (key->snapshot_version != k.version) {
       key->snapshot = std::make_shared<const std::vector<float>>(k.stored.ToVector());
@@ -275,6 +281,17 @@ void ParameterShard::MarkDead(int rank) {
         TakeAnswered(id, &k, &answers);
       }
     }
+  }
+  Deliver(std::move(answers));
+}
+
+void ParameterShard::Close(const std::string& reason) {
+  Answers answers;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!closed_.empty()) return;
+    closed_ = reason.empty() ? "the server is shutting down" : reason;
+    for (auto& [id, k] : keys_) TakeAnswered(id, &k, &answers);
   }
   Deliver(std::move(answers));
 }

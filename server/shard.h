@@ -24,7 +24,9 @@
 // Failures. MarkDead(rank) removes a worker: waiting pulls fail with
 // kUnavailable naming the worker, unless the shard is elastic, in which case
 // steps complete with the remaining workers. Every wait has a deadline and
-// ends with kDeadlineExceeded naming the key and what was missing.
+// ends with kDeadlineExceeded naming the key and what was missing. Close()
+// (the server is stopping) ends every wait at once with kUnavailable, and
+// later pushes and pulls fail the same way.
 //
 // Bad requests (unknown key, wrong shape or size, re-init with another
 // shape, bad rank) are kInvalidArgument / kNotFound; the shard keeps
@@ -109,6 +111,11 @@ class ParameterShard {
 
   // Removes a worker from the live set (its death was detected).
   void MarkDead(int rank);
+
+  // Stops serving: waiting pulls and every later Push and Pull fail with
+  // kUnavailable and `reason` ("the server is shutting down"). The first
+  // reason stays; later calls do nothing.
+  void Close(const std::string& reason);
   std::set<int> live_workers() const;
 
  private:
@@ -151,6 +158,7 @@ class ParameterShard {
   std::map<int, Key> keys_ ABSL_GUARDED_BY(mu_);
   std::set<int> live_ ABSL_GUARDED_BY(mu_);
   std::set<int> dead_ ABSL_GUARDED_BY(mu_);
+  std::string closed_ ABSL_GUARDED_BY(mu_);  // Close's reason; empty: open
   std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
   uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<std::vector<float>> free_buffers_ ABSL_GUARDED_BY(mu_);

@@ -5,24 +5,23 @@
 # batch reaches 0.847), and every process must be gone afterwards.
 set -uo pipefail
 LAUNCH="$1"; SERVER="$2"; TRAIN="$3"
+TMP="${TEST_TMPDIR:-$(mktemp -d)}"
+source "$(dirname "$0")/lib.sh"
 DATA=/usr/share/datasets/fashion-mnist
-[[ -r "$DATA/train-images-idx3-ubyte.gz" ]] || { echo "FAIL: $DATA missing (apt-get install dataset-fashion-mnist)"; exit 1; }
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+[[ -r "$DATA/train-images-idx3-ubyte.gz" ]] || { fail "$DATA missing (apt-get install dataset-fashion-mnist)"; finish; }
 
-out=$(timeout 600 python3 "$LAUNCH" -n 2 -s 2 --server-binary="$SERVER" -- "$TRAIN" \
-      --kvstore=dist_sync --network=mlp --epochs=10 --lr=0.2 --data_dir="$DATA" 2>&1)
+log="$TMP/job.log"
+JOB_LOGS+=("$log")
+timeout 600 python3 "$LAUNCH" -n 2 -s 2 --server-binary="$SERVER" -- "$TRAIN" \
+  --kvstore=dist_sync --network=mlp --epochs=10 --lr=0.2 --data_dir="$DATA" > "$log" 2>&1
 rc=$?
 [[ $rc -eq 0 ]] || fail "job exit code $rc"
 for w in 0 1; do
-  acc=$(sed -n "s/^\[worker $w\] Final test accuracy=\([0-9.]*\).*/\1/p" <<<"$out")
+  acc=$(sed -n "s/^\[worker $w\] Final test accuracy=\([0-9.]*\).*/\1/p" "$log")
   echo "worker $w: test accuracy ${acc:-none}"
-  [[ -n "$acc" ]] && python3 -c "import sys; sys.exit(0 if float('$acc') >= 0.86 else 1)" \
+  python3 -c "import sys; sys.exit(0 if float('${acc:-0}') >= 0.86 else 1)" \
     || fail "worker $w accuracy ${acc:-missing} < 0.86"
 done
-sleep 0.5
-pgrep -f -- "--server-binary=$SERVER" >/dev/null && fail "launcher left behind"
-pgrep -f -- "^$SERVER " >/dev/null && fail "a daemon was left behind"
-pgrep -f -- "^$TRAIN .*--kvstore=dist_sync --network=mlp --epochs=10 --lr=0.2 --data_dir" >/dev/null && fail "a worker was left behind"
-[[ $failures -eq 0 ]] || { echo "$out" | tail -20; exit 1; }
-echo "PASS"
+assert_nothing_left "$log"
+(( failures == 0 )) || tail -20 "$log"
+finish

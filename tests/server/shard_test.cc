@@ -146,6 +146,26 @@ TEST(ShardFailures, ElasticShardCompletesStepsWithoutTheDeadWorker) {
   EXPECT_TRUE(shard.Pull(1, 2, Soon()).ok());
 }
 
+TEST(ShardFailures, CloseEndsWaitingPullsAtOnceAndRefusesLaterCalls) {
+  ParameterShard shard({true, 2, false});
+  ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+  ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+  std::thread closer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    shard.Close("server 3 stopped: no coordinator");
+  });
+  auto start = absl::Now();
+  auto got = shard.Pull(1, 1, Soon(10000));  // worker 1 never pushes
+  closer.join();
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(got.status().message(), HasSubstr("pull of key 1: server 3 stopped: no coordinator"));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));  // no wait for the deadline
+  shard.Close("another reason");  // the first one stays
+  absl::Status s = shard.Push(1, 1, {1});
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(s.message(), HasSubstr("server 3 stopped"));
+}
+
 TEST(ShardFailures, BadRequestsAreErrorsAndTheShardKeepsServing) {
   ParameterShard shard({true, 2, false});
   EXPECT_EQ(shard.Push(9, 0, {1}).code(), absl::StatusCode::kNotFound);

@@ -1,0 +1,87 @@
+# Sourced by the integration tests after setting LAUNCH, SERVER, TRAIN and
+# TMP: small CSV data, the worker command, and helpers that find a job's
+# processes through the launcher's log ("launch.py: started server 1 (pid
+# N)", "coordinator listening on 127.0.0.1:PORT"). Every process a test
+# starts is found this way, never by a pattern that could match another
+# test's processes; an EXIT trap kills whatever a failed test left.
+
+failures=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+finish() { echo "$failures failures"; exit $(( failures > 0 )); }
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+
+source "$(dirname "$0")/../testdata/make_csv.sh"
+# 401 samples: two parts would differ by one sample, and at batch 20 by a
+# whole batch at the end of each epoch; equal-sized parts keep every step
+# of the job matched.
+make_csv 401 "$TMP/train.csv" "$TMP/train_labels.csv"
+make_csv 100 "$TMP/test.csv" "$TMP/test_labels.csv"
+worker=("$TRAIN" --kvstore=dist_sync --network=mlp --batch_size=20 --lr=0.5
+        --train_csv="$TMP/train.csv" --train_label_csv="$TMP/train_labels.csv"
+        --test_csv="$TMP/test.csv" --test_label_csv="$TMP/test_labels.csv")
+
+JOB_LOGS=()      # every job's log, for the EXIT trap
+LAUNCHERS=()     # launchers started in the background
+
+# start_job LOG LAUNCH_ARGS... -- WORKER_ARGS...: runs launch.py in the
+# background (at most 120 s), its output in LOG; sets $launcher.
+start_job() {
+  local log=$1; shift
+  JOB_LOGS+=("$log")
+  timeout 120 python3 "$LAUNCH" --server-binary="$SERVER" "$@" > "$log" 2>&1 &
+  launcher=$!
+  LAUNCHERS+=("$launcher")
+}
+
+# wait_for_line LOG REGEX SECONDS: whether a line matching REGEX (grep -E)
+# appears in LOG within SECONDS.
+wait_for_line() {
+  local deadline=$(( $(now_ms) + $3 * 1000 ))
+  while (( $(now_ms) < deadline )); do
+    grep -qE -- "$2" "$1" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# started_pid LOG NAME: the pid of "coordinator", "server 1", "worker 0".
+started_pid() {
+  sed -n "s/^launch.py: started $2 (pid \([0-9]*\))$/\1/p" "$1" | head -1
+}
+
+# The pids of every process LOG's launcher started that is still running
+# (checked against its command line, in case a pid was reused).
+live_job_pids() {
+  local pid
+  for pid in $(sed -n 's/^launch.py: started .* (pid \([0-9]*\))$/\1/p' "$1"); do
+    if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qE '(mx_server|mx_train) '; then
+      echo "$pid"
+    fi
+  done
+}
+
+# assert_nothing_left LOG: no process of the job is running: neither by the
+# pids the launcher logged nor by pgrep on the job's coordinator address
+# (daemons) and data directory (workers). Kills what it finds.
+assert_nothing_left() {
+  local log=$1 port left
+  port=$(sed -n 's/.*coordinator listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -1)
+  [[ -n "$port" ]] || { fail "$log: no coordinator address"; return; }
+  left=$({ live_job_pids "$log"
+           pgrep -f -- "^[^ ]*mx_server --role=[a-z]+ --(bind|coordinator)=127\.0\.0\.1:$port( |$)"
+           pgrep -f -- "^[^ ]*mx_train .*$TMP/"; } | sort -u)
+  if [[ -n "$left" ]]; then
+    fail "$log: processes left behind: $(echo $left)"
+    kill -9 $left 2>/dev/null
+  fi
+}
+
+cleanup() {
+  local pid log
+  for pid in "${LAUNCHERS[@]}"; do kill "$pid" 2>/dev/null; done
+  sleep 0.5
+  for log in "${JOB_LOGS[@]}"; do
+    for pid in $(live_job_pids "$log"); do kill -9 "$pid" 2>/dev/null; done
+  done
+}
+trap cleanup EXIT

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# A daemon is killed (kill -9) while a dist_sync job of 2 servers and 2
+# workers trains: a parameter server, with and without --elastic, and the
+# coordinator with --elastic (elastic tolerates dead workers only). Each
+# time the whole job must stop within 15 s of the kill with a non-zero exit
+# code, the launcher must name the dead daemon, every worker must fail on
+# its own (not be stopped by the launcher) with an error that names it, and
+# nothing may be left running.
+set -uo pipefail
+LAUNCH="$1"; SERVER="$2"; TRAIN="$3"
+TMP="${TEST_TMPDIR:-$(mktemp -d)}"
+source "$(dirname "$0")/lib.sh"
+
+# kill_daemon_during_job CASE VICTIM [LAUNCH FLAGS...]: VICTIM is the
+# launcher's name of the process to kill ("server 1", "coordinator"). Sets
+# $log; checks timing, exit code, cleanup and the launcher's message.
+kill_daemon_during_job() {
+  local case=$1 victim_name=$2; shift 2
+  log="$TMP/$case.log"
+  start_job "$log" -n 2 -s 2 "$@" -- "${worker[@]}" --epochs=1000
+  wait_for_line "$log" '^\[worker [01]\] Epoch\[0\]' 60 || fail "$case: no epoch finished"
+  local victim start rc elapsed
+  victim=$(started_pid "$log" "$victim_name")
+  start=$(now_ms)
+  [[ -n "$victim" ]] && kill -9 "$victim"
+  wait "$launcher"; rc=$?
+  elapsed=$(( $(now_ms) - start ))
+  [[ $rc -ne 0 && $rc -ne 124 ]] || fail "$case: the job exited $rc"
+  echo "$case: the job stopped ${elapsed} ms after the kill (exit code $rc)"
+  (( elapsed <= 15000 )) || fail "$case: the job took ${elapsed} ms to stop"
+  grep -qE "^launch.py: $victim_name \((rank [01] at 127\.0\.0\.1:[0-9]+, )?pid $victim\) failed: killed by signal 9 \(SIGKILL\); stopping the job$" "$log" ||
+    { fail "$case: the launcher did not name $victim_name"; grep "^launch.py" "$log"; }
+  sleep 0.5
+  assert_nothing_left "$log"
+}
+
+# every_worker_failed_naming CASE TEXT: each worker ended with an error
+# (mx_train: ...) and at least one error contains TEXT.
+every_worker_failed_naming() {
+  local case=$1 text=$2 w
+  for w in 0 1; do
+    grep -q "^\[worker $w\] mx_train: " "$log" || fail "$case: worker $w did not fail on its own"
+  done
+  grep -E "^\[worker [01]\] mx_train: " "$log" | grep -qF -- "$text" ||
+    { fail "$case: no worker error names '$text'"; grep "mx_train:" "$log"; }
+}
+
+# The rank and address a launcher-named server registered with, as a
+# worker's error names it: "server 0 (127.0.0.1:4711)".
+server_as_named() {
+  sed -n "s/^\[$1\] server \([01]\) serving on \(127\.0\.0\.1:[0-9]*\).*/server \1 (\2)/p" "$log" | head -1
+}
+
+kill_daemon_during_job server_sync "server 1"
+named=$(server_as_named "server 1")
+[[ -n "$named" ]] || fail "server_sync: server 1 never served"
+every_worker_failed_naming server_sync "$named"
+
+kill_daemon_during_job server_elastic "server 0" --elastic
+named=$(server_as_named "server 0")
+[[ -n "$named" ]] || fail "server_elastic: server 0 never served"
+every_worker_failed_naming server_elastic "$named"
+
+kill_daemon_during_job coordinator_elastic coordinator --elastic
+every_worker_failed_naming coordinator_elastic "the coordinator is unreachable"
+
+finish

@@ -1,0 +1,153 @@
+// The coordinator over gRPC on 127.0.0.1 (in this process, on a free port):
+// barriers when a worker dies, with and without elastic, and bad requests.
+#include "server/coordinator.h"
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "proto/mx.grpc.pb.h"
+#include "proto/wire.h"
+
+namespace mx {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr auto kTimeout = std::chrono::milliseconds(600);
+
+// A coordinator for one server and two workers, all registered; the server
+// and worker 0 keep heartbeating, worker 1 only when told to.
+class Cluster {
+ public:
+  explicit Cluster(bool elastic) {
+    CoordinatorOptions o;
+    o.num_servers = 1;
+    o.num_workers = 2;
+    o.heartbeat_timeout = absl::FromChrono(kTimeout);
+    o.elastic = elastic;
+    auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    coordinator_ = *std::move(c);
+    stub_ = proto::Coordinator::NewStub(SharedChannel(coordinator_->address()));
+    std::vector<std::thread> registering;
+    registering.emplace_back([this] { Register(proto::SERVER); });
+    registering.emplace_back([this] { Register(proto::WORKER); });
+    registering.emplace_back([this] { Register(proto::WORKER); });
+    for (std::thread& t : registering) t.join();
+    heartbeats_ = std::thread([this] {
+      while (!stop_) {
+        Heartbeat(proto::SERVER, 0);
+        Heartbeat(proto::WORKER, 0);
+        if (worker1_alive_) Heartbeat(proto::WORKER, 1);
+        std::this_thread::sleep_for(kTimeout / 6);
+      }
+    });
+  }
+  ~Cluster() {
+    stop_ = true;
+    heartbeats_.join();
+  }
+
+  // Worker 1 stops heartbeating; returns once the coordinator reports it dead.
+  void KillWorker1() {
+    worker1_alive_ = false;
+    for (int i = 0; i < 100; ++i) {
+      proto::HeartbeatResponse resp;
+      if (Heartbeat(proto::WORKER, 0, &resp).ok() && resp.dead_size() > 0) {
+        EXPECT_EQ(resp.dead(0).role(), proto::WORKER);
+        EXPECT_EQ(resp.dead(0).rank(), 1);
+        return;
+      }
+      std::this_thread::sleep_for(kTimeout / 6);
+    }
+    ADD_FAILURE() << "worker 1 was never declared dead";
+  }
+
+  grpc::Status Barrier(int rank, int64_t epoch, std::chrono::milliseconds deadline) {
+    proto::BarrierRequest req;
+    req.set_rank(rank);
+    req.set_epoch(epoch);
+    proto::BarrierResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+    return stub_->Barrier(&ctx, req, &resp);
+  }
+
+  grpc::Status Heartbeat(proto::Role role, int rank, proto::HeartbeatResponse* resp = nullptr) {
+    proto::HeartbeatRequest req;
+    req.set_role(role);
+    req.set_rank(rank);
+    proto::HeartbeatResponse ignored;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    return stub_->Heartbeat(&ctx, req, resp != nullptr ? resp : &ignored);
+  }
+
+ private:
+  void Register(proto::Role role) {
+    proto::RegisterRequest req;
+    req.set_role(role);
+    req.set_address(role == proto::SERVER ? "127.0.0.1:1" : "");
+    proto::RegisterResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    grpc::Status s = stub_->Register(&ctx, req, &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+  }
+
+  std::unique_ptr<CoordinatorServer> coordinator_;
+  std::unique_ptr<proto::Coordinator::Stub> stub_;
+  std::thread heartbeats_;
+  std::atomic<bool> stop_{false}, worker1_alive_{true};
+};
+
+TEST(CoordinatorBarrier, WaitsForEveryLiveWorker) {
+  Cluster c(/*elastic=*/false);
+  // Alone, worker 0 waits (and its deadline passes).
+  EXPECT_EQ(c.Barrier(0, 0, std::chrono::milliseconds(200)).error_code(),
+            grpc::StatusCode::DEADLINE_EXCEEDED);
+  // With worker 1 it completes.
+  std::thread other([&] { EXPECT_TRUE(c.Barrier(1, 1, std::chrono::seconds(5)).ok()); });
+  EXPECT_TRUE(c.Barrier(0, 1, std::chrono::seconds(5)).ok());
+  other.join();
+}
+
+TEST(CoordinatorBarrier, FailsNamingADeadWorker) {
+  Cluster c(/*elastic=*/false);
+  std::thread kill([&] { c.KillWorker1(); });
+  const auto start = std::chrono::steady_clock::now();
+  grpc::Status s = c.Barrier(0, 0, std::chrono::seconds(10));
+  kill.join();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(s.error_message(), HasSubstr("worker 1"));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+}
+
+TEST(CoordinatorBarrier, ElasticCompletesWithoutADeadWorker) {
+  Cluster c(/*elastic=*/true);
+  // A barrier waiting when the worker dies completes...
+  std::thread kill([&] { c.KillWorker1(); });
+  EXPECT_TRUE(c.Barrier(0, 0, std::chrono::seconds(10)).ok());
+  kill.join();
+  // ... and so do later ones.
+  EXPECT_TRUE(c.Barrier(0, 1, std::chrono::seconds(2)).ok());
+}
+
+TEST(CoordinatorErrors, UnregisteredNodesAreRefused) {
+  Cluster c(/*elastic=*/false);
+  grpc::Status s = c.Barrier(7, 0, std::chrono::seconds(2));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("worker rank 7"));
+  s = c.Heartbeat(proto::SERVER, 3);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(s.error_message(), HasSubstr("server 3 never registered"));
+}
+
+}  // namespace
+}  // namespace mx
