@@ -18,6 +18,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -227,6 +228,9 @@ int main(int argc, char** argv) {
       "trains a network on Fashion-MNIST (or CSV data) and reports test accuracy.\n"
       "Example: mx_train --network=lenet --lr=0.05 --momentum=0.9 --epochs=2");
   absl::ParseCommandLine(argc, argv);
+  // absl's mutex deadlock detection (on in Debian's build) costs a graph
+  // update per lock in gRPC's hot paths.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   // The engine reads its thread count when first used: set it before.
   if (int threads = absl::GetFlag(FLAGS_threads); threads > 0) {
     setenv("MX_CPU_WORKER_NTHREADS", std::to_string(threads).c_str(), 1);

@@ -164,6 +164,39 @@ TEST(DistSync, PushPullGivesEachStepsValue) {
   }
 }
 
+// Workers sharing one process (one engine, one channel per server) run
+// many steps of several keys in flight, as training does: every step
+// completes, none waits for a deadline.
+TEST(DistSync, ManyStepsOfManyKeysInFlight) {
+  constexpr int kWorkers = 2, kSteps = 200;
+  const std::vector<int64_t> sizes = {784 * 128, 128, 128 * 64, 64, 64 * 10, 10};
+  Cluster c = StartServers(2, kWorkers);
+  std::vector<std::thread> workers;
+  std::vector<std::vector<float>> last(kWorkers);
+  for (int r = 0; r < kWorkers; ++r) {
+    workers.emplace_back([&, r] {
+      auto kv = Worker(c, r, kWorkers, /*bound=*/1 << 20);
+      std::vector<NDArray> grads, weights;
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        ASSERT_TRUE(kv->Init(static_cast<int>(k), Zeros({sizes[k]})).ok());
+        grads.push_back(Ones({sizes[k]}));
+        weights.push_back(Empty({sizes[k]}));
+      }
+      for (int step = 0; step < kSteps; ++step) {
+        for (size_t k = sizes.size(); k-- > 0;) {
+          ASSERT_TRUE(kv->PushPull(static_cast<int>(k), {grads[k]}, {weights[k]},
+                                   static_cast<int>(k)).ok());
+        }
+        for (const NDArray& w : weights) w.WaitToRead();
+      }
+      last[r] = weights[5].ToVector();
+    });
+  }
+  for (auto& t : workers) t.join();
+  // No optimizer: each step's value is the sum of both workers' ones.
+  for (int r = 0; r < kWorkers; ++r) EXPECT_THAT(last[r], ::testing::Each(2.0f));
+}
+
 // A pushpull whose outputs are the pushed array itself: in place.
 TEST(DistSync, PushPullInPlace) {
   Cluster c = StartServers(1, 1);
