@@ -9,11 +9,13 @@
 #include <thread>
 #include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <map>
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "kvstore/kvstore_internal.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
@@ -65,8 +67,10 @@ class Join {
 const std::string kPushMethod = "/mx.proto.KVStoreService/Push";
 const std::string kPullMethod = "/mx.proto.KVStoreService/Pull";
 const std::string kPushPullMethod = "/mx.proto.KVStoreService/PushPull";
+const std::string kPushPullManyMethod = "/mx.proto.KVStoreService/PushPullMany";
 constexpr int kPushValueField = 3;  // PushRequest.value
 constexpr int kPullValueField = 1;  // PullResponse.value
+constexpr int kManyEntriesField = 1;  // PushPullManyRequest/Response.entries
 
 // A message without a tensor, as a byte buffer for the raw stubs.
 grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& m) {
@@ -158,6 +162,7 @@ class DistKVStore : public KVStore {
   }
 
   int rank() const override { return conn_->options.rank; }
+  int64_t bucket_bytes() const override { return conn_->options.bucket_bytes; }
   int num_workers() const override { return conn_->options.num_workers; }
 
   absl::Status Init(Key key, const NDArray& value) override {
@@ -209,7 +214,7 @@ class DistKVStore : public KVStore {
           [conn = conn_, e, merged](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
-              conn->CallRaw(p.server, kPushMethod, EncodePush(*conn, *e, p, merged, 0),
+              conn->CallRaw(p.server, kPushMethod, ToByteBuffer(EncodePush(*conn, *e, p, merged, 0)),
                             [conn, join, e, p](grpc::Status s, const grpc::ByteBuffer&) {
                               join->Finish(conn->Named(FromGrpc(s), "push", e->label, p.server));
                             });
@@ -271,13 +276,65 @@ class DistKVStore : public KVStore {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
               conn->CallRaw(p.server, kPushPullMethod,
-                            EncodePush(*conn, *e, p, merged, min_version),
+                            ToByteBuffer(EncodePush(*conn, *e, p, merged, min_version)),
                             [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
                               join->Finish(Received(*conn, *e, "pushpull", s, resp, p, dsts));
                             });
             }
           },
           cpu(), reads, writes, priority, e->pushpull_name.c_str());
+    });
+  }
+
+  // Several keys in one engine operation, one call per server: a bucket of
+  // a training step's gradients pays one round trip, not one per key.
+  absl::Status PushPull(const std::vector<Key>& keys, const std::vector<std::vector<NDArray>>& values,
+                        const std::vector<std::vector<NDArray>>& outs, int priority) override {
+    MX_RETURN_IF_ERROR(conn_->Failure());
+    MX_RETURN_IF_ERROR(internal::CheckBucket(keys, values, outs));
+    std::vector<std::shared_ptr<Entry>> entries;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(keys[i], "pushpull"));
+      MX_RETURN_IF_ERROR(internal::CheckArrays(keys[i], "pushpull", "value", values[i], e->shape));
+      MX_RETURN_IF_ERROR(internal::CheckArrays(keys[i], "pushpull", "output", outs[i], e->shape));
+      entries.push_back(std::move(e));
+    }
+    return internal::Guard([&] {
+      std::vector<Item> items;
+      std::vector<VarHandle> writes, reads;
+      std::map<int, std::vector<ItemPart>> by_server;
+      for (size_t i = 0; i < entries.size(); ++i) {
+        Entry& e = *entries[i];
+        NDArray merged = Merge(e, values[i], priority);
+        items.push_back({entries[i], merged, conn_->options.sync ? e.pushes : 0,
+                         Destinations(outs[i])});
+        for (const NDArray& o : outs[i]) writes.push_back(o.var());
+        writes.push_back(e.token.var());
+        for (const Part& p : e.parts) by_server[p.server].push_back({i, p});
+      }
+      // An output may be a pushed array itself: written, hence read.
+      for (const Item& item : items) {
+        if (std::find(writes.begin(), writes.end(), item.merged.var()) == writes.end()) {
+          reads.push_back(item.merged.var());
+        }
+      }
+      Engine::Get()->PushAsync(
+          [conn = conn_, items, by_server](RunContext, CallbackOnComplete done) {
+            auto* join = new Join(static_cast<int>(by_server.size()), done);
+            for (const auto& [server, parts] : by_server) {
+              std::vector<EncodedMessage> messages;
+              for (const ItemPart& ip : parts) {
+                const Item& item = items[ip.item];
+                messages.push_back(EncodePush(*conn, *item.e, ip.part, item.merged, item.min_version));
+              }
+              conn->CallRaw(server, kPushPullManyMethod, EncodeRepeated(kManyEntriesField, messages),
+                            [conn, join, items, parts = parts](grpc::Status s,
+                                                               const grpc::ByteBuffer& resp) {
+                              join->Finish(ReceivedMany(*conn, items, parts, s, resp));
+                            });
+            }
+          },
+          cpu(), reads, writes, priority, "dist_pushpull_bucket");
     });
   }
 
@@ -402,16 +459,39 @@ class DistKVStore : public KVStore {
   }
 
   // Slice p of `merged` as a PushRequest, without copying the data.
-  static grpc::ByteBuffer EncodePush(const Conn& conn, const Entry& e, const Part& p,
-                                     const NDArray& merged, int64_t min_version) {
+  // Slice p of `merged` as a PushRequest, without copying the data.
+  static EncodedMessage EncodePush(const Conn& conn, const Entry& e, const Part& p,
+                                   const NDArray& merged, int64_t min_version) {
     proto::PushRequest header;
     header.set_key(e.id);
     header.set_rank(conn.options.rank);
     header.set_min_version(min_version);
     header.mutable_value()->add_shape(p.end - p.begin);
     header.mutable_value()->set_dtype(proto::FLOAT32);
-    return EncodeWithTensor(header, kPushValueField, merged.data() + p.begin,
-                            (p.end - p.begin) * sizeof(float), std::make_shared<NDArray>(merged));
+    return EncodeTensorMessage(header, kPushValueField, merged.data() + p.begin,
+                               (p.end - p.begin) * sizeof(float), std::make_shared<NDArray>(merged));
+  }
+
+  // Where a pulled slice p goes: the first output, after checking its size;
+  // `received` records that it came.
+  static TensorSink SliceSink(const Conn& conn, const Part& p, const std::vector<float*>& dsts,
+                              bool* received) {
+    return [&conn, p, dst = dsts[0] + p.begin, received](size_t bytes) -> absl::StatusOr<void*> {
+      const size_t expected = (p.end - p.begin) * sizeof(float);
+      if (bytes != expected) {
+        return absl::DataLossError(absl::StrCat("server ", conn.options.servers[p.server], " sent ",
+                                                bytes, " bytes, expected ", expected));
+      }
+      *received = true;
+      return static_cast<void*>(dst);
+    };
+  }
+
+  // Copies slice p from the first output to the others.
+  static void CopyToOtherOutputs(const Part& p, const std::vector<float*>& dsts) {
+    for (size_t i = 1; i < dsts.size(); ++i) {
+      std::memcpy(dsts[i] + p.begin, dsts[0] + p.begin, (p.end - p.begin) * sizeof(float));
+    }
   }
 
   // The outcome of a call that answers with slice p of the value: copied to
@@ -420,24 +500,60 @@ class DistKVStore : public KVStore {
                                const grpc::Status& status, const grpc::ByteBuffer& resp,
                                const Part& p, const std::vector<float*>& dsts) {
     MX_RETURN_IF_ERROR(conn.Named(FromGrpc(status), what, e.label, p.server));
-    const size_t expected = (p.end - p.begin) * sizeof(float);
-    const std::string& server = conn.options.servers[p.server];
     bool received = false;
     proto::PullResponse header;
-    absl::Status s = DecodeWithTensor(
-        resp, kPullValueField, &header, [&](size_t bytes) -> absl::StatusOr<void*> {
-          if (bytes != expected) {
-            return absl::DataLossError(absl::StrCat("server ", server, " sent ", bytes,
-                                                    " bytes, expected ", expected));
-          }
-          received = true;
-          return static_cast<void*>(dsts[0] + p.begin);
-        });
-    if (s.ok() && !received) s = absl::DataLossError(absl::StrCat("server ", server, " sent no value"));
+    absl::Status s = DecodeWithTensor(resp, kPullValueField, &header, SliceSink(conn, p, dsts, &received));
+    if (s.ok() && !received) s = absl::DataLossError("the server sent no value");
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat(what, " of key ", e.label, ": ", s.message()));
-    for (size_t i = 1; i < dsts.size(); ++i) {
-      std::memcpy(dsts[i] + p.begin, dsts[0] + p.begin, expected);
+    CopyToOtherOutputs(p, dsts);
+    return absl::OkStatus();
+  }
+
+  // One key of a PushPull of several.
+  struct Item {
+    std::shared_ptr<Entry> e;
+    NDArray merged;
+    int64_t min_version;
+    std::vector<float*> dsts;
+  };
+  struct ItemPart {
+    size_t item;
+    Part part;
+  };
+
+  // The outcome of a PushPullMany call to one server, answering with the
+  // slices `parts` in order.
+  static absl::Status ReceivedMany(const Conn& conn, const std::vector<Item>& items,
+                                   const std::vector<ItemPart>& parts, const grpc::Status& status,
+                                   const grpc::ByteBuffer& resp) {
+    std::vector<std::string> labels;
+    for (const ItemPart& ip : parts) labels.push_back(items[ip.item].e->label);
+    const int server = parts[0].part.server;
+    absl::Status s = FromGrpc(status);
+    std::deque<proto::PullResponse> headers;
+    std::unique_ptr<bool[]> received(new bool[parts.size()]());
+    size_t entries = 0;
+    if (s.ok()) {
+      s = DecodeRepeated(
+          resp, kManyEntriesField, kPullValueField,
+          [&](int) {
+            ++entries;
+            return &headers.emplace_back();
+          },
+          [&](int i) -> TensorSink {
+            if (static_cast<size_t>(i) >= parts.size()) {
+              return [](size_t) -> absl::StatusOr<void*> {
+                return absl::DataLossError("the server sent more values than asked for");
+              };
+            }
+            return SliceSink(conn, parts[i].part, items[parts[i].item].dsts, &received[i]);
+          });
     }
+    for (size_t i = 0; s.ok() && i < parts.size(); ++i) {
+      if (i >= entries || !received[i]) s = absl::DataLossError("the server sent too few values");
+    }
+    MX_RETURN_IF_ERROR(conn.Named(s, "pushpull", absl::StrJoin(labels, ", "), server));
+    for (const ItemPart& ip : parts) CopyToOtherOutputs(ip.part, items[ip.item].dsts);
     return absl::OkStatus();
   }
 

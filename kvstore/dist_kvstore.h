@@ -28,6 +28,10 @@ struct DistKVStoreOptions {
   int num_workers = 1;
   bool sync = true;                  // dist_sync, else dist_async
   int64_t big_key_bound = 1 << 20;   // elements; larger keys are split
+  // Training sends gradients in buckets of about this many bytes, each one
+  // call per server (KVStore::bucket_bytes): every call costs a round trip
+  // of fixed overhead, so small keys travel together.
+  int64_t bucket_bytes = 4 << 20;
   absl::Duration rpc_timeout = absl::Seconds(30);
   // Elastic job: a worker the coordinator declares dead is ignored (the
   // servers finish steps without it); a dead server or an unreachable

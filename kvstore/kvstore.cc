@@ -37,6 +37,16 @@ absl::Status KVStore::PushPull(Key key, const std::vector<NDArray>& values,
   return Pull(key, outs, priority);
 }
 
+absl::Status KVStore::PushPull(const std::vector<Key>& keys,
+                               const std::vector<std::vector<NDArray>>& values,
+                               const std::vector<std::vector<NDArray>>& outs, int priority) {
+  MX_RETURN_IF_ERROR(internal::CheckBucket(keys, values, outs));
+  for (size_t i = 0; i < keys.size(); ++i) {
+    MX_RETURN_IF_ERROR(PushPull(keys[i], values[i], outs[i], priority));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status KVStore::Broadcast(Key key, const NDArray& value, const std::vector<NDArray>& outs,
                                 int priority) {
   MX_RETURN_IF_ERROR(Init(key, value));

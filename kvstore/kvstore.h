@@ -93,6 +93,17 @@ class KVStore {
   // Push then Pull (a store may do both in one operation).
   virtual absl::Status PushPull(Key key, const std::vector<NDArray>& values,
                         const std::vector<NDArray>& outs, int priority = 0);
+  // PushPull of several keys (values[i] and outs[i] belong to keys[i]) as
+  // one unit: a store may send them together; the distributed store makes
+  // one round trip per server instead of one per key. The local store
+  // does each key on its own.
+  virtual absl::Status PushPull(const std::vector<Key>& keys,
+                                const std::vector<std::vector<NDArray>>& values,
+                                const std::vector<std::vector<NDArray>>& outs, int priority = 0);
+  // How many bytes of gradients the store would like in one PushPull of
+  // several keys (0: one key at a time, which keeps each key's
+  // communication next to the backward operation that makes it).
+  virtual int64_t bucket_bytes() const { return 0; }
   // Init (if needed) with value, then Pull into outs.
   absl::Status Broadcast(Key key, const NDArray& value, const std::vector<NDArray>& outs,
                          int priority = 0);

@@ -38,6 +38,12 @@ NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArra
 absl::Status CheckArrays(const Key& key, const char* what, const char* role,
                          const std::vector<NDArray>& arrays, const Shape& shape);
 
+// Checks that a PushPull of several keys has one list of values and one of
+// outputs per key, and no key twice.
+absl::Status CheckBucket(const std::vector<Key>& keys,
+                         const std::vector<std::vector<NDArray>>& values,
+                         const std::vector<std::vector<NDArray>>& outs);
+
 std::unique_ptr<KVStore> NewLocalKVStore(const std::string& type);
 
 }  // namespace mx::internal

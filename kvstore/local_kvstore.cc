@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -184,6 +185,23 @@ absl::Status CheckArrays(const Key& key, const char* what, const char* role,
       return absl::InvalidArgumentError(absl::StrCat(
           what, " of key ", key.label(), ": ", role, " ", i, " has shape ",
           arrays[i].shape().ToString(), " but the key holds ", shape.ToString()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckBucket(const std::vector<Key>& keys,
+                         const std::vector<std::vector<NDArray>>& values,
+                         const std::vector<std::vector<NDArray>>& outs) {
+  if (keys.size() != values.size() || keys.size() != outs.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("pushpull: ", keys.size(), " keys but ",
+                                                   values.size(), " lists of values and ",
+                                                   outs.size(), " of outputs"));
+  }
+  std::set<int> seen;
+  for (const Key& k : keys) {
+    if (!seen.insert(k.id()).second) {
+      return absl::InvalidArgumentError(absl::StrCat("pushpull: key ", k.label(), " given twice"));
     }
   }
   return absl::OkStatus();

@@ -112,9 +112,9 @@ void DestroyOwner(void* owner) { delete static_cast<std::shared_ptr<const void>*
 
 }  // namespace
 
-grpc::ByteBuffer EncodeWithTensor(const google::protobuf::MessageLite& header, int tensor_field,
-                                  const void* data, size_t bytes,
-                                  std::shared_ptr<const void> owner) {
+EncodedMessage EncodeTensorMessage(const google::protobuf::MessageLite& header, int tensor_field,
+                                   const void* data, size_t bytes,
+                                   std::shared_ptr<const void> owner) {
   std::string prefix = header.SerializeAsString();
   {
     google::protobuf::io::StringOutputStream stream(&prefix);
@@ -127,12 +127,84 @@ grpc::ByteBuffer EncodeWithTensor(const google::protobuf::MessageLite& header, i
     out.WriteTag(data_tag);
     out.WriteVarint64(bytes);
   }
-  grpc::Slice slices[2] = {
-      grpc::Slice(prefix),
-      grpc::Slice(const_cast<void*>(data), bytes, DestroyOwner,
-                  new std::shared_ptr<const void>(std::move(owner)))};
-  return grpc::ByteBuffer(slices, bytes > 0 ? 2 : 1);
+  EncodedMessage m;
+  m.bytes = prefix.size() + bytes;
+  m.slices.emplace_back(prefix);
+  if (bytes > 0) {
+    m.slices.emplace_back(const_cast<void*>(data), bytes, DestroyOwner,
+                          new std::shared_ptr<const void>(std::move(owner)));
+  }
+  return m;
 }
+
+grpc::ByteBuffer ToByteBuffer(const EncodedMessage& m) {
+  return grpc::ByteBuffer(m.slices.data(), m.slices.size());
+}
+
+grpc::ByteBuffer EncodeWithTensor(const google::protobuf::MessageLite& header, int tensor_field,
+                                  const void* data, size_t bytes,
+                                  std::shared_ptr<const void> owner) {
+  return ToByteBuffer(EncodeTensorMessage(header, tensor_field, data, bytes, std::move(owner)));
+}
+
+grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& entries) {
+  std::vector<grpc::Slice> slices;
+  for (const EncodedMessage& e : entries) {
+    std::string tag;
+    {
+      google::protobuf::io::StringOutputStream stream(&tag);
+      CodedOutputStream out(&stream);
+      out.WriteTag(Tag(field, kLengthDelimited));
+      out.WriteVarint64(e.bytes);
+    }
+    slices.emplace_back(tag);
+    slices.insert(slices.end(), e.slices.begin(), e.slices.end());
+  }
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+namespace {
+
+// Reads one message (to the end of `in`, or of its current limit) into
+// `header`, its tensor's data into `sink` (see DecodeWithTensor).
+absl::Status DecodeMessage(CodedInputStream* in, int tensor_field,
+                           google::protobuf::MessageLite* header, const TensorSink& sink) {
+  std::string rest;  // every field but the tensor's data, re-encoded for `header`
+  bool have_tensor = false, have_data = false;
+  {
+    google::protobuf::io::StringOutputStream stream(&rest);
+    CodedOutputStream out(&stream);
+    while (uint32_t tag = in->ReadTag()) {
+      if (tensor_field == 0 || tag != Tag(tensor_field, kLengthDelimited)) {
+        if (!CopyField(tag, in, &out)) return absl::InvalidArgumentError("malformed message");
+        continue;
+      }
+      uint32_t n;
+      if (!in->ReadVarint32(&n)) return absl::InvalidArgumentError("malformed tensor length");
+      const CodedInputStream::Limit limit = in->PushLimit(static_cast<int>(n));
+      std::string tensor;
+      {
+        google::protobuf::io::StringOutputStream tensor_stream(&tensor);
+        CodedOutputStream tensor_out(&tensor_stream);
+        MX_RETURN_IF_ERROR(DecodeTensor(in, sink, &tensor_out, &have_data));
+      }
+      in->PopLimit(limit);
+      have_tensor = true;
+      out.WriteTag(tag);
+      out.WriteVarint32(static_cast<uint32_t>(tensor.size()));
+      out.WriteString(tensor);
+    }
+    if (!in->ConsumedEntireMessage()) return absl::InvalidArgumentError("malformed message");
+  }
+  if (have_tensor && !have_data) {  // protobuf leaves out empty data
+    absl::StatusOr<void*> dst = sink(0);
+    if (!dst.ok()) return dst.status();
+  }
+  if (!header->ParseFromString(rest)) return absl::InvalidArgumentError("malformed message fields");
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::Status DecodeWithTensor(const grpc::ByteBuffer& buffer, int tensor_field,
                               google::protobuf::MessageLite* header, const TensorSink& sink) {
@@ -140,40 +212,34 @@ absl::Status DecodeWithTensor(const grpc::ByteBuffer& buffer, int tensor_field,
   grpc::ProtoBufferReader reader(&copy);
   CodedInputStream in(&reader);
   in.SetTotalBytesLimit(kMaxMessageBytes);
-  std::string rest;  // every field but the tensor's data, re-encoded for `header`
-  bool have_tensor = false, have_data = false;
-  {
-    google::protobuf::io::StringOutputStream stream(&rest);
-    CodedOutputStream out(&stream);
-    while (uint32_t tag = in.ReadTag()) {
-      if (tensor_field == 0 || tag != Tag(tensor_field, kLengthDelimited)) {
-        if (!CopyField(tag, &in, &out)) return absl::InvalidArgumentError("malformed message");
-        continue;
-      }
-      uint32_t n;
-      if (!in.ReadVarint32(&n)) return absl::InvalidArgumentError("malformed tensor length");
-      const CodedInputStream::Limit limit = in.PushLimit(static_cast<int>(n));
-      std::string tensor;
-      {
-        google::protobuf::io::StringOutputStream tensor_stream(&tensor);
-        CodedOutputStream tensor_out(&tensor_stream);
-        MX_RETURN_IF_ERROR(DecodeTensor(&in, sink, &tensor_out, &have_data));
-      }
-      have_tensor = true;
-      in.PopLimit(limit);
-      out.WriteTag(tag);
-      out.WriteVarint32(static_cast<uint32_t>(tensor.size()));
-      out.WriteString(tensor);
+  return DecodeMessage(&in, tensor_field, header, sink);
+}
+
+absl::Status DecodeRepeated(const grpc::ByteBuffer& buffer, int field, int tensor_field,
+                            const std::function<google::protobuf::MessageLite*(int)>& header,
+                            const std::function<TensorSink(int)>& sink) {
+  grpc::ByteBuffer copy(buffer);
+  grpc::ProtoBufferReader reader(&copy);
+  CodedInputStream in(&reader);
+  in.SetTotalBytesLimit(kMaxMessageBytes);
+  std::string ignored;
+  google::protobuf::io::StringOutputStream ignored_stream(&ignored);
+  CodedOutputStream ignored_out(&ignored_stream);
+  int index = 0;
+  while (uint32_t tag = in.ReadTag()) {
+    if (tag != Tag(field, kLengthDelimited)) {  // unknown fields are skipped
+      if (!CopyField(tag, &in, &ignored_out)) return absl::InvalidArgumentError("malformed message");
+      continue;
     }
-    if (!in.ConsumedEntireMessage() || reader.status().ok() == false) {
-      return absl::InvalidArgumentError("malformed message");
-    }
+    uint32_t n;
+    if (!in.ReadVarint32(&n)) return absl::InvalidArgumentError("malformed entry length");
+    const CodedInputStream::Limit limit = in.PushLimit(static_cast<int>(n));
+    absl::Status s = DecodeMessage(&in, tensor_field, header(index), sink(index));
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("entry ", index, ": ", s.message()));
+    in.PopLimit(limit);
+    ++index;
   }
-  if (have_tensor && !have_data) {  // protobuf leaves out empty data
-    absl::StatusOr<void*> dst = sink(0);
-    if (!dst.ok()) return dst.status();
-  }
-  if (!header->ParseFromString(rest)) return absl::InvalidArgumentError("malformed message fields");
+  if (!in.ConsumedEntireMessage()) return absl::InvalidArgumentError("malformed message");
   return absl::OkStatus();
 }
 

@@ -44,6 +44,19 @@ grpc::ByteBuffer EncodeWithTensor(const google::protobuf::MessageLite& header, i
                                   const void* data, size_t bytes,
                                   std::shared_ptr<const void> owner);
 
+// The same encoding as pieces, to put several messages in one (a repeated
+// field of them): EncodeRepeated writes each entry as one occurrence of
+// message field `field`.
+struct EncodedMessage {
+  std::vector<grpc::Slice> slices;
+  size_t bytes = 0;
+};
+EncodedMessage EncodeTensorMessage(const google::protobuf::MessageLite& header, int tensor_field,
+                                   const void* data, size_t bytes,
+                                   std::shared_ptr<const void> owner);
+grpc::ByteBuffer ToByteBuffer(const EncodedMessage& m);
+grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& entries);
+
 // DecodeWithTensor: parses `buffer` into `header`, except the data of the
 // tensor field (number `tensor_field`; 0 for a message without one), which
 // it copies to the memory that `sink(bytes)` returns. Malformed input, or
@@ -51,6 +64,13 @@ grpc::ByteBuffer EncodeWithTensor(const google::protobuf::MessageLite& header, i
 using TensorSink = std::function<absl::StatusOr<void*>(size_t bytes)>;
 absl::Status DecodeWithTensor(const grpc::ByteBuffer& buffer, int tensor_field,
                               google::protobuf::MessageLite* header, const TensorSink& sink);
+
+// DecodeRepeated: reads a message whose field `field` repeats, each
+// occurrence a message decoded as by DecodeWithTensor into header(i), its
+// data to sink(i), for i = 0, 1, ... in order. Other fields are skipped.
+absl::Status DecodeRepeated(const grpc::ByteBuffer& buffer, int field, int tensor_field,
+                            const std::function<google::protobuf::MessageLite*(int)>& header,
+                            const std::function<TensorSink(int)>& sink);
 
 // Checks a decoded tensor's shape and dtype against the number of bytes
 // its data held.

@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <deque>
 #include <cstring>
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
 
@@ -22,10 +24,13 @@ namespace {
 // and synchronous.
 using ServiceBase = proto::KVStoreService::WithRawCallbackMethod_Push<
     proto::KVStoreService::WithRawCallbackMethod_Pull<
-        proto::KVStoreService::WithRawCallbackMethod_PushPull<proto::KVStoreService::Service>>>;
+        proto::KVStoreService::WithRawCallbackMethod_PushPull<
+            proto::KVStoreService::WithRawCallbackMethod_PushPullMany<
+                proto::KVStoreService::Service>>>>;
 
 constexpr int kPushValueField = 3;   // PushRequest.value
 constexpr int kPullValueField = 1;   // PullResponse.value
+constexpr int kManyEntriesField = 1;  // PushPullManyRequest/Response.entries
 
 absl::Status Prefix(const absl::Status& s, const char* what, int key) {
   if (s.ok()) return s;
@@ -37,55 +42,87 @@ grpc::ByteBuffer EmptyMessage() {
   return grpc::ByteBuffer(&empty, 1);
 }
 
-// A pull that may wait for its step: answered by the shard, or cancelled
-// when the client goes away or its deadline passes.
+// Pulls that may wait for their step: of one key (Pull, PushPull: the
+// answer is a PullResponse) or several (PushPullMany: a
+// PushPullManyResponse). Answered by the shard once every key is ready, or
+// cancelled when the client goes away or its deadline passes.
 class PullReactor : public grpc::ServerUnaryReactor {
  public:
-  PullReactor(ParameterShard* shard, grpc::ByteBuffer* response)
-      : shard_(shard), response_(response) {}
+  struct Wanted {
+    int key;
+    int64_t min_version;
+  };
 
-  // Answers with `error` at once, or with key's value at min_version.
-  void Start(const absl::Status& error, int key, int64_t min_version) {
+  PullReactor(ParameterShard* shard, grpc::ByteBuffer* response, bool many)
+      : shard_(shard), response_(response), many_(many) {}
+
+  // Answers with `error` at once, or with the values of `wanted`.
+  void Start(const absl::Status& error, std::vector<Wanted> wanted) {
     if (!error.ok()) {
       Finish(ToGrpc(error));
       return;
     }
-    key_ = key;
-    id_ = shard_->PullAsync(key_, min_version,
-                            [this](absl::StatusOr<ParameterShard::Value> v) { Answer(std::move(v)); });
-    started_.store(true);
+    wanted_ = std::move(wanted);
+    values_.resize(wanted_.size());
+    ids_.resize(wanted_.size());
+    remaining_.store(static_cast<int>(wanted_.size()));
+    for (size_t i = 0; i < wanted_.size(); ++i) {
+      ids_[i] = shard_->PullAsync(wanted_[i].key, wanted_[i].min_version,
+                                  [this, i](absl::StatusOr<ParameterShard::Value> v) {
+                                    Answered(i, std::move(v));
+                                  });
+    }
   }
 
   void OnCancel() override {
-    // Answered already (CancelPull false): that answer's Finish stands.
-    if (started_.load() && shard_->CancelPull(key_, id_)) {
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED,
-                          absl::StrCat("pull of key ", key_, " cancelled while waiting")));
+    // Pulls already answered (CancelPull false) count as they are.
+    for (size_t i = 0; i < ids_.size(); ++i) {
+      if (shard_->CancelPull(wanted_[i].key, ids_[i])) {
+        Answered(i, absl::CancelledError(absl::StrCat("pull of key ", wanted_[i].key,
+                                                      " cancelled while waiting")));
+      }
     }
   }
   void OnDone() override { delete this; }
 
  private:
-  void Answer(absl::StatusOr<ParameterShard::Value> v) {
-    if (!v.ok()) {
-      Finish(ToGrpc(v.status()));
+  void Answered(size_t i, absl::StatusOr<ParameterShard::Value> v) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (!v.ok() && error_.ok()) error_ = v.status();
+      values_[i] = std::move(v);
+    }
+    if (remaining_.fetch_sub(1) == 1) Respond();
+  }
+
+  void Respond() {
+    if (!error_.ok()) {
+      Finish(ToGrpc(error_));
       return;
     }
-    proto::PullResponse header;
-    header.set_version(v->version);
-    proto::Tensor* t = header.mutable_value();
-    t->add_shape(static_cast<int64_t>(v->data->size()));
-    t->set_dtype(proto::FLOAT32);
-    *response_ = EncodeWithTensor(header, kPullValueField, v->data->data(),
-                                  v->data->size() * sizeof(float), v->data);
+    std::vector<EncodedMessage> entries;
+    for (absl::StatusOr<ParameterShard::Value>& v : values_) {
+      proto::PullResponse header;
+      header.set_version(v->version);
+      proto::Tensor* t = header.mutable_value();
+      t->add_shape(static_cast<int64_t>(v->data->size()));
+      t->set_dtype(proto::FLOAT32);
+      entries.push_back(EncodeTensorMessage(header, kPullValueField, v->data->data(),
+                                            v->data->size() * sizeof(float), v->data));
+    }
+    *response_ = many_ ? EncodeRepeated(kManyEntriesField, entries) : ToByteBuffer(entries[0]);
     Finish(grpc::Status::OK);
   }
 
   ParameterShard* const shard_;
   grpc::ByteBuffer* const response_;
-  int key_ = 0;
-  uint64_t id_ = 0;
-  std::atomic<bool> started_{false};
+  const bool many_;
+  std::vector<Wanted> wanted_;
+  std::vector<uint64_t> ids_;
+  std::atomic<int> remaining_{0};
+  absl::Mutex mu_;
+  std::vector<absl::StatusOr<ParameterShard::Value>> values_;  // guarded by mu_ until remaining_ is 0
+  absl::Status error_;                                         // likewise
 };
 
 class Service final : public ServiceBase {
@@ -112,8 +149,8 @@ class Service final : public ServiceBase {
                                  grpc::ByteBuffer* response) override {
     proto::PullRequest req;
     absl::Status s = DecodeWithTensor(*request, 0, &req, nullptr);
-    auto* reactor = new PullReactor(shard_, response);
-    reactor->Start(Prefix(s, "pull", req.key()), req.key(), req.min_version());
+    auto* reactor = new PullReactor(shard_, response, /*many=*/false);
+    reactor->Start(Prefix(s, "pull", req.key()), {{req.key(), req.min_version()}});
     return reactor;
   }
 
@@ -121,8 +158,18 @@ class Service final : public ServiceBase {
                                      grpc::ByteBuffer* response) override {
     proto::PushRequest req;
     absl::Status s = HandlePush(*request, &req);
-    auto* reactor = new PullReactor(shard_, response);
-    reactor->Start(s, req.key(), req.min_version());
+    auto* reactor = new PullReactor(shard_, response, /*many=*/false);
+    reactor->Start(s, {{req.key(), req.min_version()}});
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* PushPullMany(grpc::CallbackServerContext*,
+                                         const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) override {
+    std::vector<PullReactor::Wanted> wanted;
+    absl::Status s = HandlePushes(*request, &wanted);
+    auto* reactor = new PullReactor(shard_, response, /*many=*/true);
+    reactor->Start(s, std::move(wanted));
     return reactor;
   }
 
@@ -150,19 +197,51 @@ class Service final : public ServiceBase {
 
  private:
   // Decodes a push into *req (all but the data) and gives it to the shard.
-  absl::Status HandlePush(const grpc::ByteBuffer& request, proto::PushRequest* header) {
-    proto::PushRequest& req = *header;
-    std::vector<float> data;
-    size_t data_bytes = 0;
-    absl::Status s = DecodeWithTensor(request, kPushValueField, &req,
-                                      [&](size_t bytes) -> absl::StatusOr<void*> {
-                                        data_bytes = bytes;
-                                        data = shard_->TakeBuffer((bytes + sizeof(float) - 1) / sizeof(float));
-                                        return static_cast<void*>(data.data());
-                                      });
-    if (s.ok()) s = TensorShape(req.value(), data_bytes).status();
+  absl::Status HandlePush(const grpc::ByteBuffer& request, proto::PushRequest* req) {
+    PushData data;
+    absl::Status s = DecodeWithTensor(request, kPushValueField, req, Sink(&data));
+    return Apply(s, *req, &data);
+  }
+
+  // The same for every entry of a PushPullManyRequest; *wanted: what to
+  // answer with.
+  absl::Status HandlePushes(const grpc::ByteBuffer& request,
+                            std::vector<PullReactor::Wanted>* wanted) {
+    std::deque<proto::PushRequest> reqs;  // stable addresses while decoding
+    std::deque<PushData> data;
+    absl::Status s = DecodeRepeated(
+        request, kManyEntriesField, kPushValueField,
+        [&](int) { return &reqs.emplace_back(); },
+        [&](int) { return Sink(&data.emplace_back()); });
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("pushpull: ", s.message()));
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      MX_RETURN_IF_ERROR(Apply(absl::OkStatus(), reqs[i], &data[i]));
+      wanted->push_back({reqs[i].key(), reqs[i].min_version()});
+    }
+    if (wanted->empty()) return absl::InvalidArgumentError("pushpull of no keys");
+    return absl::OkStatus();
+  }
+
+  struct PushData {
+    std::vector<float> values;
+    size_t bytes = 0;
+    bool received = false;
+  };
+  // Receives a push's data into a recycled buffer of the shard.
+  TensorSink Sink(PushData* data) {
+    return [this, data](size_t bytes) -> absl::StatusOr<void*> {
+      data->bytes = bytes;
+      data->received = true;
+      data->values = shard_->TakeBuffer((bytes + sizeof(float) - 1) / sizeof(float));
+      return static_cast<void*>(data->values.data());
+    };
+  }
+  // Checks a decoded push (decode status `s`) and gives it to the shard.
+  absl::Status Apply(absl::Status s, const proto::PushRequest& req, PushData* data) {
+    if (s.ok() && !data->received) s = absl::InvalidArgumentError("no value");
+    if (s.ok()) s = TensorShape(req.value(), data->bytes).status();
     if (!s.ok()) return Prefix(s, "push", req.key());
-    return shard_->Push(req.key(), req.rank(), std::move(data));
+    return shard_->Push(req.key(), req.rank(), std::move(data->values));
   }
 
   ParameterShard* shard_;

@@ -135,21 +135,43 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
 
 void FeedForward::Update(const std::vector<std::unique_ptr<Executor>>& execs,
                          const std::vector<std::string>& params) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (optimizer_ != nullptr) {
+  if (optimizer_ != nullptr) {
+    for (size_t i = 0; i < params.size(); ++i) {
       optimizer_->Update(static_cast<int>(i), execs[0]->arg_dict().at(params[i]),
                          execs[0]->grad_dict().at(params[i]));
-      continue;
     }
-    std::vector<NDArray> grads, weights;
+    return;
+  }
+  // Backward produces the last layers' gradients first: buckets fill from
+  // the end, each sent as soon as its gradients are ready (one PushPull
+  // of several keys, as the store prefers; one key each when it has no
+  // preference).
+  const int64_t bucket_bytes = kvstore_->bucket_bytes();
+  std::vector<Key> keys;
+  std::vector<std::vector<NDArray>> grads, weights;
+  int64_t bytes = 0;
+  for (size_t i = params.size(); i-- > 0;) {
+    keys.emplace_back(static_cast<int>(i));
+    grads.emplace_back();
+    weights.emplace_back();
     for (const auto& e : execs) {
-      grads.push_back(e->grad_dict().at(params[i]));
-      weights.push_back(e->arg_dict().at(params[i]));
+      grads.back().push_back(e->grad_dict().at(params[i]));
+      weights.back().push_back(e->arg_dict().at(params[i]));
     }
+    bytes += grads.back()[0].size() * static_cast<int64_t>(sizeof(float));
+    if (i > 0 && bytes < bucket_bytes) continue;
     // Communication outranks computation, and the first layers (needed
     // first by the next forward pass) outrank the last.
     const int priority = static_cast<int>(params.size() - i);
-    ThrowIfError(kvstore_->PushPull(static_cast<int>(i), grads, weights, priority));
+    if (keys.size() == 1) {
+      ThrowIfError(kvstore_->PushPull(keys[0], grads[0], weights[0], priority));
+    } else {
+      ThrowIfError(kvstore_->PushPull(keys, grads, weights, priority));
+    }
+    keys.clear();
+    grads.clear();
+    weights.clear();
+    bytes = 0;
   }
 }
 

@@ -197,6 +197,74 @@ TEST(DistSync, ManyStepsOfManyKeysInFlight) {
   for (int r = 0; r < kWorkers; ++r) EXPECT_THAT(last[r], ::testing::Each(2.0f));
 }
 
+// A PushPull of several keys (small ones and one split across both
+// servers) is one call per server and gives the same values as one key at
+// a time.
+TEST(DistSync, PushPullOfSeveralKeysMatchesOneAtATime) {
+  constexpr int kWorkers = 2, kSteps = 3;
+  const std::vector<int64_t> sizes = {3, 40, 5};  // key 11 is split (bound 16)
+  Cluster c = StartServers(2, kWorkers);
+  std::vector<std::vector<std::vector<float>>> bucketed(kWorkers), single(kWorkers);
+  std::vector<std::thread> workers;
+  for (int r = 0; r < kWorkers; ++r) {
+    workers.emplace_back([&, r] {
+      auto kv = Worker(c, r, kWorkers, /*bound=*/16);
+      auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
+      ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+      // Keys 10.. by bucket, 20.. one at a time, from the same start.
+      std::vector<Key> keys;
+      std::vector<std::vector<NDArray>> outs_b, outs_s;
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        for (int base : {10, 20}) {
+          ASSERT_TRUE(kv->Init(base + static_cast<int>(k), Ones({sizes[k]})).ok());
+        }
+        keys.emplace_back(10 + static_cast<int>(k));
+        outs_b.push_back({Empty({sizes[k]}), Empty({sizes[k]})});  // two outputs each
+        outs_s.push_back({Empty({sizes[k]})});
+      }
+      for (int step = 0; step < kSteps; ++step) {
+        std::vector<std::vector<NDArray>> grads;
+        for (size_t k = 0; k < sizes.size(); ++k) grads.push_back({FromVector(Grad(r, step, sizes[k]))});
+        ASSERT_TRUE(kv->PushPull(keys, grads, outs_b, 1).ok());
+        for (size_t k = 0; k < sizes.size(); ++k) {
+          ASSERT_TRUE(kv->PushPull(20 + static_cast<int>(k), grads[k], outs_s[k]).ok());
+        }
+      }
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        bucketed[r].push_back(outs_b[k][0].ToVector());
+        EXPECT_EQ(outs_b[k][1].ToVector(), bucketed[r].back()) << "second output of key " << k;
+        single[r].push_back(outs_s[k][0].ToVector());
+      }
+    });
+  }
+  for (auto& t : workers) t.join();
+  for (int r = 0; r < kWorkers; ++r) {
+    for (size_t k = 0; k < sizes.size(); ++k) {
+      EXPECT_EQ(bucketed[r][k], single[r][k]) << "worker " << r << " key " << k;
+      EXPECT_EQ(bucketed[r][k], bucketed[0][k]);
+    }
+  }
+}
+
+TEST(DistErrors, PushPullOfSeveralKeysChecksItsArguments) {
+  Cluster c = StartServers(1, 1);
+  auto kv = Worker(c, 0, 1, 1 << 20);
+  ASSERT_TRUE(kv->Init(1, Ones({2})).ok());
+  ASSERT_TRUE(kv->Init(2, Ones({3})).ok());
+  NDArray a = Ones({2}), b = Ones({3});
+  EXPECT_THAT(kv->PushPull({Key(1), Key(2)}, {{a}}, {{a}, {b}}).message(),
+              HasSubstr("2 keys but 1 lists of values"));
+  EXPECT_THAT(kv->PushPull({Key(1), Key(1)}, {{a}, {a}}, {{a}, {a}}).message(),
+              HasSubstr("key 1 given twice"));
+  EXPECT_THAT(kv->PushPull({Key(1), Key(2)}, {{a}, {a}}, {{a}, {b}}).message(),
+              HasSubstr("pushpull of key 2: value 0 has shape (2,) but the key holds (3,)"));
+  EXPECT_THAT(kv->PushPull({Key(1), Key(9)}, {{a}, {b}}, {{a}, {b}}).message(),
+              HasSubstr("never initialized"));
+  ASSERT_TRUE(kv->PushPull({Key(1), Key(2)}, {{a}, {b}}, {{a}, {b}}).ok());
+  EXPECT_THAT(b.ToVector(), ElementsAre(1, 1, 1));
+  EXPECT_EQ(kv->bucket_bytes(), 4 << 20);
+}
+
 // A pushpull whose outputs are the pushed array itself: in place.
 TEST(DistSync, PushPullInPlace) {
   Cluster c = StartServers(1, 1);
