@@ -10,9 +10,10 @@ the process's name ("server 1"); names are launch order, the ranks the
 coordinator assigns may differ, so the launcher's own messages (on stderr,
 "launch.py: ...") give both, and each process's pid.
 
-Success: when every worker has exited 0, the servers and the coordinator are
-stopped with SIGTERM (each logs "shutting down" and exits 0) and the
-launcher exits 0.
+Success: when every worker has exited 0 (mx_train leaves the job when it is
+done), the servers and the coordinator shut down on their own (each logs
+"every worker finished; shutting down" and exits 0; any still running 5 s
+later is stopped with SIGTERM and reported) and the launcher exits 0.
 
 Failure: when a process fails (a worker that exits non-zero or is killed, a
 server or the coordinator that exits at all), the launcher says which,
@@ -158,9 +159,20 @@ def fail(job, proc, code, grace):
     return code if code > 0 else 1
 
 
+def all_workers_finished(job, lost, grace):
+    """Whether every worker (but the `lost` ones) exits 0 within `grace`
+    seconds: a daemon that just exited 0 may have seen the last worker
+    leave the job before the launcher saw it exit."""
+    workers = [w for w in job.workers() if w not in lost]
+    wait_for(lambda: all(w.popen.poll() is not None for w in workers), grace)
+    return all(w.popen.poll() == 0 for w in workers)
+
+
 def finish(job, lost):
-    """Every worker is done, `lost` ones died (elastic): stops the daemons,
-    reports, returns 0."""
+    """Every worker is done, `lost` ones died (elastic): waits for the
+    daemons to shut down on their own (the coordinator tells them when
+    every worker has finished), stops any that do not, reports, returns
+    0."""
     workers = job.workers()
     if lost:
         names = ", ".join(p.describe() for p in lost)
@@ -169,10 +181,19 @@ def finish(job, lost):
     else:
         log("all workers finished")
     daemons = job.daemons()
+    # They hear of it at their next heartbeat (a second apart).
+    wait_for(lambda: all(d.popen.poll() is not None for d in daemons), 5)
+    lingering = [d for d in daemons if d.popen.poll() is None]
+    if lingering:
+        log("stopping " + ", ".join(d.describe() for d in lingering) +
+            ": still running 5 s after the workers finished")
     killed = job.stop(daemons)
-    unclean = [p for p in daemons if p in killed or p.popen.returncode != 0]
+    for d in daemons:
+        d.drain()
+    unclean = [p for p in daemons if p in lingering or p.popen.returncode != 0]
     for p in unclean:
         how = ("did not stop within 3 s of SIGTERM" if p in killed
+               else "had to be stopped" if p in lingering
                else how_it_ended(p.popen.returncode))
         log(f"warning: {p.describe()} did not shut down cleanly: {how}")
     if not unclean:
@@ -186,9 +207,12 @@ def supervise(job, elastic, grace):
     while True:
         for p in job.procs:
             code = p.popen.poll()
-            # A daemon must outlive the workers, even one that exits 0.
             if code is None or (code == 0 and p.role == "worker") or p in lost:
                 continue
+            # Daemons exit 0 on their own once every worker has finished
+            # (left the job); before the workers have, it is a failure.
+            if code == 0 and all_workers_finished(job, lost, grace):
+                break
             p.drain()  # its last lines first
             if elastic and p.role == "worker":
                 lost.append(p)

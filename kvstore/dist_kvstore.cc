@@ -137,15 +137,33 @@ class DistKVStore : public KVStore {
     }
   }
 
-  ~DistKVStore() override {
-    if (heartbeat_.joinable()) {
-      {
-        std::lock_guard<std::mutex> lock(stop_mu_);
-        stop_ = true;
-      }
-      stop_cv_.notify_all();
-      heartbeat_.join();
+  ~DistKVStore() override { StopHeartbeats(); }
+
+  // Leaves the job: waits for this worker's operations, stops heartbeats
+  // and tells the coordinator, which then neither declares this worker dead
+  // nor waits for it at barriers.
+  absl::Status Finish() override {
+    if (coordinator_ == nullptr) return absl::OkStatus();
+    WaitAll();
+    StopHeartbeats();
+    proto::LeaveRequest req;
+    req.set_rank(conn_->options.rank);
+    proto::LeaveResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(conn_->Deadline());
+    absl::Status s = FromGrpc(coordinator_->Leave(&ctx, req, &resp));
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("leaving the job: ", s.message()));
+    return absl::OkStatus();
+  }
+
+  void StopHeartbeats() {
+    if (!heartbeat_.joinable()) return;
+    {
+      std::lock_guard<std::mutex> lock(stop_mu_);
+      stop_ = true;
     }
+    stop_cv_.notify_all();
+    heartbeat_.join();
   }
 
   // Joins the cluster through the coordinator: heartbeats every second.

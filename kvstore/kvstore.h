@@ -119,6 +119,11 @@ class KVStore {
   // Blocks until every worker has reached the barrier (a no-op locally
   // beyond waiting for this store's pending operations).
   virtual absl::Status Barrier() = 0;
+  // This worker is done with the job. A distributed store leaves it: the
+  // coordinator stops expecting the worker's heartbeats, and once every
+  // worker has finished the servers and the coordinator shut down. The
+  // store must not be used afterwards. Locally a no-op.
+  virtual absl::Status Finish() { return absl::OkStatus(); }
 
  protected:
   explicit KVStore(std::string type) : type_(std::move(type)) {}

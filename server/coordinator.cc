@@ -64,7 +64,34 @@ class Service final : public proto::Coordinator::Service {
     }
     if (!dead_.count(key)) last_seen_[key] = absl::Now();
     for (const auto& [node, info] : dead_) *resp->add_dead() = info;
+    if (req->role() == proto::SERVER && EveryWorkerDone()) {
+      resp->set_shutdown(true);
+      told_.insert(req->rank());
+    }
     return grpc::Status::OK;
+  }
+
+  grpc::Status Leave(grpc::ServerContext*, const proto::LeaveRequest* req,
+                     proto::LeaveResponse*) override {
+    absl::MutexLock lock(&mu_);
+    if (req->rank() < 0 || req->rank() >= static_cast<int>(workers_.size())) {
+      return ToGrpc(absl::InvalidArgumentError(
+          absl::StrCat("leave: worker rank ", req->rank(), " is not registered")));
+    }
+    left_.insert(req->rank());
+    last_seen_.erase({proto::WORKER, req->rank()});  // no longer expected
+    return grpc::Status::OK;
+  }
+
+  // Every worker has finished and every live server has been told to shut
+  // down: the coordinator's work is done.
+  bool Finished() {
+    absl::MutexLock lock(&mu_);
+    if (!EveryWorkerDone() || workers_.empty()) return false;
+    for (int rank = 0; rank < static_cast<int>(servers_.size()); ++rank) {
+      if (!told_.count(rank) && !dead_.count({proto::SERVER, rank})) return false;
+    }
+    return true;
   }
 
   grpc::Status Barrier(grpc::ServerContext* ctx, const proto::BarrierRequest* req,
@@ -110,12 +137,23 @@ class Service final : public proto::Coordinator::Service {
       return d.first.first == proto::WORKER;
     }));
   }
-  // Whether every worker not declared dead has entered barrier `epoch` (a
-  // dead worker that entered before dying does not matter).
+  // Whether every worker not declared dead (or finished) has entered
+  // barrier `epoch` (a dead worker that entered before dying does not
+  // matter).
   bool EveryLiveWorkerEntered(int64_t epoch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const std::set<int>& entered = entered_[epoch];
     for (int rank = 0; rank < options_.num_workers; ++rank) {
-      if (!dead_.count({proto::WORKER, rank}) && !entered.count(rank)) return false;
+      if (!dead_.count({proto::WORKER, rank}) && !left_.count(rank) && !entered.count(rank)) {
+        return false;
+      }
+    }
+    return true;
+  }
+  // Whether every worker has finished or died, at least one finished.
+  bool EveryWorkerDone() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (left_.empty() || static_cast<int>(workers_.size()) < options_.num_workers) return false;
+    for (int rank = 0; rank < options_.num_workers; ++rank) {
+      if (!left_.count(rank) && !dead_.count({proto::WORKER, rank})) return false;
     }
     return true;
   }
@@ -133,6 +171,8 @@ class Service final : public proto::Coordinator::Service {
   std::map<std::pair<proto::Role, int>, absl::Time> last_seen_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<proto::Role, int>, proto::NodeInfo> dead_ ABSL_GUARDED_BY(mu_);
   std::map<int64_t, std::set<int>> entered_ ABSL_GUARDED_BY(mu_);
+  std::set<int> left_ ABSL_GUARDED_BY(mu_);  // workers that finished
+  std::set<int> told_ ABSL_GUARDED_BY(mu_);  // servers told to shut down
 };
 
 }  // namespace
@@ -171,6 +211,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   });
   return c;
 }
+
+bool CoordinatorServer::finished() const { return impl_->service->Finished(); }
 
 CoordinatorServer::~CoordinatorServer() {
   if (impl_ == nullptr) return;

@@ -9,7 +9,9 @@
 // live worker has entered it. A worker's death fails every barrier, naming
 // it; with `elastic` the dead worker is left out and the barrier completes
 // with the live ones (a dead server is not the coordinator's concern: the
-// workers that use it fail).
+// workers that use it fail). A worker that finished calls Leave; once
+// every worker has, heartbeat answers tell the servers to shut down, and
+// finished() turns true when each has been told.
 #ifndef MX_SERVER_COORDINATOR_H_
 #define MX_SERVER_COORDINATOR_H_
 
@@ -34,6 +36,9 @@ class CoordinatorServer {
       const std::string& bind_address, CoordinatorOptions options);
   ~CoordinatorServer();
   const std::string& address() const { return address_; }
+  // Every worker has finished (Leave) or died, and every live server has
+  // been told to shut down.
+  bool finished() const;
 
  private:
   CoordinatorServer() = default;

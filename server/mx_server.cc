@@ -7,14 +7,17 @@
 // DMLC_ROLE, DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER,
 // DMLC_NUM_WORKER. --bind is where it listens; --advertise is the address
 // other nodes use (they differ behind a Kubernetes Service). Runs until
-// SIGINT or SIGTERM, then logs "<role>: shutting down (SIGTERM)", stops
-// serving and exits 0; a server also stops, with an error and exit code 1,
+// every worker has finished (the coordinator tells the servers through
+// heartbeats), or until SIGINT or SIGTERM; it then logs "<role>: every
+// worker finished; shutting down" (or "... shutting down (SIGTERM)"), stops
+// serving and exits 0. A server also stops, with an error and exit code 1,
 // when the coordinator is unreachable for three heartbeats.
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <string>
 #include <thread>
@@ -72,22 +75,27 @@ std::string RootAddress() {
 }
 
 // Blocks until SIGINT or SIGTERM (blocked in every thread, so they arrive
-// here) and returns it, or until `stop` turns true and returns 0.
-int WaitForSignal(const std::atomic<bool>* stop) {
+// here) and returns it, or until `stop()` turns true and returns 0.
+int WaitForSignal(const std::function<bool()>& stop) {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
   timespec tick{0, 200 * 1000 * 1000};
-  while (!stop->load()) {
+  while (!stop()) {
     const int sig = sigtimedwait(&set, nullptr, &tick);
     if (sig > 0) return sig;
   }
   return 0;
 }
 
-// The line an orderly stop logs ("server 1: shutting down (SIGTERM)").
+// The line an orderly stop logs: "server 1: every worker finished;
+// shutting down", or "server 1: shutting down (SIGTERM)" on a signal.
 void LogShutdown(const std::string& who, int sig) {
+  if (sig == 0) {
+    std::cout << who << ": every worker finished; shutting down" << std::endl;
+    return;
+  }
   std::cout << who << ": shutting down (" << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ")"
             << std::endl;
 }
@@ -118,8 +126,8 @@ int RunCoordinator() {
   }
   std::cout << "coordinator listening on " << (*c)->address()
             << (o.elastic ? " (elastic)" : "") << std::endl;
-  const std::atomic<bool> never{false};
-  LogShutdown("coordinator", WaitForSignal(&never));
+  const int sig = WaitForSignal([&c] { return (*c)->finished(); });
+  LogShutdown("coordinator", sig);
   return 0;
 }
 
@@ -166,7 +174,7 @@ int RunServer() {
   std::cout << "server " << rank << " serving on " << advertise
             << (absl::GetFlag(FLAGS_elastic) ? " (elastic)" : "") << std::endl;
 
-  std::atomic<bool> stop{false};
+  std::atomic<bool> stop{false}, finished{false};
   std::atomic<int> exit_code{0};
   std::thread heartbeat([&] {
     int failures = 0;
@@ -181,6 +189,11 @@ int RunServer() {
         failures = 0;
         for (const proto::NodeInfo& dead : hr.dead()) {
           if (dead.role() == proto::WORKER) (*ps)->shard().MarkDead(dead.rank());
+        }
+        if (hr.shutdown()) {
+          finished = true;
+          stop = true;
+          break;
         }
       } else if (++failures >= 3) {
         const std::string why =
@@ -197,8 +210,8 @@ int RunServer() {
       }
     }
   });
-  const int sig = WaitForSignal(&stop);
-  if (sig != 0) LogShutdown(absl::StrCat("server ", rank), sig);
+  const int sig = WaitForSignal([&stop] { return stop.load(); });
+  if (sig != 0 || finished.load()) LogShutdown(absl::StrCat("server ", rank), sig);
   stop = true;
   heartbeat.join();
   return exit_code.load();

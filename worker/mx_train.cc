@@ -217,6 +217,7 @@ absl::Status Run() {
   MX_RETURN_IF_ERROR(model->Fit(train.get(), test.get(), fit));
   MX_ASSIGN_OR_RETURN(MetricValues score, model->Score(test.get(), "accuracy"));
   std::cout << "Final test accuracy=" << score[0].second << std::endl;
+  if (store != nullptr) MX_RETURN_IF_ERROR(store->Finish());
   return absl::OkStatus();
 }
 

@@ -79,6 +79,18 @@ class Cluster {
     return stub_->Barrier(&ctx, req, &resp);
   }
 
+  // Worker `rank` finishes: it leaves the job and stops heartbeating.
+  grpc::Status Leave(int rank) {
+    if (rank == 1) worker1_alive_ = false;
+    proto::LeaveRequest req;
+    req.set_rank(rank);
+    proto::LeaveResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    return stub_->Leave(&ctx, req, &resp);
+  }
+  bool finished() const { return coordinator_->finished(); }
+
   grpc::Status Heartbeat(proto::Role role, int rank, proto::HeartbeatResponse* resp = nullptr) {
     proto::HeartbeatRequest req;
     req.set_role(role);
@@ -137,6 +149,26 @@ TEST(CoordinatorBarrier, ElasticCompletesWithoutADeadWorker) {
   kill.join();
   // ... and so do later ones.
   EXPECT_TRUE(c.Barrier(0, 1, std::chrono::seconds(2)).ok());
+}
+
+// A worker that finished is neither declared dead nor waited for; once
+// every worker has finished, servers are told to shut down and the
+// coordinator is done.
+TEST(CoordinatorLeave, FinishedWorkersEndTheJob) {
+  Cluster c(/*elastic=*/false);
+  ASSERT_TRUE(c.Leave(1).ok());
+  std::this_thread::sleep_for(kTimeout * 2);  // past the heartbeat timeout
+  proto::HeartbeatResponse resp;
+  ASSERT_TRUE(c.Heartbeat(proto::SERVER, 0, &resp).ok());
+  EXPECT_EQ(resp.dead_size(), 0);  // not dead: finished
+  EXPECT_FALSE(resp.shutdown());   // worker 0 still works
+  EXPECT_TRUE(c.Barrier(0, 0, std::chrono::seconds(2)).ok());  // without worker 1
+  EXPECT_FALSE(c.finished());
+  ASSERT_TRUE(c.Leave(0).ok());
+  ASSERT_TRUE(c.Heartbeat(proto::SERVER, 0, &resp).ok());
+  EXPECT_TRUE(resp.shutdown());
+  EXPECT_TRUE(c.finished());  // the only server has been told
+  EXPECT_EQ(c.Leave(5).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
 TEST(CoordinatorErrors, UnregisteredNodesAreRefused) {
