@@ -30,12 +30,13 @@ def mx_rate(epochs):
            "--server-binary", os.path.join(ROOT, "bazel-bin/server/mx_server"), "--",
            os.path.join(ROOT, "bazel-bin/worker/mx_train"), "--kvstore=dist_sync", "--network=mlp",
            f"--epochs={epochs}", "--lr=0.1", f"--data_dir={DATA}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = run.stdout
     seconds = {}
     for m in re.finditer(r"\[worker (\d+)\] Epoch\[\d+\] .*Time cost=([0-9.]+) s", out):
         seconds[m.group(1)] = seconds.get(m.group(1), 0.0) + float(m.group(2))
     if len(seconds) != WORKERS:
-        sys.exit("mx run failed:\n" + out[-2000:])
+        sys.exit("mx run failed:\n" + out[-2000:] + run.stderr[-2000:])
     return epochs * TRAIN_SAMPLES / max(seconds.values())
 
 

@@ -80,6 +80,20 @@ def read_idx(path):
     return np.frombuffer(data, np.uint8, offset=8)
 
 
+def fashion_mnist(data_dir, train):
+    """Images scaled to [0, 1] and labels of the training or test set."""
+    prefix = "train" if train else "t10k"
+    x = torch.from_numpy(read_idx(f"{data_dir}/{prefix}-images-idx3-ubyte.gz").astype("float32") / 255.0)
+    y = torch.from_numpy(read_idx(f"{data_dir}/{prefix}-labels-idx1-ubyte.gz").astype("int64"))
+    return x, y
+
+
+def test_accuracy(model, data_dir):
+    tx, ty = fashion_mnist(data_dir, train=False)
+    with torch.no_grad():
+        return (model(tx).argmax(1) == ty).float().mean().item()
+
+
 def train_epochs(model_name, threads, epochs, lr, momentum, data_dir):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -88,8 +102,7 @@ def train_epochs(model_name, threads, epochs, lr, momentum, data_dir):
     loss_fn = nn.CrossEntropyLoss()
     batch = 100
     start = time.perf_counter()
-    x = torch.from_numpy(read_idx(data_dir + "/train-images-idx3-ubyte.gz").astype("float32") / 255.0)
-    y = torch.from_numpy(read_idx(data_dir + "/train-labels-idx1-ubyte.gz").astype("int64"))
+    x, y = fashion_mnist(data_dir, train=True)
     for _ in range(epochs):
         perm = torch.randperm(x.shape[0])
         for i in range(0, x.shape[0], batch):
@@ -98,11 +111,7 @@ def train_epochs(model_name, threads, epochs, lr, momentum, data_dir):
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
     elapsed = time.perf_counter() - start
-    tx = torch.from_numpy(read_idx(data_dir + "/t10k-images-idx3-ubyte.gz").astype("float32") / 255.0)
-    ty = torch.from_numpy(read_idx(data_dir + "/t10k-labels-idx1-ubyte.gz").astype("int64"))
-    with torch.no_grad():
-        acc = (model(tx).argmax(1) == ty).float().mean().item()
-    print("samples_per_s", epochs * x.shape[0] / elapsed, "accuracy", acc)
+    print("samples_per_s", epochs * x.shape[0] / elapsed, "accuracy", test_accuracy(model, data_dir))
 
 
 def ddp_worker(rank, world, port, model_name, threads, epochs, lr, data_dir, result):
@@ -117,8 +126,7 @@ def ddp_worker(rank, world, port, model_name, threads, epochs, lr, data_dir, res
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     batch = 100
-    x = torch.from_numpy(read_idx(data_dir + "/train-images-idx3-ubyte.gz").astype("float32") / 255.0)
-    y = torch.from_numpy(read_idx(data_dir + "/train-labels-idx1-ubyte.gz").astype("int64"))
+    x, y = fashion_mnist(data_dir, train=True)
     part = (x.shape[0] + world - 1) // world
     x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
     dist.barrier()
@@ -133,11 +141,7 @@ def ddp_worker(rank, world, port, model_name, threads, epochs, lr, data_dir, res
     dist.barrier()
     elapsed = time.perf_counter() - start
     if rank == 0:
-        tx = torch.from_numpy(read_idx(data_dir + "/t10k-images-idx3-ubyte.gz").astype("float32") / 255.0)
-        ty = torch.from_numpy(read_idx(data_dir + "/t10k-labels-idx1-ubyte.gz").astype("int64"))
-        with torch.no_grad():
-            acc = (model(tx).argmax(1) == ty).float().mean().item()
-        result.put((epochs * x.shape[0] * world / elapsed, acc))
+        result.put((epochs * x.shape[0] * world / elapsed, test_accuracy(model, data_dir)))
     dist.destroy_process_group()
 
 

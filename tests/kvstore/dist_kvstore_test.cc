@@ -56,6 +56,29 @@ std::vector<float> Grad(int rank, int step, int64_t n) {
   return g;
 }
 
+// The single-process reference: key k+1 (sizes[k] elements, starting at
+// ones) after each of `steps` steps of SGD (lr 0.5, momentum 0.9) on the
+// rank-order sum of every worker's Grad. Returns [step][k].
+std::vector<std::vector<std::vector<float>>> Reference(const std::vector<int64_t>& sizes,
+                                                       int workers, int steps) {
+  auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
+  EXPECT_TRUE(sgd.ok());
+  std::vector<std::vector<std::vector<float>>> want(steps);
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    NDArray w = Ones({sizes[k]});
+    for (int step = 0; step < steps; ++step) {
+      std::vector<float> sum(sizes[k], 0.0f);
+      for (int r = 0; r < workers; ++r) {
+        std::vector<float> g = Grad(r, step, sizes[k]);
+        for (int64_t i = 0; i < sizes[k]; ++i) sum[i] += g[i];
+      }
+      (*sgd)->Update(static_cast<int>(k + 1), w, FromVector(sum));
+      want[step].push_back(w.ToVector());
+    }
+  }
+  return want;
+}
+
 TEST(DistSync, TwoServersTwoWorkersMatchASingleProcessBitForBit) {
   constexpr int kWorkers = 2, kSteps = 5;
   const std::vector<int64_t> sizes = {3, 40};  // key 1 small, key 2 split (bound 16)
@@ -86,22 +109,12 @@ TEST(DistSync, TwoServersTwoWorkersMatchASingleProcessBitForBit) {
   for (auto& t : workers) t.join();
 
   // The reference: the same rank-order sums through the same optimizer.
-  auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
-  ASSERT_TRUE(sgd.ok());
+  const auto want = Reference(sizes, kWorkers, kSteps);
   for (size_t k = 0; k < sizes.size(); ++k) {
-    NDArray w = Ones({sizes[k]});
-    for (int step = 0; step < kSteps; ++step) {
-      std::vector<float> sum(sizes[k], 0.0f);
-      for (int r = 0; r < kWorkers; ++r) {
-        std::vector<float> g = Grad(r, step, sizes[k]);
-        for (int64_t i = 0; i < sizes[k]; ++i) sum[i] += g[i];
-      }
-      (*sgd)->Update(static_cast<int>(k + 1), w, FromVector(sum));
-    }
-    std::vector<float> want = w.ToVector();
+    const std::vector<float>& last = want[kSteps - 1][k];
     for (int r = 0; r < kWorkers; ++r) {
-      ASSERT_EQ(pulled[r][k].size(), want.size());
-      EXPECT_EQ(0, std::memcmp(pulled[r][k].data(), want.data(), want.size() * sizeof(float)))
+      ASSERT_EQ(pulled[r][k].size(), last.size());
+      EXPECT_EQ(0, std::memcmp(pulled[r][k].data(), last.data(), last.size() * sizeof(float)))
           << "key " << k + 1 << " worker " << r;
     }
   }
@@ -144,21 +157,12 @@ TEST(DistSync, PushPullGivesEachStepsValue) {
   }
   for (auto& t : workers) t.join();
 
-  auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
-  ASSERT_TRUE(sgd.ok());
-  for (size_t k = 0; k < sizes.size(); ++k) {
-    NDArray w = Ones({sizes[k]});
+  const auto want = Reference(sizes, kWorkers, kSteps);
+  for (int r = 0; r < kWorkers; ++r) {
+    ASSERT_EQ(pulled[r].size(), static_cast<size_t>(kSteps));
     for (int step = 0; step < kSteps; ++step) {
-      std::vector<float> sum(sizes[k], 0.0f);
-      for (int r = 0; r < kWorkers; ++r) {
-        std::vector<float> g = Grad(r, step, sizes[k]);
-        for (int64_t i = 0; i < sizes[k]; ++i) sum[i] += g[i];
-      }
-      (*sgd)->Update(static_cast<int>(k + 1), w, FromVector(sum));
-      const std::vector<float> want = w.ToVector();
-      for (int r = 0; r < kWorkers; ++r) {
-        ASSERT_EQ(pulled[r].size(), static_cast<size_t>(kSteps));
-        EXPECT_EQ(pulled[r][step][k], want) << "key " << k + 1 << " worker " << r << " step " << step;
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        EXPECT_EQ(pulled[r][step][k], want[step][k]) << "key " << k + 1 << " worker " << r << " step " << step;
       }
     }
   }
