@@ -640,8 +640,12 @@ void Engine::Execute(engine::OprBlock* op) {
     OnComplete(op, std::move(error));
     return;
   }
+  // The function runs from a local: its `done` may complete the op (and
+  // free it) before the function returns, e.g. when the last of several
+  // RPCs it starts answers at once, and its captures must outlive it.
+  const Engine::AsyncFn fn = std::move(op->fn);
   try {
-    op->fn(RunContext{op->ctx}, CallbackOnComplete(this, op));
+    fn(RunContext{op->ctx}, CallbackOnComplete(this, op));
   } catch (...) {
     // Contract violation by an async fn; treat it as the op's failure.
     OnComplete(op, std::current_exception());

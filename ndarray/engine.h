@@ -114,8 +114,10 @@ class Engine {
   virtual VarHandle NewVariable() = 0;
 
   // Pushes an asynchronous operation. fn must call its callback exactly once
-  // and must not throw (report failure through the callback). A variable may
-  // appear in both lists; it then counts as written.
+  // and must not throw (report failure through the callback). fn and its
+  // captures live until fn returns, even when the callback has already run
+  // (on another thread). A variable may appear in both lists; it then
+  // counts as written.
   void PushAsync(AsyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
                  std::vector<VarHandle> mutable_vars, int priority = 0,
                  const char* name = "", FnProperty prop = FnProperty::kNormal);

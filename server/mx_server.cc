@@ -16,12 +16,15 @@
 #include <signal.h>
 
 #include <atomic>
+#include <csignal>
 #include <cstdlib>
 #include <functional>
 #include <iostream>
 #include <string>
 #include <thread>
 
+#include "absl/debugging/failure_signal_handler.h"
+#include "absl/debugging/symbolize.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -223,6 +226,10 @@ int RunServer() {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("runs a coordinator or a parameter server of an mx job");
   absl::ParseCommandLine(argc, argv);
+  // A crash prints its signal and stack (with symbols) before the process dies.
+  absl::InitializeSymbolizer(argv[0]);
+  absl::InstallFailureSignalHandler(absl::FailureSignalHandlerOptions());
+  std::signal(SIGTERM, SIG_DFL);  // a stop, not a failure
   // absl's mutex deadlock detection (on in Debian's build) costs a graph
   // update per lock in gRPC's and the shard's hot paths.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);

@@ -8,7 +8,7 @@ the apt package that provides it (deploy/setup.sh installs them all).
 
 _LIBS = {
     # target: ([pkg-config modules], "debian package")
-    "absl": (["absl_status", "absl_statusor", "absl_strings", "absl_str_format", "absl_synchronization", "absl_flags", "absl_flags_parse", "absl_time", "absl_random_random", "absl_hash", "absl_raw_hash_set"], "libabsl-dev"),
+    "absl": (["absl_status", "absl_statusor", "absl_strings", "absl_str_format", "absl_synchronization", "absl_flags", "absl_flags_parse", "absl_time", "absl_random_random", "absl_hash", "absl_raw_hash_set", "absl_failure_signal_handler", "absl_symbolize"], "libabsl-dev"),
     "benchmark": (["benchmark"], "libbenchmark-dev"),
     "grpc": (["grpc++"], "libgrpc++-dev"),
     "gtest": (["gmock"], "libgtest-dev libgmock-dev"),

@@ -9,6 +9,7 @@
 // Data: Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) by
 // default, or CSV files. Prints per-epoch metrics and the final test
 // accuracy ("Final test accuracy=0.8765").
+#include <csignal>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
@@ -16,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/debugging/failure_signal_handler.h"
+#include "absl/debugging/symbolize.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/synchronization/mutex.h"
@@ -229,6 +232,10 @@ int main(int argc, char** argv) {
       "trains a network on Fashion-MNIST (or CSV data) and reports test accuracy.\n"
       "Example: mx_train --network=lenet --lr=0.05 --momentum=0.9 --epochs=2");
   absl::ParseCommandLine(argc, argv);
+  // A crash prints its signal and stack (with symbols) before the process dies.
+  absl::InitializeSymbolizer(argv[0]);
+  absl::InstallFailureSignalHandler(absl::FailureSignalHandlerOptions());
+  std::signal(SIGTERM, SIG_DFL);  // a stop, not a failure
   // absl's mutex deadlock detection (on in Debian's build) costs a graph
   // update per lock in gRPC's hot paths.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);

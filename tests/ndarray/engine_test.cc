@@ -683,6 +683,34 @@ TEST_P(EngineTest,
   for (std::thread& t : threads) t.join();
 }
 
+// An async function that starts work which completes at once (the callback
+// runs before the function returns, as when the last RPC it starts answers
+// first) still has its captures until it returns: the engine does not
+// destroy a running function when the operation completes.
+TEST_P(EngineTest, AsyncFunctionOutlivesAnEarlyCallback) {
+  VarHandle x = NewVar();
+  struct Watch {
+    explicit Watch(std::atomic<bool>* d) : destroyed(d) {}
+    ~Watch() { destroyed->store(true); }
+    std::atomic<bool>* destroyed;
+  };
+  std::atomic<bool> destroyed{false};
+  std::atomic<bool> alive_after_done{false};
+  auto watch = std::make_shared<Watch>(&destroyed);
+  engine_->PushAsync(
+      [watch, &destroyed, &alive_after_done](RunContext, CallbackOnComplete done) {
+        done();
+        SleepMs(20);  // the engine has completed (and freed) the operation
+        alive_after_done = !destroyed.load() && watch->destroyed != nullptr;
+      },
+      cpu(), {}, {x});
+  watch.reset();  // the function's capture is now the only owner
+  engine_->WaitForAll();
+  SleepMs(40);
+  EXPECT_TRUE(alive_after_done.load());
+  EXPECT_TRUE(destroyed.load());  // and freed once it returned
+}
+
 TEST_P(EngineTest, AsyncOperationFailsThroughItsCallback) {
   VarHandle x = NewVar();
   std::mutex threads_mu;
