@@ -29,11 +29,20 @@ with the others. The job succeeds (exit 0) when every other worker finishes
 with exit code 0; a server's or the coordinator's death is still fatal, and
 so is the death of every worker.
 
+Other machines (-H HOSTFILE, one host per line, `#` comments): each
+process runs through `ssh HOST` (--ssh to use another command) in the
+current directory, which must hold the same binaries and data on every
+host. The coordinator runs on the first host, listening on --port (default
+9091); servers and workers go round-robin over the hosts, servers
+advertising their host's name. Every process is started with `ssh -tt`, so
+stopping the launcher hangs up its remote processes.
+
 Ctrl-C (or SIGTERM) stops everything.
 """
 import argparse
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -89,11 +98,15 @@ class Proc:
 
 
 class Job:
-    def __init__(self):
+    def __init__(self, remote=None):
         self.procs = []
         self.lock = threading.Lock()
+        self.remote = remote  # a Remote to start processes on other hosts, or None
 
-    def start(self, name, role, cmd, env):
+    def start(self, name, role, cmd, env, host=None):
+        if self.remote is not None:
+            cmd, env = self.remote.command(host, cmd, env), os.environ
+            name = f"{name} on {host}"
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
         proc = Proc(name, role, p)
@@ -140,6 +153,45 @@ class Job:
 
     def stop_all(self):
         self.stop(self.procs)
+
+
+class Remote:
+    """Runs commands on other hosts through ssh."""
+
+    def __init__(self, ssh, hosts):
+        self.ssh = shlex.split(ssh)
+        self.hosts = hosts
+
+    def host(self, i):
+        """The host of the i-th process of a role: round-robin."""
+        return self.hosts[i % len(self.hosts)]
+
+    def command(self, host, cmd, env):
+        """`cmd` on `host`, in this directory, with the job's variables of
+        `env` (DMLC_*, MX_*, OMP_*, OPENBLAS_*)."""
+        exported = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())
+                    if k.startswith(("DMLC_", "MX_", "OMP_", "OPENBLAS_"))]
+        remote = (f"cd {shlex.quote(os.getcwd())} && exec env {' '.join(exported)} "
+                  + " ".join(shlex.quote(c) for c in cmd))
+        return self.ssh + ["-tt", "-o", "BatchMode=yes", host, remote]
+
+
+def read_hostfile(path):
+    """The hosts of a hostfile: one per line, `user@` allowed, `#` comments."""
+    hosts = []
+    with open(path) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                hosts.append(line)
+    if not hosts:
+        raise ValueError(f"{path} lists no hosts")
+    return hosts
+
+
+def address_of(host):
+    """The network address of a hostfile entry ("user@host" -> "host")."""
+    return host.rsplit("@", 1)[-1]
 
 
 def wait_for(condition, seconds):
@@ -256,6 +308,10 @@ def main():
                     help="continue without workers that die (servers, coordinator and workers)")
     ap.add_argument("--heartbeat-timeout", type=int, default=5,
                     help="seconds of silence after which a node is declared dead (at least 2)")
+    ap.add_argument("-H", "--hostfile", help="run on these hosts through ssh (one per line)")
+    ap.add_argument("--ssh", default="ssh", help="the ssh command for --hostfile")
+    ap.add_argument("--port", type=int, default=0,
+                    help="the coordinator's port (default: a free one; 9091 with --hostfile)")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- worker command")
     args = ap.parse_args()
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -268,29 +324,40 @@ def main():
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
 
-    port = free_port()
-    coordinator = f"127.0.0.1:{port}"
-    env = dict(os.environ, DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(port),
+    remote = None
+    if args.hostfile:
+        try:
+            remote = Remote(args.ssh, read_hostfile(args.hostfile))
+        except (OSError, ValueError) as e:
+            ap.error(f"--hostfile: {e}")
+    port = args.port or (9091 if remote else free_port())
+    root = address_of(remote.host(0)) if remote else "127.0.0.1"
+    coordinator = f"{root}:{port}"
+    env = dict(os.environ, DMLC_PS_ROOT_URI=root, DMLC_PS_ROOT_PORT=str(port),
                MX_COORDINATOR=coordinator, DMLC_NUM_SERVER=str(args.num_servers),
                DMLC_NUM_WORKER=str(args.num_workers))
-    job = Job()
+    job = Job(remote)
     signal.signal(signal.SIGINT, lambda *_: (job.stop_all(), sys.exit(130)))
     signal.signal(signal.SIGTERM, lambda *_: (job.stop_all(), sys.exit(143)))
     mode = "sync" if args.kvstore == "dist_sync" else "async"
     elastic = ["--elastic"] if args.elastic else []
+    bind_host = "0.0.0.0" if remote else "127.0.0.1"
     job.start("coordinator", "coordinator",
-              [args.server_binary, "--role=coordinator", f"--bind={coordinator}",
+              [args.server_binary, "--role=coordinator", f"--bind={bind_host}:{port}",
                f"--heartbeat_timeout_s={args.heartbeat_timeout}"] + elastic,
-              dict(env, DMLC_ROLE="scheduler"))
+              dict(env, DMLC_ROLE="scheduler"), host=remote and remote.host(0))
     for i in range(args.num_servers):
+        host = remote and remote.host(i)
+        advertise = [f"--advertise={address_of(host)}"] if remote else []
         job.start(f"server {i}", "server",
                   [args.server_binary, "--role=server", f"--coordinator={coordinator}",
-                   "--bind=127.0.0.1:0", f"--mode={mode}"] + elastic,
-                  dict(env, DMLC_ROLE="server"))
+                   f"--bind={bind_host}:0", f"--mode={mode}"] + advertise + elastic,
+                  dict(env, DMLC_ROLE="server"), host=host)
+    per_host = -(-args.num_workers // len(remote.hosts)) if remote else args.num_workers
     worker_env = dict(env, DMLC_ROLE="worker", MX_ELASTIC="1" if args.elastic else "0",
-                      **blas_threads(args.num_workers))
+                      **blas_threads(per_host))
     for i in range(args.num_workers):
-        job.start(f"worker {i}", "worker", cmd, worker_env)
+        job.start(f"worker {i}", "worker", cmd, worker_env, host=remote and remote.host(i))
     # A node is declared dead within the timeout plus a sweep (a fifth of
     # it) of its last heartbeat, and the others hear of it at their next
     # heartbeat (a second).

@@ -68,14 +68,17 @@ bool KVStore::RegisterType(const std::string& type, Factory factory) {
 absl::StatusOr<std::unique_ptr<KVStore>> KVStore::Create(const std::string& type) {
   if (type == "local") return internal::NewLocalKVStore(type);
   if (auto it = Factories().find(type); it != Factories().end()) return it->second(type);
-  if (type == "device" || type == "nccl") {
+  // dist_device_sync is dist_sync whose device copies are summed on a GPU
+  // before they travel: it needs the GPU reduction as "device" does.
+  if (type == "device" || type == "nccl" || type == "dist_device_sync") {
     return absl::FailedPreconditionError(absl::StrCat(
         "kvstore type '", type, "' reduces on GPUs: ",
         BuiltWithCuda() ? "this machine has no usable GPU"
                         : "this build of mx has no GPU support",
-        " (use 'local')"));
+        type == "dist_device_sync" ? " (use 'dist_sync', which sums device copies on the CPU)"
+                                   : " (use 'local')"));
   }
-  if (type == "dist_sync" || type == "dist_async" || type == "dist_device_sync") {
+  if (type == "dist_sync" || type == "dist_async") {
     return absl::UnimplementedError(absl::StrCat(
         "kvstore type '", type, "' needs the parameter-server client, which this binary "
         "was built without (link //kvstore:dist_kvstore)"));

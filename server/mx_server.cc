@@ -40,8 +40,8 @@ ABSL_FLAG(std::string, bind, "",
           "host:port to listen on (default: coordinator $DMLC_PS_ROOT_URI:$DMLC_PS_ROOT_PORT, "
           "server 0.0.0.0:0, any free port)");
 ABSL_FLAG(std::string, advertise, "",
-          "host:port other nodes use to reach this one (default: the bound address, with "
-          "0.0.0.0 replaced by 127.0.0.1)");
+          "host:port other nodes use to reach this one, or a host alone (then with the bound "
+          "port); default: the bound address, with 0.0.0.0 replaced by 127.0.0.1");
 ABSL_FLAG(std::string, coordinator, "",
           "the coordinator's host:port (default: $DMLC_PS_ROOT_URI:$DMLC_PS_ROOT_PORT)");
 ABSL_FLAG(int, num_servers, 0, "servers in the job (default: $DMLC_NUM_SERVER)");
@@ -155,9 +155,13 @@ int RunServer() {
     return 1;
   }
   std::string advertise = absl::GetFlag(FLAGS_advertise);
+  const std::string bound = (*ps)->address();
+  const std::string bound_port = bound.substr(bound.rfind(':') + 1);
   if (advertise.empty()) {
-    advertise = (*ps)->address();
-    if (advertise.rfind("0.0.0.0:", 0) == 0) advertise = "127.0.0.1" + advertise.substr(7);
+    advertise = bound;
+    if (advertise.rfind("0.0.0.0:", 0) == 0) advertise = "127.0.0.1:" + bound_port;
+  } else if (advertise.find(':') == std::string::npos) {
+    advertise += ":" + bound_port;  // a host name: with the port it got
   }
   auto stub = proto::Coordinator::NewStub(SharedChannel(coordinator));
   proto::RegisterRequest req;

@@ -38,7 +38,7 @@ TEST(KVStoreFactory, UnknownAndUnavailableTypesAreClearErrors) {
   EXPECT_THAT(unknown.status().message(), HasSubstr("unknown kvstore type 'locall'"));
   // No substring guessing: "dist" alone is not dist_sync.
   EXPECT_EQ(KVStore::Create("dist").status().code(), absl::StatusCode::kInvalidArgument);
-  for (const char* gpu : {"device", "nccl"}) {
+  for (const char* gpu : {"device", "nccl", "dist_device_sync"}) {
     auto s = KVStore::Create(gpu);
     ASSERT_FALSE(s.ok());
     EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition);
