@@ -70,4 +70,18 @@ grep -qE "^\[worker 0\] mx_train: .*worker(\(s\))? $rank died" "$log" ||
 sleep 0.5
 assert_nothing_left "$log"
 
+# 4. Ctrl-C (SIGINT) to the launcher stops the whole job at once.
+log="$TMP/interrupted.log"
+start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000
+wait_for_line "$log" '^\[worker [01]\] Epoch\[0\]' 60 || fail "no worker finished an epoch"
+start=$(now_ms)
+kill -INT "$launcher"
+wait "$launcher"; rc=$?
+elapsed=$(( $(now_ms) - start ))
+echo "interrupted job stopped ${elapsed} ms after SIGINT (exit code $rc)"
+[[ $rc -eq 130 ]] || fail "interrupted launcher exited $rc, not 130"
+(( elapsed <= 5000 )) || fail "interrupted job took ${elapsed} ms to stop"
+sleep 0.5
+assert_nothing_left "$log"
+
 finish
