@@ -1,8 +1,13 @@
 // Forward + backward throughput of the MLP 784-128-64-10 and of LeNet at
 // batch 100, against the same networks in PyTorch (its best thread setting)
-// measured in the same run.
+// measured in the same run. `graph_bench --profile lenet` prints where a
+// step's time goes instead.
 #include <algorithm>
+#include <cstdio>
+#include <map>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "bench/bench_util.h"
 #include "bench/torch_runner.h"
@@ -40,7 +45,7 @@ Symbol LeNet() {
   return Op("SoftmaxOutput", {net}, {}, "softmax");
 }
 
-double MxSamplesPerSecond(const Symbol& net, double seconds) {
+std::unique_ptr<Executor> Bind(const Symbol& net) {
   auto exec = Executor::SimpleBind(net, cpu(), {{"data", Shape{kBatch, 1, 28, 28}}},
                                    GradReq::kWrite,
                                    {{"data", GradReq::kNull}, {"softmax_label", GradReq::kNull}});
@@ -56,10 +61,18 @@ double MxSamplesPerSecond(const Symbol& net, double seconds) {
       SampleNormal(0, 0.05f, &x);
     }
   }
-  auto step = [&] {
-    e.Forward(true);
-    e.Backward();
-  };
+  return *std::move(exec);
+}
+
+void Step(Executor& e) {
+  e.Forward(true);
+  e.Backward();
+}
+
+double MxSamplesPerSecond(const Symbol& net, double seconds) {
+  std::unique_ptr<Executor> exec = Bind(net);
+  Executor& e = *exec;
+  auto step = [&] { Step(e); };
   for (int i = 0; i < 20; ++i) step();
   WaitAll();
   int n = 0;
@@ -70,6 +83,26 @@ double MxSamplesPerSecond(const Symbol& net, double seconds) {
     n += 10;
   }
   return n * kBatch / (NowSeconds() - start);
+}
+
+// Where a step's time goes: each engine operation's mean time per step
+// (from the engine's trace of `steps` steps), largest first.
+void Profile(const Symbol& net, int steps) {
+  std::unique_ptr<Executor> exec = Bind(net);
+  for (int i = 0; i < 20; ++i) Step(*exec);
+  WaitAll();
+  Engine::Get()->StartTrace();
+  const double start = NowSeconds();
+  for (int i = 0; i < steps; ++i) Step(*exec);
+  WaitAll();
+  const double step_us = (NowSeconds() - start) * 1e6 / steps;
+  std::map<std::string, double> total_us;
+  for (const TraceEvent& ev : Engine::Get()->StopTrace()) total_us[ev.name] += ev.end_us - ev.start_us;
+  std::vector<std::pair<double, std::string>> rows;
+  for (const auto& [name, us] : total_us) rows.push_back({us / steps, name});
+  std::sort(rows.rbegin(), rows.rend());
+  std::printf("# step: %.0f us wall; operations (mean us per step):\n", step_us);
+  for (const auto& [us, name] : rows) std::printf("#   %8.0f  %s\n", us, name.c_str());
 }
 
 // Best of three alternating rounds for each side: these shared machines
@@ -92,6 +125,11 @@ void Compare(const std::string& model, const Symbol& net, double target) {
 int main(int argc, char** argv) {
   using namespace mx::bench;
   std::string only = argc > 1 ? argv[1] : "";
+  // graph_bench --profile mlp|lenet: per-operation times, no comparison.
+  if (only == "--profile" && argc > 2) {
+    Profile(std::string(argv[2]) == "mlp" ? Mlp() : LeNet(), 50);
+    return 0;
+  }
   if (only.empty() || only == "mlp") Compare("mlp", Mlp(), 1.3);
   if (only.empty() || only == "lenet") Compare("lenet", LeNet(), 1.5);
   return 0;
