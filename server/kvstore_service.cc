@@ -255,7 +255,7 @@ struct ParameterServer::Impl {
 };
 
 absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
-    const std::string& bind_address, ShardOptions options) {
+    const std::string& bind_address, ShardOptions options, int max_message_mb) {
   KeepGrpcAlive();
   std::unique_ptr<ParameterServer> ps(new ParameterServer());
   ps->shard_ = std::make_unique<ParameterShard>(options);
@@ -265,7 +265,12 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
   int port = 0;
   builder.AddListeningPort(bind_address, grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(ps->impl_->service.get());
-  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  if (max_message_mb < 1 || max_message_mb > kMaxMessageBytes >> 20) {
+    return absl::InvalidArgumentError(absl::StrCat("the largest message must be 1 to ",
+                                                   kMaxMessageBytes >> 20, " MiB, not ",
+                                                   max_message_mb));
+  }
+  builder.SetMaxReceiveMessageSize(max_message_mb << 20);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
   ps->impl_->server = builder.BuildAndStart();
   if (ps->impl_->server == nullptr || port == 0) {

@@ -50,6 +50,8 @@ ABSL_FLAG(std::string, mode, "sync", "sync (dist_sync) or async (dist_async)");
 ABSL_FLAG(bool, elastic, false,
           "continue without workers that died instead of failing (give it to the coordinator "
           "and to every server)");
+ABSL_FLAG(int, max_message_mb, 1024,
+          "a server refuses requests larger than this many MiB (1 to 1024)");
 ABSL_FLAG(int, heartbeat_timeout_s, 5,
           "the coordinator declares a node dead after this many silent seconds (at least 2: "
           "nodes heartbeat every second)");
@@ -149,7 +151,8 @@ int RunServer() {
   const int workers = IntFlagOrEnv(absl::GetFlag(FLAGS_num_workers), "DMLC_NUM_WORKER", "num_workers");
   std::string bind = absl::GetFlag(FLAGS_bind);
   if (bind.empty()) bind = "0.0.0.0:0";
-  auto ps = ParameterServer::Start(bind, {mode == "sync", workers, absl::GetFlag(FLAGS_elastic)});
+  auto ps = ParameterServer::Start(bind, {mode == "sync", workers, absl::GetFlag(FLAGS_elastic)},
+                                   absl::GetFlag(FLAGS_max_message_mb));
   if (!ps.ok()) {
     std::cerr << "mx_server: " << ps.status().message() << "\n";
     return 1;

@@ -374,6 +374,28 @@ TEST(DistErrors, MalformedMessagesAreRejectedAndTheServerKeepsServing) {
   EXPECT_THAT(out.ToVector(), ElementsAre(2, 2));
 }
 
+// A request over the server's size limit is refused with an error naming
+// the key and the server; the server goes on serving.
+TEST(DistErrors, OversizedMessagesAreRefusedAndTheServerKeepsServing) {
+  auto server = ParameterServer::Start("127.0.0.1:0", {true, 1, false}, /*max_message_mb=*/1);
+  ASSERT_TRUE(server.ok()) << server.status();
+  DistKVStoreOptions o;
+  o.servers = {(*server)->address()};
+  o.rpc_timeout = absl::Seconds(5);
+  auto kv = CreateDistKVStore(o);
+  ASSERT_TRUE(kv.ok());
+  constexpr int64_t kBig = 512 * 1024;  // 2 MiB of floats
+  ASSERT_TRUE((*kv)->Init(1, Zeros({4})).ok());
+  absl::Status big = (*kv)->Init(2, Zeros({kBig}));
+  EXPECT_EQ(big.code(), absl::StatusCode::kResourceExhausted) << big;
+  EXPECT_THAT(big.message(), HasSubstr("init of key 2 on server 0"));
+  NDArray out = Empty({4});
+  ASSERT_TRUE((*kv)->PushPull(1, {Ones({4})}, {out}).ok());
+  EXPECT_THAT(out.ToVector(), ElementsAre(1, 1, 1, 1));
+  EXPECT_EQ(ParameterServer::Start("127.0.0.1:0", {true, 1, false}, 0).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(DistErrors, PullFromAStoppedServerFailsWithinTheDeadlineNamingIt) {
   Cluster c = StartServers(1, 1);
   DistKVStoreOptions o;
