@@ -83,8 +83,9 @@ grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& m) {
 struct Conn {
   DistKVStoreOptions options;
   std::vector<std::unique_ptr<proto::KVStoreService::Stub>> stubs;
-  // Push and Pull go through raw byte buffers (EncodeWithTensor).
-  std::vector<std::unique_ptr<grpc::GenericStub>> raw_stubs;
+  // Push and Pull go through raw byte buffers (EncodeWithTensor), over
+  // options.connections_per_server connections per server.
+  std::vector<std::vector<std::unique_ptr<grpc::GenericStub>>> raw_stubs;
 
   // Set when the coordinator reports a dead node: later calls fail with it.
   absl::Status Failure() const {
@@ -100,7 +101,8 @@ struct Conn {
 
   // Starts a call of `method` on `server` through the raw stub, with the
   // store's deadline; `done` receives the status and the response.
-  void CallRaw(int server, const std::string& method, grpc::ByteBuffer request,
+  // `key` picks the connection: one key's calls keep their order.
+  void CallRaw(int server, int key, const std::string& method, grpc::ByteBuffer request,
                std::function<void(grpc::Status, const grpc::ByteBuffer&)> done) {
     struct Call {
       grpc::ClientContext ctx;
@@ -109,7 +111,9 @@ struct Conn {
     auto* call = new Call;
     call->ctx.set_deadline(Deadline());
     call->req = std::move(request);
-    raw_stubs[server]->UnaryCall(&call->ctx, method, grpc::StubOptions(), &call->req, &call->resp,
+    const auto& stubs = raw_stubs[server];
+    stubs[static_cast<uint32_t>(key) % stubs.size()]->UnaryCall(
+        &call->ctx, method, grpc::StubOptions(), &call->req, &call->resp,
                                  [call, done = std::move(done)](grpc::Status s) {
                                    done(s, call->resp);
                                    delete call;
@@ -133,7 +137,11 @@ class DistKVStore : public KVStore {
     conn_->options = options;
     for (const std::string& address : options.servers) {
       conn_->stubs.push_back(proto::KVStoreService::NewStub(SharedChannel(address)));
-      conn_->raw_stubs.push_back(std::make_unique<grpc::GenericStub>(SharedChannel(address)));
+      conn_->raw_stubs.emplace_back();
+      for (int c = 0; c < std::max(1, options.connections_per_server); ++c) {
+        conn_->raw_stubs.back().push_back(
+            std::make_unique<grpc::GenericStub>(SharedChannel(address, c)));
+      }
     }
   }
 
@@ -232,7 +240,7 @@ class DistKVStore : public KVStore {
           [conn = conn_, e, merged](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
-              conn->CallRaw(p.server, kPushMethod, ToByteBuffer(EncodePush(*conn, *e, p, merged, 0)),
+              conn->CallRaw(p.server, e->id, kPushMethod, ToByteBuffer(EncodePush(*conn, *e, p, merged, 0)),
                             [conn, join, e, p](grpc::Status s, const grpc::ByteBuffer&) {
                               join->Finish(conn->Named(FromGrpc(s), "push", e->label, p.server));
                             });
@@ -260,7 +268,7 @@ class DistKVStore : public KVStore {
               header.set_key(e->id);
               header.set_min_version(min_version);
               header.set_rank(conn->options.rank);
-              conn->CallRaw(p.server, kPullMethod, EncodeMessage(header),
+              conn->CallRaw(p.server, e->id, kPullMethod, EncodeMessage(header),
                             [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
                               join->Finish(Received(*conn, *e, "pull", s, resp, p, dsts));
                             });
@@ -293,7 +301,7 @@ class DistKVStore : public KVStore {
           [conn = conn_, e, merged, min_version, dsts](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
-              conn->CallRaw(p.server, kPushPullMethod,
+              conn->CallRaw(p.server, e->id, kPushPullMethod,
                             ToByteBuffer(EncodePush(*conn, *e, p, merged, min_version)),
                             [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
                               join->Finish(Received(*conn, *e, "pushpull", s, resp, p, dsts));
@@ -345,7 +353,7 @@ class DistKVStore : public KVStore {
                 const Item& item = items[ip.item];
                 messages.push_back(EncodePush(*conn, *item.e, ip.part, item.merged, item.min_version));
               }
-              conn->CallRaw(server, kPushPullManyMethod, EncodeRepeated(kManyEntriesField, messages),
+              conn->CallRaw(server, items[parts[0].item].e->id, kPushPullManyMethod, EncodeRepeated(kManyEntriesField, messages),
                             [conn, join, items, parts = parts](grpc::Status s,
                                                                const grpc::ByteBuffer& resp) {
                               join->Finish(ReceivedMany(*conn, items, parts, s, resp));

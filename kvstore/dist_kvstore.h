@@ -32,6 +32,8 @@ struct DistKVStoreOptions {
   // call per server (KVStore::bucket_bytes): every call costs a round trip
   // of fixed overhead, so small keys travel together.
   int64_t bucket_bytes = 4 << 20;
+  // TCP connections to each server; keys are spread over them.
+  int connections_per_server = 2;
   absl::Duration rpc_timeout = absl::Seconds(30);
   // Elastic job: a worker the coordinator declares dead is ignored (the
   // servers finish steps without it); a dead server or an unreachable

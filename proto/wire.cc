@@ -23,16 +23,18 @@ void KeepGrpcAlive() {
   (void)initialized;
 }
 
-std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address) {
+std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, int connection) {
   KeepGrpcAlive();
   static std::mutex* mu = new std::mutex;
-  static auto* channels = new std::map<std::string, std::shared_ptr<grpc::Channel>>;
+  static auto* channels = new std::map<std::pair<std::string, int>, std::shared_ptr<grpc::Channel>>;
   std::lock_guard<std::mutex> lock(*mu);
-  std::shared_ptr<grpc::Channel>& channel = (*channels)[address];
+  std::shared_ptr<grpc::Channel>& channel = (*channels)[{address, connection}];
   if (channel == nullptr) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(kMaxMessageBytes);
     args.SetMaxSendMessageSize(kMaxMessageBytes);
+    // Channels whose arguments differ do not share a TCP connection.
+    args.SetInt("mx.connection", connection);
     channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
   }
   return channel;

@@ -85,7 +85,10 @@ void KeepGrpcAlive();
 // expensive, and one that is destroyed while gRPC's callback thread
 // finishes a call on it aborted the process (gRPC 1.51,
 // grpc_cq_internal_unref).
-std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address);
+// `connection` numbers separate TCP connections to one address (each read
+// and parsed by one gRPC thread at a time): several let big transfers to
+// one server proceed in parallel.
+std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, int connection = 0);
 
 inline grpc::Status ToGrpc(const absl::Status& s) {
   if (s.ok()) return grpc::Status::OK;
