@@ -18,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "kvstore/kvstore_internal.h"
 #include "proto/mx.grpc.pb.h"
+#include "proto/slice_key.h"
 #include "proto/wire.h"
 
 namespace mx {
@@ -218,7 +219,7 @@ class DistKVStore : public KVStore {
     }));
     for (const Part& p : e.parts) {
       proto::InitRequest req;
-      req.set_key(key.id());
+      req.set_key(p.server_key);
       ToProto(data.data() + p.begin, Shape{p.end - p.begin}, req.mutable_value());
       proto::InitResponse resp;
       grpc::ClientContext ctx;
@@ -240,7 +241,7 @@ class DistKVStore : public KVStore {
           [conn = conn_, e, merged](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
-              conn->CallRaw(p.server, e->id, kPushMethod, ToByteBuffer(EncodePush(*conn, *e, p, merged, 0)),
+              conn->CallRaw(p.server, p.server_key, kPushMethod, ToByteBuffer(EncodePush(*conn, *e, p, merged, 0)),
                             [conn, join, e, p](grpc::Status s, const grpc::ByteBuffer&) {
                               join->Finish(conn->Named(FromGrpc(s), "push", e->label, p.server));
                             });
@@ -265,10 +266,10 @@ class DistKVStore : public KVStore {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
               proto::PullRequest header;
-              header.set_key(e->id);
+              header.set_key(p.server_key);
               header.set_min_version(min_version);
               header.set_rank(conn->options.rank);
-              conn->CallRaw(p.server, e->id, kPullMethod, EncodeMessage(header),
+              conn->CallRaw(p.server, p.server_key, kPullMethod, EncodeMessage(header),
                             [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
                               join->Finish(Received(*conn, *e, "pull", s, resp, p, dsts));
                             });
@@ -301,7 +302,7 @@ class DistKVStore : public KVStore {
           [conn = conn_, e, merged, min_version, dsts](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
-              conn->CallRaw(p.server, e->id, kPushPullMethod,
+              conn->CallRaw(p.server, p.server_key, kPushPullMethod,
                             ToByteBuffer(EncodePush(*conn, *e, p, merged, min_version)),
                             [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
                               join->Finish(Received(*conn, *e, "pushpull", s, resp, p, dsts));
@@ -451,6 +452,7 @@ class DistKVStore : public KVStore {
   struct Part {
     int server;
     int64_t begin, end;  // element range of the flattened key
+    int server_key;      // the key the server holds it under (proto/slice_key.h)
   };
   struct Entry {
     Shape shape;
@@ -489,7 +491,7 @@ class DistKVStore : public KVStore {
   static EncodedMessage EncodePush(const Conn& conn, const Entry& e, const Part& p,
                                    const NDArray& merged, int64_t min_version) {
     proto::PushRequest header;
-    header.set_key(e.id);
+    header.set_key(p.server_key);
     header.set_rank(conn.options.rank);
     header.set_min_version(min_version);
     header.mutable_value()->add_shape(p.end - p.begin);
@@ -583,13 +585,23 @@ class DistKVStore : public KVStore {
     return absl::OkStatus();
   }
 
+  // A key below big_key_bound elements lives on one server (by hash); a
+  // bigger one is cut into slices of at most big_key_bound elements, at
+  // least one per server, dealt round-robin from its hash server: several
+  // slices on one server travel as separate calls, which overlap.
   std::vector<Part> Partition(int key, int64_t n) const {
     const int servers = static_cast<int>(conn_->stubs.size());
-    if (n < conn_->options.big_key_bound || servers == 1) {
-      return {{ServerForKey(key, servers), 0, n}};
-    }
+    const int64_t bound = std::max<int64_t>(conn_->options.big_key_bound, 1);
+    const int first = ServerForKey(key, servers);
+    if (n < bound) return {{first, 0, n, key}};
+    int64_t slices = std::max<int64_t>(servers, (n + bound - 1) / bound);
+    if (slices > servers && !CanSliceKey(key, static_cast<int>(slices))) slices = servers;
     std::vector<Part> parts;
-    for (int s = 0; s < servers; ++s) parts.push_back({s, n * s / servers, n * (s + 1) / servers});
+    for (int64_t s = 0; s < slices; ++s) {
+      const int server = static_cast<int>((first + s) % servers);
+      const int server_key = slices > servers ? SliceKey(key, static_cast<int>(s)) : key;
+      parts.push_back({server, n * s / slices, n * (s + 1) / slices, server_key});
+    }
     return parts;
   }
 

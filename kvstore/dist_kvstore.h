@@ -2,8 +2,10 @@
 // the parameter servers.
 //
 // Keys are partitioned across servers: a key smaller than `big_key_bound`
-// elements lives whole on one server chosen by hash; a larger one is split
-// into one contiguous slice per server, pushed and pulled in parallel.
+// elements lives whole on one server chosen by hash; a larger one is cut
+// into slices of at most `big_key_bound` elements (at least one per
+// server), dealt round-robin, pushed and pulled as separate calls in
+// parallel.
 // Pushes and pulls are engine operations with gRPC calls in flight; every
 // call has a deadline, and a failure (a server that died, a bad request) is
 // stored on the pull's outputs with a message naming the server and key.

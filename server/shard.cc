@@ -4,6 +4,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
 #include "ndarray/ndarray.h"
+#include "proto/slice_key.h"
 
 namespace mx {
 
@@ -36,6 +37,8 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
   }
   Key& k = keys_[key];
   k.shape = shape;
+  // A slice of a big key takes the name of its key (proto/slice_key.h).
+  if (optimizer_ != nullptr && BaseKey(key) != key) optimizer_->SetParamNames(SliceKeyNames());
   try {
     k.stored = FromVector(value, shape);
   } catch (const Error& e) {
@@ -242,12 +245,22 @@ absl::Status ParameterShard::SetOptimizer(const std::string& name,
                                           const std::map<std::string, float>& lr_mult,
                                           const std::map<std::string, float>& wd_mult) {
   MX_ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> opt, Optimizer::Create(name, options));
-  opt->SetParamNames(param_names);
   opt->SetLrMult(lr_mult);
   opt->SetWdMult(wd_mult);
   absl::MutexLock lock(&mu_);
+  param_names_ = param_names;
   optimizer_ = std::move(opt);
+  optimizer_->SetParamNames(SliceKeyNames());
   return absl::OkStatus();
+}
+
+std::map<int, std::string> ParameterShard::SliceKeyNames() const {
+  std::map<int, std::string> names = param_names_;
+  for (const auto& [id, key] : keys_) {
+    auto base = param_names_.find(BaseKey(id));
+    if (BaseKey(id) != id && base != param_names_.end()) names[id] = base->second;
+  }
+  return names;
 }
 
 absl::StatusOr<std::string> ParameterShard::SaveOptimizerStates() const {

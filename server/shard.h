@@ -150,6 +150,8 @@ class ParameterShard {
   // Applies `sum` to key: the optimizer, or replaces the value.
   void Apply(int id, Key* key, const std::vector<float>& sum) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // param_names_, and for each slice key held, the name of its key.
+  std::map<int, std::string> SliceKeyNames() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Which workers key's current step still waits for, for errors.
   std::string MissingPushes(int key) const ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -160,6 +162,7 @@ class ParameterShard {
   std::set<int> dead_ ABSL_GUARDED_BY(mu_);
   std::string closed_ ABSL_GUARDED_BY(mu_);  // Close's reason; empty: open
   std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
+  std::map<int, std::string> param_names_ ABSL_GUARDED_BY(mu_);  // as the workers sent them
   uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<std::vector<float>> free_buffers_ ABSL_GUARDED_BY(mu_);
   size_t free_bytes_ ABSL_GUARDED_BY(mu_) = 0;

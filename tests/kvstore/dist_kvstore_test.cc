@@ -118,12 +118,20 @@ TEST(DistSync, TwoServersTwoWorkersMatchASingleProcessBitForBit) {
           << "key " << k + 1 << " worker " << r;
     }
   }
-  // Key 2 is split: each server holds one half.
+  // Key 2 (40 elements, bound 16) is cut into 3 slices dealt over the 2
+  // servers: key 2 itself and slice keys 1 and 2 (proto/slice_key.h).
+  int64_t elements = 0;
+  std::vector<int> slices_per_server(2, 0);
   for (int s = 0; s < 2; ++s) {
-    auto half = c.servers[s]->shard().Pull(2, kSteps, absl::Now() + absl::Seconds(1));
-    ASSERT_TRUE(half.ok()) << half.status();
-    EXPECT_EQ(half->data->size(), 20u);
+    for (int server_key : {2, 2 + (1 << 24), 2 + (2 << 24)}) {
+      auto slice = c.servers[s]->shard().Pull(server_key, kSteps, absl::Now() + absl::Seconds(1));
+      if (!slice.ok()) continue;
+      elements += static_cast<int64_t>(slice->data->size());
+      ++slices_per_server[s];
+    }
   }
+  EXPECT_EQ(elements, 40);
+  EXPECT_THAT(slices_per_server, ::testing::UnorderedElementsAre(1, 2));
 }
 
 // PushPull (one round trip per slice) gives every worker, at every step,
@@ -468,6 +476,9 @@ TEST(DistOptimizerStates, SaveAndLoadContinueARunExactly) {
 
 // The servers apply the same per-parameter rules as a worker would: a bias
 // is not decayed, a multiplier scales the learning rate.
+// Keys of 8 elements with a bound of 2: each is cut into 4 slices on the
+// one server, held under slice keys, and every slice is updated with its
+// key's name (no decay for the bias, twice the rate for the weight).
 TEST(DistOptimizer, ServersApplyParameterNamesAndMultipliers) {
   auto make = [] {
     auto sgd = *Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"wd", "0.1"}});
@@ -476,28 +487,34 @@ TEST(DistOptimizer, ServersApplyParameterNamesAndMultipliers) {
     return sgd;
   };
   Cluster c = StartServers(1, 1);
-  auto kv = Worker(c, 0, 1, 1 << 20);
+  auto kv = Worker(c, 0, 1, /*bound=*/2);
   ASSERT_TRUE(kv->SetOptimizer(make()).ok());
   auto local = KVStore::Create("local");
   ASSERT_TRUE((*local)->SetOptimizer(make()).ok());
+  const std::vector<float> grad = {1, -1, 1, -1, 1, -1, 1, -1};
   for (KVStore* store : {kv.get(), local->get()}) {
     for (int key : {1, 2}) {
-      ASSERT_TRUE(store->Init(key, Ones({2})).ok());
-      ASSERT_TRUE(store->Push(key, FromVector({1, -1})).ok());
+      ASSERT_TRUE(store->Init(key, Ones({8})).ok());
+      ASSERT_TRUE(store->Push(key, FromVector(grad)).ok());
     }
   }
   for (int key : {1, 2}) {
-    NDArray d = Empty({2}), l = Empty({2});
+    NDArray d = Empty({8}), l = Empty({8});
     ASSERT_TRUE(kv->Pull(key, &d).ok());
     ASSERT_TRUE((*local)->Pull(key, &l).ok());
     EXPECT_EQ(d.ToVector(), l.ToVector()) << "key " << key;
   }
-  NDArray bias = Empty({2});
+  NDArray bias = Empty({8});
   ASSERT_TRUE(kv->Pull(2, &bias).ok());
-  EXPECT_THAT(bias.ToVector(), ElementsAre(0.5f, 1.5f));  // no decay
-  NDArray weight = Empty({2});
+  EXPECT_THAT(bias.ToVector(), ElementsAre(0.5f, 1.5f, 0.5f, 1.5f, 0.5f, 1.5f, 0.5f, 1.5f));
+  NDArray weight = Empty({8});
   ASSERT_TRUE(kv->Pull(1, &weight).ok());
-  EXPECT_FLOAT_EQ(weight.ToVector()[0], 1 - 1.0f * (1 + 0.1f));  // lr 0.5 x 2
+  const std::vector<float> w = weight.ToVector();
+  for (size_t i = 0; i < w.size(); ++i) {
+    EXPECT_FLOAT_EQ(w[i], 1 - 1.0f * (grad[i] + 0.1f)) << i;  // lr 0.5 x 2, wd 0.1
+  }
+  // The slices are there: slice 3 of key 2 under its slice key.
+  EXPECT_TRUE(c.servers[0]->shard().Pull(2 + (3 << 24), 1, absl::Now() + absl::Seconds(1)).ok());
 }
 
 TEST(DistKVStoreOptions, BadOptionsAreErrors) {
