@@ -94,15 +94,9 @@ def test_accuracy(model, data_dir):
         return (model(tx).argmax(1) == ty).float().mean().item()
 
 
-def train_epochs(model_name, threads, epochs, lr, momentum, data_dir):
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = {"mlp": mlp, "lenet": lenet}[model_name]()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+def train(model, opt, x, y, epochs, batch=100):
+    """SGD over shuffled batches of (x, y), as mx's training loop does."""
     loss_fn = nn.CrossEntropyLoss()
-    batch = 100
-    start = time.perf_counter()
-    x, y = fashion_mnist(data_dir, train=True)
     for _ in range(epochs):
         perm = torch.randperm(x.shape[0])
         for i in range(0, x.shape[0], batch):
@@ -110,6 +104,16 @@ def train_epochs(model_name, threads, epochs, lr, momentum, data_dir):
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
+
+
+def train_epochs(model_name, threads, epochs, lr, momentum, data_dir):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = {"mlp": mlp, "lenet": lenet}[model_name]()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    start = time.perf_counter()
+    x, y = fashion_mnist(data_dir, train=True)
+    train(model, opt, x, y, epochs)
     elapsed = time.perf_counter() - start
     print("samples_per_s", epochs * x.shape[0] / elapsed, "accuracy", test_accuracy(model, data_dir))
 
@@ -124,20 +128,12 @@ def ddp_worker(rank, world, port, model_name, threads, epochs, lr, data_dir, res
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel({"mlp": mlp, "lenet": lenet}[model_name]())
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
-    batch = 100
     x, y = fashion_mnist(data_dir, train=True)
     part = (x.shape[0] + world - 1) // world
     x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
     dist.barrier()
     start = time.perf_counter()
-    for _ in range(epochs):
-        perm = torch.randperm(x.shape[0])
-        for i in range(0, x.shape[0], batch):
-            idx = perm[i:i + batch]
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x[idx]), y[idx]).backward()
-            opt.step()
+    train(model, opt, x, y, epochs)
     dist.barrier()
     elapsed = time.perf_counter() - start
     if rank == 0:
