@@ -229,9 +229,7 @@ absl::StatusOr<NamedArrays> DeserializeArrays(const std::string& bytes,
   return Decode(bytes, "serialized NDArray data", ctx);
 }
 
-absl::Status Save(const std::string& path, const NamedArrays& arrays) {
-  MX_ASSIGN_OR_RETURN(const std::string bytes,
-                      Encode(arrays, absl::StrCat("Save ", path)));
+absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes) {
   const std::string tmp = path + ".tmp";
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   if (f == nullptr) return ErrnoError("cannot create", tmp);
@@ -249,6 +247,12 @@ absl::Status Save(const std::string& path, const NamedArrays& arrays) {
     return s;
   }
   return absl::OkStatus();
+}
+
+absl::Status Save(const std::string& path, const NamedArrays& arrays) {
+  MX_ASSIGN_OR_RETURN(const std::string bytes,
+                      Encode(arrays, absl::StrCat("Save ", path)));
+  return WriteFileAtomically(path, bytes);
 }
 
 absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx) {

@@ -234,6 +234,11 @@ void WaitAll();
 // truncated file (with the byte offset) and a bad checksum.
 using NamedArrays = std::vector<std::pair<std::string, NDArray>>;
 absl::Status Save(const std::string& path, const NamedArrays& arrays);
+
+// Writes `bytes` to `path` through path + ".tmp" and a rename, so a write
+// that fails (a full disk) leaves a file already at `path` as it was. The
+// error names the file and the system's reason.
+absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes);
 absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx = cpu());
 // The same format as a byte string, for state that travels in messages or
 // is embedded in other files (optimizer states). Deserialize reports what

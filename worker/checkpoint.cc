@@ -124,21 +124,6 @@ absl::StatusOr<NDArray> ReadArray(Reader& r, size_t index, Context ctx) {
   }
 }
 
-absl::Status WriteFile(const std::string& path, const std::string& bytes) {
-  const std::string tmp = path + ".tmp";
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (f == nullptr) {
-    return absl::InternalError(absl::StrCat("cannot create ", tmp, ": ", std::strerror(errno)));
-  }
-  bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
-  ok = std::fclose(f) == 0 && ok;
-  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    return absl::InternalError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::Status SaveNDArrayList(const std::string& path, const NamedArrays& arrays) {
@@ -167,7 +152,7 @@ absl::Status SaveNDArrayList(const std::string& path, const NamedArrays& arrays)
     w.Put<uint64_t>(name.size());
     w.Bytes(name.data(), name.size());
   }
-  return WriteFile(path, w.str());
+  return WriteFileAtomically(path, w.str());
 }
 
 absl::StatusOr<NamedArrays> LoadNDArrayList(const std::string& path, Context ctx) {

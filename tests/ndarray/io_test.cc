@@ -1,10 +1,14 @@
 // Tests of Save / Load (ndarray/io.cc): round trips, and every way a file can
 // be missing, foreign, truncated or corrupt, each reported as a status that
 // names the file rather than a crash or garbage arrays.
+#include <sys/resource.h>
+
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <string>
 #include <utility>
@@ -28,6 +32,19 @@ std::string TempPath(const std::string& name) {
       ::testing::UnitTest::GetInstance()->current_test_info();
   return ::testing::TempDir() + info->test_suite_name() + "_" + info->name() +
          "_" + name;
+}
+
+// Runs fn with the process's file size limit at `bytes` (writes beyond it
+// fail with EFBIG, as on a full disk), then restores the limit.
+void WithFileSizeLimit(rlim_t bytes, const std::function<void()>& fn) {
+  rlimit old;
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old), 0);
+  std::signal(SIGXFSZ, SIG_IGN);  // an error from write(), not a signal
+  rlimit limited = old;
+  limited.rlim_cur = bytes;
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limited), 0);
+  fn();
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &old), 0);
 }
 
 std::string ReadFile(const std::string& path) {
@@ -325,4 +342,21 @@ TEST(SerializeArrays, NullArrayAndCorruptBytesAreReported) {
 }
 
 }  // namespace
+// A save that cannot be written whole (the disk is full) is an error
+// naming the file and the reason, leaves no partial file, and keeps the
+// file that was there.
+TEST(SaveLoad, AFailedWriteKeepsTheFileThatWasThere) {
+  const std::string path = TempPath("keep.mxnd");
+  ASSERT_TRUE(Save(path, {{"a", Ones({4})}}).ok());
+  absl::Status s;
+  WithFileSizeLimit(4096, [&] { s = Save(path, {{"big", Zeros({100000})}}); });
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("cannot write " + path + ".tmp: File too large"));
+  EXPECT_EQ(std::fopen((path + ".tmp").c_str(), "rb"), nullptr);
+  auto back = Load(path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_EQ(back->size(), 1u);
+  EXPECT_EQ((*back)[0].first, "a");
+}
+
 }  // namespace mx

@@ -1,5 +1,8 @@
 // FeedForward: fit/predict/score, checkpoints in MXNet's layout, resuming.
+#include <sys/resource.h>
+
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <random>
@@ -197,6 +200,29 @@ TEST(Checkpoint, ReadsV1RecordsAndReportsTruncation) {
   EXPECT_EQ(truncated.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_THAT(truncated.status().message(), HasSubstr("truncated"));
   EXPECT_THAT(truncated.status().message(), HasSubstr(path));
+}
+
+// A checkpoint that cannot be written (a full disk: here the process's file
+// size limit) fails with the file named, and the checkpoint already there
+// for that epoch still loads.
+TEST(Checkpoint, AFailedWriteKeepsTheCheckpointThatWasThere) {
+  const std::string prefix = TempPrefix("full");
+  Symbol net = zoo::Mlp();
+  ASSERT_TRUE(SaveCheckpoint(prefix, 1, net, {{"w", Ones({4})}}, {}).ok());
+  rlimit old;
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old), 0);
+  std::signal(SIGXFSZ, SIG_IGN);
+  rlimit limited = old;
+  limited.rlim_cur = 64 << 10;
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &limited), 0);
+  absl::Status s = SaveCheckpoint(prefix, 1, net, {{"w", Zeros({1 << 20})}}, {});
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &old), 0);
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr(CheckpointParamsPath(prefix, 1)));
+  EXPECT_THAT(s.message(), HasSubstr("File too large"));
+  auto kept = LoadCheckpoint(prefix, 1);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ(kept->arg_params.at("w").shape(), Shape{4});
 }
 
 TEST(Checkpoint, SaveAndLoadModel) {
