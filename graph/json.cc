@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "graph/node.h"
 #include "graph/symbol.h"
+#include "ndarray/ndarray.h"
 #include "nlohmann/json.hpp"
 
 namespace mx {
@@ -200,11 +201,7 @@ absl::StatusOr<Symbol> Symbol::FromJSON(const std::string& text) {
 }
 
 absl::Status Symbol::Save(const std::string& path) const {
-  std::ofstream out(path);
-  out << ToJSON();
-  out.close();
-  if (!out) return absl::InternalError(absl::StrCat("cannot write symbol to ", path));
-  return absl::OkStatus();
+  return WriteFileAtomically(path, ToJSON());
 }
 
 absl::StatusOr<Symbol> Symbol::Load(const std::string& path) {

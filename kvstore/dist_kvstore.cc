@@ -401,11 +401,7 @@ class DistKVStore : public KVStore {
                                       "save_optimizer_states", "-", static_cast<int>(s)));
       all.add_servers(resp.states());
     }
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    if (!out || !all.SerializeToOstream(&out)) {
-      return absl::InternalError(absl::StrCat("cannot write optimizer states to ", path));
-    }
-    return absl::OkStatus();
+    return WriteFileAtomically(path, all.SerializeAsString());
   }
 
   absl::Status LoadOptimizerStates(const std::string& path) override {
