@@ -14,6 +14,7 @@
 #include <map>
 #include <mutex>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kvstore/kvstore_internal.h"
@@ -677,6 +678,15 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   options.sync = type != "dist_async";
   if (std::string t = Env("MX_RPC_TIMEOUT_S"); !t.empty()) {
     options.rpc_timeout = absl::Seconds(std::max(1, std::atoi(t.c_str())));
+  }
+  if (std::string b = Env("MX_BUCKET_KB"); !b.empty()) {
+    int kb = 0;
+    if (!absl::SimpleAtoi(b, &kb) || kb < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kvstore ", type, ": MX_BUCKET_KB must be a number of KiB (0: one key per call), not '",
+          b, "'"));
+    }
+    options.bucket_bytes = int64_t{kb} << 10;
   }
   if (std::string e = Env("MX_ELASTIC"); !e.empty()) {
     if (e != "0" && e != "1") {

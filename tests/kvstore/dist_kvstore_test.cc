@@ -517,6 +517,20 @@ TEST(DistOptimizer, ServersApplyParameterNamesAndMultipliers) {
   EXPECT_TRUE(c.servers[0]->shard().Pull(2 + (3 << 24), 1, absl::Now() + absl::Seconds(1)).ok());
 }
 
+TEST(DistKVStoreOptions, BadEnvironmentVariablesAreErrors) {
+  setenv("MX_COORDINATOR", "127.0.0.1:1", 1);
+  setenv("MX_BUCKET_KB", "4MB", 1);
+  auto bad = CreateDistKVStoreFromEnvironment("dist_sync");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.status().message(), HasSubstr("MX_BUCKET_KB must be a number of KiB"));
+  unsetenv("MX_BUCKET_KB");
+  setenv("MX_ELASTIC", "yes", 1);
+  EXPECT_THAT(CreateDistKVStoreFromEnvironment("dist_sync").status().message(),
+              HasSubstr("MX_ELASTIC must be 0 or 1"));
+  unsetenv("MX_ELASTIC");
+  unsetenv("MX_COORDINATOR");
+}
+
 TEST(DistKVStoreOptions, BadOptionsAreErrors) {
   DistKVStoreOptions o;
   EXPECT_EQ(CreateDistKVStore(o).status().code(), absl::StatusCode::kInvalidArgument);
