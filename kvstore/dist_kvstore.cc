@@ -70,22 +70,13 @@ const std::string kPushMethod = "/mx.proto.KVStoreService/Push";
 const std::string kPullMethod = "/mx.proto.KVStoreService/Pull";
 const std::string kPushPullMethod = "/mx.proto.KVStoreService/PushPull";
 const std::string kPushPullManyMethod = "/mx.proto.KVStoreService/PushPullMany";
-constexpr int kPushValueField = 3;  // PushRequest.value
-constexpr int kPullValueField = 1;  // PullResponse.value
-constexpr int kManyEntriesField = 1;  // PushPullManyRequest/Response.entries
-
-// A message without a tensor, as a byte buffer for the raw stubs.
-grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& m) {
-  grpc::Slice bytes(m.SerializeAsString());
-  return grpc::ByteBuffer(&bytes, 1);
-}
 
 // What operations in flight need: shared with them, so that they may
 // outlive the store.
 struct Conn {
   DistKVStoreOptions options;
   std::vector<std::unique_ptr<proto::KVStoreService::Stub>> stubs;
-  // Push and Pull go through raw byte buffers (EncodeWithTensor), over
+  // Push and Pull go through raw byte buffers (EncodeTensorMessage), over
   // options.connections_per_server connections per server.
   std::vector<std::vector<std::unique_ptr<grpc::GenericStub>>> raw_stubs;
 
@@ -116,10 +107,10 @@ struct Conn {
     const auto& stubs = raw_stubs[server];
     stubs[static_cast<uint32_t>(key) % stubs.size()]->UnaryCall(
         &call->ctx, method, grpc::StubOptions(), &call->req, &call->resp,
-                                 [call, done = std::move(done)](grpc::Status s) {
-                                   done(s, call->resp);
-                                   delete call;
-                                 });
+        [call, done = std::move(done)](grpc::Status s) {
+          done(s, call->resp);
+          delete call;
+        });
   }
 
   std::chrono::system_clock::time_point Deadline() const {
@@ -212,7 +203,6 @@ class DistKVStore : public KVStore {
     e.push_name = "dist_push:" + e.label;
     e.pull_name = "dist_pull:" + e.label;
     e.pushpull_name = "dist_pushpull:" + e.label;
-    e.id = key.id();
     std::vector<float> data;
     MX_RETURN_IF_ERROR(internal::Guard([&] {
       data = value.ToVector();
@@ -242,7 +232,7 @@ class DistKVStore : public KVStore {
           [conn = conn_, e, merged](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
-              conn->CallRaw(p.server, p.server_key, kPushMethod, ToByteBuffer(EncodePush(*conn, *e, p, merged, 0)),
+              conn->CallRaw(p.server, p.server_key, kPushMethod, ToByteBuffer(EncodePush(*conn, p, merged, 0)),
                             [conn, join, e, p](grpc::Status s, const grpc::ByteBuffer&) {
                               join->Finish(conn->Named(FromGrpc(s), "push", e->label, p.server));
                             });
@@ -294,17 +284,13 @@ class DistKVStore : public KVStore {
       const std::vector<float*> dsts = Destinations(outs);
       std::vector<VarHandle> writes = Vars(outs);
       writes.push_back(e->token.var());
-      // An output may be the pushed array itself: written, hence read.
-      std::vector<VarHandle> reads;
-      if (std::find(writes.begin(), writes.end(), merged.var()) == writes.end()) {
-        reads.push_back(merged.var());
-      }
+      const std::vector<VarHandle> reads = ReadsBesides({merged}, writes);
       Engine::Get()->PushAsync(
           [conn = conn_, e, merged, min_version, dsts](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
               conn->CallRaw(p.server, p.server_key, kPushPullMethod,
-                            ToByteBuffer(EncodePush(*conn, *e, p, merged, min_version)),
+                            ToByteBuffer(EncodePush(*conn, p, merged, min_version)),
                             [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
                               join->Finish(Received(*conn, *e, "pushpull", s, resp, p, dsts));
                             });
@@ -340,12 +326,9 @@ class DistKVStore : public KVStore {
         writes.push_back(e.token.var());
         for (const Part& p : e.parts) by_server[p.server].push_back({i, p});
       }
-      // An output may be a pushed array itself: written, hence read.
-      for (const Item& item : items) {
-        if (std::find(writes.begin(), writes.end(), item.merged.var()) == writes.end()) {
-          reads.push_back(item.merged.var());
-        }
-      }
+      std::vector<NDArray> pushed;
+      for (const Item& item : items) pushed.push_back(item.merged);
+      reads = ReadsBesides(pushed, writes);
       Engine::Get()->PushAsync(
           [conn = conn_, items, by_server](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(by_server.size()), done);
@@ -353,9 +336,9 @@ class DistKVStore : public KVStore {
               std::vector<EncodedMessage> messages;
               for (const ItemPart& ip : parts) {
                 const Item& item = items[ip.item];
-                messages.push_back(EncodePush(*conn, *item.e, ip.part, item.merged, item.min_version));
+                messages.push_back(EncodePush(*conn, ip.part, item.merged, item.min_version));
               }
-              conn->CallRaw(server, items[parts[0].item].e->id, kPushPullManyMethod, EncodeRepeated(kManyEntriesField, messages),
+              conn->CallRaw(server, parts[0].part.server_key, kPushPullManyMethod, EncodeRepeated(kManyEntriesField, messages),
                             [conn, join, items, parts = parts](grpc::Status s,
                                                                const grpc::ByteBuffer& resp) {
                               join->Finish(ReceivedMany(*conn, items, parts, s, resp));
@@ -457,7 +440,6 @@ class DistKVStore : public KVStore {
     NDArray token;   // written by pushes, read by pulls: orders them
     NDArray merged;  // the sum of a multi-device push
     int64_t pushes = 0;
-    int id = 0;
     std::string label, push_name, pull_name, pushpull_name;
   };
 
@@ -483,9 +465,19 @@ class DistKVStore : public KVStore {
     return vars;
   }
 
+  // The variables of `pushed` an operation reads, leaving out those it also
+  // writes (an output may be a pushed array itself: written, hence read).
+  static std::vector<VarHandle> ReadsBesides(const std::vector<NDArray>& pushed,
+                                             const std::vector<VarHandle>& writes) {
+    std::vector<VarHandle> reads;
+    for (const NDArray& a : pushed) {
+      if (std::find(writes.begin(), writes.end(), a.var()) == writes.end()) reads.push_back(a.var());
+    }
+    return reads;
+  }
+
   // Slice p of `merged` as a PushRequest, without copying the data.
-  // Slice p of `merged` as a PushRequest, without copying the data.
-  static EncodedMessage EncodePush(const Conn& conn, const Entry& e, const Part& p,
+  static EncodedMessage EncodePush(const Conn& conn, const Part& p,
                                    const NDArray& merged, int64_t min_version) {
     proto::PushRequest header;
     header.set_key(p.server_key);
@@ -557,14 +549,9 @@ class DistKVStore : public KVStore {
     absl::Status s = FromGrpc(status);
     std::deque<proto::PullResponse> headers;
     std::unique_ptr<bool[]> received(new bool[parts.size()]());
-    size_t entries = 0;
     if (s.ok()) {
       s = DecodeRepeated(
-          resp, kManyEntriesField, kPullValueField,
-          [&](int) {
-            ++entries;
-            return &headers.emplace_back();
-          },
+          resp, kManyEntriesField, kPullValueField, [&](int) { return &headers.emplace_back(); },
           [&](int i) -> TensorSink {
             if (static_cast<size_t>(i) >= parts.size()) {
               return [](size_t) -> absl::StatusOr<void*> {
@@ -575,7 +562,7 @@ class DistKVStore : public KVStore {
           });
     }
     for (size_t i = 0; s.ok() && i < parts.size(); ++i) {
-      if (i >= entries || !received[i]) s = absl::DataLossError("the server sent too few values");
+      if (i >= headers.size() || !received[i]) s = absl::DataLossError("the server sent too few values");
     }
     MX_RETURN_IF_ERROR(conn.Named(s, "pushpull", absl::StrJoin(labels, ", "), server));
     for (const ItemPart& ip : parts) CopyToOtherOutputs(ip.part, items[ip.item].dsts);

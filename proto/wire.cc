@@ -143,10 +143,9 @@ grpc::ByteBuffer ToByteBuffer(const EncodedMessage& m) {
   return grpc::ByteBuffer(m.slices.data(), m.slices.size());
 }
 
-grpc::ByteBuffer EncodeWithTensor(const google::protobuf::MessageLite& header, int tensor_field,
-                                  const void* data, size_t bytes,
-                                  std::shared_ptr<const void> owner) {
-  return ToByteBuffer(EncodeTensorMessage(header, tensor_field, data, bytes, std::move(owner)));
+grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& m) {
+  grpc::Slice bytes(m.SerializeAsString());
+  return grpc::ByteBuffer(&bytes, 1);
 }
 
 grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& entries) {
@@ -284,8 +283,5 @@ void ToProto(const float* data, const Shape& shape, proto::Tensor* t) {
   t->set_data(data, shape.Size() * sizeof(float));
 }
 
-void ToProto(const std::vector<float>& data, proto::Tensor* t) {
-  ToProto(data.data(), Shape{static_cast<int64_t>(data.size())}, t);
-}
 
 }  // namespace mx

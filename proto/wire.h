@@ -25,7 +25,6 @@ struct HostTensor {
 
 // Checks dtype and size against shape (INVALID_ARGUMENT naming both).
 absl::StatusOr<HostTensor> FromProto(const proto::Tensor& t);
-void ToProto(const std::vector<float>& data, proto::Tensor* t);
 void ToProto(const float* data, const Shape& shape, proto::Tensor* t);
 
 // Messages that carry a tensor's data (PushRequest, PullResponse), moved
@@ -34,19 +33,14 @@ void ToProto(const float* data, const Shape& shape, proto::Tensor* t);
 // protobuf's encoding of the messages in mx.proto, so any protobuf peer can
 // read and write them.
 //
-// EncodeWithTensor: `header` (with its tensor field holding shape and
+// EncodeTensorMessage: `header` (with its tensor field holding shape and
 // dtype, no data), then a second occurrence of the tensor field (number
 // `tensor_field`) holding only Tensor.data = `bytes` bytes at `data`;
 // protobuf merges repeated occurrences of a message field. The data are not
-// copied: the buffer refers to them, and `owner` is held until gRPC is done
+// copied: the pieces refer to them, and `owner` is held until gRPC is done
 // with them. The caller keeps the bytes unchanged until the call completes.
-grpc::ByteBuffer EncodeWithTensor(const google::protobuf::MessageLite& header, int tensor_field,
-                                  const void* data, size_t bytes,
-                                  std::shared_ptr<const void> owner);
-
-// The same encoding as pieces, to put several messages in one (a repeated
-// field of them): EncodeRepeated writes each entry as one occurrence of
-// message field `field`.
+// ToByteBuffer makes one message of the pieces; EncodeRepeated puts several
+// in one, each as an occurrence of message field `field`.
 struct EncodedMessage {
   std::vector<grpc::Slice> slices;
   size_t bytes = 0;
@@ -56,6 +50,14 @@ EncodedMessage EncodeTensorMessage(const google::protobuf::MessageLite& header, 
                                    std::shared_ptr<const void> owner);
 grpc::ByteBuffer ToByteBuffer(const EncodedMessage& m);
 grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& entries);
+
+// A message without a tensor, for the raw (byte buffer) methods.
+grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& m);
+
+// The field numbers these functions take, from mx.proto.
+constexpr int kPushValueField = 3;    // PushRequest.value
+constexpr int kPullValueField = 1;    // PullResponse.value
+constexpr int kManyEntriesField = 1;  // PushPullManyRequest/Response.entries
 
 // DecodeWithTensor: parses `buffer` into `header`, except the data of the
 // tensor field (number `tensor_field`; 0 for a message without one), which

@@ -19,7 +19,7 @@ namespace {
 
 // Push and Pull, which carry tensors, are raw callback methods: the tensor
 // moves between gRPC's buffers and the shard with one copy (see
-// EncodeWithTensor), and a pull waiting for a step holds no thread (the
+// EncodeTensorMessage), and a pull waiting for a step holds no thread (the
 // shard answers it when the step completes). The other methods are small
 // and synchronous.
 using ServiceBase = proto::KVStoreService::WithRawCallbackMethod_Push<
@@ -28,18 +28,9 @@ using ServiceBase = proto::KVStoreService::WithRawCallbackMethod_Push<
             proto::KVStoreService::WithRawCallbackMethod_PushPullMany<
                 proto::KVStoreService::Service>>>>;
 
-constexpr int kPushValueField = 3;   // PushRequest.value
-constexpr int kPullValueField = 1;   // PullResponse.value
-constexpr int kManyEntriesField = 1;  // PushPullManyRequest/Response.entries
-
 absl::Status Prefix(const absl::Status& s, const char* what, int key) {
   if (s.ok()) return s;
   return absl::Status(s.code(), absl::StrCat(what, " of key ", key, ": ", s.message()));
-}
-
-grpc::ByteBuffer EmptyMessage() {
-  grpc::Slice empty;
-  return grpc::ByteBuffer(&empty, 1);
 }
 
 // Pulls that may wait for their step: of one key (Pull, PushPull: the
@@ -138,7 +129,7 @@ class Service final : public ServiceBase {
 
   grpc::ServerUnaryReactor* Push(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                  grpc::ByteBuffer* response) override {
-    *response = EmptyMessage();
+    *response = EncodeMessage(proto::PushResponse());
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     proto::PushRequest req;
     reactor->Finish(ToGrpc(HandlePush(*request, &req)));

@@ -85,13 +85,7 @@ absl::Status ParameterShard::Push(int key, int rank, std::vector<float> value) {
 void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
   // Steps complete while every live worker has a push queued.
   for (;;) {
-    if (live_.empty()) break;
-    bool complete = true;
-    for (int r : live_) {
-      auto it = k->pending.find(r);
-      if (it == k->pending.end() || it->second.empty()) complete = false;
-    }
-    if (!complete) break;
+    if (live_.empty() || !MissingPushes(*k).empty()) break;
     // Rank order (live_ is sorted): the same bits every run.
     std::vector<float> sum;
     for (int r : live_) {
@@ -218,25 +212,24 @@ absl::StatusOr<ParameterShard::Value> ParameterShard::Pull(int key, int64_t min_
     result->done.Notify();
   });
   if (!result->done.WaitForNotificationWithDeadline(deadline) && CancelPull(key, id)) {
+    absl::MutexLock lock(&mu_);
+    auto k = keys_.find(key);  // found: the pull was waiting
     return absl::DeadlineExceededError(absl::StrCat(
-        "pull of key ", key, ": version ", min_version, " not reached by the deadline (",
-        MissingPushes(key), ")"));
+        "pull of key ", key, ": version ", min_version, " not reached by the deadline (at ",
+        k->second.version, "; waiting for pushes from worker(s) ",
+        absl::StrJoin(MissingPushes(k->second), ", "), ")"));
   }
   result->done.WaitForNotification();  // answered, perhaps just now
   return std::move(result->value);
 }
 
-std::string ParameterShard::MissingPushes(int key) const {
-  absl::MutexLock lock(&mu_);
-  auto k = keys_.find(key);
-  if (k == keys_.end()) return "no such key";
+std::vector<int> ParameterShard::MissingPushes(const Key& k) const {
   std::vector<int> missing;
   for (int r : live_) {
-    auto it = k->second.pending.find(r);
-    if (it == k->second.pending.end() || it->second.empty()) missing.push_back(r);
+    auto it = k.pending.find(r);
+    if (it == k.pending.end() || it->second.empty()) missing.push_back(r);
   }
-  return absl::StrCat("at ", k->second.version, "; waiting for pushes from worker(s) ",
-                      absl::StrJoin(missing, ", "));
+  return missing;
 }
 
 absl::Status ParameterShard::SetOptimizer(const std::string& name,

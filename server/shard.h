@@ -152,8 +152,8 @@ class ParameterShard {
   std::string DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // param_names_, and for each slice key held, the name of its key.
   std::map<int, std::string> SliceKeyNames() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Which workers key's current step still waits for, for errors.
-  std::string MissingPushes(int key) const ABSL_LOCKS_EXCLUDED(mu_);
+  // The live workers without a push queued for the key's next step.
+  std::vector<int> MissingPushes(const Key& key) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const ShardOptions options_;
   mutable absl::Mutex mu_;

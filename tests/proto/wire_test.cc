@@ -1,4 +1,4 @@
-// The tensor-carrying wire encoding: what EncodeWithTensor writes is the
+// The tensor-carrying wire encoding: what EncodeTensorMessage writes is the
 // protobuf message of mx.proto to any protobuf reader, DecodeWithTensor
 // reads what any protobuf writer writes, and bad bytes are errors.
 #include "proto/wire.h"
@@ -39,7 +39,7 @@ proto::PushRequest Header(int key, int64_t n) {
 TEST(Wire, EncodedPushIsTheProtobufMessage) {
   const std::vector<float> data = {1.5f, -2, 3};
   auto owner = std::make_shared<std::vector<float>>(data);
-  grpc::ByteBuffer b = EncodeWithTensor(Header(7, 3), 3, owner->data(), 12, owner);
+  grpc::ByteBuffer b = ToByteBuffer(EncodeTensorMessage(Header(7, 3), 3, owner->data(), 12, owner));
   proto::PushRequest parsed;
   ASSERT_TRUE(parsed.ParseFromString(Flatten(b)));
   EXPECT_EQ(parsed.key(), 7);
@@ -54,7 +54,7 @@ TEST(Wire, EncodingDoesNotCopyTheDataAndHoldsItsOwner) {
   auto owner = std::make_shared<std::vector<float>>(std::vector<float>{1, 2});
   std::weak_ptr<std::vector<float>> watch = owner;
   {
-    grpc::ByteBuffer b = EncodeWithTensor(Header(1, 2), 3, owner->data(), 8, owner);
+    grpc::ByteBuffer b = ToByteBuffer(EncodeTensorMessage(Header(1, 2), 3, owner->data(), 8, owner));
     std::vector<grpc::Slice> slices;
     ASSERT_TRUE(b.Dump(&slices).ok());
     ASSERT_EQ(slices.size(), 2u);
@@ -71,7 +71,7 @@ TEST(Wire, DecodesPlainProtobufAndOwnEncoding) {
   plain.mutable_value()->set_data(values, sizeof(values));
   auto owner = std::make_shared<std::vector<float>>(std::vector<float>{4, 5});
   for (const grpc::ByteBuffer& b :
-       {Buffer(plain.SerializeAsString()), EncodeWithTensor(Header(3, 2), 3, owner->data(), 8, owner)}) {
+       {Buffer(plain.SerializeAsString()), ToByteBuffer(EncodeTensorMessage(Header(3, 2), 3, owner->data(), 8, owner))}) {
     std::vector<float> out(2, 0);
     proto::PushRequest header;
     size_t got = 0;
