@@ -194,6 +194,10 @@ def address_of(host):
     return host.rsplit("@", 1)[-1]
 
 
+def all_exited(procs):
+    return all(p.popen.poll() is not None for p in procs)
+
+
 def wait_for(condition, seconds):
     deadline = time.time() + seconds
     while not condition() and time.time() < deadline:
@@ -206,7 +210,7 @@ def fail(job, proc, code, grace):
     log(f"{proc.describe()} failed: {how_it_ended(code)}; stopping the job")
     # The workers notice within a heartbeat timeout and print an error that
     # names the node; keep them until then so that the log says why.
-    wait_for(lambda: all(w.popen.poll() is not None for w in job.workers()), grace)
+    wait_for(lambda: all_exited(job.workers()), grace)
     job.stop_all()
     return code if code > 0 else 1
 
@@ -216,7 +220,7 @@ def all_workers_finished(job, lost, grace):
     seconds: a daemon that just exited 0 may have seen the last worker
     leave the job before the launcher saw it exit."""
     workers = [w for w in job.workers() if w not in lost]
-    wait_for(lambda: all(w.popen.poll() is not None for w in workers), grace)
+    wait_for(lambda: all_exited(workers), grace)
     return all(w.popen.poll() == 0 for w in workers)
 
 
@@ -234,7 +238,7 @@ def finish(job, lost):
         log("all workers finished")
     daemons = job.daemons()
     # They hear of it at their next heartbeat (a second apart).
-    wait_for(lambda: all(d.popen.poll() is not None for d in daemons), 5)
+    wait_for(lambda: all_exited(daemons), 5)
     lingering = [d for d in daemons if d.popen.poll() is None]
     if lingering:
         log("stopping " + ", ".join(d.describe() for d in lingering) +
@@ -273,7 +277,7 @@ def supervise(job, elastic, grace):
                 continue
             return fail(job, p, code, grace)
         workers = job.workers()
-        if all(w.popen.poll() is not None for w in workers):
+        if all_exited(workers):
             for w in workers:
                 w.drain()
             if len(lost) == len(workers):
