@@ -87,7 +87,7 @@ class Service final : public proto::Coordinator::Service {
   // down: the coordinator's work is done.
   bool Finished() {
     absl::MutexLock lock(&mu_);
-    if (!EveryWorkerDone() || workers_.empty()) return false;
+    if (!EveryWorkerDone()) return false;
     for (int rank = 0; rank < static_cast<int>(servers_.size()); ++rank) {
       if (!told_.count(rank) && !dead_.count({proto::SERVER, rank})) return false;
     }
