@@ -45,6 +45,12 @@ class Prefetcher : public DataIter {
 
   void Reset() override {
     std::unique_lock<std::mutex> lock(mu_);
+    // As for every iterator, a Reset() before this epoch's first Next() is
+    // not an epoch: the batches fetched so far are its first ones. (Resetting
+    // the inner iterator here would count an epoch whenever the thread had
+    // already fetched, making the shuffle order depend on timing.)
+    if (!started_) return;
+    started_ = false;
     paused_ = true;
     cv_.wait(lock, [this] { return !busy_; });
     for (int slot : ready_) free_.push_back(slot);
@@ -72,6 +78,7 @@ class Prefetcher : public DataIter {
 
   bool Next(DataBatch* batch) override {
     std::unique_lock<std::mutex> lock(mu_);
+    started_ = true;
     if (current_ >= 0) {
       free_.push_back(current_);
       current_ = -1;
@@ -179,6 +186,7 @@ class Prefetcher : public DataIter {
   bool paused_ = false;      // Reset() owns the inner iterator
   bool epoch_done_ = false;  // the inner iterator ended the epoch or failed
   bool stop_ = false;
+  bool started_ = false;     // Next() was called since the last Reset()
   std::exception_ptr error_;  // to rethrow from Next()
 
   std::thread thread_;  // last: starts after everything above exists

@@ -1,8 +1,10 @@
 // Accuracy on the real Fashion-MNIST test set (Debian's
-// dataset-fashion-mnist), training as mx_train does. PyTorch reaches 0.875
-// (MLP, SGD lr 0.1, batch 100, 10 epochs) and 0.877 (LeNet, SGD lr 0.05,
-// momentum 0.9, batch 100, 2 epochs) with the same settings; runs of either
-// vary by about +-0.005 with the seed, which is the tolerance here. The
+// dataset-fashion-mnist), training as mx_train does. With the same settings
+// (MLP: SGD lr 0.1, batch 100, 10 epochs; LeNet: SGD lr 0.05, momentum 0.9,
+// batch 100, 2 epochs) PyTorch reaches 0.875 and 0.877 as the issue states;
+// measured here, PyTorch's MLP gave 0.866-0.873 over seeds 0-4 (mean 0.870)
+// and mx's 0.866-0.879 over seeds 0-5. A single seed therefore says little:
+// the MLP test takes the mean of three seeds, with a tolerance of 0.005. The
 // seeds are fixed so that a run is reproducible.
 #include <fstream>
 
@@ -51,11 +53,23 @@ double TrainAndTest(const Symbol& net, std::vector<Context> contexts, int epochs
   return score.ok() ? (*score)[0].second : 0.0;
 }
 
+// The MLP's accuracy for seed 0 on one context, computed once.
+double MlpSeed0Accuracy() {
+  static const double acc = TrainAndTest(zoo::Mlp(), {cpu()}, 10, 0.1f, 0.0f, 0);
+  return acc;
+}
+
 TEST(FashionMnist, MlpReachesPyTorchAccuracy) {
   if (!HaveData()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
-  double acc = TrainAndTest(zoo::Mlp(), {cpu()}, 10, 0.1f, 0.0f, 0);
-  std::printf("MLP test accuracy %.4f (PyTorch: 0.875)\n", acc);
-  EXPECT_GE(acc, 0.875 - 0.005);
+  double sum = MlpSeed0Accuracy();
+  std::printf("MLP test accuracy, seed 0: %.4f\n", sum);
+  for (uint64_t seed : {1, 2}) {
+    const double acc = TrainAndTest(zoo::Mlp(), {cpu()}, 10, 0.1f, 0.0f, seed);
+    std::printf("MLP test accuracy, seed %d: %.4f\n", static_cast<int>(seed), acc);
+    sum += acc;
+  }
+  std::printf("MLP mean test accuracy %.4f (PyTorch: 0.875)\n", sum / 3);
+  EXPECT_GE(sum / 3, 0.875 - 0.005);
 }
 
 TEST(FashionMnist, LeNetReachesPyTorchAccuracy) {
@@ -65,11 +79,14 @@ TEST(FashionMnist, LeNetReachesPyTorchAccuracy) {
   EXPECT_GE(acc, 0.877 - 0.005);
 }
 
+// Two contexts split each batch in halves whose gradients are summed: the
+// same training up to float rounding, so the same accuracy within noise.
 TEST(FashionMnist, MlpOnTwoContextsMatchesOne) {
   if (!HaveData()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
   double acc = TrainAndTest(zoo::Mlp(), {cpu(0), cpu(1)}, 10, 0.1f, 0.0f, 0);
-  std::printf("MLP on [cpu(0), cpu(1)] test accuracy %.4f\n", acc);
-  EXPECT_GE(acc, 0.875 - 0.005);
+  std::printf("MLP on [cpu(0), cpu(1)] test accuracy %.4f (one context: %.4f)\n", acc,
+              MlpSeed0Accuracy());
+  EXPECT_NEAR(acc, MlpSeed0Accuracy(), 0.005);
 }
 
 }  // namespace

@@ -365,6 +365,22 @@ TEST(PrefetchingIter, GivesTheSameBatchesAsItsInnerIterator) {
   }
 }
 
+// Fit calls Reset() before its first epoch, by which time the thread has
+// usually fetched batches already; the epoch must still be epoch 0 of the
+// shuffle, or the same seed trains differently from run to run.
+TEST(PrefetchingIter, ResetBeforeTheFirstNextIsNotAnEpoch) {
+  const ArrayIterOptions options = Shuffled(4, 11);
+  auto plain = MakeArrayIter(10, options);
+  auto prefetched = PrefetchingIter(MakeArrayIter(10, options));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // it fetches
+  prefetched->Reset();
+  prefetched->Reset();
+  EXPECT_EQ(RunEpoch(prefetched.get()), RunEpoch(plain.get()));
+  prefetched->Reset();
+  plain->Reset();
+  EXPECT_EQ(RunEpoch(prefetched.get()), RunEpoch(plain.get())) << "epoch 1";
+}
+
 TEST(PrefetchingIter, PadsAsItsInnerIterator) {
   auto iter = PrefetchingIter(MakeArrayIter(10, Batches(4)));
   EXPECT_THAT(RunEpoch(iter.get()),
