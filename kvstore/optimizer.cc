@@ -61,22 +61,30 @@ template <int kStates, typename Rule>
 void PushFused(const char* name, NDArray& weight, const NDArray& grad,
                std::vector<NDArray>& states, Rule rule) {
   MX_CHECK(static_cast<int>(states.size()) == kStates);
-  float* w = weight.data();
-  const float* g = grad.data();
-  float* s0 = kStates > 0 ? states[0].data() : nullptr;
-  float* s1 = kStates > 1 ? states[1].data() : nullptr;
+  float* w_in = weight.data();
+  const float* g_in = grad.data();
+  float* s0_in = kStates > 0 ? states[0].data() : nullptr;
+  float* s1_in = kStates > 1 ? states[1].data() : nullptr;
   const int64_t n = weight.size();
   std::vector<VarHandle> writes{weight.var()};
   for (const NDArray& s : states) writes.push_back(s.var());
   Engine::Get()->PushSync(
       [=](RunContext) {
+        // Local copies: a store to w[i] could otherwise alias the rule's
+        // captured floats (or s0/s1), which keeps the loop scalar and
+        // reloads every capture per element.
+        const Rule r = rule;
+        float* __restrict w = w_in;
+        [[maybe_unused]] float* __restrict s0 = s0_in;
+        [[maybe_unused]] float* __restrict s1 = s1_in;
+        const float* __restrict g = g_in;
         for (int64_t i = 0; i < n; ++i) {
           if constexpr (kStates == 0) {
-            rule(w[i], g[i]);
+            r(w[i], g[i]);
           } else if constexpr (kStates == 1) {
-            rule(w[i], g[i], s0[i]);
+            r(w[i], g[i], s0[i]);
           } else {
-            rule(w[i], g[i], s0[i], s1[i]);
+            r(w[i], g[i], s0[i], s1[i]);
           }
         }
       },
