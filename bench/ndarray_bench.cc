@@ -13,9 +13,11 @@
 #include "bench/bench_util.h"
 #include "ndarray/engine.h"
 #include "ndarray/ndarray.h"
+#include "ndarray/parallel.h"
 
 extern "C" {
 #include <cblas.h>
+void openblas_set_num_threads(int num_threads);
 }
 
 namespace mx::bench {
@@ -63,8 +65,12 @@ void BenchDot() {
     auto [t_mx, t_blas] = MedianPair(
         reps, [&] { Dot(a, b).WaitToRead(); },
         [&] {
+          // The baseline is OpenBLAS with its own threads, as many as mx
+          // uses; mx keeps OpenBLAS at one thread per call (parallel.h).
+          openblas_set_num_threads(CpuThreads());
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f,
                       ha.data(), n, hb.data(), n, 0.0f, hc.data(), n);
+          openblas_set_num_threads(1);
         });
     const double flops = 2.0 * n * n * n;
     Report("ndarray_dot_n" + std::to_string(n), flops / t_mx / 1e9, "GFLOP/s",

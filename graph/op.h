@@ -155,7 +155,7 @@ struct OpDef {
   // kernel must then work when in[i].data == out[j].data.
   std::vector<std::pair<int, int>> inplace;
   WorkspaceFn workspace;  // bytes; null means none
-  // The kernels call OpenBLAS products, which use every core: the engine
+  // The kernels use the whole CPU pool (ndarray/parallel.h): the engine
   // runs them alone (FnProperty::kCpuParallel).
   bool uses_all_cores = false;
   // A loss: backward needs no head gradient.

@@ -180,11 +180,13 @@ OprBlock* NewOpr(Context ctx, const std::vector<VarHandle>& const_vars,
 // Worker 0 runs every operation it can; the other workers start one only
 // while worker 0 is busy, i.e. when there is parallel work. A kCpuParallel
 // operation runs alone (it starts once nothing else runs, and nothing starts
-// beside it) on worker 0 or on a waiting thread. So a chain of operations stays on one
-// thread next to OpenBLAS's helper threads, which spin-wait for their
-// caller: spreading a LeNet step over two threads that took turns calling
-// OpenBLAS made it run at 3000 instead of 5000 samples/s on 2 cores.
-// Threads that wait for results may run operations too (TryRunOne).
+// beside it) on worker 0 or on a waiting thread: it uses every core through
+// the CPU pool (ndarray/parallel.h), whose helpers would otherwise compete
+// with the other workers. So a chain of operations stays on one thread
+// (with OpenBLAS's own spinning threads, spreading a LeNet step over two
+// threads that took turns calling it made it run at 3000 instead of 5000
+// samples/s on 2 cores). Threads that wait for results may run operations
+// too (TryRunOne).
 class WorkerPool {
  public:
   WorkerPool(int n, std::function<void(OprBlock*)> run) : run_(std::move(run)) {

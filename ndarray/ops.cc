@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "ndarray/ndarray.h"
 #include "ndarray/op_util.h"
+#include "ndarray/parallel.h"
 
 extern "C" {
 #include <cblas.h>
@@ -379,9 +380,7 @@ NDArray Dot(const NDArray& a, const NDArray& b, bool transpose_a,
       std::fill(po, po + m * n, 0.0f);
       return;
     }
-    cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
-                transpose_b ? CblasTrans : CblasNoTrans, m, n, k, 1.0f, pa,
-                lda, pb, ldb, 0.0f, po, n);
+    Sgemm(transpose_a, transpose_b, m, n, k, 1.0f, pa, lda, pb, ldb, 0.0f, po, n);
   }, 0, FnProperty::kCpuParallel);
   return out;
 }

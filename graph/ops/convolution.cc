@@ -13,20 +13,26 @@
 // `tmp`, laid out (num_filter, B, oh * ow), and is scattered to NCHW; with
 // B = 1 it is written in place. Backward gathers the output gradient the
 // same way, takes the weight gradient from tmp * col^T (col recomputed from
-// the data) and the data gradient from col2im(weight^T * tmp). col and tmp
-// live in the operator workspace.
+// the data) and the data gradient from col2im(weight^T * tmp).
+//
+// Chunks run in parallel on the CPU pool (ndarray/parallel.h), each thread
+// with its own col and tmp in the operator workspace. The weight gradient is
+// summed per task (a fixed range of chunks) into the task's own partial,
+// and the partials are added in task order, so results do not depend on
+// which thread ran what.
 #include <algorithm>
 #include <cstring>
 
 #include "graph/ops/op_util.h"
 #include "graph/ops/window2d.h"
+#include "ndarray/parallel.h"
 
 namespace mx::ops {
 namespace {
 
 // Columns of the matrix products per chunk: sgemm runs far below its peak
 // on thinner matrices, and wider ones only add cache misses.
-constexpr int64_t kMinColumns = 512;
+constexpr int64_t kMinColumns = 256;
 
 absl::StatusOr<Window2D> ParseWindow(const ParsedParams& p) {
   Window2D w;
@@ -69,6 +75,21 @@ struct Geometry {
   // Floats of col and of tmp for `images` images.
   int64_t ColFloats(int64_t images) const { return ColRows() * images * OutPlane(); }
   int64_t TmpFloats(int64_t images) const { return filters * images * OutPlane(); }
+  int64_t Chunks() const { return (batch + chunk - 1) / chunk; }
+
+  // The workspace: one col + tmp per thread, then the weight-gradient
+  // partials of backward's tasks.
+  int64_t SlotFloats() const { return ColFloats(chunk) + TmpFloats(chunk); }
+  int64_t WeightFloats() const { return filters * GroupRows(); }
+  // Backward's tasks: twice the threads, so that a late helper costs less.
+  int64_t Tasks() const { return std::min<int64_t>(Chunks(), 2 * CpuThreads()); }
+  int64_t WorkspaceFloats() const {
+    return CpuThreads() * SlotFloats() + Tasks() * WeightFloats();
+  }
+  float* Slot(float* workspace, int slot) const { return workspace + slot * SlotFloats(); }
+  float* Partial(float* workspace, int64_t task) const {
+    return workspace + CpuThreads() * SlotFloats() + task * WeightFloats();
+  }
 };
 
 // Images per chunk: enough for the products to have kMinColumns columns,
@@ -145,8 +166,7 @@ absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
 }
 
 size_t Workspace(const ParsedParams& p, const ShapeList& in, const ShapeList& out) {
-  Geometry g = MakeGeometry(p, in[0], out[0]);
-  return (g.ColFloats(g.chunk) + g.TmpFloats(g.chunk)) * sizeof(float);
+  return MakeGeometry(p, in[0], out[0]).WorkspaceFloats() * sizeof(float);
 }
 
 // Unfolds `images` images starting at `data` into col (ColRows() x
@@ -223,42 +243,48 @@ void Col2ImAdd(const Geometry& g, const float* col, int64_t images, float* data)
   }
 }
 
+// Forward of images [n0, n0 + images) with col and tmp at col.
+void ForwardChunk(const Geometry& g, const ParsedParams& p, const std::vector<TBlob>& in,
+                  OpReq req, const TBlob& out, int64_t n0, int64_t images, float* col) {
+  const bool bias = !p.GetBool("no_bias");
+  const int64_t plane = g.OutPlane();
+  const int64_t image_in = g.channels * g.height * g.width;
+  const int64_t image_out = g.filters * plane;
+  const int64_t cols = images * plane;
+  Im2Col(g, in[0].data + n0 * image_in, images, col);
+  // One image in write mode: tmp is the output itself.
+  const bool direct = images == 1 && req == OpReq::kWrite;
+  float* tmp = direct ? out.data + n0 * image_out : col + g.ColFloats(images);
+  for (int64_t gr = 0; gr < g.groups; ++gr) {
+    Gemm(OpReq::kWrite, false, false, g.GroupFilters(), cols, g.GroupRows(), 1.0f,
+         in[1].data + gr * g.GroupFilters() * g.GroupRows(),
+         col + gr * g.GroupRows() * cols, tmp + gr * g.GroupFilters() * cols);
+  }
+  if (direct && !bias) return;
+  for (int64_t b = 0; b < images; ++b) {
+    for (int64_t f = 0; f < g.filters; ++f) {
+      const float* src = tmp + f * cols + b * plane;
+      float* dst = out.data + (n0 + b) * image_out + f * plane;
+      const float add = bias ? in[2].data[f] : 0.0f;
+      if (req == OpReq::kAdd) {
+        for (int64_t i = 0; i < plane; ++i) dst[i] += src[i] + add;
+      } else {
+        for (int64_t i = 0; i < plane; ++i) dst[i] = src[i] + add;
+      }
+    }
+  }
+}
+
 void Forward(const OpContext& ctx, const ParsedParams& p,
              const std::vector<TBlob>& in, const std::vector<OpReq>& req,
              const std::vector<TBlob>& out, const std::vector<TBlob>&) {
   if (req[0] == OpReq::kNull) return;
   const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
-  const bool bias = !p.GetBool("no_bias");
-  const int64_t plane = g.OutPlane();
-  const int64_t image_in = g.channels * g.height * g.width;
-  const int64_t image_out = g.filters * plane;
-  float* col = ctx.workspace;
-  for (int64_t n0 = 0; n0 < g.batch; n0 += g.chunk) {
-    const int64_t images = std::min(g.chunk, g.batch - n0);
-    const int64_t cols = images * plane;
-    Im2Col(g, in[0].data + n0 * image_in, images, col);
-    // One image in write mode: tmp is the output itself.
-    const bool direct = images == 1 && req[0] == OpReq::kWrite;
-    float* tmp = direct ? out[0].data + n0 * image_out : col + g.ColFloats(images);
-    for (int64_t gr = 0; gr < g.groups; ++gr) {
-      Gemm(OpReq::kWrite, false, false, g.GroupFilters(), cols, g.GroupRows(), 1.0f,
-           in[1].data + gr * g.GroupFilters() * g.GroupRows(),
-           col + gr * g.GroupRows() * cols, tmp + gr * g.GroupFilters() * cols);
-    }
-    if (direct && !bias) continue;
-    for (int64_t b = 0; b < images; ++b) {
-      for (int64_t f = 0; f < g.filters; ++f) {
-        const float* src = tmp + f * cols + b * plane;
-        float* dst = out[0].data + (n0 + b) * image_out + f * plane;
-        const float add = bias ? in[2].data[f] : 0.0f;
-        if (req[0] == OpReq::kAdd) {
-          for (int64_t i = 0; i < plane; ++i) dst[i] += src[i] + add;
-        } else {
-          for (int64_t i = 0; i < plane; ++i) dst[i] = src[i] + add;
-        }
-      }
-    }
-  }
+  ParallelFor(g.Chunks(), [&](int64_t chunk, int slot) {
+    const int64_t n0 = chunk * g.chunk;
+    ForwardChunk(g, p, in, req[0], out[0], n0, std::min(g.chunk, g.batch - n0),
+                 g.Slot(ctx.workspace, slot));
+  });
 }
 
 void Backward(const OpContext& ctx, const ParsedParams& p,
@@ -286,42 +312,63 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
     }
   }
   if (req[0] == OpReq::kNull && req[1] == OpReq::kNull) return;
-  if (req[0] == OpReq::kWrite) {
-    std::fill(in_grad[0].data, in_grad[0].data + in_grad[0].Size(), 0.0f);
-  }
-  float* col = ctx.workspace;
-  for (int64_t n0 = 0; n0 < g.batch; n0 += g.chunk) {
-    const int64_t images = std::min(g.chunk, g.batch - n0);
-    const int64_t cols = images * plane;
-    // tmp: the chunk's output gradient as (filters, images * plane).
-    const float* tmp = dout + n0 * image_out;
-    if (images > 1) {
-      float* gathered = col + g.ColFloats(images);
-      for (int64_t b = 0; b < images; ++b) {
-        for (int64_t f = 0; f < g.filters; ++f) {
-          std::memcpy(gathered + f * cols + b * plane, dout + (n0 + b) * image_out + f * plane,
-                      plane * sizeof(float));
+  // Every task gets at least one chunk (so every partial is written).
+  const int64_t per_task = (g.Chunks() + g.Tasks() - 1) / g.Tasks();
+  const int64_t tasks = (g.Chunks() + per_task - 1) / per_task;
+  ParallelFor(tasks, [&](int64_t task, int slot) {
+    float* col = g.Slot(ctx.workspace, slot);
+    float* partial = g.Partial(ctx.workspace, task);
+    const int64_t first = task * per_task * g.chunk;
+    const int64_t last = std::min(g.batch, (task + 1) * per_task * g.chunk);
+    for (int64_t n0 = first; n0 < last; n0 += g.chunk) {
+      const int64_t images = std::min(g.chunk, g.batch - n0);
+      const int64_t cols = images * plane;
+      // tmp: the chunk's output gradient as (filters, images * plane).
+      const float* tmp = dout + n0 * image_out;
+      if (images > 1) {
+        float* gathered = col + g.ColFloats(images);
+        for (int64_t b = 0; b < images; ++b) {
+          for (int64_t f = 0; f < g.filters; ++f) {
+            std::memcpy(gathered + f * cols + b * plane,
+                        dout + (n0 + b) * image_out + f * plane, plane * sizeof(float));
+          }
+        }
+        tmp = gathered;
+      }
+      if (req[1] != OpReq::kNull) {
+        Im2Col(g, in[0].data + n0 * image_in, images, col);
+        const OpReq wreq = n0 == first ? OpReq::kWrite : OpReq::kAdd;
+        for (int64_t gr = 0; gr < g.groups; ++gr) {
+          Gemm(wreq, false, true, g.GroupFilters(), g.GroupRows(), cols, 1.0f,
+               tmp + gr * g.GroupFilters() * cols, col + gr * g.GroupRows() * cols,
+               partial + gr * g.GroupFilters() * g.GroupRows());
         }
       }
-      tmp = gathered;
-    }
-    if (req[1] != OpReq::kNull) {
-      Im2Col(g, in[0].data + n0 * image_in, images, col);
-      const OpReq wreq = n0 == 0 ? req[1] : OpReq::kAdd;
-      for (int64_t gr = 0; gr < g.groups; ++gr) {
-        Gemm(wreq, false, true, g.GroupFilters(), g.GroupRows(), cols, 1.0f,
-             tmp + gr * g.GroupFilters() * cols, col + gr * g.GroupRows() * cols,
-             in_grad[1].data + gr * g.GroupFilters() * g.GroupRows());
+      if (req[0] != OpReq::kNull) {
+        float* dx = in_grad[0].data + n0 * image_in;
+        if (req[0] == OpReq::kWrite) std::fill(dx, dx + images * image_in, 0.0f);
+        for (int64_t gr = 0; gr < g.groups; ++gr) {
+          Gemm(OpReq::kWrite, true, false, g.GroupRows(), cols, g.GroupFilters(), 1.0f,
+               in[1].data + gr * g.GroupFilters() * g.GroupRows(),
+               tmp + gr * g.GroupFilters() * cols, col + gr * g.GroupRows() * cols);
+        }
+        Col2ImAdd(g, col, images, dx);
       }
     }
-    if (req[0] != OpReq::kNull) {
-      for (int64_t gr = 0; gr < g.groups; ++gr) {
-        Gemm(OpReq::kWrite, true, false, g.GroupRows(), cols, g.GroupFilters(), 1.0f,
-             in[1].data + gr * g.GroupFilters() * g.GroupRows(),
-             tmp + gr * g.GroupFilters() * cols, col + gr * g.GroupRows() * cols);
-      }
-      Col2ImAdd(g, col, images, in_grad[0].data + n0 * image_in);
-    }
+  });
+  if (req[1] == OpReq::kNull) return;
+  // The weight gradient: the partials in task order.
+  float* dw = in_grad[1].data;
+  const int64_t n = g.WeightFloats();
+  const float* p0 = g.Partial(ctx.workspace, 0);
+  if (req[1] == OpReq::kWrite) {
+    std::copy(p0, p0 + n, dw);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dw[i] += p0[i];
+  }
+  for (int64_t t = 1; t < tasks; ++t) {
+    const float* pt = g.Partial(ctx.workspace, t);
+    for (int64_t i = 0; i < n; ++i) dw[i] += pt[i];
   }
 }
 

@@ -2,9 +2,7 @@
 
 #include <algorithm>
 
-extern "C" {
-#include <cblas.h>
-}
+#include "ndarray/parallel.h"
 
 namespace mx::ops {
 
@@ -15,10 +13,8 @@ void Gemm(OpReq req, bool trans_a, bool trans_b, int64_t m, int64_t n,
     if (req == OpReq::kWrite) std::fill(c, c + m * n, 0.0f);
     return;
   }
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a,
-              trans_a ? m : k, b, trans_b ? k : n,
-              req == OpReq::kAdd ? 1.0f : 0.0f, c, n);
+  Sgemm(trans_a, trans_b, m, n, k, alpha, a, trans_a ? m : k, b, trans_b ? k : n,
+        req == OpReq::kAdd ? 1.0f : 0.0f, c, n);
 }
 
 absl::Status SameShapeInfer(const ParsedParams&, ShapeList* in, ShapeList* out,

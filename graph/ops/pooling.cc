@@ -15,6 +15,7 @@
 
 #include "graph/ops/op_util.h"
 #include "graph/ops/window2d.h"
+#include "ndarray/parallel.h"
 
 namespace mx::ops {
 namespace {
@@ -142,6 +143,20 @@ Geometry MakeGeometry(const ParsedParams& p, const Shape& data, const Shape& out
 // reduced into one input-wide row (contiguous, vectorized), which the
 // columns of each window then reduce.
 
+// Runs fn(begin, end) over ranges of planes (image x channel) on the CPU
+// pool; planes are independent.
+template <typename Fn>
+void ForEachPlaneRange(const Geometry& g, Fn fn) {
+  // A few ranges per thread, each at least 64 KiB of input.
+  const int64_t plane_floats = std::max<int64_t>(g.height * g.width, 1);
+  const int64_t min_planes = std::max<int64_t>(1, (16 << 10) / plane_floats);
+  const int64_t ranges = std::clamp<int64_t>(g.planes / min_planes, 1, 4 * CpuThreads());
+  const int64_t per = (g.planes + ranges - 1) / ranges;
+  ParallelFor((g.planes + per - 1) / per, [&](int64_t r, int) {
+    fn(r * per, std::min(g.planes, (r + 1) * per));
+  });
+}
+
 // Forward of one output row: col[ix] reduces input rows [y0, y1) of
 // column ix; out[ox] reduces col over the window's columns.
 void ForwardRow(const Geometry& g, const float* x, int64_t oy, float* col, float* out) {
@@ -179,20 +194,22 @@ void Forward(const OpContext&, const ParsedParams& p, const std::vector<TBlob>& 
              const std::vector<TBlob>&) {
   if (req[0] == OpReq::kNull) return;
   const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
-  std::vector<float> col(g.width), row(g.out_w);
-  for (int64_t pl = 0; pl < g.planes; ++pl) {
-    const float* x = in[0].data + pl * g.height * g.width;
-    float* y = out[0].data + pl * g.out_h * g.out_w;
-    for (int64_t oy = 0; oy < g.out_h; ++oy) {
-      float* yr = y + oy * g.out_w;
-      if (req[0] == OpReq::kWrite) {
-        ForwardRow(g, x, oy, col.data(), yr);
-      } else {
-        ForwardRow(g, x, oy, col.data(), row.data());
-        for (int64_t ox = 0; ox < g.out_w; ++ox) yr[ox] += row[ox];
+  ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
+    std::vector<float> col(g.width), row(g.out_w);
+    for (int64_t pl = begin; pl < end; ++pl) {
+      const float* x = in[0].data + pl * g.height * g.width;
+      float* y = out[0].data + pl * g.out_h * g.out_w;
+      for (int64_t oy = 0; oy < g.out_h; ++oy) {
+        float* yr = y + oy * g.out_w;
+        if (req[0] == OpReq::kWrite) {
+          ForwardRow(g, x, oy, col.data(), yr);
+        } else {
+          ForwardRow(g, x, oy, col.data(), row.data());
+          for (int64_t ox = 0; ox < g.out_w; ++ox) yr[ox] += row[ox];
+        }
       }
     }
-  }
+  });
 }
 
 // Max backward of one output row: routes gy[ox] to the first maximum of
@@ -256,23 +273,23 @@ void Backward(const OpContext&, const ParsedParams& p, const std::vector<TBlob>&
               const std::vector<TBlob>&) {
   if (req[0] == OpReq::kNull) return;
   const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
-  if (req[0] == OpReq::kWrite) {
-    std::fill(in_grad[0].data, in_grad[0].data + in_grad[0].Size(), 0.0f);
-  }
-  std::vector<float> col(g.width), scaled(g.out_w);
-  std::vector<int64_t> arg(g.width);
-  for (int64_t pl = 0; pl < g.planes; ++pl) {
-    const float* x = in[0].data + pl * g.height * g.width;
-    float* gx = in_grad[0].data + pl * g.height * g.width;
-    const float* gy = out_grad[0].data + pl * g.out_h * g.out_w;
-    for (int64_t oy = 0; oy < g.out_h; ++oy) {
-      if (g.type == PoolType::kMax) {
-        MaxBackwardRow(g, x, oy, gy + oy * g.out_w, col.data(), arg.data(), gx);
-      } else {
-        SumBackwardRow(g, oy, gy + oy * g.out_w, scaled.data(), col.data(), gx);
+  ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
+    std::vector<float> col(g.width), scaled(g.out_w);
+    std::vector<int64_t> arg(g.width);
+    for (int64_t pl = begin; pl < end; ++pl) {
+      const float* x = in[0].data + pl * g.height * g.width;
+      float* gx = in_grad[0].data + pl * g.height * g.width;
+      const float* gy = out_grad[0].data + pl * g.out_h * g.out_w;
+      if (req[0] == OpReq::kWrite) std::fill(gx, gx + g.height * g.width, 0.0f);
+      for (int64_t oy = 0; oy < g.out_h; ++oy) {
+        if (g.type == PoolType::kMax) {
+          MaxBackwardRow(g, x, oy, gy + oy * g.out_w, col.data(), arg.data(), gx);
+        } else {
+          SumBackwardRow(g, oy, gy + oy * g.out_w, scaled.data(), col.data(), gx);
+        }
       }
     }
-  }
+  });
 }
 
 OpDef Make() {

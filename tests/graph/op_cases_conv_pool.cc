@@ -103,8 +103,12 @@ MX_OP_CASE(Conv("Convolution_image_by_image",
                 {.data = {3, 2, 6, 6}, .filters = 3, .kernel = {3, 3}, .stride = {2, 1},
                  .pad = {1, 0}},
                 {{"workspace", 0}, {"cudnn_tune", "off"}, {"layout", "NCHW"}}));
+// 8x8 outputs give chunks of 4 images: 7 images make a full chunk and a
+// partial one, run as two tasks on the CPU pool.
+MX_OP_CASE(Conv("Convolution_partial_chunk",
+                {.data = {7, 3, 10, 10}, .filters = 4, .kernel = {3, 3}}));
 // LeNet: conv 5x5x20 on 1x28x28, then 5x5x50 on 20x12x12, batch 100 (the
-// second takes several im2col chunks, the last one partial).
+// second takes 25 im2col chunks, in 4 tasks whose weight gradients add up).
 MX_OP_CASE(Conv("Convolution_lenet_conv1", {.data = {100, 1, 28, 28}, .filters = 20,
                                             .kernel = {5, 5}}, {}, false));
 MX_OP_CASE(Conv("Convolution_lenet_conv2", {.data = {100, 20, 12, 12}, .filters = 50,

@@ -1,0 +1,225 @@
+#include "ndarray/parallel.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <cblas.h>
+
+// OpenBLAS's own; declared here because the cblas.h of Debian's
+// alternatives need not be OpenBLAS's.
+extern "C" void openblas_set_num_threads(int num_threads);
+
+namespace mx {
+namespace {
+
+// How long a helper polls for the next job before it sleeps. A training
+// step's products follow each other within tens of microseconds, so helpers
+// stay awake through a step and sleep between steps.
+constexpr auto kSpin = std::chrono::microseconds(100);
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+int ThreadsFromEnv() {
+  for (const char* name : {"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"}) {
+    if (const char* v = std::getenv(name)) {
+      const int n = std::atoi(v);
+      if (n > 0) return n;
+    }
+  }
+  const int hw = static_cast<int>(std::thread::hardware_concurrency());
+  return hw > 0 ? hw : 1;
+}
+
+// True on a thread that is running a ParallelFor task (or owns the pool):
+// nested calls run serially.
+thread_local bool t_in_parallel = false;
+
+class CpuPool {
+ public:
+  explicit CpuPool(int threads) : threads_(threads) {
+    openblas_set_num_threads(1);  // our threads split the products
+    for (int slot = 1; slot < threads_; ++slot) {
+      helpers_.emplace_back([this, slot] { HelperLoop(slot); });
+    }
+  }
+
+  ~CpuPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (std::thread& t : helpers_) t.join();
+  }
+
+  int threads() const { return threads_; }
+
+  void Run(int64_t tasks, absl::FunctionRef<void(int64_t, int)> fn) {
+    if (tasks <= 0) return;
+    if (tasks == 1 || threads_ == 1 || t_in_parallel) {
+      RunSerially(tasks, fn);
+      return;
+    }
+    Job job(tasks, fn);
+    std::unique_lock<std::mutex> lock(mu_);
+    if (job_ != nullptr) {  // another thread's job holds the pool
+      lock.unlock();
+      RunSerially(tasks, fn);
+      return;
+    }
+    job_ = &job;
+    generation_.fetch_add(1, std::memory_order_release);
+    const bool wake = sleeping_ > 0;
+    lock.unlock();
+    if (wake) cv_.notify_all();
+
+    t_in_parallel = true;
+    Work(&job, 0);
+    t_in_parallel = false;
+    lock.lock();
+    job_ = nullptr;  // no helper joins from now on
+    lock.unlock();
+    // Helpers that joined finish the tasks they claimed.
+    while (job.done.load(std::memory_order_acquire) != tasks ||
+           job.users.load(std::memory_order_acquire) != 0) {
+      CpuRelax();
+    }
+  }
+
+ private:
+  struct Job {
+    Job(int64_t n, absl::FunctionRef<void(int64_t, int)> f) : tasks(n), fn(f) {}
+    const int64_t tasks;
+    absl::FunctionRef<void(int64_t, int)> fn;
+    std::atomic<int64_t> next{0};  // the next unclaimed task
+    std::atomic<int64_t> done{0};  // tasks finished
+    std::atomic<int> users{0};     // helpers inside Work
+  };
+
+  static void RunSerially(int64_t tasks, absl::FunctionRef<void(int64_t, int)> fn) {
+    const bool outer = t_in_parallel;
+    t_in_parallel = true;
+    for (int64_t i = 0; i < tasks; ++i) fn(i, 0);
+    t_in_parallel = outer;
+  }
+
+  static void Work(Job* job, int slot) {
+    int64_t finished = 0;
+    for (int64_t i; (i = job->next.fetch_add(1, std::memory_order_relaxed)) < job->tasks;) {
+      job->fn(i, slot);
+      ++finished;
+    }
+    job->done.fetch_add(finished, std::memory_order_release);
+  }
+
+  void HelperLoop(int slot) {
+    t_in_parallel = true;  // a helper's own calls run serially
+    uint64_t seen = generation_.load(std::memory_order_acquire);
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      for (int i = 0; generation_.load(std::memory_order_acquire) == seen; ++i) {
+        CpuRelax();
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) break;
+      }
+      Job* job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        if (generation_.load(std::memory_order_relaxed) == seen && !stop_) {
+          ++sleeping_;
+          cv_.wait(lock, [&] {
+            return stop_ || generation_.load(std::memory_order_relaxed) != seen;
+          });
+          --sleeping_;
+        }
+        if (stop_) return;
+        seen = generation_.load(std::memory_order_relaxed);
+        job = job_;
+        if (job == nullptr) continue;  // it finished before we came
+        job->users.fetch_add(1, std::memory_order_relaxed);
+      }
+      Work(job, slot);
+      job->users.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  const int threads_;
+  std::vector<std::thread> helpers_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};  // bumped when a job is published
+  // Guarded by mu_.
+  Job* job_ = nullptr;
+  int sleeping_ = 0;
+  bool stop_ = false;
+};
+
+CpuPool& Pool() {
+  // Never destroyed: helpers may be asleep in it while static destructors
+  // of other libraries still run products.
+  static CpuPool* pool = new CpuPool(ThreadsFromEnv());
+  return *pool;
+}
+
+// Products below this many multiply-adds (about 10 us on one core) run on
+// the calling thread: handing half to a helper costs more than it saves.
+constexpr double kMinParallelMacs = 1 << 18;
+
+void SgemmBlock(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c,
+              ldc);
+}
+
+}  // namespace
+
+int CpuThreads() { return Pool().threads(); }
+
+void ParallelFor(int64_t tasks, absl::FunctionRef<void(int64_t, int)> fn) {
+  Pool().Run(tasks, fn);
+}
+
+void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+           int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const int threads = CpuThreads();
+  const double macs = static_cast<double>(m) * n * k;
+  // Blocks of C's longer side: columns in multiples of 16 (two vector
+  // registers), rows in multiples of 4.
+  const bool split_n = n >= m;
+  const int64_t side = split_n ? n : m;
+  const int64_t align = split_n ? 16 : 4;
+  const int64_t blocks =
+      threads == 1 || macs < kMinParallelMacs ? 1 : std::min<int64_t>(threads, side / align);
+  if (blocks <= 1) {
+    SgemmBlock(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  const int64_t step = (side / blocks + align - 1) / align * align;
+  ParallelFor((side + step - 1) / step, [&](int64_t block, int) {
+    const int64_t lo = block * step, len = std::min(step, side - lo);
+    if (split_n) {
+      const float* b_part = trans_b ? b + lo * ldb : b + lo;
+      SgemmBlock(trans_a, trans_b, m, len, k, alpha, a, lda, b_part, ldb, beta, c + lo, ldc);
+    } else {
+      const float* a_part = trans_a ? a + lo : a + lo * lda;
+      SgemmBlock(trans_a, trans_b, len, n, k, alpha, a_part, lda, b, ldb, beta, c + lo * ldc,
+                 ldc);
+    }
+  });
+}
+
+}  // namespace mx

@@ -1,0 +1,48 @@
+// CPU parallelism inside one operation: a pool of helper threads that join
+// the calling thread on a loop of independent tasks, and the matrix product
+// built on it.
+//
+// Why a pool of our own instead of OpenBLAS's threads: OpenBLAS splits each
+// product statically among its threads and its helpers spin in sched_yield
+// between products. On 2 cores a LeNet step ran as fast with one OpenBLAS
+// thread as with two (31 vs 29 ms): the code between the products (im2col,
+// col2im, pooling) ran on one core while the other spun, and a product
+// waited for whichever helper the scheduler had put aside. Here OpenBLAS runs
+// one thread per call, tasks are claimed from a shared counter (a late helper
+// costs nothing but its share), and helpers sleep after a short spin.
+//
+// Threads: CpuThreads() counts the caller and the helpers. It is
+// OMP_NUM_THREADS if set (MXNet's knob, which deploy/launch.py sets per local
+// worker), else OPENBLAS_NUM_THREADS, else the number of cores.
+#ifndef MX_NDARRAY_PARALLEL_H_
+#define MX_NDARRAY_PARALLEL_H_
+
+#include <cstdint>
+
+#include "absl/functional/function_ref.h"
+
+namespace mx {
+
+// Threads ParallelFor may use, the caller included (>= 1).
+int CpuThreads();
+
+// Runs fn(task, slot) for every task in [0, tasks) and returns when all
+// have run. slot is in [0, CpuThreads()) and unique among the calls running
+// at the same moment, so it can index per-thread scratch space; which task
+// gets which slot depends on timing, so results must not depend on it.
+// Runs serially (slot 0) when called from inside a task, and when another
+// ParallelFor holds the pool.
+void ParallelFor(int64_t tasks, absl::FunctionRef<void(int64_t task, int slot)> fn);
+
+// C = alpha * op(A) * op(B) + beta * C, row-major, with leading dimensions
+// lda, ldb, ldc (as cblas_sgemm). Products worth it are split into blocks
+// of C's rows or columns that run on the pool; each element of C is computed
+// by one OpenBLAS call over the whole of k, so results do not depend on
+// timing.
+void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+           int64_t ldc);
+
+}  // namespace mx
+
+#endif  // MX_NDARRAY_PARALLEL_H_

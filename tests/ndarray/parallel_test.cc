@@ -1,0 +1,130 @@
+// The CPU pool (ParallelFor) and the matrix product on it (Sgemm).
+#include "ndarray/parallel.h"
+
+#include <atomic>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace mx {
+namespace {
+
+TEST(ParallelFor, RunsEveryTaskOnceWithSlotsInRange) {
+  constexpr int kTasks = 1000;
+  std::vector<std::atomic<int>> runs(kTasks);
+  std::vector<std::atomic<int>> in_use(CpuThreads());
+  std::atomic<bool> shared_slot{false};
+  ParallelFor(kTasks, [&](int64_t task, int slot) {
+    ASSERT_GE(slot, 0);
+    ASSERT_LT(slot, CpuThreads());
+    if (in_use[slot].fetch_add(1) != 0) shared_slot = true;
+    runs[task].fetch_add(1);
+    in_use[slot].fetch_sub(1);
+  });
+  for (int i = 0; i < kTasks; ++i) EXPECT_EQ(runs[i].load(), 1) << "task " << i;
+  EXPECT_FALSE(shared_slot) << "two running tasks had the same slot";
+}
+
+TEST(ParallelFor, NestedCallsRunSeriallyOnTheirThread) {
+  std::atomic<int> inner{0};
+  ParallelFor(4, [&](int64_t, int) {
+    const std::thread::id me = std::this_thread::get_id();
+    ParallelFor(8, [&](int64_t, int slot) {
+      EXPECT_EQ(slot, 0);
+      EXPECT_EQ(std::this_thread::get_id(), me);
+      ++inner;
+    });
+  });
+  EXPECT_EQ(inner.load(), 32);
+}
+
+TEST(ParallelFor, CallsFromSeveralThreadsAllComplete) {
+  std::vector<std::thread> threads;
+  std::atomic<int64_t> sum{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int rep = 0; rep < 200; ++rep) {
+        ParallelFor(16, [&](int64_t task, int) { sum += task; });
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(sum.load(), 4 * 200 * (15 * 16 / 2));
+}
+
+TEST(ParallelFor, ZeroTasksDoNothing) {
+  ParallelFor(0, [](int64_t, int) { FAIL() << "ran a task"; });
+}
+
+std::vector<float> Random(int64_t n, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> dist(-1, 1);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(gen);
+  return v;
+}
+
+// C = alpha * op(A) op(B) + beta * C in double, row-major, packed.
+std::vector<double> Reference(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                              const std::vector<float>& a, const std::vector<float>& b,
+                              float beta, const std::vector<float>& c) {
+  std::vector<double> out(m * n);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        s += static_cast<double>(ta ? a[p * m + i] : a[i * k + p]) *
+             (tb ? b[j * k + p] : b[p * n + j]);
+      }
+      out[i * n + j] = alpha * s + beta * c[i * n + j];
+    }
+  }
+  return out;
+}
+
+struct GemmCase {
+  int64_t m, n, k;
+};
+
+// Shapes below and above the parallel threshold, split along n (n >= m) or m,
+// with sizes that do not divide evenly.
+const GemmCase kCases[] = {{3, 5, 7}, {100, 128, 784}, {128, 784, 100}, {500, 64, 20},
+                           {101, 37, 300}, {37, 301, 150}};
+
+TEST(Sgemm, MatchesTheReferenceWithTransposesAndAccumulation) {
+  for (const GemmCase& g : kCases) {
+    for (int ta = 0; ta < 2; ++ta) {
+      for (int tb = 0; tb < 2; ++tb) {
+        for (float beta : {0.0f, 1.0f}) {
+          const auto a = Random(g.m * g.k, 1), b = Random(g.k * g.n, 2), c0 = Random(g.m * g.n, 3);
+          std::vector<float> c = c0;
+          Sgemm(ta, tb, g.m, g.n, g.k, 0.5f, a.data(), ta ? g.m : g.k, b.data(), tb ? g.k : g.n,
+                beta, c.data(), g.n);
+          const auto want = Reference(ta, tb, g.m, g.n, g.k, 0.5f, a, b, beta, c0);
+          for (int64_t i = 0; i < g.m * g.n; ++i) {
+            ASSERT_NEAR(c[i], want[i], 1e-4 * (1 + g.k))
+                << "m=" << g.m << " n=" << g.n << " k=" << g.k << " ta=" << ta << " tb=" << tb
+                << " beta=" << beta << " element " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Sgemm, GivesBitIdenticalResultsEveryTime) {
+  const GemmCase g{100, 128, 784};
+  const auto a = Random(g.m * g.k, 4), b = Random(g.k * g.n, 5);
+  std::vector<float> first(g.m * g.n), again(g.m * g.n);
+  Sgemm(false, true, g.m, g.n, g.k, 1.0f, a.data(), g.k, b.data(), g.k, 0.0f, first.data(), g.n);
+  for (int rep = 0; rep < 20; ++rep) {
+    Sgemm(false, true, g.m, g.n, g.k, 1.0f, a.data(), g.k, b.data(), g.k, 0.0f, again.data(),
+          g.n);
+    ASSERT_EQ(again, first) << "repetition " << rep;
+  }
+}
+
+}  // namespace
+}  // namespace mx
