@@ -176,8 +176,9 @@ int RunServer() {
   ctx.set_wait_for_ready(true);  // the coordinator may still be starting
   grpc::Status s = stub->Register(&ctx, req, &resp);
   if (!s.ok()) {
+    // The status with its code: transport errors may carry no message.
     std::cerr << "mx_server: registering with the coordinator at " << coordinator << ": "
-              << s.error_message() << "\n";
+              << FromGrpc(s) << "\n";
     return 1;
   }
   const int rank = resp.self().rank();
