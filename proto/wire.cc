@@ -23,6 +23,12 @@ void KeepGrpcAlive() {
   (void)initialized;
 }
 
+void ListenExclusively(grpc::ServerBuilder* builder, const std::string& bind_address,
+                       int* port) {
+  builder->AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder->AddListeningPort(bind_address, grpc::InsecureServerCredentials(), port);
+}
+
 std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, int connection) {
   KeepGrpcAlive();
   static std::mutex* mu = new std::mutex;

@@ -83,6 +83,14 @@ absl::StatusOr<Shape> TensorShape(const proto::Tensor& t, size_t data_bytes);
 // shuts gRPC down while its callback thread may still be finishing a call.
 void KeepGrpcAlive();
 
+// A server builder listening on bind_address alone: without SO_REUSEPORT
+// (gRPC's default sets it), so a port another daemon holds is an error
+// instead of being silently shared. With it, a parameter server given an
+// ephemeral port could share the coordinator's, and the kernel then handed
+// some Register calls to the server (UNIMPLEMENTED, no message).
+void ListenExclusively(grpc::ServerBuilder* builder, const std::string& bind_address,
+                       int* port);
+
 // The process's channel to `address`, created once and kept: channels are
 // expensive, and one that is destroyed while gRPC's callback thread
 // finishes a call on it aborted the process (gRPC 1.51,

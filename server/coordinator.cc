@@ -193,7 +193,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   c->impl_->service = std::make_unique<Service>(options);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(bind_address, grpc::InsecureServerCredentials(), &port);
+  ListenExclusively(&builder, bind_address, &port);
   builder.RegisterService(c->impl_->service.get());
   c->impl_->server = builder.BuildAndStart();
   if (c->impl_->server == nullptr || port == 0) {

@@ -254,7 +254,7 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
   ps->impl_->service = std::make_unique<Service>(ps->shard_.get());
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(bind_address, grpc::InsecureServerCredentials(), &port);
+  ListenExclusively(&builder, bind_address, &port);
   builder.RegisterService(ps->impl_->service.get());
   if (max_message_mb < 1 || max_message_mb > kMaxMessageBytes >> 20) {
     return absl::InvalidArgumentError(absl::StrCat("the largest message must be 1 to ",

@@ -181,5 +181,15 @@ TEST(CoordinatorErrors, UnregisteredNodesAreRefused) {
   EXPECT_THAT(s.error_message(), HasSubstr("server 3 never registered"));
 }
 
+// gRPC sets SO_REUSEPORT by default, which lets a second daemon share a
+// port and receive some of its calls. The port must be refused instead.
+TEST(CoordinatorErrors, APortInUseIsRefused) {
+  auto first = CoordinatorServer::Start("127.0.0.1:0", CoordinatorOptions());
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto second = CoordinatorServer::Start((*first)->address(), CoordinatorOptions());
+  ASSERT_FALSE(second.ok()) << "two coordinators share " << (*first)->address();
+  EXPECT_THAT(second.status().message(), HasSubstr((*first)->address()));
+}
+
 }  // namespace
 }  // namespace mx
