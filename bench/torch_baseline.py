@@ -106,9 +106,9 @@ def train(model, opt, x, y, epochs, batch=100):
             opt.step()
 
 
-def train_epochs(model_name, threads, epochs, lr, momentum, data_dir):
+def train_epochs(model_name, threads, epochs, lr, momentum, data_dir, seed=0):
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = {"mlp": mlp, "lenet": lenet}[model_name]()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     start = time.perf_counter()
@@ -165,7 +165,7 @@ if __name__ == "__main__":
         train_step(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
     elif sys.argv[1] == "train_epochs":
         train_epochs(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]),
-                     float(sys.argv[6]), sys.argv[7])
+                     float(sys.argv[6]), sys.argv[7], int(sys.argv[8]) if len(sys.argv) > 8 else 0)
     elif sys.argv[1] == "train_ddp":
         train_ddp(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]),
                   int(sys.argv[6]), sys.argv[7])

@@ -2,7 +2,10 @@
 // optimizer included) of the MLP and LeNet on Fashion-MNIST, against the same
 // training in PyTorch at its best thread setting, in the same run. Also
 // reports both test accuracies: the speed target holds only at equal or
-// better accuracy.
+// better accuracy. Round r trains with seed r on both sides; the speed is
+// the best round's, the accuracy the mean over rounds (one seed's accuracy
+// varies by about +-0.006 for either).
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
@@ -21,54 +24,65 @@ struct Result {
   double samples_per_s, accuracy;
 };
 
-std::unique_ptr<DataIter> Mnist(bool train) {
+std::unique_ptr<DataIter> Mnist(bool train, uint64_t seed) {
   MnistOptions o;
   const std::string prefix = std::string(kDir) + (train ? "/train" : "/t10k");
   o.images = prefix + "-images-idx3-ubyte.gz";
   o.labels = prefix + "-labels-idx1-ubyte.gz";
   o.batch_size = 100;
   o.shuffle = train;
+  o.seed = seed;
   auto it = MnistIter(o);
   ThrowIfError(it.status());
   return PrefetchingIter(*std::move(it));
 }
 
-Result TrainMx(const Symbol& net, int epochs, float lr, float momentum) {
-  srand(0);
+Result TrainMx(const Symbol& net, int epochs, float lr, float momentum, uint64_t seed) {
+  srand(seed);
   const double start = NowSeconds();
-  auto train = Mnist(true);  // reading the files counts, as in PyTorch
+  auto train = Mnist(true, seed);  // reading the files counts, as in PyTorch
   FeedForward model(net);
   FitOptions f;
   f.num_epoch = epochs;
   f.optimizer_options = {{"learning_rate", std::to_string(lr)},
                          {"momentum", std::to_string(momentum)}};
+  // The weight rule of PyTorch's Conv2d and Linear (uniform within
+  // 1/sqrt(fan_in)), so that both sides train the same model; with MXNet's
+  // default Xavier (avg, magnitude 3) LeNet ended about 0.005 lower
+  // (seeds 0-1: 0.8762, 0.8768 vs 0.8819, 0.8793).
   f.initializer = "xavier";
+  f.initializer_options = {{"factor_type", "in"}, {"magnitude", "1"}};
   ThrowIfError(model.Fit(train.get(), nullptr, f));
   const double seconds = NowSeconds() - start;
-  auto test = Mnist(false);
+  auto test = Mnist(false, seed);
   auto score = model.Score(test.get(), "accuracy");
   ThrowIfError(score.status());
   return {epochs * 60000.0 / seconds, (*score)[0].second};
 }
 
-// Best of `rounds` alternating rounds per side (see graph_bench.cc).
+// Alternating rounds (see the top): best speed, mean accuracy per side.
 void Compare(const std::string& name, const Symbol& net, int epochs, float lr, float momentum,
              double target) {
-  Result mx{0, 0};
-  std::optional<TorchResult> torch;
-  const int rounds = epochs > 2 ? 2 : 1;  // LeNet takes minutes per round
-  for (int round = 0; round < rounds; ++round) {
-    Result r = TrainMx(net, epochs, lr, momentum);
-    if (r.samples_per_s > mx.samples_per_s) mx = r;
+  double mx_speed = 0, mx_accuracy = 0, torch_speed = 0, torch_accuracy = 0;
+  int torch_rounds = 0;
+  const int rounds = epochs > 2 ? 3 : 2;  // LeNet takes about a minute per round
+  for (int seed = 0; seed < rounds; ++seed) {
+    const Result r = TrainMx(net, epochs, lr, momentum, seed);
+    mx_speed = std::max(mx_speed, r.samples_per_s);
+    mx_accuracy += r.accuracy / rounds;
     auto t = RunTorchBest("train_epochs " + name + " {threads} " + std::to_string(epochs) + " " +
-                          std::to_string(lr) + " " + std::to_string(momentum) + " " + kDir);
-    if (t && (!torch || t->samples_per_s > torch->samples_per_s)) torch = t;
+                          std::to_string(lr) + " " + std::to_string(momentum) + " " + kDir +
+                          " " + std::to_string(seed));
+    if (!t) continue;
+    torch_speed = std::max(torch_speed, t->samples_per_s);
+    torch_accuracy += t->accuracy;
+    ++torch_rounds;
   }
-  const double base = torch ? torch->samples_per_s : 0;
-  std::printf("# %s: mx accuracy %.4f, PyTorch accuracy %.4f after %d epoch(s)\n", name.c_str(),
-              mx.accuracy, torch ? torch->accuracy : -1.0, epochs);
-  Report("train_e2e_" + name, mx.samples_per_s, "samples/s", base,
-         base > 0 ? mx.samples_per_s / base : 0,
+  std::printf("# %s: mean test accuracy over seeds 0-%d after %d epoch(s): mx %.4f, PyTorch %.4f\n",
+              name.c_str(), rounds - 1, epochs, mx_accuracy,
+              torch_rounds > 0 ? torch_accuracy / torch_rounds : -1.0);
+  Report("train_e2e_" + name, mx_speed, "samples/s", torch_speed,
+         torch_speed > 0 ? mx_speed / torch_speed : 0,
          ">=" + std::to_string(target).substr(0, 3) + "(vs_pytorch_best,equal_accuracy)");
 }
 
