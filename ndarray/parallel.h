@@ -27,9 +27,10 @@ namespace mx {
 int CpuThreads();
 
 // Runs fn(task, slot) for every task in [0, tasks) and returns when all
-// have run. slot is in [0, CpuThreads()) and unique among the calls running
-// at the same moment, so it can index per-thread scratch space; which task
-// gets which slot depends on timing, so results must not depend on it.
+// have run. slot is in [0, CpuThreads()) and unique among this call's tasks
+// running at the same moment, so it can index the call's per-thread scratch
+// space; which task gets which slot depends on timing, so results must not
+// depend on it.
 // Runs serially (slot 0) when called from inside a task, and when another
 // ParallelFor holds the pool.
 void ParallelFor(int64_t tasks, absl::FunctionRef<void(int64_t task, int slot)> fn);
