@@ -12,10 +12,6 @@
 #include "ndarray/op_util.h"
 #include "ndarray/parallel.h"
 
-extern "C" {
-#include <cblas.h>
-}
-
 namespace mx {
 
 using internal::PushKernel;

@@ -7,7 +7,6 @@
 #include <cstdlib>
 #include <mutex>
 #include <thread>
-#include <vector>
 
 #include <cblas.h>
 
@@ -49,18 +48,9 @@ class CpuPool {
   explicit CpuPool(int threads) : threads_(threads) {
     openblas_set_num_threads(1);  // our threads split the products
     for (int slot = 1; slot < threads_; ++slot) {
-      helpers_.emplace_back([this, slot] { HelperLoop(slot); });
+      // Detached: the pool is never destroyed (see Pool()).
+      std::thread([this, slot] { HelperLoop(slot); }).detach();
     }
-  }
-
-  ~CpuPool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    cv_.notify_all();
-    for (std::thread& t : helpers_) t.join();
   }
 
   int threads() const { return threads_; }
@@ -90,11 +80,9 @@ class CpuPool {
     lock.lock();
     job_ = nullptr;  // no helper joins from now on
     lock.unlock();
-    // Helpers that joined finish the tasks they claimed.
-    while (job.done.load(std::memory_order_acquire) != tasks ||
-           job.users.load(std::memory_order_acquire) != 0) {
-      CpuRelax();
-    }
+    // Every task is claimed (Work returned); the helpers that joined finish
+    // the ones they claimed before they leave.
+    while (job.users.load(std::memory_order_acquire) != 0) CpuRelax();
   }
 
  private:
@@ -103,7 +91,6 @@ class CpuPool {
     const int64_t tasks;
     absl::FunctionRef<void(int64_t, int)> fn;
     std::atomic<int64_t> next{0};  // the next unclaimed task
-    std::atomic<int64_t> done{0};  // tasks finished
     std::atomic<int> users{0};     // helpers inside Work
   };
 
@@ -115,12 +102,9 @@ class CpuPool {
   }
 
   static void Work(Job* job, int slot) {
-    int64_t finished = 0;
     for (int64_t i; (i = job->next.fetch_add(1, std::memory_order_relaxed)) < job->tasks;) {
       job->fn(i, slot);
-      ++finished;
     }
-    job->done.fetch_add(finished, std::memory_order_release);
   }
 
   void HelperLoop(int slot) {
@@ -135,38 +119,33 @@ class CpuPool {
       Job* job;
       {
         std::unique_lock<std::mutex> lock(mu_);
-        if (generation_.load(std::memory_order_relaxed) == seen && !stop_) {
+        if (generation_.load(std::memory_order_relaxed) == seen) {
           ++sleeping_;
-          cv_.wait(lock, [&] {
-            return stop_ || generation_.load(std::memory_order_relaxed) != seen;
-          });
+          cv_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
           --sleeping_;
         }
-        if (stop_) return;
         seen = generation_.load(std::memory_order_relaxed);
         job = job_;
         if (job == nullptr) continue;  // it finished before we came
         job->users.fetch_add(1, std::memory_order_relaxed);
       }
       Work(job, slot);
-      job->users.fetch_sub(1, std::memory_order_release);
+      job->users.fetch_sub(1, std::memory_order_release);  // its tasks' writes
     }
   }
 
   const int threads_;
-  std::vector<std::thread> helpers_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};  // bumped when a job is published
   // Guarded by mu_.
   Job* job_ = nullptr;
   int sleeping_ = 0;
-  bool stop_ = false;
 };
 
 CpuPool& Pool() {
-  // Never destroyed: helpers may be asleep in it while static destructors
-  // of other libraries still run products.
+  // Never destroyed (its helpers are never joined): static destructors of
+  // other libraries may still run products at exit.
   static CpuPool* pool = new CpuPool(ThreadsFromEnv());
   return *pool;
 }
