@@ -48,6 +48,21 @@ std::unique_ptr<KVStore> Worker(const Cluster& c, int rank, int workers, int64_t
   return *std::move(kv);
 }
 
+// The optimizer of the tests below and of their single-process reference:
+// SGD, lr 0.5, momentum 0.9.
+std::unique_ptr<Optimizer> Sgd() {
+  auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
+  EXPECT_TRUE(sgd.ok()) << sgd.status();
+  return *std::move(sgd);
+}
+
+// A dist_sync worker (bound 16) whose servers apply Sgd().
+std::unique_ptr<KVStore> SgdWorker(const Cluster& c, int rank, int workers) {
+  auto kv = Worker(c, rank, workers, /*bound=*/16);
+  EXPECT_TRUE(kv->SetOptimizer(Sgd()).ok());
+  return kv;
+}
+
 // Gradient of worker `rank` at `step` for a key of n elements: values whose
 // float sum depends on the order of addition.
 std::vector<float> Grad(int rank, int step, int64_t n) {
@@ -61,8 +76,7 @@ std::vector<float> Grad(int rank, int step, int64_t n) {
 // rank-order sum of every worker's Grad. Returns [step][k].
 std::vector<std::vector<std::vector<float>>> Reference(const std::vector<int64_t>& sizes,
                                                        int workers, int steps) {
-  auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
-  EXPECT_TRUE(sgd.ok());
+  std::unique_ptr<Optimizer> sgd = Sgd();
   std::vector<std::vector<std::vector<float>>> want(steps);
   for (size_t k = 0; k < sizes.size(); ++k) {
     NDArray w = Ones({sizes[k]});
@@ -72,7 +86,7 @@ std::vector<std::vector<std::vector<float>>> Reference(const std::vector<int64_t
         std::vector<float> g = Grad(r, step, sizes[k]);
         for (int64_t i = 0; i < sizes[k]; ++i) sum[i] += g[i];
       }
-      (*sgd)->Update(static_cast<int>(k + 1), w, FromVector(sum));
+      sgd->Update(static_cast<int>(k + 1), w, FromVector(sum));
       want[step].push_back(w.ToVector());
     }
   }
@@ -87,9 +101,7 @@ TEST(DistSync, TwoServersTwoWorkersMatchASingleProcessBitForBit) {
   std::vector<std::thread> workers;
   for (int r = 0; r < kWorkers; ++r) {
     workers.emplace_back([&, r] {
-      auto kv = Worker(c, r, kWorkers, /*bound=*/16);
-      auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
-      ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+      auto kv = SgdWorker(c, r, kWorkers);
       for (size_t k = 0; k < sizes.size(); ++k) {
         ASSERT_TRUE(kv->Init(static_cast<int>(k + 1), Ones({sizes[k]})).ok());
       }
@@ -145,9 +157,7 @@ TEST(DistSync, PushPullGivesEachStepsValue) {
   std::vector<std::thread> workers;
   for (int r = 0; r < kWorkers; ++r) {
     workers.emplace_back([&, r] {
-      auto kv = Worker(c, r, kWorkers, /*bound=*/16);
-      auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
-      ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+      auto kv = SgdWorker(c, r, kWorkers);
       std::vector<NDArray> weights;
       for (size_t k = 0; k < sizes.size(); ++k) {
         ASSERT_TRUE(kv->Init(static_cast<int>(k + 1), Ones({sizes[k]})).ok());
@@ -220,9 +230,7 @@ TEST(DistSync, PushPullOfSeveralKeysMatchesOneAtATime) {
   std::vector<std::thread> workers;
   for (int r = 0; r < kWorkers; ++r) {
     workers.emplace_back([&, r] {
-      auto kv = Worker(c, r, kWorkers, /*bound=*/16);
-      auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
-      ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+      auto kv = SgdWorker(c, r, kWorkers);
       // Keys 10.. by bucket, 20.. one at a time, from the same start.
       std::vector<Key> keys;
       std::vector<std::vector<NDArray>> outs_b, outs_s;
@@ -429,13 +437,12 @@ TEST(DistErrors, PullFromAStoppedServerFailsWithinTheDeadlineNamingIt) {
 // Momentum lives on the servers: saving and loading it through the client
 // continues a run exactly, even on a new cluster.
 TEST(DistOptimizerStates, SaveAndLoadContinueARunExactly) {
-  auto sgd = [] { return *Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}}); };
   const std::vector<float> g1 = {1, -2, 3}, g2 = {0.5f, 0.25f, -1};
   std::vector<float> straight;
   {
     Cluster c = StartServers(2, 1);
     auto kv = Worker(c, 0, 1, 2);  // bound 2: the key is split over both servers
-    ASSERT_TRUE(kv->SetOptimizer(sgd()).ok());
+    ASSERT_TRUE(kv->SetOptimizer(Sgd()).ok());
     ASSERT_TRUE(kv->Init(1, Ones({3})).ok());
     ASSERT_TRUE(kv->Push(1, FromVector(g1)).ok());
     ASSERT_TRUE(kv->Push(1, FromVector(g2)).ok());
@@ -449,7 +456,7 @@ TEST(DistOptimizerStates, SaveAndLoadContinueARunExactly) {
     Cluster c = StartServers(2, 1);
     auto kv = Worker(c, 0, 1, 2);
     EXPECT_EQ(kv->SaveOptimizerStates(path).code(), absl::StatusCode::kFailedPrecondition);
-    ASSERT_TRUE(kv->SetOptimizer(sgd()).ok());
+    ASSERT_TRUE(kv->SetOptimizer(Sgd()).ok());
     ASSERT_TRUE(kv->Init(1, Ones({3})).ok());
     ASSERT_TRUE(kv->Push(1, FromVector(g1)).ok());
     NDArray out = Empty({3});
@@ -459,7 +466,7 @@ TEST(DistOptimizerStates, SaveAndLoadContinueARunExactly) {
   }
   Cluster c = StartServers(2, 1);
   auto kv = Worker(c, 0, 1, 2);
-  ASSERT_TRUE(kv->SetOptimizer(sgd()).ok());
+  ASSERT_TRUE(kv->SetOptimizer(Sgd()).ok());
   ASSERT_TRUE(kv->Init(1, FromVector(after_one)).ok());
   ASSERT_TRUE(kv->LoadOptimizerStates(path).ok());
   ASSERT_TRUE(kv->Push(1, FromVector(g2)).ok());
@@ -469,7 +476,7 @@ TEST(DistOptimizerStates, SaveAndLoadContinueARunExactly) {
 
   Cluster three = StartServers(3, 1);
   auto other = Worker(three, 0, 1, 2);
-  ASSERT_TRUE(other->SetOptimizer(sgd()).ok());
+  ASSERT_TRUE(other->SetOptimizer(Sgd()).ok());
   absl::Status s = other->LoadOptimizerStates(path);
   EXPECT_THAT(s.message(), HasSubstr("holds the state of 2 servers; this job has 3"));
 }
