@@ -4,14 +4,18 @@
 // and 16 MiB values, against loopback TCP bandwidth measured in the same run
 // by a plain socket sender and receiver; and the round-trip latency of a
 // small pushpull (p50, p99).
+//
+// Usage: dist_bench [SUBSTRING]: only the figures whose names contain it.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -22,43 +26,66 @@
 namespace mx::bench {
 namespace {
 
-// Bytes per second over a loopback TCP connection, 256 MiB in 1 MiB writes.
-double LoopbackTcp() {
-  int listener = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
-  listen(listener, 1);
-  constexpr size_t kChunk = 1 << 20, kTotal = 256u << 20;
-  std::thread receiver([listener] {
-    int c = accept(listener, nullptr, nullptr);
-    std::vector<char> buf(kChunk);
-    size_t got = 0;
-    while (got < kTotal) {
-      ssize_t n = read(c, buf.data(), buf.size());
-      if (n <= 0) break;
-      got += n;
+// The baseline: a plain loopback TCP connection, a sender and a receiver
+// thread. Transfer(bytes) writes `bytes` in writes of up to 1 MiB and
+// returns once the receiver has read them all.
+class LoopbackLink {
+ public:
+  LoopbackLink() {
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+        getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
+        listen(listener, 1) != 0) {
+      throw std::runtime_error("loopback baseline: cannot listen");
     }
-    close(c);
-  });
-  int s = socket(AF_INET, SOCK_STREAM, 0);
-  connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  std::vector<char> buf(kChunk, 1);
-  const double start = NowSeconds();
-  for (size_t sent = 0; sent < kTotal;) {
-    ssize_t n = write(s, buf.data(), buf.size());
-    if (n <= 0) break;
-    sent += n;
+    sender_ = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(sender_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      throw std::runtime_error("loopback baseline: cannot connect");
+    }
+    const int receiver = accept(listener, nullptr, nullptr);
+    close(listener);
+    receiver_ = std::thread([this, receiver] {
+      std::vector<char> buf(kChunk);
+      ssize_t n;
+      while ((n = read(receiver, buf.data(), buf.size())) > 0) {
+        std::lock_guard<std::mutex> lock(mu_);
+        received_ += n;
+        if (received_ >= wanted_) cv_.notify_all();
+      }
+      close(receiver);
+    });
   }
-  close(s);
-  receiver.join();
-  const double seconds = NowSeconds() - start;
-  close(listener);
-  return kTotal / seconds;
-}
+  ~LoopbackLink() {
+    close(sender_);  // the receiver reads end of file and stops
+    receiver_.join();
+  }
+
+  void Transfer(size_t bytes) {
+    static const std::vector<char> data(kChunk, 1);
+    std::unique_lock<std::mutex> lock(mu_);
+    wanted_ = received_ + bytes;
+    lock.unlock();
+    for (size_t sent = 0; sent < bytes;) {
+      const ssize_t n = write(sender_, data.data(), std::min(kChunk, bytes - sent));
+      if (n <= 0) throw std::runtime_error("loopback baseline: write failed");
+      sent += n;
+    }
+    lock.lock();
+    cv_.wait(lock, [&] { return received_ >= wanted_; });
+  }
+
+ private:
+  static constexpr size_t kChunk = 1 << 20;
+  int sender_;
+  std::thread receiver_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  size_t received_ = 0, wanted_ = 0;  // guarded by mu_
+};
 
 // A cluster on 127.0.0.1 in this process: `servers` parameter servers
 // (dist_sync) and one store per worker, each driven by its own thread.
@@ -94,10 +121,21 @@ struct Cluster {
   }
 };
 
-void Throughput(Cluster& c, const std::string& config, double tcp, int* next_key) {
+// Figures whose names contain this (the first command-line argument; all
+// when empty) are measured, the others skipped: for profiling one case.
+std::string only;
+bool Wanted(const std::string& name) { return name.find(only) != std::string::npos; }
+
+// Each figure's baseline is loopback TCP moving the same bytes, measured
+// in turns with it (the machine is shared: its speed drifts).
+void Throughput(Cluster& c, const std::string& config, int* next_key) {
+  LoopbackLink tcp;
   for (int64_t bytes : {int64_t{4} << 10, int64_t{1} << 20, int64_t{16} << 20}) {
     const int64_t n = bytes / 4;
     for (int in_flight : {1, 8}) {
+      const std::string name = "dist_pushpull_" + std::to_string(bytes >> 10) + "KiB_x" +
+                               std::to_string(in_flight) + "_" + config;
+      if (!Wanted(name)) continue;
       std::vector<int> keys;
       for (int k = 0; k < in_flight; ++k) keys.push_back((*next_key)++);
       std::vector<std::vector<NDArray>> values(c.workers.size()), outs(c.workers.size());
@@ -108,7 +146,7 @@ void Throughput(Cluster& c, const std::string& config, double tcp, int* next_key
           ThrowIfError(kv.Init(keys[k], values[r][k]));
         }
       });
-      const int reps = bytes >= (16 << 20) ? 5 : (bytes >= (1 << 20) ? 20 : 200);
+      const int reps = bytes >= (16 << 20) ? 15 : (bytes >= (1 << 20) ? 20 : 200);
       auto round = [&] {
         c.OnEveryWorker([&](int r, KVStore& kv) {
           for (int k = 0; k < in_flight; ++k) {
@@ -117,12 +155,12 @@ void Throughput(Cluster& c, const std::string& config, double tcp, int* next_key
           for (const NDArray& o : outs[r]) o.WaitToRead();
         });
       };
-      const double t = MedianSeconds(reps, round);
       // Each worker's push and pull each move the value once.
-      const double rate = 2.0 * bytes * in_flight * c.workers.size() / t;
-      Report("dist_pushpull_" + std::to_string(bytes >> 10) + "KiB_x" + std::to_string(in_flight) +
-                 "_" + config,
-             rate / 1e9, "GB/s", tcp / 1e9, rate / tcp, bytes >= (16 << 20) ? ">=0.8" : "info");
+      const size_t moved = 2 * bytes * in_flight * c.workers.size();
+      const auto [t_tcp, t] = MedianPair(reps, [&] { tcp.Transfer(moved); }, round);
+      const double rate = moved / t, tcp_rate = moved / t_tcp;
+      Report(name, rate / 1e9, "GB/s", tcp_rate / 1e9, rate / tcp_rate,
+             bytes >= (16 << 20) ? ">=0.8" : "info");
     }
   }
 }
@@ -130,6 +168,7 @@ void Throughput(Cluster& c, const std::string& config, double tcp, int* next_key
 // Round-trip latency of a small pushpull (dist_sync: every worker's push
 // is in the answer).
 void Latency(Cluster& c, const std::string& config, int key) {
+  if (!Wanted("dist_small_rtt_" + config)) return;
   std::vector<double> lat;
   c.OnEveryWorker([&](int r, KVStore& kv) {
     ThrowIfError(kv.Init(key, Zeros({16})));
@@ -150,6 +189,7 @@ void Latency(Cluster& c, const std::string& config, int key) {
 // pushpull of each parameter (weights and biases), all in flight, then
 // wait. Every worker does the same (dist_sync).
 void MlpStep(Cluster& c, const std::string& config, int* next_key) {
+  if (!Wanted("dist_mlp_step_comm_" + config)) return;
   const std::vector<int64_t> sizes = {784 * 128, 128, 128 * 64, 64, 64 * 10, 10};
   std::vector<int> keys;
   for (size_t k = 0; k < sizes.size(); ++k) keys.push_back((*next_key)++);
@@ -178,14 +218,11 @@ void MlpStep(Cluster& c, const std::string& config, int* next_key) {
 }
 
 void Run() {
-  // The machine's loopback bandwidth: the best of three (it is shared, and
-  // a slow spell would flatter every ratio).
-  const double tcp = std::max({LoopbackTcp(), LoopbackTcp(), LoopbackTcp()});
   int next_key = 100;
   for (int nodes : {1, 2}) {
     Cluster c(nodes, nodes);
     const std::string config = std::to_string(nodes) + "servers_" + std::to_string(nodes) + "workers";
-    Throughput(c, config, tcp, &next_key);
+    Throughput(c, config, &next_key);
     Latency(c, config, next_key++);
     MlpStep(c, config, &next_key);
   }
@@ -194,7 +231,8 @@ void Run() {
 }  // namespace
 }  // namespace mx::bench
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc > 1) mx::bench::only = argv[1];
   mx::bench::Run();
   return 0;
 }

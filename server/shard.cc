@@ -37,15 +37,30 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
   }
   Key& k = keys_[key];
   k.shape = shape;
+  k.value = Publish(value);
+  if (optimizer_ == nullptr) return absl::OkStatus();
   // A slice of a big key takes the name of its key (proto/slice_key.h).
-  if (optimizer_ != nullptr && BaseKey(key) != key) optimizer_->SetParamNames(SliceKeyNames());
+  if (BaseKey(key) != key) optimizer_->SetParamNames(SliceKeyNames());
   try {
-    k.stored = FromVector(value, shape);
+    CopyWeights(&k);
   } catch (const Error& e) {
     keys_.erase(key);
     return e.status();
   }
   return absl::OkStatus();
+}
+
+void ParameterShard::CopyWeights(Key* k) {
+  k->weight = FromVector(*k->value, k->shape);
+  k->grad = Empty(k->shape);
+}
+
+std::shared_ptr<const std::vector<float>> ParameterShard::Publish(std::vector<float> buffer) {
+  return std::shared_ptr<const std::vector<float>>(
+      new std::vector<float>(std::move(buffer)), [pool = pool_](const std::vector<float>* v) {
+        pool->Give(std::move(*const_cast<std::vector<float>*>(v)));
+        delete v;
+      });
 }
 
 absl::Status ParameterShard::Push(int key, int rank, std::vector<float> value) {
@@ -73,8 +88,7 @@ absl::Status ParameterShard::Push(int key, int rank, std::vector<float> value) {
       k->pending[rank].push_back(std::move(value));
       MaybeComplete(key, k, &answers);
     } else {
-      Apply(key, k, value);
-      Recycle(std::move(value));
+      Apply(key, k, std::move(value));
       TakeAnswered(key, k, &answers);
     }
   }
@@ -93,35 +107,43 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
       if (sum.empty()) {
         sum = std::move(v);
       } else {
-        for (size_t i = 0; i < sum.size(); ++i) sum[i] += v[i];
-        Recycle(std::move(v));
+        float* __restrict s = sum.data();
+        const float* __restrict x = v.data();
+        for (size_t i = 0; i < sum.size(); ++i) s[i] += x[i];
+        pool_->Give(std::move(v));
       }
       k->pending[r].pop_front();
     }
-    Apply(id, k, sum);
-    Recycle(std::move(sum));
+    Apply(id, k, std::move(sum));
   }
   TakeAnswered(id, k, answers);
 }
 
-void ParameterShard::Apply(int id, Key* k, const std::vector<float>& sum) {
-  if (optimizer_ != nullptr) {
-    NDArray grad = FromVector(sum, k->shape);
-    optimizer_->Update(id, k->stored, grad);
-  } else {
-    k->stored.Assign(sum);
-  }
-  k->stored.WaitToRead();
+void ParameterShard::Apply(int id, Key* k, std::vector<float> sum) {
   ++k->version;
+  if (optimizer_ == nullptr) {
+    k->value = Publish(std::move(sum));
+    return;
+  }
+  k->grad.SyncCopyFromCPU(sum.data(), sum.size());
+  pool_->Give(std::move(sum));
+  optimizer_->Update(id, k->weight, k->grad);
+  // The answers of the last version may still hold its buffer: the new
+  // version is a copy.
+  std::vector<float> next = pool_->Take(k->weight.size());
+  k->weight.SyncCopyToCPU(next.data(), next.size());
+  k->value = Publish(std::move(next));
 }
 
-std::vector<float> ParameterShard::TakeBuffer(size_t n) {
+std::vector<float> ParameterShard::TakeBuffer(size_t n) { return pool_->Take(n); }
+
+std::vector<float> ParameterShard::BufferPool::Take(size_t n) {
   {
     absl::MutexLock lock(&mu_);
-    for (auto it = free_buffers_.begin(); it != free_buffers_.end(); ++it) {
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
       if (it->size() != n) continue;
       std::vector<float> buffer = std::move(*it);
-      free_buffers_.erase(it);
+      free_.erase(it);
       free_bytes_ -= n * sizeof(float);
       return buffer;
     }
@@ -129,14 +151,15 @@ std::vector<float> ParameterShard::TakeBuffer(size_t n) {
   return std::vector<float>(n);
 }
 
-void ParameterShard::Recycle(std::vector<float> buffer) {
+void ParameterShard::BufferPool::Give(std::vector<float> buffer) {
   // Enough for a few steps of every key of a typical model; beyond that,
   // memory goes back to the allocator.
   constexpr size_t kMaxFreeBytes = size_t{256} << 20;
   const size_t bytes = buffer.size() * sizeof(float);
+  absl::MutexLock lock(&mu_);
   if (bytes == 0 || free_bytes_ + bytes > kMaxFreeBytes) return;
   free_bytes_ += bytes;
-  free_buffers_.push_back(std::move(buffer));
+  free_.push_back(std::move(buffer));
 }
 
 std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
@@ -145,13 +168,7 @@ std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
   if (!closed_.empty()) {
     return absl::UnavailableError(absl::StrCat("pull of key ", id, ": ", closed_));
   }
-  if (k.version >= min_version) {
-    if (key->snapshot_version != k.version) {
-      key->snapshot = std::make_shared<const std::vector<float>>(k.stored.ToVector());
-      key->snapshot_version = k.version;
-    }
-    return Value{key->snapshot, k.version};
-  }
+  if (k.version >= min_version) return Value{k.value, k.version};
   if (!options_.elastic && !dead_.empty()) {
     return absl::UnavailableError(absl::StrCat(
         "pull of key ", id, ": worker(s) ", DeadWorkers(),
@@ -244,6 +261,12 @@ absl::Status ParameterShard::SetOptimizer(const std::string& name,
   param_names_ = param_names;
   optimizer_ = std::move(opt);
   optimizer_->SetParamNames(SliceKeyNames());
+  try {
+    for (auto& [id, k] : keys_) CopyWeights(&k);
+  } catch (const Error& e) {
+    optimizer_ = nullptr;
+    return e.status();
+  }
   return absl::OkStatus();
 }
 

@@ -78,7 +78,10 @@ class ParameterShard {
   // zero-fill: its contents are undefined).
   std::vector<float> TakeBuffer(size_t n);
 
-  // A version of a key's value; every pull of that version shares it.
+  // A version of a key's value; every pull of that version shares it, and
+  // it never changes (the next version is another buffer). Its buffer goes
+  // back to the shard's free buffers when the last answer holding it is
+  // sent.
   struct Value {
     std::shared_ptr<const std::vector<float>> data;
     int64_t version = 0;
@@ -125,13 +128,16 @@ class ParameterShard {
   };
   struct Key {
     Shape shape;
-    NDArray stored;                                  // current value
+    // The current value, as pulls get it. Without an optimizer a step's sum
+    // becomes it, uncopied.
+    std::shared_ptr<const std::vector<float>> value;
+    int64_t version = 0;
+    // With an optimizer: the weights it updates in place (equal to `value`
+    // between steps) and the step's summed gradient.
+    NDArray weight, grad;
     // Pushes not yet in a completed step, by rank, oldest first.
     std::map<int, std::deque<std::vector<float>>> pending;
-    int64_t version = 0;
     std::map<uint64_t, Waiter> waiters;  // pulls waiting for a version
-    std::shared_ptr<const std::vector<float>> snapshot;  // of `stored` at snapshot_version
-    int64_t snapshot_version = -1;
   };
   // Answers to give once the lock is released.
   using Answers = std::vector<std::pair<PullCallback, absl::StatusOr<Value>>>;
@@ -141,14 +147,16 @@ class ParameterShard {
   // The answer to a pull of key at min_version, or nullopt while it must wait.
   std::optional<absl::StatusOr<Value>> Answer(int id, Key* key, int64_t min_version)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Keeps a spent push buffer for TakeBuffer (up to a bound).
-  void Recycle(std::vector<float> buffer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A value whose buffer returns to pool_ when its last holder drops it.
+  std::shared_ptr<const std::vector<float>> Publish(std::vector<float> buffer);
+  // The optimizer's weights of a key: a copy of its value.
+  static void CopyWeights(Key* key);
   // Moves the waiters of key that can be answered now to `answers`.
   void TakeAnswered(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Completes key's steps while every live worker has pushed.
   void MaybeComplete(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Applies `sum` to key: the optimizer, or replaces the value.
-  void Apply(int id, Key* key, const std::vector<float>& sum) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Apply(int id, Key* key, std::vector<float> sum) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // param_names_, and for each slice key held, the name of its key.
   std::map<int, std::string> SliceKeyNames() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -164,8 +172,23 @@ class ParameterShard {
   std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
   std::map<int, std::string> param_names_ ABSL_GUARDED_BY(mu_);  // as the workers sent them
   uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 0;
-  std::vector<std::vector<float>> free_buffers_ ABSL_GUARDED_BY(mu_);
-  size_t free_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+
+  // Spent push and value buffers, kept for TakeBuffer: a fresh 16 MiB
+  // buffer costs page faults and zero-fill on the order of a copy of it.
+  // Shared with the values published, which may outlive the shard (an
+  // answer still being sent).
+  class BufferPool {
+   public:
+    std::vector<float> Take(size_t n);
+    // Keeps `buffer` (up to a bound on the bytes kept).
+    void Give(std::vector<float> buffer);
+
+   private:
+    absl::Mutex mu_;
+    std::vector<std::vector<float>> free_ ABSL_GUARDED_BY(mu_);
+    size_t free_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  };
+  const std::shared_ptr<BufferPool> pool_ = std::make_shared<BufferPool>();
 };
 
 }  // namespace mx

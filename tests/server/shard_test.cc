@@ -13,7 +13,8 @@ namespace mx {
 namespace {
 
 using ::testing::ElementsAre;
-using ::testing::UnorderedElementsAre;
+using ::testing::Contains;
+using ::testing::Not;
 using ::testing::HasSubstr;
 
 absl::Time Soon(int ms = 2000) { return absl::Now() + absl::Milliseconds(ms); }
@@ -183,29 +184,64 @@ TEST(ShardFailures, BadRequestsAreErrorsAndTheShardKeepsServing) {
   EXPECT_THAT((*v->data), ElementsAre(1, 2));
 }
 
-// Push buffers of completed steps are handed out again: a server's steady
-// state allocates nothing per push.
-TEST(ParameterShard, CompletedStepsRecyclePushBuffers) {
+// Without an optimizer a step's sum is summed into the first rank's push
+// buffer and published as it is, uncopied; buffers come back once nothing
+// holds them, so a server's steady state allocates nothing per push.
+TEST(ParameterShard, StepsReuseTheirBuffers) {
   ParameterShard shard({true, 2, false});
   ASSERT_TRUE(shard.Init(1, Shape{3}, {0, 0, 0}).ok());
-  std::vector<float> a = shard.TakeBuffer(3), b = shard.TakeBuffer(3);
-  a.assign({1, 1, 1});
-  b.assign({2, 2, 2});
-  const float* pa = a.data();
-  const float* pb = b.data();
-  ASSERT_TRUE(shard.Push(1, 0, std::move(a)).ok());
-  ASSERT_TRUE(shard.Push(1, 1, std::move(b)).ok());
-  auto got = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
-  ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_THAT(*got->data, ElementsAre(3, 3, 3));
-  std::vector<float> again = shard.TakeBuffer(3), again2 = shard.TakeBuffer(3);
-  EXPECT_THAT((std::vector<const float*>{again.data(), again2.data()}),
-              UnorderedElementsAre(pa, pb));
-  EXPECT_EQ(shard.TakeBuffer(4).size(), 4u);  // another size: a new buffer
-  // Pulls of one version share one copy of the value.
-  auto second = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
-  ASSERT_TRUE(second.ok());
-  EXPECT_EQ(second->data.get(), got->data.get());
+  const float* pa;
+  {
+    std::vector<float> a = shard.TakeBuffer(3), b = shard.TakeBuffer(3);
+    a.assign({1, 1, 1});
+    b.assign({2, 2, 2});
+    pa = a.data();
+    const float* pb = b.data();
+    ASSERT_TRUE(shard.Push(1, 0, std::move(a)).ok());
+    ASSERT_TRUE(shard.Push(1, 1, std::move(b)).ok());
+    auto got = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_THAT(*got->data, ElementsAre(3, 3, 3));
+    EXPECT_EQ(got->data->data(), pa);
+    // Pulls of one version share it.
+    auto second = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
+    ASSERT_TRUE(second.ok());
+    EXPECT_EQ(second->data.get(), got->data.get());
+    // Rank 1's buffer and the initial value's are free; the value's is not.
+    std::vector<float> c = shard.TakeBuffer(3), d = shard.TakeBuffer(3);
+    EXPECT_THAT((std::vector<const float*>{c.data(), d.data()}), Contains(pb));
+    EXPECT_THAT((std::vector<const float*>{c.data(), d.data()}), Not(Contains(pa)));
+    EXPECT_EQ(shard.TakeBuffer(4).size(), 4u);  // another size: a new buffer
+    c.assign({1, 1, 1});
+    d.assign({1, 1, 1});
+    ASSERT_TRUE(shard.Push(1, 0, std::move(c)).ok());
+    ASSERT_TRUE(shard.Push(1, 1, std::move(d)).ok());
+    // Version 2 replaced it, but these answers still hold version 1.
+    EXPECT_THAT(*got->data, ElementsAre(3, 3, 3));
+  }
+  // Now nothing does.
+  std::vector<float> e = shard.TakeBuffer(3), f = shard.TakeBuffer(3);
+  EXPECT_THAT((std::vector<const float*>{e.data(), f.data()}), Contains(pa));
+  auto v2 = shard.Pull(1, 2, absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(v2.ok());
+  EXPECT_THAT(*v2->data, ElementsAre(2, 2, 2));
+}
+
+// With an optimizer each version is a buffer of its own too: an answer
+// being sent keeps the values it was given while the next step updates.
+TEST(ParameterShard, OptimizerStepsPublishNewBuffers) {
+  ParameterShard shard({true, 1, false});
+  ASSERT_TRUE(shard.Init(1, Shape{2}, {1, 1}).ok());
+  ASSERT_TRUE(shard.SetOptimizer("sgd", {{"learning_rate", "0.5"}}).ok());
+  ASSERT_TRUE(shard.Push(1, 0, {1, 2}).ok());
+  auto v1 = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(v1.ok());
+  EXPECT_THAT(*v1->data, ElementsAre(0.5f, 0));
+  ASSERT_TRUE(shard.Push(1, 0, {1, 2}).ok());
+  auto v2 = shard.Pull(1, 2, absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(v2.ok());
+  EXPECT_THAT(*v2->data, ElementsAre(0, -1));
+  EXPECT_THAT(*v1->data, ElementsAre(0.5f, 0));
 }
 
 }  // namespace
