@@ -5,6 +5,8 @@
 #include <grpc/grpc.h>
 #include <grpcpp/support/proto_buffer_reader.h>
 
+#include <malloc.h>
+
 #include <cstring>
 #include <map>
 #include <memory>
@@ -17,6 +19,15 @@ namespace mx {
 
 void KeepGrpcAlive() {
   static const bool initialized = [] {
+    // gRPC reads into buffers of up to 4 MiB and frees them once a message
+    // is parsed. By default glibc hands such memory back to the kernel (an
+    // mmap above its moving threshold, or a trimmed heap top), so the next
+    // read page-faults and zero-fills it again: in dist_bench's 16 MiB
+    // transfers that was 40% more page faults and about 8% more CPU per
+    // byte. Allocations up to 32 MiB now come from the heap, and up to
+    // 64 MiB of free heap top is kept.
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 64 << 20);
     grpc_init();  // never shut down (see wire.h)
     return true;
   }();
