@@ -485,15 +485,16 @@ class DistKVStore : public KVStore {
     header.set_min_version(min_version);
     header.mutable_value()->add_shape(p.end - p.begin);
     header.mutable_value()->set_dtype(proto::FLOAT32);
-    return EncodeTensorMessage(header, kPushValueField, merged.data() + p.begin,
-                               (p.end - p.begin) * sizeof(float), std::make_shared<NDArray>(merged));
+    return EncodeTensorMessage(header, kPushValueField,
+                               Pieces::Of(merged.data() + p.begin, p.end - p.begin,
+                                          std::make_shared<NDArray>(merged)));
   }
 
   // Where a pulled slice p goes: the first output, after checking its size;
   // `received` records that it came.
   static TensorSink SliceSink(const Conn& conn, const Part& p, const std::vector<float*>& dsts,
                               bool* received) {
-    return [&conn, p, dst = dsts[0] + p.begin, received](size_t bytes) -> absl::StatusOr<void*> {
+    return [&conn, p, dst = dsts[0] + p.begin, received](size_t, size_t bytes) -> absl::StatusOr<void*> {
       const size_t expected = (p.end - p.begin) * sizeof(float);
       if (bytes != expected) {
         return absl::DataLossError(absl::StrCat("server ", conn.options.servers[p.server], " sent ",
@@ -554,7 +555,7 @@ class DistKVStore : public KVStore {
           resp, kManyEntriesField, kPullValueField, [&](int) { return &headers.emplace_back(); },
           [&](int i) -> TensorSink {
             if (static_cast<size_t>(i) >= parts.size()) {
-              return [](size_t) -> absl::StatusOr<void*> {
+              return [](size_t, size_t) -> absl::StatusOr<void*> {
                 return absl::DataLossError("the server sent more values than asked for");
               };
             }

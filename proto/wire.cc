@@ -7,6 +7,7 @@
 
 #include <malloc.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -118,9 +119,11 @@ absl::Status DecodeTensor(CodedInputStream* in, const TensorSink& sink, CodedOut
     if (static_cast<int64_t>(n) > in->BytesUntilLimit()) {
       return absl::InvalidArgumentError(absl::StrCat("tensor data of ", n, " bytes overruns the message"));
     }
-    absl::StatusOr<void*> dst = sink(n);
+    absl::StatusOr<void*> dst = sink(in->CurrentPosition(), n);
     if (!dst.ok()) return dst.status();
-    if (!in->ReadRaw(*dst, static_cast<int>(n))) return absl::InvalidArgumentError("truncated tensor data");
+    const bool read = *dst == nullptr ? in->Skip(static_cast<int>(n))
+                                      : in->ReadRaw(*dst, static_cast<int>(n));
+    if (!read) return absl::InvalidArgumentError("truncated tensor data");
     *have_data = true;
   }
   if (!in->ConsumedEntireMessage()) return absl::InvalidArgumentError("malformed tensor");
@@ -132,8 +135,8 @@ void DestroyOwner(void* owner) { delete static_cast<std::shared_ptr<const void>*
 }  // namespace
 
 EncodedMessage EncodeTensorMessage(const google::protobuf::MessageLite& header, int tensor_field,
-                                   const void* data, size_t bytes,
-                                   std::shared_ptr<const void> owner) {
+                                   const Pieces& data) {
+  const size_t bytes = data.bytes();
   std::string prefix = header.SerializeAsString();
   {
     google::protobuf::io::StringOutputStream stream(&prefix);
@@ -149,11 +152,33 @@ EncodedMessage EncodeTensorMessage(const google::protobuf::MessageLite& header, 
   EncodedMessage m;
   m.bytes = prefix.size() + bytes;
   m.slices.emplace_back(prefix);
-  if (bytes > 0) {
-    m.slices.emplace_back(const_cast<void*>(data), bytes, DestroyOwner,
-                          new std::shared_ptr<const void>(std::move(owner)));
+  for (absl::Span<const char> p : data.pieces) {
+    if (p.empty()) continue;
+    m.slices.emplace_back(const_cast<char*>(p.data()), p.size(), DestroyOwner,
+                          new std::shared_ptr<const void>(data.owner));
   }
   return m;
+}
+
+absl::StatusOr<Pieces> PiecesOf(const grpc::ByteBuffer& buffer, size_t offset, size_t bytes) {
+  auto slices = std::make_shared<std::vector<grpc::Slice>>();
+  if (!buffer.Dump(slices.get()).ok()) return absl::InternalError("cannot read a gRPC buffer");
+  Pieces out;
+  size_t start = 0;  // of the current slice in the buffer
+  for (const grpc::Slice& s : *slices) {
+    const size_t end = start + s.size();
+    const size_t from = std::max(start, offset), to = std::min(end, offset + bytes);
+    if (from < to) {
+      out.pieces.emplace_back(reinterpret_cast<const char*>(s.begin()) + (from - start), to - from);
+    }
+    start = end;
+  }
+  if (offset + bytes > start) {
+    return absl::OutOfRangeError(absl::StrCat("bytes ", offset, "..", offset + bytes,
+                                              " of a buffer of ", start));
+  }
+  out.owner = std::move(slices);
+  return out;
 }
 
 grpc::ByteBuffer ToByteBuffer(const EncodedMessage& m) {
@@ -215,7 +240,7 @@ absl::Status DecodeMessage(CodedInputStream* in, int tensor_field,
     if (!in->ConsumedEntireMessage()) return absl::InvalidArgumentError("malformed message");
   }
   if (have_tensor && !have_data) {  // protobuf leaves out empty data
-    absl::StatusOr<void*> dst = sink(0);
+    absl::StatusOr<void*> dst = sink(0, 0);
     if (!dst.ok()) return dst.status();
   }
   if (!header->ParseFromString(rest)) return absl::InvalidArgumentError("malformed message fields");

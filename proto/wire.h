@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "ndarray/base.h"
+#include "proto/pieces.h"
 #include "proto/mx.pb.h"
 
 namespace mx {
@@ -28,17 +29,17 @@ absl::StatusOr<HostTensor> FromProto(const proto::Tensor& t);
 void ToProto(const float* data, const Shape& shape, proto::Tensor* t);
 
 // Messages that carry a tensor's data (PushRequest, PullResponse), moved
-// without copies of the data on the sending side and with one copy, out of
-// gRPC's receive buffers, on the receiving side. The bytes are exactly
-// protobuf's encoding of the messages in mx.proto, so any protobuf peer can
-// read and write them.
+// without copies of the data on the sending side and, on the receiving
+// side, with one copy out of gRPC's receive buffers or none (the data are
+// used where they arrived). The bytes are exactly protobuf's encoding of
+// the messages in mx.proto, so any protobuf peer can read and write them.
 //
 // EncodeTensorMessage: `header` (with its tensor field holding shape and
 // dtype, no data), then a second occurrence of the tensor field (number
-// `tensor_field`) holding only Tensor.data = `bytes` bytes at `data`;
-// protobuf merges repeated occurrences of a message field. The data are not
-// copied: the pieces refer to them, and `owner` is held until gRPC is done
-// with them. The caller keeps the bytes unchanged until the call completes.
+// `tensor_field`) holding only Tensor.data = the bytes of `data`; protobuf
+// merges repeated occurrences of a message field. The data are not copied:
+// the message refers to them, and holds data.owner until gRPC is done with
+// them. The caller keeps the bytes unchanged until the call completes.
 // ToByteBuffer makes one message of the pieces; EncodeRepeated puts several
 // in one, each as an occurrence of message field `field`.
 struct EncodedMessage {
@@ -46,8 +47,7 @@ struct EncodedMessage {
   size_t bytes = 0;
 };
 EncodedMessage EncodeTensorMessage(const google::protobuf::MessageLite& header, int tensor_field,
-                                   const void* data, size_t bytes,
-                                   std::shared_ptr<const void> owner);
+                                   const Pieces& data);
 grpc::ByteBuffer ToByteBuffer(const EncodedMessage& m);
 grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& entries);
 
@@ -60,10 +60,12 @@ constexpr int kPullValueField = 1;    // PullResponse.value
 constexpr int kManyEntriesField = 1;  // PushPullManyRequest/Response.entries
 
 // DecodeWithTensor: parses `buffer` into `header`, except the data of the
-// tensor field (number `tensor_field`; 0 for a message without one), which
-// it copies to the memory that `sink(bytes)` returns. Malformed input, or
-// a sink error, is an error (INVALID_ARGUMENT unless the sink says other).
-using TensorSink = std::function<absl::StatusOr<void*>(size_t bytes)>;
+// tensor field (number `tensor_field`; 0 for a message without one): it
+// calls sink(offset, bytes) with where they lie in the buffer and copies
+// them to the memory the sink returns, or leaves them if it returns
+// nullptr (see PiecesOf). Malformed input, or a sink error, is an error
+// (INVALID_ARGUMENT unless the sink says other).
+using TensorSink = std::function<absl::StatusOr<void*>(size_t offset, size_t bytes)>;
 absl::Status DecodeWithTensor(const grpc::ByteBuffer& buffer, int tensor_field,
                               google::protobuf::MessageLite* header, const TensorSink& sink);
 
@@ -73,6 +75,10 @@ absl::Status DecodeWithTensor(const grpc::ByteBuffer& buffer, int tensor_field,
 absl::Status DecodeRepeated(const grpc::ByteBuffer& buffer, int field, int tensor_field,
                             const std::function<google::protobuf::MessageLite*(int)>& header,
                             const std::function<TensorSink(int)>& sink);
+
+// Bytes [offset, offset + bytes) of `buffer`, where they lie: references to
+// gRPC's slices, nothing copied. OUT_OF_RANGE past the buffer's end.
+absl::StatusOr<Pieces> PiecesOf(const grpc::ByteBuffer& buffer, size_t offset, size_t bytes);
 
 // Checks a decoded tensor's shape and dtype against the number of bytes
 // its data held.

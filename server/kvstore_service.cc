@@ -17,10 +17,12 @@ namespace mx {
 
 namespace {
 
-// Push and Pull, which carry tensors, are raw callback methods: the tensor
-// moves between gRPC's buffers and the shard with one copy (see
-// EncodeTensorMessage), and a pull waiting for a step holds no thread (the
-// shard answers it when the step completes). The other methods are small
+// Push and Pull, which carry tensors, are raw callback methods: a pushed
+// tensor stays in gRPC's receive buffers until the shard has summed it (or,
+// the only push of a step without an optimizer, is sent back from there),
+// values go out without copies (see EncodeTensorMessage), and a pull
+// waiting for a step holds no thread (the shard answers it when the step
+// completes). The other methods are small
 // and synchronous.
 using ServiceBase = proto::KVStoreService::WithRawCallbackMethod_Push<
     proto::KVStoreService::WithRawCallbackMethod_Pull<
@@ -96,10 +98,9 @@ class PullReactor : public grpc::ServerUnaryReactor {
       proto::PullResponse header;
       header.set_version(v->version);
       proto::Tensor* t = header.mutable_value();
-      t->add_shape(static_cast<int64_t>(v->data->size()));
+      t->add_shape(static_cast<int64_t>(v->data.bytes() / sizeof(float)));
       t->set_dtype(proto::FLOAT32);
-      entries.push_back(EncodeTensorMessage(header, kPullValueField, v->data->data(),
-                                            v->data->size() * sizeof(float), v->data));
+      entries.push_back(EncodeTensorMessage(header, kPullValueField, v->data));
     }
     *response_ = many_ ? EncodeRepeated(kManyEntriesField, entries) : ToByteBuffer(entries[0]);
     Finish(grpc::Status::OK);
@@ -139,7 +140,7 @@ class Service final : public ServiceBase {
   grpc::ServerUnaryReactor* Pull(grpc::CallbackServerContext*, const grpc::ByteBuffer* request,
                                  grpc::ByteBuffer* response) override {
     proto::PullRequest req;
-    absl::Status s = DecodeWithTensor(*request, 0, &req, nullptr);
+    absl::Status s = DecodeWithTensor(*request, 0, &req, nullptr);  // no tensor
     auto* reactor = new PullReactor(shard_, response, /*many=*/false);
     reactor->Start(Prefix(s, "pull", req.key()), {{req.key(), req.min_version()}});
     return reactor;
@@ -190,8 +191,8 @@ class Service final : public ServiceBase {
   // Decodes a push into *req (all but the data) and gives it to the shard.
   absl::Status HandlePush(const grpc::ByteBuffer& request, proto::PushRequest* req) {
     PushData data;
-    absl::Status s = DecodeWithTensor(request, kPushValueField, req, Sink(&data));
-    return Apply(s, *req, &data);
+    absl::Status s = DecodeWithTensor(request, kPushValueField, req, Locate(&data));
+    return Apply(s, request, *req, data);
   }
 
   // The same for every entry of a PushPullManyRequest; *wanted: what to
@@ -203,36 +204,38 @@ class Service final : public ServiceBase {
     absl::Status s = DecodeRepeated(
         request, kManyEntriesField, kPushValueField,
         [&](int) { return &reqs.emplace_back(); },
-        [&](int) { return Sink(&data.emplace_back()); });
+        [&](int) { return Locate(&data.emplace_back()); });
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat("pushpull: ", s.message()));
     for (size_t i = 0; i < reqs.size(); ++i) {
-      MX_RETURN_IF_ERROR(Apply(absl::OkStatus(), reqs[i], &data[i]));
+      MX_RETURN_IF_ERROR(Apply(absl::OkStatus(), request, reqs[i], data[i]));
       wanted->push_back({reqs[i].key(), reqs[i].min_version()});
     }
     if (wanted->empty()) return absl::InvalidArgumentError("pushpull of no keys");
     return absl::OkStatus();
   }
 
+  // Where a push's data lie in the request.
   struct PushData {
-    std::vector<float> values;
-    size_t bytes = 0;
+    size_t offset = 0, bytes = 0;
     bool received = false;
   };
-  // Receives a push's data into a recycled buffer of the shard.
-  TensorSink Sink(PushData* data) {
-    return [this, data](size_t bytes) -> absl::StatusOr<void*> {
-      data->bytes = bytes;
-      data->received = true;
-      data->values = shard_->TakeBuffer((bytes + sizeof(float) - 1) / sizeof(float));
-      return static_cast<void*>(data->values.data());
+  // A sink that leaves the data in the request's buffers and notes where.
+  static TensorSink Locate(PushData* data) {
+    return [data](size_t offset, size_t bytes) -> absl::StatusOr<void*> {
+      *data = {offset, bytes, true};
+      return nullptr;
     };
   }
-  // Checks a decoded push (decode status `s`) and gives it to the shard.
-  absl::Status Apply(absl::Status s, const proto::PushRequest& req, PushData* data) {
-    if (s.ok() && !data->received) s = absl::InvalidArgumentError("no value");
-    if (s.ok()) s = TensorShape(req.value(), data->bytes).status();
+  // Checks a decoded push (decode status `s`) and gives it to the shard:
+  // its data as they lie in the request's buffers, which the shard holds.
+  absl::Status Apply(absl::Status s, const grpc::ByteBuffer& request,
+                     const proto::PushRequest& req, const PushData& data) {
+    if (s.ok() && !data.received) s = absl::InvalidArgumentError("no value");
+    if (s.ok()) s = TensorShape(req.value(), data.bytes).status();
     if (!s.ok()) return Prefix(s, "push", req.key());
-    return shard_->Push(req.key(), req.rank(), std::move(data->values));
+    absl::StatusOr<Pieces> pieces = PiecesOf(request, data.offset, data.bytes);
+    if (!pieces.ok()) return Prefix(pieces.status(), "push", req.key());
+    return shard_->Push(req.key(), req.rank(), *std::move(pieces));
   }
 
   ParameterShard* shard_;

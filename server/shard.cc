@@ -37,7 +37,7 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
   }
   Key& k = keys_[key];
   k.shape = shape;
-  k.value = Publish(value);
+  k.value = Pieces::Of(value);
   if (optimizer_ == nullptr) return absl::OkStatus();
   // A slice of a big key takes the name of its key (proto/slice_key.h).
   if (BaseKey(key) != key) optimizer_->SetParamNames(SliceKeyNames());
@@ -51,19 +51,43 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
 }
 
 void ParameterShard::CopyWeights(Key* k) {
-  k->weight = FromVector(*k->value, k->shape);
+  k->weight = Empty(k->shape);
+  k->value.CopyTo(0, k->value.bytes(), k->weight.data());
   k->grad = Empty(k->shape);
 }
 
-std::shared_ptr<const std::vector<float>> ParameterShard::Publish(std::vector<float> buffer) {
-  return std::shared_ptr<const std::vector<float>>(
-      new std::vector<float>(std::move(buffer)), [pool = pool_](const std::vector<float>* v) {
-        pool->Give(std::move(*const_cast<std::vector<float>*>(v)));
+Pieces ParameterShard::Publish(std::vector<float> buffer) {
+  auto owned = std::shared_ptr<std::vector<float>>(
+      new std::vector<float>(std::move(buffer)), [pool = pool_](std::vector<float>* v) {
+        pool->Give(std::move(*v));
         delete v;
       });
+  return Pieces::Of(owned->data(), owned->size(), owned);
 }
 
-absl::Status ParameterShard::Push(int key, int rank, std::vector<float> value) {
+namespace {
+
+// sum = pushes[0] + pushes[1] + ... (n floats each), added in that order,
+// a block at a time: each block of the inputs is read once, from wherever
+// it lies, and the sum is written once.
+void Sum(const std::vector<Pieces>& pushes, size_t n, float* sum) {
+  constexpr size_t kBlock = 8192;  // floats: the block and its addend stay in cache
+  std::vector<float> addend(std::min(n, kBlock));
+  for (size_t begin = 0; begin < n; begin += kBlock) {
+    const size_t m = std::min(kBlock, n - begin);
+    float* __restrict s = sum + begin;
+    pushes[0].CopyTo(begin * sizeof(float), m * sizeof(float), s);
+    for (size_t p = 1; p < pushes.size(); ++p) {
+      pushes[p].CopyTo(begin * sizeof(float), m * sizeof(float), addend.data());
+      const float* __restrict x = addend.data();
+      for (size_t i = 0; i < m; ++i) s[i] += x[i];
+    }
+  }
+}
+
+}  // namespace
+
+absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
   Answers answers;
   {
     absl::MutexLock lock(&mu_);
@@ -79,16 +103,16 @@ absl::Status ParameterShard::Push(int key, int rank, std::vector<float> value) {
       return absl::UnavailableError(absl::StrCat("push of key ", key, ": ", closed_));
     }
     MX_ASSIGN_OR_RETURN(Key * k, Find(key));
-    if (static_cast<int64_t>(value.size()) != k->shape.Size()) {
+    if (value.bytes() != k->shape.Size() * sizeof(float)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "push of key ", key, " from worker ", rank, ": ", value.size(),
+          "push of key ", key, " from worker ", rank, ": ", value.bytes() / sizeof(float),
           " values but the key holds ", k->shape.ToString(), " (", k->shape.Size(), ")"));
     }
     if (options_.sync) {
       k->pending[rank].push_back(std::move(value));
       MaybeComplete(key, k, &answers);
     } else {
-      Apply(key, k, std::move(value));
+      Apply(key, k, {std::move(value)});
       TakeAnswered(key, k, &answers);
     }
   }
@@ -101,41 +125,38 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
   for (;;) {
     if (live_.empty() || !MissingPushes(*k).empty()) break;
     // Rank order (live_ is sorted): the same bits every run.
-    std::vector<float> sum;
+    std::vector<Pieces> pushes;
     for (int r : live_) {
-      std::vector<float>& v = k->pending[r].front();
-      if (sum.empty()) {
-        sum = std::move(v);
-      } else {
-        float* __restrict s = sum.data();
-        const float* __restrict x = v.data();
-        for (size_t i = 0; i < sum.size(); ++i) s[i] += x[i];
-        pool_->Give(std::move(v));
-      }
+      pushes.push_back(std::move(k->pending[r].front()));
       k->pending[r].pop_front();
     }
-    Apply(id, k, std::move(sum));
+    Apply(id, k, std::move(pushes));
   }
   TakeAnswered(id, k, answers);
 }
 
-void ParameterShard::Apply(int id, Key* k, std::vector<float> sum) {
+void ParameterShard::Apply(int id, Key* k, std::vector<Pieces> pushes) {
   ++k->version;
+  const size_t n = k->shape.Size();
   if (optimizer_ == nullptr) {
+    if (pushes.size() == 1) {
+      k->value = std::move(pushes[0]);  // as it arrived
+      return;
+    }
+    std::vector<float> sum = pool_->Take(n);
+    Sum(pushes, n, sum.data());
     k->value = Publish(std::move(sum));
     return;
   }
-  k->grad.SyncCopyFromCPU(sum.data(), sum.size());
-  pool_->Give(std::move(sum));
+  k->grad.WaitToWrite();  // the last update has read it
+  Sum(pushes, n, k->grad.data());
   optimizer_->Update(id, k->weight, k->grad);
   // The answers of the last version may still hold its buffer: the new
   // version is a copy.
-  std::vector<float> next = pool_->Take(k->weight.size());
-  k->weight.SyncCopyToCPU(next.data(), next.size());
+  std::vector<float> next = pool_->Take(n);
+  k->weight.SyncCopyToCPU(next.data(), n);
   k->value = Publish(std::move(next));
 }
-
-std::vector<float> ParameterShard::TakeBuffer(size_t n) { return pool_->Take(n); }
 
 std::vector<float> ParameterShard::BufferPool::Take(size_t n) {
   {

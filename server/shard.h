@@ -52,6 +52,7 @@
 #include "absl/time/time.h"
 #include "kvstore/optimizer.h"
 #include "ndarray/base.h"
+#include "proto/pieces.h"
 
 namespace mx {
 
@@ -69,21 +70,22 @@ class ParameterShard {
   // (every worker may init); another shape is an error naming both.
   absl::Status Init(int key, const Shape& shape, const std::vector<float>& value);
 
-  // One worker's contribution to key. Returns when it is recorded (sync) or
-  // applied (async); the new value may be pending until the step completes.
-  absl::Status Push(int key, int rank, std::vector<float> value);
-
-  // A buffer of n floats for the next Push, recycled from completed steps
-  // when one of that size is free (no allocation, no page faults, no
-  // zero-fill: its contents are undefined).
-  std::vector<float> TakeBuffer(size_t n);
+  // One worker's contribution to key: floats where they lie (the pieces of
+  // the network buffers it arrived in), held until its step is summed.
+  // Returns when it is recorded (sync) or applied (async); the new value
+  // may be pending until the step completes.
+  absl::Status Push(int key, int rank, Pieces value);
+  absl::Status Push(int key, int rank, std::vector<float> value) {
+    return Push(key, rank, Pieces::Of(std::move(value)));
+  }
 
   // A version of a key's value; every pull of that version shares it, and
-  // it never changes (the next version is another buffer). Its buffer goes
-  // back to the shard's free buffers when the last answer holding it is
-  // sent.
+  // it never changes (the next version is other memory). Without an
+  // optimizer, a step of one push publishes that push as it arrived; a sum
+  // is a buffer of the shard's, which it reuses once the last answer
+  // holding it is sent.
   struct Value {
-    std::shared_ptr<const std::vector<float>> data;
+    Pieces data;
     int64_t version = 0;
   };
   // The value of key once its version reaches min_version, waiting at most
@@ -128,15 +130,14 @@ class ParameterShard {
   };
   struct Key {
     Shape shape;
-    // The current value, as pulls get it. Without an optimizer a step's sum
-    // becomes it, uncopied.
-    std::shared_ptr<const std::vector<float>> value;
+    // The current value, as pulls get it.
+    Pieces value;
     int64_t version = 0;
     // With an optimizer: the weights it updates in place (equal to `value`
     // between steps) and the step's summed gradient.
     NDArray weight, grad;
     // Pushes not yet in a completed step, by rank, oldest first.
-    std::map<int, std::deque<std::vector<float>>> pending;
+    std::map<int, std::deque<Pieces>> pending;
     std::map<uint64_t, Waiter> waiters;  // pulls waiting for a version
   };
   // Answers to give once the lock is released.
@@ -148,15 +149,16 @@ class ParameterShard {
   std::optional<absl::StatusOr<Value>> Answer(int id, Key* key, int64_t min_version)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A value whose buffer returns to pool_ when its last holder drops it.
-  std::shared_ptr<const std::vector<float>> Publish(std::vector<float> buffer);
+  Pieces Publish(std::vector<float> buffer);
   // The optimizer's weights of a key: a copy of its value.
   static void CopyWeights(Key* key);
   // Moves the waiters of key that can be answered now to `answers`.
   void TakeAnswered(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Completes key's steps while every live worker has pushed.
   void MaybeComplete(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Applies `sum` to key: the optimizer, or replaces the value.
-  void Apply(int id, Key* key, std::vector<float> sum) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Applies the sum of `pushes` (in rank order) to key: the optimizer, or
+  // replaces the value.
+  void Apply(int id, Key* key, std::vector<Pieces> pushes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // param_names_, and for each slice key held, the name of its key.
   std::map<int, std::string> SliceKeyNames() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -173,10 +175,10 @@ class ParameterShard {
   std::map<int, std::string> param_names_ ABSL_GUARDED_BY(mu_);  // as the workers sent them
   uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 0;
 
-  // Spent push and value buffers, kept for TakeBuffer: a fresh 16 MiB
-  // buffer costs page faults and zero-fill on the order of a copy of it.
-  // Shared with the values published, which may outlive the shard (an
-  // answer still being sent).
+  // Spent sum buffers, kept for the next sums: a fresh 16 MiB buffer costs
+  // page faults and zero-fill on the order of a copy of it. Shared with
+  // the values published, which may outlive the shard (an answer still
+  // being sent).
   class BufferPool {
    public:
     std::vector<float> Take(size_t n);

@@ -138,7 +138,7 @@ TEST(DistSync, TwoServersTwoWorkersMatchASingleProcessBitForBit) {
     for (int server_key : {2, 2 + (1 << 24), 2 + (2 << 24)}) {
       auto slice = c.servers[s]->shard().Pull(server_key, kSteps, absl::Now() + absl::Seconds(1));
       if (!slice.ok()) continue;
-      elements += static_cast<int64_t>(slice->data->size());
+      elements += static_cast<int64_t>(slice->data.bytes() / sizeof(float));
       ++slices_per_server[s];
     }
   }

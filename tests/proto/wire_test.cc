@@ -39,7 +39,7 @@ proto::PushRequest Header(int key, int64_t n) {
 TEST(Wire, EncodedPushIsTheProtobufMessage) {
   const std::vector<float> data = {1.5f, -2, 3};
   auto owner = std::make_shared<std::vector<float>>(data);
-  grpc::ByteBuffer b = ToByteBuffer(EncodeTensorMessage(Header(7, 3), 3, owner->data(), 12, owner));
+  grpc::ByteBuffer b = ToByteBuffer(EncodeTensorMessage(Header(7, 3), 3, Pieces::Of(owner->data(), 3, owner)));
   proto::PushRequest parsed;
   ASSERT_TRUE(parsed.ParseFromString(Flatten(b)));
   EXPECT_EQ(parsed.key(), 7);
@@ -54,7 +54,7 @@ TEST(Wire, EncodingDoesNotCopyTheDataAndHoldsItsOwner) {
   auto owner = std::make_shared<std::vector<float>>(std::vector<float>{1, 2});
   std::weak_ptr<std::vector<float>> watch = owner;
   {
-    grpc::ByteBuffer b = ToByteBuffer(EncodeTensorMessage(Header(1, 2), 3, owner->data(), 8, owner));
+    grpc::ByteBuffer b = ToByteBuffer(EncodeTensorMessage(Header(1, 2), 3, Pieces::Of(owner->data(), 2, owner)));
     std::vector<grpc::Slice> slices;
     ASSERT_TRUE(b.Dump(&slices).ok());
     ASSERT_EQ(slices.size(), 2u);
@@ -71,11 +71,11 @@ TEST(Wire, DecodesPlainProtobufAndOwnEncoding) {
   plain.mutable_value()->set_data(values, sizeof(values));
   auto owner = std::make_shared<std::vector<float>>(std::vector<float>{4, 5});
   for (const grpc::ByteBuffer& b :
-       {Buffer(plain.SerializeAsString()), ToByteBuffer(EncodeTensorMessage(Header(3, 2), 3, owner->data(), 8, owner))}) {
+       {Buffer(plain.SerializeAsString()), ToByteBuffer(EncodeTensorMessage(Header(3, 2), 3, Pieces::Of(owner->data(), 2, owner)))}) {
     std::vector<float> out(2, 0);
     proto::PushRequest header;
     size_t got = 0;
-    absl::Status s = DecodeWithTensor(b, 3, &header, [&](size_t bytes) -> absl::StatusOr<void*> {
+    absl::Status s = DecodeWithTensor(b, 3, &header, [&](size_t, size_t bytes) -> absl::StatusOr<void*> {
       got = bytes;
       return static_cast<void*>(out.data());
     });
@@ -90,12 +90,48 @@ TEST(Wire, DecodesPlainProtobufAndOwnEncoding) {
   }
 }
 
+// A sink that returns nullptr leaves the data in the buffer and learns
+// where they lie; PiecesOf then hands them out uncopied, across slices.
+TEST(Wire, DataLeftInTheBufferArePiecesOfItsSlices) {
+  std::vector<float> values(64);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = 0.5f * i;
+  const size_t n = values.size() * sizeof(float);
+  proto::PushRequest plain = Header(3, values.size());
+  plain.mutable_value()->set_data(values.data(), n);
+  const std::string bytes = plain.SerializeAsString();
+  // Slices of 37 bytes (gRPC merges small ones): the floats straddle them.
+  std::vector<grpc::Slice> slices;
+  for (size_t at = 0; at < bytes.size(); at += 37) slices.emplace_back(bytes.substr(at, 37));
+  const grpc::ByteBuffer buffer(slices.data(), slices.size());
+  proto::PushRequest header;
+  size_t offset = 0, size = 0;
+  ASSERT_TRUE(DecodeWithTensor(buffer, 3, &header,
+                               [&](size_t at, size_t bytes) -> absl::StatusOr<void*> {
+                                 offset = at;
+                                 size = bytes;
+                                 return nullptr;
+                               })
+                  .ok());
+  EXPECT_EQ(header.key(), 3);
+  ASSERT_EQ(size, n);
+  EXPECT_EQ(bytes.substr(offset, size), std::string(reinterpret_cast<const char*>(values.data()), n));
+  absl::StatusOr<Pieces> pieces = PiecesOf(buffer, offset, size);
+  ASSERT_TRUE(pieces.ok()) << pieces.status();
+  EXPECT_GE(pieces->pieces.size(), n / 37);
+  EXPECT_EQ(pieces->bytes(), n);
+  EXPECT_EQ(pieces->ToFloats(), values);
+  float middle[20];
+  pieces->CopyTo(6, sizeof(middle), middle);  // from the middle of a float
+  EXPECT_EQ(std::memcmp(middle, reinterpret_cast<const char*>(values.data()) + 6, sizeof(middle)), 0);
+  EXPECT_EQ(PiecesOf(buffer, offset, bytes.size()).status().code(), absl::StatusCode::kOutOfRange);
+}
+
 TEST(Wire, EmptyTensorCallsTheSinkWithZeroBytes) {
   proto::PushRequest h = Header(1, 0);
   size_t got = 99;
   proto::PushRequest header;
   ASSERT_TRUE(DecodeWithTensor(Buffer(h.SerializeAsString()), 3, &header,
-                               [&](size_t bytes) -> absl::StatusOr<void*> {
+                               [&](size_t, size_t bytes) -> absl::StatusOr<void*> {
                                  got = bytes;
                                  return nullptr;
                                })
@@ -104,7 +140,7 @@ TEST(Wire, EmptyTensorCallsTheSinkWithZeroBytes) {
 }
 
 TEST(Wire, BadBytesAreErrors) {
-  auto sink = [](size_t) -> absl::StatusOr<void*> {
+  auto sink = [](size_t, size_t) -> absl::StatusOr<void*> {
     static float space[4];
     return static_cast<void*>(space);
   };
@@ -126,7 +162,7 @@ TEST(Wire, BadBytesAreErrors) {
   EXPECT_THAT(s.message(), HasSubstr("twice"));
   // The sink's refusal is the error.
   s = DecodeWithTensor(Buffer(big.SerializeAsString()), 3, &header,
-                       [](size_t) -> absl::StatusOr<void*> { return absl::DataLossError("no room"); });
+                       [](size_t, size_t) -> absl::StatusOr<void*> { return absl::DataLossError("no room"); });
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
 }
 

@@ -46,8 +46,8 @@ TEST(ShardSync, SumsInRankOrderBitForBitWhateverTheArrivalOrder) {
       for (int i = 0; i < 2; ++i) want[i] += value(step, r)[i];
     }
     // Without an optimizer the value is the sum (summation service).
-    EXPECT_EQ(std::memcmp((*got->data).data(), want.data(), sizeof(float) * 2), 0)
-        << "step " << step << ": " << (*got->data)[0] << " vs " << want[0];
+    EXPECT_EQ(std::memcmp(got->data.ToFloats().data(), want.data(), sizeof(float) * 2), 0)
+        << "step " << step << ": " << got->data.ToFloats()[0] << " vs " << want[0];
   }
 }
 
@@ -65,7 +65,7 @@ TEST(ShardSync, PullWaitsForEveryWorkerAndNamesTheMissingOnes) {
   auto got = shard.Pull(1, 1, Soon());
   late.join();
   ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_THAT((*got->data), ElementsAre(5));
+  EXPECT_THAT(got->data.ToFloats(), ElementsAre(5));
   // An older version is served at once.
   EXPECT_TRUE(shard.Pull(1, 0, absl::Now()).ok());
 }
@@ -81,11 +81,11 @@ TEST(ShardSync, AWorkerThatRunsAheadIsQueuedForTheNextStep) {
   auto step1 = shard.Pull(1, 1, Soon());
   ASSERT_TRUE(step1.ok());
   EXPECT_EQ(step1->version, 1);
-  EXPECT_THAT((*step1->data), ElementsAre(3));  // 1 + 2
+  EXPECT_THAT(step1->data.ToFloats(), ElementsAre(3));  // 1 + 2
   ASSERT_TRUE(shard.Push(1, 1, {20}).ok());
   auto step2 = shard.Pull(1, 2, Soon());
   ASSERT_TRUE(step2.ok());
-  EXPECT_THAT((*step2->data), ElementsAre(30));  // 10 + 20
+  EXPECT_THAT(step2->data.ToFloats(), ElementsAre(30));  // 10 + 20
 }
 
 TEST(ShardSync, OptimizerRunsOncePerStep) {
@@ -95,8 +95,8 @@ TEST(ShardSync, OptimizerRunsOncePerStep) {
   for (int r = 0; r < 3; ++r) ASSERT_TRUE(shard.Push(2, r, {1, 2}).ok());
   auto got = shard.Pull(2, 1, Soon());
   ASSERT_TRUE(got.ok());
-  EXPECT_FLOAT_EQ((*got->data)[0], 1 - 0.1f * 3);
-  EXPECT_FLOAT_EQ((*got->data)[1], 1 - 0.1f * 6);
+  EXPECT_FLOAT_EQ(got->data.ToFloats()[0], 1 - 0.1f * 3);
+  EXPECT_FLOAT_EQ(got->data.ToFloats()[1], 1 - 0.1f * 6);
   EXPECT_EQ(got->version, 1);
   EXPECT_FALSE(shard.SetOptimizer("sgdd", {}).ok());
 }
@@ -109,7 +109,7 @@ TEST(ShardAsync, AppliesEachPushOnArrival) {
   ASSERT_TRUE(shard.Push(3, 1, {1}).ok());  // async: no per-step limit
   auto got = shard.Pull(3, 2, Soon());
   ASSERT_TRUE(got.ok());
-  EXPECT_THAT((*got->data), ElementsAre(-2));
+  EXPECT_THAT(got->data.ToFloats(), ElementsAre(-2));
   EXPECT_EQ(got->version, 2);
 }
 
@@ -139,7 +139,7 @@ TEST(ShardFailures, ElasticShardCompletesStepsWithoutTheDeadWorker) {
   shard.MarkDead(1);
   auto got = shard.Pull(1, 1, Soon());
   ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_THAT((*got->data), ElementsAre(5));
+  EXPECT_THAT(got->data.ToFloats(), ElementsAre(5));
   EXPECT_THAT(shard.live_workers(), ElementsAre(0, 2));
   // The next step needs only the two live workers.
   ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
@@ -181,50 +181,77 @@ TEST(ShardFailures, BadRequestsAreErrorsAndTheShardKeepsServing) {
   EXPECT_THAT(shard.Push(1, 5, {1, 2}).message(), HasSubstr("rank 5 is outside 0..1"));
   auto v = shard.Pull(1, 0, Soon());
   ASSERT_TRUE(v.ok());
-  EXPECT_THAT((*v->data), ElementsAre(1, 2));
+  EXPECT_THAT(v->data.ToFloats(), ElementsAre(1, 2));
 }
 
-// Without an optimizer a step's sum is summed into the first rank's push
-// buffer and published as it is, uncopied; buffers come back once nothing
-// holds them, so a server's steady state allocates nothing per push.
-TEST(ParameterShard, StepsReuseTheirBuffers) {
-  ParameterShard shard({true, 2, false});
-  ASSERT_TRUE(shard.Init(1, Shape{3}, {0, 0, 0}).ok());
-  const float* pa;
+// Without an optimizer the only push of a step is the value as it came
+// (nothing copied); a sum is a buffer of the shard's, reused once nothing
+// holds it, so a server's steady state allocates nothing per step.
+TEST(ParameterShard, ValuesAreThePushOrAReusedSumBuffer) {
+  ParameterShard one({true, 1, false});
+  ASSERT_TRUE(one.Init(1, Shape{2}, {0, 0}).ok());
+  auto pushed = std::make_shared<std::vector<float>>(std::vector<float>{1, 2});
+  ASSERT_TRUE(one.Push(1, 0, Pieces::Of(pushed->data(), 2, pushed)).ok());
+  auto v = one.Pull(1, 1, absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(v->data.pieces[0].data(), reinterpret_cast<const char*>(pushed->data()));
+
+  ParameterShard two({true, 2, false});
+  ASSERT_TRUE(two.Init(1, Shape{3}, {0, 0, 0}).ok());
+  const char* first_sum;
   {
-    std::vector<float> a = shard.TakeBuffer(3), b = shard.TakeBuffer(3);
-    a.assign({1, 1, 1});
-    b.assign({2, 2, 2});
-    pa = a.data();
-    const float* pb = b.data();
-    ASSERT_TRUE(shard.Push(1, 0, std::move(a)).ok());
-    ASSERT_TRUE(shard.Push(1, 1, std::move(b)).ok());
-    auto got = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
+    ASSERT_TRUE(two.Push(1, 0, {1, 1, 1}).ok());
+    ASSERT_TRUE(two.Push(1, 1, {2, 2, 2}).ok());
+    auto got = two.Pull(1, 1, absl::Now() + absl::Seconds(5));
     ASSERT_TRUE(got.ok()) << got.status();
-    EXPECT_THAT(*got->data, ElementsAre(3, 3, 3));
-    EXPECT_EQ(got->data->data(), pa);
+    EXPECT_THAT(got->data.ToFloats(), ElementsAre(3, 3, 3));
+    first_sum = got->data.pieces[0].data();
     // Pulls of one version share it.
-    auto second = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
+    auto second = two.Pull(1, 1, absl::Now() + absl::Seconds(5));
     ASSERT_TRUE(second.ok());
-    EXPECT_EQ(second->data.get(), got->data.get());
-    // Rank 1's buffer and the initial value's are free; the value's is not.
-    std::vector<float> c = shard.TakeBuffer(3), d = shard.TakeBuffer(3);
-    EXPECT_THAT((std::vector<const float*>{c.data(), d.data()}), Contains(pb));
-    EXPECT_THAT((std::vector<const float*>{c.data(), d.data()}), Not(Contains(pa)));
-    EXPECT_EQ(shard.TakeBuffer(4).size(), 4u);  // another size: a new buffer
-    c.assign({1, 1, 1});
-    d.assign({1, 1, 1});
-    ASSERT_TRUE(shard.Push(1, 0, std::move(c)).ok());
-    ASSERT_TRUE(shard.Push(1, 1, std::move(d)).ok());
-    // Version 2 replaced it, but these answers still hold version 1.
-    EXPECT_THAT(*got->data, ElementsAre(3, 3, 3));
+    EXPECT_EQ(second->data.pieces[0].data(), first_sum);
+    // Step 2 needs a buffer while these answers hold step 1's: another.
+    ASSERT_TRUE(two.Push(1, 0, {1, 1, 1}).ok());
+    ASSERT_TRUE(two.Push(1, 1, {1, 1, 1}).ok());
+    auto step2 = two.Pull(1, 2, absl::Now() + absl::Seconds(5));
+    ASSERT_TRUE(step2.ok());
+    EXPECT_THAT(step2->data.ToFloats(), ElementsAre(2, 2, 2));
+    EXPECT_NE(step2->data.pieces[0].data(), first_sum);
+    EXPECT_THAT(got->data.ToFloats(), ElementsAre(3, 3, 3));  // unchanged
   }
-  // Now nothing does.
-  std::vector<float> e = shard.TakeBuffer(3), f = shard.TakeBuffer(3);
-  EXPECT_THAT((std::vector<const float*>{e.data(), f.data()}), Contains(pa));
-  auto v2 = shard.Pull(1, 2, absl::Now() + absl::Seconds(5));
-  ASSERT_TRUE(v2.ok());
-  EXPECT_THAT(*v2->data, ElementsAre(2, 2, 2));
+  // Nothing holds step 1's now: step 3 reuses it.
+  ASSERT_TRUE(two.Push(1, 0, {4, 4, 4}).ok());
+  ASSERT_TRUE(two.Push(1, 1, {1, 1, 1}).ok());
+  auto step3 = two.Pull(1, 3, absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(step3.ok());
+  EXPECT_THAT(step3->data.ToFloats(), ElementsAre(5, 5, 5));
+  EXPECT_EQ(step3->data.pieces[0].data(), first_sum);
+}
+
+// Pushes may lie in pieces of any length (network buffers): a float may
+// straddle two. The sum is the same.
+TEST(ParameterShard, SumsPushesLyingInPieces) {
+  ParameterShard shard({true, 2, false});
+  const int n = 20000;  // more than one summing block
+  std::vector<float> a(n), b(n);
+  for (int i = 0; i < n; ++i) {
+    a[i] = 0.25f * i;
+    b[i] = 1.0f / (i + 1);
+  }
+  ASSERT_TRUE(shard.Init(1, Shape{n}, std::vector<float>(n)).ok());
+  auto bytes = std::make_shared<std::vector<float>>(b);
+  Pieces split;
+  split.owner = bytes;
+  const char* base = reinterpret_cast<const char*>(bytes->data());
+  for (size_t at = 0, len = 1; at < n * sizeof(float); at += len, len = len * 3 % 4093 + 1) {
+    split.pieces.emplace_back(base + at, std::min(len, n * sizeof(float) - at));
+  }
+  ASSERT_TRUE(shard.Push(1, 1, std::move(split)).ok());
+  ASSERT_TRUE(shard.Push(1, 0, a).ok());
+  auto got = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(got.ok());
+  const std::vector<float> sum = got->data.ToFloats();
+  for (int i = 0; i < n; ++i) ASSERT_EQ(sum[i], a[i] + b[i]) << i;
 }
 
 // With an optimizer each version is a buffer of its own too: an answer
@@ -236,12 +263,12 @@ TEST(ParameterShard, OptimizerStepsPublishNewBuffers) {
   ASSERT_TRUE(shard.Push(1, 0, {1, 2}).ok());
   auto v1 = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
   ASSERT_TRUE(v1.ok());
-  EXPECT_THAT(*v1->data, ElementsAre(0.5f, 0));
+  EXPECT_THAT(v1->data.ToFloats(), ElementsAre(0.5f, 0));
   ASSERT_TRUE(shard.Push(1, 0, {1, 2}).ok());
   auto v2 = shard.Pull(1, 2, absl::Now() + absl::Seconds(5));
   ASSERT_TRUE(v2.ok());
-  EXPECT_THAT(*v2->data, ElementsAre(0, -1));
-  EXPECT_THAT(*v1->data, ElementsAre(0.5f, 0));
+  EXPECT_THAT(v2->data.ToFloats(), ElementsAre(0, -1));
+  EXPECT_THAT(v1->data.ToFloats(), ElementsAre(0.5f, 0));
 }
 
 }  // namespace
