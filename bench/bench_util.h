@@ -35,25 +35,31 @@ inline double MedianSeconds(int reps, const std::function<void()>& fn) {
   return t[t.size() / 2];
 }
 
-// Runs a and b alternately `rounds` times (so drift on a shared machine hits
-// both alike) and returns their median times.
-inline std::pair<double, double> MedianPair(int rounds,
-                                            const std::function<void()>& a,
-                                            const std::function<void()>& b) {
-  a();
-  b();
-  std::vector<double> ta, tb;
+// Runs fns in turn `rounds` times (so drift on a shared machine hits all
+// alike), after one warm-up call each; returns their median times.
+inline std::vector<double> MedianTurns(int rounds, const std::vector<std::function<void()>>& fns) {
+  for (const auto& fn : fns) fn();
+  std::vector<std::vector<double>> t(fns.size());
   for (int i = 0; i < rounds; ++i) {
-    double s = NowSeconds();
-    a();
-    ta.push_back(NowSeconds() - s);
-    s = NowSeconds();
-    b();
-    tb.push_back(NowSeconds() - s);
+    for (size_t f = 0; f < fns.size(); ++f) {
+      const double s = NowSeconds();
+      fns[f]();
+      t[f].push_back(NowSeconds() - s);
+    }
   }
-  std::sort(ta.begin(), ta.end());
-  std::sort(tb.begin(), tb.end());
-  return {ta[ta.size() / 2], tb[tb.size() / 2]};
+  std::vector<double> medians;
+  for (std::vector<double>& ts : t) {
+    std::sort(ts.begin(), ts.end());
+    medians.push_back(ts[ts.size() / 2]);
+  }
+  return medians;
+}
+
+// MedianTurns of two.
+inline std::pair<double, double> MedianPair(int rounds, const std::function<void()>& a,
+                                            const std::function<void()>& b) {
+  const std::vector<double> m = MedianTurns(rounds, {a, b});
+  return {m[0], m[1]};
 }
 
 inline void Report(const std::string& name, double value,
