@@ -13,6 +13,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <set>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -73,7 +74,7 @@ const std::string kPushPullManyMethod = "/mx.proto.KVStoreService/PushPullMany";
 
 // What operations in flight need: shared with them, so that they may
 // outlive the store.
-struct Conn {
+struct Conn : std::enable_shared_from_this<Conn> {
   DistKVStoreOptions options;
   std::vector<std::unique_ptr<proto::KVStoreService::Stub>> stubs;
   // Push and Pull go through raw byte buffers (EncodeTensorMessage), over
@@ -85,31 +86,50 @@ struct Conn {
     std::lock_guard<std::mutex> lock(mu);
     return failure;
   }
+  // Also cancels the calls in flight, which then fail with `s`: a node that
+  // hangs (stopped, partitioned) keeps its connections open, and calls to
+  // it would otherwise wait for their deadline.
   void Fail(absl::Status s) {
-    std::lock_guard<std::mutex> lock(mu);
-    if (failure.ok()) failure = std::move(s);
+    std::vector<std::shared_ptr<Call>> calls;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!failure.ok()) return;
+      failure = std::move(s);
+      calls.assign(in_flight.begin(), in_flight.end());
+    }
+    for (const std::shared_ptr<Call>& call : calls) call->ctx.TryCancel();
   }
-  mutable std::mutex mu;
-  absl::Status failure;  // guarded by mu
 
   // Starts a call of `method` on `server` through the raw stub, with the
-  // store's deadline; `done` receives the status and the response.
-  // `key` picks the connection: one key's calls keep their order.
+  // store's deadline; `done` receives the status and the response: the
+  // store's failure instead of any error once it has one. `key` picks the
+  // connection: one key's calls keep their order.
   void CallRaw(int server, int key, const std::string& method, grpc::ByteBuffer request,
                std::function<void(grpc::Status, const grpc::ByteBuffer&)> done) {
-    struct Call {
-      grpc::ClientContext ctx;
-      grpc::ByteBuffer req, resp;
-    };
-    auto* call = new Call;
+    auto call = std::make_shared<Call>();
+    absl::Status failed;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      failed = failure;
+      if (failed.ok()) in_flight.insert(call);
+    }
+    if (!failed.ok()) {  // no call
+      done(ToGrpc(failed), call->resp);
+      return;
+    }
     call->ctx.set_deadline(Deadline());
     call->req = std::move(request);
     const auto& stubs = raw_stubs[server];
     stubs[static_cast<uint32_t>(key) % stubs.size()]->UnaryCall(
         &call->ctx, method, grpc::StubOptions(), &call->req, &call->resp,
-        [call, done = std::move(done)](grpc::Status s) {
-          done(s, call->resp);
-          delete call;
+        [self = shared_from_this(), call, done = std::move(done)](grpc::Status s) {
+          absl::Status failed;
+          {
+            std::lock_guard<std::mutex> lock(self->mu);
+            self->in_flight.erase(call);
+            failed = self->failure;
+          }
+          done(s.ok() || failed.ok() ? s : ToGrpc(failed), call->resp);
         });
   }
 
@@ -121,6 +141,15 @@ struct Conn {
     return absl::Status(s.code(), absl::StrCat(what, " of key ", key, " on server ", server, " (",
                                                options.servers[server], "): ", s.message()));
   }
+
+ private:
+  struct Call {
+    grpc::ClientContext ctx;
+    grpc::ByteBuffer req, resp;
+  };
+  mutable std::mutex mu;
+  absl::Status failure;                           // guarded by mu
+  std::set<std::shared_ptr<Call>> in_flight;      // guarded by mu
 };
 
 class DistKVStore : public KVStore {

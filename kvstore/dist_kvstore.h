@@ -48,8 +48,8 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOpti
 // KVStore::Create("dist_sync" | "dist_async") for a worker started by the
 // launcher: registers with the coordinator at MX_COORDINATOR (host:port) or
 // DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT, learns its rank and the servers, and
-// heartbeats every second; a node the coordinator declares dead makes later
-// calls fail with its role, rank and address. MX_RPC_TIMEOUT_S bounds every
+// heartbeats every second; a node the coordinator declares dead makes the
+// calls in flight and later calls fail with its role, rank and address. MX_RPC_TIMEOUT_S bounds every
 // call (default 30). MX_ELASTIC=1 (set by `launch.py --elastic`) makes the
 // store ignore dead workers (DistKVStoreOptions::elastic); the servers and
 // the coordinator must then run with --elastic too.

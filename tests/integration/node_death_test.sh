@@ -64,4 +64,25 @@ every_worker_failed_naming server_elastic "$named"
 kill_daemon_during_job coordinator_elastic coordinator --elastic
 every_worker_failed_naming coordinator_elastic "the coordinator is unreachable"
 
+# A server that hangs (SIGSTOP) keeps its connections open, so no call to
+# it fails on its own before the 30 s RPC deadline: the coordinator declares
+# it dead, the workers cancel their calls in flight and fail naming it, and
+# the job stops within 15 s.
+log="$TMP/server_hung.log"
+start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000
+wait_for_line "$log" '^\[worker [01]\] Epoch\[0\]' 60 || fail "server_hung: no epoch finished"
+victim=$(started_pid "$log" "server 1")
+start=$(now_ms)
+[[ -n "$victim" ]] && kill -STOP "$victim"
+wait "$launcher"; rc=$?
+elapsed=$(( $(now_ms) - start ))
+echo "server_hung: the job stopped ${elapsed} ms after the hang (exit code $rc)"
+[[ $rc -ne 0 && $rc -ne 124 ]] || fail "server_hung: the job exited $rc"
+(( elapsed <= 15000 )) || fail "server_hung: the job took ${elapsed} ms to stop"
+named=$(server_as_named "server 1")
+[[ -n "$named" ]] || fail "server_hung: server 1 never served"
+every_worker_failed_naming server_hung "$named died: it stopped sending heartbeats"
+sleep 0.5
+assert_nothing_left "$log"
+
 finish
