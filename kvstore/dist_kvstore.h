@@ -49,10 +49,11 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOpti
 // launcher: registers with the coordinator at MX_COORDINATOR (host:port) or
 // DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT, learns its rank and the servers, and
 // heartbeats every second; a node the coordinator declares dead makes the
-// calls in flight and later calls fail with its role, rank and address. MX_RPC_TIMEOUT_S bounds every
-// call (default 30). MX_ELASTIC=1 (set by `launch.py --elastic`) makes the
-// store ignore dead workers (DistKVStoreOptions::elastic); the servers and
-// the coordinator must then run with --elastic too.
+// calls in flight and later calls fail with its role, rank and address.
+// MX_RPC_TIMEOUT_S bounds every call (default 30). MX_ELASTIC=1 (set by
+// `launch.py --elastic`) makes the store ignore dead workers
+// (DistKVStoreOptions::elastic); the servers and the coordinator must then
+// run with --elastic too.
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const std::string& type);
 
 // The server that holds a key below the bound (exposed for tests).

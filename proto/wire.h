@@ -11,8 +11,8 @@
 
 #include "absl/status/statusor.h"
 #include "ndarray/base.h"
-#include "proto/pieces.h"
 #include "proto/mx.pb.h"
+#include "proto/pieces.h"
 
 namespace mx {
 

@@ -22,8 +22,7 @@ namespace {
 // the only push of a step without an optimizer, is sent back from there),
 // values go out without copies (see EncodeTensorMessage), and a pull
 // waiting for a step holds no thread (the shard answers it when the step
-// completes). The other methods are small
-// and synchronous.
+// completes). The other methods are small and synchronous.
 using ServiceBase = proto::KVStoreService::WithRawCallbackMethod_Push<
     proto::KVStoreService::WithRawCallbackMethod_Pull<
         proto::KVStoreService::WithRawCallbackMethod_PushPull<

@@ -75,6 +75,7 @@ class ParameterShard {
   // Returns when it is recorded (sync) or applied (async); the new value
   // may be pending until the step completes.
   absl::Status Push(int key, int rank, Pieces value);
+  // The same for floats in a vector (tests; callers without a network).
   absl::Status Push(int key, int rank, std::vector<float> value) {
     return Push(key, rank, Pieces::Of(std::move(value)));
   }
