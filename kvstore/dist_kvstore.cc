@@ -25,15 +25,23 @@
 
 namespace mx {
 
-int ServerForKey(int key, int num_servers) {
-  // A 32-bit mix (murmur3's finalizer): neighbouring keys spread out.
+namespace {
+
+// A 32-bit mix (murmur3's finalizer): neighbouring keys spread out.
+uint32_t Mix(int key) {
   uint32_t h = static_cast<uint32_t>(key);
   h ^= h >> 16;
   h *= 0x85ebca6bu;
   h ^= h >> 13;
   h *= 0xc2b2ae35u;
   h ^= h >> 16;
-  return static_cast<int>(h % static_cast<uint32_t>(num_servers));
+  return h;
+}
+
+}  // namespace
+
+int ServerForKey(int key, int num_servers) {
+  return static_cast<int>(Mix(key) % static_cast<uint32_t>(num_servers));
 }
 
 namespace {
@@ -102,8 +110,10 @@ struct Conn : std::enable_shared_from_this<Conn> {
 
   // Starts a call of `method` on `server` through the raw stub, with the
   // store's deadline; `done` receives the status and the response: the
-  // store's failure instead of any error once it has one. `key` picks the
-  // connection: one key's calls keep their order.
+  // store's failure instead of any error once it has one. `key` (the key
+  // the server holds) picks the connection by bits of its hash that the
+  // choice of server did not use: one key's calls keep their order, and
+  // the slices of a big key on one server spread over its connections.
   void CallRaw(int server, int key, const std::string& method, grpc::ByteBuffer request,
                std::function<void(grpc::Status, const grpc::ByteBuffer&)> done) {
     auto call = std::make_shared<Call>();
@@ -120,7 +130,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
     call->ctx.set_deadline(Deadline());
     call->req = std::move(request);
     const auto& stubs = raw_stubs[server];
-    stubs[static_cast<uint32_t>(key) % stubs.size()]->UnaryCall(
+    stubs[Mix(key) / raw_stubs.size() % stubs.size()]->UnaryCall(
         &call->ctx, method, grpc::StubOptions(), &call->req, &call->resp,
         [self = shared_from_this(), call, done = std::move(done)](grpc::Status s) {
           absl::Status failed;
