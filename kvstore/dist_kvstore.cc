@@ -111,9 +111,10 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // Starts a call of `method` on `server` through the raw stub, with the
   // store's deadline; `done` receives the status and the response: the
   // store's failure instead of any error once it has one. `key` (the key
-  // the server holds) picks the connection by bits of its hash that the
-  // choice of server did not use: one key's calls keep their order, and
-  // the slices of a big key on one server spread over its connections.
+  // the server holds) picks the connection: one key's calls keep their
+  // order, and the slices of a big key on one server take its connections
+  // in turn (keys by bits of their hash that the choice of server did not
+  // use).
   void CallRaw(int server, int key, const std::string& method, grpc::ByteBuffer request,
                std::function<void(grpc::Status, const grpc::ByteBuffer&)> done) {
     auto call = std::make_shared<Call>();
@@ -130,7 +131,11 @@ struct Conn : std::enable_shared_from_this<Conn> {
     call->ctx.set_deadline(Deadline());
     call->req = std::move(request);
     const auto& stubs = raw_stubs[server];
-    stubs[Mix(key) / raw_stubs.size() % stubs.size()]->UnaryCall(
+    const size_t servers = raw_stubs.size();
+    // Slices are dealt round-robin: this server's are SliceOf = s, s +
+    // servers, s + 2 * servers, ...
+    const size_t turn = Mix(BaseKey(key)) / servers + SliceOf(key) / servers;
+    stubs[turn % stubs.size()]->UnaryCall(
         &call->ctx, method, grpc::StubOptions(), &call->req, &call->resp,
         [self = shared_from_this(), call, done = std::move(done)](grpc::Status s) {
           absl::Status failed;

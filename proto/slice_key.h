@@ -22,6 +22,8 @@ inline int SliceKey(int key, int slice) { return key + (slice << kSliceKeyShift)
 inline int BaseKey(int server_key) {
   return server_key >= 0 ? server_key & ((1 << kSliceKeyShift) - 1) : server_key;
 }
+// The slice a server key holds (0 for a key that is not a slice key).
+inline int SliceOf(int server_key) { return server_key >= 0 ? server_key >> kSliceKeyShift : 0; }
 
 }  // namespace mx
 
