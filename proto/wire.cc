@@ -160,9 +160,13 @@ EncodedMessage EncodeTensorMessage(const google::protobuf::MessageLite& header, 
   return m;
 }
 
-absl::StatusOr<Pieces> PiecesOf(const grpc::ByteBuffer& buffer, size_t offset, size_t bytes) {
+absl::StatusOr<Slices> SlicesOf(const grpc::ByteBuffer& buffer) {
   auto slices = std::make_shared<std::vector<grpc::Slice>>();
   if (!buffer.Dump(slices.get()).ok()) return absl::InternalError("cannot read a gRPC buffer");
+  return slices;
+}
+
+absl::StatusOr<Pieces> PiecesOf(const Slices& slices, size_t offset, size_t bytes) {
   Pieces out;
   size_t start = 0;  // of the current slice in the buffer
   for (const grpc::Slice& s : *slices) {
@@ -177,7 +181,7 @@ absl::StatusOr<Pieces> PiecesOf(const grpc::ByteBuffer& buffer, size_t offset, s
     return absl::OutOfRangeError(absl::StrCat("bytes ", offset, "..", offset + bytes,
                                               " of a buffer of ", start));
   }
-  out.owner = std::move(slices);
+  out.owner = slices;
   return out;
 }
 

@@ -76,9 +76,12 @@ absl::Status DecodeRepeated(const grpc::ByteBuffer& buffer, int field, int tenso
                             const std::function<google::protobuf::MessageLite*(int)>& header,
                             const std::function<TensorSink(int)>& sink);
 
-// Bytes [offset, offset + bytes) of `buffer`, where they lie: references to
-// gRPC's slices, nothing copied. OUT_OF_RANGE past the buffer's end.
-absl::StatusOr<Pieces> PiecesOf(const grpc::ByteBuffer& buffer, size_t offset, size_t bytes);
+// The slices of `buffer`: references, nothing copied.
+using Slices = std::shared_ptr<const std::vector<grpc::Slice>>;
+absl::StatusOr<Slices> SlicesOf(const grpc::ByteBuffer& buffer);
+// Bytes [offset, offset + bytes) of a buffer's slices, where they lie;
+// the pieces hold the slices. OUT_OF_RANGE past the buffer's end.
+absl::StatusOr<Pieces> PiecesOf(const Slices& slices, size_t offset, size_t bytes);
 
 // Checks a decoded tensor's shape and dtype against the number of bytes
 // its data held.

@@ -191,7 +191,9 @@ class Service final : public ServiceBase {
   absl::Status HandlePush(const grpc::ByteBuffer& request, proto::PushRequest* req) {
     PushData data;
     absl::Status s = DecodeWithTensor(request, kPushValueField, req, Locate(&data));
-    return Apply(s, request, *req, data);
+    absl::StatusOr<Slices> slices = SlicesOf(request);
+    if (s.ok()) s = slices.status();
+    return Apply(s, slices.ok() ? *slices : nullptr, *req, data);
   }
 
   // The same for every entry of a PushPullManyRequest; *wanted: what to
@@ -205,8 +207,9 @@ class Service final : public ServiceBase {
         [&](int) { return &reqs.emplace_back(); },
         [&](int) { return Locate(&data.emplace_back()); });
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat("pushpull: ", s.message()));
+    MX_ASSIGN_OR_RETURN(Slices slices, SlicesOf(request));  // once for every entry
     for (size_t i = 0; i < reqs.size(); ++i) {
-      MX_RETURN_IF_ERROR(Apply(absl::OkStatus(), request, reqs[i], data[i]));
+      MX_RETURN_IF_ERROR(Apply(absl::OkStatus(), slices, reqs[i], data[i]));
       wanted->push_back({reqs[i].key(), reqs[i].min_version()});
     }
     if (wanted->empty()) return absl::InvalidArgumentError("pushpull of no keys");
@@ -226,9 +229,9 @@ class Service final : public ServiceBase {
     };
   }
   // Checks a decoded push (decode status `s`) and gives it to the shard:
-  // its data as they lie in the request's buffers, which the shard holds.
-  absl::Status Apply(absl::Status s, const grpc::ByteBuffer& request,
-                     const proto::PushRequest& req, const PushData& data) {
+  // its data as they lie in the request's slices, which the shard holds.
+  absl::Status Apply(absl::Status s, const Slices& request, const proto::PushRequest& req,
+                     const PushData& data) {
     if (s.ok() && !data.received) s = absl::InvalidArgumentError("no value");
     if (s.ok()) s = TensorShape(req.value(), data.bytes).status();
     if (!s.ok()) return Prefix(s, "push", req.key());
