@@ -22,6 +22,7 @@
 #include "bench/bench_util.h"
 #include "kvstore/dist_kvstore.h"
 #include "server/kvstore_service.h"
+#include "server/shard.h"
 
 namespace mx::bench {
 namespace {
@@ -241,7 +242,42 @@ void MlpStep(Cluster& c, const std::string& config, int* next_key) {
   Report("dist_mlp_step_comm_p50_" + config, lat[150], "us", 0, 0, "info");
 }
 
+// A server sums the steps of different keys at once: two threads push two
+// keys of 4 MiB (2 workers each) into a shard, against one thread pushing
+// the same.
+void ServerSums() {
+  if (!Wanted("dist_server_sum")) return;
+  constexpr int kKeys = 2, kWorkers = 2, kSteps = 20;
+  constexpr int64_t kN = 1 << 20;
+  ParameterShard shard({true, kWorkers, false});
+  for (int k = 0; k < kKeys; ++k) ThrowIfError(shard.Init(k, Shape{kN}, std::vector<float>(kN)));
+  std::vector<std::vector<float>> values;  // one per key and worker
+  for (int i = 0; i < kKeys * kWorkers; ++i) values.emplace_back(kN, 1.0f + i);
+  auto push_steps = [&](int key) {
+    for (int s = 0; s < kSteps; ++s) {
+      for (int w = 0; w < kWorkers; ++w) {
+        const std::vector<float>& v = values[key * kWorkers + w];
+        ThrowIfError(shard.Push(key, w, Pieces::Of(v.data(), v.size(), nullptr)));
+      }
+    }
+  };
+  auto two_threads = [&] {
+    std::thread other([&] { push_steps(1); });
+    push_steps(0);
+    other.join();
+  };
+  auto one_thread = [&] {
+    push_steps(0);
+    push_steps(1);
+  };
+  const std::vector<double> t = MedianTurns(5, {two_threads, one_thread});
+  const double bytes = 4.0 * kN * kKeys * kSteps * kWorkers;  // pushes summed
+  Report("dist_server_sum_2keys_2threads", bytes / t[0] / 1e9, "GB/s", bytes / t[1] / 1e9,
+         t[1] / t[0], ">=1.3");
+}
+
 void Run() {
+  ServerSums();
   int next_key = 100;
   for (int nodes : {1, 2}) {
     Cluster c(nodes, nodes);

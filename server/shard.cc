@@ -121,6 +121,7 @@ absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
 }
 
 void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
+  if (k->summing) return;  // that thread completes this step too
   // Steps complete while every live worker has a push queued.
   for (;;) {
     if (live_.empty() || !MissingPushes(*k).empty()) break;
@@ -130,7 +131,23 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
       pushes.push_back(std::move(k->pending[r].front()));
       k->pending[r].pop_front();
     }
-    Apply(id, k, std::move(pushes));
+    if (optimizer_ != nullptr || pushes.size() == 1) {
+      Apply(id, k, std::move(pushes));
+      continue;
+    }
+    // Summing reads every push: other keys need not wait for it. The key
+    // (a map node: its address is stable) keeps its version meanwhile.
+    const size_t n = k->shape.Size();
+    std::vector<float> sum = pool_->Take(n);
+    k->summing = true;
+    ++summing_;
+    mu_.Unlock();
+    Sum(pushes, n, sum.data());
+    mu_.Lock();
+    k->summing = false;
+    --summing_;
+    ++k->version;
+    k->value = Publish(std::move(sum));
   }
   TakeAnswered(id, k, answers);
 }
@@ -139,13 +156,7 @@ void ParameterShard::Apply(int id, Key* k, std::vector<Pieces> pushes) {
   ++k->version;
   const size_t n = k->shape.Size();
   if (optimizer_ == nullptr) {
-    if (pushes.size() == 1) {
-      k->value = std::move(pushes[0]);  // as it arrived
-      return;
-    }
-    std::vector<float> sum = pool_->Take(n);
-    Sum(pushes, n, sum.data());
-    k->value = Publish(std::move(sum));
+    k->value = std::move(pushes[0]);  // as it arrived
     return;
   }
   k->grad.WaitToWrite();  // the last update has read it
@@ -279,6 +290,9 @@ absl::Status ParameterShard::SetOptimizer(const std::string& name,
   opt->SetLrMult(lr_mult);
   opt->SetWdMult(wd_mult);
   absl::MutexLock lock(&mu_);
+  // A sum being made outside the lock becomes a value as summed, with no
+  // optimizer: let it land before the weights are copied from the values.
+  mu_.Await(absl::Condition(+[](int* summing) { return *summing == 0; }, &summing_));
   param_names_ = param_names;
   optimizer_ = std::move(opt);
   optimizer_->SetParamNames(SliceKeyNames());

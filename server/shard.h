@@ -140,6 +140,9 @@ class ParameterShard {
     // Pushes not yet in a completed step, by rank, oldest first.
     std::map<int, std::deque<Pieces>> pending;
     std::map<uint64_t, Waiter> waiters;  // pulls waiting for a version
+    // A thread is summing a step of this key outside the lock; it also
+    // completes the steps that become ready meanwhile (in order).
+    bool summing = false;
   };
   // Answers to give once the lock is released.
   using Answers = std::vector<std::pair<PullCallback, absl::StatusOr<Value>>>;
@@ -155,10 +158,13 @@ class ParameterShard {
   static void CopyWeights(Key* key);
   // Moves the waiters of key that can be answered now to `answers`.
   void TakeAnswered(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Completes key's steps while every live worker has pushed.
+  // Completes key's steps while every live worker has pushed. Without an
+  // optimizer it sums outside the lock (releasing and retaking it), so
+  // that a server's cores sum different keys at once.
   void MaybeComplete(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Applies the sum of `pushes` (in rank order) to key: the optimizer, or
-  // replaces the value.
+  // Applies a step's `pushes` (in rank order) to key: the optimizer to
+  // their sum, or, without one, a single push as the value (MaybeComplete
+  // sums several outside the lock).
   void Apply(int id, Key* key, std::vector<Pieces> pushes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::string DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // param_names_, and for each slice key held, the name of its key.
@@ -175,6 +181,7 @@ class ParameterShard {
   std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
   std::map<int, std::string> param_names_ ABSL_GUARDED_BY(mu_);  // as the workers sent them
   uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 0;
+  int summing_ ABSL_GUARDED_BY(mu_) = 0;  // keys with Key::summing set
 
   // Spent sum buffers, kept for the next sums: a fresh 16 MiB buffer costs
   // page faults and zero-fill on the order of a copy of it. Shared with

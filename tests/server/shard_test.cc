@@ -254,6 +254,51 @@ TEST(ParameterShard, SumsPushesLyingInPieces) {
   for (int i = 0; i < n; ++i) ASSERT_EQ(sum[i], a[i] + b[i]) << i;
 }
 
+// Steps of different keys are summed at once (outside the shard's lock),
+// and the steps of one key complete in order, each the rank-order sum of
+// its pushes, while workers run ahead and readers pull.
+TEST(ParameterShard, ConcurrentSumsStayExactAndInOrder) {
+  constexpr int kRanks = 3, kKeys = 4, kSteps = 30, kN = 1 << 18;
+  ParameterShard shard({true, kRanks, false});
+  for (int key = 0; key < kKeys; ++key) {
+    ASSERT_TRUE(shard.Init(key, Shape{kN}, std::vector<float>(kN)).ok());
+  }
+  // Rank 0's values are large: another order of addition rounds otherwise.
+  auto pushed = [](int key, int rank, int step) {
+    std::vector<float> v(kN);
+    for (int i = 0; i < kN; ++i) v[i] = (rank == 0 ? 1e6f * (key + 1) : 0.1f * (i % 7 + step)) + rank;
+    return v;
+  };
+  auto step_sum = [&](int key, int step) {
+    std::vector<float> sum = pushed(key, 0, step);
+    for (int r = 1; r < kRanks; ++r) {
+      const std::vector<float> v = pushed(key, r, step);
+      for (int i = 0; i < kN; ++i) sum[i] += v[i];
+    }
+    return sum;
+  };
+  std::vector<std::thread> threads;
+  for (int key = 0; key < kKeys; ++key) {
+    for (int rank = 0; rank < kRanks; ++rank) {
+      threads.emplace_back([&, key, rank] {
+        for (int step = 1; step <= kSteps; ++step) {
+          ASSERT_TRUE(shard.Push(key, rank, pushed(key, rank, step)).ok());
+        }
+      });
+    }
+    threads.emplace_back([&, key] {
+      for (int step = 1; step <= kSteps; ++step) {
+        auto got = shard.Pull(key, step, absl::Now() + absl::Seconds(20));
+        ASSERT_TRUE(got.ok()) << got.status();
+        ASSERT_GE(got->version, step);
+        ASSERT_TRUE(got->data.ToFloats() == step_sum(key, got->version))
+            << "key " << key << " version " << got->version;
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+}
+
 // With an optimizer each version is a buffer of its own too: an answer
 // being sent keeps the values it was given while the next step updates.
 TEST(ParameterShard, OptimizerStepsPublishNewBuffers) {
