@@ -242,15 +242,21 @@ void MlpStep(Cluster& c, const std::string& config, int* next_key) {
   Report("dist_mlp_step_comm_p50_" + config, lat[150], "us", 0, 0, "info");
 }
 
-// A server sums the steps of different keys at once: two threads push two
-// keys of 4 MiB (2 workers each) into a shard, against one thread pushing
-// the same.
-void ServerSums() {
-  if (!Wanted("dist_server_sum")) return;
+// A server completes the steps of different keys at once: two threads
+// push two keys of 4 MiB (2 workers each) into a shard, against one thread
+// pushing the same; the server sums, or with `optimizer` sums and applies
+// it.
+void ServerSteps(const std::string& optimizer) {
+  const std::string name =
+      "dist_server_" + (optimizer.empty() ? std::string("sum") : optimizer) + "_2keys_2threads";
+  if (!Wanted(name)) return;
   constexpr int kKeys = 2, kWorkers = 2, kSteps = 20;
   constexpr int64_t kN = 1 << 20;
   ParameterShard shard({true, kWorkers, false});
   for (int k = 0; k < kKeys; ++k) ThrowIfError(shard.Init(k, Shape{kN}, std::vector<float>(kN)));
+  if (!optimizer.empty()) {
+    ThrowIfError(shard.SetOptimizer(optimizer, {{"learning_rate", "0.01"}, {"momentum", "0.9"}}));
+  }
   std::vector<std::vector<float>> values;  // one per key and worker
   for (int i = 0; i < kKeys * kWorkers; ++i) values.emplace_back(kN, 1.0f + i);
   auto push_steps = [&](int key) {
@@ -272,12 +278,12 @@ void ServerSums() {
   };
   const std::vector<double> t = MedianTurns(5, {two_threads, one_thread});
   const double bytes = 4.0 * kN * kKeys * kSteps * kWorkers;  // pushes summed
-  Report("dist_server_sum_2keys_2threads", bytes / t[0] / 1e9, "GB/s", bytes / t[1] / 1e9,
-         t[1] / t[0], ">=1.3");
+  Report(name, bytes / t[0] / 1e9, "GB/s", bytes / t[1] / 1e9, t[1] / t[0], ">=1.3");
 }
 
 void Run() {
-  ServerSums();
+  ServerSteps("");
+  ServerSteps("sgd");
   int next_key = 100;
   for (int nodes : {1, 2}) {
     Cluster c(nodes, nodes);

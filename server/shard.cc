@@ -112,7 +112,7 @@ absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
       k->pending[rank].push_back(std::move(value));
       MaybeComplete(key, k, &answers);
     } else {
-      Apply(key, k, {std::move(value)});
+      ApplyAsync(key, k, std::move(value));
       TakeAnswered(key, k, &answers);
     }
   }
@@ -131,36 +131,52 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
       pushes.push_back(std::move(k->pending[r].front()));
       k->pending[r].pop_front();
     }
-    if (optimizer_ != nullptr || pushes.size() == 1) {
-      Apply(id, k, std::move(pushes));
+    if (optimizer_ == nullptr && pushes.size() == 1) {
+      ++k->version;
+      k->value = std::move(pushes[0]);  // as it arrived
       continue;
     }
-    // Summing reads every push: other keys need not wait for it. The key
-    // (a map node: its address is stable) keeps its version meanwhile.
-    const size_t n = k->shape.Size();
-    std::vector<float> sum = pool_->Take(n);
+    // Summing reads every push, and an update takes its time on the
+    // engine: other keys need not wait for either. The key (a map node:
+    // its address is stable) keeps its version meanwhile, and the
+    // optimizer stays (SetOptimizer waits for summing_ to drop to 0).
     k->summing = true;
     ++summing_;
-    mu_.Unlock();
-    Sum(pushes, n, sum.data());
-    mu_.Lock();
+    const size_t n = k->shape.Size();
+    std::vector<float> next = pool_->Take(n);
+    if (optimizer_ == nullptr) {
+      mu_.Unlock();
+      Sum(pushes, n, next.data());
+      mu_.Lock();
+    } else {
+      mu_.Unlock();
+      k->grad.WaitToWrite();  // the last update has read it
+      Sum(pushes, n, k->grad.data());
+      mu_.Lock();
+      optimizer_->Update(id, k->weight, k->grad);  // queued on the engine
+      mu_.Unlock();
+      // The answers of the last version may still hold its buffer: the new
+      // version is a copy.
+      k->weight.SyncCopyToCPU(next.data(), n);
+      mu_.Lock();
+    }
     k->summing = false;
     --summing_;
     ++k->version;
-    k->value = Publish(std::move(sum));
+    k->value = Publish(std::move(next));
   }
   TakeAnswered(id, k, answers);
 }
 
-void ParameterShard::Apply(int id, Key* k, std::vector<Pieces> pushes) {
+void ParameterShard::ApplyAsync(int id, Key* k, Pieces push) {
   ++k->version;
-  const size_t n = k->shape.Size();
   if (optimizer_ == nullptr) {
-    k->value = std::move(pushes[0]);  // as it arrived
+    k->value = std::move(push);  // as it arrived
     return;
   }
+  const size_t n = k->shape.Size();
   k->grad.WaitToWrite();  // the last update has read it
-  Sum(pushes, n, k->grad.data());
+  push.CopyTo(0, n * sizeof(float), k->grad.data());
   optimizer_->Update(id, k->weight, k->grad);
   // The answers of the last version may still hold its buffer: the new
   // version is a copy.
@@ -290,9 +306,9 @@ absl::Status ParameterShard::SetOptimizer(const std::string& name,
   opt->SetLrMult(lr_mult);
   opt->SetWdMult(wd_mult);
   absl::MutexLock lock(&mu_);
-  // A sum being made outside the lock becomes a value as summed, with no
-  // optimizer: let it land before the weights are copied from the values.
-  mu_.Await(absl::Condition(+[](int* summing) { return *summing == 0; }, &summing_));
+  // A step completing outside the lock uses the optimizer it started with
+  // (or none): let it land before the weights are copied from the values.
+  mu_.Await(NoStepInFlight());
   param_names_ = param_names;
   optimizer_ = std::move(opt);
   optimizer_->SetParamNames(SliceKeyNames());
@@ -316,6 +332,7 @@ std::map<int, std::string> ParameterShard::SliceKeyNames() const {
 
 absl::StatusOr<std::string> ParameterShard::SaveOptimizerStates() const {
   absl::MutexLock lock(&mu_);
+  mu_.Await(NoStepInFlight());  // its update would change the state
   if (optimizer_ == nullptr) {
     return absl::FailedPreconditionError("no optimizer is set on this server");
   }
@@ -324,6 +341,7 @@ absl::StatusOr<std::string> ParameterShard::SaveOptimizerStates() const {
 
 absl::Status ParameterShard::LoadOptimizerStates(const std::string& bytes) {
   absl::MutexLock lock(&mu_);
+  mu_.Await(NoStepInFlight());  // its update reads the state
   if (optimizer_ == nullptr) {
     return absl::FailedPreconditionError("set the optimizer before loading its state");
   }

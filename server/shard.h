@@ -140,7 +140,7 @@ class ParameterShard {
     // Pushes not yet in a completed step, by rank, oldest first.
     std::map<int, std::deque<Pieces>> pending;
     std::map<uint64_t, Waiter> waiters;  // pulls waiting for a version
-    // A thread is summing a step of this key outside the lock; it also
+    // A thread is completing a step of this key outside the lock; it also
     // completes the steps that become ready meanwhile (in order).
     bool summing = false;
   };
@@ -158,14 +158,18 @@ class ParameterShard {
   static void CopyWeights(Key* key);
   // Moves the waiters of key that can be answered now to `answers`.
   void TakeAnswered(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Completes key's steps while every live worker has pushed. Without an
-  // optimizer it sums outside the lock (releasing and retaking it), so
-  // that a server's cores sum different keys at once.
+  // Completes key's steps while every live worker has pushed. It sums, and
+  // waits for the optimizer's update, outside the lock (releasing and
+  // retaking it), so that a server's cores complete different keys' steps
+  // at once.
   void MaybeComplete(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Applies a step's `pushes` (in rank order) to key: the optimizer to
-  // their sum, or, without one, a single push as the value (MaybeComplete
-  // sums several outside the lock).
-  void Apply(int id, Key* key, std::vector<Pieces> pushes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // dist_async: applies one push to key, the optimizer's update or as the
+  // value.
+  void ApplyAsync(int id, Key* key, Pieces push) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // True while no step completes outside the lock (summing_ is 0).
+  absl::Condition NoStepInFlight() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return absl::Condition(+[](const int* summing) { return *summing == 0; }, &summing_);
+  }
   std::string DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // param_names_, and for each slice key held, the name of its key.
   std::map<int, std::string> SliceKeyNames() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
