@@ -67,6 +67,18 @@ Pieces ParameterShard::Publish(std::vector<float> buffer) {
 
 namespace {
 
+// Runs fn; an mx::Error it throws (a failed engine operation, an optimizer
+// that refuses the arrays) becomes the status.
+template <typename F>
+absl::Status Catching(F&& fn) {
+  try {
+    fn();
+    return absl::OkStatus();
+  } catch (const Error& e) {
+    return e.status();
+  }
+}
+
 // sum = pushes[0] + pushes[1] + ... (n floats each), added in that order,
 // a block at a time: each block of the inputs is read once, from wherever
 // it lies, and the sum is written once.
@@ -103,6 +115,9 @@ absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
       return absl::UnavailableError(absl::StrCat("push of key ", key, ": ", closed_));
     }
     MX_ASSIGN_OR_RETURN(Key * k, Find(key));
+    if (!k->failed.ok()) {
+      return absl::Status(k->failed.code(), absl::StrCat("push of key ", key, ": ", k->failed.message()));
+    }
     if (value.bytes() != k->shape.Size() * sizeof(float)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "push of key ", key, " from worker ", rank, ": ", value.bytes() / sizeof(float),
@@ -144,44 +159,66 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
     ++summing_;
     const size_t n = k->shape.Size();
     std::vector<float> next = pool_->Take(n);
+    absl::Status s;
     if (optimizer_ == nullptr) {
       mu_.Unlock();
       Sum(pushes, n, next.data());
       mu_.Lock();
     } else {
       mu_.Unlock();
-      k->grad.WaitToWrite();  // the last update has read it
-      Sum(pushes, n, k->grad.data());
+      s = Catching([&] {
+        k->grad.WaitToWrite();  // the last update has read it
+        Sum(pushes, n, k->grad.data());
+      });
       mu_.Lock();
-      optimizer_->Update(id, k->weight, k->grad);  // queued on the engine
+      if (s.ok()) s = Catching([&] { optimizer_->Update(id, k->weight, k->grad); });  // queued
       mu_.Unlock();
       // The answers of the last version may still hold its buffer: the new
       // version is a copy.
-      k->weight.SyncCopyToCPU(next.data(), n);
+      if (s.ok()) s = Catching([&] { k->weight.SyncCopyToCPU(next.data(), n); });
       mu_.Lock();
     }
     k->summing = false;
     --summing_;
+    if (!s.ok()) {
+      FailKey(id, k, s);
+      break;
+    }
     ++k->version;
     k->value = Publish(std::move(next));
   }
   TakeAnswered(id, k, answers);
 }
 
+void ParameterShard::FailKey(int id, Key* k, const absl::Status& s) {
+  if (k->failed.ok()) {
+    k->failed = absl::Status(s.code(), absl::StrCat("step ", k->version + 1, " of key ", id,
+                                                    " failed: ", s.message()));
+  }
+  k->pending.clear();
+}
+
 void ParameterShard::ApplyAsync(int id, Key* k, Pieces push) {
-  ++k->version;
   if (optimizer_ == nullptr) {
+    ++k->version;
     k->value = std::move(push);  // as it arrived
     return;
   }
   const size_t n = k->shape.Size();
-  k->grad.WaitToWrite();  // the last update has read it
-  push.CopyTo(0, n * sizeof(float), k->grad.data());
-  optimizer_->Update(id, k->weight, k->grad);
-  // The answers of the last version may still hold its buffer: the new
-  // version is a copy.
   std::vector<float> next = pool_->Take(n);
-  k->weight.SyncCopyToCPU(next.data(), n);
+  const absl::Status s = Catching([&] {
+    k->grad.WaitToWrite();  // the last update has read it
+    push.CopyTo(0, n * sizeof(float), k->grad.data());
+    optimizer_->Update(id, k->weight, k->grad);
+    // The answers of the last version may still hold its buffer: the new
+    // version is a copy.
+    k->weight.SyncCopyToCPU(next.data(), n);
+  });
+  if (!s.ok()) {
+    FailKey(id, k, s);
+    return;
+  }
+  ++k->version;
   k->value = Publish(std::move(next));
 }
 
@@ -216,6 +253,7 @@ std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
   if (!closed_.empty()) {
     return absl::UnavailableError(absl::StrCat("pull of key ", id, ": ", closed_));
   }
+  if (!k.failed.ok()) return absl::Status(k.failed.code(), absl::StrCat("pull of key ", id, ": ", k.failed.message()));
   if (k.version >= min_version) return Value{k.value, k.version};
   if (!options_.elastic && !dead_.empty()) {
     return absl::UnavailableError(absl::StrCat(

@@ -30,7 +30,10 @@
 //
 // Bad requests (unknown key, wrong shape or size, re-init with another
 // shape, bad rank) are kInvalidArgument / kNotFound; the shard keeps
-// serving. All methods are thread-safe.
+// serving. A step whose update fails (optimizer states loaded for another
+// shape, a failed engine operation) fails that key's pulls and later
+// pushes with the reason; the other keys go on. All methods are
+// thread-safe.
 #ifndef MX_SERVER_SHARD_H_
 #define MX_SERVER_SHARD_H_
 
@@ -143,6 +146,9 @@ class ParameterShard {
     // A thread is completing a step of this key outside the lock; it also
     // completes the steps that become ready meanwhile (in order).
     bool summing = false;
+    // Why a step failed (the optimizer refused the arrays, an engine
+    // operation failed): the key's pulls and pushes fail with it since.
+    absl::Status failed;
   };
   // Answers to give once the lock is released.
   using Answers = std::vector<std::pair<PullCallback, absl::StatusOr<Value>>>;
@@ -166,6 +172,8 @@ class ParameterShard {
   // dist_async: applies one push to key, the optimizer's update or as the
   // value.
   void ApplyAsync(int id, Key* key, Pieces push) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Records that a step of key failed with `s` (see Key::failed).
+  static void FailKey(int id, Key* key, const absl::Status& s);
   // True while no step completes outside the lock (summing_ is 0).
   absl::Condition NoStepInFlight() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return absl::Condition(+[](const int* summing) { return *summing == 0; }, &summing_);

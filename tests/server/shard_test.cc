@@ -299,6 +299,38 @@ TEST(ParameterShard, ConcurrentSumsStayExactAndInOrder) {
   for (std::thread& t : threads) t.join();
 }
 
+// An update the optimizer refuses (states loaded from a key of another
+// shape) fails that key's pulls and later pushes, naming the key and why;
+// the server goes on serving the other keys.
+TEST(ParameterShard, AFailedUpdateFailsItsKeyAndTheOthersGoOn) {
+  const Optimizer::Options momentum = {{"learning_rate", "0.5"}, {"momentum", "0.9"}};
+  ParameterShard other({true, 1, false});  // where key 1 has 4 elements
+  ASSERT_TRUE(other.Init(1, Shape{4}, {0, 0, 0, 0}).ok());
+  ASSERT_TRUE(other.SetOptimizer("sgd", momentum).ok());
+  ASSERT_TRUE(other.Push(1, 0, {1, 1, 1, 1}).ok());
+  ASSERT_TRUE(other.Pull(1, 1, absl::Now() + absl::Seconds(5)).ok());
+  absl::StatusOr<std::string> states = other.SaveOptimizerStates();
+  ASSERT_TRUE(states.ok());
+
+  for (bool sync : {true, false}) {
+    ParameterShard shard({sync, 1, false});
+    ASSERT_TRUE(shard.Init(1, Shape{3}, {0, 0, 0}).ok());
+    ASSERT_TRUE(shard.Init(2, Shape{2}, {0, 0}).ok());
+    ASSERT_TRUE(shard.SetOptimizer("sgd", momentum).ok());
+    ASSERT_TRUE(shard.LoadOptimizerStates(*states).ok());
+    ASSERT_TRUE(shard.Push(1, 0, {1, 2, 3}).ok());
+    auto got = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
+    ASSERT_FALSE(got.ok()) << "sync " << sync;
+    EXPECT_THAT(got.status().message(), HasSubstr("pull of key 1: step 1 of key 1 failed"));
+    EXPECT_THAT(got.status().message(), HasSubstr("shape"));
+    EXPECT_THAT(shard.Push(1, 0, {1, 2, 3}).message(), HasSubstr("push of key 1: step 1"));
+    ASSERT_TRUE(shard.Push(2, 0, {1, 2}).ok());
+    auto two = shard.Pull(2, 1, absl::Now() + absl::Seconds(5));
+    ASSERT_TRUE(two.ok()) << two.status();
+    EXPECT_THAT(two->data.ToFloats(), ElementsAre(-0.5f, -1));
+  }
+}
+
 // With an optimizer each version is a buffer of its own too: an answer
 // being sent keeps the values it was given while the next step updates.
 TEST(ParameterShard, OptimizerStepsPublishNewBuffers) {
