@@ -248,7 +248,7 @@ class DistKVStore : public KVStore {
     e.pull_name = "dist_pull:" + e.label;
     e.pushpull_name = "dist_pushpull:" + e.label;
     std::vector<float> data;
-    MX_RETURN_IF_ERROR(internal::Guard([&] {
+    MX_RETURN_IF_ERROR(CatchError([&] {
       data = value.ToVector();
       e.token = Zeros({1});
     }));
@@ -270,7 +270,7 @@ class DistKVStore : public KVStore {
     MX_RETURN_IF_ERROR(conn_->Failure());
     MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "push"));
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "push", "value", values, e->shape));
-    return internal::Guard([&] {
+    return CatchError([&] {
       NDArray merged = Merge(*e, values, priority);
       Engine::Get()->PushAsync(
           [conn = conn_, e, merged](RunContext, CallbackOnComplete done) {
@@ -290,7 +290,7 @@ class DistKVStore : public KVStore {
     MX_RETURN_IF_ERROR(conn_->Failure());
     MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "pull"));
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pull", "output", outs, e->shape));
-    return internal::Guard([&] {
+    return CatchError([&] {
       // dist_sync: the step that includes this worker's pushes. dist_async
       // applies a push before answering it, and the engine orders this pull
       // after it (through the key's token).
@@ -322,7 +322,7 @@ class DistKVStore : public KVStore {
     MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "pushpull"));
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pushpull", "value", values, e->shape));
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pushpull", "output", outs, e->shape));
-    return internal::Guard([&] {
+    return CatchError([&] {
       NDArray merged = Merge(*e, values, priority);
       const int64_t min_version = conn_->options.sync ? e->pushes : 0;
       const std::vector<float*> dsts = Destinations(outs);
@@ -357,7 +357,7 @@ class DistKVStore : public KVStore {
       MX_RETURN_IF_ERROR(internal::CheckArrays(keys[i], "pushpull", "output", outs[i], e->shape));
       entries.push_back(std::move(e));
     }
-    return internal::Guard([&] {
+    return CatchError([&] {
       std::vector<Item> items;
       std::vector<VarHandle> writes, reads;
       std::map<int, std::vector<ItemPart>> by_server;

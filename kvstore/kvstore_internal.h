@@ -11,17 +11,6 @@
 
 namespace mx::internal {
 
-// Runs fn, turning an mx::Error it throws into a Status.
-template <typename F>
-absl::Status Guard(F&& fn) {
-  try {
-    fn();
-    return absl::OkStatus();
-  } catch (const Error& e) {
-    return e.status();
-  }
-}
-
 // Throws kUnimplemented unless a is in host memory.
 void RequireHostMemory(const NDArray& a, const char* what);
 

@@ -46,7 +46,7 @@ class LocalKVStore : public KVStore {
       }
       return absl::OkStatus();  // MXNet keeps the first value
     }
-    return Guard([&] {
+    return CatchError([&] {
       Entry& e = store_[key.id()];
       e.stored = Empty(value.shape(), cpu());
       e.stored.Assign(value);
@@ -58,7 +58,7 @@ class LocalKVStore : public KVStore {
   absl::Status Push(Key key, const std::vector<NDArray>& values, int priority) override {
     MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "push"));
     MX_RETURN_IF_ERROR(CheckArrays(key, "push", "value", values, e->stored.shape()));
-    return Guard([&] {
+    return CatchError([&] {
       NDArray merged = SumCopies(values, e->stored.shape(), &e->merged, priority,
                                  e->push_name.c_str());
       if (optimizer_ != nullptr) {
@@ -79,7 +79,7 @@ class LocalKVStore : public KVStore {
   absl::Status Pull(Key key, const std::vector<NDArray>& outs, int priority) override {
     MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "pull"));
     MX_RETURN_IF_ERROR(CheckArrays(key, "pull", "output", outs, e->stored.shape()));
-    return Guard([&] {
+    return CatchError([&] {
       for (const NDArray& out : outs) Copy(e->stored, out, priority, e->pull_name.c_str());
     });
   }
@@ -106,7 +106,7 @@ class LocalKVStore : public KVStore {
   }
 
   absl::Status Barrier() override {
-    return Guard([&] {
+    return CatchError([&] {
       for (auto& [key, e] : store_) e.stored.WaitToRead();
     });
   }

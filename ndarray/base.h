@@ -42,6 +42,19 @@ inline void ThrowIfError(const absl::Status& status) {
   if (!status.ok()) throw Error(status);
 }
 
+// Runs fn; an mx::Error it throws (bad input, a failed engine operation
+// rethrown to its waiter) becomes the returned status: the inverse of
+// ThrowIfError, for code that reports errors as statuses.
+template <typename F>
+absl::Status CatchError(F&& fn) {
+  try {
+    fn();
+    return absl::OkStatus();
+  } catch (const Error& e) {
+    return e.status();
+  }
+}
+
 // Converts an exception thrown by mx (or anything else) into a Status.
 absl::Status StatusFromException(std::exception_ptr e);
 
