@@ -2,8 +2,9 @@
 // server and 1 worker and with 2 servers and 2 workers on 127.0.0.1 (in
 // this process), one key at a time and 8 keys in flight, for 4 KiB, 1 MiB
 // and 16 MiB values, against loopback TCP bandwidth measured in the same run
-// by a plain socket sender and receiver; and the round-trip latency of a
-// small pushpull (p50, p99).
+// by a plain socket sender and receiver; the round-trip latency of a
+// small pushpull (p50, p99); and a server completing the steps of two keys
+// on two threads against one.
 //
 // Usage: dist_bench [SUBSTRING]: only the figures whose names contain it.
 #include <arpa/inet.h>

@@ -41,13 +41,9 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
   if (optimizer_ == nullptr) return absl::OkStatus();
   // A slice of a big key takes the name of its key (proto/slice_key.h).
   if (BaseKey(key) != key) optimizer_->SetParamNames(SliceKeyNames());
-  try {
-    CopyWeights(&k);
-  } catch (const Error& e) {
-    keys_.erase(key);
-    return e.status();
-  }
-  return absl::OkStatus();
+  absl::Status s = CatchError([&] { CopyWeights(&k); });
+  if (!s.ok()) keys_.erase(key);
+  return s;
 }
 
 void ParameterShard::CopyWeights(Key* k) {
@@ -67,24 +63,12 @@ Pieces ParameterShard::Publish(std::vector<float> buffer) {
 
 namespace {
 
-// Runs fn; an mx::Error it throws (a failed engine operation, an optimizer
-// that refuses the arrays) becomes the status.
-template <typename F>
-absl::Status Catching(F&& fn) {
-  try {
-    fn();
-    return absl::OkStatus();
-  } catch (const Error& e) {
-    return e.status();
-  }
-}
-
 // sum = pushes[0] + pushes[1] + ... (n floats each), added in that order,
 // a block at a time: each block of the inputs is read once, from wherever
 // it lies, and the sum is written once.
 void Sum(const std::vector<Pieces>& pushes, size_t n, float* sum) {
   constexpr size_t kBlock = 8192;  // floats: the block and its addend stay in cache
-  std::vector<float> addend(std::min(n, kBlock));
+  std::vector<float> addend(pushes.size() > 1 ? std::min(n, kBlock) : 0);
   for (size_t begin = 0; begin < n; begin += kBlock) {
     const size_t m = std::min(kBlock, n - begin);
     float* __restrict s = sum + begin;
@@ -115,6 +99,8 @@ absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
       return absl::UnavailableError(absl::StrCat("push of key ", key, ": ", closed_));
     }
     MX_ASSIGN_OR_RETURN(Key * k, Find(key));
+    // dist_async: each push is a step of its own, one at a time per key.
+    if (!options_.sync) mu_.Await(absl::Condition(k, &Key::idle));
     if (!k->failed.ok()) {
       return absl::Status(k->failed.code(), absl::StrCat("push of key ", key, ": ", k->failed.message()));
     }
@@ -127,7 +113,7 @@ absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
       k->pending[rank].push_back(std::move(value));
       MaybeComplete(key, k, &answers);
     } else {
-      ApplyAsync(key, k, std::move(value));
+      CompleteStep(key, k, {std::move(value)});
       TakeAnswered(key, k, &answers);
     }
   }
@@ -136,58 +122,58 @@ absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
 }
 
 void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
-  if (k->summing) return;  // that thread completes this step too
+  if (k->completing) return;  // that thread completes this step too
   // Steps complete while every live worker has a push queued.
-  for (;;) {
-    if (live_.empty() || !MissingPushes(*k).empty()) break;
+  while (!live_.empty() && MissingPushes(*k).empty()) {
     // Rank order (live_ is sorted): the same bits every run.
     std::vector<Pieces> pushes;
     for (int r : live_) {
       pushes.push_back(std::move(k->pending[r].front()));
       k->pending[r].pop_front();
     }
-    if (optimizer_ == nullptr && pushes.size() == 1) {
-      ++k->version;
-      k->value = std::move(pushes[0]);  // as it arrived
-      continue;
-    }
-    // Summing reads every push, and an update takes its time on the
-    // engine: other keys need not wait for either. The key (a map node:
-    // its address is stable) keeps its version meanwhile, and the
-    // optimizer stays (SetOptimizer waits for summing_ to drop to 0).
-    k->summing = true;
-    ++summing_;
-    const size_t n = k->shape.Size();
-    std::vector<float> next = pool_->Take(n);
-    absl::Status s;
-    if (optimizer_ == nullptr) {
-      mu_.Unlock();
-      Sum(pushes, n, next.data());
-      mu_.Lock();
-    } else {
-      mu_.Unlock();
-      s = Catching([&] {
-        k->grad.WaitToWrite();  // the last update has read it
-        Sum(pushes, n, k->grad.data());
-      });
-      mu_.Lock();
-      if (s.ok()) s = Catching([&] { optimizer_->Update(id, k->weight, k->grad); });  // queued
-      mu_.Unlock();
-      // The answers of the last version may still hold its buffer: the new
-      // version is a copy.
-      if (s.ok()) s = Catching([&] { k->weight.SyncCopyToCPU(next.data(), n); });
-      mu_.Lock();
-    }
-    k->summing = false;
-    --summing_;
-    if (!s.ok()) {
-      FailKey(id, k, s);
-      break;
-    }
-    ++k->version;
-    k->value = Publish(std::move(next));
+    if (!CompleteStep(id, k, std::move(pushes))) break;
   }
   TakeAnswered(id, k, answers);
+}
+
+bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pieces> pushes) {
+  if (optimizer_ == nullptr && pushes.size() == 1) {
+    ++k->version;
+    k->value = std::move(pushes[0]);  // as it arrived
+    return true;
+  }
+  // Summing reads every push, and an update takes its time on the engine:
+  // other keys need not wait for either. The key (a map node: its address
+  // is stable) keeps its version meanwhile, and the optimizer stays
+  // (SetOptimizer waits for completing_ to drop to 0).
+  k->completing = true;
+  ++completing_;
+  const bool optimize = optimizer_ != nullptr;
+  const size_t n = k->shape.Size();
+  std::vector<float> next = pool_->Take(n);
+  mu_.Unlock();
+  absl::Status s = CatchError([&] {
+    if (optimize) k->grad.WaitToWrite();  // the last update has read it
+    Sum(pushes, n, optimize ? k->grad.data() : next.data());
+  });
+  mu_.Lock();
+  if (s.ok() && optimize) {
+    s = CatchError([&] { optimizer_->Update(id, k->weight, k->grad); });  // queued
+    mu_.Unlock();
+    // The answers of the last version may still hold its buffer: the new
+    // version is a copy.
+    if (s.ok()) s = CatchError([&] { k->weight.SyncCopyToCPU(next.data(), n); });
+    mu_.Lock();
+  }
+  k->completing = false;
+  --completing_;
+  if (!s.ok()) {
+    FailKey(id, k, s);
+    return false;
+  }
+  ++k->version;
+  k->value = Publish(std::move(next));
+  return true;
 }
 
 void ParameterShard::FailKey(int id, Key* k, const absl::Status& s) {
@@ -196,30 +182,6 @@ void ParameterShard::FailKey(int id, Key* k, const absl::Status& s) {
                                                     " failed: ", s.message()));
   }
   k->pending.clear();
-}
-
-void ParameterShard::ApplyAsync(int id, Key* k, Pieces push) {
-  if (optimizer_ == nullptr) {
-    ++k->version;
-    k->value = std::move(push);  // as it arrived
-    return;
-  }
-  const size_t n = k->shape.Size();
-  std::vector<float> next = pool_->Take(n);
-  const absl::Status s = Catching([&] {
-    k->grad.WaitToWrite();  // the last update has read it
-    push.CopyTo(0, n * sizeof(float), k->grad.data());
-    optimizer_->Update(id, k->weight, k->grad);
-    // The answers of the last version may still hold its buffer: the new
-    // version is a copy.
-    k->weight.SyncCopyToCPU(next.data(), n);
-  });
-  if (!s.ok()) {
-    FailKey(id, k, s);
-    return;
-  }
-  ++k->version;
-  k->value = Publish(std::move(next));
 }
 
 std::vector<float> ParameterShard::BufferPool::Take(size_t n) {
@@ -253,7 +215,9 @@ std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
   if (!closed_.empty()) {
     return absl::UnavailableError(absl::StrCat("pull of key ", id, ": ", closed_));
   }
-  if (!k.failed.ok()) return absl::Status(k.failed.code(), absl::StrCat("pull of key ", id, ": ", k.failed.message()));
+  if (!k.failed.ok()) {
+    return absl::Status(k.failed.code(), absl::StrCat("pull of key ", id, ": ", k.failed.message()));
+  }
   if (k.version >= min_version) return Value{k.value, k.version};
   if (!options_.elastic && !dead_.empty()) {
     return absl::UnavailableError(absl::StrCat(
@@ -350,13 +314,11 @@ absl::Status ParameterShard::SetOptimizer(const std::string& name,
   param_names_ = param_names;
   optimizer_ = std::move(opt);
   optimizer_->SetParamNames(SliceKeyNames());
-  try {
+  absl::Status s = CatchError([&] {
     for (auto& [id, k] : keys_) CopyWeights(&k);
-  } catch (const Error& e) {
-    optimizer_ = nullptr;
-    return e.status();
-  }
-  return absl::OkStatus();
+  });
+  if (!s.ok()) optimizer_ = nullptr;
+  return s;
 }
 
 std::map<int, std::string> ParameterShard::SliceKeyNames() const {

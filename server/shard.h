@@ -143,9 +143,11 @@ class ParameterShard {
     // Pushes not yet in a completed step, by rank, oldest first.
     std::map<int, std::deque<Pieces>> pending;
     std::map<uint64_t, Waiter> waiters;  // pulls waiting for a version
-    // A thread is completing a step of this key outside the lock; it also
-    // completes the steps that become ready meanwhile (in order).
-    bool summing = false;
+    // A thread is completing a step of this key outside the lock; in
+    // dist_sync it also completes the steps that become ready meanwhile
+    // (in order), in dist_async the next push waits.
+    bool completing = false;
+    bool idle() const { return !completing; }
     // Why a step failed (the optimizer refused the arrays, an engine
     // operation failed): the key's pulls and pushes fail with it since.
     absl::Status failed;
@@ -164,19 +166,20 @@ class ParameterShard {
   static void CopyWeights(Key* key);
   // Moves the waiters of key that can be answered now to `answers`.
   void TakeAnswered(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Completes key's steps while every live worker has pushed. It sums, and
-  // waits for the optimizer's update, outside the lock (releasing and
-  // retaking it), so that a server's cores complete different keys' steps
-  // at once.
+  // dist_sync: completes key's steps while every live worker has pushed.
   void MaybeComplete(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // dist_async: applies one push to key, the optimizer's update or as the
-  // value.
-  void ApplyAsync(int id, Key* key, Pieces push) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Completes a step of key from `pushes` (in rank order; one in
+  // dist_async): their sum becomes the value, or the optimizer's update
+  // with it. It sums, and waits for the update, outside the lock
+  // (releasing and retaking it), so that a server's cores complete
+  // different keys' steps at once. False if the step failed (FailKey).
+  bool CompleteStep(int id, Key* key, std::vector<Pieces> pushes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Records that a step of key failed with `s` (see Key::failed).
   static void FailKey(int id, Key* key, const absl::Status& s);
-  // True while no step completes outside the lock (summing_ is 0).
+  // True while no step completes outside the lock (completing_ is 0).
   absl::Condition NoStepInFlight() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return absl::Condition(+[](const int* summing) { return *summing == 0; }, &summing_);
+    return absl::Condition(+[](const int* completing) { return *completing == 0; }, &completing_);
   }
   std::string DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // param_names_, and for each slice key held, the name of its key.
@@ -193,7 +196,7 @@ class ParameterShard {
   std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
   std::map<int, std::string> param_names_ ABSL_GUARDED_BY(mu_);  // as the workers sent them
   uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 0;
-  int summing_ ABSL_GUARDED_BY(mu_) = 0;  // keys with Key::summing set
+  int completing_ ABSL_GUARDED_BY(mu_) = 0;  // keys with Key::completing set
 
   // Spent sum buffers, kept for the next sums: a fresh 16 MiB buffer costs
   // page faults and zero-fill on the order of a copy of it. Shared with
