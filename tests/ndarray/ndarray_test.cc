@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
-#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -20,6 +19,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "ndarray/storage.h"
+#include "tests/ndarray/random_values.h"
 
 namespace mx {
 namespace {
@@ -56,14 +56,6 @@ void ExpectError(const std::function<void()>& f, absl::StatusCode code,
 std::vector<float> Iota(int64_t n, float start = 0) {
   std::vector<float> v(n);
   for (int64_t i = 0; i < n; ++i) v[i] = start + static_cast<float>(i);
-  return v;
-}
-
-std::vector<float> RandomHost(int64_t n, uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> dist(-1, 1);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(gen);
   return v;
 }
 
@@ -670,7 +662,7 @@ TEST(NDArrayBroadcast, RowAndColumnMakeAnOuterResult) {
 }
 
 TEST(NDArrayBroadcast, NonCommutativeOperationsKeepOperandOrder) {
-  const std::vector<float> av = RandomHost(4 * 5, 1), bv = RandomHost(5, 2);
+  const std::vector<float> av = RandomValues(4 * 5, 1), bv = RandomValues(5, 2);
   NDArray a = FromVector(av, {4, 5});
   NDArray b = FromVector(bv, {1, 5});
   EXPECT_THAT((a - b).ToVector(),
@@ -761,8 +753,8 @@ TEST(NDArrayDot, MatchesANaiveProductForEveryTransposeCombination) {
     for (bool tb : {false, true}) {
       const int64_t ar = ta ? k : m, ac = ta ? m : k;
       const int64_t br = tb ? n : k, bc = tb ? k : n;
-      const std::vector<float> av = RandomHost(ar * ac, 11);
-      const std::vector<float> bv = RandomHost(br * bc, 12);
+      const std::vector<float> av = RandomValues(ar * ac, 11);
+      const std::vector<float> bv = RandomValues(br * bc, 12);
       NDArray c =
           Dot(FromVector(av, {ar, ac}), FromVector(bv, {br, bc}), ta, tb);
       ASSERT_EQ(c.shape(), Shape({m, n})) << "ta=" << ta << " tb=" << tb;
@@ -775,8 +767,8 @@ TEST(NDArrayDot, MatchesANaiveProductForEveryTransposeCombination) {
 }
 
 TEST(NDArrayDot, LargerNonSquareProduct) {
-  const std::vector<float> av = RandomHost(37 * 64, 3),
-                           bv = RandomHost(64 * 19, 4);
+  const std::vector<float> av = RandomValues(37 * 64, 3),
+                           bv = RandomValues(64 * 19, 4);
   NDArray c = Dot(FromVector(av, {37, 64}), FromVector(bv, {64, 19}));
   ASSERT_EQ(c.shape(), Shape({37, 19}));
   EXPECT_THAT(c.ToVector(),
@@ -956,7 +948,7 @@ TEST(NDArrayReduce, KeepdimsLeavesTheAxisWithSizeOne) {
 }
 
 TEST(NDArrayReduce, MiddleAxisOfAThreeDimensionalArray) {
-  const std::vector<float> v = RandomHost(2 * 3 * 4, 21);
+  const std::vector<float> v = RandomValues(2 * 3 * 4, 21);
   NDArray a = FromVector(v, {2, 3, 4});
   NDArray s = Sum(a, 1);
   NDArray mx = Max(a, 1);

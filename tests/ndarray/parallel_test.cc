@@ -2,11 +2,11 @@
 #include "ndarray/parallel.h"
 
 #include <atomic>
-#include <random>
 #include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/ndarray/random_values.h"
 
 namespace mx {
 namespace {
@@ -58,14 +58,6 @@ TEST(ParallelFor, ZeroTasksDoNothing) {
   ParallelFor(0, [](int64_t, int) { FAIL() << "ran a task"; });
 }
 
-std::vector<float> Random(int64_t n, uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> dist(-1, 1);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(gen);
-  return v;
-}
-
 // C = alpha * op(A) op(B) + beta * C in double, row-major, packed.
 std::vector<double> Reference(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
                               const std::vector<float>& a, const std::vector<float>& b,
@@ -98,7 +90,7 @@ TEST(Sgemm, MatchesTheReferenceWithTransposesAndAccumulation) {
     for (int ta = 0; ta < 2; ++ta) {
       for (int tb = 0; tb < 2; ++tb) {
         for (float beta : {0.0f, 1.0f}) {
-          const auto a = Random(g.m * g.k, 1), b = Random(g.k * g.n, 2), c0 = Random(g.m * g.n, 3);
+          const auto a = RandomValues(g.m * g.k, 1), b = RandomValues(g.k * g.n, 2), c0 = RandomValues(g.m * g.n, 3);
           std::vector<float> c = c0;
           Sgemm(ta, tb, g.m, g.n, g.k, 0.5f, a.data(), ta ? g.m : g.k, b.data(), tb ? g.k : g.n,
                 beta, c.data(), g.n);
@@ -116,7 +108,7 @@ TEST(Sgemm, MatchesTheReferenceWithTransposesAndAccumulation) {
 
 TEST(Sgemm, GivesBitIdenticalResultsEveryTime) {
   const GemmCase g{100, 128, 784};
-  const auto a = Random(g.m * g.k, 4), b = Random(g.k * g.n, 5);
+  const auto a = RandomValues(g.m * g.k, 4), b = RandomValues(g.k * g.n, 5);
   std::vector<float> first(g.m * g.n), again(g.m * g.n);
   Sgemm(false, true, g.m, g.n, g.k, 1.0f, a.data(), g.k, b.data(), g.k, 0.0f, first.data(), g.n);
   for (int rep = 0; rep < 20; ++rep) {
