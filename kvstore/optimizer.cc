@@ -569,7 +569,8 @@ NamedArrays Optimizer::StateArrays() const {
   return out;
 }
 
-absl::Status Optimizer::RestoreStates(const NamedArrays& arrays) {
+absl::Status Optimizer::RestoreStates(const NamedArrays& arrays,
+                                      const std::map<int, Shape>& shapes) {
   std::optional<std::string> saved_name;
   std::optional<int64_t> saved_num_update;
   std::map<int, int64_t> counts;
@@ -652,14 +653,19 @@ absl::Status Optimizer::RestoreStates(const NamedArrays& arrays) {
         param.states.push_back(array);
       }
     }
+    // The parameter's shape: from earlier updates, or as the caller knows it.
+    std::optional<Shape> shape;
     auto current = params_.find(index);
-    if (current != params_.end() && current->second.shape.has_value()) {
-      const Shape& shape = *current->second.shape;
-      if (param.shape.has_value() && *param.shape != shape) {
+    if (current != params_.end()) shape = current->second.shape;
+    if (auto known = shapes.find(index); !shape.has_value() && known != shapes.end()) {
+      shape = known->second;
+    }
+    if (shape.has_value()) {
+      if (param.shape.has_value() && *param.shape != *shape) {
         return absl::InvalidArgumentError(
             absl::StrCat(ParamLabel(index), ": the saved states have shape ",
                          param.shape->ToString(),
-                         " but the parameter has shape ", shape.ToString()));
+                         " but the parameter has shape ", shape->ToString()));
       }
       param.shape = shape;
     }
@@ -674,9 +680,10 @@ absl::StatusOr<std::string> Optimizer::SaveStates() const {
   return SerializeArrays(StateArrays());
 }
 
-absl::Status Optimizer::LoadStates(const std::string& bytes) {
+absl::Status Optimizer::LoadStates(const std::string& bytes,
+                                   const std::map<int, Shape>& shapes) {
   absl::StatusOr<NamedArrays> arrays = DeserializeArrays(bytes);
-  absl::Status status = arrays.ok() ? RestoreStates(*arrays) : arrays.status();
+  absl::Status status = arrays.ok() ? RestoreStates(*arrays, shapes) : arrays.status();
   if (status.ok()) return status;
   return absl::Status(status.code(),
                       absl::StrCat("LoadStates: ", status.message()));
@@ -688,7 +695,7 @@ absl::Status Optimizer::SaveStatesToFile(const std::string& path) const {
 
 absl::Status Optimizer::LoadStatesFromFile(const std::string& path) {
   MX_ASSIGN_OR_RETURN(NamedArrays arrays, Load(path));
-  absl::Status status = RestoreStates(arrays);
+  absl::Status status = RestoreStates(arrays, {});
   if (status.ok()) return status;
   return absl::Status(status.code(), absl::StrCat("LoadStatesFromFile ", path,
                                                   ": ", status.message()));

@@ -144,16 +144,19 @@ class Optimizer {
 
   // States (momentum buffers, update counts) as a byte string in the mx
   // NDArray file format, and back. Loading checks the optimizer name and
-  // the shapes, with errors naming the parameter, and replaces every state
-  // (and num_update) only when all of it is valid. Hyper-parameters are not
-  // saved: they come from the options the optimizer was created with.
+  // the shapes (against earlier updates, else against `shapes`: parameters'
+  // shapes as the caller knows them, such as a server's keys), with errors
+  // naming the parameter, and replaces every state (and num_update) only
+  // when all of it is valid. Hyper-parameters are not saved: they come from
+  // the options the optimizer was created with.
   //
   // Entries (all but the states are empty arrays whose names carry the
   // values, so that 64-bit counts are exact):
   //   "optimizer:<name>", "num_update:<n>",
   //   "param:<index>:count:<n>" and "param:<index>:state:<k>" (k < NumStates)
   absl::StatusOr<std::string> SaveStates() const;
-  absl::Status LoadStates(const std::string& bytes);
+  absl::Status LoadStates(const std::string& bytes,
+                          const std::map<int, Shape>& shapes = {});
   absl::Status SaveStatesToFile(const std::string& path) const;
   absl::Status LoadStatesFromFile(const std::string& path);
 
@@ -189,7 +192,8 @@ class Optimizer {
   std::string ParamLabel(int index) const;
   // The states as named arrays (the format SaveStates documents), and back.
   NamedArrays StateArrays() const;
-  absl::Status RestoreStates(const NamedArrays& arrays);
+  absl::Status RestoreStates(const NamedArrays& arrays,
+                             const std::map<int, Shape>& shapes);
 
   std::string name_;
   Options options_;

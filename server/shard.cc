@@ -345,7 +345,11 @@ absl::Status ParameterShard::LoadOptimizerStates(const std::string& bytes) {
   if (optimizer_ == nullptr) {
     return absl::FailedPreconditionError("set the optimizer before loading its state");
   }
-  return optimizer_->LoadStates(bytes);
+  // A state of another shape than its key (saved by another model, or with
+  // another big-key bound) is refused now, not at the key's next step.
+  std::map<int, Shape> shapes;
+  for (const auto& [id, k] : keys_) shapes.emplace(id, k.shape);
+  return optimizer_->LoadStates(bytes, shapes);
 }
 
 void ParameterShard::MarkDead(int rank) {

@@ -1096,6 +1096,14 @@ TEST(SaveLoadStates, LoadedShapeIsCheckedAtTheNextUpdate) {
                absl::StatusCode::kInvalidArgument, {"(4,)", "(2,2)"});
 }
 
+TEST(SaveLoadStates, ShapesTheCallerKnowsAreCheckedAtLoad) {
+  const std::string bytes = StatesAfterOneUpdate("adagrad", {}, {2, 2});
+  std::unique_ptr<Optimizer> opt = MustCreate("adagrad", {});
+  ExpectStatus(opt->LoadStates(bytes, {{0, Shape{4}}}),
+               absl::StatusCode::kInvalidArgument, {"parameter 0", "(2,2)", "(4,)"});
+  EXPECT_TRUE(opt->LoadStates(bytes, {{0, Shape{2, 2}}, {7, Shape{3}}}).ok());
+}
+
 TEST(SaveLoadStates, StatesOfOtherOptionsAreRejected) {
   // Momentum states loaded into SGD without momentum, and the reverse.
   const std::string with =

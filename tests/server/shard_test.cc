@@ -329,9 +329,9 @@ TEST(ParameterShard, ConcurrentAsyncUpdatesAreAllApplied) {
   }
 }
 
-// An update the optimizer refuses (states loaded from a key of another
-// shape) fails that key's pulls and later pushes, naming the key and why;
-// the server goes on serving the other keys.
+// An update the optimizer refuses (states loaded for a key of another
+// shape, before the key was initialized) fails that key's pulls and later
+// pushes, naming the key and why; the server goes on serving the other keys.
 TEST(ParameterShard, AFailedUpdateFailsItsKeyAndTheOthersGoOn) {
   const Optimizer::Options momentum = {{"learning_rate", "0.5"}, {"momentum", "0.9"}};
   ParameterShard other({true, 1, false});  // where key 1 has 4 elements
@@ -344,10 +344,10 @@ TEST(ParameterShard, AFailedUpdateFailsItsKeyAndTheOthersGoOn) {
 
   for (bool sync : {true, false}) {
     ParameterShard shard({sync, 1, false});
-    ASSERT_TRUE(shard.Init(1, Shape{3}, {0, 0, 0}).ok());
     ASSERT_TRUE(shard.Init(2, Shape{2}, {0, 0}).ok());
     ASSERT_TRUE(shard.SetOptimizer("sgd", momentum).ok());
     ASSERT_TRUE(shard.LoadOptimizerStates(*states).ok());
+    ASSERT_TRUE(shard.Init(1, Shape{3}, {0, 0, 0}).ok());
     ASSERT_TRUE(shard.Push(1, 0, {1, 2, 3}).ok());
     auto got = shard.Pull(1, 1, absl::Now() + absl::Seconds(5));
     ASSERT_FALSE(got.ok()) << "sync " << sync;
@@ -359,6 +359,34 @@ TEST(ParameterShard, AFailedUpdateFailsItsKeyAndTheOthersGoOn) {
     ASSERT_TRUE(two.ok()) << two.status();
     EXPECT_THAT(two->data.ToFloats(), ElementsAre(-0.5f, -1));
   }
+}
+
+// Optimizer states of another shape than their key are refused when they
+// are loaded, naming the key and both shapes; the states in use stay.
+TEST(ParameterShard, LoadingStatesOfAnotherShapeFailsAndChangesNothing) {
+  const Optimizer::Options momentum = {{"learning_rate", "0.5"}, {"momentum", "0.9"}};
+  ParameterShard other({true, 1, false});  // where key 1 has 4 elements
+  ASSERT_TRUE(other.Init(1, Shape{4}, {0, 0, 0, 0}).ok());
+  ASSERT_TRUE(other.SetOptimizer("sgd", momentum).ok());
+  ASSERT_TRUE(other.Push(1, 0, {1, 1, 1, 1}).ok());
+  absl::StatusOr<std::string> states = other.SaveOptimizerStates();
+  ASSERT_TRUE(states.ok());
+
+  ParameterShard shard({true, 1, false});
+  ASSERT_TRUE(shard.Init(1, Shape{3}, {0, 0, 0}).ok());
+  ASSERT_TRUE(shard.SetOptimizer("sgd", momentum).ok());
+  ASSERT_TRUE(shard.Push(1, 0, {1, 1, 1}).ok());  // momentum and weights -0.5
+  absl::Status s = shard.LoadOptimizerStates(*states);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("parameter 1"));
+  EXPECT_THAT(s.message(), HasSubstr("(4,)"));
+  EXPECT_THAT(s.message(), HasSubstr("(3,)"));
+  // The next step uses this shard's momentum: 0.9 * -0.5 - 0.5 = -0.95,
+  // so the weights are -0.5 - 0.95 (-1.0 had the momentum been reset).
+  ASSERT_TRUE(shard.Push(1, 0, {1, 1, 1}).ok());
+  auto got = shard.Pull(1, 2, absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_THAT(got->data.ToFloats(), ElementsAre(-1.45f, -1.45f, -1.45f));
 }
 
 // With an optimizer each version is a buffer of its own too: an answer
