@@ -6,9 +6,10 @@
 Starts a coordinator, S parameter servers and N workers (the command after
 --) as local processes on 127.0.0.1, with the DMLC_* / MX_COORDINATOR
 environment the workers' KVStore reads. Every output line is prefixed with
-the process's name ("server 1"); names are launch order, the ranks the
-coordinator assigns may differ, so the launcher's own messages (on stderr,
-"launch.py: ...") give both, and each process's pid.
+the process's role and rank ("server 1"): each server and worker asks the
+coordinator for its index as its rank (MX_RANK). The launcher's own
+messages (on stderr, "launch.py: ...") add what the process said about
+itself (a server's address) and its pid.
 
 Success: when every worker has exited 0 (mx_train leaves the job when it is
 done), the servers and the coordinator shut down on their own (each logs
@@ -82,7 +83,7 @@ IDENTITY = [
 
 class Proc:
     def __init__(self, name, role, popen):
-        self.name = name          # "server 1": launch order
+        self.name = name          # "server 1": role and rank
         self.role = role          # "coordinator", "server" or "worker"
         self.popen = popen
         self.identity = None      # "rank 0 at 127.0.0.1:4711", once printed
@@ -356,12 +357,13 @@ def main():
         job.start(f"server {i}", "server",
                   [args.server_binary, "--role=server", f"--coordinator={coordinator}",
                    f"--bind={bind_host}:0", f"--mode={mode}"] + advertise + elastic,
-                  dict(env, DMLC_ROLE="server"), host=host)
+                  dict(env, DMLC_ROLE="server", MX_RANK=str(i)), host=host)
     per_host = -(-args.num_workers // len(remote.hosts)) if remote else args.num_workers
     worker_env = dict(env, DMLC_ROLE="worker", MX_ELASTIC="1" if args.elastic else "0",
                       **blas_threads(per_host))
     for i in range(args.num_workers):
-        job.start(f"worker {i}", "worker", cmd, worker_env, host=remote and remote.host(i))
+        job.start(f"worker {i}", "worker", cmd, dict(worker_env, MX_RANK=str(i)),
+                  host=remote and remote.host(i))
     # A node is declared dead within the timeout plus a sweep (a fifth of
     # it) of its last heartbeat, and the others hear of it at their next
     # heartbeat (a second).

@@ -730,6 +730,14 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   auto stub = proto::Coordinator::NewStub(SharedChannel(coordinator));
   proto::RegisterRequest req;
   req.set_role(proto::WORKER);
+  if (std::string r = Env("MX_RANK"); !r.empty()) {
+    int rank = 0;
+    if (!absl::SimpleAtoi(r, &rank) || rank < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kvstore ", type, ": MX_RANK must be a worker rank from 0, not '", r, "'"));
+    }
+    req.set_rank(rank);
+  }
   proto::RegisterResponse resp;
   grpc::ClientContext ctx;
   // Every node of the job must start and register within this time.

@@ -47,7 +47,9 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOpti
 
 // KVStore::Create("dist_sync" | "dist_async") for a worker started by the
 // launcher: registers with the coordinator at MX_COORDINATOR (host:port) or
-// DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT, learns its rank and the servers, and
+// DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT, asking for rank MX_RANK if set (the
+// launcher sets it to the index that labels the worker's log lines; else the
+// lowest rank free), learns its rank and the servers, and
 // heartbeats every second; a node the coordinator declares dead makes the
 // calls in flight and later calls fail with its role, rank and address.
 // MX_RPC_TIMEOUT_S bounds every call (default 30). MX_ELASTIC=1 (set by

@@ -27,17 +27,14 @@ class Service final : public proto::Coordinator::Service {
   grpc::Status Register(grpc::ServerContext* ctx, const proto::RegisterRequest* req,
                         proto::RegisterResponse* resp) override {
     absl::MutexLock lock(&mu_);
-    std::vector<proto::NodeInfo>& nodes = req->role() == proto::SERVER ? servers_ : workers_;
-    const int expected = req->role() == proto::SERVER ? options_.num_servers : options_.num_workers;
-    if (static_cast<int>(nodes.size()) >= expected) {
-      return ToGrpc(absl::FailedPreconditionError(absl::StrCat(
-          "register: all ", expected, " ", RoleName(req->role()), "s have already registered")));
-    }
+    std::map<int, proto::NodeInfo>& nodes = req->role() == proto::SERVER ? servers_ : workers_;
+    absl::StatusOr<int> rank = RankFor(*req, nodes);
+    if (!rank.ok()) return ToGrpc(rank.status());
     proto::NodeInfo self;
     self.set_role(req->role());
-    self.set_rank(static_cast<int>(nodes.size()));
+    self.set_rank(*rank);
     self.set_address(req->address());
-    nodes.push_back(self);
+    nodes[*rank] = self;
     last_seen_[{req->role(), self.rank()}] = absl::Now();
     auto all_here = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       return static_cast<int>(servers_.size()) == options_.num_servers &&
@@ -49,8 +46,8 @@ class Service final : public proto::Coordinator::Service {
           workers_.size(), " of ", options_.num_workers, " workers registered in time")));
     }
     *resp->mutable_self() = self;
-    for (const auto& s : servers_) *resp->add_servers() = s;
-    for (const auto& w : workers_) *resp->add_workers() = w;
+    for (const auto& [unused, s] : servers_) *resp->add_servers() = s;
+    for (const auto& [unused, w] : workers_) *resp->add_workers() = w;
     return grpc::Status::OK;
   }
 
@@ -74,7 +71,7 @@ class Service final : public proto::Coordinator::Service {
   grpc::Status Leave(grpc::ServerContext*, const proto::LeaveRequest* req,
                      proto::LeaveResponse*) override {
     absl::MutexLock lock(&mu_);
-    if (req->rank() < 0 || req->rank() >= static_cast<int>(workers_.size())) {
+    if (!workers_.count(req->rank())) {
       return ToGrpc(absl::InvalidArgumentError(
           absl::StrCat("leave: worker rank ", req->rank(), " is not registered")));
     }
@@ -88,7 +85,7 @@ class Service final : public proto::Coordinator::Service {
   bool Finished() {
     absl::MutexLock lock(&mu_);
     if (!EveryWorkerDone()) return false;
-    for (int rank = 0; rank < static_cast<int>(servers_.size()); ++rank) {
+    for (const auto& [rank, unused] : servers_) {
       if (!told_.count(rank) && !dead_.count({proto::SERVER, rank})) return false;
     }
     return true;
@@ -98,7 +95,7 @@ class Service final : public proto::Coordinator::Service {
                        proto::BarrierResponse*) override {
     absl::MutexLock lock(&mu_);
     const int64_t epoch = req->epoch();
-    if (req->rank() < 0 || req->rank() >= static_cast<int>(workers_.size())) {
+    if (!workers_.count(req->rank())) {
       return ToGrpc(absl::InvalidArgumentError(absl::StrCat(
           "barrier ", epoch, ": worker rank ", req->rank(), " is not registered")));
     }
@@ -125,13 +122,42 @@ class Service final : public proto::Coordinator::Service {
       proto::NodeInfo info;
       info.set_role(node.first);
       info.set_rank(node.second);
-      const auto& list = node.first == proto::SERVER ? servers_ : workers_;
-      if (node.second < static_cast<int>(list.size())) info.set_address(list[node.second].address());
+      const auto& nodes = node.first == proto::SERVER ? servers_ : workers_;
+      if (auto n = nodes.find(node.second); n != nodes.end()) info.set_address(n->second.address());
       dead_[node] = info;
     }
   }
 
  private:
+  // The rank a registering node gets: the one it asks for, if that is in
+  // range and free, else (it asks for none) the lowest free one.
+  absl::StatusOr<int> RankFor(const proto::RegisterRequest& req,
+                              const std::map<int, proto::NodeInfo>& nodes) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const char* role = RoleName(req.role());
+    const int expected = req.role() == proto::SERVER ? options_.num_servers : options_.num_workers;
+    if (!req.has_rank()) {
+      for (int rank = 0; rank < expected; ++rank) {
+        if (!nodes.count(rank)) return rank;
+      }
+      return absl::FailedPreconditionError(
+          absl::StrCat("register: all ", expected, " ", role, "s have already registered"));
+    }
+    const int rank = req.rank();
+    if (rank < 0 || rank >= expected) {
+      return absl::InvalidArgumentError(absl::StrCat("register: ", role, " rank ", rank,
+                                                     " is outside 0..", expected - 1, " (the job has ",
+                                                     expected, " ", role, "s)"));
+    }
+    if (auto taken = nodes.find(rank); taken != nodes.end()) {
+      const std::string& by = taken->second.address();
+      return absl::AlreadyExistsError(absl::StrCat("register: ", role, " rank ", rank,
+                                                   " is already taken",
+                                                   by.empty() ? "" : absl::StrCat(" by ", by)));
+    }
+    return rank;
+  }
+
   int DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return static_cast<int>(std::count_if(dead_.begin(), dead_.end(), [](const auto& d) {
       return d.first.first == proto::WORKER;
@@ -167,7 +193,8 @@ class Service final : public proto::Coordinator::Service {
 
   const CoordinatorOptions options_;
   absl::Mutex mu_;
-  std::vector<proto::NodeInfo> servers_ ABSL_GUARDED_BY(mu_), workers_ ABSL_GUARDED_BY(mu_);
+  // Registered nodes by rank.
+  std::map<int, proto::NodeInfo> servers_ ABSL_GUARDED_BY(mu_), workers_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<proto::Role, int>, absl::Time> last_seen_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<proto::Role, int>, proto::NodeInfo> dead_ ABSL_GUARDED_BY(mu_);
   std::map<int64_t, std::set<int>> entered_ ABSL_GUARDED_BY(mu_);

@@ -28,6 +28,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "proto/mx.grpc.pb.h"
@@ -46,6 +47,9 @@ ABSL_FLAG(std::string, coordinator, "",
           "the coordinator's host:port (default: $DMLC_PS_ROOT_URI:$DMLC_PS_ROOT_PORT)");
 ABSL_FLAG(int, num_servers, 0, "servers in the job (default: $DMLC_NUM_SERVER)");
 ABSL_FLAG(int, num_workers, 0, "workers in the job (default: $DMLC_NUM_WORKER)");
+ABSL_FLAG(std::string, rank, "",
+          "the server rank to ask the coordinator for, 0 to num_servers-1 (default: $MX_RANK; "
+          "neither: the lowest one free); launch.py gives each server its index");
 ABSL_FLAG(std::string, mode, "sync", "sync (dist_sync) or async (dist_async)");
 ABSL_FLAG(bool, elastic, false,
           "continue without workers that died instead of failing (give it to the coordinator "
@@ -149,6 +153,14 @@ int RunServer() {
     return 2;
   }
   const int workers = IntFlagOrEnv(absl::GetFlag(FLAGS_num_workers), "DMLC_NUM_WORKER", "num_workers");
+  std::string rank_text = absl::GetFlag(FLAGS_rank);
+  if (rank_text.empty()) rank_text = Env("MX_RANK");
+  int requested_rank = 0;
+  if (!rank_text.empty() && (!absl::SimpleAtoi(rank_text, &requested_rank) || requested_rank < 0)) {
+    std::cerr << "mx_server: --rank (or $MX_RANK) must be a rank from 0, not '" << rank_text
+              << "'\n";
+    return 2;
+  }
   std::string bind = absl::GetFlag(FLAGS_bind);
   if (bind.empty()) bind = "0.0.0.0:0";
   auto ps = ParameterServer::Start(bind, {mode == "sync", workers, absl::GetFlag(FLAGS_elastic)},
@@ -170,6 +182,7 @@ int RunServer() {
   proto::RegisterRequest req;
   req.set_role(proto::SERVER);
   req.set_address(advertise);
+  if (!rank_text.empty()) req.set_rank(requested_rank);
   proto::RegisterResponse resp;
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));

@@ -19,14 +19,16 @@ JOB_LOGS+=("$TMP/ok.log")
 for w in 0 1; do
   [[ "$out" == *"[worker $w] Final test accuracy=1"* ]] || fail "worker $w did not reach accuracy 1"
 done
-[[ "$out" == *"[server 1] server "*" serving on 127.0.0.1:"* ]] || fail "no server 1 log line"
 [[ "$out" == *"launch.py: all workers finished"* ]] || fail "launcher did not report the end"
-echo "$out" | grep -q "worker 0 of 2 (dist_sync)" || fail "rank 0 missing"
-echo "$out" | grep -q "worker 1 of 2 (dist_sync)" || fail "rank 1 missing"
+# Each process's label is its rank.
+for r in 0 1; do
+  echo "$out" | grep -q "^\[server $r\] server $r serving on 127.0.0.1:" || fail "[server $r] is not server $r"
+  echo "$out" | grep -q "^\[worker $r\] worker $r of 2 (dist_sync)" || fail "[worker $r] is not worker $r"
+done
 # The workers leave the job; the daemons shut down on their own.
 echo "$out" | grep -q "^\[coordinator\] coordinator: every worker finished; shutting down$" || fail "coordinator did not shut down on its own"
 for s in 0 1; do
-  echo "$out" | grep -qE "^\[server $s\] server [01]: every worker finished; shutting down$" || fail "server $s did not shut down on its own"
+  echo "$out" | grep -qE "^\[server $s\] server $s: every worker finished; shutting down$" || fail "server $s did not shut down on its own"
 done
 echo "$out" | grep -q "^launch.py: stopping" && fail "the launcher had to stop a daemon"
 echo "$out" | grep -q "^launch.py: the coordinator and 2 server(s) shut down cleanly$" || fail "daemons did not exit 0"
@@ -62,15 +64,21 @@ elapsed=$(( $(now_ms) - start ))
 [[ $rc -ne 0 && $rc -ne 124 ]] || fail "killed job exited $rc"
 echo "killed-worker job stopped ${elapsed} ms after the kill (exit code $rc)"
 (( elapsed <= 15000 )) || fail "killed job took ${elapsed} ms to stop"
-grep -qE "^launch.py: worker 1 \(rank [01], pid $victim\) failed: killed by signal 9 \(SIGKILL\)" "$log" ||
+grep -qE "^launch.py: worker 1 \(rank 1, pid $victim\) failed: killed by signal 9 \(SIGKILL\)" "$log" ||
   { fail "launcher did not name the worker"; tail -5 "$log"; }
-rank=$(sed -n 's/^\[worker 1\] worker \([01]\) of 2.*/\1/p' "$log")
-grep -qE "^\[worker 0\] mx_train: .*worker(\(s\))? $rank died" "$log" ||
-  { fail "the other worker did not say worker $rank died"; grep "mx_train:" "$log"; }
+grep -qE "^\[worker 0\] mx_train: .*worker(\(s\))? 1 died" "$log" ||
+  { fail "the other worker did not say worker 1 died"; grep "mx_train:" "$log"; }
 sleep 0.5
 assert_nothing_left "$log"
 
-# 4. Ctrl-C (SIGINT) to the launcher stops the whole job at once.
+# 4. A server asking for a rank that is not one exits 2 saying so, before
+# it listens or registers.
+out=$(timeout 10 "$SERVER" --role=server --coordinator=127.0.0.1:1 --num_workers=1 --rank=first 2>&1)
+rc=$?
+[[ $rc -eq 2 ]] || fail "--rank=first exited $rc"
+[[ "$out" == *"--rank (or \$MX_RANK) must be a rank from 0, not 'first'"* ]] || fail "--rank=first said: $out"
+
+# 5. Ctrl-C (SIGINT) to the launcher stops the whole job at once.
 log="$TMP/interrupted.log"
 start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000
 wait_for_line "$log" '^\[worker [01]\] Epoch\[0\]' 60 || fail "no worker finished an epoch"

@@ -28,7 +28,7 @@ kill_daemon_during_job() {
   [[ $rc -ne 0 && $rc -ne 124 ]] || fail "$case: the job exited $rc"
   echo "$case: the job stopped ${elapsed} ms after the kill (exit code $rc)"
   (( elapsed <= 15000 )) || fail "$case: the job took ${elapsed} ms to stop"
-  grep -qE "^launch.py: $victim_name \((rank [01] at 127\.0\.0\.1:[0-9]+, )?pid $victim\) failed: killed by signal 9 \(SIGKILL\); stopping the job$" "$log" ||
+  grep -qE "^launch.py: $victim_name \((rank ${victim_name#* } at 127\.0\.0\.1:[0-9]+, )?pid $victim\) failed: killed by signal 9 \(SIGKILL\); stopping the job$" "$log" ||
     { fail "$case: the launcher did not name $victim_name"; grep "^launch.py" "$log"; }
   sleep 0.5
   assert_nothing_left "$log"
@@ -45,10 +45,12 @@ every_worker_failed_naming() {
     { fail "$case: no worker error names '$text'"; grep "mx_train:" "$log"; }
 }
 
-# The rank and address a launcher-named server registered with, as a
-# worker's error names it: "server 0 (127.0.0.1:4711)".
+# How a worker's error names the server that the launcher labels $1, with
+# the address it registered: "server 0 (127.0.0.1:4711)". The label is the
+# rank.
 server_as_named() {
-  sed -n "s/^\[$1\] server \([01]\) serving on \(127\.0\.0\.1:[0-9]*\).*/server \1 (\2)/p" "$log" | head -1
+  local rank=${1#server }
+  sed -n "s/^\[$1\] server $rank serving on \(127\.0\.0\.1:[0-9]*\).*/server $rank (\1)/p" "$log" | head -1
 }
 
 kill_daemon_during_job server_sync "server 1"

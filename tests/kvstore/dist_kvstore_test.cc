@@ -5,6 +5,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -535,6 +536,12 @@ TEST(DistKVStoreOptions, BadEnvironmentVariablesAreErrors) {
   EXPECT_THAT(CreateDistKVStoreFromEnvironment("dist_sync").status().message(),
               HasSubstr("MX_ELASTIC must be 0 or 1"));
   unsetenv("MX_ELASTIC");
+  for (const char* rank : {"-1", "first"}) {
+    setenv("MX_RANK", rank, 1);
+    EXPECT_THAT(CreateDistKVStoreFromEnvironment("dist_sync").status().message(),
+                HasSubstr(absl::StrCat("MX_RANK must be a worker rank from 0, not '", rank, "'")));
+  }
+  unsetenv("MX_RANK");
   unsetenv("MX_COORDINATOR");
 }
 

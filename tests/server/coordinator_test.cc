@@ -21,6 +21,19 @@ using ::testing::HasSubstr;
 
 constexpr auto kTimeout = std::chrono::milliseconds(600);
 
+// Registers a node of `role` (asking for `rank` unless it is negative).
+grpc::Status Register(proto::Coordinator::Stub& stub, proto::Role role, int rank = -1,
+                      proto::RegisterResponse* resp = nullptr) {
+  proto::RegisterRequest req;
+  req.set_role(role);
+  req.set_address(role == proto::SERVER ? "127.0.0.1:1" : "");
+  if (rank >= 0) req.set_rank(rank);
+  proto::RegisterResponse ignored;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  return stub.Register(&ctx, req, resp != nullptr ? resp : &ignored);
+}
+
 // A coordinator for one server and two workers, all registered; the server
 // and worker 0 keep heartbeating, worker 1 only when told to.
 class Cluster {
@@ -36,9 +49,9 @@ class Cluster {
     coordinator_ = *std::move(c);
     stub_ = proto::Coordinator::NewStub(SharedChannel(coordinator_->address()));
     std::vector<std::thread> registering;
-    registering.emplace_back([this] { Register(proto::SERVER); });
-    registering.emplace_back([this] { Register(proto::WORKER); });
-    registering.emplace_back([this] { Register(proto::WORKER); });
+    for (proto::Role role : {proto::SERVER, proto::WORKER, proto::WORKER}) {
+      registering.emplace_back([this, role] { EXPECT_TRUE(Register(*stub_, role).ok()); });
+    }
     for (std::thread& t : registering) t.join();
     heartbeats_ = std::thread([this] {
       while (!stop_) {
@@ -102,17 +115,6 @@ class Cluster {
   }
 
  private:
-  void Register(proto::Role role) {
-    proto::RegisterRequest req;
-    req.set_role(role);
-    req.set_address(role == proto::SERVER ? "127.0.0.1:1" : "");
-    proto::RegisterResponse resp;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    grpc::Status s = stub_->Register(&ctx, req, &resp);
-    EXPECT_TRUE(s.ok()) << s.error_message();
-  }
-
   std::unique_ptr<CoordinatorServer> coordinator_;
   std::unique_ptr<proto::Coordinator::Stub> stub_;
   std::thread heartbeats_;
@@ -179,6 +181,46 @@ TEST(CoordinatorErrors, UnregisteredNodesAreRefused) {
   s = c.Heartbeat(proto::SERVER, 3);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_THAT(s.error_message(), HasSubstr("server 3 never registered"));
+}
+
+// A node that asks for a rank gets it, whatever the order of registration;
+// one that asks for none gets the lowest free. A rank out of range or taken
+// is refused, saying which.
+TEST(CoordinatorRanks, RequestedRanksAreHonouredAndChecked) {
+  CoordinatorOptions o;
+  o.num_servers = 2;
+  o.num_workers = 2;
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto stub = proto::Coordinator::NewStub(SharedChannel((*c)->address()));
+  struct Node {
+    proto::Role role;
+    int rank;  // asked for; -1: none
+    proto::RegisterResponse resp;
+  };
+  std::vector<Node> nodes = {
+      {proto::SERVER, 1, {}}, {proto::SERVER, 0, {}}, {proto::WORKER, 1, {}}, {proto::WORKER, -1, {}}};
+  std::vector<std::thread> registering;
+  for (Node& n : nodes) {
+    registering.emplace_back([&stub, &n] { EXPECT_TRUE(Register(*stub, n.role, n.rank, &n.resp).ok()); });
+  }
+  for (std::thread& t : registering) t.join();
+  EXPECT_EQ(nodes[0].resp.self().rank(), 1);
+  EXPECT_EQ(nodes[1].resp.self().rank(), 0);
+  EXPECT_EQ(nodes[2].resp.self().rank(), 1);
+  EXPECT_EQ(nodes[3].resp.self().rank(), 0);
+  ASSERT_EQ(nodes[3].resp.servers_size(), 2);  // the cluster view, by rank
+  EXPECT_EQ(nodes[3].resp.servers(1).rank(), 1);
+
+  grpc::Status s = Register(*stub, proto::WORKER, 2);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("worker rank 2 is outside 0..1"));
+  s = Register(*stub, proto::SERVER, 1);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_THAT(s.error_message(), HasSubstr("server rank 1 is already taken by 127.0.0.1:1"));
+  s = Register(*stub, proto::WORKER);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(s.error_message(), HasSubstr("all 2 workers have already registered"));
 }
 
 // gRPC sets SO_REUSEPORT by default, which lets a second daemon share a
