@@ -133,6 +133,7 @@ struct BatchConfig {
   int batch_size = 0;
   bool shuffle = false;
   uint64_t seed = 0;
+  uint64_t first_epoch = 0;
   LastBatch last_batch = LastBatch::kPad;
   DataDesc data;   // shape[0] is batch_size
   DataDesc label;  // shape[0] is batch_size
@@ -198,7 +199,8 @@ class BatchIter : public DataIter {
         config_(std::move(config)),
         data_(config_.data.shape),
         label_(config_.label.shape),
-        idx_(config_.batch_size) {
+        idx_(config_.batch_size),
+        epoch_(config_.first_epoch) {
     MakeOrder();
   }
 
@@ -287,7 +289,7 @@ class BatchIter : public DataIter {
   NDArray label_;
   std::vector<int64_t> idx_;  // the table rows of the batch being made
 
-  uint64_t epoch_ = 0;
+  uint64_t epoch_;
   bool started_ = false;             // Next() was called in this epoch
   std::vector<int64_t> order_;       // this epoch's table rows
   std::vector<int64_t> carry_;       // rows rolled over into this epoch
@@ -416,6 +418,7 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeCsvIter(
   config.batch_size = options.batch_size;
   config.shuffle = options.shuffle;
   config.seed = options.seed;
+  config.first_epoch = options.first_epoch;
   config.last_batch = options.last_batch;
   config.data = {"data", BatchShape(options.batch_size, options.data_shape)};
   // As MXNet: a label of one value per sample gives a (batch,) array.
@@ -456,6 +459,7 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeMnistIter(
   config.batch_size = options.batch_size;
   config.shuffle = options.shuffle;
   config.seed = options.seed;
+  config.first_epoch = options.first_epoch;
   config.last_batch = options.last_batch;
   config.data = {"data", options.flat
                              ? Shape{options.batch_size, rows * cols}
@@ -506,6 +510,7 @@ absl::StatusOr<std::unique_ptr<DataIter>> ArrayIter(
   config.batch_size = options.batch_size;
   config.shuffle = options.shuffle;
   config.seed = options.seed;
+  config.first_epoch = options.first_epoch;
   config.last_batch = options.last_batch;
   config.data = {options.data_name,
                  Shape(data.shape().begin(), data.shape().end())};

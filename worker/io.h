@@ -17,9 +17,10 @@
 // samples when the batch is larger.
 //
 // Shuffling visits each sample once per epoch in an order that depends only
-// on (seed, epoch number). Epochs are counted by the Reset() calls that
-// follow at least one Next(), so "Reset(); loop" and "loop; Reset()" see the
-// same orders.
+// on (seed, epoch number). Epochs are counted from `first_epoch` by the
+// Reset() calls that follow at least one Next(), so "Reset(); loop" and
+// "loop; Reset()" see the same orders, and a run resumed at epoch e (an
+// iterator with first_epoch = e) sees the orders the whole run would have.
 //
 // Errors in files (missing, truncated, wrong magic, sizes that disagree)
 // are absl::Status from the factories naming the file and the offset.
@@ -68,6 +69,7 @@ struct ArrayIterOptions {
   int batch_size = 100;
   bool shuffle = false;
   uint64_t seed = 0;  // shuffling order, reproducible per seed and epoch
+  uint64_t first_epoch = 0;  // the number of the first epoch (see above)
   LastBatch last_batch = LastBatch::kPad;
   std::string data_name = "data";
   std::string label_name = "softmax_label";
@@ -84,6 +86,7 @@ struct MnistOptions {
   int batch_size = 100;
   bool shuffle = false;
   uint64_t seed = 0;
+  uint64_t first_epoch = 0;
   // (N, 784) when true, else (N, 1, 28, 28).
   bool flat = false;
   // Pixel scale: values are byte / 255 * scale.
@@ -109,6 +112,7 @@ struct CsvOptions {
   int batch_size = 100;
   bool shuffle = false;
   uint64_t seed = 0;
+  uint64_t first_epoch = 0;
   int part_index = 0;
   int num_parts = 1;
   LastBatch last_batch = LastBatch::kPad;

@@ -62,7 +62,10 @@ using EpochEndCallback = std::function<bool(const EpochEndParam&)>;
 
 struct FitOptions {
   int num_epoch = 10;
-  // Epochs already done (resuming from a checkpoint of this epoch).
+  // Epochs already done (resuming from a checkpoint of this epoch). For
+  // the run to continue as the whole run would have, give the training
+  // iterator first_epoch = begin_epoch (its shuffling order) and
+  // optimizer_states_path the checkpoint's states.
   int begin_epoch = 0;
   std::string optimizer = "sgd";
   // learning_rate, momentum, wd, ...; rescale_grad defaults to 1/batch_size.

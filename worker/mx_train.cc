@@ -139,6 +139,7 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(bool train, bool flat, int pa
     if (train) {
       o.part_index = part;
       o.num_parts = parts;
+      o.first_epoch = absl::GetFlag(FLAGS_resume_epoch);  // a resumed run's orders
     }
     return CsvIter(o);
   }
@@ -153,6 +154,7 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(bool train, bool flat, int pa
   if (train) {
     o.part_index = part;
     o.num_parts = parts;
+    o.first_epoch = absl::GetFlag(FLAGS_resume_epoch);
   }
   MX_ASSIGN_OR_RETURN(auto iter, MnistIter(o));
   return PrefetchingIter(std::move(iter));

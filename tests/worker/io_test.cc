@@ -302,6 +302,30 @@ TEST(ArrayIter, ShuffleIsReproduciblePerSeedAndEpoch) {
   EXPECT_NE(Flatten(RunEpoch(c.get())), a0) << "the seed matters";
 }
 
+// A run resumed at epoch 2 (first_epoch = 2) sees the orders of epochs 2
+// and 3 of the whole run, through a prefetching iterator too.
+TEST(ArrayIter, FirstEpochContinuesTheWholeRunsOrders) {
+  const ArrayIterOptions options = Shuffled(10, 7);
+  auto whole = MakeArrayIter(50, options);
+  std::vector<std::vector<int>> orders;
+  for (int epoch = 0; epoch < 4; ++epoch) {
+    whole->Reset();
+    orders.push_back(Flatten(RunEpoch(whole.get())));
+  }
+  ArrayIterOptions resumed = options;
+  resumed.first_epoch = 2;
+  std::vector<std::unique_ptr<DataIter>> iters;
+  iters.push_back(MakeArrayIter(50, resumed));
+  iters.push_back(PrefetchingIter(MakeArrayIter(50, resumed)));
+  for (auto& iter : iters) {
+    iter->Reset();
+    EXPECT_EQ(Flatten(RunEpoch(iter.get())), orders[2]);
+    iter->Reset();
+    EXPECT_EQ(Flatten(RunEpoch(iter.get())), orders[3]);
+  }
+  EXPECT_NE(orders[2], orders[0]);
+}
+
 TEST(ArrayIter, ShuffledPaddingComesFromTheStartOfTheEpochOrder) {
   auto iter = MakeArrayIter(10, Shuffled(4, 3));
   std::vector<Seen> batches = RunEpoch(iter.get());

@@ -43,7 +43,8 @@ make_csv 100 "$TMP/test.csv" "$TMP/test_labels.csv"
 csv=(--train_csv="$TMP/train.csv" --train_label_csv="$TMP/train_labels.csv"
      --test_csv="$TMP/test.csv" --test_label_csv="$TMP/test_labels.csv" --batch_size=20)
 
-out=$("$BIN" "${csv[@]}" --network=mlp --epochs=2 --lr=0.5 --checkpoint_prefix="$TMP/m" 2>&1)
+train=("$BIN" "${csv[@]}" --network=mlp --lr=0.2 --momentum=0.5)
+out=$("${train[@]}" --epochs=2 --checkpoint_prefix="$TMP/m" 2>&1)
 if [[ $? -ne 0 || "$out" != *"Final test accuracy=1"* ]]; then
   echo "FAIL: CSV training run:"; echo "$out" | tail -5; failures=$((failures + 1))
 else
@@ -52,12 +53,23 @@ fi
 for f in m-symbol.json m-0001.params m-0002.params m-0002.states; do
   [[ -s "$TMP/$f" ]] || { echo "FAIL: checkpoint file $f missing"; failures=$((failures + 1)); }
 done
-out=$("$BIN" "${csv[@]}" --network=mlp --epochs=3 --lr=0.5 --checkpoint_prefix="$TMP/m" --resume_epoch=2 2>&1)
+out=$("${train[@]}" --epochs=3 --checkpoint_prefix="$TMP/m" --resume_epoch=2 2>&1)
 if [[ $? -ne 0 || "$out" != *"Epoch[2]"* || "$out" == *"Epoch[1]"* ]]; then
   echo "FAIL: resume from epoch 2:"; echo "$out" | tail -5; failures=$((failures + 1))
 else
   echo "ok: resume trains epoch 2 only"
 fi
+# The resumed run ends where an uninterrupted one does, bit for bit: same
+# weights, same momentum (the shuffling order of epoch 2, the optimizer's
+# state and its update count all continue).
+"${train[@]}" --epochs=3 --checkpoint_prefix="$TMP/whole" > /dev/null 2>&1
+for f in 0003.params 0003.states; do
+  if cmp -s "$TMP/whole-$f" "$TMP/m-$f"; then
+    echo "ok: resumed $f equals the uninterrupted run's"
+  else
+    echo "FAIL: resumed $f differs from the uninterrupted run's"; failures=$((failures + 1))
+  fi
+done
 head -c 100 "$TMP/m-0002.params" > "$TMP/cut.params" && mv "$TMP/cut.params" "$TMP/m-0002.params"
 expect_fail "truncated checkpoint" "m-0002.params" "${csv[@]}" --checkpoint_prefix="$TMP/m" --resume_epoch=2
 echo "$failures failures"
