@@ -374,23 +374,28 @@ TEST(ParameterShard, SavedStatesAreNeverMidUpdate) {
   worker.join();
 }
 
+const Optimizer::Options kSgdMomentum = {{"learning_rate", "0.5"}, {"momentum", "0.9"}};
+
+// The momentum state of a shard where key 1 has 4 elements, after a step.
+absl::StatusOr<std::string> StatesOfAnotherShard() {
+  ParameterShard other({true, 1, false});
+  MX_RETURN_IF_ERROR(other.Init(1, Shape{4}, {0, 0, 0, 0}));
+  MX_RETURN_IF_ERROR(other.SetOptimizer("sgd", kSgdMomentum));
+  MX_RETURN_IF_ERROR(other.Push(1, 0, {1, 1, 1, 1}));
+  MX_RETURN_IF_ERROR(other.Pull(1, 1, Soon()).status());
+  return other.SaveOptimizerStates();
+}
+
 // An update the optimizer refuses (states loaded for a key of another
 // shape, before the key was initialized) fails that key's pulls and later
 // pushes, naming the key and why; the server goes on serving the other keys.
 TEST(ParameterShard, AFailedUpdateFailsItsKeyAndTheOthersGoOn) {
-  const Optimizer::Options momentum = {{"learning_rate", "0.5"}, {"momentum", "0.9"}};
-  ParameterShard other({true, 1, false});  // where key 1 has 4 elements
-  ASSERT_TRUE(other.Init(1, Shape{4}, {0, 0, 0, 0}).ok());
-  ASSERT_TRUE(other.SetOptimizer("sgd", momentum).ok());
-  ASSERT_TRUE(other.Push(1, 0, {1, 1, 1, 1}).ok());
-  ASSERT_TRUE(other.Pull(1, 1, absl::Now() + absl::Seconds(5)).ok());
-  absl::StatusOr<std::string> states = other.SaveOptimizerStates();
-  ASSERT_TRUE(states.ok());
-
+  absl::StatusOr<std::string> states = StatesOfAnotherShard();
+  ASSERT_TRUE(states.ok()) << states.status();
   for (bool sync : {true, false}) {
     ParameterShard shard({sync, 1, false});
     ASSERT_TRUE(shard.Init(2, Shape{2}, {0, 0}).ok());
-    ASSERT_TRUE(shard.SetOptimizer("sgd", momentum).ok());
+    ASSERT_TRUE(shard.SetOptimizer("sgd", kSgdMomentum).ok());
     ASSERT_TRUE(shard.LoadOptimizerStates(*states).ok());
     ASSERT_TRUE(shard.Init(1, Shape{3}, {0, 0, 0}).ok());
     ASSERT_TRUE(shard.Push(1, 0, {1, 2, 3}).ok());
@@ -409,17 +414,12 @@ TEST(ParameterShard, AFailedUpdateFailsItsKeyAndTheOthersGoOn) {
 // Optimizer states of another shape than their key are refused when they
 // are loaded, naming the key and both shapes; the states in use stay.
 TEST(ParameterShard, LoadingStatesOfAnotherShapeFailsAndChangesNothing) {
-  const Optimizer::Options momentum = {{"learning_rate", "0.5"}, {"momentum", "0.9"}};
-  ParameterShard other({true, 1, false});  // where key 1 has 4 elements
-  ASSERT_TRUE(other.Init(1, Shape{4}, {0, 0, 0, 0}).ok());
-  ASSERT_TRUE(other.SetOptimizer("sgd", momentum).ok());
-  ASSERT_TRUE(other.Push(1, 0, {1, 1, 1, 1}).ok());
-  absl::StatusOr<std::string> states = other.SaveOptimizerStates();
-  ASSERT_TRUE(states.ok());
+  absl::StatusOr<std::string> states = StatesOfAnotherShard();
+  ASSERT_TRUE(states.ok()) << states.status();
 
   ParameterShard shard({true, 1, false});
   ASSERT_TRUE(shard.Init(1, Shape{3}, {0, 0, 0}).ok());
-  ASSERT_TRUE(shard.SetOptimizer("sgd", momentum).ok());
+  ASSERT_TRUE(shard.SetOptimizer("sgd", kSgdMomentum).ok());
   ASSERT_TRUE(shard.Push(1, 0, {1, 1, 1}).ok());  // momentum and weights -0.5
   absl::Status s = shard.LoadOptimizerStates(*states);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
