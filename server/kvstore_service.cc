@@ -17,17 +17,41 @@ namespace mx {
 
 namespace {
 
-// Push and Pull, which carry tensors, are raw callback methods: a pushed
-// tensor stays in gRPC's receive buffers until the shard has summed it (or,
-// the only push of a step without an optimizer, is sent back from there),
-// values go out without copies (see EncodeTensorMessage), and a pull
-// waiting for a step holds no thread (the shard answers it when the step
-// completes). The other methods are small and synchronous.
-using ServiceBase = proto::KVStoreService::WithRawCallbackMethod_Push<
-    proto::KVStoreService::WithRawCallbackMethod_Pull<
-        proto::KVStoreService::WithRawCallbackMethod_PushPull<
-            proto::KVStoreService::WithRawCallbackMethod_PushPullMany<
-                proto::KVStoreService::Service>>>>;
+// Every method is a raw callback method. Push and Pull, which carry
+// tensors: a pushed tensor stays in gRPC's receive buffers until the shard
+// has summed it (or, the only push of a step without an optimizer, is sent
+// back from there), values go out without copies (see
+// EncodeTensorMessage), and a pull waiting for a step holds no thread (the
+// shard answers it when the step completes). The small methods parse their
+// requests themselves (Answer), so that bytes that are no request are
+// INVALID_ARGUMENT saying so, where gRPC's own parser answers INTERNAL with
+// no message; they run on gRPC's callback threads and wait at most for a
+// step in flight (SetOptimizer, the optimizer's state).
+using KVStore = proto::KVStoreService;
+using ServiceBase = KVStore::WithRawCallbackMethod_Init<KVStore::WithRawCallbackMethod_Push<
+    KVStore::WithRawCallbackMethod_Pull<KVStore::WithRawCallbackMethod_PushPull<
+        KVStore::WithRawCallbackMethod_PushPullMany<KVStore::WithRawCallbackMethod_SetOptimizer<
+            KVStore::WithRawCallbackMethod_SaveOptimizerStates<
+                KVStore::WithRawCallbackMethod_LoadOptimizerStates<KVStore::Service>>>>>>>>;
+
+// Answers a small method: parses its request, calls handle(req, &resp) and
+// answers with resp or handle's error.
+template <class Req, class Resp, class Handle>
+grpc::ServerUnaryReactor* Answer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& request,
+                                 grpc::ByteBuffer* response, const char* method,
+                                 const Handle& handle) {
+  Req req;
+  Resp resp;
+  absl::Status s = DecodeWithTensor(request, 0, &req, nullptr);  // a plain message
+  if (!s.ok()) {
+    s = absl::InvalidArgumentError(absl::StrCat(method, ": malformed request: ", s.message()));
+  }
+  if (s.ok()) s = handle(req, &resp);
+  if (s.ok()) *response = EncodeMessage(resp);
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(ToGrpc(s));
+  return reactor;
+}
 
 absl::Status Prefix(const absl::Status& s, const char* what, int key) {
   if (s.ok()) return s;
@@ -120,11 +144,14 @@ class Service final : public ServiceBase {
  public:
   explicit Service(ParameterShard* shard) : shard_(shard) {}
 
-  grpc::Status Init(grpc::ServerContext*, const proto::InitRequest* req,
-                    proto::InitResponse*) override {
-    absl::StatusOr<HostTensor> t = FromProto(req->value());
-    if (!t.ok()) return ToGrpc(Prefix(t.status(), "init", req->key()));
-    return ToGrpc(shard_->Init(req->key(), t->shape, t->data));
+  grpc::ServerUnaryReactor* Init(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+                                 grpc::ByteBuffer* response) override {
+    return Answer<proto::InitRequest, proto::InitResponse>(
+        ctx, *request, response, "init", [this](const proto::InitRequest& req, proto::InitResponse*) {
+          absl::StatusOr<HostTensor> t = FromProto(req.value());
+          if (!t.ok()) return Prefix(t.status(), "init", req.key());
+          return shard_->Init(req.key(), t->shape, t->data);
+        });
   }
 
   grpc::ServerUnaryReactor* Push(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
@@ -164,26 +191,41 @@ class Service final : public ServiceBase {
     return reactor;
   }
 
-  grpc::Status SetOptimizer(grpc::ServerContext*, const proto::SetOptimizerRequest* req,
-                            proto::SetOptimizerResponse*) override {
-    Optimizer::Options options(req->options().begin(), req->options().end());
-    std::map<int, std::string> names(req->param_names().begin(), req->param_names().end());
-    std::map<std::string, float> lr_mult(req->lr_mult().begin(), req->lr_mult().end());
-    std::map<std::string, float> wd_mult(req->wd_mult().begin(), req->wd_mult().end());
-    return ToGrpc(shard_->SetOptimizer(req->name(), options, names, lr_mult, wd_mult));
+  grpc::ServerUnaryReactor* SetOptimizer(grpc::CallbackServerContext* ctx,
+                                         const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) override {
+    return Answer<proto::SetOptimizerRequest, proto::SetOptimizerResponse>(
+        ctx, *request, response, "set_optimizer",
+        [this](const proto::SetOptimizerRequest& req, proto::SetOptimizerResponse*) {
+          Optimizer::Options options(req.options().begin(), req.options().end());
+          std::map<int, std::string> names(req.param_names().begin(), req.param_names().end());
+          std::map<std::string, float> lr_mult(req.lr_mult().begin(), req.lr_mult().end());
+          std::map<std::string, float> wd_mult(req.wd_mult().begin(), req.wd_mult().end());
+          return shard_->SetOptimizer(req.name(), options, names, lr_mult, wd_mult);
+        });
   }
 
-  grpc::Status SaveOptimizerStates(grpc::ServerContext*, const proto::SaveOptimizerStatesRequest*,
-                                   proto::OptimizerStates* resp) override {
-    absl::StatusOr<std::string> states = shard_->SaveOptimizerStates();
-    if (!states.ok()) return ToGrpc(states.status());
-    resp->set_states(*std::move(states));
-    return grpc::Status::OK;
+  grpc::ServerUnaryReactor* SaveOptimizerStates(grpc::CallbackServerContext* ctx,
+                                                const grpc::ByteBuffer* request,
+                                                grpc::ByteBuffer* response) override {
+    return Answer<proto::SaveOptimizerStatesRequest, proto::OptimizerStates>(
+        ctx, *request, response, "save_optimizer_states",
+        [this](const proto::SaveOptimizerStatesRequest&, proto::OptimizerStates* resp) {
+          absl::StatusOr<std::string> states = shard_->SaveOptimizerStates();
+          if (!states.ok()) return states.status();
+          resp->set_states(*std::move(states));
+          return absl::OkStatus();
+        });
   }
 
-  grpc::Status LoadOptimizerStates(grpc::ServerContext*, const proto::OptimizerStates* req,
-                                   proto::LoadOptimizerStatesResponse*) override {
-    return ToGrpc(shard_->LoadOptimizerStates(req->states()));
+  grpc::ServerUnaryReactor* LoadOptimizerStates(grpc::CallbackServerContext* ctx,
+                                                const grpc::ByteBuffer* request,
+                                                grpc::ByteBuffer* response) override {
+    return Answer<proto::OptimizerStates, proto::LoadOptimizerStatesResponse>(
+        ctx, *request, response, "load_optimizer_states",
+        [this](const proto::OptimizerStates& req, proto::LoadOptimizerStatesResponse*) {
+          return shard_->LoadOptimizerStates(req.states());
+        });
   }
 
  private:
