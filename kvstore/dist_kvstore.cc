@@ -255,6 +255,8 @@ class DistKVStore : public KVStore {
     for (const Part& p : e.parts) {
       proto::InitRequest req;
       req.set_key(p.server_key);
+      req.set_sync(conn_->options.sync);
+      req.set_num_workers(conn_->options.num_workers);
       ToProto(data.data() + p.begin, Shape{p.end - p.begin}, req.mutable_value());
       proto::InitResponse resp;
       grpc::ClientContext ctx;

@@ -148,6 +148,7 @@ class Service final : public ServiceBase {
                                  grpc::ByteBuffer* response) override {
     return Answer<proto::InitRequest, proto::InitResponse>(
         ctx, *request, response, "init", [this](const proto::InitRequest& req, proto::InitResponse*) {
+          MX_RETURN_IF_ERROR(Prefix(SameJob(req), "init", req.key()));
           absl::StatusOr<HostTensor> t = FromProto(req.value());
           if (!t.ok()) return Prefix(t.status(), "init", req.key());
           return shard_->Init(req.key(), t->shape, t->data);
@@ -229,6 +230,24 @@ class Service final : public ServiceBase {
   }
 
  private:
+  // Whether the worker's store (as its init says) belongs to a job run as
+  // this server is: the same mode and number of workers.
+  absl::Status SameJob(const proto::InitRequest& req) const {
+    const ShardOptions& o = shard_->options();
+    auto mode = [](bool sync) { return sync ? "dist_sync" : "dist_async"; };
+    if (req.has_sync() && req.sync() != o.sync) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "this server runs ", mode(o.sync), ", the worker's store is ", mode(req.sync()),
+          " (start the servers with --mode=", req.sync() ? "sync" : "async", ")"));
+    }
+    if (req.has_num_workers() && req.num_workers() != o.num_workers) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "this server expects ", o.num_workers, " workers, the worker's job has ",
+          req.num_workers(), " (give every node the same --num_workers or DMLC_NUM_WORKER)"));
+    }
+    return absl::OkStatus();
+  }
+
   // Decodes a push into *req (all but the data) and gives it to the shard.
   absl::Status HandlePush(const grpc::ByteBuffer& request, proto::PushRequest* req) {
     PushData data;

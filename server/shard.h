@@ -68,6 +68,7 @@ struct ShardOptions {
 class ParameterShard {
  public:
   explicit ParameterShard(ShardOptions options);
+  const ShardOptions& options() const { return options_; }
 
   // Creates key with a value. A second Init with the same shape is a no-op
   // (every worker may init); another shape is an error naming both.

@@ -342,6 +342,20 @@ TEST(DistErrors, BadRequestsNameKeyAndServer) {
   EXPECT_THAT(s.message(), HasSubstr("already initialized with shape (2,)"));
 }
 
+// A worker whose store differs from the servers' settings (a node started
+// by hand with other flags) fails at its first init, saying what differs.
+TEST(DistErrors, AStoreOfAnotherModeOrJobSizeIsRefusedAtInit) {
+  Cluster c = StartServers(1, 2);  // dist_sync, 2 workers
+  absl::Status s = Worker(c, 0, 2, 1 << 20, /*sync=*/false)->Init(1, Ones({2}));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(s.message(), HasSubstr("init of key 1 on server 0"));
+  EXPECT_THAT(s.message(), HasSubstr("this server runs dist_sync, the worker's store is dist_async"));
+  s = Worker(c, 0, 3, 1 << 20)->Init(1, Ones({2}));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(s.message(), HasSubstr("this server expects 2 workers, the worker's job has 3"));
+  EXPECT_TRUE(Worker(c, 0, 2, 1 << 20)->Init(1, Ones({2})).ok());
+}
+
 // Requests that no mx client sends: the server answers with an error and
 // keeps serving.
 TEST(DistErrors, MalformedMessagesAreRejectedAndTheServerKeepsServing) {
