@@ -79,6 +79,10 @@ struct OprBlock {
   bool always_run = false;
   // Frees mutable_vars[0] after completion.
   bool delete_var = false;
+  // Cheap (a wait's signal): runs on the thread that makes it ready (the
+  // one completing its last dependency), not on a worker, which would cost
+  // a thread wake-up between an operation's end and its waiter's.
+  bool run_inline = false;
   FnProperty prop = FnProperty::kNormal;
   int64_t start_us = 0;  // when Execute began, for traces
 };
@@ -352,6 +356,7 @@ class ThreadedEngine : public Engine {
       cv.notify_all();
     };
     op->always_run = true;
+    op->run_inline = true;
     Push(op);
     // Help while waiting: running ready operations on this thread saves a
     // worker's wake-up on the common push-then-wait path.
@@ -428,7 +433,12 @@ class ThreadedEngine : public Engine {
   }
 
   void DecWait(OprBlock* op) {
-    if (op->wait.fetch_sub(1, std::memory_order_acq_rel) == 1) pool_.Push(op);
+    if (op->wait.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    if (op->run_inline) {
+      Run(op);
+    } else {
+      pool_.Push(op);
+    }
   }
 
   void Run(OprBlock* op) {

@@ -881,6 +881,36 @@ TEST(ThreadedEngine, WaitForVarReturnsWhileUnrelatedWorkIsBlocked) {
     engine->DeleteVariable([](RunContext) {}, cpu(), v);
 }
 
+// The end of an asynchronous operation (an RPC answered on a network
+// thread) wakes its waiter from that thread: the waiter does not wait for a
+// worker, even when every worker is busy.
+TEST(ThreadedEngine, AWaiterWakesWhenItsOperationEndsWhileEveryWorkerIsBusy) {
+  std::unique_ptr<Engine> engine = CreateEngine(Threaded(1));
+  VarHandle busy = engine->NewVariable(), x = engine->NewVariable();
+  Gate started, release;
+  engine->PushSync(
+      [&](RunContext) {
+        started.Open();
+        release.Wait();
+      },
+      cpu(), {}, {busy});
+  ASSERT_TRUE(started.Wait());  // the only worker is busy until released
+  std::thread network;
+  engine->PushAsync(
+      [&](RunContext, CallbackOnComplete done) {
+        network = std::thread([done] {
+          SleepMs(20);
+          done();
+        });
+      },
+      cpu(), {}, {x});
+  RunOrDie([&] { engine->WaitForVar(x); }, 10, "WaitForVar while the worker is busy");
+  release.Open();
+  network.join();
+  engine->WaitForAll();
+  for (VarHandle v : {busy, x}) engine->DeleteVariable([](RunContext) {}, cpu(), v);
+}
+
 TEST(ThreadedEngine, ManyShortWaitsDoNotHang) {
   // WaitForVar right after a push: the operation often completes before the
   // waiter blocks, which must be handled without losing the wake-up.
