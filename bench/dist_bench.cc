@@ -3,12 +3,14 @@
 // this process), one key at a time and 8 keys in flight, for 4 KiB, 1 MiB
 // and 16 MiB values, against loopback TCP bandwidth measured in the same run
 // by a plain socket sender and receiver; the round-trip latency of a
-// small pushpull (p50, p99); and a server completing the steps of two keys
-// on two threads against one.
+// small pushpull (p50, p99) and of an MLP training step's communication,
+// against loopback TCP round trips of the same bytes; and a server
+// completing the steps of two keys on two threads against one.
 //
 // Usage: dist_bench [SUBSTRING]: only the figures whose names contain it.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -20,40 +22,52 @@
 #include <thread>
 #include <vector>
 
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
 #include "bench/bench_util.h"
 #include "kvstore/dist_kvstore.h"
+#include "proto/wire.h"
 #include "server/kvstore_service.h"
 #include "server/shard.h"
 
 namespace mx::bench {
 namespace {
 
-// The baseline: a plain loopback TCP connection, a sender and a receiver
-// thread. Transfer(bytes) writes `bytes` in writes of up to 1 MiB and
-// returns once the receiver has read them all: from and into one 1 MiB
+// A loopback TCP connection: {the connecting end, the accepted end}.
+std::pair<int, int> LoopbackConnection() {
+  int listener = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  if (bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
+      listen(listener, 1) != 0) {
+    throw std::runtime_error("loopback baseline: cannot listen");
+  }
+  const int client = socket(AF_INET, SOCK_STREAM, 0);
+  if (connect(client, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    throw std::runtime_error("loopback baseline: cannot connect");
+  }
+  const int server = accept(listener, nullptr, nullptr);
+  close(listener);
+  return {client, server};
+}
+
+// The throughput baseline: a plain loopback TCP connection, a sender and a
+// receiver thread. Transfer(bytes) writes `bytes` in writes of up to 1 MiB
+// and returns once the receiver has read them all: from and into one 1 MiB
 // buffer each (hot in cache: the baseline), or, from_memory, from
 // and into 64 MiB rings, as a transfer of tensors larger than the cache
 // touches memory.
 class LoopbackLink {
  public:
   LoopbackLink() : source_(kRing, 1), sink_(kRing) {
-    int listener = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(addr);
-    if (bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-        getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
-        listen(listener, 1) != 0) {
-      throw std::runtime_error("loopback baseline: cannot listen");
-    }
-    sender_ = socket(AF_INET, SOCK_STREAM, 0);
-    if (connect(sender_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-      throw std::runtime_error("loopback baseline: cannot connect");
-    }
-    const int receiver = accept(listener, nullptr, nullptr);
-    close(listener);
-    receiver_ = std::thread([this, receiver] { Receive(receiver); });
+    const auto [sender, receiver] = LoopbackConnection();
+    sender_ = sender;
+    receiver_ = std::thread([this, receiver = receiver] { Receive(receiver); });
   }
   ~LoopbackLink() {
     close(sender_);  // the receiver reads end of file and stops
@@ -103,6 +117,115 @@ class LoopbackLink {
   std::condition_variable cv_;
   size_t received_ = 0, wanted_ = 0;  // guarded by mu_
   bool from_memory_ = false;          // likewise
+};
+
+// The latency baseline: a loopback TCP ping-pong, with Nagle's algorithm
+// off (as gRPC has it). RoundTrip(bytes) sends `bytes` to an echo thread
+// and returns when it has read them back.
+class LoopbackEcho {
+ public:
+  LoopbackEcho() {
+    const auto [client, server] = LoopbackConnection();
+    const int one = 1;
+    for (int fd : {client, server}) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    client_ = client;
+    echo_ = std::thread([server = server] {
+      std::vector<char> buffer(1 << 20);
+      for (ssize_t n; (n = read(server, buffer.data(), buffer.size())) > 0;) {
+        for (ssize_t sent = 0, w; sent < n; sent += w) {
+          if ((w = write(server, buffer.data() + sent, n - sent)) <= 0) return;
+        }
+      }
+      close(server);
+    });
+  }
+  ~LoopbackEcho() {
+    close(client_);  // the echo thread reads end of file and stops
+    echo_.join();
+  }
+
+  void RoundTrip(size_t bytes) {
+    if (buffer_.size() < bytes) buffer_.resize(bytes);
+    for (size_t sent = 0; sent < bytes;) {
+      const ssize_t w = write(client_, buffer_.data() + sent, bytes - sent);
+      if (w <= 0) throw std::runtime_error("loopback echo: write failed");
+      sent += w;
+    }
+    for (size_t got = 0; got < bytes;) {
+      const ssize_t r = read(client_, buffer_.data() + got, bytes - got);
+      if (r <= 0) throw std::runtime_error("loopback echo: read failed");
+      got += r;
+    }
+  }
+
+ private:
+  int client_;
+  std::thread echo_;
+  std::vector<char> buffer_;
+};
+
+// The transport's own latency: a plain gRPC unary call (a generic echo
+// service, channels as mx makes them) carrying the same bytes.
+class GrpcEcho {
+ public:
+  GrpcEcho() {
+    grpc::ServerBuilder builder;
+    int port = 0;
+    ListenExclusively(&builder, "127.0.0.1:0", &port);
+    builder.RegisterCallbackGenericService(&service_);
+    server_ = builder.BuildAndStart();
+    if (server_ == nullptr || port == 0) throw std::runtime_error("gRPC echo: cannot listen");
+    stub_ = std::make_unique<grpc::GenericStub>(SharedChannel("127.0.0.1:" + std::to_string(port)));
+  }
+  ~GrpcEcho() { server_->Shutdown(std::chrono::system_clock::now()); }
+
+  void RoundTrip(size_t bytes) {
+    grpc::Slice slice(std::string(bytes, 'x'));
+    grpc::ByteBuffer request(&slice, 1), response;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    grpc::Status status;
+    stub_->UnaryCall(&ctx, "/bench.Echo/Echo", grpc::StubOptions(), &request, &response,
+                     [&](grpc::Status s) {
+                       std::lock_guard<std::mutex> lock(mu);
+                       status = s;
+                       done = true;
+                       cv.notify_one();
+                     });
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return done; });
+    if (!status.ok()) throw std::runtime_error("gRPC echo: " + status.error_message());
+  }
+
+ private:
+  // Answers each call with its request.
+  class Echo : public grpc::ServerGenericBidiReactor {
+   public:
+    Echo() { StartRead(&message_); }
+    void OnReadDone(bool ok) override {
+      if (ok) {
+        StartWriteAndFinish(&message_, grpc::WriteOptions(), grpc::Status::OK);
+      } else {
+        Finish(grpc::Status::OK);
+      }
+    }
+    void OnDone() override { delete this; }
+
+   private:
+    grpc::ByteBuffer message_;
+  };
+  class Service : public grpc::CallbackGenericService {
+    grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext*) override {
+      return new Echo;
+    }
+  };
+
+  Service service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<grpc::GenericStub> stub_;
 };
 
 // A cluster on 127.0.0.1 in this process: `servers` parameter servers
@@ -191,11 +314,43 @@ void Throughput(Cluster& c, const std::string& config, int* next_key) {
   }
 }
 
+// Appends fn's wall time in microseconds to *times.
+void Time(std::vector<double>* times, const std::function<void()>& fn) {
+  const double s = NowSeconds();
+  fn();
+  times->push_back((NowSeconds() - s) * 1e6);
+}
+
+// Round-trip times (microseconds) of mx and of its baselines, measured in
+// turns: a loopback TCP round trip of the same bytes, and a plain gRPC call
+// carrying them.
+struct RoundTrips {
+  std::vector<double> mx, tcp, grpc;
+};
+
+// Reports p50 (and p99) of mx's round trips against TCP's (ratio: TCP's
+// time over mx's; a p99 against TCP's p99), and a _vs_grpc line against
+// plain gRPC's.
+void ReportLatency(const std::string& name, const std::string& config, RoundTrips t,
+                   bool with_p99) {
+  for (std::vector<double>* v : {&t.mx, &t.tcp, &t.grpc}) std::sort(v->begin(), v->end());
+  auto at = [](const std::vector<double>& v, double q) { return v[static_cast<size_t>(q * (v.size() - 1))]; };
+  for (double q : {0.5, 0.99}) {
+    if (q > 0.5 && !with_p99) break;
+    const std::string figure = name + (q > 0.5 ? "_p99_" : "_p50_") + config;
+    const double mx = at(t.mx, q), tcp = at(t.tcp, q), grpc = at(t.grpc, q);
+    Report(figure, mx, "us", tcp, tcp / mx, "info");
+    Report(figure + "_vs_grpc", mx, "us", grpc, grpc / mx, "info");
+  }
+}
+
 // Round-trip latency of a small pushpull (dist_sync: every worker's push
-// is in the answer).
+// is in the answer), against a TCP round trip of its 64 bytes.
 void Latency(Cluster& c, const std::string& config, int key) {
   if (!Wanted("dist_small_rtt_" + config)) return;
-  std::vector<double> lat;
+  LoopbackEcho tcp;
+  GrpcEcho grpc;
+  RoundTrips t;
   c.OnEveryWorker([&](int r, KVStore& kv) {
     ThrowIfError(kv.Init(key, Zeros({16})));
     NDArray small = Ones({16}), out = Empty({16});
@@ -203,44 +358,51 @@ void Latency(Cluster& c, const std::string& config, int key) {
       const double s = NowSeconds();
       ThrowIfError(kv.PushPull(key, {small}, {out}));
       out.WaitToRead();
-      if (r == 0) lat.push_back((NowSeconds() - s) * 1e6);
+      if (r != 0) continue;
+      t.mx.push_back((NowSeconds() - s) * 1e6);
+      Time(&t.tcp, [&] { tcp.RoundTrip(16 * sizeof(float)); });
+      Time(&t.grpc, [&] { grpc.RoundTrip(16 * sizeof(float)); });
     }
   });
-  std::sort(lat.begin(), lat.end());
-  Report("dist_small_rtt_p50_" + config, lat[250], "us", 0, 0, "info");
-  Report("dist_small_rtt_p99_" + config, lat[495], "us", 0, 0, "info");
+  ReportLatency("dist_small_rtt", config, t, /*with_p99=*/true);
 }
-
-// One training step's communication for the MLP 784-128-64-10: a
-// pushpull of each parameter (weights and biases), all in flight, then
-// wait. Every worker does the same (dist_sync).
+// One training step's communication for the MLP 784-128-64-10 as training
+// sends it (worker/model.cc, default bucket): one pushpull of every
+// parameter (weights and biases, last layer first), then wait. Every
+// worker does the same (dist_sync). Against a TCP round trip and a plain
+// gRPC call carrying one worker's gradients.
 void MlpStep(Cluster& c, const std::string& config, int* next_key) {
   if (!Wanted("dist_mlp_step_comm_" + config)) return;
   const std::vector<int64_t> sizes = {784 * 128, 128, 128 * 64, 64, 64 * 10, 10};
   std::vector<int> keys;
   for (size_t k = 0; k < sizes.size(); ++k) keys.push_back((*next_key)++);
-  std::vector<double> lat;
+  LoopbackEcho tcp;
+  GrpcEcho grpc;
+  size_t bytes = 0;
+  for (int64_t n : sizes) bytes += n * sizeof(float);
+  RoundTrips t;
   c.OnEveryWorker([&](int r, KVStore& kv) {
-    std::vector<NDArray> grads, weights;
-    for (size_t k = 0; k < sizes.size(); ++k) {
-      grads.push_back(Ones({sizes[k]}));
-      weights.push_back(Empty({sizes[k]}));
+    std::vector<Key> bucket;
+    std::vector<std::vector<NDArray>> grads, weights;
+    for (size_t k = sizes.size(); k-- > 0;) {  // the last layer first
+      bucket.emplace_back(keys[k]);
+      grads.push_back({Ones({sizes[k]})});
+      weights.push_back({Empty({sizes[k]})});
       ThrowIfError(kv.Init(keys[k], Zeros({sizes[k]})));
     }
     for (int i = 0; i < 300; ++i) {
       const double s = NowSeconds();
-      // Backward produces the last layer's gradients first.
-      for (size_t k = sizes.size(); k-- > 0;) {
-        ThrowIfError(kv.PushPull(keys[k], {grads[k]}, {weights[k]}, static_cast<int>(k)));
-      }
+      ThrowIfError(kv.PushPull(bucket, grads, weights, /*priority=*/1));
       // Not WaitAll: the workers share this process's engine, and one
       // would wait for the other's next step, which waits for this one.
-      for (const NDArray& w : weights) w.WaitToRead();
-      if (r == 0) lat.push_back((NowSeconds() - s) * 1e6);
+      for (const std::vector<NDArray>& w : weights) w[0].WaitToRead();
+      if (r != 0) continue;
+      t.mx.push_back((NowSeconds() - s) * 1e6);
+      Time(&t.tcp, [&] { tcp.RoundTrip(bytes); });
+      Time(&t.grpc, [&] { grpc.RoundTrip(bytes); });
     }
   });
-  std::sort(lat.begin(), lat.end());
-  Report("dist_mlp_step_comm_p50_" + config, lat[150], "us", 0, 0, "info");
+  ReportLatency("dist_mlp_step_comm", config, t, /*with_p99=*/false);
 }
 
 // A server completes the steps of different keys at once: two threads
