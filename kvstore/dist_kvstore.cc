@@ -284,7 +284,8 @@ class DistKVStore : public KVStore {
                             });
             }
           },
-          cpu(), {merged.var()}, {e->token.var()}, priority, e->push_name.c_str());
+          cpu(), {merged.var()}, {e->token.var()}, priority, e->push_name.c_str(),
+          FnProperty::kInline);
     });
   }
 
@@ -312,7 +313,8 @@ class DistKVStore : public KVStore {
                             });
             }
           },
-          cpu(), {e->token.var()}, Vars(outs), priority, e->pull_name.c_str());
+          cpu(), {e->token.var()}, Vars(outs), priority, e->pull_name.c_str(),
+          FnProperty::kInline);
     });
   }
 
@@ -342,7 +344,7 @@ class DistKVStore : public KVStore {
                             });
             }
           },
-          cpu(), reads, writes, priority, e->pushpull_name.c_str());
+          cpu(), reads, writes, priority, e->pushpull_name.c_str(), FnProperty::kInline);
     });
   }
 
@@ -391,7 +393,7 @@ class DistKVStore : public KVStore {
                             });
             }
           },
-          cpu(), reads, writes, priority, "dist_pushpull_bucket");
+          cpu(), reads, writes, priority, "dist_pushpull_bucket", FnProperty::kInline);
     });
   }
 

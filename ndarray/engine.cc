@@ -79,10 +79,6 @@ struct OprBlock {
   bool always_run = false;
   // Frees mutable_vars[0] after completion.
   bool delete_var = false;
-  // Cheap (a wait's signal): runs on the thread that makes it ready (the
-  // one completing its last dependency), not on a worker, which would cost
-  // a thread wake-up between an operation's end and its waiter's.
-  bool run_inline = false;
   FnProperty prop = FnProperty::kNormal;
   int64_t start_us = 0;  // when Execute began, for traces
 };
@@ -356,7 +352,8 @@ class ThreadedEngine : public Engine {
       cv.notify_all();
     };
     op->always_run = true;
-    op->run_inline = true;
+    // Woken by the thread that ends what it waits for, not via a worker.
+    op->prop = FnProperty::kInline;
     Push(op);
     // Help while waiting: running ready operations on this thread saves a
     // worker's wake-up on the common push-then-wait path.
@@ -402,6 +399,13 @@ class ThreadedEngine : public Engine {
     // An op enters the queues of all its variables before the next op enters
     // any: otherwise two threads pushing ops on {a, b} at once can leave op1
     // first on a and op2 first on b, each waiting for the other forever.
+    // The last count (the +1 above) is released after the lock: an inline
+    // op that is ready at once runs here, and must not hold up other pushes.
+    EnterQueues(op);
+    DecWait(op);
+  }
+
+  void EnterQueues(OprBlock* op) {
     std::lock_guard<std::mutex> push_lock(push_mu_);
     for (Var* v : op->const_vars) {
       bool ready;
@@ -429,12 +433,11 @@ class ThreadedEngine : public Engine {
       }
       if (ready) DecWait(op);
     }
-    DecWait(op);
   }
 
   void DecWait(OprBlock* op) {
     if (op->wait.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-    if (op->run_inline) {
+    if (op->prop == FnProperty::kInline) {
       Run(op);
     } else {
       pool_.Push(op);

@@ -67,6 +67,11 @@ enum class FnProperty {
   // whole time slice whenever another thread takes one of their cores
   // (measured: a 2-core MLP step ran 20x slower).
   kCpuParallel,
+  // Cheap and never blocks (starts RPCs, wakes a waiter): runs on the
+  // thread that makes it ready (the one pushing it, or the one ending its
+  // last dependency) instead of waking a worker for it. Such a function
+  // must not push operations itself.
+  kInline,
 };
 
 // Handed to an asynchronous operation, which must call it exactly once when

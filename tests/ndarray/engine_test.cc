@@ -911,6 +911,56 @@ TEST(ThreadedEngine, AWaiterWakesWhenItsOperationEndsWhileEveryWorkerIsBusy) {
   for (VarHandle v : {busy, x}) engine->DeleteVariable([](RunContext) {}, cpu(), v);
 }
 
+// A kInline operation (one that only starts RPCs) runs on the thread that
+// makes it ready: the pusher when it is ready at once, else the thread that
+// ends its last dependency; never on a worker (here the only one is busy).
+TEST(ThreadedEngine, InlineOperationsRunWhereTheyBecomeReady) {
+  std::unique_ptr<Engine> engine = CreateEngine(Threaded(1));
+  VarHandle busy = engine->NewVariable(), x = engine->NewVariable(), y = engine->NewVariable();
+  Gate started, release;
+  engine->PushSync(
+      [&](RunContext) {
+        started.Open();
+        release.Wait();
+      },
+      cpu(), {}, {busy});
+  ASSERT_TRUE(started.Wait());
+  std::thread::id ran_on;
+  engine->PushAsync(
+      [&](RunContext, CallbackOnComplete done) {
+        ran_on = std::this_thread::get_id();
+        done();
+      },
+      cpu(), {}, {x}, 0, "ready at once", FnProperty::kInline);
+  EXPECT_EQ(ran_on, std::this_thread::get_id()) << "not run by its pusher";
+
+  std::thread network;
+  std::thread::id network_id;
+  Gate pushed;
+  engine->PushAsync(
+      [&](RunContext, CallbackOnComplete done) {
+        network = std::thread([&, done] {
+          network_id = std::this_thread::get_id();
+          pushed.Wait();
+          done();
+        });
+      },
+      cpu(), {}, {y}, 0, "ends on another thread", FnProperty::kInline);
+  engine->PushAsync(
+      [&](RunContext, CallbackOnComplete done) {
+        ran_on = std::this_thread::get_id();
+        done();
+      },
+      cpu(), {y}, {x}, 0, "after it", FnProperty::kInline);
+  pushed.Open();
+  RunOrDie([&] { engine->WaitForVar(x); }, 10, "WaitForVar while the worker is busy");
+  network.join();
+  EXPECT_EQ(ran_on, network_id) << "not run by the thread that ended its dependency";
+  release.Open();
+  engine->WaitForAll();
+  for (VarHandle v : {busy, x, y}) engine->DeleteVariable([](RunContext) {}, cpu(), v);
+}
+
 TEST(ThreadedEngine, ManyShortWaitsDoNotHang) {
   // WaitForVar right after a push: the operation often completes before the
   // waiter blocks, which must be handled without losing the wake-up.
