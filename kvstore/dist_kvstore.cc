@@ -225,6 +225,18 @@ class DistKVStore : public KVStore {
   }
 
   int rank() const override { return conn_->options.rank; }
+  // Elastic: asks the coordinator now (a heartbeat) rather than waiting
+  // for the next one. The servers go on without a worker only once the
+  // coordinator has declared it dead, so a step completed without it is
+  // never followed by an answer that still counts it alive.
+  int first_live_rank() override {
+    if (coordinator_ == nullptr || !conn_->options.elastic) return 0;
+    Heartbeat();
+    std::lock_guard<std::mutex> lock(dead_mu_);
+    int rank = 0;
+    while (dead_workers_.count(rank)) ++rank;
+    return rank;
+  }
   int64_t bucket_bytes() const override { return conn_->options.bucket_bytes; }
   int num_workers() const override { return conn_->options.num_workers; }
 
@@ -670,7 +682,11 @@ class DistKVStore : public KVStore {
         continue;
       }
       // Elastic: the servers complete steps without a dead worker.
-      if (worker && conn_->options.elastic) continue;
+      if (worker && conn_->options.elastic) {
+        std::lock_guard<std::mutex> lock(dead_mu_);
+        dead_workers_.insert(dead.rank());
+        continue;
+      }
       const std::string address =
           dead.address().empty() ? "" : absl::StrCat(" (", dead.address(), ")");
       conn_->Fail(absl::UnavailableError(absl::StrCat(
@@ -687,6 +703,8 @@ class DistKVStore : public KVStore {
   std::condition_variable stop_cv_;
   bool stop_ = false;  // guarded by stop_mu_
   int64_t barriers_ = 0;
+  std::mutex dead_mu_;
+  std::set<int> dead_workers_;  // elastic: workers declared dead; guarded by dead_mu_
 };
 
 }  // namespace

@@ -116,6 +116,10 @@ class KVStore {
 
   virtual int rank() const { return 0; }
   virtual int num_workers() const { return 1; }
+  // The lowest rank among the workers still in the job: 0, unless workers
+  // died in an elastic job (a distributed store asks the coordinator).
+  // That worker writes the job's checkpoints.
+  virtual int first_live_rank() { return 0; }
   // Blocks until every worker has reached the barrier (a no-op locally
   // beyond waiting for this store's pending operations).
   virtual absl::Status Barrier() = 0;

@@ -371,9 +371,12 @@ absl::StatusOr<MetricValues> FeedForward::Score(DataIter* data, const std::strin
 }
 
 absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) const {
-  // Every worker of a distributed job holds the same parameters: worker 0
-  // writes the checkpoint (with the servers' optimizer state).
-  if (kvstore_ != nullptr && kvstore_->rank() != 0) return absl::OkStatus();
+  // Every worker of a distributed job holds the same parameters: one
+  // writes the checkpoint (with the servers' optimizer state), worker 0 or,
+  // once it died in an elastic job, the lowest-ranked worker left.
+  if (kvstore_ != nullptr && kvstore_->rank() != kvstore_->first_live_rank()) {
+    return absl::OkStatus();
+  }
   MX_RETURN_IF_ERROR(mx::SaveCheckpoint(prefix, epoch, symbol_, arg_params_, aux_params_));
   if (optimizer_ != nullptr) {
     MX_RETURN_IF_ERROR(optimizer_->SaveStatesToFile(CheckpointStatesPath(prefix, epoch)));

@@ -3,7 +3,8 @@
 # worker is killed (kill -9) after its first epoch. The launcher must say it
 # died and keep going; the other worker must finish every epoch with test
 # accuracy 1; the launcher then exits 0, the daemons shut down cleanly, all
-# within a bounded time, and nothing is left running.
+# within a bounded time, and nothing is left running. Then worker 0, which
+# writes the checkpoints, is killed: worker 1 takes that over.
 set -uo pipefail
 LAUNCH="$1"; SERVER="$2"; TRAIN="$3"
 TMP="${TEST_TMPDIR:-$(mktemp -d)}"
@@ -35,6 +36,21 @@ grep -q "^launch.py: 1 of 2 workers finished; the job went on without worker 1 "
 grep -q "^launch.py: the coordinator and 2 server(s) shut down cleanly$" "$log" ||
   fail "the daemons did not shut down cleanly"
 sleep 0.5
+assert_nothing_left "$log"
+
+# Worker 0, which writes the checkpoints, dies: worker 1 writes them from
+# then on, down to the last epoch's.
+epochs=30
+log="$TMP/elastic0.log"
+start_job "$log" -n 2 -s 2 --elastic -- "${worker[@]}" --epochs=$epochs --checkpoint_prefix="$TMP/e"
+wait_for_line "$log" '^\[worker 0\] Epoch\[0\]' 60 || fail "worker 0 never finished an epoch"
+victim=$(started_pid "$log" "worker 0")
+[[ -n "$victim" ]] && kill -9 "$victim"
+wait "$launcher" || fail "the elastic job without worker 0 exited $?"
+grep -q "^\[worker 0\] Epoch\[$((epochs - 1))\]" "$log" && fail "worker 0 trained every epoch before it was killed"
+grep -q "^\[worker 1\] Final test accuracy=1$" "$log" || fail "worker 1 did not finish"
+last=$(printf "%s/e-%04d" "$TMP" "$epochs")
+[[ -s "$last.params" && -s "$last.states" ]] || fail "no checkpoint of the last epoch ($last.params, .states)"
 assert_nothing_left "$log"
 
 finish
