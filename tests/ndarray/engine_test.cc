@@ -83,6 +83,29 @@ void SleepMs(int ms) {
   std::this_thread::sleep_for(std::chrono::milliseconds(ms));
 }
 
+// Keeps one of the engine's workers busy, from construction (once an
+// operation is running on it) until Release().
+class BusyWorker {
+ public:
+  explicit BusyWorker(Engine* engine) : var_(engine->NewVariable()) {
+    engine->PushSync(
+        [this](RunContext) {
+          started_.Open();
+          release_.Wait();
+        },
+        cpu(), {}, {var_});
+    // Running on a worker (a waiting thread may run queued operations itself).
+    EXPECT_TRUE(started_.Wait());
+  }
+  void Release() { release_.Open(); }
+  // Its variable, for the test to delete once the engine is done.
+  VarHandle var() const { return var_; }
+
+ private:
+  VarHandle var_;
+  Gate started_, release_;
+};
+
 struct EngineParam {
   const char* name;
   EngineOptions options;
@@ -861,24 +884,15 @@ TEST(ThreadedEngine, DestructorFinishesPendingOperations) {
 
 TEST(ThreadedEngine, WaitForVarReturnsWhileUnrelatedWorkIsBlocked) {
   std::unique_ptr<Engine> engine = CreateEngine(Threaded(2));
-  VarHandle busy = engine->NewVariable(), x = engine->NewVariable();
-  Gate started, release;
-  engine->PushSync(
-      [&](RunContext) {
-        started.Open();
-        release.Wait();
-      },
-      cpu(), {}, {busy});
-  // Running on a worker (a waiting thread may run queued operations itself).
-  ASSERT_TRUE(started.Wait());
+  BusyWorker busy(engine.get());
+  VarHandle x = engine->NewVariable();
   int value = 0;
   engine->PushSync([&](RunContext) { value = 3; }, cpu(), {}, {x});
   RunOrDie([&] { engine->WaitForVar(x); }, 10, "WaitForVar");
   EXPECT_EQ(value, 3);
-  release.Open();
+  busy.Release();
   engine->WaitForAll();
-  for (VarHandle v : {busy, x})
-    engine->DeleteVariable([](RunContext) {}, cpu(), v);
+  for (VarHandle v : {busy.var(), x}) engine->DeleteVariable([](RunContext) {}, cpu(), v);
 }
 
 // The end of an asynchronous operation (an RPC answered on a network
@@ -886,15 +900,8 @@ TEST(ThreadedEngine, WaitForVarReturnsWhileUnrelatedWorkIsBlocked) {
 // worker, even when every worker is busy.
 TEST(ThreadedEngine, AWaiterWakesWhenItsOperationEndsWhileEveryWorkerIsBusy) {
   std::unique_ptr<Engine> engine = CreateEngine(Threaded(1));
-  VarHandle busy = engine->NewVariable(), x = engine->NewVariable();
-  Gate started, release;
-  engine->PushSync(
-      [&](RunContext) {
-        started.Open();
-        release.Wait();
-      },
-      cpu(), {}, {busy});
-  ASSERT_TRUE(started.Wait());  // the only worker is busy until released
+  BusyWorker busy(engine.get());  // the only worker
+  VarHandle x = engine->NewVariable();
   std::thread network;
   engine->PushAsync(
       [&](RunContext, CallbackOnComplete done) {
@@ -905,10 +912,10 @@ TEST(ThreadedEngine, AWaiterWakesWhenItsOperationEndsWhileEveryWorkerIsBusy) {
       },
       cpu(), {}, {x});
   RunOrDie([&] { engine->WaitForVar(x); }, 10, "WaitForVar while the worker is busy");
-  release.Open();
+  busy.Release();
   network.join();
   engine->WaitForAll();
-  for (VarHandle v : {busy, x}) engine->DeleteVariable([](RunContext) {}, cpu(), v);
+  for (VarHandle v : {busy.var(), x}) engine->DeleteVariable([](RunContext) {}, cpu(), v);
 }
 
 // A kInline operation (one that only starts RPCs) runs on the thread that
@@ -916,15 +923,8 @@ TEST(ThreadedEngine, AWaiterWakesWhenItsOperationEndsWhileEveryWorkerIsBusy) {
 // ends its last dependency; never on a worker (here the only one is busy).
 TEST(ThreadedEngine, InlineOperationsRunWhereTheyBecomeReady) {
   std::unique_ptr<Engine> engine = CreateEngine(Threaded(1));
-  VarHandle busy = engine->NewVariable(), x = engine->NewVariable(), y = engine->NewVariable();
-  Gate started, release;
-  engine->PushSync(
-      [&](RunContext) {
-        started.Open();
-        release.Wait();
-      },
-      cpu(), {}, {busy});
-  ASSERT_TRUE(started.Wait());
+  BusyWorker busy(engine.get());  // the only worker
+  VarHandle x = engine->NewVariable(), y = engine->NewVariable();
   std::thread::id ran_on;
   engine->PushAsync(
       [&](RunContext, CallbackOnComplete done) {
@@ -956,9 +956,9 @@ TEST(ThreadedEngine, InlineOperationsRunWhereTheyBecomeReady) {
   RunOrDie([&] { engine->WaitForVar(x); }, 10, "WaitForVar while the worker is busy");
   network.join();
   EXPECT_EQ(ran_on, network_id) << "not run by the thread that ended its dependency";
-  release.Open();
+  busy.Release();
   engine->WaitForAll();
-  for (VarHandle v : {busy, x, y}) engine->DeleteVariable([](RunContext) {}, cpu(), v);
+  for (VarHandle v : {busy.var(), x, y}) engine->DeleteVariable([](RunContext) {}, cpu(), v);
 }
 
 TEST(ThreadedEngine, ManyShortWaitsDoNotHang) {
