@@ -61,6 +61,7 @@ class Service final : public proto::Coordinator::Service {
     }
     if (!dead_.count(key)) last_seen_[key] = absl::Now();
     for (const auto& [node, info] : dead_) *resp->add_dead() = info;
+    for (int rank : left_) resp->add_finished_workers(rank);
     if (req->role() == proto::SERVER && EveryWorkerDone()) {
       resp->set_shutdown(true);
       told_.insert(req->rank());

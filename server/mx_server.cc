@@ -214,6 +214,7 @@ int RunServer() {
         for (const proto::NodeInfo& dead : hr.dead()) {
           if (dead.role() == proto::WORKER) (*ps)->shard().MarkDead(dead.rank());
         }
+        for (int finished : hr.finished_workers()) (*ps)->shard().MarkFinished(finished);
         if (hr.shutdown()) {
           finished = true;
           stop = true;

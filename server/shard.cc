@@ -95,6 +95,10 @@ absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
       return absl::FailedPreconditionError(absl::StrCat(
           "push of key ", key, ": worker ", rank, " was declared dead"));
     }
+    if (finished_.count(rank)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "push of key ", key, ": worker ", rank, " has left the job"));
+    }
     if (!closed_.empty()) {
       return absl::UnavailableError(absl::StrCat("push of key ", key, ": ", closed_));
     }
@@ -123,11 +127,16 @@ absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
 
 void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
   if (k->completing) return;  // that thread completes this step too
-  // Steps complete while every live worker has a push queued.
-  while (!live_.empty() && MissingPushes(*k).empty()) {
-    // Rank order (live_ is sorted): the same bits every run.
+  // Steps complete while every live worker has a push queued; workers that
+  // have left add the pushes they queued before.
+  while (MissingPushes(*k).empty()) {
+    std::vector<int> ranks;  // sorted: rank order gives the same bits every run
+    for (const auto& [r, queued] : k->pending) {
+      if (!queued.empty() && (live_.count(r) || finished_.count(r))) ranks.push_back(r);
+    }
+    if (ranks.empty()) break;
     std::vector<Pieces> pushes;
-    for (int r : live_) {
+    for (int r : ranks) {
       pushes.push_back(std::move(k->pending[r].front()));
       k->pending[r].pop_front();
     }
@@ -378,6 +387,17 @@ void ParameterShard::Close(const std::string& reason) {
     if (!closed_.empty()) return;
     closed_ = reason.empty() ? "the server is shutting down" : reason;
     for (auto& [id, k] : keys_) TakeAnswered(id, &k, &answers);
+  }
+  Deliver(std::move(answers));
+}
+
+void ParameterShard::MarkFinished(int rank) {
+  Answers answers;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!live_.erase(rank)) return;
+    finished_.insert(rank);
+    for (auto& [id, k] : keys_) MaybeComplete(id, &k, &answers);
   }
   Deliver(std::move(answers));
 }

@@ -21,6 +21,12 @@
 // the version (at once when it already has), so a server needs no thread
 // per waiting pull; Pull is the blocking form with a deadline.
 //
+// Workers that finish. A worker that has left the job (MarkFinished: it
+// ran out of data, perhaps a step or more before the others) takes part in
+// the steps its queued pushes reach, and steps complete without it after
+// that: the others' extra steps do not wait for it. Its later pushes are
+// refused.
+//
 // Failures. MarkDead(rank) removes a worker: waiting pulls fail with
 // kUnavailable naming the worker, unless the shard is elastic, in which case
 // steps complete with the remaining workers. Every wait has a deadline and
@@ -121,6 +127,8 @@ class ParameterShard {
 
   // Removes a worker from the live set (its death was detected).
   void MarkDead(int rank);
+  // The worker has left the job (see "Workers that finish" above).
+  void MarkFinished(int rank);
 
   // Stops serving: waiting pulls and every later Push and Pull fail with
   // kUnavailable and `reason` ("the server is shutting down"). The first
@@ -193,6 +201,7 @@ class ParameterShard {
   std::map<int, Key> keys_ ABSL_GUARDED_BY(mu_);
   std::set<int> live_ ABSL_GUARDED_BY(mu_);
   std::set<int> dead_ ABSL_GUARDED_BY(mu_);
+  std::set<int> finished_ ABSL_GUARDED_BY(mu_);  // workers that left the job
   std::string closed_ ABSL_GUARDED_BY(mu_);  // Close's reason; empty: open
   std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
   std::map<int, std::string> param_names_ ABSL_GUARDED_BY(mu_);  // as the workers sent them

@@ -54,7 +54,7 @@ started_pid() {
 live_job_pids() {
   local pid
   for pid in $(sed -n 's/^launch.py: started .* (pid \([0-9]*\))$/\1/p' "$1"); do
-    if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qE '(mx_server|mx_train) '; then
+    if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qE '(mx_server|mx_train|uneven_worker) '; then
       echo "$pid"
     fi
   done

@@ -147,6 +147,40 @@ TEST(ShardFailures, ElasticShardCompletesStepsWithoutTheDeadWorker) {
   EXPECT_TRUE(shard.Pull(1, 2, Soon()).ok());
 }
 
+// A worker that ran out of data leaves the job (MarkFinished): the pushes
+// it queued still count, then the other's extra steps complete without it,
+// a step already waiting for it among them. Its later pushes are refused.
+TEST(ShardSync, AWorkerThatLeftDoesNotHoldUpTheOthersExtraSteps) {
+  ParameterShard shard({true, 2, false});
+  ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+  ASSERT_TRUE(shard.Init(2, Shape{1}, {0}).ok());
+  // The value of `key` at exactly `version`.
+  auto value_at = [&](int key, int64_t version) -> std::vector<float> {
+    auto got = shard.Pull(key, version, Soon());
+    if (!got.ok() || got->version != version) {
+      ADD_FAILURE() << "key " << key << " version " << version << ": " << got.status();
+      return {};
+    }
+    return got->data.ToFloats();
+  };
+  ASSERT_TRUE(shard.Push(1, 1, {10}).ok());
+  ASSERT_TRUE(shard.Push(1, 1, {20}).ok());  // queued for step 2
+  ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+  EXPECT_THAT(value_at(1, 1), ElementsAre(11));
+  ASSERT_TRUE(shard.Push(2, 0, {5}).ok());  // worker 1 never pushes key 2
+  EXPECT_EQ(shard.Pull(2, 1, Soon(50)).status().code(), absl::StatusCode::kDeadlineExceeded);
+
+  shard.MarkFinished(1);
+  EXPECT_THAT(value_at(2, 1), ElementsAre(5));  // the waiting step completed
+  ASSERT_TRUE(shard.Push(1, 0, {2}).ok());  // with worker 1's queued push
+  EXPECT_THAT(value_at(1, 2), ElementsAre(22));
+  ASSERT_TRUE(shard.Push(1, 0, {3}).ok());  // worker 0 alone
+  EXPECT_THAT(value_at(1, 3), ElementsAre(3));
+  absl::Status late = shard.Push(1, 1, {1});
+  EXPECT_EQ(late.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(late.message(), HasSubstr("worker 1 has left the job"));
+}
+
 TEST(ShardFailures, CloseEndsWaitingPullsAtOnceAndRefusesLaterCalls) {
   ParameterShard shard({true, 2, false});
   ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
