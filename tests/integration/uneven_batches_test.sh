@@ -7,9 +7,8 @@
 # never comes. The job ends with exit code 0 within a bounded time, and
 # nothing is left running.
 set -uo pipefail
-LAUNCH="$1"; SERVER="$2"; UNEVEN="$4"
+LAUNCH="$1"; SERVER="$2"; TRAIN="$3"; UNEVEN="$4"
 TMP="${TEST_TMPDIR:-$(mktemp -d)}"
-TRAIN="$3"  # lib.sh's worker command (unused here)
 source "$(dirname "$0")/lib.sh"
 
 log="$TMP/uneven.log"
