@@ -27,12 +27,12 @@ namespace {
 // INVALID_ARGUMENT saying so, where gRPC's own parser answers INTERNAL with
 // no message; they run on gRPC's callback threads and wait at most for a
 // step in flight (SetOptimizer, the optimizer's state).
-using KVStore = proto::KVStoreService;
-using ServiceBase = KVStore::WithRawCallbackMethod_Init<KVStore::WithRawCallbackMethod_Push<
-    KVStore::WithRawCallbackMethod_Pull<KVStore::WithRawCallbackMethod_PushPull<
-        KVStore::WithRawCallbackMethod_PushPullMany<KVStore::WithRawCallbackMethod_SetOptimizer<
-            KVStore::WithRawCallbackMethod_SaveOptimizerStates<
-                KVStore::WithRawCallbackMethod_LoadOptimizerStates<KVStore::Service>>>>>>>>;
+using KVService = proto::KVStoreService;
+using ServiceBase = KVService::WithRawCallbackMethod_Init<KVService::WithRawCallbackMethod_Push<
+    KVService::WithRawCallbackMethod_Pull<KVService::WithRawCallbackMethod_PushPull<
+        KVService::WithRawCallbackMethod_PushPullMany<KVService::WithRawCallbackMethod_SetOptimizer<
+            KVService::WithRawCallbackMethod_SaveOptimizerStates<
+                KVService::WithRawCallbackMethod_LoadOptimizerStates<KVService::Service>>>>>>>>;
 
 // Answers a small method: parses its request, calls handle(req, &resp) and
 // answers with resp or handle's error.
