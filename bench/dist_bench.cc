@@ -314,42 +314,52 @@ void Throughput(Cluster& c, const std::string& config, int* next_key) {
   }
 }
 
-// Appends fn's wall time in microseconds to *times.
-void Time(std::vector<double>* times, const std::function<void()>& fn) {
-  const double s = NowSeconds();
-  fn();
-  times->push_back((NowSeconds() - s) * 1e6);
-}
-
 // Round-trip times (microseconds) of mx and of its baselines, measured in
-// turns: a loopback TCP round trip of the same bytes, and a plain gRPC call
-// carrying them.
-struct RoundTrips {
-  std::vector<double> mx, tcp, grpc;
+// turns: after each of mx's, a loopback TCP round trip of the same bytes
+// and a plain gRPC call carrying them.
+class RoundTrips {
+ public:
+  // Records mx's round trip of `bytes` (it began at `start`, NowSeconds),
+  // then times both baselines moving them.
+  void Add(double start, size_t bytes) {
+    mx_.push_back((NowSeconds() - start) * 1e6);
+    Time(&tcp_, [&] { tcp_link_.RoundTrip(bytes); });
+    Time(&grpc_, [&] { grpc_link_.RoundTrip(bytes); });
+  }
+
+  // Reports p50 (and p99) of mx's round trips against TCP's (ratio: TCP's
+  // time over mx's; a p99 against TCP's p99), and a _vs_grpc line against
+  // plain gRPC's.
+  void Report(const std::string& name, const std::string& config, bool with_p99) {
+    for (std::vector<double>* v : {&mx_, &tcp_, &grpc_}) std::sort(v->begin(), v->end());
+    auto at = [](const std::vector<double>& v, double q) {
+      return v[static_cast<size_t>(q * (v.size() - 1))];
+    };
+    for (double q : {0.5, 0.99}) {
+      if (q > 0.5 && !with_p99) break;
+      const std::string figure = name + (q > 0.5 ? "_p99_" : "_p50_") + config;
+      const double mx = at(mx_, q), tcp = at(tcp_, q), grpc = at(grpc_, q);
+      bench::Report(figure, mx, "us", tcp, tcp / mx, "info");
+      bench::Report(figure + "_vs_grpc", mx, "us", grpc, grpc / mx, "info");
+    }
+  }
+
+ private:
+  static void Time(std::vector<double>* times, const std::function<void()>& fn) {
+    const double s = NowSeconds();
+    fn();
+    times->push_back((NowSeconds() - s) * 1e6);
+  }
+
+  LoopbackEcho tcp_link_;
+  GrpcEcho grpc_link_;
+  std::vector<double> mx_, tcp_, grpc_;
 };
 
-// Reports p50 (and p99) of mx's round trips against TCP's (ratio: TCP's
-// time over mx's; a p99 against TCP's p99), and a _vs_grpc line against
-// plain gRPC's.
-void ReportLatency(const std::string& name, const std::string& config, RoundTrips t,
-                   bool with_p99) {
-  for (std::vector<double>* v : {&t.mx, &t.tcp, &t.grpc}) std::sort(v->begin(), v->end());
-  auto at = [](const std::vector<double>& v, double q) { return v[static_cast<size_t>(q * (v.size() - 1))]; };
-  for (double q : {0.5, 0.99}) {
-    if (q > 0.5 && !with_p99) break;
-    const std::string figure = name + (q > 0.5 ? "_p99_" : "_p50_") + config;
-    const double mx = at(t.mx, q), tcp = at(t.tcp, q), grpc = at(t.grpc, q);
-    Report(figure, mx, "us", tcp, tcp / mx, "info");
-    Report(figure + "_vs_grpc", mx, "us", grpc, grpc / mx, "info");
-  }
-}
-
 // Round-trip latency of a small pushpull (dist_sync: every worker's push
-// is in the answer), against a TCP round trip of its 64 bytes.
+// is in the answer), against round trips of its 64 bytes (RoundTrips).
 void Latency(Cluster& c, const std::string& config, int key) {
   if (!Wanted("dist_small_rtt_" + config)) return;
-  LoopbackEcho tcp;
-  GrpcEcho grpc;
   RoundTrips t;
   c.OnEveryWorker([&](int r, KVStore& kv) {
     ThrowIfError(kv.Init(key, Zeros({16})));
@@ -358,26 +368,22 @@ void Latency(Cluster& c, const std::string& config, int key) {
       const double s = NowSeconds();
       ThrowIfError(kv.PushPull(key, {small}, {out}));
       out.WaitToRead();
-      if (r != 0) continue;
-      t.mx.push_back((NowSeconds() - s) * 1e6);
-      Time(&t.tcp, [&] { tcp.RoundTrip(16 * sizeof(float)); });
-      Time(&t.grpc, [&] { grpc.RoundTrip(16 * sizeof(float)); });
+      if (r == 0) t.Add(s, 16 * sizeof(float));
     }
   });
-  ReportLatency("dist_small_rtt", config, t, /*with_p99=*/true);
+  t.Report("dist_small_rtt", config, /*with_p99=*/true);
 }
+
 // One training step's communication for the MLP 784-128-64-10 as training
 // sends it (worker/model.cc, default bucket): one pushpull of every
 // parameter (weights and biases, last layer first), then wait. Every
-// worker does the same (dist_sync). Against a TCP round trip and a plain
-// gRPC call carrying one worker's gradients.
+// worker does the same (dist_sync). Against round trips of one worker's
+// gradients (RoundTrips).
 void MlpStep(Cluster& c, const std::string& config, int* next_key) {
   if (!Wanted("dist_mlp_step_comm_" + config)) return;
   const std::vector<int64_t> sizes = {784 * 128, 128, 128 * 64, 64, 64 * 10, 10};
   std::vector<int> keys;
   for (size_t k = 0; k < sizes.size(); ++k) keys.push_back((*next_key)++);
-  LoopbackEcho tcp;
-  GrpcEcho grpc;
   size_t bytes = 0;
   for (int64_t n : sizes) bytes += n * sizeof(float);
   RoundTrips t;
@@ -396,13 +402,10 @@ void MlpStep(Cluster& c, const std::string& config, int* next_key) {
       // Not WaitAll: the workers share this process's engine, and one
       // would wait for the other's next step, which waits for this one.
       for (const std::vector<NDArray>& w : weights) w[0].WaitToRead();
-      if (r != 0) continue;
-      t.mx.push_back((NowSeconds() - s) * 1e6);
-      Time(&t.tcp, [&] { tcp.RoundTrip(bytes); });
-      Time(&t.grpc, [&] { grpc.RoundTrip(bytes); });
+      if (r == 0) t.Add(s, bytes);
     }
   });
-  ReportLatency("dist_mlp_step_comm", config, t, /*with_p99=*/false);
+  t.Report("dist_mlp_step_comm", config, /*with_p99=*/false);
 }
 
 // A server completes the steps of different keys at once: two threads
