@@ -143,6 +143,19 @@ struct BatchConfig {
   int64_t count = 0;
 };
 
+// The fields every iterator's options (ArrayIterOptions, MnistOptions,
+// CsvOptions) share.
+template <typename Options>
+BatchConfig ConfigFrom(const Options& options) {
+  BatchConfig config;
+  config.batch_size = options.batch_size;
+  config.shuffle = options.shuffle;
+  config.seed = options.seed;
+  config.first_epoch = options.first_epoch;
+  config.last_batch = options.last_batch;
+  return config;
+}
+
 // The first row and the number of rows of part `part_index` of `num_parts`
 // parts of `total` rows: every part has ceil(total / num_parts) rows, so
 // that all workers take the same number of batches (a dist_sync step needs
@@ -414,12 +427,7 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeCsvIter(
   }
   MX_ASSIGN_OR_RETURN(auto part,
                       PartOf(n, options.part_index, options.num_parts));
-  BatchConfig config;
-  config.batch_size = options.batch_size;
-  config.shuffle = options.shuffle;
-  config.seed = options.seed;
-  config.first_epoch = options.first_epoch;
-  config.last_batch = options.last_batch;
+  BatchConfig config = ConfigFrom(options);
   config.data = {"data", BatchShape(options.batch_size, options.data_shape)};
   // As MXNet: a label of one value per sample gives a (batch,) array.
   config.label = {"softmax_label",
@@ -455,12 +463,7 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeMnistIter(
   }
   MX_ASSIGN_OR_RETURN(auto part,
                       PartOf(n, options.part_index, options.num_parts));
-  BatchConfig config;
-  config.batch_size = options.batch_size;
-  config.shuffle = options.shuffle;
-  config.seed = options.seed;
-  config.first_epoch = options.first_epoch;
-  config.last_batch = options.last_batch;
+  BatchConfig config = ConfigFrom(options);
   config.data = {"data", options.flat
                              ? Shape{options.batch_size, rows * cols}
                              : Shape{options.batch_size, 1, rows, cols}};
@@ -506,12 +509,7 @@ absl::StatusOr<std::unique_ptr<DataIter>> ArrayIter(
   } catch (const Error& e) {
     return WithContext(e.status(), "ArrayIter");
   }
-  BatchConfig config;
-  config.batch_size = options.batch_size;
-  config.shuffle = options.shuffle;
-  config.seed = options.seed;
-  config.first_epoch = options.first_epoch;
-  config.last_batch = options.last_batch;
+  BatchConfig config = ConfigFrom(options);
   config.data = {options.data_name,
                  Shape(data.shape().begin(), data.shape().end())};
   config.label = {options.label_name,
