@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <utility>
@@ -15,7 +16,46 @@
 
 #include "absl/types/span.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace mx {
+
+// Copies n bytes like memcpy, but a large copy writes around the caches
+// (non-temporal stores): a destination that is not in cache is then not
+// read first, and the copy does not evict what is. For data that are not
+// read again soon, such as a received tensor copied to its NDArray: that
+// made dist_bench's 16 MiB pushpulls with 1 server and 1 worker about 10%
+// faster (6 alternating pairs; with 2 servers and 2 workers, no change).
+// Ends with a store fence, so the bytes are visible to other threads
+// (once the caller publishes them) like those of memcpy.
+inline void CopyAroundCache(void* dst, const void* src, size_t n) {
+#if defined(__SSE2__)
+  constexpr size_t kMinBytes = 64 << 10;  // smaller copies stay in cache
+  if (n >= kMinBytes) {
+    char* out = static_cast<char*>(dst);
+    const char* in = static_cast<const char*>(src);
+    const size_t head = (-reinterpret_cast<uintptr_t>(out)) & 15;  // to align the stores
+    std::memcpy(out, in, head);
+    out += head, in += head, n -= head;
+    for (; n >= 64; n -= 64, out += 64, in += 64) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 16));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 32));
+      const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(out), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(out + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(out + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(out + 48), d);
+    }
+    std::memcpy(out, in, n);
+    _mm_sfence();
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
 
 struct Pieces {
   std::vector<absl::Span<const char>> pieces;

@@ -103,6 +103,22 @@ bool CopyField(uint32_t tag, CodedInputStream* in, CodedOutputStream* out) {
   }
 }
 
+// Reads the next n bytes of `in` to dst, as CopyAroundCache copies: they
+// are a tensor's data, which its reader reads later if at all.
+bool ReadAroundCache(CodedInputStream* in, char* dst, size_t n) {
+  while (n > 0) {
+    const void* data;
+    int size;
+    if (!in->GetDirectBufferPointer(&data, &size)) return false;
+    const size_t take = std::min(n, static_cast<size_t>(size));
+    CopyAroundCache(dst, data, take);
+    in->Skip(static_cast<int>(take));
+    dst += take;
+    n -= take;
+  }
+  return true;
+}
+
 // Reads (one occurrence of) the tensor message that `in` is limited to: its
 // data go to `sink` (*have_data says whether an earlier one had data), its
 // other fields to `out`.
@@ -122,7 +138,7 @@ absl::Status DecodeTensor(CodedInputStream* in, const TensorSink& sink, CodedOut
     absl::StatusOr<void*> dst = sink(in->CurrentPosition(), n);
     if (!dst.ok()) return dst.status();
     const bool read = *dst == nullptr ? in->Skip(static_cast<int>(n))
-                                      : in->ReadRaw(*dst, static_cast<int>(n));
+                                      : ReadAroundCache(in, static_cast<char*>(*dst), n);
     if (!read) return absl::InvalidArgumentError("truncated tensor data");
     *have_data = true;
   }

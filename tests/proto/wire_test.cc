@@ -128,6 +128,48 @@ TEST(Wire, DataLeftInTheBufferArePiecesOfItsSlices) {
   EXPECT_EQ(PiecesOf(*dumped, offset, bytes.size()).status().code(), absl::StatusCode::kOutOfRange);
 }
 
+// Large copies store around the cache; every byte still lands, whatever
+// the alignment of either end and the length of the tail.
+TEST(Wire, CopyAroundCacheCopiesLikeMemcpy) {
+  std::vector<char> source((1 << 20) + 200);
+  for (size_t i = 0; i < source.size(); ++i) source[i] = static_cast<char>(i * 131 + i / 251);
+  for (size_t n : {size_t{0}, size_t{1}, size_t{65535}, size_t{65536}, size_t{65536 + 77}, size_t{1} << 20}) {
+    for (size_t dst_at : {0, 1, 8, 15}) {
+      for (size_t src_at : {0, 3}) {
+        std::vector<char> out(n + 48, '#');
+        CopyAroundCache(out.data() + dst_at, source.data() + src_at, n);
+        ASSERT_EQ(std::memcmp(out.data() + dst_at, source.data() + src_at, n), 0)
+            << n << " bytes to +" << dst_at << " from +" << src_at;
+        for (size_t i = 0; i < dst_at; ++i) ASSERT_EQ(out[i], '#') << "wrote before the destination";
+        for (size_t i = dst_at + n; i < out.size(); ++i) ASSERT_EQ(out[i], '#') << "wrote past it";
+      }
+    }
+  }
+}
+
+// A tensor large enough to be copied around the cache, arriving in slices
+// of odd sizes, small and large, decodes to an unaligned destination intact.
+TEST(Wire, LargeTensorDecodesAcrossSlices) {
+  std::vector<float> values(300000);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = 0.25f * i - 7;
+  const size_t n = values.size() * sizeof(float);
+  proto::PushRequest plain = Header(5, values.size());
+  plain.mutable_value()->set_data(values.data(), n);
+  const std::string bytes = plain.SerializeAsString();
+  std::vector<grpc::Slice> slices;  // 4099, 10075, 28003, 81787, ... bytes
+  for (size_t at = 0, size = 4099; at < bytes.size(); at += size, size = size * 3 - 2222) {
+    slices.emplace_back(bytes.substr(at, size));
+  }
+  const grpc::ByteBuffer buffer(slices.data(), slices.size());
+  std::vector<char> out(n + 1);
+  proto::PushRequest header;
+  ASSERT_TRUE(DecodeWithTensor(buffer, 3, &header, [&](size_t, size_t) -> absl::StatusOr<void*> {
+                return static_cast<void*>(out.data() + 1);
+              }).ok());
+  EXPECT_EQ(header.key(), 5);
+  EXPECT_EQ(std::memcmp(out.data() + 1, values.data(), n), 0);
+}
+
 TEST(Wire, EmptyTensorCallsTheSinkWithZeroBytes) {
   proto::PushRequest h = Header(1, 0);
   size_t got = 99;
