@@ -1,5 +1,8 @@
 #include "server/shard.h"
 
+#include <algorithm>
+#include <cstring>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
@@ -63,21 +66,100 @@ Pieces ParameterShard::Publish(std::vector<float> buffer) {
 
 namespace {
 
-// sum = pushes[0] + pushes[1] + ... (n floats each), added in that order,
-// a block at a time: each block of the inputs is read once, from wherever
-// it lies, and the sum is written once.
-void Sum(const std::vector<Pieces>& pushes, size_t n, float* sum) {
-  constexpr size_t kBlock = 8192;  // floats: the block and its addend stay in cache
-  std::vector<float> addend(pushes.size() > 1 ? std::min(n, kBlock) : 0);
-  for (size_t begin = 0; begin < n; begin += kBlock) {
-    const size_t m = std::min(kBlock, n - begin);
-    float* __restrict s = sum + begin;
-    pushes[0].CopyTo(begin * sizeof(float), m * sizeof(float), s);
-    for (size_t p = 1; p < pushes.size(); ++p) {
-      pushes[p].CopyTo(begin * sizeof(float), m * sizeof(float), addend.data());
-      const float* __restrict x = addend.data();
-      for (size_t i = 0; i < m; ++i) s[i] += x[i];
+// A read position in Pieces, moving forward.
+class PieceCursor {
+ public:
+  explicit PieceCursor(const Pieces& p) : pieces_(&p.pieces) { SkipEnded(); }
+
+  // The bytes from here to the end of the current piece: they lie together.
+  const char* data() const { return (*pieces_)[piece_].data() + at_; }
+  size_t contiguous() const { return piece_ < pieces_->size() ? (*pieces_)[piece_].size() - at_ : 0; }
+
+  // Copies the next `bytes` (which may span pieces) to dst and moves past them.
+  void Read(void* dst, size_t bytes) {
+    for (char* out = static_cast<char*>(dst); bytes > 0;) {
+      const size_t take = std::min(bytes, contiguous());
+      std::memcpy(out, data(), take);
+      out += take;
+      Skip(take);
+      bytes -= take;
     }
+  }
+  // Moves past `bytes` of the current piece (at most contiguous()).
+  void Skip(size_t bytes) {
+    at_ += bytes;
+    SkipEnded();
+  }
+
+ private:
+  void SkipEnded() {
+    while (piece_ < pieces_->size() && at_ == (*pieces_)[piece_].size()) {
+      ++piece_;
+      at_ = 0;
+    }
+  }
+
+  const std::vector<absl::Span<const char>>* pieces_;
+  size_t piece_ = 0, at_ = 0;
+};
+
+// A float at any byte address (network buffers need not align them).
+inline float LoadFloat(const char* p) {
+  float x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+// sum[0, m) = in[0] + in[1] + ..., element by element, added in that order
+// (in[p] points to m floats), a block at a time so that the block of the
+// sum stays in cache while every input is added to it.
+void AddRun(const std::vector<const char*>& in, size_t m, float* sum) {
+  constexpr size_t kBlock = 4096;  // floats
+  for (size_t begin = 0; begin < m; begin += kBlock) {
+    const size_t count = std::min(kBlock, m - begin);
+    float* __restrict s = sum + begin;
+    const char* first = in[0] + begin * sizeof(float);
+    if (in.size() == 1) {
+      std::memcpy(s, first, count * sizeof(float));
+      continue;
+    }
+    const char* second = in[1] + begin * sizeof(float);
+    for (size_t i = 0; i < count; ++i) {
+      s[i] = LoadFloat(first + i * sizeof(float)) + LoadFloat(second + i * sizeof(float));
+    }
+    for (size_t p = 2; p < in.size(); ++p) {
+      const char* next = in[p] + begin * sizeof(float);
+      for (size_t i = 0; i < count; ++i) s[i] += LoadFloat(next + i * sizeof(float));
+    }
+  }
+}
+
+// sum = pushes[0] + pushes[1] + ... (n floats each), added in that order
+// (the same bits every run). The pushes are read where they lie, without
+// copies, in runs that are contiguous in all of them; a float that
+// straddles two pieces of a push is assembled on its own.
+void Sum(const std::vector<Pieces>& pushes, size_t n, float* sum) {
+  std::vector<PieceCursor> cursors;
+  for (const Pieces& p : pushes) cursors.emplace_back(p);
+  std::vector<const char*> run(pushes.size());
+  for (size_t done = 0; done < n;) {
+    size_t bytes = (n - done) * sizeof(float);
+    for (const PieceCursor& c : cursors) bytes = std::min(bytes, c.contiguous());
+    const size_t m = bytes / sizeof(float);
+    if (m == 0) {  // the next float straddles pieces in some push
+      float total = 0;
+      for (size_t p = 0; p < cursors.size(); ++p) {
+        float x;
+        cursors[p].Read(&x, sizeof(x));
+        total = p == 0 ? x : total + x;
+      }
+      sum[done++] = total;
+      continue;
+    }
+    for (size_t p = 0; p < cursors.size(); ++p) run[p] = cursors[p].data();
+    AddRun(run, m, sum + done);
+    for (PieceCursor& c : cursors) c.Skip(m * sizeof(float));
+    done += m;
   }
 }
 
