@@ -1,7 +1,7 @@
-// Distributed KVStore transport: pushpull throughput (dist_sync) with 1
-// server and 1 worker and with 2 servers and 2 workers on 127.0.0.1 (in
-// this process), one key at a time and 8 keys in flight, for 4 KiB, 1 MiB
-// and 16 MiB values, against loopback TCP bandwidth measured in the same run
+// Distributed KVStore transport: pushpull, push and pull throughput
+// (dist_sync) with 1 server and 1 worker and with 2 servers and 2 workers
+// on 127.0.0.1 (in this process), one key at a time and 8 keys in flight,
+// for 4 KiB, 1 MiB and 16 MiB values, against loopback TCP bandwidth measured in the same run
 // by a plain socket sender and receiver; the round-trip latency of a
 // small pushpull (p50, p99) and of an MLP training step's communication,
 // against loopback TCP round trips of the same bytes; and a server
@@ -272,44 +272,55 @@ bool Wanted(const std::string& name) { return name.find(only) != std::string::np
 // line compares with TCP moving them from and to memory beyond the cache,
 // as a transfer of large tensors must: the 1 MiB buffers of the plain
 // baseline stay in cache, which makes it faster than any transfer of
-// 16 MiB tensors can be.
+// 16 MiB tensors can be. Three kinds of rounds, each worker on its own
+// keys at once: pushpull (what training does), push alone (until the
+// servers have it) and pull alone (of values already there).
 void Throughput(Cluster& c, const std::string& config, int* next_key) {
+  enum Op { kPushPull, kPush, kPull };
+  const std::vector<std::pair<Op, std::string>> ops = {
+      {kPushPull, "pushpull"}, {kPush, "push"}, {kPull, "pull"}};
   LoopbackLink tcp;
-  for (int64_t bytes : {int64_t{4} << 10, int64_t{1} << 20, int64_t{16} << 20}) {
-    const int64_t n = bytes / 4;
-    for (int in_flight : {1, 8}) {
-      const std::string name = "dist_pushpull_" + std::to_string(bytes >> 10) + "KiB_x" +
-                               std::to_string(in_flight) + "_" + config;
-      if (!Wanted(name)) continue;
-      std::vector<int> keys;
-      for (int k = 0; k < in_flight; ++k) keys.push_back((*next_key)++);
-      std::vector<std::vector<NDArray>> values(c.workers.size()), outs(c.workers.size());
-      c.OnEveryWorker([&](int r, KVStore& kv) {
-        for (int k = 0; k < in_flight; ++k) {
-          values[r].push_back(RandomUniform(0, 1, {n}));
-          outs[r].push_back(Empty({n}));
-          ThrowIfError(kv.Init(keys[k], values[r][k]));
-        }
-      });
-      const int reps = bytes >= (16 << 20) ? 15 : (bytes >= (1 << 20) ? 20 : 200);
-      auto round = [&] {
+  for (const auto& [op, op_name] : ops) {
+    for (int64_t bytes : {int64_t{4} << 10, int64_t{1} << 20, int64_t{16} << 20}) {
+      const int64_t n = bytes / 4;
+      for (int in_flight : {1, 8}) {
+        const std::string name = "dist_" + op_name + "_" + std::to_string(bytes >> 10) + "KiB_x" +
+                                 std::to_string(in_flight) + "_" + config;
+        if (!Wanted(name)) continue;
+        std::vector<int> keys;
+        for (int k = 0; k < in_flight; ++k) keys.push_back((*next_key)++);
+        std::vector<std::vector<NDArray>> values(c.workers.size()), outs(c.workers.size());
         c.OnEveryWorker([&](int r, KVStore& kv) {
           for (int k = 0; k < in_flight; ++k) {
-            ThrowIfError(kv.PushPull(keys[k], {values[r][k]}, {outs[r][k]}));
+            values[r].push_back(RandomUniform(0, 1, {n}));
+            outs[r].push_back(Empty({n}));
+            ThrowIfError(kv.Init(keys[k], values[r][k]));
           }
-          for (const NDArray& o : outs[r]) o.WaitToRead();
         });
-      };
-      // Each worker's push and pull each move the value once.
-      const size_t moved = 2 * bytes * in_flight * c.workers.size();
-      const std::vector<double> t = MedianTurns(
-          reps, {round, [&] { tcp.Transfer(moved, false); }, [&] { tcp.Transfer(moved, true); }});
-      const double rate = moved / t[0], tcp_rate = moved / t[1], memory_rate = moved / t[2];
-      Report(name, rate / 1e9, "GB/s", tcp_rate / 1e9, rate / tcp_rate,
-             bytes >= (16 << 20) ? ">=0.8" : "info");
-      // The same against TCP moving the bytes from and to memory.
-      Report(name + "_vs_tcp_from_memory", rate / 1e9, "GB/s", memory_rate / 1e9,
-             rate / memory_rate, "info");
+        const int reps = bytes >= (16 << 20) ? 15 : (bytes >= (1 << 20) ? 20 : 200);
+        auto round = [&, op = op] {
+          c.OnEveryWorker([&](int r, KVStore& kv) {
+            for (int k = 0; k < in_flight; ++k) {
+              if (op == kPushPull) ThrowIfError(kv.PushPull(keys[k], {values[r][k]}, {outs[r][k]}));
+              if (op == kPush) ThrowIfError(kv.Push(keys[k], values[r][k]));
+              if (op == kPull) ThrowIfError(kv.Pull(keys[k], {outs[r][k]}));
+            }
+            // A push has ended when its value may be written again.
+            for (const NDArray& v : values[r]) v.WaitToWrite();
+            for (const NDArray& o : outs[r]) o.WaitToRead();
+          });
+        };
+        // Each worker's push and pull each move the value once.
+        const size_t moved = (op == kPushPull ? 2 : 1) * bytes * in_flight * c.workers.size();
+        const std::vector<double> t = MedianTurns(
+            reps, {round, [&] { tcp.Transfer(moved, false); }, [&] { tcp.Transfer(moved, true); }});
+        const double rate = moved / t[0], tcp_rate = moved / t[1], memory_rate = moved / t[2];
+        Report(name, rate / 1e9, "GB/s", tcp_rate / 1e9, rate / tcp_rate,
+               bytes >= (16 << 20) ? ">=0.8" : "info");
+        // The same against TCP moving the bytes from and to memory.
+        Report(name + "_vs_tcp_from_memory", rate / 1e9, "GB/s", memory_rate / 1e9,
+               rate / memory_rate, "info");
+      }
     }
   }
 }
