@@ -85,6 +85,26 @@ std::string RootAddress() {
 
 // Blocks until SIGINT or SIGTERM (blocked in every thread, so they arrive
 // here) and returns it, or until `stop()` turns true and returns 0.
+// Whether `address` is a host name or IP address, with or without ":port",
+// that other nodes could dial: not, say, "$(POD_IP)", an environment
+// variable that Kubernetes left unexpanded.
+bool DialableAddress(const std::string& address) {
+  std::string host = address, port;
+  const size_t colon = address.rfind(':');
+  if (colon != std::string::npos && address.back() != ']') {
+    host = address.substr(0, colon);
+    port = address.substr(colon + 1);
+    int p;
+    if (!absl::SimpleAtoi(port, &p) || p < 1 || p > 65535) return false;
+  }
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') {  // IPv6
+    return host.find_first_not_of("0123456789abcdefABCDEF:.", 1) == host.size() - 1;
+  }
+  return !host.empty() &&
+         host.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-") ==
+             std::string::npos;
+}
+
 int WaitForSignal(const std::function<bool()>& stop) {
   sigset_t set;
   sigemptyset(&set);
@@ -161,6 +181,12 @@ int RunServer() {
               << "'\n";
     return 2;
   }
+  std::string advertise = absl::GetFlag(FLAGS_advertise);
+  if (!advertise.empty() && !DialableAddress(advertise)) {
+    std::cerr << "mx_server: --advertise '" << advertise
+              << "' is not a host or host:port that other nodes could reach\n";
+    return 2;
+  }
   std::string bind = absl::GetFlag(FLAGS_bind);
   if (bind.empty()) bind = "0.0.0.0:0";
   auto ps = ParameterServer::Start(bind, {mode == "sync", workers, absl::GetFlag(FLAGS_elastic)},
@@ -169,7 +195,6 @@ int RunServer() {
     std::cerr << "mx_server: " << ps.status().message() << "\n";
     return 1;
   }
-  std::string advertise = absl::GetFlag(FLAGS_advertise);
   const std::string bound = (*ps)->address();
   const std::string bound_port = bound.substr(bound.rfind(':') + 1);
   if (advertise.empty()) {

@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Writes the Kubernetes objects of a distributed mx job (what deploy/launch.py
+starts as processes), for kubectl:
+
+  deploy/k8s_job.py --name fmnist -n 2 -s 2 --image REGISTRY/mx:TAG -- \\
+      mx_train --kvstore=dist_sync --epochs=10 | kubectl apply -f -
+
+The image is deploy/Dockerfile's (mx_server and mx_train in /usr/local/bin,
+Fashion-MNIST at mx_train's default --data_dir). Printed as JSON, which
+kubectl reads like YAML: a List of
+- Service NAME-coordinator: the coordinator's cluster DNS name, which every
+  node is given as DMLC_PS_ROOT_URI (port --port).
+- Job NAME-coordinator: one pod, `mx_server --role=coordinator`.
+- Job NAME-server: S pods of an Indexed Job, `mx_server --role=server`. Each
+  asks for its completion index as its rank (MX_RANK), listens on a free
+  port and advertises its pod's IP.
+- Job NAME-worker: N pods of an Indexed Job running the command after --,
+  with the DMLC_* environment the workers' KVStore reads and MX_RANK = its
+  completion index.
+
+Success: the workers exit 0, then the servers and the coordinator shut down
+on their own (they exit 0), and all three Jobs complete. Failure: pods are
+never restarted (a restarted node could not take its rank back). When a
+node dies the others fail within the heartbeat timeout with an error that
+names it, as under launch.py; the worker Job fails at its first failed pod
+(backoffLimit 0), which stops its other pods. `kubectl logs job/NAME-worker`
+and `kubectl get pods -l mx-job=NAME` say which node failed.
+
+Elastic (--elastic): the coordinator and servers run with --elastic and the
+workers with MX_ELASTIC=1; a failed worker index does not stop the others
+(backoffLimitPerIndex 0, maxFailedIndexes N-1: Kubernetes 1.29 or later),
+and the worker Job ends Failed if any worker failed.
+
+Needs Kubernetes 1.24 or later (Indexed Jobs), and pod-to-pod traffic on
+any port between the job's pods (servers listen on free ports).
+"""
+import argparse
+import json
+import re
+import sys
+
+ROLE_LABEL = "mx-role"
+JOB_LABEL = "mx-job"
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+def env_value(name, value):
+    return {"name": name, "value": str(value)}
+
+
+def env_field(name, field_path):
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field_path}}}
+
+
+def common_env(args, role):
+    """The DMLC_* variables every node reads (as launch.py sets them)."""
+    return [
+        env_value("DMLC_ROLE", role),
+        env_value("DMLC_PS_ROOT_URI", service_name(args)),
+        env_value("DMLC_PS_ROOT_PORT", args.port),
+        env_value("DMLC_NUM_SERVER", args.num_servers),
+        env_value("DMLC_NUM_WORKER", args.num_workers),
+    ]
+
+
+def service_name(args):
+    return f"{args.name}-coordinator"
+
+
+def container(args, role, command, env):
+    resources = {"cpu": args.cpu, "memory": args.memory}
+    return {
+        "name": role,
+        "image": args.image,
+        "imagePullPolicy": args.image_pull_policy,
+        "command": command,
+        "env": env,
+        "resources": {"requests": resources, "limits": resources},
+    }
+
+
+def job(args, role, count, command, env, elastic_workers=False):
+    """A Job of `count` pods that never restart; for servers and workers an
+    Indexed Job, whose completion index is the pod's rank."""
+    labels = {"app.kubernetes.io/name": "mx", JOB_LABEL: args.name, ROLE_LABEL: role}
+    spec = {
+        "completions": count,
+        "parallelism": count,
+        "template": {
+            "metadata": {"labels": labels},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [container(args, role, command, env)],
+            },
+        },
+    }
+    if role != "coordinator":
+        spec["completionMode"] = "Indexed"
+    if elastic_workers:
+        spec["backoffLimitPerIndex"] = 0
+        spec["maxFailedIndexes"] = count - 1
+    else:
+        spec["backoffLimit"] = 0
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": f"{args.name}-{role}", "labels": labels},
+        "spec": spec,
+    }
+
+
+def manifests(args, worker_command):
+    elastic = ["--elastic"] if args.elastic else []
+    mode = "sync" if args.kvstore == "dist_sync" else "async"
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(args),
+                     "labels": {"app.kubernetes.io/name": "mx", JOB_LABEL: args.name}},
+        "spec": {
+            "selector": {JOB_LABEL: args.name, ROLE_LABEL: "coordinator"},
+            "ports": [{"name": "grpc", "port": args.port, "targetPort": args.port}],
+        },
+    }
+    coordinator = job(
+        args, "coordinator", 1,
+        [args.server_command, "--role=coordinator", f"--bind=0.0.0.0:{args.port}",
+         f"--heartbeat_timeout_s={args.heartbeat_timeout}"] + elastic,
+        common_env(args, "scheduler"))
+    server = job(
+        args, "server", args.num_servers,
+        [args.server_command, "--role=server",
+         f"--coordinator={service_name(args)}:{args.port}", "--bind=0.0.0.0:0",
+         "--advertise=$(POD_IP)", f"--mode={mode}"] + elastic,
+        common_env(args, "server") + [env_field("MX_RANK", COMPLETION_INDEX),
+                                      env_field("POD_IP", "status.podIP")])
+    threads = [env_value(v, args.cpu) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+               if re.fullmatch(r"[1-9][0-9]*", args.cpu)]
+    worker = job(
+        args, "worker", args.num_workers, worker_command,
+        common_env(args, "worker") + [env_field("MX_RANK", COMPLETION_INDEX),
+                                      env_value("MX_ELASTIC", 1 if args.elastic else 0)] + threads,
+        elastic_workers=args.elastic)
+    return {"apiVersion": "v1", "kind": "List", "items": [service, coordinator, server, worker]}
+
+
+def main():
+    ap = argparse.ArgumentParser(
+        description="Print the Kubernetes objects of a distributed mx job (see the module doc).")
+    ap.add_argument("--name", required=True,
+                    help="the job's name: a DNS label, prefix of every object's name")
+    ap.add_argument("-n", "--num-workers", type=int, required=True)
+    ap.add_argument("-s", "--num-servers", type=int, required=True)
+    ap.add_argument("--image", required=True, help="deploy/Dockerfile's image, as pods pull it")
+    ap.add_argument("--image-pull-policy", default="IfNotPresent",
+                    choices=["Always", "IfNotPresent", "Never"])
+    ap.add_argument("--kvstore", default="dist_sync", choices=["dist_sync", "dist_async"])
+    ap.add_argument("--elastic", action="store_true",
+                    help="continue without workers that die (Kubernetes 1.29 or later)")
+    ap.add_argument("--port", type=int, default=9091, help="the coordinator's port")
+    ap.add_argument("--heartbeat-timeout", type=int, default=5,
+                    help="seconds of silence before the coordinator declares a node dead")
+    ap.add_argument("--cpu", default="1", help="CPU of each pod (request and limit)")
+    ap.add_argument("--memory", default="2Gi", help="memory of each pod (request and limit)")
+    ap.add_argument("--server-command", default="mx_server", help="the daemon in the image")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- worker command")
+    args = ap.parse_args()
+    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not cmd:
+        ap.error("give the worker command after --")
+    if args.num_workers < 1 or args.num_servers < 1:
+        ap.error("-n and -s must be at least 1")
+    # Object names are DNS labels; the longest suffix is "-coordinator".
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", args.name):
+        ap.error(f"--name {args.name!r}: lower-case letters, digits and '-', starting with a "
+                 "letter, at most 40 characters")
+    if not 1 <= args.port <= 65535:
+        ap.error(f"--port {args.port}: not a port")
+    if args.heartbeat_timeout < 2:
+        ap.error("--heartbeat-timeout must be at least 2 (nodes heartbeat every second)")
+    json.dump(manifests(args, cmd), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

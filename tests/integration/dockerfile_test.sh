@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# deploy/Dockerfile's runtime image installs exactly the Debian packages of
+# the shared libraries that mx_server and mx_train link (beyond those of
+# debian:12-slim), plus the default training data: a library added to the
+# build without its package would make every pod fail at start, and no
+# Docker daemon runs here to find that out by building the image. Also: the
+# build stage builds and copies both binaries, and .dockerignore keeps
+# Bazel's output links out of the build context.
+set -uo pipefail
+DOCKERFILE="$1"; DOCKERIGNORE="$2"; SERVER="$3"; TRAIN="$4"
+failures=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+
+# The final stage's `apt-get install` arguments, options left out.
+listed=$(python3 - "$DOCKERFILE" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read().replace("\\\n", " ")
+final = re.split(r"^FROM ", text, flags=re.M)[-1]
+packages = set()
+for run in re.findall(r"^RUN (.*)$", final, flags=re.M):
+    for command in run.split("&&"):
+        words = command.split()
+        if words[:2] == ["apt-get", "install"]:
+            packages.update(w for w in words[2:] if not w.startswith("-"))
+print("\n".join(sorted(packages)))
+EOF
+)
+[[ -n "$listed" ]] || fail "no apt-get install in the Dockerfile's final stage"
+
+# The libraries the binaries link, and the package of each, whichever of
+# /lib and /usr/lib (one directory since usrmerge) dpkg recorded it under.
+# CUDA's (under /usr/local/cuda) are left out: the image is built without
+# it, as on any machine that lacks it.
+needed=$(for b in "$SERVER" "$TRAIN"; do ldd "$b"; done |
+         awk '/=> \// {print $3}' | grep -v '^/usr/local/cuda/' | sort -u |
+         python3 -c '
+import os, subprocess, sys
+libs = sys.stdin.read().split()
+def variants(lib):
+    for p in (lib, os.path.realpath(lib)):
+        yield p
+        yield p[len("/usr"):] if p.startswith("/usr/") else "/usr" + p
+candidates = sorted({v for lib in libs for v in variants(lib)})
+out = subprocess.run(["dpkg", "-S"] + candidates, capture_output=True, text=True).stdout
+owner = {}
+for line in out.splitlines():
+    pkg, _, path = line.partition(": ")
+    owner[path] = pkg.split(":")[0]
+for lib in libs:
+    pkg = next((owner[v] for v in variants(lib) if v in owner), None)
+    print(pkg or "UNOWNED:" + lib)
+' | sort -u)
+[[ -n "$needed" ]] || fail "ldd found no libraries"
+base="libc6 libgcc-s1 libstdc++6"  # in debian:12-slim already
+for pkg in $needed; do
+  [[ "$pkg" == UNOWNED:* ]] && { fail "no Debian package owns ${pkg#UNOWNED:}"; continue; }
+  [[ " $base " == *" $pkg "* ]] && continue
+  grep -qx "$pkg" <<<"$listed" || fail "the image lacks $pkg (a library of mx_server or mx_train)"
+done
+for pkg in $listed; do
+  [[ "$pkg" == dataset-fashion-mnist ]] && continue
+  grep -qx "$pkg" <<<"$needed" || fail "the image installs $pkg, which neither binary links"
+done
+grep -qx dataset-fashion-mnist <<<"$listed" || fail "the image lacks the default training data"
+
+grep -q 'bazel build //server:mx_server //worker:mx_train' "$DOCKERFILE" || fail "build stage does not build both binaries"
+grep -q 'install -D -t /out bazel-bin/server/mx_server bazel-bin/worker/mx_train' "$DOCKERFILE" ||
+  fail "build stage does not copy both binaries"
+grep -q 'COPY --from=build /out/ /usr/local/bin/' "$DOCKERFILE" || fail "binaries not in /usr/local/bin"
+grep -qx 'bazel-\*' "$DOCKERIGNORE" || fail ".dockerignore does not leave out bazel-*"
+
+echo "$failures failures"
+exit $(( failures > 0 ))

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# deploy/k8s_job.py: the Kubernetes objects it prints are what they must be
+# (a Service and three Jobs, ranks from completion indexes, pods that never
+# restart, fail-fast or elastic failure policies), and, run as local
+# processes the way Kubernetes would start them (k8s_local.py: the
+# Service's name and pod IPs are 127.0.0.1), they make a dist_sync job that
+# trains, whose nodes take the ranks of their indexes and whose daemons shut
+# down on their own. Bad flags are refused with a reason, and so is a
+# server address that Kubernetes could not expand.
+set -uo pipefail
+K8S_JOB="$1"; LOCAL="$2"; SERVER="$3"; TRAIN="$4"
+TMP="${TEST_TMPDIR:-$(mktemp -d)}"
+failures=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+source "$(dirname "$0")/../testdata/make_csv.sh"
+make_csv 400 "$TMP/train.csv" "$TMP/train_labels.csv"
+make_csv 100 "$TMP/test.csv" "$TMP/test_labels.csv"
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+worker=(mx_train --kvstore=dist_sync --network=mlp --batch_size=20 --lr=0.5 --epochs=3
+        --train_csv="$TMP/train.csv" --train_label_csv="$TMP/train_labels.csv"
+        --test_csv="$TMP/test.csv" --test_label_csv="$TMP/test_labels.csv")
+
+# 1. The objects.
+python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
+  > "$TMP/job.json" || fail "k8s_job.py failed"
+python3 "$K8S_JOB" --name fm -n 3 -s 1 --image reg/mx:1 --elastic -- mx_train \
+  > "$TMP/elastic.json" || fail "k8s_job.py --elastic failed"
+python3 - "$TMP/job.json" "$TMP/elastic.json" "$PORT" <<'EOF' || fail "objects: see above"
+import json, sys
+INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+job, elastic, port = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), int(sys.argv[3])
+bad = []
+def check(cond, what):
+    if not cond: bad.append(what)
+check(job["kind"] == "List", "not a List")
+kinds = sorted((i["kind"], i["metadata"]["name"]) for i in job["items"])
+check(kinds == [("Job", "fm-coordinator"), ("Job", "fm-server"), ("Job", "fm-worker"),
+                ("Service", "fm-coordinator")], f"objects {kinds}")
+svc = [i for i in job["items"] if i["kind"] == "Service"][0]
+check(svc["spec"]["ports"][0]["port"] == port, "service port")
+check(svc["spec"]["selector"] == {"mx-job": "fm", "mx-role": "coordinator"}, "service selector")
+for i in job["items"]:
+    if i["kind"] != "Job":
+        continue
+    name, spec = i["metadata"]["name"], i["spec"]
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    check(pod["restartPolicy"] == "Never", f"{name}: restartPolicy")
+    check(spec.get("backoffLimit") == 0, f"{name}: backoffLimit")
+    check(c["image"] == "reg/mx:1", f"{name}: image")
+    check(spec["template"]["metadata"]["labels"]["mx-job"] == "fm", f"{name}: labels")
+    check(env["DMLC_PS_ROOT_URI"]["value"] == "fm-coordinator", f"{name}: DMLC_PS_ROOT_URI")
+    check(env["DMLC_PS_ROOT_PORT"]["value"] == str(port), f"{name}: DMLC_PS_ROOT_PORT")
+    check(env["DMLC_NUM_SERVER"]["value"] == "2" and env["DMLC_NUM_WORKER"]["value"] == "2",
+          f"{name}: sizes")
+    check(c["resources"]["requests"] == c["resources"]["limits"], f"{name}: resources")
+    if name == "fm-coordinator":
+        check(spec["completions"] == 1 and "completionMode" not in spec, f"{name}: one pod")
+        check(f"--bind=0.0.0.0:{port}" in c["command"], f"{name}: bind")
+    else:
+        n = 2
+        check(spec["completionMode"] == "Indexed" and spec["completions"] == n
+              and spec["parallelism"] == n, f"{name}: Indexed x{n}")
+        check(env["MX_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == INDEX, f"{name}: MX_RANK")
+    if name == "fm-server":
+        check("--advertise=$(POD_IP)" in c["command"], f"{name}: advertise")
+        check(env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", f"{name}: POD_IP")
+        check("--mode=sync" in c["command"] and "--elastic" not in c["command"], f"{name}: flags")
+    if name == "fm-worker":
+        check(c["command"][:2] == ["mx_train", "--kvstore=dist_sync"], f"{name}: command")
+        check(env["MX_ELASTIC"]["value"] == "0", f"{name}: MX_ELASTIC")
+        check(env["OPENBLAS_NUM_THREADS"]["value"] == "1", f"{name}: BLAS threads = CPUs")
+# Elastic: the workers' Job keeps going past failed indexes; daemons get --elastic.
+e = {i["metadata"]["name"]: i for i in elastic["items"]}
+w = e["fm-worker"]["spec"]
+check(w.get("backoffLimitPerIndex") == 0 and w.get("maxFailedIndexes") == 2
+      and "backoffLimit" not in w, "elastic workers: per-index failure policy")
+check(e["fm-server"]["spec"].get("backoffLimit") == 0, "elastic servers: still fail fast")
+for daemon in ("fm-coordinator", "fm-server"):
+    check("--elastic" in e[daemon]["spec"]["template"]["spec"]["containers"][0]["command"],
+          f"elastic {daemon}: --elastic")
+wenv = {v["name"]: v for v in e["fm-worker"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+check(wenv["MX_ELASTIC"]["value"] == "1", "elastic workers: MX_ELASTIC=1")
+for b in bad:
+    print("objects:", b)
+sys.exit(1 if bad else 0)
+EOF
+
+# 2. The pods, run here: a job that trains and ends cleanly.
+timeout 150 python3 "$LOCAL" "$TMP/job.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
+  --timeout 120 > "$TMP/run.log" 2>&1
+rc=$?
+out=$(cat "$TMP/run.log")
+[[ $rc -eq 0 ]] || fail "local run exit code $rc: $(tail -5 "$TMP/run.log")"
+echo "$out" | grep -q "^\[coordinator\] coordinator listening on 0.0.0.0:$PORT$" \
+  || fail "coordinator not on the Service's port"
+for r in 0 1; do
+  echo "$out" | grep -q "^\[server $r\] server $r serving on 127.0.0.1:[0-9]*$" \
+    || fail "server $r did not take rank $r or advertise its pod IP"
+  echo "$out" | grep -q "^\[worker $r\] worker $r of 2 (dist_sync)" || fail "worker $r is not rank $r"
+  echo "$out" | grep -q "^\[worker $r\] Final test accuracy=1" || fail "worker $r did not reach accuracy 1"
+  echo "$out" | grep -q "^\[server $r\] server $r: every worker finished; shutting down$" \
+    || fail "server $r did not shut down on its own"
+done
+echo "$out" | grep -q "^\[coordinator\] coordinator: every worker finished; shutting down$" \
+  || fail "coordinator did not shut down on its own"
+echo "$out" | grep -q "^k8s_local.py: every pod exited 0$" || fail "not every pod exited 0"
+for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$TMP/run.log"); do
+  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qE 'mx_(server|train) '; then
+    fail "pod process $pid left running"
+    kill -9 "$pid"
+  fi
+done
+
+# 3. Bad flags: refused, saying why.
+expect_refusal() {  # expect_refusal MESSAGE ARGS...
+  local msg=$1; shift
+  local err
+  err=$(python3 "$K8S_JOB" "$@" 2>&1 >/dev/null)
+  [[ $? -eq 2 && "$err" == *"$msg"* ]] || fail "k8s_job.py $*: wanted exit 2 and '$msg', got: $err"
+}
+expect_refusal "-n and -s must be at least 1" --name fm -n 0 -s 1 --image x -- mx_train
+expect_refusal "give the worker command after --" --name fm -n 1 -s 1 --image x
+expect_refusal "--name 'Fm': lower-case letters" --name Fm -n 1 -s 1 --image x -- mx_train
+expect_refusal "--port 70000: not a port" --name fm -n 1 -s 1 --image x --port 70000 -- mx_train
+
+# A pod IP variable that Kubernetes left unexpanded (a typo in its name)
+# stops the server at once, instead of registering an address nobody can
+# dial.
+out=$(timeout 10 "$SERVER" --role=server --coordinator=127.0.0.1:1 --num_workers=1 \
+      '--advertise=$(POD_IPX)' 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"--advertise '\$(POD_IPX)' is not a host or host:port"* ]] ||
+  fail "--advertise='\$(POD_IPX)': exit code $rc, said: $out"
+
+echo "$failures failures"
+exit $(( failures > 0 ))
