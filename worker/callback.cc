@@ -72,13 +72,15 @@ EpochEndCallback LogEpoch() {
   };
 }
 
-EpochEndCallback DoCheckpoint(const std::string& prefix, int period) {
+EpochEndCallback DoCheckpoint(const std::string& prefix, int period, absl::Status* error) {
   return [=](const EpochEndParam& p) {
     if ((p.epoch + 1) % period != 0) return true;
     absl::Status s = p.model->SaveCheckpoint(prefix, p.epoch + 1);
     if (!s.ok()) {
-      std::fprintf(stderr, "checkpoint of epoch %d failed: %s\n", p.epoch + 1,
-                   std::string(s.message()).c_str());
+      s = absl::Status(s.code(), absl::StrCat("checkpoint of epoch ", p.epoch + 1,
+                                              " failed: ", s.message()));
+      std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+      if (error != nullptr) *error = s;
       return false;  // stop rather than train on without checkpoints
     }
     std::printf("Saved checkpoint to \"%s\"\n", CheckpointParamsPath(prefix, p.epoch + 1).c_str());

@@ -147,7 +147,11 @@ BatchEndCallback ProgressBar(int64_t batches_per_epoch);
 // Logs "Epoch[e] Train-accuracy=... Validation-accuracy=... Time cost=...".
 EpochEndCallback LogEpoch();
 // Saves a checkpoint every `period` epochs (numbered epoch + 1, as MXNet).
-EpochEndCallback DoCheckpoint(const std::string& prefix, int period = 1);
+// A checkpoint that cannot be written stops training (rather than train on
+// without checkpoints) and, given `error`, is recorded there, so that the
+// caller can report the run as failed.
+EpochEndCallback DoCheckpoint(const std::string& prefix, int period = 1,
+                              absl::Status* error = nullptr);
 // Stops when the validation metric (or training metric without evaluation
 // data) has not improved for `patience` epochs; `higher_is_better` for
 // accuracy-like metrics.

@@ -210,8 +210,10 @@ absl::Status Run() {
     fit.batch_end_callbacks.push_back(ProgressBar(train->num_samples() / train->batch_size()));
   }
   fit.epoch_end_callbacks.push_back(LogEpoch());
+  absl::Status checkpoint_error;  // a checkpoint that failed stopped training
   if (!prefix.empty()) {
-    fit.epoch_end_callbacks.push_back(DoCheckpoint(prefix, absl::GetFlag(FLAGS_checkpoint_period)));
+    fit.epoch_end_callbacks.push_back(
+        DoCheckpoint(prefix, absl::GetFlag(FLAGS_checkpoint_period), &checkpoint_error));
   }
   if (!absl::GetFlag(FLAGS_metrics_log).empty()) {
     fit.epoch_end_callbacks.push_back(MetricsLog(absl::GetFlag(FLAGS_metrics_log)));
@@ -220,6 +222,12 @@ absl::Status Run() {
     fit.epoch_end_callbacks.push_back(EarlyStopping("accuracy", absl::GetFlag(FLAGS_early_stopping)));
   }
   MX_RETURN_IF_ERROR(model->Fit(train.get(), test.get(), fit));
+  if (!checkpoint_error.ok()) {
+    // Leave the job first: the servers then finish the other workers'
+    // steps without this one.
+    if (store != nullptr) store->Finish().IgnoreError();
+    return checkpoint_error;
+  }
   MX_ASSIGN_OR_RETURN(MetricValues score, model->Score(test.get(), "accuracy"));
   std::cout << "Final test accuracy=" << score[0].second << std::endl;
   if (store != nullptr) MX_RETURN_IF_ERROR(store->Finish());

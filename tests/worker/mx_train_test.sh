@@ -72,5 +72,16 @@ for f in 0003.params 0003.states; do
 done
 head -c 100 "$TMP/m-0002.params" > "$TMP/cut.params" && mv "$TMP/cut.params" "$TMP/m-0002.params"
 expect_fail "truncated checkpoint" "m-0002.params" "${csv[@]}" --checkpoint_prefix="$TMP/m" --resume_epoch=2
+# A checkpoint that cannot be written stops training, and the run fails
+# saying why (it exited 0 before: a launcher or a Kubernetes Job took it for
+# a success).
+out=$("${train[@]}" --epochs=3 --checkpoint_prefix="$TMP/nodir/m" 2>&1)
+rc=$?
+if [[ $rc -ne 1 || "$out" != *"mx_train: checkpoint of epoch 1 failed: cannot create $TMP/nodir/m-"* ||
+      "$out" == *"Epoch[1]"* ]]; then
+  echo "FAIL: unwritable checkpoint: exit code $rc:"; echo "$out" | tail -3; failures=$((failures + 1))
+else
+  echo "ok: unwritable checkpoint stops training and fails the run"
+fi
 echo "$failures failures"
 exit $(( failures > 0 ))
