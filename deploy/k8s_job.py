@@ -31,6 +31,11 @@ workers with MX_ELASTIC=1; a failed worker index does not stop the others
 (backoffLimitPerIndex 0, maxFailedIndexes N-1: Kubernetes 1.29 or later),
 and the worker Job ends Failed if any worker failed.
 
+Checkpoints (--checkpoint-claim CLAIM): the worker pods mount the
+PersistentVolumeClaim at /checkpoints; give mx_train
+--checkpoint_prefix=/checkpoints/NAME (and --resume_epoch to resume).
+Pods run as the image's user, 65534, with the volume group-writable to it.
+
 Needs Kubernetes 1.24 or later (Indexed Jobs), and pod-to-pod traffic on
 any port between the job's pods (servers listen on free ports).
 """
@@ -42,6 +47,8 @@ import sys
 ROLE_LABEL = "mx-role"
 JOB_LABEL = "mx-job"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+NOBODY = 65534  # the image's user (deploy/Dockerfile)
+CHECKPOINT_DIR = "/checkpoints"  # where --checkpoint-claim is mounted in worker pods
 
 
 def env_value(name, value):
@@ -79,20 +86,26 @@ def container(args, role, command, env):
     }
 
 
-def job(args, role, count, command, env, elastic_workers=False):
-    """A Job of `count` pods that never restart; for servers and workers an
-    Indexed Job, whose completion index is the pod's rank."""
+def job(args, role, count, command, env, elastic_workers=False, claim=None):
+    """A Job of `count` pods that never restart, as the image's unprivileged
+    user; for servers and workers an Indexed Job, whose completion index is
+    the pod's rank. `claim`: a PersistentVolumeClaim to mount at
+    CHECKPOINT_DIR (group-writable for that user through fsGroup)."""
     labels = {"app.kubernetes.io/name": "mx", JOB_LABEL: args.name, ROLE_LABEL: role}
+    pod = {
+        "restartPolicy": "Never",
+        "securityContext": {"runAsNonRoot": True, "runAsUser": NOBODY, "runAsGroup": NOBODY,
+                            "fsGroup": NOBODY},
+        "containers": [container(args, role, command, env)],
+    }
+    if claim:
+        pod["volumes"] = [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}}]
+        pod["containers"][0]["volumeMounts"] = [{"name": "checkpoints",
+                                                 "mountPath": CHECKPOINT_DIR}]
     spec = {
         "completions": count,
         "parallelism": count,
-        "template": {
-            "metadata": {"labels": labels},
-            "spec": {
-                "restartPolicy": "Never",
-                "containers": [container(args, role, command, env)],
-            },
-        },
+        "template": {"metadata": {"labels": labels}, "spec": pod},
     }
     if role != "coordinator":
         spec["completionMode"] = "Indexed"
@@ -140,7 +153,7 @@ def manifests(args, worker_command):
         args, "worker", args.num_workers, worker_command,
         common_env(args, "worker") + [env_field("MX_RANK", COMPLETION_INDEX),
                                       env_value("MX_ELASTIC", 1 if args.elastic else 0)] + threads,
-        elastic_workers=args.elastic)
+        elastic_workers=args.elastic, claim=args.checkpoint_claim)
     return {"apiVersion": "v1", "kind": "List", "items": [service, coordinator, server, worker]}
 
 
@@ -163,6 +176,10 @@ def main():
     ap.add_argument("--cpu", default="1", help="CPU of each pod (request and limit)")
     ap.add_argument("--memory", default="2Gi", help="memory of each pod (request and limit)")
     ap.add_argument("--server-command", default="mx_server", help="the daemon in the image")
+    ap.add_argument("--checkpoint-claim",
+                    help=f"a PersistentVolumeClaim mounted at {CHECKPOINT_DIR} in the worker pods "
+                         f"(ReadWriteMany unless they share a node): pass "
+                         f"--checkpoint_prefix={CHECKPOINT_DIR}/NAME to mx_train")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- worker command")
     args = ap.parse_args()
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command

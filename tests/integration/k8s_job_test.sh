@@ -21,8 +21,8 @@ worker=(mx_train --kvstore=dist_sync --network=mlp --batch_size=20 --lr=0.5 --ep
         --test_csv="$TMP/test.csv" --test_label_csv="$TMP/test_labels.csv")
 
 # 1. The objects.
-python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
-  > "$TMP/job.json" || fail "k8s_job.py failed"
+python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --checkpoint-claim ck \
+  -- "${worker[@]}" --checkpoint_prefix=/checkpoints/fm > "$TMP/job.json" || fail "k8s_job.py failed"
 python3 "$K8S_JOB" --name fm -n 3 -s 1 --image reg/mx:1 --elastic -- mx_train \
   > "$TMP/elastic.json" || fail "k8s_job.py --elastic failed"
 python3 - "$TMP/job.json" "$TMP/elastic.json" "$PORT" <<'EOF' || fail "objects: see above"
@@ -55,6 +55,12 @@ for i in job["items"]:
     check(env["DMLC_NUM_SERVER"]["value"] == "2" and env["DMLC_NUM_WORKER"]["value"] == "2",
           f"{name}: sizes")
     check(c["resources"]["requests"] == c["resources"]["limits"], f"{name}: resources")
+    check(pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65534,
+                                     "runAsGroup": 65534, "fsGroup": 65534}, f"{name}: user")
+    mounted = [m["mountPath"] for m in c.get("volumeMounts", [])]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])]
+    want = (["/checkpoints"], ["ck"]) if name == "fm-worker" else ([], [])
+    check((mounted, claims) == want, f"{name}: volumes {mounted} {claims}")
     if name == "fm-coordinator":
         check(spec["completions"] == 1 and "completionMode" not in spec, f"{name}: one pod")
         check(f"--bind=0.0.0.0:{port}" in c["command"], f"{name}: bind")
@@ -87,9 +93,10 @@ for b in bad:
 sys.exit(1 if bad else 0)
 EOF
 
-# 2. The pods, run here: a job that trains and ends cleanly.
+# 2. The pods, run here: a job that trains, checkpoints to its volume and
+# ends cleanly.
 timeout 150 python3 "$LOCAL" "$TMP/job.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
-  --timeout 120 > "$TMP/run.log" 2>&1
+  --volumes "$TMP/volumes" --timeout 120 > "$TMP/run.log" 2>&1
 rc=$?
 out=$(cat "$TMP/run.log")
 [[ $rc -eq 0 ]] || fail "local run exit code $rc: $(tail -5 "$TMP/run.log")"
@@ -106,6 +113,10 @@ done
 echo "$out" | grep -q "^\[coordinator\] coordinator: every worker finished; shutting down$" \
   || fail "coordinator did not shut down on its own"
 echo "$out" | grep -q "^k8s_local.py: every pod exited 0$" || fail "not every pod exited 0"
+# Checkpoints went to the claim mounted at /checkpoints.
+for f in fm-0003.params fm-0003.states; do
+  [[ -s "$TMP/volumes/ck/$f" ]] || fail "no checkpoint $f on the claim: $(ls "$TMP/volumes/ck" 2>&1)"
+done
 for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$TMP/run.log"); do
   if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qE 'mx_(server|train) '; then
     fail "pod process $pid left running"

@@ -3,7 +3,8 @@
 Kubernetes would start them, so that a test can check that the manifests'
 commands, flags and environment make a working job:
 
-  k8s_local.py MANIFEST.json --bin mx_server=PATH --bin mx_train=PATH [--timeout S]
+  k8s_local.py MANIFEST.json --bin mx_server=PATH --bin mx_train=PATH
+               [--volumes DIR] [--timeout S]
 
 What Kubernetes would provide is played here on 127.0.0.1: the Service's
 name resolves to 127.0.0.1 (cluster DNS), a pod's IP is 127.0.0.1
@@ -11,7 +12,10 @@ name resolves to 127.0.0.1 (cluster DNS), a pod's IP is 127.0.0.1
 annotation batch.kubernetes.io/job-completion-index), and $(VAR) in a
 container's env, command and args expands as the kubelet expands it. The
 image is replaced by --bin: a command's first word (its file name) maps to
-a local binary. Anything else in the objects (another kind, another
+a local binary. A PersistentVolumeClaim is the directory DIR/CLAIM (one for
+every pod that mounts it, as a ReadWriteMany volume), and its mount path in
+a pod's arguments the path of that directory. Pods run as this process's
+user, whatever their securityContext says. Anything else in the objects (another kind, another
 valueFrom) is an error that says what: the manifests would rely on
 something this runner does not play.
 
@@ -62,7 +66,24 @@ def pod_env(container, index, services):
     return env
 
 
-def pods(items, bins):
+def mounts(pod_spec, volumes_dir):
+    """{mount path: local directory} of a pod's PersistentVolumeClaims."""
+    claims = {}
+    for v in pod_spec.get("volumes", []):
+        if "persistentVolumeClaim" not in v:
+            raise Unsupported(f"volume {v['name']}: {json.dumps(v)}")
+        if volumes_dir is None:
+            raise Unsupported(f"volume {v['name']}: give --volumes")
+        claims[v["name"]] = os.path.join(volumes_dir, v["persistentVolumeClaim"]["claimName"])
+    out = {}
+    for c in pod_spec["containers"]:
+        for m in c.get("volumeMounts", []):
+            os.makedirs(claims[m["name"]], exist_ok=True)
+            out[m["mountPath"].rstrip("/")] = claims[m["name"]]
+    return out
+
+
+def pods(items, bins, volumes_dir):
     """(label, argv, env) of every pod the objects would start."""
     services = {}
     for item in items:
@@ -79,6 +100,7 @@ def pods(items, bins):
         if template.get("restartPolicy") != "Never":
             raise Unsupported(f"{item['metadata']['name']}: restartPolicy is not Never")
         (container,) = template["containers"]
+        paths = mounts(template, volumes_dir)
         indexed = spec.get("completionMode") == "Indexed"
         role = item["metadata"]["labels"]["mx-role"]
         for i in range(spec["completions"]):
@@ -86,6 +108,8 @@ def pods(items, bins):
             argv = [expand(a, env) for a in container["command"] + container.get("args", [])]
             for name, address in services.items():  # cluster DNS, in flags
                 argv = [re.sub(rf"(?<=[=/]){re.escape(name)}(?=:)", address, a) for a in argv]
+            for mount, local in paths.items():  # volumes
+                argv = [re.sub(rf"(?<![^=]){re.escape(mount)}(?=/|$)", local, a) for a in argv]
             program = os.path.basename(argv[0])
             if program not in bins:
                 raise Unsupported(f"{item['metadata']['name']}: no --bin for {argv[0]}")
@@ -105,13 +129,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("manifest")
     ap.add_argument("--bin", action="append", default=[], help="NAME=PATH")
+    ap.add_argument("--volumes", help="where PersistentVolumeClaims live, one directory each")
     ap.add_argument("--timeout", type=float, default=120)
     args = ap.parse_args()
     bins = dict(b.split("=", 1) for b in args.bin)
     with open(args.manifest) as f:
         doc = json.load(f)
     try:
-        todo = pods(doc["items"] if doc.get("kind") == "List" else [doc], bins)
+        todo = pods(doc["items"] if doc.get("kind") == "List" else [doc], bins, args.volumes)
     except (Unsupported, KeyError, ValueError) as e:
         print(f"k8s_local.py: unsupported: {e}", file=sys.stderr)
         return 2
