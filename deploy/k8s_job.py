@@ -44,6 +44,8 @@ import json
 import re
 import sys
 
+from job_args import add_job_arguments, add_worker_command, worker_command
+
 ROLE_LABEL = "mx-role"
 JOB_LABEL = "mx-job"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -162,17 +164,11 @@ def main():
         description="Print the Kubernetes objects of a distributed mx job (see the module doc).")
     ap.add_argument("--name", required=True,
                     help="the job's name: a DNS label, prefix of every object's name")
-    ap.add_argument("-n", "--num-workers", type=int, required=True)
-    ap.add_argument("-s", "--num-servers", type=int, required=True)
+    add_job_arguments(ap)
     ap.add_argument("--image", required=True, help="deploy/Dockerfile's image, as pods pull it")
     ap.add_argument("--image-pull-policy", default="IfNotPresent",
                     choices=["Always", "IfNotPresent", "Never"])
-    ap.add_argument("--kvstore", default="dist_sync", choices=["dist_sync", "dist_async"])
-    ap.add_argument("--elastic", action="store_true",
-                    help="continue without workers that die (Kubernetes 1.29 or later)")
     ap.add_argument("--port", type=int, default=9091, help="the coordinator's port")
-    ap.add_argument("--heartbeat-timeout", type=int, default=5,
-                    help="seconds of silence before the coordinator declares a node dead")
     ap.add_argument("--cpu", default="1", help="CPU of each pod (request and limit)")
     ap.add_argument("--memory", default="2Gi", help="memory of each pod (request and limit)")
     ap.add_argument("--server-command", default="mx_server", help="the daemon in the image")
@@ -180,21 +176,15 @@ def main():
                     help=f"a PersistentVolumeClaim mounted at {CHECKPOINT_DIR} in the worker pods "
                          f"(ReadWriteMany unless they share a node): pass "
                          f"--checkpoint_prefix={CHECKPOINT_DIR}/NAME to mx_train")
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- worker command")
+    add_worker_command(ap)
     args = ap.parse_args()
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not cmd:
-        ap.error("give the worker command after --")
-    if args.num_workers < 1 or args.num_servers < 1:
-        ap.error("-n and -s must be at least 1")
+    cmd = worker_command(ap, args)
     # Object names are DNS labels; the longest suffix is "-coordinator".
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", args.name):
         ap.error(f"--name {args.name!r}: lower-case letters, digits and '-', starting with a "
                  "letter, at most 40 characters")
     if not 1 <= args.port <= 65535:
         ap.error(f"--port {args.port}: not a port")
-    if args.heartbeat_timeout < 2:
-        ap.error("--heartbeat-timeout must be at least 2 (nodes heartbeat every second)")
     json.dump(manifests(args, cmd), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

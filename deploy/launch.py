@@ -51,6 +51,8 @@ import sys
 import threading
 import time
 
+from job_args import add_job_arguments, add_worker_command, worker_command
+
 
 def free_port():
     with socket.socket() as s:
@@ -305,27 +307,15 @@ def blas_threads(local_workers):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", "--num-workers", type=int, required=True)
-    ap.add_argument("-s", "--num-servers", type=int, required=True)
-    ap.add_argument("--kvstore", default="dist_sync", choices=["dist_sync", "dist_async"])
+    add_job_arguments(ap)
     ap.add_argument("--server-binary", default="bazel-bin/server/mx_server")
-    ap.add_argument("--elastic", action="store_true",
-                    help="continue without workers that die (servers, coordinator and workers)")
-    ap.add_argument("--heartbeat-timeout", type=int, default=5,
-                    help="seconds of silence after which a node is declared dead (at least 2)")
     ap.add_argument("-H", "--hostfile", help="run on these hosts through ssh (one per line)")
     ap.add_argument("--ssh", default="ssh", help="the ssh command for --hostfile")
     ap.add_argument("--port", type=int, default=0,
                     help="the coordinator's port (default: a free one; 9091 with --hostfile)")
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- worker command")
+    add_worker_command(ap)
     args = ap.parse_args()
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not cmd:
-        ap.error("give the worker command after --")
-    if args.num_workers < 1 or args.num_servers < 1:
-        ap.error("-n and -s must be at least 1")
-    if args.heartbeat_timeout < 2:
-        ap.error("--heartbeat-timeout must be at least 2 (nodes heartbeat every second)")
+    cmd = worker_command(ap, args)
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
 
