@@ -62,13 +62,15 @@ def env_field(name, field_path):
 
 
 def common_env(args, role):
-    """The DMLC_* variables every node reads (as launch.py sets them)."""
+    """The DMLC_* variables every node reads (as launch.py sets them), and
+    how long servers and workers wait for every pod to start."""
     return [
         env_value("DMLC_ROLE", role),
         env_value("DMLC_PS_ROOT_URI", service_name(args)),
         env_value("DMLC_PS_ROOT_PORT", args.port),
         env_value("DMLC_NUM_SERVER", args.num_servers),
         env_value("DMLC_NUM_WORKER", args.num_workers),
+        env_value("MX_STARTUP_TIMEOUT_S", args.startup_timeout),
     ]
 
 
@@ -169,6 +171,9 @@ def main():
     ap.add_argument("--image-pull-policy", default="IfNotPresent",
                     choices=["Always", "IfNotPresent", "Never"])
     ap.add_argument("--port", type=int, default=9091, help="the coordinator's port")
+    ap.add_argument("--startup-timeout", type=int, default=600,
+                    help="seconds within which every pod must start and register (scheduling "
+                         "and image pulls included), else the job fails saying who is missing")
     ap.add_argument("--cpu", default="1", help="CPU of each pod (request and limit)")
     ap.add_argument("--memory", default="2Gi", help="memory of each pod (request and limit)")
     ap.add_argument("--server-command", default="mx_server", help="the daemon in the image")
@@ -183,6 +188,8 @@ def main():
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", args.name):
         ap.error(f"--name {args.name!r}: lower-case letters, digits and '-', starting with a "
                  "letter, at most 40 characters")
+    if args.startup_timeout < 1:
+        ap.error(f"--startup-timeout {args.startup_timeout}: must be at least 1 second")
     if not 1 <= args.port <= 65535:
         ap.error(f"--port {args.port}: not a port")
     json.dump(manifests(args, cmd), sys.stdout, indent=2)

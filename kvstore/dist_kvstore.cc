@@ -716,6 +716,19 @@ std::string Env(const char* name) {
   return v == nullptr ? "" : v;
 }
 
+// The whole number of seconds (at least 1) in environment variable `name`,
+// or `otherwise` when it is unset.
+absl::StatusOr<int> SecondsFromEnv(const char* name, int otherwise, const std::string& type) {
+  const std::string text = Env(name);
+  if (text.empty()) return otherwise;
+  int seconds = 0;
+  if (!absl::SimpleAtoi(text, &seconds) || seconds < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kvstore ", type, ": ", name, " must be a whole number of seconds from 1, not '", text, "'"));
+  }
+  return seconds;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const std::string& type) {
@@ -730,9 +743,11 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   }
   DistKVStoreOptions options;
   options.sync = type != "dist_async";
-  if (std::string t = Env("MX_RPC_TIMEOUT_S"); !t.empty()) {
-    options.rpc_timeout = absl::Seconds(std::max(1, std::atoi(t.c_str())));
-  }
+  MX_ASSIGN_OR_RETURN(const int rpc_timeout,
+                      SecondsFromEnv("MX_RPC_TIMEOUT_S", absl::ToInt64Seconds(options.rpc_timeout), type));
+  options.rpc_timeout = absl::Seconds(rpc_timeout);
+  // Every node of the job must start and register within this time.
+  MX_ASSIGN_OR_RETURN(const int startup_timeout, SecondsFromEnv("MX_STARTUP_TIMEOUT_S", 120, type));
   if (std::string b = Env("MX_BUCKET_KB"); !b.empty()) {
     int kb = 0;
     if (!absl::SimpleAtoi(b, &kb) || kb < 0) {
@@ -762,8 +777,7 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   }
   proto::RegisterResponse resp;
   grpc::ClientContext ctx;
-  // Every node of the job must start and register within this time.
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(startup_timeout));
   ctx.set_wait_for_ready(true);  // the coordinator may still be starting
   absl::Status s = FromGrpc(stub->Register(&ctx, req, &resp));
   if (!s.ok()) {

@@ -20,6 +20,13 @@ namespace {
 
 const char* RoleName(proto::Role r) { return r == proto::SERVER ? "server" : "worker"; }
 
+// When a call that waits for other nodes gives up: shortly before the
+// caller's deadline, so that the caller gets the reason (who is missing)
+// rather than its own DEADLINE_EXCEEDED without one.
+absl::Time WaitDeadline(const grpc::ServerContext& ctx) {
+  return absl::FromChrono(ctx.deadline()) - absl::Milliseconds(500);
+}
+
 class Service final : public proto::Coordinator::Service {
  public:
   explicit Service(CoordinatorOptions options) : options_(options) {}
@@ -40,7 +47,7 @@ class Service final : public proto::Coordinator::Service {
       return static_cast<int>(servers_.size()) == options_.num_servers &&
              static_cast<int>(workers_.size()) == options_.num_workers;
     };
-    if (!mu_.AwaitWithDeadline(absl::Condition(&all_here), absl::FromChrono(ctx->deadline()))) {
+    if (!mu_.AwaitWithDeadline(absl::Condition(&all_here), WaitDeadline(*ctx))) {
       return ToGrpc(absl::DeadlineExceededError(absl::StrCat(
           "register: only ", servers_.size(), " of ", options_.num_servers, " servers and ",
           workers_.size(), " of ", options_.num_workers, " workers registered in time")));
@@ -104,7 +111,7 @@ class Service final : public proto::Coordinator::Service {
     auto done = [this, epoch]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       return (!options_.elastic && DeadWorkers() > 0) || EveryLiveWorkerEntered(epoch);
     };
-    if (!mu_.AwaitWithDeadline(absl::Condition(&done), absl::FromChrono(ctx->deadline()))) {
+    if (!mu_.AwaitWithDeadline(absl::Condition(&done), WaitDeadline(*ctx))) {
       return ToGrpc(absl::DeadlineExceededError(
           absl::StrCat("barrier ", epoch, ": not every worker arrived in time")));
     }

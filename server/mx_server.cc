@@ -56,6 +56,9 @@ ABSL_FLAG(bool, elastic, false,
           "and to every server)");
 ABSL_FLAG(int, max_message_mb, 1024,
           "a server refuses requests larger than this many MiB (1 to 1024)");
+ABSL_FLAG(int, startup_timeout_s, 0,
+          "a server fails unless every node of the job has registered within this many seconds "
+          "(default: $MX_STARTUP_TIMEOUT_S, else 120)");
 ABSL_FLAG(int, heartbeat_timeout_s, 5,
           "the coordinator declares a node dead after this many silent seconds (at least 2: "
           "nodes heartbeat every second)");
@@ -70,12 +73,21 @@ std::string Env(const char* name) {
 
 int IntFlagOrEnv(int flag, const char* env, const char* name) {
   if (flag > 0) return flag;
-  int v = std::atoi(Env(env).c_str());
-  if (v <= 0) {
-    std::cerr << "mx_server: --" << name << " (or $" << env << ") must be a positive number\n";
+  const std::string text = Env(env);
+  int v = 0;
+  if (!absl::SimpleAtoi(text, &v) || v <= 0) {
+    std::cerr << "mx_server: --" << name << " (or $" << env << ") must be a positive number, not '"
+              << text << "'\n";
     std::exit(2);
   }
   return v;
+}
+
+// --startup_timeout_s, else $MX_STARTUP_TIMEOUT_S, else 120 (as workers).
+int StartupTimeoutSeconds() {
+  if (Env("MX_STARTUP_TIMEOUT_S").empty() && absl::GetFlag(FLAGS_startup_timeout_s) <= 0) return 120;
+  return IntFlagOrEnv(absl::GetFlag(FLAGS_startup_timeout_s), "MX_STARTUP_TIMEOUT_S",
+                      "startup_timeout_s");
 }
 
 std::string RootAddress() {
@@ -83,8 +95,6 @@ std::string RootAddress() {
   return absl::StrCat(Env("DMLC_PS_ROOT_URI"), ":", Env("DMLC_PS_ROOT_PORT"));
 }
 
-// Blocks until SIGINT or SIGTERM (blocked in every thread, so they arrive
-// here) and returns it, or until `stop()` turns true and returns 0.
 // Whether `address` is a host name or IP address, with or without ":port",
 // that other nodes could dial: not, say, "$(POD_IP)", an environment
 // variable that Kubernetes left unexpanded.
@@ -105,6 +115,8 @@ bool DialableAddress(const std::string& address) {
              std::string::npos;
 }
 
+// Blocks until SIGINT or SIGTERM (blocked in every thread, so they arrive
+// here) and returns it, or until `stop()` turns true and returns 0.
 int WaitForSignal(const std::function<bool()>& stop) {
   sigset_t set;
   sigemptyset(&set);
@@ -173,6 +185,7 @@ int RunServer() {
     return 2;
   }
   const int workers = IntFlagOrEnv(absl::GetFlag(FLAGS_num_workers), "DMLC_NUM_WORKER", "num_workers");
+  const int startup_timeout = StartupTimeoutSeconds();
   std::string rank_text = absl::GetFlag(FLAGS_rank);
   if (rank_text.empty()) rank_text = Env("MX_RANK");
   int requested_rank = 0;
@@ -210,7 +223,7 @@ int RunServer() {
   if (!rank_text.empty()) req.set_rank(requested_rank);
   proto::RegisterResponse resp;
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(startup_timeout));
   ctx.set_wait_for_ready(true);  // the coordinator may still be starting
   grpc::Status s = stub->Register(&ctx, req, &resp);
   if (!s.ok()) {

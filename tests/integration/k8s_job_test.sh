@@ -54,6 +54,7 @@ for i in job["items"]:
     check(env["DMLC_PS_ROOT_PORT"]["value"] == str(port), f"{name}: DMLC_PS_ROOT_PORT")
     check(env["DMLC_NUM_SERVER"]["value"] == "2" and env["DMLC_NUM_WORKER"]["value"] == "2",
           f"{name}: sizes")
+    check(env["MX_STARTUP_TIMEOUT_S"]["value"] == "600", f"{name}: startup timeout")
     check(c["resources"]["requests"] == c["resources"]["limits"], f"{name}: resources")
     check(pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65534,
                                      "runAsGroup": 65534, "fsGroup": 65534}, f"{name}: user")
@@ -135,6 +136,8 @@ expect_refusal "-n and -s must be at least 1" --name fm -n 0 -s 1 --image x -- m
 expect_refusal "give the worker command after --" --name fm -n 1 -s 1 --image x
 expect_refusal "--name 'Fm': lower-case letters" --name Fm -n 1 -s 1 --image x -- mx_train
 expect_refusal "--port 70000: not a port" --name fm -n 1 -s 1 --image x --port 70000 -- mx_train
+expect_refusal "--startup-timeout 0: must be at least 1 second" --name fm -n 1 -s 1 --image x \
+  --startup-timeout 0 -- mx_train
 
 # A pod IP variable that Kubernetes left unexpanded (a typo in its name)
 # stops the server at once, instead of registering an address nobody can

@@ -78,7 +78,36 @@ rc=$?
 [[ $rc -eq 2 ]] || fail "--rank=first exited $rc"
 [[ "$out" == *"--rank (or \$MX_RANK) must be a rank from 0, not 'first'"* ]] || fail "--rank=first said: $out"
 
-# 5. Ctrl-C (SIGINT) to the launcher stops the whole job at once.
+# 5. A node that never starts: the others give up after MX_STARTUP_TIMEOUT_S
+# (default 120 s; a Kubernetes cluster may take longer to start pods),
+# saying who is missing. A value that is no number of seconds is refused.
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$SERVER" --role=coordinator --bind=127.0.0.1:$port --num_servers=1 --num_workers=2 > "$TMP/alone.log" 2>&1 &
+coordinator=$!
+start=$(now_ms)
+MX_STARTUP_TIMEOUT_S=3 "$SERVER" --role=server --coordinator=127.0.0.1:$port --num_workers=2 \
+  > "$TMP/alone_server.log" 2>&1 &
+server=$!
+out=$(MX_COORDINATOR=127.0.0.1:$port MX_STARTUP_TIMEOUT_S=3 timeout 20 "${worker[@]}" 2>&1)
+rc=$?
+wait "$server"; server_rc=$?
+elapsed=$(( $(now_ms) - start ))
+kill "$coordinator"; wait "$coordinator"
+[[ $rc -eq 1 && "$out" == *"only 1 of 1 servers and 1 of 2 workers registered in time"* ]] ||
+  fail "worker alone: exit code $rc, said: $out"
+[[ $server_rc -eq 1 ]] && grep -q "only 1 of 1 servers and 1 of 2 workers registered in time" "$TMP/alone_server.log" ||
+  fail "server alone: exit code $server_rc, said: $(cat "$TMP/alone_server.log")"
+(( elapsed >= 2000 && elapsed <= 8000 )) || fail "nodes alone gave up after $elapsed ms, not about 3 s"
+out=$(MX_STARTUP_TIMEOUT_S=soon "$SERVER" --role=server --coordinator=127.0.0.1:1 --num_workers=1 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"--startup_timeout_s (or \$MX_STARTUP_TIMEOUT_S) must be a positive number, not 'soon'"* ]] ||
+  fail "server MX_STARTUP_TIMEOUT_S=soon: exit code $rc, said: $out"
+out=$(MX_COORDINATOR=127.0.0.1:1 MX_STARTUP_TIMEOUT_S=soon "${worker[@]}" 2>&1)
+rc=$?
+[[ $rc -eq 1 && "$out" == *"MX_STARTUP_TIMEOUT_S must be a whole number of seconds from 1, not 'soon'"* ]] ||
+  fail "worker MX_STARTUP_TIMEOUT_S=soon: exit code $rc, said: $out"
+
+# 6. Ctrl-C (SIGINT) to the launcher stops the whole job at once.
 log="$TMP/interrupted.log"
 start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000
 wait_for_line "$log" '^\[worker [01]\] Epoch\[0\]' 60 || fail "no worker finished an epoch"
