@@ -75,7 +75,8 @@ class PieceCursor {
   const char* data() const { return (*pieces_)[piece_].data() + at_; }
   size_t contiguous() const { return piece_ < pieces_->size() ? (*pieces_)[piece_].size() - at_ : 0; }
 
-  // Copies the next `bytes` (which may span pieces) to dst and moves past them.
+  // Copies the next `bytes` (which may span pieces; the pieces hold them) to
+  // dst and moves past them.
   void Read(void* dst, size_t bytes) {
     for (char* out = static_cast<char*>(dst); bytes > 0;) {
       const size_t take = std::min(bytes, contiguous());
