@@ -13,6 +13,7 @@
 #include "absl/algorithm/container.h"
 #include "absl/container/inlined_vector.h"
 #include "ndarray/base.h"
+#include "ndarray/parallel.h"
 
 namespace mx {
 namespace engine {
@@ -120,8 +121,7 @@ int WorkersFromEnv(int requested) {
     int n = std::atoi(v);
     if (n > 0) return n;
   }
-  int hw = static_cast<int>(std::thread::hardware_concurrency());
-  return hw > 0 ? hw : 1;
+  return UsableCores();
 }
 
 // Errors recorded by operations, for WaitForAll.

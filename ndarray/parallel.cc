@@ -1,12 +1,19 @@
 #include "ndarray/parallel.h"
 
+#include <sched.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdlib>
+#include <fstream>
 #include <mutex>
+#include <sstream>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include <cblas.h>
 
@@ -35,8 +42,26 @@ int ThreadsFromEnv() {
       if (n > 0) return n;
     }
   }
-  const int hw = static_cast<int>(std::thread::hardware_concurrency());
-  return hw > 0 ? hw : 1;
+  return UsableCores();
+}
+
+// The whole text of a file, or "" if it cannot be read.
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// The quota in cores that one cgroup directory sets (0: none or unknown).
+double QuotaOf(const std::string& dir) {
+  std::istringstream v2(ReadFile(dir + "/cpu.max"));  // "max 100000" or "150000 100000"
+  std::string quota;
+  double period = 0;
+  if (v2 >> quota >> period) return quota == "max" || period <= 0 ? 0 : std::atof(quota.c_str()) / period;
+  const double v1_quota = std::atof(ReadFile(dir + "/cpu.cfs_quota_us").c_str());  // -1: none
+  const double v1_period = std::atof(ReadFile(dir + "/cpu.cfs_period_us").c_str());
+  return v1_quota > 0 && v1_period > 0 ? v1_quota / v1_period : 0;
 }
 
 // True on a thread that is running a ParallelFor task (or owns the pool):
@@ -165,6 +190,51 @@ void SgemmBlock(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, flo
 }  // namespace
 
 int CpuThreads() { return Pool().threads(); }
+
+namespace internal {
+
+double CgroupCpuLimit(const std::string& proc_self_cgroup, const std::string& root) {
+  double limit = 0;
+  std::istringstream lines(proc_self_cgroup);
+  for (std::string line; std::getline(lines, line);) {
+    // "0::/path" (v2) or "4:cpu,cpuacct:/path" (v1).
+    const size_t colon = line.find(':'), second = line.find(':', colon + 1);
+    if (colon == std::string::npos || second == std::string::npos) continue;
+    const std::string controllers = "," + line.substr(colon + 1, second - colon - 1) + ",";
+    std::vector<std::string> mounts;
+    if (controllers == ",,") {
+      mounts = {root};
+    } else if (controllers.find(",cpu,") != std::string::npos) {
+      mounts = {root + "/cpu,cpuacct", root + "/cpu"};
+    } else {
+      continue;
+    }
+    // The process's cgroup and every one above it: each quota applies.
+    for (std::string path = line.substr(second + 1);; path = path.substr(0, path.rfind('/'))) {
+      if (!path.empty() && path.back() == '/') path.pop_back();
+      for (const std::string& mount : mounts) {
+        const double q = QuotaOf(mount + path);
+        if (q > 0 && (limit == 0 || q < limit)) limit = q;
+      }
+      if (path.empty()) break;
+    }
+  }
+  return limit;
+}
+
+}  // namespace internal
+
+int UsableCores() {
+  static const int cores = [] {
+    int n = static_cast<int>(std::thread::hardware_concurrency());
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+    const double limit = internal::CgroupCpuLimit(ReadFile("/proc/self/cgroup"), "/sys/fs/cgroup");
+    if (limit > 0) n = std::min(n, static_cast<int>(std::ceil(limit)));
+    return std::max(n, 1);
+  }();
+  return cores;
+}
 
 void ParallelFor(int64_t tasks, absl::FunctionRef<void(int64_t, int)> fn) {
   Pool().Run(tasks, fn);

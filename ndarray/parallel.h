@@ -13,15 +13,33 @@
 //
 // Threads: CpuThreads() counts the caller and the helpers. It is
 // OMP_NUM_THREADS if set (MXNet's knob, which deploy/launch.py sets per local
-// worker), else OPENBLAS_NUM_THREADS, else the number of cores.
+// worker), else OPENBLAS_NUM_THREADS, else UsableCores().
 #ifndef MX_NDARRAY_PARALLEL_H_
 #define MX_NDARRAY_PARALLEL_H_
 
 #include <cstdint>
+#include <string>
 
 #include "absl/functional/function_ref.h"
 
 namespace mx {
+
+// The cores this process may use, the default of every thread count (this
+// pool's, the engine's workers): those of its CPU affinity mask, fewer when
+// a cgroup CPU quota allows less (a container's CPU limit, rounded up), at
+// least 1. A container limited to 2 CPUs on a 64-core node sees 64 cores;
+// 64 spinning threads on a quota of 2 would spend most of it waiting to be
+// scheduled again.
+int UsableCores();
+
+namespace internal {
+// The CPU quota in cores that cgroups put on this process (0: none), given
+// the text of /proc/self/cgroup and the directory the cgroup filesystems
+// are mounted on (/sys/fs/cgroup): the smallest of the quotas of its cgroup
+// and the cgroups above it, from cpu.max (cgroup v2) or cpu.cfs_quota_us /
+// cpu.cfs_period_us (v1). Exposed for tests.
+double CgroupCpuLimit(const std::string& proc_self_cgroup, const std::string& root);
+}  // namespace internal
 
 // Threads ParallelFor may use, the caller included (>= 1).
 int CpuThreads();

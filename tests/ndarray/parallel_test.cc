@@ -1,7 +1,11 @@
 // The CPU pool (ParallelFor) and the matrix product on it (Sgemm).
 #include "ndarray/parallel.h"
 
+#include <sys/stat.h>
+
 #include <atomic>
+#include <fstream>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -84,6 +88,54 @@ struct GemmCase {
 // with sizes that do not divide evenly.
 const GemmCase kCases[] = {{3, 5, 7}, {100, 128, 784}, {128, 784, 100}, {500, 64, 20},
                            {101, 37, 300}, {37, 301, 150}};
+
+// A fake cgroup filesystem under the test's temporary directory.
+class CgroupTree {
+ public:
+  CgroupTree() : root_(std::string(std::getenv("TEST_TMPDIR")) + "/cgroup" + std::to_string(next_++)) {}
+  const std::string& root() const { return root_; }
+  // Writes `text` to root/path, creating its directories.
+  void Write(const std::string& path, const std::string& text) {
+    ::mkdir(root_.c_str(), 0755);
+    for (size_t at = 1; (at = path.find('/', at)) != std::string::npos; ++at) {
+      ::mkdir((root_ + path.substr(0, at)).c_str(), 0755);
+    }
+    std::ofstream(root_ + path) << text;
+  }
+
+ private:
+  static inline int next_ = 0;
+  std::string root_;
+};
+
+TEST(UsableCores, CgroupV2QuotaIsTheSmallestAlongThePath) {
+  CgroupTree t;
+  t.Write("/cpu.max", "max 100000\n");
+  t.Write("/kubepods/cpu.max", "400000 100000\n");        // 4 cores for every pod
+  t.Write("/kubepods/pod1/cpu.max", "150000 100000\n");   // 1.5 for this one
+  t.Write("/kubepods/pod1/c1/cpu.max", "max 100000\n");
+  EXPECT_DOUBLE_EQ(internal::CgroupCpuLimit("0::/kubepods/pod1/c1\n", t.root()), 1.5);
+  EXPECT_DOUBLE_EQ(internal::CgroupCpuLimit("0::/kubepods/pod2\n", t.root()), 4);
+  EXPECT_DOUBLE_EQ(internal::CgroupCpuLimit("0::/\n", t.root()), 0);  // no limit
+}
+
+TEST(UsableCores, CgroupV1QuotaOfTheCpuController) {
+  CgroupTree t;
+  t.Write("/cpu,cpuacct/cpu.cfs_quota_us", "-1\n");
+  t.Write("/cpu,cpuacct/cpu.cfs_period_us", "100000\n");
+  t.Write("/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "250000\n");
+  t.Write("/cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n");
+  t.Write("/memory/docker/abc/cpu.cfs_quota_us", "100000\n");  // not the cpu controller
+  const std::string cgroup = "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n";
+  EXPECT_DOUBLE_EQ(internal::CgroupCpuLimit(cgroup, t.root()), 2.5);
+  EXPECT_DOUBLE_EQ(internal::CgroupCpuLimit("4:cpu,cpuacct:/\n", t.root()), 0);
+  EXPECT_DOUBLE_EQ(internal::CgroupCpuLimit("garbage\n\n1:cpu:\n", t.root()), 0);
+}
+
+TEST(UsableCores, AtLeastOneAndAtMostTheMachines) {
+  EXPECT_GE(UsableCores(), 1);
+  EXPECT_LE(UsableCores(), static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+}
 
 TEST(Sgemm, MatchesTheReferenceWithTransposesAndAccumulation) {
   for (const GemmCase& g : kCases) {
