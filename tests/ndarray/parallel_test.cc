@@ -89,10 +89,15 @@ struct GemmCase {
 const GemmCase kCases[] = {{3, 5, 7}, {100, 128, 784}, {128, 784, 100}, {500, 64, 20},
                            {101, 37, 300}, {37, 301, 150}};
 
+std::string TempDir() {
+  const char* dir = std::getenv("TEST_TMPDIR");  // Bazel's, else /tmp
+  return dir != nullptr ? dir : "/tmp";
+}
+
 // A fake cgroup filesystem under the test's temporary directory.
 class CgroupTree {
  public:
-  CgroupTree() : root_(std::string(std::getenv("TEST_TMPDIR")) + "/cgroup" + std::to_string(next_++)) {}
+  CgroupTree() : root_(TempDir() + "/cgroup" + std::to_string(next_++)) {}
   const std::string& root() const { return root_; }
   // Writes `text` to root/path, creating its directories.
   void Write(const std::string& path, const std::string& text) {
