@@ -113,7 +113,8 @@ class Service final : public proto::Coordinator::Service {
     };
     if (!mu_.AwaitWithDeadline(absl::Condition(&done), WaitDeadline(*ctx))) {
       return ToGrpc(absl::DeadlineExceededError(
-          absl::StrCat("barrier ", epoch, ": not every worker arrived in time")));
+          absl::StrCat("barrier ", epoch, ": worker(s) ", absl::StrJoin(NotEntered(epoch), ", "),
+                       " did not arrive in time")));
     }
     if (!options_.elastic && DeadWorkers() > 0) {
       return ToGrpc(absl::UnavailableError(absl::StrCat("barrier: ", DeadList())));
@@ -175,13 +176,18 @@ class Service final : public proto::Coordinator::Service {
   // barrier `epoch` (a dead worker that entered before dying does not
   // matter).
   bool EveryLiveWorkerEntered(int64_t epoch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return NotEntered(epoch).empty();
+  }
+  // The live workers that have not entered barrier `epoch`.
+  std::vector<int> NotEntered(int64_t epoch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const std::set<int>& entered = entered_[epoch];
+    std::vector<int> missing;
     for (int rank = 0; rank < options_.num_workers; ++rank) {
       if (!dead_.count({proto::WORKER, rank}) && !left_.count(rank) && !entered.count(rank)) {
-        return false;
+        missing.push_back(rank);
       }
     }
-    return true;
+    return missing;
   }
   // Whether every worker has finished or died, at least one finished.
   bool EveryWorkerDone() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

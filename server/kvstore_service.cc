@@ -4,9 +4,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <deque>
 #include <cstring>
 #include <map>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -58,10 +61,38 @@ absl::Status Prefix(const absl::Status& s, const char* what, int key) {
   return absl::Status(s.code(), absl::StrCat(what, " of key ", key, ": ", s.message()));
 }
 
+class PullReactor;
+
+// Answers pulls that are about to run out of time (PullReactor): one thread
+// per service that wakes every 100 ms. It holds a reference to each reactor
+// it may answer.
+class PullDeadlines {
+ public:
+  PullDeadlines() : thread_([this] { Loop(); }) {}
+  ~PullDeadlines();
+
+  // Adds `r`, to be timed out at `when`, with the reference the caller took
+  // for it; false (the caller drops that reference) if `r` has responded.
+  bool Add(PullReactor* r, absl::Time when);
+  // `r` has responded: drops it (and its reference) if it is here.
+  void Remove(PullReactor* r);
+
+ private:
+  void Loop();
+
+  absl::Mutex mu_;
+  std::map<PullReactor*, absl::Time> when_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
 // Pulls that may wait for their step: of one key (Pull, PushPull: the
 // answer is a PullResponse) or several (PushPullMany: a
 // PushPullManyResponse). Answered by the shard once every key is ready, or
-// cancelled when the client goes away or its deadline passes.
+// cancelled when the client goes away. A pull still waiting shortly before
+// the client's deadline is answered with what it waits for (the workers
+// whose pushes are missing), which the client's own DEADLINE_EXCEEDED
+// would not say.
 class PullReactor : public grpc::ServerUnaryReactor {
  public:
   struct Wanted {
@@ -69,8 +100,23 @@ class PullReactor : public grpc::ServerUnaryReactor {
     int64_t min_version;
   };
 
-  PullReactor(ParameterShard* shard, grpc::ByteBuffer* response, bool many)
-      : shard_(shard), response_(response), many_(many) {}
+  PullReactor(ParameterShard* shard, PullDeadlines* deadlines, grpc::ByteBuffer* response,
+              bool many, std::chrono::system_clock::time_point deadline)
+      : shard_(shard), deadlines_(deadlines), response_(response), many_(many),
+        deadline_(deadline) {}
+
+  void Ref() { refs_.fetch_add(1); }
+  void Unref() {
+    if (refs_.fetch_sub(1) == 1) delete this;
+  }
+
+  // Answers the pulls still waiting with what they wait for.
+  void TimedOut() {
+    for (size_t i = 0; i < ids_.size(); ++i) {
+      absl::Status s = shard_->TimeOutPull(wanted_[i].key, ids_[i], wanted_[i].min_version);
+      if (!s.ok()) Answered(i, s);  // it was still waiting
+    }
+  }
 
   // Answers with `error` at once, or with the values of `wanted`.
   void Start(const absl::Status& error, std::vector<Wanted> wanted) {
@@ -82,12 +128,21 @@ class PullReactor : public grpc::ServerUnaryReactor {
     values_.resize(wanted_.size());
     ids_.resize(wanted_.size());
     remaining_.store(static_cast<int>(wanted_.size()));
+    // The reference PullDeadlines will hold, taken before an answer can
+    // end the call.
+    Ref();
     for (size_t i = 0; i < wanted_.size(); ++i) {
       ids_[i] = shard_->PullAsync(wanted_[i].key, wanted_[i].min_version,
                                   [this, i](absl::StatusOr<ParameterShard::Value> v) {
                                     Answered(i, std::move(v));
                                   });
     }
+    // Timed out a tenth of the time left before the deadline, at most
+    // 0.5 s before it: the answer reaches the client before its deadline.
+    const bool timed = deadline_ != std::chrono::system_clock::time_point::max();
+    const absl::Time deadline = absl::FromChrono(deadline_);
+    const absl::Time when = deadline - std::min(absl::Milliseconds(500), (deadline - absl::Now()) / 10);
+    if (!timed || !deadlines_->Add(this, when)) Unref();
   }
 
   void OnCancel() override {
@@ -99,7 +154,7 @@ class PullReactor : public grpc::ServerUnaryReactor {
       }
     }
   }
-  void OnDone() override { delete this; }
+  void OnDone() override { Unref(); }
 
  private:
   void Answered(size_t i, absl::StatusOr<ParameterShard::Value> v) {
@@ -112,6 +167,7 @@ class PullReactor : public grpc::ServerUnaryReactor {
   }
 
   void Respond() {
+    deadlines_->Remove(this);
     if (!error_.ok()) {
       Finish(ToGrpc(error_));
       return;
@@ -126,19 +182,76 @@ class PullReactor : public grpc::ServerUnaryReactor {
       entries.push_back(EncodeTensorMessage(header, kPullValueField, v->data));
     }
     *response_ = many_ ? EncodeRepeated(kManyEntriesField, entries) : ToByteBuffer(entries[0]);
+    values_.clear();  // the response holds the values now
     Finish(grpc::Status::OK);
   }
 
+  friend class PullDeadlines;
+
   ParameterShard* const shard_;
+  PullDeadlines* const deadlines_;
   grpc::ByteBuffer* const response_;
   const bool many_;
+  const std::chrono::system_clock::time_point deadline_;  // the client's
   std::vector<Wanted> wanted_;
   std::vector<uint64_t> ids_;
   std::atomic<int> remaining_{0};
+  bool responded_ = false;    // guarded by deadlines_->mu_
+  std::atomic<int> refs_{1};  // gRPC's (until OnDone) and PullDeadlines'
   absl::Mutex mu_;
   std::vector<absl::StatusOr<ParameterShard::Value>> values_;  // guarded by mu_ until remaining_ is 0
   absl::Status error_;                                         // likewise
 };
+
+PullDeadlines::~PullDeadlines() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  thread_.join();
+  for (const auto& [r, unused] : when_) r->Unref();  // none: the server has stopped
+}
+
+bool PullDeadlines::Add(PullReactor* r, absl::Time when) {
+  absl::MutexLock lock(&mu_);
+  if (r->responded_) return false;
+  when_[r] = when;
+  return true;
+}
+
+void PullDeadlines::Remove(PullReactor* r) {
+  bool held;
+  {
+    absl::MutexLock lock(&mu_);
+    r->responded_ = true;
+    held = when_.erase(r) > 0;
+  }
+  if (held) r->Unref();
+}
+
+void PullDeadlines::Loop() {
+  for (;;) {
+    std::vector<PullReactor*> due;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.AwaitWithTimeout(absl::Condition(&stop_), absl::Milliseconds(100));
+      if (stop_) return;
+      const absl::Time now = absl::Now();
+      for (auto it = when_.begin(); it != when_.end();) {
+        if (it->second > now) {
+          ++it;
+          continue;
+        }
+        due.push_back(it->first);
+        it = when_.erase(it);
+      }
+    }
+    for (PullReactor* r : due) {
+      r->TimedOut();
+      r->Unref();
+    }
+  }
+}
 
 class Service final : public ServiceBase {
  public:
@@ -164,30 +277,30 @@ class Service final : public ServiceBase {
     return reactor;
   }
 
-  grpc::ServerUnaryReactor* Pull(grpc::CallbackServerContext*, const grpc::ByteBuffer* request,
+  grpc::ServerUnaryReactor* Pull(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                  grpc::ByteBuffer* response) override {
     proto::PullRequest req;
     absl::Status s = DecodeWithTensor(*request, 0, &req, nullptr);  // no tensor
-    auto* reactor = new PullReactor(shard_, response, /*many=*/false);
+    auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false, ctx->deadline());
     reactor->Start(Prefix(s, "pull", req.key()), {{req.key(), req.min_version()}});
     return reactor;
   }
 
-  grpc::ServerUnaryReactor* PushPull(grpc::CallbackServerContext*, const grpc::ByteBuffer* request,
+  grpc::ServerUnaryReactor* PushPull(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                      grpc::ByteBuffer* response) override {
     proto::PushRequest req;
     absl::Status s = HandlePush(*request, &req);
-    auto* reactor = new PullReactor(shard_, response, /*many=*/false);
+    auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false, ctx->deadline());
     reactor->Start(s, {{req.key(), req.min_version()}});
     return reactor;
   }
 
-  grpc::ServerUnaryReactor* PushPullMany(grpc::CallbackServerContext*,
+  grpc::ServerUnaryReactor* PushPullMany(grpc::CallbackServerContext* ctx,
                                          const grpc::ByteBuffer* request,
                                          grpc::ByteBuffer* response) override {
     std::vector<PullReactor::Wanted> wanted;
     absl::Status s = HandlePushes(*request, &wanted);
-    auto* reactor = new PullReactor(shard_, response, /*many=*/true);
+    auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/true, ctx->deadline());
     reactor->Start(s, std::move(wanted));
     return reactor;
   }
@@ -302,6 +415,7 @@ class Service final : public ServiceBase {
   }
 
   ParameterShard* shard_;
+  PullDeadlines deadlines_;
 };
 
 }  // namespace

@@ -370,16 +370,22 @@ absl::StatusOr<ParameterShard::Value> ParameterShard::Pull(int key, int64_t min_
     result->value = std::move(v);
     result->done.Notify();
   });
-  if (!result->done.WaitForNotificationWithDeadline(deadline) && CancelPull(key, id)) {
-    absl::MutexLock lock(&mu_);
-    auto k = keys_.find(key);  // found: the pull was waiting
-    return absl::DeadlineExceededError(absl::StrCat(
-        "pull of key ", key, ": version ", min_version, " not reached by the deadline (at ",
-        k->second.version, "; waiting for pushes from worker(s) ",
-        absl::StrJoin(MissingPushes(k->second), ", "), ")"));
+  if (!result->done.WaitForNotificationWithDeadline(deadline)) {
+    absl::Status timed_out = TimeOutPull(key, id, min_version);
+    if (!timed_out.ok()) return timed_out;
   }
   result->done.WaitForNotification();  // answered, perhaps just now
   return std::move(result->value);
+}
+
+absl::Status ParameterShard::TimeOutPull(int key, uint64_t id, int64_t min_version) {
+  absl::MutexLock lock(&mu_);
+  auto k = keys_.find(key);
+  if (k == keys_.end() || k->second.waiters.erase(id) == 0) return absl::OkStatus();
+  return absl::DeadlineExceededError(absl::StrCat(
+      "pull of key ", key, ": version ", min_version, " not reached by the deadline (at ",
+      k->second.version, "; waiting for pushes from worker(s) ",
+      absl::StrJoin(MissingPushes(k->second), ", "), ")"));
 }
 
 std::vector<int> ParameterShard::MissingPushes(const Key& k) const {

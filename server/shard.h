@@ -113,6 +113,11 @@ class ParameterShard {
   // Drops a waiting pull. True if it was still waiting: `done` will not be
   // called. False if it was answered or is being answered now.
   bool CancelPull(int key, uint64_t id);
+  // Drops a waiting pull that ran out of time: if it was still waiting
+  // (`done` will not be called), the kDeadlineExceeded error that says
+  // what it waited for (the version, and the workers whose pushes are
+  // missing); OK if it was answered or is being answered now.
+  absl::Status TimeOutPull(int key, uint64_t id, int64_t min_version);
 
   // Sets the updater applied to the sum of each step (or each async push),
   // with the parameter names and multipliers it applies per key.

@@ -4,7 +4,9 @@
 // with every element of the push equal to r + 1, and prints what it pulled:
 // "step S of N: small V, big W". Without an optimizer a step's value is the
 // sum of the pushes of the workers still in it. Exits 0 after leaving the
-// job (KVStore::Finish); non-zero, printing why, on any error.
+// job (KVStore::Finish); non-zero, printing why, on any error. With
+// UNEVEN_BARRIER=1 it enters a barrier (KVStore::Barrier) before leaving.
+#include <cstdlib>
 #include <iostream>
 #include <vector>
 
@@ -33,6 +35,7 @@ void Run() {
     std::cout << "step " << step << " of " << steps << ": small " << small.front() << ", big "
               << big.front() << " " << big.back() << std::endl;
   }
+  if (std::getenv("UNEVEN_BARRIER") != nullptr) mx::ThrowIfError(kv.Barrier());
   mx::ThrowIfError(kv.Finish());
 }
 
