@@ -764,7 +764,6 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
     }
     options.elastic = e == "1";
   }
-  auto stub = proto::Coordinator::NewStub(SharedChannel(coordinator));
   proto::RegisterRequest req;
   req.set_role(proto::WORKER);
   if (std::string r = Env("MX_RANK"); !r.empty()) {
@@ -775,20 +774,14 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
     }
     req.set_rank(rank);
   }
-  proto::RegisterResponse resp;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(startup_timeout));
-  ctx.set_wait_for_ready(true);  // the coordinator may still be starting
-  absl::Status s = FromGrpc(stub->Register(&ctx, req, &resp));
-  if (!s.ok()) {
-    return absl::Status(s.code(), absl::StrCat("registering with the coordinator at ",
-                                               coordinator, ": ", s.message()));
-  }
+  MX_ASSIGN_OR_RETURN(const proto::RegisterResponse resp,
+                      RegisterWithCoordinator(coordinator, req, absl::Seconds(startup_timeout)));
   options.rank = resp.self().rank();
   options.num_workers = resp.workers_size();
   for (const proto::NodeInfo& server : resp.servers()) options.servers.push_back(server.address());
   MX_ASSIGN_OR_RETURN(std::unique_ptr<KVStore> kv, CreateDistKVStore(options));
-  static_cast<DistKVStore*>(kv.get())->AttachCoordinator(std::move(stub));
+  static_cast<DistKVStore*>(kv.get())->AttachCoordinator(
+      proto::Coordinator::NewStub(SharedChannel(coordinator)));
   return kv;
 }
 

@@ -15,6 +15,8 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "proto/mx.grpc.pb.h"
 
 namespace mx {
 
@@ -56,6 +58,27 @@ std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, int con
     channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
   }
   return channel;
+}
+
+absl::StatusOr<proto::RegisterResponse> RegisterWithCoordinator(const std::string& address,
+                                                               const proto::RegisterRequest& req,
+                                                               absl::Duration timeout) {
+  std::shared_ptr<grpc::Channel> channel = SharedChannel(address);
+  auto stub = proto::Coordinator::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  ctx.set_wait_for_ready(true);  // the coordinator may still be starting
+  proto::RegisterResponse resp;
+  const absl::Status s = FromGrpc(stub->Register(&ctx, req, &resp));
+  if (s.ok()) return resp;
+  const std::string where = absl::StrCat("registering with the coordinator at ", address, ": ");
+  if (absl::IsDeadlineExceeded(s) && channel->GetState(false) != GRPC_CHANNEL_READY) {
+    return absl::UnavailableError(absl::StrCat(
+        where, "nothing answered there within ", absl::FormatDuration(timeout),
+        " (is the coordinator running, and is that its address?)"));
+  }
+  // The status with its code: transport errors may carry no message.
+  return absl::Status(s.code(), where + s.ToString());
 }
 
 namespace {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "ndarray/base.h"
 #include "proto/mx.pb.h"
 #include "proto/pieces.h"
@@ -108,6 +109,14 @@ void ListenExclusively(grpc::ServerBuilder* builder, const std::string& bind_add
 // and parsed by one gRPC thread at a time): several let big transfers to
 // one server proceed in parallel.
 std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, int connection = 0);
+
+// Registers with the coordinator at `address`, waiting up to `timeout` for
+// it to start and for every node of the job to register. Errors start
+// with "registering with the coordinator at ADDRESS: "; one that never
+// answered is UNAVAILABLE saying so (instead of a bare deadline).
+absl::StatusOr<proto::RegisterResponse> RegisterWithCoordinator(const std::string& address,
+                                                               const proto::RegisterRequest& req,
+                                                               absl::Duration timeout);
 
 inline grpc::Status ToGrpc(const absl::Status& s) {
   if (s.ok()) return grpc::Status::OK;

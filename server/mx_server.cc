@@ -216,26 +216,21 @@ int RunServer() {
   } else if (advertise.find(':') == std::string::npos) {
     advertise += ":" + bound_port;  // a host name: with the port it got
   }
-  auto stub = proto::Coordinator::NewStub(SharedChannel(coordinator));
   proto::RegisterRequest req;
   req.set_role(proto::SERVER);
   req.set_address(advertise);
   if (!rank_text.empty()) req.set_rank(requested_rank);
-  proto::RegisterResponse resp;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(startup_timeout));
-  ctx.set_wait_for_ready(true);  // the coordinator may still be starting
-  grpc::Status s = stub->Register(&ctx, req, &resp);
-  if (!s.ok()) {
-    // The status with its code: transport errors may carry no message.
-    std::cerr << "mx_server: registering with the coordinator at " << coordinator << ": "
-              << FromGrpc(s) << "\n";
+  absl::StatusOr<proto::RegisterResponse> resp =
+      RegisterWithCoordinator(coordinator, req, absl::Seconds(startup_timeout));
+  if (!resp.ok()) {
+    std::cerr << "mx_server: " << resp.status().message() << "\n";
     return 1;
   }
-  const int rank = resp.self().rank();
+  const int rank = resp->self().rank();
   std::cout << "server " << rank << " serving on " << advertise
             << (absl::GetFlag(FLAGS_elastic) ? " (elastic)" : "") << std::endl;
 
+  auto stub = proto::Coordinator::NewStub(SharedChannel(coordinator));
   std::atomic<bool> stop{false}, finished{false};
   std::atomic<int> exit_code{0};
   std::thread heartbeat([&] {

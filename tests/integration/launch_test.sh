@@ -80,7 +80,8 @@ rc=$?
 
 # 5. A node that never starts: the others give up after MX_STARTUP_TIMEOUT_S
 # (default 120 s; a Kubernetes cluster may take longer to start pods),
-# saying who is missing. A value that is no number of seconds is refused.
+# saying who is missing, or that no coordinator answered. A value that is
+# no number of seconds is refused.
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$SERVER" --role=coordinator --bind=127.0.0.1:$port --num_servers=1 --num_workers=2 > "$TMP/alone.log" 2>&1 &
 coordinator=$!
@@ -98,6 +99,15 @@ kill "$coordinator"; wait "$coordinator"
 [[ $server_rc -eq 1 ]] && grep -q "only 1 of 1 servers and 1 of 2 workers registered in time" "$TMP/alone_server.log" ||
   fail "server alone: exit code $server_rc, said: $(cat "$TMP/alone_server.log")"
 (( elapsed >= 2000 && elapsed <= 8000 )) || fail "nodes alone gave up after $elapsed ms, not about 3 s"
+# No coordinator at the address: said so, rather than a bare deadline.
+out=$(MX_STARTUP_TIMEOUT_S=2 "$SERVER" --role=server --coordinator=127.0.0.1:$port --num_workers=2 2>&1)
+rc=$?
+[[ $rc -eq 1 && "$out" == *"registering with the coordinator at 127.0.0.1:$port: nothing answered there within 2s"* ]] ||
+  fail "server without a coordinator: exit code $rc, said: $out"
+out=$(MX_COORDINATOR=127.0.0.1:$port MX_STARTUP_TIMEOUT_S=2 timeout 20 "${worker[@]}" 2>&1)
+rc=$?
+[[ $rc -eq 1 && "$out" == *"nothing answered there within 2s (is the coordinator running"* ]] ||
+  fail "worker without a coordinator: exit code $rc, said: $out"
 out=$(MX_STARTUP_TIMEOUT_S=soon "$SERVER" --role=server --coordinator=127.0.0.1:1 --num_workers=1 2>&1)
 rc=$?
 [[ $rc -eq 2 && "$out" == *"--startup_timeout_s (or \$MX_STARTUP_TIMEOUT_S) must be a positive number, not 'soon'"* ]] ||
