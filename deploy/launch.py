@@ -296,12 +296,12 @@ def blas_threads(local_workers):
 
     Every worker's BLAS would otherwise start one thread per core, and their
     threads spin while waiting: with 2 workers on 2 cores a dist_sync MLP
-    step took 1.5x as long (and most of the time went to the kernel). A
-    value the user set is kept.
+    step took 1.5x as long (and most of the time went to the kernel). The
+    cores are those this process may run on. A value the user set is kept.
     """
     if "OPENBLAS_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ:
         return {}
-    n = str(max(1, (os.cpu_count() or 1) // local_workers))
+    n = str(max(1, len(os.sched_getaffinity(0)) // local_workers))
     return {"OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n}
 
 
