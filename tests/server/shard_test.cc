@@ -68,6 +68,20 @@ TEST(ShardSync, PullWaitsForEveryWorkerAndNamesTheMissingOnes) {
   EXPECT_THAT(got->data.ToFloats(), ElementsAre(5));
   // An older version is served at once.
   EXPECT_TRUE(shard.Pull(1, 0, absl::Now()).ok());
+  // TimeOutPull: a waiting pull ends with what it waits for, and is not
+  // answered after; one already answered is left alone.
+  bool called = false;
+  const uint64_t waiting = shard.PullAsync(1, 2, [&](absl::StatusOr<ParameterShard::Value>) { called = true; });
+  absl::Status timed_out = shard.TimeOutPull(1, waiting, 2);
+  EXPECT_EQ(timed_out.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(timed_out.message(), HasSubstr("pull of key 1: version 2 not reached by the deadline (at 1; "
+                                             "waiting for pushes from worker(s) 0, 1)"));
+  ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+  ASSERT_TRUE(shard.Push(1, 1, {1}).ok());
+  EXPECT_FALSE(called);
+  const uint64_t answered = shard.PullAsync(1, 2, [&](absl::StatusOr<ParameterShard::Value> v) { called = v.ok(); });
+  EXPECT_TRUE(called);
+  EXPECT_TRUE(shard.TimeOutPull(1, answered, 2).ok());
 }
 
 TEST(ShardSync, AWorkerThatRunsAheadIsQueuedForTheNextStep) {
