@@ -141,7 +141,9 @@ TEST(StorageSizeClass, IsTheSmallestClassThatFitsAndWastesAtMostAThird) {
     ASSERT_EQ(classes.count(cls), 1u) << bytes << " -> " << cls;
     // No smaller class would do.
     auto it = classes.find(cls);
-    if (it != classes.begin()) ASSERT_LT(*std::prev(it), bytes) << bytes;
+    if (it != classes.begin()) {
+      ASSERT_LT(*std::prev(it), bytes) << bytes;
+    }
     if (bytes >= 64) {
       ASSERT_LE(3 * (cls - bytes), cls) << bytes << " -> " << cls;
     }
