@@ -3,6 +3,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -12,6 +13,7 @@
 
 #include "absl/algorithm/container.h"
 #include "absl/container/inlined_vector.h"
+#include "absl/strings/numbers.h"
 #include "ndarray/base.h"
 #include "ndarray/parallel.h"
 
@@ -118,8 +120,10 @@ ErrorRef InputError(OprBlock* op) {
 int WorkersFromEnv(int requested) {
   if (requested > 0) return requested;
   if (const char* v = std::getenv("MX_CPU_WORKER_NTHREADS")) {
-    int n = std::atoi(v);
-    if (n > 0) return n;
+    int n = 0;
+    if (absl::SimpleAtoi(v, &n) && n > 0) return n;
+    std::fprintf(stderr, "mx: MX_CPU_WORKER_NTHREADS=%s is not a number of threads; using %d\n", v,
+                 UsableCores());
   }
   return UsableCores();
 }
@@ -680,9 +684,13 @@ std::shared_ptr<Engine> Engine::Shared() {
   // destructor finishes pending operations and joins the workers.
   static std::shared_ptr<Engine> engine = [] {
     EngineOptions options;
-    const char* type = std::getenv("MX_ENGINE_TYPE");
-    if (type != nullptr && std::strcmp(type, "NaiveEngine") == 0) {
+    // MXNet's names; its ThreadedEnginePerDevice is this threaded engine.
+    const std::string type = std::getenv("MX_ENGINE_TYPE") ? std::getenv("MX_ENGINE_TYPE") : "";
+    if (type == "NaiveEngine") {
       options.kind = EngineOptions::Kind::kNaive;
+    } else if (!type.empty() && type != "ThreadedEngine" && type != "ThreadedEnginePerDevice") {
+      std::fprintf(stderr, "mx: MX_ENGINE_TYPE=%s is not NaiveEngine or ThreadedEngine; "
+                   "using ThreadedEngine\n", type.c_str());
     }
     return std::shared_ptr<Engine>(CreateEngine(options));
   }();

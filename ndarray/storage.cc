@@ -1,5 +1,6 @@
 #include "ndarray/storage.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -11,7 +12,10 @@ namespace mx {
 namespace {
 bool PoolingFromEnv() {
   const char* v = std::getenv("MX_STORAGE_POOL");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  if (v == nullptr || std::strcmp(v, "1") == 0) return true;
+  if (std::strcmp(v, "0") == 0) return false;
+  std::fprintf(stderr, "mx: MX_STORAGE_POOL=%s is not 0 or 1; pooling\n", v);
+  return true;
 }
 }  // namespace
 

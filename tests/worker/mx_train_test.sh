@@ -83,5 +83,15 @@ if [[ $rc -ne 1 || "$out" != *"mx_train: checkpoint of epoch 1 failed: cannot cr
 else
   echo "ok: unwritable checkpoint stops training and fails the run"
 fi
+# Environment knobs with values that are none of theirs are said to be
+# ignored (a typo would otherwise change nothing, silently); the run goes on.
+for knob in MX_ENGINE_TYPE=Naive MX_CPU_WORKER_NTHREADS=two MX_STORAGE_POOL=off; do
+  out=$(env "$knob" "${train[@]}" --epochs=1 2>&1)
+  if [[ $? -ne 0 || "$out" != *"mx: $knob is not "* || "$out" != *"Final test accuracy="* ]]; then
+    echo "FAIL: $knob:"; echo "$out" | tail -3; failures=$((failures + 1))
+  else
+    echo "ok: $knob is said to be ignored"
+  fi
+done
 echo "$failures failures"
 exit $(( failures > 0 ))
