@@ -7,6 +7,8 @@
 #ifndef MX_BENCH_BENCH_UTIL_H_
 #define MX_BENCH_BENCH_UTIL_H_
 
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -46,22 +48,38 @@ inline double MedianSeconds(int reps, const std::function<void()>& fn) {
   return t[t.size() / 2];
 }
 
+// CPU time this process has used, all threads together, in seconds.
+inline double CpuSeconds() {
+  timespec t;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
 // Runs fns in turn `rounds` times (so drift on a shared machine hits all
-// alike), after one warm-up call each; returns their median times.
-inline std::vector<double> MedianTurns(int rounds, const std::vector<std::function<void()>>& fns) {
+// alike), after one warm-up call each; returns their median times. With
+// `cpu`, also the median CPU time of each (this process, all threads):
+// cost per unit of work, which the machine's other load sways less than
+// wall time.
+inline std::vector<double> MedianTurns(int rounds, const std::vector<std::function<void()>>& fns,
+                                       std::vector<double>* cpu = nullptr) {
   for (const auto& fn : fns) fn();
-  std::vector<std::vector<double>> t(fns.size());
+  std::vector<std::vector<double>> t(fns.size()), c(fns.size());
   for (int i = 0; i < rounds; ++i) {
     for (size_t f = 0; f < fns.size(); ++f) {
-      const double s = NowSeconds();
+      const double s = NowSeconds(), cs = CpuSeconds();
       fns[f]();
       t[f].push_back(NowSeconds() - s);
+      c[f].push_back(CpuSeconds() - cs);
     }
   }
+  auto median = [](std::vector<double>& v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
   std::vector<double> medians;
-  for (std::vector<double>& ts : t) {
-    std::sort(ts.begin(), ts.end());
-    medians.push_back(ts[ts.size() / 2]);
+  for (size_t f = 0; f < fns.size(); ++f) {
+    medians.push_back(median(t[f]));
+    if (cpu != nullptr) cpu->push_back(median(c[f]));
   }
   return medians;
 }

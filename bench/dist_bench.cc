@@ -272,9 +272,10 @@ bool Wanted(const std::string& name) { return name.find(only) != std::string::np
 // line compares with TCP moving them from and to memory beyond the cache,
 // as a transfer of large tensors must: the 1 MiB buffers of the plain
 // baseline stay in cache, which makes it faster than any transfer of
-// 16 MiB tensors can be. Three kinds of rounds, each worker on its own
-// keys at once: pushpull (what training does), push alone (until the
-// servers have it) and pull alone (of values already there).
+// 16 MiB tensors can be. For 16 MiB values a third line compares CPU time
+// per byte with the plain baseline's. Three kinds of rounds, each worker
+// on its own keys at once: pushpull (what training does), push alone
+// (until the servers have it) and pull alone (of values already there).
 void Throughput(Cluster& c, const std::string& config, int* next_key) {
   enum Op { kPushPull, kPush, kPull };
   const std::vector<std::pair<Op, std::string>> ops = {
@@ -312,14 +313,23 @@ void Throughput(Cluster& c, const std::string& config, int* next_key) {
         };
         // Each worker's push and pull each move the value once.
         const size_t moved = (op == kPushPull ? 2 : 1) * bytes * in_flight * c.workers.size();
+        std::vector<double> cpu;
         const std::vector<double> t = MedianTurns(
-            reps, {round, [&] { tcp.Transfer(moved, false); }, [&] { tcp.Transfer(moved, true); }});
+            reps, {round, [&] { tcp.Transfer(moved, false); }, [&] { tcp.Transfer(moved, true); }},
+            &cpu);
         const double rate = moved / t[0], tcp_rate = moved / t[1], memory_rate = moved / t[2];
         Report(name, rate / 1e9, "GB/s", tcp_rate / 1e9, rate / tcp_rate,
                bytes >= (16 << 20) ? ">=0.8" : "info");
         // The same against TCP moving the bytes from and to memory.
         Report(name + "_vs_tcp_from_memory", rate / 1e9, "GB/s", memory_rate / 1e9,
                rate / memory_rate, "info");
+        // CPU seconds per GB moved, against the hot TCP baseline's: what a
+        // change to the transport costs or saves, less swayed by the
+        // machine's other load than the rates (large values only).
+        if (bytes >= (16 << 20)) {
+          const double gb = moved / 1e9;
+          Report(name + "_cpu", cpu[0] / gb, "cpu_s/GB", cpu[1] / gb, cpu[1] / cpu[0], "info");
+        }
       }
     }
   }
