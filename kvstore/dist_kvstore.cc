@@ -747,7 +747,8 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
                       SecondsFromEnv("MX_RPC_TIMEOUT_S", absl::ToInt64Seconds(options.rpc_timeout), type));
   options.rpc_timeout = absl::Seconds(rpc_timeout);
   // Every node of the job must start and register within this time.
-  MX_ASSIGN_OR_RETURN(const int startup_timeout, SecondsFromEnv("MX_STARTUP_TIMEOUT_S", 120, type));
+  MX_ASSIGN_OR_RETURN(const int startup_timeout,
+                      SecondsFromEnv("MX_STARTUP_TIMEOUT_S", kDefaultStartupTimeoutSeconds, type));
   if (std::string b = Env("MX_BUCKET_KB"); !b.empty()) {
     int kb = 0;
     if (!absl::SimpleAtoi(b, &kb) || kb < 0) {

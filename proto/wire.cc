@@ -60,6 +60,12 @@ std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, int con
   return channel;
 }
 
+absl::Time GiveUpBefore(std::chrono::system_clock::time_point deadline) {
+  if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
+  const absl::Time at = absl::FromChrono(deadline);
+  return at - std::min(absl::Milliseconds(500), (at - absl::Now()) / 10);
+}
+
 absl::StatusOr<proto::RegisterResponse> RegisterWithCoordinator(const std::string& address,
                                                                const proto::RegisterRequest& req,
                                                                absl::Duration timeout) {

@@ -5,6 +5,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -109,6 +110,18 @@ void ListenExclusively(grpc::ServerBuilder* builder, const std::string& bind_add
 // and parsed by one gRPC thread at a time): several let big transfers to
 // one server proceed in parallel.
 std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, int connection = 0);
+
+// When a server gives up on a call that waits for other nodes (a pull for
+// the workers' pushes, a registration or barrier for the other nodes): a
+// tenth of the time left before the caller's `deadline`, at most 0.5 s
+// before it, so that its answer saying what was missing reaches the caller
+// before the caller's own DEADLINE_EXCEEDED, which says nothing.
+// InfiniteFuture for a call without a deadline.
+absl::Time GiveUpBefore(std::chrono::system_clock::time_point deadline);
+
+// How long servers and workers wait for every node of the job to register,
+// unless MX_STARTUP_TIMEOUT_S (or mx_server --startup_timeout_s) says.
+constexpr int kDefaultStartupTimeoutSeconds = 120;
 
 // Registers with the coordinator at `address`, waiting up to `timeout` for
 // it to start and for every node of the job to register. Errors start

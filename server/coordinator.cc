@@ -20,15 +20,6 @@ namespace {
 
 const char* RoleName(proto::Role r) { return r == proto::SERVER ? "server" : "worker"; }
 
-// When a call that waits for other nodes gives up: shortly before the
-// caller's deadline (by a tenth of the time left, at most 0.5 s), so that
-// the caller gets the reason (who is missing) rather than its own
-// DEADLINE_EXCEEDED without one.
-absl::Time WaitDeadline(const grpc::ServerContext& ctx) {
-  const absl::Time deadline = absl::FromChrono(ctx.deadline());
-  return deadline - std::min(absl::Milliseconds(500), (deadline - absl::Now()) / 10);
-}
-
 class Service final : public proto::Coordinator::Service {
  public:
   explicit Service(CoordinatorOptions options) : options_(options) {}
@@ -49,7 +40,7 @@ class Service final : public proto::Coordinator::Service {
       return static_cast<int>(servers_.size()) == options_.num_servers &&
              static_cast<int>(workers_.size()) == options_.num_workers;
     };
-    if (!mu_.AwaitWithDeadline(absl::Condition(&all_here), WaitDeadline(*ctx))) {
+    if (!mu_.AwaitWithDeadline(absl::Condition(&all_here), GiveUpBefore(ctx->deadline()))) {
       return ToGrpc(absl::DeadlineExceededError(absl::StrCat(
           "register: only ", servers_.size(), " of ", options_.num_servers, " servers and ",
           workers_.size(), " of ", options_.num_workers, " workers registered in time")));
@@ -113,7 +104,7 @@ class Service final : public proto::Coordinator::Service {
     auto done = [this, epoch]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       return (!options_.elastic && DeadWorkers() > 0) || EveryLiveWorkerEntered(epoch);
     };
-    if (!mu_.AwaitWithDeadline(absl::Condition(&done), WaitDeadline(*ctx))) {
+    if (!mu_.AwaitWithDeadline(absl::Condition(&done), GiveUpBefore(ctx->deadline()))) {
       return ToGrpc(absl::DeadlineExceededError(
           absl::StrCat("barrier ", epoch, ": worker(s) ", absl::StrJoin(NotEntered(epoch), ", "),
                        " did not arrive in time")));

@@ -101,9 +101,8 @@ class PullReactor : public grpc::ServerUnaryReactor {
   };
 
   PullReactor(ParameterShard* shard, PullDeadlines* deadlines, grpc::ByteBuffer* response,
-              bool many, std::chrono::system_clock::time_point deadline)
-      : shard_(shard), deadlines_(deadlines), response_(response), many_(many),
-        deadline_(deadline) {}
+              bool many)
+      : shard_(shard), deadlines_(deadlines), response_(response), many_(many) {}
 
   void Ref() { refs_.fetch_add(1); }
   void Unref() {
@@ -118,8 +117,10 @@ class PullReactor : public grpc::ServerUnaryReactor {
     }
   }
 
-  // Answers with `error` at once, or with the values of `wanted`.
-  void Start(const absl::Status& error, std::vector<Wanted> wanted) {
+  // Answers with `error` at once, or with the values of `wanted`, or with
+  // what they wait for shortly before the client's `deadline`.
+  void Start(const absl::Status& error, std::vector<Wanted> wanted,
+             std::chrono::system_clock::time_point deadline) {
     if (!error.ok()) {
       Finish(ToGrpc(error));
       return;
@@ -137,12 +138,8 @@ class PullReactor : public grpc::ServerUnaryReactor {
                                     Answered(i, std::move(v));
                                   });
     }
-    // Timed out a tenth of the time left before the deadline, at most
-    // 0.5 s before it: the answer reaches the client before its deadline.
-    const bool timed = deadline_ != std::chrono::system_clock::time_point::max();
-    const absl::Time deadline = absl::FromChrono(deadline_);
-    const absl::Time when = deadline - std::min(absl::Milliseconds(500), (deadline - absl::Now()) / 10);
-    if (!timed || !deadlines_->Add(this, when)) Unref();
+    const absl::Time when = GiveUpBefore(deadline);
+    if (when == absl::InfiniteFuture() || !deadlines_->Add(this, when)) Unref();
   }
 
   void OnCancel() override {
@@ -192,7 +189,6 @@ class PullReactor : public grpc::ServerUnaryReactor {
   PullDeadlines* const deadlines_;
   grpc::ByteBuffer* const response_;
   const bool many_;
-  const std::chrono::system_clock::time_point deadline_;  // the client's
   std::vector<Wanted> wanted_;
   std::vector<uint64_t> ids_;
   std::atomic<int> remaining_{0};
@@ -281,8 +277,9 @@ class Service final : public ServiceBase {
                                  grpc::ByteBuffer* response) override {
     proto::PullRequest req;
     absl::Status s = DecodeWithTensor(*request, 0, &req, nullptr);  // no tensor
-    auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false, ctx->deadline());
-    reactor->Start(Prefix(s, "pull", req.key()), {{req.key(), req.min_version()}});
+    auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false);
+    reactor->Start(Prefix(s, "pull", req.key()), {{req.key(), req.min_version()}},
+                   ctx->deadline());
     return reactor;
   }
 
@@ -290,8 +287,8 @@ class Service final : public ServiceBase {
                                      grpc::ByteBuffer* response) override {
     proto::PushRequest req;
     absl::Status s = HandlePush(*request, &req);
-    auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false, ctx->deadline());
-    reactor->Start(s, {{req.key(), req.min_version()}});
+    auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false);
+    reactor->Start(s, {{req.key(), req.min_version()}}, ctx->deadline());
     return reactor;
   }
 
@@ -300,8 +297,8 @@ class Service final : public ServiceBase {
                                          grpc::ByteBuffer* response) override {
     std::vector<PullReactor::Wanted> wanted;
     absl::Status s = HandlePushes(*request, &wanted);
-    auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/true, ctx->deadline());
-    reactor->Start(s, std::move(wanted));
+    auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/true);
+    reactor->Start(s, std::move(wanted), ctx->deadline());
     return reactor;
   }
 

@@ -83,9 +83,12 @@ int IntFlagOrEnv(int flag, const char* env, const char* name) {
   return v;
 }
 
-// --startup_timeout_s, else $MX_STARTUP_TIMEOUT_S, else 120 (as workers).
+// --startup_timeout_s, else $MX_STARTUP_TIMEOUT_S, else the default (as
+// workers).
 int StartupTimeoutSeconds() {
-  if (Env("MX_STARTUP_TIMEOUT_S").empty() && absl::GetFlag(FLAGS_startup_timeout_s) <= 0) return 120;
+  if (Env("MX_STARTUP_TIMEOUT_S").empty() && absl::GetFlag(FLAGS_startup_timeout_s) <= 0) {
+    return kDefaultStartupTimeoutSeconds;
+  }
   return IntFlagOrEnv(absl::GetFlag(FLAGS_startup_timeout_s), "MX_STARTUP_TIMEOUT_S",
                       "startup_timeout_s");
 }
