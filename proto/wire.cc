@@ -19,6 +19,27 @@
 #include "proto/mx.grpc.pb.h"
 
 namespace mx {
+namespace {
+
+// HTTP/2 settings of every mx connection, client and server side (each
+// side announces them to its peer). Measured with dist_bench, 16 MiB values
+// sent as 4 MiB slices (alternating runs):
+// - A fixed window of 16 MiB per stream, without BDP probing. gRPC starts
+//   each stream at 64 KiB and grows the window by probing, so a 4 MiB call
+//   spent much of its life waiting for window updates. A receiver holds
+//   no more than before: it reads every call's message whole anyway.
+// - DATA frames of up to 1 MiB instead of 16 KiB: fewer frames to write
+//   and parse. A small call behind a big one waits for at most one frame.
+// Together, pushpull one at a time with 1 server and 1 worker went from
+// 0.71-0.75 of loopback TCP to 0.89-1.07; small round trips are unchanged.
+template <typename SetInt>
+void SetTransportArguments(const SetInt& set) {
+  set(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 16 << 20);
+  set(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  set(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, 1 << 20);
+}
+
+}  // namespace
 
 void KeepGrpcAlive() {
   static const bool initialized = [] {
@@ -40,6 +61,8 @@ void KeepGrpcAlive() {
 void ListenExclusively(grpc::ServerBuilder* builder, const std::string& bind_address,
                        int* port) {
   builder->AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  SetTransportArguments(
+      [&](const char* name, int value) { builder->AddChannelArgument(name, value); });
   builder->AddListeningPort(bind_address, grpc::InsecureServerCredentials(), port);
 }
 
@@ -55,6 +78,7 @@ std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, int con
     args.SetMaxSendMessageSize(kMaxMessageBytes);
     // Channels whose arguments differ do not share a TCP connection.
     args.SetInt("mx.connection", connection);
+    SetTransportArguments([&](const char* name, int value) { args.SetInt(name, value); });
     channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
   }
   return channel;

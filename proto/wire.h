@@ -99,6 +99,8 @@ void KeepGrpcAlive();
 // instead of being silently shared. With it, a parameter server given an
 // ephemeral port could share the coordinator's, and the kernel then handed
 // some Register calls to the server (UNIMPLEMENTED, no message).
+// It sets the HTTP/2 flow control and framing every mx connection uses
+// (as SharedChannel does for clients).
 void ListenExclusively(grpc::ServerBuilder* builder, const std::string& bind_address,
                        int* port);
 
