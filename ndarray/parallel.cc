@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <mutex>
@@ -16,6 +17,9 @@
 #include <vector>
 
 #include <cblas.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/string_view.h"
 
 // OpenBLAS's own; declared here because the cblas.h of Debian's
 // alternatives need not be OpenBLAS's.
@@ -35,12 +39,17 @@ inline void CpuRelax() {
 #endif
 }
 
+// OpenMP allows a list, one count per nesting level ("4,2"); the pool is
+// one level, the first. A value that is not a count is reported and
+// skipped, so a typo does not silently change nothing.
 int ThreadsFromEnv() {
   for (const char* name : {"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"}) {
-    if (const char* v = std::getenv(name)) {
-      const int n = std::atoi(v);
-      if (n > 0) return n;
-    }
+    const char* v = std::getenv(name);
+    if (v == nullptr) continue;
+    const absl::string_view value = v;
+    int n = 0;
+    if (absl::SimpleAtoi(value.substr(0, value.find(',')), &n) && n > 0) return n;
+    std::fprintf(stderr, "mx: %s=%s is not a number of threads; ignored\n", name, v);
   }
   return UsableCores();
 }

@@ -13,7 +13,8 @@
 //
 // Threads: CpuThreads() counts the caller and the helpers. It is
 // OMP_NUM_THREADS if set (MXNet's knob, which deploy/launch.py sets per local
-// worker), else OPENBLAS_NUM_THREADS, else UsableCores().
+// worker; of a list such as "4,2", the first), else OPENBLAS_NUM_THREADS,
+// else UsableCores(). A value that is not a count is reported on stderr.
 #ifndef MX_NDARRAY_PARALLEL_H_
 #define MX_NDARRAY_PARALLEL_H_
 

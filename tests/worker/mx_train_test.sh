@@ -85,7 +85,7 @@ else
 fi
 # Environment knobs with values that are none of theirs are said to be
 # ignored (a typo would otherwise change nothing, silently); the run goes on.
-for knob in MX_ENGINE_TYPE=Naive MX_CPU_WORKER_NTHREADS=two MX_STORAGE_POOL=off; do
+for knob in MX_ENGINE_TYPE=Naive MX_CPU_WORKER_NTHREADS=two MX_STORAGE_POOL=off OMP_NUM_THREADS=two; do
   out=$(env "$knob" "${train[@]}" --epochs=1 2>&1)
   if [[ $? -ne 0 || "$out" != *"mx: $knob is not "* || "$out" != *"Final test accuracy="* ]]; then
     echo "FAIL: $knob:"; echo "$out" | tail -3; failures=$((failures + 1))
