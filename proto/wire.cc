@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -121,8 +122,31 @@ constexpr uint32_t kLengthDelimited = 2;
 
 uint32_t Tag(int field, uint32_t wire_type) { return (static_cast<uint32_t>(field) << 3) | wire_type; }
 
+// Protobuf's bounds on the varints of tags and lengths, which
+// CodedInputStream does not keep (it reads up to 10 bytes and drops the
+// high bits): at most 5 bytes; a length at most 2^31 - 1.
+constexpr int kMaxVarint32Bytes = 5;
+
+// The next field's tag, or 0 at the end of the message (or of the current
+// limit) or, setting *malformed, where a tag is longer than protobuf allows.
+uint32_t ReadTag(CodedInputStream* in, bool* malformed) {
+  const int start = in->CurrentPosition();
+  const uint32_t tag = in->ReadTag();
+  if (in->CurrentPosition() - start <= kMaxVarint32Bytes) return tag;
+  *malformed = true;
+  return 0;
+}
+
+// The length of a length-delimited field.
+bool ReadLength(CodedInputStream* in, uint32_t* n) {
+  const int start = in->CurrentPosition();
+  return in->ReadVarint32(n) && in->CurrentPosition() - start <= kMaxVarint32Bytes &&
+         *n <= static_cast<uint32_t>(std::numeric_limits<int>::max());
+}
+
 // Copies the field whose tag was just read from `in` to `out`, unchanged.
 bool CopyField(uint32_t tag, CodedInputStream* in, CodedOutputStream* out) {
+  if ((tag >> 3) == 0) return false;  // field number 0 is not valid protobuf
   out->WriteTag(tag);
   switch (tag & 7) {
     case 0: {  // varint
@@ -140,7 +164,7 @@ bool CopyField(uint32_t tag, CodedInputStream* in, CodedOutputStream* out) {
     case 2: {  // length-delimited
       uint32_t n;
       std::string bytes;
-      if (!in->ReadVarint32(&n) || !in->ReadString(&bytes, static_cast<int>(n))) return false;
+      if (!ReadLength(in, &n) || !in->ReadString(&bytes, static_cast<int>(n))) return false;
       out->WriteVarint32(n);
       out->WriteString(bytes);
       return true;
@@ -177,14 +201,15 @@ bool ReadAroundCache(CodedInputStream* in, char* dst, size_t n) {
 // other fields to `out`.
 absl::Status DecodeTensor(CodedInputStream* in, const TensorSink& sink, CodedOutputStream* out,
                           bool* have_data) {
-  while (uint32_t tag = in->ReadTag()) {
+  bool malformed = false;
+  while (uint32_t tag = ReadTag(in, &malformed)) {
     if (tag != Tag(kTensorDataField, kLengthDelimited)) {
       if (!CopyField(tag, in, out)) return absl::InvalidArgumentError("malformed tensor field");
       continue;
     }
     uint32_t n;
     if (*have_data) return absl::InvalidArgumentError("tensor data sent twice");
-    if (!in->ReadVarint32(&n)) return absl::InvalidArgumentError("malformed tensor data length");
+    if (!ReadLength(in, &n)) return absl::InvalidArgumentError("malformed tensor data length");
     if (static_cast<int64_t>(n) > in->BytesUntilLimit()) {
       return absl::InvalidArgumentError(absl::StrCat("tensor data of ", n, " bytes overruns the message"));
     }
@@ -195,7 +220,9 @@ absl::Status DecodeTensor(CodedInputStream* in, const TensorSink& sink, CodedOut
     if (!read) return absl::InvalidArgumentError("truncated tensor data");
     *have_data = true;
   }
-  if (!in->ConsumedEntireMessage()) return absl::InvalidArgumentError("malformed tensor");
+  if (malformed || !in->ConsumedEntireMessage()) {
+    return absl::InvalidArgumentError("malformed tensor");
+  }
   return absl::OkStatus();
 }
 
@@ -281,6 +308,42 @@ grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& en
 
 namespace {
 
+// Positions in a CodedInputStream are ints: longer messages are refused.
+absl::Status CheckLength(const grpc::ByteBuffer& buffer) {
+  if (buffer.Length() <= kMaxMessageBytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("message of ", buffer.Length(),
+                                                 " bytes; the largest is ", kMaxMessageBytes));
+}
+
+// A protobuf input stream over a buffer's slices (no copy), limited to the
+// buffer's length (see PushLength), which CheckLength has bounded.
+class BufferInput {
+ public:
+  explicit BufferInput(const grpc::ByteBuffer& buffer)
+      : copy_(buffer), reader_(&copy_), in_(&reader_) {
+    in_.SetTotalBytesLimit(kMaxMessageBytes);
+    in_.PushLimit(static_cast<int>(buffer.Length()));
+  }
+  CodedInputStream* get() { return &in_; }
+
+ private:
+  grpc::ByteBuffer copy_;  // shares the slices; the reader needs a mutable buffer
+  grpc::ProtoBufferReader reader_;
+  CodedInputStream in_;
+};
+
+// Reads the length of a length-delimited field and limits `in` to it.
+// False if it is malformed or runs past the enclosing message: `in` is
+// always under a limit (BufferInput sets the buffer's length), and
+// CodedInputStream would otherwise keep the outer limit for a longer
+// field and take the input's end for a legitimate end of the field.
+bool PushLength(CodedInputStream* in, CodedInputStream::Limit* limit) {
+  uint32_t n;
+  if (!ReadLength(in, &n) || static_cast<int64_t>(n) > in->BytesUntilLimit()) return false;
+  *limit = in->PushLimit(static_cast<int>(n));
+  return true;
+}
+
 // Reads one message (to the end of `in`, or of its current limit) into
 // `header`, its tensor's data into `sink` (see DecodeWithTensor).
 absl::Status DecodeMessage(CodedInputStream* in, int tensor_field,
@@ -290,14 +353,14 @@ absl::Status DecodeMessage(CodedInputStream* in, int tensor_field,
   {
     google::protobuf::io::StringOutputStream stream(&rest);
     CodedOutputStream out(&stream);
-    while (uint32_t tag = in->ReadTag()) {
+    bool malformed = false;
+    while (uint32_t tag = ReadTag(in, &malformed)) {
       if (tensor_field == 0 || tag != Tag(tensor_field, kLengthDelimited)) {
         if (!CopyField(tag, in, &out)) return absl::InvalidArgumentError("malformed message");
         continue;
       }
-      uint32_t n;
-      if (!in->ReadVarint32(&n)) return absl::InvalidArgumentError("malformed tensor length");
-      const CodedInputStream::Limit limit = in->PushLimit(static_cast<int>(n));
+      CodedInputStream::Limit limit;
+      if (!PushLength(in, &limit)) return absl::InvalidArgumentError("malformed tensor length");
       std::string tensor;
       {
         google::protobuf::io::StringOutputStream tensor_stream(&tensor);
@@ -310,7 +373,9 @@ absl::Status DecodeMessage(CodedInputStream* in, int tensor_field,
       out.WriteVarint32(static_cast<uint32_t>(tensor.size()));
       out.WriteString(tensor);
     }
-    if (!in->ConsumedEntireMessage()) return absl::InvalidArgumentError("malformed message");
+    if (malformed || !in->ConsumedEntireMessage()) {
+      return absl::InvalidArgumentError("malformed message");
+    }
   }
   if (have_tensor && !have_data) {  // protobuf leaves out empty data
     absl::StatusOr<void*> dst = sink(0, 0);
@@ -324,38 +389,37 @@ absl::Status DecodeMessage(CodedInputStream* in, int tensor_field,
 
 absl::Status DecodeWithTensor(const grpc::ByteBuffer& buffer, int tensor_field,
                               google::protobuf::MessageLite* header, const TensorSink& sink) {
-  grpc::ByteBuffer copy(buffer);  // shares the slices; the reader needs a mutable buffer
-  grpc::ProtoBufferReader reader(&copy);
-  CodedInputStream in(&reader);
-  in.SetTotalBytesLimit(kMaxMessageBytes);
-  return DecodeMessage(&in, tensor_field, header, sink);
+  MX_RETURN_IF_ERROR(CheckLength(buffer));
+  BufferInput in(buffer);
+  return DecodeMessage(in.get(), tensor_field, header, sink);
 }
 
 absl::Status DecodeRepeated(const grpc::ByteBuffer& buffer, int field, int tensor_field,
                             const std::function<google::protobuf::MessageLite*(int)>& header,
                             const std::function<TensorSink(int)>& sink) {
-  grpc::ByteBuffer copy(buffer);
-  grpc::ProtoBufferReader reader(&copy);
-  CodedInputStream in(&reader);
-  in.SetTotalBytesLimit(kMaxMessageBytes);
+  MX_RETURN_IF_ERROR(CheckLength(buffer));
+  BufferInput input(buffer);
+  CodedInputStream& in = *input.get();
   std::string ignored;
   google::protobuf::io::StringOutputStream ignored_stream(&ignored);
   CodedOutputStream ignored_out(&ignored_stream);
   int index = 0;
-  while (uint32_t tag = in.ReadTag()) {
+  bool malformed = false;
+  while (uint32_t tag = ReadTag(&in, &malformed)) {
     if (tag != Tag(field, kLengthDelimited)) {  // unknown fields are skipped
       if (!CopyField(tag, &in, &ignored_out)) return absl::InvalidArgumentError("malformed message");
       continue;
     }
-    uint32_t n;
-    if (!in.ReadVarint32(&n)) return absl::InvalidArgumentError("malformed entry length");
-    const CodedInputStream::Limit limit = in.PushLimit(static_cast<int>(n));
+    CodedInputStream::Limit limit;
+    if (!PushLength(&in, &limit)) return absl::InvalidArgumentError("malformed entry length");
     absl::Status s = DecodeMessage(&in, tensor_field, header(index), sink(index));
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat("entry ", index, ": ", s.message()));
     in.PopLimit(limit);
     ++index;
   }
-  if (!in.ConsumedEntireMessage()) return absl::InvalidArgumentError("malformed message");
+  if (malformed || !in.ConsumedEntireMessage()) {
+    return absl::InvalidArgumentError("malformed message");
+  }
   return absl::OkStatus();
 }
 

@@ -1,0 +1,211 @@
+// A parameter server fed damaged requests on every method of its service
+// (tests/proto/mutate.h: flipped bits, cut and inserted bytes, extreme
+// varints, in random slices) answers each with OK or an error status that
+// says what was wrong, never an internal error, and keeps serving: a key
+// initialized afterwards pulls back exactly its value. Thousands of calls
+// from a fixed seed, many in flight at once.
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "proto/mx.pb.h"
+#include "proto/wire.h"
+#include "server/kvstore_service.h"
+#include "tests/proto/mutate.h"
+
+namespace mx {
+namespace {
+
+constexpr char kService[] = "/mx.proto.KVStoreService/";
+
+proto::Tensor TensorOf(const std::vector<float>& v) {
+  proto::Tensor t;
+  t.add_shape(static_cast<int64_t>(v.size()));
+  t.set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float)));
+  return t;
+}
+
+// Unary calls with raw bytes to one server, up to 32 in flight.
+class RawClient {
+ public:
+  explicit RawClient(const std::string& address)
+      : stub_(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())) {}
+
+  // Calls `method` with `request`; done(status, response bytes) runs on a
+  // gRPC thread. Waits while 32 calls are unanswered.
+  void Start(const std::string& method, grpc::ByteBuffer request, int deadline_ms,
+             std::function<void(const grpc::Status&, const std::string&)> done) {
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(this, &RawClient::HasRoom));
+      ++in_flight_;
+    }
+    auto* call = new Pending{std::move(request), {}, {}, std::move(done)};
+    call->ctx.set_deadline(std::chrono::system_clock::now() +
+                           std::chrono::milliseconds(deadline_ms));
+    stub_.UnaryCall(&call->ctx, kService + method, grpc::StubOptions(), &call->request,
+                    &call->response, [this, call](grpc::Status s) {
+                      std::string bytes;
+                      std::vector<grpc::Slice> slices;
+                      if (s.ok() && call->response.Dump(&slices).ok()) {
+                        for (const grpc::Slice& slice : slices) {
+                          bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+                        }
+                      }
+                      call->done(s, bytes);
+                      delete call;
+                      absl::MutexLock lock(&mu_);
+                      --in_flight_;
+                    });
+  }
+
+  // The same, waiting for the answer.
+  grpc::Status Call(const std::string& method, const std::string& request, std::string* response) {
+    absl::Notification answered;
+    grpc::Status status;
+    grpc::Slice slice(request);
+    Start(method, grpc::ByteBuffer(&slice, 1), 5000,
+          [&](const grpc::Status& s, const std::string& bytes) {
+            status = s;
+            *response = bytes;
+            answered.Notify();
+          });
+    answered.WaitForNotification();
+    return status;
+  }
+
+  void WaitForAll() {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(+[](int* n) { return *n == 0; }, &in_flight_));
+  }
+
+ private:
+  struct Pending {
+    grpc::ByteBuffer request, response;
+    grpc::ClientContext ctx;
+    std::function<void(const grpc::Status&, const std::string&)> done;
+  };
+  bool HasRoom() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return in_flight_ < 32; }
+
+  grpc::GenericStub stub_;
+  absl::Mutex mu_;
+  int in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+TEST(RpcFuzz, DamagedRequestsGetErrorsAndTheServerKeepsServing) {
+  auto server = ParameterServer::Start("127.0.0.1:0", {true, 1, false});
+  ASSERT_TRUE(server.ok()) << server.status();
+  RawClient client((*server)->address());
+  std::string response;
+
+  // Valid requests of every method, from which the damaged ones are made.
+  proto::InitRequest init;
+  init.set_key(1);
+  *init.mutable_value() = TensorOf({1, 2, 3, 4});
+  ASSERT_TRUE(client.Call("Init", init.SerializeAsString(), &response).ok());
+  proto::InitRequest init_big = init;
+  init_big.set_key(2);
+  *init_big.mutable_value() = TensorOf(std::vector<float>(1000, 0.5f));
+  ASSERT_TRUE(client.Call("Init", init_big.SerializeAsString(), &response).ok());
+  proto::SetOptimizerRequest optimizer;
+  optimizer.set_name("sgd");
+  (*optimizer.mutable_options())["learning_rate"] = "0.1";
+  (*optimizer.mutable_options())["momentum"] = "0.9";
+  (*optimizer.mutable_param_names())[1] = "fc1_weight";
+  (*optimizer.mutable_lr_mult())["fc1_weight"] = 0.5f;
+  ASSERT_TRUE(client.Call("SetOptimizer", optimizer.SerializeAsString(), &response).ok());
+  proto::PushRequest push;
+  push.set_key(1);
+  push.set_rank(0);
+  *push.mutable_value() = TensorOf({0.1f, 0.2f, 0.3f, 0.4f});
+  ASSERT_TRUE(client.Call("PushPull", push.SerializeAsString(), &response).ok());
+  std::string states;
+  ASSERT_TRUE(client.Call("SaveOptimizerStates", "", &states).ok());
+  proto::PullRequest pull;
+  pull.set_key(1);
+  pull.set_min_version(1);
+  proto::PushPullManyRequest many;
+  *many.add_entries() = push;
+  proto::PushRequest push_big = push;
+  push_big.set_key(2);
+  *push_big.mutable_value() = TensorOf(std::vector<float>(1000, 0.01f));
+  *many.add_entries() = push_big;
+  const std::vector<std::pair<std::string, std::string>> seeds = {
+      {"Init", init.SerializeAsString()},
+      {"Push", push.SerializeAsString()},
+      {"Pull", pull.SerializeAsString()},
+      {"PushPull", push_big.SerializeAsString()},
+      {"PushPullMany", many.SerializeAsString()},
+      {"SetOptimizer", optimizer.SerializeAsString()},
+      {"SaveOptimizerStates", ""},
+      {"LoadOptimizerStates", states},
+  };
+
+  // Statuses a request of the outside world may get. A damaged pull may
+  // ask for a version that never comes: DEADLINE_EXCEEDED, from the server
+  // (saying what it waited for) or from the client's own deadline. Damaged
+  // optimizer states fail their checksum or framing: DATA_LOSS.
+  const std::set<grpc::StatusCode> expected = {
+      grpc::StatusCode::OK,           grpc::StatusCode::INVALID_ARGUMENT,
+      grpc::StatusCode::NOT_FOUND,    grpc::StatusCode::FAILED_PRECONDITION,
+      grpc::StatusCode::OUT_OF_RANGE, grpc::StatusCode::DEADLINE_EXCEEDED,
+      grpc::StatusCode::DATA_LOSS};
+  std::mt19937 rng(20261202);
+  absl::Mutex mu;
+  std::map<grpc::StatusCode, int> counts;
+  std::vector<std::string> unexpected;
+  constexpr int kCalls = 2400;
+  for (int i = 0; i < kCalls; ++i) {
+    const auto& [method, bytes] = seeds[i % seeds.size()];
+    const std::string damaged = testing::Mutate(bytes, &rng);
+    client.Start(method, testing::Sliced(damaged, &rng), 300,
+                 [&, method = method, damaged](const grpc::Status& s, const std::string&) {
+                   absl::MutexLock lock(&mu);
+                   ++counts[s.error_code()];
+                   const bool clear = s.ok() || !s.error_message().empty();
+                   if (!expected.count(s.error_code()) || !clear) {
+                     unexpected.push_back(absl::StrCat(method, " ", absl::BytesToHexString(damaged),
+                                                       ": code ", s.error_code(), " '",
+                                                       s.error_message(), "'"));
+                   }
+                 });
+  }
+  client.WaitForAll();
+  for (const auto& [code, n] : counts) std::printf("status %d: %d calls\n", code, n);
+  EXPECT_THAT(unexpected, ::testing::IsEmpty());
+  // The damage was both harmless and fatal often enough to test both.
+  EXPECT_GT(counts[grpc::StatusCode::OK], kCalls / 20);
+  EXPECT_GT(counts[grpc::StatusCode::INVALID_ARGUMENT], kCalls / 5);
+
+  // Still serving: a new key holds exactly what it was given.
+  proto::InitRequest fresh;
+  fresh.set_key(4242);
+  *fresh.mutable_value() = TensorOf({7, 8, 9});
+  grpc::Status s = client.Call("Init", fresh.SerializeAsString(), &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  proto::PullRequest fresh_pull;
+  fresh_pull.set_key(4242);
+  s = client.Call("Pull", fresh_pull.SerializeAsString(), &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  proto::PullResponse pulled;
+  ASSERT_TRUE(pulled.ParseFromString(response));
+  EXPECT_EQ(pulled.value().data(), fresh.value().data());
+  EXPECT_THAT(pulled.value().shape(), ::testing::ElementsAre(3));
+}
+
+}  // namespace
+}  // namespace mx
