@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "ndarray/base.h"
 #include "proto/mx.pb.h"
@@ -77,6 +78,18 @@ absl::Status DecodeWithTensor(const grpc::ByteBuffer& buffer, int tensor_field,
 absl::Status DecodeRepeated(const grpc::ByteBuffer& buffer, int field, int tensor_field,
                             const std::function<google::protobuf::MessageLite*(int)>& header,
                             const std::function<TensorSink(int)>& sink);
+
+// The request of a raw method without a tensor. Bytes that are no such
+// message are INVALID_ARGUMENT "METHOD: malformed request: ...", where
+// gRPC's own parser (of a method that is not raw) answers INTERNAL with no
+// message.
+template <class Request>
+absl::StatusOr<Request> ParseRequest(const grpc::ByteBuffer& request, const char* method) {
+  Request req;
+  const absl::Status s = DecodeWithTensor(request, 0, &req, nullptr);
+  if (s.ok()) return req;
+  return absl::InvalidArgumentError(absl::StrCat(method, ": malformed request: ", s.message()));
+}
 
 // The slices of `buffer`: references, nothing copied.
 using Slices = std::shared_ptr<const std::vector<grpc::Slice>>;

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
+#include "ndarray/base.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
 
@@ -20,65 +21,98 @@ namespace {
 
 const char* RoleName(proto::Role r) { return r == proto::SERVER ? "server" : "worker"; }
 
-class Service final : public proto::Coordinator::Service {
+// The methods parse their own requests (ParseRequest), so that bytes that
+// are no request are INVALID_ARGUMENT saying so. Register and Barrier wait
+// for other nodes without holding a thread: a waiting call is kept (with
+// its reactor) and answered by the call, death or departure that completes
+// it, or by Sweep once it is about to run out of time, saying what was
+// missing. Each method takes its reactor once: DefaultReactor constructs
+// it anew at every call, forgetting a Finish already made.
+using CoordinatorBase = proto::Coordinator::WithRawCallbackMethod_Register<
+    proto::Coordinator::WithRawCallbackMethod_Heartbeat<
+        proto::Coordinator::WithRawCallbackMethod_Barrier<
+            proto::Coordinator::WithRawCallbackMethod_Leave<proto::Coordinator::Service>>>>;
+
+class Service final : public CoordinatorBase {
  public:
   explicit Service(CoordinatorOptions options) : options_(options) {}
 
-  grpc::Status Register(grpc::ServerContext* ctx, const proto::RegisterRequest* req,
-                        proto::RegisterResponse* resp) override {
-    absl::MutexLock lock(&mu_);
-    std::map<int, proto::NodeInfo>& nodes = req->role() == proto::SERVER ? servers_ : workers_;
-    absl::StatusOr<int> rank = RankFor(*req, nodes);
-    if (!rank.ok()) return ToGrpc(rank.status());
-    proto::NodeInfo self;
-    self.set_role(req->role());
-    self.set_rank(*rank);
-    self.set_address(req->address());
-    nodes[*rank] = self;
-    last_seen_[{req->role(), self.rank()}] = absl::Now();
-    auto all_here = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return static_cast<int>(servers_.size()) == options_.num_servers &&
-             static_cast<int>(workers_.size()) == options_.num_workers;
-    };
-    if (!mu_.AwaitWithDeadline(absl::Condition(&all_here), GiveUpBefore(ctx->deadline()))) {
-      return ToGrpc(absl::DeadlineExceededError(absl::StrCat(
-          "register: only ", servers_.size(), " of ", options_.num_servers, " servers and ",
-          workers_.size(), " of ", options_.num_workers, " workers registered in time")));
+  grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* ctx,
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    Answers answers;
+    {
+      absl::MutexLock lock(&mu_);
+      Waiting w{reactor, response, GiveUpBefore(ctx->deadline())};
+      absl::Status s = StartRegister(*request, &w.node);
+      if (!s.ok()) {
+        answers.push_back({w.reactor, s});
+      } else {
+        registering_.push_back(w);
+        if (AllRegistered()) AnswerRegistrations(&answers);
+      }
     }
-    *resp->mutable_self() = self;
-    for (const auto& [unused, s] : servers_) *resp->add_servers() = s;
-    for (const auto& [unused, w] : workers_) *resp->add_workers() = w;
-    return grpc::Status::OK;
+    Deliver(answers);
+    return reactor;
   }
 
-  grpc::Status Heartbeat(grpc::ServerContext*, const proto::HeartbeatRequest* req,
-                         proto::HeartbeatResponse* resp) override {
-    absl::MutexLock lock(&mu_);
-    auto key = std::make_pair(req->role(), req->rank());
-    if (!last_seen_.count(key)) {
-      return ToGrpc(absl::NotFoundError(absl::StrCat(
-          "heartbeat: ", RoleName(req->role()), " ", req->rank(), " never registered")));
+  grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* ctx,
+                                      const grpc::ByteBuffer* request,
+                                      grpc::ByteBuffer* response) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    absl::StatusOr<proto::HeartbeatRequest> req =
+        ParseRequest<proto::HeartbeatRequest>(*request, "heartbeat");
+    absl::Status s = req.status();
+    if (s.ok()) {
+      absl::MutexLock lock(&mu_);
+      proto::HeartbeatResponse resp;
+      s = Beat(*req, &resp);
+      if (s.ok()) *response = EncodeMessage(resp);
     }
-    if (!dead_.count(key)) last_seen_[key] = absl::Now();
-    for (const auto& [node, info] : dead_) *resp->add_dead() = info;
-    for (int rank : left_) resp->add_finished_workers(rank);
-    if (req->role() == proto::SERVER && EveryWorkerDone()) {
-      resp->set_shutdown(true);
-      told_.insert(req->rank());
-    }
-    return grpc::Status::OK;
+    Deliver({{reactor, s}});
+    return reactor;
   }
 
-  grpc::Status Leave(grpc::ServerContext*, const proto::LeaveRequest* req,
-                     proto::LeaveResponse*) override {
-    absl::MutexLock lock(&mu_);
-    if (!workers_.count(req->rank())) {
-      return ToGrpc(absl::InvalidArgumentError(
-          absl::StrCat("leave: worker rank ", req->rank(), " is not registered")));
+  grpc::ServerUnaryReactor* Leave(grpc::CallbackServerContext* ctx,
+                                  const grpc::ByteBuffer* request,
+                                  grpc::ByteBuffer* response) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    Answers answers;
+    absl::StatusOr<proto::LeaveRequest> req = ParseRequest<proto::LeaveRequest>(*request, "leave");
+    absl::Status s = req.status();
+    if (s.ok()) {
+      absl::MutexLock lock(&mu_);
+      s = Depart(req->rank());
+      if (s.ok()) {
+        *response = EncodeMessage(proto::LeaveResponse());
+        AnswerBarriers(&answers);  // they no longer wait for this worker
+      }
     }
-    left_.insert(req->rank());
-    last_seen_.erase({proto::WORKER, req->rank()});  // no longer expected
-    return grpc::Status::OK;
+    answers.push_back({reactor, s});
+    Deliver(answers);
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* Barrier(grpc::CallbackServerContext* ctx,
+                                    const grpc::ByteBuffer* request,
+                                    grpc::ByteBuffer* response) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    Answers answers;
+    {
+      absl::MutexLock lock(&mu_);
+      Waiting w{reactor, response, GiveUpBefore(ctx->deadline())};
+      absl::Status s = EnterBarrier(*request, &w.epoch);
+      if (!s.ok()) {
+        answers.push_back({w.reactor, s});
+      } else {
+        *response = EncodeMessage(proto::BarrierResponse());
+        in_barrier_.push_back(w);
+        AnswerBarriers(&answers);
+      }
+    }
+    Deliver(answers);
+    return reactor;
   }
 
   // Every worker has finished and every live server has been told to shut
@@ -92,42 +126,179 @@ class Service final : public proto::Coordinator::Service {
     return true;
   }
 
-  grpc::Status Barrier(grpc::ServerContext* ctx, const proto::BarrierRequest* req,
-                       proto::BarrierResponse*) override {
-    absl::MutexLock lock(&mu_);
-    const int64_t epoch = req->epoch();
-    if (!workers_.count(req->rank())) {
-      return ToGrpc(absl::InvalidArgumentError(absl::StrCat(
-          "barrier ", epoch, ": worker rank ", req->rank(), " is not registered")));
+  // Declares nodes dead whose last heartbeat is older than the timeout,
+  // then answers the barriers that this decides and the waiting calls
+  // that are about to run out of time.
+  void Sweep() {
+    Answers answers;
+    {
+      absl::MutexLock lock(&mu_);
+      const absl::Time now = absl::Now();
+      for (const auto& [node, seen] : last_seen_) {
+        if (dead_.count(node) || now - seen < options_.heartbeat_timeout) continue;
+        proto::NodeInfo info;
+        info.set_role(node.first);
+        info.set_rank(node.second);
+        const auto& nodes = node.first == proto::SERVER ? servers_ : workers_;
+        if (auto n = nodes.find(node.second); n != nodes.end()) {
+          info.set_address(n->second.address());
+        }
+        dead_[node] = info;
+      }
+      AnswerBarriers(&answers);
+      TimeOut(now, &answers);
     }
-    entered_[epoch].insert(req->rank());
-    auto done = [this, epoch]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return (!options_.elastic && DeadWorkers() > 0) || EveryLiveWorkerEntered(epoch);
-    };
-    if (!mu_.AwaitWithDeadline(absl::Condition(&done), GiveUpBefore(ctx->deadline()))) {
-      return ToGrpc(absl::DeadlineExceededError(
-          absl::StrCat("barrier ", epoch, ": worker(s) ", absl::StrJoin(NotEntered(epoch), ", "),
-                       " did not arrive in time")));
-    }
-    if (!options_.elastic && DeadWorkers() > 0) {
-      return ToGrpc(absl::UnavailableError(absl::StrCat("barrier: ", DeadList())));
-    }
-    return grpc::Status::OK;
+    Deliver(answers);
   }
 
-  // Declares nodes dead whose last heartbeat is older than the timeout.
-  void Sweep() {
-    absl::MutexLock lock(&mu_);
-    const absl::Time now = absl::Now();
-    for (const auto& [node, seen] : last_seen_) {
-      if (dead_.count(node) || now - seen < options_.heartbeat_timeout) continue;
-      proto::NodeInfo info;
-      info.set_role(node.first);
-      info.set_rank(node.second);
-      const auto& nodes = node.first == proto::SERVER ? servers_ : workers_;
-      if (auto n = nodes.find(node.second); n != nodes.end()) info.set_address(n->second.address());
-      dead_[node] = info;
+  // The coordinator is stopping: every waiting call is answered UNAVAILABLE
+  // saying so, and so are later ones.
+  void Close() {
+    Answers answers;
+    {
+      absl::MutexLock lock(&mu_);
+      closed_ = true;
+      const absl::Status closing = absl::UnavailableError("the coordinator is shutting down");
+      for (const Waiting& w : registering_) answers.push_back({w.reactor, closing});
+      for (const Waiting& w : in_barrier_) answers.push_back({w.reactor, closing});
+      registering_.clear();
+      in_barrier_.clear();
     }
+    Deliver(answers);
+  }
+
+ private:
+  // A call that waits for other nodes: a registration (of `node`) or a
+  // barrier (of `epoch`). Its answer goes to `response`; it gives up at
+  // `give_up`.
+  struct Waiting {
+    grpc::ServerUnaryReactor* reactor;
+    grpc::ByteBuffer* response;
+    absl::Time give_up;
+    proto::NodeInfo node;
+    int64_t epoch = 0;
+  };
+  // Calls to finish, and how, once the lock is released.
+  using Answers = std::vector<std::pair<grpc::ServerUnaryReactor*, absl::Status>>;
+  static void Deliver(const Answers& answers) {
+    for (const auto& [reactor, status] : answers) reactor->Finish(ToGrpc(status));
+  }
+
+  // Parses a registration and records its node (rank, address) in *node.
+  absl::Status StartRegister(const grpc::ByteBuffer& request, proto::NodeInfo* node)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    MX_ASSIGN_OR_RETURN(const proto::RegisterRequest req,
+                        ParseRequest<proto::RegisterRequest>(request, "register"));
+    if (closed_) return absl::UnavailableError("the coordinator is shutting down");
+    std::map<int, proto::NodeInfo>& nodes = req.role() == proto::SERVER ? servers_ : workers_;
+    MX_ASSIGN_OR_RETURN(const int rank, RankFor(req, nodes));
+    node->set_role(req.role());
+    node->set_rank(rank);
+    node->set_address(req.address());
+    nodes[rank] = *node;
+    last_seen_[{req.role(), rank}] = absl::Now();
+    return absl::OkStatus();
+  }
+  bool AllRegistered() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return static_cast<int>(servers_.size()) == options_.num_servers &&
+           static_cast<int>(workers_.size()) == options_.num_workers;
+  }
+  // Answers every waiting registration with the cluster view.
+  void AnswerRegistrations(Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const Waiting& w : registering_) {
+      proto::RegisterResponse resp;
+      *resp.mutable_self() = w.node;
+      for (const auto& [unused, s] : servers_) *resp.add_servers() = s;
+      for (const auto& [unused, n] : workers_) *resp.add_workers() = n;
+      *w.response = EncodeMessage(resp);
+      answers->push_back({w.reactor, absl::OkStatus()});
+    }
+    registering_.clear();
+  }
+
+  absl::Status Beat(const proto::HeartbeatRequest& req, proto::HeartbeatResponse* resp)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto key = std::make_pair(req.role(), req.rank());
+    if (!last_seen_.count(key)) {
+      return absl::NotFoundError(absl::StrCat("heartbeat: ", RoleName(req.role()), " ", req.rank(),
+                                              " never registered"));
+    }
+    if (!dead_.count(key)) last_seen_[key] = absl::Now();
+    for (const auto& [node, info] : dead_) *resp->add_dead() = info;
+    for (int rank : left_) resp->add_finished_workers(rank);
+    if (req.role() == proto::SERVER && EveryWorkerDone()) {
+      resp->set_shutdown(true);
+      told_.insert(req.rank());
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Depart(int rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!workers_.count(rank)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("leave: worker rank ", rank, " is not registered"));
+    }
+    left_.insert(rank);
+    last_seen_.erase({proto::WORKER, rank});  // no longer expected
+    return absl::OkStatus();
+  }
+
+  // Parses a barrier request and records its worker's arrival at *epoch.
+  absl::Status EnterBarrier(const grpc::ByteBuffer& request, int64_t* epoch)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    MX_ASSIGN_OR_RETURN(const proto::BarrierRequest req,
+                        ParseRequest<proto::BarrierRequest>(request, "barrier"));
+    if (closed_) return absl::UnavailableError("the coordinator is shutting down");
+    *epoch = req.epoch();
+    if (!workers_.count(req.rank())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "barrier ", *epoch, ": worker rank ", req.rank(), " is not registered"));
+    }
+    entered_[*epoch].insert(req.rank());
+    return absl::OkStatus();
+  }
+  // Answers the waiting barriers that are decided: every live worker has
+  // entered, or (not elastic) a worker died.
+  void AnswerBarriers(Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const bool failed = !options_.elastic && DeadWorkers() > 0;
+    auto decided = [&](const Waiting& w) {
+      if (failed) {
+        answers->push_back(
+            {w.reactor, absl::UnavailableError(absl::StrCat("barrier: ", DeadList()))});
+        return true;
+      }
+      if (!EveryLiveWorkerEntered(w.epoch)) return false;
+      answers->push_back({w.reactor, absl::OkStatus()});
+      return true;
+    };
+    in_barrier_.erase(std::remove_if(in_barrier_.begin(), in_barrier_.end(), decided),
+                      in_barrier_.end());
+  }
+
+  // Answers the waiting calls whose time is up, saying what is missing.
+  void TimeOut(absl::Time now, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto expired_registration = [&](const Waiting& w) {
+      if (w.give_up > now) return false;
+      answers->push_back({w.reactor, absl::DeadlineExceededError(absl::StrCat(
+                                         "register: only ", servers_.size(), " of ",
+                                         options_.num_servers, " servers and ", workers_.size(),
+                                         " of ", options_.num_workers,
+                                         " workers registered in time"))});
+      return true;
+    };
+    registering_.erase(
+        std::remove_if(registering_.begin(), registering_.end(), expired_registration),
+        registering_.end());
+    auto expired_barrier = [&](const Waiting& w) {
+      if (w.give_up > now) return false;
+      answers->push_back({w.reactor, absl::DeadlineExceededError(absl::StrCat(
+                                         "barrier ", w.epoch, ": worker(s) ",
+                                         absl::StrJoin(NotEntered(w.epoch), ", "),
+                                         " did not arrive in time"))});
+      return true;
+    };
+    in_barrier_.erase(std::remove_if(in_barrier_.begin(), in_barrier_.end(), expired_barrier),
+                      in_barrier_.end());
   }
 
  private:
@@ -207,6 +378,9 @@ class Service final : public proto::Coordinator::Service {
   std::map<int64_t, std::set<int>> entered_ ABSL_GUARDED_BY(mu_);
   std::set<int> left_ ABSL_GUARDED_BY(mu_);  // workers that finished
   std::set<int> told_ ABSL_GUARDED_BY(mu_);  // servers told to shut down
+  std::vector<Waiting> registering_ ABSL_GUARDED_BY(mu_);  // until all have registered
+  std::vector<Waiting> in_barrier_ ABSL_GUARDED_BY(mu_);   // until all have entered
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace
@@ -235,7 +409,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   }
   c->address_ = absl::StrCat(bind_address.substr(0, bind_address.rfind(':')), ":", port);
   Impl* impl = c->impl_.get();
-  const absl::Duration period = std::max(options.heartbeat_timeout / 5, absl::Milliseconds(50));
+  // Often enough that a waiting call's answer beats its caller's deadline
+  // (GiveUpBefore leaves it at least a tenth of the call's time).
+  const absl::Duration period = absl::Milliseconds(100);
   impl->sweeper = std::thread([impl, period] {
     absl::MutexLock lock(&impl->mu);
     auto stopped = [impl]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl->mu) { return impl->stop; };
@@ -255,6 +431,7 @@ CoordinatorServer::~CoordinatorServer() {
     impl_->stop = true;
   }
   if (impl_->sweeper.joinable()) impl_->sweeper.join();
+  impl_->service->Close();
   if (impl_->server != nullptr) {
     impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   }

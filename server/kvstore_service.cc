@@ -43,13 +43,9 @@ template <class Req, class Resp, class Handle>
 grpc::ServerUnaryReactor* Answer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& request,
                                  grpc::ByteBuffer* response, const char* method,
                                  const Handle& handle) {
-  Req req;
   Resp resp;
-  absl::Status s = DecodeWithTensor(request, 0, &req, nullptr);  // a plain message
-  if (!s.ok()) {
-    s = absl::InvalidArgumentError(absl::StrCat(method, ": malformed request: ", s.message()));
-  }
-  if (s.ok()) s = handle(req, &resp);
+  absl::StatusOr<Req> req = ParseRequest<Req>(request, method);
+  absl::Status s = req.ok() ? handle(*req, &resp) : req.status();
   if (s.ok()) *response = EncodeMessage(resp);
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   reactor->Finish(ToGrpc(s));

@@ -1,4 +1,4 @@
-// A parameter server fed damaged requests on every method of its service
+// A parameter server (and a coordinator) fed damaged requests on every method of its service
 // (tests/proto/mutate.h: flipped bits, cut and inserted bytes, extreme
 // varints, in random slices) answers each with OK or an error status that
 // says what was wrong, never an internal error, and keeps serving: a key
@@ -14,6 +14,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/escaping.h"
@@ -24,13 +25,12 @@
 #include "gtest/gtest.h"
 #include "proto/mx.pb.h"
 #include "proto/wire.h"
+#include "server/coordinator.h"
 #include "server/kvstore_service.h"
 #include "tests/proto/mutate.h"
 
 namespace mx {
 namespace {
-
-constexpr char kService[] = "/mx.proto.KVStoreService/";
 
 proto::Tensor TensorOf(const std::vector<float>& v) {
   proto::Tensor t;
@@ -39,11 +39,12 @@ proto::Tensor TensorOf(const std::vector<float>& v) {
   return t;
 }
 
-// Unary calls with raw bytes to one server, up to 32 in flight.
+// Unary calls with raw bytes to one service of a server, up to 32 in flight.
 class RawClient {
  public:
-  explicit RawClient(const std::string& address)
-      : stub_(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())) {}
+  RawClient(const std::string& address, const std::string& service)
+      : stub_(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())),
+        prefix_("/mx.proto." + service + "/") {}
 
   // Calls `method` with `request`; done(status, response bytes) runs on a
   // gRPC thread. Waits while 32 calls are unanswered.
@@ -57,7 +58,7 @@ class RawClient {
     auto* call = new Pending{std::move(request), {}, {}, std::move(done)};
     call->ctx.set_deadline(std::chrono::system_clock::now() +
                            std::chrono::milliseconds(deadline_ms));
-    stub_.UnaryCall(&call->ctx, kService + method, grpc::StubOptions(), &call->request,
+    stub_.UnaryCall(&call->ctx, prefix_ + method, grpc::StubOptions(), &call->request,
                     &call->response, [this, call](grpc::Status s) {
                       std::string bytes;
                       std::vector<grpc::Slice> slices;
@@ -102,14 +103,48 @@ class RawClient {
   bool HasRoom() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return in_flight_ < 32; }
 
   grpc::GenericStub stub_;
+  const std::string prefix_;
   absl::Mutex mu_;
   int in_flight_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
+using Requests = std::vector<std::pair<std::string, std::string>>;  // method, bytes
+
+// Sends `calls` damaged copies of the `seeds` in turn (fixed seed), 32 at
+// a time, and returns how many got each status. A status outside
+// `expected`, or an error without a message, fails the test.
+std::map<grpc::StatusCode, int> SendDamaged(RawClient& client, const Requests& seeds,
+                                            const std::set<grpc::StatusCode>& expected,
+                                            int calls) {
+  std::mt19937 rng(20261202);
+  absl::Mutex mu;
+  std::map<grpc::StatusCode, int> counts;
+  std::vector<std::string> unexpected;
+  for (int i = 0; i < calls; ++i) {
+    const auto& [method, bytes] = seeds[i % seeds.size()];
+    const std::string damaged = testing::Mutate(bytes, &rng);
+    client.Start(method, testing::Sliced(damaged, &rng), 300,
+                 [&, method = method, damaged](const grpc::Status& s, const std::string&) {
+                   absl::MutexLock lock(&mu);
+                   ++counts[s.error_code()];
+                   const bool clear = s.ok() || !s.error_message().empty();
+                   if (!expected.count(s.error_code()) || !clear) {
+                     unexpected.push_back(absl::StrCat(method, " ", absl::BytesToHexString(damaged),
+                                                       ": code ", s.error_code(), " '",
+                                                       s.error_message(), "'"));
+                   }
+                 });
+  }
+  client.WaitForAll();
+  for (const auto& [code, n] : counts) std::printf("status %d: %d calls\n", code, n);
+  EXPECT_THAT(unexpected, ::testing::IsEmpty());
+  return counts;
+}
+
 TEST(RpcFuzz, DamagedRequestsGetErrorsAndTheServerKeepsServing) {
   auto server = ParameterServer::Start("127.0.0.1:0", {true, 1, false});
   ASSERT_TRUE(server.ok()) << server.status();
-  RawClient client((*server)->address());
+  RawClient client((*server)->address(), "KVStoreService");
   std::string response;
 
   // Valid requests of every method, from which the damaged ones are made.
@@ -144,7 +179,7 @@ TEST(RpcFuzz, DamagedRequestsGetErrorsAndTheServerKeepsServing) {
   push_big.set_key(2);
   *push_big.mutable_value() = TensorOf(std::vector<float>(1000, 0.01f));
   *many.add_entries() = push_big;
-  const std::vector<std::pair<std::string, std::string>> seeds = {
+  const Requests seeds = {
       {"Init", init.SerializeAsString()},
       {"Push", push.SerializeAsString()},
       {"Pull", pull.SerializeAsString()},
@@ -164,29 +199,8 @@ TEST(RpcFuzz, DamagedRequestsGetErrorsAndTheServerKeepsServing) {
       grpc::StatusCode::NOT_FOUND,    grpc::StatusCode::FAILED_PRECONDITION,
       grpc::StatusCode::OUT_OF_RANGE, grpc::StatusCode::DEADLINE_EXCEEDED,
       grpc::StatusCode::DATA_LOSS};
-  std::mt19937 rng(20261202);
-  absl::Mutex mu;
-  std::map<grpc::StatusCode, int> counts;
-  std::vector<std::string> unexpected;
   constexpr int kCalls = 2400;
-  for (int i = 0; i < kCalls; ++i) {
-    const auto& [method, bytes] = seeds[i % seeds.size()];
-    const std::string damaged = testing::Mutate(bytes, &rng);
-    client.Start(method, testing::Sliced(damaged, &rng), 300,
-                 [&, method = method, damaged](const grpc::Status& s, const std::string&) {
-                   absl::MutexLock lock(&mu);
-                   ++counts[s.error_code()];
-                   const bool clear = s.ok() || !s.error_message().empty();
-                   if (!expected.count(s.error_code()) || !clear) {
-                     unexpected.push_back(absl::StrCat(method, " ", absl::BytesToHexString(damaged),
-                                                       ": code ", s.error_code(), " '",
-                                                       s.error_message(), "'"));
-                   }
-                 });
-  }
-  client.WaitForAll();
-  for (const auto& [code, n] : counts) std::printf("status %d: %d calls\n", code, n);
-  EXPECT_THAT(unexpected, ::testing::IsEmpty());
+  std::map<grpc::StatusCode, int> counts = SendDamaged(client, seeds, expected, kCalls);
   // The damage was both harmless and fatal often enough to test both.
   EXPECT_GT(counts[grpc::StatusCode::OK], kCalls / 20);
   EXPECT_GT(counts[grpc::StatusCode::INVALID_ARGUMENT], kCalls / 5);
@@ -205,6 +219,67 @@ TEST(RpcFuzz, DamagedRequestsGetErrorsAndTheServerKeepsServing) {
   ASSERT_TRUE(pulled.ParseFromString(response));
   EXPECT_EQ(pulled.value().data(), fresh.value().data());
   EXPECT_THAT(pulled.value().shape(), ::testing::ElementsAre(3));
+}
+
+// The same for the coordinator of a job whose nodes have all registered: a
+// request that is no protobuf message is INVALID_ARGUMENT saying so (gRPC's
+// own parser would answer INTERNAL without a word); damaged registrations,
+// heartbeats, barriers and departures get OK or an error with a message;
+// the coordinator goes on answering the nodes' heartbeats.
+TEST(RpcFuzz, DamagedRequestsToTheCoordinatorGetErrorsAndItKeepsServing) {
+  CoordinatorOptions o;
+  o.num_servers = 1;
+  o.num_workers = 2;
+  o.heartbeat_timeout = absl::Seconds(60);  // nobody dies during the test
+  auto coordinator = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(coordinator.ok()) << coordinator.status();
+  RawClient client((*coordinator)->address(), "Coordinator");
+  std::vector<std::thread> registering;
+  for (proto::Role role : {proto::SERVER, proto::WORKER, proto::WORKER}) {
+    registering.emplace_back([&client, role] {
+      proto::RegisterRequest req;
+      req.set_role(role);
+      req.set_address("127.0.0.1:1");
+      std::string response;
+      EXPECT_TRUE(client.Call("Register", req.SerializeAsString(), &response).ok());
+    });
+  }
+  for (std::thread& t : registering) t.join();
+  std::string response;
+  grpc::Status s = client.Call("Register", std::string("\x12\x7f\x01", 3), &response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_THAT(s.error_message(), ::testing::HasSubstr("register: malformed request"));
+
+  proto::RegisterRequest reg;
+  reg.set_role(proto::WORKER);
+  reg.set_rank(1);
+  proto::HeartbeatRequest beat;
+  beat.set_role(proto::SERVER);
+  proto::BarrierRequest barrier;
+  barrier.set_rank(1);
+  barrier.set_epoch(3);
+  proto::LeaveRequest leave;
+  leave.set_rank(1);
+  const Requests seeds = {{"Register", reg.SerializeAsString()},
+                          {"Heartbeat", beat.SerializeAsString()},
+                          {"Barrier", barrier.SerializeAsString()},
+                          {"Leave", leave.SerializeAsString()}};
+  // A barrier may wait for a worker that never comes (DEADLINE_EXCEEDED,
+  // naming it); a registration finds its rank taken (ALREADY_EXISTS) or
+  // none left (FAILED_PRECONDITION).
+  const std::set<grpc::StatusCode> expected = {
+      grpc::StatusCode::OK,        grpc::StatusCode::INVALID_ARGUMENT,
+      grpc::StatusCode::NOT_FOUND, grpc::StatusCode::FAILED_PRECONDITION,
+      grpc::StatusCode::ALREADY_EXISTS, grpc::StatusCode::DEADLINE_EXCEEDED};
+  std::map<grpc::StatusCode, int> counts = SendDamaged(client, seeds, expected, 1200);
+  EXPECT_GT(counts[grpc::StatusCode::OK], 1200 / 20);
+  EXPECT_GT(counts[grpc::StatusCode::INVALID_ARGUMENT], 1200 / 20);
+
+  s = client.Call("Heartbeat", beat.SerializeAsString(), &response);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  proto::HeartbeatResponse answer;
+  ASSERT_TRUE(answer.ParseFromString(response));
+  EXPECT_EQ(answer.dead_size(), 0);
 }
 
 }  // namespace
