@@ -40,21 +40,14 @@ class Service final : public CoordinatorBase {
   grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* ctx,
                                      const grpc::ByteBuffer* request,
                                      grpc::ByteBuffer* response) override {
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    Answers answers;
-    {
-      absl::MutexLock lock(&mu_);
-      Waiting w{reactor, response, GiveUpBefore(ctx->deadline())};
-      absl::Status s = StartRegister(*request, &w.node);
-      if (!s.ok()) {
-        answers.push_back({w.reactor, s});
-      } else {
-        registering_.push_back(w);
-        if (AllRegistered()) AnswerRegistrations(&answers);
-      }
-    }
-    Deliver(answers);
-    return reactor;
+    return Wait(
+        ctx, response, &registering_,
+        [&](Waiting* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return StartRegister(*request, &w->node);
+        },
+        [&](Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          if (AllRegistered()) AnswerRegistrations(answers);
+        });
   }
 
   grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* ctx,
@@ -97,22 +90,12 @@ class Service final : public CoordinatorBase {
   grpc::ServerUnaryReactor* Barrier(grpc::CallbackServerContext* ctx,
                                     const grpc::ByteBuffer* request,
                                     grpc::ByteBuffer* response) override {
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    Answers answers;
-    {
-      absl::MutexLock lock(&mu_);
-      Waiting w{reactor, response, GiveUpBefore(ctx->deadline())};
-      absl::Status s = EnterBarrier(*request, &w.epoch);
-      if (!s.ok()) {
-        answers.push_back({w.reactor, s});
-      } else {
-        *response = EncodeMessage(proto::BarrierResponse());
-        in_barrier_.push_back(w);
-        AnswerBarriers(&answers);
-      }
-    }
-    Deliver(answers);
-    return reactor;
+    return Wait(
+        ctx, response, &in_barrier_,
+        [&](Waiting* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return EnterBarrier(*request, &w->epoch);
+        },
+        [&](Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { AnswerBarriers(answers); });
   }
 
   // Every worker has finished and every live server has been told to shut
@@ -182,6 +165,30 @@ class Service final : public CoordinatorBase {
   using Answers = std::vector<std::pair<grpc::ServerUnaryReactor*, absl::Status>>;
   static void Deliver(const Answers& answers) {
     for (const auto& [reactor, status] : answers) reactor->Finish(ToGrpc(status));
+  }
+
+  // A call that may wait for other nodes: start(&w) records it (or refuses
+  // it); then it joins `waiting`, and answer(&answers) answers what is now
+  // decided, this call perhaps among them.
+  template <class Start, class Answer>
+  grpc::ServerUnaryReactor* Wait(grpc::CallbackServerContext* ctx, grpc::ByteBuffer* response,
+                                 std::vector<Waiting>* waiting, const Start& start,
+                                 const Answer& answer) {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    Answers answers;
+    {
+      absl::MutexLock lock(&mu_);
+      Waiting w{reactor, response, GiveUpBefore(ctx->deadline())};
+      const absl::Status s = start(&w);
+      if (s.ok()) {
+        waiting->push_back(w);
+        answer(&answers);
+      } else {
+        answers.push_back({reactor, s});
+      }
+    }
+    Deliver(answers);
+    return reactor;
   }
 
   // Parses a registration and records its node (rank, address) in *node.
@@ -268,6 +275,7 @@ class Service final : public CoordinatorBase {
         return true;
       }
       if (!EveryLiveWorkerEntered(w.epoch)) return false;
+      *w.response = EncodeMessage(proto::BarrierResponse());
       answers->push_back({w.reactor, absl::OkStatus()});
       return true;
     };
