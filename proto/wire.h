@@ -155,6 +155,23 @@ inline absl::Status FromGrpc(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
+// Answers a raw method without a tensor at once: parses its request
+// (ParseRequest), calls handle(req, &resp) and answers with resp or
+// handle's error.
+template <class Req, class Resp, class Handle>
+grpc::ServerUnaryReactor* AnswerRequest(grpc::CallbackServerContext* ctx,
+                                        const grpc::ByteBuffer& request,
+                                        grpc::ByteBuffer* response, const char* method,
+                                        const Handle& handle) {
+  Resp resp;
+  absl::StatusOr<Req> req = ParseRequest<Req>(request, method);
+  absl::Status s = req.ok() ? handle(*req, &resp) : req.status();
+  if (s.ok()) *response = EncodeMessage(resp);
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(ToGrpc(s));
+  return reactor;
+}
+
 }  // namespace mx
 
 #endif  // MX_PROTO_WIRE_H_

@@ -53,38 +53,29 @@ class Service final : public CoordinatorBase {
   grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* ctx,
                                       const grpc::ByteBuffer* request,
                                       grpc::ByteBuffer* response) override {
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    absl::StatusOr<proto::HeartbeatRequest> req =
-        ParseRequest<proto::HeartbeatRequest>(*request, "heartbeat");
-    absl::Status s = req.status();
-    if (s.ok()) {
-      absl::MutexLock lock(&mu_);
-      proto::HeartbeatResponse resp;
-      s = Beat(*req, &resp);
-      if (s.ok()) *response = EncodeMessage(resp);
-    }
-    Deliver({{reactor, s}});
-    return reactor;
+    return AnswerRequest<proto::HeartbeatRequest, proto::HeartbeatResponse>(
+        ctx, *request, response, "heartbeat",
+        [this](const proto::HeartbeatRequest& req, proto::HeartbeatResponse* resp) {
+          absl::MutexLock lock(&mu_);
+          return Beat(req, resp);
+        });
   }
 
   grpc::ServerUnaryReactor* Leave(grpc::CallbackServerContext* ctx,
                                   const grpc::ByteBuffer* request,
                                   grpc::ByteBuffer* response) override {
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    Answers answers;
-    absl::StatusOr<proto::LeaveRequest> req = ParseRequest<proto::LeaveRequest>(*request, "leave");
-    absl::Status s = req.status();
-    if (s.ok()) {
-      absl::MutexLock lock(&mu_);
-      s = Depart(req->rank());
-      if (s.ok()) {
-        *response = EncodeMessage(proto::LeaveResponse());
-        AnswerBarriers(&answers);  // they no longer wait for this worker
-      }
-    }
-    answers.push_back({reactor, s});
-    Deliver(answers);
-    return reactor;
+    return AnswerRequest<proto::LeaveRequest, proto::LeaveResponse>(
+        ctx, *request, response, "leave", [this](const proto::LeaveRequest& req, auto*) {
+          Answers answers;  // barriers that no longer wait for this worker
+          absl::Status s;
+          {
+            absl::MutexLock lock(&mu_);
+            s = Depart(req.rank());
+            if (s.ok()) AnswerBarriers(&answers);
+          }
+          Deliver(answers);
+          return s;
+        });
   }
 
   grpc::ServerUnaryReactor* Barrier(grpc::CallbackServerContext* ctx,
@@ -141,9 +132,8 @@ class Service final : public CoordinatorBase {
     {
       absl::MutexLock lock(&mu_);
       closed_ = true;
-      const absl::Status closing = absl::UnavailableError("the coordinator is shutting down");
-      for (const Waiting& w : registering_) answers.push_back({w.reactor, closing});
-      for (const Waiting& w : in_barrier_) answers.push_back({w.reactor, closing});
+      for (const Waiting& w : registering_) answers.push_back({w.reactor, Closing()});
+      for (const Waiting& w : in_barrier_) answers.push_back({w.reactor, Closing()});
       registering_.clear();
       in_barrier_.clear();
     }
@@ -161,6 +151,9 @@ class Service final : public CoordinatorBase {
     proto::NodeInfo node;
     int64_t epoch = 0;
   };
+  static absl::Status Closing() {
+    return absl::UnavailableError("the coordinator is shutting down");
+  }
   // Calls to finish, and how, once the lock is released.
   using Answers = std::vector<std::pair<grpc::ServerUnaryReactor*, absl::Status>>;
   static void Deliver(const Answers& answers) {
@@ -179,7 +172,7 @@ class Service final : public CoordinatorBase {
     {
       absl::MutexLock lock(&mu_);
       Waiting w{reactor, response, GiveUpBefore(ctx->deadline())};
-      const absl::Status s = start(&w);
+      const absl::Status s = closed_ ? Closing() : start(&w);
       if (s.ok()) {
         waiting->push_back(w);
         answer(&answers);
@@ -196,7 +189,6 @@ class Service final : public CoordinatorBase {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     MX_ASSIGN_OR_RETURN(const proto::RegisterRequest req,
                         ParseRequest<proto::RegisterRequest>(request, "register"));
-    if (closed_) return absl::UnavailableError("the coordinator is shutting down");
     std::map<int, proto::NodeInfo>& nodes = req.role() == proto::SERVER ? servers_ : workers_;
     MX_ASSIGN_OR_RETURN(const int rank, RankFor(req, nodes));
     node->set_role(req.role());
@@ -255,7 +247,6 @@ class Service final : public CoordinatorBase {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     MX_ASSIGN_OR_RETURN(const proto::BarrierRequest req,
                         ParseRequest<proto::BarrierRequest>(request, "barrier"));
-    if (closed_) return absl::UnavailableError("the coordinator is shutting down");
     *epoch = req.epoch();
     if (!workers_.count(req.rank())) {
       return absl::InvalidArgumentError(absl::StrCat(

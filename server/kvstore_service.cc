@@ -26,7 +26,7 @@ namespace {
 // back from there), values go out without copies (see
 // EncodeTensorMessage), and a pull waiting for a step holds no thread (the
 // shard answers it when the step completes). The small methods parse their
-// requests themselves (Answer), so that bytes that are no request are
+// requests themselves (AnswerRequest), so that bytes that are no request are
 // INVALID_ARGUMENT saying so, where gRPC's own parser answers INTERNAL with
 // no message; they run on gRPC's callback threads and wait at most for a
 // step in flight (SetOptimizer, the optimizer's state).
@@ -36,21 +36,6 @@ using ServiceBase = KVService::WithRawCallbackMethod_Init<KVService::WithRawCall
         KVService::WithRawCallbackMethod_PushPullMany<KVService::WithRawCallbackMethod_SetOptimizer<
             KVService::WithRawCallbackMethod_SaveOptimizerStates<
                 KVService::WithRawCallbackMethod_LoadOptimizerStates<KVService::Service>>>>>>>>;
-
-// Answers a small method: parses its request, calls handle(req, &resp) and
-// answers with resp or handle's error.
-template <class Req, class Resp, class Handle>
-grpc::ServerUnaryReactor* Answer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& request,
-                                 grpc::ByteBuffer* response, const char* method,
-                                 const Handle& handle) {
-  Resp resp;
-  absl::StatusOr<Req> req = ParseRequest<Req>(request, method);
-  absl::Status s = req.ok() ? handle(*req, &resp) : req.status();
-  if (s.ok()) *response = EncodeMessage(resp);
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  reactor->Finish(ToGrpc(s));
-  return reactor;
-}
 
 absl::Status Prefix(const absl::Status& s, const char* what, int key) {
   if (s.ok()) return s;
@@ -251,7 +236,7 @@ class Service final : public ServiceBase {
 
   grpc::ServerUnaryReactor* Init(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                  grpc::ByteBuffer* response) override {
-    return Answer<proto::InitRequest, proto::InitResponse>(
+    return AnswerRequest<proto::InitRequest, proto::InitResponse>(
         ctx, *request, response, "init", [this](const proto::InitRequest& req, proto::InitResponse*) {
           MX_RETURN_IF_ERROR(Prefix(SameJob(req), "init", req.key()));
           absl::StatusOr<HostTensor> t = FromProto(req.value());
@@ -301,7 +286,7 @@ class Service final : public ServiceBase {
   grpc::ServerUnaryReactor* SetOptimizer(grpc::CallbackServerContext* ctx,
                                          const grpc::ByteBuffer* request,
                                          grpc::ByteBuffer* response) override {
-    return Answer<proto::SetOptimizerRequest, proto::SetOptimizerResponse>(
+    return AnswerRequest<proto::SetOptimizerRequest, proto::SetOptimizerResponse>(
         ctx, *request, response, "set_optimizer",
         [this](const proto::SetOptimizerRequest& req, proto::SetOptimizerResponse*) {
           Optimizer::Options options(req.options().begin(), req.options().end());
@@ -315,7 +300,7 @@ class Service final : public ServiceBase {
   grpc::ServerUnaryReactor* SaveOptimizerStates(grpc::CallbackServerContext* ctx,
                                                 const grpc::ByteBuffer* request,
                                                 grpc::ByteBuffer* response) override {
-    return Answer<proto::SaveOptimizerStatesRequest, proto::OptimizerStates>(
+    return AnswerRequest<proto::SaveOptimizerStatesRequest, proto::OptimizerStates>(
         ctx, *request, response, "save_optimizer_states",
         [this](const proto::SaveOptimizerStatesRequest&, proto::OptimizerStates* resp) {
           absl::StatusOr<std::string> states = shard_->SaveOptimizerStates();
@@ -328,7 +313,7 @@ class Service final : public ServiceBase {
   grpc::ServerUnaryReactor* LoadOptimizerStates(grpc::CallbackServerContext* ctx,
                                                 const grpc::ByteBuffer* request,
                                                 grpc::ByteBuffer* response) override {
-    return Answer<proto::OptimizerStates, proto::LoadOptimizerStatesResponse>(
+    return AnswerRequest<proto::OptimizerStates, proto::LoadOptimizerStatesResponse>(
         ctx, *request, response, "load_optimizer_states",
         [this](const proto::OptimizerStates& req, proto::LoadOptimizerStatesResponse*) {
           return shard_->LoadOptimizerStates(req.states());
