@@ -233,5 +233,34 @@ TEST(CoordinatorErrors, APortInUseIsRefused) {
   EXPECT_THAT(second.status().message(), HasSubstr((*first)->address()));
 }
 
+// A registration still waiting for the rest of the job when the
+// coordinator stops is answered at once, saying why, not left to its
+// deadline (10 s here).
+TEST(CoordinatorShutdown, WaitingRegistrationsAreToldAtOnce) {
+  CoordinatorOptions o;
+  o.num_workers = 2;
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto stub = proto::Coordinator::NewStub(SharedChannel((*c)->address()));
+  grpc::Status s;
+  std::thread waiting([&] { s = Register(*stub, proto::SERVER); });
+  // Once the server has registered (heartbeats are accepted), stop.
+  for (int i = 0; i < 200; ++i) {
+    proto::HeartbeatRequest req;
+    req.set_role(proto::SERVER);
+    proto::HeartbeatResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    if (stub->Heartbeat(&ctx, req, &resp).ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const auto start = std::chrono::steady_clock::now();
+  c->reset();
+  waiting.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("the coordinator is shutting down"));
+}
+
 }  // namespace
 }  // namespace mx
