@@ -28,7 +28,7 @@
 
 #include "bench/bench_util.h"
 #include "kvstore/dist_kvstore.h"
-#include "proto/wire.h"
+#include "rpc/rpc.h"
 #include "server/kvstore_service.h"
 #include "server/shard.h"
 
@@ -171,11 +171,12 @@ class GrpcEcho {
   GrpcEcho() {
     grpc::ServerBuilder builder;
     int port = 0;
-    ListenExclusively(&builder, "127.0.0.1:0", &port);
+    rpc::Listen(&builder, "127.0.0.1:0", {}, &port);
     builder.RegisterCallbackGenericService(&service_);
     server_ = builder.BuildAndStart();
     if (server_ == nullptr || port == 0) throw std::runtime_error("gRPC echo: cannot listen");
-    stub_ = std::make_unique<grpc::GenericStub>(SharedChannel("127.0.0.1:" + std::to_string(port)));
+    stub_ = std::make_unique<grpc::GenericStub>(
+        rpc::SharedChannel("127.0.0.1:" + std::to_string(port), {}));
   }
   ~GrpcEcho() { server_->Shutdown(std::chrono::system_clock::now()); }
 

@@ -38,7 +38,18 @@ host. The coordinator runs on the first host, listening on --port (default
 advertising their host's name. Every process is started with `ssh -tt`, so
 stopping the launcher hangs up its remote processes.
 
-Ctrl-C (or SIGTERM) stops everything.
+Trust: every process gets the job token (a random secret the launcher
+makes, or --token-file) through a file named in its environment
+(MX_JOB_TOKEN_FILE), never in its arguments; servers and the coordinator
+refuse calls without it. With --tls every connection is mutual TLS: the
+launcher makes a CA and a certificate per process with openssl (or uses
+--tls-cert/--tls-key/--tls-ca for every process). Secrets live in a
+private directory (mode 0700, files 0600) removed when the launcher ends.
+With -H the token file and the TLS files must be readable at the same
+path on every host (a shared directory, or --token-file and --tls-* files
+copied there).
+
+Ctrl-C (or SIGTERM, SIGHUP) stops everything.
 """
 import argparse
 import os
@@ -52,6 +63,7 @@ import threading
 import time
 
 from job_args import add_job_arguments, add_worker_command, worker_command
+from job_secrets import JobSecrets
 
 
 def free_port():
@@ -172,8 +184,10 @@ class Remote:
     def command(self, host, cmd, env):
         """`cmd` on `host`, in this directory, with the job's variables of
         `env` (DMLC_*, MX_*, OMP_*, OPENBLAS_*)."""
+        # Never MX_JOB_TOKEN: it would be on the command lines of ssh here
+        # and of env there. The token travels as a file (MX_JOB_TOKEN_FILE).
         exported = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())
-                    if k.startswith(("DMLC_", "MX_", "OMP_", "OPENBLAS_"))]
+                    if k.startswith(("DMLC_", "MX_", "OMP_", "OPENBLAS_")) and k != "MX_JOB_TOKEN"]
         remote = (f"cd {shlex.quote(os.getcwd())} && exec env {' '.join(exported)} "
                   + " ".join(shlex.quote(c) for c in cmd))
         return self.ssh + ["-tt", "-o", "BatchMode=yes", host, remote]
@@ -305,6 +319,21 @@ def blas_threads(local_workers):
     return {"OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n}
 
 
+def job_secrets(ap, args):
+    """The job's token and TLS files (ap.error on bad options)."""
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if any(given) and not all(given):
+        ap.error("--tls-cert, --tls-key and --tls-ca go together")
+    for path in [args.token_file] + given:
+        if path and not os.access(path, os.R_OK):
+            ap.error(f"cannot read {path}")
+    try:
+        return JobSecrets(token_file=args.token_file, tls=args.tls or all(given),
+                          tls_files=tuple(given) if all(given) else None)
+    except RuntimeError as e:
+        ap.error(str(e))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(ap)
@@ -313,12 +342,26 @@ def main():
     ap.add_argument("--ssh", default="ssh", help="the ssh command for --hostfile")
     ap.add_argument("--port", type=int, default=0,
                     help="the coordinator's port (default: a free one; 9091 with --hostfile)")
+    ap.add_argument("--token-file", help="a file holding the job token (default: a new random one)")
+    ap.add_argument("--tls", action="store_true",
+                    help="mutual TLS on every connection, with a CA and certificates made for the job")
+    ap.add_argument("--tls-cert", help="with --tls-key and --tls-ca: TLS with these files instead")
+    ap.add_argument("--tls-key")
+    ap.add_argument("--tls-ca")
     add_worker_command(ap)
     args = ap.parse_args()
     cmd = worker_command(ap, args)
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
+    secrets = job_secrets(ap, args)
+    try:
+        return run(args, cmd, secrets)
+    finally:
+        secrets.remove()
 
+
+def run(args, cmd, secrets):
+    """Starts the job and supervises it; returns the exit code."""
     remote = None
     if args.hostfile:
         try:
@@ -331,28 +374,33 @@ def main():
     env = dict(os.environ, DMLC_PS_ROOT_URI=root, DMLC_PS_ROOT_PORT=str(port),
                MX_COORDINATOR=coordinator, DMLC_NUM_SERVER=str(args.num_servers),
                DMLC_NUM_WORKER=str(args.num_workers))
+    env.pop("MX_JOB_TOKEN", None)  # the job's own token comes from its file
     job = Job(remote)
     signal.signal(signal.SIGINT, lambda *_: (job.stop_all(), sys.exit(130)))
     signal.signal(signal.SIGTERM, lambda *_: (job.stop_all(), sys.exit(143)))
+    signal.signal(signal.SIGHUP, lambda *_: (job.stop_all(), sys.exit(129)))
     mode = "sync" if args.kvstore == "dist_sync" else "async"
     elastic = ["--elastic"] if args.elastic else []
     bind_host = "0.0.0.0" if remote else "127.0.0.1"
     job.start("coordinator", "coordinator",
               [args.server_binary, "--role=coordinator", f"--bind={bind_host}:{port}",
                f"--heartbeat_timeout_s={args.heartbeat_timeout}"] + elastic,
-              dict(env, DMLC_ROLE="scheduler"), host=remote and remote.host(0))
+              dict(env, DMLC_ROLE="scheduler", **secrets.env("coordinator")),
+              host=remote and remote.host(0))
     for i in range(args.num_servers):
         host = remote and remote.host(i)
         advertise = [f"--advertise={address_of(host)}"] if remote else []
         job.start(f"server {i}", "server",
                   [args.server_binary, "--role=server", f"--coordinator={coordinator}",
                    f"--bind={bind_host}:0", f"--mode={mode}"] + advertise + elastic,
-                  dict(env, DMLC_ROLE="server", MX_RANK=str(i)), host=host)
+                  dict(env, DMLC_ROLE="server", MX_RANK=str(i), **secrets.env(f"server-{i}")),
+                  host=host)
     per_host = -(-args.num_workers // len(remote.hosts)) if remote else args.num_workers
     worker_env = dict(env, DMLC_ROLE="worker", MX_ELASTIC="1" if args.elastic else "0",
                       **blas_threads(per_host))
     for i in range(args.num_workers):
-        job.start(f"worker {i}", "worker", cmd, dict(worker_env, MX_RANK=str(i)),
+        job.start(f"worker {i}", "worker", cmd,
+                  dict(worker_env, MX_RANK=str(i), **secrets.env(f"worker-{i}")),
                   host=remote and remote.host(i))
     # A node is declared dead within the timeout plus a sweep (a fifth of
     # it) of its last heartbeat, and the others hear of it at their next

@@ -11,7 +11,7 @@ PACKAGES=(
   bazel-bootstrap bazel-rules-java pkg-config g++ python3
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libopenblas-dev libgtest-dev libgmock-dev libbenchmark-dev
-  zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist
+  zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist openssl
 )
 if [[ "${1:-}" == "--bench" ]]; then
   PACKAGES+=(python3 python3-torch python3-numpy)

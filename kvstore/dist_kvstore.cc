@@ -21,11 +21,17 @@
 #include "kvstore/kvstore_internal.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/slice_key.h"
+#include "ndarray/env.h"
 #include "proto/wire.h"
+#include "rpc/coordinator_client.h"
+#include "rpc/rpc.h"
 
 namespace mx {
 
 namespace {
+
+using rpc::FromGrpc;
+using rpc::ToGrpc;
 
 // A 32-bit mix (murmur3's finalizer): neighbouring keys spread out.
 uint32_t Mix(int key) {
@@ -84,6 +90,7 @@ const std::string kPushPullManyMethod = "/mx.proto.KVStoreService/PushPullMany";
 // outlive the store.
 struct Conn : std::enable_shared_from_this<Conn> {
   DistKVStoreOptions options;
+  rpc::Caller caller;  // stamped on every call
   std::vector<std::unique_ptr<proto::KVStoreService::Stub>> stubs;
   // Push and Pull go through raw byte buffers (EncodeTensorMessage), over
   // options.connections_per_server connections per server.
@@ -128,7 +135,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
       done(ToGrpc(failed), call->resp);
       return;
     }
-    call->ctx.set_deadline(Deadline());
+    Prepare(&call->ctx);
     call->req = std::move(request);
     const auto& stubs = raw_stubs[server];
     const size_t servers = raw_stubs.size();
@@ -148,8 +155,11 @@ struct Conn : std::enable_shared_from_this<Conn> {
         });
   }
 
-  std::chrono::system_clock::time_point Deadline() const {
-    return std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options.rpc_timeout);
+  // Gives a call the store's deadline and this worker's token and identity.
+  void Prepare(grpc::ClientContext* ctx) const {
+    ctx->set_deadline(std::chrono::system_clock::now() +
+                      absl::ToChronoMilliseconds(options.rpc_timeout));
+    caller.Stamp(ctx);
   }
   absl::Status Named(absl::Status s, const char* what, const std::string& key, int server) const {
     if (s.ok()) return s;
@@ -172,17 +182,25 @@ class DistKVStore : public KVStore {
   explicit DistKVStore(const DistKVStoreOptions& options)
       : KVStore(options.sync ? "dist_sync" : "dist_async"), conn_(std::make_shared<Conn>()) {
     conn_->options = options;
+    conn_->caller.token = options.security.token;
+    if (!options.session_key.empty()) {
+      conn_->caller.rank = options.rank;
+      conn_->caller.key = options.session_key;
+    }
     for (const std::string& address : options.servers) {
-      conn_->stubs.push_back(proto::KVStoreService::NewStub(SharedChannel(address)));
+      conn_->stubs.push_back(
+          proto::KVStoreService::NewStub(rpc::SharedChannel(address, options.security)));
       conn_->raw_stubs.emplace_back();
       for (int c = 0; c < std::max(1, options.connections_per_server); ++c) {
-        conn_->raw_stubs.back().push_back(
-            std::make_unique<grpc::GenericStub>(SharedChannel(address, c)));
+        conn_->raw_stubs.back().push_back(std::make_unique<grpc::GenericStub>(
+            rpc::SharedChannel(address, options.security, c)));
       }
     }
   }
 
-  ~DistKVStore() override { StopHeartbeats(); }
+  ~DistKVStore() override {
+    if (coordinator_ != nullptr) coordinator_->StopHeartbeats();
+  }
 
   // Leaves the job: waits for this worker's operations, stops heartbeats
   // and tells the coordinator, which then neither declares this worker dead
@@ -190,38 +208,16 @@ class DistKVStore : public KVStore {
   absl::Status Finish() override {
     if (coordinator_ == nullptr) return absl::OkStatus();
     WaitAll();
-    StopHeartbeats();
-    proto::LeaveRequest req;
-    req.set_rank(conn_->options.rank);
-    proto::LeaveResponse resp;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(conn_->Deadline());
-    absl::Status s = FromGrpc(coordinator_->Leave(&ctx, req, &resp));
-    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("leaving the job: ", s.message()));
-    return absl::OkStatus();
-  }
-
-  void StopHeartbeats() {
-    if (!heartbeat_.joinable()) return;
-    {
-      std::lock_guard<std::mutex> lock(stop_mu_);
-      stop_ = true;
-    }
-    stop_cv_.notify_all();
-    heartbeat_.join();
+    coordinator_->StopHeartbeats();
+    return coordinator_->Leave();
   }
 
   // Joins the cluster through the coordinator: heartbeats every second.
-  void AttachCoordinator(std::unique_ptr<proto::Coordinator::Stub> coordinator) {
+  void AttachCoordinator(std::unique_ptr<rpc::CoordinatorClient> coordinator) {
     coordinator_ = std::move(coordinator);
-    heartbeat_ = std::thread([this] {
-      std::unique_lock<std::mutex> lock(stop_mu_);
-      while (!stop_cv_.wait_for(lock, std::chrono::seconds(1), [this] { return stop_; })) {
-        lock.unlock();
-        Heartbeat();
-        lock.lock();
-      }
-    });
+    coordinator_->StartHeartbeats(
+        [this](const proto::HeartbeatResponse& resp) { HeardOfDeaths(resp); },
+        [conn = conn_](const absl::Status& why) { conn->Fail(why); });
   }
 
   int rank() const override { return conn_->options.rank; }
@@ -231,7 +227,7 @@ class DistKVStore : public KVStore {
   // never followed by an answer that still counts it alive.
   int first_live_rank() override {
     if (coordinator_ == nullptr || !conn_->options.elastic) return 0;
-    Heartbeat();
+    coordinator_->HeartbeatNow();
     std::lock_guard<std::mutex> lock(dead_mu_);
     int rank = 0;
     while (dead_workers_.count(rank)) ++rank;
@@ -272,7 +268,7 @@ class DistKVStore : public KVStore {
       ToProto(data.data() + p.begin, Shape{p.end - p.begin}, req.mutable_value());
       proto::InitResponse resp;
       grpc::ClientContext ctx;
-      ctx.set_deadline(conn_->Deadline());
+      conn_->Prepare(&ctx);
       MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[p.server]->Init(&ctx, req, &resp)), "init",
                                e.label, p.server));
     }
@@ -426,7 +422,7 @@ class DistKVStore : public KVStore {
       for (const auto& [k, v] : optimizer->wd_mult()) (*req.mutable_wd_mult())[k] = v;
       proto::SetOptimizerResponse resp;
       grpc::ClientContext ctx;
-      ctx.set_deadline(conn_->Deadline());
+      conn_->Prepare(&ctx);
       MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[s]->SetOptimizer(&ctx, req, &resp)),
                                "set_optimizer", "-", static_cast<int>(s)));
     }
@@ -440,7 +436,7 @@ class DistKVStore : public KVStore {
       proto::SaveOptimizerStatesRequest req;
       proto::OptimizerStates resp;
       grpc::ClientContext ctx;
-      ctx.set_deadline(conn_->Deadline());
+      conn_->Prepare(&ctx);
       MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[s]->SaveOptimizerStates(&ctx, req, &resp)),
                                       "save_optimizer_states", "-", static_cast<int>(s)));
       all.add_servers(resp.states());
@@ -465,7 +461,7 @@ class DistKVStore : public KVStore {
       req.set_states(all.servers(static_cast<int>(s)));
       proto::LoadOptimizerStatesResponse resp;
       grpc::ClientContext ctx;
-      ctx.set_deadline(conn_->Deadline());
+      conn_->Prepare(&ctx);
       MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[s]->LoadOptimizerStates(&ctx, req, &resp)),
                                       "load_optimizer_states", "-", static_cast<int>(s)));
     }
@@ -477,15 +473,7 @@ class DistKVStore : public KVStore {
       return absl::FailedPreconditionError("Barrier: this store was not created through a coordinator");
     }
     WaitAll();
-    proto::BarrierRequest req;
-    req.set_rank(conn_->options.rank);
-    req.set_epoch(barriers_++);
-    proto::BarrierResponse resp;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(conn_->Deadline());
-    absl::Status s = FromGrpc(coordinator_->Barrier(&ctx, req, &resp));
-    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("barrier: ", s.message()));
-    return absl::OkStatus();
+    return coordinator_->Barrier(barriers_++);
   }
 
  private:
@@ -659,19 +647,8 @@ class DistKVStore : public KVStore {
     return it->second;
   }
 
-  void Heartbeat() {
-    proto::HeartbeatRequest req;
-    req.set_role(proto::WORKER);
-    req.set_rank(conn_->options.rank);
-    proto::HeartbeatResponse resp;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    grpc::Status s = coordinator_->Heartbeat(&ctx, req, &resp);
-    if (!s.ok()) {
-      conn_->Fail(absl::UnavailableError(absl::StrCat("the coordinator is unreachable: ",
-                                                      s.error_message())));
-      return;
-    }
+  // What a heartbeat's answer says of dead nodes.
+  void HeardOfDeaths(const proto::HeartbeatResponse& resp) {
     for (const proto::NodeInfo& dead : resp.dead()) {
       const bool worker = dead.role() == proto::WORKER;
       if (worker && dead.rank() == conn_->options.rank) {
@@ -697,11 +674,7 @@ class DistKVStore : public KVStore {
 
   std::shared_ptr<Conn> conn_;
   std::map<int, std::shared_ptr<Entry>> keys_;
-  std::unique_ptr<proto::Coordinator::Stub> coordinator_;
-  std::thread heartbeat_;
-  std::mutex stop_mu_;
-  std::condition_variable stop_cv_;
-  bool stop_ = false;  // guarded by stop_mu_
+  std::unique_ptr<rpc::CoordinatorClient> coordinator_;
   int64_t barriers_ = 0;
   std::mutex dead_mu_;
   std::set<int> dead_workers_;  // elastic: workers declared dead; guarded by dead_mu_
@@ -709,80 +682,56 @@ class DistKVStore : public KVStore {
 
 }  // namespace
 
-namespace {
-
-std::string Env(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr ? "" : v;
-}
-
-// The whole number of seconds (at least 1) in environment variable `name`,
-// or `otherwise` when it is unset.
-absl::StatusOr<int> SecondsFromEnv(const char* name, int otherwise, const std::string& type) {
-  const std::string text = Env(name);
-  if (text.empty()) return otherwise;
-  int seconds = 0;
-  if (!absl::SimpleAtoi(text, &seconds) || seconds < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "kvstore ", type, ": ", name, " must be a whole number of seconds from 1, not '", text, "'"));
-  }
-  return seconds;
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const std::string& type) {
-  std::string coordinator = Env("MX_COORDINATOR");
-  if (coordinator.empty() && !Env("DMLC_PS_ROOT_URI").empty()) {
-    coordinator = absl::StrCat(Env("DMLC_PS_ROOT_URI"), ":", Env("DMLC_PS_ROOT_PORT"));
+  auto prefixed = [&type](const absl::Status& s) {
+    return absl::Status(s.code(), absl::StrCat("kvstore ", type, ": ", s.message()));
+  };
+  std::string coordinator = EnvString("MX_COORDINATOR");
+  if (coordinator.empty() && !EnvString("DMLC_PS_ROOT_URI").empty()) {
+    coordinator = absl::StrCat(EnvString("DMLC_PS_ROOT_URI"), ":", EnvString("DMLC_PS_ROOT_PORT"));
   }
   if (coordinator.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "kvstore ", type, ": set MX_COORDINATOR=host:port (or DMLC_PS_ROOT_URI and "
-        "DMLC_PS_ROOT_PORT); deploy/launch.py does this"));
+    return prefixed(absl::FailedPreconditionError(
+        "set MX_COORDINATOR=host:port (or DMLC_PS_ROOT_URI and DMLC_PS_ROOT_PORT); "
+        "deploy/launch.py does this"));
   }
   DistKVStoreOptions options;
   options.sync = type != "dist_async";
-  MX_ASSIGN_OR_RETURN(const int rpc_timeout,
-                      SecondsFromEnv("MX_RPC_TIMEOUT_S", absl::ToInt64Seconds(options.rpc_timeout), type));
-  options.rpc_timeout = absl::Seconds(rpc_timeout);
-  // Every node of the job must start and register within this time.
-  MX_ASSIGN_OR_RETURN(const int startup_timeout,
-                      SecondsFromEnv("MX_STARTUP_TIMEOUT_S", kDefaultStartupTimeoutSeconds, type));
-  if (std::string b = Env("MX_BUCKET_KB"); !b.empty()) {
-    int kb = 0;
-    if (!absl::SimpleAtoi(b, &kb) || kb < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "kvstore ", type, ": MX_BUCKET_KB must be a number of KiB (0: one key per call), not '",
-          b, "'"));
-    }
-    options.bucket_bytes = int64_t{kb} << 10;
-  }
-  if (std::string e = Env("MX_ELASTIC"); !e.empty()) {
-    if (e != "0" && e != "1") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "kvstore ", type, ": MX_ELASTIC must be 0 or 1, not '", e, "'"));
-    }
-    options.elastic = e == "1";
-  }
+  absl::Status bad;
+  auto setting = [&](auto v) {
+    if (!v.ok() && bad.ok()) bad = prefixed(v.status());
+    using T = typename decltype(v)::value_type;
+    return v.ok() ? *std::move(v) : T{};
+  };
+  const auto rpc_timeout = setting(EnvInt("MX_RPC_TIMEOUT_S", 1, 86400));
+  const auto startup_timeout = setting(EnvInt("MX_STARTUP_TIMEOUT_S", 1, 86400));
+  const auto bucket_kb = setting(EnvInt("MX_BUCKET_KB", 0, 1 << 20));
+  const auto elastic = setting(EnvBool("MX_ELASTIC"));
+  const auto rank = setting(EnvInt("MX_RANK", 0, 1 << 20));
+  const rpc::Security security = setting(rpc::Security::FromEnvironment());
+  MX_RETURN_IF_ERROR(bad);
+  if (rpc_timeout) options.rpc_timeout = absl::Seconds(*rpc_timeout);
+  if (bucket_kb) options.bucket_bytes = *bucket_kb << 10;
+  options.elastic = elastic.value_or(false);
+  options.security = security;
   proto::RegisterRequest req;
   req.set_role(proto::WORKER);
-  if (std::string r = Env("MX_RANK"); !r.empty()) {
-    int rank = 0;
-    if (!absl::SimpleAtoi(r, &rank) || rank < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "kvstore ", type, ": MX_RANK must be a worker rank from 0, not '", r, "'"));
-    }
-    req.set_rank(rank);
-  }
-  MX_ASSIGN_OR_RETURN(const proto::RegisterResponse resp,
-                      RegisterWithCoordinator(coordinator, req, absl::Seconds(startup_timeout)));
+  if (rank) req.set_rank(static_cast<int>(*rank));
+  rpc::CoordinatorClient::Options co;
+  co.address = coordinator;
+  co.security = security;
+  // Every node of the job must start and register within this time.
+  co.startup_timeout = absl::Seconds(startup_timeout.value_or(rpc::kDefaultStartupTimeoutSeconds));
+  co.rpc_timeout = options.rpc_timeout;
+  MX_ASSIGN_OR_RETURN(std::unique_ptr<rpc::CoordinatorClient> client,
+                      rpc::CoordinatorClient::Register(co, req));
+  const proto::RegisterResponse& resp = client->cluster();
   options.rank = resp.self().rank();
   options.num_workers = resp.workers_size();
+  options.session_key = resp.session_key();
   for (const proto::NodeInfo& server : resp.servers()) options.servers.push_back(server.address());
   MX_ASSIGN_OR_RETURN(std::unique_ptr<KVStore> kv, CreateDistKVStore(options));
-  static_cast<DistKVStore*>(kv.get())->AttachCoordinator(
-      proto::Coordinator::NewStub(SharedChannel(coordinator)));
+  static_cast<DistKVStore*>(kv.get())->AttachCoordinator(std::move(client));
   return kv;
 }
 

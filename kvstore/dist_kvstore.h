@@ -21,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "kvstore/kvstore.h"
+#include "rpc/security.h"
 
 namespace mx {
 
@@ -41,6 +42,11 @@ struct DistKVStoreOptions {
   // servers finish steps without it); a dead server or an unreachable
   // coordinator still fails the store.
   bool elastic = false;
+  // TLS and the job token of every call (rpc/security.h).
+  rpc::Security security;
+  // This worker's session key from the coordinator, sent with every call
+  // as its identity; empty: none (servers that check no identities).
+  std::string session_key;
 };
 
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOptions& options);
@@ -51,7 +57,10 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOpti
 // launcher sets it to the index that labels the worker's log lines; else the
 // lowest rank free), learns its rank and the servers, and
 // heartbeats every second; a node the coordinator declares dead makes the
-// calls in flight and later calls fail with its role, rank and address.
+// calls in flight and later calls fail with its role, rank and address, and
+// so does losing the coordinator (rpc::CoordinatorClient's rule). TLS and
+// the job token come from MX_TLS_* and MX_JOB_TOKEN(_FILE)
+// (rpc::Security::FromEnvironment).
 // MX_RPC_TIMEOUT_S bounds every call (default 30). MX_ELASTIC=1 (set by
 // `launch.py --elastic`) makes the store ignore dead workers
 // (DistKVStoreOptions::elastic); the servers and the coordinator must then

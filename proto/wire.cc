@@ -2,116 +2,18 @@
 
 #include <google/protobuf/io/coded_stream.h>
 #include <google/protobuf/io/zero_copy_stream_impl_lite.h>
-#include <grpc/grpc.h>
 #include <grpcpp/support/proto_buffer_reader.h>
-
-#include <malloc.h>
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
 #include "proto/mx.grpc.pb.h"
 
 namespace mx {
-namespace {
-
-// HTTP/2 settings of every mx connection, client and server side (each
-// side announces them to its peer). Measured with dist_bench, 16 MiB values
-// sent as 4 MiB slices (alternating runs):
-// - A fixed window of 16 MiB per stream, without BDP probing. gRPC starts
-//   each stream at 64 KiB and grows the window by probing, so a 4 MiB call
-//   spent much of its life waiting for window updates. A receiver holds
-//   no more than before: it reads every call's message whole anyway.
-// - DATA frames of up to 1 MiB instead of 16 KiB: fewer frames to write
-//   and parse. A small call behind a big one waits for at most one frame.
-// Together, pushpull one at a time with 1 server and 1 worker went from
-// 0.71-0.75 of loopback TCP to 0.89-1.07; small round trips are unchanged.
-template <typename SetInt>
-void SetTransportArguments(const SetInt& set) {
-  set(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 16 << 20);
-  set(GRPC_ARG_HTTP2_BDP_PROBE, 0);
-  set(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, 1 << 20);
-}
-
-}  // namespace
-
-void KeepGrpcAlive() {
-  static const bool initialized = [] {
-    // gRPC reads into buffers of up to 4 MiB and frees them once a message
-    // is parsed. By default glibc hands such memory back to the kernel (an
-    // mmap above its moving threshold, or a trimmed heap top), so the next
-    // read page-faults and zero-fills it again: in dist_bench's 16 MiB
-    // transfers that was 40% more page faults and about 8% more CPU per
-    // byte. Allocations up to 32 MiB now come from the heap, and up to
-    // 64 MiB of free heap top is kept.
-    mallopt(M_MMAP_THRESHOLD, 32 << 20);
-    mallopt(M_TRIM_THRESHOLD, 64 << 20);
-    grpc_init();  // never shut down (see wire.h)
-    return true;
-  }();
-  (void)initialized;
-}
-
-void ListenExclusively(grpc::ServerBuilder* builder, const std::string& bind_address,
-                       int* port) {
-  builder->AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  SetTransportArguments(
-      [&](const char* name, int value) { builder->AddChannelArgument(name, value); });
-  builder->AddListeningPort(bind_address, grpc::InsecureServerCredentials(), port);
-}
-
-std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, int connection) {
-  KeepGrpcAlive();
-  static std::mutex* mu = new std::mutex;
-  static auto* channels = new std::map<std::pair<std::string, int>, std::shared_ptr<grpc::Channel>>;
-  std::lock_guard<std::mutex> lock(*mu);
-  std::shared_ptr<grpc::Channel>& channel = (*channels)[{address, connection}];
-  if (channel == nullptr) {
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(kMaxMessageBytes);
-    args.SetMaxSendMessageSize(kMaxMessageBytes);
-    // Channels whose arguments differ do not share a TCP connection.
-    args.SetInt("mx.connection", connection);
-    SetTransportArguments([&](const char* name, int value) { args.SetInt(name, value); });
-    channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
-  }
-  return channel;
-}
-
-absl::Time GiveUpBefore(std::chrono::system_clock::time_point deadline) {
-  if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
-  const absl::Time at = absl::FromChrono(deadline);
-  return at - std::min(absl::Milliseconds(500), (at - absl::Now()) / 10);
-}
-
-absl::StatusOr<proto::RegisterResponse> RegisterWithCoordinator(const std::string& address,
-                                                               const proto::RegisterRequest& req,
-                                                               absl::Duration timeout) {
-  std::shared_ptr<grpc::Channel> channel = SharedChannel(address);
-  auto stub = proto::Coordinator::NewStub(channel);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-  ctx.set_wait_for_ready(true);  // the coordinator may still be starting
-  proto::RegisterResponse resp;
-  const absl::Status s = FromGrpc(stub->Register(&ctx, req, &resp));
-  if (s.ok()) return resp;
-  const std::string where = absl::StrCat("registering with the coordinator at ", address, ": ");
-  if (absl::IsDeadlineExceeded(s) && channel->GetState(false) != GRPC_CHANNEL_READY) {
-    return absl::UnavailableError(absl::StrCat(
-        where, "nothing answered there within ", absl::FormatDuration(timeout),
-        " (is the coordinator running, and is that its address?)"));
-  }
-  // The status with its code: transport errors may carry no message.
-  return absl::Status(s.code(), where + s.ToString());
-}
-
 namespace {
 
 using google::protobuf::io::CodedInputStream;

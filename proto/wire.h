@@ -1,18 +1,18 @@
-// Internal: conversions between mx values and the wire format, shared by
-// the server and the distributed KVStore client.
+// Internal: the wire format's codec, shared by the servers and the
+// distributed KVStore client: conversions between mx values and messages,
+// and encoding and decoding without copies of tensor data. Channels,
+// credentials and deadlines are rpc/'s.
 #ifndef MX_PROTO_WIRE_H_
 #define MX_PROTO_WIRE_H_
 
 #include <grpcpp/grpcpp.h>
 
-#include <chrono>
 #include <functional>
 #include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
-#include "absl/time/time.h"
 #include "ndarray/base.h"
 #include "proto/mx.pb.h"
 #include "proto/pieces.h"
@@ -101,76 +101,6 @@ absl::StatusOr<Pieces> PiecesOf(const Slices& slices, size_t offset, size_t byte
 // Checks a decoded tensor's shape and dtype against the number of bytes
 // its data held.
 absl::StatusOr<Shape> TensorShape(const proto::Tensor& t, size_t data_bytes);
-
-// Initializes gRPC once for the life of the process. Clients and servers
-// call it before creating channels: otherwise destroying the last channel
-// shuts gRPC down while its callback thread may still be finishing a call.
-void KeepGrpcAlive();
-
-// A server builder listening on bind_address alone: without SO_REUSEPORT
-// (gRPC's default sets it), so a port another daemon holds is an error
-// instead of being silently shared. With it, a parameter server given an
-// ephemeral port could share the coordinator's, and the kernel then handed
-// some Register calls to the server (UNIMPLEMENTED, no message).
-// It sets the HTTP/2 flow control and framing every mx connection uses
-// (as SharedChannel does for clients).
-void ListenExclusively(grpc::ServerBuilder* builder, const std::string& bind_address,
-                       int* port);
-
-// The process's channel to `address`, created once and kept: channels are
-// expensive, and one that is destroyed while gRPC's callback thread
-// finishes a call on it aborted the process (gRPC 1.51,
-// grpc_cq_internal_unref).
-// `connection` numbers separate TCP connections to one address (each read
-// and parsed by one gRPC thread at a time): several let big transfers to
-// one server proceed in parallel.
-std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, int connection = 0);
-
-// When a server gives up on a call that waits for other nodes (a pull for
-// the workers' pushes, a registration or barrier for the other nodes): a
-// tenth of the time left before the caller's `deadline`, at most 0.5 s
-// before it, so that its answer saying what was missing reaches the caller
-// before the caller's own DEADLINE_EXCEEDED, which says nothing.
-// InfiniteFuture for a call without a deadline.
-absl::Time GiveUpBefore(std::chrono::system_clock::time_point deadline);
-
-// How long servers and workers wait for every node of the job to register,
-// unless MX_STARTUP_TIMEOUT_S (or mx_server --startup_timeout_s) says.
-constexpr int kDefaultStartupTimeoutSeconds = 120;
-
-// Registers with the coordinator at `address`, waiting up to `timeout` for
-// it to start and for every node of the job to register. Errors start
-// with "registering with the coordinator at ADDRESS: "; one that never
-// answered is UNAVAILABLE saying so (instead of a bare deadline).
-absl::StatusOr<proto::RegisterResponse> RegisterWithCoordinator(const std::string& address,
-                                                               const proto::RegisterRequest& req,
-                                                               absl::Duration timeout);
-
-inline grpc::Status ToGrpc(const absl::Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
-inline absl::Status FromGrpc(const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
-
-// Answers a raw method without a tensor at once: parses its request
-// (ParseRequest), calls handle(req, &resp) and answers with resp or
-// handle's error.
-template <class Req, class Resp, class Handle>
-grpc::ServerUnaryReactor* AnswerRequest(grpc::CallbackServerContext* ctx,
-                                        const grpc::ByteBuffer& request,
-                                        grpc::ByteBuffer* response, const char* method,
-                                        const Handle& handle) {
-  Resp resp;
-  absl::StatusOr<Req> req = ParseRequest<Req>(request, method);
-  absl::Status s = req.ok() ? handle(*req, &resp) : req.status();
-  if (s.ok()) *response = EncodeMessage(resp);
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  reactor->Finish(ToGrpc(s));
-  return reactor;
-}
 
 }  // namespace mx
 

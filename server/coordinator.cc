@@ -14,12 +14,19 @@
 #include "ndarray/base.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
+#include "rpc/rpc.h"
 
 namespace mx {
 
 namespace {
 
+using rpc::FromGrpc;
+using rpc::GiveUpBefore;
+using rpc::Guard;
+using rpc::ToGrpc;
+
 const char* RoleName(proto::Role r) { return r == proto::SERVER ? "server" : "worker"; }
+rpc::Role RpcRole(proto::Role r) { return static_cast<rpc::Role>(r); }
 
 // The methods parse their own requests (ParseRequest), so that bytes that
 // are no request are INVALID_ARGUMENT saying so. Register and Barrier wait
@@ -35,7 +42,14 @@ using CoordinatorBase = proto::Coordinator::WithRawCallbackMethod_Register<
 
 class Service final : public CoordinatorBase {
  public:
-  explicit Service(CoordinatorOptions options) : options_(options) {}
+  // Nodes are admitted to the guard as they register: a call for a node
+  // that has not is refused at once.
+  explicit Service(CoordinatorOptions options)
+      : options_(options), guard_(options.security.token, /*identities=*/true) {
+    guard_.AdmitAll(rpc::Role::kWorker);
+    guard_.AdmitAll(rpc::Role::kServer);
+  }
+  int64_t refused() const { return guard_.refused(); }
 
   grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* ctx,
                                      const grpc::ByteBuffer* request,
@@ -43,6 +57,7 @@ class Service final : public CoordinatorBase {
     return Wait(
         ctx, response, &registering_,
         [&](Waiting* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          MX_RETURN_IF_ERROR(guard_.CheckToken(*ctx, "register"));
           return StartRegister(*request, &w->node);
         },
         [&](Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -53,9 +68,13 @@ class Service final : public CoordinatorBase {
   grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* ctx,
                                       const grpc::ByteBuffer* request,
                                       grpc::ByteBuffer* response) override {
-    return AnswerRequest<proto::HeartbeatRequest, proto::HeartbeatResponse>(
+    absl::StatusOr<Guard::Node> caller;
+    return rpc::AnswerRequest<proto::HeartbeatRequest, proto::HeartbeatResponse>(
         ctx, *request, response, "heartbeat",
-        [this](const proto::HeartbeatRequest& req, proto::HeartbeatResponse* resp) {
+        [&] { return (caller = guard_.IdentifyAny(*ctx, "heartbeat")).status(); },
+        [&](const proto::HeartbeatRequest& req, proto::HeartbeatResponse* resp) {
+          MX_RETURN_IF_ERROR(
+              guard_.CheckClaim(*ctx, "heartbeat", *caller, RpcRole(req.role()), req.rank()));
           absl::MutexLock lock(&mu_);
           return Beat(req, resp);
         });
@@ -64,8 +83,13 @@ class Service final : public CoordinatorBase {
   grpc::ServerUnaryReactor* Leave(grpc::CallbackServerContext* ctx,
                                   const grpc::ByteBuffer* request,
                                   grpc::ByteBuffer* response) override {
-    return AnswerRequest<proto::LeaveRequest, proto::LeaveResponse>(
-        ctx, *request, response, "leave", [this](const proto::LeaveRequest& req, auto*) {
+    absl::StatusOr<Guard::Node> caller;
+    return rpc::AnswerRequest<proto::LeaveRequest, proto::LeaveResponse>(
+        ctx, *request, response, "leave",
+        [&] { return (caller = guard_.Identify(*ctx, "leave", rpc::Role::kWorker)).status(); },
+        [&](const proto::LeaveRequest& req, auto*) {
+          MX_RETURN_IF_ERROR(
+              guard_.CheckClaim(*ctx, "leave", *caller, rpc::Role::kWorker, req.rank()));
           Answers answers;  // barriers that no longer wait for this worker
           absl::Status s;
           {
@@ -84,7 +108,9 @@ class Service final : public CoordinatorBase {
     return Wait(
         ctx, response, &in_barrier_,
         [&](Waiting* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return EnterBarrier(*request, &w->epoch);
+          MX_ASSIGN_OR_RETURN(const Guard::Node caller,
+                              guard_.Identify(*ctx, "barrier", rpc::Role::kWorker));
+          return EnterBarrier(*ctx, caller, *request, &w->epoch);
         },
         [&](Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { AnswerBarriers(answers); });
   }
@@ -195,6 +221,9 @@ class Service final : public CoordinatorBase {
     node->set_rank(rank);
     node->set_address(req.address());
     nodes[rank] = *node;
+    const std::string key = rpc::NewSessionKey();
+    keys_[{req.role(), rank}] = key;
+    guard_.Admit(RpcRole(req.role()), rank, key);
     last_seen_[{req.role(), rank}] = absl::Now();
     return absl::OkStatus();
   }
@@ -207,8 +236,12 @@ class Service final : public CoordinatorBase {
     for (const Waiting& w : registering_) {
       proto::RegisterResponse resp;
       *resp.mutable_self() = w.node;
+      resp.set_session_key(keys_[{w.node.role(), w.node.rank()}]);
       for (const auto& [unused, s] : servers_) *resp.add_servers() = s;
-      for (const auto& [unused, n] : workers_) *resp.add_workers() = n;
+      for (const auto& [rank, n] : workers_) {
+        *resp.add_workers() = n;
+        if (w.node.role() == proto::SERVER) resp.add_worker_keys(keys_[{proto::WORKER, rank}]);
+      }
       *w.response = EncodeMessage(resp);
       answers->push_back({w.reactor, absl::OkStatus()});
     }
@@ -242,11 +275,14 @@ class Service final : public CoordinatorBase {
     return absl::OkStatus();
   }
 
-  // Parses a barrier request and records its worker's arrival at *epoch.
-  absl::Status EnterBarrier(const grpc::ByteBuffer& request, int64_t* epoch)
+  // Parses a barrier request of `caller` and records its worker's arrival
+  // at *epoch.
+  absl::Status EnterBarrier(const grpc::CallbackServerContext& ctx, const Guard::Node& caller,
+                            const grpc::ByteBuffer& request, int64_t* epoch)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     MX_ASSIGN_OR_RETURN(const proto::BarrierRequest req,
                         ParseRequest<proto::BarrierRequest>(request, "barrier"));
+    MX_RETURN_IF_ERROR(guard_.CheckClaim(ctx, "barrier", caller, rpc::Role::kWorker, req.rank()));
     *epoch = req.epoch();
     if (!workers_.count(req.rank())) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -369,7 +405,10 @@ class Service final : public CoordinatorBase {
   }
 
   const CoordinatorOptions options_;
+  Guard guard_;
   absl::Mutex mu_;
+  // Session keys of the registered nodes.
+  std::map<std::pair<proto::Role, int>, std::string> keys_ ABSL_GUARDED_BY(mu_);
   // Registered nodes by rank.
   std::map<int, proto::NodeInfo> servers_ ABSL_GUARDED_BY(mu_), workers_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<proto::Role, int>, absl::Time> last_seen_ ABSL_GUARDED_BY(mu_);
@@ -394,13 +433,12 @@ struct CoordinatorServer::Impl {
 
 absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     const std::string& bind_address, CoordinatorOptions options) {
-  KeepGrpcAlive();
   std::unique_ptr<CoordinatorServer> c(new CoordinatorServer());
   c->impl_ = std::make_unique<Impl>();
   c->impl_->service = std::make_unique<Service>(options);
   grpc::ServerBuilder builder;
   int port = 0;
-  ListenExclusively(&builder, bind_address, &port);
+  rpc::Listen(&builder, bind_address, options.security, &port);
   builder.RegisterService(c->impl_->service.get());
   c->impl_->server = builder.BuildAndStart();
   if (c->impl_->server == nullptr || port == 0) {
@@ -422,6 +460,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
 }
 
 bool CoordinatorServer::finished() const { return impl_->service->Finished(); }
+int64_t CoordinatorServer::refused() const { return impl_->service->refused(); }
 
 CoordinatorServer::~CoordinatorServer() {
   if (impl_ == nullptr) return;

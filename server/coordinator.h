@@ -12,6 +12,10 @@
 // workers that use it fail). A worker that finished calls Leave; once
 // every worker has, heartbeat answers tell the servers to shut down, and
 // finished() turns true when each has been told.
+//
+// Every call must carry the job token (when options.security has one);
+// Register answers each node with its session key, and every later call
+// must come from the node it acts for (rpc/security.h).
 #ifndef MX_SERVER_COORDINATOR_H_
 #define MX_SERVER_COORDINATOR_H_
 
@@ -20,6 +24,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "rpc/security.h"
 
 namespace mx {
 
@@ -28,6 +33,7 @@ struct CoordinatorOptions {
   int num_workers = 1;
   absl::Duration heartbeat_timeout = absl::Seconds(5);
   bool elastic = false;  // barriers continue without dead workers
+  rpc::Security security;  // TLS and the job token; none: plaintext, open
 };
 
 class CoordinatorServer {
@@ -39,6 +45,8 @@ class CoordinatorServer {
   // Every worker has finished (Leave) or died, and every live server has
   // been told to shut down.
   bool finished() const;
+  // Calls refused for a missing or wrong token or identity.
+  int64_t refused() const;
 
  private:
   CoordinatorServer() = default;

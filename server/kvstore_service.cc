@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
+#include "rpc/rpc.h"
 
 namespace mx {
 
@@ -36,6 +37,11 @@ using ServiceBase = KVService::WithRawCallbackMethod_Init<KVService::WithRawCall
         KVService::WithRawCallbackMethod_PushPullMany<KVService::WithRawCallbackMethod_SetOptimizer<
             KVService::WithRawCallbackMethod_SaveOptimizerStates<
                 KVService::WithRawCallbackMethod_LoadOptimizerStates<KVService::Service>>>>>>>>;
+
+using rpc::GiveUpBefore;
+using rpc::Guard;
+using rpc::ToGrpc;
+constexpr rpc::Role kWorker = rpc::Role::kWorker;
 
 absl::Status Prefix(const absl::Status& s, const char* what, int key) {
   if (s.ok()) return s;
@@ -232,12 +238,15 @@ void PullDeadlines::Loop() {
 
 class Service final : public ServiceBase {
  public:
-  explicit Service(ParameterShard* shard) : shard_(shard) {}
+  Service(ParameterShard* shard, const ParameterServerOptions& o)
+      : shard_(shard), guard_(o.security.token, o.identities) {}
+  Guard& guard() { return guard_; }
 
   grpc::ServerUnaryReactor* Init(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                  grpc::ByteBuffer* response) override {
-    return AnswerRequest<proto::InitRequest, proto::InitResponse>(
-        ctx, *request, response, "init", [this](const proto::InitRequest& req, proto::InitResponse*) {
+    return rpc::AnswerRequest<proto::InitRequest, proto::InitResponse>(
+        ctx, *request, response, "init", [&] { return Worker(*ctx, "init").status(); },
+        [this](const proto::InitRequest& req, proto::InitResponse*) {
           MX_RETURN_IF_ERROR(Prefix(SameJob(req), "init", req.key()));
           absl::StatusOr<HostTensor> t = FromProto(req.value());
           if (!t.ok()) return Prefix(t.status(), "init", req.key());
@@ -250,14 +259,17 @@ class Service final : public ServiceBase {
     *response = EncodeMessage(proto::PushResponse());
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     proto::PushRequest req;
-    reactor->Finish(ToGrpc(HandlePush(*request, &req)));
+    reactor->Finish(ToGrpc(HandlePush(*ctx, *request, &req)));
     return reactor;
   }
 
   grpc::ServerUnaryReactor* Pull(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                  grpc::ByteBuffer* response) override {
     proto::PullRequest req;
-    absl::Status s = DecodeWithTensor(*request, 0, &req, nullptr);  // no tensor
+    absl::StatusOr<Guard::Node> caller = Worker(*ctx, "pull");
+    absl::Status s = caller.status();
+    if (s.ok()) s = DecodeWithTensor(*request, 0, &req, nullptr);  // no tensor
+    if (s.ok()) s = guard_.CheckClaim(*ctx, "pull", *caller, kWorker, req.rank());
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false);
     reactor->Start(Prefix(s, "pull", req.key()), {{req.key(), req.min_version()}},
                    ctx->deadline());
@@ -267,7 +279,7 @@ class Service final : public ServiceBase {
   grpc::ServerUnaryReactor* PushPull(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                      grpc::ByteBuffer* response) override {
     proto::PushRequest req;
-    absl::Status s = HandlePush(*request, &req);
+    absl::Status s = HandlePush(*ctx, *request, &req);
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false);
     reactor->Start(s, {{req.key(), req.min_version()}}, ctx->deadline());
     return reactor;
@@ -277,7 +289,7 @@ class Service final : public ServiceBase {
                                          const grpc::ByteBuffer* request,
                                          grpc::ByteBuffer* response) override {
     std::vector<PullReactor::Wanted> wanted;
-    absl::Status s = HandlePushes(*request, &wanted);
+    absl::Status s = HandlePushes(*ctx, *request, &wanted);
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/true);
     reactor->Start(s, std::move(wanted), ctx->deadline());
     return reactor;
@@ -286,8 +298,9 @@ class Service final : public ServiceBase {
   grpc::ServerUnaryReactor* SetOptimizer(grpc::CallbackServerContext* ctx,
                                          const grpc::ByteBuffer* request,
                                          grpc::ByteBuffer* response) override {
-    return AnswerRequest<proto::SetOptimizerRequest, proto::SetOptimizerResponse>(
+    return rpc::AnswerRequest<proto::SetOptimizerRequest, proto::SetOptimizerResponse>(
         ctx, *request, response, "set_optimizer",
+        [&] { return Worker(*ctx, "set_optimizer").status(); },
         [this](const proto::SetOptimizerRequest& req, proto::SetOptimizerResponse*) {
           Optimizer::Options options(req.options().begin(), req.options().end());
           std::map<int, std::string> names(req.param_names().begin(), req.param_names().end());
@@ -300,8 +313,9 @@ class Service final : public ServiceBase {
   grpc::ServerUnaryReactor* SaveOptimizerStates(grpc::CallbackServerContext* ctx,
                                                 const grpc::ByteBuffer* request,
                                                 grpc::ByteBuffer* response) override {
-    return AnswerRequest<proto::SaveOptimizerStatesRequest, proto::OptimizerStates>(
+    return rpc::AnswerRequest<proto::SaveOptimizerStatesRequest, proto::OptimizerStates>(
         ctx, *request, response, "save_optimizer_states",
+        [&] { return Worker(*ctx, "save_optimizer_states").status(); },
         [this](const proto::SaveOptimizerStatesRequest&, proto::OptimizerStates* resp) {
           absl::StatusOr<std::string> states = shard_->SaveOptimizerStates();
           if (!states.ok()) return states.status();
@@ -313,14 +327,20 @@ class Service final : public ServiceBase {
   grpc::ServerUnaryReactor* LoadOptimizerStates(grpc::CallbackServerContext* ctx,
                                                 const grpc::ByteBuffer* request,
                                                 grpc::ByteBuffer* response) override {
-    return AnswerRequest<proto::OptimizerStates, proto::LoadOptimizerStatesResponse>(
+    return rpc::AnswerRequest<proto::OptimizerStates, proto::LoadOptimizerStatesResponse>(
         ctx, *request, response, "load_optimizer_states",
+        [&] { return Worker(*ctx, "load_optimizer_states").status(); },
         [this](const proto::OptimizerStates& req, proto::LoadOptimizerStatesResponse*) {
           return shard_->LoadOptimizerStates(req.states());
         });
   }
 
  private:
+  // The token of a call, and which registered worker makes it.
+  absl::StatusOr<Guard::Node> Worker(const grpc::CallbackServerContext& ctx, const char* method) {
+    return guard_.Identify(ctx, method, kWorker);
+  }
+
   // Whether the worker's store (as its init says) belongs to a job run as
   // this server is: the same mode and number of workers.
   absl::Status SameJob(const proto::InitRequest& req) const {
@@ -339,10 +359,14 @@ class Service final : public ServiceBase {
     return absl::OkStatus();
   }
 
-  // Decodes a push into *req (all but the data) and gives it to the shard.
-  absl::Status HandlePush(const grpc::ByteBuffer& request, proto::PushRequest* req) {
+  // Checks the caller, decodes a push into *req (all but the data) and
+  // gives it to the shard.
+  absl::Status HandlePush(const grpc::CallbackServerContext& ctx, const grpc::ByteBuffer& request,
+                          proto::PushRequest* req) {
+    MX_ASSIGN_OR_RETURN(const Guard::Node caller, Worker(ctx, "push"));
     PushData data;
     absl::Status s = DecodeWithTensor(request, kPushValueField, req, Locate(&data));
+    if (s.ok()) s = guard_.CheckClaim(ctx, "push", caller, kWorker, req->rank());
     absl::StatusOr<Slices> slices = SlicesOf(request);
     if (s.ok()) s = slices.status();
     return Apply(s, slices.ok() ? *slices : nullptr, *req, data);
@@ -350,8 +374,10 @@ class Service final : public ServiceBase {
 
   // The same for every entry of a PushPullManyRequest; *wanted: what to
   // answer with.
-  absl::Status HandlePushes(const grpc::ByteBuffer& request,
+  absl::Status HandlePushes(const grpc::CallbackServerContext& ctx,
+                            const grpc::ByteBuffer& request,
                             std::vector<PullReactor::Wanted>* wanted) {
+    MX_ASSIGN_OR_RETURN(const Guard::Node caller, Worker(ctx, "pushpull"));
     std::deque<proto::PushRequest> reqs;  // stable addresses while decoding
     std::deque<PushData> data;
     absl::Status s = DecodeRepeated(
@@ -360,6 +386,9 @@ class Service final : public ServiceBase {
         [&](int) { return Locate(&data.emplace_back()); });
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat("pushpull: ", s.message()));
     MX_ASSIGN_OR_RETURN(Slices slices, SlicesOf(request));  // once for every entry
+    for (const proto::PushRequest& req : reqs) {  // all checked before any applies
+      MX_RETURN_IF_ERROR(guard_.CheckClaim(ctx, "pushpull", caller, kWorker, req.rank()));
+    }
     for (size_t i = 0; i < reqs.size(); ++i) {
       MX_RETURN_IF_ERROR(Apply(absl::OkStatus(), slices, reqs[i], data[i]));
       wanted->push_back({reqs[i].key(), reqs[i].min_version()});
@@ -393,6 +422,7 @@ class Service final : public ServiceBase {
   }
 
   ParameterShard* shard_;
+  Guard guard_;
   PullDeadlines deadlines_;
 };
 
@@ -404,15 +434,16 @@ struct ParameterServer::Impl {
 };
 
 absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
-    const std::string& bind_address, ShardOptions options, int max_message_mb) {
-  KeepGrpcAlive();
+    const std::string& bind_address, ShardOptions options,
+    const ParameterServerOptions& server_options) {
+  const int max_message_mb = server_options.max_message_mb;
   std::unique_ptr<ParameterServer> ps(new ParameterServer());
   ps->shard_ = std::make_unique<ParameterShard>(options);
   ps->impl_ = std::make_unique<Impl>();
-  ps->impl_->service = std::make_unique<Service>(ps->shard_.get());
+  ps->impl_->service = std::make_unique<Service>(ps->shard_.get(), server_options);
   grpc::ServerBuilder builder;
   int port = 0;
-  ListenExclusively(&builder, bind_address, &port);
+  rpc::Listen(&builder, bind_address, server_options.security, &port);
   builder.RegisterService(ps->impl_->service.get());
   if (max_message_mb < 1 || max_message_mb > kMaxMessageBytes >> 20) {
     return absl::InvalidArgumentError(absl::StrCat("the largest message must be 1 to ",
@@ -428,6 +459,15 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
   ps->address_ = absl::StrCat(bind_address.substr(0, bind_address.rfind(':')), ":", port);
   return ps;
 }
+
+void ParameterServer::AdmitWorkers(const std::vector<std::string>& keys) {
+  for (size_t rank = 0; rank < keys.size(); ++rank) {
+    impl_->service->guard().Admit(kWorker, static_cast<int>(rank), keys[rank]);
+  }
+  impl_->service->guard().AdmitAll(kWorker);
+}
+
+int64_t ParameterServer::refused() const { return impl_->service->guard().refused(); }
 
 ParameterServer::~ParameterServer() {
   if (impl_ != nullptr && impl_->server != nullptr) {

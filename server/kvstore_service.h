@@ -4,25 +4,46 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "rpc/security.h"
 #include "server/shard.h"
 
 namespace mx {
 
+struct ParameterServerOptions {
+  // A request larger than this many MiB (1 to 1024) is refused
+  // (RESOURCE_EXHAUSTED, from gRPC) and the server goes on serving.
+  int max_message_mb = 1024;
+  // TLS and the job token; none: plaintext, and any caller's token passes.
+  rpc::Security security;
+  // Whether every call must come from a registered worker acting for
+  // itself (mx_server's servers, which register with a coordinator): calls
+  // wait (up to 10 s) until AdmitWorkers names the workers. Off (tests that
+  // hand workers the servers' addresses), any rank may be claimed.
+  bool identities = false;
+};
+
 // A running parameter server: a gRPC server on `bind_address` (host:port;
-// port 0 picks a free one) serving one shard. A request larger than
-// `max_message_mb` MiB is refused (RESOURCE_EXHAUSTED, from gRPC) and the
-// server goes on serving. Stops when destroyed: closes the shard (waiting
-// pulls fail at once, kUnavailable) and waits for the calls in flight.
+// port 0 picks a free one) serving one shard. Every handler checks the
+// caller (rpc/security.h) before it reads the request. Stops when
+// destroyed: closes the shard (waiting pulls fail at once, kUnavailable)
+// and waits for the calls in flight.
 class ParameterServer {
  public:
   static absl::StatusOr<std::unique_ptr<ParameterServer>> Start(
-      const std::string& bind_address, ShardOptions options, int max_message_mb = 1024);
+      const std::string& bind_address, ShardOptions options,
+      const ParameterServerOptions& server_options = {});
   ~ParameterServer();
   // host:port it listens on, with the port actually bound.
   const std::string& address() const { return address_; }
   ParameterShard& shard() { return *shard_; }
+  // The job's workers, by rank, with the session keys the coordinator gave
+  // them (RegisterResponse.worker_keys).
+  void AdmitWorkers(const std::vector<std::string>& keys);
+  // Calls refused for a missing or wrong token or identity.
+  int64_t refused() const;
 
  private:
   ParameterServer() = default;

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <functional>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -31,8 +32,11 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "ndarray/env.h"
 #include "proto/mx.grpc.pb.h"
-#include "proto/wire.h"
+#include "rpc/coordinator_client.h"
+#include "rpc/rpc.h"
+#include "rpc/security.h"
 #include "server/coordinator.h"
 #include "server/kvstore_service.h"
 
@@ -45,8 +49,8 @@ ABSL_FLAG(std::string, advertise, "",
           "port); default: the bound address, with 0.0.0.0 replaced by 127.0.0.1");
 ABSL_FLAG(std::string, coordinator, "",
           "the coordinator's host:port (default: $DMLC_PS_ROOT_URI:$DMLC_PS_ROOT_PORT)");
-ABSL_FLAG(int, num_servers, 0, "servers in the job (default: $DMLC_NUM_SERVER)");
-ABSL_FLAG(int, num_workers, 0, "workers in the job (default: $DMLC_NUM_WORKER)");
+ABSL_FLAG(std::string, num_servers, "", "servers in the job (default: $DMLC_NUM_SERVER)");
+ABSL_FLAG(std::string, num_workers, "", "workers in the job (default: $DMLC_NUM_WORKER)");
 ABSL_FLAG(std::string, rank, "",
           "the server rank to ask the coordinator for, 0 to num_servers-1 (default: $MX_RANK; "
           "neither: the lowest one free); launch.py gives each server its index");
@@ -56,46 +60,74 @@ ABSL_FLAG(bool, elastic, false,
           "and to every server)");
 ABSL_FLAG(int, max_message_mb, 1024,
           "a server refuses requests larger than this many MiB (1 to 1024)");
-ABSL_FLAG(int, startup_timeout_s, 0,
+ABSL_FLAG(std::string, startup_timeout_s, "",
           "a server fails unless every node of the job has registered within this many seconds "
           "(default: $MX_STARTUP_TIMEOUT_S, else 120)");
 ABSL_FLAG(int, heartbeat_timeout_s, 5,
           "the coordinator declares a node dead after this many silent seconds (at least 2: "
           "nodes heartbeat every second)");
+ABSL_FLAG(std::string, token_file, "",
+          "a file whose first line is the job token, which every call must carry (default: "
+          "$MX_JOB_TOKEN_FILE, or the token itself in $MX_JOB_TOKEN; neither: an open job that "
+          "any process reaching the port may call)");
+ABSL_FLAG(std::string, tls_cert, "",
+          "this node's certificate (PEM) for mutual TLS on every connection (default: "
+          "$MX_TLS_CERT); needs --tls_key and --tls_ca");
+ABSL_FLAG(std::string, tls_key, "", "the private key of --tls_cert (default: $MX_TLS_KEY)");
+ABSL_FLAG(std::string, tls_ca, "",
+          "the job's CA certificate: peers must present certificates it signed (default: "
+          "$MX_TLS_CA)");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "the name servers' certificates carry, checked instead of the host dialled (default: "
+          "$MX_TLS_SERVER_NAME; launch.py --tls uses one name for the whole job)");
 
 namespace mx {
 namespace {
 
-std::string Env(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr ? "" : v;
-}
-
-int IntFlagOrEnv(int flag, const char* env, const char* name) {
-  if (flag > 0) return flag;
-  const std::string text = Env(env);
-  int v = 0;
-  if (!absl::SimpleAtoi(text, &v) || v <= 0) {
-    std::cerr << "mx_server: --" << name << " (or $" << env << ") must be a positive number, not '"
-              << text << "'\n";
+// Exits with code 2 and the setting's error unless `v` holds a value.
+template <class T>
+T OrExit(absl::StatusOr<T> v) {
+  if (!v.ok()) {
+    std::cerr << "mx_server: " << v.status().message() << "\n";
     std::exit(2);
   }
-  return v;
+  return *std::move(v);
 }
 
-// --startup_timeout_s, else $MX_STARTUP_TIMEOUT_S, else the default (as
-// workers).
-int StartupTimeoutSeconds() {
-  if (Env("MX_STARTUP_TIMEOUT_S").empty() && absl::GetFlag(FLAGS_startup_timeout_s) <= 0) {
-    return kDefaultStartupTimeoutSeconds;
+// A whole-number setting: the flag, else the environment variable, else
+// `otherwise` (nullopt: required, an error naming both).
+int IntSetting(const char* flag, const std::string& flag_text, const char* env, int64_t min,
+               int64_t max, std::optional<int> otherwise = std::nullopt) {
+  std::optional<int64_t> v = OrExit(FlagOrEnvInt(flag, flag_text, env, min, max));
+  if (v.has_value()) return static_cast<int>(*v);
+  if (otherwise.has_value()) return *otherwise;
+  std::cerr << "mx_server: give --" << flag << " (or $" << env << ")\n";
+  std::exit(2);
+}
+
+// TLS and the job token, from the flags and else the environment.
+rpc::Security SecuritySettings() {
+  auto flag_or_env = [](const std::string& flag, const char* env) {
+    return flag.empty() ? EnvString(env) : flag;
+  };
+  const std::string token_file = absl::GetFlag(FLAGS_token_file);
+  rpc::Security s = OrExit(rpc::Security::Load(
+      token_file.empty() ? EnvString("MX_JOB_TOKEN") : "",
+      flag_or_env(token_file, "MX_JOB_TOKEN_FILE"),
+      flag_or_env(absl::GetFlag(FLAGS_tls_cert), "MX_TLS_CERT"),
+      flag_or_env(absl::GetFlag(FLAGS_tls_key), "MX_TLS_KEY"),
+      flag_or_env(absl::GetFlag(FLAGS_tls_ca), "MX_TLS_CA"),
+      flag_or_env(absl::GetFlag(FLAGS_tls_server_name), "MX_TLS_SERVER_NAME")));
+  if (s.token.empty()) {
+    std::cerr << "mx_server: warning: no job token (--token_file, $MX_JOB_TOKEN_FILE or "
+                 "$MX_JOB_TOKEN): any process that reaches this port can call it\n";
   }
-  return IntFlagOrEnv(absl::GetFlag(FLAGS_startup_timeout_s), "MX_STARTUP_TIMEOUT_S",
-                      "startup_timeout_s");
+  return s;
 }
 
 std::string RootAddress() {
-  if (Env("DMLC_PS_ROOT_URI").empty()) return "";
-  return absl::StrCat(Env("DMLC_PS_ROOT_URI"), ":", Env("DMLC_PS_ROOT_PORT"));
+  if (EnvString("DMLC_PS_ROOT_URI").empty()) return "";
+  return absl::StrCat(EnvString("DMLC_PS_ROOT_URI"), ":", EnvString("DMLC_PS_ROOT_PORT"));
 }
 
 // Whether `address` is a host name or IP address, with or without ":port",
@@ -134,14 +166,26 @@ int WaitForSignal(const std::function<bool()>& stop) {
 }
 
 // The line an orderly stop logs: "server 1: every worker finished;
-// shutting down", or "server 1: shutting down (SIGTERM)" on a signal.
-void LogShutdown(const std::string& who, int sig) {
+// shutting down", or "server 1: shutting down (SIGTERM)" on a signal; then,
+// if any, the calls refused for a missing or wrong token or identity.
+void LogShutdown(const std::string& who, int sig, int64_t refused) {
   if (sig == 0) {
     std::cout << who << ": every worker finished; shutting down" << std::endl;
-    return;
+  } else {
+    std::cout << who << ": shutting down (" << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ")"
+              << std::endl;
   }
-  std::cout << who << ": shutting down (" << (sig == SIGINT ? "SIGINT" : "SIGTERM") << ")"
-            << std::endl;
+  if (refused > 0) {
+    std::cout << who << ": refused " << refused
+              << " call(s) without the job's token or the caller's identity" << std::endl;
+  }
+}
+
+int NumServers() {
+  return IntSetting("num_servers", absl::GetFlag(FLAGS_num_servers), "DMLC_NUM_SERVER", 1, 1 << 16);
+}
+int NumWorkers() {
+  return IntSetting("num_workers", absl::GetFlag(FLAGS_num_workers), "DMLC_NUM_WORKER", 1, 1 << 20);
 }
 
 int RunCoordinator() {
@@ -159,10 +203,11 @@ int RunCoordinator() {
     return 2;
   }
   CoordinatorOptions o;
-  o.num_servers = IntFlagOrEnv(absl::GetFlag(FLAGS_num_servers), "DMLC_NUM_SERVER", "num_servers");
-  o.num_workers = IntFlagOrEnv(absl::GetFlag(FLAGS_num_workers), "DMLC_NUM_WORKER", "num_workers");
+  o.num_servers = NumServers();
+  o.num_workers = NumWorkers();
   o.heartbeat_timeout = absl::Seconds(timeout_s);
   o.elastic = absl::GetFlag(FLAGS_elastic);
+  o.security = SecuritySettings();
   auto c = CoordinatorServer::Start(bind, o);
   if (!c.ok()) {
     std::cerr << "mx_server: " << c.status().message() << "\n";
@@ -171,8 +216,43 @@ int RunCoordinator() {
   std::cout << "coordinator listening on " << (*c)->address()
             << (o.elastic ? " (elastic)" : "") << std::endl;
   const int sig = WaitForSignal([&c] { return (*c)->finished(); });
-  LogShutdown("coordinator", sig);
+  LogShutdown("coordinator", sig, (*c)->refused());
   return 0;
+}
+
+// The address other nodes use to reach a server bound at `bound`.
+std::string Advertised(const std::string& advertise, const std::string& bound) {
+  const std::string bound_port = bound.substr(bound.rfind(':') + 1);
+  if (advertise.empty()) {
+    if (bound.rfind("0.0.0.0:", 0) == 0) return "127.0.0.1:" + bound_port;
+    return bound;
+  }
+  if (advertise.find(':') == std::string::npos) return advertise + ":" + bound_port;  // a host
+  return advertise;
+}
+
+// Heartbeats until the coordinator says every worker finished (returns
+// true), the coordinator is lost (closes the shard, returns false), or a
+// signal (returns false; *sig is set).
+bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, int* sig) {
+  const int rank = coordinator.cluster().self().rank();
+  std::atomic<bool> finished{false}, lost{false};
+  coordinator.StartHeartbeats(
+      [&](const proto::HeartbeatResponse& hr) {
+        for (const proto::NodeInfo& dead : hr.dead()) {
+          if (dead.role() == proto::WORKER) ps.shard().MarkDead(dead.rank());
+        }
+        for (int worker : hr.finished_workers()) ps.shard().MarkFinished(worker);
+        if (hr.shutdown()) finished = true;
+      },
+      [&](const absl::Status& why) {
+        std::cerr << "mx_server: server " << rank << ": " << why.message() << "; stopping\n";
+        ps.shard().Close(absl::StrCat("server ", rank, " stopped: ", why.message()));
+        lost = true;
+      });
+  *sig = WaitForSignal([&] { return finished.load() || lost.load(); });
+  coordinator.StopHeartbeats();
+  return finished.load() && *sig == 0;
 }
 
 int RunServer() {
@@ -187,17 +267,13 @@ int RunServer() {
     std::cerr << "mx_server: --mode must be sync or async, not '" << mode << "'\n";
     return 2;
   }
-  const int workers = IntFlagOrEnv(absl::GetFlag(FLAGS_num_workers), "DMLC_NUM_WORKER", "num_workers");
-  const int startup_timeout = StartupTimeoutSeconds();
-  std::string rank_text = absl::GetFlag(FLAGS_rank);
-  if (rank_text.empty()) rank_text = Env("MX_RANK");
-  int requested_rank = 0;
-  if (!rank_text.empty() && (!absl::SimpleAtoi(rank_text, &requested_rank) || requested_rank < 0)) {
-    std::cerr << "mx_server: --rank (or $MX_RANK) must be a rank from 0, not '" << rank_text
-              << "'\n";
-    return 2;
-  }
-  std::string advertise = absl::GetFlag(FLAGS_advertise);
+  const int workers = NumWorkers();
+  const int startup_timeout = IntSetting("startup_timeout_s", absl::GetFlag(FLAGS_startup_timeout_s),
+                                         "MX_STARTUP_TIMEOUT_S", 1, 86400,
+                                         rpc::kDefaultStartupTimeoutSeconds);
+  const std::optional<int64_t> requested_rank = OrExit(
+      FlagOrEnvInt("rank", absl::GetFlag(FLAGS_rank), "MX_RANK", 0, 1 << 20));
+  const std::string advertise = absl::GetFlag(FLAGS_advertise);
   if (!advertise.empty() && !DialableAddress(advertise)) {
     std::cerr << "mx_server: --advertise '" << advertise
               << "' is not a host or host:port that other nodes could reach\n";
@@ -205,77 +281,38 @@ int RunServer() {
   }
   std::string bind = absl::GetFlag(FLAGS_bind);
   if (bind.empty()) bind = "0.0.0.0:0";
+  ParameterServerOptions server_options;
+  server_options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
+  server_options.security = SecuritySettings();
+  server_options.identities = true;
   auto ps = ParameterServer::Start(bind, {mode == "sync", workers, absl::GetFlag(FLAGS_elastic)},
-                                   absl::GetFlag(FLAGS_max_message_mb));
+                                   server_options);
   if (!ps.ok()) {
     std::cerr << "mx_server: " << ps.status().message() << "\n";
     return 1;
   }
-  const std::string bound = (*ps)->address();
-  const std::string bound_port = bound.substr(bound.rfind(':') + 1);
-  if (advertise.empty()) {
-    advertise = bound;
-    if (advertise.rfind("0.0.0.0:", 0) == 0) advertise = "127.0.0.1:" + bound_port;
-  } else if (advertise.find(':') == std::string::npos) {
-    advertise += ":" + bound_port;  // a host name: with the port it got
-  }
   proto::RegisterRequest req;
   req.set_role(proto::SERVER);
-  req.set_address(advertise);
-  if (!rank_text.empty()) req.set_rank(requested_rank);
-  absl::StatusOr<proto::RegisterResponse> resp =
-      RegisterWithCoordinator(coordinator, req, absl::Seconds(startup_timeout));
-  if (!resp.ok()) {
-    std::cerr << "mx_server: " << resp.status().message() << "\n";
+  req.set_address(Advertised(advertise, (*ps)->address()));
+  if (requested_rank.has_value()) req.set_rank(static_cast<int>(*requested_rank));
+  rpc::CoordinatorClient::Options co;
+  co.address = coordinator;
+  co.security = server_options.security;
+  co.startup_timeout = absl::Seconds(startup_timeout);
+  auto client = rpc::CoordinatorClient::Register(co, req);
+  if (!client.ok()) {
+    std::cerr << "mx_server: " << client.status().message() << "\n";
     return 1;
   }
-  const int rank = resp->self().rank();
-  std::cout << "server " << rank << " serving on " << advertise
+  const proto::RegisterResponse& cluster = (*client)->cluster();
+  (*ps)->AdmitWorkers({cluster.worker_keys().begin(), cluster.worker_keys().end()});
+  const int rank = cluster.self().rank();
+  std::cout << "server " << rank << " serving on " << req.address()
             << (absl::GetFlag(FLAGS_elastic) ? " (elastic)" : "") << std::endl;
-
-  auto stub = proto::Coordinator::NewStub(SharedChannel(coordinator));
-  std::atomic<bool> stop{false}, finished{false};
-  std::atomic<int> exit_code{0};
-  std::thread heartbeat([&] {
-    int failures = 0;
-    while (!stop.load()) {
-      proto::HeartbeatRequest hb;
-      hb.set_role(proto::SERVER);
-      hb.set_rank(rank);
-      proto::HeartbeatResponse hr;
-      grpc::ClientContext hctx;
-      hctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-      if (stub->Heartbeat(&hctx, hb, &hr).ok()) {
-        failures = 0;
-        for (const proto::NodeInfo& dead : hr.dead()) {
-          if (dead.role() == proto::WORKER) (*ps)->shard().MarkDead(dead.rank());
-        }
-        for (int finished : hr.finished_workers()) (*ps)->shard().MarkFinished(finished);
-        if (hr.shutdown()) {
-          finished = true;
-          stop = true;
-          break;
-        }
-      } else if (++failures >= 3) {
-        const std::string why =
-            absl::StrCat("the coordinator at ", coordinator, " is unreachable; stopping");
-        std::cerr << "mx_server: server " << rank << ": " << why << "\n";
-        (*ps)->shard().Close(absl::StrCat("server ", rank, " stopped: ", why));
-        exit_code = 1;
-        stop = true;
-        break;
-      }
-      // One second between heartbeats, ending early on a stop.
-      for (int i = 0; i < 10 && !stop.load(); ++i) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      }
-    }
-  });
-  const int sig = WaitForSignal([&stop] { return stop.load(); });
-  if (sig != 0 || finished.load()) LogShutdown(absl::StrCat("server ", rank), sig);
-  stop = true;
-  heartbeat.join();
-  return exit_code.load();
+  int sig = 0;
+  const bool finished = ServeUntilDone(**client, **ps, &sig);
+  if (sig != 0 || finished) LogShutdown(absl::StrCat("server ", rank), sig, (*ps)->refused());
+  return sig != 0 || finished ? 0 : 1;
 }
 
 }  // namespace
@@ -302,7 +339,7 @@ int main(int argc, char** argv) {
   sigaddset(&set, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   std::string role = absl::GetFlag(FLAGS_role);
-  if (role.empty()) role = mx::Env("DMLC_ROLE");
+  if (role.empty()) role = mx::EnvString("DMLC_ROLE");
   if (role == "coordinator" || role == "scheduler") return mx::RunCoordinator();
   if (role == "server") return mx::RunServer();
   std::cerr << "mx_server: --role must be coordinator or server (got '" << role << "')\n";

@@ -64,7 +64,8 @@ named=$(server_as_named "server 0")
 every_worker_failed_naming server_elastic "$named"
 
 kill_daemon_during_job coordinator_elastic coordinator --elastic
-every_worker_failed_naming coordinator_elastic "the coordinator is unreachable"
+coordinator=$(sed -n 's/.*coordinator listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' "$log" | head -1)
+every_worker_failed_naming coordinator_elastic "the coordinator at $coordinator is unreachable"
 
 # A server that hangs (SIGSTOP) keeps its connections open, so no call to
 # it fails on its own before the 30 s RPC deadline: the coordinator declares

@@ -21,6 +21,12 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
+ParameterServerOptions MaxMessageMb(int mb) {
+  ParameterServerOptions o;
+  o.max_message_mb = mb;
+  return o;
+}
+
 struct Cluster {
   std::vector<std::unique_ptr<ParameterServer>> servers;
   std::vector<std::string> addresses;
@@ -539,7 +545,7 @@ TEST(DistErrors, MutatedRequestsAreAnsweredAndTheServerKeepsServing) {
 // A request over the server's size limit is refused with an error naming
 // the key and the server; the server goes on serving.
 TEST(DistErrors, OversizedMessagesAreRefusedAndTheServerKeepsServing) {
-  auto server = ParameterServer::Start("127.0.0.1:0", {true, 1, false}, /*max_message_mb=*/1);
+  auto server = ParameterServer::Start("127.0.0.1:0", {true, 1, false}, MaxMessageMb(1));
   ASSERT_TRUE(server.ok()) << server.status();
   DistKVStoreOptions o;
   o.servers = {(*server)->address()};
@@ -554,7 +560,7 @@ TEST(DistErrors, OversizedMessagesAreRefusedAndTheServerKeepsServing) {
   NDArray out = Empty({4});
   ASSERT_TRUE((*kv)->PushPull(1, {Ones({4})}, {out}).ok());
   EXPECT_THAT(out.ToVector(), ElementsAre(1, 1, 1, 1));
-  EXPECT_EQ(ParameterServer::Start("127.0.0.1:0", {true, 1, false}, 0).status().code(),
+  EXPECT_EQ(ParameterServer::Start("127.0.0.1:0", {true, 1, false}, MaxMessageMb(0)).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 
@@ -670,23 +676,34 @@ TEST(DistOptimizer, ServersApplyParameterNamesAndMultipliers) {
   EXPECT_TRUE(c.servers[0]->shard().Pull(2 + (3 << 24), 1, absl::Now() + absl::Seconds(1)).ok());
 }
 
+// Every variable follows the one policy of ndarray/env.h: a value that is
+// given but wrong is an error naming the variable and the value.
 TEST(DistKVStoreOptions, BadEnvironmentVariablesAreErrors) {
   setenv("MX_COORDINATOR", "127.0.0.1:1", 1);
+  auto message = [] { return std::string(CreateDistKVStoreFromEnvironment("dist_sync").status().message()); };
   setenv("MX_BUCKET_KB", "4MB", 1);
   auto bad = CreateDistKVStoreFromEnvironment("dist_sync");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(bad.status().message(), HasSubstr("MX_BUCKET_KB must be a number of KiB"));
+  EXPECT_THAT(bad.status().message(),
+              HasSubstr("kvstore dist_sync: MX_BUCKET_KB=4MB: must be a whole number from 0"));
   unsetenv("MX_BUCKET_KB");
   setenv("MX_ELASTIC", "yes", 1);
-  EXPECT_THAT(CreateDistKVStoreFromEnvironment("dist_sync").status().message(),
-              HasSubstr("MX_ELASTIC must be 0 or 1"));
+  EXPECT_THAT(message(), HasSubstr("MX_ELASTIC=yes: must be 0 or 1"));
   unsetenv("MX_ELASTIC");
   for (const char* rank : {"-1", "first"}) {
     setenv("MX_RANK", rank, 1);
-    EXPECT_THAT(CreateDistKVStoreFromEnvironment("dist_sync").status().message(),
-                HasSubstr(absl::StrCat("MX_RANK must be a worker rank from 0, not '", rank, "'")));
+    EXPECT_THAT(message(), HasSubstr(absl::StrCat("MX_RANK=", rank, ": must be a whole number from 0")));
   }
   unsetenv("MX_RANK");
+  setenv("MX_RPC_TIMEOUT_S", "soon", 1);
+  EXPECT_THAT(message(), HasSubstr("MX_RPC_TIMEOUT_S=soon: must be a whole number from 1"));
+  unsetenv("MX_RPC_TIMEOUT_S");
+  setenv("MX_JOB_TOKEN_FILE", "/nonexistent/token", 1);
+  EXPECT_THAT(message(), HasSubstr("MX_JOB_TOKEN_FILE: cannot read /nonexistent/token"));
+  unsetenv("MX_JOB_TOKEN_FILE");
+  setenv("MX_TLS_CERT", "/etc/hostname", 1);
+  EXPECT_THAT(message(), HasSubstr("give all three or none"));
+  unsetenv("MX_TLS_CERT");
   unsetenv("MX_COORDINATOR");
 }
 

@@ -5,6 +5,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <map>
 #include <chrono>
 #include <thread>
 #include <vector>
@@ -12,7 +13,8 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/mx.grpc.pb.h"
-#include "proto/wire.h"
+#include "rpc/rpc.h"
+#include "rpc/security.h"
 
 namespace mx {
 namespace {
@@ -34,8 +36,15 @@ grpc::Status Register(proto::Coordinator::Stub& stub, proto::Role role, int rank
   return stub.Register(&ctx, req, resp != nullptr ? resp : &ignored);
 }
 
+// Says on `ctx` that the call comes from node `rank` of `role` with `key`.
+void Act(grpc::ClientContext* ctx, proto::Role role, int rank, const std::string& key) {
+  rpc::Caller{"", static_cast<rpc::Role>(role), rank, key}.Stamp(ctx);
+}
+
 // A coordinator for one server and two workers, all registered; the server
-// and worker 0 keep heartbeating, worker 1 only when told to.
+// and worker 0 keep heartbeating, worker 1 only when told to. Each call
+// comes from the node it acts for (its session key), unless the test
+// forges one.
 class Cluster {
  public:
   explicit Cluster(bool elastic) {
@@ -47,12 +56,18 @@ class Cluster {
     auto c = CoordinatorServer::Start("127.0.0.1:0", o);
     EXPECT_TRUE(c.ok()) << c.status();
     coordinator_ = *std::move(c);
-    stub_ = proto::Coordinator::NewStub(SharedChannel(coordinator_->address()));
+    stub_ = proto::Coordinator::NewStub(rpc::SharedChannel(coordinator_->address(), {}));
     std::vector<std::thread> registering;
-    for (proto::Role role : {proto::SERVER, proto::WORKER, proto::WORKER}) {
-      registering.emplace_back([this, role] { EXPECT_TRUE(Register(*stub_, role).ok()); });
+    proto::RegisterResponse resp[3];
+    const proto::Role roles[3] = {proto::SERVER, proto::WORKER, proto::WORKER};
+    for (int i = 0; i < 3; ++i) {
+      registering.emplace_back(
+          [this, &resp, &roles, i] { EXPECT_TRUE(Register(*stub_, roles[i], -1, &resp[i]).ok()); });
     }
     for (std::thread& t : registering) t.join();
+    for (const proto::RegisterResponse& r : resp) {
+      keys_[{r.self().role(), r.self().rank()}] = r.session_key();
+    }
     heartbeats_ = std::thread([this] {
       while (!stop_) {
         Heartbeat(proto::SERVER, 0);
@@ -89,6 +104,7 @@ class Cluster {
     proto::BarrierResponse resp;
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+    Act(&ctx, proto::WORKER, rank, Key(proto::WORKER, rank));
     return stub_->Barrier(&ctx, req, &resp);
   }
 
@@ -100,25 +116,40 @@ class Cluster {
     proto::LeaveResponse resp;
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    Act(&ctx, proto::WORKER, rank, Key(proto::WORKER, rank));
     return stub_->Leave(&ctx, req, &resp);
   }
   bool finished() const { return coordinator_->finished(); }
 
-  grpc::Status Heartbeat(proto::Role role, int rank, proto::HeartbeatResponse* resp = nullptr) {
+  // A heartbeat of node `rank` of `role`, sent as node `as` (default: the
+  // same) with its key.
+  grpc::Status Heartbeat(proto::Role role, int rank, proto::HeartbeatResponse* resp = nullptr,
+                         int as = -1) {
     proto::HeartbeatRequest req;
     req.set_role(role);
     req.set_rank(rank);
     proto::HeartbeatResponse ignored;
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    if (as < 0) as = rank;
+    Act(&ctx, role, as, Key(role, as));
     return stub_->Heartbeat(&ctx, req, resp != nullptr ? resp : &ignored);
   }
+
+  // The session key the coordinator gave a node ("" for one it did not).
+  std::string Key(proto::Role role, int rank) const {
+    auto it = keys_.find({role, rank});
+    return it == keys_.end() ? "" : it->second;
+  }
+  proto::Coordinator::Stub& stub() { return *stub_; }
+  int64_t refused() const { return coordinator_->refused(); }
 
  private:
   std::unique_ptr<CoordinatorServer> coordinator_;
   std::unique_ptr<proto::Coordinator::Stub> stub_;
   std::thread heartbeats_;
   std::atomic<bool> stop_{false}, worker1_alive_{true};
+  std::map<std::pair<proto::Role, int>, std::string> keys_;
 };
 
 TEST(CoordinatorBarrier, WaitsForEveryLiveWorker) {
@@ -170,17 +201,76 @@ TEST(CoordinatorLeave, FinishedWorkersEndTheJob) {
   ASSERT_TRUE(c.Heartbeat(proto::SERVER, 0, &resp).ok());
   EXPECT_TRUE(resp.shutdown());
   EXPECT_TRUE(c.finished());  // the only server has been told
-  EXPECT_EQ(c.Leave(5).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(c.Leave(5).error_code(), grpc::StatusCode::PERMISSION_DENIED);
 }
 
 TEST(CoordinatorErrors, UnregisteredNodesAreRefused) {
   Cluster c(/*elastic=*/false);
   grpc::Status s = c.Barrier(7, 0, std::chrono::seconds(2));
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(s.error_message(), HasSubstr("worker rank 7"));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(), HasSubstr("barrier: worker 7 is not registered in this job"));
   s = c.Heartbeat(proto::SERVER, 3);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
-  EXPECT_THAT(s.error_message(), HasSubstr("server 3 never registered"));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(), HasSubstr("heartbeat: server 3 is not registered in this job"));
+}
+
+// Identity is bound to registration: a registered node cannot act for
+// another (Leave of another worker, its heartbeat or barrier), nor can a
+// caller that names a node without its session key. Nothing is applied.
+TEST(CoordinatorIdentity, NodesCannotActForOthers) {
+  Cluster c(/*elastic=*/false);
+  // Worker 0 leaves for worker 1, and heartbeats for it.
+  proto::LeaveRequest leave;
+  leave.set_rank(1);
+  proto::LeaveResponse left;
+  grpc::ClientContext ctx;
+  Act(&ctx, proto::WORKER, 0, c.Key(proto::WORKER, 0));
+  grpc::Status s = c.stub().Leave(&ctx, leave, &left);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(), HasSubstr("leave: worker 0 claims to act for worker 1"));
+  s = c.Heartbeat(proto::WORKER, 1, nullptr, /*as=*/0);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  // A caller that says it is worker 1 without its key.
+  grpc::ClientContext forged;
+  Act(&forged, proto::WORKER, 1, "00112233445566778899aabbccddeeff");
+  s = c.stub().Leave(&forged, leave, &left);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_THAT(s.error_message(), HasSubstr("without its session key"));
+  // A server may not enter a barrier.
+  proto::BarrierRequest barrier;
+  proto::BarrierResponse entered;
+  grpc::ClientContext server;
+  Act(&server, proto::SERVER, 0, c.Key(proto::SERVER, 0));
+  s = c.stub().Barrier(&server, barrier, &entered);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(c.refused(), 4);
+  // Worker 1 was neither finished nor kept alive by the forgeries: both
+  // workers still hold the barrier, and the server is not told to stop.
+  proto::HeartbeatResponse resp;
+  ASSERT_TRUE(c.Heartbeat(proto::SERVER, 0, &resp).ok());
+  EXPECT_FALSE(resp.shutdown());
+  EXPECT_EQ(resp.finished_workers_size(), 0);
+}
+
+// With a job token, every call must carry it: registration included.
+TEST(CoordinatorToken, CallsWithoutTheTokenAreRefused) {
+  CoordinatorOptions o;
+  o.num_workers = 1;
+  o.security.token = "s3cret";
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
+  for (const char* token : {"", "wrong", "s3cret-and-more"}) {
+    proto::RegisterRequest req;
+    proto::RegisterResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    rpc::Caller{token}.Stamp(&ctx);
+    grpc::Status s = stub->Register(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << token;
+    EXPECT_THAT(s.error_message(), HasSubstr(*token ? "wrong job token" : "no job token"));
+  }
+  EXPECT_EQ((*c)->refused(), 3);
 }
 
 // A node that asks for a rank gets it, whatever the order of registration;
@@ -192,7 +282,7 @@ TEST(CoordinatorRanks, RequestedRanksAreHonouredAndChecked) {
   o.num_workers = 2;
   auto c = CoordinatorServer::Start("127.0.0.1:0", o);
   ASSERT_TRUE(c.ok()) << c.status();
-  auto stub = proto::Coordinator::NewStub(SharedChannel((*c)->address()));
+  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
   struct Node {
     proto::Role role;
     int rank;  // asked for; -1: none
@@ -241,17 +331,21 @@ TEST(CoordinatorShutdown, WaitingRegistrationsAreToldAtOnce) {
   o.num_workers = 2;
   auto c = CoordinatorServer::Start("127.0.0.1:0", o);
   ASSERT_TRUE(c.ok()) << c.status();
-  auto stub = proto::Coordinator::NewStub(SharedChannel((*c)->address()));
+  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
   grpc::Status s;
   std::thread waiting([&] { s = Register(*stub, proto::SERVER); });
-  // Once the server has registered (heartbeats are accepted), stop.
+  // Once the server has registered (a heartbeat for it lacks only its key,
+  // which its registration's answer will carry), stop.
   for (int i = 0; i < 200; ++i) {
     proto::HeartbeatRequest req;
     req.set_role(proto::SERVER);
     proto::HeartbeatResponse resp;
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    if (stub->Heartbeat(&ctx, req, &resp).ok()) break;
+    Act(&ctx, proto::SERVER, 0, "");
+    if (stub->Heartbeat(&ctx, req, &resp).error_message().find("session key") != std::string::npos) {
+      break;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   const auto start = std::chrono::steady_clock::now();

@@ -25,6 +25,7 @@
 #include "gtest/gtest.h"
 #include "proto/mx.pb.h"
 #include "proto/wire.h"
+#include "rpc/security.h"
 #include "server/coordinator.h"
 #include "server/kvstore_service.h"
 #include "tests/proto/mutate.h"
@@ -39,12 +40,15 @@ proto::Tensor TensorOf(const std::vector<float>& v) {
   return t;
 }
 
-// Unary calls with raw bytes to one service of a server, up to 32 in flight.
+// Unary calls with raw bytes to one service of a server, up to 32 in flight,
+// each from `caller` (its token and identity).
 class RawClient {
  public:
   RawClient(const std::string& address, const std::string& service)
       : stub_(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())),
         prefix_("/mx.proto." + service + "/") {}
+
+  rpc::Caller caller;
 
   // Calls `method` with `request`; done(status, response bytes) runs on a
   // gRPC thread. Waits while 32 calls are unanswered.
@@ -58,6 +62,7 @@ class RawClient {
     auto* call = new Pending{std::move(request), {}, {}, std::move(done)};
     call->ctx.set_deadline(std::chrono::system_clock::now() +
                            std::chrono::milliseconds(deadline_ms));
+    caller.Stamp(&call->ctx);
     stub_.UnaryCall(&call->ctx, prefix_ + method, grpc::StubOptions(), &call->request,
                     &call->response, [this, call](grpc::Status s) {
                       std::string bytes;
@@ -235,16 +240,29 @@ TEST(RpcFuzz, DamagedRequestsToTheCoordinatorGetErrorsAndItKeepsServing) {
   ASSERT_TRUE(coordinator.ok()) << coordinator.status();
   RawClient client((*coordinator)->address(), "Coordinator");
   std::vector<std::thread> registering;
-  for (proto::Role role : {proto::SERVER, proto::WORKER, proto::WORKER}) {
-    registering.emplace_back([&client, role] {
+  proto::RegisterResponse registered[3];
+  const proto::Role roles[3] = {proto::SERVER, proto::WORKER, proto::WORKER};
+  for (int i = 0; i < 3; ++i) {
+    registering.emplace_back([&, i] {
       proto::RegisterRequest req;
-      req.set_role(role);
+      req.set_role(roles[i]);
       req.set_address("127.0.0.1:1");
       std::string response;
       EXPECT_TRUE(client.Call("Register", req.SerializeAsString(), &response).ok());
+      EXPECT_TRUE(registered[i].ParseFromString(response));
     });
   }
   for (std::thread& t : registering) t.join();
+  // The damaged calls come from worker 1, the last check from the server.
+  auto as = [&](proto::Role role, int rank) {
+    for (const proto::RegisterResponse& r : registered) {
+      if (r.self().role() == role && r.self().rank() == rank) {
+        return rpc::Caller{"", static_cast<rpc::Role>(role), rank, r.session_key()};
+      }
+    }
+    ADD_FAILURE() << "no such node";
+    return rpc::Caller{};
+  };
   std::string response;
   grpc::Status s = client.Call("Register", std::string("\x12\x7f\x01", 3), &response);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
@@ -254,7 +272,8 @@ TEST(RpcFuzz, DamagedRequestsToTheCoordinatorGetErrorsAndItKeepsServing) {
   reg.set_role(proto::WORKER);
   reg.set_rank(1);
   proto::HeartbeatRequest beat;
-  beat.set_role(proto::SERVER);
+  beat.set_role(proto::WORKER);
+  beat.set_rank(1);
   proto::BarrierRequest barrier;
   barrier.set_rank(1);
   barrier.set_epoch(3);
@@ -266,15 +285,23 @@ TEST(RpcFuzz, DamagedRequestsToTheCoordinatorGetErrorsAndItKeepsServing) {
                           {"Leave", leave.SerializeAsString()}};
   // A barrier may wait for a worker that never comes (DEADLINE_EXCEEDED,
   // naming it); a registration finds its rank taken (ALREADY_EXISTS) or
-  // none left (FAILED_PRECONDITION).
+  // none left (FAILED_PRECONDITION); a request for another node than
+  // worker 1 is PERMISSION_DENIED.
   const std::set<grpc::StatusCode> expected = {
       grpc::StatusCode::OK,        grpc::StatusCode::INVALID_ARGUMENT,
       grpc::StatusCode::NOT_FOUND, grpc::StatusCode::FAILED_PRECONDITION,
-      grpc::StatusCode::ALREADY_EXISTS, grpc::StatusCode::DEADLINE_EXCEEDED};
+      grpc::StatusCode::ALREADY_EXISTS, grpc::StatusCode::DEADLINE_EXCEEDED,
+      grpc::StatusCode::PERMISSION_DENIED};
+  client.caller = as(proto::WORKER, 1);
   std::map<grpc::StatusCode, int> counts = SendDamaged(client, seeds, expected, 1200);
-  EXPECT_GT(counts[grpc::StatusCode::OK], 1200 / 20);
+  // Damage to a rank or role mostly makes a claim for another node.
+  EXPECT_GT(counts[grpc::StatusCode::OK], 1200 / 50);
   EXPECT_GT(counts[grpc::StatusCode::INVALID_ARGUMENT], 1200 / 20);
+  EXPECT_GT(counts[grpc::StatusCode::PERMISSION_DENIED], 1200 / 20);
 
+  client.caller = as(proto::SERVER, 0);
+  beat.set_role(proto::SERVER);
+  beat.set_rank(0);
   s = client.Call("Heartbeat", beat.SerializeAsString(), &response);
   ASSERT_TRUE(s.ok()) << s.error_message();
   proto::HeartbeatResponse answer;

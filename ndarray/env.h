@@ -1,0 +1,42 @@
+// The one reader of mx's settings from environment variables and from
+// command-line flags that fall back to them.
+//
+// Policy, everywhere: an unset or empty variable means "not given"; a value
+// that is given but is not what the variable takes is an error naming the
+// variable and the value ("MX_RPC_TIMEOUT_S=soon: must be a whole number
+// from 1 to 86400"), never silently replaced by a default.
+#ifndef MX_NDARRAY_ENV_H_
+#define MX_NDARRAY_ENV_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace mx {
+
+// The value of environment variable `name`; "" when unset.
+std::string EnvString(const char* name);
+
+// `text` read as a whole number in [min, max]; `what` names where it came
+// from in the error ("MX_RANK" or "--rank"): INVALID_ARGUMENT
+// "WHAT=TEXT: must be a whole number from MIN to MAX".
+absl::StatusOr<int64_t> ParseInt(const std::string& what, const std::string& text, int64_t min,
+                                 int64_t max);
+
+// Environment variable `name` as by ParseInt; nullopt when not given.
+absl::StatusOr<std::optional<int64_t>> EnvInt(const char* name, int64_t min, int64_t max);
+
+// Environment variable `name` as 0 or 1; nullopt when not given.
+absl::StatusOr<std::optional<bool>> EnvBool(const char* name);
+
+// A flag that falls back to an environment variable: `flag_text` (the
+// flag's value, "" when not given) wins, then `env`, then nullopt. Errors
+// name the flag ("--rank=x: ...") or the variable ("MX_RANK=x: ...").
+absl::StatusOr<std::optional<int64_t>> FlagOrEnvInt(const char* flag, const std::string& flag_text,
+                                                    const char* env, int64_t min, int64_t max);
+
+}  // namespace mx
+
+#endif  // MX_NDARRAY_ENV_H_

@@ -1,0 +1,163 @@
+#include "rpc/coordinator_client.h"
+
+#include "absl/strings/str_cat.h"
+#include "rpc/rpc.h"
+
+namespace mx {
+namespace rpc {
+
+namespace {
+
+std::chrono::system_clock::time_point In(absl::Duration d) {
+  return absl::ToChronoTime(absl::Now() + d);
+}
+
+// The status with what was being done; the code is kept.
+absl::Status Doing(const std::string& what, const absl::Status& s) {
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat(what, s.message()));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Register(
+    Options options, const proto::RegisterRequest& req) {
+  std::shared_ptr<grpc::Channel> channel = SharedChannel(options.address, options.security);
+  std::unique_ptr<CoordinatorClient> client(
+      new CoordinatorClient(options, proto::Coordinator::NewStub(channel)));
+  const std::string where =
+      absl::StrCat("registering with the coordinator at ", options.address, ": ");
+  const absl::Time deadline = absl::Now() + options.startup_timeout;
+  Caller anonymous{options.security.token};
+  // Fail-fast attempts until one reaches the coordinator: between them a
+  // connection that fails for good (TLS on one side only, a refused
+  // handshake) ends registration at once instead of at the deadline.
+  for (;;) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(deadline));
+    anonymous.Stamp(&ctx);
+    absl::Status s = FromGrpc(client->stub_->Register(&ctx, req, &client->cluster_));
+    if (s.ok()) break;
+    const bool reached = channel->GetState(false) == GRPC_CHANNEL_READY;
+    if (reached || !absl::IsUnavailable(s)) {
+      if (absl::IsDeadlineExceeded(s) && !reached) {
+        return absl::UnavailableError(absl::StrCat(
+            where, "nothing answered there within ", absl::FormatDuration(options.startup_timeout),
+            " (is the coordinator running, and is that its address?)"));
+      }
+      // The status with its code: transport errors may carry no message.
+      return absl::Status(s.code(), where + s.ToString());
+    }
+    MX_RETURN_IF_ERROR(Doing(where, ConnectionProblem(options.address, options.security)));
+    // A refused handshake, or a certificate without the name dialled.
+    if (s.message().find("andshake") != absl::string_view::npos ||
+        s.message().find("certificate") != absl::string_view::npos) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(where, "the TLS handshake failed (are both ends' certificates signed by "
+                              "the job's CA, for the name dialled or MX_TLS_SERVER_NAME?): ",
+                       s.message()));
+    }
+    if (absl::Now() + absl::Milliseconds(200) >= deadline) {
+      return absl::UnavailableError(absl::StrCat(
+          where, "nothing answered there within ", absl::FormatDuration(options.startup_timeout),
+          " (is the coordinator running, and is that its address?)"));
+    }
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  Caller& me = client->caller_;
+  me.token = options.security.token;
+  me.role = static_cast<Role>(client->cluster_.self().role());
+  me.rank = client->cluster_.self().rank();
+  me.key = client->cluster_.session_key();
+  return client;
+}
+
+CoordinatorClient::~CoordinatorClient() { StopHeartbeats(); }
+
+void CoordinatorClient::StartHeartbeats(
+    std::function<void(const proto::HeartbeatResponse&)> on_answer,
+    std::function<void(const absl::Status&)> on_lost) {
+  {
+    absl::MutexLock lock(&mu_);
+    on_answer_ = std::move(on_answer);
+    on_lost_ = std::move(on_lost);
+  }
+  heartbeats_ = std::thread([this] {
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(sleep_mu_);
+        if (wake_.wait_for(lock, absl::ToChronoMilliseconds(kHeartbeatPeriod),
+                           [this] { return stopping_; })) {
+          return;
+        }
+      }
+      Beat();
+    }
+  });
+}
+
+void CoordinatorClient::HeartbeatNow() { Beat(); }
+
+void CoordinatorClient::Beat() {
+  proto::HeartbeatRequest req;
+  req.set_role(cluster_.self().role());
+  req.set_rank(cluster_.self().rank());
+  proto::HeartbeatResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(kHeartbeatDeadline));
+  caller_.Stamp(&ctx);
+  const absl::Status s = FromGrpc(stub_->Heartbeat(&ctx, req, &resp));
+  absl::MutexLock lock(&mu_);
+  if (lost_ || stop_) return;
+  if (s.ok()) {
+    failures_ = 0;
+    if (on_answer_) on_answer_(resp);
+    return;
+  }
+  // A refusal (a wrong token or key) will not mend either.
+  const bool refused = absl::IsUnauthenticated(s) || absl::IsPermissionDenied(s);
+  if (!refused && ++failures_ < kLostAfter) return;
+  lost_ = true;
+  if (on_lost_) {
+    on_lost_(absl::UnavailableError(absl::StrCat(
+        "the coordinator at ", options_.address,
+        refused ? " refused this node's heartbeat: " : " is unreachable: ", s.message())));
+  }
+}
+
+void CoordinatorClient::StopHeartbeats() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  {
+    std::lock_guard<std::mutex> lock(sleep_mu_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (heartbeats_.joinable()) heartbeats_.join();
+}
+
+absl::Status CoordinatorClient::Barrier(int64_t epoch) {
+  proto::BarrierRequest req;
+  req.set_rank(caller_.rank);
+  req.set_epoch(epoch);
+  proto::BarrierResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(options_.rpc_timeout));
+  caller_.Stamp(&ctx);
+  return Doing("barrier: ", FromGrpc(stub_->Barrier(&ctx, req, &resp)));
+}
+
+absl::Status CoordinatorClient::Leave() {
+  proto::LeaveRequest req;
+  req.set_rank(caller_.rank);
+  proto::LeaveResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(options_.rpc_timeout));
+  caller_.Stamp(&ctx);
+  return Doing("leaving the job: ", FromGrpc(stub_->Leave(&ctx, req, &resp)));
+}
+
+}  // namespace rpc
+}  // namespace mx

@@ -1,0 +1,99 @@
+// Internal: the one client of the coordinator, which parameter servers and
+// workers share: registration, heartbeats (one loop, one rule for when the
+// coordinator counts as lost), barriers and leaving the job.
+#ifndef MX_RPC_COORDINATOR_CLIENT_H_
+#define MX_RPC_COORDINATOR_CLIENT_H_
+
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "proto/mx.grpc.pb.h"
+#include "rpc/security.h"
+
+namespace mx {
+namespace rpc {
+
+class CoordinatorClient {
+ public:
+  struct Options {
+    std::string address;  // the coordinator's host:port
+    Security security;
+    // How long registration waits for the coordinator to start and for
+    // every node of the job to register.
+    absl::Duration startup_timeout = absl::Seconds(120);
+    // The deadline of barriers and of leaving.
+    absl::Duration rpc_timeout = absl::Seconds(30);
+  };
+
+  // Heartbeats go out every kHeartbeatPeriod with a deadline of
+  // kHeartbeatDeadline; after kLostAfter failures in a row the coordinator
+  // counts as lost (about 3 s when nothing listens any more, up to 9 s when
+  // it hangs).
+  static constexpr absl::Duration kHeartbeatPeriod = absl::Seconds(1);
+  static constexpr absl::Duration kHeartbeatDeadline = absl::Seconds(2);
+  static constexpr int kLostAfter = 3;
+
+  // Registers `req` with the coordinator, waiting up to the startup timeout
+  // for it to start and for every node to register. Errors start with
+  // "registering with the coordinator at ADDRESS: ". One that never
+  // answered is UNAVAILABLE saying so; a peer that speaks TLS to a
+  // plaintext node, or the reverse, or refuses the TLS handshake, is
+  // FAILED_PRECONDITION at once, saying which.
+  static absl::StatusOr<std::unique_ptr<CoordinatorClient>> Register(
+      Options options, const proto::RegisterRequest& req);
+  ~CoordinatorClient();  // stops heartbeats
+
+  // The registration's answer: this node, the servers and the workers.
+  const proto::RegisterResponse& cluster() const { return cluster_; }
+  // What this node says about itself on calls (token, node, session key).
+  const Caller& caller() const { return caller_; }
+  const std::string& address() const { return options_.address; }
+
+  // Heartbeats from a thread until Stop: each answer goes to on_answer;
+  // when the coordinator is lost, on_lost gets why ("the coordinator at
+  // ADDRESS is unreachable: ...") once, and heartbeats stop.
+  void StartHeartbeats(std::function<void(const proto::HeartbeatResponse&)> on_answer,
+                       std::function<void(const absl::Status&)> on_lost);
+  // One heartbeat now, handled as the loop handles its own.
+  void HeartbeatNow();
+  void StopHeartbeats();
+
+  // Waits until every live worker has entered barrier `epoch`.
+  absl::Status Barrier(int64_t epoch);
+  // This worker has finished the job.
+  absl::Status Leave();
+
+ private:
+  CoordinatorClient(Options options, std::unique_ptr<proto::Coordinator::Stub> stub)
+      : options_(std::move(options)), stub_(std::move(stub)) {}
+  void Beat();
+
+  const Options options_;
+  std::unique_ptr<proto::Coordinator::Stub> stub_;
+  proto::RegisterResponse cluster_;
+  Caller caller_;
+
+  absl::Mutex mu_;  // serializes heartbeats and their handling
+  std::function<void(const proto::HeartbeatResponse&)> on_answer_ ABSL_GUARDED_BY(mu_);
+  std::function<void(const absl::Status&)> on_lost_ ABSL_GUARDED_BY(mu_);
+  int failures_ ABSL_GUARDED_BY(mu_) = 0;
+  bool lost_ ABSL_GUARDED_BY(mu_) = false;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // The loop sleeps here between heartbeats; StopHeartbeats wakes it.
+  std::mutex sleep_mu_;
+  std::condition_variable wake_;
+  bool stopping_ = false;  // guarded by sleep_mu_
+  std::thread heartbeats_;
+};
+
+}  // namespace rpc
+}  // namespace mx
+
+#endif  // MX_RPC_COORDINATOR_CLIENT_H_

@@ -1,0 +1,240 @@
+#include "rpc/security.h"
+
+#include <grpcpp/grpcpp.h>
+#include <sys/random.h>
+
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "ndarray/base.h"
+#include "ndarray/env.h"
+
+namespace mx {
+namespace rpc {
+
+namespace {
+
+// Call metadata (gRPC keys are lower case).
+constexpr char kTokenKey[] = "mx-job-token";
+constexpr char kNodeKey[] = "mx-node";  // "worker/3"
+constexpr char kSessionKey[] = "mx-node-key";
+
+// How long a call acting for a node waits for the keys of its role.
+constexpr absl::Duration kKeyWait = absl::Seconds(10);
+
+// The whole of file `path`; `what` names the setting in errors.
+absl::StatusOr<std::string> ReadWholeFile(const std::string& what, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(what, ": cannot read ", path));
+  std::stringstream text;
+  text << in.rdbuf();
+  if (text.str().empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": ", path, " is empty"));
+  return text.str();
+}
+
+// A metadata value of a call, "" when absent.
+std::string Metadata(const grpc::ServerContextBase& ctx, const char* key) {
+  const auto& md = ctx.client_metadata();
+  auto it = md.find(key);
+  return it == md.end() ? "" : std::string(it->second.data(), it->second.size());
+}
+
+// The host of a gRPC peer string ("ipv4:127.0.0.1:5000" -> "127.0.0.1").
+std::string PeerHost(const std::string& peer) {
+  std::string host = peer.substr(peer.find(':') + 1);
+  const size_t colon = host.rfind(':');
+  if (colon != std::string::npos && colon > 0) host = host.substr(0, colon);
+  return host;
+}
+
+}  // namespace
+
+const char* RoleName(Role role) { return role == Role::kServer ? "server" : "worker"; }
+
+absl::StatusOr<Security> Security::Load(const std::string& token, const std::string& token_file,
+                                        const std::string& cert, const std::string& key,
+                                        const std::string& ca, const std::string& server_name) {
+  Security s;
+  s.token = token;
+  if (s.token.empty() && !token_file.empty()) {
+    MX_ASSIGN_OR_RETURN(const std::string text, ReadWholeFile("MX_JOB_TOKEN_FILE", token_file));
+    s.token = text.substr(0, text.find('\n'));
+  }
+  if (s.token.find_first_of(" \t\r\n") != std::string::npos) {
+    return absl::InvalidArgumentError("the job token must not contain white space");
+  }
+  const int given = !cert.empty() + !key.empty() + !ca.empty();
+  if (given != 0 && given != 3) {
+    return absl::InvalidArgumentError(
+        "TLS needs a certificate, its key and the job's CA (MX_TLS_CERT, MX_TLS_KEY, MX_TLS_CA): "
+        "give all three or none");
+  }
+  if (given == 3) {
+    MX_ASSIGN_OR_RETURN(s.tls_cert, ReadWholeFile("MX_TLS_CERT", cert));
+    MX_ASSIGN_OR_RETURN(s.tls_key, ReadWholeFile("MX_TLS_KEY", key));
+    MX_ASSIGN_OR_RETURN(s.tls_ca, ReadWholeFile("MX_TLS_CA", ca));
+  }
+  s.tls_server_name = server_name;
+  return s;
+}
+
+absl::StatusOr<Security> Security::FromEnvironment() {
+  return Load(EnvString("MX_JOB_TOKEN"), EnvString("MX_JOB_TOKEN_FILE"), EnvString("MX_TLS_CERT"),
+              EnvString("MX_TLS_KEY"), EnvString("MX_TLS_CA"), EnvString("MX_TLS_SERVER_NAME"));
+}
+
+std::string NewSessionKey() {
+  char bytes[16];
+  size_t got = 0;
+  while (got < sizeof(bytes)) {
+    const ssize_t n = getrandom(bytes + got, sizeof(bytes) - got, 0);
+    MX_CHECK(n > 0);  // the kernel's generator does not fail once seeded
+    got += static_cast<size_t>(n);
+  }
+  return absl::BytesToHexString(absl::string_view(bytes, sizeof(bytes)));
+}
+
+bool ConstantTimeEquals(const std::string& a, const std::string& b) {
+  // Every byte of the longer is read, so the time tells nothing of where
+  // they differ.
+  const size_t n = std::max(a.size(), b.size());
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? a[i] : 0;
+    const unsigned char y = i < b.size() ? b[i] : 0;
+    diff |= x ^ y;
+  }
+  return diff == 0;
+}
+
+void Caller::Stamp(grpc::ClientContext* ctx) const {
+  if (!token.empty()) ctx->AddMetadata(kTokenKey, token);
+  if (rank >= 0) {
+    ctx->AddMetadata(kNodeKey, absl::StrCat(RoleName(role), "/", rank));
+    ctx->AddMetadata(kSessionKey, key);
+  }
+}
+
+Guard::Guard(std::string token, bool identities)
+    : token_(std::move(token)), identities_(identities) {}
+
+void Guard::Admit(Role role, int rank, const std::string& key) {
+  absl::MutexLock lock(&mu_);
+  keys_[{role, rank}] = key;
+  admitted_.SignalAll();
+}
+
+void Guard::AdmitAll(Role role) {
+  absl::MutexLock lock(&mu_);
+  admitted_all_.insert(role);
+  admitted_.SignalAll();
+}
+
+absl::Status Guard::Refuse(const grpc::ServerContextBase& ctx, absl::Status why) {
+  refused_.fetch_add(1);
+  const std::string host = PeerHost(ctx.peer());
+  bool first;
+  {
+    absl::MutexLock lock(&mu_);
+    // Bounded: a flood from many hosts is counted, not remembered.
+    first = logged_.size() < 1000 &&
+            logged_.insert(absl::StrCat(host, " ", static_cast<int>(why.code()))).second;
+  }
+  if (first) {
+    std::cerr << "refused a call from " << ctx.peer() << ": " << why.message()
+              << " (further refusals from " << host << " for this reason are only counted)"
+              << std::endl;
+  }
+  return why;
+}
+
+absl::Status Guard::CheckToken(const grpc::ServerContextBase& ctx, const char* method) {
+  if (token_.empty()) return absl::OkStatus();
+  const std::string got = Metadata(ctx, kTokenKey);
+  if (ConstantTimeEquals(got, token_)) return absl::OkStatus();
+  return Refuse(ctx, absl::UnauthenticatedError(
+                         absl::StrCat(method, ": ", got.empty() ? "no job token" : "wrong job token",
+                                      " (a process that is not part of this job)")));
+}
+
+absl::StatusOr<std::string> Guard::KeyOf(Role role, int rank) {
+  {
+    // Every call of a parameter server comes here: readers share the lock.
+    absl::ReaderMutexLock lock(&mu_);
+    if (admitted_all_.count(role) > 0) {
+      auto it = keys_.find({role, rank});
+      if (it != keys_.end()) return it->second;
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  const absl::Time give_up = absl::Now() + kKeyWait;
+  while (admitted_all_.count(role) == 0 && keys_.count({role, rank}) == 0) {
+    if (admitted_.WaitWithDeadline(&mu_, give_up)) {
+      return absl::UnavailableError(absl::StrCat("the ", RoleName(role),
+                                                 "s of the job are not known here yet"));
+    }
+  }
+  auto it = keys_.find({role, rank});
+  if (it == keys_.end()) {
+    return absl::PermissionDeniedError(
+        absl::StrCat(RoleName(role), " ", rank, " is not registered in this job"));
+  }
+  return it->second;
+}
+
+absl::StatusOr<Guard::Node> Guard::IdentifyAny(const grpc::ServerContextBase& ctx,
+                                               const char* method) {
+  MX_RETURN_IF_ERROR(CheckToken(ctx, method));
+  if (!identities_) return Node{};
+  const std::string node = Metadata(ctx, kNodeKey);
+  std::pair<std::string, std::string> parts = absl::StrSplit(node, absl::MaxSplits('/', 1));
+  Node caller;
+  caller.role = parts.first == "server" ? Role::kServer : Role::kWorker;
+  if ((parts.first != "worker" && parts.first != "server") ||
+      !absl::SimpleAtoi(parts.second, &caller.rank) || caller.rank < 0) {
+    return Refuse(ctx, absl::PermissionDeniedError(absl::StrCat(
+                           method, ": only a registered node of the job may call this; ",
+                           node.empty() ? "the caller did not say which node it is"
+                                        : absl::StrCat("the caller says it is '", node, "'"))));
+  }
+  absl::StatusOr<std::string> key = KeyOf(caller.role, caller.rank);
+  if (!key.ok()) {
+    if (absl::IsUnavailable(key.status())) {
+      return absl::UnavailableError(absl::StrCat(method, ": ", key.status().message()));
+    }
+    return Refuse(ctx,
+                  absl::PermissionDeniedError(absl::StrCat(method, ": ", key.status().message())));
+  }
+  if (!ConstantTimeEquals(Metadata(ctx, kSessionKey), *key)) {
+    return Refuse(ctx, absl::PermissionDeniedError(absl::StrCat(
+                           method, ": the caller claims to be ", RoleName(caller.role), " ",
+                           caller.rank, " without its session key (it is not the node that "
+                           "registered as that)")));
+  }
+  return caller;
+}
+
+absl::StatusOr<Guard::Node> Guard::Identify(const grpc::ServerContextBase& ctx, const char* method,
+                                            Role role) {
+  MX_ASSIGN_OR_RETURN(const Node caller, IdentifyAny(ctx, method));
+  if (caller.rank < 0 || caller.role == role) return caller;
+  return Refuse(ctx, absl::PermissionDeniedError(absl::StrCat(
+                         method, ": only a ", RoleName(role), " may call this, not ",
+                         RoleName(caller.role), " ", caller.rank)));
+}
+
+absl::Status Guard::CheckClaim(const grpc::ServerContextBase& ctx, const char* method,
+                               const Node& caller, Role role, int rank) {
+  if (caller.rank < 0 || (caller.role == role && caller.rank == rank)) return absl::OkStatus();
+  return Refuse(ctx, absl::PermissionDeniedError(absl::StrCat(
+                         method, ": ", RoleName(caller.role), " ", caller.rank,
+                         " claims to act for ", RoleName(role), " ", rank)));
+}
+
+}  // namespace rpc
+}  // namespace mx

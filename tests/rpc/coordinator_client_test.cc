@@ -1,0 +1,175 @@
+// The one coordinator client (rpc/coordinator_client.h) against a real
+// coordinator on 127.0.0.1: mutual TLS when both ends have certificates of
+// the job's CA; clear, immediate errors when one end speaks TLS and the
+// other does not, or a certificate is not the job CA's; the job token; and
+// the heartbeat rule: a coordinator that goes away is reported once.
+#include "rpc/coordinator_client.h"
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/coordinator.h"
+
+namespace mx {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string TmpDir() {
+  const char* dir = std::getenv("TEST_TMPDIR");
+  return dir != nullptr ? dir : "/tmp";
+}
+
+// Runs a shell command; fails the test if it fails.
+void Run(const std::string& command) {
+  ASSERT_EQ(std::system((command + " > /dev/null 2>&1").c_str()), 0) << command;
+}
+
+// A CA named `ca` and a node certificate it signed (for DNS name mx-job),
+// made with openssl under TEST_TMPDIR; the node's Security.
+rpc::Security MakeTls(const std::string& ca) {
+  const std::string d = absl::StrCat(TmpDir(), "/", ca);
+  Run("mkdir -p " + d);
+  const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+  Run(absl::StrCat("openssl req -x509 ", ec, " -keyout ", d, "/ca.key -out ", d,
+                   "/ca.pem -days 2 -subj /CN=", ca));
+  std::ofstream(d + "/ext") << "subjectAltName=DNS:mx-job\nextendedKeyUsage=serverAuth,clientAuth\n";
+  Run(absl::StrCat("openssl req ", ec, " -keyout ", d, "/node.key -out ", d,
+                   "/node.csr -subj /CN=node"));
+  Run(absl::StrCat("openssl x509 -req -in ", d, "/node.csr -CA ", d, "/ca.pem -CAkey ", d,
+                   "/ca.key -CAcreateserial -out ", d, "/node.pem -days 2 -extfile ", d, "/ext"));
+  absl::StatusOr<rpc::Security> s =
+      rpc::Security::Load("", "", d + "/node.pem", d + "/node.key", d + "/ca.pem", "mx-job");
+  EXPECT_TRUE(s.ok()) << s.status();
+  return s.ok() ? *s : rpc::Security();
+}
+
+std::unique_ptr<CoordinatorServer> StartCoordinator(const rpc::Security& security) {
+  CoordinatorOptions o;
+  o.num_servers = 0;
+  o.num_workers = 1;
+  o.security = security;
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? *std::move(c) : nullptr;
+}
+
+absl::StatusOr<std::unique_ptr<rpc::CoordinatorClient>> RegisterWorker(
+    const std::string& address, const rpc::Security& security) {
+  rpc::CoordinatorClient::Options o;
+  o.address = address;
+  o.security = security;
+  o.startup_timeout = absl::Seconds(20);
+  proto::RegisterRequest req;
+  req.set_role(proto::WORKER);
+  return rpc::CoordinatorClient::Register(o, req);
+}
+
+class CoordinatorClientTls : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    job_ = new rpc::Security(MakeTls("job-ca"));
+    other_ = new rpc::Security(MakeTls("other-ca"));
+  }
+  static rpc::Security* job_;
+  static rpc::Security* other_;
+};
+rpc::Security* CoordinatorClientTls::job_ = nullptr;
+rpc::Security* CoordinatorClientTls::other_ = nullptr;
+
+TEST_F(CoordinatorClientTls, BothEndsWithTheJobsCertificatesRegister) {
+  auto c = StartCoordinator(*job_);
+  auto client = RegisterWorker(c->address(), *job_);
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_EQ((*client)->cluster().self().rank(), 0);
+  EXPECT_EQ((*client)->caller().key.size(), 32u);  // the session key
+}
+
+// Each mismatch ends registration at once (well before the 20 s startup
+// timeout) with an error that says what is wrong.
+TEST_F(CoordinatorClientTls, APlaintextNodeIsToldTheCoordinatorSpeaksTls) {
+  auto c = StartCoordinator(*job_);
+  const absl::Time start = absl::Now();
+  auto client = RegisterWorker(c->address(), rpc::Security());
+  ASSERT_FALSE(client.ok());
+  EXPECT_EQ(client.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(client.status().message(),
+              HasSubstr(absl::StrCat(c->address(), " speaks TLS, and this node has no certificate")));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+}
+
+TEST_F(CoordinatorClientTls, ATlsNodeIsToldTheCoordinatorSpeaksPlaintext) {
+  auto c = StartCoordinator(rpc::Security());
+  const absl::Time start = absl::Now();
+  auto client = RegisterWorker(c->address(), *job_);
+  ASSERT_FALSE(client.ok());
+  EXPECT_EQ(client.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(client.status().message(),
+              HasSubstr(absl::StrCat(c->address(), " speaks plaintext, and this node is configured "
+                                                   "for TLS")));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+}
+
+TEST_F(CoordinatorClientTls, ACertificateOfAnotherCaIsRefusedAtTheHandshake) {
+  auto c = StartCoordinator(*job_);
+  const absl::Time start = absl::Now();
+  auto client = RegisterWorker(c->address(), *other_);
+  ASSERT_FALSE(client.ok());
+  EXPECT_EQ(client.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(client.status().message(), HasSubstr("the TLS handshake failed"));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_EQ(c->refused(), 0);  // refused before any call reached it
+}
+
+TEST(CoordinatorClient, TheJobTokenIsRequired) {
+  rpc::Security job;
+  job.token = "the-token";
+  auto c = StartCoordinator(job);
+  auto refused = RegisterWorker(c->address(), rpc::Security());
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_THAT(refused.status().message(), HasSubstr("register: no job token"));
+  auto client = RegisterWorker(c->address(), job);
+  ASSERT_TRUE(client.ok()) << client.status();
+  EXPECT_EQ((*client)->caller().token, "the-token");
+  EXPECT_EQ(c->refused(), 1);
+}
+
+// Heartbeats go on while the coordinator answers; once it is gone, the
+// node hears so once, naming it, within kLostAfter heartbeats.
+TEST(CoordinatorClient, ALostCoordinatorIsReportedOnce) {
+  auto c = StartCoordinator(rpc::Security());
+  const std::string address = c->address();
+  auto client = RegisterWorker(address, rpc::Security());
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::atomic<int> answers{0}, lost{0};
+  absl::Notification gone;
+  std::string why;
+  (*client)->StartHeartbeats([&](const proto::HeartbeatResponse&) { ++answers; },
+                             [&](const absl::Status& s) {
+                               why = std::string(s.message());
+                               ++lost;
+                               gone.Notify();
+                             });
+  absl::SleepFor(absl::Milliseconds(2500));
+  EXPECT_GE(answers.load(), 2);
+  const absl::Time stopped = absl::Now();
+  c.reset();
+  ASSERT_TRUE(gone.WaitForNotificationWithTimeout(absl::Seconds(15)));
+  const absl::Duration took = absl::Now() - stopped;
+  EXPECT_GE(took, absl::Seconds(2));  // kLostAfter failures a second apart
+  EXPECT_LT(took, absl::Seconds(10));
+  EXPECT_THAT(why, HasSubstr(absl::StrCat("the coordinator at ", address, " is unreachable")));
+  absl::SleepFor(absl::Seconds(2));
+  EXPECT_EQ(lost.load(), 1);
+  (*client)->StopHeartbeats();
+}
+
+}  // namespace
+}  // namespace mx
