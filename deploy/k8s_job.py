@@ -17,6 +17,10 @@ kubectl reads like YAML: a List of
 - Job NAME-worker: N pods of an Indexed Job running the command after --,
   with the DMLC_* environment the workers' KVStore reads and MX_RANK = its
   completion index.
+- Secret NAME-token: the job token (random, made anew each time this runs),
+  which every pod reads as MX_JOB_TOKEN and every call carries; the
+  coordinator and the servers refuse calls without it. --token-secret names
+  an existing Secret (key "token") instead, and then none is printed.
 
 Success: the workers exit 0, then the servers and the coordinator shut down
 on their own (they exit 0), and all three Jobs complete. Failure: pods are
@@ -42,6 +46,7 @@ any port between the job's pods (servers listen on free ports).
 import argparse
 import json
 import re
+import secrets
 import sys
 
 from job_args import add_job_arguments, add_worker_command, worker_command
@@ -74,6 +79,15 @@ def common_env(args, role):
     ]
 
 
+def token_secret_name(args):
+    return args.token_secret or f"{args.name}-token"
+
+
+def token_env(args):
+    return {"name": "MX_JOB_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": token_secret_name(args), "key": "token"}}}
+
+
 def service_name(args):
     return f"{args.name}-coordinator"
 
@@ -85,7 +99,7 @@ def container(args, role, command, env):
         "image": args.image,
         "imagePullPolicy": args.image_pull_policy,
         "command": command,
-        "env": env,
+        "env": env + [token_env(args)],
         "resources": {"requests": resources, "limits": resources},
     }
 
@@ -158,7 +172,17 @@ def manifests(args, worker_command):
         common_env(args, "worker") + [env_field("MX_RANK", COMPLETION_INDEX),
                                       env_value("MX_ELASTIC", 1 if args.elastic else 0)] + threads,
         elastic_workers=args.elastic, claim=args.checkpoint_claim)
-    return {"apiVersion": "v1", "kind": "List", "items": [service, coordinator, server, worker]}
+    items = [service, coordinator, server, worker]
+    if not args.token_secret:
+        items.insert(0, {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": token_secret_name(args),
+                         "labels": {"app.kubernetes.io/name": "mx", JOB_LABEL: args.name}},
+            "type": "Opaque",
+            "stringData": {"token": secrets.token_hex(32)},
+        })
+    return {"apiVersion": "v1", "kind": "List", "items": items}
 
 
 def main():
@@ -181,6 +205,9 @@ def main():
                     help=f"a PersistentVolumeClaim mounted at {CHECKPOINT_DIR} in the worker pods "
                          f"(ReadWriteMany unless they share a node): pass "
                          f"--checkpoint_prefix={CHECKPOINT_DIR}/NAME to mx_train")
+    ap.add_argument("--token-secret",
+                    help="an existing Secret whose key 'token' holds the job token (default: "
+                         "print a Secret NAME-token with a new random token)")
     add_worker_command(ap)
     args = ap.parse_args()
     cmd = worker_command(ap, args)

@@ -78,7 +78,7 @@ void CoordinatorClient::StartHeartbeats(
     std::function<void(const proto::HeartbeatResponse&)> on_answer,
     std::function<void(const absl::Status&)> on_lost) {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     on_answer_ = std::move(on_answer);
     on_lost_ = std::move(on_lost);
   }
@@ -107,7 +107,7 @@ void CoordinatorClient::Beat() {
   ctx.set_deadline(In(kHeartbeatDeadline));
   caller_.Stamp(&ctx);
   const absl::Status s = FromGrpc(stub_->Heartbeat(&ctx, req, &resp));
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (lost_ || stop_) return;
   if (s.ok()) {
     failures_ = 0;
@@ -127,7 +127,7 @@ void CoordinatorClient::Beat() {
 
 void CoordinatorClient::StopHeartbeats() {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
   {

@@ -12,7 +12,6 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "proto/mx.grpc.pb.h"
 #include "rpc/security.h"
@@ -80,12 +79,15 @@ class CoordinatorClient {
   proto::RegisterResponse cluster_;
   Caller caller_;
 
-  absl::Mutex mu_;  // serializes heartbeats and their handling
-  std::function<void(const proto::HeartbeatResponse&)> on_answer_ ABSL_GUARDED_BY(mu_);
-  std::function<void(const absl::Status&)> on_lost_ ABSL_GUARDED_BY(mu_);
-  int failures_ ABSL_GUARDED_BY(mu_) = 0;
-  bool lost_ ABSL_GUARDED_BY(mu_) = false;
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Serializes heartbeats' handling; guards the fields below it. (A
+  // std::mutex: the same loop on absl::Mutex::AwaitWithTimeout stalled in
+  // Bazel's sandbox, see the commit that added this file.)
+  std::mutex mu_;
+  std::function<void(const proto::HeartbeatResponse&)> on_answer_;
+  std::function<void(const absl::Status&)> on_lost_;
+  int failures_ = 0;
+  bool lost_ = false;
+  bool stop_ = false;
   // The loop sleeps here between heartbeats; StopHeartbeats wakes it.
   std::mutex sleep_mu_;
   std::condition_variable wake_;

@@ -69,6 +69,10 @@ void KeepGrpcAlive() {
     mallopt(M_MMAP_THRESHOLD, 32 << 20);
     mallopt(M_TRIM_THRESHOLD, 64 << 20);
     grpc_init();  // never shut down (see rpc.h)
+    // Every server answers the standard grpc.health.v1 service (without
+    // the job token: probes carry none, and it tells only whether the node
+    // serves).
+    grpc::EnableDefaultHealthCheckService(true);
     return true;
   }();
   (void)initialized;
@@ -168,6 +172,12 @@ absl::Status ConnectionProblem(const std::string& address, const Security& secur
                  "MX_TLS_CA, as for the other nodes of the job)"));
   }
   return absl::OkStatus();
+}
+
+void SetServing(grpc::Server* server, bool serving) {
+  if (grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService()) {
+    health->SetServingStatus(serving);
+  }
 }
 
 absl::Time GiveUpBefore(std::chrono::system_clock::time_point deadline) {

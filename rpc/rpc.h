@@ -45,6 +45,12 @@ void KeepGrpcAlive();
 void Listen(grpc::ServerBuilder* builder, const std::string& bind_address,
             const Security& security, int* port);
 
+// What `server`'s grpc.health.v1 service answers for every service name:
+// SERVING or NOT_SERVING. Servers that Listen answer it (KeepGrpcAlive
+// turns it on), without the job token; gRPC answers NOT_SERVING once the
+// server shuts down.
+void SetServing(grpc::Server* server, bool serving);
+
 // The process's channel to `address` with `security`'s credentials,
 // created once and kept: channels are expensive, and one that is destroyed
 // while gRPC's callback thread finishes a call on it aborted the process

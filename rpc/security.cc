@@ -124,15 +124,19 @@ Guard::Guard(std::string token, bool identities)
     : token_(std::move(token)), identities_(identities) {}
 
 void Guard::Admit(Role role, int rank, const std::string& key) {
-  absl::MutexLock lock(&mu_);
-  keys_[{role, rank}] = key;
-  admitted_.SignalAll();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    keys_[{role, rank}] = key;
+  }
+  admitted_.notify_all();
 }
 
 void Guard::AdmitAll(Role role) {
-  absl::MutexLock lock(&mu_);
-  admitted_all_.insert(role);
-  admitted_.SignalAll();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    admitted_all_.insert(role);
+  }
+  admitted_.notify_all();
 }
 
 absl::Status Guard::Refuse(const grpc::ServerContextBase& ctx, absl::Status why) {
@@ -140,7 +144,7 @@ absl::Status Guard::Refuse(const grpc::ServerContextBase& ctx, absl::Status why)
   const std::string host = PeerHost(ctx.peer());
   bool first;
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     // Bounded: a flood from many hosts is counted, not remembered.
     first = logged_.size() < 1000 &&
             logged_.insert(absl::StrCat(host, " ", static_cast<int>(why.code()))).second;
@@ -163,21 +167,13 @@ absl::Status Guard::CheckToken(const grpc::ServerContextBase& ctx, const char* m
 }
 
 absl::StatusOr<std::string> Guard::KeyOf(Role role, int rank) {
-  {
-    // Every call of a parameter server comes here: readers share the lock.
-    absl::ReaderMutexLock lock(&mu_);
-    if (admitted_all_.count(role) > 0) {
-      auto it = keys_.find({role, rank});
-      if (it != keys_.end()) return it->second;
-    }
-  }
-  absl::MutexLock lock(&mu_);
-  const absl::Time give_up = absl::Now() + kKeyWait;
-  while (admitted_all_.count(role) == 0 && keys_.count({role, rank}) == 0) {
-    if (admitted_.WaitWithDeadline(&mu_, give_up)) {
-      return absl::UnavailableError(absl::StrCat("the ", RoleName(role),
-                                                 "s of the job are not known here yet"));
-    }
+  std::unique_lock<std::mutex> lock(mu_);
+  const bool known = admitted_.wait_for(lock, absl::ToChronoMilliseconds(kKeyWait), [&] {
+    return admitted_all_.count(role) > 0 || keys_.count({role, rank}) > 0;
+  });
+  if (!known) {
+    return absl::UnavailableError(absl::StrCat("the ", RoleName(role),
+                                               "s of the job are not known here yet"));
   }
   auto it = keys_.find({role, rank});
   if (it == keys_.end()) {

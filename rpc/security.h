@@ -20,14 +20,15 @@
 #define MX_RPC_SECURITY_H_
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
+#include <mutex>
 #include <set>
 #include <string>
 #include <utility>
 
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 
 namespace grpc {
 class ClientContext;
@@ -130,11 +131,12 @@ class Guard {
   const std::string token_;
   const bool identities_;
   std::atomic<int64_t> refused_{0};
-  absl::Mutex mu_;
-  std::map<std::pair<Role, int>, std::string> keys_ ABSL_GUARDED_BY(mu_);
-  std::set<Role> admitted_all_ ABSL_GUARDED_BY(mu_);
-  absl::CondVar admitted_;  // signalled by Admit and AdmitAll
-  std::set<std::string> logged_ ABSL_GUARDED_BY(mu_);  // "host reason"
+  // Guards the fields below (std::mutex, as rpc/coordinator_client.h).
+  std::mutex mu_;
+  std::map<std::pair<Role, int>, std::string> keys_;
+  std::set<Role> admitted_all_;
+  std::condition_variable admitted_;  // notified by Admit and AdmitAll
+  std::set<std::string> logged_;      // "host reason"
 };
 
 }  // namespace rpc

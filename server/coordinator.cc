@@ -445,6 +445,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     return absl::UnavailableError(absl::StrCat("coordinator cannot listen on ", bind_address));
   }
   c->address_ = absl::StrCat(bind_address.substr(0, bind_address.rfind(':')), ":", port);
+  rpc::SetServing(c->impl_->server.get(), true);
   Impl* impl = c->impl_.get();
   // Often enough that a waiting call's answer beats its caller's deadline
   // (GiveUpBefore leaves it at least a tenth of the call's time).

@@ -15,7 +15,8 @@
 //
 // Every call must carry the job token (when options.security has one);
 // Register answers each node with its session key, and every later call
-// must come from the node it acts for (rpc/security.h).
+// must come from the node it acts for (rpc/security.h). Its grpc.health.v1
+// status is SERVING from the start.
 #ifndef MX_SERVER_COORDINATOR_H_
 #define MX_SERVER_COORDINATOR_H_
 

@@ -457,6 +457,8 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
     return absl::UnavailableError(absl::StrCat("cannot listen on ", bind_address));
   }
   ps->address_ = absl::StrCat(bind_address.substr(0, bind_address.rfind(':')), ":", port);
+  // A server that checks identities serves once it knows the workers.
+  rpc::SetServing(ps->impl_->server.get(), !server_options.identities);
   return ps;
 }
 
@@ -465,6 +467,7 @@ void ParameterServer::AdmitWorkers(const std::vector<std::string>& keys) {
     impl_->service->guard().Admit(kWorker, static_cast<int>(rank), keys[rank]);
   }
   impl_->service->guard().AdmitAll(kWorker);
+  rpc::SetServing(impl_->server.get(), true);
 }
 
 int64_t ParameterServer::refused() const { return impl_->service->guard().refused(); }

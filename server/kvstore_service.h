@@ -40,7 +40,8 @@ class ParameterServer {
   const std::string& address() const { return address_; }
   ParameterShard& shard() { return *shard_; }
   // The job's workers, by rank, with the session keys the coordinator gave
-  // them (RegisterResponse.worker_keys).
+  // them (RegisterResponse.worker_keys). The server's grpc.health.v1
+  // status turns SERVING (with identities, it is NOT_SERVING until then).
   void AdmitWorkers(const std::vector<std::string>& keys);
   // Calls refused for a missing or wrong token or identity.
   int64_t refused() const;

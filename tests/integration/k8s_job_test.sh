@@ -35,7 +35,11 @@ def check(cond, what):
 check(job["kind"] == "List", "not a List")
 kinds = sorted((i["kind"], i["metadata"]["name"]) for i in job["items"])
 check(kinds == [("Job", "fm-coordinator"), ("Job", "fm-server"), ("Job", "fm-worker"),
-                ("Service", "fm-coordinator")], f"objects {kinds}")
+                ("Secret", "fm-token"), ("Service", "fm-coordinator")], f"objects {kinds}")
+secret = [i for i in job["items"] if i["kind"] == "Secret"][0]
+token = secret["stringData"]["token"]
+check(len(token) == 64 and token != [i for i in elastic["items"] if i["kind"] == "Secret"][0]
+      ["stringData"]["token"], "the job token: 64 hex digits, new for every job")
 svc = [i for i in job["items"] if i["kind"] == "Service"][0]
 check(svc["spec"]["ports"][0]["port"] == port, "service port")
 check(svc["spec"]["selector"] == {"mx-job": "fm", "mx-role": "coordinator"}, "service selector")
@@ -55,6 +59,8 @@ for i in job["items"]:
     check(env["DMLC_NUM_SERVER"]["value"] == "2" and env["DMLC_NUM_WORKER"]["value"] == "2",
           f"{name}: sizes")
     check(env["MX_STARTUP_TIMEOUT_S"]["value"] == "600", f"{name}: startup timeout")
+    check(env["MX_JOB_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "fm-token", "key": "token"},
+          f"{name}: the job token from the Secret")
     check(c["resources"]["requests"] == c["resources"]["limits"], f"{name}: resources")
     check(pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65534,
                                      "runAsGroup": 65534, "fsGroup": 65534}, f"{name}: user")

@@ -49,11 +49,16 @@ def expand(text, env):
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, text)
 
 
-def pod_env(container, index, services):
+def pod_env(container, index, services, secrets):
     env = {}
     for e in container.get("env", []):
         if "value" in e:
             value = expand(e["value"], env)
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            ref = e["valueFrom"]["secretKeyRef"]
+            if (ref["name"], ref["key"]) not in secrets:
+                raise Unsupported(f"env {e['name']}: no Secret {ref['name']} with key {ref['key']}")
+            value = secrets[(ref["name"], ref["key"])]
         elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP":
             value = "127.0.0.1"
         elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == INDEX_FIELD:
@@ -85,13 +90,16 @@ def mounts(pod_spec, volumes_dir):
 
 def pods(items, bins, volumes_dir):
     """(label, argv, env) of every pod the objects would start."""
-    services = {}
+    services, secrets = {}, {}
     for item in items:
         if item["kind"] == "Service":
             services[item["metadata"]["name"]] = "127.0.0.1"
+        if item["kind"] == "Secret":
+            for key, value in item.get("stringData", {}).items():
+                secrets[(item["metadata"]["name"], key)] = value
     out = []
     for item in items:
-        if item["kind"] == "Service":
+        if item["kind"] in ("Service", "Secret"):
             continue
         if item["kind"] != "Job":
             raise Unsupported(f"kind {item['kind']}")
@@ -104,7 +112,7 @@ def pods(items, bins, volumes_dir):
         indexed = spec.get("completionMode") == "Indexed"
         role = item["metadata"]["labels"]["mx-role"]
         for i in range(spec["completions"]):
-            env = pod_env(container, i if indexed else None, services)
+            env = pod_env(container, i if indexed else None, services, secrets)
             argv = [expand(a, env) for a in container["command"] + container.get("args", [])]
             for name, address in services.items():  # cluster DNS, in flags
                 argv = [re.sub(rf"(?<=[=/]){re.escape(name)}(?=:)", address, a) for a in argv]
