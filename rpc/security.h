@@ -63,7 +63,8 @@ struct Security {
   // the file.
   static absl::StatusOr<Security> FromEnvironment();
   // The same from explicit values (a flag's, an environment variable's):
-  // `token_file` when `token` is empty; `what` prefixes errors.
+  // `token_file` when `token` is empty. Errors name the files by the
+  // environment variables' names, also when a flag gave them.
   static absl::StatusOr<Security> Load(const std::string& token, const std::string& token_file,
                                        const std::string& cert, const std::string& key,
                                        const std::string& ca, const std::string& server_name);
