@@ -83,15 +83,15 @@ void CoordinatorClient::StartHeartbeats(
     on_lost_ = std::move(on_lost);
   }
   heartbeats_ = std::thread([this] {
+    // The first at once: the coordinator's timeout for this node started
+    // when it answered the registration.
     for (;;) {
-      {
-        std::unique_lock<std::mutex> lock(sleep_mu_);
-        if (wake_.wait_for(lock, absl::ToChronoMilliseconds(kHeartbeatPeriod),
-                           [this] { return stopping_; })) {
-          return;
-        }
-      }
       Beat();
+      std::unique_lock<std::mutex> lock(sleep_mu_);
+      if (wake_.wait_for(lock, absl::ToChronoMilliseconds(kHeartbeatPeriod),
+                         [this] { return stopping_; })) {
+        return;
+      }
     }
   });
 }

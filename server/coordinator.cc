@@ -224,15 +224,18 @@ class Service final : public CoordinatorBase {
     const std::string key = rpc::NewSessionKey();
     keys_[{req.role(), rank}] = key;
     guard_.Admit(RpcRole(req.role()), rank, key);
-    last_seen_[{req.role(), rank}] = absl::Now();
     return absl::OkStatus();
   }
   bool AllRegistered() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return static_cast<int>(servers_.size()) == options_.num_servers &&
            static_cast<int>(workers_.size()) == options_.num_workers;
   }
-  // Answers every waiting registration with the cluster view.
+  // Answers every waiting registration with the cluster view. A node
+  // heartbeats only once it has this answer, so its heartbeat timeout
+  // starts now, not at its own registration (which may be long before the
+  // last node's).
   void AnswerRegistrations(Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const absl::Time now = absl::Now();
     for (const Waiting& w : registering_) {
       proto::RegisterResponse resp;
       *resp.mutable_self() = w.node;
@@ -244,6 +247,7 @@ class Service final : public CoordinatorBase {
       }
       *w.response = EncodeMessage(resp);
       answers->push_back({w.reactor, absl::OkStatus()});
+      last_seen_[{w.node.role(), w.node.rank()}] = now;
     }
     registering_.clear();
   }
@@ -251,11 +255,16 @@ class Service final : public CoordinatorBase {
   absl::Status Beat(const proto::HeartbeatRequest& req, proto::HeartbeatResponse* resp)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     auto key = std::make_pair(req.role(), req.rank());
-    if (!last_seen_.count(key)) {
+    const auto& nodes = req.role() == proto::SERVER ? servers_ : workers_;
+    if (!nodes.count(req.rank())) {
       return absl::NotFoundError(absl::StrCat("heartbeat: ", RoleName(req.role()), " ", req.rank(),
                                               " never registered"));
     }
-    if (!dead_.count(key)) last_seen_[key] = absl::Now();
+    // Not for a worker that has left (no longer expected) or one declared
+    // dead (which stays dead).
+    if (auto it = last_seen_.find(key); it != last_seen_.end() && !dead_.count(key)) {
+      it->second = absl::Now();
+    }
     for (const auto& [node, info] : dead_) *resp->add_dead() = info;
     for (int rank : left_) resp->add_finished_workers(rank);
     if (req.role() == proto::SERVER && EveryWorkerDone()) {

@@ -356,5 +356,43 @@ TEST(CoordinatorShutdown, WaitingRegistrationsAreToldAtOnce) {
   EXPECT_THAT(s.error_message(), HasSubstr("the coordinator is shutting down"));
 }
 
+// A node starts heartbeating only once its registration is answered, and
+// that waits for the rest of the job: the heartbeat timeout counts from the
+// answer, not from the node's own registration. (Seen in CI: a worker that
+// registered 4 s before the last server was declared dead 1 s into training
+// with a 5 s timeout.)
+TEST(CoordinatorHeartbeats, TheTimeoutCountsFromTheRegistrationsAnswer) {
+  CoordinatorOptions o;
+  o.num_servers = 1;
+  o.num_workers = 1;
+  o.heartbeat_timeout = absl::FromChrono(kTimeout);
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
+  proto::RegisterResponse worker;
+  grpc::Status registered;
+  std::thread waiting([&] { registered = Register(*stub, proto::WORKER, -1, &worker); });
+  // The server registers two timeouts after the worker.
+  std::this_thread::sleep_for(2 * kTimeout);
+  proto::RegisterResponse server;
+  ASSERT_TRUE(Register(*stub, proto::SERVER, -1, &server).ok());
+  waiting.join();
+  ASSERT_TRUE(registered.ok()) << registered.error_message();
+  // Both heartbeat promptly after their answers; nobody is dead.
+  for (const proto::RegisterResponse* node : {&worker, &server}) {
+    proto::HeartbeatRequest req;
+    req.set_role(node->self().role());
+    req.set_rank(node->self().rank());
+    proto::HeartbeatResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    Act(&ctx, node->self().role(), node->self().rank(), node->session_key());
+    ASSERT_TRUE(stub->Heartbeat(&ctx, req, &resp).ok());
+    for (const proto::NodeInfo& dead : resp.dead()) {
+      ADD_FAILURE() << "declared dead: " << proto::Role_Name(dead.role()) << " " << dead.rank();
+    }
+  }
+}
+
 }  // namespace
 }  // namespace mx
