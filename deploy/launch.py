@@ -49,6 +49,9 @@ With -H the token file and the TLS files must be readable at the same
 path on every host (a shared directory, or --token-file and --tls-* files
 copied there).
 
+Metrics: with --metrics every process serves Prometheus metrics (and
+/healthz) on a free port and prints "<who>: metrics on http://HOST:PORT/metrics".
+
 Ctrl-C (or SIGTERM, SIGHUP) stops everything.
 """
 import argparse
@@ -348,6 +351,9 @@ def main():
     ap.add_argument("--tls-cert", help="with --tls-key and --tls-ca: TLS with these files instead")
     ap.add_argument("--tls-key")
     ap.add_argument("--tls-ca")
+    ap.add_argument("--metrics", action="store_true",
+                    help="every process serves Prometheus metrics and /healthz on a free port "
+                         "and prints where (\"metrics on http://HOST:PORT/metrics\")")
     add_worker_command(ap)
     args = ap.parse_args()
     cmd = worker_command(ap, args)
@@ -375,6 +381,9 @@ def run(args, cmd, secrets):
                MX_COORDINATOR=coordinator, DMLC_NUM_SERVER=str(args.num_servers),
                DMLC_NUM_WORKER=str(args.num_workers))
     env.pop("MX_JOB_TOKEN", None)  # the job's own token comes from its file
+    if args.metrics:
+        # Servers serve on their --bind host; workers on MX_METRICS_HOST.
+        env.update(MX_METRICS_PORT="0", MX_METRICS_HOST="0.0.0.0" if remote else "127.0.0.1")
     job = Job(remote)
     signal.signal(signal.SIGINT, lambda *_: (job.stop_all(), sys.exit(130)))
     signal.signal(signal.SIGTERM, lambda *_: (job.stop_all(), sys.exit(143)))

@@ -24,11 +24,23 @@
 #include "ndarray/env.h"
 #include "proto/wire.h"
 #include "rpc/coordinator_client.h"
+#include "rpc/metrics.h"
 #include "rpc/rpc.h"
 
 namespace mx {
 
 namespace {
+
+// mx_kvstore_calls_in_flight: this worker's data calls awaiting an answer
+// (a queue depth), for /metrics.
+metrics::Gauge* InFlightGauge() {
+  static metrics::Gauge* g =
+      metrics::Registry::Global()
+          .AddGauge("mx_kvstore_calls_in_flight",
+                    "Calls of this worker's distributed store to servers awaiting an answer")
+          ->With({});
+  return g;
+}
 
 using rpc::FromGrpc;
 using rpc::ToGrpc;
@@ -129,7 +141,10 @@ struct Conn : std::enable_shared_from_this<Conn> {
     {
       std::lock_guard<std::mutex> lock(mu);
       failed = failure;
-      if (failed.ok()) in_flight.insert(call);
+      if (failed.ok()) {
+        in_flight.insert(call);
+        InFlightGauge()->Add(1);
+      }
     }
     if (!failed.ok()) {  // no call
       done(ToGrpc(failed), call->resp);
@@ -148,7 +163,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
           absl::Status failed;
           {
             std::lock_guard<std::mutex> lock(self->mu);
-            self->in_flight.erase(call);
+            if (self->in_flight.erase(call) > 0) InFlightGauge()->Add(-1);
             failed = self->failure;
           }
           done(s.ok() || failed.ok() ? s : ToGrpc(failed), call->resp);

@@ -1,5 +1,7 @@
 #include "rpc/rpc.h"
 
+#include "rpc/call_metrics.h"
+
 #include <grpc/grpc.h>
 #include <malloc.h>
 #include <netdb.h>
@@ -85,6 +87,7 @@ void Listen(grpc::ServerBuilder* builder, const std::string& bind_address,
   SetTransportArguments(
       [&](const char* name, int value) { builder->AddChannelArgument(name, value); });
   builder->AddListeningPort(bind_address, ServerCredentials(security), port);
+  builder->experimental().SetInterceptorCreators(ServerCallMetrics());
 }
 
 std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, const Security& security,
@@ -114,7 +117,8 @@ std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, const S
     // under load several (CI saw a 4 s registration).
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-    channel = grpc::CreateCustomChannel(address, ChannelCredentials(security), args);
+    channel = grpc::experimental::CreateCustomChannelWithInterceptors(
+        address, ChannelCredentials(security), args, ClientCallMetrics());
   }
   return channel;
 }

@@ -11,6 +11,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "rpc/metrics.h"
 #include "ndarray/base.h"
 #include "ndarray/env.h"
 
@@ -141,6 +142,12 @@ void Guard::AdmitAll(Role role) {
 
 absl::Status Guard::Refuse(const grpc::ServerContextBase& ctx, absl::Status why) {
   refused_.fetch_add(1);
+  static metrics::Family<metrics::Counter>* refused = metrics::Registry::Global().AddCounter(
+      "mx_rpc_refused_total",
+      "Calls refused for a missing or wrong job token (UNAUTHENTICATED) or a caller "
+      "without the identity it claims (PERMISSION_DENIED)",
+      {"code"});
+  refused->With({absl::StatusCodeToString(why.code())})->Add();
   const std::string host = PeerHost(ctx.peer());
   bool first;
   {

@@ -14,6 +14,7 @@
 #include "ndarray/base.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
+#include "rpc/metrics.h"
 #include "rpc/rpc.h"
 
 namespace mx {
@@ -144,6 +145,7 @@ class Service final : public CoordinatorBase {
           info.set_address(n->second.address());
         }
         dead_[node] = info;
+        NodeGauge(node.first, "dead")->Add(1);
       }
       AnswerBarriers(&answers);
       TimeOut(now, &answers);
@@ -210,6 +212,17 @@ class Service final : public CoordinatorBase {
     return reactor;
   }
 
+  // mx_coordinator_nodes{role,state}: nodes registered, declared dead, and
+  // workers finished, for /metrics.
+  static metrics::Gauge* NodeGauge(proto::Role role, const char* state) {
+    static metrics::Family<metrics::Gauge>* nodes = metrics::Registry::Global().AddGauge(
+        "mx_coordinator_nodes",
+        "Nodes of the job by role and state: registered (ever), dead (declared so), finished "
+        "(workers that left)",
+        {"role", "state"});
+    return nodes->With({RoleName(role), state});
+  }
+
   // Parses a registration and records its node (rank, address) in *node.
   absl::Status StartRegister(const grpc::ByteBuffer& request, proto::NodeInfo* node)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -221,6 +234,7 @@ class Service final : public CoordinatorBase {
     node->set_rank(rank);
     node->set_address(req.address());
     nodes[rank] = *node;
+    NodeGauge(req.role(), "registered")->Add(1);
     const std::string key = rpc::NewSessionKey();
     keys_[{req.role(), rank}] = key;
     guard_.Admit(RpcRole(req.role()), rank, key);
@@ -279,7 +293,7 @@ class Service final : public CoordinatorBase {
       return absl::InvalidArgumentError(
           absl::StrCat("leave: worker rank ", rank, " is not registered"));
     }
-    left_.insert(rank);
+    if (left_.insert(rank).second) NodeGauge(proto::WORKER, "finished")->Add(1);
     last_seen_.erase({proto::WORKER, rank});  // no longer expected
     return absl::OkStatus();
   }

@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
+#include "rpc/metrics.h"
 #include "rpc/rpc.h"
 
 namespace mx {
@@ -47,6 +48,28 @@ absl::Status Prefix(const absl::Status& s, const char* what, int key) {
   if (s.ok()) return s;
   return absl::Status(s.code(), absl::StrCat(what, " of key ", key, ": ", s.message()));
 }
+
+// What this process's servers did, for /metrics (rpc/metrics.h).
+struct ServerMetrics {
+  metrics::Counter* pushes;
+  metrics::Counter* pushed_bytes;
+  metrics::Counter* pulls;
+  metrics::Gauge* pulls_waiting;
+
+  static const ServerMetrics& Get() {
+    static const ServerMetrics m = [] {
+      metrics::Registry& r = metrics::Registry::Global();
+      return ServerMetrics{
+          r.AddCounter("mx_server_pushes_total", "Pushes of one key applied (summed) here")->With({}),
+          r.AddCounter("mx_server_pushed_bytes_total", "Value bytes of those pushes")->With({}),
+          r.AddCounter("mx_server_pulls_total", "Pulls of one key asked of this server")->With({}),
+          r.AddGauge("mx_server_pulls_waiting",
+                     "Pulls of one key waiting for their step (a queue depth)")
+              ->With({})};
+    }();
+    return m;
+  }
+};
 
 class PullReactor;
 
@@ -113,6 +136,8 @@ class PullReactor : public grpc::ServerUnaryReactor {
       return;
     }
     wanted_ = std::move(wanted);
+    ServerMetrics::Get().pulls->Add(static_cast<double>(wanted_.size()));
+    ServerMetrics::Get().pulls_waiting->Add(static_cast<double>(wanted_.size()));
     values_.resize(wanted_.size());
     ids_.resize(wanted_.size());
     remaining_.store(static_cast<int>(wanted_.size()));
@@ -142,6 +167,7 @@ class PullReactor : public grpc::ServerUnaryReactor {
 
  private:
   void Answered(size_t i, absl::StatusOr<ParameterShard::Value> v) {
+    ServerMetrics::Get().pulls_waiting->Add(-1);
     {
       absl::MutexLock lock(&mu_);
       if (!v.ok() && error_.ok()) error_ = v.status();
@@ -418,7 +444,10 @@ class Service final : public ServiceBase {
     if (!s.ok()) return Prefix(s, "push", req.key());
     absl::StatusOr<Pieces> pieces = PiecesOf(request, data.offset, data.bytes);
     if (!pieces.ok()) return Prefix(pieces.status(), "push", req.key());
-    return shard_->Push(req.key(), req.rank(), *std::move(pieces));
+    MX_RETURN_IF_ERROR(shard_->Push(req.key(), req.rank(), *std::move(pieces)));
+    ServerMetrics::Get().pushes->Add();
+    ServerMetrics::Get().pushed_bytes->Add(static_cast<double>(data.bytes));
+    return absl::OkStatus();
   }
 
   ParameterShard* shard_;

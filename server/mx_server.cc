@@ -35,6 +35,8 @@
 #include "ndarray/env.h"
 #include "proto/mx.grpc.pb.h"
 #include "rpc/coordinator_client.h"
+#include "rpc/metrics.h"
+#include "rpc/metrics_http.h"
 #include "rpc/rpc.h"
 #include "rpc/security.h"
 #include "server/coordinator.h"
@@ -66,6 +68,9 @@ ABSL_FLAG(std::string, startup_timeout_s, "",
 ABSL_FLAG(int, heartbeat_timeout_s, 5,
           "the coordinator declares a node dead after this many silent seconds (at least 2: "
           "nodes heartbeat every second)");
+ABSL_FLAG(std::string, metrics_port, "",
+          "serve Prometheus metrics and /healthz over HTTP on this port of the --bind host "
+          "(0: a free one; default: $MX_METRICS_PORT; unset: no endpoint)");
 ABSL_FLAG(std::string, token_file, "",
           "a file whose first line is the job token, which every call must carry (default: "
           "$MX_JOB_TOKEN_FILE, or the token itself in $MX_JOB_TOKEN; neither: an open job that "
@@ -181,6 +186,22 @@ void LogShutdown(const std::string& who, int sig, int64_t refused) {
   }
 }
 
+// The metrics endpoint of a node bound at `bind` (host:port), on the same
+// host, when --metrics_port or MX_METRICS_PORT asks for one; nullptr when
+// not. Exits on a bad setting or a port that cannot be had.
+std::unique_ptr<metrics::HttpServer> ServeMetrics(const std::string& bind, const std::string& who) {
+  const int port = OrExit(metrics::MetricsPort(absl::GetFlag(FLAGS_metrics_port)));
+  std::string host = bind.substr(0, bind.rfind(':'));
+  if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  absl::StatusOr<std::unique_ptr<metrics::HttpServer>> server =
+      metrics::ServeMetrics(host, port, who);
+  if (!server.ok()) {
+    std::cerr << "mx_server: " << server.status().message() << "\n";
+    std::exit(1);
+  }
+  return *std::move(server);
+}
+
 int NumServers() {
   return IntSetting("num_servers", absl::GetFlag(FLAGS_num_servers), "DMLC_NUM_SERVER", 1, 1 << 16);
 }
@@ -208,11 +229,14 @@ int RunCoordinator() {
   o.heartbeat_timeout = absl::Seconds(timeout_s);
   o.elastic = absl::GetFlag(FLAGS_elastic);
   o.security = SecuritySettings();
+  std::unique_ptr<metrics::HttpServer> metrics = ServeMetrics(bind, "coordinator");
   auto c = CoordinatorServer::Start(bind, o);
   if (!c.ok()) {
     std::cerr << "mx_server: " << c.status().message() << "\n";
     return 1;
   }
+  metrics::SetNodeInfo("coordinator", -1);
+  if (metrics != nullptr) metrics->SetServing(true);
   std::cout << "coordinator listening on " << (*c)->address()
             << (o.elastic ? " (elastic)" : "") << std::endl;
   const int sig = WaitForSignal([&c] { return (*c)->finished(); });
@@ -285,6 +309,7 @@ int RunServer() {
   server_options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
   server_options.security = SecuritySettings();
   server_options.identities = true;
+  std::unique_ptr<metrics::HttpServer> metrics = ServeMetrics(bind, "server");
   auto ps = ParameterServer::Start(bind, {mode == "sync", workers, absl::GetFlag(FLAGS_elastic)},
                                    server_options);
   if (!ps.ok()) {
@@ -307,6 +332,8 @@ int RunServer() {
   const proto::RegisterResponse& cluster = (*client)->cluster();
   (*ps)->AdmitWorkers({cluster.worker_keys().begin(), cluster.worker_keys().end()});
   const int rank = cluster.self().rank();
+  metrics::SetNodeInfo("server", rank);
+  if (metrics != nullptr) metrics->SetServing(true);  // as the health service now
   std::cout << "server " << rank << " serving on " << req.address()
             << (absl::GetFlag(FLAGS_elastic) ? " (elastic)" : "") << std::endl;
   int sig = 0;

@@ -12,6 +12,7 @@ _LIBS = {
     "benchmark": (["benchmark"], "libbenchmark-dev"),
     "grpc": (["grpc++"], "libgrpc++-dev"),
     "gtest": (["gmock"], "libgtest-dev libgmock-dev"),
+    "microhttpd": (["libmicrohttpd"], "libmicrohttpd-dev"),
     "gtest_main": (["gtest_main", "gmock"], "libgtest-dev libgmock-dev"),
     "openblas": (["openblas"], "libopenblas-dev"),
     "protobuf": (["protobuf"], "libprotobuf-dev"),

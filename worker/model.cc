@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "rpc/metrics.h"
 #include "worker/checkpoint.h"
 #include "worker/initializer.h"
 
@@ -48,6 +49,30 @@ std::map<std::string, float> MultFromAttrs(const Symbol& symbol, const std::stri
   }
   return mult;
 }
+
+}  // namespace
+
+namespace {
+
+// Training steps, for /metrics (rpc/metrics.h).
+struct StepMetrics {
+  metrics::Histogram* seconds;
+  metrics::Counter* samples;
+
+  static const StepMetrics& Get() {
+    static const StepMetrics m{
+        metrics::Registry::Global()
+            .AddHistogram("mx_worker_step_seconds",
+                          "Time of one training step (batch), from the end of one to the end of "
+                          "the next",
+                          metrics::LatencyBuckets())
+            ->With({}),
+        metrics::Registry::Global()
+            .AddCounter("mx_worker_samples_total", "Training samples processed")
+            ->With({})};
+    return m;
+  }
+};
 
 }  // namespace
 
@@ -242,6 +267,8 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
     train->Reset();
     DataBatch batch;
     absl::Status st = Catch([&]() -> absl::Status {
+      const StepMetrics& step_metrics = StepMetrics::Get();
+      auto step_start = std::chrono::steady_clock::now();
       while (train->Next(&batch)) {
         const int64_t valid = train->batch_size() - batch.pad;
         for (size_t d = 0; d < execs.size(); ++d) {
@@ -268,6 +295,13 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
         }
         ++nbatch;
         samples += valid;
+        // The training thread runs ahead of the engine by at most the
+        // metric's wait for this step's outputs: from one step to the next
+        // is the step's time as a user sees it.
+        const auto now = std::chrono::steady_clock::now();
+        step_metrics.seconds->Observe(std::chrono::duration<double>(now - step_start).count());
+        step_metrics.samples->Add(static_cast<double>(valid));
+        step_start = now;
         BatchEndParam p{epoch, nbatch, train->batch_size(), metric.get()};
         for (const auto& cb : options.batch_end_callbacks) cb(p);
       }

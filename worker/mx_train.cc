@@ -30,6 +30,10 @@
 #include "graph/symbol.h"
 #include "ndarray/ndarray.h"
 #include "kvstore/kvstore.h"
+#include "ndarray/env.h"
+#include "ndarray/storage.h"
+#include "rpc/metrics.h"
+#include "rpc/metrics_http.h"
 #include "worker/checkpoint.h"
 #include "worker/io.h"
 #include "worker/model.h"
@@ -66,6 +70,9 @@ ABSL_FLAG(int, threads, 0, "engine worker threads (0: one per core)");
 ABSL_FLAG(std::string, metrics_log, "", "append per-epoch metrics to this .csv or .jsonl file");
 ABSL_FLAG(std::string, eval_metric, "accuracy,ce",
           "metrics to report, comma-separated: accuracy, top_k_accuracy, ce, mse, mae, rmse, f1");
+ABSL_FLAG(std::string, metrics_port, "",
+          "serve Prometheus metrics and /healthz over HTTP on this port of $MX_METRICS_HOST "
+          "(default 127.0.0.1; 0: a free port; default: $MX_METRICS_PORT; unset: no endpoint)");
 ABSL_FLAG(int, early_stopping, 0, "stop after N epochs without validation improvement (0: off)");
 
 namespace mx {
@@ -160,8 +167,32 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(bool train, bool flat, int pa
   return PrefetchingIter(std::move(iter));
 }
 
+// The pooled memory of the CPU, refreshed at each scrape.
+void WatchStorage() {
+  metrics::Registry& r = metrics::Registry::Global();
+  metrics::Gauge* in_use = r.AddGauge("mx_storage_bytes_in_use",
+                                      "Bytes in arrays' blocks handed out, by device",
+                                      {"device"})->With({"cpu"});
+  metrics::Gauge* pooled = r.AddGauge("mx_storage_bytes_pooled",
+                                      "Bytes in free blocks the pool keeps for reuse, by device",
+                                      {"device"})->With({"cpu"});
+  r.OnCollect([in_use, pooled] {
+    const StorageStats s = Storage::Get()->Stats(Context::CPU());
+    in_use->Set(static_cast<double>(s.bytes_in_use));
+    pooled->Set(static_cast<double>(s.bytes_pooled));
+  });
+}
+
 absl::Status Run() {
   srand(absl::GetFlag(FLAGS_seed));
+  // The metrics endpoint first: it answers /healthz 503 until the worker
+  // has joined its job.
+  MX_ASSIGN_OR_RETURN(const int metrics_port, metrics::MetricsPort(absl::GetFlag(FLAGS_metrics_port)));
+  const std::string metrics_host =
+      EnvString("MX_METRICS_HOST").empty() ? "127.0.0.1" : EnvString("MX_METRICS_HOST");
+  MX_ASSIGN_OR_RETURN(std::unique_ptr<metrics::HttpServer> endpoint,
+                      metrics::ServeMetrics(metrics_host, metrics_port, "worker"));
+  WatchStorage();
   // A distributed store first: its rank selects this worker's part of the data.
   std::unique_ptr<KVStore> store;
   const std::string kv_type = absl::GetFlag(FLAGS_kvstore);
@@ -170,6 +201,8 @@ absl::Status Run() {
     std::cout << "worker " << store->rank() << " of " << store->num_workers() << " (" << kv_type
               << ")" << std::endl;
   }
+  metrics::SetNodeInfo("worker", store ? store->rank() : 0);
+  if (endpoint != nullptr) endpoint->SetServing(true);
   const int part = store ? store->rank() : 0, parts = store ? store->num_workers() : 1;
   MX_ASSIGN_OR_RETURN(std::vector<Context> contexts, ParseContexts(absl::GetFlag(FLAGS_contexts)));
   const std::string network = absl::GetFlag(FLAGS_network);

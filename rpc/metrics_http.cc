@@ -1,0 +1,141 @@
+#include "rpc/metrics_http.h"
+
+#include <microhttpd.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "ndarray/env.h"
+
+namespace mx {
+namespace metrics {
+
+namespace {
+
+// A socket listening on host:port (port 0: a free one), or an error that
+// says why. Made here rather than by libmicrohttpd so that the error is
+// the system's ("Address already in use").
+absl::StatusOr<int> ListenOn(const std::string& host, const std::string& port) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* found = nullptr;
+  const int gai = getaddrinfo(host.empty() ? nullptr : host.c_str(), port.c_str(), &hints, &found);
+  if (gai != 0) return absl::InvalidArgumentError(gai_strerror(gai));
+  const int fd = socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  std::string error;
+  if (fd < 0) {
+    error = std::strerror(errno);
+  } else {
+    const int one = 1;  // a restarted node gets its port back at once
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, found->ai_addr, found->ai_addrlen) != 0 || listen(fd, 64) != 0) {
+      error = std::strerror(errno);
+      close(fd);
+    }
+  }
+  freeaddrinfo(found);
+  if (!error.empty()) return absl::UnavailableError(error);
+  return fd;
+}
+
+int PortOf(int fd) {
+  sockaddr_storage a{};
+  socklen_t n = sizeof(a);
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&a), &n) != 0) return 0;
+  if (a.ss_family == AF_INET6) return ntohs(reinterpret_cast<sockaddr_in6*>(&a)->sin6_port);
+  return ntohs(reinterpret_cast<sockaddr_in*>(&a)->sin_port);
+}
+
+// libmicrohttpd's request callback: `self` is the HttpServer.
+MHD_Result Handle(void* self, MHD_Connection* conn, const char* url, const char* method,
+                  const char*, const char*, size_t* upload_size, void**) {
+  const HttpServer::Response a = static_cast<const HttpServer*>(self)->Answer(
+      url != nullptr ? url : "", method != nullptr ? method : "", *upload_size != 0);
+  MHD_Response* r = MHD_create_response_from_buffer(
+      a.body.size(), const_cast<char*>(a.body.data()), MHD_RESPMEM_MUST_COPY);
+  MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, a.type);
+  const MHD_Result result = MHD_queue_response(conn, a.code, r);
+  MHD_destroy_response(r);
+  return result;
+}
+
+}  // namespace
+
+HttpServer::Response HttpServer::Answer(const std::string& path, const std::string& method,
+                                        bool has_body) const {
+  if (path != "/metrics" && path != "/healthz") {
+    return {MHD_HTTP_NOT_FOUND, "text/plain", "mx serves /metrics and /healthz\n"};
+  }
+  if (method != MHD_HTTP_METHOD_GET || has_body) {
+    return {MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain", "only GET\n"};
+  }
+  if (path == "/metrics") {
+    return {MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", registry_->Text()};
+  }
+  if (serving_.load()) return {MHD_HTTP_OK, "text/plain", "ok\n"};
+  return {MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain", "not serving\n"};
+}
+
+absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& bind_address,
+                                                              Registry* registry) {
+  const size_t colon = bind_address.rfind(':');
+  if (colon == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("metrics: '", bind_address, "' is not host:port"));
+  }
+  std::string host = bind_address.substr(0, colon);
+  if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  absl::StatusOr<int> fd = ListenOn(host, bind_address.substr(colon + 1));
+  if (!fd.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("metrics: cannot listen on ", bind_address, ": ", fd.status().message()));
+  }
+  std::unique_ptr<HttpServer> server(new HttpServer(registry));
+  server->port_ = PortOf(*fd);
+  // One thread answers every request (a scrape every few seconds); each
+  // connection may last 10 s at most.
+  server->daemon_ = MHD_start_daemon(
+      MHD_USE_AUTO_INTERNAL_THREAD, 0, nullptr, nullptr, &Handle, server.get(),
+      MHD_OPTION_LISTEN_SOCKET, *fd, MHD_OPTION_CONNECTION_TIMEOUT, 10u,
+      MHD_OPTION_CONNECTION_LIMIT, 32u, MHD_OPTION_END);
+  if (server->daemon_ == nullptr) {
+    close(*fd);
+    return absl::InternalError(absl::StrCat("metrics: cannot serve on ", bind_address));
+  }
+  return server;
+}
+
+HttpServer::~HttpServer() {
+  if (daemon_ != nullptr) MHD_stop_daemon(daemon_);  // closes the socket
+}
+
+absl::StatusOr<int> MetricsPort(const std::string& flag_value) {
+  absl::StatusOr<std::optional<int64_t>> port =
+      FlagOrEnvInt("--metrics_port", flag_value, "MX_METRICS_PORT", 0, 65535);
+  if (!port.ok()) return port.status();
+  return port->has_value() ? static_cast<int>(**port) : -1;
+}
+
+absl::StatusOr<std::unique_ptr<HttpServer>> ServeMetrics(const std::string& host, int port,
+                                                         const std::string& who) {
+  if (port < 0) return std::unique_ptr<HttpServer>();
+  const bool v6 = host.find(':') != std::string::npos;
+  const std::string h = v6 ? absl::StrCat("[", host, "]") : host;
+  absl::StatusOr<std::unique_ptr<HttpServer>> server =
+      HttpServer::Start(absl::StrCat(h, ":", port), &Registry::Global());
+  if (server.ok()) {
+    SetEnabled(true);
+    std::cerr << who << ": metrics on http://" << h << ":" << (*server)->port() << "/metrics"
+              << std::endl;
+  }
+  return server;
+}
+
+}  // namespace metrics
+}  // namespace mx

@@ -1,0 +1,66 @@
+// Serves a metrics registry over plain HTTP (GNU libmicrohttpd, from
+// Debian; civetweb 1.15 as Debian builds it ran handlers on threads whose
+// stacks were too small for glibc's printf and aborted when they ended): GET /metrics answers the Prometheus text format, GET
+// /healthz answers 200 "ok" while the node says it is serving and 503
+// otherwise. /healthz is the probe Kubernetes can use when the node's gRPC
+// port requires mutual TLS (the kubelet's gRPC probe cannot present a
+// certificate). Nothing here changes the job: both paths only read.
+#ifndef MX_RPC_METRICS_HTTP_H_
+#define MX_RPC_METRICS_HTTP_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "rpc/metrics.h"
+
+struct MHD_Daemon;
+
+namespace mx {
+namespace metrics {
+
+class HttpServer {
+ public:
+  // Listens on bind_address (host:port; port 0: a free one). Errors name
+  // the address (a port in use, a bad host).
+  static absl::StatusOr<std::unique_ptr<HttpServer>> Start(const std::string& bind_address,
+                                                           Registry* registry);
+  ~HttpServer();  // stops listening; requests in progress finish first
+
+  int port() const { return port_; }
+  // What /healthz answers; false until set.
+  void SetServing(bool serving) { serving_.store(serving); }
+
+  struct Response {
+    unsigned code;
+    const char* type;
+    std::string body;
+  };
+  // The answer to `method` on `path` (what the HTTP thread sends).
+  Response Answer(const std::string& path, const std::string& method, bool has_body) const;
+
+ private:
+  explicit HttpServer(Registry* registry) : registry_(registry) {}
+
+  Registry* const registry_;
+  ::MHD_Daemon* daemon_ = nullptr;
+  int port_ = 0;
+  std::atomic<bool> serving_{false};
+};
+
+// The port of --metrics_port (`flag_value`) or, when that is empty, of
+// MX_METRICS_PORT: -1 when neither is set (no endpoint), else 0-65535 (0:
+// a free one). Errors name the flag or the variable and the value.
+absl::StatusOr<int> MetricsPort(const std::string& flag_value);
+
+// Starts serving the process's registry on host:port when port >= 0 and
+// says where on stderr ("<who>: metrics on http://host:port/metrics");
+// nullptr when port < 0.
+absl::StatusOr<std::unique_ptr<HttpServer>> ServeMetrics(const std::string& host, int port,
+                                                         const std::string& who);
+
+}  // namespace metrics
+}  // namespace mx
+
+#endif  // MX_RPC_METRICS_HTTP_H_

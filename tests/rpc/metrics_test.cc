@@ -1,0 +1,172 @@
+// The metrics registry's text format, the HTTP endpoint (/metrics,
+// /healthz) and the per-call RPC metrics of a coordinator answering real
+// calls.
+#include "rpc/metrics.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "proto/mx.grpc.pb.h"
+#include "rpc/metrics_http.h"
+#include "rpc/rpc.h"
+#include "server/coordinator.h"
+
+namespace mx {
+namespace metrics {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+TEST(Registry, WritesTheTextFormat) {
+  Registry r;
+  r.AddCounter("pushes_total", "Pushes\\applied", {"method", "code"})->With({"Push", "OK"})->Add(3);
+  r.AddGauge("depth", "Queue depth")->With({})->Set(2.5);
+  Histogram* h = r.AddHistogram("latency_seconds", "Latency", {0.001, 0.01}, {"m"})->With({"a"});
+  h->Observe(0.0005);
+  h->Observe(0.001);  // bounds are inclusive ("le")
+  h->Observe(0.5);
+  EXPECT_EQ(r.Text(),
+            "# HELP depth Queue depth\n"
+            "# TYPE depth gauge\n"
+            "depth 2.5\n"
+            "# HELP latency_seconds Latency\n"
+            "# TYPE latency_seconds histogram\n"
+            "latency_seconds_bucket{m=\"a\",le=\"0.001\"} 2\n"
+            "latency_seconds_bucket{m=\"a\",le=\"0.01\"} 2\n"
+            "latency_seconds_bucket{m=\"a\",le=\"+Inf\"} 3\n"
+            "latency_seconds_sum{m=\"a\"} 0.5015\n"
+            "latency_seconds_count{m=\"a\"} 3\n"
+            "# HELP pushes_total Pushes\\\\applied\n"
+            "# TYPE pushes_total counter\n"
+            "pushes_total{method=\"Push\",code=\"OK\"} 3\n");
+}
+
+TEST(Registry, EscapesLabelValuesAndKeepsMembers) {
+  Registry r;
+  Family<Counter>* f = r.AddCounter("c_total", "C", {"l"});
+  f->With({"a\"b\\c\nd"})->Add();
+  EXPECT_THAT(r.Text(), HasSubstr("c_total{l=\"a\\\"b\\\\c\\nd\"} 1\n"));
+  // The same name and type again is the same family; members persist.
+  EXPECT_EQ(r.AddCounter("c_total", "C", {"l"}), f);
+  EXPECT_EQ(f->With({"a\"b\\c\nd"})->value(), 1);
+}
+
+TEST(Registry, RefreshesGaugesBeforeEachExposition) {
+  Registry r;
+  Gauge* g = r.AddGauge("g", "G")->With({});
+  int calls = 0;
+  r.OnCollect([&] { g->Set(++calls); });
+  EXPECT_THAT(r.Text(), HasSubstr("g 1\n"));
+  EXPECT_THAT(r.Text(), HasSubstr("g 2\n"));
+}
+
+// A GET of `path` on 127.0.0.1:port: the whole response.
+std::string Get(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    close(fd);
+    return "connect failed";
+  }
+  const std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+  (void)send(fd, req.data(), req.size(), MSG_NOSIGNAL);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) out.append(buf, n);
+  close(fd);
+  return out;
+}
+
+TEST(HttpServer, ServesMetricsAndHealth) {
+  Registry r;
+  r.AddCounter("mx_test_total", "T")->With({})->Add(7);
+  auto s = HttpServer::Start("127.0.0.1:0", &r);
+  ASSERT_TRUE(s.ok()) << s.status();
+  const int port = (*s)->port();
+  ASSERT_GT(port, 0);
+  const std::string m = Get(port, "/metrics");
+  EXPECT_THAT(m, HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(m, HasSubstr("Content-Type: text/plain; version=0.0.4"));
+  EXPECT_THAT(m, HasSubstr("\r\n\r\n# HELP mx_test_total T\n# TYPE mx_test_total counter\nmx_test_total 7\n"));
+  EXPECT_THAT(Get(port, "/healthz"), HasSubstr("HTTP/1.1 503"));
+  (*s)->SetServing(true);
+  EXPECT_THAT(Get(port, "/healthz"), HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(Get(port, "/other"), Not(HasSubstr("HTTP/1.1 200")));
+}
+
+TEST(HttpServer, APortInUseIsAnErrorNamingIt) {
+  Registry r;
+  auto first = HttpServer::Start("127.0.0.1:0", &r);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const std::string address = "127.0.0.1:" + std::to_string((*first)->port());
+  auto second = HttpServer::Start(address, &r);
+  ASSERT_FALSE(second.ok());
+  EXPECT_THAT(second.status().message(), HasSubstr("cannot listen on " + address));
+}
+
+TEST(MetricsPort, FlagThenEnvironmentThenOff) {
+  unsetenv("MX_METRICS_PORT");
+  EXPECT_EQ(*MetricsPort(""), -1);
+  EXPECT_EQ(*MetricsPort("9102"), 9102);
+  setenv("MX_METRICS_PORT", "0", 1);
+  EXPECT_EQ(*MetricsPort(""), 0);
+  setenv("MX_METRICS_PORT", "http", 1);
+  EXPECT_THAT(MetricsPort("").status().message(),
+              HasSubstr("MX_METRICS_PORT=http: must be a whole number from 0 to 65535"));
+  EXPECT_THAT(MetricsPort("70000").status().message(), HasSubstr("--metrics_port=70000"));
+  unsetenv("MX_METRICS_PORT");
+}
+
+// The value of the sample `series` (name and labels as written) in `text`.
+double Sample(const std::string& text, const std::string& series) {
+  const size_t at = text.find("\n" + series + " ");
+  if (at == std::string::npos) return -1;
+  return std::strtod(text.c_str() + at + series.size() + 2, nullptr);
+}
+
+TEST(CallMetrics, CountCallsByMethodAndCodeWhileEnabled) {
+  CoordinatorOptions o;
+  o.num_workers = 1;
+  o.num_servers = 0;
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
+  auto heartbeat = [&] {
+    proto::HeartbeatRequest req;
+    proto::HeartbeatResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    return stub->Heartbeat(&ctx, req, &resp).error_code();
+  };
+  const std::string refused = "mx_rpc_server_handled_total{method=\"Heartbeat\",code=\"PERMISSION_DENIED\"}";
+  SetEnabled(false);
+  ASSERT_EQ(heartbeat(), grpc::StatusCode::PERMISSION_DENIED);  // no identity
+  const double before = Sample(Registry::Global().Text(), refused);
+  SetEnabled(true);
+  ASSERT_EQ(heartbeat(), grpc::StatusCode::PERMISSION_DENIED);
+  ASSERT_EQ(heartbeat(), grpc::StatusCode::PERMISSION_DENIED);
+  SetEnabled(false);
+  const std::string text = Registry::Global().Text();
+  EXPECT_EQ(Sample(text, refused), std::max(before, 0.0) + 2) << text;
+  EXPECT_EQ(Sample(text, "mx_rpc_client_handled_total{method=\"Heartbeat\",code=\"PERMISSION_DENIED\"}"),
+            std::max(before, 0.0) + 2);
+  EXPECT_GT(Sample(text, "mx_rpc_server_received_bytes_total{method=\"Heartbeat\"}"), -1);
+  EXPECT_EQ(Sample(text, "mx_rpc_server_handling_seconds_count{method=\"Heartbeat\"}"),
+            std::max(before, 0.0) + 2);
+}
+
+}  // namespace
+}  // namespace metrics
+}  // namespace mx
