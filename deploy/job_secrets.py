@@ -59,7 +59,7 @@ class JobSecrets:
             os.umask(old)
         return key, cert
 
-    def _issue(self, name):
+    def issue(self, name):
         """A key and a certificate for node `name` ("server-1"), signed by
         the job's CA, usable as server and as client."""
         ca_key, ca_cert = self._ca
@@ -87,7 +87,7 @@ class JobSecrets:
             if self.tls_files is not None:
                 cert, key, ca = self.tls_files
             else:
-                cert, key, ca = self._issue(name)
+                cert, key, ca = self.issue(name)
                 env["MX_TLS_SERVER_NAME"] = SERVER_NAME
             env.update(MX_TLS_CERT=cert, MX_TLS_KEY=key, MX_TLS_CA=ca)
         return env

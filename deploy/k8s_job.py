@@ -22,6 +22,20 @@ kubectl reads like YAML: a List of
   coordinator and the servers refuse calls without it. --token-secret names
   an existing Secret (key "token") instead, and then none is printed.
 
+- Secret NAME-tls, with --tls: a new CA's certificate and one key and
+  certificate it signed (for the name mx-job, which every node checks), made
+  with openssl and mounted in every pod at /etc/mx/tls; every connection is
+  then mutual TLS. --tls-secret names an existing Secret (keys tls.crt,
+  tls.key, ca.crt) instead.
+
+Every pod serves Prometheus metrics on --metrics-port (default 9102; the
+container port "metrics", with the prometheus.io/scrape, /port and /path
+annotations that Prometheus's Kubernetes discovery reads), and its probes
+use that port: readiness GET /healthz (ready once the node has registered
+and, for a server, knows the workers: what its grpc.health.v1 service
+says), liveness GET /livez. They are HTTP because the kubelet's gRPC probe
+cannot present a certificate to a node that requires mutual TLS.
+
 Success: the workers exit 0, then the servers and the coordinator shut down
 on their own (they exit 0), and all three Jobs complete. Failure: pods are
 never restarted (a restarted node could not take its rank back). When a
@@ -50,12 +64,14 @@ import secrets
 import sys
 
 from job_args import add_job_arguments, add_worker_command, worker_command
+from job_secrets import SERVER_NAME, JobSecrets
 
 ROLE_LABEL = "mx-role"
 JOB_LABEL = "mx-job"
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 NOBODY = 65534  # the image's user (deploy/Dockerfile)
 CHECKPOINT_DIR = "/checkpoints"  # where --checkpoint-claim is mounted in worker pods
+TLS_DIR = "/etc/mx/tls"  # where the TLS Secret is mounted in every pod
 
 
 def env_value(name, value):
@@ -92,14 +108,50 @@ def service_name(args):
     return f"{args.name}-coordinator"
 
 
+def tls_secret_name(args):
+    return args.tls_secret or f"{args.name}-tls"
+
+
+def metrics_env(args):
+    """Every node serves /metrics, /healthz and /livez on --metrics-port of
+    its pod's address."""
+    return [env_value("MX_METRICS_PORT", args.metrics_port),
+            env_value("MX_METRICS_HOST", "0.0.0.0")]
+
+
+def tls_env(args):
+    """The TLS files, from the Secret mounted at TLS_DIR; every certificate
+    names SERVER_NAME, which nodes check instead of the address dialled."""
+    if not (args.tls or args.tls_secret):
+        return []
+    return [env_value("MX_TLS_CERT", f"{TLS_DIR}/tls.crt"),
+            env_value("MX_TLS_KEY", f"{TLS_DIR}/tls.key"),
+            env_value("MX_TLS_CA", f"{TLS_DIR}/ca.crt"),
+            env_value("MX_TLS_SERVER_NAME", SERVER_NAME)]
+
+
+def probe(path, period, failures, delay=0):
+    return {"httpGet": {"path": path, "port": "metrics"}, "initialDelaySeconds": delay,
+            "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures}
+
+
 def container(args, role, command, env):
+    """The node's container. Probes go to the HTTP port, not to gRPC: with
+    mutual TLS the kubelet's gRPC probe could not present a certificate.
+    Readiness is /healthz, which says what the node's grpc.health.v1
+    service says (not serving until the node has registered and, for a
+    server, knows the workers); liveness is /livez (the process answers),
+    as registration may wait up to --startup-timeout."""
     resources = {"cpu": args.cpu, "memory": args.memory}
     return {
         "name": role,
         "image": args.image,
         "imagePullPolicy": args.image_pull_policy,
         "command": command,
-        "env": env + [token_env(args)],
+        "env": env + metrics_env(args) + tls_env(args) + [token_env(args)],
+        "ports": [{"name": "metrics", "containerPort": args.metrics_port, "protocol": "TCP"}],
+        "readinessProbe": probe("/healthz", period=5, failures=1),
+        "livenessProbe": probe("/livez", period=10, failures=3, delay=10),
         "resources": {"requests": resources, "limits": resources},
     }
 
@@ -116,14 +168,28 @@ def job(args, role, count, command, env, elastic_workers=False, claim=None):
                             "fsGroup": NOBODY},
         "containers": [container(args, role, command, env)],
     }
+    volumes, mounts = [], []
     if claim:
-        pod["volumes"] = [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}}]
-        pod["containers"][0]["volumeMounts"] = [{"name": "checkpoints",
-                                                 "mountPath": CHECKPOINT_DIR}]
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_DIR})
+    if args.tls or args.tls_secret:
+        # Readable by the pod's group (fsGroup) only.
+        volumes.append({"name": "tls", "secret": {"secretName": tls_secret_name(args),
+                                                   "defaultMode": 0o440}})
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    if volumes:
+        pod["volumes"] = volumes
+        pod["containers"][0]["volumeMounts"] = mounts
     spec = {
         "completions": count,
         "parallelism": count,
-        "template": {"metadata": {"labels": labels}, "spec": pod},
+        "template": {"metadata": {"labels": labels, "annotations": {
+            # Prometheus's conventional pod annotations for its
+            # kubernetes_sd_configs scrape jobs.
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(args.metrics_port),
+            "prometheus.io/path": "/metrics",
+        }}, "spec": pod},
     }
     if role != "coordinator":
         spec["completionMode"] = "Indexed"
@@ -182,7 +248,32 @@ def manifests(args, worker_command):
             "type": "Opaque",
             "stringData": {"token": secrets.token_hex(32)},
         })
+    if args.tls:
+        items.insert(0, tls_secret(args))
     return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+def tls_secret(args):
+    """A Secret NAME-tls with a new CA's certificate (ca.crt) and one key
+    and certificate it signed (tls.key, tls.crt) that every pod presents;
+    made with openssl in a private directory removed at once."""
+    made = JobSecrets(tls=True)
+    try:
+        cert, key, ca = made.issue("pod")
+        files = {}
+        for name, path in (("tls.crt", cert), ("tls.key", key), ("ca.crt", ca)):
+            with open(path) as f:
+                files[name] = f.read()
+    finally:
+        made.remove()
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": tls_secret_name(args),
+                     "labels": {"app.kubernetes.io/name": "mx", JOB_LABEL: args.name}},
+        "type": "kubernetes.io/tls",
+        "stringData": files,
+    }
 
 
 def main():
@@ -208,9 +299,22 @@ def main():
     ap.add_argument("--token-secret",
                     help="an existing Secret whose key 'token' holds the job token (default: "
                          "print a Secret NAME-token with a new random token)")
+    ap.add_argument("--metrics-port", type=int, default=9102,
+                    help="every pod serves Prometheus metrics, /healthz (readiness) and /livez "
+                         "(liveness) over HTTP on this port")
+    ap.add_argument("--tls", action="store_true",
+                    help="mutual TLS between the pods: print a Secret NAME-tls with a new CA and "
+                         "a certificate for the pods (made with openssl)")
+    ap.add_argument("--tls-secret",
+                    help="mutual TLS with an existing Secret: keys tls.crt, tls.key and ca.crt, "
+                         f"the certificate valid for the name {SERVER_NAME}")
     add_worker_command(ap)
     args = ap.parse_args()
     cmd = worker_command(ap, args)
+    if args.tls and args.tls_secret:
+        ap.error("give --tls (a new Secret) or --tls-secret (an existing one), not both")
+    if not 1 <= args.metrics_port <= 65535 or args.metrics_port == args.port:
+        ap.error(f"--metrics-port {args.metrics_port}: not a port other than --port")
     # Object names are DNS labels; the longest suffix is "-coordinator".
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", args.name):
         ap.error(f"--name {args.name!r}: lower-case letters, digits and '-', starting with a "

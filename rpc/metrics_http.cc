@@ -69,8 +69,8 @@ MHD_Result Handle(void* self, MHD_Connection* conn, const char* url, const char*
 
 HttpServer::Response HttpServer::Answer(const std::string& path, const std::string& method,
                                         bool has_body) const {
-  if (path != "/metrics" && path != "/healthz") {
-    return {MHD_HTTP_NOT_FOUND, "text/plain", "mx serves /metrics and /healthz\n"};
+  if (path != "/metrics" && path != "/healthz" && path != "/livez") {
+    return {MHD_HTTP_NOT_FOUND, "text/plain", "mx serves /metrics, /healthz and /livez\n"};
   }
   if (method != MHD_HTTP_METHOD_GET || has_body) {
     return {MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain", "only GET\n"};
@@ -78,6 +78,7 @@ HttpServer::Response HttpServer::Answer(const std::string& path, const std::stri
   if (path == "/metrics") {
     return {MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", registry_->Text()};
   }
+  if (path == "/livez") return {MHD_HTTP_OK, "text/plain", "ok\n"};
   if (serving_.load()) return {MHD_HTTP_OK, "text/plain", "ok\n"};
   return {MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain", "not serving\n"};
 }

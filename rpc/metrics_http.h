@@ -1,10 +1,12 @@
-// Serves a metrics registry over plain HTTP (GNU libmicrohttpd, from
-// Debian; civetweb 1.15 as Debian builds it ran handlers on threads whose
-// stacks were too small for glibc's printf and aborted when they ended): GET /metrics answers the Prometheus text format, GET
-// /healthz answers 200 "ok" while the node says it is serving and 503
-// otherwise. /healthz is the probe Kubernetes can use when the node's gRPC
-// port requires mutual TLS (the kubelet's gRPC probe cannot present a
-// certificate). Nothing here changes the job: both paths only read.
+// Serves a metrics registry over plain HTTP through GNU libmicrohttpd
+// (Debian's; civetweb 1.15 as Debian builds it ran handlers on threads
+// whose stacks were too small for glibc's printf):
+//   GET /metrics  the Prometheus text format;
+//   GET /healthz  200 "ok" while the node says it is serving, else 503;
+//   GET /livez    200 while the process answers at all.
+// /healthz and /livez are the probes Kubernetes uses: with mutual TLS on
+// the gRPC port the kubelet's gRPC probe could not present a certificate.
+// Nothing here changes the job: every path only reads.
 #ifndef MX_RPC_METRICS_HTTP_H_
 #define MX_RPC_METRICS_HTTP_H_
 

@@ -25,10 +25,13 @@ python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --checkpo
   -- "${worker[@]}" --checkpoint_prefix=/checkpoints/fm > "$TMP/job.json" || fail "k8s_job.py failed"
 python3 "$K8S_JOB" --name fm -n 3 -s 1 --image reg/mx:1 --elastic -- mx_train \
   > "$TMP/elastic.json" || fail "k8s_job.py --elastic failed"
-python3 - "$TMP/job.json" "$TMP/elastic.json" "$PORT" <<'EOF' || fail "objects: see above"
-import json, sys
+python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --tls \
+  -- "${worker[@]}" --epochs=1 > "$TMP/tls.json" || fail "k8s_job.py --tls failed"
+python3 - "$TMP/job.json" "$TMP/elastic.json" "$PORT" "$TMP/tls.json" <<'EOF' || fail "objects: see above"
+import json, subprocess, sys
 INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 job, elastic, port = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), int(sys.argv[3])
+tls = json.load(open(sys.argv[4]))
 bad = []
 def check(cond, what):
     if not cond: bad.append(what)
@@ -68,6 +71,19 @@ for i in job["items"]:
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])]
     want = (["/checkpoints"], ["ck"]) if name == "fm-worker" else ([], [])
     check((mounted, claims) == want, f"{name}: volumes {mounted} {claims}")
+    # Metrics, probes (HTTP: the kubelet's gRPC probe cannot do mutual TLS).
+    check(c["ports"] == [{"name": "metrics", "containerPort": 9102, "protocol": "TCP"}],
+          f"{name}: metrics port")
+    check(env["MX_METRICS_PORT"]["value"] == "9102" and env["MX_METRICS_HOST"]["value"] == "0.0.0.0",
+          f"{name}: metrics settings")
+    check(c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"},
+          f"{name}: readiness probe")
+    check(c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"},
+          f"{name}: liveness probe")
+    check(spec["template"]["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": "9102",
+        "prometheus.io/path": "/metrics"}, f"{name}: scrape annotations")
+    check("MX_TLS_CERT" not in env, f"{name}: TLS without --tls")
     if name == "fm-coordinator":
         check(spec["completions"] == 1 and "completionMode" not in spec, f"{name}: one pod")
         check(f"--bind=0.0.0.0:{port}" in c["command"], f"{name}: bind")
@@ -95,6 +111,29 @@ for daemon in ("fm-coordinator", "fm-server"):
           f"elastic {daemon}: --elastic")
 wenv = {v["name"]: v for v in e["fm-worker"]["spec"]["template"]["spec"]["containers"][0]["env"]}
 check(wenv["MX_ELASTIC"]["value"] == "1", "elastic workers: MX_ELASTIC=1")
+# --tls: a kubernetes.io/tls Secret whose certificate the CA signed, for the
+# name every node checks, mounted read-only in every pod.
+t = {i["metadata"]["name"]: i for i in tls["items"]}
+sec = t.get("fm-tls", {})
+check(sec.get("type") == "kubernetes.io/tls" and
+      sorted(sec.get("stringData", {})) == ["ca.crt", "tls.crt", "tls.key"], "TLS Secret")
+if sec:
+    open(sys.argv[4] + ".ca", "w").write(sec["stringData"]["ca.crt"])
+    open(sys.argv[4] + ".crt", "w").write(sec["stringData"]["tls.crt"])
+    v = subprocess.run(["openssl", "verify", "-CAfile", sys.argv[4] + ".ca", "-verify_hostname",
+                        "mx-job", sys.argv[4] + ".crt"], capture_output=True, text=True)
+    check(v.returncode == 0, f"TLS Secret: certificate not valid for mx-job: {v.stdout}{v.stderr}")
+for name in ("fm-coordinator", "fm-server", "fm-worker"):
+    pod = t[name]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {v["name"]: v.get("value") for v in c["env"]}
+    check({"name": "tls", "secret": {"secretName": "fm-tls", "defaultMode": 0o440}}
+          in pod.get("volumes", []), f"tls {name}: Secret volume")
+    check({"name": "tls", "mountPath": "/etc/mx/tls", "readOnly": True}
+          in c.get("volumeMounts", []), f"tls {name}: mount")
+    check(env.get("MX_TLS_CERT") == "/etc/mx/tls/tls.crt" and env.get("MX_TLS_KEY") ==
+          "/etc/mx/tls/tls.key" and env.get("MX_TLS_CA") == "/etc/mx/tls/ca.crt" and
+          env.get("MX_TLS_SERVER_NAME") == "mx-job", f"tls {name}: TLS settings")
 for b in bad:
     print("objects:", b)
 sys.exit(1 if bad else 0)
@@ -120,6 +159,12 @@ done
 echo "$out" | grep -q "^\[coordinator\] coordinator: every worker finished; shutting down$" \
   || fail "coordinator did not shut down on its own"
 echo "$out" | grep -q "^k8s_local.py: every pod exited 0$" || fail "not every pod exited 0"
+# Each pod's readiness probe (/healthz) succeeded once it had joined; no
+# liveness probe failed.
+for pod in coordinator "server 0" "server 1" "worker 0" "worker 1"; do
+  echo "$out" | grep -q "^k8s_local.py: $pod ready$" || fail "$pod never became ready"
+done
+echo "$out" | grep -q "liveness" && fail "a liveness probe failed: $(grep liveness <<<"$out")"
 # Checkpoints went to the claim mounted at /checkpoints.
 for f in fm-0003.params fm-0003.states; do
   [[ -s "$TMP/volumes/ck/$f" ]] || fail "no checkpoint $f on the claim: $(ls "$TMP/volumes/ck" 2>&1)"
@@ -130,6 +175,13 @@ for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$TMP/r
     kill -9 "$pid"
   fi
 done
+
+# The same job with --tls: the pods read the TLS files from the Secret's
+# volume and train over mutual TLS.
+timeout 150 python3 "$LOCAL" "$TMP/tls.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
+  --timeout 120 > "$TMP/tls.log" 2>&1 || fail "--tls: local run failed: $(tail -5 "$TMP/tls.log")"
+grep -q "^\[worker 1\] Final test accuracy=" "$TMP/tls.log" || fail "--tls: worker 1 did not finish"
+grep -q "^k8s_local.py: every pod exited 0$" "$TMP/tls.log" || fail "--tls: not every pod exited 0"
 
 # 3. Bad flags: refused, saying why.
 expect_refusal() {  # expect_refusal MESSAGE ARGS...
@@ -142,6 +194,10 @@ expect_refusal "-n and -s must be at least 1" --name fm -n 0 -s 1 --image x -- m
 expect_refusal "give the worker command after --" --name fm -n 1 -s 1 --image x
 expect_refusal "--name 'Fm': lower-case letters" --name Fm -n 1 -s 1 --image x -- mx_train
 expect_refusal "--port 70000: not a port" --name fm -n 1 -s 1 --image x --port 70000 -- mx_train
+expect_refusal "give --tls (a new Secret) or --tls-secret" --name fm -n 1 -s 1 --image x --tls \
+  --tls-secret s -- mx_train
+expect_refusal "--metrics-port 9091: not a port other than --port" --name fm -n 1 -s 1 --image x \
+  --metrics-port 9091 -- mx_train
 expect_refusal "--startup-timeout 0: must be at least 1 second" --name fm -n 1 -s 1 --image x \
   --startup-timeout 0 -- mx_train
 

@@ -14,7 +14,15 @@ container's env, command and args expands as the kubelet expands it. The
 image is replaced by --bin: a command's first word (its file name) maps to
 a local binary. A PersistentVolumeClaim is the directory DIR/CLAIM (one for
 every pod that mounts it, as a ReadWriteMany volume), and its mount path in
-a pod's arguments the path of that directory. Pods run as this process's
+a pod's arguments the path of that directory. A Secret volume is a private
+directory holding a file per key, and its mount path in the pod's
+arguments and environment values the path of that directory. Every pod has
+an IP of its own in Kubernetes, here they share 127.0.0.1: a containerPort
+given to the pod as an environment value (MX_METRICS_PORT=9102) is a free
+port of its own instead. Probes (httpGet) run as the kubelet runs them: a
+pod is "ready" once its readiness probe first succeeds (printed as
+"k8s_local.py: server 1 ready"), and a pod whose liveness probe fails
+failureThreshold times in a row is killed (and so fails). Pods run as this process's
 user, whatever their securityContext says. Anything else in the objects (another kind, another
 valueFrom) is an error that says what: the manifests would rely on
 something this runner does not play.
@@ -28,10 +36,15 @@ import argparse
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 
 INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
@@ -71,10 +84,29 @@ def pod_env(container, index, services, secrets):
     return env
 
 
-def mounts(pod_spec, volumes_dir):
-    """{mount path: local directory} of a pod's PersistentVolumeClaims."""
+def secret_dir(name, secrets, secrets_dir):
+    """A directory with a file (mode 0400) per key of Secret `name`."""
+    keys = {k: v for (n, k), v in secrets.items() if n == name}
+    if not keys:
+        raise Unsupported(f"no Secret {name}")
+    path = os.path.join(secrets_dir, name)
+    if not os.path.isdir(path):
+        os.makedirs(path, mode=0o700)
+        for key, value in keys.items():
+            fd = os.open(os.path.join(path, key), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "w") as f:
+                f.write(value)
+    return path
+
+
+def mounts(pod_spec, volumes_dir, secrets, secrets_dir):
+    """{mount path: local directory} of a pod's PersistentVolumeClaims and
+    Secrets."""
     claims = {}
     for v in pod_spec.get("volumes", []):
+        if "secret" in v:
+            claims[v["name"]] = secret_dir(v["secret"]["secretName"], secrets, secrets_dir)
+            continue
         if "persistentVolumeClaim" not in v:
             raise Unsupported(f"volume {v['name']}: {json.dumps(v)}")
         if volumes_dir is None:
@@ -88,8 +120,50 @@ def mounts(pod_spec, volumes_dir):
     return out
 
 
-def pods(items, bins, volumes_dir):
-    """(label, argv, env) of every pod the objects would start."""
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def own_ports(container, env):
+    """{port name or number: local port}: each containerPort that the pod
+    is told through its environment gets a free port of its own (pods
+    share 127.0.0.1 here), which env then holds instead."""
+    ports = {}
+    for p in container.get("ports", []):
+        declared = str(p["containerPort"])
+        local = declared
+        for k, v in env.items():
+            if v == declared:
+                local = str(free_port())
+                env[k] = local
+        ports[p.get("name", declared)] = int(local)
+        ports[declared] = int(local)
+    return ports
+
+
+def probes(container, ports):
+    """{"readiness"/"liveness": (url, initial delay s, period s, failure
+    threshold)}."""
+    out = {}
+    for kind in ("readiness", "liveness"):
+        pr = container.get(kind + "Probe")
+        if pr is None:
+            continue
+        if "httpGet" not in pr:
+            raise Unsupported(f"{kind}Probe: {json.dumps(pr)}")
+        port = str(pr["httpGet"]["port"])
+        if port not in ports:
+            raise Unsupported(f"{kind}Probe: port {port} is no containerPort")
+        out[kind] = (f"http://127.0.0.1:{ports[port]}{pr['httpGet'].get('path', '/')}",
+                     pr.get("initialDelaySeconds", 0), pr.get("periodSeconds", 10),
+                     pr.get("failureThreshold", 3))
+    return out
+
+
+def pods(items, bins, volumes_dir, secrets_dir):
+    """(label, argv, env, probes) of every pod the objects would start."""
     services, secrets = {}, {}
     for item in items:
         if item["kind"] == "Service":
@@ -108,11 +182,14 @@ def pods(items, bins, volumes_dir):
         if template.get("restartPolicy") != "Never":
             raise Unsupported(f"{item['metadata']['name']}: restartPolicy is not Never")
         (container,) = template["containers"]
-        paths = mounts(template, volumes_dir)
+        paths = mounts(template, volumes_dir, secrets, secrets_dir)
         indexed = spec.get("completionMode") == "Indexed"
         role = item["metadata"]["labels"]["mx-role"]
         for i in range(spec["completions"]):
             env = pod_env(container, i if indexed else None, services, secrets)
+            ports = own_ports(container, env)
+            for mount, local in paths.items():  # volumes, in the environment
+                env = {k: re.sub(rf"^{re.escape(mount)}(?=/|$)", local, v) for k, v in env.items()}
             argv = [expand(a, env) for a in container["command"] + container.get("args", [])]
             for name, address in services.items():  # cluster DNS, in flags
                 argv = [re.sub(rf"(?<=[=/]){re.escape(name)}(?=:)", address, a) for a in argv]
@@ -122,8 +199,43 @@ def pods(items, bins, volumes_dir):
             if program not in bins:
                 raise Unsupported(f"{item['metadata']['name']}: no --bin for {argv[0]}")
             argv[0] = bins[program]
-            out.append((f"{role} {i}" if indexed else role, argv, env))
+            out.append((f"{role} {i}" if indexed else role, argv, env, probes(container, ports)))
     return out
+
+
+def ok(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return 200 <= r.status < 400
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def kubelet(label, process, pod_probes, lock, stop):
+    """Runs a pod's probes until it exits: says when it is first ready,
+    kills it when its liveness probe fails failureThreshold times in a
+    row."""
+    ready = "readiness" not in pod_probes
+    start = time.monotonic()
+    failures, next_at = 0, {k: start + p[1] for k, p in pod_probes.items()}
+    while process.poll() is None and not stop.is_set():
+        now = time.monotonic()
+        for kind, (url, _, period, threshold) in pod_probes.items():
+            if now < next_at[kind]:
+                continue
+            next_at[kind] = now + min(period, 0.05)  # faster than the kubelet, same verdicts
+            if kind == "readiness" and not ready and ok(url):
+                ready = True
+                with lock:
+                    print(f"k8s_local.py: {label} ready", file=sys.stderr, flush=True)
+            if kind == "liveness":
+                failures = 0 if ok(url) else failures + 1
+                if failures >= threshold:
+                    with lock:
+                        print(f"k8s_local.py: {label} failed its liveness probe; killing it",
+                              file=sys.stderr, flush=True)
+                    process.kill()
+        time.sleep(0.02)
 
 
 def pump(label, stream, lock):
@@ -143,21 +255,26 @@ def main():
     bins = dict(b.split("=", 1) for b in args.bin)
     with open(args.manifest) as f:
         doc = json.load(f)
+    secrets_dir = tempfile.mkdtemp(prefix="k8s-local-secrets-")
     try:
-        todo = pods(doc["items"] if doc.get("kind") == "List" else [doc], bins, args.volumes)
+        todo = pods(doc["items"] if doc.get("kind") == "List" else [doc], bins, args.volumes,
+                    secrets_dir)
     except (Unsupported, KeyError, ValueError) as e:
         print(f"k8s_local.py: unsupported: {e}", file=sys.stderr)
         return 2
     # A pod's environment is its container's, not this process's mx settings.
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DMLC_", "MX_"))}
     lock = threading.Lock()
+    stop = threading.Event()
     running = []
-    for label, argv, env in todo:
+    for label, argv, env, pod_probes in todo:
         p = subprocess.Popen(argv, env=dict(base, **env), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
         print(f"k8s_local.py: started {label} (pid {p.pid})", file=sys.stderr, flush=True)
         t = threading.Thread(target=pump, args=(label, p.stdout, lock), daemon=True)
         t.start()
+        threading.Thread(target=kubelet, args=(label, p, pod_probes, lock, stop),
+                         daemon=True).start()
         running.append((label, p, t))
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline and any(p.poll() is None for _, p, _ in running):
@@ -171,6 +288,8 @@ def main():
             failed.append(f"{label} (exit code {p.returncode})")
         p.wait()
         t.join()
+    stop.set()
+    shutil.rmtree(secrets_dir, ignore_errors=True)
     if failed:
         print(f"k8s_local.py: failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -101,6 +101,7 @@ TEST(HttpServer, ServesMetricsAndHealth) {
   EXPECT_THAT(m, HasSubstr("Content-Type: text/plain; version=0.0.4"));
   EXPECT_THAT(m, HasSubstr("\r\n\r\n# HELP mx_test_total T\n# TYPE mx_test_total counter\nmx_test_total 7\n"));
   EXPECT_THAT(Get(port, "/healthz"), HasSubstr("HTTP/1.1 503"));
+  EXPECT_THAT(Get(port, "/livez"), HasSubstr("HTTP/1.1 200"));
   (*s)->SetServing(true);
   EXPECT_THAT(Get(port, "/healthz"), HasSubstr("HTTP/1.1 200"));
   EXPECT_THAT(Get(port, "/other"), Not(HasSubstr("HTTP/1.1 200")));
