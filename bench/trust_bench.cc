@@ -1,0 +1,199 @@
+// What trust and visibility cost the distributed store, each measured in
+// turns against the same without it (1 server and 1 worker on 127.0.0.1,
+// in this process, dist_sync):
+// - mutual TLS against plaintext: pushpull of 16 MiB values (target: at
+//   least 0.7 of plaintext's throughput) and small round trips;
+// - the job token and node identities checked on every call against
+//   neither: the time they add to a small pushpull (target: under 5 us);
+// - per-call RPC metrics on against off: an MLP training step's
+//   communication (target: at least 0.97 of off's speed).
+//
+// Usage: trust_bench [SUBSTRING]: only the figures whose names contain it.
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/bench_util.h"
+#include "kvstore/dist_kvstore.h"
+#include "rpc/metrics.h"
+#include "rpc/security.h"
+#include "server/kvstore_service.h"
+
+namespace mx::bench {
+namespace {
+
+std::string only;
+bool Wanted(const std::string& name) { return name.find(only) != std::string::npos; }
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+// A CA and one certificate it signed for the name mx-job, made with
+// openssl in a temporary directory (removed at once): a job's TLS as
+// deploy/job_secrets.py makes it.
+rpc::Security MakeTls() {
+  char dir[] = "/tmp/mx-trust-bench-XXXXXX";
+  if (mkdtemp(dir) == nullptr) throw std::runtime_error("mkdtemp failed");
+  const std::string d = dir;
+  const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+  const std::string cmd =
+      "cd " + d + " && openssl req -x509 " + ec + " -keyout ca.key -out ca.pem -days 1 -subj /CN=ca" +
+      " && openssl req " + ec + " -keyout n.key -out n.csr -subj /CN=n" +
+      " && printf 'subjectAltName=DNS:mx-job\\nextendedKeyUsage=serverAuth,clientAuth\\n' > n.ext" +
+      " && openssl x509 -req -in n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out n.pem" +
+      " -days 1 -extfile n.ext) >/dev/null 2>&1";
+  if (std::system(("(" + cmd).c_str()) != 0) {
+    std::system(("rm -rf " + d).c_str());
+    throw std::runtime_error("openssl failed (apt-get install openssl)");
+  }
+  rpc::Security s;
+  s.tls_cert = ReadFile(d + "/n.pem");
+  s.tls_key = ReadFile(d + "/n.key");
+  s.tls_ca = ReadFile(d + "/ca.pem");
+  s.tls_server_name = "mx-job";
+  std::system(("rm -rf " + d).c_str());
+  return s;
+}
+
+// One server and one worker with `security`; with `identities`, the
+// server checks the worker's session key on every call.
+struct Pair {
+  std::unique_ptr<ParameterServer> server;
+  std::unique_ptr<KVStore> worker;
+
+  Pair(const rpc::Security& security, bool identities) {
+    ParameterServerOptions so;
+    so.security = security;
+    so.identities = identities;
+    auto s = ParameterServer::Start("127.0.0.1:0", {true, 1, false}, so);
+    ThrowIfError(s.status());
+    server = *std::move(s);
+    DistKVStoreOptions o;
+    o.servers = {server->address()};  // TLS: checked for tls_server_name
+    o.num_workers = 1;
+    o.security = security;
+    if (identities) {
+      o.session_key = rpc::NewSessionKey();
+      server->AdmitWorkers({o.session_key});
+    }
+    auto kv = CreateDistKVStore(o);
+    ThrowIfError(kv.status());
+    worker = *std::move(kv);
+  }
+};
+
+// One pushpull of each of `values` (keys from `first_key`), waited for.
+void PushPullAll(KVStore& kv, int first_key, const std::vector<NDArray>& values,
+                 const std::vector<NDArray>& outs) {
+  for (size_t k = 0; k < values.size(); ++k) {
+    ThrowIfError(kv.PushPull(first_key + static_cast<int>(k), {values[k]}, {outs[k]}));
+  }
+  for (const NDArray& o : outs) o.WaitToRead();
+}
+
+void InitKeys(KVStore& kv, int first_key, const std::vector<NDArray>& values) {
+  for (size_t k = 0; k < values.size(); ++k) {
+    ThrowIfError(kv.Init(first_key + static_cast<int>(k), Zeros(values[k].shape())));
+  }
+}
+
+// TLS against plaintext: 16 MiB pushpull throughput and a small round trip.
+void Tls() {
+  if (!Wanted("dist_tls")) return;
+  rpc::Security tls = MakeTls();
+  tls.token = "bench-token";
+  rpc::Security plain;
+  plain.token = "bench-token";
+  Pair with(tls, true), without(plain, true);
+  for (int64_t bytes : {int64_t{16} << 20, int64_t{64}}) {
+    const int64_t n = bytes / 4;
+    std::vector<NDArray> values = {RandomUniform(0, 1, {n})}, outs = {Empty({n})};
+    const int key = bytes > 1024 ? 0 : 1;
+    InitKeys(*with.worker, key, values);
+    InitKeys(*without.worker, key, values);
+    const int reps = bytes > 1024 ? 15 : 40;
+    const int per_turn = bytes > 1024 ? 1 : 50;  // small: 50 round trips a turn
+    auto turn = [&](Pair& p) {
+      return [&] {
+        for (int i = 0; i < per_turn; ++i) PushPullAll(*p.worker, key, values, outs);
+      };
+    };
+    const std::vector<double> t = MedianTurns(reps, {turn(with), turn(without)});
+    if (bytes > 1024) {
+      const double moved = 2.0 * bytes;
+      Report("dist_tls_pushpull_16MiB_1server_1worker", moved / t[0] / 1e9, "GB/s",
+             moved / t[1] / 1e9, t[1] / t[0], ">=0.7");
+    } else {
+      Report("dist_tls_small_rtt_1server_1worker", t[0] / per_turn * 1e6, "us",
+             t[1] / per_turn * 1e6, t[1] / t[0], "info");
+    }
+  }
+}
+
+// The token and identity checks: a small pushpull's round trip with a
+// token and identities against one with neither. Value: the microseconds
+// they add per call (the server checks both on every call).
+void Token() {
+  if (!Wanted("dist_token")) return;
+  rpc::Security token;
+  token.token = "bench-token-0123456789abcdef0123456789abcdef";
+  Pair with(token, true), without(rpc::Security{}, false);
+  std::vector<NDArray> values = {Ones({16})}, outs = {Empty({16})};
+  InitKeys(*with.worker, 0, values);
+  InitKeys(*without.worker, 0, values);
+  constexpr int kPerTurn = 100;
+  auto turn = [&](Pair& p) {
+    return [&] {
+      for (int i = 0; i < kPerTurn; ++i) PushPullAll(*p.worker, 0, values, outs);
+    };
+  };
+  const std::vector<double> t = MedianTurns(41, {turn(with), turn(without)});
+  const double with_us = t[0] / kPerTurn * 1e6, without_us = t[1] / kPerTurn * 1e6;
+  Report("dist_token_identity_cost_us", with_us - without_us, "us", without_us,
+         without_us / with_us, "<5us");
+}
+
+// Per-call metrics on against off, for the MLP 784-128-64-10's step
+// communication (6 keys, last layer first, one pushpull each).
+void Metrics() {
+  if (!Wanted("dist_metrics")) return;
+  rpc::Security plain;
+  plain.token = "bench-token";
+  Pair p(plain, true);
+  std::vector<NDArray> values, outs;
+  for (int64_t n : {10, 64 * 10, 64, 128 * 64, 128, 784 * 128}) {
+    values.push_back(Ones({n}));
+    outs.push_back(Empty({n}));
+  }
+  InitKeys(*p.worker, 0, values);
+  constexpr int kPerTurn = 20;
+  auto steps = [&](bool on) {
+    return [&, on] {
+      metrics::SetEnabled(on);
+      for (int i = 0; i < kPerTurn; ++i) PushPullAll(*p.worker, 0, values, outs);
+    };
+  };
+  const std::vector<double> t = MedianTurns(41, {steps(true), steps(false)});
+  metrics::SetEnabled(false);
+  Report("dist_metrics_on_mlp_step_comm_1server_1worker", t[0] / kPerTurn * 1e6, "us",
+         t[1] / kPerTurn * 1e6, t[1] / t[0], ">=0.97");
+}
+
+}  // namespace
+}  // namespace mx::bench
+
+int main(int argc, char** argv) {
+  if (argc > 1) mx::bench::only = argv[1];
+  mx::bench::Tls();
+  mx::bench::Token();
+  mx::bench::Metrics();
+  return 0;
+}
