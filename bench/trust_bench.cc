@@ -6,7 +6,9 @@
 // - the job token and node identities checked on every call against
 //   neither: the time they add to a small pushpull (target: under 5 us);
 // - per-call RPC metrics on against off: an MLP training step's
-//   communication (target: at least 0.97 of off's speed).
+//   communication (target: at least 0.97 of off's speed);
+// - the timeline's event sites with tracing off: their cost per step of
+//   that communication (target: under 0.1% of the step).
 //
 // Usage: trust_bench [SUBSTRING]: only the figures whose names contain it.
 #include <unistd.h>
@@ -19,6 +21,7 @@
 
 #include "bench/bench_util.h"
 #include "kvstore/dist_kvstore.h"
+#include "ndarray/trace.h"
 #include "rpc/metrics.h"
 #include "rpc/security.h"
 #include "server/kvstore_service.h"
@@ -187,6 +190,44 @@ void Metrics() {
          t[1] / kPerTurn * 1e6, t[1] / t[0], ">=0.97");
 }
 
+// Tracing off: what the timeline's event sites cost a training step's
+// communication when nobody traces. Each site then costs one relaxed
+// load; the figure is that cost, measured here per site, times the sites
+// one step passes (counted with tracing on), against the step's time.
+void TraceOff() {
+  if (!Wanted("trace_off")) return;
+  rpc::Security plain;
+  Pair p(plain, false);
+  std::vector<NDArray> values, outs;
+  for (int64_t n : {10, 64 * 10, 64, 128 * 64, 128, 784 * 128}) {
+    values.push_back(Ones({n}));
+    outs.push_back(Empty({n}));
+  }
+  InitKeys(*p.worker, 100, values);
+  constexpr int kSteps = 50;
+  // The sites a step passes: the events it records with tracing on (each
+  // checked Enabled() at most twice).
+  trace::Start("/dev/null");
+  const size_t before = trace::EventCount();
+  for (int i = 0; i < kSteps; ++i) PushPullAll(*p.worker, 100, values, outs);
+  const double sites = 2.0 * (trace::EventCount() - before) / kSteps;
+  trace::Stop();
+  const double step = MedianSeconds(31, [&] {
+    for (int i = 0; i < kSteps; ++i) PushPullAll(*p.worker, 100, values, outs);
+  }) / kSteps;
+  constexpr int kChecks = 100000000;
+  int64_t hits = 0;
+  const double check = MedianSeconds(5, [&] {
+    for (int i = 0; i < kChecks; ++i) {
+      if (trace::Enabled()) ++hits;
+      asm volatile("" : "+r"(hits));  // kept: one load per iteration
+    }
+  }) / kChecks;
+  const double cost = sites * check;
+  Report("trace_off_cost_mlp_step_comm_1server_1worker", cost * 1e9, "ns", step * 1e9,
+         step / (step + cost), ">=0.999");
+}
+
 }  // namespace
 }  // namespace mx::bench
 
@@ -195,5 +236,6 @@ int main(int argc, char** argv) {
   mx::bench::Tls();
   mx::bench::Token();
   mx::bench::Metrics();
+  mx::bench::TraceOff();
   return 0;
 }

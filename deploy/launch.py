@@ -52,6 +52,9 @@ copied there).
 Metrics: with --metrics every process serves Prometheus metrics (and
 /healthz) on a free port and prints "<who>: metrics on http://HOST:PORT/metrics".
 
+Timeline: with --trace DIR every process writes Chrome trace events into
+DIR when it ends; deploy/trace_merge.py DIR writes them as one file.
+
 Ctrl-C (or SIGTERM, SIGHUP) stops everything.
 """
 import argparse
@@ -354,6 +357,9 @@ def main():
     ap.add_argument("--metrics", action="store_true",
                     help="every process serves Prometheus metrics and /healthz on a free port "
                          "and prints where (\"metrics on http://HOST:PORT/metrics\")")
+    ap.add_argument("--trace", metavar="DIR",
+                    help="every process writes its timeline into DIR when it ends; "
+                         "deploy/trace_merge.py DIR merges them into one")
     add_worker_command(ap)
     args = ap.parse_args()
     cmd = worker_command(ap, args)
@@ -381,6 +387,9 @@ def run(args, cmd, secrets):
                MX_COORDINATOR=coordinator, DMLC_NUM_SERVER=str(args.num_servers),
                DMLC_NUM_WORKER=str(args.num_workers))
     env.pop("MX_JOB_TOKEN", None)  # the job's own token comes from its file
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)
+        env["MX_TRACE_DIR"] = os.path.abspath(args.trace)
     if args.metrics:
         # Servers serve on their --bind host; workers on MX_METRICS_HOST.
         env.update(MX_METRICS_PORT="0", MX_METRICS_HOST="0.0.0.0" if remote else "127.0.0.1")

@@ -23,6 +23,7 @@
 #include "proto/slice_key.h"
 #include "ndarray/env.h"
 #include "proto/wire.h"
+#include "ndarray/trace.h"
 #include "rpc/coordinator_client.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc.h"
@@ -30,6 +31,18 @@
 namespace mx {
 
 namespace {
+
+// A call's keys on the server and the versions it waits for (-1: none),
+// as trace event arguments; "" when tracing is off.
+std::string TraceKeys(const std::vector<std::pair<int, int64_t>>& keys) {
+  if (!trace::Enabled()) return "";
+  std::string k, v;
+  for (const auto& [key, version] : keys) {
+    absl::StrAppend(&k, k.empty() ? "" : ",", key);
+    if (version >= 0) absl::StrAppend(&v, v.empty() ? "" : ",", version);
+  }
+  return absl::StrCat("\"keys\":[", k, "]", v.empty() ? "" : absl::StrCat(",\"versions\":[", v, "]"));
+}
 
 // mx_kvstore_calls_in_flight: this worker's data calls awaiting an answer
 // (a queue depth), for /metrics.
@@ -135,8 +148,21 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // in turn (keys by bits of their hash that the choice of server did not
   // use).
   void CallRaw(int server, int key, const std::string& method, grpc::ByteBuffer request,
-               std::function<void(grpc::Status, const grpc::ByteBuffer&)> done) {
+               std::function<void(grpc::Status, const grpc::ByteBuffer&)> done,
+               const std::string& trace_args = "") {
     auto call = std::make_shared<Call>();
+    if (trace::Enabled()) {
+      // The call's span on the job's timeline: the keys (and the versions
+      // it waits for) that the caller gave, the server and the bytes sent.
+      done = [done = std::move(done), start = trace::NowMicros(), method, server,
+              args = absl::StrCat(trace_args, trace_args.empty() ? "" : ",", "\"server\":", server,
+                                  ",\"bytes\":", request.Length())](
+                 grpc::Status s, const grpc::ByteBuffer& resp) {
+        trace::Complete("kvstore", method.substr(method.rfind('/') + 1), start,
+                        trace::NowMicros(), args);
+        done(s, resp);
+      };
+    }
     absl::Status failed;
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -304,7 +330,8 @@ class DistKVStore : public KVStore {
               conn->CallRaw(p.server, p.server_key, kPushMethod, ToByteBuffer(EncodePush(*conn, p, merged, 0)),
                             [conn, join, e, p](grpc::Status s, const grpc::ByteBuffer&) {
                               join->Finish(conn->Named(FromGrpc(s), "push", e->label, p.server));
-                            });
+                            },
+                            TraceKeys({{p.server_key, -1}}));
             }
           },
           cpu(), {merged.var()}, {e->token.var()}, priority, e->push_name.c_str(),
@@ -333,7 +360,8 @@ class DistKVStore : public KVStore {
               conn->CallRaw(p.server, p.server_key, kPullMethod, EncodeMessage(header),
                             [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
                               join->Finish(Received(*conn, *e, "pull", s, resp, p, dsts));
-                            });
+                            },
+                            TraceKeys({{p.server_key, min_version}}));
             }
           },
           cpu(), {e->token.var()}, Vars(outs), priority, e->pull_name.c_str(),
@@ -364,7 +392,8 @@ class DistKVStore : public KVStore {
                             ToByteBuffer(EncodePush(*conn, p, merged, min_version)),
                             [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
                               join->Finish(Received(*conn, *e, "pushpull", s, resp, p, dsts));
-                            });
+                            },
+                            TraceKeys({{p.server_key, min_version}}));
             }
           },
           cpu(), reads, writes, priority, e->pushpull_name.c_str(), FnProperty::kInline);
@@ -405,15 +434,18 @@ class DistKVStore : public KVStore {
             auto* join = new Join(static_cast<int>(by_server.size()), done);
             for (const auto& [server, parts] : by_server) {
               std::vector<EncodedMessage> messages;
+              std::vector<std::pair<int, int64_t>> traced;
               for (const ItemPart& ip : parts) {
                 const Item& item = items[ip.item];
                 messages.push_back(EncodePush(*conn, ip.part, item.merged, item.min_version));
+                traced.push_back({ip.part.server_key, item.min_version});
               }
               conn->CallRaw(server, parts[0].part.server_key, kPushPullManyMethod, EncodeRepeated(kManyEntriesField, messages),
                             [conn, join, items, parts = parts](grpc::Status s,
                                                                const grpc::ByteBuffer& resp) {
                               join->Finish(ReceivedMany(*conn, items, parts, s, resp));
-                            });
+                            },
+                            TraceKeys(traced));
             }
           },
           cpu(), reads, writes, priority, "dist_pushpull_bucket", FnProperty::kInline);

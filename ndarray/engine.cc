@@ -16,6 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "ndarray/base.h"
 #include "ndarray/parallel.h"
+#include "ndarray/trace.h"
 
 namespace mx {
 namespace engine {
@@ -603,11 +604,9 @@ void CallbackOnComplete::operator()(std::exception_ptr error) const {
 }
 
 namespace {
-int64_t NowMicros() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+// The timeline's clock (the system clock), so that engine operations line
+// up with the other events of a job's trace.
+int64_t NowMicros() { return trace::NowMicros(); }
 }  // namespace
 
 void Engine::StartTrace() {
@@ -623,6 +622,8 @@ std::vector<TraceEvent> Engine::StopTrace() {
 }
 
 void Engine::Trace(const engine::OprBlock* op) {
+  // The job's timeline (ndarray/trace.h), and StartTrace's record.
+  if (trace::Enabled()) trace::Complete("engine", op->name, op->start_us, NowMicros());
   if (!tracing_.load(std::memory_order_relaxed)) return;
   TraceEvent e{op->name, op->start_us, NowMicros()};
   std::lock_guard<std::mutex> lock(trace_mu_);
@@ -648,7 +649,7 @@ void Engine::PushSync(SyncFn fn, Context ctx, std::vector<VarHandle> const_vars,
 }
 
 void Engine::Execute(engine::OprBlock* op) {
-  if (tracing_.load(std::memory_order_relaxed)) op->start_us = NowMicros();
+  if (trace::Enabled() || tracing_.load(std::memory_order_relaxed)) op->start_us = NowMicros();
   if (op->sync_fn) {
     std::exception_ptr error;
     try {

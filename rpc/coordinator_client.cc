@@ -1,6 +1,7 @@
 #include "rpc/coordinator_client.h"
 
 #include "absl/strings/str_cat.h"
+#include "ndarray/trace.h"
 #include "rpc/rpc.h"
 
 namespace mx {
@@ -106,11 +107,21 @@ void CoordinatorClient::Beat() {
   grpc::ClientContext ctx;
   ctx.set_deadline(In(kHeartbeatDeadline));
   caller_.Stamp(&ctx);
+  const int64_t sent_us = trace::NowMicros();
   const absl::Status s = FromGrpc(stub_->Heartbeat(&ctx, req, &resp));
+  const int64_t answered_us = trace::NowMicros();
   std::lock_guard<std::mutex> lock(mu_);
   if (lost_ || stop_) return;
   if (s.ok()) {
     failures_ = 0;
+    // The coordinator's clock read halfway through the round trip, from
+    // the fastest round trip so far (the least uncertain): this node's
+    // offset for the job's timeline.
+    const int64_t rtt = answered_us - sent_us;
+    if (resp.time_us() > 0 && (best_rtt_us_ < 0 || rtt < best_rtt_us_)) {
+      best_rtt_us_ = rtt;
+      trace::SetClockOffset(resp.time_us() - (sent_us + answered_us) / 2, (rtt + 1) / 2);
+    }
     if (on_answer_) on_answer_(resp);
     return;
   }
@@ -139,6 +150,7 @@ void CoordinatorClient::StopHeartbeats() {
 }
 
 absl::Status CoordinatorClient::Barrier(int64_t epoch) {
+  trace::Span span("coordinator", "barrier", absl::StrCat("\"epoch\":", epoch));
   proto::BarrierRequest req;
   req.set_rank(caller_.rank);
   req.set_epoch(epoch);

@@ -86,6 +86,7 @@ class CoordinatorClient {
   std::function<void(const proto::HeartbeatResponse&)> on_answer_;
   std::function<void(const absl::Status&)> on_lost_;
   int failures_ = 0;
+  int64_t best_rtt_us_ = -1;  // the fastest heartbeat's round trip
   bool lost_ = false;
   bool stop_ = false;
   // The loop sleeps here between heartbeats; StopHeartbeats wakes it.

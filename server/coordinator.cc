@@ -14,6 +14,7 @@
 #include "ndarray/base.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
+#include "ndarray/trace.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc.h"
 
@@ -280,6 +281,7 @@ class Service final : public CoordinatorBase {
       it->second = absl::Now();
     }
     for (const auto& [node, info] : dead_) *resp->add_dead() = info;
+    resp->set_time_us(trace::NowMicros());
     for (int rank : left_) resp->add_finished_workers(rank);
     if (req.role() == proto::SERVER && EveryWorkerDone()) {
       resp->set_shutdown(true);

@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
+#include "ndarray/trace.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc.h"
 
@@ -136,6 +137,7 @@ class PullReactor : public grpc::ServerUnaryReactor {
       return;
     }
     wanted_ = std::move(wanted);
+    if (trace::Enabled()) traced_from_ = trace::NowMicros();
     ServerMetrics::Get().pulls->Add(static_cast<double>(wanted_.size()));
     ServerMetrics::Get().pulls_waiting->Add(static_cast<double>(wanted_.size()));
     values_.resize(wanted_.size());
@@ -178,6 +180,13 @@ class PullReactor : public grpc::ServerUnaryReactor {
 
   void Respond() {
     deadlines_->Remove(this);
+    if (traced_from_ != 0) {
+      // How long the answer waited for its step (the pushes of the others).
+      std::string keys;
+      for (const Wanted& w : wanted_) absl::StrAppend(&keys, keys.empty() ? "" : ",", w.key);
+      trace::Complete("server", "pull_wait", traced_from_, trace::NowMicros(),
+                      absl::StrCat("\"keys\":[", keys, "]"));
+    }
     if (!error_.ok()) {
       Finish(ToGrpc(error_));
       return;
@@ -203,6 +212,7 @@ class PullReactor : public grpc::ServerUnaryReactor {
   grpc::ByteBuffer* const response_;
   const bool many_;
   std::vector<Wanted> wanted_;
+  int64_t traced_from_ = 0;  // when the pull began, if tracing
   std::vector<uint64_t> ids_;
   std::atomic<int> remaining_{0};
   bool responded_ = false;    // guarded by deadlines_->mu_

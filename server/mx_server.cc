@@ -14,6 +14,7 @@
 // when the coordinator is unreachable for three heartbeats.
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <csignal>
@@ -34,6 +35,7 @@
 #include "absl/synchronization/mutex.h"
 #include "ndarray/env.h"
 #include "proto/mx.grpc.pb.h"
+#include "ndarray/trace.h"
 #include "rpc/coordinator_client.h"
 #include "rpc/metrics.h"
 #include "rpc/metrics_http.h"
@@ -71,6 +73,9 @@ ABSL_FLAG(int, heartbeat_timeout_s, 5,
 ABSL_FLAG(std::string, metrics_port, "",
           "serve Prometheus metrics and /healthz over HTTP on this port of the --bind host "
           "(0: a free one; default: $MX_METRICS_PORT; unset: no endpoint)");
+ABSL_FLAG(std::string, trace, "",
+          "write this node's timeline (Chrome trace events) into this directory when it stops "
+          "(default: $MX_TRACE_DIR; deploy/trace_merge.py merges a job's)");
 ABSL_FLAG(std::string, token_file, "",
           "a file whose first line is the job token, which every call must carry (default: "
           "$MX_JOB_TOKEN_FILE, or the token itself in $MX_JOB_TOKEN; neither: an open job that "
@@ -202,6 +207,21 @@ std::unique_ptr<metrics::HttpServer> ServeMetrics(const std::string& bind, const
   return *std::move(server);
 }
 
+// Starts recording this process's timeline when --trace or MX_TRACE_DIR
+// names a directory (ndarray/trace.h); Finish writes it.
+struct Timeline {
+  explicit Timeline(const std::string& role) {
+    std::string dir = absl::GetFlag(FLAGS_trace);
+    if (dir.empty()) dir = EnvString("MX_TRACE_DIR");
+    if (dir.empty()) return;
+    trace::Start(absl::StrCat(dir, "/", role, "-", getpid(), ".trace.json"));
+    trace::SetProcessName(role);
+  }
+  ~Timeline() {
+    if (absl::Status s = trace::Write(); !s.ok()) std::cerr << "mx_server: " << s.message() << "\n";
+  }
+};
+
 int NumServers() {
   return IntSetting("num_servers", absl::GetFlag(FLAGS_num_servers), "DMLC_NUM_SERVER", 1, 1 << 16);
 }
@@ -210,6 +230,7 @@ int NumWorkers() {
 }
 
 int RunCoordinator() {
+  Timeline timeline("coordinator");
   std::string bind = absl::GetFlag(FLAGS_bind);
   if (bind.empty()) bind = RootAddress();
   if (bind.empty()) {
@@ -280,6 +301,7 @@ bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, in
 }
 
 int RunServer() {
+  Timeline timeline("server");
   std::string coordinator = absl::GetFlag(FLAGS_coordinator);
   if (coordinator.empty()) coordinator = RootAddress();
   if (coordinator.empty()) {
@@ -333,6 +355,7 @@ int RunServer() {
   (*ps)->AdmitWorkers({cluster.worker_keys().begin(), cluster.worker_keys().end()});
   const int rank = cluster.self().rank();
   metrics::SetNodeInfo("server", rank);
+  trace::SetProcessName(absl::StrCat("server ", rank));
   if (metrics != nullptr) metrics->SetServing(true);  // as the health service now
   std::cout << "server " << rank << " serving on " << req.address()
             << (absl::GetFlag(FLAGS_elastic) ? " (elastic)" : "") << std::endl;

@@ -8,6 +8,7 @@
 #include "absl/synchronization/notification.h"
 #include "ndarray/ndarray.h"
 #include "proto/slice_key.h"
+#include "ndarray/trace.h"
 
 namespace mx {
 
@@ -241,6 +242,7 @@ bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pieces> pushes) {
   k->completing = true;
   ++completing_;
   const bool optimize = optimizer_ != nullptr;
+  const int64_t traced_from = trace::Enabled() ? trace::NowMicros() : 0;
   const size_t n = k->shape.Size();
   std::vector<float> next = pool_->Take(n);
   mu_.Unlock();
@@ -265,6 +267,11 @@ bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pieces> pushes) {
   }
   ++k->version;
   k->value = Publish(std::move(next));
+  if (traced_from != 0) {
+    trace::Complete("server", optimize ? "sum+update" : "sum", traced_from, trace::NowMicros(),
+                    absl::StrCat("\"key\":", id, ",\"version\":", k->version,
+                                 ",\"pushes\":", pushes.size()));
+  }
   return true;
 }
 

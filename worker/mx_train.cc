@@ -9,6 +9,8 @@
 // Data: Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) by
 // default, or CSV files. Prints per-epoch metrics and the final test
 // accuracy ("Final test accuracy=0.8765").
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdlib>
 #include <fstream>
@@ -32,6 +34,7 @@
 #include "kvstore/kvstore.h"
 #include "ndarray/env.h"
 #include "ndarray/storage.h"
+#include "ndarray/trace.h"
 #include "rpc/metrics.h"
 #include "rpc/metrics_http.h"
 #include "worker/checkpoint.h"
@@ -73,6 +76,9 @@ ABSL_FLAG(std::string, eval_metric, "accuracy,ce",
 ABSL_FLAG(std::string, metrics_port, "",
           "serve Prometheus metrics and /healthz over HTTP on this port of $MX_METRICS_HOST "
           "(default 127.0.0.1; 0: a free port; default: $MX_METRICS_PORT; unset: no endpoint)");
+ABSL_FLAG(std::string, trace, "",
+          "write this worker's timeline (Chrome trace events) into this directory when it ends "
+          "(default: $MX_TRACE_DIR; deploy/trace_merge.py merges a job's)");
 ABSL_FLAG(int, early_stopping, 0, "stop after N epochs without validation improvement (0: off)");
 
 namespace mx {
@@ -202,6 +208,7 @@ absl::Status Run() {
               << ")" << std::endl;
   }
   metrics::SetNodeInfo("worker", store ? store->rank() : 0);
+  trace::SetProcessName(absl::StrCat("worker ", store ? store->rank() : 0));
   if (endpoint != nullptr) endpoint->SetServing(true);
   const int part = store ? store->rank() : 0, parts = store ? store->num_workers() : 1;
   MX_ASSIGN_OR_RETURN(std::vector<Context> contexts, ParseContexts(absl::GetFlag(FLAGS_contexts)));
@@ -286,7 +293,14 @@ int main(int argc, char** argv) {
   if (int threads = absl::GetFlag(FLAGS_threads); threads > 0) {
     setenv("MX_CPU_WORKER_NTHREADS", std::to_string(threads).c_str(), 1);
   }
+  std::string trace_dir = absl::GetFlag(FLAGS_trace);
+  if (trace_dir.empty()) trace_dir = mx::EnvString("MX_TRACE_DIR");
+  if (!trace_dir.empty()) {
+    mx::trace::Start(absl::StrCat(trace_dir, "/worker-", getpid(), ".trace.json"));
+    mx::trace::SetProcessName("worker");
+  }
   absl::Status s = mx::Run();
+  if (absl::Status w = mx::trace::Write(); !w.ok()) std::cerr << "mx_train: " << w.message() << "\n";
   if (!s.ok()) {
     std::cerr << "mx_train: " << s.message() << std::endl;
     return 1;

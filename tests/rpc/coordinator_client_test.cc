@@ -5,6 +5,8 @@
 // the heartbeat rule: a coordinator that goes away is reported once.
 #include "rpc/coordinator_client.h"
 
+#include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -14,6 +16,7 @@
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "ndarray/trace.h"
 #include "server/coordinator.h"
 
 namespace mx {
@@ -169,6 +172,37 @@ TEST(CoordinatorClient, ALostCoordinatorIsReportedOnce) {
   absl::SleepFor(absl::Seconds(2));
   EXPECT_EQ(lost.load(), 1);
   (*client)->StopHeartbeats();
+}
+
+// The timeline (ndarray/trace.h): a barrier is a span, and heartbeats give
+// the node its clock offset to the coordinator with an uncertainty; on one
+// host (one clock) the offset lies within it.
+TEST(CoordinatorClient, BarriersAndTheClockOffsetGoOnTheTimeline) {
+  const std::string path = TmpDir() + "/timeline.json";
+  trace::Start(path);
+  auto c = StartCoordinator(rpc::Security());
+  auto client = RegisterWorker(c->address(), rpc::Security());
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::atomic<int> answers{0};
+  (*client)->StartHeartbeats([&](const proto::HeartbeatResponse&) { ++answers; },
+                             [](const absl::Status&) {});
+  for (int i = 0; i < 100 && answers.load() < 2; ++i) absl::SleepFor(absl::Milliseconds(50));
+  ASSERT_GE(answers.load(), 2);
+  ASSERT_TRUE((*client)->Barrier(7).ok());
+  (*client)->StopHeartbeats();
+  ASSERT_TRUE(trace::Write().ok());
+  std::ifstream f(path);
+  std::stringstream text;
+  text << f.rdbuf();
+  EXPECT_THAT(text.str(), HasSubstr("\"name\":\"barrier\""));
+  EXPECT_THAT(text.str(), HasSubstr("\"args\":{\"epoch\":7}"));
+  int64_t offset = 0, uncertainty = 0;
+  const size_t at = text.str().find("\"clock_offset_us\":");
+  ASSERT_NE(at, std::string::npos);
+  ASSERT_EQ(std::sscanf(text.str().c_str() + at, "\"clock_offset_us\":%ld,\"clock_uncertainty_us\":%ld",
+                        &offset, &uncertainty), 2);
+  EXPECT_GT(uncertainty, 0);
+  EXPECT_LE(std::abs(offset), uncertainty) << "one host, one clock";
 }
 
 }  // namespace

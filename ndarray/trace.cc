@@ -1,0 +1,134 @@
+#include "ndarray/trace.h"
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <mutex>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace mx {
+namespace trace {
+
+namespace internal {
+std::atomic<bool> enabled{false};
+}  // namespace internal
+
+namespace {
+
+struct Event {
+  const char* category;
+  std::string name;
+  int64_t start_us, dur_us;
+  int64_t tid;
+  std::string args;
+};
+
+struct State {
+  std::mutex mu;
+  std::string path;
+  std::string process = "mx";
+  int64_t offset_us = 0;
+  int64_t uncertainty_us = 0;
+  std::vector<Event> events;
+};
+
+State& S() {
+  static State* s = new State;
+  return *s;
+}
+
+int64_t ThreadId() {
+  thread_local const int64_t tid = static_cast<int64_t>(syscall(SYS_gettid));
+  return tid;
+}
+
+}  // namespace
+
+void Start(const std::string& path) {
+  {
+    std::lock_guard<std::mutex> lock(S().mu);
+    S().path = path;
+    S().events.reserve(1 << 16);
+  }
+  internal::enabled.store(true);
+}
+
+void Stop() { internal::enabled.store(false); }
+
+size_t EventCount() {
+  std::lock_guard<std::mutex> lock(S().mu);
+  return S().events.size();
+}
+
+void SetProcessName(const std::string& name) {
+  std::lock_guard<std::mutex> lock(S().mu);
+  S().process = name;
+}
+
+void SetClockOffset(int64_t micros, int64_t uncertainty_us) {
+  std::lock_guard<std::mutex> lock(S().mu);
+  S().offset_us = micros;
+  S().uncertainty_us = uncertainty_us;
+}
+
+int64_t NowMicros() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+void Complete(const char* category, const std::string& name, int64_t start_us, int64_t end_us,
+              const std::string& args) {
+  if (!Enabled()) return;
+  Event e{category, name, start_us, std::max<int64_t>(end_us - start_us, 0), ThreadId(), args};
+  std::lock_guard<std::mutex> lock(S().mu);
+  S().events.push_back(std::move(e));
+}
+
+std::string JsonEscape(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
+absl::Status Write() {
+  State& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (s.path.empty()) return absl::OkStatus();
+  std::ofstream f(s.path, std::ios::trunc);
+  if (!f) return absl::UnavailableError(absl::StrCat("trace: cannot write ", s.path));
+  const int64_t pid = getpid();
+  f << "{\"displayTimeUnit\":\"ms\",\"otherData\":{\"process\":\"" << JsonEscape(s.process)
+    << "\",\"clock_offset_us\":" << s.offset_us
+    << ",\"clock_uncertainty_us\":" << s.uncertainty_us << "},\"traceEvents\":[\n";
+  f << "{\"ph\":\"M\",\"name\":\"process_name\",\"pid\":" << pid << ",\"args\":{\"name\":\""
+    << JsonEscape(s.process) << "\"}}";
+  for (const Event& e : s.events) {
+    f << ",\n{\"ph\":\"X\",\"cat\":\"" << e.category << "\",\"name\":\"" << JsonEscape(e.name)
+      << "\",\"ts\":" << e.start_us << ",\"dur\":" << e.dur_us << ",\"pid\":" << pid
+      << ",\"tid\":" << e.tid << ",\"args\":{" << e.args << "}}";
+  }
+  f << "\n]}\n";
+  f.close();
+  if (!f) return absl::UnavailableError(absl::StrCat("trace: writing ", s.path, " failed"));
+  return absl::OkStatus();
+}
+
+}  // namespace trace
+}  // namespace mx
