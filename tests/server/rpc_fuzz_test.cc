@@ -55,16 +55,16 @@ class RawClient {
   void Start(const std::string& method, grpc::ByteBuffer request, int deadline_ms,
              std::function<void(const grpc::Status&, const std::string&)> done) {
     {
-      absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(this, &RawClient::HasRoom));
-      ++in_flight_;
+      absl::MutexLock lock(&flight_->mu);
+      flight_->mu.Await(absl::Condition(flight_.get(), &Flight::HasRoom));
+      ++flight_->in_flight;
     }
     auto* call = new Pending{std::move(request), {}, {}, std::move(done)};
     call->ctx.set_deadline(std::chrono::system_clock::now() +
                            std::chrono::milliseconds(deadline_ms));
     caller.Stamp(&call->ctx);
     stub_.UnaryCall(&call->ctx, prefix_ + method, grpc::StubOptions(), &call->request,
-                    &call->response, [this, call](grpc::Status s) {
+                    &call->response, [flight = flight_, call](grpc::Status s) {
                       std::string bytes;
                       std::vector<grpc::Slice> slices;
                       if (s.ok() && call->response.Dump(&slices).ok()) {
@@ -74,8 +74,10 @@ class RawClient {
                       }
                       call->done(s, bytes);
                       delete call;
-                      absl::MutexLock lock(&mu_);
-                      --in_flight_;
+                      // `flight` outlives the client: a caller of Call may
+                      // return (and destroy the client) once done ran.
+                      absl::MutexLock lock(&flight->mu);
+                      --flight->in_flight;
                     });
   }
 
@@ -95,22 +97,26 @@ class RawClient {
   }
 
   void WaitForAll() {
-    absl::MutexLock lock(&mu_);
-    mu_.Await(absl::Condition(+[](int* n) { return *n == 0; }, &in_flight_));
+    absl::MutexLock lock(&flight_->mu);
+    flight_->mu.Await(absl::Condition(+[](int* n) { return *n == 0; }, &flight_->in_flight));
   }
+  ~RawClient() { WaitForAll(); }
 
  private:
+  // The calls in flight, shared with their callbacks.
+  struct Flight {
+    absl::Mutex mu;
+    int in_flight ABSL_GUARDED_BY(mu) = 0;
+    bool HasRoom() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return in_flight < 32; }
+  };
   struct Pending {
     grpc::ByteBuffer request, response;
     grpc::ClientContext ctx;
     std::function<void(const grpc::Status&, const std::string&)> done;
   };
-  bool HasRoom() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return in_flight_ < 32; }
-
   grpc::GenericStub stub_;
   const std::string prefix_;
-  absl::Mutex mu_;
-  int in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+  const std::shared_ptr<Flight> flight_ = std::make_shared<Flight>();
 };
 
 using Requests = std::vector<std::pair<std::string, std::string>>;  // method, bytes
