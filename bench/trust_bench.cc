@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -54,7 +55,7 @@ rpc::Security MakeTls() {
       " && openssl x509 -req -in n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out n.pem" +
       " -days 1 -extfile n.ext) >/dev/null 2>&1";
   if (std::system(("(" + cmd).c_str()) != 0) {
-    std::system(("rm -rf " + d).c_str());
+    std::filesystem::remove_all(d);
     throw std::runtime_error("openssl failed (apt-get install openssl)");
   }
   rpc::Security s;
@@ -62,7 +63,7 @@ rpc::Security MakeTls() {
   s.tls_key = ReadFile(d + "/n.key");
   s.tls_ca = ReadFile(d + "/ca.pem");
   s.tls_server_name = "mx-job";
-  std::system(("rm -rf " + d).c_str());
+  std::filesystem::remove_all(d);
   return s;
 }
 
@@ -164,6 +165,15 @@ void Token() {
          without_us / with_us, "<5us");
 }
 
+// The MLP 784-128-64-10's gradients, last layer first, and arrays for its
+// weights.
+void MlpStep(std::vector<NDArray>* values, std::vector<NDArray>* outs) {
+  for (int64_t n : {10, 64 * 10, 64, 128 * 64, 128, 784 * 128}) {
+    values->push_back(Ones({n}));
+    outs->push_back(Empty({n}));
+  }
+}
+
 // Per-call metrics on against off, for the MLP 784-128-64-10's step
 // communication (6 keys, last layer first, one pushpull each).
 void Metrics() {
@@ -172,10 +182,7 @@ void Metrics() {
   plain.token = "bench-token";
   Pair p(plain, true);
   std::vector<NDArray> values, outs;
-  for (int64_t n : {10, 64 * 10, 64, 128 * 64, 128, 784 * 128}) {
-    values.push_back(Ones({n}));
-    outs.push_back(Empty({n}));
-  }
+  MlpStep(&values, &outs);
   InitKeys(*p.worker, 0, values);
   constexpr int kPerTurn = 20;
   auto steps = [&](bool on) {
@@ -199,10 +206,7 @@ void TraceOff() {
   rpc::Security plain;
   Pair p(plain, false);
   std::vector<NDArray> values, outs;
-  for (int64_t n : {10, 64 * 10, 64, 128 * 64, 128, 784 * 128}) {
-    values.push_back(Ones({n}));
-    outs.push_back(Empty({n}));
-  }
+  MlpStep(&values, &outs);
   InitKeys(*p.worker, 100, values);
   constexpr int kSteps = 50;
   // The sites a step passes: the events it records with tracing on (each

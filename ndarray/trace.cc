@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <mutex>
 #include <vector>
@@ -56,6 +57,17 @@ void Start(const std::string& path) {
     S().events.reserve(1 << 16);
   }
   internal::enabled.store(true);
+}
+
+void StartIn(const std::string& dir, const std::string& role) {
+  std::string d = dir;
+  if (d.empty()) {
+    const char* env = std::getenv("MX_TRACE_DIR");
+    d = env != nullptr ? env : "";
+  }
+  if (d.empty()) return;
+  Start(absl::StrCat(d, "/", role, "-", getpid(), ".trace.json"));
+  SetProcessName(role);
 }
 
 void Stop() { internal::enabled.store(false); }

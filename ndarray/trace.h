@@ -30,6 +30,10 @@ inline bool Enabled() { return internal::enabled.load(std::memory_order_relaxed)
 
 // Starts recording; the events go to `path` at Write.
 void Start(const std::string& path);
+// Starts recording into DIR/ROLE-PID.trace.json as process `role` when
+// `dir` (a --trace flag) or else MX_TRACE_DIR names a directory; nothing
+// otherwise.
+void StartIn(const std::string& dir, const std::string& role);
 // Stops recording; what was recorded stays for Write.
 void Stop();
 // The number of events recorded so far.

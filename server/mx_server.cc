@@ -14,7 +14,6 @@
 // when the coordinator is unreachable for three heartbeats.
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <csignal>
@@ -210,13 +209,7 @@ std::unique_ptr<metrics::HttpServer> ServeMetrics(const std::string& bind, const
 // Starts recording this process's timeline when --trace or MX_TRACE_DIR
 // names a directory (ndarray/trace.h); Finish writes it.
 struct Timeline {
-  explicit Timeline(const std::string& role) {
-    std::string dir = absl::GetFlag(FLAGS_trace);
-    if (dir.empty()) dir = EnvString("MX_TRACE_DIR");
-    if (dir.empty()) return;
-    trace::Start(absl::StrCat(dir, "/", role, "-", getpid(), ".trace.json"));
-    trace::SetProcessName(role);
-  }
+  explicit Timeline(const std::string& role) { trace::StartIn(absl::GetFlag(FLAGS_trace), role); }
   ~Timeline() {
     if (absl::Status s = trace::Write(); !s.ok()) std::cerr << "mx_server: " << s.message() << "\n";
   }

@@ -9,8 +9,6 @@
 // Data: Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) by
 // default, or CSV files. Prints per-epoch metrics and the final test
 // accuracy ("Final test accuracy=0.8765").
-#include <unistd.h>
-
 #include <csignal>
 #include <cstdlib>
 #include <fstream>
@@ -293,12 +291,7 @@ int main(int argc, char** argv) {
   if (int threads = absl::GetFlag(FLAGS_threads); threads > 0) {
     setenv("MX_CPU_WORKER_NTHREADS", std::to_string(threads).c_str(), 1);
   }
-  std::string trace_dir = absl::GetFlag(FLAGS_trace);
-  if (trace_dir.empty()) trace_dir = mx::EnvString("MX_TRACE_DIR");
-  if (!trace_dir.empty()) {
-    mx::trace::Start(absl::StrCat(trace_dir, "/worker-", getpid(), ".trace.json"));
-    mx::trace::SetProcessName("worker");
-  }
+  mx::trace::StartIn(absl::GetFlag(FLAGS_trace), "worker");
   absl::Status s = mx::Run();
   if (absl::Status w = mx::trace::Write(); !w.ok()) std::cerr << "mx_train: " << w.message() << "\n";
   if (!s.ok()) {
