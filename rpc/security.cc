@@ -57,36 +57,37 @@ std::string PeerHost(const std::string& peer) {
 
 const char* RoleName(Role role) { return role == Role::kServer ? "server" : "worker"; }
 
-absl::StatusOr<Security> Security::Load(const std::string& token, const std::string& token_file,
-                                        const std::string& cert, const std::string& key,
-                                        const std::string& ca, const std::string& server_name) {
+absl::StatusOr<Security> Security::Load(const std::string& token, const File& token_file,
+                                        const File& cert, const File& key, const File& ca,
+                                        const std::string& server_name) {
   Security s;
   s.token = token;
-  if (s.token.empty() && !token_file.empty()) {
-    MX_ASSIGN_OR_RETURN(const std::string text, ReadWholeFile("MX_JOB_TOKEN_FILE", token_file));
+  if (s.token.empty() && !token_file.path.empty()) {
+    MX_ASSIGN_OR_RETURN(const std::string text, ReadWholeFile(token_file.from, token_file.path));
     s.token = text.substr(0, text.find('\n'));
   }
   if (s.token.find_first_of(" \t\r\n") != std::string::npos) {
     return absl::InvalidArgumentError("the job token must not contain white space");
   }
-  const int given = !cert.empty() + !key.empty() + !ca.empty();
+  const int given = !cert.path.empty() + !key.path.empty() + !ca.path.empty();
   if (given != 0 && given != 3) {
-    return absl::InvalidArgumentError(
-        "TLS needs a certificate, its key and the job's CA (MX_TLS_CERT, MX_TLS_KEY, MX_TLS_CA): "
-        "give all three or none");
+    return absl::InvalidArgumentError(absl::StrCat(
+        "TLS needs a certificate, its key and the job's CA (", cert.from, ", ", key.from, ", ",
+        ca.from, "): give all three or none"));
   }
   if (given == 3) {
-    MX_ASSIGN_OR_RETURN(s.tls_cert, ReadWholeFile("MX_TLS_CERT", cert));
-    MX_ASSIGN_OR_RETURN(s.tls_key, ReadWholeFile("MX_TLS_KEY", key));
-    MX_ASSIGN_OR_RETURN(s.tls_ca, ReadWholeFile("MX_TLS_CA", ca));
+    MX_ASSIGN_OR_RETURN(s.tls_cert, ReadWholeFile(cert.from, cert.path));
+    MX_ASSIGN_OR_RETURN(s.tls_key, ReadWholeFile(key.from, key.path));
+    MX_ASSIGN_OR_RETURN(s.tls_ca, ReadWholeFile(ca.from, ca.path));
   }
   s.tls_server_name = server_name;
   return s;
 }
 
 absl::StatusOr<Security> Security::FromEnvironment() {
-  return Load(EnvString("MX_JOB_TOKEN"), EnvString("MX_JOB_TOKEN_FILE"), EnvString("MX_TLS_CERT"),
-              EnvString("MX_TLS_KEY"), EnvString("MX_TLS_CA"), EnvString("MX_TLS_SERVER_NAME"));
+  auto file = [](const char* name) { return File{EnvString(name), name}; };
+  return Load(EnvString("MX_JOB_TOKEN"), file("MX_JOB_TOKEN_FILE"), file("MX_TLS_CERT"),
+              file("MX_TLS_KEY"), file("MX_TLS_CA"), EnvString("MX_TLS_SERVER_NAME"));
 }
 
 std::string NewSessionKey() {
@@ -130,6 +131,12 @@ void Guard::Admit(Role role, int rank, const std::string& key) {
     keys_[{role, rank}] = key;
   }
   admitted_.notify_all();
+}
+
+std::string Guard::Key(Role role, int rank) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = keys_.find({role, rank});
+  return it == keys_.end() ? "" : it->second;
 }
 
 void Guard::AdmitAll(Role role) {

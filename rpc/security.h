@@ -62,12 +62,16 @@ struct Security {
   // all three or none) and MX_TLS_SERVER_NAME. Errors name the variable and
   // the file.
   static absl::StatusOr<Security> FromEnvironment();
-  // The same from explicit values (a flag's, an environment variable's):
-  // `token_file` when `token` is empty. Errors name the files by the
-  // environment variables' names, also when a flag gave them.
-  static absl::StatusOr<Security> Load(const std::string& token, const std::string& token_file,
-                                       const std::string& cert, const std::string& key,
-                                       const std::string& ca, const std::string& server_name);
+  // A file setting and where it came from ("MX_TLS_CERT", "--tls_cert"),
+  // which errors name.
+  struct File {
+    std::string path;
+    std::string from;
+  };
+  // The same from explicit values: `token_file` when `token` is empty.
+  static absl::StatusOr<Security> Load(const std::string& token, const File& token_file,
+                                       const File& cert, const File& key, const File& ca,
+                                       const std::string& server_name);
 };
 
 // A random session key (32 hex digits from the kernel's generator).
@@ -102,6 +106,8 @@ class Guard {
   void Admit(Role role, int rank, const std::string& key);
   // Every node of `role` is admitted: calls waiting for keys go on.
   void AdmitAll(Role role);
+  // The session key admitted for a node; "" when none was.
+  std::string Key(Role role, int rank) const;
 
   // A node of the job, as a call's metadata names it.
   struct Node {
@@ -133,7 +139,7 @@ class Guard {
   const bool identities_;
   std::atomic<int64_t> refused_{0};
   // Guards the fields below (std::mutex, as rpc/coordinator_client.h).
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::map<std::pair<Role, int>, std::string> keys_;
   std::set<Role> admitted_all_;
   std::condition_variable admitted_;  // notified by Admit and AdmitAll

@@ -236,9 +236,8 @@ class Service final : public CoordinatorBase {
     node->set_address(req.address());
     nodes[rank] = *node;
     NodeGauge(req.role(), "registered")->Add(1);
-    const std::string key = rpc::NewSessionKey();
-    keys_[{req.role(), rank}] = key;
-    guard_.Admit(RpcRole(req.role()), rank, key);
+    // The guard holds the node's session key; the answer gives it out.
+    guard_.Admit(RpcRole(req.role()), rank, rpc::NewSessionKey());
     return absl::OkStatus();
   }
   bool AllRegistered() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -254,11 +253,13 @@ class Service final : public CoordinatorBase {
     for (const Waiting& w : registering_) {
       proto::RegisterResponse resp;
       *resp.mutable_self() = w.node;
-      resp.set_session_key(keys_[{w.node.role(), w.node.rank()}]);
+      resp.set_session_key(guard_.Key(RpcRole(w.node.role()), w.node.rank()));
       for (const auto& [unused, s] : servers_) *resp.add_servers() = s;
       for (const auto& [rank, n] : workers_) {
         *resp.add_workers() = n;
-        if (w.node.role() == proto::SERVER) resp.add_worker_keys(keys_[{proto::WORKER, rank}]);
+        if (w.node.role() == proto::SERVER) {
+          resp.add_worker_keys(guard_.Key(rpc::Role::kWorker, rank));
+        }
       }
       *w.response = EncodeMessage(resp);
       answers->push_back({w.reactor, absl::OkStatus()});
@@ -432,8 +433,6 @@ class Service final : public CoordinatorBase {
   const CoordinatorOptions options_;
   Guard guard_;
   absl::Mutex mu_;
-  // Session keys of the registered nodes.
-  std::map<std::pair<proto::Role, int>, std::string> keys_ ABSL_GUARDED_BY(mu_);
   // Registered nodes by rank.
   std::map<int, proto::NodeInfo> servers_ ABSL_GUARDED_BY(mu_), workers_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<proto::Role, int>, absl::Time> last_seen_ ABSL_GUARDED_BY(mu_);

@@ -116,17 +116,20 @@ int IntSetting(const char* flag, const std::string& flag_text, const char* env, 
 
 // TLS and the job token, from the flags and else the environment.
 rpc::Security SecuritySettings() {
-  auto flag_or_env = [](const std::string& flag, const char* env) {
-    return flag.empty() ? EnvString(env) : flag;
+  // A file from its flag, else from its variable; errors name which.
+  auto file = [](const std::string& flag_value, const char* flag, const char* env) {
+    if (!flag_value.empty()) return rpc::Security::File{flag_value, absl::StrCat("--", flag)};
+    return rpc::Security::File{EnvString(env), env};
   };
   const std::string token_file = absl::GetFlag(FLAGS_token_file);
+  const std::string server_name = absl::GetFlag(FLAGS_tls_server_name);
   rpc::Security s = OrExit(rpc::Security::Load(
       token_file.empty() ? EnvString("MX_JOB_TOKEN") : "",
-      flag_or_env(token_file, "MX_JOB_TOKEN_FILE"),
-      flag_or_env(absl::GetFlag(FLAGS_tls_cert), "MX_TLS_CERT"),
-      flag_or_env(absl::GetFlag(FLAGS_tls_key), "MX_TLS_KEY"),
-      flag_or_env(absl::GetFlag(FLAGS_tls_ca), "MX_TLS_CA"),
-      flag_or_env(absl::GetFlag(FLAGS_tls_server_name), "MX_TLS_SERVER_NAME")));
+      file(token_file, "token_file", "MX_JOB_TOKEN_FILE"),
+      file(absl::GetFlag(FLAGS_tls_cert), "tls_cert", "MX_TLS_CERT"),
+      file(absl::GetFlag(FLAGS_tls_key), "tls_key", "MX_TLS_KEY"),
+      file(absl::GetFlag(FLAGS_tls_ca), "tls_ca", "MX_TLS_CA"),
+      server_name.empty() ? EnvString("MX_TLS_SERVER_NAME") : server_name));
   if (s.token.empty()) {
     std::cerr << "mx_server: warning: no job token (--token_file, $MX_JOB_TOKEN_FILE or "
                  "$MX_JOB_TOKEN): any process that reaches this port can call it\n";

@@ -75,4 +75,16 @@ cmp -s "$TMP/calm-$final.params" "$TMP/tls-$final.params" ||
 [[ -e "$secret_dir" ]] && fail "the job's secrets ($secret_dir) outlived it"
 assert_nothing_left "$log"
 
+# 4. Bad TLS settings stop a daemon at once, naming the flag or variable.
+out=$(timeout 10 "$SERVER" --role=server --coordinator=127.0.0.1:1 --num_workers=1 \
+      --tls_cert=/nonexistent/cert.pem --tls_key=/x --tls_ca=/y 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"--tls_cert: cannot read /nonexistent/cert.pem"* ]] ||
+  fail "--tls_cert of no file: exit code $rc, said: $out"
+out=$(MX_TLS_CERT=/nonexistent/cert.pem timeout 10 "$SERVER" --role=server \
+      --coordinator=127.0.0.1:1 --num_workers=1 --tls_key=/x 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"(MX_TLS_CERT, --tls_key, MX_TLS_CA): give all three or none"* ]] ||
+  fail "two of three TLS files: exit code $rc, said: $out"
+
 finish

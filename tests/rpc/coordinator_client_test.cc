@@ -48,7 +48,8 @@ rpc::Security MakeTls(const std::string& ca) {
   Run(absl::StrCat("openssl x509 -req -in ", d, "/node.csr -CA ", d, "/ca.pem -CAkey ", d,
                    "/ca.key -CAcreateserial -out ", d, "/node.pem -days 2 -extfile ", d, "/ext"));
   absl::StatusOr<rpc::Security> s =
-      rpc::Security::Load("", "", d + "/node.pem", d + "/node.key", d + "/ca.pem", "mx-job");
+      rpc::Security::Load("", {}, {d + "/node.pem", "cert"}, {d + "/node.key", "key"},
+                          {d + "/ca.pem", "ca"}, "mx-job");
   EXPECT_TRUE(s.ok()) << s.status();
   return s.ok() ? *s : rpc::Security();
 }
