@@ -56,6 +56,7 @@ struct ServerMetrics {
   metrics::Counter* pushed_bytes;
   metrics::Counter* pulls;
   metrics::Gauge* pulls_waiting;
+  metrics::Histogram* pull_wait;
 
   static const ServerMetrics& Get() {
     static const ServerMetrics m = [] {
@@ -66,6 +67,11 @@ struct ServerMetrics {
           r.AddCounter("mx_server_pulls_total", "Pulls of one key asked of this server")->With({}),
           r.AddGauge("mx_server_pulls_waiting",
                      "Pulls of one key waiting for their step (a queue depth)")
+              ->With({}),
+          r.AddHistogram("mx_server_pull_wait_seconds",
+                         "Time a pull (of one or several keys) waited for its step: for "
+                         "dist_sync, how long the pushes of the other workers took to arrive",
+                         metrics::LatencyBuckets())
               ->With({})};
     }();
     return m;
@@ -137,6 +143,7 @@ class PullReactor : public grpc::ServerUnaryReactor {
       return;
     }
     wanted_ = std::move(wanted);
+    started_ = std::chrono::steady_clock::now();
     if (trace::Enabled()) traced_from_ = trace::NowMicros();
     ServerMetrics::Get().pulls->Add(static_cast<double>(wanted_.size()));
     ServerMetrics::Get().pulls_waiting->Add(static_cast<double>(wanted_.size()));
@@ -180,6 +187,8 @@ class PullReactor : public grpc::ServerUnaryReactor {
 
   void Respond() {
     deadlines_->Remove(this);
+    ServerMetrics::Get().pull_wait->Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count());
     if (traced_from_ != 0) {
       // How long the answer waited for its step (the pushes of the others).
       std::string keys;
@@ -212,6 +221,7 @@ class PullReactor : public grpc::ServerUnaryReactor {
   grpc::ByteBuffer* const response_;
   const bool many_;
   std::vector<Wanted> wanted_;
+  std::chrono::steady_clock::time_point started_;
   int64_t traced_from_ = 0;  // when the pull began, if tracing
   std::vector<uint64_t> ids_;
   std::atomic<int> remaining_{0};

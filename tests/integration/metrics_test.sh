@@ -65,7 +65,8 @@ for who in coordinator "server 0" "server 1" "worker 0" "worker 1"; do
       positive "$(value "$text" 'mx_rpc_server_received_bytes_total{method="PushPullMany"}')" \
         || fail "$who: no bytes received counted"
       [[ -n "$(value "$text" 'mx_rpc_server_handling_seconds_count{method="PushPullMany"}')" ]] \
-        || fail "$who: no latency histogram" ;;
+        || fail "$who: no latency histogram"
+      positive "$(value "$text" 'mx_server_pull_wait_seconds_count')" || fail "$who: no pull waits" ;;
     worker*)
       positive "$(value "$text" 'mx_worker_samples_total')" || fail "$who: no samples counted"
       positive "$(value "$text" 'mx_worker_step_seconds_count')" || fail "$who: no steps timed"
