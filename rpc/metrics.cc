@@ -44,14 +44,16 @@ std::string Labels(const std::vector<std::string>& names, const std::vector<std:
   return out.empty() ? out : out + "}";
 }
 
-// HELP text escapes \ and newlines.
-std::string EscapeHelp(const std::string& h) {
+// The text format's escaping: \ and newlines always, " in label values.
+std::string Escape(const std::string& text, bool quotes) {
   std::string out;
-  for (char c : h) {
+  for (char c : text) {
     if (c == '\\') {
       out += "\\\\";
     } else if (c == '\n') {
       out += "\\n";
+    } else if (c == '"' && quotes) {
+      out += "\\\"";
     } else {
       out += c;
     }
@@ -180,7 +182,7 @@ std::string Registry::Text() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::string out;
   for (const auto& [name, e] : families_) {
-    out += "# HELP " + name + " " + EscapeHelp(e.help) + "\n";
+    out += "# HELP " + name + " " + Escape(e.help, /*quotes=*/false) + "\n";
     out += "# TYPE " + name + " " + TypeName(e.type) + "\n";
     switch (e.type) {
       case Type::kCounter:
@@ -230,21 +232,7 @@ void SetNodeInfo(const std::string& role, int rank) {
       ->Set(1);
 }
 
-std::string EscapeLabelValue(const std::string& v) {
-  std::string out;
-  for (char c : v) {
-    if (c == '\\') {
-      out += "\\\\";
-    } else if (c == '"') {
-      out += "\\\"";
-    } else if (c == '\n') {
-      out += "\\n";
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
+std::string EscapeLabelValue(const std::string& v) { return Escape(v, /*quotes=*/true); }
 
 }  // namespace metrics
 }  // namespace mx
