@@ -88,7 +88,9 @@ struct Caller {
   int rank = -1;    // -1: not registered (only Register may be called)
   std::string key;  // the session key the coordinator gave
 
-  // Adds the token and the identity to a call's metadata.
+  // Adds the caller to a call's metadata: a registered node (with a key)
+  // its identity, "mx-node: worker/3:KEY", which implies the token;
+  // others the token ("mx-job-token") and the rank they claim, if any.
   void Stamp(grpc::ClientContext* ctx) const;
 };
 
@@ -115,12 +117,15 @@ class Guard {
     int rank = -1;  // -1: unknown (a guard without identity checks)
   };
 
-  // The job token of a call; `method` names it in the error.
+  // The job token of a call (Register: before a node has a key); `method`
+  // names it in the error.
   absl::Status CheckToken(const grpc::ServerContextBase& ctx, const char* method);
-  // The token, and which registered node of `role` the caller is (its
-  // session key). Without identity checks: a node of rank -1.
+  // Which registered node of `role` the caller is: its session key, which
+  // implies the token. A call without a valid key is refused
+  // UNAUTHENTICATED without the job token, else PERMISSION_DENIED.
+  // Without identity checks: the token, and a node of rank -1.
   absl::StatusOr<Node> Identify(const grpc::ServerContextBase& ctx, const char* method, Role role);
-  // The token, and which registered node the caller is, of either role.
+  // The same for a node of either role.
   absl::StatusOr<Node> IdentifyAny(const grpc::ServerContextBase& ctx, const char* method);
   // That `caller` (as identified) is node `rank` of `role`, which its
   // request claims to be.

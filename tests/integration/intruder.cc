@@ -49,8 +49,7 @@ void Prepare(grpc::ClientContext* ctx, const Credentials& c) {
   ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   if (!c.token.empty()) ctx->AddMetadata("mx-job-token", c.token);
   if (c.claim_rank) {
-    ctx->AddMetadata("mx-node", "worker/0");
-    ctx->AddMetadata("mx-node-key", "0123456789abcdef0123456789abcdef");
+    ctx->AddMetadata("mx-node", "worker/0:0123456789abcdef0123456789abcdef");
   }
 }
 
