@@ -79,9 +79,7 @@ class CoordinatorClient {
   proto::RegisterResponse cluster_;
   Caller caller_;
 
-  // Serializes heartbeats' handling; guards the fields below it. (A
-  // std::mutex: the same loop on absl::Mutex::AwaitWithTimeout stalled in
-  // Bazel's sandbox, see the commit that added this file.)
+  // Serializes heartbeats' handling; guards the fields below it.
   std::mutex mu_;
   std::function<void(const proto::HeartbeatResponse&)> on_answer_;
   std::function<void(const absl::Status&)> on_lost_;
