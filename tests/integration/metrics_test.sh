@@ -94,6 +94,7 @@ promtool check config "$TMP/prometheus.yml" > "$TMP/promtool.out" 2>&1 \
 prometheus --config.file="$TMP/prometheus.yml" --storage.tsdb.path="$TMP/tsdb" \
   --web.listen-address="127.0.0.1:$prom_port" > "$TMP/prometheus.log" 2>&1 &
 prom=$!
+trap 'kill "$prom" 2>/dev/null; cleanup' EXIT  # Prometheus too, however the test ends
 query() {
   fetch "http://127.0.0.1:$prom_port/api/v1/query?query=$1"
   python3 -c 'import sys, json
