@@ -59,7 +59,8 @@ std::pair<std::string, std::string> Split(const char* full) {
 
 class Side {
  public:
-  explicit Side(bool server) : server_(server) {
+  // The families of one side: answered (server) or made (client) calls.
+  explicit Side(bool server) {
     metrics::Registry& r = metrics::Registry::Global();
     const std::string p = server ? "mx_rpc_server_" : "mx_rpc_client_";
     const std::string who = server ? "answered by this process" : "made by this process";
@@ -92,7 +93,6 @@ class Side {
   }
 
  private:
-  const bool server_;
   metrics::Family<metrics::Counter>* handled_;
   metrics::Family<metrics::Histogram>* seconds_;
   metrics::Family<metrics::Counter>* sent_;
