@@ -118,7 +118,7 @@ HttpServer::~HttpServer() {
 
 absl::StatusOr<int> MetricsPort(const std::string& flag_value) {
   absl::StatusOr<std::optional<int64_t>> port =
-      FlagOrEnvInt("--metrics_port", flag_value, "MX_METRICS_PORT", 0, 65535);
+      FlagOrEnvInt("metrics_port", flag_value, "MX_METRICS_PORT", 0, 65535);
   if (!port.ok()) return port.status();
   return port->has_value() ? static_cast<int>(**port) : -1;
 }
