@@ -30,6 +30,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Register(
       absl::StrCat("registering with the coordinator at ", options.address, ": ");
   const absl::Time deadline = absl::Now() + options.startup_timeout;
   Caller anonymous{options.security.token};
+  const absl::Status silent = absl::UnavailableError(absl::StrCat(
+      where, "nothing answered there within ", absl::FormatDuration(options.startup_timeout),
+      " (is the coordinator running, and is that its address?)"));
   // Fail-fast attempts until one reaches the coordinator: between them a
   // connection that fails for good (TLS on one side only, a refused
   // handshake) ends registration at once instead of at the deadline.
@@ -41,11 +44,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Register(
     if (s.ok()) break;
     const bool reached = channel->GetState(false) == GRPC_CHANNEL_READY;
     if (reached || !absl::IsUnavailable(s)) {
-      if (absl::IsDeadlineExceeded(s) && !reached) {
-        return absl::UnavailableError(absl::StrCat(
-            where, "nothing answered there within ", absl::FormatDuration(options.startup_timeout),
-            " (is the coordinator running, and is that its address?)"));
-      }
+      if (absl::IsDeadlineExceeded(s) && !reached) return silent;
       // The status with its code: transport errors may carry no message.
       return absl::Status(s.code(), where + s.ToString());
     }
@@ -58,11 +57,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Register(
                               "the job's CA, for the name dialled or MX_TLS_SERVER_NAME?): ",
                        s.message()));
     }
-    if (absl::Now() + absl::Milliseconds(200) >= deadline) {
-      return absl::UnavailableError(absl::StrCat(
-          where, "nothing answered there within ", absl::FormatDuration(options.startup_timeout),
-          " (is the coordinator running, and is that its address?)"));
-    }
+    if (absl::Now() + absl::Milliseconds(200) >= deadline) return silent;
     absl::SleepFor(absl::Milliseconds(200));
   }
   Caller& me = client->caller_;

@@ -126,8 +126,9 @@ absl::StatusOr<int> MetricsPort(const std::string& flag_value) {
 absl::StatusOr<std::unique_ptr<HttpServer>> ServeMetrics(const std::string& host, int port,
                                                          const std::string& who) {
   if (port < 0) return std::unique_ptr<HttpServer>();
-  const bool v6 = host.find(':') != std::string::npos;
-  const std::string h = v6 ? absl::StrCat("[", host, "]") : host;
+  // An IPv6 host as a URL writes it: in brackets.
+  const bool bare_v6 = host.find(':') != std::string::npos && host.front() != '[';
+  const std::string h = bare_v6 ? absl::StrCat("[", host, "]") : host;
   absl::StatusOr<std::unique_ptr<HttpServer>> server =
       HttpServer::Start(absl::StrCat(h, ":", port), &Registry::Global());
   if (server.ok()) {

@@ -58,7 +58,7 @@ absl::StatusOr<int> MetricsPort(const std::string& flag_value);
 
 // Starts serving the process's registry on host:port when port >= 0 and
 // says where on stderr ("<who>: metrics on http://host:port/metrics");
-// nullptr when port < 0.
+// nullptr when port < 0. An IPv6 host may come with or without brackets.
 absl::StatusOr<std::unique_ptr<HttpServer>> ServeMetrics(const std::string& host, int port,
                                                          const std::string& who);
 

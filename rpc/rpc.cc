@@ -1,7 +1,5 @@
 #include "rpc/rpc.h"
 
-#include "rpc/call_metrics.h"
-
 #include <grpc/grpc.h>
 #include <malloc.h>
 #include <netdb.h>
@@ -15,6 +13,7 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "rpc/call_metrics.h"
 
 namespace mx {
 namespace rpc {

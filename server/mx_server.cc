@@ -198,10 +198,8 @@ void LogShutdown(const std::string& who, int sig, int64_t refused) {
 // not. Exits on a bad setting or a port that cannot be had.
 std::unique_ptr<metrics::HttpServer> ServeMetrics(const std::string& bind, const std::string& who) {
   const int port = OrExit(metrics::MetricsPort(absl::GetFlag(FLAGS_metrics_port)));
-  std::string host = bind.substr(0, bind.rfind(':'));
-  if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
   absl::StatusOr<std::unique_ptr<metrics::HttpServer>> server =
-      metrics::ServeMetrics(host, port, who);
+      metrics::ServeMetrics(bind.substr(0, bind.rfind(':')), port, who);
   if (!server.ok()) {
     std::cerr << "mx_server: " << server.status().message() << "\n";
     std::exit(1);

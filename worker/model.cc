@@ -50,10 +50,6 @@ std::map<std::string, float> MultFromAttrs(const Symbol& symbol, const std::stri
   return mult;
 }
 
-}  // namespace
-
-namespace {
-
 // Training steps, for /metrics (rpc/metrics.h).
 struct StepMetrics {
   metrics::Histogram* seconds;

@@ -205,10 +205,10 @@ absl::Status Run() {
     std::cout << "worker " << store->rank() << " of " << store->num_workers() << " (" << kv_type
               << ")" << std::endl;
   }
-  metrics::SetNodeInfo("worker", store ? store->rank() : 0);
-  trace::SetProcessName(absl::StrCat("worker ", store ? store->rank() : 0));
-  if (endpoint != nullptr) endpoint->SetServing(true);
   const int part = store ? store->rank() : 0, parts = store ? store->num_workers() : 1;
+  metrics::SetNodeInfo("worker", part);
+  trace::SetProcessName(absl::StrCat("worker ", part));
+  if (endpoint != nullptr) endpoint->SetServing(true);
   MX_ASSIGN_OR_RETURN(std::vector<Context> contexts, ParseContexts(absl::GetFlag(FLAGS_contexts)));
   const std::string network = absl::GetFlag(FLAGS_network);
   const std::string prefix = absl::GetFlag(FLAGS_checkpoint_prefix);
