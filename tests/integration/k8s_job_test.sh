@@ -145,7 +145,7 @@ timeout 150 python3 "$LOCAL" "$TMP/job.json" --bin mx_server="$SERVER" --bin mx_
   --volumes "$TMP/volumes" --timeout 120 > "$TMP/run.log" 2>&1
 rc=$?
 out=$(cat "$TMP/run.log")
-[[ $rc -eq 0 ]] || fail "local run exit code $rc: $(tail -5 "$TMP/run.log")"
+[[ $rc -eq 0 ]] || fail "local run exit code $rc: $(grep -E 'mx_(train|server): ' "$TMP/run.log"; tail -5 "$TMP/run.log")"
 echo "$out" | grep -q "^\[coordinator\] coordinator listening on 0.0.0.0:$PORT$" \
   || fail "coordinator not on the Service's port"
 for r in 0 1; do
@@ -179,7 +179,8 @@ done
 # The same job with --tls: the pods read the TLS files from the Secret's
 # volume and train over mutual TLS.
 timeout 150 python3 "$LOCAL" "$TMP/tls.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
-  --timeout 120 > "$TMP/tls.log" 2>&1 || fail "--tls: local run failed: $(tail -5 "$TMP/tls.log")"
+  --timeout 120 > "$TMP/tls.log" 2>&1 ||
+  fail "--tls: local run failed: $(grep -E 'mx_(train|server): ' "$TMP/tls.log"; tail -5 "$TMP/tls.log")"
 grep -q "^\[worker 1\] Final test accuracy=" "$TMP/tls.log" || fail "--tls: worker 1 did not finish"
 grep -q "^k8s_local.py: every pod exited 0$" "$TMP/tls.log" || fail "--tls: not every pod exited 0"
 

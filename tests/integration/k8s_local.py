@@ -18,8 +18,9 @@ a pod's arguments the path of that directory. A Secret volume is a private
 directory holding a file per key, and its mount path in the pod's
 arguments and environment values the path of that directory. Every pod has
 an IP of its own in Kubernetes, here they share 127.0.0.1: a containerPort
-given to the pod as an environment value (MX_METRICS_PORT=9102) is a free
-port of its own instead. Probes (httpGet) run as the kubelet runs them: a
+given to the pod as an environment value (MX_METRICS_PORT=9102) is 0
+instead (a free port of its own), and probes go to the port the pod says it
+took ("metrics on http://HOST:PORT/metrics"). Probes (httpGet) run as the kubelet runs them: a
 pod is "ready" once its readiness probe first succeeds (printed as
 "k8s_local.py: server 1 ready"), and a pod whose liveness probe fails
 failureThreshold times in a row is killed (and so fails). Pods run as this process's
@@ -37,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -120,32 +120,29 @@ def mounts(pod_spec, volumes_dir, secrets, secrets_dir):
     return out
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def own_ports(container, env):
-    """{port name or number: local port}: each containerPort that the pod
-    is told through its environment gets a free port of its own (pods
-    share 127.0.0.1 here), which env then holds instead."""
+    """{port name or number: local port, or None}: a containerPort that the
+    pod is told through its environment becomes 0 there (pods share
+    127.0.0.1 here, so each takes a free port of its own; choosing one for
+    it beforehand raced with the ports the other pods took meanwhile), and
+    None here: the pod's "metrics on http://HOST:PORT/metrics" line says
+    which it got."""
     ports = {}
     for p in container.get("ports", []):
         declared = str(p["containerPort"])
-        local = declared
+        local = int(declared)
         for k, v in env.items():
             if v == declared:
-                local = str(free_port())
-                env[k] = local
-        ports[p.get("name", declared)] = int(local)
-        ports[declared] = int(local)
+                env[k] = "0"
+                local = None
+        ports[p.get("name", declared)] = local
+        ports[declared] = local
     return ports
 
 
 def probes(container, ports):
-    """{"readiness"/"liveness": (url, initial delay s, period s, failure
-    threshold)}."""
+    """{"readiness"/"liveness": ((port or None: learned, path), initial
+    delay s, period s, failure threshold)}."""
     out = {}
     for kind in ("readiness", "liveness"):
         pr = container.get(kind + "Probe")
@@ -156,7 +153,7 @@ def probes(container, ports):
         port = str(pr["httpGet"]["port"])
         if port not in ports:
             raise Unsupported(f"{kind}Probe: port {port} is no containerPort")
-        out[kind] = (f"http://127.0.0.1:{ports[port]}{pr['httpGet'].get('path', '/')}",
+        out[kind] = ((ports[port], pr["httpGet"].get("path", "/")),
                      pr.get("initialDelaySeconds", 0), pr.get("periodSeconds", 10),
                      pr.get("failureThreshold", 3))
     return out
@@ -203,9 +200,21 @@ def pods(items, bins, volumes_dir, secrets_dir):
     return out
 
 
-def ok(url):
+# The metrics port each pod said it took: {label: port}.
+LEARNED_PORTS = {}
+METRICS_LINE = re.compile(r"metrics on http://\S+:(\d+)/metrics$")
+
+
+def ok(target, label):
+    """Whether an HTTP GET of the probe's (port, path) on the pod succeeds;
+    False while the pod has not said which port it took."""
+    port, path = target
+    if port is None:
+        port = LEARNED_PORTS.get(label)
+        if port is None:
+            return False
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
             return 200 <= r.status < 400
     except (urllib.error.URLError, OSError):
         return False
@@ -220,16 +229,16 @@ def kubelet(label, process, pod_probes, lock, stop):
     failures, next_at = 0, {k: start + p[1] for k, p in pod_probes.items()}
     while process.poll() is None and not stop.is_set():
         now = time.monotonic()
-        for kind, (url, _, period, threshold) in pod_probes.items():
+        for kind, (target, _, period, threshold) in pod_probes.items():
             if now < next_at[kind]:
                 continue
             next_at[kind] = now + min(period, 0.05)  # faster than the kubelet, same verdicts
-            if kind == "readiness" and not ready and ok(url):
+            if kind == "readiness" and not ready and ok(target, label):
                 ready = True
                 with lock:
                     print(f"k8s_local.py: {label} ready", file=sys.stderr, flush=True)
             if kind == "liveness":
-                failures = 0 if ok(url) else failures + 1
+                failures = 0 if ok(target, label) else failures + 1
                 if failures >= threshold:
                     with lock:
                         print(f"k8s_local.py: {label} failed its liveness probe; killing it",
@@ -240,6 +249,8 @@ def kubelet(label, process, pod_probes, lock, stop):
 
 def pump(label, stream, lock):
     for line in stream:
+        if m := METRICS_LINE.search(line.rstrip("\n")):
+            LEARNED_PORTS[label] = int(m.group(1))
         with lock:
             sys.stdout.write(f"[{label}] {line}")
             sys.stdout.flush()
