@@ -204,6 +204,12 @@ TEST(CoordinatorClient, BarriersAndTheClockOffsetGoOnTheTimeline) {
                         &offset, &uncertainty), 2);
   EXPECT_GT(uncertainty, 0);
   EXPECT_LE(std::abs(offset), uncertainty) << "one host, one clock";
+  // A timeline that cannot be written is an error naming the file.
+  trace::Start("/nonexistent-dir/timeline.json");
+  const absl::Status unwritable = trace::Write();
+  trace::Stop();
+  EXPECT_EQ(unwritable.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(unwritable.message(), HasSubstr("cannot write /nonexistent-dir/timeline.json"));
 }
 
 }  // namespace
