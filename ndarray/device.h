@@ -7,6 +7,7 @@
 #define MX_NDARRAY_DEVICE_H_
 
 #include <cstddef>
+#include <functional>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -27,8 +28,11 @@ class DeviceApi {
   // kind (or both host). Blocks until the copy is complete.
   virtual absl::Status Copy(void* dst, Context dst_ctx, const void* src,
                             Context src_ctx, size_t bytes) = 0;
-  // Sets n floats at dst to value.
-  virtual absl::Status Fill(float* dst, int id, float value, size_t n) = 0;
+  // Calls done exactly once, from any thread, when all work enqueued so far
+  // on device id's compute stream has run: OK, or the error the device
+  // reported. done must not call into the device. The CPU has no stream and
+  // calls done at once.
+  virtual void WhenStreamDone(int id, std::function<void(absl::Status)> done) = 0;
 };
 
 // The host implementation.

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "ndarray/device.h"
+#include "ndarray/launch.h"
 #include "ndarray/op_util.h"
 #include "ndarray/storage.h"
 
@@ -43,17 +44,19 @@ struct NDArray::Chunk {
 
 namespace internal {
 
-void RequireCpu(const char* op, std::initializer_list<const NDArray*> arrays) {
+void RequireSameContext(const char* op, std::initializer_list<const NDArray*> arrays) {
+  const NDArray* first = nullptr;
   for (const NDArray* a : arrays) {
     if (a->is_none()) {
       throw Error(absl::InvalidArgumentError(
           absl::StrCat(op, ": an argument is a null NDArray")));
     }
-    if (!a->context().is_cpu()) {
-      throw Error(absl::UnimplementedError(absl::StrCat(
-          op, " on ", a->context().ToString(),
-          " is not implemented yet: only copies run on GPUs; Copy(cpu()) "
-          "the array first")));
+    if (first == nullptr) {
+      first = a;
+    } else if (a->context() != first->context()) {
+      throw Error(absl::InvalidArgumentError(absl::StrCat(
+          op, ": arguments on different contexts, ", first->context().ToString(), " and ",
+          a->context().ToString(), "; Copy one to the other's context first")));
     }
   }
 }
@@ -72,9 +75,27 @@ void PushKernel(const char* name, Context ctx,
   write_vars.reserve(writes.size());
   for (const NDArray* a : reads) read_vars.push_back(a->var());
   for (const NDArray* a : writes) write_vars.push_back(a->var());
-  Engine::Get()->PushSync([fn = std::move(fn)](RunContext) { fn(); }, ctx,
-                          std::move(read_vars), std::move(write_vars),
-                          priority, name, prop);
+  if (!ctx.is_gpu()) {
+    Engine::Get()->PushSync([fn = std::move(fn)](RunContext) { fn(); }, ctx,
+                            std::move(read_vars), std::move(write_vars), priority, name, prop);
+    return;
+  }
+  // On a GPU, fn only enqueues work on the device's compute stream; the
+  // operation completes when the stream has run it, and an error the device
+  // reports then (a failed kernel) is stored on the written variables.
+  Engine::Get()->PushAsync(
+      [fn = std::move(fn)](RunContext rctx, CallbackOnComplete done) {
+        try {
+          fn();
+        } catch (...) {
+          done(std::current_exception());
+          return;
+        }
+        DeviceApiFor(rctx.ctx)->WhenStreamDone(rctx.ctx.device_id, [done](absl::Status s) {
+          done(s.ok() ? nullptr : std::make_exception_ptr(Error(s)));
+        });
+      },
+      ctx, std::move(read_vars), std::move(write_vars), priority, name, prop);
 }
 
 }  // namespace internal
@@ -117,7 +138,7 @@ NDArray& NDArray::Assign(float value) {
   size_t n = size();
   Context ctx = context();
   internal::PushKernel("Assign(scalar)", ctx, {}, {this}, [=] {
-    ThrowIfError(internal::DeviceApiFor(ctx)->Fill(dst, ctx.device_id, value, n));
+    kernel::Launch<kernel::FillKernel>("Assign(scalar)", ctx, n, {dst, value});
   });
   return *this;
 }

@@ -26,9 +26,15 @@
 // ndarray/storage.h, so expression-heavy code stays close to code that
 // preallocates.
 //
-// Element-wise operations, reductions and dot run on CPU contexts. GPU
-// contexts hold arrays and copy to and from any context; compute kernels on
-// GPU arrays throw kUnimplemented naming the operation.
+// Contexts. Every operation runs on the context of its arguments, cpu(i) or
+// gpu(i), through the kernel layer (ndarray/kernel.h); arguments on
+// different contexts are refused (kInvalidArgument naming both), since only
+// Assign and Copy move data between contexts.
+//
+// Thread safety. An NDArray handle may be used from several threads at once
+// when each thread only reads it or pushes operations on it; the engine
+// orders the operations in push order. Reassigning one handle object
+// (operator=) while another thread uses it is a race, as for any C++ value.
 #ifndef MX_NDARRAY_NDARRAY_H_
 #define MX_NDARRAY_NDARRAY_H_
 

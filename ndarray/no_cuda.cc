@@ -1,6 +1,37 @@
-// Linked into builds without CUDA: there is no GPU device implementation.
+// Linked into builds without CUDA: there is no GPU device implementation,
+// and the GPU entry points of the kernel layer exist only to report that
+// (no array can be created on a GPU in such a build, so none is reached).
 #include "ndarray/device.h"
+#include "ndarray/kernel.h"
+#include "ndarray/launch.h"
 
 namespace mx::internal {
 DeviceApi* GpuDeviceApi() { return nullptr; }
 }  // namespace mx::internal
+
+namespace mx::kernel {
+
+namespace {
+constexpr const char* kNoGpu = "this build of mx has no GPU support";
+}  // namespace
+
+template <typename K>
+const char* GpuLaunch(int, int64_t, const typename K::Params&) {
+  return kNoGpu;
+}
+
+template <typename R>
+const char* GpuReduce(int, const float*, float*, int64_t, int64_t, int64_t) {
+  return kNoGpu;
+}
+
+const char* GpuSgemm(int, const ColMajorGemm&, float, float) { return kNoGpu; }
+
+#define MX_KERNEL(K) template const char* GpuLaunch<K>(int, int64_t, const K::Params&);
+#define MX_REDUCER(R) \
+  template const char* GpuReduce<R>(int, const float*, float*, int64_t, int64_t, int64_t);
+#include "ndarray/kernel_list.inc"
+#undef MX_KERNEL
+#undef MX_REDUCER
+
+}  // namespace mx::kernel

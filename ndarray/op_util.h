@@ -11,15 +11,17 @@
 
 namespace mx::internal {
 
-// Throws kUnimplemented unless every array is on a CPU context: compute
-// kernels exist for CPUs only (GPU kernels are on the roadmap).
-void RequireCpu(const char* op, std::initializer_list<const NDArray*> arrays);
+// Throws kInvalidArgument naming `op` when an array is null or the arrays
+// are not all on one context (only copies move data between contexts).
+void RequireSameContext(const char* op, std::initializer_list<const NDArray*> arrays);
 
 // Throws kInvalidArgument naming `op` unless a and b have equal shapes.
 void RequireSameShape(const char* op, const NDArray& a, const NDArray& b);
 
 // Pushes fn to the engine, reading the vars of `reads` and writing those of
-// `writes`. fn may throw; the error is stored on `writes`.
+// `writes`. fn may throw; the error is stored on `writes`. On a GPU context
+// fn enqueues work on the device's compute stream (ndarray/launch.h) and the
+// operation completes once the stream has run it.
 void PushKernel(const char* name, Context ctx,
                 std::initializer_list<const NDArray*> reads,
                 std::initializer_list<const NDArray*> writes,

@@ -1,147 +1,56 @@
 // Arithmetic, element-wise functions, reductions, dot and random numbers on
-// CPU NDArrays. Every function checks its arguments at once (throwing
-// mx::Error) and pushes a kernel to the engine.
-#include <algorithm>
-#include <cmath>
-#include <limits>
+// NDArrays of any context. Every function checks its arguments at once
+// (throwing mx::Error) and pushes a kernel of ndarray/kernel.h to the engine.
 #include <mutex>
 #include <random>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "ndarray/ndarray.h"
+#include "ndarray/launch.h"
 #include "ndarray/op_util.h"
 #include "ndarray/parallel.h"
 
 namespace mx {
 
 using internal::PushKernel;
-using internal::RequireCpu;
+using internal::RequireSameContext;
+using kernel::Launch;
+namespace op = kernel::op;
 
 namespace {
 
-// ---- Element-wise kernels. Functors are inlined into simple loops that the
-// compiler vectorizes.
-
-struct AddF { float operator()(float a, float b) const { return a + b; } };
-struct SubF { float operator()(float a, float b) const { return a - b; } };
-struct MulF { float operator()(float a, float b) const { return a * b; } };
-struct DivF { float operator()(float a, float b) const { return a / b; } };
-struct MaxF { float operator()(float a, float b) const { return a > b ? a : b; } };
-struct MinF { float operator()(float a, float b) const { return a < b ? a : b; } };
-// b op a, for scalar-on-the-left forms.
-template <typename F>
-struct Swap {
-  float operator()(float a, float b) const { return F()(b, a); }
-};
-
-// The shape of `a op b` under NumPy broadcasting, or an error naming both.
-Shape BroadcastShape(const char* op, const Shape& a, const Shape& b) {
-  int nd = std::max(a.ndim(), b.ndim());
-  Shape out;
-  for (int i = 0; i < nd; ++i) {
-    int ia = i - (nd - a.ndim()), ib = i - (nd - b.ndim());
-    int64_t da = ia >= 0 ? a[ia] : 1, db = ib >= 0 ? b[ib] : 1;
-    MX_THROW_IF_NOT(da == db || da == 1 || db == 1, op,
-                    ": shapes ", a.ToString(), " and ", b.ToString(),
-                    " cannot be broadcast together");
-    out.push_back(da == 1 ? db : da);
-  }
-  return out;
-}
-
-// Element strides of `in` seen through broadcast shape `out` (0 where `in`
-// is broadcast).
-std::vector<int64_t> BroadcastStrides(const Shape& in, const Shape& out) {
-  std::vector<int64_t> strides(out.ndim(), 0);
-  int64_t stride = 1;
-  for (int i = in.ndim() - 1; i >= 0; --i) {
-    int o = i + (out.ndim() - in.ndim());
-    strides[o] = in[i] == 1 ? 0 : stride;
-    stride *= in[i];
-  }
-  return strides;
-}
-
-// out = f(a, b) over `shape`, a and b read through broadcast strides. The
-// last dimension is the inner loop; outer indices advance like an odometer.
-template <typename F>
-void BroadcastKernel(const float* a, std::vector<int64_t> sa, const float* b,
-                     std::vector<int64_t> sb, float* out, const Shape& shape,
-                     F f) {
-  const int nd = shape.ndim();
-  if (shape.Size() == 0) return;
-  if (nd == 0) {
-    out[0] = f(a[0], b[0]);
-    return;
-  }
-  const int64_t inner = shape[nd - 1];
-  const int64_t ia = sa[nd - 1], ib = sb[nd - 1];
-  std::vector<int64_t> idx(nd, 0);
-  const int64_t outer = shape.Size() / std::max<int64_t>(inner, 1);
-  int64_t oa = 0, ob = 0;
-  for (int64_t o = 0; o < outer; ++o) {
-    float* dst = out + o * inner;
-    const float* pa = a + oa;
-    const float* pb = b + ob;
-    if (ia == 1 && ib == 1) {
-      for (int64_t i = 0; i < inner; ++i) dst[i] = f(pa[i], pb[i]);
-    } else if (ia == 1) {
-      const float vb = pb[0];
-      for (int64_t i = 0; i < inner; ++i) dst[i] = f(pa[i], vb);
-    } else if (ib == 1) {
-      const float va = pa[0];
-      for (int64_t i = 0; i < inner; ++i) dst[i] = f(va, pb[i]);
-    } else {
-      for (int64_t i = 0; i < inner; ++i) dst[i] = f(pa[i * ia], pb[i * ib]);
-    }
-    for (int d = nd - 2; d >= 0; --d) {
-      oa += sa[d];
-      ob += sb[d];
-      if (++idx[d] < shape[d]) break;
-      oa -= sa[d] * shape[d];
-      ob -= sb[d] * shape[d];
-      idx[d] = 0;
-    }
-  }
-}
+// ---- Element-wise operations, on any context, through ndarray/kernel.h.
 
 template <typename F>
-void Binary(const char* name, const NDArray& a, const NDArray& b,
-            const NDArray& out) {
+void Binary(const char* name, const NDArray& a, const NDArray& b, const NDArray& out) {
+  const Context ctx = out.context();
+  const int64_t n = out.size();
   if (a.shape() == b.shape() && out.shape() == a.shape()) {
-    const float* pa = a.data();
-    const float* pb = b.data();
-    float* po = out.data();
-    const int64_t n = out.size();
-    PushKernel(name, out.context(), {&a, &b}, {&out}, [=] {
-      F f;
-      for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i], pb[i]);
-    });
+    const typename kernel::BinaryKernel<F>::Params p{out.data(), a.data(), b.data()};
+    PushKernel(name, ctx, {&a, &b}, {&out},
+               [=] { Launch<kernel::BinaryKernel<F>>(name, ctx, n, p); });
     return;
   }
-  const float* pa = a.data();
-  const float* pb = b.data();
-  float* po = out.data();
-  Shape shape = out.shape();
-  std::vector<int64_t> sa = BroadcastStrides(a.shape(), shape);
-  std::vector<int64_t> sb = BroadcastStrides(b.shape(), shape);
-  PushKernel(name, out.context(), {&a, &b}, {&out}, [=] {
-    BroadcastKernel(pa, sa, pb, sb, po, shape, F());
-  });
+  const typename kernel::BroadcastKernel<F>::Params p{
+      out.data(), a.data(), b.data(),
+      kernel::MakeBroadcastIndex(name, out.shape(), a.shape(), b.shape())};
+  PushKernel(name, ctx, {&a, &b}, {&out},
+             [=] { Launch<kernel::BroadcastKernel<F>>(name, ctx, n, p); });
 }
 
 template <typename F>
 NDArray BinaryNew(const char* name, const NDArray& a, const NDArray& b) {
-  RequireCpu(name, {&a, &b});
-  NDArray out(BroadcastShape(name, a.shape(), b.shape()), a.context());
+  RequireSameContext(name, {&a, &b});
+  NDArray out(kernel::BroadcastShape(name, a.shape(), b.shape()), a.context());
   Binary<F>(name, a, b, out);
   return out;
 }
 
 template <typename F>
 void BinaryInPlace(const char* name, NDArray& a, const NDArray& b) {
-  RequireCpu(name, {&a, &b});
-  Shape shape = BroadcastShape(name, a.shape(), b.shape());
+  RequireSameContext(name, {&a, &b});
+  Shape shape = kernel::BroadcastShape(name, a.shape(), b.shape());
   MX_THROW_IF_NOT(shape == a.shape(), name, ": the right-hand side ",
                   b.shape().ToString(), " does not broadcast to ",
                   a.shape().ToString());
@@ -158,100 +67,94 @@ void BinaryInPlace(const char* name, NDArray& a, const NDArray& b) {
   Binary<F>(name, a, b, a);
 }
 
-// out = f(a[i], s).
+// out = F(a[i], s).
 template <typename F>
 void ScalarOp(const char* name, const NDArray& a, float s, const NDArray& out) {
-  RequireCpu(name, {&a});
-  const float* pa = a.data();
-  float* po = out.data();
+  RequireSameContext(name, {&a, &out});
+  const Context ctx = a.context();
   const int64_t n = a.size();
-  PushKernel(name, out.context(), {&a}, {&out}, [=] {
-    F f;
-    for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i], s);
-  });
+  const typename kernel::ScalarKernel<F>::Params p{out.data(), a.data(), s};
+  PushKernel(name, ctx, {&a}, {&out},
+             [=] { Launch<kernel::ScalarKernel<F>>(name, ctx, n, p); });
 }
 
 template <typename F>
 NDArray ScalarNew(const char* name, const NDArray& a, float s) {
-  RequireCpu(name, {&a});
+  RequireSameContext(name, {&a});
   NDArray out(a.shape(), a.context());
   ScalarOp<F>(name, a, s, out);
   return out;
 }
 
-template <typename F>
-NDArray Unary(const char* name, const NDArray& a, F f) {
-  RequireCpu(name, {&a});
+// A new array of a's shape and context written by kernel K with params p,
+// where p's first member is the output.
+template <typename K>
+NDArray MapNew(const char* name, const NDArray& a, typename K::Params p,
+               std::initializer_list<const NDArray*> reads) {
   NDArray out(a.shape(), a.context());
-  const float* pa = a.data();
-  float* po = out.data();
+  p.out = out.data();
+  const Context ctx = a.context();
   const int64_t n = a.size();
-  PushKernel(name, a.context(), {&a}, {&out}, [=] {
-    for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i]);
-  });
+  PushKernel(name, ctx, reads, {&out}, [=] { Launch<K>(name, ctx, n, p); });
   return out;
+}
+
+template <typename F>
+NDArray Unary(const char* name, const NDArray& a) {
+  RequireSameContext(name, {&a});
+  return MapNew<kernel::UnaryKernel<F>>(name, a, {nullptr, a.data()}, {&a});
 }
 
 }  // namespace
 
-NDArray operator+(const NDArray& a, const NDArray& b) { return BinaryNew<AddF>("add", a, b); }
-NDArray operator-(const NDArray& a, const NDArray& b) { return BinaryNew<SubF>("subtract", a, b); }
-NDArray operator*(const NDArray& a, const NDArray& b) { return BinaryNew<MulF>("multiply", a, b); }
-NDArray operator/(const NDArray& a, const NDArray& b) { return BinaryNew<DivF>("divide", a, b); }
-NDArray Maximum(const NDArray& a, const NDArray& b) { return BinaryNew<MaxF>("maximum", a, b); }
-NDArray Minimum(const NDArray& a, const NDArray& b) { return BinaryNew<MinF>("minimum", a, b); }
+NDArray operator+(const NDArray& a, const NDArray& b) { return BinaryNew<op::Add>("add", a, b); }
+NDArray operator-(const NDArray& a, const NDArray& b) { return BinaryNew<op::Sub>("subtract", a, b); }
+NDArray operator*(const NDArray& a, const NDArray& b) { return BinaryNew<op::Mul>("multiply", a, b); }
+NDArray operator/(const NDArray& a, const NDArray& b) { return BinaryNew<op::Div>("divide", a, b); }
+NDArray Maximum(const NDArray& a, const NDArray& b) { return BinaryNew<op::Max>("maximum", a, b); }
+NDArray Minimum(const NDArray& a, const NDArray& b) { return BinaryNew<op::Min>("minimum", a, b); }
 
-NDArray operator+(const NDArray& a, float s) { return ScalarNew<AddF>("add_scalar", a, s); }
-NDArray operator-(const NDArray& a, float s) { return ScalarNew<SubF>("subtract_scalar", a, s); }
-NDArray operator*(const NDArray& a, float s) { return ScalarNew<MulF>("multiply_scalar", a, s); }
-NDArray operator/(const NDArray& a, float s) { return ScalarNew<DivF>("divide_scalar", a, s); }
-NDArray operator+(float s, const NDArray& a) { return ScalarNew<AddF>("add_scalar", a, s); }
-NDArray operator-(float s, const NDArray& a) { return ScalarNew<Swap<SubF>>("rsubtract_scalar", a, s); }
-NDArray operator*(float s, const NDArray& a) { return ScalarNew<MulF>("multiply_scalar", a, s); }
-NDArray operator/(float s, const NDArray& a) { return ScalarNew<Swap<DivF>>("rdivide_scalar", a, s); }
-NDArray operator-(const NDArray& a) { return ScalarNew<MulF>("negative", a, -1.0f); }
-NDArray Maximum(const NDArray& a, float s) { return ScalarNew<MaxF>("maximum_scalar", a, s); }
-NDArray Minimum(const NDArray& a, float s) { return ScalarNew<MinF>("minimum_scalar", a, s); }
+NDArray operator+(const NDArray& a, float s) { return ScalarNew<op::Add>("add_scalar", a, s); }
+NDArray operator-(const NDArray& a, float s) { return ScalarNew<op::Sub>("subtract_scalar", a, s); }
+NDArray operator*(const NDArray& a, float s) { return ScalarNew<op::Mul>("multiply_scalar", a, s); }
+NDArray operator/(const NDArray& a, float s) { return ScalarNew<op::Div>("divide_scalar", a, s); }
+NDArray operator+(float s, const NDArray& a) { return ScalarNew<op::Add>("add_scalar", a, s); }
+NDArray operator-(float s, const NDArray& a) { return ScalarNew<op::RSub>("rsubtract_scalar", a, s); }
+NDArray operator*(float s, const NDArray& a) { return ScalarNew<op::Mul>("multiply_scalar", a, s); }
+NDArray operator/(float s, const NDArray& a) { return ScalarNew<op::RDiv>("rdivide_scalar", a, s); }
+NDArray operator-(const NDArray& a) { return ScalarNew<op::Mul>("negative", a, -1.0f); }
+NDArray Maximum(const NDArray& a, float s) { return ScalarNew<op::Max>("maximum_scalar", a, s); }
+NDArray Minimum(const NDArray& a, float s) { return ScalarNew<op::Min>("minimum_scalar", a, s); }
 
-NDArray& NDArray::operator+=(const NDArray& b) { BinaryInPlace<AddF>("+=", *this, b); return *this; }
-NDArray& NDArray::operator-=(const NDArray& b) { BinaryInPlace<SubF>("-=", *this, b); return *this; }
-NDArray& NDArray::operator*=(const NDArray& b) { BinaryInPlace<MulF>("*=", *this, b); return *this; }
-NDArray& NDArray::operator/=(const NDArray& b) { BinaryInPlace<DivF>("/=", *this, b); return *this; }
-NDArray& NDArray::operator+=(float s) { ScalarOp<AddF>("+=", *this, s, *this); return *this; }
-NDArray& NDArray::operator-=(float s) { ScalarOp<SubF>("-=", *this, s, *this); return *this; }
-NDArray& NDArray::operator*=(float s) { ScalarOp<MulF>("*=", *this, s, *this); return *this; }
-NDArray& NDArray::operator/=(float s) { ScalarOp<DivF>("/=", *this, s, *this); return *this; }
+NDArray& NDArray::operator+=(const NDArray& b) { BinaryInPlace<op::Add>("+=", *this, b); return *this; }
+NDArray& NDArray::operator-=(const NDArray& b) { BinaryInPlace<op::Sub>("-=", *this, b); return *this; }
+NDArray& NDArray::operator*=(const NDArray& b) { BinaryInPlace<op::Mul>("*=", *this, b); return *this; }
+NDArray& NDArray::operator/=(const NDArray& b) { BinaryInPlace<op::Div>("/=", *this, b); return *this; }
+NDArray& NDArray::operator+=(float s) { ScalarOp<op::Add>("+=", *this, s, *this); return *this; }
+NDArray& NDArray::operator-=(float s) { ScalarOp<op::Sub>("-=", *this, s, *this); return *this; }
+NDArray& NDArray::operator*=(float s) { ScalarOp<op::Mul>("*=", *this, s, *this); return *this; }
+NDArray& NDArray::operator/=(float s) { ScalarOp<op::Div>("/=", *this, s, *this); return *this; }
 
 NDArray Axpby(float alpha, const NDArray& x, float beta, const NDArray& y) {
-  RequireCpu("Axpby", {&x, &y});
+  RequireSameContext("Axpby", {&x, &y});
   internal::RequireSameShape("Axpby", x, y);
-  NDArray out(x.shape(), x.context());
-  const float* px = x.data();
-  const float* py = y.data();
-  float* po = out.data();
-  const int64_t n = x.size();
-  PushKernel("Axpby", x.context(), {&x, &y}, {&out}, [=] {
-    for (int64_t i = 0; i < n; ++i) po[i] = alpha * px[i] + beta * py[i];
-  });
-  return out;
+  return MapNew<kernel::AxpbyKernel>("Axpby", x, {nullptr, x.data(), y.data(), alpha, beta},
+                                     {&x, &y});
 }
 
-NDArray Exp(const NDArray& a) { return Unary("exp", a, [](float x) { return std::exp(x); }); }
-NDArray Log(const NDArray& a) { return Unary("log", a, [](float x) { return std::log(x); }); }
-NDArray Sqrt(const NDArray& a) { return Unary("sqrt", a, [](float x) { return std::sqrt(x); }); }
-NDArray Square(const NDArray& a) { return Unary("square", a, [](float x) { return x * x; }); }
-NDArray Abs(const NDArray& a) { return Unary("abs", a, [](float x) { return std::fabs(x); }); }
-NDArray Sign(const NDArray& a) {
-  return Unary("sign", a, [](float x) { return x > 0 ? 1.0f : (x < 0 ? -1.0f : 0.0f); });
-}
-NDArray Relu(const NDArray& a) { return Unary("relu", a, [](float x) { return x > 0 ? x : 0.0f; }); }
-NDArray Sigmoid(const NDArray& a) {
-  return Unary("sigmoid", a, [](float x) { return 1.0f / (1.0f + std::exp(-x)); });
-}
-NDArray Tanh(const NDArray& a) { return Unary("tanh", a, [](float x) { return std::tanh(x); }); }
+NDArray Exp(const NDArray& a) { return Unary<op::Exp>("exp", a); }
+NDArray Log(const NDArray& a) { return Unary<op::Log>("log", a); }
+NDArray Sqrt(const NDArray& a) { return Unary<op::Sqrt>("sqrt", a); }
+NDArray Square(const NDArray& a) { return Unary<op::Square>("square", a); }
+NDArray Abs(const NDArray& a) { return Unary<op::Abs>("abs", a); }
+NDArray Sign(const NDArray& a) { return Unary<op::Sign>("sign", a); }
+NDArray Relu(const NDArray& a) { return Unary<op::Relu>("relu", a); }
+NDArray Sigmoid(const NDArray& a) { return Unary<op::Sigmoid>("sigmoid", a); }
+NDArray Tanh(const NDArray& a) { return Unary<op::Tanh>("tanh", a); }
 NDArray Clip(const NDArray& a, float lo, float hi) {
   MX_THROW_IF_NOT(lo <= hi, "Clip: lower bound ", lo, " exceeds upper bound ", hi);
-  return Unary("clip", a, [lo, hi](float x) { return x < lo ? lo : (x > hi ? hi : x); });
+  RequireSameContext("clip", {&a});
+  return MapNew<kernel::ClipKernel>("clip", a, {nullptr, a.data(), lo, hi}, {&a});
 }
 
 // ---- Reductions. An axis reduction views the input as (outer, n, inner)
@@ -260,63 +163,30 @@ NDArray Clip(const NDArray& a, float lo, float hi) {
 
 namespace {
 
-enum class Reducer { kSum, kMean, kMax, kMin, kNorm };
-
-void ReduceKernel(Reducer r, const float* in, float* out, int64_t outer,
-                  int64_t n, int64_t inner) {
-  const float init = r == Reducer::kMax   ? -std::numeric_limits<float>::infinity()
-                     : r == Reducer::kMin ? std::numeric_limits<float>::infinity()
-                                          : 0.0f;
-  std::vector<double> acc(inner);
-  for (int64_t o = 0; o < outer; ++o) {
-    std::fill(acc.begin(), acc.end(), init);
-    const float* block = in + o * n * inner;
-    for (int64_t k = 0; k < n; ++k) {
-      const float* row = block + k * inner;
-      switch (r) {
-        case Reducer::kSum:
-        case Reducer::kMean:
-          for (int64_t i = 0; i < inner; ++i) acc[i] += row[i];
-          break;
-        case Reducer::kNorm:
-          for (int64_t i = 0; i < inner; ++i) acc[i] += double(row[i]) * row[i];
-          break;
-        case Reducer::kMax:
-          for (int64_t i = 0; i < inner; ++i) acc[i] = std::max<double>(acc[i], row[i]);
-          break;
-        case Reducer::kMin:
-          for (int64_t i = 0; i < inner; ++i) acc[i] = std::min<double>(acc[i], row[i]);
-          break;
-      }
-    }
-    for (int64_t i = 0; i < inner; ++i) {
-      double v = acc[i];
-      if (r == Reducer::kMean) v = n > 0 ? v / n : std::nan("");
-      if (r == Reducer::kNorm) v = std::sqrt(v);
-      out[o * inner + i] = static_cast<float>(v);
-    }
-  }
-}
-
-NDArray Reduce(const char* name, Reducer r, const NDArray& a, int64_t outer,
-               int64_t n, int64_t inner, const Shape& out_shape) {
-  RequireCpu(name, {&a});
-  MX_THROW_IF_NOT(n > 0 || (r != Reducer::kMax && r != Reducer::kMin), name,
+template <typename R>
+NDArray Reduce(const char* name, const NDArray& a, int64_t outer, int64_t n,
+               int64_t inner, const Shape& out_shape) {
+  RequireSameContext(name, {&a});
+  constexpr bool kNeedsElements =
+      std::is_same_v<R, kernel::MaxReducer> || std::is_same_v<R, kernel::MinReducer>;
+  MX_THROW_IF_NOT(n > 0 || !kNeedsElements, name,
                   ": cannot reduce an empty axis of shape ", a.shape().ToString());
   NDArray out(out_shape, a.context());
   const float* pa = a.data();
   float* po = out.data();
-  PushKernel(name, a.context(), {&a}, {&out},
-             [=] { ReduceKernel(r, pa, po, outer, n, inner); });
+  const Context ctx = a.context();
+  PushKernel(name, ctx, {&a}, {&out},
+             [=] { kernel::Reduce<R>(name, ctx, pa, po, outer, n, inner); });
   return out;
 }
 
-NDArray ReduceAll(const char* name, Reducer r, const NDArray& a) {
-  return Reduce(name, r, a, 1, a.size(), 1, Shape{1});
+template <typename R>
+NDArray ReduceAll(const char* name, const NDArray& a) {
+  return Reduce<R>(name, a, 1, a.size(), 1, Shape{1});
 }
 
-NDArray ReduceAxis(const char* name, Reducer r, const NDArray& a, int axis,
-                   bool keepdims) {
+template <typename R>
+NDArray ReduceAxis(const char* name, const NDArray& a, int axis, bool keepdims) {
   const int nd = a.ndim();
   MX_THROW_IF_NOT(axis >= -nd && axis < nd, name, ": axis ", axis,
                   " is out of range for shape ", a.shape().ToString());
@@ -332,29 +202,35 @@ NDArray ReduceAxis(const char* name, Reducer r, const NDArray& a, int axis,
       out_shape.push_back(1);
     }
   }
-  return Reduce(name, r, a, outer, a.shape()[axis], inner, out_shape);
+  return Reduce<R>(name, a, outer, a.shape()[axis], inner, out_shape);
 }
 
 }  // namespace
 
-NDArray Sum(const NDArray& a) { return ReduceAll("sum", Reducer::kSum, a); }
-NDArray Mean(const NDArray& a) { return ReduceAll("mean", Reducer::kMean, a); }
-NDArray Max(const NDArray& a) { return ReduceAll("max", Reducer::kMax, a); }
-NDArray Min(const NDArray& a) { return ReduceAll("min", Reducer::kMin, a); }
-NDArray Norm(const NDArray& a) { return ReduceAll("norm", Reducer::kNorm, a); }
-NDArray Sum(const NDArray& a, int axis, bool keepdims) { return ReduceAxis("sum", Reducer::kSum, a, axis, keepdims); }
-NDArray Mean(const NDArray& a, int axis, bool keepdims) { return ReduceAxis("mean", Reducer::kMean, a, axis, keepdims); }
-NDArray Max(const NDArray& a, int axis, bool keepdims) { return ReduceAxis("max", Reducer::kMax, a, axis, keepdims); }
-NDArray Min(const NDArray& a, int axis, bool keepdims) { return ReduceAxis("min", Reducer::kMin, a, axis, keepdims); }
-NDArray Norm(const NDArray& a, int axis, bool keepdims) { return ReduceAxis("norm", Reducer::kNorm, a, axis, keepdims); }
+using kernel::MaxReducer;
+using kernel::MeanReducer;
+using kernel::MinReducer;
+using kernel::NormReducer;
+using kernel::SumReducer;
 
-// ---- Dot. OpenBLAS parallelizes one sgemm over its own threads, so a
-// product runs as a single engine operation and OpenBLAS owns the cores for
-// its duration.
+NDArray Sum(const NDArray& a) { return ReduceAll<SumReducer>("sum", a); }
+NDArray Mean(const NDArray& a) { return ReduceAll<MeanReducer>("mean", a); }
+NDArray Max(const NDArray& a) { return ReduceAll<MaxReducer>("max", a); }
+NDArray Min(const NDArray& a) { return ReduceAll<MinReducer>("min", a); }
+NDArray Norm(const NDArray& a) { return ReduceAll<NormReducer>("norm", a); }
+NDArray Sum(const NDArray& a, int axis, bool keepdims) { return ReduceAxis<SumReducer>("sum", a, axis, keepdims); }
+NDArray Mean(const NDArray& a, int axis, bool keepdims) { return ReduceAxis<MeanReducer>("mean", a, axis, keepdims); }
+NDArray Max(const NDArray& a, int axis, bool keepdims) { return ReduceAxis<MaxReducer>("max", a, axis, keepdims); }
+NDArray Min(const NDArray& a, int axis, bool keepdims) { return ReduceAxis<MinReducer>("min", a, axis, keepdims); }
+NDArray Norm(const NDArray& a, int axis, bool keepdims) { return ReduceAxis<NormReducer>("norm", a, axis, keepdims); }
+
+// ---- Dot. On the CPU, OpenBLAS parallelizes one sgemm over the pool
+// (ndarray/parallel.h), so a product runs as a single engine operation that
+// owns the cores for its duration; on a GPU, cuBLAS on the compute stream.
 
 NDArray Dot(const NDArray& a, const NDArray& b, bool transpose_a,
             bool transpose_b) {
-  RequireCpu("dot", {&a, &b});
+  RequireSameContext("dot", {&a, &b});
   MX_THROW_IF_NOT(a.ndim() == 2 && b.ndim() == 2,
                   "dot: both arguments must be 2-D, got ", a.shape().ToString(),
                   " and ", b.shape().ToString());
@@ -365,19 +241,29 @@ NDArray Dot(const NDArray& a, const NDArray& b, bool transpose_a,
   MX_THROW_IF_NOT(k == kb, "dot: inner dimensions differ: ",
                   a.shape().ToString(), transpose_a ? "ᵀ" : "", " x ",
                   b.shape().ToString(), transpose_b ? "ᵀ" : "");
-  NDArray out(Shape{m, n}, a.context());
+  const Context ctx = a.context();
+  NDArray out(Shape{m, n}, ctx);
   const float* pa = a.data();
   const float* pb = b.data();
   float* po = out.data();
   const int64_t lda = a.shape()[1], ldb = b.shape()[1];
-  PushKernel("dot", a.context(), {&a, &b}, {&out}, [=] {
+  PushKernel("dot", ctx, {&a, &b}, {&out}, [=] {
     if (m == 0 || n == 0) return;
     if (k == 0) {
-      std::fill(po, po + m * n, 0.0f);
+      Launch<kernel::FillKernel>("dot", ctx, m * n, {po, 0.0f});
+      return;
+    }
+    if (ctx.is_gpu()) {
+      kernel::ThrowIfLaunchFailed(
+          kernel::GpuSgemm(ctx.device_id,
+                           kernel::RowMajorAsColMajor(transpose_a, transpose_b, m, n, k, pa,
+                                                      lda, pb, ldb, po, n),
+                           1.0f, 0.0f),
+          "dot", ctx);
       return;
     }
     Sgemm(transpose_a, transpose_b, m, n, k, 1.0f, pa, lda, pb, ldb, 0.0f, po, n);
-  }, 0, FnProperty::kCpuParallel);
+  }, 0, ctx.is_gpu() ? FnProperty::kNormal : FnProperty::kCpuParallel);
   return out;
 }
 
@@ -396,16 +282,16 @@ std::mt19937_64& SeedSource() {
 }
 
 
-template <typename Dist>
-void Sample(const char* name, Dist dist, NDArray* out) {
-  RequireCpu(name, {out});
-  float* po = out->data();
+// Fills *out with kernel K (UniformKernel or NormalKernel) under the next
+// seed: element i depends on (seed, i) alone, so any context gives the same
+// numbers (ndarray/kernel.h).
+template <typename K>
+void Sample(const char* name, float a, float b, NDArray* out) {
+  RequireSameContext(name, {out});
+  const Context ctx = out->context();
   const int64_t n = out->size();
-  const uint64_t seed = NextRandomSeed();
-  PushKernel(name, out->context(), {}, {out}, [=]() mutable {
-    std::mt19937 gen(static_cast<std::mt19937::result_type>(seed));
-    for (int64_t i = 0; i < n; ++i) po[i] = dist(gen);
-  });
+  const typename K::Params p{out->data(), NextRandomSeed(), a, b};
+  PushKernel(name, ctx, {}, {out}, [=] { Launch<K>(name, ctx, n, p); });
 }
 
 }  // namespace
@@ -422,12 +308,12 @@ void srand(uint64_t seed) {
 
 void SampleUniform(float low, float high, NDArray* out) {
   MX_THROW_IF_NOT(low <= high, "SampleUniform: low ", low, " exceeds high ", high);
-  Sample("uniform", std::uniform_real_distribution<float>(low, high), out);
+  Sample<kernel::UniformKernel>("uniform", low, high, out);
 }
 
 void SampleNormal(float mean, float stddev, NDArray* out) {
   MX_THROW_IF_NOT(stddev >= 0, "SampleNormal: negative stddev ", stddev);
-  Sample("normal", std::normal_distribution<float>(mean, stddev), out);
+  Sample<kernel::NormalKernel>("normal", mean, stddev, out);
 }
 
 NDArray RandomUniform(float low, float high, const Shape& shape, Context ctx) {

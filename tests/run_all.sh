@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Builds everything and runs every test; ends with "N passed, N failed"
-# counted from the GoogleTest results of all test targets.
+# Builds everything and runs every test; ends with "N passed, N failed,
+# N skipped" counted from the GoogleTest results of all test targets, after
+# one line per target with skipped tests giving its reason (GPU tests skip
+# where no GPU is usable).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 bazel_flags=(--disk_cache="${HOME}/.cache/mx-bazel-disk")
-bazel build "${bazel_flags[@]}" //... || { echo "0 passed, 1 failed"; exit 1; }
+bazel build "${bazel_flags[@]}" //... || { echo "0 passed, 1 failed, 0 skipped"; exit 1; }
 bazel test "${bazel_flags[@]}" //... 
 status=$?
 
 passed=0
 failed=0
+skipped=0
 while IFS= read -r xml; do
   # The first <testsuites ...> element carries the totals of one target.
   header=$(grep -m1 -o '<testsuites[^>]*>' "$xml" || true)
@@ -18,13 +21,21 @@ while IFS= read -r xml; do
   failures=$(sed -n 's/.* failures="\([0-9]*\)".*/\1/p' <<<"$header")
   errors=$(sed -n 's/.* errors="\([0-9]*\)".*/\1/p' <<<"$header")
   disabled=$(sed -n 's/.* disabled="\([0-9]*\)".*/\1/p' <<<"$header")
+  skips=$(grep -c 'result="skipped"' "$xml" || true)
   bad=$(( ${failures:-0} + ${errors:-0} ))
-  passed=$(( passed + ${tests:-0} - bad - ${disabled:-0} ))
+  passed=$(( passed + ${tests:-0} - bad - ${disabled:-0} - ${skips:-0} ))
   failed=$(( failed + bad ))
+  skipped=$(( skipped + ${skips:-0} ))
+  if (( ${skips:-0} > 0 )); then
+    # The reason is the message's second line (the first names the file).
+    reason=$(grep -m1 -A1 '<skipped message=' "$xml" | sed -n 's/.*&#x0A;\([^"<]*\).*/\1/p' | head -1)
+    target=${xml#bazel-testlogs/}
+    echo "skipped ${skips} in ${target%/test.xml}: ${reason:-see its test.log}"
+  fi
 done < <(find -L bazel-testlogs/ -name test.xml 2>/dev/null)
 
 # A target that failed without writing results (a crash, a timeout) still
 # counts as a failure.
 if [[ $status -ne 0 && $failed -eq 0 ]]; then failed=1; fi
-echo "${passed} passed, ${failed} failed"
+echo "${passed} passed, ${failed} failed, ${skipped} skipped"
 exit $status

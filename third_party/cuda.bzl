@@ -27,6 +27,10 @@ cc_library(
     includes = ["cuda/include"],
 )
 
+# The CUDA runtime, linked dynamically: Bazel links tests against one shared
+# library per target, and a libcudart_static.a linked into the test binary
+# does not export the symbols that the kernels' shared library needs.
+# tests/gpu/pack.sh packs libcudart.so beside the binaries.
 cc_library(
     name = "cudart",
     linkopts = ["-L{lib}", "-Wl,-rpath,{lib}", "-lcudart"],

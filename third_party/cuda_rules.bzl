@@ -18,7 +18,9 @@ _NVCC_FLAGS = " ".join([
     "-I.",
 ])
 
-def cuda_library(name, srcs, hdrs = [], deps = [], **kwargs):
+def cuda_library(name, srcs, hdrs = [], deps = [], nvcc_inputs = [], **kwargs):
+    """nvcc_inputs: further files the .cu sources include (headers of other
+    packages, exported there), needed by the compile only."""
     if not CUDA_ENABLED:
         return
     objs = []
@@ -26,7 +28,7 @@ def cuda_library(name, srcs, hdrs = [], deps = [], **kwargs):
         obj = name + "_" + src.replace("/", "_").replace(".cu", ".o")
         native.genrule(
             name = obj + "_nvcc",
-            srcs = [src] + hdrs,
+            srcs = [src] + hdrs + nvcc_inputs,
             outs = [obj],
             cmd = "%s %s -c $(location %s) -o $@" % (NVCC, _NVCC_FLAGS, src),
         )

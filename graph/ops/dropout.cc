@@ -10,22 +10,11 @@
 #include <algorithm>
 #include <vector>
 
-#include "graph/ops/broadcast.h"
 #include "graph/ops/op_util.h"
+#include "ndarray/launch.h"
 
 namespace mx::ops {
 namespace {
-
-// Uniform in [0, 1) from (seed, index): the SplitMix64 finaliser applied to
-// a Weyl sequence, so every element's draw is independent of the others
-// and of the order of evaluation.
-float Uniform(uint64_t seed, uint64_t index) {
-  uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // 24 bits
-}
 
 // Calls f(i, factor) for every element i of data, with factor the mask
 // value: 1 / (1 - p) for kept elements, 0 for dropped ones.
@@ -39,9 +28,11 @@ void ForEachMasked(const ParsedParams& p, const Shape& data, uint64_t seed,
   for (int64_t axis : p.GetShape("axes")) {
     mask[static_cast<int>(axis < 0 ? axis + data.ndim() : axis)] = 1;
   }
-  const std::vector<int64_t> strides = BroadcastStrides(mask, data);
-  ForEachBroadcast(data, strides, strides, [&](int64_t i, int64_t m, int64_t) {
-    f(i, Uniform(seed, static_cast<uint64_t>(m)) < keep ? scale : 0.0f);
+  // Element m of the mask draws from Philox (ndarray/kernel.h) at (seed, m),
+  // independent of the others and of the order of evaluation.
+  const kernel::BroadcastIndex ix = kernel::MakeBroadcastIndex("Dropout", data, mask, mask);
+  kernel::ForEachBroadcast(ix, 0, data.Size(), [&](int64_t i, int64_t m, int64_t) {
+    f(i, kernel::UnitFloat(kernel::PhiloxAt(seed, m).v[0]) < keep ? scale : 0.0f);
   });
 }
 

@@ -1,15 +1,16 @@
 // Element-wise arithmetic between two symbols of equal shape, and between a
-// symbol and a scalar.
-#include <cmath>
-
+// symbol and a scalar. The arithmetic and its derivatives are the functors
+// of ndarray/kernel.h, which NDArray arithmetic uses too.
 #include "graph/ops/op_util.h"
+#include "ndarray/kernel.h"
 
 namespace mx::ops {
 namespace {
 
-enum class Arith { kAdd, kSub, kMul, kDiv };
+namespace op = kernel::op;
 
-OpDef MakeBinary(const char* name, const char* hint, Arith kind) {
+template <typename F>
+OpDef MakeBinary(const char* name, const char* hint) {
   OpDef op;
   op.name = name;
   op.name_hint = hint;
@@ -18,52 +19,39 @@ OpDef MakeBinary(const char* name, const char* hint, Arith kind) {
   op.infer_shape = SameShapeInfer;
   op.inplace = {{0, 0}, {1, 0}};
   op.backward_uses_outputs = false;
-  op.backward_uses_inputs = kind == Arith::kMul || kind == Arith::kDiv;
-  op.forward = [kind](const OpContext&, const ParsedParams&,
-                      const std::vector<TBlob>& in, const std::vector<OpReq>& req,
-                      const std::vector<TBlob>& out, const std::vector<TBlob>&) {
-    const float* a = in[0].data;
-    const float* b = in[1].data;
-    float* o = out[0].data;
+  op.backward_uses_inputs = F::kGradUsesInputs;
+  op.forward = [](const OpContext&, const ParsedParams&, const std::vector<TBlob>& in,
+                  const std::vector<OpReq>& req, const std::vector<TBlob>& out,
+                  const std::vector<TBlob>&) {
     const int64_t n = out[0].Size();
+    if (req[0] == OpReq::kWrite) {
+      kernel::BinaryKernel<F>::MapRange(0, n, {out[0].data, in[0].data, in[1].data});
+      return;
+    }
     for (int64_t i = 0; i < n; ++i) {
-      float v = kind == Arith::kAdd   ? a[i] + b[i]
-                : kind == Arith::kSub ? a[i] - b[i]
-                : kind == Arith::kMul ? a[i] * b[i]
-                                      : a[i] / b[i];
-      Store(req[0], o + i, v);
+      Store(req[0], out[0].data + i, F::Apply(in[0].data[i], in[1].data[i]));
     }
   };
-  op.backward = [kind](const OpContext&, const ParsedParams&,
-                       const std::vector<TBlob>& out_grad,
-                       const std::vector<TBlob>& in, const std::vector<TBlob>&,
-                       const std::vector<OpReq>& req,
-                       const std::vector<TBlob>& in_grad,
-                       const std::vector<TBlob>&) {
+  op.backward = [](const OpContext&, const ParsedParams&, const std::vector<TBlob>& out_grad,
+                   const std::vector<TBlob>& in, const std::vector<TBlob>&,
+                   const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
+                   const std::vector<TBlob>&) {
     const float* g = out_grad[0].data;
     const int64_t n = out_grad[0].Size();
+    // Inputs are not kept when the derivatives do not read them.
+    auto a = [&](int64_t i) { return F::kGradUsesInputs ? in[0].data[i] : 0.0f; };
+    auto b = [&](int64_t i) { return F::kGradUsesInputs ? in[1].data[i] : 0.0f; };
     for (int64_t i = 0; i < n; ++i) {
-      float ga, gb;
-      switch (kind) {
-        case Arith::kAdd: ga = g[i]; gb = g[i]; break;
-        case Arith::kSub: ga = g[i]; gb = -g[i]; break;
-        case Arith::kMul: ga = g[i] * in[1].data[i]; gb = g[i] * in[0].data[i]; break;
-        default: {
-          const float b = in[1].data[i];
-          ga = g[i] / b;
-          gb = -g[i] * in[0].data[i] / (b * b);
-        }
-      }
-      if (req[0] != OpReq::kNull) Store(req[0], in_grad[0].data + i, ga);
-      if (req[1] != OpReq::kNull) Store(req[1], in_grad[1].data + i, gb);
+      Store(req[0], in_grad[0].data + i, F::GradA(g[i], a(i), b(i)));
+      Store(req[1], in_grad[1].data + i, F::GradB(g[i], a(i), b(i)));
     }
   };
   return op;
 }
 
-enum class ScalarKind { kPlus, kMinus, kRMinus, kMul, kDiv, kRDiv };
-
-OpDef MakeScalar(const char* name, const char* hint, ScalarKind kind) {
+// x op scalar, with F(x, scalar); F::GradA is the derivative in x.
+template <typename F>
+OpDef MakeScalar(const char* name, const char* hint) {
   OpDef op;
   op.name = name;
   op.name_hint = hint;
@@ -71,61 +59,39 @@ OpDef MakeScalar(const char* name, const char* hint, ScalarKind kind) {
   op.infer_shape = SameShapeInfer;
   op.inplace = {{0, 0}};
   op.backward_uses_outputs = false;
-  op.backward_uses_inputs = kind == ScalarKind::kRDiv;
-  op.forward = [kind](const OpContext&, const ParsedParams& p,
-                      const std::vector<TBlob>& in, const std::vector<OpReq>& req,
-                      const std::vector<TBlob>& out, const std::vector<TBlob>&) {
+  op.backward_uses_inputs = F::kGradUsesInputs;
+  op.forward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& in,
+                  const std::vector<OpReq>& req, const std::vector<TBlob>& out,
+                  const std::vector<TBlob>&) {
     const float s = p.GetFloat("scalar");
-    MapStore(req[0], in[0].data, out[0].data, out[0].Size(), [kind, s](float x) {
-      switch (kind) {
-        case ScalarKind::kPlus: return x + s;
-        case ScalarKind::kMinus: return x - s;
-        case ScalarKind::kRMinus: return s - x;
-        case ScalarKind::kMul: return x * s;
-        case ScalarKind::kDiv: return x / s;
-        default: return s / x;
-      }
-    });
+    MapStore(req[0], in[0].data, out[0].data, out[0].Size(),
+             [s](float x) { return F::Apply(x, s); });
   };
-  op.backward = [kind](const OpContext&, const ParsedParams& p,
-                       const std::vector<TBlob>& out_grad,
-                       const std::vector<TBlob>& in, const std::vector<TBlob>&,
-                       const std::vector<OpReq>& req,
-                       const std::vector<TBlob>& in_grad,
-                       const std::vector<TBlob>&) {
+  op.backward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& out_grad,
+                   const std::vector<TBlob>& in, const std::vector<TBlob>&,
+                   const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
+                   const std::vector<TBlob>&) {
     const float s = p.GetFloat("scalar");
     const float* g = out_grad[0].data;
-    float* gi = in_grad[0].data;
     const int64_t n = out_grad[0].Size();
     for (int64_t i = 0; i < n; ++i) {
-      float v;
-      switch (kind) {
-        case ScalarKind::kPlus:
-        case ScalarKind::kMinus: v = g[i]; break;
-        case ScalarKind::kRMinus: v = -g[i]; break;
-        case ScalarKind::kMul: v = g[i] * s; break;
-        case ScalarKind::kDiv: v = g[i] / s; break;
-        default: {
-          const float x = in[0].data[i];
-          v = -g[i] * s / (x * x);
-        }
-      }
-      Store(req[0], gi + i, v);
+      const float x = F::kGradUsesInputs ? in[0].data[i] : 0.0f;
+      Store(req[0], in_grad[0].data + i, F::GradA(g[i], x, s));
     }
   };
   return op;
 }
 
-MX_REGISTER_OP(MakeBinary("elemwise_add", "_plus", Arith::kAdd));
-MX_REGISTER_OP(MakeBinary("elemwise_sub", "_minus", Arith::kSub));
-MX_REGISTER_OP(MakeBinary("elemwise_mul", "_mul", Arith::kMul));
-MX_REGISTER_OP(MakeBinary("elemwise_div", "_div", Arith::kDiv));
-MX_REGISTER_OP(MakeScalar("_plus_scalar", "_plusscalar", ScalarKind::kPlus));
-MX_REGISTER_OP(MakeScalar("_minus_scalar", "_minusscalar", ScalarKind::kMinus));
-MX_REGISTER_OP(MakeScalar("_rminus_scalar", "_rminusscalar", ScalarKind::kRMinus));
-MX_REGISTER_OP(MakeScalar("_mul_scalar", "_mulscalar", ScalarKind::kMul));
-MX_REGISTER_OP(MakeScalar("_div_scalar", "_divscalar", ScalarKind::kDiv));
-MX_REGISTER_OP(MakeScalar("_rdiv_scalar", "_rdivscalar", ScalarKind::kRDiv));
+MX_REGISTER_OP(MakeBinary<op::Add>("elemwise_add", "_plus"));
+MX_REGISTER_OP(MakeBinary<op::Sub>("elemwise_sub", "_minus"));
+MX_REGISTER_OP(MakeBinary<op::Mul>("elemwise_mul", "_mul"));
+MX_REGISTER_OP(MakeBinary<op::Div>("elemwise_div", "_div"));
+MX_REGISTER_OP(MakeScalar<op::Add>("_plus_scalar", "_plusscalar"));
+MX_REGISTER_OP(MakeScalar<op::Sub>("_minus_scalar", "_minusscalar"));
+MX_REGISTER_OP(MakeScalar<op::RSub>("_rminus_scalar", "_rminusscalar"));
+MX_REGISTER_OP(MakeScalar<op::Mul>("_mul_scalar", "_mulscalar"));
+MX_REGISTER_OP(MakeScalar<op::Div>("_div_scalar", "_divscalar"));
+MX_REGISTER_OP(MakeScalar<op::RDiv>("_rdiv_scalar", "_rdivscalar"));
 
 }  // namespace
 }  // namespace mx::ops

@@ -19,8 +19,8 @@
 #include <cmath>
 #include <vector>
 
-#include "graph/ops/broadcast.h"
 #include "graph/ops/op_util.h"
+#include "ndarray/launch.h"
 
 namespace mx::ops {
 namespace {
@@ -188,11 +188,13 @@ absl::Status ReduceInfer(const ParsedParams& p, ShapeList* in, ShapeList* out,
   return MergeShape(out, 0, o, "output");
 }
 
-// Reductions run over the input with offsets into the kept-shape output.
-std::vector<int64_t> OutputStrides(const ParsedParams& p, const Shape& data) {
+// Reductions run over the input with offsets into the kept-shape output:
+// the output broadcast over the input's shape.
+kernel::BroadcastIndex OutputIndex(const ParsedParams& p, const Shape& data) {
   absl::StatusOr<std::vector<bool>> reduced = ReducedAxes(p, data.ndim());
   MX_CHECK(reduced.ok());  // checked by shape inference
-  return BroadcastStrides(KeptShape(data, *reduced), data);
+  const Shape kept = KeptShape(data, *reduced);
+  return kernel::MakeBroadcastIndex("sum/mean", data, kept, kept);
 }
 
 OpDef MakeReduce(const char* name, bool mean) {
@@ -207,11 +209,10 @@ OpDef MakeReduce(const char* name, bool mean) {
   op.forward = [mean](const OpContext&, const ParsedParams& p,
                       const std::vector<TBlob>& in, const std::vector<OpReq>& req,
                       const std::vector<TBlob>& out, const std::vector<TBlob>&) {
-    const std::vector<int64_t> os = OutputStrides(p, in[0].shape);
     std::vector<double> acc(out[0].Size(), 0.0);
     const float* x = in[0].data;
-    ForEachBroadcast(in[0].shape, os, os,
-                     [&](int64_t i, int64_t o, int64_t) { acc[o] += x[i]; });
+    kernel::ForEachBroadcast(OutputIndex(p, in[0].shape), 0, in[0].Size(),
+                             [&](int64_t i, int64_t o, int64_t) { acc[o] += x[i]; });
     const double scale =
         mean ? static_cast<double>(out[0].Size()) / std::max<int64_t>(in[0].Size(), 1) : 1.0;
     for (size_t o = 0; o < acc.size(); ++o) {
@@ -225,15 +226,13 @@ OpDef MakeReduce(const char* name, bool mean) {
                        const std::vector<TBlob>& in_grad,
                        const std::vector<TBlob>&) {
     if (req[0] == OpReq::kNull) return;
-    const std::vector<int64_t> os = OutputStrides(p, in[0].shape);
     const float scale =
         mean ? static_cast<float>(out_grad[0].Size()) / std::max<int64_t>(in[0].Size(), 1)
              : 1.0f;
     const float* g = out_grad[0].data;
     float* gi = in_grad[0].data;
-    ForEachBroadcast(in[0].shape, os, os, [&](int64_t i, int64_t o, int64_t) {
-      Store(req[0], gi + i, g[o] * scale);
-    });
+    kernel::ForEachBroadcast(OutputIndex(p, in[0].shape), 0, in[0].Size(),
+                             [&](int64_t i, int64_t o, int64_t) { Store(req[0], gi + i, g[o] * scale); });
   };
   return op;
 }
@@ -241,9 +240,8 @@ OpDef MakeReduce(const char* name, bool mean) {
 MX_REGISTER_OP(MakeReduce("sum", false));
 MX_REGISTER_OP(MakeReduce("mean", true));
 
-// ---- broadcast_add, broadcast_sub, broadcast_mul, broadcast_div
-
-enum class Arith { kAdd, kSub, kMul, kDiv };
+// ---- broadcast_add, broadcast_sub, broadcast_mul, broadcast_div: the
+// broadcasting kernel and arithmetic functors of ndarray/kernel.h.
 
 absl::Status BroadcastInfer(const ParsedParams&, ShapeList* in, ShapeList* out,
                             ShapeList*) {
@@ -273,21 +271,13 @@ absl::Status BroadcastInfer(const ParsedParams&, ShapeList* in, ShapeList* out,
   return MergeShape(out, 0, o, "output");
 }
 
-float Apply(Arith kind, float a, float b) {
-  switch (kind) {
-    case Arith::kAdd: return a + b;
-    case Arith::kSub: return a - b;
-    case Arith::kMul: return a * b;
-    default: return a / b;
-  }
-}
-
 // Zeroes a gradient the kernel will accumulate into, when asked to write.
 void StartAccumulate(OpReq req, const TBlob& grad) {
   if (req == OpReq::kWrite) std::fill(grad.data, grad.data + grad.Size(), 0.0f);
 }
 
-OpDef MakeBroadcast(const char* name, Arith kind) {
+template <typename F>
+OpDef MakeBroadcast(const char* name) {
   OpDef op;
   op.name = name;
   op.arguments = Names({"lhs", "rhs"});
@@ -297,25 +287,29 @@ OpDef MakeBroadcast(const char* name, Arith kind) {
   // input is read at the output's own offsets.
   op.inplace = {{0, 0}, {1, 0}};
   op.backward_uses_outputs = false;
-  op.backward_uses_inputs = kind == Arith::kMul || kind == Arith::kDiv;
-  op.forward = [kind](const OpContext&, const ParsedParams&,
-                      const std::vector<TBlob>& in, const std::vector<OpReq>& req,
-                      const std::vector<TBlob>& out, const std::vector<TBlob>&) {
+  op.backward_uses_inputs = F::kGradUsesInputs;
+  op.forward = [name](const OpContext&, const ParsedParams&, const std::vector<TBlob>& in,
+                      const std::vector<OpReq>& req, const std::vector<TBlob>& out,
+                      const std::vector<TBlob>&) {
     const Shape& full = out[0].shape;
+    const kernel::BroadcastIndex ix =
+        kernel::MakeBroadcastIndex(name, full, in[0].shape, in[1].shape);
     const float* a = in[0].data;
     const float* b = in[1].data;
     float* o = out[0].data;
-    ForEachBroadcast(full, BroadcastStrides(in[0].shape, full),
-                     BroadcastStrides(in[1].shape, full),
-                     [&](int64_t i, int64_t ia, int64_t ib) {
-                       Store(req[0], o + i, Apply(kind, a[ia], b[ib]));
-                     });
+    if (req[0] == OpReq::kWrite) {
+      kernel::BroadcastKernel<F>::MapRange(0, full.Size(), {o, a, b, ix});
+      return;
+    }
+    kernel::ForEachBroadcast(ix, 0, full.Size(), [&](int64_t i, int64_t ia, int64_t ib) {
+      Store(req[0], o + i, F::Apply(a[ia], b[ib]));
+    });
   };
-  op.backward = [kind](const OpContext&, const ParsedParams&,
-                       const std::vector<TBlob>& out_grad,
+  // Each input's gradient sums the output's over the axes it was broadcast
+  // along.
+  op.backward = [name](const OpContext&, const ParsedParams&, const std::vector<TBlob>& out_grad,
                        const std::vector<TBlob>& in, const std::vector<TBlob>&,
-                       const std::vector<OpReq>& req,
-                       const std::vector<TBlob>& in_grad,
+                       const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
                        const std::vector<TBlob>&) {
     const Shape& full = out_grad[0].shape;
     const float* g = out_grad[0].data;
@@ -326,29 +320,22 @@ OpDef MakeBroadcast(const char* name, Arith kind) {
     if (want_b) StartAccumulate(req[1], in_grad[1]);
     float* ga = in_grad[0].data;
     float* gb = in_grad[1].data;
-    ForEachBroadcast(full, BroadcastStrides(in[0].shape, full),
-                     BroadcastStrides(in[1].shape, full),
-                     [&](int64_t i, int64_t ia, int64_t ib) {
-                       float da, db;
-                       switch (kind) {
-                         case Arith::kAdd: da = g[i]; db = g[i]; break;
-                         case Arith::kSub: da = g[i]; db = -g[i]; break;
-                         case Arith::kMul: da = g[i] * b[ib]; db = g[i] * a[ia]; break;
-                         default:
-                           da = g[i] / b[ib];
-                           db = -g[i] * a[ia] / (b[ib] * b[ib]);
-                       }
-                       if (want_a) ga[ia] += da;
-                       if (want_b) gb[ib] += db;
-                     });
+    kernel::ForEachBroadcast(
+        kernel::MakeBroadcastIndex(name, full, in[0].shape, in[1].shape), 0, full.Size(),
+        [&](int64_t i, int64_t ia, int64_t ib) {
+          const float va = F::kGradUsesInputs ? a[ia] : 0.0f;
+          const float vb = F::kGradUsesInputs ? b[ib] : 0.0f;
+          if (want_a) ga[ia] += F::GradA(g[i], va, vb);
+          if (want_b) gb[ib] += F::GradB(g[i], va, vb);
+        });
   };
   return op;
 }
 
-MX_REGISTER_OP(MakeBroadcast("broadcast_add", Arith::kAdd));
-MX_REGISTER_OP(MakeBroadcast("broadcast_sub", Arith::kSub));
-MX_REGISTER_OP(MakeBroadcast("broadcast_mul", Arith::kMul));
-MX_REGISTER_OP(MakeBroadcast("broadcast_div", Arith::kDiv));
+MX_REGISTER_OP(MakeBroadcast<kernel::op::Add>("broadcast_add"));
+MX_REGISTER_OP(MakeBroadcast<kernel::op::Sub>("broadcast_sub"));
+MX_REGISTER_OP(MakeBroadcast<kernel::op::Mul>("broadcast_mul"));
+MX_REGISTER_OP(MakeBroadcast<kernel::op::Div>("broadcast_div"));
 
 }  // namespace
 }  // namespace mx::ops

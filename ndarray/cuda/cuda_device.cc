@@ -1,14 +1,28 @@
-// The GPU DeviceApi over the CUDA runtime. Compiled only with CUDA.
+// The GPU DeviceApi over the CUDA runtime, each device's compute stream and
+// the threads that report when a stream has run its work. Compiled only with
+// CUDA.
 #include <cuda_runtime.h>
 
+#include <array>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "ndarray/base.h"
-#include "ndarray/cuda/fill.cuh"
+#include "ndarray/cuda/stream.h"
 #include "ndarray/device.h"
 
 namespace mx::internal {
 
 namespace {
+
+constexpr int kMaxDevices = 64;
+
+std::string Where(const char* what, int id) { return absl::StrCat(what, " on gpu(", id, ")"); }
 
 absl::Status CudaStatus(cudaError_t err, const std::string& what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -17,6 +31,77 @@ absl::Status CudaStatus(cudaError_t err, const std::string& what) {
                               : absl::StatusCode::kInternal;
   return absl::Status(code, absl::StrCat(what, ": ", cudaGetErrorString(err)));
 }
+
+// Completes WhenStreamDone requests of one device in the order they were
+// made: each is an event recorded on the compute stream, which one thread
+// waits for (blocking, not spinning) before calling the request's callback.
+class StreamWatcher {
+ public:
+  explicit StreamWatcher(int device) : device_(device) {
+    std::thread([this] { Run(); }).detach();
+  }
+
+  void Watch(cudaStream_t stream, std::function<void(absl::Status)> done) {
+    cudaEvent_t event = nullptr;
+    absl::Status s = CudaStatus(cudaSetDevice(device_), Where("cudaSetDevice", device_));
+    if (s.ok()) s = TakeEvent(&event);
+    if (s.ok()) s = CudaStatus(cudaEventRecord(event, stream), Where("cudaEventRecord", device_));
+    if (!s.ok()) {
+      if (event != nullptr) GiveEvent(event);
+      done(s);
+      return;
+    }
+    absl::MutexLock lock(&mu_);
+    queue_.push_back({event, std::move(done)});
+  }
+
+ private:
+  struct Request {
+    cudaEvent_t event;
+    std::function<void(absl::Status)> done;
+  };
+
+  void Run() {
+    cudaSetDevice(device_);
+    for (;;) {
+      Request r;
+      {
+        absl::MutexLock lock(&mu_);
+        mu_.Await(absl::Condition(
+            +[](std::deque<Request>* q) { return !q->empty(); }, &queue_));
+        r = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      absl::Status s = CudaStatus(cudaEventSynchronize(r.event), Where("GPU work", device_));
+      GiveEvent(r.event);
+      r.done(s);
+    }
+  }
+
+  absl::Status TakeEvent(cudaEvent_t* event) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (!free_events_.empty()) {
+        *event = free_events_.back();
+        free_events_.pop_back();
+        return absl::OkStatus();
+      }
+    }
+    return CudaStatus(
+        cudaEventCreateWithFlags(event, cudaEventDisableTiming | cudaEventBlockingSync),
+        Where("cudaEventCreate", device_));
+  }
+
+  void GiveEvent(cudaEvent_t event) {
+    absl::MutexLock lock(&mu_);
+    free_events_.push_back(event);
+  }
+
+  const int device_;
+  absl::Mutex mu_;
+  std::deque<Request> queue_ ABSL_GUARDED_BY(mu_);
+  std::vector<cudaEvent_t> free_events_ ABSL_GUARDED_BY(mu_);
+};
 
 class CudaDevice : public DeviceApi {
  public:
@@ -29,7 +114,7 @@ class CudaDevice : public DeviceApi {
         cudaGetLastError();  // clear the sticky error
         return 0;
       }
-      return n;
+      return n < kMaxDevices ? n : kMaxDevices;
     }();
     return count;
   }
@@ -37,10 +122,15 @@ class CudaDevice : public DeviceApi {
   absl::StatusOr<void*> Alloc(int id, size_t bytes) override {
     MX_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(id), Where("cudaSetDevice", id)));
     void* p = nullptr;
-    MX_RETURN_IF_ERROR(
-        CudaStatus(cudaMalloc(&p, bytes),
-                   absl::StrCat(Where("cudaMalloc", id), " of ", bytes, " bytes")));
-    return p;
+    cudaError_t err = cudaMalloc(&p, bytes);
+    if (err == cudaSuccess) return p;
+    std::string what = absl::StrCat(Where("cudaMalloc", id), " of ", bytes, " bytes");
+    size_t free = 0, total = 0;
+    if (err == cudaErrorMemoryAllocation && cudaMemGetInfo(&free, &total) == cudaSuccess) {
+      absl::StrAppend(&what, " (", free, " of ", total, " bytes free)");
+    }
+    cudaGetLastError();  // an allocation failure is not sticky; clear it
+    return CudaStatus(err, what);
   }
 
   void Free(int id, void* ptr) override {
@@ -59,20 +149,40 @@ class CudaDevice : public DeviceApi {
                                    dst_ctx.ToString()));
   }
 
-  absl::Status Fill(float* dst, int id, float value, size_t n) override {
-    MX_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(id), Where("cudaSetDevice", id)));
-    MX_RETURN_IF_ERROR(CudaStatus(static_cast<cudaError_t>(cuda::LaunchFill(dst, value, n)),
-                                  Where("fill kernel", id)));
-    return CudaStatus(cudaDeviceSynchronize(), Where("fill kernel", id));
+  void WhenStreamDone(int id, std::function<void(absl::Status)> done) override {
+    Watcher(id)->Watch(cuda::ComputeStream(id), std::move(done));
   }
 
  private:
-  static std::string Where(const char* what, int id) {
-    return absl::StrCat(what, " on gpu(", id, ")");
+  StreamWatcher* Watcher(int id) {
+    std::call_once(watcher_once_[id], [&] { watchers_[id] = new StreamWatcher(id); });
+    return watchers_[id];
   }
+
+  std::array<std::once_flag, kMaxDevices> watcher_once_;
+  std::array<StreamWatcher*, kMaxDevices> watchers_{};
 };
 
 }  // namespace
+
+namespace cuda {
+
+cudaStream_t ComputeStream(int device) {
+  static std::array<std::once_flag, kMaxDevices> once;
+  static std::array<cudaStream_t, kMaxDevices> streams{};
+  if (device < 0 || device >= kMaxDevices) return nullptr;
+  std::call_once(once[device], [device] {
+    int previous = 0;
+    cudaGetDevice(&previous);
+    if (cudaSetDevice(device) == cudaSuccess) {
+      cudaStreamCreateWithFlags(&streams[device], cudaStreamNonBlocking);
+    }
+    cudaSetDevice(previous);
+  });
+  return streams[device];
+}
+
+}  // namespace cuda
 
 DeviceApi* GpuDeviceApi() {
   static CudaDevice* device = new CudaDevice();

@@ -1228,12 +1228,15 @@ TEST(NDArrayAsync, ExpressionTemporariesAreServedFromThePool) {
   EXPECT_EQ(after.bytes_in_use, before.bytes_in_use);
 }
 
-TEST(NDArrayOnGpu, ComputeKernelsAreUnimplementedNamingTheOperation) {
-  if (NumGpus() == 0) GTEST_SKIP() << "no GPU";
-  NDArray a = Ones({2, 2}, gpu(0));
-  ExpectError([&] { Exp(a); }, absl::StatusCode::kUnimplemented,
-              {"exp", "gpu(0)"});
-  EXPECT_THAT(a.Copy(cpu()).ToVector(), Each(1.0f));
+TEST(NDArrayContexts, MixingContextsInOneOperationIsRefusedNamingBoth) {
+  NDArray a = Ones({2, 2}, cpu(0));
+  NDArray b = Ones({2, 2}, cpu(1));
+  ExpectError([&] { a + b; }, absl::StatusCode::kInvalidArgument, {"add", "cpu(0)", "cpu(1)"});
+  ExpectError([&] { a += b; }, absl::StatusCode::kInvalidArgument, {"+=", "cpu(1)"});
+  ExpectError([&] { Dot(a, b); }, absl::StatusCode::kInvalidArgument, {"dot", "cpu(1)"});
+  // A copy moves data between contexts.
+  a += b.Copy(cpu(0));
+  EXPECT_THAT(a.ToVector(), Each(2.0f));
 }
 
 }  // namespace

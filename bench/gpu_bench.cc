@@ -1,0 +1,109 @@
+// GPU benchmarks of the NDArray runtime, each against its baseline measured
+// in the same run on the same GPU:
+//   gpu_dot_4096:  mx::Dot of 4096x4096 matrices vs cublasSgemm called
+//                  directly (ratio = cuBLAS time / mx time, target 0.95);
+//   gpu_add_64M:   c = a + b on 64M floats, as bandwidth, vs the device's
+//                  own device-to-device cudaMemcpy bandwidth (target 0.9);
+//   gpu_sum_64M:   Sum of 64M floats as bandwidth vs the same memcpy
+//                  (target 0.8).
+// Without a usable GPU (or in a build without CUDA) it prints one line
+// saying it was skipped.
+#include <cstdio>
+#include <vector>
+
+#include "bench/bench_util.h"
+#include "ndarray/ndarray.h"
+
+#ifdef MX_HAVE_CUDA
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace mx::bench {
+namespace {
+
+#ifdef MX_HAVE_CUDA
+
+void Check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    std::fprintf(stderr, "gpu_bench: %s: %s\n", what, cudaGetErrorString(err));
+    std::exit(1);
+  }
+}
+
+void Line(const char* name, double value, const char* unit, double baseline, double ratio,
+          double target) {
+  std::printf("BENCH name=%s value=%.4g unit=%s baseline=%.4g ratio=%.3f target=%.2f\n", name,
+              value, unit, baseline, ratio, target);
+  std::fflush(stdout);
+}
+
+void BenchDot() {
+  const int n = 4096;
+  NDArray a = RandomUniform(-1, 1, {n, n}, gpu(0));
+  NDArray b = RandomUniform(-1, 1, {n, n}, gpu(0));
+  float* c = nullptr;
+  Check(cudaMalloc(&c, sizeof(float) * n * n), "cudaMalloc");
+  cublasHandle_t handle;
+  cublasCreate(&handle);
+  a.WaitToRead();
+  b.WaitToRead();
+  const float one = 1, zero = 0;
+  const std::vector<double> t = MedianTurns(
+      20, {[&] { Dot(a, b).WaitToRead(); },
+           [&] {
+             cublasSgemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, b.data(), n, a.data(),
+                         n, &zero, c, n);
+             Check(cudaDeviceSynchronize(), "sgemm");
+           }});
+  const double flops = 2.0 * n * n * n;
+  Line("gpu_dot_4096", flops / t[0] / 1e12, "TFLOP/s", flops / t[1] / 1e12, t[1] / t[0], 0.95);
+  cublasDestroy(handle);
+  cudaFree(c);
+}
+
+void BenchBandwidth() {
+  const int64_t n = int64_t{64} << 20;
+  NDArray a = RandomUniform(-1, 1, {n}, gpu(0));
+  NDArray b = RandomUniform(-1, 1, {n}, gpu(0));
+  NDArray out = Empty({n}, gpu(0));
+  a.WaitToRead();
+  b.WaitToRead();
+  float* dst = nullptr;
+  Check(cudaMalloc(&dst, sizeof(float) * n), "cudaMalloc");
+  const std::vector<double> t = MedianTurns(
+      20, {[&] { (a + b).WaitToRead(); },
+           [&] { Sum(a).WaitToRead(); },
+           [&] {
+             Check(cudaMemcpy(dst, a.data(), sizeof(float) * n, cudaMemcpyDeviceToDevice),
+                   "memcpy");
+             Check(cudaDeviceSynchronize(), "memcpy");
+           }});
+  const double bytes = sizeof(float) * double(n);
+  const double copy_gbs = 2 * bytes / t[2] / 1e9;  // read + write
+  const double add_gbs = 3 * bytes / t[0] / 1e9;   // two reads, one write
+  const double sum_gbs = bytes / t[1] / 1e9;
+  Line("gpu_add_64M", add_gbs, "GB/s", copy_gbs, add_gbs / copy_gbs, 0.9);
+  Line("gpu_sum_64M", sum_gbs, "GB/s", copy_gbs, sum_gbs / copy_gbs, 0.8);
+  cudaFree(dst);
+}
+
+#endif  // MX_HAVE_CUDA
+
+int Main() {
+  if (NumGpus() == 0) {
+    std::printf("gpu_bench: skipped: %s\n", BuiltWithCuda() ? "no usable GPU on this machine"
+                                                           : "this build has no CUDA support");
+    return 0;
+  }
+#ifdef MX_HAVE_CUDA
+  BenchDot();
+  BenchBandwidth();
+#endif
+  return 0;
+}
+
+}  // namespace
+}  // namespace mx::bench
+
+int main() { return mx::bench::Main(); }

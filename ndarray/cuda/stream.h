@@ -1,0 +1,18 @@
+// Internal: the CUDA stream on which each GPU runs mx's kernels and library
+// calls (cuBLAS), in engine order. Compiled only with CUDA.
+#ifndef MX_NDARRAY_CUDA_STREAM_H_
+#define MX_NDARRAY_CUDA_STREAM_H_
+
+#include <cuda_runtime.h>
+
+namespace mx::internal::cuda {
+
+// gpu(device)'s compute stream, created on first use (non-blocking: it does
+// not wait for the legacy default stream, and the engine orders work on it
+// against everything else). Thread-safe. nullptr if creation failed; work
+// then goes to the default stream and fails there with the same error.
+cudaStream_t ComputeStream(int device);
+
+}  // namespace mx::internal::cuda
+
+#endif  // MX_NDARRAY_CUDA_STREAM_H_

@@ -1,0 +1,68 @@
+#include "ndarray/launch.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace mx::kernel {
+
+void ThrowIfLaunchFailed(const char* error, const char* name, Context ctx) {
+  if (error == nullptr) return;
+  throw Error(absl::InternalError(absl::StrCat(name, " on ", ctx.ToString(), ": ", error)));
+}
+
+Shape BroadcastShape(const char* op, const Shape& a, const Shape& b) {
+  int nd = std::max(a.ndim(), b.ndim());
+  Shape out;
+  for (int i = 0; i < nd; ++i) {
+    int ia = i - (nd - a.ndim()), ib = i - (nd - b.ndim());
+    int64_t da = ia >= 0 ? a[ia] : 1, db = ib >= 0 ? b[ib] : 1;
+    MX_THROW_IF_NOT(da == db || da == 1 || db == 1, op, ": shapes ", a.ToString(), " and ",
+                    b.ToString(), " cannot be broadcast together");
+    out.push_back(da == 1 ? db : da);
+  }
+  return out;
+}
+
+std::vector<int64_t> BroadcastStrides(const Shape& in, const Shape& out) {
+  const int pad = out.ndim() - in.ndim();
+  std::vector<int64_t> strides(out.ndim(), 0);
+  int64_t stride = 1;
+  for (int d = out.ndim() - 1; d >= pad; --d) {
+    const int64_t dim = in[d - pad];
+    strides[d] = dim == 1 && out[d] != 1 ? 0 : stride;
+    stride *= dim;
+  }
+  return strides;
+}
+
+BroadcastIndex MakeBroadcastIndex(const char* op, const Shape& out, const Shape& a,
+                                  const Shape& b) {
+  MX_THROW_IF_NOT(out.ndim() <= kMaxBroadcastDims, op, ": shape ", out.ToString(), " has ",
+                  out.ndim(), " dimensions; broadcasting supports at most ",
+                  kMaxBroadcastDims);
+  BroadcastIndex ix{};
+  if (out.ndim() == 0) {  // a scalar: one element, shape (1)
+    ix.ndim = 1;
+    ix.shape[0] = 1;
+    return ix;
+  }
+  ix.ndim = out.ndim();
+  const std::vector<int64_t> sa = BroadcastStrides(a, out), sb = BroadcastStrides(b, out);
+  for (int d = 0; d < ix.ndim; ++d) {
+    ix.shape[d] = out[d];
+    // A dimension of size 1 is never stepped along; stride 0 keeps the
+    // kernels' inner-stride cases to 0 and 1.
+    ix.sa[d] = out[d] == 1 ? 0 : sa[d];
+    ix.sb[d] = out[d] == 1 ? 0 : sb[d];
+  }
+  return ix;
+}
+
+ColMajorGemm RowMajorAsColMajor(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                                const float* a, int64_t lda, const float* b, int64_t ldb,
+                                float* c, int64_t ldc) {
+  return ColMajorGemm{trans_b, trans_a, n, m, k, b, ldb, a, lda, c, ldc};
+}
+
+}  // namespace mx::kernel

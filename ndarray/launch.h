@@ -1,0 +1,96 @@
+// Running the kernels of ndarray/kernel.h on a context, and the host-side
+// helpers that set them up (broadcast indices, reductions, the mapping of
+// row-major products onto column-major BLAS).
+//
+// Launch and Reduce run synchronously on the CPU; on a GPU they enqueue work
+// on the device's compute stream and return, and the engine completes the
+// operation once the stream has run it (internal::PushKernel). Launch errors
+// throw mx::Error naming the kernel and the context.
+#ifndef MX_NDARRAY_LAUNCH_H_
+#define MX_NDARRAY_LAUNCH_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "ndarray/base.h"
+#include "ndarray/context.h"
+#include "ndarray/kernel.h"
+
+namespace mx::kernel {
+
+// Throws mx::Error(kInternal) "<name> on <ctx>: <error>" unless error is null.
+void ThrowIfLaunchFailed(const char* error, const char* name, Context ctx);
+
+// Runs kernel K over [0, n) on ctx.
+template <typename K>
+void Launch(const char* name, Context ctx, int64_t n, const typename K::Params& params) {
+  if (n <= 0) return;
+  if (ctx.is_gpu()) {
+    ThrowIfLaunchFailed(GpuLaunch<K>(ctx.device_id, n, params), name, ctx);
+    return;
+  }
+  K::MapRange(0, n, params);
+}
+
+// out[o * inner + i] = R over k of in[(o * n + k) * inner + i], for an input
+// viewed as (outer, n, inner). On the CPU the loop runs k outside and i
+// inside, so rows are read in order and the accumulation vectorizes.
+template <typename R>
+void Reduce(const char* name, Context ctx, const float* in, float* out, int64_t outer,
+            int64_t n, int64_t inner) {
+  if (outer * inner == 0) return;
+  if (ctx.is_gpu()) {
+    ThrowIfLaunchFailed(GpuReduce<R>(ctx.device_id, in, out, outer, n, inner), name, ctx);
+    return;
+  }
+  std::vector<double> acc(inner);
+  for (int64_t o = 0; o < outer; ++o) {
+    for (double& a : acc) a = R::Init();
+    const float* block = in + o * n * inner;
+    for (int64_t k = 0; k < n; ++k) {
+      const float* row = block + k * inner;
+      for (int64_t i = 0; i < inner; ++i) acc[i] = R::Reduce(acc[i], row[i]);
+    }
+    for (int64_t i = 0; i < inner; ++i) out[o * inner + i] = R::Finalize(acc[i], n);
+  }
+}
+
+// The shape of `a op b` under NumPy broadcasting; throws mx::Error naming op
+// and both shapes when they do not broadcast.
+Shape BroadcastShape(const char* op, const Shape& a, const Shape& b);
+
+// Element strides of an array of shape `in` read through the broadcast shape
+// `out` (right-aligned; 0 where `in` has size 1 and `out` does not).
+std::vector<int64_t> BroadcastStrides(const Shape& in, const Shape& out);
+
+// The index of out = a op b for the kernels. Throws mx::Error naming op when
+// out has more than kMaxBroadcastDims dimensions.
+BroadcastIndex MakeBroadcastIndex(const char* op, const Shape& out, const Shape& a,
+                                  const Shape& b);
+
+// C = alpha * op(A) * op(B) + beta * C in row-major storage, stated as the
+// column-major call that computes it (BLAS libraries such as cuBLAS are
+// column-major): a row-major matrix is the column-major transpose, so the
+// call computes Cᵀ = op(B)ᵀ op(A)ᵀ with the operands swapped and the same
+// transpose flags. The CPU tests check this mapping through cblas.
+struct ColMajorGemm {
+  bool trans_first, trans_second;
+  int64_t m, n, k;  // of the column-major call
+  const float* first;
+  int64_t ld_first;
+  const float* second;
+  int64_t ld_second;
+  float* c;
+  int64_t ldc;
+};
+ColMajorGemm RowMajorAsColMajor(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                                const float* a, int64_t lda, const float* b, int64_t ldb,
+                                float* c, int64_t ldc);
+
+// Runs the product on gpu(device)'s compute stream through cuBLAS; nullptr
+// or the error's text. Defined in ndarray/cuda (or no_cuda.cc).
+const char* GpuSgemm(int device, const ColMajorGemm& call, float alpha, float beta);
+
+}  // namespace mx::kernel
+
+#endif  // MX_NDARRAY_LAUNCH_H_

@@ -1,0 +1,218 @@
+// NDArray operations on gpu(0), each compared with the same operation on the
+// same inputs on the CPU (the CPU twins of these tests are in
+// ndarray_test.cc and kernel_test.cc). Tolerances: bitwise for data
+// movement, Philox's uniform samples and element-wise arithmetic without
+// transcendental functions; 2 ulp-scale relative (1e-6) for exp, log, tanh
+// and the like, whose GPU and glibc versions may round differently; 1e-5
+// relative for reductions (different summation order) and dot (cuBLAS and
+// OpenBLAS block differently). Every test is skipped, with the reason, where
+// no GPU is usable.
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "ndarray/ndarray.h"
+#include "ndarray/storage.h"
+#include "tests/ndarray/random_values.h"
+
+namespace mx {
+namespace {
+
+using ::testing::HasSubstr;
+
+class GpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!BuiltWithCuda()) GTEST_SKIP() << "this build of mx has no CUDA support";
+    if (NumGpus() == 0) GTEST_SKIP() << "no usable GPU on this machine (no driver or no device)";
+  }
+
+  // An array of random values in [-1, 1) on cpu(0), and its copy on gpu(0).
+  static std::pair<NDArray, NDArray> Pair(const Shape& shape, uint32_t seed) {
+    NDArray c(shape, cpu());
+    c.Assign(RandomValues(shape.Size(), seed));
+    return {c, c.Copy(gpu(0))};
+  }
+};
+
+void ExpectNear(const NDArray& want, const NDArray& got, float rel, const std::string& what) {
+  ASSERT_EQ(got.context(), gpu(0)) << what;
+  ASSERT_EQ(want.shape(), got.shape()) << what;
+  const std::vector<float> w = want.ToVector(), g = got.Copy(cpu()).ToVector();
+  for (size_t i = 0; i < w.size(); ++i) {
+    if (std::isnan(w[i])) {
+      ASSERT_TRUE(std::isnan(g[i])) << what << " at " << i;
+      continue;
+    }
+    const float tol = rel * std::max(1.0f, std::fabs(w[i]));
+    ASSERT_NEAR(g[i], w[i], tol) << what << " at " << i;
+  }
+}
+
+TEST_F(GpuTest, ElementWiseArithmeticMatchesTheCpuBitwise) {
+  auto [ac, ag] = Pair({3, 17}, 1);
+  auto [bc, bg] = Pair({3, 17}, 2);
+  ExpectNear(ac + bc, ag + bg, 0, "add");
+  ExpectNear(ac - bc, ag - bg, 0, "subtract");
+  ExpectNear(ac * bc, ag * bg, 0, "multiply");
+  ExpectNear(ac / bc, ag / bg, 0, "divide");
+  ExpectNear(Maximum(ac, bc), Maximum(ag, bg), 0, "maximum");
+  ExpectNear(Minimum(ac, bc), Minimum(ag, bg), 0, "minimum");
+  ExpectNear(ac * 2.5f, ag * 2.5f, 0, "multiply_scalar");
+  ExpectNear(3.0f - ac, 3.0f - ag, 0, "rsubtract_scalar");
+  ExpectNear(2.0f / ac, 2.0f / ag, 0, "rdivide_scalar");
+  ExpectNear(-ac, -ag, 0, "negative");
+  ExpectNear(Maximum(ac, 0.1f), Maximum(ag, 0.1f), 0, "maximum_scalar");
+  ExpectNear(Clip(ac, -0.5f, 0.5f), Clip(ag, -0.5f, 0.5f), 0, "clip");
+  ExpectNear(Axpby(0.5f, ac, -2.0f, bc), Axpby(0.5f, ag, -2.0f, bg), 0, "Axpby");
+  ExpectNear(Square(ac), Square(ag), 0, "square");
+  ExpectNear(Abs(ac), Abs(ag), 0, "abs");
+  ExpectNear(Sign(ac), Sign(ag), 0, "sign");
+  ExpectNear(Relu(ac), Relu(ag), 0, "relu");
+}
+
+TEST_F(GpuTest, TranscendentalFunctionsMatchTheCpuWithinRounding) {
+  auto [ac, ag] = Pair({1000}, 3);
+  NDArray pc = Abs(ac) + 0.01f, pg = Abs(ag) + 0.01f;
+  ExpectNear(Exp(ac), Exp(ag), 1e-6f, "exp");
+  ExpectNear(Log(pc), Log(pg), 1e-6f, "log");
+  ExpectNear(Sqrt(pc), Sqrt(pg), 1e-6f, "sqrt");
+  ExpectNear(Sigmoid(ac), Sigmoid(ag), 1e-6f, "sigmoid");
+  ExpectNear(Tanh(ac), Tanh(ag), 1e-6f, "tanh");
+}
+
+TEST_F(GpuTest, BroadcastingMatchesTheCpu) {
+  const std::vector<std::pair<Shape, Shape>> cases = {
+      {{4, 5}, {5}}, {{4, 5}, {4, 1}}, {{3, 1, 6}, {1, 4, 1}}, {{1}, {9}}, {{2, 3, 4, 5}, {3, 1, 5}}};
+  for (const auto& [sa, sb] : cases) {
+    auto [ac, ag] = Pair(sa, 4);
+    auto [bc, bg] = Pair(sb, 5);
+    const std::string what = sa.ToString() + " op " + sb.ToString();
+    ExpectNear(ac + bc, ag + bg, 0, "add " + what);
+    ExpectNear(ac / bc, ag / bg, 0, "divide " + what);
+    ExpectNear(Minimum(bc, ac), Minimum(bg, ag), 0, "minimum " + what);
+  }
+}
+
+TEST_F(GpuTest, InPlaceOperationsMatchTheCpu) {
+  auto [ac, ag] = Pair({6, 7}, 6);
+  auto [bc, bg] = Pair({7}, 7);
+  ac += bc;
+  ag += bg;
+  ac *= 3.0f;
+  ag *= 3.0f;
+  ac -= ac.Slice(0, 1);  // an overlapping view is read from a copy
+  ag -= ag.Slice(0, 1);
+  ExpectNear(ac, ag, 0, "in-place chain");
+  NDArray z = Zeros({5, 5}, gpu(0));
+  z.Assign(2.5f);
+  EXPECT_THAT(z.ToVector(), ::testing::Each(2.5f));
+}
+
+TEST_F(GpuTest, ReductionsMatchTheCpu) {
+  auto [ac, ag] = Pair({7, 300, 5}, 8);
+  ExpectNear(Sum(ac), Sum(ag), 1e-5f, "sum");
+  ExpectNear(Mean(ac), Mean(ag), 1e-5f, "mean");
+  ExpectNear(Max(ac), Max(ag), 0, "max");
+  ExpectNear(Min(ac), Min(ag), 0, "min");
+  ExpectNear(Norm(ac), Norm(ag), 1e-5f, "norm");
+  for (int axis : {0, 1, 2, -1}) {
+    const std::string what = " over axis " + std::to_string(axis);
+    ExpectNear(Sum(ac, axis), Sum(ag, axis), 1e-5f, "sum" + what);
+    ExpectNear(Mean(ac, axis, true), Mean(ag, axis, true), 1e-5f, "mean" + what);
+    ExpectNear(Max(ac, axis), Max(ag, axis), 0, "max" + what);
+    ExpectNear(Norm(ac, axis), Norm(ag, axis), 1e-5f, "norm" + what);
+  }
+  auto [big_c, big_g] = Pair({1 << 20}, 9);
+  ExpectNear(Sum(big_c), Sum(big_g), 1e-5f, "sum of 2^20");
+}
+
+TEST_F(GpuTest, DotThroughCublasMatchesTheCpuForEveryTranspose) {
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      auto [ac, ag] = Pair(ta ? Shape{33, 17} : Shape{17, 33}, 10);
+      auto [bc, bg] = Pair(tb ? Shape{9, 33} : Shape{33, 9}, 11);
+      ExpectNear(Dot(ac, bc, ta, tb), Dot(ag, bg, ta, tb), 1e-5f,
+                 "dot ta=" + std::to_string(ta) + " tb=" + std::to_string(tb));
+    }
+  }
+  auto [ec, eg] = Pair({4, 0}, 12);
+  auto [fc, fg] = Pair({0, 3}, 13);
+  ExpectNear(Dot(ec, fc), Dot(eg, fg), 0, "dot with k = 0");
+}
+
+TEST_F(GpuTest, SrandGivesTheSameRandomNumbersOnCpuAndGpu) {
+  srand(42);
+  NDArray uc = RandomUniform(-1, 1, {1000}, cpu());
+  NDArray nc = RandomNormal(0, 2, {1000}, cpu());
+  srand(42);
+  NDArray ug = RandomUniform(-1, 1, {1000}, gpu(0));
+  NDArray ng = RandomNormal(0, 2, {1000}, gpu(0));
+  ExpectNear(uc, ug, 0, "uniform");
+  ExpectNear(nc, ng, 1e-5f, "normal");
+}
+
+TEST_F(GpuTest, LongChainsAcrossDevicesRunInEngineOrder) {
+  // GPU work, a copy to the host, host work and a copy back, many times,
+  // with no waits in between: the engine must order stream work and copies.
+  NDArray g = Zeros({1 << 16}, gpu(0));
+  NDArray c = Zeros({1 << 16}, cpu());
+  for (int i = 0; i < 50; ++i) {
+    g += 1.0f;
+    c.Assign(g);
+    c *= 2.0f;
+    g.Assign(c);
+  }
+  // x -> 2 (x + 1), 50 times from 0: 2^51 - 2, exactly representable? No:
+  // compare with the same chain on the CPU instead.
+  NDArray h = Zeros({1 << 16}, cpu());
+  for (int i = 0; i < 50; ++i) {
+    h += 1.0f;
+    h *= 2.0f;
+  }
+  ExpectNear(h, g, 0, "chain");
+}
+
+TEST_F(GpuTest, MixingContextsIsRefusedNamingBoth) {
+  NDArray a = Ones({2}, cpu());
+  NDArray b = Ones({2}, gpu(0));
+  try {
+    a + b;
+    FAIL() << "added cpu(0) and gpu(0) arrays";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("cpu(0)"));
+    EXPECT_THAT(e.what(), HasSubstr("gpu(0)"));
+  }
+}
+
+TEST_F(GpuTest, AMissingDeviceIsRefusedSayingHowManyThereAre) {
+  const int n = NumGpus();
+  try {
+    Zeros({2}, gpu(n));
+    FAIL() << "created an array on gpu(" << n << ")";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("gpu(" + std::to_string(n) + ")"));
+    EXPECT_THAT(e.what(), HasSubstr(std::to_string(n) + " usable GPU"));
+  }
+}
+
+TEST_F(GpuTest, ExhaustedMemorySaysHowMuchWasAskedAndHowMuchIsFree) {
+  try {
+    Empty({int64_t{1} << 40}, gpu(0));  // 4 TiB
+    FAIL() << "allocated 4 TiB on gpu(0)";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status().code(), absl::StatusCode::kResourceExhausted) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr("gpu(0)"));
+    EXPECT_THAT(e.what(), HasSubstr(std::to_string(int64_t{4} << 40)));
+    EXPECT_THAT(e.what(), HasSubstr("bytes free"));
+  }
+  // The device keeps working.
+  NDArray a = Ones({4}, gpu(0));
+  EXPECT_THAT((a + a).ToVector(), ::testing::Each(2.0f));
+}
+
+}  // namespace
+}  // namespace mx

@@ -1,0 +1,148 @@
+// The kernel layer (ndarray/kernel.h, ndarray/launch.h) on the CPU: the
+// bodies the GPU runs, driven the way the GPU drives them.
+#include "ndarray/kernel.h"
+
+#include <cblas.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "ndarray/launch.h"
+#include "tests/ndarray/random_values.h"
+
+namespace mx::kernel {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::Pointwise;
+using ::testing::FloatEq;
+
+// Random123's known-answer vectors for Philox4x32-10 (kat_vectors).
+TEST(Philox, MatchesTheReferenceKnownAnswers) {
+  Philox r = Philox4x32(0, 0, 0, 0, 0, 0);
+  EXPECT_THAT(r.v, ElementsAre(0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u));
+  r = Philox4x32(~0u, ~0u, ~0u, ~0u, ~0u, ~0u);
+  EXPECT_THAT(r.v, ElementsAre(0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu));
+  r = Philox4x32(0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u, 0xa4093822u, 0x299f31d0u);
+  EXPECT_THAT(r.v, ElementsAre(0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u));
+}
+
+// The GPU calls MapRange(i, i + 1) per thread; the CPU calls MapRange(0, n).
+// Both must write the same values, for any split.
+template <typename K>
+void ExpectSplitsAgree(int64_t n, typename K::Params whole, typename K::Params split,
+                       const std::vector<float>& whole_out, const std::vector<float>& split_out) {
+  K::MapRange(0, n, whole);
+  for (int64_t i = 0; i < n; ++i) K::MapRange(i, i + 1, split);
+  EXPECT_THAT(split_out, Pointwise(FloatEq(), whole_out));
+}
+
+TEST(BroadcastKernel, ElementByElementMatchesWholeRangesForEveryShapePair) {
+  const std::vector<std::pair<Shape, Shape>> cases = {
+      {{2, 3}, {2, 3}}, {{2, 3}, {3}},       {{2, 3}, {2, 1}},    {{4, 1, 3}, {1, 5, 1}},
+      {{1}, {7}},       {{}, {2, 2}},        {{3, 1, 2, 1}, {4, 1, 5}}, {{1, 1}, {1, 1}}};
+  for (const auto& [sa, sb] : cases) {
+    const Shape out = BroadcastShape("test", sa, sb);
+    const std::vector<float> a = RandomValues(sa.Size(), 1), b = RandomValues(sb.Size(), 2);
+    std::vector<float> whole(out.Size()), split(out.Size());
+    const BroadcastIndex ix = MakeBroadcastIndex("test", out, sa, sb);
+    using K = BroadcastKernel<op::Sub>;
+    ExpectSplitsAgree<K>(out.Size(), {whole.data(), a.data(), b.data(), ix},
+                         {split.data(), a.data(), b.data(), ix}, whole, split);
+    // And both are a - b read through NumPy's rules.
+    const std::vector<int64_t> ta = BroadcastStrides(sa, out), tb = BroadcastStrides(sb, out);
+    for (int64_t i = 0; i < out.Size(); ++i) {
+      int64_t rest = i, oa = 0, ob = 0;
+      for (int d = out.ndim() - 1; d >= 0; --d) {
+        oa += rest % out[d] * ta[d];
+        ob += rest % out[d] * tb[d];
+        rest /= out[d];
+      }
+      ASSERT_FLOAT_EQ(whole[i], a[oa] - b[ob]) << sa.ToString() << " - " << sb.ToString() << " at " << i;
+    }
+  }
+}
+
+TEST(BroadcastKernel, ShapesBeyondTheLimitAreRefusedNamingTheOperation) {
+  const Shape big{1, 1, 1, 1, 1, 1, 1, 1, 2};
+  try {
+    MakeBroadcastIndex("broadcast_add", big, big, Shape{2});
+    FAIL() << "accepted 9 dimensions";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("broadcast_add"));
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("at most 8"));
+  }
+}
+
+TEST(RandomKernels, ElementByElementMatchesWholeRanges) {
+  const int64_t n = 1001;
+  std::vector<float> whole(n), split(n);
+  ExpectSplitsAgree<UniformKernel>(n, {whole.data(), 42, -2, 3}, {split.data(), 42, -2, 3},
+                                   whole, split);
+  for (float x : whole) ASSERT_TRUE(x >= -2 && x < 3) << x;
+  ExpectSplitsAgree<NormalKernel>(n, {whole.data(), 7, 1, 2}, {split.data(), 7, 1, 2}, whole,
+                                  split);
+  double sum = 0;
+  for (float x : whole) sum += x;
+  EXPECT_NEAR(sum / n, 1.0, 0.2);
+}
+
+// The GPU reduces an axis in strided parts that Combine joins; any grouping
+// must give what the CPU's sequential loop gives (up to rounding for sums).
+template <typename R>
+void ExpectCombinedPartsAgree(const std::vector<float>& x) {
+  double sequential = R::Init();
+  for (float v : x) sequential = R::Reduce(sequential, v);
+  std::vector<double> parts(4, R::Init());
+  for (size_t i = 0; i < x.size(); ++i) parts[i % 4] = R::Reduce(parts[i % 4], x[i]);
+  const double combined = R::Combine(R::Combine(parts[0], parts[1]), R::Combine(parts[2], parts[3]));
+  EXPECT_NEAR(R::Finalize(combined, x.size()), R::Finalize(sequential, x.size()), 1e-5);
+}
+
+TEST(Reducers, PartsCombinedAsOnTheGpuMatchTheSequentialResult) {
+  const std::vector<float> x = RandomValues(103, 3);
+  ExpectCombinedPartsAgree<SumReducer>(x);
+  ExpectCombinedPartsAgree<MeanReducer>(x);
+  ExpectCombinedPartsAgree<NormReducer>(x);
+  ExpectCombinedPartsAgree<MaxReducer>(x);
+  ExpectCombinedPartsAgree<MinReducer>(x);
+}
+
+TEST(Reducers, AnAxisReductionOnTheCpuReducesTheMiddleAxis) {
+  // (outer=2, n=3, inner=2)
+  const std::vector<float> x = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  std::vector<float> out(4);
+  Reduce<SumReducer>("sum", cpu(), x.data(), out.data(), 2, 3, 2);
+  EXPECT_THAT(out, ElementsAre(9, 12, 27, 30));
+  Reduce<MaxReducer>("max", cpu(), x.data(), out.data(), 2, 3, 2);
+  EXPECT_THAT(out, ElementsAre(5, 6, 11, 12));
+  Reduce<MeanReducer>("mean", cpu(), x.data(), out.data(), 2, 0, 2);
+  EXPECT_TRUE(std::isnan(out[0]));
+}
+
+// The row-major -> column-major mapping that cuBLAS calls use, run through
+// cblas in column-major mode against cblas in row-major mode.
+TEST(RowMajorAsColMajor, GivesTheRowMajorProductThroughAColumnMajorBlas) {
+  const int64_t m = 5, n = 3, k = 4;
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      const std::vector<float> a = RandomValues(m * k, 4), b = RandomValues(k * n, 5);
+      const int64_t lda = ta ? m : k, ldb = tb ? k : n;
+      std::vector<float> want(m * n), got(m * n, 1.0f);
+      cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+                  m, n, k, 1.0f, a.data(), lda, b.data(), ldb, 0.0f, want.data(), n);
+      const ColMajorGemm g =
+          RowMajorAsColMajor(ta, tb, m, n, k, a.data(), lda, b.data(), ldb, got.data(), n);
+      cblas_sgemm(CblasColMajor, g.trans_first ? CblasTrans : CblasNoTrans,
+                  g.trans_second ? CblasTrans : CblasNoTrans, g.m, g.n, g.k, 1.0f, g.first,
+                  g.ld_first, g.second, g.ld_second, 0.0f, g.c, g.ldc);
+      EXPECT_THAT(got, Pointwise(FloatEq(), want)) << "ta=" << ta << " tb=" << tb;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace mx::kernel
