@@ -5,7 +5,11 @@
 //   gpu_add_64M:   c = a + b on 64M floats, as bandwidth, vs the device's
 //                  own device-to-device cudaMemcpy bandwidth (target 0.9);
 //   gpu_sum_64M:   Sum of 64M floats as bandwidth vs the same memcpy
-//                  (target 0.8).
+//                  (target 0.8);
+//   gpu_small_op_latency: per operation of a chain of dependent 256-element
+//                  additions, vs launching the kernel and synchronizing
+//                  the stream after each (target 0.5: the engine adds an
+//                  event and two thread hand-offs per operation).
 // Without a usable GPU (or in a build without CUDA) it prints one line
 // saying it was skipped.
 #include <cstdio>
@@ -88,6 +92,38 @@ void BenchBandwidth() {
   cudaFree(dst);
 }
 
+// A chain of small dependent operations: what the engine adds per GPU
+// operation (launch, completion event, hand-offs) against launching the
+// kernel of the same size (cuBLAS's axpy, x += 1 * ones) and synchronizing
+// the stream after each.
+void BenchSmallOps() {
+  const int n = 256, ops = 200;
+  NDArray x = Zeros({n}, gpu(0));
+  NDArray ones = Ones({n}, gpu(0));
+  x.WaitToRead();
+  ones.WaitToRead();
+  cudaStream_t stream;
+  Check(cudaStreamCreate(&stream), "cudaStreamCreate");
+  cublasHandle_t handle;
+  cublasCreate(&handle);
+  cublasSetStream(handle, stream);
+  const float one = 1;
+  const std::vector<double> t = MedianTurns(
+      20, {[&] {
+             for (int i = 0; i < ops; ++i) x += 1.0f;
+             x.WaitToRead();
+           },
+           [&] {
+             for (int i = 0; i < ops; ++i) {
+               cublasSaxpy(handle, n, &one, ones.data(), 1, x.data(), 1);
+               Check(cudaStreamSynchronize(stream), "axpy");
+             }
+           }});
+  Line("gpu_small_op_latency", t[0] / ops * 1e6, "us", t[1] / ops * 1e6, t[1] / t[0], 0.5);
+  cublasDestroy(handle);
+  cudaStreamDestroy(stream);
+}
+
 #endif  // MX_HAVE_CUDA
 
 int Main() {
@@ -99,6 +135,7 @@ int Main() {
 #ifdef MX_HAVE_CUDA
   BenchDot();
   BenchBandwidth();
+  BenchSmallOps();
 #endif
   return 0;
 }

@@ -71,12 +71,18 @@ absl::StatusOr<std::unique_ptr<KVStore>> KVStore::Create(const std::string& type
   // dist_device_sync is dist_sync whose device copies are summed on a GPU
   // before they travel: it needs the GPU reduction as "device" does.
   if (type == "device" || type == "nccl" || type == "dist_device_sync") {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "kvstore type '", type, "' reduces on GPUs: ",
-        BuiltWithCuda() ? "this machine has no usable GPU"
-                        : "this build of mx has no GPU support",
-        type == "dist_device_sync" ? " (use 'dist_sync', which sums device copies on the CPU)"
-                                   : " (use 'local')"));
+    if (NumGpus() == 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "kvstore type '", type, "' reduces on GPUs: ",
+          BuiltWithCuda() ? "this machine has no usable GPU"
+                          : "this build of mx has no GPU support",
+          type == "dist_device_sync" ? " (use 'dist_sync', which sums device copies on the CPU)"
+                                     : " (use 'local')"));
+    }
+    if (type == "device") return internal::NewLocalKVStore(type);
+    return absl::UnimplementedError(absl::StrCat(
+        "kvstore type '", type, "' is not implemented yet: use '",
+        type == "nccl" ? "device" : "dist_sync", "'"));
   }
   if (type == "dist_sync" || type == "dist_async") {
     return absl::UnimplementedError(absl::StrCat(

@@ -17,9 +17,10 @@
 // the backward operation that produces it, and `priority` lets the first
 // layers' parameters go first.
 //
-// Types: "local" (reduce on the CPU), "device" and "nccl" (reduce on GPUs;
-// builds with CUDA only), "dist_sync", "dist_async", "dist_device_sync"
-// (parameter servers). A type this binary cannot provide is an error from
+// Types: "local" (reduce on the CPU; values on any context), "device"
+// (reduce and update on GPUs, each key on one; builds with CUDA on machines
+// with GPUs), "dist_sync", "dist_async" (parameter servers). "nccl" and
+// "dist_device_sync" are refused as not implemented yet. A type this binary cannot provide is an error from
 // Create, never a crash or a guess.
 //
 // A KVStore is used from one thread (the training loop).

@@ -11,17 +11,20 @@
 
 namespace mx::internal {
 
-// Throws kUnimplemented unless a is in host memory.
+// Throws kUnimplemented unless a is in host memory (the distributed
+// store's transfers read and write host memory).
 void RequireHostMemory(const NDArray& a, const char* what);
 
-// Pushes a copy from -> to with a priority (named for traces).
+// Pushes a copy from -> to with a priority (named for traces); between
+// contexts other than the CPU's, through the device (NDArray::Assign).
 void Copy(const NDArray& from, const NDArray& to, int priority, const char* name);
 
-// The sum of a push's device copies: the value itself for a single copy in
-// host memory, else one engine operation (named `name`) summing every copy
-// into *merged, which is allocated on the CPU at the first call.
+// The sum of a push's device copies on ctx: the value itself for a single
+// copy on ctx, else the sum of every copy (those on other contexts copied
+// to ctx first) in *merged, which is allocated on ctx at the first call. On
+// the CPU the sum is one engine operation (named `name`).
 NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArray* merged,
-                  int priority, const char* name);
+                  int priority, const char* name, Context ctx = cpu());
 
 // Checks that arrays is non-empty and every array has `shape`.
 absl::Status CheckArrays(const Key& key, const char* what, const char* role,

@@ -1,6 +1,11 @@
-// The local KVStore: values live on the CPU; pushes of several device
-// copies are summed by one engine operation per key, so keys reduce in
-// parallel on the engine's workers.
+// The local KVStores. "local": values live on the CPU; pushes of several
+// device copies (on any contexts, GPUs included: they are copied to the
+// host first) are summed by one engine operation per key, so keys reduce in
+// parallel on the engine's workers. "device": each key lives on one GPU,
+// keys spread over the GPUs round-robin (MXNet's CommDevice); pushes are
+// copied to that GPU (peer copies where the devices allow), summed there by
+// the kernel layer, updated there by the optimizer, and pulls copy from
+// there.
 #include <algorithm>
 #include <cstring>
 #include <map>
@@ -33,7 +38,7 @@ void SumInto(const std::vector<const float*>& values, float* out, int64_t n) {
 
 class LocalKVStore : public KVStore {
  public:
-  explicit LocalKVStore(std::string type) : KVStore(std::move(type)) {}
+  explicit LocalKVStore(std::string type) : KVStore(type), on_gpus_(type == "device") {}
 
   absl::Status Init(Key key, const NDArray& value) override {
     if (value.is_none()) return absl::InvalidArgumentError(absl::StrCat("init of key ", key.label(), ": null array"));
@@ -48,7 +53,8 @@ class LocalKVStore : public KVStore {
     }
     return CatchError([&] {
       Entry& e = store_[key.id()];
-      e.stored = Empty(value.shape(), cpu());
+      e.ctx = on_gpus_ ? gpu(static_cast<int>(store_.size() - 1) % NumGpus()) : cpu();
+      e.stored = Empty(value.shape(), e.ctx);
       e.stored.Assign(value);
       e.push_name = absl::StrCat("kvstore_push:", key.label());
       e.pull_name = absl::StrCat("kvstore_pull:", key.label());
@@ -60,7 +66,7 @@ class LocalKVStore : public KVStore {
     MX_RETURN_IF_ERROR(CheckArrays(key, "push", "value", values, e->stored.shape()));
     return CatchError([&] {
       NDArray merged = SumCopies(values, e->stored.shape(), &e->merged, priority,
-                                 e->push_name.c_str());
+                                 e->push_name.c_str(), e->ctx);
       if (optimizer_ != nullptr) {
         optimizer_->Update(key.id(), e->stored, merged);
       } else if (updater_) {
@@ -113,6 +119,7 @@ class LocalKVStore : public KVStore {
 
  private:
   struct Entry {
+    Context ctx;  // where the key lives, is summed and updated
     NDArray stored;
     NDArray merged;  // the sum of a multi-device push, allocated once
     std::string push_name, pull_name;  // engine operation names (stable)
@@ -127,6 +134,7 @@ class LocalKVStore : public KVStore {
     return &it->second;
   }
 
+  const bool on_gpus_;
   std::map<int, Entry> store_;
   Updater updater_;
   std::unique_ptr<Optimizer> optimizer_;
@@ -135,13 +143,24 @@ class LocalKVStore : public KVStore {
 }  // namespace
 
 NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArray* merged,
-                  int priority, const char* name) {
-  if (values.size() == 1 && values[0].context().is_cpu()) return values[0];
-  if (merged->is_none()) *merged = Empty(shape, cpu());
+                  int priority, const char* name, Context ctx) {
+  // The CPU reads host memory of every CPU context in place; other copies
+  // come to ctx first (pooled temporaries).
+  auto readable = [ctx](const NDArray& v) {
+    return v.context() == ctx || (ctx.is_cpu() && v.context().is_cpu());
+  };
+  if (values.size() == 1 && readable(values[0])) return values[0];
+  if (merged->is_none()) *merged = Empty(shape, ctx);
+  std::vector<NDArray> here;
+  for (const NDArray& v : values) here.push_back(readable(v) ? v : v.Copy(ctx));
+  if (ctx.is_gpu()) {
+    merged->Assign(here[0]);
+    for (size_t k = 1; k < here.size(); ++k) *merged += here[k];
+    return *merged;
+  }
   std::vector<VarHandle> reads;
   std::vector<const float*> ptrs;
-  for (const NDArray& v : values) {
-    RequireHostMemory(v, "push");
+  for (const NDArray& v : here) {
     reads.push_back(v.var());
     ptrs.push_back(v.data());
   }
@@ -156,14 +175,16 @@ void RequireHostMemory(const NDArray& a, const char* what) {
   if (!a.context().is_cpu()) {
     throw Error(absl::UnimplementedError(absl::StrCat(
         what, ": arrays on ", a.context().ToString(),
-        " need the device KVStore; the local store reduces host memory")));
+        " are not supported by the distributed store yet; use 'local' or 'device'")));
   }
 }
 
 void Copy(const NDArray& from, const NDArray& to, int priority, const char* name) {
   if (from.SharesStorageWith(to) && from.data() == to.data()) return;
-  RequireHostMemory(from, name);
-  RequireHostMemory(to, name);
+  if (!from.context().is_cpu() || !to.context().is_cpu()) {
+    NDArray(to).Assign(from);  // through the device, in engine order (a handle copy)
+    return;
+  }
   const float* src = from.data();
   float* dst = to.data();
   const size_t bytes = from.size() * sizeof(float);

@@ -18,6 +18,8 @@
 #include "absl/strings/str_split.h"
 #include "kvstore/options.h"
 #include "ndarray/engine.h"
+#include "ndarray/launch.h"
+#include "ndarray/update_kernels.h"
 
 namespace mx {
 namespace {
@@ -48,47 +50,22 @@ constexpr NumberSpec kClipWeights{"clip_weights", -1.0};
 constexpr NumberSpec kRho{"rho", 0.9, 0.0, 1.0};
 constexpr NumberSpec kAdadeltaEpsilon{"epsilon", 1e-5, 0.0};
 
-// MXNet's clip::Map(x, c) when c >= 0; no clipping when c < 0.
-inline float ClipIf(float x, float c) {
-  if (c < 0) return x;
-  return x > c ? c : (x < -c ? -c : x);
-}
-
-// Pushes one engine operation that applies rule to every element: it reads
-// grad and writes weight and the kStates state arrays. rule takes
-// (float& w, float g, float& s0, ...), one state reference per state.
-template <int kStates, typename Rule>
-void PushFused(const char* name, NDArray& weight, const NDArray& grad,
-               std::vector<NDArray>& states, Rule rule) {
-  MX_CHECK(static_cast<int>(states.size()) == kStates);
-  float* w_in = weight.data();
-  const float* g_in = grad.data();
-  float* s0_in = kStates > 0 ? states[0].data() : nullptr;
-  float* s1_in = kStates > 1 ? states[1].data() : nullptr;
+// Pushes one engine operation on the weight's context that applies Rule
+// (ndarray/update_kernels.h) to every element: it reads grad and writes
+// weight and the Rule::kStates state arrays.
+template <typename Rule>
+void PushRule(const char* name, NDArray& weight, const NDArray& grad,
+              std::vector<NDArray>& states, const typename Rule::Args& args) {
+  MX_CHECK(static_cast<int>(states.size()) == Rule::kStates);
+  const typename kernel::UpdateKernel<Rule>::Params p{
+      weight.data(), grad.data(), Rule::kStates > 0 ? states[0].data() : nullptr,
+      Rule::kStates > 1 ? states[1].data() : nullptr, args};
+  const Context ctx = weight.context();
   const int64_t n = weight.size();
   std::vector<VarHandle> writes{weight.var()};
   for (const NDArray& s : states) writes.push_back(s.var());
-  Engine::Get()->PushSync(
-      [=](RunContext) {
-        // Local copies: a store to w[i] could otherwise alias the rule's
-        // captured floats (or s0/s1), which keeps the loop scalar and
-        // reloads every capture per element.
-        const Rule r = rule;
-        float* __restrict w = w_in;
-        [[maybe_unused]] float* __restrict s0 = s0_in;
-        [[maybe_unused]] float* __restrict s1 = s1_in;
-        const float* __restrict g = g_in;
-        for (int64_t i = 0; i < n; ++i) {
-          if constexpr (kStates == 0) {
-            r(w[i], g[i]);
-          } else if constexpr (kStates == 1) {
-            r(w[i], g[i], s0[i]);
-          } else {
-            r(w[i], g[i], s0[i], s1[i]);
-          }
-        }
-      },
-      weight.context(), {grad.var()}, std::move(writes), /*priority=*/0, name);
+  kernel::Push(name, ctx, {grad.var()}, std::move(writes),
+               [=] { kernel::Launch<kernel::UpdateKernel<Rule>>(name, ctx, n, p); });
 }
 
 // A double read from options already validated by Create (for the few
@@ -119,24 +96,13 @@ class Sgd : public Optimizer {
   void PushUpdate(NDArray& weight, const NDArray& grad,
                   std::vector<NDArray>& states, float lr, float wd,
                   int64_t) override {
-    const float rescale = rescale_grad_, clip = clip_gradient_;
-    const float lr_rescale = lr * rescale;
-    // lr times the rescaled, clipped gradient, associated as MXNet does.
-    auto step = [=](float g) {
-      return clip >= 0 ? lr * ClipIf(rescale * g, clip) : lr_rescale * g;
-    };
+    const kernel::SgdStep step{lr, rescale_grad_, clip_gradient_, lr * rescale_grad_};
     if (momentum_ == 0) {
-      PushFused<0>("sgd_update", weight, grad, states, [=](float& w, float g) {
-        w = (1.f - lr * wd) * w - step(g);
-      });
+      PushRule<kernel::SgdRule>("sgd_update", weight, grad, states, {step, lr, wd});
       return;
     }
-    const float momentum = momentum_;
-    PushFused<1>("sgd_mom_update", weight, grad, states,
-                 [=](float& w, float g, float& m) {
-                   m = momentum * m - lr * wd * w - step(g);
-                   w = w + m;
-                 });
+    PushRule<kernel::SgdMomentumRule>("sgd_mom_update", weight, grad, states,
+                                      {step, lr, wd, momentum_});
   }
 
   float momentum_;
@@ -156,15 +122,8 @@ class Nag : public Sgd {
       Sgd::PushUpdate(weight, grad, states, lr, wd, t);
       return;
     }
-    const float rescale = rescale_grad_, clip = clip_gradient_;
-    const float momentum = momentum_;
-    PushFused<1>("nag_mom_update", weight, grad, states,
-                 [=](float& w, float g, float& m) {
-                   const float gs = ClipIf(rescale * g, clip);
-                   const float decay = wd * w;
-                   m = momentum * m + gs + decay;
-                   w = w - lr * (momentum * m + gs + decay);
-                 });
+    PushRule<kernel::NagRule>("nag_mom_update", weight, grad, states,
+                              {lr, wd, rescale_grad_, clip_gradient_, momentum_});
   }
 };
 
@@ -190,15 +149,9 @@ class Adam : public Optimizer {
     const double coef2 = 1.0 - std::pow(beta2_double_, static_cast<double>(t));
     const float lr_t = static_cast<float>(static_cast<double>(lr) *
                                           (std::sqrt(coef2) / coef1));
-    const float rescale = rescale_grad_, clip = clip_gradient_;
-    const float beta1 = beta1_, beta2 = beta2_, epsilon = epsilon_;
-    PushFused<2>("adam_update", weight, grad, states,
-                 [=](float& w, float g, float& mean, float& var) {
-                   const float gr = ClipIf(g * rescale + w * wd, clip);
-                   mean = beta1 * mean + (1.f - beta1) * gr;
-                   var = beta2 * var + (1.f - beta2) * (gr * gr);
-                   w = w - lr_t * mean / (std::sqrt(var) + epsilon);
-                 });
+    PushRule<kernel::AdamRule>(
+        "adam_update", weight, grad, states,
+        {lr_t, wd, rescale_grad_, clip_gradient_, beta1_, beta2_, epsilon_});
   }
 
  private:
@@ -219,14 +172,8 @@ class AdaGrad : public Optimizer {
   void PushUpdate(NDArray& weight, const NDArray& grad,
                   std::vector<NDArray>& states, float lr, float wd,
                   int64_t) override {
-    const float rescale = rescale_grad_, clip = clip_gradient_, eps = eps_;
-    PushFused<1>("adagrad_update", weight, grad, states,
-                 [=](float& w, float g, float& history) {
-                   const float gs = ClipIf(g * rescale, clip);
-                   history += gs * gs;
-                   const float div = gs / std::sqrt(history + eps);
-                   w += (div + w * wd) * -lr;
-                 });
+    PushRule<kernel::AdaGradRule>("adagrad_update", weight, grad, states,
+                                  {lr, wd, rescale_grad_, clip_gradient_, eps_});
   }
 
  private:
@@ -248,14 +195,9 @@ class RmsProp : public Optimizer {
   void PushUpdate(NDArray& weight, const NDArray& grad,
                   std::vector<NDArray>& states, float lr, float wd,
                   int64_t) override {
-    const float rescale = rescale_grad_, clip = clip_gradient_;
-    const float gamma1 = gamma1_, epsilon = epsilon_, clip_w = clip_weights_;
-    PushFused<1>("rmsprop_update", weight, grad, states,
-                 [=](float& w, float g, float& n) {
-                   const float gr = ClipIf(rescale * g + wd * w, clip);
-                   n = (1.f - gamma1) * (gr * gr) + gamma1 * n;
-                   w = ClipIf(w - lr * (gr / std::sqrt(n + epsilon)), clip_w);
-                 });
+    PushRule<kernel::RmsPropRule>(
+        "rmsprop_update", weight, grad, states,
+        {lr, wd, rescale_grad_, clip_gradient_, gamma1_, epsilon_, clip_weights_});
   }
 
  private:
@@ -277,17 +219,8 @@ class AdaDelta : public Optimizer {
   void PushUpdate(NDArray& weight, const NDArray& grad,
                   std::vector<NDArray>& states, float, float wd,
                   int64_t) override {
-    const float rescale = rescale_grad_, clip = clip_gradient_;
-    const float rho = rho_, epsilon = epsilon_;
-    PushFused<2>("adadelta_update", weight, grad, states,
-                 [=](float& w, float g, float& acc_g, float& acc_delta) {
-                   const float gs = ClipIf(g * rescale, clip);
-                   acc_g = acc_g * rho + (1.f - rho) * gs * gs;
-                   const float delta = std::sqrt(acc_delta + epsilon) /
-                                       std::sqrt(acc_g + epsilon) * gs;
-                   acc_delta = acc_delta * rho + (1.f - rho) * delta * delta;
-                   w -= delta + wd * w;
-                 });
+    PushRule<kernel::AdaDeltaRule>("adadelta_update", weight, grad, states,
+                                   {wd, rescale_grad_, clip_gradient_, rho_, epsilon_});
   }
 
  private:
@@ -510,13 +443,6 @@ void Optimizer::Update(int index, NDArray weight, const NDArray& grad) {
       absl::StrCat(name_, " update of ", ParamLabel(index));
   MX_THROW_IF_NOT(!weight.is_none() && !grad.is_none(), what,
                   ": the weight or the gradient is a null NDArray");
-  for (const NDArray* a : {static_cast<const NDArray*>(&weight), &grad}) {
-    if (!a->context().is_cpu()) {
-      throw Error(absl::UnimplementedError(absl::StrCat(
-          what, " on ", a->context().ToString(),
-          " is not implemented yet: optimizers run on CPU arrays")));
-    }
-  }
   MX_THROW_IF_NOT(weight.shape() == grad.shape(), what,
                   ": the weight has shape ", weight.shape().ToString(),
                   " but the gradient ", grad.shape().ToString());

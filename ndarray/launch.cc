@@ -3,8 +3,36 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "ndarray/device.h"
 
 namespace mx::kernel {
+
+void Push(const char* name, Context ctx, std::vector<VarHandle> reads,
+          std::vector<VarHandle> writes, std::function<void()> fn, int priority,
+          FnProperty prop) {
+  if (!ctx.is_gpu()) {
+    Engine::Get()->PushSync([fn = std::move(fn)](RunContext) { fn(); }, ctx, std::move(reads),
+                            std::move(writes), priority, name, prop);
+    return;
+  }
+  // On a GPU, fn only enqueues work on the device's compute stream; the
+  // operation completes when the stream has run it, and an error the device
+  // reports then (a failed kernel) is stored on the written variables.
+  Engine::Get()->PushAsync(
+      [fn = std::move(fn)](RunContext rctx, CallbackOnComplete done) {
+        try {
+          fn();
+        } catch (...) {
+          done(std::current_exception());
+          return;
+        }
+        internal::DeviceApiFor(rctx.ctx)->WhenStreamDone(
+            rctx.ctx.device_id, [done](absl::Status s) {
+              done(s.ok() ? nullptr : std::make_exception_ptr(Error(s)));
+            });
+      },
+      ctx, std::move(reads), std::move(writes), priority, name, prop);
+}
 
 void ThrowIfLaunchFailed(const char* error, const char* name, Context ctx) {
   if (error == nullptr) return;

@@ -10,13 +10,24 @@
 #define MX_NDARRAY_LAUNCH_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "ndarray/base.h"
 #include "ndarray/context.h"
+#include "ndarray/engine.h"
 #include "ndarray/kernel.h"
 
 namespace mx::kernel {
+
+// Pushes fn to the engine as an operation on ctx that reads `reads` and
+// writes `writes`. fn may throw; the error is stored on `writes`. On a CPU
+// fn is the whole operation; on gpu(i) fn enqueues work on the device's
+// compute stream (Launch, Reduce, GpuSgemm) and the operation completes once
+// the stream has run it, with any error the device reports then.
+void Push(const char* name, Context ctx, std::vector<VarHandle> reads,
+          std::vector<VarHandle> writes, std::function<void()> fn, int priority = 0,
+          FnProperty prop = FnProperty::kNormal);
 
 // Throws mx::Error(kInternal) "<name> on <ctx>: <error>" unless error is null.
 void ThrowIfLaunchFailed(const char* error, const char* name, Context ctx);

@@ -75,27 +75,8 @@ void PushKernel(const char* name, Context ctx,
   write_vars.reserve(writes.size());
   for (const NDArray* a : reads) read_vars.push_back(a->var());
   for (const NDArray* a : writes) write_vars.push_back(a->var());
-  if (!ctx.is_gpu()) {
-    Engine::Get()->PushSync([fn = std::move(fn)](RunContext) { fn(); }, ctx,
-                            std::move(read_vars), std::move(write_vars), priority, name, prop);
-    return;
-  }
-  // On a GPU, fn only enqueues work on the device's compute stream; the
-  // operation completes when the stream has run it, and an error the device
-  // reports then (a failed kernel) is stored on the written variables.
-  Engine::Get()->PushAsync(
-      [fn = std::move(fn)](RunContext rctx, CallbackOnComplete done) {
-        try {
-          fn();
-        } catch (...) {
-          done(std::current_exception());
-          return;
-        }
-        DeviceApiFor(rctx.ctx)->WhenStreamDone(rctx.ctx.device_id, [done](absl::Status s) {
-          done(s.ok() ? nullptr : std::make_exception_ptr(Error(s)));
-        });
-      },
-      ctx, std::move(read_vars), std::move(write_vars), priority, name, prop);
+  kernel::Push(name, ctx, std::move(read_vars), std::move(write_vars), std::move(fn), priority,
+               prop);
 }
 
 }  // namespace internal

@@ -3,6 +3,7 @@
 // (no array can be created on a GPU in such a build, so none is reached).
 #include "ndarray/device.h"
 #include "ndarray/kernel.h"
+#include "ndarray/update_kernels.h"
 #include "ndarray/launch.h"
 
 namespace mx::internal {

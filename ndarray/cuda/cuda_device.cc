@@ -12,6 +12,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "ndarray/base.h"
 #include "ndarray/cuda/stream.h"
 #include "ndarray/device.h"
@@ -34,7 +36,12 @@ absl::Status CudaStatus(cudaError_t err, const std::string& what) {
 
 // Completes WhenStreamDone requests of one device in the order they were
 // made: each is an event recorded on the compute stream, which one thread
-// waits for (blocking, not spinning) before calling the request's callback.
+// waits for before calling the request's callback. It polls the event,
+// spinning for kSpin and then sleeping kNap between polls, and blocks in
+// the driver only after kPoll: a blocking wait alone wakes up hundreds of
+// microseconds late (measured on an H200: a 4096^3 product ran at 0.84 of
+// cuBLAS, a 64M-element add at 0.6 of memcpy bandwidth), and spinning
+// throughout would hold a core while long kernels run.
 class StreamWatcher {
  public:
   explicit StreamWatcher(int device) : device_(device) {
@@ -72,9 +79,26 @@ class StreamWatcher {
         r = std::move(queue_.front());
         queue_.pop_front();
       }
-      absl::Status s = CudaStatus(cudaEventSynchronize(r.event), Where("GPU work", device_));
+      absl::Status s = CudaStatus(Wait(r.event), Where("GPU work", device_));
       GiveEvent(r.event);
       r.done(s);
+    }
+  }
+
+  static cudaError_t Wait(cudaEvent_t event) {
+    constexpr absl::Duration kSpin = absl::Microseconds(200), kNap = absl::Microseconds(20),
+                             kPoll = absl::Milliseconds(100);
+    const absl::Time start = absl::Now();
+    for (;;) {
+      const cudaError_t err = cudaEventQuery(event);
+      if (err != cudaErrorNotReady) return err;
+      const absl::Duration waited = absl::Now() - start;
+      if (waited > kPoll) return cudaEventSynchronize(event);
+      if (waited > kSpin) {
+        absl::SleepFor(kNap);
+      } else {
+        std::this_thread::yield();
+      }
     }
   }
 

@@ -5,6 +5,7 @@
 
 #include "ndarray/cuda/stream.h"
 #include "ndarray/kernel.h"
+#include "ndarray/update_kernels.h"
 
 namespace mx::kernel {
 
@@ -14,10 +15,11 @@ constexpr int kThreads = 256;
 
 // Enough blocks to cover n with kThreads each, capped: the grid-stride loop
 // covers the rest.
-unsigned Blocks(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
+unsigned Capped(int64_t blocks) {
   return static_cast<unsigned>(blocks < (1 << 20) ? blocks : (1 << 20));
 }
+
+unsigned Blocks(int64_t n) { return Capped((n + kThreads - 1) / kThreads); }
 
 const char* ErrorText(cudaError_t err) {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -31,27 +33,71 @@ __global__ void MapKernel(int64_t n, typename K::Params p) {
   }
 }
 
-// One block per output element (grid-stride over outputs): its threads
-// reduce strided parts of the axis, then combine in shared memory.
-template <typename R>
-__global__ void ReduceKernel(const float* in, float* out, int64_t outer, int64_t n,
-                             int64_t inner) {
-  __shared__ double partial[kThreads];
-  for (int64_t o = blockIdx.x; o < outer * inner; o += gridDim.x) {
+// Reduces parts of the axis: block b (grid-stride) takes output o =
+// b / parts and the k-range of part b % parts; its threads reduce strided
+// elements of that range, then combine in shared memory. With kFinal (parts
+// == 1) it writes the finalized output, otherwise the partial result, which
+// CombineKernel finishes.
+template <typename R, bool kFinal>
+__global__ void ReduceKernel(const float* in, float* out, double* partial, int64_t outputs,
+                             int64_t n, int64_t inner, int64_t parts) {
+  __shared__ double shared[kThreads];
+  const int64_t per_part = (n + parts - 1) / parts;
+  for (int64_t b = blockIdx.x; b < outputs * parts; b += gridDim.x) {
+    const int64_t o = b / parts, part = b % parts;
     const float* base = in + (o / inner) * n * inner + o % inner;
-    double acc = R::Init();
-    for (int64_t k = threadIdx.x; k < n; k += blockDim.x) acc = R::Reduce(acc, base[k * inner]);
-    partial[threadIdx.x] = acc;
+    const int64_t end = (part + 1) * per_part < n ? (part + 1) * per_part : n;
+    // Four independent accumulators keep four loads in flight per thread.
+    double acc[4] = {R::Init(), R::Init(), R::Init(), R::Init()};
+    int64_t k = part * per_part + threadIdx.x;
+    const int64_t step = blockDim.x;
+    for (; k + 3 * step < end; k += 4 * step) {
+      const float x0 = base[k * inner], x1 = base[(k + step) * inner],
+                  x2 = base[(k + 2 * step) * inner], x3 = base[(k + 3 * step) * inner];
+      acc[0] = R::Reduce(acc[0], x0);
+      acc[1] = R::Reduce(acc[1], x1);
+      acc[2] = R::Reduce(acc[2], x2);
+      acc[3] = R::Reduce(acc[3], x3);
+    }
+    for (; k < end; k += step) acc[0] = R::Reduce(acc[0], base[k * inner]);
+    shared[threadIdx.x] = R::Combine(R::Combine(acc[0], acc[1]), R::Combine(acc[2], acc[3]));
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-      if (threadIdx.x < s) {
-        partial[threadIdx.x] = R::Combine(partial[threadIdx.x], partial[threadIdx.x + s]);
-      }
+      if (threadIdx.x < s) shared[threadIdx.x] = R::Combine(shared[threadIdx.x], shared[threadIdx.x + s]);
       __syncthreads();
     }
-    if (threadIdx.x == 0) out[o] = R::Finalize(partial[0], n);
+    if (threadIdx.x == 0) {
+      if (kFinal) {
+        out[o] = R::Finalize(shared[0], n);
+      } else {
+        partial[b] = shared[0];
+      }
+    }
     __syncthreads();
   }
+}
+
+// out[o] = the parts of output o combined and finalized; one thread each.
+template <typename R>
+__global__ void CombineKernel(const double* partial, float* out, int64_t outputs, int64_t n,
+                              int64_t parts) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < outputs; o += stride) {
+    double acc = partial[o * parts];
+    for (int64_t p = 1; p < parts; ++p) acc = R::Combine(acc, partial[o * parts + p]);
+    out[o] = R::Finalize(acc, n);
+  }
+}
+
+// Parts per output: enough blocks to fill the GPU when there are few
+// outputs, each part at least 4096 elements long.
+int64_t Parts(int64_t outputs, int64_t n) {
+  constexpr int64_t kWantBlocks = 4096, kMinPart = 4096;
+  if (outputs >= kWantBlocks) return 1;
+  int64_t parts = (kWantBlocks + outputs - 1) / outputs;
+  const int64_t by_length = (n + kMinPart - 1) / kMinPart;
+  if (parts > by_length) parts = by_length;
+  return parts < 1 ? 1 : parts;
 }
 
 }  // namespace
@@ -69,11 +115,23 @@ const char* GpuReduce(int device, const float* in, float* out, int64_t outer, in
                       int64_t inner) {
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return ErrorText(err);
-  const int64_t outputs = outer * inner;
-  const unsigned blocks = static_cast<unsigned>(outputs < (1 << 20) ? outputs : (1 << 20));
-  ReduceKernel<R><<<blocks, kThreads, 0, internal::cuda::ComputeStream(device)>>>(
-      in, out, outer, n, inner);
-  return ErrorText(cudaGetLastError());
+  cudaStream_t stream = internal::cuda::ComputeStream(device);
+  const int64_t outputs = outer * inner, parts = Parts(outputs, n);
+  if (parts == 1) {
+    ReduceKernel<R, true><<<Capped(outputs), kThreads, 0, stream>>>(in, out, nullptr, outputs, n,
+                                                                      inner, 1);
+    return ErrorText(cudaGetLastError());
+  }
+  // The partial results live in stream-ordered memory, freed after use.
+  double* partial = nullptr;
+  err = cudaMallocAsync(&partial, sizeof(double) * outputs * parts, stream);
+  if (err != cudaSuccess) return ErrorText(err);
+  ReduceKernel<R, false><<<Capped(outputs * parts), kThreads, 0, stream>>>(
+      in, nullptr, partial, outputs, n, inner, parts);
+  CombineKernel<R><<<Blocks(outputs), kThreads, 0, stream>>>(partial, out, outputs, n, parts);
+  err = cudaGetLastError();
+  cudaFreeAsync(partial, stream);
+  return ErrorText(err);
 }
 
 #define MX_KERNEL(K) template const char* GpuLaunch<K>(int, int64_t, const K::Params&);

@@ -19,7 +19,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 
 # Test targets with GPU tests (each also runs its CPU cases), then benches.
-TESTS=(//tests/ndarray:gpu_ndarray_test //tests/ndarray:kernel_test)
+TESTS=(//tests/ndarray:gpu_ndarray_test //tests/ndarray:kernel_test //tests/kvstore:kvstore_test
+       //tests/kvstore:optimizer_test)
 BENCHES=(//bench:gpu_bench)
 
 # Libraries the GPU machine provides: the driver, the C runtime, and the
