@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "graph/node.h"
+#include "ndarray/launch.h"
 
 namespace mx {
 
@@ -354,6 +355,14 @@ absl::Status Executor::Init(const Symbol& symbol, Context ctx,
     for (int j = 0; j < n->num_outputs(); ++j) needs_grad[first_entry[n] + j] = any;
   }
 
+  if (ctx_.is_gpu()) {
+    for (Node* n : order) {
+      if (n->is_variable() || n->op->gpu) continue;
+      return absl::UnimplementedError(absl::StrCat(
+          "bind on ", ctx_.ToString(), ": operator ", n->name, " (", n->op->name,
+          ") has no GPU implementation yet; bind on a CPU context"));
+    }
+  }
   for (Node* n : order) {
     if (n->is_variable()) continue;
     Plan::NodeRun run;
@@ -538,22 +547,22 @@ absl::Status Executor::Init(const Symbol& symbol, Context ctx,
 }
 
 void Executor::Forward(bool is_train) {
-  Engine* engine = Engine::Get();
   for (size_t k = 0; k < plan_->nodes.size(); ++k) {
     const Plan::NodeRun& run = plan_->nodes[k];
     OpContext op_ctx;
+    op_ctx.ctx = ctx_;
     op_ctx.is_train = is_train;
     op_ctx.seed = NextRandomSeed();
     op_ctx.workspace = run.workspace_floats > 0 ? plan_->workspace.data() : nullptr;
     std::vector<OpReq> req(run.out.size(), OpReq::kWrite);
-    engine->PushSync(
-        [plan = plan_, k, op_ctx, req = std::move(req)](RunContext) {
+    kernel::Push(
+        run.fwd_name.c_str(), ctx_, run.fwd_reads, run.fwd_writes,
+        [plan = plan_, k, op_ctx, req = std::move(req)] {
           const Plan::NodeRun& r = plan->nodes[k];
           r.node->op->forward(op_ctx, r.node->parsed, r.in_blobs, req, r.out_blobs,
                               r.aux_blobs);
         },
-        ctx_, run.fwd_reads, run.fwd_writes, 0, run.fwd_name.c_str(),
-        Property(run));
+        0, Property(run));
     if (monitor_) {
       std::vector<std::string> names = run.node->output_names();
       for (size_t j = 0; j < run.out.size(); ++j) monitor_(names[j], plan_->entries[run.out[j]]);
@@ -588,22 +597,22 @@ void Executor::Backward(const std::vector<NDArray>& head_grads) {
     NDArray slot = plan_->grads[plan_->grad_of[id]];
     slot.Assign(0.0f);
   }
-  Engine* engine = Engine::Get();
   for (size_t k = plan_->nodes.size(); k-- > 0;) {
     const Plan::NodeRun& run = plan_->nodes[k];
     if (!run.in_backward) continue;
     OpContext op_ctx;
+    op_ctx.ctx = ctx_;
     op_ctx.is_train = true;
     op_ctx.seed = NextRandomSeed();
     op_ctx.workspace = run.workspace_floats > 0 ? plan_->workspace.data() : nullptr;
-    engine->PushSync(
-        [plan = plan_, k, op_ctx](RunContext) {
+    kernel::Push(
+        run.bwd_name.c_str(), ctx_, run.bwd_reads, run.bwd_writes,
+        [plan = plan_, k, op_ctx] {
           const Plan::NodeRun& r = plan->nodes[k];
           r.node->op->backward(op_ctx, r.node->parsed, r.out_grad_blobs, r.in_blobs,
                                r.out_blobs, r.bwd_req, r.in_grad_blobs, r.aux_blobs);
         },
-        ctx_, run.bwd_reads, run.bwd_writes, 0, run.bwd_name.c_str(),
-        Property(run));
+        0, Property(run));
   }
 }
 

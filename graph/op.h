@@ -30,6 +30,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "ndarray/base.h"
+#include "ndarray/context.h"
 
 namespace mx {
 
@@ -106,6 +107,8 @@ inline void Store(OpReq req, float* dst, float v) {
 }
 
 struct OpContext {
+  // Where the blobs live; only operators with OpDef::gpu run on a GPU.
+  Context ctx = cpu();
   bool is_train = false;
   // Seed for operators that draw random numbers (Dropout); fresh per call.
   uint64_t seed = 0;
@@ -158,6 +161,10 @@ struct OpDef {
   // The kernels use the whole CPU pool (ndarray/parallel.h): the engine
   // runs them alone (FnProperty::kCpuParallel).
   bool uses_all_cores = false;
+  // forward and backward run on gpu(i) contexts too (through the kernel
+  // layer, ndarray/launch.h, and cuBLAS): binding a graph on a GPU refuses
+  // operators without it.
+  bool gpu = false;
   // A loss: backward needs no head gradient.
   bool is_loss = false;
   // What backward reads, for memory planning.

@@ -411,7 +411,7 @@ const char* GpuLaunch(int device, int64_t n, const typename K::Params& params);
 
 template <typename R>
 const char* GpuReduce(int device, const float* in, float* out, int64_t outer,
-                      int64_t n, int64_t inner);
+                      int64_t n, int64_t inner, bool add);
 
 }  // namespace mx::kernel
 

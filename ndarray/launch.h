@@ -44,14 +44,15 @@ void Launch(const char* name, Context ctx, int64_t n, const typename K::Params& 
 }
 
 // out[o * inner + i] = R over k of in[(o * n + k) * inner + i], for an input
-// viewed as (outer, n, inner). On the CPU the loop runs k outside and i
-// inside, so rows are read in order and the accumulation vectorizes.
+// viewed as (outer, n, inner); with add, the result is added to out. On the
+// CPU the loop runs k outside and i inside, so rows are read in order and
+// the accumulation vectorizes.
 template <typename R>
 void Reduce(const char* name, Context ctx, const float* in, float* out, int64_t outer,
-            int64_t n, int64_t inner) {
+            int64_t n, int64_t inner, bool add = false) {
   if (outer * inner == 0) return;
   if (ctx.is_gpu()) {
-    ThrowIfLaunchFailed(GpuReduce<R>(ctx.device_id, in, out, outer, n, inner), name, ctx);
+    ThrowIfLaunchFailed(GpuReduce<R>(ctx.device_id, in, out, outer, n, inner, add), name, ctx);
     return;
   }
   std::vector<double> acc(inner);
@@ -62,7 +63,11 @@ void Reduce(const char* name, Context ctx, const float* in, float* out, int64_t 
       const float* row = block + k * inner;
       for (int64_t i = 0; i < inner; ++i) acc[i] = R::Reduce(acc[i], row[i]);
     }
-    for (int64_t i = 0; i < inner; ++i) out[o * inner + i] = R::Finalize(acc[i], n);
+    float* row = out + o * inner;
+    for (int64_t i = 0; i < inner; ++i) {
+      const float v = R::Finalize(acc[i], n);
+      row[i] = add ? row[i] + v : v;
+    }
   }
 }
 

@@ -3,6 +3,7 @@
 // (no array can be created on a GPU in such a build, so none is reached).
 #include "ndarray/device.h"
 #include "ndarray/kernel.h"
+#include "ndarray/nn_kernels.h"
 #include "ndarray/update_kernels.h"
 #include "ndarray/launch.h"
 
@@ -22,7 +23,7 @@ const char* GpuLaunch(int, int64_t, const typename K::Params&) {
 }
 
 template <typename R>
-const char* GpuReduce(int, const float*, float*, int64_t, int64_t, int64_t) {
+const char* GpuReduce(int, const float*, float*, int64_t, int64_t, int64_t, bool) {
   return kNoGpu;
 }
 
@@ -30,7 +31,7 @@ const char* GpuSgemm(int, const ColMajorGemm&, float, float) { return kNoGpu; }
 
 #define MX_KERNEL(K) template const char* GpuLaunch<K>(int, int64_t, const K::Params&);
 #define MX_REDUCER(R) \
-  template const char* GpuReduce<R>(int, const float*, float*, int64_t, int64_t, int64_t);
+  template const char* GpuReduce<R>(int, const float*, float*, int64_t, int64_t, int64_t, bool);
 #include "ndarray/kernel_list.inc"
 #undef MX_KERNEL
 #undef MX_REDUCER

@@ -256,7 +256,7 @@ void ForwardChunk(const Geometry& g, const ParsedParams& p, const std::vector<TB
   const bool direct = images == 1 && req == OpReq::kWrite;
   float* tmp = direct ? out.data + n0 * image_out : col + g.ColFloats(images);
   for (int64_t gr = 0; gr < g.groups; ++gr) {
-    Gemm(OpReq::kWrite, false, false, g.GroupFilters(), cols, g.GroupRows(), 1.0f,
+    Gemm(cpu(), OpReq::kWrite, false, false, g.GroupFilters(), cols, g.GroupRows(), 1.0f,
          in[1].data + gr * g.GroupFilters() * g.GroupRows(),
          col + gr * g.GroupRows() * cols, tmp + gr * g.GroupFilters() * cols);
   }
@@ -339,7 +339,7 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
         Im2Col(g, in[0].data + n0 * image_in, images, col);
         const OpReq wreq = n0 == first ? OpReq::kWrite : OpReq::kAdd;
         for (int64_t gr = 0; gr < g.groups; ++gr) {
-          Gemm(wreq, false, true, g.GroupFilters(), g.GroupRows(), cols, 1.0f,
+          Gemm(cpu(), wreq, false, true, g.GroupFilters(), g.GroupRows(), cols, 1.0f,
                tmp + gr * g.GroupFilters() * cols, col + gr * g.GroupRows() * cols,
                partial + gr * g.GroupFilters() * g.GroupRows());
         }
@@ -348,7 +348,7 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
         float* dx = in_grad[0].data + n0 * image_in;
         if (req[0] == OpReq::kWrite) std::fill(dx, dx + images * image_in, 0.0f);
         for (int64_t gr = 0; gr < g.groups; ++gr) {
-          Gemm(OpReq::kWrite, true, false, g.GroupRows(), cols, g.GroupFilters(), 1.0f,
+          Gemm(cpu(), OpReq::kWrite, true, false, g.GroupRows(), cols, g.GroupFilters(), 1.0f,
                in[1].data + gr * g.GroupFilters() * g.GroupRows(),
                tmp + gr * g.GroupFilters() * cols, col + gr * g.GroupRows() * cols);
         }

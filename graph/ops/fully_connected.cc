@@ -2,6 +2,8 @@
 // (num_hidden, input_dim) as in MXNet. With flatten (the default) data is
 // viewed as (batch, everything else); without, the last axis is the input.
 #include "graph/ops/op_util.h"
+#include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx::ops {
 namespace {
@@ -50,24 +52,21 @@ absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
   return absl::OkStatus();
 }
 
-void Forward(const OpContext&, const ParsedParams& p,
+void Forward(const OpContext& ctx, const ParsedParams& p,
              const std::vector<TBlob>& in, const std::vector<OpReq>& req,
              const std::vector<TBlob>& out, const std::vector<TBlob>&) {
   int64_t rows, in_dim;
   Dims(p, in[0].shape, &rows, &in_dim);
   const int64_t hidden = p.GetInt("num_hidden");
   float* o = out[0].data;
-  Gemm(req[0], false, true, rows, hidden, in_dim, 1.0f, in[0].data, in[1].data, o);
+  Gemm(ctx.ctx, req[0], false, true, rows, hidden, in_dim, 1.0f, in[0].data, in[1].data, o);
   if (!p.GetBool("no_bias") && req[0] != OpReq::kNull) {
-    const float* b = in[2].data;
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = o + r * hidden;
-      for (int64_t h = 0; h < hidden; ++h) row[h] += b[h];
-    }
+    kernel::Launch<kernel::AddBiasKernel>("FullyConnected", ctx.ctx, rows * hidden,
+                                          {o, in[2].data, hidden});
   }
 }
 
-void Backward(const OpContext&, const ParsedParams& p,
+void Backward(const OpContext& ctx, const ParsedParams& p,
               const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,
               const std::vector<TBlob>&, const std::vector<OpReq>& req,
               const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
@@ -76,15 +75,14 @@ void Backward(const OpContext&, const ParsedParams& p,
   const int64_t hidden = p.GetInt("num_hidden");
   const float* g = out_grad[0].data;
   // d data = g * W ; d W = g^T * data ; d bias = column sums of g.
-  Gemm(req[0], false, false, rows, in_dim, hidden, 1.0f, g, in[1].data, in_grad[0].data);
-  Gemm(req[1], true, false, hidden, in_dim, rows, 1.0f, g, in[0].data, in_grad[1].data);
+  Gemm(ctx.ctx, req[0], false, false, rows, in_dim, hidden, 1.0f, g, in[1].data,
+       in_grad[0].data);
+  Gemm(ctx.ctx, req[1], true, false, hidden, in_dim, rows, 1.0f, g, in[0].data,
+       in_grad[1].data);
   if (!p.GetBool("no_bias") && req[2] != OpReq::kNull) {
-    float* gb = in_grad[2].data;
-    if (req[2] == OpReq::kWrite) std::fill(gb, gb + hidden, 0.0f);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* row = g + r * hidden;
-      for (int64_t h = 0; h < hidden; ++h) gb[h] += row[h];
-    }
+    kernel::Reduce<kernel::SumReducer>("FullyConnected bias gradient", ctx.ctx, g,
+                                       in_grad[2].data, 1, rows, hidden,
+                                       req[2] == OpReq::kAdd);
   }
 }
 
@@ -103,6 +101,7 @@ OpDef Make() {
   op.backward = Backward;
   op.backward_uses_outputs = false;
   op.uses_all_cores = true;
+  op.gpu = true;
   return op;
 }
 

@@ -86,15 +86,15 @@ DotDims GetDotDims(const ParsedParams& p, const Shape& l, const Shape& r) {
   return {a.free.Size(), b.free.Size(), l[a.contracted]};
 }
 
-void DotForward(const OpContext&, const ParsedParams& p,
+void DotForward(const OpContext& ctx, const ParsedParams& p,
                 const std::vector<TBlob>& in, const std::vector<OpReq>& req,
                 const std::vector<TBlob>& out, const std::vector<TBlob>&) {
   const DotDims d = GetDotDims(p, in[0].shape, in[1].shape);
-  Gemm(req[0], p.GetBool("transpose_a"), p.GetBool("transpose_b"), d.m, d.n,
+  Gemm(ctx.ctx, req[0], p.GetBool("transpose_a"), p.GetBool("transpose_b"), d.m, d.n,
        d.k, 1.0f, in[0].data, in[1].data, out[0].data);
 }
 
-void DotBackward(const OpContext&, const ParsedParams& p,
+void DotBackward(const OpContext& ctx, const ParsedParams& p,
                  const std::vector<TBlob>& out_grad,
                  const std::vector<TBlob>& in, const std::vector<TBlob>&,
                  const std::vector<OpReq>& req,
@@ -107,14 +107,14 @@ void DotBackward(const OpContext&, const ParsedParams& p,
   // C = op(A) op(B): d op(A) = G op(B)^T, d op(B) = op(A)^T G, stored
   // transposed back where the operand was transposed.
   if (ta) {
-    Gemm(req[0], tb, true, d.k, d.m, d.n, 1.0f, b, g, in_grad[0].data);
+    Gemm(ctx.ctx, req[0], tb, true, d.k, d.m, d.n, 1.0f, b, g, in_grad[0].data);
   } else {
-    Gemm(req[0], false, !tb, d.m, d.k, d.n, 1.0f, g, b, in_grad[0].data);
+    Gemm(ctx.ctx, req[0], false, !tb, d.m, d.k, d.n, 1.0f, g, b, in_grad[0].data);
   }
   if (tb) {
-    Gemm(req[1], true, ta, d.n, d.k, d.m, 1.0f, g, a, in_grad[1].data);
+    Gemm(ctx.ctx, req[1], true, ta, d.n, d.k, d.m, 1.0f, g, a, in_grad[1].data);
   } else {
-    Gemm(req[1], !ta, false, d.k, d.n, d.m, 1.0f, a, g, in_grad[1].data);
+    Gemm(ctx.ctx, req[1], !ta, false, d.k, d.n, d.m, 1.0f, a, g, in_grad[1].data);
   }
 }
 
@@ -132,6 +132,7 @@ OpDef MakeDot() {
   op.forward = DotForward;
   op.backward = DotBackward;
   op.backward_uses_outputs = false;
+  op.gpu = true;
   op.uses_all_cores = true;  // OpenBLAS products
   return op;
 }

@@ -3,9 +3,11 @@
 // grad_scale / normalization, as MXNet computes it. The head gradient is
 // not used (it is a loss).
 #include <algorithm>
-#include <cmath>
+#include <string>
 
 #include "graph/ops/op_util.h"
+#include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx::ops {
 namespace {
@@ -34,43 +36,31 @@ absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
   return MergeShape(out, 0, data, "output");
 }
 
-void Softmax(const float* x, float* y, int64_t rows, int64_t classes) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * classes;
-    float* yr = y + r * classes;
-    float m = *std::max_element(xr, xr + classes);
-    float sum = 0;
-    for (int64_t c = 0; c < classes; ++c) {
-      yr[c] = std::exp(xr[c] - m);
-      sum += yr[c];
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t c = 0; c < classes; ++c) yr[c] *= inv;
-  }
-}
-
-void Forward(const OpContext&, const ParsedParams&, const std::vector<TBlob>& in,
+void Forward(const OpContext& ctx, const ParsedParams&, const std::vector<TBlob>& in,
              const std::vector<OpReq>& req, const std::vector<TBlob>& out,
              const std::vector<TBlob>&) {
   if (req[0] == OpReq::kNull) return;
   int64_t rows, classes;
   Dims(in[0].shape, &rows, &classes);
-  Softmax(in[0].data, out[0].data, rows, classes);
+  kernel::Launch<kernel::SoftmaxRowsKernel>("SoftmaxOutput", ctx.ctx, rows,
+                                            {out[0].data, in[0].data, classes});
 }
 
-void Backward(const OpContext&, const ParsedParams& p,
+void Backward(const OpContext& ctx, const ParsedParams& p,
               const std::vector<TBlob>&, const std::vector<TBlob>& in,
               const std::vector<TBlob>& out, const std::vector<OpReq>& req,
               const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
   int64_t rows, classes;
   Dims(in[0].shape, &rows, &classes);
   const float* label = in[1].data;
-  const float* prob = out[0].data;
   const bool use_ignore = p.GetBool("use_ignore");
   const float ignore = p.GetFloat("ignore_label");
   const std::string& norm = p.GetString("normalization");
   int64_t valid = rows;
   if (norm == "valid" && use_ignore) {
+    // Counting the labels reads them on the host.
+    MX_THROW_IF_NOT(ctx.ctx.is_cpu(), "SoftmaxOutput: normalization='valid' with use_ignore "
+                    "is not supported on ", ctx.ctx.ToString(), " yet");
     valid = 0;
     for (int64_t r = 0; r < rows; ++r) valid += label[r] != ignore;
   }
@@ -78,18 +68,15 @@ void Backward(const OpContext&, const ParsedParams& p,
   if (norm == "batch") scale /= std::max<int64_t>(rows, 1);
   if (norm == "valid") scale /= std::max<int64_t>(valid, 1);
   if (req[0] != OpReq::kNull) {
-    float* g = in_grad[0].data;
-    for (int64_t r = 0; r < rows; ++r) {
-      const bool skip = use_ignore && label[r] == ignore;
-      const int64_t k = static_cast<int64_t>(label[r]);
-      for (int64_t c = 0; c < classes; ++c) {
-        float v = skip ? 0.0f : (prob[r * classes + c] - (c == k ? 1.0f : 0.0f)) * scale;
-        Store(req[0], g + r * classes + c, v);
-      }
-    }
+    kernel::Launch<kernel::SoftmaxOutputGradKernel>(
+        "SoftmaxOutput", ctx.ctx, rows * classes,
+        {in_grad[0].data, out[0].data, label, classes, scale, ignore, use_ignore,
+         req[0] == OpReq::kAdd});
   }
   // Labels get no gradient; a requested one is zero.
-  if (req[1] == OpReq::kWrite) std::fill(in_grad[1].data, in_grad[1].data + rows, 0.0f);
+  if (req[1] == OpReq::kWrite) {
+    kernel::Launch<kernel::FillKernel>("SoftmaxOutput", ctx.ctx, rows, {in_grad[1].data, 0.0f});
+  }
 }
 
 OpDef Make() {
@@ -109,6 +96,7 @@ OpDef Make() {
   op.forward = Forward;
   op.backward = Backward;
   op.is_loss = true;
+  op.gpu = true;
   return op;
 }
 

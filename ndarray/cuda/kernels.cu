@@ -5,6 +5,7 @@
 
 #include "ndarray/cuda/stream.h"
 #include "ndarray/kernel.h"
+#include "ndarray/nn_kernels.h"
 #include "ndarray/update_kernels.h"
 
 namespace mx::kernel {
@@ -33,14 +34,30 @@ __global__ void MapKernel(int64_t n, typename K::Params p) {
   }
 }
 
+// The block's values combined (a tree in shared memory of kThreads
+// doubles); the result is valid in thread 0. Every thread must call it; it
+// leaves shared free for reuse.
+template <typename R>
+__device__ double BlockCombine(double value, double* shared) {
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) shared[threadIdx.x] = R::Combine(shared[threadIdx.x], shared[threadIdx.x + s]);
+    __syncthreads();
+  }
+  const double total = shared[0];
+  __syncthreads();
+  return total;
+}
+
 // Reduces parts of the axis: block b (grid-stride) takes output o =
 // b / parts and the k-range of part b % parts; its threads reduce strided
 // elements of that range, then combine in shared memory. With kFinal (parts
-// == 1) it writes the finalized output, otherwise the partial result, which
-// CombineKernel finishes.
+// == 1) it writes the finalized output (added to out with add), otherwise
+// the partial result, which CombineKernel finishes.
 template <typename R, bool kFinal>
 __global__ void ReduceKernel(const float* in, float* out, double* partial, int64_t outputs,
-                             int64_t n, int64_t inner, int64_t parts) {
+                             int64_t n, int64_t inner, int64_t parts, bool add) {
   __shared__ double shared[kThreads];
   const int64_t per_part = (n + parts - 1) / parts;
   for (int64_t b = blockIdx.x; b < outputs * parts; b += gridDim.x) {
@@ -60,32 +77,37 @@ __global__ void ReduceKernel(const float* in, float* out, double* partial, int64
       acc[3] = R::Reduce(acc[3], x3);
     }
     for (; k < end; k += step) acc[0] = R::Reduce(acc[0], base[k * inner]);
-    shared[threadIdx.x] = R::Combine(R::Combine(acc[0], acc[1]), R::Combine(acc[2], acc[3]));
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-      if (threadIdx.x < s) shared[threadIdx.x] = R::Combine(shared[threadIdx.x], shared[threadIdx.x + s]);
-      __syncthreads();
-    }
+    const double total = BlockCombine<R>(
+        R::Combine(R::Combine(acc[0], acc[1]), R::Combine(acc[2], acc[3])), shared);
     if (threadIdx.x == 0) {
       if (kFinal) {
-        out[o] = R::Finalize(shared[0], n);
+        const float v = R::Finalize(total, n);
+        out[o] = add ? out[o] + v : v;
       } else {
-        partial[b] = shared[0];
+        partial[b] = total;
       }
     }
-    __syncthreads();
   }
 }
 
-// out[o] = the parts of output o combined and finalized; one thread each.
+// out[o] = the parts of output o combined and finalized: one block per
+// output (grid-stride), its threads combining strided parts, then a tree in
+// shared memory. (One thread per output, reading thousands of partials one
+// after another, took milliseconds for a full reduction.)
 template <typename R>
 __global__ void CombineKernel(const double* partial, float* out, int64_t outputs, int64_t n,
-                              int64_t parts) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < outputs; o += stride) {
-    double acc = partial[o * parts];
-    for (int64_t p = 1; p < parts; ++p) acc = R::Combine(acc, partial[o * parts + p]);
-    out[o] = R::Finalize(acc, n);
+                              int64_t parts, bool add) {
+  __shared__ double shared[kThreads];
+  for (int64_t o = blockIdx.x; o < outputs; o += gridDim.x) {
+    double acc = R::Init();
+    for (int64_t p = threadIdx.x; p < parts; p += blockDim.x) {
+      acc = R::Combine(acc, partial[o * parts + p]);
+    }
+    const double total = BlockCombine<R>(acc, shared);
+    if (threadIdx.x == 0) {
+      const float v = R::Finalize(total, n);
+      out[o] = add ? out[o] + v : v;
+    }
   }
 }
 
@@ -112,14 +134,14 @@ const char* GpuLaunch(int device, int64_t n, const typename K::Params& params) {
 
 template <typename R>
 const char* GpuReduce(int device, const float* in, float* out, int64_t outer, int64_t n,
-                      int64_t inner) {
+                      int64_t inner, bool add) {
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return ErrorText(err);
   cudaStream_t stream = internal::cuda::ComputeStream(device);
   const int64_t outputs = outer * inner, parts = Parts(outputs, n);
   if (parts == 1) {
     ReduceKernel<R, true><<<Capped(outputs), kThreads, 0, stream>>>(in, out, nullptr, outputs, n,
-                                                                      inner, 1);
+                                                                      inner, 1, add);
     return ErrorText(cudaGetLastError());
   }
   // The partial results live in stream-ordered memory, freed after use.
@@ -127,8 +149,8 @@ const char* GpuReduce(int device, const float* in, float* out, int64_t outer, in
   err = cudaMallocAsync(&partial, sizeof(double) * outputs * parts, stream);
   if (err != cudaSuccess) return ErrorText(err);
   ReduceKernel<R, false><<<Capped(outputs * parts), kThreads, 0, stream>>>(
-      in, nullptr, partial, outputs, n, inner, parts);
-  CombineKernel<R><<<Blocks(outputs), kThreads, 0, stream>>>(partial, out, outputs, n, parts);
+      in, nullptr, partial, outputs, n, inner, parts, add);
+  CombineKernel<R><<<Capped(outputs), kThreads, 0, stream>>>(partial, out, outputs, n, parts, add);
   err = cudaGetLastError();
   cudaFreeAsync(partial, stream);
   return ErrorText(err);
@@ -136,7 +158,7 @@ const char* GpuReduce(int device, const float* in, float* out, int64_t outer, in
 
 #define MX_KERNEL(K) template const char* GpuLaunch<K>(int, int64_t, const K::Params&);
 #define MX_REDUCER(R) \
-  template const char* GpuReduce<R>(int, const float*, float*, int64_t, int64_t, int64_t);
+  template const char* GpuReduce<R>(int, const float*, float*, int64_t, int64_t, int64_t, bool);
 #include "ndarray/kernel_list.inc"
 #undef MX_KERNEL
 #undef MX_REDUCER

@@ -20,8 +20,12 @@ cd "$(dirname "$0")/../.."
 
 # Test targets with GPU tests (each also runs its CPU cases), then benches.
 TESTS=(//tests/ndarray:gpu_ndarray_test //tests/ndarray:kernel_test //tests/kvstore:kvstore_test
-       //tests/kvstore:optimizer_test)
+       //tests/kvstore:optimizer_test //tests/graph:gpu_executor_test)
 BENCHES=(//bench:gpu_bench)
+# Training end to end on gpu(0): mx_train on Fashion-MNIST's test set
+# (the pack carries it; the training set would not fit in 64 MiB).
+TRAIN=//worker:mx_train
+DATA=/usr/share/datasets/fashion-mnist
 
 # Libraries the GPU machine provides: the driver, the C runtime, and the
 # CUDA libraries found there by `run`.
@@ -29,23 +33,29 @@ SYSTEM_LIBS='^(linux-vdso|libc\.|libm\.|libdl\.|librt\.|libpthread\.|ld-linux|li
 
 pack() {
   local dir=${1:-.gpu_pack}
-  bazel build --disk_cache="${HOME}/.cache/mx-bazel-disk" "${TESTS[@]}" "${BENCHES[@]}" || return 1
+  bazel build --disk_cache="${HOME}/.cache/mx-bazel-disk" "${TESTS[@]}" "${BENCHES[@]}" \
+    "$TRAIN" || return 1
   rm -rf "$dir"
-  mkdir -p "$dir/bin" "$dir/lib"
+  local stage="$dir/stage"
+  mkdir -p "$stage/bin" "$stage/lib" "$stage/data"
+  cp "$DATA"/t10k-*.gz "$stage/data/" || return 1
   local target bin
-  for target in "${TESTS[@]}" "${BENCHES[@]}"; do
+  for target in "${TESTS[@]}" "${BENCHES[@]}" "$TRAIN"; do
     bin="bazel-bin/$(sed 's|^//||; s|:|/|' <<<"$target")"
-    cp "$bin" "$dir/bin/" || return 1
+    cp "$bin" "$stage/bin/" || return 1
     # Every library it loads, resolved here; copied by its soname.
     ldd "$bin" | awk '/=> \// {print $1, $3}' | while read -r name path; do
       grep -Eq "$SYSTEM_LIBS" <<<"$name" && continue
-      [[ -e "$dir/lib/$name" ]] || cp -L "$path" "$dir/lib/$name"
+      [[ -e "$stage/lib/$name" ]] || cp -L "$path" "$stage/lib/$name"
     done
   done
-  chmod -R u+w "$dir"
-  strip --strip-debug "$dir"/bin/* "$dir"/lib/* 2>/dev/null
-  echo "packed $(ls "$dir/bin" | wc -l) binaries and $(ls "$dir/lib" | wc -l) libraries" \
-       "into $dir: $(du -sh "$dir" | cut -f1)"
+  chmod -R u+w "$stage"
+  strip --strip-debug "$stage"/bin/* "$stage"/lib/* 2>/dev/null
+  # Compressed, since what travels to the GPU machine is limited to 64 MiB.
+  tar -C "$stage" -cf - . | xz -T0 -6 > "$dir/pack.tar.xz" || return 1
+  echo "packed $(ls "$stage/bin" | wc -l) binaries and $(ls "$stage/lib" | wc -l) libraries" \
+       "into $dir/pack.tar.xz: $(du -h "$dir/pack.tar.xz" | cut -f1)"
+  rm -rf "$stage"
 }
 
 # Directories holding the CUDA libraries on this machine: PyTorch's NVIDIA
@@ -68,15 +78,19 @@ PY
 }
 
 run() {
-  local dir=${1:-.gpu_pack} out=${2:-}
-  [[ -n $out ]] || out="$dir/results"
+  local pack=${1:-.gpu_pack} out=${2:-}
+  [[ -n $out ]] || out="$pack/results"
   mkdir -p "$out"
+  local dir
+  dir=$(mktemp -d)
+  trap 'rm -rf "$dir"' RETURN
+  tar -C "$dir" -xJf "$pack/pack.tar.xz" || return 1
   export LD_LIBRARY_PATH="$dir/lib:$(cuda_lib_dirs)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   nvidia-smi -L || echo "nvidia-smi found no GPU"
   local passed=0 failed=0 skipped=0 bin name xml tests bad skips
   for bin in "$dir"/bin/*; do
     name=$(basename "$bin")
-    [[ $name == *_bench ]] && continue
+    [[ $name == *_bench || $name == mx_train ]] && continue
     xml="$out/$name.xml"
     echo "== $name"
     timeout 300 "$bin" --gtest_output="xml:$xml" 2>&1 | grep -Ev '^\[ +(RUN|OK) +\]'
@@ -96,6 +110,20 @@ run() {
     echo "== $(basename "$bin")"
     timeout 300 "$bin" || { echo "$(basename "$bin") failed"; failed=$((failed + 1)); }
   done
+  # Training on gpu(0) must learn: the test set's 10000 images as training
+  # data (train-* named so mx_train finds them), 3 epochs of the MLP.
+  echo "== mx_train on gpu(0)"
+  for f in images-idx3-ubyte labels-idx1-ubyte; do
+    cp "$dir/data/t10k-$f.gz" "$dir/data/train-$f.gz"
+  done
+  if timeout 300 "$dir/bin/mx_train" --network=mlp --contexts='gpu(0)' --epochs=3 \
+       --data_dir="$dir/data" --seed=1 2>&1 | tee "$out/mx_train.log" | tail -5 &&
+     grep -q 'accuracy' "$out/mx_train.log"; then
+    passed=$((passed + 1))
+  else
+    echo "mx_train on gpu(0) failed"
+    failed=$((failed + 1))
+  fi
   echo "${passed} passed, ${failed} failed, ${skipped} skipped"
   [[ $failed -eq 0 ]]
 }

@@ -1,0 +1,107 @@
+// Executors bound on gpu(0) against the same graphs bound on the CPU: the
+// MLP of the seed (FullyConnected, Activation, SoftmaxOutput) and dot, in
+// forward and backward, with every activation and with gradients
+// accumulated (kAdd). Tolerance 1e-5 relative: cuBLAS and OpenBLAS sum the
+// products in different orders. Skipped, with the reason, without a GPU.
+#include <cmath>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "graph/executor.h"
+#include "graph/symbol.h"
+#include "gtest/gtest.h"
+
+namespace mx {
+namespace {
+
+using ::testing::HasSubstr;
+
+class GpuExecutor : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!BuiltWithCuda()) GTEST_SKIP() << "this build of mx has no CUDA support";
+    if (NumGpus() == 0) GTEST_SKIP() << "no usable GPU on this machine (no driver or no device)";
+  }
+};
+
+void ExpectNear(const NDArray& want, const NDArray& got, const std::string& what) {
+  ASSERT_EQ(want.shape(), got.shape()) << what;
+  const std::vector<float> w = want.ToVector(), g = got.Copy(cpu()).ToVector();
+  for (size_t i = 0; i < w.size(); ++i) {
+    ASSERT_NEAR(g[i], w[i], 1e-5f * std::max(1.0f, std::fabs(w[i]))) << what << " at " << i;
+  }
+}
+
+// Binds net on the CPU and on gpu(0) with the same random arguments (labels
+// in [0, classes)), runs forward and backward `steps` times on each (with
+// kAdd, gradients accumulate), and compares outputs and gradients.
+void ExpectGpuMatchesCpu(const Symbol& net, const std::map<std::string, Shape>& shapes,
+                         int classes, GradReq req) {
+  auto on_cpu = Executor::SimpleBind(net, cpu(), shapes, req, {{"label", GradReq::kNull}});
+  auto on_gpu = Executor::SimpleBind(net, gpu(0), shapes, req, {{"label", GradReq::kNull}});
+  ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
+  ASSERT_TRUE(on_gpu.ok()) << on_gpu.status();
+  for (const auto& [name, array] : (*on_cpu)->arg_dict()) {
+    NDArray value = RandomUniform(-1, 1, array.shape());
+    if (name == "label") {
+      std::vector<float> labels(array.size());
+      for (size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<float>(i * 7 % classes);
+      value.Assign(labels);
+    }
+    NDArray(array).Assign(value);
+    NDArray((*on_gpu)->arg_dict().at(name)).Assign(value);
+  }
+  for (int step = 0; step < 2; ++step) {
+    for (Executor* e : {on_cpu->get(), on_gpu->get()}) {
+      e->Forward(true);
+      e->Backward();
+    }
+  }
+  for (size_t i = 0; i < (*on_cpu)->outputs().size(); ++i) {
+    ExpectNear((*on_cpu)->outputs()[i], (*on_gpu)->outputs()[i], "output");
+  }
+  for (const auto& [name, grad] : (*on_cpu)->grad_dict()) {
+    ExpectNear(grad, (*on_gpu)->grad_dict().at(name), "gradient of " + name);
+  }
+}
+
+Symbol Mlp(const std::string& act) {
+  Symbol net = Variable("data");
+  net = Op("FullyConnected", {net}, {{"num_hidden", 64}}, "fc1");
+  net = Op("Activation", {net}, {{"act_type", act}}, "act1");
+  net = Op("FullyConnected", {net}, {{"num_hidden", 10}, {"no_bias", true}}, "fc2");
+  return Op("SoftmaxOutput", {net, Variable("label")}, {{"normalization", "batch"}}, "softmax");
+}
+
+TEST_F(GpuExecutor, AnMlpTrainsOnTheGpuAsOnTheCpuForEveryActivation) {
+  for (const char* act : {"relu", "sigmoid", "tanh", "softrelu"}) {
+    SCOPED_TRACE(act);
+    ExpectGpuMatchesCpu(Mlp(act), {{"data", {32, 20}}, {"label", {32}}}, 10, GradReq::kWrite);
+  }
+}
+
+TEST_F(GpuExecutor, AccumulatedGradientsMatchTheCpu) {
+  ExpectGpuMatchesCpu(Mlp("relu"), {{"data", {16, 12}}, {"label", {16}}}, 10, GradReq::kAdd);
+}
+
+TEST_F(GpuExecutor, DotMatchesTheCpuWithTransposes) {
+  Symbol net = Op("dot", {Variable("a"), Variable("b")},
+                  {{"transpose_a", true}, {"transpose_b", true}}, "dot");
+  net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
+  ExpectGpuMatchesCpu(net, {{"a", {7, 5}}, {"b", {9, 7}}, {"label", {5}}}, 9, GradReq::kWrite);
+}
+
+TEST_F(GpuExecutor, BindingAnOperatorWithoutAGpuImplementationIsRefusedNamingIt) {
+  Symbol net = Op("Convolution", {Variable("data")}, {{"kernel", "(3,3)"}, {"num_filter", 4}},
+                  "conv1");
+  auto e = Executor::SimpleBind(net, gpu(0), {{"data", {1, 1, 8, 8}}});
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(std::string(e.status().message()), HasSubstr("conv1 (Convolution)"));
+  EXPECT_THAT(std::string(e.status().message()), HasSubstr("gpu(0)"));
+}
+
+}  // namespace
+}  // namespace mx
