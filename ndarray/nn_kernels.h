@@ -79,6 +79,18 @@ struct ActivationGradKernel {
   }
 };
 
+// out[i] (=|+=) in[i]: operators that only move elements (Flatten, Reshape).
+struct CopyKernel {
+  struct Params {
+    float* out;
+    const float* in;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t i = begin; i < end; ++i) Put(p.out + i, p.in[i], p.add);
+  }
+};
+
 // out[r, c] += bias[c] for a (rows, cols) output: FullyConnected's bias.
 struct AddBiasKernel {
   struct Params {

@@ -2,6 +2,7 @@
 // and the GPU entry points of the kernel layer exist only to report that
 // (no array can be created on a GPU in such a build, so none is reached).
 #include "ndarray/device.h"
+#include "ndarray/dnn.h"
 #include "ndarray/kernel.h"
 #include "ndarray/nn_kernels.h"
 #include "ndarray/update_kernels.h"
@@ -35,5 +36,30 @@ const char* GpuSgemm(int, const ColMajorGemm&, float, float) { return kNoGpu; }
 #include "ndarray/kernel_list.inc"
 #undef MX_KERNEL
 #undef MX_REDUCER
+
+}  // namespace mx::kernel
+
+namespace mx::kernel {
+
+const char* GpuConvForward(int, const ConvShape&, const float*, const float*, float*, float) {
+  return kNoGpu;
+}
+const char* GpuConvAddBias(int, const ConvShape&, const float*, float*) { return kNoGpu; }
+const char* GpuConvBackwardData(int, const ConvShape&, const float*, const float*, float*,
+                                float) {
+  return kNoGpu;
+}
+const char* GpuConvBackwardFilter(int, const ConvShape&, const float*, const float*, float*,
+                                  float) {
+  return kNoGpu;
+}
+const char* GpuConvBackwardBias(int, const ConvShape&, const float*, float*, float) {
+  return kNoGpu;
+}
+const char* GpuPoolForward(int, const PoolShape&, const float*, float*, float) { return kNoGpu; }
+const char* GpuPoolBackward(int, const PoolShape&, const float*, const float*, const float*,
+                            float*, float) {
+  return kNoGpu;
+}
 
 }  // namespace mx::kernel

@@ -2,7 +2,7 @@
 
 @local_cuda//:defs.bzl exports CUDA_ENABLED. When nvcc exists under CUDA_PATH
 (default /usr/local/cuda) and MX_DISABLE_CUDA is unset or 0, @local_cuda
-provides cc_library targets cudart, cublas and nccl over the toolkit; otherwise
+provides cc_library targets cudart, cublas, cudnn and nccl over the toolkit; otherwise
 it provides none and every CUDA target of mx vanishes (see cuda_rules.bzl).
 """
 
@@ -40,6 +40,12 @@ cc_library(
 cc_library(
     name = "cublas",
     linkopts = ["-L{lib}", "-Wl,-rpath,{lib}", "-lcublas"],
+    deps = [":cudart"],
+)
+
+cc_library(
+    name = "cudnn",
+    linkopts = ["-L{lib}", "-Wl,-rpath,{lib}", "-lcudnn"],
     deps = [":cudart"],
 )
 

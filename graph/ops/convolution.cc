@@ -15,6 +15,8 @@
 // same way, takes the weight gradient from tmp * col^T (col recomputed from
 // the data) and the data gradient from col2im(weight^T * tmp).
 //
+// On GPUs the operator calls cuDNN (ndarray/dnn.h) instead.
+//
 // Chunks run in parallel on the CPU pool (ndarray/parallel.h), each thread
 // with its own col and tmp in the operator workspace. The weight gradient is
 // summed per task (a fixed range of chunks) into the task's own partial,
@@ -25,6 +27,8 @@
 
 #include "graph/ops/op_util.h"
 #include "graph/ops/window2d.h"
+#include "ndarray/dnn.h"
+#include "ndarray/launch.h"
 #include "ndarray/parallel.h"
 
 namespace mx::ops {
@@ -275,11 +279,60 @@ void ForwardChunk(const Geometry& g, const ParsedParams& p, const std::vector<TB
   }
 }
 
+// ---- On GPUs: cuDNN (ndarray/dnn.h).
+
+kernel::ConvShape CudnnShape(const Geometry& g) {
+  return {g.batch, g.channels, g.height, g.width, g.filters, g.win.kernel[0], g.win.kernel[1],
+          {g.win.pad[0], g.win.pad[1]}, {g.win.stride[0], g.win.stride[1]},
+          {g.win.dilate[0], g.win.dilate[1]}, g.groups, g.out_h, g.out_w};
+}
+
+float Beta(OpReq req) { return req == OpReq::kAdd ? 1.0f : 0.0f; }
+
+void GpuForward(const OpContext& ctx, const ParsedParams& p, const Geometry& g,
+                const std::vector<TBlob>& in, OpReq req, const TBlob& out) {
+  const kernel::ConvShape s = CudnnShape(g);
+  const int dev = ctx.ctx.device_id;
+  kernel::ThrowIfLaunchFailed(
+      kernel::GpuConvForward(dev, s, in[0].data, in[1].data, out.data, Beta(req)),
+      "Convolution", ctx.ctx);
+  if (!p.GetBool("no_bias")) {
+    kernel::ThrowIfLaunchFailed(kernel::GpuConvAddBias(dev, s, in[2].data, out.data),
+                                "Convolution", ctx.ctx);
+  }
+}
+
+void GpuBackward(const OpContext& ctx, const ParsedParams& p, const Geometry& g,
+                 const float* dy, const std::vector<TBlob>& in,
+                 const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad) {
+  const kernel::ConvShape s = CudnnShape(g);
+  const int dev = ctx.ctx.device_id;
+  if (req[0] != OpReq::kNull) {
+    kernel::ThrowIfLaunchFailed(
+        kernel::GpuConvBackwardData(dev, s, in[1].data, dy, in_grad[0].data, Beta(req[0])),
+        "Convolution", ctx.ctx);
+  }
+  if (req[1] != OpReq::kNull) {
+    kernel::ThrowIfLaunchFailed(
+        kernel::GpuConvBackwardFilter(dev, s, in[0].data, dy, in_grad[1].data, Beta(req[1])),
+        "Convolution", ctx.ctx);
+  }
+  if (!p.GetBool("no_bias") && req[2] != OpReq::kNull) {
+    kernel::ThrowIfLaunchFailed(
+        kernel::GpuConvBackwardBias(dev, s, dy, in_grad[2].data, Beta(req[2])), "Convolution",
+        ctx.ctx);
+  }
+}
+
 void Forward(const OpContext& ctx, const ParsedParams& p,
              const std::vector<TBlob>& in, const std::vector<OpReq>& req,
              const std::vector<TBlob>& out, const std::vector<TBlob>&) {
   if (req[0] == OpReq::kNull) return;
   const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
+  if (ctx.ctx.is_gpu()) {
+    GpuForward(ctx, p, g, in, req[0], out[0]);
+    return;
+  }
   ParallelFor(g.Chunks(), [&](int64_t chunk, int slot) {
     const int64_t n0 = chunk * g.chunk;
     ForwardChunk(g, p, in, req[0], out[0], n0, std::min(g.chunk, g.batch - n0),
@@ -292,6 +345,10 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
               const std::vector<TBlob>&, const std::vector<OpReq>& req,
               const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
   const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
+  if (ctx.ctx.is_gpu()) {
+    GpuBackward(ctx, p, g, out_grad[0].data, in, req, in_grad);
+    return;
+  }
   const int64_t plane = g.OutPlane();
   const int64_t image_in = g.channels * g.height * g.width;
   const int64_t image_out = g.filters * plane;
@@ -400,6 +457,7 @@ OpDef Make() {
   op.workspace = Workspace;
   op.backward_uses_outputs = false;
   op.uses_all_cores = true;  // OpenBLAS products
+  op.gpu = true;             // cuDNN
   return op;
 }
 

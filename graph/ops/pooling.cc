@@ -8,13 +8,17 @@
 // to the padded data (count_include_pad=True, MXNet's default) or by the
 // number of real elements (False). Backward sends a max window's gradient
 // to its first maximum in row-major order, and spreads avg and sum windows'
-// gradients as the forward weighed them.
+// gradients as the forward weighed them. On GPUs the operator calls cuDNN
+// (max and avg, valid convention), whose max backward may pick another of
+// tied maxima.
 #include <algorithm>
 #include <limits>
 #include <vector>
 
 #include "graph/ops/op_util.h"
 #include "graph/ops/window2d.h"
+#include "ndarray/dnn.h"
+#include "ndarray/launch.h"
 #include "ndarray/parallel.h"
 
 namespace mx::ops {
@@ -189,10 +193,38 @@ void ForwardRow(const Geometry& g, const float* x, int64_t oy, float* col, float
   }
 }
 
-void Forward(const OpContext&, const ParsedParams& p, const std::vector<TBlob>& in,
+// ---- On GPUs: cuDNN (ndarray/dnn.h), which has max and avg pooling with
+// the valid convention; the others are refused there.
+kernel::PoolShape CudnnShape(const OpContext& ctx, const ParsedParams& p, const Shape& data,
+                             const Shape& out) {
+  MX_THROW_IF_NOT(p.GetString("pooling_convention") == "valid" || p.GetBool("global_pool"),
+                  "Pooling: pooling_convention='full' is not supported on ",
+                  ctx.ctx.ToString(), " yet");
+  const PoolType type = TypeOf(p);
+  MX_THROW_IF_NOT(type != PoolType::kSum, "Pooling: pool_type='sum' is not supported on ",
+                  ctx.ctx.ToString(), " yet");
+  const Window2D w = *ParseWindow(p, data);
+  using Mode = kernel::PoolShape::Mode;
+  const Mode mode = type == PoolType::kMax          ? Mode::kMax
+                    : p.GetBool("count_include_pad") ? Mode::kAvgIncludePad
+                                                     : Mode::kAvgExcludePad;
+  return {data[0], data[1], data[2], data[3], {w.kernel[0], w.kernel[1]},
+          {w.pad[0], w.pad[1]}, {w.stride[0], w.stride[1]}, out[2], out[3], mode};
+}
+
+float Beta(OpReq req) { return req == OpReq::kAdd ? 1.0f : 0.0f; }
+
+void Forward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlob>& in,
              const std::vector<OpReq>& req, const std::vector<TBlob>& out,
              const std::vector<TBlob>&) {
   if (req[0] == OpReq::kNull) return;
+  if (ctx.ctx.is_gpu()) {
+    kernel::ThrowIfLaunchFailed(
+        kernel::GpuPoolForward(ctx.ctx.device_id, CudnnShape(ctx, p, in[0].shape, out[0].shape),
+                               in[0].data, out[0].data, Beta(req[0])),
+        "Pooling", ctx.ctx);
+    return;
+  }
   const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
   ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
     std::vector<float> col(g.width), row(g.out_w);
@@ -267,11 +299,19 @@ void SumBackwardRow(const Geometry& g, int64_t oy, const float* gy, float* scale
   }
 }
 
-void Backward(const OpContext&, const ParsedParams& p, const std::vector<TBlob>& out_grad,
-              const std::vector<TBlob>& in, const std::vector<TBlob>&,
+void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlob>& out_grad,
+              const std::vector<TBlob>& in, const std::vector<TBlob>& out,
               const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
               const std::vector<TBlob>&) {
   if (req[0] == OpReq::kNull) return;
+  if (ctx.ctx.is_gpu()) {
+    kernel::ThrowIfLaunchFailed(
+        kernel::GpuPoolBackward(ctx.ctx.device_id, CudnnShape(ctx, p, in[0].shape, out[0].shape),
+                                in[0].data, out[0].data, out_grad[0].data, in_grad[0].data,
+                                Beta(req[0])),
+        "Pooling", ctx.ctx);
+    return;
+  }
   const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
   ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
     std::vector<float> col(g.width), scaled(g.out_w);
@@ -310,8 +350,10 @@ OpDef Make() {
   op.infer_shape = Infer;
   op.forward = Forward;
   op.backward = Backward;
-  // Backward finds the maxima again from the input.
-  op.backward_uses_outputs = false;
+  // Backward finds the maxima again from the input on the CPU; cuDNN reads
+  // the output too.
+  op.backward_uses_outputs = true;
+  op.gpu = true;
   return op;
 }
 

@@ -17,6 +17,8 @@
 
 #include "absl/strings/str_join.h"
 #include "graph/ops/op_util.h"
+#include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx::ops {
 namespace {
@@ -76,6 +78,7 @@ OpDef MakeCopyOp() {
   OpDef op;
   op.forward = CopyForward;
   op.backward = CopyBackward;
+  op.gpu = true;
   op.inplace = {{0, 0}};
   op.backward_uses_inputs = false;
   op.backward_uses_outputs = false;

@@ -111,19 +111,22 @@ run() {
     timeout 300 "$bin" || { echo "$(basename "$bin") failed"; failed=$((failed + 1)); }
   done
   # Training on gpu(0) must learn: the test set's 10000 images as training
-  # data (train-* named so mx_train finds them), 3 epochs of the MLP.
-  echo "== mx_train on gpu(0)"
+  # data (train-* named so mx_train finds them), the MLP and LeNet (cuDNN).
   for f in images-idx3-ubyte labels-idx1-ubyte; do
     cp "$dir/data/t10k-$f.gz" "$dir/data/train-$f.gz"
   done
-  if timeout 300 "$dir/bin/mx_train" --network=mlp --contexts='gpu(0)' --epochs=3 \
-       --data_dir="$dir/data" --seed=1 2>&1 | tee "$out/mx_train.log" | tail -5 &&
-     grep -q 'accuracy' "$out/mx_train.log"; then
-    passed=$((passed + 1))
-  else
-    echo "mx_train on gpu(0) failed"
-    failed=$((failed + 1))
-  fi
+  local network
+  for network in mlp lenet; do
+    echo "== mx_train --network=$network on gpu(0)"
+    if timeout 300 "$dir/bin/mx_train" --network="$network" --contexts='gpu(0)' --epochs=3 \
+         --data_dir="$dir/data" --seed=1 2>&1 | tee "$out/mx_train_$network.log" | tail -3 &&
+       grep -q 'Final test accuracy' "$out/mx_train_$network.log"; then
+      passed=$((passed + 1))
+    else
+      echo "mx_train --network=$network on gpu(0) failed"
+      failed=$((failed + 1))
+    fi
+  done
   echo "${passed} passed, ${failed} failed, ${skipped} skipped"
   [[ $failed -eq 0 ]]
 }

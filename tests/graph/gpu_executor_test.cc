@@ -1,7 +1,7 @@
 // Executors bound on gpu(0) against the same graphs bound on the CPU: the
-// MLP of the seed (FullyConnected, Activation, SoftmaxOutput) and dot, in
-// forward and backward, with every activation and with gradients
-// accumulated (kAdd). Tolerance 1e-5 relative: cuBLAS and OpenBLAS sum the
+// MLP of the seed (FullyConnected, Activation, SoftmaxOutput), dot, and
+// convolution and pooling through cuDNN, in forward and backward, with
+// gradients written and accumulated (kAdd). Tolerance 1e-5 relative: cuBLAS and OpenBLAS sum the
 // products in different orders. Skipped, with the reason, without a GPU.
 #include <cmath>
 #include <map>
@@ -93,14 +93,66 @@ TEST_F(GpuExecutor, DotMatchesTheCpuWithTransposes) {
   ExpectGpuMatchesCpu(net, {{"a", {7, 5}}, {"b", {9, 7}}, {"label", {5}}}, 9, GradReq::kWrite);
 }
 
+// A LeNet-like network through cuDNN: convolutions (bias, stride, pad,
+// dilation, groups), max and avg pooling (with and without padding counted),
+// Flatten and the MLP head. tanh, not relu, before max pooling: relu's
+// zeros tie within windows, and cuDNN may send a tie's gradient to another
+// element than the CPU's first maximum.
+TEST_F(GpuExecutor, ConvolutionAndPoolingThroughCudnnMatchTheCpu) {
+  Symbol net = Variable("data");
+  net = Op("Convolution", {net}, {{"kernel", "(3,3)"}, {"num_filter", 8}, {"pad", "(1,1)"}},
+           "conv1");
+  net = Op("Activation", {net}, {{"act_type", "tanh"}}, "tanh1");
+  net = Op("Pooling", {net}, {{"kernel", "(2,2)"}, {"stride", "(2,2)"}, {"pool_type", "max"}},
+           "pool1");
+  net = Op("Convolution", {net},
+           {{"kernel", "(3,3)"}, {"num_filter", 8}, {"num_group", 2}, {"dilate", "(2,1)"},
+            {"stride", "(1,2)"}, {"no_bias", true}},
+           "conv2");
+  net = Op("Pooling", {net},
+           {{"kernel", "(2,2)"}, {"pad", "(1,1)"}, {"pool_type", "avg"},
+            {"count_include_pad", false}},
+           "pool2");
+  net = Op("Pooling", {net}, {{"kernel", "(2,2)"}, {"pad", "(1,1)"}, {"pool_type", "avg"}},
+           "pool3");
+  net = Op("Flatten", {net}, {}, "flatten");
+  net = Op("FullyConnected", {net}, {{"num_hidden", 10}}, "fc");
+  net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
+  ExpectGpuMatchesCpu(net, {{"data", {4, 3, 16, 16}}, {"label", {4}}}, 10, GradReq::kWrite);
+  ExpectGpuMatchesCpu(net, {{"data", {2, 3, 16, 16}}, {"label", {2}}}, 10, GradReq::kAdd);
+}
+
+TEST_F(GpuExecutor, GlobalPoolingMatchesTheCpu) {
+  Symbol net = Op("Pooling", {Variable("data")}, {{"global_pool", true}, {"pool_type", "avg"}},
+                  "gpool");
+  net = Op("Flatten", {net}, {}, "flatten");
+  net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
+  ExpectGpuMatchesCpu(net, {{"data", {3, 5, 7, 6}}, {"label", {3}}}, 5, GradReq::kWrite);
+}
+
 TEST_F(GpuExecutor, BindingAnOperatorWithoutAGpuImplementationIsRefusedNamingIt) {
-  Symbol net = Op("Convolution", {Variable("data")}, {{"kernel", "(3,3)"}, {"num_filter", 4}},
-                  "conv1");
-  auto e = Executor::SimpleBind(net, gpu(0), {{"data", {1, 1, 8, 8}}});
+  Symbol net = Op("BatchNorm", {Variable("data")}, {}, "bn1");
+  auto e = Executor::SimpleBind(net, gpu(0), {{"data", {2, 3, 4, 4}}});
   ASSERT_FALSE(e.ok());
   EXPECT_EQ(e.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(std::string(e.status().message()), HasSubstr("conv1 (Convolution)"));
+  EXPECT_THAT(std::string(e.status().message()), HasSubstr("bn1 (BatchNorm)"));
   EXPECT_THAT(std::string(e.status().message()), HasSubstr("gpu(0)"));
+}
+
+TEST_F(GpuExecutor, PoolingTheGpuLacksIsAnErrorNamingIt) {
+  Symbol net = Op("Pooling", {Variable("data")},
+                  {{"kernel", "(3,3)"}, {"stride", "(2,2)"}, {"pooling_convention", "full"}},
+                  "pool");
+  auto e = Executor::SimpleBind(net, gpu(0), {{"data", {1, 1, 8, 8}}});
+  ASSERT_TRUE(e.ok()) << e.status();
+  (*e)->Forward(false);
+  try {
+    (*e)->outputs()[0].WaitToRead();
+    FAIL() << "pooled with the full convention on a GPU";
+  } catch (const Error& err) {
+    EXPECT_THAT(err.what(), HasSubstr("pooling_convention='full'"));
+    EXPECT_THAT(err.what(), HasSubstr("gpu(0)"));
+  }
 }
 
 }  // namespace

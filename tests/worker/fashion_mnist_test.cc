@@ -74,9 +74,18 @@ TEST(FashionMnist, MlpReachesPyTorchAccuracy) {
 
 TEST(FashionMnist, LeNetReachesPyTorchAccuracy) {
   if (!HaveData()) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
-  double acc = TrainAndTest(zoo::LeNet(), {cpu()}, 2, 0.05f, 0.9f, 2);
-  std::printf("LeNet test accuracy %.4f (PyTorch: 0.877)\n", acc);
-  EXPECT_GE(acc, 0.877 - 0.005);
+  // The mean of three seeds, as for the MLP: one seed's accuracy after two
+  // epochs moves by about 0.005 with any change of rounding (seed 2 gave
+  // 0.871 and 0.876 before and after the bias gradient was summed in
+  // double precision).
+  double sum = 0;
+  for (uint64_t seed : {1, 2, 3}) {
+    const double acc = TrainAndTest(zoo::LeNet(), {cpu()}, 2, 0.05f, 0.9f, seed);
+    std::printf("LeNet test accuracy, seed %d: %.4f\n", static_cast<int>(seed), acc);
+    sum += acc;
+  }
+  std::printf("LeNet mean test accuracy %.4f (PyTorch: 0.877)\n", sum / 3);
+  EXPECT_GE(sum / 3, 0.877 - 0.005);
 }
 
 // Two contexts split each batch in halves whose gradients are summed: the
