@@ -23,31 +23,29 @@
 namespace mx::ops {
 namespace {
 
-// dst = src (or dst += src) for n floats; src may be dst (in place).
-void Copy(OpReq req, const float* src, float* dst, int64_t n) {
-  if (req == OpReq::kWrite) {
-    if (src != dst) std::memcpy(dst, src, n * sizeof(float));
-  } else if (req == OpReq::kAdd) {
-    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+// dst = src (or dst += src) for n floats on ctx; src may be dst (in place).
+void Copy(Context ctx, OpReq req, const float* src, float* dst, int64_t n) {
+  if (req == OpReq::kNull || (req == OpReq::kWrite && src == dst)) return;
+  if (ctx.is_cpu() && req == OpReq::kWrite) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
   }
+  kernel::Launch<kernel::CopyKernel>("copy", ctx, n, {dst, src, req == OpReq::kAdd});
 }
 
-// Forward and backward of operators whose output is their input with
-// another shape.
-void CopyForward(const OpContext&, const ParsedParams&, const std::vector<TBlob>& in,
+void CopyForward(const OpContext& ctx, const ParsedParams&, const std::vector<TBlob>& in,
                  const std::vector<OpReq>& req, const std::vector<TBlob>& out,
                  const std::vector<TBlob>&) {
-  Copy(req[0], in[0].data, out[0].data, out[0].Size());
+  Copy(ctx.ctx, req[0], in[0].data, out[0].data, out[0].Size());
 }
 
-void CopyBackward(const OpContext&, const ParsedParams&, const std::vector<TBlob>& out_grad,
+void CopyBackward(const OpContext& ctx, const ParsedParams&, const std::vector<TBlob>& out_grad,
                   const std::vector<TBlob>&, const std::vector<TBlob>&,
                   const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
                   const std::vector<TBlob>&) {
-  Copy(req[0], out_grad[0].data, in_grad[0].data, in_grad[0].Size());
+  Copy(ctx.ctx, req[0], out_grad[0].data, in_grad[0].data, in_grad[0].Size());
 }
 
-// Product of s[begin, end): 0 (unknown) when one of them is unknown.
 int64_t KnownProduct(const Shape& s, int begin, int end) {
   int64_t p = 1;
   for (int d = begin; d < end; ++d) p *= s[d];
@@ -375,7 +373,7 @@ OpDef MakeConcat() {
                   const std::vector<OpReq>& req, const std::vector<TBlob>& out,
                   const std::vector<TBlob>&) {
     ForEachConcatBlock(p, in, out[0].shape, [&](size_t i, int64_t src, int64_t dst, int64_t n) {
-      Copy(req[0], in[i].data + src, out[0].data + dst, n);
+      Copy(cpu(), req[0], in[i].data + src, out[0].data + dst, n);
     });
   };
   op.backward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& out_grad,
@@ -385,7 +383,7 @@ OpDef MakeConcat() {
     ForEachConcatBlock(p, in, out_grad[0].shape,
                        [&](size_t i, int64_t dst, int64_t src, int64_t n) {
                          if (req[i] == OpReq::kNull) return;
-                         Copy(req[i], out_grad[0].data + src, in_grad[i].data + dst, n);
+                         Copy(cpu(), req[i], out_grad[0].data + src, in_grad[i].data + dst, n);
                        });
   };
   // Backward reads only the shapes of the inputs.
