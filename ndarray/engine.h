@@ -22,8 +22,16 @@
 //
 // Parallelism. The engine's workers own parallelism for element-wise work:
 // each such operation runs on one thread, and independent operations run
-// side by side. Matrix products call OpenBLAS, whose own threads then own
-// the cores for the duration of the call (see ndarray/cpu_kernels.cc).
+// side by side. Operations marked kCpuParallel (matrix products,
+// convolutions) run alone and split themselves over every core through the
+// pool of ndarray/parallel.h, whose helpers then own the cores for the
+// duration of the call.
+//
+// GPUs. An operation on gpu(i) runs on a worker like any other, but only
+// enqueues work on the device's compute stream (ndarray/launch.h,
+// kernel::Push); it completes, through CallbackOnComplete, when the stream
+// has run that work, so the engine orders GPU work against CPU work and
+// copies by the same variables.
 //
 // All methods are thread-safe.
 #ifndef MX_NDARRAY_ENGINE_H_

@@ -35,6 +35,12 @@ cudnnHandle_t Handle(int device, const char** error) {
   return handles[device];
 }
 
+struct ConvDescriptors {
+  cudnnTensorDescriptor_t x, y;
+  cudnnFilterDescriptor_t filter;
+  cudnnConvolutionDescriptor_t conv;
+};
+
 // Owns the descriptors of one call and turns the first failure into its text.
 class Call {
  public:
@@ -81,21 +87,21 @@ class Call {
     return d;
   }
 
-  cudnnFilterDescriptor_t Filter(const ConvShape& s) {
-    if (!ok() || !Check(cudnnCreateFilterDescriptor(&filter_))) return nullptr;
+  // The data, output, filter and convolution descriptors of s.
+  ConvDescriptors Conv(const ConvShape& s) {
+    ConvDescriptors d{Tensor(s.n, s.c, s.h, s.w), Tensor(s.n, s.k, s.oh, s.ow), nullptr, nullptr};
+    if (!ok() || !Check(cudnnCreateFilterDescriptor(&filter_))) return d;
+    d.filter = filter_;
     Check(cudnnSetFilter4dDescriptor(filter_, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NCHW, int(s.k),
                                      int(s.c / s.groups), int(s.kh), int(s.kw)));
-    return filter_;
-  }
-
-  cudnnConvolutionDescriptor_t Conv(const ConvShape& s) {
-    if (!ok() || !Check(cudnnCreateConvolutionDescriptor(&conv_))) return nullptr;
+    if (!ok() || !Check(cudnnCreateConvolutionDescriptor(&conv_))) return d;
+    d.conv = conv_;
     Check(cudnnSetConvolution2dDescriptor(conv_, int(s.pad[0]), int(s.pad[1]), int(s.stride[0]),
                                           int(s.stride[1]), int(s.dilate[0]), int(s.dilate[1]),
                                           CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
     Check(cudnnSetConvolutionGroupCount(conv_, int(s.groups)));
     Check(cudnnSetConvolutionMathType(conv_, CUDNN_FMA_MATH));
-    return conv_;
+    return d;
   }
 
   cudnnPoolingDescriptor_t Pool(const PoolShape& s) {
@@ -148,14 +154,11 @@ constexpr const char* kNoAlgorithm = "cuDNN offers no deterministic algorithm fo
 const char* GpuConvForward(int device, const ConvShape& s, const float* x, const float* w,
                            float* y, float beta) {
   Call c(device);
-  auto xd = c.Tensor(s.n, s.c, s.h, s.w);
-  auto yd = c.Tensor(s.n, s.k, s.oh, s.ow);
-  auto fd = c.Filter(s);
-  auto cd = c.Conv(s);
+  const ConvDescriptors d = c.Conv(s);
   if (!c.ok()) return c.error();
   cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT], chosen;
   int count = 0;
-  if (!c.Check(cudnnGetConvolutionForwardAlgorithm_v7(c.handle(), xd, fd, cd, yd,
+  if (!c.Check(cudnnGetConvolutionForwardAlgorithm_v7(c.handle(), d.x, d.filter, d.conv, d.y,
                                                       CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &count,
                                                       perf))) {
     return c.error();
@@ -163,8 +166,8 @@ const char* GpuConvForward(int device, const ConvShape& s, const float* x, const
   if (!PickDeterministic(perf, count, &chosen)) return kNoAlgorithm;
   void* ws = c.Workspace(chosen.memory);
   const float alpha = 1;
-  c.Check(cudnnConvolutionForward(c.handle(), &alpha, xd, x, fd, w, cd, chosen.algo, ws,
-                                  chosen.memory, &beta, yd, y));
+  c.Check(cudnnConvolutionForward(c.handle(), &alpha, d.x, x, d.filter, w, d.conv, chosen.algo,
+                                  ws, chosen.memory, &beta, d.y, y));
   return c.error();
 }
 
@@ -181,44 +184,40 @@ const char* GpuConvAddBias(int device, const ConvShape& s, const float* bias, fl
 const char* GpuConvBackwardData(int device, const ConvShape& s, const float* w, const float* dy,
                                 float* dx, float beta) {
   Call c(device);
-  auto xd = c.Tensor(s.n, s.c, s.h, s.w);
-  auto yd = c.Tensor(s.n, s.k, s.oh, s.ow);
-  auto fd = c.Filter(s);
-  auto cd = c.Conv(s);
+  const ConvDescriptors d = c.Conv(s);
   if (!c.ok()) return c.error();
   cudnnConvolutionBwdDataAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT], chosen;
   int count = 0;
   if (!c.Check(cudnnGetConvolutionBackwardDataAlgorithm_v7(
-          c.handle(), fd, yd, cd, xd, CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &count, perf))) {
+          c.handle(), d.filter, d.y, d.conv, d.x, CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &count,
+          perf))) {
     return c.error();
   }
   if (!PickDeterministic(perf, count, &chosen)) return kNoAlgorithm;
   void* ws = c.Workspace(chosen.memory);
   const float alpha = 1;
-  c.Check(cudnnConvolutionBackwardData(c.handle(), &alpha, fd, w, yd, dy, cd, chosen.algo, ws,
-                                       chosen.memory, &beta, xd, dx));
+  c.Check(cudnnConvolutionBackwardData(c.handle(), &alpha, d.filter, w, d.y, dy, d.conv,
+                                       chosen.algo, ws, chosen.memory, &beta, d.x, dx));
   return c.error();
 }
 
 const char* GpuConvBackwardFilter(int device, const ConvShape& s, const float* x,
                                   const float* dy, float* dw, float beta) {
   Call c(device);
-  auto xd = c.Tensor(s.n, s.c, s.h, s.w);
-  auto yd = c.Tensor(s.n, s.k, s.oh, s.ow);
-  auto fd = c.Filter(s);
-  auto cd = c.Conv(s);
+  const ConvDescriptors d = c.Conv(s);
   if (!c.ok()) return c.error();
   cudnnConvolutionBwdFilterAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT], chosen;
   int count = 0;
   if (!c.Check(cudnnGetConvolutionBackwardFilterAlgorithm_v7(
-          c.handle(), xd, yd, cd, fd, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &count, perf))) {
+          c.handle(), d.x, d.y, d.conv, d.filter, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &count,
+          perf))) {
     return c.error();
   }
   if (!PickDeterministic(perf, count, &chosen)) return kNoAlgorithm;
   void* ws = c.Workspace(chosen.memory);
   const float alpha = 1;
-  c.Check(cudnnConvolutionBackwardFilter(c.handle(), &alpha, xd, x, yd, dy, cd, chosen.algo, ws,
-                                         chosen.memory, &beta, fd, dw));
+  c.Check(cudnnConvolutionBackwardFilter(c.handle(), &alpha, d.x, x, d.y, dy, d.conv,
+                                         chosen.algo, ws, chosen.memory, &beta, d.filter, dw));
   return c.error();
 }
 

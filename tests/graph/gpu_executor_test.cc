@@ -12,6 +12,7 @@
 #include "graph/executor.h"
 #include "graph/symbol.h"
 #include "gtest/gtest.h"
+#include "tests/gpu_skip.h"
 
 namespace mx {
 namespace {
@@ -20,10 +21,7 @@ using ::testing::HasSubstr;
 
 class GpuExecutor : public ::testing::Test {
  protected:
-  void SetUp() override {
-    if (!BuiltWithCuda()) GTEST_SKIP() << "this build of mx has no CUDA support";
-    if (NumGpus() == 0) GTEST_SKIP() << "no usable GPU on this machine (no driver or no device)";
-  }
+  void SetUp() override { MX_SKIP_WITHOUT_GPU(); }
 };
 
 void ExpectNear(const NDArray& want, const NDArray& got, const std::string& what) {

@@ -8,6 +8,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/gpu_skip.h"
 #include "kvstore/kvstore.h"
 #include "kvstore/optimizer.h"
 
@@ -64,10 +65,7 @@ TEST(KVStoreFactory, UnknownAndUnavailableTypesAreClearErrors) {
 // fuse differently).
 class KVStoreOnGpu : public ::testing::Test {
  protected:
-  void SetUp() override {
-    if (!BuiltWithCuda()) GTEST_SKIP() << "this build of mx has no CUDA support";
-    if (NumGpus() == 0) GTEST_SKIP() << "no usable GPU on this machine (no driver or no device)";
-  }
+  void SetUp() override { MX_SKIP_WITHOUT_GPU(); }
 };
 
 TEST_F(KVStoreOnGpu, LocalAndDeviceStoresSumGpuAndCpuCopiesAsTheCpuStoreDoes) {

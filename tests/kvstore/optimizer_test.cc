@@ -27,6 +27,7 @@
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/gpu_skip.h"
 #include "ndarray/ndarray.h"
 
 namespace mx {
@@ -928,8 +929,7 @@ TEST(UpdateErrors, StatelessOptimizerStillChecksTheShape) {
 // they may differ by where the compilers fuse multiply-adds, so the
 // tolerance is 1e-6 relative.
 TEST(GpuUpdates, EveryOptimizerUpdatesOnTheGpuAsOnTheCpu) {
-  if (!BuiltWithCuda()) GTEST_SKIP() << "this build of mx has no CUDA support";
-  if (NumGpus() == 0) GTEST_SKIP() << "no usable GPU on this machine (no driver or no device)";
+  MX_SKIP_WITHOUT_GPU();
   const std::vector<std::pair<std::string, Optimizer::Options>> cases = {
       {"sgd", {{"learning_rate", "0.1"}, {"wd", "0.01"}}},
       {"sgd", {{"learning_rate", "0.1"}, {"momentum", "0.9"}, {"clip_gradient", "0.3"}}},

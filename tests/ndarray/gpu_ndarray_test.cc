@@ -14,6 +14,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/gpu_skip.h"
 #include "ndarray/ndarray.h"
 #include "ndarray/storage.h"
 #include "tests/ndarray/random_values.h"
@@ -25,10 +26,7 @@ using ::testing::HasSubstr;
 
 class GpuTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    if (!BuiltWithCuda()) GTEST_SKIP() << "this build of mx has no CUDA support";
-    if (NumGpus() == 0) GTEST_SKIP() << "no usable GPU on this machine (no driver or no device)";
-  }
+  void SetUp() override { MX_SKIP_WITHOUT_GPU(); }
 
   // An array of random values in [-1, 1) on cpu(0), and its copy on gpu(0).
   static std::pair<NDArray, NDArray> Pair(const Shape& shape, uint32_t seed) {
