@@ -98,11 +98,15 @@ struct AddBiasKernel {
     const float* bias;
     int64_t cols;
   };
+  // Row by row, so the CPU's inner loop vectorizes.
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    int64_t c = begin % p.cols;
-    for (int64_t i = begin; i < end; ++i) {
-      p.out[i] += p.bias[c];
-      if (++c == p.cols) c = 0;
+    for (int64_t i = begin; i < end;) {
+      const int64_t c0 = i % p.cols;
+      const int64_t run = p.cols - c0 < end - i ? p.cols - c0 : end - i;
+      float* o = p.out + i;
+      const float* b = p.bias + c0;
+      for (int64_t j = 0; j < run; ++j) o[j] += b[j];
+      i += run;
     }
   }
 };
