@@ -37,28 +37,33 @@ namespace mx::kernel {
 // ---- Element-wise functions of one or two floats.
 
 // Binary functions carry their partial derivatives for the operators'
-// backward passes: GradA(g, a, b) = g * d/da F(a, b), GradB likewise, and
-// kGradUsesInputs says whether those read a and b.
+// backward passes: GradA(g, a, b) = g * d/da F(a, b), GradB likewise;
+// kGradUsesInputs says whether those read a or b, kGradAUsesA whether GradA
+// reads a (an operator with a scalar b keeps its input only then).
 namespace op {
 struct Add {
+  static constexpr bool kGradAUsesA = false;
   static constexpr bool kGradUsesInputs = false;
   MX_XINLINE static float Apply(float a, float b) { return a + b; }
   MX_XINLINE static float GradA(float g, float, float) { return g; }
   MX_XINLINE static float GradB(float g, float, float) { return g; }
 };
 struct Sub {
+  static constexpr bool kGradAUsesA = false;
   static constexpr bool kGradUsesInputs = false;
   MX_XINLINE static float Apply(float a, float b) { return a - b; }
   MX_XINLINE static float GradA(float g, float, float) { return g; }
   MX_XINLINE static float GradB(float g, float, float) { return -g; }
 };
 struct Mul {
+  static constexpr bool kGradAUsesA = false;
   static constexpr bool kGradUsesInputs = true;
   MX_XINLINE static float Apply(float a, float b) { return a * b; }
   MX_XINLINE static float GradA(float g, float, float b) { return g * b; }
   MX_XINLINE static float GradB(float g, float a, float) { return g * a; }
 };
 struct Div {
+  static constexpr bool kGradAUsesA = false;
   static constexpr bool kGradUsesInputs = true;
   MX_XINLINE static float Apply(float a, float b) { return a / b; }
   MX_XINLINE static float GradA(float g, float, float b) { return g / b; }
@@ -66,12 +71,14 @@ struct Div {
 };
 // b - a and b / a: a scalar on the left (s - x, s / x).
 struct RSub {
+  static constexpr bool kGradAUsesA = false;
   static constexpr bool kGradUsesInputs = false;
   MX_XINLINE static float Apply(float a, float b) { return b - a; }
   MX_XINLINE static float GradA(float g, float, float) { return -g; }
   MX_XINLINE static float GradB(float g, float, float) { return g; }
 };
 struct RDiv {
+  static constexpr bool kGradAUsesA = true;
   static constexpr bool kGradUsesInputs = true;
   MX_XINLINE static float Apply(float a, float b) { return b / a; }
   MX_XINLINE static float GradA(float g, float a, float b) { return -g * b / (a * a); }

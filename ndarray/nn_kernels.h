@@ -91,6 +91,50 @@ struct CopyKernel {
   }
 };
 
+// The element-wise operators (elemwise_*, _*_scalar) with requests, and
+// their gradients through the functors' GradA / GradB (ndarray/kernel.h).
+
+// out[i] (=|+=) F(a[i], b[i]); b is a scalar (s) when b is null.
+template <typename F>
+struct BinaryPutKernel {
+  struct Params {
+    float* out;
+    const float* a;
+    const float* b;
+    float s;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t i = begin; i < end; ++i) {
+      Put(p.out + i, F::Apply(p.a[i], p.b != nullptr ? p.b[i] : p.s), p.add);
+    }
+  }
+};
+
+// ga[i] (=|+=) F::GradA(g[i], a[i], b[i]) and gb[i] likewise; a null ga or
+// gb is not computed; b is the scalar s when null; a and b may be null
+// when F's derivatives do not read them.
+template <typename F>
+struct BinaryGradKernel {
+  struct Params {
+    float* ga;
+    float* gb;
+    const float* g;
+    const float* a;
+    const float* b;
+    float s;
+    bool add_a, add_b;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float a = p.a != nullptr ? p.a[i] : 0.0f;
+      const float b = p.b != nullptr ? p.b[i] : p.s;
+      if (p.ga != nullptr) Put(p.ga + i, F::GradA(p.g[i], a, b), p.add_a);
+      if (p.gb != nullptr) Put(p.gb + i, F::GradB(p.g[i], a, b), p.add_b);
+    }
+  }
+};
+
 // out[r, c] += bias[c] for a (rows, cols) output: FullyConnected's bias.
 struct AddBiasKernel {
   struct Params {

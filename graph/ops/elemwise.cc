@@ -1,13 +1,23 @@
 // Element-wise arithmetic between two symbols of equal shape, and between a
-// symbol and a scalar. The arithmetic and its derivatives are the functors
-// of ndarray/kernel.h, which NDArray arithmetic uses too.
+// symbol and a scalar, on any context. The arithmetic and its derivatives
+// are the functors of ndarray/kernel.h, which NDArray arithmetic uses too.
 #include "graph/ops/op_util.h"
-#include "ndarray/kernel.h"
+#include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx::ops {
 namespace {
 
 namespace op = kernel::op;
+
+// The inputs F's derivatives read, or null when they read none (the
+// executor then does not keep them).
+template <typename F>
+const float* IfUsed(const TBlob& blob) {
+  return F::kGradUsesInputs ? blob.data : nullptr;
+}
+
+float* IfWanted(OpReq req, const TBlob& grad) { return req == OpReq::kNull ? nullptr : grad.data; }
 
 template <typename F>
 OpDef MakeBinary(const char* name, const char* hint) {
@@ -20,31 +30,28 @@ OpDef MakeBinary(const char* name, const char* hint) {
   op.inplace = {{0, 0}, {1, 0}};
   op.backward_uses_outputs = false;
   op.backward_uses_inputs = F::kGradUsesInputs;
-  op.forward = [](const OpContext&, const ParsedParams&, const std::vector<TBlob>& in,
-                  const std::vector<OpReq>& req, const std::vector<TBlob>& out,
-                  const std::vector<TBlob>&) {
+  op.gpu = true;
+  op.forward = [name](const OpContext& ctx, const ParsedParams&, const std::vector<TBlob>& in,
+                      const std::vector<OpReq>& req, const std::vector<TBlob>& out,
+                      const std::vector<TBlob>&) {
+    if (req[0] == OpReq::kNull) return;
     const int64_t n = out[0].Size();
     if (req[0] == OpReq::kWrite) {
-      kernel::BinaryKernel<F>::MapRange(0, n, {out[0].data, in[0].data, in[1].data});
+      kernel::Launch<kernel::BinaryKernel<F>>(name, ctx.ctx, n,
+                                              {out[0].data, in[0].data, in[1].data});
       return;
     }
-    for (int64_t i = 0; i < n; ++i) {
-      Store(req[0], out[0].data + i, F::Apply(in[0].data[i], in[1].data[i]));
-    }
+    kernel::Launch<kernel::BinaryPutKernel<F>>(name, ctx.ctx, n,
+                                               {out[0].data, in[0].data, in[1].data, 0, true});
   };
-  op.backward = [](const OpContext&, const ParsedParams&, const std::vector<TBlob>& out_grad,
-                   const std::vector<TBlob>& in, const std::vector<TBlob>&,
-                   const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
-                   const std::vector<TBlob>&) {
-    const float* g = out_grad[0].data;
-    const int64_t n = out_grad[0].Size();
-    // Inputs are not kept when the derivatives do not read them.
-    auto a = [&](int64_t i) { return F::kGradUsesInputs ? in[0].data[i] : 0.0f; };
-    auto b = [&](int64_t i) { return F::kGradUsesInputs ? in[1].data[i] : 0.0f; };
-    for (int64_t i = 0; i < n; ++i) {
-      Store(req[0], in_grad[0].data + i, F::GradA(g[i], a(i), b(i)));
-      Store(req[1], in_grad[1].data + i, F::GradB(g[i], a(i), b(i)));
-    }
+  op.backward = [name](const OpContext& ctx, const ParsedParams&,
+                       const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,
+                       const std::vector<TBlob>&, const std::vector<OpReq>& req,
+                       const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
+    kernel::Launch<kernel::BinaryGradKernel<F>>(
+        name, ctx.ctx, out_grad[0].Size(),
+        {IfWanted(req[0], in_grad[0]), IfWanted(req[1], in_grad[1]), out_grad[0].data,
+         IfUsed<F>(in[0]), IfUsed<F>(in[1]), 0, req[0] == OpReq::kAdd, req[1] == OpReq::kAdd});
   };
   return op;
 }
@@ -59,25 +66,25 @@ OpDef MakeScalar(const char* name, const char* hint) {
   op.infer_shape = SameShapeInfer;
   op.inplace = {{0, 0}};
   op.backward_uses_outputs = false;
-  op.backward_uses_inputs = F::kGradUsesInputs;
-  op.forward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& in,
-                  const std::vector<OpReq>& req, const std::vector<TBlob>& out,
-                  const std::vector<TBlob>&) {
-    const float s = p.GetFloat("scalar");
-    MapStore(req[0], in[0].data, out[0].data, out[0].Size(),
-             [s](float x) { return F::Apply(x, s); });
+  op.backward_uses_inputs = F::kGradAUsesA;
+  op.gpu = true;
+  op.forward = [name](const OpContext& ctx, const ParsedParams& p, const std::vector<TBlob>& in,
+                      const std::vector<OpReq>& req, const std::vector<TBlob>& out,
+                      const std::vector<TBlob>&) {
+    if (req[0] == OpReq::kNull) return;
+    kernel::Launch<kernel::BinaryPutKernel<F>>(
+        name, ctx.ctx, out[0].Size(),
+        {out[0].data, in[0].data, nullptr, p.GetFloat("scalar"), req[0] == OpReq::kAdd});
   };
-  op.backward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& out_grad,
-                   const std::vector<TBlob>& in, const std::vector<TBlob>&,
-                   const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
-                   const std::vector<TBlob>&) {
-    const float s = p.GetFloat("scalar");
-    const float* g = out_grad[0].data;
-    const int64_t n = out_grad[0].Size();
-    for (int64_t i = 0; i < n; ++i) {
-      const float x = F::kGradUsesInputs ? in[0].data[i] : 0.0f;
-      Store(req[0], in_grad[0].data + i, F::GradA(g[i], x, s));
-    }
+  op.backward = [name](const OpContext& ctx, const ParsedParams& p,
+                       const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,
+                       const std::vector<TBlob>&, const std::vector<OpReq>& req,
+                       const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
+    kernel::Launch<kernel::BinaryGradKernel<F>>(
+        name, ctx.ctx, out_grad[0].Size(),
+        {IfWanted(req[0], in_grad[0]), nullptr, out_grad[0].data,
+         F::kGradAUsesA ? in[0].data : nullptr, nullptr,
+         p.GetFloat("scalar"), req[0] == OpReq::kAdd, false});
   };
   return op;
 }

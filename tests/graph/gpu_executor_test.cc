@@ -128,6 +128,31 @@ TEST_F(GpuExecutor, GlobalPoolingMatchesTheCpu) {
   ExpectGpuMatchesCpu(net, {{"data", {3, 5, 7, 6}}, {"label", {3}}}, 5, GradReq::kWrite);
 }
 
+// Every element-wise operator and scalar form, in a graph where outputs feed
+// several consumers (so the executor accumulates their gradients).
+TEST_F(GpuExecutor, ElementWiseOperatorsMatchTheCpu) {
+  Symbol x = Variable("data");
+  Symbol a = Op("FullyConnected", {x}, {{"num_hidden", 8}}, "fa");
+  Symbol b = Op("FullyConnected", {x}, {{"num_hidden", 8}}, "fb");
+  // pos in [1, 2]: a safe denominator.
+  Symbol pos = Op("_plus_scalar", {Op("Activation", {b}, {{"act_type", "sigmoid"}}, "sb")},
+                  {{"scalar", 1.0f}}, "pos");
+  Symbol t = Op("elemwise_add", {a, b}, {}, "add");
+  t = Op("elemwise_sub", {t, b}, {}, "sub");
+  t = Op("elemwise_mul", {t, pos}, {}, "mul");
+  t = Op("elemwise_div", {t, pos}, {}, "div");
+  Symbol u = Op("_rdiv_scalar", {pos}, {{"scalar", 3.0f}}, "rdiv");
+  u = Op("_rminus_scalar", {u}, {{"scalar", 1.0f}}, "rminus");
+  u = Op("_mul_scalar", {u}, {{"scalar", 0.5f}}, "muls");
+  u = Op("_div_scalar", {u}, {{"scalar", 2.0f}}, "divs");
+  u = Op("_minus_scalar", {u}, {{"scalar", 0.25f}}, "minuss");
+  Symbol net = Op("elemwise_add", {t, u}, {}, "sum");
+  net = Op("FullyConnected", {net}, {{"num_hidden", 10}}, "fc");
+  net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
+  ExpectGpuMatchesCpu(net, {{"data", {6, 5}}, {"label", {6}}}, 10, GradReq::kWrite);
+  ExpectGpuMatchesCpu(net, {{"data", {6, 5}}, {"label", {6}}}, 10, GradReq::kAdd);
+}
+
 TEST_F(GpuExecutor, BindingAnOperatorWithoutAGpuImplementationIsRefusedNamingIt) {
   Symbol net = Op("BatchNorm", {Variable("data")}, {}, "bn1");
   auto e = Executor::SimpleBind(net, gpu(0), {{"data", {2, 3, 4, 4}}});
