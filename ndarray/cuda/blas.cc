@@ -1,11 +1,18 @@
 // Matrix products on GPUs through cuBLAS, one handle per device bound to its
 // compute stream. Compiled only with CUDA.
+//
+// cuBLAS is loaded with dlopen at the first product on a GPU, not linked:
+// linked, it adds about 150 MB of resident memory to every process that
+// loads mx, the CPU-only servers and workers included (measured on this
+// toolkit: libcublas + libcublasLt at load time).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 
 #include <array>
 #include <climits>
 #include <mutex>
+#include <string>
 
 #include "ndarray/cuda/stream.h"
 #include "ndarray/launch.h"
@@ -16,19 +23,55 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
+// The cuBLAS functions mx calls.
+struct Cublas {
+  decltype(&cublasCreate_v2) create;
+  decltype(&cublasSetStream_v2) set_stream;
+  decltype(&cublasSgemm_v2) sgemm;
+  decltype(&cublasGetStatusString) status_string;
+};
+
+// The library of the major version mx was built against, loaded once; null
+// with *error set when it or a function is missing.
+const Cublas* LoadCublas(const char** error) {
+  static const std::string soname = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
+  static std::string failure;
+  static const Cublas* api = []() -> const Cublas* {
+    void* lib = dlopen(soname.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) {
+      failure = "cannot load cuBLAS (" + soname + "): " + dlerror();
+      return nullptr;
+    }
+    auto* c = new Cublas;
+    c->create = reinterpret_cast<decltype(c->create)>(dlsym(lib, "cublasCreate_v2"));
+    c->set_stream = reinterpret_cast<decltype(c->set_stream)>(dlsym(lib, "cublasSetStream_v2"));
+    c->sgemm = reinterpret_cast<decltype(c->sgemm)>(dlsym(lib, "cublasSgemm_v2"));
+    c->status_string =
+        reinterpret_cast<decltype(c->status_string)>(dlsym(lib, "cublasGetStatusString"));
+    if (!c->create || !c->set_stream || !c->sgemm || !c->status_string) {
+      failure = soname + " lacks a function mx needs";
+      delete c;
+      return nullptr;
+    }
+    return c;
+  }();
+  if (api == nullptr) *error = failure.c_str();
+  return api;
+}
+
 // The handle of gpu(device), or nullptr with *error set.
-cublasHandle_t Handle(int device, const char** error) {
+cublasHandle_t Handle(const Cublas& cublas, int device, const char** error) {
   static std::array<std::once_flag, kMaxDevices> once;
   static std::array<cublasHandle_t, kMaxDevices> handles{};
   static std::array<cublasStatus_t, kMaxDevices> status{};
-  std::call_once(once[device], [device] {
-    status[device] = cublasCreate(&handles[device]);
+  std::call_once(once[device], [&cublas, device] {
+    status[device] = cublas.create(&handles[device]);
     if (status[device] == CUBLAS_STATUS_SUCCESS) {
-      status[device] = cublasSetStream(handles[device], internal::cuda::ComputeStream(device));
+      status[device] = cublas.set_stream(handles[device], internal::cuda::ComputeStream(device));
     }
   });
   if (status[device] != CUBLAS_STATUS_SUCCESS) {
-    *error = cublasGetStatusString(status[device]);
+    *error = cublas.status_string(status[device]);
     return nullptr;
   }
   return handles[device];
@@ -41,16 +84,18 @@ const char* GpuSgemm(int device, const ColMajorGemm& g, float alpha, float beta)
   for (int64_t d : {g.m, g.n, g.k, g.ld_first, g.ld_second, g.ldc}) {
     if (d > INT_MAX) return "matrix dimension exceeds cuBLAS's 32-bit limit";
   }
+  const char* error = nullptr;
+  const Cublas* cublas = LoadCublas(&error);
+  if (cublas == nullptr) return error;
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return cudaGetErrorString(err);
-  const char* error = nullptr;
-  cublasHandle_t handle = Handle(device, &error);
+  cublasHandle_t handle = Handle(*cublas, device, &error);
   if (handle == nullptr) return error;
-  cublasStatus_t s = cublasSgemm(
+  cublasStatus_t s = cublas->sgemm(
       handle, g.trans_first ? CUBLAS_OP_T : CUBLAS_OP_N, g.trans_second ? CUBLAS_OP_T : CUBLAS_OP_N,
       int(g.m), int(g.n), int(g.k), &alpha, g.first, int(g.ld_first), g.second,
       int(g.ld_second), &beta, g.c, int(g.ldc));
-  return s == CUBLAS_STATUS_SUCCESS ? nullptr : cublasGetStatusString(s);
+  return s == CUBLAS_STATUS_SUCCESS ? nullptr : cublas->status_string(s);
 }
 
 }  // namespace mx::kernel

@@ -11,8 +11,10 @@
 #       (PyTorch's wheels carry them).
 #   tests/gpu/run_on_gpu.sh run [DIR] [OUT]   there: finds the CUDA
 #       libraries, runs every packed test (GoogleTest XML to OUT, default
-#       DIR/results) and benchmark, and ends with "N passed, N failed,
-#       N skipped". Exit status 0 only when nothing failed.
+#       DIR/results), the GPU tests again under compute-sanitizer's memcheck
+#       and racecheck (each run counts as one test), the benchmarks and
+#       training on gpu(0), and ends with "N passed, N failed, N skipped".
+#       Exit status 0 only when nothing failed.
 #
 # docs/operations.md ("Checking the GPU path") tells how to run it.
 set -uo pipefail
@@ -106,6 +108,29 @@ run() {
     failed=$((failed + bad))
     skipped=$((skipped + skips))
   done
+  # The GPU tests again under compute-sanitizer, where the machine has it:
+  # memcheck for bad accesses, racecheck for shared-memory races. (The test
+  # that exhausts memory is left out: the tool reports its failed
+  # allocation.)
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [[ -x $sanitizer ]]; then
+    local tool
+    for tool in memcheck racecheck; do
+      for name in gpu_ndarray_test gpu_executor_test; do
+        echo "== compute-sanitizer --tool $tool $name"
+        if timeout 300 "$sanitizer" --tool "$tool" --error-exitcode 1 "$dir/bin/$name" \
+             --gtest_filter='-*Exhausted*' > "$out/$tool-$name.log" 2>&1; then
+          passed=$((passed + 1))
+        else
+          tail -20 "$out/$tool-$name.log"
+          failed=$((failed + 1))
+        fi
+      done
+    done
+  else
+    echo "compute-sanitizer not found: sanitizer runs skipped"
+  fi
   for bin in "$dir"/bin/*_bench; do
     echo "== $(basename "$bin")"
     timeout 300 "$bin" || { echo "$(basename "$bin") failed"; failed=$((failed + 1)); }

@@ -1,8 +1,9 @@
 // Executors bound on gpu(0) against the same graphs bound on the CPU: the
 // MLP of the seed (FullyConnected, Activation, SoftmaxOutput), dot, and
 // convolution and pooling through cuDNN, in forward and backward, with
-// gradients written and accumulated (kAdd). Tolerance 1e-5 relative: cuBLAS and OpenBLAS sum the
-// products in different orders. Skipped, with the reason, without a GPU.
+// gradients written and accumulated (kAdd). Tolerance 1e-5 relative (cuBLAS
+// and OpenBLAS sum products in different orders), 1e-4 through cuDNN's
+// convolutions. Skipped, with the reason, without a GPU.
 #include <cmath>
 #include <map>
 #include <string>
@@ -24,11 +25,11 @@ class GpuExecutor : public ::testing::Test {
   void SetUp() override { MX_SKIP_WITHOUT_GPU(); }
 };
 
-void ExpectNear(const NDArray& want, const NDArray& got, const std::string& what) {
+void ExpectNear(const NDArray& want, const NDArray& got, float rel, const std::string& what) {
   ASSERT_EQ(want.shape(), got.shape()) << what;
   const std::vector<float> w = want.ToVector(), g = got.Copy(cpu()).ToVector();
   for (size_t i = 0; i < w.size(); ++i) {
-    ASSERT_NEAR(g[i], w[i], 1e-5f * std::max(1.0f, std::fabs(w[i]))) << what << " at " << i;
+    ASSERT_NEAR(g[i], w[i], rel * std::max(1.0f, std::fabs(w[i]))) << what << " at " << i;
   }
 }
 
@@ -36,7 +37,7 @@ void ExpectNear(const NDArray& want, const NDArray& got, const std::string& what
 // in [0, classes)), runs forward and backward `steps` times on each (with
 // kAdd, gradients accumulate), and compares outputs and gradients.
 void ExpectGpuMatchesCpu(const Symbol& net, const std::map<std::string, Shape>& shapes,
-                         int classes, GradReq req) {
+                         int classes, GradReq req, float rel = 1e-5f) {
   auto on_cpu = Executor::SimpleBind(net, cpu(), shapes, req, {{"label", GradReq::kNull}});
   auto on_gpu = Executor::SimpleBind(net, gpu(0), shapes, req, {{"label", GradReq::kNull}});
   ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
@@ -58,10 +59,10 @@ void ExpectGpuMatchesCpu(const Symbol& net, const std::map<std::string, Shape>& 
     }
   }
   for (size_t i = 0; i < (*on_cpu)->outputs().size(); ++i) {
-    ExpectNear((*on_cpu)->outputs()[i], (*on_gpu)->outputs()[i], "output");
+    ExpectNear((*on_cpu)->outputs()[i], (*on_gpu)->outputs()[i], rel, "output");
   }
   for (const auto& [name, grad] : (*on_cpu)->grad_dict()) {
-    ExpectNear(grad, (*on_gpu)->grad_dict().at(name), "gradient of " + name);
+    ExpectNear(grad, (*on_gpu)->grad_dict().at(name), rel, "gradient of " + name);
   }
 }
 
@@ -116,8 +117,13 @@ TEST_F(GpuExecutor, ConvolutionAndPoolingThroughCudnnMatchTheCpu) {
   net = Op("Flatten", {net}, {}, "flatten");
   net = Op("FullyConnected", {net}, {{"num_hidden", 10}}, "fc");
   net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
-  ExpectGpuMatchesCpu(net, {{"data", {4, 3, 16, 16}}, {"label", {4}}}, 10, GradReq::kWrite);
-  ExpectGpuMatchesCpu(net, {{"data", {2, 3, 16, 16}}, {"label", {2}}}, 10, GradReq::kAdd);
+  // 1e-4: a weight gradient sums hundreds of products, in an order that
+  // depends on the algorithm cuDNN's heuristics pick on the machine (one
+  // H200 run differed from the CPU by 1.8e-5 relative).
+  ExpectGpuMatchesCpu(net, {{"data", {4, 3, 16, 16}}, {"label", {4}}}, 10, GradReq::kWrite,
+                      1e-4f);
+  ExpectGpuMatchesCpu(net, {{"data", {2, 3, 16, 16}}, {"label", {2}}}, 10, GradReq::kAdd,
+                      1e-4f);
 }
 
 TEST_F(GpuExecutor, GlobalPoolingMatchesTheCpu) {
