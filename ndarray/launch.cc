@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "ndarray/device.h"
+#include "ndarray/parallel.h"
 
 namespace mx::kernel {
 
@@ -85,6 +86,24 @@ BroadcastIndex MakeBroadcastIndex(const char* op, const Shape& out, const Shape&
     ix.sb[d] = out[d] == 1 ? 0 : sb[d];
   }
   return ix;
+}
+
+void Gemm(const char* name, Context ctx, bool trans_a, bool trans_b, int64_t m, int64_t n,
+          int64_t k, float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+          float beta, float* c) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (beta == 0) Launch<FillKernel>(name, ctx, m * n, {c, 0.0f});
+    return;
+  }
+  if (ctx.is_gpu()) {
+    ThrowIfLaunchFailed(
+        GpuSgemm(ctx.device_id,
+                 RowMajorAsColMajor(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, n), alpha, beta),
+        name, ctx);
+    return;
+  }
+  Sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, n);
 }
 
 ColMajorGemm RowMajorAsColMajor(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,

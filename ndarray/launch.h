@@ -103,6 +103,14 @@ ColMajorGemm RowMajorAsColMajor(bool trans_a, bool trans_b, int64_t m, int64_t n
                                 const float* a, int64_t lda, const float* b, int64_t ldb,
                                 float* c, int64_t ldc);
 
+// C = alpha * op(A) * op(B) + beta * C on ctx, row-major, C contiguous
+// (m x n), beta 0 or 1: OpenBLAS on the CPU pool (Sgemm, ndarray/parallel.h)
+// or cuBLAS on the GPU's compute stream. Any of m, n, k may be 0 (k == 0
+// leaves beta * C). The one product of NDArray's Dot and the operators.
+void Gemm(const char* name, Context ctx, bool trans_a, bool trans_b, int64_t m, int64_t n,
+          int64_t k, float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+          float beta, float* c);
+
 // Runs the product on gpu(device)'s compute stream through cuBLAS; nullptr
 // or the error's text. Defined in ndarray/cuda (or no_cuda.cc).
 const char* GpuSgemm(int device, const ColMajorGemm& call, float alpha, float beta);

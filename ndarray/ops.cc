@@ -9,7 +9,6 @@
 #include "ndarray/ndarray.h"
 #include "ndarray/launch.h"
 #include "ndarray/op_util.h"
-#include "ndarray/parallel.h"
 
 namespace mx {
 
@@ -248,21 +247,7 @@ NDArray Dot(const NDArray& a, const NDArray& b, bool transpose_a,
   float* po = out.data();
   const int64_t lda = a.shape()[1], ldb = b.shape()[1];
   PushKernel("dot", ctx, {&a, &b}, {&out}, [=] {
-    if (m == 0 || n == 0) return;
-    if (k == 0) {
-      Launch<kernel::FillKernel>("dot", ctx, m * n, {po, 0.0f});
-      return;
-    }
-    if (ctx.is_gpu()) {
-      kernel::ThrowIfLaunchFailed(
-          kernel::GpuSgemm(ctx.device_id,
-                           kernel::RowMajorAsColMajor(transpose_a, transpose_b, m, n, k, pa,
-                                                      lda, pb, ldb, po, n),
-                           1.0f, 0.0f),
-          "dot", ctx);
-      return;
-    }
-    Sgemm(transpose_a, transpose_b, m, n, k, 1.0f, pa, lda, pb, ldb, 0.0f, po, n);
+    kernel::Gemm("dot", ctx, transpose_a, transpose_b, m, n, k, 1.0f, pa, lda, pb, ldb, 0.0f, po);
   }, 0, ctx.is_gpu() ? FnProperty::kNormal : FnProperty::kCpuParallel);
   return out;
 }

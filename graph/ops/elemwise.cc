@@ -72,9 +72,14 @@ OpDef MakeScalar(const char* name, const char* hint) {
                       const std::vector<OpReq>& req, const std::vector<TBlob>& out,
                       const std::vector<TBlob>&) {
     if (req[0] == OpReq::kNull) return;
-    kernel::Launch<kernel::BinaryPutKernel<F>>(
-        name, ctx.ctx, out[0].Size(),
-        {out[0].data, in[0].data, nullptr, p.GetFloat("scalar"), req[0] == OpReq::kAdd});
+    const int64_t n = out[0].Size();
+    const float scalar = p.GetFloat("scalar");
+    if (req[0] == OpReq::kWrite) {
+      kernel::Launch<kernel::ScalarKernel<F>>(name, ctx.ctx, n, {out[0].data, in[0].data, scalar});
+      return;
+    }
+    kernel::Launch<kernel::BinaryPutKernel<F>>(name, ctx.ctx, n,
+                                               {out[0].data, in[0].data, nullptr, scalar, true});
   };
   op.backward = [name](const OpContext& ctx, const ParsedParams& p,
                        const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,

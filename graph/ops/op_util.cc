@@ -1,30 +1,14 @@
 #include "graph/ops/op_util.h"
 
-#include <algorithm>
-
 #include "ndarray/launch.h"
-#include "ndarray/parallel.h"
 
 namespace mx::ops {
 
 void Gemm(Context ctx, OpReq req, bool trans_a, bool trans_b, int64_t m, int64_t n,
           int64_t k, float alpha, const float* a, const float* b, float* c) {
-  if (req == OpReq::kNull || m == 0 || n == 0) return;
-  if (k == 0) {
-    if (req == OpReq::kWrite) kernel::Launch<kernel::FillKernel>("gemm", ctx, m * n, {c, 0.0f});
-    return;
-  }
-  const int64_t lda = trans_a ? m : k, ldb = trans_b ? k : n;
-  const float beta = req == OpReq::kAdd ? 1.0f : 0.0f;
-  if (ctx.is_gpu()) {
-    kernel::ThrowIfLaunchFailed(
-        kernel::GpuSgemm(ctx.device_id,
-                         kernel::RowMajorAsColMajor(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, n),
-                         alpha, beta),
-        "gemm", ctx);
-    return;
-  }
-  Sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, n);
+  if (req == OpReq::kNull) return;
+  kernel::Gemm("gemm", ctx, trans_a, trans_b, m, n, k, alpha, a, trans_a ? m : k, b,
+               trans_b ? k : n, req == OpReq::kAdd ? 1.0f : 0.0f, c);
 }
 
 absl::Status SameShapeInfer(const ParsedParams&, ShapeList* in, ShapeList* out,

@@ -15,10 +15,9 @@ inline NameListFn Names(std::vector<std::string> names) {
   return [names](const ParsedParams&) { return names; };
 }
 
-// C = alpha * op(A) * op(B) + (req == kAdd ? C : 0), row-major, on ctx:
-// through OpenBLAS on the CPU pool (ndarray/parallel.h), or cuBLAS on the
-// GPU's compute stream. A is m x k after op, B is k x n after op. No-op for
-// kNull.
+// C = alpha * op(A) * op(B) + (req == kAdd ? C : 0), row-major, on ctx
+// (kernel::Gemm: OpenBLAS on the CPU pool, cuBLAS on a GPU). A is m x k
+// after op, B is k x n after op. No-op for kNull.
 void Gemm(Context ctx, OpReq req, bool trans_a, bool trans_b, int64_t m, int64_t n,
           int64_t k, float alpha, const float* a, const float* b, float* c);
 
