@@ -122,7 +122,7 @@ void CoordinatorClient::Beat() {
   }
   // A refusal (a wrong token or key) will not mend either.
   const bool refused = absl::IsUnauthenticated(s) || absl::IsPermissionDenied(s);
-  if (!refused && ++failures_ < kLostAfter) return;
+  if (!refused && ++failures_ < options_.lost_after) return;
   lost_ = true;
   if (on_lost_) {
     on_lost_(absl::UnavailableError(absl::StrCat(

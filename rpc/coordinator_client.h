@@ -21,6 +21,10 @@ namespace rpc {
 
 class CoordinatorClient {
  public:
+  static constexpr absl::Duration kHeartbeatPeriod = absl::Seconds(1);
+  static constexpr absl::Duration kHeartbeatDeadline = absl::Seconds(2);
+  static constexpr int kLostAfter = 3;
+
   struct Options {
     std::string address;  // the coordinator's host:port
     Security security;
@@ -29,15 +33,14 @@ class CoordinatorClient {
     absl::Duration startup_timeout = absl::Seconds(120);
     // The deadline of barriers and of leaving.
     absl::Duration rpc_timeout = absl::Seconds(30);
+    // Failed heartbeats in a row after which the coordinator counts as lost.
+    int lost_after = kLostAfter;
   };
 
   // Heartbeats go out every kHeartbeatPeriod with a deadline of
-  // kHeartbeatDeadline; after kLostAfter failures in a row the coordinator
-  // counts as lost (about 3 s when nothing listens any more, up to 9 s when
-  // it hangs).
-  static constexpr absl::Duration kHeartbeatPeriod = absl::Seconds(1);
-  static constexpr absl::Duration kHeartbeatDeadline = absl::Seconds(2);
-  static constexpr int kLostAfter = 3;
+  // kHeartbeatDeadline; after Options::lost_after (default kLostAfter)
+  // failures in a row the coordinator counts as lost (about 3 s when nothing
+  // listens any more, up to 9 s when it hangs).
 
   // Registers `req` with the coordinator, waiting up to the startup timeout
   // for it to start and for every node to register. Errors start with

@@ -11,7 +11,8 @@
 // heartbeats), or until SIGINT or SIGTERM; it then logs "<role>: every
 // worker finished; shutting down" (or "... shutting down (SIGTERM)"), stops
 // serving and exits 0. A server also stops, with an error and exit code 1,
-// when the coordinator is unreachable for three heartbeats.
+// when the coordinator is unreachable for five heartbeats (workers give up
+// after three, so they are the ones to report it).
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 
@@ -340,6 +341,10 @@ int RunServer() {
   co.address = coordinator;
   co.security = server_options.security;
   co.startup_timeout = absl::Seconds(startup_timeout);
+  // Two heartbeats longer than workers wait: a worker that loses the
+  // coordinator then says so itself, rather than first meeting a server that
+  // has already left (seen: a worker named the server instead).
+  co.lost_after = rpc::CoordinatorClient::kLostAfter + 2;
   auto client = rpc::CoordinatorClient::Register(co, req);
   if (!client.ok()) {
     std::cerr << "mx_server: " << client.status().message() << "\n";
