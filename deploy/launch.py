@@ -118,6 +118,35 @@ class Proc:
         return f"{self.name} ({extra}pid {self.popen.pid})"
 
 
+def signal_group(proc, sig):
+    """Sends sig to proc's process group, which may have just ended."""
+    try:
+        os.killpg(proc.popen.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class Stopped(Exception):
+    """Raised by the launcher's signal handlers: the job is to stop with
+    exit code `code`. The stop runs in run(), not in the handler: a handler
+    runs wherever the main thread was, possibly inside Popen.poll() holding
+    that process's wait lock, and a stop started there waited for that lock
+    forever (seen: a CI run hung on Ctrl-C)."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def raise_stopped(code):
+    def handler(*_):
+        raise Stopped(code)
+    return handler
+
+
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
 class Job:
     def __init__(self, remote=None):
         self.procs = []
@@ -157,18 +186,22 @@ class Job:
 
     def stop(self, procs, grace=3.0):
         """SIGTERMs the running ones of procs (their whole process groups),
-        SIGKILLs what is left after `grace` seconds. Returns those killed."""
+        SIGKILLs what is left after `grace` seconds. Returns those killed.
+        Every wait is bounded: a stop never hangs the launcher."""
         for p in procs:
             if p.popen.poll() is None:
-                os.killpg(p.popen.pid, signal.SIGTERM)
+                signal_group(p, signal.SIGTERM)
         deadline = time.time() + grace
         killed = []
         for p in procs:
             while p.popen.poll() is None and time.time() < deadline:
                 time.sleep(0.05)
             if p.popen.poll() is None:
-                os.killpg(p.popen.pid, signal.SIGKILL)
-                p.popen.wait()
+                signal_group(p, signal.SIGKILL)
+                try:
+                    p.popen.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    log(f"warning: {p.describe()} still not reaped {grace:g} s after SIGKILL")
                 killed.append(p)
         return killed
 
@@ -365,21 +398,22 @@ def main():
     cmd = worker_command(ap, args)
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
-    secrets = job_secrets(ap, args)
-    try:
-        return run(args, cmd, secrets)
-    finally:
-        secrets.remove()
-
-
-def run(args, cmd, secrets):
-    """Starts the job and supervises it; returns the exit code."""
     remote = None
     if args.hostfile:
         try:
             remote = Remote(args.ssh, read_hostfile(args.hostfile))
         except (OSError, ValueError) as e:
             ap.error(f"--hostfile: {e}")
+    secrets = job_secrets(ap, args)
+    try:
+        return run(args, cmd, secrets, remote)
+    finally:
+        secrets.remove()
+
+
+def run(args, cmd, secrets, remote):
+    """Starts the job on this host, or through `remote` (a Remote or None),
+    and supervises it; returns the exit code."""
     port = args.port or (9091 if remote else free_port())
     root = address_of(remote.host(0)) if remote else "127.0.0.1"
     coordinator = f"{root}:{port}"
@@ -394,9 +428,29 @@ def run(args, cmd, secrets):
         # Servers serve on their --bind host; workers on MX_METRICS_HOST.
         env.update(MX_METRICS_PORT="0", MX_METRICS_HOST="0.0.0.0" if remote else "127.0.0.1")
     job = Job(remote)
-    signal.signal(signal.SIGINT, lambda *_: (job.stop_all(), sys.exit(130)))
-    signal.signal(signal.SIGTERM, lambda *_: (job.stop_all(), sys.exit(143)))
-    signal.signal(signal.SIGHUP, lambda *_: (job.stop_all(), sys.exit(129)))
+    return run_until_stopped(job, lambda: start_and_supervise(job, args, cmd, secrets, env))
+
+
+def run_until_stopped(job, body):
+    """Returns body() (which starts and supervises `job`), unless SIGINT,
+    SIGTERM or SIGHUP comes first: then stops the job and returns 130, 143
+    or 129."""
+    for sig, code in STOP_SIGNALS.items():
+        signal.signal(sig, raise_stopped(code))
+    try:
+        return body()
+    except Stopped as stopped:
+        for sig in STOP_SIGNALS:  # one stop; a second signal changes nothing
+            signal.signal(sig, signal.SIG_IGN)
+        job.stop_all()
+        return stopped.code
+
+
+def start_and_supervise(job, args, cmd, secrets, env):
+    """Starts the coordinator, the servers and the workers (at the address
+    `env` names); returns the launcher's exit code once the job has ended."""
+    remote = job.remote
+    coordinator, port = env["MX_COORDINATOR"], env["DMLC_PS_ROOT_PORT"]
     mode = "sync" if args.kvstore == "dist_sync" else "async"
     elastic = ["--elastic"] if args.elastic else []
     bind_host = "0.0.0.0" if remote else "127.0.0.1"

@@ -12,7 +12,7 @@ DATA=/usr/share/datasets/fashion-mnist
 
 log="$TMP/job.log"
 JOB_LOGS+=("$log")
-timeout 600 python3 "$LAUNCH" -n 2 -s 2 --server-binary="$SERVER" -- "$TRAIN" \
+timeout -k 5 600 python3 "$LAUNCH" -n 2 -s 2 --server-binary="$SERVER" -- "$TRAIN" \
   --kvstore=dist_sync --network=mlp --epochs=10 --lr=0.2 --data_dir="$DATA" > "$log" 2>&1
 rc=$?
 [[ $rc -eq 0 ]] || fail "job exit code $rc"

@@ -141,7 +141,7 @@ EOF
 
 # 2. The pods, run here: a job that trains, checkpoints to its volume and
 # ends cleanly.
-timeout 150 python3 "$LOCAL" "$TMP/job.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
+timeout -k 5 150 python3 "$LOCAL" "$TMP/job.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
   --volumes "$TMP/volumes" --timeout 120 > "$TMP/run.log" 2>&1
 rc=$?
 out=$(cat "$TMP/run.log")
@@ -178,7 +178,7 @@ done
 
 # The same job with --tls: the pods read the TLS files from the Secret's
 # volume and train over mutual TLS.
-timeout 150 python3 "$LOCAL" "$TMP/tls.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
+timeout -k 5 150 python3 "$LOCAL" "$TMP/tls.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
   --timeout 120 > "$TMP/tls.log" 2>&1 ||
   fail "--tls: local run failed: $(grep -E 'mx_(train|server): ' "$TMP/tls.log"; tail -5 "$TMP/tls.log")"
 grep -q "^\[worker 1\] Final test accuracy=" "$TMP/tls.log" || fail "--tls: worker 1 did not finish"

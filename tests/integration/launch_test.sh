@@ -11,7 +11,7 @@ source "$(dirname "$0")/lib.sh"
 
 # 1. A job that succeeds; then the servers and the coordinator shut down
 # cleanly (the launcher SIGTERMs them; each logs it and exits 0).
-out=$(timeout 120 python3 "$LAUNCH" -n 2 -s 2 --server-binary="$SERVER" -- "${worker[@]}" --epochs=3 2>&1)
+out=$(timeout -k 5 120 python3 "$LAUNCH" -n 2 -s 2 --server-binary="$SERVER" -- "${worker[@]}" --epochs=3 2>&1)
 rc=$?
 echo "$out" > "$TMP/ok.log"
 JOB_LOGS+=("$TMP/ok.log")
@@ -40,7 +40,7 @@ assert_nothing_left "$TMP/ok.log"
 # gradient is applied on its own, against slightly stale weights).
 async=("${worker[@]/--kvstore=dist_sync/--kvstore=dist_async}")
 async=("${async[@]/--lr=0.5/--lr=0.1}")
-out=$(timeout 120 python3 "$LAUNCH" -n 2 -s 1 --kvstore dist_async --server-binary="$SERVER" -- \
+out=$(timeout -k 5 120 python3 "$LAUNCH" -n 2 -s 1 --kvstore dist_async --server-binary="$SERVER" -- \
       "${async[@]}" --epochs=3 2>&1)
 rc=$?
 echo "$out" > "$TMP/async.log"
@@ -86,21 +86,21 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 "$SERVER" --role=coordinator --bind=127.0.0.1:$port --num_servers=1 --num_workers=2 > "$TMP/alone.log" 2>&1 &
 coordinator=$!
 start=$(now_ms)
-MX_STARTUP_TIMEOUT_S=3 "$SERVER" --role=server --coordinator=127.0.0.1:$port --num_workers=2 \
+MX_STARTUP_TIMEOUT_S=3 timeout -k 2 20 "$SERVER" --role=server --coordinator=127.0.0.1:$port --num_workers=2 \
   > "$TMP/alone_server.log" 2>&1 &
 server=$!
 out=$(MX_COORDINATOR=127.0.0.1:$port MX_STARTUP_TIMEOUT_S=3 timeout 20 "${worker[@]}" 2>&1)
 rc=$?
 wait "$server"; server_rc=$?
 elapsed=$(( $(now_ms) - start ))
-kill "$coordinator"; wait "$coordinator"
+kill -9 "$coordinator"; wait "$coordinator"
 [[ $rc -eq 1 && "$out" == *"only 1 of 1 servers and 1 of 2 workers registered in time"* ]] ||
   fail "worker alone: exit code $rc, said: $out"
 [[ $server_rc -eq 1 ]] && grep -q "only 1 of 1 servers and 1 of 2 workers registered in time" "$TMP/alone_server.log" ||
   fail "server alone: exit code $server_rc, said: $(cat "$TMP/alone_server.log")"
 (( elapsed >= 2000 && elapsed <= 8000 )) || fail "nodes alone gave up after $elapsed ms, not about 3 s"
 # No coordinator at the address: said so, rather than a bare deadline.
-out=$(MX_STARTUP_TIMEOUT_S=2 "$SERVER" --role=server --coordinator=127.0.0.1:$port --num_workers=2 2>&1)
+out=$(MX_STARTUP_TIMEOUT_S=2 timeout -k 2 20 "$SERVER" --role=server --coordinator=127.0.0.1:$port --num_workers=2 2>&1)
 rc=$?
 [[ $rc -eq 1 && "$out" == *"registering with the coordinator at 127.0.0.1:$port: nothing answered there within 2s"* ]] ||
   fail "server without a coordinator: exit code $rc, said: $out"
@@ -108,11 +108,11 @@ out=$(MX_COORDINATOR=127.0.0.1:$port MX_STARTUP_TIMEOUT_S=2 timeout 20 "${worker
 rc=$?
 [[ $rc -eq 1 && "$out" == *"nothing answered there within 2s (is the coordinator running"* ]] ||
   fail "worker without a coordinator: exit code $rc, said: $out"
-out=$(MX_STARTUP_TIMEOUT_S=soon "$SERVER" --role=server --coordinator=127.0.0.1:1 --num_workers=1 2>&1)
+out=$(MX_STARTUP_TIMEOUT_S=soon timeout 10 "$SERVER" --role=server --coordinator=127.0.0.1:1 --num_workers=1 2>&1)
 rc=$?
 [[ $rc -eq 2 && "$out" == *"MX_STARTUP_TIMEOUT_S=soon: must be a whole number from 1"* ]] ||
   fail "server MX_STARTUP_TIMEOUT_S=soon: exit code $rc, said: $out"
-out=$(MX_COORDINATOR=127.0.0.1:1 MX_STARTUP_TIMEOUT_S=soon "${worker[@]}" 2>&1)
+out=$(MX_COORDINATOR=127.0.0.1:1 MX_STARTUP_TIMEOUT_S=soon timeout 10 "${worker[@]}" 2>&1)
 rc=$?
 [[ $rc -eq 1 && "$out" == *"MX_STARTUP_TIMEOUT_S=soon: must be a whole number from 1"* ]] ||
   fail "worker MX_STARTUP_TIMEOUT_S=soon: exit code $rc, said: $out"
@@ -130,5 +130,29 @@ echo "interrupted job stopped ${elapsed} ms after SIGINT (exit code $rc)"
 (( elapsed <= 5000 )) || fail "interrupted job took ${elapsed} ms to stop"
 sleep 0.5
 assert_nothing_left "$log"
+
+# 7. A signal that arrives while the launcher's main thread holds a
+# process's wait lock (inside Popen.poll()) still stops the job: the stop
+# must not run inside the signal handler, where it waited for that lock
+# forever (a CI run hung after step 3 with no timeout of its own; this
+# deadlock, reproduced here, is the likely cause).
+out=$(cd "$(dirname "$LAUNCH")" && timeout -k 2 20 python3 - 2>&1 <<'PY'
+import os, signal, time
+import launch
+job = launch.Job()
+proc = job.start("worker 0", "worker", ["sleep", "100"], os.environ)
+def supervise():
+    with proc.popen._waitpid_lock:  # as Popen.poll() holds it
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    return 0
+start = time.time()
+code = launch.run_until_stopped(job, supervise)
+print(f"exit code {code} after {time.time() - start:.1f} s; sleep {'ended' if proc.popen.poll() is not None else 'still running'}")
+PY
+)
+rc=$?
+[[ $rc -eq 0 && "$out" == *"exit code 130 after "*" s; sleep ended"* ]] ||
+  fail "SIGINT inside poll(): exit code $rc, said: $out"
 
 finish

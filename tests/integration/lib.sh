@@ -24,11 +24,12 @@ JOB_LOGS=()      # every job's log, for the EXIT trap
 LAUNCHERS=()     # launchers started in the background
 
 # start_job LOG LAUNCH_ARGS... -- WORKER_ARGS...: runs launch.py in the
-# background (at most 120 s), its output in LOG; sets $launcher.
+# background (at most 120 s, then SIGKILL 5 s later if it ignores the
+# SIGTERM), its output in LOG; sets $launcher.
 start_job() {
   local log=$1; shift
   JOB_LOGS+=("$log")
-  timeout 120 python3 "$LAUNCH" --server-binary="$SERVER" "$@" > "$log" 2>&1 &
+  timeout -k 5 120 python3 "$LAUNCH" --server-binary="$SERVER" "$@" > "$log" 2>&1 &
   launcher=$!
   LAUNCHERS+=("$launcher")
 }

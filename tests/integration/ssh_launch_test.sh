@@ -17,7 +17,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 
 log="$TMP/job.log"
 JOB_LOGS+=("$log")
-timeout 120 python3 "$LAUNCH" -n 2 -s 2 -H "$TMP/hosts" --ssh="$FAKE_SSH" --port="$port" \
+timeout -k 5 120 python3 "$LAUNCH" -n 2 -s 2 -H "$TMP/hosts" --ssh="$FAKE_SSH" --port="$port" \
   --server-binary="$SERVER" -- "${worker[@]}" --epochs=2 > "$log" 2>&1
 rc=$?
 [[ $rc -eq 0 ]] || fail "job exit code $rc"

@@ -15,7 +15,7 @@ MERGE="$(dirname "$LAUNCH")/trace_merge.py"
 
 log="$TMP/job.log"
 JOB_LOGS+=("$log")
-timeout 120 python3 "$LAUNCH" --server-binary="$SERVER" --trace "$TMP/trace" -n 2 -s 2 \
+timeout -k 5 120 python3 "$LAUNCH" --server-binary="$SERVER" --trace "$TMP/trace" -n 2 -s 2 \
   -- "${worker[@]}" --epochs=3 --optimizer=sgd --momentum=0.9 > "$log" 2>&1 \
   || fail "job failed: $(tail -5 "$log")"
 n=$(ls "$TMP/trace"/*.trace.json 2>/dev/null | wc -l)
