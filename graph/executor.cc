@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <map>
+#include <optional>
 #include <set>
 #include <unordered_map>
 
@@ -15,8 +17,9 @@ namespace mx {
 using graph::Node;
 using graph::NodeEntry;
 
-// The bound graph: data entries (variables and node outputs), gradient
-// slots, and per node the blobs, requests and engine variables of its
+// The bound graph: data entries (variables, node outputs and their copies
+// on other contexts), gradient slots, and per run (an operator node, or a
+// cross-device copy) the blobs, requests and engine variables of its
 // forward and backward operations. Engine operations hold a shared_ptr to
 // the plan, so it outlives the executor while they are pending.
 struct Executor::Plan {
@@ -24,34 +27,46 @@ struct Executor::Plan {
   // the executor and every other handle of the symbol.
   Symbol symbol;
   struct NodeRun {
-    Node* node = nullptr;
+    Node* node = nullptr;     // null: a copy of entry in[0] into out[0]
+    const OpDef* op = nullptr;  // node's operator, or CopyOp()
+    Context ctx;              // where it runs (where out[0] lives)
     std::vector<int> in, out, aux;  // data entry ids
     std::vector<int> in_grad;       // grad slot per argument, -1 for none
     std::vector<int> out_grad;      // grad slot per output, -1 for none
     std::vector<OpReq> bwd_req;
     bool in_backward = false;
     size_t workspace_floats = 0;
+    float* workspace = nullptr;  // its context's workspace, when it needs one
     // Built once the arrays exist.
     std::vector<TBlob> in_blobs, out_blobs, aux_blobs, in_grad_blobs,
         out_grad_blobs;
     std::vector<VarHandle> fwd_reads, fwd_writes, bwd_reads, bwd_writes;
+    // A copy whose backward adds to the source's gradient: the gradient
+    // brought over to the source's context first.
+    NDArray add_buffer;
     // Engine operation names ("fc1", "fc1_backward"), for traces.
     std::string fwd_name, bwd_name;
   };
   std::vector<Shape> entry_shapes;
-  std::vector<NDArray> entries;  // by data entry id
-  std::vector<int> grad_of;      // data entry id -> grad slot, -1 for none
-  std::vector<NDArray> grads;    // by grad slot
-  std::vector<NodeRun> nodes;    // operator nodes, in execution order
+  std::vector<Context> entry_ctx;  // where each entry lives
+  std::vector<NDArray> entries;    // by data entry id
+  std::vector<int> grad_of;        // data entry id -> grad slot, -1 for none
+  std::vector<NDArray> grads;      // by grad slot
+  std::vector<NodeRun> nodes;      // runs, in execution order
   std::vector<int> output_entries;
   std::vector<bool> output_needs_head;  // non-loss outputs that need grads
   std::vector<int> zero_grads;          // slots no one writes: zero-filled
-  NDArray workspace;
+  std::map<Context, NDArray> workspaces;
+};
+
+struct Executor::Placement {
+  std::unordered_map<const Node*, Context> where;  // every node of the graph
 };
 
 namespace {
 
 constexpr int kForever = std::numeric_limits<int>::max();
+using NodeRun = Executor::Plan::NodeRun;
 
 std::string ShapeMismatch(const std::string& what, const std::string& name,
                           const Shape& got, const Shape& want) {
@@ -151,10 +166,392 @@ void AddVars(const std::vector<NDArray>& arrays, const std::vector<int>& ids,
   }
 }
 
-// How a node's operations use the CPU (OpenBLAS products use every core).
-FnProperty Property(const Executor::Plan::NodeRun& run) {
-  return run.node->op->uses_all_cores ? FnProperty::kCpuParallel : FnProperty::kNormal;
+// How a run's operations use the CPU (OpenBLAS products use every core).
+FnProperty Property(const NodeRun& run) {
+  return run.op->uses_all_cores ? FnProperty::kCpuParallel : FnProperty::kNormal;
 }
+
+// What a cross-device copy is to the planner: reads nothing in backward
+// but its output's gradient. Never registered; the executor runs copies
+// with NDArray::Assign.
+const OpDef& CopyOp() {
+  static const OpDef* const op = [] {
+    auto* def = new OpDef;
+    def->name = "_CrossDeviceCopy";
+    def->backward_uses_inputs = false;
+    def->backward_uses_outputs = false;
+    return def;
+  }();
+  return *op;
+}
+
+// The context group2ctx gives the node's "__ctx_group__", if any.
+std::optional<Context> GroupContext(const Node& n,
+                                    const std::map<std::string, Context>& group2ctx) {
+  auto group = n.attrs.find("__ctx_group__");
+  if (group == n.attrs.end()) return std::nullopt;
+  auto c = group2ctx.find(group->second);
+  if (c == group2ctx.end()) return std::nullopt;
+  return c->second;
+}
+
+// Where every node of `order` runs or lives (the rules in executor.h).
+Executor::Placement Place(const std::vector<Node*>& order, Context ctx,
+                          const std::map<std::string, Context>& group2ctx) {
+  Executor::Placement placement;
+  auto& where = placement.where;
+  for (Node* n : order) {
+    if (n->is_variable()) {
+      if (std::optional<Context> c = GroupContext(*n, group2ctx)) where[n] = *c;
+      continue;
+    }
+    const Context here = GroupContext(*n, group2ctx).value_or(ctx);
+    where[n] = here;
+    for (const NodeEntry& e : n->inputs) {
+      if (e.node->is_variable()) where.emplace(e.node.get(), here);  // the first reader's
+    }
+  }
+  for (Node* n : order) where.emplace(n, ctx);  // variables no operator reads
+  return placement;
+}
+
+// Why a variable belongs on `want`, for bind errors.
+std::string WhyThere(const Node& var, Context want, Context bind_ctx,
+                     const std::map<std::string, Context>& group2ctx) {
+  if (GroupContext(var, group2ctx).has_value()) {
+    return absl::StrCat("its ctx_group '", var.attrs.at("__ctx_group__"), "' places it on ",
+                        want.ToString());
+  }
+  if (want != bind_ctx) return absl::StrCat("the operator reading it runs on ", want.ToString());
+  return absl::StrCat("the executor is bound to ", want.ToString());
+}
+
+// Builds an executor's plan in phases, each a method called in order by
+// Executor::Init: Entries (data entries and their shapes), MarkGradients,
+// Runs (operators in execution order, with cross-device copies before the
+// operators that need them), Schedule (last uses, backward requests),
+// PlanMemory, Allocate, Connect (blobs and engine variables).
+class PlanBuilder {
+ public:
+  PlanBuilder(const Symbol& symbol, const Executor::Placement& placement)
+      : plan_(std::make_shared<Executor::Plan>()),
+        where_(placement.where),
+        order_(graph::TopoSort(symbol.outputs())) {
+    plan_->symbol = symbol;
+  }
+
+  // One entry per node output, in execution order, with its shape.
+  absl::Status Entries(const std::map<std::string, Shape>& known) {
+    Symbol internals(graph::AllOutputs(plan_->symbol.outputs()));
+    absl::StatusOr<Symbol::Shapes> all = internals.InferShape(known, true);
+    if (!all.ok()) return absl::InvalidArgumentError(absl::StrCat("bind: ", all.status().message()));
+    plan_->entry_shapes = all->outputs;
+    for (Node* n : order_) {
+      first_entry_[n] = static_cast<int>(plan_->entry_ctx.size());
+      if (n->is_variable()) variable_at_[first_entry_[n]] = n;
+      for (int j = 0; j < n->num_outputs(); ++j) {
+        plan_->entry_ctx.push_back(where_.at(n));
+        entry_node_.push_back(n);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Which entries need gradients: variables with a request, and outputs of
+  // operators with such an argument upstream.
+  absl::Status MarkGradients(const std::map<std::string, GradReq>& grad_req) {
+    grad_req_ = &grad_req;
+    needs_grad_.assign(plan_->entry_shapes.size(), false);
+    for (Node* n : order_) {
+      if (n->is_variable()) {
+        auto it = grad_req.find(n->name);
+        needs_grad_[first_entry_[n]] = it != grad_req.end() && it->second != GradReq::kNull;
+        continue;
+      }
+      bool any = false;
+      for (int i = 0; i < n->num_arguments(); ++i) any = any || needs_grad_[EntryOf(n->inputs[i])];
+      if (any && n->op->backward == nullptr) {
+        return absl::UnimplementedError(absl::StrCat(
+            "bind: operator ", n->name, " (", n->op->name, ") has no gradient, but a gradient "
+            "is requested for an argument it depends on"));
+      }
+      for (int j = 0; j < n->num_outputs(); ++j) needs_grad_[first_entry_[n] + j] = any;
+    }
+    return absl::OkStatus();
+  }
+
+  // The operator runs in execution order, each preceded by the copies of
+  // its inputs that live on another context.
+  absl::Status Runs() {
+    for (Node* n : order_) {
+      if (n->is_variable()) continue;
+      NodeRun run;
+      run.node = n;
+      run.op = n->op;
+      run.ctx = where_.at(n);
+      if (run.ctx.is_gpu() && !n->op->gpu) {
+        return absl::UnimplementedError(absl::StrCat(
+            "bind on ", run.ctx.ToString(), ": operator ", n->name, " (", n->op->name,
+            ") has no GPU implementation yet; bind on a CPU context"));
+      }
+      run.fwd_name = n->name;
+      run.bwd_name = n->name + "_backward";
+      for (int i = 0; i < static_cast<int>(n->inputs.size()); ++i) {
+        const int id = EntryOf(n->inputs[i]);
+        if (i >= n->num_arguments()) {  // an auxiliary state, updated in place
+          if (plan_->entry_ctx[id] != run.ctx) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "bind: auxiliary state '", n->inputs[i].node->name, "' is on ",
+                plan_->entry_ctx[id].ToString(), " but operator ", n->name,
+                ", which updates it, runs on ", run.ctx.ToString()));
+          }
+          run.aux.push_back(id);
+          continue;
+        }
+        run.in.push_back(OnContext(id, run.ctx));
+      }
+      for (int j = 0; j < n->num_outputs(); ++j) run.out.push_back(first_entry_[n] + j);
+      for (int id : run.in) run.in_backward = run.in_backward || needs_grad_[id];
+      plan_->nodes.push_back(std::move(run));
+    }
+    for (const NodeEntry& e : plan_->symbol.outputs()) plan_->output_entries.push_back(EntryOf(e));
+    return absl::OkStatus();
+  }
+
+  // Steps: run k forward at step k, the head-gradient copies at F, and run
+  // k's backward at 2F - k. Computes each entry's last use and the request
+  // of every backward input gradient (the first contribution writes, later
+  // ones add).
+  void Schedule() {
+    const int F = static_cast<int>(plan_->nodes.size());
+    const int num_entries = static_cast<int>(plan_->entry_shapes.size());
+    producer_.assign(num_entries, -1);
+    for (int k = 0; k < F; ++k) {
+      for (int id : plan_->nodes[k].out) producer_[id] = k;
+    }
+    last_use_.assign(num_entries, -1);
+    for (int k = 0; k < F; ++k) {
+      const NodeRun& run = plan_->nodes[k];
+      for (int id : run.out) last_use_[id] = std::max(last_use_[id], k);
+      for (int id : run.in) last_use_[id] = std::max(last_use_[id], k);
+      if (!run.in_backward) continue;
+      if (run.op->backward_uses_outputs) {
+        for (int id : run.out) last_use_[id] = std::max(last_use_[id], BackwardStep(k));
+      }
+      if (run.op->backward_uses_inputs) {
+        for (int id : run.in) last_use_[id] = std::max(last_use_[id], BackwardStep(k));
+      }
+    }
+    for (int id : plan_->output_entries) last_use_[id] = kForever;
+
+    grad_first_.assign(num_entries, kForever);
+    std::vector<bool> written(num_entries, false);
+    for (int id : plan_->output_entries) {
+      const int k = producer_[id];
+      const bool head = needs_grad_[id] && k >= 0 && !plan_->nodes[k].op->is_loss;
+      plan_->output_needs_head.push_back(head);
+      if (head && !written[id]) {
+        written[id] = true;
+        grad_first_[id] = F;
+      }
+    }
+    for (int k = F - 1; k >= 0; --k) {
+      NodeRun& run = plan_->nodes[k];
+      if (!run.in_backward) continue;
+      for (int id : run.in) {
+        if (!needs_grad_[id]) {
+          run.bwd_req.push_back(OpReq::kNull);
+          continue;
+        }
+        OpReq req = OpReq::kAdd;
+        if (!written[id]) {
+          auto var = variable_at_.find(id);
+          const bool add = var != variable_at_.end() &&
+                           grad_req_->at(var->second->name) == GradReq::kAdd;
+          req = add ? OpReq::kAdd : OpReq::kWrite;
+          written[id] = true;
+          grad_first_[id] = BackwardStep(k);
+        }
+        run.bwd_req.push_back(req);
+      }
+    }
+  }
+
+  // Buffers for every computed entry and gradient, one planner per
+  // context; operators that allow it write over an input in place.
+  void PlanMemory() {
+    const int F = static_cast<int>(plan_->nodes.size());
+    const int num_entries = static_cast<int>(plan_->entry_shapes.size());
+    data_item_.assign(num_entries, -1);
+    grad_item_.assign(num_entries, -1);
+    for (int id = 0; id < num_entries; ++id) {
+      if (producer_[id] < 0) continue;  // variables are bound arrays
+      Planner& planner = planners_[plan_->entry_ctx[id]];
+      const int64_t size = plan_->entry_shapes[id].Size();
+      data_item_[id] = planner.NewItem(size, producer_[id], last_use_[id]);
+      if (needs_grad_[id]) {
+        int born = grad_first_[id];
+        if (born == kForever) {  // nobody contributes: zero-filled at F
+          born = F;
+          plan_->zero_grads.push_back(id);
+        }
+        grad_item_[id] = planner.NewItem(size, born, BackwardStep(producer_[id]));
+      }
+    }
+    for (int k = 0; k < F; ++k) {
+      const NodeRun& run = plan_->nodes[k];
+      Planner& planner = planners_[run.ctx];
+      std::set<int> taken;
+      for (auto [i, j] : run.op->inplace) {
+        if (i >= static_cast<int>(run.in.size()) || j >= static_cast<int>(run.out.size())) continue;
+        const int in_id = run.in[i], out_id = run.out[j];
+        if (data_item_[in_id] < 0 || taken.count(in_id) || last_use_[in_id] != k) continue;
+        if (planner.size(data_item_[in_id]) != planner.size(data_item_[out_id])) continue;
+        planner.ShareWith(data_item_[out_id], data_item_[in_id]);
+        taken.insert(in_id);
+      }
+    }
+    for (auto& [c, planner] : planners_) planner.Run();
+  }
+
+  // The arrays: bound ones for variables, views of the planned buffers for
+  // the rest, and the workspaces. Throws mx::Error (allocation).
+  void Allocate(const std::map<std::string, NDArray>& args,
+                const std::map<std::string, NDArray>& aux,
+                const std::map<std::string, NDArray>& grads, Executor::MemoryStats* memory) {
+    std::map<Context, std::vector<NDArray>> buffers;
+    for (const auto& [c, planner] : planners_) {
+      for (int64_t size : planner.buffer_sizes()) {
+        buffers[c].push_back(Empty(Shape{std::max<int64_t>(size, 1)}, c));
+        memory->planned_bytes += size * sizeof(float);
+      }
+    }
+    const int num_entries = static_cast<int>(plan_->entry_shapes.size());
+    auto view = [&](int id, int item) {
+      const Shape& shape = plan_->entry_shapes[id];
+      const Context c = plan_->entry_ctx[id];
+      memory->naive_bytes += shape.Size() * sizeof(float);
+      return buffers[c][planners_.at(c).buffer(item)].Slice(0, shape.Size()).Reshape(shape);
+    };
+    plan_->entries.resize(num_entries);
+    plan_->grad_of.assign(num_entries, -1);
+    for (const auto& [id, var] : variable_at_) {
+      auto a = args.find(var->name);
+      plan_->entries[id] = a != args.end() ? a->second : aux.at(var->name);
+    }
+    for (int id = 0; id < num_entries; ++id) {
+      if (data_item_[id] >= 0) plan_->entries[id] = view(id, data_item_[id]);
+      if (!needs_grad_[id]) continue;
+      plan_->grad_of[id] = static_cast<int>(plan_->grads.size());
+      // A variable's gradient is its bound gradient array.
+      plan_->grads.push_back(grad_item_[id] >= 0 ? view(id, grad_item_[id])
+                                                 : grads.at(variable_at_.at(id)->name));
+    }
+    std::map<Context, size_t> workspace;
+    for (NodeRun& run : plan_->nodes) {
+      if (!run.op->workspace) continue;
+      ShapeList in, out;
+      for (int id : run.in) in.push_back(plan_->entry_shapes[id]);
+      for (int id : run.out) out.push_back(plan_->entry_shapes[id]);
+      run.workspace_floats =
+          (run.op->workspace(run.node->parsed, in, out) + sizeof(float) - 1) / sizeof(float);
+      workspace[run.ctx] = std::max(workspace[run.ctx], run.workspace_floats);
+    }
+    for (const auto& [c, floats] : workspace) {
+      if (floats == 0) continue;
+      plan_->workspaces[c] = Empty(Shape{static_cast<int64_t>(floats)}, c);
+      memory->planned_bytes += floats * sizeof(float);
+      memory->naive_bytes += floats * sizeof(float);
+    }
+  }
+
+  // Gradient slots of every run in backward; blobs and engine variables of
+  // the operator runs (copies go through NDArray::Assign, which declares
+  // its own); the buffers of copies whose backward adds.
+  void Connect() {
+    for (NodeRun& run : plan_->nodes) {
+      if (run.in_backward) {
+        for (int id : run.in) run.in_grad.push_back(plan_->grad_of[id]);
+        for (int id : run.out) run.out_grad.push_back(plan_->grad_of[id]);
+      }
+      if (run.node == nullptr) {
+        if (run.in_backward && run.bwd_req[0] == OpReq::kAdd) {
+          const int src = run.in[0];
+          run.add_buffer = Empty(plan_->entry_shapes[src], plan_->entry_ctx[src]);
+        }
+        continue;
+      }
+      run.in_blobs = Blobs(plan_->entries, run.in);
+      run.out_blobs = Blobs(plan_->entries, run.out);
+      run.aux_blobs = Blobs(plan_->entries, run.aux);
+      AddVars(plan_->entries, run.in, &run.fwd_reads);
+      AddVars(plan_->entries, run.out, &run.fwd_writes);
+      AddVars(plan_->entries, run.aux, &run.fwd_writes);
+      VarHandle workspace{};
+      if (run.workspace_floats > 0) {
+        const NDArray& w = plan_->workspaces.at(run.ctx);
+        run.workspace = w.data();
+        workspace = w.var();
+        run.fwd_writes.push_back(workspace);
+      }
+      if (!run.in_backward) continue;
+      run.in_grad_blobs = Blobs(plan_->grads, run.in_grad);
+      run.out_grad_blobs = Blobs(plan_->grads, run.out_grad);
+      AddVars(plan_->grads, run.out_grad, &run.bwd_reads);
+      if (run.op->backward_uses_inputs) AddVars(plan_->entries, run.in, &run.bwd_reads);
+      if (run.op->backward_uses_outputs) AddVars(plan_->entries, run.out, &run.bwd_reads);
+      AddVars(plan_->entries, run.aux, &run.bwd_reads);
+      for (size_t i = 0; i < run.in_grad.size(); ++i) {
+        if (run.bwd_req[i] != OpReq::kNull) run.bwd_writes.push_back(plan_->grads[run.in_grad[i]].var());
+      }
+      if (run.workspace_floats > 0) run.bwd_writes.push_back(workspace);
+    }
+  }
+
+  std::shared_ptr<Executor::Plan> Finish() { return std::move(plan_); }
+
+ private:
+  int EntryOf(const NodeEntry& e) const { return first_entry_.at(e.node.get()) + e.index; }
+  int BackwardStep(int k) const { return 2 * static_cast<int>(plan_->nodes.size()) - k; }
+
+  // The entry holding entry `id`'s value on context c: id itself, or a copy
+  // (made once per entry and context) whose run is added now, before the
+  // operator that needs it.
+  int OnContext(int id, Context c) {
+    if (plan_->entry_ctx[id] == c) return id;
+    auto [it, added] = copies_.emplace(std::make_pair(id, c), -1);
+    if (!added) return it->second;
+    const int copy = static_cast<int>(plan_->entry_shapes.size());
+    it->second = copy;
+    plan_->entry_shapes.push_back(plan_->entry_shapes[id]);
+    plan_->entry_ctx.push_back(c);
+    entry_node_.push_back(entry_node_[id]);
+    needs_grad_.push_back(needs_grad_[id]);
+    NodeRun run;
+    run.op = &CopyOp();
+    run.ctx = c;
+    run.in = {id};
+    run.out = {copy};
+    run.in_backward = needs_grad_[id];
+    run.fwd_name = absl::StrCat(entry_node_[id]->name, "_to_", c.ToString());
+    run.bwd_name = run.fwd_name + "_backward";
+    plan_->nodes.push_back(std::move(run));
+    return copy;
+  }
+
+  std::shared_ptr<Executor::Plan> plan_;
+  const std::unordered_map<const Node*, Context>& where_;
+  const std::vector<Node*> order_;
+  const std::map<std::string, GradReq>* grad_req_ = nullptr;
+  std::unordered_map<const Node*, int> first_entry_;
+  std::unordered_map<int, const Node*> variable_at_;  // entry id -> variable
+  std::vector<const Node*> entry_node_;               // entry id -> its node
+  std::map<std::pair<int, Context>, int> copies_;
+  std::vector<bool> needs_grad_;
+  std::vector<int> producer_, last_use_, grad_first_;
+  std::vector<int> data_item_, grad_item_;  // planner items, -1 for none
+  std::map<Context, Planner> planners_;
+};
 
 }  // namespace
 
@@ -164,40 +561,71 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::Bind(
     const Symbol& symbol, Context ctx, const std::map<std::string, NDArray>& args,
     const std::map<std::string, NDArray>& args_grad,
     const std::map<std::string, GradReq>& grad_req,
-    const std::map<std::string, NDArray>& aux_states) {
+    const std::map<std::string, NDArray>& aux_states,
+    const std::map<std::string, Context>& group2ctx) {
   std::unique_ptr<Executor> exec(new Executor());
-  MX_RETURN_IF_ERROR(exec->Init(symbol, ctx, args, args_grad, grad_req, aux_states));
+  exec->symbol_ = symbol;
+  exec->ctx_ = ctx;
+  exec->group2ctx_ = group2ctx;
+  const Placement placement = Place(graph::TopoSort(symbol.outputs()), ctx, group2ctx);
+  std::map<std::string, Shape> known;
+  MX_RETURN_IF_ERROR(
+      exec->AdoptArrays(placement, args, args_grad, grad_req, aux_states, &known));
+  PlanBuilder builder(symbol, placement);
+  MX_RETURN_IF_ERROR(builder.Entries(known));
+  MX_RETURN_IF_ERROR(builder.MarkGradients(exec->grad_req_));
+  MX_RETURN_IF_ERROR(builder.Runs());
+  builder.Schedule();
+  builder.PlanMemory();
+  try {
+    builder.Allocate(exec->args_, exec->aux_, exec->grads_, &exec->memory_);
+    builder.Connect();
+  } catch (const Error& e) {
+    return absl::Status(e.code(), absl::StrCat("bind: ", e.what()));
+  }
+  exec->plan_ = builder.Finish();
+  for (int id : exec->plan_->output_entries) exec->outputs_.push_back(exec->plan_->entries[id]);
   return exec;
 }
 
 absl::StatusOr<std::unique_ptr<Executor>> Executor::SimpleBind(
     const Symbol& symbol, Context ctx,
     const std::map<std::string, Shape>& input_shapes, GradReq default_req,
-    const std::map<std::string, GradReq>& grad_reqs) {
+    const std::map<std::string, GradReq>& grad_reqs,
+    const std::map<std::string, Context>& group2ctx) {
   absl::StatusOr<Symbol::Shapes> shapes = symbol.InferShape(input_shapes, true);
   if (!shapes.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("simple_bind: ", shapes.status().message()));
   }
-  std::vector<std::string> arg_names = symbol.ListArguments();
-  std::vector<std::string> aux_names = symbol.ListAuxiliaryStates();
+  const std::vector<std::string> arg_names = symbol.ListArguments();
+  const std::vector<std::string> aux_names = symbol.ListAuxiliaryStates();
+  std::map<std::string, Context> var_ctx;
+  {
+    const std::vector<Node*> order = graph::TopoSort(symbol.outputs());
+    const Placement placement = Place(order, ctx, group2ctx);
+    for (Node* n : order) {
+      if (n->is_variable()) var_ctx[n->name] = placement.where.at(n);
+    }
+  }
   std::map<std::string, NDArray> args, grads, aux;
   std::map<std::string, GradReq> reqs;
   try {
     for (size_t i = 0; i < arg_names.size(); ++i) {
-      args[arg_names[i]] = Zeros(shapes->arguments[i], ctx);
-      auto it = grad_reqs.find(arg_names[i]);
+      const std::string& name = arg_names[i];
+      args[name] = Zeros(shapes->arguments[i], var_ctx.at(name));
+      auto it = grad_reqs.find(name);
       GradReq req = it == grad_reqs.end() ? default_req : it->second;
-      reqs[arg_names[i]] = req;
-      if (req != GradReq::kNull) grads[arg_names[i]] = Zeros(shapes->arguments[i], ctx);
+      reqs[name] = req;
+      if (req != GradReq::kNull) grads[name] = Zeros(shapes->arguments[i], var_ctx.at(name));
     }
     for (size_t i = 0; i < aux_names.size(); ++i) {
-      aux[aux_names[i]] = Zeros(shapes->aux_states[i], ctx);
+      aux[aux_names[i]] = Zeros(shapes->aux_states[i], var_ctx.at(aux_names[i]));
     }
   } catch (const Error& e) {
     return absl::Status(e.code(), absl::StrCat("simple_bind: ", e.what()));
   }
-  return Bind(symbol, ctx, args, grads, reqs, aux);
+  return Bind(symbol, ctx, args, grads, reqs, aux, group2ctx);
 }
 
 absl::StatusOr<std::unique_ptr<Executor>> Executor::Reshape(
@@ -226,27 +654,37 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::Reshape(
             old.shape().ToString(), " to ", want.ToString(),
             "; only the given inputs may change shape"));
       }
-      args[name] = Zeros(want, ctx_);
-      if (g != grads_.end()) grads[name] = Zeros(want, ctx_);
+      args[name] = Zeros(want, old.context());
+      if (g != grads_.end()) grads[name] = Zeros(want, old.context());
     }
   } catch (const Error& e) {
     return absl::Status(e.code(), absl::StrCat("reshape: ", e.what()));
   }
-  return Bind(symbol_, ctx_, args, grads, grad_req_, aux_);
+  return Bind(symbol_, ctx_, args, grads, grad_req_, aux_, group2ctx_);
 }
 
-absl::Status Executor::Init(const Symbol& symbol, Context ctx,
-                            const std::map<std::string, NDArray>& args,
-                            const std::map<std::string, NDArray>& args_grad,
-                            const std::map<std::string, GradReq>& grad_req,
-                            const std::map<std::string, NDArray>& aux_states) {
-  symbol_ = symbol;
-  ctx_ = ctx;
-  const std::vector<std::string> arg_names = symbol.ListArguments();
-  const std::vector<std::string> aux_names = symbol.ListAuxiliaryStates();
-
-  // ---- Check the given arrays against the symbol.
-  std::map<std::string, Shape> known;
+absl::Status Executor::AdoptArrays(const Placement& placement,
+                                   const std::map<std::string, NDArray>& args,
+                                   const std::map<std::string, NDArray>& args_grad,
+                                   const std::map<std::string, GradReq>& grad_req,
+                                   const std::map<std::string, NDArray>& aux_states,
+                                   std::map<std::string, Shape>* known) {
+  const std::vector<std::string> arg_names = symbol_.ListArguments();
+  const std::vector<std::string> aux_names = symbol_.ListAuxiliaryStates();
+  std::map<std::string, const Node*> variables;
+  for (const auto& [n, c] : placement.where) {
+    if (n->is_variable()) variables[n->name] = n;
+  }
+  // The array's context, against where its variable lives.
+  auto check_context = [&](const std::string& what, const std::string& name,
+                           const NDArray& a) -> absl::Status {
+    const Node* var = variables.at(name);
+    const Context want = placement.where.at(var);
+    if (a.context() == want) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bind: ", what, " '", name, "' is on ", a.context().ToString(), " but ",
+        WhyThere(*var, want, ctx_, group2ctx_)));
+  };
   auto check_names = [&](const std::map<std::string, NDArray>& given,
                          const std::vector<std::string>& names,
                          const char* what) -> absl::Status {
@@ -257,12 +695,8 @@ absl::Status Executor::Init(const Symbol& symbol, Context ctx,
             "bind: missing ", what, " '", n, "' (", what, "s: ",
             absl::StrJoin(names, ", "), ")"));
       }
-      if (it->second.context() != ctx) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "bind: ", what, " '", n, "' is on ", it->second.context().ToString(),
-            " but the executor is bound to ", ctx.ToString()));
-      }
-      known[n] = it->second.shape();
+      MX_RETURN_IF_ERROR(check_context(what, n, it->second));
+      (*known)[n] = it->second.shape();
     }
     for (const auto& [n, a] : given) {
       if (std::find(names.begin(), names.end(), n) == names.end()) {
@@ -275,7 +709,7 @@ absl::Status Executor::Init(const Symbol& symbol, Context ctx,
   };
   MX_RETURN_IF_ERROR(check_names(args, arg_names, "argument"));
   MX_RETURN_IF_ERROR(check_names(aux_states, aux_names, "auxiliary state"));
-  absl::StatusOr<Symbol::Shapes> shapes = symbol.InferShape(known, true);
+  absl::StatusOr<Symbol::Shapes> shapes = symbol_.InferShape(*known, true);
   if (!shapes.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("bind: ", shapes.status().message()));
   }
@@ -301,6 +735,7 @@ absl::Status Executor::Init(const Symbol& symbol, Context ctx,
         return absl::InvalidArgumentError(absl::StrCat("bind: ", ShapeMismatch(
             "gradient of", n, grad->second.shape(), args.at(n).shape())));
       }
+      MX_RETURN_IF_ERROR(check_context("gradient of", n, grad->second));
       grads_[n] = grad->second;
     }
     grad_req_[n] = r;
@@ -311,264 +746,38 @@ absl::Status Executor::Init(const Symbol& symbol, Context ctx,
           "bind: args_grad has '", n, "', which is not an argument"));
     }
   }
-
-  // ---- Entries: one per node output, in execution order.
-  auto plan = std::make_shared<Plan>();
-  plan->symbol = symbol;
-  std::vector<Node*> order = graph::TopoSort(symbol.outputs());
-  std::unordered_map<const Node*, int> first_entry;
-  // Shapes of every node output, hidden ones included, in execution order.
-  Symbol internals(graph::AllOutputs(symbol.outputs()));
-  absl::StatusOr<Symbol::Shapes> all = internals.InferShape(known, true);
-  if (!all.ok()) return absl::InvalidArgumentError(absl::StrCat("bind: ", all.status().message()));
-  plan->entry_shapes = all->outputs;
-  std::unordered_map<int, const Node*> variable_at;  // entry id -> variable
-  {
-    int next = 0;
-    for (Node* n : order) {
-      first_entry[n] = next;
-      if (n->is_variable()) variable_at[next] = n;
-      next += n->num_outputs();
-    }
-  }
-  auto entry_of = [&](const NodeEntry& e) { return first_entry.at(e.node.get()) + e.index; };
-  const int num_entries = static_cast<int>(plan->entry_shapes.size());
-  plan->entries.resize(num_entries);
-  plan->grad_of.assign(num_entries, -1);
-
-  // Which entries need gradients: variables with a request, and outputs of
-  // operators with such an argument upstream.
-  std::vector<bool> needs_grad(num_entries, false);
-  for (Node* n : order) {
-    if (n->is_variable()) {
-      auto it = grad_req_.find(n->name);
-      needs_grad[first_entry[n]] = it != grad_req_.end() && it->second != GradReq::kNull;
-      continue;
-    }
-    bool any = false;
-    for (int i = 0; i < n->num_arguments(); ++i) any = any || needs_grad[entry_of(n->inputs[i])];
-    if (any && n->op->backward == nullptr) {
-      return absl::UnimplementedError(absl::StrCat(
-          "bind: operator ", n->name, " (", n->op->name, ") has no gradient, but a gradient "
-          "is requested for an argument it depends on"));
-    }
-    for (int j = 0; j < n->num_outputs(); ++j) needs_grad[first_entry[n] + j] = any;
-  }
-
-  if (ctx_.is_gpu()) {
-    for (Node* n : order) {
-      if (n->is_variable() || n->op->gpu) continue;
-      return absl::UnimplementedError(absl::StrCat(
-          "bind on ", ctx_.ToString(), ": operator ", n->name, " (", n->op->name,
-          ") has no GPU implementation yet; bind on a CPU context"));
-    }
-  }
-  for (Node* n : order) {
-    if (n->is_variable()) continue;
-    Plan::NodeRun run;
-    run.node = n;
-    run.fwd_name = n->name;
-    run.bwd_name = n->name + "_backward";
-    for (int i = 0; i < static_cast<int>(n->inputs.size()); ++i) {
-      (i < n->num_arguments() ? run.in : run.aux).push_back(entry_of(n->inputs[i]));
-    }
-    for (int j = 0; j < n->num_outputs(); ++j) run.out.push_back(first_entry[n] + j);
-    for (int id : run.in) run.in_backward = run.in_backward || needs_grad[id];
-    plan->nodes.push_back(std::move(run));
-  }
-  for (const NodeEntry& e : symbol.outputs()) plan->output_entries.push_back(entry_of(e));
-
-  // ---- Steps: forward node k runs at step k, the head-gradient copies at
-  // F, and node k's backward at 2F - k.
-  const int F = static_cast<int>(plan->nodes.size());
-  auto bwd_step = [F](int k) { return 2 * F - k; };
-  std::vector<int> producer(num_entries, -1);
-  for (int k = 0; k < F; ++k) {
-    for (int id : plan->nodes[k].out) producer[id] = k;
-  }
-  std::vector<int> last_use(num_entries, -1);
-  for (int k = 0; k < F; ++k) {
-    const Plan::NodeRun& run = plan->nodes[k];
-    const OpDef* op = run.node->op;
-    for (int id : run.out) last_use[id] = std::max(last_use[id], k);
-    for (int id : run.in) last_use[id] = std::max(last_use[id], k);
-    if (!run.in_backward) continue;
-    if (op->backward_uses_outputs) {
-      for (int id : run.out) last_use[id] = std::max(last_use[id], bwd_step(k));
-    }
-    if (op->backward_uses_inputs) {
-      for (int id : run.in) last_use[id] = std::max(last_use[id], bwd_step(k));
-    }
-  }
-  for (int id : plan->output_entries) last_use[id] = kForever;
-
-  // Gradient slots, and the request of every backward input gradient (the
-  // first contribution writes, later ones add).
-  std::vector<int> grad_first(num_entries, kForever);  // first writing step
-  std::vector<bool> written(num_entries, false);
-  for (size_t i = 0; i < plan->output_entries.size(); ++i) {
-    int id = plan->output_entries[i];
-    int k = producer[id];
-    bool head = needs_grad[id] && k >= 0 && !plan->nodes[k].node->op->is_loss;
-    plan->output_needs_head.push_back(head);
-    if (head && !written[id]) {
-      written[id] = true;
-      grad_first[id] = F;
-    }
-  }
-  for (int k = F - 1; k >= 0; --k) {
-    Plan::NodeRun& run = plan->nodes[k];
-    if (!run.in_backward) continue;
-    for (int id : run.in) {
-      if (!needs_grad[id]) {
-        run.bwd_req.push_back(OpReq::kNull);
-        continue;
-      }
-      OpReq req = OpReq::kAdd;
-      if (!written[id]) {
-        auto var = variable_at.find(id);
-        bool add = var != variable_at.end() &&
-                   grad_req_.at(var->second->name) == GradReq::kAdd;
-        req = add ? OpReq::kAdd : OpReq::kWrite;
-        written[id] = true;
-        grad_first[id] = bwd_step(k);
-      }
-      run.bwd_req.push_back(req);
-    }
-  }
-
-  // ---- Memory plan.
-  Planner planner;
-  std::vector<int> data_item(num_entries, -1), grad_item(num_entries, -1);
-  for (int id = 0; id < num_entries; ++id) {
-    if (producer[id] < 0) continue;  // variables are bound arrays
-    data_item[id] = planner.NewItem(plan->entry_shapes[id].Size(), producer[id], last_use[id]);
-    if (needs_grad[id]) {
-      int born = grad_first[id];
-      if (born == kForever) {  // nobody contributes: zero-filled at F
-        born = F;
-        plan->zero_grads.push_back(id);
-      }
-      grad_item[id] = planner.NewItem(plan->entry_shapes[id].Size(), born,
-                                      bwd_step(producer[id]));
-    }
-  }
-  for (int k = 0; k < F; ++k) {
-    const Plan::NodeRun& run = plan->nodes[k];
-    std::set<int> taken;
-    for (auto [i, j] : run.node->op->inplace) {
-      if (i >= static_cast<int>(run.in.size()) || j >= static_cast<int>(run.out.size())) continue;
-      int in_id = run.in[i], out_id = run.out[j];
-      if (data_item[in_id] < 0 || taken.count(in_id) || last_use[in_id] != k) continue;
-      if (planner.size(data_item[in_id]) != planner.size(data_item[out_id])) continue;
-      planner.ShareWith(data_item[out_id], data_item[in_id]);
-      taken.insert(in_id);
-    }
-  }
-  planner.Run();
-
-  // ---- Arrays.
-  try {
-    std::vector<NDArray> buffers;
-    for (int64_t size : planner.buffer_sizes()) {
-      buffers.push_back(Empty(Shape{std::max<int64_t>(size, 1)}, ctx));
-      memory_.planned_bytes += size * sizeof(float);
-    }
-    auto view = [&](int item, const Shape& shape) {
-      return buffers[planner.buffer(item)].Slice(0, shape.Size()).Reshape(shape);
-    };
-    for (Node* n : order) {
-      if (!n->is_variable()) continue;
-      int id = first_entry[n];
-      auto a = args_.find(n->name);
-      plan->entries[id] = a != args_.end() ? a->second : aux_.at(n->name);
-    }
-    for (int id = 0; id < num_entries; ++id) {
-      if (data_item[id] >= 0) {
-        plan->entries[id] = view(data_item[id], plan->entry_shapes[id]);
-        memory_.naive_bytes += plan->entry_shapes[id].Size() * sizeof(float);
-      }
-      if (!needs_grad[id]) continue;
-      plan->grad_of[id] = static_cast<int>(plan->grads.size());
-      if (grad_item[id] >= 0) {
-        plan->grads.push_back(view(grad_item[id], plan->entry_shapes[id]));
-        memory_.naive_bytes += plan->entry_shapes[id].Size() * sizeof(float);
-      } else {
-        // A variable: its gradient array.
-        plan->grads.push_back(grads_.at(variable_at.at(id)->name));
-      }
-    }
-    size_t workspace = 0;
-    for (Plan::NodeRun& run : plan->nodes) {
-      if (!run.node->op->workspace) continue;
-      ShapeList in, out;
-      for (int id : run.in) in.push_back(plan->entry_shapes[id]);
-      for (int id : run.out) out.push_back(plan->entry_shapes[id]);
-      run.workspace_floats =
-          (run.node->op->workspace(run.node->parsed, in, out) + sizeof(float) - 1) / sizeof(float);
-      workspace = std::max(workspace, run.workspace_floats);
-    }
-    if (workspace > 0) {
-      plan->workspace = Empty(Shape{static_cast<int64_t>(workspace)}, ctx);
-      memory_.planned_bytes += workspace * sizeof(float);
-      memory_.naive_bytes += workspace * sizeof(float);
-    }
-  } catch (const Error& e) {
-    return absl::Status(e.code(), absl::StrCat("bind: ", e.what()));
-  }
-
-  // ---- Blobs and engine variables per node.
-  for (Plan::NodeRun& run : plan->nodes) {
-    const OpDef* op = run.node->op;
-    run.in_blobs = Blobs(plan->entries, run.in);
-    run.out_blobs = Blobs(plan->entries, run.out);
-    run.aux_blobs = Blobs(plan->entries, run.aux);
-    AddVars(plan->entries, run.in, &run.fwd_reads);
-    AddVars(plan->entries, run.out, &run.fwd_writes);
-    AddVars(plan->entries, run.aux, &run.fwd_writes);
-    if (run.workspace_floats > 0) run.fwd_writes.push_back(plan->workspace.var());
-    if (!run.in_backward) continue;
-    for (int id : run.in) run.in_grad.push_back(plan->grad_of[id]);
-    for (int id : run.out) run.out_grad.push_back(plan->grad_of[id]);
-    run.in_grad_blobs = Blobs(plan->grads, run.in_grad);
-    run.out_grad_blobs = Blobs(plan->grads, run.out_grad);
-    AddVars(plan->grads, run.out_grad, &run.bwd_reads);
-    if (op->backward_uses_inputs) AddVars(plan->entries, run.in, &run.bwd_reads);
-    if (op->backward_uses_outputs) AddVars(plan->entries, run.out, &run.bwd_reads);
-    AddVars(plan->entries, run.aux, &run.bwd_reads);
-    for (size_t i = 0; i < run.in_grad.size(); ++i) {
-      if (run.bwd_req[i] != OpReq::kNull) run.bwd_writes.push_back(plan->grads[run.in_grad[i]].var());
-    }
-    if (run.workspace_floats > 0) run.bwd_writes.push_back(plan->workspace.var());
-  }
-  for (int id : plan->output_entries) outputs_.push_back(plan->entries[id]);
-  plan_ = std::move(plan);
   return absl::OkStatus();
 }
 
 void Executor::Forward(bool is_train) {
-  for (size_t k = 0; k < plan_->nodes.size(); ++k) {
-    const Plan::NodeRun& run = plan_->nodes[k];
-    OpContext op_ctx;
-    op_ctx.ctx = ctx_;
-    op_ctx.is_train = is_train;
-    op_ctx.seed = NextRandomSeed();
-    op_ctx.workspace = run.workspace_floats > 0 ? plan_->workspace.data() : nullptr;
-    std::vector<OpReq> req(run.out.size(), OpReq::kWrite);
-    kernel::Push(
-        run.fwd_name.c_str(), ctx_, run.fwd_reads, run.fwd_writes,
-        [plan = plan_, k, op_ctx, req = std::move(req)] {
-          const Plan::NodeRun& r = plan->nodes[k];
-          r.node->op->forward(op_ctx, r.node->parsed, r.in_blobs, req, r.out_blobs,
-                              r.aux_blobs);
-        },
-        0, Property(run));
-    if (monitor_) {
-      std::vector<std::string> names = run.node->output_names();
-      for (size_t j = 0; j < run.out.size(); ++j) monitor_(names[j], plan_->entries[run.out[j]]);
-    }
-  }
+  for (size_t k = 0; k < plan_->nodes.size(); ++k) PushForward(k, is_train);
   trained_forward_ = is_train;
+}
+
+void Executor::PushForward(size_t k, bool is_train) const {
+  const Plan::NodeRun& run = plan_->nodes[k];
+  if (run.node == nullptr) {  // a copy to another context
+    NDArray to = plan_->entries[run.out[0]];
+    to.Assign(plan_->entries[run.in[0]]);
+    return;
+  }
+  OpContext op_ctx;
+  op_ctx.ctx = run.ctx;
+  op_ctx.is_train = is_train;
+  op_ctx.seed = NextRandomSeed();
+  op_ctx.workspace = run.workspace;
+  std::vector<OpReq> req(run.out.size(), OpReq::kWrite);
+  kernel::Push(
+      run.fwd_name.c_str(), run.ctx, run.fwd_reads, run.fwd_writes,
+      [plan = plan_, k, op_ctx, req = std::move(req)] {
+        const Plan::NodeRun& r = plan->nodes[k];
+        r.op->forward(op_ctx, r.node->parsed, r.in_blobs, req, r.out_blobs, r.aux_blobs);
+      },
+      0, Property(run));
+  if (monitor_) {
+    std::vector<std::string> names = run.node->output_names();
+    for (size_t j = 0; j < run.out.size(); ++j) monitor_(names[j], plan_->entries[run.out[j]]);
+  }
 }
 
 void Executor::Backward(const std::vector<NDArray>& head_grads) {
@@ -598,22 +807,37 @@ void Executor::Backward(const std::vector<NDArray>& head_grads) {
     slot.Assign(0.0f);
   }
   for (size_t k = plan_->nodes.size(); k-- > 0;) {
-    const Plan::NodeRun& run = plan_->nodes[k];
-    if (!run.in_backward) continue;
-    OpContext op_ctx;
-    op_ctx.ctx = ctx_;
-    op_ctx.is_train = true;
-    op_ctx.seed = NextRandomSeed();
-    op_ctx.workspace = run.workspace_floats > 0 ? plan_->workspace.data() : nullptr;
-    kernel::Push(
-        run.bwd_name.c_str(), ctx_, run.bwd_reads, run.bwd_writes,
-        [plan = plan_, k, op_ctx] {
-          const Plan::NodeRun& r = plan->nodes[k];
-          r.node->op->backward(op_ctx, r.node->parsed, r.out_grad_blobs, r.in_blobs,
-                               r.out_blobs, r.bwd_req, r.in_grad_blobs, r.aux_blobs);
-        },
-        0, Property(run));
+    if (plan_->nodes[k].in_backward) PushBackward(k);
   }
+}
+
+void Executor::PushBackward(size_t k) const {
+  const Plan::NodeRun& run = plan_->nodes[k];
+  if (run.node == nullptr) {  // a copy: the gradient goes back to the source
+    const NDArray& from = plan_->grads[run.out_grad[0]];
+    NDArray to = plan_->grads[run.in_grad[0]];
+    if (run.bwd_req[0] == OpReq::kWrite) {
+      to.Assign(from);
+    } else if (run.bwd_req[0] == OpReq::kAdd) {
+      NDArray here = run.add_buffer;
+      here.Assign(from);
+      to += here;
+    }
+    return;
+  }
+  OpContext op_ctx;
+  op_ctx.ctx = run.ctx;
+  op_ctx.is_train = true;
+  op_ctx.seed = NextRandomSeed();
+  op_ctx.workspace = run.workspace;
+  kernel::Push(
+      run.bwd_name.c_str(), run.ctx, run.bwd_reads, run.bwd_writes,
+      [plan = plan_, k, op_ctx] {
+        const Plan::NodeRun& r = plan->nodes[k];
+        r.op->backward(op_ctx, r.node->parsed, r.out_grad_blobs, r.in_blobs, r.out_blobs,
+                       r.bwd_req, r.in_grad_blobs, r.aux_blobs);
+      },
+      0, Property(run));
 }
 
 }  // namespace mx

@@ -12,6 +12,17 @@
 // requested, backward) do not overlap, and operators that allow it run in
 // place. memory() reports the planned bytes next to the naive sum.
 //
+// Device placement (MXNet's group2ctx). An operator whose "__ctx_group__"
+// attribute (ctx_group in 0.8-era files, mx::AttrScope, Op and Variable
+// attributes) names a group in `group2ctx` runs on that group's context;
+// every other operator runs on the bind context. A variable lives where its
+// own group says, else with the first operator that reads it, else on the
+// bind context; its argument, gradient and auxiliary arrays must be there
+// (SimpleBind allocates them there). Where an operator reads a result that
+// lives elsewhere, the executor copies it over before the operator runs and
+// carries the gradient back in backward; memory is planned per context.
+// This works with CPU contexts (cpu(1), cpu(2)) as well as GPUs.
+//
 // An Executor must not be used from several threads at once.
 #ifndef MX_GRAPH_EXECUTOR_H_
 #define MX_GRAPH_EXECUTOR_H_
@@ -47,22 +58,26 @@ class Executor {
   // inference). args_grad holds arrays for the gradients to compute;
   // grad_req defaults to kWrite for arguments in args_grad and kNull for the
   // others. aux_states must hold every auxiliary state. Errors name the
-  // argument and the shapes.
+  // argument and the shapes. group2ctx places groups of operators on other
+  // contexts (see the header comment).
   static absl::StatusOr<std::unique_ptr<Executor>> Bind(
       const Symbol& symbol, Context ctx,
       const std::map<std::string, NDArray>& args,
       const std::map<std::string, NDArray>& args_grad = {},
       const std::map<std::string, GradReq>& grad_req = {},
-      const std::map<std::string, NDArray>& aux_states = {});
+      const std::map<std::string, NDArray>& aux_states = {},
+      const std::map<std::string, Context>& group2ctx = {});
 
   // Infers every shape from `input_shapes`, allocates zero-filled arrays
   // for arguments, gradients (grad_req for each argument, default_req
-  // unless overridden in `grad_reqs`) and auxiliary states, and binds.
+  // unless overridden in `grad_reqs`) and auxiliary states, each on its
+  // variable's context, and binds.
   static absl::StatusOr<std::unique_ptr<Executor>> SimpleBind(
       const Symbol& symbol, Context ctx,
       const std::map<std::string, Shape>& input_shapes,
       GradReq default_req = GradReq::kWrite,
-      const std::map<std::string, GradReq>& grad_reqs = {});
+      const std::map<std::string, GradReq>& grad_reqs = {},
+      const std::map<std::string, Context>& group2ctx = {});
 
   ~Executor();
   Executor(const Executor&) = delete;
@@ -82,7 +97,9 @@ class Executor {
   const std::map<std::string, NDArray>& grad_dict() const { return grads_; }
   const std::map<std::string, NDArray>& aux_dict() const { return aux_; }
   const Symbol& symbol() const { return symbol_; }
+  // The bind context (operators outside group2ctx's groups run there).
   Context context() const { return ctx_; }
+  const std::map<std::string, Context>& group2ctx() const { return group2ctx_; }
   MemoryStats memory() const { return memory_; }
 
   // A new executor for other input shapes (another batch size) that shares
@@ -95,18 +112,25 @@ class Executor {
     monitor_ = std::move(callback);
   }
 
-  struct Plan;  // internal
+  struct Plan;       // internal
+  struct Placement;  // internal
 
  private:
   Executor() = default;
-  absl::Status Init(const Symbol& symbol, Context ctx,
-                    const std::map<std::string, NDArray>& args,
-                    const std::map<std::string, NDArray>& args_grad,
-                    const std::map<std::string, GradReq>& grad_req,
-                    const std::map<std::string, NDArray>& aux_states);
+  // Checks the arrays against the symbol; sets args_, aux_, grads_ and
+  // grad_req_. `known` receives the argument and auxiliary shapes.
+  absl::Status AdoptArrays(const Placement& placement,
+                           const std::map<std::string, NDArray>& args,
+                           const std::map<std::string, NDArray>& args_grad,
+                           const std::map<std::string, GradReq>& grad_req,
+                           const std::map<std::string, NDArray>& aux_states,
+                           std::map<std::string, Shape>* known);
+  void PushForward(size_t k, bool is_train) const;
+  void PushBackward(size_t k) const;
 
   Symbol symbol_;
   Context ctx_;
+  std::map<std::string, Context> group2ctx_;
   std::map<std::string, NDArray> args_, grads_, aux_;
   std::map<std::string, GradReq> grad_req_;
   std::vector<NDArray> outputs_;

@@ -2,7 +2,16 @@
 // accepts 1.x ("attrs" per node) and 0.8-era files ("param" holding operator
 // parameters and "attr" holding user attributes). Nodes must be listed
 // inputs-first, as MXNet writes them; anything else is an error.
+//
+// Reading upgrades old files as MXNet's loader does: MXNet's hidden keys
+// written bare become "__key__" (ctx_group -> __ctx_group__); an operator's
+// "<argument>_<hidden key>" (weight_lr_mult) becomes "__lr_mult__" on that
+// argument's variable; and files older than 0.9, which did not list
+// auxiliary states, get variables "<node>_<state>" for them, with the
+// operator's user attributes.
+#include <algorithm>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <unordered_map>
 
@@ -22,9 +31,33 @@ using json = nlohmann::json;
 namespace {
 
 constexpr int kMxnetVersion = 10901;  // the 1.9.1 layout
+constexpr int kFirstWithAuxStates = 900;  // 0.9.0 listed auxiliary states
 
 bool IsUserAttr(const std::string& key) {
   return absl::StartsWith(key, "__") && absl::EndsWith(key, "__");
+}
+
+// Keys MXNet keeps as "__key__" (its kHiddenKeys).
+constexpr const char* kHiddenKeys[] = {"ctx_group", "lr_mult", "wd_mult", "force_mirroring",
+                                       "mirror_stage"};
+
+bool IsHiddenKey(const std::string& key) {
+  for (const char* hidden : kHiddenKeys) {
+    if (key == hidden) return true;
+  }
+  return false;
+}
+
+// For "weight_lr_mult": {"weight", "__lr_mult__"}.
+std::optional<std::pair<std::string, std::string>> ArgumentAttr(const std::string& key) {
+  for (const char* hidden : kHiddenKeys) {
+    const std::string suffix = absl::StrCat("_", hidden);
+    if (key.size() > suffix.size() && absl::EndsWith(key, suffix)) {
+      return std::make_pair(key.substr(0, key.size() - suffix.size()),
+                            absl::StrCat("__", hidden, "__"));
+    }
+  }
+  return std::nullopt;
 }
 
 absl::Status Bad(size_t node, const std::string& name, const std::string& msg) {
@@ -73,8 +106,42 @@ absl::StatusOr<std::map<std::string, std::string>> StringMap(
   return out;
 }
 
+// "weight_lr_mult" on an operator: "__lr_mult__" for its argument `index`.
+struct ArgumentAttribute {
+  size_t index;
+  std::string key;       // "__lr_mult__"
+  std::string original;  // "weight_lr_mult"
+  std::string value;
+};
+
+// Sorts an operator node's non-parameter keys into user attributes and
+// per-argument attributes; bare keys from a 0.8-era "attr" object stay user
+// attributes as they are.
+absl::Status SortKeys(const std::map<std::string, std::string>& given,
+                      const std::map<std::string, std::string>& attr, size_t id, Node* node,
+                      const std::vector<std::string>& arguments,
+                      std::vector<ArgumentAttribute>* per_argument) {
+  for (const auto& [k, v] : given) {
+    if (IsUserAttr(k)) {
+      node->attrs[k] = v;
+    } else if (IsHiddenKey(k)) {
+      node->attrs[absl::StrCat("__", k, "__")] = v;
+    } else if (auto arg = ArgumentAttr(k); arg.has_value() &&
+               std::find(arguments.begin(), arguments.end(), arg->first) != arguments.end()) {
+      const size_t index = std::find(arguments.begin(), arguments.end(), arg->first) - arguments.begin();
+      per_argument->push_back({index, arg->second, k, v});
+    } else if (attr.count(k)) {
+      node->attrs[k] = v;
+    } else {
+      return Bad(id, node->name, absl::StrCat("unknown attribute '", k, "' for operator ",
+                                              node->op->name));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::shared_ptr<Node>> ReadNode(
-    const json& j, size_t id, const std::vector<std::shared_ptr<Node>>& nodes) {
+    const json& j, size_t id, const std::vector<std::shared_ptr<Node>>& nodes, int version) {
   if (!j.is_object() || !j.contains("op") || !j["op"].is_string() ||
       !j.contains("name") || !j["name"].is_string()) {
     return Bad(id, "", "needs string fields 'op' and 'name'");
@@ -88,26 +155,24 @@ absl::StatusOr<std::shared_ptr<Node>> ReadNode(
     MX_ASSIGN_OR_RETURN(auto m, StringMap(j, key, id, node->name));
     given.insert(m.begin(), m.end());
   }
+  MX_ASSIGN_OR_RETURN(const auto attr, StringMap(j, "attr", id, node->name));  // 0.8-era
+  std::vector<ArgumentAttribute> per_argument;
   if (op_name == "null") {
-    node->attrs = std::move(given);
+    for (const auto& [k, v] : given) node->attrs[IsHiddenKey(k) ? absl::StrCat("__", k, "__") : k] = v;
   } else {
     node->op = OpRegistry::Find(op_name);
     if (node->op == nullptr) return Bad(id, node->name, absl::StrCat("unknown operator '", op_name, "'"));
+    std::map<std::string, std::string> rest;
     for (auto& [k, v] : given) {
-      bool is_param = false;
-      for (const ParamSpec& p : node->op->params) is_param = is_param || p.name == k;
-      if (is_param) {
-        node->params[k] = v;
-      } else if (IsUserAttr(k)) {
-        node->attrs[k] = v;
-      } else {
-        return Bad(id, node->name, absl::StrCat("unknown attribute '", k,
-                                                "' for operator ", op_name));
-      }
+      const bool is_param = std::any_of(node->op->params.begin(), node->op->params.end(),
+                                        [&](const ParamSpec& p) { return p.name == k; });
+      (is_param ? node->params : rest)[k] = v;
     }
     absl::StatusOr<ParsedParams> parsed = node->op->Parse(node->params);
     if (!parsed.ok()) return Bad(id, node->name, std::string(parsed.status().message()));
     node->parsed = *std::move(parsed);
+    MX_RETURN_IF_ERROR(SortKeys(rest, attr, id, node.get(),
+                                node->op->ListArguments(node->parsed), &per_argument));
   }
 
   const json inputs = j.contains("inputs") ? j["inputs"] : json::array();
@@ -117,18 +182,44 @@ absl::StatusOr<std::shared_ptr<Node>> ReadNode(
                         ReadEntry(e, id, nodes, absl::StrCat("node ", id, " '", node->name, "'")));
     node->inputs.push_back(std::move(entry));
   }
-  if (!node->is_variable()) {
-    size_t expected = node->op->ListArguments(node->parsed).size() +
-                      node->op->ListAuxStates(node->parsed).size();
-    if (node->inputs.size() != expected) {
-      return Bad(id, node->name, absl::StrCat("operator ", op_name, " takes ", expected,
-                                              " inputs but ", node->inputs.size(),
-                                              " are given"));
+  if (node->is_variable()) {
+    if (!node->inputs.empty()) return Bad(id, node->name, "a variable cannot have inputs");
+    return node;
+  }
+  const std::vector<std::string> aux = node->op->ListAuxStates(node->parsed);
+  const size_t arguments = node->op->ListArguments(node->parsed).size();
+  if (version < kFirstWithAuxStates && node->inputs.size() == arguments) {
+    for (const std::string& state : aux) {  // not listed before 0.9
+      auto var = std::make_shared<Node>();
+      var->name = absl::StrCat(node->name, "_", state);
+      for (const auto& [k, v] : node->attrs) {
+        if (IsUserAttr(k)) var->attrs[k] = v;
+      }
+      node->inputs.push_back({var, 0});
     }
-  } else if (!node->inputs.empty()) {
-    return Bad(id, node->name, "a variable cannot have inputs");
+  }
+  if (node->inputs.size() != arguments + aux.size()) {
+    return Bad(id, node->name, absl::StrCat("operator ", op_name, " takes ", arguments + aux.size(),
+                                            " inputs but ", node->inputs.size(), " are given"));
+  }
+  for (const ArgumentAttribute& a : per_argument) {
+    Node* input = node->inputs[a.index].node.get();
+    // Kept on the operator, as MXNet keeps it, when the input is computed.
+    (input->is_variable() ? input->attrs[a.key] : node->attrs[a.original]) = a.value;
   }
   return node;
+}
+
+// The mxnet_version a file records (root "attrs": {"mxnet_version":
+// ["int", 10901]}); files without one are 0.8-era (800).
+int FileVersion(const json& root) {
+  if (!root.contains("attrs") || !root["attrs"].is_object()) return 800;
+  const json& attrs = root["attrs"];
+  if (!attrs.contains("mxnet_version")) return 800;
+  const json& v = attrs["mxnet_version"];
+  if (v.is_array() && v.size() == 2 && v[1].is_number_integer()) return v[1].get<int>();
+  if (v.is_number_integer()) return v.get<int>();
+  return 800;
 }
 
 }  // namespace
@@ -178,10 +269,11 @@ absl::StatusOr<Symbol> Symbol::FromJSON(const std::string& text) {
         "symbol JSON: expected an object with arrays 'nodes' and 'heads'");
   }
   const json& jnodes = root["nodes"];
+  const int version = FileVersion(root);
   std::vector<std::shared_ptr<Node>> nodes;
   std::unordered_map<std::string, size_t> variable_names;
   for (size_t i = 0; i < jnodes.size(); ++i) {
-    MX_ASSIGN_OR_RETURN(std::shared_ptr<Node> node, ReadNode(jnodes[i], i, nodes));
+    MX_ASSIGN_OR_RETURN(std::shared_ptr<Node> node, ReadNode(jnodes[i], i, nodes, version));
     if (node->is_variable()) {
       auto [it, inserted] = variable_names.emplace(node->name, i);
       if (!inserted) {

@@ -7,6 +7,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "graph/node.h"
@@ -113,6 +114,40 @@ NameScope::NameScope(std::string prefix) : previous_(current_manager) {
 
 NameScope::~NameScope() { current_manager = previous_; }
 
+// ---- Attributes.
+
+namespace {
+thread_local const std::map<std::string, std::string>* current_attrs = nullptr;
+
+// Keys stored as MXNet stores them, "__shape__" for "shape".
+const std::string kReservedAttrs[] = {"shape", "lr_mult", "wd_mult", "init", "dtype",
+                                      "ctx_group"};
+
+std::string StoredKey(const std::string& key) {
+  const bool reserved =
+      std::find(std::begin(kReservedAttrs), std::end(kReservedAttrs), key) != std::end(kReservedAttrs);
+  return reserved ? absl::StrCat("__", key, "__") : key;
+}
+
+bool IsWrapped(const std::string& key) {
+  return key.size() > 4 && absl::StartsWith(key, "__") && absl::EndsWith(key, "__");
+}
+
+// The attributes every node created now starts with.
+const std::map<std::string, std::string>& ScopeAttrs() {
+  static const std::map<std::string, std::string> kNone;
+  return current_attrs != nullptr ? *current_attrs : kNone;
+}
+}  // namespace
+
+AttrScope::AttrScope(const VariableAttrs& attrs) : previous_(current_attrs) {
+  attrs_ = ScopeAttrs();
+  for (const auto& [key, value] : attrs) attrs_[StoredKey(key)] = value;
+  current_attrs = &attrs_;
+}
+
+AttrScope::~AttrScope() { current_attrs = previous_; }
+
 // ---- Construction.
 
 SymbolInput::SymbolInput(const Symbol& s)
@@ -128,9 +163,6 @@ Symbol FromNode(std::shared_ptr<Node> node) {
   return Symbol(std::move(outs));
 }
 
-const std::string kReservedAttrs[] = {"shape", "lr_mult", "wd_mult", "init",
-                                      "dtype"};
-
 NodeEntry SingleOutput(const Symbol& s, const std::string& op,
                        const std::string& what) {
   MX_THROW_IF_NOT(s.outputs().size() == 1, "operator ", op, ": input ", what,
@@ -145,12 +177,8 @@ Symbol Variable(const std::string& name, const VariableAttrs& attrs) {
   MX_THROW_IF_NOT(!name.empty(), "Variable: the name must not be empty");
   auto node = std::make_shared<Node>();
   node->name = CurrentNameManager().prefix + name;
-  for (const auto& [key, value] : attrs) {
-    bool reserved = std::find(std::begin(kReservedAttrs),
-                              std::end(kReservedAttrs),
-                              key) != std::end(kReservedAttrs);
-    node->attrs[reserved ? absl::StrCat("__", key, "__") : key] = value;
-  }
+  node->attrs = ScopeAttrs();
+  for (const auto& [key, value] : attrs) node->attrs[StoredKey(key)] = value;
   return FromNode(std::move(node));
 }
 
@@ -160,7 +188,17 @@ Symbol Op(const std::string& op_name, const SymbolInputs& inputs,
   MX_THROW_IF_NOT(op != nullptr, "unknown operator '", op_name, "'");
   auto node = std::make_shared<Node>();
   node->op = op;
-  for (const auto& [key, value] : params) node->params[key] = value.str();
+  node->attrs = ScopeAttrs();
+  for (const auto& [key, value] : params) {
+    const bool is_param = std::any_of(op->params.begin(), op->params.end(),
+                                      [&](const ParamSpec& p) { return p.name == key; });
+    const bool is_attr = key == "lr_mult" || key == "wd_mult" || key == "ctx_group" || IsWrapped(key);
+    if (!is_param && is_attr) {
+      node->attrs[StoredKey(key)] = value.str();
+    } else {
+      node->params[key] = value.str();
+    }
+  }
   absl::StatusOr<ParsedParams> parsed = op->Parse(node->params);
   ThrowIfError(parsed.status());
   node->parsed = *std::move(parsed);
@@ -203,6 +241,7 @@ Symbol Op(const std::string& op_name, const SymbolInputs& inputs,
                     "): required input '", slots[i], "' is missing");
     auto var = std::make_shared<Node>();
     var->name = absl::StrCat(node->name, "_", slots[i]);
+    var->attrs = node->attrs;  // as MXNet: lr_mult on a layer is its weight's and bias's
     node->inputs.push_back({var, 0});
   }
   return FromNode(std::move(node));

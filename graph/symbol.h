@@ -25,6 +25,7 @@
 #ifndef MX_GRAPH_SYMBOL_H_
 #define MX_GRAPH_SYMBOL_H_
 
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -137,15 +138,41 @@ class Symbol {
 
 using VariableAttrs = std::map<std::string, std::string>;
 
-// A placeholder. Keys "shape", "lr_mult", "wd_mult", "init" and "dtype" are
-// stored as MXNet stores them ("__shape__", ...); other keys as given.
+// A placeholder. Keys "shape", "lr_mult", "wd_mult", "init", "dtype" and
+// "ctx_group" are stored as MXNet stores them ("__shape__", ...); other keys
+// as given. It also gets the current AttrScope's attributes.
 Symbol Variable(const std::string& name, const VariableAttrs& attrs = {});
 
 // Applies a registered operator. Positional inputs fill the operator's
 // arguments in order, named ones fill the named argument; missing arguments
-// other than required inputs become new variables.
+// other than required inputs become new variables. Besides the operator's
+// parameters, `params` may hold user attributes: "lr_mult", "wd_mult",
+// "ctx_group" (stored as "__lr_mult__", ...) and any "__key__". The node
+// gets them and the current AttrScope's attributes, and so do the
+// variables created for its missing arguments (as in MXNet: lr_mult on a
+// layer applies to its weight and bias).
 Symbol Op(const std::string& op, const SymbolInputs& inputs,
           const Params& params = {}, const std::string& name = "");
+
+// Attributes for every Variable and Op created on this thread while the
+// scope lives (MXNet's AttrScope), on top of the enclosing scope's; keys
+// are stored as Variable stores them. Placing a part of a graph on another
+// device (Executor::Bind's group2ctx):
+//
+//   { mx::AttrScope stage({{"ctx_group", "stage2"}}); fc2 = mx::Op(...); }
+class AttrScope {
+ public:
+  explicit AttrScope(const VariableAttrs& attrs);
+  AttrScope(std::initializer_list<std::pair<std::string, std::string>> attrs)
+      : AttrScope(VariableAttrs(attrs.begin(), attrs.end())) {}
+  ~AttrScope();
+  AttrScope(const AttrScope&) = delete;
+  AttrScope& operator=(const AttrScope&) = delete;
+
+ private:
+  std::map<std::string, std::string> attrs_;
+  const std::map<std::string, std::string>* previous_;
+};
 
 // Several symbols as one with all their outputs.
 Symbol Group(const std::vector<Symbol>& symbols);

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "rpc/metrics.h"
@@ -40,12 +42,21 @@ bool IsInput(const std::string& name, const DataIter& data) {
   return false;
 }
 
-std::map<std::string, float> MultFromAttrs(const Symbol& symbol, const std::string& key) {
+// Multipliers by node name from the symbol's `key` attributes
+// ("__lr_mult__"); a value that is no number is an error naming the node.
+absl::StatusOr<std::map<std::string, float>> MultFromAttrs(const Symbol& symbol,
+                                                           const std::string& key) {
   std::map<std::string, float> mult;
   for (const auto& [name, value] : symbol.ListAttrs()) {
     size_t dollar = name.find('$');
     if (dollar == std::string::npos || name.substr(dollar + 1) != key) continue;
-    mult[name.substr(0, dollar)] = std::stof(value);
+    float v;
+    if (!absl::SimpleAtof(value, &v) || !std::isfinite(v)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "symbol attribute ", key, " of '", name.substr(0, dollar), "' is '", value,
+          "', not a number"));
+    }
+    mult[name.substr(0, dollar)] = v;
   }
   return mult;
 }
@@ -119,8 +130,10 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
   std::map<int, std::string> names;
   for (size_t i = 0; i < params.size(); ++i) names[static_cast<int>(i)] = params[i];
   optimizer->SetParamNames(names);
-  optimizer->SetLrMult(MultFromAttrs(symbol_, "__lr_mult__"));
-  optimizer->SetWdMult(MultFromAttrs(symbol_, "__wd_mult__"));
+  MX_ASSIGN_OR_RETURN(const auto lr_mult, MultFromAttrs(symbol_, "__lr_mult__"));
+  MX_ASSIGN_OR_RETURN(const auto wd_mult, MultFromAttrs(symbol_, "__wd_mult__"));
+  optimizer->SetLrMult(lr_mult);
+  optimizer->SetWdMult(wd_mult);
   kvstore_ = nullptr;
   owned_kvstore_.reset();
   optimizer_.reset();

@@ -93,6 +93,49 @@ TEST(FeedForwardFit, LearnsSeparableData) {
   EXPECT_NEAR(p[0] + p[1] + p[2] + p[3], 1.0f, 1e-5);
 }
 
+// An 0.8-era symbol file's weight_lr_mult of 0 on fc1 freezes fc1_weight
+// (MXNet moves it to the weight's __lr_mult__); fc1_bias and fc2 train.
+TEST(FeedForwardFit, LrMultFromAnMxnet08FileActs) {
+  const std::string json = R"({"nodes": [
+    {"op": "null", "name": "data", "param": {}, "inputs": []},
+    {"op": "null", "name": "fc1_weight", "param": {}, "inputs": []},
+    {"op": "null", "name": "fc1_bias", "param": {}, "inputs": []},
+    {"op": "FullyConnected", "name": "fc1", "param": {"num_hidden": "16"},
+     "attr": {"weight_lr_mult": "0"}, "inputs": [[0, 0], [1, 0], [2, 0]]},
+    {"op": "Activation", "name": "relu1", "param": {"act_type": "relu"}, "inputs": [[3, 0]]},
+    {"op": "null", "name": "fc2_weight", "param": {}, "inputs": []},
+    {"op": "null", "name": "fc2_bias", "param": {}, "inputs": []},
+    {"op": "FullyConnected", "name": "fc2", "param": {"num_hidden": "4"},
+     "inputs": [[4, 0], [5, 0], [6, 0]]},
+    {"op": "null", "name": "softmax_label", "param": {}, "inputs": []},
+    {"op": "SoftmaxOutput", "name": "softmax", "param": {}, "inputs": [[7, 0], [8, 0]]}],
+    "arg_nodes": [0, 1, 2, 5, 6, 8], "heads": [[9, 0]]})";
+  absl::StatusOr<Symbol> net = Symbol::FromJSON(json);
+  ASSERT_TRUE(net.ok()) << net.status();
+  srand(3);
+  Blobs train = MakeBlobs(80, 4, 1);
+  FeedForward model(*net);
+  const NDArray w1 = RandomUniform(-0.1f, 0.1f, {16, 8}), w2 = RandomUniform(-0.1f, 0.1f, {4, 16});
+  model.arg_params()["fc1_weight"] = w1.Copy();
+  model.arg_params()["fc2_weight"] = w2.Copy();
+  auto it = Iter(train, 20);
+  ASSERT_TRUE(model.Fit(it.get(), nullptr, Sgd(2, 0.5f)).ok());
+  EXPECT_EQ(model.arg_params().at("fc1_weight").ToVector(), w1.ToVector());
+  EXPECT_NE(model.arg_params().at("fc2_weight").ToVector(), w2.ToVector());
+  EXPECT_NE(model.arg_params().at("fc1_bias").ToVector(), std::vector<float>(16, 0.0f));
+}
+
+TEST(FeedForwardFit, ALrMultThatIsNoNumberIsAnError) {
+  Symbol bad = Op("SoftmaxOutput",
+                  {Op("FullyConnected", {Variable("data", {{"lr_mult", "fast"}})}, {{"num_hidden", 4}})}, {}, "softmax");
+  Blobs train = MakeBlobs(40, 4, 1);
+  FeedForward model(bad);
+  auto it = Iter(train, 20);
+  absl::Status s = model.Fit(it.get(), nullptr, Sgd(1, 0.5f));
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("symbol attribute __lr_mult__ of 'data' is 'fast', not a number"));
+}
+
 TEST(FeedForwardFit, PredictDropsPaddingOfTheLastBatch) {
   srand(2);
   Blobs train = MakeBlobs(60, 2, 3), test = MakeBlobs(50, 2, 4);
