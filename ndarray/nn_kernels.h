@@ -204,6 +204,230 @@ struct SoftmaxOutputGradKernel {
   }
 };
 
+// Dropout in training: element i is kept with probability `keep`, drawing
+// from Philox at (seed, m), m its offset in the mask with the shared axes
+// (index from MakeBroadcastIndex(data, mask, mask): sa maps element to
+// mask). mask[i] = scale (1 / keep) or 0; y[i] (=|+=) x[i] * mask[i]. A
+// draw depends on (seed, m) only, so any split of the range, on the CPU or
+// a GPU, gives the same mask.
+struct DropoutKernel {
+  struct Params {
+    float* y;
+    float* mask;
+    const float* x;
+    BroadcastIndex index;
+    uint64_t seed;
+    float keep, scale;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    ForEachBroadcast(p.index, begin, end, [&](int64_t i, int64_t m, int64_t) {
+      const float factor = UnitFloat(PhiloxAt(p.seed, m).v[0]) < p.keep ? p.scale : 0.0f;
+      p.mask[i] = factor;
+      Put(p.y + i, p.x[i] * factor, p.add);
+    });
+  }
+};
+
+// LeakyReLU's act types with a fixed slope: Apply(x, slope) and the
+// derivative Grad(x, y, slope), from the output where it follows from it.
+namespace op {
+constexpr float kSeluAlpha = 1.6732632423543772848170429916717f;
+constexpr float kSeluLambda = 1.0507009873554804934193349852946f;
+constexpr float kSqrtHalf = 0.70710678118654752440f;    // 1 / sqrt(2)
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1 / sqrt(2 pi)
+
+struct LeakyAct {
+  MX_XINLINE static float Apply(float x, float s) { return x > 0 ? x : s * x; }
+  MX_XINLINE static float Grad(float, float y, float s) { return y > 0 ? 1.0f : s; }
+};
+struct EluAct {
+  MX_XINLINE static float Apply(float x, float s) { return x > 0 ? x : s * expm1f(x); }
+  MX_XINLINE static float Grad(float, float y, float s) { return y > 0 ? 1.0f : y + s; }
+};
+struct SeluAct {
+  MX_XINLINE static float Apply(float x, float) {
+    return kSeluLambda * (x > 0 ? x : kSeluAlpha * expm1f(x));
+  }
+  MX_XINLINE static float Grad(float, float y, float) {
+    return y > 0 ? kSeluLambda : y + kSeluLambda * kSeluAlpha;
+  }
+};
+struct GeluAct {
+  MX_XINLINE static float Apply(float x, float) { return 0.5f * x * (1.0f + erff(x * kSqrtHalf)); }
+  MX_XINLINE static float Grad(float x, float, float) {
+    const float cdf = 0.5f * (1.0f + erff(x * kSqrtHalf));
+    return cdf + x * expf(-0.5f * x * x) * kInvSqrt2Pi;
+  }
+};
+}  // namespace op
+
+// y[i] (=|+=) A::Apply(x[i], slope).
+template <typename A>
+struct LeakyKernel {
+  struct Params {
+    float* y;
+    const float* x;
+    float slope;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t i = begin; i < end; ++i) Put(p.y + i, A::Apply(p.x[i], p.slope), p.add);
+  }
+};
+
+// gi[i] (=|+=) g[i] * A::Grad(x[i], y[i], slope).
+template <typename A>
+struct LeakyGradKernel {
+  struct Params {
+    float* gi;
+    const float* g;
+    const float* x;
+    const float* y;
+    float slope;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t i = begin; i < end; ++i) {
+      Put(p.gi + i, p.g[i] * A::Grad(p.x[i], p.y[i], p.slope), p.add);
+    }
+  }
+};
+
+// PReLU on data viewed as (outer, channels, inner): y[i] (=|+=) x > 0 ? x :
+// gamma[c] * x, with c the channel of i (gamma of one element: all).
+struct PreluKernel {
+  struct Params {
+    float* y;
+    const float* x;
+    const float* gamma;
+    int64_t channels, inner;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float a = p.gamma[p.channels == 1 ? 0 : (i / p.inner) % p.channels];
+      Put(p.y + i, p.x[i] > 0 ? p.x[i] : a * p.x[i], p.add);
+    }
+  }
+};
+
+// PReLU's input gradient: gi[i] (=|+=) x > 0 ? g : gamma[c] * g.
+struct PreluGradKernel {
+  struct Params {
+    float* gi;
+    const float* g;
+    const float* x;
+    const float* gamma;
+    int64_t channels, inner;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float a = p.gamma[p.channels == 1 ? 0 : (i / p.inner) % p.channels];
+      Put(p.gi + i, p.x[i] > 0 ? p.g[i] : a * p.g[i], p.add);
+    }
+  }
+};
+
+// PReLU's gamma gradient, one index per channel c: dgamma[c] (=|+=) the
+// sum of g * x over the elements of channel c with x <= 0 (over all
+// elements when channels == 1), accumulated in double.
+struct PreluGammaGradKernel {
+  struct Params {
+    float* dgamma;
+    const float* g;
+    const float* x;
+    int64_t n, channels, inner;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const int64_t block = p.channels * p.inner;  // one sample's elements
+    for (int64_t c = begin; c < end; ++c) {
+      double sum = 0;
+      for (int64_t base = c * p.inner; base < p.n; base += block) {
+        const int64_t stop = p.channels == 1 ? p.n : base + p.inner;
+        for (int64_t i = base; i < stop; ++i) {
+          if (p.x[i] <= 0) sum += static_cast<double>(p.g[i]) * p.x[i];
+        }
+        if (p.channels == 1) break;
+      }
+      Put(p.dgamma + c, static_cast<float>(sum), p.add);
+    }
+  }
+};
+
+// The regression losses' data gradient: gi[i] (=|+=) scale * (y - label),
+// or scale * sign(y - label) (sign(0) = -1) when mae.
+struct RegressionGradKernel {
+  struct Params {
+    float* gi;
+    const float* y;
+    const float* label;
+    float scale;
+    bool mae, add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float d = p.y[i] - p.label[i];
+      Put(p.gi + i, (p.mae ? (d > 0 ? 1.0f : -1.0f) : d) * p.scale, p.add);
+    }
+  }
+};
+
+// Softmax over `classes` elements `inner` apart: data viewed as (outer,
+// classes, inner), one softmax per index s in [0, outer * inner). y may be
+// x. Sums in double.
+struct SoftmaxStridedKernel {
+  struct Params {
+    float* y;
+    const float* x;
+    int64_t classes, inner;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t base = (s / p.inner) * p.classes * p.inner + s % p.inner;
+      const float* x = p.x + base;
+      float m = x[0];
+      for (int64_t k = 1; k < p.classes; ++k) m = x[k * p.inner] > m ? x[k * p.inner] : m;
+      double sum = 0;
+      for (int64_t k = 0; k < p.classes; ++k) sum += expf(x[k * p.inner] - m);
+      const float inv = static_cast<float>(1.0 / sum);
+      for (int64_t k = 0; k < p.classes; ++k) {
+        const float v = expf(x[k * p.inner] - m) * inv;
+        Put(p.y + base + k * p.inner, v, p.add);
+      }
+    }
+  }
+};
+
+// SoftmaxStridedKernel's gradient through its output: gi = y * (g -
+// sum(g * y)) per softmax.
+struct SoftmaxStridedGradKernel {
+  struct Params {
+    float* gi;
+    const float* g;
+    const float* y;
+    int64_t classes, inner;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t base = (s / p.inner) * p.classes * p.inner + s % p.inner;
+      double dot = 0;
+      for (int64_t k = 0; k < p.classes; ++k) {
+        const int64_t j = base + k * p.inner;
+        dot += static_cast<double>(p.g[j]) * p.y[j];
+      }
+      for (int64_t k = 0; k < p.classes; ++k) {
+        const int64_t j = base + k * p.inner;
+        Put(p.gi + j, p.y[j] * (p.g[j] - static_cast<float>(dot)), p.add);
+      }
+    }
+  }
+};
+
 }  // namespace mx::kernel
 
 #endif  // MX_NDARRAY_NN_KERNELS_H_

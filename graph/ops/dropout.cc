@@ -12,28 +12,19 @@
 
 #include "graph/ops/op_util.h"
 #include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx::ops {
 namespace {
 
-// Calls f(i, factor) for every element i of data, with factor the mask
-// value: 1 / (1 - p) for kept elements, 0 for dropped ones.
-template <typename F>
-void ForEachMasked(const ParsedParams& p, const Shape& data, uint64_t seed,
-                   F f) {
-  const float keep = 1.0f - p.GetFloat("p");
-  const float scale = keep > 0 ? 1.0f / keep : 0.0f;
-  // The mask has data's shape with the shared axes set to 1.
+// The index that maps an element of data to its element of the mask,
+// which has data's shape with the shared axes set to 1.
+kernel::BroadcastIndex MaskIndex(const ParsedParams& p, const Shape& data) {
   Shape mask = data;
   for (int64_t axis : p.GetShape("axes")) {
     mask[static_cast<int>(axis < 0 ? axis + data.ndim() : axis)] = 1;
   }
-  // Element m of the mask draws from Philox (ndarray/kernel.h) at (seed, m),
-  // independent of the others and of the order of evaluation.
-  const kernel::BroadcastIndex ix = kernel::MakeBroadcastIndex("Dropout", data, mask, mask);
-  kernel::ForEachBroadcast(ix, 0, data.Size(), [&](int64_t i, int64_t m, int64_t) {
-    f(i, kernel::UnitFloat(kernel::PhiloxAt(seed, m).v[0]) < keep ? scale : 0.0f);
-  });
+  return kernel::MakeBroadcastIndex("Dropout", data, mask, mask);
 }
 
 absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
@@ -60,30 +51,30 @@ void Forward(const OpContext& ctx, const ParsedParams& p,
              const std::vector<TBlob>& in, const std::vector<OpReq>& req,
              const std::vector<TBlob>& out, const std::vector<TBlob>&) {
   const bool active = (ctx.is_train || p.GetString("mode") == "always") && p.GetFloat("p") > 0;
-  const float* x = in[0].data;
-  float* y = out[0].data;
-  float* mask = out[1].data;
   const int64_t n = out[0].Size();
+  const bool add = req[0] == OpReq::kAdd;
   if (!active) {
-    MapStore(req[0], x, y, n, [](float v) { return v; });
-    std::fill(mask, mask + n, 1.0f);
+    if (req[0] != OpReq::kNull) {
+      kernel::Launch<kernel::CopyKernel>("Dropout", ctx.ctx, n, {out[0].data, in[0].data, add});
+    }
+    kernel::Launch<kernel::FillKernel>("Dropout", ctx.ctx, n, {out[1].data, 1.0f});
     return;
   }
-  ForEachMasked(p, in[0].shape, ctx.seed, [&](int64_t i, float factor) {
-    mask[i] = factor;
-    Store(req[0], y + i, x[i] * factor);
-  });
+  const float keep = 1.0f - p.GetFloat("p");
+  kernel::DropoutKernel::Params params{out[0].data, out[1].data, in[0].data,
+                                       MaskIndex(p, in[0].shape), ctx.seed, keep,
+                                       keep > 0 ? 1.0f / keep : 0.0f, add};
+  kernel::Launch<kernel::DropoutKernel>("Dropout", ctx.ctx, n, params);
 }
 
-void Backward(const OpContext&, const ParsedParams&,
+void Backward(const OpContext& ctx, const ParsedParams&,
               const std::vector<TBlob>& out_grad, const std::vector<TBlob>&,
               const std::vector<TBlob>& out, const std::vector<OpReq>& req,
               const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
-  const float* g = out_grad[0].data;
-  const float* mask = out[1].data;
-  float* gi = in_grad[0].data;
-  const int64_t n = out_grad[0].Size();
-  for (int64_t i = 0; i < n; ++i) Store(req[0], gi + i, g[i] * mask[i]);
+  if (req[0] == OpReq::kNull) return;
+  kernel::Launch<kernel::BinaryPutKernel<kernel::op::Mul>>(
+      "Dropout", ctx.ctx, out_grad[0].Size(),
+      {in_grad[0].data, out_grad[0].data, out[1].data, 0.0f, req[0] == OpReq::kAdd});
 }
 
 OpDef Make() {
@@ -93,7 +84,7 @@ OpDef Make() {
                {"mode", ParamSpec::Type::kString, "training", false,
                 {"training", "always"}},
                {"axes", ParamSpec::Type::kShape, "()"},
-               // Accepted for MXNet symbol files; mx has no cuDNN path.
+               // Accepted for MXNet symbol files; mx has no cuDNN dropout.
                {"cudnn_off", ParamSpec::Type::kBool, "False"}};
   op.outputs = Names({"output", "mask"});
   op.num_visible_outputs = [](const ParsedParams&) { return 1; };
@@ -102,6 +93,7 @@ OpDef Make() {
   op.backward = Backward;
   op.backward_uses_inputs = false;
   op.backward_uses_outputs = true;  // the mask
+  op.gpu = true;
   return op;
 }
 

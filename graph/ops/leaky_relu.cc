@@ -7,17 +7,14 @@
 //          1) or a single one (shape (1,)); takes a second argument, gamma.
 // rrelu (a random slope in training) is not supported: shape inference
 // reports it as Unimplemented.
-#include <cmath>
+#include <string>
 
 #include "graph/ops/op_util.h"
+#include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx::ops {
 namespace {
-
-constexpr float kSeluAlpha = 1.6732632423543772848170429916717f;
-constexpr float kSeluLambda = 1.0507009873554804934193349852946f;
-constexpr float kSqrtHalf = 0.70710678118654752440f;    // 1 / sqrt(2)
-constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1 / sqrt(2 pi)
 
 absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
                    ShapeList*) {
@@ -46,82 +43,66 @@ void PreluDims(const Shape& data, const Shape& gamma, int64_t* channels,
   for (int d = 2; d < data.ndim(); ++d) *inner *= data[d];
 }
 
-void Forward(const OpContext&, const ParsedParams& p,
+// Calls f(A()) with the functor of ndarray/nn_kernels.h that act (not
+// prelu) names.
+template <typename F>
+void Dispatch(const std::string& act, F f) {
+  if (act == "leaky") return f(kernel::op::LeakyAct());
+  if (act == "elu") return f(kernel::op::EluAct());
+  if (act == "selu") return f(kernel::op::SeluAct());
+  return f(kernel::op::GeluAct());  // the only other type Infer admits
+}
+
+void Forward(const OpContext& ctx, const ParsedParams& p,
              const std::vector<TBlob>& in, const std::vector<OpReq>& req,
              const std::vector<TBlob>& out, const std::vector<TBlob>&) {
+  if (req[0] == OpReq::kNull) return;
   const std::string& act = p.GetString("act_type");
-  const float slope = p.GetFloat("slope");
-  const float* x = in[0].data;
-  float* y = out[0].data;
   const int64_t n = out[0].Size();
-  if (act == "leaky") {
-    MapStore(req[0], x, y, n, [slope](float v) { return v > 0 ? v : slope * v; });
-  } else if (act == "elu") {
-    MapStore(req[0], x, y, n,
-             [slope](float v) { return v > 0 ? v : slope * std::expm1(v); });
-  } else if (act == "selu") {
-    MapStore(req[0], x, y, n, [](float v) {
-      return kSeluLambda * (v > 0 ? v : kSeluAlpha * std::expm1(v));
-    });
-  } else if (act == "gelu") {
-    MapStore(req[0], x, y, n, [](float v) {
-      return 0.5f * v * (1.0f + std::erf(v * kSqrtHalf));
-    });
-  } else {  // prelu
+  const bool add = req[0] == OpReq::kAdd;
+  if (act == "prelu") {
     int64_t channels, inner;
     PreluDims(in[0].shape, in[1].shape, &channels, &inner);
-    const float* gamma = in[1].data;
-    for (int64_t i = 0; i < n; ++i) {
-      const float a = gamma[channels == 1 ? 0 : (i / inner) % channels];
-      Store(req[0], y + i, x[i] > 0 ? x[i] : a * x[i]);
-    }
+    kernel::Launch<kernel::PreluKernel>("LeakyReLU", ctx.ctx, n,
+                                        {out[0].data, in[0].data, in[1].data, channels, inner, add});
+    return;
   }
+  Dispatch(act, [&](auto a) {
+    kernel::Launch<kernel::LeakyKernel<decltype(a)>>(
+        "LeakyReLU", ctx.ctx, n, {out[0].data, in[0].data, p.GetFloat("slope"), add});
+  });
 }
 
-// dy/dx for the act types whose derivative follows from the output.
-float GradFromOutput(const std::string& act, float slope, float y) {
-  if (act == "leaky") return y > 0 ? 1.0f : slope;
-  if (act == "elu") return y > 0 ? 1.0f : y + slope;
-  return y > 0 ? kSeluLambda : y + kSeluLambda * kSeluAlpha;  // selu
-}
-
-float GeluGrad(float x) {
-  const float cdf = 0.5f * (1.0f + std::erf(x * kSqrtHalf));
-  const float pdf = std::exp(-0.5f * x * x) * kInvSqrt2Pi;
-  return cdf + x * pdf;
-}
-
-void Backward(const OpContext&, const ParsedParams& p,
+void Backward(const OpContext& ctx, const ParsedParams& p,
               const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,
               const std::vector<TBlob>& out, const std::vector<OpReq>& req,
               const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
   const std::string& act = p.GetString("act_type");
-  const float slope = p.GetFloat("slope");
-  const float* g = out_grad[0].data;
-  const float* x = in[0].data;
-  const float* y = out[0].data;
-  float* gi = in_grad[0].data;
   const int64_t n = out_grad[0].Size();
   if (act == "prelu") {
     int64_t channels, inner;
     PreluDims(in[0].shape, in[1].shape, &channels, &inner);
-    const float* gamma = in[1].data;
-    std::vector<double> dgamma(channels, 0.0);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t c = channels == 1 ? 0 : (i / inner) % channels;
-      if (req[0] != OpReq::kNull) Store(req[0], gi + i, x[i] > 0 ? g[i] : gamma[c] * g[i]);
-      if (x[i] <= 0) dgamma[c] += static_cast<double>(g[i]) * x[i];
+    if (req[0] != OpReq::kNull) {
+      kernel::Launch<kernel::PreluGradKernel>(
+          "LeakyReLU", ctx.ctx, n,
+          {in_grad[0].data, out_grad[0].data, in[0].data, in[1].data, channels, inner,
+           req[0] == OpReq::kAdd});
     }
-    for (int64_t c = 0; c < channels && req[1] != OpReq::kNull; ++c) {
-      Store(req[1], in_grad[1].data + c, static_cast<float>(dgamma[c]));
+    if (req[1] != OpReq::kNull) {
+      kernel::Launch<kernel::PreluGammaGradKernel>(
+          "LeakyReLU", ctx.ctx, channels,
+          {in_grad[1].data, out_grad[0].data, in[0].data, n, channels, inner,
+           req[1] == OpReq::kAdd});
     }
     return;
   }
   if (req[0] == OpReq::kNull) return;
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = act == "gelu" ? GeluGrad(x[i]) : GradFromOutput(act, slope, y[i]);
-    Store(req[0], gi + i, g[i] * d);
-  }
+  Dispatch(act, [&](auto a) {
+    kernel::Launch<kernel::LeakyGradKernel<decltype(a)>>(
+        "LeakyReLU", ctx.ctx, n,
+        {in_grad[0].data, out_grad[0].data, in[0].data, out[0].data, p.GetFloat("slope"),
+         req[0] == OpReq::kAdd});
+  });
 }
 
 OpDef Make() {
@@ -144,6 +125,7 @@ OpDef Make() {
   // not needed later (the executor checks; gelu and prelu read it in
   // backward).
   op.inplace = {{0, 0}};
+  op.gpu = true;
   return op;
 }
 

@@ -14,10 +14,11 @@
 // axis 1 at every position (mode=channel, data of 3 or more dimensions),
 // with its full Jacobian in backward: dx = y * (g - sum(g * y)).
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "graph/ops/op_util.h"
+#include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx::ops {
 namespace {
@@ -41,7 +42,17 @@ absl::Status RegressionInfer(const ParsedParams&, ShapeList* in,
   return MergeShape(out, 0, data, "output");
 }
 
-OpDef MakeRegression(const char* name, Regression kind) {
+const char* name_of(Regression kind) {
+  switch (kind) {
+    case Regression::kLinear: return "LinearRegressionOutput";
+    case Regression::kLogistic: return "LogisticRegressionOutput";
+    case Regression::kMAE: return "MAERegressionOutput";
+  }
+  return "";
+}
+
+OpDef MakeRegression(Regression kind) {
+  const char* name = name_of(kind);
   OpDef op;
   op.name = name;
   op.params = {{"grad_scale", ParamSpec::Type::kFloat, "1"}};
@@ -49,14 +60,21 @@ OpDef MakeRegression(const char* name, Regression kind) {
   op.infer_shape = RegressionInfer;
   op.is_loss = true;
   op.inplace = {{0, 0}};
-  op.forward = [kind](const OpContext&, const ParsedParams&,
+  op.gpu = true;
+  op.forward = [kind](const OpContext& ctx, const ParsedParams&,
                       const std::vector<TBlob>& in, const std::vector<OpReq>& req,
                       const std::vector<TBlob>& out, const std::vector<TBlob>&) {
-    MapStore(req[0], in[0].data, out[0].data, out[0].Size(), [kind](float x) {
-      return kind == Regression::kLogistic ? 1.0f / (1.0f + std::exp(-x)) : x;
-    });
+    if (req[0] == OpReq::kNull) return;
+    const bool add = req[0] == OpReq::kAdd;
+    if (kind == Regression::kLogistic) {
+      kernel::Launch<kernel::ActivationKernel<kernel::op::SigmoidAct>>(
+          name_of(kind), ctx.ctx, out[0].Size(), {out[0].data, in[0].data, add});
+    } else {
+      kernel::Launch<kernel::CopyKernel>(name_of(kind), ctx.ctx, out[0].Size(),
+                                         {out[0].data, in[0].data, add});
+    }
   };
-  op.backward = [kind](const OpContext&, const ParsedParams& p,
+  op.backward = [kind](const OpContext& ctx, const ParsedParams& p,
                        const std::vector<TBlob>&, const std::vector<TBlob>& in,
                        const std::vector<TBlob>& out, const std::vector<OpReq>& req,
                        const std::vector<TBlob>& in_grad,
@@ -66,26 +84,23 @@ OpDef MakeRegression(const char* name, Regression kind) {
     const float num_output =
         static_cast<float>(label_shape.Size() / std::max<int64_t>(batch, 1));
     const float scale = p.GetFloat("grad_scale") / num_output;
-    const float* y = out[0].data;
-    const float* label = in[1].data;
-    const int64_t n = out[0].Size();
     if (req[0] != OpReq::kNull) {
-      for (int64_t i = 0; i < n; ++i) {
-        const float d = y[i] - label[i];
-        const float v = kind == Regression::kMAE ? (d > 0 ? 1.0f : -1.0f) : d;
-        Store(req[0], in_grad[0].data + i, v * scale);
-      }
+      kernel::Launch<kernel::RegressionGradKernel>(
+          name_of(kind), ctx.ctx, out[0].Size(),
+          {in_grad[0].data, out[0].data, in[1].data, scale, kind == Regression::kMAE,
+           req[0] == OpReq::kAdd});
     }
     if (req[1] == OpReq::kWrite) {
-      std::fill(in_grad[1].data, in_grad[1].data + in[1].Size(), 0.0f);
+      kernel::Launch<kernel::FillKernel>(name_of(kind), ctx.ctx, in[1].Size(),
+                                         {in_grad[1].data, 0.0f});
     }
   };
   return op;
 }
 
-MX_REGISTER_OP(MakeRegression("LinearRegressionOutput", Regression::kLinear));
-MX_REGISTER_OP(MakeRegression("LogisticRegressionOutput", Regression::kLogistic));
-MX_REGISTER_OP(MakeRegression("MAERegressionOutput", Regression::kMAE));
+MX_REGISTER_OP(MakeRegression(Regression::kLinear));
+MX_REGISTER_OP(MakeRegression(Regression::kLogistic));
+MX_REGISTER_OP(MakeRegression(Regression::kMAE));
 
 // The softmax axis: data viewed as (outer, classes, inner).
 struct SoftmaxLayout {
@@ -117,14 +132,6 @@ absl::Status SoftmaxActivationInfer(const ParsedParams& p, ShapeList* in,
   return absl::OkStatus();
 }
 
-// Calls f(offset of class 0, stride between classes) for every softmax.
-template <typename F>
-void ForEachSoftmax(const SoftmaxLayout& l, F f) {
-  for (int64_t o = 0; o < l.outer; ++o) {
-    for (int64_t i = 0; i < l.inner; ++i) f(o * l.classes * l.inner + i, l.inner);
-  }
-}
-
 OpDef MakeSoftmaxActivation() {
   OpDef op;
   op.name = "SoftmaxActivation";
@@ -133,42 +140,26 @@ OpDef MakeSoftmaxActivation() {
   op.infer_shape = SoftmaxActivationInfer;
   op.inplace = {{0, 0}};
   op.backward_uses_inputs = false;
-  op.forward = [](const OpContext&, const ParsedParams& p,
+  op.gpu = true;
+  op.forward = [](const OpContext& ctx, const ParsedParams& p,
                   const std::vector<TBlob>& in, const std::vector<OpReq>& req,
                   const std::vector<TBlob>& out, const std::vector<TBlob>&) {
+    if (req[0] == OpReq::kNull) return;
     const SoftmaxLayout l = GetSoftmaxLayout(p, in[0].shape);
-    std::vector<float> e(l.classes);
-    ForEachSoftmax(l, [&](int64_t base, int64_t stride) {
-      const float* x = in[0].data + base;
-      float m = x[0];
-      for (int64_t k = 1; k < l.classes; ++k) m = std::max(m, x[k * stride]);
-      double sum = 0;
-      for (int64_t k = 0; k < l.classes; ++k) {
-        e[k] = std::exp(x[k * stride] - m);
-        sum += e[k];
-      }
-      const float inv = static_cast<float>(1.0 / sum);
-      float* y = out[0].data + base;
-      for (int64_t k = 0; k < l.classes; ++k) Store(req[0], y + k * stride, e[k] * inv);
-    });
+    kernel::Launch<kernel::SoftmaxStridedKernel>(
+        "SoftmaxActivation", ctx.ctx, l.outer * l.inner,
+        {out[0].data, in[0].data, l.classes, l.inner, req[0] == OpReq::kAdd});
   };
-  op.backward = [](const OpContext&, const ParsedParams& p,
+  op.backward = [](const OpContext& ctx, const ParsedParams& p,
                    const std::vector<TBlob>& out_grad, const std::vector<TBlob>&,
                    const std::vector<TBlob>& out, const std::vector<OpReq>& req,
                    const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
     if (req[0] == OpReq::kNull) return;
     const SoftmaxLayout l = GetSoftmaxLayout(p, out[0].shape);
-    ForEachSoftmax(l, [&](int64_t base, int64_t stride) {
-      const float* g = out_grad[0].data + base;
-      const float* y = out[0].data + base;
-      double dot = 0;
-      for (int64_t k = 0; k < l.classes; ++k) dot += double(g[k * stride]) * y[k * stride];
-      float* gi = in_grad[0].data + base;
-      for (int64_t k = 0; k < l.classes; ++k) {
-        const int64_t j = k * stride;
-        Store(req[0], gi + j, y[j] * (g[j] - static_cast<float>(dot)));
-      }
-    });
+    kernel::Launch<kernel::SoftmaxStridedGradKernel>(
+        "SoftmaxActivation", ctx.ctx, l.outer * l.inner,
+        {in_grad[0].data, out_grad[0].data, out[0].data, l.classes, l.inner,
+         req[0] == OpReq::kAdd});
   };
   return op;
 }

@@ -1,6 +1,8 @@
 // Executors bound on gpu(0) against the same graphs bound on the CPU: the
-// MLP of the seed (FullyConnected, Activation, SoftmaxOutput), dot, and
-// convolution and pooling through cuDNN, in forward and backward, with
+// MLP of the seed (FullyConnected, Activation, SoftmaxOutput), dot,
+// convolution and pooling through cuDNN, LeakyReLU, Dropout, the regression
+// losses, SoftmaxActivation, and a graph split between the CPU and the GPU
+// (group2ctx), in forward and backward, with
 // gradients written and accumulated (kAdd). Tolerance 1e-5 relative (cuBLAS
 // and OpenBLAS sum products in different orders), 1e-4 through cuDNN's
 // convolutions. Skipped, with the reason, without a GPU.
@@ -157,6 +159,93 @@ TEST_F(GpuExecutor, ElementWiseOperatorsMatchTheCpu) {
   net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
   ExpectGpuMatchesCpu(net, {{"data", {6, 5}}, {"label", {6}}}, 10, GradReq::kWrite);
   ExpectGpuMatchesCpu(net, {{"data", {6, 5}}, {"label", {6}}}, 10, GradReq::kAdd);
+}
+
+TEST_F(GpuExecutor, LeakyReluOfEveryTypeMatchesTheCpu) {
+  for (const char* act : {"leaky", "elu", "selu", "gelu", "prelu"}) {
+    SCOPED_TRACE(act);
+    Symbol net = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 12}}, "fc1");
+    net = Op("Reshape", {net}, {{"shape", "(0, 3, 4)"}}, "r");
+    net = Op("LeakyReLU", {net}, {{"act_type", act}, {"slope", 0.3f}}, "lrelu");
+    net = Op("FullyConnected", {Op("Flatten", {net}, {}, "flat")}, {{"num_hidden", 5}}, "fc2");
+    net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
+    ExpectGpuMatchesCpu(net, {{"data", {8, 6}}, {"label", {8}}}, 5, GradReq::kWrite);
+    ExpectGpuMatchesCpu(net, {{"data", {8, 6}}, {"label", {8}}}, 5, GradReq::kAdd);
+  }
+}
+
+TEST_F(GpuExecutor, RegressionOutputsAndChannelSoftmaxMatchTheCpu) {
+  for (const char* loss : {"LinearRegressionOutput", "LogisticRegressionOutput",
+                           "MAERegressionOutput"}) {
+    SCOPED_TRACE(loss);
+    Symbol net = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 3}}, "fc");
+    net = Op(loss, {net, Variable("label")}, {{"grad_scale", 0.5f}}, "out");
+    ExpectGpuMatchesCpu(net, {{"data", {4, 5}}, {"label", {4, 3}}}, 2, GradReq::kWrite);
+  }
+  Symbol net = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 24}}, "fc");
+  net = Op("Reshape", {net}, {{"shape", "(0, 4, 6)"}}, "r");
+  net = Op("SoftmaxActivation", {net}, {{"mode", "channel"}}, "sm");
+  net = Op("LinearRegressionOutput", {Op("Flatten", {net}, {}, "flat"), Variable("label")}, {},
+           "out");
+  ExpectGpuMatchesCpu(net, {{"data", {3, 5}}, {"label", {3, 24}}}, 2, GradReq::kWrite);
+}
+
+// Dropout draws on the GPU what it draws on the CPU for the same seed; the
+// executors draw their own seeds, so the check is the mask's use.
+TEST_F(GpuExecutor, DropoutAppliesItsMaskOnTheGpu) {
+  Symbol net = Op("Dropout", {Variable("data")}, {{"p", 0.5f}, {"axes", "(1)"}}, "drop");
+  auto e = Executor::SimpleBind(net, gpu(0), {{"data", {4, 3, 5}}});
+  ASSERT_TRUE(e.ok()) << e.status();
+  NDArray(((*e)->arg_dict().at("data"))).Assign(1.0f);
+  (*e)->Forward(true);
+  (*e)->Backward({Ones({4, 3, 5}, gpu(0)) * 3.0f});
+  const std::vector<float> y = (*e)->outputs()[0].Copy(cpu()).ToVector();
+  const std::vector<float> gx = (*e)->grad_dict().at("data").Copy(cpu()).ToVector();
+  int kept = 0;
+  for (size_t i = 0; i < y.size(); ++i) {
+    ASSERT_TRUE(y[i] == 0.0f || y[i] == 2.0f) << y[i];
+    ASSERT_EQ(y[i], y[i % 5 + (i / 15) * 15]) << "not shared along axis 1 at " << i;
+    ASSERT_EQ(gx[i], 3.0f * y[i]) << i;
+    kept += y[i] > 0;
+  }
+  EXPECT_GT(kept, 0);
+  EXPECT_LT(kept, static_cast<int>(y.size()));
+}
+
+// A graph split between the CPU and the GPU (group2ctx): the executor
+// copies activations over and gradients back.
+TEST_F(GpuExecutor, AGraphSplitBetweenCpuAndGpuTrainsAsOnTheCpu) {
+  Symbol h;
+  {
+    AttrScope stage1({{"ctx_group", "host"}});
+    h = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 16}}, "fc1");
+    h = Op("Activation", {h}, {{"act_type", "relu"}}, "relu1");
+  }
+  AttrScope stage2({{"ctx_group", "device"}});
+  Symbol net = Op("FullyConnected", {h}, {{"num_hidden", 4}}, "fc2");
+  net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
+  const std::map<std::string, Shape> shapes = {{"data", {8, 10}}, {"label", {8}}};
+  auto one = Executor::SimpleBind(net, cpu(), shapes, GradReq::kWrite, {{"label", GradReq::kNull}});
+  auto split = Executor::SimpleBind(net, cpu(), shapes, GradReq::kWrite, {{"label", GradReq::kNull}},
+                                    {{"host", cpu()}, {"device", gpu(0)}});
+  ASSERT_TRUE(one.ok()) << one.status();
+  ASSERT_TRUE(split.ok()) << split.status();
+  EXPECT_EQ((*split)->arg_dict().at("fc1_weight").context(), cpu());
+  EXPECT_EQ((*split)->arg_dict().at("fc2_weight").context(), gpu(0));
+  for (const auto& [name, array] : (*one)->arg_dict()) {
+    NDArray value = name == "label" ? FromVector({0, 1, 2, 3, 0, 1, 2, 3}) : RandomUniform(-1, 1, array.shape());
+    NDArray(array).Assign(value);
+    NDArray((*split)->arg_dict().at(name)).Assign(value);
+  }
+  for (Executor* e : {one->get(), split->get()}) {
+    e->Forward(true);
+    e->Backward();
+  }
+  EXPECT_EQ((*split)->outputs()[0].context(), gpu(0));
+  ExpectNear((*one)->outputs()[0], (*split)->outputs()[0], 1e-5f, "output");
+  for (const auto& [name, grad] : (*one)->grad_dict()) {
+    ExpectNear(grad, (*split)->grad_dict().at(name), 1e-5f, "gradient of " + name);
+  }
 }
 
 TEST_F(GpuExecutor, BindingAnOperatorWithoutAGpuImplementationIsRefusedNamingIt) {

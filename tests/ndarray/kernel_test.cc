@@ -11,6 +11,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 #include "tests/ndarray/random_values.h"
 
 namespace mx::kernel {
@@ -88,6 +89,53 @@ TEST(RandomKernels, ElementByElementMatchesWholeRanges) {
   double sum = 0;
   for (float x : whole) sum += x;
   EXPECT_NEAR(sum / n, 1.0, 0.2);
+}
+
+// The operators' kernels of ndarray/nn_kernels.h whose elements are not
+// independent of their index's neighbours (shared dropout draws, softmax
+// rows, per-channel sums), split as the GPU splits them.
+TEST(OperatorKernels, ElementByElementMatchesWholeRanges) {
+  const Shape data{3, 4, 5};
+  const int64_t n = data.Size();
+  const std::vector<float> x = RandomValues(n, 1), g = RandomValues(n, 2);
+  {  // Dropout sharing one draw along axis 1.
+    std::vector<float> whole(2 * n), split(2 * n);
+    const BroadcastIndex ix = MakeBroadcastIndex("Dropout", data, Shape{3, 1, 5}, Shape{3, 1, 5});
+    using K = DropoutKernel;
+    ExpectSplitsAgree<K>(n, {whole.data(), whole.data() + n, x.data(), ix, 9, 0.5f, 2.0f, false},
+                         {split.data(), split.data() + n, x.data(), ix, 9, 0.5f, 2.0f, false},
+                         whole, split);
+    int kept = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float mask = whole[n + i];
+      ASSERT_TRUE(mask == 0.0f || mask == 2.0f) << mask;
+      ASSERT_EQ(mask, whole[n + i % 5 + (i / 20) * 20]) << "not shared along axis 1 at " << i;
+      kept += mask > 0;
+    }
+    EXPECT_GT(kept, 0);
+    EXPECT_LT(kept, n);
+  }
+  {  // Softmax over axis 1 at every position, and its gradient.
+    std::vector<float> whole(n), split(n);
+    ExpectSplitsAgree<SoftmaxStridedKernel>(15, {whole.data(), x.data(), 4, 5, false},
+                                            {split.data(), x.data(), 4, 5, false}, whole, split);
+    EXPECT_NEAR(whole[0] + whole[5] + whole[10] + whole[15], 1.0f, 1e-6f);
+    std::vector<float> gw(n), gs(n);
+    ExpectSplitsAgree<SoftmaxStridedGradKernel>(15, {gw.data(), g.data(), whole.data(), 4, 5, false},
+                                                {gs.data(), g.data(), whole.data(), 4, 5, false},
+                                                gw, gs);
+  }
+  {  // PReLU's gamma gradient, one index per channel.
+    std::vector<float> whole(4), split(4);
+    ExpectSplitsAgree<PreluGammaGradKernel>(4, {whole.data(), g.data(), x.data(), n, 4, 5, false},
+                                            {split.data(), g.data(), x.data(), n, 4, 5, false},
+                                            whole, split);
+    double want = 0;  // channel 2
+    for (int64_t i = 0; i < n; ++i) {
+      if ((i / 5) % 4 == 2 && x[i] <= 0) want += double(g[i]) * x[i];
+    }
+    EXPECT_NEAR(whole[2], want, 1e-5);
+  }
 }
 
 // The GPU reduces an axis in strided parts that Combine joins; any grouping
