@@ -428,6 +428,183 @@ struct SoftmaxStridedGradKernel {
   }
 };
 
+// BatchNorm. Data is viewed as (outer, channels, inner) around the channel
+// axis; per-channel values live in a table of kBnColumns arrays of
+// `channels` floats (the operator's workspace), filled by one index per
+// channel and read by the element-wise kernels.
+struct BnLayout {
+  int64_t outer, channels, inner;
+  MX_XINLINE int64_t PerChannel() const { return outer * inner; }
+};
+
+// Columns of the per-channel table.
+enum BnColumn { kBnMean, kBnVar, kBnScale, kBnMeanGrad, kBnProj, kBnColumns };
+
+MX_XINLINE float BnInvStd(float var, float eps) {
+  // MXNet's convention for a constant channel without eps: no scaling.
+  return var + eps == 0 ? 0.0f : 1.0f / sqrtf(var + eps);
+}
+
+// Batch mean and biased variance of channel c (two passes, in double).
+MX_XINLINE void BnMoments(const float* x, const BnLayout& l, int64_t c, float* mean, float* var) {
+  const double n = static_cast<double>(l.PerChannel());
+  double sum = 0;
+  for (int64_t o = 0; o < l.outer; ++o) {
+    const float* xc = x + (o * l.channels + c) * l.inner;
+    for (int64_t i = 0; i < l.inner; ++i) sum += xc[i];
+  }
+  const double m = sum / n;
+  double sq = 0;
+  for (int64_t o = 0; o < l.outer; ++o) {
+    const float* xc = x + (o * l.channels + c) * l.inner;
+    for (int64_t i = 0; i < l.inner; ++i) sq += (xc[i] - m) * (xc[i] - m);
+  }
+  *mean = static_cast<float>(m);
+  *var = static_cast<float>(sq / n);
+}
+
+// Forward statistics, one index per channel: the mean and variance that
+// normalise (the batch's when batch_stats, which also updates the moving
+// ones with `momentum`; else the moving ones) and scale = gamma * invstd
+// (gamma taken as 1 when fix_gamma); out_mean / out_var (=|+=) them when
+// not null (output_mean_var).
+struct BnStatsKernel {
+  struct Params {
+    float* table;
+    float* moving_mean;
+    float* moving_var;
+    float* out_mean;
+    float* out_var;
+    const float* x;
+    const float* gamma;
+    BnLayout layout;
+    float eps, momentum;
+    bool batch_stats, fix_gamma, add_mean, add_var;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const int64_t C = p.layout.channels;
+    for (int64_t c = begin; c < end; ++c) {
+      float mean, var;
+      if (p.batch_stats) {
+        BnMoments(p.x, p.layout, c, &mean, &var);
+        p.moving_mean[c] = p.moving_mean[c] * p.momentum + mean * (1 - p.momentum);
+        p.moving_var[c] = p.moving_var[c] * p.momentum + var * (1 - p.momentum);
+      } else {
+        mean = p.moving_mean[c];
+        var = p.moving_var[c];
+      }
+      p.table[kBnMean * C + c] = mean;
+      p.table[kBnVar * C + c] = var;
+      p.table[kBnScale * C + c] = (p.fix_gamma ? 1.0f : p.gamma[c]) * BnInvStd(var, p.eps);
+      if (p.out_mean != nullptr) Put(p.out_mean + c, mean, p.add_mean);
+      if (p.out_var != nullptr) Put(p.out_var + c, var, p.add_var);
+    }
+  }
+};
+
+// y (=|+=) (x - mean[c]) * scale[c] + beta[c], in runs of one channel.
+struct BnApplyKernel {
+  struct Params {
+    float* y;
+    const float* x;
+    const float* table;
+    const float* beta;
+    BnLayout layout;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const int64_t C = p.layout.channels, inner = p.layout.inner;
+    for (int64_t k = begin; k < end;) {
+      const int64_t c = (k / inner) % C;
+      const int64_t run = inner - k % inner < end - k ? inner - k % inner : end - k;
+      const float m = p.table[kBnMean * C + c], scale = p.table[kBnScale * C + c];
+      const float b = p.beta[c];
+      for (int64_t j = k; j < k + run; ++j) Put(p.y + j, (p.x[j] - m) * scale + b, p.add);
+      k += run;
+    }
+  }
+};
+
+// Backward statistics, one index per channel. With xhat = (x - mean) *
+// invstd, sum_g = sum(g) and dot = sum(g * (x - mean)): dgamma (=|+=) dot *
+// invstd (0 when fix_gamma), dbeta (=|+=) sum_g (each skipped when null),
+// and the coefficients of dx: the table's scale = gamma * invstd, and with
+// batch statistics mean_grad = mean(g), proj = mean(g * (x - mean)) *
+// invstd^2 (0 for global statistics, which dx does not depend on).
+struct BnGradStatsKernel {
+  struct Params {
+    float* table;
+    float* dgamma;
+    float* dbeta;
+    const float* x;
+    const float* g;
+    const float* gamma;
+    const float* moving_mean;
+    const float* moving_var;
+    BnLayout layout;
+    float eps;
+    bool batch_stats, fix_gamma, add_gamma, add_beta;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const BnLayout& l = p.layout;
+    const int64_t C = l.channels;
+    const double n = static_cast<double>(l.PerChannel());
+    for (int64_t c = begin; c < end; ++c) {
+      float mean, var;
+      if (p.batch_stats) {
+        BnMoments(p.x, l, c, &mean, &var);
+      } else {
+        mean = p.moving_mean[c];
+        var = p.moving_var[c];
+      }
+      double sum_g = 0, dot = 0;
+      for (int64_t o = 0; o < l.outer; ++o) {
+        const int64_t base = (o * C + c) * l.inner;
+        for (int64_t i = 0; i < l.inner; ++i) {
+          sum_g += p.g[base + i];
+          dot += static_cast<double>(p.g[base + i]) * (p.x[base + i] - mean);
+        }
+      }
+      const float invstd = BnInvStd(var, p.eps);
+      p.table[kBnMean * C + c] = mean;
+      p.table[kBnScale * C + c] = (p.fix_gamma ? 1.0f : p.gamma[c]) * invstd;
+      p.table[kBnMeanGrad * C + c] = p.batch_stats ? static_cast<float>(sum_g / n) : 0.0f;
+      p.table[kBnProj * C + c] =
+          p.batch_stats ? static_cast<float>(dot / n) * invstd * invstd : 0.0f;
+      if (p.dgamma != nullptr) {
+        Put(p.dgamma + c, p.fix_gamma ? 0.0f : static_cast<float>(dot) * invstd, p.add_gamma);
+      }
+      if (p.dbeta != nullptr) Put(p.dbeta + c, static_cast<float>(sum_g), p.add_beta);
+    }
+  }
+};
+
+// dx (=|+=) (g - mean_grad[c] - (x - mean[c]) * proj[c]) * scale[c], in
+// runs of one channel.
+struct BnGradApplyKernel {
+  struct Params {
+    float* dx;
+    const float* g;
+    const float* x;
+    const float* table;
+    BnLayout layout;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const int64_t C = p.layout.channels, inner = p.layout.inner;
+    for (int64_t k = begin; k < end;) {
+      const int64_t c = (k / inner) % C;
+      const int64_t run = inner - k % inner < end - k ? inner - k % inner : end - k;
+      const float m = p.table[kBnMean * C + c], scale = p.table[kBnScale * C + c];
+      const float mg = p.table[kBnMeanGrad * C + c], proj = p.table[kBnProj * C + c];
+      for (int64_t j = k; j < k + run; ++j) {
+        Put(p.dx + j, (p.g[j] - mg - (p.x[j] - m) * proj) * scale, p.add);
+      }
+      k += run;
+    }
+  }
+};
+
 }  // namespace mx::kernel
 
 #endif  // MX_NDARRAY_NN_KERNELS_H_

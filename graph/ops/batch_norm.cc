@@ -20,10 +20,11 @@
 //   training:     dx = (g - mean(g) - xhat * mean(g * xhat)) * gamma * invstd
 //   global stats: dx = g * gamma * invstd
 //   dgamma = sum(g * xhat) (0 with fix_gamma), dbeta = sum(g).
-#include <cmath>
 #include <vector>
 
 #include "graph/ops/op_util.h"
+#include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx::ops {
 namespace {
@@ -44,35 +45,6 @@ Layout GetLayout(const ParsedParams& p, const Shape& data) {
     if (d > axis) l.inner *= data[d];
   }
   return l;
-}
-
-// Calls f(index) for every element of channel c.
-template <typename F>
-void ForChannel(const Layout& l, int64_t c, F f) {
-  for (int64_t o = 0; o < l.outer; ++o) {
-    const int64_t base = (o * l.channels + c) * l.inner;
-    for (int64_t i = 0; i < l.inner; ++i) f(base + i);
-  }
-}
-
-// Batch mean and biased variance of every channel.
-void BatchMoments(const float* x, const Layout& l, std::vector<float>* mean,
-                  std::vector<float>* var) {
-  const double n = static_cast<double>(l.PerChannel());
-  for (int64_t c = 0; c < l.channels; ++c) {
-    double sum = 0;
-    ForChannel(l, c, [&](int64_t k) { sum += x[k]; });
-    const double m = sum / n;
-    double sq = 0;
-    ForChannel(l, c, [&](int64_t k) { sq += (x[k] - m) * (x[k] - m); });
-    (*mean)[c] = static_cast<float>(m);
-    (*var)[c] = static_cast<float>(sq / n);
-  }
-}
-
-float InvStd(float var, float eps) {
-  // MXNet's convention for a constant channel without eps: no scaling.
-  return var + eps == 0 ? 0.0f : 1.0f / std::sqrt(var + eps);
 }
 
 absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
@@ -111,41 +83,33 @@ bool UsesBatchStats(const OpContext& ctx, const ParsedParams& p) {
   return ctx.is_train && !p.GetBool("use_global_stats");
 }
 
+kernel::BnLayout KernelLayout(const Layout& l) { return {l.outer, l.channels, l.inner}; }
+
+// The per-channel table (ndarray/nn_kernels.h) in the workspace.
+size_t WorkspaceBytes(const ParsedParams&, const ShapeList& in, const ShapeList&) {
+  return static_cast<size_t>(kernel::kBnColumns) * (in[1].ndim() > 0 ? in[1][0] : 0) *
+         sizeof(float);
+}
+
 void Forward(const OpContext& ctx, const ParsedParams& p,
              const std::vector<TBlob>& in, const std::vector<OpReq>& req,
              const std::vector<TBlob>& out, const std::vector<TBlob>& aux) {
   const Layout l = GetLayout(p, in[0].shape);
-  const float eps = p.GetFloat("eps");
-  float* moving_mean = aux[0].data;
-  float* moving_var = aux[1].data;
-  std::vector<float> mean(l.channels), var(l.channels);
-  if (UsesBatchStats(ctx, p)) {
-    BatchMoments(in[0].data, l, &mean, &var);
-    const float m = p.GetFloat("momentum");
-    for (int64_t c = 0; c < l.channels; ++c) {
-      moving_mean[c] = moving_mean[c] * m + mean[c] * (1 - m);
-      moving_var[c] = moving_var[c] * m + var[c] * (1 - m);
-    }
-  } else {
-    mean.assign(moving_mean, moving_mean + l.channels);
-    var.assign(moving_var, moving_var + l.channels);
-  }
-  const bool fix_gamma = p.GetBool("fix_gamma");
-  const float* x = in[0].data;
-  const float* gamma = in[1].data;
-  const float* beta = in[2].data;
-  float* y = out[0].data;
-  for (int64_t c = 0; c < l.channels; ++c) {
-    const float scale = (fix_gamma ? 1.0f : gamma[c]) * InvStd(var[c], eps);
-    const float m = mean[c], b = beta[c];
-    ForChannel(l, c, [&](int64_t k) { Store(req[0], y + k, (x[k] - m) * scale + b); });
-  }
-  if (p.GetBool("output_mean_var")) {
-    for (int64_t c = 0; c < l.channels; ++c) {
-      Store(req[1], out[1].data + c, mean[c]);
-      Store(req[2], out[2].data + c, var[c]);
-    }
-  }
+  const bool mean_var = p.GetBool("output_mean_var");
+  auto output = [&](size_t i) {
+    return mean_var && req[i] != OpReq::kNull ? out[i].data : nullptr;
+  };
+  kernel::BnStatsKernel::Params stats{
+      ctx.workspace, aux[0].data, aux[1].data, output(1), output(2), in[0].data, in[1].data,
+      KernelLayout(l), p.GetFloat("eps"), p.GetFloat("momentum"), UsesBatchStats(ctx, p),
+      p.GetBool("fix_gamma"), mean_var && req[1] == OpReq::kAdd,
+      mean_var && req[2] == OpReq::kAdd};
+  kernel::Launch<kernel::BnStatsKernel>("BatchNorm", ctx.ctx, l.channels, stats);
+  if (req[0] == OpReq::kNull) return;
+  kernel::Launch<kernel::BnApplyKernel>(
+      "BatchNorm", ctx.ctx, in[0].Size(),
+      {out[0].data, in[0].data, ctx.workspace, in[2].data, KernelLayout(l),
+       req[0] == OpReq::kAdd});
 }
 
 void Backward(const OpContext& ctx, const ParsedParams& p,
@@ -153,49 +117,17 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
               const std::vector<TBlob>&, const std::vector<OpReq>& req,
               const std::vector<TBlob>& in_grad, const std::vector<TBlob>& aux) {
   const Layout l = GetLayout(p, in[0].shape);
-  const float eps = p.GetFloat("eps");
-  const bool batch_stats = UsesBatchStats(ctx, p);
-  std::vector<float> mean(l.channels), var(l.channels);
-  if (batch_stats) {
-    BatchMoments(in[0].data, l, &mean, &var);
-  } else {
-    mean.assign(aux[0].data, aux[0].data + l.channels);
-    var.assign(aux[1].data, aux[1].data + l.channels);
-  }
-  const bool fix_gamma = p.GetBool("fix_gamma");
-  const float* x = in[0].data;
-  const float* g = out_grad[0].data;
-  const double n = static_cast<double>(l.PerChannel());
-  for (int64_t c = 0; c < l.channels; ++c) {
-    const float m = mean[c];
-    const float invstd = InvStd(var[c], eps);
-    double sum_g = 0, dot = 0;  // dot = sum g * (x - mean)
-    ForChannel(l, c, [&](int64_t k) {
-      sum_g += g[k];
-      dot += static_cast<double>(g[k]) * (x[k] - m);
-    });
-    const float w = fix_gamma ? 1.0f : in[1].data[c];
-    if (req[0] != OpReq::kNull) {
-      float* dx = in_grad[0].data;
-      const float iw = invstd * w;
-      if (batch_stats) {
-        const float mean_g = static_cast<float>(sum_g / n);
-        const float proj = static_cast<float>(dot / n) * invstd * invstd;
-        ForChannel(l, c, [&](int64_t k) {
-          Store(req[0], dx + k, (g[k] - mean_g - (x[k] - m) * proj) * iw);
-        });
-      } else {
-        ForChannel(l, c, [&](int64_t k) { Store(req[0], dx + k, g[k] * iw); });
-      }
-    }
-    if (req[1] != OpReq::kNull) {
-      Store(req[1], in_grad[1].data + c,
-            fix_gamma ? 0.0f : static_cast<float>(dot) * invstd);
-    }
-    if (req[2] != OpReq::kNull) {
-      Store(req[2], in_grad[2].data + c, static_cast<float>(sum_g));
-    }
-  }
+  auto grad = [&](size_t i) { return req[i] != OpReq::kNull ? in_grad[i].data : nullptr; };
+  kernel::BnGradStatsKernel::Params stats{
+      ctx.workspace, grad(1), grad(2), in[0].data, out_grad[0].data, in[1].data, aux[0].data,
+      aux[1].data, KernelLayout(l), p.GetFloat("eps"), UsesBatchStats(ctx, p),
+      p.GetBool("fix_gamma"), req[1] == OpReq::kAdd, req[2] == OpReq::kAdd};
+  kernel::Launch<kernel::BnGradStatsKernel>("BatchNorm", ctx.ctx, l.channels, stats);
+  if (req[0] == OpReq::kNull) return;
+  kernel::Launch<kernel::BnGradApplyKernel>(
+      "BatchNorm", ctx.ctx, in[0].Size(),
+      {in_grad[0].data, out_grad[0].data, in[0].data, ctx.workspace, KernelLayout(l),
+       req[0] == OpReq::kAdd});
 }
 
 OpDef Make() {
@@ -207,7 +139,7 @@ OpDef Make() {
                {"use_global_stats", ParamSpec::Type::kBool, "False"},
                {"output_mean_var", ParamSpec::Type::kBool, "False"},
                {"axis", ParamSpec::Type::kInt, "1"},
-               // Accepted for MXNet symbol files; mx has no cuDNN path.
+               // Accepted for MXNet symbol files; mx has no cuDNN batch norm.
                {"cudnn_off", ParamSpec::Type::kBool, "False"}};
   op.arguments = Names({"data", "gamma", "beta"});
   op.aux_states = Names({"moving_mean", "moving_var"});
@@ -220,6 +152,8 @@ OpDef Make() {
   op.forward = Forward;
   op.backward = Backward;
   op.backward_uses_outputs = false;
+  op.workspace = WorkspaceBytes;
+  op.gpu = true;  // through the kernel layer
   return op;
 }
 

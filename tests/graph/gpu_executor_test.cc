@@ -1,6 +1,6 @@
 // Executors bound on gpu(0) against the same graphs bound on the CPU: the
 // MLP of the seed (FullyConnected, Activation, SoftmaxOutput), dot,
-// convolution and pooling through cuDNN, LeakyReLU, Dropout, the regression
+// convolution and pooling through cuDNN, BatchNorm, LeakyReLU, Dropout, the regression
 // losses, SoftmaxActivation, and a graph split between the CPU and the GPU
 // (group2ctx), in forward and backward, with
 // gradients written and accumulated (kAdd). Tolerance 1e-5 relative (cuBLAS
@@ -65,6 +65,9 @@ void ExpectGpuMatchesCpu(const Symbol& net, const std::map<std::string, Shape>& 
   }
   for (const auto& [name, grad] : (*on_cpu)->grad_dict()) {
     ExpectNear(grad, (*on_gpu)->grad_dict().at(name), rel, "gradient of " + name);
+  }
+  for (const auto& [name, state] : (*on_cpu)->aux_dict()) {
+    ExpectNear(state, (*on_gpu)->aux_dict().at(name), rel, "auxiliary state " + name);
   }
 }
 
@@ -174,6 +177,19 @@ TEST_F(GpuExecutor, LeakyReluOfEveryTypeMatchesTheCpu) {
   }
 }
 
+TEST_F(GpuExecutor, BatchNormMatchesTheCpuInTrainingWithItsMovingStatistics) {
+  for (const bool fix_gamma : {true, false}) {
+    SCOPED_TRACE(fix_gamma ? "fix_gamma" : "learnt gamma");
+    Symbol net = Op("Convolution", {Variable("data")},
+                    {{"kernel", "(3,3)"}, {"num_filter", 4}, {"pad", "(1,1)"}}, "conv");
+    net = Op("BatchNorm", {net}, {{"fix_gamma", fix_gamma}, {"output_mean_var", true}}, "bn");
+    net = Op("FullyConnected", {Op("Flatten", {net[0]}, {}, "flat")}, {{"num_hidden", 3}}, "fc");
+    net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
+    ExpectGpuMatchesCpu(net, {{"data", {5, 2, 6, 6}}, {"label", {5}}}, 3, GradReq::kWrite, 1e-4f);
+    ExpectGpuMatchesCpu(net, {{"data", {5, 2, 6, 6}}, {"label", {5}}}, 3, GradReq::kAdd, 1e-4f);
+  }
+}
+
 TEST_F(GpuExecutor, RegressionOutputsAndChannelSoftmaxMatchTheCpu) {
   for (const char* loss : {"LinearRegressionOutput", "LogisticRegressionOutput",
                            "MAERegressionOutput"}) {
@@ -249,11 +265,11 @@ TEST_F(GpuExecutor, AGraphSplitBetweenCpuAndGpuTrainsAsOnTheCpu) {
 }
 
 TEST_F(GpuExecutor, BindingAnOperatorWithoutAGpuImplementationIsRefusedNamingIt) {
-  Symbol net = Op("BatchNorm", {Variable("data")}, {}, "bn1");
-  auto e = Executor::SimpleBind(net, gpu(0), {{"data", {2, 3, 4, 4}}});
+  Symbol net = Op("Embedding", {Variable("data")}, {{"input_dim", 10}, {"output_dim", 4}}, "emb1");
+  auto e = Executor::SimpleBind(net, gpu(0), {{"data", {2, 3}}});
   ASSERT_FALSE(e.ok());
   EXPECT_EQ(e.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(std::string(e.status().message()), HasSubstr("bn1 (BatchNorm)"));
+  EXPECT_THAT(std::string(e.status().message()), HasSubstr("emb1 (Embedding)"));
   EXPECT_THAT(std::string(e.status().message()), HasSubstr("gpu(0)"));
 }
 
