@@ -428,6 +428,55 @@ struct SoftmaxStridedGradKernel {
   }
 };
 
+// Embedding's row for a float index: truncated, clipped to [0, rows)
+// (negative, zero and NaN read row 0), as MXNet does.
+MX_XINLINE int64_t EmbeddingRow(float index, int64_t rows) {
+  if (!(index > 0)) return 0;
+  if (index >= static_cast<float>(rows - 1)) return rows - 1;
+  return static_cast<int64_t>(index);
+}
+
+// Embedding's lookup: out[i, k] (=|+=) weight[row(index[i]), k] for n
+// indices and rows of `dim` elements; one output element per index.
+struct EmbeddingKernel {
+  struct Params {
+    float* out;
+    const float* index;
+    const float* weight;
+    int64_t rows, dim;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t e = begin; e < end;) {
+      const int64_t i = e / p.dim, k0 = e % p.dim;
+      const int64_t run = p.dim - k0 < end - e ? p.dim - k0 : end - e;
+      const float* row = p.weight + EmbeddingRow(p.index[i], p.rows) * p.dim + k0;
+      for (int64_t k = 0; k < run; ++k) Put(p.out + e + k, row[k], p.add);
+      e += run;
+    }
+  }
+};
+
+// Embedding's weight gradient, added: gw[row(index[i]), k] += g[i, k] for
+// every index i. One index per column k: each column's sums are one
+// thread's, in index order, so the result needs no atomics and does not
+// depend on the split (the CPU takes all columns at once, row by row).
+struct EmbeddingGradKernel {
+  struct Params {
+    float* gw;
+    const float* index;
+    const float* g;
+    int64_t n, rows, dim;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t i = 0; i < p.n; ++i) {
+      float* dst = p.gw + EmbeddingRow(p.index[i], p.rows) * p.dim;
+      const float* src = p.g + i * p.dim;
+      for (int64_t k = begin; k < end; ++k) dst[k] += src[k];
+    }
+  }
+};
+
 // BatchNorm. Data is viewed as (outer, channels, inner) around the channel
 // axis; per-channel values live in a table of kBnColumns arrays of
 // `channels` floats (the operator's workspace), filled by one index per

@@ -5,20 +5,12 @@
 // does (NaN reads row 0). The weight's gradient adds every output row's
 // gradient into the row it read; the indices get none (a requested data
 // gradient is zero). sparse_grad is accepted and gives a dense gradient.
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-
 #include "graph/ops/op_util.h"
+#include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx::ops {
 namespace {
-
-int64_t Row(float index, int64_t input_dim) {
-  if (!(index > 0)) return 0;  // negative, zero and NaN
-  if (index >= static_cast<float>(input_dim - 1)) return input_dim - 1;
-  return static_cast<int64_t>(index);
-}
 
 absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
                    ShapeList*) {
@@ -41,44 +33,31 @@ absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
   return MergeShape(out, 0, o, "output");
 }
 
-void Forward(const OpContext&, const ParsedParams& p,
+void Forward(const OpContext& ctx, const ParsedParams& p,
              const std::vector<TBlob>& in, const std::vector<OpReq>& req,
              const std::vector<TBlob>& out, const std::vector<TBlob>&) {
-  const int64_t input_dim = p.GetInt("input_dim");
-  const int64_t dim = p.GetInt("output_dim");
-  const float* index = in[0].data;
-  const float* weight = in[1].data;
-  float* y = out[0].data;
-  for (int64_t i = 0; i < in[0].Size(); ++i) {
-    const float* row = weight + Row(index[i], input_dim) * dim;
-    float* dst = y + i * dim;
-    if (req[0] == OpReq::kWrite) {
-      std::memcpy(dst, row, dim * sizeof(float));
-    } else if (req[0] == OpReq::kAdd) {
-      for (int64_t k = 0; k < dim; ++k) dst[k] += row[k];
-    }
-  }
+  if (req[0] == OpReq::kNull) return;
+  kernel::Launch<kernel::EmbeddingKernel>(
+      "Embedding", ctx.ctx, out[0].Size(),
+      {out[0].data, in[0].data, in[1].data, p.GetInt("input_dim"), p.GetInt("output_dim"),
+       req[0] == OpReq::kAdd});
 }
 
-void Backward(const OpContext&, const ParsedParams& p,
+void Backward(const OpContext& ctx, const ParsedParams& p,
               const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,
               const std::vector<TBlob>&, const std::vector<OpReq>& req,
               const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
   if (req[0] == OpReq::kWrite) {
-    std::fill(in_grad[0].data, in_grad[0].data + in[0].Size(), 0.0f);
+    kernel::Launch<kernel::FillKernel>("Embedding", ctx.ctx, in[0].Size(), {in_grad[0].data, 0.0f});
   }
   if (req[1] == OpReq::kNull) return;
-  const int64_t input_dim = p.GetInt("input_dim");
-  const int64_t dim = p.GetInt("output_dim");
-  float* gw = in_grad[1].data;
-  if (req[1] == OpReq::kWrite) std::fill(gw, gw + in[1].Size(), 0.0f);
-  const float* index = in[0].data;
-  const float* g = out_grad[0].data;
-  for (int64_t i = 0; i < in[0].Size(); ++i) {
-    float* row = gw + Row(index[i], input_dim) * dim;
-    const float* src = g + i * dim;
-    for (int64_t k = 0; k < dim; ++k) row[k] += src[k];
+  if (req[1] == OpReq::kWrite) {
+    kernel::Launch<kernel::FillKernel>("Embedding", ctx.ctx, in[1].Size(), {in_grad[1].data, 0.0f});
   }
+  const int64_t dim = p.GetInt("output_dim");
+  kernel::Launch<kernel::EmbeddingGradKernel>(
+      "Embedding", ctx.ctx, dim,
+      {in_grad[1].data, in[0].data, out_grad[0].data, in[0].Size(), p.GetInt("input_dim"), dim});
 }
 
 OpDef Make() {
@@ -94,6 +73,7 @@ OpDef Make() {
   op.forward = Forward;
   op.backward = Backward;
   op.backward_uses_outputs = false;
+  op.gpu = true;
   return op;
 }
 

@@ -1,6 +1,6 @@
 // Executors bound on gpu(0) against the same graphs bound on the CPU: the
 // MLP of the seed (FullyConnected, Activation, SoftmaxOutput), dot,
-// convolution and pooling through cuDNN, BatchNorm, LeakyReLU, Dropout, the regression
+// convolution and pooling through cuDNN, BatchNorm, Embedding, LeakyReLU, Dropout, the regression
 // losses, SoftmaxActivation, and a graph split between the CPU and the GPU
 // (group2ctx), in forward and backward, with
 // gradients written and accumulated (kAdd). Tolerance 1e-5 relative (cuBLAS
@@ -190,6 +190,19 @@ TEST_F(GpuExecutor, BatchNormMatchesTheCpuInTrainingWithItsMovingStatistics) {
   }
 }
 
+// Indices repeat (their gradients add up in one row) and fall outside
+// [0, input_dim) (clipped); the data gets no gradient.
+TEST_F(GpuExecutor, EmbeddingMatchesTheCpu) {
+  Symbol data = Variable("data");
+  Symbol idx = Op("_mul_scalar", {Op("_plus_scalar", {data}, {{"scalar", 1.0f}}, "p")},
+                  {{"scalar", 4.0f}}, "idx");  // data in [-1, 1): indices in [0, 8)
+  Symbol net = Op("Embedding", {idx}, {{"input_dim", 6}, {"output_dim", 5}}, "emb");
+  net = Op("FullyConnected", {Op("Flatten", {net}, {}, "flat")}, {{"num_hidden", 3}}, "fc");
+  net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
+  ExpectGpuMatchesCpu(net, {{"data", {7, 4}}, {"label", {7}}}, 3, GradReq::kWrite);
+  ExpectGpuMatchesCpu(net, {{"data", {7, 4}}, {"label", {7}}}, 3, GradReq::kAdd);
+}
+
 TEST_F(GpuExecutor, RegressionOutputsAndChannelSoftmaxMatchTheCpu) {
   for (const char* loss : {"LinearRegressionOutput", "LogisticRegressionOutput",
                            "MAERegressionOutput"}) {
@@ -265,11 +278,11 @@ TEST_F(GpuExecutor, AGraphSplitBetweenCpuAndGpuTrainsAsOnTheCpu) {
 }
 
 TEST_F(GpuExecutor, BindingAnOperatorWithoutAGpuImplementationIsRefusedNamingIt) {
-  Symbol net = Op("Embedding", {Variable("data")}, {{"input_dim", 10}, {"output_dim", 4}}, "emb1");
+  Symbol net = Op("transpose", {Variable("data")}, {}, "t1");
   auto e = Executor::SimpleBind(net, gpu(0), {{"data", {2, 3}}});
   ASSERT_FALSE(e.ok());
   EXPECT_EQ(e.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(std::string(e.status().message()), HasSubstr("emb1 (Embedding)"));
+  EXPECT_THAT(std::string(e.status().message()), HasSubstr("t1 (transpose)"));
   EXPECT_THAT(std::string(e.status().message()), HasSubstr("gpu(0)"));
 }
 

@@ -125,6 +125,17 @@ TEST(OperatorKernels, ElementByElementMatchesWholeRanges) {
                                                 {gs.data(), g.data(), whole.data(), 4, 5, false},
                                                 gw, gs);
   }
+  {  // Embedding's weight gradient, one index per column; indices repeat.
+    const std::vector<float> index = {2, 0, 2, 9, -1};  // 9 and -1 clip to rows 3 and 0
+    std::vector<float> whole(4 * 3, 0.0f), split(4 * 3, 0.0f);
+    ExpectSplitsAgree<EmbeddingGradKernel>(3, {whole.data(), index.data(), g.data(), 5, 4, 3},
+                                           {split.data(), index.data(), g.data(), 5, 4, 3},
+                                           whole, split);
+    EXPECT_FLOAT_EQ(whole[2 * 3 + 1], g[0 * 3 + 1] + g[2 * 3 + 1]);
+    EXPECT_FLOAT_EQ(whole[0 * 3 + 2], g[1 * 3 + 2] + g[4 * 3 + 2]);
+    EXPECT_FLOAT_EQ(whole[3 * 3 + 0], g[3 * 3 + 0]);
+    EXPECT_FLOAT_EQ(whole[1 * 3 + 0], 0.0f);
+  }
   {  // PReLU's gamma gradient, one index per channel.
     std::vector<float> whole(4), split(4);
     ExpectSplitsAgree<PreluGammaGradKernel>(4, {whole.data(), g.data(), x.data(), n, 4, 5, false},
