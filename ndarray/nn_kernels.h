@@ -91,6 +91,52 @@ struct CopyKernel {
   }
 };
 
+// Row r of `rows`: dst[r * dst_stride + k] (=|+=) src[r * src_stride + k]
+// for k < len, one element per index: Concat's blocks, one launch per
+// input.
+struct StridedCopyKernel {
+  struct Params {
+    float* dst;
+    const float* src;
+    int64_t len, dst_stride, src_stride;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t e = begin; e < end;) {
+      const int64_t r = e / p.len, k0 = e % p.len;
+      const int64_t run = p.len - k0 < end - e ? p.len - k0 : end - e;
+      float* d = p.dst + r * p.dst_stride + k0;
+      const float* s = p.src + r * p.src_stride + k0;
+      for (int64_t k = 0; k < run; ++k) Put(d + k, s[k], p.add);
+      e += run;
+    }
+  }
+};
+
+// out[i] (=|+=) in[offset of i], the offset from index.sa (a permutation
+// of the input's strides: transpose); index.sb is unused.
+struct GatherKernel {
+  struct Params {
+    float* out;
+    const float* in;
+    BroadcastIndex index;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const BroadcastIndex& ix = p.index;
+    const int64_t step = ix.sa[ix.ndim - 1];
+    BroadcastCursor c(ix, begin);
+    for (int64_t i = begin; i < end;) {
+      int64_t run = c.RunLeft(ix);
+      if (run > end - i) run = end - i;
+      const float* s = p.in + c.oa;
+      for (int64_t k = 0; k < run; ++k) Put(p.out + i + k, s[k * step], p.add);
+      i += run;
+      c.Advance(ix, run);
+    }
+  }
+};
+
 // The element-wise operators (elemwise_*, _*_scalar) with requests, and
 // their gradients through the functors' GradA / GradB (ndarray/kernel.h).
 

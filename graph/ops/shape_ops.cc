@@ -338,11 +338,11 @@ absl::Status ConcatInfer(const ParsedParams& p, ShapeList* in, ShapeList* out, S
   return absl::OkStatus();
 }
 
-// Calls f(i, in_offset, out_offset, n) for every run of n floats that input
-// i and the output share: the inputs' rows (dimensions from `dim` on) lie
-// side by side in the output's rows.
+// Calls f(i, offset, block, row, outer): input i's rows of `block` floats
+// (dimensions from `dim` on) lie at `offset` in the output's `outer` rows
+// of `row` floats.
 template <typename F>
-void ForEachConcatBlock(const ParsedParams& p, const std::vector<TBlob>& in, const Shape& o, F f) {
+void ForEachConcatInput(const ParsedParams& p, const std::vector<TBlob>& in, const Shape& o, F f) {
   const int axis = *Axis(p.GetInt("dim"), o.ndim(), "dim");
   const int64_t outer = KnownProduct(o, 0, axis);
   const int64_t inner = KnownProduct(o, axis + 1, o.ndim());
@@ -350,7 +350,7 @@ void ForEachConcatBlock(const ParsedParams& p, const std::vector<TBlob>& in, con
   int64_t offset = 0;
   for (size_t i = 0; i < in.size(); ++i) {
     const int64_t block = in[i].shape[axis] * inner;
-    for (int64_t r = 0; r < outer; ++r) f(i, r * block, offset + r * row, block);
+    f(i, offset, block, row, outer);
     offset += block;
   }
 }
@@ -369,23 +369,32 @@ OpDef MakeConcat() {
     }
     return ConcatInfer(p, in, out, aux);
   };
-  op.forward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& in,
+  op.forward = [](const OpContext& ctx, const ParsedParams& p, const std::vector<TBlob>& in,
                   const std::vector<OpReq>& req, const std::vector<TBlob>& out,
                   const std::vector<TBlob>&) {
-    ForEachConcatBlock(p, in, out[0].shape, [&](size_t i, int64_t src, int64_t dst, int64_t n) {
-      Copy(cpu(), req[0], in[i].data + src, out[0].data + dst, n);
-    });
-  };
-  op.backward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& out_grad,
-                   const std::vector<TBlob>& in, const std::vector<TBlob>&,
-                   const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
-                   const std::vector<TBlob>&) {
-    ForEachConcatBlock(p, in, out_grad[0].shape,
-                       [&](size_t i, int64_t dst, int64_t src, int64_t n) {
-                         if (req[i] == OpReq::kNull) return;
-                         Copy(cpu(), req[i], out_grad[0].data + src, in_grad[i].data + dst, n);
+    if (req[0] == OpReq::kNull) return;
+    ForEachConcatInput(p, in, out[0].shape,
+                       [&](size_t i, int64_t offset, int64_t block, int64_t row, int64_t outer) {
+                         kernel::Launch<kernel::StridedCopyKernel>(
+                             "Concat", ctx.ctx, outer * block,
+                             {out[0].data + offset, in[i].data, block, row, block,
+                              req[0] == OpReq::kAdd});
                        });
   };
+  op.backward = [](const OpContext& ctx, const ParsedParams& p,
+                   const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,
+                   const std::vector<TBlob>&, const std::vector<OpReq>& req,
+                   const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
+    ForEachConcatInput(p, in, out_grad[0].shape,
+                       [&](size_t i, int64_t offset, int64_t block, int64_t row, int64_t outer) {
+                         if (req[i] == OpReq::kNull) return;
+                         kernel::Launch<kernel::StridedCopyKernel>(
+                             "Concat", ctx.ctx, outer * block,
+                             {in_grad[i].data, out_grad[0].data + offset, block, block, row,
+                              req[i] == OpReq::kAdd});
+                       });
+  };
+  op.gpu = true;
   // Backward reads only the shapes of the inputs.
   op.backward_uses_inputs = false;
   op.backward_uses_outputs = false;
@@ -424,6 +433,11 @@ absl::StatusOr<std::vector<int>> Permutation(const ParsedParams& p, int ndim) {
 absl::Status TransposeInfer(const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeList*) {
   const int ndim = (*in)[0].ndim() != 0 ? (*in)[0].ndim() : (*out)[0].ndim();
   if (ndim == 0) return absl::OkStatus();
+  if (ndim > kernel::kMaxBroadcastDims) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input data has ", ndim, " dimensions; transpose supports at most ",
+        kernel::kMaxBroadcastDims));
+  }
   MX_ASSIGN_OR_RETURN(std::vector<int> perm, Permutation(p, ndim));
   Shape o(perm.begin(), perm.end()), d(perm.begin(), perm.end());
   for (int i = 0; i < ndim; ++i) {
@@ -434,41 +448,21 @@ absl::Status TransposeInfer(const ParsedParams& p, ShapeList* in, ShapeList* out
   return MergeShape(in, 0, d, "input data");
 }
 
-// dst[j] for the output index j = src[the input index it comes from], where
-// the output's dimension i is the input's dimension perm[i].
-void Transpose(OpReq req, const float* src, const Shape& src_shape, const std::vector<int>& perm,
-               float* dst) {
+// dst (=|+=) src transposed: the output's dimension i is the input's
+// dimension perm[i].
+void Transpose(Context ctx, OpReq req, const float* src, const Shape& src_shape,
+               const std::vector<int>& perm, float* dst) {
   if (req == OpReq::kNull) return;
   const int ndim = src_shape.ndim();
-  if (ndim == 0) {
-    Store(req, dst, *src);
-    return;
-  }
-  std::vector<int64_t> src_stride(ndim, 1), shape(ndim), stride(ndim);
+  Shape out_shape = src_shape;
+  std::vector<int64_t> src_stride(ndim, 1);
   for (int d = ndim - 2; d >= 0; --d) src_stride[d] = src_stride[d + 1] * src_shape[d + 1];
-  for (int i = 0; i < ndim; ++i) {
-    shape[i] = src_shape[perm[i]];
-    stride[i] = src_stride[perm[i]];
-  }
-  const int64_t total = src_shape.Size();
-  const int64_t last = shape[ndim - 1], last_stride = stride[ndim - 1];
-  std::vector<int64_t> index(ndim, 0);
-  int64_t offset = 0;  // source offset of the output row at `index`
-  for (int64_t j = 0; j < total; j += last) {
-    const float* s = src + offset;
-    float* d = dst + j;
-    if (req == OpReq::kWrite) {
-      for (int64_t k = 0; k < last; ++k) d[k] = s[k * last_stride];
-    } else {
-      for (int64_t k = 0; k < last; ++k) d[k] += s[k * last_stride];
-    }
-    for (int i = ndim - 2; i >= 0; --i) {
-      offset += stride[i];
-      if (++index[i] < shape[i]) break;
-      offset -= stride[i] * shape[i];
-      index[i] = 0;
-    }
-  }
+  for (int i = 0; i < ndim; ++i) out_shape[i] = src_shape[perm[i]];
+  kernel::BroadcastIndex ix = kernel::MakeBroadcastIndex("transpose", out_shape, out_shape,
+                                                         out_shape);
+  for (int i = 0; i < ndim; ++i) ix.sa[i] = out_shape[i] == 1 ? 0 : src_stride[perm[i]];
+  kernel::Launch<kernel::GatherKernel>("transpose", ctx, src_shape.Size(),
+                                       {dst, src, ix, req == OpReq::kAdd});
 }
 
 OpDef MakeTranspose() {
@@ -476,22 +470,24 @@ OpDef MakeTranspose() {
   op.name = "transpose";
   op.params = {{"axes", ParamSpec::Type::kShape, "()"}};
   op.infer_shape = TransposeInfer;
-  op.forward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& in,
+  op.forward = [](const OpContext& ctx, const ParsedParams& p, const std::vector<TBlob>& in,
                   const std::vector<OpReq>& req, const std::vector<TBlob>& out,
                   const std::vector<TBlob>&) {
-    Transpose(req[0], in[0].data, in[0].shape, *Permutation(p, in[0].shape.ndim()), out[0].data);
+    Transpose(ctx.ctx, req[0], in[0].data, in[0].shape, *Permutation(p, in[0].shape.ndim()),
+              out[0].data);
   };
-  op.backward = [](const OpContext&, const ParsedParams& p, const std::vector<TBlob>& out_grad,
-                   const std::vector<TBlob>&, const std::vector<TBlob>&,
-                   const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
-                   const std::vector<TBlob>&) {
+  op.backward = [](const OpContext& ctx, const ParsedParams& p,
+                   const std::vector<TBlob>& out_grad, const std::vector<TBlob>&,
+                   const std::vector<TBlob>&, const std::vector<OpReq>& req,
+                   const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
     std::vector<int> perm = *Permutation(p, out_grad[0].shape.ndim());
     std::vector<int> inverse(perm.size());
     for (size_t i = 0; i < perm.size(); ++i) inverse[perm[i]] = static_cast<int>(i);
-    Transpose(req[0], out_grad[0].data, out_grad[0].shape, inverse, in_grad[0].data);
+    Transpose(ctx.ctx, req[0], out_grad[0].data, out_grad[0].shape, inverse, in_grad[0].data);
   };
   op.backward_uses_inputs = false;
   op.backward_uses_outputs = false;
+  op.gpu = true;
   return op;
 }
 

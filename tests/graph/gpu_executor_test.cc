@@ -1,6 +1,7 @@
 // Executors bound on gpu(0) against the same graphs bound on the CPU: the
 // MLP of the seed (FullyConnected, Activation, SoftmaxOutput), dot,
-// convolution and pooling through cuDNN, BatchNorm, Embedding, LeakyReLU, Dropout, the regression
+// convolution and pooling through cuDNN, BatchNorm, Embedding, Concat,
+// transpose, LeakyReLU, Dropout, the regression
 // losses, SoftmaxActivation, and a graph split between the CPU and the GPU
 // (group2ctx), in forward and backward, with
 // gradients written and accumulated (kAdd). Tolerance 1e-5 relative (cuBLAS
@@ -203,6 +204,20 @@ TEST_F(GpuExecutor, EmbeddingMatchesTheCpu) {
   ExpectGpuMatchesCpu(net, {{"data", {7, 4}}, {"label", {7}}}, 3, GradReq::kAdd);
 }
 
+TEST_F(GpuExecutor, ConcatAndTransposeMatchTheCpu) {
+  Symbol a = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 12}}, "fa");
+  Symbol b = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 6}}, "fb");
+  Symbol ra = Op("Reshape", {a}, {{"shape", "(0, 4, 3)"}}, "ra");
+  Symbol rb = Op("Reshape", {b}, {{"shape", "(0, 2, 3)"}}, "rb");
+  Symbol cat = Op("Concat", {ra, rb}, {{"num_args", 2}, {"dim", 1}}, "cat");  // (n, 6, 3)
+  Symbol t = Op("transpose", {cat}, {{"axes", "(2, 0, 1)"}}, "t");           // (3, n, 6)
+  Symbol net = Op("transpose", {t}, {}, "back");                             // (6, n, 3)
+  net = Op("FullyConnected", {Op("Flatten", {net}, {}, "flat")}, {{"num_hidden", 4}}, "fc");
+  net = Op("LinearRegressionOutput", {net, Variable("label")}, {}, "out");
+  ExpectGpuMatchesCpu(net, {{"data", {6, 5}}, {"label", {6, 4}}}, 2, GradReq::kWrite);
+  ExpectGpuMatchesCpu(net, {{"data", {6, 5}}, {"label", {6, 4}}}, 2, GradReq::kAdd);
+}
+
 TEST_F(GpuExecutor, RegressionOutputsAndChannelSoftmaxMatchTheCpu) {
   for (const char* loss : {"LinearRegressionOutput", "LogisticRegressionOutput",
                            "MAERegressionOutput"}) {
@@ -278,11 +293,11 @@ TEST_F(GpuExecutor, AGraphSplitBetweenCpuAndGpuTrainsAsOnTheCpu) {
 }
 
 TEST_F(GpuExecutor, BindingAnOperatorWithoutAGpuImplementationIsRefusedNamingIt) {
-  Symbol net = Op("transpose", {Variable("data")}, {}, "t1");
+  Symbol net = Op("sum", {Variable("data")}, {}, "s1");
   auto e = Executor::SimpleBind(net, gpu(0), {{"data", {2, 3}}});
   ASSERT_FALSE(e.ok());
   EXPECT_EQ(e.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(std::string(e.status().message()), HasSubstr("t1 (transpose)"));
+  EXPECT_THAT(std::string(e.status().message()), HasSubstr("s1 (sum)"));
   EXPECT_THAT(std::string(e.status().message()), HasSubstr("gpu(0)"));
 }
 

@@ -136,6 +136,21 @@ TEST(OperatorKernels, ElementByElementMatchesWholeRanges) {
     EXPECT_FLOAT_EQ(whole[3 * 3 + 0], g[3 * 3 + 0]);
     EXPECT_FLOAT_EQ(whole[1 * 3 + 0], 0.0f);
   }
+  {  // Concat's strided rows and transpose's gather, in runs.
+    std::vector<float> whole(n, 0.0f), split(n, 0.0f);
+    ExpectSplitsAgree<StridedCopyKernel>(3 * 7, {whole.data() + 2, x.data(), 7, 20, 7, false},
+                                         {split.data() + 2, x.data(), 7, 20, 7, false}, whole,
+                                         split);
+    EXPECT_EQ(whole[20 + 2 + 3], x[7 + 3]);
+    BroadcastIndex ix = MakeBroadcastIndex("transpose", Shape{5, 3, 4}, Shape{5, 3, 4},
+                                           Shape{5, 3, 4});
+    ix.sa[0] = 1;   // output (5, 3, 4) from data (3, 4, 5): axes (2, 0, 1)
+    ix.sa[1] = 20;
+    ix.sa[2] = 5;
+    ExpectSplitsAgree<GatherKernel>(n, {whole.data(), x.data(), ix, false},
+                                    {split.data(), x.data(), ix, false}, whole, split);
+    EXPECT_EQ(whole[(4 * 3 + 2) * 4 + 1], x[(2 * 4 + 1) * 5 + 4]);
+  }
   {  // PReLU's gamma gradient, one index per channel.
     std::vector<float> whole(4), split(4);
     ExpectSplitsAgree<PreluGammaGradKernel>(4, {whole.data(), g.data(), x.data(), n, 4, 5, false},
