@@ -88,6 +88,29 @@ BroadcastIndex MakeBroadcastIndex(const char* op, const Shape& out, const Shape&
   return ix;
 }
 
+void MakeReductionIndices(const char* op, const Shape& full, const Shape& operand,
+                          const Shape& other, BroadcastIndex* outer, BroadcastIndex* inner) {
+  MX_THROW_IF_NOT(full.ndim() <= kMaxBroadcastDims, op, ": shape ", full.ToString(), " has ",
+                  full.ndim(), " dimensions; broadcasting supports at most ",
+                  kMaxBroadcastDims);
+  *outer = BroadcastIndex{};
+  *inner = BroadcastIndex{};
+  outer->ndim = inner->ndim = std::max(full.ndim(), 1);
+  for (int d = 0; d < outer->ndim; ++d) outer->shape[d] = inner->shape[d] = 1;
+  const std::vector<int64_t> own = BroadcastStrides(operand, full);
+  const std::vector<int64_t> theirs = BroadcastStrides(other, full);
+  int64_t stride = 1;  // of a contiguous array of shape full
+  for (int d = full.ndim() - 1; d >= 0; --d) {
+    // Broadcast along d: the operand has size 1 there and full does not.
+    const bool reduced = own[d] == 0 && full[d] != 1;
+    BroadcastIndex* ix = reduced ? inner : outer;
+    ix->shape[d] = full[d];
+    ix->sa[d] = full[d] == 1 ? 0 : stride;
+    ix->sb[d] = full[d] == 1 ? 0 : theirs[d];
+    stride *= full[d];
+  }
+}
+
 void Gemm(const char* name, Context ctx, bool trans_a, bool trans_b, int64_t m, int64_t n,
           int64_t k, float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
           float beta, float* c) {

@@ -84,6 +84,16 @@ std::vector<int64_t> BroadcastStrides(const Shape& in, const Shape& out);
 BroadcastIndex MakeBroadcastIndex(const char* op, const Shape& out, const Shape& a,
                                   const Shape& b);
 
+// The two indices of ReduceBroadcastKernel (ndarray/nn_kernels.h) for an
+// operand of shape `operand` broadcast to `full`, beside an `other` operand
+// (also broadcast to full; pass `operand` when there is none). `outer` runs
+// over the operand's elements, `inner` over the positions of `full` that one
+// of them is broadcast to; in both, sa steps through a contiguous array of
+// shape full and sb through `other`. Throws mx::Error naming op beyond
+// kMaxBroadcastDims dimensions.
+void MakeReductionIndices(const char* op, const Shape& full, const Shape& operand,
+                          const Shape& other, BroadcastIndex* outer, BroadcastIndex* inner);
+
 // C = alpha * op(A) * op(B) + beta * C in row-major storage, stated as the
 // column-major call that computes it (BLAS libraries such as cuBLAS are
 // column-major): a row-major matrix is the column-major transpose, so the

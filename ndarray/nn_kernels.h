@@ -113,14 +113,16 @@ struct StridedCopyKernel {
   }
 };
 
-// out[i] (=|+=) in[offset of i], the offset from index.sa (a permutation
-// of the input's strides: transpose); index.sb is unused.
+// out[i] (=|+=) in[offset of i] * scale, the offset from index.sa (a
+// permutation of the input's strides: transpose; a kept shape's broadcast
+// strides: the gradient of sum); index.sb is unused.
 struct GatherKernel {
   struct Params {
     float* out;
     const float* in;
     BroadcastIndex index;
     bool add;
+    float scale = 1.0f;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
     const BroadcastIndex& ix = p.index;
@@ -130,9 +132,63 @@ struct GatherKernel {
       int64_t run = c.RunLeft(ix);
       if (run > end - i) run = end - i;
       const float* s = p.in + c.oa;
-      for (int64_t k = 0; k < run; ++k) Put(p.out + i + k, s[k * step], p.add);
+      for (int64_t k = 0; k < run; ++k) Put(p.out + i + k, s[k * step] * p.scale, p.add);
       i += run;
       c.Advance(ix, run);
+    }
+  }
+};
+
+// out[i] (=|+=) F(a[offset_a(i)], b[offset_b(i)]): BroadcastKernel with a
+// request, element by element (broadcast operators asked to add).
+template <typename F>
+struct BroadcastPutKernel {
+  struct Params {
+    float* out;
+    const float* a;
+    const float* b;
+    BroadcastIndex index;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    ForEachBroadcast(p.index, begin, end, [&](int64_t i, int64_t ia, int64_t ib) {
+      Put(p.out + i, F::Apply(p.a[ia], p.b[ib]), p.add);
+    });
+  }
+};
+
+// One index per element j of an operand broadcast to a full shape (indices
+// from MakeReductionIndices): out[j] (=|+=) scale * the sum, over the
+// positions i of the full shape that j is broadcast to, of
+//   F::GradA(g[i], self[j], other[i])   (for_a: the operand is F's left side)
+//   F::GradB(g[i], other[i], self[j])   (otherwise)
+// in double. The gradients of broadcast_* and, with F = op::Add (GradA is
+// g), sum and mean. self and other may be null when F's derivatives do not
+// read them.
+template <typename F>
+struct ReduceBroadcastKernel {
+  struct Params {
+    float* out;
+    const float* g;
+    const float* self;
+    const float* other;
+    BroadcastIndex outer, inner;
+    float scale;
+    bool for_a, add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    int64_t positions = 1;
+    for (int d = 0; d < p.inner.ndim; ++d) positions *= p.inner.shape[d];
+    for (int64_t j = begin; j < end; ++j) {
+      const BroadcastCursor at(p.outer, j);
+      const float mine = p.self != nullptr ? p.self[j] : 0.0f;
+      double sum = 0;
+      ForEachBroadcast(p.inner, 0, positions, [&](int64_t, int64_t og, int64_t oo) {
+        const float g = p.g[at.oa + og];
+        const float theirs = p.other != nullptr ? p.other[at.ob + oo] : 0.0f;
+        sum += p.for_a ? F::GradA(g, mine, theirs) : F::GradB(g, theirs, mine);
+      });
+      Put(p.out + j, static_cast<float>(sum * p.scale), p.add);
     }
   }
 };

@@ -21,6 +21,7 @@
 
 #include "graph/ops/op_util.h"
 #include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx::ops {
 namespace {
@@ -198,6 +199,12 @@ kernel::BroadcastIndex OutputIndex(const ParsedParams& p, const Shape& data) {
   return kernel::MakeBroadcastIndex("sum/mean", data, kept, kept);
 }
 
+// mean's factor, 1 / (elements per output), or 1 for sum.
+float MeanScale(bool mean, int64_t outputs, int64_t inputs) {
+  return mean ? static_cast<float>(static_cast<double>(outputs) / std::max<int64_t>(inputs, 1))
+              : 1.0f;
+}
+
 OpDef MakeReduce(const char* name, bool mean) {
   OpDef op;
   op.name = name;
@@ -207,33 +214,36 @@ OpDef MakeReduce(const char* name, bool mean) {
   op.infer_shape = ReduceInfer;
   op.backward_uses_inputs = false;
   op.backward_uses_outputs = false;
-  op.forward = [mean](const OpContext&, const ParsedParams& p,
+  op.gpu = true;
+  // Each output element sums its input elements (ReduceBroadcastKernel with
+  // op::Add, whose GradA is its g); the gradient spreads back (GatherKernel).
+  op.forward = [mean](const OpContext& ctx, const ParsedParams& p,
                       const std::vector<TBlob>& in, const std::vector<OpReq>& req,
                       const std::vector<TBlob>& out, const std::vector<TBlob>&) {
-    std::vector<double> acc(out[0].Size(), 0.0);
-    const float* x = in[0].data;
-    kernel::ForEachBroadcast(OutputIndex(p, in[0].shape), 0, in[0].Size(),
-                             [&](int64_t i, int64_t o, int64_t) { acc[o] += x[i]; });
-    const double scale =
-        mean ? static_cast<double>(out[0].Size()) / std::max<int64_t>(in[0].Size(), 1) : 1.0;
-    for (size_t o = 0; o < acc.size(); ++o) {
-      Store(req[0], out[0].data + o, static_cast<float>(acc[o] * scale));
-    }
+    if (req[0] == OpReq::kNull) return;
+    const Shape kept = KeptShape(in[0].shape, *ReducedAxes(p, in[0].shape.ndim()));
+    kernel::ReduceBroadcastKernel<kernel::op::Add>::Params params{};
+    kernel::MakeReductionIndices("sum/mean", in[0].shape, kept, kept, &params.outer,
+                                 &params.inner);
+    params.out = out[0].data;
+    params.g = in[0].data;
+    params.scale = MeanScale(mean, out[0].Size(), in[0].Size());
+    params.for_a = true;
+    params.add = req[0] == OpReq::kAdd;
+    kernel::Launch<kernel::ReduceBroadcastKernel<kernel::op::Add>>("sum/mean", ctx.ctx,
+                                                                  out[0].Size(), params);
   };
-  op.backward = [mean](const OpContext&, const ParsedParams& p,
+  op.backward = [mean](const OpContext& ctx, const ParsedParams& p,
                        const std::vector<TBlob>& out_grad,
                        const std::vector<TBlob>& in, const std::vector<TBlob>&,
                        const std::vector<OpReq>& req,
                        const std::vector<TBlob>& in_grad,
                        const std::vector<TBlob>&) {
     if (req[0] == OpReq::kNull) return;
-    const float scale =
-        mean ? static_cast<float>(out_grad[0].Size()) / std::max<int64_t>(in[0].Size(), 1)
-             : 1.0f;
-    const float* g = out_grad[0].data;
-    float* gi = in_grad[0].data;
-    kernel::ForEachBroadcast(OutputIndex(p, in[0].shape), 0, in[0].Size(),
-                             [&](int64_t i, int64_t o, int64_t) { Store(req[0], gi + i, g[o] * scale); });
+    kernel::Launch<kernel::GatherKernel>(
+        "sum/mean", ctx.ctx, in[0].Size(),
+        {in_grad[0].data, out_grad[0].data, OutputIndex(p, in[0].shape), req[0] == OpReq::kAdd,
+         MeanScale(mean, out_grad[0].Size(), in[0].Size())});
   };
   return op;
 }
@@ -272,11 +282,6 @@ absl::Status BroadcastInfer(const ParsedParams&, ShapeList* in, ShapeList* out,
   return MergeShape(out, 0, o, "output");
 }
 
-// Zeroes a gradient the kernel will accumulate into, when asked to write.
-void StartAccumulate(OpReq req, const TBlob& grad) {
-  if (req == OpReq::kWrite) std::fill(grad.data, grad.data + grad.Size(), 0.0f);
-}
-
 template <typename F>
 OpDef MakeBroadcast(const char* name) {
   OpDef op;
@@ -289,46 +294,43 @@ OpDef MakeBroadcast(const char* name) {
   op.inplace = {{0, 0}, {1, 0}};
   op.backward_uses_outputs = false;
   op.backward_uses_inputs = F::kGradUsesInputs;
-  op.forward = [name](const OpContext&, const ParsedParams&, const std::vector<TBlob>& in,
+  op.gpu = true;
+  op.forward = [name](const OpContext& ctx, const ParsedParams&, const std::vector<TBlob>& in,
                       const std::vector<OpReq>& req, const std::vector<TBlob>& out,
                       const std::vector<TBlob>&) {
     const Shape& full = out[0].shape;
     const kernel::BroadcastIndex ix =
         kernel::MakeBroadcastIndex(name, full, in[0].shape, in[1].shape);
-    const float* a = in[0].data;
-    const float* b = in[1].data;
-    float* o = out[0].data;
     if (req[0] == OpReq::kWrite) {
-      kernel::BroadcastKernel<F>::MapRange(0, full.Size(), {o, a, b, ix});
-      return;
+      kernel::Launch<kernel::BroadcastKernel<F>>(name, ctx.ctx, full.Size(),
+                                                 {out[0].data, in[0].data, in[1].data, ix});
+    } else if (req[0] == OpReq::kAdd) {
+      kernel::Launch<kernel::BroadcastPutKernel<F>>(
+          name, ctx.ctx, full.Size(), {out[0].data, in[0].data, in[1].data, ix, true});
     }
-    kernel::ForEachBroadcast(ix, 0, full.Size(), [&](int64_t i, int64_t ia, int64_t ib) {
-      Store(req[0], o + i, F::Apply(a[ia], b[ib]));
-    });
   };
   // Each input's gradient sums the output's over the axes it was broadcast
-  // along.
-  op.backward = [name](const OpContext&, const ParsedParams&, const std::vector<TBlob>& out_grad,
-                       const std::vector<TBlob>& in, const std::vector<TBlob>&,
-                       const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
-                       const std::vector<TBlob>&) {
+  // along: one index per element of the input.
+  op.backward = [name](const OpContext& ctx, const ParsedParams&,
+                       const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,
+                       const std::vector<TBlob>&, const std::vector<OpReq>& req,
+                       const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
     const Shape& full = out_grad[0].shape;
-    const float* g = out_grad[0].data;
-    const float* a = in[0].data;
-    const float* b = in[1].data;
-    const bool want_a = req[0] != OpReq::kNull, want_b = req[1] != OpReq::kNull;
-    if (want_a) StartAccumulate(req[0], in_grad[0]);
-    if (want_b) StartAccumulate(req[1], in_grad[1]);
-    float* ga = in_grad[0].data;
-    float* gb = in_grad[1].data;
-    kernel::ForEachBroadcast(
-        kernel::MakeBroadcastIndex(name, full, in[0].shape, in[1].shape), 0, full.Size(),
-        [&](int64_t i, int64_t ia, int64_t ib) {
-          const float va = F::kGradUsesInputs ? a[ia] : 0.0f;
-          const float vb = F::kGradUsesInputs ? b[ib] : 0.0f;
-          if (want_a) ga[ia] += F::GradA(g[i], va, vb);
-          if (want_b) gb[ib] += F::GradB(g[i], va, vb);
-        });
+    for (int side = 0; side < 2; ++side) {
+      if (req[side] == OpReq::kNull) continue;
+      const int other = 1 - side;
+      typename kernel::ReduceBroadcastKernel<F>::Params params{};
+      kernel::MakeReductionIndices(name, full, in[side].shape, in[other].shape, &params.outer,
+                                   &params.inner);
+      params.out = in_grad[side].data;
+      params.g = out_grad[0].data;
+      params.self = F::kGradUsesInputs ? in[side].data : nullptr;
+      params.other = F::kGradUsesInputs ? in[other].data : nullptr;
+      params.scale = 1.0f;
+      params.for_a = side == 0;
+      params.add = req[side] == OpReq::kAdd;
+      kernel::Launch<kernel::ReduceBroadcastKernel<F>>(name, ctx.ctx, in[side].Size(), params);
+    }
   };
   return op;
 }

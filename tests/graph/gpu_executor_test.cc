@@ -1,7 +1,7 @@
 // Executors bound on gpu(0) against the same graphs bound on the CPU: the
 // MLP of the seed (FullyConnected, Activation, SoftmaxOutput), dot,
 // convolution and pooling through cuDNN, BatchNorm, Embedding, Concat,
-// transpose, LeakyReLU, Dropout, the regression
+// transpose, broadcast arithmetic, sum and mean, LeakyReLU, Dropout, the regression
 // losses, SoftmaxActivation, and a graph split between the CPU and the GPU
 // (group2ctx), in forward and backward, with
 // gradients written and accumulated (kAdd). Tolerance 1e-5 relative (cuBLAS
@@ -22,6 +22,21 @@ namespace mx {
 namespace {
 
 using ::testing::HasSubstr;
+
+// Every operator of mx runs on GPUs; one that does not, for the refusal.
+OpDef CpuOnlyOp() {
+  OpDef op;
+  op.name = "_test_cpu_only";
+  op.infer_shape = [](const ParsedParams&, ShapeList* in, ShapeList* out, ShapeList*) {
+    (*out)[0] = (*in)[0];
+    return absl::OkStatus();
+  };
+  op.forward = [](const OpContext&, const ParsedParams&, const std::vector<TBlob>&,
+                  const std::vector<OpReq>&, const std::vector<TBlob>&,
+                  const std::vector<TBlob>&) {};
+  return op;
+}
+MX_REGISTER_OP(CpuOnlyOp());
 
 class GpuExecutor : public ::testing::Test {
  protected:
@@ -204,6 +219,27 @@ TEST_F(GpuExecutor, EmbeddingMatchesTheCpu) {
   ExpectGpuMatchesCpu(net, {{"data", {7, 4}}, {"label", {7}}}, 3, GradReq::kAdd);
 }
 
+TEST_F(GpuExecutor, BroadcastArithmeticAndReductionsMatchTheCpu) {
+  Symbol a = Op("Reshape", {Op("FullyConnected", {Variable("data")}, {{"num_hidden", 12}}, "fa")},
+                {{"shape", "(0, 3, 4)"}}, "ra");  // (n, 3, 4)
+  Symbol b = Op("Reshape", {Op("FullyConnected", {Variable("data")}, {{"num_hidden", 4}}, "fb")},
+                {{"shape", "(0, 1, 4)"}}, "rb");  // (n, 1, 4)
+  Symbol c = Op("Reshape", {Op("FullyConnected", {Variable("data")}, {{"num_hidden", 3}}, "fc")},
+                {{"shape", "(0, 3, 1)"}}, "rc");  // (n, 3, 1)
+  Symbol pos = Op("_plus_scalar", {Op("Activation", {c}, {{"act_type", "sigmoid"}}, "sc")},
+                  {{"scalar", 1.0f}}, "pos");
+  Symbol t = Op("broadcast_add", {a, b}, {}, "badd");
+  t = Op("broadcast_sub", {t, c}, {}, "bsub");
+  t = Op("broadcast_mul", {b, t}, {}, "bmul");
+  t = Op("broadcast_div", {t, pos}, {}, "bdiv");
+  Symbol s = Op("sum", {t}, {{"axis", "(1)"}}, "s");                      // (n, 4)
+  Symbol m = Op("mean", {t}, {{"axis", "(2)"}, {"keepdims", true}}, "m");  // (n, 3, 1)
+  Symbol net = Op("Concat", {s, Op("Flatten", {m}, {}, "fm")}, {{"num_args", 2}}, "cat");
+  net = Op("LinearRegressionOutput", {net, Variable("label")}, {}, "out");
+  ExpectGpuMatchesCpu(net, {{"data", {5, 6}}, {"label", {5, 7}}}, 2, GradReq::kWrite);
+  ExpectGpuMatchesCpu(net, {{"data", {5, 6}}, {"label", {5, 7}}}, 2, GradReq::kAdd);
+}
+
 TEST_F(GpuExecutor, ConcatAndTransposeMatchTheCpu) {
   Symbol a = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 12}}, "fa");
   Symbol b = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 6}}, "fb");
@@ -293,11 +329,11 @@ TEST_F(GpuExecutor, AGraphSplitBetweenCpuAndGpuTrainsAsOnTheCpu) {
 }
 
 TEST_F(GpuExecutor, BindingAnOperatorWithoutAGpuImplementationIsRefusedNamingIt) {
-  Symbol net = Op("sum", {Variable("data")}, {}, "s1");
+  Symbol net = Op("_test_cpu_only", {Variable("data")}, {}, "c1");
   auto e = Executor::SimpleBind(net, gpu(0), {{"data", {2, 3}}});
   ASSERT_FALSE(e.ok());
   EXPECT_EQ(e.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(std::string(e.status().message()), HasSubstr("s1 (sum)"));
+  EXPECT_THAT(std::string(e.status().message()), HasSubstr("c1 (_test_cpu_only)"));
   EXPECT_THAT(std::string(e.status().message()), HasSubstr("gpu(0)"));
 }
 

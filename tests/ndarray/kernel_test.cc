@@ -151,6 +151,27 @@ TEST(OperatorKernels, ElementByElementMatchesWholeRanges) {
                                     {split.data(), x.data(), ix, false}, whole, split);
     EXPECT_EQ(whole[(4 * 3 + 2) * 4 + 1], x[(2 * 4 + 1) * 5 + 4]);
   }
+  {  // The gradient of a (3, 1, 5) operand broadcast against (1, 4, 5).
+    const Shape full{3, 4, 5}, left{3, 1, 5}, right{1, 4, 5};
+    const std::vector<float> a = RandomValues(15, 3), b = RandomValues(20, 4);
+    using K = ReduceBroadcastKernel<op::Mul>;
+    K::Params whole_p{}, split_p{};
+    MakeReductionIndices("test", full, left, right, &whole_p.outer, &whole_p.inner);
+    std::vector<float> whole(15), split(15);
+    whole_p.out = whole.data();
+    whole_p.g = g.data();
+    whole_p.self = a.data();
+    whole_p.other = b.data();
+    whole_p.scale = 1.0f;
+    whole_p.for_a = true;
+    split_p = whole_p;
+    split_p.out = split.data();
+    ExpectSplitsAgree<K>(15, whole_p, split_p, whole, split);
+    // d(a * b)/da summed over the broadcast axis: sum_j g[i, j, k] * b[j, k].
+    double want = 0;
+    for (int j = 0; j < 4; ++j) want += double(g[(2 * 4 + j) * 5 + 3]) * b[j * 5 + 3];
+    EXPECT_NEAR(whole[2 * 5 + 3], want, 1e-5);
+  }
   {  // PReLU's gamma gradient, one index per channel.
     std::vector<float> whole(4), split(4);
     ExpectSplitsAgree<PreluGammaGradKernel>(4, {whole.data(), g.data(), x.data(), n, 4, 5, false},
