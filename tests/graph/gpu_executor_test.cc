@@ -330,7 +330,7 @@ TEST_F(GpuExecutor, AGraphSplitBetweenCpuAndGpuTrainsAsOnTheCpu) {
 
 TEST_F(GpuExecutor, BindingAnOperatorWithoutAGpuImplementationIsRefusedNamingIt) {
   Symbol net = Op("_test_cpu_only", {Variable("data")}, {}, "c1");
-  auto e = Executor::SimpleBind(net, gpu(0), {{"data", {2, 3}}});
+  auto e = Executor::SimpleBind(net, gpu(0), {{"data", {2, 3}}}, GradReq::kNull);
   ASSERT_FALSE(e.ok());
   EXPECT_EQ(e.status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_THAT(std::string(e.status().message()), HasSubstr("c1 (_test_cpu_only)"));
