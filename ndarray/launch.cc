@@ -1,6 +1,7 @@
 #include "ndarray/launch.h"
 
 #include <algorithm>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "ndarray/device.h"
@@ -19,8 +20,10 @@ void Push(const char* name, Context ctx, std::vector<VarHandle> reads,
   // On a GPU, fn only enqueues work on the device's compute stream; the
   // operation completes when the stream has run it, and an error the device
   // reports then (a failed kernel) is stored on the written variables.
+  // The error names the operation; CUDA reports a failure at the first
+  // event after it, so it may have begun in earlier work on the stream.
   Engine::Get()->PushAsync(
-      [fn = std::move(fn)](RunContext rctx, CallbackOnComplete done) {
+      [fn = std::move(fn), op = std::string(name)](RunContext rctx, CallbackOnComplete done) {
         try {
           fn();
         } catch (...) {
@@ -28,8 +31,10 @@ void Push(const char* name, Context ctx, std::vector<VarHandle> reads,
           return;
         }
         internal::DeviceApiFor(rctx.ctx)->WhenStreamDone(
-            rctx.ctx.device_id, [done](absl::Status s) {
-              done(s.ok() ? nullptr : std::make_exception_ptr(Error(s)));
+            rctx.ctx.device_id, [done, op](absl::Status s) {
+              if (s.ok()) return done(nullptr);
+              done(std::make_exception_ptr(
+                  Error(absl::Status(s.code(), absl::StrCat(op, ": ", s.message())))));
             });
       },
       ctx, std::move(reads), std::move(writes), priority, name, prop);

@@ -8,6 +8,8 @@
 // OpenBLAS block differently). Every test is skipped, with the reason, where
 // no GPU is usable.
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <vector>
@@ -15,6 +17,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/gpu_skip.h"
+#include "ndarray/launch.h"
 #include "ndarray/ndarray.h"
 #include "ndarray/storage.h"
 #include "tests/ndarray/random_values.h"
@@ -210,6 +213,31 @@ TEST_F(GpuTest, ExhaustedMemorySaysHowMuchWasAskedAndHowMuchIsFree) {
   // The device keeps working.
   NDArray a = Ones({4}, gpu(0));
   EXPECT_THAT((a + a).ToVector(), ::testing::Each(2.0f));
+}
+
+// A kernel that fails on the device stores its error on the arrays its
+// operation writes; waiting on them throws it, naming the operation and the
+// GPU. CUDA's error is sticky (the process's GPU context is lost), so this
+// runs in a child process started afresh.
+TEST_F(GpuTest, AFailedKernelIsAnErrorNamingTheOperationAndTheGpu) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        NDArray a = Zeros({16}, gpu(0));
+        a.WaitToRead();
+        float* unmapped = reinterpret_cast<float*>(uintptr_t{64});
+        kernel::Push("bad_fill", gpu(0), {}, {a.var()}, [unmapped] {
+          kernel::Launch<kernel::FillKernel>("bad_fill", gpu(0), 1 << 20, {unmapped, 1.0f});
+        });
+        try {
+          a.WaitToRead();
+        } catch (const Error& e) {
+          std::fprintf(stderr, "%s\n", e.what());
+          std::_Exit(3);
+        }
+        std::_Exit(0);
+      },
+      ::testing::ExitedWithCode(3), "bad_fill: GPU work on gpu\\(0\\)");
 }
 
 }  // namespace
