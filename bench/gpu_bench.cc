@@ -9,14 +9,20 @@
 //   gpu_small_op_latency: per operation of a chain of dependent 256-element
 //                  additions, vs launching the kernel and synchronizing
 //                  the stream after each (target 0.5: the engine adds an
-//                  event and two thread hand-offs per operation).
+//                  event and two thread hand-offs per operation);
+//   gpu_train_step_lenet, gpu_train_step_resnet: forward and backward of
+//                  zoo::LeNet and zoo::ResNet at batch 100 on gpu(0), vs the
+//                  same networks in PyTorch on the same GPU (target 1.0).
 // Without a usable GPU (or in a build without CUDA) it prints one line
 // saying it was skipped.
 #include <cstdio>
 #include <vector>
 
 #include "bench/bench_util.h"
+#include "bench/torch_runner.h"
+#include "graph/executor.h"
 #include "ndarray/ndarray.h"
+#include "worker/zoo.h"
 
 #ifdef MX_HAVE_CUDA
 #include <cublas_v2.h>
@@ -124,6 +130,53 @@ void BenchSmallOps() {
   cudaStreamDestroy(stream);
 }
 
+// Samples per second of forward + backward of `net` at batch 100 on gpu(0),
+// over about `seconds`, synchronized every 10 steps as PyTorch's baseline is.
+double TrainStepRate(const Symbol& net, double seconds) {
+  constexpr int kBatch = 100;
+  auto exec = Executor::SimpleBind(net, gpu(0), {{"data", Shape{kBatch, 1, 28, 28}}},
+                                   GradReq::kWrite,
+                                   {{"data", GradReq::kNull}, {"softmax_label", GradReq::kNull}});
+  ThrowIfError(exec.status());
+  Executor& e = **exec;
+  for (const auto& [name, a] : e.arg_dict()) {
+    NDArray x = a;
+    if (name == "softmax_label") {
+      std::vector<float> labels(kBatch);
+      for (int i = 0; i < kBatch; ++i) labels[i] = i % 10;
+      x.Assign(labels);
+    } else {
+      x.Assign(RandomUniform(-0.1f, 0.1f, a.shape(), gpu(0)));
+    }
+  }
+  auto steps = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      e.Forward(true);
+      e.Backward();
+    }
+    WaitAll();
+  };
+  steps(20);
+  int n = 0;
+  const double start = NowSeconds();
+  while (NowSeconds() - start < seconds) {
+    steps(10);
+    n += 10;
+  }
+  return n * kBatch / (NowSeconds() - start);
+}
+
+void BenchTraining() {
+  for (const char* model : {"lenet", "resnet"}) {
+    const double mx = TrainStepRate(*zoo::ByName(model), 3.0);
+    std::optional<TorchResult> torch =
+        RunTorchBest(std::string("train_step_gpu ") + model + " 3.0");
+    const double base = torch ? torch->samples_per_s : 0;
+    Line((std::string("gpu_train_step_") + model).c_str(), mx, "samples/s", base,
+         base > 0 ? mx / base : 0, 1.0);
+  }
+}
+
 #endif  // MX_HAVE_CUDA
 
 int Main() {
@@ -136,6 +189,7 @@ int Main() {
   BenchDot();
   BenchBandwidth();
   BenchSmallOps();
+  BenchTraining();
 #endif
   return 0;
 }

@@ -4,6 +4,9 @@
   torch_baseline.py train_step MODEL THREADS SECONDS
       forward + backward + (no optimizer) of MODEL ("mlp" or "lenet") at
       batch 100 on random data; prints "samples_per_s <v>".
+  torch_baseline.py train_step_gpu MODEL SECONDS
+      the same on the first CUDA device ("lenet" or "resnet"), timed
+      between synchronizations; prints "samples_per_s <v>".
   torch_baseline.py train_epochs MODEL THREADS EPOCHS LR MOMENTUM DATA_DIR
       end-to-end training as a user runs it: reads Fashion-MNIST (gzipped
       IDX), shuffles, trains with SGD at batch 100, then tests; prints
@@ -40,6 +43,55 @@ def lenet():
                          nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(50 * 4 * 4, 500), nn.ReLU(),
                          nn.Linear(500, 10))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm, identity shortcut (worker/zoo.cc)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                               nn.BatchNorm2d(channels), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                               nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return torch.relu(self.b(self.a(x)) + x)
+
+
+def resnet(blocks=2):
+    """mx's zoo::ResNet: a 3x3x16 stem, residual blocks, global average
+    pooling, a classifier."""
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                         nn.ReLU(), *[ResidualBlock(16) for _ in range(blocks)],
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def train_step_gpu(model_name, seconds):
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = {"lenet": lenet, "resnet": resnet}[model_name]().to(device)
+    batch = 100
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    n = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        n += 10
+    elapsed = time.perf_counter() - start
+    print("samples_per_s", n * batch / elapsed)
 
 
 def train_step(model_name, threads, seconds):
@@ -163,6 +215,8 @@ def train_ddp(model_name, threads, epochs, lr, world, data_dir):
 if __name__ == "__main__":
     if sys.argv[1] == "train_step":
         train_step(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    elif sys.argv[1] == "train_step_gpu":
+        train_step_gpu(sys.argv[2], float(sys.argv[3]))
     elif sys.argv[1] == "train_epochs":
         train_epochs(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]),
                      float(sys.argv[6]), sys.argv[7], int(sys.argv[8]) if len(sys.argv) > 8 else 0)

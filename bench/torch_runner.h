@@ -16,6 +16,13 @@ inline std::string TorchScript() {
   return env != nullptr ? env : "bench/torch_baseline.py";
 }
 
+// The Python that has torch: MX_TORCH_PYTHON (a GPU machine's PyTorch may
+// live in a virtual environment), else Debian's.
+inline std::string TorchPython() {
+  const char* env = std::getenv("MX_TORCH_PYTHON");
+  return env != nullptr ? env : "/usr/bin/python3";
+}
+
 struct TorchResult {
   double samples_per_s = 0;
   double accuracy = -1;  // when the command reports one
@@ -30,8 +37,8 @@ inline std::optional<TorchResult> RunTorchBest(const std::string& args_template)
     std::string args = args_template;
     size_t at = args.find("{threads}");
     if (at != std::string::npos) args.replace(at, 9, std::to_string(threads));
-    std::string cmd = "OMP_WAIT_POLICY=passive /usr/bin/python3 " + TorchScript() + " " + args +
-                      " 2>&1";
+    std::string cmd = "OMP_WAIT_POLICY=passive " + TorchPython() + " " + TorchScript() + " " +
+                      args + " 2>&1";
     FILE* p = popen(cmd.c_str(), "r");
     if (p == nullptr) return std::nullopt;
     char line[512];

@@ -137,6 +137,15 @@ run() {
   else
     echo "compute-sanitizer not found: sanitizer runs skipped"
   fi
+  # The benchmarks' PyTorch baselines: the first python3 that has torch.
+  local py
+  for py in python3 /opt/torch/.venv/bin/python3; do
+    if command -v "$py" > /dev/null && "$py" -c 'import torch' 2> /dev/null; then
+      export MX_TORCH_PYTHON
+      MX_TORCH_PYTHON=$(command -v "$py")
+      break
+    fi
+  done
   for bin in "$dir"/bin/*_bench; do
     echo "== $(basename "$bin")"
     timeout 300 "$bin" || { echo "$(basename "$bin") failed"; failed=$((failed + 1)); }
