@@ -17,15 +17,35 @@
 // Choice of engine: the environment variable MX_ENGINE_TYPE=NaiveEngine runs
 // every operation inline in Push (for debugging: errors surface at once and
 // stacks are readable); the default is ThreadedEngine.
-// MX_CPU_WORKER_NTHREADS sets the number of worker threads (default: the
-// number of cores).
 //
-// Parallelism. The engine's workers own parallelism for element-wise work:
-// each such operation runs on one thread, and independent operations run
-// side by side. Operations marked kCpuParallel (matrix products,
-// convolutions) run alone and split themselves over every core through the
-// pool of ndarray/parallel.h, whose helpers then own the cores for the
-// duration of the call.
+// Who owns the CPU cores. Three sets of threads run a process's CPU work:
+//  - The engine's workers, MX_CPU_WORKER_NTHREADS of them (default:
+//    UsableCores(), ndarray/parallel.h). Worker 0 takes every ready
+//    operation it can; the others start one only while worker 0 is busy, so
+//    a chain of dependent operations stays on one thread and only
+//    independent ones spread out. A thread blocked in WaitForVar runs ready
+//    operations too, and a kInline operation runs on the thread that makes
+//    it ready. Element-wise work and reductions run on one thread inside
+//    their operation: parallelism comes from independent operations.
+//  - The CPU pool of ndarray/parallel.h: the calling thread and
+//    CpuThreads() - 1 helpers (OMP_NUM_THREADS, else OPENBLAS_NUM_THREADS,
+//    else UsableCores()), which spin for 100 us after a job, then sleep.
+//    kCpuParallel operations (Dot, FullyConnected, Convolution) split
+//    themselves over it, and the engine runs each alone, on worker 0 or on a
+//    waiting thread: it starts once no other operation runs, and only
+//    kInline ones start beside it, so for its duration the pool owns the
+//    cores. OpenBLAS runs one thread per call and none of its own. A
+//    kNormal operation may call ParallelFor too (Pooling does): it then
+//    shares the cores with the other workers' operations, and runs
+//    serially while another job holds the pool.
+//  - One thread per GPU in use (ndarray/cuda/cuda_device.cc) that waits for
+//    the device's compute stream: it polls, spinning and then napping, for
+//    up to 100 ms before it blocks in the driver, so it takes part of a
+//    core while GPU work is in flight. It completes GPU operations, and runs
+//    the kInline operations that this makes ready.
+// The workers and the pool each default to every usable core: processes
+// that share a machine need smaller counts (deploy/launch.py sets
+// OMP_NUM_THREADS per worker).
 //
 // GPUs. An operation on gpu(i) runs on a worker like any other, but only
 // enqueues work on the device's compute stream (ndarray/launch.h,
@@ -33,7 +53,10 @@
 // has run that work, so the engine orders GPU work against CPU work and
 // copies by the same variables.
 //
-// All methods are thread-safe.
+// All methods are thread-safe. The first engine created (Get, Shared or
+// CreateEngine) turns absl's mutex deadlock detection off for the process,
+// as mx_train and mx_server do at start: with it, every lock the engine
+// takes updates a global lock graph (engine.cc says more).
 #ifndef MX_NDARRAY_ENGINE_H_
 #define MX_NDARRAY_ENGINE_H_
 
@@ -42,10 +65,11 @@
 #include <exception>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "ndarray/context.h"
 
 namespace mx {
@@ -70,10 +94,11 @@ class Engine;
 enum class FnProperty {
   // Runs on one thread, side by side with other operations.
   kNormal,
-  // Parallelizes itself over every core (OpenBLAS products): the engine runs
-  // it alone, because the spin-waiting threads of such a kernel stall for a
-  // whole time slice whenever another thread takes one of their cores
-  // (measured: a 2-core MLP step ran 20x slower).
+  // Splits itself over every core through the CPU pool (ParallelFor and
+  // Sgemm, ndarray/parallel.h): the engine runs it alone, because threads
+  // that spin-wait for each other stall for a whole time slice whenever
+  // another thread takes one of their cores (measured with OpenBLAS's own
+  // threads, before the pool: a 2-core MLP step ran 20x slower).
   kCpuParallel,
   // Cheap and never blocks (starts RPCs, wakes a waiter): runs on the
   // thread that makes it ready (the one pushing it, or the one ending its
@@ -179,8 +204,8 @@ class Engine {
 
  private:
   std::atomic<bool> tracing_{false};
-  std::mutex trace_mu_;
-  std::vector<TraceEvent> trace_;  // guarded by trace_mu_
+  absl::Mutex trace_mu_;
+  std::vector<TraceEvent> trace_ ABSL_GUARDED_BY(trace_mu_);
   friend class CallbackOnComplete;
 };
 

@@ -31,10 +31,41 @@
 // different contexts are refused (kInvalidArgument naming both), since only
 // Assign and Copy move data between contexts.
 //
-// Thread safety. An NDArray handle may be used from several threads at once
-// when each thread only reads it or pushes operations on it; the engine
-// orders the operations in push order. Reassigning one handle object
-// (operator=) while another thread uses it is a race, as for any C++ value.
+// Thread safety. Every function here may be called from any thread, and
+// from several at once, under these rules:
+//  - Handles. Several threads may use one handle object at once, through
+//    any member but assignment, which (like destruction) needs the others
+//    to be done with that object, as for any C++ value. Copies, slices and
+//    reshapes are separate handle objects.
+//  - Order. Each call pushes its operations to the engine before it
+//    returns, so the operations of one thread run as if in its program
+//    order. On one array (and its views, which share its engine variable)
+//    the operations of all threads run in the order of their pushes, a
+//    write alone and reads side by side; between threads that order is the
+//    order in which the calls happen to push, unless the threads
+//    synchronize. Arrays that share no storage are independent.
+//  - Waiting. WaitToRead returns once every operation that writes the
+//    array, pushed by any thread before the call, has completed;
+//    WaitToWrite also waits for those that read it. Their results are then
+//    visible to the caller. WaitAll returns at a moment when no operation
+//    is pending: after everything pushed before the call (threads that
+//    keep pushing can delay it).
+//  - Host copies. ToVector, SyncCopyToCPU, Scalar, printing and Save wait
+//    as WaitToRead does, then copy on the calling thread, outside the
+//    engine; SyncCopyFromCPU and Assign(host data) wait as WaitToWrite
+//    does, then copy. Nothing holds back an operation another thread
+//    pushes meanwhile, so the caller must keep writes (for a copy out of
+//    the array) or all operations (for a copy into it) off the array until
+//    the copy returns; the same holds for data() after a wait.
+//  - Errors. An argument error is thrown by the call, on the calling
+//    thread. An operation's error is stored on the arrays it writes, and
+//    operations that later read or write them are skipped and pass it on. A
+//    wait on such an array (WaitToRead, WaitToWrite, a host copy) throws it
+//    and clears it from that array: of several threads waiting on one
+//    array, one gets it. WaitAll throws the first error no wait has thrown.
+//  - Random numbers. A random operation takes its seed when it is pushed:
+//    after srand(s), the values are reproducible when one thread draws
+//    them; threads that draw at once take seeds in the order they push.
 #ifndef MX_NDARRAY_NDARRAY_H_
 #define MX_NDARRAY_NDARRAY_H_
 
@@ -110,11 +141,12 @@ class NDArray {
   NDArray& operator*=(float s);
   NDArray& operator/=(float s);
 
-  // ---- Synchronization. Both rethrow an error stored by a failed operation.
+  // ---- Synchronization. Both rethrow an error stored by a failed operation
+  // (and clear it: see "Thread safety" above).
 
-  // Waits until every pending write of this array is done.
+  // Waits until every write of this array pushed so far is done.
   void WaitToRead() const;
-  // Waits until every pending read and write of this array is done.
+  // Waits until every read and write of this array pushed so far is done.
   void WaitToWrite() const;
 
   // ---- For kernels and engine operations.
@@ -228,7 +260,8 @@ uint64_t NextRandomSeed();
 void SampleUniform(float low, float high, NDArray* out);
 void SampleNormal(float mean, float stddev, NDArray* out);
 
-// Waits for every pushed operation; rethrows the first unreported error.
+// Waits until no operation is pending (so for every operation pushed before
+// the call, by any thread); rethrows the first error no wait has reported.
 void WaitAll();
 
 // ---- Files: a named list of arrays (checkpoints use this).

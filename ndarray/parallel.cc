@@ -6,11 +6,9 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
-#include <mutex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -18,8 +16,10 @@
 
 #include <cblas.h>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 
 // OpenBLAS's own; declared here because the cblas.h of Debian's
 // alternatives need not be OpenBLAS's.
@@ -96,24 +96,29 @@ class CpuPool {
       return;
     }
     Job job(tasks, fn);
-    std::unique_lock<std::mutex> lock(mu_);
-    if (job_ != nullptr) {  // another thread's job holds the pool
-      lock.unlock();
+    bool busy, wake = false;
+    {
+      absl::MutexLock lock(&mu_);
+      busy = job_ != nullptr;  // another thread's job holds the pool
+      if (!busy) {
+        job_ = &job;
+        generation_.fetch_add(1, std::memory_order_release);
+        wake = sleeping_ > 0;
+      }
+    }
+    if (busy) {
       RunSerially(tasks, fn);
       return;
     }
-    job_ = &job;
-    generation_.fetch_add(1, std::memory_order_release);
-    const bool wake = sleeping_ > 0;
-    lock.unlock();
-    if (wake) cv_.notify_all();
+    if (wake) cv_.SignalAll();
 
     t_in_parallel = true;
     Work(&job, 0);
     t_in_parallel = false;
-    lock.lock();
-    job_ = nullptr;  // no helper joins from now on
-    lock.unlock();
+    {
+      absl::MutexLock lock(&mu_);
+      job_ = nullptr;  // no helper joins from now on
+    }
     // Every task is claimed (Work returned); the helpers that joined finish
     // the ones they claimed before they leave.
     while (job.users.load(std::memory_order_acquire) != 0) CpuRelax();
@@ -152,10 +157,12 @@ class CpuPool {
       }
       Job* job;
       {
-        std::unique_lock<std::mutex> lock(mu_);
+        absl::MutexLock lock(&mu_);
         if (generation_.load(std::memory_order_relaxed) == seen) {
           ++sleeping_;
-          cv_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+          do {
+            cv_.Wait(&mu_);
+          } while (generation_.load(std::memory_order_relaxed) == seen);
           --sleeping_;
         }
         seen = generation_.load(std::memory_order_relaxed);
@@ -169,12 +176,13 @@ class CpuPool {
   }
 
   const int threads_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::atomic<uint64_t> generation_{0};  // bumped when a job is published
-  // Guarded by mu_.
-  Job* job_ = nullptr;
-  int sleeping_ = 0;
+  absl::Mutex mu_;
+  absl::CondVar cv_;  // signalled when a job is published and helpers sleep
+  // Bumped, under mu_, when a job is published; read without it by
+  // spinning helpers.
+  std::atomic<uint64_t> generation_{0};
+  Job* job_ ABSL_GUARDED_BY(mu_) = nullptr;  // the job helpers may join
+  int sleeping_ ABSL_GUARDED_BY(mu_) = 0;    // helpers waiting on cv_
 };
 
 CpuPool& Pool() {
