@@ -15,7 +15,8 @@
 #       and racecheck (each run counts as one test), the benchmarks and
 #       training on gpu(0), and ends with "N passed, N failed, N skipped".
 #       Exit status 0 only when nothing failed. MX_GPU_CHECK=tests runs the
-#       tests alone (a quick check when little device time is left).
+#       tests alone, MX_GPU_CHECK=fast all but the sanitizer runs (quicker
+#       checks when little device time is left).
 #
 # docs/operations.md ("Checking the GPU path") tells how to run it.
 set -uo pipefail
@@ -120,7 +121,9 @@ run() {
   # out: the tool reports what they do.)
   local sanitizer
   sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  if [[ -x $sanitizer ]]; then
+  if [[ ${MX_GPU_CHECK:-all} == fast ]]; then
+    echo "sanitizer runs skipped (MX_GPU_CHECK=fast)"
+  elif [[ -x $sanitizer ]]; then
     local tool
     for tool in memcheck racecheck; do
       for name in gpu_ndarray_test gpu_executor_test; do
