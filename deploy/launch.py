@@ -126,6 +126,10 @@ def signal_group(proc, sig):
         pass
 
 
+class StartFailed(Exception):
+    """A process of the job could not be started (a missing binary)."""
+
+
 class Stopped(Exception):
     """Raised by the launcher's signal handlers: the job is to stop with
     exit code `code`. The stop runs in run(), not in the handler: a handler
@@ -157,8 +161,11 @@ class Job:
         if self.remote is not None:
             cmd, env = self.remote.command(host, cmd, env), os.environ
             name = f"{name} on {host}"
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+        try:
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        except OSError as e:
+            raise StartFailed(f"cannot start {name}: {cmd[0]}: {e.strerror}") from e
         proc = Proc(name, role, p)
         self.procs.append(proc)
         proc.pump = threading.Thread(target=self._pump, args=(proc,), daemon=True)
@@ -434,7 +441,8 @@ def run(args, cmd, secrets, remote):
 def run_until_stopped(job, body):
     """Returns body() (which starts and supervises `job`), unless SIGINT,
     SIGTERM or SIGHUP comes first: then stops the job and returns 130, 143
-    or 129."""
+    or 129. Whatever way body() ends, nothing it started is left running:
+    a process that cannot be started stops the others and returns 1."""
     for sig, code in STOP_SIGNALS.items():
         signal.signal(sig, raise_stopped(code))
     try:
@@ -444,6 +452,13 @@ def run_until_stopped(job, body):
             signal.signal(sig, signal.SIG_IGN)
         job.stop_all()
         return stopped.code
+    except StartFailed as e:
+        log(f"{e}; stopping the job")
+        job.stop_all()
+        return 1
+    except BaseException:
+        job.stop_all()
+        raise
 
 
 def start_and_supervise(job, args, cmd, secrets, env):

@@ -1,5 +1,7 @@
 #include "server/coordinator.h"
 
+#include <optional>
+
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
@@ -117,15 +119,25 @@ class Service final : public CoordinatorBase {
         [&](Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { AnswerBarriers(answers); });
   }
 
-  // Every worker has finished and every live server has been told to shut
-  // down: the coordinator's work is done.
+  // Every worker has finished (or every one died), and every live server
+  // has been told to shut down (after a failure, at most a heartbeat
+  // timeout is spent waiting for them to hear it): the coordinator's work
+  // is done.
   bool Finished() {
     absl::MutexLock lock(&mu_);
-    if (!EveryWorkerDone()) return false;
+    if (!EveryWorkerDone() && !Failed()) return false;
+    if (Failed() && absl::Now() - failed_at_ > options_.heartbeat_timeout) return true;
     for (const auto& [rank, unused] : servers_) {
       if (!told_.count(rank) && !dead_.count({proto::SERVER, rank})) return false;
     }
     return true;
+  }
+
+  // Why the job failed ("" while it has not): every worker died before any
+  // finished.
+  std::string Failure() {
+    absl::MutexLock lock(&mu_);
+    return failure_;
   }
 
   // Declares nodes dead whose last heartbeat is older than the timeout,
@@ -147,6 +159,10 @@ class Service final : public CoordinatorBase {
         }
         dead_[node] = info;
         NodeGauge(node.first, "dead")->Add(1);
+      }
+      if (!Failed() && EveryWorkerDied()) {
+        failure_ = absl::StrCat("every worker of the job died: ", DeadList(proto::WORKER));
+        failed_at_ = now;
       }
       AnswerBarriers(&answers);
       TimeOut(now, &answers);
@@ -284,8 +300,9 @@ class Service final : public CoordinatorBase {
     for (const auto& [node, info] : dead_) *resp->add_dead() = info;
     resp->set_time_us(trace::NowMicros());
     for (int rank : left_) resp->add_finished_workers(rank);
-    if (req.role() == proto::SERVER && EveryWorkerDone()) {
+    if (req.role() == proto::SERVER && (EveryWorkerDone() || Failed())) {
       resp->set_shutdown(true);
+      resp->set_failure(failure_);
       told_.insert(req.rank());
     }
     return absl::OkStatus();
@@ -414,6 +431,15 @@ class Service final : public CoordinatorBase {
     }
     return missing;
   }
+  bool Failed() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !failure_.empty(); }
+  // Whether every worker registered and then died, none finishing.
+  bool EveryWorkerDied() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!left_.empty() || static_cast<int>(workers_.size()) < options_.num_workers) return false;
+    for (int rank = 0; rank < options_.num_workers; ++rank) {
+      if (!dead_.count({proto::WORKER, rank})) return false;
+    }
+    return true;
+  }
   // Whether every worker has finished or died, at least one finished.
   bool EveryWorkerDone() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (left_.empty() || static_cast<int>(workers_.size()) < options_.num_workers) return false;
@@ -422,9 +448,13 @@ class Service final : public CoordinatorBase {
     }
     return true;
   }
-  std::string DeadList() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // "worker 1 (addr), server 0 (addr) stopped sending heartbeats": the dead
+  // nodes, of `role` or of every role.
+  std::string DeadList(std::optional<proto::Role> role = std::nullopt) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     std::vector<std::string> names;
     for (const auto& [node, info] : dead_) {
+      if (role.has_value() && info.role() != *role) continue;
       names.push_back(absl::StrCat(RoleName(info.role()), " ", info.rank(), " (", info.address(), ")"));
     }
     return absl::StrCat(absl::StrJoin(names, ", "), " stopped sending heartbeats");
@@ -437,6 +467,8 @@ class Service final : public CoordinatorBase {
   std::map<int, proto::NodeInfo> servers_ ABSL_GUARDED_BY(mu_), workers_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<proto::Role, int>, absl::Time> last_seen_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<proto::Role, int>, proto::NodeInfo> dead_ ABSL_GUARDED_BY(mu_);
+  std::string failure_ ABSL_GUARDED_BY(mu_);  // why the job failed, "" if it has not
+  absl::Time failed_at_ ABSL_GUARDED_BY(mu_);
   std::map<int64_t, std::set<int>> entered_ ABSL_GUARDED_BY(mu_);
   std::set<int> left_ ABSL_GUARDED_BY(mu_);  // workers that finished
   std::set<int> told_ ABSL_GUARDED_BY(mu_);  // servers told to shut down
@@ -485,6 +517,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
 }
 
 bool CoordinatorServer::finished() const { return impl_->service->Finished(); }
+std::string CoordinatorServer::failure() const { return impl_->service->Failure(); }
 int64_t CoordinatorServer::refused() const { return impl_->service->refused(); }
 
 CoordinatorServer::~CoordinatorServer() {

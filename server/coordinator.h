@@ -46,6 +46,10 @@ class CoordinatorServer {
   // Every worker has finished (Leave) or died, and every live server has
   // been told to shut down.
   bool finished() const;
+  // Why the job failed, "" unless it did: every worker died before any
+  // finished (declared dead by heartbeat timeout). The servers are told,
+  // and stop with that error; the coordinator is then finished().
+  std::string failure() const;
   // Calls refused for a missing or wrong token or identity.
   int64_t refused() const;
 

@@ -15,6 +15,7 @@
 // after three, so they are the ones to report it).
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <csignal>
@@ -33,6 +34,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "ndarray/env.h"
 #include "proto/mx.grpc.pb.h"
 #include "ndarray/trace.h"
@@ -163,19 +165,46 @@ bool DialableAddress(const std::string& address) {
              std::string::npos;
 }
 
-// Blocks until SIGINT or SIGTERM (blocked in every thread, so they arrive
-// here) and returns it, or until `stop()` turns true and returns 0.
-int WaitForSignal(const std::function<bool()>& stop) {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  timespec tick{0, 200 * 1000 * 1000};
-  while (!stop()) {
-    const int sig = sigtimedwait(&set, nullptr, &tick);
-    if (sig > 0) return sig;
+// Signals. SIGINT and SIGTERM run OnStopSignal in whichever thread the
+// kernel picks. Once the node serves, it records the signal: WaitForSignal
+// returns it and the node shuts down in order. Before, it ends the process
+// at once (exit 128 + signal; a server waiting to register, say). A
+// handler, not the default action: the kernel delivers signals to a PID 1
+// (a container's) only when it has one.
+std::atomic<int> g_signal{0};
+std::atomic<bool> g_serving{false};
+
+extern "C" void OnStopSignal(int sig) {
+  g_signal.store(sig);
+  if (g_serving.load()) return;
+  static const char kTerm[] = "mx_server: stopping (SIGTERM) before serving\n";
+  static const char kInt[] = "mx_server: stopping (SIGINT) before serving\n";
+  const char* line = sig == SIGTERM ? kTerm : kInt;
+  const size_t len = sig == SIGTERM ? sizeof(kTerm) - 1 : sizeof(kInt) - 1;
+  if (write(STDERR_FILENO, line, len) < 0) {
+    // Nothing to do: the exit code still says why.
   }
-  return 0;
+  _exit(128 + sig);
+}
+
+void InstallStopHandlers() {
+  struct sigaction action = {};
+  action.sa_handler = OnStopSignal;
+  action.sa_flags = SA_RESTART;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
+}
+
+// Blocks until SIGINT or SIGTERM comes and returns it, or until `stop()`
+// turns true and returns 0.
+int WaitForSignal(const std::function<bool()>& stop) {
+  g_serving = true;
+  while (!stop()) {
+    if (const int sig = g_signal.load()) return sig;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  return g_signal.load();
 }
 
 // The line an orderly stop logs: "server 1: every worker finished;
@@ -256,6 +285,10 @@ int RunCoordinator() {
   std::cout << "coordinator listening on " << (*c)->address()
             << (o.elastic ? " (elastic)" : "") << std::endl;
   const int sig = WaitForSignal([&c] { return (*c)->finished(); });
+  if (const std::string failure = (*c)->failure(); sig == 0 && !failure.empty()) {
+    std::cerr << "mx_server: coordinator: " << failure << "; stopping" << std::endl;
+    return 1;
+  }
   LogShutdown("coordinator", sig, (*c)->refused());
   return 0;
 }
@@ -272,8 +305,8 @@ std::string Advertised(const std::string& advertise, const std::string& bound) {
 }
 
 // Heartbeats until the coordinator says every worker finished (returns
-// true), the coordinator is lost (closes the shard, returns false), or a
-// signal (returns false; *sig is set).
+// true), the coordinator says the job failed or is lost (closes the shard,
+// prints why, returns false), or a signal (returns false; *sig is set).
 bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, int* sig) {
   const int rank = coordinator.cluster().self().rank();
   std::atomic<bool> finished{false}, lost{false};
@@ -283,7 +316,12 @@ bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, in
           if (dead.role() == proto::WORKER) ps.shard().MarkDead(dead.rank());
         }
         for (int worker : hr.finished_workers()) ps.shard().MarkFinished(worker);
-        if (hr.shutdown()) finished = true;
+        if (!hr.failure().empty() && !lost.exchange(true)) {
+          std::cerr << "mx_server: server " << rank << ": " << hr.failure() << "; stopping\n";
+          ps.shard().Close(absl::StrCat("server ", rank, " stopped: ", hr.failure()));
+        } else if (hr.shutdown()) {
+          finished = true;
+        }
       },
       [&](const absl::Status& why) {
         std::cerr << "mx_server: server " << rank << ": " << why.message() << "; stopping\n";
@@ -373,7 +411,7 @@ int main(int argc, char** argv) {
   // A crash prints its signal and stack (with symbols) before the process dies.
   absl::InitializeSymbolizer(argv[0]);
   absl::InstallFailureSignalHandler(absl::FailureSignalHandlerOptions());
-  std::signal(SIGTERM, SIG_DFL);  // a stop, not a failure
+  mx::InstallStopHandlers();  // a stop, not a failure
   // absl's mutex deadlock detection (on in Debian's build) costs a graph
   // update per lock in gRPC's and the shard's hot paths.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
@@ -381,12 +419,6 @@ int main(int argc, char** argv) {
   // shard's lock, one at a time: inline, they save two thread switches per
   // update (unless MX_ENGINE_TYPE says otherwise).
   setenv("MX_ENGINE_TYPE", "NaiveEngine", /*overwrite=*/0);
-  // Signals are taken by WaitForSignal, not by gRPC's threads.
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
   std::string role = absl::GetFlag(FLAGS_role);
   if (role.empty()) role = mx::EnvString("DMLC_ROLE");
   if (role == "coordinator" || role == "scheduler") return mx::RunCoordinator();

@@ -79,8 +79,12 @@ EpochEndCallback DoCheckpoint(const std::string& prefix, int period, absl::Statu
     if (!s.ok()) {
       s = absl::Status(s.code(), absl::StrCat("checkpoint of epoch ", p.epoch + 1,
                                               " failed: ", s.message()));
-      std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-      if (error != nullptr) *error = s;
+      // Printed once: by whoever receives it, or here.
+      if (error != nullptr) {
+        *error = s;
+      } else {
+        std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+      }
       return false;  // stop rather than train on without checkpoints
     }
     std::printf("Saved checkpoint to \"%s\"\n", CheckpointParamsPath(prefix, p.epoch + 1).c_str());

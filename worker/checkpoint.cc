@@ -1,14 +1,23 @@
 #include "worker/checkpoint.h"
 
+#include <unistd.h>
+#include <zlib.h>
+
+#include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <optional>
+#include <set>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 
 namespace mx {
 
@@ -78,7 +87,23 @@ absl::StatusOr<Shape> ReadShape(Reader& r, bool int64_dims, size_t index) {
   return shape;
 }
 
-absl::StatusOr<NDArray> ReadArray(Reader& r, size_t index, Context ctx) {
+// The first NaN or infinite value of `values`, if any.
+std::optional<int64_t> FirstNonFinite(const std::vector<float>& values) {
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (!std::isfinite(values[i])) return static_cast<int64_t>(i);
+  }
+  return std::nullopt;
+}
+
+// An array as read, with its first non-finite element (reported once the
+// names, which follow the arrays, are known).
+struct ReadResult {
+  NDArray array;
+  std::optional<int64_t> non_finite;
+  float bad_value = 0;
+};
+
+absl::StatusOr<ReadResult> ReadArray(Reader& r, size_t index, Context ctx) {
   uint32_t magic = 0;
   MX_RETURN_IF_ERROR(r.Get(&magic, absl::StrCat("the header of array ", index)));
   Shape shape;
@@ -102,7 +127,7 @@ absl::StatusOr<NDArray> ReadArray(Reader& r, size_t index, Context ctx) {
       shape.push_back(dim);
     }
   }
-  if (shape.ndim() == 0) return NDArray();  // MXNet writes none arrays so
+  if (shape.ndim() == 0) return ReadResult{};  // MXNet writes none arrays so
   int32_t dev_type = 0, dev_id = 0, type_flag = 0;
   MX_RETURN_IF_ERROR(r.Get(&dev_type, "the context"));
   MX_RETURN_IF_ERROR(r.Get(&dev_id, "the context"));
@@ -117,11 +142,56 @@ absl::StatusOr<NDArray> ReadArray(Reader& r, size_t index, Context ctx) {
   }
   std::vector<float> values(n);
   MX_RETURN_IF_ERROR(r.Bytes(values.data(), n * sizeof(float), "array data"));
+  ReadResult result;
+  result.non_finite = FirstNonFinite(values);
+  if (result.non_finite) result.bad_value = values[*result.non_finite];
   try {
-    return FromVector(values, shape, ctx);
+    result.array = FromVector(values, shape, ctx);
   } catch (const mx::Error& e) {
     return e.status();
   }
+  return result;
+}
+
+std::string Checksum(const std::string& data) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  // zlib takes lengths as uInt: feed large files in parts.
+  for (size_t done = 0; done < data.size();) {
+    const uInt part = static_cast<uInt>(std::min<size_t>(data.size() - done, 1u << 30));
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(data.data() + done), part);
+    done += part;
+  }
+  return absl::StrFormat("crc32=%08x bytes=%d", crc, data.size());
+}
+
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// Compares `data` (the file at `path`) with its checksum file, if any.
+absl::Status VerifyChecksum(const std::string& path, const std::string& data) {
+  const std::string sum_path = ChecksumPath(path);
+  absl::StatusOr<std::string> recorded = ReadWholeFile(sum_path);
+  if (!recorded.ok()) {
+    static absl::Mutex mu(absl::kConstInit);
+    static auto* warned = new std::set<std::string>();
+    absl::MutexLock lock(&mu);
+    if (warned->insert(path).second) {
+      std::fprintf(stderr,
+                   "warning: %s has no checksum file %s: loading it unverified (files written "
+                   "by MXNet have none)\n",
+                   path.c_str(), sum_path.c_str());
+    }
+    return absl::OkStatus();
+  }
+  const std::string want(absl::StripAsciiWhitespace(*recorded));
+  const std::string got = Checksum(data);
+  if (got == want) return absl::OkStatus();
+  return absl::DataLossError(absl::StrCat(path, ": damaged: its contents have ", got, " but ",
+                                          sum_path, " records ", want,
+                                          " (the file changed after it was written)"));
 }
 
 }  // namespace
@@ -152,13 +222,37 @@ absl::Status SaveNDArrayList(const std::string& path, const NamedArrays& arrays)
     w.Put<uint64_t>(name.size());
     w.Bytes(name.data(), name.size());
   }
-  return WriteFileAtomically(path, w.str());
+  // The old checksum goes first: a crash between the two writes leaves a
+  // file without one (a warning on load), never a stale one (an error).
+  const std::string sum_path = ChecksumPath(path);
+  if (std::remove(sum_path.c_str()) != 0 && errno != ENOENT) {
+    return absl::InternalError(absl::StrCat("cannot remove ", sum_path, ": ", std::strerror(errno)));
+  }
+  MX_RETURN_IF_ERROR(WriteFileAtomically(path, w.str()));
+  return WriteFileAtomically(sum_path, Checksum(w.str()) + "\n");
 }
 
-absl::StatusOr<NamedArrays> LoadNDArrayList(const std::string& path, Context ctx) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+std::string ChecksumPath(const std::string& params_path) { return params_path + ".crc32"; }
+
+absl::Status CheckCheckpointPrefix(const std::string& prefix) {
+  const std::string probe = absl::StrCat(prefix, ".mx-write-test-", getpid());
+  std::FILE* f = std::fopen(probe.c_str(), "w");
+  if (f == nullptr) {
+    const size_t slash = prefix.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : prefix.substr(0, slash + 1);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "checkpoints cannot be written under prefix '", prefix, "': creating a file in ", dir,
+        " failed: ", std::strerror(errno)));
+  }
+  std::fclose(f);
+  std::remove(probe.c_str());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<NamedArrays> LoadNDArrayList(const std::string& path,
+                                             const ParamsLoadOptions& options) {
+  MX_ASSIGN_OR_RETURN(const std::string data, ReadWholeFile(path));
+  MX_RETURN_IF_ERROR(VerifyChecksum(path, data));
   Reader r(path, data);
   uint64_t magic = 0, reserved = 0, count = 0;
   MX_RETURN_IF_ERROR(r.Get(&magic, "the file header"));
@@ -169,9 +263,9 @@ absl::StatusOr<NamedArrays> LoadNDArrayList(const std::string& path, Context ctx
   MX_RETURN_IF_ERROR(r.Get(&reserved, "the file header"));
   MX_RETURN_IF_ERROR(r.Get(&count, "the array count"));
   if (count > r.remaining()) return r.Error(absl::StrCat("impossible array count ", count));
-  std::vector<NDArray> arrays;
+  std::vector<ReadResult> arrays;
   for (uint64_t i = 0; i < count; ++i) {
-    MX_ASSIGN_OR_RETURN(NDArray a, ReadArray(r, i, ctx));
+    MX_ASSIGN_OR_RETURN(ReadResult a, ReadArray(r, i, options.ctx));
     arrays.push_back(std::move(a));
   }
   uint64_t name_count = 0;
@@ -189,7 +283,19 @@ absl::StatusOr<NamedArrays> LoadNDArrayList(const std::string& path, Context ctx
       name.resize(len);
       MX_RETURN_IF_ERROR(r.Bytes(name.data(), len, "a name"));
     }
-    out.emplace_back(std::move(name), arrays[i]);
+    out.emplace_back(std::move(name), arrays[i].array);
+  }
+  if (r.remaining() > 0) {
+    return r.Error(absl::StrCat(r.remaining(), " bytes follow the last name (the file was ",
+                                "damaged or appended to)"));
+  }
+  for (uint64_t i = 0; i < count && !options.allow_non_finite; ++i) {
+    if (!arrays[i].non_finite) continue;
+    const std::string& name = out[i].first;
+    return absl::DataLossError(absl::StrCat(
+        path, ": array ", name.empty() ? absl::StrCat(i) : absl::StrCat("'", name, "'"),
+        " holds ", arrays[i].bad_value, " at element ", *arrays[i].non_finite,
+        " (a non-finite value; allow them with --allow_non_finite_params)"));
   }
   return out;
 }
@@ -212,11 +318,12 @@ absl::Status SaveCheckpoint(const std::string& prefix, int epoch, const Symbol& 
   return SaveNDArrayList(CheckpointParamsPath(prefix, epoch), all);
 }
 
-absl::StatusOr<Checkpoint> LoadCheckpoint(const std::string& prefix, int epoch) {
+absl::StatusOr<Checkpoint> LoadCheckpoint(const std::string& prefix, int epoch,
+                                          const ParamsLoadOptions& options) {
   Checkpoint ckpt;
   MX_ASSIGN_OR_RETURN(ckpt.symbol, Symbol::Load(prefix + "-symbol.json"));
   const std::string path = CheckpointParamsPath(prefix, epoch);
-  MX_ASSIGN_OR_RETURN(NamedArrays all, LoadNDArrayList(path));
+  MX_ASSIGN_OR_RETURN(NamedArrays all, LoadNDArrayList(path, options));
   for (auto& [name, a] : all) {
     if (absl::StartsWith(name, "arg:")) {
       ckpt.arg_params[name.substr(4)] = a;

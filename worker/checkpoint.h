@@ -22,9 +22,26 @@ namespace mx {
 // shape, context, float32 type, data), then the names. Loading also accepts
 // V1 records (magic 0xF993FAC8) and the pre-V1 layout. Only float32 arrays
 // are supported; other types are an error naming the array.
+//
+// Damage is refused (kDataLoss, naming the file). Saving writes, beside the
+// file and after it, `<path>.crc32` ("crc32=<8 hex digits> bytes=<n>"), so
+// MXNet still reads the file itself. Loading verifies the checksum when that
+// file exists and warns once per path when it does not (files from MXNet
+// have none); bytes after the names are an error; so is a NaN or infinite
+// value, naming the array and the element, unless allow_non_finite.
+struct ParamsLoadOptions {
+  Context ctx = cpu();
+  bool allow_non_finite = false;
+};
 absl::Status SaveNDArrayList(const std::string& path, const NamedArrays& arrays);
 absl::StatusOr<NamedArrays> LoadNDArrayList(const std::string& path,
-                                             Context ctx = cpu());
+                                             const ParamsLoadOptions& options = {});
+std::string ChecksumPath(const std::string& params_path);
+
+// Whether checkpoints can be written under `prefix` (its directory exists
+// and takes a new file): checked before training, so that a bad prefix
+// fails at start-up rather than after the first epoch.
+absl::Status CheckCheckpointPrefix(const std::string& prefix);
 
 struct Checkpoint {
   Symbol symbol;
@@ -42,7 +59,8 @@ absl::Status SaveCheckpoint(const std::string& prefix, int epoch,
                             const std::map<std::string, NDArray>& arg_params,
                             const std::map<std::string, NDArray>& aux_params);
 // Reads them back; names without an "arg:" or "aux:" prefix are an error.
-absl::StatusOr<Checkpoint> LoadCheckpoint(const std::string& prefix, int epoch);
+absl::StatusOr<Checkpoint> LoadCheckpoint(const std::string& prefix, int epoch,
+                                          const ParamsLoadOptions& options = {});
 
 }  // namespace mx
 

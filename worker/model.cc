@@ -430,8 +430,9 @@ absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) c
 }
 
 absl::StatusOr<FeedForward> FeedForward::LoadCheckpoint(const std::string& prefix, int epoch,
-                                                         std::vector<Context> contexts) {
-  MX_ASSIGN_OR_RETURN(Checkpoint ckpt, mx::LoadCheckpoint(prefix, epoch));
+                                                         std::vector<Context> contexts,
+                                                         const ParamsLoadOptions& options) {
+  MX_ASSIGN_OR_RETURN(Checkpoint ckpt, mx::LoadCheckpoint(prefix, epoch, options));
   FeedForward model(ckpt.symbol, std::move(contexts));
   model.arg_params_ = std::move(ckpt.arg_params);
   model.aux_params_ = std::move(ckpt.aux_params);

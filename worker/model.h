@@ -29,6 +29,7 @@
 #include "kvstore/kvstore.h"
 #include "kvstore/optimizer.h"
 #include "ndarray/ndarray.h"
+#include "worker/checkpoint.h"
 #include "worker/io.h"
 #include "worker/metric.h"
 
@@ -110,9 +111,11 @@ class FeedForward {
   // `epoch` under `prefix` (see worker/checkpoint.h). In a distributed job
   // only worker 0 writes (the optimizer state then comes from the servers).
   absl::Status SaveCheckpoint(const std::string& prefix, int epoch) const;
-  // A model with the symbol and parameters of a checkpoint.
+  // A model with the symbol and parameters of a checkpoint (damaged files
+  // are refused: worker/checkpoint.h).
   static absl::StatusOr<FeedForward> LoadCheckpoint(
-      const std::string& prefix, int epoch, std::vector<Context> contexts = {cpu()});
+      const std::string& prefix, int epoch, std::vector<Context> contexts = {cpu()},
+      const ParamsLoadOptions& options = {});
 
  private:
   // One training executor per context, each taking an equal share of the

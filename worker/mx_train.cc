@@ -9,6 +9,8 @@
 // Data: Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) by
 // default, or CSV files. Prints per-epoch metrics and the final test
 // accuracy ("Final test accuracy=0.8765").
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdlib>
 #include <fstream>
@@ -66,6 +68,8 @@ ABSL_FLAG(std::string, contexts, "cpu(0)", "comma-separated contexts, e.g. cpu(0
 ABSL_FLAG(std::string, checkpoint_prefix, "", "save checkpoints under this prefix");
 ABSL_FLAG(int, checkpoint_period, 1, "save a checkpoint every N epochs");
 ABSL_FLAG(int, resume_epoch, 0, "resume from the checkpoint of this epoch (needs --checkpoint_prefix)");
+ABSL_FLAG(bool, allow_non_finite_params, false,
+          "resume from parameters holding NaN or infinite values (refused by default)");
 ABSL_FLAG(uint64_t, seed, 0, "random seed (initialization and shuffling)");
 ABSL_FLAG(int, threads, 0, "engine worker threads (0: one per core)");
 ABSL_FLAG(std::string, metrics_log, "", "append per-epoch metrics to this .csv or .jsonl file");
@@ -217,10 +221,14 @@ absl::Status Run() {
   if (resume > 0 && prefix.empty()) {
     return absl::InvalidArgumentError("--resume_epoch needs --checkpoint_prefix");
   }
+  if (!prefix.empty()) MX_RETURN_IF_ERROR(CheckCheckpointPrefix(prefix));
 
   std::unique_ptr<FeedForward> model;
   if (resume > 0) {
-    MX_ASSIGN_OR_RETURN(FeedForward loaded, FeedForward::LoadCheckpoint(prefix, resume, contexts));
+    ParamsLoadOptions load;
+    load.allow_non_finite = absl::GetFlag(FLAGS_allow_non_finite_params);
+    MX_ASSIGN_OR_RETURN(FeedForward loaded,
+                        FeedForward::LoadCheckpoint(prefix, resume, contexts, load));
     model = std::make_unique<FeedForward>(std::move(loaded));
   } else {
     absl::StatusOr<Symbol> net = zoo::ByName(network);
@@ -275,6 +283,19 @@ absl::Status Run() {
 }  // namespace
 }  // namespace mx
 
+// Exits 128 + sig after one line on stderr (async-signal-safe: write and
+// _exit only).
+extern "C" void StopOnSignal(int sig) {
+  static const char kTerm[] = "mx_train: stopping (SIGTERM)\n";
+  static const char kInt[] = "mx_train: stopping (SIGINT)\n";
+  const char* line = sig == SIGTERM ? kTerm : kInt;
+  const size_t len = sig == SIGTERM ? sizeof(kTerm) - 1 : sizeof(kInt) - 1;
+  if (write(STDERR_FILENO, line, len) < 0) {
+    // Nothing to do: the exit code still says why.
+  }
+  _exit(128 + sig);
+}
+
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "trains a network on Fashion-MNIST (or CSV data) and reports test accuracy.\n"
@@ -283,7 +304,11 @@ int main(int argc, char** argv) {
   // A crash prints its signal and stack (with symbols) before the process dies.
   absl::InitializeSymbolizer(argv[0]);
   absl::InstallFailureSignalHandler(absl::FailureSignalHandlerOptions());
-  std::signal(SIGTERM, SIG_DFL);  // a stop, not a failure
+  // SIGTERM and SIGINT stop the worker at once, saying so. A handler, not
+  // the default action: a process that is PID 1 (a container's) ignores
+  // signals left at their default action.
+  std::signal(SIGTERM, StopOnSignal);
+  std::signal(SIGINT, StopOnSignal);
   // absl's mutex deadlock detection (on in Debian's build) costs a graph
   // update per lock in gRPC's hot paths.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);

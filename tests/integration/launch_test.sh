@@ -93,7 +93,7 @@ out=$(MX_COORDINATOR=127.0.0.1:$port MX_STARTUP_TIMEOUT_S=3 timeout 20 "${worker
 rc=$?
 wait "$server"; server_rc=$?
 elapsed=$(( $(now_ms) - start ))
-kill -9 "$coordinator"; wait "$coordinator"
+kill "$coordinator"; wait "$coordinator"
 [[ $rc -eq 1 && "$out" == *"only 1 of 1 servers and 1 of 2 workers registered in time"* ]] ||
   fail "worker alone: exit code $rc, said: $out"
 [[ $server_rc -eq 1 ]] && grep -q "only 1 of 1 servers and 1 of 2 workers registered in time" "$TMP/alone_server.log" ||
@@ -130,6 +130,60 @@ echo "interrupted job stopped ${elapsed} ms after SIGINT (exit code $rc)"
 (( elapsed <= 5000 )) || fail "interrupted job took ${elapsed} ms to stop"
 sleep 0.5
 assert_nothing_left "$log"
+
+# 6b. SIGHUP (a closed terminal, a dropped ssh session) stops it too.
+log="$TMP/hangup.log"
+start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000
+wait_for_line "$log" '^\[worker [01]\] Epoch\[0\]' 60 || fail "no worker finished an epoch before SIGHUP"
+kill -HUP "$launcher"
+wait "$launcher"; rc=$?
+[[ $rc -eq 129 ]] || fail "hung-up launcher exited $rc, not 129"
+sleep 0.5
+assert_nothing_left "$log"
+
+# 6c. A worker binary that does not exist: the launcher says so, stops the
+# coordinator and servers it started, and exits 1 (no Python traceback).
+log="$TMP/nobinary.log"
+start_job "$log" -n 2 -s 2 -- "$TMP/no_such_worker" --epochs=1
+wait "$launcher"; rc=$?
+[[ $rc -eq 1 ]] || fail "launcher with a missing worker binary exited $rc, not 1"
+grep -q "^launch.py: cannot start worker 0: $TMP/no_such_worker: No such file or directory; stopping the job$" "$log" ||
+  { fail "the launcher did not say the worker binary is missing"; cat "$log"; }
+! grep -q Traceback "$log" || fail "the launcher printed a traceback"
+left=$(live_job_pids "$log")
+[[ -z "$left" ]] || { fail "a missing worker binary left processes: $left"; kill -9 $left; }
+
+# 6d. Every worker dies before any finishes, with no launcher to stop the
+# daemons (as under Kubernetes): the coordinator and the server end by
+# themselves, exit code 1, saying why, soon after the heartbeat timeout.
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+timeout -k 2 60 "$SERVER" --role=coordinator --bind=127.0.0.1:$port --num_servers=1 \
+  --num_workers=1 --heartbeat_timeout_s=2 > "$TMP/orphan_coordinator.log" 2>&1 &
+orphan_coordinator=$!
+timeout -k 2 60 "$SERVER" --role=server --coordinator=127.0.0.1:$port --num_workers=1 \
+  > "$TMP/orphan_server.log" 2>&1 &
+orphan_server=$!
+MX_COORDINATOR=127.0.0.1:$port timeout -k 2 60 "${worker[@]}" --epochs=1000 \
+  > "$TMP/orphan_worker.log" 2>&1 &
+orphan_worker=$!
+if wait_for_line "$TMP/orphan_worker.log" 'Epoch\[0\]' 60; then
+  kill -9 "$(pgrep -P "$orphan_worker")"  # mx_train, not the timeout around it
+  start=$(now_ms)
+  wait "$orphan_server"; server_rc=$?
+  wait "$orphan_coordinator"; coordinator_rc=$?
+  elapsed=$(( $(now_ms) - start ))
+  echo "daemons of a job whose workers all died stopped ${elapsed} ms after the kill"
+  [[ $server_rc -eq 1 ]] || fail "orphaned server exited $server_rc, not 1"
+  [[ $coordinator_rc -eq 1 ]] || fail "orphaned coordinator exited $coordinator_rc, not 1"
+  (( elapsed <= 10000 )) || fail "orphaned daemons took ${elapsed} ms to stop"
+  grep -q "server 0: every worker of the job died: worker 0 (.*) stopped sending heartbeats; stopping" \
+    "$TMP/orphan_server.log" || fail "orphaned server said: $(cat "$TMP/orphan_server.log")"
+  grep -q "coordinator: every worker of the job died: worker 0 " "$TMP/orphan_coordinator.log" ||
+    fail "orphaned coordinator said: $(cat "$TMP/orphan_coordinator.log")"
+else
+  fail "the lone worker never finished an epoch: $(tail -3 "$TMP/orphan_worker.log")"
+  kill -9 "$orphan_worker" "$orphan_server" "$orphan_coordinator" 2>/dev/null
+fi
 
 # 7. A signal that arrives while the launcher's main thread holds a
 # process's wait lock (inside Popen.poll()) still stops the job: the stop

@@ -245,6 +245,85 @@ TEST(Checkpoint, ReadsV1RecordsAndReportsTruncation) {
   EXPECT_THAT(truncated.status().message(), HasSubstr(path));
 }
 
+// Writes `bytes` over the file at `path` from `offset` (or appends them).
+void Damage(const std::string& path, size_t offset, const std::string& bytes) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+std::string FloatBytes(float v) { return std::string(reinterpret_cast<const char*>(&v), 4); }
+
+// The values of a saved one-dimensional array "arg:w" start at offset 56
+// (ParamsFileHasMxnetLayout shows a two-dimensional one's at 64).
+constexpr size_t kFirstValue = 56;
+
+TEST(Checkpoint, DamagedValuesAreRefusedByTheChecksum) {
+  for (float bad : {NAN, INFINITY, 1e38f}) {
+    SCOPED_TRACE(bad);
+    const std::string path = TempPrefix("damaged.params");
+    ASSERT_TRUE(SaveNDArrayList(path, {{"arg:w", FromVector({1, 2, 3, 4})}}).ok());
+    ASSERT_TRUE(LoadNDArrayList(path).ok());
+    Damage(path, kFirstValue + 2 * 4, FloatBytes(bad));
+    auto loaded = LoadNDArrayList(path);
+    ASSERT_FALSE(loaded.ok());
+    EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(loaded.status().message(), HasSubstr(path + ": damaged"));
+    EXPECT_THAT(loaded.status().message(), HasSubstr(ChecksumPath(path)));
+  }
+}
+
+TEST(Checkpoint, AppendedBytesAreRefused) {
+  const std::string path = TempPrefix("appended.params");
+  ASSERT_TRUE(SaveNDArrayList(path, {{"arg:w", FromVector({1, 2})}}).ok());
+  std::ofstream(path, std::ios::binary | std::ios::app) << std::string(1000, '\x5a');
+  auto checked = LoadNDArrayList(path);
+  ASSERT_FALSE(checked.ok());
+  EXPECT_THAT(checked.status().message(), HasSubstr("damaged"));
+  // Without the checksum file (as from MXNet), the layout itself refuses them.
+  std::remove(ChecksumPath(path).c_str());
+  auto unchecked = LoadNDArrayList(path);
+  ASSERT_FALSE(unchecked.ok());
+  EXPECT_EQ(unchecked.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(unchecked.status().message(), HasSubstr("1000 bytes follow the last name"));
+}
+
+TEST(Checkpoint, NonFiniteValuesAreRefusedNamingTheArrayUnlessAllowed) {
+  const std::string path = TempPrefix("nan.params");
+  ASSERT_TRUE(SaveNDArrayList(path, {{"arg:w", FromVector({1, 2, 3})}}).ok());
+  Damage(path, kFirstValue + 4, FloatBytes(NAN));
+  std::remove(ChecksumPath(path).c_str());  // as a file from MXNet: unverified
+  auto refused = LoadNDArrayList(path);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(refused.status().message(), HasSubstr("array 'arg:w' holds nan at element 1"));
+  ParamsLoadOptions allow;
+  allow.allow_non_finite = true;
+  auto allowed = LoadNDArrayList(path, allow);
+  ASSERT_TRUE(allowed.ok()) << allowed.status();
+  EXPECT_TRUE(std::isnan((*allowed)[0].second.ToVector()[1]));
+}
+
+TEST(Checkpoint, ASaveReplacesTheChecksumOfTheFileItReplaces) {
+  const std::string path = TempPrefix("again.params");
+  ASSERT_TRUE(SaveNDArrayList(path, {{"arg:w", FromVector({1})}}).ok());
+  ASSERT_TRUE(SaveNDArrayList(path, {{"arg:w", FromVector({1, 2, 3})}}).ok());
+  auto loaded = LoadNDArrayList(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_THAT((*loaded)[0].second.ToVector(), ElementsAre(1, 2, 3));
+  std::ifstream sum(ChecksumPath(path));
+  std::string line;
+  std::getline(sum, line);
+  EXPECT_THAT(line, ::testing::MatchesRegex("crc32=[0-9a-f]{8} bytes=[0-9]+"));
+}
+
+TEST(Checkpoint, APrefixWhereNothingCanBeWrittenIsRefusedUpFront) {
+  EXPECT_TRUE(CheckCheckpointPrefix(TempPrefix("model")).ok());
+  absl::Status s = CheckCheckpointPrefix(TempPrefix("no/such/dir/model"));
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("no/such/dir/"));
+  EXPECT_THAT(s.message(), HasSubstr("No such file or directory"));
+}
+
 // A checkpoint that cannot be written (a full disk: here the process's file
 // size limit) fails with the file named, and the checkpoint already there
 // for that epoch still loads.
