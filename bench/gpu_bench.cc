@@ -20,6 +20,7 @@
 
 #include "bench/bench_util.h"
 #include "bench/torch_runner.h"
+#include "bench/train_step.h"
 #include "graph/executor.h"
 #include "ndarray/ndarray.h"
 #include "worker/zoo.h"
@@ -134,21 +135,8 @@ void BenchSmallOps() {
 // over about `seconds`, synchronized every 10 steps as PyTorch's baseline is.
 double TrainStepRate(const Symbol& net, double seconds) {
   constexpr int kBatch = 100;
-  auto exec = Executor::SimpleBind(net, gpu(0), {{"data", Shape{kBatch, 1, 28, 28}}},
-                                   GradReq::kWrite,
-                                   {{"data", GradReq::kNull}, {"softmax_label", GradReq::kNull}});
-  ThrowIfError(exec.status());
-  Executor& e = **exec;
-  for (const auto& [name, a] : e.arg_dict()) {
-    NDArray x = a;
-    if (name == "softmax_label") {
-      std::vector<float> labels(kBatch);
-      for (int i = 0; i < kBatch; ++i) labels[i] = i % 10;
-      x.Assign(labels);
-    } else {
-      x.Assign(RandomUniform(-0.1f, 0.1f, a.shape(), gpu(0)));
-    }
-  }
+  std::unique_ptr<Executor> exec = BindTrainStep(net, gpu(0), kBatch);
+  Executor& e = *exec;
   auto steps = [&](int n) {
     for (int i = 0; i < n; ++i) {
       e.Forward(true);

@@ -11,6 +11,7 @@
 
 #include "bench/bench_util.h"
 #include "bench/torch_runner.h"
+#include "bench/train_step.h"
 #include "graph/executor.h"
 #include "graph/symbol.h"
 #include "ndarray/ndarray.h"
@@ -45,24 +46,7 @@ Symbol LeNet() {
   return Op("SoftmaxOutput", {net}, {}, "softmax");
 }
 
-std::unique_ptr<Executor> Bind(const Symbol& net) {
-  auto exec = Executor::SimpleBind(net, cpu(), {{"data", Shape{kBatch, 1, 28, 28}}},
-                                   GradReq::kWrite,
-                                   {{"data", GradReq::kNull}, {"softmax_label", GradReq::kNull}});
-  ThrowIfError(exec.status());
-  Executor& e = **exec;
-  for (const auto& [name, a] : e.arg_dict()) {
-    NDArray x = a;
-    if (name == "softmax_label") {
-      std::vector<float> labels(kBatch);
-      for (int i = 0; i < kBatch; ++i) labels[i] = i % 10;
-      x.Assign(labels);
-    } else {
-      SampleNormal(0, 0.05f, &x);
-    }
-  }
-  return *std::move(exec);
-}
+std::unique_ptr<Executor> Bind(const Symbol& net) { return BindTrainStep(net, cpu(), kBatch); }
 
 void Step(Executor& e) {
   e.Forward(true);

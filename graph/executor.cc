@@ -166,6 +166,17 @@ void AddVars(const std::vector<NDArray>& arrays, const std::vector<int>& ids,
   }
 }
 
+// What an operator of `run` is given: its context, a fresh random seed,
+// its context's workspace.
+OpContext RunContextFor(const NodeRun& run, bool is_train) {
+  OpContext op_ctx;
+  op_ctx.ctx = run.ctx;
+  op_ctx.is_train = is_train;
+  op_ctx.seed = NextRandomSeed();
+  op_ctx.workspace = run.workspace;
+  return op_ctx;
+}
+
 // How a run's operations use the CPU (OpenBLAS products use every core).
 FnProperty Property(const NodeRun& run) {
   return run.op->uses_all_cores ? FnProperty::kCpuParallel : FnProperty::kNormal;
@@ -761,11 +772,7 @@ void Executor::PushForward(size_t k, bool is_train) const {
     to.Assign(plan_->entries[run.in[0]]);
     return;
   }
-  OpContext op_ctx;
-  op_ctx.ctx = run.ctx;
-  op_ctx.is_train = is_train;
-  op_ctx.seed = NextRandomSeed();
-  op_ctx.workspace = run.workspace;
+  const OpContext op_ctx = RunContextFor(run, is_train);
   std::vector<OpReq> req(run.out.size(), OpReq::kWrite);
   kernel::Push(
       run.fwd_name.c_str(), run.ctx, run.fwd_reads, run.fwd_writes,
@@ -825,11 +832,7 @@ void Executor::PushBackward(size_t k) const {
     }
     return;
   }
-  OpContext op_ctx;
-  op_ctx.ctx = run.ctx;
-  op_ctx.is_train = true;
-  op_ctx.seed = NextRandomSeed();
-  op_ctx.workspace = run.workspace;
+  const OpContext op_ctx = RunContextFor(run, /*is_train=*/true);
   kernel::Push(
       run.bwd_name.c_str(), run.ctx, run.bwd_reads, run.bwd_writes,
       [plan = plan_, k, op_ctx] {

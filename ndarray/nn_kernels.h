@@ -396,11 +396,13 @@ struct LeakyGradKernel {
   }
 };
 
-// PReLU on data viewed as (outer, channels, inner): y[i] (=|+=) x > 0 ? x :
-// gamma[c] * x, with c the channel of i (gamma of one element: all).
+// PReLU on data viewed as (outer, channels, inner): out[i] (=|+=) x[i] > 0 ?
+// v[i] : gamma[c] * v[i], with c the channel of i (gamma of one element:
+// all). v = x is the forward, v = g the input's gradient.
 struct PreluKernel {
   struct Params {
-    float* y;
+    float* out;
+    const float* v;
     const float* x;
     const float* gamma;
     int64_t channels, inner;
@@ -409,25 +411,7 @@ struct PreluKernel {
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
     for (int64_t i = begin; i < end; ++i) {
       const float a = p.gamma[p.channels == 1 ? 0 : (i / p.inner) % p.channels];
-      Put(p.y + i, p.x[i] > 0 ? p.x[i] : a * p.x[i], p.add);
-    }
-  }
-};
-
-// PReLU's input gradient: gi[i] (=|+=) x > 0 ? g : gamma[c] * g.
-struct PreluGradKernel {
-  struct Params {
-    float* gi;
-    const float* g;
-    const float* x;
-    const float* gamma;
-    int64_t channels, inner;
-    bool add;
-  };
-  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float a = p.gamma[p.channels == 1 ? 0 : (i / p.inner) % p.channels];
-      Put(p.gi + i, p.x[i] > 0 ? p.g[i] : a * p.g[i], p.add);
+      Put(p.out + i, p.x[i] > 0 ? p.v[i] : a * p.v[i], p.add);
     }
   }
 };

@@ -63,8 +63,9 @@ void Forward(const OpContext& ctx, const ParsedParams& p,
   if (act == "prelu") {
     int64_t channels, inner;
     PreluDims(in[0].shape, in[1].shape, &channels, &inner);
-    kernel::Launch<kernel::PreluKernel>("LeakyReLU", ctx.ctx, n,
-                                        {out[0].data, in[0].data, in[1].data, channels, inner, add});
+    kernel::Launch<kernel::PreluKernel>(
+        "LeakyReLU", ctx.ctx, n,
+        {out[0].data, in[0].data, in[0].data, in[1].data, channels, inner, add});
     return;
   }
   Dispatch(act, [&](auto a) {
@@ -83,7 +84,7 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
     int64_t channels, inner;
     PreluDims(in[0].shape, in[1].shape, &channels, &inner);
     if (req[0] != OpReq::kNull) {
-      kernel::Launch<kernel::PreluGradKernel>(
+      kernel::Launch<kernel::PreluKernel>(
           "LeakyReLU", ctx.ctx, n,
           {in_grad[0].data, out_grad[0].data, in[0].data, in[1].data, channels, inner,
            req[0] == OpReq::kAdd});
