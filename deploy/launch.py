@@ -101,6 +101,17 @@ IDENTITY = [
 ]
 
 
+# What a node's error says about another node it found dead: "server 1
+# (127.0.0.1:4711) died", "worker 1 died", "worker(s) 0, 1 died", "the coordinator at
+# 127.0.0.1:9000 is unreachable". Each gives the launcher's names.
+BLAME = [
+    (re.compile(r"\b(server|worker) (\d+)(?: \([^)]*\))? died"), lambda m: [f"{m[1]} {m[2]}"]),
+    (re.compile(r"\bworker\(s\) ([\d, ]+) died"),
+     lambda m: [f"worker {r.strip()}" for r in m[1].split(",") if r.strip()]),
+    (re.compile(r"\bthe coordinator at \S+ is unreachable"), lambda m: ["coordinator"]),
+]
+
+
 class Proc:
     def __init__(self, name, role, popen):
         self.name = name          # "server 1": role and rank
@@ -108,6 +119,7 @@ class Proc:
         self.popen = popen
         self.identity = None      # "rank 0 at 127.0.0.1:4711", once printed
         self.pump = None          # the thread copying its output
+        self.blamed = []          # nodes its output said were dead, in order
 
     def drain(self, timeout=1.0):
         """Waits (bounded) until the output of the exited process is copied."""
@@ -187,6 +199,10 @@ class Job:
                     m = pattern.match(line)
                     if m:
                         proc.identity = identity(m)
+            for pattern, names in BLAME:
+                m = pattern.search(line)
+                if m:
+                    proc.blamed += [n for n in names(m) if n not in proc.blamed]
             with self.lock:
                 sys.stdout.write(f"[{proc.name}] {line}")
                 sys.stdout.flush()
@@ -267,10 +283,26 @@ def wait_for(condition, seconds):
         time.sleep(0.1)
 
 
+def hung_nodes(job, proc):
+    """The nodes `proc` reported dead that are still running: hung (a
+    stopped process, one that no longer answers)."""
+    by_name = {p.name: p for p in job.procs}
+    return [by_name[n] for n in proc.blamed
+            if n in by_name and by_name[n] is not proc and by_name[n].popen.poll() is None]
+
+
 def fail(job, proc, code, grace):
-    """A fatal failure: lets the workers report it, stops the job, returns
-    the launcher's exit code."""
-    log(f"{proc.describe()} failed: {how_it_ended(code)}; stopping the job")
+    """A fatal failure: names the node to blame (one that `proc` reported
+    dead but that still runs, else `proc`), kills hung nodes at once, lets
+    the other workers report the failure, stops the job, returns the
+    launcher's exit code."""
+    hung = hung_nodes(job, proc)
+    for h in hung:
+        log(f"{h.describe()} stopped responding: {proc.name} reported it dead "
+            f"({how_it_ended(code)}) but it is still running; killing it and stopping the job")
+        signal_group(h, signal.SIGKILL)
+    if not hung:
+        log(f"{proc.describe()} failed: {how_it_ended(code)}; stopping the job")
     # The workers notice within a heartbeat timeout and print an error that
     # names the node; keep them until then so that the log says why.
     wait_for(lambda: all_exited(job.workers()), grace)

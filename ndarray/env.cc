@@ -1,7 +1,14 @@
 #include "ndarray/env.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <iostream>
+#include <string>
+#include <vector>
 
+#include "absl/flags/commandlineflag.h"
+#include "absl/flags/reflection.h"
+#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
@@ -41,6 +48,30 @@ absl::StatusOr<std::optional<int64_t>> FlagOrEnvInt(const char* flag, const std:
                                                     const char* env, int64_t min, int64_t max) {
   if (!flag_text.empty()) return ParseInt(absl::StrCat("--", flag), flag_text, min, max);
   return EnvInt(env, min, max);
+}
+
+void ExitOnHelpFlag(int argc, char** argv) {
+  bool help = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    help = help || arg == "--help" || arg == "-help" || arg == "--helpfull" ||
+           arg == "--helpshort" || arg == "-helpfull" || arg == "-helpshort";
+  }
+  if (!help) return;
+  std::vector<const absl::CommandLineFlag*> flags;
+  for (const auto& [name, flag] : absl::GetAllFlags()) {
+    if (flag->Filename().find("absl/") == std::string::npos) flags.push_back(flag);
+  }
+  std::sort(flags.begin(), flags.end(), [](const auto* a, const auto* b) {
+    return a->Name() < b->Name();
+  });
+  std::cout << absl::ProgramUsageMessage() << "\n\nFlags:\n";
+  for (const absl::CommandLineFlag* flag : flags) {
+    std::cout << "  --" << flag->Name() << " (" << flag->Help() << "); default: \""
+              << flag->DefaultValue() << "\"\n";
+  }
+  std::cout.flush();
+  std::exit(0);
 }
 
 }  // namespace mx

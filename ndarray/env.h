@@ -19,6 +19,13 @@ namespace mx {
 // The value of environment variable `name`; "" when unset.
 std::string EnvString(const char* name);
 
+// For a program's main, before absl::ParseCommandLine: when argv asks for
+// help (--help, --helpfull, --helpshort, -help), prints the program's
+// usage message and every flag it defines (not abseil's own), with its
+// default and help, to stdout and exits 0. (Abseil's --help exits 1, which
+// scripts and container probes read as a failure.)
+void ExitOnHelpFlag(int argc, char** argv);
+
 // `text` read as a whole number in [min, max]; `what` names where it came
 // from in the error ("MX_RANK" or "--rank"): INVALID_ARGUMENT
 // "WHAT=TEXT: must be a whole number from MIN to MAX".

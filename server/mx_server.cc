@@ -145,24 +145,61 @@ std::string RootAddress() {
   return absl::StrCat(EnvString("DMLC_PS_ROOT_URI"), ":", EnvString("DMLC_PS_ROOT_PORT"));
 }
 
-// Whether `address` is a host name or IP address, with or without ":port",
-// that other nodes could dial: not, say, "$(POD_IP)", an environment
-// variable that Kubernetes left unexpanded.
-bool DialableAddress(const std::string& address) {
-  std::string host = address, port;
-  const size_t colon = address.rfind(':');
-  if (colon != std::string::npos && address.back() != ']') {
-    host = address.substr(0, colon);
-    port = address.substr(colon + 1);
-    int p;
-    if (!absl::SimpleAtoi(port, &p) || p < 1 || p > 65535) return false;
+// A host and an optional port, from "host", "host:port", "[v6]",
+// "[v6]:port" or a bare IPv6 address ("fd00::1", taken as a host without a
+// port). An IPv6 host keeps (or gets) its brackets, so host + ":" + port
+// is an address to dial.
+struct HostPort {
+  std::string host;
+  std::optional<std::string> port;
+};
+HostPort SplitHostPort(const std::string& address) {
+  if (!address.empty() && address.front() == '[') {
+    const size_t close = address.find(']');
+    if (close == std::string::npos) return {address, std::nullopt};
+    HostPort hp{address.substr(0, close + 1), std::nullopt};
+    if (close + 1 < address.size()) {
+      if (address[close + 1] != ':') return {address, std::nullopt};  // garbage after ']'
+      hp.port = address.substr(close + 2);
+    }
+    return hp;
   }
+  const size_t colon = address.find(':');
+  if (colon == std::string::npos) return {address, std::nullopt};
+  if (address.find(':', colon + 1) != std::string::npos) return {"[" + address + "]", std::nullopt};
+  return {address.substr(0, colon), address.substr(colon + 1)};
+}
+
+// The port of an address, when it is a whole number in [min, 65535].
+std::optional<int> PortIn(const std::optional<std::string>& port, int min) {
+  int p;
+  if (!port.has_value() || !absl::SimpleAtoi(*port, &p) || p < min || p > 65535) {
+    return std::nullopt;
+  }
+  return p;
+}
+
+// Whether `address` is a host name or IP address (IPv4 or IPv6), with or
+// without ":port", that other nodes could dial: not, say, "$(POD_IP)", an
+// environment variable that Kubernetes left unexpanded.
+bool DialableAddress(const std::string& address) {
+  const HostPort hp = SplitHostPort(address);
+  if (hp.port.has_value() && !PortIn(hp.port, 1)) return false;
+  const std::string& host = hp.host;
   if (host.size() > 2 && host.front() == '[' && host.back() == ']') {  // IPv6
     return host.find_first_not_of("0123456789abcdefABCDEF:.", 1) == host.size() - 1;
   }
   return !host.empty() &&
          host.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-") ==
              std::string::npos;
+}
+
+// A --bind address: host:port with a port from 0 (any free one) to 65535;
+// otherwise an error naming it (gRPC would listen on another port).
+absl::Status CheckBind(const std::string& bind) {
+  if (PortIn(SplitHostPort(bind).port, 0).has_value()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--bind=", bind, ": needs host:port with a port from 0 (any free port) to 65535"));
 }
 
 // Signals. SIGINT and SIGTERM run OnStopSignal in whichever thread the
@@ -261,6 +298,10 @@ int RunCoordinator() {
     std::cerr << "mx_server: the coordinator needs --bind (or DMLC_PS_ROOT_URI/PORT)\n";
     return 2;
   }
+  if (absl::Status s = CheckBind(bind); !s.ok()) {
+    std::cerr << "mx_server: " << s.message() << "\n";
+    return 2;
+  }
   const int timeout_s = absl::GetFlag(FLAGS_heartbeat_timeout_s);
   if (timeout_s < 2) {
     std::cerr << "mx_server: --heartbeat_timeout_s must be at least 2 (nodes heartbeat every "
@@ -300,8 +341,8 @@ std::string Advertised(const std::string& advertise, const std::string& bound) {
     if (bound.rfind("0.0.0.0:", 0) == 0) return "127.0.0.1:" + bound_port;
     return bound;
   }
-  if (advertise.find(':') == std::string::npos) return advertise + ":" + bound_port;  // a host
-  return advertise;
+  const HostPort hp = SplitHostPort(advertise);
+  return hp.host + ":" + hp.port.value_or(bound_port);  // a host alone takes the bound port
 }
 
 // Heartbeats until the coordinator says every worker finished (returns
@@ -360,6 +401,10 @@ int RunServer() {
   }
   std::string bind = absl::GetFlag(FLAGS_bind);
   if (bind.empty()) bind = "0.0.0.0:0";
+  if (absl::Status s = CheckBind(bind); !s.ok()) {
+    std::cerr << "mx_server: " << s.message() << "\n";
+    return 2;
+  }
   ParameterServerOptions server_options;
   server_options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
   server_options.security = SecuritySettings();
@@ -407,6 +452,7 @@ int RunServer() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("runs a coordinator or a parameter server of an mx job");
+  mx::ExitOnHelpFlag(argc, argv);
   absl::ParseCommandLine(argc, argv);
   // A crash prints its signal and stack (with symbols) before the process dies.
   absl::InitializeSymbolizer(argv[0]);

@@ -11,6 +11,7 @@
 // accuracy ("Final test accuracy=0.8765").
 #include <unistd.h>
 
+#include <cmath>
 #include <csignal>
 #include <cstdlib>
 #include <fstream>
@@ -191,7 +192,37 @@ void WatchStorage() {
   });
 }
 
+// Flag values that cannot be meant are refused, naming the flag.
+absl::Status CheckFlags() {
+  auto at_least = [](const char* flag, int64_t value, int64_t min) -> absl::Status {
+    if (value >= min) return absl::OkStatus();
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, "=", value, ": must be at least ", min));
+  };
+  MX_RETURN_IF_ERROR(at_least("epochs", absl::GetFlag(FLAGS_epochs), 1));
+  MX_RETURN_IF_ERROR(at_least("batch_size", absl::GetFlag(FLAGS_batch_size), 1));
+  MX_RETURN_IF_ERROR(at_least("checkpoint_period", absl::GetFlag(FLAGS_checkpoint_period), 1));
+  MX_RETURN_IF_ERROR(at_least("threads", absl::GetFlag(FLAGS_threads), 0));
+  MX_RETURN_IF_ERROR(at_least("early_stopping", absl::GetFlag(FLAGS_early_stopping), 0));
+  MX_RETURN_IF_ERROR(at_least("resume_epoch", absl::GetFlag(FLAGS_resume_epoch), 0));
+  if (absl::GetFlag(FLAGS_resume_epoch) >= absl::GetFlag(FLAGS_epochs)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--epochs=", absl::GetFlag(FLAGS_epochs), " is not more than --resume_epoch=",
+        absl::GetFlag(FLAGS_resume_epoch), ": nothing to train (--epochs counts the resumed ones)"));
+  }
+  for (const auto& [flag, value] : {std::pair{"lr", absl::GetFlag(FLAGS_lr)},
+                                    std::pair{"momentum", absl::GetFlag(FLAGS_momentum)},
+                                    std::pair{"wd", absl::GetFlag(FLAGS_wd)}}) {
+    if (!std::isfinite(value) || value < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, "=", value, ": must be a finite number, at least 0"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Run() {
+  MX_RETURN_IF_ERROR(CheckFlags());
   srand(absl::GetFlag(FLAGS_seed));
   // The metrics endpoint first: it answers /healthz 503 until the worker
   // has joined its job.
@@ -217,7 +248,6 @@ absl::Status Run() {
   const std::string network = absl::GetFlag(FLAGS_network);
   const std::string prefix = absl::GetFlag(FLAGS_checkpoint_prefix);
   const int resume = absl::GetFlag(FLAGS_resume_epoch);
-  if (resume < 0) return absl::InvalidArgumentError("--resume_epoch must be >= 0");
   if (resume > 0 && prefix.empty()) {
     return absl::InvalidArgumentError("--resume_epoch needs --checkpoint_prefix");
   }
@@ -300,6 +330,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "trains a network on Fashion-MNIST (or CSV data) and reports test accuracy.\n"
       "Example: mx_train --network=lenet --lr=0.05 --momentum=0.9 --epochs=2");
+  mx::ExitOnHelpFlag(argc, argv);
   absl::ParseCommandLine(argc, argv);
   // A crash prints its signal and stack (with symbols) before the process dies.
   absl::InitializeSymbolizer(argv[0]);

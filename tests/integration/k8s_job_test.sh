@@ -211,5 +211,13 @@ rc=$?
 [[ $rc -eq 2 && "$out" == *"--advertise '\$(POD_IPX)' is not a host or host:port"* ]] ||
   fail "--advertise='\$(POD_IPX)': exit code $rc, said: $out"
 
+# A port that is no port is refused, not replaced by another.
+out=$(timeout 10 "$SERVER" --role=coordinator --bind=127.0.0.1:99999 --num_servers=1 --num_workers=1 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"--bind=127.0.0.1:99999: needs host:port with a port from 0"* ]] ||
+  fail "--bind=127.0.0.1:99999: exit code $rc, said: $out"
+timeout 10 "$SERVER" --help > "$TMP/server_help.txt" 2>&1 || fail "mx_server --help exited $?, not 0"
+grep -q -- "--role" "$TMP/server_help.txt" || fail "mx_server --help lacks --role"
+
 echo "$failures failures"
 exit $(( failures > 0 ))

@@ -117,6 +117,24 @@ rc=$?
 [[ $rc -eq 1 && "$out" == *"MX_STARTUP_TIMEOUT_S=soon: must be a whole number from 1"* ]] ||
   fail "worker MX_STARTUP_TIMEOUT_S=soon: exit code $rc, said: $out"
 
+# 5b. An IPv6 address to advertise (a dual-stack or IPv6 cluster's pod IP)
+# is accepted: the server registers with it, bracketed, and its own port.
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+timeout -k 2 30 "$SERVER" --role=coordinator --bind=127.0.0.1:$port --num_servers=1 \
+  --num_workers=1 > "$TMP/v6_coordinator.log" 2>&1 &
+v6_coordinator=$!
+timeout -k 2 30 "$SERVER" --role=server --coordinator=127.0.0.1:$port --num_workers=1 \
+  --bind=127.0.0.1:0 --advertise=fd00::1 > "$TMP/v6_server.log" 2>&1 &
+v6_server=$!
+MX_COORDINATOR=127.0.0.1:$port timeout -k 2 30 "${worker[@]}" > "$TMP/v6_worker.log" 2>&1 &
+v6_worker=$!
+wait_for_line "$TMP/v6_server.log" "serving on" 20 ||
+  fail "--advertise=fd00::1: the server did not register: $(cat "$TMP/v6_server.log")"
+grep -qE "server 0 serving on \[fd00::1\]:[0-9]+$" "$TMP/v6_server.log" ||
+  fail "--advertise=fd00::1: the server advertised: $(grep 'serving on' "$TMP/v6_server.log")"
+kill -9 "$(pgrep -P "$v6_worker")" "$(pgrep -P "$v6_server")" "$(pgrep -P "$v6_coordinator")" 2>/dev/null
+wait "$v6_worker" "$v6_server" "$v6_coordinator" 2>/dev/null
+
 # 6. Ctrl-C (SIGINT) to the launcher stops the whole job at once.
 log="$TMP/interrupted.log"
 start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A daemon is killed (kill -9) while a dist_sync job of 2 servers and 2
+# A node is killed (kill -9) or hangs (SIGSTOP) while a dist_sync job of 2 servers and 2
 # workers trains: a parameter server, with and without --elastic, and the
 # coordinator with --elastic (elastic tolerates dead workers only). Each
 # time the whole job must stop within 15 s of the kill with a non-zero exit
@@ -67,25 +67,41 @@ kill_daemon_during_job coordinator_elastic coordinator --elastic
 coordinator=$(sed -n 's/.*coordinator listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' "$log" | head -1)
 every_worker_failed_naming coordinator_elastic "the coordinator at $coordinator is unreachable"
 
-# A server that hangs (SIGSTOP) keeps its connections open, so no call to
-# it fails on its own before the 30 s RPC deadline: the coordinator declares
-# it dead, the workers cancel their calls in flight and fail naming it, and
-# the job stops within 15 s.
-log="$TMP/server_hung.log"
-start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000
-wait_for_line "$log" '^\[worker [01]\] Epoch\[0\]' 60 || fail "server_hung: no epoch finished"
-victim=$(started_pid "$log" "server 1")
-start=$(now_ms)
-[[ -n "$victim" ]] && kill -STOP "$victim"
-wait "$launcher"; rc=$?
-elapsed=$(( $(now_ms) - start ))
-echo "server_hung: the job stopped ${elapsed} ms after the hang (exit code $rc)"
-[[ $rc -ne 0 && $rc -ne 124 ]] || fail "server_hung: the job exited $rc"
-(( elapsed <= 15000 )) || fail "server_hung: the job took ${elapsed} ms to stop"
+# hang_during_job CASE VICTIM: VICTIM ("server 1", "worker 1") hangs
+# (SIGSTOP) while the job trains. A hung node keeps its connections open,
+# so no call to it fails on its own before the 30 s RPC deadline: the
+# coordinator declares it dead, the others cancel their calls in flight
+# and fail naming it, and the job stops within 15 s, the launcher's first
+# word on it naming the hung node, not the worker that noticed.
+hang_during_job() {
+  local case=$1 victim_name=$2
+  log="$TMP/$case.log"
+  start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000
+  wait_for_line "$log" '^\[worker [01]\] Epoch\[0\]' 60 || fail "$case: no epoch finished"
+  local victim start rc elapsed
+  victim=$(started_pid "$log" "$victim_name")
+  start=$(now_ms)
+  [[ -n "$victim" ]] && kill -STOP "$victim"
+  wait "$launcher"; rc=$?
+  elapsed=$(( $(now_ms) - start ))
+  echo "$case: the job stopped ${elapsed} ms after the hang (exit code $rc)"
+  [[ $rc -ne 0 && $rc -ne 124 ]] || fail "$case: the job exited $rc"
+  (( elapsed <= 15000 )) || fail "$case: the job took ${elapsed} ms to stop"
+  local first
+  first=$(grep -E "^launch.py: .*(failed|stopped responding)" "$log" | head -1)
+  [[ "$first" =~ ^launch.py:\ $victim_name\ \(.*pid\ $victim\)\ stopped\ responding:\ worker\ [01]\ reported\ it\ dead ]] ||
+    fail "$case: the launcher blamed another node first: $first"
+  sleep 0.5
+  assert_nothing_left "$log"
+}
+
+hang_during_job server_hung "server 1"
 named=$(server_as_named "server 1")
 [[ -n "$named" ]] || fail "server_hung: server 1 never served"
 every_worker_failed_naming server_hung "$named died: it stopped sending heartbeats"
-sleep 0.5
-assert_nothing_left "$log"
+
+hang_during_job worker_hung "worker 1"
+grep -E "^\[worker 0\] mx_train: " "$log" | grep -q "worker(s) 1 died\|worker 1 died\|worker 1 (.*) died" ||
+  { fail "worker_hung: worker 0 did not name worker 1"; grep "mx_train:" "$log"; }
 
 finish

@@ -27,7 +27,14 @@ for flag in network data_dir kvstore optimizer lr momentum epochs batch_size con
   [[ "$help" == *"--$flag"* ]] || { echo "FAIL: --help lacks --$flag"; failures=$((failures + 1)); }
 done
 
+"$BIN" --help > /dev/null 2>&1 || { echo "FAIL: --help exited $?, not 0"; failures=$((failures + 1)); }
+
 expect_fail "malformed number" "epochs" --epochs=ten
+expect_fail "no epochs" "--epochs=0: must be at least 1" --epochs=0
+expect_fail "negative threads" "--threads=-2: must be at least 0" --threads=-2
+expect_fail "a negative learning rate" "--lr=-1: must be a finite number, at least 0" --lr=-1
+expect_fail "nothing left to train" "--epochs=2 is not more than --resume_epoch=2: nothing to train" \
+  --epochs=2 --resume_epoch=2 --checkpoint_prefix="$TMP/m"
 expect_fail "unknown flag" "nosuchflag" --nosuchflag=1
 expect_fail "unknown network" "unknown network 'vgg'" --network=vgg
 expect_fail "missing data" "$TMP/nodata" --data_dir="$TMP/nodata"
