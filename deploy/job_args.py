@@ -3,6 +3,7 @@ deploy/k8s_job.py (Kubernetes objects) both take it: workers, servers, the
 kvstore's mode, elasticity, the heartbeat timeout and the worker command
 after --."""
 import argparse
+import os
 
 
 def add_job_arguments(ap):
@@ -31,3 +32,25 @@ def worker_command(ap, args):
     if args.heartbeat_timeout < 2:
         ap.error("--heartbeat-timeout must be at least 2 (nodes heartbeat every second)")
     return cmd
+
+
+def check_worker_kvstore(ap, args, cmd):
+    """Refuses (ap.error) a worker command that would not train as one job:
+    a --kvstore other than the job's (local: each worker trains alone, and
+    the job reports success), or an mx_train without one (its default is
+    local). Other worker programs may leave it out."""
+    given = None
+    for i, arg in enumerate(cmd):
+        if arg.startswith("--kvstore="):
+            given = arg.split("=", 1)[1]
+        elif arg == "--kvstore" and i + 1 < len(cmd):
+            given = cmd[i + 1]
+    if given is None:
+        if os.path.basename(cmd[0]) == "mx_train":
+            ap.error(f"the worker command has no --kvstore: mx_train would train each worker "
+                     f"alone (its default is local); add --kvstore={args.kvstore}")
+        return
+    if given != args.kvstore:
+        alone = " (each worker would train alone)" if not given.startswith("dist") else ""
+        ap.error(f"the worker command's --kvstore={given} is not the job's --kvstore "
+                 f"{args.kvstore}{alone}")

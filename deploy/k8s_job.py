@@ -63,7 +63,7 @@ import re
 import secrets
 import sys
 
-from job_args import add_job_arguments, add_worker_command, worker_command
+from job_args import add_job_arguments, add_worker_command, check_worker_kvstore, worker_command
 from job_secrets import SERVER_NAME, JobSecrets
 
 ROLE_LABEL = "mx-role"
@@ -323,6 +323,7 @@ def main():
         ap.error(f"--startup-timeout {args.startup_timeout}: must be at least 1 second")
     if not 1 <= args.port <= 65535:
         ap.error(f"--port {args.port}: not a port")
+    check_worker_kvstore(ap, args, cmd)
     json.dump(manifests(args, cmd), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

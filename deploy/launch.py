@@ -68,7 +68,7 @@ import sys
 import threading
 import time
 
-from job_args import add_job_arguments, add_worker_command, worker_command
+from job_args import add_job_arguments, add_worker_command, check_worker_kvstore, worker_command
 from job_secrets import JobSecrets
 
 
@@ -437,6 +437,7 @@ def main():
     cmd = worker_command(ap, args)
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
+    check_worker_kvstore(ap, args, cmd)
     remote = None
     if args.hostfile:
         try:

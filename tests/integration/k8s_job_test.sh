@@ -23,7 +23,7 @@ worker=(mx_train --kvstore=dist_sync --network=mlp --batch_size=20 --lr=0.5 --ep
 # 1. The objects.
 python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --checkpoint-claim ck \
   -- "${worker[@]}" --checkpoint_prefix=/checkpoints/fm > "$TMP/job.json" || fail "k8s_job.py failed"
-python3 "$K8S_JOB" --name fm -n 3 -s 1 --image reg/mx:1 --elastic -- mx_train \
+python3 "$K8S_JOB" --name fm -n 3 -s 1 --image reg/mx:1 --elastic -- mx_train --kvstore=dist_sync \
   > "$TMP/elastic.json" || fail "k8s_job.py --elastic failed"
 python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --tls \
   -- "${worker[@]}" --epochs=1 > "$TMP/tls.json" || fail "k8s_job.py --tls failed"
@@ -201,6 +201,13 @@ expect_refusal "--metrics-port 9091: not a port other than --port" --name fm -n 
   --metrics-port 9091 -- mx_train
 expect_refusal "--startup-timeout 0: must be at least 1 second" --name fm -n 1 -s 1 --image x \
   --startup-timeout 0 -- mx_train
+# Worker commands that would not train as one job.
+expect_refusal "the worker command has no --kvstore: mx_train would train each worker alone" \
+  --name fm -n 2 -s 1 --image x -- mx_train --network=mlp
+expect_refusal "the worker command's --kvstore=local is not the job's --kvstore dist_sync (each worker would train alone)" \
+  --name fm -n 2 -s 1 --image x -- mx_train --kvstore=local
+expect_refusal "the worker command's --kvstore=dist_sync is not the job's --kvstore dist_async" \
+  --name fm -n 2 -s 1 --image x --kvstore dist_async -- mx_train --kvstore dist_sync
 
 # A pod IP variable that Kubernetes left unexpanded (a typo in its name)
 # stops the server at once, instead of registering an address nobody can

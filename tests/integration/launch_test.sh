@@ -78,6 +78,14 @@ rc=$?
 [[ $rc -eq 2 ]] || fail "--rank=first exited $rc"
 [[ "$out" == *"--rank=first: must be a whole number from 0"* ]] || fail "--rank=first said: $out"
 
+# 4b. A worker command that would train each worker alone is refused
+# before anything starts (the job would otherwise report success).
+local_worker=("${worker[@]/--kvstore=dist_sync/--kvstore=local}")
+out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --server-binary="$SERVER" -- "${local_worker[@]}" 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"the worker command's --kvstore=local is not the job's --kvstore dist_sync (each worker would train alone)"* ]] ||
+  fail "a local worker command: exit code $rc, said: $out"
+
 # 5. A node that never starts: the others give up after MX_STARTUP_TIMEOUT_S
 # (default 120 s; a Kubernetes cluster may take longer to start pods),
 # saying who is missing, or that no coordinator answered. A value that is
