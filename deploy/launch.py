@@ -78,8 +78,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+# --timestamps: every line the launcher prints starts with the time.
+TIMESTAMPS = False
+
+
+def stamp():
+    """"2026-12-04T18:23:01.123Z " with --timestamps, else ""."""
+    if not TIMESTAMPS:
+        return ""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z "
+
+
 def log(message):
-    print(f"launch.py: {message}", file=sys.stderr, flush=True)
+    print(f"{stamp()}launch.py: {message}", file=sys.stderr, flush=True)
 
 
 def how_it_ended(code):
@@ -164,10 +176,11 @@ STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 class Job:
-    def __init__(self, remote=None):
+    def __init__(self, remote=None, log_dir=None):
         self.procs = []
         self.lock = threading.Lock()
         self.remote = remote  # a Remote to start processes on other hosts, or None
+        self.log_dir = log_dir  # --log-dir: a file per process there, or None
 
     def start(self, name, role, cmd, env, host=None):
         if self.remote is not None:
@@ -192,8 +205,23 @@ class Job:
         return [p for p in self.procs if p.role != "worker"]
 
     def _pump(self, proc):
+        log_file = None
+        if self.log_dir is not None:  # "server 1" -> server-1.log
+            path = os.path.join(self.log_dir, proc.name.replace(" ", "-") + ".log")
+            log_file = open(path, "a", encoding="utf-8")
+        try:
+            self._copy_output(proc, log_file)
+        finally:
+            if log_file is not None:
+                log_file.close()
+
+    def _copy_output(self, proc, log_file):
+        """Copies proc's output to the console, prefixed with its name (and
+        the time, with --timestamps), and to its log file, if any."""
         for raw in iter(proc.popen.stdout.readline, b""):
             line = raw.decode(errors="replace")
+            if not line.endswith("\n"):
+                line += "\n"
             if proc.identity is None:
                 for pattern, identity in IDENTITY:
                     m = pattern.match(line)
@@ -203,9 +231,13 @@ class Job:
                 m = pattern.search(line)
                 if m:
                     proc.blamed += [n for n in names(m) if n not in proc.blamed]
+            when = stamp()
             with self.lock:
-                sys.stdout.write(f"[{proc.name}] {line}")
+                sys.stdout.write(f"{when}[{proc.name}] {line}")
                 sys.stdout.flush()
+            if log_file is not None:
+                log_file.write(when + line)
+                log_file.flush()
 
     def stop(self, procs, grace=3.0):
         """SIGTERMs the running ones of procs (their whole process groups),
@@ -432,8 +464,22 @@ def main():
     ap.add_argument("--trace", metavar="DIR",
                     help="every process writes its timeline into DIR when it ends; "
                          "deploy/trace_merge.py DIR merges them into one")
+    ap.add_argument("--log-dir", metavar="DIR",
+                    help="also write each process's output to DIR/<role>-<rank>.log "
+                         "(coordinator.log, server-0.log, worker-1.log, ...)")
+    ap.add_argument("--timestamps", action="store_true",
+                    help="start every line printed (and logged) with the UTC time")
     add_worker_command(ap)
     args = ap.parse_args()
+    global TIMESTAMPS
+    TIMESTAMPS = args.timestamps
+    if args.log_dir:
+        try:
+            os.makedirs(args.log_dir, exist_ok=True)
+            open(os.path.join(args.log_dir, ".mx-write-test"), "w").close()
+            os.remove(os.path.join(args.log_dir, ".mx-write-test"))
+        except OSError as e:
+            ap.error(f"--log-dir {args.log_dir}: {e.strerror}")
     cmd = worker_command(ap, args)
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
@@ -467,7 +513,7 @@ def run(args, cmd, secrets, remote):
     if args.metrics:
         # Servers serve on their --bind host; workers on MX_METRICS_HOST.
         env.update(MX_METRICS_PORT="0", MX_METRICS_HOST="0.0.0.0" if remote else "127.0.0.1")
-    job = Job(remote)
+    job = Job(remote, args.log_dir)
     return run_until_stopped(job, lambda: start_and_supervise(job, args, cmd, secrets, env))
 
 

@@ -40,15 +40,25 @@ assert_nothing_left "$TMP/ok.log"
 # gradient is applied on its own, against slightly stale weights).
 async=("${worker[@]/--kvstore=dist_sync/--kvstore=dist_async}")
 async=("${async[@]/--lr=0.5/--lr=0.1}")
-out=$(timeout -k 5 120 python3 "$LAUNCH" -n 2 -s 1 --kvstore dist_async --server-binary="$SERVER" -- \
-      "${async[@]}" --epochs=3 2>&1)
+# It also writes a log file per process (--log-dir), every line stamped
+# with the time (--timestamps), as on the console.
+out=$(timeout -k 5 120 python3 "$LAUNCH" -n 2 -s 1 --kvstore dist_async --server-binary="$SERVER" \
+      --log-dir "$TMP/logs" --timestamps -- "${async[@]}" --epochs=3 2>&1)
 rc=$?
 echo "$out" > "$TMP/async.log"
 JOB_LOGS+=("$TMP/async.log")
 [[ $rc -eq 0 ]] || fail "dist_async job exit code $rc"
+stamp='[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z'
 for w in 0 1; do
   [[ "$out" == *"[worker $w] Final test accuracy=1"* ]] || fail "dist_async worker $w did not reach accuracy 1"
+  grep -qE "^$stamp Final test accuracy=1" "$TMP/logs/worker-$w.log" ||
+    fail "worker-$w.log lacks its stamped final line: $(tail -2 "$TMP/logs/worker-$w.log")"
 done
+for f in coordinator server-0; do
+  [[ -s "$TMP/logs/$f.log" ]] || fail "--log-dir wrote no $f.log"
+done
+grep -qE "^$stamp \[worker 0\] Epoch\[0\]" "$TMP/async.log" || fail "console lines are not stamped"
+grep -qE "^$stamp launch.py: all workers finished" "$TMP/async.log" || fail "launcher lines are not stamped"
 assert_nothing_left "$TMP/async.log"
 
 # 3. A worker dies mid-job: fail fast, name it, the other worker says why it

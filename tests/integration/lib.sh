@@ -1,7 +1,7 @@
 # Sourced by the integration tests after setting LAUNCH, SERVER, TRAIN and
 # TMP: small CSV data, the worker command, and helpers that find a job's
 # processes through the launcher's log ("launch.py: started server 1 (pid
-# N)", "coordinator listening on 127.0.0.1:PORT"). Every process a test
+# N)", perhaps after a --timestamps time, "coordinator listening on 127.0.0.1:PORT"). Every process a test
 # starts is found this way, never by a pattern that could match another
 # test's processes; an EXIT trap kills whatever a failed test left.
 
@@ -47,14 +47,14 @@ wait_for_line() {
 
 # started_pid LOG NAME: the pid of "coordinator", "server 1", "worker 0".
 started_pid() {
-  sed -n "s/^launch.py: started $2 (pid \([0-9]*\))$/\1/p" "$1" | head -1
+  sed -n "s/^\([0-9T:.Z-]* \)\{0,1\}launch.py: started $2 (pid \([0-9]*\))$/\2/p" "$1" | head -1
 }
 
 # The pids of every process LOG's launcher started that is still running
 # (checked against its command line, in case a pid was reused).
 live_job_pids() {
   local pid
-  for pid in $(sed -n 's/^launch.py: started .* (pid \([0-9]*\))$/\1/p' "$1"); do
+  for pid in $(sed -n 's/^\([0-9T:.Z-]* \)\{0,1\}launch.py: started .* (pid \([0-9]*\))$/\2/p' "$1"); do
     if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qE '(mx_server|mx_train|uneven_worker) '; then
       echo "$pid"
     fi
