@@ -153,6 +153,9 @@ def container(args, role, command, env):
         "readinessProbe": probe("/healthz", period=5, failures=1),
         "livenessProbe": probe("/livez", period=10, failures=3, delay=10),
         "resources": {"requests": resources, "limits": resources},
+        # Pod Security "restricted": no privilege escalation, no capabilities.
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}},
     }
 
 
@@ -165,7 +168,7 @@ def job(args, role, count, command, env, elastic_workers=False, claim=None):
     pod = {
         "restartPolicy": "Never",
         "securityContext": {"runAsNonRoot": True, "runAsUser": NOBODY, "runAsGroup": NOBODY,
-                            "fsGroup": NOBODY},
+                            "fsGroup": NOBODY, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container(args, role, command, env)],
     }
     volumes, mounts = [], []
@@ -183,6 +186,8 @@ def job(args, role, count, command, env, elastic_workers=False, claim=None):
     spec = {
         "completions": count,
         "parallelism": count,
+        # Finished Jobs (and their pods and logs) go after this long.
+        "ttlSecondsAfterFinished": args.ttl,
         "template": {"metadata": {"labels": labels, "annotations": {
             # Prometheus's conventional pod annotations for its
             # kubernetes_sd_configs scrape jobs.
@@ -193,6 +198,8 @@ def job(args, role, count, command, env, elastic_workers=False, claim=None):
     }
     if role != "coordinator":
         spec["completionMode"] = "Indexed"
+    if args.deadline:
+        spec["activeDeadlineSeconds"] = args.deadline
     if elastic_workers:
         spec["backoffLimitPerIndex"] = 0
         spec["maxFailedIndexes"] = count - 1
@@ -289,6 +296,10 @@ def main():
     ap.add_argument("--startup-timeout", type=int, default=600,
                     help="seconds within which every pod must start and register (scheduling "
                          "and image pulls included), else the job fails saying who is missing")
+    ap.add_argument("--ttl", type=int, default=3600,
+                    help="seconds a finished Job (its pods, their logs) is kept before deletion")
+    ap.add_argument("--deadline", type=int, default=0,
+                    help="seconds after which a Job still running is failed (0: none)")
     ap.add_argument("--cpu", default="1", help="CPU of each pod (request and limit)")
     ap.add_argument("--memory", default="2Gi", help="memory of each pod (request and limit)")
     ap.add_argument("--server-command", default="mx_server", help="the daemon in the image")
@@ -323,6 +334,10 @@ def main():
         ap.error(f"--startup-timeout {args.startup_timeout}: must be at least 1 second")
     if not 1 <= args.port <= 65535:
         ap.error(f"--port {args.port}: not a port")
+    if args.ttl < 0:
+        ap.error(f"--ttl {args.ttl}: must be at least 0 seconds")
+    if args.deadline < 0:
+        ap.error(f"--deadline {args.deadline}: must be at least 1 second, or 0 for none")
     check_worker_kvstore(ap, args, cmd)
     json.dump(manifests(args, cmd), sys.stdout, indent=2)
     sys.stdout.write("\n")

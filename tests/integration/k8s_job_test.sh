@@ -30,6 +30,34 @@ python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --tls \
 python3 - "$TMP/job.json" "$TMP/elastic.json" "$PORT" "$TMP/tls.json" <<'EOF' || fail "objects: see above"
 import json, subprocess, sys
 INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+# The Pod Security Standards' "restricted" profile (kubernetes.io/docs/
+# concepts/security/pod-security-standards/), rule by rule, on a pod spec.
+ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                   "persistentVolumeClaim", "projected", "secret"}
+def restricted(name, pod):
+    psc = pod.get("securityContext", {})
+    check(not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")),
+          f"{name}: restricted: host namespaces")
+    for v in pod.get("volumes", []):
+        kinds = set(v) - {"name"}
+        check(kinds <= ALLOWED_VOLUMES, f"{name}: restricted: volume types {kinds}")
+    check(not psc.get("sysctls"), f"{name}: restricted: sysctls")
+    check(psc.get("runAsUser", 1) != 0, f"{name}: restricted: runAsUser 0")
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        csc = c.get("securityContext", {})
+        where = f"{name}/{c['name']}: restricted"
+        check(not csc.get("privileged"), f"{where}: privileged")
+        check(csc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation")
+        check(csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, f"{where}: runAsNonRoot")
+        check(csc.get("runAsUser", psc.get("runAsUser", 1)) != 0, f"{where}: runAsUser 0")
+        seccomp = csc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+        check(seccomp in ("RuntimeDefault", "Localhost"), f"{where}: seccompProfile {seccomp}")
+        caps = csc.get("capabilities", {})
+        check("ALL" in caps.get("drop", []), f"{where}: capabilities must drop ALL")
+        check(set(caps.get("add", [])) <= {"NET_BIND_SERVICE"}, f"{where}: capabilities added")
+        check(not any(p.get("hostPort") for p in c.get("ports", [])), f"{where}: hostPort")
+        check(csc.get("procMount", "Default") == "Default", f"{where}: procMount")
 job, elastic, port = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), int(sys.argv[3])
 tls = json.load(open(sys.argv[4]))
 bad = []
@@ -66,7 +94,11 @@ for i in job["items"]:
           f"{name}: the job token from the Secret")
     check(c["resources"]["requests"] == c["resources"]["limits"], f"{name}: resources")
     check(pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65534,
-                                     "runAsGroup": 65534, "fsGroup": 65534}, f"{name}: user")
+                                     "runAsGroup": 65534, "fsGroup": 65534,
+                                     "seccompProfile": {"type": "RuntimeDefault"}}, f"{name}: user")
+    restricted(name, pod)
+    check(spec["ttlSecondsAfterFinished"] == 3600 and "activeDeadlineSeconds" not in spec,
+          f"{name}: TTL, no deadline by default")
     mounted = [m["mountPath"] for m in c.get("volumeMounts", [])]
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])]
     want = (["/checkpoints"], ["ck"]) if name == "fm-worker" else ([], [])
@@ -201,6 +233,17 @@ expect_refusal "--metrics-port 9091: not a port other than --port" --name fm -n 
   --metrics-port 9091 -- mx_train
 expect_refusal "--startup-timeout 0: must be at least 1 second" --name fm -n 1 -s 1 --image x \
   --startup-timeout 0 -- mx_train
+expect_refusal "--deadline -5: must be at least 1 second, or 0 for none" --name fm -n 1 -s 1 \
+  --image x --deadline -5 -- mx_train --kvstore=dist_sync
+python3 "$K8S_JOB" --name fm -n 1 -s 1 --image x --deadline 7200 --ttl 60 -- mx_train \
+  --kvstore=dist_sync | python3 -c '
+import json, sys
+for job in json.load(sys.stdin)["items"]:
+    spec = job.get("spec", {})
+    if job["kind"] == "Job" and (spec.get("activeDeadlineSeconds") != 7200
+                                 or spec.get("ttlSecondsAfterFinished") != 60):
+        sys.exit(job["metadata"]["name"] + ": no deadline or TTL as asked")
+' || fail "--deadline 7200 --ttl 60 not applied to every Job"
 # Worker commands that would not train as one job.
 expect_refusal "the worker command has no --kvstore: mx_train would train each worker alone" \
   --name fm -n 2 -s 1 --image x -- mx_train --network=mlp
