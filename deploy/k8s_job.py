@@ -130,6 +130,33 @@ def tls_env(args):
             env_value("MX_TLS_SERVER_NAME", SERVER_NAME)]
 
 
+# A Kubernetes quantity as resources take it: a decimal number with an
+# optional binary (Ki..Ei) or decimal (n, u, m, k, M, G, T, P, E) suffix.
+QUANTITY = re.compile(r"(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?")
+
+
+def quantity_is_zero(value):
+    return float(re.match(r"[\d.]+", value).group(0) or 0) == 0
+
+
+def check_checkpoint_prefix(ap, args, cmd):
+    """Refuses a worker --checkpoint_prefix that would write outside the
+    mounted checkpoint volume (lost with the pod)."""
+    for i, arg in enumerate(cmd):
+        if arg.startswith("--checkpoint_prefix="):
+            prefix = arg.split("=", 1)[1]
+        elif arg == "--checkpoint_prefix" and i + 1 < len(cmd):
+            prefix = cmd[i + 1]
+        else:
+            continue
+        if not args.checkpoint_claim:
+            ap.error(f"--checkpoint_prefix={prefix}: give --checkpoint-claim, or the "
+                     "checkpoints are lost with the pods")
+        if not prefix.startswith(CHECKPOINT_DIR + "/") or prefix == CHECKPOINT_DIR + "/":
+            ap.error(f"--checkpoint_prefix={prefix}: outside the checkpoint volume, mounted at "
+                     f"{CHECKPOINT_DIR} (write under {CHECKPOINT_DIR}/NAME)")
+
+
 def probe(path, period, failures, delay=0):
     return {"httpGet": {"path": path, "port": "metrics"}, "initialDelaySeconds": delay,
             "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures}
@@ -334,6 +361,13 @@ def main():
         ap.error(f"--startup-timeout {args.startup_timeout}: must be at least 1 second")
     if not 1 <= args.port <= 65535:
         ap.error(f"--port {args.port}: not a port")
+    for flag, value in (("--cpu", args.cpu), ("--memory", args.memory)):
+        if not QUANTITY.fullmatch(value) or quantity_is_zero(value):
+            ap.error(f"{flag} {value!r}: not a positive Kubernetes quantity (such as 500m, 2, "
+                     "1.5, 512Mi, 2Gi)")
+    if not args.image.strip() or any(c.isspace() for c in args.image):
+        ap.error(f"--image {args.image!r}: an image reference, such as registry/mx:1.0")
+    check_checkpoint_prefix(ap, args, cmd)
     if args.ttl < 0:
         ap.error(f"--ttl {args.ttl}: must be at least 0 seconds")
     if args.deadline < 0:

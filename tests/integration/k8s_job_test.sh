@@ -233,6 +233,18 @@ expect_refusal "--metrics-port 9091: not a port other than --port" --name fm -n 
   --metrics-port 9091 -- mx_train
 expect_refusal "--startup-timeout 0: must be at least 1 second" --name fm -n 1 -s 1 --image x \
   --startup-timeout 0 -- mx_train
+expect_refusal "--cpu 'lots': not a positive Kubernetes quantity" --name fm -n 1 -s 1 --image x \
+  --cpu lots -- mx_train --kvstore=dist_sync
+expect_refusal "--cpu '0': not a positive Kubernetes quantity" --name fm -n 1 -s 1 --image x \
+  --cpu 0 -- mx_train --kvstore=dist_sync
+expect_refusal "--memory '2GB': not a positive Kubernetes quantity" --name fm -n 1 -s 1 --image x \
+  --memory 2GB -- mx_train --kvstore=dist_sync
+expect_refusal "--image '': an image reference" --name fm -n 1 -s 1 --image "" \
+  -- mx_train --kvstore=dist_sync
+expect_refusal "--checkpoint_prefix=/tmp/fm: outside the checkpoint volume" --name fm -n 1 -s 1 \
+  --image x --checkpoint-claim ck -- mx_train --kvstore=dist_sync --checkpoint_prefix=/tmp/fm
+expect_refusal "--checkpoint_prefix=/checkpoints/fm: give --checkpoint-claim" --name fm -n 1 -s 1 \
+  --image x -- mx_train --kvstore=dist_sync --checkpoint_prefix=/checkpoints/fm
 expect_refusal "--deadline -5: must be at least 1 second, or 0 for none" --name fm -n 1 -s 1 \
   --image x --deadline -5 -- mx_train --kvstore=dist_sync
 python3 "$K8S_JOB" --name fm -n 1 -s 1 --image x --deadline 7200 --ttl 60 -- mx_train \
