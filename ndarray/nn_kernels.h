@@ -564,9 +564,12 @@ struct EmbeddingGradKernel {
 };
 
 // BatchNorm. Data is viewed as (outer, channels, inner) around the channel
-// axis; per-channel values live in a table of kBnColumns arrays of
-// `channels` floats (the operator's workspace), filled by one index per
-// channel and read by the element-wise kernels.
+// axis. A channel's sums are taken in `parts` slices of its elements, one
+// index per (channel, part), into partial sums (in double; BnPartsKernel),
+// which one index per channel then combines: the GPU thus runs channels x
+// parts threads, not one per channel. Per-channel values live in a table of
+// kBnColumns arrays of `channels` floats, read by the element-wise kernels.
+// Both live in the operator's workspace.
 struct BnLayout {
   int64_t outer, channels, inner;
   MX_XINLINE int64_t PerChannel() const { return outer * inner; }
@@ -575,34 +578,96 @@ struct BnLayout {
 // Columns of the per-channel table.
 enum BnColumn { kBnMean, kBnVar, kBnScale, kBnMeanGrad, kBnProj, kBnColumns };
 
+// What BnPartsKernel sums over a slice of channel c: x; (x - center[c])^2;
+// or g and g * (x - center[c]) (two sums).
+enum BnSum { kBnSumX, kBnSumSquares, kBnSumGrad };
+
 MX_XINLINE float BnInvStd(float var, float eps) {
   // MXNet's convention for a constant channel without eps: no scaling.
   return var + eps == 0 ? 0.0f : 1.0f / sqrtf(var + eps);
 }
 
-// Batch mean and biased variance of channel c (two passes, in double).
-MX_XINLINE void BnMoments(const float* x, const BnLayout& l, int64_t c, float* mean, float* var) {
-  const double n = static_cast<double>(l.PerChannel());
+// Index j = c * parts + part sums its slice of channel c's elements into
+// partials[2j] (and partials[2j + 1] for kBnSumGrad), walking runs of
+// `inner` contiguous elements.
+struct BnPartsKernel {
+  struct Params {
+    double* partials;
+    const float* x;
+    const float* g;       // kBnSumGrad only
+    const float* center;  // per channel; kBnSumSquares, kBnSumGrad
+    BnLayout layout;
+    int64_t parts;
+    BnSum what;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const BnLayout& l = p.layout;
+    const int64_t per_channel = l.PerChannel();
+    const int64_t slice = (per_channel + p.parts - 1) / p.parts;
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t c = j / p.parts, part = j % p.parts;
+      const int64_t first = part * slice;
+      const int64_t last = first + slice < per_channel ? first + slice : per_channel;
+      const float m = p.center != nullptr ? p.center[c] : 0.0f;
+      double a = 0, b = 0;
+      for (int64_t e = first; e < last;) {
+        const int64_t o = e / l.inner, i = e % l.inner;
+        const int64_t run = l.inner - i < last - e ? l.inner - i : last - e;
+        const int64_t base = (o * l.channels + c) * l.inner + i;
+        for (int64_t k = 0; k < run; ++k) {
+          const float v = p.x[base + k];
+          if (p.what == kBnSumX) {
+            a += v;
+          } else if (p.what == kBnSumSquares) {
+            a += static_cast<double>(v - m) * (v - m);
+          } else {
+            const float gv = p.g[base + k];
+            a += gv;
+            b += static_cast<double>(gv) * (v - m);
+          }
+        }
+        e += run;
+      }
+      p.partials[2 * j] = a;
+      p.partials[2 * j + 1] = b;
+    }
+  }
+};
+
+// The sum of channel c's partials (first or, with second, second of each
+// pair).
+MX_XINLINE double BnCombine(const double* partials, int64_t c, int64_t parts, bool second) {
   double sum = 0;
-  for (int64_t o = 0; o < l.outer; ++o) {
-    const float* xc = x + (o * l.channels + c) * l.inner;
-    for (int64_t i = 0; i < l.inner; ++i) sum += xc[i];
-  }
-  const double m = sum / n;
-  double sq = 0;
-  for (int64_t o = 0; o < l.outer; ++o) {
-    const float* xc = x + (o * l.channels + c) * l.inner;
-    for (int64_t i = 0; i < l.inner; ++i) sq += (xc[i] - m) * (xc[i] - m);
-  }
-  *mean = static_cast<float>(m);
-  *var = static_cast<float>(sq / n);
+  for (int64_t k = 0; k < parts; ++k) sum += partials[2 * (c * parts + k) + (second ? 1 : 0)];
+  return sum;
 }
 
+// One index per channel: table column `column` = the channel's summed
+// partials / (elements per channel): the batch mean (after kBnSumX) or
+// variance (after kBnSumSquares about the mean).
+struct BnAverageKernel {
+  struct Params {
+    float* table;
+    const double* partials;
+    BnLayout layout;
+    int64_t parts;
+    BnColumn column;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const double n = static_cast<double>(p.layout.PerChannel());
+    for (int64_t c = begin; c < end; ++c) {
+      p.table[p.column * p.layout.channels + c] =
+          static_cast<float>(BnCombine(p.partials, c, p.parts, false) / n);
+    }
+  }
+};
+
 // Forward statistics, one index per channel: the mean and variance that
-// normalise (the batch's when batch_stats, which also updates the moving
-// ones with `momentum`; else the moving ones) and scale = gamma * invstd
-// (gamma taken as 1 when fix_gamma); out_mean / out_var (=|+=) them when
-// not null (output_mean_var).
+// normalise (the batch's, already in the table, when batch_stats, which
+// also updates the moving ones with `momentum`; else the moving ones, put
+// in the table) and scale = gamma * invstd (gamma taken as 1 when
+// fix_gamma); out_mean / out_var (=|+=) them when not null
+// (output_mean_var).
 struct BnStatsKernel {
   struct Params {
     float* table;
@@ -610,18 +675,18 @@ struct BnStatsKernel {
     float* moving_var;
     float* out_mean;
     float* out_var;
-    const float* x;
     const float* gamma;
-    BnLayout layout;
+    int64_t channels;
     float eps, momentum;
     bool batch_stats, fix_gamma, add_mean, add_var;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    const int64_t C = p.layout.channels;
+    const int64_t C = p.channels;
     for (int64_t c = begin; c < end; ++c) {
       float mean, var;
       if (p.batch_stats) {
-        BnMoments(p.x, p.layout, c, &mean, &var);
+        mean = p.table[kBnMean * C + c];
+        var = p.table[kBnVar * C + c];
         p.moving_mean[c] = p.moving_mean[c] * p.momentum + mean * (1 - p.momentum);
         p.moving_var[c] = p.moving_var[c] * p.momentum + var * (1 - p.momentum);
       } else {
@@ -660,47 +725,36 @@ struct BnApplyKernel {
   }
 };
 
-// Backward statistics, one index per channel. With xhat = (x - mean) *
-// invstd, sum_g = sum(g) and dot = sum(g * (x - mean)): dgamma (=|+=) dot *
-// invstd (0 when fix_gamma), dbeta (=|+=) sum_g (each skipped when null),
-// and the coefficients of dx: the table's scale = gamma * invstd, and with
-// batch statistics mean_grad = mean(g), proj = mean(g * (x - mean)) *
-// invstd^2 (0 for global statistics, which dx does not depend on).
+// Backward statistics, one index per channel, from the partial sums of g
+// and g * (x - mean) (kBnSumGrad about `mean`: the batch's, in the table,
+// or the moving one) and the variance `var` (likewise). With sum_g and dot
+// those sums: dgamma (=|+=) dot * invstd (0 when fix_gamma), dbeta (=|+=)
+// sum_g (each skipped when null), and the coefficients of dx: the table's
+// mean and scale = gamma * invstd, and with batch statistics mean_grad =
+// mean(g), proj = mean(g * (x - mean)) * invstd^2 (0 for global
+// statistics, which dx does not depend on).
 struct BnGradStatsKernel {
   struct Params {
     float* table;
     float* dgamma;
     float* dbeta;
-    const float* x;
-    const float* g;
+    const double* partials;
     const float* gamma;
-    const float* moving_mean;
-    const float* moving_var;
+    const float* mean;
+    const float* var;
     BnLayout layout;
+    int64_t parts;
     float eps;
     bool batch_stats, fix_gamma, add_gamma, add_beta;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    const BnLayout& l = p.layout;
-    const int64_t C = l.channels;
-    const double n = static_cast<double>(l.PerChannel());
+    const int64_t C = p.layout.channels;
+    const double n = static_cast<double>(p.layout.PerChannel());
     for (int64_t c = begin; c < end; ++c) {
-      float mean, var;
-      if (p.batch_stats) {
-        BnMoments(p.x, l, c, &mean, &var);
-      } else {
-        mean = p.moving_mean[c];
-        var = p.moving_var[c];
-      }
-      double sum_g = 0, dot = 0;
-      for (int64_t o = 0; o < l.outer; ++o) {
-        const int64_t base = (o * C + c) * l.inner;
-        for (int64_t i = 0; i < l.inner; ++i) {
-          sum_g += p.g[base + i];
-          dot += static_cast<double>(p.g[base + i]) * (p.x[base + i] - mean);
-        }
-      }
-      const float invstd = BnInvStd(var, p.eps);
+      const double sum_g = BnCombine(p.partials, c, p.parts, false);
+      const double dot = BnCombine(p.partials, c, p.parts, true);
+      const float invstd = BnInvStd(p.var[c], p.eps);
+      const float mean = p.mean[c];
       p.table[kBnMean * C + c] = mean;
       p.table[kBnScale * C + c] = (p.fix_gamma ? 1.0f : p.gamma[c]) * invstd;
       p.table[kBnMeanGrad * C + c] = p.batch_stats ? static_cast<float>(sum_g / n) : 0.0f;

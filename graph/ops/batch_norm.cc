@@ -20,6 +20,7 @@
 //   training:     dx = (g - mean(g) - xhat * mean(g * xhat)) * gamma * invstd
 //   global stats: dx = g * gamma * invstd
 //   dgamma = sum(g * xhat) (0 with fix_gamma), dbeta = sum(g).
+#include <algorithm>
 #include <vector>
 
 #include "graph/ops/op_util.h"
@@ -85,30 +86,70 @@ bool UsesBatchStats(const OpContext& ctx, const ParsedParams& p) {
 
 kernel::BnLayout KernelLayout(const Layout& l) { return {l.outer, l.channels, l.inner}; }
 
-// The per-channel table (ndarray/nn_kernels.h) in the workspace.
-size_t WorkspaceBytes(const ParsedParams&, const ShapeList& in, const ShapeList&) {
-  return static_cast<size_t>(kernel::kBnColumns) * (in[1].ndim() > 0 ? in[1][0] : 0) *
-         sizeof(float);
+// Slices per channel for the partial sums: about 512 elements each, at most
+// 1024 (ndarray/nn_kernels.h).
+int64_t Parts(const Layout& l) {
+  return std::clamp<int64_t>((l.PerChannel() + 511) / 512, 1, 1024);
+}
+
+// The workspace: the partial sums (2 doubles per channel and part), then
+// the per-channel table.
+struct Scratch {
+  double* partials;
+  float* table;
+  int64_t parts;
+};
+Scratch GetScratch(float* workspace, const Layout& l) {
+  const int64_t parts = Parts(l);
+  double* partials = reinterpret_cast<double*>(workspace);
+  return {partials, reinterpret_cast<float*>(partials + 2 * l.channels * parts), parts};
+}
+
+size_t WorkspaceBytes(const ParsedParams& p, const ShapeList& in, const ShapeList&) {
+  const Layout l = GetLayout(p, in[0]);
+  return static_cast<size_t>(2 * l.channels * Parts(l)) * sizeof(double) +
+         static_cast<size_t>(kernel::kBnColumns * l.channels) * sizeof(float);
+}
+
+// Sums `what` over every channel's slices into the partials.
+void SumParts(const OpContext& ctx, const Scratch& s, const Layout& l, kernel::BnSum what,
+              const float* x, const float* g, const float* center) {
+  kernel::Launch<kernel::BnPartsKernel>("BatchNorm", ctx.ctx, l.channels * s.parts,
+                                        {s.partials, x, g, center, KernelLayout(l), s.parts, what});
+}
+
+// The batch mean and variance of x into the table (two passes).
+void BatchMoments(const OpContext& ctx, const Scratch& s, const Layout& l, const float* x) {
+  SumParts(ctx, s, l, kernel::kBnSumX, x, nullptr, nullptr);
+  kernel::Launch<kernel::BnAverageKernel>("BatchNorm", ctx.ctx, l.channels,
+                                          {s.table, s.partials, KernelLayout(l), s.parts,
+                                           kernel::kBnMean});
+  SumParts(ctx, s, l, kernel::kBnSumSquares, x, nullptr, s.table + kernel::kBnMean * l.channels);
+  kernel::Launch<kernel::BnAverageKernel>("BatchNorm", ctx.ctx, l.channels,
+                                          {s.table, s.partials, KernelLayout(l), s.parts,
+                                           kernel::kBnVar});
 }
 
 void Forward(const OpContext& ctx, const ParsedParams& p,
              const std::vector<TBlob>& in, const std::vector<OpReq>& req,
              const std::vector<TBlob>& out, const std::vector<TBlob>& aux) {
   const Layout l = GetLayout(p, in[0].shape);
+  const Scratch scratch = GetScratch(ctx.workspace, l);
+  const bool batch_stats = UsesBatchStats(ctx, p);
+  if (batch_stats) BatchMoments(ctx, scratch, l, in[0].data);
   const bool mean_var = p.GetBool("output_mean_var");
   auto output = [&](size_t i) {
     return mean_var && req[i] != OpReq::kNull ? out[i].data : nullptr;
   };
   kernel::BnStatsKernel::Params stats{
-      ctx.workspace, aux[0].data, aux[1].data, output(1), output(2), in[0].data, in[1].data,
-      KernelLayout(l), p.GetFloat("eps"), p.GetFloat("momentum"), UsesBatchStats(ctx, p),
-      p.GetBool("fix_gamma"), mean_var && req[1] == OpReq::kAdd,
-      mean_var && req[2] == OpReq::kAdd};
+      scratch.table, aux[0].data, aux[1].data, output(1), output(2), in[1].data, l.channels,
+      p.GetFloat("eps"), p.GetFloat("momentum"), batch_stats, p.GetBool("fix_gamma"),
+      mean_var && req[1] == OpReq::kAdd, mean_var && req[2] == OpReq::kAdd};
   kernel::Launch<kernel::BnStatsKernel>("BatchNorm", ctx.ctx, l.channels, stats);
   if (req[0] == OpReq::kNull) return;
   kernel::Launch<kernel::BnApplyKernel>(
       "BatchNorm", ctx.ctx, in[0].Size(),
-      {out[0].data, in[0].data, ctx.workspace, in[2].data, KernelLayout(l),
+      {out[0].data, in[0].data, scratch.table, in[2].data, KernelLayout(l),
        req[0] == OpReq::kAdd});
 }
 
@@ -117,16 +158,22 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
               const std::vector<TBlob>&, const std::vector<OpReq>& req,
               const std::vector<TBlob>& in_grad, const std::vector<TBlob>& aux) {
   const Layout l = GetLayout(p, in[0].shape);
+  const Scratch scratch = GetScratch(ctx.workspace, l);
+  const bool batch_stats = UsesBatchStats(ctx, p);
+  if (batch_stats) BatchMoments(ctx, scratch, l, in[0].data);
+  const float* mean = batch_stats ? scratch.table + kernel::kBnMean * l.channels : aux[0].data;
+  const float* var = batch_stats ? scratch.table + kernel::kBnVar * l.channels : aux[1].data;
+  SumParts(ctx, scratch, l, kernel::kBnSumGrad, in[0].data, out_grad[0].data, mean);
   auto grad = [&](size_t i) { return req[i] != OpReq::kNull ? in_grad[i].data : nullptr; };
   kernel::BnGradStatsKernel::Params stats{
-      ctx.workspace, grad(1), grad(2), in[0].data, out_grad[0].data, in[1].data, aux[0].data,
-      aux[1].data, KernelLayout(l), p.GetFloat("eps"), UsesBatchStats(ctx, p),
-      p.GetBool("fix_gamma"), req[1] == OpReq::kAdd, req[2] == OpReq::kAdd};
+      scratch.table, grad(1), grad(2), scratch.partials, in[1].data, mean, var, KernelLayout(l),
+      scratch.parts, p.GetFloat("eps"), batch_stats, p.GetBool("fix_gamma"),
+      req[1] == OpReq::kAdd, req[2] == OpReq::kAdd};
   kernel::Launch<kernel::BnGradStatsKernel>("BatchNorm", ctx.ctx, l.channels, stats);
   if (req[0] == OpReq::kNull) return;
   kernel::Launch<kernel::BnGradApplyKernel>(
       "BatchNorm", ctx.ctx, in[0].Size(),
-      {in_grad[0].data, out_grad[0].data, in[0].data, ctx.workspace, KernelLayout(l),
+      {in_grad[0].data, out_grad[0].data, in[0].data, scratch.table, KernelLayout(l),
        req[0] == OpReq::kAdd});
 }
 

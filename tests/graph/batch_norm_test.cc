@@ -86,6 +86,54 @@ TEST(BatchNormOutputs, MeanAndVarAreTheBatchStatisticsInTraining) {
               Pointwise(FloatNear(1e-6), std::vector<float>{1.25f, 1.0f}));
 }
 
+// Channels of many elements (their sums are taken in slices, combined)
+// against the textbook formulas in double: y = xhat * gamma + beta, and
+// dx = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)).
+TEST(BatchNormLargeChannels, ForwardAndBackwardMatchTheFormulas) {
+  NameScope scope;
+  const int64_t N = 3, C = 2, H = 700, per = N * H;
+  Symbol net = Op("BatchNorm", {Variable("data")}, {{"fix_gamma", false}, {"eps", 1e-5f}}, "bn");
+  srand(4);
+  NDArray data = RandomUniform(-2, 3, {N, C, H});
+  NDArray gamma = FromVector({1.5f, 0.5f}), beta = FromVector({0.1f, -0.2f});
+  NDArray head = RandomUniform(-1, 1, {N, C, H});
+  NDArray gdata = Zeros({N, C, H}), ggamma = Zeros({C}), gbeta = Zeros({C});
+  auto exec = Executor::Bind(net, cpu(), {{"data", data}, {"bn_gamma", gamma}, {"bn_beta", beta}},
+                             {{"data", gdata}, {"bn_gamma", ggamma}, {"bn_beta", gbeta}}, {},
+                             {{"bn_moving_mean", Zeros({C})}, {"bn_moving_var", Ones({C})}});
+  ASSERT_TRUE(exec.ok()) << exec.status();
+  (*exec)->Forward(true);
+  (*exec)->Backward({head});
+  const std::vector<float> x = data.ToVector(), g = head.ToVector();
+  const std::vector<float> y = (*exec)->outputs()[0].ToVector(), dx = gdata.ToVector();
+  const std::vector<float> w = gamma.ToVector(), b = beta.ToVector();
+  for (int64_t c = 0; c < C; ++c) {
+    auto at = [&](int64_t n, int64_t h) { return (n * C + c) * H + h; };
+    double mean = 0, var = 0, mean_g = 0, mean_gx = 0;
+    for (int64_t n = 0; n < N; ++n) for (int64_t h = 0; h < H; ++h) mean += x[at(n, h)];
+    mean /= per;
+    for (int64_t n = 0; n < N; ++n) for (int64_t h = 0; h < H; ++h) {
+      var += (x[at(n, h)] - mean) * (x[at(n, h)] - mean);
+    }
+    var /= per;
+    const double invstd = 1 / std::sqrt(var + 1e-5);
+    for (int64_t n = 0; n < N; ++n) for (int64_t h = 0; h < H; ++h) {
+      mean_g += g[at(n, h)];
+      mean_gx += g[at(n, h)] * (x[at(n, h)] - mean) * invstd;
+    }
+    mean_g /= per;
+    mean_gx /= per;
+    for (int64_t n = 0; n < N; ++n) for (int64_t h = 0; h < H; ++h) {
+      const double xhat = (x[at(n, h)] - mean) * invstd;
+      ASSERT_NEAR(y[at(n, h)], xhat * w[c] + b[c], 1e-4) << "y at " << at(n, h);
+      ASSERT_NEAR(dx[at(n, h)], w[c] * invstd * (g[at(n, h)] - mean_g - xhat * mean_gx), 1e-4)
+          << "dx at " << at(n, h);
+    }
+    EXPECT_NEAR(gbeta.ToVector()[c], mean_g * per, 1e-3);
+    EXPECT_NEAR(ggamma.ToVector()[c], mean_gx * per, 1e-3);
+  }
+}
+
 TEST(BatchNormSymbol, ListsMXNetNames) {
   NameScope scope;
   Symbol net = Op("BatchNorm", {Variable("data")});

@@ -185,6 +185,37 @@ TEST(OperatorKernels, ElementByElementMatchesWholeRanges) {
   }
 }
 
+// BatchNorm's sums in slices (one index per channel and slice; slices cross
+// the runs of `inner` elements) combine to the channel's whole sums.
+TEST(OperatorKernels, BatchNormSlicesSumToTheChannelSums) {
+  const BnLayout l{21, 2, 100};  // 2100 elements per channel
+  const int64_t n = l.outer * l.channels * l.inner, parts = 5;
+  const std::vector<float> x = RandomValues(n, 5), g = RandomValues(n, 6);
+  const std::vector<float> center = {0.25f, -0.5f};
+  for (BnSum what : {kBnSumX, kBnSumSquares, kBnSumGrad}) {
+    std::vector<double> whole(2 * l.channels * parts), split(whole.size());
+    BnPartsKernel::Params wp{whole.data(), x.data(), g.data(), center.data(), l, parts, what};
+    BnPartsKernel::Params sp = wp;
+    sp.partials = split.data();
+    BnPartsKernel::MapRange(0, l.channels * parts, wp);
+    for (int64_t j = 0; j < l.channels * parts; ++j) BnPartsKernel::MapRange(j, j + 1, sp);
+    EXPECT_EQ(whole, split);
+    for (int64_t c = 0; c < l.channels; ++c) {
+      double a = 0, b = 0;
+      for (int64_t o = 0; o < l.outer; ++o) {
+        for (int64_t i = 0; i < l.inner; ++i) {
+          const int64_t k = (o * l.channels + c) * l.inner + i;
+          const double d = x[k] - center[c];
+          a += what == kBnSumX ? x[k] : what == kBnSumSquares ? d * d : g[k];
+          b += what == kBnSumGrad ? g[k] * d : 0.0;
+        }
+      }
+      EXPECT_NEAR(BnCombine(whole.data(), c, parts, false), a, 1e-6 * (1 + std::fabs(a)));
+      EXPECT_NEAR(BnCombine(whole.data(), c, parts, true), b, 1e-6 * (1 + std::fabs(b)));
+    }
+  }
+}
+
 // The GPU reduces an axis in strided parts that Combine joins; any grouping
 // must give what the CPU's sequential loop gives (up to rounding for sums).
 template <typename R>
