@@ -166,8 +166,22 @@ class Stopped(Exception):
         self.code = code
 
 
+# True once the job is being stopped: later signals change nothing (a
+# handler that raised again would abandon the stop under way; seen: a
+# second SIGTERM left the daemons running).
+_stopping = False
+
+
+def begin_stop():
+    global _stopping
+    _stopping = True
+
+
 def raise_stopped(code):
     def handler(*_):
+        if _stopping:
+            return
+        begin_stop()
         raise Stopped(code)
     return handler
 
@@ -527,15 +541,15 @@ def run_until_stopped(job, body):
     try:
         return body()
     except Stopped as stopped:
-        for sig in STOP_SIGNALS:  # one stop; a second signal changes nothing
-            signal.signal(sig, signal.SIG_IGN)
         job.stop_all()
         return stopped.code
     except StartFailed as e:
+        begin_stop()
         log(f"{e}; stopping the job")
         job.stop_all()
         return 1
     except BaseException:
+        begin_stop()
         job.stop_all()
         raise
 

@@ -245,4 +245,28 @@ rc=$?
 [[ $rc -eq 0 && "$out" == *"exit code 130 after "*" s; sleep ended"* ]] ||
   fail "SIGINT inside poll(): exit code $rc, said: $out"
 
+# 8. A second signal while the launcher stops the job changes nothing: the
+# stop goes on (seen: the second SIGTERM's handler raised in the middle of
+# the first stop and left the daemons running).
+out=$(cd "$(dirname "$LAUNCH")" && timeout -k 2 20 python3 - 2>&1 <<'PY'
+import os, signal, time
+import launch
+job = launch.Job()
+proc = job.start("worker 0", "worker", ["sleep", "100"], os.environ)
+def supervise():
+    # Both pending at once: the second handler runs as the first stop begins.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    time.sleep(5)
+    return 0
+code = launch.run_until_stopped(job, supervise)
+print(f"exit code {code}; sleep {'ended' if proc.popen.poll() is not None else 'still running'}")
+PY
+)
+rc=$?
+[[ $rc -eq 0 && "$out" == *"exit code 130; sleep ended"* ]] ||
+  fail "a second signal during the stop: exit code $rc, said: $out"
+
 finish
