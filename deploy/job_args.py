@@ -8,9 +8,11 @@ import os
 
 def add_job_arguments(ap):
     """The options; call add_worker_command last (it takes the rest)."""
-    ap.add_argument("-n", "--num-workers", type=int, required=True)
-    ap.add_argument("-s", "--num-servers", type=int, required=True)
-    ap.add_argument("--kvstore", default="dist_sync", choices=["dist_sync", "dist_async"])
+    ap.add_argument("-n", "--num-workers", type=int, required=True, help="workers in the job")
+    ap.add_argument("-s", "--num-servers", type=int, required=True,
+                    help="parameter servers in the job")
+    ap.add_argument("--kvstore", default="dist_sync", choices=["dist_sync", "dist_async"],
+                    help="the servers' mode; the worker command must use the same kvstore")
     ap.add_argument("--elastic", action="store_true",
                     help="continue without workers that die (servers, coordinator and workers)")
     ap.add_argument("--heartbeat-timeout", type=int, default=5,

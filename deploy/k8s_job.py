@@ -318,7 +318,8 @@ def main():
     add_job_arguments(ap)
     ap.add_argument("--image", required=True, help="deploy/Dockerfile's image, as pods pull it")
     ap.add_argument("--image-pull-policy", default="IfNotPresent",
-                    choices=["Always", "IfNotPresent", "Never"])
+                    choices=["Always", "IfNotPresent", "Never"],
+                    help="when the kubelet pulls --image")
     ap.add_argument("--port", type=int, default=9091, help="the coordinator's port")
     ap.add_argument("--startup-timeout", type=int, default=600,
                     help="seconds within which every pod must start and register (scheduling "

@@ -461,7 +461,8 @@ def job_secrets(ap, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(ap)
-    ap.add_argument("--server-binary", default="bazel-bin/server/mx_server")
+    ap.add_argument("--server-binary", default="bazel-bin/server/mx_server",
+                    help="the mx_server binary that runs the coordinator and the servers")
     ap.add_argument("-H", "--hostfile", help="run on these hosts through ssh (one per line)")
     ap.add_argument("--ssh", default="ssh", help="the ssh command for --hostfile")
     ap.add_argument("--port", type=int, default=0,
@@ -470,8 +471,8 @@ def main():
     ap.add_argument("--tls", action="store_true",
                     help="mutual TLS on every connection, with a CA and certificates made for the job")
     ap.add_argument("--tls-cert", help="with --tls-key and --tls-ca: TLS with these files instead")
-    ap.add_argument("--tls-key")
-    ap.add_argument("--tls-ca")
+    ap.add_argument("--tls-key", help="with --tls-cert: the private key of the certificate")
+    ap.add_argument("--tls-ca", help="with --tls-cert: the CA that signed every node's certificate")
     ap.add_argument("--metrics", action="store_true",
                     help="every process serves Prometheus metrics and /healthz on a free port "
                          "and prints where (\"metrics on http://HOST:PORT/metrics\")")
