@@ -54,8 +54,13 @@ PersistentVolumeClaim at /checkpoints; give mx_train
 --checkpoint_prefix=/checkpoints/NAME (and --resume_epoch to resume).
 Pods run as the image's user, 65534, with the volume group-writable to it.
 
-Needs Kubernetes 1.24 or later (Indexed Jobs), and pod-to-pod traffic on
-any port between the job's pods (servers listen on free ports).
+Ports: the coordinator listens on --port, every server on --server-port
+(each in its own pod), every process serves metrics on --metrics-port;
+all are declared containerPorts. A NetworkPolicy admits to the job's pods
+only the job's own pods on the gRPC ports, and metrics scrapes (from the
+namespace --metrics-from names, or any).
+
+Needs Kubernetes 1.24 or later (Indexed Jobs).
 """
 import argparse
 import json
@@ -162,6 +167,12 @@ def probe(path, period, failures, delay=0):
             "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures}
 
 
+def grpc_port(args, role):
+    """The port a role's pods listen on for gRPC: --port for the coordinator,
+    --server-port for servers; workers serve none."""
+    return {"coordinator": args.port, "server": args.server_port}.get(role)
+
+
 def container(args, role, command, env):
     """The node's container. Probes go to the HTTP port, not to gRPC: with
     mutual TLS the kubelet's gRPC probe could not present a certificate.
@@ -176,7 +187,9 @@ def container(args, role, command, env):
         "imagePullPolicy": args.image_pull_policy,
         "command": command,
         "env": env + metrics_env(args) + tls_env(args) + [token_env(args)],
-        "ports": [{"name": "metrics", "containerPort": args.metrics_port, "protocol": "TCP"}],
+        "ports": ([{"name": "grpc", "containerPort": grpc_port(args, role), "protocol": "TCP"}]
+                  if grpc_port(args, role) else []) +
+                 [{"name": "metrics", "containerPort": args.metrics_port, "protocol": "TCP"}],
         "readinessProbe": probe("/healthz", period=5, failures=1),
         "livenessProbe": probe("/livez", period=10, failures=3, delay=10),
         "resources": {"requests": resources, "limits": resources},
@@ -261,7 +274,7 @@ def manifests(args, worker_command):
     server = job(
         args, "server", args.num_servers,
         [args.server_command, "--role=server",
-         f"--coordinator={service_name(args)}:{args.port}", "--bind=0.0.0.0:0",
+         f"--coordinator={service_name(args)}:{args.port}", f"--bind=0.0.0.0:{args.server_port}",
          "--advertise=$(POD_IP)", f"--mode={mode}"] + elastic,
         common_env(args, "server") + [env_field("MX_RANK", COMPLETION_INDEX),
                                       env_field("POD_IP", "status.podIP")])
@@ -272,7 +285,7 @@ def manifests(args, worker_command):
         common_env(args, "worker") + [env_field("MX_RANK", COMPLETION_INDEX),
                                       env_value("MX_ELASTIC", 1 if args.elastic else 0)] + threads,
         elastic_workers=args.elastic, claim=args.checkpoint_claim)
-    items = [service, coordinator, server, worker]
+    items = [service, network_policy(args), coordinator, server, worker]
     if not args.token_secret:
         items.insert(0, {
             "apiVersion": "v1",
@@ -285,6 +298,31 @@ def manifests(args, worker_command):
     if args.tls:
         items.insert(0, tls_secret(args))
     return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+def network_policy(args):
+    """Admits to the job's pods only the job's own pods, on the gRPC ports,
+    and the metrics port from namespaces that --metrics-from selects (any
+    namespace by default: Prometheus runs elsewhere); nothing else."""
+    job_pods = {"podSelector": {"matchLabels": {JOB_LABEL: args.name}}}
+    scrapers = ({"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": args.metrics_from}}} if args.metrics_from
+        else {"namespaceSelector": {}})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{args.name}-mx",
+                     "labels": {"app.kubernetes.io/name": "mx", JOB_LABEL: args.name}},
+        "spec": {
+            "podSelector": {"matchLabels": {JOB_LABEL: args.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [job_pods], "ports": [{"protocol": "TCP", "port": args.port},
+                                               {"protocol": "TCP", "port": args.server_port}]},
+                {"from": [scrapers], "ports": [{"protocol": "TCP", "port": args.metrics_port}]},
+            ],
+        },
+    }
 
 
 def tls_secret(args):
@@ -321,6 +359,10 @@ def main():
                     choices=["Always", "IfNotPresent", "Never"],
                     help="when the kubelet pulls --image")
     ap.add_argument("--port", type=int, default=9091, help="the coordinator's port")
+    ap.add_argument("--server-port", type=int, default=9092,
+                    help="the port every server listens on (in its own pod)")
+    ap.add_argument("--metrics-from", metavar="NAMESPACE",
+                    help="admit metrics scrapes only from this namespace (default: any)")
     ap.add_argument("--startup-timeout", type=int, default=600,
                     help="seconds within which every pod must start and register (scheduling "
                          "and image pulls included), else the job fails saying who is missing")
@@ -362,6 +404,9 @@ def main():
         ap.error(f"--startup-timeout {args.startup_timeout}: must be at least 1 second")
     if not 1 <= args.port <= 65535:
         ap.error(f"--port {args.port}: not a port")
+    if not 1 <= args.server_port <= 65535 or args.server_port in (args.port, args.metrics_port):
+        ap.error(f"--server-port {args.server_port}: not a port other than --port and "
+                 "--metrics-port")
     for flag, value in (("--cpu", args.cpu), ("--memory", args.memory)):
         if not QUANTITY.fullmatch(value) or quantity_is_zero(value):
             ap.error(f"{flag} {value!r}: not a positive Kubernetes quantity (such as 500m, 2, "

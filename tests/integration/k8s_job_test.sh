@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # deploy/k8s_job.py: the Kubernetes objects it prints are what they must be
-# (a Service and three Jobs, ranks from completion indexes, pods that never
-# restart, fail-fast or elastic failure policies), and, run as local
-# processes the way Kubernetes would start them (k8s_local.py: the
-# Service's name and pod IPs are 127.0.0.1), they make a dist_sync job that
+# (a Service, a NetworkPolicy and three Jobs, ranks from completion
+# indexes, fixed ports, pods that never restart, fail-fast or elastic
+# failure policies), and, run as local processes the way Kubernetes would
+# start them (k8s_local.py: each pod has an address of its own, 127.0.1.N,
+# and the Service's name resolves to the coordinator's), they make a dist_sync job that
 # trains, whose nodes take the ranks of their indexes and whose daemons shut
 # down on their own. Bad flags are refused with a reason, and so is a
 # server address that Kubernetes could not expand.
@@ -66,7 +67,17 @@ def check(cond, what):
 check(job["kind"] == "List", "not a List")
 kinds = sorted((i["kind"], i["metadata"]["name"]) for i in job["items"])
 check(kinds == [("Job", "fm-coordinator"), ("Job", "fm-server"), ("Job", "fm-worker"),
-                ("Secret", "fm-token"), ("Service", "fm-coordinator")], f"objects {kinds}")
+                ("NetworkPolicy", "fm-mx"), ("Secret", "fm-token"), ("Service", "fm-coordinator")],
+      f"objects {kinds}")
+# The NetworkPolicy: the job's pods only, on the gRPC ports; metrics from anywhere.
+pol = [i for i in job["items"] if i["kind"] == "NetworkPolicy"][0]["spec"]
+own = {"podSelector": {"matchLabels": {"mx-job": "fm"}}}
+check(pol["podSelector"] == own["podSelector"] and pol["policyTypes"] == ["Ingress"],
+      "NetworkPolicy: the job's pods, ingress")
+check(pol["ingress"] == [
+    {"from": [own], "ports": [{"protocol": "TCP", "port": port}, {"protocol": "TCP", "port": 9092}]},
+    {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": 9102}]}],
+    f"NetworkPolicy rules: {pol['ingress']}")
 secret = [i for i in job["items"] if i["kind"] == "Secret"][0]
 token = secret["stringData"]["token"]
 check(len(token) == 64 and token != [i for i in elastic["items"] if i["kind"] == "Secret"][0]
@@ -104,8 +115,9 @@ for i in job["items"]:
     want = (["/checkpoints"], ["ck"]) if name == "fm-worker" else ([], [])
     check((mounted, claims) == want, f"{name}: volumes {mounted} {claims}")
     # Metrics, probes (HTTP: the kubelet's gRPC probe cannot do mutual TLS).
-    check(c["ports"] == [{"name": "metrics", "containerPort": 9102, "protocol": "TCP"}],
-          f"{name}: metrics port")
+    grpc = {"fm-coordinator": [port], "fm-server": [9092], "fm-worker": []}[name]
+    check(c["ports"] == [{"name": "grpc", "containerPort": p, "protocol": "TCP"} for p in grpc] +
+          [{"name": "metrics", "containerPort": 9102, "protocol": "TCP"}], f"{name}: ports")
     check(env["MX_METRICS_PORT"]["value"] == "9102" and env["MX_METRICS_HOST"]["value"] == "0.0.0.0",
           f"{name}: metrics settings")
     check(c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"},
@@ -126,6 +138,7 @@ for i in job["items"]:
         check(env["MX_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == INDEX, f"{name}: MX_RANK")
     if name == "fm-server":
         check("--advertise=$(POD_IP)" in c["command"], f"{name}: advertise")
+        check("--bind=0.0.0.0:9092" in c["command"], f"{name}: bind the fixed server port")
         check(env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", f"{name}: POD_IP")
         check("--mode=sync" in c["command"] and "--elastic" not in c["command"], f"{name}: flags")
     if name == "fm-worker":
@@ -178,10 +191,10 @@ timeout -k 5 150 python3 "$LOCAL" "$TMP/job.json" --bin mx_server="$SERVER" --bi
 rc=$?
 out=$(cat "$TMP/run.log")
 [[ $rc -eq 0 ]] || fail "local run exit code $rc: $(grep -E 'mx_(train|server): ' "$TMP/run.log"; tail -5 "$TMP/run.log")"
-echo "$out" | grep -q "^\[coordinator\] coordinator listening on 0.0.0.0:$PORT$" \
-  || fail "coordinator not on the Service's port"
+echo "$out" | grep -q "^\[coordinator\] coordinator listening on 127\.0\.1\.1:$PORT$" \
+  || fail "coordinator not on the Service's port, at its pod's address"
 for r in 0 1; do
-  echo "$out" | grep -q "^\[server $r\] server $r serving on 127.0.0.1:[0-9]*$" \
+  echo "$out" | grep -q "^\[server $r\] server $r serving on 127\.0\.1\.[0-9]*:9092$" \
     || fail "server $r did not take rank $r or advertise its pod IP"
   echo "$out" | grep -q "^\[worker $r\] worker $r of 2 (dist_sync)" || fail "worker $r is not rank $r"
   echo "$out" | grep -q "^\[worker $r\] Final test accuracy=1" || fail "worker $r did not reach accuracy 1"

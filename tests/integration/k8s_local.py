@@ -6,9 +6,12 @@ commands, flags and environment make a working job:
   k8s_local.py MANIFEST.json --bin mx_server=PATH --bin mx_train=PATH
                [--volumes DIR] [--timeout S]
 
-What Kubernetes would provide is played here on 127.0.0.1: the Service's
-name resolves to 127.0.0.1 (cluster DNS), a pod's IP is 127.0.0.1
-(status.podIP), an Indexed Job's pod gets its completion index (the
+What Kubernetes would provide is played here on the loopback network: each
+pod gets an address of its own, 127.0.1.N (status.podIP), where its
+0.0.0.0 (in flags and environment values) binds, as in a pod's own network
+namespace; a Service's name resolves to the address of the pod its
+selector picks (cluster DNS); a NetworkPolicy is accepted, not enforced;
+an Indexed Job's pod gets its completion index (the
 annotation batch.kubernetes.io/job-completion-index), and $(VAR) in a
 container's env, command and args expands as the kubelet expands it. The
 image is replaced by --bin: a command's first word (its file name) maps to
@@ -16,11 +19,8 @@ a local binary. A PersistentVolumeClaim is the directory DIR/CLAIM (one for
 every pod that mounts it, as a ReadWriteMany volume), and its mount path in
 a pod's arguments the path of that directory. A Secret volume is a private
 directory holding a file per key, and its mount path in the pod's
-arguments and environment values the path of that directory. Every pod has
-an IP of its own in Kubernetes, here they share 127.0.0.1: a containerPort
-given to the pod as an environment value (MX_METRICS_PORT=9102) is 0
-instead (a free port of its own), and probes go to the port the pod says it
-took ("metrics on http://HOST:PORT/metrics"). Probes (httpGet) run as the kubelet runs them: a
+arguments and environment values the path of that directory. Probes
+(httpGet, to the pod's address) run as the kubelet runs them: a
 pod is "ready" once its readiness probe first succeeds (printed as
 "k8s_local.py: server 1 ready"), and a pod whose liveness probe fails
 failureThreshold times in a row is killed (and so fails). Pods run as this process's
@@ -62,7 +62,7 @@ def expand(text, env):
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", sub, text)
 
 
-def pod_env(container, index, services, secrets):
+def pod_env(container, index, services, secrets, pod_ip):
     env = {}
     for e in container.get("env", []):
         if "value" in e:
@@ -73,13 +73,14 @@ def pod_env(container, index, services, secrets):
                 raise Unsupported(f"env {e['name']}: no Secret {ref['name']} with key {ref['key']}")
             value = secrets[(ref["name"], ref["key"])]
         elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP":
-            value = "127.0.0.1"
+            value = pod_ip
         elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == INDEX_FIELD:
             if index is None:
                 raise Unsupported(f"env {e['name']}: a completion index outside an Indexed Job")
             value = str(index)
         else:
             raise Unsupported(f"env {e['name']}: {json.dumps(e)}")
+        value = pod_ip if value == "0.0.0.0" else value  # the pod's own network
         env[e["name"]] = services.get(value, value)
     return env
 
@@ -120,29 +121,18 @@ def mounts(pod_spec, volumes_dir, secrets, secrets_dir):
     return out
 
 
-def own_ports(container, env):
-    """{port name or number: local port, or None}: a containerPort that the
-    pod is told through its environment becomes 0 there (pods share
-    127.0.0.1 here, so each takes a free port of its own; choosing one for
-    it beforehand raced with the ports the other pods took meanwhile), and
-    None here: the pod's "metrics on http://HOST:PORT/metrics" line says
-    which it got."""
+def own_ports(container):
+    """{port name or number: port} of a container's containerPorts."""
     ports = {}
     for p in container.get("ports", []):
-        declared = str(p["containerPort"])
-        local = int(declared)
-        for k, v in env.items():
-            if v == declared:
-                env[k] = "0"
-                local = None
-        ports[p.get("name", declared)] = local
-        ports[declared] = local
+        ports[p.get("name", str(p["containerPort"]))] = p["containerPort"]
+        ports[str(p["containerPort"])] = p["containerPort"]
     return ports
 
 
-def probes(container, ports):
-    """{"readiness"/"liveness": ((port or None: learned, path), initial
-    delay s, period s, failure threshold)}."""
+def probes(container, ports, pod_ip):
+    """{"readiness"/"liveness": ((address, port, path), initial delay s,
+    period s, failure threshold)}."""
     out = {}
     for kind in ("readiness", "liveness"):
         pr = container.get(kind + "Probe")
@@ -153,24 +143,51 @@ def probes(container, ports):
         port = str(pr["httpGet"]["port"])
         if port not in ports:
             raise Unsupported(f"{kind}Probe: port {port} is no containerPort")
-        out[kind] = ((ports[port], pr["httpGet"].get("path", "/")),
+        out[kind] = ((pod_ip, ports[port], pr["httpGet"].get("path", "/")),
                      pr.get("initialDelaySeconds", 0), pr.get("periodSeconds", 10),
                      pr.get("failureThreshold", 3))
     return out
 
 
+def pod_addresses(items):
+    """{(Job name, pod index): address}: 127.0.1.1, 127.0.1.2, ... in the
+    List's order."""
+    addresses = {}
+    for item in items:
+        if item["kind"] == "Job":
+            for i in range(item["spec"]["completions"]):
+                addresses[(item["metadata"]["name"], i)] = f"127.0.1.{len(addresses) + 1}"
+    return addresses
+
+
+def service_addresses(items, addresses):
+    """{Service name: the address of the first pod its selector picks}."""
+    services = {}
+    for item in items:
+        if item["kind"] != "Service":
+            continue
+        selector = item["spec"]["selector"].items()
+        for job in items:
+            labels = job.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {})
+            if job["kind"] == "Job" and selector <= labels.items():
+                services[item["metadata"]["name"]] = addresses[(job["metadata"]["name"], 0)]
+                break
+        else:
+            raise Unsupported(f"Service {item['metadata']['name']}: selects no pod")
+    return services
+
+
 def pods(items, bins, volumes_dir, secrets_dir):
     """(label, argv, env, probes) of every pod the objects would start."""
-    services, secrets = {}, {}
+    addresses = pod_addresses(items)
+    services, secrets = service_addresses(items, addresses), {}
     for item in items:
-        if item["kind"] == "Service":
-            services[item["metadata"]["name"]] = "127.0.0.1"
         if item["kind"] == "Secret":
             for key, value in item.get("stringData", {}).items():
                 secrets[(item["metadata"]["name"], key)] = value
     out = []
     for item in items:
-        if item["kind"] in ("Service", "Secret"):
+        if item["kind"] in ("Service", "Secret", "NetworkPolicy"):
             continue
         if item["kind"] != "Job":
             raise Unsupported(f"kind {item['kind']}")
@@ -183,38 +200,32 @@ def pods(items, bins, volumes_dir, secrets_dir):
         indexed = spec.get("completionMode") == "Indexed"
         role = item["metadata"]["labels"]["mx-role"]
         for i in range(spec["completions"]):
-            env = pod_env(container, i if indexed else None, services, secrets)
-            ports = own_ports(container, env)
+            pod_ip = addresses[(item["metadata"]["name"], i)]
+            env = pod_env(container, i if indexed else None, services, secrets, pod_ip)
+            ports = own_ports(container)
             for mount, local in paths.items():  # volumes, in the environment
                 env = {k: re.sub(rf"^{re.escape(mount)}(?=/|$)", local, v) for k, v in env.items()}
             argv = [expand(a, env) for a in container["command"] + container.get("args", [])]
             for name, address in services.items():  # cluster DNS, in flags
                 argv = [re.sub(rf"(?<=[=/]){re.escape(name)}(?=:)", address, a) for a in argv]
+            # The pod's own network: 0.0.0.0 binds its address.
+            argv = [re.sub(r"(?<=[=/])0\.0\.0\.0(?=:)", pod_ip, a) for a in argv]
             for mount, local in paths.items():  # volumes
                 argv = [re.sub(rf"(?<![^=]){re.escape(mount)}(?=/|$)", local, a) for a in argv]
             program = os.path.basename(argv[0])
             if program not in bins:
                 raise Unsupported(f"{item['metadata']['name']}: no --bin for {argv[0]}")
             argv[0] = bins[program]
-            out.append((f"{role} {i}" if indexed else role, argv, env, probes(container, ports)))
+            out.append((f"{role} {i}" if indexed else role, argv, env,
+                        probes(container, ports, pod_ip)))
     return out
 
 
-# The metrics port each pod said it took: {label: port}.
-LEARNED_PORTS = {}
-METRICS_LINE = re.compile(r"metrics on http://\S+:(\d+)/metrics$")
-
-
-def ok(target, label):
-    """Whether an HTTP GET of the probe's (port, path) on the pod succeeds;
-    False while the pod has not said which port it took."""
-    port, path = target
-    if port is None:
-        port = LEARNED_PORTS.get(label)
-        if port is None:
-            return False
+def ok(target):
+    """Whether an HTTP GET of the probe's (address, port, path) succeeds."""
+    address, port, path = target
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{address}:{port}{path}", timeout=5) as r:
             return 200 <= r.status < 400
     except (urllib.error.URLError, OSError):
         return False
@@ -233,12 +244,12 @@ def kubelet(label, process, pod_probes, lock, stop):
             if now < next_at[kind]:
                 continue
             next_at[kind] = now + min(period, 0.05)  # faster than the kubelet, same verdicts
-            if kind == "readiness" and not ready and ok(target, label):
+            if kind == "readiness" and not ready and ok(target):
                 ready = True
                 with lock:
                     print(f"k8s_local.py: {label} ready", file=sys.stderr, flush=True)
             if kind == "liveness":
-                failures = 0 if ok(target, label) else failures + 1
+                failures = 0 if ok(target) else failures + 1
                 if failures >= threshold:
                     with lock:
                         print(f"k8s_local.py: {label} failed its liveness probe; killing it",
@@ -249,8 +260,6 @@ def kubelet(label, process, pod_probes, lock, stop):
 
 def pump(label, stream, lock):
     for line in stream:
-        if m := METRICS_LINE.search(line.rstrip("\n")):
-            LEARNED_PORTS[label] = int(m.group(1))
         with lock:
             sys.stdout.write(f"[{label}] {line}")
             sys.stdout.flush()
