@@ -167,6 +167,55 @@ def probe(path, period, failures, delay=0):
             "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures}
 
 
+def labels(args, role=None):
+    """The app.kubernetes.io labels, and mx's own (selectors use those)."""
+    out = {"app.kubernetes.io/name": "mx", "app.kubernetes.io/instance": args.name,
+           "app.kubernetes.io/managed-by": "mx-k8s-job", JOB_LABEL: args.name}
+    if role:
+        out.update({"app.kubernetes.io/component": role, ROLE_LABEL: role})
+    return out
+
+
+def metadata(args, name, role=None):
+    meta = {"name": name, "labels": labels(args, role)}
+    if args.namespace:
+        meta["namespace"] = args.namespace
+    return meta
+
+
+def role_resources(args, role):
+    """Requests (= limits) of a role's pods: the coordinator needs far less
+    than the others."""
+    cpu, memory = {"coordinator": (args.coordinator_cpu, args.coordinator_memory),
+                   "server": (args.server_cpu or args.cpu, args.server_memory or args.memory)
+                   }.get(role, (args.cpu, args.memory))
+    return {"cpu": cpu, "memory": memory}
+
+
+def scheduling(args):
+    """The pod spec's placement and pull settings given on the command line."""
+    spec = {}
+    if args.service_account:
+        spec["serviceAccountName"] = args.service_account
+    if args.node_selector:
+        spec["nodeSelector"] = dict(kv.split("=", 1) for kv in args.node_selector)
+    if args.toleration:
+        spec["tolerations"] = [toleration(t) for t in args.toleration]
+    if args.image_pull_secret:
+        spec["imagePullSecrets"] = [{"name": n} for n in args.image_pull_secret]
+    return spec
+
+
+def toleration(text):
+    """KEY[=VALUE]:EFFECT as a toleration (checked by main)."""
+    key_value, effect = text.rsplit(":", 1)
+    key, _, value = key_value.partition("=")
+    out = {"key": key, "operator": "Equal" if value else "Exists", "effect": effect}
+    if value:
+        out["value"] = value
+    return out
+
+
 def grpc_port(args, role):
     """The port a role's pods listen on for gRPC: --port for the coordinator,
     --server-port for servers; workers serve none."""
@@ -180,7 +229,7 @@ def container(args, role, command, env):
     service says (not serving until the node has registered and, for a
     server, knows the workers); liveness is /livez (the process answers),
     as registration may wait up to --startup-timeout."""
-    resources = {"cpu": args.cpu, "memory": args.memory}
+    resources = role_resources(args, role)
     return {
         "name": role,
         "image": args.image,
@@ -204,8 +253,8 @@ def job(args, role, count, command, env, elastic_workers=False, claim=None):
     user; for servers and workers an Indexed Job, whose completion index is
     the pod's rank. `claim`: a PersistentVolumeClaim to mount at
     CHECKPOINT_DIR (group-writable for that user through fsGroup)."""
-    labels = {"app.kubernetes.io/name": "mx", JOB_LABEL: args.name, ROLE_LABEL: role}
     pod = {
+        **scheduling(args),
         "restartPolicy": "Never",
         "securityContext": {"runAsNonRoot": True, "runAsUser": NOBODY, "runAsGroup": NOBODY,
                             "fsGroup": NOBODY, "seccompProfile": {"type": "RuntimeDefault"}},
@@ -228,7 +277,7 @@ def job(args, role, count, command, env, elastic_workers=False, claim=None):
         "parallelism": count,
         # Finished Jobs (and their pods and logs) go after this long.
         "ttlSecondsAfterFinished": args.ttl,
-        "template": {"metadata": {"labels": labels, "annotations": {
+        "template": {"metadata": {"labels": labels(args, role), "annotations": {
             # Prometheus's conventional pod annotations for its
             # kubernetes_sd_configs scrape jobs.
             "prometheus.io/scrape": "true",
@@ -248,7 +297,7 @@ def job(args, role, count, command, env, elastic_workers=False, claim=None):
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": f"{args.name}-{role}", "labels": labels},
+        "metadata": metadata(args, f"{args.name}-{role}", role),
         "spec": spec,
     }
 
@@ -259,8 +308,7 @@ def manifests(args, worker_command):
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": service_name(args),
-                     "labels": {"app.kubernetes.io/name": "mx", JOB_LABEL: args.name}},
+        "metadata": metadata(args, service_name(args)),
         "spec": {
             "selector": {JOB_LABEL: args.name, ROLE_LABEL: "coordinator"},
             "ports": [{"name": "grpc", "port": args.port, "targetPort": args.port}],
@@ -290,8 +338,7 @@ def manifests(args, worker_command):
         items.insert(0, {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": token_secret_name(args),
-                         "labels": {"app.kubernetes.io/name": "mx", JOB_LABEL: args.name}},
+            "metadata": metadata(args, token_secret_name(args)),
             "type": "Opaque",
             "stringData": {"token": secrets.token_hex(32)},
         })
@@ -311,8 +358,7 @@ def network_policy(args):
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": {"name": f"{args.name}-mx",
-                     "labels": {"app.kubernetes.io/name": "mx", JOB_LABEL: args.name}},
+        "metadata": metadata(args, f"{args.name}-mx"),
         "spec": {
             "podSelector": {"matchLabels": {JOB_LABEL: args.name}},
             "policyTypes": ["Ingress"],
@@ -341,8 +387,7 @@ def tls_secret(args):
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": tls_secret_name(args),
-                     "labels": {"app.kubernetes.io/name": "mx", JOB_LABEL: args.name}},
+        "metadata": metadata(args, tls_secret_name(args)),
         "type": "kubernetes.io/tls",
         "stringData": files,
     }
@@ -370,6 +415,19 @@ def main():
                     help="seconds a finished Job (its pods, their logs) is kept before deletion")
     ap.add_argument("--deadline", type=int, default=0,
                     help="seconds after which a Job still running is failed (0: none)")
+    ap.add_argument("--namespace", help="the namespace of every object (default: kubectl's)")
+    ap.add_argument("--service-account", help="the pods' serviceAccountName")
+    ap.add_argument("--node-selector", action="append", metavar="KEY=VALUE",
+                    help="a node label the pods need (repeatable)")
+    ap.add_argument("--toleration", action="append", metavar="KEY[=VALUE]:EFFECT",
+                    help="a taint the pods tolerate, e.g. gpu=yes:NoSchedule (repeatable)")
+    ap.add_argument("--image-pull-secret", action="append", metavar="NAME",
+                    help="a Secret for pulling --image (repeatable)")
+    ap.add_argument("--coordinator-cpu", default="250m", help="CPU of the coordinator's pod")
+    ap.add_argument("--coordinator-memory", default="256Mi",
+                    help="memory of the coordinator's pod")
+    ap.add_argument("--server-cpu", help="CPU of each server's pod (default: --cpu)")
+    ap.add_argument("--server-memory", help="memory of each server's pod (default: --memory)")
     ap.add_argument("--cpu", default="1", help="CPU of each pod (request and limit)")
     ap.add_argument("--memory", default="2Gi", help="memory of each pod (request and limit)")
     ap.add_argument("--server-command", default="mx_server", help="the daemon in the image")
@@ -407,10 +465,27 @@ def main():
     if not 1 <= args.server_port <= 65535 or args.server_port in (args.port, args.metrics_port):
         ap.error(f"--server-port {args.server_port}: not a port other than --port and "
                  "--metrics-port")
-    for flag, value in (("--cpu", args.cpu), ("--memory", args.memory)):
+    for flag, value in (("--cpu", args.cpu), ("--memory", args.memory),
+                        ("--coordinator-cpu", args.coordinator_cpu),
+                        ("--coordinator-memory", args.coordinator_memory),
+                        ("--server-cpu", args.server_cpu), ("--server-memory", args.server_memory)):
+        if value is None:
+            continue
         if not QUANTITY.fullmatch(value) or quantity_is_zero(value):
             ap.error(f"{flag} {value!r}: not a positive Kubernetes quantity (such as 500m, 2, "
                      "1.5, 512Mi, 2Gi)")
+    dns = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+    for flag, value in (("--namespace", args.namespace),
+                        ("--service-account", args.service_account)):
+        if value is not None and not re.fullmatch(dns, value):
+            ap.error(f"{flag} {value!r}: lower-case letters, digits and '-'")
+    for kv in args.node_selector or []:
+        if "=" not in kv or not kv.split("=", 1)[0]:
+            ap.error(f"--node-selector {kv!r}: give KEY=VALUE")
+    for t in args.toleration or []:
+        if not re.fullmatch(r"[^=:\s]+(=[^:\s]*)?:(NoSchedule|PreferNoSchedule|NoExecute)", t):
+            ap.error(f"--toleration {t!r}: give KEY[=VALUE]:EFFECT, the effect NoSchedule, "
+                     "PreferNoSchedule or NoExecute")
     if not args.image.strip() or any(c.isspace() for c in args.image):
         ap.error(f"--image {args.image!r}: an image reference, such as registry/mx:1.0")
     check_checkpoint_prefix(ap, args, cmd)

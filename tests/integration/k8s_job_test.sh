@@ -104,6 +104,14 @@ for i in job["items"]:
     check(env["MX_JOB_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "fm-token", "key": "token"},
           f"{name}: the job token from the Secret")
     check(c["resources"]["requests"] == c["resources"]["limits"], f"{name}: resources")
+    want = {"fm-coordinator": {"cpu": "250m", "memory": "256Mi"}}.get(name, {"cpu": "1", "memory": "2Gi"})
+    check(c["resources"]["requests"] == want, f"{name}: resources {c['resources']['requests']}")
+    role = name.split("-", 1)[1]
+    for meta in (i["metadata"], spec["template"]["metadata"]):
+        check({"app.kubernetes.io/name": "mx", "app.kubernetes.io/instance": "fm",
+               "app.kubernetes.io/component": role}.items() <= meta["labels"].items(),
+              f"{name}: app.kubernetes.io labels")
+    check("namespace" not in i["metadata"], f"{name}: no namespace unless asked")
     check(pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65534,
                                      "runAsGroup": 65534, "fsGroup": 65534,
                                      "seccompProfile": {"type": "RuntimeDefault"}}, f"{name}: user")
@@ -258,6 +266,32 @@ expect_refusal "--checkpoint_prefix=/tmp/fm: outside the checkpoint volume" --na
   --image x --checkpoint-claim ck -- mx_train --kvstore=dist_sync --checkpoint_prefix=/tmp/fm
 expect_refusal "--checkpoint_prefix=/checkpoints/fm: give --checkpoint-claim" --name fm -n 1 -s 1 \
   --image x -- mx_train --kvstore=dist_sync --checkpoint_prefix=/checkpoints/fm
+expect_refusal "--toleration 'gpu': give KEY[=VALUE]:EFFECT" --name fm -n 1 -s 1 --image x \
+  --toleration gpu -- mx_train --kvstore=dist_sync
+expect_refusal "--namespace 'ML': lower-case letters" --name fm -n 1 -s 1 --image x \
+  --namespace ML -- mx_train --kvstore=dist_sync
+python3 "$K8S_JOB" --name fm -n 1 -s 1 --image x --namespace ml --service-account trainer \
+  --node-selector pool=cpu --toleration gpu=yes:NoSchedule --toleration spot:NoExecute \
+  --image-pull-secret reg --server-cpu 2 --server-memory 4Gi -- mx_train --kvstore=dist_sync | python3 -c '
+import json, sys
+for item in json.load(sys.stdin)["items"]:
+    name = item["metadata"]["name"]
+    if item["metadata"].get("namespace") != "ml":
+        sys.exit(name + ": not in namespace ml")
+    if item["kind"] != "Job":
+        continue
+    pod = item["spec"]["template"]["spec"]
+    want = {"serviceAccountName": "trainer", "nodeSelector": {"pool": "cpu"},
+            "tolerations": [{"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoSchedule"},
+                            {"key": "spot", "operator": "Exists", "effect": "NoExecute"}],
+            "imagePullSecrets": [{"name": "reg"}]}
+    got = {k: pod.get(k) for k in want}
+    if got != want:
+        sys.exit(f"{name}: scheduling {got}")
+    res = pod["containers"][0]["resources"]["requests"]
+    if name == "fm-server" and res != {"cpu": "2", "memory": "4Gi"}:
+        sys.exit(f"{name}: resources {res}")
+' || fail "the scheduling options are not on every object"
 expect_refusal "--deadline -5: must be at least 1 second, or 0 for none" --name fm -n 1 -s 1 \
   --image x --deadline -5 -- mx_train --kvstore=dist_sync
 python3 "$K8S_JOB" --name fm -n 1 -s 1 --image x --deadline 7200 --ttl 60 -- mx_train \
