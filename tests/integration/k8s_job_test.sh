@@ -237,6 +237,35 @@ timeout -k 5 150 python3 "$LOCAL" "$TMP/tls.json" --bin mx_server="$SERVER" --bi
 grep -q "^\[worker 1\] Final test accuracy=" "$TMP/tls.log" || fail "--tls: worker 1 did not finish"
 grep -q "^k8s_local.py: every pod exited 0$" "$TMP/tls.log" || fail "--tls: not every pod exited 0"
 
+# A worker pod killed mid-job: its Job fails (backoffLimit 0) and stops its
+# other pod, the servers and the coordinator see every worker gone and
+# stop with an error, and the whole job ends failed with every pod gone.
+python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
+  --epochs=1000 > "$TMP/kill.json" || fail "k8s_job.py for the killed-worker job failed"
+timeout -k 5 150 python3 "$LOCAL" "$TMP/kill.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
+  --timeout 120 > "$TMP/kill.log" 2>&1 &
+local_run=$!
+for i in $(seq 600); do grep -q '^\[worker 1\] Epoch\[0\]' "$TMP/kill.log" && break; sleep 0.1; done
+victim=$(sed -n 's/^k8s_local.py: started worker 1 (pid \([0-9]*\))$/\1/p' "$TMP/kill.log")
+start=$(date +%s%N)
+[[ -n "$victim" ]] && kill -9 "$victim"
+wait "$local_run"; rc=$?
+elapsed=$(( ($(date +%s%N) - start) / 1000000 ))
+echo "killed worker pod: the job ended ${elapsed} ms after the kill (exit code $rc)"
+[[ $rc -eq 1 ]] || fail "killed worker pod: local run exit code $rc, not 1"
+(( elapsed <= 30000 )) || fail "killed worker pod: the job took ${elapsed} ms to end"
+grep -q "^k8s_local.py: Job fm-worker failed (worker 1 exited -9); terminating its other pods$" \
+  "$TMP/kill.log" || fail "killed worker pod: the worker Job did not fail: $(grep '^k8s_local' "$TMP/kill.log")"
+for s in 0 1; do
+  grep -q "^\[server $s\] mx_server: server $s: every worker of the job died" "$TMP/kill.log" ||
+    fail "killed worker pod: server $s did not stop saying why: $(grep "^\[server $s\]" "$TMP/kill.log" | tail -2)"
+done
+grep -q "^\[coordinator\] mx_server: coordinator: every worker of the job died" "$TMP/kill.log" ||
+  fail "killed worker pod: the coordinator did not stop saying why"
+for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$TMP/kill.log"); do
+  if kill -0 "$pid" 2>/dev/null; then fail "killed worker pod: pod process $pid left running"; kill -9 "$pid"; fi
+done
+
 # 3. Bad flags: refused, saying why.
 expect_refusal() {  # expect_refusal MESSAGE ARGS...
   local msg=$1; shift

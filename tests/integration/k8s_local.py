@@ -28,6 +28,10 @@ user, whatever their securityContext says. Anything else in the objects (another
 valueFrom) is an error that says what: the manifests would rely on
 something this runner does not play.
 
+Each pod runs in a PID namespace of its own (unshare), as its PID 1, where
+the system allows. A Job with backoffLimit 0 fails at its first failed pod,
+and its other pods are terminated, as the Job controller does.
+
 Pods start as Kubernetes would start them, the Jobs' pods all at once in
 the List's order; each output line is prefixed with the pod's role and
 index ("[server 1] ..."). Exits 0 when every pod exits 0 within --timeout,
@@ -217,8 +221,23 @@ def pods(items, bins, volumes_dir, secrets_dir):
                 raise Unsupported(f"{item['metadata']['name']}: no --bin for {argv[0]}")
             argv[0] = bins[program]
             out.append((f"{role} {i}" if indexed else role, argv, env,
-                        probes(container, ports, pod_ip)))
+                        probes(container, ports, pod_ip), item["metadata"]["name"],
+                        spec.get("backoffLimit")))
     return out
+
+
+def pid_namespaces():
+    """The command prefix that gives a process a PID namespace of its own
+    (its PID 1, as in a pod), or [] with a warning where none can be made."""
+    prefix = ["unshare", "--pid", "--fork", "--kill-child"]
+    try:
+        made = subprocess.run(prefix + ["true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        made = False
+    if not made:
+        print("k8s_local.py: warning: no PID namespaces here; pods share this one",
+              file=sys.stderr, flush=True)
+    return prefix if made else []
 
 
 def ok(target):
@@ -265,6 +284,22 @@ def pump(label, stream, lock):
             sys.stdout.flush()
 
 
+def fail_jobs(running, failed_jobs, lock):
+    """The Job controller with backoffLimit 0: a Job one of whose pods
+    failed has failed, and its pods still running are terminated (SIGTERM,
+    as the kubelet stops a pod)."""
+    for label, p, _, job, backoff in running:
+        if backoff != 0 or job in failed_jobs or p.poll() in (None, 0):
+            continue
+        failed_jobs.add(job)
+        with lock:
+            print(f"k8s_local.py: Job {job} failed ({label} exited {p.returncode}); "
+                  "terminating its other pods", file=sys.stderr, flush=True)
+        for _, other, _, other_job, _ in running:
+            if other_job == job and other.poll() is None:
+                other.terminate()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("manifest")
@@ -287,20 +322,23 @@ def main():
     lock = threading.Lock()
     stop = threading.Event()
     running = []
-    for label, argv, env, pod_probes in todo:
-        p = subprocess.Popen(argv, env=dict(base, **env), stdout=subprocess.PIPE,
+    namespace = pid_namespaces()
+    for label, argv, env, pod_probes, job, backoff in todo:
+        p = subprocess.Popen(namespace + argv, env=dict(base, **env), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
         print(f"k8s_local.py: started {label} (pid {p.pid})", file=sys.stderr, flush=True)
         t = threading.Thread(target=pump, args=(label, p.stdout, lock), daemon=True)
         t.start()
         threading.Thread(target=kubelet, args=(label, p, pod_probes, lock, stop),
                          daemon=True).start()
-        running.append((label, p, t))
+        running.append((label, p, t, job, backoff))
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline and any(p.poll() is None for _, p, _ in running):
+    failed_jobs = set()
+    while time.monotonic() < deadline and any(p.poll() is None for _, p, _, _, _ in running):
+        fail_jobs(running, failed_jobs, lock)
         time.sleep(0.1)
     failed = []
-    for label, p, t in running:
+    for label, p, t, _, _ in running:
         if p.poll() is None:
             p.kill()
             failed.append(f"{label} (still running after {args.timeout:g} s)")
