@@ -8,8 +8,16 @@ starts as processes), for kubectl:
 The image is deploy/Dockerfile's (mx_server and mx_train in /usr/local/bin,
 Fashion-MNIST at mx_train's default --data_dir). Printed as JSON, which
 kubectl reads like YAML: a List of
-- Service NAME-coordinator: the coordinator's cluster DNS name, which every
-  node is given as DMLC_PS_ROOT_URI (port --port).
+- JobSet NAME (jobset.x-k8s.io/v1alpha2; the JobSet controller must be
+  installed): the three Jobs below as its replicated Jobs, with stable DNS
+  names (the coordinator is NAME-coordinator-0-0.NAME, which every node is
+  given as DMLC_PS_ROOT_URI), start-up in order (coordinator, servers,
+  workers, each once the one before is ready), success when the workers
+  succeed, failure of the whole set (every pod stopped) when any Job
+  fails, and deletion --ttl seconds after it ends. With --jobs, the three
+  Jobs themselves instead, and:
+- Service NAME-coordinator (--jobs): the coordinator's cluster DNS name,
+  which every node is given as DMLC_PS_ROOT_URI (port --port).
 - Job NAME-coordinator: one pod, `mx_server --role=coordinator`.
 - Job NAME-server: S pods of an Indexed Job, `mx_server --role=server`. Each
   asks for its completion index as its rank (MX_RANK), listens on a free
@@ -92,7 +100,7 @@ def common_env(args, role):
     how long servers and workers wait for every pod to start."""
     return [
         env_value("DMLC_ROLE", role),
-        env_value("DMLC_PS_ROOT_URI", service_name(args)),
+        env_value("DMLC_PS_ROOT_URI", coordinator_host(args)),
         env_value("DMLC_PS_ROOT_PORT", args.port),
         env_value("DMLC_NUM_SERVER", args.num_servers),
         env_value("DMLC_NUM_WORKER", args.num_workers),
@@ -111,6 +119,13 @@ def token_env(args):
 
 def service_name(args):
     return f"{args.name}-coordinator"
+
+
+def coordinator_host(args):
+    """The coordinator's DNS name: in a JobSet, its pod's hostname in the
+    JobSet's subdomain (<name>-coordinator-0-0.<name>); with --jobs, the
+    Service's name."""
+    return service_name(args) if args.jobs else f"{args.name}-coordinator-0-0.{args.name}"
 
 
 def tls_secret_name(args):
@@ -222,6 +237,14 @@ def grpc_port(args, role):
     return {"coordinator": args.port, "server": args.server_port}.get(role)
 
 
+def readiness_path(args, role):
+    """/healthz, except for servers in a JobSet: its in-order start-up
+    starts the workers once the servers are ready, and a server finishes
+    registering (and serves /healthz) only once the workers have, so there
+    a server is ready when its process answers (/livez)."""
+    return "/livez" if role == "server" and not args.jobs else "/healthz"
+
+
 def container(args, role, command, env):
     """The node's container. Probes go to the HTTP port, not to gRPC: with
     mutual TLS the kubelet's gRPC probe could not present a certificate.
@@ -239,7 +262,7 @@ def container(args, role, command, env):
         "ports": ([{"name": "grpc", "containerPort": grpc_port(args, role), "protocol": "TCP"}]
                   if grpc_port(args, role) else []) +
                  [{"name": "metrics", "containerPort": args.metrics_port, "protocol": "TCP"}],
-        "readinessProbe": probe("/healthz", period=5, failures=1),
+        "readinessProbe": probe(readiness_path(args, role), period=5, failures=1),
         "livenessProbe": probe("/livez", period=10, failures=3, delay=10),
         "resources": {"requests": resources, "limits": resources},
         # Pod Security "restricted": no privilege escalation, no capabilities.
@@ -322,7 +345,7 @@ def manifests(args, worker_command):
     server = job(
         args, "server", args.num_servers,
         [args.server_command, "--role=server",
-         f"--coordinator={service_name(args)}:{args.port}", f"--bind=0.0.0.0:{args.server_port}",
+         f"--coordinator={coordinator_host(args)}:{args.port}", f"--bind=0.0.0.0:{args.server_port}",
          "--advertise=$(POD_IP)", f"--mode={mode}"] + elastic,
         common_env(args, "server") + [env_field("MX_RANK", COMPLETION_INDEX),
                                       env_field("POD_IP", "status.podIP")])
@@ -333,7 +356,12 @@ def manifests(args, worker_command):
         common_env(args, "worker") + [env_field("MX_RANK", COMPLETION_INDEX),
                                       env_value("MX_ELASTIC", 1 if args.elastic else 0)] + threads,
         elastic_workers=args.elastic, claim=args.checkpoint_claim)
-    items = [service, network_policy(args), coordinator, server, worker]
+    if args.jobs:
+        items = [service, network_policy(args), coordinator, server, worker]
+    else:
+        items = [network_policy(args),
+                 jobset(args, [("coordinator", coordinator), ("server", server),
+                               ("worker", worker)])]
     if not args.token_secret:
         items.insert(0, {
             "apiVersion": "v1",
@@ -345,6 +373,33 @@ def manifests(args, worker_command):
     if args.tls:
         items.insert(0, tls_secret(args))
     return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+def jobset(args, jobs):
+    """One JobSet (jobset.x-k8s.io/v1alpha2) of the (role, Job) pairs, each
+    a replicated Job of one: stable DNS names (<name>-<role>-0-<index>.<name>),
+    start-up in order (coordinator, servers, workers, each once the one
+    before is ready), success when the workers succeed, failure (and every
+    pod stopped) when any Job fails, deletion --ttl seconds after."""
+    replicated = []
+    for role, job_object in jobs:
+        spec = {k: v for k, v in job_object["spec"].items() if k != "ttlSecondsAfterFinished"}
+        replicated.append({"name": role, "replicas": 1,
+                           "template": {"metadata": {"labels": labels(args, role)},
+                                        "spec": spec}})
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": metadata(args, args.name),
+        "spec": {
+            "network": {"enableDNSHostnames": True, "subdomain": args.name},
+            "startupPolicy": {"startupPolicyOrder": "InOrder"},
+            "successPolicy": {"operator": "All", "targetReplicatedJobs": ["worker"]},
+            "failurePolicy": {"maxRestarts": 0},
+            "ttlSecondsAfterFinished": args.ttl,
+            "replicatedJobs": replicated,
+        },
+    }
 
 
 def network_policy(args):
@@ -415,6 +470,9 @@ def main():
                     help="seconds a finished Job (its pods, their logs) is kept before deletion")
     ap.add_argument("--deadline", type=int, default=0,
                     help="seconds after which a Job still running is failed (0: none)")
+    ap.add_argument("--jobs", action="store_true",
+                    help="three plain Jobs and a Service instead of one JobSet (for clusters "
+                         "without the JobSet controller)")
     ap.add_argument("--namespace", help="the namespace of every object (default: kubectl's)")
     ap.add_argument("--service-account", help="the pods' serviceAccountName")
     ap.add_argument("--node-selector", action="append", metavar="KEY=VALUE",

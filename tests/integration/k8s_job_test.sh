@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # deploy/k8s_job.py: the Kubernetes objects it prints are what they must be
-# (a Service, a NetworkPolicy and three Jobs, ranks from completion
+# (with --jobs a Service, a NetworkPolicy and three Jobs; by default a
+# JobSet of them, checked in part 4; ranks from completion
 # indexes, fixed ports, pods that never restart, fail-fast or elastic
 # failure policies), and, run as local processes the way Kubernetes would
 # start them (k8s_local.py: each pod has an address of its own, 127.0.1.N,
@@ -22,11 +23,11 @@ worker=(mx_train --kvstore=dist_sync --network=mlp --batch_size=20 --lr=0.5 --ep
         --test_csv="$TMP/test.csv" --test_label_csv="$TMP/test_labels.csv")
 
 # 1. The objects.
-python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --checkpoint-claim ck \
+python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --checkpoint-claim ck \
   -- "${worker[@]}" --checkpoint_prefix=/checkpoints/fm > "$TMP/job.json" || fail "k8s_job.py failed"
-python3 "$K8S_JOB" --name fm -n 3 -s 1 --image reg/mx:1 --elastic -- mx_train --kvstore=dist_sync \
+python3 "$K8S_JOB" --jobs --name fm -n 3 -s 1 --image reg/mx:1 --elastic -- mx_train --kvstore=dist_sync \
   > "$TMP/elastic.json" || fail "k8s_job.py --elastic failed"
-python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --tls \
+python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --tls \
   -- "${worker[@]}" --epochs=1 > "$TMP/tls.json" || fail "k8s_job.py --tls failed"
 python3 - "$TMP/job.json" "$TMP/elastic.json" "$PORT" "$TMP/tls.json" <<'EOF' || fail "objects: see above"
 import json, subprocess, sys
@@ -240,7 +241,7 @@ grep -q "^k8s_local.py: every pod exited 0$" "$TMP/tls.log" || fail "--tls: not 
 # A worker pod killed mid-job: its Job fails (backoffLimit 0) and stops its
 # other pod, the servers and the coordinator see every worker gone and
 # stop with an error, and the whole job ends failed with every pod gone.
-python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
+python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
   --epochs=1000 > "$TMP/kill.json" || fail "k8s_job.py for the killed-worker job failed"
 timeout -k 5 150 python3 "$LOCAL" "$TMP/kill.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
   --timeout 120 > "$TMP/kill.log" 2>&1 &
@@ -254,7 +255,7 @@ elapsed=$(( ($(date +%s%N) - start) / 1000000 ))
 echo "killed worker pod: the job ended ${elapsed} ms after the kill (exit code $rc)"
 [[ $rc -eq 1 ]] || fail "killed worker pod: local run exit code $rc, not 1"
 (( elapsed <= 30000 )) || fail "killed worker pod: the job took ${elapsed} ms to end"
-grep -q "^k8s_local.py: Job fm-worker failed (worker 1 exited -9); terminating its other pods$" \
+grep -q "^k8s_local.py: Job fm-worker failed (worker 1 exited -9); terminating the pods of fm-worker$" \
   "$TMP/kill.log" || fail "killed worker pod: the worker Job did not fail: $(grep '^k8s_local' "$TMP/kill.log")"
 for s in 0 1; do
   grep -q "^\[server $s\] mx_server: server $s: every worker of the job died" "$TMP/kill.log" ||
@@ -264,6 +265,81 @@ grep -q "^\[coordinator\] mx_server: coordinator: every worker of the job died" 
   fail "killed worker pod: the coordinator did not stop saying why"
 for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$TMP/kill.log"); do
   if kill -0 "$pid" 2>/dev/null; then fail "killed worker pod: pod process $pid left running"; kill -9 "$pid"; fi
+done
+
+# 4. The default: one JobSet of the three Jobs, with stable DNS names,
+# start-up in order, success when the workers succeed, failure as a whole.
+python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
+  > "$TMP/jobset.json" || fail "k8s_job.py (JobSet) failed"
+python3 - "$TMP/jobset.json" "$PORT" <<'EOF' || fail "JobSet: see above"
+import json, sys
+doc = json.load(open(sys.argv[1]))
+port = int(sys.argv[2])
+bad = []
+def check(ok, what):
+    if not ok:
+        bad.append(what)
+kinds = sorted((i["kind"], i["metadata"]["name"]) for i in doc["items"])
+check(kinds == [("JobSet", "fm"), ("NetworkPolicy", "fm-mx"), ("Secret", "fm-token")], f"objects {kinds}")
+js = [i for i in doc["items"] if i["kind"] == "JobSet"][0]
+check(js["apiVersion"] == "jobset.x-k8s.io/v1alpha2", "JobSet apiVersion")
+spec = js["spec"]
+check(spec["network"] == {"enableDNSHostnames": True, "subdomain": "fm"}, "JobSet: DNS hostnames")
+check(spec["startupPolicy"] == {"startupPolicyOrder": "InOrder"}, "JobSet: in-order start-up")
+check(spec["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["worker"]},
+      "JobSet: success when the workers succeed")
+check(spec["failurePolicy"] == {"maxRestarts": 0}, "JobSet: fails as a whole")
+check(spec["ttlSecondsAfterFinished"] == 3600, "JobSet: TTL")
+check([r["name"] for r in spec["replicatedJobs"]] == ["coordinator", "server", "worker"] and
+      all(r["replicas"] == 1 for r in spec["replicatedJobs"]), "JobSet: replicated Jobs in order")
+for r in spec["replicatedJobs"]:
+    job = r["template"]["spec"]
+    check("ttlSecondsAfterFinished" not in job, f"{r['name']}: the JobSet's TTL, not the Job's")
+    c = job["template"]["spec"]["containers"][0]
+    env = {v["name"]: v.get("value") for v in c["env"]}
+    check(env["DMLC_PS_ROOT_URI"] == "fm-coordinator-0-0.fm", f"{r['name']}: the coordinator's DNS name")
+    want = "/livez" if r["name"] == "server" else "/healthz"
+    check(c["readinessProbe"]["httpGet"]["path"] == want, f"{r['name']}: readiness {want}")
+    if r["name"] == "server":
+        check(f"--coordinator=fm-coordinator-0-0.fm:{port}" in c["command"], "server: --coordinator")
+for b in bad:
+    print("JobSet:", b)
+sys.exit(1 if bad else 0)
+EOF
+timeout -k 5 150 python3 "$LOCAL" "$TMP/jobset.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
+  --timeout 120 > "$TMP/jobset.log" 2>&1 ||
+  fail "JobSet: local run failed: $(grep -E 'mx_(train|server): ' "$TMP/jobset.log"; tail -5 "$TMP/jobset.log")"
+for r in 0 1; do
+  grep -q "^\[worker $r\] Final test accuracy=1" "$TMP/jobset.log" || fail "JobSet: worker $r did not reach accuracy 1"
+done
+grep -q "^k8s_local.py: every pod exited 0$" "$TMP/jobset.log" || fail "JobSet: not every pod exited 0"
+# In order: the servers start once the coordinator is ready, the workers
+# once the servers are.
+order=$(grep -E "^k8s_local.py: (started (coordinator|server 0|worker 0) |start-up stage [01] ready)" \
+        "$TMP/jobset.log" | sed 's/^k8s_local.py: //; s/ (pid.*//' | tr '\n' ',')
+[[ "$order" == "started coordinator,start-up stage 0 ready,started server 0,start-up stage 1 ready,started worker 0," ]] ||
+  fail "JobSet: start-up order: $order"
+
+# A worker pod of the JobSet killed: its Job fails, so the JobSet does, and
+# every pod of it is stopped at once.
+python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
+  --epochs=1000 > "$TMP/jobset_kill.json" || fail "k8s_job.py (JobSet, killed worker) failed"
+timeout -k 5 150 python3 "$LOCAL" "$TMP/jobset_kill.json" --bin mx_server="$SERVER" \
+  --bin mx_train="$TRAIN" --timeout 120 > "$TMP/jobset_kill.log" 2>&1 &
+local_run=$!
+for i in $(seq 600); do grep -q '^\[worker 1\] Epoch\[0\]' "$TMP/jobset_kill.log" && break; sleep 0.1; done
+victim=$(sed -n 's/^k8s_local.py: started worker 1 (pid \([0-9]*\))$/\1/p' "$TMP/jobset_kill.log")
+start=$(date +%s%N)
+[[ -n "$victim" ]] && kill -9 "$victim"
+wait "$local_run"; rc=$?
+elapsed=$(( ($(date +%s%N) - start) / 1000000 ))
+echo "JobSet, killed worker pod: the job ended ${elapsed} ms after the kill (exit code $rc)"
+[[ $rc -eq 1 ]] || fail "JobSet, killed worker pod: local run exit code $rc, not 1"
+(( elapsed <= 10000 )) || fail "JobSet, killed worker pod: the job took ${elapsed} ms to end"
+grep -q "^k8s_local.py: Job fm-worker-0 failed (worker 1 exited -9); terminating the pods of fm$" \
+  "$TMP/jobset_kill.log" || fail "JobSet, killed worker pod: $(grep '^k8s_local' "$TMP/jobset_kill.log" | tail -3)"
+for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$TMP/jobset_kill.log"); do
+  if kill -0 "$pid" 2>/dev/null; then fail "JobSet, killed worker pod: pod process $pid left running"; kill -9 "$pid"; fi
 done
 
 # 3. Bad flags: refused, saying why.
@@ -299,7 +375,7 @@ expect_refusal "--toleration 'gpu': give KEY[=VALUE]:EFFECT" --name fm -n 1 -s 1
   --toleration gpu -- mx_train --kvstore=dist_sync
 expect_refusal "--namespace 'ML': lower-case letters" --name fm -n 1 -s 1 --image x \
   --namespace ML -- mx_train --kvstore=dist_sync
-python3 "$K8S_JOB" --name fm -n 1 -s 1 --image x --namespace ml --service-account trainer \
+python3 "$K8S_JOB" --jobs --name fm -n 1 -s 1 --image x --namespace ml --service-account trainer \
   --node-selector pool=cpu --toleration gpu=yes:NoSchedule --toleration spot:NoExecute \
   --image-pull-secret reg --server-cpu 2 --server-memory 4Gi -- mx_train --kvstore=dist_sync | python3 -c '
 import json, sys
@@ -323,7 +399,7 @@ for item in json.load(sys.stdin)["items"]:
 ' || fail "the scheduling options are not on every object"
 expect_refusal "--deadline -5: must be at least 1 second, or 0 for none" --name fm -n 1 -s 1 \
   --image x --deadline -5 -- mx_train --kvstore=dist_sync
-python3 "$K8S_JOB" --name fm -n 1 -s 1 --image x --deadline 7200 --ttl 60 -- mx_train \
+python3 "$K8S_JOB" --jobs --name fm -n 1 -s 1 --image x --deadline 7200 --ttl 60 -- mx_train \
   --kvstore=dist_sync | python3 -c '
 import json, sys
 for job in json.load(sys.stdin)["items"]:

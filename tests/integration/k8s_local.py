@@ -32,6 +32,14 @@ Each pod runs in a PID namespace of its own (unshare), as its PID 1, where
 the system allows. A Job with backoffLimit 0 fails at its first failed pod,
 and its other pods are terminated, as the Job controller does.
 
+A JobSet (jobset.x-k8s.io) is played as its controller plays it: its
+replicated Jobs become Jobs <jobset>-<job>-<i>; with enableDNSHostnames,
+each pod's <job>-<index>.<subdomain> resolves to its address; with
+startupPolicyOrder InOrder, each replicated Job starts once the pods of
+the ones before are ready ("k8s_local.py: start-up stage 1 ready"); with
+failurePolicy maxRestarts 0, a failed Job fails the JobSet and every pod
+of it is terminated.
+
 Pods start as Kubernetes would start them, the Jobs' pods all at once in
 the List's order; each output line is prefixed with the pod's role and
 index ("[server 1] ..."). Exits 0 when every pod exits 0 within --timeout,
@@ -42,6 +50,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -181,10 +190,45 @@ def service_addresses(items, addresses):
     return services
 
 
+def expand_jobsets(items):
+    """A JobSet's replicated Jobs as the Jobs its controller makes
+    (<jobset>-<job>-<i>), in its order. Returns (items, {pod host name in
+    the JobSet's subdomain: (Job, pod index)}, {Job: start-up stage}, {Job:
+    the JobSet that fails as a whole with it}). Stages: a JobSet with
+    startupPolicyOrder InOrder starts each replicated Job once the ones
+    before are ready; everything else starts at once (stage 0)."""
+    out, hosts, stages, whole = [], {}, {}, {}
+    for item in items:
+        if item["kind"] != "JobSet":
+            out.append(item)
+            continue
+        js, spec = item["metadata"]["name"], item["spec"]
+        subdomain = spec.get("network", {}).get("subdomain", js)
+        in_order = spec.get("startupPolicy", {}).get("startupPolicyOrder") == "InOrder"
+        for stage, rj in enumerate(spec["replicatedJobs"]):
+            for j in range(rj.get("replicas", 1)):
+                name = f"{js}-{rj['name']}-{j}"
+                labels = rj["template"].get("metadata", {}).get("labels", {})
+                job = {"kind": "Job", "metadata": {"name": name, "labels": labels},
+                       "spec": rj["template"]["spec"]}
+                out.append(job)
+                for i in range(job["spec"]["completions"]):
+                    hosts[f"{name}-{i}.{subdomain}"] = (name, i)
+                stages[name] = stage if in_order else 0
+                if spec.get("failurePolicy", {}).get("maxRestarts", 0) == 0:
+                    whole[name] = js
+    return out, hosts, stages, whole
+
+
 def pods(items, bins, volumes_dir, secrets_dir):
-    """(label, argv, env, probes) of every pod the objects would start."""
+    """(label, argv, env, probes, Job, backoffLimit, stage, failure group) of
+    every pod the objects would start: a pod's failure group is its JobSet
+    (which fails as a whole) or its own Job."""
+    items, hosts, stages, whole = expand_jobsets(items)
     addresses = pod_addresses(items)
     services, secrets = service_addresses(items, addresses), {}
+    for host, pod in hosts.items():  # cluster DNS for the JobSet's pods
+        services[host] = addresses[pod]
     for item in items:
         if item["kind"] == "Secret":
             for key, value in item.get("stringData", {}).items():
@@ -220,9 +264,10 @@ def pods(items, bins, volumes_dir, secrets_dir):
             if program not in bins:
                 raise Unsupported(f"{item['metadata']['name']}: no --bin for {argv[0]}")
             argv[0] = bins[program]
+            job = item["metadata"]["name"]
             out.append((f"{role} {i}" if indexed else role, argv, env,
-                        probes(container, ports, pod_ip), item["metadata"]["name"],
-                        spec.get("backoffLimit")))
+                        probes(container, ports, pod_ip), job, spec.get("backoffLimit"),
+                        stages.get(job, 0), whole.get(job, job)))
     return out
 
 
@@ -250,11 +295,17 @@ def ok(target):
         return False
 
 
+# The pods whose readiness probe has succeeded (or that have none).
+READY = set()
+
+
 def kubelet(label, process, pod_probes, lock, stop):
     """Runs a pod's probes until it exits: says when it is first ready,
     kills it when its liveness probe fails failureThreshold times in a
     row."""
     ready = "readiness" not in pod_probes
+    if ready:
+        READY.add(label)
     start = time.monotonic()
     failures, next_at = 0, {k: start + p[1] for k, p in pod_probes.items()}
     while process.poll() is None and not stop.is_set():
@@ -265,6 +316,7 @@ def kubelet(label, process, pod_probes, lock, stop):
             next_at[kind] = now + min(period, 0.05)  # faster than the kubelet, same verdicts
             if kind == "readiness" and not ready and ok(target):
                 ready = True
+                READY.add(label)
                 with lock:
                     print(f"k8s_local.py: {label} ready", file=sys.stderr, flush=True)
             if kind == "liveness":
@@ -285,19 +337,58 @@ def pump(label, stream, lock):
 
 
 def fail_jobs(running, failed_jobs, lock):
-    """The Job controller with backoffLimit 0: a Job one of whose pods
-    failed has failed, and its pods still running are terminated (SIGTERM,
-    as the kubelet stops a pod)."""
-    for label, p, _, job, backoff in running:
-        if backoff != 0 or job in failed_jobs or p.poll() in (None, 0):
+    """The Job controller with backoffLimit 0, and the JobSet controller
+    with maxRestarts 0: a Job one of whose pods failed has failed, and the
+    pods still running of its failure group (its JobSet, or itself) are
+    terminated (SIGTERM, as the kubelet stops a pod)."""
+    for pod in running:
+        if pod.backoff != 0 or pod.job in failed_jobs or pod.process.poll() in (None, 0):
             continue
-        failed_jobs.add(job)
+        failed_jobs.add(pod.job)
         with lock:
-            print(f"k8s_local.py: Job {job} failed ({label} exited {p.returncode}); "
-                  "terminating its other pods", file=sys.stderr, flush=True)
-        for _, other, _, other_job, _ in running:
-            if other_job == job and other.poll() is None:
+            print(f"k8s_local.py: Job {pod.job} failed ({pod.label} exited "
+                  f"{pod.process.returncode}); terminating the pods of {pod.group}",
+                  file=sys.stderr, flush=True)
+        for other in running:
+            if other.group == pod.group and other.process.poll() is None:
                 other.terminate()
+
+
+class Pod:
+    def __init__(self, label, process, pump, job, backoff, group):
+        self.label, self.process, self.pump = label, process, pump
+        self.job, self.backoff, self.group = job, backoff, group
+
+    def terminate(self):
+        """SIGTERM to the pod's PID 1, as the kubelet stops a container: in
+        a PID namespace that is unshare's child (unshare itself ignores
+        SIGTERM while it waits)."""
+        pid = self.process.pid
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            children = []
+        for child in children or [pid]:
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def start(todo_stage, base, namespace, lock, stop):
+    """Starts the pods of one start-up stage."""
+    started = []
+    for label, argv, env, pod_probes, job, backoff, _, group in todo_stage:
+        p = subprocess.Popen(namespace + argv, env=dict(base, **env), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        print(f"k8s_local.py: started {label} (pid {p.pid})", file=sys.stderr, flush=True)
+        t = threading.Thread(target=pump, args=(label, p.stdout, lock), daemon=True)
+        t.start()
+        threading.Thread(target=kubelet, args=(label, p, pod_probes, lock, stop),
+                         daemon=True).start()
+        started.append(Pod(label, p, t, job, backoff, group))
+    return started
 
 
 def main():
@@ -323,22 +414,28 @@ def main():
     stop = threading.Event()
     running = []
     namespace = pid_namespaces()
-    for label, argv, env, pod_probes, job, backoff in todo:
-        p = subprocess.Popen(namespace + argv, env=dict(base, **env), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-        print(f"k8s_local.py: started {label} (pid {p.pid})", file=sys.stderr, flush=True)
-        t = threading.Thread(target=pump, args=(label, p.stdout, lock), daemon=True)
-        t.start()
-        threading.Thread(target=kubelet, args=(label, p, pod_probes, lock, stop),
-                         daemon=True).start()
-        running.append((label, p, t, job, backoff))
     deadline = time.monotonic() + args.timeout
     failed_jobs = set()
-    while time.monotonic() < deadline and any(p.poll() is None for _, p, _, _, _ in running):
+    for stage in sorted({pod[6] for pod in todo}):
+        stage_pods = start([pod for pod in todo if pod[6] == stage], base, namespace, lock, stop)
+        running += stage_pods
+        # The next stage starts once every pod of this one is ready (in
+        # order), unless a Job failed meanwhile.
+        while (time.monotonic() < deadline and not failed_jobs and
+               not all(p.label in READY for p in stage_pods)):
+            fail_jobs(running, failed_jobs, lock)
+            time.sleep(0.05)
+        if failed_jobs:
+            break
+        if len({pod[6] for pod in todo}) > 1:
+            with lock:
+                print(f"k8s_local.py: start-up stage {stage} ready", file=sys.stderr, flush=True)
+    while time.monotonic() < deadline and any(p.process.poll() is None for p in running):
         fail_jobs(running, failed_jobs, lock)
         time.sleep(0.1)
     failed = []
-    for label, p, t, _, _ in running:
+    for pod in running:
+        label, p, t = pod.label, pod.process, pod.pump
         if p.poll() is None:
             p.kill()
             failed.append(f"{label} (still running after {args.timeout:g} s)")
