@@ -5,7 +5,9 @@
 # build without its package would make every pod fail at start, and no
 # Docker daemon runs here to find that out by building the image. Also: the
 # build stage builds and copies both binaries, and .dockerignore keeps
-# Bazel's output links out of the build context.
+# Bazel's output links out of the build context. And the image is pinned
+# (base images, apt snapshot, package versions), with the build's
+# dependencies in a layer of their own.
 set -uo pipefail
 DOCKERFILE="$1"; DOCKERIGNORE="$2"; SERVER="$3"; TRAIN="$4"
 failures=0
@@ -21,7 +23,7 @@ for run in re.findall(r"^RUN (.*)$", final, flags=re.M):
     for command in run.split("&&"):
         words = command.split()
         if words[:2] == ["apt-get", "install"]:
-            packages.update(w for w in words[2:] if not w.startswith("-"))
+            packages.update(w.split("=")[0] for w in words[2:] if not w.startswith("-"))
 print("\n".join(sorted(packages)))
 EOF
 )
@@ -62,6 +64,37 @@ for pkg in $listed; do
   grep -qx "$pkg" <<<"$needed" || fail "the image installs $pkg, which neither binary links"
 done
 grep -qx dataset-fashion-mnist <<<"$listed" || fail "the image lacks the default training data"
+
+# Pinned: base images to a point release, apt to a snapshot of the archive,
+# every runtime package to a version. A pin that differs from the version
+# installed here is printed (the image follows its snapshot, not this
+# machine).
+grep -qE '^FROM debian:12\.[0-9]+ AS build$' "$DOCKERFILE" || fail "the build stage's base is not pinned"
+grep -qE '^FROM debian:12\.[0-9]+-slim$' "$DOCKERFILE" || fail "the runtime stage's base is not pinned"
+grep -qE '^ARG SNAPSHOT=[0-9]{8}T[0-9]{6}Z$' "$DOCKERFILE" || fail "apt is not pinned to a snapshot"
+[[ $(grep -c 'http://snapshot.debian.org' "$DOCKERFILE") -eq 2 ]] || fail "not every stage installs from the snapshot"
+pins=$(python3 - "$DOCKERFILE" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read().replace("\\\n", " ")
+final = re.split(r"^FROM ", text, flags=re.M)[-1]
+for command in " ".join(re.findall(r"^RUN (.*)$", final, flags=re.M)).split("&&"):
+    words = command.split()
+    if words[:2] == ["apt-get", "install"]:
+        print("\n".join(w for w in words[2:] if not w.startswith("-")))
+EOF
+)
+[[ $(wc -w <<<"$pins") -ge 20 ]] || fail "found only $(wc -w <<<"$pins") runtime packages to check"
+for pin in $pins; do
+  [[ "$pin" == *=* ]] || { fail "the runtime package $pin is not pinned to a version"; continue; }
+  here=$(dpkg-query -W -f='${Version}' "${pin%%=*}" 2>/dev/null)
+  [[ -z "$here" || "$here" == "${pin#*=}" ]] || echo "note: the image pins $pin; this machine has $here"
+done
+# The build's dependencies come before the sources, in their own layer.
+copy_setup=$(grep -n '^COPY deploy/setup.sh deploy/setup.sh$' "$DOCKERFILE" | cut -d: -f1)
+run_setup=$(grep -n '^RUN bash deploy/setup.sh$' "$DOCKERFILE" | cut -d: -f1)
+copy_all=$(grep -n '^COPY \. \.$' "$DOCKERFILE" | cut -d: -f1)
+[[ -n "$copy_setup" && -n "$run_setup" && -n "$copy_all" && $copy_setup -lt $run_setup &&
+   $run_setup -lt $copy_all ]] || fail "setup.sh does not run in a layer before the sources are copied"
 
 grep -q 'bazel build //server:mx_server //worker:mx_train' "$DOCKERFILE" || fail "build stage does not build both binaries"
 grep -q 'install -D -t /out bazel-bin/server/mx_server bazel-bin/worker/mx_train' "$DOCKERFILE" ||
