@@ -498,6 +498,8 @@ def main():
     cmd = worker_command(ap, args)
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
+    if args.port and not 1 <= args.port <= 65535:
+        ap.error(f"--port {args.port}: not a port (1 to 65535; 0 or none: a free one)")
     check_worker_kvstore(ap, args, cmd)
     remote = None
     if args.hostfile:

@@ -96,6 +96,10 @@ rc=$?
 [[ $rc -eq 2 && "$out" == *"the worker command's --kvstore=local is not the job's --kvstore dist_sync (each worker would train alone)"* ]] ||
   fail "a local worker command: exit code $rc, said: $out"
 
+out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --port 70000 --server-binary="$SERVER" -- "${worker[@]}" 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"--port 70000: not a port"* ]] || fail "--port 70000: exit code $rc, said: $out"
+
 # 5. A node that never starts: the others give up after MX_STARTUP_TIMEOUT_S
 # (default 120 s; a Kubernetes cluster may take longer to start pods),
 # saying who is missing, or that no coordinator answered. A value that is
