@@ -2,6 +2,7 @@
 
 #include <microhttpd.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <cstring>
 #include <iostream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "ndarray/env.h"
 
@@ -17,10 +19,35 @@ namespace metrics {
 
 namespace {
 
+// A dual-stack socket listening on [::]:port, or -1 where the system has
+// no IPv6: 0.0.0.0 (every address) then takes IPv6 too, as gRPC's wildcard
+// ports do, for pods on IPv6 or dual-stack clusters.
+int ListenDualStack(const std::string& port) {
+  int p;
+  if (!absl::SimpleAtoi(port, &p) || p < 0 || p > 65535) return -1;
+  const int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  const int one = 1, zero = 0;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  sockaddr_in6 a{};
+  a.sin6_family = AF_INET6;
+  a.sin6_addr = in6addr_any;
+  a.sin6_port = htons(static_cast<uint16_t>(p));
+  if (setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) != 0 ||
+      bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || listen(fd, 64) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
 // A socket listening on host:port (port 0: a free one), or an error that
 // says why. Made here rather than by libmicrohttpd so that the error is
 // the system's ("Address already in use").
 absl::StatusOr<int> ListenOn(const std::string& host, const std::string& port) {
+  if (host == "0.0.0.0") {
+    if (const int fd = ListenDualStack(port); fd >= 0) return fd;
+  }
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;

@@ -68,14 +68,20 @@ TEST(Registry, RefreshesGaugesBeforeEachExposition) {
   EXPECT_THAT(r.Text(), HasSubstr("g 2\n"));
 }
 
-// A GET of `path` on 127.0.0.1:port: the whole response.
-std::string Get(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+// A GET of `path` on 127.0.0.1:port (or [::1]:port): the whole response.
+std::string Get(int port, const std::string& path, bool ipv6 = false) {
+  const int fd = socket(ipv6 ? AF_INET6 : AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_port = htons(port);
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+  sockaddr_in6 a6{};
+  a6.sin6_family = AF_INET6;
+  a6.sin6_port = htons(port);
+  a6.sin6_addr = in6addr_loopback;
+  const int connected = ipv6 ? connect(fd, reinterpret_cast<sockaddr*>(&a6), sizeof(a6))
+                             : connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  if (connected != 0) {
     close(fd);
     return "connect failed";
   }
@@ -105,6 +111,19 @@ TEST(HttpServer, ServesMetricsAndHealth) {
   (*s)->SetServing(true);
   EXPECT_THAT(Get(port, "/healthz"), HasSubstr("HTTP/1.1 200"));
   EXPECT_THAT(Get(port, "/other"), Not(HasSubstr("HTTP/1.1 200")));
+}
+
+// Every address (0.0.0.0) takes IPv6 too where the system has it, as
+// gRPC's ports do: probes reach pods on IPv6 and dual-stack clusters.
+TEST(HttpServer, EveryAddressMeansIpv4AndIpv6) {
+  Registry r;
+  auto s = HttpServer::Start("0.0.0.0:0", &r);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_THAT(Get((*s)->port(), "/livez"), HasSubstr("HTTP/1.1 200"));
+  const int probe = socket(AF_INET6, SOCK_STREAM, 0);
+  if (probe < 0) GTEST_SKIP() << "no IPv6 on this machine";
+  close(probe);
+  EXPECT_THAT(Get((*s)->port(), "/livez", /*ipv6=*/true), HasSubstr("HTTP/1.1 200"));
 }
 
 TEST(HttpServer, APortInUseIsAnErrorNamingIt) {
