@@ -12,6 +12,20 @@ namespace mx::kernel {
 // *dst = v, or *dst += v when add.
 MX_XINLINE void Put(float* dst, float v, bool add) { *dst = add ? *dst + v : v; }
 
+// Splits the flat range [begin, end) of rows of `row` elements into runs
+// within one row and calls f(r, i, k, n) for each: row r, offset i in it,
+// flat index k = r * row + i, n elements. Kernels that work row by row go
+// through it, so that the CPU's inner loops (over n) vectorize.
+template <typename F>
+MX_XINLINE void ForEachRowRun(int64_t begin, int64_t end, int64_t row, F&& f) {
+  for (int64_t k = begin; k < end;) {
+    const int64_t r = k / row, i = k % row;
+    const int64_t n = row - i < end - k ? row - i : end - k;
+    f(r, i, k, n);
+    k += n;
+  }
+}
+
 // Activations with their derivative expressed through the output y:
 // Backward(g, y) = g * dy/dx.
 namespace op {
@@ -102,14 +116,11 @@ struct StridedCopyKernel {
     bool add;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    for (int64_t e = begin; e < end;) {
-      const int64_t r = e / p.len, k0 = e % p.len;
-      const int64_t run = p.len - k0 < end - e ? p.len - k0 : end - e;
-      float* d = p.dst + r * p.dst_stride + k0;
-      const float* s = p.src + r * p.src_stride + k0;
-      for (int64_t k = 0; k < run; ++k) Put(d + k, s[k], p.add);
-      e += run;
-    }
+    ForEachRowRun(begin, end, p.len, [&](int64_t r, int64_t i, int64_t, int64_t n) {
+      float* d = p.dst + r * p.dst_stride + i;
+      const float* s = p.src + r * p.src_stride + i;
+      for (int64_t k = 0; k < n; ++k) Put(d + k, s[k], p.add);
+    });
   }
 };
 
@@ -246,14 +257,11 @@ struct AddBiasKernel {
   };
   // Row by row, so the CPU's inner loop vectorizes.
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    for (int64_t i = begin; i < end;) {
-      const int64_t c0 = i % p.cols;
-      const int64_t run = p.cols - c0 < end - i ? p.cols - c0 : end - i;
-      float* o = p.out + i;
+    ForEachRowRun(begin, end, p.cols, [&](int64_t, int64_t c0, int64_t k, int64_t n) {
+      float* o = p.out + k;
       const float* b = p.bias + c0;
-      for (int64_t j = 0; j < run; ++j) o[j] += b[j];
-      i += run;
-    }
+      for (int64_t j = 0; j < n; ++j) o[j] += b[j];
+    });
   }
 };
 
@@ -533,13 +541,10 @@ struct EmbeddingKernel {
     bool add;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    for (int64_t e = begin; e < end;) {
-      const int64_t i = e / p.dim, k0 = e % p.dim;
-      const int64_t run = p.dim - k0 < end - e ? p.dim - k0 : end - e;
-      const float* row = p.weight + EmbeddingRow(p.index[i], p.rows) * p.dim + k0;
-      for (int64_t k = 0; k < run; ++k) Put(p.out + e + k, row[k], p.add);
-      e += run;
-    }
+    ForEachRowRun(begin, end, p.dim, [&](int64_t r, int64_t k0, int64_t e, int64_t n) {
+      const float* row = p.weight + EmbeddingRow(p.index[r], p.rows) * p.dim + k0;
+      for (int64_t k = 0; k < n; ++k) Put(p.out + e + k, row[k], p.add);
+    });
   }
 };
 
@@ -610,9 +615,7 @@ struct BnPartsKernel {
       const int64_t last = first + slice < per_channel ? first + slice : per_channel;
       const float m = p.center != nullptr ? p.center[c] : 0.0f;
       double a = 0, b = 0;
-      for (int64_t e = first; e < last;) {
-        const int64_t o = e / l.inner, i = e % l.inner;
-        const int64_t run = l.inner - i < last - e ? l.inner - i : last - e;
+      ForEachRowRun(first, last, l.inner, [&](int64_t o, int64_t i, int64_t, int64_t run) {
         const int64_t base = (o * l.channels + c) * l.inner + i;
         for (int64_t k = 0; k < run; ++k) {
           const float v = p.x[base + k];
@@ -626,8 +629,7 @@ struct BnPartsKernel {
             b += static_cast<double>(gv) * (v - m);
           }
         }
-        e += run;
-      }
+      });
       p.partials[2 * j] = a;
       p.partials[2 * j + 1] = b;
     }
@@ -713,15 +715,13 @@ struct BnApplyKernel {
     bool add;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    const int64_t C = p.layout.channels, inner = p.layout.inner;
-    for (int64_t k = begin; k < end;) {
-      const int64_t c = (k / inner) % C;
-      const int64_t run = inner - k % inner < end - k ? inner - k % inner : end - k;
+    const int64_t C = p.layout.channels;
+    ForEachRowRun(begin, end, p.layout.inner, [&](int64_t r, int64_t, int64_t k, int64_t n) {
+      const int64_t c = r % C;
       const float m = p.table[kBnMean * C + c], scale = p.table[kBnScale * C + c];
       const float b = p.beta[c];
-      for (int64_t j = k; j < k + run; ++j) Put(p.y + j, (p.x[j] - m) * scale + b, p.add);
-      k += run;
-    }
+      for (int64_t j = k; j < k + n; ++j) Put(p.y + j, (p.x[j] - m) * scale + b, p.add);
+    });
   }
 };
 
@@ -780,17 +780,15 @@ struct BnGradApplyKernel {
     bool add;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    const int64_t C = p.layout.channels, inner = p.layout.inner;
-    for (int64_t k = begin; k < end;) {
-      const int64_t c = (k / inner) % C;
-      const int64_t run = inner - k % inner < end - k ? inner - k % inner : end - k;
+    const int64_t C = p.layout.channels;
+    ForEachRowRun(begin, end, p.layout.inner, [&](int64_t r, int64_t, int64_t k, int64_t n) {
+      const int64_t c = r % C;
       const float m = p.table[kBnMean * C + c], scale = p.table[kBnScale * C + c];
       const float mg = p.table[kBnMeanGrad * C + c], proj = p.table[kBnProj * C + c];
-      for (int64_t j = k; j < k + run; ++j) {
+      for (int64_t j = k; j < k + n; ++j) {
         Put(p.dx + j, (p.g[j] - mg - (p.x[j] - m) * proj) * scale, p.add);
       }
-      k += run;
-    }
+    });
   }
 };
 
