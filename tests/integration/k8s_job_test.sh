@@ -238,23 +238,35 @@ timeout -k 5 150 python3 "$LOCAL" "$TMP/tls.json" --bin mx_server="$SERVER" --bi
 grep -q "^\[worker 1\] Final test accuracy=" "$TMP/tls.log" || fail "--tls: worker 1 did not finish"
 grep -q "^k8s_local.py: every pod exited 0$" "$TMP/tls.log" || fail "--tls: not every pod exited 0"
 
+# kill_worker_pod CASE MANIFEST LOG MAX_MS: runs MANIFEST's pods, kills
+# worker 1's pod (kill -9) once it has finished an epoch, and checks that
+# the whole job ends failed (exit code 1) within MAX_MS with no pod process
+# left. The case's own checks then read LOG.
+kill_worker_pod() {
+  local case=$1 manifest=$2 log=$3 max_ms=$4 local_run victim start rc elapsed pid i
+  timeout -k 5 150 python3 "$LOCAL" "$manifest" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
+    --timeout 120 > "$log" 2>&1 &
+  local_run=$!
+  for i in $(seq 600); do grep -q '^\[worker 1\] Epoch\[0\]' "$log" && break; sleep 0.1; done
+  victim=$(sed -n 's/^k8s_local.py: started worker 1 (pid \([0-9]*\))$/\1/p' "$log")
+  start=$(date +%s%N)
+  [[ -n "$victim" ]] && kill -9 "$victim"
+  wait "$local_run"; rc=$?
+  elapsed=$(( ($(date +%s%N) - start) / 1000000 ))
+  echo "$case: the job ended ${elapsed} ms after the kill (exit code $rc)"
+  [[ $rc -eq 1 ]] || fail "$case: local run exit code $rc, not 1"
+  (( elapsed <= max_ms )) || fail "$case: the job took ${elapsed} ms to end"
+  for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$log"); do
+    if kill -0 "$pid" 2>/dev/null; then fail "$case: pod process $pid left running"; kill -9 "$pid"; fi
+  done
+}
+
 # A worker pod killed mid-job: its Job fails (backoffLimit 0) and stops its
 # other pod, the servers and the coordinator see every worker gone and
 # stop with an error, and the whole job ends failed with every pod gone.
 python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
   --epochs=1000 > "$TMP/kill.json" || fail "k8s_job.py for the killed-worker job failed"
-timeout -k 5 150 python3 "$LOCAL" "$TMP/kill.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
-  --timeout 120 > "$TMP/kill.log" 2>&1 &
-local_run=$!
-for i in $(seq 600); do grep -q '^\[worker 1\] Epoch\[0\]' "$TMP/kill.log" && break; sleep 0.1; done
-victim=$(sed -n 's/^k8s_local.py: started worker 1 (pid \([0-9]*\))$/\1/p' "$TMP/kill.log")
-start=$(date +%s%N)
-[[ -n "$victim" ]] && kill -9 "$victim"
-wait "$local_run"; rc=$?
-elapsed=$(( ($(date +%s%N) - start) / 1000000 ))
-echo "killed worker pod: the job ended ${elapsed} ms after the kill (exit code $rc)"
-[[ $rc -eq 1 ]] || fail "killed worker pod: local run exit code $rc, not 1"
-(( elapsed <= 30000 )) || fail "killed worker pod: the job took ${elapsed} ms to end"
+kill_worker_pod "killed worker pod" "$TMP/kill.json" "$TMP/kill.log" 30000
 grep -q "^k8s_local.py: Job fm-worker failed (worker 1 exited -9); terminating the pods of fm-worker$" \
   "$TMP/kill.log" || fail "killed worker pod: the worker Job did not fail: $(grep '^k8s_local' "$TMP/kill.log")"
 for s in 0 1; do
@@ -263,9 +275,6 @@ for s in 0 1; do
 done
 grep -q "^\[coordinator\] mx_server: coordinator: every worker of the job died" "$TMP/kill.log" ||
   fail "killed worker pod: the coordinator did not stop saying why"
-for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$TMP/kill.log"); do
-  if kill -0 "$pid" 2>/dev/null; then fail "killed worker pod: pod process $pid left running"; kill -9 "$pid"; fi
-done
 
 # 4. The default: one JobSet of the three Jobs, with stable DNS names,
 # start-up in order, success when the workers succeed, failure as a whole.
@@ -324,23 +333,9 @@ order=$(grep -E "^k8s_local.py: (started (coordinator|server 0|worker 0) |start-
 # every pod of it is stopped at once.
 python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
   --epochs=1000 > "$TMP/jobset_kill.json" || fail "k8s_job.py (JobSet, killed worker) failed"
-timeout -k 5 150 python3 "$LOCAL" "$TMP/jobset_kill.json" --bin mx_server="$SERVER" \
-  --bin mx_train="$TRAIN" --timeout 120 > "$TMP/jobset_kill.log" 2>&1 &
-local_run=$!
-for i in $(seq 600); do grep -q '^\[worker 1\] Epoch\[0\]' "$TMP/jobset_kill.log" && break; sleep 0.1; done
-victim=$(sed -n 's/^k8s_local.py: started worker 1 (pid \([0-9]*\))$/\1/p' "$TMP/jobset_kill.log")
-start=$(date +%s%N)
-[[ -n "$victim" ]] && kill -9 "$victim"
-wait "$local_run"; rc=$?
-elapsed=$(( ($(date +%s%N) - start) / 1000000 ))
-echo "JobSet, killed worker pod: the job ended ${elapsed} ms after the kill (exit code $rc)"
-[[ $rc -eq 1 ]] || fail "JobSet, killed worker pod: local run exit code $rc, not 1"
-(( elapsed <= 10000 )) || fail "JobSet, killed worker pod: the job took ${elapsed} ms to end"
+kill_worker_pod "JobSet, killed worker pod" "$TMP/jobset_kill.json" "$TMP/jobset_kill.log" 10000
 grep -q "^k8s_local.py: Job fm-worker-0 failed (worker 1 exited -9); terminating the pods of fm$" \
   "$TMP/jobset_kill.log" || fail "JobSet, killed worker pod: $(grep '^k8s_local' "$TMP/jobset_kill.log" | tail -3)"
-for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$TMP/jobset_kill.log"); do
-  if kill -0 "$pid" 2>/dev/null; then fail "JobSet, killed worker pod: pod process $pid left running"; kill -9 "$pid"; fi
-done
 
 # 3. Bad flags: refused, saying why.
 expect_refusal() {  # expect_refusal MESSAGE ARGS...
