@@ -115,7 +115,9 @@ const std::string kPushPullManyMethod = "/mx.proto.KVStoreService/PushPullMany";
 // outlive the store.
 struct Conn : std::enable_shared_from_this<Conn> {
   DistKVStoreOptions options;
-  rpc::Caller caller;  // stamped on every call
+  rpc::Caller caller;  // stamped on every call but the data path's
+  // The caller's claims as the data path's requests carry them.
+  proto::Credential credential;
   std::vector<std::unique_ptr<proto::KVStoreService::Stub>> stubs;
   // Push and Pull go through raw byte buffers (EncodeTensorMessage), over
   // options.connections_per_server connections per server.
@@ -176,7 +178,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
       done(ToGrpc(failed), call->resp);
       return;
     }
-    Prepare(&call->ctx);
+    SetDeadline(&call->ctx);  // the credential is in the request
     call->req = std::move(request);
     const auto& stubs = raw_stubs[server];
     const size_t servers = raw_stubs.size();
@@ -198,9 +200,12 @@ struct Conn : std::enable_shared_from_this<Conn> {
 
   // Gives a call the store's deadline and this worker's token and identity.
   void Prepare(grpc::ClientContext* ctx) const {
+    SetDeadline(ctx);
+    caller.Stamp(ctx);
+  }
+  void SetDeadline(grpc::ClientContext* ctx) const {
     ctx->set_deadline(std::chrono::system_clock::now() +
                       absl::ToChronoMilliseconds(options.rpc_timeout));
-    caller.Stamp(ctx);
   }
   absl::Status Named(absl::Status s, const char* what, const std::string& key, int server) const {
     if (s.ok()) return s;
@@ -228,6 +233,9 @@ class DistKVStore : public KVStore {
       conn_->caller.rank = options.rank;
       conn_->caller.key = options.session_key;
     }
+    const rpc::Claims claims = conn_->caller.claims();
+    conn_->credential.set_token(claims.token);
+    conn_->credential.set_node(claims.node);
     for (const std::string& address : options.servers) {
       conn_->stubs.push_back(
           proto::KVStoreService::NewStub(rpc::SharedChannel(address, options.security)));
@@ -357,6 +365,7 @@ class DistKVStore : public KVStore {
               header.set_key(p.server_key);
               header.set_min_version(min_version);
               header.set_rank(conn->options.rank);
+              *header.mutable_credential() = conn->credential;
               conn->CallRaw(p.server, p.server_key, kPullMethod, EncodeMessage(header),
                             [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
                               join->Finish(Received(*conn, *e, "pull", s, resp, p, dsts));
@@ -437,10 +446,14 @@ class DistKVStore : public KVStore {
               std::vector<std::pair<int, int64_t>> traced;
               for (const ItemPart& ip : parts) {
                 const Item& item = items[ip.item];
-                messages.push_back(EncodePush(*conn, ip.part, item.merged, item.min_version));
+                messages.push_back(EncodePush(*conn, ip.part, item.merged, item.min_version,
+                                              /*with_credential=*/false));
                 traced.push_back({ip.part.server_key, item.min_version});
               }
-              conn->CallRaw(server, parts[0].part.server_key, kPushPullManyMethod, EncodeRepeated(kManyEntriesField, messages),
+              proto::PushPullManyRequest rest;
+              *rest.mutable_credential() = conn->credential;
+              conn->CallRaw(server, parts[0].part.server_key, kPushPullManyMethod,
+                            EncodeRepeated(kManyEntriesField, messages, &rest),
                             [conn, join, items, parts = parts](grpc::Status s,
                                                                const grpc::ByteBuffer& resp) {
                               join->Finish(ReceivedMany(*conn, items, parts, s, resp));
@@ -571,10 +584,13 @@ class DistKVStore : public KVStore {
     return reads;
   }
 
-  // Slice p of `merged` as a PushRequest, without copying the data.
-  static EncodedMessage EncodePush(const Conn& conn, const Part& p,
-                                   const NDArray& merged, int64_t min_version) {
+  // Slice p of `merged` as a PushRequest, without copying the data; with
+  // the caller's credential unless it is an entry of a PushPullMany (whose
+  // request carries it once).
+  static EncodedMessage EncodePush(const Conn& conn, const Part& p, const NDArray& merged,
+                                   int64_t min_version, bool with_credential = true) {
     proto::PushRequest header;
+    if (with_credential) *header.mutable_credential() = conn.credential;
     header.set_key(p.server_key);
     header.set_rank(conn.options.rank);
     header.set_min_version(min_version);

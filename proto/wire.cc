@@ -192,8 +192,11 @@ grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& m) {
   return grpc::ByteBuffer(&bytes, 1);
 }
 
-grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& entries) {
+grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& entries,
+                                const google::protobuf::MessageLite* rest) {
   std::vector<grpc::Slice> slices;
+  // Protobuf merges a message's fields in any order: the others first.
+  if (rest != nullptr) slices.emplace_back(rest->SerializeAsString());
   for (const EncodedMessage& e : entries) {
     std::string tag;
     {
@@ -298,7 +301,8 @@ absl::Status DecodeWithTensor(const grpc::ByteBuffer& buffer, int tensor_field,
 
 absl::Status DecodeRepeated(const grpc::ByteBuffer& buffer, int field, int tensor_field,
                             const std::function<google::protobuf::MessageLite*(int)>& header,
-                            const std::function<TensorSink(int)>& sink) {
+                            const std::function<TensorSink(int)>& sink,
+                            google::protobuf::MessageLite* rest) {
   MX_RETURN_IF_ERROR(CheckLength(buffer));
   BufferInput input(buffer);
   CodedInputStream& in = *input.get();
@@ -320,6 +324,11 @@ absl::Status DecodeRepeated(const grpc::ByteBuffer& buffer, int field, int tenso
     ++index;
   }
   if (malformed || !in.ConsumedEntireMessage()) {
+    return absl::InvalidArgumentError("malformed message");
+  }
+  if (rest == nullptr) return absl::OkStatus();
+  ignored_out.Trim();  // `ignored` holds exactly the bytes written
+  if (!rest->ParseFromString(ignored)) {
     return absl::InvalidArgumentError("malformed message");
   }
   return absl::OkStatus();

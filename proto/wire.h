@@ -44,7 +44,8 @@ void ToProto(const float* data, const Shape& shape, proto::Tensor* t);
 // the message refers to them, and holds data.owner until gRPC is done with
 // them. The caller keeps the bytes unchanged until the call completes.
 // ToByteBuffer makes one message of the pieces; EncodeRepeated puts several
-// in one, each as an occurrence of message field `field`.
+// in one, each as an occurrence of message field `field`, with the fields
+// of `rest` (when given: a message of the same type without that field).
 struct EncodedMessage {
   std::vector<grpc::Slice> slices;
   size_t bytes = 0;
@@ -52,7 +53,8 @@ struct EncodedMessage {
 EncodedMessage EncodeTensorMessage(const google::protobuf::MessageLite& header, int tensor_field,
                                    const Pieces& data);
 grpc::ByteBuffer ToByteBuffer(const EncodedMessage& m);
-grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& entries);
+grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& entries,
+                                const google::protobuf::MessageLite* rest = nullptr);
 
 // A message without a tensor, for the raw (byte buffer) methods.
 grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& m);
@@ -74,10 +76,12 @@ absl::Status DecodeWithTensor(const grpc::ByteBuffer& buffer, int tensor_field,
 
 // DecodeRepeated: reads a message whose field `field` repeats, each
 // occurrence a message decoded as by DecodeWithTensor into header(i), its
-// data to sink(i), for i = 0, 1, ... in order. Other fields are skipped.
+// data to sink(i), for i = 0, 1, ... in order. The other fields are parsed
+// into `rest` when given, else skipped.
 absl::Status DecodeRepeated(const grpc::ByteBuffer& buffer, int field, int tensor_field,
                             const std::function<google::protobuf::MessageLite*(int)>& header,
-                            const std::function<TensorSink(int)>& sink);
+                            const std::function<TensorSink(int)>& sink,
+                            google::protobuf::MessageLite* rest = nullptr);
 
 // The request of a raw method without a tensor. Bytes that are no such
 // message are INVALID_ARGUMENT "METHOD: malformed request: ...", where

@@ -114,18 +114,24 @@ bool ConstantTimeEquals(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
-void Caller::Stamp(grpc::ClientContext* ctx) const {
+Claims Claims::Of(const grpc::ServerContextBase& ctx) {
+  return {Metadata(ctx, kTokenKey), Metadata(ctx, kNodeKey)};
+}
+
+Claims Caller::claims() const {
   // A registered node sends its identity alone: the coordinator gave its
   // session key only to a caller with the job token, so the key implies
-  // the token. One short header instead of three: gRPC carries custom
-  // metadata at a cost (bench/trust_bench: three headers added ~10 us to
-  // a 150 us round trip, this one nothing measurable).
-  if (rank >= 0 && !key.empty()) {
-    ctx->AddMetadata(kNodeKey, absl::StrCat(RoleName(role), "/", rank, ":", key));
-    return;
-  }
-  if (!token.empty()) ctx->AddMetadata(kTokenKey, token);
-  if (rank >= 0) ctx->AddMetadata(kNodeKey, absl::StrCat(RoleName(role), "/", rank));
+  // the token.
+  if (rank >= 0 && !key.empty()) return {"", absl::StrCat(RoleName(role), "/", rank, ":", key)};
+  return {token, rank >= 0 ? absl::StrCat(RoleName(role), "/", rank) : ""};
+}
+
+void Caller::Stamp(grpc::ClientContext* ctx) const {
+  // One header where it can (bench/trust_bench: three headers added ~10 us
+  // to a 150 us round trip; the first one most of it).
+  const Claims c = claims();
+  if (!c.token.empty()) ctx->AddMetadata(kTokenKey, c.token);
+  if (!c.node.empty()) ctx->AddMetadata(kNodeKey, c.node);
 }
 
 Guard::Guard(std::string token, bool identities)
@@ -178,8 +184,12 @@ absl::Status Guard::Refuse(const grpc::ServerContextBase& ctx, absl::Status why)
 }
 
 absl::Status Guard::CheckToken(const grpc::ServerContextBase& ctx, const char* method) {
+  return CheckToken(ctx, method, Metadata(ctx, kTokenKey));
+}
+
+absl::Status Guard::CheckToken(const grpc::ServerContextBase& ctx, const char* method,
+                               const std::string& got) {
   if (token_.empty()) return absl::OkStatus();
-  const std::string got = Metadata(ctx, kTokenKey);
   if (ConstantTimeEquals(got, token_)) return absl::OkStatus();
   return Refuse(ctx, absl::UnauthenticatedError(
                          absl::StrCat(method, ": ", got.empty() ? "no job token" : "wrong job token",
@@ -205,19 +215,24 @@ absl::StatusOr<std::string> Guard::KeyOf(Role role, int rank) {
 
 absl::StatusOr<Guard::Node> Guard::IdentifyAny(const grpc::ServerContextBase& ctx,
                                                const char* method) {
+  return IdentifyAny(ctx, method, Claims::Of(ctx));
+}
+
+absl::StatusOr<Guard::Node> Guard::IdentifyAny(const grpc::ServerContextBase& ctx,
+                                               const char* method, const Claims& claims) {
   if (!identities_) {
-    MX_RETURN_IF_ERROR(CheckToken(ctx, method));
+    MX_RETURN_IF_ERROR(CheckToken(ctx, method, claims.token));
     return Node{};
   }
   // "worker/3:KEY": the node claimed and the key that proves it.
-  const std::string node = Metadata(ctx, kNodeKey);
+  const std::string& node = claims.node;
   std::pair<std::string, std::string> claim = absl::StrSplit(node, absl::MaxSplits(':', 1));
   std::pair<std::string, std::string> parts = absl::StrSplit(claim.first, absl::MaxSplits('/', 1));
   Node caller;
   caller.role = parts.first == "server" ? Role::kServer : Role::kWorker;
   if ((parts.first != "worker" && parts.first != "server") ||
       !absl::SimpleAtoi(parts.second, &caller.rank) || caller.rank < 0) {
-    MX_RETURN_IF_ERROR(CheckToken(ctx, method));
+    MX_RETURN_IF_ERROR(CheckToken(ctx, method, claims.token));
     return Refuse(ctx, absl::PermissionDeniedError(absl::StrCat(
                            method, ": only a registered node of the job may call this; ",
                            node.empty() ? "the caller did not say which node it is"
@@ -225,11 +240,11 @@ absl::StatusOr<Guard::Node> Guard::IdentifyAny(const grpc::ServerContextBase& ct
   }
   const std::string& claimed_key = claim.second;
   // Without a key to check, the token decides at once (no waiting below).
-  if (claimed_key.empty()) MX_RETURN_IF_ERROR(CheckToken(ctx, method));
+  if (claimed_key.empty()) MX_RETURN_IF_ERROR(CheckToken(ctx, method, claims.token));
   absl::StatusOr<std::string> key = KeyOf(caller.role, caller.rank);
   if (key.ok() && ConstantTimeEquals(claimed_key, *key)) return caller;  // implies the token
   // Refused: for the token if it is missing or wrong, else for the identity.
-  MX_RETURN_IF_ERROR(CheckToken(ctx, method));
+  MX_RETURN_IF_ERROR(CheckToken(ctx, method, claims.token));
   if (!key.ok()) {
     if (absl::IsUnavailable(key.status())) {
       return absl::UnavailableError(absl::StrCat(method, ": ", key.status().message()));
@@ -245,7 +260,12 @@ absl::StatusOr<Guard::Node> Guard::IdentifyAny(const grpc::ServerContextBase& ct
 
 absl::StatusOr<Guard::Node> Guard::Identify(const grpc::ServerContextBase& ctx, const char* method,
                                             Role role) {
-  MX_ASSIGN_OR_RETURN(const Node caller, IdentifyAny(ctx, method));
+  return Identify(ctx, method, role, Claims::Of(ctx));
+}
+
+absl::StatusOr<Guard::Node> Guard::Identify(const grpc::ServerContextBase& ctx, const char* method,
+                                            Role role, const Claims& claims) {
+  MX_ASSIGN_OR_RETURN(const Node caller, IdentifyAny(ctx, method, claims));
   if (caller.rank < 0 || caller.role == role) return caller;
   return Refuse(ctx, absl::PermissionDeniedError(absl::StrCat(
                          method, ": only a ", RoleName(role), " may call this, not ",

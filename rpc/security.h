@@ -5,15 +5,19 @@
 // - TLS (when configured): every connection is mutual TLS; a peer without a
 //   certificate signed by the job's CA is refused at the handshake.
 // - The job token (when configured): a secret every node of the job holds
-//   (the launcher generates it); each call carries it in its metadata and
-//   servers and the coordinator compare it in constant time. A call without
-//   it, or with another, is UNAUTHENTICATED and nothing of it is applied.
+//   (the launcher generates it); each call carries it and servers and the
+//   coordinator compare it in constant time. A call without it, or with
+//   another, is UNAUTHENTICATED and nothing of it is applied.
 // - Identity: at registration the coordinator gives each node a random
 //   session key and tells the servers the workers' keys. A call that acts
 //   for a worker or server rank (a push, a heartbeat, a barrier) carries its
 //   node and key, and is PERMISSION_DENIED unless they are those of the rank
 //   it claims.
-// A refused call is counted and logged once per peer host and reason.
+// A call carries its claims (token, node and key) in its metadata, except
+// the data path's (Push, Pull, PushPull, PushPullMany), which carry them in
+// the request (proto::Credential): gRPC charges about 5 us per call for any
+// custom metadata. A refused call is counted and logged once per peer host
+// and reason.
 //
 // This header includes no gRPC header.
 #ifndef MX_RPC_SECURITY_H_
@@ -80,6 +84,17 @@ std::string NewSessionKey();
 // Whether a and b are equal, in time that depends only on their lengths.
 bool ConstantTimeEquals(const std::string& a, const std::string& b);
 
+// What a call says about its caller: the job token, and the node it acts
+// for ("worker/3:KEY" with its session key, which implies the token, or
+// "worker/3" beside the token); either may be empty.
+struct Claims {
+  std::string token;
+  std::string node;
+
+  // A call's claims from its metadata ("mx-job-token", "mx-node").
+  static Claims Of(const grpc::ServerContextBase& ctx);
+};
+
 // What a client says about itself on each call: the job token and, once
 // registered, its node and session key.
 struct Caller {
@@ -88,9 +103,10 @@ struct Caller {
   int rank = -1;    // -1: not registered (only Register may be called)
   std::string key;  // the session key the coordinator gave
 
-  // Adds the caller to a call's metadata: a registered node (with a key)
-  // its identity, "mx-node: worker/3:KEY", which implies the token;
-  // others the token ("mx-job-token") and the rank they claim, if any.
+  // A registered node (with a key) claims its identity alone, "worker/3:KEY";
+  // others the token and the rank they claim, if any.
+  Claims claims() const;
+  // Adds claims() to a call's metadata.
   void Stamp(grpc::ClientContext* ctx) const;
 };
 
@@ -117,6 +133,10 @@ class Guard {
     int rank = -1;  // -1: unknown (a guard without identity checks)
   };
 
+  // The checks below take the call's claims from its metadata, or, given
+  // `claims`, from those (the data path's, from the request); `ctx` names
+  // the peer in the log.
+  //
   // The job token of a call (Register: before a node has a key); `method`
   // names it in the error.
   absl::Status CheckToken(const grpc::ServerContextBase& ctx, const char* method);
@@ -125,6 +145,8 @@ class Guard {
   // UNAUTHENTICATED without the job token, else PERMISSION_DENIED.
   // Without identity checks: the token, and a node of rank -1.
   absl::StatusOr<Node> Identify(const grpc::ServerContextBase& ctx, const char* method, Role role);
+  absl::StatusOr<Node> Identify(const grpc::ServerContextBase& ctx, const char* method, Role role,
+                                const Claims& claims);
   // The same for a node of either role.
   absl::StatusOr<Node> IdentifyAny(const grpc::ServerContextBase& ctx, const char* method);
   // That `caller` (as identified) is node `rank` of `role`, which its
@@ -138,6 +160,10 @@ class Guard {
  private:
   // Counts and (once per peer host and reason) logs a refusal; returns it.
   absl::Status Refuse(const grpc::ServerContextBase& ctx, absl::Status why);
+  absl::Status CheckToken(const grpc::ServerContextBase& ctx, const char* method,
+                          const std::string& token);
+  absl::StatusOr<Node> IdentifyAny(const grpc::ServerContextBase& ctx, const char* method,
+                                   const Claims& claims);
   absl::StatusOr<std::string> KeyOf(Role role, int rank);
 
   const std::string token_;

@@ -312,9 +312,10 @@ class Service final : public ServiceBase {
   grpc::ServerUnaryReactor* Pull(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                  grpc::ByteBuffer* response) override {
     proto::PullRequest req;
-    absl::StatusOr<Guard::Node> caller = Worker(*ctx, "pull");
+    const absl::Status decoded = DecodeWithTensor(*request, 0, &req, nullptr);  // no tensor
+    absl::StatusOr<Guard::Node> caller = Worker(*ctx, "pull", req.credential());
     absl::Status s = caller.status();
-    if (s.ok()) s = DecodeWithTensor(*request, 0, &req, nullptr);  // no tensor
+    if (s.ok()) s = decoded;
     if (s.ok()) s = guard_.CheckClaim(*ctx, "pull", *caller, kWorker, req.rank());
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false);
     reactor->Start(Prefix(s, "pull", req.key()), {{req.key(), req.min_version()}},
@@ -382,9 +383,15 @@ class Service final : public ServiceBase {
   }
 
  private:
-  // The token of a call, and which registered worker makes it.
+  // The token of a call, and which registered worker makes it: from the
+  // call's metadata, or for the data path from the request's credential
+  // (proto/mx.proto).
   absl::StatusOr<Guard::Node> Worker(const grpc::CallbackServerContext& ctx, const char* method) {
     return guard_.Identify(ctx, method, kWorker);
+  }
+  absl::StatusOr<Guard::Node> Worker(const grpc::CallbackServerContext& ctx, const char* method,
+                                     const proto::Credential& credential) {
+    return guard_.Identify(ctx, method, kWorker, {credential.token(), credential.node()});
   }
 
   // Whether the worker's store (as its init says) belongs to a job run as
@@ -405,13 +412,14 @@ class Service final : public ServiceBase {
     return absl::OkStatus();
   }
 
-  // Checks the caller, decodes a push into *req (all but the data) and
-  // gives it to the shard.
+  // Decodes a push into *req (all but the data, which stay where they
+  // arrived), checks the caller and gives it to the shard. A caller that
+  // is refused learns nothing of the request, even whether it decoded.
   absl::Status HandlePush(const grpc::CallbackServerContext& ctx, const grpc::ByteBuffer& request,
                           proto::PushRequest* req) {
-    MX_ASSIGN_OR_RETURN(const Guard::Node caller, Worker(ctx, "push"));
     PushData data;
     absl::Status s = DecodeWithTensor(request, kPushValueField, req, Locate(&data));
+    MX_ASSIGN_OR_RETURN(const Guard::Node caller, Worker(ctx, "push", req->credential()));
     if (s.ok()) s = guard_.CheckClaim(ctx, "push", caller, kWorker, req->rank());
     absl::StatusOr<Slices> slices = SlicesOf(request);
     if (s.ok()) s = slices.status();
@@ -423,13 +431,14 @@ class Service final : public ServiceBase {
   absl::Status HandlePushes(const grpc::CallbackServerContext& ctx,
                             const grpc::ByteBuffer& request,
                             std::vector<PullReactor::Wanted>* wanted) {
-    MX_ASSIGN_OR_RETURN(const Guard::Node caller, Worker(ctx, "pushpull"));
     std::deque<proto::PushRequest> reqs;  // stable addresses while decoding
     std::deque<PushData> data;
+    proto::PushPullManyRequest rest;  // the credential
     absl::Status s = DecodeRepeated(
         request, kManyEntriesField, kPushValueField,
         [&](int) { return &reqs.emplace_back(); },
-        [&](int) { return Locate(&data.emplace_back()); });
+        [&](int) { return Locate(&data.emplace_back()); }, &rest);
+    MX_ASSIGN_OR_RETURN(const Guard::Node caller, Worker(ctx, "pushpull", rest.credential()));
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat("pushpull: ", s.message()));
     MX_ASSIGN_OR_RETURN(Slices slices, SlicesOf(request));  // once for every entry
     for (const proto::PushRequest& req : reqs) {  // all checked before any applies

@@ -45,18 +45,27 @@ void Report(const std::string& attack, const Credentials& c, const grpc::Status&
   if (!refused) ++failures;
 }
 
+const char kClaimedNode[] = "worker/0:0123456789abcdef0123456789abcdef";
+
+// The credentials in the call's metadata, where mx's control calls carry
+// them...
 void Prepare(grpc::ClientContext* ctx, const Credentials& c) {
   ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   if (!c.token.empty()) ctx->AddMetadata("mx-job-token", c.token);
-  if (c.claim_rank) {
-    ctx->AddMetadata("mx-node", "worker/0:0123456789abcdef0123456789abcdef");
-  }
+  if (c.claim_rank) ctx->AddMetadata("mx-node", kClaimedNode);
+}
+
+// ...and in the request, where its data path's calls (push, pull) do.
+void Sign(mx::proto::Credential* credential, const Credentials& c) {
+  credential->set_token(c.token);
+  if (c.claim_rank) credential->set_node(kClaimedNode);
 }
 
 void Attack(KVStoreService::Stub& server, Coordinator::Stub& coordinator, const Credentials& c) {
   {
     mx::proto::PullRequest req;
     req.set_key(0);
+    Sign(req.mutable_credential(), c);
     mx::proto::PullResponse resp;
     grpc::ClientContext ctx;
     Prepare(&ctx, c);
@@ -66,6 +75,7 @@ void Attack(KVStoreService::Stub& server, Coordinator::Stub& coordinator, const 
     mx::proto::PushRequest req;
     req.set_key(0);
     req.set_rank(0);
+    Sign(req.mutable_credential(), c);
     mx::proto::Tensor* t = req.mutable_value();
     t->add_shape(1);
     const float poison = 1e4f;

@@ -95,6 +95,39 @@ TEST(Wire, DecodesPlainProtobufAndOwnEncoding) {
   }
 }
 
+// A repeated message with other fields (PushPullMany's credential): what
+// EncodeRepeated writes is the protobuf message, and DecodeRepeated gives
+// the other fields back in `rest`, whichever comes first on the wire.
+TEST(Wire, RepeatedMessageCarriesItsOtherFields) {
+  auto owner = std::make_shared<std::vector<float>>(std::vector<float>{1, 2, 3});
+  std::vector<EncodedMessage> entries = {
+      EncodeTensorMessage(Header(4, 2), 3, Pieces::Of(owner->data(), 2, owner)),
+      EncodeTensorMessage(Header(5, 1), 3, Pieces::Of(owner->data() + 2, 1, owner))};
+  proto::PushPullManyRequest rest;
+  rest.mutable_credential()->set_node("worker/1:abc");
+  const grpc::ByteBuffer ours = EncodeRepeated(kManyEntriesField, entries, &rest);
+  proto::PushPullManyRequest parsed;
+  ASSERT_TRUE(parsed.ParseFromString(Flatten(ours)));
+  ASSERT_EQ(parsed.entries_size(), 2);
+  EXPECT_EQ(parsed.entries(1).key(), 5);
+  EXPECT_EQ(parsed.credential().node(), "worker/1:abc");
+
+  // Protobuf's own encoding puts the credential after the entries.
+  for (const grpc::ByteBuffer& b : {ours, Buffer(parsed.SerializeAsString())}) {
+    std::deque<proto::PushRequest> headers;
+    proto::PushPullManyRequest got;
+    const absl::Status s = DecodeRepeated(
+        b, kManyEntriesField, kPushValueField, [&](int) { return &headers.emplace_back(); },
+        [&](int) { return [](size_t, size_t) -> absl::StatusOr<void*> { return nullptr; }; },
+        &got);
+    ASSERT_TRUE(s.ok()) << s;
+    ASSERT_EQ(headers.size(), 2u);
+    EXPECT_EQ(headers[0].key(), 4);
+    EXPECT_EQ(got.entries_size(), 0);  // entries went to their headers only
+    EXPECT_EQ(got.credential().node(), "worker/1:abc");
+  }
+}
+
 // A sink that returns nullptr leaves the data in the buffer and learns
 // where they lie; PiecesOf then hands them out uncopied, across slices.
 TEST(Wire, DataLeftInTheBufferArePiecesOfItsSlices) {

@@ -1,0 +1,223 @@
+// The job token and node identities on the parameter server's data path
+// (Push, Pull, PushPull, PushPullMany): these calls carry their claims in
+// the request (proto::Credential), not in metadata, and the server reads
+// them there only. A call whose claims fail is refused (UNAUTHENTICATED
+// without the token, PERMISSION_DENIED for a wrong identity), counted, and
+// nothing of it is applied, even when its bytes are malformed.
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <string>
+#include <vector>
+
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "proto/mx.grpc.pb.h"
+#include "rpc/security.h"
+#include "server/kvstore_service.h"
+
+namespace mx {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kToken[] = "job-token-0123456789";
+
+proto::Credential CredentialOf(const rpc::Caller& caller) {
+  const rpc::Claims claims = caller.claims();
+  proto::Credential c;
+  c.set_token(claims.token);
+  c.set_node(claims.node);
+  return c;
+}
+
+proto::Tensor TensorOf(const std::vector<float>& v) {
+  proto::Tensor t;
+  t.add_shape(static_cast<int64_t>(v.size()));
+  t.set_data(v.data(), v.size() * sizeof(float));
+  return t;
+}
+
+std::vector<float> FloatsOf(const proto::Tensor& t) {
+  std::vector<float> v(t.data().size() / sizeof(float));
+  std::memcpy(v.data(), t.data().data(), v.size() * sizeof(float));
+  return v;
+}
+
+class DataPathGuard : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ParameterServerOptions o;
+    o.security.token = kToken;
+    o.identities = true;
+    // dist_async: one worker's push applies at once.
+    auto ps = ParameterServer::Start("127.0.0.1:0", {false, 2, false}, o);
+    ASSERT_TRUE(ps.ok()) << ps.status();
+    server_ = *std::move(ps);
+    keys_ = {rpc::NewSessionKey(), rpc::NewSessionKey()};
+    server_->AdmitWorkers(keys_);
+    channel_ = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
+    stub_ = proto::KVStoreService::NewStub(channel_);
+    // Init is a control call: its claims travel in metadata.
+    proto::InitRequest init;
+    init.set_key(7);
+    *init.mutable_value() = TensorOf({1, 2});
+    proto::InitResponse resp;
+    grpc::ClientContext ctx;
+    Worker(0).Stamp(&ctx);
+    ASSERT_TRUE(stub_->Init(&ctx, init, &resp).ok());
+  }
+
+  rpc::Caller Worker(int rank) const { return rpc::Caller{kToken, rpc::Role::kWorker, rank, keys_[rank]}; }
+
+  grpc::Status Push(const proto::Credential& credential, int rank, float value) {
+    proto::PushRequest req;
+    req.set_key(7);
+    req.set_rank(rank);
+    *req.mutable_value() = TensorOf({value, value});
+    *req.mutable_credential() = credential;
+    proto::PushResponse resp;
+    grpc::ClientContext ctx;
+    return stub_->Push(&ctx, req, &resp);
+  }
+
+  grpc::Status Pull(const proto::Credential& credential, std::vector<float>* value) {
+    proto::PullRequest req;
+    req.set_key(7);
+    req.set_rank(0);
+    *req.mutable_credential() = credential;
+    proto::PullResponse resp;
+    grpc::ClientContext ctx;
+    const grpc::Status s = stub_->Pull(&ctx, req, &resp);
+    if (s.ok()) *value = FloatsOf(resp.value());
+    return s;
+  }
+
+  // What worker 0 pulls.
+  std::vector<float> Value() {
+    std::vector<float> v;
+    EXPECT_TRUE(Pull(CredentialOf(Worker(0)), &v).ok());
+    return v;
+  }
+
+  // A raw call of `method` with `bytes` and no metadata.
+  grpc::Status Raw(const std::string& method, const std::string& bytes) {
+    grpc::GenericStub stub(channel_);
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer req(&slice, 1), resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    absl::Notification done;
+    grpc::Status status;
+    stub.UnaryCall(&ctx, "/mx.proto.KVStoreService/" + method, grpc::StubOptions(), &req, &resp,
+                   [&](grpc::Status s) {
+                     status = s;
+                     done.Notify();
+                   });
+    done.WaitForNotification();
+    return status;
+  }
+
+  std::unique_ptr<ParameterServer> server_;
+  std::vector<std::string> keys_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<proto::KVStoreService::Stub> stub_;
+};
+
+TEST_F(DataPathGuard, AWorkersCredentialInTheRequestIsAccepted) {
+  EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
+  ASSERT_TRUE(Push(CredentialOf(Worker(1)), 1, 5).ok());
+  EXPECT_EQ(Value(), (std::vector<float>{5, 5}));  // the check can pass: the push applied
+  EXPECT_EQ(server_->refused(), 0);
+}
+
+TEST_F(DataPathGuard, ClaimsInMetadataDoNotCountOnTheDataPath) {
+  proto::PushRequest req;
+  req.set_key(7);
+  *req.mutable_value() = TensorOf({9, 9});
+  proto::PushResponse resp;
+  grpc::ClientContext ctx;
+  Worker(0).Stamp(&ctx);  // right token and key, but where control calls put them
+  const grpc::Status s = stub_->Push(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("push: no job token"));
+  EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
+  EXPECT_EQ(server_->refused(), 1);
+}
+
+TEST_F(DataPathGuard, WrongClaimsAreRefusedAndNothingApplies) {
+  proto::Credential none, wrong_token, token_only, wrong_key, other_rank;
+  wrong_token.set_token("not-the-job-token");
+  token_only.set_token(kToken);
+  token_only.set_node("worker/0");  // the token, but not worker 0's session key
+  wrong_key.set_token(kToken);  // a key that fails implies no token
+  wrong_key.set_node("worker/1:" + keys_[0]);
+  other_rank = CredentialOf(Worker(0));
+  struct Case {
+    const char* name;
+    proto::Credential credential;
+    int rank;  // the rank the push acts for
+    grpc::StatusCode code;
+  };
+  const std::vector<Case> cases = {
+      {"no credential", none, 0, grpc::StatusCode::UNAUTHENTICATED},
+      {"wrong token", wrong_token, 0, grpc::StatusCode::UNAUTHENTICATED},
+      {"token without key", token_only, 0, grpc::StatusCode::PERMISSION_DENIED},
+      {"worker 0's key for worker 1", wrong_key, 1, grpc::StatusCode::PERMISSION_DENIED},
+      {"worker 0 acting for worker 1", other_rank, 1, grpc::StatusCode::PERMISSION_DENIED},
+  };
+  for (const Case& c : cases) {
+    const grpc::Status push = Push(c.credential, c.rank, 1e4f);
+    EXPECT_EQ(push.error_code(), c.code) << c.name << ": " << push.error_message();
+    std::vector<float> pulled;
+    const grpc::Status pull = Pull(c.credential, &pulled);
+    if (c.rank == 0) {
+      EXPECT_EQ(pull.error_code(), c.code) << c.name << ": " << pull.error_message();
+    } else {  // worker 0 pulling as itself is fine
+      EXPECT_TRUE(pull.ok() || pull.error_code() == c.code) << c.name;
+    }
+  }
+  EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
+  EXPECT_GE(server_->refused(), 8);
+}
+
+TEST_F(DataPathGuard, PushPullManyCountsTheRequestsCredentialNotAnEntrys) {
+  proto::PushRequest entry;
+  entry.set_key(7);
+  entry.set_rank(0);
+  *entry.mutable_value() = TensorOf({3, 3});
+  proto::PushPullManyRequest many;
+  *many.add_entries() = entry;
+  many.mutable_entries(0)->mutable_credential()->CopyFrom(CredentialOf(Worker(0)));
+  proto::PushPullManyResponse resp;
+  {
+    grpc::ClientContext ctx;
+    const grpc::Status s = stub_->PushPullMany(&ctx, many, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+  }
+  EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
+  *many.mutable_credential() = CredentialOf(Worker(0));
+  {
+    grpc::ClientContext ctx;
+    const grpc::Status s = stub_->PushPullMany(&ctx, many, &resp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  ASSERT_EQ(resp.entries_size(), 1);
+  EXPECT_EQ(FloatsOf(resp.entries(0).value()), (std::vector<float>{3, 3}));
+}
+
+// Bytes that do not decode, from a caller without the token: refused for
+// the token, not answered with what is wrong with them.
+TEST_F(DataPathGuard, MalformedRequestsOfOutsidersAreRefusedNotDiagnosed) {
+  const std::string garbage("\x1a\x7f\x01", 3);  // a truncated field
+  for (const char* method : {"Push", "Pull", "PushPull", "PushPullMany"}) {
+    const grpc::Status s = Raw(method, garbage);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << method << ": " << s.error_message();
+  }
+  EXPECT_EQ(server_->refused(), 4);
+  EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
+}
+
+}  // namespace
+}  // namespace mx
