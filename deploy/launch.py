@@ -121,6 +121,13 @@ BLAME = [
     (re.compile(r"\bworker\(s\) ([\d, ]+) died"),
      lambda m: [f"worker {r.strip()}" for r in m[1].split(",") if r.strip()]),
     (re.compile(r"\bthe coordinator at \S+ is unreachable"), lambda m: ["coordinator"]),
+    # Registration: a node that never came (hung or lost before it
+    # registered), or a coordinator that never answered.
+    (re.compile(r"\bregister: (.+?) did not register in time"),
+     lambda m: [f"{role} {rank}" for role, ranks in re.findall(r"(server|worker)s? ([\d, ]+)", m[1])
+                for rank in ranks.replace(",", " ").split()]),
+    (re.compile(r"\bregistering with the coordinator at \S+ nothing answered"),
+     lambda m: ["coordinator"]),
 ]
 
 

@@ -138,8 +138,36 @@ struct Conn : std::enable_shared_from_this<Conn> {
       if (!failure.ok()) return;
       failure = std::move(s);
       calls.assign(in_flight.begin(), in_flight.end());
+      // Under the lock, which a control call's context outlives; a
+      // blocking call runs no callback of ours when cancelled.
+      for (grpc::ClientContext* ctx : control_calls) ctx->TryCancel();
     }
+    // Not under it: a cancelled call's callback, which takes it, may run
+    // inside TryCancel.
     for (const std::shared_ptr<Call>& call : calls) call->ctx.TryCancel();
+  }
+
+  // A control call (init, set_optimizer, the optimizer's states) of `what`
+  // for `key` to `server`, made by call(ctx, stub) with the store's deadline
+  // and this worker's claims. Like the data path's calls it is cancelled
+  // once the store has a failure (Fail), and then fails with that: a
+  // worker waiting on a server that hangs learns of its death from the
+  // coordinator at once, not after the deadline.
+  absl::Status Control(
+      int server, const char* what, const std::string& key,
+      const std::function<grpc::Status(grpc::ClientContext*, proto::KVStoreService::Stub*)>& call) {
+    grpc::ClientContext ctx;
+    Prepare(&ctx);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!failure.ok()) return failure;
+      control_calls.insert(&ctx);
+    }
+    const grpc::Status s = call(&ctx, stubs[server].get());
+    std::lock_guard<std::mutex> lock(mu);
+    control_calls.erase(&ctx);
+    if (!s.ok() && !failure.ok()) return failure;
+    return Named(FromGrpc(s), what, key, server);
   }
 
   // Starts a call of `method` on `server` through the raw stub, with the
@@ -221,6 +249,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
   mutable std::mutex mu;
   absl::Status failure;                           // guarded by mu
   std::set<std::shared_ptr<Call>> in_flight;      // guarded by mu
+  std::set<grpc::ClientContext*> control_calls;   // guarded by mu
 };
 
 class DistKVStore : public KVStore {
@@ -316,10 +345,9 @@ class DistKVStore : public KVStore {
       req.set_num_workers(conn_->options.num_workers);
       ToProto(data.data() + p.begin, Shape{p.end - p.begin}, req.mutable_value());
       proto::InitResponse resp;
-      grpc::ClientContext ctx;
-      conn_->Prepare(&ctx);
-      MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[p.server]->Init(&ctx, req, &resp)), "init",
-                               e.label, p.server));
+      MX_RETURN_IF_ERROR(conn_->Control(p.server, "init", e.label, [&](auto* ctx, auto* stub) {
+        return stub->Init(ctx, req, &resp);
+      }));
     }
     keys_.emplace(key.id(), std::move(entry));
     return absl::OkStatus();
@@ -481,10 +509,10 @@ class DistKVStore : public KVStore {
       for (const auto& [k, v] : optimizer->lr_mult()) (*req.mutable_lr_mult())[k] = v;
       for (const auto& [k, v] : optimizer->wd_mult()) (*req.mutable_wd_mult())[k] = v;
       proto::SetOptimizerResponse resp;
-      grpc::ClientContext ctx;
-      conn_->Prepare(&ctx);
-      MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[s]->SetOptimizer(&ctx, req, &resp)),
-                               "set_optimizer", "-", static_cast<int>(s)));
+      MX_RETURN_IF_ERROR(conn_->Control(static_cast<int>(s), "set_optimizer", "-",
+                                        [&](auto* ctx, auto* stub) {
+                                          return stub->SetOptimizer(ctx, req, &resp);
+                                        }));
     }
     return absl::OkStatus();
   }
@@ -495,10 +523,10 @@ class DistKVStore : public KVStore {
     for (size_t s = 0; s < conn_->stubs.size(); ++s) {
       proto::SaveOptimizerStatesRequest req;
       proto::OptimizerStates resp;
-      grpc::ClientContext ctx;
-      conn_->Prepare(&ctx);
-      MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[s]->SaveOptimizerStates(&ctx, req, &resp)),
-                                      "save_optimizer_states", "-", static_cast<int>(s)));
+      MX_RETURN_IF_ERROR(conn_->Control(static_cast<int>(s), "save_optimizer_states", "-",
+                                        [&](auto* ctx, auto* stub) {
+                                          return stub->SaveOptimizerStates(ctx, req, &resp);
+                                        }));
       all.add_servers(resp.states());
     }
     return WriteFileAtomically(path, all.SerializeAsString());
@@ -520,10 +548,10 @@ class DistKVStore : public KVStore {
       proto::OptimizerStates req;
       req.set_states(all.servers(static_cast<int>(s)));
       proto::LoadOptimizerStatesResponse resp;
-      grpc::ClientContext ctx;
-      conn_->Prepare(&ctx);
-      MX_RETURN_IF_ERROR(conn_->Named(FromGrpc(conn_->stubs[s]->LoadOptimizerStates(&ctx, req, &resp)),
-                                      "load_optimizer_states", "-", static_cast<int>(s)));
+      MX_RETURN_IF_ERROR(conn_->Control(static_cast<int>(s), "load_optimizer_states", "-",
+                                        [&](auto* ctx, auto* stub) {
+                                          return stub->LoadOptimizerStates(ctx, req, &resp);
+                                        }));
     }
     return absl::OkStatus();
   }

@@ -358,10 +358,10 @@ class Service final : public CoordinatorBase {
     auto expired_registration = [&](const Waiting& w) {
       if (w.give_up > now) return false;
       answers->push_back({w.reactor, absl::DeadlineExceededError(absl::StrCat(
-                                         "register: only ", servers_.size(), " of ",
-                                         options_.num_servers, " servers and ", workers_.size(),
-                                         " of ", options_.num_workers,
-                                         " workers registered in time"))});
+                                         "register: ", Unregistered(), " did not register in time (",
+                                         servers_.size(), " of ", options_.num_servers,
+                                         " servers and ", workers_.size(), " of ",
+                                         options_.num_workers, " workers did)"))});
       return true;
     };
     registering_.erase(
@@ -407,6 +407,24 @@ class Service final : public CoordinatorBase {
                                                    by.empty() ? "" : absl::StrCat(" by ", by)));
     }
     return rank;
+  }
+
+  // The ranks not registered yet, by role: "server 1 and workers 0, 2".
+  // Launchers give each node its rank (MX_RANK), so these name the nodes
+  // that have not come.
+  std::string Unregistered() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<std::string> parts;
+    auto missing = [&](const char* role, int expected, const std::map<int, proto::NodeInfo>& nodes) {
+      std::vector<int> ranks;
+      for (int rank = 0; rank < expected; ++rank) {
+        if (!nodes.count(rank)) ranks.push_back(rank);
+      }
+      if (ranks.empty()) return;
+      parts.push_back(absl::StrCat(role, ranks.size() > 1 ? "s " : " ", absl::StrJoin(ranks, ", ")));
+    };
+    missing("server", options_.num_servers, servers_);
+    missing("worker", options_.num_workers, workers_);
+    return absl::StrJoin(parts, " and ");
   }
 
   int DeadWorkers() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

@@ -104,4 +104,32 @@ hang_during_job worker_hung "worker 1"
 grep -E "^\[worker 0\] mx_train: " "$log" | grep -q "worker(s) 1 died\|worker 1 died\|worker 1 (.*) died" ||
   { fail "worker_hung: worker 0 did not name worker 1"; grep "mx_train:" "$log"; }
 
+# A server that hangs before it registers (found by tests/chaos): nobody
+# can report it dead, since it never joined; the others wait for it up to
+# the startup timeout (MX_STARTUP_TIMEOUT_S, 4 s here), and then the
+# coordinator's answer names the rank that did not come, so the launcher
+# blames it, not the worker that gave up.
+log="$TMP/hung_before_registering.log"
+MX_STARTUP_TIMEOUT_S=4 start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000
+victim=""
+for _ in $(seq 1 200); do
+  victim=$(started_pid "$log" "server 1")
+  [[ -n "$victim" ]] && break
+  sleep 0.01
+done
+[[ -n "$victim" ]] && kill -STOP "$victim"
+start=$(now_ms)
+wait "$launcher"; rc=$?
+elapsed=$(( $(now_ms) - start ))
+echo "hung_before_registering: the job stopped ${elapsed} ms after the hang (exit code $rc)"
+[[ $rc -ne 0 && $rc -ne 124 ]] || fail "hung_before_registering: the job exited $rc"
+(( elapsed <= 15000 )) || fail "hung_before_registering: the job took ${elapsed} ms to stop"
+first=$(grep -E "^launch.py: .*(failed|stopped responding)" "$log" | head -1)
+[[ "$first" =~ ^launch.py:\ server\ 1\ \(.*pid\ $victim\)\ stopped\ responding ]] ||
+  fail "hung_before_registering: the launcher blamed another node first: $first"
+grep -qE "^\[worker [01]\] mx_train: .*register: server 1 did not register in time" "$log" ||
+  { fail "hung_before_registering: no worker named server 1"; grep "mx_train:" "$log"; }
+sleep 0.5
+assert_nothing_left "$log"
+
 finish

@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Chaos trials against the README job.
+
+  tests/chaos/chaos.py --launch deploy/launch.py \
+      --server-binary bazel-bin/server/mx_server --train bazel-bin/worker/mx_train \
+      [--trials=50] [--seed=S] [--epochs=10] [--out=results.json]
+
+First runs the job undisturbed (2 workers, 2 servers, dist_sync, the MLP on
+Fashion-MNIST, as the README's first command does) for its result and its
+duration. Then each trial runs it again and makes one random fault: kill -9
+or SIGSTOP of a random worker, server or the coordinator, at a random time
+within the undisturbed run's duration (a victim not started yet is hit as
+soon as it starts).
+
+A trial passes when the job ends within its time bound with either
+- exit code 0 and a result identical to the undisturbed run's (every
+  worker's per-epoch metrics and final accuracy; the fault came after the
+  victim's work was done), or
+- a non-zero exit code, the launcher's first word on the failure naming
+  the victim ("server 1 ... failed", "server 1 ... stopped responding"),
+and no process of the job is left afterwards. For each trial it records the
+outcome, the time from the fault to the launcher's first word on it
+(detection) and to the launcher's exit (end), and the processes left.
+
+Prints one line per trial and a summary; exits 1 if any trial failed.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+DATA = "/usr/share/datasets/fashion-mnist"
+VICTIMS = ["coordinator", "server 0", "server 1", "worker 0", "worker 1"]
+FAULTS = {"kill -9": signal.SIGKILL, "SIGSTOP": signal.SIGSTOP}
+
+STAMP = r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) "
+STARTED = re.compile(STAMP + r"launch\.py: started (.+) \(pid (\d+)\)$")
+# The launcher's first word on a failure: the node it blames.
+FAILED = re.compile(STAMP + r"launch\.py: (coordinator|server \d+|worker \d+) \(.*\) "
+                    r"(failed|stopped responding)")
+# What a run computed: each worker's metrics per epoch (without the time
+# they took) and its final accuracy.
+RESULT = re.compile(r"\[(worker \d+)\] (Epoch\[\d+\] Train-.*?)(?: Time cost=.*)?$"
+                    r"|\[(worker \d+)\] (Final test accuracy=.*)$")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--launch", required=True, help="deploy/launch.py")
+    ap.add_argument("--server-binary", required=True, help="mx_server")
+    ap.add_argument("--train", required=True, help="mx_train")
+    ap.add_argument("--trials", type=int, default=50, help="faulted runs (default 50)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="random seed of the faults (default: from the clock; printed)")
+    ap.add_argument("--epochs", type=int, default=10, help="the job's epochs (README: 10)")
+    ap.add_argument("--data-dir", default=DATA, help=f"Fashion-MNIST (default {DATA})")
+    ap.add_argument("--startup-timeout", type=int, default=20,
+                    help="MX_STARTUP_TIMEOUT_S of the jobs: how long the others wait for a "
+                         "node that hangs before it registers (default 20; mx's default is 120)")
+    ap.add_argument("--work-dir", default=None, help="where the logs go (default: a temp dir)")
+    ap.add_argument("--out", default=None, help="write the trials as JSON here")
+    args = ap.parse_args(argv)
+    if args.trials < 0:
+        ap.error("--trials must be >= 0")
+    if args.epochs < 1:
+        ap.error("--epochs must be >= 1")
+    return args
+
+
+def parse_stamp(text):
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+
+
+def read_lines(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def started_pids(lines):
+    """The launcher's processes by name: {"server 1": pid}."""
+    pids = {}
+    for line in lines:
+        m = STARTED.match(line)
+        if m:
+            pids[m[2]] = int(m[3])
+    return pids
+
+
+def result_of(lines):
+    """What the run computed, comparable between runs."""
+    result = []
+    for line in lines:
+        m = RESULT.search(line)
+        if m:
+            result.append(f"{m[1] or m[3]}: {m[2] or m[4]}")
+    return sorted(result)
+
+
+def is_job_process(pid):
+    """Whether pid still runs one of the job's programs (not a reused pid,
+    not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0")[0].decode(errors="replace")
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z" and os.path.basename(argv0) in ("mx_server", "mx_train")
+
+
+class Job:
+    """One run of the README job through the launcher, its log in `log`."""
+
+    def __init__(self, args, log, bound):
+        self.log = log
+        self.bound = bound
+        cmd = [sys.executable, args.launch, "--timestamps", "-n", "2", "-s", "2",
+               f"--server-binary={args.server_binary}", "--", args.train,
+               "--kvstore=dist_sync", "--network=mlp", f"--epochs={args.epochs}", "--lr=0.2",
+               f"--data_dir={args.data_dir}"]
+        self.out = open(log, "w")
+        self.start = time.time()
+        env = dict(os.environ, MX_STARTUP_TIMEOUT_S=str(args.startup_timeout))
+        self.popen = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+
+    def lines(self):
+        return read_lines(self.log)
+
+    def wait(self):
+        """The launcher's exit code, or None if it ran past the bound (then
+        it and everything it started are killed)."""
+        try:
+            code = self.popen.wait(timeout=max(0.0, self.start + self.bound - time.time()))
+        except subprocess.TimeoutExpired:
+            code = None
+            self.kill_everything()
+            self.popen.wait()
+        self.end = time.time()
+        self.out.close()
+        return code
+
+    def leftovers(self):
+        """The job's processes still running (by the pids the launcher
+        logged); killed once found."""
+        left = [f"{name} (pid {pid})" for name, pid in started_pids(self.lines()).items()
+                if is_job_process(pid)]
+        self.kill_everything()
+        return left
+
+    def kill_everything(self):
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in started_pids(self.lines()).values():
+            if is_job_process(pid):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)  # a stopped process dies once continued
+
+
+def fault(job, victim, sig, at):
+    """Sends `sig` to `victim` `at` seconds after the job started (or as
+    soon as it has started, if later). The time it was sent, or None if the
+    victim had already exited (or never started) by then."""
+    time.sleep(max(0.0, job.start + at - time.time()))
+    while job.popen.poll() is None:
+        pid = started_pids(job.lines()).get(victim)
+        if pid is not None:
+            if not is_job_process(pid):
+                return None
+            sent = time.time()
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return None
+            return sent
+        time.sleep(0.02)
+    return None
+
+
+def judge(trial, code, lines, reference):
+    """Fills trial["outcome"] and trial["ok"] from the run's exit code and log."""
+    failure = next((m for m in map(FAILED.search, lines) if m), None)
+    if failure is not None and trial["fault_at"] is not None:
+        trial["detect_s"] = round(parse_stamp(failure[1]) - trial["fault_at"], 3)
+    if code is None:
+        trial["outcome"] = f"HUNG: still running after {trial['bound_s']:.0f} s"
+    elif code == 0:
+        same = result_of(lines) == reference
+        trial["outcome"] = "finished, result identical" if same else "finished, RESULT DIFFERS"
+        trial["ok"] = same
+        return
+    elif failure is None:
+        trial["outcome"] = f"failed (exit code {code}) without naming a node"
+    elif trial["fault_at"] is None:
+        trial["outcome"] = f"failed (exit code {code}) naming {failure[2]}, with no fault made"
+    elif failure[2] != trial["victim"]:
+        trial["outcome"] = f"failed (exit code {code}) BLAMING {failure[2]}, not the victim"
+    else:
+        trial["outcome"] = f"failed (exit code {code}) naming {failure[2]} ({failure[3]})"
+        trial["ok"] = True
+        return
+    trial["ok"] = False
+
+
+def run_trial(args, index, rng, reference, duration):
+    victim = rng.choice(VICTIMS)
+    fault_name = rng.choice(sorted(FAULTS))
+    at = rng.uniform(0, duration)
+    # Generous: a fault makes the job end within seconds (15 s for a hung
+    # node, the startup timeout for one that hangs before registering), or
+    # it finishes as undisturbed; past this it is a hang.
+    bound = 2 * duration + args.startup_timeout + 30
+    job = Job(args, os.path.join(args.work_dir, f"trial{index}.log"), bound)
+    trial = {"trial": index, "victim": victim, "fault": fault_name, "planned_at_s": round(at, 3),
+             "bound_s": bound, "fault_at": None, "detect_s": None, "end_s": None, "ok": False,
+             "log": job.log}
+    trial["fault_at"] = fault(job, victim, FAULTS[fault_name], at)
+    if trial["fault_at"] is not None:
+        trial["fault_after_start_s"] = round(trial["fault_at"] - job.start, 3)
+    code = job.wait()
+    trial["exit_code"] = code
+    if trial["fault_at"] is not None:
+        trial["end_s"] = round(job.end - trial["fault_at"], 3)
+    time.sleep(0.5)  # what the launcher stopped has gone by now
+    trial["left"] = job.leftovers()
+    judge(trial, code, job.lines(), reference)
+    if trial["left"]:
+        trial["ok"] = False
+        trial["outcome"] += f"; LEFT RUNNING: {', '.join(trial['left'])}"
+    return trial
+
+
+def describe(t):
+    when = ("(the victim had exited)" if t["fault_at"] is None
+            else f"at {t['fault_after_start_s']:.1f} s")
+    times = ""
+    if t["detect_s"] is not None:
+        times += f", detected in {t['detect_s']:.2f} s"
+    if t["end_s"] is not None:
+        times += f", ended {t['end_s']:.2f} s after the fault"
+    return (f"trial {t['trial']}: {t['fault']} {t['victim']} {when}: "
+            f"{'ok' if t['ok'] else 'FAIL'}: {t['outcome']}{times}")
+
+
+def main(argv):
+    args = parse_args(argv)
+    if not os.path.isfile(os.path.join(args.data_dir, "train-images-idx3-ubyte.gz")):
+        print(f"chaos.py: no Fashion-MNIST in {args.data_dir} "
+              "(apt-get install dataset-fashion-mnist)", file=sys.stderr)
+        return 1
+    if args.work_dir is None:
+        args.work_dir = tempfile.mkdtemp(prefix="mx-chaos-")
+    os.makedirs(args.work_dir, exist_ok=True)
+    seed = args.seed if args.seed is not None else int(time.time())
+    rng = random.Random(seed)
+    print(f"chaos.py: seed {seed}, {args.trials} trials, logs in {args.work_dir}", flush=True)
+
+    base = Job(args, os.path.join(args.work_dir, "undisturbed.log"), 600)
+    code = base.wait()
+    left = base.leftovers()
+    reference = result_of(base.lines())
+    if code != 0 or left or not reference:
+        print(f"chaos.py: the undisturbed job failed (exit code {code}, left {left}); "
+              f"see {base.log}", file=sys.stderr)
+        return 1
+    duration = base.end - base.start
+    print(f"undisturbed: {duration:.1f} s, {len(reference)} result lines", flush=True)
+
+    trials = []
+    for i in range(args.trials):
+        trials.append(run_trial(args, i, rng, reference, duration))
+        print(describe(trials[-1]), flush=True)
+    bad = [t for t in trials if not t["ok"]]
+    detect = sorted(t["detect_s"] for t in trials if t["detect_s"] is not None)
+    summary = f"{len(trials) - len(bad)} of {len(trials)} trials ok"
+    if detect:
+        summary += (f"; detection p50 {detect[len(detect) // 2]:.2f} s, "
+                    f"max {detect[-1]:.2f} s")
+    print(summary)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"seed": seed, "undisturbed_s": round(duration, 3), "trials": trials}, f,
+                      indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
