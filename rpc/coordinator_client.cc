@@ -1,5 +1,6 @@
 #include "rpc/coordinator_client.h"
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "ndarray/trace.h"
 #include "rpc/rpc.h"
@@ -45,6 +46,15 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Register(
     const bool reached = channel->GetState(false) == GRPC_CHANNEL_READY;
     if (reached || !absl::IsUnavailable(s)) {
       if (absl::IsDeadlineExceeded(s) && !reached) return silent;
+      // The coordinator answers a registration that waits too long itself,
+      // before the deadline, naming the nodes that did not come
+      // (rpc::GiveUpBefore); a bare deadline means it did not answer.
+      if (absl::IsDeadlineExceeded(s) && !absl::StartsWith(s.message(), "register:")) {
+        return absl::UnavailableError(absl::StrCat(
+            where, "the coordinator at ", options.address, " is unreachable: it took the call "
+            "but did not answer within ", absl::FormatDuration(options.startup_timeout),
+            " (hung?)"));
+      }
       // The status with its code: transport errors may carry no message.
       return absl::Status(s.code(), where + s.ToString());
     }

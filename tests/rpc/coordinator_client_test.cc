@@ -12,6 +12,9 @@
 #include <sstream>
 #include <string>
 
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/grpcpp.h>
+
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
@@ -143,6 +146,47 @@ TEST(CoordinatorClient, TheJobTokenIsRequired) {
   ASSERT_TRUE(client.ok()) << client.status();
   EXPECT_EQ((*client)->caller().token, "the-token");
   EXPECT_EQ(c->refused(), 1);
+}
+
+// A "coordinator" that takes every call and never answers (a hung
+// process keeps its port; so does one stopped with SIGSTOP), until the
+// test ends.
+class Silent : public grpc::CallbackGenericService {
+  struct Hold : grpc::ServerGenericBidiReactor {
+    void OnCancel() override { Finish(grpc::Status::CANCELLED); }
+    void OnDone() override { delete this; }
+  };
+  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext*) override {
+    return new Hold;
+  }
+};
+
+// Found by tests/chaos: a registration the coordinator took but never
+// answered failed with a bare "Deadline Exceeded", which named nobody, so
+// the launcher blamed the node that gave up. It names the coordinator.
+TEST(CoordinatorClient, ACoordinatorThatTakesTheCallButNeverAnswersIsNamed) {
+  Silent silent;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterCallbackGenericService(&silent);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  const std::string address = absl::StrCat("127.0.0.1:", port);
+  rpc::CoordinatorClient::Options o;
+  o.address = address;
+  o.startup_timeout = absl::Seconds(2);
+  proto::RegisterRequest req;
+  req.set_role(proto::WORKER);
+  const absl::Time start = absl::Now();
+  auto client = rpc::CoordinatorClient::Register(o, req);
+  ASSERT_FALSE(client.ok());
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_EQ(client.status().code(), absl::StatusCode::kUnavailable) << client.status();
+  EXPECT_THAT(client.status().message(),
+              HasSubstr(absl::StrCat("the coordinator at ", address, " is unreachable: it took "
+                                     "the call but did not answer within 2s")));
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
 }
 
 // Heartbeats go on while the coordinator answers; once it is gone, the
