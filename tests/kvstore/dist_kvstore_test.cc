@@ -14,6 +14,7 @@
 #include "kvstore/dist_kvstore.h"
 #include "proto/mx.pb.h"
 #include "server/kvstore_service.h"
+#include "tests/proto/raw_call.h"
 
 namespace mx {
 namespace {
@@ -368,21 +369,9 @@ TEST(DistErrors, MalformedMessagesAreRejectedAndTheServerKeepsServing) {
   Cluster c = StartServers(1, 1);
   auto kv = Worker(c, 0, 1, 1 << 20);
   ASSERT_TRUE(kv->Init(1, Ones({2})).ok());
-  grpc::GenericStub stub(grpc::CreateChannel(c.addresses[0], grpc::InsecureChannelCredentials()));
+  auto channel = grpc::CreateChannel(c.addresses[0], grpc::InsecureChannelCredentials());
   auto call = [&](const std::string& method, const std::string& bytes) {
-    grpc::Slice slice(bytes);
-    grpc::ByteBuffer req(&slice, 1), resp;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    absl::Notification done;
-    grpc::Status status;
-    stub.UnaryCall(&ctx, "/mx.proto.KVStoreService/" + method, grpc::StubOptions(), &req, &resp,
-                   [&](grpc::Status s) {
-                     status = s;
-                     done.Notify();
-                   });
-    done.WaitForNotification();
-    return status;
+    return testing::RawCall(channel, "/mx.proto.KVStoreService/" + method, bytes);
   };
   // Garbage: a truncated length-delimited field.
   grpc::Status s = call("Push", std::string("\x1a\x7f\x01", 3));

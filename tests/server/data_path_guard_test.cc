@@ -4,18 +4,17 @@
 // them there only. A call whose claims fail is refused (UNAUTHENTICATED
 // without the token, PERMISSION_DENIED for a wrong identity), counted, and
 // nothing of it is applied, even when its bytes are malformed.
-#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include <string>
 #include <vector>
 
-#include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/mx.grpc.pb.h"
 #include "rpc/security.h"
 #include "server/kvstore_service.h"
+#include "tests/proto/raw_call.h"
 
 namespace mx {
 namespace {
@@ -103,20 +102,7 @@ class DataPathGuard : public ::testing::Test {
 
   // A raw call of `method` with `bytes` and no metadata.
   grpc::Status Raw(const std::string& method, const std::string& bytes) {
-    grpc::GenericStub stub(channel_);
-    grpc::Slice slice(bytes);
-    grpc::ByteBuffer req(&slice, 1), resp;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    absl::Notification done;
-    grpc::Status status;
-    stub.UnaryCall(&ctx, "/mx.proto.KVStoreService/" + method, grpc::StubOptions(), &req, &resp,
-                   [&](grpc::Status s) {
-                     status = s;
-                     done.Notify();
-                   });
-    done.WaitForNotification();
-    return status;
+    return testing::RawCall(channel_, "/mx.proto.KVStoreService/" + method, bytes);
   }
 
   std::unique_ptr<ParameterServer> server_;
