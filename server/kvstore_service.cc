@@ -305,7 +305,7 @@ class Service final : public ServiceBase {
     *response = EncodeMessage(proto::PushResponse());
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     proto::PushRequest req;
-    reactor->Finish(ToGrpc(HandlePush(*ctx, *request, &req)));
+    HandlePush(*ctx, *request, &req, [reactor](absl::Status s) { reactor->Finish(ToGrpc(s)); });
     return reactor;
   }
 
@@ -325,20 +325,25 @@ class Service final : public ServiceBase {
 
   grpc::ServerUnaryReactor* PushPull(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                      grpc::ByteBuffer* response) override {
-    proto::PushRequest req;
-    absl::Status s = HandlePush(*ctx, *request, &req);
+    auto req = std::make_shared<proto::PushRequest>();
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false);
-    reactor->Start(s, {{req.key(), req.min_version()}}, ctx->deadline());
+    // Once the push is recorded (a parked one: later, on another thread).
+    HandlePush(*ctx, *request, req.get(),
+               [reactor, req, deadline = ctx->deadline()](absl::Status s) {
+                 reactor->Start(s, {{req->key(), req->min_version()}}, deadline);
+               });
     return reactor;
   }
 
   grpc::ServerUnaryReactor* PushPullMany(grpc::CallbackServerContext* ctx,
                                          const grpc::ByteBuffer* request,
                                          grpc::ByteBuffer* response) override {
-    std::vector<PullReactor::Wanted> wanted;
-    absl::Status s = HandlePushes(*ctx, *request, &wanted);
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/true);
-    reactor->Start(s, std::move(wanted), ctx->deadline());
+    HandlePushes(*ctx, *request,
+                 [reactor, deadline = ctx->deadline()](absl::Status s,
+                                                       std::vector<PullReactor::Wanted> wanted) {
+                   reactor->Start(s, std::move(wanted), deadline);
+                 });
     return reactor;
   }
 
@@ -413,24 +418,29 @@ class Service final : public ServiceBase {
   }
 
   // Decodes a push into *req (all but the data, which stay where they
-  // arrived), checks the caller and gives it to the shard. A caller that
-  // is refused learns nothing of the request, even whether it decoded.
-  absl::Status HandlePush(const grpc::CallbackServerContext& ctx, const grpc::ByteBuffer& request,
-                          proto::PushRequest* req) {
+  // arrived), checks the caller and gives it to the shard; `done` gets the
+  // outcome once the shard has recorded the push (see PushAsync: a parked
+  // push later, on the thread that makes room); HandlePush reads *req
+  // only before it returns. A caller that is refused learns nothing of the
+  // request, even whether it decoded.
+  void HandlePush(const grpc::CallbackServerContext& ctx, const grpc::ByteBuffer& request,
+                  proto::PushRequest* req, ParameterShard::PushCallback done) {
     PushData data;
     absl::Status s = DecodeWithTensor(request, kPushValueField, req, Locate(&data));
-    MX_ASSIGN_OR_RETURN(const Guard::Node caller, Worker(ctx, "push", req->credential()));
-    if (s.ok()) s = guard_.CheckClaim(ctx, "push", caller, kWorker, req->rank());
+    absl::StatusOr<Guard::Node> caller = Worker(ctx, "push", req->credential());
+    if (!caller.ok()) return done(caller.status());
+    if (s.ok()) s = guard_.CheckClaim(ctx, "push", *caller, kWorker, req->rank());
     absl::StatusOr<Slices> slices = SlicesOf(request);
     if (s.ok()) s = slices.status();
-    return Apply(s, slices.ok() ? *slices : nullptr, *req, data);
+    Apply(s, slices.ok() ? *slices : nullptr, *req, data, std::move(done));
   }
 
-  // The same for every entry of a PushPullManyRequest; *wanted: what to
-  // answer with.
-  absl::Status HandlePushes(const grpc::CallbackServerContext& ctx,
-                            const grpc::ByteBuffer& request,
-                            std::vector<PullReactor::Wanted>* wanted) {
+  // The same for every entry of a PushPullManyRequest: `done` gets the
+  // outcome, the first error of any entry, and what to answer with, once
+  // the shard has recorded every entry.
+  using PushesDone = std::function<void(absl::Status, std::vector<PullReactor::Wanted>)>;
+  void HandlePushes(const grpc::CallbackServerContext& ctx, const grpc::ByteBuffer& request,
+                    PushesDone done) {
     std::deque<proto::PushRequest> reqs;  // stable addresses while decoding
     std::deque<PushData> data;
     proto::PushPullManyRequest rest;  // the credential
@@ -438,18 +448,43 @@ class Service final : public ServiceBase {
         request, kManyEntriesField, kPushValueField,
         [&](int) { return &reqs.emplace_back(); },
         [&](int) { return Locate(&data.emplace_back()); }, &rest);
-    MX_ASSIGN_OR_RETURN(const Guard::Node caller, Worker(ctx, "pushpull", rest.credential()));
-    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("pushpull: ", s.message()));
-    MX_ASSIGN_OR_RETURN(Slices slices, SlicesOf(request));  // once for every entry
+    absl::StatusOr<Guard::Node> caller = Worker(ctx, "pushpull", rest.credential());
+    if (!caller.ok()) return done(caller.status(), {});
+    if (!s.ok()) return done(absl::Status(s.code(), absl::StrCat("pushpull: ", s.message())), {});
+    absl::StatusOr<Slices> slices = SlicesOf(request);  // once for every entry
+    if (!slices.ok()) return done(slices.status(), {});
+    if (reqs.empty()) return done(absl::InvalidArgumentError("pushpull of no keys"), {});
     for (const proto::PushRequest& req : reqs) {  // all checked before any applies
-      MX_RETURN_IF_ERROR(guard_.CheckClaim(ctx, "pushpull", caller, kWorker, req.rank()));
+      absl::Status claim = guard_.CheckClaim(ctx, "pushpull", *caller, kWorker, req.rank());
+      if (!claim.ok()) return done(claim, {});
     }
+    // The entries' outcomes, joined: the last to be recorded answers.
+    struct Join {
+      absl::Mutex mu;
+      absl::Status first_error ABSL_GUARDED_BY(mu);
+      std::atomic<size_t> remaining;
+      std::vector<PullReactor::Wanted> wanted;
+      PushesDone done;
+    };
+    auto join = std::make_shared<Join>();
+    join->remaining = reqs.size();
+    join->done = std::move(done);
+    for (const proto::PushRequest& req : reqs) join->wanted.push_back({req.key(), req.min_version()});
     for (size_t i = 0; i < reqs.size(); ++i) {
-      MX_RETURN_IF_ERROR(Apply(absl::OkStatus(), slices, reqs[i], data[i]));
-      wanted->push_back({reqs[i].key(), reqs[i].min_version()});
+      Apply(absl::OkStatus(), *slices, reqs[i], data[i], [join](absl::Status s) {
+        if (!s.ok()) {
+          absl::MutexLock lock(&join->mu);
+          if (join->first_error.ok()) join->first_error = std::move(s);
+        }
+        if (join->remaining.fetch_sub(1) != 1) return;
+        absl::Status outcome;
+        {
+          absl::MutexLock lock(&join->mu);
+          outcome = join->first_error;
+        }
+        join->done(std::move(outcome), std::move(join->wanted));
+      });
     }
-    if (wanted->empty()) return absl::InvalidArgumentError("pushpull of no keys");
-    return absl::OkStatus();
   }
 
   // Where a push's data lie in the request.
@@ -465,18 +500,23 @@ class Service final : public ServiceBase {
     };
   }
   // Checks a decoded push (decode status `s`) and gives it to the shard:
-  // its data as they lie in the request's slices, which the shard holds.
-  absl::Status Apply(absl::Status s, const Slices& request, const proto::PushRequest& req,
-                     const PushData& data) {
+  // its data as they lie in the request's slices, which the shard holds;
+  // `done` gets the outcome (see HandlePush).
+  void Apply(absl::Status s, const Slices& request, const proto::PushRequest& req,
+             const PushData& data, ParameterShard::PushCallback done) {
     if (s.ok() && !data.received) s = absl::InvalidArgumentError("no value");
     if (s.ok()) s = TensorShape(req.value(), data.bytes).status();
-    if (!s.ok()) return Prefix(s, "push", req.key());
+    if (!s.ok()) return done(Prefix(s, "push", req.key()));
     absl::StatusOr<Pieces> pieces = PiecesOf(request, data.offset, data.bytes);
-    if (!pieces.ok()) return Prefix(pieces.status(), "push", req.key());
-    MX_RETURN_IF_ERROR(shard_->Push(req.key(), req.rank(), *std::move(pieces)));
-    ServerMetrics::Get().pushes->Add();
-    ServerMetrics::Get().pushed_bytes->Add(static_cast<double>(data.bytes));
-    return absl::OkStatus();
+    if (!pieces.ok()) return done(Prefix(pieces.status(), "push", req.key()));
+    shard_->PushAsync(req.key(), req.rank(), *std::move(pieces),
+                      [bytes = data.bytes, done = std::move(done)](absl::Status s) {
+                        if (s.ok()) {
+                          ServerMetrics::Get().pushes->Add();
+                          ServerMetrics::Get().pushed_bytes->Add(static_cast<double>(bytes));
+                        }
+                        done(std::move(s));
+                      });
   }
 
   ParameterShard* shard_;

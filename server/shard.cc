@@ -165,47 +165,122 @@ void Sum(const std::vector<Pieces>& pushes, size_t n, float* sum) {
   }
 }
 
+// A push's answer in the shard's list of answers (which carry pulls'):
+// the callback, with a status only.
+std::pair<ParameterShard::PullCallback, absl::StatusOr<ParameterShard::Value>> PushAnswer(
+    ParameterShard::PushCallback done, absl::Status s) {
+  auto answer = [done = std::move(done)](absl::StatusOr<ParameterShard::Value> v) {
+    done(v.status());
+  };
+  if (s.ok()) return {std::move(answer), ParameterShard::Value{}};
+  return {std::move(answer), std::move(s)};
+}
+
 }  // namespace
 
 absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
+  absl::Notification done;
+  absl::Status result;
+  PushAsync(key, rank, std::move(value), [&](absl::Status s) {
+    result = std::move(s);
+    done.Notify();
+  });
+  done.WaitForNotification();
+  return result;
+}
+
+void ParameterShard::PushAsync(int key, int rank, Pieces value, PushCallback done) {
   Answers answers;
+  absl::Status refused;
   {
     absl::MutexLock lock(&mu_);
-    if (rank < 0 || rank >= options_.num_workers) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "push of key ", key, ": worker rank ", rank, " is outside 0..", options_.num_workers - 1));
-    }
-    if (dead_.count(rank)) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "push of key ", key, ": worker ", rank, " was declared dead"));
-    }
-    if (finished_.count(rank)) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "push of key ", key, ": worker ", rank, " has left the job"));
-    }
-    if (!closed_.empty()) {
-      return absl::UnavailableError(absl::StrCat("push of key ", key, ": ", closed_));
-    }
-    MX_ASSIGN_OR_RETURN(Key * k, Find(key));
-    // dist_async: each push is a step of its own, one at a time per key.
-    if (!options_.sync) mu_.Await(absl::Condition(k, &Key::idle));
-    if (!k->failed.ok()) {
-      return absl::Status(k->failed.code(), absl::StrCat("push of key ", key, ": ", k->failed.message()));
-    }
-    if (value.bytes() != k->shape.Size() * sizeof(float)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "push of key ", key, " from worker ", rank, ": ", value.bytes() / sizeof(float),
-          " values but the key holds ", k->shape.ToString(), " (", k->shape.Size(), ")"));
-    }
-    if (options_.sync) {
-      k->pending[rank].push_back(std::move(value));
-      MaybeComplete(key, k, &answers);
-    } else {
-      CompleteStep(key, k, {std::move(value)});
-      TakeAnswered(key, k, &answers);
-    }
+    refused = Record(key, rank, &value, &done, &answers);
   }
+  if (!refused.ok()) answers.push_back(PushAnswer(std::move(done), std::move(refused)));
   Deliver(std::move(answers));
+}
+
+absl::Status ParameterShard::Record(int key, int rank, Pieces* value, PushCallback* done,
+                                    Answers* answers) {
+  if (rank < 0 || rank >= options_.num_workers) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "push of key ", key, ": worker rank ", rank, " is outside 0..", options_.num_workers - 1));
+  }
+  if (dead_.count(rank)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "push of key ", key, ": worker ", rank, " was declared dead"));
+  }
+  if (finished_.count(rank)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "push of key ", key, ": worker ", rank, " has left the job"));
+  }
+  if (!closed_.empty()) {
+    return absl::UnavailableError(absl::StrCat("push of key ", key, ": ", closed_));
+  }
+  MX_ASSIGN_OR_RETURN(Key * k, Find(key));
+  // dist_async: each push is a step of its own, one at a time per key.
+  if (!options_.sync) mu_.Await(absl::Condition(k, &Key::idle));
+  if (!k->failed.ok()) {
+    return absl::Status(k->failed.code(), absl::StrCat("push of key ", key, ": ", k->failed.message()));
+  }
+  if (value->bytes() != k->shape.Size() * sizeof(float)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "push of key ", key, " from worker ", rank, ": ", value->bytes() / sizeof(float),
+        " values but the key holds ", k->shape.ToString(), " (", k->shape.Size(), ")"));
+  }
+  if (options_.sync) {
+    // Parked behind the worker's earlier pushes; admitted (and answered)
+    // at once if there is room.
+    k->parked[rank].push_back({std::move(*value), std::move(*done)});
+    MaybeComplete(key, k, answers);
+  } else {
+    CompleteStep(key, k, {std::move(*value)});
+    TakeAnswered(key, k, answers);
+    answers->push_back(PushAnswer(std::move(*done), absl::OkStatus()));
+  }
+  return absl::OkStatus();
+}
+
+ParameterShard::Held ParameterShard::held(int key) const {
+  absl::MutexLock lock(&mu_);
+  Held h;
+  auto k = keys_.find(key);
+  if (k == keys_.end()) return h;
+  for (const auto& [r, queued] : k->second.pending) h.pending += static_cast<int>(queued.size());
+  for (const auto& [r, queued] : k->second.parked) h.parked += static_cast<int>(queued.size());
+  return h;
+}
+
+void ParameterShard::AdmitParked(int id, Key* k, Answers* answers) {
+  const absl::Status stuck = Stuck(id, *k, "push");
+  for (auto it = k->parked.begin(); it != k->parked.end();) {
+    const int rank = it->first;
+    std::deque<Key::Parked>& parked = it->second;
+    std::deque<Pieces>& pending = k->pending[rank];
+    while (!parked.empty()) {
+      absl::Status why = stuck;
+      if (why.ok() && dead_.count(rank)) {
+        why = absl::FailedPreconditionError(
+            absl::StrCat("push of key ", id, ": worker ", rank, " was declared dead"));
+      }
+      if (why.ok() && static_cast<int>(pending.size()) >= options_.max_pending_pushes) break;
+      if (why.ok()) pending.push_back(std::move(parked.front().value));
+      answers->push_back(PushAnswer(std::move(parked.front().done), std::move(why)));
+      parked.pop_front();
+    }
+    it = parked.empty() ? k->parked.erase(it) : std::next(it);
+  }
+}
+
+absl::Status ParameterShard::Stuck(int id, const Key& k, const char* what) const {
+  if (!closed_.empty()) return absl::UnavailableError(absl::StrCat(what, " of key ", id, ": ", closed_));
+  if (!k.failed.ok()) {
+    return absl::Status(k.failed.code(), absl::StrCat(what, " of key ", id, ": ", k.failed.message()));
+  }
+  if (!options_.elastic && !dead_.empty()) {
+    return absl::UnavailableError(absl::StrCat(what, " of key ", id, ": worker(s) ", DeadWorkers(),
+                                               " died; the step cannot complete (not elastic)"));
+  }
   return absl::OkStatus();
 }
 
@@ -213,7 +288,9 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
   if (k->completing) return;  // that thread completes this step too
   // Steps complete while every live worker has a push queued; workers that
   // have left add the pushes they queued before.
-  while (MissingPushes(*k).empty()) {
+  for (;;) {
+    AdmitParked(id, k, answers);
+    if (!MissingPushes(*k).empty()) break;
     std::vector<int> ranks;  // sorted: rank order gives the same bits every run
     for (const auto& [r, queued] : k->pending) {
       if (!queued.empty() && (live_.count(r) || finished_.count(r))) ranks.push_back(r);
@@ -311,22 +388,14 @@ void ParameterShard::BufferPool::Give(std::vector<float> buffer) {
 std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
     int id, Key* key, int64_t min_version) {
   const Key& k = *key;
-  if (!closed_.empty()) {
-    return absl::UnavailableError(absl::StrCat("pull of key ", id, ": ", closed_));
-  }
-  if (!k.failed.ok()) {
-    return absl::Status(k.failed.code(), absl::StrCat("pull of key ", id, ": ", k.failed.message()));
-  }
+  if (!closed_.empty() || !k.failed.ok()) return Stuck(id, k, "pull");
   if (k.version >= min_version) return Value{k.value, k.version};
-  if (!options_.elastic && !dead_.empty()) {
-    return absl::UnavailableError(absl::StrCat(
-        "pull of key ", id, ": worker(s) ", DeadWorkers(),
-        " died; the step cannot complete (not elastic)"));
-  }
+  if (absl::Status stuck = Stuck(id, k, "pull"); !stuck.ok()) return stuck;
   return std::nullopt;
 }
 
 void ParameterShard::TakeAnswered(int id, Key* k, Answers* answers) {
+  AdmitParked(id, k, answers);  // or fails them, as the pulls below
   for (auto it = k->waiters.begin(); it != k->waiters.end();) {
     std::optional<absl::StatusOr<Value>> answer = Answer(id, k, it->second.min_version);
     if (!answer.has_value()) {

@@ -7,7 +7,13 @@
 // Synchronous mode (dist_sync). For each key and step the shard waits for
 // exactly one push from every live worker, counted by rank: a worker that
 // pushes again before the step completes has run ahead, and its push is
-// queued for the next step (it is never a second vote in this one). It
+// queued for the next step (it is never a second vote in this one). At most
+// ShardOptions::max_pending_pushes of a worker's pushes of a key wait so;
+// one more is parked, neither recorded nor answered, until the key's steps
+// make room: the worker, whose next push of that key waits for this one's
+// answer, is slowed down, not failed, and the server holds at most
+// max_pending_pushes + 1 pushes of each key per worker (+1: the parked
+// one; an mx worker sends one push of a key at a time). It
 // then sums the pushes in rank order, so results are bit-reproducible
 // whatever order they arrived in, applies the optimizer once (or, without
 // one, stores the sum: the summation service), and bumps the key's version.
@@ -69,6 +75,9 @@ struct ShardOptions {
   bool sync = true;           // dist_sync; false: dist_async
   int num_workers = 1;        // ranks 0 .. num_workers-1
   bool elastic = false;       // continue without dead workers
+  // dist_sync: a worker's pushes of one key held for later steps before
+  // further ones are parked (see above); at least 1.
+  int max_pending_pushes = 4;
 };
 
 class ParameterShard {
@@ -82,13 +91,27 @@ class ParameterShard {
 
   // One worker's contribution to key: floats where they lie (the pieces of
   // the network buffers it arrived in), held until its step is summed.
-  // Returns when it is recorded (sync) or applied (async); the new value
-  // may be pending until the step completes.
+  // Calls `done` exactly once, never under the shard's lock: when the push
+  // is recorded (sync) or applied (async), or with the error that refuses
+  // it. A parked push (sync, its worker too far ahead) is answered once the
+  // key's steps make room for it, or with the error that stops them (a
+  // failed step, a dead worker when not elastic, Close). The new value may
+  // be pending until the step completes.
+  using PushCallback = std::function<void(absl::Status)>;
+  void PushAsync(int key, int rank, Pieces value, PushCallback done);
+  // The blocking form; for floats in a vector (tests; callers without a
+  // network).
   absl::Status Push(int key, int rank, Pieces value);
-  // The same for floats in a vector (tests; callers without a network).
   absl::Status Push(int key, int rank, std::vector<float> value) {
     return Push(key, rank, Pieces::Of(std::move(value)));
   }
+  // Pushes of `key` held for later steps and parked, over all workers
+  // (tests, metrics).
+  struct Held {
+    int pending = 0;
+    int parked = 0;
+  };
+  Held held(int key) const;
 
   // A version of a key's value; every pull of that version shares it, and
   // it never changes (the next version is other memory). Without an
@@ -156,6 +179,13 @@ class ParameterShard {
     NDArray weight, grad;
     // Pushes not yet in a completed step, by rank, oldest first.
     std::map<int, std::deque<Pieces>> pending;
+    // Pushes beyond max_pending_pushes, by rank, oldest first: not
+    // answered until they move to `pending`.
+    struct Parked {
+      Pieces value;
+      PushCallback done;
+    };
+    std::map<int, std::deque<Parked>> parked;
     std::map<uint64_t, Waiter> waiters;  // pulls waiting for a version
     // A thread is completing a step of this key outside the lock; in
     // dist_sync it also completes the steps that become ready meanwhile
@@ -171,6 +201,10 @@ class ParameterShard {
   static void Deliver(Answers answers);
 
   absl::StatusOr<Key*> Find(int key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // PushAsync under the lock: records *value (and *done, which answers go
+  // to) or returns why not, leaving them.
+  absl::Status Record(int key, int rank, Pieces* value, PushCallback* done, Answers* answers)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The answer to a pull of key at min_version, or nullopt while it must wait.
   std::optional<absl::StatusOr<Value>> Answer(int id, Key* key, int64_t min_version)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -180,8 +214,16 @@ class ParameterShard {
   static void CopyWeights(Key* key);
   // Moves the waiters of key that can be answered now to `answers`.
   void TakeAnswered(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // dist_sync: completes key's steps while every live worker has pushed.
+  // dist_sync: completes key's steps while every live worker has pushed,
+  // admitting parked pushes as steps make room.
   void MaybeComplete(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Moves parked pushes of key to `pending` while there is room, and
+  // fails those that can no longer be (see PushAsync).
+  void AdmitParked(int id, Key* key, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Why key's steps cannot go on (closed, failed, a dead worker when not
+  // elastic), for a pull or push of it (`what`); OK while they can.
+  absl::Status Stuck(int id, const Key& key, const char* what) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Completes a step of key from `pushes` (in rank order; one in
   // dist_async): their sum becomes the value, or the optimizer's update
   // with it. It sums, and waits for the update, outside the lock

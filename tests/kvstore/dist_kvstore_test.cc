@@ -196,6 +196,37 @@ TEST(DistSync, PushPullGivesEachStepsValue) {
   }
 }
 
+// Issue 17, item 7, over the network: a worker that only pushes (no
+// pulls to hold it back) runs ahead of one that has not started; the
+// server holds at most max_pending_pushes (4) of its pushes of the key and
+// parks one more, so the worker waits rather than filling the server's
+// memory, and nothing fails. Once the other worker pushes, every step sums
+// its own pair.
+TEST(DistSync, AWorkerFarAheadIsSlowedToTheOthersPaceNotFailed) {
+  constexpr int kSteps = 12;
+  Cluster c = StartServers(1, 2);
+  auto ahead = Worker(c, 0, 2, 1 << 20), behind = Worker(c, 1, 2, 1 << 20);
+  ASSERT_TRUE(ahead->Init(1, Zeros({2})).ok());
+  ASSERT_TRUE(behind->Init(1, Zeros({2})).ok());
+  for (int step = 1; step <= kSteps; ++step) {
+    ASSERT_TRUE(ahead->Push(1, {FromVector({float(step), 0})}).ok());  // queued on the engine
+  }
+  absl::SleepFor(absl::Milliseconds(500));  // it runs as far as it may
+  const ParameterShard::Held held = c.servers[0]->shard().held(1);
+  EXPECT_EQ(held.pending, 4);
+  EXPECT_EQ(held.parked, 1);
+  NDArray out = Empty({2});
+  for (int step = 1; step <= kSteps; ++step) {
+    ASSERT_TRUE(behind->Push(1, {FromVector({0, float(step)})}).ok());
+    ASSERT_TRUE(behind->Pull(1, {out}).ok());
+    // Without an optimizer the value is the step's sum: (step, step).
+    EXPECT_EQ(out.ToVector(), (std::vector<float>{float(step), float(step)})) << "step " << step;
+  }
+  ASSERT_TRUE(ahead->Pull(1, {out}).ok());
+  EXPECT_EQ(out.ToVector(), (std::vector<float>{kSteps, kSteps}));  // no push lost or failed
+  EXPECT_EQ(c.servers[0]->shard().held(1).pending, 0);
+}
+
 // Workers sharing one process (one engine, one channel per server) run
 // many steps of several keys in flight, as training does: every step
 // completes, none waits for a deadline.

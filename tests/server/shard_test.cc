@@ -5,6 +5,7 @@
 #include <random>
 #include <thread>
 
+#include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/shard.h"
@@ -100,6 +101,105 @@ TEST(ShardSync, AWorkerThatRunsAheadIsQueuedForTheNextStep) {
   auto step2 = shard.Pull(1, 2, Soon());
   ASSERT_TRUE(step2.ok());
   EXPECT_THAT(step2->data.ToFloats(), ElementsAre(30));  // 10 + 20
+}
+
+// A push's outcome, once the shard gives it.
+struct Outcome {
+  absl::Notification answered;
+  absl::Status status;
+  ParameterShard::PushCallback Callback() {
+    return [this](absl::Status s) {
+      status = std::move(s);
+      answered.Notify();
+    };
+  }
+};
+
+// Issue 17, item 7: a worker that runs ahead holds at most
+// max_pending_pushes pushes of a key on the server; the next is parked,
+// unanswered (its worker waits), and admitted in order as steps complete.
+TEST(ShardSync, AWorkerFarAheadIsParkedNotFailedAndMemoryStaysBounded) {
+  ShardOptions o{true, 2, false};
+  o.max_pending_pushes = 2;
+  ParameterShard shard(o);
+  ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+  ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+  ASSERT_TRUE(shard.Push(1, 0, {2}).ok());  // steps 1 and 2 wait for worker 1
+  Outcome third, fourth;
+  shard.PushAsync(1, 0, Pieces::Of(std::vector<float>{3}), third.Callback());
+  shard.PushAsync(1, 0, Pieces::Of(std::vector<float>{4}), fourth.Callback());
+  EXPECT_FALSE(third.answered.WaitForNotificationWithTimeout(absl::Milliseconds(50)));
+  EXPECT_EQ(shard.held(1).pending, 2);
+  EXPECT_EQ(shard.held(1).parked, 2);
+
+  // Worker 1 catches up step by step; each step sums its own pair, in
+  // order (nothing lost, nothing twice), and each makes room for one
+  // parked push.
+  auto step = [&](int n, float w1) {
+    ASSERT_TRUE(shard.Push(1, 1, {w1}).ok());
+    auto v = shard.Pull(1, n, Soon());
+    ASSERT_TRUE(v.ok()) << v.status();
+    EXPECT_EQ(v->version, n);
+    EXPECT_THAT(v->data.ToFloats(), ElementsAre(11 * n));
+  };
+  step(1, 10);
+  ASSERT_TRUE(third.answered.WaitForNotificationWithTimeout(absl::Seconds(2)));
+  EXPECT_TRUE(third.status.ok()) << third.status;
+  EXPECT_FALSE(fourth.answered.HasBeenNotified());
+  EXPECT_EQ(shard.held(1).pending, 2);
+  step(2, 20);
+  ASSERT_TRUE(fourth.answered.WaitForNotificationWithTimeout(absl::Seconds(2)));
+  EXPECT_TRUE(fourth.status.ok()) << fourth.status;
+  step(3, 30);
+  step(4, 40);
+  EXPECT_EQ(shard.held(1).pending, 0);
+  EXPECT_EQ(shard.held(1).parked, 0);
+}
+
+// A parked push whose steps can no longer complete fails as the waiting
+// pulls do: another worker died (not elastic), or the server stops.
+TEST(ShardSync, ParkedPushesFailWhenTheirStepsCannotComplete) {
+  ShardOptions o{true, 2, false};
+  o.max_pending_pushes = 1;
+  {
+    ParameterShard shard(o);
+    ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+    ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+    Outcome parked;
+    shard.PushAsync(1, 0, Pieces::Of(std::vector<float>{2}), parked.Callback());
+    EXPECT_FALSE(parked.answered.WaitForNotificationWithTimeout(absl::Milliseconds(20)));
+    shard.MarkDead(1);
+    ASSERT_TRUE(parked.answered.WaitForNotificationWithTimeout(absl::Seconds(2)));
+    EXPECT_EQ(parked.status.code(), absl::StatusCode::kUnavailable);
+    EXPECT_THAT(parked.status.message(), HasSubstr("push of key 1: worker(s) 1 died"));
+    EXPECT_EQ(shard.held(1).parked, 0);
+  }
+  {
+    ParameterShard shard(o);
+    ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+    ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+    Outcome parked;
+    shard.PushAsync(1, 0, Pieces::Of(std::vector<float>{2}), parked.Callback());
+    shard.Close("the server is shutting down");
+    ASSERT_TRUE(parked.answered.WaitForNotificationWithTimeout(absl::Seconds(2)));
+    EXPECT_EQ(parked.status.code(), absl::StatusCode::kUnavailable);
+    EXPECT_THAT(parked.status.message(), HasSubstr("shutting down"));
+  }
+  {  // elastic: the dead worker's steps complete without it, and the parked
+     // push is admitted
+    o.elastic = true;
+    ParameterShard shard(o);
+    ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+    ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+    Outcome parked;
+    shard.PushAsync(1, 0, Pieces::Of(std::vector<float>{2}), parked.Callback());
+    shard.MarkDead(1);
+    ASSERT_TRUE(parked.answered.WaitForNotificationWithTimeout(absl::Seconds(2)));
+    EXPECT_TRUE(parked.status.ok()) << parked.status;
+    auto v = shard.Pull(1, 2, Soon());
+    ASSERT_TRUE(v.ok()) << v.status();
+    EXPECT_THAT(v->data.ToFloats(), ElementsAre(2));
+  }
 }
 
 TEST(ShardSync, OptimizerRunsOncePerStep) {
