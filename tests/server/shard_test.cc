@@ -2,6 +2,7 @@
 // stand in for workers.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <thread>
 
@@ -156,50 +157,53 @@ TEST(ShardSync, AWorkerFarAheadIsParkedNotFailedAndMemoryStaysBounded) {
   EXPECT_EQ(shard.held(1).parked, 0);
 }
 
+// A shard of 2 workers (max_pending_pushes 1) where worker 0 has one push
+// of key 1 pending and one parked, whose outcome goes to *parked (which
+// must outlive the shard).
+std::unique_ptr<ParameterShard> WithOneParked(bool elastic, Outcome* parked) {
+  ShardOptions o{true, 2, elastic};
+  o.max_pending_pushes = 1;
+  auto shard = std::make_unique<ParameterShard>(o);
+  EXPECT_TRUE(shard->Init(1, Shape{1}, {0}).ok());
+  EXPECT_TRUE(shard->Push(1, 0, {1}).ok());
+  shard->PushAsync(1, 0, Pieces::Of(std::vector<float>{2}), parked->Callback());
+  EXPECT_FALSE(parked->answered.WaitForNotificationWithTimeout(absl::Milliseconds(20)));
+  return shard;
+}
+
 // A parked push whose steps can no longer complete fails as the waiting
 // pulls do: another worker died (not elastic), or the server stops.
 TEST(ShardSync, ParkedPushesFailWhenTheirStepsCannotComplete) {
-  ShardOptions o{true, 2, false};
-  o.max_pending_pushes = 1;
   {
-    ParameterShard shard(o);
-    ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
-    ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
     Outcome parked;
-    shard.PushAsync(1, 0, Pieces::Of(std::vector<float>{2}), parked.Callback());
-    EXPECT_FALSE(parked.answered.WaitForNotificationWithTimeout(absl::Milliseconds(20)));
-    shard.MarkDead(1);
+    auto shard = WithOneParked(/*elastic=*/false, &parked);
+    shard->MarkDead(1);
     ASSERT_TRUE(parked.answered.WaitForNotificationWithTimeout(absl::Seconds(2)));
     EXPECT_EQ(parked.status.code(), absl::StatusCode::kUnavailable);
     EXPECT_THAT(parked.status.message(), HasSubstr("push of key 1: worker(s) 1 died"));
-    EXPECT_EQ(shard.held(1).parked, 0);
+    EXPECT_EQ(shard->held(1).parked, 0);
   }
   {
-    ParameterShard shard(o);
-    ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
-    ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
     Outcome parked;
-    shard.PushAsync(1, 0, Pieces::Of(std::vector<float>{2}), parked.Callback());
-    shard.Close("the server is shutting down");
+    auto shard = WithOneParked(/*elastic=*/false, &parked);
+    shard->Close("the server is shutting down");
     ASSERT_TRUE(parked.answered.WaitForNotificationWithTimeout(absl::Seconds(2)));
     EXPECT_EQ(parked.status.code(), absl::StatusCode::kUnavailable);
     EXPECT_THAT(parked.status.message(), HasSubstr("shutting down"));
   }
-  {  // elastic: the dead worker's steps complete without it, and the parked
-     // push is admitted
-    o.elastic = true;
-    ParameterShard shard(o);
-    ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
-    ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
-    Outcome parked;
-    shard.PushAsync(1, 0, Pieces::Of(std::vector<float>{2}), parked.Callback());
-    shard.MarkDead(1);
-    ASSERT_TRUE(parked.answered.WaitForNotificationWithTimeout(absl::Seconds(2)));
-    EXPECT_TRUE(parked.status.ok()) << parked.status;
-    auto v = shard.Pull(1, 2, Soon());
-    ASSERT_TRUE(v.ok()) << v.status();
-    EXPECT_THAT(v->data.ToFloats(), ElementsAre(2));
-  }
+}
+
+// Elastic: the dead worker's steps complete without it, which admits the
+// parked push.
+TEST(ShardSync, AParkedPushIsAdmittedWhenAnElasticJobLosesTheSlowWorker) {
+  Outcome parked;
+  auto shard = WithOneParked(/*elastic=*/true, &parked);
+  shard->MarkDead(1);
+  ASSERT_TRUE(parked.answered.WaitForNotificationWithTimeout(absl::Seconds(2)));
+  EXPECT_TRUE(parked.status.ok()) << parked.status;
+  auto v = shard->Pull(1, 2, Soon());
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_THAT(v->data.ToFloats(), ElementsAre(2));
 }
 
 TEST(ShardSync, OptimizerRunsOncePerStep) {
