@@ -1,6 +1,9 @@
 #include "ndarray/env.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <csignal>
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -48,6 +51,28 @@ absl::StatusOr<std::optional<int64_t>> FlagOrEnvInt(const char* flag, const std:
                                                     const char* env, int64_t min, int64_t max) {
   if (!flag_text.empty()) return ParseInt(absl::StrCat("--", flag), flag_text, min, max);
   return EnvInt(env, min, max);
+}
+
+void ExitOnStopSignal(const char* program, int sig, const char* suffix) {
+  // Built in a buffer by hand (no allocation, no stdio) and written at
+  // once, so that the line does not interleave with other output.
+  char line[256];
+  size_t len = 0;
+  auto append = [&](const char* text) {
+    while (*text != '\0' && len < sizeof(line) - 1) line[len++] = *text++;
+  };
+  char number[4] = {static_cast<char>('0' + sig / 10 % 10), static_cast<char>('0' + sig % 10),
+                    '\0', '\0'};
+  append(program);
+  append(": stopping (");
+  append(sig == SIGTERM ? "SIGTERM" : sig == SIGINT ? "SIGINT" : number);
+  append(")");
+  append(suffix);
+  append("\n");
+  if (write(STDERR_FILENO, line, len) < 0) {
+    // Nothing to do: the exit code still says why.
+  }
+  _exit(128 + sig);
 }
 
 void ExitOnHelpFlag(int argc, char** argv) {

@@ -16,6 +16,11 @@
 
 namespace mx {
 
+// For a signal handler that ends the program: writes one line to stderr,
+// "PROGRAM: stopping (SIGTERM)SUFFIX" (or SIGINT, or the signal's number),
+// and exits with 128 + sig. Async-signal-safe: write and _exit only.
+[[noreturn]] void ExitOnStopSignal(const char* program, int sig, const char* suffix = "");
+
 // The value of environment variable `name`; "" when unset.
 std::string EnvString(const char* name);
 

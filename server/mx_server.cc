@@ -15,7 +15,6 @@
 // after three, so they are the ones to report it).
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <csignal>
@@ -214,14 +213,7 @@ std::atomic<bool> g_serving{false};
 extern "C" void OnStopSignal(int sig) {
   g_signal.store(sig);
   if (g_serving.load()) return;
-  static const char kTerm[] = "mx_server: stopping (SIGTERM) before serving\n";
-  static const char kInt[] = "mx_server: stopping (SIGINT) before serving\n";
-  const char* line = sig == SIGTERM ? kTerm : kInt;
-  const size_t len = sig == SIGTERM ? sizeof(kTerm) - 1 : sizeof(kInt) - 1;
-  if (write(STDERR_FILENO, line, len) < 0) {
-    // Nothing to do: the exit code still says why.
-  }
-  _exit(128 + sig);
+  mx::ExitOnStopSignal("mx_server", sig, " before serving");
 }
 
 void InstallStopHandlers() {

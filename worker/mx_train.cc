@@ -9,7 +9,6 @@
 // Data: Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) by
 // default, or CSV files. Prints per-epoch metrics and the final test
 // accuracy ("Final test accuracy=0.8765").
-#include <unistd.h>
 
 #include <cmath>
 #include <csignal>
@@ -313,18 +312,8 @@ absl::Status Run() {
 }  // namespace
 }  // namespace mx
 
-// Exits 128 + sig after one line on stderr (async-signal-safe: write and
-// _exit only).
-extern "C" void StopOnSignal(int sig) {
-  static const char kTerm[] = "mx_train: stopping (SIGTERM)\n";
-  static const char kInt[] = "mx_train: stopping (SIGINT)\n";
-  const char* line = sig == SIGTERM ? kTerm : kInt;
-  const size_t len = sig == SIGTERM ? sizeof(kTerm) - 1 : sizeof(kInt) - 1;
-  if (write(STDERR_FILENO, line, len) < 0) {
-    // Nothing to do: the exit code still says why.
-  }
-  _exit(128 + sig);
-}
+// Exits 128 + sig after one line on stderr.
+extern "C" void StopOnSignal(int sig) { mx::ExitOnStopSignal("mx_train", sig); }
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
