@@ -15,6 +15,9 @@ def add_job_arguments(ap):
                     help="the servers' mode; the worker command must use the same kvstore")
     ap.add_argument("--elastic", action="store_true",
                     help="continue without workers that die (servers, coordinator and workers)")
+    ap.add_argument("--replicas", type=int, default=1, choices=[1, 2],
+                    help="copies of each key's state on the servers: with 2, a server's death is "
+                         "no failure (its keys' backups on the next server take over)")
     ap.add_argument("--heartbeat-timeout", type=int, default=5,
                     help="seconds of silence after which a node is declared dead (at least 2)")
 
@@ -31,6 +34,8 @@ def worker_command(ap, args):
         ap.error("give the worker command after --")
     if args.num_workers < 1 or args.num_servers < 1:
         ap.error("-n and -s must be at least 1")
+    if args.replicas > args.num_servers:
+        ap.error(f"--replicas {args.replicas} needs at least as many servers (-s {args.num_servers})")
     if args.heartbeat_timeout < 2:
         ap.error("--heartbeat-timeout must be at least 2 (nodes heartbeat every second)")
     return cmd

@@ -24,6 +24,12 @@ coordinator's heartbeats and print an error naming the node), then stops
 everything still running and exits with the process's exit code (1 if it
 was killed by a signal or exited 0).
 
+Replicas (--replicas=2): servers run with --replicas=2 and the workers
+with MX_REPLICAS=2; each key has a backup on the next server, and a
+server's death is logged and the job continues (its keys' backups take
+over). Two neighbouring servers dying loses keys: the workers fail, naming
+them.
+
 Elastic (--elastic): servers and the coordinator run with --elastic and the
 workers with MX_ELASTIC=1; a worker's death is logged and the job continues
 with the others. The job succeeds (exit 0) when every other worker finishes
@@ -373,18 +379,22 @@ def all_workers_finished(job, lost, grace):
 
 
 def finish(job, lost):
-    """Every worker is done, `lost` ones died (elastic): waits for the
-    daemons to shut down on their own (the coordinator tells them when
-    every worker has finished), stops any that do not, reports, returns
-    0."""
+    """Every worker is done; `lost` ones died (workers: elastic; servers:
+    replicas 2): waits for the other daemons to shut down on their own (the
+    coordinator tells them when every worker has finished), stops any that
+    do not, reports, returns 0."""
     workers = job.workers()
-    if lost:
-        names = ", ".join(p.describe() for p in lost)
-        log(f"{len(workers) - len(lost)} of {len(workers)} workers finished; "
+    lost_workers = [p for p in lost if p.role == "worker"]
+    if lost_workers:
+        names = ", ".join(p.describe() for p in lost_workers)
+        log(f"{len(workers) - len(lost_workers)} of {len(workers)} workers finished; "
             f"the job went on without {names} (elastic)")
     else:
         log("all workers finished")
-    daemons = job.daemons()
+    for p in lost:
+        if p.role == "server":
+            log(f"the job went on without {p.describe()} (replicas 2)")
+    daemons = [d for d in job.daemons() if d not in lost]
     # They hear of it at their next heartbeat (a second apart).
     wait_for(lambda: all_exited(daemons), 5)
     lingering = [d for d in daemons if d.popen.poll() is None]
@@ -405,9 +415,9 @@ def finish(job, lost):
     return 0
 
 
-def supervise(job, elastic, grace):
+def supervise(job, elastic, grace, replicas=1):
     """Waits for the job to end; returns the launcher's exit code."""
-    lost = []  # workers that died in an elastic job
+    lost = []  # workers that died in an elastic job, servers with replicas
     while True:
         for p in job.procs:
             code = p.popen.poll()
@@ -423,12 +433,18 @@ def supervise(job, elastic, grace):
                 log(f"{p.describe()} died: {how_it_ended(code)}; "
                     "the job continues without it (elastic)")
                 continue
+            if replicas > 1 and p.role == "server" and code != 0:
+                lost.append(p)
+                log(f"{p.describe()} died: {how_it_ended(code)}; "
+                    "its keys' backups take over (replicas 2)")
+                continue
             return fail(job, p, code, grace)
         workers = job.workers()
         if all_exited(workers):
             for w in workers:
                 w.drain()
-            if len(lost) == len(workers):
+            lost_workers = [w for w in lost if w.role == "worker"]
+            if workers and len(lost_workers) == len(workers):
                 log("every worker died; stopping the job")
                 job.stop_all()
                 return 1
@@ -582,11 +598,13 @@ def start_and_supervise(job, args, cmd, secrets, env):
         advertise = [f"--advertise={address_of(host)}"] if remote else []
         job.start(f"server {i}", "server",
                   [args.server_binary, "--role=server", f"--coordinator={coordinator}",
-                   f"--bind={bind_host}:0", f"--mode={mode}"] + advertise + elastic,
+                   f"--bind={bind_host}:0", f"--mode={mode}", f"--replicas={args.replicas}"]
+                  + advertise + elastic,
                   dict(env, DMLC_ROLE="server", MX_RANK=str(i), **secrets.env(f"server-{i}")),
                   host=host)
     per_host = -(-args.num_workers // len(remote.hosts)) if remote else args.num_workers
     worker_env = dict(env, DMLC_ROLE="worker", MX_ELASTIC="1" if args.elastic else "0",
+                      MX_REPLICAS=str(args.replicas),
                       **blas_threads(per_host))
     for i in range(args.num_workers):
         job.start(f"worker {i}", "worker", cmd,
@@ -595,7 +613,8 @@ def start_and_supervise(job, args, cmd, secrets, env):
     # A node is declared dead within the timeout plus a sweep (a fifth of
     # it) of its last heartbeat, and the others hear of it at their next
     # heartbeat (a second).
-    code = supervise(job, args.elastic, grace=args.heartbeat_timeout * 1.2 + 3)
+    code = supervise(job, args.elastic, grace=args.heartbeat_timeout * 1.2 + 3,
+                     replicas=args.replicas)
     for p in job.procs:
         p.drain()
     return code

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <mutex>
 #include <set>
@@ -81,8 +82,9 @@ namespace {
 // first error (or success) to the engine.
 class Join {
  public:
-  Join(int calls, std::function<void(std::exception_ptr)> done)
-      : left_(calls), done_(std::move(done)) {}
+  // `ok` runs (before `done`) when every call succeeded.
+  Join(int calls, std::function<void(std::exception_ptr)> done, std::function<void()> ok = nullptr)
+      : left_(calls), done_(std::move(done)), ok_(std::move(ok)) {}
   void Finish(absl::Status s) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -94,6 +96,7 @@ class Join {
         std::lock_guard<std::mutex> lock(mu_);
         result = first_error_;
       }
+      if (result.ok() && ok_) ok_();
       done_(result.ok() ? nullptr : std::make_exception_ptr(Error(result)));
       delete this;
     }
@@ -102,8 +105,98 @@ class Join {
  private:
   std::atomic<int> left_;
   std::function<void(std::exception_ptr)> done_;
+  std::function<void()> ok_;
   std::mutex mu_;
   absl::Status first_error_;
+};
+
+// Runs functions after a delay, on a thread of its own (calls made again
+// after a failover). Destroyed by one of its own functions, it lets its
+// thread finish alone.
+class Timer {
+ public:
+  Timer() : state_(std::make_shared<State>()) {
+    thread_ = std::thread([st = state_] { Loop(*st); });
+  }
+  ~Timer() {
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      state_->stop = true;
+    }
+    state_->cv.notify_all();
+    if (thread_.get_id() == std::this_thread::get_id()) {
+      thread_.detach();
+    } else {
+      thread_.join();
+    }
+  }
+  void After(absl::Duration delay, std::function<void()> fn) {
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      state_->due.emplace(absl::Now() + delay, std::move(fn));
+    }
+    state_->cv.notify_all();
+  }
+
+ private:
+  struct State {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::multimap<absl::Time, std::function<void()>> due;  // guarded by mu
+    bool stop = false;                                     // guarded by mu
+  };
+  static void Loop(State& st) {
+    std::unique_lock<std::mutex> lock(st.mu);
+    while (!st.stop) {
+      if (st.due.empty()) {
+        st.cv.wait(lock);
+        continue;
+      }
+      const absl::Duration wait = st.due.begin()->first - absl::Now();
+      if (wait > absl::ZeroDuration()) {
+        st.cv.wait_for(lock, absl::ToChronoNanoseconds(wait));
+        continue;
+      }
+      std::function<void()> fn = std::move(st.due.begin()->second);
+      st.due.erase(st.due.begin());
+      lock.unlock();
+      fn();
+      fn = nullptr;  // what it holds goes before the lock is taken again
+      lock.lock();
+    }
+  }
+
+  std::shared_ptr<State> state_;
+  std::thread thread_;
+};
+
+// A slice of a key: where it lives and what it covers.
+struct Part {
+  int index;           // in its key's parts
+  int server;          // the primary's rank
+  int backup;          // replicas 2: the backup's rank (the next server); else -1
+  int64_t begin, end;  // element range of the flattened key
+  int server_key;      // the key the server holds it under (proto/slice_key.h)
+};
+
+// A push to send again to a server that may not hold it (replicas 2).
+struct Resend {
+  int key;  // the server's key
+  grpc::ByteBuffer request;
+  std::function<void(int server)> recorded;  // the server answered it
+};
+
+// A data call that survives a failover (Conn::CallHeld).
+struct Held {
+  std::vector<Part> parts;  // the slices it carries, all held by one server
+  std::string method;
+  std::function<grpc::ByteBuffer()> encode;  // the request, for each attempt
+  // The pushes `server` may lack that must precede this call there.
+  std::function<std::vector<Resend>(int server)> resends;
+  // The outcome, and the server that gave it.
+  std::function<void(grpc::Status, const grpc::ByteBuffer&, int server)> done;
+  std::string trace_args;
+  absl::Time deadline;
 };
 
 const std::string kPushMethod = "/mx.proto.KVStoreService/Push";
@@ -147,6 +240,62 @@ struct Conn : std::enable_shared_from_this<Conn> {
     for (const std::shared_ptr<Call>& call : calls) call->ctx.TryCancel();
   }
 
+  // Replicas 2: server s was declared dead. Its keys are held by their
+  // backups from now on: its calls in flight are cancelled (and made again
+  // there). If a neighbour of s in the ring died too, both copies of some
+  // keys are gone: the store fails, saying so.
+  void ServerDied(int s) {
+    std::vector<std::shared_ptr<Call>> calls;
+    absl::Status lost;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!dead_servers.insert(s).second) return;
+      const int n = static_cast<int>(options.servers.size());
+      for (int other : {(s + n - 1) % n, (s + 1) % n}) {
+        if (other == s || !dead_servers.count(other)) continue;
+        lost = absl::UnavailableError(absl::StrCat(
+            "servers ", std::min(s, other), " and ", std::max(s, other),
+            " both died: the keys whose two copies they held are lost"));
+      }
+      for (const std::shared_ptr<Call>& call : in_flight) {
+        if (call->server == s) calls.push_back(call);
+      }
+    }
+    if (!lost.ok()) return Fail(lost);
+    for (const std::shared_ptr<Call>& call : calls) call->ctx.TryCancel();
+  }
+
+  bool Dead(int server) const {
+    std::lock_guard<std::mutex> lock(mu);
+    return dead_servers.count(server) > 0;
+  }
+
+  // The server that holds part p now: its primary, or once that is
+  // declared dead, its backup.
+  absl::StatusOr<int> HolderOf(const Part& p) const {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!dead_servers.count(p.server)) return p.server;
+    if (p.backup >= 0 && !dead_servers.count(p.backup)) return p.backup;
+    return absl::UnavailableError(absl::StrCat("server ", p.server, " (", options.servers[p.server],
+                                               ") died, and no other server holds its keys"));
+  }
+
+  // Makes call h on the server that holds its parts now, after the
+  // pushes that server may lack (h->resends); h->done gets the outcome.
+  // With replicas 2, an attempt that fails UNAVAILABLE or CANCELLED (a
+  // server that died, hangs, or does not serve the keys yet) is made again
+  // 100 ms later, on whichever server holds the parts then, until
+  // h->deadline; a server that did not answer is reported to the
+  // coordinator, which checks it and declares it dead if it does not
+  // answer either.
+  void CallHeld(const std::shared_ptr<Held>& h) {
+    absl::StatusOr<int> server = HolderOf(h->parts[0]);
+    if (!server.ok()) return h->done(ToGrpc(server.status()), grpc::ByteBuffer(), h->parts[0].server);
+    auto resends = std::make_shared<std::vector<Resend>>();
+    if (h->resends) *resends = h->resends(*server);
+    Attempt(h, *server, resends, 0);
+  }
+
   // A control call (init, set_optimizer, the optimizer's states) of `what`
   // for `key` to `server`, made by call(ctx, stub) with the store's deadline
   // and this worker's claims. Like the data path's calls it is cancelled
@@ -181,6 +330,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
                std::function<void(grpc::Status, const grpc::ByteBuffer&)> done,
                const std::string& trace_args = "") {
     auto call = std::make_shared<Call>();
+    call->server = server;
     if (trace::Enabled()) {
       // The call's span on the job's timeline: the keys (and the versions
       // it waits for) that the caller gave, the server and the bytes sent.
@@ -226,6 +376,12 @@ struct Conn : std::enable_shared_from_this<Conn> {
         });
   }
 
+  // Sets what reports a server that does not answer (the coordinator).
+  void SetReporter(std::function<void(int server)> report) {
+    std::lock_guard<std::mutex> lock(mu);
+    reporter = std::move(report);
+  }
+
   // Gives a call the store's deadline and this worker's token and identity.
   void Prepare(grpc::ClientContext* ctx) const {
     SetDeadline(ctx);
@@ -243,13 +399,71 @@ struct Conn : std::enable_shared_from_this<Conn> {
 
  private:
   struct Call {
+    int server;
     grpc::ClientContext ctx;
     grpc::ByteBuffer req, resp;
   };
+
+  // Sends resends[i...], then h's request, to `server`.
+  void Attempt(const std::shared_ptr<Held>& h, int server,
+               const std::shared_ptr<std::vector<Resend>>& resends, size_t i) {
+    auto self = shared_from_this();
+    if (i < resends->size()) {
+      const Resend& r = (*resends)[i];
+      CallRaw(server, r.key, kPushMethod, r.request,
+              [self, h, server, resends, i](grpc::Status s, const grpc::ByteBuffer& resp) {
+                if (!s.ok()) {
+                  if (!self->RetryLater(h, server, s)) h->done(s, resp, server);
+                  return;
+                }
+                (*resends)[i].recorded(server);
+                self->Attempt(h, server, resends, i + 1);
+              });
+      return;
+    }
+    CallRaw(server, h->parts[0].server_key, h->method, h->encode(),
+            [self, h, server](grpc::Status s, const grpc::ByteBuffer& resp) {
+              if (!s.ok() && self->RetryLater(h, server, s)) return;
+              h->done(s, resp, server);
+            },
+            h->trace_args);
+  }
+
+  // Whether call h, whose attempt on `server` failed with s, is made again
+  // (see CallHeld); if so, schedules it.
+  bool RetryLater(const std::shared_ptr<Held>& h, int server, const grpc::Status& s) {
+    if (options.replicas < 2 || timer == nullptr) return false;
+    if (s.error_code() != grpc::StatusCode::UNAVAILABLE &&
+        s.error_code() != grpc::StatusCode::CANCELLED) {
+      return false;
+    }
+    if (!Failure().ok() || absl::Now() >= h->deadline) return false;
+    std::function<void(int)> report;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      absl::Time& last = reported[server];
+      if (!dead_servers.count(server) && absl::Now() - last > absl::Milliseconds(500)) {
+        last = absl::Now();
+        report = reporter;
+      }
+    }
+    if (report) timer->After(absl::ZeroDuration(), [report, server] { report(server); });
+    auto self = shared_from_this();
+    timer->After(absl::Milliseconds(100), [self, h] { self->CallHeld(h); });
+    return true;
+  }
+
+ public:
+  std::unique_ptr<Timer> timer;  // replicas 2: retries
+
+ private:
   mutable std::mutex mu;
   absl::Status failure;                           // guarded by mu
   std::set<std::shared_ptr<Call>> in_flight;      // guarded by mu
   std::set<grpc::ClientContext*> control_calls;   // guarded by mu
+  std::set<int> dead_servers;                     // guarded by mu
+  std::map<int, absl::Time> reported;             // guarded by mu: when, by server
+  std::function<void(int)> reporter;              // guarded by mu
 };
 
 class DistKVStore : public KVStore {
@@ -265,6 +479,7 @@ class DistKVStore : public KVStore {
     const rpc::Claims claims = conn_->caller.claims();
     conn_->credential.set_token(claims.token);
     conn_->credential.set_node(claims.node);
+    if (options.replicas > 1) conn_->timer = std::make_unique<Timer>();
     for (const std::string& address : options.servers) {
       conn_->stubs.push_back(
           proto::KVStoreService::NewStub(rpc::SharedChannel(address, options.security)));
@@ -277,6 +492,7 @@ class DistKVStore : public KVStore {
   }
 
   ~DistKVStore() override {
+    conn_->SetReporter(nullptr);
     if (coordinator_ != nullptr) coordinator_->StopHeartbeats();
   }
 
@@ -293,6 +509,9 @@ class DistKVStore : public KVStore {
   // Joins the cluster through the coordinator: heartbeats every second.
   void AttachCoordinator(std::unique_ptr<rpc::CoordinatorClient> coordinator) {
     coordinator_ = std::move(coordinator);
+    conn_->SetReporter([c = std::weak_ptr<rpc::CoordinatorClient>(coordinator_)](int server) {
+      if (auto client = c.lock()) client->ReportUnreachable(server);
+    });
     coordinator_->StartHeartbeats(
         [this](const proto::HeartbeatResponse& resp) { HeardOfDeaths(resp); },
         [conn = conn_](const absl::Status& why) { conn->Fail(why); });
@@ -343,11 +562,18 @@ class DistKVStore : public KVStore {
       req.set_key(p.server_key);
       req.set_sync(conn_->options.sync);
       req.set_num_workers(conn_->options.num_workers);
+      if (p.backup >= 0) {
+        req.set_primary(p.server);
+        req.set_backup(p.backup);
+      }
       ToProto(data.data() + p.begin, Shape{p.end - p.begin}, req.mutable_value());
-      proto::InitResponse resp;
-      MX_RETURN_IF_ERROR(conn_->Control(p.server, "init", e.label, [&](auto* ctx, auto* stub) {
-        return stub->Init(ctx, req, &resp);
-      }));
+      for (int server : {p.server, p.backup}) {
+        if (server < 0) continue;
+        proto::InitResponse resp;
+        MX_RETURN_IF_ERROR(conn_->Control(server, "init", e.label, [&](auto* ctx, auto* stub) {
+          return stub->Init(ctx, req, &resp);
+        }));
+      }
     }
     keys_.emplace(key.id(), std::move(entry));
     return absl::OkStatus();
@@ -359,15 +585,36 @@ class DistKVStore : public KVStore {
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "push", "value", values, e->shape));
     return CatchError([&] {
       NDArray merged = Merge(*e, values, priority);
+      const int64_t seq = e->pushes;
       Engine::Get()->PushAsync(
-          [conn = conn_, e, merged](RunContext, CallbackOnComplete done) {
+          [conn = conn_, e, merged, seq](RunContext, CallbackOnComplete done) {
+            const float* base = merged.data();
+            std::shared_ptr<const void> owner = std::make_shared<NDArray>(merged);
+            if (conn->options.replicas > 1 && conn->options.sync) {
+              // Kept until the pull of its step returns (the caller may
+              // overwrite the array before then).
+              auto copy = std::make_shared<const std::vector<float>>(merged.data(),
+                                                                      merged.data() + merged.size());
+              Keep(*e, seq, copy);
+              base = copy->data();
+              owner = copy;
+            }
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const Part& p : e->parts) {
-              conn->CallRaw(p.server, p.server_key, kPushMethod, ToByteBuffer(EncodePush(*conn, p, merged, 0)),
-                            [conn, join, e, p](grpc::Status s, const grpc::ByteBuffer&) {
-                              join->Finish(conn->Named(FromGrpc(s), "push", e->label, p.server));
-                            },
-                            TraceKeys({{p.server_key, -1}}));
+              auto h = std::make_shared<Held>();
+              h->parts = {p};
+              h->method = kPushMethod;
+              h->encode = [conn, p, base, owner, seq] {
+                return ToByteBuffer(EncodePush(*conn, p, base, owner, 0, seq));
+              };
+              h->resends = [conn, e, p, seq](int server) { return Resends(conn, e, p, seq - 1, server); };
+              h->done = [conn, join, e, p, seq](grpc::Status s, const grpc::ByteBuffer&, int server) {
+                if (s.ok()) Recorded(*e, seq, p.index, server);
+                join->Finish(conn->Named(FromGrpc(s), "push", e->label, server));
+              };
+              h->trace_args = TraceKeys({{p.server_key, -1}});
+              h->deadline = absl::Now() + conn->options.rpc_timeout;
+              conn->CallHeld(h);
             }
           },
           cpu(), {merged.var()}, {e->token.var()}, priority, e->push_name.c_str(),
@@ -387,18 +634,29 @@ class DistKVStore : public KVStore {
       const std::vector<float*> dsts = Destinations(outs);
       Engine::Get()->PushAsync(
           [conn = conn_, e, min_version, dsts](RunContext, CallbackOnComplete done) {
-            auto* join = new Join(static_cast<int>(e->parts.size()), done);
+            auto* join = new Join(static_cast<int>(e->parts.size()), done,
+                                  [e, min_version] { Acked(*e, min_version); });
             for (const Part& p : e->parts) {
-              proto::PullRequest header;
-              header.set_key(p.server_key);
-              header.set_min_version(min_version);
-              header.set_rank(conn->options.rank);
-              *header.mutable_credential() = conn->credential;
-              conn->CallRaw(p.server, p.server_key, kPullMethod, EncodeMessage(header),
-                            [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
-                              join->Finish(Received(*conn, *e, "pull", s, resp, p, dsts));
-                            },
-                            TraceKeys({{p.server_key, min_version}}));
+              auto h = std::make_shared<Held>();
+              h->parts = {p};
+              h->method = kPullMethod;
+              h->encode = [conn, p, min_version] {
+                proto::PullRequest header;
+                header.set_key(p.server_key);
+                header.set_min_version(min_version);
+                header.set_rank(conn->options.rank);
+                *header.mutable_credential() = conn->credential;
+                return EncodeMessage(header);
+              };
+              h->resends = [conn, e, p, min_version](int server) {
+                return Resends(conn, e, p, min_version, server);
+              };
+              h->done = [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp, int server) {
+                join->Finish(Received(*conn, *e, "pull", s, resp, On(p, server), dsts));
+              };
+              h->trace_args = TraceKeys({{p.server_key, min_version}});
+              h->deadline = absl::Now() + conn->options.rpc_timeout;
+              conn->CallHeld(h);
             }
           },
           cpu(), {e->token.var()}, Vars(outs), priority, e->pull_name.c_str(),
@@ -416,21 +674,31 @@ class DistKVStore : public KVStore {
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pushpull", "output", outs, e->shape));
     return CatchError([&] {
       NDArray merged = Merge(*e, values, priority);
-      const int64_t min_version = conn_->options.sync ? e->pushes : 0;
+      const int64_t seq = e->pushes;
+      const int64_t min_version = conn_->options.sync ? seq : 0;
       const std::vector<float*> dsts = Destinations(outs);
       std::vector<VarHandle> writes = Vars(outs);
       writes.push_back(e->token.var());
       const std::vector<VarHandle> reads = ReadsBesides({merged}, writes);
       Engine::Get()->PushAsync(
-          [conn = conn_, e, merged, min_version, dsts](RunContext, CallbackOnComplete done) {
-            auto* join = new Join(static_cast<int>(e->parts.size()), done);
+          [conn = conn_, e, merged, seq, min_version, dsts](RunContext, CallbackOnComplete done) {
+            auto* join = new Join(static_cast<int>(e->parts.size()), done,
+                                  [e, min_version] { Acked(*e, min_version); });
+            auto owner = std::make_shared<NDArray>(merged);
             for (const Part& p : e->parts) {
-              conn->CallRaw(p.server, p.server_key, kPushPullMethod,
-                            ToByteBuffer(EncodePush(*conn, p, merged, min_version)),
-                            [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp) {
-                              join->Finish(Received(*conn, *e, "pushpull", s, resp, p, dsts));
-                            },
-                            TraceKeys({{p.server_key, min_version}}));
+              auto h = std::make_shared<Held>();
+              h->parts = {p};
+              h->method = kPushPullMethod;
+              h->encode = [conn, p, owner, min_version, seq] {
+                return ToByteBuffer(EncodePush(*conn, p, owner->data(), owner, min_version, seq));
+              };
+              h->resends = [conn, e, p, seq](int server) { return Resends(conn, e, p, seq - 1, server); };
+              h->done = [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp, int server) {
+                join->Finish(Received(*conn, *e, "pushpull", s, resp, On(p, server), dsts));
+              };
+              h->trace_args = TraceKeys({{p.server_key, min_version}});
+              h->deadline = absl::Now() + conn->options.rpc_timeout;
+              conn->CallHeld(h);
             }
           },
           cpu(), reads, writes, priority, e->pushpull_name.c_str(), FnProperty::kInline);
@@ -457,7 +725,7 @@ class DistKVStore : public KVStore {
       for (size_t i = 0; i < entries.size(); ++i) {
         Entry& e = *entries[i];
         NDArray merged = Merge(e, values[i], priority);
-        items.push_back({entries[i], merged, conn_->options.sync ? e.pushes : 0,
+        items.push_back({entries[i], merged, e.pushes, conn_->options.sync ? e.pushes : 0,
                          Destinations(outs[i])});
         for (const NDArray& o : outs[i]) writes.push_back(o.var());
         writes.push_back(e.token.var());
@@ -468,25 +736,47 @@ class DistKVStore : public KVStore {
       reads = ReadsBesides(pushed, writes);
       Engine::Get()->PushAsync(
           [conn = conn_, items, by_server](RunContext, CallbackOnComplete done) {
-            auto* join = new Join(static_cast<int>(by_server.size()), done);
+            auto* join = new Join(static_cast<int>(by_server.size()), done, [items] {
+              for (const Item& item : items) Acked(*item.e, item.min_version);
+            });
             for (const auto& [server, parts] : by_server) {
-              std::vector<EncodedMessage> messages;
               std::vector<std::pair<int, int64_t>> traced;
               for (const ItemPart& ip : parts) {
-                const Item& item = items[ip.item];
-                messages.push_back(EncodePush(*conn, ip.part, item.merged, item.min_version,
-                                              /*with_credential=*/false));
-                traced.push_back({ip.part.server_key, item.min_version});
+                traced.push_back({ip.part.server_key, items[ip.item].min_version});
               }
-              proto::PushPullManyRequest rest;
-              *rest.mutable_credential() = conn->credential;
-              conn->CallRaw(server, parts[0].part.server_key, kPushPullManyMethod,
-                            EncodeRepeated(kManyEntriesField, messages, &rest),
-                            [conn, join, items, parts = parts](grpc::Status s,
-                                                               const grpc::ByteBuffer& resp) {
-                              join->Finish(ReceivedMany(*conn, items, parts, s, resp));
-                            },
-                            TraceKeys(traced));
+              auto h = std::make_shared<Held>();
+              for (const ItemPart& ip : parts) h->parts.push_back(ip.part);
+              h->method = kPushPullManyMethod;
+              h->encode = [conn, items, parts = parts] {
+                std::vector<EncodedMessage> messages;
+                for (const ItemPart& ip : parts) {
+                  const Item& item = items[ip.item];
+                  messages.push_back(EncodePush(*conn, ip.part, item.merged.data(),
+                                                std::make_shared<NDArray>(item.merged),
+                                                item.min_version, item.seq,
+                                                /*with_credential=*/false));
+                }
+                proto::PushPullManyRequest rest;
+                *rest.mutable_credential() = conn->credential;
+                return EncodeRepeated(kManyEntriesField, messages, &rest);
+              };
+              h->resends = [conn, items, parts = parts](int server) {
+                std::vector<Resend> all;
+                for (const ItemPart& ip : parts) {
+                  const Item& item = items[ip.item];
+                  for (Resend& r : Resends(conn, item.e, ip.part, item.seq - 1, server)) {
+                    all.push_back(std::move(r));
+                  }
+                }
+                return all;
+              };
+              h->done = [conn, join, items, parts = parts](grpc::Status s, const grpc::ByteBuffer& resp,
+                                                           int server) {
+                join->Finish(ReceivedMany(*conn, items, parts, s, resp, server));
+              };
+              h->trace_args = TraceKeys(traced);
+              h->deadline = absl::Now() + conn->options.rpc_timeout;
+              conn->CallHeld(h);
             }
           },
           cpu(), reads, writes, priority, "dist_pushpull_bucket", FnProperty::kInline);
@@ -502,6 +792,7 @@ class DistKVStore : public KVStore {
 
   absl::Status SetOptimizer(std::unique_ptr<Optimizer> optimizer) override {
     for (size_t s = 0; s < conn_->stubs.size(); ++s) {
+      if (conn_->Dead(static_cast<int>(s))) continue;  // its keys' backups have it
       proto::SetOptimizerRequest req;
       req.set_name(optimizer->name());
       for (const auto& [k, v] : optimizer->options()) (*req.mutable_options())[k] = v;
@@ -565,11 +856,6 @@ class DistKVStore : public KVStore {
   }
 
  private:
-  struct Part {
-    int server;
-    int64_t begin, end;  // element range of the flattened key
-    int server_key;      // the key the server holds it under (proto/slice_key.h)
-  };
   struct Entry {
     Shape shape;
     std::vector<Part> parts;
@@ -577,7 +863,54 @@ class DistKVStore : public KVStore {
     NDArray merged;  // the sum of a multi-device push
     int64_t pushes = 0;
     std::string label, push_name, pull_name, pushpull_name;
+    // Replicas 2, dist_sync: the pushes (by seq) whose step's pull has not
+    // returned, and for each part the server that recorded it (-1: none
+    // yet): if that server dies, they are sent again to the backup.
+    struct Unacked {
+      std::shared_ptr<const std::vector<float>> data;
+      std::vector<int> recorded_on;
+    };
+    std::mutex mu;
+    std::map<int64_t, Unacked> unacked;  // guarded by mu
   };
+
+  // Part p as held by `server` (which errors name).
+  static Part On(Part p, int server) {
+    p.server = server;
+    return p;
+  }
+
+  // Keeps push `seq` of e until its step's pull returns (Acked).
+  static void Keep(Entry& e, int64_t seq, std::shared_ptr<const std::vector<float>> data) {
+    std::lock_guard<std::mutex> lock(e.mu);
+    e.unacked[seq] = {std::move(data), std::vector<int>(e.parts.size(), -1)};
+  }
+  // `server` recorded part `index` of push `seq`.
+  static void Recorded(Entry& e, int64_t seq, int index, int server) {
+    std::lock_guard<std::mutex> lock(e.mu);
+    auto it = e.unacked.find(seq);
+    if (it != e.unacked.end()) it->second.recorded_on[index] = server;
+  }
+  // The pushes up to `seq` are in a step whose value was pulled.
+  static void Acked(Entry& e, int64_t seq) {
+    std::lock_guard<std::mutex> lock(e.mu);
+    e.unacked.erase(e.unacked.begin(), e.unacked.upper_bound(seq));
+  }
+  // The kept pushes of part p, up to `seq`, that `server` has not recorded.
+  static std::vector<Resend> Resends(const std::shared_ptr<Conn>& conn, const std::shared_ptr<Entry>& e,
+                                     const Part& p, int64_t seq, int server) {
+    std::vector<Resend> resends;
+    std::lock_guard<std::mutex> lock(e->mu);
+    for (auto it = e->unacked.begin(); it != e->unacked.end() && it->first <= seq; ++it) {
+      if (it->second.recorded_on[p.index] == server) continue;
+      const int64_t pushed = it->first;
+      resends.push_back(
+          {p.server_key,
+           ToByteBuffer(EncodePush(*conn, p, it->second.data->data(), it->second.data, 0, pushed)),
+           [e, pushed, index = p.index](int server) { Recorded(*e, pushed, index, server); }});
+    }
+    return resends;
+  }
 
   // The sum of a push's device copies (an engine operation when there are
   // several), counted as this worker's next push of the key.
@@ -612,21 +945,23 @@ class DistKVStore : public KVStore {
     return reads;
   }
 
-  // Slice p of `merged` as a PushRequest, without copying the data; with
+  // Slice p of the key's values at `base` (kept alive by `owner`) as this
+  // worker's push number `seq` of the key, without copying the data; with
   // the caller's credential unless it is an entry of a PushPullMany (whose
   // request carries it once).
-  static EncodedMessage EncodePush(const Conn& conn, const Part& p, const NDArray& merged,
-                                   int64_t min_version, bool with_credential = true) {
+  static EncodedMessage EncodePush(const Conn& conn, const Part& p, const float* base,
+                                   std::shared_ptr<const void> owner, int64_t min_version,
+                                   int64_t seq, bool with_credential = true) {
     proto::PushRequest header;
     if (with_credential) *header.mutable_credential() = conn.credential;
     header.set_key(p.server_key);
     header.set_rank(conn.options.rank);
     header.set_min_version(min_version);
+    header.set_seq(seq);
     header.mutable_value()->add_shape(p.end - p.begin);
     header.mutable_value()->set_dtype(proto::FLOAT32);
     return EncodeTensorMessage(header, kPushValueField,
-                               Pieces::Of(merged.data() + p.begin, p.end - p.begin,
-                                          std::make_shared<NDArray>(merged)));
+                               Pieces::Of(base + p.begin, p.end - p.begin, std::move(owner)));
   }
 
   // Where a pulled slice p goes: the first output, after checking its size;
@@ -670,6 +1005,7 @@ class DistKVStore : public KVStore {
   struct Item {
     std::shared_ptr<Entry> e;
     NDArray merged;
+    int64_t seq;  // this push's
     int64_t min_version;
     std::vector<float*> dsts;
   };
@@ -678,14 +1014,13 @@ class DistKVStore : public KVStore {
     Part part;
   };
 
-  // The outcome of a PushPullMany call to one server, answering with the
+  // The outcome of a PushPullMany call to `server`, answering with the
   // slices `parts` in order.
   static absl::Status ReceivedMany(const Conn& conn, const std::vector<Item>& items,
                                    const std::vector<ItemPart>& parts, const grpc::Status& status,
-                                   const grpc::ByteBuffer& resp) {
+                                   const grpc::ByteBuffer& resp, int server) {
     std::vector<std::string> labels;
     for (const ItemPart& ip : parts) labels.push_back(items[ip.item].e->label);
-    const int server = parts[0].part.server;
     absl::Status s = FromGrpc(status);
     std::deque<proto::PullResponse> headers;
     std::unique_ptr<bool[]> received(new bool[parts.size()]());
@@ -698,7 +1033,7 @@ class DistKVStore : public KVStore {
                 return absl::DataLossError("the server sent more values than asked for");
               };
             }
-            return SliceSink(conn, parts[i].part, items[parts[i].item].dsts, &received[i]);
+            return SliceSink(conn, On(parts[i].part, server), items[parts[i].item].dsts, &received[i]);
           });
     }
     for (size_t i = 0; s.ok() && i < parts.size(); ++i) {
@@ -717,14 +1052,16 @@ class DistKVStore : public KVStore {
     const int servers = static_cast<int>(conn_->stubs.size());
     const int64_t bound = std::max<int64_t>(conn_->options.big_key_bound, 1);
     const int first = ServerForKey(key, servers);
-    if (n < bound) return {{first, 0, n, key}};
+    auto backup = [&](int server) { return conn_->options.replicas > 1 ? (server + 1) % servers : -1; };
+    if (n < bound) return {{0, first, backup(first), 0, n, key}};
     int64_t slices = std::max<int64_t>(servers, (n + bound - 1) / bound);
     if (slices > servers && !CanSliceKey(key, static_cast<int>(slices))) slices = servers;
     std::vector<Part> parts;
     for (int64_t s = 0; s < slices; ++s) {
       const int server = static_cast<int>((first + s) % servers);
       const int server_key = slices > servers ? SliceKey(key, static_cast<int>(s)) : key;
-      parts.push_back({server, n * s / slices, n * (s + 1) / slices, server_key});
+      parts.push_back({static_cast<int>(s), server, backup(server), n * s / slices,
+                       n * (s + 1) / slices, server_key});
     }
     return parts;
   }
@@ -757,6 +1094,14 @@ class DistKVStore : public KVStore {
       }
       const std::string address =
           dead.address().empty() ? "" : absl::StrCat(" (", dead.address(), ")");
+      if (!worker && conn_->options.replicas > 1) {
+        std::lock_guard<std::mutex> lock(dead_mu_);
+        if (!dead_servers_.insert(dead.rank()).second) continue;
+        std::cerr << "worker " << conn_->options.rank << ": server " << dead.rank() << address
+                  << " was declared dead; its keys are served by their backups" << std::endl;
+        conn_->ServerDied(dead.rank());
+        continue;
+      }
       conn_->Fail(absl::UnavailableError(absl::StrCat(
           worker ? "worker " : "server ", dead.rank(), address,
           " died: it stopped sending heartbeats")));
@@ -765,10 +1110,11 @@ class DistKVStore : public KVStore {
 
   std::shared_ptr<Conn> conn_;
   std::map<int, std::shared_ptr<Entry>> keys_;
-  std::unique_ptr<rpc::CoordinatorClient> coordinator_;
+  std::shared_ptr<rpc::CoordinatorClient> coordinator_;
   int64_t barriers_ = 0;
   std::mutex dead_mu_;
   std::set<int> dead_workers_;  // elastic: workers declared dead; guarded by dead_mu_
+  std::set<int> dead_servers_;  // replicas 2: servers declared dead; guarded by dead_mu_
 };
 
 }  // namespace
@@ -798,12 +1144,14 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   const auto startup_timeout = setting(EnvInt("MX_STARTUP_TIMEOUT_S", 1, 86400));
   const auto bucket_kb = setting(EnvInt("MX_BUCKET_KB", 0, 1 << 20));
   const auto elastic = setting(EnvBool("MX_ELASTIC"));
+  const auto replicas = setting(EnvInt("MX_REPLICAS", 1, 2));
   const auto rank = setting(EnvInt("MX_RANK", 0, 1 << 20));
   const rpc::Security security = setting(rpc::Security::FromEnvironment());
   MX_RETURN_IF_ERROR(bad);
   if (rpc_timeout) options.rpc_timeout = absl::Seconds(*rpc_timeout);
   if (bucket_kb) options.bucket_bytes = *bucket_kb << 10;
   options.elastic = elastic.value_or(false);
+  options.replicas = static_cast<int>(replicas.value_or(1));
   options.security = security;
   proto::RegisterRequest req;
   req.set_role(proto::WORKER);
@@ -833,6 +1181,15 @@ const bool kRegistered = KVStore::RegisterType("dist_sync", CreateDistKVStoreFro
 
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOptions& options) {
   if (options.servers.empty()) return absl::InvalidArgumentError("dist kvstore: no servers");
+  if (options.replicas < 1 || options.replicas > 2) {
+    return absl::InvalidArgumentError(absl::StrCat("dist kvstore: replicas must be 1 or 2, not ",
+                                                   options.replicas));
+  }
+  if (options.replicas > static_cast<int>(options.servers.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("dist kvstore: replicas ", options.replicas,
+                                                   " need as many servers; the job has ",
+                                                   options.servers.size()));
+  }
   if (options.rank < 0 || options.rank >= options.num_workers) {
     return absl::InvalidArgumentError(absl::StrCat("dist kvstore: rank ", options.rank,
                                                    " outside 0..", options.num_workers - 1));

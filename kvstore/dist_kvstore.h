@@ -38,6 +38,13 @@ struct DistKVStoreOptions {
   // TCP connections to each server; keys are spread over them.
   int connections_per_server = 2;
   absl::Duration rpc_timeout = absl::Seconds(30);
+  // Copies of each key's state on the servers: 1, or 2 (a primary and a
+  // backup, the next server; docs/architecture.md, "Replicas"). With 2, a
+  // server the coordinator declares dead is no failure: its keys' calls go
+  // to their backups, after the pushes those may lack (the store keeps
+  // each dist_sync push until the pull of its step returns); a server that
+  // does not answer is reported to the coordinator, which checks it.
+  int replicas = 1;
   // Elastic job: a worker the coordinator declares dead is ignored (the
   // servers finish steps without it); a dead server or an unreachable
   // coordinator still fails the store.
@@ -61,7 +68,9 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOpti
 // so does losing the coordinator (rpc::CoordinatorClient's rule). TLS and
 // the job token come from MX_TLS_* and MX_JOB_TOKEN(_FILE)
 // (rpc::Security::FromEnvironment).
-// MX_RPC_TIMEOUT_S bounds every call (default 30). MX_ELASTIC=1 (set by
+// MX_RPC_TIMEOUT_S bounds every call (default 30). MX_REPLICAS=2 (set by
+// `launch.py --replicas=2`) keeps two copies of every key
+// (DistKVStoreOptions::replicas); the servers must run with --replicas=2. MX_ELASTIC=1 (set by
 // `launch.py --elastic`) makes the store ignore dead workers
 // (DistKVStoreOptions::elastic); the servers and the coordinator must then
 // run with --elastic too.

@@ -103,11 +103,13 @@ void CoordinatorClient::StartHeartbeats(
 }
 
 void CoordinatorClient::HeartbeatNow() { Beat(); }
+void CoordinatorClient::ReportUnreachable(int server) { Beat(server); }
 
-void CoordinatorClient::Beat() {
+void CoordinatorClient::Beat(int unreachable_server) {
   proto::HeartbeatRequest req;
   req.set_role(cluster_.self().role());
   req.set_rank(cluster_.self().rank());
+  if (unreachable_server >= 0) req.add_unreachable_servers(unreachable_server);
   proto::HeartbeatResponse resp;
   grpc::ClientContext ctx;
   ctx.set_deadline(In(kHeartbeatDeadline));

@@ -65,6 +65,9 @@ class CoordinatorClient {
                        std::function<void(const absl::Status&)> on_lost);
   // One heartbeat now, handled as the loop handles its own.
   void HeartbeatNow();
+  // The same, reporting that this node's calls cannot reach server
+  // `server` (HeartbeatRequest.unreachable_servers).
+  void ReportUnreachable(int server);
   void StopHeartbeats();
 
   // Waits until every live worker has entered barrier `epoch`.
@@ -75,7 +78,7 @@ class CoordinatorClient {
  private:
   CoordinatorClient(Options options, std::unique_ptr<proto::Coordinator::Stub> stub)
       : options_(std::move(options)), stub_(std::move(stub)) {}
-  void Beat();
+  void Beat(int unreachable_server = -1);
 
   const Options options_;
   std::unique_ptr<proto::Coordinator::Stub> stub_;

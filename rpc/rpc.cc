@@ -1,6 +1,7 @@
 #include "rpc/rpc.h"
 
 #include <grpc/grpc.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <malloc.h>
 #include <netdb.h>
 #include <poll.h>
@@ -13,6 +14,7 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "rpc/call_metrics.h"
 
 namespace mx {
@@ -187,6 +189,23 @@ void SetServing(grpc::Server* server, bool serving) {
   if (grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService()) {
     health->SetServingStatus(serving);
   }
+}
+
+bool HealthCheck(const std::string& address, const Security& security, absl::Duration timeout) {
+  grpc::GenericStub stub(SharedChannel(address, security));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
+  grpc::Slice empty;  // HealthCheckRequest{}: every service
+  grpc::ByteBuffer req(&empty, 1), resp;
+  absl::Notification done;
+  grpc::Status status;
+  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req, &resp,
+                 [&](grpc::Status s) {
+                   status = std::move(s);
+                   done.Notify();
+                 });
+  done.WaitForNotification();
+  return status.ok();
 }
 
 absl::Time GiveUpBefore(std::chrono::system_clock::time_point deadline) {

@@ -67,6 +67,11 @@ std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, const S
 // connected, or nothing listening yet).
 absl::Status ConnectionProblem(const std::string& address, const Security& security);
 
+// Whether the server at `address` answers a grpc.health.v1 check (SERVING
+// or not) within `timeout`: false for a process that is gone (the
+// connection is refused) or that hangs (stopped, partitioned).
+bool HealthCheck(const std::string& address, const Security& security, absl::Duration timeout);
+
 // When a server gives up on a call that waits for other nodes (a pull for
 // the workers' pushes, a registration or barrier for the other nodes): a
 // tenth of the time left before the caller's `deadline`, at most 0.5 s

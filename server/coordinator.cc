@@ -5,6 +5,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <iostream>
 #include <map>
 #include <set>
 #include <thread>
@@ -52,6 +53,14 @@ class Service final : public CoordinatorBase {
       : options_(options), guard_(options.security.token, /*identities=*/true) {
     guard_.AdmitAll(rpc::Role::kWorker);
     guard_.AdmitAll(rpc::Role::kServer);
+    prober_ = std::thread([this] { Probe(); });
+  }
+  ~Service() {
+    {
+      absl::MutexLock lock(&mu_);
+      closed_ = true;
+    }
+    prober_.join();
   }
   int64_t refused() const { return guard_.refused(); }
 
@@ -150,15 +159,7 @@ class Service final : public CoordinatorBase {
       const absl::Time now = absl::Now();
       for (const auto& [node, seen] : last_seen_) {
         if (dead_.count(node) || now - seen < options_.heartbeat_timeout) continue;
-        proto::NodeInfo info;
-        info.set_role(node.first);
-        info.set_rank(node.second);
-        const auto& nodes = node.first == proto::SERVER ? servers_ : workers_;
-        if (auto n = nodes.find(node.second); n != nodes.end()) {
-          info.set_address(n->second.address());
-        }
-        dead_[node] = info;
-        NodeGauge(node.first, "dead")->Add(1);
+        DeclareDead(node);
       }
       if (!Failed() && EveryWorkerDied()) {
         failure_ = absl::StrCat("every worker of the job died: ", DeadList(proto::WORKER));
@@ -168,6 +169,36 @@ class Service final : public CoordinatorBase {
       TimeOut(now, &answers);
     }
     Deliver(answers);
+  }
+
+  // Checks the servers that nodes reported unreachable (suspects_), one at
+  // a time, until the coordinator closes: one that does not answer a
+  // health check within a second is declared dead at once, rather than
+  // after the heartbeat timeout (replicas 2: its backups take over its
+  // keys).
+  void Probe() {
+    absl::MutexLock lock(&mu_);
+    for (;;) {
+      mu_.Await(absl::Condition(
+          +[](Service* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu_) {
+            return s->closed_ || !s->suspects_.empty();
+          },
+          this));
+      if (closed_) return;
+      const int rank = *suspects_.begin();
+      const std::string address = servers_[rank].address();
+      mu_.Unlock();
+      const bool answered = rpc::HealthCheck(address, options_.security, absl::Seconds(1));
+      mu_.Lock();
+      suspects_.erase(rank);
+      const auto node = std::make_pair(proto::SERVER, rank);
+      if (answered || dead_.count(node)) continue;
+      std::cerr << "mx_server: coordinator: server " << rank << " (" << address
+                << ") was reported unreachable and did not answer a health check; declaring it "
+                   "dead"
+                << std::endl;
+      DeclareDead(node);
+    }
   }
 
   // The coordinator is stopping: every waiting call is answered UNAVAILABLE
@@ -260,6 +291,17 @@ class Service final : public CoordinatorBase {
     return static_cast<int>(servers_.size()) == options_.num_servers &&
            static_cast<int>(workers_.size()) == options_.num_workers;
   }
+  // Declares `node` dead: heartbeat answers list it from now on.
+  void DeclareDead(const std::pair<proto::Role, int>& node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    proto::NodeInfo info;
+    info.set_role(node.first);
+    info.set_rank(node.second);
+    const auto& nodes = node.first == proto::SERVER ? servers_ : workers_;
+    if (auto n = nodes.find(node.second); n != nodes.end()) info.set_address(n->second.address());
+    dead_[node] = info;
+    NodeGauge(node.first, "dead")->Add(1);
+  }
+
   // Answers every waiting registration with the cluster view. A node
   // heartbeats only once it has this answer, so its heartbeat timeout
   // starts now, not at its own registration (which may be long before the
@@ -270,7 +312,12 @@ class Service final : public CoordinatorBase {
       proto::RegisterResponse resp;
       *resp.mutable_self() = w.node;
       resp.set_session_key(guard_.Key(RpcRole(w.node.role()), w.node.rank()));
-      for (const auto& [unused, s] : servers_) *resp.add_servers() = s;
+      for (const auto& [rank, s] : servers_) {
+        *resp.add_servers() = s;
+        if (w.node.role() == proto::SERVER) {
+          resp.add_server_keys(guard_.Key(rpc::Role::kServer, rank));
+        }
+      }
       for (const auto& [rank, n] : workers_) {
         *resp.add_workers() = n;
         if (w.node.role() == proto::SERVER) {
@@ -296,6 +343,9 @@ class Service final : public CoordinatorBase {
     // dead (which stays dead).
     if (auto it = last_seen_.find(key); it != last_seen_.end() && !dead_.count(key)) {
       it->second = absl::Now();
+    }
+    for (int server : req.unreachable_servers()) {
+      if (servers_.count(server) && !dead_.count({proto::SERVER, server})) suspects_.insert(server);
     }
     for (const auto& [node, info] : dead_) *resp->add_dead() = info;
     resp->set_time_us(trace::NowMicros());
@@ -493,6 +543,8 @@ class Service final : public CoordinatorBase {
   std::vector<Waiting> registering_ ABSL_GUARDED_BY(mu_);  // until all have registered
   std::vector<Waiting> in_barrier_ ABSL_GUARDED_BY(mu_);   // until all have entered
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  std::set<int> suspects_ ABSL_GUARDED_BY(mu_);  // servers reported unreachable
+  std::thread prober_;                           // Probe
 };
 
 }  // namespace

@@ -1,5 +1,6 @@
 #include "server/kvstore_service.h"
 
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <chrono>
 #include <deque>
 #include <cstring>
+#include <iostream>
 #include <map>
 #include <thread>
 #include <vector>
@@ -38,12 +40,17 @@ using ServiceBase = KVService::WithRawCallbackMethod_Init<KVService::WithRawCall
     KVService::WithRawCallbackMethod_Pull<KVService::WithRawCallbackMethod_PushPull<
         KVService::WithRawCallbackMethod_PushPullMany<KVService::WithRawCallbackMethod_SetOptimizer<
             KVService::WithRawCallbackMethod_SaveOptimizerStates<
-                KVService::WithRawCallbackMethod_LoadOptimizerStates<KVService::Service>>>>>>>>;
+                KVService::WithRawCallbackMethod_LoadOptimizerStates<
+                    KVService::WithRawCallbackMethod_Replicate<KVService::Service>>>>>>>>>;
 
 using rpc::GiveUpBefore;
 using rpc::Guard;
 using rpc::ToGrpc;
 constexpr rpc::Role kWorker = rpc::Role::kWorker;
+constexpr rpc::Role kServer = rpc::Role::kServer;
+constexpr int kStepsField = 1;      // ReplicateRequest.steps
+constexpr int kStepValueField = 3;  // ReplicatedStep.value
+const std::string kReplicateMethod = "/mx.proto.KVStoreService/Replicate";
 
 absl::Status Prefix(const absl::Status& s, const char* what, int key) {
   if (s.ok()) return s;
@@ -282,11 +289,176 @@ void PullDeadlines::Loop() {
   }
 }
 
+// Sends the steps of the keys a server holds as primary to their backups
+// (ParameterShard::SetReplicator): for each backup, every step queued since
+// the last call goes in one call, one call in flight at a time, so that a
+// key's steps arrive in order. An answered call tells the shard that the
+// backup holds those versions; a failed one is sent again 100 ms later
+// (after telling `unreachable`), until the backup answers or is declared
+// dead (Drop). One thread.
+class Replicator {
+ public:
+  Replicator(ParameterShard* shard, ReplicationOptions options)
+      : shard_(shard), options_(std::move(options)) {
+    for (const std::string& address : options_.servers) {
+      peers_.emplace_back();
+      peers_.back().stub =
+          std::make_unique<grpc::GenericStub>(rpc::SharedChannel(address, options_.security));
+    }
+    credential_.set_token(options_.claims.token);
+    credential_.set_node(options_.claims.node);
+    thread_ = std::thread([this] { Loop(); });
+  }
+
+  // Cancels the call in flight and waits for its callback.
+  ~Replicator() {
+    {
+      absl::MutexLock lock(&mu_);
+      stop_ = true;
+      for (Peer& p : peers_) {
+        if (p.call != nullptr) p.call->ctx.TryCancel();
+      }
+    }
+    thread_.join();
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(this, &Replicator::Idle));
+  }
+
+  // Under the shard's lock: queues only.
+  void Queue(int backup, ReplicaStep step) {
+    absl::MutexLock lock(&mu_);
+    if (backup < 0 || backup >= static_cast<int>(peers_.size()) || peers_[backup].dropped) return;
+    peers_[backup].queued.push_back(std::move(step));
+  }
+
+  // `backup` was declared dead: its steps are dropped, now and later.
+  void Drop(int backup) {
+    absl::MutexLock lock(&mu_);
+    if (backup < 0 || backup >= static_cast<int>(peers_.size())) return;
+    peers_[backup].dropped = true;
+    peers_[backup].queued.clear();
+    if (peers_[backup].call != nullptr) peers_[backup].call->ctx.TryCancel();
+  }
+
+ private:
+  struct Call {
+    grpc::ClientContext ctx;
+    grpc::ByteBuffer req, resp;
+    std::vector<ReplicaStep> steps;
+  };
+  struct Peer {
+    std::unique_ptr<grpc::GenericStub> stub;
+    std::deque<ReplicaStep> queued;
+    std::shared_ptr<Call> call;  // in flight
+    bool dropped = false;
+    bool suspect = false;        // to report to `unreachable`
+    bool logged = false;         // a failure was logged
+    absl::Time retry_at = absl::InfinitePast();
+  };
+
+  // Whether the thread has something to do.
+  bool Ready() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (stop_) return true;
+    const absl::Time now = absl::Now();
+    for (const Peer& p : peers_) {
+      if (p.suspect) return true;
+      if (!p.dropped && p.call == nullptr && !p.queued.empty() && now >= p.retry_at) return true;
+    }
+    return false;
+  }
+
+  bool Idle() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const Peer& p : peers_) {
+      if (p.call != nullptr) return false;
+    }
+    return true;
+  }
+
+  void Loop() {
+    absl::MutexLock lock(&mu_);
+    while (!stop_) {
+      // Queue and Done wake it; a retry is due within 100 ms.
+      mu_.AwaitWithTimeout(absl::Condition(this, &Replicator::Ready), absl::Milliseconds(100));
+      for (int b = 0; b < static_cast<int>(peers_.size()) && !stop_; ++b) {
+        Peer& p = peers_[b];
+        if (p.suspect) {
+          p.suspect = false;
+          mu_.Unlock();
+          if (options_.unreachable) options_.unreachable(b);
+          mu_.Lock();
+        }
+        if (p.dropped || p.call != nullptr || p.queued.empty() || absl::Now() < p.retry_at) continue;
+        auto call = std::make_shared<Call>();
+        call->steps.assign(std::make_move_iterator(p.queued.begin()),
+                           std::make_move_iterator(p.queued.end()));
+        p.queued.clear();
+        p.call = call;
+        Send(b, p, call);
+      }
+    }
+  }
+
+  // Starts `call` to backup b (under mu_: gRPC only queues it).
+  void Send(int b, Peer& p, const std::shared_ptr<Call>& call) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<EncodedMessage> entries;
+    for (const ReplicaStep& step : call->steps) {
+      proto::ReplicatedStep header;
+      header.set_key(step.key);
+      header.set_version(step.version);
+      for (const auto& [rank, seq] : step.pushes) {
+        header.add_ranks(rank);
+        header.add_seqs(seq);
+      }
+      header.mutable_value()->add_shape(static_cast<int64_t>(step.value.bytes() / sizeof(float)));
+      header.mutable_value()->set_dtype(proto::FLOAT32);
+      entries.push_back(EncodeTensorMessage(header, kStepValueField, step.value));
+    }
+    proto::ReplicateRequest rest;
+    rest.set_primary(options_.rank);
+    *rest.mutable_credential() = credential_;
+    call->req = EncodeRepeated(kStepsField, entries, &rest);
+    call->ctx.set_deadline(std::chrono::system_clock::now() +
+                           absl::ToChronoMilliseconds(options_.rpc_timeout));
+    p.stub->UnaryCall(&call->ctx, kReplicateMethod, grpc::StubOptions(), &call->req, &call->resp,
+                      [this, b, call](grpc::Status s) { Done(b, call, s); });
+  }
+
+  void Done(int b, const std::shared_ptr<Call>& call, const grpc::Status& s) {
+    if (s.ok()) {
+      for (const ReplicaStep& step : call->steps) shard_->Replicated(step.key, step.version);
+    }
+    absl::MutexLock lock(&mu_);
+    Peer& p = peers_[b];
+    p.call = nullptr;
+    if (s.ok() || p.dropped || stop_) return;
+    // Again, before anything queued since.
+    p.queued.insert(p.queued.begin(), std::make_move_iterator(call->steps.begin()),
+                    std::make_move_iterator(call->steps.end()));
+    p.retry_at = absl::Now() + absl::Milliseconds(100);
+    p.suspect = true;
+    if (!p.logged) {
+      p.logged = true;
+      std::cerr << "mx_server: server " << options_.rank << ": replicating to server " << b
+                << " (" << options_.servers[b] << ") failed: " << s.error_message()
+                << "; trying again until it answers or is declared dead" << std::endl;
+    }
+  }
+
+  ParameterShard* const shard_;
+  const ReplicationOptions options_;
+  proto::Credential credential_;
+  absl::Mutex mu_;
+  std::vector<Peer> peers_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
 class Service final : public ServiceBase {
  public:
   Service(ParameterShard* shard, const ParameterServerOptions& o)
       : shard_(shard), guard_(o.security.token, o.identities) {}
   Guard& guard() { return guard_; }
+  void set_rank(int rank) { rank_.store(rank); }
 
   grpc::ServerUnaryReactor* Init(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
                                  grpc::ByteBuffer* response) override {
@@ -296,7 +468,8 @@ class Service final : public ServiceBase {
           MX_RETURN_IF_ERROR(Prefix(SameJob(req), "init", req.key()));
           absl::StatusOr<HostTensor> t = FromProto(req.value());
           if (!t.ok()) return Prefix(t.status(), "init", req.key());
-          return shard_->Init(req.key(), t->shape, t->data);
+          MX_ASSIGN_OR_RETURN(const Copies copies, CopiesOf(req));
+          return shard_->Init(req.key(), t->shape, t->data, copies);
         });
   }
 
@@ -344,6 +517,17 @@ class Service final : public ServiceBase {
                                                        std::vector<PullReactor::Wanted> wanted) {
                    reactor->Start(s, std::move(wanted), deadline);
                  });
+    return reactor;
+  }
+
+  // A primary's steps: applied before the answer, which tells the primary
+  // that this backup holds them.
+  grpc::ServerUnaryReactor* Replicate(grpc::CallbackServerContext* ctx,
+                                      const grpc::ByteBuffer* request,
+                                      grpc::ByteBuffer* response) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    *response = EncodeMessage(proto::ReplicateResponse());
+    reactor->Finish(ToGrpc(HandleReplicate(*ctx, *request)));
     return reactor;
   }
 
@@ -397,6 +581,53 @@ class Service final : public ServiceBase {
   absl::StatusOr<Guard::Node> Worker(const grpc::CallbackServerContext& ctx, const char* method,
                                      const proto::Credential& credential) {
     return guard_.Identify(ctx, method, kWorker, {credential.token(), credential.node()});
+  }
+
+  // The role an init gives this server for its key (InitRequest.primary,
+  // backup).
+  absl::StatusOr<Copies> CopiesOf(const proto::InitRequest& req) const {
+    if (!req.has_primary() && !req.has_backup()) return Copies{};
+    const int self = rank_.load();
+    auto refuse = [&](const std::string& why) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "init of key ", req.key(), " with copies on servers ", req.primary(), " and ",
+          req.backup(), ": ", why));
+    };
+    if (self < 0) return refuse("this server does not replicate (start it with --replicas=2)");
+    if (req.primary() == req.backup()) return refuse("the two copies must be on two servers");
+    if (self == req.primary()) return Copies{Copies::kPrimary, req.backup()};
+    if (self == req.backup()) return Copies{Copies::kBackup, req.primary()};
+    return refuse(absl::StrCat("this is server ", self));
+  }
+
+  absl::Status HandleReplicate(const grpc::CallbackServerContext& ctx,
+                               const grpc::ByteBuffer& request) {
+    std::deque<proto::ReplicatedStep> headers;
+    std::deque<PushData> data;
+    proto::ReplicateRequest rest;
+    const absl::Status decoded = DecodeRepeated(
+        request, kStepsField, kStepValueField, [&](int) { return &headers.emplace_back(); },
+        [&](int) { return Locate(&data.emplace_back()); }, &rest);
+    MX_ASSIGN_OR_RETURN(const Guard::Node caller,
+                        guard_.Identify(ctx, "replicate", kServer,
+                                        {rest.credential().token(), rest.credential().node()}));
+    MX_RETURN_IF_ERROR(decoded);
+    MX_RETURN_IF_ERROR(guard_.CheckClaim(ctx, "replicate", caller, kServer, rest.primary()));
+    MX_ASSIGN_OR_RETURN(const Slices slices, SlicesOf(request));
+    std::vector<ReplicaStep> steps;
+    for (size_t i = 0; i < headers.size(); ++i) {
+      const proto::ReplicatedStep& h = headers[i];
+      if (!data[i].received || h.ranks_size() != h.seqs_size()) {
+        return absl::InvalidArgumentError(absl::StrCat("replicated step of key ", h.key(),
+                                                       ": malformed (no value, or ranks without seqs)"));
+      }
+      MX_RETURN_IF_ERROR(TensorShape(h.value(), data[i].bytes).status());
+      MX_ASSIGN_OR_RETURN(Pieces value, PiecesOf(slices, data[i].offset, data[i].bytes));
+      ReplicaStep step{h.key(), h.version(), std::move(value), {}};
+      for (int j = 0; j < h.ranks_size(); ++j) step.pushes.push_back({h.ranks(j), h.seqs(j)});
+      steps.push_back(std::move(step));
+    }
+    return shard_->ApplyReplicated(rest.primary(), std::move(steps));
   }
 
   // Whether the worker's store (as its init says) belongs to a job run as
@@ -509,18 +740,21 @@ class Service final : public ServiceBase {
     if (!s.ok()) return done(Prefix(s, "push", req.key()));
     absl::StatusOr<Pieces> pieces = PiecesOf(request, data.offset, data.bytes);
     if (!pieces.ok()) return done(Prefix(pieces.status(), "push", req.key()));
-    shard_->PushAsync(req.key(), req.rank(), *std::move(pieces),
-                      [bytes = data.bytes, done = std::move(done)](absl::Status s) {
-                        if (s.ok()) {
-                          ServerMetrics::Get().pushes->Add();
-                          ServerMetrics::Get().pushed_bytes->Add(static_cast<double>(bytes));
-                        }
-                        done(std::move(s));
-                      });
+    shard_->PushAsync(
+        req.key(), req.rank(), *std::move(pieces),
+        [bytes = data.bytes, done = std::move(done)](absl::Status s) {
+          if (s.ok()) {
+            ServerMetrics::Get().pushes->Add();
+            ServerMetrics::Get().pushed_bytes->Add(static_cast<double>(bytes));
+          }
+          done(std::move(s));
+        },
+        req.seq());
   }
 
   ParameterShard* shard_;
   Guard guard_;
+  std::atomic<int> rank_{-1};  // set when it replicates
   PullDeadlines deadlines_;
 };
 
@@ -529,6 +763,7 @@ class Service final : public ServiceBase {
 struct ParameterServer::Impl {
   std::unique_ptr<Service> service;
   std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<Replicator> replicator;  // replicas 2
 };
 
 absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
@@ -570,6 +805,26 @@ void ParameterServer::AdmitWorkers(const std::vector<std::string>& keys) {
 
 int64_t ParameterServer::refused() const { return impl_->service->guard().refused(); }
 
+void ParameterServer::AdmitServers(const std::vector<std::string>& keys) {
+  for (size_t rank = 0; rank < keys.size(); ++rank) {
+    impl_->service->guard().Admit(kServer, static_cast<int>(rank), keys[rank]);
+  }
+  impl_->service->guard().AdmitAll(kServer);
+}
+
+void ParameterServer::StartReplication(ReplicationOptions options) {
+  impl_->service->set_rank(options.rank);
+  impl_->replicator = std::make_unique<Replicator>(shard_.get(), std::move(options));
+  shard_->SetReplicator([r = impl_->replicator.get()](int backup, ReplicaStep step) {
+    r->Queue(backup, std::move(step));
+  });
+}
+
+int ParameterServer::ServerDied(int server) {
+  if (impl_->replicator != nullptr) impl_->replicator->Drop(server);
+  return shard_->ServerDied(server);
+}
+
 ParameterServer::~ParameterServer() {
   if (impl_ != nullptr && impl_->server != nullptr) {
     // Pulls waiting in the shard end at once rather than at their deadline
@@ -577,6 +832,8 @@ ParameterServer::~ParameterServer() {
     shard_->Close("the server is shutting down");
     impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   }
+  // Its callbacks call the shard.
+  if (impl_ != nullptr) impl_->replicator.reset();
 }
 
 }  // namespace mx

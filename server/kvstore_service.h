@@ -2,6 +2,7 @@
 #ifndef MX_SERVER_KVSTORE_SERVICE_H_
 #define MX_SERVER_KVSTORE_SERVICE_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -25,6 +26,19 @@ struct ParameterServerOptions {
   bool identities = false;
 };
 
+// Replicas 2 (docs/architecture.md, "Replicas"): where a server sends the
+// steps of the keys it holds as primary.
+struct ReplicationOptions {
+  int rank = -1;                     // this server's
+  std::vector<std::string> servers;  // every server's address, by rank
+  rpc::Security security;
+  rpc::Claims claims;  // this server's identity on its calls to backups
+  // Called (from the replication thread, which it may block briefly) when
+  // a backup does not answer: the coordinator should check it.
+  std::function<void(int server)> unreachable;
+  absl::Duration rpc_timeout = absl::Seconds(10);  // of each call
+};
+
 // A running parameter server: a gRPC server on `bind_address` (host:port;
 // port 0 picks a free one) serving one shard. Every handler checks the
 // caller (rpc/security.h) before it reads the request. Stops when
@@ -43,6 +57,17 @@ class ParameterServer {
   // them (RegisterResponse.worker_keys). The server's grpc.health.v1
   // status turns SERVING (with identities, it is NOT_SERVING until then).
   void AdmitWorkers(const std::vector<std::string>& keys);
+  // The job's servers' session keys, by rank: a backup accepts replicated
+  // steps from its primary alone.
+  void AdmitServers(const std::vector<std::string>& keys);
+  // Replicas 2: from now on, inits that name this server a key's primary
+  // or backup (InitRequest.primary, backup) make it one, and the steps of
+  // its primary keys go to their backups.
+  void StartReplication(ReplicationOptions options);
+  // Server `server` was declared dead: this server takes over the keys it
+  // is the backup of, and stops replicating to it. Returns the number of
+  // keys taken over.
+  int ServerDied(int server);
   // Calls refused for a missing or wrong token or identity.
   int64_t refused() const;
 

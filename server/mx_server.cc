@@ -22,6 +22,7 @@
 #include <functional>
 #include <iostream>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -63,6 +64,10 @@ ABSL_FLAG(std::string, mode, "sync", "sync (dist_sync) or async (dist_async)");
 ABSL_FLAG(bool, elastic, false,
           "continue without workers that died instead of failing (give it to the coordinator "
           "and to every server)");
+ABSL_FLAG(std::string, replicas, "",
+          "copies of each key's state on the servers: 1, or 2 (a primary and a backup on the next "
+          "server, which takes over if the primary dies; give every server and worker the same; "
+          "default: $MX_REPLICAS, else 1)");
 ABSL_FLAG(int, max_message_mb, 1024,
           "a server refuses requests larger than this many MiB (1 to 1024)");
 ABSL_FLAG(std::string, startup_timeout_s, "",
@@ -343,10 +348,25 @@ std::string Advertised(const std::string& advertise, const std::string& bound) {
 bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, int* sig) {
   const int rank = coordinator.cluster().self().rank();
   std::atomic<bool> finished{false}, lost{false};
+  std::set<int> dead_servers;  // heard of (heartbeat thread only)
   coordinator.StartHeartbeats(
       [&](const proto::HeartbeatResponse& hr) {
         for (const proto::NodeInfo& dead : hr.dead()) {
           if (dead.role() == proto::WORKER) ps.shard().MarkDead(dead.rank());
+          if (dead.role() != proto::SERVER || !dead_servers.insert(dead.rank()).second) continue;
+          if (dead.rank() == rank) {
+            // Stopped or cut off long enough for the others to go on
+            // without it: its keys are served elsewhere now.
+            std::cerr << "mx_server: server " << rank
+                      << ": the coordinator declared this server dead; stopping\n";
+            ps.shard().Close(absl::StrCat("server ", rank, " was declared dead"));
+            lost = true;
+            continue;
+          }
+          const int taken = ps.ServerDied(dead.rank());
+          std::cout << "server " << rank << ": server " << dead.rank() << " was declared dead"
+                    << (taken > 0 ? absl::StrCat("; took over its ", taken, " key(s)") : "")
+                    << std::endl;
         }
         for (int worker : hr.finished_workers()) ps.shard().MarkFinished(worker);
         if (!hr.failure().empty() && !lost.exchange(true)) {
@@ -402,6 +422,7 @@ int RunServer() {
   server_options.security = SecuritySettings();
   server_options.identities = true;
   std::unique_ptr<metrics::HttpServer> metrics = ServeMetrics(bind, "server");
+  const int replicas = IntSetting("replicas", absl::GetFlag(FLAGS_replicas), "MX_REPLICAS", 1, 2, 1);
   auto ps = ParameterServer::Start(bind, {mode == "sync", workers, absl::GetFlag(FLAGS_elastic)},
                                    server_options);
   if (!ps.ok()) {
@@ -426,13 +447,29 @@ int RunServer() {
     return 1;
   }
   const proto::RegisterResponse& cluster = (*client)->cluster();
-  (*ps)->AdmitWorkers({cluster.worker_keys().begin(), cluster.worker_keys().end()});
   const int rank = cluster.self().rank();
+  if (replicas > 1) {
+    if (cluster.servers_size() < 2) {
+      std::cerr << "mx_server: --replicas=2 needs at least 2 servers, the job has "
+                << cluster.servers_size() << "\n";
+      return 2;
+    }
+    (*ps)->AdmitServers({cluster.server_keys().begin(), cluster.server_keys().end()});
+    ReplicationOptions ro;
+    ro.rank = rank;
+    for (const proto::NodeInfo& server : cluster.servers()) ro.servers.push_back(server.address());
+    ro.security = server_options.security;
+    ro.claims = (*client)->caller().claims();
+    ro.unreachable = [c = client->get()](int server) { c->ReportUnreachable(server); };
+    (*ps)->StartReplication(std::move(ro));
+  }
+  (*ps)->AdmitWorkers({cluster.worker_keys().begin(), cluster.worker_keys().end()});
   metrics::SetNodeInfo("server", rank);
   trace::SetProcessName(absl::StrCat("server ", rank));
   if (metrics != nullptr) metrics->SetServing(true);  // as the health service now
   std::cout << "server " << rank << " serving on " << req.address()
-            << (absl::GetFlag(FLAGS_elastic) ? " (elastic)" : "") << std::endl;
+            << (absl::GetFlag(FLAGS_elastic) ? " (elastic)" : "")
+            << (replicas > 1 ? " (replicas 2)" : "") << std::endl;
   int sig = 0;
   const bool finished = ServeUntilDone(**client, **ps, &sig);
   if (sig != 0 || finished) LogShutdown(absl::StrCat("server ", rank), sig, (*ps)->refused());

@@ -24,7 +24,13 @@ absl::StatusOr<ParameterShard::Key*> ParameterShard::Find(int key) {
   return &it->second;
 }
 
-absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector<float>& value) {
+void ParameterShard::SetReplicator(ReplicateFn replicate) {
+  absl::MutexLock lock(&mu_);
+  replicate_ = std::move(replicate);
+}
+
+absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector<float>& value,
+                                  Copies copies) {
   if (!shape.IsValid() || static_cast<int64_t>(value.size()) != shape.Size()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "init of key ", key, ": ", value.size(), " values for shape ", shape.ToString()));
@@ -39,9 +45,15 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
     }
     return absl::OkStatus();
   }
+  if (copies.role == Copies::kPrimary && replicate_ == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "init of key ", key, ": a backup on server ", copies.peer,
+        " was asked for, but this server does not replicate (start it with --replicas=2)"));
+  }
   Key& k = keys_[key];
   k.shape = shape;
   k.value = Pieces::Of(value);
+  k.copies = copies;
   if (optimizer_ == nullptr) return absl::OkStatus();
   // A slice of a big key takes the name of its key (proto/slice_key.h).
   if (BaseKey(key) != key) optimizer_->SetParamNames(SliceKeyNames());
@@ -189,19 +201,41 @@ absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
   return result;
 }
 
-void ParameterShard::PushAsync(int key, int rank, Pieces value, PushCallback done) {
+void ParameterShard::PushAsync(int key, int rank, Pieces value, PushCallback done, int64_t seq) {
   Answers answers;
   absl::Status refused;
   {
     absl::MutexLock lock(&mu_);
-    refused = Record(key, rank, &value, &done, &answers);
+    refused = Record(key, rank, seq, &value, &done, &answers);
   }
   if (!refused.ok()) answers.push_back(PushAnswer(std::move(done), std::move(refused)));
   Deliver(std::move(answers));
 }
 
-absl::Status ParameterShard::Record(int key, int rank, Pieces* value, PushCallback* done,
-                                    Answers* answers) {
+absl::Status ParameterShard::NotPrimaryYet(int id, const Key& k, const char* what) {
+  return absl::UnavailableError(absl::StrCat(
+      what, " of key ", id, ": this server holds the key as the backup of server ", k.copies.peer,
+      ", which has not been declared dead here (yet)"));
+}
+
+absl::StatusOr<bool> ParameterShard::Seen(int id, Key* k, int rank, int64_t seq) {
+  if (seq <= 0) return false;
+  int64_t& seen = k->seen[rank];
+  if (seq <= seen) return true;
+  if (seq != seen + 1) {
+    return absl::InvalidArgumentError(absl::StrCat("push of key ", id, " from worker ", rank,
+                                                   ": push number ", seq, " after number ", seen));
+  }
+  seen = seq;
+  return false;
+}
+
+bool ParameterShard::Servable(const Key& k) const {
+  return !options_.sync || k.copies.role != Copies::kPrimary || k.replicated >= k.version;
+}
+
+absl::Status ParameterShard::Record(int key, int rank, int64_t seq, Pieces* value,
+                                    PushCallback* done, Answers* answers) {
   if (rank < 0 || rank >= options_.num_workers) {
     return absl::InvalidArgumentError(absl::StrCat(
         "push of key ", key, ": worker rank ", rank, " is outside 0..", options_.num_workers - 1));
@@ -228,15 +262,25 @@ absl::Status ParameterShard::Record(int key, int rank, Pieces* value, PushCallba
         "push of key ", key, " from worker ", rank, ": ", value->bytes() / sizeof(float),
         " values but the key holds ", k->shape.ToString(), " (", k->shape.Size(), ")"));
   }
+  if (k->copies.role == Copies::kBackup) return NotPrimaryYet(key, *k, "push");
+  MX_ASSIGN_OR_RETURN(const bool resent, Seen(key, k, rank, seq));
+  if (resent) {  // in a step already, or queued for one
+    answers->push_back(PushAnswer(std::move(*done), absl::OkStatus()));
+    return absl::OkStatus();
+  }
   if (options_.sync) {
     // Parked behind the worker's earlier pushes; admitted (and answered)
     // at once if there is room.
-    k->parked[rank].push_back({std::move(*value), std::move(*done)});
+    k->parked[rank].push_back({{std::move(*value), seq}, std::move(*done)});
     MaybeComplete(key, k, answers);
-  } else {
-    CompleteStep(key, k, {std::move(*value)});
+  } else if (!CompleteStep(key, k, {{std::move(*value), seq}}, {rank})) {
+    // Taken: the key's pulls and later pushes say why it failed.
     TakeAnswered(key, k, answers);
     answers->push_back(PushAnswer(std::move(*done), absl::OkStatus()));
+  } else {
+    // Answered once the backup holds it, if there is one.
+    k->unreplicated.emplace(k->version, std::move(*done));
+    TakeAnswered(key, k, answers);
   }
   return absl::OkStatus();
 }
@@ -256,7 +300,7 @@ void ParameterShard::AdmitParked(int id, Key* k, Answers* answers) {
   for (auto it = k->parked.begin(); it != k->parked.end();) {
     const int rank = it->first;
     std::deque<Key::Parked>& parked = it->second;
-    std::deque<Pieces>& pending = k->pending[rank];
+    std::deque<Pending>& pending = k->pending[rank];
     while (!parked.empty()) {
       absl::Status why = stuck;
       if (why.ok() && dead_.count(rank)) {
@@ -264,7 +308,7 @@ void ParameterShard::AdmitParked(int id, Key* k, Answers* answers) {
             absl::StrCat("push of key ", id, ": worker ", rank, " was declared dead"));
       }
       if (why.ok() && static_cast<int>(pending.size()) >= options_.max_pending_pushes) break;
-      if (why.ok()) pending.push_back(std::move(parked.front().value));
+      if (why.ok()) pending.push_back(std::move(parked.front().push));
       answers->push_back(PushAnswer(std::move(parked.front().done), std::move(why)));
       parked.pop_front();
     }
@@ -286,6 +330,7 @@ absl::Status ParameterShard::Stuck(int id, const Key& k, const char* what) const
 
 void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
   if (k->completing) return;  // that thread completes this step too
+  if (k->copies.role == Copies::kBackup) return;  // its primary completes them
   // Steps complete while every live worker has a push queued; workers that
   // have left add the pushes they queued before.
   for (;;) {
@@ -296,21 +341,35 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
       if (!queued.empty() && (live_.count(r) || finished_.count(r))) ranks.push_back(r);
     }
     if (ranks.empty()) break;
-    std::vector<Pieces> pushes;
+    std::vector<Pending> pushes;
     for (int r : ranks) {
       pushes.push_back(std::move(k->pending[r].front()));
       k->pending[r].pop_front();
     }
-    if (!CompleteStep(id, k, std::move(pushes))) break;
+    if (!CompleteStep(id, k, std::move(pushes), ranks)) break;
   }
   TakeAnswered(id, k, answers);
 }
 
-bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pieces> pushes) {
+bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pending> pending,
+                                  const std::vector<int>& ranks) {
+  // What the backup needs to take the same step: the value applied.
+  const bool replicate = k->copies.role == Copies::kPrimary && k->copies.peer >= 0;
+  ReplicaStep step{id, k->version + 1, {}, {}};
+  std::vector<Pieces> pushes;
+  for (size_t i = 0; i < pending.size(); ++i) {
+    pushes.push_back(std::move(pending[i].value));
+    if (i < ranks.size()) step.pushes.push_back({ranks[i], pending[i].seq});
+  }
+  if (pushes.size() == 1 && replicate) step.value = pushes[0];
+  auto replicated = [&] {
+    if (replicate) replicate_(k->copies.peer, std::move(step));
+    return true;
+  };
   if (optimizer_ == nullptr && pushes.size() == 1) {
     ++k->version;
     k->value = std::move(pushes[0]);  // as it arrived
-    return true;
+    return replicated();
   }
   // Summing reads every push, and an update takes its time on the engine:
   // other keys need not wait for either. The key (a map node: its address
@@ -322,10 +381,14 @@ bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pieces> pushes) {
   const int64_t traced_from = trace::Enabled() ? trace::NowMicros() : 0;
   const size_t n = k->shape.Size();
   std::vector<float> next = pool_->Take(n);
+  // The sum, when the backup needs it and the update will not keep it.
+  const bool copy_sum = replicate && optimize && pushes.size() > 1;
+  std::vector<float> sum = copy_sum ? pool_->Take(n) : std::vector<float>();
   mu_.Unlock();
   absl::Status s = CatchError([&] {
     if (optimize) k->grad.WaitToWrite();  // the last update has read it
     Sum(pushes, n, optimize ? k->grad.data() : next.data());
+    if (copy_sum) std::memcpy(sum.data(), k->grad.data(), n * sizeof(float));
   });
   mu_.Lock();
   if (s.ok() && optimize) {
@@ -349,7 +412,9 @@ bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pieces> pushes) {
                     absl::StrCat("\"key\":", id, ",\"version\":", k->version,
                                  ",\"pushes\":", pushes.size()));
   }
-  return true;
+  if (copy_sum) step.value = Publish(std::move(sum));
+  if (replicate && pushes.size() > 1 && !optimize) step.value = k->value;  // the sum
+  return replicated();
 }
 
 void ParameterShard::FailKey(int id, Key* k, const absl::Status& s) {
@@ -389,13 +454,22 @@ std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
     int id, Key* key, int64_t min_version) {
   const Key& k = *key;
   if (!closed_.empty() || !k.failed.ok()) return Stuck(id, k, "pull");
-  if (k.version >= min_version) return Value{k.value, k.version};
+  if (k.copies.role == Copies::kBackup) return NotPrimaryYet(id, k, "pull");
+  if (k.version >= min_version && Servable(k)) return Value{k.value, k.version};
   if (absl::Status stuck = Stuck(id, k, "pull"); !stuck.ok()) return stuck;
   return std::nullopt;
 }
 
 void ParameterShard::TakeAnswered(int id, Key* k, Answers* answers) {
   AdmitParked(id, k, answers);  // or fails them, as the pulls below
+  // dist_async pushes the backup holds (or that fail, as the pulls below).
+  const bool one_copy = k->copies.role != Copies::kPrimary || k->copies.peer < 0;
+  const absl::Status stuck = Stuck(id, *k, "push");
+  for (auto it = k->unreplicated.begin(); it != k->unreplicated.end();) {
+    if (stuck.ok() && !one_copy && it->first > k->replicated) break;
+    answers->push_back(PushAnswer(std::move(it->second), stuck));
+    it = k->unreplicated.erase(it);
+  }
   for (auto it = k->waiters.begin(); it != k->waiters.end();) {
     std::optional<absl::StatusOr<Value>> answer = Answer(id, k, it->second.min_version);
     if (!answer.has_value()) {
@@ -458,10 +532,17 @@ absl::Status ParameterShard::TimeOutPull(int key, uint64_t id, int64_t min_versi
   absl::MutexLock lock(&mu_);
   auto k = keys_.find(key);
   if (k == keys_.end() || k->second.waiters.erase(id) == 0) return absl::OkStatus();
+  const Key& held = k->second;
+  if (held.version >= min_version) {  // not Servable
+    return absl::DeadlineExceededError(absl::StrCat(
+        "pull of key ", key, ": version ", held.version, " was not acknowledged by the key's backup, server ",
+        held.copies.peer, ", by the deadline (it holds version ", held.replicated,
+        "; is it reachable from this server?)"));
+  }
   return absl::DeadlineExceededError(absl::StrCat(
       "pull of key ", key, ": version ", min_version, " not reached by the deadline (at ",
-      k->second.version, "; waiting for pushes from worker(s) ",
-      absl::StrJoin(MissingPushes(k->second), ", "), ")"));
+      held.version, "; waiting for pushes from worker(s) ",
+      absl::StrJoin(MissingPushes(held), ", "), ")"));
 }
 
 std::vector<int> ParameterShard::MissingPushes(const Key& k) const {
@@ -524,6 +605,69 @@ absl::Status ParameterShard::LoadOptimizerStates(const std::string& bytes) {
   std::map<int, Shape> shapes;
   for (const auto& [id, k] : keys_) shapes.emplace(id, k.shape);
   return optimizer_->LoadStates(bytes, shapes);
+}
+
+absl::Status ParameterShard::ApplyReplicated(int primary, std::vector<ReplicaStep> steps) {
+  absl::MutexLock lock(&mu_);
+  for (ReplicaStep& step : steps) {
+    MX_ASSIGN_OR_RETURN(Key * k, Find(step.key));
+    if (k->copies.role != Copies::kBackup || k->copies.peer != primary) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "replicated step of key ", step.key, " from server ", primary,
+          ": this server does not hold the key as its backup",
+          k->copies.role == Copies::kOnly ? " (any more: it took the key over)" : ""));
+    }
+    if (!k->failed.ok()) return Stuck(step.key, *k, "replicated step");
+    if (step.version <= k->version) continue;  // sent again
+    if (step.version != k->version + 1) {
+      return absl::DataLossError(absl::StrCat("replicated step of key ", step.key, ": version ",
+                                              step.version, " after ", k->version));
+    }
+    if (step.value.bytes() != k->shape.Size() * sizeof(float)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "replicated step of key ", step.key, ": ", step.value.bytes() / sizeof(float),
+          " values for a key of ", k->shape.Size()));
+    }
+    if (!CompleteStep(step.key, k, {{std::move(step.value), 0}}, {})) {
+      return Stuck(step.key, *k, "replicated step");
+    }
+    for (const auto& [rank, seq] : step.pushes) {
+      k->seen[rank] = std::max(k->seen[rank], seq);
+    }
+  }
+  return absl::OkStatus();
+}
+
+void ParameterShard::Replicated(int key, int64_t version) {
+  Answers answers;
+  {
+    absl::MutexLock lock(&mu_);
+    auto k = keys_.find(key);
+    if (k == keys_.end()) return;
+    k->second.replicated = std::max(k->second.replicated, version);
+    TakeAnswered(key, &k->second, &answers);
+  }
+  Deliver(std::move(answers));
+}
+
+int ParameterShard::ServerDied(int server) {
+  Answers answers;
+  int taken = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(NoStepInFlight());  // a replicated step being applied lands first
+    for (auto& [id, k] : keys_) {
+      if (k.copies.peer != server || k.copies.role == Copies::kOnly) continue;
+      if (k.copies.role == Copies::kBackup) {
+        ++taken;
+        k.replicated = k.version;
+      }
+      k.copies = Copies{};  // one copy, here
+      MaybeComplete(id, &k, &answers);
+    }
+  }
+  Deliver(std::move(answers));
+  return taken;
 }
 
 void ParameterShard::MarkDead(int rank) {

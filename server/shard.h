@@ -40,6 +40,18 @@
 // (the server is stopping) ends every wait at once with kUnavailable, and
 // later pushes and pulls fail the same way.
 //
+// Replicas (replicas 2; docs/architecture.md, "Replicas"). A key may be
+// held as the primary of its copies, which completes its steps and hands
+// each to Options::replicate for its backup server, or as the backup,
+// which applies the steps its primary sends (ApplyReplicated) the same way,
+// so that both hold the same bits, and refuses workers' pushes and pulls
+// (kUnavailable) until the primary is declared dead (ServerDied) and it
+// takes over. A primary answers the pulls of a dist_sync version, and
+// acknowledges a dist_async push, only once the backup holds it
+// (Replicated). Each push carries its worker's count of pushes of the key
+// (seq); the shard records a (rank, seq) once: a push sent again after a
+// failover is acknowledged without being counted twice.
+//
 // Bad requests (unknown key, wrong shape or size, re-init with another
 // shape, bad rank) are kInvalidArgument / kNotFound; the shard keeps
 // serving. A step whose update fails (optimizer states loaded for another
@@ -80,14 +92,39 @@ struct ShardOptions {
   int max_pending_pushes = 4;
 };
 
+// Where a key's copies are, seen from one shard: the only one; the
+// primary, replicating to server `peer`; or the backup of server `peer`.
+struct Copies {
+  enum Role { kOnly, kPrimary, kBackup };
+  Role role = kOnly;
+  int peer = -1;
+};
+
+// A step of a key that a primary completed, for its backup: the value the
+// step applied (the rank-order sum of its pushes in dist_sync, the push in
+// dist_async), the key's version after it, and the pushes it took in.
+struct ReplicaStep {
+  int key = 0;
+  int64_t version = 0;
+  Pieces value;
+  std::vector<std::pair<int, int64_t>> pushes;  // (rank, seq), in rank order
+};
+
 class ParameterShard {
  public:
   explicit ParameterShard(ShardOptions options);
   const ShardOptions& options() const { return options_; }
 
+  // Receives each step of a key held as primary, in the order of the key's
+  // steps, under the shard's lock (it must only queue it): the caller
+  // sends it to server `backup` and calls Replicated once it holds it.
+  using ReplicateFn = std::function<void(int backup, ReplicaStep step)>;
+  void SetReplicator(ReplicateFn replicate);
+
   // Creates key with a value. A second Init with the same shape is a no-op
   // (every worker may init); another shape is an error naming both.
-  absl::Status Init(int key, const Shape& shape, const std::vector<float>& value);
+  absl::Status Init(int key, const Shape& shape, const std::vector<float>& value,
+                    Copies copies = {});
 
   // One worker's contribution to key: floats where they lie (the pieces of
   // the network buffers it arrived in), held until its step is summed.
@@ -97,8 +134,11 @@ class ParameterShard {
   // key's steps make room for it, or with the error that stops them (a
   // failed step, a dead worker when not elastic, Close). The new value may
   // be pending until the step completes.
+  // `seq`: the worker's count of pushes of the key, this one included (0:
+  // not counted); a push whose (rank, seq) was recorded before is answered
+  // OK and not counted again.
   using PushCallback = std::function<void(absl::Status)>;
-  void PushAsync(int key, int rank, Pieces value, PushCallback done);
+  void PushAsync(int key, int rank, Pieces value, PushCallback done, int64_t seq = 0);
   // The blocking form; for floats in a vector (tests; callers without a
   // network).
   absl::Status Push(int key, int rank, Pieces value);
@@ -153,6 +193,19 @@ class ParameterShard {
   absl::StatusOr<std::string> SaveOptimizerStates() const;
   absl::Status LoadOptimizerStates(const std::string& bytes);
 
+  // The backup's side: applies steps its primary (server `primary`)
+  // completed, in order; a step it already holds is skipped. Refused
+  // (kFailedPrecondition) for a key this shard does not hold as the backup
+  // of `primary`, such as one it took over since.
+  absl::Status ApplyReplicated(int primary, std::vector<ReplicaStep> steps);
+  // The primary's side: the backup holds key up to `version`.
+  void Replicated(int key, int64_t version);
+  // Server `server` was declared dead: this shard takes over the keys it
+  // was the backup of (serving them from the version it holds) and stops
+  // replicating to it (its keys then have one copy). Returns the number of
+  // keys taken over.
+  int ServerDied(int server);
+
   // Removes a worker from the live set (its death was detected).
   void MarkDead(int rank);
   // The worker has left the job (see "Workers that finish" above).
@@ -169,6 +222,10 @@ class ParameterShard {
     int64_t min_version;
     PullCallback done;
   };
+  struct Pending {
+    Pieces value;
+    int64_t seq = 0;
+  };
   struct Key {
     Shape shape;
     // The current value, as pulls get it.
@@ -177,12 +234,20 @@ class ParameterShard {
     // With an optimizer: the weights it updates in place (equal to `value`
     // between steps) and the step's summed gradient.
     NDArray weight, grad;
+    Copies copies;
+    // Replicas: the version the backup holds (a primary's), and for each
+    // worker the highest push seq recorded.
+    int64_t replicated = 0;
+    std::map<int, int64_t> seen;
+    // dist_async with a backup: pushes applied, answered once the backup
+    // holds their version.
+    std::multimap<int64_t, PushCallback> unreplicated;
     // Pushes not yet in a completed step, by rank, oldest first.
-    std::map<int, std::deque<Pieces>> pending;
+    std::map<int, std::deque<Pending>> pending;
     // Pushes beyond max_pending_pushes, by rank, oldest first: not
     // answered until they move to `pending`.
     struct Parked {
-      Pieces value;
+      Pending push;
       PushCallback done;
     };
     std::map<int, std::deque<Parked>> parked;
@@ -203,8 +268,16 @@ class ParameterShard {
   absl::StatusOr<Key*> Find(int key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // PushAsync under the lock: records *value (and *done, which answers go
   // to) or returns why not, leaving them.
-  absl::Status Record(int key, int rank, Pieces* value, PushCallback* done, Answers* answers)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Record(int key, int rank, int64_t seq, Pieces* value, PushCallback* done,
+                      Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether a push (rank, seq) of key was recorded before (a resend); an
+  // error if it skips one.
+  absl::StatusOr<bool> Seen(int id, Key* k, int rank, int64_t seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether the key's current version may be served: a primary's once
+  // its backup holds it (dist_sync).
+  bool Servable(const Key& k) const;
+  // kUnavailable for a worker's `what` of a key held as a backup.
+  static absl::Status NotPrimaryYet(int id, const Key& k, const char* what);
   // The answer to a pull of key at min_version, or nullopt while it must wait.
   std::optional<absl::StatusOr<Value>> Answer(int id, Key* key, int64_t min_version)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -229,8 +302,8 @@ class ParameterShard {
   // with it. It sums, and waits for the update, outside the lock
   // (releasing and retaking it), so that a server's cores complete
   // different keys' steps at once. False if the step failed (FailKey).
-  bool CompleteStep(int id, Key* key, std::vector<Pieces> pushes)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool CompleteStep(int id, Key* key, std::vector<Pending> pushes,
+                    const std::vector<int>& ranks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Records that a step of key failed with `s` (see Key::failed).
   static void FailKey(int id, Key* key, const absl::Status& s);
   // True while no step completes outside the lock (completing_ is 0).
@@ -244,6 +317,7 @@ class ParameterShard {
   std::vector<int> MissingPushes(const Key& key) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const ShardOptions options_;
+  ReplicateFn replicate_;  // set before any key is
   mutable absl::Mutex mu_;
   std::map<int, Key> keys_ ABSL_GUARDED_BY(mu_);
   std::set<int> live_ ABSL_GUARDED_BY(mu_);

@@ -27,6 +27,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "graph/symbol.h"
@@ -220,6 +221,23 @@ absl::Status CheckFlags() {
   return absl::OkStatus();
 }
 
+
+// FNV-1a (64 bits) of every parameter's bytes, in name order: equal for
+// bit-identical parameters.
+std::string ParamsChecksum(FeedForward& model) {
+  uint64_t h = 1469598103934665603ull;
+  auto add = [&h](const std::map<std::string, NDArray>& params) {
+    for (const auto& [name, array] : params) {
+      const std::vector<float> v = array.ToVector();
+      const auto* bytes = reinterpret_cast<const unsigned char*>(v.data());
+      for (size_t i = 0; i < v.size() * sizeof(float); ++i) h = (h ^ bytes[i]) * 1099511628211ull;
+    }
+  };
+  add(model.arg_params());
+  add(model.aux_params());
+  return absl::StrFormat("%016x", h);
+}
+
 absl::Status Run() {
   MX_RETURN_IF_ERROR(CheckFlags());
   srand(absl::GetFlag(FLAGS_seed));
@@ -305,6 +323,9 @@ absl::Status Run() {
   }
   MX_ASSIGN_OR_RETURN(MetricValues score, model->Score(test.get(), "accuracy"));
   std::cout << "Final test accuracy=" << score[0].second << std::endl;
+  // Runs that should give the same bits (a fixed seed, a failover with
+  // replicas) compare this line.
+  std::cout << "Final params checksum=" << ParamsChecksum(*model) << std::endl;
   if (store != nullptr) MX_RETURN_IF_ERROR(store->Finish());
   return absl::OkStatus();
 }
