@@ -6,6 +6,7 @@
 #include <random>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -601,6 +602,180 @@ TEST(ParameterShard, OptimizerStepsPublishNewBuffers) {
   ASSERT_TRUE(v2.ok());
   EXPECT_THAT(v2->data.ToFloats(), ElementsAre(0, -1));
   EXPECT_THAT(v1->data.ToFloats(), ElementsAre(0.5f, 0));
+}
+
+
+// ---- Replicas 2: a primary and its backup, wired directly.
+
+// Push number `seq` of `rank`, blocking.
+absl::Status PushSeq(ParameterShard& shard, int key, int rank, std::vector<float> value, int64_t seq) {
+  absl::Notification done;
+  absl::Status result;
+  shard.PushAsync(key, rank, Pieces::Of(std::move(value)),
+                  [&](absl::Status s) {
+                    result = std::move(s);
+                    done.Notify();
+                  },
+                  seq);
+  done.WaitForNotification();
+  return result;
+}
+
+// Values whose float sum depends on the order of addition.
+std::vector<float> Gradient(int step, int rank) {
+  return {rank == 0 ? 1e8f : 1.0f + step, rank == 0 ? -1e8f * step : 0.1f * step, 0.25f * rank};
+}
+
+// A primary (server 0) whose steps go to its backup (server 1) as they
+// complete, unless `sent` is given: then they are kept there.
+struct Pair {
+  explicit Pair(bool optimizer) {
+    primary.SetReplicator([this](int backup, ReplicaStep step) {
+      EXPECT_EQ(backup, 1);
+      steps.push_back(std::move(step));
+    });
+    EXPECT_TRUE(primary.Init(7, Shape{3}, {1, 2, 3}, {Copies::kPrimary, 1}).ok());
+    EXPECT_TRUE(backup.Init(7, Shape{3}, {1, 2, 3}, {Copies::kBackup, 0}).ok());
+    if (optimizer) {
+      EXPECT_TRUE(primary.SetOptimizer("sgd", kSgdMomentum).ok());
+      EXPECT_TRUE(backup.SetOptimizer("sgd", kSgdMomentum).ok());
+    }
+  }
+  // Sends the steps queued so far to the backup and tells the primary.
+  void Replicate() {
+    ASSERT_TRUE(backup.ApplyReplicated(0, steps).ok());
+    for (const ReplicaStep& s : steps) primary.Replicated(s.key, s.version);
+    steps.clear();
+  }
+  ParameterShard primary{{true, 2, false}};
+  ParameterShard backup{{true, 2, false}};
+  std::vector<ReplicaStep> steps;
+};
+
+// The value of key 7 after `steps` undisturbed steps of one shard.
+std::vector<float> Undisturbed(bool optimizer, int steps) {
+  ParameterShard shard({true, 2, false});
+  EXPECT_TRUE(shard.Init(7, Shape{3}, {1, 2, 3}).ok());
+  if (optimizer) {
+    EXPECT_TRUE(shard.SetOptimizer("sgd", kSgdMomentum).ok());
+  }
+  for (int step = 1; step <= steps; ++step) {
+    for (int rank : {1, 0}) EXPECT_TRUE(PushSeq(shard, 7, rank, Gradient(step, rank), step).ok());
+  }
+  auto v = shard.Pull(7, steps, Soon());
+  EXPECT_TRUE(v.ok()) << v.status();
+  return v.ok() ? v->data.ToFloats() : std::vector<float>();
+}
+
+TEST(ShardReplicas, APullWaitsForTheBackupWhichThenHoldsTheSameBits) {
+  for (bool optimizer : {false, true}) {
+    SCOPED_TRACE(optimizer ? "sgd with momentum" : "summation");
+    Pair pair(optimizer);
+    for (int rank : {1, 0}) ASSERT_TRUE(PushSeq(pair.primary, 7, rank, Gradient(1, rank), 1).ok());
+    ASSERT_EQ(pair.steps.size(), 1u);
+    EXPECT_EQ(pair.steps[0].version, 1);
+    EXPECT_THAT(pair.steps[0].pushes, ElementsAre(std::make_pair(0, 1), std::make_pair(1, 1)));
+    // Not before the backup holds it.
+    auto early = pair.primary.Pull(7, 1, Soon(100));
+    ASSERT_EQ(early.status().code(), absl::StatusCode::kDeadlineExceeded);
+    EXPECT_THAT(early.status().message(), HasSubstr("not acknowledged by the key's backup, server 1"));
+    pair.Replicate();
+    auto got = pair.primary.Pull(7, 1, Soon());
+    ASSERT_TRUE(got.ok()) << got.status();
+    // The backup serves no worker while its primary lives.
+    auto refused = pair.backup.Pull(7, 1, Soon());
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable);
+    EXPECT_THAT(refused.status().message(), HasSubstr("the backup of server 0"));
+    EXPECT_EQ(PushSeq(pair.backup, 7, 0, Gradient(2, 0), 2).code(), absl::StatusCode::kUnavailable);
+    EXPECT_EQ(pair.backup.ServerDied(0), 1);
+    auto held = pair.backup.Pull(7, 1, Soon());
+    ASSERT_TRUE(held.ok()) << held.status();
+    EXPECT_EQ(held->version, 1);
+    EXPECT_EQ(held->data.ToFloats(), got->data.ToFloats());
+    EXPECT_EQ(got->data.ToFloats(), Undisturbed(optimizer, 1));
+  }
+}
+
+// The primary dies at either point of a step: after the step reached the
+// backup (the workers' resent pushes are recorded once), or with only one
+// push of it recorded (the backup completes it from the resent pushes).
+// Either way the backup ends with the bits of an undisturbed run.
+TEST(ShardReplicas, AFailoverAtAnyPointOfAStepChangesNoBit) {
+  for (bool optimizer : {false, true}) {
+    for (bool replicated : {true, false}) {
+      SCOPED_TRACE(absl::StrCat(optimizer ? "sgd" : "summation",
+                                replicated ? ", step 2 replicated" : ", step 2 half pushed"));
+      Pair pair(optimizer);
+      for (int rank : {0, 1}) ASSERT_TRUE(PushSeq(pair.primary, 7, rank, Gradient(1, rank), 1).ok());
+      pair.Replicate();
+      ASSERT_TRUE(PushSeq(pair.primary, 7, 1, Gradient(2, 1), 2).ok());
+      if (replicated) {
+        ASSERT_TRUE(PushSeq(pair.primary, 7, 0, Gradient(2, 0), 2).ok());
+        pair.Replicate();
+      }
+      // The primary dies; the workers send step 2 again, then step 3.
+      ASSERT_EQ(pair.backup.ServerDied(0), 1);
+      for (int step : {2, 3}) {
+        for (int rank : {0, 1}) {
+          ASSERT_TRUE(PushSeq(pair.backup, 7, rank, Gradient(step, rank), step).ok());
+        }
+      }
+      auto got = pair.backup.Pull(7, 3, Soon());
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ(got->version, 3);
+      EXPECT_EQ(got->data.ToFloats(), Undisturbed(optimizer, 3));
+    }
+  }
+}
+
+TEST(ShardReplicas, APushThatSkipsANumberIsRefused) {
+  ParameterShard shard({true, 1, false});
+  ASSERT_TRUE(shard.Init(7, Shape{1}, {0}).ok());
+  ASSERT_TRUE(PushSeq(shard, 7, 0, {1}, 1).ok());
+  const absl::Status s = PushSeq(shard, 7, 0, {1}, 3);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("push of key 7 from worker 0: push number 3 after number 1"));
+}
+
+// dist_async: a push is answered once the backup holds it; after the
+// primary's death a resent push is applied once.
+TEST(ShardReplicas, AnAsyncPushIsAnsweredOnceTheBackupHoldsIt) {
+  ParameterShard primary({false, 1, false}), backup({false, 1, false});
+  std::vector<ReplicaStep> steps;
+  primary.SetReplicator([&](int, ReplicaStep step) { steps.push_back(std::move(step)); });
+  ASSERT_TRUE(primary.Init(7, Shape{1}, {0}, {Copies::kPrimary, 1}).ok());
+  ASSERT_TRUE(backup.Init(7, Shape{1}, {0}, {Copies::kBackup, 0}).ok());
+  absl::Notification answered;
+  primary.PushAsync(7, 0, Pieces::Of(std::vector<float>{5}), [&](absl::Status s) {
+    EXPECT_TRUE(s.ok()) << s;
+    answered.Notify();
+  }, 1);
+  EXPECT_FALSE(answered.WaitForNotificationWithTimeout(absl::Milliseconds(50)));
+  ASSERT_EQ(steps.size(), 1u);
+  ASSERT_TRUE(backup.ApplyReplicated(0, steps).ok());
+  primary.Replicated(7, 1);
+  EXPECT_TRUE(answered.HasBeenNotified());
+  backup.ServerDied(0);
+  ASSERT_TRUE(PushSeq(backup, 7, 0, {5}, 1).ok());  // resent: not applied again
+  ASSERT_TRUE(PushSeq(backup, 7, 0, {2}, 2).ok());
+  auto got = backup.Pull(7, 0, Soon());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->version, 2);
+  EXPECT_THAT(got->data.ToFloats(), ElementsAre(2.0f));  // no optimizer: the last push
+}
+
+// A backup applies steps only from its primary, and none once it has
+// taken the key over (a primary declared dead that still runs).
+TEST(ShardReplicas, StepsFromAnyoneButThePrimaryAreRefused) {
+  Pair pair(false);
+  for (int rank : {0, 1}) ASSERT_TRUE(PushSeq(pair.primary, 7, rank, Gradient(1, rank), 1).ok());
+  const absl::Status stranger = pair.backup.ApplyReplicated(2, pair.steps);
+  EXPECT_EQ(stranger.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(stranger.message(), HasSubstr("from server 2: this server does not hold the key as its backup"));
+  pair.backup.ServerDied(0);
+  const absl::Status late = pair.backup.ApplyReplicated(0, pair.steps);
+  EXPECT_EQ(late.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(late.message(), HasSubstr("it took the key over"));
 }
 
 }  // namespace
