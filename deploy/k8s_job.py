@@ -508,6 +508,10 @@ def main():
     add_worker_command(ap)
     args = ap.parse_args()
     cmd = worker_command(ap, args)
+    if args.replicas > 1:
+        # A server pod's failure fails the JobSet (its failure policy), so
+        # the job could not go on without it as launch.py's does.
+        ap.error("--replicas 2 is not supported in the Kubernetes manifests yet (launch.py has it)")
     if args.tls and args.tls_secret:
         ap.error("give --tls (a new Secret) or --tls-secret (an existing one), not both")
     if not 1 <= args.metrics_port <= 65535 or args.metrics_port == args.port:

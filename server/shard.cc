@@ -50,6 +50,8 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
         "init of key ", key, ": a backup on server ", copies.peer,
         " was asked for, but this server does not replicate (start it with --replicas=2)"));
   }
+  // A copy on a server that died already: this one holds the key alone.
+  if (dead_servers_.count(copies.peer)) copies = Copies{};
   Key& k = keys_[key];
   k.shape = shape;
   k.value = Pieces::Of(value);
@@ -656,6 +658,7 @@ int ParameterShard::ServerDied(int server) {
   {
     absl::MutexLock lock(&mu_);
     mu_.Await(NoStepInFlight());  // a replicated step being applied lands first
+    dead_servers_.insert(server);
     for (auto& [id, k] : keys_) {
       if (k.copies.peer != server || k.copies.role == Copies::kOnly) continue;
       if (k.copies.role == Copies::kBackup) {

@@ -323,6 +323,7 @@ class ParameterShard {
   std::set<int> live_ ABSL_GUARDED_BY(mu_);
   std::set<int> dead_ ABSL_GUARDED_BY(mu_);
   std::set<int> finished_ ABSL_GUARDED_BY(mu_);  // workers that left the job
+  std::set<int> dead_servers_ ABSL_GUARDED_BY(mu_);  // ServerDied's
   std::string closed_ ABSL_GUARDED_BY(mu_);  // Close's reason; empty: open
   std::unique_ptr<Optimizer> optimizer_ ABSL_GUARDED_BY(mu_);
   std::map<int, std::string> param_names_ ABSL_GUARDED_BY(mu_);  // as the workers sent them

@@ -22,6 +22,14 @@ and no process of the job is left afterwards. For each trial it records the
 outcome, the time from the fault to the launcher's first word on it
 (detection) and to the launcher's exit (end), and the processes left.
 
+With --replicas=2 the job has 3 servers, each key a backup on the next
+one, and a server's death (kill -9 or SIGSTOP) must change nothing: the
+trial passes only if the job finishes with the undisturbed result, down to
+the parameters' checksum. For those trials it also records the time from
+the fault to the first line of training progress after the failover
+(resume_s: an upper bound, progress lines come every 100 batches).
+--victims limits the faults to some nodes (e.g. --victims=servers).
+
 Prints one line per trial and a summary; exits 1 if any trial failed.
 """
 
@@ -49,7 +57,9 @@ FAILED = re.compile(STAMP + r"launch\.py: (coordinator|server \d+|worker \d+) \(
 # What a run computed: each worker's metrics per epoch (without the time
 # they took) and its final accuracy.
 RESULT = re.compile(r"\[(worker \d+)\] (Epoch\[\d+\] Train-.*?)(?: Time cost=.*)?$"
-                    r"|\[(worker \d+)\] (Final test accuracy=.*)$")
+                    r"|\[(worker \d+)\] (Final (?:test accuracy|params checksum)=.*)$")
+PROGRESS = re.compile(STAMP + r"\[worker \d+\] Epoch\[")
+FAILED_OVER = re.compile(STAMP + r"\[worker \d+\] .* was declared dead; its keys are served")
 
 
 def parse_args(argv):
@@ -65,6 +75,11 @@ def parse_args(argv):
     ap.add_argument("--startup-timeout", type=int, default=20,
                     help="MX_STARTUP_TIMEOUT_S of the jobs: how long the others wait for a "
                          "node that hangs before it registers (default 20; mx's default is 120)")
+    ap.add_argument("--replicas", type=int, default=1, choices=[1, 2],
+                    help="2: 3 servers with a backup of every key; a server's death must "
+                         "change nothing")
+    ap.add_argument("--victims", default="all", choices=["all", "servers"],
+                    help="the nodes faults may hit (default all)")
     ap.add_argument("--work-dir", default=None, help="where the logs go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write the trials as JSON here")
     args = ap.parse_args(argv)
@@ -127,7 +142,9 @@ class Job:
     def __init__(self, args, log, bound):
         self.log = log
         self.bound = bound
-        cmd = [sys.executable, args.launch, "--timestamps", "-n", "2", "-s", "2",
+        servers = "3" if args.replicas > 1 else "2"
+        cmd = [sys.executable, args.launch, "--timestamps", "-n", "2", "-s", servers,
+               f"--replicas={args.replicas}",
                f"--server-binary={args.server_binary}", "--", args.train,
                "--kvstore=dist_sync", "--network=mlp", f"--epochs={args.epochs}", "--lr=0.2",
                f"--data_dir={args.data_dir}"]
@@ -192,11 +209,25 @@ def fault(job, victim, sig, at):
     return None
 
 
-def judge(trial, code, lines, reference):
-    """Fills trial["outcome"] and trial["ok"] from the run's exit code and log."""
+def resumed_after(lines, fault_at):
+    """Seconds from the fault to the first progress line after the
+    failover the workers logged, or None."""
+    over = next((parse_stamp(m[1]) for m in map(FAILED_OVER.search, lines)
+                 if m and parse_stamp(m[1]) >= fault_at), None)
+    if over is None:
+        return None
+    return next((round(parse_stamp(m[1]) - fault_at, 3) for m in map(PROGRESS.search, lines)
+                 if m and parse_stamp(m[1]) >= over), None)
+
+
+def judge(trial, code, lines, reference, must_survive=False):
+    """Fills trial["outcome"] and trial["ok"] from the run's exit code and
+    log; `must_survive`: only an identical result passes."""
     failure = next((m for m in map(FAILED.search, lines) if m), None)
     if failure is not None and trial["fault_at"] is not None:
         trial["detect_s"] = round(parse_stamp(failure[1]) - trial["fault_at"], 3)
+    if trial["fault_at"] is not None and must_survive:
+        trial["resume_s"] = resumed_after(lines, trial["fault_at"])
     if code is None:
         trial["outcome"] = f"HUNG: still running after {trial['bound_s']:.0f} s"
     elif code == 0:
@@ -208,6 +239,9 @@ def judge(trial, code, lines, reference):
         trial["outcome"] = f"failed (exit code {code}) without naming a node"
     elif trial["fault_at"] is None:
         trial["outcome"] = f"failed (exit code {code}) naming {failure[2]}, with no fault made"
+    elif must_survive:
+        trial["outcome"] = (f"failed (exit code {code}) naming {failure[2]}: "
+                            "with replicas 2 the job must survive a server's death")
     elif failure[2] != trial["victim"]:
         trial["outcome"] = f"failed (exit code {code}) BLAMING {failure[2]}, not the victim"
     else:
@@ -218,7 +252,10 @@ def judge(trial, code, lines, reference):
 
 
 def run_trial(args, index, rng, reference, duration):
-    victim = rng.choice(VICTIMS)
+    victims = VICTIMS + (["server 2"] if args.replicas > 1 else [])
+    if args.victims == "servers":
+        victims = [v for v in victims if v.startswith("server")]
+    victim = rng.choice(victims)
     fault_name = rng.choice(sorted(FAULTS))
     at = rng.uniform(0, duration)
     # Generous: a fault makes the job end within seconds (15 s for a hung
@@ -238,7 +275,8 @@ def run_trial(args, index, rng, reference, duration):
         trial["end_s"] = round(job.end - trial["fault_at"], 3)
     time.sleep(0.5)  # what the launcher stopped has gone by now
     trial["left"] = job.leftovers()
-    judge(trial, code, job.lines(), reference)
+    judge(trial, code, job.lines(), reference,
+          must_survive=args.replicas > 1 and victim.startswith("server"))
     if trial["left"]:
         trial["ok"] = False
         trial["outcome"] += f"; LEFT RUNNING: {', '.join(trial['left'])}"
@@ -251,6 +289,8 @@ def describe(t):
     times = ""
     if t["detect_s"] is not None:
         times += f", detected in {t['detect_s']:.2f} s"
+    if t.get("resume_s") is not None:
+        times += f", training went on {t['resume_s']:.2f} s after the fault"
     if t["end_s"] is not None:
         times += f", ended {t['end_s']:.2f} s after the fault"
     return (f"trial {t['trial']}: {t['fault']} {t['victim']} {when}: "
@@ -291,6 +331,10 @@ def main(argv):
     if detect:
         summary += (f"; detection p50 {detect[len(detect) // 2]:.2f} s, "
                     f"max {detect[-1]:.2f} s")
+    resume = sorted(t["resume_s"] for t in trials if t.get("resume_s") is not None)
+    if resume:
+        summary += (f"; training went on after a server's death: p50 "
+                    f"{resume[len(resume) // 2]:.2f} s, max {resume[-1]:.2f} s")
     print(summary)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# The short chaos run of CI: 4 trials of tests/chaos/chaos.py (a random
-# kill -9 or SIGSTOP of a random node of the README job, at a random time),
-# each bounded in time; every trial must end in the undisturbed result or a
-# failure naming the victim, with nothing left running. The seed is the
-# day of the year, so CI covers other faults from day to day and a failure
-# is reproduced with the seed it prints. By hand: chaos.py --trials=50.
+# The short chaos runs of CI (tests/chaos/chaos.py), each trial bounded in
+# time, nothing left running after any:
+# - 4 trials of a random kill -9 or SIGSTOP of a random node of the README
+#   job at a random time: each must end in the undisturbed result or a
+#   failure naming the victim;
+# - 2 trials of the same against a server of the job with replicas 2 (3
+#   servers, shorter): each must end in the undisturbed result, parameters'
+#   checksum included.
+# The seed is the day of the year, so CI covers other faults from day to
+# day and a failure is reproduced with the seed it prints. By hand:
+# chaos.py --trials=50 [--replicas=2].
 set -uo pipefail
 LAUNCH="$1"; SERVER="$2"; TRAIN="$3"
 TMP="${TEST_TMPDIR:-$(mktemp -d)}"
 seed=$((10#$(date +%j)))
-timeout -k 10 900 python3 "$(dirname "$0")/chaos.py" --launch="$LAUNCH" --server-binary="$SERVER" \
-  --train="$TRAIN" --trials=4 --seed="$seed" --work-dir="$TMP/chaos" --out="$TMP/chaos.json"
-rc=$?
-if [[ $rc -ne 0 ]]; then
-  # The logs of the failed trials, for the CI log.
-  python3 - "$TMP/chaos.json" <<'PYEOF'
+
+# chaos NAME ARGS...: one chaos.py run; on failure prints the failed
+# trials' logs (for the CI log). Returns chaos.py's exit code.
+chaos() {
+  local name="$1"; shift
+  timeout -k 10 900 python3 "$(dirname "$0")/chaos.py" --launch="$LAUNCH" --server-binary="$SERVER" \
+    --train="$TRAIN" --seed="$seed" --work-dir="$TMP/$name" --out="$TMP/$name.json" "$@"
+  local rc=$?
+  [[ $rc -eq 0 ]] && return 0
+  python3 - "$TMP/$name.json" <<'PYEOF'
 import json, sys
 try:
     trials = json.load(open(sys.argv[1]))["trials"]
@@ -26,5 +35,10 @@ for t in trials:
         lines = [l for l in open(t["log"], errors="replace") if "Batch" not in l]
         sys.stdout.writelines(lines[-40:])
 PYEOF
-fi
+  return $rc
+}
+
+rc=0
+chaos any --trials=4 || rc=1
+chaos replicas --trials=2 --replicas=2 --victims=servers --epochs=5 || rc=1
 exit $rc
