@@ -10,6 +10,10 @@ loading and testing excluded) and report all workers' samples per second;
 rounds alternate and each side keeps its best, because this machine has
 slow spells. Prints one BENCH line (ratio = mx / PyTorch, target >= 1.2).
 
+Replicas: the same mx job on 3 servers with --replicas=2 against
+--replicas=1, rounds alternating, best of each (ratio = replicas 2 /
+replicas 1, target >= 0.85: the cost of keeping a backup of every key).
+
 Usage: bench/dist_train_bench.py [EPOCHS] [ROUNDS]  (after bazel build
 //server:mx_server //worker:mx_train; bench/run_all.sh does both)
 """
@@ -25,9 +29,9 @@ WORKERS = 2
 TRAIN_SAMPLES = 60000
 
 
-def mx_rate(epochs):
-    cmd = [sys.executable, os.path.join(ROOT, "deploy/launch.py"), "-n", str(WORKERS), "-s", "2",
-           "--server-binary", os.path.join(ROOT, "bazel-bin/server/mx_server"), "--",
+def mx_rate(epochs, servers=2, replicas=1):
+    cmd = [sys.executable, os.path.join(ROOT, "deploy/launch.py"), "-n", str(WORKERS),
+           "-s", str(servers), f"--replicas={replicas}", "--server-binary", os.path.join(ROOT, "bazel-bin/server/mx_server"), "--",
            os.path.join(ROOT, "bazel-bin/worker/mx_train"), "--kvstore=dist_sync", "--network=mlp",
            f"--epochs={epochs}", "--lr=0.1", f"--data_dir={DATA}"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -54,6 +58,12 @@ def torch_rate(epochs, threads):
 def main():
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    one, two = 0.0, 0.0
+    for _ in range(rounds):
+        one = max(one, mx_rate(epochs, servers=3, replicas=1))
+        two = max(two, mx_rate(epochs, servers=3, replicas=2))
+    print(f"BENCH name=dist_sync_mlp_replicas2 value={two:.0f} unit=samples/s "
+          f"baseline={one:.0f} ratio={two / one:.3f} target=>=0.85", flush=True)
     best_mx, best_torch = 0.0, 0.0
     thread_settings, best_threads = (1, 2), 1
     for _ in range(rounds):
