@@ -287,12 +287,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
     }
     const absl::Time deadline = absl::Now() + options.rpc_timeout;
     while (!Dead(server) && Failure().ok() && absl::Now() < deadline) {
-      std::function<void(int)> report;
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        report = reporter;
-      }
-      if (report) report(server);
+      if (std::function<void(int)> report = ReporterFor(server)) report(server);
       absl::SleepFor(absl::Milliseconds(100));
     }
     return Dead(server);
@@ -466,19 +461,23 @@ struct Conn : std::enable_shared_from_this<Conn> {
       return false;
     }
     if (!Failure().ok() || absl::Now() >= h->deadline) return false;
-    std::function<void(int)> report;
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      absl::Time& last = reported[server];
-      if (!dead_servers.count(server) && absl::Now() - last > absl::Milliseconds(500)) {
-        last = absl::Now();
-        report = reporter;
-      }
+    if (std::function<void(int)> report = ReporterFor(server)) {
+      timer->After(absl::ZeroDuration(), [report, server] { report(server); });
     }
-    if (report) timer->After(absl::ZeroDuration(), [report, server] { report(server); });
     auto self = shared_from_this();
     timer->After(absl::Milliseconds(100), [self, h] { self->CallHeld(h); });
     return true;
+  }
+
+  // What reports `server` to the coordinator, unless it is declared dead
+  // or was reported in the last 500 ms (then nullptr): the rate of reports
+  // of one server, from data and control calls alike.
+  std::function<void(int)> ReporterFor(int server) {
+    std::lock_guard<std::mutex> lock(mu);
+    absl::Time& last = reported[server];
+    if (dead_servers.count(server) || absl::Now() - last <= absl::Milliseconds(500)) return nullptr;
+    last = absl::Now();
+    return reporter;
   }
 
  public:

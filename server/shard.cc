@@ -661,10 +661,7 @@ int ParameterShard::ServerDied(int server) {
     dead_servers_.insert(server);
     for (auto& [id, k] : keys_) {
       if (k.copies.peer != server || k.copies.role == Copies::kOnly) continue;
-      if (k.copies.role == Copies::kBackup) {
-        ++taken;
-        k.replicated = k.version;
-      }
+      if (k.copies.role == Copies::kBackup) ++taken;
       k.copies = Copies{};  // one copy, here
       MaybeComplete(id, &k, &answers);
     }
