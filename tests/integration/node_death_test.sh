@@ -106,11 +106,11 @@ grep -E "^\[worker 0\] mx_train: " "$log" | grep -q "worker(s) 1 died\|worker 1 
 
 # A server that hangs before it registers (found by tests/chaos): nobody
 # can report it dead, since it never joined; the others wait for it up to
-# the startup timeout (MX_STARTUP_TIMEOUT_S, 4 s here), and then the
+# the startup timeout (MX_STARTUP_TIMEOUT_S, 8 s here: 4 s was too short for the other worker to start on a loaded 2-core CI machine), and then the
 # coordinator's answer names the rank that did not come, so the launcher
 # blames it, not the worker that gave up.
 log="$TMP/hung_before_registering.log"
-MX_STARTUP_TIMEOUT_S=4 start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000
+MX_STARTUP_TIMEOUT_S=8 start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000
 victim=""
 for _ in $(seq 1 200); do
   victim=$(started_pid "$log" "server 1")
