@@ -17,12 +17,20 @@ done), the servers and the coordinator shut down on their own (each logs
 later is stopped with SIGTERM and reported) and the launcher exits 0.
 
 Failure: when a process fails (a worker that exits non-zero or is killed, a
-server or the coordinator that exits at all), the launcher says which,
+server or the coordinator that exits at all, unless restarted), the launcher says which,
 waits up to 1.2 x --heartbeat-timeout + 3 seconds for the workers to stop on
 their own (they learn of the failure through their RPCs or the
 coordinator's heartbeats and print an error naming the node), then stops
 everything still running and exits with the process's exit code (1 if it
 was killed by a signal or exited 0).
+
+Coordinator restarts (--coordinator-restarts, default 1): a coordinator
+killed by a signal is started again on its address; the servers and
+workers go on training meanwhile (it holds no parameter state) and rejoin
+it, keeping their ranks. A node that hears nothing from the coordinator
+for MX_COORDINATOR_TIMEOUT_S (default 6 s; servers 2 s more) gives it up
+and fails, naming it. A coordinator that exits with an error (the job
+failed) is not restarted.
 
 Replicas (--replicas=2): servers run with --replicas=2 and the workers
 with MX_REPLICAS=2; each key has a backup on the next server, and a
@@ -138,10 +146,11 @@ BLAME = [
 
 
 class Proc:
-    def __init__(self, name, role, popen):
+    def __init__(self, name, role, popen, argv):
         self.name = name          # "server 1": role and rank
         self.role = role          # "coordinator", "server" or "worker"
         self.popen = popen
+        self.argv = argv          # (cmd, env) it was started with, to restart it
         self.identity = None      # "rank 0 at 127.0.0.1:4711", once printed
         self.pump = None          # the thread copying its output
         self.blamed = []          # nodes its output said were dead, in order
@@ -213,17 +222,30 @@ class Job:
         if self.remote is not None:
             cmd, env = self.remote.command(host, cmd, env), os.environ
             name = f"{name} on {host}"
+        proc = Proc(name, role, self._spawn(name, cmd, env), (cmd, env))
+        self.procs.append(proc)
+        self._started(proc)
+        return proc
+
+    def restart(self, proc):
+        """Starts proc's command again, in its place (its output goes on
+        under the same name)."""
+        proc.drain()
+        proc.popen = self._spawn(proc.name, *proc.argv)
+        self._started(proc)
+
+    @staticmethod
+    def _spawn(name, cmd, env):
         try:
-            p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+            return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         except OSError as e:
             raise StartFailed(f"cannot start {name}: {cmd[0]}: {e.strerror}") from e
-        proc = Proc(name, role, p)
-        self.procs.append(proc)
+
+    def _started(self, proc):
         proc.pump = threading.Thread(target=self._pump, args=(proc,), daemon=True)
         proc.pump.start()
-        log(f"started {name} (pid {p.pid})")
-        return proc
+        log(f"started {proc.name} (pid {proc.popen.pid})")
 
     def workers(self):
         return [p for p in self.procs if p.role == "worker"]
@@ -415,8 +437,11 @@ def finish(job, lost):
     return 0
 
 
-def supervise(job, elastic, grace, replicas=1):
-    """Waits for the job to end; returns the launcher's exit code."""
+def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
+    """Waits for the job to end; returns the launcher's exit code. A
+    coordinator killed by a signal is restarted on its address, up to
+    `coordinator_restarts` times: the nodes go on without it meanwhile and
+    rejoin it."""
     lost = []  # workers that died in an elastic job, servers with replicas
     while True:
         for p in job.procs:
@@ -428,6 +453,12 @@ def supervise(job, elastic, grace, replicas=1):
             if code == 0 and all_workers_finished(job, lost, grace):
                 break
             p.drain()  # its last lines first
+            if p.role == "coordinator" and code < 0 and coordinator_restarts > 0:
+                coordinator_restarts -= 1
+                log(f"{p.describe()} died: {how_it_ended(code)}; restarting it on its address "
+                    f"(the nodes rejoin it; restarts left: {coordinator_restarts})")
+                job.restart(p)
+                continue
             if elastic and p.role == "worker":
                 lost.append(p)
                 log(f"{p.describe()} died: {how_it_ended(code)}; "
@@ -505,6 +536,11 @@ def main():
     ap.add_argument("--log-dir", metavar="DIR",
                     help="also write each process's output to DIR/<role>-<rank>.log "
                          "(coordinator.log, server-0.log, worker-1.log, ...)")
+    ap.add_argument("--coordinator-restarts", type=int, default=1, metavar="N",
+                    help="restart a coordinator killed by a signal on its address, up to N times "
+                         "(default 1; 0: its death ends the job); the nodes go on meanwhile and "
+                         "rejoin it, and give it up after MX_COORDINATOR_TIMEOUT_S (default 6) "
+                         "without an answer")
     ap.add_argument("--timestamps", action="store_true",
                     help="start every line printed (and logged) with the UTC time")
     add_worker_command(ap)
@@ -521,6 +557,8 @@ def main():
     cmd = worker_command(ap, args)
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
+    if args.coordinator_restarts < 0:
+        ap.error(f"--coordinator-restarts {args.coordinator_restarts}: must be 0 or more")
     if args.port and not 1 <= args.port <= 65535:
         ap.error(f"--port {args.port}: not a port (1 to 65535; 0 or none: a free one)")
     check_worker_kvstore(ap, args, cmd)
@@ -614,7 +652,7 @@ def start_and_supervise(job, args, cmd, secrets, env):
     # it) of its last heartbeat, and the others hear of it at their next
     # heartbeat (a second).
     code = supervise(job, args.elastic, grace=args.heartbeat_timeout * 1.2 + 3,
-                     replicas=args.replicas)
+                     replicas=args.replicas, coordinator_restarts=args.coordinator_restarts)
     for p in job.procs:
         p.drain()
     return code

@@ -1205,6 +1205,7 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   const auto bucket_kb = setting(EnvInt("MX_BUCKET_KB", 0, 1 << 20));
   const auto elastic = setting(EnvBool("MX_ELASTIC"));
   const auto replicas = setting(EnvInt("MX_REPLICAS", 1, 2));
+  const auto coordinator_timeout = setting(EnvInt("MX_COORDINATOR_TIMEOUT_S", 2, 86400));
   const auto rank = setting(EnvInt("MX_RANK", 0, 1 << 20));
   const rpc::Security security = setting(rpc::Security::FromEnvironment());
   MX_RETURN_IF_ERROR(bad);
@@ -1222,6 +1223,7 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   // Every node of the job must start and register within this time.
   co.startup_timeout = absl::Seconds(startup_timeout.value_or(rpc::kDefaultStartupTimeoutSeconds));
   co.rpc_timeout = options.rpc_timeout;
+  if (coordinator_timeout) co.lost_after = absl::Seconds(*coordinator_timeout);
   MX_ASSIGN_OR_RETURN(std::unique_ptr<rpc::CoordinatorClient> client,
                       rpc::CoordinatorClient::Register(co, req));
   const proto::RegisterResponse& resp = client->cluster();

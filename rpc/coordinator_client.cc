@@ -1,5 +1,7 @@
 #include "rpc/coordinator_client.h"
 
+#include <iostream>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "ndarray/trace.h"
@@ -75,6 +77,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Register(
   me.role = static_cast<Role>(client->cluster_.self().role());
   me.rank = client->cluster_.self().rank();
   me.key = client->cluster_.session_key();
+  client->last_answer_ = absl::Now();
   return client;
 }
 
@@ -115,12 +118,19 @@ void CoordinatorClient::Beat(int unreachable_server) {
   ctx.set_deadline(In(kHeartbeatDeadline));
   caller_.Stamp(&ctx);
   const int64_t sent_us = trace::NowMicros();
-  const absl::Status s = FromGrpc(stub_->Heartbeat(&ctx, req, &resp));
+  absl::Status s = FromGrpc(stub_->Heartbeat(&ctx, req, &resp));
   const int64_t answered_us = trace::NowMicros();
+  const bool rejoin = absl::IsNotFound(s);
+  if (rejoin) s = Rejoin();
   std::lock_guard<std::mutex> lock(mu_);
   if (lost_ || stop_) return;
+  if (rejoin && s.ok()) return;  // the next heartbeat goes to the restarted coordinator
   if (s.ok()) {
-    failures_ = 0;
+    last_answer_ = absl::Now();
+    for (const proto::NodeInfo& dead : resp.dead()) {
+      heard_dead_[{dead.role(), dead.rank()}] = dead;
+    }
+    heard_finished_.insert(resp.finished_workers().begin(), resp.finished_workers().end());
     // The coordinator's clock read halfway through the round trip, from
     // the fastest round trip so far (the least uncertain): this node's
     // offset for the job's timeline.
@@ -132,14 +142,72 @@ void CoordinatorClient::Beat(int unreachable_server) {
     if (on_answer_) on_answer_(resp);
     return;
   }
-  // A refusal (a wrong token or key) will not mend either.
-  const bool refused = absl::IsUnauthenticated(s) || absl::IsPermissionDenied(s);
-  if (!refused && ++failures_ < options_.lost_after) return;
+  // A refusal (a wrong token or key, or a rejoin refused) will not mend.
+  const bool refused = absl::IsUnauthenticated(s) || absl::IsPermissionDenied(s) ||
+                       (rejoin && !absl::IsUnavailable(s) && !absl::IsDeadlineExceeded(s));
+  const absl::Duration silent = absl::Now() - last_answer_;
+  if (!refused && silent < options_.lost_after) return;
   lost_ = true;
-  if (on_lost_) {
+  if (!on_lost_) return;
+  if (refused) {
     on_lost_(absl::UnavailableError(absl::StrCat(
         "the coordinator at ", options_.address,
-        refused ? " refused this node's heartbeat: " : " is unreachable: ", s.message())));
+        rejoin ? " refused this node's rejoining: " : " refused this node's heartbeat: ",
+        s.message())));
+  } else {
+    on_lost_(absl::UnavailableError(absl::StrCat(
+        "the coordinator at ", options_.address, " is unreachable: no answer for ",
+        absl::FormatDuration(absl::Trunc(silent, absl::Seconds(1))), ": ", s.message())));
+  }
+}
+
+absl::Status CoordinatorClient::Rejoin() {
+  proto::RegisterRequest req;
+  req.set_role(cluster_.self().role());
+  req.set_rank(cluster_.self().rank());
+  req.set_address(cluster_.self().address());
+  req.set_session_key(caller_.key);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [node, info] : heard_dead_) *req.add_dead() = info;
+    for (int rank : heard_finished_) req.add_finished_workers(rank);
+  }
+  grpc::ClientContext ctx;
+  ctx.set_deadline(In(kHeartbeatDeadline));
+  Caller{options_.security.token}.Stamp(&ctx);  // the token alone, as at registration
+  proto::RegisterResponse resp;
+  const absl::Status s = FromGrpc(stub_->Register(&ctx, req, &resp));
+  if (s.ok()) {
+    std::cerr << (caller_.role == Role::kServer ? "server " : "worker ") << caller_.rank
+              << ": rejoined the coordinator at " << options_.address << " (it had restarted)"
+              << std::endl;
+    std::lock_guard<std::mutex> lock(mu_);
+    last_answer_ = absl::Now();
+  }
+  return s;
+}
+
+absl::Status CoordinatorClient::UntilAnswered(
+    const std::string& what, absl::Time deadline,
+    const std::function<grpc::Status(grpc::ClientContext*)>& call) {
+  for (;;) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(deadline));
+    caller_.Stamp(&ctx);
+    absl::Status s = FromGrpc(call(&ctx));
+    if (absl::IsNotFound(s)) {
+      const absl::Status rejoined = Rejoin();
+      if (rejoined.ok()) continue;
+      if (!absl::IsUnavailable(rejoined)) return Doing(what, rejoined);
+    } else if (!absl::IsUnavailable(s)) {
+      return Doing(what, s);
+    }
+    if (absl::Now() + absl::Milliseconds(200) >= deadline) {
+      return absl::UnavailableError(absl::StrCat(
+          what, "the coordinator at ", options_.address,
+          " was away (unreachable, or restarting) until the deadline: ", s.message()));
+    }
+    absl::SleepFor(absl::Milliseconds(200));
   }
 }
 
@@ -162,20 +230,16 @@ absl::Status CoordinatorClient::Barrier(int64_t epoch) {
   req.set_rank(caller_.rank);
   req.set_epoch(epoch);
   proto::BarrierResponse resp;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(In(options_.rpc_timeout));
-  caller_.Stamp(&ctx);
-  return Doing("barrier: ", FromGrpc(stub_->Barrier(&ctx, req, &resp)));
+  return UntilAnswered("barrier: ", absl::Now() + options_.rpc_timeout,
+                       [&](grpc::ClientContext* ctx) { return stub_->Barrier(ctx, req, &resp); });
 }
 
 absl::Status CoordinatorClient::Leave() {
   proto::LeaveRequest req;
   req.set_rank(caller_.rank);
   proto::LeaveResponse resp;
-  grpc::ClientContext ctx;
-  ctx.set_deadline(In(options_.rpc_timeout));
-  caller_.Stamp(&ctx);
-  return Doing("leaving the job: ", FromGrpc(stub_->Leave(&ctx, req, &resp)));
+  return UntilAnswered("leaving the job: ", absl::Now() + options_.rpc_timeout,
+                       [&](grpc::ClientContext* ctx) { return stub_->Leave(ctx, req, &resp); });
 }
 
 }  // namespace rpc

@@ -6,8 +6,10 @@
 
 #include <condition_variable>
 #include <functional>
-#include <mutex>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -23,7 +25,10 @@ class CoordinatorClient {
  public:
   static constexpr absl::Duration kHeartbeatPeriod = absl::Seconds(1);
   static constexpr absl::Duration kHeartbeatDeadline = absl::Seconds(2);
-  static constexpr int kLostAfter = 3;
+  // How long a node goes on without an answer from the coordinator
+  // (MX_COORDINATOR_TIMEOUT_S): long enough for a launcher to restart a
+  // dead one, which the node then rejoins.
+  static constexpr absl::Duration kLostAfter = absl::Seconds(6);
 
   struct Options {
     std::string address;  // the coordinator's host:port
@@ -33,14 +38,19 @@ class CoordinatorClient {
     absl::Duration startup_timeout = absl::Seconds(120);
     // The deadline of barriers and of leaving.
     absl::Duration rpc_timeout = absl::Seconds(30);
-    // Failed heartbeats in a row after which the coordinator counts as lost.
-    int lost_after = kLostAfter;
+    // The coordinator counts as lost when no heartbeat has been answered
+    // for this long.
+    absl::Duration lost_after = kLostAfter;
   };
 
   // Heartbeats go out every kHeartbeatPeriod with a deadline of
-  // kHeartbeatDeadline; after Options::lost_after (default kLostAfter)
-  // failures in a row the coordinator counts as lost (about 3 s when nothing
-  // listens any more, up to 9 s when it hangs).
+  // kHeartbeatDeadline. The coordinator holds no parameter state, so the
+  // node goes on while it is away: a coordinator restarted on the same
+  // address answers the node's next heartbeat NOT_FOUND, and the node
+  // rejoins it (keeping its rank and session key, and telling it the dead
+  // nodes and finished workers it heard of). Barrier and Leave wait for it
+  // up to their deadline. When no heartbeat has been answered for
+  // Options::lost_after, the coordinator counts as lost.
 
   // Registers `req` with the coordinator, waiting up to the startup timeout
   // for it to start and for every node to register. Errors start with
@@ -79,6 +89,14 @@ class CoordinatorClient {
   CoordinatorClient(Options options, std::unique_ptr<proto::Coordinator::Stub> stub)
       : options_(std::move(options)), stub_(std::move(stub)) {}
   void Beat(int unreachable_server = -1);
+  // Registers again with a restarted coordinator (RegisterRequest.session_key).
+  absl::Status Rejoin();
+  // `call(ctx)` until the coordinator answers it or `deadline` passes: a
+  // call it could not take (UNAVAILABLE: away, or restarting) is made again
+  // every 200 ms, and one it took before this node rejoined (NOT_FOUND)
+  // after rejoining. `what` starts the error.
+  absl::Status UntilAnswered(const std::string& what, absl::Time deadline,
+                             const std::function<grpc::Status(grpc::ClientContext*)>& call);
 
   const Options options_;
   std::unique_ptr<proto::Coordinator::Stub> stub_;
@@ -89,7 +107,10 @@ class CoordinatorClient {
   std::mutex mu_;
   std::function<void(const proto::HeartbeatResponse&)> on_answer_;
   std::function<void(const absl::Status&)> on_lost_;
-  int failures_ = 0;
+  absl::Time last_answer_;  // of the coordinator, to a heartbeat or a (re)registration
+  // What heartbeat answers said, which a rejoin tells a restarted coordinator.
+  std::map<std::pair<int, int>, proto::NodeInfo> heard_dead_;  // by (role, rank)
+  std::set<int> heard_finished_;
   int64_t best_rtt_us_ = -1;  // the fastest heartbeat's round trip
   bool lost_ = false;
   bool stop_ = false;

@@ -12,7 +12,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "ndarray/base.h"
 #include "proto/mx.grpc.pb.h"
@@ -67,11 +69,15 @@ class Service final : public CoordinatorBase {
   grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* ctx,
                                      const grpc::ByteBuffer* request,
                                      grpc::ByteBuffer* response) override {
+    absl::StatusOr<proto::RegisterRequest> req =
+        ParseRequest<proto::RegisterRequest>(*request, "register");
+    if (req.ok() && !req->session_key().empty()) return AnswerRejoin(ctx, *req, response);
     return Wait(
         ctx, response, &registering_,
         [&](Waiting* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
           MX_RETURN_IF_ERROR(guard_.CheckToken(*ctx, "register"));
-          return StartRegister(*request, &w->node);
+          MX_RETURN_IF_ERROR(req.status());
+          return StartRegister(*req, &w->node);
         },
         [&](Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
           if (AllRegistered()) AnswerRegistrations(answers);
@@ -84,7 +90,10 @@ class Service final : public CoordinatorBase {
     absl::StatusOr<Guard::Node> caller;
     return rpc::AnswerRequest<proto::HeartbeatRequest, proto::HeartbeatResponse>(
         ctx, *request, response, "heartbeat",
-        [&] { return (caller = guard_.IdentifyAny(*ctx, "heartbeat")).status(); },
+        [&] {
+          MX_RETURN_IF_ERROR(KnownHere(*ctx, "heartbeat"));
+          return (caller = guard_.IdentifyAny(*ctx, "heartbeat")).status();
+        },
         [&](const proto::HeartbeatRequest& req, proto::HeartbeatResponse* resp) {
           MX_RETURN_IF_ERROR(
               guard_.CheckClaim(*ctx, "heartbeat", *caller, RpcRole(req.role()), req.rank()));
@@ -99,7 +108,10 @@ class Service final : public CoordinatorBase {
     absl::StatusOr<Guard::Node> caller;
     return rpc::AnswerRequest<proto::LeaveRequest, proto::LeaveResponse>(
         ctx, *request, response, "leave",
-        [&] { return (caller = guard_.Identify(*ctx, "leave", rpc::Role::kWorker)).status(); },
+        [&] {
+          MX_RETURN_IF_ERROR(KnownHere(*ctx, "leave"));
+          return (caller = guard_.Identify(*ctx, "leave", rpc::Role::kWorker)).status();
+        },
         [&](const proto::LeaveRequest& req, auto*) {
           MX_RETURN_IF_ERROR(
               guard_.CheckClaim(*ctx, "leave", *caller, rpc::Role::kWorker, req.rank()));
@@ -121,6 +133,7 @@ class Service final : public CoordinatorBase {
     return Wait(
         ctx, response, &in_barrier_,
         [&](Waiting* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          MX_RETURN_IF_ERROR(KnownHere(*ctx, "barrier"));
           MX_ASSIGN_OR_RETURN(const Guard::Node caller,
                               guard_.Identify(*ctx, "barrier", rpc::Role::kWorker));
           return EnterBarrier(*ctx, caller, *request, &w->epoch);
@@ -271,11 +284,9 @@ class Service final : public CoordinatorBase {
     return nodes->With({RoleName(role), state});
   }
 
-  // Parses a registration and records its node (rank, address) in *node.
-  absl::Status StartRegister(const grpc::ByteBuffer& request, proto::NodeInfo* node)
+  // Records the node of a registration (rank, address) in *node.
+  absl::Status StartRegister(const proto::RegisterRequest& req, proto::NodeInfo* node)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    MX_ASSIGN_OR_RETURN(const proto::RegisterRequest req,
-                        ParseRequest<proto::RegisterRequest>(request, "register"));
     std::map<int, proto::NodeInfo>& nodes = req.role() == proto::SERVER ? servers_ : workers_;
     MX_ASSIGN_OR_RETURN(const int rank, RankFor(req, nodes));
     node->set_role(req.role());
@@ -287,6 +298,126 @@ class Service final : public CoordinatorBase {
     guard_.Admit(RpcRole(req.role()), rank, rpc::NewSessionKey());
     return absl::OkStatus();
   }
+  // Answers a rejoin at once (RegisterRequest.session_key): the node
+  // registered with an earlier coordinator of the job.
+  grpc::ServerUnaryReactor* AnswerRejoin(grpc::CallbackServerContext* ctx,
+                                         const proto::RegisterRequest& req,
+                                         grpc::ByteBuffer* response) {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    absl::Status s = guard_.CheckToken(*ctx, "register");
+    if (s.ok()) {
+      absl::MutexLock lock(&mu_);
+      s = closed_ ? Closing() : Rejoin(req);
+    }
+    if (s.ok()) {
+      proto::RegisterResponse resp;
+      resp.mutable_self()->set_role(req.role());
+      resp.mutable_self()->set_rank(req.rank());
+      resp.mutable_self()->set_address(req.address());
+      resp.set_session_key(req.session_key());
+      *response = EncodeMessage(resp);
+    }
+    reactor->Finish(ToGrpc(s));
+    return reactor;
+  }
+
+  // Takes a rejoining node back with its rank and key, and what it heard
+  // of the job (dead nodes, finished workers). The first rejoin makes every
+  // node not yet known here awaited: one that has not rejoined within the
+  // heartbeat timeout is declared dead (Sweep).
+  absl::Status Rejoin(const proto::RegisterRequest& req) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const char* role = RoleName(req.role());
+    const int expected = req.role() == proto::SERVER ? options_.num_servers : options_.num_workers;
+    if (!req.has_rank() || req.rank() < 0 || req.rank() >= expected) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "register (rejoin): ", role, " rank ", req.has_rank() ? req.rank() : -1,
+          " is outside 0..", expected - 1, " (the job has ", expected, " ", role, "s)"));
+    }
+    const auto node = std::make_pair(req.role(), req.rank());
+    if (dead_.count(node)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "register (rejoin): ", role, " ", req.rank(), " was declared dead (it did not rejoin "
+          "the restarted coordinator within the heartbeat timeout)"));
+    }
+    const std::string key = guard_.Key(RpcRole(req.role()), req.rank());
+    if (!key.empty()) {
+      if (rpc::ConstantTimeEquals(key, req.session_key())) return absl::OkStatus();  // again
+      return absl::AlreadyExistsError(absl::StrCat("register (rejoin): ", role, " rank ",
+                                                   req.rank(), " has rejoined already"));
+    }
+    MergeHeard(req);
+    std::map<int, proto::NodeInfo>& nodes = req.role() == proto::SERVER ? servers_ : workers_;
+    proto::NodeInfo& info = nodes[req.rank()];
+    info.set_role(req.role());
+    info.set_rank(req.rank());
+    info.set_address(req.address());
+    guard_.Admit(RpcRole(req.role()), req.rank(), req.session_key());
+    NodeGauge(req.role(), "registered")->Add(1);
+    if (!rebuilding_) AwaitTheOthers();
+    if (!left_.count(req.rank()) || req.role() == proto::SERVER) last_seen_[node] = absl::Now();
+    std::cerr << "mx_server: coordinator: " << role << " " << req.rank() << " rejoined"
+              << std::endl;
+    return absl::OkStatus();
+  }
+  // What a rejoining node heard: dead nodes and finished workers.
+  void MergeHeard(const proto::RegisterRequest& req) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const proto::NodeInfo& d : req.dead()) {
+      const int expected = d.role() == proto::SERVER ? options_.num_servers : options_.num_workers;
+      if (d.rank() < 0 || d.rank() >= expected || dead_.count({d.role(), d.rank()})) continue;
+      (d.role() == proto::SERVER ? servers_ : workers_).emplace(d.rank(), d);
+      DeclareDead({d.role(), d.rank()});
+    }
+    for (int rank : req.finished_workers()) {
+      if (rank < 0 || rank >= options_.num_workers || dead_.count({proto::WORKER, rank})) continue;
+      proto::NodeInfo& info = workers_[rank];
+      info.set_role(proto::WORKER);
+      info.set_rank(rank);
+      Depart(rank).IgnoreError();  // registered just above
+    }
+  }
+  // The coordinator restarted and a first node has rejoined: the job runs.
+  // Every node not known here yet is expected to rejoin within the
+  // heartbeat timeout, as a registered node is expected to heartbeat.
+  void AwaitTheOthers() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    rebuilding_ = true;
+    const absl::Time now = absl::Now();
+    auto await = [&](proto::Role role, int expected, std::map<int, proto::NodeInfo>& nodes) {
+      for (int rank = 0; rank < expected; ++rank) {
+        if (nodes.count(rank)) continue;
+        proto::NodeInfo& info = nodes[rank];  // no address until it rejoins
+        info.set_role(role);
+        info.set_rank(rank);
+        last_seen_[{role, rank}] = now;
+      }
+    };
+    await(proto::SERVER, options_.num_servers, servers_);
+    await(proto::WORKER, options_.num_workers, workers_);
+  }
+
+  // A call of a node of the job this coordinator does not know (it has
+  // restarted since the node registered, and the node has not rejoined)
+  // is NOT_FOUND, which tells the node to rejoin; other calls go on to
+  // the guard. The call carries the node's session key, which implies the
+  // token, but that key is not known here yet: the answer gives nothing
+  // away, and the rejoin must carry the token.
+  absl::Status KnownHere(const grpc::ServerContextBase& ctx, const char* method) const {
+    const rpc::Claims claims = rpc::Claims::Of(ctx);
+    const std::vector<std::string> parts =
+        absl::StrSplit(claims.node.substr(0, claims.node.find(':')), absl::MaxSplits('/', 1));
+    int rank = -1;
+    if (parts.size() != 2 || (parts[0] != "worker" && parts[0] != "server") ||
+        !absl::SimpleAtoi(parts[1], &rank)) {
+      return absl::OkStatus();
+    }
+    const bool server = parts[0] == "server";
+    const int expected = server ? options_.num_servers : options_.num_workers;
+    const rpc::Role role = server ? rpc::Role::kServer : rpc::Role::kWorker;
+    if (rank < 0 || rank >= expected || !guard_.Key(role, rank).empty()) return absl::OkStatus();
+    return absl::NotFoundError(absl::StrCat(method, ": ", parts[0], " ", rank,
+                                            " is not registered with this coordinator (it "
+                                            "restarted since?): rejoin"));
+  }
+
   bool AllRegistered() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return static_cast<int>(servers_.size()) == options_.num_servers &&
            static_cast<int>(workers_.size()) == options_.num_workers;
@@ -391,7 +522,7 @@ class Service final : public CoordinatorBase {
     auto decided = [&](const Waiting& w) {
       if (failed) {
         answers->push_back(
-            {w.reactor, absl::UnavailableError(absl::StrCat("barrier: ", DeadList()))});
+            {w.reactor, absl::AbortedError(absl::StrCat("barrier: ", DeadList()))});
         return true;
       }
       if (!EveryLiveWorkerEntered(w.epoch)) return false;
@@ -523,7 +654,8 @@ class Service final : public CoordinatorBase {
     std::vector<std::string> names;
     for (const auto& [node, info] : dead_) {
       if (role.has_value() && info.role() != *role) continue;
-      names.push_back(absl::StrCat(RoleName(info.role()), " ", info.rank(), " (", info.address(), ")"));
+      names.push_back(absl::StrCat(RoleName(info.role()), " ", info.rank(),
+                                   info.address().empty() ? "" : absl::StrCat(" (", info.address(), ")")));
     }
     return absl::StrCat(absl::StrJoin(names, ", "), " stopped sending heartbeats");
   }
@@ -543,6 +675,8 @@ class Service final : public CoordinatorBase {
   std::vector<Waiting> registering_ ABSL_GUARDED_BY(mu_);  // until all have registered
   std::vector<Waiting> in_barrier_ ABSL_GUARDED_BY(mu_);   // until all have entered
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  // A node has rejoined (this coordinator restarted during the job).
+  bool rebuilding_ ABSL_GUARDED_BY(mu_) = false;
   std::set<int> suspects_ ABSL_GUARDED_BY(mu_);  // servers reported unreachable
   std::thread prober_;                           // Probe
 };

@@ -11,8 +11,9 @@
 // heartbeats), or until SIGINT or SIGTERM; it then logs "<role>: every
 // worker finished; shutting down" (or "... shutting down (SIGTERM)"), stops
 // serving and exits 0. A server also stops, with an error and exit code 1,
-// when the coordinator is unreachable for five heartbeats (workers give up
-// after three, so they are the ones to report it).
+// when the coordinator has not answered for --coordinator_timeout_s + 2
+// seconds (workers give up 2 s sooner, so they are the ones to report it);
+// a coordinator restarted on its address before then is rejoined.
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 
@@ -73,6 +74,10 @@ ABSL_FLAG(int, max_message_mb, 1024,
 ABSL_FLAG(std::string, startup_timeout_s, "",
           "a server fails unless every node of the job has registered within this many seconds "
           "(default: $MX_STARTUP_TIMEOUT_S, else 120)");
+ABSL_FLAG(std::string, coordinator_timeout_s, "",
+          "a server stops when the coordinator has not answered its heartbeats for this many "
+          "seconds plus 2 (workers give up after this many); a coordinator restarted on its "
+          "address within that time is rejoined (default: $MX_COORDINATOR_TIMEOUT_S, else 6)");
 ABSL_FLAG(int, heartbeat_timeout_s, 5,
           "the coordinator declares a node dead after this many silent seconds (at least 2: "
           "nodes heartbeat every second)");
@@ -287,6 +292,13 @@ int NumWorkers() {
   return IntSetting("num_workers", absl::GetFlag(FLAGS_num_workers), "DMLC_NUM_WORKER", 1, 1 << 20);
 }
 
+// How long a node goes on without an answer from the coordinator.
+int CoordinatorTimeoutSeconds() {
+  return IntSetting("coordinator_timeout_s", absl::GetFlag(FLAGS_coordinator_timeout_s),
+                    "MX_COORDINATOR_TIMEOUT_S", 2, 86400,
+                    absl::ToInt64Seconds(rpc::CoordinatorClient::kLostAfter));
+}
+
 int RunCoordinator() {
   Timeline timeline("coordinator");
   std::string bind = absl::GetFlag(FLAGS_bind);
@@ -440,7 +452,7 @@ int RunServer() {
   // Two heartbeats longer than workers wait: a worker that loses the
   // coordinator then says so itself, rather than first meeting a server that
   // has already left (seen: a worker named the server instead).
-  co.lost_after = rpc::CoordinatorClient::kLostAfter + 2;
+  co.lost_after = absl::Seconds(CoordinatorTimeoutSeconds() + 2);
   auto client = rpc::CoordinatorClient::Register(co, req);
   if (!client.ok()) {
     std::cerr << "mx_server: " << client.status().message() << "\n";

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A node is killed (kill -9) or hangs (SIGSTOP) while a dist_sync job of 2 servers and 2
 # workers trains: a parameter server, with and without --elastic, and the
-# coordinator with --elastic (elastic tolerates dead workers only). Each
+# coordinator with --elastic and no restart (elastic tolerates dead workers
+# only; a restarted coordinator is the last case). Each
 # time the whole job must stop within 15 s of the kill with a non-zero exit
 # code, the launcher must name the dead daemon, every worker must fail on
 # its own (not be stopped by the launcher) with an error that names it, and
@@ -63,9 +64,37 @@ named=$(server_as_named "server 0")
 [[ -n "$named" ]] || fail "server_elastic: server 0 never served"
 every_worker_failed_naming server_elastic "$named"
 
-kill_daemon_during_job coordinator_elastic coordinator --elastic
+# Without a restart (--coordinator-restarts=0) the coordinator's death ends
+# the job: the nodes give it up after MX_COORDINATOR_TIMEOUT_S (6 s).
+kill_daemon_during_job coordinator_elastic coordinator --elastic --coordinator-restarts=0
 coordinator=$(sed -n 's/.*coordinator listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' "$log" | head -1)
 every_worker_failed_naming coordinator_elastic "the coordinator at $coordinator is unreachable"
+
+# With the default (one restart) the launcher starts it again on its
+# address, every node rejoins it, training goes on, and the job ends as an
+# undisturbed one does: exit code 0 and the same parameters (checksum).
+log="$TMP/coordinator_undisturbed.log"
+start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=80
+wait "$launcher" || fail "coordinator_restarted: the undisturbed job failed"
+undisturbed=$(grep -E '^\[worker [01]\] Final params checksum=' "$log" | sort)
+log="$TMP/coordinator_restarted.log"
+start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=80
+wait_for_line "$log" '^\[worker [01]\] Epoch\[1\]' 60 || fail "coordinator_restarted: no epoch finished"
+victim=$(started_pid "$log" coordinator)
+[[ -n "$victim" ]] && kill -9 "$victim"
+wait "$launcher"; rc=$?
+[[ $rc -eq 0 ]] || fail "coordinator_restarted: the job exited $rc"
+grep -qE "^launch.py: coordinator \(pid $victim\) died: killed by signal 9 \(SIGKILL\); restarting it on its address" "$log" ||
+  fail "coordinator_restarted: the launcher did not say it restarted the coordinator"
+for node in "server 0" "server 1" "worker 0" "worker 1"; do
+  grep -qE "^\[$node\] .*: rejoined the coordinator at 127\.0\.0\.1:[0-9]+ \(it had restarted\)" "$log" ||
+    fail "coordinator_restarted: $node did not rejoin"
+done
+restarted=$(grep -E '^\[worker [01]\] Final params checksum=' "$log" | sort)
+[[ -n "$undisturbed" && "$restarted" == "$undisturbed" ]] ||
+  fail "coordinator_restarted: parameters differ from the undisturbed run: '$restarted' vs '$undisturbed'"
+sleep 0.5
+assert_nothing_left "$log"
 
 # hang_during_job CASE VICTIM: VICTIM ("server 1", "worker 1") hangs
 # (SIGSTOP) while the job trains. A hung node keeps its connections open,

@@ -9,8 +9,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
+#include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
@@ -57,24 +61,30 @@ rpc::Security MakeTls(const std::string& ca) {
   return s.ok() ? *s : rpc::Security();
 }
 
-std::unique_ptr<CoordinatorServer> StartCoordinator(const rpc::Security& security) {
+// A coordinator of a job of `workers` workers (and no servers) at `bind`.
+std::unique_ptr<CoordinatorServer> StartCoordinator(const rpc::Security& security,
+                                                    const std::string& bind = "127.0.0.1:0",
+                                                    int workers = 1) {
   CoordinatorOptions o;
   o.num_servers = 0;
-  o.num_workers = 1;
+  o.num_workers = workers;
+  o.heartbeat_timeout = absl::Seconds(2);
   o.security = security;
-  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  auto c = CoordinatorServer::Start(bind, o);
   EXPECT_TRUE(c.ok()) << c.status();
   return c.ok() ? *std::move(c) : nullptr;
 }
 
 absl::StatusOr<std::unique_ptr<rpc::CoordinatorClient>> RegisterWorker(
-    const std::string& address, const rpc::Security& security) {
+    const std::string& address, const rpc::Security& security, int rank = -1) {
   rpc::CoordinatorClient::Options o;
   o.address = address;
   o.security = security;
   o.startup_timeout = absl::Seconds(20);
+  o.rpc_timeout = absl::Seconds(10);
   proto::RegisterRequest req;
   req.set_role(proto::WORKER);
+  if (rank >= 0) req.set_rank(rank);
   return rpc::CoordinatorClient::Register(o, req);
 }
 
@@ -190,7 +200,7 @@ TEST(CoordinatorClient, ACoordinatorThatTakesTheCallButNeverAnswersIsNamed) {
 }
 
 // Heartbeats go on while the coordinator answers; once it is gone, the
-// node hears so once, naming it, within kLostAfter heartbeats.
+// node hears so once, naming it, after kLostAfter without an answer.
 TEST(CoordinatorClient, ALostCoordinatorIsReportedOnce) {
   auto c = StartCoordinator(rpc::Security());
   const std::string address = c->address();
@@ -211,12 +221,153 @@ TEST(CoordinatorClient, ALostCoordinatorIsReportedOnce) {
   c.reset();
   ASSERT_TRUE(gone.WaitForNotificationWithTimeout(absl::Seconds(15)));
   const absl::Duration took = absl::Now() - stopped;
-  EXPECT_GE(took, absl::Seconds(2));  // kLostAfter failures a second apart
-  EXPECT_LT(took, absl::Seconds(10));
+  EXPECT_GE(took, rpc::CoordinatorClient::kLostAfter - absl::Seconds(1));
+  EXPECT_LT(took, rpc::CoordinatorClient::kLostAfter + absl::Seconds(4));
   EXPECT_THAT(why, HasSubstr(absl::StrCat("the coordinator at ", address, " is unreachable")));
   absl::SleepFor(absl::Seconds(2));
   EXPECT_EQ(lost.load(), 1);
   (*client)->StopHeartbeats();
+}
+
+// Registers workers 0..n-1 of the job at `address` at once (registration
+// waits for all).
+std::vector<std::unique_ptr<rpc::CoordinatorClient>> RegisterWorkers(
+    const std::string& address, const rpc::Security& security, int n) {
+  std::vector<absl::StatusOr<std::unique_ptr<rpc::CoordinatorClient>>> got(n);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] { got[i] = RegisterWorker(address, security, i); });
+  }
+  for (std::thread& t : threads) t.join();
+  std::vector<std::unique_ptr<rpc::CoordinatorClient>> clients;
+  for (auto& c : got) {
+    EXPECT_TRUE(c.ok()) << c.status();
+    if (c.ok()) clients.push_back(*std::move(c));
+  }
+  return clients;
+}
+
+// Heartbeats of a client, counted; `lost` holds why the coordinator was
+// lost ("" while it is not).
+struct Heartbeats {
+  std::atomic<int> answers{0};
+  std::atomic<int> dead_workers{0};  // in the latest answer
+  std::mutex mu;
+  std::string lost;
+  void Start(rpc::CoordinatorClient* client) {
+    client->StartHeartbeats(
+        [this](const proto::HeartbeatResponse& r) {
+          dead_workers = r.dead_size();
+          ++answers;
+        },
+        [this](const absl::Status& s) {
+          std::lock_guard<std::mutex> lock(mu);
+          lost = std::string(s.message());
+        });
+  }
+  std::string Lost() {
+    std::lock_guard<std::mutex> lock(mu);
+    return lost;
+  }
+};
+
+// Waits up to 10 s for `done()`.
+bool Eventually(const std::function<bool()>& done) {
+  for (int i = 0; i < 200 && !done(); ++i) absl::SleepFor(absl::Milliseconds(50));
+  return done();
+}
+
+// The coordinator holds no parameter state: when it dies and a new one
+// starts on its address, the nodes rejoin it (keeping their ranks and
+// session keys), heartbeats go on without the coordinator counting as
+// lost, and a barrier entered while it was away completes once it is back.
+TEST(CoordinatorRestart, NodesRejoinARestartedCoordinator) {
+  rpc::Security job;
+  job.token = "the-token";
+  auto c = StartCoordinator(job, "127.0.0.1:0", 2);
+  const std::string address = c->address();
+  auto workers = RegisterWorkers(address, job, 2);
+  ASSERT_EQ(workers.size(), 2u);
+  Heartbeats beats[2];
+  for (int i = 0; i < 2; ++i) beats[i].Start(workers[i].get());
+  ASSERT_TRUE(Eventually([&] { return beats[0].answers > 0 && beats[1].answers > 0; }));
+  c.reset();  // dies
+  // Worker 0 enters a barrier while no coordinator runs.
+  absl::Status barrier0;
+  std::thread in_barrier([&] { barrier0 = workers[0]->Barrier(3); });
+  absl::SleepFor(absl::Milliseconds(1500));
+  c = StartCoordinator(job, address, 2);  // a new one, on the same address
+  ASSERT_NE(c, nullptr);
+  const int before[2] = {beats[0].answers, beats[1].answers};
+  ASSERT_TRUE(Eventually([&] {
+    return beats[0].answers > before[0] + 1 && beats[1].answers > before[1] + 1;
+  }));
+  EXPECT_TRUE(workers[1]->Barrier(3).ok());
+  in_barrier.join();
+  EXPECT_TRUE(barrier0.ok()) << barrier0;
+  absl::SleepFor(absl::Seconds(3));  // past the new coordinator's heartbeat timeout
+  EXPECT_EQ(beats[0].dead_workers.load(), 0);
+  EXPECT_EQ(beats[0].Lost(), "");
+  EXPECT_EQ(beats[1].Lost(), "");
+  EXPECT_EQ(c->refused(), 0);
+  // The job ends with the restarted coordinator as with the first.
+  for (auto& w : workers) w->StopHeartbeats();
+  EXPECT_TRUE(workers[0]->Leave().ok());
+  EXPECT_TRUE(workers[1]->Leave().ok());
+  EXPECT_TRUE(c->finished());
+}
+
+// A node that does not rejoin the restarted coordinator within its
+// heartbeat timeout is declared dead, and the others hear of it; what a
+// rejoining node heard of before (a finished worker) is kept.
+TEST(CoordinatorRestart, ANodeThatDoesNotRejoinIsDeclaredDead) {
+  auto c = StartCoordinator(rpc::Security(), "127.0.0.1:0", 3);
+  const std::string address = c->address();
+  auto workers = RegisterWorkers(address, rpc::Security(), 3);
+  ASSERT_EQ(workers.size(), 3u);
+  ASSERT_TRUE(workers[2]->Leave().ok());  // finished
+  Heartbeats beats, beats1;
+  beats.Start(workers[0].get());
+  beats1.Start(workers[1].get());
+  ASSERT_TRUE(Eventually([&] { return beats.answers > 1; }));  // heard worker 2 finished
+  c.reset();
+  workers[1]->StopHeartbeats();  // it will not rejoin
+  c = StartCoordinator(rpc::Security(), address, 3);
+  const absl::Time restarted = absl::Now();
+  // Worker 1 never heartbeats again: declared dead about 2 s after worker 0 rejoined.
+  ASSERT_TRUE(Eventually([&] { return beats.dead_workers.load() == 1; }));
+  EXPECT_GE(absl::Now() - restarted, absl::Seconds(2));
+  EXPECT_EQ(beats.Lost(), "");
+  // Worker 2 finished before the restart: it is not declared dead, and
+  // once worker 0 leaves (worker 1 dead) the job is over.
+  absl::SleepFor(absl::Seconds(1));
+  EXPECT_EQ(beats.dead_workers.load(), 1);
+  workers[0]->StopHeartbeats();
+  ASSERT_TRUE(workers[0]->Leave().ok());
+  EXPECT_TRUE(c->finished());
+  // A node declared dead may not come back.
+  const absl::Status late = workers[1]->Barrier(5);
+  EXPECT_EQ(late.code(), absl::StatusCode::kFailedPrecondition) << late;
+  EXPECT_THAT(late.message(), HasSubstr("barrier: register (rejoin): worker 1 was declared dead"));
+  EXPECT_EQ(beats1.Lost(), "");
+}
+
+// With no coordinator back, a node counts it as lost after lost_after
+// without an answer, not sooner; a barrier waits for it up to its deadline
+// and then says it was away.
+TEST(CoordinatorRestart, AnAbsentCoordinatorIsLostAfterTheTimeout) {
+  auto c = StartCoordinator(rpc::Security());
+  const std::string address = c->address();
+  auto client = RegisterWorker(address, rpc::Security());
+  ASSERT_TRUE(client.ok()) << client.status();
+  c.reset();
+  const absl::Time gone = absl::Now();
+  const absl::Status barrier = (*client)->Barrier(0);  // rpc_timeout 10 s
+  EXPECT_GE(absl::Now() - gone, absl::Seconds(9));
+  EXPECT_EQ(barrier.code(), absl::StatusCode::kUnavailable) << barrier;
+  EXPECT_THAT(barrier.message(),
+              HasSubstr(absl::StrCat("barrier: the coordinator at ", address,
+                                     " was away (unreachable, or restarting) until the deadline")));
 }
 
 // The timeline (ndarray/trace.h): a barrier is a span, and heartbeats give

@@ -169,7 +169,7 @@ TEST(CoordinatorBarrier, FailsNamingADeadWorker) {
   const auto start = std::chrono::steady_clock::now();
   grpc::Status s = c.Barrier(0, 0, std::chrono::seconds(10));
   kill.join();
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::ABORTED);
   EXPECT_THAT(s.error_message(), HasSubstr("worker 1"));
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
 }
@@ -392,6 +392,72 @@ TEST(CoordinatorHeartbeats, TheTimeoutCountsFromTheRegistrationsAnswer) {
       ADD_FAILURE() << "declared dead: " << proto::Role_Name(dead.role()) << " " << dead.rank();
     }
   }
+}
+
+// A rejoin (RegisterRequest.session_key) of node `rank` of `role` with `key`,
+// carrying `token`.
+grpc::Status Rejoin(proto::Coordinator::Stub& stub, proto::Role role, int rank,
+                    const std::string& key, const std::string& token = "t") {
+  proto::RegisterRequest req;
+  req.set_role(role);
+  req.set_rank(rank);
+  req.set_session_key(key);
+  proto::RegisterResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  rpc::Caller{token}.Stamp(&ctx);
+  grpc::Status s = stub.Register(&ctx, req, &resp);
+  if (s.ok()) {
+    EXPECT_EQ(resp.self().rank(), rank);
+    EXPECT_EQ(resp.session_key(), key);
+  }
+  return s;
+}
+
+// A restarted coordinator (one that never saw the job's registrations)
+// tells a node's calls NOT_FOUND, so that it rejoins; a rejoin needs the
+// job token and a rank in range, takes a rank once (the same key again is
+// fine), and the node's calls are then checked against that key.
+TEST(CoordinatorRestart, RejoinsAreCheckedAndAnsweredAtOnce) {
+  CoordinatorOptions o;
+  o.num_servers = 1;
+  o.num_workers = 2;
+  o.security.token = "t";
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
+  auto heartbeat = [&](int rank, const std::string& key) {
+    proto::HeartbeatRequest req;
+    req.set_role(proto::WORKER);
+    req.set_rank(rank);
+    proto::HeartbeatResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    Act(&ctx, proto::WORKER, rank, key);
+    return stub->Heartbeat(&ctx, req, &resp);
+  };
+  grpc::Status s = heartbeat(1, "key-1");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(s.error_message(),
+              HasSubstr("heartbeat: worker 1 is not registered with this coordinator"));
+  // No such rank, or a wrong key: refused by the guard (without the token
+  // that a key implies: UNAUTHENTICATED).
+  EXPECT_EQ(heartbeat(5, "key-5").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+
+  EXPECT_EQ(Rejoin(*stub, proto::WORKER, 1, "key-1", "wrong").error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  s = Rejoin(*stub, proto::WORKER, 2, "key-2");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("worker rank 2 is outside 0..1"));
+  // Answered at once, although worker 0 and the server have not rejoined.
+  ASSERT_TRUE(Rejoin(*stub, proto::WORKER, 1, "key-1").ok());
+  EXPECT_TRUE(Rejoin(*stub, proto::WORKER, 1, "key-1").ok());  // again: the same
+  s = Rejoin(*stub, proto::WORKER, 1, "another-key");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_THAT(s.error_message(), HasSubstr("worker rank 1 has rejoined already"));
+  EXPECT_TRUE(heartbeat(1, "key-1").ok());
+  EXPECT_EQ(heartbeat(1, "another-key").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ((*c)->refused(), 3);  // rank 5, the wrong token, the wrong key
 }
 
 }  // namespace
