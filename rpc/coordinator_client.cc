@@ -1,6 +1,8 @@
 #include "rpc/coordinator_client.h"
 
+#include <algorithm>
 #include <iostream>
+#include <optional>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -190,6 +192,7 @@ absl::Status CoordinatorClient::Rejoin() {
 absl::Status CoordinatorClient::UntilAnswered(
     const std::string& what, absl::Time deadline,
     const std::function<grpc::Status(grpc::ClientContext*)>& call) {
+  std::optional<absl::Time> away_since;  // the first call it could not take
   for (;;) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(deadline));
@@ -199,13 +202,24 @@ absl::Status CoordinatorClient::UntilAnswered(
       const absl::Status rejoined = Rejoin();
       if (rejoined.ok()) continue;
       if (!absl::IsUnavailable(rejoined)) return Doing(what, rejoined);
+    } else if (absl::IsDeadlineExceeded(s) && absl::Now() >= deadline) {
+      // The coordinator answers a call that waits too long itself, before
+      // the deadline (rpc::GiveUpBefore): this one it took and never answered.
+      return absl::UnavailableError(absl::StrCat(
+          what, "the coordinator at ", options_.address, " is unreachable: it took the call but "
+          "did not answer by the deadline (hung?)"));
     } else if (!absl::IsUnavailable(s)) {
       return Doing(what, s);
     }
-    if (absl::Now() + absl::Milliseconds(200) >= deadline) {
+    // Away: waited for up to the deadline, and for no longer than a
+    // heartbeat would wait for it.
+    const absl::Time now = absl::Now();
+    if (!away_since.has_value()) away_since = now;
+    if (now + absl::Milliseconds(200) >= std::min(deadline, *away_since + options_.lost_after)) {
       return absl::UnavailableError(absl::StrCat(
-          what, "the coordinator at ", options_.address,
-          " was away (unreachable, or restarting) until the deadline: ", s.message()));
+          what, "the coordinator at ", options_.address, " is unreachable: away (or restarting) for ",
+          absl::FormatDuration(absl::Trunc(now - *away_since, absl::Seconds(1))), ": ",
+          s.message()));
     }
     absl::SleepFor(absl::Milliseconds(200));
   }
@@ -238,7 +252,9 @@ absl::Status CoordinatorClient::Leave() {
   proto::LeaveRequest req;
   req.set_rank(caller_.rank);
   proto::LeaveResponse resp;
-  return UntilAnswered("leaving the job: ", absl::Now() + options_.rpc_timeout,
+  // Answered at once by a coordinator that runs: a hung one is given up as
+  // heartbeats give it up.
+  return UntilAnswered("leaving the job: ", absl::Now() + options_.lost_after,
                        [&](grpc::ClientContext* ctx) { return stub_->Leave(ctx, req, &resp); });
 }
 

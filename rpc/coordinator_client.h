@@ -36,7 +36,7 @@ class CoordinatorClient {
     // How long registration waits for the coordinator to start and for
     // every node of the job to register.
     absl::Duration startup_timeout = absl::Seconds(120);
-    // The deadline of barriers and of leaving.
+    // The deadline of barriers.
     absl::Duration rpc_timeout = absl::Seconds(30);
     // The coordinator counts as lost when no heartbeat has been answered
     // for this long.
@@ -82,7 +82,8 @@ class CoordinatorClient {
 
   // Waits until every live worker has entered barrier `epoch`.
   absl::Status Barrier(int64_t epoch);
-  // This worker has finished the job.
+  // This worker has finished the job (waiting for an absent coordinator
+  // up to Options::lost_after).
   absl::Status Leave();
 
  private:

@@ -22,6 +22,9 @@ and no process of the job is left afterwards. For each trial it records the
 outcome, the time from the fault to the launcher's first word on it
 (detection) and to the launcher's exit (end), and the processes left.
 
+A kill -9 of the coordinator must change nothing either: the launcher
+restarts it on its address and the nodes rejoin it.
+
 With --replicas=2 the job has 3 servers, each key a backup on the next
 one, and a server's death (kill -9 or SIGSTOP) must change nothing: the
 trial passes only if the job finishes with the undisturbed result, down to
@@ -78,7 +81,7 @@ def parse_args(argv):
     ap.add_argument("--replicas", type=int, default=1, choices=[1, 2],
                     help="2: 3 servers with a backup of every key; a server's death must "
                          "change nothing")
-    ap.add_argument("--victims", default="all", choices=["all", "servers"],
+    ap.add_argument("--victims", default="all", choices=["all", "servers", "coordinator"],
                     help="the nodes faults may hit (default all)")
     ap.add_argument("--work-dir", default=None, help="where the logs go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write the trials as JSON here")
@@ -251,10 +254,19 @@ def judge(trial, code, lines, reference, must_survive=False):
     trial["ok"] = False
 
 
+def must_survive(args, victim, fault_name):
+    """Whether the job must end as undisturbed: a server's death with
+    replicas 2, and the coordinator's kill -9 (the launcher restarts it and
+    the nodes rejoin it; a hung one is not restarted, and ends the job)."""
+    if victim == "coordinator":
+        return fault_name == "kill -9"
+    return args.replicas > 1 and victim.startswith("server")
+
+
 def run_trial(args, index, rng, reference, duration):
     victims = VICTIMS + (["server 2"] if args.replicas > 1 else [])
-    if args.victims == "servers":
-        victims = [v for v in victims if v.startswith("server")]
+    if args.victims != "all":
+        victims = [v for v in victims if v.startswith(args.victims.rstrip("s"))]
     victim = rng.choice(victims)
     fault_name = rng.choice(sorted(FAULTS))
     at = rng.uniform(0, duration)
@@ -276,7 +288,7 @@ def run_trial(args, index, rng, reference, duration):
     time.sleep(0.5)  # what the launcher stopped has gone by now
     trial["left"] = job.leftovers()
     judge(trial, code, job.lines(), reference,
-          must_survive=args.replicas > 1 and victim.startswith("server"))
+          must_survive=must_survive(args, victim, fault_name))
     if trial["left"]:
         trial["ok"] = False
         trial["outcome"] += f"; LEFT RUNNING: {', '.join(trial['left'])}"
