@@ -83,6 +83,8 @@ def parse_args(argv):
                          "change nothing")
     ap.add_argument("--victims", default="all", choices=["all", "servers", "coordinator"],
                     help="the nodes faults may hit (default all)")
+    ap.add_argument("--fault", default="any", choices=["any"] + sorted(FAULTS),
+                    help="the fault to make (default: a random one)")
     ap.add_argument("--work-dir", default=None, help="where the logs go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write the trials as JSON here")
     args = ap.parse_args(argv)
@@ -268,7 +270,7 @@ def run_trial(args, index, rng, reference, duration):
     if args.victims != "all":
         victims = [v for v in victims if v.startswith(args.victims.rstrip("s"))]
     victim = rng.choice(victims)
-    fault_name = rng.choice(sorted(FAULTS))
+    fault_name = rng.choice(sorted(FAULTS)) if args.fault == "any" else args.fault
     at = rng.uniform(0, duration)
     # Generous: a fault makes the job end within seconds (15 s for a hung
     # node, the startup timeout for one that hangs before registering), or
