@@ -12,7 +12,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libopenblas-dev libgtest-dev libgmock-dev libbenchmark-dev
   zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist openssl
-  libmicrohttpd-dev prometheus
+  libmicrohttpd-dev prometheus iproute2 nftables
 )
 if [[ "${1:-}" == "--bench" ]]; then
   PACKAGES+=(python3 python3-torch python3-numpy)

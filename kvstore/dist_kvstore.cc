@@ -416,8 +416,16 @@ struct Conn : std::enable_shared_from_this<Conn> {
   }
   absl::Status Named(absl::Status s, const char* what, const std::string& key, int server) const {
     if (s.ok()) return s;
+    std::string why(s.message());
+    // gRPC's own deadline (a server's answers say what they waited for):
+    // the call went unanswered, which names both ends of what failed.
+    if (absl::IsDeadlineExceeded(s) && why == "Deadline Exceeded") {
+      why = absl::StrCat("no answer within ", absl::FormatDuration(options.rpc_timeout),
+                         " (MX_RPC_TIMEOUT_S): server ", server, " hangs, or the network between "
+                         "worker ", options.rank, " and server ", server, " is broken");
+    }
     return absl::Status(s.code(), absl::StrCat(what, " of key ", key, " on server ", server, " (",
-                                               options.servers[server], "): ", s.message()));
+                                               options.servers[server], "): ", why));
   }
 
  private:
