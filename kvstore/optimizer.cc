@@ -479,12 +479,13 @@ void Optimizer::Update(int index, NDArray weight, const NDArray& grad) {
 
 // ---- States.
 
-NamedArrays Optimizer::StateArrays() const {
+NamedArrays Optimizer::StateArrays(const std::set<int>* only) const {
   const NDArray empty = Empty({0});
   NamedArrays out;
   out.emplace_back(absl::StrCat("optimizer:", name_), empty);
   out.emplace_back(absl::StrCat("num_update:", num_update_), empty);
   for (const auto& [index, param] : params_) {
+    if (only != nullptr && !only->count(index)) continue;
     out.emplace_back(absl::StrCat("param:", index, ":count:", param.count),
                      empty);
     for (size_t k = 0; k < param.states.size(); ++k) {
@@ -496,7 +497,7 @@ NamedArrays Optimizer::StateArrays() const {
 }
 
 absl::Status Optimizer::RestoreStates(const NamedArrays& arrays,
-                                      const std::map<int, Shape>& shapes) {
+                                      const std::map<int, Shape>& shapes, bool merge) {
   std::optional<std::string> saved_name;
   std::optional<int64_t> saved_num_update;
   std::map<int, int64_t> counts;
@@ -597,6 +598,11 @@ absl::Status Optimizer::RestoreStates(const NamedArrays& arrays,
     }
     loaded.emplace(index, std::move(param));
   }
+  if (merge) {
+    for (auto& [index, param] : loaded) params_[index] = std::move(param);
+    num_update_ = std::max(num_update_, num_update);
+    return absl::OkStatus();
+  }
   params_ = std::move(loaded);
   num_update_ = num_update;
   return absl::OkStatus();
@@ -613,6 +619,18 @@ absl::Status Optimizer::LoadStates(const std::string& bytes,
   if (status.ok()) return status;
   return absl::Status(status.code(),
                       absl::StrCat("LoadStates: ", status.message()));
+}
+
+absl::StatusOr<std::string> Optimizer::SaveStatesOf(const std::set<int>& indices) const {
+  return SerializeArrays(StateArrays(&indices));
+}
+
+absl::Status Optimizer::MergeStates(const std::string& bytes, const std::map<int, Shape>& shapes) {
+  absl::StatusOr<NamedArrays> arrays = DeserializeArrays(bytes);
+  absl::Status status = arrays.ok() ? RestoreStates(*arrays, shapes, /*merge=*/true)
+                                    : arrays.status();
+  if (status.ok()) return status;
+  return absl::Status(status.code(), absl::StrCat("MergeStates: ", status.message()));
 }
 
 absl::Status Optimizer::SaveStatesToFile(const std::string& path) const {

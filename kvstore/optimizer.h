@@ -65,6 +65,7 @@
 
 #include <cstdint>
 #include <map>
+#include <set>
 #include <memory>
 #include <optional>
 #include <string>
@@ -157,6 +158,13 @@ class Optimizer {
   absl::StatusOr<std::string> SaveStates() const;
   absl::Status LoadStates(const std::string& bytes,
                           const std::map<int, Shape>& shapes = {});
+  // The same for some parameters: SaveStatesOf writes those of `indices`
+  // (with num_update), and MergeStates replaces the states of the
+  // parameters the bytes hold, keeping the others (num_update becomes the
+  // larger of the two): how a parameter server hands a key's state to
+  // another.
+  absl::StatusOr<std::string> SaveStatesOf(const std::set<int>& indices) const;
+  absl::Status MergeStates(const std::string& bytes, const std::map<int, Shape>& shapes = {});
   absl::Status SaveStatesToFile(const std::string& path) const;
   absl::Status LoadStatesFromFile(const std::string& path);
 
@@ -191,9 +199,11 @@ class Optimizer {
   // "parameter 3 ('fc1_weight')", for error messages.
   std::string ParamLabel(int index) const;
   // The states as named arrays (the format SaveStates documents), and back.
-  NamedArrays StateArrays() const;
+  // `only`: those parameters' (nullptr: every one).
+  NamedArrays StateArrays(const std::set<int>* only = nullptr) const;
+  // `merge`: keeps the parameters the arrays do not hold.
   absl::Status RestoreStates(const NamedArrays& arrays,
-                             const std::map<int, Shape>& shapes);
+                             const std::map<int, Shape>& shapes, bool merge = false);
 
   std::string name_;
   Options options_;

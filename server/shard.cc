@@ -568,6 +568,11 @@ absl::Status ParameterShard::SetOptimizer(const std::string& name,
   // A step completing outside the lock uses the optimizer it started with
   // (or none): let it land before the weights are copied from the values.
   mu_.Await(NoStepInFlight());
+  return InstallOptimizer(std::move(opt), param_names);
+}
+
+absl::Status ParameterShard::InstallOptimizer(std::unique_ptr<Optimizer> opt,
+                                              const std::map<int, std::string>& param_names) {
   param_names_ = param_names;
   optimizer_ = std::move(opt);
   optimizer_->SetParamNames(SliceKeyNames());
@@ -612,6 +617,10 @@ absl::Status ParameterShard::LoadOptimizerStates(const std::string& bytes) {
 absl::Status ParameterShard::ApplyReplicated(int primary, std::vector<ReplicaStep> steps) {
   absl::MutexLock lock(&mu_);
   for (ReplicaStep& step : steps) {
+    if (step.state != nullptr) {
+      MX_RETURN_IF_ERROR(ApplyState(primary, step));
+      continue;
+    }
     MX_ASSIGN_OR_RETURN(Key * k, Find(step.key));
     if (k->copies.role != Copies::kBackup || k->copies.peer != primary) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -663,11 +672,94 @@ int ParameterShard::ServerDied(int server) {
       if (k.copies.peer != server || k.copies.role == Copies::kOnly) continue;
       if (k.copies.role == Copies::kBackup) ++taken;
       k.copies = Copies{};  // one copy, here
+      k.lost_peer = server;
       MaybeComplete(id, &k, &answers);
     }
   }
   Deliver(std::move(answers));
   return taken;
+}
+
+int ParameterShard::ServerReplaced(int server) {
+  absl::MutexLock lock(&mu_);
+  mu_.Await(NoStepInFlight());  // the state sent is that of a completed step
+  if (!dead_servers_.erase(server) || replicate_ == nullptr) return 0;
+  int restored = 0;
+  for (auto& [id, k] : keys_) {
+    if (k.lost_peer != server || k.copies.role != Copies::kOnly || !k.failed.ok()) continue;
+    absl::StatusOr<std::shared_ptr<const KeyState>> state = StateOf(id, k);
+    if (!state.ok()) {
+      FailKey(id, &k, state.status());
+      continue;
+    }
+    k.copies = Copies{Copies::kPrimary, server};
+    k.lost_peer = -1;
+    ReplicaStep step{id, k.version, {}, {}, *std::move(state)};
+    replicate_(server, std::move(step));
+    ++restored;
+  }
+  return restored;
+}
+
+absl::StatusOr<std::shared_ptr<const KeyState>> ParameterShard::StateOf(int id,
+                                                                       const Key& k) const {
+  auto state = std::make_shared<KeyState>();
+  state->shape = k.shape;
+  state->value.resize(k.shape.Size());
+  k.value.CopyTo(0, k.value.bytes(), state->value.data());
+  state->seen = k.seen;
+  if (optimizer_ != nullptr) {
+    state->optimizer = optimizer_->name();
+    state->optimizer_options = optimizer_->options();
+    state->param_names = param_names_;
+    state->lr_mult = optimizer_->lr_mult();
+    state->wd_mult = optimizer_->wd_mult();
+    MX_ASSIGN_OR_RETURN(state->optimizer_states, optimizer_->SaveStatesOf({id}));
+  }
+  return state;
+}
+
+absl::Status ParameterShard::ApplyState(int primary, const ReplicaStep& step) {
+  const KeyState& state = *step.state;
+  const std::string what = absl::StrCat("state of key ", step.key, " from server ", primary);
+  if (auto it = keys_.find(step.key); it != keys_.end()) {
+    const Key& k = it->second;
+    if (k.copies.role == Copies::kBackup && k.copies.peer == primary && k.version >= step.version) {
+      return absl::OkStatus();  // sent again
+    }
+    return absl::FailedPreconditionError(
+        absl::StrCat(what, ": this server holds the key already"));
+  }
+  if (!state.shape.IsValid() || static_cast<int64_t>(state.value.size()) != state.shape.Size()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", state.value.size(),
+                                                   " values for shape ", state.shape.ToString()));
+  }
+  if (optimizer_ == nullptr && !state.optimizer.empty()) {
+    MX_ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> opt,
+                        Optimizer::Create(state.optimizer, state.optimizer_options));
+    opt->SetLrMult(state.lr_mult);
+    opt->SetWdMult(state.wd_mult);
+    MX_RETURN_IF_ERROR(InstallOptimizer(std::move(opt), state.param_names));
+  }
+  Key& k = keys_[step.key];
+  k.shape = state.shape;
+  k.value = Pieces::Of(state.value);
+  k.version = step.version;
+  k.seen = state.seen;
+  k.copies = Copies{Copies::kBackup, primary};
+  absl::Status s = absl::OkStatus();
+  if (optimizer_ != nullptr) {
+    if (BaseKey(step.key) != step.key) optimizer_->SetParamNames(SliceKeyNames());
+    s = CatchError([&] { CopyWeights(&k); });
+    if (s.ok() && !state.optimizer_states.empty()) {
+      s = optimizer_->MergeStates(state.optimizer_states, {{step.key, k.shape}});
+    }
+  }
+  if (!s.ok()) {
+    keys_.erase(step.key);
+    return absl::Status(s.code(), absl::StrCat(what, ": ", s.message()));
+  }
+  return absl::OkStatus();
 }
 
 void ParameterShard::MarkDead(int rank) {

@@ -103,11 +103,31 @@ struct Copies {
 // A step of a key that a primary completed, for its backup: the value the
 // step applied (the rank-order sum of its pushes in dist_sync, the push in
 // dist_async), the key's version after it, and the pushes it took in.
+struct KeyState;
+
 struct ReplicaStep {
   int key = 0;
   int64_t version = 0;
   Pieces value;
   std::vector<std::pair<int, int64_t>> pushes;  // (rank, seq), in rank order
+  // Set: the step carries the key's whole state at `version` instead of a
+  // value: the first step a new backup gets (ParameterShard::ServerReplaced).
+  std::shared_ptr<const KeyState> state;
+};
+
+// A key's whole state on its primary: what a new backup needs to hold the
+// same bits and take the same later steps.
+struct KeyState {
+  Shape shape;
+  std::vector<float> value;
+  std::map<int, int64_t> seen;  // the highest push seq recorded, by rank
+  // The primary's optimizer ("" for none), which a shard without one
+  // takes, and the key's states in it (Optimizer::SaveStatesOf).
+  std::string optimizer;
+  Optimizer::Options optimizer_options;
+  std::map<int, std::string> param_names;
+  std::map<std::string, float> lr_mult, wd_mult;
+  std::string optimizer_states;
 };
 
 class ParameterShard {
@@ -205,6 +225,13 @@ class ParameterShard {
   // replicating to it (its keys then have one copy). Returns the number of
   // keys taken over.
   int ServerDied(int server);
+  // A new server took the rank of `server`, declared dead before: every key
+  // here that lost its other copy with it gets one there again. This shard
+  // holds each as the primary with `server` as its backup, and hands the
+  // replicator first the key's whole state (a step with a KeyState), then
+  // its later steps; a dist_sync pull waits for the new backup to hold the
+  // version as always. Returns the number of keys.
+  int ServerReplaced(int server);
 
   // Removes a worker from the live set (its death was detected).
   void MarkDead(int rank);
@@ -235,6 +262,8 @@ class ParameterShard {
     // between steps) and the step's summed gradient.
     NDArray weight, grad;
     Copies copies;
+    // The server whose death left the key with one copy here (-1: none).
+    int lost_peer = -1;
     // Replicas: the version the backup holds (a primary's), and for each
     // worker the highest push seq recorded.
     int64_t replicated = 0;
@@ -304,6 +333,16 @@ class ParameterShard {
   // different keys' steps at once. False if the step failed (FailKey).
   bool CompleteStep(int id, Key* key, std::vector<Pending> pushes,
                     const std::vector<int>& ranks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The key's whole state, for a new backup.
+  absl::StatusOr<std::shared_ptr<const KeyState>> StateOf(int id, const Key& k) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The backup's side of a step that carries a KeyState: creates the key
+  // (or, sent again, leaves it) as the backup of `primary`.
+  absl::Status ApplyState(int primary, const ReplicaStep& step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Makes `opt` the shard's optimizer (SetOptimizer's work under the lock).
+  absl::Status InstallOptimizer(std::unique_ptr<Optimizer> opt,
+                                const std::map<int, std::string>& param_names)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Records that a step of key failed with `s` (see Key::failed).
   static void FailKey(int id, Key* key, const absl::Status& s);
   // True while no step completes outside the lock (completing_ is 0).

@@ -778,5 +778,74 @@ TEST(ShardReplicas, StepsFromAnyoneButThePrimaryAreRefused) {
   EXPECT_THAT(late.message(), HasSubstr("it took the key over"));
 }
 
+// A new server takes the rank of a dead one (a spare): the survivor that
+// held the key alone sends it the key's whole state (value, optimizer
+// state, the pushes it recorded), then every later step; a pull waits for
+// the new copy. When the survivor dies in turn, the new server takes over
+// and the job ends with the bits of an undisturbed run: two copies again.
+TEST(ShardReplicas, ASpareRestoresTheSecondCopy) {
+  for (bool optimizer : {false, true}) {
+    SCOPED_TRACE(optimizer ? "sgd with momentum" : "summation");
+    Pair pair(optimizer);
+    for (int rank : {0, 1}) ASSERT_TRUE(PushSeq(pair.primary, 7, rank, Gradient(1, rank), 1).ok());
+    pair.Replicate();
+    // The backup (server 1) dies: the primary holds the key alone.
+    EXPECT_EQ(pair.primary.ServerDied(1), 0);
+    for (int rank : {0, 1}) ASSERT_TRUE(PushSeq(pair.primary, 7, rank, Gradient(2, rank), 2).ok());
+    ASSERT_TRUE(pair.primary.Pull(7, 2, Soon()).ok());  // alone: no backup to wait for
+    pair.steps.clear();
+    // A spare takes rank 1: it gets the state at version 2, then step 3.
+    ParameterShard spare({true, 2, false});
+    EXPECT_EQ(pair.primary.ServerReplaced(1), 1);
+    EXPECT_EQ(pair.primary.ServerReplaced(1), 0);  // once
+    ASSERT_EQ(pair.steps.size(), 1u);
+    ASSERT_NE(pair.steps[0].state, nullptr);
+    EXPECT_EQ(pair.steps[0].version, 2);
+    auto early = pair.primary.Pull(7, 2, Soon(100));  // the new copy does not hold it yet
+    EXPECT_EQ(early.status().code(), absl::StatusCode::kDeadlineExceeded);
+    ASSERT_TRUE(spare.ApplyReplicated(0, pair.steps).ok());
+    ASSERT_TRUE(spare.ApplyReplicated(0, pair.steps).ok());  // sent again: no change
+    for (const ReplicaStep& s : pair.steps) pair.primary.Replicated(s.key, s.version);
+    pair.steps.clear();
+    ASSERT_TRUE(pair.primary.Pull(7, 2, Soon()).ok());
+    for (int rank : {1, 0}) ASSERT_TRUE(PushSeq(pair.primary, 7, rank, Gradient(3, rank), 3).ok());
+    ASSERT_EQ(pair.steps.size(), 1u);
+    EXPECT_EQ(pair.steps[0].state, nullptr);
+    ASSERT_TRUE(spare.ApplyReplicated(0, pair.steps).ok());
+    // Step 4 is half pushed when the primary dies: the spare takes over,
+    // the workers push step 4 again (one of them a resend) and step 5.
+    ASSERT_TRUE(PushSeq(pair.primary, 7, 0, Gradient(4, 0), 4).ok());
+    EXPECT_EQ(spare.Pull(7, 3, Soon()).status().code(), absl::StatusCode::kUnavailable);  // a backup
+    EXPECT_EQ(spare.ServerDied(0), 1);
+    for (int step : {4, 5}) {
+      for (int rank : {0, 1}) ASSERT_TRUE(PushSeq(spare, 7, rank, Gradient(step, rank), step).ok());
+    }
+    ASSERT_TRUE(PushSeq(spare, 7, 1, Gradient(5, 1), 5).ok());  // a resend: recorded once
+    auto got = spare.Pull(7, 5, Soon());
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->version, 5);
+    EXPECT_EQ(got->data.ToFloats(), Undisturbed(optimizer, 5));
+  }
+}
+
+// A state for a key the receiver holds otherwise is refused, and so is one
+// whose values do not fit its shape.
+TEST(ShardReplicas, AStateForAKeyHeldOtherwiseIsRefused) {
+  Pair pair(false);
+  ASSERT_TRUE(pair.primary.ServerDied(1) == 0);
+  EXPECT_EQ(pair.primary.ServerReplaced(1), 1);
+  ASSERT_EQ(pair.steps.size(), 1u);
+  const absl::Status held = pair.backup.ApplyReplicated(2, pair.steps);  // it holds key 7
+  EXPECT_EQ(held.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(held.message(), HasSubstr("state of key 7 from server 2: this server holds the key already"));
+  auto bad = std::make_shared<KeyState>(*pair.steps[0].state);
+  bad->value.pop_back();
+  pair.steps[0].state = bad;
+  ParameterShard spare({true, 2, false});
+  const absl::Status s = spare.ApplyReplicated(0, pair.steps);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("state of key 7 from server 0: 2 values for shape"));
+}
+
 }  // namespace
 }  // namespace mx
