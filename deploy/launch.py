@@ -24,6 +24,12 @@ coordinator's heartbeats and print an error naming the node), then stops
 everything still running and exits with the process's exit code (1 if it
 was killed by a signal or exited 0).
 
+Spare servers (--spare-servers=N, with --replicas=2): N more servers that
+wait; when a server dies, one takes its rank, and the servers that held
+keys alone since give it copies of them while training goes on: the keys
+have two copies again, and the job survives the death of another server,
+even a neighbour of the first. A spare's death is logged like a server's.
+
 Coordinator restarts (--coordinator-restarts, default 1): a coordinator
 killed by a signal is started again on its address; the servers and
 workers go on training meanwhile (it holds no parameter state) and rejoin
@@ -536,6 +542,10 @@ def main():
     ap.add_argument("--log-dir", metavar="DIR",
                     help="also write each process's output to DIR/<role>-<rank>.log "
                          "(coordinator.log, server-0.log, worker-1.log, ...)")
+    ap.add_argument("--spare-servers", type=int, default=0, metavar="N",
+                    help="with --replicas=2: N spare servers; when a server dies, a spare takes "
+                         "its rank and the survivors give it copies of the keys left with one, "
+                         "so that the job survives another server's death")
     ap.add_argument("--coordinator-restarts", type=int, default=1, metavar="N",
                     help="restart a coordinator killed by a signal on its address, up to N times "
                          "(default 1; 0: its death ends the job); the nodes go on meanwhile and "
@@ -557,6 +567,8 @@ def main():
     cmd = worker_command(ap, args)
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
+    if args.spare_servers < 0 or (args.spare_servers and args.replicas < 2):
+        ap.error(f"--spare-servers {args.spare_servers}: must be 0 or more, and needs --replicas=2")
     if args.coordinator_restarts < 0:
         ap.error(f"--coordinator-restarts {args.coordinator_restarts}: must be 0 or more")
     if args.port and not 1 <= args.port <= 65535:
@@ -639,6 +651,15 @@ def start_and_supervise(job, args, cmd, secrets, env):
                    f"--bind={bind_host}:0", f"--mode={mode}", f"--replicas={args.replicas}"]
                   + advertise + elastic,
                   dict(env, DMLC_ROLE="server", MX_RANK=str(i), **secrets.env(f"server-{i}")),
+                  host=host)
+    for i in range(args.spare_servers):
+        host = remote and remote.host(args.num_servers + i)
+        advertise = [f"--advertise={address_of(host)}"] if remote else []
+        job.start(f"spare {i}", "server",
+                  [args.server_binary, "--role=server", f"--coordinator={coordinator}",
+                   f"--bind={bind_host}:0", f"--mode={mode}", "--replicas=2", "--spare"]
+                  + advertise + elastic,
+                  dict(env, DMLC_ROLE="server", **secrets.env(f"spare-{i}")),
                   host=host)
     per_host = -(-args.num_workers // len(remote.hosts)) if remote else args.num_workers
     worker_env = dict(env, DMLC_ROLE="worker", MX_ELASTIC="1" if args.elastic else "0",

@@ -211,10 +211,12 @@ struct Conn : std::enable_shared_from_this<Conn> {
   rpc::Caller caller;  // stamped on every call but the data path's
   // The caller's claims as the data path's requests carry them.
   proto::Credential credential;
+  // By server rank; replaced (ServerReplaced) under mu, so read them under it.
   std::vector<std::unique_ptr<proto::KVStoreService::Stub>> stubs;
   // Push and Pull go through raw byte buffers (EncodeTensorMessage), over
   // options.connections_per_server connections per server.
   std::vector<std::vector<std::unique_ptr<grpc::GenericStub>>> raw_stubs;
+  std::vector<std::string> addresses;  // by rank; guarded by mu once serving
 
   // Set when the coordinator reports a dead node: later calls fail with it.
   absl::Status Failure() const {
@@ -293,14 +295,53 @@ struct Conn : std::enable_shared_from_this<Conn> {
     return Dead(server);
   }
 
-  // The server that holds part p now: its primary, or once that is
-  // declared dead, its backup.
+  // The server that holds part p now: of its live copies (its primary and
+  // backup, or the spares that took their ranks) the one that has held it
+  // longest: the primary, or once that died, its backup (which took it
+  // over), even after a spare took the primary's rank (the spare is the
+  // backup now).
   absl::StatusOr<int> HolderOf(const Part& p) const {
     std::lock_guard<std::mutex> lock(mu);
-    if (!dead_servers.count(p.server)) return p.server;
-    if (p.backup >= 0 && !dead_servers.count(p.backup)) return p.backup;
-    return absl::UnavailableError(absl::StrCat("server ", p.server, " (", options.servers[p.server],
+    std::optional<int> holder;
+    for (int server : {p.server, p.backup}) {
+      if (server < 0 || dead_servers.count(server)) continue;
+      if (!holder.has_value() || SinceLocked(server) < SinceLocked(*holder)) holder = server;
+    }
+    if (holder.has_value()) return *holder;
+    return absl::UnavailableError(absl::StrCat("server ", p.server, " (", addresses[p.server],
                                                ") died, and no other server holds its keys"));
+  }
+  // The other live copy of part p than its holder, -1 if none.
+  int OtherCopyOf(const Part& p, int holder) const {
+    std::lock_guard<std::mutex> lock(mu);
+    for (int server : {p.server, p.backup}) {
+      if (server >= 0 && server != holder && !dead_servers.count(server)) return server;
+    }
+    return -1;
+  }
+
+  // Replicas 2: a spare at `address` took the rank of `s`, declared dead
+  // before: calls for s go there from now on, where it holds copies of the
+  // keys that lost theirs (after those that held them alone).
+  void ServerReplaced(int s, const std::string& address) {
+    std::lock_guard<std::mutex> lock(mu);
+    dead_servers.erase(s);
+    since[s] = ++replacements;
+    addresses[s] = address;
+    // Calls in flight may hold the old stubs: they stay until the store goes.
+    retired.push_back(std::move(stubs[s]));
+    stubs[s] = proto::KVStoreService::NewStub(rpc::SharedChannel(address, options.security));
+    for (auto& raw : raw_stubs[s]) retired_raw.push_back(std::move(raw));
+    raw_stubs[s].clear();
+    for (int c = 0; c < std::max(1, options.connections_per_server); ++c) {
+      raw_stubs[s].push_back(
+          std::make_unique<grpc::GenericStub>(rpc::SharedChannel(address, options.security, c)));
+    }
+  }
+  // Where server s is now.
+  std::string Address(int s) const {
+    std::lock_guard<std::mutex> lock(mu);
+    return addresses[s];
   }
 
   // Makes call h on the server that holds its parts now, after the
@@ -335,10 +376,17 @@ struct Conn : std::enable_shared_from_this<Conn> {
       if (!failure.ok()) return failure;
       control_calls[&ctx] = server;
     }
-    const grpc::Status s = call(&ctx, stubs[server].get());
-    std::lock_guard<std::mutex> lock(mu);
-    control_calls.erase(&ctx);
-    if (!s.ok() && !failure.ok()) return failure;
+    proto::KVStoreService::Stub* stub;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stub = stubs[server].get();
+    }
+    const grpc::Status s = call(&ctx, stub);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      control_calls.erase(&ctx);
+      if (!s.ok() && !failure.ok()) return failure;
+    }
     return Named(FromGrpc(s), what, key, server);
   }
 
@@ -381,12 +429,17 @@ struct Conn : std::enable_shared_from_this<Conn> {
     }
     SetDeadline(&call->ctx);  // the credential is in the request
     call->req = std::move(request);
-    const auto& stubs = raw_stubs[server];
-    const size_t servers = raw_stubs.size();
-    // Slices are dealt round-robin: this server's are SliceOf = s, s +
-    // servers, s + 2 * servers, ...
-    const size_t turn = Mix(BaseKey(key)) / servers + SliceOf(key) / servers;
-    stubs[turn % stubs.size()]->UnaryCall(
+    grpc::GenericStub* stub;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      const auto& stubs = raw_stubs[server];
+      const size_t servers = raw_stubs.size();
+      // Slices are dealt round-robin: this server's are SliceOf = s, s +
+      // servers, s + 2 * servers, ...
+      const size_t turn = Mix(BaseKey(key)) / servers + SliceOf(key) / servers;
+      stub = stubs[turn % stubs.size()].get();
+    }
+    stub->UnaryCall(
         &call->ctx, method, grpc::StubOptions(), &call->req, &call->resp,
         [self = shared_from_this(), call, done = std::move(done)](grpc::Status s) {
           absl::Status failed;
@@ -425,7 +478,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
                          "worker ", options.rank, " and server ", server, " is broken");
     }
     return absl::Status(s.code(), absl::StrCat(what, " of key ", key, " on server ", server, " (",
-                                               options.servers[server], "): ", why));
+                                               Address(server), "): ", why));
   }
 
  private:
@@ -497,6 +550,17 @@ struct Conn : std::enable_shared_from_this<Conn> {
   std::set<std::shared_ptr<Call>> in_flight;      // guarded by mu
   std::map<grpc::ClientContext*, int> control_calls;  // to servers; guarded by mu
   std::set<int> dead_servers;                     // guarded by mu
+  // Replicas 2: when each server rank's current process took it (0: at the
+  // start; the count of replacements so far when a spare did).
+  std::map<int, int64_t> since;                   // guarded by mu
+  int64_t replacements = 0;                       // guarded by mu
+  // The stubs of servers a spare replaced, which calls may still use.
+  std::vector<std::unique_ptr<proto::KVStoreService::Stub>> retired;  // guarded by mu
+  std::vector<std::unique_ptr<grpc::GenericStub>> retired_raw;        // guarded by mu
+  int64_t SinceLocked(int server) const {
+    auto it = since.find(server);
+    return it == since.end() ? 0 : it->second;
+  }
   std::map<int, absl::Time> reported;             // guarded by mu: when, by server
   std::function<void(int)> reporter;              // guarded by mu
 };
@@ -515,6 +579,7 @@ class DistKVStore : public KVStore {
     conn_->credential.set_token(claims.token);
     conn_->credential.set_node(claims.node);
     if (options.replicas > 1) conn_->timer = std::make_unique<Timer>();
+    conn_->addresses = options.servers;
     for (const std::string& address : options.servers) {
       conn_->stubs.push_back(
           proto::KVStoreService::NewStub(rpc::SharedChannel(address, options.security)));
@@ -598,8 +663,11 @@ class DistKVStore : public KVStore {
       req.set_sync(conn_->options.sync);
       req.set_num_workers(conn_->options.num_workers);
       if (p.backup >= 0) {
-        req.set_primary(p.server);
-        req.set_backup(p.backup);
+        // As the copies are now: after a failover (and a spare) the
+        // holder is the primary.
+        absl::StatusOr<int> holder = conn_->HolderOf(p);
+        req.set_primary(holder.ok() ? *holder : p.server);
+        req.set_backup(holder.ok() ? conn_->OtherCopyOf(p, *holder) : p.backup);
       }
       ToProto(data.data() + p.begin, Shape{p.end - p.begin}, req.mutable_value());
       // Every copy; with replicas 2 a copy on a server that died is
@@ -1025,7 +1093,7 @@ class DistKVStore : public KVStore {
     return [&conn, p, dst = dsts[0] + p.begin, received](size_t, size_t bytes) -> absl::StatusOr<void*> {
       const size_t expected = (p.end - p.begin) * sizeof(float);
       if (bytes != expected) {
-        return absl::DataLossError(absl::StrCat("server ", conn.options.servers[p.server], " sent ",
+        return absl::DataLossError(absl::StrCat("server ", conn.Address(p.server), " sent ",
                                                 bytes, " bytes, expected ", expected));
       }
       *received = true;
@@ -1143,7 +1211,8 @@ class DistKVStore : public KVStore {
     return absl::OkStatus();
   }
 
-  // What a heartbeat's answer says of dead nodes.
+  // What a heartbeat's answer says of dead nodes, and of spares that took
+  // dead servers' ranks.
   void HeardOfDeaths(const proto::HeartbeatResponse& resp) {
     for (const proto::NodeInfo& dead : resp.dead()) {
       const bool worker = dead.role() == proto::WORKER;
@@ -1164,7 +1233,12 @@ class DistKVStore : public KVStore {
           dead.address().empty() ? "" : absl::StrCat(" (", dead.address(), ")");
       if (!worker && conn_->options.replicas > 1) {
         std::lock_guard<std::mutex> lock(dead_mu_);
-        if (!dead_servers_.insert(dead.rank()).second) continue;
+        // News of a server's death once, and none of an incarnation that a
+        // spare replaced since.
+        if (dead.incarnation() < incarnation_[dead.rank()] ||
+            !dead_servers_.insert({dead.rank(), dead.incarnation()}).second) {
+          continue;
+        }
         std::cerr << "worker " << conn_->options.rank << ": server " << dead.rank() << address
                   << " was declared dead; its keys are served by their backups" << std::endl;
         conn_->ServerDied(dead.rank());
@@ -1174,6 +1248,19 @@ class DistKVStore : public KVStore {
           worker ? "worker " : "server ", dead.rank(), address,
           " died: it stopped sending heartbeats")));
     }
+    for (const proto::NodeInfo& r : resp.replacements()) {
+      std::lock_guard<std::mutex> lock(dead_mu_);
+      if (conn_->options.replicas < 2 || r.rank() < 0 ||
+          r.rank() >= static_cast<int>(conn_->options.servers.size()) ||
+          r.incarnation() <= incarnation_[r.rank()]) {
+        continue;
+      }
+      incarnation_[r.rank()] = r.incarnation();
+      std::cerr << "worker " << conn_->options.rank << ": a spare took the rank of server "
+                << r.rank() << " (" << r.address() << "); its keys have two copies again"
+                << std::endl;
+      conn_->ServerReplaced(r.rank(), r.address());
+    }
   }
 
   std::shared_ptr<Conn> conn_;
@@ -1182,7 +1269,10 @@ class DistKVStore : public KVStore {
   int64_t barriers_ = 0;
   std::mutex dead_mu_;
   std::set<int> dead_workers_;  // elastic: workers declared dead; guarded by dead_mu_
-  std::set<int> dead_servers_;  // replicas 2: servers declared dead; guarded by dead_mu_
+  // Replicas 2, guarded by dead_mu_: servers declared dead (rank,
+  // incarnation), and the latest incarnation of each rank (spares).
+  std::set<std::pair<int, int>> dead_servers_;
+  std::map<int, int> incarnation_;
 };
 
 }  // namespace

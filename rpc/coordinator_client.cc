@@ -88,10 +88,17 @@ CoordinatorClient::~CoordinatorClient() { StopHeartbeats(); }
 void CoordinatorClient::StartHeartbeats(
     std::function<void(const proto::HeartbeatResponse&)> on_answer,
     std::function<void(const absl::Status&)> on_lost) {
+  if (heartbeats_.joinable()) heartbeats_.join();  // stopped before
   {
     std::lock_guard<std::mutex> lock(mu_);
     on_answer_ = std::move(on_answer);
     on_lost_ = std::move(on_lost);
+    stop_ = false;
+    last_answer_ = absl::Now();
+  }
+  {
+    std::lock_guard<std::mutex> lock(sleep_mu_);
+    stopping_ = false;
   }
   heartbeats_ = std::thread([this] {
     // The first at once: the coordinator's timeout for this node started
@@ -110,15 +117,25 @@ void CoordinatorClient::StartHeartbeats(
 void CoordinatorClient::HeartbeatNow() { Beat(); }
 void CoordinatorClient::ReportUnreachable(int server) { Beat(server); }
 
+void CoordinatorClient::Reassign(const proto::RegisterResponse& assignment) {
+  std::lock_guard<std::mutex> lock(mu_);
+  cluster_ = assignment;
+  caller_.rank = assignment.self().rank();
+  caller_.key = assignment.session_key();
+}
+
 void CoordinatorClient::Beat(int unreachable_server) {
   proto::HeartbeatRequest req;
-  req.set_role(cluster_.self().role());
-  req.set_rank(cluster_.self().rank());
+  grpc::ClientContext ctx;
+  {
+    std::lock_guard<std::mutex> lock(mu_);  // Reassign may change them
+    req.set_role(cluster_.self().role());
+    req.set_rank(cluster_.self().rank());
+    caller_.Stamp(&ctx);
+  }
   if (unreachable_server >= 0) req.add_unreachable_servers(unreachable_server);
   proto::HeartbeatResponse resp;
-  grpc::ClientContext ctx;
   ctx.set_deadline(In(kHeartbeatDeadline));
-  caller_.Stamp(&ctx);
   const int64_t sent_us = trace::NowMicros();
   absl::Status s = FromGrpc(stub_->Heartbeat(&ctx, req, &resp));
   const int64_t answered_us = trace::NowMicros();
@@ -130,9 +147,14 @@ void CoordinatorClient::Beat(int unreachable_server) {
   if (s.ok()) {
     last_answer_ = absl::Now();
     for (const proto::NodeInfo& dead : resp.dead()) {
-      heard_dead_[{dead.role(), dead.rank()}] = dead;
+      auto [it, added] = heard_dead_.try_emplace({dead.role(), dead.rank()}, dead);
+      if (!added && dead.incarnation() > it->second.incarnation()) it->second = dead;
     }
     heard_finished_.insert(resp.finished_workers().begin(), resp.finished_workers().end());
+    for (const proto::NodeInfo& r : resp.replacements()) {
+      int& known = heard_incarnation_[r.rank()];
+      known = std::max(known, r.incarnation());
+    }
     // The coordinator's clock read halfway through the round trip, from
     // the fastest round trip so far (the least uncertain): this node's
     // offset for the job's timeline.
@@ -165,14 +187,27 @@ void CoordinatorClient::Beat(int unreachable_server) {
 
 absl::Status CoordinatorClient::Rejoin() {
   proto::RegisterRequest req;
-  req.set_role(cluster_.self().role());
-  req.set_rank(cluster_.self().rank());
-  req.set_address(cluster_.self().address());
-  req.set_session_key(caller_.key);
+  Role role;
+  int rank;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (const auto& [node, info] : heard_dead_) *req.add_dead() = info;
-    for (int rank : heard_finished_) req.add_finished_workers(rank);
+    req.set_role(cluster_.self().role());
+    req.set_rank(cluster_.self().rank());
+    req.set_address(cluster_.self().address());
+    req.set_incarnation(cluster_.self().incarnation());
+    req.set_session_key(caller_.key);
+    role = caller_.role;
+    rank = caller_.rank;
+    for (const auto& [node, info] : heard_dead_) {
+      // Not a server whose rank a replacement took since.
+      auto replaced = heard_incarnation_.find(info.rank());
+      if (info.role() == proto::SERVER && replaced != heard_incarnation_.end() &&
+          replaced->second > info.incarnation()) {
+        continue;
+      }
+      *req.add_dead() = info;
+    }
+    for (int finished : heard_finished_) req.add_finished_workers(finished);
   }
   grpc::ClientContext ctx;
   ctx.set_deadline(In(kHeartbeatDeadline));
@@ -180,7 +215,7 @@ absl::Status CoordinatorClient::Rejoin() {
   proto::RegisterResponse resp;
   const absl::Status s = FromGrpc(stub_->Register(&ctx, req, &resp));
   if (s.ok()) {
-    std::cerr << (caller_.role == Role::kServer ? "server " : "worker ") << caller_.rank
+    std::cerr << (role == Role::kServer ? "server " : "worker ") << rank
               << ": rejoined the coordinator at " << options_.address << " (it had restarted)"
               << std::endl;
     std::lock_guard<std::mutex> lock(mu_);
@@ -196,7 +231,10 @@ absl::Status CoordinatorClient::UntilAnswered(
   for (;;) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(deadline));
-    caller_.Stamp(&ctx);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      caller_.Stamp(&ctx);
+    }
     absl::Status s = FromGrpc(call(&ctx));
     if (absl::IsNotFound(s)) {
       const absl::Status rejoined = Rejoin();

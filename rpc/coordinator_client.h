@@ -63,14 +63,20 @@ class CoordinatorClient {
   ~CoordinatorClient();  // stops heartbeats
 
   // The registration's answer: this node, the servers and the workers.
+  // (A spare's, until Reassign: itself alone.)
   const proto::RegisterResponse& cluster() const { return cluster_; }
   // What this node says about itself on calls (token, node, session key).
   const Caller& caller() const { return caller_; }
+  // A spare server takes a dead server's rank: `assignment` (from a
+  // heartbeat answer) is its cluster from now on, and its calls act for
+  // that rank. Only while heartbeats are stopped.
+  void Reassign(const proto::RegisterResponse& assignment);
   const std::string& address() const { return options_.address; }
 
   // Heartbeats from a thread until Stop: each answer goes to on_answer;
   // when the coordinator is lost, on_lost gets why ("the coordinator at
-  // ADDRESS is unreachable: ...") once, and heartbeats stop.
+  // ADDRESS is unreachable: ...") once, and heartbeats stop. May start
+  // again after StopHeartbeats.
   void StartHeartbeats(std::function<void(const proto::HeartbeatResponse&)> on_answer,
                        std::function<void(const absl::Status&)> on_lost);
   // One heartbeat now, handled as the loop handles its own.
@@ -112,6 +118,7 @@ class CoordinatorClient {
   // What heartbeat answers said, which a rejoin tells a restarted coordinator.
   std::map<std::pair<int, int>, proto::NodeInfo> heard_dead_;  // by (role, rank)
   std::set<int> heard_finished_;
+  std::map<int, int> heard_incarnation_;  // of servers replaced, by rank
   int64_t best_rtt_us_ = -1;  // the fastest heartbeat's round trip
   bool lost_ = false;
   bool stop_ = false;

@@ -72,6 +72,7 @@ class Service final : public CoordinatorBase {
     absl::StatusOr<proto::RegisterRequest> req =
         ParseRequest<proto::RegisterRequest>(*request, "register");
     if (req.ok() && !req->session_key().empty()) return AnswerRejoin(ctx, *req, response);
+    if (req.ok() && req->spare()) return AnswerSpare(ctx, *req, response);
     return Wait(
         ctx, response, &registering_,
         [&](Waiting* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -351,6 +352,8 @@ class Service final : public CoordinatorBase {
     info.set_role(req.role());
     info.set_rank(req.rank());
     info.set_address(req.address());
+    info.set_incarnation(req.incarnation());
+    if (req.incarnation() > 0) replacements_[req.rank()] = info;
     guard_.Admit(RpcRole(req.role()), req.rank(), req.session_key());
     NodeGauge(req.role(), "registered")->Add(1);
     if (!rebuilding_) AwaitTheOthers();
@@ -429,8 +432,96 @@ class Service final : public CoordinatorBase {
     info.set_rank(node.second);
     const auto& nodes = node.first == proto::SERVER ? servers_ : workers_;
     if (auto n = nodes.find(node.second); n != nodes.end()) info.set_address(n->second.address());
+    if (node.first == proto::SERVER) {
+      if (auto n = servers_.find(node.second); n != servers_.end()) {
+        info.set_incarnation(n->second.incarnation());
+      }
+    }
     dead_[node] = info;
     NodeGauge(node.first, "dead")->Add(1);
+    if (node.first == proto::SERVER) AssignSpare(node.second);
+  }
+
+  // A spare server: answered at once with an identity of its own.
+  grpc::ServerUnaryReactor* AnswerSpare(grpc::CallbackServerContext* ctx,
+                                        const proto::RegisterRequest& req,
+                                        grpc::ByteBuffer* response) {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    absl::Status s = guard_.CheckToken(*ctx, "register");
+    if (s.ok() && req.role() != proto::SERVER) {
+      s = absl::InvalidArgumentError("register: only a server may be a spare");
+    }
+    if (s.ok()) {
+      absl::MutexLock lock(&mu_);
+      const int rank = options_.num_servers + next_spare_++;
+      Spare& spare = spares_[rank];
+      spare.info.set_role(proto::SERVER);
+      spare.info.set_rank(rank);
+      spare.info.set_address(req.address());
+      spare.seen = absl::Now();
+      guard_.Admit(rpc::Role::kServer, rank, rpc::NewSessionKey());
+      proto::RegisterResponse resp;
+      *resp.mutable_self() = spare.info;
+      resp.set_session_key(guard_.Key(rpc::Role::kServer, rank));
+      *response = EncodeMessage(resp);
+      std::cerr << "mx_server: coordinator: a spare server (" << req.address()
+                << ") waits for a server's death" << std::endl;
+    }
+    reactor->Finish(ToGrpc(s));
+    return reactor;
+  }
+
+  // Server `d` was declared dead: a live spare, if any, takes its rank (the
+  // next incarnation), proving it with its own session key (the dead
+  // one's is void from now on), and is expected to heartbeat as that rank
+  // within the heartbeat timeout. Its next heartbeat answer tells it.
+  void AssignSpare(int d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const absl::Time now = absl::Now();
+    for (auto& [rank, spare] : spares_) {
+      if (spare.assigned >= 0 || now - spare.seen > options_.heartbeat_timeout) continue;
+      spare.assigned = d;
+      auto dead = dead_.find({proto::SERVER, d});
+      replaced_dead_.push_back(dead->second);
+      proto::NodeInfo info = spare.info;
+      info.set_rank(d);
+      info.set_incarnation(dead->second.incarnation() + 1);
+      dead_.erase(dead);
+      servers_[d] = info;
+      guard_.Admit(rpc::Role::kServer, d, guard_.Key(rpc::Role::kServer, rank));
+      last_seen_[{proto::SERVER, d}] = now;
+      std::cerr << "mx_server: coordinator: the spare server at " << info.address()
+                << " takes the rank of server " << d << " (incarnation " << info.incarnation()
+                << ")" << std::endl;
+      return;
+    }
+  }
+
+  // What a spare assigned rank `d` needs, as a registering server gets it.
+  proto::RegisterResponse Assignment(int spare, int d) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    proto::RegisterResponse resp;
+    *resp.mutable_self() = servers_.at(d);
+    resp.set_session_key(guard_.Key(rpc::Role::kServer, spare));
+    for (const auto& [rank, info] : servers_) {
+      *resp.add_servers() = info;
+      resp.add_server_keys(guard_.Key(rpc::Role::kServer, rank));
+    }
+    for (const auto& [rank, info] : workers_) {
+      *resp.add_workers() = info;
+      resp.add_worker_keys(guard_.Key(rpc::Role::kWorker, rank));
+    }
+    return resp;
+  }
+
+  // Server `rank` heartbeats: a replacement that does so serves, and is
+  // announced to every node from now on.
+  void Serving(int rank) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto it = servers_.find(rank);
+    if (it == servers_.end() || it->second.incarnation() == 0) return;
+    auto [known, added] = replacements_.try_emplace(rank, it->second);
+    if (!added && known->second.incarnation() == it->second.incarnation()) return;
+    known->second = it->second;
+    std::cerr << "mx_server: coordinator: server " << rank << " (" << it->second.address()
+              << ", incarnation " << it->second.incarnation() << ") serves" << std::endl;
   }
 
   // Answers every waiting registration with the cluster view. A node
@@ -466,7 +557,11 @@ class Service final : public CoordinatorBase {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     auto key = std::make_pair(req.role(), req.rank());
     const auto& nodes = req.role() == proto::SERVER ? servers_ : workers_;
-    if (!nodes.count(req.rank())) {
+    const bool spare = req.role() == proto::SERVER && spares_.count(req.rank());
+    if (spare) {
+      spares_[req.rank()].seen = absl::Now();
+      if (const auto d = spares_[req.rank()].assigned; d >= 0) *resp->mutable_assignment() = Assignment(req.rank(), d);
+    } else if (!nodes.count(req.rank())) {
       return absl::NotFoundError(absl::StrCat("heartbeat: ", RoleName(req.role()), " ", req.rank(),
                                               " never registered"));
     }
@@ -475,10 +570,18 @@ class Service final : public CoordinatorBase {
     if (auto it = last_seen_.find(key); it != last_seen_.end() && !dead_.count(key)) {
       it->second = absl::Now();
     }
+    if (req.role() == proto::SERVER && !spare) Serving(req.rank());
     for (int server : req.unreachable_servers()) {
       if (servers_.count(server) && !dead_.count({proto::SERVER, server})) suspects_.insert(server);
     }
     for (const auto& [node, info] : dead_) *resp->add_dead() = info;
+    for (const proto::NodeInfo& info : replaced_dead_) *resp->add_dead() = info;
+    for (const auto& [rank, info] : replacements_) {
+      *resp->add_replacements() = info;
+      if (req.role() == proto::SERVER) {
+        resp->add_replacement_keys(guard_.Key(rpc::Role::kServer, rank));
+      }
+    }
     resp->set_time_us(trace::NowMicros());
     for (int rank : left_) resp->add_finished_workers(rank);
     if (req.role() == proto::SERVER && (EveryWorkerDone() || Failed())) {
@@ -675,6 +778,18 @@ class Service final : public CoordinatorBase {
   std::vector<Waiting> registering_ ABSL_GUARDED_BY(mu_);  // until all have registered
   std::vector<Waiting> in_barrier_ ABSL_GUARDED_BY(mu_);   // until all have entered
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
+  // Spare servers by their own rank (past the job's servers).
+  struct Spare {
+    proto::NodeInfo info;
+    absl::Time seen;    // its last heartbeat
+    int assigned = -1;  // the dead server's rank it took
+  };
+  std::map<int, Spare> spares_ ABSL_GUARDED_BY(mu_);
+  int next_spare_ ABSL_GUARDED_BY(mu_) = 0;
+  // Dead servers whose rank a spare took (still listed as dead), and the
+  // replacements that serve, by rank.
+  std::vector<proto::NodeInfo> replaced_dead_ ABSL_GUARDED_BY(mu_);
+  std::map<int, proto::NodeInfo> replacements_ ABSL_GUARDED_BY(mu_);
   // A node has rejoined (this coordinator restarted during the job).
   bool rebuilding_ ABSL_GUARDED_BY(mu_) = false;
   std::set<int> suspects_ ABSL_GUARDED_BY(mu_);  // servers reported unreachable

@@ -304,6 +304,7 @@ class Replicator {
       peers_.emplace_back();
       peers_.back().stub =
           std::make_unique<grpc::GenericStub>(rpc::SharedChannel(address, options_.security));
+      peers_.back().address = address;
     }
     credential_.set_token(options_.claims.token);
     credential_.set_node(options_.claims.node);
@@ -331,6 +332,21 @@ class Replicator {
     peers_[backup].queued.push_back(std::move(step));
   }
 
+  // A new server at `address` took the rank of `backup`, dropped before:
+  // its steps are sent there from now on.
+  void Reinstate(int backup, const std::string& address) {
+    absl::MutexLock lock(&mu_);
+    if (backup < 0 || backup >= static_cast<int>(peers_.size())) return;
+    Peer& p = peers_[backup];
+    mu_.Await(absl::Condition(
+        +[](Peer* p) { return p->call == nullptr; }, &p));  // the dead one's call ends
+    p.stub = std::make_unique<grpc::GenericStub>(rpc::SharedChannel(address, options_.security));
+    p.address = address;
+    p.dropped = false;
+    p.logged = false;
+    p.queued.clear();
+  }
+
   // `backup` was declared dead: its steps are dropped, now and later.
   void Drop(int backup) {
     absl::MutexLock lock(&mu_);
@@ -348,6 +364,7 @@ class Replicator {
   };
   struct Peer {
     std::unique_ptr<grpc::GenericStub> stub;
+    std::string address;
     std::deque<ReplicaStep> queued;
     std::shared_ptr<Call> call;  // in flight
     bool dropped = false;
@@ -398,6 +415,26 @@ class Replicator {
     }
   }
 
+  // A key's whole state into `header` (ReplicatedStep.state); returns its
+  // value, which goes as the step's tensor.
+  static Pieces EncodeState(const KeyState& state, proto::ReplicatedStep* header) {
+    proto::KeyState* out = header->mutable_state();
+    for (int64_t d : state.shape) out->add_shape(d);
+    for (const auto& [rank, seq] : state.seen) {
+      header->add_ranks(rank);
+      header->add_seqs(seq);
+    }
+    proto::SetOptimizerRequest* opt = out->mutable_optimizer();
+    opt->set_name(state.optimizer);
+    for (const auto& [k, v] : state.optimizer_options) (*opt->mutable_options())[k] = v;
+    for (const auto& [k, v] : state.param_names) (*opt->mutable_param_names())[k] = v;
+    for (const auto& [k, v] : state.lr_mult) (*opt->mutable_lr_mult())[k] = v;
+    for (const auto& [k, v] : state.wd_mult) (*opt->mutable_wd_mult())[k] = v;
+    out->set_optimizer_states(state.optimizer_states);
+    return Pieces::Of(state.value.data(), state.value.size(),
+                      std::shared_ptr<const void>(std::make_shared<KeyState>(state)));
+  }
+
   // Starts `call` to backup b (under mu_: gRPC only queues it).
   void Send(int b, Peer& p, const std::shared_ptr<Call>& call) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     std::vector<EncodedMessage> entries;
@@ -409,9 +446,11 @@ class Replicator {
         header.add_ranks(rank);
         header.add_seqs(seq);
       }
-      header.mutable_value()->add_shape(static_cast<int64_t>(step.value.bytes() / sizeof(float)));
+      Pieces value = step.value;
+      if (step.state != nullptr) value = EncodeState(*step.state, &header);
+      header.mutable_value()->add_shape(static_cast<int64_t>(value.bytes() / sizeof(float)));
       header.mutable_value()->set_dtype(proto::FLOAT32);
-      entries.push_back(EncodeTensorMessage(header, kStepValueField, step.value));
+      entries.push_back(EncodeTensorMessage(header, kStepValueField, value));
     }
     proto::ReplicateRequest rest;
     rest.set_primary(options_.rank);
@@ -439,7 +478,7 @@ class Replicator {
     if (!p.logged) {
       p.logged = true;
       std::cerr << "mx_server: server " << options_.rank << ": replicating to server " << b
-                << " (" << options_.servers[b] << ") failed: " << s.error_message()
+                << " (" << p.address << ") failed: " << s.error_message()
                 << "; trying again until it answers or is declared dead" << std::endl;
     }
   }
@@ -624,10 +663,37 @@ class Service final : public ServiceBase {
       MX_RETURN_IF_ERROR(TensorShape(h.value(), data[i].bytes).status());
       MX_ASSIGN_OR_RETURN(Pieces value, PiecesOf(slices, data[i].offset, data[i].bytes));
       ReplicaStep step{h.key(), h.version(), std::move(value), {}};
-      for (int j = 0; j < h.ranks_size(); ++j) step.pushes.push_back({h.ranks(j), h.seqs(j)});
+      if (h.has_state()) {
+        MX_ASSIGN_OR_RETURN(step.state, DecodeState(h, step.value));
+        step.value = Pieces();
+      } else {
+        for (int j = 0; j < h.ranks_size(); ++j) step.pushes.push_back({h.ranks(j), h.seqs(j)});
+      }
       steps.push_back(std::move(step));
     }
     return shard_->ApplyReplicated(rest.primary(), std::move(steps));
+  }
+
+  // The KeyState a step carries (ReplicatedStep.state), its value `value`.
+  static absl::StatusOr<std::shared_ptr<const KeyState>> DecodeState(
+      const proto::ReplicatedStep& h, const Pieces& value) {
+    auto state = std::make_shared<KeyState>();
+    state->shape = Shape(h.state().shape().begin(), h.state().shape().end());
+    if (!state->shape.IsValid()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("state of key ", h.key(), ": shape ", state->shape.ToString()));
+    }
+    state->value.resize(value.bytes() / sizeof(float));
+    value.CopyTo(0, value.bytes(), state->value.data());
+    for (int j = 0; j < h.ranks_size(); ++j) state->seen[h.ranks(j)] = h.seqs(j);
+    const proto::SetOptimizerRequest& opt = h.state().optimizer();
+    state->optimizer = opt.name();
+    state->optimizer_options = {opt.options().begin(), opt.options().end()};
+    state->param_names = {opt.param_names().begin(), opt.param_names().end()};
+    state->lr_mult = {opt.lr_mult().begin(), opt.lr_mult().end()};
+    state->wd_mult = {opt.wd_mult().begin(), opt.wd_mult().end()};
+    state->optimizer_states = h.state().optimizer_states();
+    return state;
   }
 
   // Whether the worker's store (as its init says) belongs to a job run as
@@ -818,6 +884,14 @@ void ParameterServer::StartReplication(ReplicationOptions options) {
   shard_->SetReplicator([r = impl_->replicator.get()](int backup, ReplicaStep step) {
     r->Queue(backup, std::move(step));
   });
+}
+
+int ParameterServer::ServerReplaced(int server, const std::string& address,
+                                    const std::string& session_key) {
+  if (impl_->replicator == nullptr) return 0;
+  impl_->service->guard().Admit(rpc::Role::kServer, server, session_key);
+  impl_->replicator->Reinstate(server, address);
+  return shard_->ServerReplaced(server);
 }
 
 int ParameterServer::ServerDied(int server) {

@@ -68,6 +68,11 @@ class ParameterServer {
   // is the backup of, and stops replicating to it. Returns the number of
   // keys taken over.
   int ServerDied(int server);
+  // Replicas 2: a new server at `address`, holding `session_key`, took the
+  // rank of `server` (dead before): its replicated steps come from it now,
+  // and the keys here that lost their copy there get one again
+  // (ParameterShard::ServerReplaced). Returns the number of keys.
+  int ServerReplaced(int server, const std::string& address, const std::string& session_key);
   // Calls refused for a missing or wrong token or identity.
   int64_t refused() const;
 

@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <set>
 #include <string>
@@ -69,6 +70,10 @@ ABSL_FLAG(std::string, replicas, "",
           "copies of each key's state on the servers: 1, or 2 (a primary and a backup on the next "
           "server, which takes over if the primary dies; give every server and worker the same; "
           "default: $MX_REPLICAS, else 1)");
+ABSL_FLAG(bool, spare, false,
+          "a spare server (with --replicas=2): it waits, and when a server dies it takes that "
+          "server's rank, and the survivors give it copies of the keys that lost their second "
+          "one (launch.py --spare-servers=N starts N)");
 ABSL_FLAG(int, max_message_mb, 1024,
           "a server refuses requests larger than this many MiB (1 to 1024)");
 ABSL_FLAG(std::string, startup_timeout_s, "",
@@ -360,12 +365,21 @@ std::string Advertised(const std::string& advertise, const std::string& bound) {
 bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, int* sig) {
   const int rank = coordinator.cluster().self().rank();
   std::atomic<bool> finished{false}, lost{false};
-  std::set<int> dead_servers;  // heard of (heartbeat thread only)
+  // Servers' deaths handled and incarnations known, by rank (heartbeat
+  // thread only): news of an earlier incarnation is old news.
+  std::set<std::pair<int, int>> dead_servers;
+  std::map<int, int> incarnation;
+  for (const proto::NodeInfo& server : coordinator.cluster().servers()) {
+    incarnation[server.rank()] = server.incarnation();
+  }
   coordinator.StartHeartbeats(
       [&](const proto::HeartbeatResponse& hr) {
         for (const proto::NodeInfo& dead : hr.dead()) {
           if (dead.role() == proto::WORKER) ps.shard().MarkDead(dead.rank());
-          if (dead.role() != proto::SERVER || !dead_servers.insert(dead.rank()).second) continue;
+          if (dead.role() != proto::SERVER || dead.incarnation() < incarnation[dead.rank()] ||
+              !dead_servers.insert({dead.rank(), dead.incarnation()}).second) {
+            continue;
+          }
           if (dead.rank() == rank) {
             // Stopped or cut off long enough for the others to go on
             // without it: its keys are served elsewhere now.
@@ -378,6 +392,18 @@ bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, in
           const int taken = ps.ServerDied(dead.rank());
           std::cout << "server " << rank << ": server " << dead.rank() << " was declared dead"
                     << (taken > 0 ? absl::StrCat("; took over its ", taken, " key(s)") : "")
+                    << std::endl;
+        }
+        for (int i = 0; i < hr.replacements_size(); ++i) {
+          const proto::NodeInfo& r = hr.replacements(i);
+          if (r.rank() == rank || r.incarnation() <= incarnation[r.rank()]) continue;
+          incarnation[r.rank()] = r.incarnation();
+          const std::string key = i < hr.replacement_keys_size() ? hr.replacement_keys(i) : "";
+          const int restored = ps.ServerReplaced(r.rank(), r.address(), key);
+          std::cout << "server " << rank << ": server " << r.rank() << " is back at "
+                    << r.address() << " (a spare)"
+                    << (restored > 0 ? absl::StrCat("; sending it copies of ", restored, " key(s)")
+                                     : "")
                     << std::endl;
         }
         for (int worker : hr.finished_workers()) ps.shard().MarkFinished(worker);
@@ -396,6 +422,41 @@ bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, in
   *sig = WaitForSignal([&] { return finished.load() || lost.load(); });
   coordinator.StopHeartbeats();
   return finished.load() && *sig == 0;
+}
+
+// A spare's wait: heartbeats until the coordinator assigns it a dead
+// server's rank (returns the assignment), or the job ends (nullopt,
+// *finished set, "every worker finished" logged), fails or is lost
+// (nullopt, the error printed), or a signal comes (nullopt; *sig set).
+std::optional<proto::RegisterResponse> AwaitAssignment(rpc::CoordinatorClient& coordinator,
+                                                       int* sig, bool* finished) {
+  absl::Mutex mu;
+  std::optional<proto::RegisterResponse> assignment;
+  std::atomic<bool> done{false};
+  coordinator.StartHeartbeats(
+      [&](const proto::HeartbeatResponse& hr) {
+        if (hr.has_assignment()) {
+          absl::MutexLock lock(&mu);
+          assignment = hr.assignment();
+          done = true;
+        } else if (!hr.failure().empty()) {
+          std::cerr << "mx_server: spare server: " << hr.failure() << "; stopping\n";
+          done = true;
+        } else if (hr.shutdown()) {
+          std::cout << "spare server: every worker finished; shutting down" << std::endl;
+          *finished = true;
+          done = true;
+        }
+      },
+      [&](const absl::Status& why) {
+        std::cerr << "mx_server: spare server: " << why.message() << "; stopping\n";
+        done = true;
+      });
+  *sig = WaitForSignal([&] { return done.load(); });
+  coordinator.StopHeartbeats();
+  absl::MutexLock lock(&mu);
+  if (*sig != 0) return std::nullopt;
+  return assignment;
 }
 
 int RunServer() {
@@ -441,10 +502,16 @@ int RunServer() {
     std::cerr << "mx_server: " << ps.status().message() << "\n";
     return 1;
   }
+  const bool spare = absl::GetFlag(FLAGS_spare);
+  if (spare && replicas < 2) {
+    std::cerr << "mx_server: --spare needs --replicas=2 (a spare restores the second copies)\n";
+    return 2;
+  }
   proto::RegisterRequest req;
   req.set_role(proto::SERVER);
   req.set_address(Advertised(advertise, (*ps)->address()));
-  if (requested_rank.has_value()) req.set_rank(static_cast<int>(*requested_rank));
+  if (requested_rank.has_value() && !spare) req.set_rank(static_cast<int>(*requested_rank));
+  req.set_spare(spare);
   rpc::CoordinatorClient::Options co;
   co.address = coordinator;
   co.security = server_options.security;
@@ -457,6 +524,18 @@ int RunServer() {
   if (!client.ok()) {
     std::cerr << "mx_server: " << client.status().message() << "\n";
     return 1;
+  }
+  if (spare) {
+    std::cout << "spare server waiting on " << req.address()
+              << " to take the rank of a server that dies" << std::endl;
+    int sig = 0;
+    bool finished = false;
+    std::optional<proto::RegisterResponse> assignment = AwaitAssignment(**client, &sig, &finished);
+    if (!assignment.has_value()) {
+      if (sig != 0) LogShutdown("spare server", sig, (*ps)->refused());
+      return sig != 0 || finished ? 0 : 1;
+    }
+    (*client)->Reassign(*assignment);
   }
   const proto::RegisterResponse& cluster = (*client)->cluster();
   const int rank = cluster.self().rank();
@@ -481,7 +560,10 @@ int RunServer() {
   if (metrics != nullptr) metrics->SetServing(true);  // as the health service now
   std::cout << "server " << rank << " serving on " << req.address()
             << (absl::GetFlag(FLAGS_elastic) ? " (elastic)" : "")
-            << (replicas > 1 ? " (replicas 2)" : "") << std::endl;
+            << (replicas > 1 ? " (replicas 2)" : "")
+            << (spare ? absl::StrCat(" (a spare, incarnation ", cluster.self().incarnation(), ")")
+                      : "")
+            << std::endl;
   int sig = 0;
   const bool finished = ServeUntilDone(**client, **ps, &sig);
   if (sig != 0 || finished) LogShutdown(absl::StrCat("server ", rank), sig, (*ps)->refused());
