@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Spare servers (launch.py --spare-servers, with --replicas=2): in a job of
+# 3 servers and 2 workers, server 1 is killed (kill -9) while the job
+# trains. A spare takes its rank, and the servers that held keys alone
+# since give it copies; then server 2, server 1's neighbour, is killed too
+# (without the spare, the keys whose copies were on servers 1 and 2 would
+# be lost). The job must finish (exit code 0) with the parameters of an
+# undisturbed run (checksum), say what happened, and leave nothing behind.
+set -uo pipefail
+LAUNCH="$1"; SERVER="$2"; TRAIN="$3"
+TMP="${TEST_TMPDIR:-$(mktemp -d)}"
+source "$(dirname "$0")/lib.sh"
+
+checksums() { grep -E '^\[worker [01]\] Final params checksum=' "$1" | sort; }
+
+log="$TMP/undisturbed.log"
+start_job "$log" -n 2 -s 3 --replicas=2 -- "${worker[@]}" --epochs=200
+wait "$launcher" || fail "the undisturbed job failed"
+undisturbed=$(checksums "$log")
+
+log="$TMP/spare.log"
+start_job "$log" -n 2 -s 3 --replicas=2 --spare-servers=1 -- "${worker[@]}" --epochs=200
+wait_for_line "$log" '^\[spare 0\] spare server waiting on 127\.0\.0\.1:[0-9]+' 30 ||
+  fail "the spare never said it waits"
+wait_for_line "$log" '^\[worker [01]\] Epoch\[5\]' 60 || fail "no epoch finished"
+kill -9 "$(started_pid "$log" "server 1")"
+# The spare serves as server 1, and servers 0 and 2 send it copies.
+wait_for_line "$log" '^\[spare 0\] server 1 serving on 127\.0\.0\.1:[0-9]+ \(replicas 2\) \(a spare, incarnation 1\)' 20 ||
+  fail "the spare did not take server 1's rank"
+for s in 0 2; do
+  wait_for_line "$log" "^\\[server $s\\] server $s: server 1 is back at 127\\.0\\.0\\.1:[0-9]+ \\(a spare\\); sending it copies of [0-9]+ key\\(s\\)" 20 ||
+    fail "server $s did not send the spare its keys"
+done
+for w in 0 1; do
+  grep -qE "^\[worker $w\] worker $w: a spare took the rank of server 1" "$log" ||
+    fail "worker $w did not hear of the spare"
+done
+# Training goes on with two copies of every key (a pull waits for both)
+# before the neighbour dies.
+epochs=$(grep -cE '^\[worker 0\] Epoch\[' "$log")
+wait_for_line "$log" "^\\[worker 0\\] Epoch\\[$((epochs + 2))\\]" 30 || fail "training did not go on"
+kill -9 "$(started_pid "$log" "server 2")"
+wait "$launcher"; rc=$?
+[[ $rc -eq 0 ]] || fail "the job exited $rc after servers 1 and 2 died"
+grep -qE '^\[spare 0\] server 1: server 2 was declared dead; took over its [0-9]+ key\(s\)' "$log" ||
+  fail "the spare did not take server 2's keys over"
+got=$(checksums "$log")
+[[ -n "$undisturbed" && "$got" == "$undisturbed" ]] ||
+  fail "parameters differ from the undisturbed run: '$got' vs '$undisturbed'"
+grep -q "launch.py: the coordinator and 2 server(s) shut down cleanly" "$log" ||
+  fail "the coordinator, server 0 and the spare did not shut down cleanly"
+sleep 0.5
+assert_nothing_left "$log"
+finish
