@@ -664,10 +664,12 @@ class DistKVStore : public KVStore {
       req.set_num_workers(conn_->options.num_workers);
       if (p.backup >= 0) {
         // As the copies are now: after a failover (and a spare) the
-        // holder is the primary.
+        // holder is the primary; a server holding a copy that died takes
+        // the key alone (and a spare that takes that rank gets a copy).
         absl::StatusOr<int> holder = conn_->HolderOf(p);
-        req.set_primary(holder.ok() ? *holder : p.server);
-        req.set_backup(holder.ok() ? conn_->OtherCopyOf(p, *holder) : p.backup);
+        const int primary = holder.ok() ? *holder : p.server;
+        req.set_primary(primary);
+        req.set_backup(primary == p.server ? p.backup : p.server);
       }
       ToProto(data.data() + p.begin, Shape{p.end - p.begin}, req.mutable_value());
       // Every copy; with replicas 2 a copy on a server that died is
@@ -928,14 +930,27 @@ class DistKVStore : public KVStore {
     return absl::OkStatus();
   }
 
-  // One file with every server's state, in server order.
+  // One file with every server's state, in server order. With replicas 2
+  // entry i holds the states of the keys whose primary is server i, saved
+  // from the copy that holds them now (after a failover, the backup), so
+  // the file does not depend on which servers died.
   absl::Status SaveOptimizerStates(const std::string& path) const override {
-    MX_RETURN_IF_ERROR(NoFailover("saving"));
     proto::ClusterOptimizerStates all;
-    for (size_t s = 0; s < conn_->stubs.size(); ++s) {
+    const std::map<int, std::vector<Part>> by_primary = PartsByPrimary();
+    for (int s = 0; s < static_cast<int>(conn_->stubs.size()); ++s) {
       proto::SaveOptimizerStatesRequest req;
+      int holder = s;
+      if (conn_->options.replicas > 1) {
+        auto parts = by_primary.find(s);
+        if (parts == by_primary.end()) {  // no key: no state
+          all.add_servers("");
+          continue;
+        }
+        MX_ASSIGN_OR_RETURN(holder, conn_->HolderOf(parts->second[0]));
+        for (const Part& p : parts->second) req.add_keys(p.server_key);
+      }
       proto::OptimizerStates resp;
-      MX_RETURN_IF_ERROR(conn_->Control(static_cast<int>(s), "save_optimizer_states", "-",
+      MX_RETURN_IF_ERROR(conn_->Control(holder, "save_optimizer_states", "-",
                                         [&](auto* ctx, auto* stub) {
                                           return stub->SaveOptimizerStates(ctx, req, &resp);
                                         }));
@@ -956,17 +971,41 @@ class DistKVStore : public KVStore {
           path, " holds the state of ", all.servers_size(), " servers; this job has ",
           conn_->stubs.size()));
     }
-    MX_RETURN_IF_ERROR(NoFailover("loading"));
-    for (size_t s = 0; s < conn_->stubs.size(); ++s) {
+    const std::map<int, std::vector<Part>> by_primary = PartsByPrimary();
+    for (int s = 0; s < static_cast<int>(conn_->stubs.size()); ++s) {
       proto::OptimizerStates req;
-      req.set_states(all.servers(static_cast<int>(s)));
-      proto::LoadOptimizerStatesResponse resp;
-      MX_RETURN_IF_ERROR(conn_->Control(static_cast<int>(s), "load_optimizer_states", "-",
-                                        [&](auto* ctx, auto* stub) {
-                                          return stub->LoadOptimizerStates(ctx, req, &resp);
-                                        }));
+      req.set_states(all.servers(s));
+      std::vector<int> copies = {s};
+      if (conn_->options.replicas > 1) {
+        // Into every copy of server s's keys, keeping the states of the
+        // other keys there.
+        auto parts = by_primary.find(s);
+        if (req.states().empty() || parts == by_primary.end()) continue;
+        req.set_merge(true);
+        MX_ASSIGN_OR_RETURN(const int holder, conn_->HolderOf(parts->second[0]));
+        copies = {holder};
+        if (int other = conn_->OtherCopyOf(parts->second[0], holder); other >= 0) {
+          copies.push_back(other);
+        }
+      }
+      for (int server : copies) {
+        proto::LoadOptimizerStatesResponse resp;
+        MX_RETURN_IF_ERROR(conn_->Control(server, "load_optimizer_states", "-",
+                                          [&](auto* ctx, auto* stub) {
+                                            return stub->LoadOptimizerStates(ctx, req, &resp);
+                                          }));
+      }
     }
     return absl::OkStatus();
+  }
+
+  // The parts of every key, by their primary's rank.
+  std::map<int, std::vector<Part>> PartsByPrimary() const {
+    std::map<int, std::vector<Part>> by_primary;
+    for (const auto& [id, e] : keys_) {
+      for (const Part& p : e->parts) by_primary[p.server].push_back(p);
+    }
+    return by_primary;
   }
 
   absl::Status Barrier() override {
@@ -1200,17 +1239,6 @@ class DistKVStore : public KVStore {
   // The optimizer's state file holds each server's part: after a failover
   // (replicas 2) a dead server's part is on its backup, mixed with the
   // backup's own, which the file's layout cannot say yet.
-  absl::Status NoFailover(const char* what) const {
-    for (int s = 0; s < static_cast<int>(conn_->stubs.size()); ++s) {
-      if (!conn_->Dead(s)) continue;
-      return absl::FailedPreconditionError(absl::StrCat(
-          what, " the optimizer's state after server ", s,
-          " died is not supported yet (its keys' state is on server ",
-          (s + 1) % conn_->stubs.size(), ", their backup)"));
-    }
-    return absl::OkStatus();
-  }
-
   // What a heartbeat's answer says of dead nodes, and of spares that took
   // dead servers' ranks.
   void HeardOfDeaths(const proto::HeartbeatResponse& resp) {

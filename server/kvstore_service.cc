@@ -591,8 +591,10 @@ class Service final : public ServiceBase {
     return rpc::AnswerRequest<proto::SaveOptimizerStatesRequest, proto::OptimizerStates>(
         ctx, *request, response, "save_optimizer_states",
         [&] { return Worker(*ctx, "save_optimizer_states").status(); },
-        [this](const proto::SaveOptimizerStatesRequest&, proto::OptimizerStates* resp) {
-          absl::StatusOr<std::string> states = shard_->SaveOptimizerStates();
+        [this](const proto::SaveOptimizerStatesRequest& req, proto::OptimizerStates* resp) {
+          const std::set<int> keys(req.keys().begin(), req.keys().end());
+          absl::StatusOr<std::string> states =
+              shard_->SaveOptimizerStates(keys.empty() ? nullptr : &keys);
           if (!states.ok()) return states.status();
           resp->set_states(*std::move(states));
           return absl::OkStatus();
@@ -606,7 +608,7 @@ class Service final : public ServiceBase {
         ctx, *request, response, "load_optimizer_states",
         [&] { return Worker(*ctx, "load_optimizer_states").status(); },
         [this](const proto::OptimizerStates& req, proto::LoadOptimizerStatesResponse*) {
-          return shard_->LoadOptimizerStates(req.states());
+          return shard_->LoadOptimizerStates(req.states(), req.merge());
         });
   }
 

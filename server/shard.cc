@@ -50,12 +50,15 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
         "init of key ", key, ": a backup on server ", copies.peer,
         " was asked for, but this server does not replicate (start it with --replicas=2)"));
   }
-  // A copy on a server that died already: this one holds the key alone.
-  if (dead_servers_.count(copies.peer)) copies = Copies{};
+  // A copy on a server that died already: this one holds the key alone
+  // (until a spare takes that server's rank: ServerReplaced).
+  const int lost_peer = dead_servers_.count(copies.peer) ? copies.peer : -1;
+  if (lost_peer >= 0 || copies.peer < 0) copies = Copies{};
   Key& k = keys_[key];
   k.shape = shape;
   k.value = Pieces::Of(value);
   k.copies = copies;
+  k.lost_peer = lost_peer;
   if (optimizer_ == nullptr) return absl::OkStatus();
   // A slice of a big key takes the name of its key (proto/slice_key.h).
   if (BaseKey(key) != key) optimizer_->SetParamNames(SliceKeyNames());
@@ -592,16 +595,22 @@ std::map<int, std::string> ParameterShard::SliceKeyNames() const {
   return names;
 }
 
-absl::StatusOr<std::string> ParameterShard::SaveOptimizerStates() const {
+absl::StatusOr<std::string> ParameterShard::SaveOptimizerStates(const std::set<int>* keys) const {
   absl::MutexLock lock(&mu_);
   mu_.Await(NoStepInFlight());  // its update would change the state
   if (optimizer_ == nullptr) {
     return absl::FailedPreconditionError("no optimizer is set on this server");
   }
-  return optimizer_->SaveStates();
+  if (keys == nullptr) return optimizer_->SaveStates();
+  for (int key : *keys) {
+    if (!keys_.count(key)) {
+      return absl::NotFoundError(absl::StrCat("key ", key, " is not on this server"));
+    }
+  }
+  return optimizer_->SaveStatesOf(*keys);
 }
 
-absl::Status ParameterShard::LoadOptimizerStates(const std::string& bytes) {
+absl::Status ParameterShard::LoadOptimizerStates(const std::string& bytes, bool merge) {
   absl::MutexLock lock(&mu_);
   mu_.Await(NoStepInFlight());  // its update reads the state
   if (optimizer_ == nullptr) {
@@ -611,7 +620,7 @@ absl::Status ParameterShard::LoadOptimizerStates(const std::string& bytes) {
   // another big-key bound) is refused now, not at the key's next step.
   std::map<int, Shape> shapes;
   for (const auto& [id, k] : keys_) shapes.emplace(id, k.shape);
-  return optimizer_->LoadStates(bytes, shapes);
+  return merge ? optimizer_->MergeStates(bytes, shapes) : optimizer_->LoadStates(bytes, shapes);
 }
 
 absl::Status ParameterShard::ApplyReplicated(int primary, std::vector<ReplicaStep> steps) {

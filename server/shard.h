@@ -209,9 +209,11 @@ class ParameterShard {
                             const std::map<std::string, float>& lr_mult = {},
                             const std::map<std::string, float>& wd_mult = {});
 
-  // The optimizer's state, and back (see Optimizer::SaveStates).
-  absl::StatusOr<std::string> SaveOptimizerStates() const;
-  absl::Status LoadOptimizerStates(const std::string& bytes);
+  // The optimizer's state, and back (see Optimizer::SaveStates): of the
+  // keys `keys` names (nullptr: all); `merge` keeps the states of keys the
+  // bytes do not hold (Optimizer::MergeStates).
+  absl::StatusOr<std::string> SaveOptimizerStates(const std::set<int>* keys = nullptr) const;
+  absl::Status LoadOptimizerStates(const std::string& bytes, bool merge = false);
 
   // The backup's side: applies steps its primary (server `primary`)
   // completed, in order; a step it already holds is skipped. Refused

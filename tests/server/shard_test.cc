@@ -828,6 +828,24 @@ TEST(ShardReplicas, ASpareRestoresTheSecondCopy) {
   }
 }
 
+// Found by tests/chaos: a key inited after its backup's server died is
+// held alone (not as a primary waiting for a dead backup), and a spare that
+// takes that rank gets a copy.
+TEST(ShardReplicas, AKeyInitedAfterItsBackupDiedIsHeldAloneUntilASpareComes) {
+  ParameterShard primary({true, 1, false});
+  std::vector<ReplicaStep> steps;
+  primary.SetReplicator([&](int, ReplicaStep step) { steps.push_back(std::move(step)); });
+  primary.ServerDied(1);
+  ASSERT_TRUE(primary.Init(7, Shape{1}, {0}, {Copies::kPrimary, 1}).ok());
+  ASSERT_TRUE(primary.Push(7, 0, {2}).ok());
+  auto got = primary.Pull(7, 1, Soon());  // no backup to wait for
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(steps.empty());
+  EXPECT_EQ(primary.ServerReplaced(1), 1);
+  ASSERT_EQ(steps.size(), 1u);
+  EXPECT_NE(steps[0].state, nullptr);
+}
+
 // A state for a key the receiver holds otherwise is refused, and so is one
 // whose values do not fit its shape.
 TEST(ShardReplicas, AStateForAKeyHeldOtherwiseIsRefused) {
