@@ -6,6 +6,7 @@
 # that ran 3 epochs without a crash: the weights, and the servers' optimizer
 # state (momentum and update counts), because the shuffling order, the
 # optimizer state and the rank-order sums all continue where they were.
+# The same with replicas 2 from a checkpoint written after a server died.
 set -uo pipefail
 LAUNCH="$1"; SERVER="$2"; TRAIN="$3"
 TMP="${TEST_TMPDIR:-$(mktemp -d)}"
@@ -41,4 +42,39 @@ assert_nothing_left "$log"
 for f in 0003.params 0003.states; do
   cmp -s "$TMP/whole-$f" "$TMP/crash-$f" || fail "the resumed job's $f differs from the uninterrupted job's"
 done
+
+# With replicas 2 (3 servers) a checkpoint written after a server's death
+# holds the same states (each key's, saved from the copy that holds it),
+# and resuming from it continues exactly: server 1 is killed, a checkpoint
+# written after the failover is resumed from in a new job, whose next
+# checkpoint must equal that of a job that ran straight through.
+replicas=(-n 2 -s 3 --replicas=2)
+log="$TMP/failover.log"
+start_job "$log" "${replicas[@]}" -- "${train[@]}" --epochs=100000 --checkpoint_prefix="$TMP/failover"
+for _ in $(seq 600); do [[ -s "$TMP/failover-0001.states" ]] && break; sleep 0.1; done
+kill -9 "$(started_pid "$log" "server 1")"
+wait_for_line "$log" '^\[worker 0\] worker 0: server 1 .* was declared dead' 30 || fail "no failover"
+# The first checkpoint begun after the failover, and one more: then stop.
+saved=$(ls "$TMP"/failover-*.states | wc -l)
+for _ in $(seq 600); do (( $(ls "$TMP"/failover-*.states | wc -l) >= saved + 2 )) && break; sleep 0.05; done
+epoch=$(( saved + 1 ))
+kill -9 "$(started_pid "$log" "worker 1")"
+wait "$launcher"
+assert_nothing_left "$log"
+printf -v at '%04d' "$epoch"
+printf -v next '%04d' $(( epoch + 1 ))
+[[ -s "$TMP/failover-$at.states" ]] || fail "no checkpoint of epoch $epoch after the failover"
+rm -f "$TMP/failover-$next".*
+log="$TMP/failover_resumed.log"
+start_job "$log" "${replicas[@]}" -- "${train[@]}" --epochs=$(( epoch + 1 )) \
+  --checkpoint_prefix="$TMP/failover" --resume_epoch="$epoch"
+wait "$launcher" || fail "the job resumed after the failover failed: $(tail -3 "$log")"
+log="$TMP/straight.log"
+start_job "$log" "${replicas[@]}" -- "${train[@]}" --epochs=$(( epoch + 1 )) --checkpoint_prefix="$TMP/straight"
+wait "$launcher" || fail "the straight replicas job failed: $(tail -3 "$log")"
+for f in "$next.params" "$next.states"; do
+  cmp -s "$TMP/straight-$f" "$TMP/failover-$f" ||
+    fail "resumed from epoch $epoch's checkpoint written after a failover: $f differs from a straight run's"
+done
+echo "replicas: resumed from epoch $epoch's checkpoint, written after server 1's death"
 finish
