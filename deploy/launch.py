@@ -141,6 +141,10 @@ BLAME = [
     (re.compile(r"\bworker\(s\) ([\d, ]+) died"),
      lambda m: [f"worker {r.strip()}" for r in m[1].split(",") if r.strip()]),
     (re.compile(r"\bthe coordinator at \S+ is unreachable"), lambda m: ["coordinator"]),
+    # A connection whose keepalive pings went unanswered (a hung server, a
+    # partition): "... on server 1 (127.0.0.1:4711): the connection stopped answering".
+    (re.compile(r"\bon server (\d+) \([^)]*\): the connection stopped answering"),
+     lambda m: [f"server {m[1]}"]),
     # Registration: a node that never came (hung or lost before it
     # registered), or a coordinator that never answered.
     (re.compile(r"\bregister: (.+?) did not register in time"),

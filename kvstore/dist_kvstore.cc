@@ -17,6 +17,7 @@
 #include <set>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kvstore/kvstore_internal.h"
@@ -472,10 +473,17 @@ struct Conn : std::enable_shared_from_this<Conn> {
     std::string why(s.message());
     // gRPC's own deadline (a server's answers say what they waited for):
     // the call went unanswered, which names both ends of what failed.
+    const std::string both_ends = absl::StrCat("server ", server, " hangs, or the network between "
+                                               "worker ", options.rank, " and server ", server,
+                                               " is broken");
     if (absl::IsDeadlineExceeded(s) && why == "Deadline Exceeded") {
       why = absl::StrCat("no answer within ", absl::FormatDuration(options.rpc_timeout),
-                         " (MX_RPC_TIMEOUT_S): server ", server, " hangs, or the network between "
-                         "worker ", options.rank, " and server ", server, " is broken");
+                         " (MX_RPC_TIMEOUT_S): ", both_ends);
+    } else if (absl::IsUnavailable(s) &&
+               (absl::StrContains(why, "keepalive") || absl::StrContains(why, "timed out"))) {
+      // Keepalive pings unanswered (gRPC, or the kernel's TCP_USER_TIMEOUT
+      // it sets: "recvmsg:Connection timed out").
+      why = absl::StrCat("the connection stopped answering (", why, "): ", both_ends);
     }
     return absl::Status(s.code(), absl::StrCat(what, " of key ", key, " on server ", server, " (",
                                                Address(server), "): ", why));

@@ -87,6 +87,11 @@ void Listen(grpc::ServerBuilder* builder, const std::string& bind_address,
   builder->AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   SetTransportArguments(
       [&](const char* name, int value) { builder->AddChannelArgument(name, value); });
+  // Clients ping every kKeepalive while a call is open (SharedChannel),
+  // also while a pull waits without data: allowed, never a strike.
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                              static_cast<int>(absl::ToInt64Milliseconds(kKeepalive) / 2));
+  builder->AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
   builder->AddListeningPort(bind_address, ServerCredentials(security), port);
   builder->experimental().SetInterceptorCreators(ServerCallMetrics());
 }
@@ -118,6 +123,18 @@ std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, const S
     // under load several (CI saw a 4 s registration).
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+    // A connection whose peer stops answering (a partition, a hung host)
+    // fails its open calls UNAVAILABLE within 2 x kKeepalive, instead of at
+    // their deadline (pings are answered by the transport, also while the
+    // server waits for other workers); a connection attempt that gets no
+    // answer fails after kKeepalive (gRPC's default: 20 s), so calls to
+    // such a peer keep failing, and saying so, rather than queueing.
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, static_cast<int>(absl::ToInt64Milliseconds(kKeepalive)));
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                static_cast<int>(absl::ToInt64Milliseconds(kKeepalive)));
+    args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS,
+                static_cast<int>(absl::ToInt64Milliseconds(kKeepalive)));
     channel = grpc::experimental::CreateCustomChannelWithInterceptors(
         address, ChannelCredentials(security), args, ClientCallMetrics());
   }

@@ -83,6 +83,9 @@ absl::Time GiveUpBefore(std::chrono::system_clock::time_point deadline);
 // How long servers and workers wait for every node of the job to register,
 // unless MX_STARTUP_TIMEOUT_S (or mx_server --startup_timeout_s) says.
 constexpr int kDefaultStartupTimeoutSeconds = 120;
+// How often a channel with open calls pings its peer, and how long it
+// waits for the answer before the connection counts as broken.
+constexpr absl::Duration kKeepalive = absl::Seconds(5);
 
 // Answers a raw method without a tensor at once: checks the caller with
 // `check` (a Guard check; its error is the answer and the request is not

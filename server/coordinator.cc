@@ -206,11 +206,25 @@ class Service final : public CoordinatorBase {
       mu_.Lock();
       suspects_.erase(rank);
       const auto node = std::make_pair(proto::SERVER, rank);
-      if (answered || dead_.count(node)) continue;
+      if (dead_.count(node)) continue;
+      if (!answered) {
+        std::cerr << "mx_server: coordinator: server " << rank << " (" << address
+                  << ") was reported unreachable and did not answer a health check; declaring "
+                     "it dead"
+                  << std::endl;
+        DeclareDead(node);
+        continue;
+      }
+      // It answers here, but others keep failing to reach it: a partition.
+      // A job with replicas (the only one whose nodes report) goes on
+      // without it; every node then stops calling it, and it stops itself.
+      const Reports& r = reports_[rank];
+      if (absl::Now() - r.since < options_.heartbeat_timeout) continue;
       std::cerr << "mx_server: coordinator: server " << rank << " (" << address
-                << ") was reported unreachable and did not answer a health check; declaring it "
-                   "dead"
-                << std::endl;
+                << ") answers the coordinator, but " << absl::StrJoin(r.by, ", ")
+                << " could not reach it for "
+                << absl::FormatDuration(absl::Trunc(absl::Now() - r.since, absl::Seconds(1)))
+                << " (a network partition?); declaring it dead" << std::endl;
       DeclareDead(node);
     }
   }
@@ -425,6 +439,17 @@ class Service final : public CoordinatorBase {
     return static_cast<int>(servers_.size()) == options_.num_servers &&
            static_cast<int>(workers_.size()) == options_.num_workers;
   }
+  // Server `server` was reported unreachable by `by` ("worker 0"): reports
+  // at most kReportGap apart make a streak, which the prober weighs.
+  void Reported(int server, const std::string& by) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    static constexpr absl::Duration kReportGap = absl::Seconds(8);  // > rpc::kKeepalive
+    const absl::Time now = absl::Now();
+    Reports& r = reports_[server];
+    if (now - r.last > kReportGap) r = Reports{now, now, {}};
+    r.last = now;
+    r.by.insert(by);
+  }
+
   // Declares `node` dead: heartbeat answers list it from now on.
   void DeclareDead(const std::pair<proto::Role, int>& node) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     proto::NodeInfo info;
@@ -572,7 +597,9 @@ class Service final : public CoordinatorBase {
     }
     if (req.role() == proto::SERVER && !spare) Serving(req.rank());
     for (int server : req.unreachable_servers()) {
-      if (servers_.count(server) && !dead_.count({proto::SERVER, server})) suspects_.insert(server);
+      if (!servers_.count(server) || dead_.count({proto::SERVER, server})) continue;
+      suspects_.insert(server);
+      Reported(server, absl::StrCat(RoleName(req.role()), " ", req.rank()));
     }
     for (const auto& [node, info] : dead_) *resp->add_dead() = info;
     for (const proto::NodeInfo& info : replaced_dead_) *resp->add_dead() = info;
@@ -793,6 +820,13 @@ class Service final : public CoordinatorBase {
   // A node has rejoined (this coordinator restarted during the job).
   bool rebuilding_ ABSL_GUARDED_BY(mu_) = false;
   std::set<int> suspects_ ABSL_GUARDED_BY(mu_);  // servers reported unreachable
+  // The current streak of reports of each server (Reported).
+  struct Reports {
+    absl::Time since = absl::InfinitePast();
+    absl::Time last = absl::InfinitePast();
+    std::set<std::string> by;  // who reported it
+  };
+  std::map<int, Reports> reports_ ABSL_GUARDED_BY(mu_);
   std::thread prober_;                           // Probe
 };
 

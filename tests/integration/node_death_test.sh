@@ -127,7 +127,11 @@ hang_during_job() {
 hang_during_job server_hung "server 1"
 named=$(server_as_named "server 1")
 [[ -n "$named" ]] || fail "server_hung: server 1 never served"
-every_worker_failed_naming server_hung "$named died: it stopped sending heartbeats"
+# Declared dead by the coordinator ("server 1 (...) died: it stopped
+# sending heartbeats"), or found by a worker whose keepalive pings went
+# unanswered ("on server 1 (...): the connection stopped answering"),
+# whichever comes first.
+every_worker_failed_naming server_hung "$named"
 
 hang_during_job worker_hung "worker 1"
 grep -E "^\[worker 0\] mx_train: " "$log" | grep -q "worker(s) 1 died\|worker 1 died\|worker 1 (.*) died" ||
