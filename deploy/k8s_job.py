@@ -52,6 +52,14 @@ names it, as under launch.py; the worker Job fails at its first failed pod
 (backoffLimit 0), which stops its other pods. `kubectl logs job/NAME-worker`
 and `kubectl get pods -l mx-job=NAME` say which node failed.
 
+Replicas (--replicas 2): servers run with --replicas=2 and workers with
+MX_REPLICAS=2; the server Job keeps going past a failed index
+(backoffLimitPerIndex 0, maxFailedIndexes N-1: Kubernetes 1.29 or later):
+the failed server's keys are served by their backups. --spare-servers N
+adds a Job of N spare servers (mx_server --spare), started after the
+servers; when a server fails, a spare takes its rank and the survivors give
+it copies, so the job survives a later failure of a neighbour too.
+
 Elastic (--elastic): the coordinator and servers run with --elastic and the
 workers with MX_ELASTIC=1; a failed worker index does not stop the others
 (backoffLimitPerIndex 0, maxFailedIndexes N-1: Kubernetes 1.29 or later),
@@ -202,7 +210,8 @@ def role_resources(args, role):
     """Requests (= limits) of a role's pods: the coordinator needs far less
     than the others."""
     cpu, memory = {"coordinator": (args.coordinator_cpu, args.coordinator_memory),
-                   "server": (args.server_cpu or args.cpu, args.server_memory or args.memory)
+                   "server": (args.server_cpu or args.cpu, args.server_memory or args.memory),
+                   "spare": (args.server_cpu or args.cpu, args.server_memory or args.memory),
                    }.get(role, (args.cpu, args.memory))
     return {"cpu": cpu, "memory": memory}
 
@@ -233,8 +242,9 @@ def toleration(text):
 
 def grpc_port(args, role):
     """The port a role's pods listen on for gRPC: --port for the coordinator,
-    --server-port for servers; workers serve none."""
-    return {"coordinator": args.port, "server": args.server_port}.get(role)
+    --server-port for servers and spares; workers serve none."""
+    return {"coordinator": args.port, "server": args.server_port,
+            "spare": args.server_port}.get(role)
 
 
 def readiness_path(args, role):
@@ -271,7 +281,7 @@ def container(args, role, command, env):
     }
 
 
-def job(args, role, count, command, env, elastic_workers=False, claim=None):
+def job(args, role, count, command, env, per_index=False, claim=None, max_failed=None):
     """A Job of `count` pods that never restart, as the image's unprivileged
     user; for servers and workers an Indexed Job, whose completion index is
     the pod's rank. `claim`: a PersistentVolumeClaim to mount at
@@ -312,9 +322,9 @@ def job(args, role, count, command, env, elastic_workers=False, claim=None):
         spec["completionMode"] = "Indexed"
     if args.deadline:
         spec["activeDeadlineSeconds"] = args.deadline
-    if elastic_workers:
+    if per_index:
         spec["backoffLimitPerIndex"] = 0
-        spec["maxFailedIndexes"] = count - 1
+        spec["maxFailedIndexes"] = count - 1 if max_failed is None else max_failed
     else:
         spec["backoffLimit"] = 0
     return {
@@ -342,26 +352,33 @@ def manifests(args, worker_command):
         [args.server_command, "--role=coordinator", f"--bind=0.0.0.0:{args.port}",
          f"--heartbeat_timeout_s={args.heartbeat_timeout}"] + elastic,
         common_env(args, "scheduler"))
+    server_command = [args.server_command, "--role=server",
+                      f"--coordinator={coordinator_host(args)}:{args.port}",
+                      f"--bind=0.0.0.0:{args.server_port}", "--advertise=$(POD_IP)",
+                      f"--mode={mode}", f"--replicas={args.replicas}"] + elastic
+    # With replicas a failed server index does not stop the others: its
+    # keys' backups take over.
     server = job(
-        args, "server", args.num_servers,
-        [args.server_command, "--role=server",
-         f"--coordinator={coordinator_host(args)}:{args.port}", f"--bind=0.0.0.0:{args.server_port}",
-         "--advertise=$(POD_IP)", f"--mode={mode}"] + elastic,
+        args, "server", args.num_servers, server_command,
         common_env(args, "server") + [env_field("MX_RANK", COMPLETION_INDEX),
-                                      env_field("POD_IP", "status.podIP")])
+                                      env_field("POD_IP", "status.podIP")],
+        per_index=args.replicas > 1)
+    spare = job(args, "spare", args.spare_servers, server_command + ["--spare"],
+                common_env(args, "server") + [env_field("POD_IP", "status.podIP")],
+                per_index=True, max_failed=args.spare_servers) if args.spare_servers else None
     threads = [env_value(v, args.cpu) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
                if re.fullmatch(r"[1-9][0-9]*", args.cpu)]
     worker = job(
         args, "worker", args.num_workers, worker_command,
         common_env(args, "worker") + [env_field("MX_RANK", COMPLETION_INDEX),
-                                      env_value("MX_ELASTIC", 1 if args.elastic else 0)] + threads,
-        elastic_workers=args.elastic, claim=args.checkpoint_claim)
+                                      env_value("MX_ELASTIC", 1 if args.elastic else 0),
+                                      env_value("MX_REPLICAS", args.replicas)] + threads,
+        per_index=args.elastic, claim=args.checkpoint_claim)
+    daemons = [("coordinator", coordinator), ("server", server)] + ([("spare", spare)] if spare else [])
     if args.jobs:
-        items = [service, network_policy(args), coordinator, server, worker]
+        items = [service, network_policy(args)] + [j for _, j in daemons] + [worker]
     else:
-        items = [network_policy(args),
-                 jobset(args, [("coordinator", coordinator), ("server", server),
-                               ("worker", worker)])]
+        items = [network_policy(args), jobset(args, daemons + [("worker", worker)])]
     if not args.token_secret:
         items.insert(0, {
             "apiVersion": "v1",
@@ -489,6 +506,9 @@ def main():
     ap.add_argument("--cpu", default="1", help="CPU of each pod (request and limit)")
     ap.add_argument("--memory", default="2Gi", help="memory of each pod (request and limit)")
     ap.add_argument("--server-command", default="mx_server", help="the daemon in the image")
+    ap.add_argument("--spare-servers", type=int, default=0, metavar="N",
+                    help="with --replicas 2: a Job of N spare servers; when a server pod fails, "
+                         "a spare takes its rank and gets copies of the keys left with one")
     ap.add_argument("--checkpoint-claim",
                     help=f"a PersistentVolumeClaim mounted at {CHECKPOINT_DIR} in the worker pods "
                          f"(ReadWriteMany unless they share a node): pass "
@@ -508,10 +528,8 @@ def main():
     add_worker_command(ap)
     args = ap.parse_args()
     cmd = worker_command(ap, args)
-    if args.replicas > 1:
-        # A server pod's failure fails the JobSet (its failure policy), so
-        # the job could not go on without it as launch.py's does.
-        ap.error("--replicas 2 is not supported in the Kubernetes manifests yet (launch.py has it)")
+    if args.spare_servers < 0 or (args.spare_servers and args.replicas < 2):
+        ap.error(f"--spare-servers {args.spare_servers}: must be 0 or more, and needs --replicas 2")
     if args.tls and args.tls_secret:
         ap.error("give --tls (a new Secret) or --tls-secret (an existing one), not both")
     if not 1 <= args.metrics_port <= 65535 or args.metrics_port == args.port:

@@ -954,8 +954,14 @@ class DistKVStore : public KVStore {
           all.add_servers("");
           continue;
         }
-        MX_ASSIGN_OR_RETURN(holder, conn_->HolderOf(parts->second[0]));
         for (const Part& p : parts->second) req.add_keys(p.server_key);
+        proto::OptimizerStates resp;
+        MX_RETURN_IF_ERROR(OnHolder(parts->second[0], "save_optimizer_states",
+                                    [&](auto* ctx, auto* stub) {
+                                      return stub->SaveOptimizerStates(ctx, req, &resp);
+                                    }));
+        all.add_servers(resp.states());
+        continue;
       }
       proto::OptimizerStates resp;
       MX_RETURN_IF_ERROR(conn_->Control(holder, "save_optimizer_states", "-",
@@ -998,13 +1004,28 @@ class DistKVStore : public KVStore {
       }
       for (int server : copies) {
         proto::LoadOptimizerStatesResponse resp;
-        MX_RETURN_IF_ERROR(conn_->Control(server, "load_optimizer_states", "-",
-                                          [&](auto* ctx, auto* stub) {
-                                            return stub->LoadOptimizerStates(ctx, req, &resp);
-                                          }));
+        const absl::Status st = conn_->Control(server, "load_optimizer_states", "-",
+                                               [&](auto* ctx, auto* stub) {
+                                                 return stub->LoadOptimizerStates(ctx, req, &resp);
+                                               });
+        // A copy whose server died meanwhile needs no state (replicas 2).
+        if (!st.ok() && !conn_->DiedAfter(server, st)) return st;
       }
     }
     return absl::OkStatus();
+  }
+
+  // Replicas 2: a control call of `what` to the server that holds part p's
+  // keys, made again on the next holder if that one dies meanwhile.
+  absl::Status OnHolder(
+      const Part& p, const char* what,
+      const std::function<grpc::Status(grpc::ClientContext*, proto::KVStoreService::Stub*)>& call)
+      const {
+    for (;;) {
+      MX_ASSIGN_OR_RETURN(const int holder, conn_->HolderOf(p));
+      const absl::Status s = conn_->Control(holder, what, "-", call);
+      if (s.ok() || !conn_->DiedAfter(holder, s)) return s;
+    }
   }
 
   // The parts of every key, by their primary's rank.

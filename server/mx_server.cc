@@ -526,6 +526,8 @@ int RunServer() {
     return 1;
   }
   if (spare) {
+    // Ready as a spare (a Kubernetes start-up order waits for readiness).
+    if (metrics != nullptr) metrics->SetServing(true);
     std::cout << "spare server waiting on " << req.address()
               << " to take the rank of a server that dies" << std::endl;
     int sig = 0;

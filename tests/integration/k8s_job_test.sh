@@ -337,6 +337,50 @@ kill_worker_pod "JobSet, killed worker pod" "$TMP/jobset_kill.json" "$TMP/jobset
 grep -q "^k8s_local.py: Job fm-worker-0 failed (worker 1 exited -9); terminating the pods of fm$" \
   "$TMP/jobset_kill.log" || fail "JobSet, killed worker pod: $(grep '^k8s_local' "$TMP/jobset_kill.log" | tail -3)"
 
+# Replicas 2 with a spare: the server Job keeps going past a failed index,
+# a spare Job starts after the servers, and a server pod killed mid-job
+# changes nothing for the workers: the spare takes its rank, and only the
+# killed pod failed.
+python3 "$K8S_JOB" --name fm -n 2 -s 3 --replicas 2 --spare-servers 1 --image reg/mx:1 \
+  --port "$PORT" -- "${worker[@]}" --epochs=300 > "$TMP/replicas.json" ||
+  fail "k8s_job.py --replicas 2 --spare-servers 1 failed"
+python3 - "$TMP/replicas.json" <<'EOF' || fail "replicas: see above"
+import json, sys
+js = [i for i in json.load(open(sys.argv[1]))["items"] if i["kind"] == "JobSet"][0]
+jobs = {r["name"]: r["template"]["spec"] for r in js["spec"]["replicatedJobs"]}
+bad = []
+def check(ok, what):
+    if not ok:
+        bad.append(what)
+check(list(jobs) == ["coordinator", "server", "spare", "worker"], f"replicated Jobs {list(jobs)}")
+command = lambda role: jobs[role]["template"]["spec"]["containers"][0]["command"]
+env = lambda role: {v["name"]: v.get("value") for v in jobs[role]["template"]["spec"]["containers"][0]["env"]}
+check(jobs["server"].get("backoffLimitPerIndex") == 0 and jobs["server"].get("maxFailedIndexes") == 2
+      and "backoffLimit" not in jobs["server"], "servers: per-index failure policy")
+check("--replicas=2" in command("server") and "--spare" not in command("server"), "servers: --replicas=2")
+check(command("spare")[-1] == "--spare" and "--replicas=2" in command("spare")
+      and "MX_RANK" not in env("spare"), "spare: --spare, no rank")
+check(jobs["spare"].get("maxFailedIndexes") == 1, "spare: its failure fails nothing")
+check(env("worker")["MX_REPLICAS"] == "2", "workers: MX_REPLICAS=2")
+for b in bad:
+    print("replicas:", b)
+sys.exit(1 if bad else 0)
+EOF
+timeout -k 5 150 python3 "$LOCAL" "$TMP/replicas.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
+  --timeout 120 > "$TMP/replicas.log" 2>&1 &
+local_run=$!
+for _ in $(seq 600); do grep -q '^\[worker 1\] Epoch\[5\]' "$TMP/replicas.log" && break; sleep 0.1; done
+victim=$(sed -n 's/^k8s_local.py: started server 1 (pid \([0-9]*\))$/\1/p' "$TMP/replicas.log")
+[[ -n "$victim" ]] && kill -9 "$victim"
+wait "$local_run"
+grep -q "^k8s_local.py: failed: server 1 (exit code -9)$" "$TMP/replicas.log" ||
+  fail "replicas: not only the killed server failed: $(grep -E '^k8s_local.py: failed|mx_(train|server): ' "$TMP/replicas.log")"
+for r in 0 1; do
+  grep -q "^\[worker $r\] Final test accuracy=1" "$TMP/replicas.log" || fail "replicas: worker $r did not finish"
+  grep -q "^\[worker $r\] worker $r: a spare took the rank of server 1" "$TMP/replicas.log" ||
+    fail "replicas: worker $r did not hear of the spare"
+done
+
 # 3. Bad flags: refused, saying why.
 expect_refusal() {  # expect_refusal MESSAGE ARGS...
   local msg=$1; shift
