@@ -13,6 +13,16 @@
 // every worker has, heartbeat answers tell the servers to shut down, and
 // finished() turns true when each has been told.
 //
+// The coordinator holds no parameter state and may restart: one started
+// on the same address answers calls of nodes it does not know NOT_FOUND,
+// and they rejoin it (RegisterRequest.session_key), rebuilding its view;
+// a node that has not rejoined within the heartbeat timeout of the first
+// rejoin is declared dead. Spare servers (RegisterRequest.spare) wait; a
+// dead server's rank goes to a live one (its next incarnation), which is
+// announced to every node once it serves. A server that nodes keep
+// reporting unreachable for a heartbeat timeout is declared dead even if
+// it answers the coordinator's health check (a partition).
+//
 // Every call must carry the job token (when options.security has one);
 // Register answers each node with its session key, and every later call
 // must come from the node it acts for (rpc/security.h). Its grpc.health.v1
