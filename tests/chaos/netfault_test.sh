@@ -190,14 +190,19 @@ if [[ -n "${reason:-}" ]]; then
   exit 0
 fi
 
-# The undisturbed run.
-start=$(now_ms)
-start_job base 5
-wait_job
-base_ms=$(( $(now_ms) - start ))
-reference=$(checksums base)
-[[ "$worker_rcs" == "0 0" && -n "$reference" ]] ||
-  { fail "the undisturbed job failed (workers exited $worker_rcs)"; tail -5 "$TMP"/base-*.log; }
+# undisturbed NAME EPOCHS: runs the job without a fault; sets $reference
+# (its checksums) and $base_ms (its time).
+undisturbed() {
+  local start; start=$(now_ms)
+  start_job "$1" "$2"
+  wait_job
+  base_ms=$(( $(now_ms) - start ))
+  reference=$(checksums "$1")
+  [[ "$worker_rcs" == "0 0" && -n "$reference" ]] ||
+    { fail "$1: the undisturbed job failed (workers exited $worker_rcs)"; tail -5 "$TMP/$1"-*.log; }
+}
+
+undisturbed base 5
 
 # Loss: 2% of every node's packets.
 before=$failures
@@ -275,13 +280,7 @@ case_done partition "$before"
 # serve them, and the job finishes with the undisturbed result.
 before=$failures
 SERVERS=3 REPLICAS=2
-start=$(now_ms)
-start_job replicas_base 40
-wait_job
-base_ms=$(( $(now_ms) - start ))
-reference=$(checksums replicas_base)
-[[ "$worker_rcs" == "0 0" && -n "$reference" ]] ||
-  fail "replicas: the undisturbed job failed (workers exited $worker_rcs)"
+undisturbed replicas_base 40
 start_job replicas_partition 40
 for _ in $(seq 1 300); do grep -q '^Epoch\[2\]' "$TMP/replicas_partition-w0.log" && break; sleep 0.1; done
 partition_w0_s1
