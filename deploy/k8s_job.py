@@ -45,8 +45,12 @@ says), liveness GET /livez. They are HTTP because the kubelet's gRPC probe
 cannot present a certificate to a node that requires mutual TLS.
 
 Success: the workers exit 0, then the servers and the coordinator shut down
-on their own (they exit 0), and all three Jobs complete. Failure: pods are
-never restarted (a restarted node could not take its rank back). When a
+on their own (they exit 0), and all three Jobs complete. Failure: server
+and worker pods are never restarted (a restarted node could not take its
+rank back); a failed coordinator pod is replaced up to
+--coordinator-restarts times (backoffLimit, default 1), and the nodes,
+which go on for --coordinator-timeout seconds (default 60) without it,
+rejoin the new one. When a
 node dies the others fail within the heartbeat timeout with an error that
 names it, as under launch.py; the worker Job fails at its first failed pod
 (backoffLimit 0), which stops its other pods. `kubectl logs job/NAME-worker`
@@ -113,6 +117,9 @@ def common_env(args, role):
         env_value("DMLC_NUM_SERVER", args.num_servers),
         env_value("DMLC_NUM_WORKER", args.num_workers),
         env_value("MX_STARTUP_TIMEOUT_S", args.startup_timeout),
+        # Long enough for the Job controller to replace a failed
+        # coordinator pod, which the nodes then rejoin.
+        env_value("MX_COORDINATOR_TIMEOUT_S", args.coordinator_timeout),
     ]
 
 
@@ -281,7 +288,8 @@ def container(args, role, command, env):
     }
 
 
-def job(args, role, count, command, env, per_index=False, claim=None, max_failed=None):
+def job(args, role, count, command, env, per_index=False, claim=None, max_failed=None,
+        backoff=0):
     """A Job of `count` pods that never restart, as the image's unprivileged
     user; for servers and workers an Indexed Job, whose completion index is
     the pod's rank. `claim`: a PersistentVolumeClaim to mount at
@@ -326,7 +334,7 @@ def job(args, role, count, command, env, per_index=False, claim=None, max_failed
         spec["backoffLimitPerIndex"] = 0
         spec["maxFailedIndexes"] = count - 1 if max_failed is None else max_failed
     else:
-        spec["backoffLimit"] = 0
+        spec["backoffLimit"] = backoff
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -351,7 +359,7 @@ def manifests(args, worker_command):
         args, "coordinator", 1,
         [args.server_command, "--role=coordinator", f"--bind=0.0.0.0:{args.port}",
          f"--heartbeat_timeout_s={args.heartbeat_timeout}"] + elastic,
-        common_env(args, "scheduler"))
+        common_env(args, "scheduler"), backoff=args.coordinator_restarts)
     server_command = [args.server_command, "--role=server",
                       f"--coordinator={coordinator_host(args)}:{args.port}",
                       f"--bind=0.0.0.0:{args.server_port}", "--advertise=$(POD_IP)",
@@ -485,6 +493,13 @@ def main():
                          "and image pulls included), else the job fails saying who is missing")
     ap.add_argument("--ttl", type=int, default=3600,
                     help="seconds a finished Job (its pods, their logs) is kept before deletion")
+    ap.add_argument("--coordinator-restarts", type=int, default=1, metavar="N",
+                    help="the coordinator Job replaces a failed coordinator pod up to N times "
+                         "(its backoffLimit; default 1); the nodes go on meanwhile and rejoin it")
+    ap.add_argument("--coordinator-timeout", type=int, default=60, metavar="SECONDS",
+                    help="how long nodes go on without an answer from the coordinator before "
+                         "they give it up (MX_COORDINATOR_TIMEOUT_S; default 60: the Job "
+                         "controller waits 10 s before it replaces a failed pod)")
     ap.add_argument("--deadline", type=int, default=0,
                     help="seconds after which a Job still running is failed (0: none)")
     ap.add_argument("--jobs", action="store_true",
@@ -528,6 +543,10 @@ def main():
     add_worker_command(ap)
     args = ap.parse_args()
     cmd = worker_command(ap, args)
+    if args.coordinator_restarts < 0:
+        ap.error(f"--coordinator-restarts {args.coordinator_restarts}: must be 0 or more")
+    if not 2 <= args.coordinator_timeout <= 86400:
+        ap.error(f"--coordinator-timeout {args.coordinator_timeout}: must be 2 to 86400 seconds")
     if args.spare_servers < 0 or (args.spare_servers and args.replicas < 2):
         ap.error(f"--spare-servers {args.spare_servers}: must be 0 or more, and needs --replicas 2")
     if args.tls and args.tls_secret:

@@ -179,6 +179,12 @@ class Service final : public CoordinatorBase {
         failure_ = absl::StrCat("every worker of the job died: ", DeadList(proto::WORKER));
         failed_at_ = now;
       }
+      if (!Failed() && !AllRegistered() && now - started_ > options_.startup_timeout) {
+        failure_ = absl::StrCat("register: ", Unregistered(), " did not register within ",
+                                absl::FormatDuration(options_.startup_timeout),
+                                " of the coordinator's start");
+        failed_at_ = now;
+      }
       AnswerBarriers(&answers);
       TimeOut(now, &answers);
     }
@@ -799,6 +805,7 @@ class Service final : public CoordinatorBase {
   std::map<std::pair<proto::Role, int>, proto::NodeInfo> dead_ ABSL_GUARDED_BY(mu_);
   std::string failure_ ABSL_GUARDED_BY(mu_);  // why the job failed, "" if it has not
   absl::Time failed_at_ ABSL_GUARDED_BY(mu_);
+  const absl::Time started_ = absl::Now();
   std::map<int64_t, std::set<int>> entered_ ABSL_GUARDED_BY(mu_);
   std::set<int> left_ ABSL_GUARDED_BY(mu_);  // workers that finished
   std::set<int> told_ ABSL_GUARDED_BY(mu_);  // servers told to shut down

@@ -43,6 +43,10 @@ struct CoordinatorOptions {
   int num_servers = 1;
   int num_workers = 1;
   absl::Duration heartbeat_timeout = absl::Seconds(5);
+  // The job fails when not every node has registered (or rejoined) within
+  // this time of the coordinator's start: the nodes gave up by then too
+  // (a coordinator restarted after the job ended ends so).
+  absl::Duration startup_timeout = absl::Seconds(120);
   bool elastic = false;  // barriers continue without dead workers
   rpc::Security security;  // TLS and the job token; none: plaintext, open
 };
@@ -57,8 +61,9 @@ class CoordinatorServer {
   // been told to shut down.
   bool finished() const;
   // Why the job failed, "" unless it did: every worker died before any
-  // finished (declared dead by heartbeat timeout). The servers are told,
-  // and stop with that error; the coordinator is then finished().
+  // finished (declared dead by heartbeat timeout), or not every node
+  // registered within the startup timeout. The servers are told, and stop
+  // with that error; the coordinator is then finished().
   std::string failure() const;
   // Calls refused for a missing or wrong token or identity.
   int64_t refused() const;

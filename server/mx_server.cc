@@ -77,8 +77,9 @@ ABSL_FLAG(bool, spare, false,
 ABSL_FLAG(int, max_message_mb, 1024,
           "a server refuses requests larger than this many MiB (1 to 1024)");
 ABSL_FLAG(std::string, startup_timeout_s, "",
-          "a server fails unless every node of the job has registered within this many seconds "
-          "(default: $MX_STARTUP_TIMEOUT_S, else 120)");
+          "a server (and the coordinator, counting from its start) fails unless every node of "
+          "the job has registered within this many seconds (default: $MX_STARTUP_TIMEOUT_S, "
+          "else 120)");
 ABSL_FLAG(std::string, coordinator_timeout_s, "",
           "a server stops when the coordinator has not answered its heartbeats for this many "
           "seconds plus 2 (workers give up after this many); a coordinator restarted on its "
@@ -327,6 +328,9 @@ int RunCoordinator() {
   o.num_servers = NumServers();
   o.num_workers = NumWorkers();
   o.heartbeat_timeout = absl::Seconds(timeout_s);
+  o.startup_timeout = absl::Seconds(IntSetting(
+      "startup_timeout_s", absl::GetFlag(FLAGS_startup_timeout_s), "MX_STARTUP_TIMEOUT_S", 1, 86400,
+      rpc::kDefaultStartupTimeoutSeconds));
   o.elastic = absl::GetFlag(FLAGS_elastic);
   o.security = SecuritySettings();
   std::unique_ptr<metrics::HttpServer> metrics = ServeMetrics(bind, "coordinator");

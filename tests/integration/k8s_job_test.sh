@@ -94,7 +94,9 @@ for i in job["items"]:
     (c,) = pod["containers"]
     env = {e["name"]: e for e in c["env"]}
     check(pod["restartPolicy"] == "Never", f"{name}: restartPolicy")
-    check(spec.get("backoffLimit") == 0, f"{name}: backoffLimit")
+    # A failed coordinator pod is replaced once (the nodes rejoin it);
+    # servers and workers cannot take their rank back.
+    check(spec.get("backoffLimit") == (1 if name == "fm-coordinator" else 0), f"{name}: backoffLimit")
     check(c["image"] == "reg/mx:1", f"{name}: image")
     check(spec["template"]["metadata"]["labels"]["mx-job"] == "fm", f"{name}: labels")
     check(env["DMLC_PS_ROOT_URI"]["value"] == "fm-coordinator", f"{name}: DMLC_PS_ROOT_URI")
@@ -379,6 +381,36 @@ for r in 0 1; do
   grep -q "^\[worker $r\] Final test accuracy=1" "$TMP/replicas.log" || fail "replicas: worker $r did not finish"
   grep -q "^\[worker $r\] worker $r: a spare took the rank of server 1" "$TMP/replicas.log" ||
     fail "replicas: worker $r did not hear of the spare"
+done
+
+# The coordinator pod killed mid-job: its Job (backoffLimit 1) replaces it,
+# the nodes, which go on meanwhile (MX_COORDINATOR_TIMEOUT_S 60), rejoin
+# the new one, and the job finishes.
+python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
+  --epochs=300 > "$TMP/coordinator.json" || fail "k8s_job.py (coordinator restart) failed"
+python3 - "$TMP/coordinator.json" <<'EOF' || fail "coordinator restart: see above"
+import json, sys
+js = [i for i in json.load(open(sys.argv[1]))["items"] if i["kind"] == "JobSet"][0]
+jobs = {r["name"]: r["template"]["spec"] for r in js["spec"]["replicatedJobs"]}
+ok = jobs["coordinator"]["backoffLimit"] == 1 and jobs["server"]["backoffLimit"] == 0
+for role, job in jobs.items():
+    env = {v["name"]: v.get("value") for v in job["template"]["spec"]["containers"][0]["env"]}
+    ok = ok and env.get("MX_COORDINATOR_TIMEOUT_S") == "60"
+print("" if ok else "coordinator restart: backoffLimit 1 and MX_COORDINATOR_TIMEOUT_S=60 expected")
+sys.exit(0 if ok else 1)
+EOF
+timeout -k 5 150 python3 "$LOCAL" "$TMP/coordinator.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
+  --timeout 120 > "$TMP/coordinator.log" 2>&1 &
+local_run=$!
+for _ in $(seq 600); do grep -q '^\[worker 1\] Epoch\[5\]' "$TMP/coordinator.log" && break; sleep 0.1; done
+victim=$(sed -n 's/^k8s_local.py: started coordinator (pid \([0-9]*\))$/\1/p' "$TMP/coordinator.log" | head -1)
+[[ -n "$victim" ]] && kill -9 "$victim"
+wait "$local_run" || fail "coordinator restart: the job failed: $(grep -E '^k8s_local.py: failed|mx_(train|server): ' "$TMP/coordinator.log")"
+grep -q "^k8s_local.py: Job fm-coordinator-0 replaces coordinator (exited -9; backoffLimit 1)$" "$TMP/coordinator.log" ||
+  fail "coordinator restart: the Job did not replace the pod: $(grep '^k8s_local' "$TMP/coordinator.log" | tail -3)"
+for node in "server 0" "server 1" "worker 0" "worker 1"; do
+  grep -qE "^\[$node\] .*: rejoined the coordinator at " "$TMP/coordinator.log" ||
+    fail "coordinator restart: $node did not rejoin"
 done
 
 # 3. Bad flags: refused, saying why.

@@ -29,7 +29,8 @@ valueFrom) is an error that says what: the manifests would rely on
 something this runner does not play.
 
 Each pod runs in a PID namespace of its own (unshare), as its PID 1, where
-the system allows. A Job with backoffLimit 0 fails at its first failed pod,
+the system allows. A Job with backoffLimit N > 0 replaces a failed pod (at once) up to N
+times. A Job with backoffLimit 0 fails at its first failed pod,
 and its other pods are terminated, as the Job controller does.
 
 A JobSet (jobset.x-k8s.io) is played as its controller plays it: its
@@ -354,10 +355,30 @@ def fail_jobs(running, failed_jobs, lock):
                 other.terminate()
 
 
+def replace_failed(running, start_pod):
+    """The Job controller's retries: a failed pod of a Job whose
+    backoffLimit is not used up is replaced by a new one (the same spec, one
+    retry fewer; at once, where Kubernetes waits 10 s). Returns the new
+    pods; the replaced ones are marked so."""
+    new = []
+    for pod in running:
+        if pod.replaced or not pod.backoff or pod.process.poll() in (None, 0):
+            continue
+        pod.replaced = True
+        label, argv, env, probes_, job, backoff, stage, group = pod.spec
+        print(f"k8s_local.py: Job {job} replaces {label} (exited {pod.process.returncode}; "
+              f"backoffLimit {backoff})", file=sys.stderr, flush=True)
+        new += start_pod([(label, argv, env, probes_, job, backoff - 1, stage, group)])
+    return new
+
+
 class Pod:
-    def __init__(self, label, process, pump, job, backoff, group):
+    def __init__(self, spec, process, pump):
+        label, _, _, _, job, backoff, _, group = spec
+        self.spec = spec  # what started it (a tuple of pods())
         self.label, self.process, self.pump = label, process, pump
         self.job, self.backoff, self.group = job, backoff, group
+        self.replaced = False  # failed, and the Job started another
 
     def terminate(self):
         """SIGTERM to the pod's PID 1, as the kubelet stops a container: in
@@ -379,7 +400,8 @@ class Pod:
 def start(todo_stage, base, namespace, lock, stop):
     """Starts the pods of one start-up stage."""
     started = []
-    for label, argv, env, pod_probes, job, backoff, _, group in todo_stage:
+    for spec in todo_stage:
+        label, argv, env, pod_probes = spec[:4]
         p = subprocess.Popen(namespace + argv, env=dict(base, **env), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
         print(f"k8s_local.py: started {label} (pid {p.pid})", file=sys.stderr, flush=True)
@@ -387,7 +409,7 @@ def start(todo_stage, base, namespace, lock, stop):
         t.start()
         threading.Thread(target=kubelet, args=(label, p, pod_probes, lock, stop),
                          daemon=True).start()
-        started.append(Pod(label, p, t, job, backoff, group))
+        started.append(Pod(spec, p, t))
     return started
 
 
@@ -416,13 +438,15 @@ def main():
     namespace = pid_namespaces()
     deadline = time.monotonic() + args.timeout
     failed_jobs = set()
+    start_pod = lambda specs: start(specs, base, namespace, lock, stop)
     for stage in sorted({pod[6] for pod in todo}):
-        stage_pods = start([pod for pod in todo if pod[6] == stage], base, namespace, lock, stop)
+        stage_pods = start_pod([pod for pod in todo if pod[6] == stage])
         running += stage_pods
         # The next stage starts once every pod of this one is ready (in
         # order), unless a Job failed meanwhile.
         while (time.monotonic() < deadline and not failed_jobs and
                not all(p.label in READY for p in stage_pods)):
+            running += replace_failed(running, start_pod)
             fail_jobs(running, failed_jobs, lock)
             time.sleep(0.05)
         if failed_jobs:
@@ -431,6 +455,7 @@ def main():
             with lock:
                 print(f"k8s_local.py: start-up stage {stage} ready", file=sys.stderr, flush=True)
     while time.monotonic() < deadline and any(p.process.poll() is None for p in running):
+        running += replace_failed(running, start_pod)
         fail_jobs(running, failed_jobs, lock)
         time.sleep(0.1)
     failed = []
@@ -439,7 +464,7 @@ def main():
         if p.poll() is None:
             p.kill()
             failed.append(f"{label} (still running after {args.timeout:g} s)")
-        elif p.returncode != 0:
+        elif p.returncode != 0 and not pod.replaced:
             failed.append(f"{label} (exit code {p.returncode})")
         p.wait()
         t.join()

@@ -394,6 +394,24 @@ TEST(CoordinatorHeartbeats, TheTimeoutCountsFromTheRegistrationsAnswer) {
   }
 }
 
+// A coordinator that not every node registers with (a job that never
+// came together, or one restarted after its job ended) fails once the
+// startup timeout has passed, naming the missing nodes, and finishes.
+TEST(CoordinatorStartup, NodesThatNeverRegisterFailTheJobAtTheStartupTimeout) {
+  CoordinatorOptions o;
+  o.num_servers = 1;
+  o.num_workers = 2;
+  o.heartbeat_timeout = absl::Seconds(1);
+  o.startup_timeout = absl::Milliseconds(500);
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ((*c)->failure(), "");
+  for (int i = 0; i < 50 && !(*c)->finished(); ++i) absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_TRUE((*c)->finished());
+  EXPECT_THAT((*c)->failure(), HasSubstr("register: server 0 and workers 0, 1 did not register "
+                                         "within 500ms of the coordinator's start"));
+}
+
 // A rejoin (RegisterRequest.session_key) of node `rank` of `role` with `key`,
 // carrying `token`.
 grpc::Status Rejoin(proto::Coordinator::Stub& stub, proto::Role role, int rank,
