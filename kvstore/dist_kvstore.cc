@@ -198,6 +198,10 @@ struct Held {
   std::function<void(grpc::Status, const grpc::ByteBuffer&, int server)> done;
   std::string trace_args;
   absl::Time deadline;
+  // An attempt failed: later ones give up after rpc::kKeepalive when their
+  // connection is not up (one that cannot connect would otherwise wait for
+  // gRPC's 20 s connect deadline, unreported).
+  bool retrying = false;
 };
 
 const std::string kPushMethod = "/mx.proto.KVStoreService/Push";
@@ -398,9 +402,12 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // order, and the slices of a big key on one server take its connections
   // in turn (keys by bits of their hash that the choice of server did not
   // use).
+  // `unconnected_deadline` (when not zero): the call's deadline instead,
+  // if its connection is not up.
   void CallRaw(int server, int key, const std::string& method, grpc::ByteBuffer request,
                std::function<void(grpc::Status, const grpc::ByteBuffer&)> done,
-               const std::string& trace_args = "") {
+               const std::string& trace_args = "",
+               absl::Duration unconnected_deadline = absl::ZeroDuration()) {
     auto call = std::make_shared<Call>();
     call->server = server;
     if (trace::Enabled()) {
@@ -431,6 +438,8 @@ struct Conn : std::enable_shared_from_this<Conn> {
     SetDeadline(&call->ctx);  // the credential is in the request
     call->req = std::move(request);
     grpc::GenericStub* stub;
+    std::string address;
+    size_t connection;
     {
       std::lock_guard<std::mutex> lock(mu);
       const auto& stubs = raw_stubs[server];
@@ -438,7 +447,14 @@ struct Conn : std::enable_shared_from_this<Conn> {
       // Slices are dealt round-robin: this server's are SliceOf = s, s +
       // servers, s + 2 * servers, ...
       const size_t turn = Mix(BaseKey(key)) / servers + SliceOf(key) / servers;
-      stub = stubs[turn % stubs.size()].get();
+      connection = turn % stubs.size();
+      stub = stubs[connection].get();
+      address = addresses[server];
+    }
+    if (unconnected_deadline > absl::ZeroDuration() &&
+        rpc::SharedChannel(address, options.security, static_cast<int>(connection))
+                ->GetState(/*try_to_connect=*/true) != GRPC_CHANNEL_READY) {
+      call->ctx.set_deadline(absl::ToChronoTime(absl::Now() + unconnected_deadline));
     }
     stub->UnaryCall(
         &call->ctx, method, grpc::StubOptions(), &call->req, &call->resp,
@@ -510,7 +526,8 @@ struct Conn : std::enable_shared_from_this<Conn> {
                 }
                 (*resends)[i].recorded(server);
                 self->Attempt(h, server, resends, i + 1);
-              });
+              },
+              "", h->retrying ? rpc::kKeepalive : absl::ZeroDuration());
       return;
     }
     CallRaw(server, h->parts[0].server_key, h->method, h->encode(),
@@ -518,18 +535,22 @@ struct Conn : std::enable_shared_from_this<Conn> {
               if (!s.ok() && self->RetryLater(h, server, s)) return;
               h->done(s, resp, server);
             },
-            h->trace_args);
+            h->trace_args, h->retrying ? rpc::kKeepalive : absl::ZeroDuration());
   }
 
   // Whether call h, whose attempt on `server` failed with s, is made again
   // (see CallHeld); if so, schedules it.
   bool RetryLater(const std::shared_ptr<Held>& h, int server, const grpc::Status& s) {
     if (options.replicas < 2 || timer == nullptr) return false;
+    // DEADLINE_EXCEEDED before h's deadline: a retry's short wait for a
+    // connection (CallRaw's unconnected_deadline).
     if (s.error_code() != grpc::StatusCode::UNAVAILABLE &&
-        s.error_code() != grpc::StatusCode::CANCELLED) {
+        s.error_code() != grpc::StatusCode::CANCELLED &&
+        !(s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && h->retrying)) {
       return false;
     }
     if (!Failure().ok() || absl::Now() >= h->deadline) return false;
+    h->retrying = true;
     if (std::function<void(int)> report = ReporterFor(server)) {
       timer->After(absl::ZeroDuration(), [report, server] { report(server); });
     }

@@ -126,15 +126,14 @@ std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, const S
     // A connection whose peer stops answering (a partition, a hung host)
     // fails its open calls UNAVAILABLE within 2 x kKeepalive, instead of at
     // their deadline (pings are answered by the transport, also while the
-    // server waits for other workers); a connection attempt that gets no
-    // answer fails after kKeepalive (gRPC's default: 20 s), so calls to
-    // such a peer keep failing, and saying so, rather than queueing.
+    // server waits for other workers). (Not GRPC_ARG_MIN_RECONNECT_BACKOFF_MS
+    // for the connection attempts that follow: in this gRPC it is also the
+    // least time between attempts, and a node that dialled a peer a moment
+    // before it listened waited that long; seen in launch_test.)
     args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, static_cast<int>(absl::ToInt64Milliseconds(kKeepalive)));
     args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
                 static_cast<int>(absl::ToInt64Milliseconds(kKeepalive)));
     args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
-    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS,
-                static_cast<int>(absl::ToInt64Milliseconds(kKeepalive)));
     channel = grpc::experimental::CreateCustomChannelWithInterceptors(
         address, ChannelCredentials(security), args, ClientCallMetrics());
   }
