@@ -47,8 +47,10 @@ cannot present a certificate to a node that requires mutual TLS.
 Success: the workers exit 0, then the servers and the coordinator shut down
 on their own (they exit 0), and all three Jobs complete. Failure: server
 and worker pods are never restarted (a restarted node could not take its
-rank back); a failed coordinator pod is replaced up to
---coordinator-restarts times (backoffLimit, default 1), and the nodes,
+rank back); a coordinator pod that was killed or crashed is replaced up to
+--coordinator-restarts times (backoffLimit, default 1; a podFailurePolicy
+fails the Job at once when it exits 1 or 2, having failed the job or
+refused a setting itself), and the nodes,
 which go on for --coordinator-timeout seconds (default 60) without it,
 rejoin the new one. When a
 node dies the others fail within the heartbeat timeout with an error that
@@ -335,6 +337,13 @@ def job(args, role, count, command, env, per_index=False, claim=None, max_failed
         spec["maxFailedIndexes"] = count - 1 if max_failed is None else max_failed
     else:
         spec["backoffLimit"] = backoff
+    if backoff > 0:
+        # Replaced only when killed or crashed: exit code 1 or 2 is the
+        # daemon's own decision (the job failed, a bad setting), which a new
+        # pod would not change.
+        spec["podFailurePolicy"] = {"rules": [{
+            "action": "FailJob",
+            "onExitCodes": {"containerName": role, "operator": "In", "values": [1, 2]}}]}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

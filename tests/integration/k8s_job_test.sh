@@ -393,6 +393,10 @@ import json, sys
 js = [i for i in json.load(open(sys.argv[1]))["items"] if i["kind"] == "JobSet"][0]
 jobs = {r["name"]: r["template"]["spec"] for r in js["spec"]["replicatedJobs"]}
 ok = jobs["coordinator"]["backoffLimit"] == 1 and jobs["server"]["backoffLimit"] == 0
+# Replaced only when killed or crashed: its own exit codes fail the Job.
+ok = ok and jobs["coordinator"]["podFailurePolicy"]["rules"] == [{
+    "action": "FailJob",
+    "onExitCodes": {"containerName": "coordinator", "operator": "In", "values": [1, 2]}}]
 for role, job in jobs.items():
     env = {v["name"]: v.get("value") for v in job["template"]["spec"]["containers"][0]["env"]}
     ok = ok and env.get("MX_COORDINATOR_TIMEOUT_S") == "60"

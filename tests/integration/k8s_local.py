@@ -222,9 +222,10 @@ def expand_jobsets(items):
 
 
 def pods(items, bins, volumes_dir, secrets_dir):
-    """(label, argv, env, probes, Job, backoffLimit, stage, failure group) of
-    every pod the objects would start: a pod's failure group is its JobSet
-    (which fails as a whole) or its own Job."""
+    """(label, argv, env, probes, Job, backoffLimit, stage, failure group,
+    exit codes that fail the Job at once) of every pod the objects would
+    start: a pod's failure group is its JobSet (which fails as a whole) or
+    its own Job."""
     items, hosts, stages, whole = expand_jobsets(items)
     addresses = pod_addresses(items)
     services, secrets = service_addresses(items, addresses), {}
@@ -268,8 +269,26 @@ def pods(items, bins, volumes_dir, secrets_dir):
             job = item["metadata"]["name"]
             out.append((f"{role} {i}" if indexed else role, argv, env,
                         probes(container, ports, pod_ip), job, spec.get("backoffLimit"),
-                        stages.get(job, 0), whole.get(job, job)))
+                        stages.get(job, 0), whole.get(job, job), fail_job_codes(spec)))
     return out
+
+
+def fail_job_codes(spec):
+    """The exit codes on which a Job's podFailurePolicy fails the Job at
+    once (action FailJob, onExitCodes operator In), whatever its
+    backoffLimit."""
+    codes = set()
+    for rule in spec.get("podFailurePolicy", {}).get("rules", []):
+        on = rule.get("onExitCodes", {})
+        if rule.get("action") == "FailJob" and on.get("operator") == "In":
+            codes.update(on.get("values", []))
+    return codes
+
+
+def exit_code(returncode):
+    """A container's exit code as Kubernetes reports it (128 + the signal
+    for a process killed by one)."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def pid_namespaces():
@@ -338,12 +357,15 @@ def pump(label, stream, lock):
 
 
 def fail_jobs(running, failed_jobs, lock):
-    """The Job controller with backoffLimit 0, and the JobSet controller
-    with maxRestarts 0: a Job one of whose pods failed has failed, and the
-    pods still running of its failure group (its JobSet, or itself) are
+    """The Job controller with backoffLimit 0 (or a podFailurePolicy
+    FailJob rule for the exit code), and the JobSet controller with
+    maxRestarts 0: a Job one of whose pods failed has failed, and the pods
+    still running of its failure group (its JobSet, or itself) are
     terminated (SIGTERM, as the kubelet stops a pod)."""
     for pod in running:
-        if pod.backoff != 0 or pod.job in failed_jobs or pod.process.poll() in (None, 0):
+        if pod.job in failed_jobs or pod.process.poll() in (None, 0) or pod.replaced:
+            continue
+        if pod.backoff != 0 and exit_code(pod.process.returncode) not in pod.fail_codes:
             continue
         failed_jobs.add(pod.job)
         with lock:
@@ -364,20 +386,23 @@ def replace_failed(running, start_pod):
     for pod in running:
         if pod.replaced or not pod.backoff or pod.process.poll() in (None, 0):
             continue
+        if exit_code(pod.process.returncode) in pod.fail_codes:
+            continue  # its Job fails instead (fail_jobs)
         pod.replaced = True
-        label, argv, env, probes_, job, backoff, stage, group = pod.spec
+        label, argv, env, probes_, job, backoff, stage, group, codes = pod.spec
         print(f"k8s_local.py: Job {job} replaces {label} (exited {pod.process.returncode}; "
               f"backoffLimit {backoff})", file=sys.stderr, flush=True)
-        new += start_pod([(label, argv, env, probes_, job, backoff - 1, stage, group)])
+        new += start_pod([(label, argv, env, probes_, job, backoff - 1, stage, group, codes)])
     return new
 
 
 class Pod:
     def __init__(self, spec, process, pump):
-        label, _, _, _, job, backoff, _, group = spec
+        label, _, _, _, job, backoff, _, group, fail_codes = spec
         self.spec = spec  # what started it (a tuple of pods())
         self.label, self.process, self.pump = label, process, pump
         self.job, self.backoff, self.group = job, backoff, group
+        self.fail_codes = fail_codes
         self.replaced = False  # failed, and the Job started another
 
     def terminate(self):
