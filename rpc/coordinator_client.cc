@@ -80,6 +80,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Register(
   me.rank = client->cluster_.self().rank();
   me.key = client->cluster_.session_key();
   client->last_answer_ = absl::Now();
+  client->spare_ = req.spare();
   return client;
 }
 
@@ -122,6 +123,7 @@ void CoordinatorClient::Reassign(const proto::RegisterResponse& assignment) {
   cluster_ = assignment;
   caller_.rank = assignment.self().rank();
   caller_.key = assignment.session_key();
+  spare_ = false;
 }
 
 void CoordinatorClient::Beat(int unreachable_server) {
@@ -196,6 +198,7 @@ absl::Status CoordinatorClient::Rejoin() {
     req.set_address(cluster_.self().address());
     req.set_incarnation(cluster_.self().incarnation());
     req.set_session_key(caller_.key);
+    req.set_spare(spare_);
     role = caller_.role;
     rank = caller_.rank;
     for (const auto& [node, info] : heard_dead_) {

@@ -119,6 +119,7 @@ class CoordinatorClient {
   std::map<std::pair<int, int>, proto::NodeInfo> heard_dead_;  // by (role, rank)
   std::set<int> heard_finished_;
   std::map<int, int> heard_incarnation_;  // of servers replaced, by rank
+  bool spare_ = false;  // a spare server not assigned a rank yet
   int64_t best_rtt_us_ = -1;  // the fastest heartbeat's round trip
   bool lost_ = false;
   bool stop_ = false;

@@ -347,6 +347,7 @@ class Service final : public CoordinatorBase {
   // node not yet known here awaited: one that has not rejoined within the
   // heartbeat timeout is declared dead (Sweep).
   absl::Status Rejoin(const proto::RegisterRequest& req) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (req.spare()) return RejoinSpare(req);
     const char* role = RoleName(req.role());
     const int expected = req.role() == proto::SERVER ? options_.num_servers : options_.num_workers;
     if (!req.has_rank() || req.rank() < 0 || req.rank() >= expected) {
@@ -382,6 +383,33 @@ class Service final : public CoordinatorBase {
               << std::endl;
     return absl::OkStatus();
   }
+  // A spare that registered with an earlier coordinator: it waits again,
+  // with its identity.
+  absl::Status RejoinSpare(const proto::RegisterRequest& req) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const int rank = req.has_rank() ? req.rank() : -1;
+    if (req.role() != proto::SERVER || rank < options_.num_servers) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("register (rejoin): a spare server's rank is past the job's ",
+                       options_.num_servers, " servers, not ", rank));
+    }
+    const std::string key = guard_.Key(rpc::Role::kServer, rank);
+    if (!key.empty()) {
+      if (rpc::ConstantTimeEquals(key, req.session_key())) return absl::OkStatus();  // again
+      return absl::AlreadyExistsError(
+          absl::StrCat("register (rejoin): spare server ", rank, " has rejoined already"));
+    }
+    Spare& spare = spares_[rank];
+    spare.info.set_role(proto::SERVER);
+    spare.info.set_rank(rank);
+    spare.info.set_address(req.address());
+    spare.seen = absl::Now();
+    next_spare_ = std::max(next_spare_, rank - options_.num_servers + 1);
+    guard_.Admit(rpc::Role::kServer, rank, req.session_key());
+    std::cerr << "mx_server: coordinator: the spare server at " << req.address() << " rejoined"
+              << std::endl;
+    return absl::OkStatus();
+  }
+
   // What a rejoining node heard: dead nodes and finished workers.
   void MergeHeard(const proto::RegisterRequest& req) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (const proto::NodeInfo& d : req.dead()) {
@@ -425,17 +453,23 @@ class Service final : public CoordinatorBase {
   // away, and the rejoin must carry the token.
   absl::Status KnownHere(const grpc::ServerContextBase& ctx, const char* method) const {
     const rpc::Claims claims = rpc::Claims::Of(ctx);
+    const size_t colon = claims.node.find(':');
+    if (colon == std::string::npos || colon + 1 == claims.node.size()) {
+      return absl::OkStatus();  // no session key: not a node that registered
+    }
     const std::vector<std::string> parts =
-        absl::StrSplit(claims.node.substr(0, claims.node.find(':')), absl::MaxSplits('/', 1));
+        absl::StrSplit(claims.node.substr(0, colon), absl::MaxSplits('/', 1));
     int rank = -1;
     if (parts.size() != 2 || (parts[0] != "worker" && parts[0] != "server") ||
         !absl::SimpleAtoi(parts[1], &rank)) {
       return absl::OkStatus();
     }
     const bool server = parts[0] == "server";
-    const int expected = server ? options_.num_servers : options_.num_workers;
     const rpc::Role role = server ? rpc::Role::kServer : rpc::Role::kWorker;
-    if (rank < 0 || rank >= expected || !guard_.Key(role, rank).empty()) return absl::OkStatus();
+    // Servers' ranks past the job's are spares'.
+    if (rank < 0 || (!server && rank >= options_.num_workers) || !guard_.Key(role, rank).empty()) {
+      return absl::OkStatus();
+    }
     return absl::NotFoundError(absl::StrCat(method, ": ", parts[0], " ", rank,
                                             " is not registered with this coordinator (it "
                                             "restarted since?): rejoin"));

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -350,6 +351,66 @@ TEST(CoordinatorRestart, ANodeThatDoesNotRejoinIsDeclaredDead) {
   EXPECT_EQ(late.code(), absl::StatusCode::kFailedPrecondition) << late;
   EXPECT_THAT(late.message(), HasSubstr("barrier: register (rejoin): worker 1 was declared dead"));
   EXPECT_EQ(beats1.Lost(), "");
+}
+
+// A spare server waits through a coordinator's restart (it rejoins as a
+// spare) and then takes the rank of a server that dies.
+TEST(CoordinatorRestart, ASpareRejoinsAndThenTakesADeadServersRank) {
+  CoordinatorOptions o;
+  o.num_servers = 1;
+  o.num_workers = 1;
+  o.heartbeat_timeout = absl::Seconds(2);
+  auto first = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const std::string address = (*first)->address();
+  auto node = [&](proto::Role role, bool spare, const std::string& at) {
+    rpc::CoordinatorClient::Options co;
+    co.address = address;
+    co.startup_timeout = absl::Seconds(20);
+    proto::RegisterRequest req;
+    req.set_role(role);
+    req.set_address(at);
+    req.set_spare(spare);
+    if (!spare) req.set_rank(0);
+    return rpc::CoordinatorClient::Register(co, req);
+  };
+  auto spare = node(proto::SERVER, true, "127.0.0.1:7");  // answered at once
+  ASSERT_TRUE(spare.ok()) << spare.status();
+  EXPECT_EQ((*spare)->cluster().self().rank(), 1);  // past the job's one server
+  absl::StatusOr<std::unique_ptr<rpc::CoordinatorClient>> server, worker;
+  std::thread s([&] { server = node(proto::SERVER, false, "127.0.0.1:5"); });
+  worker = node(proto::WORKER, false, "");
+  s.join();
+  ASSERT_TRUE(server.ok() && worker.ok());
+  std::mutex mu;
+  std::optional<proto::RegisterResponse> assignment;
+  std::string lost;
+  (*spare)->StartHeartbeats(
+      [&](const proto::HeartbeatResponse& r) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (r.has_assignment()) assignment = r.assignment();
+      },
+      [&](const absl::Status& why) {
+        std::lock_guard<std::mutex> lock(mu);
+        lost = std::string(why.message());
+      });
+  Heartbeats worker_beats;
+  worker_beats.Start(worker->get());
+  first->reset();  // the coordinator restarts; the server (not heartbeating) never rejoins
+  auto second = CoordinatorServer::Start(address, o);
+  ASSERT_TRUE(second.ok()) << second.status();
+  // Server 0 does not rejoin: declared dead, its rank goes to the spare.
+  ASSERT_TRUE(Eventually([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return assignment.has_value();
+  }));
+  std::lock_guard<std::mutex> lock(mu);
+  EXPECT_EQ(lost, "");
+  EXPECT_EQ(assignment->self().rank(), 0);
+  EXPECT_EQ(assignment->self().incarnation(), 1);
+  EXPECT_EQ(assignment->self().address(), "127.0.0.1:7");
+  (*spare)->StopHeartbeats();
+  (*worker)->StopHeartbeats();
 }
 
 // With no coordinator back, a barrier waits for it as long as heartbeats
