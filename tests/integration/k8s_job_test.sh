@@ -339,6 +339,20 @@ kill_worker_pod "JobSet, killed worker pod" "$TMP/jobset_kill.json" "$TMP/jobset
 grep -q "^k8s_local.py: Job fm-worker-0 failed (worker 1 exited -9); terminating the pods of fm$" \
   "$TMP/jobset_kill.log" || fail "JobSet, killed worker pod: $(grep '^k8s_local' "$TMP/jobset_kill.log" | tail -3)"
 
+# kill_pod_mid_job MANIFEST LOG POD: runs the manifest's pods, kills POD
+# (kill -9, its first) once worker 1 has trained 5 epochs, and returns the
+# local run's exit code.
+kill_pod_mid_job() {
+  local manifest=$1 log=$2 pod=$3 local_run victim
+  timeout -k 5 150 python3 "$LOCAL" "$manifest" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
+    --timeout 120 > "$log" 2>&1 &
+  local_run=$!
+  for _ in $(seq 600); do grep -q '^\[worker 1\] Epoch\[5\]' "$log" && break; sleep 0.1; done
+  victim=$(sed -n "s/^k8s_local.py: started $pod (pid \([0-9]*\))$/\1/p" "$log" | head -1)
+  [[ -n "$victim" ]] && kill -9 "$victim"
+  wait "$local_run"
+}
+
 # Replicas 2 with a spare: the server Job keeps going past a failed index,
 # a spare Job starts after the servers, and a server pod killed mid-job
 # changes nothing for the workers: the spare takes its rank, and only the
@@ -368,13 +382,7 @@ for b in bad:
     print("replicas:", b)
 sys.exit(1 if bad else 0)
 EOF
-timeout -k 5 150 python3 "$LOCAL" "$TMP/replicas.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
-  --timeout 120 > "$TMP/replicas.log" 2>&1 &
-local_run=$!
-for _ in $(seq 600); do grep -q '^\[worker 1\] Epoch\[5\]' "$TMP/replicas.log" && break; sleep 0.1; done
-victim=$(sed -n 's/^k8s_local.py: started server 1 (pid \([0-9]*\))$/\1/p' "$TMP/replicas.log")
-[[ -n "$victim" ]] && kill -9 "$victim"
-wait "$local_run"
+kill_pod_mid_job "$TMP/replicas.json" "$TMP/replicas.log" "server 1"
 grep -q "^k8s_local.py: failed: server 1 (exit code -9)$" "$TMP/replicas.log" ||
   fail "replicas: not only the killed server failed: $(grep -E '^k8s_local.py: failed|mx_(train|server): ' "$TMP/replicas.log")"
 for r in 0 1; do
@@ -403,13 +411,7 @@ for role, job in jobs.items():
 print("" if ok else "coordinator restart: backoffLimit 1 and MX_COORDINATOR_TIMEOUT_S=60 expected")
 sys.exit(0 if ok else 1)
 EOF
-timeout -k 5 150 python3 "$LOCAL" "$TMP/coordinator.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
-  --timeout 120 > "$TMP/coordinator.log" 2>&1 &
-local_run=$!
-for _ in $(seq 600); do grep -q '^\[worker 1\] Epoch\[5\]' "$TMP/coordinator.log" && break; sleep 0.1; done
-victim=$(sed -n 's/^k8s_local.py: started coordinator (pid \([0-9]*\))$/\1/p' "$TMP/coordinator.log" | head -1)
-[[ -n "$victim" ]] && kill -9 "$victim"
-wait "$local_run" || fail "coordinator restart: the job failed: $(grep -E '^k8s_local.py: failed|mx_(train|server): ' "$TMP/coordinator.log")"
+kill_pod_mid_job "$TMP/coordinator.json" "$TMP/coordinator.log" coordinator || fail "coordinator restart: the job failed: $(grep -E '^k8s_local.py: failed|mx_(train|server): ' "$TMP/coordinator.log")"
 grep -q "^k8s_local.py: Job fm-coordinator-0 replaces coordinator (exited -9; backoffLimit 1)$" "$TMP/coordinator.log" ||
   fail "coordinator restart: the Job did not replace the pod: $(grep '^k8s_local' "$TMP/coordinator.log" | tail -3)"
 for node in "server 0" "server 1" "worker 0" "worker 1"; do
