@@ -968,27 +968,15 @@ class DistKVStore : public KVStore {
     const std::map<int, std::vector<Part>> by_primary = PartsByPrimary();
     for (int s = 0; s < static_cast<int>(conn_->stubs.size()); ++s) {
       proto::SaveOptimizerStatesRequest req;
-      int holder = s;
-      if (conn_->options.replicas > 1) {
-        auto parts = by_primary.find(s);
-        if (parts == by_primary.end()) {  // no key: no state
-          all.add_servers("");
-          continue;
-        }
-        for (const Part& p : parts->second) req.add_keys(p.server_key);
-        proto::OptimizerStates resp;
-        MX_RETURN_IF_ERROR(OnHolder(parts->second[0], "save_optimizer_states",
-                                    [&](auto* ctx, auto* stub) {
-                                      return stub->SaveOptimizerStates(ctx, req, &resp);
-                                    }));
-        all.add_servers(resp.states());
-        continue;
-      }
       proto::OptimizerStates resp;
-      MX_RETURN_IF_ERROR(conn_->Control(holder, "save_optimizer_states", "-",
-                                        [&](auto* ctx, auto* stub) {
-                                          return stub->SaveOptimizerStates(ctx, req, &resp);
-                                        }));
+      const std::function<grpc::Status(grpc::ClientContext*, proto::KVStoreService::Stub*)> save =
+          [&](auto* ctx, auto* stub) { return stub->SaveOptimizerStates(ctx, req, &resp); };
+      if (conn_->options.replicas < 2) {
+        MX_RETURN_IF_ERROR(conn_->Control(s, "save_optimizer_states", "-", save));
+      } else if (auto parts = by_primary.find(s); parts != by_primary.end()) {
+        for (const Part& p : parts->second) req.add_keys(p.server_key);
+        MX_RETURN_IF_ERROR(OnHolder(parts->second[0], "save_optimizer_states", save));
+      }  // else no key: no state
       all.add_servers(resp.states());
     }
     return WriteFileAtomically(path, all.SerializeAsString());

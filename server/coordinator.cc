@@ -71,8 +71,16 @@ class Service final : public CoordinatorBase {
                                      grpc::ByteBuffer* response) override {
     absl::StatusOr<proto::RegisterRequest> req =
         ParseRequest<proto::RegisterRequest>(*request, "register");
-    if (req.ok() && !req->session_key().empty()) return AnswerRejoin(ctx, *req, response);
-    if (req.ok() && req->spare()) return AnswerSpare(ctx, *req, response);
+    if (req.ok() && !req->session_key().empty()) {
+      return AnswerAtOnce(ctx, response, [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return Rejoin(*req);
+      });
+    }
+    if (req.ok() && req->spare()) {
+      return AnswerAtOnce(ctx, response, [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return RegisterSpare(*req);
+      });
+    }
     return Wait(
         ctx, response, &registering_,
         [&](Waiting* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -319,35 +327,41 @@ class Service final : public CoordinatorBase {
     guard_.Admit(RpcRole(req.role()), rank, rpc::NewSessionKey());
     return absl::OkStatus();
   }
-  // Answers a rejoin at once (RegisterRequest.session_key): the node
-  // registered with an earlier coordinator of the job.
-  grpc::ServerUnaryReactor* AnswerRejoin(grpc::CallbackServerContext* ctx,
-                                         const proto::RegisterRequest& req,
-                                         grpc::ByteBuffer* response) {
+  // Answers a registration that waits for no other node (a rejoin, a
+  // spare's) with what `answer()` returns under the lock, once the call
+  // carries the job token.
+  template <class Answer>
+  grpc::ServerUnaryReactor* AnswerAtOnce(grpc::CallbackServerContext* ctx,
+                                         grpc::ByteBuffer* response, const Answer& answer) {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     absl::Status s = guard_.CheckToken(*ctx, "register");
     if (s.ok()) {
       absl::MutexLock lock(&mu_);
-      s = closed_ ? Closing() : Rejoin(req);
-    }
-    if (s.ok()) {
-      proto::RegisterResponse resp;
-      resp.mutable_self()->set_role(req.role());
-      resp.mutable_self()->set_rank(req.rank());
-      resp.mutable_self()->set_address(req.address());
-      resp.set_session_key(req.session_key());
-      *response = EncodeMessage(resp);
+      absl::StatusOr<proto::RegisterResponse> resp = closed_ ? Closing() : answer();
+      if (resp.ok()) *response = EncodeMessage(*resp);
+      s = resp.status();
     }
     reactor->Finish(ToGrpc(s));
     return reactor;
   }
 
-  // Takes a rejoining node back with its rank and key, and what it heard
-  // of the job (dead nodes, finished workers). The first rejoin makes every
-  // node not yet known here awaited: one that has not rejoined within the
-  // heartbeat timeout is declared dead (Sweep).
-  absl::Status Rejoin(const proto::RegisterRequest& req) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (req.spare()) return RejoinSpare(req);
+  // Takes a node back that registered with an earlier coordinator of the
+  // job (RegisterRequest.session_key) with its rank and key, and what it
+  // heard of the job (dead nodes, finished workers); answers it with
+  // itself and its key. The first rejoin makes every node not yet known
+  // here awaited: one that has not rejoined within the heartbeat timeout
+  // is declared dead (Sweep).
+  absl::StatusOr<proto::RegisterResponse> Rejoin(const proto::RegisterRequest& req)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    MX_RETURN_IF_ERROR(req.spare() ? RejoinSpare(req) : RejoinNode(req));
+    proto::RegisterResponse resp;
+    resp.mutable_self()->set_role(req.role());
+    resp.mutable_self()->set_rank(req.rank());
+    resp.mutable_self()->set_address(req.address());
+    resp.set_session_key(req.session_key());
+    return resp;
+  }
+  absl::Status RejoinNode(const proto::RegisterRequest& req) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const char* role = RoleName(req.role());
     const int expected = req.role() == proto::SERVER ? options_.num_servers : options_.num_workers;
     if (!req.has_rank() || req.rank() < 0 || req.rank() >= expected) {
@@ -398,16 +412,23 @@ class Service final : public CoordinatorBase {
       return absl::AlreadyExistsError(
           absl::StrCat("register (rejoin): spare server ", rank, " has rejoined already"));
     }
-    Spare& spare = spares_[rank];
-    spare.info.set_role(proto::SERVER);
-    spare.info.set_rank(rank);
-    spare.info.set_address(req.address());
-    spare.seen = absl::Now();
-    next_spare_ = std::max(next_spare_, rank - options_.num_servers + 1);
-    guard_.Admit(rpc::Role::kServer, rank, req.session_key());
+    AddSpare(rank, req.address(), req.session_key());
     std::cerr << "mx_server: coordinator: the spare server at " << req.address() << " rejoined"
               << std::endl;
     return absl::OkStatus();
+  }
+
+  // Spare server `rank` (past the job's servers) at `address`, proving it
+  // with `key`, waits from now on.
+  void AddSpare(int rank, const std::string& address, const std::string& key)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Spare& spare = spares_[rank];
+    spare.info.set_role(proto::SERVER);
+    spare.info.set_rank(rank);
+    spare.info.set_address(address);
+    spare.seen = absl::Now();
+    next_spare_ = std::max(next_spare_, rank - options_.num_servers + 1);
+    guard_.Admit(rpc::Role::kServer, rank, key);
   }
 
   // What a rejoining node heard: dead nodes and finished workers.
@@ -507,33 +528,21 @@ class Service final : public CoordinatorBase {
     if (node.first == proto::SERVER) AssignSpare(node.second);
   }
 
-  // A spare server: answered at once with an identity of its own.
-  grpc::ServerUnaryReactor* AnswerSpare(grpc::CallbackServerContext* ctx,
-                                        const proto::RegisterRequest& req,
-                                        grpc::ByteBuffer* response) {
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-    absl::Status s = guard_.CheckToken(*ctx, "register");
-    if (s.ok() && req.role() != proto::SERVER) {
-      s = absl::InvalidArgumentError("register: only a server may be a spare");
+  // A spare server: an identity of its own (a rank past the job's
+  // servers) and its key.
+  absl::StatusOr<proto::RegisterResponse> RegisterSpare(const proto::RegisterRequest& req)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (req.role() != proto::SERVER) {
+      return absl::InvalidArgumentError("register: only a server may be a spare");
     }
-    if (s.ok()) {
-      absl::MutexLock lock(&mu_);
-      const int rank = options_.num_servers + next_spare_++;
-      Spare& spare = spares_[rank];
-      spare.info.set_role(proto::SERVER);
-      spare.info.set_rank(rank);
-      spare.info.set_address(req.address());
-      spare.seen = absl::Now();
-      guard_.Admit(rpc::Role::kServer, rank, rpc::NewSessionKey());
-      proto::RegisterResponse resp;
-      *resp.mutable_self() = spare.info;
-      resp.set_session_key(guard_.Key(rpc::Role::kServer, rank));
-      *response = EncodeMessage(resp);
-      std::cerr << "mx_server: coordinator: a spare server (" << req.address()
-                << ") waits for a server's death" << std::endl;
-    }
-    reactor->Finish(ToGrpc(s));
-    return reactor;
+    const int rank = options_.num_servers + next_spare_;
+    AddSpare(rank, req.address(), rpc::NewSessionKey());
+    proto::RegisterResponse resp;
+    *resp.mutable_self() = spares_[rank].info;
+    resp.set_session_key(guard_.Key(rpc::Role::kServer, rank));
+    std::cerr << "mx_server: coordinator: a spare server (" << req.address()
+              << ") waits for a server's death" << std::endl;
+    return resp;
   }
 
   // Server `d` was declared dead: a live spare, if any, takes its rank (the
