@@ -436,6 +436,12 @@ expect_refusal "--metrics-port 9091: not a port other than --port" --name fm -n 
   --metrics-port 9091 -- mx_train
 expect_refusal "--startup-timeout 0: must be at least 1 second" --name fm -n 1 -s 1 --image x \
   --startup-timeout 0 -- mx_train
+expect_refusal "--spare-servers 1: must be 0 or more, and needs --replicas 2" --name fm -n 1 -s 2 \
+  --image x --spare-servers 1 -- mx_train --kvstore=dist_sync
+expect_refusal "--coordinator-restarts -1: must be 0 or more" --name fm -n 1 -s 1 --image x \
+  --coordinator-restarts -1 -- mx_train --kvstore=dist_sync
+expect_refusal "--coordinator-timeout 1: must be 2 to 86400 seconds" --name fm -n 1 -s 1 --image x \
+  --coordinator-timeout 1 -- mx_train --kvstore=dist_sync
 expect_refusal "--cpu 'lots': not a positive Kubernetes quantity" --name fm -n 1 -s 1 --image x \
   --cpu lots -- mx_train --kvstore=dist_sync
 expect_refusal "--cpu '0': not a positive Kubernetes quantity" --name fm -n 1 -s 1 --image x \
