@@ -10,6 +10,7 @@
 #include <cstring>
 #include <iostream>
 #include <map>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -290,12 +291,15 @@ void PullDeadlines::Loop() {
 }
 
 // Sends the steps of the keys a server holds as primary to their backups
-// (ParameterShard::SetReplicator): for each backup, every step queued since
-// the last call goes in one call, one call in flight at a time, so that a
-// key's steps arrive in order. An answered call tells the shard that the
-// backup holds those versions; a failed one is sent again 100 ms later
-// (after telling `unreachable`), until the backup answers or is declared
-// dead (Drop). One thread.
+// (ParameterShard::SetReplicator): for each backup, the steps queued since
+// the last call go in one call, except those of a key that a call in
+// flight carries, which wait for it, so that a key's steps arrive in order
+// while keys completed at different moments do not wait for each other's
+// round trip (dist_sync_mlp_replicas2: one call in flight per backup made
+// a step's later keys wait a whole extra round trip). An answered call
+// tells the shard that the backup holds those versions; a failed one is
+// sent again 100 ms later (after telling `unreachable`), until the backup
+// answers or is declared dead (Drop). One thread.
 class Replicator {
  public:
   Replicator(ParameterShard* shard, ReplicationOptions options)
@@ -316,9 +320,7 @@ class Replicator {
     {
       absl::MutexLock lock(&mu_);
       stop_ = true;
-      for (Peer& p : peers_) {
-        if (p.call != nullptr) p.call->ctx.TryCancel();
-      }
+      for (Peer& p : peers_) p.CancelCalls();
     }
     thread_.join();
     absl::MutexLock lock(&mu_);
@@ -339,7 +341,7 @@ class Replicator {
     if (backup < 0 || backup >= static_cast<int>(peers_.size())) return;
     Peer& p = peers_[backup];
     mu_.Await(absl::Condition(
-        +[](Peer* p) { return p->call == nullptr; }, &p));  // the dead one's call ends
+        +[](Peer* p) { return p->calls.empty(); }, &p));  // the dead one's calls end
     p.stub = std::make_unique<grpc::GenericStub>(rpc::SharedChannel(address, options_.security));
     p.address = address;
     p.dropped = false;
@@ -353,7 +355,7 @@ class Replicator {
     if (backup < 0 || backup >= static_cast<int>(peers_.size())) return;
     peers_[backup].dropped = true;
     peers_[backup].queued.clear();
-    if (peers_[backup].call != nullptr) peers_[backup].call->ctx.TryCancel();
+    peers_[backup].CancelCalls();
   }
 
  private:
@@ -366,11 +368,38 @@ class Replicator {
     std::unique_ptr<grpc::GenericStub> stub;
     std::string address;
     std::deque<ReplicaStep> queued;
-    std::shared_ptr<Call> call;  // in flight
+    std::vector<std::shared_ptr<Call>> calls;  // in flight
+    std::set<int> keys_in_flight;              // the keys `calls` carry
     bool dropped = false;
     bool suspect = false;        // to report to `unreachable`
     bool logged = false;         // a failure was logged
     absl::Time retry_at = absl::InfinitePast();
+
+    // Whether a step can be sent now.
+    bool CanSend(absl::Time now) const {
+      if (dropped || now < retry_at) return false;
+      for (const ReplicaStep& step : queued) {
+        if (keys_in_flight.count(step.key) == 0) return true;
+      }
+      return false;
+    }
+    // Moves the queued steps of the keys no call in flight carries into
+    // `steps`, in their order.
+    void TakeSendable(std::vector<ReplicaStep>* steps) {
+      std::deque<ReplicaStep> held;
+      for (ReplicaStep& step : queued) {
+        if (keys_in_flight.count(step.key) != 0) {
+          held.push_back(std::move(step));
+        } else {
+          steps->push_back(std::move(step));
+        }
+      }
+      queued = std::move(held);
+      for (const ReplicaStep& step : *steps) keys_in_flight.insert(step.key);
+    }
+    void CancelCalls() {
+      for (const std::shared_ptr<Call>& call : calls) call->ctx.TryCancel();
+    }
   };
 
   // Whether the thread has something to do.
@@ -378,15 +407,14 @@ class Replicator {
     if (stop_) return true;
     const absl::Time now = absl::Now();
     for (const Peer& p : peers_) {
-      if (p.suspect) return true;
-      if (!p.dropped && p.call == nullptr && !p.queued.empty() && now >= p.retry_at) return true;
+      if (p.suspect || p.CanSend(now)) return true;
     }
     return false;
   }
 
   bool Idle() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (const Peer& p : peers_) {
-      if (p.call != nullptr) return false;
+      if (!p.calls.empty()) return false;
     }
     return true;
   }
@@ -404,12 +432,10 @@ class Replicator {
           if (options_.unreachable) options_.unreachable(b);
           mu_.Lock();
         }
-        if (p.dropped || p.call != nullptr || p.queued.empty() || absl::Now() < p.retry_at) continue;
+        if (!p.CanSend(absl::Now())) continue;
         auto call = std::make_shared<Call>();
-        call->steps.assign(std::make_move_iterator(p.queued.begin()),
-                           std::make_move_iterator(p.queued.end()));
-        p.queued.clear();
-        p.call = call;
+        p.TakeSendable(&call->steps);
+        p.calls.push_back(call);
         Send(b, p, call);
       }
     }
@@ -468,9 +494,10 @@ class Replicator {
     }
     absl::MutexLock lock(&mu_);
     Peer& p = peers_[b];
-    p.call = nullptr;
+    p.calls.erase(std::find(p.calls.begin(), p.calls.end(), call));
+    for (const ReplicaStep& step : call->steps) p.keys_in_flight.erase(step.key);
     if (s.ok() || p.dropped || stop_) return;
-    // Again, before anything queued since.
+    // Again, before the key's later steps (queued behind it).
     p.queued.insert(p.queued.begin(), std::make_move_iterator(call->steps.begin()),
                     std::make_move_iterator(call->steps.end()));
     p.retry_at = absl::Now() + absl::Milliseconds(100);
