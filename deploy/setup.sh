@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Installs what mx needs to build, test and train on Debian 12, as root.
 # Idempotent: packages already installed are skipped, and nothing is
-# downloaded except Debian packages.
+# downloaded except Debian packages and, for one test, two npm packages:
+# the validators of the Kubernetes schemas (tests/integration/k8s_schema,
+# versions pinned by its package-lock.json), installed in
+# /usr/local/lib/mx-k8s-schema. Without the npm registry that test skips,
+# saying why.
 #
 #   deploy/setup.sh            build + test dependencies, Fashion-MNIST
 #   deploy/setup.sh --bench    also python3-torch, the benchmarks' baseline
@@ -14,6 +18,10 @@ PACKAGES=(
   zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist openssl
   libmicrohttpd-dev prometheus iproute2 nftables
 )
+# Node.js from Debian, unless a node and npm are installed already.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  PACKAGES+=(nodejs npm)
+fi
 if [[ "${1:-}" == "--bench" ]]; then
   PACKAGES+=(python3 python3-torch python3-numpy)
 fi
@@ -34,5 +42,17 @@ if ((${#missing[@]} > 0)); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The Kubernetes schema validators, as package-lock.json pins them.
+SCHEMA_SRC="$(dirname "$0")/../tests/integration/k8s_schema"
+SCHEMA_DIR=/usr/local/lib/mx-k8s-schema
+if [[ $(id -u) -eq 0 ]] && ! cmp -s "$SCHEMA_SRC/package-lock.json" "$SCHEMA_DIR/package-lock.json"; then
+  mkdir -p "$SCHEMA_DIR"
+  cp "$SCHEMA_SRC/package.json" "$SCHEMA_SRC/package-lock.json" "$SCHEMA_DIR/"
+  if ! timeout 300 npm ci --prefix "$SCHEMA_DIR" --no-audit --no-fund --loglevel=error >/dev/null; then
+    rm -f "$SCHEMA_DIR/package-lock.json"  # tried again next time
+    echo "setup.sh: npm ci of the Kubernetes schema validators failed; k8s_schema_test will skip" >&2
+  fi
 fi
 echo "setup.sh: all dependencies present"
