@@ -10,5 +10,7 @@ for b in ndarray_bench graph_bench train_bench kvstore_bench dist_bench op_bench
 done
 echo "== dist_train_bench"
 python3 bench/dist_train_bench.py
+echo "== scale_bench"
+python3 bench/scale_bench.py
 echo "== failover_bench"
 python3 bench/failover_bench.py
