@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -58,19 +59,32 @@ std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials(const Security& sec
   return grpc::SslCredentials(o);
 }
 
+// The allocator's settings of every process that links this module, made
+// before main, while no thread has an arena yet.
+const bool kMallocTuned = [] {
+  // gRPC reads into buffers of up to 4 MiB and frees them once a message
+  // is parsed. By default glibc hands such memory back to the kernel (an
+  // mmap above its moving threshold, or a trimmed heap top), so the next
+  // read page-faults and zero-fills it again: in dist_bench's 16 MiB
+  // transfers that was 40% more page faults and about 8% more CPU per
+  // byte. Allocations up to 32 MiB now come from the heap, and up to
+  // 64 MiB of free heap top is kept.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 64 << 20);
+  // glibc gives threads up to 8 malloc arenas per core, and each keeps
+  // its own high-water mark of freed memory: with gRPC's threads taking
+  // turns over many arenas, a server's resident memory rose for minutes
+  // (bench/scale_bench.py, 16 workers and 4 servers, 30 s: 7-8% after the
+  // warm-up in 3 runs). One arena per core (at least 2): 4-6% in 5 runs,
+  // the same step time and dist_bench figures.
+  mallopt(M_ARENA_MAX, std::max(2, static_cast<int>(std::thread::hardware_concurrency())));
+  return true;
+}();
+
 }  // namespace
 
 void KeepGrpcAlive() {
   static const bool initialized = [] {
-    // gRPC reads into buffers of up to 4 MiB and frees them once a message
-    // is parsed. By default glibc hands such memory back to the kernel (an
-    // mmap above its moving threshold, or a trimmed heap top), so the next
-    // read page-faults and zero-fills it again: in dist_bench's 16 MiB
-    // transfers that was 40% more page faults and about 8% more CPU per
-    // byte. Allocations up to 32 MiB now come from the heap, and up to
-    // 64 MiB of free heap top is kept.
-    mallopt(M_MMAP_THRESHOLD, 32 << 20);
-    mallopt(M_TRIM_THRESHOLD, 64 << 20);
     grpc_init();  // never shut down (see rpc.h)
     // Every server answers the standard grpc.health.v1 service (without
     // the job token: probes carry none, and it tells only whether the node

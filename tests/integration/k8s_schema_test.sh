@@ -15,20 +15,8 @@ TMP="${TEST_TMPDIR:-$(mktemp -d)}"
 failures=0
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
-skip() {
-  echo "skipped: $1"
-  if [[ -n "${XML_OUTPUT_FILE:-}" ]]; then
-    cat > "$XML_OUTPUT_FILE" <<XML
-<?xml version="1.0" encoding="UTF-8"?>
-<testsuites tests="1" failures="0" disabled="0" errors="0">
-  <testsuite name="k8s_schema_test" tests="1" failures="0">
-    <testcase name="ObjectsMatchSchemas" result="skipped"><skipped message="k8s_schema_test.sh&#x0A;$1"/></testcase>
-  </testsuite>
-</testsuites>
-XML
-  fi
-  exit 0
-}
+source "$(dirname "$0")/../testdata/skip.sh"
+skip() { skip_test k8s_schema_test ObjectsMatchSchemas "$1"; }
 command -v node >/dev/null || skip "no Node.js (node) on PATH"
 [[ -d "$MODULES/kubernetes-models" && -d "$MODULES/ajv" ]] ||
   skip "no schema validators in $MODULES (deploy/setup.sh installs them with npm)"

