@@ -91,12 +91,14 @@ inline std::pair<double, double> MedianPair(int rounds, const std::function<void
   return {m[0], m[1]};
 }
 
+// One figure's BENCH line; `extra` (e.g. "range=A-B": the value's spread
+// over the repetitions) goes at its end.
 inline void Report(const std::string& name, double value,
                    const std::string& unit, double baseline, double ratio,
-                   const std::string& target) {
-  std::printf("BENCH name=%s value=%.4g unit=%s baseline=%.4g ratio=%.3f target=%s\n",
+                   const std::string& target, const std::string& extra = "") {
+  std::printf("BENCH name=%s value=%.4g unit=%s baseline=%.4g ratio=%.3f target=%s%s%s\n",
               name.c_str(), value, unit.c_str(), baseline, ratio,
-              target.c_str());
+              target.c_str(), extra.empty() ? "" : " ", extra.c_str());
   std::fflush(stdout);
 }
 

@@ -5,9 +5,18 @@
 // by a plain socket sender and receiver; the round-trip latency of a
 // small pushpull (p50, p99) and of an MLP training step's communication,
 // against loopback TCP round trips of the same bytes; and a server
-// completing the steps of two keys on two threads against one.
+// completing the steps of two keys on two threads against one. Each
+// figure repeats at least 20 times after a warm-up; its line ends with the
+// range of the repetitions.
 //
-// Usage: dist_bench [SUBSTRING]: only the figures whose names contain it.
+// With --job, this process is one worker of a job that deploy/launch.py
+// started (mx_server processes for the coordinator and the servers, every
+// worker a `dist_bench --job` process: bench/dist_procs_bench.py), and the
+// transport's figures are measured as such jobs run, rank 0 reporting
+// them with names ending in _procs.
+//
+// Usage: dist_bench [--job] [SUBSTRING]: only the figures whose names
+// contain SUBSTRING.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -15,6 +24,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
@@ -26,6 +36,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include "absl/strings/str_cat.h"
 #include "bench/bench_util.h"
 #include "kvstore/dist_kvstore.h"
 #include "rpc/rpc.h"
@@ -229,9 +240,26 @@ class GrpcEcho {
   std::unique_ptr<grpc::GenericStub> stub_;
 };
 
+// The workers a figure runs on. In this process: an in-process Cluster.
+// As jobs run: this process is one worker of a job that deploy/launch.py
+// started (mx_server processes, every worker a `dist_bench --job`
+// process), and every worker process runs the same figures in step.
+class Workers {
+ public:
+  virtual ~Workers() = default;
+  // Runs fn(rank, store) for every rank this process drives, at once;
+  // returns when all are done.
+  virtual void OnEveryWorker(const std::function<void(int, KVStore&)>& fn) = 0;
+  // Waits for every worker process of the job (nothing in one process).
+  virtual void Sync() {}
+  // Whether this process times and reports the figures.
+  virtual bool leader() const { return true; }
+  virtual int size() const = 0;  // workers in all
+};
+
 // A cluster on 127.0.0.1 in this process: `servers` parameter servers
 // (dist_sync) and one store per worker, each driven by its own thread.
-struct Cluster {
+struct Cluster : Workers {
   std::vector<std::unique_ptr<ParameterServer>> servers;
   std::vector<std::unique_ptr<KVStore>> workers;
 
@@ -253,15 +281,84 @@ struct Cluster {
     }
   }
 
-  // Runs fn(rank, store) on every worker at once; returns when all are done.
-  void OnEveryWorker(const std::function<void(int, KVStore&)>& fn) {
+  void OnEveryWorker(const std::function<void(int, KVStore&)>& fn) override {
     std::vector<std::thread> threads;
     for (size_t r = 0; r < workers.size(); ++r) {
       threads.emplace_back([&, r] { fn(static_cast<int>(r), *workers[r]); });
     }
     for (auto& t : threads) t.join();
   }
+  int size() const override { return static_cast<int>(workers.size()); }
 };
+
+// This process as one worker of a job (the store from the launcher's
+// environment); rank 0 times and reports.
+class JobWorker : public Workers {
+ public:
+  JobWorker() {
+    absl::StatusOr<std::unique_ptr<KVStore>> kv = KVStore::Create("dist_sync");
+    ThrowIfError(kv.status());
+    kv_ = *std::move(kv);
+  }
+  ~JobWorker() override { ThrowIfError(kv_->Finish()); }
+  void OnEveryWorker(const std::function<void(int, KVStore&)>& fn) override {
+    fn(kv_->rank(), *kv_);
+  }
+  void Sync() override { ThrowIfError(kv_->Barrier()); }
+  bool leader() const override { return kv_->rank() == 0; }
+  int size() const override { return kv_->num_workers(); }
+
+ private:
+  std::unique_ptr<KVStore> kv_;
+};
+
+// Times `round` (every worker's part of it at once) and, on the leader,
+// each baseline, in turns (so drift on a shared machine hits all alike),
+// after a warm-up turn. Workers in separate processes begin each turn
+// together (a barrier) and meet again before the leader's baselines, so
+// that the leader's timing of its part spans the round's; the barriers are
+// not timed. Returns the median seconds (round's first) and the round's
+// fastest and slowest; with `cpu`, median CPU seconds of this process.
+struct Timed {
+  std::vector<double> median;
+  double fastest = 0, slowest = 0;
+};
+Timed Turns(Workers& w, int reps, const std::function<void()>& round,
+            const std::vector<std::function<void()>>& baselines, std::vector<double>* cpu) {
+  std::vector<std::vector<double>> t(1 + baselines.size()), c(t.size());
+  auto timed = [&](size_t f, const std::function<void()>& fn, bool record) {
+    const double s = NowSeconds(), cs = CpuSeconds();
+    fn();
+    if (!record) return;
+    t[f].push_back(NowSeconds() - s);
+    c[f].push_back(CpuSeconds() - cs);
+  };
+  for (int i = -1; i < reps; ++i) {
+    w.Sync();
+    timed(0, round, i >= 0);
+    w.Sync();
+    if (!w.leader()) continue;
+    for (size_t b = 0; b < baselines.size(); ++b) timed(b + 1, baselines[b], i >= 0);
+  }
+  Timed out;
+  if (!w.leader()) return out;
+  for (size_t f = 0; f < t.size(); ++f) {
+    std::sort(t[f].begin(), t[f].end());
+    std::sort(c[f].begin(), c[f].end());
+    out.median.push_back(t[f][t[f].size() / 2]);
+    if (cpu != nullptr) cpu->push_back(c[f][c[f].size() / 2]);
+  }
+  out.fastest = t[0].front();
+  out.slowest = t[0].back();
+  return out;
+}
+
+// "range=A-B" (the smaller first), for the end of a BENCH line.
+std::string Range(double a, double b) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof(buffer), "range=%.4g-%.4g", std::min(a, b), std::max(a, b));
+  return buffer;
+}
 
 // Figures whose names contain this (the first command-line argument; all
 // when empty) are measured, the others skipped: for profiling one case.
@@ -277,7 +374,7 @@ bool Wanted(const std::string& name) { return name.find(only) != std::string::np
 // per byte with the plain baseline's. Three kinds of rounds, each worker
 // on its own keys at once: pushpull (what training does), push alone
 // (until the servers have it) and pull alone (of values already there).
-void Throughput(Cluster& c, const std::string& config, int* next_key) {
+void Throughput(Workers& c, const std::string& config, int* next_key) {
   enum Op { kPushPull, kPush, kPull };
   const std::vector<std::pair<Op, std::string>> ops = {
       {kPushPull, "pushpull"}, {kPush, "push"}, {kPull, "pull"}};
@@ -291,7 +388,7 @@ void Throughput(Cluster& c, const std::string& config, int* next_key) {
         if (!Wanted(name)) continue;
         std::vector<int> keys;
         for (int k = 0; k < in_flight; ++k) keys.push_back((*next_key)++);
-        std::vector<std::vector<NDArray>> values(c.workers.size()), outs(c.workers.size());
+        std::vector<std::vector<NDArray>> values(c.size()), outs(c.size());
         c.OnEveryWorker([&](int r, KVStore& kv) {
           for (int k = 0; k < in_flight; ++k) {
             values[r].push_back(RandomUniform(0, 1, {n}));
@@ -299,7 +396,7 @@ void Throughput(Cluster& c, const std::string& config, int* next_key) {
             ThrowIfError(kv.Init(keys[k], values[r][k]));
           }
         });
-        const int reps = bytes >= (16 << 20) ? 15 : (bytes >= (1 << 20) ? 20 : 200);
+        const int reps = bytes >= (1 << 20) ? 21 : 201;  // at least 20 after the warm-up
         auto round = [&, op = op] {
           c.OnEveryWorker([&](int r, KVStore& kv) {
             for (int k = 0; k < in_flight; ++k) {
@@ -313,21 +410,25 @@ void Throughput(Cluster& c, const std::string& config, int* next_key) {
           });
         };
         // Each worker's push and pull each move the value once.
-        const size_t moved = (op == kPushPull ? 2 : 1) * bytes * in_flight * c.workers.size();
+        const size_t moved = (op == kPushPull ? 2 : 1) * bytes * in_flight * c.size();
         std::vector<double> cpu;
-        const std::vector<double> t = MedianTurns(
-            reps, {round, [&] { tcp.Transfer(moved, false); }, [&] { tcp.Transfer(moved, true); }},
-            &cpu);
+        const Timed timed = Turns(
+            c, reps, round,
+            {[&] { tcp.Transfer(moved, false); }, [&] { tcp.Transfer(moved, true); }}, &cpu);
+        if (!c.leader()) continue;
+        const std::vector<double>& t = timed.median;
         const double rate = moved / t[0], tcp_rate = moved / t[1], memory_rate = moved / t[2];
         Report(name, rate / 1e9, "GB/s", tcp_rate / 1e9, rate / tcp_rate,
-               bytes >= (16 << 20) ? ">=0.8" : "info");
+               bytes >= (16 << 20) ? ">=0.8" : "info",
+               Range(moved / timed.fastest / 1e9, moved / timed.slowest / 1e9));
         // The same against TCP moving the bytes from and to memory.
         Report(name + "_vs_tcp_from_memory", rate / 1e9, "GB/s", memory_rate / 1e9,
                rate / memory_rate, "info");
         // CPU seconds per GB moved, against the hot TCP baseline's: what a
         // change to the transport costs or saves, less swayed by the
-        // machine's other load than the rates (large values only).
-        if (bytes >= (16 << 20)) {
+        // machine's other load than the rates (large values only; in one
+        // process, where the servers' CPU is this process's too).
+        if (bytes >= (16 << 20) && dynamic_cast<Cluster*>(&c) != nullptr) {
           const double gb = moved / 1e9;
           Report(name + "_cpu", cpu[0] / gb, "cpu_s/GB", cpu[1] / gb, cpu[1] / cpu[0], "info");
         }
@@ -361,7 +462,7 @@ class RoundTrips {
       if (q > 0.5 && !with_p99) break;
       const std::string figure = name + (q > 0.5 ? "_p99_" : "_p50_") + config;
       const double mx = at(mx_, q), tcp = at(tcp_, q), grpc = at(grpc_, q);
-      bench::Report(figure, mx, "us", tcp, tcp / mx, "info");
+      bench::Report(figure, mx, "us", tcp, tcp / mx, "info", Range(mx_.front(), mx_.back()));
       bench::Report(figure + "_vs_grpc", mx, "us", grpc, grpc / mx, "info");
     }
   }
@@ -380,7 +481,7 @@ class RoundTrips {
 
 // Round-trip latency of a small pushpull (dist_sync: every worker's push
 // is in the answer), against round trips of its 64 bytes (RoundTrips).
-void Latency(Cluster& c, const std::string& config, int key) {
+void Latency(Workers& c, const std::string& config, int key) {
   if (!Wanted("dist_small_rtt_" + config)) return;
   RoundTrips t;
   c.OnEveryWorker([&](int r, KVStore& kv) {
@@ -393,7 +494,7 @@ void Latency(Cluster& c, const std::string& config, int key) {
       if (r == 0) t.Add(s, 16 * sizeof(float));
     }
   });
-  t.Report("dist_small_rtt", config, /*with_p99=*/true);
+  if (c.leader()) t.Report("dist_small_rtt", config, /*with_p99=*/true);
 }
 
 // One training step's communication for the MLP 784-128-64-10 as training
@@ -401,7 +502,7 @@ void Latency(Cluster& c, const std::string& config, int key) {
 // parameter (weights and biases, last layer first), then wait. Every
 // worker does the same (dist_sync). Against round trips of one worker's
 // gradients (RoundTrips).
-void MlpStep(Cluster& c, const std::string& config, int* next_key) {
+void MlpStep(Workers& c, const std::string& config, int* next_key) {
   if (!Wanted("dist_mlp_step_comm_" + config)) return;
   const std::vector<int64_t> sizes = {784 * 128, 128, 128 * 64, 64, 64 * 10, 10};
   std::vector<int> keys;
@@ -427,7 +528,7 @@ void MlpStep(Cluster& c, const std::string& config, int* next_key) {
       if (r == 0) t.Add(s, bytes);
     }
   });
-  t.Report("dist_mlp_step_comm", config, /*with_p99=*/false);
+  if (c.leader()) t.Report("dist_mlp_step_comm", config, /*with_p99=*/false);
 }
 
 // A server completes the steps of different keys at once: two threads
@@ -472,24 +573,49 @@ void ServerSteps(const std::string& optimizer) {
          optimizer.empty() ? "info" : ">=1.3");
 }
 
+// The transport's figures of one set of workers.
+void Transport(Workers& w, const std::string& config) {
+  int next_key = 100;
+  Throughput(w, config, &next_key);
+  Latency(w, config, next_key++);
+  MlpStep(w, config, &next_key);
+}
+
 void Run() {
   ServerSteps("");
   ServerSteps("sgd");
-  int next_key = 100;
   for (int nodes : {1, 2}) {
     Cluster c(nodes, nodes);
-    const std::string config = std::to_string(nodes) + "servers_" + std::to_string(nodes) + "workers";
-    Throughput(c, config, &next_key);
-    Latency(c, config, next_key++);
-    MlpStep(c, config, &next_key);
+    Transport(c, std::to_string(nodes) + "servers_" + std::to_string(nodes) + "workers");
   }
+}
+
+// As one worker of a job (dist_bench --job): the transport's figures, named
+// with _procs (bench/dist_procs_bench.py starts the jobs).
+void RunAsJobWorker() {
+  JobWorker w;
+  const char* servers = std::getenv("DMLC_NUM_SERVER");
+  Transport(w, absl::StrCat(servers == nullptr ? "?" : servers, "servers_", w.size(),
+                            "workers_procs"));
 }
 
 }  // namespace
 }  // namespace mx::bench
 
+// Usage: dist_bench [FILTER] (in this process), or dist_bench --job
+// [FILTER] as a worker of a job that deploy/launch.py starts.
 int main(int argc, char** argv) {
-  if (argc > 1) mx::bench::only = argv[1];
-  mx::bench::Run();
+  const bool job = argc > 1 && std::string(argv[1]) == "--job";
+  if (argc > 1 + job) mx::bench::only = argv[1 + job];
+  try {
+    if (job) {
+      mx::bench::RunAsJobWorker();
+    } else {
+      mx::bench::Run();
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dist_bench: %s\n", e.what());
+    return 1;
+  }
   return 0;
 }

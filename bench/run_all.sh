@@ -8,6 +8,8 @@ for b in ndarray_bench graph_bench train_bench kvstore_bench dist_bench op_bench
   echo "== $b"
   "bazel-bin/bench/$b"
 done
+echo "== dist_procs_bench"
+python3 bench/dist_procs_bench.py
 echo "== dist_train_bench"
 python3 bench/dist_train_bench.py
 echo "== scale_bench"
