@@ -21,6 +21,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
+#include <spawn.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -46,46 +48,99 @@
 namespace mx::bench {
 namespace {
 
-// A loopback TCP connection: {the connecting end, the accepted end}.
-std::pair<int, int> LoopbackConnection() {
-  int listener = socket(AF_INET, SOCK_STREAM, 0);
+// A listening socket on 127.0.0.1 (a free port, into *port).
+int ListenLoopback(int* port) {
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   socklen_t len = sizeof(addr);
   if (bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
       getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
-      listen(listener, 1) != 0) {
+      listen(listener, 4) != 0) {
     throw std::runtime_error("loopback baseline: cannot listen");
   }
-  const int client = socket(AF_INET, SOCK_STREAM, 0);
-  if (connect(client, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    throw std::runtime_error("loopback baseline: cannot connect");
-  }
+  *port = ntohs(addr.sin_port);
+  return listener;
+}
+
+int Connect(int port);
+
+// A loopback TCP connection: {the connecting end, the accepted end}.
+std::pair<int, int> LoopbackConnection() {
+  int port = 0;
+  const int listener = ListenLoopback(&port);
+  const int client = Connect(port);
   const int server = accept(listener, nullptr, nullptr);
   close(listener);
   return {client, server};
 }
 
+// A connection to 127.0.0.1:port.
+int Connect(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    throw std::runtime_error("baseline: cannot connect to port " + std::to_string(port));
+  }
+  return fd;
+}
+
+// Reads or writes exactly `bytes` (false at end of file or an error).
+bool ReadFully(int fd, char* data, size_t bytes) {
+  for (size_t got = 0; got < bytes;) {
+    const ssize_t r = read(fd, data + got, bytes - got);
+    if (r <= 0) return false;
+    got += r;
+  }
+  return true;
+}
+bool WriteFully(int fd, const char* data, size_t bytes) {
+  for (size_t sent = 0; sent < bytes;) {
+    const ssize_t w = write(fd, data + sent, bytes - sent);
+    if (w <= 0) return false;
+    sent += w;
+  }
+  return true;
+}
+
+// The far end of an echo: writes back what it reads, until end of file.
+void Echo(int socket) {
+  std::vector<char> buffer(1 << 20);
+  for (ssize_t n; (n = read(socket, buffer.data(), buffer.size())) > 0;) {
+    if (!WriteFully(socket, buffer.data(), n)) break;
+  }
+  close(socket);
+}
+
 // The throughput baseline: a plain loopback TCP connection, a sender and a
-// receiver thread. Transfer(bytes) writes `bytes` in writes of up to 1 MiB
+// receiver thread (or, with a port, a receiver in another process: Sink). Transfer(bytes) writes `bytes` in writes of up to 1 MiB
 // and returns once the receiver has read them all: from and into one 1 MiB
 // buffer each (hot in cache: the baseline), or, from_memory, from
 // and into 64 MiB rings, as a transfer of tensors larger than the cache
 // touches memory.
 class LoopbackLink {
  public:
-  LoopbackLink() : source_(kRing, 1), sink_(kRing) {
+  explicit LoopbackLink(int far_port = 0) : source_(kRing, 1) {
+    if (far_port != 0) {
+      sender_ = Connect(far_port);
+      return;
+    }
+    sink_.resize(kRing);
     const auto [sender, receiver] = LoopbackConnection();
     sender_ = sender;
     receiver_ = std::thread([this, receiver = receiver] { Receive(receiver); });
   }
   ~LoopbackLink() {
     close(sender_);  // the receiver reads end of file and stops
-    receiver_.join();
+    if (receiver_.joinable()) receiver_.join();
   }
 
   void Transfer(size_t bytes, bool from_memory) {
+    if (!receiver_.joinable()) return TransferToFarEnd(bytes, from_memory);
     std::unique_lock<std::mutex> lock(mu_);
     wanted_ = received_ + bytes;
     from_memory_ = from_memory;
@@ -100,8 +155,44 @@ class LoopbackLink {
     cv_.wait(lock, [&] { return received_ >= wanted_; });
   }
 
+  // The far end of a link in another process: per transfer, a header
+  // {bytes, from_memory}, the bytes (read into a 1 MiB buffer or a 64 MiB
+  // ring, as the local receiver does), then one byte back.
+  static void Sink(int socket) {
+    std::vector<char> ring(kRing);
+    uint64_t header[2];
+    while (ReadFully(socket, reinterpret_cast<char*>(header), sizeof(header))) {
+      size_t at = 0;
+      for (uint64_t got = 0; got < header[0];) {
+        const ssize_t n = read(socket, ring.data() + (header[1] ? at : 0),
+                               std::min<uint64_t>({kChunk, kRing - at, header[0] - got}));
+        if (n <= 0) {
+          close(socket);
+          return;
+        }
+        got += n;
+        at = (at + n) % kRing;
+      }
+      if (!WriteFully(socket, "k", 1)) break;
+    }
+    close(socket);
+  }
+
  private:
   static constexpr size_t kChunk = 1 << 20, kRing = 64 << 20;
+
+  void TransferToFarEnd(size_t bytes, bool from_memory) {
+    const uint64_t header[2] = {bytes, from_memory};
+    bool ok = WriteFully(sender_, reinterpret_cast<const char*>(header), sizeof(header));
+    for (size_t sent = 0; ok && sent < bytes;) {
+      const size_t at = from_memory ? sent % kRing : 0;
+      const size_t n = std::min({kChunk, bytes - sent, kRing - at});
+      ok = WriteFully(sender_, source_.data() + at, n);
+      sent += n;
+    }
+    char ack;
+    if (!ok || !ReadFully(sender_, &ack, 1)) throw std::runtime_error("loopback baseline: far end gone");
+  }
 
   void Receive(int socket) {
     size_t at = 0;  // in the ring
@@ -135,24 +226,22 @@ class LoopbackLink {
 // and returns when it has read them back.
 class LoopbackEcho {
  public:
-  LoopbackEcho() {
-    const auto [client, server] = LoopbackConnection();
+  // With a port: the echo is another process's (Echo there).
+  explicit LoopbackEcho(int far_port = 0) {
     const int one = 1;
+    if (far_port != 0) {
+      client_ = Connect(far_port);
+      setsockopt(client_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      return;
+    }
+    const auto [client, server] = LoopbackConnection();
     for (int fd : {client, server}) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     client_ = client;
-    echo_ = std::thread([server = server] {
-      std::vector<char> buffer(1 << 20);
-      for (ssize_t n; (n = read(server, buffer.data(), buffer.size())) > 0;) {
-        for (ssize_t sent = 0, w; sent < n; sent += w) {
-          if ((w = write(server, buffer.data() + sent, n - sent)) <= 0) return;
-        }
-      }
-      close(server);
-    });
+    echo_ = std::thread([server = server] { Echo(server); });
   }
   ~LoopbackEcho() {
-    close(client_);  // the echo thread reads end of file and stops
-    echo_.join();
+    close(client_);  // the echo reads end of file and stops
+    if (echo_.joinable()) echo_.join();
   }
 
   void RoundTrip(size_t bytes) {
@@ -179,17 +268,26 @@ class LoopbackEcho {
 // service, channels as mx makes them) carrying the same bytes.
 class GrpcEcho {
  public:
-  GrpcEcho() {
+  // With a port: the echo service is another process's (Serve there).
+  explicit GrpcEcho(int far_port = 0) : port_(far_port != 0 ? far_port : Serve()) {
+    stub_ = std::make_unique<grpc::GenericStub>(
+        rpc::SharedChannel("127.0.0.1:" + std::to_string(port_), {}));
+  }
+  int port() const { return port_; }
+  ~GrpcEcho() {
+    if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now());
+  }
+
+  // Starts the echo service here; returns its port.
+  int Serve() {
     grpc::ServerBuilder builder;
     int port = 0;
     rpc::Listen(&builder, "127.0.0.1:0", {}, &port);
     builder.RegisterCallbackGenericService(&service_);
     server_ = builder.BuildAndStart();
     if (server_ == nullptr || port == 0) throw std::runtime_error("gRPC echo: cannot listen");
-    stub_ = std::make_unique<grpc::GenericStub>(
-        rpc::SharedChannel("127.0.0.1:" + std::to_string(port), {}));
+    return port;
   }
-  ~GrpcEcho() { server_->Shutdown(std::chrono::system_clock::now()); }
 
   void RoundTrip(size_t bytes) {
     grpc::Slice slice(std::string(bytes, 'x'));
@@ -237,7 +335,73 @@ class GrpcEcho {
 
   Service service_;
   std::unique_ptr<grpc::Server> server_;
+  const int port_;
   std::unique_ptr<grpc::GenericStub> stub_;
+};
+
+// The baselines' far ends in a process of their own (dist_bench
+// --far-end), for the figures measured as jobs run, where mx's calls cross
+// processes: a TCP echo, a TCP sink (LoopbackLink::Sink) and a gRPC echo.
+// It prints "far-end ECHO SINK GRPC" (their ports) and serves until its
+// standard input closes (the process that started it ended).
+void RunFarEnd() {
+  int echo_port = 0, sink_port = 0;
+  for (auto [port, serve] : {std::pair<int*, void (*)(int)>{&echo_port, Echo},
+                             std::pair<int*, void (*)(int)>{&sink_port, LoopbackLink::Sink}}) {
+    const int listener = ListenLoopback(port);
+    std::thread([listener, serve = serve] {
+      for (int c; (c = accept(listener, nullptr, nullptr)) >= 0;) {
+        const int one = 1;
+        setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        std::thread(serve, c).detach();
+      }
+    }).detach();
+  }
+  GrpcEcho grpc;
+  std::printf("far-end %d %d %d\n", echo_port, sink_port, grpc.port());
+  std::fflush(stdout);
+  for (char c; read(0, &c, 1) > 0;) {
+  }
+  std::_Exit(0);
+}
+
+// Starts RunFarEnd's process and learns its ports; ends it (closing its
+// standard input) when destroyed.
+class FarEnd {
+ public:
+  FarEnd() {
+    int in[2], out[2];
+    if (pipe(in) != 0 || pipe(out) != 0) throw std::runtime_error("far end: no pipe");
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, in[0], 0);
+    posix_spawn_file_actions_adddup2(&actions, out[1], 1);
+    posix_spawn_file_actions_addclose(&actions, in[1]);
+    posix_spawn_file_actions_addclose(&actions, out[0]);
+    char self[] = "/proc/self/exe", flag[] = "--far-end";
+    char* argv[] = {self, flag, nullptr};
+    const int failed = posix_spawn(&pid_, self, &actions, nullptr, argv, environ);
+    posix_spawn_file_actions_destroy(&actions);
+    close(in[0]);
+    close(out[1]);
+    to_child_ = in[1];
+    std::string line;
+    for (char c; line.size() < 100 && read(out[0], &c, 1) == 1 && c != '\n';) line += c;
+    close(out[0]);
+    if (failed != 0 || std::sscanf(line.c_str(), "far-end %d %d %d", &echo_port, &sink_port,
+                                   &grpc_port) != 3) {
+      throw std::runtime_error("far end: did not start (" + line + ")");
+    }
+  }
+  ~FarEnd() {
+    close(to_child_);
+    waitpid(pid_, nullptr, 0);
+  }
+  int echo_port = 0, sink_port = 0, grpc_port = 0;
+
+ private:
+  pid_t pid_ = -1;
+  int to_child_ = -1;
 };
 
 // The workers a figure runs on. In this process: an in-process Cluster.
@@ -254,6 +418,8 @@ class Workers {
   virtual void Sync() {}
   // Whether this process times and reports the figures.
   virtual bool leader() const { return true; }
+  // The baselines' far ends, when they must be in another process.
+  virtual const FarEnd* far_end() const { return nullptr; }
   virtual int size() const = 0;  // workers in all
 };
 
@@ -299,6 +465,7 @@ class JobWorker : public Workers {
     absl::StatusOr<std::unique_ptr<KVStore>> kv = KVStore::Create("dist_sync");
     ThrowIfError(kv.status());
     kv_ = *std::move(kv);
+    if (leader()) far_end_ = std::make_unique<FarEnd>();
   }
   ~JobWorker() override { ThrowIfError(kv_->Finish()); }
   void OnEveryWorker(const std::function<void(int, KVStore&)>& fn) override {
@@ -307,9 +474,11 @@ class JobWorker : public Workers {
   void Sync() override { ThrowIfError(kv_->Barrier()); }
   bool leader() const override { return kv_->rank() == 0; }
   int size() const override { return kv_->num_workers(); }
+  const FarEnd* far_end() const override { return far_end_.get(); }
 
  private:
   std::unique_ptr<KVStore> kv_;
+  std::unique_ptr<FarEnd> far_end_;  // rank 0's
 };
 
 // Times `round` (every worker's part of it at once) and, on the leader,
@@ -378,7 +547,9 @@ void Throughput(Workers& c, const std::string& config, int* next_key) {
   enum Op { kPushPull, kPush, kPull };
   const std::vector<std::pair<Op, std::string>> ops = {
       {kPushPull, "pushpull"}, {kPush, "push"}, {kPull, "pull"}};
-  LoopbackLink tcp;
+  const int sink = c.far_end() != nullptr ? c.far_end()->sink_port : 0;
+  std::unique_ptr<LoopbackLink> tcp;  // the leader's
+  if (c.leader()) tcp = std::make_unique<LoopbackLink>(sink);
   for (const auto& [op, op_name] : ops) {
     for (int64_t bytes : {int64_t{4} << 10, int64_t{1} << 20, int64_t{16} << 20}) {
       const int64_t n = bytes / 4;
@@ -414,7 +585,7 @@ void Throughput(Workers& c, const std::string& config, int* next_key) {
         std::vector<double> cpu;
         const Timed timed = Turns(
             c, reps, round,
-            {[&] { tcp.Transfer(moved, false); }, [&] { tcp.Transfer(moved, true); }}, &cpu);
+            {[&] { tcp->Transfer(moved, false); }, [&] { tcp->Transfer(moved, true); }}, &cpu);
         if (!c.leader()) continue;
         const std::vector<double>& t = timed.median;
         const double rate = moved / t[0], tcp_rate = moved / t[1], memory_rate = moved / t[2];
@@ -442,6 +613,10 @@ void Throughput(Workers& c, const std::string& config, int* next_key) {
 // and a plain gRPC call carrying them.
 class RoundTrips {
  public:
+  // Far ends in `far`'s process, if any.
+  explicit RoundTrips(const FarEnd* far)
+      : tcp_link_(far != nullptr ? far->echo_port : 0), grpc_link_(far != nullptr ? far->grpc_port : 0) {}
+
   // Records mx's round trip of `bytes` (it began at `start`, NowSeconds),
   // then times both baselines moving them.
   void Add(double start, size_t bytes) {
@@ -483,7 +658,8 @@ class RoundTrips {
 // is in the answer), against round trips of its 64 bytes (RoundTrips).
 void Latency(Workers& c, const std::string& config, int key) {
   if (!Wanted("dist_small_rtt_" + config)) return;
-  RoundTrips t;
+  std::unique_ptr<RoundTrips> t;  // rank 0's (the leader's)
+  if (c.leader()) t = std::make_unique<RoundTrips>(c.far_end());
   c.OnEveryWorker([&](int r, KVStore& kv) {
     ThrowIfError(kv.Init(key, Zeros({16})));
     NDArray small = Ones({16}), out = Empty({16});
@@ -491,10 +667,10 @@ void Latency(Workers& c, const std::string& config, int key) {
       const double s = NowSeconds();
       ThrowIfError(kv.PushPull(key, {small}, {out}));
       out.WaitToRead();
-      if (r == 0) t.Add(s, 16 * sizeof(float));
+      if (r == 0) t->Add(s, 16 * sizeof(float));
     }
   });
-  if (c.leader()) t.Report("dist_small_rtt", config, /*with_p99=*/true);
+  if (c.leader()) t->Report("dist_small_rtt", config, /*with_p99=*/true);
 }
 
 // One training step's communication for the MLP 784-128-64-10 as training
@@ -509,7 +685,8 @@ void MlpStep(Workers& c, const std::string& config, int* next_key) {
   for (size_t k = 0; k < sizes.size(); ++k) keys.push_back((*next_key)++);
   size_t bytes = 0;
   for (int64_t n : sizes) bytes += n * sizeof(float);
-  RoundTrips t;
+  std::unique_ptr<RoundTrips> t;  // rank 0's (the leader's)
+  if (c.leader()) t = std::make_unique<RoundTrips>(c.far_end());
   c.OnEveryWorker([&](int r, KVStore& kv) {
     std::vector<Key> bucket;
     std::vector<std::vector<NDArray>> grads, weights;
@@ -525,10 +702,10 @@ void MlpStep(Workers& c, const std::string& config, int* next_key) {
       // Not WaitAll: the workers share this process's engine, and one
       // would wait for the other's next step, which waits for this one.
       for (const std::vector<NDArray>& w : weights) w[0].WaitToRead();
-      if (r == 0) t.Add(s, bytes);
+      if (r == 0) t->Add(s, bytes);
     }
   });
-  if (c.leader()) t.Report("dist_mlp_step_comm", config, /*with_p99=*/false);
+  if (c.leader()) t->Report("dist_mlp_step_comm", config, /*with_p99=*/false);
 }
 
 // A server completes the steps of different keys at once: two threads
@@ -605,6 +782,7 @@ void RunAsJobWorker() {
 // Usage: dist_bench [FILTER] (in this process), or dist_bench --job
 // [FILTER] as a worker of a job that deploy/launch.py starts.
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "--far-end") mx::bench::RunFarEnd();
   const bool job = argc > 1 && std::string(argv[1]) == "--job";
   if (argc > 1 + job) mx::bench::only = argv[1 + job];
   try {
