@@ -33,6 +33,7 @@ informational), growth and errors carry their targets.
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -116,8 +117,13 @@ class Job:
                     self.calls.append((now, calls))
             time.sleep(1)
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 9)
-            self.lines.append("scale_bench: the job did not end in time: killed")
+            # The launcher stops its job on SIGTERM; SIGKILL if it does not.
+            self.lines.append("scale_bench: the job did not end in time: stopped")
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.reader.join()
         return self.report()
