@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
-#include <thread>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -60,7 +59,9 @@ std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials(const Security& sec
 }
 
 // The allocator's settings of every process that links this module, made
-// before main, while no thread has an arena yet.
+// before main. (One malloc arena per core, against the slow growth of
+// servers' resident memory, was tried and dropped: mx_train's dist_sync
+// MLP ran 2-18% slower with it, 0.94 of the default on average.)
 const bool kMallocTuned = [] {
   // gRPC reads into buffers of up to 4 MiB and frees them once a message
   // is parsed. By default glibc hands such memory back to the kernel (an
@@ -71,13 +72,6 @@ const bool kMallocTuned = [] {
   // 64 MiB of free heap top is kept.
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 64 << 20);
-  // glibc gives threads up to 8 malloc arenas per core, and each keeps
-  // its own high-water mark of freed memory: with gRPC's threads taking
-  // turns over many arenas, a server's resident memory rose for minutes
-  // (bench/scale_bench.py, 16 workers and 4 servers, 30 s: 7-8% after the
-  // warm-up in 3 runs). One arena per core (at least 2): 4-6% in 5 runs,
-  // the same step time and dist_bench figures.
-  mallopt(M_ARENA_MAX, std::max(2, static_cast<int>(std::thread::hardware_concurrency())));
   return true;
 }();
 
