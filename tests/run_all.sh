@@ -15,8 +15,16 @@ passed=0
 failed=0
 skipped=0
 while IFS= read -r xml; do
-  # The first <testsuites ...> element carries the totals of one target.
+  # The first <testsuites ...> element carries the totals of one target
+  # (GoogleTest's results, and a shell test's skip); Bazel's own results of
+  # a shell test carry them on its <testsuite> elements instead.
   header=$(grep -m1 -o '<testsuites[^>]*>' "$xml" || true)
+  if [[ "$header" != *' tests="'* ]]; then
+    header=$(grep -o '<testsuite [^>]*>' "$xml" | awk '
+      { for (i = 1; i <= NF; i++) if (split($i, kv, "=") == 2) { gsub(/[">]/, "", kv[2]); sum[kv[1]] += kv[2] } }
+      END { printf "<testsuites tests=\"%d\" failures=\"%d\" errors=\"%d\" disabled=\"%d\">",
+            sum["tests"], sum["failures"], sum["errors"], sum["disabled"] }')
+  fi
   tests=$(sed -n 's/.* tests="\([0-9]*\)".*/\1/p' <<<"$header")
   failures=$(sed -n 's/.* failures="\([0-9]*\)".*/\1/p' <<<"$header")
   errors=$(sed -n 's/.* errors="\([0-9]*\)".*/\1/p' <<<"$header")
