@@ -64,18 +64,6 @@ int ListenLoopback(int* port) {
   return listener;
 }
 
-int Connect(int port);
-
-// A loopback TCP connection: {the connecting end, the accepted end}.
-std::pair<int, int> LoopbackConnection() {
-  int port = 0;
-  const int listener = ListenLoopback(&port);
-  const int client = Connect(port);
-  const int server = accept(listener, nullptr, nullptr);
-  close(listener);
-  return {client, server};
-}
-
 // A connection to 127.0.0.1:port.
 int Connect(int port) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -87,6 +75,16 @@ int Connect(int port) {
     throw std::runtime_error("baseline: cannot connect to port " + std::to_string(port));
   }
   return fd;
+}
+
+// A loopback TCP connection: {the connecting end, the accepted end}.
+std::pair<int, int> LoopbackConnection() {
+  int port = 0;
+  const int listener = ListenLoopback(&port);
+  const int client = Connect(port);
+  const int server = accept(listener, nullptr, nullptr);
+  close(listener);
+  return {client, server};
 }
 
 // Reads or writes exactly `bytes` (false at end of file or an error).
@@ -117,11 +115,11 @@ void Echo(int socket) {
 }
 
 // The throughput baseline: a plain loopback TCP connection, a sender and a
-// receiver thread (or, with a port, a receiver in another process: Sink). Transfer(bytes) writes `bytes` in writes of up to 1 MiB
-// and returns once the receiver has read them all: from and into one 1 MiB
-// buffer each (hot in cache: the baseline), or, from_memory, from
-// and into 64 MiB rings, as a transfer of tensors larger than the cache
-// touches memory.
+// receiver thread (or, with a port, a receiver in another process: Sink).
+// Transfer(bytes) writes `bytes` in writes of up to 1 MiB and returns once
+// the receiver has read them all: from and into one 1 MiB buffer each (hot
+// in cache: the baseline), or, from_memory, from and into 64 MiB
+// rings, as a transfer of tensors larger than the cache touches memory.
 class LoopbackLink {
  public:
   explicit LoopbackLink(int far_port = 0) : source_(kRing, 1) {
@@ -140,18 +138,29 @@ class LoopbackLink {
   }
 
   void Transfer(size_t bytes, bool from_memory) {
-    if (!receiver_.joinable()) return TransferToFarEnd(bytes, from_memory);
-    std::unique_lock<std::mutex> lock(mu_);
-    wanted_ = received_ + bytes;
-    from_memory_ = from_memory;
-    lock.unlock();
+    const bool far = !receiver_.joinable();  // the receiver is a Sink
+    if (far) {
+      const uint64_t header[2] = {bytes, from_memory};
+      if (!WriteFully(sender_, reinterpret_cast<const char*>(header), sizeof(header))) {
+        throw std::runtime_error("loopback baseline: write failed");
+      }
+    } else {
+      std::lock_guard<std::mutex> lock(mu_);
+      wanted_ = received_ + bytes;
+      from_memory_ = from_memory;
+    }
     for (size_t sent = 0; sent < bytes;) {
       const size_t at = from_memory ? sent % kRing : 0;
       const ssize_t n = write(sender_, source_.data() + at, std::min({kChunk, bytes - sent, kRing - at}));
       if (n <= 0) throw std::runtime_error("loopback baseline: write failed");
       sent += n;
     }
-    lock.lock();
+    if (far) {
+      char ack;
+      if (!ReadFully(sender_, &ack, 1)) throw std::runtime_error("loopback baseline: far end gone");
+      return;
+    }
+    std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return received_ >= wanted_; });
   }
 
@@ -180,19 +189,6 @@ class LoopbackLink {
 
  private:
   static constexpr size_t kChunk = 1 << 20, kRing = 64 << 20;
-
-  void TransferToFarEnd(size_t bytes, bool from_memory) {
-    const uint64_t header[2] = {bytes, from_memory};
-    bool ok = WriteFully(sender_, reinterpret_cast<const char*>(header), sizeof(header));
-    for (size_t sent = 0; ok && sent < bytes;) {
-      const size_t at = from_memory ? sent % kRing : 0;
-      const size_t n = std::min({kChunk, bytes - sent, kRing - at});
-      ok = WriteFully(sender_, source_.data() + at, n);
-      sent += n;
-    }
-    char ack;
-    if (!ok || !ReadFully(sender_, &ack, 1)) throw std::runtime_error("loopback baseline: far end gone");
-  }
 
   void Receive(int socket) {
     size_t at = 0;  // in the ring
@@ -246,15 +242,11 @@ class LoopbackEcho {
 
   void RoundTrip(size_t bytes) {
     if (buffer_.size() < bytes) buffer_.resize(bytes);
-    for (size_t sent = 0; sent < bytes;) {
-      const ssize_t w = write(client_, buffer_.data() + sent, bytes - sent);
-      if (w <= 0) throw std::runtime_error("loopback echo: write failed");
-      sent += w;
+    if (!WriteFully(client_, buffer_.data(), bytes)) {
+      throw std::runtime_error("loopback echo: write failed");
     }
-    for (size_t got = 0; got < bytes;) {
-      const ssize_t r = read(client_, buffer_.data() + got, bytes - got);
-      if (r <= 0) throw std::runtime_error("loopback echo: read failed");
-      got += r;
+    if (!ReadFully(client_, buffer_.data(), bytes)) {
+      throw std::runtime_error("loopback echo: read failed");
     }
   }
 
@@ -420,6 +412,8 @@ class Workers {
   virtual bool leader() const { return true; }
   // The baselines' far ends, when they must be in another process.
   virtual const FarEnd* far_end() const { return nullptr; }
+  // Whether the servers run in this process (whose CPU time is then theirs too).
+  virtual bool servers_here() const { return true; }
   virtual int size() const = 0;  // workers in all
 };
 
@@ -475,6 +469,7 @@ class JobWorker : public Workers {
   bool leader() const override { return kv_->rank() == 0; }
   int size() const override { return kv_->num_workers(); }
   const FarEnd* far_end() const override { return far_end_.get(); }
+  bool servers_here() const override { return false; }
 
  private:
   std::unique_ptr<KVStore> kv_;
@@ -599,7 +594,7 @@ void Throughput(Workers& c, const std::string& config, int* next_key) {
         // change to the transport costs or saves, less swayed by the
         // machine's other load than the rates (large values only; in one
         // process, where the servers' CPU is this process's too).
-        if (bytes >= (16 << 20) && dynamic_cast<Cluster*>(&c) != nullptr) {
+        if (bytes >= (16 << 20) && c.servers_here()) {
           const double gb = moved / 1e9;
           Report(name + "_cpu", cpu[0] / gb, "cpu_s/GB", cpu[1] / gb, cpu[1] / cpu[0], "info");
         }

@@ -162,23 +162,24 @@ class Job:
                 last = max(p[1] for p in steady[half:])
                 growth[who] = (last - first) / first
                 rss.setdefault(role, []).append(last)
-        coordinator = self.steady(self.samples.get("coordinator", []))
-        cpu = ((coordinator[-1][3] - coordinator[0][3]) / (coordinator[-1][0] - coordinator[0][0])
-               if len(coordinator) >= 2 else 0.0)
-        calls = self.steady(self.calls)
-        rate = ((calls[-1][1] - calls[0][1]) / (calls[-1][0] - calls[0][0])
-                if len(calls) >= 2 else 0.0)
-        p50s = sorted(p for _, p in reports.values())
         return {
             "errors": errors,
-            "step_ms": p50s[len(p50s) // 2] if p50s else float("nan"),
+            "step_ms": median(p for _, p in reports.values()) if reports else float("nan"),
             "steps": sum(n for n, _ in reports.values()),
             "growth": growth,
             "rss": rss,
             "fds": fds,
-            "coordinator_cpu": cpu,
-            "coordinator_calls_per_s": rate,
+            "coordinator_cpu": per_second(self.steady(self.samples.get("coordinator", [])), 3),
+            "coordinator_calls_per_s": per_second(self.steady(self.calls), 1),
         }
+
+
+def per_second(points, field):
+    """How fast points[i][field] grew from the first point to the last
+    (each point's [0] is its time), 0 without two points."""
+    if len(points) < 2:
+        return 0.0
+    return (points[-1][field] - points[0][field]) / (points[-1][0] - points[0][0])
 
 
 def median(values):

@@ -9,7 +9,7 @@
 // and every worker pushes 1.0, so each element is a whole number between 1
 // and the number of workers. Prints one line:
 //   scale_worker: rank R steps N step_ms p50 A p90 B max C
-// Exits 0 after leaving the job; 1, printing why, on any error.
+// Exits 0 after leaving the job; 1, printing why, on any error; 2 on a bad flag.
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -17,10 +17,15 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "kvstore/kvstore.h"
+#include "ndarray/env.h"
 #include "ndarray/ndarray.h"
+
+ABSL_FLAG(double, seconds, 0, "how long to take steps (more than 0)");
 
 namespace {
 
@@ -32,20 +37,6 @@ const std::vector<int64_t> kKeySizes = [] {
   }
   return sizes;
 }();
-
-double SecondsFlag(int argc, char** argv) {
-  double seconds = 0;
-  const std::string prefix = "--seconds=";
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg.rfind(prefix, 0) != 0 || !absl::SimpleAtod(arg.substr(prefix.size()), &seconds) ||
-        seconds <= 0) {
-      throw std::invalid_argument(absl::StrCat("usage: scale_worker --seconds=S (S > 0), not ", arg));
-    }
-  }
-  if (seconds <= 0) throw std::invalid_argument("usage: scale_worker --seconds=S (S > 0)");
-  return seconds;
-}
 
 // Throws unless every element of `pulled` is a whole number in [1, workers].
 void CheckPulled(int key, const mx::NDArray& pulled, int workers) {
@@ -95,10 +86,19 @@ void Run(double seconds) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "a worker of bench/scale_bench.py's jobs (started by deploy/launch.py)");
+  mx::ExitOnHelpFlag(argc, argv);
+  absl::ParseCommandLine(argc, argv);
+  const double seconds = absl::GetFlag(FLAGS_seconds);
+  if (!(seconds > 0)) {
+    std::cerr << "scale_worker: --seconds=" << seconds << ": must be more than 0\n";
+    return 2;
+  }
   try {
-    Run(SecondsFlag(argc, argv));
+    Run(seconds);
     return 0;
-  } catch (const std::exception& e) {  // a bad flag, a failed call or a wrong value
+  } catch (const std::exception& e) {  // a failed call or a wrong value
     std::cerr << "scale_worker: " << e.what() << "\n";
     return 1;
   }

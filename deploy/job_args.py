@@ -1,7 +1,7 @@
 """The shape of a distributed job, as deploy/launch.py (processes) and
 deploy/k8s_job.py (Kubernetes objects) both take it: workers, servers, the
-kvstore's mode, elasticity, the heartbeat timeout and the worker command
-after --."""
+kvstore's mode, elasticity, replicas and spare servers, the heartbeat
+timeout, coordinator restarts and the worker command after --."""
 import argparse
 import os
 
@@ -20,6 +20,15 @@ def add_job_arguments(ap):
                          "no failure (its keys' backups on the next server take over)")
     ap.add_argument("--heartbeat-timeout", type=int, default=5,
                     help="seconds of silence after which a node is declared dead (at least 2)")
+    ap.add_argument("--spare-servers", type=int, default=0, metavar="N",
+                    help="with --replicas 2: N spare servers; when a server dies, a spare takes "
+                         "its rank and the survivors give it copies of the keys left with one, "
+                         "so that the job survives another server's death")
+    ap.add_argument("--coordinator-restarts", type=int, default=1, metavar="N",
+                    help="a coordinator that was killed or crashed is restarted up to N times "
+                         "(default 1; 0: its death ends the job); the nodes go on meanwhile and "
+                         "rejoin it, and give it up after MX_COORDINATOR_TIMEOUT_S without an "
+                         "answer")
 
 
 def add_worker_command(ap):
@@ -38,6 +47,10 @@ def worker_command(ap, args):
         ap.error(f"--replicas {args.replicas} needs at least as many servers (-s {args.num_servers})")
     if args.heartbeat_timeout < 2:
         ap.error("--heartbeat-timeout must be at least 2 (nodes heartbeat every second)")
+    if args.spare_servers < 0 or (args.spare_servers and args.replicas < 2):
+        ap.error(f"--spare-servers {args.spare_servers}: must be 0 or more, and needs --replicas 2")
+    if args.coordinator_restarts < 0:
+        ap.error(f"--coordinator-restarts {args.coordinator_restarts}: must be 0 or more")
     return cmd
 
 

@@ -502,9 +502,6 @@ def main():
                          "and image pulls included), else the job fails saying who is missing")
     ap.add_argument("--ttl", type=int, default=3600,
                     help="seconds a finished Job (its pods, their logs) is kept before deletion")
-    ap.add_argument("--coordinator-restarts", type=int, default=1, metavar="N",
-                    help="the coordinator Job replaces a failed coordinator pod up to N times "
-                         "(its backoffLimit; default 1); the nodes go on meanwhile and rejoin it")
     ap.add_argument("--coordinator-timeout", type=int, default=60, metavar="SECONDS",
                     help="how long nodes go on without an answer from the coordinator before "
                          "they give it up (MX_COORDINATOR_TIMEOUT_S; default 60: the Job "
@@ -530,9 +527,6 @@ def main():
     ap.add_argument("--cpu", default="1", help="CPU of each pod (request and limit)")
     ap.add_argument("--memory", default="2Gi", help="memory of each pod (request and limit)")
     ap.add_argument("--server-command", default="mx_server", help="the daemon in the image")
-    ap.add_argument("--spare-servers", type=int, default=0, metavar="N",
-                    help="with --replicas 2: a Job of N spare servers; when a server pod fails, "
-                         "a spare takes its rank and gets copies of the keys left with one")
     ap.add_argument("--checkpoint-claim",
                     help=f"a PersistentVolumeClaim mounted at {CHECKPOINT_DIR} in the worker pods "
                          f"(ReadWriteMany unless they share a node): pass "
@@ -552,12 +546,8 @@ def main():
     add_worker_command(ap)
     args = ap.parse_args()
     cmd = worker_command(ap, args)
-    if args.coordinator_restarts < 0:
-        ap.error(f"--coordinator-restarts {args.coordinator_restarts}: must be 0 or more")
     if not 2 <= args.coordinator_timeout <= 86400:
         ap.error(f"--coordinator-timeout {args.coordinator_timeout}: must be 2 to 86400 seconds")
-    if args.spare_servers < 0 or (args.spare_servers and args.replicas < 2):
-        ap.error(f"--spare-servers {args.spare_servers}: must be 0 or more, and needs --replicas 2")
     if args.tls and args.tls_secret:
         ap.error("give --tls (a new Secret) or --tls-secret (an existing one), not both")
     if not 1 <= args.metrics_port <= 65535 or args.metrics_port == args.port:

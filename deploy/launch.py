@@ -546,15 +546,6 @@ def main():
     ap.add_argument("--log-dir", metavar="DIR",
                     help="also write each process's output to DIR/<role>-<rank>.log "
                          "(coordinator.log, server-0.log, worker-1.log, ...)")
-    ap.add_argument("--spare-servers", type=int, default=0, metavar="N",
-                    help="with --replicas=2: N spare servers; when a server dies, a spare takes "
-                         "its rank and the survivors give it copies of the keys left with one, "
-                         "so that the job survives another server's death")
-    ap.add_argument("--coordinator-restarts", type=int, default=1, metavar="N",
-                    help="restart a coordinator killed by a signal on its address, up to N times "
-                         "(default 1; 0: its death ends the job); the nodes go on meanwhile and "
-                         "rejoin it, and give it up after MX_COORDINATOR_TIMEOUT_S (default 6) "
-                         "without an answer")
     ap.add_argument("--timestamps", action="store_true",
                     help="start every line printed (and logged) with the UTC time")
     add_worker_command(ap)
@@ -571,10 +562,6 @@ def main():
     cmd = worker_command(ap, args)
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
-    if args.spare_servers < 0 or (args.spare_servers and args.replicas < 2):
-        ap.error(f"--spare-servers {args.spare_servers}: must be 0 or more, and needs --replicas=2")
-    if args.coordinator_restarts < 0:
-        ap.error(f"--coordinator-restarts {args.coordinator_restarts}: must be 0 or more")
     if args.port and not 1 <= args.port <= 65535:
         ap.error(f"--port {args.port}: not a port (1 to 65535; 0 or none: a free one)")
     check_worker_kvstore(ap, args, cmd)

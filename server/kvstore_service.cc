@@ -295,8 +295,8 @@ void PullDeadlines::Loop() {
 // the last call go in one call, except those of a key that a call in
 // flight carries, which wait for it, so that a key's steps arrive in order
 // while keys completed at different moments do not wait for each other's
-// round trip (dist_sync_mlp_replicas2: one call in flight per backup made
-// a step's later keys wait a whole extra round trip). An answered call
+// round trip (seen in a job's timeline: with one call in flight per
+// backup, a step's later keys waited a whole extra round trip). An answered call
 // tells the shard that the backup holds those versions; a failed one is
 // sent again 100 ms later (after telling `unreachable`), until the backup
 // answers or is declared dead (Drop). One thread.
@@ -369,17 +369,25 @@ class Replicator {
     std::string address;
     std::deque<ReplicaStep> queued;
     std::vector<std::shared_ptr<Call>> calls;  // in flight
-    std::set<int> keys_in_flight;              // the keys `calls` carry
     bool dropped = false;
     bool suspect = false;        // to report to `unreachable`
     bool logged = false;         // a failure was logged
     absl::Time retry_at = absl::InfinitePast();
 
+    // Whether a call in flight carries a step of `key`.
+    bool InFlight(int key) const {
+      for (const std::shared_ptr<Call>& call : calls) {
+        for (const ReplicaStep& step : call->steps) {
+          if (step.key == key) return true;
+        }
+      }
+      return false;
+    }
     // Whether a step can be sent now.
     bool CanSend(absl::Time now) const {
       if (dropped || now < retry_at) return false;
       for (const ReplicaStep& step : queued) {
-        if (keys_in_flight.count(step.key) == 0) return true;
+        if (!InFlight(step.key)) return true;
       }
       return false;
     }
@@ -388,14 +396,13 @@ class Replicator {
     void TakeSendable(std::vector<ReplicaStep>* steps) {
       std::deque<ReplicaStep> held;
       for (ReplicaStep& step : queued) {
-        if (keys_in_flight.count(step.key) != 0) {
+        if (InFlight(step.key)) {
           held.push_back(std::move(step));
         } else {
           steps->push_back(std::move(step));
         }
       }
       queued = std::move(held);
-      for (const ReplicaStep& step : *steps) keys_in_flight.insert(step.key);
     }
     void CancelCalls() {
       for (const std::shared_ptr<Call>& call : calls) call->ctx.TryCancel();
@@ -495,7 +502,6 @@ class Replicator {
     absl::MutexLock lock(&mu_);
     Peer& p = peers_[b];
     p.calls.erase(std::find(p.calls.begin(), p.calls.end(), call));
-    for (const ReplicaStep& step : call->steps) p.keys_in_flight.erase(step.key);
     if (s.ok() || p.dropped || stop_) return;
     // Again, before the key's later steps (queued behind it).
     p.queued.insert(p.queued.begin(), std::make_move_iterator(call->steps.begin()),

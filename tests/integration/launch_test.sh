@@ -101,7 +101,7 @@ rc=$?
 [[ $rc -eq 2 && "$out" == *"--port 70000: not a port"* ]] || fail "--port 70000: exit code $rc, said: $out"
 out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 2 --spare-servers 1 --server-binary="$SERVER" -- "${worker[@]}" 2>&1)
 rc=$?
-[[ $rc -eq 2 && "$out" == *"--spare-servers 1: must be 0 or more, and needs --replicas=2"* ]] ||
+[[ $rc -eq 2 && "$out" == *"--spare-servers 1: must be 0 or more, and needs --replicas 2"* ]] ||
   fail "--spare-servers without replicas: exit code $rc, said: $out"
 out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --coordinator-restarts -1 --server-binary="$SERVER" -- "${worker[@]}" 2>&1)
 rc=$?
