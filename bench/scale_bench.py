@@ -42,7 +42,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTED = re.compile(r"launch\.py: started (coordinator|server \d+|worker \d+) \(pid (\d+)\)")
-METRICS = re.compile(r"\[coordinator\] coordinator: metrics on (http://\S+)")
+METRICS = re.compile(r"\[(coordinator|server \d+)\] [^:]*: metrics on (http://\S+)")
 REPORT = re.compile(r"\[worker (\d+)\] scale_worker: rank \d+ steps (\d+) step_ms p50 ([0-9.e+-]+)")
 BAD = re.compile(r"error|failed|FAIL", re.IGNORECASE)
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -80,9 +80,9 @@ class Job:
 
     def __init__(self, workers, servers, seconds, binaries):
         self.workers, self.servers, self.seconds = workers, servers, seconds
-        self.lines, self.pids, self.metrics_url = [], {}, None
+        self.lines, self.pids, self.metrics_urls = [], {}, {}
         self.samples = {}  # who -> [(time, rss, fds, cpu)]
-        self.calls = []    # (time, coordinator's answered calls)
+        self.calls = {}    # who -> [(time, answered calls)]: the coordinator, servers
         launch, server, worker = binaries
         cmd = [sys.executable, launch, "-n", str(workers), "-s", str(servers), "--metrics",
                "--server-binary", server, "--", worker, f"--seconds={seconds}"]
@@ -100,7 +100,7 @@ class Job:
                 self.pids[m.group(1)] = int(m.group(2))
             m = METRICS.search(line)
             if m:
-                self.metrics_url = m.group(1)
+                self.metrics_urls[m.group(1)] = m.group(2)
 
     def run(self):
         """Samples until the job ends (at most seconds + 300 s)."""
@@ -111,10 +111,10 @@ class Job:
                 s = sample(pid)
                 if s is not None:
                     self.samples.setdefault(who, []).append((now, *s))
-            if self.metrics_url:
-                calls = answered_calls(self.metrics_url)
+            for who, url in list(self.metrics_urls.items()):
+                calls = answered_calls(url)
                 if calls is not None:
-                    self.calls.append((now, calls))
+                    self.calls.setdefault(who, []).append((now, calls))
             time.sleep(1)
         if self.proc.poll() is None:
             # The launcher stops its job on SIGTERM; SIGKILL if it does not.
@@ -170,8 +170,20 @@ class Job:
             "rss": rss,
             "fds": fds,
             "coordinator_cpu": per_second(self.steady(self.samples.get("coordinator", [])), 3),
-            "coordinator_calls_per_s": per_second(self.steady(self.calls), 1),
+            "coordinator_calls_per_s": per_second(self.steady(self.calls.get("coordinator", [])), 1),
+            # The servers' CPU per call answered (workers' pushpulls and
+            # heartbeats alike), all servers together.
+            "server_us_per_call": 1e6 * sum_rates(self, "server", 3) /
+                                  max(sum_rates(self, "server", 1, self.calls), 1e-9),
         }
+
+
+def sum_rates(job, role, field, series=None):
+    """The sum over the processes of `role` of per_second of their steady
+    samples (job.samples, or `series`)."""
+    series = job.samples if series is None else series
+    return sum(per_second(job.steady(points), field)
+               for who, points in series.items() if who.split()[0] == role)
 
 
 def per_second(points, field):
@@ -210,6 +222,7 @@ def print_job(r, workers, servers, base_ms):
           1.0 / max(r["coordinator_cpu"], 1e-9), "info")
     bench(f"scale_coordinator_calls_{tag}", r["coordinator_calls_per_s"], "calls/s", 0.0, 1.0,
           "info")
+    bench(f"scale_server_cpu_per_call_{tag}", r["server_us_per_call"], "us", 0.0, 1.0, "info")
     bench(f"scale_errors_{tag}", len(r["errors"]), "errors", 0, 1.0 if not r["errors"] else 0.0,
           "0")
     for e in r["errors"]:

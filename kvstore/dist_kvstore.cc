@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kvstore/kvstore_internal.h"
+#include "kvstore/placement.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/slice_key.h"
 #include "ndarray/env.h"
@@ -59,25 +60,6 @@ metrics::Gauge* InFlightGauge() {
 
 using rpc::FromGrpc;
 using rpc::ToGrpc;
-
-// A 32-bit mix (murmur3's finalizer): neighbouring keys spread out.
-uint32_t Mix(int key) {
-  uint32_t h = static_cast<uint32_t>(key);
-  h ^= h >> 16;
-  h *= 0x85ebca6bu;
-  h ^= h >> 13;
-  h *= 0xc2b2ae35u;
-  h ^= h >> 16;
-  return h;
-}
-
-}  // namespace
-
-int ServerForKey(int key, int num_servers) {
-  return static_cast<int>(Mix(key) % static_cast<uint32_t>(num_servers));
-}
-
-namespace {
 
 // Collects the outcome of several RPCs; the last one to finish reports the
 // first error (or success) to the engine.
@@ -171,15 +153,6 @@ class Timer {
   std::thread thread_;
 };
 
-// A slice of a key: where it lives and what it covers.
-struct Part {
-  int index;           // in its key's parts
-  int server;          // the primary's rank
-  int backup;          // replicas 2: the backup's rank (the next server); else -1
-  int64_t begin, end;  // element range of the flattened key
-  int server_key;      // the key the server holds it under (proto/slice_key.h)
-};
-
 // A push to send again to a server that may not hold it (replicas 2).
 struct Resend {
   int key;  // the server's key
@@ -189,7 +162,7 @@ struct Resend {
 
 // A data call that survives a failover (Conn::CallHeld).
 struct Held {
-  std::vector<Part> parts;  // the slices it carries, all held by one server
+  std::vector<KeyPart> parts;  // the slices it carries, all held by one server
   std::string method;
   std::function<grpc::ByteBuffer()> encode;  // the request, for each attempt
   // The pushes `server` may lack that must precede this call there.
@@ -305,7 +278,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // longest: the primary, or once that died, its backup (which took it
   // over), even after a spare took the primary's rank (the spare is the
   // backup now).
-  absl::StatusOr<int> HolderOf(const Part& p) const {
+  absl::StatusOr<int> HolderOf(const KeyPart& p) const {
     std::lock_guard<std::mutex> lock(mu);
     std::optional<int> holder;
     for (int server : {p.server, p.backup}) {
@@ -317,7 +290,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
                                                ") died, and no other server holds its keys"));
   }
   // The other live copy of part p than its holder, -1 if none.
-  int OtherCopyOf(const Part& p, int holder) const {
+  int OtherCopyOf(const KeyPart& p, int holder) const {
     std::lock_guard<std::mutex> lock(mu);
     for (int server : {p.server, p.backup}) {
       if (server >= 0 && server != holder && !dead_servers.count(server)) return server;
@@ -446,7 +419,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
       const size_t servers = raw_stubs.size();
       // Slices are dealt round-robin: this server's are SliceOf = s, s +
       // servers, s + 2 * servers, ...
-      const size_t turn = Mix(BaseKey(key)) / servers + SliceOf(key) / servers;
+      const size_t turn = KeyHash(BaseKey(key)) / servers + SliceOf(key) / servers;
       connection = turn % stubs.size();
       stub = stubs[connection].get();
       address = addresses[server];
@@ -686,7 +659,7 @@ class DistKVStore : public KVStore {
       data = value.ToVector();
       e.token = Zeros({1});
     }));
-    for (const Part& p : e.parts) {
+    for (const KeyPart& p : e.parts) {
       proto::InitRequest req;
       req.set_key(p.server_key);
       req.set_sync(conn_->options.sync);
@@ -750,7 +723,7 @@ class DistKVStore : public KVStore {
               owner = copy;
             }
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
-            for (const Part& p : e->parts) {
+            for (const KeyPart& p : e->parts) {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPushMethod;
@@ -786,7 +759,7 @@ class DistKVStore : public KVStore {
           [conn = conn_, e, min_version, dsts](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done,
                                   [e, min_version] { Acked(*e, min_version); });
-            for (const Part& p : e->parts) {
+            for (const KeyPart& p : e->parts) {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPullMethod;
@@ -835,7 +808,7 @@ class DistKVStore : public KVStore {
             auto* join = new Join(static_cast<int>(e->parts.size()), done,
                                   [e, min_version] { Acked(*e, min_version); });
             auto owner = std::make_shared<NDArray>(merged);
-            for (const Part& p : e->parts) {
+            for (const KeyPart& p : e->parts) {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPushPullMethod;
@@ -879,7 +852,7 @@ class DistKVStore : public KVStore {
                          Destinations(outs[i])});
         for (const NDArray& o : outs[i]) writes.push_back(o.var());
         writes.push_back(e.token.var());
-        for (const Part& p : e.parts) by_server[p.server].push_back({i, p});
+        for (const KeyPart& p : e.parts) by_server[p.server].push_back({i, p});
       }
       std::vector<NDArray> pushed;
       for (const Item& item : items) pushed.push_back(item.merged);
@@ -965,7 +938,7 @@ class DistKVStore : public KVStore {
   // the file does not depend on which servers died.
   absl::Status SaveOptimizerStates(const std::string& path) const override {
     proto::ClusterOptimizerStates all;
-    const std::map<int, std::vector<Part>> by_primary = PartsByPrimary();
+    const std::map<int, std::vector<KeyPart>> by_primary = PartsByPrimary();
     for (int s = 0; s < static_cast<int>(conn_->stubs.size()); ++s) {
       proto::SaveOptimizerStatesRequest req;
       proto::OptimizerStates resp;
@@ -974,7 +947,7 @@ class DistKVStore : public KVStore {
       if (conn_->options.replicas < 2) {
         MX_RETURN_IF_ERROR(conn_->Control(s, "save_optimizer_states", "-", save));
       } else if (auto parts = by_primary.find(s); parts != by_primary.end()) {
-        for (const Part& p : parts->second) req.add_keys(p.server_key);
+        for (const KeyPart& p : parts->second) req.add_keys(p.server_key);
         MX_RETURN_IF_ERROR(OnHolder(parts->second[0], "save_optimizer_states", save));
       }  // else no key: no state
       all.add_servers(resp.states());
@@ -994,7 +967,7 @@ class DistKVStore : public KVStore {
           path, " holds the state of ", all.servers_size(), " servers; this job has ",
           conn_->stubs.size()));
     }
-    const std::map<int, std::vector<Part>> by_primary = PartsByPrimary();
+    const std::map<int, std::vector<KeyPart>> by_primary = PartsByPrimary();
     for (int s = 0; s < static_cast<int>(conn_->stubs.size()); ++s) {
       proto::OptimizerStates req;
       req.set_states(all.servers(s));
@@ -1027,7 +1000,7 @@ class DistKVStore : public KVStore {
   // Replicas 2: a control call of `what` to the server that holds part p's
   // keys, made again on the next holder if that one dies meanwhile.
   absl::Status OnHolder(
-      const Part& p, const char* what,
+      const KeyPart& p, const char* what,
       const std::function<grpc::Status(grpc::ClientContext*, proto::KVStoreService::Stub*)>& call)
       const {
     for (;;) {
@@ -1038,10 +1011,10 @@ class DistKVStore : public KVStore {
   }
 
   // The parts of every key, by their primary's rank.
-  std::map<int, std::vector<Part>> PartsByPrimary() const {
-    std::map<int, std::vector<Part>> by_primary;
+  std::map<int, std::vector<KeyPart>> PartsByPrimary() const {
+    std::map<int, std::vector<KeyPart>> by_primary;
     for (const auto& [id, e] : keys_) {
-      for (const Part& p : e->parts) by_primary[p.server].push_back(p);
+      for (const KeyPart& p : e->parts) by_primary[p.server].push_back(p);
     }
     return by_primary;
   }
@@ -1057,7 +1030,7 @@ class DistKVStore : public KVStore {
  private:
   struct Entry {
     Shape shape;
-    std::vector<Part> parts;
+    std::vector<KeyPart> parts;
     NDArray token;   // written by pushes, read by pulls: orders them
     NDArray merged;  // the sum of a multi-device push
     int64_t pushes = 0;
@@ -1073,8 +1046,8 @@ class DistKVStore : public KVStore {
     std::map<int64_t, Unacked> unacked;  // guarded by mu
   };
 
-  // Part p as held by `server` (which errors name).
-  static Part On(Part p, int server) {
+  // KeyPart p as held by `server` (which errors name).
+  static KeyPart On(KeyPart p, int server) {
     p.server = server;
     return p;
   }
@@ -1097,7 +1070,7 @@ class DistKVStore : public KVStore {
   }
   // The kept pushes of part p, up to `seq`, that `server` has not recorded.
   static std::vector<Resend> Resends(const std::shared_ptr<Conn>& conn, const std::shared_ptr<Entry>& e,
-                                     const Part& p, int64_t seq, int server) {
+                                     const KeyPart& p, int64_t seq, int server) {
     std::vector<Resend> resends;
     std::lock_guard<std::mutex> lock(e->mu);
     for (auto it = e->unacked.begin(); it != e->unacked.end() && it->first <= seq; ++it) {
@@ -1148,7 +1121,7 @@ class DistKVStore : public KVStore {
   // worker's push number `seq` of the key, without copying the data; with
   // the caller's credential unless it is an entry of a PushPullMany (whose
   // request carries it once).
-  static EncodedMessage EncodePush(const Conn& conn, const Part& p, const float* base,
+  static EncodedMessage EncodePush(const Conn& conn, const KeyPart& p, const float* base,
                                    std::shared_ptr<const void> owner, int64_t min_version,
                                    int64_t seq, bool with_credential = true) {
     proto::PushRequest header;
@@ -1165,7 +1138,7 @@ class DistKVStore : public KVStore {
 
   // Where a pulled slice p goes: the first output, after checking its size;
   // `received` records that it came.
-  static TensorSink SliceSink(const Conn& conn, const Part& p, const std::vector<float*>& dsts,
+  static TensorSink SliceSink(const Conn& conn, const KeyPart& p, const std::vector<float*>& dsts,
                               bool* received) {
     return [&conn, p, dst = dsts[0] + p.begin, received](size_t, size_t bytes) -> absl::StatusOr<void*> {
       const size_t expected = (p.end - p.begin) * sizeof(float);
@@ -1179,7 +1152,7 @@ class DistKVStore : public KVStore {
   }
 
   // Copies slice p from the first output to the others.
-  static void CopyToOtherOutputs(const Part& p, const std::vector<float*>& dsts) {
+  static void CopyToOtherOutputs(const KeyPart& p, const std::vector<float*>& dsts) {
     for (size_t i = 1; i < dsts.size(); ++i) {
       std::memcpy(dsts[i] + p.begin, dsts[0] + p.begin, (p.end - p.begin) * sizeof(float));
     }
@@ -1189,7 +1162,7 @@ class DistKVStore : public KVStore {
   // every output.
   static absl::Status Received(const Conn& conn, const Entry& e, const char* what,
                                const grpc::Status& status, const grpc::ByteBuffer& resp,
-                               const Part& p, const std::vector<float*>& dsts) {
+                               const KeyPart& p, const std::vector<float*>& dsts) {
     MX_RETURN_IF_ERROR(conn.Named(FromGrpc(status), what, e.label, p.server));
     bool received = false;
     proto::PullResponse header;
@@ -1210,7 +1183,7 @@ class DistKVStore : public KVStore {
   };
   struct ItemPart {
     size_t item;
-    Part part;
+    KeyPart part;
   };
 
   // The outcome of a PushPullMany call to `server`, answering with the
@@ -1243,26 +1216,9 @@ class DistKVStore : public KVStore {
     return absl::OkStatus();
   }
 
-  // A key below big_key_bound elements lives on one server (by hash); a
-  // bigger one is cut into slices of at most big_key_bound elements, at
-  // least one per server, dealt round-robin from its hash server: several
-  // slices on one server travel as separate calls, which overlap.
-  std::vector<Part> Partition(int key, int64_t n) const {
-    const int servers = static_cast<int>(conn_->stubs.size());
-    const int64_t bound = std::max<int64_t>(conn_->options.big_key_bound, 1);
-    const int first = ServerForKey(key, servers);
-    auto backup = [&](int server) { return conn_->options.replicas > 1 ? (server + 1) % servers : -1; };
-    if (n < bound) return {{0, first, backup(first), 0, n, key}};
-    int64_t slices = std::max<int64_t>(servers, (n + bound - 1) / bound);
-    if (slices > servers && !CanSliceKey(key, static_cast<int>(slices))) slices = servers;
-    std::vector<Part> parts;
-    for (int64_t s = 0; s < slices; ++s) {
-      const int server = static_cast<int>((first + s) % servers);
-      const int server_key = slices > servers ? SliceKey(key, static_cast<int>(s)) : key;
-      parts.push_back({static_cast<int>(s), server, backup(server), n * s / slices,
-                       n * (s + 1) / slices, server_key});
-    }
-    return parts;
+  std::vector<KeyPart> Partition(int key, int64_t n) const {
+    const DistKVStoreOptions& o = conn_->options;
+    return PlaceKey(key, n, {static_cast<int>(conn_->stubs.size()), o.big_key_bound, o.min_slice, o.replicas});
   }
 
   absl::StatusOr<std::shared_ptr<Entry>> Find(const Key& key, const char* what) {

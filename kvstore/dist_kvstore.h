@@ -1,11 +1,11 @@
 // The distributed KVStore client (dist_sync, dist_async): a worker's view of
 // the parameter servers.
 //
-// Keys are partitioned across servers: a key smaller than `big_key_bound`
-// elements lives whole on one server chosen by hash; a larger one is cut
-// into slices of at most `big_key_bound` elements (at least one per
-// server), dealt round-robin, pushed and pulled as separate calls in
-// parallel.
+// Keys are partitioned across servers by kvstore/placement.h: a key is cut
+// into slices (one per server for most keys of 32 KB or more; at most
+// `big_key_bound` elements each), dealt round-robin from the server its
+// hash picks; small keys live whole on that server. Slices on different
+// servers are pushed and pulled in parallel.
 // Pushes and pulls are engine operations with gRPC calls in flight; every
 // call has a deadline, and a failure (a server that died, a bad request) is
 // stored on the pull's outputs with a message naming the server and key.
@@ -30,7 +30,10 @@ struct DistKVStoreOptions {
   int rank = 0;                      // this worker
   int num_workers = 1;
   bool sync = true;                  // dist_sync, else dist_async
-  int64_t big_key_bound = 1 << 20;   // elements; larger keys are split
+  // Placement (kvstore/placement.h), in elements; every worker of a job
+  // must use the same values.
+  int64_t big_key_bound = 1 << 20;   // keys this big are cut at this size
+  int64_t min_slice = 8 << 10;       // smaller keys are not cut smaller
   // Training sends gradients in buckets of about this many bytes, each one
   // call per server (KVStore::bucket_bytes): every call costs a round trip
   // of fixed overhead, so small keys travel together.
@@ -75,9 +78,6 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOpti
 // (DistKVStoreOptions::elastic); the servers and the coordinator must then
 // run with --elastic too.
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const std::string& type);
-
-// The server that holds a key below the bound (exposed for tests).
-int ServerForKey(int key, int num_servers);
 
 }  // namespace mx
 

@@ -1,0 +1,80 @@
+// How evenly ResNet-50's parameters spread over parameter servers, by
+// kvstore/placement.h's rule, against MXNet's (whole keys below 1M
+// elements by hash, bigger ones cut once per server) computed in the same
+// run. No network: placement is a pure function every worker computes.
+//
+//   BENCH name=key_spread_resnet50_<S>s value=<max/mean> baseline=<MXNet's>
+//
+// with ratio = baseline / value (how much less the busiest server carries
+// than under MXNet's rule) and the target on the value: <= 1.1. Then a
+// table of the slices per step (message entries) and the spread with
+// other min_slice settings, for docs/scaling.md.
+#include <algorithm>
+#include <cstdio>
+#include <numeric>
+#include <vector>
+
+#include "kvstore/placement.h"
+#include "tests/kvstore/resnet50_keys.h"
+
+namespace mx {
+namespace {
+
+struct Spread {
+  double max_over_mean;
+  int64_t parts;
+};
+
+Spread SpreadOf(const std::vector<int64_t>& sizes, const PlacementOptions& o) {
+  std::vector<int64_t> load(o.servers, 0);
+  int64_t parts = 0;
+  for (size_t key = 0; key < sizes.size(); ++key) {
+    for (const KeyPart& p : PlaceKey(static_cast<int>(key), sizes[key], o)) {
+      load[p.server] += p.end - p.begin;
+      ++parts;
+    }
+  }
+  const double total = std::accumulate(load.begin(), load.end(), 0.0);
+  return {*std::max_element(load.begin(), load.end()) / (total / o.servers), parts};
+}
+
+int Main() {
+  const std::vector<int64_t> sizes = testing::ResNet50ParameterSizes();
+  const int kServers[] = {1, 2, 3, 4, 6, 8, 16, 32, 64, 100};
+  std::printf("%8s %10s %8s %10s %8s %12s %12s\n", "servers", "mx", "slices", "mxnet", "slices",
+              "min_slice=4K", "min_slice=2K");
+  for (int servers : kServers) {
+    PlacementOptions mx;
+    mx.servers = servers;
+    PlacementOptions mxnet = mx;
+    mxnet.min_slice = mxnet.big_key_bound;  // nothing below the bound is cut
+    PlacementOptions small4 = mx, small2 = mx;
+    small4.min_slice = 4 << 10;
+    small2.min_slice = 2 << 10;
+    const Spread a = SpreadOf(sizes, mx), b = SpreadOf(sizes, mxnet);
+    const Spread c = SpreadOf(sizes, small4), d = SpreadOf(sizes, small2);
+    std::printf("%8d %10.3f %8lld %10.3f %8lld %7.3f %4lld %7.3f %4lld\n", servers,
+                a.max_over_mean, static_cast<long long>(a.parts), b.max_over_mean,
+                static_cast<long long>(b.parts), c.max_over_mean, static_cast<long long>(c.parts),
+                d.max_over_mean, static_cast<long long>(d.parts));
+  }
+  for (int servers : kServers) {
+    if (servers == 1) continue;
+    PlacementOptions mx;
+    mx.servers = servers;
+    PlacementOptions mxnet = mx;
+    mxnet.min_slice = mxnet.big_key_bound;
+    const double value = SpreadOf(sizes, mx).max_over_mean;
+    const double baseline = SpreadOf(sizes, mxnet).max_over_mean;
+    std::printf(
+        "BENCH name=key_spread_resnet50_%ds value=%.3f unit=max/mean baseline=%.3f ratio=%.3f "
+        "target=value<=1.1\n",
+        servers, value, baseline, baseline / value);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace mx
+
+int main() { return mx::Main(); }
