@@ -40,19 +40,19 @@ Spread SpreadOf(const std::vector<int64_t>& sizes, const PlacementOptions& o) {
 
 int Main() {
   const std::vector<int64_t> sizes = testing::ResNet50ParameterSizes();
-  const int kServers[] = {1, 2, 3, 4, 6, 8, 16, 32, 64, 100};
+  const int kServers[] = {1, 2, 3, 4, 6, 8, 16, 32, 64, 100, 200};
   std::printf("%8s %10s %8s %10s %8s %12s %12s\n", "servers", "mx", "slices", "mxnet", "slices",
-              "min_slice=4K", "min_slice=2K");
+              "min_slice=8K", "min_slice=4K");
   for (int servers : kServers) {
     PlacementOptions mx;
     mx.servers = servers;
     PlacementOptions mxnet = mx;
-    mxnet.min_slice = mxnet.big_key_bound;  // nothing below the bound is cut
-    PlacementOptions small4 = mx, small2 = mx;
+    mxnet.min_slice = int64_t{1} << 40;  // nothing below the bound is cut
+    PlacementOptions small8 = mx, small4 = mx;
+    small8.min_slice = 8 << 10;
     small4.min_slice = 4 << 10;
-    small2.min_slice = 2 << 10;
     const Spread a = SpreadOf(sizes, mx), b = SpreadOf(sizes, mxnet);
-    const Spread c = SpreadOf(sizes, small4), d = SpreadOf(sizes, small2);
+    const Spread c = SpreadOf(sizes, small8), d = SpreadOf(sizes, small4);
     std::printf("%8d %10.3f %8lld %10.3f %8lld %7.3f %4lld %7.3f %4lld\n", servers,
                 a.max_over_mean, static_cast<long long>(a.parts), b.max_over_mean,
                 static_cast<long long>(b.parts), c.max_over_mean, static_cast<long long>(c.parts),
@@ -63,7 +63,7 @@ int Main() {
     PlacementOptions mx;
     mx.servers = servers;
     PlacementOptions mxnet = mx;
-    mxnet.min_slice = mxnet.big_key_bound;
+    mxnet.min_slice = int64_t{1} << 40;
     const double value = SpreadOf(sizes, mx).max_over_mean;
     const double baseline = SpreadOf(sizes, mxnet).max_over_mean;
     std::printf(

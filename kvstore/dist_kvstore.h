@@ -2,7 +2,7 @@
 // the parameter servers.
 //
 // Keys are partitioned across servers by kvstore/placement.h: a key is cut
-// into slices (one per server for most keys of 32 KB or more; at most
+// into slices (one per server for keys of 64 KB or more per server; at most
 // `big_key_bound` elements each), dealt round-robin from the server its
 // hash picks; small keys live whole on that server. Slices on different
 // servers are pushed and pulled in parallel.
@@ -33,7 +33,7 @@ struct DistKVStoreOptions {
   // Placement (kvstore/placement.h), in elements; every worker of a job
   // must use the same values.
   int64_t big_key_bound = 1 << 20;   // keys this big are cut at this size
-  int64_t min_slice = 8 << 10;       // smaller keys are not cut smaller
+  int64_t min_slice = 16 << 10;      // smaller keys are not cut smaller
   // Training sends gradients in buckets of about this many bytes, each one
   // call per server (KVStore::bucket_bytes): every call costs a round trip
   // of fixed overhead, so small keys travel together.

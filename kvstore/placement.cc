@@ -7,10 +7,18 @@
 namespace mx {
 namespace {
 
+// min_slice on up to 8 servers; on more, smaller in proportion (a key of
+// 8 x min_slice elements still reaches every server), down to min_slice / 8.
+int64_t MinSlice(const PlacementOptions& o) {
+  const int64_t min_slice = std::max<int64_t>(o.min_slice, 1);
+  if (o.servers <= 8) return min_slice;
+  return std::max<int64_t>({min_slice * 8 / o.servers, min_slice / 8, 1});
+}
+
 int64_t SliceCount(int64_t n, const PlacementOptions& o) {
   const int64_t servers = o.servers;
   const int64_t bound = std::max<int64_t>(o.big_key_bound, 1);
-  if (n < bound) return std::clamp<int64_t>(n / std::max<int64_t>(o.min_slice, 1), 1, servers);
+  if (n < bound) return std::clamp<int64_t>(n / MinSlice(o), 1, servers);
   // Never an empty slice: a key of fewer elements than servers has one
   // element on each of n servers.
   return std::min(n, std::max(servers, (n + bound - 1) / bound));

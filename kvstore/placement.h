@@ -6,15 +6,20 @@
 //
 // The rule, for a key of n elements on S servers:
 //   - n >= big_key_bound: cut into max(S, ceil(n / big_key_bound)) slices;
-//   - otherwise: cut into min(S, n / min_slice) slices (at least one), so
-//     that a key of a few hundred KB spreads over several servers instead
-//     of landing whole on one, while no slice is smaller than min_slice
-//     elements (each slice costs a message entry and an update).
+//   - otherwise: cut into min(S, n / m) slices (at least one), where m is
+//     min_slice on up to 8 servers and 8 x min_slice / S on more (so a key
+//     of 8 x min_slice elements still reaches every server), but never
+//     below min_slice / 8. So a key of a few hundred KB spreads over
+//     several servers instead of landing whole on one, while no slice is
+//     small enough for its message's fixed cost to dominate (each slice is
+//     a message entry and an update; a whole message where calls are not
+//     bucketed).
 // Slices are dealt round-robin from the server the key's hash picks, and
 // have sizes differing by at most one element. Whole keys picked by hash
 // alone (MXNet's rule: whole below 1M elements) put 1.5 times the mean
-// bytes on the busiest of 8 servers for ResNet-50's parameters; this rule
-// puts 1.01 (bench/key_spread, docs/scaling.md).
+// bytes on the busiest of 8 servers for ResNet-50's parameters, 3.9 of 64;
+// this rule puts at most 1.07 on any of 2 to 200 servers
+// (bench/key_spread, docs/scaling.md).
 //
 // Slices are held under slice keys (proto/slice_key.h) where a server
 // would otherwise hold two under one key: more slices than servers, or
@@ -32,7 +37,7 @@ namespace mx {
 struct PlacementOptions {
   int servers = 1;
   int64_t big_key_bound = 1 << 20;  // elements; keys this big are cut at this size
-  int64_t min_slice = 8 << 10;      // elements; smaller keys are not cut smaller
+  int64_t min_slice = 16 << 10;     // elements; see above
   int replicas = 1;                 // 2: each slice has a backup on the next server
 };
 

@@ -69,9 +69,9 @@ TEST(PlacementTest, PartsAreWellFormedForAnyShapeOfJob) {
 }
 
 TEST(PlacementTest, SmallKeysLiveWholeOnTheirHashServer) {
-  const PlacementOptions o{8, 1 << 20, 8 << 10, 1};
+  const PlacementOptions o{8, 1 << 20, 16 << 10, 1};
   for (int key = 0; key < 100; ++key) {
-    const std::vector<KeyPart> parts = PlaceKey(key, (8 << 10) * 2 - 1, o);
+    const std::vector<KeyPart> parts = PlaceKey(key, (16 << 10) * 2 - 1, o);
     ASSERT_EQ(parts.size(), 1u);
     EXPECT_EQ(parts[0].server, ServerForKey(key, 8));
     EXPECT_EQ(parts[0].server_key, key);
@@ -83,20 +83,30 @@ TEST(PlacementTest, SmallKeysLiveWholeOnTheirHashServer) {
 }
 
 TEST(PlacementTest, MidSizedKeysSpreadOverAsManyServersAsMinSliceAllows) {
-  const PlacementOptions o{8, 1 << 20, 8 << 10, 1};
+  const PlacementOptions o{8, 1 << 20, 16 << 10, 1};
   // 3.5 slices' worth: 3 slices, on 3 servers, under the key itself.
-  std::vector<KeyPart> parts = PlaceKey(5, 7 * (4 << 10), o);
+  std::vector<KeyPart> parts = PlaceKey(5, 7 * (8 << 10), o);
   ASSERT_EQ(parts.size(), 3u);
   for (const KeyPart& p : parts) {
     EXPECT_EQ(p.server_key, 5);
     EXPECT_GE(p.end - p.begin, o.min_slice);
   }
   // Enough for every server: one slice each, no more.
-  parts = PlaceKey(5, 100 << 10, o);
+  parts = PlaceKey(5, 200 << 10, o);
   ASSERT_EQ(parts.size(), 8u);
   std::set<int> servers;
   for (const KeyPart& p : parts) servers.insert(p.server);
   EXPECT_EQ(servers.size(), 8u);
+}
+
+TEST(PlacementTest, MinSliceShrinksBeyondEightServers) {
+  PlacementOptions o{8, 1 << 20, 16 << 10, 1};
+  EXPECT_EQ(PlaceKey(3, 128 << 10, o).size(), 8u);
+  o.servers = 16;  // slices of 8K: still every server
+  EXPECT_EQ(PlaceKey(3, 128 << 10, o).size(), 16u);
+  o.servers = 200;  // never below 2K
+  EXPECT_EQ(PlaceKey(3, 128 << 10, o).size(), 64u);
+  EXPECT_EQ(PlaceKey(3, (2 << 10) - 1, o).size(), 1u);
 }
 
 TEST(PlacementTest, BigKeysAreCutAtTheBoundIntoSliceKeys) {
@@ -122,33 +132,33 @@ TEST(PlacementTest, BigKeysAreCutAtTheBoundIntoSliceKeys) {
 // next slice as its primary: slices live under slice keys even when there
 // are no more of them than servers.
 TEST(PlacementTest, ReplicatedSlicesLiveUnderSliceKeys) {
-  const PlacementOptions o{3, 1 << 20, 8 << 10, 2};
-  const std::vector<KeyPart> parts = PlaceKey(4, 3 * (8 << 10), o);
+  const PlacementOptions o{3, 1 << 20, 16 << 10, 2};
+  const std::vector<KeyPart> parts = PlaceKey(4, 3 * (16 << 10), o);
   ASSERT_EQ(parts.size(), 3u);
   for (const KeyPart& p : parts) {
     EXPECT_EQ(p.server_key, SliceKey(4, p.index));
     EXPECT_EQ(p.backup, (p.server + 1) % 3);
   }
-  ExpectWellFormed(4, 3 * (8 << 10), o);
+  ExpectWellFormed(4, 3 * (16 << 10), o);
   // A key left whole keeps its own key.
   EXPECT_EQ(PlaceKey(4, 100, o)[0].server_key, 4);
 }
 
 // The figure docs/scaling.md shows: ResNet-50's parameters put at most
-// 1.1 times the mean bytes on any server, from 2 to 64 servers, where
+// 1.1 times the mean bytes on any server, from 2 to 200 servers, where
 // MXNet's rule (whole keys below 1M elements, by hash) puts 1.5 at 8.
 TEST(PlacementTest, ResNet50SpreadsEvenly) {
   const std::vector<int64_t> sizes = testing::ResNet50ParameterSizes();
   ASSERT_EQ(sizes.size(), 161u);
   EXPECT_EQ(std::accumulate(sizes.begin(), sizes.end(), int64_t{0}), 25557032);
-  for (int servers : {2, 3, 4, 6, 8, 16, 32, 64}) {
+  for (int servers : {2, 3, 4, 6, 8, 16, 32, 64, 100, 200}) {
     PlacementOptions o;
     o.servers = servers;
     EXPECT_LE(MaxOverMean(sizes, o), 1.1) << servers << " servers";
   }
   PlacementOptions mxnet;
   mxnet.servers = 8;
-  mxnet.min_slice = mxnet.big_key_bound;  // no key below the bound is cut
+  mxnet.min_slice = int64_t{1} << 40;  // no key below the bound is cut
   EXPECT_GT(MaxOverMean(sizes, mxnet), 1.4);
 }
 
