@@ -5,7 +5,11 @@
 //   - engine overhead per empty operation vs running it inline (NaiveEngine)
 //   - two independent chains on 2 workers vs one chain
 //   - the MXNet.jl seed's normal_op (temporaries) vs inplace_op (preallocated)
+#include <unistd.h>
+
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -183,8 +187,24 @@ void BenchTemporaries() {
 }  // namespace
 }  // namespace mx::bench
 
-int main() {
+// OpenBLAS's threads busy-wait for about 2^28 cycles (a tenth of a
+// second) after each multi-threaded call before they sleep. The dot
+// baseline runs OpenBLAS on 2 threads and turns alternate, so its threads
+// still spun through mx's next turn and took a core from it: the dot
+// figures swung between 0.47 and 1.05 from one run to the next (issue 20).
+// With OPENBLAS_THREAD_TIMEOUT=4 (2^4 cycles) they sleep at once and the
+// figures hold at 0.96-1.01. OpenBLAS reads the variable as it loads,
+// before main, so the bench runs itself again with it set.
+void SettleOpenBlasThreads(char** argv) {
+  if (std::getenv("OPENBLAS_THREAD_TIMEOUT") != nullptr) return;
+  setenv("OPENBLAS_THREAD_TIMEOUT", "4", 1);
+  execv("/proc/self/exe", argv);
+  std::perror("ndarray_bench: could not run itself again with OPENBLAS_THREAD_TIMEOUT=4");
+}
+
+int main(int argc, char** argv) {
   using namespace mx::bench;
+  SettleOpenBlasThreads(argv);
   BenchElementwise();
   BenchDot();
   BenchEngineOverhead();

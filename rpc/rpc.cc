@@ -5,6 +5,7 @@
 #include <malloc.h>
 #include <netdb.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -75,7 +76,21 @@ const bool kMallocTuned = [] {
   return true;
 }();
 
+const int64_t kOpenFiles = RaiseOpenFileLimit();
+
 }  // namespace
+
+int64_t RaiseOpenFileLimit() {
+  rlimit limit;
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return -1;
+  const rlim_t wanted = std::min<rlim_t>(limit.rlim_max, rlim_t{1} << 20);
+  if (limit.rlim_cur < wanted) {
+    rlimit raised = limit;
+    raised.rlim_cur = wanted;
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) limit = raised;
+  }
+  return static_cast<int64_t>(limit.rlim_cur);
+}
 
 void KeepGrpcAlive() {
   static const bool initialized = [] {

@@ -29,6 +29,14 @@ inline absl::Status FromGrpc(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
+// Raises this process's soft limit on open files to its hard limit (at
+// most 2^20) and returns the soft limit then. Every process that links
+// this module does so before main: a server holds two connections per
+// worker, a worker two per server, and the common default of 1024 would
+// refuse connections from a job of 500 workers. A limit it cannot raise
+// stays as it was.
+int64_t RaiseOpenFileLimit();
+
 // Initializes gRPC once for the life of the process. Clients and servers
 // call it before creating channels: otherwise destroying the last channel
 // shuts gRPC down while its callback thread may still be finishing a call.
