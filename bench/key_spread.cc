@@ -9,37 +9,21 @@
 // than under MXNet's rule) and the target on the value: <= 1.1. Then a
 // table of the slices per step (message entries) and the spread with
 // other min_slice settings, for docs/scaling.md.
-#include <algorithm>
 #include <cstdio>
-#include <numeric>
 #include <vector>
 
 #include "kvstore/placement.h"
-#include "tests/kvstore/resnet50_keys.h"
+#include "tests/kvstore/key_spread.h"
 
 namespace mx {
 namespace {
 
-struct Spread {
-  double max_over_mean;
-  int64_t parts;
-};
-
-Spread SpreadOf(const std::vector<int64_t>& sizes, const PlacementOptions& o) {
-  std::vector<int64_t> load(o.servers, 0);
-  int64_t parts = 0;
-  for (size_t key = 0; key < sizes.size(); ++key) {
-    for (const KeyPart& p : PlaceKey(static_cast<int>(key), sizes[key], o)) {
-      load[p.server] += p.end - p.begin;
-      ++parts;
-    }
-  }
-  const double total = std::accumulate(load.begin(), load.end(), 0.0);
-  return {*std::max_element(load.begin(), load.end()) / (total / o.servers), parts};
-}
+using testing::ResNet50ParameterSizes;
+using testing::SpreadOf;
+using testing::Spread;
 
 int Main() {
-  const std::vector<int64_t> sizes = testing::ResNet50ParameterSizes();
+  const std::vector<int64_t> sizes = ResNet50ParameterSizes();
   const int kServers[] = {1, 2, 3, 4, 6, 8, 16, 32, 64, 100, 200};
   std::printf("%8s %10s %8s %10s %8s %12s %12s\n", "servers", "mx", "slices", "mxnet", "slices",
               "min_slice=8K", "min_slice=4K");

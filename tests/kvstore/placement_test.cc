@@ -8,22 +8,13 @@
 #include <set>
 
 #include "proto/slice_key.h"
-#include "tests/kvstore/resnet50_keys.h"
+#include "tests/kvstore/key_spread.h"
 
 namespace mx {
 namespace {
 
-// The busiest server's elements over the mean, for keys 0, 1, ... of
-// `sizes`.
 double MaxOverMean(const std::vector<int64_t>& sizes, const PlacementOptions& o) {
-  std::vector<int64_t> load(o.servers, 0);
-  for (size_t key = 0; key < sizes.size(); ++key) {
-    for (const KeyPart& p : PlaceKey(static_cast<int>(key), sizes[key], o)) {
-      load[p.server] += p.end - p.begin;
-    }
-  }
-  const double total = std::accumulate(load.begin(), load.end(), 0.0);
-  return *std::max_element(load.begin(), load.end()) / (total / o.servers);
+  return testing::SpreadOf(sizes, o).max_over_mean;
 }
 
 // Every placement's invariants: the parts cover [0, n) in order without
