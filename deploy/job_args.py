@@ -1,6 +1,6 @@
 """The shape of a distributed job, as deploy/launch.py (processes) and
 deploy/k8s_job.py (Kubernetes objects) both take it: workers, servers, the
-kvstore's mode, elasticity, replicas and spare servers, the heartbeat
+kvstore's mode, elasticity, replicas and spare servers, staleness, the heartbeat
 timeout, coordinator restarts and the worker command after --."""
 import argparse
 import os
@@ -18,6 +18,9 @@ def add_job_arguments(ap):
     ap.add_argument("--replicas", type=int, default=1, choices=[1, 2],
                     help="copies of each key's state on the servers: with 2, a server's death is "
                          "no failure (its keys' backups on the next server take over)")
+    ap.add_argument("--staleness", type=int, default=0, metavar="S",
+                    help="dist_sync with bounded staleness: a worker runs at most S steps ahead "
+                         "of the slowest, its pulls may lack up to S steps (0: plain dist_sync)")
     ap.add_argument("--heartbeat-timeout", type=int, default=5,
                     help="seconds of silence after which a node is declared dead (at least 2)")
     ap.add_argument("--spare-servers", type=int, default=0, metavar="N",
@@ -49,6 +52,8 @@ def worker_command(ap, args):
         ap.error("--heartbeat-timeout must be at least 2 (nodes heartbeat every second)")
     if args.spare_servers < 0 or (args.spare_servers and args.replicas < 2):
         ap.error(f"--spare-servers {args.spare_servers}: must be 0 or more, and needs --replicas 2")
+    if args.staleness < 0 or (args.staleness and args.kvstore != "dist_sync"):
+        ap.error(f"--staleness {args.staleness}: must be 0 or more, and applies to dist_sync only")
     if args.coordinator_restarts < 0:
         ap.error(f"--coordinator-restarts {args.coordinator_restarts}: must be 0 or more")
     return cmd

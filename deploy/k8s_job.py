@@ -372,7 +372,8 @@ def manifests(args, worker_command):
     server_command = [args.server_command, "--role=server",
                       f"--coordinator={coordinator_host(args)}:{args.port}",
                       f"--bind=0.0.0.0:{args.server_port}", "--advertise=$(POD_IP)",
-                      f"--mode={mode}", f"--replicas={args.replicas}"] + elastic
+                      f"--mode={mode}", f"--replicas={args.replicas}",
+                      f"--staleness={args.staleness}"] + elastic
     # With replicas a failed server index does not stop the others: its
     # keys' backups take over.
     server = job(
@@ -389,7 +390,8 @@ def manifests(args, worker_command):
         args, "worker", args.num_workers, worker_command,
         common_env(args, "worker") + [env_field("MX_RANK", COMPLETION_INDEX),
                                       env_value("MX_ELASTIC", 1 if args.elastic else 0),
-                                      env_value("MX_REPLICAS", args.replicas)] + threads,
+                                      env_value("MX_REPLICAS", args.replicas),
+                                      env_value("MX_STALENESS", args.staleness)] + threads,
         per_index=args.elastic, claim=args.checkpoint_claim)
     daemons = [("coordinator", coordinator), ("server", server)] + ([("spare", spare)] if spare else [])
     if args.jobs:

@@ -44,6 +44,12 @@ server's death is logged and the job continues (its keys' backups take
 over). Two neighbouring servers dying loses keys: the workers fail, naming
 them.
 
+Bounded staleness (--staleness=S, dist_sync): servers run with
+--staleness=S and the workers with MX_STALENESS=S; a worker's pull after
+its t-th push of a key waits only for step t - S, so no worker runs more
+than S steps ahead of the slowest. Steps are still summed in rank order:
+S = 0 is dist_sync.
+
 Elastic (--elastic): servers and the coordinator run with --elastic and the
 workers with MX_ELASTIC=1; a worker's death is logged and the job continues
 with the others. The job succeeds (exit 0) when every other worker finishes
@@ -639,7 +645,8 @@ def start_and_supervise(job, args, cmd, secrets, env):
         advertise = [f"--advertise={address_of(host)}"] if remote else []
         job.start(f"server {i}", "server",
                   [args.server_binary, "--role=server", f"--coordinator={coordinator}",
-                   f"--bind={bind_host}:0", f"--mode={mode}", f"--replicas={args.replicas}"]
+                   f"--bind={bind_host}:0", f"--mode={mode}", f"--replicas={args.replicas}",
+                   f"--staleness={args.staleness}"]
                   + advertise + elastic,
                   dict(env, DMLC_ROLE="server", MX_RANK=str(i), **secrets.env(f"server-{i}")),
                   host=host)
@@ -648,13 +655,14 @@ def start_and_supervise(job, args, cmd, secrets, env):
         advertise = [f"--advertise={address_of(host)}"] if remote else []
         job.start(f"spare {i}", "server",
                   [args.server_binary, "--role=server", f"--coordinator={coordinator}",
-                   f"--bind={bind_host}:0", f"--mode={mode}", "--replicas=2", "--spare"]
+                   f"--bind={bind_host}:0", f"--mode={mode}", "--replicas=2",
+                   f"--staleness={args.staleness}", "--spare"]
                   + advertise + elastic,
                   dict(env, DMLC_ROLE="server", **secrets.env(f"spare-{i}")),
                   host=host)
     per_host = -(-args.num_workers // len(remote.hosts)) if remote else args.num_workers
     worker_env = dict(env, DMLC_ROLE="worker", MX_ELASTIC="1" if args.elastic else "0",
-                      MX_REPLICAS=str(args.replicas),
+                      MX_REPLICAS=str(args.replicas), MX_STALENESS=str(args.staleness),
                       **blas_threads(per_host))
     for i in range(args.num_workers):
         job.start(f"worker {i}", "worker", cmd,

@@ -664,6 +664,7 @@ class DistKVStore : public KVStore {
       req.set_key(p.server_key);
       req.set_sync(conn_->options.sync);
       req.set_num_workers(conn_->options.num_workers);
+      req.set_staleness(conn_->options.staleness);
       if (p.backup >= 0) {
         // As the copies are now: after a failover (and a spare) the
         // holder is the primary; a server holding a copy that died takes
@@ -750,10 +751,7 @@ class DistKVStore : public KVStore {
     MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "pull"));
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pull", "output", outs, e->shape));
     return CatchError([&] {
-      // dist_sync: the step that includes this worker's pushes. dist_async
-      // applies a push before answering it, and the engine orders this pull
-      // after it (through the key's token).
-      const int64_t min_version = conn_->options.sync ? e->pushes : 0;
+      const int64_t min_version = PullVersion(e->pushes);
       const std::vector<float*> dsts = Destinations(outs);
       Engine::Get()->PushAsync(
           [conn = conn_, e, min_version, dsts](RunContext, CallbackOnComplete done) {
@@ -798,7 +796,7 @@ class DistKVStore : public KVStore {
     return CatchError([&] {
       NDArray merged = Merge(*e, values, priority);
       const int64_t seq = e->pushes;
-      const int64_t min_version = conn_->options.sync ? seq : 0;
+      const int64_t min_version = PullVersion(seq);
       const std::vector<float*> dsts = Destinations(outs);
       std::vector<VarHandle> writes = Vars(outs);
       writes.push_back(e->token.var());
@@ -848,7 +846,7 @@ class DistKVStore : public KVStore {
       for (size_t i = 0; i < entries.size(); ++i) {
         Entry& e = *entries[i];
         NDArray merged = Merge(e, values[i], priority);
-        items.push_back({entries[i], merged, e.pushes, conn_->options.sync ? e.pushes : 0,
+        items.push_back({entries[i], merged, e.pushes, PullVersion(e.pushes),
                          Destinations(outs[i])});
         for (const NDArray& o : outs[i]) writes.push_back(o.var());
         writes.push_back(e.token.var());
@@ -1221,6 +1219,17 @@ class DistKVStore : public KVStore {
     return PlaceKey(key, n, {static_cast<int>(conn_->stubs.size()), o.big_key_bound, o.min_slice, o.replicas});
   }
 
+  // The version a pull after `pushes` pushes of a key asks for: in
+  // dist_sync the step that includes them, or with bounded staleness s the
+  // step s before it (so this worker waits only while the slowest is more
+  // than s steps behind); in dist_async any (a push is applied before it
+  // is answered, and the engine orders the pull after it through the
+  // key's token).
+  int64_t PullVersion(int64_t pushes) const {
+    if (!conn_->options.sync) return 0;
+    return std::max<int64_t>(pushes - conn_->options.staleness, 0);
+  }
+
   absl::StatusOr<std::shared_ptr<Entry>> Find(const Key& key, const char* what) {
     auto it = keys_.find(key.id());
     if (it == keys_.end()) {
@@ -1325,6 +1334,7 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   const auto bucket_kb = setting(EnvInt("MX_BUCKET_KB", 0, 1 << 20));
   const auto elastic = setting(EnvBool("MX_ELASTIC"));
   const auto replicas = setting(EnvInt("MX_REPLICAS", 1, 2));
+  const auto staleness = setting(EnvInt("MX_STALENESS", 0, 1000));
   const auto coordinator_timeout = setting(EnvInt("MX_COORDINATOR_TIMEOUT_S", 2, 86400));
   const auto rank = setting(EnvInt("MX_RANK", 0, 1 << 20));
   const rpc::Security security = setting(rpc::Security::FromEnvironment());
@@ -1333,6 +1343,7 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   if (bucket_kb) options.bucket_bytes = *bucket_kb << 10;
   options.elastic = elastic.value_or(false);
   options.replicas = static_cast<int>(replicas.value_or(1));
+  options.staleness = static_cast<int>(staleness.value_or(0));
   options.security = security;
   proto::RegisterRequest req;
   req.set_role(proto::WORKER);
@@ -1371,6 +1382,11 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOpti
     return absl::InvalidArgumentError(absl::StrCat("dist kvstore: replicas ", options.replicas,
                                                    " need as many servers; the job has ",
                                                    options.servers.size()));
+  }
+  if (options.staleness < 0 || (options.staleness > 0 && !options.sync)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dist kvstore: staleness ", options.staleness,
+        ": must be 0 or more, and applies to dist_sync only (dist_async pulls do not wait)"));
   }
   if (options.rank < 0 || options.rank >= options.num_workers) {
     return absl::InvalidArgumentError(absl::StrCat("dist kvstore: rank ", options.rank,

@@ -48,6 +48,13 @@ struct DistKVStoreOptions {
   // each dist_sync push until the pull of its step returns); a server that
   // does not answer is reported to the coordinator, which checks it.
   int replicas = 1;
+  // dist_sync with bounded staleness (stale synchronous parallel): a pull
+  // after this worker's t-th push of a key waits only for step t - s, so a
+  // worker runs at most s steps ahead of the slowest live worker, and its
+  // pulls may return values that lack up to s steps (the newest the
+  // server holds). Steps are still summed in rank order, so s = 0 is
+  // dist_sync, bit for bit. The servers must be started with the same s.
+  int staleness = 0;
   // Elastic job: a worker the coordinator declares dead is ignored (the
   // servers finish steps without it); a dead server or an unreachable
   // coordinator still fails the store.

@@ -732,7 +732,7 @@ class Service final : public ServiceBase {
   }
 
   // Whether the worker's store (as its init says) belongs to a job run as
-  // this server is: the same mode and number of workers.
+  // this server is: the same mode, number of workers and staleness.
   absl::Status SameJob(const proto::InitRequest& req) const {
     const ShardOptions& o = shard_->options();
     auto mode = [](bool sync) { return sync ? "dist_sync" : "dist_async"; };
@@ -745,6 +745,11 @@ class Service final : public ServiceBase {
       return absl::FailedPreconditionError(absl::StrCat(
           "this server expects ", o.num_workers, " workers, the worker's job has ",
           req.num_workers(), " (give every node the same --num_workers or DMLC_NUM_WORKER)"));
+    }
+    if (req.has_staleness() && req.staleness() != o.staleness) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "this server allows a staleness of ", o.staleness, ", the worker's store uses ",
+          req.staleness(), " (give every node the same --staleness or MX_STALENESS)"));
     }
     return absl::OkStatus();
   }

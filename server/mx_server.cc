@@ -70,6 +70,11 @@ ABSL_FLAG(std::string, replicas, "",
           "copies of each key's state on the servers: 1, or 2 (a primary and a backup on the next "
           "server, which takes over if the primary dies; give every server and worker the same; "
           "default: $MX_REPLICAS, else 1)");
+ABSL_FLAG(std::string, staleness, "",
+          "dist_sync with bounded staleness: a worker's pull may return a value up to this many "
+          "steps older than its own pushes, so a worker runs at most this many steps ahead of "
+          "the slowest (0: plain dist_sync; give every server and worker the same; default: "
+          "$MX_STALENESS, else 0)");
 ABSL_FLAG(bool, spare, false,
           "a spare server (with --replicas=2): it waits, and when a server dies it takes that "
           "server's rank, and the survivors give it copies of the keys that lost their second "
@@ -500,8 +505,18 @@ int RunServer() {
   server_options.identities = true;
   std::unique_ptr<metrics::HttpServer> metrics = ServeMetrics(bind, "server");
   const int replicas = IntSetting("replicas", absl::GetFlag(FLAGS_replicas), "MX_REPLICAS", 1, 2, 1);
-  auto ps = ParameterServer::Start(bind, {mode == "sync", workers, absl::GetFlag(FLAGS_elastic)},
-                                   server_options);
+  const int staleness =
+      IntSetting("staleness", absl::GetFlag(FLAGS_staleness), "MX_STALENESS", 0, 1000, 0);
+  if (staleness > 0 && mode != "sync") {
+    std::cerr << "mx_server: --staleness applies to --mode=sync (dist_sync), not async\n";
+    return 2;
+  }
+  ShardOptions shard_options;
+  shard_options.sync = mode == "sync";
+  shard_options.num_workers = workers;
+  shard_options.elastic = absl::GetFlag(FLAGS_elastic);
+  shard_options.staleness = staleness;
+  auto ps = ParameterServer::Start(bind, shard_options, server_options);
   if (!ps.ok()) {
     std::cerr << "mx_server: " << ps.status().message() << "\n";
     return 1;
@@ -567,6 +582,7 @@ int RunServer() {
   std::cout << "server " << rank << " serving on " << req.address()
             << (absl::GetFlag(FLAGS_elastic) ? " (elastic)" : "")
             << (replicas > 1 ? " (replicas 2)" : "")
+            << (staleness > 0 ? absl::StrCat(" (staleness ", staleness, ")") : "")
             << (spare ? absl::StrCat(" (a spare, incarnation ", cluster.self().incarnation(), ")")
                       : "")
             << std::endl;

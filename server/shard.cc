@@ -312,7 +312,10 @@ void ParameterShard::AdmitParked(int id, Key* k, Answers* answers) {
         why = absl::FailedPreconditionError(
             absl::StrCat("push of key ", id, ": worker ", rank, " was declared dead"));
       }
-      if (why.ok() && static_cast<int>(pending.size()) >= options_.max_pending_pushes) break;
+      if (why.ok() && static_cast<int>(pending.size()) >=
+                          std::max(options_.max_pending_pushes, options_.staleness)) {
+        break;
+      }
       if (why.ok()) pending.push_back(std::move(parked.front().push));
       answers->push_back(PushAnswer(std::move(parked.front().done), std::move(why)));
       parked.pop_front();

@@ -90,6 +90,12 @@ struct ShardOptions {
   // dist_sync: a worker's pushes of one key held for later steps before
   // further ones are parked (see above); at least 1.
   int max_pending_pushes = 4;
+  // dist_sync with bounded staleness (DistKVStoreOptions::staleness): the
+  // steps the job's workers may run ahead of the slowest. The shard holds
+  // max(max_pending_pushes, staleness) pending pushes of a key per worker,
+  // so a worker that far ahead is not parked; the pulls themselves ask
+  // for the older version (min_version), which is all the rest needs.
+  int staleness = 0;
 };
 
 // Where a key's copies are, seen from one shard: the only one; the

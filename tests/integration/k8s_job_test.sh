@@ -353,6 +353,26 @@ kill_pod_mid_job() {
   wait "$local_run"
 }
 
+# Bounded staleness reaches every server (flag) and worker (environment),
+# the same S, as the servers refuse a store with another.
+python3 "$K8S_JOB" --name fm -n 2 -s 2 --staleness 3 --image reg/mx:1 -- "${worker[@]}" \
+  > "$TMP/staleness.json" || fail "k8s_job.py --staleness 3 failed"
+python3 - "$TMP/staleness.json" <<'EOF' || fail "staleness: see above"
+import json, sys
+js = [i for i in json.load(open(sys.argv[1]))["items"] if i["kind"] == "JobSet"][0]
+jobs = {r["name"]: r["template"]["spec"]["template"]["spec"]["containers"][0]
+        for r in js["spec"]["replicatedJobs"]}
+env = {v["name"]: v.get("value") for v in jobs["worker"]["env"]}
+ok = "--staleness=3" in jobs["server"]["command"] and env.get("MX_STALENESS") == "3"
+if not ok:
+    print("staleness: server", jobs["server"]["command"], "worker MX_STALENESS", env.get("MX_STALENESS"))
+sys.exit(0 if ok else 1)
+EOF
+out=$(python3 "$K8S_JOB" --name fm -n 2 -s 2 --kvstore dist_async --staleness 3 --image reg/mx:1 \
+      -- mx_train --kvstore=dist_async 2>&1)
+[[ $? -eq 2 && "$out" == *"--staleness 3: must be 0 or more, and applies to dist_sync only"* ]] ||
+  fail "k8s_job.py --staleness with dist_async: $out"
+
 # Replicas 2 with a spare: the server Job keeps going past a failed index,
 # a spare Job starts after the servers, and a server pod killed mid-job
 # changes nothing for the workers: the spare takes its rank, and only the

@@ -61,6 +61,22 @@ grep -qE "^$stamp \[worker 0\] Epoch\[0\]" "$TMP/async.log" || fail "console lin
 grep -qE "^$stamp launch.py: all workers finished" "$TMP/async.log" || fail "launcher lines are not stamped"
 assert_nothing_left "$TMP/async.log"
 
+
+# 2b. Bounded staleness: every node gets the same S (the servers refuse a
+# worker's store with another), and the job trains as dist_sync does.
+out=$(timeout -k 5 120 python3 "$LAUNCH" -n 2 -s 2 --staleness 2 --server-binary="$SERVER" \
+      -- "${worker[@]}" --epochs=3 2>&1)
+rc=$?
+echo "$out" > "$TMP/staleness.log"
+JOB_LOGS+=("$TMP/staleness.log")
+[[ $rc -eq 0 ]] || fail "--staleness 2 job exit code $rc"
+for s in 0 1; do
+  echo "$out" | grep -q "^\[server $s\] server $s serving on 127.0.0.1:[0-9]* (staleness 2)" ||
+    fail "server $s does not say it allows staleness 2"
+done
+for w in 0 1; do
+  [[ "$out" == *"[worker $w] Final test accuracy=1"* ]] || fail "--staleness 2: worker $w did not reach accuracy 1"
+done
 # 3. A worker dies mid-job: fail fast, name it, the other worker says why it
 # stopped, clean up.
 log="$TMP/killed.log"
@@ -103,6 +119,10 @@ out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 2 --spare-servers 1 --server-binary="
 rc=$?
 [[ $rc -eq 2 && "$out" == *"--spare-servers 1: must be 0 or more, and needs --replicas 2"* ]] ||
   fail "--spare-servers without replicas: exit code $rc, said: $out"
+out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --kvstore dist_async --staleness 2 --server-binary="$SERVER" -- "${async[@]}" 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"--staleness 2: must be 0 or more, and applies to dist_sync only"* ]] ||
+  fail "--staleness with dist_async: exit code $rc, said: $out"
 out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --coordinator-restarts -1 --server-binary="$SERVER" -- "${worker[@]}" 2>&1)
 rc=$?
 [[ $rc -eq 2 && "$out" == *"--coordinator-restarts -1: must be 0 or more"* ]] ||

@@ -1,5 +1,6 @@
 // The distributed KVStore against parameter servers on 127.0.0.1 (in this
 // process, on free ports), with threads standing in for workers.
+#include <atomic>
 #include <map>
 #include <random>
 #include <thread>
@@ -33,10 +34,14 @@ struct Cluster {
   std::vector<std::string> addresses;
 };
 
-Cluster StartServers(int n, int workers, bool sync = true) {
+Cluster StartServers(int n, int workers, bool sync = true, int staleness = 0) {
   Cluster c;
   for (int i = 0; i < n; ++i) {
-    auto s = ParameterServer::Start("127.0.0.1:0", {sync, workers, false});
+    ShardOptions o;
+    o.sync = sync;
+    o.num_workers = workers;
+    o.staleness = staleness;
+    auto s = ParameterServer::Start("127.0.0.1:0", o);
     EXPECT_TRUE(s.ok()) << s.status();
     c.addresses.push_back((*s)->address());
     c.servers.push_back(*std::move(s));
@@ -45,12 +50,13 @@ Cluster StartServers(int n, int workers, bool sync = true) {
 }
 
 std::unique_ptr<KVStore> Worker(const Cluster& c, int rank, int workers, int64_t bound,
-                                bool sync = true) {
+                                bool sync = true, int staleness = 0) {
   DistKVStoreOptions o;
   o.servers = c.addresses;
   o.rank = rank;
   o.num_workers = workers;
   o.sync = sync;
+  o.staleness = staleness;
   o.big_key_bound = bound;
   o.rpc_timeout = absl::Seconds(5);
   auto kv = CreateDistKVStore(o);
@@ -225,6 +231,81 @@ TEST(DistSync, AWorkerFarAheadIsSlowedToTheOthersPaceNotFailed) {
   ASSERT_TRUE(ahead->Pull(1, {out}).ok());
   EXPECT_EQ(out.ToVector(), (std::vector<float>{kSteps, kSteps}));  // no push lost or failed
   EXPECT_EQ(c.servers[0]->shard().held(1).pending, 0);
+}
+
+// Issue 18, item 5: bounded staleness. With s = 2 a worker's pull after
+// its t-th push waits only for step t - 2, so a worker whose partner has
+// stopped completes exactly 2 steps more than the partner and then waits;
+// each step the partner takes lets it take one more. Every value it pulls
+// is of a step between t - 2 and t (without an optimizer a step's value is
+// its sum, here (step, step)), and once both have pushed every step the
+// value is the last step's.
+TEST(DistSsp, AWorkerRunsExactlyStalenessStepsAheadOfTheSlowest) {
+  constexpr int kStaleness = 2, kSteps = 10;
+  Cluster c = StartServers(1, 2, /*sync=*/true, kStaleness);
+  auto fast = Worker(c, 0, 2, 1 << 20, true, kStaleness);
+  auto slow = Worker(c, 1, 2, 1 << 20, true, kStaleness);
+  ASSERT_TRUE(fast->Init(1, Zeros({2})).ok());
+  ASSERT_TRUE(slow->Init(1, Zeros({2})).ok());
+  std::atomic<int> fast_steps{0};
+  std::vector<float> seen(kSteps + 1, -1);  // by fast's step: the version its pull returned
+  std::thread runner([&] {
+    NDArray out = Empty({2});
+    for (int step = 1; step <= kSteps; ++step) {
+      ASSERT_TRUE(fast->Push(1, {FromVector({float(step), 0})}).ok());
+      ASSERT_TRUE(fast->Pull(1, {out}).ok());
+      const std::vector<float> v = out.ToVector();  // waits for the pull
+      EXPECT_EQ(v[0], v[1]) << "step " << step;
+      seen[step] = v[0];
+      fast_steps.store(step);
+    }
+  });
+  NDArray out = Empty({2});
+  auto slow_step = [&](int step) {
+    ASSERT_TRUE(slow->Push(1, {FromVector({0, float(step)})}).ok());
+    ASSERT_TRUE(slow->Pull(1, {out}).ok());
+    out.WaitToRead();
+  };
+  // The fast worker gets exactly `steps` steps done, and no more.
+  auto expect_fast_at = [&](int steps) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(10);
+    while (fast_steps.load() < steps && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
+    absl::SleepFor(absl::Milliseconds(300));  // room to run further, if it could
+    EXPECT_EQ(fast_steps.load(), steps);
+  };
+  for (int step = 1; step <= 2; ++step) slow_step(step);
+  expect_fast_at(2 + kStaleness);
+  slow_step(3);
+  expect_fast_at(3 + kStaleness);
+  for (int step = 4; step <= kSteps; ++step) slow_step(step);
+  runner.join();
+  for (int step = 1; step <= kSteps; ++step) {
+    EXPECT_GE(seen[step], step - kStaleness) << "step " << step;
+    EXPECT_LE(seen[step], step) << "step " << step;
+  }
+  ASSERT_TRUE(slow->Pull(1, {out}).ok());
+  EXPECT_EQ(out.ToVector(), (std::vector<float>{kSteps, kSteps}));
+}
+
+TEST(DistSsp, StalenessMustMatchTheServersAndSuitTheMode) {
+  Cluster c = StartServers(1, 2, /*sync=*/true, /*staleness=*/2);
+  absl::Status s = Worker(c, 0, 2, 1 << 20, true, /*staleness=*/3)->Init(1, Ones({2}));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(s.message(), HasSubstr("this server allows a staleness of 2, the worker's store uses 3 "
+                                     "(give every node the same --staleness or MX_STALENESS)"));
+  s = Worker(c, 0, 2, 1 << 20)->Init(1, Ones({2}));  // plain dist_sync against it
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_TRUE(Worker(c, 0, 2, 1 << 20, true, 2)->Init(1, Ones({2})).ok());
+
+  DistKVStoreOptions o;
+  o.servers = c.addresses;
+  o.num_workers = 2;
+  o.staleness = -1;
+  EXPECT_THAT(CreateDistKVStore(o).status().message(),
+              HasSubstr("staleness -1: must be 0 or more, and applies to dist_sync only"));
+  o.staleness = 2;
+  o.sync = false;
+  EXPECT_EQ(CreateDistKVStore(o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 // Workers sharing one process (one engine, one channel per server) run
@@ -715,6 +796,9 @@ TEST(DistKVStoreOptions, BadEnvironmentVariablesAreErrors) {
     EXPECT_THAT(message(), HasSubstr(absl::StrCat("MX_RANK=", rank, ": must be a whole number from 0")));
   }
   unsetenv("MX_RANK");
+  setenv("MX_STALENESS", "-1", 1);
+  EXPECT_THAT(message(), HasSubstr("MX_STALENESS=-1: must be a whole number from 0"));
+  unsetenv("MX_STALENESS");
   setenv("MX_RPC_TIMEOUT_S", "soon", 1);
   EXPECT_THAT(message(), HasSubstr("MX_RPC_TIMEOUT_S=soon: must be a whole number from 1"));
   unsetenv("MX_RPC_TIMEOUT_S");
