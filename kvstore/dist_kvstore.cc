@@ -20,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kvstore/gradient_compression.h"
 #include "kvstore/kvstore_internal.h"
 #include "kvstore/placement.h"
 #include "proto/mx.grpc.pb.h"
@@ -186,6 +187,8 @@ const std::string kPushPullManyMethod = "/mx.proto.KVStoreService/PushPullMany";
 // outlive the store.
 struct Conn : std::enable_shared_from_this<Conn> {
   DistKVStoreOptions options;
+  // How pushes travel; set before the first push (SetGradientCompression).
+  GradientCompression compression;
   rpc::Caller caller;  // stamped on every call but the data path's
   // The caller's claims as the data path's requests carry them.
   proto::Credential credential;
@@ -712,13 +715,16 @@ class DistKVStore : public KVStore {
       const int64_t seq = e->pushes;
       Engine::Get()->PushAsync(
           [conn = conn_, e, merged, seq](RunContext, CallbackOnComplete done) {
-            const float* base = merged.data();
-            std::shared_ptr<const void> owner = std::make_shared<NDArray>(merged);
+            PushSource source = SourceOf(*conn, *e, merged);
+            const float* base = source.data;
+            std::shared_ptr<const void> owner = source.owner;
             if (conn->options.replicas > 1 && conn->options.sync) {
               // Kept until the pull of its step returns (the caller may
-              // overwrite the array before then).
-              auto copy = std::make_shared<const std::vector<float>>(merged.data(),
-                                                                      merged.data() + merged.size());
+              // overwrite the array before then; a compressed push is
+              // already a copy).
+              auto copy = source.quantized != nullptr
+                              ? source.quantized
+                              : std::make_shared<const std::vector<float>>(base, base + merged.size());
               Keep(*e, seq, copy);
               base = copy->data();
               owner = copy;
@@ -805,13 +811,13 @@ class DistKVStore : public KVStore {
           [conn = conn_, e, merged, seq, min_version, dsts](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done,
                                   [e, min_version] { Acked(*e, min_version); });
-            auto owner = std::make_shared<NDArray>(merged);
+            const PushSource source = SourceOf(*conn, *e, merged);
             for (const KeyPart& p : e->parts) {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPushPullMethod;
-              h->encode = [conn, p, owner, min_version, seq] {
-                return ToByteBuffer(EncodePush(*conn, p, owner->data(), owner, min_version, seq));
+              h->encode = [conn, p, source, min_version, seq] {
+                return ToByteBuffer(EncodePush(*conn, p, source.data, source.owner, min_version, seq));
               };
               h->resends = [conn, e, p, seq](int server) { return Resends(conn, e, p, seq - 1, server); };
               h->done = [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp, int server) {
@@ -860,6 +866,8 @@ class DistKVStore : public KVStore {
             auto* join = new Join(static_cast<int>(by_server.size()), done, [items] {
               for (const Item& item : items) Acked(*item.e, item.min_version);
             });
+            auto sources = std::make_shared<std::vector<PushSource>>();
+            for (const Item& item : items) sources->push_back(SourceOf(*conn, *item.e, item.merged));
             for (const auto& [server, parts] : by_server) {
               std::vector<std::pair<int, int64_t>> traced;
               for (const ItemPart& ip : parts) {
@@ -868,12 +876,12 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               for (const ItemPart& ip : parts) h->parts.push_back(ip.part);
               h->method = kPushPullManyMethod;
-              h->encode = [conn, items, parts = parts] {
+              h->encode = [conn, items, sources, parts = parts] {
                 std::vector<EncodedMessage> messages;
                 for (const ItemPart& ip : parts) {
                   const Item& item = items[ip.item];
-                  messages.push_back(EncodePush(*conn, ip.part, item.merged.data(),
-                                                std::make_shared<NDArray>(item.merged),
+                  const PushSource& source = (*sources)[ip.item];
+                  messages.push_back(EncodePush(*conn, ip.part, source.data, source.owner,
                                                 item.min_version, item.seq,
                                                 /*with_credential=*/false));
                 }
@@ -909,6 +917,20 @@ class DistKVStore : public KVStore {
     // sent there.
     throw Error(absl::UnimplementedError(
         "SetUpdater: a distributed store updates on the servers; use SetOptimizer"));
+  }
+
+  absl::Status SetGradientCompression(const std::map<std::string, std::string>& params) override {
+    auto c = GradientCompression::FromParams(params);
+    if (!c.ok()) return absl::InvalidArgumentError(absl::StrCat("kvstore ", type(), ": ", c.status().message()));
+    for (const auto& [key, e] : keys_) {
+      if (e->pushes > 0) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "kvstore ", type(), ": set gradient compression before the first push (key ", e->label,
+            " was pushed)"));
+      }
+    }
+    conn_->compression = *c;
+    return absl::OkStatus();
   }
 
   absl::Status SetOptimizer(std::unique_ptr<Optimizer> optimizer) override {
@@ -1032,6 +1054,10 @@ class DistKVStore : public KVStore {
     NDArray token;   // written by pushes, read by pulls: orders them
     NDArray merged;  // the sum of a multi-device push
     int64_t pushes = 0;
+    // Gradient compression: what this worker's pushes lost so far, added
+    // to the next (error feedback). Only push operations touch it, and the
+    // engine runs them one at a time (they write token).
+    std::vector<float> residual;
     std::string label, push_name, pull_name, pushpull_name;
     // Replicas 2, dist_sync: the pushes (by seq) whose step's pull has not
     // returned, and for each part the server that recorded it (-1: none
@@ -1128,10 +1154,43 @@ class DistKVStore : public KVStore {
     header.set_rank(conn.options.rank);
     header.set_min_version(min_version);
     header.set_seq(seq);
-    header.mutable_value()->add_shape(p.end - p.begin);
-    header.mutable_value()->set_dtype(proto::FLOAT32);
-    return EncodeTensorMessage(header, kPushValueField,
-                               Pieces::Of(base + p.begin, p.end - p.begin, std::move(owner)));
+    proto::Tensor* t = header.mutable_value();
+    t->add_shape(p.end - p.begin);
+    const GradientCompression& c = conn.compression;
+    if (!c.enabled()) {
+      t->set_dtype(proto::FLOAT32);
+      return EncodeTensorMessage(header, kPushValueField,
+                                 Pieces::Of(base + p.begin, p.end - p.begin, std::move(owner)));
+    }
+    t->set_dtype(c.type == GradientCompression::Type::kFp16 ? proto::FLOAT16 : proto::TWO_BIT);
+    if (c.type == GradientCompression::Type::kTwoBit) t->set_threshold(c.threshold);
+    // Packed for each attempt: exact for quantized values, so a push sent
+    // again carries the same ones.
+    auto packed = std::make_shared<std::vector<uint8_t>>(PackedBytes(c, p.end - p.begin));
+    Pack(c, base + p.begin, p.end - p.begin, packed->data());
+    Pieces data;
+    data.pieces.emplace_back(reinterpret_cast<const char*>(packed->data()), packed->size());
+    data.owner = packed;
+    return EncodeTensorMessage(header, kPushValueField, data);
+  }
+
+  // What a push sends: the merged gradient where it lies, or, compressed,
+  // its quantized copy (which also updates e's residual: call it once per
+  // push, in the push's engine operation).
+  struct PushSource {
+    const float* data;
+    std::shared_ptr<const void> owner;
+    std::shared_ptr<const std::vector<float>> quantized;  // compressed pushes only
+  };
+  static PushSource SourceOf(const Conn& conn, Entry& e, const NDArray& merged) {
+    if (!conn.compression.enabled()) {
+      return {merged.data(), std::make_shared<NDArray>(merged), nullptr};
+    }
+    const int64_t n = merged.size();
+    if (e.residual.empty()) e.residual.assign(n, 0.0f);
+    auto q = std::make_shared<std::vector<float>>(n);
+    Quantize(conn.compression, merged.data(), n, e.residual.data(), q->data());
+    return {q->data(), q, q};
   }
 
   // Where a pulled slice p goes: the first output, after checking its size;

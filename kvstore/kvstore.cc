@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kvstore/gradient_compression.h"
 #include "kvstore/kvstore_internal.h"
 
 namespace mx {
@@ -45,6 +46,15 @@ absl::Status KVStore::PushPull(const std::vector<Key>& keys,
     MX_RETURN_IF_ERROR(PushPull(keys[i], values[i], outs[i], priority));
   }
   return absl::OkStatus();
+}
+
+absl::Status KVStore::SetGradientCompression(const std::map<std::string, std::string>& params) {
+  auto c = GradientCompression::FromParams(params);
+  if (!c.ok()) return absl::InvalidArgumentError(absl::StrCat("kvstore ", type(), ": ", c.status().message()));
+  if (!c->enabled()) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "kvstore ", type(), ": gradient compression (", c->ToString(),
+      ") applies to the distributed stores (dist_sync, dist_async), which send gradients"));
 }
 
 absl::Status KVStore::Broadcast(Key key, const NDArray& value, const std::vector<NDArray>& outs,

@@ -28,6 +28,7 @@
 #define MX_KVSTORE_KVSTORE_H_
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -112,6 +113,14 @@ class KVStore {
   virtual void SetUpdater(Updater updater) = 0;
   // The store applies optimizer->Update(key, stored, merged) on Push.
   virtual absl::Status SetOptimizer(std::unique_ptr<Optimizer> optimizer) = 0;
+  // Gradient compression of pushes, as MXNet's set_gradient_compression:
+  // {"type": "2bit" | "fp16" | "none", "threshold": t} (2bit; default 0.5;
+  // kvstore/gradient_compression.h). The distributed stores send each
+  // pushed gradient compressed and keep what it lost for the next push of
+  // the key. Call it before the first push. Bad parameters are
+  // INVALID_ARGUMENT naming them; the local store, which sends nothing,
+  // refuses any type but "none" (FAILED_PRECONDITION).
+  virtual absl::Status SetGradientCompression(const std::map<std::string, std::string>& params);
   virtual absl::Status SaveOptimizerStates(const std::string& path) const = 0;
   virtual absl::Status LoadOptimizerStates(const std::string& path) = 0;
 

@@ -338,6 +338,16 @@ absl::StatusOr<Shape> TensorShape(const proto::Tensor& t, size_t data_bytes) {
   if (t.dtype() != proto::FLOAT32) {
     return absl::InvalidArgumentError(absl::StrCat("unsupported dtype ", t.dtype()));
   }
+  MX_ASSIGN_OR_RETURN(Shape shape, TensorDims(t));
+  if (data_bytes != shape.Size() * sizeof(float)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor of shape ", shape.ToString(), " carries ", data_bytes, " bytes, expected ",
+        shape.Size() * sizeof(float)));
+  }
+  return shape;
+}
+
+absl::StatusOr<Shape> TensorDims(const proto::Tensor& t) {
   Shape shape;
   uint64_t elements = 1;
   for (int64_t d : t.shape()) {
@@ -350,11 +360,6 @@ absl::StatusOr<Shape> TensorShape(const proto::Tensor& t, size_t data_bytes) {
     if (elements > kMaxMessageBytes) {
       return absl::InvalidArgumentError(absl::StrCat("tensor of shape ", shape.ToString(), "... is too large"));
     }
-  }
-  if (data_bytes != elements * sizeof(float)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tensor of shape ", shape.ToString(), " carries ", data_bytes, " bytes, expected ",
-        shape.Size() * sizeof(float)));
   }
   return shape;
 }

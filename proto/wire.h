@@ -105,6 +105,8 @@ absl::StatusOr<Pieces> PiecesOf(const Slices& slices, size_t offset, size_t byte
 // Checks a decoded tensor's shape and dtype against the number of bytes
 // its data held.
 absl::StatusOr<Shape> TensorShape(const proto::Tensor& t, size_t data_bytes);
+// The shape alone (dimensions in range, size bounded), whatever the dtype.
+absl::StatusOr<Shape> TensorDims(const proto::Tensor& t);
 
 }  // namespace mx
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <deque>
 #include <cstring>
 #include <iostream>
@@ -16,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "kvstore/gradient_compression.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
 #include "ndarray/trace.h"
@@ -836,15 +838,43 @@ class Service final : public ServiceBase {
       return nullptr;
     };
   }
+  // A push's value as float32: where it lies in the request, or, sent
+  // compressed (kvstore/gradient_compression.h), decompressed into a
+  // buffer of its own.
+  static absl::StatusOr<Pieces> PushedValue(const Slices& request, const proto::Tensor& t,
+                                            const PushData& data) {
+    if (t.dtype() == proto::FLOAT32) {
+      MX_RETURN_IF_ERROR(TensorShape(t, data.bytes).status());
+      return PiecesOf(request, data.offset, data.bytes);
+    }
+    GradientCompression c;
+    if (t.dtype() == proto::FLOAT16) {
+      c.type = GradientCompression::Type::kFp16;
+    } else if (t.dtype() == proto::TWO_BIT && t.threshold() > 0 && std::isfinite(t.threshold())) {
+      c.type = GradientCompression::Type::kTwoBit;
+      c.threshold = t.threshold();
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "unsupported dtype ", t.dtype(),
+          t.dtype() == proto::TWO_BIT ? absl::StrCat(" with threshold ", t.threshold()) : ""));
+    }
+    MX_ASSIGN_OR_RETURN(const Shape shape, TensorDims(t));
+    MX_ASSIGN_OR_RETURN(const Pieces packed, PiecesOf(request, data.offset, data.bytes));
+    std::vector<uint8_t> bytes(data.bytes);
+    packed.CopyTo(0, bytes.size(), bytes.data());
+    std::vector<float> values(shape.Size());
+    MX_RETURN_IF_ERROR(Unpack(c, bytes.data(), bytes.size(), shape.Size(), values.data()));
+    return Pieces::Of(std::move(values));
+  }
+
   // Checks a decoded push (decode status `s`) and gives it to the shard:
   // its data as they lie in the request's slices, which the shard holds;
   // `done` gets the outcome (see HandlePush).
   void Apply(absl::Status s, const Slices& request, const proto::PushRequest& req,
              const PushData& data, ParameterShard::PushCallback done) {
     if (s.ok() && !data.received) s = absl::InvalidArgumentError("no value");
-    if (s.ok()) s = TensorShape(req.value(), data.bytes).status();
     if (!s.ok()) return done(Prefix(s, "push", req.key()));
-    absl::StatusOr<Pieces> pieces = PiecesOf(request, data.offset, data.bytes);
+    absl::StatusOr<Pieces> pieces = PushedValue(request, req.value(), data);
     if (!pieces.ok()) return done(Prefix(pieces.status(), "push", req.key()));
     shard_->PushAsync(
         req.key(), req.rank(), *std::move(pieces),

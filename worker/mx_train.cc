@@ -54,6 +54,11 @@ ABSL_FLAG(std::string, test_label_csv, "", "test labels as CSV");
 ABSL_FLAG(std::string, kvstore, "local",
           "KVStore type: local, or dist_sync / dist_async for a job started by "
           "deploy/launch.py (the cluster comes from the environment)");
+ABSL_FLAG(std::string, gradient_compression, "none",
+          "how a distributed store sends gradients: 2bit (+-threshold or 0 per element, with "
+          "error feedback), fp16, or none");
+ABSL_FLAG(std::string, gradient_compression_threshold, "",
+          "the threshold of --gradient_compression=2bit (above 0; default 0.5)");
 ABSL_FLAG(std::string, optimizer, "sgd", "sgd, nag, adam, adagrad, rmsprop or adadelta");
 ABSL_FLAG(double, lr, 0.1, "learning rate");
 ABSL_FLAG(double, momentum, 0.0, "momentum (sgd, nag)");
@@ -252,10 +257,20 @@ absl::Status Run() {
   // A distributed store first: its rank selects this worker's part of the data.
   std::unique_ptr<KVStore> store;
   const std::string kv_type = absl::GetFlag(FLAGS_kvstore);
+  std::map<std::string, std::string> compression = {
+      {"type", absl::GetFlag(FLAGS_gradient_compression)}};
+  if (!absl::GetFlag(FLAGS_gradient_compression_threshold).empty()) {
+    compression["threshold"] = absl::GetFlag(FLAGS_gradient_compression_threshold);
+  }
   if (kv_type != "local") {
     MX_ASSIGN_OR_RETURN(store, KVStore::Create(kv_type));
+    MX_RETURN_IF_ERROR(store->SetGradientCompression(compression));
     std::cout << "worker " << store->rank() << " of " << store->num_workers() << " (" << kv_type
               << ")" << std::endl;
+  } else if (compression["type"] != "none") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--gradient_compression=", compression["type"],
+        " applies to --kvstore=dist_sync or dist_async (a local store sends no gradients)"));
   }
   const int part = store ? store->rank() : 0, parts = store ? store->num_workers() : 1;
   metrics::SetNodeInfo("worker", part);

@@ -8,12 +8,16 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvstore/dist_kvstore.h"
 #include "proto/mx.pb.h"
+#include "rpc/metrics.h"
 #include "server/kvstore_service.h"
 #include "tests/proto/raw_call.h"
 
@@ -308,6 +312,84 @@ TEST(DistSsp, StalenessMustMatchTheServersAndSuitTheMode) {
   EXPECT_EQ(CreateDistKVStore(o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// The servers' count of pushed bytes as they arrived (this process's
+// servers, all tests so far).
+double PushedBytes() {
+  for (absl::string_view line : absl::StrSplit(metrics::Registry::Global().Text(), '\n')) {
+    if (absl::ConsumePrefix(&line, "mx_server_pushed_bytes_total ")) {
+      double v = 0;
+      EXPECT_TRUE(absl::SimpleAtod(line, &v)) << line;
+      return v;
+    }
+  }
+  return 0;
+}
+
+// Issue 18, item 4: with 2-bit compression a push sends +-t or 0 per
+// element, in 1/16 of the bytes, and the worker adds what it lost to its
+// next push; the server (no optimizer: a step's value is its sum) holds
+// exactly the quantized values. Through Push, PushPull and a bucket.
+TEST(DistCompression, TwoBitPushesCarryQuantizedValuesWithErrorFeedback) {
+  Cluster c = StartServers(2, 1);
+  auto kv = Worker(c, 0, 1, /*bound=*/16);  // key 2 (40 elements) is cut in 3
+  ASSERT_TRUE(kv->SetGradientCompression({{"type", "2bit"}, {"threshold", "0.5"}}).ok());
+  ASSERT_TRUE(kv->Init(1, Zeros({4})).ok());
+  ASSERT_TRUE(kv->Init(2, Zeros({40})).ok());
+  const NDArray g = FromVector({0.25f, 0.625f, -0.75f, 0.125f});  // exact in binary
+  NDArray out = Empty({4});
+  const double before = PushedBytes();
+  ASSERT_TRUE(kv->Push(1, {g}).ok());
+  ASSERT_TRUE(kv->Pull(1, {out}).ok());
+  EXPECT_EQ(out.ToVector(), (std::vector<float>{0, 0.5f, -0.5f, 0}));
+  EXPECT_EQ(PushedBytes() - before, 4);  // one 32-bit word, not 16 bytes
+  ASSERT_TRUE(kv->PushPull(1, {g}, {out}).ok());  // residual (0.25, 0.125, -0.25, 0.125) added
+  EXPECT_EQ(out.ToVector(), (std::vector<float>{0.5f, 0.5f, -0.5f, 0}));
+  // A bucket of both keys, three steps. Key 1's residual goes on
+  // (0.25, 0.25, -0.5, 0.25) -> ...; key 2's 3/16 reaches 0.5 at the third.
+  const std::vector<std::vector<float>> key1 = {
+      {0, 0.5f, -0.5f, 0}, {0.5f, 0.5f, -0.5f, 0.5f}, {0, 0.5f, -0.5f, 0}};
+  NDArray out2 = Empty({40});
+  for (int step = 1; step <= 3; ++step) {
+    ASSERT_TRUE(kv->PushPull({1, 2}, {{g}, {FromVector(std::vector<float>(40, 0.1875f))}},
+                             {{out}, {out2}}).ok());
+    EXPECT_EQ(out.ToVector(), key1[step - 1]) << "step " << step;
+    EXPECT_EQ(out2.ToVector(), std::vector<float>(40, step == 3 ? 0.5f : 0.0f)) << "step " << step;
+  }
+}
+
+TEST(DistCompression, Fp16PushesHalfTheBytes) {
+  Cluster c = StartServers(1, 1);
+  auto kv = Worker(c, 0, 1, 1 << 20);
+  ASSERT_TRUE(kv->SetGradientCompression({{"type", "fp16"}}).ok());
+  ASSERT_TRUE(kv->Init(1, Zeros({3})).ok());
+  NDArray out = Empty({3});
+  const double before = PushedBytes();
+  ASSERT_TRUE(kv->Push(1, {FromVector({1.0f + 1.0f / 4096, 2.5f, -1e-3f})}).ok());
+  ASSERT_TRUE(kv->Pull(1, {out}).ok());
+  EXPECT_EQ(out.ToVector(), (std::vector<float>{1.0f, 2.5f, static_cast<float>(static_cast<_Float16>(-1e-3f))}));
+  EXPECT_EQ(PushedBytes() - before, 6);  // the pull waited for the push
+}
+
+TEST(DistCompression, BadSettingsAreErrors) {
+  Cluster c = StartServers(1, 1);
+  auto kv = Worker(c, 0, 1, 1 << 20);
+  absl::Status s = kv->SetGradientCompression({{"type", "2bit"}, {"threshold", "0"}});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("kvstore dist_sync: gradient compression: threshold '0' must be a number above 0"));
+  EXPECT_THAT(kv->SetGradientCompression({{"type", "3bit"}}).message(), HasSubstr("unknown type '3bit'"));
+  ASSERT_TRUE(kv->Init(7, Zeros({2})).ok());
+  ASSERT_TRUE(kv->Push(7, {Ones({2})}).ok());
+  s = kv->SetGradientCompression({{"type", "2bit"}});
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr("set gradient compression before the first push (key 7 was pushed)"));
+  auto local = KVStore::Create("local");
+  ASSERT_TRUE(local.ok());
+  s = (*local)->SetGradientCompression({{"type", "fp16"}});
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr("applies to the distributed stores"));
+  EXPECT_TRUE((*local)->SetGradientCompression({{"type", "none"}}).ok());
+}
+
 // Workers sharing one process (one engine, one channel per server) run
 // many steps of several keys in flight, as training does: every step
 // completes, none waits for a deadline.
@@ -504,6 +586,20 @@ TEST(DistErrors, MalformedMessagesAreRejectedAndTheServerKeepsServing) {
   s = call("PushPull", bad.SerializeAsString());
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("push of key 1: tensor of shape (2,) carries 12 bytes"));
+  // Compressed pushes: a 2-bit one without a threshold, one whose size
+  // disagrees, and a dtype that does not exist.
+  bad.mutable_value()->set_dtype(proto::TWO_BIT);
+  bad.mutable_value()->set_data(std::string(4, '\0'));
+  s = call("Push", bad.SerializeAsString());
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("push of key 1: unsupported dtype 2 with threshold 0"));
+  bad.mutable_value()->set_threshold(0.5f);
+  bad.mutable_value()->set_data(std::string(8, '\0'));
+  s = call("Push", bad.SerializeAsString());
+  EXPECT_THAT(s.error_message(), HasSubstr("2bit (threshold 0.5) data of 2 values takes 4 bytes, not 8"));
+  bad.mutable_value()->set_dtype(static_cast<proto::DType>(9));
+  s = call("Push", bad.SerializeAsString());
+  EXPECT_THAT(s.error_message(), HasSubstr("push of key 1: unsupported dtype 9"));
   // A pull of a key nobody initialized.
   proto::PullRequest unknown;
   unknown.set_key(77);
