@@ -640,6 +640,13 @@ class DistKVStore : public KVStore {
 
   absl::Status Init(Key key, const NDArray& value) override {
     if (value.is_none()) return absl::InvalidArgumentError(absl::StrCat("init of key ", key.label(), ": null array"));
+    if (key.id() >= (1 << kSliceKeyShift)) {
+      // Servers hold slices of big keys under key + s * 2^24: a key that
+      // high would share a server key with a slice of a lower one.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "init of key ", key.label(), ": the distributed stores take keys below ",
+          1 << kSliceKeyShift, " (those above name slices of big keys on the servers)"));
+    }
     auto it = keys_.find(key.id());
     if (it != keys_.end()) {
       if (it->second->shape != value.shape()) {

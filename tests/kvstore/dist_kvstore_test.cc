@@ -545,6 +545,16 @@ TEST(DistErrors, BadRequestsNameKeyAndServer) {
 
 // A worker whose store differs from the servers' settings (a node started
 // by hand with other flags) fails at its first init, saying what differs.
+TEST(DistErrors, KeysThatWouldNameSlicesAreRefused) {
+  Cluster c = StartServers(1, 1);
+  auto kv = Worker(c, 0, 1, 1 << 20);
+  const absl::Status s = kv->Init(1 << 24, Ones({2}));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("init of key 16777216: the distributed stores take keys below 16777216"));
+  EXPECT_TRUE(kv->Init((1 << 24) - 1, Ones({2})).ok());
+  EXPECT_TRUE(kv->Init(-5, Ones({2})).ok());  // negative keys are never cut into slice keys
+}
+
 TEST(DistErrors, AStoreOfAnotherModeOrJobSizeIsRefusedAtInit) {
   Cluster c = StartServers(1, 2);  // dist_sync, 2 workers
   absl::Status s = Worker(c, 0, 2, 1 << 20, /*sync=*/false)->Init(1, Ones({2}));
