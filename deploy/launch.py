@@ -36,7 +36,9 @@ workers go on training meanwhile (it holds no parameter state) and rejoin
 it, keeping their ranks. A node that hears nothing from the coordinator
 for MX_COORDINATOR_TIMEOUT_S (default 6 s; servers 2 s more) gives it up
 and fails, naming it. A coordinator that exits with an error (the job
-failed) is not restarted.
+failed) is not restarted. A server killed by a signal before it served
+(while the job was forming; it held nothing) is started again, once, with
+its rank.
 
 Replicas (--replicas=2): servers run with --replicas=2 and the workers
 with MX_REPLICAS=2; each key has a backup on the next server, and a
@@ -457,8 +459,11 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
     """Waits for the job to end; returns the launcher's exit code. A
     coordinator killed by a signal is restarted on its address, up to
     `coordinator_restarts` times: the nodes go on without it meanwhile and
-    rejoin it."""
+    rejoin it. A server killed by a signal before it served (it held
+    nothing yet, and the job cannot form without its rank) is started again
+    once, asking for the same rank."""
     lost = []  # workers that died in an elastic job, servers with replicas
+    restarted_servers = set()
     while True:
         for p in job.procs:
             code = p.popen.poll()
@@ -473,6 +478,13 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
                 coordinator_restarts -= 1
                 log(f"{p.describe()} died: {how_it_ended(code)}; restarting it on its address "
                     f"(the nodes rejoin it; restarts left: {coordinator_restarts})")
+                job.restart(p)
+                continue
+            if (p.role == "server" and code < 0 and p.identity is None
+                    and p.name not in restarted_servers):
+                restarted_servers.add(p.name)
+                log(f"{p.describe()} died before it served: {how_it_ended(code)}; "
+                    "starting it again (it held nothing yet)")
                 job.restart(p)
                 continue
             if elastic and p.role == "worker":

@@ -83,9 +83,10 @@ class Service final : public CoordinatorBase {
     }
     return Wait(
         ctx, response, &registering_,
-        [&](Waiting* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        [&](Waiting* w, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
           MX_RETURN_IF_ERROR(guard_.CheckToken(*ctx, "register"));
           MX_RETURN_IF_ERROR(req.status());
+          ForgetAbandonedRegistrations(answers);
           return StartRegister(*req, &w->node);
         },
         [&](Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -141,7 +142,7 @@ class Service final : public CoordinatorBase {
                                     grpc::ByteBuffer* response) override {
     return Wait(
         ctx, response, &in_barrier_,
-        [&](Waiting* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        [&](Waiting* w, Answers*) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
           MX_RETURN_IF_ERROR(KnownHere(*ctx, "barrier"));
           MX_ASSIGN_OR_RETURN(const Guard::Node caller,
                               guard_.Identify(*ctx, "barrier", rpc::Role::kWorker));
@@ -266,6 +267,7 @@ class Service final : public CoordinatorBase {
     grpc::ServerUnaryReactor* reactor;
     grpc::ByteBuffer* response;
     absl::Time give_up;
+    grpc::CallbackServerContext* ctx;  // alive until the reactor finishes
     proto::NodeInfo node;
     int64_t epoch = 0;
   };
@@ -278,9 +280,10 @@ class Service final : public CoordinatorBase {
     for (const auto& [reactor, status] : answers) reactor->Finish(ToGrpc(status));
   }
 
-  // A call that may wait for other nodes: start(&w) records it (or refuses
-  // it); then it joins `waiting`, and answer(&answers) answers what is now
-  // decided, this call perhaps among them.
+  // A call that may wait for other nodes: start(&w, &answers) records it
+  // (or refuses it; it may also finish other calls); then it joins
+  // `waiting`, and answer(&answers) answers what is now decided, this call
+  // perhaps among them.
   template <class Start, class Answer>
   grpc::ServerUnaryReactor* Wait(grpc::CallbackServerContext* ctx, grpc::ByteBuffer* response,
                                  std::vector<Waiting>* waiting, const Start& start,
@@ -289,8 +292,8 @@ class Service final : public CoordinatorBase {
     Answers answers;
     {
       absl::MutexLock lock(&mu_);
-      Waiting w{reactor, response, GiveUpBefore(ctx->deadline())};
-      const absl::Status s = closed_ ? Closing() : start(&w);
+      Waiting w{reactor, response, GiveUpBefore(ctx->deadline()), ctx};
+      const absl::Status s = closed_ ? Closing() : start(&w, &answers);
       if (s.ok()) {
         waiting->push_back(w);
         answer(&answers);
@@ -311,6 +314,23 @@ class Service final : public CoordinatorBase {
         "(workers that left)",
         {"role", "state"});
     return nodes->With({RoleName(role), state});
+  }
+
+  // Before the job has formed, a node whose registration call was
+  // cancelled (it died, or gave up, while waiting for the others) held
+  // nothing yet: its rank is freed, so that the node started again (the
+  // launcher restarts a server killed before it served) may take it.
+  void ForgetAbandonedRegistrations(Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto abandoned = [&](const Waiting& w) {
+      if (!w.ctx->IsCancelled()) return false;
+      std::map<int, proto::NodeInfo>& nodes = w.node.role() == proto::SERVER ? servers_ : workers_;
+      nodes.erase(w.node.rank());
+      NodeGauge(w.node.role(), "registered")->Add(-1);
+      answers->push_back({w.reactor, absl::CancelledError("register: cancelled")});
+      return true;
+    };
+    registering_.erase(std::remove_if(registering_.begin(), registering_.end(), abandoned),
+                       registering_.end());
   }
 
   // Records the node of a registration (rank, address) in *node.

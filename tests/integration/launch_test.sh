@@ -77,6 +77,23 @@ done
 for w in 0 1; do
   [[ "$out" == *"[worker $w] Final test accuracy=1"* ]] || fail "--staleness 2: worker $w did not reach accuracy 1"
 done
+# 2c. A server killed before it served (here: while the workers have not
+# started yet) held nothing: the launcher starts it again, once, and the
+# job runs as if nothing happened.
+log="$TMP/server_restart.log"
+late_worker=(bash -c 'sleep 3; exec "$@"' late "${worker[@]}" --epochs=3)
+start_job "$log" -n 2 -s 2 -- "${late_worker[@]}"
+wait_for_line "$log" 'launch\.py: started server 1 \(pid [0-9]+\)' 10 || fail "server 1 did not start"
+kill -9 "$(started_pid "$log" "server 1")"
+wait "$launcher"; rc=$?
+[[ $rc -eq 0 ]] || fail "the job whose server 1 was killed before serving exited $rc"
+grep -qE '^launch\.py: server 1 \(pid [0-9]+\) died before it served: killed by signal 9 \(SIGKILL\); starting it again' "$log" ||
+  fail "the launcher did not say it restarted server 1"
+[[ $(grep -cE '^\[server 1\] server 1 serving on' "$log") -eq 1 ]] || fail "server 1 did not serve once"
+for w in 0 1; do
+  grep -q "^\[worker $w\] Final test accuracy=1" "$log" || fail "worker $w did not finish after server 1's restart"
+done
+
 # 3. A worker dies mid-job: fail fast, name it, the other worker says why it
 # stopped, clean up.
 log="$TMP/killed.log"

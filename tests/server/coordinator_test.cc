@@ -313,6 +313,40 @@ TEST(CoordinatorRanks, RequestedRanksAreHonouredAndChecked) {
   EXPECT_THAT(s.error_message(), HasSubstr("all 2 workers have already registered"));
 }
 
+// A node killed while its registration waited for the others (its call
+// is cancelled) held nothing: before the job forms its rank is free again,
+// for the node started in its place (launch.py restarts such a server).
+TEST(CoordinatorRanks, TheRankOfANodeThatDiedWhileRegisteringIsFreeAgain) {
+  CoordinatorOptions o;
+  o.num_servers = 2;
+  o.num_workers = 1;
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
+  proto::RegisterRequest req;
+  req.set_role(proto::SERVER);
+  req.set_rank(1);
+  req.set_address("127.0.0.1:7");
+  proto::RegisterResponse resp;
+  grpc::ClientContext dying;
+  dying.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  std::thread killer([&dying] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    dying.TryCancel();
+  });
+  EXPECT_EQ(stub->Register(&dying, req, &resp).error_code(), grpc::StatusCode::CANCELLED);
+  killer.join();
+  std::vector<proto::RegisterResponse> resps(3);
+  std::vector<std::thread> registering;
+  registering.emplace_back([&] { EXPECT_TRUE(Register(*stub, proto::SERVER, 1, &resps[0]).ok()); });
+  registering.emplace_back([&] { EXPECT_TRUE(Register(*stub, proto::SERVER, 0, &resps[1]).ok()); });
+  registering.emplace_back([&] { EXPECT_TRUE(Register(*stub, proto::WORKER, 0, &resps[2]).ok()); });
+  for (std::thread& t : registering) t.join();
+  EXPECT_EQ(resps[0].self().rank(), 1);
+  ASSERT_EQ(resps[2].servers_size(), 2);
+  EXPECT_EQ(resps[2].servers(1).address(), "127.0.0.1:1");  // the new one's, not 127.0.0.1:7
+}
+
 // gRPC sets SO_REUSEPORT by default, which lets a second daemon share a
 // port and receive some of its calls. The port must be refused instead.
 TEST(CoordinatorErrors, APortInUseIsRefused) {
