@@ -122,6 +122,30 @@ struct CsvOptions {
 // is not a number is an error naming the file and line.
 absl::StatusOr<std::unique_ptr<DataIter>> CsvIter(const CsvOptions& options);
 
+// Click logs in libsvm's text format, streamed: one sample per line,
+// "LABEL INDEX:1 INDEX:1 ...", exactly `num_fields` features per line (one
+// per categorical field, hashed to a global index, as
+// worker/ctr_gen.cc writes them), the label 0 or 1 (-1 and +1 also read as
+// 0 and 1). The file (plain or gzip) is read a line at a time, never whole;
+// Reset() reads it again from the start. A batch's data are the features'
+// indices as floats, shape (batch_size, num_fields), for an Embedding
+// (indices below 2^24, which floats hold exactly); its label has shape
+// (batch_size,). Worker part_index of num_parts reads every num_parts-th
+// line. The last incomplete batch is dropped (kDiscard) or padded with its
+// own first samples (kPad); kRollOver is not offered. A damaged line
+// (another number of features, a value other than 1, an index that is no
+// number or too large, a label other than 0, 1, -1 or +1) is an mx::Error
+// thrown by Next() naming the file and line.
+struct LibSvmOptions {
+  std::string path;
+  int num_fields = 0;
+  int batch_size = 100;
+  int part_index = 0;
+  int num_parts = 1;
+  LastBatch last_batch = LastBatch::kDiscard;
+};
+absl::StatusOr<std::unique_ptr<DataIter>> LibSvmIter(const LibSvmOptions& options);
+
 // Wraps an iterator so that the next batch is prepared on a background
 // thread while the current one is used. An exception thrown by the inner
 // iterator's Next() is rethrown by this Next() on the caller's thread, after

@@ -1,0 +1,153 @@
+// The click-through workload's data: the synthetic click log with a
+// planted model (worker/ctr_data.h) read back through the streaming
+// libsvm iterator (LibSvmIter, worker/io.h).
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "worker/ctr_data.h"
+#include "worker/io.h"
+
+namespace mx {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string TempPath(const std::string& name) {
+  const char* dir = std::getenv("TEST_TMPDIR");
+  return std::string(dir != nullptr ? dir : "/tmp") + "/" + name;
+}
+
+std::string Contents(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// Every batch of an epoch: (features by sample, labels), pad removed.
+struct Epoch {
+  std::vector<std::vector<float>> features;
+  std::vector<float> labels;
+};
+Epoch ReadEpoch(DataIter& it, int fields) {
+  Epoch e;
+  DataBatch b;
+  while (it.Next(&b)) {
+    const std::vector<float> data = b.data[0].ToVector(), label = b.label[0].ToVector();
+    for (int k = 0; k < it.batch_size() - b.pad; ++k) {
+      e.features.emplace_back(data.begin() + k * fields, data.begin() + (k + 1) * fields);
+      e.labels.push_back(label[k]);
+    }
+  }
+  return e;
+}
+
+TEST(ClickLogTest, ThePlantedModelBeatsAConstantAndTheFileReadsBack) {
+  ClickLogOptions o;
+  o.path = TempPath("clicks.txt.gz");
+  o.samples = 2000;
+  o.fields = 4;
+  o.vocab = 50;
+  absl::StatusOr<ClickLogStats> stats = WriteClickLog(o);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->samples, 2000);
+  EXPECT_GT(stats->click_rate, 0.05);
+  EXPECT_LT(stats->click_rate, 0.5);
+  EXPECT_LT(stats->best_logloss, stats->constant_logloss - 0.05);
+
+  auto it = LibSvmIter({o.path, o.fields, 128});
+  ASSERT_TRUE(it.ok()) << it.status();
+  const Epoch e = ReadEpoch(**it, o.fields);
+  ASSERT_EQ(e.features.size(), 1920u);  // 15 whole batches; the rest dropped (kDiscard)
+  double clicks = 0;
+  std::map<int, int> counts;  // field 0's values
+  for (size_t i = 0; i < e.features.size(); ++i) {
+    for (int f = 0; f < o.fields; ++f) {
+      EXPECT_GE(e.features[i][f], f * o.vocab);
+      EXPECT_LT(e.features[i][f], (f + 1) * o.vocab);
+    }
+    ++counts[static_cast<int>(e.features[i][0])];
+    EXPECT_TRUE(e.labels[i] == 0 || e.labels[i] == 1);
+    clicks += e.labels[i];
+  }
+  EXPECT_NEAR(clicks / e.labels.size(), stats->click_rate, 0.03);
+  // A power law: value 0 is the most frequent, and far more than the mean.
+  EXPECT_GT(counts[0], 1920 / o.vocab * 5);
+  for (const auto& [v, n] : counts) EXPECT_LE(n, counts[0]) << "value " << v;
+  // Reset reads it again, the same.
+  (*it)->Reset();
+  EXPECT_EQ(ReadEpoch(**it, o.fields).features, e.features);
+}
+
+TEST(ClickLogTest, TheSameSeedWritesTheSameFile) {
+  ClickLogOptions o;
+  o.samples = 300;
+  o.path = TempPath("a.txt");
+  ASSERT_TRUE(WriteClickLog(o).ok());
+  o.path = TempPath("b.txt");
+  ASSERT_TRUE(WriteClickLog(o).ok());
+  EXPECT_EQ(Contents(TempPath("a.txt")), Contents(TempPath("b.txt")));
+  o.seed = 2;
+  o.path = TempPath("c.txt");
+  ASSERT_TRUE(WriteClickLog(o).ok());
+  EXPECT_NE(Contents(TempPath("a.txt")), Contents(TempPath("c.txt")));
+  o.samples = 0;
+  EXPECT_EQ(WriteClickLog(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+void Write(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
+
+TEST(LibSvmIterTest, PartsPaddingAndLabels) {
+  const std::string path = TempPath("small.txt");
+  Write(path, "1 3:1 7:1\n0 1:1 2:1\n-1 4:1 5:1\n+1 6:1 8:1\n1 9:1 10:1");  // no last newline
+  // Worker 1 of 2: lines 2 and 4.
+  auto part = LibSvmIter({path, 2, 4, 1, 2, LastBatch::kPad});
+  ASSERT_TRUE(part.ok()) << part.status();
+  DataBatch b;
+  ASSERT_TRUE((*part)->Next(&b));
+  EXPECT_EQ(b.pad, 2);
+  EXPECT_EQ(b.data[0].ToVector(), (std::vector<float>{1, 2, 6, 8, 1, 2, 6, 8}));  // padded with its own
+  EXPECT_EQ(b.label[0].ToVector(), (std::vector<float>{0, 1, 0, 1}));
+  EXPECT_FALSE((*part)->Next(&b));
+  auto all = LibSvmIter({path, 2, 5});
+  ASSERT_TRUE(all.ok());
+  ASSERT_TRUE((*all)->Next(&b));
+  EXPECT_EQ(b.label[0].ToVector(), (std::vector<float>{1, 0, 0, 1, 1}));  // -1 reads as 0
+  EXPECT_EQ(b.data[0].ToVector()[9], 10);  // the last line, without its newline
+}
+
+TEST(LibSvmIterTest, DamagedLinesNameTheFileAndLine) {
+  const std::string path = TempPath("bad.txt");
+  auto error_of = [&](const std::string& second_line) {
+    Write(path, "1 3:1 7:1\n" + second_line + "\n");
+    auto it = LibSvmIter({path, 2, 2});
+    EXPECT_TRUE(it.ok());
+    DataBatch b;
+    try {
+      (*it)->Next(&b);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), absl::StatusCode::kInvalidArgument);
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_THAT(error_of("1 3:1"), HasSubstr(path + ": line 2: 1 features, expected 2"));
+  EXPECT_THAT(error_of("2 3:1 4:1"), HasSubstr("line 2: label '2' is not 0, 1, -1 or +1"));
+  EXPECT_THAT(error_of("1 3:0.5 4:1"), HasSubstr("line 2: feature '3:0.5': only binary features"));
+  EXPECT_THAT(error_of("1 x:1 4:1"), HasSubstr("line 2: feature 'x:1' is not INDEX:VALUE"));
+  EXPECT_THAT(error_of("1 16777216:1 4:1"), HasSubstr("line 2: feature index 16777216 is outside"));
+  EXPECT_EQ(LibSvmIter({TempPath("missing.txt"), 2, 2}).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(LibSvmIter({path, 0, 2}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(LibSvmIter({path, 2, 2, 0, 1, LastBatch::kRollOver}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace mx
