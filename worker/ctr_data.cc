@@ -62,10 +62,12 @@ absl::StatusOr<ClickLogStats> WriteClickLog(const ClickLogOptions& o) {
         "and fields x vocab below 2^24 (got ", o.samples, ", ", o.fields, ", ", o.vocab, ", ",
         o.zipf, ", ", o.scale, ")"));
   }
-  std::mt19937_64 rng(o.seed);
+  std::mt19937_64 model_rng(o.model_seed);
   std::normal_distribution<double> normal(0.0, o.scale);
   std::vector<double> w(static_cast<size_t>(o.fields * o.vocab));
-  for (double& x : w) x = normal(rng);
+  for (double& x : w) x = normal(model_rng);
+  std::seed_seq sample_seed{static_cast<uint32_t>(o.seed), static_cast<uint32_t>(o.seed >> 32), 1u};
+  std::mt19937_64 rng(sample_seed);
   // The power law's cumulative distribution, for inverse sampling.
   std::vector<double> cdf(static_cast<size_t>(o.vocab));
   double total = 0;

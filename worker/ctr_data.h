@@ -7,8 +7,10 @@
 // few values are frequent, most are rare, as in real click logs) and
 // written as the global index f * vocab + v. The planted model is
 // logistic: p(click) = sigmoid(bias + sum over fields of w[f][v]), with
-// every w[f][v] drawn once from N(0, scale^2); the label is drawn from
-// p(click). The same options (seed included) give the same file.
+// every w[f][v] drawn once from N(0, scale^2) (by model_seed); the label
+// is drawn from p(click). Samples are drawn by `seed`: a training and a
+// test log share model_seed and differ in seed. The same options give the
+// same file.
 #ifndef MX_WORKER_CTR_DATA_H_
 #define MX_WORKER_CTR_DATA_H_
 
@@ -27,7 +29,8 @@ struct ClickLogOptions {
   double zipf = 1.1;
   double scale = 0.5;
   double bias = -1.5;
-  uint64_t seed = 1;
+  uint64_t model_seed = 1;  // the planted weights
+  uint64_t seed = 1;        // the samples
 };
 
 struct ClickLogStats {

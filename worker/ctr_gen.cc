@@ -1,7 +1,8 @@
 // mx_ctr_gen: writes a synthetic click log with a planted model
 // (worker/ctr_data.h) and says the best log-loss a model can reach on it.
 //
-//   mx_ctr_gen --out=clicks.txt.gz --samples=1000000
+//   mx_ctr_gen --out=train.txt.gz --samples=1000000 --seed=1
+//   mx_ctr_gen --out=test.txt.gz --samples=100000 --seed=2   (the same planted model)
 //
 // Prints one line: samples, click rate, the planted model's log-loss (the
 // best achievable) and a constant predictor's. Exit 1 on an error, 2 on a
@@ -20,7 +21,8 @@ ABSL_FLAG(int64_t, vocab, 10000, "values per field");
 ABSL_FLAG(double, zipf, 1.1, "the power law's exponent (how skewed the values are)");
 ABSL_FLAG(double, scale, 0.5, "the planted weights' standard deviation");
 ABSL_FLAG(double, bias, -1.5, "the planted model's bias (sets the click rate)");
-ABSL_FLAG(uint64_t, seed, 1, "the random seed: the same seed writes the same file");
+ABSL_FLAG(uint64_t, model_seed, 1, "the planted model's seed (give a training and a test log the same)");
+ABSL_FLAG(uint64_t, seed, 1, "the samples' seed (give a training and a test log different ones)");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("writes a synthetic click log with a planted model");
@@ -37,6 +39,7 @@ int main(int argc, char** argv) {
   o.zipf = absl::GetFlag(FLAGS_zipf);
   o.scale = absl::GetFlag(FLAGS_scale);
   o.bias = absl::GetFlag(FLAGS_bias);
+  o.model_seed = absl::GetFlag(FLAGS_model_seed);
   o.seed = absl::GetFlag(FLAGS_seed);
   absl::StatusOr<mx::ClickLogStats> stats = mx::WriteClickLog(o);
   if (!stats.ok()) {

@@ -44,13 +44,21 @@
 #include "worker/zoo.h"
 
 ABSL_FLAG(std::string, network, "mlp",
-          "built-in network (mlp, lenet, resnet) or a symbol JSON file");
+          "built-in network (mlp, lenet, resnet; ctr for --train_libsvm click logs) or a symbol "
+          "JSON file");
 ABSL_FLAG(std::string, data_dir, "/usr/share/datasets/fashion-mnist",
           "folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]");
 ABSL_FLAG(std::string, train_csv, "", "training data as CSV (instead of --data_dir)");
 ABSL_FLAG(std::string, train_label_csv, "", "training labels as CSV");
 ABSL_FLAG(std::string, test_csv, "", "test data as CSV");
 ABSL_FLAG(std::string, test_label_csv, "", "test labels as CSV");
+ABSL_FLAG(std::string, train_libsvm, "",
+          "training click log in libsvm text, plain or gzip (mx_ctr_gen writes one); for "
+          "--network=ctr");
+ABSL_FLAG(std::string, test_libsvm, "", "test click log in libsvm text");
+ABSL_FLAG(int, ctr_fields, 8, "categorical features per line of the click logs");
+ABSL_FLAG(int64_t, ctr_features, 80000,
+          "feature indices of the click logs lie below this (mx_ctr_gen: fields x vocab)");
 ABSL_FLAG(std::string, kvstore, "local",
           "KVStore type: local, or dist_sync / dist_async for a job started by "
           "deploy/launch.py (the cluster comes from the environment)");
@@ -148,6 +156,20 @@ std::string DataFile(const std::string& dir, const std::string& stem) {
 absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(bool train, bool flat, int part, int parts) {
   const int batch = absl::GetFlag(FLAGS_batch_size);
   if (batch <= 0) return absl::InvalidArgumentError("--batch_size must be positive");
+  const std::string libsvm = absl::GetFlag(train ? FLAGS_train_libsvm : FLAGS_test_libsvm);
+  if (!libsvm.empty()) {
+    LibSvmOptions o;
+    o.path = libsvm;
+    o.num_fields = absl::GetFlag(FLAGS_ctr_fields);
+    o.batch_size = batch;
+    if (train) {
+      o.part_index = part;
+      o.num_parts = parts;
+    }
+    o.last_batch = train ? LastBatch::kDiscard : LastBatch::kPad;
+    MX_ASSIGN_OR_RETURN(auto iter, LibSvmIter(o));
+    return PrefetchingIter(std::move(iter));
+  }
   const std::string csv = absl::GetFlag(train ? FLAGS_train_csv : FLAGS_test_csv);
   if (!csv.empty()) {
     CsvOptions o;
@@ -293,7 +315,8 @@ absl::Status Run() {
                         FeedForward::LoadCheckpoint(prefix, resume, contexts, load));
     model = std::make_unique<FeedForward>(std::move(loaded));
   } else {
-    absl::StatusOr<Symbol> net = zoo::ByName(network);
+    absl::StatusOr<Symbol> net = network == "ctr" ? zoo::Ctr(absl::GetFlag(FLAGS_ctr_features))
+                                                  : zoo::ByName(network);
     if (!net.ok() && network.find('.') != std::string::npos) net = Symbol::Load(network);
     if (!net.ok()) return net.status();
     model = std::make_unique<FeedForward>(*net, contexts);

@@ -58,6 +58,20 @@ Symbol ResNet(int blocks, int num_classes) {
   return Op("SoftmaxOutput", {net}, {}, "softmax");
 }
 
+Symbol Ctr(int64_t num_features, int embed_dim) {
+  const Symbol data = Variable("data");
+  const auto features = static_cast<int>(num_features);
+  Symbol wide = Op("Embedding", {data}, {{"input_dim", features}, {"output_dim", 2}}, "wide_embed");
+  wide = Op("sum", {wide}, {{"axis", Shape{1}}}, "wide_sum");
+  Symbol deep =
+      Op("Embedding", {data}, {{"input_dim", features}, {"output_dim", embed_dim}}, "deep_embed");
+  deep = Op("Flatten", {deep}, {}, "deep_flatten");
+  deep = Op("FullyConnected", {deep}, {{"num_hidden", 64}}, "deep_fc1");
+  deep = Op("Activation", {deep}, {{"act_type", "relu"}}, "deep_relu1");
+  deep = Op("FullyConnected", {deep}, {{"num_hidden", 2}}, "deep_fc2");
+  return Op("SoftmaxOutput", {wide + deep}, {}, "softmax");
+}
+
 absl::StatusOr<Symbol> ByName(const std::string& name, int num_classes) {
   if (name == "mlp") return Mlp(num_classes);
   if (name == "lenet") return LeNet(num_classes);
