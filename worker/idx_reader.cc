@@ -24,18 +24,6 @@ namespace {
 constexpr size_t kPiece = size_t{1} << 24;
 constexpr int kGzBuffer = 1 << 20;
 
-struct GzCloser {
-  void operator()(gzFile f) const { gzclose(f); }
-};
-using GzFile = std::unique_ptr<gzFile_s, GzCloser>;
-
-absl::Status OpenError(const std::string& path) {
-  std::string msg =
-      absl::StrCat("cannot open ", path, ": ", std::strerror(errno));
-  if (errno == ENOENT) return absl::NotFoundError(msg);
-  return absl::PermissionDeniedError(msg);
-}
-
 // True when the file starts with the gzip magic 0x1f 0x8b.
 absl::StatusOr<bool> IsGzip(const std::string& path) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
@@ -85,6 +73,13 @@ uint32_t BigEndian32(const unsigned char* p) {
 }
 
 }  // namespace
+
+absl::Status OpenError(const std::string& path) {
+  std::string msg =
+      absl::StrCat("cannot open ", path, ": ", std::strerror(errno));
+  if (errno == ENOENT) return absl::NotFoundError(msg);
+  return absl::PermissionDeniedError(msg);
+}
 
 absl::StatusOr<IdxFile> ReadIdxFile(const std::string& path, int ndim) {
   absl::StatusOr<bool> gzip = IsGzip(path);

@@ -1,5 +1,6 @@
 // Internal to worker/io.cc: reading IDX files, the format of MNIST and
-// Fashion-MNIST (http://yann.lecun.com/exdb/mnist/).
+// Fashion-MNIST (http://yann.lecun.com/exdb/mnist/), and the zlib helpers
+// the file readers share (libsvm_iter.cc too).
 //
 // Layout (all integers big-endian): a 4-byte magic 0x00 0x00 <type> <ndim>,
 // then ndim 32-bit dimensions, then the data in row-major order. Only type
@@ -11,7 +12,10 @@
 #ifndef MX_WORKER_IDX_READER_H_
 #define MX_WORKER_IDX_READER_H_
 
+#include <zlib.h>
+
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -19,6 +23,17 @@
 
 namespace mx {
 namespace internal {
+
+// A zlib file (gzopen) that closes itself; zlib reads plain files as they
+// are.
+struct GzCloser {
+  void operator()(gzFile f) const { gzclose(f); }
+};
+using GzFile = std::unique_ptr<gzFile_s, GzCloser>;
+
+// The error for a file that did not open (from errno): NotFound or
+// PermissionDenied, "cannot open PATH: REASON".
+absl::Status OpenError(const std::string& path);
 
 struct IdxFile {
   std::vector<int64_t> dims;  // from the header, e.g. (N, 28, 28)

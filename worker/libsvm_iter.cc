@@ -2,7 +2,6 @@
 // (which reads plain files as they are).
 #include <zlib.h>
 
-#include <cerrno>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -11,16 +10,13 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "worker/idx_reader.h"
 #include "worker/io.h"
 
 namespace mx {
 namespace {
 
 constexpr int64_t kMaxIndex = int64_t{1} << 24;  // floats hold indices exactly below this
-
-struct GzCloser {
-  void operator()(gzFile f) const { gzclose(f); }
-};
 
 class LibSvm : public DataIter {
  public:
@@ -137,7 +133,7 @@ class LibSvm : public DataIter {
   }
 
   const LibSvmOptions o_;
-  std::unique_ptr<gzFile_s, GzCloser> file_;
+  internal::GzFile file_;
   NDArray data_, label_;
   std::vector<char> line_buffer_;
   int64_t line_ = 0;  // lines read so far this epoch
@@ -159,8 +155,8 @@ absl::StatusOr<std::unique_ptr<DataIter>> LibSvmIter(const LibSvmOptions& o) {
   }
   gzFile file = gzopen(o.path.c_str(), "rb");
   if (file == nullptr) {
-    const std::string msg = absl::StrCat("LibSvmIter: cannot open ", o.path, ": ", std::strerror(errno));
-    return errno == ENOENT ? absl::NotFoundError(msg) : absl::PermissionDeniedError(msg);
+    const absl::Status s = internal::OpenError(o.path);
+    return absl::Status(s.code(), absl::StrCat("LibSvmIter: ", s.message()));
   }
   gzbuffer(file, 1 << 20);
   return std::unique_ptr<DataIter>(new LibSvm(o, file));
