@@ -20,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kvstore/compression_wire.h"
 #include "kvstore/gradient_compression.h"
 #include "kvstore/kvstore_internal.h"
 #include "kvstore/placement.h"
@@ -926,17 +927,14 @@ class DistKVStore : public KVStore {
         "SetUpdater: a distributed store updates on the servers; use SetOptimizer"));
   }
 
-  absl::Status SetGradientCompression(const std::map<std::string, std::string>& params) override {
-    auto c = GradientCompression::FromParams(params);
-    if (!c.ok()) return absl::InvalidArgumentError(absl::StrCat("kvstore ", type(), ": ", c.status().message()));
+  absl::Status UseGradientCompression(const GradientCompression& c) override {
     for (const auto& [key, e] : keys_) {
       if (e->pushes > 0) {
         return absl::FailedPreconditionError(absl::StrCat(
-            "kvstore ", type(), ": set gradient compression before the first push (key ", e->label,
-            " was pushed)"));
+            "set gradient compression before the first push (key ", e->label, " was pushed)"));
       }
     }
-    conn_->compression = *c;
+    conn_->compression = c;
     return absl::OkStatus();
   }
 
@@ -1164,13 +1162,11 @@ class DistKVStore : public KVStore {
     proto::Tensor* t = header.mutable_value();
     t->add_shape(p.end - p.begin);
     const GradientCompression& c = conn.compression;
+    DescribePacked(c, t);
     if (!c.enabled()) {
-      t->set_dtype(proto::FLOAT32);
       return EncodeTensorMessage(header, kPushValueField,
                                  Pieces::Of(base + p.begin, p.end - p.begin, std::move(owner)));
     }
-    t->set_dtype(c.type == GradientCompression::Type::kFp16 ? proto::FLOAT16 : proto::TWO_BIT);
-    if (c.type == GradientCompression::Type::kTwoBit) t->set_threshold(c.threshold);
     // Packed for each attempt: exact for quantized values, so a push sent
     // again carries the same ones.
     auto packed = std::make_shared<std::vector<uint8_t>>(PackedBytes(c, p.end - p.begin));

@@ -4,7 +4,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "kvstore/gradient_compression.h"
 #include "kvstore/kvstore_internal.h"
 
 namespace mx {
@@ -49,11 +48,16 @@ absl::Status KVStore::PushPull(const std::vector<Key>& keys,
 }
 
 absl::Status KVStore::SetGradientCompression(const std::map<std::string, std::string>& params) {
-  auto c = GradientCompression::FromParams(params);
-  if (!c.ok()) return absl::InvalidArgumentError(absl::StrCat("kvstore ", type(), ": ", c.status().message()));
-  if (!c->enabled()) return absl::OkStatus();
+  absl::StatusOr<GradientCompression> c = GradientCompression::FromParams(params);
+  const absl::Status s = c.ok() ? UseGradientCompression(*c) : c.status();
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat("kvstore ", type(), ": ", s.message()));
+}
+
+absl::Status KVStore::UseGradientCompression(const GradientCompression& c) {
+  if (!c.enabled()) return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrCat(
-      "kvstore ", type(), ": gradient compression (", c->ToString(),
+      "gradient compression (", c.ToString(),
       ") applies to the distributed stores (dist_sync, dist_async), which send gradients"));
 }
 

@@ -35,6 +35,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kvstore/gradient_compression.h"
 #include "kvstore/optimizer.h"
 #include "ndarray/ndarray.h"
 
@@ -119,8 +120,9 @@ class KVStore {
   // pushed gradient compressed and keep what it lost for the next push of
   // the key. Call it before the first push. Bad parameters are
   // INVALID_ARGUMENT naming them; the local store, which sends nothing,
-  // refuses any type but "none" (FAILED_PRECONDITION).
-  virtual absl::Status SetGradientCompression(const std::map<std::string, std::string>& params);
+  // refuses any type but "none" (FAILED_PRECONDITION). Errors start with
+  // "kvstore TYPE: ".
+  absl::Status SetGradientCompression(const std::map<std::string, std::string>& params);
   virtual absl::Status SaveOptimizerStates(const std::string& path) const = 0;
   virtual absl::Status LoadOptimizerStates(const std::string& path) = 0;
 
@@ -141,6 +143,9 @@ class KVStore {
 
  protected:
   explicit KVStore(std::string type) : type_(std::move(type)) {}
+  // Takes checked compression settings (SetGradientCompression); stores
+  // that send no gradients refuse any but none.
+  virtual absl::Status UseGradientCompression(const GradientCompression& c);
 
  private:
   std::string type_;

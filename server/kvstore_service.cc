@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cmath>
 #include <deque>
 #include <cstring>
 #include <iostream>
@@ -17,6 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "kvstore/compression_wire.h"
 #include "kvstore/gradient_compression.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
@@ -843,20 +843,10 @@ class Service final : public ServiceBase {
   // buffer of its own.
   static absl::StatusOr<Pieces> PushedValue(const Slices& request, const proto::Tensor& t,
                                             const PushData& data) {
-    if (t.dtype() == proto::FLOAT32) {
+    MX_ASSIGN_OR_RETURN(const GradientCompression c, CompressionOf(t));
+    if (!c.enabled()) {
       MX_RETURN_IF_ERROR(TensorShape(t, data.bytes).status());
       return PiecesOf(request, data.offset, data.bytes);
-    }
-    GradientCompression c;
-    if (t.dtype() == proto::FLOAT16) {
-      c.type = GradientCompression::Type::kFp16;
-    } else if (t.dtype() == proto::TWO_BIT && t.threshold() > 0 && std::isfinite(t.threshold())) {
-      c.type = GradientCompression::Type::kTwoBit;
-      c.threshold = t.threshold();
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "unsupported dtype ", t.dtype(),
-          t.dtype() == proto::TWO_BIT ? absl::StrCat(" with threshold ", t.threshold()) : ""));
     }
     MX_ASSIGN_OR_RETURN(const Shape shape, TensorDims(t));
     MX_ASSIGN_OR_RETURN(const Pieces packed, PiecesOf(request, data.offset, data.bytes));
