@@ -51,21 +51,35 @@ constexpr NumberSpec kRho{"rho", 0.9, 0.0, 1.0};
 constexpr NumberSpec kAdadeltaEpsilon{"epsilon", 1e-5, 0.0};
 
 // Pushes one engine operation on the weight's context that applies Rule
-// (ndarray/update_kernels.h) to every element: it reads grad and writes
+// (ndarray/update_kernels.h) to every element, or with `rows` to those rows
+// only (grad then holds one row per position): it reads grad and writes
 // weight and the Rule::kStates state arrays.
 template <typename Rule>
 void PushRule(const char* name, NDArray& weight, const NDArray& grad,
-              std::vector<NDArray>& states, const typename Rule::Args& args) {
+              const Optimizer::RowPositions& rows, std::vector<NDArray>& states,
+              const typename Rule::Args& args) {
   MX_CHECK(static_cast<int>(states.size()) == Rule::kStates);
-  const typename kernel::UpdateKernel<Rule>::Params p{
-      weight.data(), grad.data(), Rule::kStates > 0 ? states[0].data() : nullptr,
-      Rule::kStates > 1 ? states[1].data() : nullptr, args};
+  float* w = weight.data();
+  const float* g = grad.data();
+  float* s0 = Rule::kStates > 0 ? states[0].data() : nullptr;
+  float* s1 = Rule::kStates > 1 ? states[1].data() : nullptr;
   const Context ctx = weight.context();
-  const int64_t n = weight.size();
+  const int64_t n = grad.size();
   std::vector<VarHandle> writes{weight.var()};
   for (const NDArray& s : states) writes.push_back(s.var());
-  kernel::Push(name, ctx, {grad.var()}, std::move(writes),
-               [=] { kernel::Launch<kernel::UpdateKernel<Rule>>(name, ctx, n, p); });
+  std::function<void()> fn;
+  if (rows == nullptr) {
+    const typename kernel::UpdateKernel<Rule>::Params p{w, g, s0, s1, args};
+    fn = [=] { kernel::Launch<kernel::UpdateKernel<Rule>>(name, ctx, n, p); };
+  } else {
+    const int64_t dim = weight.shape().RowSize();
+    const typename kernel::RowUpdateKernel<Rule>::Params p{w, g, s0, s1, rows->data(), dim, args};
+    // The lambda holds `rows` so that the positions outlive the operation.
+    fn = [p, rows, name, ctx, n] {
+      kernel::Launch<kernel::RowUpdateKernel<Rule>>(name, ctx, n, p);
+    };
+  }
+  kernel::Push(name, ctx, {grad.var()}, std::move(writes), std::move(fn));
 }
 
 // A double read from options already validated by Create (for the few
@@ -93,15 +107,15 @@ class Sgd : public Optimizer {
 
   int NumStates() const override { return momentum_ != 0 ? 1 : 0; }
 
-  void PushUpdate(NDArray& weight, const NDArray& grad,
+  void PushUpdate(NDArray& weight, const NDArray& grad, const RowPositions& rows,
                   std::vector<NDArray>& states, float lr, float wd,
                   int64_t) override {
     const kernel::SgdStep step{lr, rescale_grad_, clip_gradient_, lr * rescale_grad_};
     if (momentum_ == 0) {
-      PushRule<kernel::SgdRule>("sgd_update", weight, grad, states, {step, lr, wd});
+      PushRule<kernel::SgdRule>("sgd_update", weight, grad, rows, states, {step, lr, wd});
       return;
     }
-    PushRule<kernel::SgdMomentumRule>("sgd_mom_update", weight, grad, states,
+    PushRule<kernel::SgdMomentumRule>("sgd_mom_update", weight, grad, rows, states,
                                       {step, lr, wd, momentum_});
   }
 
@@ -115,14 +129,14 @@ class Nag : public Sgd {
   explicit Nag(const Options& options) : Sgd("nag", options) {}
 
  protected:
-  void PushUpdate(NDArray& weight, const NDArray& grad,
+  void PushUpdate(NDArray& weight, const NDArray& grad, const RowPositions& rows,
                   std::vector<NDArray>& states, float lr, float wd,
                   int64_t t) override {
     if (momentum_ == 0) {
-      Sgd::PushUpdate(weight, grad, states, lr, wd, t);
+      Sgd::PushUpdate(weight, grad, rows, states, lr, wd, t);
       return;
     }
-    PushRule<kernel::NagRule>("nag_mom_update", weight, grad, states,
+    PushRule<kernel::NagRule>("nag_mom_update", weight, grad, rows, states,
                               {lr, wd, rescale_grad_, clip_gradient_, momentum_});
   }
 };
@@ -141,7 +155,7 @@ class Adam : public Optimizer {
  protected:
   int NumStates() const override { return 2; }
 
-  void PushUpdate(NDArray& weight, const NDArray& grad,
+  void PushUpdate(NDArray& weight, const NDArray& grad, const RowPositions& rows,
                   std::vector<NDArray>& states, float lr, float wd,
                   int64_t t) override {
     // Python's doubles: lr *= sqrt(1 - beta2^t) / (1 - beta1^t).
@@ -149,8 +163,7 @@ class Adam : public Optimizer {
     const double coef2 = 1.0 - std::pow(beta2_double_, static_cast<double>(t));
     const float lr_t = static_cast<float>(static_cast<double>(lr) *
                                           (std::sqrt(coef2) / coef1));
-    PushRule<kernel::AdamRule>(
-        "adam_update", weight, grad, states,
+    PushRule<kernel::AdamRule>("adam_update", weight, grad, rows, states,
         {lr_t, wd, rescale_grad_, clip_gradient_, beta1_, beta2_, epsilon_});
   }
 
@@ -169,10 +182,10 @@ class AdaGrad : public Optimizer {
  protected:
   int NumStates() const override { return 1; }
 
-  void PushUpdate(NDArray& weight, const NDArray& grad,
+  void PushUpdate(NDArray& weight, const NDArray& grad, const RowPositions& rows,
                   std::vector<NDArray>& states, float lr, float wd,
                   int64_t) override {
-    PushRule<kernel::AdaGradRule>("adagrad_update", weight, grad, states,
+    PushRule<kernel::AdaGradRule>("adagrad_update", weight, grad, rows, states,
                                   {lr, wd, rescale_grad_, clip_gradient_, eps_});
   }
 
@@ -192,11 +205,10 @@ class RmsProp : public Optimizer {
  protected:
   int NumStates() const override { return 1; }
 
-  void PushUpdate(NDArray& weight, const NDArray& grad,
+  void PushUpdate(NDArray& weight, const NDArray& grad, const RowPositions& rows,
                   std::vector<NDArray>& states, float lr, float wd,
                   int64_t) override {
-    PushRule<kernel::RmsPropRule>(
-        "rmsprop_update", weight, grad, states,
+    PushRule<kernel::RmsPropRule>("rmsprop_update", weight, grad, rows, states,
         {lr, wd, rescale_grad_, clip_gradient_, gamma1_, epsilon_, clip_weights_});
   }
 
@@ -216,10 +228,10 @@ class AdaDelta : public Optimizer {
  protected:
   int NumStates() const override { return 2; }
 
-  void PushUpdate(NDArray& weight, const NDArray& grad,
+  void PushUpdate(NDArray& weight, const NDArray& grad, const RowPositions& rows,
                   std::vector<NDArray>& states, float, float wd,
                   int64_t) override {
-    PushRule<kernel::AdaDeltaRule>("adadelta_update", weight, grad, states,
+    PushRule<kernel::AdaDeltaRule>("adadelta_update", weight, grad, rows, states,
                                    {wd, rescale_grad_, clip_gradient_, rho_, epsilon_});
   }
 
@@ -449,6 +461,37 @@ void Optimizer::Update(int index, NDArray weight, const NDArray& grad) {
   MX_THROW_IF_NOT(weight.context() == grad.context(), what,
                   ": the weight is on ", weight.context().ToString(),
                   " but the gradient on ", grad.context().ToString());
+  Apply(index, weight, grad, nullptr, what);
+}
+
+void Optimizer::UpdateRows(int index, NDArray weight, const RowSparseNDArray& grad,
+                           int64_t first_row) {
+  const std::string what =
+      absl::StrCat(name_, " lazy update of ", ParamLabel(index));
+  MX_THROW_IF_NOT(!weight.is_none() && !grad.is_none() && weight.ndim() >= 1, what,
+                  ": the weight or the gradient is null, or the weight has no rows");
+  MX_THROW_IF_NOT(weight.context() == grad.context(), what,
+                  ": the weight is on ", weight.context().ToString(),
+                  " but the gradient on ", grad.context().ToString());
+  Shape rest_w = weight.shape(), rest_g = grad.shape();
+  rest_w[0] = rest_g[0] = 0;
+  const int64_t rows = weight.shape()[0];
+  MX_THROW_IF_NOT(rest_w == rest_g && first_row >= 0 && first_row + rows <= grad.num_rows(),
+                  what, ": the weight ", weight.shape().ToString(), " is not rows [",
+                  first_row, ", ", first_row + rows, ") of the gradient's table ",
+                  grad.shape().ToString());
+  auto pos = std::make_shared<std::vector<int64_t>>(grad.indices());
+  for (int64_t& id : *pos) {
+    MX_THROW_IF_NOT(id >= first_row && id < first_row + rows, what, ": row id ", id,
+                    " of the gradient is outside the weight's rows [", first_row, ", ",
+                    first_row + rows, ")");
+    id -= first_row;
+  }
+  Apply(index, weight, grad.data(), std::move(pos), what);
+}
+
+void Optimizer::Apply(int index, NDArray& weight, const NDArray& grad, const RowPositions& rows,
+                      const std::string& what) {
   auto existing = params_.find(index);
   if (existing != params_.end() && existing->second.shape.has_value()) {
     MX_THROW_IF_NOT(*existing->second.shape == weight.shape(), what,
@@ -474,7 +517,7 @@ void Optimizer::Update(int index, NDArray weight, const NDArray& grad) {
   }
   ++param.count;
   num_update_ = std::max(num_update_, param.count);
-  PushUpdate(weight, grad, param.states, lr, wd, param.count);
+  PushUpdate(weight, grad, rows, param.states, lr, wd, param.count);
 }
 
 // ---- States.

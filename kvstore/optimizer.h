@@ -74,6 +74,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "ndarray/ndarray.h"
+#include "ndarray/row_sparse.h"
 
 namespace mx {
 
@@ -111,6 +112,9 @@ absl::StatusOr<std::unique_ptr<LRScheduler>> CreateLRScheduler(
 class Optimizer {
  public:
   using Options = std::map<std::string, std::string>;
+  // The rows of the weight a lazy update touches, one per row of the
+  // compact gradient; null for a dense update.
+  using RowPositions = std::shared_ptr<const std::vector<int64_t>>;
 
   static absl::StatusOr<std::unique_ptr<Optimizer>> Create(
       const std::string& name, const Options& options);
@@ -121,6 +125,19 @@ class Optimizer {
   // mx::Error (kInvalidArgument) when shapes differ from each other or from
   // the first call's, and kUnimplemented for arrays that are not on a CPU.
   void Update(int index, NDArray weight, const NDArray& grad);
+  // The lazy update of a row-sparse gradient (MXNet's lazy_update, for every
+  // optimizer here): the rule above is applied to the rows grad stores and
+  // to those rows of the states; every other row of the weight and of the
+  // states stays as it is. That is where it differs from Update with the
+  // dense form of grad: rows outside grad get no weight decay and their
+  // momentum (or Adam's moments) does not decay. Counts and Adam's t
+  // advance once per call, as for Update. `weight` holds rows [first_row,
+  // first_row + weight.shape()[0]) of the table grad describes (a parameter
+  // server's range of a sharded table; 0 and the whole table otherwise):
+  // its other dimensions must equal grad's and grad's ids must lie in that
+  // range (kInvalidArgument otherwise, naming the parameter).
+  void UpdateRows(int index, NDArray weight, const RowSparseNDArray& grad,
+                  int64_t first_row = 0);
 
   // Names of parameters by index (for lr/wd multipliers and default wd_mult).
   void SetParamNames(const std::map<int, std::string>& names);
@@ -176,8 +193,9 @@ class Optimizer {
   // Number of state arrays per parameter (momentum: 1, adam: 2, ...).
   virtual int NumStates() const = 0;
   // Pushes the fused update. lr and wd already include multipliers and the
-  // schedule; `t` counts this parameter's updates from 1 (for Adam).
-  virtual void PushUpdate(NDArray& weight, const NDArray& grad,
+  // schedule; `t` counts this parameter's updates from 1 (for Adam). With
+  // `rows`, grad holds only those rows of the weight (a lazy update).
+  virtual void PushUpdate(NDArray& weight, const NDArray& grad, const RowPositions& rows,
                           std::vector<NDArray>& states, float lr, float wd,
                           int64_t t) = 0;
 
@@ -194,6 +212,10 @@ class Optimizer {
   };
 
   float WdFor(int index) const;
+  // What Update and UpdateRows share once the arrays are checked: the
+  // schedule, the states and the count.
+  void Apply(int index, NDArray& weight, const NDArray& grad, const RowPositions& rows,
+             const std::string& what);
   float MultFor(const std::map<std::string, float>& mult, int index,
                 float fallback) const;
   // "parameter 3 ('fc1_weight')", for error messages.

@@ -2,6 +2,7 @@
 // ndarray.h next to the declarations.
 #include <cerrno>
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -10,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "ndarray/ndarray.h"
+#include "ndarray/row_sparse.h"
 #include "zlib.h"
 
 namespace mx {
@@ -17,7 +19,19 @@ namespace mx {
 namespace {
 
 constexpr char kMagic[4] = {'M', 'X', 'N', 'D'};
+// Version 1: dense entries only. Version 2: each entry has a storage type
+// after its name (written only when some entry is row-sparse, so files of
+// dense arrays stay readable by older readers).
 constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersionWithStorage = 2;
+enum StorageType : uint32_t { kDense = 0, kRowSparse = 1 };
+
+// One entry of a file: a dense or a row-sparse array.
+struct Entry {
+  std::string name;
+  NDArray dense;             // set for kDense
+  RowSparseNDArray sparse;   // set for kRowSparse
+};
 constexpr uint32_t kMaxNameLength = 1 << 16;
 constexpr uint32_t kMaxDims = 32;
 
@@ -82,8 +96,50 @@ absl::Status ErrnoError(const std::string& what, const std::string& path) {
   return absl::InternalError(msg);
 }
 
-absl::StatusOr<NDArray> ReadArray(Reader& r, const std::string& path,
-                                  std::string* name, Context ctx) {
+absl::StatusOr<Shape> ReadShape(Reader& r, const std::string& path, const std::string& name) {
+  uint32_t ndim = 0;
+  MX_RETURN_IF_ERROR(r.Get(&ndim, absl::StrCat("the rank of '", name, "'").c_str()));
+  if (ndim > kMaxDims) {
+    return absl::DataLossError(absl::StrCat(path, ": array '", name, "' has rank ",
+                                            ndim, " (at most ", kMaxDims, ")"));
+  }
+  Shape shape;
+  int64_t elements = 1;
+  for (uint32_t d = 0; d < ndim; ++d) {
+    int64_t dim = 0;
+    MX_RETURN_IF_ERROR(r.Get(&dim, absl::StrCat("the shape of '", name, "'").c_str()));
+    if (dim < 0) {
+      return absl::DataLossError(absl::StrCat(path, ": array '", name,
+                                              "' has negative dimension ", dim));
+    }
+    if (dim > 0 && elements > std::numeric_limits<int64_t>::max() / dim) {
+      return absl::DataLossError(absl::StrCat(path, ": array '", name,
+                                              "' has an impossible size"));
+    }
+    elements *= dim;
+    shape.push_back(dim);
+  }
+  return shape;
+}
+
+// `count` items of T (the size checked against what is left before
+// allocating anything).
+template <typename T>
+absl::StatusOr<std::vector<T>> ReadValues(Reader& r, const std::string& path, uint64_t count,
+                                          const std::string& what) {
+  if (count > r.remaining() / sizeof(T)) {
+    return absl::DataLossError(absl::StrCat(
+        path, ": file is truncated at offset ", r.pos(), " reading ", what,
+        " (", r.remaining(), " bytes left)"));
+  }
+  std::vector<T> values(count);
+  MX_RETURN_IF_ERROR(r.Bytes(values.data(), count * sizeof(T), what));
+  return values;
+}
+
+absl::StatusOr<Entry> ReadEntry(Reader& r, const std::string& path, uint32_t version,
+                                Context ctx) {
+  Entry e;
   uint32_t name_len = 0;
   MX_RETURN_IF_ERROR(r.Get(&name_len, "a name length"));
   if (name_len > kMaxNameLength) {
@@ -91,71 +147,87 @@ absl::StatusOr<NDArray> ReadArray(Reader& r, const std::string& path,
                                             " at offset ", r.pos() - 4,
                                             " exceeds ", kMaxNameLength));
   }
-  name->resize(name_len);
-  MX_RETURN_IF_ERROR(r.Bytes(name->data(), name_len, "a name"));
-  uint32_t ndim = 0;
-  MX_RETURN_IF_ERROR(r.Get(&ndim, absl::StrCat("the rank of '", *name, "'").c_str()));
-  if (ndim > kMaxDims) {
-    return absl::DataLossError(absl::StrCat(path, ": array '", *name, "' has rank ",
-                                            ndim, " (at most ", kMaxDims, ")"));
-  }
-  Shape shape;
-  int64_t elements = 1;
-  for (uint32_t d = 0; d < ndim; ++d) {
-    int64_t dim = 0;
-    MX_RETURN_IF_ERROR(r.Get(&dim, absl::StrCat("the shape of '", *name, "'").c_str()));
-    if (dim < 0) {
-      return absl::DataLossError(absl::StrCat(path, ": array '", *name,
-                                              "' has negative dimension ", dim));
+  e.name.resize(name_len);
+  MX_RETURN_IF_ERROR(r.Bytes(e.name.data(), name_len, "a name"));
+  uint32_t stype = kDense;
+  if (version == kVersionWithStorage) {
+    MX_RETURN_IF_ERROR(r.Get(&stype, "a storage type"));
+    if (stype != kDense && stype != kRowSparse) {
+      return absl::DataLossError(absl::StrCat(path, ": array '", e.name,
+                                              "' has unknown storage type ", stype));
     }
-    if (dim > 0 && elements > std::numeric_limits<int64_t>::max() / dim) {
-      return absl::DataLossError(absl::StrCat(path, ": array '", *name,
-                                              "' has an impossible size"));
-    }
-    elements *= dim;
-    shape.push_back(dim);
   }
-  // Check the size against what is left before allocating anything.
-  const std::string what =
-      absl::StrCat("the data of '", *name, "' ", shape.ToString());
-  if (elements < 0 || static_cast<uint64_t>(elements) > r.remaining() / sizeof(float)) {
-    return absl::DataLossError(absl::StrCat(
-        path, ": file is truncated at offset ", r.pos(), " reading ", what,
-        " (", r.remaining(), " bytes left)"));
+  MX_ASSIGN_OR_RETURN(const Shape shape, ReadShape(r, path, e.name));
+  const std::string what = absl::StrCat("the data of '", e.name, "' ", shape.ToString());
+  if (stype == kDense) {
+    MX_ASSIGN_OR_RETURN(std::vector<float> values,
+                        ReadValues<float>(r, path, shape.Size(), what));
+    MX_RETURN_IF_ERROR(CatchError([&] { e.dense = FromVector(values, shape, ctx); }));
+    return e;
   }
-  std::vector<float> values(elements);
-  MX_RETURN_IF_ERROR(r.Bytes(values.data(), elements * sizeof(float), what));
+  uint64_t nnz = 0;
+  MX_RETURN_IF_ERROR(r.Get(&nnz, absl::StrCat("the row count of '", e.name, "'").c_str()));
+  if (shape.ndim() == 0) {
+    return absl::DataLossError(absl::StrCat(path, ": row-sparse array '", e.name,
+                                            "' has no dimensions"));
+  }
+  MX_ASSIGN_OR_RETURN(std::vector<int64_t> ids,
+                      ReadValues<int64_t>(r, path, nnz, absl::StrCat("the row ids of '",
+                                                                     e.name, "'")));
+  if (absl::Status s = CheckRowIds(ids, shape[0], absl::StrCat(path, ": array '", e.name, "'"));
+      !s.ok()) {
+    return absl::DataLossError(s.message());
+  }
+  Shape rows = shape;
+  rows[0] = static_cast<int64_t>(nnz);
+  MX_ASSIGN_OR_RETURN(std::vector<float> values,
+                      ReadValues<float>(r, path, rows.Size(), what));
+  MX_RETURN_IF_ERROR(CatchError([&] {
+    e.sparse = RowSparseNDArray(shape, std::move(ids), FromVector(values, rows, ctx));
+  }));
+  return e;
+}
+
+void WriteShape(Writer& w, const Shape& shape) {
+  w.Put(static_cast<uint32_t>(shape.ndim()));
+  for (int64_t d : shape) w.Put(d);
+}
+
+// The values of an array on the host, with errors prefixed by `what`.
+absl::StatusOr<std::vector<float>> HostValues(const NDArray& array, const std::string& what,
+                                              const std::string& name) {
   try {
-    return FromVector(values, shape, ctx);
+    return array.ToVector();
   } catch (const Error& e) {
-    return e.status();
+    return absl::Status(e.code(), absl::StrCat(what, ": array '", name, "': ", e.what()));
   }
 }
 
 // The whole format in memory. `what` prefixes errors about the arrays
 // ("Save <path>" or "SerializeArrays").
-absl::StatusOr<std::string> Encode(const NamedArrays& arrays,
-                                   const std::string& what) {
+absl::StatusOr<std::string> Encode(const std::vector<Entry>& entries, const std::string& what) {
+  const bool any_sparse = std::any_of(entries.begin(), entries.end(),
+                                      [](const Entry& e) { return !e.sparse.is_none(); });
   Writer w;
   w.Bytes(kMagic, 4);
-  w.Put(kVersion);
-  w.Put(static_cast<uint64_t>(arrays.size()));
-  for (const auto& [name, array] : arrays) {
-    if (array.is_none()) {
+  w.Put(any_sparse ? kVersionWithStorage : kVersion);
+  w.Put(static_cast<uint64_t>(entries.size()));
+  for (const Entry& e : entries) {
+    const bool sparse = !e.sparse.is_none();
+    if (!sparse && e.dense.is_none()) {
       return absl::InvalidArgumentError(
-          absl::StrCat(what, ": array '", name, "' is null"));
+          absl::StrCat(what, ": array '", e.name, "' is null"));
     }
-    w.Put(static_cast<uint32_t>(name.size()));
-    w.Bytes(name.data(), name.size());
-    w.Put(static_cast<uint32_t>(array.ndim()));
-    for (int64_t d : array.shape()) w.Put(d);
-    std::vector<float> values;
-    try {
-      values = array.ToVector();
-    } catch (const Error& e) {
-      return absl::Status(e.code(), absl::StrCat(what, ": array '", name,
-                                                 "': ", e.what()));
+    w.Put(static_cast<uint32_t>(e.name.size()));
+    w.Bytes(e.name.data(), e.name.size());
+    if (any_sparse) w.Put(sparse ? kRowSparse : kDense);
+    WriteShape(w, sparse ? e.sparse.shape() : e.dense.shape());
+    if (sparse) {
+      w.Put(static_cast<uint64_t>(e.sparse.nnz()));
+      w.Bytes(e.sparse.indices().data(), e.sparse.indices().size() * sizeof(int64_t));
     }
+    MX_ASSIGN_OR_RETURN(const std::vector<float> values,
+                        HostValues(sparse ? e.sparse.data() : e.dense, what, e.name));
     w.Bytes(values.data(), values.size() * sizeof(float));
   }
   w.Put(Crc(w.buf(), w.buf().size()));
@@ -164,8 +236,8 @@ absl::StatusOr<std::string> Encode(const NamedArrays& arrays,
 
 // Parses the format from memory. `path` (the file, or a label for data that
 // never was one) starts every error.
-absl::StatusOr<NamedArrays> Decode(const std::string& data,
-                                   const std::string& path, Context ctx) {
+absl::StatusOr<std::vector<Entry>> Decode(const std::string& data, const std::string& path,
+                                          Context ctx) {
   if (data.size() < 4 || std::memcmp(data.data(), kMagic, 4) != 0) {
     return absl::DataLossError(absl::StrCat(
         path, ": not an mx NDArray file (bad magic at offset 0)"));
@@ -181,10 +253,10 @@ absl::StatusOr<NamedArrays> Decode(const std::string& data,
   MX_RETURN_IF_ERROR(r.Bytes(magic, 4, "the magic"));
   uint32_t version = 0;
   MX_RETURN_IF_ERROR(r.Get(&version, "the version"));
-  if (version != kVersion) {
+  if (version != kVersion && version != kVersionWithStorage) {
     return absl::DataLossError(absl::StrCat(path, ": unsupported format version ",
-                                            version, " (this mx reads ",
-                                            kVersion, ")"));
+                                            version, " (this mx reads ", kVersion,
+                                            " and ", kVersionWithStorage, ")"));
   }
   uint64_t count = 0;
   MX_RETURN_IF_ERROR(r.Get(&count, "the array count"));
@@ -193,17 +265,16 @@ absl::StatusOr<NamedArrays> Decode(const std::string& data,
   uint32_t stored;
   std::memcpy(&stored, data.data() + body_end, sizeof(stored));
   const uint32_t actual = Crc(data, body_end);
-  NamedArrays out;
+  std::vector<Entry> out;
   for (uint64_t i = 0; i < count; ++i) {
-    std::string name;
-    absl::StatusOr<NDArray> a = ReadArray(r, path, &name, ctx);
-    if (!a.ok()) {
-      if (stored == actual) return a.status();
+    absl::StatusOr<Entry> e = ReadEntry(r, path, version, ctx);
+    if (!e.ok()) {
+      if (stored == actual) return e.status();
       return absl::DataLossError(absl::StrCat(
-          a.status().message(), "; the checksum does not match either: the "
+          e.status().message(), "; the checksum does not match either: the "
           "file is corrupt or truncated"));
     }
-    out.emplace_back(std::move(name), *std::move(a));
+    out.push_back(*std::move(e));
   }
   if (stored != actual) {
     return absl::DataLossError(absl::StrCat(
@@ -218,15 +289,45 @@ absl::StatusOr<NamedArrays> Decode(const std::string& data,
   return out;
 }
 
+std::vector<Entry> DenseEntries(const NamedArrays& arrays) {
+  std::vector<Entry> entries;
+  for (const auto& [name, array] : arrays) entries.push_back({name, array, {}});
+  return entries;
+}
+
+// The dense arrays of `entries`; a row-sparse one is an error naming it.
+absl::StatusOr<NamedArrays> DenseOnly(std::vector<Entry> entries, const std::string& path) {
+  NamedArrays out;
+  for (Entry& e : entries) {
+    if (!e.sparse.is_none()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": array '", e.name, "' is row_sparse; load it with LoadRowSparse"));
+    }
+    out.emplace_back(std::move(e.name), std::move(e.dense));
+  }
+  return out;
+}
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return ErrnoError("cannot open", path);
+  std::string data((std::istreambuf_iterator<char>(in)),
+                   std::istreambuf_iterator<char>());
+  if (in.bad()) return ErrnoError("cannot read", path);
+  return data;
+}
+
 }  // namespace
 
 absl::StatusOr<std::string> SerializeArrays(const NamedArrays& arrays) {
-  return Encode(arrays, "SerializeArrays");
+  return Encode(DenseEntries(arrays), "SerializeArrays");
 }
 
 absl::StatusOr<NamedArrays> DeserializeArrays(const std::string& bytes,
                                               Context ctx) {
-  return Decode(bytes, "serialized NDArray data", ctx);
+  const std::string label = "serialized NDArray data";
+  MX_ASSIGN_OR_RETURN(std::vector<Entry> entries, Decode(bytes, label, ctx));
+  return DenseOnly(std::move(entries), label);
 }
 
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes) {
@@ -251,17 +352,42 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& byt
 
 absl::Status Save(const std::string& path, const NamedArrays& arrays) {
   MX_ASSIGN_OR_RETURN(const std::string bytes,
-                      Encode(arrays, absl::StrCat("Save ", path)));
+                      Encode(DenseEntries(arrays), absl::StrCat("Save ", path)));
   return WriteFileAtomically(path, bytes);
 }
 
 absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return ErrnoError("cannot open", path);
-  std::string data((std::istreambuf_iterator<char>(in)),
-                   std::istreambuf_iterator<char>());
-  if (in.bad()) return ErrnoError("cannot read", path);
-  return Decode(data, path, ctx);
+  MX_ASSIGN_OR_RETURN(const std::string data, ReadFile(path));
+  MX_ASSIGN_OR_RETURN(std::vector<Entry> entries, Decode(data, path, ctx));
+  return DenseOnly(std::move(entries), path);
+}
+
+absl::Status SaveRowSparse(const std::string& path, const NamedRowSparse& arrays) {
+  std::vector<Entry> entries;
+  for (const auto& [name, array] : arrays) {
+    if (array.is_none()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("SaveRowSparse ", path, ": array '", name, "' is null"));
+    }
+    entries.push_back({name, {}, array});
+  }
+  MX_ASSIGN_OR_RETURN(const std::string bytes,
+                      Encode(entries, absl::StrCat("SaveRowSparse ", path)));
+  return WriteFileAtomically(path, bytes);
+}
+
+absl::StatusOr<NamedRowSparse> LoadRowSparse(const std::string& path, Context ctx) {
+  MX_ASSIGN_OR_RETURN(const std::string data, ReadFile(path));
+  MX_ASSIGN_OR_RETURN(std::vector<Entry> entries, Decode(data, path, ctx));
+  NamedRowSparse out;
+  for (Entry& e : entries) {
+    if (e.sparse.is_none()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": array '", e.name, "' is dense; load it with Load"));
+    }
+    out.emplace_back(std::move(e.name), std::move(e.sparse));
+  }
+  return out;
 }
 
 }  // namespace mx

@@ -270,7 +270,9 @@ void WaitAll();
 // data; then a CRC-32 (zlib) of everything before it. Save writes a
 // temporary file and renames it, so a crash never leaves a half-written file
 // under `path`. Load reports a missing file, a wrong magic or version, a
-// truncated file (with the byte offset) and a bad checksum.
+// truncated file (with the byte offset) and a bad checksum. Version 2 adds a
+// storage type to each entry, for row-sparse arrays (ndarray/row_sparse.h);
+// Save writes version 1, which version-2 readers read too.
 using NamedArrays = std::vector<std::pair<std::string, NDArray>>;
 absl::Status Save(const std::string& path, const NamedArrays& arrays);
 

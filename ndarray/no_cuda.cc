@@ -5,6 +5,7 @@
 #include "ndarray/dnn.h"
 #include "ndarray/kernel.h"
 #include "ndarray/nn_kernels.h"
+#include "ndarray/sparse_kernels.h"
 #include "ndarray/update_kernels.h"
 #include "ndarray/launch.h"
 

@@ -46,6 +46,33 @@ struct UpdateKernel {
   }
 };
 
+// The lazy update of a row-sparse gradient (MXNet's lazy_update): Rule
+// applied to the rows of the weight and states that the gradient stores.
+// Element (r, c) of the compact gradient (rows x dim) updates element
+// (pos[r], c); rows not in pos are not touched.
+template <typename Rule>
+struct RowUpdateKernel {
+  struct Params {
+    float* w;
+    const float* g;
+    float* s0;
+    float* s1;
+    const int64_t* pos;
+    int64_t dim;
+    typename Rule::Args args;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const typename Rule::Args a = p.args;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / p.dim;
+      const int64_t j = p.pos[r] * p.dim + (i - r * p.dim);
+      float unused0 = 0, unused1 = 0;
+      Rule::Apply(a, p.w[j], p.g[i], Rule::kStates > 0 ? p.s0[j] : unused0,
+                  Rule::kStates > 1 ? p.s1[j] : unused1);
+    }
+  }
+};
+
 // lr times the rescaled, clipped gradient, associated as MXNet does.
 struct SgdStep {
   float lr, rescale, clip, lr_rescale;

@@ -6,6 +6,7 @@
 #include "ndarray/cuda/stream.h"
 #include "ndarray/kernel.h"
 #include "ndarray/nn_kernels.h"
+#include "ndarray/sparse_kernels.h"
 #include "ndarray/update_kernels.h"
 
 namespace mx::kernel {
