@@ -920,6 +920,24 @@ class DistKVStore : public KVStore {
     });
   }
 
+  // Row-sparse tables on the servers (sharded by row range, lazy updates
+  // there) are the next step of issue 18; until then these say so.
+  absl::Status InitRowSparse(Key key, const Shape&, const TableInit&) override {
+    return RowSparseNotYet("init", key);
+  }
+  absl::Status PushRowSparse(Key key, const std::vector<RowSparseNDArray>&, int) override {
+    return RowSparseNotYet("row-sparse push", key);
+  }
+  absl::Status RowSparsePull(Key key, std::vector<int64_t>, RowSparseNDArray*, int) override {
+    return RowSparseNotYet("row_sparse_pull", key);
+  }
+
+  absl::Status RowSparseNotYet(const char* what, const Key& key) const {
+    return absl::UnimplementedError(absl::StrCat(
+        what, " of key ", key.label(), ": kvstore ", type(),
+        " does not hold row-sparse keys yet; use 'local'"));
+  }
+
   void SetUpdater(Updater) override {
     // Updates run on the servers (SetOptimizer); a C++ callable cannot be
     // sent there.

@@ -38,6 +38,7 @@
 #include "kvstore/gradient_compression.h"
 #include "kvstore/optimizer.h"
 #include "ndarray/ndarray.h"
+#include "ndarray/row_sparse.h"
 
 namespace mx {
 
@@ -60,6 +61,15 @@ class Key {
 // The integer a string key maps to: FNV-1a folded into [2^30, 2^31), a
 // range integer keys of real models do not reach.
 int StringKey(const std::string& name);
+
+// How the rows of a row-sparse key start: zero (scale 0), or uniform in
+// [-scale, scale) with each element drawn from `seed` by its index in the
+// whole table (SampleUniformRows), so every store, and every split of the
+// table over parameter servers, starts from the same table.
+struct TableInit {
+  float scale = 0.f;
+  uint64_t seed = 0;
+};
 
 class KVStore {
  public:
@@ -110,6 +120,36 @@ class KVStore {
   // Init (if needed) with value, then Pull into outs.
   absl::Status Broadcast(Key key, const NDArray& value, const std::vector<NDArray>& outs,
                          int priority = 0);
+
+  // ---- Row-sparse keys: tables (embeddings) of which a step reads and
+  // updates a few rows. The store keeps the whole table (the distributed
+  // store shards it by row ranges over every server, so no process holds
+  // all of it); workers push row-sparse gradients, which carry only the
+  // touched rows, and pull only the rows they need. The optimizer updates
+  // them lazily (Optimizer::UpdateRows); without one the table becomes the
+  // pushed sum, zero outside its rows, as a dense key becomes its sum. A
+  // custom updater takes dense values and is refused for them.
+  //
+  // Dense Push and Pull on a row-sparse key, and row-sparse pushes to a
+  // dense key, are INVALID_ARGUMENT naming the key, as are values of
+  // another shape and row ids that are out of range, unsorted or repeated.
+
+  // Creates a table of `shape` (at least one dimension) under key. Again
+  // with the same shape it keeps the table; with another, an error.
+  virtual absl::Status InitRowSparse(Key key, const Shape& shape, const TableInit& init = {}) = 0;
+  // Pushes row-sparse gradients (one per device, summed in the order given
+  // on the union of their rows; across workers as for dense keys).
+  virtual absl::Status PushRowSparse(Key key, const std::vector<RowSparseNDArray>& values,
+                                     int priority = 0) = 0;
+  absl::Status Push(Key key, const RowSparseNDArray& value, int priority = 0) {
+    return PushRowSparse(key, {value}, priority);
+  }
+  // Sets *out to rows `row_ids` (sorted, unique, in range) of the table:
+  // a RowSparseNDArray with those ids whose data arrives through the engine
+  // like a dense pull's (MXNet's row_sparse_pull). *out is replaced, not
+  // written into: the ids of a RowSparseNDArray are fixed.
+  virtual absl::Status RowSparsePull(Key key, std::vector<int64_t> row_ids,
+                                     RowSparseNDArray* out, int priority = 0) = 0;
 
   virtual void SetUpdater(Updater updater) = 0;
   // The store applies optimizer->Update(key, stored, merged) on Push.

@@ -36,6 +36,22 @@ absl::Status CheckBucket(const std::vector<Key>& keys,
                          const std::vector<std::vector<NDArray>>& values,
                          const std::vector<std::vector<NDArray>>& outs);
 
+// ---- Row-sparse keys: the checks every store makes, with one wording.
+
+// Checks a table's shape (at least one dimension, at least one row) and
+// its TableInit (scale finite and >= 0).
+absl::Status CheckTable(const Key& key, const Shape& shape, const TableInit& init);
+// The error for a key used as the other kind: `what` ("push", "pull",
+// "init", "row_sparse_pull", "row-sparse push") of a key that is a table
+// (key_is_table) or dense.
+absl::Status WrongKeyKind(const Key& key, const char* what, bool key_is_table);
+// Checks that values is non-empty and each is a row-sparse array of `shape`.
+absl::Status CheckRowSparseValues(const Key& key, const std::vector<RowSparseNDArray>& values,
+                                  const Shape& shape);
+// The sum of a row-sparse push's device copies on the CPU (the value itself
+// for one copy on cpu()).
+RowSparseNDArray SumRowSparse(const std::vector<RowSparseNDArray>& values);
+
 std::unique_ptr<KVStore> NewLocalKVStore(const std::string& type);
 
 }  // namespace mx::internal

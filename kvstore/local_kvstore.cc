@@ -7,6 +7,7 @@
 // the kernel layer, updated there by the optimizer, and pulls copy from
 // there.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <set>
@@ -44,6 +45,7 @@ class LocalKVStore : public KVStore {
     if (value.is_none()) return absl::InvalidArgumentError(absl::StrCat("init of key ", key.label(), ": null array"));
     auto it = store_.find(key.id());
     if (it != store_.end()) {
+      if (it->second.table) return WrongKeyKind(key, "init", true);
       if (it->second.stored.shape() != value.shape()) {
         return absl::InvalidArgumentError(absl::StrCat(
             "init of key ", key.label(), ": already initialized with shape ",
@@ -62,7 +64,7 @@ class LocalKVStore : public KVStore {
   }
 
   absl::Status Push(Key key, const std::vector<NDArray>& values, int priority) override {
-    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "push"));
+    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "push", false));
     MX_RETURN_IF_ERROR(CheckArrays(key, "push", "value", values, e->stored.shape()));
     return CatchError([&] {
       NDArray merged = SumCopies(values, e->stored.shape(), &e->merged, priority,
@@ -83,11 +85,63 @@ class LocalKVStore : public KVStore {
   }
 
   absl::Status Pull(Key key, const std::vector<NDArray>& outs, int priority) override {
-    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "pull"));
+    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "pull", false));
     MX_RETURN_IF_ERROR(CheckArrays(key, "pull", "output", outs, e->stored.shape()));
     return CatchError([&] {
       for (const NDArray& out : outs) Copy(e->stored, out, priority, e->pull_name.c_str());
     });
+  }
+
+  absl::Status InitRowSparse(Key key, const Shape& shape, const TableInit& init) override {
+    if (on_gpus_) {
+      return absl::UnimplementedError(absl::StrCat(
+          "init of key ", key.label(), ": kvstore 'device' keeps row-sparse keys on GPUs, "
+          "which is not implemented yet; use 'local'"));
+    }
+    MX_RETURN_IF_ERROR(CheckTable(key, shape, init));
+    if (auto it = store_.find(key.id()); it != store_.end()) {
+      if (!it->second.table) return WrongKeyKind(key, "init", false);
+      if (it->second.stored.shape() == shape) return absl::OkStatus();
+      return absl::InvalidArgumentError(absl::StrCat(
+          "init of key ", key.label(), ": already initialized with shape ",
+          it->second.stored.shape().ToString(), ", now ", shape.ToString()));
+    }
+    return CatchError([&] {
+      NDArray table = Zeros(shape);
+      if (init.scale > 0) SampleUniformRows(-init.scale, init.scale, init.seed, 0, &table);
+      Entry& e = store_[key.id()];
+      e.ctx = cpu();
+      e.table = true;
+      e.stored = table;
+    });
+  }
+
+  absl::Status PushRowSparse(Key key, const std::vector<RowSparseNDArray>& values,
+                             int) override {
+    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "row-sparse push", true));
+    MX_RETURN_IF_ERROR(CheckRowSparseValues(key, values, e->stored.shape()));
+    if (optimizer_ == nullptr && updater_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "row-sparse push of key ", key.label(),
+          ": a custom updater takes dense values; set an optimizer instead"));
+    }
+    return CatchError([&] {
+      const RowSparseNDArray merged = SumRowSparse(values);
+      if (optimizer_ != nullptr) {
+        optimizer_->UpdateRows(key.id(), e->stored, merged);
+      } else {
+        e->stored.Assign(0.f);
+        e->stored += merged;
+      }
+    });
+  }
+
+  absl::Status RowSparsePull(Key key, std::vector<int64_t> row_ids, RowSparseNDArray* out,
+                             int) override {
+    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "row_sparse_pull", true));
+    MX_RETURN_IF_ERROR(CheckRowIds(row_ids, e->stored.shape()[0],
+                                   absl::StrCat("row_sparse_pull of key ", key.label())));
+    return CatchError([&] { *out = GatherRows(e->stored, std::move(row_ids)); });
   }
 
   void SetUpdater(Updater updater) override { updater_ = std::move(updater); }
@@ -122,15 +176,20 @@ class LocalKVStore : public KVStore {
     Context ctx;  // where the key lives, is summed and updated
     NDArray stored;
     NDArray merged;  // the sum of a multi-device push, allocated once
+    bool table = false;  // a row-sparse key (InitRowSparse)
     std::string push_name, pull_name;  // engine operation names (stable)
   };
 
-  absl::StatusOr<Entry*> Find(const Key& key, const char* what) {
+  // The entry of key for `what`, which uses it as a table (row-sparse) or
+  // as a dense key.
+  absl::StatusOr<Entry*> Find(const Key& key, const char* what, bool as_table) {
     auto it = store_.find(key.id());
     if (it == store_.end()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          what, " of key ", key.label(), ": the key was never initialized (call Init first)"));
+          what, " of key ", key.label(), ": the key was never initialized (call ",
+          as_table ? "InitRowSparse" : "Init", " first)"));
     }
+    if (it->second.table != as_table) return WrongKeyKind(key, what, it->second.table);
     return &it->second;
   }
 
@@ -226,6 +285,56 @@ absl::Status CheckBucket(const std::vector<Key>& keys,
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status CheckTable(const Key& key, const Shape& shape, const TableInit& init) {
+  if (shape.ndim() < 1 || !shape.IsValid() || shape[0] < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "init of row-sparse key ", key.label(), ": shape ", shape.ToString(),
+        " needs at least one dimension and one row"));
+  }
+  if (!std::isfinite(init.scale) || init.scale < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("init of row-sparse key ", key.label(),
+                                                   ": scale ", init.scale,
+                                                   " must be finite and >= 0"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WrongKeyKind(const Key& key, const char* what, bool key_is_table) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      what, " of key ", key.label(), ": ",
+      key_is_table ? "the key is row-sparse (InitRowSparse): push RowSparseNDArrays and pull "
+                     "with RowSparsePull"
+                   : "the key is dense (Init): push and pull NDArrays"));
+}
+
+absl::Status CheckRowSparseValues(const Key& key, const std::vector<RowSparseNDArray>& values,
+                                  const Shape& shape) {
+  if (values.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("row-sparse push of key ", key.label(), ": no arrays"));
+  }
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (values[i].is_none()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("row-sparse push of key ", key.label(), ": value ", i, " is null"));
+    }
+    if (values[i].shape() != shape) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "row-sparse push of key ", key.label(), ": value ", i, " has shape ",
+          values[i].shape().ToString(), " but the key holds ", shape.ToString()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+RowSparseNDArray SumRowSparse(const std::vector<RowSparseNDArray>& values) {
+  std::vector<RowSparseNDArray> here;
+  for (const RowSparseNDArray& v : values) {
+    here.push_back(v.context() == cpu() ? v : v.Copy(cpu()));
+  }
+  return here.size() == 1 ? here[0] : Sum(here);
 }
 
 std::unique_ptr<KVStore> NewLocalKVStore(const std::string& type) {

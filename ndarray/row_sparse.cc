@@ -198,6 +198,19 @@ Ids UniqueRowIds(const NDArray& values, int64_t num_rows) {
   return ids;
 }
 
+void SampleUniformRows(float low, float high, uint64_t seed, int64_t first_row, NDArray* out) {
+  MX_THROW_IF_NOT(!out->is_none() && out->ndim() >= 1 && first_row >= 0,
+                  "SampleUniformRows: needs rows of a table and first_row >= 0");
+  MX_THROW_IF_NOT(low <= high, "SampleUniformRows: low ", low, " > high ", high);
+  const int64_t n = out->size(), offset = first_row * out->shape().RowSize();
+  const Context ctx = out->context();
+  internal::PushKernel("SampleUniformRows", ctx, {}, {out}, [o = *out, seed, offset, low, high,
+                                                            ctx, n] {
+    kernel::Launch<kernel::UniformAtKernel>("SampleUniformRows", ctx, n,
+                                            {o.data(), seed, offset, low, high});
+  });
+}
+
 RowSparseNDArray Sum(const std::vector<RowSparseNDArray>& arrays) {
   MX_THROW_IF_NOT(!arrays.empty(), "Sum: no row-sparse arrays to add");
   for (const RowSparseNDArray& a : arrays) {

@@ -101,6 +101,13 @@ RowSparseNDArray Retain(const RowSparseNDArray& a, std::vector<int64_t> ids);
 // the values. The ids a batch's embedding lookup touches.
 std::vector<int64_t> UniqueRowIds(const NDArray& values, int64_t num_rows);
 
+// Fills *out with rows [first_row, first_row + out->shape()[0]) of a table
+// whose elements are uniform in [low, high), each drawn from `seed` by its
+// index in the whole table (the Philox generator of RandomUniform): a table
+// split into row ranges is filled alike however it is split. out's other
+// dimensions are the table's.
+void SampleUniformRows(float low, float high, uint64_t seed, int64_t first_row, NDArray* out);
+
 // Sums of equal shapes, stored on the union of the inputs' rows. The sum of
 // several is formed in the order given, element by element, which makes
 // it bit-identical to adding the dense forms in that order.

@@ -63,6 +63,23 @@ struct MulRowsKernel {
   }
 };
 
+// out[i] = low + (high - low) * u with u drawn for element `offset + i` of
+// a table (UniformKernel's numbers, shifted to a range of the table).
+struct UniformAtKernel {
+  struct Params {
+    float* out;
+    uint64_t seed;
+    int64_t offset;
+    float low, high;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const float scale = p.high - p.low;
+    for (int64_t i = begin; i < end; ++i) {
+      p.out[i] = p.low + scale * UnitFloat(PhiloxAt(p.seed, p.offset + i).v[0]);
+    }
+  }
+};
+
 }  // namespace mx::kernel
 
 #endif  // MX_NDARRAY_SPARSE_KERNELS_H_
