@@ -35,6 +35,8 @@ struct Executor::Plan {
     std::vector<int> out_grad;      // grad slot per output, -1 for none
     std::vector<OpReq> bwd_req;
     bool in_backward = false;
+    // The row-sparse argument this run reads (Embedding's weight), if any.
+    std::string sparse_arg;
     size_t workspace_floats = 0;
     float* workspace = nullptr;  // its context's workspace, when it needs one
     // Built once the arrays exist.
@@ -72,6 +74,21 @@ std::string ShapeMismatch(const std::string& what, const std::string& name,
                           const Shape& got, const Shape& want) {
   return absl::StrCat(what, " '", name, "' has shape ", got.ToString(),
                       " but the symbol needs ", want.ToString());
+}
+
+// A row-sparse argument's array: the table's shape but for the first
+// dimension (its capacity), between 1 and the table's rows.
+absl::Status CheckRowBlock(const std::string& name, const Shape& block, const Shape& table) {
+  Shape rest_block = block, rest_table = table;
+  if (block.ndim() == table.ndim() && block.ndim() >= 1) rest_block[0] = rest_table[0] = 0;
+  if (block.ndim() >= 1 && rest_block == rest_table && block[0] >= 1 && block[0] <= table[0]) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "bind: row-sparse argument '", name, "' has shape ", block.ToString(),
+      " but its table is ", table.ToString(),
+      ": it needs the table's shape with 1 to ", table.ndim() >= 1 ? table[0] : 0,
+      " rows (its capacity)"));
 }
 
 // Greedy buffer assignment over the steps of forward and backward. Items
@@ -168,8 +185,10 @@ void AddVars(const std::vector<NDArray>& arrays, const std::vector<int>& ids,
 
 // What an operator of `run` is given: its context, a fresh random seed,
 // its context's workspace.
-OpContext RunContextFor(const NodeRun& run, bool is_train) {
+OpContext RunContextFor(const NodeRun& run, bool is_train,
+                        std::shared_ptr<const std::vector<int64_t>> rows) {
   OpContext op_ctx;
+  op_ctx.rows = std::move(rows);
   op_ctx.ctx = run.ctx;
   op_ctx.is_train = is_train;
   op_ctx.seed = NextRandomSeed();
@@ -292,8 +311,9 @@ class PlanBuilder {
   }
 
   // The operator runs in execution order, each preceded by the copies of
-  // its inputs that live on another context.
-  absl::Status Runs() {
+  // its inputs that live on another context. Only Embedding(sparse_grad)
+  // reads a row-sparse argument, as its weight, where the argument lives.
+  absl::Status Runs(const std::set<std::string>& row_sparse) {
     for (Node* n : order_) {
       if (n->is_variable()) continue;
       NodeRun run;
@@ -318,6 +338,24 @@ class PlanBuilder {
           }
           run.aux.push_back(id);
           continue;
+        }
+        const Node* source = n->inputs[i].node.get();
+        if (source->is_variable() && row_sparse.count(source->name)) {
+          const bool embedding = n->op->name == "Embedding" && i == 1 &&
+                                 n->parsed.GetBool("sparse_grad");
+          if (run.ctx.is_gpu()) {
+            return absl::UnimplementedError(absl::StrCat(
+                "bind on ", run.ctx.ToString(), ": row-sparse argument '", source->name,
+                "' needs a CPU context for now (row-sparse arrays live on CPUs)"));
+          }
+          if (!embedding || plan_->entry_ctx[id] != run.ctx) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "bind: argument '", source->name, "' is bound row-sparse, but operator ",
+                n->name, " (", n->op->name, ") reads it",
+                embedding ? " on another context" : "",
+                "; only Embedding with sparse_grad=True reads a row-sparse weight"));
+          }
+          run.sparse_arg = source->name;
         }
         run.in.push_back(OnContext(id, run.ctx));
       }
@@ -573,8 +611,10 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::Bind(
     const std::map<std::string, NDArray>& args_grad,
     const std::map<std::string, GradReq>& grad_req,
     const std::map<std::string, NDArray>& aux_states,
-    const std::map<std::string, Context>& group2ctx) {
+    const std::map<std::string, Context>& group2ctx,
+    const std::set<std::string>& row_sparse) {
   std::unique_ptr<Executor> exec(new Executor());
+  exec->row_sparse_ = row_sparse;
   exec->symbol_ = symbol;
   exec->ctx_ = ctx;
   exec->group2ctx_ = group2ctx;
@@ -585,7 +625,7 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::Bind(
   PlanBuilder builder(symbol, placement);
   MX_RETURN_IF_ERROR(builder.Entries(known));
   MX_RETURN_IF_ERROR(builder.MarkGradients(exec->grad_req_));
-  MX_RETURN_IF_ERROR(builder.Runs());
+  MX_RETURN_IF_ERROR(builder.Runs(row_sparse));
   builder.Schedule();
   builder.PlanMemory();
   try {
@@ -603,7 +643,8 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::SimpleBind(
     const Symbol& symbol, Context ctx,
     const std::map<std::string, Shape>& input_shapes, GradReq default_req,
     const std::map<std::string, GradReq>& grad_reqs,
-    const std::map<std::string, Context>& group2ctx) {
+    const std::map<std::string, Context>& group2ctx,
+    const std::map<std::string, int64_t>& row_sparse) {
   absl::StatusOr<Symbol::Shapes> shapes = symbol.InferShape(input_shapes, true);
   if (!shapes.ok()) {
     return absl::InvalidArgumentError(
@@ -621,14 +662,24 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::SimpleBind(
   }
   std::map<std::string, NDArray> args, grads, aux;
   std::map<std::string, GradReq> reqs;
+  std::set<std::string> sparse;
   try {
     for (size_t i = 0; i < arg_names.size(); ++i) {
       const std::string& name = arg_names[i];
-      args[name] = Zeros(shapes->arguments[i], var_ctx.at(name));
+      // A row-sparse argument holds `capacity` rows of its table.
+      Shape shape = shapes->arguments[i];
+      if (auto rs = row_sparse.find(name); rs != row_sparse.end() && shape.ndim() >= 1) {
+        shape[0] = rs->second;
+        sparse.insert(name);
+      }
+      args[name] = Zeros(shape, var_ctx.at(name));
       auto it = grad_reqs.find(name);
       GradReq req = it == grad_reqs.end() ? default_req : it->second;
       reqs[name] = req;
-      if (req != GradReq::kNull) grads[name] = Zeros(shapes->arguments[i], var_ctx.at(name));
+      if (req != GradReq::kNull) grads[name] = Zeros(shape, var_ctx.at(name));
+    }
+    for (const auto& [name, capacity] : row_sparse) {
+      if (!sparse.count(name)) sparse.insert(name);  // Bind names what is wrong
     }
     for (size_t i = 0; i < aux_names.size(); ++i) {
       aux[aux_names[i]] = Zeros(shapes->aux_states[i], var_ctx.at(aux_names[i]));
@@ -636,7 +687,7 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::SimpleBind(
   } catch (const Error& e) {
     return absl::Status(e.code(), absl::StrCat("simple_bind: ", e.what()));
   }
-  return Bind(symbol, ctx, args, grads, reqs, aux, group2ctx);
+  return Bind(symbol, ctx, args, grads, reqs, aux, group2ctx, sparse);
 }
 
 absl::StatusOr<std::unique_ptr<Executor>> Executor::Reshape(
@@ -654,7 +705,7 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::Reshape(
       const Shape& want = shapes->arguments[i];
       const NDArray& old = args_.at(name);
       auto g = grads_.find(name);
-      if (old.shape() == want) {
+      if (old.shape() == want || row_sparse_.count(name)) {
         args[name] = old;
         if (g != grads_.end()) grads[name] = g->second;
         continue;
@@ -671,7 +722,7 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::Reshape(
   } catch (const Error& e) {
     return absl::Status(e.code(), absl::StrCat("reshape: ", e.what()));
   }
-  return Bind(symbol_, ctx_, args, grads, grad_req_, aux_, group2ctx_);
+  return Bind(symbol_, ctx_, args, grads, grad_req_, aux_, group2ctx_, row_sparse_);
 }
 
 absl::Status Executor::AdoptArrays(const Placement& placement,
@@ -707,7 +758,9 @@ absl::Status Executor::AdoptArrays(const Placement& placement,
             absl::StrJoin(names, ", "), ")"));
       }
       MX_RETURN_IF_ERROR(check_context(what, n, it->second));
-      (*known)[n] = it->second.shape();
+      // A row-sparse argument's array is a block of its table: inference
+      // derives the table's shape (the plan never allocates variables).
+      if (!row_sparse_.count(n)) (*known)[n] = it->second.shape();
     }
     for (const auto& [n, a] : given) {
       if (std::find(names.begin(), names.end(), n) == names.end()) {
@@ -718,6 +771,13 @@ absl::Status Executor::AdoptArrays(const Placement& placement,
     }
     return absl::OkStatus();
   };
+  for (const std::string& n : row_sparse_) {
+    if (std::find(arg_names.begin(), arg_names.end(), n) == arg_names.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bind: row_sparse names '", n, "', which is not an argument (arguments: ",
+          absl::StrJoin(arg_names, ", "), ")"));
+    }
+  }
   MX_RETURN_IF_ERROR(check_names(args, arg_names, "argument"));
   MX_RETURN_IF_ERROR(check_names(aux_states, aux_names, "auxiliary state"));
   absl::StatusOr<Symbol::Shapes> shapes = symbol_.InferShape(*known, true);
@@ -725,6 +785,12 @@ absl::Status Executor::AdoptArrays(const Placement& placement,
     return absl::InvalidArgumentError(absl::StrCat("bind: ", shapes.status().message()));
   }
   for (size_t i = 0; i < arg_names.size(); ++i) {
+    if (row_sparse_.count(arg_names[i])) {
+      MX_RETURN_IF_ERROR(CheckRowBlock(arg_names[i], args.at(arg_names[i]).shape(),
+                                       shapes->arguments[i]));
+      sparse_rows_[arg_names[i]].table = shapes->arguments[i];
+      continue;
+    }
     if (args.at(arg_names[i]).shape() != shapes->arguments[i]) {
       return absl::InvalidArgumentError(absl::StrCat("bind: ", ShapeMismatch(
           "argument", arg_names[i], args.at(arg_names[i]).shape(), shapes->arguments[i])));
@@ -737,6 +803,11 @@ absl::Status Executor::AdoptArrays(const Placement& placement,
     auto grad = args_grad.find(n);
     GradReq r = req != grad_req.end() ? req->second
                                       : (grad != args_grad.end() ? GradReq::kWrite : GradReq::kNull);
+    if (r == GradReq::kAdd && row_sparse_.count(n)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bind: row-sparse argument '", n, "' cannot add to its gradient (grad_req add): "
+          "its rows change with every batch; use write"));
+    }
     if (r != GradReq::kNull) {
       if (grad == args_grad.end() || grad->second.is_none()) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -760,7 +831,47 @@ absl::Status Executor::AdoptArrays(const Placement& placement,
   return absl::OkStatus();
 }
 
+void Executor::RequireRowSparseRows(const char* what) const {
+  for (const auto& [name, rows] : sparse_rows_) {
+    MX_THROW_IF_NOT(rows.ids != nullptr, what, ": row-sparse argument '", name,
+                    "' has no rows yet; call SetRowSparseArg first");
+  }
+}
+
+std::shared_ptr<const std::vector<int64_t>> Executor::RowsFor(
+    const std::string& sparse_arg) const {
+  if (sparse_arg.empty()) return nullptr;
+  return sparse_rows_.at(sparse_arg).ids;
+}
+
+void Executor::SetRowSparseArg(const std::string& name, const RowSparseNDArray& rows) {
+  auto it = sparse_rows_.find(name);
+  MX_THROW_IF_NOT(it != sparse_rows_.end(), "SetRowSparseArg: '", name,
+                  "' is not a row-sparse argument of this executor");
+  MX_THROW_IF_NOT(!rows.is_none() && rows.shape() == it->second.table, "SetRowSparseArg '",
+                  name, "': the rows are of a table ",
+                  rows.is_none() ? std::string("(null)") : rows.shape().ToString(),
+                  " but the argument's table is ", it->second.table.ToString());
+  NDArray block = args_.at(name);
+  MX_THROW_IF_NOT(rows.nnz() <= block.shape()[0], "SetRowSparseArg '", name, "': ",
+                  rows.nnz(), " rows exceed the capacity of ", block.shape()[0],
+                  " bound for it");
+  if (rows.nnz() > 0) block.Slice(0, rows.nnz()).Assign(rows.data());
+  it->second.ids = std::make_shared<const std::vector<int64_t>>(rows.indices());
+}
+
+RowSparseNDArray Executor::row_sparse_grad(const std::string& name) const {
+  auto it = sparse_rows_.find(name);
+  MX_THROW_IF_NOT(it != sparse_rows_.end() && grads_.count(name), "row_sparse_grad: '", name,
+                  "' is not a row-sparse argument with a gradient");
+  RequireRowSparseRows("row_sparse_grad");
+  const int64_t nnz = static_cast<int64_t>(it->second.ids->size());
+  return RowSparseNDArray(it->second.table, *it->second.ids,
+                          grads_.at(name).Slice(0, nnz));
+}
+
 void Executor::Forward(bool is_train) {
+  RequireRowSparseRows("Forward");
   for (size_t k = 0; k < plan_->nodes.size(); ++k) PushForward(k, is_train);
   trained_forward_ = is_train;
 }
@@ -772,7 +883,7 @@ void Executor::PushForward(size_t k, bool is_train) const {
     to.Assign(plan_->entries[run.in[0]]);
     return;
   }
-  const OpContext op_ctx = RunContextFor(run, is_train);
+  const OpContext op_ctx = RunContextFor(run, is_train, RowsFor(run.sparse_arg));
   std::vector<OpReq> req(run.out.size(), OpReq::kWrite);
   kernel::Push(
       run.fwd_name.c_str(), run.ctx, run.fwd_reads, run.fwd_writes,
@@ -832,7 +943,7 @@ void Executor::PushBackward(size_t k) const {
     }
     return;
   }
-  const OpContext op_ctx = RunContextFor(run, /*is_train=*/true);
+  const OpContext op_ctx = RunContextFor(run, /*is_train=*/true, RowsFor(run.sparse_arg));
   kernel::Push(
       run.bwd_name.c_str(), run.ctx, run.bwd_reads, run.bwd_writes,
       [plan = plan_, k, op_ctx] {

@@ -23,6 +23,17 @@
 // carries the gradient back in backward; memory is planned per context.
 // This works with CPU contexts (cpu(1), cpu(2)) as well as GPUs.
 //
+// Row-sparse arguments (embedding tables too big to hold). An argument
+// bound row-sparse (Bind's and SimpleBind's row_sparse) is a table of which
+// the executor holds only a compact block of `capacity` rows: the caller
+// sets which table rows those are before each batch (SetRowSparseArg, with
+// the rows a KVStore's RowSparsePull returned for the batch's
+// UniqueRowIds), Embedding reads its indices through them (an index
+// outside them is an error stored on the output), and Backward writes the
+// table's gradient row-sparse on the same rows (row_sparse_grad), never
+// dense. Only Embedding with sparse_grad=True may read such an argument,
+// on the context it is bound to; its gradient request is kWrite or kNull.
+//
 // An Executor must not be used from several threads at once.
 #ifndef MX_GRAPH_EXECUTOR_H_
 #define MX_GRAPH_EXECUTOR_H_
@@ -30,12 +41,14 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "graph/symbol.h"
 #include "ndarray/ndarray.h"
+#include "ndarray/row_sparse.h"
 
 namespace mx {
 
@@ -59,25 +72,31 @@ class Executor {
   // grad_req defaults to kWrite for arguments in args_grad and kNull for the
   // others. aux_states must hold every auxiliary state. Errors name the
   // argument and the shapes. group2ctx places groups of operators on other
-  // contexts (see the header comment).
+  // contexts (see the header comment). Arguments in `row_sparse` are
+  // bound row-sparse (see the header comment): their arrays (and
+  // gradients) have the table's shape but for the first dimension, the
+  // capacity, at most the table's rows.
   static absl::StatusOr<std::unique_ptr<Executor>> Bind(
       const Symbol& symbol, Context ctx,
       const std::map<std::string, NDArray>& args,
       const std::map<std::string, NDArray>& args_grad = {},
       const std::map<std::string, GradReq>& grad_req = {},
       const std::map<std::string, NDArray>& aux_states = {},
-      const std::map<std::string, Context>& group2ctx = {});
+      const std::map<std::string, Context>& group2ctx = {},
+      const std::set<std::string>& row_sparse = {});
 
   // Infers every shape from `input_shapes`, allocates zero-filled arrays
   // for arguments, gradients (grad_req for each argument, default_req
   // unless overridden in `grad_reqs`) and auxiliary states, each on its
-  // variable's context, and binds.
+  // variable's context, and binds. `row_sparse` binds those arguments
+  // row-sparse with the given capacity (rows held at once).
   static absl::StatusOr<std::unique_ptr<Executor>> SimpleBind(
       const Symbol& symbol, Context ctx,
       const std::map<std::string, Shape>& input_shapes,
       GradReq default_req = GradReq::kWrite,
       const std::map<std::string, GradReq>& grad_reqs = {},
-      const std::map<std::string, Context>& group2ctx = {});
+      const std::map<std::string, Context>& group2ctx = {},
+      const std::map<std::string, int64_t>& row_sparse = {});
 
   ~Executor();
   Executor(const Executor&) = delete;
@@ -108,6 +127,17 @@ class Executor {
   absl::StatusOr<std::unique_ptr<Executor>> Reshape(
       const std::map<std::string, Shape>& input_shapes) const;
 
+  // The table rows the row-sparse argument `name` holds from now on:
+  // rows.shape() is the table's, rows.nnz() at most the capacity; the
+  // values are copied in through the engine. Throws mx::Error
+  // (kInvalidArgument) naming the argument otherwise.
+  void SetRowSparseArg(const std::string& name, const RowSparseNDArray& rows);
+  // The gradient of a row-sparse argument after Backward: on the rows last
+  // set, a view of the executor's gradient block (valid until the next
+  // Backward, like grad_dict's arrays).
+  RowSparseNDArray row_sparse_grad(const std::string& name) const;
+  const std::set<std::string>& row_sparse_args() const { return row_sparse_; }
+
   void SetMonitorCallback(MonitorCallback callback) {
     monitor_ = std::move(callback);
   }
@@ -125,6 +155,10 @@ class Executor {
                            const std::map<std::string, GradReq>& grad_req,
                            const std::map<std::string, NDArray>& aux_states,
                            std::map<std::string, Shape>* known);
+  // Throws unless every row-sparse argument has rows set.
+  void RequireRowSparseRows(const char* what) const;
+  // The current row ids of a row-sparse argument; null for "".
+  std::shared_ptr<const std::vector<int64_t>> RowsFor(const std::string& sparse_arg) const;
   void PushForward(size_t k, bool is_train) const;
   void PushBackward(size_t k) const;
 
@@ -133,6 +167,13 @@ class Executor {
   std::map<std::string, Context> group2ctx_;
   std::map<std::string, NDArray> args_, grads_, aux_;
   std::map<std::string, GradReq> grad_req_;
+  std::set<std::string> row_sparse_;
+  // The table shape and current rows of each row-sparse argument.
+  struct SparseRows {
+    Shape table;
+    std::shared_ptr<const std::vector<int64_t>> ids;  // null until set
+  };
+  std::map<std::string, SparseRows> sparse_rows_;
   std::vector<NDArray> outputs_;
   std::shared_ptr<Plan> plan_;
   MemoryStats memory_;

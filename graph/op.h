@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -114,6 +115,11 @@ struct OpContext {
   uint64_t seed = 0;
   // Scratch memory of at least the OpDef's workspace() bytes.
   float* workspace = nullptr;
+  // For an operator that reads a row-sparse argument (Executor's
+  // row_sparse; only Embedding(sparse_grad=True) may): the ids of the table
+  // rows that argument's blob holds, row i being table row (*rows)[i].
+  // Null otherwise.
+  std::shared_ptr<const std::vector<int64_t>> rows;
 };
 
 using ShapeList = std::vector<Shape>;

@@ -4,7 +4,18 @@
 // Indices outside [0, input_dim) are clipped to the nearest row, as MXNet
 // does (NaN reads row 0). The weight's gradient adds every output row's
 // gradient into the row it read; the indices get none (a requested data
-// gradient is zero). sparse_grad is accepted and gives a dense gradient.
+// gradient is zero).
+//
+// sparse_grad=True lets the executor bind the weight row-sparse
+// (graph/executor.h): the weight blob then holds only the table rows
+// ctx.rows names, each index is looked up among them (an index not there is
+// an error: the caller did not pull that row), and the gradient is written
+// to the same rows, never to a dense table. With a dense weight,
+// sparse_grad changes nothing.
+#include <algorithm>
+#include <memory>
+#include <vector>
+
 #include "graph/ops/op_util.h"
 #include "ndarray/launch.h"
 #include "ndarray/nn_kernels.h"
@@ -33,13 +44,50 @@ absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
   return MergeShape(out, 0, o, "output");
 }
 
+// For a row-sparse weight: each index's position among ctx.rows (as a
+// float, Embedding's index type; positions are below the weight block's
+// rows). Throws mx::Error naming the first index whose row is not there.
+std::vector<float> Positions(const OpContext& ctx, const TBlob& data, int64_t input_dim) {
+  const std::vector<int64_t>& ids = *ctx.rows;
+  std::vector<float> pos(data.Size());
+  for (int64_t i = 0; i < data.Size(); ++i) {
+    const int64_t row = kernel::EmbeddingRow(data.data[i], input_dim);
+    auto it = std::lower_bound(ids.begin(), ids.end(), row);
+    if (it == ids.end() || *it != row) {
+      throw Error(absl::InvalidArgumentError(absl::StrCat(
+          "Embedding: index ", row, " (element ", i, " of the data) is not among the ",
+          ids.size(), " rows of the row-sparse weight; pull the rows of every index of the batch "
+          "(UniqueRowIds) before SetRowSparseArg")));
+    }
+    pos[i] = static_cast<float>(it - ids.begin());
+  }
+  return pos;
+}
+
+// The indices the kernels read and the rows they address: the data and the
+// table, or positions among a row-sparse weight's rows and its block.
+struct Lookup {
+  std::vector<float> positions;  // row-sparse only
+  const float* index;
+  int64_t rows;
+};
+
+Lookup LookupFor(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlob>& in) {
+  const int64_t input_dim = p.GetInt("input_dim");
+  if (ctx.rows == nullptr) return Lookup{{}, in[0].data, input_dim};
+  Lookup l{Positions(ctx, in[0], input_dim), nullptr, in[1].shape[0]};
+  l.index = l.positions.data();
+  return l;
+}
+
 void Forward(const OpContext& ctx, const ParsedParams& p,
              const std::vector<TBlob>& in, const std::vector<OpReq>& req,
              const std::vector<TBlob>& out, const std::vector<TBlob>&) {
   if (req[0] == OpReq::kNull) return;
+  const Lookup l = LookupFor(ctx, p, in);
   kernel::Launch<kernel::EmbeddingKernel>(
       "Embedding", ctx.ctx, out[0].Size(),
-      {out[0].data, in[0].data, in[1].data, p.GetInt("input_dim"), p.GetInt("output_dim"),
+      {out[0].data, l.index, in[1].data, l.rows, p.GetInt("output_dim"),
        req[0] == OpReq::kAdd});
 }
 
@@ -52,12 +100,14 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
   }
   if (req[1] == OpReq::kNull) return;
   if (req[1] == OpReq::kWrite) {
-    kernel::Launch<kernel::FillKernel>("Embedding", ctx.ctx, in[1].Size(), {in_grad[1].data, 0.0f});
+    kernel::Launch<kernel::FillKernel>("Embedding", ctx.ctx, in_grad[1].Size(),
+                                       {in_grad[1].data, 0.0f});
   }
   const int64_t dim = p.GetInt("output_dim");
+  const Lookup l = LookupFor(ctx, p, in);
   kernel::Launch<kernel::EmbeddingGradKernel>(
       "Embedding", ctx.ctx, dim,
-      {in_grad[1].data, in[0].data, out_grad[0].data, in[0].Size(), p.GetInt("input_dim"), dim});
+      {in_grad[1].data, l.index, out_grad[0].data, in[0].Size(), l.rows, dim});
 }
 
 OpDef Make() {
