@@ -639,17 +639,21 @@ class DistKVStore : public KVStore {
   int64_t bucket_bytes() const override { return conn_->options.bucket_bytes; }
   int num_workers() const override { return conn_->options.num_workers; }
 
+  // Servers hold slices of big keys under key + s * 2^24: a key that high
+  // would share a server key with a slice of a lower one.
+  static absl::Status CheckKeyId(const Key& key) {
+    if (key.id() < (1 << kSliceKeyShift)) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "init of key ", key.label(), ": the distributed stores take keys below ",
+        1 << kSliceKeyShift, " (those above name slices of big keys on the servers)"));
+  }
+
   absl::Status Init(Key key, const NDArray& value) override {
     if (value.is_none()) return absl::InvalidArgumentError(absl::StrCat("init of key ", key.label(), ": null array"));
-    if (key.id() >= (1 << kSliceKeyShift)) {
-      // Servers hold slices of big keys under key + s * 2^24: a key that
-      // high would share a server key with a slice of a lower one.
-      return absl::InvalidArgumentError(absl::StrCat(
-          "init of key ", key.label(), ": the distributed stores take keys below ",
-          1 << kSliceKeyShift, " (those above name slices of big keys on the servers)"));
-    }
+    MX_RETURN_IF_ERROR(CheckKeyId(key));
     auto it = keys_.find(key.id());
     if (it != keys_.end()) {
+      if (it->second->table) return internal::WrongKeyKind(key, "init", true);
       if (it->second->shape != value.shape()) {
         return absl::InvalidArgumentError(absl::StrCat(
             "init of key ", key.label(), ": already initialized with shape ",
@@ -657,19 +661,14 @@ class DistKVStore : public KVStore {
       }
       return absl::OkStatus();
     }
-    auto entry = std::make_shared<Entry>();
-    Entry& e = *entry;
-    e.shape = value.shape();
-    e.parts = Partition(key.id(), value.size());
-    e.label = key.label();
-    e.push_name = "dist_push:" + e.label;
-    e.pull_name = "dist_pull:" + e.label;
-    e.pushpull_name = "dist_pushpull:" + e.label;
+    std::shared_ptr<Entry> entry;
     std::vector<float> data;
     MX_RETURN_IF_ERROR(CatchError([&] {
       data = value.ToVector();
-      e.token = Zeros({1});
+      entry = NewEntry(key, value.shape());
     }));
+    Entry& e = *entry;
+    e.parts = Partition(key.id(), value.size());
     for (const KeyPart& p : e.parts) {
       proto::InitRequest req;
       req.set_key(p.server_key);
@@ -920,22 +919,147 @@ class DistKVStore : public KVStore {
     });
   }
 
-  // Row-sparse tables on the servers (sharded by row range, lazy updates
-  // there) are the next step of issue 18; until then these say so.
-  absl::Status InitRowSparse(Key key, const Shape&, const TableInit&) override {
-    return RowSparseNotYet("init", key);
-  }
-  absl::Status PushRowSparse(Key key, const std::vector<RowSparseNDArray>&, int) override {
-    return RowSparseNotYet("row-sparse push", key);
-  }
-  absl::Status RowSparsePull(Key key, std::vector<int64_t>, RowSparseNDArray*, int) override {
-    return RowSparseNotYet("row_sparse_pull", key);
+  // ---- Row-sparse keys: tables split by row ranges over every server
+  // (PlaceTable); each server creates and updates its range. Pushes carry
+  // only the rows touched (every server of the table gets one per step, its
+  // vote, with no rows if none of its range was touched); pulls ask each
+  // server for the wanted rows of its range only.
+
+  absl::Status InitRowSparse(Key key, const Shape& shape, const TableInit& init) override {
+    MX_RETURN_IF_ERROR(CheckKeyId(key));
+    MX_RETURN_IF_ERROR(internal::CheckTable(key, shape, init));
+    if (conn_->options.replicas > 1) {
+      return absl::UnimplementedError(absl::StrCat(
+          "init of key ", key.label(), ": row-sparse keys have one copy; --replicas=2 does not "
+          "cover them yet"));
+    }
+    if (auto it = keys_.find(key.id()); it != keys_.end()) {
+      if (!it->second->table) return internal::WrongKeyKind(key, "init", false);
+      if (it->second->shape == shape) return absl::OkStatus();
+      return absl::InvalidArgumentError(absl::StrCat(
+          "init of key ", key.label(), ": already initialized with shape ",
+          it->second->shape.ToString(), ", now ", shape.ToString()));
+    }
+    auto entry = NewEntry(key, shape);
+    entry->table = true;
+    entry->parts = PlaceTable(key.id(), shape[0], static_cast<int>(conn_->stubs.size()));
+    for (const KeyPart& p : entry->parts) {
+      proto::InitRequest req;
+      req.set_key(p.server_key);
+      req.set_sync(conn_->options.sync);
+      req.set_num_workers(conn_->options.num_workers);
+      req.set_staleness(conn_->options.staleness);
+      proto::TableRange* t = req.mutable_table();
+      for (int64_t d : shape) t->add_shape(d);
+      t->set_first_row(p.begin);
+      t->set_rows(p.end - p.begin);
+      t->set_init_scale(init.scale);
+      t->set_init_seed(init.seed);
+      proto::InitResponse resp;
+      MX_RETURN_IF_ERROR(conn_->Control(p.server, "init", entry->label, [&](auto* ctx, auto* stub) {
+        return stub->Init(ctx, req, &resp);
+      }));
+    }
+    keys_.emplace(key.id(), std::move(entry));
+    return absl::OkStatus();
   }
 
-  absl::Status RowSparseNotYet(const char* what, const Key& key) const {
-    return absl::UnimplementedError(absl::StrCat(
-        what, " of key ", key.label(), ": kvstore ", type(),
-        " does not hold row-sparse keys yet; use 'local'"));
+  absl::Status PushRowSparse(Key key, const std::vector<RowSparseNDArray>& values,
+                             int priority) override {
+    MX_RETURN_IF_ERROR(conn_->Failure());
+    MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "row-sparse push", true));
+    MX_RETURN_IF_ERROR(internal::CheckRowSparseValues(key, values, e->shape));
+    return CatchError([&] {
+      const RowSparseNDArray merged = internal::SumRowSparse(values);
+      const int64_t seq = ++e->pushes;
+      Engine::Get()->PushAsync(
+          [conn = conn_, e, merged, seq](RunContext, CallbackOnComplete done) {
+            auto* join = new Join(static_cast<int>(e->parts.size()), done);
+            for (const KeyPart& p : e->parts) {
+              auto h = std::make_shared<Held>();
+              h->parts = {p};
+              h->method = kPushMethod;
+              h->encode = [conn, e, p, merged, seq] {
+                const auto [lo, hi] = RowsIn(merged.indices(), p);
+                proto::PushRequest header;
+                *header.mutable_credential() = conn->credential;
+                header.set_key(p.server_key);
+                header.set_rank(conn->options.rank);
+                header.set_seq(seq);
+                header.mutable_rows()->mutable_ids()->Add(merged.indices().begin() + lo,
+                                                          merged.indices().begin() + hi);
+                proto::Tensor* t = header.mutable_value();
+                t->add_shape(hi - lo);
+                for (int d = 1; d < e->shape.ndim(); ++d) t->add_shape(e->shape[d]);
+                t->set_dtype(proto::FLOAT32);
+                const int64_t dim = merged.row_size();
+                return ToByteBuffer(EncodeTensorMessage(
+                    header, kPushValueField,
+                    Pieces::Of(merged.data().data() + lo * dim, (hi - lo) * dim,
+                               std::make_shared<RowSparseNDArray>(merged))));
+              };
+              h->done = [conn, join, e](grpc::Status s, const grpc::ByteBuffer&, int server) {
+                join->Finish(conn->Named(FromGrpc(s), "row-sparse push", e->label, server));
+              };
+              h->trace_args = TraceKeys({{p.server_key, -1}});
+              h->deadline = absl::Now() + conn->options.rpc_timeout;
+              conn->CallHeld(h);
+            }
+          },
+          cpu(), {merged.data().var()}, {e->token.var()}, priority, e->push_name.c_str(),
+          FnProperty::kInline);
+    });
+  }
+
+  absl::Status RowSparsePull(Key key, std::vector<int64_t> row_ids, RowSparseNDArray* out,
+                             int priority) override {
+    MX_RETURN_IF_ERROR(conn_->Failure());
+    MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "row_sparse_pull", true));
+    MX_RETURN_IF_ERROR(
+        CheckRowIds(row_ids, e->shape[0], absl::StrCat("row_sparse_pull of key ", e->label)));
+    return CatchError([&] {
+      Shape rows = e->shape;
+      rows[0] = static_cast<int64_t>(row_ids.size());
+      const NDArray data(rows);
+      const RowSparseNDArray pulled(e->shape, std::move(row_ids), data);
+      const int64_t min_version = PullVersion(e->pushes);
+      Engine::Get()->PushAsync(
+          [conn = conn_, e, pulled, min_version](RunContext, CallbackOnComplete done) {
+            std::vector<KeyPart> asked;  // the servers holding wanted rows
+            for (const KeyPart& p : e->parts) {
+              const auto [lo, hi] = RowsIn(pulled.indices(), p);
+              if (hi > lo) asked.push_back(p);
+            }
+            if (asked.empty()) return done(nullptr);
+            auto* join = new Join(static_cast<int>(asked.size()), done);
+            for (const KeyPart& p : asked) {
+              auto h = std::make_shared<Held>();
+              h->parts = {p};
+              h->method = kPullMethod;
+              h->encode = [conn, p, pulled, min_version] {
+                const auto [lo, hi] = RowsIn(pulled.indices(), p);
+                proto::PullRequest header;
+                header.set_key(p.server_key);
+                header.set_min_version(min_version);
+                header.set_rank(conn->options.rank);
+                *header.mutable_credential() = conn->credential;
+                header.mutable_rows()->mutable_ids()->Add(pulled.indices().begin() + lo,
+                                                          pulled.indices().begin() + hi);
+                return EncodeMessage(header);
+              };
+              h->done = [conn, join, e, p, pulled](grpc::Status s, const grpc::ByteBuffer& resp,
+                                                    int server) {
+                join->Finish(ReceivedRows(*conn, *e, s, resp, On(p, server), pulled));
+              };
+              h->trace_args = TraceKeys({{p.server_key, min_version}});
+              h->deadline = absl::Now() + conn->options.rpc_timeout;
+              conn->CallHeld(h);
+            }
+          },
+          cpu(), {e->token.var()}, {data.var()}, priority, e->pull_name.c_str(),
+          FnProperty::kInline);
+      *out = pulled;
+    });
   }
 
   void SetUpdater(Updater) override {
@@ -1073,7 +1197,9 @@ class DistKVStore : public KVStore {
  private:
   struct Entry {
     Shape shape;
+    // Parts: element ranges of a dense key; row ranges of a table.
     std::vector<KeyPart> parts;
+    bool table = false;  // a row-sparse key (InitRowSparse)
     NDArray token;   // written by pushes, read by pulls: orders them
     NDArray merged;  // the sum of a multi-device push
     int64_t pushes = 0;
@@ -1092,6 +1218,18 @@ class DistKVStore : public KVStore {
     std::mutex mu;
     std::map<int64_t, Unacked> unacked;  // guarded by mu
   };
+
+  // A new entry for key (parts to be set), with its names and token.
+  static std::shared_ptr<Entry> NewEntry(const Key& key, const Shape& shape) {
+    auto e = std::make_shared<Entry>();
+    e->shape = shape;
+    e->label = key.label();
+    e->push_name = "dist_push:" + e->label;
+    e->pull_name = "dist_pull:" + e->label;
+    e->pushpull_name = "dist_pushpull:" + e->label;
+    e->token = Zeros({1});
+    return e;
+  }
 
   // KeyPart p as held by `server` (which errors name).
   static KeyPart On(KeyPart p, int server) {
@@ -1310,13 +1448,56 @@ class DistKVStore : public KVStore {
     return std::max<int64_t>(pushes - conn_->options.staleness, 0);
   }
 
-  absl::StatusOr<std::shared_ptr<Entry>> Find(const Key& key, const char* what) {
+  // The entry of key for `what`, which uses it as a table (row-sparse) or
+  // as a dense key.
+  absl::StatusOr<std::shared_ptr<Entry>> Find(const Key& key, const char* what,
+                                              bool as_table = false) {
     auto it = keys_.find(key.id());
     if (it == keys_.end()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          what, " of key ", key.label(), ": the key was never initialized (call Init first)"));
+          what, " of key ", key.label(), ": the key was never initialized (call ",
+          as_table ? "InitRowSparse" : "Init", " first)"));
+    }
+    if (it->second->table != as_table) {
+      return internal::WrongKeyKind(key, what, it->second->table);
     }
     return it->second;
+  }
+
+  // The positions [lo, hi) of the sorted ids that fall in part p's rows.
+  static std::pair<int64_t, int64_t> RowsIn(const std::vector<int64_t>& ids, const KeyPart& p) {
+    const auto lo = std::lower_bound(ids.begin(), ids.end(), p.begin);
+    const auto hi = std::lower_bound(lo, ids.end(), p.end);
+    return {lo - ids.begin(), hi - ids.begin()};
+  }
+
+  // The outcome of a row-sparse pull from part p's server: its rows of
+  // `pulled`, written into pulled's data.
+  static absl::Status ReceivedRows(const Conn& conn, const Entry& e, const grpc::Status& status,
+                                   const grpc::ByteBuffer& resp, const KeyPart& p,
+                                   const RowSparseNDArray& pulled) {
+    MX_RETURN_IF_ERROR(conn.Named(FromGrpc(status), "row_sparse_pull", e.label, p.server));
+    const auto [lo, hi] = RowsIn(pulled.indices(), p);
+    const int64_t dim = pulled.row_size();
+    bool received = false;
+    proto::PullResponse header;
+    absl::Status s = DecodeWithTensor(
+        resp, kPullValueField, &header,
+        [&](size_t, size_t bytes) -> absl::StatusOr<void*> {
+          const size_t expected = (hi - lo) * dim * sizeof(float);
+          if (bytes != expected) {
+            return absl::DataLossError(absl::StrCat("server ", conn.Address(p.server), " sent ",
+                                                    bytes, " bytes, expected ", expected));
+          }
+          received = true;
+          return static_cast<void*>(pulled.data().data() + lo * dim);
+        });
+    if (s.ok() && !received && hi > lo) s = absl::DataLossError("the server sent no rows");
+    if (!s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("row_sparse_pull of key ", e.label, ": ",
+                                                 s.message()));
+    }
+    return absl::OkStatus();
   }
 
   // The optimizer's state file holds each server's part: after a failover

@@ -70,4 +70,14 @@ std::vector<KeyPart> PlaceKey(int key, int64_t n, const PlacementOptions& o) {
   return parts;
 }
 
+std::vector<KeyPart> PlaceTable(int key, int64_t rows, int servers) {
+  std::vector<KeyPart> parts;
+  for (int s = 0; s < servers; ++s) {
+    const int64_t begin = rows * s / servers, end = rows * (s + 1) / servers;
+    if (end == begin) continue;
+    parts.push_back(KeyPart{static_cast<int>(parts.size()), s, -1, begin, end, key});
+  }
+  return parts;
+}
+
 }  // namespace mx

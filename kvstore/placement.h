@@ -61,6 +61,12 @@ int ServerForKey(int key, int num_servers);
 // cover [0, n) without gaps. n >= 1 and o.servers >= 1.
 std::vector<KeyPart> PlaceKey(int key, int64_t n, const PlacementOptions& o);
 
+// The parts of a table (a row-sparse key) of `rows` rows: contiguous row
+// ranges (begin and end count rows, not elements), one per server in rank
+// order, sizes differing by at most one row; servers beyond the rows get
+// none. Each is held under the key itself with one copy (backup -1).
+std::vector<KeyPart> PlaceTable(int key, int64_t rows, int servers);
+
 }  // namespace mx
 
 #endif  // MX_KVSTORE_PLACEMENT_H_

@@ -125,6 +125,7 @@ class PullReactor : public grpc::ServerUnaryReactor {
   struct Wanted {
     int key;
     int64_t min_version;
+    ParameterShard::RowIds rows;  // a table's pull
   };
 
   PullReactor(ParameterShard* shard, PullDeadlines* deadlines, grpc::ByteBuffer* response,
@@ -164,10 +165,10 @@ class PullReactor : public grpc::ServerUnaryReactor {
     // end the call.
     Ref();
     for (size_t i = 0; i < wanted_.size(); ++i) {
-      ids_[i] = shard_->PullAsync(wanted_[i].key, wanted_[i].min_version,
-                                  [this, i](absl::StatusOr<ParameterShard::Value> v) {
-                                    Answered(i, std::move(v));
-                                  });
+      ids_[i] = shard_->PullAsync(
+          wanted_[i].key, wanted_[i].min_version,
+          [this, i](absl::StatusOr<ParameterShard::Value> v) { Answered(i, std::move(v)); },
+          wanted_[i].rows);
     }
     const absl::Time when = GiveUpBefore(deadline);
     if (when == absl::InfiniteFuture() || !deadlines_->Add(this, when)) Unref();
@@ -540,6 +541,13 @@ class Service final : public ServiceBase {
         ctx, *request, response, "init", [&] { return Worker(*ctx, "init").status(); },
         [this](const proto::InitRequest& req, proto::InitResponse*) {
           MX_RETURN_IF_ERROR(Prefix(SameJob(req), "init", req.key()));
+          if (req.has_table()) {
+            MX_ASSIGN_OR_RETURN(const Copies copies, CopiesOf(req));
+            const proto::TableRange& t = req.table();
+            return shard_->InitTable(req.key(), Shape(t.shape().begin(), t.shape().end()),
+                                     t.first_row(), t.rows(), t.init_scale(), t.init_seed(),
+                                     copies);
+          }
           absl::StatusOr<HostTensor> t = FromProto(req.value());
           if (!t.ok()) return Prefix(t.status(), "init", req.key());
           MX_ASSIGN_OR_RETURN(const Copies copies, CopiesOf(req));
@@ -565,7 +573,7 @@ class Service final : public ServiceBase {
     if (s.ok()) s = decoded;
     if (s.ok()) s = guard_.CheckClaim(*ctx, "pull", *caller, kWorker, req.rank());
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false);
-    reactor->Start(Prefix(s, "pull", req.key()), {{req.key(), req.min_version()}},
+    reactor->Start(Prefix(s, "pull", req.key()), {{req.key(), req.min_version(), RowsOf(req)}},
                    ctx->deadline());
     return reactor;
   }
@@ -577,7 +585,7 @@ class Service final : public ServiceBase {
     // Once the push is recorded (a parked one: later, on another thread).
     HandlePush(*ctx, *request, req.get(),
                [reactor, req, deadline = ctx->deadline()](absl::Status s) {
-                 reactor->Start(s, {{req->key(), req->min_version()}}, deadline);
+                 reactor->Start(s, {{req->key(), req->min_version(), RowsOf(*req)}}, deadline);
                });
     return reactor;
   }
@@ -808,7 +816,9 @@ class Service final : public ServiceBase {
     auto join = std::make_shared<Join>();
     join->remaining = reqs.size();
     join->done = std::move(done);
-    for (const proto::PushRequest& req : reqs) join->wanted.push_back({req.key(), req.min_version()});
+    for (const proto::PushRequest& req : reqs) {
+      join->wanted.push_back({req.key(), req.min_version(), RowsOf(req)});
+    }
     for (size_t i = 0; i < reqs.size(); ++i) {
       Apply(absl::OkStatus(), *slices, reqs[i], data[i], [join](absl::Status s) {
         if (!s.ok()) {
@@ -864,6 +874,10 @@ class Service final : public ServiceBase {
              const PushData& data, ParameterShard::PushCallback done) {
     if (s.ok() && !data.received) s = absl::InvalidArgumentError("no value");
     if (!s.ok()) return done(Prefix(s, "push", req.key()));
+    if (req.has_rows() && req.value().dtype() != proto::FLOAT32) {
+      return done(Prefix(absl::InvalidArgumentError("a row-sparse push travels uncompressed"),
+                         "push", req.key()));
+    }
     absl::StatusOr<Pieces> pieces = PushedValue(request, req.value(), data);
     if (!pieces.ok()) return done(Prefix(pieces.status(), "push", req.key()));
     shard_->PushAsync(
@@ -875,7 +889,14 @@ class Service final : public ServiceBase {
           }
           done(std::move(s));
         },
-        req.seq());
+        req.seq(), RowsOf(req));
+  }
+
+  // The row ids of a table's push or pull; none for a dense key's.
+  template <typename Request>
+  static ParameterShard::RowIds RowsOf(const Request& req) {
+    if (!req.has_rows()) return std::nullopt;
+    return std::vector<int64_t>(req.rows().ids().begin(), req.rows().ids().end());
   }
 
   ParameterShard* shard_;

@@ -1,12 +1,14 @@
 #include "server/shard.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
 #include "ndarray/ndarray.h"
+#include "ndarray/row_sparse.h"
 #include "proto/slice_key.h"
 #include "ndarray/trace.h"
 
@@ -38,6 +40,10 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
   absl::MutexLock lock(&mu_);
   auto it = keys_.find(key);
   if (it != keys_.end()) {
+    if (it->second.table) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "init of key ", key, ": the key is row-sparse (a table) on this server"));
+    }
     if (it->second.shape != shape) {
       return absl::InvalidArgumentError(absl::StrCat(
           "init of key ", key, ": already initialized with shape ",
@@ -67,7 +73,57 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
   return s;
 }
 
+absl::Status ParameterShard::InitTable(int key, const Shape& table, int64_t first_row,
+                                       int64_t rows, float init_scale, uint64_t init_seed,
+                                       Copies copies) {
+  if (table.ndim() < 1 || !table.IsValid() || first_row < 0 || rows < 1 ||
+      first_row + rows > table[0] || !std::isfinite(init_scale) || init_scale < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "init of row-sparse key ", key, ": rows [", first_row, ", ", first_row + rows,
+        ") of a table ", table.ToString(), " with scale ", init_scale, " are not a valid range"));
+  }
+  if (copies.role != Copies::kOnly) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "init of row-sparse key ", key, ": row-sparse keys have one copy (no --replicas=2 yet)"));
+  }
+  Shape range = table;
+  range[0] = rows;
+  auto same = [&](const Key& k) {
+    return k.table && k.table->table == table && k.table->first_row == first_row &&
+           k.shape == range;
+  };
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = keys_.find(key);
+    if (it != keys_.end()) {
+      if (same(it->second)) return absl::OkStatus();
+      return absl::InvalidArgumentError(absl::StrCat(
+          "init of row-sparse key ", key, ": already initialized here as ",
+          it->second.table ? absl::StrCat("rows from ", it->second.table->first_row, " of ",
+                                          it->second.table->table.ToString())
+                           : absl::StrCat("a dense key ", it->second.shape.ToString()),
+          ", now rows [", first_row, ", ", first_row + rows, ") of ", table.ToString()));
+    }
+  }
+  // Filling a range of millions of rows takes a while: outside the lock.
+  NDArray weight;
+  MX_RETURN_IF_ERROR(CatchError([&] {
+    weight = Zeros(range);
+    if (init_scale > 0) SampleUniformRows(-init_scale, init_scale, init_seed, first_row, &weight);
+    weight.WaitToRead();
+  }));
+  absl::MutexLock lock(&mu_);
+  auto [it, added] = keys_.try_emplace(key);
+  if (!added) return same(it->second) ? absl::OkStatus() : absl::AbortedError(absl::StrCat(
+      "init of row-sparse key ", key, ": initialized concurrently with another range"));
+  it->second.shape = range;
+  it->second.table = TableRange{table, first_row};
+  it->second.weight = std::move(weight);
+  return absl::OkStatus();
+}
+
 void ParameterShard::CopyWeights(Key* k) {
+  if (k->table) return;  // a table's weights are its value
   k->weight = Empty(k->shape);
   k->value.CopyTo(0, k->value.bytes(), k->weight.data());
   k->grad = Empty(k->shape);
@@ -195,23 +251,27 @@ std::pair<ParameterShard::PullCallback, absl::StatusOr<ParameterShard::Value>> P
 
 }  // namespace
 
-absl::Status ParameterShard::Push(int key, int rank, Pieces value) {
+absl::Status ParameterShard::Push(int key, int rank, Pieces value, RowIds rows) {
   absl::Notification done;
   absl::Status result;
-  PushAsync(key, rank, std::move(value), [&](absl::Status s) {
-    result = std::move(s);
-    done.Notify();
-  });
+  PushAsync(
+      key, rank, std::move(value),
+      [&](absl::Status s) {
+        result = std::move(s);
+        done.Notify();
+      },
+      0, std::move(rows));
   done.WaitForNotification();
   return result;
 }
 
-void ParameterShard::PushAsync(int key, int rank, Pieces value, PushCallback done, int64_t seq) {
+void ParameterShard::PushAsync(int key, int rank, Pieces value, PushCallback done, int64_t seq,
+                               RowIds rows) {
   Answers answers;
   absl::Status refused;
   {
     absl::MutexLock lock(&mu_);
-    refused = Record(key, rank, seq, &value, &done, &answers);
+    refused = Record(key, rank, seq, &value, &done, &rows, &answers);
   }
   if (!refused.ok()) answers.push_back(PushAnswer(std::move(done), std::move(refused)));
   Deliver(std::move(answers));
@@ -239,8 +299,31 @@ bool ParameterShard::Servable(const Key& k) const {
   return !options_.sync || k.copies.role != Copies::kPrimary || k.replicated >= k.version;
 }
 
+absl::Status ParameterShard::CheckRows(int id, const Key& k, const char* what, RowIds* rows,
+                                       bool relative) {
+  if (rows->has_value() != k.table.has_value()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " of key ", id, ": ",
+        k.table ? "the key is row-sparse (a table): the call must name its rows"
+                : "the key is dense: a row-sparse call cannot use it"));
+  }
+  if (!k.table) return absl::OkStatus();
+  const int64_t first = k.table->first_row, end = first + k.shape[0];
+  std::vector<int64_t>& ids = **rows;
+  MX_RETURN_IF_ERROR(CheckRowIds(ids, k.table->table[0], absl::StrCat(what, " of key ", id)));
+  if (!ids.empty() && (ids.front() < first || ids.back() >= end)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " of key ", id, ": row id ", ids.front() < first ? ids.front() : ids.back(),
+        " is not among this server's rows [", first, ", ", end, ")"));
+  }
+  if (relative) {
+    for (int64_t& r : ids) r -= first;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ParameterShard::Record(int key, int rank, int64_t seq, Pieces* value,
-                                    PushCallback* done, Answers* answers) {
+                                    PushCallback* done, RowIds* rows, Answers* answers) {
   if (rank < 0 || rank >= options_.num_workers) {
     return absl::InvalidArgumentError(absl::StrCat(
         "push of key ", key, ": worker rank ", rank, " is outside 0..", options_.num_workers - 1));
@@ -262,11 +345,17 @@ absl::Status ParameterShard::Record(int key, int rank, int64_t seq, Pieces* valu
   if (!k->failed.ok()) {
     return absl::Status(k->failed.code(), absl::StrCat("push of key ", key, ": ", k->failed.message()));
   }
-  if (value->bytes() != k->shape.Size() * sizeof(float)) {
+  MX_RETURN_IF_ERROR(CheckRows(key, *k, "push", rows, /*relative=*/true));
+  const int64_t expected =
+      k->table ? static_cast<int64_t>((*rows)->size()) * k->shape.RowSize() : k->shape.Size();
+  if (value->bytes() != expected * sizeof(float)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "push of key ", key, " from worker ", rank, ": ", value->bytes() / sizeof(float),
-        " values but the key holds ", k->shape.ToString(), " (", k->shape.Size(), ")"));
+        " values but the key holds ",
+        k->table ? absl::StrCat((*rows)->size(), " rows of ", k->shape.RowSize())
+                 : absl::StrCat(k->shape.ToString(), " (", k->shape.Size(), ")")));
   }
+  std::vector<int64_t> row_ids = rows->has_value() ? std::move(**rows) : std::vector<int64_t>();
   if (k->copies.role == Copies::kBackup) return NotPrimaryYet(key, *k, "push");
   MX_ASSIGN_OR_RETURN(const bool resent, Seen(key, k, rank, seq));
   if (resent) {  // in a step already, or queued for one
@@ -276,9 +365,9 @@ absl::Status ParameterShard::Record(int key, int rank, int64_t seq, Pieces* valu
   if (options_.sync) {
     // Parked behind the worker's earlier pushes; admitted (and answered)
     // at once if there is room.
-    k->parked[rank].push_back({{std::move(*value), seq}, std::move(*done)});
+    k->parked[rank].push_back({{std::move(*value), seq, std::move(row_ids)}, std::move(*done)});
     MaybeComplete(key, k, answers);
-  } else if (!CompleteStep(key, k, {{std::move(*value), seq}}, {rank})) {
+  } else if (!CompleteStep(key, k, {{std::move(*value), seq, std::move(row_ids)}}, {rank})) {
     // Taken: the key's pulls and later pushes say why it failed.
     TakeAnswered(key, k, answers);
     answers->push_back(PushAnswer(std::move(*done), absl::OkStatus()));
@@ -359,8 +448,61 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
   TakeAnswered(id, k, answers);
 }
 
+bool ParameterShard::CompleteTableStep(int id, Key* k, std::vector<Pending> pending) {
+  k->completing = true;
+  ++completing_;
+  const bool optimize = optimizer_ != nullptr;
+  RowSparseNDArray sum;
+  mu_.Unlock();
+  absl::Status s = CatchError([&] {
+    std::vector<RowSparseNDArray> terms;
+    for (Pending& p : pending) {
+      Shape rows = k->shape;
+      rows[0] = static_cast<int64_t>(p.rows.size());
+      NDArray data(rows);
+      if (rows.Size() > 0) p.value.CopyTo(0, p.value.bytes(), data.data());
+      terms.emplace_back(k->shape, std::move(p.rows), std::move(data));
+    }
+    sum = terms.size() == 1 ? terms[0] : Sum(terms);  // in rank order
+  });
+  mu_.Lock();
+  if (s.ok()) {
+    s = CatchError([&] {  // queued
+      if (optimize) {
+        optimizer_->UpdateRows(id, k->weight, sum);
+      } else {
+        k->weight.Assign(0.f);
+        k->weight += sum;
+      }
+    });
+  }
+  mu_.Unlock();
+  if (s.ok()) s = CatchError([&] { k->weight.WaitToRead(); });
+  mu_.Lock();
+  k->completing = false;
+  --completing_;
+  if (!s.ok()) {
+    FailKey(id, k, s);
+    return false;
+  }
+  ++k->version;
+  return true;
+}
+
+ParameterShard::Value ParameterShard::TableRows(const Key& k, const std::vector<int64_t>& rows) {
+  const int64_t dim = k.shape.RowSize();
+  std::vector<float> out = pool_->Take(rows.size() * dim);
+  const float* w = k.weight.data();
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::memcpy(out.data() + i * dim, w + (rows[i] - k.table->first_row) * dim,
+                dim * sizeof(float));
+  }
+  return Value{Publish(std::move(out)), k.version};
+}
+
 bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pending> pending,
                                   const std::vector<int>& ranks) {
+  if (k->table) return CompleteTableStep(id, k, std::move(pending));
   // What the backup needs to take the same step: the value applied.
   const bool replicate = k->copies.role == Copies::kPrimary && k->copies.peer >= 0;
   ReplicaStep step{id, k->version + 1, {}, {}};
@@ -459,10 +601,14 @@ void ParameterShard::BufferPool::Give(std::vector<float> buffer) {
 }
 
 std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
-    int id, Key* key, int64_t min_version) {
+    int id, Key* key, int64_t min_version, const RowIds& rows) {
   const Key& k = *key;
   if (!closed_.empty() || !k.failed.ok()) return Stuck(id, k, "pull");
   if (k.copies.role == Copies::kBackup) return NotPrimaryYet(id, k, "pull");
+  if (k.table && k.version >= min_version) {
+    if (k.completing) return std::nullopt;  // its weights are changing
+    return TableRows(k, *rows);
+  }
   if (k.version >= min_version && Servable(k)) return Value{k.value, k.version};
   if (absl::Status stuck = Stuck(id, k, "pull"); !stuck.ok()) return stuck;
   return std::nullopt;
@@ -479,7 +625,8 @@ void ParameterShard::TakeAnswered(int id, Key* k, Answers* answers) {
     it = k->unreplicated.erase(it);
   }
   for (auto it = k->waiters.begin(); it != k->waiters.end();) {
-    std::optional<absl::StatusOr<Value>> answer = Answer(id, k, it->second.min_version);
+    std::optional<absl::StatusOr<Value>> answer =
+        Answer(id, k, it->second.min_version, it->second.rows);
     if (!answer.has_value()) {
       ++it;
       continue;
@@ -493,18 +640,23 @@ void ParameterShard::Deliver(Answers answers) {
   for (auto& [done, value] : answers) done(std::move(value));
 }
 
-uint64_t ParameterShard::PullAsync(int key, int64_t min_version, PullCallback done) {
+uint64_t ParameterShard::PullAsync(int key, int64_t min_version, PullCallback done,
+                                   RowIds rows) {
   std::optional<absl::StatusOr<Value>> answer;
   uint64_t id;
   {
     absl::MutexLock lock(&mu_);
     id = next_waiter_++;
     absl::StatusOr<Key*> k = Find(key);
-    if (!k.ok()) {
-      answer = k.status();
+    absl::Status bad = k.ok() ? CheckRows(key, **k, "pull", &rows, /*relative=*/false)
+                              : k.status();
+    if (!bad.ok()) {
+      answer = bad;
     } else {
-      answer = Answer(key, *k, min_version);
-      if (!answer.has_value()) (*k)->waiters.emplace(id, Waiter{min_version, std::move(done)});
+      answer = Answer(key, *k, min_version, rows);
+      if (!answer.has_value()) {
+        (*k)->waiters.emplace(id, Waiter{min_version, std::move(done), std::move(rows)});
+      }
     }
   }
   if (answer.has_value()) done(*std::move(answer));
@@ -518,16 +670,19 @@ bool ParameterShard::CancelPull(int key, uint64_t id) {
 }
 
 absl::StatusOr<ParameterShard::Value> ParameterShard::Pull(int key, int64_t min_version,
-                                                           absl::Time deadline) {
+                                                           absl::Time deadline, RowIds rows) {
   struct Result {
     absl::Notification done;
     absl::StatusOr<Value> value;
   };
   auto result = std::make_shared<Result>();
-  const uint64_t id = PullAsync(key, min_version, [result](absl::StatusOr<Value> v) {
-    result->value = std::move(v);
-    result->done.Notify();
-  });
+  const uint64_t id = PullAsync(
+      key, min_version,
+      [result](absl::StatusOr<Value> v) {
+        result->value = std::move(v);
+        result->done.Notify();
+      },
+      std::move(rows));
   if (!result->done.WaitForNotificationWithDeadline(deadline)) {
     absl::Status timed_out = TimeOutPull(key, id, min_version);
     if (!timed_out.ok()) return timed_out;

@@ -52,6 +52,18 @@
 // (seq); the shard records a (rank, seq) once: a push sent again after a
 // failover is acknowledged without being counted twice.
 //
+// Tables (row-sparse keys; KVStore::InitRowSparse). A table key holds a
+// range of the rows of a table (InitTable), which no server holds whole:
+// its weights are its value, never published whole. Pushes carry the ids of
+// the rows they hold (in the range); a step sums its pushes in rank order
+// on the union of their rows and updates those rows lazily
+// (Optimizer::UpdateRows), or without an optimizer makes the range that
+// sum. Pulls name the rows they want and get them as of the version they
+// wait for or a later one (copied under the lock while no step is in
+// flight). Tables have one copy: InitTable refuses a primary or backup.
+// A dense call on a table, a row-sparse one on a dense key, and row ids
+// that are unsorted, repeated or outside the range are kInvalidArgument.
+//
 // Bad requests (unknown key, wrong shape or size, re-init with another
 // shape, bad rank) are kInvalidArgument / kNotFound; the shard keeps
 // serving. A step whose update fails (optimizer states loaded for another
@@ -151,6 +163,14 @@ class ParameterShard {
   // (every worker may init); another shape is an error naming both.
   absl::Status Init(int key, const Shape& shape, const std::vector<float>& value,
                     Copies copies = {});
+  // Creates table key holding rows [first_row, first_row + rows) of a table
+  // of `table`'s shape, uniform in [-init_scale, init_scale) by element
+  // index in the whole table (SampleUniformRows; zeros for 0). A second
+  // InitTable with the same range is a no-op; anything else is an error.
+  absl::Status InitTable(int key, const Shape& table, int64_t first_row, int64_t rows,
+                         float init_scale, uint64_t init_seed, Copies copies = {});
+  // A table's row ids in a push or pull: absent for dense keys.
+  using RowIds = std::optional<std::vector<int64_t>>;
 
   // One worker's contribution to key: floats where they lie (the pieces of
   // the network buffers it arrived in), held until its step is summed.
@@ -164,10 +184,12 @@ class ParameterShard {
   // not counted); a push whose (rank, seq) was recorded before is answered
   // OK and not counted again.
   using PushCallback = std::function<void(absl::Status)>;
-  void PushAsync(int key, int rank, Pieces value, PushCallback done, int64_t seq = 0);
+  // `rows`: a table's push, the ids of the rows value holds.
+  void PushAsync(int key, int rank, Pieces value, PushCallback done, int64_t seq = 0,
+                 RowIds rows = std::nullopt);
   // The blocking form; for floats in a vector (tests; callers without a
   // network).
-  absl::Status Push(int key, int rank, Pieces value);
+  absl::Status Push(int key, int rank, Pieces value, RowIds rows = std::nullopt);
   absl::Status Push(int key, int rank, std::vector<float> value) {
     return Push(key, rank, Pieces::Of(std::move(value)));
   }
@@ -190,7 +212,9 @@ class ParameterShard {
   };
   // The value of key once its version reaches min_version, waiting at most
   // until `deadline`.
-  absl::StatusOr<Value> Pull(int key, int64_t min_version, absl::Time deadline);
+  // `rows`: a table's pull, the rows wanted (the value holds them in order).
+  absl::StatusOr<Value> Pull(int key, int64_t min_version, absl::Time deadline,
+                             RowIds rows = std::nullopt);
 
   // Calls `done` exactly once, on the calling thread or on the thread whose
   // push (or MarkDead) completes the step, never under the shard's lock:
@@ -198,7 +222,8 @@ class ParameterShard {
   // error that prevents it (unknown key, a dead worker). Returns an id for
   // CancelPull.
   using PullCallback = std::function<void(absl::StatusOr<Value>)>;
-  uint64_t PullAsync(int key, int64_t min_version, PullCallback done);
+  uint64_t PullAsync(int key, int64_t min_version, PullCallback done,
+                     RowIds rows = std::nullopt);
   // Drops a waiting pull. True if it was still waiting: `done` will not be
   // called. False if it was answered or is being answered now.
   bool CancelPull(int key, uint64_t id);
@@ -256,13 +281,23 @@ class ParameterShard {
   struct Waiter {
     int64_t min_version;
     PullCallback done;
+    RowIds rows;  // a table's pull: the rows wanted (global ids)
   };
   struct Pending {
     Pieces value;
     int64_t seq = 0;
+    std::vector<int64_t> rows;  // a table's push: its rows, from the range's first
+  };
+  // Where a table key's rows lie in the table.
+  struct TableRange {
+    Shape table;
+    int64_t first_row = 0;
   };
   struct Key {
+    // A dense key's shape; a table's range: (rows held, row dimensions...).
     Shape shape;
+    // Set for a table key (its weight holds the rows; value is unused).
+    std::optional<TableRange> table;
     // The current value, as pulls get it.
     Pieces value;
     int64_t version = 0;
@@ -306,7 +341,19 @@ class ParameterShard {
   // PushAsync under the lock: records *value (and *done, which answers go
   // to) or returns why not, leaving them.
   absl::Status Record(int key, int rank, int64_t seq, Pieces* value, PushCallback* done,
-                      Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                      RowIds* rows, Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Checks that a call (`what`) uses key as the kind it is (rows for a
+  // table, none for a dense key) and that a table's row ids are ascending,
+  // unique and in its range; makes them relative to the range when
+  // `relative`.
+  static absl::Status CheckRows(int id, const Key& k, const char* what, RowIds* rows,
+                                bool relative);
+  // Rows (global ids) of table key k, copied from its weights.
+  Value TableRows(const Key& k, const std::vector<int64_t>& rows);
+  // CompleteStep for a table: the rank-order sum of the pushes' rows, then
+  // the lazy update (or the range becomes the sum).
+  bool CompleteTableStep(int id, Key* key, std::vector<Pending> pushes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether a push (rank, seq) of key was recorded before (a resend); an
   // error if it skips one.
   absl::StatusOr<bool> Seen(int id, Key* k, int rank, int64_t seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -316,7 +363,8 @@ class ParameterShard {
   // kUnavailable for a worker's `what` of a key held as a backup.
   static absl::Status NotPrimaryYet(int id, const Key& k, const char* what);
   // The answer to a pull of key at min_version, or nullopt while it must wait.
-  std::optional<absl::StatusOr<Value>> Answer(int id, Key* key, int64_t min_version)
+  std::optional<absl::StatusOr<Value>> Answer(int id, Key* key, int64_t min_version,
+                                              const RowIds& rows = std::nullopt)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A value whose buffer returns to pool_ when its last holder drops it.
   Pieces Publish(std::vector<float> buffer);

@@ -16,6 +16,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvstore/dist_kvstore.h"
+#include "ndarray/row_sparse.h"
 #include "proto/mx.pb.h"
 #include "rpc/metrics.h"
 #include "server/kvstore_service.h"
@@ -924,6 +925,115 @@ TEST(DistKVStoreOptions, BadOptionsAreErrors) {
   o.rank = 2;
   o.num_workers = 2;
   EXPECT_THAT(CreateDistKVStore(o).status().message(), HasSubstr("rank 2 outside 0..1"));
+}
+
+// ---- Row-sparse keys (tables split by row ranges over the servers).
+
+// Worker `rank`'s row-sparse gradient of a (100, 3) table at `step`: rows in
+// both servers' ranges ([0, 50) and [50, 100)), overlapping the other
+// worker's, and at step 2 none in server 1's range for worker 1 (its push
+// there is an empty vote). Values whose float sum depends on the order.
+RowSparseNDArray TableGrad(int rank, int step) {
+  std::vector<int64_t> ids = rank == 0 ? std::vector<int64_t>{1, 2, 60 + step}
+                                       : (step == 2 ? std::vector<int64_t>{3}
+                                                    : std::vector<int64_t>{2, 50, 99});
+  std::vector<float> v;
+  for (size_t i = 0; i < ids.size() * 3; ++i) v.push_back((rank == 0 ? 1e7f : 0.3f) * (1 + (i + step) % 4) - rank);
+  return RowSparseNDArray({100, 3}, ids, FromVector(v, {static_cast<int64_t>(ids.size()), 3}));
+}
+
+std::vector<int64_t> AllRows(int64_t n) {
+  std::vector<int64_t> ids(n);
+  for (int64_t i = 0; i < n; ++i) ids[i] = i;
+  return ids;
+}
+
+TEST(DistRowSparse, TwoServersTwoWorkersMatchTheLocalStoreBitForBit) {
+  constexpr int kWorkers = 2, kSteps = 3, kKey = 7;
+  const TableInit init{0.5f, 11};
+  Cluster c = StartServers(2, kWorkers);
+  std::vector<std::vector<std::vector<float>>> pulled(kWorkers);
+  std::vector<std::thread> workers;
+  for (int r = 0; r < kWorkers; ++r) {
+    workers.emplace_back([&, r] {
+      auto kv = SgdWorker(c, r, kWorkers);
+      ASSERT_TRUE(kv->InitRowSparse(kKey, {100, 3}, init).ok());
+      for (int step = 0; step < kSteps; ++step) {
+        ASSERT_TRUE(kv->Push(kKey, TableGrad(r, step)).ok());
+        RowSparseNDArray rows;
+        ASSERT_TRUE(kv->RowSparsePull(kKey, AllRows(100), &rows).ok());
+        pulled[r].push_back(rows.data().ToVector());
+      }
+    });
+  }
+  for (auto& t : workers) t.join();
+
+  // The local store, given both workers' gradients in rank order.
+  auto local = KVStore::Create("local");
+  ASSERT_TRUE(local.ok());
+  ASSERT_TRUE((*local)->SetOptimizer(Sgd()).ok());
+  ASSERT_TRUE((*local)->InitRowSparse(kKey, {100, 3}, init).ok());
+  for (int step = 0; step < kSteps; ++step) {
+    ASSERT_TRUE((*local)->PushRowSparse(kKey, {TableGrad(0, step), TableGrad(1, step)}).ok());
+    RowSparseNDArray want;
+    ASSERT_TRUE((*local)->RowSparsePull(kKey, AllRows(100), &want).ok());
+    const std::vector<float> w = want.data().ToVector();
+    for (int r = 0; r < kWorkers; ++r) {
+      ASSERT_EQ(pulled[r][step].size(), w.size());
+      EXPECT_EQ(0, std::memcmp(pulled[r][step].data(), w.data(), w.size() * sizeof(float)))
+          << "step " << step << " worker " << r;
+    }
+  }
+  // Each server holds its half of the rows only.
+  for (int s = 0; s < 2; ++s) {
+    auto range = c.servers[s]->shard().Pull(kKey, kSteps, absl::Now() + absl::Seconds(1),
+                                            std::vector<int64_t>{s * 50});
+    ASSERT_TRUE(range.ok()) << range.status();
+    auto outside = c.servers[s]->shard().Pull(kKey, kSteps, absl::Now() + absl::Seconds(1),
+                                              std::vector<int64_t>{(1 - s) * 50});
+    EXPECT_THAT(std::string(outside.status().message()),
+                HasSubstr(absl::StrCat("is not among this server's rows [", s * 50)));
+  }
+}
+
+TEST(DistRowSparse, APullOfSomeRowsAsksOnlyTheirServersAndAsyncAppliesOnArrival) {
+  Cluster c = StartServers(2, 1, /*sync=*/false);
+  auto kv = Worker(c, 0, 1, 16, /*sync=*/false);
+  ASSERT_TRUE(kv->SetOptimizer(Sgd()).ok());
+  ASSERT_TRUE(kv->InitRowSparse(3, {10, 2}).ok());
+  ASSERT_TRUE(kv->Push(3, RowSparseNDArray({10, 2}, {1, 8}, FromVector({1, 2, 3, 4}, {2, 2}))).ok());
+  RowSparseNDArray rows;
+  ASSERT_TRUE(kv->RowSparsePull(3, {8}, &rows).ok());
+  EXPECT_EQ(rows.data().ToVector(), std::vector<float>({-1.5f, -2.f}));
+  ASSERT_TRUE(kv->RowSparsePull(3, {}, &rows).ok());
+  EXPECT_EQ(rows.nnz(), 0);
+  rows.data().WaitToRead();
+}
+
+TEST(DistRowSparse, ErrorsNameTheKey) {
+  Cluster c = StartServers(2, 1);
+  auto kv = Worker(c, 0, 1, 16);
+  ASSERT_TRUE(kv->InitRowSparse(3, {10, 2}).ok());
+  ASSERT_TRUE(kv->Init(4, Ones({10, 2})).ok());
+  NDArray dense = Ones({10, 2});
+  RowSparseNDArray rows;
+  auto message = [](const absl::Status& s) { return std::string(s.message()); };
+  EXPECT_THAT(message(kv->Push(3, dense)), HasSubstr("push of key 3: the key is row-sparse"));
+  EXPECT_THAT(message(kv->Init(3, dense)), HasSubstr("init of key 3: the key is row-sparse"));
+  EXPECT_THAT(message(kv->Push(4, RowSparseNDArray({10, 2}))),
+              HasSubstr("row-sparse push of key 4: the key is dense"));
+  EXPECT_THAT(message(kv->RowSparsePull(3, {5, 5}, &rows)),
+              HasSubstr("row_sparse_pull of key 3: row ids must be sorted ascending and unique"));
+  EXPECT_THAT(message(kv->RowSparsePull(3, {10}, &rows)),
+              HasSubstr("row id 10 at position 0 is outside [0, 10)"));
+  EXPECT_THAT(message(kv->InitRowSparse(3, {11, 2})), HasSubstr("already initialized with shape (10,2)"));
+  EXPECT_THAT(message(kv->InitRowSparse(1 << 24, {11, 2})), HasSubstr("take keys below"));
+  // Another worker of the job (a second store) that sees the key as
+  // another range is refused by the servers.
+  auto other = Worker(c, 0, 1, 16);
+  EXPECT_THAT(message(other->InitRowSparse(3, {12, 2})),
+              HasSubstr("already initialized here as rows from 0 of (10,2)"));
+  EXPECT_THAT(message(other->InitRowSparse(4, {10, 2})), HasSubstr("as a dense key"));
 }
 
 }  // namespace

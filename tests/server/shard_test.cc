@@ -11,6 +11,8 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/shard.h"
+#include "ndarray/row_sparse.h"
+#include "ndarray/ndarray.h"
 
 namespace mx {
 namespace {
@@ -863,6 +865,62 @@ TEST(ShardReplicas, AStateForAKeyHeldOtherwiseIsRefused) {
   const absl::Status s = spare.ApplyReplicated(0, pair.steps);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(), HasSubstr("state of key 7 from server 0: 2 values for shape"));
+}
+
+// ---- Tables (row-sparse keys): a range of rows per shard.
+
+TEST(ShardTable, SumsPushedRowsInRankOrderAndServesRowsOfItsRange) {
+  ShardOptions o;
+  o.num_workers = 2;
+  ParameterShard shard(o);
+  // Rows [10, 20) of a (30, 2) table, zeros.
+  ASSERT_TRUE(shard.InitTable(5, {30, 2}, 10, 10, 0.f, 0).ok());
+  ASSERT_TRUE(shard.InitTable(5, {30, 2}, 10, 10, 0.f, 0).ok());  // again: no-op
+  ASSERT_TRUE(shard.Push(5, 1, Pieces::Of(std::vector<float>{1, 2}), std::vector<int64_t>{12}).ok());
+  // Worker 0 touched nothing here: its push is an empty vote.
+  ASSERT_TRUE(shard.Push(5, 0, Pieces::Of(std::vector<float>{}), std::vector<int64_t>{}).ok());
+  auto rows = shard.Pull(5, 1, absl::Now() + absl::Seconds(5), std::vector<int64_t>{11, 12});
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  std::vector<float> v(4);
+  rows->data.CopyTo(0, 16, v.data());
+  EXPECT_EQ(v, std::vector<float>({0, 0, 1, 2}));  // no optimizer: the range is the sum
+  EXPECT_EQ(rows->version, 1);
+  // A pull of a later version waits for that step.
+  auto later = shard.Pull(5, 2, absl::Now() + absl::Milliseconds(50), std::vector<int64_t>{12});
+  EXPECT_TRUE(absl::IsDeadlineExceeded(later.status())) << later.status();
+}
+
+TEST(ShardTable, BadRowsAndWrongKindsAreRefusedAndChangeNothing) {
+  ParameterShard shard(ShardOptions{});
+  ASSERT_TRUE(shard.InitTable(5, {30, 2}, 10, 10, 0.5f, 1).ok());
+  ASSERT_TRUE(shard.Init(6, {2}, {1, 1}).ok());
+  auto message = [](const absl::Status& s) { return std::string(s.message()); };
+  auto push = [&](int key, std::vector<int64_t> ids, size_t floats) {
+    return shard.Push(key, 0, Pieces::Of(std::vector<float>(floats, 1.f)), std::move(ids));
+  };
+  EXPECT_THAT(message(push(5, {9}, 2)), HasSubstr("row id 9 is not among this server's rows [10, 20)"));
+  EXPECT_THAT(message(push(5, {12, 11}, 4)), HasSubstr("must be sorted ascending and unique"));
+  EXPECT_THAT(message(push(5, {12}, 3)), HasSubstr("3 values but the key holds 1 rows of 2"));
+  EXPECT_THAT(message(push(6, {0}, 2)), HasSubstr("push of key 6: the key is dense"));
+  EXPECT_THAT(message(shard.Push(5, 0, Pieces::Of(std::vector<float>(20, 1.f)))),
+              HasSubstr("push of key 5: the key is row-sparse (a table)"));
+  EXPECT_THAT(message(shard.Pull(5, 0, absl::Now()).status()),
+              HasSubstr("the call must name its rows"));
+  EXPECT_THAT(message(shard.Init(5, {20}, std::vector<float>(20))),
+              HasSubstr("the key is row-sparse (a table) on this server"));
+  EXPECT_THAT(message(shard.InitTable(5, {30, 2}, 0, 10, 0.f, 0)),
+              HasSubstr("already initialized here as rows from 10 of (30,2)"));
+  EXPECT_THAT(message(shard.InitTable(7, {30, 2}, 25, 10, 0.f, 0)), HasSubstr("not a valid range"));
+  EXPECT_THAT(message(shard.InitTable(7, {30, 2}, 0, 10, 0.f, 0, Copies{Copies::kPrimary, 1})),
+              HasSubstr("row-sparse keys have one copy"));
+  // Nothing was applied: the rows are still their initial values.
+  auto rows = shard.Pull(5, 0, absl::Now() + absl::Seconds(1), std::vector<int64_t>{12});
+  ASSERT_TRUE(rows.ok());
+  NDArray whole = Empty({30, 2});
+  SampleUniformRows(-0.5f, 0.5f, 1, 0, &whole);
+  std::vector<float> v(2);
+  rows->data.CopyTo(0, 8, v.data());
+  EXPECT_EQ(v, std::vector<float>({whole.ToVector()[24], whole.ToVector()[25]}));
 }
 
 }  // namespace
