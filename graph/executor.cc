@@ -870,6 +870,31 @@ RowSparseNDArray Executor::row_sparse_grad(const std::string& name) const {
                           grads_.at(name).Slice(0, nnz));
 }
 
+absl::StatusOr<std::string> Executor::RowSparseIndexInput(const std::string& name) const {
+  if (!row_sparse_.count(name)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", name, "' is not a row-sparse argument of this executor"));
+  }
+  std::set<std::string> inputs;
+  for (const Plan::NodeRun& run : plan_->nodes) {
+    if (run.sparse_arg != name) continue;
+    const graph::Node* index = run.node->inputs[0].node.get();
+    if (!index->is_variable()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the indices of ", run.node->name, ", which reads row-sparse '", name,
+          "', are computed by ", index->name, ": the rows a batch needs cannot be known "
+          "before Forward; feed the Embedding an input"));
+    }
+    inputs.insert(index->name);
+  }
+  if (inputs.size() != 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "row-sparse '", name, "' is read with indices from ", inputs.size(),
+        " inputs; one is supported"));
+  }
+  return *inputs.begin();
+}
+
 void Executor::Forward(bool is_train) {
   RequireRowSparseRows("Forward");
   for (size_t k = 0; k < plan_->nodes.size(); ++k) PushForward(k, is_train);

@@ -137,6 +137,12 @@ class Executor {
   // Backward, like grad_dict's arrays).
   RowSparseNDArray row_sparse_grad(const std::string& name) const;
   const std::set<std::string>& row_sparse_args() const { return row_sparse_; }
+  // The argument whose values index the row-sparse argument `name` (the
+  // Embedding's data): what a trainer reads to know which rows a batch
+  // needs before Forward. kFailedPrecondition when the indices are
+  // computed by the graph (or come from several inputs), which a trainer
+  // cannot read ahead; kInvalidArgument for a name that is not one.
+  absl::StatusOr<std::string> RowSparseIndexInput(const std::string& name) const;
 
   void SetMonitorCallback(MonitorCallback callback) {
     monitor_ = std::move(callback);

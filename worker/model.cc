@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <set>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -40,6 +41,18 @@ bool IsInput(const std::string& name, const DataIter& data) {
     if (d.name == name) return true;
   }
   return false;
+}
+
+// The variables marked row-sparse (__storage_type__ row_sparse, or "1" as
+// MXNet's JSON writes it).
+std::set<std::string> RowSparseVariables(const Symbol& symbol) {
+  std::set<std::string> names;
+  for (const auto& [name, value] : symbol.ListAttrs()) {
+    const size_t dollar = name.find('$');
+    if (dollar == std::string::npos || name.substr(dollar + 1) != "__storage_type__") continue;
+    if (value == "row_sparse" || value == "1") names.insert(name.substr(0, dollar));
+  }
+  return names;
 }
 
 // Multipliers by node name from the symbol's `key` attributes
@@ -105,11 +118,27 @@ absl::StatusOr<std::vector<std::unique_ptr<Executor>>> FeedForward::BindAll(
       reqs[d.name] = GradReq::kNull;
     }
   }
+  // A table's block holds the rows one batch share can name: at most one per
+  // element of the inputs, and at most the table's rows.
+  std::map<std::string, int64_t> row_sparse;
+  const std::set<std::string> tables = RowSparseVariables(symbol_);
+  if (!tables.empty()) {
+    int64_t input_elements = 0;
+    for (const auto& [name, s] : shapes) input_elements += s.Size();
+    absl::StatusOr<Symbol::Shapes> inferred = symbol_.InferShape(shapes, true);
+    if (!inferred.ok()) return inferred.status();
+    const std::vector<std::string> args = symbol_.ListArguments();
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (!tables.count(args[i])) continue;
+      row_sparse[args[i]] = std::min(inferred->arguments[i][0], input_elements);
+    }
+  }
   std::vector<std::unique_ptr<Executor>> execs;
   for (int d = 0; d < devices; ++d) {
     MX_ASSIGN_OR_RETURN(
         auto exec, Executor::SimpleBind(symbol_, contexts_[d], shapes,
-                                        for_training ? GradReq::kWrite : GradReq::kNull, reqs));
+                                        for_training ? GradReq::kWrite : GradReq::kNull, reqs,
+                                        {}, row_sparse));
     execs.push_back(std::move(exec));
   }
   return execs;
@@ -137,7 +166,7 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
   kvstore_ = nullptr;
   owned_kvstore_.reset();
   optimizer_.reset();
-  if (contexts_.size() == 1 && options.store == nullptr) {
+  if (contexts_.size() == 1 && options.store == nullptr && tables_.empty()) {
     optimizer_ = std::move(optimizer);
     if (!options.optimizer_states_path.empty()) {
       return optimizer_->LoadStatesFromFile(options.optimizer_states_path);
@@ -151,12 +180,33 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
     kvstore_ = owned_kvstore_.get();
   }
   MX_RETURN_IF_ERROR(kvstore_->SetOptimizer(std::move(optimizer)));
+  TableInit table_init;
+  if (!tables_.empty()) {
+    if (options.initializer != "uniform") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "row-sparse parameter '", tables_.begin()->first, "' starts uniform; initializer '",
+          options.initializer, "' cannot fill a table that no process holds (use uniform)"));
+    }
+    auto scale = options.initializer_options.find("scale");
+    table_init.scale = 0.07f;  // the uniform initializer's default
+    if (scale != options.initializer_options.end() &&
+        !absl::SimpleAtof(scale->second, &table_init.scale)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("initializer option scale '", scale->second, "' is not a number"));
+    }
+    table_init.seed = NextRandomSeed();
+  }
   for (size_t i = 0; i < params.size(); ++i) {
-    MX_RETURN_IF_ERROR(kvstore_->Init(static_cast<int>(i), exec.arg_dict().at(params[i])));
+    auto table = tables_.find(params[i]);
+    MX_RETURN_IF_ERROR(table != tables_.end()
+                           ? kvstore_->InitRowSparse(static_cast<int>(i), table->second.shape,
+                                                     table_init)
+                           : kvstore_->Init(static_cast<int>(i), exec.arg_dict().at(params[i])));
   }
   // Start every device (and, distributed, every worker) from the store's
   // values: the first Init of a key wins.
   for (size_t i = 0; i < params.size(); ++i) {
+    if (tables_.count(params[i])) continue;  // pulled by rows, per batch
     std::vector<NDArray> weights;
     for (const auto& e : execs) weights.push_back(e->arg_dict().at(params[i]));
     MX_RETURN_IF_ERROR(kvstore_->Pull(static_cast<int>(i), weights));
@@ -180,11 +230,21 @@ void FeedForward::Update(const std::vector<std::unique_ptr<Executor>>& execs,
   // the end, each sent as soon as its gradients are ready (one PushPull
   // of several keys, as the store prefers; one key each when it has no
   // preference).
+  for (const auto& [name, table] : tables_) {
+    std::vector<RowSparseNDArray> rows;
+    for (const auto& e : execs) rows.push_back(e->row_sparse_grad(name));
+    ThrowIfError(kvstore_->PushRowSparse(table.key, rows, static_cast<int>(params.size())));
+  }
+  std::vector<size_t> dense;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!tables_.count(params[i])) dense.push_back(i);
+  }
   const int64_t bucket_bytes = kvstore_->bucket_bytes();
   std::vector<Key> keys;
   std::vector<std::vector<NDArray>> grads, weights;
   int64_t bytes = 0;
-  for (size_t i = params.size(); i-- > 0;) {
+  for (size_t j = dense.size(); j-- > 0;) {
+    const size_t i = dense[j];
     keys.emplace_back(static_cast<int>(i));
     grads.emplace_back();
     weights.emplace_back();
@@ -193,7 +253,7 @@ void FeedForward::Update(const std::vector<std::unique_ptr<Executor>>& execs,
       weights.back().push_back(e->arg_dict().at(params[i]));
     }
     bytes += grads.back()[0].size() * static_cast<int64_t>(sizeof(float));
-    if (i > 0 && bytes < bucket_bytes) continue;
+    if (j > 0 && bytes < bucket_bytes) continue;
     // Communication outranks computation, and the first layers (needed
     // first by the next forward pass) outrank the last.
     const int priority = static_cast<int>(params.size() - i);
@@ -234,7 +294,7 @@ absl::Status FeedForward::InitParams(const Executor& exec, const FitOptions& opt
   };
   std::vector<std::string> args;
   for (const auto& [name, a] : exec.arg_dict()) {
-    if (exec.grad_dict().count(name)) args.push_back(name);
+    if (exec.grad_dict().count(name) && !exec.row_sparse_args().count(name)) args.push_back(name);
   }
   std::vector<std::string> aux = symbol_.ListAuxiliaryStates();
   MX_RETURN_IF_ERROR(fill(exec.arg_dict(), &arg_params_, args));
@@ -251,6 +311,7 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
   for (const std::string& name : symbol_.ListArguments()) {
     if (exec.grad_dict().count(name)) params.push_back(name);
   }
+  MX_RETURN_IF_ERROR(FindTables(exec, *train, params));
   MX_RETURN_IF_ERROR(Catch([&] {
     for (size_t d = 1; d < execs.size(); ++d) {
       for (const auto& [name, a] : exec.arg_dict()) {
@@ -291,6 +352,7 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
             NDArray dst = e.arg_dict().at(train->ProvideLabel()[i].name);
             dst.Assign(batch.label[i].Slice(begin, begin + share));
           }
+          PullTableRows(e, *train, batch, begin, begin + share);
           e.Forward(true);
           e.Backward();
         }
@@ -345,8 +407,15 @@ absl::Status FeedForward::ForEachBatch(
     DataIter* data, const std::function<absl::Status(const DataBatch&, Executor&)>& fn) {
   MX_ASSIGN_OR_RETURN(auto execs, BindAll(*data, false));
   Executor& exec = *execs[0];
+  for (const std::string& name : exec.row_sparse_args()) {
+    if (kvstore_ == nullptr || !tables_.count(name)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "row-sparse parameter '", name, "' lives in the KVStore of Fit: predict and score "
+          "after Fit, in the same process"));
+    }
+  }
   for (const std::string& name : symbol_.ListArguments()) {
-    if (IsInput(name, *data)) continue;
+    if (IsInput(name, *data) || exec.row_sparse_args().count(name)) continue;
     auto it = arg_params_.find(name);
     if (it == arg_params_.end()) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -370,6 +439,7 @@ absl::Status FeedForward::ForEachBatch(
         NDArray dst = exec.arg_dict().at(data->ProvideData()[i].name);
         dst.Assign(batch.data[i]);
       }
+      PullTableRows(exec, *data, batch, 0, data->batch_size());
       exec.Forward(false);
       MX_RETURN_IF_ERROR(fn(batch, exec));
     }
@@ -413,7 +483,50 @@ absl::StatusOr<MetricValues> FeedForward::Score(DataIter* data, const std::strin
   return metric->Get();
 }
 
+absl::Status FeedForward::FindTables(const Executor& exec, const DataIter& data,
+                                     const std::vector<std::string>& params) {
+  tables_.clear();
+  for (const std::string& name : exec.row_sparse_args()) {
+    MX_ASSIGN_OR_RETURN(std::string input, exec.RowSparseIndexInput(name));
+    bool is_data = false;
+    for (const DataDesc& d : data.ProvideData()) is_data = is_data || d.name == input;
+    if (!is_data) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "row-sparse parameter '", name, "' is indexed by '", input,
+          "', which is not a data input of the iterator"));
+    }
+    const int key = static_cast<int>(
+        std::find(params.begin(), params.end(), name) - params.begin());
+    Shape table = exec.arg_dict().at(name).shape();
+    MX_ASSIGN_OR_RETURN(const Symbol::Shapes shapes, symbol_.InferShape({}, false));
+    const std::vector<std::string> args = symbol_.ListArguments();
+    table[0] = shapes.arguments[std::find(args.begin(), args.end(), name) - args.begin()][0];
+    tables_[name] = Table{key, table, input};
+  }
+  return absl::OkStatus();
+}
+
+void FeedForward::PullTableRows(Executor& exec, const DataIter& data, const DataBatch& batch,
+                                int64_t begin, int64_t end) {
+  for (const std::string& name : exec.row_sparse_args()) {
+    const Table& table = tables_.at(name);
+    const std::vector<DataDesc> inputs = data.ProvideData();
+    const size_t i = std::find_if(inputs.begin(), inputs.end(),
+                                  [&](const DataDesc& d) { return d.name == table.index_input; }) -
+                     inputs.begin();
+    RowSparseNDArray rows;
+    ThrowIfError(kvstore_->RowSparsePull(
+        table.key, UniqueRowIds(batch.data.at(i).Slice(begin, end), table.shape[0]), &rows));
+    exec.SetRowSparseArg(name, rows);
+  }
+}
+
 absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) const {
+  if (!tables_.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "SaveCheckpoint: row-sparse parameter '", tables_.begin()->first,
+        "' lives in the KVStore only, and checkpoints of such tables are not implemented yet"));
+  }
   // Every worker of a distributed job holds the same parameters: one
   // writes the checkpoint (with the servers' optimizer state), worker 0 or,
   // once it died in an elastic job, the lowest-ranked worker left.

@@ -12,6 +12,19 @@
 // updates every parameter with the optimizer (the same updater the KVStore
 // applies) and reports metrics per epoch. Parameters live in arg_params()
 // and aux_params() between calls and are what checkpoints store.
+//
+// Row-sparse parameters: a variable with the attribute __storage_type__ =
+// row_sparse (MXNet's Variable(stype='row_sparse'); "1" as MXNet's JSON
+// writes it), read by Embedding(sparse_grad=True) with indices from a data
+// input, is a table that lives in the KVStore only (a local one when Fit
+// gets none; sharded over the servers when distributed). Fit creates it
+// there (InitRowSparse, uniform with the "uniform" initializer's scale, the
+// only initializer tables take), and each batch pulls the rows the batch's
+// indices name, binds them (Executor's row_sparse arguments) and pushes
+// the row-sparse gradient: no process holds the table or a dense gradient
+// of it. Predict and Score after Fit pull the rows they need the same way.
+// Tables are not in arg_params() and checkpoints of such a model are
+// refused (they would lack the tables).
 #ifndef MX_WORKER_MODEL_H_
 #define MX_WORKER_MODEL_H_
 
@@ -130,9 +143,24 @@ class FeedForward {
   absl::Status InitParams(const Executor& exec, const FitOptions& options);
   absl::Status ForEachBatch(DataIter* data,
                             const std::function<absl::Status(const DataBatch&, Executor&)>& fn);
+  // Finds the row-sparse parameters of `exec` (bound by BindAll) and their
+  // index inputs among `data`'s, giving them the keys of `params`.
+  absl::Status FindTables(const Executor& exec, const DataIter& data,
+                          const std::vector<std::string>& params);
+  // Pulls the rows each table needs for the batch slice [begin, end) of
+  // `batch` (its index input's values) and binds them in exec.
+  void PullTableRows(Executor& exec, const DataIter& data, const DataBatch& batch,
+                     int64_t begin, int64_t end);
 
   Symbol symbol_;
   std::vector<Context> contexts_;
+  // Row-sparse parameters (see the header comment), by name.
+  struct Table {
+    int key;
+    Shape shape;
+    std::string index_input;  // the data input whose values index it
+  };
+  std::map<std::string, Table> tables_;
   std::map<std::string, NDArray> arg_params_, aux_params_;
   // Exactly one of the two applies updates: the optimizer for one context,
   // the KVStore (which owns the optimizer then) for several.

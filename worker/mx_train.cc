@@ -57,6 +57,9 @@ ABSL_FLAG(std::string, train_libsvm, "",
           "--network=ctr");
 ABSL_FLAG(std::string, test_libsvm, "", "test click log in libsvm text");
 ABSL_FLAG(int, ctr_fields, 8, "categorical features per line of the click logs");
+ABSL_FLAG(bool, ctr_sparse, true,
+          "--network=ctr: keep the embedding tables row-sparse in the KVStore (each batch moves "
+          "only the rows it touches); false: dense tables on every worker");
 ABSL_FLAG(int64_t, ctr_features, 80000,
           "feature indices of the click logs lie below this (mx_ctr_gen: fields x vocab)");
 ABSL_FLAG(std::string, kvstore, "local",
@@ -315,8 +318,10 @@ absl::Status Run() {
                         FeedForward::LoadCheckpoint(prefix, resume, contexts, load));
     model = std::make_unique<FeedForward>(std::move(loaded));
   } else {
-    absl::StatusOr<Symbol> net = network == "ctr" ? zoo::Ctr(absl::GetFlag(FLAGS_ctr_features))
-                                                  : zoo::ByName(network);
+    absl::StatusOr<Symbol> net =
+        network == "ctr" ? zoo::Ctr(absl::GetFlag(FLAGS_ctr_features), 16,
+                                    absl::GetFlag(FLAGS_ctr_sparse))
+                         : zoo::ByName(network);
     if (!net.ok() && network.find('.') != std::string::npos) net = Symbol::Load(network);
     if (!net.ok()) return net.status();
     model = std::make_unique<FeedForward>(*net, contexts);

@@ -58,13 +58,19 @@ Symbol ResNet(int blocks, int num_classes) {
   return Op("SoftmaxOutput", {net}, {}, "softmax");
 }
 
-Symbol Ctr(int64_t num_features, int embed_dim) {
+Symbol Ctr(int64_t num_features, int embed_dim, bool sparse) {
   const Symbol data = Variable("data");
   const auto features = static_cast<int>(num_features);
-  Symbol wide = Op("Embedding", {data}, {{"input_dim", features}, {"output_dim", 2}}, "wide_embed");
+  // A table: a variable FeedForward keeps in the KVStore, read row-sparse.
+  auto embedding = [&](const std::string& name, int dim) {
+    SymbolInputs inputs = {data};
+    if (sparse) inputs.push_back(Variable(name + "_weight", {{"__storage_type__", "row_sparse"}}));
+    return Op("Embedding", inputs,
+              {{"input_dim", features}, {"output_dim", dim}, {"sparse_grad", sparse}}, name);
+  };
+  Symbol wide = embedding("wide_embed", 2);
   wide = Op("sum", {wide}, {{"axis", Shape{1}}}, "wide_sum");
-  Symbol deep =
-      Op("Embedding", {data}, {{"input_dim", features}, {"output_dim", embed_dim}}, "deep_embed");
+  Symbol deep = embedding("deep_embed", embed_dim);
   deep = Op("Flatten", {deep}, {}, "deep_flatten");
   deep = Op("FullyConnected", {deep}, {{"num_hidden", 64}}, "deep_fc1");
   deep = Op("Activation", {deep}, {{"act_type", "relu"}}, "deep_relu1");

@@ -27,8 +27,10 @@ Symbol ResNet(int blocks = 2, int num_classes = 10);
 // them): wide (an Embedding of 2 per feature, summed over
 // the fields: logistic regression) and deep (an Embedding of `embed_dim`
 // per feature, flattened, fc 64 relu, fc 2), added, then SoftmaxOutput
-// over (no click, click); its cross-entropy is the log-loss.
-Symbol Ctr(int64_t num_features, int embed_dim = 16);
+// over (no click, click); its cross-entropy is the log-loss. `sparse`
+// makes both embedding tables row-sparse (FeedForward keeps them in the
+// KVStore and moves only the rows a batch touches).
+Symbol Ctr(int64_t num_features, int embed_dim = 16, bool sparse = false);
 
 // "mlp", "lenet" or "resnet"; anything else is kInvalidArgument.
 absl::StatusOr<Symbol> ByName(const std::string& name, int num_classes = 10);
