@@ -92,30 +92,39 @@ absl::Status ParameterShard::InitTable(int key, const Shape& table, int64_t firs
     return k.table && k.table->table == table && k.table->first_row == first_row &&
            k.shape == range;
   };
-  {
-    absl::MutexLock lock(&mu_);
-    auto it = keys_.find(key);
-    if (it != keys_.end()) {
-      if (same(it->second)) return absl::OkStatus();
-      return absl::InvalidArgumentError(absl::StrCat(
-          "init of row-sparse key ", key, ": already initialized here as ",
-          it->second.table ? absl::StrCat("rows from ", it->second.table->first_row, " of ",
-                                          it->second.table->table.ToString())
-                           : absl::StrCat("a dense key ", it->second.shape.ToString()),
-          ", now rows [", first_row, ", ", first_row + rows, ") of ", table.ToString()));
-    }
+  absl::MutexLock lock(&mu_);
+  // Every worker inits the key, at about the same time: one fills the
+  // range, the others wait for it (a second range of gigabytes, even
+  // briefly, could exhaust the server's memory).
+  struct Created {
+    const std::set<int>* creating;
+    int key;
+    bool Done() const { return creating->count(key) == 0; }
+  } created{&tables_in_creation_, key};
+  mu_.Await(absl::Condition(&created, &Created::Done));
+  auto it = keys_.find(key);
+  if (it != keys_.end()) {
+    if (same(it->second)) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "init of row-sparse key ", key, ": already initialized here as ",
+        it->second.table ? absl::StrCat("rows from ", it->second.table->first_row, " of ",
+                                        it->second.table->table.ToString())
+                         : absl::StrCat("a dense key ", it->second.shape.ToString()),
+        ", now rows [", first_row, ", ", first_row + rows, ") of ", table.ToString()));
   }
   // Filling a range of millions of rows takes a while: outside the lock.
+  tables_in_creation_.insert(key);
+  mu_.Unlock();
   NDArray weight;
-  MX_RETURN_IF_ERROR(CatchError([&] {
+  const absl::Status filled = CatchError([&] {
     weight = Zeros(range);
     if (init_scale > 0) SampleUniformRows(-init_scale, init_scale, init_seed, first_row, &weight);
     weight.WaitToRead();
-  }));
-  absl::MutexLock lock(&mu_);
-  auto [it, added] = keys_.try_emplace(key);
-  if (!added) return same(it->second) ? absl::OkStatus() : absl::AbortedError(absl::StrCat(
-      "init of row-sparse key ", key, ": initialized concurrently with another range"));
+  });
+  mu_.Lock();
+  tables_in_creation_.erase(key);
+  MX_RETURN_IF_ERROR(filled);
+  it = keys_.try_emplace(key).first;
   it->second.shape = range;
   it->second.table = TableRange{table, first_row};
   it->second.weight = std::move(weight);

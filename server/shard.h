@@ -424,6 +424,7 @@ class ParameterShard {
   std::map<int, std::string> param_names_ ABSL_GUARDED_BY(mu_);  // as the workers sent them
   uint64_t next_waiter_ ABSL_GUARDED_BY(mu_) = 0;
   int completing_ ABSL_GUARDED_BY(mu_) = 0;  // keys with Key::completing set
+  std::set<int> tables_in_creation_ ABSL_GUARDED_BY(mu_);  // InitTable filling them
 
   // Spent sum buffers, kept for the next sums: a fresh 16 MiB buffer costs
   // page faults and zero-fill on the order of a copy of it. Shared with

@@ -182,14 +182,11 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
   MX_RETURN_IF_ERROR(kvstore_->SetOptimizer(std::move(optimizer)));
   TableInit table_init;
   if (!tables_.empty()) {
-    if (options.initializer != "uniform") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "row-sparse parameter '", tables_.begin()->first, "' starts uniform; initializer '",
-          options.initializer, "' cannot fill a table that no process holds (use uniform)"));
-    }
+    // Tables start uniform: with the uniform initializer's scale when it is
+    // the initializer, else its default.
     auto scale = options.initializer_options.find("scale");
-    table_init.scale = 0.07f;  // the uniform initializer's default
-    if (scale != options.initializer_options.end() &&
+    table_init.scale = 0.07f;
+    if (options.initializer == "uniform" && scale != options.initializer_options.end() &&
         !absl::SimpleAtof(scale->second, &table_init.scale)) {
       return absl::InvalidArgumentError(
           absl::StrCat("initializer option scale '", scale->second, "' is not a number"));

@@ -18,8 +18,8 @@
 // writes it), read by Embedding(sparse_grad=True) with indices from a data
 // input, is a table that lives in the KVStore only (a local one when Fit
 // gets none; sharded over the servers when distributed). Fit creates it
-// there (InitRowSparse, uniform with the "uniform" initializer's scale, the
-// only initializer tables take), and each batch pulls the rows the batch's
+// there (InitRowSparse: uniform, with the "uniform" initializer's scale when
+// that is the initializer, else 0.07), and each batch pulls the rows the batch's
 // indices name, binds them (Executor's row_sparse arguments) and pushes
 // the row-sparse gradient: no process holds the table or a dense gradient
 // of it. Predict and Score after Fit pull the rows they need the same way.

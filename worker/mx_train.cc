@@ -57,6 +57,7 @@ ABSL_FLAG(std::string, train_libsvm, "",
           "--network=ctr");
 ABSL_FLAG(std::string, test_libsvm, "", "test click log in libsvm text");
 ABSL_FLAG(int, ctr_fields, 8, "categorical features per line of the click logs");
+ABSL_FLAG(int, ctr_embed_dim, 16, "--network=ctr: the deep embedding's size per feature");
 ABSL_FLAG(bool, ctr_sparse, true,
           "--network=ctr: keep the embedding tables row-sparse in the KVStore (each batch moves "
           "only the rows it touches); false: dense tables on every worker");
@@ -235,6 +236,7 @@ absl::Status CheckFlags() {
   MX_RETURN_IF_ERROR(at_least("threads", absl::GetFlag(FLAGS_threads), 0));
   MX_RETURN_IF_ERROR(at_least("early_stopping", absl::GetFlag(FLAGS_early_stopping), 0));
   MX_RETURN_IF_ERROR(at_least("resume_epoch", absl::GetFlag(FLAGS_resume_epoch), 0));
+  MX_RETURN_IF_ERROR(at_least("ctr_embed_dim", absl::GetFlag(FLAGS_ctr_embed_dim), 1));
   if (absl::GetFlag(FLAGS_resume_epoch) >= absl::GetFlag(FLAGS_epochs)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--epochs=", absl::GetFlag(FLAGS_epochs), " is not more than --resume_epoch=",
@@ -319,7 +321,8 @@ absl::Status Run() {
     model = std::make_unique<FeedForward>(std::move(loaded));
   } else {
     absl::StatusOr<Symbol> net =
-        network == "ctr" ? zoo::Ctr(absl::GetFlag(FLAGS_ctr_features), 16,
+        network == "ctr" ? zoo::Ctr(absl::GetFlag(FLAGS_ctr_features),
+                                    absl::GetFlag(FLAGS_ctr_embed_dim),
                                     absl::GetFlag(FLAGS_ctr_sparse))
                          : zoo::ByName(network);
     if (!net.ok() && network.find('.') != std::string::npos) net = Symbol::Load(network);
