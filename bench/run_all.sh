@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh --bench
 bazel build //bench:all //server:mx_server //worker:mx_train
-for b in ndarray_bench graph_bench train_bench kvstore_bench dist_bench op_bench trust_bench gpu_bench key_spread; do
+for b in ndarray_bench graph_bench train_bench kvstore_bench dist_bench op_bench trust_bench gpu_bench key_spread sparse_bench; do
   echo "== $b"
   "bazel-bin/bench/$b"
 done
