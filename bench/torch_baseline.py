@@ -212,6 +212,87 @@ def train_ddp(model_name, threads, epochs, lr, world, data_dir):
     print("samples_per_s", rate, "accuracy", acc)
 
 
+def libsvm(path, fields):
+    """A click log in libsvm text (mx_ctr_gen's): feature indices (N, fields), labels (N,)."""
+    import gzip
+    ids, labels = [], []
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+        for line in f:
+            t = line.split()
+            labels.append(1 if t[0] in ("1", "+1") else 0)
+            ids.append([int(x.split(":")[0]) for x in t[1:1 + fields]])
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+class Ctr(nn.Module):
+    """mx's zoo::Ctr: wide (2 per feature, summed) + deep (16 per feature, fc 64 relu, fc 2),
+    both tables with sparse gradients, uniform(-0.07, 0.07) as mx starts its tables."""
+
+    def __init__(self, features, fields, dim=16):
+        super().__init__()
+        self.wide = nn.EmbeddingBag(features, 2, mode="sum", sparse=True)
+        self.deep = nn.Embedding(features, dim, sparse=True)
+        for e in (self.wide, self.deep):
+            nn.init.uniform_(e.weight, -0.07, 0.07)
+        self.fc1 = nn.Linear(fields * dim, 64)
+        self.fc2 = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.wide(x) + self.fc2(torch.relu(self.fc1(self.deep(x).flatten(1))))
+
+
+def ctr_worker(rank, world, port, threads, epochs, lr, train_path, test_path, fields, features,
+               result):
+    import os
+    import torch.distributed as dist
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(Ctr(features, fields))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    x, y = libsvm(train_path, fields)
+    x, y = x[rank::world], y[rank::world]  # mx's LibSvmIter parts: every world-th line
+    loss_fn = nn.CrossEntropyLoss()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for i in range(0, x.shape[0], 256):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x[i:i + 256]), y[i:i + 256]).backward()
+            opt.step()
+    dist.barrier()
+    elapsed = time.perf_counter() - start
+    if rank == 0:
+        tx, ty = libsvm(test_path, fields)
+        with torch.no_grad():
+            logloss = loss_fn(model(tx), ty).item()
+        result.put((epochs * x.shape[0] / elapsed, logloss))
+    dist.destroy_process_group()
+
+
+def train_ctr_ddp(threads, epochs, lr, world, train_path, test_path, fields, features):
+    """Prints samples per second per process and the test log-loss."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    procs = [ctx.Process(target=ctr_worker,
+                         args=(r, world, port, threads, epochs, lr, train_path, test_path, fields,
+                               features, result))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    rate, logloss = result.get(timeout=900)
+    for p in procs:
+        p.join(timeout=60)
+    print("samples_per_s", rate, "logloss", logloss)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "train_step":
         train_step(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
@@ -223,5 +304,8 @@ if __name__ == "__main__":
     elif sys.argv[1] == "train_ddp":
         train_ddp(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]),
                   int(sys.argv[6]), sys.argv[7])
+    elif sys.argv[1] == "train_ctr_ddp":
+        train_ctr_ddp(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]),
+                      sys.argv[6], sys.argv[7], int(sys.argv[8]), int(sys.argv[9]))
     else:
         sys.exit("unknown command " + sys.argv[1])

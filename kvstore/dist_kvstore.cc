@@ -980,23 +980,7 @@ class DistKVStore : public KVStore {
               h->parts = {p};
               h->method = kPushMethod;
               h->encode = [conn, e, p, merged, seq] {
-                const auto [lo, hi] = RowsIn(merged.indices(), p);
-                proto::PushRequest header;
-                *header.mutable_credential() = conn->credential;
-                header.set_key(p.server_key);
-                header.set_rank(conn->options.rank);
-                header.set_seq(seq);
-                header.mutable_rows()->mutable_ids()->Add(merged.indices().begin() + lo,
-                                                          merged.indices().begin() + hi);
-                proto::Tensor* t = header.mutable_value();
-                t->add_shape(hi - lo);
-                for (int d = 1; d < e->shape.ndim(); ++d) t->add_shape(e->shape[d]);
-                t->set_dtype(proto::FLOAT32);
-                const int64_t dim = merged.row_size();
-                return ToByteBuffer(EncodeTensorMessage(
-                    header, kPushValueField,
-                    Pieces::Of(merged.data().data() + lo * dim, (hi - lo) * dim,
-                               std::make_shared<RowSparseNDArray>(merged))));
+                return ToByteBuffer(EncodeTablePush(*conn, *e, p, merged, seq, nullptr, 0));
               };
               h->done = [conn, join, e](grpc::Status s, const grpc::ByteBuffer&, int server) {
                 join->Finish(conn->Named(FromGrpc(s), "row-sparse push", e->label, server));
@@ -1011,6 +995,76 @@ class DistKVStore : public KVStore {
     });
   }
 
+  // Every table's push and its next rows in one PushPullMany call per
+  // server.
+  absl::Status PushPullRowSparse(const std::vector<Key>& keys,
+                                 const std::vector<std::vector<RowSparseNDArray>>& values,
+                                 std::vector<std::vector<int64_t>> row_ids,
+                                 std::vector<RowSparseNDArray>* outs, int priority) override {
+    const char* what = "row-sparse pushpull";
+    MX_RETURN_IF_ERROR(conn_->Failure());
+    MX_RETURN_IF_ERROR(internal::CheckTableBucket(keys, values, row_ids));
+    std::vector<std::shared_ptr<Entry>> entries;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(keys[i], what, true));
+      MX_RETURN_IF_ERROR(internal::CheckRowSparseValues(keys[i], values[i], e->shape));
+      MX_RETURN_IF_ERROR(
+          CheckRowIds(row_ids[i], e->shape[0], absl::StrCat(what, " of key ", e->label)));
+      entries.push_back(std::move(e));
+    }
+    return CatchError([&] {
+      std::vector<TableItem> items;
+      std::vector<VarHandle> reads, writes;
+      std::map<int, std::vector<ItemPart>> by_server;
+      for (size_t i = 0; i < entries.size(); ++i) {
+        Entry& e = *entries[i];
+        const int64_t seq = ++e.pushes;
+        items.push_back({entries[i], internal::SumRowSparse(values[i]), seq, PullVersion(seq),
+                         RowsToPull(e, std::move(row_ids[i]))});
+        reads.push_back(items.back().merged.data().var());
+        writes.push_back(e.token.var());
+        writes.push_back(items.back().pulled.data().var());
+        for (const KeyPart& p : e.parts) by_server[p.server].push_back({i, p});
+      }
+      Engine::Get()->PushAsync(
+          [conn = conn_, items, by_server](RunContext, CallbackOnComplete done) {
+            auto* join = new Join(static_cast<int>(by_server.size()), done);
+            for (const auto& [server, parts] : by_server) {
+              auto h = std::make_shared<Held>();
+              std::vector<std::pair<int, int64_t>> traced;
+              for (const ItemPart& ip : parts) {
+                h->parts.push_back(ip.part);
+                traced.push_back({ip.part.server_key, items[ip.item].min_version});
+              }
+              h->method = kPushPullManyMethod;
+              h->encode = [conn, items, parts = parts] {
+                std::vector<EncodedMessage> messages;
+                for (const ItemPart& ip : parts) {
+                  const TableItem& t = items[ip.item];
+                  messages.push_back(EncodeTablePush(*conn, *t.e, ip.part, t.merged, t.seq,
+                                                     &t.pulled, t.min_version,
+                                                     /*with_credential=*/false));
+                }
+                proto::PushPullManyRequest rest;
+                *rest.mutable_credential() = conn->credential;
+                return EncodeRepeated(kManyEntriesField, messages, &rest);
+              };
+              h->done = [conn, join, items, parts = parts](grpc::Status s,
+                                                           const grpc::ByteBuffer& resp,
+                                                           int server) {
+                join->Finish(ReceivedTables(*conn, items, parts, s, resp, server));
+              };
+              h->trace_args = TraceKeys(traced);
+              h->deadline = absl::Now() + conn->options.rpc_timeout;
+              conn->CallHeld(h);
+            }
+          },
+          cpu(), reads, writes, priority, "dist_pushpull_tables", FnProperty::kInline);
+      outs->clear();
+      for (const TableItem& item : items) outs->push_back(item.pulled);
+    });
+  }
+
   absl::Status RowSparsePull(Key key, std::vector<int64_t> row_ids, RowSparseNDArray* out,
                              int priority) override {
     MX_RETURN_IF_ERROR(conn_->Failure());
@@ -1018,10 +1072,7 @@ class DistKVStore : public KVStore {
     MX_RETURN_IF_ERROR(
         CheckRowIds(row_ids, e->shape[0], absl::StrCat("row_sparse_pull of key ", e->label)));
     return CatchError([&] {
-      Shape rows = e->shape;
-      rows[0] = static_cast<int64_t>(row_ids.size());
-      const NDArray data(rows);
-      const RowSparseNDArray pulled(e->shape, std::move(row_ids), data);
+      const RowSparseNDArray pulled = RowsToPull(*e, std::move(row_ids));
       const int64_t min_version = PullVersion(e->pushes);
       Engine::Get()->PushAsync(
           [conn = conn_, e, pulled, min_version](RunContext, CallbackOnComplete done) {
@@ -1056,7 +1107,7 @@ class DistKVStore : public KVStore {
               conn->CallHeld(h);
             }
           },
-          cpu(), {e->token.var()}, {data.var()}, priority, e->pull_name.c_str(),
+          cpu(), {e->token.var()}, {pulled.data().var()}, priority, e->pull_name.c_str(),
           FnProperty::kInline);
       *out = pulled;
     });
@@ -1231,6 +1282,45 @@ class DistKVStore : public KVStore {
     return e;
   }
 
+  // A row-sparse array of table e's shape for the rows `ids`, its data to
+  // be filled by a pull.
+  static RowSparseNDArray RowsToPull(const Entry& e, std::vector<int64_t> ids) {
+    Shape rows = e.shape;
+    rows[0] = static_cast<int64_t>(ids.size());
+    return RowSparseNDArray(e.shape, std::move(ids), NDArray(rows));
+  }
+
+  // Push number `seq` of table e's rows in part p (none, if the push
+  // touched none there: the server still counts the vote), without copying
+  // them; with `pulled`, a PushPull that answers with pulled's rows in p.
+  static EncodedMessage EncodeTablePush(const Conn& conn, const Entry& e, const KeyPart& p,
+                                        const RowSparseNDArray& merged, int64_t seq,
+                                        const RowSparseNDArray* pulled, int64_t min_version,
+                                        bool with_credential = true) {
+    const auto [lo, hi] = RowsIn(merged.indices(), p);
+    proto::PushRequest header;
+    if (with_credential) *header.mutable_credential() = conn.credential;
+    header.set_key(p.server_key);
+    header.set_rank(conn.options.rank);
+    header.set_seq(seq);
+    header.set_min_version(min_version);
+    header.mutable_rows()->mutable_ids()->Add(merged.indices().begin() + lo,
+                                              merged.indices().begin() + hi);
+    if (pulled != nullptr) {
+      const auto [plo, phi] = RowsIn(pulled->indices(), p);
+      header.mutable_pull_rows()->mutable_ids()->Add(pulled->indices().begin() + plo,
+                                                     pulled->indices().begin() + phi);
+    }
+    proto::Tensor* t = header.mutable_value();
+    t->add_shape(hi - lo);
+    for (int d = 1; d < e.shape.ndim(); ++d) t->add_shape(e.shape[d]);
+    t->set_dtype(proto::FLOAT32);
+    const int64_t dim = merged.row_size();
+    return EncodeTensorMessage(header, kPushValueField,
+                               Pieces::Of(merged.data().data() + lo * dim, (hi - lo) * dim,
+                                          std::make_shared<RowSparseNDArray>(merged)));
+  }
+
   // KeyPart p as held by `server` (which errors name).
   static KeyPart On(KeyPart p, int server) {
     p.server = server;
@@ -1402,6 +1492,57 @@ class DistKVStore : public KVStore {
     KeyPart part;
   };
 
+  // One table of a PushPullRowSparse of several: its push and its pull.
+  struct TableItem {
+    std::shared_ptr<Entry> e;
+    RowSparseNDArray merged;
+    int64_t seq, min_version;
+    RowSparseNDArray pulled;
+  };
+
+  // The outcome of a PushPullMany of tables to `server`, answering with
+  // each entry's rows of `parts` in order.
+  static absl::Status ReceivedTables(const Conn& conn, const std::vector<TableItem>& items,
+                                     const std::vector<ItemPart>& parts,
+                                     const grpc::Status& status, const grpc::ByteBuffer& resp,
+                                     int server) {
+    std::vector<std::string> labels;
+    for (const ItemPart& ip : parts) labels.push_back(items[ip.item].e->label);
+    absl::Status s = FromGrpc(status);
+    std::deque<proto::PullResponse> headers;
+    if (s.ok()) {
+      s = DecodeRepeated(
+          resp, kManyEntriesField, kPullValueField, [&](int) { return &headers.emplace_back(); },
+          [&](int i) -> TensorSink {
+            if (static_cast<size_t>(i) >= parts.size()) {
+              return [](size_t, size_t) -> absl::StatusOr<void*> {
+                return absl::DataLossError("the server sent more values than asked for");
+              };
+            }
+            return RowsSink(conn, On(parts[i].part, server), items[parts[i].item].pulled);
+          });
+    }
+    if (s.ok() && headers.size() != parts.size()) {
+      s = absl::DataLossError("the server sent too few values");
+    }
+    return conn.Named(s, "row-sparse pushpull", absl::StrJoin(labels, ", "), server);
+  }
+
+  // Where a server's answer of its rows (part p) of `pulled` goes.
+  static TensorSink RowsSink(const Conn& conn, const KeyPart& p, const RowSparseNDArray& pulled) {
+    const auto [lo, hi] = RowsIn(pulled.indices(), p);
+    const int64_t dim = pulled.row_size();
+    return [&conn, p, lo = lo, hi = hi, dim,
+            dst = pulled.data().data()](size_t, size_t bytes) -> absl::StatusOr<void*> {
+      const size_t expected = (hi - lo) * dim * sizeof(float);
+      if (bytes != expected) {
+        return absl::DataLossError(absl::StrCat("server ", conn.Address(p.server), " sent ",
+                                                bytes, " bytes, expected ", expected));
+      }
+      return static_cast<void*>(dst + lo * dim);
+    };
+  }
+
   // The outcome of a PushPullMany call to `server`, answering with the
   // slices `parts` in order.
   static absl::Status ReceivedMany(const Conn& conn, const std::vector<Item>& items,
@@ -1478,20 +1619,14 @@ class DistKVStore : public KVStore {
                                    const RowSparseNDArray& pulled) {
     MX_RETURN_IF_ERROR(conn.Named(FromGrpc(status), "row_sparse_pull", e.label, p.server));
     const auto [lo, hi] = RowsIn(pulled.indices(), p);
-    const int64_t dim = pulled.row_size();
     bool received = false;
     proto::PullResponse header;
-    absl::Status s = DecodeWithTensor(
-        resp, kPullValueField, &header,
-        [&](size_t, size_t bytes) -> absl::StatusOr<void*> {
-          const size_t expected = (hi - lo) * dim * sizeof(float);
-          if (bytes != expected) {
-            return absl::DataLossError(absl::StrCat("server ", conn.Address(p.server), " sent ",
-                                                    bytes, " bytes, expected ", expected));
-          }
-          received = true;
-          return static_cast<void*>(pulled.data().data() + lo * dim);
-        });
+    const TensorSink sink = RowsSink(conn, p, pulled);
+    absl::Status s = DecodeWithTensor(resp, kPullValueField, &header,
+                                      [&](size_t offset, size_t bytes) {
+                                        received = true;
+                                        return sink(offset, bytes);
+                                      });
     if (s.ok() && !received && hi > lo) s = absl::DataLossError("the server sent no rows");
     if (!s.ok()) {
       return absl::Status(s.code(), absl::StrCat("row_sparse_pull of key ", e.label, ": ",

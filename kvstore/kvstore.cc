@@ -47,6 +47,29 @@ absl::Status KVStore::PushPull(const std::vector<Key>& keys,
   return absl::OkStatus();
 }
 
+absl::Status KVStore::PushPullRowSparse(Key key, const std::vector<RowSparseNDArray>& values,
+                                        std::vector<int64_t> row_ids, RowSparseNDArray* out,
+                                        int priority) {
+  std::vector<RowSparseNDArray> outs;
+  MX_RETURN_IF_ERROR(PushPullRowSparse(std::vector<Key>{key}, {values}, {std::move(row_ids)},
+                                       &outs, priority));
+  *out = outs[0];
+  return absl::OkStatus();
+}
+
+absl::Status KVStore::PushPullRowSparse(const std::vector<Key>& keys,
+                                        const std::vector<std::vector<RowSparseNDArray>>& values,
+                                        std::vector<std::vector<int64_t>> row_ids,
+                                        std::vector<RowSparseNDArray>* outs, int priority) {
+  MX_RETURN_IF_ERROR(internal::CheckTableBucket(keys, values, row_ids));
+  outs->assign(keys.size(), RowSparseNDArray());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    MX_RETURN_IF_ERROR(PushRowSparse(keys[i], values[i], priority));
+    MX_RETURN_IF_ERROR(RowSparsePull(keys[i], std::move(row_ids[i]), &(*outs)[i], priority));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status KVStore::SetGradientCompression(const std::map<std::string, std::string>& params) {
   absl::StatusOr<GradientCompression> c = GradientCompression::FromParams(params);
   const absl::Status s = c.ok() ? UseGradientCompression(*c) : c.status();

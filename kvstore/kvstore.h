@@ -150,6 +150,19 @@ class KVStore {
   // written into: the ids of a RowSparseNDArray are fixed.
   virtual absl::Status RowSparsePull(Key key, std::vector<int64_t> row_ids,
                                      RowSparseNDArray* out, int priority = 0) = 0;
+  // PushRowSparse of `values`, then RowSparsePull of `row_ids` (other rows:
+  // those the next batch needs) as of the step that includes the push. The
+  // distributed store does both in one round trip per server.
+  absl::Status PushPullRowSparse(Key key, const std::vector<RowSparseNDArray>& values,
+                                 std::vector<int64_t> row_ids, RowSparseNDArray* out,
+                                 int priority = 0);
+  // The same for several tables (values[i], row_ids[i] and (*outs)[i]
+  // belong to keys[i]; outs is resized) as one unit: the distributed store
+  // makes one round trip per server for all of them.
+  virtual absl::Status PushPullRowSparse(const std::vector<Key>& keys,
+                                         const std::vector<std::vector<RowSparseNDArray>>& values,
+                                         std::vector<std::vector<int64_t>> row_ids,
+                                         std::vector<RowSparseNDArray>* outs, int priority = 0);
 
   virtual void SetUpdater(Updater updater) = 0;
   // The store applies optimizer->Update(key, stored, merged) on Push.

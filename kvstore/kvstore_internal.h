@@ -48,6 +48,11 @@ absl::Status WrongKeyKind(const Key& key, const char* what, bool key_is_table);
 // Checks that values is non-empty and each is a row-sparse array of `shape`.
 absl::Status CheckRowSparseValues(const Key& key, const std::vector<RowSparseNDArray>& values,
                                   const Shape& shape);
+// Checks that a PushPullRowSparse of several tables has one list of values
+// and one of row ids per key, and no key twice.
+absl::Status CheckTableBucket(const std::vector<Key>& keys,
+                              const std::vector<std::vector<RowSparseNDArray>>& values,
+                              const std::vector<std::vector<int64_t>>& row_ids);
 // The sum of a row-sparse push's device copies on the CPU (the value itself
 // for one copy on cpu()).
 RowSparseNDArray SumRowSparse(const std::vector<RowSparseNDArray>& values);

@@ -329,6 +329,25 @@ absl::Status CheckRowSparseValues(const Key& key, const std::vector<RowSparseNDA
   return absl::OkStatus();
 }
 
+absl::Status CheckTableBucket(const std::vector<Key>& keys,
+                              const std::vector<std::vector<RowSparseNDArray>>& values,
+                              const std::vector<std::vector<int64_t>>& row_ids) {
+  if (keys.size() != values.size() || keys.size() != row_ids.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("row-sparse pushpull: ", keys.size(),
+                                                   " keys but ", values.size(),
+                                                   " lists of values and ", row_ids.size(),
+                                                   " of row ids"));
+  }
+  std::set<int> seen;
+  for (const Key& k : keys) {
+    if (!seen.insert(k.id()).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("row-sparse pushpull: key ", k.label(), " given twice"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 RowSparseNDArray SumRowSparse(const std::vector<RowSparseNDArray>& values) {
   std::vector<RowSparseNDArray> here;
   for (const RowSparseNDArray& v : values) {

@@ -585,7 +585,8 @@ class Service final : public ServiceBase {
     // Once the push is recorded (a parked one: later, on another thread).
     HandlePush(*ctx, *request, req.get(),
                [reactor, req, deadline = ctx->deadline()](absl::Status s) {
-                 reactor->Start(s, {{req->key(), req->min_version(), RowsOf(*req)}}, deadline);
+                 reactor->Start(s, {{req->key(), req->min_version(), PullRowsOf(*req)}},
+                                deadline);
                });
     return reactor;
   }
@@ -817,7 +818,7 @@ class Service final : public ServiceBase {
     join->remaining = reqs.size();
     join->done = std::move(done);
     for (const proto::PushRequest& req : reqs) {
-      join->wanted.push_back({req.key(), req.min_version(), RowsOf(req)});
+      join->wanted.push_back({req.key(), req.min_version(), PullRowsOf(req)});
     }
     for (size_t i = 0; i < reqs.size(); ++i) {
       Apply(absl::OkStatus(), *slices, reqs[i], data[i], [join](absl::Status s) {
@@ -897,6 +898,12 @@ class Service final : public ServiceBase {
   static ParameterShard::RowIds RowsOf(const Request& req) {
     if (!req.has_rows()) return std::nullopt;
     return std::vector<int64_t>(req.rows().ids().begin(), req.rows().ids().end());
+  }
+  // The rows a PushPull of a table answers with: pull_rows, else the
+  // pushed rows.
+  static ParameterShard::RowIds PullRowsOf(const proto::PushRequest& req) {
+    if (!req.has_pull_rows()) return RowsOf(req);
+    return std::vector<int64_t>(req.pull_rows().ids().begin(), req.pull_rows().ids().end());
   }
 
   ParameterShard* shard_;

@@ -228,9 +228,9 @@ void FeedForward::Update(const std::vector<std::unique_ptr<Executor>>& execs,
   // of several keys, as the store prefers; one key each when it has no
   // preference).
   for (const auto& [name, table] : tables_) {
-    std::vector<RowSparseNDArray> rows;
+    std::vector<RowSparseNDArray>& rows = pending_pushes_[name];
+    rows.clear();
     for (const auto& e : execs) rows.push_back(e->row_sparse_grad(name));
-    ThrowIfError(kvstore_->PushRowSparse(table.key, rows, static_cast<int>(params.size())));
   }
   std::vector<size_t> dense;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -326,6 +326,8 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
 
   MX_ASSIGN_OR_RETURN(auto metric, CreateMetric(options.eval_metric));
   const int64_t share = train->batch_size() / static_cast<int64_t>(execs.size());
+  std::vector<Executor*> devices;
+  for (const auto& e : execs) devices.push_back(e.get());
   for (int epoch = options.begin_epoch; epoch < options.num_epoch; ++epoch) {
     metric->Reset();
     const double start = Now();
@@ -338,6 +340,7 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
       auto step_start = std::chrono::steady_clock::now();
       while (train->Next(&batch)) {
         const int64_t valid = train->batch_size() - batch.pad;
+        PrepareTables(devices, *train, batch);
         for (size_t d = 0; d < execs.size(); ++d) {
           Executor& e = *execs[d];
           const int64_t begin = d * share;
@@ -349,7 +352,6 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
             NDArray dst = e.arg_dict().at(train->ProvideLabel()[i].name);
             dst.Assign(batch.label[i].Slice(begin, begin + share));
           }
-          PullTableRows(e, *train, batch, begin, begin + share);
           e.Forward(true);
           e.Backward();
         }
@@ -373,6 +375,7 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
         BatchEndParam p{epoch, nbatch, train->batch_size(), metric.get()};
         for (const auto& cb : options.batch_end_callbacks) cb(p);
       }
+      FlushTablePushes();
       WaitAll();
       return absl::OkStatus();
     });
@@ -436,7 +439,7 @@ absl::Status FeedForward::ForEachBatch(
         NDArray dst = exec.arg_dict().at(data->ProvideData()[i].name);
         dst.Assign(batch.data[i]);
       }
-      PullTableRows(exec, *data, batch, 0, data->batch_size());
+      PrepareTables({&exec}, *data, batch);
       exec.Forward(false);
       MX_RETURN_IF_ERROR(fn(batch, exec));
     }
@@ -483,6 +486,7 @@ absl::StatusOr<MetricValues> FeedForward::Score(DataIter* data, const std::strin
 absl::Status FeedForward::FindTables(const Executor& exec, const DataIter& data,
                                      const std::vector<std::string>& params) {
   tables_.clear();
+  pending_pushes_.clear();
   for (const std::string& name : exec.row_sparse_args()) {
     MX_ASSIGN_OR_RETURN(std::string input, exec.RowSparseIndexInput(name));
     bool is_data = false;
@@ -503,18 +507,65 @@ absl::Status FeedForward::FindTables(const Executor& exec, const DataIter& data,
   return absl::OkStatus();
 }
 
-void FeedForward::PullTableRows(Executor& exec, const DataIter& data, const DataBatch& batch,
-                                int64_t begin, int64_t end) {
-  for (const std::string& name : exec.row_sparse_args()) {
-    const Table& table = tables_.at(name);
-    const std::vector<DataDesc> inputs = data.ProvideData();
-    const size_t i = std::find_if(inputs.begin(), inputs.end(),
-                                  [&](const DataDesc& d) { return d.name == table.index_input; }) -
-                     inputs.begin();
-    RowSparseNDArray rows;
-    ThrowIfError(kvstore_->RowSparsePull(
-        table.key, UniqueRowIds(batch.data.at(i).Slice(begin, end), table.shape[0]), &rows));
-    exec.SetRowSparseArg(name, rows);
+void FeedForward::PrepareTables(const std::vector<Executor*>& execs, const DataIter& data,
+                                const DataBatch& batch) {
+  const std::vector<DataDesc> inputs = data.ProvideData();
+  const int64_t share = data.batch_size() / static_cast<int64_t>(execs.size());
+  // Each device's rows of each table, and their union, pulled once.
+  std::vector<std::string> names;
+  std::vector<std::vector<std::vector<int64_t>>> ids;  // [table][device]
+  std::vector<std::vector<int64_t>> all;               // [table]
+  for (const auto& [name, table] : tables_) {
+    const size_t input = std::find_if(inputs.begin(), inputs.end(), [&](const DataDesc& d) {
+                           return d.name == table.index_input;
+                         }) - inputs.begin();
+    names.push_back(name);
+    ids.emplace_back();
+    all.emplace_back();
+    for (size_t d = 0; d < execs.size(); ++d) {
+      ids.back().push_back(UniqueRowIds(
+          batch.data.at(input).Slice(d * share, (d + 1) * share), table.shape[0]));
+      std::vector<int64_t> merged;
+      std::set_union(all.back().begin(), all.back().end(), ids.back().back().begin(),
+                     ids.back().back().end(), std::back_inserter(merged));
+      all.back().swap(merged);
+    }
+  }
+  // The last step's pushes travel with these pulls: one round trip per
+  // server for every table (FlushTablePushes leaves none pending).
+  std::vector<RowSparseNDArray> rows(names.size());
+  std::vector<Key> keys;
+  std::vector<std::vector<RowSparseNDArray>> grads;
+  std::vector<std::vector<int64_t>> wanted;
+  std::vector<size_t> pushed;
+  for (size_t t = 0; t < names.size(); ++t) {
+    auto pending = pending_pushes_.find(names[t]);
+    if (pending == pending_pushes_.end() || pending->second.empty()) {
+      ThrowIfError(kvstore_->RowSparsePull(tables_.at(names[t]).key, all[t], &rows[t]));
+      continue;
+    }
+    keys.emplace_back(tables_.at(names[t]).key);
+    grads.push_back(std::move(pending->second));
+    pending->second.clear();
+    wanted.push_back(all[t]);
+    pushed.push_back(t);
+  }
+  if (!keys.empty()) {
+    std::vector<RowSparseNDArray> pulled;
+    ThrowIfError(kvstore_->PushPullRowSparse(keys, grads, std::move(wanted), &pulled));
+    for (size_t i = 0; i < pushed.size(); ++i) rows[pushed[i]] = pulled[i];
+  }
+  for (size_t t = 0; t < names.size(); ++t) {
+    for (size_t d = 0; d < execs.size(); ++d) {
+      execs[d]->SetRowSparseArg(names[t], execs.size() == 1 ? rows[t] : Retain(rows[t], ids[t][d]));
+    }
+  }
+}
+
+void FeedForward::FlushTablePushes() {
+  for (auto& [name, grads] : pending_pushes_) {
+    if (!grads.empty()) ThrowIfError(kvstore_->PushRowSparse(tables_.at(name).key, grads));
+    grads.clear();
   }
 }
 

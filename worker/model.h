@@ -147,10 +147,14 @@ class FeedForward {
   // index inputs among `data`'s, giving them the keys of `params`.
   absl::Status FindTables(const Executor& exec, const DataIter& data,
                           const std::vector<std::string>& params);
-  // Pulls the rows each table needs for the batch slice [begin, end) of
-  // `batch` (its index input's values) and binds them in exec.
-  void PullTableRows(Executor& exec, const DataIter& data, const DataBatch& batch,
-                     int64_t begin, int64_t end);
+  // Binds in each executor (execs[d] takes the d-th share of `batch`) the
+  // rows each table needs for its share (its index input's values), pulled
+  // in one call per table for all devices; a push the last step left
+  // pending travels in that call (a PushPull: one round trip per server).
+  void PrepareTables(const std::vector<Executor*>& execs, const DataIter& data,
+                     const DataBatch& batch);
+  // Sends the pushes PrepareTables would have sent with the next pull.
+  void FlushTablePushes();
 
   Symbol symbol_;
   std::vector<Context> contexts_;
@@ -161,6 +165,9 @@ class FeedForward {
     std::string index_input;  // the data input whose values index it
   };
   std::map<std::string, Table> tables_;
+  // Each table's gradients of the last step (one per device), pushed with
+  // the next step's pull.
+  std::map<std::string, std::vector<RowSparseNDArray>> pending_pushes_;
   std::map<std::string, NDArray> arg_params_, aux_params_;
   // Exactly one of the two applies updates: the optimizer for one context,
   // the KVStore (which owns the optimizer then) for several.

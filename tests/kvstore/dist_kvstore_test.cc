@@ -996,6 +996,51 @@ TEST(DistRowSparse, TwoServersTwoWorkersMatchTheLocalStoreBitForBit) {
   }
 }
 
+// PushPullRowSparse of two tables (one call per server for both): each
+// step's push, and other rows at the version that includes it, exactly as
+// the local store's Push then RowSparsePull give them.
+TEST(DistRowSparse, PushPullOfSeveralTablesMatchesPushThenPull) {
+  constexpr int kWorkers = 2, kSteps = 3;
+  Cluster c = StartServers(2, kWorkers);
+  const std::vector<Key> keys = {7, 8};
+  const std::vector<int64_t> next = {0, 2, 49, 50, 60, 61, 62, 99};
+  std::vector<std::vector<std::vector<float>>> pulled(kWorkers);
+  std::vector<std::thread> workers;
+  for (int r = 0; r < kWorkers; ++r) {
+    workers.emplace_back([&, r] {
+      auto kv = SgdWorker(c, r, kWorkers);
+      for (const Key& k : keys) ASSERT_TRUE(kv->InitRowSparse(k, {100, 3}, {0.5f, 3}).ok());
+      for (int step = 0; step < kSteps; ++step) {
+        std::vector<RowSparseNDArray> outs;
+        ASSERT_TRUE(kv->PushPullRowSparse(keys, {{TableGrad(r, step)}, {TableGrad(r, step) * 2.f}},
+                                          {next, next}, &outs)
+                        .ok());
+        ASSERT_EQ(outs.size(), 2u);
+        for (const RowSparseNDArray& o : outs) pulled[r].push_back(o.data().ToVector());
+      }
+    });
+  }
+  for (auto& t : workers) t.join();
+  auto local = KVStore::Create("local");
+  ASSERT_TRUE(local.ok());
+  ASSERT_TRUE((*local)->SetOptimizer(Sgd()).ok());
+  for (const Key& k : keys) ASSERT_TRUE((*local)->InitRowSparse(k, {100, 3}, {0.5f, 3}).ok());
+  for (int step = 0; step < kSteps; ++step) {
+    for (size_t t = 0; t < keys.size(); ++t) {
+      const float scale = t == 0 ? 1.f : 2.f;
+      ASSERT_TRUE((*local)
+                      ->PushRowSparse(keys[t], {TableGrad(0, step) * scale, TableGrad(1, step) * scale})
+                      .ok());
+      RowSparseNDArray want;
+      ASSERT_TRUE((*local)->RowSparsePull(keys[t], next, &want).ok());
+      for (int r = 0; r < kWorkers; ++r) {
+        EXPECT_EQ(pulled[r][step * 2 + t], want.data().ToVector())
+            << "step " << step << " table " << t << " worker " << r;
+      }
+    }
+  }
+}
+
 TEST(DistRowSparse, APullOfSomeRowsAsksOnlyTheirServersAndAsyncAppliesOnArrival) {
   Cluster c = StartServers(2, 1, /*sync=*/false);
   auto kv = Worker(c, 0, 1, 16, /*sync=*/false);
