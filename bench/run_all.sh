@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh --bench
-bazel build //bench:all //server:mx_server //worker:mx_train
+bazel build //bench:all //server:mx_server //worker:mx_train //worker:mx_ctr_gen
 for b in ndarray_bench graph_bench train_bench kvstore_bench dist_bench op_bench trust_bench gpu_bench key_spread sparse_bench; do
   echo "== $b"
   "bazel-bin/bench/$b"
@@ -16,3 +16,5 @@ echo "== scale_bench"
 python3 bench/scale_bench.py
 echo "== failover_bench"
 python3 bench/failover_bench.py
+echo "== ctr_bench"
+python3 bench/ctr_bench.py
