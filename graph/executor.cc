@@ -35,8 +35,10 @@ struct Executor::Plan {
     std::vector<int> out_grad;      // grad slot per output, -1 for none
     std::vector<OpReq> bwd_req;
     bool in_backward = false;
-    // The row-sparse argument this run reads (Embedding's weight), if any.
+    // The row-sparse argument this run reads (Embedding's weight), if any,
+    // and the scratch its last forward shares with its backward.
     std::string sparse_arg;
+    mutable std::shared_ptr<std::vector<float>> row_positions;
     size_t workspace_floats = 0;
     float* workspace = nullptr;  // its context's workspace, when it needs one
     // Built once the arrays exist.
@@ -908,7 +910,12 @@ void Executor::PushForward(size_t k, bool is_train) const {
     to.Assign(plan_->entries[run.in[0]]);
     return;
   }
-  const OpContext op_ctx = RunContextFor(run, is_train, RowsFor(run.sparse_arg));
+  OpContext op_ctx = RunContextFor(run, is_train, RowsFor(run.sparse_arg));
+  if (op_ctx.rows != nullptr) {
+    // This step's scratch, for its backward too (see OpContext).
+    run.row_positions = std::make_shared<std::vector<float>>();
+    op_ctx.row_positions = run.row_positions;
+  }
   std::vector<OpReq> req(run.out.size(), OpReq::kWrite);
   kernel::Push(
       run.fwd_name.c_str(), run.ctx, run.fwd_reads, run.fwd_writes,
@@ -968,7 +975,8 @@ void Executor::PushBackward(size_t k) const {
     }
     return;
   }
-  const OpContext op_ctx = RunContextFor(run, /*is_train=*/true, RowsFor(run.sparse_arg));
+  OpContext op_ctx = RunContextFor(run, /*is_train=*/true, RowsFor(run.sparse_arg));
+  op_ctx.row_positions = run.row_positions;
   kernel::Push(
       run.bwd_name.c_str(), run.ctx, run.bwd_reads, run.bwd_writes,
       [plan = plan_, k, op_ctx] {

@@ -120,6 +120,10 @@ struct OpContext {
   // rows that argument's blob holds, row i being table row (*rows)[i].
   // Null otherwise.
   std::shared_ptr<const std::vector<int64_t>> rows;
+  // With `rows`: scratch that an operator's forward and the backward of the
+  // same step share (Embedding keeps its indices' positions among the rows
+  // there, so backward need not look them up again). Empty at forward.
+  std::shared_ptr<std::vector<float>> row_positions;
 };
 
 using ShapeList = std::vector<Shape>;

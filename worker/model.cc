@@ -515,11 +515,19 @@ void FeedForward::PrepareTables(const std::vector<Executor*>& execs, const DataI
   std::vector<std::string> names;
   std::vector<std::vector<std::vector<int64_t>>> ids;  // [table][device]
   std::vector<std::vector<int64_t>> all;               // [table]
+  std::map<std::pair<size_t, int64_t>, size_t> found;  // (input, rows) -> table
   for (const auto& [name, table] : tables_) {
     const size_t input = std::find_if(inputs.begin(), inputs.end(), [&](const DataDesc& d) {
                            return d.name == table.index_input;
                          }) - inputs.begin();
     names.push_back(name);
+    // Tables indexed by the same input (with as many rows) need the same ids.
+    auto [same, first] = found.try_emplace({input, table.shape[0]}, ids.size());
+    if (!first) {
+      ids.push_back(ids[same->second]);
+      all.push_back(all[same->second]);
+      continue;
+    }
     ids.emplace_back();
     all.emplace_back();
     for (size_t d = 0; d < execs.size(); ++d) {
