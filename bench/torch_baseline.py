@@ -193,7 +193,9 @@ def ddp_worker(rank, world, port, model_name, threads, epochs, lr, data_dir, res
     dist.destroy_process_group()
 
 
-def train_ddp(model_name, threads, epochs, lr, world, data_dir):
+def spawn_ddp(worker, world, *args):
+    """Runs worker(rank, world, port, *args, result) in `world` processes on a
+    free port; returns what rank 0 puts in `result`."""
     import socket
     import torch.multiprocessing as mp
     with socket.socket() as s:
@@ -201,14 +203,18 @@ def train_ddp(model_name, threads, epochs, lr, world, data_dir):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     result = ctx.Queue()
-    procs = [ctx.Process(target=ddp_worker,
-                         args=(r, world, port, model_name, threads, epochs, lr, data_dir, result))
+    procs = [ctx.Process(target=worker, args=(r, world, port) + args + (result,))
              for r in range(world)]
     for p in procs:
         p.start()
-    rate, acc = result.get(timeout=600)
+    answer = result.get(timeout=900)
     for p in procs:
         p.join(timeout=60)
+    return answer
+
+
+def train_ddp(model_name, threads, epochs, lr, world, data_dir):
+    rate, acc = spawn_ddp(ddp_worker, world, model_name, threads, epochs, lr, data_dir)
     print("samples_per_s", rate, "accuracy", acc)
 
 
@@ -274,22 +280,8 @@ def ctr_worker(rank, world, port, threads, epochs, lr, train_path, test_path, fi
 
 def train_ctr_ddp(threads, epochs, lr, world, train_path, test_path, fields, features):
     """Prints samples per second per process and the test log-loss."""
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    result = ctx.Queue()
-    procs = [ctx.Process(target=ctr_worker,
-                         args=(r, world, port, threads, epochs, lr, train_path, test_path, fields,
-                               features, result))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    rate, logloss = result.get(timeout=900)
-    for p in procs:
-        p.join(timeout=60)
+    rate, logloss = spawn_ddp(ctr_worker, world, threads, epochs, lr, train_path, test_path,
+                              fields, features)
     print("samples_per_s", rate, "logloss", logloss)
 
 

@@ -334,6 +334,14 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // h->deadline; a server that did not answer is reported to the
   // coordinator, which checks it and declares it dead if it does not
   // answer either.
+  // CallHeld within the store's deadline, traced with (server key,
+  // version) pairs.
+  void Send(const std::shared_ptr<Held>& h, const std::vector<std::pair<int, int64_t>>& traced) {
+    h->trace_args = TraceKeys(traced);
+    h->deadline = absl::Now() + options.rpc_timeout;
+    CallHeld(h);
+  }
+
   void CallHeld(const std::shared_ptr<Held>& h) {
     absl::StatusOr<int> server = HolderOf(h->parts[0]);
     if (!server.ok()) return h->done(ToGrpc(server.status()), grpc::ByteBuffer(), h->parts[0].server);
@@ -749,9 +757,7 @@ class DistKVStore : public KVStore {
                 if (s.ok()) Recorded(*e, seq, p.index, server);
                 join->Finish(conn->Named(FromGrpc(s), "push", e->label, server));
               };
-              h->trace_args = TraceKeys({{p.server_key, -1}});
-              h->deadline = absl::Now() + conn->options.rpc_timeout;
-              conn->CallHeld(h);
+              conn->Send(h, {{p.server_key, -1}});
             }
           },
           cpu(), {merged.var()}, {e->token.var()}, priority, e->push_name.c_str(),
@@ -788,9 +794,7 @@ class DistKVStore : public KVStore {
               h->done = [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp, int server) {
                 join->Finish(Received(*conn, *e, "pull", s, resp, On(p, server), dsts));
               };
-              h->trace_args = TraceKeys({{p.server_key, min_version}});
-              h->deadline = absl::Now() + conn->options.rpc_timeout;
-              conn->CallHeld(h);
+              conn->Send(h, {{p.server_key, min_version}});
             }
           },
           cpu(), {e->token.var()}, Vars(outs), priority, e->pull_name.c_str(),
@@ -830,9 +834,7 @@ class DistKVStore : public KVStore {
               h->done = [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp, int server) {
                 join->Finish(Received(*conn, *e, "pushpull", s, resp, On(p, server), dsts));
               };
-              h->trace_args = TraceKeys({{p.server_key, min_version}});
-              h->deadline = absl::Now() + conn->options.rpc_timeout;
-              conn->CallHeld(h);
+              conn->Send(h, {{p.server_key, min_version}});
             }
           },
           cpu(), reads, writes, priority, e->pushpull_name.c_str(), FnProperty::kInline);
@@ -910,9 +912,7 @@ class DistKVStore : public KVStore {
                                                            int server) {
                 join->Finish(ReceivedMany(*conn, items, parts, s, resp, server));
               };
-              h->trace_args = TraceKeys(traced);
-              h->deadline = absl::Now() + conn->options.rpc_timeout;
-              conn->CallHeld(h);
+              conn->Send(h, traced);
             }
           },
           cpu(), reads, writes, priority, "dist_pushpull_bucket", FnProperty::kInline);
@@ -985,9 +985,7 @@ class DistKVStore : public KVStore {
               h->done = [conn, join, e](grpc::Status s, const grpc::ByteBuffer&, int server) {
                 join->Finish(conn->Named(FromGrpc(s), "row-sparse push", e->label, server));
               };
-              h->trace_args = TraceKeys({{p.server_key, -1}});
-              h->deadline = absl::Now() + conn->options.rpc_timeout;
-              conn->CallHeld(h);
+              conn->Send(h, {{p.server_key, -1}});
             }
           },
           cpu(), {merged.data().var()}, {e->token.var()}, priority, e->push_name.c_str(),
@@ -1054,9 +1052,7 @@ class DistKVStore : public KVStore {
                                                            int server) {
                 join->Finish(ReceivedTables(*conn, items, parts, s, resp, server));
               };
-              h->trace_args = TraceKeys(traced);
-              h->deadline = absl::Now() + conn->options.rpc_timeout;
-              conn->CallHeld(h);
+              conn->Send(h, traced);
             }
           },
           cpu(), reads, writes, priority, "dist_pushpull_tables", FnProperty::kInline);
@@ -1102,9 +1098,7 @@ class DistKVStore : public KVStore {
                                                     int server) {
                 join->Finish(ReceivedRows(*conn, *e, s, resp, On(p, server), pulled));
               };
-              h->trace_args = TraceKeys({{p.server_key, min_version}});
-              h->deadline = absl::Now() + conn->options.rpc_timeout;
-              conn->CallHeld(h);
+              conn->Send(h, {{p.server_key, min_version}});
             }
           },
           cpu(), {e->token.var()}, {pulled.data().var()}, priority, e->pull_name.c_str(),

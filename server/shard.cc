@@ -488,6 +488,10 @@ bool ParameterShard::CompleteTableStep(int id, Key* k, std::vector<Pending> pend
   mu_.Unlock();
   if (s.ok()) s = CatchError([&] { k->weight.WaitToRead(); });
   mu_.Lock();
+  return EndStep(id, k, s);
+}
+
+bool ParameterShard::EndStep(int id, Key* k, const absl::Status& s) {
   k->completing = false;
   --completing_;
   if (!s.ok()) {
@@ -558,13 +562,7 @@ bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pending> pending,
     if (s.ok()) s = CatchError([&] { k->weight.SyncCopyToCPU(next.data(), n); });
     mu_.Lock();
   }
-  k->completing = false;
-  --completing_;
-  if (!s.ok()) {
-    FailKey(id, k, s);
-    return false;
-  }
-  ++k->version;
+  if (!EndStep(id, k, s)) return false;
   k->value = Publish(std::move(next));
   if (traced_from != 0) {
     trace::Complete("server", optimize ? "sum+update" : "sum", traced_from, trace::NowMicros(),

@@ -348,6 +348,10 @@ class ParameterShard {
   // `relative`.
   static absl::Status CheckRows(int id, const Key& k, const char* what, RowIds* rows,
                                 bool relative);
+  // Ends a step completed outside the lock (CompleteStep's): clears
+  // `completing`; with an error fails the key (false), else the version
+  // advances.
+  bool EndStep(int id, Key* key, const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Rows (global ids) of table key k, copied from its weights.
   Value TableRows(const Key& k, const std::vector<int64_t>& rows);
   // CompleteStep for a table: the rank-order sum of the pushes' rows, then
