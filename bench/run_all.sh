@@ -18,3 +18,5 @@ echo "== failover_bench"
 python3 bench/failover_bench.py
 echo "== ctr_bench"
 python3 bench/ctr_bench.py
+echo "== compression_bench"
+python3 bench/compression_bench.py
