@@ -890,6 +890,26 @@ TEST(ShardTable, SumsPushedRowsInRankOrderAndServesRowsOfItsRange) {
   EXPECT_TRUE(absl::IsDeadlineExceeded(later.status())) << later.status();
 }
 
+// Dead workers: a table's step fails its waiting pulls naming the worker,
+// or (elastic) completes without it, as a dense key's does.
+TEST(ShardTable, DeadWorkersEndOrSkipTheStepAsForDenseKeys) {
+  for (bool elastic : {false, true}) {
+    ParameterShard shard({true, 3, elastic});
+    ASSERT_TRUE(shard.InitTable(5, {10, 1}, 0, 10, 0.f, 0).ok());
+    ASSERT_TRUE(shard.Push(5, 0, Pieces::Of(std::vector<float>{1}), std::vector<int64_t>{4}).ok());
+    ASSERT_TRUE(shard.Push(5, 2, Pieces::Of(std::vector<float>{2}), std::vector<int64_t>{4}).ok());
+    shard.MarkDead(1);
+    auto got = shard.Pull(5, 1, Soon(), std::vector<int64_t>{4});
+    if (!elastic) {
+      EXPECT_EQ(got.status().code(), absl::StatusCode::kUnavailable);
+      EXPECT_THAT(got.status().message(), HasSubstr("worker(s) 1 died"));
+      continue;
+    }
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_THAT(got->data.ToFloats(), ElementsAre(3));  // no optimizer: the sum
+  }
+}
+
 TEST(ShardTable, BadRowsAndWrongKindsAreRefusedAndChangeNothing) {
   ParameterShard shard(ShardOptions{});
   ASSERT_TRUE(shard.InitTable(5, {30, 2}, 10, 10, 0.5f, 1).ok());
