@@ -872,6 +872,13 @@ RowSparseNDArray Executor::row_sparse_grad(const std::string& name) const {
                           grads_.at(name).Slice(0, nnz));
 }
 
+const Shape& Executor::RowSparseTable(const std::string& name) const {
+  auto it = sparse_rows_.find(name);
+  MX_THROW_IF_NOT(it != sparse_rows_.end(), "'", name,
+                  "' is not a row-sparse argument of this executor");
+  return it->second.table;
+}
+
 absl::StatusOr<std::string> Executor::RowSparseIndexInput(const std::string& name) const {
   if (!row_sparse_.count(name)) {
     return absl::InvalidArgumentError(

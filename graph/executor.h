@@ -137,6 +137,9 @@ class Executor {
   // Backward, like grad_dict's arrays).
   RowSparseNDArray row_sparse_grad(const std::string& name) const;
   const std::set<std::string>& row_sparse_args() const { return row_sparse_; }
+  // The table shape of row-sparse argument `name` (its array holds a block
+  // of it). Throws mx::Error for a name that is not one.
+  const Shape& RowSparseTable(const std::string& name) const;
   // The argument whose values index the row-sparse argument `name` (the
   // Embedding's data): what a trainer reads to know which rows a batch
   // needs before Forward. kFailedPrecondition when the indices are

@@ -4,6 +4,8 @@
 #include "ndarray/row_sparse.h"
 
 #include <algorithm>
+#include <cmath>
+#include <iterator>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"

@@ -498,11 +498,7 @@ absl::Status FeedForward::FindTables(const Executor& exec, const DataIter& data,
     }
     const int key = static_cast<int>(
         std::find(params.begin(), params.end(), name) - params.begin());
-    Shape table = exec.arg_dict().at(name).shape();
-    MX_ASSIGN_OR_RETURN(const Symbol::Shapes shapes, symbol_.InferShape({}, false));
-    const std::vector<std::string> args = symbol_.ListArguments();
-    table[0] = shapes.arguments[std::find(args.begin(), args.end(), name) - args.begin()][0];
-    tables_[name] = Table{key, table, input};
+    tables_[name] = Table{key, exec.RowSparseTable(name), input};
   }
   return absl::OkStatus();
 }

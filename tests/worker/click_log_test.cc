@@ -111,7 +111,7 @@ TEST(ClickLogTest, TheSameSeedWritesTheSameFile) {
 struct CtrRun {
   double logloss, best, constant;
 };
-CtrRun TrainCtr(bool sparse, FeedForward* model) {
+CtrRun TrainCtr(bool sparse, FeedForward* model, std::vector<Context> contexts = {cpu()}) {
   ClickLogOptions o;
   o.samples = 40000;
   o.fields = 4;
@@ -126,7 +126,7 @@ CtrRun TrainCtr(bool sparse, FeedForward* model) {
   auto train = LibSvmIter({TempPath("ctr_train.txt"), o.fields, 128});
   auto test = LibSvmIter({TempPath("ctr_test.txt"), o.fields, 100});
   EXPECT_TRUE(train.ok() && test.ok());
-  *model = FeedForward(zoo::Ctr(o.fields * o.vocab, 16, sparse));
+  *model = FeedForward(zoo::Ctr(o.fields * o.vocab, 16, sparse), std::move(contexts));
   FitOptions fit;
   fit.num_epoch = 3;
   fit.optimizer_options = {{"learning_rate", "0.5"}};
@@ -161,6 +161,16 @@ TEST(ClickLogTest, TheSparseCtrModelLearnsThePlantedModelWithTablesInTheStore) {
   EXPECT_TRUE(model.arg_params().count("deep_fc1_weight"));
   EXPECT_THAT(std::string(model.SaveCheckpoint(TempPath("ctr"), 1).message()),
               HasSubstr("row-sparse parameter 'deep_embed_weight' lives in the KVStore only"));
+}
+
+// Two devices (cpu(0) and cpu(1)) share each batch: each binds the rows
+// its half needs, pulled once for both, and their gradients are summed.
+TEST(ClickLogTest, TheSparseCtrModelTrainsOnTwoDevices) {
+  FeedForward model(Symbol{});
+  const CtrRun r = TrainCtr(/*sparse=*/true, &model, {cpu(0), cpu(1)});
+  EXPECT_GT(r.logloss, r.best - 0.02);
+  EXPECT_LT(r.logloss, r.best + 0.3 * (r.constant - r.best)) << "best " << r.best
+                                                               << ", constant " << r.constant;
 }
 
 void Write(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
