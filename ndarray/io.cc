@@ -390,4 +390,188 @@ absl::StatusOr<NamedRowSparse> LoadRowSparse(const std::string& path, Context ct
   return out;
 }
 
+// ---- Streaming.
+
+ArrayFileWriter::~ArrayFileWriter() {
+  if (file_ == nullptr) return;
+  std::fclose(file_);
+  std::remove((path_ + ".tmp").c_str());
+}
+
+absl::StatusOr<std::unique_ptr<ArrayFileWriter>> ArrayFileWriter::Create(const std::string& path,
+                                                                         uint64_t count) {
+  std::unique_ptr<ArrayFileWriter> w(new ArrayFileWriter());
+  w->path_ = path;
+  const std::string tmp = path + ".tmp";
+  w->file_ = std::fopen(tmp.c_str(), "wb");
+  if (w->file_ == nullptr) return ErrnoError("cannot create", tmp);
+  w->crc_ = static_cast<uint32_t>(crc32(0L, Z_NULL, 0));
+  w->arrays_left_ = count;
+  MX_RETURN_IF_ERROR(w->Write(kMagic, 4));
+  MX_RETURN_IF_ERROR(w->Write(&kVersion, sizeof(kVersion)));
+  MX_RETURN_IF_ERROR(w->Write(&count, sizeof(count)));
+  return w;
+}
+
+absl::Status ArrayFileWriter::Write(const void* p, size_t n) {
+  if (n > 0 && std::fwrite(p, 1, n, file_) != n) return ErrnoError("cannot write", path_ + ".tmp");
+  const char* c = static_cast<const char*>(p);
+  for (size_t done = 0; done < n;) {
+    const uInt piece = static_cast<uInt>(std::min<size_t>(n - done, 1u << 30));
+    crc_ = static_cast<uint32_t>(crc32(crc_, reinterpret_cast<const Bytef*>(c + done), piece));
+    done += piece;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ArrayFileWriter::BeginArray(const std::string& name, const Shape& shape) {
+  if (values_left_ != 0 || arrays_left_ == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        path_, ": array '", name, "' begun ",
+        values_left_ != 0 ? absl::StrCat("while the last lacks ", values_left_, " values")
+                          : "beyond the arrays announced"));
+  }
+  if (name.size() > kMaxNameLength || shape.ndim() > static_cast<int>(kMaxDims) ||
+      !shape.IsValid()) {
+    return absl::InvalidArgumentError(absl::StrCat(path_, ": array '", name, "' ",
+                                                   shape.ToString(), " cannot be written"));
+  }
+  const uint32_t len = static_cast<uint32_t>(name.size()), ndim = shape.ndim();
+  MX_RETURN_IF_ERROR(Write(&len, sizeof(len)));
+  MX_RETURN_IF_ERROR(Write(name.data(), name.size()));
+  MX_RETURN_IF_ERROR(Write(&ndim, sizeof(ndim)));
+  for (int64_t d : shape) MX_RETURN_IF_ERROR(Write(&d, sizeof(d)));
+  values_left_ = shape.Size();
+  --arrays_left_;
+  return absl::OkStatus();
+}
+
+absl::Status ArrayFileWriter::Append(const float* data, size_t n) {
+  if (static_cast<int64_t>(n) > values_left_) {
+    return absl::InvalidArgumentError(absl::StrCat(path_, ": ", n, " values appended where ",
+                                                   values_left_, " remain"));
+  }
+  values_left_ -= static_cast<int64_t>(n);
+  return Write(data, n * sizeof(float));
+}
+
+absl::Status ArrayFileWriter::Finish() {
+  if (values_left_ != 0 || arrays_left_ != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(path_, ": finished with ", arrays_left_,
+                                                      " arrays and ", values_left_,
+                                                      " values missing"));
+  }
+  const uint32_t crc = crc_;
+  if (std::fwrite(&crc, 1, sizeof(crc), file_) != sizeof(crc) || std::fflush(file_) != 0) {
+    return ErrnoError("cannot write", path_ + ".tmp");
+  }
+  const int closed = std::fclose(file_);
+  file_ = nullptr;
+  const std::string tmp = path_ + ".tmp";
+  if (closed != 0 || std::rename(tmp.c_str(), path_.c_str()) != 0) {
+    absl::Status s = ErrnoError("cannot finish", path_);
+    std::remove(tmp.c_str());
+    return s;
+  }
+  return absl::OkStatus();
+}
+
+ArrayFileReader::~ArrayFileReader() {
+  if (file_ != nullptr) std::fclose(file_);
+}
+
+absl::StatusOr<std::unique_ptr<ArrayFileReader>> ArrayFileReader::Open(const std::string& path) {
+  std::unique_ptr<ArrayFileReader> r(new ArrayFileReader());
+  r->path_ = path;
+  r->file_ = std::fopen(path.c_str(), "rb");
+  if (r->file_ == nullptr) return ErrnoError("cannot open", path);
+  char magic[4] = {};
+  if (std::fread(magic, 1, 4, r->file_) != 4 || std::memcmp(magic, kMagic, 4) != 0) {
+    return absl::DataLossError(
+        absl::StrCat(path, ": not an mx NDArray file (bad magic at offset 0)"));
+  }
+  // The checksum of everything but its own last 4 bytes, in one pass.
+  std::fseek(r->file_, 0, SEEK_END);
+  const long size = std::ftell(r->file_);
+  if (size < 4 + 4 + 8 + 4) {
+    return absl::DataLossError(absl::StrCat(path, ": file is truncated (", size, " bytes)"));
+  }
+  std::rewind(r->file_);
+  uLong crc = crc32(0L, Z_NULL, 0);
+  std::vector<char> block(1 << 20);
+  for (long left = size - 4; left > 0;) {
+    const size_t n = std::min<long>(left, static_cast<long>(block.size()));
+    MX_RETURN_IF_ERROR(r->ReadBytes(block.data(), n, "the checksum pass"));
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(block.data()), static_cast<uInt>(n));
+    left -= static_cast<long>(n);
+  }
+  uint32_t stored = 0;
+  MX_RETURN_IF_ERROR(r->ReadBytes(&stored, sizeof(stored), "the checksum"));
+  if (stored != static_cast<uint32_t>(crc)) {
+    return absl::DataLossError(absl::StrCat(path, ": checksum mismatch (stored ", stored,
+                                            ", computed ", static_cast<uint32_t>(crc),
+                                            "): the file is corrupt or truncated"));
+  }
+  std::fseek(r->file_, 4, SEEK_SET);
+  uint32_t version = 0;
+  MX_RETURN_IF_ERROR(r->ReadBytes(&version, sizeof(version), "the version"));
+  if (version != kVersion) {
+    return absl::DataLossError(absl::StrCat(path, ": format version ", version,
+                                            " cannot be streamed (dense arrays are version ",
+                                            kVersion, ")"));
+  }
+  MX_RETURN_IF_ERROR(r->ReadBytes(&r->arrays_left_, sizeof(r->arrays_left_), "the array count"));
+  return r;
+}
+
+absl::Status ArrayFileReader::ReadBytes(void* p, size_t n, const std::string& what) {
+  if (n > 0 && std::fread(p, 1, n, file_) != n) {
+    return absl::DataLossError(absl::StrCat(path_, ": file is truncated reading ", what));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::pair<std::string, Shape>> ArrayFileReader::NextArray() {
+  if (values_left_ != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(path_, ": the last array still has ", values_left_, " values to read"));
+  }
+  if (arrays_left_ == 0) return absl::OutOfRangeError(absl::StrCat(path_, ": no more arrays"));
+  uint32_t len = 0;
+  MX_RETURN_IF_ERROR(ReadBytes(&len, sizeof(len), "a name length"));
+  if (len > kMaxNameLength) {
+    return absl::DataLossError(absl::StrCat(path_, ": name length ", len, " exceeds ",
+                                            kMaxNameLength));
+  }
+  std::string name(len, '\0');
+  MX_RETURN_IF_ERROR(ReadBytes(name.data(), len, "a name"));
+  uint32_t ndim = 0;
+  MX_RETURN_IF_ERROR(ReadBytes(&ndim, sizeof(ndim), "the rank of '" + name + "'"));
+  if (ndim > kMaxDims) {
+    return absl::DataLossError(absl::StrCat(path_, ": array '", name, "' has rank ", ndim));
+  }
+  Shape shape;
+  for (uint32_t d = 0; d < ndim; ++d) {
+    int64_t dim = 0;
+    MX_RETURN_IF_ERROR(ReadBytes(&dim, sizeof(dim), "the shape of '" + name + "'"));
+    if (dim < 0 || (dim > 0 && shape.Size() > std::numeric_limits<int64_t>::max() / dim)) {
+      return absl::DataLossError(absl::StrCat(path_, ": array '", name,
+                                              "' has an impossible dimension ", dim));
+    }
+    shape.push_back(dim);
+  }
+  values_left_ = shape.Size();
+  --arrays_left_;
+  return std::make_pair(std::move(name), std::move(shape));
+}
+
+absl::Status ArrayFileReader::Read(float* data, size_t n) {
+  if (static_cast<int64_t>(n) > values_left_) {
+    return absl::InvalidArgumentError(absl::StrCat(path_, ": ", n, " values read where ",
+                                                   values_left_, " remain"));
+  }
+  values_left_ -= static_cast<int64_t>(n);
+  return ReadBytes(data, n * sizeof(float), "array data");
+}
+
 }  // namespace mx

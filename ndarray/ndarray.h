@@ -70,6 +70,7 @@
 #define MX_NDARRAY_NDARRAY_H_
 
 #include <cstdint>
+#include <cstdio>
 #include <memory>
 #include <ostream>
 #include <string>
@@ -281,6 +282,60 @@ absl::Status Save(const std::string& path, const NamedArrays& arrays);
 // error names the file and the system's reason.
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes);
 absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx = cpu());
+
+// The same format written and read an array piece at a time, for arrays
+// too big to hold (an embedding table checkpointed row range by row
+// range). A file the writer makes is one Load reads, and the reader reads
+// what Save writes (dense arrays).
+//
+//   auto w = ArrayFileWriter::Create(path, /*count=*/1);
+//   w->BeginArray("embed", {rows, 64});
+//   w->Append(chunk.data(), chunk.size());   // until rows * 64 values
+//   w->Finish();                             // the checksum, then rename
+class ArrayFileWriter {
+ public:
+  // Starts `path` + ".tmp" for `count` arrays.
+  static absl::StatusOr<std::unique_ptr<ArrayFileWriter>> Create(const std::string& path,
+                                                                 uint64_t count);
+  ~ArrayFileWriter();  // without Finish: removes the temporary file
+  // The next array's name and shape; the previous one must be complete.
+  absl::Status BeginArray(const std::string& name, const Shape& shape);
+  // The next n values of the current array (at most what it lacks).
+  absl::Status Append(const float* data, size_t n);
+  // Every array complete: writes the checksum and renames the file to path.
+  absl::Status Finish();
+
+ private:
+  ArrayFileWriter() = default;
+  absl::Status Write(const void* p, size_t n);
+  std::string path_;
+  std::FILE* file_ = nullptr;
+  uint32_t crc_ = 0;
+  uint64_t arrays_left_ = 0;
+  int64_t values_left_ = 0;  // of the current array
+};
+
+// Reads a file of dense arrays an array piece at a time. Open checks the
+// whole file's checksum first (one pass), so what it then reads is what
+// was written; errors name the file, as Load's do.
+class ArrayFileReader {
+ public:
+  static absl::StatusOr<std::unique_ptr<ArrayFileReader>> Open(const std::string& path);
+  ~ArrayFileReader();
+  // The next array's name and shape; the previous one must be read whole.
+  // kOutOfRange after the last.
+  absl::StatusOr<std::pair<std::string, Shape>> NextArray();
+  // The next n values of the current array.
+  absl::Status Read(float* data, size_t n);
+
+ private:
+  ArrayFileReader() = default;
+  absl::Status ReadBytes(void* p, size_t n, const std::string& what);
+  std::string path_;
+  std::FILE* file_ = nullptr;
+  uint64_t arrays_left_ = 0;
+  int64_t values_left_ = 0;
+};
 // The same format as a byte string, for state that travels in messages or
 // is embedded in other files (optimizer states). Deserialize reports what
 // Load reports, naming "serialized NDArray data" instead of a file.

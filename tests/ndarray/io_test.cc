@@ -341,6 +341,65 @@ TEST(SerializeArrays, NullArrayAndCorruptBytesAreReported) {
               HasSubstr("serialized NDArray data"));
 }
 
+// The streaming writer and reader: the same format as Save and Load, a
+// piece at a time.
+TEST(ArrayFileStreams, WriterFilesLoadAndSavedFilesStream) {
+  const std::string path = ::testing::TempDir() + "/stream.nd";
+  auto w = ArrayFileWriter::Create(path, 2);
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_TRUE((*w)->BeginArray("a", {2, 3}).ok());
+  const std::vector<float> a = {1, 2, 3, 4, 5, 6};
+  ASSERT_TRUE((*w)->Append(a.data(), 4).ok());
+  EXPECT_EQ((*w)->BeginArray("b", {1}).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*w)->Append(a.data(), 3).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE((*w)->Append(a.data() + 4, 2).ok());
+  EXPECT_EQ((*w)->Finish().code(), absl::StatusCode::kFailedPrecondition);  // b missing
+  ASSERT_TRUE((*w)->BeginArray("b", {1}).ok());
+  const float b = 7;
+  ASSERT_TRUE((*w)->Append(&b, 1).ok());
+  ASSERT_TRUE((*w)->Finish().ok());
+  auto loaded = Load(path);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ((*loaded)[0].second.ToVector(), a);
+  EXPECT_EQ((*loaded)[1].first, "b");
+
+  ASSERT_TRUE(Save(path, {{"x", FromVector({1, 2, 3, 4}, {4})}}).ok());
+  auto r = ArrayFileReader::Open(path);
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto x = (*r)->NextArray();
+  ASSERT_TRUE(x.ok());
+  EXPECT_EQ(x->first, "x");
+  EXPECT_EQ(x->second, Shape({4}));
+  std::vector<float> part(2);
+  ASSERT_TRUE((*r)->Read(part.data(), 2).ok());
+  EXPECT_EQ(part, std::vector<float>({1, 2}));
+  EXPECT_EQ((*r)->NextArray().status().code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE((*r)->Read(part.data(), 2).ok());
+  EXPECT_EQ(part, std::vector<float>({3, 4}));
+  EXPECT_EQ((*r)->NextArray().status().code(), absl::StatusCode::kOutOfRange);
+  std::remove(path.c_str());
+}
+
+TEST(ArrayFileStreams, TheReaderChecksTheWholeFileFirst) {
+  const std::string path = ::testing::TempDir() + "/stream_bad.nd";
+  ASSERT_TRUE(Save(path, {{"x", Ones({1000})}}).ok());
+  {
+    std::FILE* f = std::fopen(path.c_str(), "r+b");
+    ASSERT_NE(f, nullptr);
+    std::fseek(f, 2000, SEEK_SET);
+    std::fputc(0x55, f);
+    std::fclose(f);
+  }
+  EXPECT_THAT(std::string(ArrayFileReader::Open(path).status().message()),
+              ::testing::HasSubstr("checksum mismatch"));
+  EXPECT_EQ(ArrayFileReader::Open(path + ".missing").status().code(), absl::StatusCode::kNotFound);
+  // A writer dropped before Finish leaves nothing behind.
+  { auto w = ArrayFileWriter::Create(path + ".new", 1); }
+  EXPECT_EQ(std::fopen((path + ".new.tmp").c_str(), "rb"), nullptr);
+  EXPECT_EQ(std::fopen((path + ".new").c_str(), "rb"), nullptr);
+  std::remove(path.c_str());
+}
+
 }  // namespace
 // A save that cannot be written whole (the disk is full) is an error
 // naming the file and the reason, leaves no partial file, and keeps the
