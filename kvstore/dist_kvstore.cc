@@ -993,6 +993,34 @@ class DistKVStore : public KVStore {
     });
   }
 
+  absl::Status AssignRows(Key key, const RowSparseNDArray& rows) override {
+    MX_RETURN_IF_ERROR(conn_->Failure());
+    MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(key, "assign_rows", true));
+    MX_RETURN_IF_ERROR(internal::CheckRowSparseValues(key, {rows}, e->shape));
+    std::vector<float> values;
+    MX_RETURN_IF_ERROR(CatchError([&] { values = rows.data().ToVector(); }));
+    const int64_t dim = rows.row_size();
+    for (const KeyPart& p : e->parts) {
+      const auto [lo, hi] = RowsIn(rows.indices(), p);
+      if (hi == lo) continue;
+      proto::PushRequest req;
+      *req.mutable_credential() = conn_->credential;
+      req.set_key(p.server_key);
+      req.set_rank(conn_->options.rank);
+      req.set_assign(true);
+      req.mutable_rows()->mutable_ids()->Add(rows.indices().begin() + lo,
+                                             rows.indices().begin() + hi);
+      Shape shape = e->shape;
+      shape[0] = hi - lo;
+      ToProto(values.data() + lo * dim, shape, req.mutable_value());
+      proto::PushResponse resp;
+      MX_RETURN_IF_ERROR(conn_->Control(p.server, "assign_rows", e->label, [&](auto* ctx, auto* stub) {
+        return stub->Push(ctx, req, &resp);
+      }));
+    }
+    return absl::OkStatus();
+  }
+
   // Every table's push and its next rows in one PushPullMany call per
   // server.
   absl::Status PushPullRowSparse(const std::vector<Key>& keys,

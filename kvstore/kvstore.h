@@ -153,6 +153,10 @@ class KVStore {
   // PushRowSparse of `values`, then RowSparsePull of `row_ids` (other rows:
   // those the next batch needs) as of the step that includes the push. The
   // distributed store does both in one round trip per server.
+  // Sets the rows `rows` stores to its values, outside any step: no
+  // optimizer, no vote (restoring a checkpoint's table before training;
+  // in a job, one worker does it and the others wait at a Barrier).
+  virtual absl::Status AssignRows(Key key, const RowSparseNDArray& rows) = 0;
   absl::Status PushPullRowSparse(Key key, const std::vector<RowSparseNDArray>& values,
                                  std::vector<int64_t> row_ids, RowSparseNDArray* out,
                                  int priority = 0);

@@ -144,6 +144,14 @@ class LocalKVStore : public KVStore {
     return CatchError([&] { *out = GatherRows(e->stored, std::move(row_ids)); });
   }
 
+  absl::Status AssignRows(Key key, const RowSparseNDArray& rows) override {
+    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "assign_rows", true));
+    MX_RETURN_IF_ERROR(CheckRowSparseValues(key, {rows}, e->stored.shape()));
+    return CatchError([&] {
+      mx::AssignRows(rows.context() == cpu() ? rows : rows.Copy(cpu()), &e->stored);
+    });
+  }
+
   void SetUpdater(Updater updater) override { updater_ = std::move(updater); }
 
   absl::Status SetOptimizer(std::unique_ptr<Optimizer> optimizer) override {

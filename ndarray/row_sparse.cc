@@ -277,4 +277,18 @@ NDArray& operator+=(NDArray& dense, const RowSparseNDArray& b) {
   return dense;
 }
 
+void AssignRows(const RowSparseNDArray& b, NDArray* dense) {
+  MX_THROW_IF_NOT(!b.is_none(), "AssignRows: a null RowSparseNDArray");
+  internal::RequireSameContext("AssignRows", {dense, &b.data()});
+  RequireSameDenseShape("AssignRows", dense->shape(), b.shape());
+  const NDArray src = b.data();
+  SharedIds pos = Share(b.indices());
+  const int64_t n = src.size(), dim = b.row_size();
+  const Context ctx = dense->context();
+  internal::PushKernel("AssignRows", ctx, {&src}, {dense}, [src, dst = *dense, pos, dim, ctx, n] {
+    kernel::Launch<kernel::ScatterRowsKernel>("AssignRows", ctx, n,
+                                              {dst.data(), src.data(), pos->data(), dim});
+  });
+}
+
 }  // namespace mx

@@ -121,6 +121,8 @@ RowSparseNDArray operator*(const RowSparseNDArray& a, const NDArray& dense);
 // b's rows are read and written.
 NDArray operator+(const NDArray& dense, const RowSparseNDArray& b);
 NDArray& operator+=(NDArray& dense, const RowSparseNDArray& b);
+// Sets b's rows of dense (of the same shape) to b's values; the others stay.
+void AssignRows(const RowSparseNDArray& b, NDArray* dense);
 
 // ---- Files. The NDArray file format (ndarray.h) in its version 2, whose
 // entries carry a storage type; a row-sparse entry holds the dense shape,

@@ -28,6 +28,22 @@ struct ScatterAddRowsKernel {
   }
 };
 
+// dst[pos[r], c] = src[r, c]: rows written into dense rows.
+struct ScatterRowsKernel {
+  struct Params {
+    float* dst;
+    const float* src;
+    const int64_t* pos;
+    int64_t dim;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / p.dim, c = i - r * p.dim;
+      p.dst[p.pos[r] * p.dim + c] = p.src[i];
+    }
+  }
+};
+
 // dst[r, c] = pos[r] >= 0 ? src[pos[r], c] : 0: rows gathered from a dense
 // or compact array (a missing row reads as zero).
 struct GatherRowsKernel {

@@ -881,6 +881,13 @@ class Service final : public ServiceBase {
     }
     absl::StatusOr<Pieces> pieces = PushedValue(request, req.value(), data);
     if (!pieces.ok()) return done(Prefix(pieces.status(), "push", req.key()));
+    if (req.assign()) {
+      if (!req.has_rows()) {
+        return done(Prefix(absl::InvalidArgumentError("an assign needs the rows it sets"),
+                           "assign_rows", req.key()));
+      }
+      return done(shard_->AssignRows(req.key(), *RowsOf(req), *pieces));
+    }
     shard_->PushAsync(
         req.key(), req.rank(), *std::move(pieces),
         [bytes = data.bytes, done = std::move(done)](absl::Status s) {

@@ -131,6 +131,24 @@ absl::Status ParameterShard::InitTable(int key, const Shape& table, int64_t firs
   return absl::OkStatus();
 }
 
+absl::Status ParameterShard::AssignRows(int key, std::vector<int64_t> rows, const Pieces& value) {
+  absl::MutexLock lock(&mu_);
+  MX_ASSIGN_OR_RETURN(Key * k, Find(key));
+  RowIds ids = std::move(rows);
+  MX_RETURN_IF_ERROR(CheckRows(key, *k, "assign_rows", &ids, /*relative=*/true));
+  const int64_t dim = k->shape.RowSize();
+  const size_t row_bytes = dim * sizeof(float);
+  if (value.bytes() != ids->size() * row_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("assign_rows of key ", key, ": ",
+                                                   value.bytes() / sizeof(float), " values for ",
+                                                   ids->size(), " rows of ", dim));
+  }
+  mu_.Await(absl::Condition(k, &Key::idle));  // no step changes the weights meanwhile
+  float* w = k->weight.data();
+  for (size_t i = 0; i < ids->size(); ++i) value.CopyTo(i * row_bytes, row_bytes, w + (*ids)[i] * dim);
+  return absl::OkStatus();
+}
+
 void ParameterShard::CopyWeights(Key* k) {
   if (k->table) return;  // a table's weights are its value
   k->weight = Empty(k->shape);

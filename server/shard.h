@@ -171,6 +171,10 @@ class ParameterShard {
                          float init_scale, uint64_t init_seed, Copies copies = {});
   // A table's row ids in a push or pull: absent for dense keys.
   using RowIds = std::optional<std::vector<int64_t>>;
+  // Sets rows (global ids, ascending, in this range) of table key to
+  // `value`, outside any step (no optimizer, no vote): restoring a
+  // checkpoint's table. Waits for a step in flight to end.
+  absl::Status AssignRows(int key, std::vector<int64_t> rows, const Pieces& value);
 
   // One worker's contribution to key: floats where they lie (the pieces of
   // the network buffers it arrived in), held until its step is summed.

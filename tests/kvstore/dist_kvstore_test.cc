@@ -1055,6 +1055,25 @@ TEST(DistRowSparse, APullOfSomeRowsAsksOnlyTheirServersAndAsyncAppliesOnArrival)
   rows.data().WaitToRead();
 }
 
+TEST(DistRowSparse, AssignRowsSetsRowsOnEveryServerOutsideSteps) {
+  Cluster c = StartServers(2, 1);
+  auto kv = Worker(c, 0, 1, 16);
+  ASSERT_TRUE(kv->SetOptimizer(Sgd()).ok());
+  ASSERT_TRUE(kv->InitRowSparse(3, {10, 2}).ok());
+  // Rows 1 (server 0) and 8 (server 1); no step, no optimizer.
+  ASSERT_TRUE(kv->AssignRows(3, RowSparseNDArray({10, 2}, {1, 8}, FromVector({1, 2, 3, 4}, {2, 2})))
+                  .ok());
+  RowSparseNDArray rows;
+  ASSERT_TRUE(kv->RowSparsePull(3, {1, 8, 9}, &rows).ok());
+  EXPECT_EQ(rows.data().ToVector(), std::vector<float>({1, 2, 3, 4, 0, 0}));
+  // The first push is still the first step.
+  ASSERT_TRUE(kv->Push(3, RowSparseNDArray({10, 2}, {9}, FromVector({1, 1}, {1, 2}))).ok());
+  ASSERT_TRUE(kv->RowSparsePull(3, {9}, &rows).ok());
+  EXPECT_EQ(rows.data().ToVector(), std::vector<float>({-0.5f, -0.5f}));
+  EXPECT_THAT(std::string(kv->AssignRows(3, RowSparseNDArray({11, 2})).message()),
+              HasSubstr("has shape (11,2) but the key holds (10,2)"));
+}
+
 TEST(DistRowSparse, ErrorsNameTheKey) {
   Cluster c = StartServers(2, 1);
   auto kv = Worker(c, 0, 1, 16);

@@ -93,6 +93,21 @@ TEST(RowSparseKVStore, WithoutAnOptimizerTheTableBecomesThePushedSum) {
   EXPECT_EQ(rows.data().ToVector(), std::vector<float>({0, 0, 5, 0}));
 }
 
+TEST(RowSparseKVStore, AssignRowsSetsRowsWithoutTheOptimizer) {
+  auto kv = Local();
+  ASSERT_TRUE(kv->InitRowSparse(3, {6, 2}, {1.f, 4}).ok());
+  auto opt = Optimizer::Create("sgd", {{"learning_rate", "0.5"}});
+  ASSERT_TRUE(opt.ok());
+  ASSERT_TRUE(kv->SetOptimizer(std::move(*opt)).ok());
+  ASSERT_TRUE(kv->AssignRows(3, RowSparseNDArray({6, 2}, {0, 5}, FromVector({1, 2, 3, 4}, {2, 2})))
+                  .ok());
+  RowSparseNDArray rows;
+  ASSERT_TRUE(kv->RowSparsePull(3, {0, 5}, &rows).ok());
+  EXPECT_EQ(rows.data().ToVector(), std::vector<float>({1, 2, 3, 4}));
+  EXPECT_THAT(std::string(kv->AssignRows(4, RowSparseNDArray({6, 2})).message()),
+              HasSubstr("never initialized"));
+}
+
 TEST(RowSparseKVStore, ErrorsNameTheKeyAndWhatIsWrong) {
   auto kv = Local();
   ASSERT_TRUE(kv->InitRowSparse(3, {6, 2}).ok());

@@ -933,6 +933,12 @@ TEST(ShardTable, BadRowsAndWrongKindsAreRefusedAndChangeNothing) {
   EXPECT_THAT(message(shard.InitTable(7, {30, 2}, 25, 10, 0.f, 0)), HasSubstr("not a valid range"));
   EXPECT_THAT(message(shard.InitTable(7, {30, 2}, 0, 10, 0.f, 0, Copies{Copies::kPrimary, 1})),
               HasSubstr("row-sparse keys have one copy"));
+  EXPECT_THAT(message(shard.AssignRows(5, {9}, Pieces::Of(std::vector<float>{1, 1}))),
+              HasSubstr("row id 9 is not among this server's rows [10, 20)"));
+  EXPECT_THAT(message(shard.AssignRows(5, {12}, Pieces::Of(std::vector<float>{1}))),
+              HasSubstr("1 values for 1 rows of 2"));
+  EXPECT_THAT(message(shard.AssignRows(6, {0}, Pieces::Of(std::vector<float>{1}))),
+              HasSubstr("the key is dense"));
   // Nothing was applied: the rows are still their initial values.
   auto rows = shard.Pull(5, 0, absl::Now() + absl::Seconds(1), std::vector<int64_t>{12});
   ASSERT_TRUE(rows.ok());
