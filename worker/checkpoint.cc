@@ -308,6 +308,10 @@ std::string CheckpointStatesPath(const std::string& prefix, int epoch) {
   return absl::StrFormat("%s-%04d.states", prefix, epoch);
 }
 
+std::string CheckpointTablesPath(const std::string& prefix, int epoch) {
+  return absl::StrFormat("%s-%04d.tables", prefix, epoch);
+}
+
 absl::Status SaveCheckpoint(const std::string& prefix, int epoch, const Symbol& symbol,
                             const std::map<std::string, NDArray>& arg_params,
                             const std::map<std::string, NDArray>& aux_params) {

@@ -51,6 +51,9 @@ struct Checkpoint {
 
 std::string CheckpointParamsPath(const std::string& prefix, int epoch);
 std::string CheckpointStatesPath(const std::string& prefix, int epoch);
+// The row-sparse tables of a model that has them (FeedForward writes and
+// reads it a row range at a time: worker/model.h).
+std::string CheckpointTablesPath(const std::string& prefix, int epoch);
 
 // Writes the symbol and the parameters of `epoch` (the optimizer state is
 // written by the caller, who owns the optimizer).

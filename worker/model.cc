@@ -200,6 +200,10 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
                                                      table_init)
                            : kvstore_->Init(static_cast<int>(i), exec.arg_dict().at(params[i])));
   }
+  if (!tables_path_.empty()) {
+    MX_RETURN_IF_ERROR(RestoreTables(tables_path_));
+    tables_path_.clear();  // restored once; later checkpoints are the model's
+  }
   // Start every device (and, distributed, every worker) from the store's
   // values: the first Init of a key wins.
   for (size_t i = 0; i < params.size(); ++i) {
@@ -307,6 +311,12 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
   std::vector<std::string> params;
   for (const std::string& name : symbol_.ListArguments()) {
     if (exec.grad_dict().count(name)) params.push_back(name);
+  }
+  if (!tables_.empty() && owned_kvstore_ != nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Fit: row-sparse parameter '", tables_.begin()->first,
+        "' lives in the store of the last Fit, which a new Fit would replace: save a checkpoint "
+        "and resume from it instead"));
   }
   MX_RETURN_IF_ERROR(FindTables(exec, *train, params));
   MX_RETURN_IF_ERROR(Catch([&] {
@@ -573,12 +583,77 @@ void FeedForward::FlushTablePushes() {
   }
 }
 
-absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) const {
-  if (!tables_.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "SaveCheckpoint: row-sparse parameter '", tables_.begin()->first,
-        "' lives in the KVStore only, and checkpoints of such tables are not implemented yet"));
+// Rows pulled (and written or assigned) at a time: about 16 MB.
+int64_t TableChunkRows(const Shape& table) {
+  return std::max<int64_t>(1, (int64_t{4} << 20) / std::max<int64_t>(1, table.RowSize()));
+}
+
+absl::Status FeedForward::SaveTables(const std::string& path) const {
+  if (kvstore_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "SaveCheckpoint: the row-sparse tables live in the KVStore of Fit: checkpoint during or "
+        "after Fit");
   }
+  MX_ASSIGN_OR_RETURN(auto writer, ArrayFileWriter::Create(path, tables_.size()));
+  for (const auto& [name, table] : tables_) {
+    MX_RETURN_IF_ERROR(writer->BeginArray(name, table.shape));
+    const int64_t chunk = TableChunkRows(table.shape);
+    for (int64_t first = 0; first < table.shape[0]; first += chunk) {
+      std::vector<int64_t> ids(std::min(chunk, table.shape[0] - first));
+      for (size_t i = 0; i < ids.size(); ++i) ids[i] = first + static_cast<int64_t>(i);
+      RowSparseNDArray rows;
+      MX_RETURN_IF_ERROR(kvstore_->RowSparsePull(table.key, std::move(ids), &rows));
+      MX_RETURN_IF_ERROR(Catch([&] {
+        rows.data().WaitToRead();
+        return writer->Append(rows.data().data(), rows.data().size());
+      }));
+    }
+  }
+  return writer->Finish();
+}
+
+absl::Status FeedForward::RestoreTables(const std::string& path) {
+  if (kvstore_->rank() == kvstore_->first_live_rank()) {
+    MX_ASSIGN_OR_RETURN(auto reader, ArrayFileReader::Open(path));
+    std::set<std::string> restored;
+    for (;;) {
+      absl::StatusOr<std::pair<std::string, Shape>> next = reader->NextArray();
+      if (absl::IsOutOfRange(next.status())) break;
+      MX_RETURN_IF_ERROR(next.status());
+      auto table = tables_.find(next->first);
+      if (table == tables_.end() || table->second.shape != next->second) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            path, ": table '", next->first, "' ", next->second.ToString(),
+            table == tables_.end() ? " is not a row-sparse parameter of the model"
+                                   : " does not fit the model's " + table->second.shape.ToString()));
+      }
+      const Shape& shape = table->second.shape;
+      const int64_t chunk = TableChunkRows(shape);
+      for (int64_t first = 0; first < shape[0]; first += chunk) {
+        Shape rows = shape;
+        rows[0] = std::min(chunk, shape[0] - first);
+        std::vector<float> values(rows.Size());
+        MX_RETURN_IF_ERROR(reader->Read(values.data(), values.size()));
+        std::vector<int64_t> ids(rows[0]);
+        for (size_t i = 0; i < ids.size(); ++i) ids[i] = first + static_cast<int64_t>(i);
+        MX_RETURN_IF_ERROR(Catch([&] {
+          return kvstore_->AssignRows(table->second.key,
+                                      RowSparseNDArray(shape, std::move(ids), FromVector(values, rows)));
+        }));
+      }
+      restored.insert(next->first);
+    }
+    if (restored.size() != tables_.size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": holds ", restored.size(), " of the model's ", tables_.size(),
+                       " row-sparse tables"));
+    }
+  }
+  // The others start training once the tables are back.
+  return kvstore_->Barrier();
+}
+
+absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) const {
   // Every worker of a distributed job holds the same parameters: one
   // writes the checkpoint (with the servers' optimizer state), worker 0 or,
   // once it died in an elastic job, the lowest-ranked worker left.
@@ -586,6 +661,7 @@ absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) c
     return absl::OkStatus();
   }
   MX_RETURN_IF_ERROR(mx::SaveCheckpoint(prefix, epoch, symbol_, arg_params_, aux_params_));
+  if (!tables_.empty()) MX_RETURN_IF_ERROR(SaveTables(CheckpointTablesPath(prefix, epoch)));
   if (optimizer_ != nullptr) {
     MX_RETURN_IF_ERROR(optimizer_->SaveStatesToFile(CheckpointStatesPath(prefix, epoch)));
   } else if (kvstore_ != nullptr) {
@@ -599,6 +675,16 @@ absl::StatusOr<FeedForward> FeedForward::LoadCheckpoint(const std::string& prefi
                                                          const ParamsLoadOptions& options) {
   MX_ASSIGN_OR_RETURN(Checkpoint ckpt, mx::LoadCheckpoint(prefix, epoch, options));
   FeedForward model(ckpt.symbol, std::move(contexts));
+  if (!RowSparseVariables(ckpt.symbol).empty()) {
+    model.tables_path_ = CheckpointTablesPath(prefix, epoch);
+    if (std::FILE* f = std::fopen(model.tables_path_.c_str(), "rb")) {
+      std::fclose(f);
+    } else {
+      return absl::NotFoundError(absl::StrCat("checkpoint ", prefix, " epoch ", epoch,
+                                              " has row-sparse parameters but no tables file ",
+                                              model.tables_path_));
+    }
+  }
   model.arg_params_ = std::move(ckpt.arg_params);
   model.aux_params_ = std::move(ckpt.aux_params);
   return model;

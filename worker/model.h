@@ -23,8 +23,13 @@
 // indices name, binds them (Executor's row_sparse arguments) and pushes
 // the row-sparse gradient: no process holds the table or a dense gradient
 // of it. Predict and Score after Fit pull the rows they need the same way.
-// Tables are not in arg_params() and checkpoints of such a model are
-// refused (they would lack the tables).
+// Tables are not in arg_params(). A checkpoint writes them to its .tables
+// file (CheckpointTablesPath), pulled and written a range of rows at a
+// time by the worker that checkpoints; a model loaded from it restores
+// them at Fit (that worker assigns them, KVStore::AssignRows, and the
+// others wait at a barrier). Without a distributed store the tables live
+// in the store Fit makes, so a second Fit of the same model is refused:
+// checkpoint and resume instead.
 #ifndef MX_WORKER_MODEL_H_
 #define MX_WORKER_MODEL_H_
 
@@ -155,6 +160,10 @@ class FeedForward {
                      const DataBatch& batch);
   // Sends the pushes PrepareTables would have sent with the next pull.
   void FlushTablePushes();
+  // The tables to and from a checkpoint's .tables file, a range of rows at
+  // a time (no process holds a table).
+  absl::Status SaveTables(const std::string& path) const;
+  absl::Status RestoreTables(const std::string& path);
 
   Symbol symbol_;
   std::vector<Context> contexts_;
@@ -168,6 +177,8 @@ class FeedForward {
   // Each table's gradients of the last step (one per device), pushed with
   // the next step's pull.
   std::map<std::string, std::vector<RowSparseNDArray>> pending_pushes_;
+  // A loaded checkpoint's tables file, restored at Fit; empty: none.
+  std::string tables_path_;
   std::map<std::string, NDArray> arg_params_, aux_params_;
   // Exactly one of the two applies updates: the optimizer for one context,
   // the KVStore (which owns the optimizer then) for several.

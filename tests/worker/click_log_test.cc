@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "worker/checkpoint.h"
 #include "worker/ctr_data.h"
 #include "worker/io.h"
 #include "worker/model.h"
@@ -159,8 +160,52 @@ TEST(ClickLogTest, TheSparseCtrModelLearnsThePlantedModelWithTablesInTheStore) {
                                                                << ", constant " << r.constant;
   EXPECT_FALSE(model.arg_params().count("deep_embed_weight"));
   EXPECT_TRUE(model.arg_params().count("deep_fc1_weight"));
-  EXPECT_THAT(std::string(model.SaveCheckpoint(TempPath("ctr"), 1).message()),
-              HasSubstr("row-sparse parameter 'deep_embed_weight' lives in the KVStore only"));
+}
+
+// A checkpoint of the sparse model holds its tables (.tables, written a
+// range of rows at a time); resuming from it continues exactly as the
+// uninterrupted run: the same predictions, bit for bit.
+TEST(ClickLogTest, TheSparseCtrModelResumesFromACheckpointExactly) {
+  ClickLogOptions o;
+  o.samples = 5000;
+  o.fields = 4;
+  o.vocab = 50;
+  o.path = TempPath("resume_train.txt");
+  ASSERT_TRUE(WriteClickLog(o).ok());
+  auto iter = [&] { return LibSvmIter({o.path, o.fields, 100}); };
+  const std::string prefix = TempPath("ctr_ckpt");
+  FitOptions fit;
+  fit.optimizer_options = {{"learning_rate", "0.5"}};
+  fit.num_epoch = 2;
+  const Symbol net = zoo::Ctr(o.fields * o.vocab, 8, /*sparse=*/true);
+
+  FeedForward whole(net);
+  auto train = iter();
+  ASSERT_TRUE(train.ok());
+  FitOptions with_checkpoints = fit;
+  with_checkpoints.epoch_end_callbacks = {DoCheckpoint(prefix)};
+  ASSERT_TRUE(whole.Fit(train->get(), nullptr, with_checkpoints).ok());
+  auto want = whole.Predict(iter()->get());
+  ASSERT_TRUE(want.ok()) << want.status();
+  EXPECT_THAT(std::string(whole.Fit(train->get(), nullptr, fit).message()),
+              HasSubstr("save a checkpoint and resume from it instead"));
+
+  auto resumed = FeedForward::LoadCheckpoint(prefix, 1);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  FitOptions rest = fit;
+  rest.begin_epoch = 1;
+  rest.optimizer_states_path = CheckpointStatesPath(prefix, 1);
+  auto again = iter();
+  ASSERT_TRUE(again.ok());
+  ASSERT_TRUE(resumed->Fit(again->get(), nullptr, rest).ok());
+  auto got = resumed->Predict(iter()->get());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ((*got)[0].ToVector(), (*want)[0].ToVector());
+
+  // A checkpoint whose tables file is gone is refused at load.
+  std::remove(CheckpointTablesPath(prefix, 2).c_str());
+  EXPECT_THAT(std::string(FeedForward::LoadCheckpoint(prefix, 2).status().message()),
+              HasSubstr("has row-sparse parameters but no tables file"));
 }
 
 // Two devices (cpu(0) and cpu(1)) share each batch: each binds the rows
