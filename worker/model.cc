@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <numeric>
 #include <set>
 
 #include "absl/strings/numbers.h"
@@ -588,6 +589,13 @@ int64_t TableChunkRows(const Shape& table) {
   return std::max<int64_t>(1, (int64_t{4} << 20) / std::max<int64_t>(1, table.RowSize()));
 }
 
+// The row ids first, first + 1, ..., first + n - 1.
+std::vector<int64_t> RowRange(int64_t first, int64_t n) {
+  std::vector<int64_t> ids(n);
+  std::iota(ids.begin(), ids.end(), first);
+  return ids;
+}
+
 absl::Status FeedForward::SaveTables(const std::string& path) const {
   if (kvstore_ == nullptr) {
     return absl::FailedPreconditionError(
@@ -599,10 +607,9 @@ absl::Status FeedForward::SaveTables(const std::string& path) const {
     MX_RETURN_IF_ERROR(writer->BeginArray(name, table.shape));
     const int64_t chunk = TableChunkRows(table.shape);
     for (int64_t first = 0; first < table.shape[0]; first += chunk) {
-      std::vector<int64_t> ids(std::min(chunk, table.shape[0] - first));
-      for (size_t i = 0; i < ids.size(); ++i) ids[i] = first + static_cast<int64_t>(i);
       RowSparseNDArray rows;
-      MX_RETURN_IF_ERROR(kvstore_->RowSparsePull(table.key, std::move(ids), &rows));
+      MX_RETURN_IF_ERROR(kvstore_->RowSparsePull(
+          table.key, RowRange(first, std::min(chunk, table.shape[0] - first)), &rows));
       MX_RETURN_IF_ERROR(Catch([&] {
         rows.data().WaitToRead();
         return writer->Append(rows.data().data(), rows.data().size());
@@ -634,11 +641,10 @@ absl::Status FeedForward::RestoreTables(const std::string& path) {
         rows[0] = std::min(chunk, shape[0] - first);
         std::vector<float> values(rows.Size());
         MX_RETURN_IF_ERROR(reader->Read(values.data(), values.size()));
-        std::vector<int64_t> ids(rows[0]);
-        for (size_t i = 0; i < ids.size(); ++i) ids[i] = first + static_cast<int64_t>(i);
         MX_RETURN_IF_ERROR(Catch([&] {
-          return kvstore_->AssignRows(table->second.key,
-                                      RowSparseNDArray(shape, std::move(ids), FromVector(values, rows)));
+          return kvstore_->AssignRows(
+              table->second.key,
+              RowSparseNDArray(shape, RowRange(first, rows[0]), FromVector(values, rows)));
         }));
       }
       restored.insert(next->first);
