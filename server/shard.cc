@@ -1,5 +1,7 @@
 #include "server/shard.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -73,11 +75,21 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
   return s;
 }
 
+namespace {
+// The bytes of a float32 array of `shape`, without overflowing.
+double RangeBytes(const Shape& shape) {
+  double bytes = sizeof(float);
+  for (int64_t d : shape) bytes *= static_cast<double>(d);
+  return bytes;
+}
+}  // namespace
+
 absl::Status ParameterShard::InitTable(int key, const Shape& table, int64_t first_row,
                                        int64_t rows, float init_scale, uint64_t init_seed,
                                        Copies copies) {
   if (table.ndim() < 1 || !table.IsValid() || first_row < 0 || rows < 1 ||
-      first_row + rows > table[0] || !std::isfinite(init_scale) || init_scale < 0) {
+      first_row > table[0] || rows > table[0] - first_row || !std::isfinite(init_scale) ||
+      init_scale < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "init of row-sparse key ", key, ": rows [", first_row, ", ", first_row + rows,
         ") of a table ", table.ToString(), " with scale ", init_scale, " are not a valid range"));
@@ -88,6 +100,16 @@ absl::Status ParameterShard::InitTable(int key, const Shape& table, int64_t firs
   }
   Shape range = table;
   range[0] = rows;
+  // A table is not bounded by a message's size, as a dense value is: a
+  // range that cannot fit this machine's memory is refused, not attempted.
+  const double bytes = RangeBytes(range);
+  const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+  if (!(bytes <= memory)) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "init of row-sparse key ", key, ": rows [", first_row, ", ", first_row + rows, ") of ",
+        table.ToString(), " need ", bytes / 1e9, " GB, more than this server's memory (",
+        memory / 1e9, " GB); add servers"));
+  }
   auto same = [&](const Key& k) {
     return k.table && k.table->table == table && k.table->first_row == first_row &&
            k.shape == range;

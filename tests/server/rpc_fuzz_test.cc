@@ -190,8 +190,41 @@ TEST(RpcFuzz, DamagedRequestsGetErrorsAndTheServerKeepsServing) {
   push_big.set_key(2);
   *push_big.mutable_value() = TensorOf(std::vector<float>(1000, 0.01f));
   *many.add_entries() = push_big;
+  // A table (row-sparse key 3, rows [0, 100) of (100, 4)) and its calls:
+  // a push of rows, a pushpull answering other rows, a pull, an assign.
+  proto::InitRequest init_table;
+  init_table.set_key(3);
+  proto::TableRange* range = init_table.mutable_table();
+  range->add_shape(100);
+  range->add_shape(4);
+  range->set_rows(100);
+  range->set_init_scale(0.1f);
+  ASSERT_TRUE(client.Call("Init", init_table.SerializeAsString(), &response).ok());
+  proto::PushRequest push_rows;
+  push_rows.set_key(3);
+  push_rows.mutable_rows()->add_ids(2);
+  push_rows.mutable_rows()->add_ids(50);
+  *push_rows.mutable_value() = TensorOf(std::vector<float>(8, 0.1f));
+  push_rows.mutable_value()->set_shape(0, 2);
+  push_rows.mutable_value()->add_shape(4);
+  ASSERT_TRUE(client.Call("Push", push_rows.SerializeAsString(), &response).ok());
+  proto::PushRequest pushpull_rows = push_rows;
+  pushpull_rows.set_min_version(2);
+  pushpull_rows.mutable_pull_rows()->add_ids(7);
+  proto::PullRequest pull_rows;
+  pull_rows.set_key(3);
+  pull_rows.set_min_version(1);
+  pull_rows.mutable_rows()->add_ids(2);
+  pull_rows.mutable_rows()->add_ids(99);
+  proto::PushRequest assign = push_rows;
+  assign.set_assign(true);
   const Requests seeds = {
       {"Init", init.SerializeAsString()},
+      {"Init", init_table.SerializeAsString()},
+      {"Push", push_rows.SerializeAsString()},
+      {"PushPull", pushpull_rows.SerializeAsString()},
+      {"Pull", pull_rows.SerializeAsString()},
+      {"Push", assign.SerializeAsString()},
       {"Push", push.SerializeAsString()},
       {"Pull", pull.SerializeAsString()},
       {"PushPull", push_big.SerializeAsString()},
@@ -209,7 +242,7 @@ TEST(RpcFuzz, DamagedRequestsGetErrorsAndTheServerKeepsServing) {
       grpc::StatusCode::OK,           grpc::StatusCode::INVALID_ARGUMENT,
       grpc::StatusCode::NOT_FOUND,    grpc::StatusCode::FAILED_PRECONDITION,
       grpc::StatusCode::OUT_OF_RANGE, grpc::StatusCode::DEADLINE_EXCEEDED,
-      grpc::StatusCode::DATA_LOSS};
+      grpc::StatusCode::DATA_LOSS,    grpc::StatusCode::RESOURCE_EXHAUSTED};
   constexpr int kCalls = 2400;
   std::map<grpc::StatusCode, int> counts = SendDamaged(client, seeds, expected, kCalls);
   // The damage was both harmless and fatal often enough to test both.

@@ -931,6 +931,13 @@ TEST(ShardTable, BadRowsAndWrongKindsAreRefusedAndChangeNothing) {
   EXPECT_THAT(message(shard.InitTable(5, {30, 2}, 0, 10, 0.f, 0)),
               HasSubstr("already initialized here as rows from 10 of (30,2)"));
   EXPECT_THAT(message(shard.InitTable(7, {30, 2}, 25, 10, 0.f, 0)), HasSubstr("not a valid range"));
+  // A range no machine holds is refused, not attempted (a table is not
+  // bounded by a message's size).
+  const absl::Status huge = shard.InitTable(7, {int64_t{1} << 40, 64}, 0, int64_t{1} << 40, 0.f, 0);
+  EXPECT_EQ(huge.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(message(huge), HasSubstr("more than this server's memory"));
+  EXPECT_THAT(message(shard.InitTable(7, {INT64_MAX, 2}, INT64_MAX - 1, INT64_MAX, 0.f, 0)),
+              HasSubstr("not a valid range"));
   EXPECT_THAT(message(shard.InitTable(7, {30, 2}, 0, 10, 0.f, 0, Copies{Copies::kPrimary, 1})),
               HasSubstr("row-sparse keys have one copy"));
   EXPECT_THAT(message(shard.AssignRows(5, {9}, Pieces::Of(std::vector<float>{1, 1}))),
