@@ -78,17 +78,44 @@ class Reader {
   size_t pos_ = 0;
 };
 
-uint32_t Crc(const std::string& data, size_t n) {
-  uLong crc = crc32(0L, Z_NULL, 0);
+// The CRC-32 of what `crc` covered followed by n bytes at p.
+uint32_t CrcUpdate(uint32_t crc, const void* p, size_t n) {
+  const Bytef* bytes = static_cast<const Bytef*>(p);
   // zlib takes uInt lengths: feed large buffers in pieces.
-  size_t done = 0;
-  while (done < n) {
-    uInt piece = static_cast<uInt>(std::min<size_t>(n - done, 1u << 30));
-    crc = crc32(crc, reinterpret_cast<const Bytef*>(data.data() + done), piece);
+  for (size_t done = 0; done < n;) {
+    const uInt piece = static_cast<uInt>(std::min<size_t>(n - done, 1u << 30));
+    crc = static_cast<uint32_t>(crc32(crc, bytes + done, piece));
     done += piece;
   }
-  return static_cast<uint32_t>(crc);
+  return crc;
 }
+
+uint32_t CrcStart() { return static_cast<uint32_t>(crc32(0L, Z_NULL, 0)); }
+
+uint32_t Crc(const std::string& data, size_t n) { return CrcUpdate(CrcStart(), data.data(), n); }
+
+// Reads an open file as Reader reads a buffer (ArrayFileReader's source).
+class FileSource {
+ public:
+  FileSource(const std::string& path, std::FILE* file) : path_(path), file_(file) {}
+  template <typename T>
+  absl::Status Get(T* v, const char* what) {
+    return Bytes(v, sizeof(T), what);
+  }
+  absl::Status Bytes(void* p, size_t n, const std::string& what) {
+    const long at = std::ftell(file_);
+    if (n > 0 && std::fread(p, 1, n, file_) != n) {
+      return absl::DataLossError(absl::StrCat(path_, ": file is truncated at offset ", at,
+                                              " reading ", what, " (", n, " bytes needed)"));
+    }
+    return absl::OkStatus();
+  }
+  size_t pos() const { return static_cast<size_t>(std::ftell(file_)); }
+
+ private:
+  const std::string& path_;
+  std::FILE* file_;
+};
 
 absl::Status ErrnoError(const std::string& what, const std::string& path) {
   std::string msg = absl::StrCat(what, " ", path, ": ", std::strerror(errno));
@@ -96,7 +123,24 @@ absl::Status ErrnoError(const std::string& what, const std::string& path) {
   return absl::InternalError(msg);
 }
 
-absl::StatusOr<Shape> ReadShape(Reader& r, const std::string& path, const std::string& name) {
+// An entry's name, from a Reader or a FileSource.
+template <typename Source>
+absl::StatusOr<std::string> ReadName(Source& r, const std::string& path) {
+  uint32_t name_len = 0;
+  MX_RETURN_IF_ERROR(r.Get(&name_len, "a name length"));
+  if (name_len > kMaxNameLength) {
+    return absl::DataLossError(absl::StrCat(path, ": name length ", name_len,
+                                            " at offset ", r.pos() - 4,
+                                            " exceeds ", kMaxNameLength));
+  }
+  std::string name(name_len, '\0');
+  MX_RETURN_IF_ERROR(r.Bytes(name.data(), name_len, "a name"));
+  return name;
+}
+
+// An entry's shape (rank and dimensions), from a Reader or a FileSource.
+template <typename Source>
+absl::StatusOr<Shape> ReadShape(Source& r, const std::string& path, const std::string& name) {
   uint32_t ndim = 0;
   MX_RETURN_IF_ERROR(r.Get(&ndim, absl::StrCat("the rank of '", name, "'").c_str()));
   if (ndim > kMaxDims) {
@@ -140,15 +184,7 @@ absl::StatusOr<std::vector<T>> ReadValues(Reader& r, const std::string& path, ui
 absl::StatusOr<Entry> ReadEntry(Reader& r, const std::string& path, uint32_t version,
                                 Context ctx) {
   Entry e;
-  uint32_t name_len = 0;
-  MX_RETURN_IF_ERROR(r.Get(&name_len, "a name length"));
-  if (name_len > kMaxNameLength) {
-    return absl::DataLossError(absl::StrCat(path, ": name length ", name_len,
-                                            " at offset ", r.pos() - 4,
-                                            " exceeds ", kMaxNameLength));
-  }
-  e.name.resize(name_len);
-  MX_RETURN_IF_ERROR(r.Bytes(e.name.data(), name_len, "a name"));
+  MX_ASSIGN_OR_RETURN(e.name, ReadName(r, path));
   uint32_t stype = kDense;
   if (version == kVersionWithStorage) {
     MX_RETURN_IF_ERROR(r.Get(&stype, "a storage type"));
@@ -405,7 +441,7 @@ absl::StatusOr<std::unique_ptr<ArrayFileWriter>> ArrayFileWriter::Create(const s
   const std::string tmp = path + ".tmp";
   w->file_ = std::fopen(tmp.c_str(), "wb");
   if (w->file_ == nullptr) return ErrnoError("cannot create", tmp);
-  w->crc_ = static_cast<uint32_t>(crc32(0L, Z_NULL, 0));
+  w->crc_ = CrcStart();
   w->arrays_left_ = count;
   MX_RETURN_IF_ERROR(w->Write(kMagic, 4));
   MX_RETURN_IF_ERROR(w->Write(&kVersion, sizeof(kVersion)));
@@ -415,12 +451,7 @@ absl::StatusOr<std::unique_ptr<ArrayFileWriter>> ArrayFileWriter::Create(const s
 
 absl::Status ArrayFileWriter::Write(const void* p, size_t n) {
   if (n > 0 && std::fwrite(p, 1, n, file_) != n) return ErrnoError("cannot write", path_ + ".tmp");
-  const char* c = static_cast<const char*>(p);
-  for (size_t done = 0; done < n;) {
-    const uInt piece = static_cast<uInt>(std::min<size_t>(n - done, 1u << 30));
-    crc_ = static_cast<uint32_t>(crc32(crc_, reinterpret_cast<const Bytef*>(c + done), piece));
-    done += piece;
-  }
+  crc_ = CrcUpdate(crc_, p, n);
   return absl::OkStatus();
 }
 
@@ -497,38 +528,32 @@ absl::StatusOr<std::unique_ptr<ArrayFileReader>> ArrayFileReader::Open(const std
     return absl::DataLossError(absl::StrCat(path, ": file is truncated (", size, " bytes)"));
   }
   std::rewind(r->file_);
-  uLong crc = crc32(0L, Z_NULL, 0);
+  FileSource source(r->path_, r->file_);
+  uint32_t crc = CrcStart();
   std::vector<char> block(1 << 20);
   for (long left = size - 4; left > 0;) {
     const size_t n = std::min<long>(left, static_cast<long>(block.size()));
-    MX_RETURN_IF_ERROR(r->ReadBytes(block.data(), n, "the checksum pass"));
-    crc = crc32(crc, reinterpret_cast<const Bytef*>(block.data()), static_cast<uInt>(n));
+    MX_RETURN_IF_ERROR(source.Bytes(block.data(), n, "the checksum pass"));
+    crc = CrcUpdate(crc, block.data(), n);
     left -= static_cast<long>(n);
   }
   uint32_t stored = 0;
-  MX_RETURN_IF_ERROR(r->ReadBytes(&stored, sizeof(stored), "the checksum"));
-  if (stored != static_cast<uint32_t>(crc)) {
+  MX_RETURN_IF_ERROR(source.Get(&stored, "the checksum"));
+  if (stored != crc) {
     return absl::DataLossError(absl::StrCat(path, ": checksum mismatch (stored ", stored,
-                                            ", computed ", static_cast<uint32_t>(crc),
+                                            ", computed ", crc,
                                             "): the file is corrupt or truncated"));
   }
   std::fseek(r->file_, 4, SEEK_SET);
   uint32_t version = 0;
-  MX_RETURN_IF_ERROR(r->ReadBytes(&version, sizeof(version), "the version"));
+  MX_RETURN_IF_ERROR(source.Get(&version, "the version"));
   if (version != kVersion) {
     return absl::DataLossError(absl::StrCat(path, ": format version ", version,
                                             " cannot be streamed (dense arrays are version ",
                                             kVersion, ")"));
   }
-  MX_RETURN_IF_ERROR(r->ReadBytes(&r->arrays_left_, sizeof(r->arrays_left_), "the array count"));
+  MX_RETURN_IF_ERROR(source.Get(&r->arrays_left_, "the array count"));
   return r;
-}
-
-absl::Status ArrayFileReader::ReadBytes(void* p, size_t n, const std::string& what) {
-  if (n > 0 && std::fread(p, 1, n, file_) != n) {
-    return absl::DataLossError(absl::StrCat(path_, ": file is truncated reading ", what));
-  }
-  return absl::OkStatus();
 }
 
 absl::StatusOr<std::pair<std::string, Shape>> ArrayFileReader::NextArray() {
@@ -537,29 +562,9 @@ absl::StatusOr<std::pair<std::string, Shape>> ArrayFileReader::NextArray() {
         absl::StrCat(path_, ": the last array still has ", values_left_, " values to read"));
   }
   if (arrays_left_ == 0) return absl::OutOfRangeError(absl::StrCat(path_, ": no more arrays"));
-  uint32_t len = 0;
-  MX_RETURN_IF_ERROR(ReadBytes(&len, sizeof(len), "a name length"));
-  if (len > kMaxNameLength) {
-    return absl::DataLossError(absl::StrCat(path_, ": name length ", len, " exceeds ",
-                                            kMaxNameLength));
-  }
-  std::string name(len, '\0');
-  MX_RETURN_IF_ERROR(ReadBytes(name.data(), len, "a name"));
-  uint32_t ndim = 0;
-  MX_RETURN_IF_ERROR(ReadBytes(&ndim, sizeof(ndim), "the rank of '" + name + "'"));
-  if (ndim > kMaxDims) {
-    return absl::DataLossError(absl::StrCat(path_, ": array '", name, "' has rank ", ndim));
-  }
-  Shape shape;
-  for (uint32_t d = 0; d < ndim; ++d) {
-    int64_t dim = 0;
-    MX_RETURN_IF_ERROR(ReadBytes(&dim, sizeof(dim), "the shape of '" + name + "'"));
-    if (dim < 0 || (dim > 0 && shape.Size() > std::numeric_limits<int64_t>::max() / dim)) {
-      return absl::DataLossError(absl::StrCat(path_, ": array '", name,
-                                              "' has an impossible dimension ", dim));
-    }
-    shape.push_back(dim);
-  }
+  FileSource source(path_, file_);
+  MX_ASSIGN_OR_RETURN(std::string name, ReadName(source, path_));
+  MX_ASSIGN_OR_RETURN(Shape shape, ReadShape(source, path_, name));
   values_left_ = shape.Size();
   --arrays_left_;
   return std::make_pair(std::move(name), std::move(shape));
@@ -571,7 +576,7 @@ absl::Status ArrayFileReader::Read(float* data, size_t n) {
                                                    values_left_, " remain"));
   }
   values_left_ -= static_cast<int64_t>(n);
-  return ReadBytes(data, n * sizeof(float), "array data");
+  return FileSource(path_, file_).Bytes(data, n * sizeof(float), "array data");
 }
 
 }  // namespace mx

@@ -330,7 +330,6 @@ class ArrayFileReader {
 
  private:
   ArrayFileReader() = default;
-  absl::Status ReadBytes(void* p, size_t n, const std::string& what);
   std::string path_;
   std::FILE* file_ = nullptr;
   uint64_t arrays_left_ = 0;
