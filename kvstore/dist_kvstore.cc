@@ -334,20 +334,20 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // h->deadline; a server that did not answer is reported to the
   // coordinator, which checks it and declares it dead if it does not
   // answer either.
-  // CallHeld within the store's deadline, traced with (server key,
-  // version) pairs.
-  void Send(const std::shared_ptr<Held>& h, const std::vector<std::pair<int, int64_t>>& traced) {
-    h->trace_args = TraceKeys(traced);
-    h->deadline = absl::Now() + options.rpc_timeout;
-    CallHeld(h);
-  }
-
   void CallHeld(const std::shared_ptr<Held>& h) {
     absl::StatusOr<int> server = HolderOf(h->parts[0]);
     if (!server.ok()) return h->done(ToGrpc(server.status()), grpc::ByteBuffer(), h->parts[0].server);
     auto resends = std::make_shared<std::vector<Resend>>();
     if (h->resends) *resends = h->resends(*server);
     Attempt(h, *server, resends, 0);
+  }
+
+  // CallHeld within the store's deadline, traced with (server key,
+  // version) pairs.
+  void Send(const std::shared_ptr<Held>& h, const std::vector<std::pair<int, int64_t>>& traced) {
+    h->trace_args = TraceKeys(traced);
+    h->deadline = absl::Now() + options.rpc_timeout;
+    CallHeld(h);
   }
 
   // A control call (init, set_optimizer, the optimizer's states) of `what`
@@ -678,11 +678,7 @@ class DistKVStore : public KVStore {
     Entry& e = *entry;
     e.parts = Partition(key.id(), value.size());
     for (const KeyPart& p : e.parts) {
-      proto::InitRequest req;
-      req.set_key(p.server_key);
-      req.set_sync(conn_->options.sync);
-      req.set_num_workers(conn_->options.num_workers);
-      req.set_staleness(conn_->options.staleness);
+      proto::InitRequest req = JobInit(p.server_key);
       if (p.backup >= 0) {
         // As the copies are now: after a failover (and a spare) the
         // holder is the primary; a server holding a copy that died takes
@@ -944,11 +940,7 @@ class DistKVStore : public KVStore {
     entry->table = true;
     entry->parts = PlaceTable(key.id(), shape[0], static_cast<int>(conn_->stubs.size()));
     for (const KeyPart& p : entry->parts) {
-      proto::InitRequest req;
-      req.set_key(p.server_key);
-      req.set_sync(conn_->options.sync);
-      req.set_num_workers(conn_->options.num_workers);
-      req.set_staleness(conn_->options.staleness);
+      proto::InitRequest req = JobInit(p.server_key);
       proto::TableRange* t = req.mutable_table();
       for (int64_t d : shape) t->add_shape(d);
       t->set_first_row(p.begin);
@@ -1008,8 +1000,7 @@ class DistKVStore : public KVStore {
       req.set_key(p.server_key);
       req.set_rank(conn_->options.rank);
       req.set_assign(true);
-      req.mutable_rows()->mutable_ids()->Add(rows.indices().begin() + lo,
-                                             rows.indices().begin() + hi);
+      AddIdsIn(rows.indices(), p, req.mutable_rows());
       Shape shape = e->shape;
       shape[0] = hi - lo;
       ToProto(values.data() + lo * dim, shape, req.mutable_value());
@@ -1112,14 +1103,12 @@ class DistKVStore : public KVStore {
               h->parts = {p};
               h->method = kPullMethod;
               h->encode = [conn, p, pulled, min_version] {
-                const auto [lo, hi] = RowsIn(pulled.indices(), p);
                 proto::PullRequest header;
                 header.set_key(p.server_key);
                 header.set_min_version(min_version);
                 header.set_rank(conn->options.rank);
                 *header.mutable_credential() = conn->credential;
-                header.mutable_rows()->mutable_ids()->Add(pulled.indices().begin() + lo,
-                                                          pulled.indices().begin() + hi);
+                AddIdsIn(pulled.indices(), p, header.mutable_rows());
                 return EncodeMessage(header);
               };
               h->done = [conn, join, e, p, pulled](grpc::Status s, const grpc::ByteBuffer& resp,
@@ -1292,6 +1281,23 @@ class DistKVStore : public KVStore {
     std::map<int64_t, Unacked> unacked;  // guarded by mu
   };
 
+  // An init of server key `key` with this job's settings, which the server
+  // checks against its own.
+  proto::InitRequest JobInit(int key) const {
+    proto::InitRequest req;
+    req.set_key(key);
+    req.set_sync(conn_->options.sync);
+    req.set_num_workers(conn_->options.num_workers);
+    req.set_staleness(conn_->options.staleness);
+    return req;
+  }
+
+  // The ids of sorted `ids` that part p's rows hold, into `out`.
+  static void AddIdsIn(const std::vector<int64_t>& ids, const KeyPart& p, proto::RowIds* out) {
+    const auto [lo, hi] = RowsIn(ids, p);
+    out->mutable_ids()->Add(ids.begin() + lo, ids.begin() + hi);
+  }
+
   // A new entry for key (parts to be set), with its names and token.
   static std::shared_ptr<Entry> NewEntry(const Key& key, const Shape& shape) {
     auto e = std::make_shared<Entry>();
@@ -1326,13 +1332,8 @@ class DistKVStore : public KVStore {
     header.set_rank(conn.options.rank);
     header.set_seq(seq);
     header.set_min_version(min_version);
-    header.mutable_rows()->mutable_ids()->Add(merged.indices().begin() + lo,
-                                              merged.indices().begin() + hi);
-    if (pulled != nullptr) {
-      const auto [plo, phi] = RowsIn(pulled->indices(), p);
-      header.mutable_pull_rows()->mutable_ids()->Add(pulled->indices().begin() + plo,
-                                                     pulled->indices().begin() + phi);
-    }
+    AddIdsIn(merged.indices(), p, header.mutable_rows());
+    if (pulled != nullptr) AddIdsIn(pulled->indices(), p, header.mutable_pull_rows());
     proto::Tensor* t = header.mutable_value();
     t->add_shape(hi - lo);
     for (int d = 1; d < e.shape.ndim(); ++d) t->add_shape(e.shape[d]);
@@ -1514,6 +1515,32 @@ class DistKVStore : public KVStore {
     KeyPart part;
   };
 
+  // Decodes the answer (call status `status`) of a PushPullMany of `n`
+  // entries, entry i's data going to sink(i, &received[i]); an answer with
+  // more entries, or fewer received, is DATA_LOSS.
+  static absl::Status DecodeAnswers(const grpc::Status& status, const grpc::ByteBuffer& resp,
+                                    size_t n,
+                                    const std::function<TensorSink(size_t, bool*)>& sink) {
+    absl::Status s = FromGrpc(status);
+    if (!s.ok()) return s;
+    std::deque<proto::PullResponse> headers;
+    std::unique_ptr<bool[]> received(new bool[n]());
+    s = DecodeRepeated(
+        resp, kManyEntriesField, kPullValueField, [&](int) { return &headers.emplace_back(); },
+        [&](int i) -> TensorSink {
+          if (static_cast<size_t>(i) >= n) {
+            return [](size_t, size_t) -> absl::StatusOr<void*> {
+              return absl::DataLossError("the server sent more values than asked for");
+            };
+          }
+          return sink(i, &received[i]);
+        });
+    for (size_t i = 0; s.ok() && i < n; ++i) {
+      if (i >= headers.size() || !received[i]) s = absl::DataLossError("the server sent too few values");
+    }
+    return s;
+  }
+
   // One table of a PushPullRowSparse of several: its push and its pull.
   struct TableItem {
     std::shared_ptr<Entry> e;
@@ -1530,23 +1557,12 @@ class DistKVStore : public KVStore {
                                      int server) {
     std::vector<std::string> labels;
     for (const ItemPart& ip : parts) labels.push_back(items[ip.item].e->label);
-    absl::Status s = FromGrpc(status);
-    std::deque<proto::PullResponse> headers;
-    if (s.ok()) {
-      s = DecodeRepeated(
-          resp, kManyEntriesField, kPullValueField, [&](int) { return &headers.emplace_back(); },
-          [&](int i) -> TensorSink {
-            if (static_cast<size_t>(i) >= parts.size()) {
-              return [](size_t, size_t) -> absl::StatusOr<void*> {
-                return absl::DataLossError("the server sent more values than asked for");
-              };
-            }
-            return RowsSink(conn, On(parts[i].part, server), items[parts[i].item].pulled);
-          });
-    }
-    if (s.ok() && headers.size() != parts.size()) {
-      s = absl::DataLossError("the server sent too few values");
-    }
+    // An entry of no rows may come without data: only the count is checked.
+    const absl::Status s =
+        DecodeAnswers(status, resp, parts.size(), [&](size_t i, bool* received) {
+          *received = true;
+          return RowsSink(conn, On(parts[i].part, server), items[parts[i].item].pulled);
+        });
     return conn.Named(s, "row-sparse pushpull", absl::StrJoin(labels, ", "), server);
   }
 
@@ -1572,24 +1588,10 @@ class DistKVStore : public KVStore {
                                    const grpc::ByteBuffer& resp, int server) {
     std::vector<std::string> labels;
     for (const ItemPart& ip : parts) labels.push_back(items[ip.item].e->label);
-    absl::Status s = FromGrpc(status);
-    std::deque<proto::PullResponse> headers;
-    std::unique_ptr<bool[]> received(new bool[parts.size()]());
-    if (s.ok()) {
-      s = DecodeRepeated(
-          resp, kManyEntriesField, kPullValueField, [&](int) { return &headers.emplace_back(); },
-          [&](int i) -> TensorSink {
-            if (static_cast<size_t>(i) >= parts.size()) {
-              return [](size_t, size_t) -> absl::StatusOr<void*> {
-                return absl::DataLossError("the server sent more values than asked for");
-              };
-            }
-            return SliceSink(conn, On(parts[i].part, server), items[parts[i].item].dsts, &received[i]);
-          });
-    }
-    for (size_t i = 0; s.ok() && i < parts.size(); ++i) {
-      if (i >= headers.size() || !received[i]) s = absl::DataLossError("the server sent too few values");
-    }
+    const absl::Status s =
+        DecodeAnswers(status, resp, parts.size(), [&](size_t i, bool* received) {
+          return SliceSink(conn, On(parts[i].part, server), items[parts[i].item].dsts, received);
+        });
     MX_RETURN_IF_ERROR(conn.Named(s, "pushpull", absl::StrJoin(labels, ", "), server));
     for (const ItemPart& ip : parts) CopyToOtherOutputs(ip.part, items[ip.item].dsts);
     return absl::OkStatus();
