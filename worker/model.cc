@@ -44,14 +44,25 @@ bool IsInput(const std::string& name, const DataIter& data) {
   return false;
 }
 
+// The values of the symbol's `key` attributes ("__lr_mult__") by node name
+// (ListAttrs names them "node$key").
+std::map<std::string, std::string> AttrValues(const Symbol& symbol, const std::string& key) {
+  std::map<std::string, std::string> values;
+  for (const auto& [name, value] : symbol.ListAttrs()) {
+    const size_t dollar = name.find('$');
+    if (dollar != std::string::npos && name.substr(dollar + 1) == key) {
+      values[name.substr(0, dollar)] = value;
+    }
+  }
+  return values;
+}
+
 // The variables marked row-sparse (__storage_type__ row_sparse, or "1" as
 // MXNet's JSON writes it).
 std::set<std::string> RowSparseVariables(const Symbol& symbol) {
   std::set<std::string> names;
-  for (const auto& [name, value] : symbol.ListAttrs()) {
-    const size_t dollar = name.find('$');
-    if (dollar == std::string::npos || name.substr(dollar + 1) != "__storage_type__") continue;
-    if (value == "row_sparse" || value == "1") names.insert(name.substr(0, dollar));
+  for (const auto& [name, value] : AttrValues(symbol, "__storage_type__")) {
+    if (value == "row_sparse" || value == "1") names.insert(name);
   }
   return names;
 }
@@ -61,16 +72,13 @@ std::set<std::string> RowSparseVariables(const Symbol& symbol) {
 absl::StatusOr<std::map<std::string, float>> MultFromAttrs(const Symbol& symbol,
                                                            const std::string& key) {
   std::map<std::string, float> mult;
-  for (const auto& [name, value] : symbol.ListAttrs()) {
-    size_t dollar = name.find('$');
-    if (dollar == std::string::npos || name.substr(dollar + 1) != key) continue;
+  for (const auto& [name, value] : AttrValues(symbol, key)) {
     float v;
     if (!absl::SimpleAtof(value, &v) || !std::isfinite(v)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "symbol attribute ", key, " of '", name.substr(0, dollar), "' is '", value,
-          "', not a number"));
+          "symbol attribute ", key, " of '", name, "' is '", value, "', not a number"));
     }
-    mult[name.substr(0, dollar)] = v;
+    mult[name] = v;
   }
   return mult;
 }
