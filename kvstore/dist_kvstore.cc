@@ -661,13 +661,8 @@ class DistKVStore : public KVStore {
     MX_RETURN_IF_ERROR(CheckKeyId(key));
     auto it = keys_.find(key.id());
     if (it != keys_.end()) {
-      if (it->second->table) return internal::WrongKeyKind(key, "init", true);
-      if (it->second->shape != value.shape()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "init of key ", key.label(), ": already initialized with shape ",
-            it->second->shape.ToString(), ", now ", value.shape().ToString()));
-      }
-      return absl::OkStatus();
+      return internal::CheckReinit(key, it->second->table, it->second->shape, false,
+                                   value.shape());
     }
     std::shared_ptr<Entry> entry;
     std::vector<float> data;
@@ -930,11 +925,7 @@ class DistKVStore : public KVStore {
           "cover them yet"));
     }
     if (auto it = keys_.find(key.id()); it != keys_.end()) {
-      if (!it->second->table) return internal::WrongKeyKind(key, "init", false);
-      if (it->second->shape == shape) return absl::OkStatus();
-      return absl::InvalidArgumentError(absl::StrCat(
-          "init of key ", key.label(), ": already initialized with shape ",
-          it->second->shape.ToString(), ", now ", shape.ToString()));
+      return internal::CheckReinit(key, it->second->table, it->second->shape, true, shape);
     }
     auto entry = NewEntry(key, shape);
     entry->table = true;

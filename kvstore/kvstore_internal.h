@@ -30,6 +30,12 @@ NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArra
 absl::Status CheckArrays(const Key& key, const char* what, const char* role,
                          const std::vector<NDArray>& arrays, const Shape& shape);
 
+// A second init of `key` (as a table or dense, with `shape`) where the
+// store holds it already (a table or dense, `held`): OK when both agree (the
+// first init wins, as in MXNet), else the error naming the difference.
+absl::Status CheckReinit(const Key& key, bool held_is_table, const Shape& held, bool as_table,
+                         const Shape& shape);
+
 // Checks that a PushPull of several keys has one list of values and one of
 // outputs per key, and no key twice.
 absl::Status CheckBucket(const std::vector<Key>& keys,

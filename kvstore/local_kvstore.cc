@@ -45,13 +45,7 @@ class LocalKVStore : public KVStore {
     if (value.is_none()) return absl::InvalidArgumentError(absl::StrCat("init of key ", key.label(), ": null array"));
     auto it = store_.find(key.id());
     if (it != store_.end()) {
-      if (it->second.table) return WrongKeyKind(key, "init", true);
-      if (it->second.stored.shape() != value.shape()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "init of key ", key.label(), ": already initialized with shape ",
-            it->second.stored.shape().ToString(), ", now ", value.shape().ToString()));
-      }
-      return absl::OkStatus();  // MXNet keeps the first value
+      return CheckReinit(key, it->second.table, it->second.stored.shape(), false, value.shape());
     }
     return CatchError([&] {
       Entry& e = store_[key.id()];
@@ -100,11 +94,7 @@ class LocalKVStore : public KVStore {
     }
     MX_RETURN_IF_ERROR(CheckTable(key, shape, init));
     if (auto it = store_.find(key.id()); it != store_.end()) {
-      if (!it->second.table) return WrongKeyKind(key, "init", false);
-      if (it->second.stored.shape() == shape) return absl::OkStatus();
-      return absl::InvalidArgumentError(absl::StrCat(
-          "init of key ", key.label(), ": already initialized with shape ",
-          it->second.stored.shape().ToString(), ", now ", shape.ToString()));
+      return CheckReinit(key, it->second.table, it->second.stored.shape(), true, shape);
     }
     return CatchError([&] {
       NDArray table = Zeros(shape);
@@ -278,6 +268,26 @@ absl::Status CheckArrays(const Key& key, const char* what, const char* role,
   return absl::OkStatus();
 }
 
+absl::Status CheckReinit(const Key& key, bool held_is_table, const Shape& held, bool as_table,
+                         const Shape& shape) {
+  if (held_is_table != as_table) return WrongKeyKind(key, "init", held_is_table);
+  if (held == shape) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("init of key ", key.label(),
+                                                 ": already initialized with shape ",
+                                                 held.ToString(), ", now ", shape.ToString()));
+}
+
+// No key twice in `keys`, a call (`what`) of several keys.
+absl::Status NoKeyTwice(const std::vector<Key>& keys, const char* what) {
+  std::set<int> seen;
+  for (const Key& k : keys) {
+    if (!seen.insert(k.id()).second) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": key ", k.label(), " given twice"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckBucket(const std::vector<Key>& keys,
                          const std::vector<std::vector<NDArray>>& values,
                          const std::vector<std::vector<NDArray>>& outs) {
@@ -286,13 +296,7 @@ absl::Status CheckBucket(const std::vector<Key>& keys,
                                                    values.size(), " lists of values and ",
                                                    outs.size(), " of outputs"));
   }
-  std::set<int> seen;
-  for (const Key& k : keys) {
-    if (!seen.insert(k.id()).second) {
-      return absl::InvalidArgumentError(absl::StrCat("pushpull: key ", k.label(), " given twice"));
-    }
-  }
-  return absl::OkStatus();
+  return NoKeyTwice(keys, "pushpull");
 }
 
 absl::Status CheckTable(const Key& key, const Shape& shape, const TableInit& init) {
@@ -346,14 +350,7 @@ absl::Status CheckTableBucket(const std::vector<Key>& keys,
                                                    " lists of values and ", row_ids.size(),
                                                    " of row ids"));
   }
-  std::set<int> seen;
-  for (const Key& k : keys) {
-    if (!seen.insert(k.id()).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("row-sparse pushpull: key ", k.label(), " given twice"));
-    }
-  }
-  return absl::OkStatus();
+  return NoKeyTwice(keys, "row-sparse pushpull");
 }
 
 RowSparseNDArray SumRowSparse(const std::vector<RowSparseNDArray>& values) {
