@@ -664,7 +664,9 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::SimpleBind(
   }
   std::map<std::string, NDArray> args, grads, aux;
   std::map<std::string, GradReq> reqs;
+  // Bind checks each name (an argument, read by Embedding) and capacity.
   std::set<std::string> sparse;
+  for (const auto& [name, capacity] : row_sparse) sparse.insert(name);
   try {
     for (size_t i = 0; i < arg_names.size(); ++i) {
       const std::string& name = arg_names[i];
@@ -672,16 +674,12 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::SimpleBind(
       Shape shape = shapes->arguments[i];
       if (auto rs = row_sparse.find(name); rs != row_sparse.end() && shape.ndim() >= 1) {
         shape[0] = rs->second;
-        sparse.insert(name);
       }
       args[name] = Zeros(shape, var_ctx.at(name));
       auto it = grad_reqs.find(name);
       GradReq req = it == grad_reqs.end() ? default_req : it->second;
       reqs[name] = req;
       if (req != GradReq::kNull) grads[name] = Zeros(shape, var_ctx.at(name));
-    }
-    for (const auto& [name, capacity] : row_sparse) {
-      if (!sparse.count(name)) sparse.insert(name);  // Bind names what is wrong
     }
     for (size_t i = 0; i < aux_names.size(); ++i) {
       aux[aux_names[i]] = Zeros(shapes->aux_states[i], var_ctx.at(aux_names[i]));
@@ -846,37 +844,38 @@ std::shared_ptr<const std::vector<int64_t>> Executor::RowsFor(
   return sparse_rows_.at(sparse_arg).ids;
 }
 
-void Executor::SetRowSparseArg(const std::string& name, const RowSparseNDArray& rows) {
+const Executor::SparseRows& Executor::SparseRowsOf(const std::string& name,
+                                                  const char* what) const {
   auto it = sparse_rows_.find(name);
-  MX_THROW_IF_NOT(it != sparse_rows_.end(), "SetRowSparseArg: '", name,
+  MX_THROW_IF_NOT(it != sparse_rows_.end(), what, ": '", name,
                   "' is not a row-sparse argument of this executor");
-  MX_THROW_IF_NOT(!rows.is_none() && rows.shape() == it->second.table, "SetRowSparseArg '",
+  return it->second;
+}
+
+void Executor::SetRowSparseArg(const std::string& name, const RowSparseNDArray& rows) {
+  const Shape& table = SparseRowsOf(name, "SetRowSparseArg").table;
+  MX_THROW_IF_NOT(!rows.is_none() && rows.shape() == table, "SetRowSparseArg '",
                   name, "': the rows are of a table ",
                   rows.is_none() ? std::string("(null)") : rows.shape().ToString(),
-                  " but the argument's table is ", it->second.table.ToString());
+                  " but the argument's table is ", table.ToString());
   NDArray block = args_.at(name);
   MX_THROW_IF_NOT(rows.nnz() <= block.shape()[0], "SetRowSparseArg '", name, "': ",
                   rows.nnz(), " rows exceed the capacity of ", block.shape()[0],
                   " bound for it");
   if (rows.nnz() > 0) block.Slice(0, rows.nnz()).Assign(rows.data());
-  it->second.ids = std::make_shared<const std::vector<int64_t>>(rows.indices());
+  sparse_rows_.at(name).ids = std::make_shared<const std::vector<int64_t>>(rows.indices());
 }
 
 RowSparseNDArray Executor::row_sparse_grad(const std::string& name) const {
-  auto it = sparse_rows_.find(name);
-  MX_THROW_IF_NOT(it != sparse_rows_.end() && grads_.count(name), "row_sparse_grad: '", name,
-                  "' is not a row-sparse argument with a gradient");
+  const SparseRows& rows = SparseRowsOf(name, "row_sparse_grad");
+  MX_THROW_IF_NOT(grads_.count(name), "row_sparse_grad: '", name, "' has no gradient");
   RequireRowSparseRows("row_sparse_grad");
-  const int64_t nnz = static_cast<int64_t>(it->second.ids->size());
-  return RowSparseNDArray(it->second.table, *it->second.ids,
-                          grads_.at(name).Slice(0, nnz));
+  const int64_t nnz = static_cast<int64_t>(rows.ids->size());
+  return RowSparseNDArray(rows.table, *rows.ids, grads_.at(name).Slice(0, nnz));
 }
 
 const Shape& Executor::RowSparseTable(const std::string& name) const {
-  auto it = sparse_rows_.find(name);
-  MX_THROW_IF_NOT(it != sparse_rows_.end(), "'", name,
-                  "' is not a row-sparse argument of this executor");
-  return it->second.table;
+  return SparseRowsOf(name, "RowSparseTable").table;
 }
 
 absl::StatusOr<std::string> Executor::RowSparseIndexInput(const std::string& name) const {

@@ -183,6 +183,9 @@ class Executor {
     std::shared_ptr<const std::vector<int64_t>> ids;  // null until set
   };
   std::map<std::string, SparseRows> sparse_rows_;
+  // The SparseRows of `name`; throws mx::Error naming `what` for a name
+  // that is not a row-sparse argument.
+  const SparseRows& SparseRowsOf(const std::string& name, const char* what) const;
   std::vector<NDArray> outputs_;
   std::shared_ptr<Plan> plan_;
   MemoryStats memory_;

@@ -44,9 +44,6 @@ absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
   return MergeShape(out, 0, o, "output");
 }
 
-// For a row-sparse weight: each index's position among ctx.rows (as a
-// float, Embedding's index type; positions are below the weight block's
-// rows). Throws mx::Error naming the first index whose row is not there.
 // The positions of unique ids, found in constant time: open addressing
 // (linear probing) in a power-of-two table at most half full. A binary
 // search per index cost 15% of a click-through worker's time.
@@ -82,6 +79,9 @@ class IdPositions {
   std::vector<Slot> slots_;
 };
 
+// For a row-sparse weight: each index's position among ctx.rows (as a
+// float, Embedding's index type; positions are below the weight block's
+// rows). Throws mx::Error naming the first index whose row is not there.
 std::vector<float> Positions(const OpContext& ctx, const TBlob& data, int64_t input_dim) {
   const IdPositions positions(*ctx.rows);
   std::vector<float> pos(data.Size());
