@@ -47,26 +47,35 @@ Ids PositionsIn(const Ids& stored, const Ids& ids) {
   return pos;
 }
 
-// Pushes dst[pos[r], :] += scale * src[r, :] (dst dense rows, src compact).
-void PushScatterAdd(const char* name, const NDArray& src, SharedIds pos, NDArray* dst,
-                    int64_t dim, float scale = 1.f) {
-  const int64_t n = src.size();
+// Pushes row kernel K of ndarray/sparse_kernels.h (its Params: dst, src,
+// pos, dim) over the n elements of its compact operand: one engine
+// operation that reads src and writes *dst.
+template <typename K>
+void PushRows(const char* name, const NDArray& src, SharedIds pos, NDArray* dst, int64_t dim,
+              int64_t n) {
   const Context ctx = dst->context();
-  internal::PushKernel(name, ctx, {&src}, {dst}, [src, dst = *dst, pos, dim, scale, name, ctx, n] {
-    kernel::Launch<kernel::ScatterAddRowsKernel>(name, ctx, n,
-                                                 {dst.data(), src.data(), pos->data(), dim, scale});
+  internal::PushKernel(name, ctx, {&src}, {dst}, [src, dst = *dst, pos, dim, name, ctx, n] {
+    kernel::Launch<K>(name, ctx, n, {dst.data(), src.data(), pos->data(), dim});
   });
 }
 
-// Pushes out[r, :] = src[pos[r], :] (or 0 where pos[r] < 0).
+// dst[pos[r], :] += src[r, :] (dst dense rows, src compact).
+void PushScatterAdd(const char* name, const NDArray& src, SharedIds pos, NDArray* dst,
+                    int64_t dim) {
+  PushRows<kernel::ScatterAddRowsKernel>(name, src, std::move(pos), dst, dim, src.size());
+}
+
+// out[r, :] = src[pos[r], :] (or 0 where pos[r] < 0).
 void PushGather(const char* name, const NDArray& src, SharedIds pos, NDArray* out,
                 int64_t dim) {
-  const int64_t n = out->size();
-  const Context ctx = out->context();
-  internal::PushKernel(name, ctx, {&src}, {out}, [src, out = *out, pos, dim, name, ctx, n] {
-    kernel::Launch<kernel::GatherRowsKernel>(name, ctx, n,
-                                             {out.data(), src.data(), pos->data(), dim});
-  });
+  PushRows<kernel::GatherRowsKernel>(name, src, std::move(pos), out, dim, out->size());
+}
+
+// The checks of dense `op` b: b non-null, on dense's context, of its shape.
+void RequireDenseRows(const char* op, const NDArray& dense, const RowSparseNDArray& b) {
+  MX_THROW_IF_NOT(!b.is_none(), op, ": a null RowSparseNDArray");
+  internal::RequireSameContext(op, {&dense, &b.data()});
+  RequireSameDenseShape(op, dense.shape(), b.shape());
 }
 
 SharedIds Share(Ids ids) { return std::make_shared<const Ids>(std::move(ids)); }
@@ -270,25 +279,15 @@ NDArray operator+(const NDArray& dense, const RowSparseNDArray& b) {
 }
 
 NDArray& operator+=(NDArray& dense, const RowSparseNDArray& b) {
-  MX_THROW_IF_NOT(!b.is_none(), "operator+=: a null RowSparseNDArray");
-  internal::RequireSameContext("operator+=", {&dense, &b.data()});
-  RequireSameDenseShape("operator+=", dense.shape(), b.shape());
+  RequireDenseRows("operator+=", dense, b);
   PushScatterAdd("operator+=", b.data(), Share(b.indices()), &dense, b.row_size());
   return dense;
 }
 
 void AssignRows(const RowSparseNDArray& b, NDArray* dense) {
-  MX_THROW_IF_NOT(!b.is_none(), "AssignRows: a null RowSparseNDArray");
-  internal::RequireSameContext("AssignRows", {dense, &b.data()});
-  RequireSameDenseShape("AssignRows", dense->shape(), b.shape());
-  const NDArray src = b.data();
-  SharedIds pos = Share(b.indices());
-  const int64_t n = src.size(), dim = b.row_size();
-  const Context ctx = dense->context();
-  internal::PushKernel("AssignRows", ctx, {&src}, {dense}, [src, dst = *dense, pos, dim, ctx, n] {
-    kernel::Launch<kernel::ScatterRowsKernel>("AssignRows", ctx, n,
-                                              {dst.data(), src.data(), pos->data(), dim});
-  });
+  RequireDenseRows("AssignRows", *dense, b);
+  PushRows<kernel::ScatterRowsKernel>("AssignRows", b.data(), Share(b.indices()), dense,
+                                      b.row_size(), b.data().size());
 }
 
 }  // namespace mx

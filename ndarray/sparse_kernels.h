@@ -10,20 +10,19 @@
 
 namespace mx::kernel {
 
-// dst[pos[r], c] += scale * src[r, c] for r < n / dim: a row-sparse array
-// (or a sum's next term) added into dense rows.
+// dst[pos[r], c] += src[r, c] for r < n / dim: a row-sparse array (or a
+// sum's next term) added into dense rows.
 struct ScatterAddRowsKernel {
   struct Params {
     float* dst;
     const float* src;
     const int64_t* pos;
     int64_t dim;
-    float scale;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / p.dim, c = i - r * p.dim;
-      p.dst[p.pos[r] * p.dim + c] += p.scale * p.src[i];
+      p.dst[p.pos[r] * p.dim + c] += p.src[i];
     }
   }
 };
