@@ -900,17 +900,20 @@ class Service final : public ServiceBase {
         req.seq(), RowsOf(req));
   }
 
+  static std::vector<int64_t> IdsOf(const proto::RowIds& rows) {
+    return std::vector<int64_t>(rows.ids().begin(), rows.ids().end());
+  }
   // The row ids of a table's push or pull; none for a dense key's.
   template <typename Request>
   static ParameterShard::RowIds RowsOf(const Request& req) {
     if (!req.has_rows()) return std::nullopt;
-    return std::vector<int64_t>(req.rows().ids().begin(), req.rows().ids().end());
+    return IdsOf(req.rows());
   }
   // The rows a PushPull of a table answers with: pull_rows, else the
   // pushed rows.
   static ParameterShard::RowIds PullRowsOf(const proto::PushRequest& req) {
     if (!req.has_pull_rows()) return RowsOf(req);
-    return std::vector<int64_t>(req.pull_rows().ids().begin(), req.pull_rows().ids().end());
+    return IdsOf(req.pull_rows());
   }
 
   ParameterShard* shard_;
