@@ -380,6 +380,29 @@ TEST(ArrayFileStreams, WriterFilesLoadAndSavedFilesStream) {
   std::remove(path.c_str());
 }
 
+// A streamed file that cannot be written whole (the disk is full) is an
+// error naming the file and the reason, leaves no partial file, and keeps
+// the file that was there.
+TEST(ArrayFileStreams, AFailedWriteKeepsTheFileThatWasThere) {
+  const std::string path = ::testing::TempDir() + "/stream_full.nd";
+  ASSERT_TRUE(Save(path, {{"a", Ones({4})}}).ok());
+  absl::Status s;
+  WithFileSizeLimit(4096, [&] {
+    auto w = ArrayFileWriter::Create(path, 1);
+    ASSERT_TRUE(w.ok()) << w.status();
+    s = (*w)->BeginArray("big", {100000});
+    const std::vector<float> chunk(10000, 1.f);
+    for (int i = 0; s.ok() && i < 10; ++i) s = (*w)->Append(chunk.data(), chunk.size());
+    if (s.ok()) s = (*w)->Finish();
+  });
+  EXPECT_THAT(std::string(s.message()), HasSubstr(path + ".tmp: File too large"));
+  EXPECT_EQ(std::fopen((path + ".tmp").c_str(), "rb"), nullptr);
+  auto back = Load(path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ((*back)[0].first, "a");
+  std::remove(path.c_str());
+}
+
 TEST(ArrayFileStreams, TheReaderChecksTheWholeFileFirst) {
   const std::string path = ::testing::TempDir() + "/stream_bad.nd";
   ASSERT_TRUE(Save(path, {{"x", Ones({1000})}}).ok());
