@@ -674,42 +674,53 @@ class DistKVStore : public KVStore {
     e.parts = Partition(key.id(), value.size());
     for (const KeyPart& p : e.parts) {
       proto::InitRequest req = JobInit(p.server_key);
-      if (p.backup >= 0) {
-        // As the copies are now: after a failover (and a spare) the
-        // holder is the primary; a server holding a copy that died takes
-        // the key alone (and a spare that takes that rank gets a copy).
-        absl::StatusOr<int> holder = conn_->HolderOf(p);
-        const int primary = holder.ok() ? *holder : p.server;
-        req.set_primary(primary);
-        req.set_backup(primary == p.server ? p.backup : p.server);
-      }
       ToProto(data.data() + p.begin, Shape{p.end - p.begin}, req.mutable_value());
-      // Every copy; with replicas 2 a copy on a server that died is
-      // left out (the other holds the key alone).
-      absl::Status first_error;
-      int copies = 0;
-      for (int server : {p.server, p.backup}) {
-        if (server < 0 || conn_->Dead(server)) continue;
-        proto::InitResponse resp;
-        absl::Status s = conn_->Control(server, "init", e.label, [&](auto* ctx, auto* stub) {
-          return stub->Init(ctx, req, &resp);
-        });
-        if (s.ok()) {
-          ++copies;
-        } else if (!conn_->DiedAfter(server, s)) {
-          return s;
-        } else if (first_error.ok()) {
-          first_error = s;
-        }
-      }
-      if (copies == 0) {
-        return first_error.ok() ? absl::UnavailableError(absl::StrCat(
-                                      "init of key ", e.label, ": both servers of its copies died"))
-                                : first_error;
-      }
+      MX_RETURN_IF_ERROR(InitCopies(p, std::move(req), e.label));
     }
     keys_.emplace(key.id(), std::move(entry));
     return absl::OkStatus();
+  }
+
+  // Inits part p (req holds its value or range) on each of its copies: one
+  // server, or with replicas 2 the copies as they are now: after a failover
+  // (and a spare) the holder is the primary; a server holding a copy that
+  // died takes the key alone (and a spare that takes that rank gets a copy).
+  absl::Status InitCopies(const KeyPart& p, proto::InitRequest req, const std::string& label) {
+    if (p.backup >= 0) {
+      absl::StatusOr<int> holder = conn_->HolderOf(p);
+      const int primary = holder.ok() ? *holder : p.server;
+      req.set_primary(primary);
+      req.set_backup(primary == p.server ? p.backup : p.server);
+    }
+    proto::InitResponse resp;
+    return ToEveryCopy(p, "init", label, [&](auto* ctx, auto* stub) {
+      return stub->Init(ctx, req, &resp);
+    });
+  }
+
+  // A control call of `what` for key `label` to every live copy of part
+  // p; with replicas 2 a copy whose server died is left out (the other
+  // holds the key alone). Fails if no copy took it.
+  absl::Status ToEveryCopy(
+      const KeyPart& p, const char* what, const std::string& label,
+      const std::function<grpc::Status(grpc::ClientContext*, proto::KVStoreService::Stub*)>& call) {
+    absl::Status first_error;
+    int copies = 0;
+    for (int server : {p.server, p.backup}) {
+      if (server < 0 || conn_->Dead(server)) continue;
+      absl::Status s = conn_->Control(server, what, label, call);
+      if (s.ok()) {
+        ++copies;
+      } else if (!conn_->DiedAfter(server, s)) {
+        return s;
+      } else if (first_error.ok()) {
+        first_error = s;
+      }
+    }
+    if (copies > 0) return absl::OkStatus();
+    return first_error.ok() ? absl::UnavailableError(absl::StrCat(
+                                  what, " of key ", label, ": both servers of its copies died"))
+                            : first_error;
   }
 
   absl::Status Push(Key key, const std::vector<NDArray>& values, int priority) override {
@@ -919,17 +930,18 @@ class DistKVStore : public KVStore {
   absl::Status InitRowSparse(Key key, const Shape& shape, const TableInit& init) override {
     MX_RETURN_IF_ERROR(CheckKeyId(key));
     MX_RETURN_IF_ERROR(internal::CheckTable(key, shape, init));
-    if (conn_->options.replicas > 1) {
-      return absl::UnimplementedError(absl::StrCat(
-          "init of key ", key.label(), ": row-sparse keys have one copy; --replicas=2 does not "
-          "cover them yet"));
-    }
     if (auto it = keys_.find(key.id()); it != keys_.end()) {
       return internal::CheckReinit(key, it->second->table, it->second->shape, true, shape);
     }
+    const int servers = static_cast<int>(conn_->stubs.size());
+    if (conn_->options.replicas > 1 && !CanSliceKey(key.id(), servers)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "init of key ", key.label(), ": with replicas 2 a table spreads over at most ",
+          kMaxSliceKeySlices, " servers, this job has ", servers));
+    }
     auto entry = NewEntry(key, shape);
     entry->table = true;
-    entry->parts = PlaceTable(key.id(), shape[0], static_cast<int>(conn_->stubs.size()));
+    entry->parts = PlaceTable(key.id(), shape[0], servers, conn_->options.replicas);
     for (const KeyPart& p : entry->parts) {
       proto::InitRequest req = JobInit(p.server_key);
       proto::TableRange* t = req.mutable_table();
@@ -938,10 +950,7 @@ class DistKVStore : public KVStore {
       t->set_rows(p.end - p.begin);
       t->set_init_scale(init.scale);
       t->set_init_seed(init.seed);
-      proto::InitResponse resp;
-      MX_RETURN_IF_ERROR(conn_->Control(p.server, "init", entry->label, [&](auto* ctx, auto* stub) {
-        return stub->Init(ctx, req, &resp);
-      }));
+      MX_RETURN_IF_ERROR(InitCopies(p, std::move(req), entry->label));
     }
     keys_.emplace(key.id(), std::move(entry));
     return absl::OkStatus();
@@ -958,14 +967,17 @@ class DistKVStore : public KVStore {
       Engine::Get()->PushAsync(
           [conn = conn_, e, merged, seq](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
+            const PushedRows rows = RowsToPush(*conn, *e, seq, merged);
             for (const KeyPart& p : e->parts) {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPushMethod;
-              h->encode = [conn, e, p, merged, seq] {
-                return ToByteBuffer(EncodeTablePush(*conn, *e, p, merged, seq, nullptr, 0));
+              h->encode = [conn, e, p, rows, seq] {
+                return ToByteBuffer(EncodeTablePush(*conn, *e, p, rows, seq, nullptr, 0));
               };
-              h->done = [conn, join, e](grpc::Status s, const grpc::ByteBuffer&, int server) {
+              h->resends = [conn, e, p, seq](int server) { return Resends(conn, e, p, seq - 1, server); };
+              h->done = [conn, join, e, p, seq](grpc::Status s, const grpc::ByteBuffer&, int server) {
+                if (s.ok()) Recorded(*e, seq, p.index, server);
                 join->Finish(conn->Named(FromGrpc(s), "row-sparse push", e->label, server));
               };
               conn->Send(h, {{p.server_key, -1}});
@@ -996,7 +1008,7 @@ class DistKVStore : public KVStore {
       shape[0] = hi - lo;
       ToProto(values.data() + lo * dim, shape, req.mutable_value());
       proto::PushResponse resp;
-      MX_RETURN_IF_ERROR(conn_->Control(p.server, "assign_rows", e->label, [&](auto* ctx, auto* stub) {
+      MX_RETURN_IF_ERROR(ToEveryCopy(p, "assign_rows", e->label, [&](auto* ctx, auto* stub) {
         return stub->Push(ctx, req, &resp);
       }));
     }
@@ -1036,7 +1048,11 @@ class DistKVStore : public KVStore {
       }
       Engine::Get()->PushAsync(
           [conn = conn_, items, by_server](RunContext, CallbackOnComplete done) {
-            auto* join = new Join(static_cast<int>(by_server.size()), done);
+            auto* join = new Join(static_cast<int>(by_server.size()), done, [items] {
+              for (const TableItem& item : items) Acked(*item.e, item.min_version);
+            });
+            auto rows = std::make_shared<std::vector<PushedRows>>();
+            for (const TableItem& t : items) rows->push_back(RowsToPush(*conn, *t.e, t.seq, t.merged));
             for (const auto& [server, parts] : by_server) {
               auto h = std::make_shared<Held>();
               std::vector<std::pair<int, int64_t>> traced;
@@ -1045,17 +1061,27 @@ class DistKVStore : public KVStore {
                 traced.push_back({ip.part.server_key, items[ip.item].min_version});
               }
               h->method = kPushPullManyMethod;
-              h->encode = [conn, items, parts = parts] {
+              h->encode = [conn, items, rows, parts = parts] {
                 std::vector<EncodedMessage> messages;
                 for (const ItemPart& ip : parts) {
                   const TableItem& t = items[ip.item];
-                  messages.push_back(EncodeTablePush(*conn, *t.e, ip.part, t.merged, t.seq,
+                  messages.push_back(EncodeTablePush(*conn, *t.e, ip.part, (*rows)[ip.item], t.seq,
                                                      &t.pulled, t.min_version,
                                                      /*with_credential=*/false));
                 }
                 proto::PushPullManyRequest rest;
                 *rest.mutable_credential() = conn->credential;
                 return EncodeRepeated(kManyEntriesField, messages, &rest);
+              };
+              h->resends = [conn, items, parts = parts](int server) {
+                std::vector<Resend> all;
+                for (const ItemPart& ip : parts) {
+                  const TableItem& t = items[ip.item];
+                  for (Resend& r : Resends(conn, t.e, ip.part, t.seq - 1, server)) {
+                    all.push_back(std::move(r));
+                  }
+                }
+                return all;
               };
               h->done = [conn, join, items, parts = parts](grpc::Status s,
                                                            const grpc::ByteBuffer& resp,
@@ -1082,13 +1108,19 @@ class DistKVStore : public KVStore {
       const int64_t min_version = PullVersion(e->pushes);
       Engine::Get()->PushAsync(
           [conn = conn_, e, pulled, min_version](RunContext, CallbackOnComplete done) {
-            std::vector<KeyPart> asked;  // the servers holding wanted rows
+            // The servers holding wanted rows; with replicas 2 (dist_sync)
+            // every server, so that the pull acknowledges this worker's
+            // pushes up to min_version on all (a pull of no rows waits for
+            // the version).
+            const bool all = conn->options.replicas > 1 && conn->options.sync;
+            std::vector<KeyPart> asked;
             for (const KeyPart& p : e->parts) {
               const auto [lo, hi] = RowsIn(pulled.indices(), p);
-              if (hi > lo) asked.push_back(p);
+              if (hi > lo || all) asked.push_back(p);
             }
             if (asked.empty()) return done(nullptr);
-            auto* join = new Join(static_cast<int>(asked.size()), done);
+            auto* join = new Join(static_cast<int>(asked.size()), done,
+                                  [e, min_version] { Acked(*e, min_version); });
             for (const KeyPart& p : asked) {
               auto h = std::make_shared<Held>();
               h->parts = {p};
@@ -1101,6 +1133,9 @@ class DistKVStore : public KVStore {
                 *header.mutable_credential() = conn->credential;
                 AddIdsIn(pulled.indices(), p, header.mutable_rows());
                 return EncodeMessage(header);
+              };
+              h->resends = [conn, e, p, min_version](int server) {
+                return Resends(conn, e, p, min_version, server);
               };
               h->done = [conn, join, e, p, pulled](grpc::Status s, const grpc::ByteBuffer& resp,
                                                     int server) {
@@ -1248,6 +1283,11 @@ class DistKVStore : public KVStore {
   }
 
  private:
+  // A copy of a table push's rows, kept for resends.
+  struct KeptRows {
+    std::vector<int64_t> ids;
+    std::vector<float> data;
+  };
   struct Entry {
     Shape shape;
     // Parts: element ranges of a dense key; row ranges of a table.
@@ -1265,7 +1305,8 @@ class DistKVStore : public KVStore {
     // returned, and for each part the server that recorded it (-1: none
     // yet): if that server dies, they are sent again to the backup.
     struct Unacked {
-      std::shared_ptr<const std::vector<float>> data;
+      std::shared_ptr<const std::vector<float>> data;  // a dense key's push
+      std::shared_ptr<const KeptRows> rows;            // a table's push
       std::vector<int> recorded_on;
     };
     std::mutex mu;
@@ -1309,30 +1350,60 @@ class DistKVStore : public KVStore {
     return RowSparseNDArray(e.shape, std::move(ids), NDArray(rows));
   }
 
+  // A table push's rows: their ids (ascending) and values, row after row,
+  // alive while `owner` is.
+  struct PushedRows {
+    const std::vector<int64_t>* ids;
+    const float* data;
+    std::shared_ptr<const void> owner;
+  };
   // Push number `seq` of table e's rows in part p (none, if the push
   // touched none there: the server still counts the vote), without copying
   // them; with `pulled`, a PushPull that answers with pulled's rows in p.
   static EncodedMessage EncodeTablePush(const Conn& conn, const Entry& e, const KeyPart& p,
-                                        const RowSparseNDArray& merged, int64_t seq,
+                                        const PushedRows& rows, int64_t seq,
                                         const RowSparseNDArray* pulled, int64_t min_version,
                                         bool with_credential = true) {
-    const auto [lo, hi] = RowsIn(merged.indices(), p);
+    const auto [lo, hi] = RowsIn(*rows.ids, p);
     proto::PushRequest header;
     if (with_credential) *header.mutable_credential() = conn.credential;
     header.set_key(p.server_key);
     header.set_rank(conn.options.rank);
     header.set_seq(seq);
     header.set_min_version(min_version);
-    AddIdsIn(merged.indices(), p, header.mutable_rows());
+    AddIdsIn(*rows.ids, p, header.mutable_rows());
     if (pulled != nullptr) AddIdsIn(pulled->indices(), p, header.mutable_pull_rows());
     proto::Tensor* t = header.mutable_value();
     t->add_shape(hi - lo);
     for (int d = 1; d < e.shape.ndim(); ++d) t->add_shape(e.shape[d]);
     t->set_dtype(proto::FLOAT32);
-    const int64_t dim = merged.row_size();
+    const int64_t dim = e.shape.RowSize();
     return EncodeTensorMessage(header, kPushValueField,
-                               Pieces::Of(merged.data().data() + lo * dim, (hi - lo) * dim,
-                                          std::make_shared<RowSparseNDArray>(merged)));
+                               Pieces::Of(rows.data + lo * dim, (hi - lo) * dim, rows.owner));
+  }
+
+  // Push `seq` of table e, `merged` (read in an engine operation that
+  // reads it): the array itself, or with replicas 2 (dist_sync) a copy
+  // kept until its step's pull returns, for resends (the caller may
+  // overwrite the array before then).
+  static PushedRows RowsToPush(const Conn& conn, Entry& e, int64_t seq,
+                               const RowSparseNDArray& merged) {
+    if (conn.options.replicas < 2 || !conn.options.sync) {
+      auto owner = std::make_shared<const RowSparseNDArray>(merged);
+      return {&owner->indices(), owner->data().data(), owner};
+    }
+    auto kept = std::make_shared<KeptRows>();
+    kept->ids = merged.indices();
+    const float* data = merged.data().data();
+    kept->data.assign(data, data + kept->ids.size() * e.shape.RowSize());
+    {
+      std::lock_guard<std::mutex> lock(e.mu);
+      e.unacked[seq] = {nullptr, kept, std::vector<int>(e.parts.size(), -1)};
+    }
+    return Pushed(kept);
+  }
+  static PushedRows Pushed(const std::shared_ptr<const KeptRows>& kept) {
+    return {&kept->ids, kept->data.data(), kept};
   }
 
   // KeyPart p as held by `server` (which errors name).
@@ -1344,7 +1415,7 @@ class DistKVStore : public KVStore {
   // Keeps push `seq` of e until its step's pull returns (Acked).
   static void Keep(Entry& e, int64_t seq, std::shared_ptr<const std::vector<float>> data) {
     std::lock_guard<std::mutex> lock(e.mu);
-    e.unacked[seq] = {std::move(data), std::vector<int>(e.parts.size(), -1)};
+    e.unacked[seq] = {std::move(data), nullptr, std::vector<int>(e.parts.size(), -1)};
   }
   // `server` recorded part `index` of push `seq`.
   static void Recorded(Entry& e, int64_t seq, int index, int server) {
@@ -1365,9 +1436,12 @@ class DistKVStore : public KVStore {
     for (auto it = e->unacked.begin(); it != e->unacked.end() && it->first <= seq; ++it) {
       if (it->second.recorded_on[p.index] == server) continue;
       const int64_t pushed = it->first;
+      const Entry::Unacked& u = it->second;
       resends.push_back(
           {p.server_key,
-           ToByteBuffer(EncodePush(*conn, p, it->second.data->data(), it->second.data, 0, pushed)),
+           ToByteBuffer(u.rows != nullptr
+                            ? EncodeTablePush(*conn, *e, p, Pushed(u.rows), pushed, nullptr, 0)
+                            : EncodePush(*conn, p, u.data->data(), u.data, 0, pushed)),
            [e, pushed, index = p.index](int server) { Recorded(*e, pushed, index, server); }});
     }
     return resends;

@@ -70,12 +70,15 @@ std::vector<KeyPart> PlaceKey(int key, int64_t n, const PlacementOptions& o) {
   return parts;
 }
 
-std::vector<KeyPart> PlaceTable(int key, int64_t rows, int servers) {
+std::vector<KeyPart> PlaceTable(int key, int64_t rows, int servers, int replicas) {
   std::vector<KeyPart> parts;
   for (int s = 0; s < servers; ++s) {
     const int64_t begin = rows * s / servers, end = rows * (s + 1) / servers;
     if (end == begin) continue;
-    parts.push_back(KeyPart{static_cast<int>(parts.size()), s, -1, begin, end, key});
+    const int index = static_cast<int>(parts.size());
+    const bool copies = replicas > 1 && servers > 1;
+    parts.push_back(KeyPart{index, s, copies ? (s + 1) % servers : -1, begin, end,
+                            copies ? SliceKey(key, index) : key});
   }
   return parts;
 }

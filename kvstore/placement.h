@@ -64,8 +64,11 @@ std::vector<KeyPart> PlaceKey(int key, int64_t n, const PlacementOptions& o);
 // The parts of a table (a row-sparse key) of `rows` rows: contiguous row
 // ranges (begin and end count rows, not elements), one per server in rank
 // order, sizes differing by at most one row; servers beyond the rows get
-// none. Each is held under the key itself with one copy (backup -1).
-std::vector<KeyPart> PlaceTable(int key, int64_t rows, int servers);
+// none. With one copy each is held under the key itself (backup -1); with
+// replicas 2 range s has its backup on the next server, which holds its
+// own range too, so ranges are held under slice keys (at most 127 of them:
+// the caller checks CanSliceKey).
+std::vector<KeyPart> PlaceTable(int key, int64_t rows, int servers, int replicas = 1);
 
 }  // namespace mx
 

@@ -453,9 +453,13 @@ class Replicator {
 
   // A key's whole state into `header` (ReplicatedStep.state); returns its
   // value, which goes as the step's tensor.
-  static Pieces EncodeState(const KeyState& state, proto::ReplicatedStep* header) {
+  static Pieces EncodeState(const std::shared_ptr<const KeyState>& shared,
+                            proto::ReplicatedStep* header) {
+    const KeyState& state = *shared;
     proto::KeyState* out = header->mutable_state();
     for (int64_t d : state.shape) out->add_shape(d);
+    for (int64_t d : state.table) out->add_table(d);
+    out->set_first_row(state.first_row);
     for (const auto& [rank, seq] : state.seen) {
       header->add_ranks(rank);
       header->add_seqs(seq);
@@ -467,8 +471,7 @@ class Replicator {
     for (const auto& [k, v] : state.lr_mult) (*opt->mutable_lr_mult())[k] = v;
     for (const auto& [k, v] : state.wd_mult) (*opt->mutable_wd_mult())[k] = v;
     out->set_optimizer_states(state.optimizer_states);
-    return Pieces::Of(state.value.data(), state.value.size(),
-                      std::shared_ptr<const void>(std::make_shared<KeyState>(state)));
+    return Pieces::Of(state.value.data(), state.value.size(), shared);
   }
 
   // Starts `call` to backup b (under mu_: gRPC only queues it).
@@ -482,8 +485,9 @@ class Replicator {
         header.add_ranks(rank);
         header.add_seqs(seq);
       }
+      header.mutable_rows()->mutable_ids()->Add(step.rows.begin(), step.rows.end());
       Pieces value = step.value;
-      if (step.state != nullptr) value = EncodeState(*step.state, &header);
+      if (step.state != nullptr) value = EncodeState(step.state, &header);
       header.mutable_value()->add_shape(static_cast<int64_t>(value.bytes() / sizeof(float)));
       header.mutable_value()->set_dtype(proto::FLOAT32);
       entries.push_back(EncodeTensorMessage(header, kStepValueField, value));
@@ -714,6 +718,7 @@ class Service final : public ServiceBase {
         step.value = Pieces();
       } else {
         for (int j = 0; j < h.ranks_size(); ++j) step.pushes.push_back({h.ranks(j), h.seqs(j)});
+        step.rows.assign(h.rows().ids().begin(), h.rows().ids().end());
       }
       steps.push_back(std::move(step));
     }
@@ -725,9 +730,12 @@ class Service final : public ServiceBase {
       const proto::ReplicatedStep& h, const Pieces& value) {
     auto state = std::make_shared<KeyState>();
     state->shape = Shape(h.state().shape().begin(), h.state().shape().end());
-    if (!state->shape.IsValid()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("state of key ", h.key(), ": shape ", state->shape.ToString()));
+    state->table = Shape(h.state().table().begin(), h.state().table().end());
+    state->first_row = h.state().first_row();
+    if (!state->shape.IsValid() || (state->table.ndim() > 0 && !state->table.IsValid())) {
+      return absl::InvalidArgumentError(absl::StrCat("state of key ", h.key(), ": shape ",
+                                                     state->shape.ToString(), ", table ",
+                                                     state->table.ToString()));
     }
     state->value.resize(value.bytes() / sizeof(float));
     value.CopyTo(0, value.bytes(), state->value.data());
@@ -935,6 +943,10 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
     const ParameterServerOptions& server_options) {
   const int max_message_mb = server_options.max_message_mb;
   std::unique_ptr<ParameterServer> ps(new ParameterServer());
+  // A key's whole state goes to a new backup in one message, which the
+  // spare (started alike) receives up to max_message_mb; 64 KiB for the
+  // rest of the message.
+  options.max_state_bytes = std::max<size_t>((size_t{1} << 20) * max_message_mb, 1 << 16) - (1 << 16);
   ps->shard_ = std::make_unique<ParameterShard>(options);
   ps->impl_ = std::make_unique<Impl>();
   ps->impl_->service = std::make_unique<Service>(ps->shard_.get(), server_options);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iostream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -53,15 +54,8 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
     }
     return absl::OkStatus();
   }
-  if (copies.role == Copies::kPrimary && replicate_ == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "init of key ", key, ": a backup on server ", copies.peer,
-        " was asked for, but this server does not replicate (start it with --replicas=2)"));
-  }
-  // A copy on a server that died already: this one holds the key alone
-  // (until a spare takes that server's rank: ServerReplaced).
-  const int lost_peer = dead_servers_.count(copies.peer) ? copies.peer : -1;
-  if (lost_peer >= 0 || copies.peer < 0) copies = Copies{};
+  int lost_peer = -1;
+  MX_ASSIGN_OR_RETURN(copies, CopiesNow(key, copies, &lost_peer));
   Key& k = keys_[key];
   k.shape = shape;
   k.value = Pieces::Of(value);
@@ -73,6 +67,19 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
   absl::Status s = CatchError([&] { CopyWeights(&k); });
   if (!s.ok()) keys_.erase(key);
   return s;
+}
+
+absl::StatusOr<Copies> ParameterShard::CopiesNow(int key, Copies copies, int* lost_peer) const {
+  if (copies.role == Copies::kPrimary && replicate_ == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "init of key ", key, ": a backup on server ", copies.peer,
+        " was asked for, but this server does not replicate (start it with --replicas=2)"));
+  }
+  // A copy on a server that died already: this one holds the key alone
+  // (until a spare takes that server's rank: ServerReplaced).
+  *lost_peer = dead_servers_.count(copies.peer) ? copies.peer : -1;
+  if (*lost_peer >= 0 || copies.peer < 0) copies = Copies{};
+  return copies;
 }
 
 namespace {
@@ -93,10 +100,6 @@ absl::Status ParameterShard::InitTable(int key, const Shape& table, int64_t firs
     return absl::InvalidArgumentError(absl::StrCat(
         "init of row-sparse key ", key, ": rows [", first_row, ", ", first_row + rows,
         ") of a table ", table.ToString(), " with scale ", init_scale, " are not a valid range"));
-  }
-  if (copies.role != Copies::kOnly) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "init of row-sparse key ", key, ": row-sparse keys have one copy (no --replicas=2 yet)"));
   }
   Shape range = table;
   range[0] = rows;
@@ -124,6 +127,8 @@ absl::Status ParameterShard::InitTable(int key, const Shape& table, int64_t firs
     bool Done() const { return creating->count(key) == 0; }
   } created{&tables_in_creation_, key};
   mu_.Await(absl::Condition(&created, &Created::Done));
+  int lost_peer = -1;
+  MX_RETURN_IF_ERROR(CopiesNow(key, copies, &lost_peer).status());
   auto it = keys_.find(key);
   if (it != keys_.end()) {
     if (same(it->second)) return absl::OkStatus();
@@ -146,10 +151,16 @@ absl::Status ParameterShard::InitTable(int key, const Shape& table, int64_t firs
   mu_.Lock();
   tables_in_creation_.erase(key);
   MX_RETURN_IF_ERROR(filled);
-  it = keys_.try_emplace(key).first;
-  it->second.shape = range;
-  it->second.table = TableRange{table, first_row};
-  it->second.weight = std::move(weight);
+  // As of now: a server may have died meanwhile.
+  MX_ASSIGN_OR_RETURN(copies, CopiesNow(key, copies, &lost_peer));
+  Key& k = keys_[key];
+  k.shape = range;
+  k.table = TableRange{table, first_row};
+  k.weight = std::move(weight);
+  k.copies = copies;
+  k.lost_peer = lost_peer;
+  // A range held under a slice key (replicas 2) takes its table's name.
+  if (optimizer_ != nullptr && BaseKey(key) != key) optimizer_->SetParamNames(SliceKeyNames());
   return absl::OkStatus();
 }
 
@@ -497,7 +508,10 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
   TakeAnswered(id, k, answers);
 }
 
-bool ParameterShard::CompleteTableStep(int id, Key* k, std::vector<Pending> pending) {
+bool ParameterShard::CompleteTableStep(int id, Key* k, std::vector<Pending> pending,
+                                       const std::vector<int>& ranks) {
+  ReplicaStep step{id, k->version + 1, {}, {}};
+  for (size_t i = 0; i < ranks.size(); ++i) step.pushes.push_back({ranks[i], pending[i].seq});
   k->completing = true;
   ++completing_;
   const bool optimize = optimizer_ != nullptr;
@@ -528,7 +542,16 @@ bool ParameterShard::CompleteTableStep(int id, Key* k, std::vector<Pending> pend
   mu_.Unlock();
   if (s.ok()) s = CatchError([&] { k->weight.WaitToRead(); });
   mu_.Lock();
-  return EndStep(id, k, s);
+  if (!EndStep(id, k, s)) return false;
+  if (k->copies.role == Copies::kPrimary && k->copies.peer >= 0) {
+    // What the backup applies the same way: the sum (computed: the
+    // update read it) and its rows.
+    const size_t n = static_cast<size_t>(sum.data().shape().Size());
+    if (n > 0) step.value = Pieces::Of(sum.data().data(), n, std::make_shared<RowSparseNDArray>(sum));
+    step.rows = sum.indices();
+    replicate_(k->copies.peer, std::move(step));
+  }
+  return true;
 }
 
 bool ParameterShard::EndStep(int id, Key* k, const absl::Status& s) {
@@ -555,7 +578,7 @@ ParameterShard::Value ParameterShard::TableRows(const Key& k, const std::vector<
 
 bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pending> pending,
                                   const std::vector<int>& ranks) {
-  if (k->table) return CompleteTableStep(id, k, std::move(pending));
+  if (k->table) return CompleteTableStep(id, k, std::move(pending), ranks);
   // What the backup needs to take the same step: the value applied.
   const bool replicate = k->copies.role == Copies::kPrimary && k->copies.peer >= 0;
   ReplicaStep step{id, k->version + 1, {}, {}};
@@ -652,7 +675,7 @@ std::optional<absl::StatusOr<ParameterShard::Value>> ParameterShard::Answer(
   const Key& k = *key;
   if (!closed_.empty() || !k.failed.ok()) return Stuck(id, k, "pull");
   if (k.copies.role == Copies::kBackup) return NotPrimaryYet(id, k, "pull");
-  if (k.table && k.version >= min_version) {
+  if (k.table && k.version >= min_version && Servable(k)) {
     if (k.completing) return std::nullopt;  // its weights are changing
     return TableRows(k, *rows);
   }
@@ -848,12 +871,8 @@ absl::Status ParameterShard::ApplyReplicated(int primary, std::vector<ReplicaSte
       return absl::DataLossError(absl::StrCat("replicated step of key ", step.key, ": version ",
                                               step.version, " after ", k->version));
     }
-    if (step.value.bytes() != k->shape.Size() * sizeof(float)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "replicated step of key ", step.key, ": ", step.value.bytes() / sizeof(float),
-          " values for a key of ", k->shape.Size()));
-    }
-    if (!CompleteStep(step.key, k, {{std::move(step.value), 0}}, {})) {
+    MX_RETURN_IF_ERROR(CheckReplicaStep(step, *k));
+    if (!CompleteStep(step.key, k, {{std::move(step.value), 0, std::move(step.rows)}}, {})) {
       return Stuck(step.key, *k, "replicated step");
     }
     for (const auto& [rank, seq] : step.pushes) {
@@ -861,6 +880,24 @@ absl::Status ParameterShard::ApplyReplicated(int primary, std::vector<ReplicaSte
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status ParameterShard::CheckReplicaStep(const ReplicaStep& step, const Key& k) {
+  const std::string what = absl::StrCat("replicated step of key ", step.key);
+  if (!k.table) {
+    if (!step.rows.empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": rows for a dense key"));
+    if (step.value.bytes() == k.shape.Size() * sizeof(float)) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", step.value.bytes() / sizeof(float),
+                                                   " values for a key of ", k.shape.Size()));
+  }
+  // Ids from the range's first row.
+  MX_RETURN_IF_ERROR(CheckRowIds(step.rows, k.shape[0], what));
+  if (step.value.bytes() == step.rows.size() * k.shape.RowSize() * sizeof(float)) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat(what, ": ", step.value.bytes() / sizeof(float),
+                                                 " values for ", step.rows.size(), " rows of ",
+                                                 k.shape.RowSize()));
 }
 
 void ParameterShard::Replicated(int key, int64_t version) {
@@ -906,6 +943,13 @@ int ParameterShard::ServerReplaced(int server) {
       FailKey(id, &k, state.status());
       continue;
     }
+    const size_t bytes = (*state)->value.size() * sizeof(float) + (*state)->optimizer_states.size();
+    if (bytes > options_.max_state_bytes) {
+      std::cerr << "mx_server: key " << id << " keeps one copy: its state (" << bytes / 1e6
+                << " MB) is more than a message to server " << server << " may carry ("
+                << options_.max_state_bytes / 1e6 << " MB)" << std::endl;
+      continue;
+    }
     k.copies = Copies{Copies::kPrimary, server};
     k.lost_peer = -1;
     ReplicaStep step{id, k.version, {}, {}, *std::move(state)};
@@ -920,7 +964,13 @@ absl::StatusOr<std::shared_ptr<const KeyState>> ParameterShard::StateOf(int id,
   auto state = std::make_shared<KeyState>();
   state->shape = k.shape;
   state->value.resize(k.shape.Size());
-  k.value.CopyTo(0, k.value.bytes(), state->value.data());
+  if (k.table) {  // its weights are its value (between steps: in sync)
+    std::memcpy(state->value.data(), k.weight.data(), state->value.size() * sizeof(float));
+    state->table = k.table->table;
+    state->first_row = k.table->first_row;
+  } else {
+    k.value.CopyTo(0, k.value.bytes(), state->value.data());
+  }
   state->seen = k.seen;
   if (optimizer_ != nullptr) {
     state->optimizer = optimizer_->name();
@@ -948,6 +998,15 @@ absl::Status ParameterShard::ApplyState(int primary, const ReplicaStep& step) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": ", state.value.size(),
                                                    " values for shape ", state.shape.ToString()));
   }
+  const bool table = state.table.ndim() > 0;
+  if (table && (state.shape.ndim() != state.table.ndim() || state.first_row < 0 ||
+                state.first_row > state.table[0] - state.shape[0] ||
+                state.shape.RowSize() != state.table.RowSize())) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": rows ", state.shape.ToString(),
+                                                   " from ", state.first_row,
+                                                   " are not a range of a table ",
+                                                   state.table.ToString()));
+  }
   if (optimizer_ == nullptr && !state.optimizer.empty()) {
     MX_ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> opt,
                         Optimizer::Create(state.optimizer, state.optimizer_options));
@@ -957,7 +1016,19 @@ absl::Status ParameterShard::ApplyState(int primary, const ReplicaStep& step) {
   }
   Key& k = keys_[step.key];
   k.shape = state.shape;
-  k.value = Pieces::Of(state.value);
+  if (table) {
+    k.table = TableRange{state.table, state.first_row};
+    absl::Status s = CatchError([&] {
+      k.weight = Empty(k.shape);
+      std::memcpy(k.weight.data(), state.value.data(), state.value.size() * sizeof(float));
+    });
+    if (!s.ok()) {
+      keys_.erase(step.key);
+      return absl::Status(s.code(), absl::StrCat(what, ": ", s.message()));
+    }
+  } else {
+    k.value = Pieces::Of(state.value);
+  }
   k.version = step.version;
   k.seen = state.seen;
   k.copies = Copies{Copies::kBackup, primary};

@@ -60,7 +60,10 @@
 // (Optimizer::UpdateRows), or without an optimizer makes the range that
 // sum. Pulls name the rows they want and get them as of the version they
 // wait for or a later one (copied under the lock while no step is in
-// flight). Tables have one copy: InitTable refuses a primary or backup.
+// flight). With replicas a table's range has copies as a dense key does:
+// the primary hands its backup each step's rank-order sum with its rows
+// (ReplicaStep::rows), which the backup applies with the same lazy update,
+// and a new backup gets the whole range (KeyState::table).
 // A dense call on a table, a row-sparse one on a dense key, and row ids
 // that are unsorted, repeated or outside the range are kInvalidArgument.
 //
@@ -108,6 +111,10 @@ struct ShardOptions {
   // so a worker that far ahead is not parked; the pulls themselves ask
   // for the older version (min_version), which is all the rest needs.
   int staleness = 0;
+  // Replicas 2: the most bytes a key's whole state (its values and
+  // optimizer state) may take to reach a new backup, in one message; a
+  // bigger one keeps one copy (ServerReplaced).
+  size_t max_state_bytes = size_t{1} << 30;
 };
 
 // Where a key's copies are, seen from one shard: the only one; the
@@ -131,6 +138,9 @@ struct ReplicaStep {
   // Set: the step carries the key's whole state at `version` instead of a
   // value: the first step a new backup gets (ParameterShard::ServerReplaced).
   std::shared_ptr<const KeyState> state;
+  // A table's step: the rows `value` holds, ascending, counted from the
+  // range's first row.
+  std::vector<int64_t> rows;
 };
 
 // A key's whole state on its primary: what a new backup needs to hold the
@@ -138,6 +148,10 @@ struct ReplicaStep {
 struct KeyState {
   Shape shape;
   std::vector<float> value;
+  // A table's range (shape: its rows): the whole table's shape and the
+  // range's first row; ndim 0 for a dense key.
+  Shape table;
+  int64_t first_row = 0;
   std::map<int, int64_t> seen;  // the highest push seq recorded, by rank
   // The primary's optimizer ("" for none), which a shard without one
   // takes, and the key's states in it (Optimizer::SaveStatesOf).
@@ -165,8 +179,9 @@ class ParameterShard {
                     Copies copies = {});
   // Creates table key holding rows [first_row, first_row + rows) of a table
   // of `table`'s shape, uniform in [-init_scale, init_scale) by element
-  // index in the whole table (SampleUniformRows; zeros for 0). A second
-  // InitTable with the same range is a no-op; anything else is an error.
+  // index in the whole table (SampleUniformRows; zeros for 0), with its
+  // copies as Init's. A second InitTable with the same range is a no-op;
+  // anything else is an error.
   absl::Status InitTable(int key, const Shape& table, int64_t first_row, int64_t rows,
                          float init_scale, uint64_t init_seed, Copies copies = {});
   // A table's row ids in a push or pull: absent for dense keys.
@@ -267,7 +282,9 @@ class ParameterShard {
   // holds each as the primary with `server` as its backup, and hands the
   // replicator first the key's whole state (a step with a KeyState), then
   // its later steps; a dist_sync pull waits for the new backup to hold the
-  // version as always. Returns the number of keys.
+  // version as always. A key whose state is over
+  // ShardOptions::max_state_bytes (a table's range of gigabytes) keeps one
+  // copy, logged. Returns the number of keys.
   int ServerReplaced(int server);
 
   // Removes a worker from the live set (its death was detected).
@@ -359,9 +376,17 @@ class ParameterShard {
   // Rows (global ids) of table key k, copied from its weights.
   Value TableRows(const Key& k, const std::vector<int64_t>& rows);
   // CompleteStep for a table: the rank-order sum of the pushes' rows, then
-  // the lazy update (or the range becomes the sum).
-  bool CompleteTableStep(int id, Key* key, std::vector<Pending> pushes)
+  // the lazy update (or the range becomes the sum); a primary hands the
+  // sum and its rows to the replicator.
+  bool CompleteTableStep(int id, Key* key, std::vector<Pending> pushes,
+                         const std::vector<int>& ranks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The copies a key inited now gets: `copies`, or one, here, when its
+  // other server died already (*lost_peer: that server; else -1). Refused
+  // for a primary on a shard that does not replicate.
+  absl::StatusOr<Copies> CopiesNow(int key, Copies copies, int* lost_peer) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Checks a replicated step's value (and a table's rows) against key k.
+  static absl::Status CheckReplicaStep(const ReplicaStep& step, const Key& k);
   // Whether a push (rank, seq) of key was recorded before (a resend); an
   // error if it skips one.
   absl::StatusOr<bool> Seen(int id, Key* k, int rank, int64_t seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -135,6 +135,35 @@ TEST(PlacementTest, ReplicatedSlicesLiveUnderSliceKeys) {
   EXPECT_EQ(PlaceKey(4, 100, o)[0].server_key, 4);
 }
 
+// A table's rows in contiguous ranges by server rank; with replicas each
+// range's backup is the next server, which holds its own range as well,
+// so ranges are held under slice keys.
+TEST(PlacementTest, TableRangesAndTheirBackups) {
+  const std::vector<KeyPart> one = PlaceTable(9, 10, 3);
+  ASSERT_EQ(one.size(), 3u);
+  EXPECT_EQ(one[0].begin, 0);
+  EXPECT_EQ(one[0].end, 3);
+  EXPECT_EQ(one[2].end, 10);
+  for (const KeyPart& p : one) {
+    EXPECT_EQ(p.backup, -1);
+    EXPECT_EQ(p.server_key, 9);
+  }
+  const std::vector<KeyPart> two = PlaceTable(9, 10, 3, /*replicas=*/2);
+  ASSERT_EQ(two.size(), 3u);
+  for (const KeyPart& p : two) {
+    EXPECT_EQ(p.server, p.index);
+    EXPECT_EQ(p.backup, (p.server + 1) % 3);
+    EXPECT_EQ(p.server_key, SliceKey(9, p.index));
+    EXPECT_EQ(p.begin, one[p.index].begin);
+  }
+  // Fewer rows than servers: servers without rows hold no range.
+  const std::vector<KeyPart> few = PlaceTable(9, 2, 3, 2);
+  ASSERT_EQ(few.size(), 2u);
+  EXPECT_EQ(few[0].server, 1);
+  EXPECT_EQ(few[0].backup, 2);
+  EXPECT_EQ(few[1].backup, 0);
+}
+
 // The figure docs/scaling.md shows: ResNet-50's parameters put at most
 // 1.1 times the mean bytes on any server, from 2 to 200 servers, where
 // MXNet's rule (whole keys below 1M elements, by hash) puts 1.5 at 8.

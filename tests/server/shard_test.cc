@@ -609,8 +609,9 @@ TEST(ParameterShard, OptimizerStepsPublishNewBuffers) {
 
 // ---- Replicas 2: a primary and its backup, wired directly.
 
-// Push number `seq` of `rank`, blocking.
-absl::Status PushSeq(ParameterShard& shard, int key, int rank, std::vector<float> value, int64_t seq) {
+// Push number `seq` of `rank`, blocking; `rows`: a table's.
+absl::Status PushSeq(ParameterShard& shard, int key, int rank, std::vector<float> value, int64_t seq,
+                     ParameterShard::RowIds rows = std::nullopt) {
   absl::Notification done;
   absl::Status result;
   shard.PushAsync(key, rank, Pieces::Of(std::move(value)),
@@ -618,7 +619,7 @@ absl::Status PushSeq(ParameterShard& shard, int key, int rank, std::vector<float
                     result = std::move(s);
                     done.Notify();
                   },
-                  seq);
+                  seq, std::move(rows));
   done.WaitForNotification();
   return result;
 }
@@ -939,7 +940,7 @@ TEST(ShardTable, BadRowsAndWrongKindsAreRefusedAndChangeNothing) {
   EXPECT_THAT(message(shard.InitTable(7, {INT64_MAX, 2}, INT64_MAX - 1, INT64_MAX, 0.f, 0)),
               HasSubstr("not a valid range"));
   EXPECT_THAT(message(shard.InitTable(7, {30, 2}, 0, 10, 0.f, 0, Copies{Copies::kPrimary, 1})),
-              HasSubstr("row-sparse keys have one copy"));
+              HasSubstr("this server does not replicate"));
   EXPECT_THAT(message(shard.AssignRows(5, {9}, Pieces::Of(std::vector<float>{1, 1}))),
               HasSubstr("row id 9 is not among this server's rows [10, 20)"));
   EXPECT_THAT(message(shard.AssignRows(5, {12}, Pieces::Of(std::vector<float>{1}))),
@@ -954,6 +955,186 @@ TEST(ShardTable, BadRowsAndWrongKindsAreRefusedAndChangeNothing) {
   std::vector<float> v(2);
   rows->data.CopyTo(0, 8, v.data());
   EXPECT_EQ(v, std::vector<float>({whole.ToVector()[24], whole.ToVector()[25]}));
+}
+
+// ---- Tables with replicas 2: rows [10, 20) of a (30, 2) table, key 5.
+
+constexpr int kTable = 5;
+const Shape kTableShape{30, 2};
+
+// Worker `rank`'s push of step `step`: rows (global ids) and their values,
+// overlapping on row 12; one worker's push of step 3 touches no row here.
+std::pair<std::vector<int64_t>, std::vector<float>> TableGradient(int step, int rank) {
+  if (step == 3 && rank == 1) return {{}, {}};
+  if (rank == 0) return {{11, 12}, {1e8f, -1e8f * step, 1.0f + step, 0.5f}};
+  return {{12, 15 + step % 3}, {0.1f * step, 1.0f, 0.25f, 1.0f * step}};
+}
+
+absl::Status PushTable(ParameterShard& shard, int rank, int step) {
+  auto [rows, value] = TableGradient(step, rank);
+  return PushSeq(shard, kTable, rank, std::move(value), step, std::move(rows));
+}
+
+// Every row of the range at version `version` or later.
+std::vector<float> TableRange(ParameterShard& shard, int64_t version, int ms = 2000) {
+  std::vector<int64_t> all;
+  for (int64_t r = 10; r < 20; ++r) all.push_back(r);
+  auto got = shard.Pull(kTable, version, Soon(ms), all);
+  EXPECT_TRUE(got.ok()) << got.status();
+  return got.ok() ? got->data.ToFloats() : std::vector<float>();
+}
+
+absl::Status InitTable(ParameterShard& shard, Copies copies = {}) {
+  return shard.InitTable(kTable, kTableShape, 10, 10, 0.5f, 3, copies);
+}
+
+// The range after `steps` undisturbed steps of one shard.
+std::vector<float> UndisturbedTable(bool optimizer, int steps) {
+  ParameterShard shard({true, 2, false});
+  EXPECT_TRUE(InitTable(shard).ok());
+  if (optimizer) {
+    EXPECT_TRUE(shard.SetOptimizer("sgd", kSgdMomentum).ok());
+  }
+  for (int step = 1; step <= steps; ++step) {
+    for (int rank : {1, 0}) EXPECT_TRUE(PushTable(shard, rank, step).ok());
+  }
+  return TableRange(shard, steps);
+}
+
+// A primary (server 0) and backup (server 1) of the range.
+struct TablePair {
+  explicit TablePair(bool optimizer) {
+    primary.SetReplicator([this](int backup, ReplicaStep step) {
+      EXPECT_EQ(backup, 1);
+      steps.push_back(std::move(step));
+    });
+    EXPECT_TRUE(InitTable(primary, {Copies::kPrimary, 1}).ok());
+    EXPECT_TRUE(InitTable(backup, {Copies::kBackup, 0}).ok());
+    if (optimizer) {
+      EXPECT_TRUE(primary.SetOptimizer("sgd", kSgdMomentum).ok());
+      EXPECT_TRUE(backup.SetOptimizer("sgd", kSgdMomentum).ok());
+    }
+  }
+  void Replicate() {
+    ASSERT_TRUE(backup.ApplyReplicated(0, steps).ok());
+    for (const ReplicaStep& s : steps) primary.Replicated(s.key, s.version);
+    steps.clear();
+  }
+  ParameterShard primary{{true, 2, false}};
+  ParameterShard backup{{true, 2, false}};
+  std::vector<ReplicaStep> steps;
+};
+
+// A table's step reaches its backup as the rank-order sum on the union of
+// the pushed rows; a pull waits for the backup, which applies the same
+// lazy update: after a failover at either point of a step (replicated, or
+// half pushed) the backup ends with the bits of an undisturbed run.
+TEST(ShardTableReplicas, StepsReachTheBackupAsRowSumsAndAFailoverChangesNoBit) {
+  for (bool optimizer : {false, true}) {
+    for (bool replicated : {true, false}) {
+      SCOPED_TRACE(absl::StrCat(optimizer ? "sgd with momentum" : "summation",
+                                replicated ? ", step 2 replicated" : ", step 2 half pushed"));
+      TablePair pair(optimizer);
+      for (int rank : {1, 0}) ASSERT_TRUE(PushTable(pair.primary, rank, 1).ok());
+      ASSERT_EQ(pair.steps.size(), 1u);
+      EXPECT_EQ(pair.steps[0].version, 1);
+      EXPECT_THAT(pair.steps[0].rows, ElementsAre(1, 2, 6));  // 11, 12, 16 from row 10
+      EXPECT_EQ(pair.steps[0].value.bytes(), 3 * 2 * sizeof(float));
+      EXPECT_THAT(pair.steps[0].pushes, ElementsAre(std::make_pair(0, 1), std::make_pair(1, 1)));
+      auto early = pair.primary.Pull(kTable, 1, Soon(100), std::vector<int64_t>{12});
+      ASSERT_EQ(early.status().code(), absl::StatusCode::kDeadlineExceeded) << early.status();
+      EXPECT_THAT(early.status().message(), HasSubstr("not acknowledged by the key's backup"));
+      pair.Replicate();
+      EXPECT_EQ(TableRange(pair.primary, 1), UndisturbedTable(optimizer, 1));
+      ASSERT_TRUE(PushTable(pair.primary, 1, 2).ok());
+      if (replicated) {
+        ASSERT_TRUE(PushTable(pair.primary, 0, 2).ok());
+        pair.Replicate();
+      }
+      // The primary dies; the workers send step 2 again, then steps 3, 4.
+      ASSERT_EQ(pair.backup.ServerDied(0), 1);
+      for (int step : {2, 3, 4}) {
+        for (int rank : {0, 1}) ASSERT_TRUE(PushTable(pair.backup, rank, step).ok());
+      }
+      EXPECT_EQ(TableRange(pair.backup, 4), UndisturbedTable(optimizer, 4));
+    }
+  }
+}
+
+// A spare that takes the backup's rank gets the whole range (its rows,
+// optimizer state and recorded pushes), then later steps; when the
+// primary dies in turn it takes over with the undisturbed bits.
+TEST(ShardTableReplicas, ASpareGetsTheWholeRangeAndTakesOverWithTheSameBits) {
+  TablePair pair(true);
+  for (int rank : {0, 1}) ASSERT_TRUE(PushTable(pair.primary, rank, 1).ok());
+  pair.Replicate();
+  // The backup dies: the primary holds the range alone for step 2.
+  EXPECT_EQ(pair.primary.ServerDied(1), 0);
+  for (int rank : {0, 1}) ASSERT_TRUE(PushTable(pair.primary, rank, 2).ok());
+  pair.steps.clear();
+  ParameterShard spare({true, 2, false});
+  EXPECT_EQ(pair.primary.ServerReplaced(1), 1);
+  ASSERT_EQ(pair.steps.size(), 1u);
+  ASSERT_NE(pair.steps[0].state, nullptr);
+  EXPECT_EQ(pair.steps[0].state->table, kTableShape);
+  EXPECT_EQ(pair.steps[0].state->first_row, 10);
+  EXPECT_EQ(pair.steps[0].state->shape, Shape({10, 2}));
+  ASSERT_TRUE(spare.ApplyReplicated(0, pair.steps).ok());
+  ASSERT_TRUE(spare.ApplyReplicated(0, pair.steps).ok());  // sent again: no change
+  for (const ReplicaStep& s : pair.steps) pair.primary.Replicated(s.key, s.version);
+  pair.steps.clear();
+  for (int rank : {1, 0}) ASSERT_TRUE(PushTable(pair.primary, rank, 3).ok());
+  ASSERT_TRUE(spare.ApplyReplicated(0, pair.steps).ok());
+  pair.steps.clear();
+  // Half of step 4 when the primary dies: the spare takes over, the
+  // workers push step 4 again (one of them a resend) and step 5.
+  ASSERT_TRUE(PushTable(pair.primary, 0, 4).ok());
+  EXPECT_EQ(spare.ServerDied(0), 1);
+  for (int step : {4, 5}) {
+    for (int rank : {0, 1}) ASSERT_TRUE(PushTable(spare, rank, step).ok());
+  }
+  EXPECT_EQ(TableRange(spare, 5), UndisturbedTable(true, 5));
+}
+
+// A range too big for one message to a new backup keeps one copy (and
+// says so) instead of a backup that never gets it.
+TEST(ShardTableReplicas, AStateOverTheMessageLimitKeepsOneCopy) {
+  ShardOptions o;
+  o.num_workers = 1;
+  o.max_state_bytes = 40;  // the range is 80 bytes
+  ParameterShard primary(o);
+  std::vector<ReplicaStep> steps;
+  primary.SetReplicator([&](int, ReplicaStep step) { steps.push_back(std::move(step)); });
+  ASSERT_TRUE(InitTable(primary, {Copies::kPrimary, 1}).ok());
+  ASSERT_TRUE(primary.Init(6, Shape{2}, {1, 2}, {Copies::kPrimary, 1}).ok());
+  primary.ServerDied(1);
+  EXPECT_EQ(primary.ServerReplaced(1), 1);  // the dense key only
+  ASSERT_EQ(steps.size(), 1u);
+  EXPECT_EQ(steps[0].key, 6);
+  // The table is served alone, not held back for a backup.
+  ASSERT_TRUE(PushSeq(primary, kTable, 0, {1, 1}, 1, std::vector<int64_t>{12}).ok());
+  EXPECT_EQ(TableRange(primary, 1, 500).size(), 20u);
+}
+
+// Replicated steps that do not fit their key are refused, naming it.
+TEST(ShardTableReplicas, MalformedReplicatedStepsAreRefused) {
+  TablePair pair(false);
+  ASSERT_TRUE(pair.backup.Init(6, Shape{2}, {1, 2}, {Copies::kBackup, 0}).ok());
+  auto refused = [&](ReplicaStep step) {
+    return std::string(pair.backup.ApplyReplicated(0, {std::move(step)}).message());
+  };
+  auto floats = [](size_t n) { return Pieces::Of(std::vector<float>(n, 1.f)); };
+  EXPECT_THAT(refused({kTable, 1, floats(4), {}, nullptr, {3, 1}}),
+              HasSubstr("replicated step of key 5: row ids must be sorted ascending and unique"));
+  EXPECT_THAT(refused({kTable, 1, floats(2), {}, nullptr, {10}}),
+              HasSubstr("row id 10"));
+  EXPECT_THAT(refused({kTable, 1, floats(3), {}, nullptr, {1, 2}}),
+              HasSubstr("replicated step of key 5: 3 values for 2 rows of 2"));
+  EXPECT_THAT(refused({6, 1, floats(2), {}, nullptr, {0}}),
+              HasSubstr("replicated step of key 6: rows for a dense key"));
+  // Nothing was applied.
+  ASSERT_EQ(pair.backup.ServerDied(0), 2);
+  EXPECT_EQ(TableRange(pair.backup, 0), UndisturbedTable(false, 0));
 }
 
 }  // namespace
