@@ -2,9 +2,12 @@
 """dist_bench's transport figures as jobs run: the coordinator and the
 servers are mx_server processes and every worker a process of its own
 (`dist_bench --job`), started by deploy/launch.py on 127.0.0.1, with 1
-server and 1 worker, then 2 and 2. Rank 0 times every figure against its
-baselines (loopback TCP, a plain gRPC call), measured in the same run, and
-prints the BENCH lines, whose names end in _procs; this prints them.
+server and 1 worker, then 2 and 2: first with values over TCP
+(--no-shm), then through shared memory, as jobs on one host run (names
+ending in _procs_shm; 16 MiB values must move at twice loopback TCP's
+rate). Rank 0 times every figure against its baselines (loopback TCP, a
+plain gRPC call), measured in the same run, and prints the BENCH lines,
+whose names end in _procs; this prints them.
 
 Usage: bench/dist_procs_bench.py [FILTER]  (after bazel build
 //bench:dist_bench //server:mx_server; bench/run_all.sh does both)
@@ -20,9 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main():
     only = sys.argv[1:2]
     failed = False
-    for nodes in (1, 2):
+    for shm, nodes in ((False, 1), (False, 2), (True, 1), (True, 2)):
         cmd = [sys.executable, os.path.join(ROOT, "deploy/launch.py"), "-n", str(nodes),
                "-s", str(nodes), "--server-binary", os.path.join(ROOT, "bazel-bin/server/mx_server"),
+               *([] if shm else ["--no-shm"]),
                "--", os.path.join(ROOT, "bazel-bin/bench/dist_bench"), "--job", *only]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         for line in run.stdout.splitlines():

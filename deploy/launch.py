@@ -83,16 +83,24 @@ Metrics: with --metrics every process serves Prometheus metrics (and
 Timeline: with --trace DIR every process writes Chrome trace events into
 DIR when it ends; deploy/trace_merge.py DIR writes them as one file.
 
+Shared memory: on one host (no -H) the workers hand each server a segment
+of shared memory through a private directory under /dev/shm (MX_SHM_DIR;
+mode 0700, removed when the launcher ends), and dense values of 16 KiB or
+more travel through it instead of TCP (docs/architecture.md, "Shared
+memory"). --no-shm turns it off.
+
 Ctrl-C (or SIGTERM, SIGHUP) stops everything.
 """
 import argparse
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -558,6 +566,8 @@ def main():
     ap.add_argument("--metrics", action="store_true",
                     help="every process serves Prometheus metrics and /healthz on a free port "
                          "and prints where (\"metrics on http://HOST:PORT/metrics\")")
+    ap.add_argument("--no-shm", action="store_true",
+                    help="values between workers and servers go over TCP even on one host")
     ap.add_argument("--trace", metavar="DIR",
                     help="every process writes its timeline into DIR when it ends; "
                          "deploy/trace_merge.py DIR merges them into one")
@@ -612,8 +622,28 @@ def run(args, cmd, secrets, remote):
     if args.metrics:
         # Servers serve on their --bind host; workers on MX_METRICS_HOST.
         env.update(MX_METRICS_PORT="0", MX_METRICS_HOST="0.0.0.0" if remote else "127.0.0.1")
+    env.pop("MX_SHM_DIR", None)
+    shm_dir = None if remote or args.no_shm else shared_memory_dir()
+    if shm_dir:
+        env["MX_SHM_DIR"] = shm_dir
     job = Job(remote, args.log_dir)
-    return run_until_stopped(job, lambda: start_and_supervise(job, args, cmd, secrets, env))
+    try:
+        return run_until_stopped(job, lambda: start_and_supervise(job, args, cmd, secrets, env))
+    finally:
+        if shm_dir:
+            # Segments are unlinked once attached; this removes any a
+            # process left when it died while attaching.
+            shutil.rmtree(shm_dir, ignore_errors=True)
+
+
+def shared_memory_dir():
+    """A private directory (mode 0700) under /dev/shm for the job's shared
+    memory, or None (and the job uses TCP) where there is none."""
+    try:
+        return tempfile.mkdtemp(prefix="mx-job-", dir="/dev/shm")
+    except OSError as e:
+        log(f"no shared memory for the job ({e.strerror}); values go over TCP")
+        return None
 
 
 def run_until_stopped(job, body):

@@ -2,6 +2,7 @@
 
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -14,6 +15,7 @@
 #include <iostream>
 #include <map>
 #include <mutex>
+#include <random>
 #include <set>
 
 #include "absl/strings/numbers.h"
@@ -32,6 +34,7 @@
 #include "rpc/coordinator_client.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc.h"
+#include "rpc/shared_memory.h"
 
 namespace mx {
 
@@ -183,6 +186,92 @@ const std::string kPushMethod = "/mx.proto.KVStoreService/Push";
 const std::string kPullMethod = "/mx.proto.KVStoreService/Pull";
 const std::string kPushPullMethod = "/mx.proto.KVStoreService/PushPull";
 const std::string kPushPullManyMethod = "/mx.proto.KVStoreService/PushPullMany";
+
+// Shared memory with one server (DistKVStoreOptions::shm_dir): a segment
+// it mapped, as number `id`, and the ranges calls hold. Each range starts
+// with a release word (ShmRange.release): 1 while the server may read a
+// push's value there, which it keeps where it lies until summed; a range
+// whose call has ended waits for 0 before it is reused.
+struct ShmLink {
+  static constexpr size_t kHeader = 64;  // the release word, then the data
+
+  std::unique_ptr<rpc::SharedSegment> segment;
+  std::unique_ptr<rpc::RangeAllocator> ranges;
+  int id = 0;
+
+  std::atomic<uint32_t>* ReleaseWord(size_t offset) const {
+    return reinterpret_cast<std::atomic<uint32_t>*>(segment->data() + offset);
+  }
+  // A range for `bytes` of data (and its header), backed by memory, or
+  // nullopt (no room, or the filesystem is full).
+  std::optional<size_t> Allocate(size_t bytes) {
+    Reclaim();
+    std::optional<size_t> offset = ranges->Allocate(kHeader + bytes);
+    if (!offset.has_value()) return std::nullopt;
+    if (!segment->Commit(*offset + kHeader + bytes).ok()) {
+      ranges->Free(*offset);
+      return std::nullopt;
+    }
+    ReleaseWord(*offset)->store(0, std::memory_order_relaxed);
+    return offset;
+  }
+  // The range's call has ended: free now, or once the server releases it.
+  void Release(size_t offset) {
+    if (ReleaseWord(offset)->load(std::memory_order_acquire) == 0) return ranges->Free(offset);
+    std::lock_guard<std::mutex> lock(mu);
+    held.push_back(offset);
+  }
+
+ private:
+  // Frees the held ranges the server has released.
+  void Reclaim() {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = held.begin(); it != held.end();) {
+      if (ReleaseWord(*it)->load(std::memory_order_acquire) != 0) {
+        ++it;
+        continue;
+      }
+      ranges->Free(*it);
+      it = held.erase(it);
+    }
+  }
+  std::mutex mu;
+  std::vector<size_t> held;  // guarded by mu
+};
+
+// A range of a server's shared memory held by one call: its push's value,
+// then the answer's. Free again once the call succeeded (and the server
+// released the value); a failed call's server may still read or write it
+// late, so its range is never reused.
+struct ShmLease {
+  std::shared_ptr<ShmLink> link;
+  size_t offset = 0, bytes = 0;
+  bool reusable = false;  // set when the call succeeded
+
+  ~ShmLease() {
+    if (reusable) link->Release(offset);
+  }
+  char* data() const { return link->segment->data() + offset + ShmLink::kHeader; }
+  proto::ShmRange Range() const {
+    proto::ShmRange r;
+    r.set_segment(link->id);
+    r.set_offset(static_cast<int64_t>(offset + ShmLink::kHeader));
+    r.set_bytes(static_cast<int64_t>(bytes));
+    return r;
+  }
+  // The range of a push's value, which the server may keep where it lies
+  // until it sets the release word to 0.
+  proto::ShmRange Held() const {
+    link->ReleaseWord(offset)->store(1, std::memory_order_relaxed);  // the call publishes it
+    proto::ShmRange r = Range();
+    r.set_release(static_cast<int64_t>(offset));
+    return r;
+  }
+};
+
+// Values smaller than this travel in the call: the copy through shared
+// memory saves less than nothing there.
+constexpr size_t kShmMinBytes = 16 << 10;
 
 // What operations in flight need: shared with them, so that they may
 // outlive the store.
@@ -557,6 +646,27 @@ struct Conn : std::enable_shared_from_this<Conn> {
 
  public:
   std::unique_ptr<Timer> timer;  // replicas 2: retries
+  // Shared memory with the servers on this host, by server rank (null:
+  // none); set before the first call.
+  std::vector<std::shared_ptr<ShmLink>> shm;
+
+  // A range of `bytes` of server s's shared memory for one call, or null
+  // when the value travels in the call: no shared memory with s, a value
+  // too small to gain, compression (which packs the value), or no room
+  // now.
+  std::shared_ptr<ShmLease> Lease(int s, size_t bytes) const {
+    if (s >= static_cast<int>(shm.size()) || shm[s] == nullptr || bytes < kShmMinBytes ||
+        compression.enabled()) {
+      return nullptr;
+    }
+    std::optional<size_t> offset = shm[s]->Allocate(bytes);
+    if (!offset.has_value()) return nullptr;
+    auto lease = std::make_shared<ShmLease>();
+    lease->link = shm[s];
+    lease->offset = *offset;
+    lease->bytes = bytes;
+    return lease;
+  }
 
  private:
   mutable std::mutex mu;
@@ -601,6 +711,23 @@ class DistKVStore : public KVStore {
       for (int c = 0; c < std::max(1, options.connections_per_server); ++c) {
         conn_->raw_stubs.back().push_back(std::make_unique<grpc::GenericStub>(
             rpc::SharedChannel(address, options.security, c)));
+      }
+    }
+  }
+
+  // Hands each server a segment of shared memory (DistKVStoreOptions::
+  // shm_dir); a server that cannot take it (another host, no --shm_dir)
+  // gets values over the network, which this says once per server.
+  void AttachSharedMemory() {
+    const DistKVStoreOptions& o = conn_->options;
+    conn_->shm.assign(conn_->stubs.size(), nullptr);
+    if (o.shm_dir.empty() || o.replicas > 1) return;
+    for (int s = 0; s < static_cast<int>(conn_->stubs.size()); ++s) {
+      const absl::Status st = AttachSegment(s);
+      if (!st.ok()) {
+        std::cerr << "worker " << o.rank << ": no shared memory with server " << s << " ("
+                  << conn_->Address(s) << "): " << st.message() << "; values go over the network"
+                  << std::endl;
       }
     }
   }
@@ -751,12 +878,15 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPushMethod;
-              h->encode = [conn, p, base, owner, seq] {
-                return ToByteBuffer(EncodePush(*conn, p, base, owner, 0, seq));
+              auto lease = conn->Lease(p.server, (p.end - p.begin) * sizeof(float));
+              h->encode = [conn, p, base, owner, seq, lease] {
+                return ToByteBuffer(EncodePush(*conn, p, base, owner, 0, seq, true, lease.get()));
               };
               h->resends = [conn, e, p, seq](int server) { return Resends(conn, e, p, seq - 1, server); };
-              h->done = [conn, join, e, p, seq](grpc::Status s, const grpc::ByteBuffer&, int server) {
+              h->done = [conn, join, e, p, seq, lease](grpc::Status s, const grpc::ByteBuffer&,
+                                                       int server) {
                 if (s.ok()) Recorded(*e, seq, p.index, server);
+                if (lease != nullptr) lease->reusable = s.ok();
                 join->Finish(conn->Named(FromGrpc(s), "push", e->label, server));
               };
               conn->Send(h, {{p.server_key, -1}});
@@ -782,19 +912,22 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPullMethod;
-              h->encode = [conn, p, min_version] {
+              auto lease = conn->Lease(p.server, (p.end - p.begin) * sizeof(float));
+              h->encode = [conn, p, min_version, lease] {
                 proto::PullRequest header;
                 header.set_key(p.server_key);
                 header.set_min_version(min_version);
                 header.set_rank(conn->options.rank);
                 *header.mutable_credential() = conn->credential;
+                if (lease != nullptr) *header.mutable_shm_reply() = lease->Range();
                 return EncodeMessage(header);
               };
               h->resends = [conn, e, p, min_version](int server) {
                 return Resends(conn, e, p, min_version, server);
               };
-              h->done = [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp, int server) {
-                join->Finish(Received(*conn, *e, "pull", s, resp, On(p, server), dsts));
+              h->done = [conn, join, e, dsts, p, lease](grpc::Status s, const grpc::ByteBuffer& resp,
+                                                        int server) {
+                join->Finish(Received(*conn, *e, "pull", s, resp, On(p, server), dsts, lease.get()));
               };
               conn->Send(h, {{p.server_key, min_version}});
             }
@@ -829,12 +962,16 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPushPullMethod;
-              h->encode = [conn, p, source, min_version, seq] {
-                return ToByteBuffer(EncodePush(*conn, p, source.data, source.owner, min_version, seq));
+              auto lease = conn->Lease(p.server, (p.end - p.begin) * sizeof(float));
+              h->encode = [conn, p, source, min_version, seq, lease] {
+                return ToByteBuffer(EncodePush(*conn, p, source.data, source.owner, min_version,
+                                               seq, true, lease.get()));
               };
               h->resends = [conn, e, p, seq](int server) { return Resends(conn, e, p, seq - 1, server); };
-              h->done = [conn, join, e, dsts, p](grpc::Status s, const grpc::ByteBuffer& resp, int server) {
-                join->Finish(Received(*conn, *e, "pushpull", s, resp, On(p, server), dsts));
+              h->done = [conn, join, e, dsts, p, lease](grpc::Status s, const grpc::ByteBuffer& resp,
+                                                        int server) {
+                join->Finish(
+                    Received(*conn, *e, "pushpull", s, resp, On(p, server), dsts, lease.get()));
               };
               conn->Send(h, {{p.server_key, min_version}});
             }
@@ -887,14 +1024,19 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               for (const ItemPart& ip : parts) h->parts.push_back(ip.part);
               h->method = kPushPullManyMethod;
-              h->encode = [conn, items, sources, parts = parts] {
+              auto leases = std::make_shared<std::vector<std::shared_ptr<ShmLease>>>();
+              for (const ItemPart& ip : parts) {
+                leases->push_back(conn->Lease(server, (ip.part.end - ip.part.begin) * sizeof(float)));
+              }
+              h->encode = [conn, items, sources, leases, parts = parts] {
                 std::vector<EncodedMessage> messages;
-                for (const ItemPart& ip : parts) {
+                for (size_t j = 0; j < parts.size(); ++j) {
+                  const ItemPart& ip = parts[j];
                   const Item& item = items[ip.item];
                   const PushSource& source = (*sources)[ip.item];
                   messages.push_back(EncodePush(*conn, ip.part, source.data, source.owner,
                                                 item.min_version, item.seq,
-                                                /*with_credential=*/false));
+                                                /*with_credential=*/false, (*leases)[j].get()));
                 }
                 proto::PushPullManyRequest rest;
                 *rest.mutable_credential() = conn->credential;
@@ -910,9 +1052,9 @@ class DistKVStore : public KVStore {
                 }
                 return all;
               };
-              h->done = [conn, join, items, parts = parts](grpc::Status s, const grpc::ByteBuffer& resp,
-                                                           int server) {
-                join->Finish(ReceivedMany(*conn, items, parts, s, resp, server));
+              h->done = [conn, join, items, leases, parts = parts](
+                            grpc::Status s, const grpc::ByteBuffer& resp, int server) {
+                join->Finish(ReceivedMany(*conn, items, parts, s, resp, server, *leases));
               };
               conn->Send(h, traced);
             }
@@ -1313,6 +1455,34 @@ class DistKVStore : public KVStore {
     std::map<int64_t, Unacked> unacked;  // guarded by mu
   };
 
+  // Creates segment number s for server s, has the server map it, and
+  // removes its name: the memory goes with the last of the two processes.
+  absl::Status AttachSegment(int s) {
+    const DistKVStoreOptions& o = conn_->options;
+    const std::string name = absl::StrCat("mx-w", o.rank, "-s", s, "-", getpid(), "-",
+                                          std::random_device()());
+    MX_ASSIGN_OR_RETURN(std::unique_ptr<rpc::SharedSegment> segment,
+                        rpc::SharedSegment::Create(o.shm_dir, name, o.shm_bytes));
+    proto::AttachSegmentRequest req;
+    req.set_name(name);
+    req.set_segment(s);
+    req.set_bytes(o.shm_bytes);
+    req.set_rank(o.rank);
+    proto::AttachSegmentResponse resp;
+    const absl::Status attached = conn_->Control(s, "attach_segment", "-", [&](auto* ctx, auto* stub) {
+      return stub->AttachSegment(ctx, req, &resp);
+    });
+    const absl::Status unlinked = segment->Unlink();  // attached or not
+    MX_RETURN_IF_ERROR(attached);
+    MX_RETURN_IF_ERROR(unlinked);
+    auto link = std::make_shared<ShmLink>();
+    link->segment = std::move(segment);
+    link->ranges = std::make_unique<rpc::RangeAllocator>(o.shm_bytes);
+    link->id = s;
+    conn_->shm[s] = std::move(link);
+    return absl::OkStatus();
+  }
+
   // An init of server key `key` with this job's settings, which the server
   // checks against its own.
   proto::InitRequest JobInit(int key) const {
@@ -1484,9 +1654,12 @@ class DistKVStore : public KVStore {
   // worker's push number `seq` of the key, without copying the data; with
   // the caller's credential unless it is an entry of a PushPullMany (whose
   // request carries it once).
+  // With `lease`, the value goes through shared memory (copied there), and
+  // a PushPull's answer comes back the same way.
   static EncodedMessage EncodePush(const Conn& conn, const KeyPart& p, const float* base,
                                    std::shared_ptr<const void> owner, int64_t min_version,
-                                   int64_t seq, bool with_credential = true) {
+                                   int64_t seq, bool with_credential = true,
+                                   const ShmLease* lease = nullptr) {
     proto::PushRequest header;
     if (with_credential) *header.mutable_credential() = conn.credential;
     header.set_key(p.server_key);
@@ -1497,6 +1670,13 @@ class DistKVStore : public KVStore {
     t->add_shape(p.end - p.begin);
     const GradientCompression& c = conn.compression;
     DescribePacked(c, t);
+    if (lease != nullptr) {
+      std::memcpy(lease->data(), base + p.begin, lease->bytes);
+      *header.mutable_shm_value() = lease->Held();
+      // The answer there too: the server writes it once the value is summed.
+      *header.mutable_shm_reply() = lease->Range();
+      return EncodeHeader(header);
+    }
     if (!c.enabled()) {
       return EncodeTensorMessage(header, kPushValueField,
                                  Pieces::Of(base + p.begin, p.end - p.begin, std::move(owner)));
@@ -1545,6 +1725,24 @@ class DistKVStore : public KVStore {
     };
   }
 
+  // An answer whose value the server wrote to the call's shared memory
+  // (PullResponse.in_shm): into the first output. The lease is free again
+  // once the answer is read, whatever it held.
+  static absl::Status FromShm(const Conn& conn, const KeyPart& p, const proto::PullResponse& h,
+                              ShmLease* lease, const std::vector<float*>& dsts, bool* received) {
+    if (lease != nullptr) lease->reusable = true;
+    if (!h.in_shm()) return absl::OkStatus();
+    const size_t bytes = (p.end - p.begin) * sizeof(float);
+    if (lease == nullptr || lease->bytes != bytes || *received) {
+      return absl::DataLossError(absl::StrCat("server ", conn.Address(p.server),
+                                              " said it answered in shared memory the call did "
+                                              "not offer for it"));
+    }
+    std::memcpy(dsts[0] + p.begin, lease->data(), bytes);
+    *received = true;
+    return absl::OkStatus();
+  }
+
   // Copies slice p from the first output to the others.
   static void CopyToOtherOutputs(const KeyPart& p, const std::vector<float*>& dsts) {
     for (size_t i = 1; i < dsts.size(); ++i) {
@@ -1556,11 +1754,13 @@ class DistKVStore : public KVStore {
   // every output.
   static absl::Status Received(const Conn& conn, const Entry& e, const char* what,
                                const grpc::Status& status, const grpc::ByteBuffer& resp,
-                               const KeyPart& p, const std::vector<float*>& dsts) {
+                               const KeyPart& p, const std::vector<float*>& dsts,
+                               ShmLease* lease) {
     MX_RETURN_IF_ERROR(conn.Named(FromGrpc(status), what, e.label, p.server));
     bool received = false;
     proto::PullResponse header;
     absl::Status s = DecodeWithTensor(resp, kPullValueField, &header, SliceSink(conn, p, dsts, &received));
+    if (s.ok()) s = FromShm(conn, p, header, lease, dsts, &received);
     if (s.ok() && !received) s = absl::DataLossError("the server sent no value");
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat(what, " of key ", e.label, ": ", s.message()));
     CopyToOtherOutputs(p, dsts);
@@ -1583,9 +1783,11 @@ class DistKVStore : public KVStore {
   // Decodes the answer (call status `status`) of a PushPullMany of `n`
   // entries, entry i's data going to sink(i, &received[i]); an answer with
   // more entries, or fewer received, is DATA_LOSS.
-  static absl::Status DecodeAnswers(const grpc::Status& status, const grpc::ByteBuffer& resp,
-                                    size_t n,
-                                    const std::function<TensorSink(size_t, bool*)>& sink) {
+  static absl::Status DecodeAnswers(
+      const grpc::Status& status, const grpc::ByteBuffer& resp, size_t n,
+      const std::function<TensorSink(size_t, bool*)>& sink,
+      const std::function<absl::Status(size_t, const proto::PullResponse&, bool*)>& from_shm =
+          nullptr) {
     absl::Status s = FromGrpc(status);
     if (!s.ok()) return s;
     std::deque<proto::PullResponse> headers;
@@ -1601,7 +1803,10 @@ class DistKVStore : public KVStore {
           return sink(i, &received[i]);
         });
     for (size_t i = 0; s.ok() && i < n; ++i) {
-      if (i >= headers.size() || !received[i]) s = absl::DataLossError("the server sent too few values");
+      if (i < headers.size() && from_shm) s = from_shm(i, headers[i], &received[i]);
+      if (s.ok() && (i >= headers.size() || !received[i])) {
+        s = absl::DataLossError("the server sent too few values");
+      }
     }
     return s;
   }
@@ -1650,12 +1855,18 @@ class DistKVStore : public KVStore {
   // slices `parts` in order.
   static absl::Status ReceivedMany(const Conn& conn, const std::vector<Item>& items,
                                    const std::vector<ItemPart>& parts, const grpc::Status& status,
-                                   const grpc::ByteBuffer& resp, int server) {
+                                   const grpc::ByteBuffer& resp, int server,
+                                   const std::vector<std::shared_ptr<ShmLease>>& leases) {
     std::vector<std::string> labels;
     for (const ItemPart& ip : parts) labels.push_back(items[ip.item].e->label);
-    const absl::Status s =
-        DecodeAnswers(status, resp, parts.size(), [&](size_t i, bool* received) {
+    const absl::Status s = DecodeAnswers(
+        status, resp, parts.size(),
+        [&](size_t i, bool* received) {
           return SliceSink(conn, On(parts[i].part, server), items[parts[i].item].dsts, received);
+        },
+        [&](size_t i, const proto::PullResponse& h, bool* received) {
+          return FromShm(conn, On(parts[i].part, server), h, leases[i].get(),
+                         items[parts[i].item].dsts, received);
         });
     MX_RETURN_IF_ERROR(conn.Named(s, "pushpull", absl::StrJoin(labels, ", "), server));
     for (const ItemPart& ip : parts) CopyToOtherOutputs(ip.part, items[ip.item].dsts);
@@ -1822,6 +2033,7 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   const auto staleness = setting(EnvInt("MX_STALENESS", 0, 1000));
   const auto coordinator_timeout = setting(EnvInt("MX_COORDINATOR_TIMEOUT_S", 2, 86400));
   const auto rank = setting(EnvInt("MX_RANK", 0, 1 << 20));
+  const auto shm_mb = setting(EnvInt("MX_SHM_MB", 1, 1 << 20));
   const rpc::Security security = setting(rpc::Security::FromEnvironment());
   MX_RETURN_IF_ERROR(bad);
   if (rpc_timeout) options.rpc_timeout = absl::Seconds(*rpc_timeout);
@@ -1830,6 +2042,8 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   options.replicas = static_cast<int>(replicas.value_or(1));
   options.staleness = static_cast<int>(staleness.value_or(0));
   options.security = security;
+  options.shm_dir = EnvString("MX_SHM_DIR");
+  if (shm_mb) options.shm_bytes = *shm_mb << 20;
   proto::RegisterRequest req;
   req.set_role(proto::WORKER);
   if (rank) req.set_rank(static_cast<int>(*rank));
@@ -1877,7 +2091,13 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOpti
     return absl::InvalidArgumentError(absl::StrCat("dist kvstore: rank ", options.rank,
                                                    " outside 0..", options.num_workers - 1));
   }
-  return std::unique_ptr<KVStore>(new DistKVStore(options));
+  if (options.shm_bytes < 1 << 20) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dist kvstore: shared memory of ", options.shm_bytes, " bytes per server (1 MiB or more)"));
+  }
+  auto store = std::make_unique<DistKVStore>(options);
+  store->AttachSharedMemory();
+  return std::unique_ptr<KVStore>(std::move(store));
 }
 
 }  // namespace mx

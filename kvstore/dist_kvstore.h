@@ -64,6 +64,17 @@ struct DistKVStoreOptions {
   // This worker's session key from the coordinator, sent with every call
   // as its identity; empty: none (servers that check no identities).
   std::string session_key;
+  // Shared memory with the servers on this host (docs/architecture.md,
+  // "Shared memory"): a directory both reach; empty: none. The store makes
+  // one segment of shm_bytes per server there and hands it over
+  // (AttachSegment); dense values of at least 16 KiB then travel through
+  // it, and only where they lie goes over the network. A server that
+  // cannot take it (another host, no --shm_dir) gets values as before.
+  // Not with replicas 2 or gradient compression, which send as before.
+  // The segments are sparse: memory backs only what calls have used at
+  // once (held values included), committed as it is first needed.
+  std::string shm_dir;
+  int64_t shm_bytes = int64_t{1} << 30;
 };
 
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOptions& options);
@@ -83,7 +94,8 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOpti
 // (DistKVStoreOptions::replicas); the servers must run with --replicas=2. MX_ELASTIC=1 (set by
 // `launch.py --elastic`) makes the store ignore dead workers
 // (DistKVStoreOptions::elastic); the servers and the coordinator must then
-// run with --elastic too.
+// run with --elastic too. MX_SHM_DIR (set by launch.py for jobs on one
+// host) and MX_SHM_MB give DistKVStoreOptions::shm_dir and shm_bytes.
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const std::string& type);
 
 }  // namespace mx

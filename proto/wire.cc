@@ -192,6 +192,13 @@ grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& m) {
   return grpc::ByteBuffer(&bytes, 1);
 }
 
+EncodedMessage EncodeHeader(const google::protobuf::MessageLite& m) {
+  EncodedMessage e;
+  e.slices.emplace_back(m.SerializeAsString());
+  e.bytes = e.slices.back().size();
+  return e;
+}
+
 grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& entries,
                                 const google::protobuf::MessageLite* rest) {
   std::vector<grpc::Slice> slices;

@@ -58,6 +58,9 @@ grpc::ByteBuffer EncodeRepeated(int field, const std::vector<EncodedMessage>& en
 
 // A message without a tensor, for the raw (byte buffer) methods.
 grpc::ByteBuffer EncodeMessage(const google::protobuf::MessageLite& m);
+// The same as an EncodedMessage: a message whose tensor's data lie
+// elsewhere (shared memory, rpc/shared_memory.h).
+EncodedMessage EncodeHeader(const google::protobuf::MessageLite& m);
 
 // The field numbers these functions take, from mx.proto.
 constexpr int kPushValueField = 3;    // PushRequest.value

@@ -23,6 +23,7 @@
 #include "ndarray/trace.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc.h"
+#include "rpc/shared_memory.h"
 
 namespace mx {
 
@@ -44,7 +45,8 @@ using ServiceBase = KVService::WithRawCallbackMethod_Init<KVService::WithRawCall
         KVService::WithRawCallbackMethod_PushPullMany<KVService::WithRawCallbackMethod_SetOptimizer<
             KVService::WithRawCallbackMethod_SaveOptimizerStates<
                 KVService::WithRawCallbackMethod_LoadOptimizerStates<
-                    KVService::WithRawCallbackMethod_Replicate<KVService::Service>>>>>>>>>;
+                    KVService::WithRawCallbackMethod_Replicate<
+                        KVService::WithRawCallbackMethod_AttachSegment<KVService::Service>>>>>>>>>>;
 
 using rpc::GiveUpBefore;
 using rpc::Guard;
@@ -67,6 +69,7 @@ struct ServerMetrics {
   metrics::Counter* pulls;
   metrics::Gauge* pulls_waiting;
   metrics::Histogram* pull_wait;
+  metrics::Counter* shm_bytes;
 
   static const ServerMetrics& Get() {
     static const ServerMetrics m = [] {
@@ -82,10 +85,91 @@ struct ServerMetrics {
                          "Time a pull (of one or several keys) waited for its step: for "
                          "dist_sync, how long the pushes of the other workers took to arrive",
                          metrics::LatencyBuckets())
+              ->With({}),
+          r.AddCounter("mx_server_shm_bytes_total",
+                       "Value bytes of pushes and answers that went through workers' shared "
+                       "memory instead of the network")
               ->With({})};
     }();
     return m;
   }
+};
+
+// Bytes of a worker's shared-memory segment that a call names (ShmRange),
+// checked; the segment stays mapped while this is held.
+struct ShmSpan {
+  std::shared_ptr<const rpc::SharedSegment> segment;
+  char* data = nullptr;
+  size_t bytes = 0;
+};
+
+// The shared-memory segments the workers on this host attached
+// (AttachSegment), by (rank, number). A worker's are dropped when it dies
+// or leaves; each is unmapped once no call holds it either.
+class Segments {
+ public:
+  explicit Segments(std::string dir) : dir_(std::move(dir)) {}
+
+  absl::Status Attach(int rank, int id, const std::string& name, int64_t bytes) {
+    if (dir_.empty()) {
+      return absl::FailedPreconditionError(
+          "this server takes no shared memory (start it with --shm_dir or MX_SHM_DIR)");
+    }
+    if (bytes <= 0 || bytes > kMaxBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("a shared memory segment of ", bytes,
+                                                     " bytes (1 to ", kMaxBytes, ")"));
+    }
+    MX_ASSIGN_OR_RETURN(std::unique_ptr<rpc::SharedSegment> segment,
+                        rpc::SharedSegment::Open(dir_, name, static_cast<size_t>(bytes)));
+    absl::MutexLock lock(&mu_);
+    int held = 0;
+    for (const auto& [key, s] : segments_) held += key.first == rank;
+    if (held >= kMaxPerWorker && !segments_.count({rank, id})) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "worker ", rank, " holds ", held, " shared memory segments here already"));
+    }
+    segments_[{rank, id}] = std::move(segment);
+    return absl::OkStatus();
+  }
+
+  // The range `r` of worker `rank`'s segment.
+  absl::StatusOr<ShmSpan> Find(int rank, const proto::ShmRange& r) const {
+    std::shared_ptr<const rpc::SharedSegment> segment;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = segments_.find({rank, r.segment()});
+      if (it != segments_.end()) segment = it->second;
+    }
+    if (segment == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "worker ", rank, " attached no shared memory segment ", r.segment(), " here"));
+    }
+    if (r.offset() < 0 || r.bytes() < 0) {
+      return absl::InvalidArgumentError("a shared memory range with a negative offset or size");
+    }
+    MX_RETURN_IF_ERROR(segment->CheckRange(r.offset(), r.bytes()));
+    return ShmSpan{segment, segment->data() + r.offset(), static_cast<size_t>(r.bytes())};
+  }
+
+  void Drop(int rank) {
+    absl::MutexLock lock(&mu_);
+    for (auto it = segments_.begin(); it != segments_.end();) {
+      it = it->first.first == rank ? segments_.erase(it) : std::next(it);
+    }
+  }
+
+  size_t count() const {
+    absl::MutexLock lock(&mu_);
+    return segments_.size();
+  }
+
+ private:
+  static constexpr int64_t kMaxBytes = int64_t{64} << 30;
+  static constexpr int kMaxPerWorker = 16;
+  const std::string dir_;
+  mutable absl::Mutex mu_;
+  std::map<std::pair<int, int>, std::shared_ptr<const rpc::SharedSegment>> segments_
+      ABSL_GUARDED_BY(mu_);
 };
 
 class PullReactor;
@@ -126,6 +210,9 @@ class PullReactor : public grpc::ServerUnaryReactor {
     int key;
     int64_t min_version;
     ParameterShard::RowIds rows;  // a table's pull
+    // Where the caller wants the value's data (its shared memory), when
+    // they fit exactly; else they travel in the answer.
+    std::optional<ShmSpan> reply = std::nullopt;
   };
 
   PullReactor(ParameterShard* shard, PullDeadlines* deadlines, grpc::ByteBuffer* response,
@@ -212,13 +299,22 @@ class PullReactor : public grpc::ServerUnaryReactor {
       return;
     }
     std::vector<EncodedMessage> entries;
-    for (absl::StatusOr<ParameterShard::Value>& v : values_) {
+    for (size_t i = 0; i < values_.size(); ++i) {
+      const ParameterShard::Value& v = *values_[i];
       proto::PullResponse header;
-      header.set_version(v->version);
+      header.set_version(v.version);
+      const std::optional<ShmSpan>& reply = wanted_[i].reply;
+      if (reply.has_value() && reply->bytes == v.data.bytes()) {
+        v.data.CopyTo(0, v.data.bytes(), reply->data);
+        ServerMetrics::Get().shm_bytes->Add(static_cast<double>(v.data.bytes()));
+        header.set_in_shm(true);
+        entries.push_back(EncodeHeader(header));
+        continue;
+      }
       proto::Tensor* t = header.mutable_value();
-      t->add_shape(static_cast<int64_t>(v->data.bytes() / sizeof(float)));
+      t->add_shape(static_cast<int64_t>(v.data.bytes() / sizeof(float)));
       t->set_dtype(proto::FLOAT32);
-      entries.push_back(EncodeTensorMessage(header, kPullValueField, v->data));
+      entries.push_back(EncodeTensorMessage(header, kPullValueField, v.data));
     }
     *response_ = many_ ? EncodeRepeated(kManyEntriesField, entries) : ToByteBuffer(entries[0]);
     values_.clear();  // the response holds the values now
@@ -535,8 +631,9 @@ class Replicator {
 class Service final : public ServiceBase {
  public:
   Service(ParameterShard* shard, const ParameterServerOptions& o)
-      : shard_(shard), guard_(o.security.token, o.identities) {}
+      : shard_(shard), guard_(o.security.token, o.identities), segments_(o.shm_dir) {}
   Guard& guard() { return guard_; }
+  Segments& segments() { return segments_; }
   void set_rank(int rank) { rank_.store(rank); }
 
   grpc::ServerUnaryReactor* Init(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
@@ -576,8 +673,11 @@ class Service final : public ServiceBase {
     absl::Status s = caller.status();
     if (s.ok()) s = decoded;
     if (s.ok()) s = guard_.CheckClaim(*ctx, "pull", *caller, kWorker, req.rank());
+    std::optional<ShmSpan> reply;
+    if (s.ok()) s = ReplyOf(req, &reply);
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false);
-    reactor->Start(Prefix(s, "pull", req.key()), {{req.key(), req.min_version(), RowsOf(req)}},
+    reactor->Start(Prefix(s, "pull", req.key()),
+                   {{req.key(), req.min_version(), RowsOf(req), std::move(reply)}},
                    ctx->deadline());
     return reactor;
   }
@@ -588,8 +688,10 @@ class Service final : public ServiceBase {
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false);
     // Once the push is recorded (a parked one: later, on another thread).
     HandlePush(*ctx, *request, req.get(),
-               [reactor, req, deadline = ctx->deadline()](absl::Status s) {
-                 reactor->Start(s, {{req->key(), req->min_version(), PullRowsOf(*req)}},
+               [this, reactor, req, deadline = ctx->deadline()](absl::Status s) {
+                 std::optional<ShmSpan> reply;
+                 if (s.ok()) s = Prefix(ReplyOf(*req, &reply), "pushpull", req->key());
+                 reactor->Start(s, {{req->key(), req->min_version(), PullRowsOf(*req), std::move(reply)}},
                                 deadline);
                });
     return reactor;
@@ -657,6 +759,19 @@ class Service final : public ServiceBase {
         [&] { return Worker(*ctx, "load_optimizer_states").status(); },
         [this](const proto::OptimizerStates& req, proto::LoadOptimizerStatesResponse*) {
           return shard_->LoadOptimizerStates(req.states(), req.merge());
+        });
+  }
+
+  grpc::ServerUnaryReactor* AttachSegment(grpc::CallbackServerContext* ctx,
+                                          const grpc::ByteBuffer* request,
+                                          grpc::ByteBuffer* response) override {
+    return rpc::AnswerRequest<proto::AttachSegmentRequest, proto::AttachSegmentResponse>(
+        ctx, *request, response, "attach_segment",
+        [&] { return Worker(*ctx, "attach_segment").status(); },
+        [&](const proto::AttachSegmentRequest& req, proto::AttachSegmentResponse*) {
+          MX_ASSIGN_OR_RETURN(const Guard::Node caller, Worker(*ctx, "attach_segment"));
+          MX_RETURN_IF_ERROR(guard_.CheckClaim(*ctx, "attach_segment", caller, kWorker, req.rank()));
+          return segments_.Attach(req.rank(), req.segment(), req.name(), req.bytes());
         });
   }
 
@@ -826,7 +941,10 @@ class Service final : public ServiceBase {
     join->remaining = reqs.size();
     join->done = std::move(done);
     for (const proto::PushRequest& req : reqs) {
-      join->wanted.push_back({req.key(), req.min_version(), PullRowsOf(req)});
+      std::optional<ShmSpan> reply;
+      absl::Status bad = ReplyOf(req, &reply);
+      if (!bad.ok()) return done(Prefix(bad, "pushpull", req.key()), {});
+      join->wanted.push_back({req.key(), req.min_version(), PullRowsOf(req), std::move(reply)});
     }
     for (size_t i = 0; i < reqs.size(); ++i) {
       Apply(absl::OkStatus(), *slices, reqs[i], data[i], [join](absl::Status s) {
@@ -881,13 +999,19 @@ class Service final : public ServiceBase {
   // `done` gets the outcome (see HandlePush).
   void Apply(absl::Status s, const Slices& request, const proto::PushRequest& req,
              const PushData& data, ParameterShard::PushCallback done) {
-    if (s.ok() && !data.received) s = absl::InvalidArgumentError("no value");
+    // A value in shared memory comes with the tensor's shape, no data.
+    if (s.ok() && req.has_shm_value() && data.bytes > 0) {
+      s = absl::InvalidArgumentError("a value both in the request and in shared memory");
+    } else if (s.ok() && !req.has_shm_value() && !data.received) {
+      s = absl::InvalidArgumentError("no value");
+    }
     if (!s.ok()) return done(Prefix(s, "push", req.key()));
     if (req.has_rows() && req.value().dtype() != proto::FLOAT32) {
       return done(Prefix(absl::InvalidArgumentError("a row-sparse push travels uncompressed"),
                          "push", req.key()));
     }
-    absl::StatusOr<Pieces> pieces = PushedValue(request, req.value(), data);
+    absl::StatusOr<Pieces> pieces =
+        req.has_shm_value() ? ShmValue(req) : PushedValue(request, req.value(), data);
     if (!pieces.ok()) return done(Prefix(pieces.status(), "push", req.key()));
     if (req.assign()) {
       if (!req.has_rows()) {
@@ -896,9 +1020,10 @@ class Service final : public ServiceBase {
       }
       return done(shard_->AssignRows(req.key(), *RowsOf(req), *pieces));
     }
+    const size_t bytes = pieces->bytes();
     shard_->PushAsync(
         req.key(), req.rank(), *std::move(pieces),
-        [bytes = data.bytes, done = std::move(done)](absl::Status s) {
+        [bytes, done = std::move(done)](absl::Status s) {
           if (s.ok()) {
             ServerMetrics::Get().pushes->Add();
             ServerMetrics::Get().pushed_bytes->Add(static_cast<double>(bytes));
@@ -906,6 +1031,52 @@ class Service final : public ServiceBase {
           done(std::move(s));
         },
         req.seq(), RowsOf(req));
+  }
+
+  // A push's value that lies in the worker's shared memory: held where it
+  // lies until the shard drops it, then released to the worker through
+  // its release word (ShmRange.release); without one, copied out at once
+  // (the worker reuses the range once the call is answered).
+  absl::StatusOr<Pieces> ShmValue(const proto::PushRequest& req) const {
+    if (req.value().dtype() != proto::FLOAT32) {
+      return absl::InvalidArgumentError("a value in shared memory travels uncompressed");
+    }
+    const proto::ShmRange& r = req.shm_value();
+    MX_ASSIGN_OR_RETURN(const ShmSpan span, segments_.Find(req.rank(), r));
+    MX_RETURN_IF_ERROR(TensorShape(req.value(), span.bytes).status());
+    if (reinterpret_cast<uintptr_t>(span.data) % alignof(float) != 0) {
+      return absl::InvalidArgumentError("a value in shared memory at an unaligned offset");
+    }
+    ServerMetrics::Get().shm_bytes->Add(static_cast<double>(span.bytes));
+    const size_t n = span.bytes / sizeof(float);
+    if (r.has_release()) {
+      proto::ShmRange word;
+      word.set_segment(r.segment());
+      word.set_offset(r.release());
+      word.set_bytes(sizeof(uint32_t));
+      MX_ASSIGN_OR_RETURN(const ShmSpan release, segments_.Find(req.rank(), word));
+      if (r.release() % sizeof(uint32_t) != 0) {
+        return absl::InvalidArgumentError("a release word at an unaligned offset");
+      }
+      // Holds the segment mapped; tells the worker when the value is no
+      // longer read.
+      std::shared_ptr<const void> owner(release.segment.get(), [release](const void*) {
+        reinterpret_cast<std::atomic<uint32_t>*>(release.data)->store(0, std::memory_order_release);
+      });
+      return Pieces::Of(reinterpret_cast<const float*>(span.data), n, std::move(owner));
+    }
+    // Not zeroed first: a pass over 16 MiB costs as much as the copy.
+    std::shared_ptr<float[]> value(new float[n]);
+    std::memcpy(value.get(), span.data, span.bytes);
+    return Pieces::Of(value.get(), n, value);
+  }
+  // Where a pull (or pushpull) asks for its answer's data: the caller's
+  // shared memory, or (no shm_reply) the answer.
+  template <typename Request>
+  absl::Status ReplyOf(const Request& req, std::optional<ShmSpan>* reply) const {
+    if (!req.has_shm_reply()) return absl::OkStatus();
+    MX_ASSIGN_OR_RETURN(*reply, segments_.Find(req.rank(), req.shm_reply()));
+    return absl::OkStatus();
   }
 
   static std::vector<int64_t> IdsOf(const proto::RowIds& rows) {
@@ -926,6 +1097,7 @@ class Service final : public ServiceBase {
 
   ParameterShard* shard_;
   Guard guard_;
+  Segments segments_;
   std::atomic<int> rank_{-1};  // set when it replicates
   PullDeadlines deadlines_;
 };
@@ -1003,6 +1175,18 @@ int ParameterServer::ServerReplaced(int server, const std::string& address,
   impl_->replicator->Reinstate(server, address);
   return shard_->ServerReplaced(server);
 }
+
+void ParameterServer::WorkerDied(int rank) {
+  shard_->MarkDead(rank);
+  impl_->service->segments().Drop(rank);
+}
+
+void ParameterServer::WorkerLeft(int rank) {
+  shard_->MarkFinished(rank);
+  impl_->service->segments().Drop(rank);
+}
+
+size_t ParameterServer::shm_segments() const { return impl_->service->segments().count(); }
 
 int ParameterServer::ServerDied(int server) {
   if (impl_->replicator != nullptr) impl_->replicator->Drop(server);

@@ -24,6 +24,9 @@ struct ParameterServerOptions {
   // wait (up to 10 s) until AdmitWorkers names the workers. Off (tests that
   // hand workers the servers' addresses), any rank may be claimed.
   bool identities = false;
+  // The directory of the shared memory the workers on this host hand the
+  // server (rpc/shared_memory.h, AttachSegment); empty: none taken.
+  std::string shm_dir;
 };
 
 // Replicas 2 (docs/architecture.md, "Replicas"): where a server sends the
@@ -73,6 +76,13 @@ class ParameterServer {
   // and the keys here that lost their copy there get one again
   // (ParameterShard::ServerReplaced). Returns the number of keys.
   int ServerReplaced(int server, const std::string& address, const std::string& session_key);
+  // Worker `rank` was declared dead (elastic jobs go on without it) or
+  // left the job: the shard stops counting it, and its shared memory is
+  // unmapped once no call holds it.
+  void WorkerDied(int rank);
+  void WorkerLeft(int rank);
+  // Shared memory segments the workers attached and hold here.
+  size_t shm_segments() const;
   // Calls refused for a missing or wrong token or identity.
   int64_t refused() const;
 

@@ -109,6 +109,9 @@ ABSL_FLAG(std::string, tls_key, "", "the private key of --tls_cert (default: $MX
 ABSL_FLAG(std::string, tls_ca, "",
           "the job's CA certificate: peers must present certificates it signed (default: "
           "$MX_TLS_CA)");
+ABSL_FLAG(std::string, shm_dir, "",
+          "where workers on this host put the shared memory they hand this server (values then "
+          "skip the network; default: $MX_SHM_DIR; launch.py sets it for jobs on one host)");
 ABSL_FLAG(std::string, tls_server_name, "",
           "the name servers' certificates carry, checked instead of the host dialled (default: "
           "$MX_TLS_SERVER_NAME; launch.py --tls uses one name for the whole job)");
@@ -384,7 +387,7 @@ bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, in
   coordinator.StartHeartbeats(
       [&](const proto::HeartbeatResponse& hr) {
         for (const proto::NodeInfo& dead : hr.dead()) {
-          if (dead.role() == proto::WORKER) ps.shard().MarkDead(dead.rank());
+          if (dead.role() == proto::WORKER) ps.WorkerDied(dead.rank());
           if (dead.role() != proto::SERVER || dead.incarnation() < incarnation[dead.rank()] ||
               !dead_servers.insert({dead.rank(), dead.incarnation()}).second) {
             continue;
@@ -415,7 +418,7 @@ bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, in
                                      : "")
                     << std::endl;
         }
-        for (int worker : hr.finished_workers()) ps.shard().MarkFinished(worker);
+        for (int worker : hr.finished_workers()) ps.WorkerLeft(worker);
         if (!hr.failure().empty() && !lost.exchange(true)) {
           std::cerr << "mx_server: server " << rank << ": " << hr.failure() << "; stopping\n";
           ps.shard().Close(absl::StrCat("server ", rank, " stopped: ", hr.failure()));
@@ -503,6 +506,8 @@ int RunServer() {
   server_options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
   server_options.security = SecuritySettings();
   server_options.identities = true;
+  server_options.shm_dir = absl::GetFlag(FLAGS_shm_dir);
+  if (server_options.shm_dir.empty()) server_options.shm_dir = EnvString("MX_SHM_DIR");
   std::unique_ptr<metrics::HttpServer> metrics = ServeMetrics(bind, "server");
   const int replicas = IntSetting("replicas", absl::GetFlag(FLAGS_replicas), "MX_REPLICAS", 1, 2, 1);
   const int staleness =

@@ -222,9 +222,10 @@ class ParameterShard {
 
   // A version of a key's value; every pull of that version shares it, and
   // it never changes (the next version is other memory). Without an
-  // optimizer, a step of one push publishes that push as it arrived; a sum
-  // is a buffer of the shard's, which it reuses once the last answer
-  // holding it is sent.
+  // optimizer, a step of one push publishes that push as it arrived (also
+  // where it lies in a worker's shared memory, which the worker then
+  // leaves alone: see kvstore_service.cc); a sum is a buffer of the
+  // shard's, which it reuses once the last answer holding it is sent.
   struct Value {
     Pieces data;
     int64_t version = 0;
