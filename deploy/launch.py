@@ -626,6 +626,7 @@ def run(args, cmd, secrets, remote):
     shm_dir = None if remote or args.no_shm else shared_memory_dir()
     if shm_dir:
         env["MX_SHM_DIR"] = shm_dir
+        log(f"shared memory in {shm_dir}")
     job = Job(remote, args.log_dir)
     try:
         return run_until_stopped(job, lambda: start_and_supervise(job, args, cmd, secrets, env))

@@ -722,9 +722,9 @@ class DistKVStore : public KVStore {
     const DistKVStoreOptions& o = conn_->options;
     conn_->shm.assign(conn_->stubs.size(), nullptr);
     if (o.shm_dir.empty() || o.replicas > 1) return;
-    for (int s = 0; s < static_cast<int>(conn_->stubs.size()); ++s) {
+    for (int s = 0; s < static_cast<int>(conn_->stubs.size()) && conn_->Failure().ok(); ++s) {
       const absl::Status st = AttachSegment(s);
-      if (!st.ok()) {
+      if (!st.ok() && conn_->Failure().ok()) {
         std::cerr << "worker " << o.rank << ": no shared memory with server " << s << " ("
                   << conn_->Address(s) << "): " << st.message() << "; values go over the network"
                   << std::endl;
@@ -2004,6 +2004,36 @@ class DistKVStore : public KVStore {
 
 }  // namespace
 
+namespace {
+// A store of `options`, checked, not yet handed shared memory.
+absl::StatusOr<std::unique_ptr<DistKVStore>> NewDistKVStore(const DistKVStoreOptions& options) {
+  if (options.servers.empty()) return absl::InvalidArgumentError("dist kvstore: no servers");
+  if (options.replicas < 1 || options.replicas > 2) {
+    return absl::InvalidArgumentError(absl::StrCat("dist kvstore: replicas must be 1 or 2, not ",
+                                                   options.replicas));
+  }
+  if (options.replicas > static_cast<int>(options.servers.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("dist kvstore: replicas ", options.replicas,
+                                                   " need as many servers; the job has ",
+                                                   options.servers.size()));
+  }
+  if (options.staleness < 0 || (options.staleness > 0 && !options.sync)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dist kvstore: staleness ", options.staleness,
+        ": must be 0 or more, and applies to dist_sync only (dist_async pulls do not wait)"));
+  }
+  if (options.rank < 0 || options.rank >= options.num_workers) {
+    return absl::InvalidArgumentError(absl::StrCat("dist kvstore: rank ", options.rank,
+                                                   " outside 0..", options.num_workers - 1));
+  }
+  if (options.shm_bytes < 1 << 20) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dist kvstore: shared memory of ", options.shm_bytes, " bytes per server (1 MiB or more)"));
+  }
+  return std::make_unique<DistKVStore>(options);
+}
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const std::string& type) {
   auto prefixed = [&type](const absl::Status& s) {
     return absl::Status(s.code(), absl::StrCat("kvstore ", type, ": ", s.message()));
@@ -2061,9 +2091,13 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   options.num_workers = resp.workers_size();
   options.session_key = resp.session_key();
   for (const proto::NodeInfo& server : resp.servers()) options.servers.push_back(server.address());
-  MX_ASSIGN_OR_RETURN(std::unique_ptr<KVStore> kv, CreateDistKVStore(options));
-  static_cast<DistKVStore*>(kv.get())->AttachCoordinator(std::move(client));
-  return kv;
+  MX_ASSIGN_OR_RETURN(std::unique_ptr<DistKVStore> kv, NewDistKVStore(options));
+  // Heartbeats first: a server that hangs while it is handed shared
+  // memory is then declared dead, which ends that call, rather than this
+  // worker, silent meanwhile.
+  kv->AttachCoordinator(std::move(client));
+  kv->AttachSharedMemory();
+  return std::unique_ptr<KVStore>(std::move(kv));
 }
 
 namespace {
@@ -2072,32 +2106,10 @@ const bool kRegistered = KVStore::RegisterType("dist_sync", CreateDistKVStoreFro
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOptions& options) {
-  if (options.servers.empty()) return absl::InvalidArgumentError("dist kvstore: no servers");
-  if (options.replicas < 1 || options.replicas > 2) {
-    return absl::InvalidArgumentError(absl::StrCat("dist kvstore: replicas must be 1 or 2, not ",
-                                                   options.replicas));
-  }
-  if (options.replicas > static_cast<int>(options.servers.size())) {
-    return absl::InvalidArgumentError(absl::StrCat("dist kvstore: replicas ", options.replicas,
-                                                   " need as many servers; the job has ",
-                                                   options.servers.size()));
-  }
-  if (options.staleness < 0 || (options.staleness > 0 && !options.sync)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "dist kvstore: staleness ", options.staleness,
-        ": must be 0 or more, and applies to dist_sync only (dist_async pulls do not wait)"));
-  }
-  if (options.rank < 0 || options.rank >= options.num_workers) {
-    return absl::InvalidArgumentError(absl::StrCat("dist kvstore: rank ", options.rank,
-                                                   " outside 0..", options.num_workers - 1));
-  }
-  if (options.shm_bytes < 1 << 20) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "dist kvstore: shared memory of ", options.shm_bytes, " bytes per server (1 MiB or more)"));
-  }
-  auto store = std::make_unique<DistKVStore>(options);
+  MX_ASSIGN_OR_RETURN(std::unique_ptr<DistKVStore> store, NewDistKVStore(options));
   store->AttachSharedMemory();
   return std::unique_ptr<KVStore>(std::move(store));
 }
+
 
 }  // namespace mx

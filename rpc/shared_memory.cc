@@ -98,8 +98,9 @@ absl::Status SharedSegment::Commit(size_t end) {
   if (fd_ < 0 || end > size_) {
     return absl::FailedPreconditionError(absl::StrCat(path_, ": cannot back bytes up to ", end));
   }
-  // In steps of 16 MiB at least: fewer calls.
-  const size_t to = std::min(size_, std::max(end, committed_ + (size_t{16} << 20)));
+  // To the next 2 MiB: fewer calls, little memory beyond what calls use.
+  constexpr size_t kStep = size_t{2} << 20;
+  const size_t to = std::min(size_, (end + kStep - 1) / kStep * kStep);
   const int err = posix_fallocate(fd_, static_cast<off_t>(committed_),
                                   static_cast<off_t>(to - committed_));
   if (err != 0) {

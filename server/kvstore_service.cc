@@ -1020,7 +1020,8 @@ class Service final : public ServiceBase {
       }
       return done(shard_->AssignRows(req.key(), *RowsOf(req), *pieces));
     }
-    const size_t bytes = pieces->bytes();
+    // As they travelled: packed when compressed.
+    const size_t bytes = req.has_shm_value() ? pieces->bytes() : data.bytes;
     shard_->PushAsync(
         req.key(), req.rank(), *std::move(pieces),
         [bytes, done = std::move(done)](absl::Status s) {

@@ -75,6 +75,12 @@ assert_nothing_left() {
     fail "$log: processes left behind: $(echo $left)"
     kill -9 $left 2>/dev/null
   fi
+  # The job's shared memory directory goes with its launcher.
+  local shm
+  shm=$(sed -n 's/.*launch\.py: shared memory in \(.*\)$/\1/p' "$log" | head -1)
+  if [[ -n "$shm" && -e "$shm" ]] && ! kill -0 "$launcher" 2>/dev/null; then
+    fail "$log: shared memory left behind in $shm: $(ls -A "$shm" | head -3)"
+  fi
 }
 
 cleanup() {

@@ -26,6 +26,7 @@
 #include "proto/mx.pb.h"
 #include "proto/wire.h"
 #include "rpc/security.h"
+#include "rpc/shared_memory.h"
 #include "server/coordinator.h"
 #include "server/kvstore_service.h"
 #include "tests/proto/mutate.h"
@@ -153,10 +154,24 @@ std::map<grpc::StatusCode, int> SendDamaged(RawClient& client, const Requests& s
 }
 
 TEST(RpcFuzz, DamagedRequestsGetErrorsAndTheServerKeepsServing) {
-  auto server = ParameterServer::Start("127.0.0.1:0", {true, 1, false});
+  // Shared memory too: a segment the "worker" attached, which damaged
+  // ranges must never reach beyond.
+  std::string shm_dir = std::string(getenv("TEST_TMPDIR") ? getenv("TEST_TMPDIR") : "/tmp") +
+                        "/fuzzshmXXXXXX";
+  ASSERT_NE(mkdtemp(shm_dir.data()), nullptr);
+  auto segment = rpc::SharedSegment::Create(shm_dir, "seg", 1 << 20);
+  ASSERT_TRUE(segment.ok()) << segment.status();
+  ParameterServerOptions server_options;
+  server_options.shm_dir = shm_dir;
+  auto server = ParameterServer::Start("127.0.0.1:0", {true, 1, false}, server_options);
   ASSERT_TRUE(server.ok()) << server.status();
   RawClient client((*server)->address(), "KVStoreService");
   std::string response;
+  proto::AttachSegmentRequest attach;
+  attach.set_name("seg");
+  attach.set_segment(1);
+  attach.set_bytes(1 << 20);
+  ASSERT_TRUE(client.Call("AttachSegment", attach.SerializeAsString(), &response).ok());
 
   // Valid requests of every method, from which the damaged ones are made.
   proto::InitRequest init;
@@ -218,7 +233,25 @@ TEST(RpcFuzz, DamagedRequestsGetErrorsAndTheServerKeepsServing) {
   pull_rows.mutable_rows()->add_ids(99);
   proto::PushRequest assign = push_rows;
   assign.set_assign(true);
+  // A pushpull whose value lies in the shared memory (16 bytes at 64, a
+  // release word at 0) and whose answer goes back there, and a pull
+  // answered there.
+  proto::PushRequest push_shm = push;
+  push_shm.mutable_value()->clear_data();
+  push_shm.mutable_shm_value()->set_segment(1);
+  push_shm.mutable_shm_value()->set_offset(64);
+  push_shm.mutable_shm_value()->set_bytes(16);
+  push_shm.mutable_shm_value()->set_release(0);
+  *push_shm.mutable_shm_reply() = push_shm.shm_value();
+  push_shm.mutable_shm_reply()->clear_release();
+  push_shm.set_min_version(2);
+  ASSERT_TRUE(client.Call("PushPull", push_shm.SerializeAsString(), &response).ok());
+  proto::PullRequest pull_shm = pull;
+  *pull_shm.mutable_shm_reply() = push_shm.shm_reply();
   const Requests seeds = {
+      {"AttachSegment", attach.SerializeAsString()},
+      {"PushPull", push_shm.SerializeAsString()},
+      {"Pull", pull_shm.SerializeAsString()},
       {"Init", init.SerializeAsString()},
       {"Init", init_table.SerializeAsString()},
       {"Push", push_rows.SerializeAsString()},
