@@ -1043,14 +1043,7 @@ class DistKVStore : public KVStore {
                 return EncodeRepeated(kManyEntriesField, messages, &rest);
               };
               h->resends = [conn, items, parts = parts](int server) {
-                std::vector<Resend> all;
-                for (const ItemPart& ip : parts) {
-                  const Item& item = items[ip.item];
-                  for (Resend& r : Resends(conn, item.e, ip.part, item.seq - 1, server)) {
-                    all.push_back(std::move(r));
-                  }
-                }
-                return all;
+                return BucketResends(conn, items, parts, server);
               };
               h->done = [conn, join, items, leases, parts = parts](
                             grpc::Status s, const grpc::ByteBuffer& resp, int server) {
@@ -1216,14 +1209,7 @@ class DistKVStore : public KVStore {
                 return EncodeRepeated(kManyEntriesField, messages, &rest);
               };
               h->resends = [conn, items, parts = parts](int server) {
-                std::vector<Resend> all;
-                for (const ItemPart& ip : parts) {
-                  const TableItem& t = items[ip.item];
-                  for (Resend& r : Resends(conn, t.e, ip.part, t.seq - 1, server)) {
-                    all.push_back(std::move(r));
-                  }
-                }
-                return all;
+                return BucketResends(conn, items, parts, server);
               };
               h->done = [conn, join, items, parts = parts](grpc::Status s,
                                                            const grpc::ByteBuffer& resp,
@@ -1779,6 +1765,23 @@ class DistKVStore : public KVStore {
     size_t item;
     KeyPart part;
   };
+
+  // The kept pushes a call of a bucket (`parts` of `items`, dense or
+  // tables) must be preceded by on `server`: each part's before its item's
+  // push.
+  template <typename BucketItem>
+  static std::vector<Resend> BucketResends(const std::shared_ptr<Conn>& conn,
+                                           const std::vector<BucketItem>& items,
+                                           const std::vector<ItemPart>& parts, int server) {
+    std::vector<Resend> all;
+    for (const ItemPart& ip : parts) {
+      const BucketItem& item = items[ip.item];
+      for (Resend& r : Resends(conn, item.e, ip.part, item.seq - 1, server)) {
+        all.push_back(std::move(r));
+      }
+    }
+    return all;
+  }
 
   // Decodes the answer (call status `status`) of a PushPullMany of `n`
   // entries, entry i's data going to sink(i, &received[i]); an answer with

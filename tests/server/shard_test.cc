@@ -2,6 +2,7 @@
 // stand in for workers.
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <random>
 #include <thread>
@@ -629,16 +630,21 @@ std::vector<float> Gradient(int step, int rank) {
   return {rank == 0 ? 1e8f : 1.0f + step, rank == 0 ? -1e8f * step : 0.1f * step, 0.25f * rank};
 }
 
-// A primary (server 0) whose steps go to its backup (server 1) as they
-// complete, unless `sent` is given: then they are kept there.
+// A primary (server 0) and its backup (server 1) of a key `init` creates
+// (key 7, dense, by default); the primary's steps are kept in `steps`
+// until Replicate sends them.
+using InitKey = std::function<absl::Status(ParameterShard&, Copies)>;
+absl::Status InitDense(ParameterShard& shard, Copies copies) {
+  return shard.Init(7, Shape{3}, {1, 2, 3}, copies);
+}
 struct Pair {
-  explicit Pair(bool optimizer) {
+  explicit Pair(bool optimizer, const InitKey& init = InitDense) {
     primary.SetReplicator([this](int backup, ReplicaStep step) {
       EXPECT_EQ(backup, 1);
       steps.push_back(std::move(step));
     });
-    EXPECT_TRUE(primary.Init(7, Shape{3}, {1, 2, 3}, {Copies::kPrimary, 1}).ok());
-    EXPECT_TRUE(backup.Init(7, Shape{3}, {1, 2, 3}, {Copies::kBackup, 0}).ok());
+    EXPECT_TRUE(init(primary, {Copies::kPrimary, 1}).ok());
+    EXPECT_TRUE(init(backup, {Copies::kBackup, 0}).ok());
     if (optimizer) {
       EXPECT_TRUE(primary.SetOptimizer("sgd", kSgdMomentum).ok());
       EXPECT_TRUE(backup.SetOptimizer("sgd", kSgdMomentum).ok());
@@ -1002,27 +1008,10 @@ std::vector<float> UndisturbedTable(bool optimizer, int steps) {
 }
 
 // A primary (server 0) and backup (server 1) of the range.
-struct TablePair {
-  explicit TablePair(bool optimizer) {
-    primary.SetReplicator([this](int backup, ReplicaStep step) {
-      EXPECT_EQ(backup, 1);
-      steps.push_back(std::move(step));
-    });
-    EXPECT_TRUE(InitTable(primary, {Copies::kPrimary, 1}).ok());
-    EXPECT_TRUE(InitTable(backup, {Copies::kBackup, 0}).ok());
-    if (optimizer) {
-      EXPECT_TRUE(primary.SetOptimizer("sgd", kSgdMomentum).ok());
-      EXPECT_TRUE(backup.SetOptimizer("sgd", kSgdMomentum).ok());
-    }
-  }
-  void Replicate() {
-    ASSERT_TRUE(backup.ApplyReplicated(0, steps).ok());
-    for (const ReplicaStep& s : steps) primary.Replicated(s.key, s.version);
-    steps.clear();
-  }
-  ParameterShard primary{{true, 2, false}};
-  ParameterShard backup{{true, 2, false}};
-  std::vector<ReplicaStep> steps;
+struct TablePair : Pair {
+  explicit TablePair(bool optimizer) : Pair(optimizer, [](ParameterShard& s, Copies c) {
+    return InitTable(s, c);
+  }) {}
 };
 
 // A table's step reaches its backup as the rank-order sum on the union of
