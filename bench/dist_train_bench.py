@@ -13,6 +13,8 @@ slow spells. Prints one BENCH line (ratio = mx / PyTorch, target >= 1.2).
 Replicas: the same mx job on 3 servers with --replicas=2 against
 --replicas=1, rounds alternating, best of each (ratio = replicas 2 /
 replicas 1, target >= 0.85: the cost of keeping a backup of every key).
+Both over TCP (--no-shm): replicas do not use shared memory yet, and the
+figure is the cost of the backup, not of the transport.
 
 Usage: bench/dist_train_bench.py [EPOCHS] [ROUNDS]  (after bazel build
 //server:mx_server //worker:mx_train; bench/run_all.sh does both)
@@ -29,9 +31,10 @@ WORKERS = 2
 TRAIN_SAMPLES = 60000
 
 
-def mx_rate(epochs, servers=2, replicas=1):
+def mx_rate(epochs, servers=2, replicas=1, shm=True):
     cmd = [sys.executable, os.path.join(ROOT, "deploy/launch.py"), "-n", str(WORKERS),
-           "-s", str(servers), f"--replicas={replicas}", "--server-binary", os.path.join(ROOT, "bazel-bin/server/mx_server"), "--",
+           "-s", str(servers), f"--replicas={replicas}", *([] if shm else ["--no-shm"]),
+           "--server-binary", os.path.join(ROOT, "bazel-bin/server/mx_server"), "--",
            os.path.join(ROOT, "bazel-bin/worker/mx_train"), "--kvstore=dist_sync", "--network=mlp",
            f"--epochs={epochs}", "--lr=0.1", f"--data_dir={DATA}"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -60,8 +63,8 @@ def main():
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     one, two = 0.0, 0.0
     for _ in range(rounds):
-        one = max(one, mx_rate(epochs, servers=3, replicas=1))
-        two = max(two, mx_rate(epochs, servers=3, replicas=2))
+        one = max(one, mx_rate(epochs, servers=3, replicas=1, shm=False))
+        two = max(two, mx_rate(epochs, servers=3, replicas=2, shm=False))
     print(f"BENCH name=dist_sync_mlp_replicas2 value={two:.0f} unit=samples/s "
           f"baseline={one:.0f} ratio={two / one:.3f} target=>=0.85", flush=True)
     best_mx, best_torch = 0.0, 0.0
