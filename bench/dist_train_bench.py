@@ -13,8 +13,9 @@ slow spells. Prints one BENCH line (ratio = mx / PyTorch, target >= 1.2).
 Replicas: the same mx job on 3 servers with --replicas=2 against
 --replicas=1, rounds alternating, best of each (ratio = replicas 2 /
 replicas 1, target >= 0.85: the cost of keeping a backup of every key).
-Both over TCP (--no-shm): replicas do not use shared memory yet, and the
-figure is the cost of the backup, not of the transport.
+Both over TCP (--no-shm), so that the figure is the cost of the backup,
+not of the transport: shared memory speeds up what workers send in both,
+and leaves replication (server to server) as it is.
 
 Usage: bench/dist_train_bench.py [EPOCHS] [ROUNDS]  (after bazel build
 //server:mx_server //worker:mx_train; bench/run_all.sh does both)

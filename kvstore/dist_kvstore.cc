@@ -169,7 +169,8 @@ struct Resend {
 struct Held {
   std::vector<KeyPart> parts;  // the slices it carries, all held by one server
   std::string method;
-  std::function<grpc::ByteBuffer()> encode;  // the request, for each attempt
+  // The request, for each attempt, to the server that attempt goes to.
+  std::function<grpc::ByteBuffer(int server)> encode;
   // The pushes `server` may lack that must precede this call there.
   std::function<std::vector<Resend>(int server)> resends;
   // The outcome, and the server that gave it.
@@ -272,6 +273,34 @@ struct ShmLease {
 // Values smaller than this travel in the call: the copy through shared
 // memory saves less than nothing there.
 constexpr size_t kShmMinBytes = 16 << 10;
+
+struct Conn;
+
+// The shared-memory ranges of one call, one per value it carries, taken
+// afresh for each attempt on the server that attempt goes to (with
+// replicas 2 a retry may go to the key's other copy). Attempts of a call
+// follow one another; a failed attempt's ranges are dropped unreusable
+// (ShmLease), the last one's are free again once it succeeded.
+class CallLeases {
+ public:
+  static std::shared_ptr<CallLeases> For(const std::vector<KeyPart>& parts) {
+    auto leases = std::make_shared<CallLeases>();
+    for (const KeyPart& p : parts) leases->bytes_.push_back((p.end - p.begin) * sizeof(float));
+    return leases;
+  }
+  void Take(const Conn& conn, int server);  // below Conn
+  ShmLease* at(size_t i) const { return i < current_.size() ? current_[i].get() : nullptr; }
+  // The last attempt succeeded: its ranges may be reused once released.
+  void Succeeded() {
+    for (const std::shared_ptr<ShmLease>& lease : current_) {
+      if (lease != nullptr) lease->reusable = true;
+    }
+  }
+
+ private:
+  std::vector<size_t> bytes_;
+  std::vector<std::shared_ptr<ShmLease>> current_;
+};
 
 // What operations in flight need: shared with them, so that they may
 // outlive the store.
@@ -397,6 +426,8 @@ struct Conn : std::enable_shared_from_this<Conn> {
   void ServerReplaced(int s, const std::string& address) {
     std::lock_guard<std::mutex> lock(mu);
     dead_servers.erase(s);
+    // The spare never got this worker's segment: its values go by TCP.
+    if (s < static_cast<int>(shm.size())) shm[s] = nullptr;
     since[s] = ++replacements;
     addresses[s] = address;
     // Calls in flight may hold the old stubs: they stay until the store goes.
@@ -604,7 +635,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
               "", h->retrying ? rpc::kKeepalive : absl::ZeroDuration());
       return;
     }
-    CallRaw(server, h->parts[0].server_key, h->method, h->encode(),
+    CallRaw(server, h->parts[0].server_key, h->method, h->encode(server),
             [self, h, server](grpc::Status s, const grpc::ByteBuffer& resp) {
               if (!s.ok() && self->RetryLater(h, server, s)) return;
               h->done(s, resp, server);
@@ -647,22 +678,32 @@ struct Conn : std::enable_shared_from_this<Conn> {
  public:
   std::unique_ptr<Timer> timer;  // replicas 2: retries
   // Shared memory with the servers on this host, by server rank (null:
-  // none); set before the first call.
+  // none); guarded by mu (a spare that takes a rank has none).
   std::vector<std::shared_ptr<ShmLink>> shm;
 
   // A range of `bytes` of server s's shared memory for one call, or null
   // when the value travels in the call: no shared memory with s, a value
   // too small to gain, compression (which packs the value), or no room
   // now.
+  // Server s's shared memory from now on (null: none).
+  void SetShm(int s, std::shared_ptr<ShmLink> link) {
+    std::lock_guard<std::mutex> lock(mu);
+    shm.resize(options.servers.size());
+    shm[s] = std::move(link);
+  }
+
   std::shared_ptr<ShmLease> Lease(int s, size_t bytes) const {
-    if (s >= static_cast<int>(shm.size()) || shm[s] == nullptr || bytes < kShmMinBytes ||
-        compression.enabled()) {
-      return nullptr;
+    if (bytes < kShmMinBytes || compression.enabled()) return nullptr;
+    std::shared_ptr<ShmLink> link;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (s < static_cast<int>(shm.size())) link = shm[s];
     }
-    std::optional<size_t> offset = shm[s]->Allocate(bytes);
+    if (link == nullptr) return nullptr;
+    std::optional<size_t> offset = link->Allocate(bytes);
     if (!offset.has_value()) return nullptr;
     auto lease = std::make_shared<ShmLease>();
-    lease->link = shm[s];
+    lease->link = link;
     lease->offset = *offset;
     lease->bytes = bytes;
     return lease;
@@ -688,6 +729,11 @@ struct Conn : std::enable_shared_from_this<Conn> {
   std::map<int, absl::Time> reported;             // guarded by mu: when, by server
   std::function<void(int)> reporter;              // guarded by mu
 };
+
+void CallLeases::Take(const Conn& conn, int server) {
+  current_.clear();  // a failed attempt's: dropped unreusable
+  for (size_t bytes : bytes_) current_.push_back(conn.Lease(server, bytes));
+}
 
 class DistKVStore : public KVStore {
  public:
@@ -720,8 +766,7 @@ class DistKVStore : public KVStore {
   // gets values over the network, which this says once per server.
   void AttachSharedMemory() {
     const DistKVStoreOptions& o = conn_->options;
-    conn_->shm.assign(conn_->stubs.size(), nullptr);
-    if (o.shm_dir.empty() || o.replicas > 1) return;
+    if (o.shm_dir.empty()) return;
     for (int s = 0; s < static_cast<int>(conn_->stubs.size()) && conn_->Failure().ok(); ++s) {
       const absl::Status st = AttachSegment(s);
       if (!st.ok() && conn_->Failure().ok()) {
@@ -878,15 +923,16 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPushMethod;
-              auto lease = conn->Lease(p.server, (p.end - p.begin) * sizeof(float));
-              h->encode = [conn, p, base, owner, seq, lease] {
-                return ToByteBuffer(EncodePush(*conn, p, base, owner, 0, seq, true, lease.get()));
+              auto leases = CallLeases::For({p});
+              h->encode = [conn, p, base, owner, seq, leases](int server) {
+                leases->Take(*conn, server);
+                return ToByteBuffer(EncodePush(*conn, p, base, owner, 0, seq, true, leases->at(0)));
               };
               h->resends = [conn, e, p, seq](int server) { return Resends(conn, e, p, seq - 1, server); };
-              h->done = [conn, join, e, p, seq, lease](grpc::Status s, const grpc::ByteBuffer&,
-                                                       int server) {
+              h->done = [conn, join, e, p, seq, leases](grpc::Status s, const grpc::ByteBuffer&,
+                                                        int server) {
                 if (s.ok()) Recorded(*e, seq, p.index, server);
-                if (lease != nullptr) lease->reusable = s.ok();
+                if (s.ok()) leases->Succeeded();
                 join->Finish(conn->Named(FromGrpc(s), "push", e->label, server));
               };
               conn->Send(h, {{p.server_key, -1}});
@@ -912,8 +958,10 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPullMethod;
-              auto lease = conn->Lease(p.server, (p.end - p.begin) * sizeof(float));
-              h->encode = [conn, p, min_version, lease] {
+              auto leases = CallLeases::For({p});
+              h->encode = [conn, p, min_version, leases](int server) {
+                leases->Take(*conn, server);
+                const ShmLease* lease = leases->at(0);
                 proto::PullRequest header;
                 header.set_key(p.server_key);
                 header.set_min_version(min_version);
@@ -925,9 +973,9 @@ class DistKVStore : public KVStore {
               h->resends = [conn, e, p, min_version](int server) {
                 return Resends(conn, e, p, min_version, server);
               };
-              h->done = [conn, join, e, dsts, p, lease](grpc::Status s, const grpc::ByteBuffer& resp,
-                                                        int server) {
-                join->Finish(Received(*conn, *e, "pull", s, resp, On(p, server), dsts, lease.get()));
+              h->done = [conn, join, e, dsts, p, leases](grpc::Status s, const grpc::ByteBuffer& resp,
+                                                         int server) {
+                join->Finish(Received(*conn, *e, "pull", s, resp, On(p, server), dsts, leases->at(0)));
               };
               conn->Send(h, {{p.server_key, min_version}});
             }
@@ -962,16 +1010,17 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPushPullMethod;
-              auto lease = conn->Lease(p.server, (p.end - p.begin) * sizeof(float));
-              h->encode = [conn, p, source, min_version, seq, lease] {
+              auto leases = CallLeases::For({p});
+              h->encode = [conn, p, source, min_version, seq, leases](int server) {
+                leases->Take(*conn, server);
                 return ToByteBuffer(EncodePush(*conn, p, source.data, source.owner, min_version,
-                                               seq, true, lease.get()));
+                                               seq, true, leases->at(0)));
               };
               h->resends = [conn, e, p, seq](int server) { return Resends(conn, e, p, seq - 1, server); };
-              h->done = [conn, join, e, dsts, p, lease](grpc::Status s, const grpc::ByteBuffer& resp,
-                                                        int server) {
+              h->done = [conn, join, e, dsts, p, leases](grpc::Status s, const grpc::ByteBuffer& resp,
+                                                         int server) {
                 join->Finish(
-                    Received(*conn, *e, "pushpull", s, resp, On(p, server), dsts, lease.get()));
+                    Received(*conn, *e, "pushpull", s, resp, On(p, server), dsts, leases->at(0)));
               };
               conn->Send(h, {{p.server_key, min_version}});
             }
@@ -1024,11 +1073,11 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               for (const ItemPart& ip : parts) h->parts.push_back(ip.part);
               h->method = kPushPullManyMethod;
-              auto leases = std::make_shared<std::vector<std::shared_ptr<ShmLease>>>();
-              for (const ItemPart& ip : parts) {
-                leases->push_back(conn->Lease(server, (ip.part.end - ip.part.begin) * sizeof(float)));
-              }
-              h->encode = [conn, items, sources, leases, parts = parts] {
+              std::vector<KeyPart> carried;
+              for (const ItemPart& ip : parts) carried.push_back(ip.part);
+              auto leases = CallLeases::For(carried);
+              h->encode = [conn, items, sources, leases, parts = parts](int server) {
+                leases->Take(*conn, server);
                 std::vector<EncodedMessage> messages;
                 for (size_t j = 0; j < parts.size(); ++j) {
                   const ItemPart& ip = parts[j];
@@ -1036,7 +1085,7 @@ class DistKVStore : public KVStore {
                   const PushSource& source = (*sources)[ip.item];
                   messages.push_back(EncodePush(*conn, ip.part, source.data, source.owner,
                                                 item.min_version, item.seq,
-                                                /*with_credential=*/false, (*leases)[j].get()));
+                                                /*with_credential=*/false, leases->at(j)));
                 }
                 proto::PushPullManyRequest rest;
                 *rest.mutable_credential() = conn->credential;
@@ -1107,7 +1156,7 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPushMethod;
-              h->encode = [conn, e, p, rows, seq] {
+              h->encode = [conn, e, p, rows, seq](int) {
                 return ToByteBuffer(EncodeTablePush(*conn, *e, p, rows, seq, nullptr, 0));
               };
               h->resends = [conn, e, p, seq](int server) { return Resends(conn, e, p, seq - 1, server); };
@@ -1196,7 +1245,7 @@ class DistKVStore : public KVStore {
                 traced.push_back({ip.part.server_key, items[ip.item].min_version});
               }
               h->method = kPushPullManyMethod;
-              h->encode = [conn, items, rows, parts = parts] {
+              h->encode = [conn, items, rows, parts = parts](int) {
                 std::vector<EncodedMessage> messages;
                 for (const ItemPart& ip : parts) {
                   const TableItem& t = items[ip.item];
@@ -1253,7 +1302,7 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPullMethod;
-              h->encode = [conn, p, pulled, min_version] {
+              h->encode = [conn, p, pulled, min_version](int) {
                 proto::PullRequest header;
                 header.set_key(p.server_key);
                 header.set_min_version(min_version);
@@ -1465,7 +1514,7 @@ class DistKVStore : public KVStore {
     link->segment = std::move(segment);
     link->ranges = std::make_unique<rpc::RangeAllocator>(o.shm_bytes);
     link->id = s;
-    conn_->shm[s] = std::move(link);
+    conn_->SetShm(s, std::move(link));
     return absl::OkStatus();
   }
 
@@ -1859,7 +1908,7 @@ class DistKVStore : public KVStore {
   static absl::Status ReceivedMany(const Conn& conn, const std::vector<Item>& items,
                                    const std::vector<ItemPart>& parts, const grpc::Status& status,
                                    const grpc::ByteBuffer& resp, int server,
-                                   const std::vector<std::shared_ptr<ShmLease>>& leases) {
+                                   const CallLeases& leases) {
     std::vector<std::string> labels;
     for (const ItemPart& ip : parts) labels.push_back(items[ip.item].e->label);
     const absl::Status s = DecodeAnswers(
@@ -1868,7 +1917,7 @@ class DistKVStore : public KVStore {
           return SliceSink(conn, On(parts[i].part, server), items[parts[i].item].dsts, received);
         },
         [&](size_t i, const proto::PullResponse& h, bool* received) {
-          return FromShm(conn, On(parts[i].part, server), h, leases[i].get(),
+          return FromShm(conn, On(parts[i].part, server), h, leases.at(i),
                          items[parts[i].item].dsts, received);
         });
     MX_RETURN_IF_ERROR(conn.Named(s, "pushpull", absl::StrJoin(labels, ", "), server));

@@ -70,7 +70,8 @@ struct DistKVStoreOptions {
   // (AttachSegment); dense values of at least 16 KiB then travel through
   // it, and only where they lie goes over the network. A server that
   // cannot take it (another host, no --shm_dir) gets values as before.
-  // Not with replicas 2 or gradient compression, which send as before.
+  // Not for compressed pushes (packed), nor to a spare that took a dead
+  // server's rank (it was never handed a segment).
   // The segments are sparse: memory backs only what calls have used at
   // once (held values included), committed as it is first needed.
   std::string shm_dir;
