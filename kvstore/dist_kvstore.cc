@@ -975,6 +975,7 @@ class DistKVStore : public KVStore {
               };
               h->done = [conn, join, e, dsts, p, leases](grpc::Status s, const grpc::ByteBuffer& resp,
                                                          int server) {
+                if (s.ok()) leases->Succeeded();
                 join->Finish(Received(*conn, *e, "pull", s, resp, On(p, server), dsts, leases->at(0)));
               };
               conn->Send(h, {{p.server_key, min_version}});
@@ -1019,6 +1020,7 @@ class DistKVStore : public KVStore {
               h->resends = [conn, e, p, seq](int server) { return Resends(conn, e, p, seq - 1, server); };
               h->done = [conn, join, e, dsts, p, leases](grpc::Status s, const grpc::ByteBuffer& resp,
                                                          int server) {
+                if (s.ok()) leases->Succeeded();
                 join->Finish(
                     Received(*conn, *e, "pushpull", s, resp, On(p, server), dsts, leases->at(0)));
               };
@@ -1096,6 +1098,7 @@ class DistKVStore : public KVStore {
               };
               h->done = [conn, join, items, leases, parts = parts](
                             grpc::Status s, const grpc::ByteBuffer& resp, int server) {
+                if (s.ok()) leases->Succeeded();
                 join->Finish(ReceivedMany(*conn, items, parts, s, resp, server, *leases));
               };
               conn->Send(h, traced);
@@ -1761,11 +1764,10 @@ class DistKVStore : public KVStore {
   }
 
   // An answer whose value the server wrote to the call's shared memory
-  // (PullResponse.in_shm): into the first output. The lease is free again
-  // once the answer is read, whatever it held.
+  // (PullResponse.in_shm): into the first output.
   static absl::Status FromShm(const Conn& conn, const KeyPart& p, const proto::PullResponse& h,
-                              ShmLease* lease, const std::vector<float*>& dsts, bool* received) {
-    if (lease != nullptr) lease->reusable = true;
+                              const ShmLease* lease, const std::vector<float*>& dsts,
+                              bool* received) {
     if (!h.in_shm()) return absl::OkStatus();
     const size_t bytes = (p.end - p.begin) * sizeof(float);
     if (lease == nullptr || lease->bytes != bytes || *received) {
@@ -1790,7 +1792,7 @@ class DistKVStore : public KVStore {
   static absl::Status Received(const Conn& conn, const Entry& e, const char* what,
                                const grpc::Status& status, const grpc::ByteBuffer& resp,
                                const KeyPart& p, const std::vector<float*>& dsts,
-                               ShmLease* lease) {
+                               const ShmLease* lease) {
     MX_RETURN_IF_ERROR(conn.Named(FromGrpc(status), what, e.label, p.server));
     bool received = false;
     proto::PullResponse header;
