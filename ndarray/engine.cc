@@ -237,7 +237,7 @@ class WorkerPool {
       queue_.push(op);
       // Worker 0 first; another worker only joins a busy worker 0.
       wake0 = idle0_;
-      wake_any = !idle0_ && op->prop != FnProperty::kCpuParallel && idle_ > 0;
+      wake_any = HelperCanStartLocked();
     }
     if (wake_any) cv_.Signal();
     if (wake0) cv0_.Signal();
@@ -267,6 +267,17 @@ class WorkerPool {
 
   enum class Caller { kWorker0, kOtherWorker, kWaiter };
 
+  // Whether waking a sleeping worker other than worker 0 would let it start
+  // the top operation now (StartTopLocked's rules for kOtherWorker). A
+  // wake-up costs the waker a system call and the woken thread a core for
+  // nothing when it finds no work: in VMs 10-50 us each, and in the MLP's
+  // training loop such futile wake-ups were about half of all context
+  // switches (the top was a product, or a product held the cores).
+  bool HelperCanStartLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return idle_ > 0 && worker0_busy_ && !exclusive_running_ && !queue_.empty() &&
+           queue_.top()->prop != FnProperty::kCpuParallel;
+  }
+
   // Pops the top operation if the caller may start it now (see the class
   // comment for the rules).
   OprBlock* StartTopLocked(Caller caller) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -295,7 +306,7 @@ class WorkerPool {
       if (worker0) worker0_busy_ = false;
       // Workers may have been held back by the exclusivity rule.
       wake0 = !queue_.empty() && idle0_;
-      wake = !queue_.empty() && idle_ > 0 && worker0_busy_;
+      wake = HelperCanStartLocked();
     }
     if (wake) cv_.SignalAll();
     if (wake0) cv0_.Signal();
@@ -325,7 +336,7 @@ class WorkerPool {
           }
         }
         // More ready work than worker 0 can take: let a helper join.
-        wake_helper = worker0 && !queue_.empty() && idle_ > 0;
+        wake_helper = worker0 && HelperCanStartLocked();
       }
       if (wake_helper) cv_.Signal();
       RunAndRelease(op, worker0);

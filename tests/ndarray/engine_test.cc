@@ -5,6 +5,8 @@
 // runs independent reads in parallel and ready operations by priority.
 #include "ndarray/engine.h"
 
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -959,6 +961,52 @@ TEST(ThreadedEngine, InlineOperationsRunWhereTheyBecomeReady) {
   busy.Release();
   engine->WaitForAll();
   for (VarHandle v : {busy.var(), x, y}) engine->DeleteVariable([](RunContext) {}, cpu(), v);
+}
+
+// Voluntary context switches of every thread of this process but the
+// calling one.
+long OtherThreadsSleeps() {
+  rusage all, self;
+  getrusage(RUSAGE_SELF, &all);
+  getrusage(RUSAGE_THREAD, &self);
+  return all.ru_nvcsw - self.ru_nvcsw;
+}
+
+// While a product (kCpuParallel) holds the cores no other operation may
+// start, so operations pushed meanwhile must not wake the other workers:
+// each such wake-up found no work and cost two context switches (in VMs
+// 10-50 us each; about half of the MLP training loop's switches).
+TEST(ThreadedEngine, OperationsPushedDuringAProductWakeNoWorker) {
+  std::unique_ptr<Engine> engine = CreateEngine(Threaded(2));
+  VarHandle p = engine->NewVariable();
+  Gate started, release;
+  engine->PushSync(
+      [&](RunContext) {
+        started.Open();
+        release.Wait();
+      },
+      cpu(), {}, {p}, 0, "product", FnProperty::kCpuParallel);
+  ASSERT_TRUE(started.Wait());
+  SleepMs(20);  // the other worker is asleep by now
+  std::vector<VarHandle> vars;
+  std::atomic<int> ran{0};
+  const long before = OtherThreadsSleeps();
+  for (int i = 0; i < 50; ++i) {
+    vars.push_back(engine->NewVariable());
+    engine->PushSync([&](RunContext) { ran.fetch_add(1); }, cpu(), {}, {vars.back()});
+    // Spin (not sleep: that would switch this thread) long enough for a
+    // woken worker to look and fall asleep again.
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(300);
+    while (std::chrono::steady_clock::now() < until) {}
+  }
+  const long woken = OtherThreadsSleeps() - before;
+  EXPECT_EQ(ran.load(), 0) << "an operation started beside the product";
+  EXPECT_LT(woken, 10) << "workers were woken while no operation could start";
+  release.Open();
+  engine->WaitForAll();
+  EXPECT_EQ(ran.load(), 50);
+  vars.push_back(p);
+  for (VarHandle v : vars) engine->DeleteVariable([](RunContext) {}, cpu(), v);
 }
 
 TEST(ThreadedEngine, ManyShortWaitsDoNotHang) {
