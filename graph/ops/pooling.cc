@@ -12,6 +12,7 @@
 // (max and avg, valid convention), whose max backward may pick another of
 // tied maxima.
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -64,6 +65,10 @@ absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
   }
   MX_ASSIGN_OR_RETURN(Window2D w, ParseWindow(p, data));
   if (data.ndim() == 0) return absl::OkStatus();
+  if (data[2] > std::numeric_limits<int32_t>::max()) {  // the max backward's row index
+    return absl::InvalidArgumentError(absl::StrCat("input data of shape ", data.ToString(),
+                                                   " is higher than 2^31 - 1 rows"));
+  }
   const bool full = p.GetString("pooling_convention") == "full";
   Shape o{data[0], data[1], 0, 0};
   if (p.GetBool("global_pool")) {
@@ -250,30 +255,42 @@ void Forward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlo
 // tie goes to the smaller row, then (scanning left to right) the smaller
 // column.
 void MaxBackwardRow(const Geometry& g, const float* x, int64_t oy, const float* gy,
-                    float* col, int64_t* arg, float* gx) {
+                    float* __restrict col, int32_t* __restrict arg, float* gx) {
   int64_t y0, y1;
   g.Rows(oy, &y0, &y1);
   if (y0 >= y1) return;
-  std::copy(x + y0 * g.width, x + (y0 + 1) * g.width, col);
-  std::fill(arg, arg + g.width, y0);
+  // Locals and restrict pointers, so that the column loop is vectorized
+  // (with g's fields it reloaded g.width per element: the stores to col and
+  // arg might have changed it).
+  const int64_t width = g.width;
+  std::copy(x + y0 * width, x + (y0 + 1) * width, col);
+  std::fill(arg, arg + width, static_cast<int32_t>(y0));
   for (int64_t iy = y0 + 1; iy < y1; ++iy) {
-    const float* r = x + iy * g.width;
-    for (int64_t ix = 0; ix < g.width; ++ix) {
+    const float* __restrict r = x + iy * width;
+    const int32_t row = static_cast<int32_t>(iy);
+    for (int64_t ix = 0; ix < width; ++ix) {
       const bool larger = r[ix] > col[ix];
       col[ix] = larger ? r[ix] : col[ix];
-      arg[ix] = larger ? iy : arg[ix];
+      arg[ix] = larger ? row : arg[ix];
     }
   }
   for (int64_t ox = 0; ox < g.out_w; ++ox) {
     const int64_t start = ox * g.win.stride[1] - g.win.pad[1];
     const int64_t x0 = std::max<int64_t>(start, 0);
-    const int64_t x1 = std::min(start + g.win.kernel[1], g.width);
+    const int64_t x1 = std::min(start + g.win.kernel[1], width);
     if (x0 >= x1) continue;
+    // Branch-free: which column wins is data, and mispredicted.
     int64_t best = x0;
+    float best_value = col[x0];
+    int32_t best_row = arg[x0];
     for (int64_t ix = x0 + 1; ix < x1; ++ix) {
-      if (col[ix] > col[best] || (col[ix] == col[best] && arg[ix] < arg[best])) best = ix;
+      const bool greater = col[ix] > best_value, equal = col[ix] == best_value;
+      const bool take = greater | (equal & (arg[ix] < best_row));  // | and &: no branches
+      best = take ? ix : best;
+      best_value = take ? col[ix] : best_value;
+      best_row = take ? arg[ix] : best_row;
     }
-    gx[arg[best] * g.width + best] += gy[ox];
+    gx[best_row * width + best] += gy[ox];
   }
 }
 
@@ -315,7 +332,7 @@ void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBl
   const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
   ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
     std::vector<float> col(g.width), scaled(g.out_w);
-    std::vector<int64_t> arg(g.width);
+    std::vector<int32_t> arg(g.width);  // rows: Infer keeps the height below 2^31
     for (int64_t pl = begin; pl < end; ++pl) {
       const float* x = in[0].data + pl * g.height * g.width;
       float* gx = in_grad[0].data + pl * g.height * g.width;
