@@ -177,6 +177,15 @@ TEST(ConvolutionParams, BadValuesNameTheParameter) {
 
 // ---- Pooling.
 
+TEST(PoolingShapes, HeightOf2To31RowsIsRefused) {
+  // Max pooling's backward keeps row indices in 32 bits.
+  Symbol s = Unary("Pooling", {{"kernel", "(2,2)"}, {"pool_type", "max"}});
+  std::string e = InferError(s, {{"data", Shape{1, 1, int64_t{1} << 31, 2}}});
+  EXPECT_THAT(e, HasSubstr("(1,1,2147483648,2)"));
+  EXPECT_THAT(e, HasSubstr("2^31 - 1 rows"));
+  Infer(s, {{"data", Shape{1, 1, (int64_t{1} << 31) - 1, 2}}});
+}
+
 TEST(PoolingShapes, ValidRoundsDownAndFullRoundsUp) {
   Params p = {{"kernel", "(3,3)"}, {"stride", "(2,2)"}};
   EXPECT_EQ(Infer(Unary("Pooling", p), {{"data", Shape{1, 2, 8, 9}}}).outputs[0],
