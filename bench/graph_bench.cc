@@ -15,6 +15,7 @@
 #include "graph/executor.h"
 #include "graph/symbol.h"
 #include "ndarray/ndarray.h"
+#include "worker/zoo.h"
 
 namespace mx::bench {
 namespace {
@@ -109,12 +110,16 @@ void Compare(const std::string& model, const Symbol& net, double target) {
 int main(int argc, char** argv) {
   using namespace mx::bench;
   std::string only = argc > 1 ? argv[1] : "";
-  // graph_bench --profile mlp|lenet: per-operation times, no comparison.
+  // graph_bench --profile mlp|lenet|resnet: per-operation times, no comparison.
   if (only == "--profile" && argc > 2) {
-    Profile(std::string(argv[2]) == "mlp" ? Mlp() : LeNet(), 50);
+    const std::string model = argv[2];
+    Profile(model == "mlp" ? Mlp() : model == "resnet" ? mx::zoo::ResNet() : LeNet(), 50);
     return 0;
   }
   if (only.empty() || only == "mlp") Compare("mlp", Mlp(), 1.3);
   if (only.empty() || only == "lenet") Compare("lenet", LeNet(), 1.5);
+  // The zoo's ResNet (worker/zoo.h: a 3x3x16 stem, 2 residual blocks with
+  // BatchNorm, global average pooling), as bench/torch_baseline.py's resnet().
+  if (only.empty() || only == "resnet") Compare("resnet", mx::zoo::ResNet(), 1.5);
   return 0;
 }

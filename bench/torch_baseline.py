@@ -2,7 +2,7 @@
 """PyTorch baselines for mx's benchmarks, run in the same session.
 
   torch_baseline.py train_step MODEL THREADS SECONDS
-      forward + backward + (no optimizer) of MODEL ("mlp" or "lenet") at
+      forward + backward + (no optimizer) of MODEL ("mlp", "lenet" or "resnet") at
       batch 100 on random data; prints "samples_per_s <v>".
   torch_baseline.py train_step_gpu MODEL SECONDS
       the same on the first CUDA device ("lenet" or "resnet"), timed
@@ -97,7 +97,7 @@ def train_step_gpu(model_name, seconds):
 def train_step(model_name, threads, seconds):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = {"mlp": mlp, "lenet": lenet}[model_name]()
+    model = {"mlp": mlp, "lenet": lenet, "resnet": resnet}[model_name]()
     batch = 100
     x = torch.randn(batch, 1, 28, 28)
     y = torch.randint(0, 10, (batch,))

@@ -592,6 +592,27 @@ MX_XINLINE float BnInvStd(float var, float eps) {
   return var + eps == 0 ? 0.0f : 1.0f / sqrtf(var + eps);
 }
 
+// Sums in double over kBnLanes interleaved lanes: element k of a run goes
+// to lane k % kBnLanes. One running sum is one chain of dependent additions
+// (one per 4 cycles, and BatchNorm took 38% of the zoo ResNet's CPU step);
+// independent lanes vectorize. The lanes are added in a fixed order
+// (BnLaneTotal), so a sum depends only on the layout, never on the machine,
+// and the GPU, which runs the same code per index, gets the same bits.
+constexpr int kBnLanes = 8;
+
+template <typename F>
+MX_XINLINE void BnAddLanes(int64_t n, double* lanes, F&& term) {
+  int64_t k = 0;
+  for (; k + kBnLanes <= n; k += kBnLanes) {
+    for (int u = 0; u < kBnLanes; ++u) lanes[u] += term(k + u);
+  }
+  for (; k < n; ++k) lanes[k % kBnLanes] += term(k);
+}
+
+MX_XINLINE double BnLaneTotal(const double* l) {
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
 // Index j = c * parts + part sums its slice of channel c's elements into
 // partials[2j] (and partials[2j + 1] for kBnSumGrad), walking runs of
 // `inner` contiguous elements.
@@ -614,24 +635,24 @@ struct BnPartsKernel {
       const int64_t first = part * slice;
       const int64_t last = first + slice < per_channel ? first + slice : per_channel;
       const float m = p.center != nullptr ? p.center[c] : 0.0f;
-      double a = 0, b = 0;
+      double a[kBnLanes] = {}, b[kBnLanes] = {};
       ForEachRowRun(first, last, l.inner, [&](int64_t o, int64_t i, int64_t, int64_t run) {
-        const int64_t base = (o * l.channels + c) * l.inner + i;
-        for (int64_t k = 0; k < run; ++k) {
-          const float v = p.x[base + k];
-          if (p.what == kBnSumX) {
-            a += v;
-          } else if (p.what == kBnSumSquares) {
-            a += static_cast<double>(v - m) * (v - m);
-          } else {
-            const float gv = p.g[base + k];
-            a += gv;
-            b += static_cast<double>(gv) * (v - m);
-          }
+        const float* x = p.x + (o * l.channels + c) * l.inner + i;
+        if (p.what == kBnSumX) {
+          BnAddLanes(run, a, [&](int64_t k) { return static_cast<double>(x[k]); });
+        } else if (p.what == kBnSumSquares) {
+          BnAddLanes(run, a, [&](int64_t k) {
+            const float d = x[k] - m;
+            return static_cast<double>(d) * d;
+          });
+        } else {
+          const float* g = p.g + (o * l.channels + c) * l.inner + i;
+          BnAddLanes(run, a, [&](int64_t k) { return static_cast<double>(g[k]); });
+          BnAddLanes(run, b, [&](int64_t k) { return static_cast<double>(g[k]) * (x[k] - m); });
         }
       });
-      p.partials[2 * j] = a;
-      p.partials[2 * j + 1] = b;
+      p.partials[2 * j] = BnLaneTotal(a);
+      p.partials[2 * j + 1] = BnLaneTotal(b);
     }
   }
 };
