@@ -191,11 +191,35 @@ inline void CopyRow(const float* __restrict s, int64_t stride, int64_t lo, int64
   for (int64_t ox = hi; ox < n; ++ox) d[ox] = 0.0f;
 }
 
+// Rows [0, rows) of n floats: d[r * n + ox] = s[r * n + ox] for ox in
+// [lo, hi), 0 elsewhere, where source rows are n floats apart too. One copy
+// from the first valid element to the last, then the columns outside
+// [lo, hi) of every row are cleared (the copy put neighbouring rows' values
+// there); every address read lies between two valid ones.
+inline void CopyBlock(const float* s, int64_t rows, int64_t lo, int64_t hi, int64_t n,
+                      float* d) {
+  if (rows <= 0 || lo >= hi) {
+    std::fill(d, d + rows * n, 0.0f);
+    return;
+  }
+  const int64_t first = lo, last = (rows - 1) * n + hi;  // [first, last) is copied
+  std::memcpy(d + first, s + first, (last - first) * sizeof(float));
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = d + r * n;
+    for (int64_t ox = 0; ox < lo; ++ox) row[ox] = 0.0f;
+    for (int64_t ox = hi; ox < n; ++ox) row[ox] = 0.0f;
+  }
+}
+
 // Unfolds `images` images starting at `data` into col (ColRows() x
 // images * OutPlane()).
 void Im2Col(const Geometry& g, const float* data, int64_t images, float* col) {
   const Window2D& w = g.win;
   const int64_t out_w = g.out_w;
+  // "Same" convolutions with stride 1 (ResNet's 3x3, pad 1): input and
+  // output rows are equally long, so a kernel offset's rows lie end to end
+  // in both and move as one block.
+  const bool rows_contiguous = w.stride[0] == 1 && w.stride[1] == 1 && g.width == out_w;
   const int64_t plane = g.height * g.width;
   const int64_t out_plane = g.OutPlane();
   const int64_t row_len = images * out_plane;
@@ -213,9 +237,14 @@ void Im2Col(const Geometry& g, const float* data, int64_t images, float* col) {
           const float* src = data + (b * g.channels + c) * plane;
           float* dst = row + b * out_plane;
           std::fill(dst, dst + y_lo * out_w, 0.0f);
-          for (int64_t oy = y_lo; oy < y_hi; ++oy) {
-            CopyRow(src + (oy * w.stride[0] + y_off) * g.width + x_off, w.stride[1], x_lo, x_hi,
-                    out_w, dst + oy * out_w);
+          if (rows_contiguous) {
+            CopyBlock(src + (y_lo + y_off) * g.width + x_off, y_hi - y_lo, x_lo, x_hi, out_w,
+                      dst + y_lo * out_w);
+          } else {
+            for (int64_t oy = y_lo; oy < y_hi; ++oy) {
+              CopyRow(src + (oy * w.stride[0] + y_off) * g.width + x_off, w.stride[1], x_lo,
+                      x_hi, out_w, dst + oy * out_w);
+            }
           }
           std::fill(dst + y_hi * out_w, dst + out_plane, 0.0f);
         }
@@ -224,14 +253,31 @@ void Im2Col(const Geometry& g, const float* data, int64_t images, float* col) {
   }
 }
 
+// The adjoint of CopyBlock: d[r * n + ox] += s[r * n + ox] for ox in
+// [lo, hi). s's entries outside [lo, hi) are set to 0 first (s is scratch),
+// so that one add loop covers the block from the first valid element to
+// the last: the entries between rows then add 0.
+inline void AddBlock(float* s, int64_t rows, int64_t lo, int64_t hi, int64_t n,
+                     float* __restrict d) {
+  if (rows <= 0 || lo >= hi) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * n;
+    for (int64_t ox = 0; ox < lo; ++ox) row[ox] = 0.0f;
+    for (int64_t ox = hi; ox < n; ++ox) row[ox] = 0.0f;
+  }
+  const float* __restrict from = s;
+  for (int64_t k = lo, last = (rows - 1) * n + hi; k < last; ++k) d[k] += from[k];
+}
+
 // The adjoint of Im2Col: adds every entry of col to the input element it
-// was read from.
-void Col2ImAdd(const Geometry& g, const float* col, int64_t images, float* data) {
+// was read from. Overwrites col's entries that no input element has.
+void Col2ImAdd(const Geometry& g, float* col, int64_t images, float* data) {
   const Window2D& w = g.win;
+  const bool rows_contiguous = w.stride[0] == 1 && w.stride[1] == 1 && g.width == g.out_w;
   const int64_t plane = g.height * g.width;
   const int64_t out_plane = g.OutPlane();
   const int64_t row_len = images * out_plane;
-  const float* row = col;
+  float* row = col;
   for (int64_t c = 0; c < g.channels; ++c) {
     for (int64_t ky = 0; ky < w.kernel[0]; ++ky) {
       const int64_t y_off = ky * w.dilate[0] - w.pad[0];
@@ -243,7 +289,12 @@ void Col2ImAdd(const Geometry& g, const float* col, int64_t images, float* data)
         ValidRange(x_off, w.stride[1], g.width, g.out_w, &x_lo, &x_hi);
         for (int64_t b = 0; b < images; ++b) {
           float* dst = data + (b * g.channels + c) * plane;
-          const float* src = row + b * out_plane;
+          float* src = row + b * out_plane;
+          if (rows_contiguous) {
+            AddBlock(src + y_lo * g.out_w, y_hi - y_lo, x_lo, x_hi, g.out_w,
+                     dst + (y_lo + y_off) * g.width + x_off);
+            continue;
+          }
           for (int64_t oy = y_lo; oy < y_hi; ++oy) {
             float* d = dst + (oy * w.stride[0] + y_off) * g.width + x_off;
             const float* s = src + oy * g.out_w;

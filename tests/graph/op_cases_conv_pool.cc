@@ -97,6 +97,13 @@ MX_OP_CASE(Conv("Convolution_dilate",
 MX_OP_CASE(Conv("Convolution_groups",
                 {.data = {2, 4, 5, 5}, .filters = 6, .kernel = {3, 3}, .pad = {1, 1},
                  .groups = 2}));
+// "Same" convolutions with stride 1 (output rows as long as input rows):
+// im2col and its adjoint move each kernel offset's rows as one block.
+MX_OP_CASE(Conv("Convolution_same_rect",
+                {.data = {2, 2, 6, 7}, .filters = 3, .kernel = {3, 5}, .pad = {1, 2}}));
+MX_OP_CASE(Conv("Convolution_same_dilate",
+                {.data = {2, 3, 7, 6}, .filters = 2, .kernel = {3, 3}, .pad = {2, 2},
+                 .dilate = {2, 2}}));
 MX_OP_CASE(Conv("Convolution_1x1", {.data = {3, 5, 4, 4}, .filters = 2, .kernel = {1, 1}}));
 // workspace=0 MB: one image per chunk (products straight into the output).
 MX_OP_CASE(Conv("Convolution_image_by_image",
