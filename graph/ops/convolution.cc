@@ -85,11 +85,17 @@ struct Geometry {
   // partials of backward's tasks.
   int64_t SlotFloats() const { return ColFloats(chunk) + TmpFloats(chunk); }
   int64_t WeightFloats() const { return filters * GroupRows(); }
-  // Backward's tasks: eight per thread, so that a late or preempted helper
-  // leaves the others at most one short task to wait for (with two per
-  // thread, the callers of ResNet's 3x3 layers spent 6% of the step's CPU
-  // waiting at the end). Each task has a weight partial of its own.
-  int64_t Tasks() const { return std::min<int64_t>(Chunks(), 8 * CpuThreads()); }
+  // Backward's tasks: up to eight per thread, so that a late or preempted
+  // helper leaves the others at most one short task to wait for (with two
+  // per thread, the callers of ResNet's 3x3 layers spent 6% of the step's
+  // CPU waiting at the end). Each task has a weight partial of its own, and
+  // the partials take no more than the threads' slots (at least two tasks
+  // per thread): large weights (LeNet's 5x5x20x50) get fewer tasks.
+  int64_t Tasks() const {
+    const int64_t threads = CpuThreads();
+    const int64_t by_memory = threads * SlotFloats() / std::max<int64_t>(WeightFloats(), 1);
+    return std::min(Chunks(), std::clamp<int64_t>(by_memory, 2 * threads, 8 * threads));
+  }
   int64_t WorkspaceFloats() const {
     return CpuThreads() * SlotFloats() + Tasks() * WeightFloats();
   }
