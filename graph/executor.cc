@@ -185,6 +185,21 @@ void AddVars(const std::vector<NDArray>& arrays, const std::vector<int>& ids,
   }
 }
 
+// The entries of run's outputs that its backward reads
+// (OpDef::backward_uses_outputs).
+std::vector<int> OutputsBackwardReads(const NodeRun& run) {
+  using Use = OpDef::OutputUse;
+  switch (run.op->backward_uses_outputs) {
+    case Use::kNone:
+      return {};
+    case Use::kAllButFirst:
+      return std::vector<int>(run.out.begin() + std::min<size_t>(1, run.out.size()), run.out.end());
+    case Use::kAll:
+      break;
+  }
+  return run.out;
+}
+
 // What an operator of `run` is given: its context, a fresh random seed,
 // its context's workspace.
 OpContext RunContextFor(const NodeRun& run, bool is_train,
@@ -211,7 +226,7 @@ const OpDef& CopyOp() {
     auto* def = new OpDef;
     def->name = "_CrossDeviceCopy";
     def->backward_uses_inputs = false;
-    def->backward_uses_outputs = false;
+    def->backward_uses_outputs = OpDef::OutputUse::kNone;
     return def;
   }();
   return *op;
@@ -386,8 +401,8 @@ class PlanBuilder {
       for (int id : run.out) last_use_[id] = std::max(last_use_[id], k);
       for (int id : run.in) last_use_[id] = std::max(last_use_[id], k);
       if (!run.in_backward) continue;
-      if (run.op->backward_uses_outputs) {
-        for (int id : run.out) last_use_[id] = std::max(last_use_[id], BackwardStep(k));
+      for (int id : OutputsBackwardReads(run)) {
+        last_use_[id] = std::max(last_use_[id], BackwardStep(k));
       }
       if (run.op->backward_uses_inputs) {
         for (int id : run.in) last_use_[id] = std::max(last_use_[id], BackwardStep(k));
@@ -550,7 +565,7 @@ class PlanBuilder {
       run.out_grad_blobs = Blobs(plan_->grads, run.out_grad);
       AddVars(plan_->grads, run.out_grad, &run.bwd_reads);
       if (run.op->backward_uses_inputs) AddVars(plan_->entries, run.in, &run.bwd_reads);
-      if (run.op->backward_uses_outputs) AddVars(plan_->entries, run.out, &run.bwd_reads);
+      AddVars(plan_->entries, OutputsBackwardReads(run), &run.bwd_reads);
       AddVars(plan_->entries, run.aux, &run.bwd_reads);
       for (size_t i = 0; i < run.in_grad.size(); ++i) {
         if (run.bwd_req[i] != OpReq::kNull) run.bwd_writes.push_back(plan_->grads[run.in_grad[i]].var());

@@ -177,9 +177,13 @@ struct OpDef {
   bool gpu = false;
   // A loss: backward needs no head gradient.
   bool is_loss = false;
-  // What backward reads, for memory planning.
+  // What backward reads, for memory planning: its inputs, and which of its
+  // outputs: none, all but the first (Dropout's mask, BatchNorm's
+  // statistics: the first, the large one, may then be reused once forward's
+  // readers are done), or all.
+  enum class OutputUse { kNone, kAllButFirst, kAll };
   bool backward_uses_inputs = true;
-  bool backward_uses_outputs = true;
+  OutputUse backward_uses_outputs = OutputUse::kAll;
   // Arguments that, when missing, are an error rather than an automatically
   // created variable (e.g. "data").
   std::vector<std::string> required_inputs = {"data"};

@@ -583,9 +583,9 @@ struct BnLayout {
 // Columns of the per-channel table.
 enum BnColumn { kBnMean, kBnVar, kBnScale, kBnMeanGrad, kBnProj, kBnColumns };
 
-// What BnPartsKernel sums over a slice of channel c: x; (x - center[c])^2;
-// or g and g * (x - center[c]) (two sums).
-enum BnSum { kBnSumX, kBnSumSquares, kBnSumGrad };
+// What BnPartsKernel sums over a slice of channel c: the moments (x, and
+// (x - m)^2 about the slice's own mean m); or g and g * (x - center[c]).
+enum BnSum { kBnMoments, kBnSumGrad };
 
 MX_XINLINE float BnInvStd(float var, float eps) {
   // MXNet's convention for a constant channel without eps: no scaling.
@@ -614,14 +614,18 @@ MX_XINLINE double BnLaneTotal(const double* l) {
 }
 
 // Index j = c * parts + part sums its slice of channel c's elements into
-// partials[2j] (and partials[2j + 1] for kBnSumGrad), walking runs of
-// `inner` contiguous elements.
+// partials[2j] and partials[2j + 1], walking runs of `inner` contiguous
+// elements. kBnMoments reads the slice twice, the second time from cache
+// (slices are about 512 elements): its sum, then the squares about its own
+// mean; BnMomentsKernel combines the slices (Chan et al.'s parallel
+// variance), so the statistics take one pass over the data, not two, and
+// stay as exact as two passes.
 struct BnPartsKernel {
   struct Params {
     double* partials;
     const float* x;
     const float* g;       // kBnSumGrad only
-    const float* center;  // per channel; kBnSumSquares, kBnSumGrad
+    const float* center;  // per channel; kBnSumGrad only
     BnLayout layout;
     int64_t parts;
     BnSum what;
@@ -634,23 +638,29 @@ struct BnPartsKernel {
       const int64_t c = j / p.parts, part = j % p.parts;
       const int64_t first = part * slice;
       const int64_t last = first + slice < per_channel ? first + slice : per_channel;
-      const float m = p.center != nullptr ? p.center[c] : 0.0f;
       double a[kBnLanes] = {}, b[kBnLanes] = {};
-      ForEachRowRun(first, last, l.inner, [&](int64_t o, int64_t i, int64_t, int64_t run) {
-        const float* x = p.x + (o * l.channels + c) * l.inner + i;
-        if (p.what == kBnSumX) {
+      if (p.what == kBnMoments) {
+        ForEachRowRun(first, last, l.inner, [&](int64_t o, int64_t i, int64_t, int64_t run) {
+          const float* x = p.x + (o * l.channels + c) * l.inner + i;
           BnAddLanes(run, a, [&](int64_t k) { return static_cast<double>(x[k]); });
-        } else if (p.what == kBnSumSquares) {
-          BnAddLanes(run, a, [&](int64_t k) {
-            const float d = x[k] - m;
-            return static_cast<double>(d) * d;
+        });
+        const double m = last > first ? BnLaneTotal(a) / static_cast<double>(last - first) : 0.0;
+        ForEachRowRun(first, last, l.inner, [&](int64_t o, int64_t i, int64_t, int64_t run) {
+          const float* x = p.x + (o * l.channels + c) * l.inner + i;
+          BnAddLanes(run, b, [&](int64_t k) {
+            const double d = x[k] - m;
+            return d * d;
           });
-        } else {
+        });
+      } else {
+        const float m = p.center[c];
+        ForEachRowRun(first, last, l.inner, [&](int64_t o, int64_t i, int64_t, int64_t run) {
+          const float* x = p.x + (o * l.channels + c) * l.inner + i;
           const float* g = p.g + (o * l.channels + c) * l.inner + i;
           BnAddLanes(run, a, [&](int64_t k) { return static_cast<double>(g[k]); });
           BnAddLanes(run, b, [&](int64_t k) { return static_cast<double>(g[k]) * (x[k] - m); });
-        }
-      });
+        });
+      }
       p.partials[2 * j] = BnLaneTotal(a);
       p.partials[2 * j + 1] = BnLaneTotal(b);
     }
@@ -665,22 +675,34 @@ MX_XINLINE double BnCombine(const double* partials, int64_t c, int64_t parts, bo
   return sum;
 }
 
-// One index per channel: table column `column` = the channel's summed
-// partials / (elements per channel): the batch mean (after kBnSumX) or
-// variance (after kBnSumSquares about the mean).
-struct BnAverageKernel {
+// One index per channel: the table's batch mean and (biased) variance from
+// the kBnMoments partials of its slices: with slice k holding n_k elements
+// of sum s_k and squares q_k about its mean s_k / n_k, mean = sum(s_k) / n
+// and var = (sum(q_k) + sum(n_k (s_k / n_k - mean)^2)) / n.
+struct BnMomentsKernel {
   struct Params {
     float* table;
     const double* partials;
     BnLayout layout;
     int64_t parts;
-    BnColumn column;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    const double n = static_cast<double>(p.layout.PerChannel());
+    const int64_t per_channel = p.layout.PerChannel(), C = p.layout.channels;
+    const int64_t slice = (per_channel + p.parts - 1) / p.parts;
+    const double n = static_cast<double>(per_channel);
     for (int64_t c = begin; c < end; ++c) {
-      p.table[p.column * p.layout.channels + c] =
-          static_cast<float>(BnCombine(p.partials, c, p.parts, false) / n);
+      const double* q = p.partials + 2 * c * p.parts;
+      const double mean = BnCombine(p.partials, c, p.parts, false) / n;
+      double m2 = 0;
+      for (int64_t k = 0; k < p.parts; ++k) {
+        const int64_t left = per_channel - k * slice;
+        if (left <= 0) break;
+        const double nk = static_cast<double>(left < slice ? left : slice);
+        const double d = q[2 * k] / nk - mean;
+        m2 += q[2 * k + 1] + nk * d * d;
+      }
+      p.table[kBnMean * C + c] = static_cast<float>(mean);
+      p.table[kBnVar * C + c] = static_cast<float>(m2 / n);
     }
   }
 };

@@ -10,13 +10,14 @@
 // statistics.) Otherwise the moving statistics are used and left alone.
 // fix_gamma treats gamma as 1 and gives it a zero gradient.
 //
-// Outputs. With output_mean_var, outputs 1 and 2 are the mean and the
-// variance that normalised the data (MXNet 1.x on CPU stores the inverse
-// standard deviation there; mx stores what the name says). As in MXNet,
-// their head gradients are ignored.
+// Outputs. Outputs 1 and 2 are the mean and the variance that normalised
+// the data (MXNet 1.x on CPU stores the inverse standard deviation there;
+// mx stores what the name says). As in MXNet they are hidden unless
+// output_mean_var, and their head gradients are ignored.
 //
-// Backward recomputes the batch statistics from the data (there are no
-// hidden outputs to keep them in). With xhat = (x - mean) * invstd:
+// Backward takes the statistics from outputs 1 and 2 (those of the
+// preceding training forward), so it reads the data twice, not four times.
+// With xhat = (x - mean) * invstd:
 //   training:     dx = (g - mean(g) - xhat * mean(g * xhat)) * gamma * invstd
 //   global stats: dx = g * gamma * invstd
 //   dgamma = sum(g * xhat) (0 with fix_gamma), dbeta = sum(g).
@@ -73,10 +74,8 @@ absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
   MX_RETURN_IF_ERROR(MergeShape(in, 2, c, "input beta"));
   MX_RETURN_IF_ERROR(MergeShape(aux, 0, c, "auxiliary state moving_mean"));
   MX_RETURN_IF_ERROR(MergeShape(aux, 1, c, "auxiliary state moving_var"));
-  if (p.GetBool("output_mean_var")) {
-    MX_RETURN_IF_ERROR(MergeShape(out, 1, c, "output mean"));
-    MX_RETURN_IF_ERROR(MergeShape(out, 2, c, "output var"));
-  }
+  MX_RETURN_IF_ERROR(MergeShape(out, 1, c, "output mean"));
+  MX_RETURN_IF_ERROR(MergeShape(out, 2, c, "output var"));
   return absl::OkStatus();
 }
 
@@ -119,15 +118,11 @@ void SumParts(const OpContext& ctx, const Scratch& s, const Layout& l, kernel::B
 }
 
 // The batch mean and variance of x into the table (two passes).
+// The batch mean and variance into the table, in one pass over x.
 void BatchMoments(const OpContext& ctx, const Scratch& s, const Layout& l, const float* x) {
-  SumParts(ctx, s, l, kernel::kBnSumX, x, nullptr, nullptr);
-  kernel::Launch<kernel::BnAverageKernel>("BatchNorm", ctx.ctx, l.channels,
-                                          {s.table, s.partials, KernelLayout(l), s.parts,
-                                           kernel::kBnMean});
-  SumParts(ctx, s, l, kernel::kBnSumSquares, x, nullptr, s.table + kernel::kBnMean * l.channels);
-  kernel::Launch<kernel::BnAverageKernel>("BatchNorm", ctx.ctx, l.channels,
-                                          {s.table, s.partials, KernelLayout(l), s.parts,
-                                           kernel::kBnVar});
+  SumParts(ctx, s, l, kernel::kBnMoments, x, nullptr, nullptr);
+  kernel::Launch<kernel::BnMomentsKernel>("BatchNorm", ctx.ctx, l.channels,
+                                          {s.table, s.partials, KernelLayout(l), s.parts});
 }
 
 void Forward(const OpContext& ctx, const ParsedParams& p,
@@ -137,14 +132,11 @@ void Forward(const OpContext& ctx, const ParsedParams& p,
   const Scratch scratch = GetScratch(ctx.workspace, l);
   const bool batch_stats = UsesBatchStats(ctx, p);
   if (batch_stats) BatchMoments(ctx, scratch, l, in[0].data);
-  const bool mean_var = p.GetBool("output_mean_var");
-  auto output = [&](size_t i) {
-    return mean_var && req[i] != OpReq::kNull ? out[i].data : nullptr;
-  };
+  auto output = [&](size_t i) { return req[i] != OpReq::kNull ? out[i].data : nullptr; };
   kernel::BnStatsKernel::Params stats{
       scratch.table, aux[0].data, aux[1].data, output(1), output(2), in[1].data, l.channels,
       p.GetFloat("eps"), p.GetFloat("momentum"), batch_stats, p.GetBool("fix_gamma"),
-      mean_var && req[1] == OpReq::kAdd, mean_var && req[2] == OpReq::kAdd};
+      req[1] == OpReq::kAdd, req[2] == OpReq::kAdd};
   kernel::Launch<kernel::BnStatsKernel>("BatchNorm", ctx.ctx, l.channels, stats);
   if (req[0] == OpReq::kNull) return;
   kernel::Launch<kernel::BnApplyKernel>(
@@ -155,14 +147,14 @@ void Forward(const OpContext& ctx, const ParsedParams& p,
 
 void Backward(const OpContext& ctx, const ParsedParams& p,
               const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,
-              const std::vector<TBlob>&, const std::vector<OpReq>& req,
-              const std::vector<TBlob>& in_grad, const std::vector<TBlob>& aux) {
+              const std::vector<TBlob>& out, const std::vector<OpReq>& req,
+              const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
   const Layout l = GetLayout(p, in[0].shape);
   const Scratch scratch = GetScratch(ctx.workspace, l);
   const bool batch_stats = UsesBatchStats(ctx, p);
-  if (batch_stats) BatchMoments(ctx, scratch, l, in[0].data);
-  const float* mean = batch_stats ? scratch.table + kernel::kBnMean * l.channels : aux[0].data;
-  const float* var = batch_stats ? scratch.table + kernel::kBnVar * l.channels : aux[1].data;
+  // Forward's statistics: the batch's, or with global stats the moving ones.
+  const float* mean = out[1].data;
+  const float* var = out[2].data;
   SumParts(ctx, scratch, l, kernel::kBnSumGrad, in[0].data, out_grad[0].data, mean);
   auto grad = [&](size_t i) { return req[i] != OpReq::kNull ? in_grad[i].data : nullptr; };
   kernel::BnGradStatsKernel::Params stats{
@@ -190,15 +182,14 @@ OpDef Make() {
                {"cudnn_off", ParamSpec::Type::kBool, "False"}};
   op.arguments = Names({"data", "gamma", "beta"});
   op.aux_states = Names({"moving_mean", "moving_var"});
-  op.outputs = [](const ParsedParams& p) {
-    return p.GetBool("output_mean_var")
-               ? std::vector<std::string>{"output", "mean", "var"}
-               : std::vector<std::string>{"output"};
+  op.outputs = Names({"output", "mean", "var"});
+  op.num_visible_outputs = [](const ParsedParams& p) {
+    return p.GetBool("output_mean_var") ? 3 : 1;
   };
   op.infer_shape = Infer;
   op.forward = Forward;
   op.backward = Backward;
-  op.backward_uses_outputs = false;
+  op.backward_uses_outputs = OpDef::OutputUse::kAllButFirst;  // the statistics
   op.workspace = WorkspaceBytes;
   op.gpu = true;  // through the kernel layer
   return op;

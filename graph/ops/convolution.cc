@@ -527,7 +527,7 @@ OpDef Make() {
   op.forward = Forward;
   op.backward = Backward;
   op.workspace = Workspace;
-  op.backward_uses_outputs = false;
+  op.backward_uses_outputs = OpDef::OutputUse::kNone;
   op.uses_all_cores = true;  // OpenBLAS products
   op.gpu = true;             // cuDNN
   return op;

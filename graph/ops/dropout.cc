@@ -92,7 +92,7 @@ OpDef Make() {
   op.forward = Forward;
   op.backward = Backward;
   op.backward_uses_inputs = false;
-  op.backward_uses_outputs = true;  // the mask
+  op.backward_uses_outputs = OpDef::OutputUse::kAllButFirst;  // the mask
   op.gpu = true;
   return op;
 }

@@ -28,7 +28,7 @@ OpDef MakeBinary(const char* name, const char* hint) {
   op.required_inputs = {"lhs", "rhs"};
   op.infer_shape = SameShapeInfer;
   op.inplace = {{0, 0}, {1, 0}};
-  op.backward_uses_outputs = false;
+  op.backward_uses_outputs = OpDef::OutputUse::kNone;
   op.backward_uses_inputs = F::kGradUsesInputs;
   op.gpu = true;
   op.forward = [name](const OpContext& ctx, const ParsedParams&, const std::vector<TBlob>& in,
@@ -65,7 +65,7 @@ OpDef MakeScalar(const char* name, const char* hint) {
   op.params = {{"scalar", ParamSpec::Type::kFloat, "1"}};
   op.infer_shape = SameShapeInfer;
   op.inplace = {{0, 0}};
-  op.backward_uses_outputs = false;
+  op.backward_uses_outputs = OpDef::OutputUse::kNone;
   op.backward_uses_inputs = F::kGradAUsesA;
   op.gpu = true;
   op.forward = [name](const OpContext& ctx, const ParsedParams& p, const std::vector<TBlob>& in,

@@ -160,7 +160,7 @@ OpDef Make() {
   op.infer_shape = Infer;
   op.forward = Forward;
   op.backward = Backward;
-  op.backward_uses_outputs = false;
+  op.backward_uses_outputs = OpDef::OutputUse::kNone;
   op.gpu = true;
   return op;
 }

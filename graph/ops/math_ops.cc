@@ -132,7 +132,7 @@ OpDef MakeDot() {
   op.infer_shape = DotInfer;
   op.forward = DotForward;
   op.backward = DotBackward;
-  op.backward_uses_outputs = false;
+  op.backward_uses_outputs = OpDef::OutputUse::kNone;
   op.gpu = true;
   op.uses_all_cores = true;  // OpenBLAS products
   return op;
@@ -213,7 +213,7 @@ OpDef MakeReduce(const char* name, bool mean) {
                {"exclude", ParamSpec::Type::kBool, "False"}};
   op.infer_shape = ReduceInfer;
   op.backward_uses_inputs = false;
-  op.backward_uses_outputs = false;
+  op.backward_uses_outputs = OpDef::OutputUse::kNone;
   op.gpu = true;
   // Each output element sums its input elements (ReduceBroadcastKernel with
   // op::Add, whose GradA is its g); the gradient spreads back (GatherKernel).
@@ -292,7 +292,7 @@ OpDef MakeBroadcast(const char* name) {
   // Only an input of the output's size can share its memory, and such an
   // input is read at the output's own offsets.
   op.inplace = {{0, 0}, {1, 0}};
-  op.backward_uses_outputs = false;
+  op.backward_uses_outputs = OpDef::OutputUse::kNone;
   op.backward_uses_inputs = F::kGradUsesInputs;
   op.gpu = true;
   op.forward = [name](const OpContext& ctx, const ParsedParams&, const std::vector<TBlob>& in,

@@ -369,7 +369,7 @@ OpDef Make() {
   op.backward = Backward;
   // Backward finds the maxima again from the input on the CPU; cuDNN reads
   // the output too.
-  op.backward_uses_outputs = true;
+  op.backward_uses_outputs = OpDef::OutputUse::kAll;
   op.gpu = true;
   return op;
 }

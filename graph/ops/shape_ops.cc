@@ -79,7 +79,7 @@ OpDef MakeCopyOp() {
   op.gpu = true;
   op.inplace = {{0, 0}};
   op.backward_uses_inputs = false;
-  op.backward_uses_outputs = false;
+  op.backward_uses_outputs = OpDef::OutputUse::kNone;
   return op;
 }
 
@@ -397,7 +397,7 @@ OpDef MakeConcat() {
   op.gpu = true;
   // Backward reads only the shapes of the inputs.
   op.backward_uses_inputs = false;
-  op.backward_uses_outputs = false;
+  op.backward_uses_outputs = OpDef::OutputUse::kNone;
   return op;
 }
 
@@ -486,7 +486,7 @@ OpDef MakeTranspose() {
     Transpose(ctx.ctx, req[0], out_grad[0].data, out_grad[0].shape, inverse, in_grad[0].data);
   };
   op.backward_uses_inputs = false;
-  op.backward_uses_outputs = false;
+  op.backward_uses_outputs = OpDef::OutputUse::kNone;
   op.gpu = true;
   return op;
 }

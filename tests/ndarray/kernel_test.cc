@@ -186,13 +186,16 @@ TEST(OperatorKernels, ElementByElementMatchesWholeRanges) {
 }
 
 // BatchNorm's sums in slices (one index per channel and slice; slices cross
-// the runs of `inner` elements) combine to the channel's whole sums.
+// the runs of `inner` elements) combine to the channel's whole sums, and
+// the moments of slices to the channel's mean and variance.
 TEST(OperatorKernels, BatchNormSlicesSumToTheChannelSums) {
   const BnLayout l{21, 2, 100};  // 2100 elements per channel
   const int64_t n = l.outer * l.channels * l.inner, parts = 5;
-  const std::vector<float> x = RandomValues(n, 5), g = RandomValues(n, 6);
+  std::vector<float> x = RandomValues(n, 5);
+  for (float& v : x) v = v * 0.5f + 3.0f;  // a mean far from 0, as one-pass sums dislike
+  const std::vector<float> g = RandomValues(n, 6);
   const std::vector<float> center = {0.25f, -0.5f};
-  for (BnSum what : {kBnSumX, kBnSumSquares, kBnSumGrad}) {
+  for (BnSum what : {kBnMoments, kBnSumGrad}) {
     std::vector<double> whole(2 * l.channels * parts), split(whole.size());
     BnPartsKernel::Params wp{whole.data(), x.data(), g.data(), center.data(), l, parts, what};
     BnPartsKernel::Params sp = wp;
@@ -200,18 +203,35 @@ TEST(OperatorKernels, BatchNormSlicesSumToTheChannelSums) {
     BnPartsKernel::MapRange(0, l.channels * parts, wp);
     for (int64_t j = 0; j < l.channels * parts; ++j) BnPartsKernel::MapRange(j, j + 1, sp);
     EXPECT_EQ(whole, split);
+    std::vector<float> table(kBnColumns * l.channels);
+    BnMomentsKernel::MapRange(0, l.channels, {table.data(), whole.data(), l, parts});
     for (int64_t c = 0; c < l.channels; ++c) {
-      double a = 0, b = 0;
+      double sum = 0, sum_g = 0, dot = 0;
       for (int64_t o = 0; o < l.outer; ++o) {
         for (int64_t i = 0; i < l.inner; ++i) {
           const int64_t k = (o * l.channels + c) * l.inner + i;
-          const double d = x[k] - center[c];
-          a += what == kBnSumX ? x[k] : what == kBnSumSquares ? d * d : g[k];
-          b += what == kBnSumGrad ? g[k] * d : 0.0;
+          sum += x[k];
+          sum_g += g[k];
+          dot += g[k] * (double(x[k]) - center[c]);
         }
       }
-      EXPECT_NEAR(BnCombine(whole.data(), c, parts, false), a, 1e-6 * (1 + std::fabs(a)));
-      EXPECT_NEAR(BnCombine(whole.data(), c, parts, true), b, 1e-6 * (1 + std::fabs(b)));
+      const double per_channel = static_cast<double>(l.PerChannel());
+      if (what == kBnSumGrad) {
+        EXPECT_NEAR(BnCombine(whole.data(), c, parts, false), sum_g, 1e-6 * (1 + std::fabs(sum_g)));
+        EXPECT_NEAR(BnCombine(whole.data(), c, parts, true), dot, 1e-6 * (1 + std::fabs(dot)));
+        continue;
+      }
+      const double mean = sum / per_channel;
+      double squares = 0;
+      for (int64_t o = 0; o < l.outer; ++o) {
+        for (int64_t i = 0; i < l.inner; ++i) {
+          const double d = x[(o * l.channels + c) * l.inner + i] - mean;
+          squares += d * d;
+        }
+      }
+      EXPECT_NEAR(BnCombine(whole.data(), c, parts, false), sum, 1e-9 * std::fabs(sum));
+      EXPECT_FLOAT_EQ(table[kBnMean * l.channels + c], static_cast<float>(mean));
+      EXPECT_FLOAT_EQ(table[kBnVar * l.channels + c], static_cast<float>(squares / per_channel));
     }
   }
 }
