@@ -8,6 +8,7 @@
       the same on the first CUDA device ("lenet" or "resnet"), timed
       between synchronizations; prints "samples_per_s <v>".
   torch_baseline.py train_epochs MODEL THREADS EPOCHS LR MOMENTUM DATA_DIR
+      (MODEL: mlp, lenet or resnet)
       end-to-end training as a user runs it: reads Fashion-MNIST (gzipped
       IDX), shuffles, trains with SGD at batch 100, then tests; prints
       "samples_per_s <v> accuracy <a>" (samples/s over the training epochs,
@@ -142,6 +143,7 @@ def fashion_mnist(data_dir, train):
 
 def test_accuracy(model, data_dir):
     tx, ty = fashion_mnist(data_dir, train=False)
+    model.eval()  # BatchNorm (resnet) uses its moving statistics
     with torch.no_grad():
         return (model(tx).argmax(1) == ty).float().mean().item()
 
@@ -149,6 +151,7 @@ def test_accuracy(model, data_dir):
 def train(model, opt, x, y, epochs, batch=100):
     """SGD over shuffled batches of (x, y), as mx's training loop does."""
     loss_fn = nn.CrossEntropyLoss()
+    model.train()
     for _ in range(epochs):
         perm = torch.randperm(x.shape[0])
         for i in range(0, x.shape[0], batch):
@@ -161,7 +164,7 @@ def train(model, opt, x, y, epochs, batch=100):
 def train_epochs(model_name, threads, epochs, lr, momentum, data_dir, seed=0):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = {"mlp": mlp, "lenet": lenet}[model_name]()
+    model = {"mlp": mlp, "lenet": lenet, "resnet": resnet}[model_name]()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     start = time.perf_counter()
     x, y = fashion_mnist(data_dir, train=True)
