@@ -66,7 +66,7 @@ void Compare(const std::string& name, const Symbol& net, int epochs, float lr, f
              double target) {
   double mx_speed = 0, mx_accuracy = 0, torch_speed = 0, torch_accuracy = 0;
   int torch_rounds = 0;
-  // LeNet takes about a minute per round, the ResNet two.
+  // LeNet takes about two minutes per round, the ResNet six.
   const int rounds = epochs > 2 ? 3 : 2;
   for (int seed = 0; seed < rounds; ++seed) {
     const Result r = TrainMx(net, epochs, lr, momentum, seed);

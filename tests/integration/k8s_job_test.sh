@@ -271,10 +271,16 @@ python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --
 kill_worker_pod "killed worker pod" "$TMP/kill.json" "$TMP/kill.log" 30000
 grep -q "^k8s_local.py: Job fm-worker failed (worker 1 exited -9); terminating the pods of fm-worker$" \
   "$TMP/kill.log" || fail "killed worker pod: the worker Job did not fail: $(grep '^k8s_local' "$TMP/kill.log")"
+# The first server to stop fails the server Job, whose controller then
+# terminates the other (SIGTERM), possibly before that one has seen the
+# workers die too (a CI run had server 0 stopped 9.9 s after the kill).
+said_why=0
 for s in 0 1; do
-  grep -q "^\[server $s\] mx_server: server $s: every worker of the job died" "$TMP/kill.log" ||
-    fail "killed worker pod: server $s did not stop saying why: $(grep "^\[server $s\]" "$TMP/kill.log" | tail -2)"
+  grep -q "^\[server $s\] mx_server: server $s: every worker of the job died" "$TMP/kill.log" &&
+    said_why=$((said_why + 1))
 done
+(( said_why >= 1 )) ||
+  fail "killed worker pod: no server stopped saying why: $(grep '^\[server' "$TMP/kill.log" | tail -4)"
 grep -q "^\[coordinator\] mx_server: coordinator: every worker of the job died" "$TMP/kill.log" ||
   fail "killed worker pod: the coordinator did not stop saying why"
 

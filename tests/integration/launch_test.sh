@@ -152,6 +152,9 @@ rc=$?
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$SERVER" --role=coordinator --bind=127.0.0.1:$port --num_servers=1 --num_workers=2 > "$TMP/alone.log" 2>&1 &
 coordinator=$!
+# The nodes get 3 s: on a loaded machine the coordinator alone took longer
+# to start listening, and the worker then found nobody there.
+wait_for_line "$TMP/alone.log" "coordinator listening on" 30 || fail "the coordinator did not start listening"
 start=$(now_ms)
 MX_STARTUP_TIMEOUT_S=3 timeout -k 2 20 "$SERVER" --role=server --coordinator=127.0.0.1:$port --num_workers=2 \
   > "$TMP/alone_server.log" 2>&1 &
