@@ -10,15 +10,19 @@
 
 namespace mx::kernel {
 
+// What the three row kernels below take: rows of `dim` floats moved
+// between src and dst at the positions pos.
+struct RowsParams {
+  float* dst;
+  const float* src;
+  const int64_t* pos;
+  int64_t dim;
+};
+
 // dst[pos[r], c] += src[r, c] for r < n / dim: a row-sparse array (or a
 // sum's next term) added into dense rows.
 struct ScatterAddRowsKernel {
-  struct Params {
-    float* dst;
-    const float* src;
-    const int64_t* pos;
-    int64_t dim;
-  };
+  using Params = RowsParams;
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / p.dim, c = i - r * p.dim;
@@ -29,12 +33,7 @@ struct ScatterAddRowsKernel {
 
 // dst[pos[r], c] = src[r, c]: rows written into dense rows.
 struct ScatterRowsKernel {
-  struct Params {
-    float* dst;
-    const float* src;
-    const int64_t* pos;
-    int64_t dim;
-  };
+  using Params = RowsParams;
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / p.dim, c = i - r * p.dim;
@@ -46,12 +45,7 @@ struct ScatterRowsKernel {
 // dst[r, c] = pos[r] >= 0 ? src[pos[r], c] : 0: rows gathered from a dense
 // or compact array (a missing row reads as zero).
 struct GatherRowsKernel {
-  struct Params {
-    float* dst;
-    const float* src;
-    const int64_t* pos;
-    int64_t dim;
-  };
+  using Params = RowsParams;
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / p.dim, c = i - r * p.dim;
