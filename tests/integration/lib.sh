@@ -34,6 +34,33 @@ start_job() {
   LAUNCHERS+=("$launcher")
 }
 
+# click_logs GEN TRAIN_SAMPLES TEST_SAMPLES: writes click-through logs with
+# mx_ctr_gen GEN ($TMP/clicks.txt, $TMP/clicks_test.txt: 4 fields,
+# vocabulary 500) and sets ctr to a worker command that trains the ctr
+# model on them (dist_sync, SGD with momentum; no --epochs).
+click_logs() {
+  "$1" --out="$TMP/clicks.txt" --samples="$2" --fields=4 --vocab=500 --seed=1 > /dev/null ||
+    fail "mx_ctr_gen failed"
+  "$1" --out="$TMP/clicks_test.txt" --samples="$3" --fields=4 --vocab=500 --seed=2 > /dev/null
+  ctr=("$TRAIN" --kvstore=dist_sync --network=ctr --ctr_fields=4 --ctr_features=2000
+       --ctr_embed_dim=8 --train_libsvm="$TMP/clicks.txt" --test_libsvm="$TMP/clicks_test.txt"
+       --batch_size=100 --lr=0.5 --momentum=0.9)
+}
+
+# expect_spare_as_server_1 LOG WHAT: in a job of 3 servers with replicas 2
+# and a spare whose server 1 was killed, the spare takes rank 1 and servers
+# 0 and 2 send it copies of their WHAT ("keys", "ranges"); fails saying
+# which did not happen within 20 s.
+expect_spare_as_server_1() {
+  local log=$1 what=$2 s
+  wait_for_line "$log" '^\[spare 0\] server 1 serving on 127\.0\.0\.1:[0-9]+ \(replicas 2\) \(a spare, incarnation 1\)' 20 ||
+    fail "the spare did not take server 1's rank"
+  for s in 0 2; do
+    wait_for_line "$log" "^\\[server $s\\] server $s: server 1 is back at 127\\.0\\.0\\.1:[0-9]+ \\(a spare\\); sending it copies of [0-9]+ key\\(s\\)" 20 ||
+      fail "server $s did not send the spare its $what"
+  done
+}
+
 # wait_for_line LOG REGEX SECONDS: whether a line matching REGEX (grep -E)
 # appears in LOG within SECONDS.
 wait_for_line() {

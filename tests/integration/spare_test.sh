@@ -25,12 +25,7 @@ wait_for_line "$log" '^\[spare 0\] spare server waiting on 127\.0\.0\.1:[0-9]+' 
 wait_for_line "$log" '^\[worker [01]\] Epoch\[5\]' 60 || fail "no epoch finished"
 kill -9 "$(started_pid "$log" "server 1")"
 # The spare serves as server 1, and servers 0 and 2 send it copies.
-wait_for_line "$log" '^\[spare 0\] server 1 serving on 127\.0\.0\.1:[0-9]+ \(replicas 2\) \(a spare, incarnation 1\)' 20 ||
-  fail "the spare did not take server 1's rank"
-for s in 0 2; do
-  wait_for_line "$log" "^\\[server $s\\] server $s: server 1 is back at 127\\.0\\.0\\.1:[0-9]+ \\(a spare\\); sending it copies of [0-9]+ key\\(s\\)" 20 ||
-    fail "server $s did not send the spare its keys"
-done
+expect_spare_as_server_1 "$log" keys
 for w in 0 1; do
   grep -qE "^\[worker $w\] worker $w: a spare took the rank of server 1" "$log" ||
     fail "worker $w did not hear of the spare"

@@ -13,13 +13,9 @@ LAUNCH="$1"; SERVER="$2"; TRAIN="$3"; GEN="$4"
 TMP="${TEST_TMPDIR:-$(mktemp -d)}"
 source "$(dirname "$0")/lib.sh"
 
-"$GEN" --out="$TMP/clicks.txt" --samples=4000 --fields=4 --vocab=500 --seed=1 > /dev/null ||
-  fail "mx_ctr_gen failed"
-"$GEN" --out="$TMP/clicks_test.txt" --samples=500 --fields=4 --vocab=500 --seed=2 > /dev/null
+click_logs "$GEN" 4000 500
 epochs=40
-ctr=("$TRAIN" --kvstore=dist_sync --network=ctr --ctr_fields=4 --ctr_features=2000
-     --ctr_embed_dim=8 --train_libsvm="$TMP/clicks.txt" --test_libsvm="$TMP/clicks_test.txt"
-     --batch_size=100 --lr=0.5 --momentum=0.9 --epochs=$epochs)
+ctr+=(--epochs=$epochs)
 printf -v last '%04d' "$epochs"
 
 log="$TMP/undisturbed.log"
@@ -32,12 +28,7 @@ start_job "$log" -n 2 -s 3 --replicas=2 --spare-servers=1 -- "${ctr[@]}" \
   --checkpoint_prefix="$TMP/failover"
 wait_for_line "$log" '^\[worker [01]\] Epoch\[3\]' 60 || fail "no epoch finished"
 kill -9 "$(started_pid "$log" "server 1")"
-wait_for_line "$log" '^\[spare 0\] server 1 serving on 127\.0\.0\.1:[0-9]+ \(replicas 2\) \(a spare, incarnation 1\)' 20 ||
-  fail "the spare did not take server 1's rank"
-for s in 0 2; do
-  wait_for_line "$log" "^\\[server $s\\] server $s: server 1 is back at 127\\.0\\.0\\.1:[0-9]+ \\(a spare\\); sending it copies of [0-9]+ key\\(s\\)" 20 ||
-    fail "server $s did not send the spare its ranges"
-done
+expect_spare_as_server_1 "$log" ranges
 # Two copies of every range again (a pull waits for both) before the
 # neighbour dies.
 done_epochs=$(grep -cE '^\[worker 0\] Epoch\[[0-9]+\].*Time cost' "$log")

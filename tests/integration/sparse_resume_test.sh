@@ -11,12 +11,7 @@ LAUNCH="$1"; SERVER="$2"; TRAIN="$3"; GEN="$4"
 TMP="${TEST_TMPDIR:-$(mktemp -d)}"
 source "$(dirname "$0")/lib.sh"
 
-"$GEN" --out="$TMP/clicks.txt" --samples=8000 --fields=4 --vocab=500 --seed=1 > /dev/null ||
-  fail "mx_ctr_gen failed"
-"$GEN" --out="$TMP/clicks_test.txt" --samples=1000 --fields=4 --vocab=500 --seed=2 > /dev/null
-ctr=("$TRAIN" --kvstore=dist_sync --network=ctr --ctr_fields=4 --ctr_features=2000
-     --ctr_embed_dim=8 --train_libsvm="$TMP/clicks.txt" --test_libsvm="$TMP/clicks_test.txt"
-     --batch_size=100 --lr=0.5 --momentum=0.9)
+click_logs "$GEN" 8000 1000
 
 log="$TMP/whole.log"
 start_job "$log" -n 2 -s 2 -- "${ctr[@]}" --epochs=2 --checkpoint_prefix="$TMP/whole"
