@@ -610,7 +610,18 @@ MX_XINLINE void BnAddLanes(int64_t n, double* lanes, F&& term) {
 }
 
 MX_XINLINE double BnLaneTotal(const double* l) {
+  static_assert(kBnLanes == 8, "BnLaneTotal adds eight lanes");
   return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+// Slice `part` of a channel's per_channel elements cut into `parts`:
+// elements [*first, *last), empty for the trailing parts when the slices
+// (rounded up) run out first.
+MX_XINLINE void BnSlice(int64_t per_channel, int64_t parts, int64_t part, int64_t* first,
+                        int64_t* last) {
+  const int64_t slice = (per_channel + parts - 1) / parts;
+  *first = part * slice < per_channel ? part * slice : per_channel;
+  *last = *first + slice < per_channel ? *first + slice : per_channel;
 }
 
 // Index j = c * parts + part sums its slice of channel c's elements into
@@ -632,12 +643,10 @@ struct BnPartsKernel {
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
     const BnLayout& l = p.layout;
-    const int64_t per_channel = l.PerChannel();
-    const int64_t slice = (per_channel + p.parts - 1) / p.parts;
     for (int64_t j = begin; j < end; ++j) {
-      const int64_t c = j / p.parts, part = j % p.parts;
-      const int64_t first = part * slice;
-      const int64_t last = first + slice < per_channel ? first + slice : per_channel;
+      const int64_t c = j / p.parts;
+      int64_t first, last;
+      BnSlice(l.PerChannel(), p.parts, j % p.parts, &first, &last);
       double a[kBnLanes] = {}, b[kBnLanes] = {};
       if (p.what == kBnMoments) {
         ForEachRowRun(first, last, l.inner, [&](int64_t o, int64_t i, int64_t, int64_t run) {
@@ -688,16 +697,16 @@ struct BnMomentsKernel {
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
     const int64_t per_channel = p.layout.PerChannel(), C = p.layout.channels;
-    const int64_t slice = (per_channel + p.parts - 1) / p.parts;
     const double n = static_cast<double>(per_channel);
     for (int64_t c = begin; c < end; ++c) {
       const double* q = p.partials + 2 * c * p.parts;
       const double mean = BnCombine(p.partials, c, p.parts, false) / n;
       double m2 = 0;
       for (int64_t k = 0; k < p.parts; ++k) {
-        const int64_t left = per_channel - k * slice;
-        if (left <= 0) break;
-        const double nk = static_cast<double>(left < slice ? left : slice);
+        int64_t first, last;
+        BnSlice(per_channel, p.parts, k, &first, &last);
+        if (first == last) continue;  // an empty slice adds nothing
+        const double nk = static_cast<double>(last - first);
         const double d = q[2 * k] / nk - mean;
         m2 += q[2 * k + 1] + nk * d * d;
       }

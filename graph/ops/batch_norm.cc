@@ -117,7 +117,6 @@ void SumParts(const OpContext& ctx, const Scratch& s, const Layout& l, kernel::B
                                         {s.partials, x, g, center, KernelLayout(l), s.parts, what});
 }
 
-// The batch mean and variance of x into the table (two passes).
 // The batch mean and variance into the table, in one pass over x.
 void BatchMoments(const OpContext& ctx, const Scratch& s, const Layout& l, const float* x) {
   SumParts(ctx, s, l, kernel::kBnMoments, x, nullptr, nullptr);

@@ -72,6 +72,10 @@ struct Geometry {
   int64_t chunk;  // images per im2col chunk
 
   int64_t OutPlane() const { return out_h * out_w; }
+  // "Same" convolutions with stride 1 (ResNet's 3x3, pad 1): input and
+  // output rows are equally long, so a kernel offset's rows lie end to end
+  // in both and move as one block (CopyBlock, AddBlock).
+  bool RowsContiguous() const { return win.stride[0] == 1 && win.stride[1] == 1 && width == out_w; }
   int64_t ColRows() const { return channels * win.kernel[0] * win.kernel[1]; }
   // Rows of one group's part of col, and its filters.
   int64_t GroupRows() const { return ColRows() / groups; }
@@ -200,6 +204,15 @@ inline void CopyRow(const float* __restrict s, int64_t stride, int64_t lo, int64
   for (int64_t ox = hi; ox < n; ++ox) d[ox] = 0.0f;
 }
 
+// Sets the columns outside [lo, hi) of rows [0, rows) of n floats to 0.
+inline void ClearOutside(float* d, int64_t rows, int64_t lo, int64_t hi, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = d + r * n;
+    for (int64_t ox = 0; ox < lo; ++ox) row[ox] = 0.0f;
+    for (int64_t ox = hi; ox < n; ++ox) row[ox] = 0.0f;
+  }
+}
+
 // Rows [0, rows) of n floats: d[r * n + ox] = s[r * n + ox] for ox in
 // [lo, hi), 0 elsewhere, where source rows are n floats apart too. One copy
 // from the first valid element to the last, then the columns outside
@@ -213,11 +226,7 @@ inline void CopyBlock(const float* s, int64_t rows, int64_t lo, int64_t hi, int6
   }
   const int64_t first = lo, last = (rows - 1) * n + hi;  // [first, last) is copied
   std::memcpy(d + first, s + first, (last - first) * sizeof(float));
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = d + r * n;
-    for (int64_t ox = 0; ox < lo; ++ox) row[ox] = 0.0f;
-    for (int64_t ox = hi; ox < n; ++ox) row[ox] = 0.0f;
-  }
+  ClearOutside(d, rows, lo, hi, n);
 }
 
 // Unfolds `images` images starting at `data` into col (ColRows() x
@@ -225,10 +234,7 @@ inline void CopyBlock(const float* s, int64_t rows, int64_t lo, int64_t hi, int6
 void Im2Col(const Geometry& g, const float* data, int64_t images, float* col) {
   const Window2D& w = g.win;
   const int64_t out_w = g.out_w;
-  // "Same" convolutions with stride 1 (ResNet's 3x3, pad 1): input and
-  // output rows are equally long, so a kernel offset's rows lie end to end
-  // in both and move as one block.
-  const bool rows_contiguous = w.stride[0] == 1 && w.stride[1] == 1 && g.width == out_w;
+  const bool rows_contiguous = g.RowsContiguous();
   const int64_t plane = g.height * g.width;
   const int64_t out_plane = g.OutPlane();
   const int64_t row_len = images * out_plane;
@@ -269,11 +275,7 @@ void Im2Col(const Geometry& g, const float* data, int64_t images, float* col) {
 inline void AddBlock(float* s, int64_t rows, int64_t lo, int64_t hi, int64_t n,
                      float* __restrict d) {
   if (rows <= 0 || lo >= hi) return;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * n;
-    for (int64_t ox = 0; ox < lo; ++ox) row[ox] = 0.0f;
-    for (int64_t ox = hi; ox < n; ++ox) row[ox] = 0.0f;
-  }
+  ClearOutside(s, rows, lo, hi, n);
   const float* __restrict from = s;
   for (int64_t k = lo, last = (rows - 1) * n + hi; k < last; ++k) d[k] += from[k];
 }
@@ -282,7 +284,7 @@ inline void AddBlock(float* s, int64_t rows, int64_t lo, int64_t hi, int64_t n,
 // was read from. Overwrites col's entries that no input element has.
 void Col2ImAdd(const Geometry& g, float* col, int64_t images, float* data) {
   const Window2D& w = g.win;
-  const bool rows_contiguous = w.stride[0] == 1 && w.stride[1] == 1 && g.width == g.out_w;
+  const bool rows_contiguous = g.RowsContiguous();
   const int64_t plane = g.height * g.width;
   const int64_t out_plane = g.OutPlane();
   const int64_t row_len = images * out_plane;
