@@ -715,6 +715,22 @@ TEST(MnistIter, TruncatedFileNamesFileAndOffset) {
               AllOf(HasSubstr(f.images), HasSubstr("truncated at offset 10")));
 }
 
+// A header may promise far more than the file holds (here about 2^40
+// bytes): that is truncation at the real end of the data, not an attempt
+// to allocate what the header says.
+TEST(MnistIter, HeaderPromisingTerabytesIsTruncation) {
+  for (bool gzip : {false, true}) {
+    SCOPED_TRACE(gzip ? "gzip" : "plain");
+    std::string images = Images(4);  // 4 x 2 x 3: 16 + 24 bytes
+    images.replace(4, 12, BigEndian(1 << 16) + BigEndian(1 << 12) + BigEndian(1 << 12));
+    MnistFiles f = WriteMnist(images, Labels(4), gzip);
+    auto iter = MnistIter(Mnist(f, 1));
+    EXPECT_EQ(iter.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(iter.status().message(),
+                AllOf(HasSubstr(f.images), HasSubstr("truncated at offset 40")));
+  }
+}
+
 TEST(MnistIter, CutGzipStreamIsTruncation) {
   MnistFiles f = WriteMnist(Images(40), Labels(40), true);
   std::ifstream in(f.images, std::ios::binary);
