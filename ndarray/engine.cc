@@ -202,6 +202,11 @@ OprBlock* NewOpr(Context ctx, const std::vector<VarHandle>& const_vars,
   return op;
 }
 
+// The operation a pool worker is running on this thread, if any: the
+// operations that its completion makes ready are pushed by a thread that
+// looks for work right after (see WorkerPool::Push).
+thread_local const OprBlock* t_running = nullptr;
+
 // A pool of worker threads that run ready operations, highest priority
 // first and in push order among equal priorities.
 //
@@ -229,7 +234,12 @@ class WorkerPool {
     cv0_.SignalAll();
     for (auto& t : threads_) t.join();
   }
-  void Push(OprBlock* op) {
+  // `pusher_continues`: the pushing worker is ending its operation and
+  // looks for the next one right after, so it takes this one unless more
+  // are ready; it then wakes a helper itself (Loop). Waking one here would
+  // cost a context-switch pair for nothing, and in VMs the woken thread
+  // often lands on the waker's core and preempts it.
+  void Push(OprBlock* op, bool pusher_continues) {
     bool wake_any, wake0;
     {
       absl::MutexLock lock(&mu_);
@@ -237,7 +247,7 @@ class WorkerPool {
       queue_.push(op);
       // Worker 0 first; another worker only joins a busy worker 0.
       wake0 = idle0_;
-      wake_any = HelperCanStartLocked();
+      wake_any = !pusher_continues && HelperCanStartLocked();
     }
     if (wake_any) cv_.Signal();
     if (wake0) cv0_.Signal();
@@ -335,11 +345,13 @@ class WorkerPool {
             --idle_;
           }
         }
-        // More ready work than worker 0 can take: let a helper join.
-        wake_helper = worker0 && HelperCanStartLocked();
+        // More ready work than this worker can take: let a helper join.
+        wake_helper = HelperCanStartLocked();
       }
       if (wake_helper) cv_.Signal();
+      t_running = op;
       RunAndRelease(op, worker0);
+      t_running = nullptr;
     }
   }
 
@@ -461,12 +473,13 @@ class ThreadedEngine : public Engine {
     }
   }
 
-  void DecWait(OprBlock* op) {
+  // `pusher_continues`: see WorkerPool::Push.
+  void DecWait(OprBlock* op, bool pusher_continues = false) {
     if (op->wait.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
     if (op->prop == FnProperty::kInline) {
       Run(op);
     } else {
-      pool_.Push(op);
+      pool_.Push(op, pusher_continues);
     }
   }
 
@@ -481,6 +494,8 @@ class ThreadedEngine : public Engine {
 
   // Releases op's variables, starts what became ready, and frees op.
   void Complete(OprBlock* op, ErrorRef error) {
+    // A worker ending its own operation returns to its loop next.
+    const bool continues = t_running == op;
     absl::InlinedVector<OprBlock*, 8> ready;
     for (Var* v : op->const_vars) {
       absl::MutexLock lock(&v->mu);
@@ -511,7 +526,7 @@ class ThreadedEngine : public Engine {
       }
       if (op->delete_var) delete v;
     }
-    for (OprBlock* r : ready) DecWait(r);
+    for (OprBlock* r : ready) DecWait(r, continues);
     delete op;
     if (pending_ops_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       absl::MutexLock lock(&finish_mu_);

@@ -1009,6 +1009,39 @@ TEST(ThreadedEngine, OperationsPushedDuringAProductWakeNoWorker) {
   for (VarHandle v : vars) engine->DeleteVariable([](RunContext) {}, cpu(), v);
 }
 
+// A worker that ends an operation takes the next ready one itself, so the
+// operations that its completion makes ready must not wake another worker
+// for the first of them: the woken thread found the work taken (or took it
+// and left this one idle), and in VMs it was often placed on the waker's
+// core, preempting it; in the MLP's training loop that was a context-switch
+// pair for most of a step's small operations.
+TEST(ThreadedEngine, AChainOfOperationsWakesNoOtherWorker) {
+  std::unique_ptr<Engine> engine = CreateEngine(Threaded(2));
+  VarHandle v = engine->NewVariable();
+  Gate release;
+  engine->PushSync([&](RunContext) { release.Wait(); }, cpu(), {}, {v}, 0, "gate");
+  constexpr int kOps = 200;
+  std::vector<int> order;
+  for (int i = 0; i < kOps; ++i) {
+    engine->PushSync(
+        [&order, i](RunContext) {
+          order.push_back(i);
+          const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
+          while (std::chrono::steady_clock::now() < until) {}
+        },
+        cpu(), {}, {v});
+  }
+  SleepMs(20);  // the other worker is asleep by now
+  const long before = OtherThreadsSleeps();
+  release.Open();
+  engine->WaitForAll();
+  const long woken = OtherThreadsSleeps() - before;
+  ASSERT_EQ(order.size(), static_cast<size_t>(kOps));
+  for (int i = 0; i < kOps; ++i) ASSERT_EQ(order[i], i);
+  EXPECT_LT(woken, 10) << "a chain of " << kOps << " operations woke the other worker";
+  engine->DeleteVariable([](RunContext) {}, cpu(), v);
+}
+
 TEST(ThreadedEngine, ManyShortWaitsDoNotHang) {
   // WaitForVar right after a push: the operation often completes before the
   // waiter blocks, which must be handled without losing the wake-up.
