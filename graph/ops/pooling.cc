@@ -198,6 +198,93 @@ void ForwardRow(const Geometry& g, const float* x, int64_t oy, float* col, float
   }
 }
 
+// ---- Max pooling over 2x2 windows with stride 2 and no padding (LeNet's,
+// VGG's): each window is two columns of two rows, so a plane's row pair is
+// done in loops over the pair that the compiler vectorizes, and the
+// backward writes every input gradient once (the gradient or 0) instead of
+// clearing the plane and adding into it. In LeNet's step on this 2-core
+// machine: forward 0.64-0.96 -> 0.24-0.26 ms, backward 1.36-1.56 -> 0.43-0.52
+// ms for the first pooling. Same results as the general
+// kernels, NaNs and ties included: the std::max order of ForwardRow, and
+// MaxBackwardRow's choice of the first maximum in row-major order.
+
+bool IsMax2x2Stride2(const Geometry& g) {
+  return g.type == PoolType::kMax && g.win.kernel[0] == 2 && g.win.kernel[1] == 2 &&
+         g.win.stride[0] == 2 && g.win.stride[1] == 2 && g.win.pad[0] == 0 &&
+         g.win.pad[1] == 0 && 2 * g.out_h <= g.height && 2 * g.out_w <= g.width;
+}
+
+template <bool kAdd>
+void Max2x2ForwardPlane(const Geometry& g, const float* x, float* y) {
+  constexpr float kLow = std::numeric_limits<float>::lowest();
+  const int64_t width = g.width, out_w = g.out_w;
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    const float* __restrict r0 = x + 2 * oy * width;
+    const float* __restrict r1 = r0 + width;
+    float* __restrict out = y + oy * out_w;
+    for (int64_t ox = 0; ox < out_w; ++ox) {
+      const float c0 = std::max(std::max(kLow, r0[2 * ox]), r1[2 * ox]);
+      const float c1 = std::max(std::max(kLow, r0[2 * ox + 1]), r1[2 * ox + 1]);
+      const float m = std::max(std::max(kLow, c0), c1);
+      out[ox] = kAdd ? out[ox] + m : m;
+    }
+  }
+}
+
+// Scratch of one row pair, 2 * out_w each: per input column the larger of
+// its two rows and whether that is the lower one, then the gradient it
+// receives if its row wins.
+struct Max2x2Scratch {
+  explicit Max2x2Scratch(int64_t n) : col(n), down(n), grad(n) {}
+  std::vector<float> col;
+  std::vector<int32_t> down;
+  std::vector<float> grad;
+};
+
+// In three passes over a row pair that the compiler vectorizes (one
+// window-wise loop with its selections did not: it branched on the data).
+template <bool kAdd>
+void Max2x2BackwardPlane(const Geometry& g, const float* x, const float* gy, float* gx,
+                         Max2x2Scratch* scratch) {
+  const int64_t width = g.width, out_w = g.out_w, n = 2 * out_w;
+  float* __restrict col = scratch->col.data();
+  int32_t* __restrict down = scratch->down.data();
+  float* __restrict sel = scratch->grad.data();
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    const float* __restrict r0 = x + 2 * oy * width;
+    const float* __restrict r1 = r0 + width;
+    const float* __restrict grad = gy + oy * out_w;
+    float* __restrict g0 = gx + 2 * oy * width;
+    float* __restrict g1 = g0 + width;
+    // Per column: the larger row, the upper one on a tie.
+    for (int64_t ix = 0; ix < n; ++ix) {
+      const int32_t d = r1[ix] > r0[ix];
+      col[ix] = d ? r1[ix] : r0[ix];
+      down[ix] = d;
+    }
+    // Per window: the larger column; on a tie the one whose maximum is in
+    // the upper row, then the left one.
+    for (int64_t ox = 0; ox < out_w; ++ox) {
+      const float c0 = col[2 * ox], c1 = col[2 * ox + 1];
+      const int32_t d0 = down[2 * ox], d1 = down[2 * ox + 1];
+      const int32_t right = (c1 > c0) | ((c1 == c0) & d0 & (d1 ^ 1));
+      const float v = grad[ox];
+      sel[2 * ox] = right ? 0.0f : v;
+      sel[2 * ox + 1] = right ? v : 0.0f;
+    }
+    for (int64_t ix = 0; ix < n; ++ix) {
+      const float v0 = down[ix] ? 0.0f : sel[ix], v1 = down[ix] ? sel[ix] : 0.0f;
+      g0[ix] = kAdd ? g0[ix] + v0 : v0;
+      g1[ix] = kAdd ? g1[ix] + v1 : v1;
+    }
+    // An odd width's last column is in no window.
+    if (!kAdd) std::fill(g0 + n, g0 + width, 0.0f);
+    if (!kAdd) std::fill(g1 + n, g1 + width, 0.0f);
+  }
+  // And so is an odd height's last row.
+  if (!kAdd) std::fill(gx + 2 * g.out_h * width, gx + g.height * width, 0.0f);
+}
+
 // ---- On GPUs: cuDNN (ndarray/dnn.h), which has max and avg pooling with
 // the valid convention; the others are refused there.
 kernel::PoolShape CudnnShape(const OpContext& ctx, const ParsedParams& p, const Shape& data,
@@ -231,11 +318,23 @@ void Forward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlo
     return;
   }
   const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
+  const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
+  if (IsMax2x2Stride2(g)) {
+    const bool add = req[0] == OpReq::kAdd;
+    ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
+      for (int64_t pl = begin; pl < end; ++pl) {
+        const float* x = in[0].data + pl * in_plane;
+        float* y = out[0].data + pl * out_plane;
+        add ? Max2x2ForwardPlane<true>(g, x, y) : Max2x2ForwardPlane<false>(g, x, y);
+      }
+    });
+    return;
+  }
   ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
     std::vector<float> col(g.width), row(g.out_w);
     for (int64_t pl = begin; pl < end; ++pl) {
-      const float* x = in[0].data + pl * g.height * g.width;
-      float* y = out[0].data + pl * g.out_h * g.out_w;
+      const float* x = in[0].data + pl * in_plane;
+      float* y = out[0].data + pl * out_plane;
       for (int64_t oy = 0; oy < g.out_h; ++oy) {
         float* yr = y + oy * g.out_w;
         if (req[0] == OpReq::kWrite) {
@@ -330,14 +429,32 @@ void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBl
     return;
   }
   const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
+  const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
+  if (IsMax2x2Stride2(g)) {
+    const bool add = req[0] == OpReq::kAdd;
+    ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
+      Max2x2Scratch scratch(2 * g.out_w);
+      for (int64_t pl = begin; pl < end; ++pl) {
+        const float* x = in[0].data + pl * in_plane;
+        const float* gy = out_grad[0].data + pl * out_plane;
+        float* gx = in_grad[0].data + pl * in_plane;
+        if (add) {
+          Max2x2BackwardPlane<true>(g, x, gy, gx, &scratch);
+        } else {
+          Max2x2BackwardPlane<false>(g, x, gy, gx, &scratch);
+        }
+      }
+    });
+    return;
+  }
   ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
     std::vector<float> col(g.width), scaled(g.out_w);
     std::vector<int32_t> arg(g.width);  // rows: Infer keeps the height below 2^31
     for (int64_t pl = begin; pl < end; ++pl) {
-      const float* x = in[0].data + pl * g.height * g.width;
-      float* gx = in_grad[0].data + pl * g.height * g.width;
-      const float* gy = out_grad[0].data + pl * g.out_h * g.out_w;
-      if (req[0] == OpReq::kWrite) std::fill(gx, gx + g.height * g.width, 0.0f);
+      const float* x = in[0].data + pl * in_plane;
+      float* gx = in_grad[0].data + pl * in_plane;
+      const float* gy = out_grad[0].data + pl * out_plane;
+      if (req[0] == OpReq::kWrite) std::fill(gx, gx + in_plane, 0.0f);
       for (int64_t oy = 0; oy < g.out_h; ++oy) {
         if (g.type == PoolType::kMax) {
           MaxBackwardRow(g, x, oy, gy + oy * g.out_w, col.data(), arg.data(), gx);

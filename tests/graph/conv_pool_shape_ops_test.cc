@@ -253,6 +253,51 @@ TEST(PoolingGradient, OverlappingWindowsAccumulate) {
   EXPECT_THAT(g, ElementsAre(0, 2, 0, 1));
 }
 
+// 2x2 windows with stride 2 have their own kernels (graph/ops/pooling.cc):
+// against the rules on data full of ties, on an odd-sized input whose last
+// row and column are in no window, writing and adding.
+TEST(PoolingGradient, Max2x2Stride2KeepsTheFirstMaximumRule) {
+  const Shape shape{2, 3, 7, 9};
+  const int64_t h = 7, w = 9, oh = 3, ow = 4, planes = 6;
+  std::vector<float> data(shape.Size()), head(planes * oh * ow);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<float>((i * 7 + i / 5) % 3);
+  for (size_t i = 0; i < head.size(); ++i) head[i] = static_cast<float>(i % 5 + 1);
+  std::vector<float> want_out(head.size()), want_grad(data.size(), 0.0f);
+  for (int64_t p = 0; p < planes; ++p) {
+    for (int64_t oy = 0; oy < oh; ++oy) {
+      for (int64_t ox = 0; ox < ow; ++ox) {
+        int64_t best = -1;  // the first maximum in row-major order
+        for (int64_t ky = 0; ky < 2; ++ky) {
+          for (int64_t kx = 0; kx < 2; ++kx) {
+            const int64_t at = (p * h + 2 * oy + ky) * w + 2 * ox + kx;
+            if (best < 0 || data[at] > data[best]) best = at;
+          }
+        }
+        const int64_t o = (p * oh + oy) * ow + ox;
+        want_out[o] = data[best];
+        want_grad[best] += head[o];
+      }
+    }
+  }
+  const Symbol s = Op("Pooling", {Variable("data")},
+                      {{"kernel", "(2,2)"}, {"stride", "(2,2)"}, {"pool_type", "max"}}, "pool");
+  for (GradReq req : {GradReq::kWrite, GradReq::kAdd}) {
+    SCOPED_TRACE(req == GradReq::kAdd ? "add" : "write");
+    NDArray grad = Full(shape, 0.5f);
+    auto exec = Executor::Bind(s, cpu(), {{"data", FromVector(data, shape)}}, {{"data", grad}},
+                               {{"data", req}});
+    ASSERT_TRUE(exec.ok()) << exec.status();
+    (*exec)->Forward(true);
+    (*exec)->Backward({FromVector(head, Shape{2, 3, oh, ow})});
+    EXPECT_EQ((*exec)->outputs()[0].ToVector(), want_out);
+    std::vector<float> want = want_grad;
+    if (req == GradReq::kAdd) {
+      for (float& v : want) v += 0.5f;
+    }
+    EXPECT_EQ(grad.ToVector(), want);
+  }
+}
+
 // ---- Flatten and Reshape.
 
 TEST(FlattenShapes, KeepsTheBatchAndMultipliesTheRest) {
