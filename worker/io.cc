@@ -106,21 +106,32 @@ class ByteTable : public SampleTable {
     return static_cast<int64_t>(labels_.size());
   }
 
+  // Sample by sample, with the images kAhead samples on fetched into the
+  // cache meanwhile: shuffled batches read scattered images, and waiting for
+  // each was most of a batch's time (Fashion-MNIST: 51-60 us per batch
+  // shuffled, 20 us in order).
   void Gather(const int64_t* idx, int64_t n, float* data,
               float* label) const override {
-    ForEachRun(idx, n, [&](int64_t first, int64_t count, int64_t row) {
-      const uint8_t* __restrict src = images_.data() + first * image_size_;
-      float* __restrict dst = data + row * image_size_;
-      const int64_t m = count * image_size_;
-      const float scale = scale_;
-      for (int64_t k = 0; k < m; ++k) dst[k] = static_cast<float>(src[k]) / 255.0f * scale;
-      for (int64_t k = 0; k < count; ++k) {
-        label[row + k] = static_cast<float>(labels_[first + k]);
+    constexpr int64_t kAhead = 4;
+    for (int64_t i = 0; i < std::min(n, kAhead); ++i) Prefetch(idx[i]);
+    const float scale = scale_;
+    for (int64_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) Prefetch(idx[i + kAhead]);
+      const uint8_t* __restrict src = images_.data() + idx[i] * image_size_;
+      float* __restrict dst = data + i * image_size_;
+      for (int64_t k = 0; k < image_size_; ++k) {
+        dst[k] = static_cast<float>(src[k]) / 255.0f * scale;
       }
-    });
+      label[i] = static_cast<float>(labels_[idx[i]]);
+    }
   }
 
  private:
+  void Prefetch(int64_t sample) const {
+    const uint8_t* p = images_.data() + sample * image_size_;
+    for (int64_t at = 0; at < image_size_; at += 64) __builtin_prefetch(p + at);
+  }
+
   std::vector<uint8_t> images_;
   std::vector<uint8_t> labels_;
   int64_t image_size_;
