@@ -76,6 +76,18 @@ PersistentVolumeClaim at /checkpoints; give mx_train
 --checkpoint_prefix=/checkpoints/NAME (and --resume_epoch to resume).
 Pods run as the image's user, 65534, with the volume group-writable to it.
 
+Shared memory (--shm): server and worker pods mount the node's /dev/shm
+(a hostPath volume) at /mx-shm and set MX_SHM_DIR to it, so that a worker
+and a server on one node hand values of 16 KiB or more to each other in
+shared memory and the RPC carries only where they lie (as launch.py does on
+one host). The worker creates a segment per server and removes its name once
+the server has mapped it: the memory goes with the last of the two
+processes, and no file stays behind. A server on another node cannot map
+it, and that worker then sends it values over the network, saying so once;
+a server logs each worker that shares memory with it. hostPath volumes need
+a namespace whose Pod Security level is "privileged" (neither "baseline" nor
+"restricted" admits them), so --shm is off by default.
+
 Ports: the coordinator listens on --port, every server on --server-port
 (each in its own pod), every process serves metrics on --metrics-port;
 all are declared containerPorts. A NetworkPolicy admits to the job's pods
@@ -99,6 +111,7 @@ COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-ind
 NOBODY = 65534  # the image's user (deploy/Dockerfile)
 CHECKPOINT_DIR = "/checkpoints"  # where --checkpoint-claim is mounted in worker pods
 TLS_DIR = "/etc/mx/tls"  # where the TLS Secret is mounted in every pod
+SHM_DIR = "/mx-shm"  # where --shm mounts the node's /dev/shm in server and worker pods
 
 
 def env_value(name, value):
@@ -296,6 +309,9 @@ def job(args, role, count, command, env, per_index=False, claim=None, max_failed
     user; for servers and workers an Indexed Job, whose completion index is
     the pod's rank. `claim`: a PersistentVolumeClaim to mount at
     CHECKPOINT_DIR (group-writable for that user through fsGroup)."""
+    shm = args.shm and role in ("server", "spare", "worker")
+    if shm:
+        env = env + [env_value("MX_SHM_DIR", SHM_DIR)]
     pod = {
         **scheduling(args),
         "restartPolicy": "Never",
@@ -312,6 +328,9 @@ def job(args, role, count, command, env, per_index=False, claim=None, max_failed
         volumes.append({"name": "tls", "secret": {"secretName": tls_secret_name(args),
                                                    "defaultMode": 0o440}})
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    if shm:
+        volumes.append({"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}})
+        mounts.append({"name": "shm", "mountPath": SHM_DIR})
     if volumes:
         pod["volumes"] = volumes
         pod["containers"][0]["volumeMounts"] = mounts
@@ -545,6 +564,10 @@ def main():
     ap.add_argument("--tls-secret",
                     help="mutual TLS with an existing Secret: keys tls.crt, tls.key and ca.crt, "
                          f"the certificate valid for the name {SERVER_NAME}")
+    ap.add_argument("--shm", action="store_true",
+                    help="workers and servers on one node exchange values through the node's "
+                         "shared memory (/dev/shm as a hostPath volume: the namespace must "
+                         "admit those, Pod Security 'privileged')")
     add_worker_command(ap)
     args = ap.parse_args()
     cmd = worker_command(ap, args)

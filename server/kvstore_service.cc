@@ -771,7 +771,12 @@ class Service final : public ServiceBase {
         [&](const proto::AttachSegmentRequest& req, proto::AttachSegmentResponse*) {
           MX_ASSIGN_OR_RETURN(const Guard::Node caller, Worker(*ctx, "attach_segment"));
           MX_RETURN_IF_ERROR(guard_.CheckClaim(*ctx, "attach_segment", caller, kWorker, req.rank()));
-          return segments_.Attach(req.rank(), req.segment(), req.name(), req.bytes());
+          MX_RETURN_IF_ERROR(segments_.Attach(req.rank(), req.segment(), req.name(), req.bytes()));
+          // Once per worker: that co-location works is worth a line (on
+          // Kubernetes it depends on where pods land).
+          std::cout << "server " << rank_.load() << ": worker " << req.rank()
+                    << " shares memory with this server" << std::endl;
+          return absl::OkStatus();
         });
   }
 
@@ -1099,7 +1104,7 @@ class Service final : public ServiceBase {
   ParameterShard* shard_;
   Guard guard_;
   Segments segments_;
-  std::atomic<int> rank_{-1};  // set when it replicates
+  std::atomic<int> rank_{-1};  // this server's (SetRank); -1 before
   PullDeadlines deadlines_;
 };
 
@@ -1160,6 +1165,8 @@ void ParameterServer::AdmitServers(const std::vector<std::string>& keys) {
   }
   impl_->service->guard().AdmitAll(kServer);
 }
+
+void ParameterServer::SetRank(int rank) { impl_->service->set_rank(rank); }
 
 void ParameterServer::StartReplication(ReplicationOptions options) {
   impl_->service->set_rank(options.rank);

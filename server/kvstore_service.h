@@ -60,6 +60,9 @@ class ParameterServer {
   // them (RegisterResponse.worker_keys). The server's grpc.health.v1
   // status turns SERVING (with identities, it is NOT_SERVING until then).
   void AdmitWorkers(const std::vector<std::string>& keys);
+  // This server's rank, once the coordinator has given it (for its logs and
+  // replication).
+  void SetRank(int rank);
   // The job's servers' session keys, by rank: a backup accepts replicated
   // steps from its primary alone.
   void AdmitServers(const std::vector<std::string>& keys);

@@ -565,6 +565,7 @@ int RunServer() {
   }
   const proto::RegisterResponse& cluster = (*client)->cluster();
   const int rank = cluster.self().rank();
+  (*ps)->SetRank(rank);
   if (replicas > 1) {
     if (cluster.servers_size() < 2) {
       std::cerr << "mx_server: --replicas=2 needs at least 2 servers, the job has "

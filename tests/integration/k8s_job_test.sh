@@ -240,6 +240,40 @@ timeout -k 5 150 python3 "$LOCAL" "$TMP/tls.json" --bin mx_server="$SERVER" --bi
 grep -q "^\[worker 1\] Final test accuracy=" "$TMP/tls.log" || fail "--tls: worker 1 did not finish"
 grep -q "^k8s_local.py: every pod exited 0$" "$TMP/tls.log" || fail "--tls: not every pod exited 0"
 
+# The same job with --shm: server and worker pods mount the node's /dev/shm
+# (a hostPath) and set MX_SHM_DIR; run here, all on this one node, every
+# worker hands its values to every server in shared memory, and no segment
+# file stays behind.
+python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --shm \
+  -- "${worker[@]}" --epochs=1 > "$TMP/shm.json" || fail "k8s_job.py --shm failed"
+python3 - "$TMP/shm.json" <<'EOF' || fail "--shm objects: see above"
+import json, sys
+items = {i["metadata"]["name"]: i for i in json.load(open(sys.argv[1]))["items"]}
+for name, shared in (("fm-coordinator", False), ("fm-server", True), ("fm-worker", True)):
+    pod = items[name]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {v["name"]: v.get("value") for v in c["env"]}
+    volume = {"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}}
+    got = (volume in pod.get("volumes", []),
+           {"name": "shm", "mountPath": "/mx-shm"} in c.get("volumeMounts", []),
+           env.get("MX_SHM_DIR") == "/mx-shm")
+    if got != (shared,) * 3:
+        sys.exit(f"--shm {name}: hostPath volume, mount, MX_SHM_DIR: {got}, want all {shared}")
+EOF
+before=$(ls /dev/shm | grep -c '^mx-w')
+timeout -k 5 150 python3 "$LOCAL" "$TMP/shm.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
+  --timeout 120 > "$TMP/shm.log" 2>&1 ||
+  fail "--shm: local run failed: $(grep -E 'mx_(train|server): ' "$TMP/shm.log"; tail -5 "$TMP/shm.log")"
+grep -q "^k8s_local.py: every pod exited 0$" "$TMP/shm.log" || fail "--shm: not every pod exited 0"
+for s in 0 1; do
+  for w in 0 1; do
+    grep -q "^\[server $s\] server $s: worker $w shares memory with this server$" "$TMP/shm.log" ||
+      fail "--shm: worker $w shares no memory with server $s: $(grep -i 'shared memory' "$TMP/shm.log")"
+  done
+done
+grep -q "no shared memory" "$TMP/shm.log" && fail "--shm: $(grep 'no shared memory' "$TMP/shm.log")"
+[[ $(ls /dev/shm | grep -c '^mx-w') -eq $before ]] || fail "--shm: segment files left in /dev/shm"
+
 # kill_worker_pod CASE MANIFEST LOG MAX_MS: runs MANIFEST's pods, kills
 # worker 1's pod (kill -9) once it has finished an epoch, and checks that
 # the whole job ends failed (exit code 1) within MAX_MS with no pod process

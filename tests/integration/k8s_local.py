@@ -19,7 +19,8 @@ a local binary. A PersistentVolumeClaim is the directory DIR/CLAIM (one for
 every pod that mounts it, as a ReadWriteMany volume), and its mount path in
 a pod's arguments the path of that directory. A Secret volume is a private
 directory holding a file per key, and its mount path in the pod's
-arguments and environment values the path of that directory. Probes
+arguments and environment values the path of that directory. A hostPath
+volume is that path on this machine, the pods' one node. Probes
 (httpGet, to the pod's address) run as the kubelet runs them: a
 pod is "ready" once its readiness probe first succeeds (printed as
 "k8s_local.py: server 1 ready"), and a pod whose liveness probe fails
@@ -115,12 +116,15 @@ def secret_dir(name, secrets, secrets_dir):
 
 
 def mounts(pod_spec, volumes_dir, secrets, secrets_dir):
-    """{mount path: local directory} of a pod's PersistentVolumeClaims and
-    Secrets."""
+    """{mount path: local directory} of a pod's PersistentVolumeClaims,
+    Secrets and hostPaths."""
     claims = {}
     for v in pod_spec.get("volumes", []):
         if "secret" in v:
             claims[v["name"]] = secret_dir(v["secret"]["secretName"], secrets, secrets_dir)
+            continue
+        if "hostPath" in v:  # the pods run here: this machine is their node
+            claims[v["name"]] = v["hostPath"]["path"]
             continue
         if "persistentVolumeClaim" not in v:
             raise Unsupported(f"volume {v['name']}: {json.dumps(v)}")
