@@ -60,7 +60,7 @@ for mode in "" --jobs; do
     --service-account trainer --node-selector pool=cpu --node-selector zone=a \
     --toleration dedicated=ml:NoSchedule --toleration spot:NoExecute \
     --image-pull-secret regcred --coordinator-cpu 100m --coordinator-memory 128Mi \
-    --server-cpu 1500m --server-memory 2Gi --cpu 4 --memory 8Gi --checkpoint-claim ckpt \
+    --server-cpu 1500m --server-memory 2Gi --cpu 4 --memory 8Gi --checkpoint-claim ckpt --shm \
     "${sync[@]}" --checkpoint_prefix=/checkpoints/all
 done
 
