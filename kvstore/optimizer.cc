@@ -19,6 +19,7 @@
 #include "kvstore/options.h"
 #include "ndarray/engine.h"
 #include "ndarray/launch.h"
+#include "ndarray/parallel.h"
 #include "ndarray/update_kernels.h"
 
 namespace mx {
@@ -50,12 +51,35 @@ constexpr NumberSpec kClipWeights{"clip_weights", -1.0};
 constexpr NumberSpec kRho{"rho", 0.9, 0.0, 1.0};
 constexpr NumberSpec kAdadeltaEpsilon{"epsilon", 1e-5, 0.0};
 
+// Dense updates of at least this many elements may run on every core
+// (Optimizer::SplitLargeUpdates).
+constexpr int64_t kSplitUpdate = int64_t{1} << 16;
+
+// Launches kernel K over [0, n); with `split`, on the CPU from kSplitUpdate
+// elements on in one contiguous range per thread of the CPU pool. The
+// elements are independent, so the result is the same either way (MLP Fit
+// with its 784 x 128 first layer: median 146k -> 156k samples/s over 8
+// interleaved pairs).
+template <typename K>
+void LaunchUpdate(bool split, const char* name, Context ctx, int64_t n,
+                  const typename K::Params& p) {
+  if (!split || ctx.is_gpu() || n < kSplitUpdate) {
+    kernel::Launch<K>(name, ctx, n, p);
+    return;
+  }
+  const int64_t parts = CpuThreads(), per = (n + parts - 1) / parts;
+  ParallelFor(parts, [&](int64_t part, int) {
+    const int64_t begin = part * per, end = std::min(n, begin + per);
+    if (begin < end) K::MapRange(begin, end, p);
+  });
+}
+
 // Pushes one engine operation on the weight's context that applies Rule
 // (ndarray/update_kernels.h) to every element, or with `rows` to those rows
 // only (grad then holds one row per position): it reads grad and writes
-// weight and the Rule::kStates state arrays.
+// weight and the Rule::kStates state arrays. `split`: SplitLargeUpdates.
 template <typename Rule>
-void PushRule(const char* name, NDArray& weight, const NDArray& grad,
+void PushRule(bool split, const char* name, NDArray& weight, const NDArray& grad,
               const Optimizer::RowPositions& rows, std::vector<NDArray>& states,
               const typename Rule::Args& args) {
   MX_CHECK(static_cast<int>(states.size()) == Rule::kStates);
@@ -70,7 +94,7 @@ void PushRule(const char* name, NDArray& weight, const NDArray& grad,
   std::function<void()> fn;
   if (rows == nullptr) {
     const typename kernel::UpdateKernel<Rule>::Params p{w, g, s0, s1, args};
-    fn = [=] { kernel::Launch<kernel::UpdateKernel<Rule>>(name, ctx, n, p); };
+    fn = [=] { LaunchUpdate<kernel::UpdateKernel<Rule>>(split, name, ctx, n, p); };
   } else {
     const int64_t dim = weight.shape().RowSize();
     const typename kernel::RowUpdateKernel<Rule>::Params p{w, g, s0, s1, rows->data(), dim, args};
@@ -112,10 +136,10 @@ class Sgd : public Optimizer {
                   int64_t) override {
     const kernel::SgdStep step{lr, rescale_grad_, clip_gradient_, lr * rescale_grad_};
     if (momentum_ == 0) {
-      PushRule<kernel::SgdRule>("sgd_update", weight, grad, rows, states, {step, lr, wd});
+      PushRule<kernel::SgdRule>(split_updates_, "sgd_update", weight, grad, rows, states, {step, lr, wd});
       return;
     }
-    PushRule<kernel::SgdMomentumRule>("sgd_mom_update", weight, grad, rows, states,
+    PushRule<kernel::SgdMomentumRule>(split_updates_, "sgd_mom_update", weight, grad, rows, states,
                                       {step, lr, wd, momentum_});
   }
 
@@ -136,7 +160,7 @@ class Nag : public Sgd {
       Sgd::PushUpdate(weight, grad, rows, states, lr, wd, t);
       return;
     }
-    PushRule<kernel::NagRule>("nag_mom_update", weight, grad, rows, states,
+    PushRule<kernel::NagRule>(split_updates_, "nag_mom_update", weight, grad, rows, states,
                               {lr, wd, rescale_grad_, clip_gradient_, momentum_});
   }
 };
@@ -163,7 +187,7 @@ class Adam : public Optimizer {
     const double coef2 = 1.0 - std::pow(beta2_double_, static_cast<double>(t));
     const float lr_t = static_cast<float>(static_cast<double>(lr) *
                                           (std::sqrt(coef2) / coef1));
-    PushRule<kernel::AdamRule>("adam_update", weight, grad, rows, states,
+    PushRule<kernel::AdamRule>(split_updates_, "adam_update", weight, grad, rows, states,
         {lr_t, wd, rescale_grad_, clip_gradient_, beta1_, beta2_, epsilon_});
   }
 
@@ -185,7 +209,7 @@ class AdaGrad : public Optimizer {
   void PushUpdate(NDArray& weight, const NDArray& grad, const RowPositions& rows,
                   std::vector<NDArray>& states, float lr, float wd,
                   int64_t) override {
-    PushRule<kernel::AdaGradRule>("adagrad_update", weight, grad, rows, states,
+    PushRule<kernel::AdaGradRule>(split_updates_, "adagrad_update", weight, grad, rows, states,
                                   {lr, wd, rescale_grad_, clip_gradient_, eps_});
   }
 
@@ -208,7 +232,7 @@ class RmsProp : public Optimizer {
   void PushUpdate(NDArray& weight, const NDArray& grad, const RowPositions& rows,
                   std::vector<NDArray>& states, float lr, float wd,
                   int64_t) override {
-    PushRule<kernel::RmsPropRule>("rmsprop_update", weight, grad, rows, states,
+    PushRule<kernel::RmsPropRule>(split_updates_, "rmsprop_update", weight, grad, rows, states,
         {lr, wd, rescale_grad_, clip_gradient_, gamma1_, epsilon_, clip_weights_});
   }
 
@@ -231,7 +255,7 @@ class AdaDelta : public Optimizer {
   void PushUpdate(NDArray& weight, const NDArray& grad, const RowPositions& rows,
                   std::vector<NDArray>& states, float, float wd,
                   int64_t) override {
-    PushRule<kernel::AdaDeltaRule>("adadelta_update", weight, grad, rows, states,
+    PushRule<kernel::AdaDeltaRule>(split_updates_, "adadelta_update", weight, grad, rows, states,
                                    {wd, rescale_grad_, clip_gradient_, rho_, epsilon_});
   }
 

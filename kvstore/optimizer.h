@@ -185,6 +185,14 @@ class Optimizer {
   absl::Status SaveStatesToFile(const std::string& path) const;
   absl::Status LoadStatesFromFile(const std::string& path);
 
+  // Dense updates of 2^16 elements or more on the CPU split over every core
+  // of the CPU pool (ndarray/parallel.h). For a trainer that updates its
+  // own weights (FeedForward without a store): a large weight's update then
+  // stands between one step's backward and the next forward with nothing
+  // beside it. Off by default, as on parameter servers, which run many
+  // keys' updates at once and share hosts with workers.
+  void SplitLargeUpdates(bool on) { split_updates_ = on; }
+
  protected:
   Optimizer(std::string name, Options options);
   // Per-optimizer hyper-parameters are parsed by subclasses from options().
@@ -201,6 +209,7 @@ class Optimizer {
 
   float rescale_grad_ = 1.0f;
   float clip_gradient_ = -1.0f;
+  bool split_updates_ = false;  // SplitLargeUpdates
 
  private:
   // Per-parameter state. The shape is fixed by the first update (or by

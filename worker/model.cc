@@ -177,6 +177,7 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
   optimizer_.reset();
   if (contexts_.size() == 1 && options.store == nullptr && tables_.empty()) {
     optimizer_ = std::move(optimizer);
+    optimizer_->SplitLargeUpdates(true);  // its updates are this step's critical path
     if (!options.optimizer_states_path.empty()) {
       return optimizer_->LoadStatesFromFile(options.optimizer_states_path);
     }

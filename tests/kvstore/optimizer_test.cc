@@ -370,23 +370,31 @@ TEST(Update, OrdersWithTheOperationsAroundItAndWorksOnViews) {
 }
 
 TEST(Update, LargeArrayMatchesReference) {
-  // Many elements, to exercise the vectorized loop (and its tail).
+  // Many elements, to exercise the vectorized loop (and its tail), on one
+  // thread and split over the CPU pool (an odd count: uneven ranges).
   const Options options = {{"learning_rate", "0.01"},
                            {"momentum", "0.9"},
                            {"wd", "0.001"},
                            {"clip_gradient", "1"}};
-  std::unique_ptr<Optimizer> opt = MustCreate("sgd", options);
-  const int64_t n = 100003;
-  std::vector<float> init = RandomVector(n, 1, -1, 1);
-  NDArray w = FromVector(init);
-  RefParam ref;
-  ref.w.assign(init.begin(), init.end());
-  for (int step = 0; step < 3; ++step) {
-    std::vector<float> g = RandomVector(n, 50 + step, -3, 3);
-    opt->Update(0, w, FromVector(g));
-    ReferenceStep("sgd", Hyper(options), 0.01, 0.001, g, ref);
+  std::vector<float> results[2];
+  for (bool split : {false, true}) {
+    SCOPED_TRACE(split ? "split" : "one thread");
+    std::unique_ptr<Optimizer> opt = MustCreate("sgd", options);
+    opt->SplitLargeUpdates(split);
+    const int64_t n = 100003;
+    std::vector<float> init = RandomVector(n, 1, -1, 1);
+    NDArray w = FromVector(init);
+    RefParam ref;
+    ref.w.assign(init.begin(), init.end());
+    for (int step = 0; step < 3; ++step) {
+      std::vector<float> g = RandomVector(n, 50 + step, -3, 3);
+      opt->Update(0, w, FromVector(g));
+      ReferenceStep("sgd", Hyper(options), 0.01, 0.001, g, ref);
+    }
+    results[split] = w.ToVector();
+    ExpectNear(results[split], ref.w, 2e-5, "large weight");
   }
-  ExpectNear(w.ToVector(), ref.w, 2e-5, "large weight");
+  EXPECT_EQ(results[0], results[1]) << "splitting the update changed its result";
 }
 
 // ---- Learning rate and weight decay multipliers.
