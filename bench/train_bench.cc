@@ -8,10 +8,12 @@
 // varies by about +-0.006 for either).
 #include <algorithm>
 #include <cmath>
-#include <map>
 #include <cstdio>
+#include <map>
 #include <string>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "bench/bench_util.h"
 #include "bench/torch_runner.h"
 #include "worker/io.h"
@@ -51,9 +53,9 @@ void InitBiasesAsPyTorch(const Symbol& net, const Shape& data, FeedForward* mode
   std::map<std::string, Shape> arg;
   for (size_t i = 0; i < names.size(); ++i) arg[names[i]] = shapes->arguments[i];
   for (const auto& [name, shape] : arg) {
-    const std::string suffix = "_bias";
-    if (name.size() < suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) continue;
-    auto weight = arg.find(name.substr(0, name.size() - suffix.size()) + "_weight");
+    absl::string_view layer = name;
+    if (!absl::ConsumeSuffix(&layer, "_bias")) continue;
+    auto weight = arg.find(absl::StrCat(layer, "_weight"));
     if (weight == arg.end() || weight->second.ndim() < 2) continue;
     const double fan_in = static_cast<double>(weight->second.Size()) / weight->second[0];
     const float bound = static_cast<float>(1.0 / std::sqrt(fan_in));

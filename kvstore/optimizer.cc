@@ -57,9 +57,8 @@ constexpr int64_t kSplitUpdate = int64_t{1} << 16;
 
 // Launches kernel K over [0, n); with `split`, on the CPU from kSplitUpdate
 // elements on in one contiguous range per thread of the CPU pool. The
-// elements are independent, so the result is the same either way (MLP Fit
-// with its 784 x 128 first layer: median 146k -> 156k samples/s over 8
-// interleaved pairs).
+// elements are independent, so the result is the same either way (the
+// MLP's 784 x 128 first layer: its update's time per step 57 -> 25-31 us).
 template <typename K>
 void LaunchUpdate(bool split, const char* name, Context ctx, int64_t n,
                   const typename K::Params& p) {
@@ -136,7 +135,8 @@ class Sgd : public Optimizer {
                   int64_t) override {
     const kernel::SgdStep step{lr, rescale_grad_, clip_gradient_, lr * rescale_grad_};
     if (momentum_ == 0) {
-      PushRule<kernel::SgdRule>(split_updates_, "sgd_update", weight, grad, rows, states, {step, lr, wd});
+      PushRule<kernel::SgdRule>(split_updates_, "sgd_update", weight, grad, rows, states,
+                                {step, lr, wd});
       return;
     }
     PushRule<kernel::SgdMomentumRule>(split_updates_, "sgd_mom_update", weight, grad, rows, states,
