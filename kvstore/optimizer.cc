@@ -51,28 +51,6 @@ constexpr NumberSpec kClipWeights{"clip_weights", -1.0};
 constexpr NumberSpec kRho{"rho", 0.9, 0.0, 1.0};
 constexpr NumberSpec kAdadeltaEpsilon{"epsilon", 1e-5, 0.0};
 
-// Dense updates of at least this many elements may run on every core
-// (Optimizer::SplitLargeUpdates).
-constexpr int64_t kSplitUpdate = int64_t{1} << 16;
-
-// Launches kernel K over [0, n); with `split`, on the CPU from kSplitUpdate
-// elements on in one contiguous range per thread of the CPU pool. The
-// elements are independent, so the result is the same either way (the
-// MLP's 784 x 128 first layer: its update's time per step 57 -> 25-31 us).
-template <typename K>
-void LaunchUpdate(bool split, const char* name, Context ctx, int64_t n,
-                  const typename K::Params& p) {
-  if (!split || ctx.is_gpu() || n < kSplitUpdate) {
-    kernel::Launch<K>(name, ctx, n, p);
-    return;
-  }
-  const int64_t parts = CpuThreads(), per = (n + parts - 1) / parts;
-  ParallelFor(parts, [&](int64_t part, int) {
-    const int64_t begin = part * per, end = std::min(n, begin + per);
-    if (begin < end) K::MapRange(begin, end, p);
-  });
-}
-
 // Pushes one engine operation on the weight's context that applies Rule
 // (ndarray/update_kernels.h) to every element, or with `rows` to those rows
 // only (grad then holds one row per position): it reads grad and writes
@@ -93,13 +71,13 @@ void PushRule(bool split, const char* name, NDArray& weight, const NDArray& grad
   std::function<void()> fn;
   if (rows == nullptr) {
     const typename kernel::UpdateKernel<Rule>::Params p{w, g, s0, s1, args};
-    fn = [=] { LaunchUpdate<kernel::UpdateKernel<Rule>>(split, name, ctx, n, p); };
+    fn = [=] { kernel::Launch<kernel::UpdateKernel<Rule>>(name, ctx, n, p, split); };
   } else {
     const int64_t dim = weight.shape().RowSize();
     const typename kernel::RowUpdateKernel<Rule>::Params p{w, g, s0, s1, rows->data(), dim, args};
     // The lambda holds `rows` so that the positions outlive the operation.
-    fn = [p, rows, name, ctx, n] {
-      kernel::Launch<kernel::RowUpdateKernel<Rule>>(name, ctx, n, p);
+    fn = [p, rows, name, ctx, n, split] {
+      kernel::Launch<kernel::RowUpdateKernel<Rule>>(name, ctx, n, p, split);
     };
   }
   kernel::Push(name, ctx, {grad.var()}, std::move(writes), std::move(fn));

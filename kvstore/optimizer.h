@@ -185,12 +185,13 @@ class Optimizer {
   absl::Status SaveStatesToFile(const std::string& path) const;
   absl::Status LoadStatesFromFile(const std::string& path);
 
-  // Dense updates of 2^16 elements or more on the CPU split over every core
-  // of the CPU pool (ndarray/parallel.h). For a trainer that updates its
-  // own weights (FeedForward without a store): a large weight's update then
-  // stands between one step's backward and the next forward with nothing
-  // beside it. Off by default, as on parameter servers, which run many
-  // keys' updates at once and share hosts with workers.
+  // Updates of 2^16 elements or more on the CPU split over the CPU pool
+  // (kernel::Launch's split, ndarray/launch.h). For a trainer that updates
+  // its own weights (FeedForward without a store): a large weight's update
+  // then stands between one step's backward and the next forward with
+  // nothing beside it (the MLP's 784 x 128 first layer: 57 -> 25-31 us of
+  // update per step). Off by default, as on parameter servers, which run
+  // many keys' updates at once and share hosts with workers.
   void SplitLargeUpdates(bool on) { split_updates_ = on; }
 
  protected:

@@ -257,6 +257,20 @@ void ParallelFor(int64_t tasks, absl::FunctionRef<void(int64_t, int)> fn) {
   Pool().Run(tasks, fn);
 }
 
+void ParallelRanges(int64_t n, int64_t min_range,
+                    absl::FunctionRef<void(int64_t begin, int64_t end)> fn) {
+  if (n <= 0) return;
+  const int64_t ranges =
+      std::clamp<int64_t>(n / std::max<int64_t>(min_range, 1), 1, 4 * CpuThreads());
+  if (ranges == 1) {
+    fn(0, n);
+    return;
+  }
+  // Range r is [r * n / ranges, (r + 1) * n / ranges): at least
+  // n / ranges >= min_range long.
+  ParallelFor(ranges, [&](int64_t r, int) { fn(r * n / ranges, (r + 1) * n / ranges); });
+}
+
 void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
            const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
            int64_t ldc) {

@@ -54,6 +54,14 @@ int CpuThreads();
 // ParallelFor holds the pool.
 void ParallelFor(int64_t tasks, absl::FunctionRef<void(int64_t task, int slot)> fn);
 
+// Runs fn(begin, end) over contiguous ranges of about equal length that
+// cover [0, n) exactly once, on the pool (ParallelFor): up to four ranges
+// per thread, so that a late helper leaves the others little to wait for,
+// each at least min_range long (so one range, on the caller, when
+// n < 2 * min_range).
+void ParallelRanges(int64_t n, int64_t min_range,
+                    absl::FunctionRef<void(int64_t begin, int64_t end)> fn);
+
 // C = alpha * op(A) * op(B) + beta * C, row-major, with leading dimensions
 // lda, ldb, ldc (as cblas_sgemm). Products worth it are split into blocks
 // of C's rows or columns that run on the pool; each element of C is computed

@@ -156,14 +156,9 @@ Geometry MakeGeometry(const ParsedParams& p, const Shape& data, const Shape& out
 // pool; planes are independent.
 template <typename Fn>
 void ForEachPlaneRange(const Geometry& g, Fn fn) {
-  // A few ranges per thread, each at least 64 KiB of input.
+  // Ranges of at least 64 KiB of input.
   const int64_t plane_floats = std::max<int64_t>(g.height * g.width, 1);
-  const int64_t min_planes = std::max<int64_t>(1, (16 << 10) / plane_floats);
-  const int64_t ranges = std::clamp<int64_t>(g.planes / min_planes, 1, 4 * CpuThreads());
-  const int64_t per = (g.planes + ranges - 1) / ranges;
-  ParallelFor((g.planes + per - 1) / per, [&](int64_t r, int) {
-    fn(r * per, std::min(g.planes, (r + 1) * per));
-  });
+  ParallelRanges(g.planes, std::max<int64_t>(1, (16 << 10) / plane_floats), fn);
 }
 
 // Forward of one output row: col[ix] reduces input rows [y0, y1) of

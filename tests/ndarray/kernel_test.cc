@@ -41,6 +41,21 @@ void ExpectSplitsAgree(int64_t n, typename K::Params whole, typename K::Params s
   EXPECT_THAT(split_out, Pointwise(FloatEq(), whole_out));
 }
 
+// From kSplitElements elements on, Launch runs a CPU kernel as ranges on
+// the CPU pool: every element exactly once, whatever the split. An
+// in-place add (out = a + 1) shows an element run twice or never.
+TEST(Launch, LargeCpuKernelsRunEveryElementOnceWhetherSplitOrNot) {
+  for (const int64_t n : {kSplitElements - 1, kSplitElements, 3 * kSplitElements + 5}) {
+    for (const bool split : {true, false}) {
+      SCOPED_TRACE(testing::Message() << n << (split ? " split" : " on the caller"));
+      std::vector<float> a = RandomValues(n, 3);
+      const std::vector<float> before = a, ones(n, 1.0f);
+      Launch<BinaryKernel<op::Add>>("test", cpu(), n, {a.data(), a.data(), ones.data()}, split);
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(a[i], before[i] + 1.0f) << "element " << i;
+    }
+  }
+}
+
 TEST(BroadcastKernel, ElementByElementMatchesWholeRangesForEveryShapePair) {
   const std::vector<std::pair<Shape, Shape>> cases = {
       {{2, 3}, {2, 3}}, {{2, 3}, {3}},       {{2, 3}, {2, 1}},    {{4, 1, 3}, {1, 5, 1}},

@@ -3,6 +3,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <atomic>
 #include <fstream>
 #include <string>
@@ -60,6 +61,30 @@ TEST(ParallelFor, CallsFromSeveralThreadsAllComplete) {
 
 TEST(ParallelFor, ZeroTasksDoNothing) {
   ParallelFor(0, [](int64_t, int) { FAIL() << "ran a task"; });
+}
+
+TEST(ParallelRanges, CoverEveryIndexOnceInRangesOfAtLeastTheMinimum) {
+  constexpr int64_t kMin = 100;
+  for (const int64_t n : {1, 99, 199, 200, 301, 1000, 1099, 100003}) {
+    SCOPED_TRACE(n);
+    std::vector<std::atomic<int>> hits(n);
+    std::atomic<int> ranges{0};
+    ParallelRanges(n, kMin, [&](int64_t begin, int64_t end) {
+      ASSERT_LE(0, begin);
+      ASSERT_LT(begin, end);
+      ASSERT_LE(end, n);
+      if (n >= kMin) EXPECT_GE(end - begin, kMin) << "[" << begin << ", " << end << ")";
+      ++ranges;
+      for (int64_t i = begin; i < end; ++i) hits[i].fetch_add(1);
+    });
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "index " << i;
+    EXPECT_LE(ranges.load(), std::max<int64_t>(1, std::min<int64_t>(n / kMin, 4 * CpuThreads())));
+    if (n < 2 * kMin) EXPECT_EQ(ranges.load(), 1);
+  }
+}
+
+TEST(ParallelRanges, NothingToDoRunsNothing) {
+  ParallelRanges(0, 10, [](int64_t, int64_t) { FAIL() << "ran a range"; });
 }
 
 // C = alpha * op(A) op(B) + beta * C in double, row-major, packed.
