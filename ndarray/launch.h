@@ -51,14 +51,16 @@ void Launch(const char* name, Context ctx, int64_t n, const typename K::Params& 
     ThrowIfLaunchFailed(GpuLaunch<K>(ctx.device_id, n, params), name, ctx);
     return;
   }
+  // Each call reads a copy of the parameters of its own: through a
+  // reference, every store of the kernel might change them (a float field
+  // such as BinaryGradKernel's s), so the compiler reloads them in the loop
+  // and does not vectorize it (that kernel ran 2x slower split).
   if (!split || n < kSplitElements) {
-    K::MapRange(0, n, params);
+    const typename K::Params local = params;
+    K::MapRange(0, n, local);
     return;
   }
   ParallelRanges(n, kSplitElements / 2, [&](int64_t begin, int64_t end) {
-    // A copy of its own: through the reference, every store of the kernel
-    // might change the parameters, so the compiler reloads them in the loop
-    // and does not vectorize it (BinaryGradKernel ran 2x slower split).
     const typename K::Params local = params;
     K::MapRange(begin, end, local);
   });
