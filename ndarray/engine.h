@@ -25,10 +25,10 @@
 //    a chain of dependent operations stays on one thread and only
 //    independent ones spread out. A thread blocked in WaitForVar runs ready
 //    operations too, and a kInline operation runs on the thread that makes
-//    it ready. Reductions, and element-wise kernels under 2^16 elements,
+//    it ready. Reductions, and kernels that touch under 2^16 elements,
 //    run on one thread inside their operation: their parallelism comes from
-//    independent operations. Larger element-wise kernels split over the
-//    CPU pool (kernel::Launch, ndarray/launch.h), like Pooling below.
+//    independent operations. Larger kernels split over the CPU pool
+//    (kernel::Launch, ndarray/launch.h), like Pooling below.
 //  - The CPU pool of ndarray/parallel.h: the calling thread and
 //    CpuThreads() - 1 helpers (OMP_NUM_THREADS, else OPENBLAS_NUM_THREADS,
 //    else UsableCores()), which spin for 100 us after a job, then sleep.

@@ -9,6 +9,7 @@
 #ifndef MX_NDARRAY_LAUNCH_H_
 #define MX_NDARRAY_LAUNCH_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -40,12 +41,13 @@ void ThrowIfLaunchFailed(const char* error, const char* name, Context ctx);
 inline constexpr int64_t kSplitElements = int64_t{1} << 16;
 
 // Runs kernel K over [0, n) on ctx. On the CPU, with `split` and from
-// kSplitElements elements on, as ranges on the CPU pool, else as one call
-// on this thread. Elements are independent, so the result is the same
-// either way.
+// kSplitElements elements on (n * index_cost: the elements each index
+// touches, 1 for element-wise kernels), as ranges on the CPU pool, else as
+// one call on this thread. Indices are independent, so the result is the
+// same either way.
 template <typename K>
 void Launch(const char* name, Context ctx, int64_t n, const typename K::Params& params,
-            bool split = true) {
+            bool split = true, int64_t index_cost = 1) {
   if (n <= 0) return;
   if (ctx.is_gpu()) {
     ThrowIfLaunchFailed(GpuLaunch<K>(ctx.device_id, n, params), name, ctx);
@@ -55,12 +57,13 @@ void Launch(const char* name, Context ctx, int64_t n, const typename K::Params& 
   // reference, every store of the kernel might change them (a float field
   // such as BinaryGradKernel's s), so the compiler reloads them in the loop
   // and does not vectorize it (that kernel ran 2x slower split).
-  if (!split || n < kSplitElements) {
+  const int64_t cost = std::max<int64_t>(index_cost, 1);
+  if (!split || n * cost < kSplitElements) {
     const typename K::Params local = params;
     K::MapRange(0, n, local);
     return;
   }
-  ParallelRanges(n, kSplitElements / 2, [&](int64_t begin, int64_t end) {
+  ParallelRanges(n, (kSplitElements / 2 + cost - 1) / cost, [&](int64_t begin, int64_t end) {
     const typename K::Params local = params;
     K::MapRange(begin, end, local);
   });

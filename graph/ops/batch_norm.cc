@@ -110,11 +110,14 @@ size_t WorkspaceBytes(const ParsedParams& p, const ShapeList& in, const ShapeLis
          static_cast<size_t>(kernel::kBnColumns * l.channels) * sizeof(float);
 }
 
-// Sums `what` over every channel's slices into the partials.
+// Sums `what` over every channel's slices into the partials. Each index
+// is a slice of about 512 elements, which tells Launch to split the sums
+// over the CPU pool (ResNet's: 16 channels of 100 x 28 x 28).
 void SumParts(const OpContext& ctx, const Scratch& s, const Layout& l, kernel::BnSum what,
               const float* x, const float* g, const float* center) {
   kernel::Launch<kernel::BnPartsKernel>("BatchNorm", ctx.ctx, l.channels * s.parts,
-                                        {s.partials, x, g, center, KernelLayout(l), s.parts, what});
+                                        {s.partials, x, g, center, KernelLayout(l), s.parts, what},
+                                        /*split=*/true, /*index_cost=*/l.PerChannel() / s.parts);
 }
 
 // The batch mean and variance into the table, in one pass over x.

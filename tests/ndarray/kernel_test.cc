@@ -41,17 +41,24 @@ void ExpectSplitsAgree(int64_t n, typename K::Params whole, typename K::Params s
   EXPECT_THAT(split_out, Pointwise(FloatEq(), whole_out));
 }
 
-// From kSplitElements elements on, Launch runs a CPU kernel as ranges on
-// the CPU pool: every element exactly once, whatever the split. An
-// in-place add (out = a + 1) shows an element run twice or never.
-TEST(Launch, LargeCpuKernelsRunEveryElementOnceWhetherSplitOrNot) {
-  for (const int64_t n : {kSplitElements - 1, kSplitElements, 3 * kSplitElements + 5}) {
+// From kSplitElements elements on (indices times index_cost), Launch runs
+// a CPU kernel as ranges on the CPU pool: every index exactly once,
+// whatever the split. An in-place add (out = a + 1) shows an index run
+// twice or never.
+TEST(Launch, LargeCpuKernelsRunEveryIndexOnceWhetherSplitOrNot) {
+  struct Case {
+    int64_t n, index_cost;
+  };
+  for (const Case c : {Case{kSplitElements - 1, 1}, Case{kSplitElements, 1},
+                       Case{3 * kSplitElements + 5, 1}, Case{2463, 512}, Case{7, 1 << 20}}) {
     for (const bool split : {true, false}) {
-      SCOPED_TRACE(testing::Message() << n << (split ? " split" : " on the caller"));
-      std::vector<float> a = RandomValues(n, 3);
-      const std::vector<float> before = a, ones(n, 1.0f);
-      Launch<BinaryKernel<op::Add>>("test", cpu(), n, {a.data(), a.data(), ones.data()}, split);
-      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(a[i], before[i] + 1.0f) << "element " << i;
+      SCOPED_TRACE(testing::Message() << c.n << " indices of cost " << c.index_cost
+                                      << (split ? ", split" : ", on the caller"));
+      std::vector<float> a = RandomValues(c.n, 3);
+      const std::vector<float> before = a, ones(c.n, 1.0f);
+      Launch<BinaryKernel<op::Add>>("test", cpu(), c.n, {a.data(), a.data(), ones.data()}, split,
+                                    c.index_cost);
+      for (int64_t i = 0; i < c.n; ++i) ASSERT_EQ(a[i], before[i] + 1.0f) << "index " << i;
     }
   }
 }
