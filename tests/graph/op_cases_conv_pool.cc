@@ -115,7 +115,8 @@ MX_OP_CASE(Conv("Convolution_image_by_image",
 MX_OP_CASE(Conv("Convolution_partial_chunk",
                 {.data = {7, 3, 10, 10}, .filters = 4, .kernel = {3, 3}}));
 // LeNet: conv 5x5x20 on 1x28x28, then 5x5x50 on 20x12x12, batch 100 (the
-// second takes 25 im2col chunks, in 4 tasks whose weight gradients add up).
+// second takes 25 im2col chunks, in several tasks whose weight and bias
+// gradients add up: 9 on 2 cores).
 MX_OP_CASE(Conv("Convolution_lenet_conv1", {.data = {100, 1, 28, 28}, .filters = 20,
                                             .kernel = {5, 5}}, {}, false));
 MX_OP_CASE(Conv("Convolution_lenet_conv2", {.data = {100, 20, 12, 12}, .filters = 50,
