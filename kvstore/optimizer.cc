@@ -19,7 +19,6 @@
 #include "kvstore/options.h"
 #include "ndarray/engine.h"
 #include "ndarray/launch.h"
-#include "ndarray/parallel.h"
 #include "ndarray/update_kernels.h"
 
 namespace mx {

@@ -11,8 +11,8 @@
 //
 //  - on a CPU context, as one call MapRange(0, n) on the calling thread,
 //    or from kSplitElements (2^16) elements' work on as calls over
-//    contiguous ranges on the CPU pool (ndarray/parallel.h); the loops inline and
-//    vectorize like hand-written ones;
+//    contiguous ranges on the CPU pool (ndarray/parallel.h); the loops
+//    inline and vectorize like hand-written ones;
 //  - on gpu(i), as a CUDA kernel on that device's compute stream, in which
 //    each thread calls MapRange(i, i + 1) for its grid-stride indices i.
 //

@@ -515,8 +515,9 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
         tmp = gathered;
       }
       if (bias) {
-        // While the chunk's gradient is in cache, and in parallel: a pass
-        // of its own over LeNet's first layer (1.15M floats) took 0.3 ms.
+        // While the chunk's gradient is in cache, and in parallel: as a
+        // serial pass of its own before the loop, LeNet's first layer's
+        // backward took 1.10-1.15 ms, now 0.80-0.85 ms.
         double* sums = bias_partials.data() + task * g.filters;
         for (int64_t f = 0; f < g.filters; ++f) sums[f] += SumRow(tmp + f * cols, cols);
       }
