@@ -942,15 +942,17 @@ class Service final : public ServiceBase {
       std::vector<PullReactor::Wanted> wanted;
       PushesDone done;
     };
-    auto join = std::make_shared<Join>();
-    join->remaining = reqs.size();
-    join->done = std::move(done);
+    std::vector<PullReactor::Wanted> wanted;
     for (const proto::PushRequest& req : reqs) {
       std::optional<ShmSpan> reply;
       absl::Status bad = ReplyOf(req, &reply);
       if (!bad.ok()) return done(Prefix(bad, "pushpull", req.key()), {});
-      join->wanted.push_back({req.key(), req.min_version(), PullRowsOf(req), std::move(reply)});
+      wanted.push_back({req.key(), req.min_version(), PullRowsOf(req), std::move(reply)});
     }
+    auto join = std::make_shared<Join>();
+    join->remaining = reqs.size();
+    join->wanted = std::move(wanted);
+    join->done = std::move(done);
     for (size_t i = 0; i < reqs.size(); ++i) {
       Apply(absl::OkStatus(), *slices, reqs[i], data[i], [join](absl::Status s) {
         if (!s.ok()) {

@@ -617,6 +617,17 @@ TEST(DistErrors, MalformedMessagesAreRejectedAndTheServerKeepsServing) {
   s = call("Pull", unknown.SerializeAsString());
   EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_THAT(s.error_message(), HasSubstr("key 77"));
+  // A pushpull of several keys whose answer should go to shared memory
+  // this worker never attached (the server aborted on it once).
+  proto::PushPullManyRequest many;
+  proto::PushRequest* entry = many.add_entries();
+  entry->set_key(1);
+  entry->mutable_value()->add_shape(2);
+  entry->mutable_value()->set_data(std::string(8, '\0'));
+  entry->mutable_shm_reply()->set_offset(0);
+  s = call("PushPullMany", many.SerializeAsString());
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(s.error_message(), HasSubstr("pushpull of key 1"));
   // A plain protobuf push (data in one occurrence of the field) is fine.
   proto::PushRequest good;
   good.set_key(1);
