@@ -256,8 +256,11 @@ class LoopbackEcho {
   std::vector<char> buffer_;
 };
 
-// The transport's own latency: a plain gRPC unary call (a generic echo
-// service, channels as mx makes them) carrying the same bytes.
+// The transport's own latency: a plain gRPC unary call carrying the same
+// bytes, to a generic echo service on gRPC's callback API (as servers are
+// commonly written), on a channel as mx makes them. The call goes through
+// mx's client queue (rpc/async.h): a callback call would give this process
+// gRPC's callback pollers, which would slow mx's calls too.
 class GrpcEcho {
  public:
   // With a port: the echo service is another process's (Serve there).
@@ -290,13 +293,13 @@ class GrpcEcho {
     std::condition_variable cv;
     bool done = false;
     grpc::Status status;
-    stub_->UnaryCall(&ctx, "/bench.Echo/Echo", grpc::StubOptions(), &request, &response,
-                     [&](grpc::Status s) {
-                       std::lock_guard<std::mutex> lock(mu);
-                       status = s;
-                       done = true;
-                       cv.notify_one();
-                     });
+    rpc::StartUnaryCall(stub_.get(), &ctx, "/bench.Echo/Echo", request, &response,
+                        [&](grpc::Status s) {
+                          std::lock_guard<std::mutex> lock(mu);
+                          status = s;
+                          done = true;
+                          cv.notify_one();
+                        });
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return done; });
     if (!status.ok()) throw std::runtime_error("gRPC echo: " + status.error_message());
@@ -543,8 +546,9 @@ void Throughput(Workers& c, const std::string& config, int* next_key) {
   const std::vector<std::pair<Op, std::string>> ops = {
       {kPushPull, "pushpull"}, {kPush, "push"}, {kPull, "pull"}};
   const int sink = c.far_end() != nullptr ? c.far_end()->sink_port : 0;
-  std::unique_ptr<LoopbackLink> tcp;  // the leader's
-  if (c.leader()) tcp = std::make_unique<LoopbackLink>(sink);
+  // The leader's, made for the first figure wanted: connecting makes the
+  // far end fill a 64 MiB ring, which must not overlap another figure.
+  std::unique_ptr<LoopbackLink> tcp;
   for (const auto& [op, op_name] : ops) {
     for (int64_t bytes : {int64_t{4} << 10, int64_t{1} << 20, int64_t{16} << 20}) {
       const int64_t n = bytes / 4;
@@ -552,6 +556,7 @@ void Throughput(Workers& c, const std::string& config, int* next_key) {
         const std::string name = "dist_" + op_name + "_" + std::to_string(bytes >> 10) + "KiB_x" +
                                  std::to_string(in_flight) + "_" + config;
         if (!Wanted(name)) continue;
+        if (c.leader() && tcp == nullptr) tcp = std::make_unique<LoopbackLink>(sink);
         std::vector<int> keys;
         for (int k = 0; k < in_flight; ++k) keys.push_back((*next_key)++);
         std::vector<std::vector<NDArray>> values(c.size()), outs(c.size());

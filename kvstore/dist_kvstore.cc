@@ -561,8 +561,8 @@ struct Conn : std::enable_shared_from_this<Conn> {
                 ->GetState(/*try_to_connect=*/true) != GRPC_CHANNEL_READY) {
       call->ctx.set_deadline(absl::ToChronoTime(absl::Now() + unconnected_deadline));
     }
-    stub->UnaryCall(
-        &call->ctx, method, grpc::StubOptions(), &call->req, &call->resp,
+    rpc::StartUnaryCall(
+        stub, &call->ctx, method, call->req, &call->resp,
         [self = shared_from_this(), call, done = std::move(done)](grpc::Status s) {
           absl::Status failed;
           {

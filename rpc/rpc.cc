@@ -95,10 +95,6 @@ int64_t RaiseOpenFileLimit() {
 void KeepGrpcAlive() {
   static const bool initialized = [] {
     grpc_init();  // never shut down (see rpc.h)
-    // Every server answers the standard grpc.health.v1 service (without
-    // the job token: probes carry none, and it tells only whether the node
-    // serves).
-    grpc::EnableDefaultHealthCheckService(true);
     return true;
   }();
   (void)initialized;
@@ -224,12 +220,6 @@ absl::Status ConnectionProblem(const std::string& address, const Security& secur
   return absl::OkStatus();
 }
 
-void SetServing(grpc::Server* server, bool serving) {
-  if (grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService()) {
-    health->SetServingStatus(serving);
-  }
-}
-
 bool HealthCheck(const std::string& address, const Security& security, absl::Duration timeout) {
   grpc::GenericStub stub(SharedChannel(address, security));
   grpc::ClientContext ctx;
@@ -238,11 +228,10 @@ bool HealthCheck(const std::string& address, const Security& security, absl::Dur
   grpc::ByteBuffer req(&empty, 1), resp;
   absl::Notification done;
   grpc::Status status;
-  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req, &resp,
-                 [&](grpc::Status s) {
-                   status = std::move(s);
-                   done.Notify();
-                 });
+  StartUnaryCall(&stub, &ctx, "/grpc.health.v1.Health/Check", req, &resp, [&](grpc::Status s) {
+    status = std::move(s);
+    done.Notify();
+  });
   done.WaitForNotification();
   return status.ok();
 }

@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "proto/wire.h"
+#include "rpc/async.h"
 #include "rpc/security.h"
 
 namespace mx {
@@ -52,12 +53,6 @@ void KeepGrpcAlive();
 // control and framing of every mx connection (as SharedChannel does).
 void Listen(grpc::ServerBuilder* builder, const std::string& bind_address,
             const Security& security, int* port);
-
-// What `server`'s grpc.health.v1 service answers for every service name:
-// SERVING or NOT_SERVING. Servers that Listen answer it (KeepGrpcAlive
-// turns it on), without the job token; gRPC answers NOT_SERVING once the
-// server shuts down.
-void SetServing(grpc::Server* server, bool serving);
 
 // The process's channel to `address` with `security`'s credentials,
 // created once and kept: channels are expensive, and one that is destroyed
@@ -100,10 +95,8 @@ constexpr absl::Duration kKeepalive = absl::Seconds(5);
 // read), parses the request (ParseRequest), calls handle(req, &resp) and
 // answers with resp or handle's error.
 template <class Req, class Resp, class Check, class Handle>
-grpc::ServerUnaryReactor* AnswerRequest(grpc::CallbackServerContext* ctx,
-                                        const grpc::ByteBuffer& request,
-                                        grpc::ByteBuffer* response, const char* method,
-                                        const Check& check, const Handle& handle) {
+UnaryReactor* AnswerRequest(const grpc::ByteBuffer& request, grpc::ByteBuffer* response,
+                            const char* method, const Check& check, const Handle& handle) {
   Resp resp;
   absl::Status s = check();
   if (s.ok()) {
@@ -111,7 +104,7 @@ grpc::ServerUnaryReactor* AnswerRequest(grpc::CallbackServerContext* ctx,
     s = req.ok() ? handle(*req, &resp) : req.status();
   }
   if (s.ok()) *response = EncodeMessage(resp);
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  auto* reactor = new UnaryReactor;
   reactor->Finish(ToGrpc(s));
   return reactor;
 }

@@ -40,14 +40,9 @@ rpc::Role RpcRole(proto::Role r) { return static_cast<rpc::Role>(r); }
 // for other nodes without holding a thread: a waiting call is kept (with
 // its reactor) and answered by the call, death or departure that completes
 // it, or by Sweep once it is about to run out of time, saying what was
-// missing. Each method takes its reactor once: DefaultReactor constructs
-// it anew at every call, forgetting a Finish already made.
-using CoordinatorBase = proto::Coordinator::WithRawCallbackMethod_Register<
-    proto::Coordinator::WithRawCallbackMethod_Heartbeat<
-        proto::Coordinator::WithRawCallbackMethod_Barrier<
-            proto::Coordinator::WithRawCallbackMethod_Leave<proto::Coordinator::Service>>>>;
-
-class Service final : public CoordinatorBase {
+// missing. The methods run on the server's polling thread (rpc/async.h)
+// and never block; each makes one reactor per call.
+class Service final {
  public:
   // Nodes are admitted to the guard as they register: a call for a node
   // that has not is refused at once.
@@ -66,9 +61,9 @@ class Service final : public CoordinatorBase {
   }
   int64_t refused() const { return guard_.refused(); }
 
-  grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* ctx,
+  rpc::UnaryReactor* Register(rpc::ServerContext* ctx,
                                      const grpc::ByteBuffer* request,
-                                     grpc::ByteBuffer* response) override {
+                                     grpc::ByteBuffer* response) {
     absl::StatusOr<proto::RegisterRequest> req =
         ParseRequest<proto::RegisterRequest>(*request, "register");
     if (req.ok() && !req->session_key().empty()) {
@@ -94,12 +89,12 @@ class Service final : public CoordinatorBase {
         });
   }
 
-  grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* ctx,
+  rpc::UnaryReactor* Heartbeat(rpc::ServerContext* ctx,
                                       const grpc::ByteBuffer* request,
-                                      grpc::ByteBuffer* response) override {
+                                      grpc::ByteBuffer* response) {
     absl::StatusOr<Guard::Node> caller;
     return rpc::AnswerRequest<proto::HeartbeatRequest, proto::HeartbeatResponse>(
-        ctx, *request, response, "heartbeat",
+        *request, response, "heartbeat",
         [&] {
           MX_RETURN_IF_ERROR(KnownHere(*ctx, "heartbeat"));
           return (caller = guard_.IdentifyAny(*ctx, "heartbeat")).status();
@@ -112,12 +107,12 @@ class Service final : public CoordinatorBase {
         });
   }
 
-  grpc::ServerUnaryReactor* Leave(grpc::CallbackServerContext* ctx,
+  rpc::UnaryReactor* Leave(rpc::ServerContext* ctx,
                                   const grpc::ByteBuffer* request,
-                                  grpc::ByteBuffer* response) override {
+                                  grpc::ByteBuffer* response) {
     absl::StatusOr<Guard::Node> caller;
     return rpc::AnswerRequest<proto::LeaveRequest, proto::LeaveResponse>(
-        ctx, *request, response, "leave",
+        *request, response, "leave",
         [&] {
           MX_RETURN_IF_ERROR(KnownHere(*ctx, "leave"));
           return (caller = guard_.Identify(*ctx, "leave", rpc::Role::kWorker)).status();
@@ -137,9 +132,9 @@ class Service final : public CoordinatorBase {
         });
   }
 
-  grpc::ServerUnaryReactor* Barrier(grpc::CallbackServerContext* ctx,
+  rpc::UnaryReactor* Barrier(rpc::ServerContext* ctx,
                                     const grpc::ByteBuffer* request,
-                                    grpc::ByteBuffer* response) override {
+                                    grpc::ByteBuffer* response) {
     return Wait(
         ctx, response, &in_barrier_,
         [&](Waiting* w, Answers*) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -264,10 +259,10 @@ class Service final : public CoordinatorBase {
   // barrier (of `epoch`). Its answer goes to `response`; it gives up at
   // `give_up`.
   struct Waiting {
-    grpc::ServerUnaryReactor* reactor;
+    rpc::UnaryReactor* reactor;
     grpc::ByteBuffer* response;
     absl::Time give_up;
-    grpc::CallbackServerContext* ctx;  // alive until the reactor finishes
+    rpc::ServerContext* ctx;  // alive until the reactor finishes
     proto::NodeInfo node;
     int64_t epoch = 0;
   };
@@ -275,7 +270,7 @@ class Service final : public CoordinatorBase {
     return absl::UnavailableError("the coordinator is shutting down");
   }
   // Calls to finish, and how, once the lock is released.
-  using Answers = std::vector<std::pair<grpc::ServerUnaryReactor*, absl::Status>>;
+  using Answers = std::vector<std::pair<rpc::UnaryReactor*, absl::Status>>;
   static void Deliver(const Answers& answers) {
     for (const auto& [reactor, status] : answers) reactor->Finish(ToGrpc(status));
   }
@@ -285,10 +280,10 @@ class Service final : public CoordinatorBase {
   // `waiting`, and answer(&answers) answers what is now decided, this call
   // perhaps among them.
   template <class Start, class Answer>
-  grpc::ServerUnaryReactor* Wait(grpc::CallbackServerContext* ctx, grpc::ByteBuffer* response,
+  rpc::UnaryReactor* Wait(rpc::ServerContext* ctx, grpc::ByteBuffer* response,
                                  std::vector<Waiting>* waiting, const Start& start,
                                  const Answer& answer) {
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    rpc::UnaryReactor* reactor = new rpc::UnaryReactor;
     Answers answers;
     {
       absl::MutexLock lock(&mu_);
@@ -351,9 +346,9 @@ class Service final : public CoordinatorBase {
   // spare's) with what `answer()` returns under the lock, once the call
   // carries the job token.
   template <class Answer>
-  grpc::ServerUnaryReactor* AnswerAtOnce(grpc::CallbackServerContext* ctx,
+  rpc::UnaryReactor* AnswerAtOnce(rpc::ServerContext* ctx,
                                          grpc::ByteBuffer* response, const Answer& answer) {
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    rpc::UnaryReactor* reactor = new rpc::UnaryReactor;
     absl::Status s = guard_.CheckToken(*ctx, "register");
     if (s.ok()) {
       absl::MutexLock lock(&mu_);
@@ -700,7 +695,7 @@ class Service final : public CoordinatorBase {
 
   // Parses a barrier request of `caller` and records its worker's arrival
   // at *epoch.
-  absl::Status EnterBarrier(const grpc::CallbackServerContext& ctx, const Guard::Node& caller,
+  absl::Status EnterBarrier(const rpc::ServerContext& ctx, const Guard::Node& caller,
                             const grpc::ByteBuffer& request, int64_t* epoch)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     MX_ASSIGN_OR_RETURN(const proto::BarrierRequest req,
@@ -904,7 +899,7 @@ class Service final : public CoordinatorBase {
 
 struct CoordinatorServer::Impl {
   std::unique_ptr<Service> service;
-  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<rpc::AsyncServer> server;
   absl::Mutex mu;
   bool stop ABSL_GUARDED_BY(mu) = false;
   std::thread sweeper;
@@ -918,13 +913,29 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   grpc::ServerBuilder builder;
   int port = 0;
   rpc::Listen(&builder, bind_address, options.security, &port);
-  builder.RegisterService(c->impl_->service.get());
-  c->impl_->server = builder.BuildAndStart();
-  if (c->impl_->server == nullptr || port == 0) {
+  c->impl_->server = std::make_unique<rpc::AsyncServer>(&builder);
+  // Every method answers at once or keeps its call waiting: none blocks.
+  Service* service = c->impl_->service.get();
+  using Method = rpc::UnaryReactor* (Service::*)(rpc::ServerContext*, const grpc::ByteBuffer*,
+                                                 grpc::ByteBuffer*);
+  const std::pair<const char*, Method> methods[] = {{"Register", &Service::Register},
+                                                    {"Heartbeat", &Service::Heartbeat},
+                                                    {"Barrier", &Service::Barrier},
+                                                    {"Leave", &Service::Leave}};
+  for (const auto& [name, method] : methods) {
+    c->impl_->server->Route(
+        absl::StrCat("/", proto::Coordinator::service_full_name(), "/", name), rpc::Runs::kPolling,
+        [service, method = method](rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) {
+          return (service->*method)(ctx, request, response);
+        });
+  }
+  c->impl_->server->Start(builder.BuildAndStart());
+  if (c->impl_->server->server() == nullptr || port == 0) {
     return absl::UnavailableError(absl::StrCat("coordinator cannot listen on ", bind_address));
   }
   c->address_ = absl::StrCat(bind_address.substr(0, bind_address.rfind(':')), ":", port);
-  rpc::SetServing(c->impl_->server.get(), true);
+  c->impl_->server->SetServing(true);
   Impl* impl = c->impl_.get();
   // Often enough that a waiting call's answer beats its caller's deadline
   // (GiveUpBefore leaves it at least a tenth of the call's time).
@@ -951,9 +962,7 @@ CoordinatorServer::~CoordinatorServer() {
   }
   if (impl_->sweeper.joinable()) impl_->sweeper.join();
   impl_->service->Close();
-  if (impl_->server != nullptr) {
-    impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
-  }
+  if (impl_->server != nullptr) impl_->server->Shutdown(absl::Now() + absl::Seconds(1));
 }
 
 }  // namespace mx

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
 #include "absl/synchronization/mutex.h"
 #include "kvstore/compression_wire.h"
 #include "kvstore/gradient_compression.h"
@@ -29,24 +30,19 @@ namespace mx {
 
 namespace {
 
-// Every method is a raw callback method. Push and Pull, which carry
-// tensors: a pushed tensor stays in gRPC's receive buffers until the shard
-// has summed it (or, the only push of a step without an optimizer, is sent
-// back from there), values go out without copies (see
-// EncodeTensorMessage), and a pull waiting for a step holds no thread (the
-// shard answers it when the step completes). The small methods parse their
-// requests themselves (AnswerRequest), so that bytes that are no request are
-// INVALID_ARGUMENT saying so, where gRPC's own parser answers INTERNAL with
-// no message; they run on gRPC's callback threads and wait at most for a
-// step in flight (SetOptimizer, the optimizer's state).
+// Every method is a raw method of an rpc::AsyncServer (rpc/async.h). Push
+// and Pull, which carry tensors: a pushed tensor stays in gRPC's receive
+// buffers until the shard has summed it (or, the only push of a step
+// without an optimizer, is sent back from there), values go out without
+// copies (see EncodeTensorMessage), and a pull waiting for a step holds no
+// thread (the shard answers it when the step completes). The data path's
+// methods run on the server's polling thread (large requests on its bulk
+// pool) and never wait. The small methods parse their requests themselves
+// (AnswerRequest), so that bytes that are no request are INVALID_ARGUMENT
+// saying so, where gRPC's own parser answers INTERNAL with no message; they
+// run on the control pool and wait at most for a step in flight
+// (SetOptimizer, the optimizer's state).
 using KVService = proto::KVStoreService;
-using ServiceBase = KVService::WithRawCallbackMethod_Init<KVService::WithRawCallbackMethod_Push<
-    KVService::WithRawCallbackMethod_Pull<KVService::WithRawCallbackMethod_PushPull<
-        KVService::WithRawCallbackMethod_PushPullMany<KVService::WithRawCallbackMethod_SetOptimizer<
-            KVService::WithRawCallbackMethod_SaveOptimizerStates<
-                KVService::WithRawCallbackMethod_LoadOptimizerStates<
-                    KVService::WithRawCallbackMethod_Replicate<
-                        KVService::WithRawCallbackMethod_AttachSegment<KVService::Service>>>>>>>>>>;
 
 using rpc::GiveUpBefore;
 using rpc::Guard;
@@ -204,7 +200,7 @@ class PullDeadlines {
 // the client's deadline is answered with what it waits for (the workers
 // whose pushes are missing), which the client's own DEADLINE_EXCEEDED
 // would not say.
-class PullReactor : public grpc::ServerUnaryReactor {
+class PullReactor : public rpc::UnaryReactor {
  public:
   struct Wanted {
     int key;
@@ -594,8 +590,8 @@ class Replicator {
     call->req = EncodeRepeated(kStepsField, entries, &rest);
     call->ctx.set_deadline(std::chrono::system_clock::now() +
                            absl::ToChronoMilliseconds(options_.rpc_timeout));
-    p.stub->UnaryCall(&call->ctx, kReplicateMethod, grpc::StubOptions(), &call->req, &call->resp,
-                      [this, b, call](grpc::Status s) { Done(b, call, s); });
+    rpc::StartUnaryCall(p.stub.get(), &call->ctx, kReplicateMethod, call->req, &call->resp,
+                        [this, b, call](grpc::Status s) { Done(b, call, s); });
   }
 
   void Done(int b, const std::shared_ptr<Call>& call, const grpc::Status& s) {
@@ -628,7 +624,7 @@ class Replicator {
   std::thread thread_;
 };
 
-class Service final : public ServiceBase {
+class Service final {
  public:
   Service(ParameterShard* shard, const ParameterServerOptions& o)
       : shard_(shard), guard_(o.security.token, o.identities), segments_(o.shm_dir) {}
@@ -636,10 +632,10 @@ class Service final : public ServiceBase {
   Segments& segments() { return segments_; }
   void set_rank(int rank) { rank_.store(rank); }
 
-  grpc::ServerUnaryReactor* Init(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
-                                 grpc::ByteBuffer* response) override {
+  rpc::UnaryReactor* Init(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                                 grpc::ByteBuffer* response) {
     return rpc::AnswerRequest<proto::InitRequest, proto::InitResponse>(
-        ctx, *request, response, "init", [&] { return Worker(*ctx, "init").status(); },
+        *request, response, "init", [&] { return Worker(*ctx, "init").status(); },
         [this](const proto::InitRequest& req, proto::InitResponse*) {
           MX_RETURN_IF_ERROR(Prefix(SameJob(req), "init", req.key()));
           if (req.has_table()) {
@@ -656,17 +652,17 @@ class Service final : public ServiceBase {
         });
   }
 
-  grpc::ServerUnaryReactor* Push(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
-                                 grpc::ByteBuffer* response) override {
+  rpc::UnaryReactor* Push(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                                 grpc::ByteBuffer* response) {
     *response = EncodeMessage(proto::PushResponse());
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    rpc::UnaryReactor* reactor = new rpc::UnaryReactor;
     proto::PushRequest req;
     HandlePush(*ctx, *request, &req, [reactor](absl::Status s) { reactor->Finish(ToGrpc(s)); });
     return reactor;
   }
 
-  grpc::ServerUnaryReactor* Pull(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
-                                 grpc::ByteBuffer* response) override {
+  rpc::UnaryReactor* Pull(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                                 grpc::ByteBuffer* response) {
     proto::PullRequest req;
     const absl::Status decoded = DecodeWithTensor(*request, 0, &req, nullptr);  // no tensor
     absl::StatusOr<Guard::Node> caller = Worker(*ctx, "pull", req.credential());
@@ -682,8 +678,8 @@ class Service final : public ServiceBase {
     return reactor;
   }
 
-  grpc::ServerUnaryReactor* PushPull(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
-                                     grpc::ByteBuffer* response) override {
+  rpc::UnaryReactor* PushPull(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) {
     auto req = std::make_shared<proto::PushRequest>();
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false);
     // Once the push is recorded (a parked one: later, on another thread).
@@ -697,9 +693,9 @@ class Service final : public ServiceBase {
     return reactor;
   }
 
-  grpc::ServerUnaryReactor* PushPullMany(grpc::CallbackServerContext* ctx,
+  rpc::UnaryReactor* PushPullMany(rpc::ServerContext* ctx,
                                          const grpc::ByteBuffer* request,
-                                         grpc::ByteBuffer* response) override {
+                                         grpc::ByteBuffer* response) {
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/true);
     HandlePushes(*ctx, *request,
                  [reactor, deadline = ctx->deadline()](absl::Status s,
@@ -711,20 +707,20 @@ class Service final : public ServiceBase {
 
   // A primary's steps: applied before the answer, which tells the primary
   // that this backup holds them.
-  grpc::ServerUnaryReactor* Replicate(grpc::CallbackServerContext* ctx,
+  rpc::UnaryReactor* Replicate(rpc::ServerContext* ctx,
                                       const grpc::ByteBuffer* request,
-                                      grpc::ByteBuffer* response) override {
-    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+                                      grpc::ByteBuffer* response) {
+    rpc::UnaryReactor* reactor = new rpc::UnaryReactor;
     *response = EncodeMessage(proto::ReplicateResponse());
     reactor->Finish(ToGrpc(HandleReplicate(*ctx, *request)));
     return reactor;
   }
 
-  grpc::ServerUnaryReactor* SetOptimizer(grpc::CallbackServerContext* ctx,
+  rpc::UnaryReactor* SetOptimizer(rpc::ServerContext* ctx,
                                          const grpc::ByteBuffer* request,
-                                         grpc::ByteBuffer* response) override {
+                                         grpc::ByteBuffer* response) {
     return rpc::AnswerRequest<proto::SetOptimizerRequest, proto::SetOptimizerResponse>(
-        ctx, *request, response, "set_optimizer",
+        *request, response, "set_optimizer",
         [&] { return Worker(*ctx, "set_optimizer").status(); },
         [this](const proto::SetOptimizerRequest& req, proto::SetOptimizerResponse*) {
           Optimizer::Options options(req.options().begin(), req.options().end());
@@ -735,11 +731,11 @@ class Service final : public ServiceBase {
         });
   }
 
-  grpc::ServerUnaryReactor* SaveOptimizerStates(grpc::CallbackServerContext* ctx,
+  rpc::UnaryReactor* SaveOptimizerStates(rpc::ServerContext* ctx,
                                                 const grpc::ByteBuffer* request,
-                                                grpc::ByteBuffer* response) override {
+                                                grpc::ByteBuffer* response) {
     return rpc::AnswerRequest<proto::SaveOptimizerStatesRequest, proto::OptimizerStates>(
-        ctx, *request, response, "save_optimizer_states",
+        *request, response, "save_optimizer_states",
         [&] { return Worker(*ctx, "save_optimizer_states").status(); },
         [this](const proto::SaveOptimizerStatesRequest& req, proto::OptimizerStates* resp) {
           const std::set<int> keys(req.keys().begin(), req.keys().end());
@@ -751,22 +747,22 @@ class Service final : public ServiceBase {
         });
   }
 
-  grpc::ServerUnaryReactor* LoadOptimizerStates(grpc::CallbackServerContext* ctx,
+  rpc::UnaryReactor* LoadOptimizerStates(rpc::ServerContext* ctx,
                                                 const grpc::ByteBuffer* request,
-                                                grpc::ByteBuffer* response) override {
+                                                grpc::ByteBuffer* response) {
     return rpc::AnswerRequest<proto::OptimizerStates, proto::LoadOptimizerStatesResponse>(
-        ctx, *request, response, "load_optimizer_states",
+        *request, response, "load_optimizer_states",
         [&] { return Worker(*ctx, "load_optimizer_states").status(); },
         [this](const proto::OptimizerStates& req, proto::LoadOptimizerStatesResponse*) {
           return shard_->LoadOptimizerStates(req.states(), req.merge());
         });
   }
 
-  grpc::ServerUnaryReactor* AttachSegment(grpc::CallbackServerContext* ctx,
+  rpc::UnaryReactor* AttachSegment(rpc::ServerContext* ctx,
                                           const grpc::ByteBuffer* request,
-                                          grpc::ByteBuffer* response) override {
+                                          grpc::ByteBuffer* response) {
     return rpc::AnswerRequest<proto::AttachSegmentRequest, proto::AttachSegmentResponse>(
-        ctx, *request, response, "attach_segment",
+        *request, response, "attach_segment",
         [&] { return Worker(*ctx, "attach_segment").status(); },
         [&](const proto::AttachSegmentRequest& req, proto::AttachSegmentResponse*) {
           MX_ASSIGN_OR_RETURN(const Guard::Node caller, Worker(*ctx, "attach_segment"));
@@ -784,10 +780,10 @@ class Service final : public ServiceBase {
   // The token of a call, and which registered worker makes it: from the
   // call's metadata, or for the data path from the request's credential
   // (proto/mx.proto).
-  absl::StatusOr<Guard::Node> Worker(const grpc::CallbackServerContext& ctx, const char* method) {
+  absl::StatusOr<Guard::Node> Worker(const rpc::ServerContext& ctx, const char* method) {
     return guard_.Identify(ctx, method, kWorker);
   }
-  absl::StatusOr<Guard::Node> Worker(const grpc::CallbackServerContext& ctx, const char* method,
+  absl::StatusOr<Guard::Node> Worker(const rpc::ServerContext& ctx, const char* method,
                                      const proto::Credential& credential) {
     return guard_.Identify(ctx, method, kWorker, {credential.token(), credential.node()});
   }
@@ -809,7 +805,7 @@ class Service final : public ServiceBase {
     return refuse(absl::StrCat("this is server ", self));
   }
 
-  absl::Status HandleReplicate(const grpc::CallbackServerContext& ctx,
+  absl::Status HandleReplicate(const rpc::ServerContext& ctx,
                                const grpc::ByteBuffer& request) {
     std::deque<proto::ReplicatedStep> headers;
     std::deque<PushData> data;
@@ -899,7 +895,7 @@ class Service final : public ServiceBase {
   // push later, on the thread that makes room); HandlePush reads *req
   // only before it returns. A caller that is refused learns nothing of the
   // request, even whether it decoded.
-  void HandlePush(const grpc::CallbackServerContext& ctx, const grpc::ByteBuffer& request,
+  void HandlePush(const rpc::ServerContext& ctx, const grpc::ByteBuffer& request,
                   proto::PushRequest* req, ParameterShard::PushCallback done) {
     PushData data;
     absl::Status s = DecodeWithTensor(request, kPushValueField, req, Locate(&data));
@@ -915,7 +911,7 @@ class Service final : public ServiceBase {
   // outcome, the first error of any entry, and what to answer with, once
   // the shard has recorded every entry.
   using PushesDone = std::function<void(absl::Status, std::vector<PullReactor::Wanted>)>;
-  void HandlePushes(const grpc::CallbackServerContext& ctx, const grpc::ByteBuffer& request,
+  void HandlePushes(const rpc::ServerContext& ctx, const grpc::ByteBuffer& request,
                     PushesDone done) {
     std::deque<proto::PushRequest> reqs;  // stable addresses while decoding
     std::deque<PushData> data;
@@ -1114,9 +1110,44 @@ class Service final : public ServiceBase {
 
 struct ParameterServer::Impl {
   std::unique_ptr<Service> service;
-  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<rpc::AsyncServer> server;
   std::unique_ptr<Replicator> replicator;  // replicas 2
 };
+
+namespace {
+
+// Routes the service's methods on `server`.
+void RouteMethods(Service* service, rpc::AsyncServer* server) {
+  using Method = rpc::UnaryReactor* (Service::*)(rpc::ServerContext*, const grpc::ByteBuffer*,
+                                                 grpc::ByteBuffer*);
+  // The data path's methods never wait; the others may wait for a step in
+  // flight (or take long: an init's value, a table's rows).
+  const std::pair<const char*, Method> data_path[] = {
+      {"Push", &Service::Push},         {"Pull", &Service::Pull},
+      {"PushPull", &Service::PushPull}, {"PushPullMany", &Service::PushPullMany},
+      {"Replicate", &Service::Replicate},
+  };
+  const std::pair<const char*, Method> control[] = {
+      {"Init", &Service::Init},
+      {"SetOptimizer", &Service::SetOptimizer},
+      {"SaveOptimizerStates", &Service::SaveOptimizerStates},
+      {"LoadOptimizerStates", &Service::LoadOptimizerStates},
+      {"AttachSegment", &Service::AttachSegment},
+  };
+  for (rpc::Runs runs : {rpc::Runs::kPolling, rpc::Runs::kControl}) {
+    for (const auto& [name, method] : runs == rpc::Runs::kPolling ? absl::MakeSpan(data_path)
+                                                                   : absl::MakeSpan(control)) {
+      server->Route(absl::StrCat("/", KVService::service_full_name(), "/", name), runs,
+                    [service, method = method](rpc::ServerContext* ctx,
+                                               const grpc::ByteBuffer* request,
+                                               grpc::ByteBuffer* response) {
+                      return (service->*method)(ctx, request, response);
+                    });
+    }
+  }
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
     const std::string& bind_address, ShardOptions options,
@@ -1133,7 +1164,8 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
   grpc::ServerBuilder builder;
   int port = 0;
   rpc::Listen(&builder, bind_address, server_options.security, &port);
-  builder.RegisterService(ps->impl_->service.get());
+  ps->impl_->server = std::make_unique<rpc::AsyncServer>(&builder);
+  RouteMethods(ps->impl_->service.get(), ps->impl_->server.get());
   if (max_message_mb < 1 || max_message_mb > kMaxMessageBytes >> 20) {
     return absl::InvalidArgumentError(absl::StrCat("the largest message must be 1 to ",
                                                    kMaxMessageBytes >> 20, " MiB, not ",
@@ -1141,13 +1173,13 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
   }
   builder.SetMaxReceiveMessageSize(max_message_mb << 20);
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
-  ps->impl_->server = builder.BuildAndStart();
-  if (ps->impl_->server == nullptr || port == 0) {
+  ps->impl_->server->Start(builder.BuildAndStart());
+  if (ps->impl_->server->server() == nullptr || port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", bind_address));
   }
   ps->address_ = absl::StrCat(bind_address.substr(0, bind_address.rfind(':')), ":", port);
   // A server that checks identities serves once it knows the workers.
-  rpc::SetServing(ps->impl_->server.get(), !server_options.identities);
+  ps->impl_->server->SetServing(!server_options.identities);
   return ps;
 }
 
@@ -1156,7 +1188,7 @@ void ParameterServer::AdmitWorkers(const std::vector<std::string>& keys) {
     impl_->service->guard().Admit(kWorker, static_cast<int>(rank), keys[rank]);
   }
   impl_->service->guard().AdmitAll(kWorker);
-  rpc::SetServing(impl_->server.get(), true);
+  impl_->server->SetServing(true);
 }
 
 int64_t ParameterServer::refused() const { return impl_->service->guard().refused(); }
@@ -1208,7 +1240,7 @@ ParameterServer::~ParameterServer() {
     // Pulls waiting in the shard end at once rather than at their deadline
     // (gRPC's Shutdown cancels calls but waits for their handlers).
     shard_->Close("the server is shutting down");
-    impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    impl_->server->Shutdown(absl::Now() + absl::Seconds(1));
   }
   // Its callbacks call the shard.
   if (impl_ != nullptr) impl_->replicator.reset();

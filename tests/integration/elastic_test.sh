@@ -10,7 +10,8 @@ LAUNCH="$1"; SERVER="$2"; TRAIN="$3"
 TMP="${TEST_TMPDIR:-$(mktemp -d)}"
 source "$(dirname "$0")/lib.sh"
 
-epochs=10
+# Enough epochs (20-40 ms each) that the kill lands while both train.
+epochs=50
 log="$TMP/elastic.log"
 start_job "$log" -n 2 -s 2 --elastic -- "${worker[@]}" --epochs=$epochs
 wait_for_line "$log" '^\[worker 1\] Epoch\[0\]' 60 || fail "worker 1 never finished an epoch"
@@ -40,7 +41,7 @@ assert_nothing_left "$log"
 
 # Worker 0, which writes the checkpoints, dies: worker 1 writes them from
 # then on, down to the last epoch's.
-epochs=30
+epochs=60
 log="$TMP/elastic0.log"
 start_job "$log" -n 2 -s 2 --elastic -- "${worker[@]}" --epochs=$epochs --checkpoint_prefix="$TMP/e"
 wait_for_line "$log" '^\[worker 0\] Epoch\[0\]' 60 || fail "worker 0 never finished an epoch"

@@ -1,0 +1,368 @@
+#include "rpc/async.h"
+
+#include <deque>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace mx {
+namespace rpc {
+namespace internal {
+
+// `size` threads, started at the first Run, that run functions in order.
+class Pool {
+ public:
+  explicit Pool(int size) : size_(size) {}
+  ~Pool() {
+    {
+      absl::MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    for (std::thread& t : threads_) t.join();
+  }
+  void Run(std::function<void()> fn) {
+    absl::MutexLock lock(&mu_);
+    queue_.push_back(std::move(fn));
+    if (threads_.empty()) {
+      for (int i = 0; i < size_; ++i) threads_.emplace_back([this] { Loop(); });
+    }
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      std::function<void()> fn;
+      {
+        absl::MutexLock lock(&mu_);
+        mu_.Await(absl::Condition(
+            +[](Pool* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) { return p->stop_ || !p->queue_.empty(); },
+            this));
+        if (queue_.empty()) return;  // stopped
+        fn = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      fn();
+    }
+  }
+
+  const int size_;
+  absl::Mutex mu_;
+  std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::thread> threads_;  // started under mu_, joined by the destructor
+};
+
+// A completion queue event: which call, and what completed.
+struct Tag {
+  enum Event { kRequested, kRead, kFinished, kDone };
+  ServerCall* call;
+  Event event;
+};
+
+// One call from RequestCall to its end. Counted references: the done
+// notification (from the match on), the read, the reactor (from the read
+// until Finish), and the Finish operation; the last one ends the call.
+class ServerCall {
+ public:
+  explicit ServerCall(AsyncServer* server) : server_(server) {}
+
+  ServerContext* ctx() { return &ctx_; }
+  const grpc::ByteBuffer& request() const { return request_; }
+  grpc::ByteBuffer* response() { return &response_; }
+
+  // Asks for the server's next call.
+  void Request(grpc::AsyncGenericService* service, grpc::ServerCompletionQueue* cq) {
+    ctx_.AsyncNotifyWhenDone(&done_);
+    service->RequestCall(&ctx_, &stream_, cq, cq, &requested_);
+  }
+
+  // The polling thread's handling of `event`. Returns false for a
+  // request that never matched (the server shuts down): delete the call.
+  bool Handle(Tag::Event event, bool ok) {
+    switch (event) {
+      case Tag::kRequested:
+        if (!ok) return false;
+        refs_.store(2);  // the done notification and the read
+        stream_.Read(&request_, &read_);
+        break;
+      case Tag::kRead:
+        if (ok) {
+          server_->Dispatch(this);  // the read's reference becomes the handler's
+        } else {
+          Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the call ended before its request"));
+        }
+        break;
+      case Tag::kFinished:
+        Unref();
+        break;
+      case Tag::kDone:
+        if (ctx_.IsCancelled()) Cancelled();
+        Unref();
+        break;
+    }
+    return true;
+  }
+
+  // Runs the handler (holding the reference the read had) and attaches its
+  // reactor.
+  void Run(const Handler& handler) {
+    UnaryReactor* reactor = handler(&ctx_, &request_, &response_);
+    bool cancelled;
+    {
+      absl::MutexLock lock(&mu_);
+      reactor_ = reactor;
+      cancelled = cancel_pending_;
+    }
+    refs_.fetch_add(1);  // across Attach and OnCancel: Finish may end the call
+    reactor->Attach(this);
+    if (cancelled) reactor->OnCancel();
+    Unref();
+  }
+
+  // Sends the answer: the response too if `status` is OK. Releases the
+  // handler's reference.
+  void Finish(const grpc::Status& status) {
+    refs_.fetch_add(1);  // the operation's
+    if (status.ok()) {
+      stream_.WriteAndFinish(response_, grpc::WriteOptions(), status, &finished_);
+    } else {
+      stream_.Finish(status, &finished_);
+    }
+    Unref();
+  }
+
+ private:
+  void Cancelled() {
+    UnaryReactor* reactor;
+    {
+      absl::MutexLock lock(&mu_);
+      reactor = reactor_;
+      if (reactor == nullptr) cancel_pending_ = true;  // Run calls OnCancel
+    }
+    if (reactor != nullptr) reactor->OnCancel();
+  }
+  void Unref() {
+    if (refs_.fetch_sub(1) != 1) return;
+    if (reactor_ != nullptr) reactor_->OnDone();
+    AsyncServer* server = server_;
+    delete this;
+    server->CallEnded();
+  }
+
+  AsyncServer* const server_;
+  ServerContext ctx_;
+  grpc::GenericServerAsyncReaderWriter stream_{&ctx_};
+  grpc::ByteBuffer request_, response_;
+  std::atomic<int> refs_{0};
+  absl::Mutex mu_;
+  UnaryReactor* reactor_ = nullptr;  // set under mu_, once; read unlocked after the last Unref
+  bool cancel_pending_ ABSL_GUARDED_BY(mu_) = false;
+  Tag requested_{this, Tag::kRequested}, read_{this, Tag::kRead}, finished_{this, Tag::kFinished},
+      done_{this, Tag::kDone};
+};
+
+}  // namespace internal
+
+using internal::ServerCall;
+using internal::Tag;
+
+void UnaryReactor::Finish(grpc::Status status) {
+  ServerCall* call;
+  {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return;
+    finished_ = true;
+    call = call_;
+    if (call == nullptr) {
+      pending_ = std::move(status);
+      return;
+    }
+  }
+  call->Finish(status);
+}
+
+void UnaryReactor::Attach(ServerCall* call) {
+  std::optional<grpc::Status> pending;
+  {
+    absl::MutexLock lock(&mu_);
+    call_ = call;
+    if (finished_) pending = std::move(pending_);
+  }
+  if (pending.has_value()) call->Finish(*pending);
+}
+
+AsyncServer::AsyncServer(grpc::ServerBuilder* builder)
+    : bulk_(std::make_unique<internal::Pool>(2)), control_(std::make_unique<internal::Pool>(2)) {
+  builder->RegisterAsyncGenericService(&service_);
+  cq_ = builder->AddCompletionQueue();
+}
+
+AsyncServer::~AsyncServer() { Shutdown(absl::Now() + absl::Seconds(1)); }
+
+void AsyncServer::Route(const std::string& method, Runs runs, Handler handler) {
+  routes_[method] = {runs, std::move(handler)};
+}
+
+void AsyncServer::Start(std::unique_ptr<grpc::Server> server) {
+  server_ = std::move(server);
+  if (server_ == nullptr) return;  // the builder failed: nothing to poll
+  RequestCall();
+  poller_ = std::thread([this] { Poll(); });
+}
+
+void AsyncServer::RequestCall() {
+  {
+    absl::MutexLock lock(&mu_);
+    ++open_calls_;
+  }
+  (new ServerCall(this))->Request(&service_, cq_.get());
+}
+
+void AsyncServer::Poll() {
+  void* tag;
+  bool ok;
+  while (cq_->Next(&tag, &ok)) {
+    Tag* t = static_cast<Tag*>(tag);
+    if (t->event == Tag::kRequested && ok) RequestCall();  // the next call, before this one runs
+    if (!t->call->Handle(t->event, ok)) {
+      delete t->call;
+      CallEnded();
+    }
+  }
+}
+
+void AsyncServer::Dispatch(ServerCall* call) {
+  const std::string& method = call->ctx()->method();
+  if (method == "/grpc.health.v1.Health/Check") {
+    call->Run([this](ServerContext*, const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
+      return Check(*request, response);
+    });
+    return;
+  }
+  auto route = routes_.find(method);
+  if (route == routes_.end()) {
+    call->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                              absl::StrCat("no method ", method, " here")));
+    return;
+  }
+  const Route_& r = route->second;
+  if (r.runs == Runs::kControl) {
+    control_->Run([call, &r] { call->Run(r.handler); });
+  } else if (call->request().Length() >= kLargeMessageBytes) {
+    bulk_->Run([call, &r] { call->Run(r.handler); });
+  } else {
+    call->Run(r.handler);
+  }
+}
+
+UnaryReactor* AsyncServer::Check(const grpc::ByteBuffer& request, grpc::ByteBuffer* response) {
+  auto* reactor = new UnaryReactor;
+  // HealthCheckRequest{service = 1}: only the whole server ("") is known.
+  if (request.Length() != 0) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND, "only the empty service name is served"));
+    return reactor;
+  }
+  // HealthCheckResponse{status = 1}: SERVING 1, NOT_SERVING 2.
+  const char answer[2] = {0x08, static_cast<char>(serving_.load() ? 1 : 2)};
+  grpc::Slice slice(answer, sizeof(answer));
+  *response = grpc::ByteBuffer(&slice, 1);
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+void AsyncServer::CallEnded() {
+  absl::MutexLock lock(&mu_);
+  --open_calls_;
+}
+
+void AsyncServer::Shutdown(absl::Time deadline) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  if (server_ != nullptr) {
+    server_->Shutdown(absl::ToChronoTime(deadline));
+    // Calls whose reactors finish later (from the pools, or the threads
+    // that answer waiting pulls) still need the queue.
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](int64_t* open) { return *open == 0; }, &open_calls_));
+  }
+  cq_->Shutdown();
+  if (poller_.joinable()) {
+    poller_.join();
+  } else {
+    void* tag;
+    bool ok;
+    while (cq_->Next(&tag, &ok)) {
+    }
+  }
+  bulk_.reset();
+  control_.reset();
+}
+
+namespace {
+
+// The process's client calls: one queue, one polling thread, and a pool
+// for the callbacks of large answers. Never destroyed (calls may end while
+// the process exits).
+class ClientQueue {
+ public:
+  static ClientQueue& Get() {
+    static ClientQueue* queue = new ClientQueue;
+    return *queue;
+  }
+
+  struct Call {
+    std::unique_ptr<grpc::GenericClientAsyncResponseReader> reader;
+    grpc::ByteBuffer* response;
+    grpc::Status status;
+    std::function<void(grpc::Status)> done;
+  };
+
+  void Start(grpc::GenericStub* stub, grpc::ClientContext* ctx, const std::string& method,
+             const grpc::ByteBuffer& request, grpc::ByteBuffer* response,
+             std::function<void(grpc::Status)> done) {
+    auto* call = new Call{nullptr, response, grpc::Status(), std::move(done)};
+    call->reader = stub->PrepareUnaryCall(ctx, method, request, &cq_);
+    call->reader->StartCall();
+    call->reader->Finish(response, &call->status, call);
+  }
+
+ private:
+  ClientQueue() : pool_(2), poller_([this] { Poll(); }) {}
+
+  void Poll() {
+    void* tag;
+    bool ok;
+    while (cq_.Next(&tag, &ok)) {
+      auto* call = static_cast<Call*>(tag);
+      auto run = [call] {
+        call->done(std::move(call->status));
+        delete call;
+      };
+      if (call->response->Length() >= kLargeMessageBytes) {
+        pool_.Run(run);
+      } else {
+        run();
+      }
+    }
+  }
+
+  grpc::CompletionQueue cq_;
+  internal::Pool pool_;
+  std::thread poller_;
+};
+
+}  // namespace
+
+void StartUnaryCall(grpc::GenericStub* stub, grpc::ClientContext* ctx, const std::string& method,
+                    const grpc::ByteBuffer& request, grpc::ByteBuffer* response,
+                    std::function<void(grpc::Status)> done) {
+  ClientQueue::Get().Start(stub, ctx, method, request, response, std::move(done));
+}
+
+}  // namespace rpc
+}  // namespace mx
