@@ -53,11 +53,29 @@ class Pool {
   std::vector<std::thread> threads_;  // started under mu_, joined by the destructor
 };
 
-// A completion queue event: which call, and what completed.
-struct Tag {
-  enum Event { kRequested, kRead, kFinished, kDone };
-  ServerCall* call;
-  Event event;
+// What completed on a queue: its poller calls Completed (Poll).
+class Event {
+ public:
+  virtual void Completed(bool ok) = 0;
+
+ protected:
+  ~Event() = default;
+};
+
+// Runs the events of `queue` until it is shut down and drained.
+void Poll(grpc::CompletionQueue* queue) {
+  void* tag;
+  bool ok;
+  while (queue->Next(&tag, &ok)) static_cast<Event*>(tag)->Completed(ok);
+}
+
+// A server call's events: which call, and what completed.
+struct Tag final : Event {
+  enum Kind { kRequested, kRead, kFinished, kDone };
+  Tag(ServerCall* call, Kind kind) : call(call), kind(kind) {}
+  void Completed(bool ok) override;
+  ServerCall* const call;
+  const Kind kind;
 };
 
 // One call from RequestCall to its end. Counted references: the done
@@ -77,12 +95,17 @@ class ServerCall {
     service->RequestCall(&ctx_, &stream_, cq, cq, &requested_);
   }
 
-  // The polling thread's handling of `event`. Returns false for a
-  // request that never matched (the server shuts down): delete the call.
-  bool Handle(Tag::Event event, bool ok) {
-    switch (event) {
+  // The polling thread's handling of `kind`.
+  void Handle(Tag::Kind kind, bool ok) {
+    switch (kind) {
       case Tag::kRequested:
-        if (!ok) return false;
+        if (!ok) {  // the server shuts down: no call matched
+          AsyncServer* server = server_;
+          delete this;
+          server->CallEnded();
+          return;
+        }
+        server_->RequestCall();  // the next call, before this one runs
         refs_.store(2);  // the done notification and the read
         stream_.Read(&request_, &read_);
         break;
@@ -101,7 +124,6 @@ class ServerCall {
         Unref();
         break;
     }
-    return true;
   }
 
   // Runs the handler (holding the reference the read had) and attaches its
@@ -162,10 +184,11 @@ class ServerCall {
       done_{this, Tag::kDone};
 };
 
+void Tag::Completed(bool ok) { call->Handle(kind, ok); }
+
 }  // namespace internal
 
 using internal::ServerCall;
-using internal::Tag;
 
 void UnaryReactor::Finish(grpc::Status status) {
   ServerCall* call;
@@ -208,7 +231,7 @@ void AsyncServer::Start(std::unique_ptr<grpc::Server> server) {
   server_ = std::move(server);
   if (server_ == nullptr) return;  // the builder failed: nothing to poll
   RequestCall();
-  poller_ = std::thread([this] { Poll(); });
+  poller_ = std::thread([this] { internal::Poll(cq_.get()); });
 }
 
 void AsyncServer::RequestCall() {
@@ -217,19 +240,6 @@ void AsyncServer::RequestCall() {
     ++open_calls_;
   }
   (new ServerCall(this))->Request(&service_, cq_.get());
-}
-
-void AsyncServer::Poll() {
-  void* tag;
-  bool ok;
-  while (cq_->Next(&tag, &ok)) {
-    Tag* t = static_cast<Tag*>(tag);
-    if (t->event == Tag::kRequested && ok) RequestCall();  // the next call, before this one runs
-    if (!t->call->Handle(t->event, ok)) {
-      delete t->call;
-      CallEnded();
-    }
-  }
 }
 
 void AsyncServer::Dispatch(ServerCall* call) {
@@ -276,19 +286,27 @@ void AsyncServer::CallEnded() {
   --open_calls_;
 }
 
+void AsyncServer::StopServing(absl::Time deadline) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopped_) return;
+    stopped_ = true;
+  }
+  if (server_ == nullptr) return;
+  server_->Shutdown(absl::ToChronoTime(deadline));
+  // Calls whose reactors finish later (from the pools, or the threads
+  // that answer waiting pulls) still need the queue.
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](int64_t* open) { return *open == 0; }, &open_calls_));
+}
+
 void AsyncServer::Shutdown(absl::Time deadline) {
+  StopServing(deadline);
   {
     absl::MutexLock lock(&mu_);
     if (shut_down_) return;
     shut_down_ = true;
-  }
-  if (server_ != nullptr) {
-    server_->Shutdown(absl::ToChronoTime(deadline));
-    // Calls whose reactors finish later (from the pools, or the threads
-    // that answer waiting pulls) still need the queue.
-    absl::MutexLock lock(&mu_);
-    mu_.Await(absl::Condition(
-        +[](int64_t* open) { return *open == 0; }, &open_calls_));
   }
   cq_->Shutdown();
   if (poller_.joinable()) {
@@ -305,63 +323,66 @@ void AsyncServer::Shutdown(absl::Time deadline) {
 
 namespace {
 
-// The process's client calls: one queue, one polling thread, and a pool
-// for the callbacks of large answers. Never destroyed (calls may end while
-// the process exits).
+// The process's client queue, polled by one thread, and the pool that runs
+// the callbacks of large answers (of calls on any queue). Never destroyed:
+// calls may end while the process exits.
 class ClientQueue {
  public:
   static ClientQueue& Get() {
     static ClientQueue* queue = new ClientQueue;
     return *queue;
   }
-
-  struct Call {
-    std::unique_ptr<grpc::GenericClientAsyncResponseReader> reader;
-    grpc::ByteBuffer* response;
-    grpc::Status status;
-    std::function<void(grpc::Status)> done;
-  };
-
-  void Start(grpc::GenericStub* stub, grpc::ClientContext* ctx, const std::string& method,
-             const grpc::ByteBuffer& request, grpc::ByteBuffer* response,
-             std::function<void(grpc::Status)> done) {
-    auto* call = new Call{nullptr, response, grpc::Status(), std::move(done)};
-    call->reader = stub->PrepareUnaryCall(ctx, method, request, &cq_);
-    call->reader->StartCall();
-    call->reader->Finish(response, &call->status, call);
-  }
+  grpc::CompletionQueue* queue() { return &cq_; }
+  internal::Pool& pool() { return pool_; }
 
  private:
-  ClientQueue() : pool_(2), poller_([this] { Poll(); }) {}
-
-  void Poll() {
-    void* tag;
-    bool ok;
-    while (cq_.Next(&tag, &ok)) {
-      auto* call = static_cast<Call*>(tag);
-      auto run = [call] {
-        call->done(std::move(call->status));
-        delete call;
-      };
-      if (call->response->Length() >= kLargeMessageBytes) {
-        pool_.Run(run);
-      } else {
-        run();
-      }
-    }
-  }
+  ClientQueue() : pool_(2), poller_([this] { internal::Poll(&cq_); }) {}
 
   grpc::CompletionQueue cq_;
   internal::Pool pool_;
   std::thread poller_;
 };
 
+// One client call, from its start until its callback has run.
+class ClientCall final : public internal::Event {
+ public:
+  ClientCall(grpc::ByteBuffer* response, std::function<void(grpc::Status)> done)
+      : response_(response), done_(std::move(done)) {}
+
+  void Start(grpc::GenericStub* stub, grpc::ClientContext* ctx, const std::string& method,
+             const grpc::ByteBuffer& request, grpc::CompletionQueue* queue) {
+    reader_ = stub->PrepareUnaryCall(ctx, method, request, queue);
+    reader_->StartCall();
+    reader_->Finish(response_, &status_, this);
+  }
+
+  void Completed(bool) override {
+    if (response_->Length() >= kLargeMessageBytes) {
+      ClientQueue::Get().pool().Run([this] { Done(); });
+    } else {
+      Done();
+    }
+  }
+
+ private:
+  void Done() {
+    done_(std::move(status_));
+    delete this;
+  }
+
+  grpc::ByteBuffer* const response_;
+  const std::function<void(grpc::Status)> done_;
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> reader_;
+  grpc::Status status_;
+};
+
 }  // namespace
 
 void StartUnaryCall(grpc::GenericStub* stub, grpc::ClientContext* ctx, const std::string& method,
                     const grpc::ByteBuffer& request, grpc::ByteBuffer* response,
-                    std::function<void(grpc::Status)> done) {
-  ClientQueue::Get().Start(stub, ctx, method, request, response, std::move(done));
+                    std::function<void(grpc::Status)> done, grpc::CompletionQueue* queue) {
+  auto* call = new ClientCall(response, std::move(done));
+  call->Start(stub, ctx, method, request, queue != nullptr ? queue : ClientQueue::Get().queue());
 }
 
 }  // namespace rpc

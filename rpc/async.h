@@ -109,10 +109,19 @@ class AsyncServer {
   // What Check answers: SERVING or NOT_SERVING (the default).
   void SetServing(bool serving) { serving_.store(serving); }
   // Stops taking calls, cancels those open at `deadline`, waits until
-  // every reactor has finished, then stops polling.
+  // every reactor has finished (StopServing), then stops polling: client
+  // calls on queue() must have ended by then.
+  void StopServing(absl::Time deadline);
   void Shutdown(absl::Time deadline);
 
-  // Internal (ServerCall): runs a call's handler where its route says.
+  // The queue this server polls, for client calls that a server process
+  // makes (StartUnaryCall): a process that serves polls one queue. Valid
+  // until Shutdown; calls on it must end before (see Shutdown).
+  grpc::CompletionQueue* queue() const { return cq_.get(); }
+
+  // Internal (ServerCall): asks for the next call; runs a call's handler
+  // where its route says; counts a call's end.
+  void RequestCall();
   void Dispatch(internal::ServerCall* call);
   void CallEnded();
 
@@ -121,8 +130,6 @@ class AsyncServer {
     Runs runs;
     Handler handler;
   };
-  void RequestCall();
-  void Poll();
   UnaryReactor* Check(const grpc::ByteBuffer& request, grpc::ByteBuffer* response);
 
   grpc::AsyncGenericService service_;
@@ -134,16 +141,19 @@ class AsyncServer {
   std::thread poller_;
   absl::Mutex mu_;
   int64_t open_calls_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-// Starts a unary call of `method` through `stub`, on the process's client
-// queue; `done` gets its status once `response` holds the answer: on the
-// polling thread for answers under kLargeMessageBytes, which it must not
-// block, else on a pool thread. `ctx` and `response` must live until then.
+// Starts a unary call of `method` through `stub`, on `queue` (a server's,
+// AsyncServer::queue) or else the process's client queue; `done` gets its
+// status once `response` holds the answer: on the queue's polling thread
+// for answers under kLargeMessageBytes, which it must not block, else on a
+// pool thread. `ctx` and `response` must live until then.
 void StartUnaryCall(grpc::GenericStub* stub, grpc::ClientContext* ctx, const std::string& method,
                     const grpc::ByteBuffer& request, grpc::ByteBuffer* response,
-                    std::function<void(grpc::Status)> done);
+                    std::function<void(grpc::Status)> done,
+                    grpc::CompletionQueue* queue = nullptr);
 
 }  // namespace rpc
 }  // namespace mx

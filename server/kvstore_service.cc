@@ -397,8 +397,9 @@ void PullDeadlines::Loop() {
 // answers or is declared dead (Drop). One thread.
 class Replicator {
  public:
-  Replicator(ParameterShard* shard, ReplicationOptions options)
-      : shard_(shard), options_(std::move(options)) {
+  // Calls complete on `queue` (the server's: a server polls one queue).
+  Replicator(ParameterShard* shard, ReplicationOptions options, grpc::CompletionQueue* queue)
+      : shard_(shard), options_(std::move(options)), queue_(queue) {
     for (const std::string& address : options_.servers) {
       peers_.emplace_back();
       peers_.back().stub =
@@ -591,7 +592,7 @@ class Replicator {
     call->ctx.set_deadline(std::chrono::system_clock::now() +
                            absl::ToChronoMilliseconds(options_.rpc_timeout));
     rpc::StartUnaryCall(p.stub.get(), &call->ctx, kReplicateMethod, call->req, &call->resp,
-                        [this, b, call](grpc::Status s) { Done(b, call, s); });
+                        [this, b, call](grpc::Status s) { Done(b, call, s); }, queue_);
   }
 
   void Done(int b, const std::shared_ptr<Call>& call, const grpc::Status& s) {
@@ -617,6 +618,7 @@ class Replicator {
 
   ParameterShard* const shard_;
   const ReplicationOptions options_;
+  grpc::CompletionQueue* const queue_;
   proto::Credential credential_;
   absl::Mutex mu_;
   std::vector<Peer> peers_ ABSL_GUARDED_BY(mu_);
@@ -1204,7 +1206,8 @@ void ParameterServer::SetRank(int rank) { impl_->service->set_rank(rank); }
 
 void ParameterServer::StartReplication(ReplicationOptions options) {
   impl_->service->set_rank(options.rank);
-  impl_->replicator = std::make_unique<Replicator>(shard_.get(), std::move(options));
+  impl_->replicator =
+      std::make_unique<Replicator>(shard_.get(), std::move(options), impl_->server->queue());
   shard_->SetReplicator([r = impl_->replicator.get()](int backup, ReplicaStep step) {
     r->Queue(backup, std::move(step));
   });
@@ -1240,9 +1243,10 @@ ParameterServer::~ParameterServer() {
     // Pulls waiting in the shard end at once rather than at their deadline
     // (gRPC's Shutdown cancels calls but waits for their handlers).
     shard_->Close("the server is shutting down");
-    impl_->server->Shutdown(absl::Now() + absl::Seconds(1));
+    impl_->server->StopServing(absl::Now() + absl::Seconds(1));
   }
-  // Its callbacks call the shard.
+  // Its callbacks call the shard, and its calls end through the server's
+  // queue, which stops after.
   if (impl_ != nullptr) impl_->replicator.reset();
 }
 
