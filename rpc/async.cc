@@ -35,9 +35,7 @@ class Pool {
       std::function<void()> fn;
       {
         absl::MutexLock lock(&mu_);
-        mu_.Await(absl::Condition(
-            +[](Pool* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) { return p->stop_ || !p->queue_.empty(); },
-            this));
+        mu_.Await(absl::Condition(this, &Pool::Ready));
         if (queue_.empty()) return;  // stopped
         fn = std::move(queue_.front());
         queue_.pop_front();
@@ -45,6 +43,8 @@ class Pool {
       fn();
     }
   }
+
+  bool Ready() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !queue_.empty(); }
 
   const int size_;
   absl::Mutex mu_;
@@ -106,7 +106,7 @@ class ServerCall {
           return;
         }
         server_->RequestCall();  // the next call, before this one runs
-        refs_.store(2);  // the done notification and the read
+        refs_.store(2);          // the done notification and the read
         stream_.Read(&request_, &read_);
         break;
       case Tag::kRead:
@@ -252,8 +252,8 @@ void AsyncServer::Dispatch(ServerCall* call) {
   }
   auto route = routes_.find(method);
   if (route == routes_.end()) {
-    call->Finish(grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                              absl::StrCat("no method ", method, " here")));
+    call->Finish(
+        grpc::Status(grpc::StatusCode::UNIMPLEMENTED, absl::StrCat("no method ", method, " here")));
     return;
   }
   const Route_& r = route->second;
@@ -270,7 +270,8 @@ UnaryReactor* AsyncServer::Check(const grpc::ByteBuffer& request, grpc::ByteBuff
   auto* reactor = new UnaryReactor;
   // HealthCheckRequest{service = 1}: only the whole server ("") is known.
   if (request.Length() != 0) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND, "only the empty service name is served"));
+    reactor->Finish(
+        grpc::Status(grpc::StatusCode::NOT_FOUND, "only the empty service name is served"));
     return reactor;
   }
   // HealthCheckResponse{status = 1}: SERVING 1, NOT_SERVING 2.

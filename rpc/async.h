@@ -1,6 +1,7 @@
 // Every mx server, and the calls of the data path (pushes, pulls,
 // replication), on gRPC's asynchronous API: one completion queue per
-// server and one for a process's client calls, each polled by one thread,
+// server (a server's own calls, replication, complete on it too) and one
+// for the other client calls of a process, each polled by one thread,
 // with handlers written as reactors like those of gRPC's callback API.
 //
 // Why not the callback API: in gRPC 1.51 (Debian's, epoll1) it polls from
@@ -23,11 +24,13 @@
 
 #include <atomic>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -107,15 +110,31 @@ class AsyncServer {
 
   // `method`: "/package.Service/Method". Before Start.
   void Route(const std::string& method, Runs runs, Handler handler);
+  // Routes methods of `object`, each as /`service`/name (`service`: a
+  // generated service's service_full_name()).
+  template <class T>
+  using Method = UnaryReactor* (T::*)(ServerContext*, const grpc::ByteBuffer*, grpc::ByteBuffer*);
+  template <class T>
+  void RouteMethods(const std::string& service, Runs runs, T* object,
+                    std::initializer_list<std::pair<const char*, Method<T>>> methods) {
+    for (const auto& [name, method] : methods) {
+      Route("/" + service + "/" + name, runs,
+            [object, method = method](ServerContext* ctx, const grpc::ByteBuffer* request,
+                                      grpc::ByteBuffer* response) {
+              return (object->*method)(ctx, request, response);
+            });
+    }
+  }
   // Serves with `server` (the builder's BuildAndStart), null if it failed.
   void Start(std::unique_ptr<grpc::Server> server);
   grpc::Server* server() const { return server_.get(); }
   // What Check answers: SERVING or NOT_SERVING (the default).
   void SetServing(bool serving) { serving_.store(serving); }
-  // Stops taking calls, cancels those open at `deadline`, waits until
-  // every reactor has finished (StopServing), then stops polling: client
-  // calls on queue() must have ended by then.
+  // Stops taking calls, cancels those open at `deadline` and waits until
+  // every reactor has finished; the queue is still polled.
   void StopServing(absl::Time deadline);
+  // StopServing, then stops polling: client calls on queue() must have
+  // ended by then.
   void Shutdown(absl::Time deadline);
 
   // The queue this server polls, for client calls that a server process
@@ -156,8 +175,7 @@ class AsyncServer {
 // pool thread. `ctx` and `response` must live until then.
 void StartUnaryCall(grpc::GenericStub* stub, grpc::ClientContext* ctx, const std::string& method,
                     const grpc::ByteBuffer& request, grpc::ByteBuffer* response,
-                    std::function<void(grpc::Status)> done,
-                    grpc::CompletionQueue* queue = nullptr);
+                    std::function<void(grpc::Status)> done, grpc::CompletionQueue* queue = nullptr);
 
 }  // namespace rpc
 }  // namespace mx

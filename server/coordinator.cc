@@ -61,9 +61,8 @@ class Service final {
   }
   int64_t refused() const { return guard_.refused(); }
 
-  rpc::UnaryReactor* Register(rpc::ServerContext* ctx,
-                                     const grpc::ByteBuffer* request,
-                                     grpc::ByteBuffer* response) {
+  rpc::UnaryReactor* Register(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                              grpc::ByteBuffer* response) {
     absl::StatusOr<proto::RegisterRequest> req =
         ParseRequest<proto::RegisterRequest>(*request, "register");
     if (req.ok() && !req->session_key().empty()) {
@@ -89,9 +88,8 @@ class Service final {
         });
   }
 
-  rpc::UnaryReactor* Heartbeat(rpc::ServerContext* ctx,
-                                      const grpc::ByteBuffer* request,
-                                      grpc::ByteBuffer* response) {
+  rpc::UnaryReactor* Heartbeat(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                               grpc::ByteBuffer* response) {
     absl::StatusOr<Guard::Node> caller;
     return rpc::AnswerRequest<proto::HeartbeatRequest, proto::HeartbeatResponse>(
         *request, response, "heartbeat",
@@ -107,9 +105,8 @@ class Service final {
         });
   }
 
-  rpc::UnaryReactor* Leave(rpc::ServerContext* ctx,
-                                  const grpc::ByteBuffer* request,
-                                  grpc::ByteBuffer* response) {
+  rpc::UnaryReactor* Leave(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                           grpc::ByteBuffer* response) {
     absl::StatusOr<Guard::Node> caller;
     return rpc::AnswerRequest<proto::LeaveRequest, proto::LeaveResponse>(
         *request, response, "leave",
@@ -132,9 +129,8 @@ class Service final {
         });
   }
 
-  rpc::UnaryReactor* Barrier(rpc::ServerContext* ctx,
-                                    const grpc::ByteBuffer* request,
-                                    grpc::ByteBuffer* response) {
+  rpc::UnaryReactor* Barrier(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                             grpc::ByteBuffer* response) {
     return Wait(
         ctx, response, &in_barrier_,
         [&](Waiting* w, Answers*) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -281,8 +277,7 @@ class Service final {
   // perhaps among them.
   template <class Start, class Answer>
   rpc::UnaryReactor* Wait(rpc::ServerContext* ctx, grpc::ByteBuffer* response,
-                                 std::vector<Waiting>* waiting, const Start& start,
-                                 const Answer& answer) {
+                          std::vector<Waiting>* waiting, const Start& start, const Answer& answer) {
     rpc::UnaryReactor* reactor = new rpc::UnaryReactor;
     Answers answers;
     {
@@ -346,8 +341,8 @@ class Service final {
   // spare's) with what `answer()` returns under the lock, once the call
   // carries the job token.
   template <class Answer>
-  rpc::UnaryReactor* AnswerAtOnce(rpc::ServerContext* ctx,
-                                         grpc::ByteBuffer* response, const Answer& answer) {
+  rpc::UnaryReactor* AnswerAtOnce(rpc::ServerContext* ctx, grpc::ByteBuffer* response,
+                                  const Answer& answer) {
     rpc::UnaryReactor* reactor = new rpc::UnaryReactor;
     absl::Status s = guard_.CheckToken(*ctx, "register");
     if (s.ok()) {
@@ -915,21 +910,12 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   rpc::Listen(&builder, bind_address, options.security, &port);
   c->impl_->server = std::make_unique<rpc::AsyncServer>(&builder);
   // Every method answers at once or keeps its call waiting: none blocks.
-  Service* service = c->impl_->service.get();
-  using Method = rpc::UnaryReactor* (Service::*)(rpc::ServerContext*, const grpc::ByteBuffer*,
-                                                 grpc::ByteBuffer*);
-  const std::pair<const char*, Method> methods[] = {{"Register", &Service::Register},
-                                                    {"Heartbeat", &Service::Heartbeat},
-                                                    {"Barrier", &Service::Barrier},
-                                                    {"Leave", &Service::Leave}};
-  for (const auto& [name, method] : methods) {
-    c->impl_->server->Route(
-        absl::StrCat("/", proto::Coordinator::service_full_name(), "/", name), rpc::Runs::kPolling,
-        [service, method = method](rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
-                                   grpc::ByteBuffer* response) {
-          return (service->*method)(ctx, request, response);
-        });
-  }
+  c->impl_->server->RouteMethods<Service>(proto::Coordinator::service_full_name(),
+                                          rpc::Runs::kPolling, c->impl_->service.get(),
+                                          {{"Register", &Service::Register},
+                                           {"Heartbeat", &Service::Heartbeat},
+                                           {"Barrier", &Service::Barrier},
+                                           {"Leave", &Service::Leave}});
   c->impl_->server->Start(builder.BuildAndStart());
   if (c->impl_->server->server() == nullptr || port == 0) {
     return absl::UnavailableError(absl::StrCat("coordinator cannot listen on ", bind_address));

@@ -15,7 +15,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/types/span.h"
 #include "absl/synchronization/mutex.h"
 #include "kvstore/compression_wire.h"
 #include "kvstore/gradient_compression.h"
@@ -591,8 +590,9 @@ class Replicator {
     call->req = EncodeRepeated(kStepsField, entries, &rest);
     call->ctx.set_deadline(std::chrono::system_clock::now() +
                            absl::ToChronoMilliseconds(options_.rpc_timeout));
-    rpc::StartUnaryCall(p.stub.get(), &call->ctx, kReplicateMethod, call->req, &call->resp,
-                        [this, b, call](grpc::Status s) { Done(b, call, s); }, queue_);
+    rpc::StartUnaryCall(
+        p.stub.get(), &call->ctx, kReplicateMethod, call->req, &call->resp,
+        [this, b, call](grpc::Status s) { Done(b, call, s); }, queue_);
   }
 
   void Done(int b, const std::shared_ptr<Call>& call, const grpc::Status& s) {
@@ -635,7 +635,7 @@ class Service final {
   void set_rank(int rank) { rank_.store(rank); }
 
   rpc::UnaryReactor* Init(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
-                                 grpc::ByteBuffer* response) {
+                          grpc::ByteBuffer* response) {
     return rpc::AnswerRequest<proto::InitRequest, proto::InitResponse>(
         *request, response, "init", [&] { return Worker(*ctx, "init").status(); },
         [this](const proto::InitRequest& req, proto::InitResponse*) {
@@ -655,7 +655,7 @@ class Service final {
   }
 
   rpc::UnaryReactor* Push(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
-                                 grpc::ByteBuffer* response) {
+                          grpc::ByteBuffer* response) {
     *response = EncodeMessage(proto::PushResponse());
     rpc::UnaryReactor* reactor = new rpc::UnaryReactor;
     proto::PushRequest req;
@@ -664,7 +664,7 @@ class Service final {
   }
 
   rpc::UnaryReactor* Pull(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
-                                 grpc::ByteBuffer* response) {
+                          grpc::ByteBuffer* response) {
     proto::PullRequest req;
     const absl::Status decoded = DecodeWithTensor(*request, 0, &req, nullptr);  // no tensor
     absl::StatusOr<Guard::Node> caller = Worker(*ctx, "pull", req.credential());
@@ -681,7 +681,7 @@ class Service final {
   }
 
   rpc::UnaryReactor* PushPull(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
-                                     grpc::ByteBuffer* response) {
+                              grpc::ByteBuffer* response) {
     auto req = std::make_shared<proto::PushRequest>();
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/false);
     // Once the push is recorded (a parked one: later, on another thread).
@@ -695,9 +695,8 @@ class Service final {
     return reactor;
   }
 
-  rpc::UnaryReactor* PushPullMany(rpc::ServerContext* ctx,
-                                         const grpc::ByteBuffer* request,
-                                         grpc::ByteBuffer* response) {
+  rpc::UnaryReactor* PushPullMany(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                                  grpc::ByteBuffer* response) {
     auto* reactor = new PullReactor(shard_, &deadlines_, response, /*many=*/true);
     HandlePushes(*ctx, *request,
                  [reactor, deadline = ctx->deadline()](absl::Status s,
@@ -709,21 +708,18 @@ class Service final {
 
   // A primary's steps: applied before the answer, which tells the primary
   // that this backup holds them.
-  rpc::UnaryReactor* Replicate(rpc::ServerContext* ctx,
-                                      const grpc::ByteBuffer* request,
-                                      grpc::ByteBuffer* response) {
+  rpc::UnaryReactor* Replicate(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                               grpc::ByteBuffer* response) {
     rpc::UnaryReactor* reactor = new rpc::UnaryReactor;
     *response = EncodeMessage(proto::ReplicateResponse());
     reactor->Finish(ToGrpc(HandleReplicate(*ctx, *request)));
     return reactor;
   }
 
-  rpc::UnaryReactor* SetOptimizer(rpc::ServerContext* ctx,
-                                         const grpc::ByteBuffer* request,
-                                         grpc::ByteBuffer* response) {
+  rpc::UnaryReactor* SetOptimizer(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                                  grpc::ByteBuffer* response) {
     return rpc::AnswerRequest<proto::SetOptimizerRequest, proto::SetOptimizerResponse>(
-        *request, response, "set_optimizer",
-        [&] { return Worker(*ctx, "set_optimizer").status(); },
+        *request, response, "set_optimizer", [&] { return Worker(*ctx, "set_optimizer").status(); },
         [this](const proto::SetOptimizerRequest& req, proto::SetOptimizerResponse*) {
           Optimizer::Options options(req.options().begin(), req.options().end());
           std::map<int, std::string> names(req.param_names().begin(), req.param_names().end());
@@ -733,9 +729,8 @@ class Service final {
         });
   }
 
-  rpc::UnaryReactor* SaveOptimizerStates(rpc::ServerContext* ctx,
-                                                const grpc::ByteBuffer* request,
-                                                grpc::ByteBuffer* response) {
+  rpc::UnaryReactor* SaveOptimizerStates(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) {
     return rpc::AnswerRequest<proto::SaveOptimizerStatesRequest, proto::OptimizerStates>(
         *request, response, "save_optimizer_states",
         [&] { return Worker(*ctx, "save_optimizer_states").status(); },
@@ -749,9 +744,8 @@ class Service final {
         });
   }
 
-  rpc::UnaryReactor* LoadOptimizerStates(rpc::ServerContext* ctx,
-                                                const grpc::ByteBuffer* request,
-                                                grpc::ByteBuffer* response) {
+  rpc::UnaryReactor* LoadOptimizerStates(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) {
     return rpc::AnswerRequest<proto::OptimizerStates, proto::LoadOptimizerStatesResponse>(
         *request, response, "load_optimizer_states",
         [&] { return Worker(*ctx, "load_optimizer_states").status(); },
@@ -760,9 +754,8 @@ class Service final {
         });
   }
 
-  rpc::UnaryReactor* AttachSegment(rpc::ServerContext* ctx,
-                                          const grpc::ByteBuffer* request,
-                                          grpc::ByteBuffer* response) {
+  rpc::UnaryReactor* AttachSegment(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) {
     return rpc::AnswerRequest<proto::AttachSegmentRequest, proto::AttachSegmentResponse>(
         *request, response, "attach_segment",
         [&] { return Worker(*ctx, "attach_segment").status(); },
@@ -807,8 +800,7 @@ class Service final {
     return refuse(absl::StrCat("this is server ", self));
   }
 
-  absl::Status HandleReplicate(const rpc::ServerContext& ctx,
-                               const grpc::ByteBuffer& request) {
+  absl::Status HandleReplicate(const rpc::ServerContext& ctx, const grpc::ByteBuffer& request) {
     std::deque<proto::ReplicatedStep> headers;
     std::deque<PushData> data;
     proto::ReplicateRequest rest;
@@ -1118,35 +1110,23 @@ struct ParameterServer::Impl {
 
 namespace {
 
-// Routes the service's methods on `server`.
+// Routes the service's methods on `server`. The data path's methods never
+// wait; the others may wait for a step in flight (or take long: an init's
+// value, a table's rows).
 void RouteMethods(Service* service, rpc::AsyncServer* server) {
-  using Method = rpc::UnaryReactor* (Service::*)(rpc::ServerContext*, const grpc::ByteBuffer*,
-                                                 grpc::ByteBuffer*);
-  // The data path's methods never wait; the others may wait for a step in
-  // flight (or take long: an init's value, a table's rows).
-  const std::pair<const char*, Method> data_path[] = {
-      {"Push", &Service::Push},         {"Pull", &Service::Pull},
-      {"PushPull", &Service::PushPull}, {"PushPullMany", &Service::PushPullMany},
-      {"Replicate", &Service::Replicate},
-  };
-  const std::pair<const char*, Method> control[] = {
-      {"Init", &Service::Init},
-      {"SetOptimizer", &Service::SetOptimizer},
-      {"SaveOptimizerStates", &Service::SaveOptimizerStates},
-      {"LoadOptimizerStates", &Service::LoadOptimizerStates},
-      {"AttachSegment", &Service::AttachSegment},
-  };
-  for (rpc::Runs runs : {rpc::Runs::kPolling, rpc::Runs::kControl}) {
-    for (const auto& [name, method] : runs == rpc::Runs::kPolling ? absl::MakeSpan(data_path)
-                                                                   : absl::MakeSpan(control)) {
-      server->Route(absl::StrCat("/", KVService::service_full_name(), "/", name), runs,
-                    [service, method = method](rpc::ServerContext* ctx,
-                                               const grpc::ByteBuffer* request,
-                                               grpc::ByteBuffer* response) {
-                      return (service->*method)(ctx, request, response);
-                    });
-    }
-  }
+  const std::string name = KVService::service_full_name();
+  server->RouteMethods<Service>(name, rpc::Runs::kPolling, service,
+                                {{"Push", &Service::Push},
+                                 {"Pull", &Service::Pull},
+                                 {"PushPull", &Service::PushPull},
+                                 {"PushPullMany", &Service::PushPullMany},
+                                 {"Replicate", &Service::Replicate}});
+  server->RouteMethods<Service>(name, rpc::Runs::kControl, service,
+                                {{"Init", &Service::Init},
+                                 {"SetOptimizer", &Service::SetOptimizer},
+                                 {"SaveOptimizerStates", &Service::SaveOptimizerStates},
+                                 {"LoadOptimizerStates", &Service::LoadOptimizerStates},
+                                 {"AttachSegment", &Service::AttachSegment}});
 }
 
 }  // namespace
