@@ -1,57 +1,90 @@
 #include "rpc/async.h"
 
+#include <chrono>
+
 #include <deque>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "rpc/server_call.h"
 
 namespace mx {
 namespace rpc {
 namespace internal {
 
-// `size` threads, started at the first Run, that run functions in order.
-class Pool {
- public:
-  explicit Pool(int size) : size_(size) {}
-  ~Pool() {
+Pool::~Pool() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  for (std::thread& t : threads_) t.join();
+}
+
+void Pool::Run(std::function<void()> fn) {
+  absl::MutexLock lock(&mu_);
+  queue_.push_back(std::move(fn));
+  if (threads_.empty()) {
+    for (int i = 0; i < size_; ++i) threads_.emplace_back([this] { Loop(); });
+  }
+}
+
+void Pool::Loop() {
+  for (;;) {
+    std::function<void()> fn;
     {
       absl::MutexLock lock(&mu_);
-      stop_ = true;
+      mu_.Await(absl::Condition(this, &Pool::Ready));
+      if (queue_.empty()) return;  // stopped
+      fn = std::move(queue_.front());
+      queue_.pop_front();
     }
-    for (std::thread& t : threads_) t.join();
+    fn();
   }
-  void Run(std::function<void()> fn) {
+}
+
+Pool& CallbackPool() {
+  static Pool* pool = new Pool(2);
+  return *pool;
+}
+
+void Call::Run(const Handler& handler) {
+  UnaryReactor* reactor = handler(context(), &request_, &response_);
+  bool cancelled;
+  {
     absl::MutexLock lock(&mu_);
-    queue_.push_back(std::move(fn));
-    if (threads_.empty()) {
-      for (int i = 0; i < size_; ++i) threads_.emplace_back([this] { Loop(); });
-    }
+    reactor_ = reactor;
+    cancelled = cancel_pending_;
   }
+  Ref();  // across Attach and OnCancel: Finish may end the call
+  reactor->Attach(this);
+  if (cancelled) reactor->OnCancel();
+  Unref();
+}
 
- private:
-  void Loop() {
-    for (;;) {
-      std::function<void()> fn;
-      {
-        absl::MutexLock lock(&mu_);
-        mu_.Await(absl::Condition(this, &Pool::Ready));
-        if (queue_.empty()) return;  // stopped
-        fn = std::move(queue_.front());
-        queue_.pop_front();
-      }
-      fn();
-    }
+void Call::Finish(const grpc::Status& status) {
+  Ref();  // the sending's
+  Send(status);
+  Unref();
+}
+
+void Call::Cancelled() {
+  UnaryReactor* reactor;
+  {
+    absl::MutexLock lock(&mu_);
+    reactor = reactor_;
+    if (reactor == nullptr) cancel_pending_ = true;  // Run calls OnCancel
   }
+  if (reactor != nullptr) reactor->OnCancel();
+}
 
-  bool Ready() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !queue_.empty(); }
-
-  const int size_;
-  absl::Mutex mu_;
-  std::deque<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  std::vector<std::thread> threads_;  // started under mu_, joined by the destructor
-};
+void Call::Unref() {
+  if (refs_.fetch_sub(1) != 1) return;
+  if (reactor_ != nullptr) reactor_->OnDone();
+  AsyncServer* server = server_;
+  delete this;
+  server->CallEnded();
+}
 
 // What completed on a queue: its poller calls Completed (Poll).
 class Event {
@@ -69,6 +102,8 @@ void Poll(grpc::CompletionQueue* queue) {
   while (queue->Next(&tag, &ok)) static_cast<Event*>(tag)->Completed(ok);
 }
 
+class ServerCall;
+
 // A server call's events: which call, and what completed.
 struct Tag final : Event {
   enum Kind { kRequested, kRead, kFinished, kDone };
@@ -78,21 +113,37 @@ struct Tag final : Event {
   const Kind kind;
 };
 
-// One call from RequestCall to its end. Counted references: the done
-// notification (from the match on), the read, the reactor (from the read
-// until Finish), and the Finish operation; the last one ends the call.
-class ServerCall {
+// A gRPC call's context as handlers see it.
+class GrpcContext final : public ServerContext {
  public:
-  explicit ServerCall(AsyncServer* server) : server_(server) {}
+  grpc::GenericServerContext* grpc() { return &ctx_; }
+  const grpc::GenericServerContext& grpc() const { return ctx_; }
+  std::string peer() const override { return ctx_.peer(); }
+  std::chrono::system_clock::time_point deadline() const override { return ctx_.deadline(); }
+  std::string Metadata(const char* key) const override {
+    const auto& md = ctx_.client_metadata();
+    auto it = md.find(key);
+    return it == md.end() ? "" : std::string(it->second.data(), it->second.size());
+  }
+  bool IsCancelled() const override { return ctx_.IsCancelled(); }
 
-  ServerContext* ctx() { return &ctx_; }
-  const grpc::ByteBuffer& request() const { return request_; }
-  grpc::ByteBuffer* response() { return &response_; }
+ private:
+  grpc::GenericServerContext ctx_;
+};
+
+// A gRPC call, from RequestCall to its end. References (Call): the done
+// notification and the read (which becomes the handler's) from the match
+// on, and WriteAndFinish or Finish until it completes.
+class ServerCall final : public Call {
+ public:
+  explicit ServerCall(AsyncServer* server) : Call(server) {}
+
+  const std::string& method() const override { return ctx_.grpc().method(); }
 
   // Asks for the server's next call.
   void Request(grpc::AsyncGenericService* service, grpc::ServerCompletionQueue* cq) {
-    ctx_.AsyncNotifyWhenDone(&done_);
-    service->RequestCall(&ctx_, &stream_, cq, cq, &requested_);
+    ctx_.grpc()->AsyncNotifyWhenDone(&done_);
+    service->RequestCall(ctx_.grpc(), &stream_, cq, cq, &requested_);
   }
 
   // The polling thread's handling of `kind`.
@@ -126,60 +177,18 @@ class ServerCall {
     }
   }
 
-  // Runs the handler (holding the reference the read had) and attaches its
-  // reactor.
-  void Run(const Handler& handler) {
-    UnaryReactor* reactor = handler(&ctx_, &request_, &response_);
-    bool cancelled;
-    {
-      absl::MutexLock lock(&mu_);
-      reactor_ = reactor;
-      cancelled = cancel_pending_;
-    }
-    refs_.fetch_add(1);  // across Attach and OnCancel: Finish may end the call
-    reactor->Attach(this);
-    if (cancelled) reactor->OnCancel();
-    Unref();
-  }
-
-  // Sends the answer: the response too if `status` is OK. Releases the
-  // handler's reference.
-  void Finish(const grpc::Status& status) {
-    refs_.fetch_add(1);  // the operation's
+ private:
+  ServerContext* context() override { return &ctx_; }
+  void Send(const grpc::Status& status) override {
     if (status.ok()) {
       stream_.WriteAndFinish(response_, grpc::WriteOptions(), status, &finished_);
     } else {
       stream_.Finish(status, &finished_);
     }
-    Unref();
   }
 
- private:
-  void Cancelled() {
-    UnaryReactor* reactor;
-    {
-      absl::MutexLock lock(&mu_);
-      reactor = reactor_;
-      if (reactor == nullptr) cancel_pending_ = true;  // Run calls OnCancel
-    }
-    if (reactor != nullptr) reactor->OnCancel();
-  }
-  void Unref() {
-    if (refs_.fetch_sub(1) != 1) return;
-    if (reactor_ != nullptr) reactor_->OnDone();
-    AsyncServer* server = server_;
-    delete this;
-    server->CallEnded();
-  }
-
-  AsyncServer* const server_;
-  ServerContext ctx_;
-  grpc::GenericServerAsyncReaderWriter stream_{&ctx_};
-  grpc::ByteBuffer request_, response_;
-  std::atomic<int> refs_{0};
-  absl::Mutex mu_;
-  UnaryReactor* reactor_ = nullptr;  // set under mu_, once; read unlocked after the last Unref
-  bool cancel_pending_ ABSL_GUARDED_BY(mu_) = false;
+  GrpcContext ctx_;
+  grpc::GenericServerAsyncReaderWriter stream_{ctx_.grpc()};
   Tag requested_{this, Tag::kRequested}, read_{this, Tag::kRead}, finished_{this, Tag::kFinished},
       done_{this, Tag::kDone};
 };
@@ -191,7 +200,7 @@ void Tag::Completed(bool ok) { call->Handle(kind, ok); }
 using internal::ServerCall;
 
 void UnaryReactor::Finish(grpc::Status status) {
-  ServerCall* call;
+  internal::Call* call;
   {
     absl::MutexLock lock(&mu_);
     if (finished_) return;
@@ -205,7 +214,7 @@ void UnaryReactor::Finish(grpc::Status status) {
   call->Finish(status);
 }
 
-void UnaryReactor::Attach(ServerCall* call) {
+void UnaryReactor::Attach(internal::Call* call) {
   std::optional<grpc::Status> pending;
   {
     absl::MutexLock lock(&mu_);
@@ -234,16 +243,24 @@ void AsyncServer::Start(std::unique_ptr<grpc::Server> server) {
   poller_ = std::thread([this] { internal::Poll(cq_.get()); });
 }
 
+absl::StatusOr<int> AsyncServer::ServeStreams(const std::string& host, int port,
+                                              StreamOptions options) {
+  streams_ = std::make_unique<StreamListener>(this, std::move(options));
+  return streams_->Listen(host, port);
+}
+
 void AsyncServer::RequestCall() {
-  {
-    absl::MutexLock lock(&mu_);
-    ++open_calls_;
-  }
+  CallStarted();
   (new ServerCall(this))->Request(&service_, cq_.get());
 }
 
-void AsyncServer::Dispatch(ServerCall* call) {
-  const std::string& method = call->ctx()->method();
+void AsyncServer::CallStarted() {
+  absl::MutexLock lock(&mu_);
+  ++open_calls_;
+}
+
+void AsyncServer::Dispatch(internal::Call* call) {
+  const std::string& method = call->method();
   if (method == "/grpc.health.v1.Health/Check") {
     call->Run([this](ServerContext*, const grpc::ByteBuffer* request, grpc::ByteBuffer* response) {
       return Check(*request, response);
@@ -293,6 +310,7 @@ void AsyncServer::StopServing(absl::Time deadline) {
     if (stopped_) return;
     stopped_ = true;
   }
+  if (streams_ != nullptr) streams_->Stop(deadline);
   if (server_ == nullptr) return;
   server_->Shutdown(absl::ToChronoTime(deadline));
   // Calls whose reactors finish later (from the pools, or the threads
@@ -334,13 +352,11 @@ class ClientQueue {
     return *queue;
   }
   grpc::CompletionQueue* queue() { return &cq_; }
-  internal::Pool& pool() { return pool_; }
 
  private:
-  ClientQueue() : pool_(2), poller_([this] { internal::Poll(&cq_); }) {}
+  ClientQueue() : poller_([this] { internal::Poll(&cq_); }) {}
 
   grpc::CompletionQueue cq_;
-  internal::Pool pool_;
   std::thread poller_;
 };
 
@@ -359,7 +375,7 @@ class ClientCall final : public internal::Event {
 
   void Completed(bool) override {
     if (response_->Length() >= kLargeMessageBytes) {
-      ClientQueue::Get().pool().Run([this] { Done(); });
+      internal::CallbackPool().Run([this] { Done(); });
     } else {
       Done();
     }

@@ -34,6 +34,8 @@
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "rpc/server_context.h"
+#include "rpc/stream.h"
 
 namespace mx {
 namespace rpc {
@@ -46,13 +48,12 @@ namespace rpc {
 // (bench/dist_train_bench.py's job, 3 rounds in turns).
 constexpr size_t kLargeMessageBytes = 1 << 20;
 
-// What a handler sees of its call: its metadata, peer and deadline.
-using ServerContext = grpc::GenericServerContext;
 
 namespace internal {
-class ServerCall;
+class Call;
 class Pool;
 }  // namespace internal
+class StreamListener;
 
 // One unary call's server side, which a handler returns (like gRPC's
 // ServerUnaryReactor): the handler, or any thread later, ends the call
@@ -72,13 +73,13 @@ class UnaryReactor {
   virtual void OnDone() { delete this; }
 
  private:
-  friend class internal::ServerCall;
+  friend class internal::Call;
   // The call this reactor ends, once its handler returned it; a Finish
   // made before goes out then.
-  void Attach(internal::ServerCall* call);
+  void Attach(internal::Call* call);
 
   absl::Mutex mu_;
-  internal::ServerCall* call_ ABSL_GUARDED_BY(mu_) = nullptr;
+  internal::Call* call_ ABSL_GUARDED_BY(mu_) = nullptr;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   grpc::Status pending_ ABSL_GUARDED_BY(mu_);  // a Finish before Attach
 };
@@ -127,11 +128,16 @@ class AsyncServer {
   }
   // Serves with `server` (the builder's BuildAndStart), null if it failed.
   void Start(std::unique_ptr<grpc::Server> server);
+  // Also serves the routes in options.methods on stream connections
+  // (rpc/stream.h) at host:port (0: a free port); returns the port. After
+  // Start, once.
+  absl::StatusOr<int> ServeStreams(const std::string& host, int port, StreamOptions options);
   grpc::Server* server() const { return server_.get(); }
   // What Check answers: SERVING or NOT_SERVING (the default).
   void SetServing(bool serving) { serving_.store(serving); }
-  // Stops taking calls, cancels those open at `deadline` and waits until
-  // every reactor has finished; the queue is still polled.
+  // Stops taking calls (and ends the stream connections, cancelling their
+  // calls), cancels those open at `deadline` and waits until every reactor
+  // has finished; the queue is still polled.
   void StopServing(absl::Time deadline);
   // StopServing, then stops polling: client calls on queue() must have
   // ended by then.
@@ -142,11 +148,13 @@ class AsyncServer {
   // until Shutdown; calls on it must end before (see Shutdown).
   grpc::CompletionQueue* queue() const { return cq_.get(); }
 
-  // Internal (ServerCall): asks for the next call; runs a call's handler
-  // where its route says; counts a call's end.
+  // Internal (the transports' calls): asks for the next gRPC call; counts
+  // a call's start (streams) and end; runs a call's handler where its
+  // route says.
   void RequestCall();
-  void Dispatch(internal::ServerCall* call);
+  void CallStarted();
   void CallEnded();
+  void Dispatch(internal::Call* call);
 
  private:
   struct Route_ {
@@ -162,6 +170,7 @@ class AsyncServer {
   std::unique_ptr<internal::Pool> bulk_, control_;
   std::atomic<bool> serving_{false};
   std::thread poller_;
+  std::unique_ptr<StreamListener> streams_;
   absl::Mutex mu_;
   int64_t open_calls_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;

@@ -186,6 +186,23 @@ class ClientFactory : public grpc::experimental::ClientInterceptorFactoryInterfa
 
 }  // namespace
 
+void CountServerCall(const std::string& method, int code,
+                     std::chrono::steady_clock::time_point start, size_t received, size_t sent) {
+  if (!metrics::Enabled()) return;
+  MethodStats* stats = ServerSide().For(method.c_str());
+  stats->received_bytes->Add(static_cast<double>(received));
+  stats->sent_bytes->Add(static_cast<double>(sent));
+  stats->Done(static_cast<grpc::StatusCode>(code), start);
+}
+
+void CountClientCall(const std::string& method, int code,
+                     std::chrono::steady_clock::time_point start, size_t sent) {
+  if (!metrics::Enabled()) return;
+  MethodStats* stats = ClientSide().For(method.c_str());
+  stats->sent_bytes->Add(static_cast<double>(sent));
+  stats->Done(static_cast<grpc::StatusCode>(code), start);
+}
+
 std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
 ServerCallMetrics() {
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> v;

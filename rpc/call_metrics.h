@@ -9,7 +9,10 @@
 #include <grpcpp/support/client_interceptor.h>
 #include <grpcpp/support/server_interceptor.h>
 
+#include <chrono>
+#include <cstddef>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace mx {
@@ -19,6 +22,14 @@ std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterfac
 ServerCallMetrics();
 std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>>
 ClientCallMetrics();
+
+// The same counts for a call that gRPC did not carry (a stream
+// connection's, rpc/stream.h): `method` in full, `code` a gRPC status
+// code, `start` when it arrived or was made.
+void CountServerCall(const std::string& method, int code,
+                     std::chrono::steady_clock::time_point start, size_t received, size_t sent);
+void CountClientCall(const std::string& method, int code,
+                     std::chrono::steady_clock::time_point start, size_t sent);
 
 }  // namespace rpc
 }  // namespace mx

@@ -38,13 +38,6 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& what, const std::st
   return text.str();
 }
 
-// A metadata value of a call, "" when absent.
-std::string Metadata(const grpc::ServerContextBase& ctx, const char* key) {
-  const auto& md = ctx.client_metadata();
-  auto it = md.find(key);
-  return it == md.end() ? "" : std::string(it->second.data(), it->second.size());
-}
-
 // The host of a gRPC peer string ("ipv4:127.0.0.1:5000" -> "127.0.0.1").
 std::string PeerHost(const std::string& peer) {
   std::string host = peer.substr(peer.find(':') + 1);
@@ -114,8 +107,8 @@ bool ConstantTimeEquals(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
-Claims Claims::Of(const grpc::ServerContextBase& ctx) {
-  return {Metadata(ctx, kTokenKey), Metadata(ctx, kNodeKey)};
+Claims Claims::Of(const ServerContext& ctx) {
+  return {ctx.Metadata(kTokenKey), ctx.Metadata(kNodeKey)};
 }
 
 Claims Caller::claims() const {
@@ -159,7 +152,7 @@ void Guard::AdmitAll(Role role) {
   admitted_.notify_all();
 }
 
-absl::Status Guard::Refuse(const grpc::ServerContextBase& ctx, absl::Status why) {
+absl::Status Guard::Refuse(const ServerContext& ctx, absl::Status why) {
   refused_.fetch_add(1);
   static metrics::Family<metrics::Counter>* refused = metrics::Registry::Global().AddCounter(
       "mx_rpc_refused_total",
@@ -183,11 +176,11 @@ absl::Status Guard::Refuse(const grpc::ServerContextBase& ctx, absl::Status why)
   return why;
 }
 
-absl::Status Guard::CheckToken(const grpc::ServerContextBase& ctx, const char* method) {
-  return CheckToken(ctx, method, Metadata(ctx, kTokenKey));
+absl::Status Guard::CheckToken(const ServerContext& ctx, const char* method) {
+  return CheckToken(ctx, method, ctx.Metadata(kTokenKey));
 }
 
-absl::Status Guard::CheckToken(const grpc::ServerContextBase& ctx, const char* method,
+absl::Status Guard::CheckToken(const ServerContext& ctx, const char* method,
                                const std::string& got) {
   if (token_.empty()) return absl::OkStatus();
   if (ConstantTimeEquals(got, token_)) return absl::OkStatus();
@@ -213,12 +206,12 @@ absl::StatusOr<std::string> Guard::KeyOf(Role role, int rank) {
   return it->second;
 }
 
-absl::StatusOr<Guard::Node> Guard::IdentifyAny(const grpc::ServerContextBase& ctx,
+absl::StatusOr<Guard::Node> Guard::IdentifyAny(const ServerContext& ctx,
                                                const char* method) {
   return IdentifyAny(ctx, method, Claims::Of(ctx));
 }
 
-absl::StatusOr<Guard::Node> Guard::IdentifyAny(const grpc::ServerContextBase& ctx,
+absl::StatusOr<Guard::Node> Guard::IdentifyAny(const ServerContext& ctx,
                                                const char* method, const Claims& claims) {
   if (!identities_) {
     MX_RETURN_IF_ERROR(CheckToken(ctx, method, claims.token));
@@ -258,12 +251,12 @@ absl::StatusOr<Guard::Node> Guard::IdentifyAny(const grpc::ServerContextBase& ct
                          "registered as that)")));
 }
 
-absl::StatusOr<Guard::Node> Guard::Identify(const grpc::ServerContextBase& ctx, const char* method,
+absl::StatusOr<Guard::Node> Guard::Identify(const ServerContext& ctx, const char* method,
                                             Role role) {
   return Identify(ctx, method, role, Claims::Of(ctx));
 }
 
-absl::StatusOr<Guard::Node> Guard::Identify(const grpc::ServerContextBase& ctx, const char* method,
+absl::StatusOr<Guard::Node> Guard::Identify(const ServerContext& ctx, const char* method,
                                             Role role, const Claims& claims) {
   MX_ASSIGN_OR_RETURN(const Node caller, IdentifyAny(ctx, method, claims));
   if (caller.rank < 0 || caller.role == role) return caller;
@@ -272,7 +265,7 @@ absl::StatusOr<Guard::Node> Guard::Identify(const grpc::ServerContextBase& ctx, 
                          RoleName(caller.role), " ", caller.rank)));
 }
 
-absl::Status Guard::CheckClaim(const grpc::ServerContextBase& ctx, const char* method,
+absl::Status Guard::CheckClaim(const ServerContext& ctx, const char* method,
                                const Node& caller, Role role, int rank) {
   if (caller.rank < 0 || (caller.role == role && caller.rank == rank)) return absl::OkStatus();
   return Refuse(ctx, absl::PermissionDeniedError(absl::StrCat(

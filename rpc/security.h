@@ -34,9 +34,10 @@
 
 #include "absl/status/statusor.h"
 
+#include "rpc/server_context.h"
+
 namespace grpc {
 class ClientContext;
-class ServerContextBase;
 }  // namespace grpc
 
 namespace mx {
@@ -92,7 +93,7 @@ struct Claims {
   std::string node;
 
   // A call's claims from its metadata ("mx-job-token", "mx-node").
-  static Claims Of(const grpc::ServerContextBase& ctx);
+  static Claims Of(const ServerContext& ctx);
 };
 
 // What a client says about itself on each call: the job token and, once
@@ -139,19 +140,19 @@ class Guard {
   //
   // The job token of a call (Register: before a node has a key); `method`
   // names it in the error.
-  absl::Status CheckToken(const grpc::ServerContextBase& ctx, const char* method);
+  absl::Status CheckToken(const ServerContext& ctx, const char* method);
   // Which registered node of `role` the caller is: its session key, which
   // implies the token. A call without a valid key is refused
   // UNAUTHENTICATED without the job token, else PERMISSION_DENIED.
   // Without identity checks: the token, and a node of rank -1.
-  absl::StatusOr<Node> Identify(const grpc::ServerContextBase& ctx, const char* method, Role role);
-  absl::StatusOr<Node> Identify(const grpc::ServerContextBase& ctx, const char* method, Role role,
+  absl::StatusOr<Node> Identify(const ServerContext& ctx, const char* method, Role role);
+  absl::StatusOr<Node> Identify(const ServerContext& ctx, const char* method, Role role,
                                 const Claims& claims);
   // The same for a node of either role.
-  absl::StatusOr<Node> IdentifyAny(const grpc::ServerContextBase& ctx, const char* method);
+  absl::StatusOr<Node> IdentifyAny(const ServerContext& ctx, const char* method);
   // That `caller` (as identified) is node `rank` of `role`, which its
   // request claims to be.
-  absl::Status CheckClaim(const grpc::ServerContextBase& ctx, const char* method,
+  absl::Status CheckClaim(const ServerContext& ctx, const char* method,
                           const Node& caller, Role role, int rank);
 
   // Calls refused so far (all reasons).
@@ -159,10 +160,10 @@ class Guard {
 
  private:
   // Counts and (once per peer host and reason) logs a refusal; returns it.
-  absl::Status Refuse(const grpc::ServerContextBase& ctx, absl::Status why);
-  absl::Status CheckToken(const grpc::ServerContextBase& ctx, const char* method,
+  absl::Status Refuse(const ServerContext& ctx, absl::Status why);
+  absl::Status CheckToken(const ServerContext& ctx, const char* method,
                           const std::string& token);
-  absl::StatusOr<Node> IdentifyAny(const grpc::ServerContextBase& ctx, const char* method,
+  absl::StatusOr<Node> IdentifyAny(const ServerContext& ctx, const char* method,
                                    const Claims& claims);
   absl::StatusOr<std::string> KeyOf(Role role, int rank);
 

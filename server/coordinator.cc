@@ -482,7 +482,7 @@ class Service final {
   // the guard. The call carries the node's session key, which implies the
   // token, but that key is not known here yet: the answer gives nothing
   // away, and the rejoin must carry the token.
-  absl::Status KnownHere(const grpc::ServerContextBase& ctx, const char* method) const {
+  absl::Status KnownHere(const rpc::ServerContext& ctx, const char* method) const {
     const rpc::Claims claims = rpc::Claims::Of(ctx);
     const size_t colon = claims.node.find(':');
     if (colon == std::string::npos || colon + 1 == claims.node.size()) {

@@ -1,9 +1,16 @@
-// rpc::AsyncServer and rpc::StartUnaryCall (rpc/async.h): answers made at
-// once and later from other threads, cancellation, methods that wait
-// beside calls that must not, large messages, unknown methods, shutdown.
+// rpc::AsyncServer and its two transports, gRPC (rpc::StartUnaryCall,
+// rpc/async.h) and stream connections (rpc::StartStreamCall, rpc/stream.h):
+// answers made at once and later from other threads, cancellation,
+// deadlines, methods that wait beside calls that must not, large messages,
+// unknown methods, shutdown; for streams also the job token, malformed
+// and oversized requests.
 #include "rpc/async.h"
 
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <memory>
 #include <string>
@@ -42,13 +49,19 @@ struct Waiter : UnaryReactor {
   absl::Notification* done;
 };
 
-// A server on 127.0.0.1 with the test's methods:
+enum class Transport { kGrpc, kStream };
+
+// A server on 127.0.0.1 with the test's methods, called over the
+// transport the test's parameter names:
 //  /t/Echo     answers with the request at once (polling thread);
 //  /t/Later    answers from another thread 20 ms later;
 //  /t/Wait     waits until Release (control pool);
 //  /t/Park     keeps its call until the client cancels it.
-class AsyncServerTest : public ::testing::Test {
+// Its streams take the job token "secret" and requests up to 8 MiB.
+class AsyncServerTest : public ::testing::TestWithParam<Transport> {
  protected:
+  bool stream() const { return GetParam() == Transport::kStream; }
+
   void SetUp() override {
     grpc::ServerBuilder builder;
     int port = 0;
@@ -91,23 +104,44 @@ class AsyncServerTest : public ::testing::Test {
     ASSERT_NE(server_->server(), nullptr);
     stub_ = std::make_unique<grpc::GenericStub>(
         SharedChannel("127.0.0.1:" + std::to_string(port), {}));
+    if (stream()) {
+      StreamOptions o;
+      o.token = "secret";
+      o.max_message_bytes = 8 << 20;
+      o.methods = {"/t/Echo", "/t/Later", "/t/Wait", "/t/Park"};
+      absl::StatusOr<int> p = server_->ServeStreams("127.0.0.1", 0, o);
+      ASSERT_TRUE(p.ok()) << p.status();
+      stream_port_ = *p;
+      // A connection per test: the process keeps its connections by target.
+      static int connection = 0;
+      target_ = {"127.0.0.1:" + std::to_string(stream_port_), connection++, "secret"};
+    }
   }
 
-  // A call of `method` with `request`; *response gets the answer.
+  // A call of `method` with `request` over the test's transport, within
+  // `timeout`; *response gets the answer. *cancel (if given) is set, before
+  // the call waits, to what cancels it.
   grpc::Status Call(const std::string& method, const std::string& request,
-                    std::string* response = nullptr, grpc::ClientContext* ctx = nullptr) {
-    grpc::ClientContext own;
-    if (ctx == nullptr) ctx = &own;
-    if (ctx->deadline() == std::chrono::system_clock::time_point::max()) {
-      ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    }
+                    std::string* response = nullptr,
+                    std::function<void()>* cancel = nullptr,
+                    absl::Duration timeout = absl::Seconds(10)) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
     grpc::ByteBuffer resp;
     absl::Notification done;
     grpc::Status status;
-    StartUnaryCall(stub_.get(), ctx, method, Bytes(request), &resp, [&](grpc::Status s) {
+    auto finished = [&](grpc::Status s) {
       status = s;
       done.Notify();
-    });
+    };
+    if (stream()) {
+      std::shared_ptr<StreamCall> call = StartStreamCall(target_, method, Bytes(request), &resp,
+                                                         absl::Now() + timeout, finished);
+      if (cancel != nullptr) *cancel = [call] { call->Cancel(); };
+    } else {
+      if (cancel != nullptr) *cancel = [&ctx] { ctx.TryCancel(); };
+      StartUnaryCall(stub_.get(), &ctx, method, Bytes(request), &resp, finished);
+    }
     done.WaitForNotification();
     if (response != nullptr) *response = String(resp);
     return status;
@@ -120,13 +154,15 @@ class AsyncServerTest : public ::testing::Test {
 
   std::unique_ptr<AsyncServer> server_;
   std::unique_ptr<grpc::GenericStub> stub_;
+  int stream_port_ = 0;
+  StreamTarget target_;
   absl::Mutex mu_;
   bool released_ ABSL_GUARDED_BY(mu_) = false;
   Waiter* parked_ = nullptr;
   absl::Notification parked_arrived_, parked_done_;
 };
 
-TEST_F(AsyncServerTest, AnswersAtOnceAndLaterFromAnotherThread) {
+TEST_P(AsyncServerTest, AnswersAtOnceAndLaterFromAnotherThread) {
   std::string got;
   ASSERT_TRUE(Call("/t/Echo", "hello", &got).ok());
   EXPECT_EQ(got, "hello");
@@ -134,7 +170,7 @@ TEST_F(AsyncServerTest, AnswersAtOnceAndLaterFromAnotherThread) {
   EXPECT_EQ(got, "later");
 }
 
-TEST_F(AsyncServerTest, LargeMessagesGoBothWays) {
+TEST_P(AsyncServerTest, LargeMessagesGoBothWays) {
   // Over kLargeMessageBytes: the handler runs on the bulk pool, the
   // client's callback on its pool.
   std::string big(3 * kLargeMessageBytes + 7, 'x');
@@ -144,13 +180,13 @@ TEST_F(AsyncServerTest, LargeMessagesGoBothWays) {
   EXPECT_EQ(got, big);
 }
 
-TEST_F(AsyncServerTest, AnUnknownMethodIsUnimplemented) {
+TEST_P(AsyncServerTest, AnUnknownMethodIsUnimplemented) {
   const grpc::Status s = Call("/t/Nothing", "");
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
   EXPECT_NE(s.error_message().find("/t/Nothing"), std::string::npos) << s.error_message();
 }
 
-TEST_F(AsyncServerTest, AWaitingControlMethodDoesNotHoldUpTheOthers) {
+TEST_P(AsyncServerTest, AWaitingControlMethodDoesNotHoldUpTheOthers) {
   absl::Notification waited;
   std::string got;
   std::thread waiter([&] {
@@ -165,12 +201,12 @@ TEST_F(AsyncServerTest, AWaitingControlMethodDoesNotHoldUpTheOthers) {
   EXPECT_EQ(got, "released");
 }
 
-TEST_F(AsyncServerTest, ACancelledCallReachesItsReactorWhichEnds) {
-  grpc::ClientContext ctx;
+TEST_P(AsyncServerTest, ACancelledCallReachesItsReactorWhichEnds) {
+  std::function<void()> cancel;
   grpc::Status status;
-  std::thread caller([&] { status = Call("/t/Park", "", nullptr, &ctx); });
+  std::thread caller([&] { status = Call("/t/Park", "", nullptr, &cancel); });
   ASSERT_TRUE(parked_arrived_.WaitForNotificationWithTimeout(absl::Seconds(10)));
-  ctx.TryCancel();
+  cancel();
   caller.join();
   EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED);
   EXPECT_TRUE(parked_->cancelled.WaitForNotificationWithTimeout(absl::Seconds(10)));
@@ -178,7 +214,7 @@ TEST_F(AsyncServerTest, ACancelledCallReachesItsReactorWhichEnds) {
   delete parked_;
 }
 
-TEST_F(AsyncServerTest, ShutdownWaitsForReactorsToFinish) {
+TEST_P(AsyncServerTest, ShutdownWaitsForReactorsToFinish) {
   absl::Notification answered;
   std::thread caller([&] {
     EXPECT_TRUE(Call("/t/Later", "").ok());
@@ -192,7 +228,43 @@ TEST_F(AsyncServerTest, ShutdownWaitsForReactorsToFinish) {
   EXPECT_FALSE(Call("/t/Echo", "x").ok());
 }
 
-TEST_F(AsyncServerTest, HealthIsAnsweredByTheServer) {
+TEST_P(AsyncServerTest, ACallPastItsDeadlineFailsAndItsReactorIsCancelled) {
+  const absl::Time start = absl::Now();
+  const grpc::Status s = Call("/t/Park", "", nullptr, nullptr, absl::Milliseconds(300));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.error_message();
+  EXPECT_EQ(s.error_message(), "Deadline Exceeded");
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  ASSERT_TRUE(parked_arrived_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_TRUE(parked_->cancelled.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_TRUE(parked_done_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  delete parked_;
+}
+
+TEST_P(AsyncServerTest, ManyCallsInFlightEachGetTheirOwnAnswer) {
+  // Answers come back in the order calls finish (Later's after Echo's).
+  constexpr int kCalls = 64;
+  std::vector<std::string> got(kCalls);
+  std::vector<grpc::Status> status(kCalls);
+  std::vector<std::thread> callers;
+  for (int i = 0; i < kCalls; ++i) {
+    callers.emplace_back([&, i] {
+      status[i] = Call(i % 3 == 0 ? "/t/Later" : "/t/Echo", std::string(i * 1000, 'a' + i % 26),
+                       &got[i]);
+    });
+  }
+  for (std::thread& t : callers) t.join();
+  for (int i = 0; i < kCalls; ++i) {
+    ASSERT_TRUE(status[i].ok()) << i << ": " << status[i].error_message();
+    EXPECT_EQ(got[i], i % 3 == 0 ? "later" : std::string(i * 1000, 'a' + i % 26)) << i;
+  }
+}
+
+TEST_P(AsyncServerTest, HealthIsAnsweredByTheServer) {
+  if (stream()) {  // a gRPC service: streams serve only the routes named
+    EXPECT_EQ(Call("/grpc.health.v1.Health/Check", "").error_code(),
+              grpc::StatusCode::UNIMPLEMENTED);
+    return;
+  }
   std::string got;
   ASSERT_TRUE(Call("/grpc.health.v1.Health/Check", "", &got).ok());
   EXPECT_EQ(got, std::string("\x08\x02", 2));  // NOT_SERVING
@@ -202,6 +274,93 @@ TEST_F(AsyncServerTest, HealthIsAnsweredByTheServer) {
   EXPECT_EQ(Call("/grpc.health.v1.Health/Check", "\x0a\x01s").error_code(),
             grpc::StatusCode::NOT_FOUND);  // a named service
 }
+
+INSTANTIATE_TEST_SUITE_P(Transports, AsyncServerTest,
+                         ::testing::Values(Transport::kGrpc, Transport::kStream),
+                         [](const ::testing::TestParamInfo<Transport>& info) {
+                           return info.param == Transport::kGrpc ? "Grpc" : "Stream";
+                         });
+
+// ---- Streams alone.
+
+using StreamTest = AsyncServerTest;
+
+// A raw connection to the server's stream port.
+int RawConnection(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  return fd;
+}
+
+TEST_P(StreamTest, AWrongOrMissingTokenIsRefusedSayingSo) {
+  for (const std::string token : {"wrong", ""}) {
+    StreamTarget other = target_;
+    other.token = token;
+    other.connection += 1000;
+    grpc::ByteBuffer resp;
+    absl::Notification done;
+    grpc::Status status;
+    StartStreamCall(other, "/t/Echo", Bytes("x"), &resp, absl::Now() + absl::Seconds(10),
+                    [&](grpc::Status s) {
+                      status = s;
+                      done.Notify();
+                    });
+    ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAUTHENTICATED) << status.error_message();
+    EXPECT_NE(status.error_message().find(token.empty() ? "no job token" : "wrong job token"),
+              std::string::npos)
+        << status.error_message();
+  }
+  // The server serves on.
+  std::string got;
+  ASSERT_TRUE(Call("/t/Echo", "still", &got).ok());
+  EXPECT_EQ(got, "still");
+}
+
+TEST_P(StreamTest, AnOversizedRequestIsRefusedAndTheConnectionGoesOn) {
+  const grpc::Status s = Call("/t/Echo", std::string((8 << 20) + 1, 'x'));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  std::string got;
+  ASSERT_TRUE(Call("/t/Echo", "after", &got).ok());
+  EXPECT_EQ(got, "after");
+}
+
+TEST_P(StreamTest, GarbageEndsOnlyItsOwnConnection) {
+  // Not a hello; then a hello and a request header with a method of 2^31
+  // bytes: each connection is closed by the server, which serves on.
+  const std::vector<std::string> garbage = {
+      std::string("GET / HTTP/1.1\r\n\r\n"),
+      std::string("MXS1\x06\0\0\0secret", 14) + std::string("\0\0\0\x80", 4) +
+          std::string(28, '\x01')};
+  for (const std::string& bytes : garbage) {
+    const int fd = RawConnection(stream_port_);
+    ASSERT_EQ(write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+    char c;
+    EXPECT_EQ(read(fd, &c, 1), 0) << "the server should close the connection";
+    close(fd);
+  }
+  std::string got;
+  ASSERT_TRUE(Call("/t/Echo", "fine", &got).ok());
+  EXPECT_EQ(got, "fine");
+}
+
+TEST_P(StreamTest, CallsToAServerThatStoppedFailUnavailable) {
+  server_->Shutdown(absl::Now() + absl::Seconds(5));
+  const absl::Time start = absl::Now();
+  const grpc::Status s = Call("/t/Echo", "x");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  EXPECT_NE(s.error_message().find("127.0.0.1:" + std::to_string(stream_port_)),
+            std::string::npos)
+      << s.error_message();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+}
+
+INSTANTIATE_TEST_SUITE_P(Streams, StreamTest, ::testing::Values(Transport::kStream),
+                         [](const ::testing::TestParamInfo<Transport>&) { return "Stream"; });
 
 }  // namespace
 }  // namespace rpc

@@ -1,0 +1,990 @@
+#include "rpc/stream.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <iostream>
+#include <limits>
+#include <list>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "ndarray/base.h"
+#include "rpc/call_metrics.h"
+#include "rpc/security.h"
+#include "rpc/server_call.h"
+
+namespace mx {
+namespace rpc {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the stream format is little-endian");
+
+namespace {
+
+constexpr char kMagic[4] = {'M', 'X', 'S', '1'};
+constexpr uint32_t kMaxTokenBytes = 4096;
+constexpr uint32_t kMaxMethodBytes = 256;
+constexpr uint32_t kMaxStatusMessageBytes = 1 << 16;
+// What a client accepts in an answer (the servers' own limit is theirs).
+constexpr uint64_t kMaxAnswerBytes = uint64_t{1} << 32;
+
+struct RequestHeader {
+  uint32_t method_bytes;
+  uint32_t reserved;
+  uint64_t id;
+  int64_t timeout_us;
+  uint64_t body_bytes;
+};
+struct AnswerHeader {
+  uint64_t id;
+  int32_t code;
+  uint32_t message_bytes;
+  uint64_t body_bytes;
+};
+
+// ---- Socket helpers. Sockets block: each direction has a thread, and a
+// connection that must end is shut down (shutdown(2)), which wakes both.
+
+std::string Errno(const char* what) { return absl::StrCat(what, ": ", std::strerror(errno)); }
+
+// Reads exactly n bytes; an error names what failed ("" at a clean end of
+// file before the first byte).
+absl::Status ReadFully(int fd, void* data, size_t n) {
+  char* p = static_cast<char*>(data);
+  for (size_t got = 0; got < n;) {
+    const ssize_t r = read(fd, p + got, n - got);
+    if (r > 0) {
+      got += static_cast<size_t>(r);
+    } else if (r == 0) {
+      return absl::UnavailableError(got == 0 ? "" : "the peer closed the connection mid-message");
+    } else if (errno != EINTR) {
+      return absl::UnavailableError(Errno("recvmsg"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Reads and drops n bytes.
+absl::Status Skip(int fd, uint64_t n) {
+  char buffer[1 << 16];
+  while (n > 0) {
+    const size_t chunk = static_cast<size_t>(std::min<uint64_t>(n, sizeof(buffer)));
+    absl::Status s = ReadFully(fd, buffer, chunk);
+    if (!s.ok()) return s;
+    n -= chunk;
+  }
+  return absl::OkStatus();
+}
+
+// Writes all of `iov` (modified), without SIGPIPE.
+absl::Status WriteFully(int fd, std::vector<iovec> iov) {
+  size_t at = 0;
+  while (at < iov.size()) {
+    msghdr msg{};
+    msg.msg_iov = iov.data() + at;
+    msg.msg_iovlen = std::min<size_t>(iov.size() - at, 512);
+    const ssize_t w = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return absl::UnavailableError(Errno("sendmsg"));
+    }
+    size_t left = static_cast<size_t>(w);
+    while (at < iov.size() && left >= iov[at].iov_len) left -= iov[at++].iov_len;
+    if (left > 0) {
+      iov[at].iov_base = static_cast<char*>(iov[at].iov_base) + left;
+      iov[at].iov_len -= left;
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The slices of `buffer` as iovecs (they point into `slices`).
+void Append(const grpc::ByteBuffer& buffer, std::vector<grpc::Slice>* slices,
+            std::vector<iovec>* iov) {
+  const size_t first = slices->size();
+  std::vector<grpc::Slice> more;
+  if (buffer.Length() > 0) (void)buffer.Dump(&more);
+  for (grpc::Slice& s : more) slices->push_back(std::move(s));
+  for (size_t i = first; i < slices->size(); ++i) {
+    const grpc::Slice& s = (*slices)[i];
+    iov->push_back({const_cast<uint8_t*>(s.begin()), s.size()});
+  }
+}
+
+// n bytes read into a new buffer of one slice.
+absl::Status ReadBuffer(int fd, uint64_t n, grpc::ByteBuffer* out) {
+  grpc::Slice slice(static_cast<size_t>(n));
+  if (n > 0) {
+    absl::Status s = ReadFully(fd, const_cast<uint8_t*>(slice.begin()), static_cast<size_t>(n));
+    if (!s.ok()) return s;
+  }
+  *out = grpc::ByteBuffer(&slice, 1);
+  return absl::OkStatus();
+}
+
+// Both ends: no Nagle delay (requests are written whole), and TCP
+// keepalive probes after 5 s idle, 1 s apart, 5 unanswered ending the
+// connection; unacknowledged data ends it after 10 s. So a hung or
+// partitioned peer breaks the connection in about 10 s, as gRPC's
+// keepalive pings do (rpc/rpc.h, kKeepalive).
+void Tune(int fd) {
+  const int one = 1, idle = 5, interval = 1, count = 5;
+  const unsigned int user_timeout_ms = 10000;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval));
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count));
+  setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms, sizeof(user_timeout_ms));
+}
+
+// "host:port" split; the host may be a name or [v6].
+absl::Status SplitAddress(const std::string& address, std::string* host, std::string* port) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == address.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("'", address, "' is not host:port"));
+  }
+  *host = address.substr(0, colon);
+  *port = address.substr(colon + 1);
+  if (host->size() > 2 && host->front() == '[' && host->back() == ']') {
+    *host = host->substr(1, host->size() - 2);
+  }
+  return absl::OkStatus();
+}
+
+// A connected socket to `address`, or why not, within `timeout`.
+absl::StatusOr<int> Connect(const std::string& address, absl::Duration timeout) {
+  std::string host, port;
+  absl::Status split = SplitAddress(address, &host, &port);
+  if (!split.ok()) return split;
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (const int e = getaddrinfo(host.c_str(), port.c_str(), &hints, &found); e != 0) {
+    return absl::UnavailableError(absl::StrCat("cannot resolve ", address, ": ", gai_strerror(e)));
+  }
+  std::string why = "no address";
+  int fd = -1;
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, a->ai_protocol);
+    if (fd < 0) {
+      why = Errno("socket");
+      continue;
+    }
+    if (connect(fd, a->ai_addr, a->ai_addrlen) != 0 && errno != EINPROGRESS) {
+      why = Errno("connect");
+    } else {
+      pollfd p{fd, POLLOUT, 0};
+      int err = 0;
+      socklen_t len = sizeof(err);
+      const int ready = poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout)));
+      if (ready == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0) {
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+        Tune(fd);
+        break;
+      }
+      why = ready == 0 ? std::string("connect: timed out") : absl::StrCat("connect: ", std::strerror(err));
+    }
+    close(fd);
+    fd = -1;
+  }
+  freeaddrinfo(found);
+  if (fd < 0) return absl::UnavailableError(absl::StrCat("cannot connect to ", address, ": ", why));
+  return fd;
+}
+
+// "ipv4:127.0.0.1:5000", as gRPC names peers.
+std::string PeerOf(const sockaddr_storage& addr) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  if (addr.ss_family == AF_INET) {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&addr);
+    inet_ntop(AF_INET, &a->sin_addr, host, sizeof(host));
+    return absl::StrCat("ipv4:", host, ":", ntohs(a->sin_port));
+  }
+  const auto* a = reinterpret_cast<const sockaddr_in6*>(&addr);
+  inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof(host));
+  return absl::StrCat("ipv6:[", host, "]:", ntohs(a->sin6_port));
+}
+
+grpc::Status ToGrpcStatus(const absl::Status& s) {
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+}  // namespace
+
+// ---- Server side.
+
+class ServerConnection;
+
+// A stream call's context: its peer and deadline; no metadata.
+class StreamContext final : public ServerContext {
+ public:
+  StreamContext(std::string peer, std::chrono::system_clock::time_point deadline)
+      : peer_(std::move(peer)), deadline_(deadline) {}
+  std::string peer() const override { return peer_; }
+  std::chrono::system_clock::time_point deadline() const override { return deadline_; }
+  std::string Metadata(const char*) const override { return ""; }
+  bool IsCancelled() const override { return cancelled_.load(); }
+  void SetCancelled() { cancelled_.store(true); }
+
+ private:
+  const std::string peer_;
+  const std::chrono::system_clock::time_point deadline_;
+  std::atomic<bool> cancelled_{false};
+};
+
+// One call of a stream connection. References (internal::Call): the
+// dispatch's (the handler's), and the answer's until the connection's
+// writer has sent or dropped it.
+class StreamServerCall final : public internal::Call {
+ public:
+  StreamServerCall(AsyncServer* server, std::shared_ptr<ServerConnection> connection, uint64_t id,
+                   std::string method, StreamContext* ctx, grpc::ByteBuffer request)
+      : Call(server), connection_(std::move(connection)), id_(id), method_(std::move(method)),
+        ctx_(ctx), start_(std::chrono::steady_clock::now()) {
+    request_ = std::move(request);
+    refs_.store(1);
+  }
+
+  const std::string& method() const override { return method_; }
+  uint64_t id() const { return id_; }
+  const grpc::ByteBuffer& response() const { return response_; }
+
+  // The connection broke: the caller is gone. `Hold` first (under the
+  // connection's lock), then Cancel and Release outside it.
+  void Hold() { Ref(); }
+  void Cancel() {
+    ctx_->SetCancelled();
+    Cancelled();
+  }
+  void Release() { Unref(); }
+
+ private:
+  ~StreamServerCall() override;
+  ServerContext* context() override { return ctx_.get(); }
+  void Send(const grpc::Status& status) override;
+
+  const std::shared_ptr<ServerConnection> connection_;
+  const uint64_t id_;
+  const std::string method_;
+  const std::unique_ptr<StreamContext> ctx_;
+  const std::chrono::steady_clock::time_point start_;
+};
+
+struct StreamListener::Impl {
+  AsyncServer* server;
+  StreamOptions options;
+  int listener = -1;
+  std::thread acceptor;
+  std::mutex mu;
+  std::list<std::shared_ptr<ServerConnection>> connections;  // guarded by mu
+  bool stopped = false;                                        // guarded by mu
+  std::atomic<int64_t> refused{0};
+
+  void Accept();
+};
+
+// One accepted connection: a reader thread that reads the hello and then
+// requests, which it dispatches, and a writer thread that sends answers in
+// the order they finish.
+class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
+ public:
+  ServerConnection(StreamListener::Impl* listener, int fd, std::string peer)
+      : listener_(listener), fd_(fd), peer_(std::move(peer)) {}
+  ~ServerConnection() { close(fd_); }
+
+  void Start() {
+    auto self = shared_from_this();
+    reader_ = std::thread([self] { self->Read(); });
+    writer_ = std::thread([self] { self->Write(); });
+  }
+  // Ends the connection: its open calls are cancelled; unsent answers are
+  // dropped. Any thread.
+  void Break() {
+    std::vector<StreamServerCall*> open;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (broken_) return;
+      broken_ = true;
+      shutdown(fd_, SHUT_RDWR);
+      for (const auto& [id, call] : open_) {
+        call->Hold();
+        open.push_back(call);
+      }
+    }
+    wake_.notify_all();
+    for (StreamServerCall* call : open) {
+      call->Cancel();
+      call->Release();
+    }
+  }
+  // Takes no more requests: the calls open are still answered.
+  void StopReading() {
+    std::lock_guard<std::mutex> lock(mu_);
+    draining_ = true;
+    if (!broken_) shutdown(fd_, SHUT_RD);
+  }
+  // No call open, or the connection broke.
+  bool Idle() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return broken_ || open_.empty();
+  }
+  void Join() {
+    if (reader_.joinable()) reader_.join();
+    if (writer_.joinable()) writer_.join();
+  }
+  bool finished() const { return finished_.load(); }
+
+  // StreamServerCall's: queue its answer (dropped, and the call released,
+  // if the connection broke); forget it once it ends.
+  void Answer(StreamServerCall* call, const grpc::Status& status) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!broken_) {
+        answers_.push_back({call, status});
+        wake_.notify_one();
+        return;
+      }
+    }
+    call->Release();
+  }
+  void Ended(StreamServerCall* call) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = open_.find(call->id());
+    if (it != open_.end() && it->second == call) open_.erase(it);
+  }
+
+ private:
+  void Read() {
+    absl::Status s = Hello();
+    while (s.ok()) s = ReadRequest();
+    bool draining;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      draining = draining_;
+    }
+    if (draining) return;  // the calls open are still answered; Stop ends it
+    if (!s.message().empty()) {
+      std::cerr << "mx stream server: connection from " << peer_ << " ended: " << s.message()
+                << std::endl;
+    }
+    Break();
+    finished_.store(true);
+  }
+
+  // The hello: the magic and the job token.
+  absl::Status Hello() {
+    char magic[4];
+    uint32_t token_bytes;
+    absl::Status s = ReadFully(fd_, magic, sizeof(magic));
+    if (s.ok() && std::memcmp(magic, kMagic, sizeof(magic)) != 0) {
+      return absl::InvalidArgumentError("not an mx stream (no MXS1 hello)");
+    }
+    if (s.ok()) s = ReadFully(fd_, &token_bytes, sizeof(token_bytes));
+    if (s.ok() && token_bytes > kMaxTokenBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("a hello's token of ", token_bytes, " bytes"));
+    }
+    std::string token(s.ok() ? token_bytes : 0, '\0');
+    if (s.ok()) s = ReadFully(fd_, token.data(), token.size());
+    if (!s.ok()) return s;
+    const std::string& expected = listener_->options.token;
+    if (expected.empty() || ConstantTimeEquals(token, expected)) return absl::OkStatus();
+    listener_->refused.fetch_add(1);
+    const absl::Status refused = absl::UnauthenticatedError(absl::StrCat(
+        "stream connection: ", token.empty() ? "no job token" : "wrong job token",
+        " (a process that is not part of this job)"));
+    SendNow(0, ToGrpcStatus(refused));
+    return refused;
+  }
+
+  // One request: read whole, then dispatched (or refused).
+  absl::Status ReadRequest() {
+    RequestHeader h;
+    absl::Status s = ReadFully(fd_, &h, sizeof(h));
+    if (!s.ok()) return s;
+    if (h.method_bytes == 0 && h.body_bytes == 0 && h.id != 0) {  // a cancel
+      CancelCall(h.id);
+      return absl::OkStatus();
+    }
+    if (h.method_bytes == 0 || h.method_bytes > kMaxMethodBytes || h.id == 0) {
+      return absl::InvalidArgumentError(absl::StrCat("a malformed request header (method of ",
+                                                     h.method_bytes, " bytes, call id ", h.id, ")"));
+    }
+    std::string method(h.method_bytes, '\0');
+    MX_RETURN_IF_ERROR(ReadFully(fd_, method.data(), method.size()));
+    const auto deadline = std::chrono::system_clock::now() +
+                          std::chrono::microseconds(std::max<int64_t>(h.timeout_us, 0));
+    const StreamOptions& o = listener_->options;
+    if (h.body_bytes > o.max_message_bytes) {
+      MX_RETURN_IF_ERROR(Skip(fd_, h.body_bytes));
+      return Refuse(h.id, method, deadline,
+                    grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                 absl::StrCat("a request of ", h.body_bytes, " bytes, over the ",
+                                              o.max_message_bytes, " this server takes")));
+    }
+    grpc::ByteBuffer body;
+    MX_RETURN_IF_ERROR(ReadBuffer(fd_, h.body_bytes, &body));
+    if (o.methods.count(method) == 0) {
+      return Refuse(h.id, method, deadline,
+                    grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
+                                 absl::StrCat("no method ", method, " on stream connections")));
+    }
+    StreamServerCall* call = NewCall(h.id, method, deadline, std::move(body));
+    listener_->server->Dispatch(call);
+    return absl::OkStatus();
+  }
+
+  // The client stopped waiting for call `id` (cancelled, or its deadline
+  // passed): its reactor's OnCancel, if it is still open.
+  void CancelCall(uint64_t id) {
+    StreamServerCall* call;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = open_.find(id);
+      if (it == open_.end()) return;
+      call = it->second;
+      call->Hold();
+    }
+    call->Cancel();
+    call->Release();
+  }
+
+  StreamServerCall* NewCall(uint64_t id, std::string method,
+                            std::chrono::system_clock::time_point deadline, grpc::ByteBuffer body) {
+    listener_->server->CallStarted();
+    auto* call = new StreamServerCall(listener_->server, shared_from_this(), id, std::move(method),
+                                      new StreamContext(peer_, deadline), std::move(body));
+    std::lock_guard<std::mutex> lock(mu_);
+    open_[id] = call;
+    return call;
+  }
+
+  // Answers a request with an error, as a call (counted, in order with
+  // the others' answers).
+  absl::Status Refuse(uint64_t id, std::string method,
+                      std::chrono::system_clock::time_point deadline, const grpc::Status& why) {
+    NewCall(id, std::move(method), deadline, grpc::ByteBuffer())->Finish(why);
+    return absl::OkStatus();
+  }
+
+  void Write() {
+    for (;;) {
+      std::pair<StreamServerCall*, grpc::Status> next;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return broken_ || !answers_.empty(); });
+        if (answers_.empty()) return;  // broken, nothing left
+        next = std::move(answers_.front());
+        answers_.pop_front();
+        if (broken_) {
+          lock.unlock();
+          next.first->Release();
+          continue;
+        }
+      }
+      const bool sent = SendNow(next.first->id(), next.second, &next.first->response());
+      next.first->Release();
+      if (!sent) Break();
+    }
+  }
+
+  // Writes one answer (under write_mu_: the hello's refusal and the
+  // writer's answers do not interleave).
+  bool SendNow(uint64_t id, const grpc::Status& status, const grpc::ByteBuffer* body = nullptr) {
+    const std::string& message = status.error_message();
+    AnswerHeader h{id, static_cast<int32_t>(status.error_code()),
+                   static_cast<uint32_t>(std::min<size_t>(message.size(), kMaxStatusMessageBytes)),
+                   status.ok() && body != nullptr ? body->Length() : 0};
+    std::vector<iovec> iov = {{&h, sizeof(h)},
+                              {const_cast<char*>(message.data()), h.message_bytes}};
+    std::vector<grpc::Slice> slices;
+    if (h.body_bytes > 0) Append(*body, &slices, &iov);
+    std::lock_guard<std::mutex> lock(write_mu_);
+    return WriteFully(fd_, std::move(iov)).ok();
+  }
+
+  StreamListener::Impl* const listener_;
+  const int fd_;
+  const std::string peer_;
+  std::thread reader_, writer_;
+  std::atomic<bool> finished_{false};
+  std::mutex write_mu_;
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  bool broken_ = false;                                                 // guarded by mu_
+  bool draining_ = false;                                               // guarded by mu_
+  std::deque<std::pair<StreamServerCall*, grpc::Status>> answers_;      // guarded by mu_
+  std::map<uint64_t, StreamServerCall*> open_;                          // guarded by mu_
+};
+
+StreamServerCall::~StreamServerCall() { connection_->Ended(this); }
+
+void StreamServerCall::Send(const grpc::Status& status) {
+  CountServerCall(method_, static_cast<int>(status.error_code()), start_, request_.Length(),
+                  status.ok() ? response_.Length() : 0);
+  connection_->Answer(this, status);
+}
+
+void StreamListener::Impl::Accept() {
+  for (;;) {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    const int fd = accept4(listener, reinterpret_cast<sockaddr*>(&addr), &len, SOCK_CLOEXEC);
+    std::lock_guard<std::mutex> lock(mu);
+    if (stopped) {
+      if (fd >= 0) close(fd);
+      return;
+    }
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED || errno == EMFILE || errno == ENFILE) {
+        if (errno == EMFILE || errno == ENFILE) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        continue;
+      }
+      std::cerr << "mx stream server: " << Errno("accept") << "; no more stream connections"
+                << std::endl;
+      return;
+    }
+    Tune(fd);
+    // Reap the connections that ended.
+    for (auto it = connections.begin(); it != connections.end();) {
+      if ((*it)->finished()) {
+        (*it)->Break();
+        (*it)->Join();
+        it = connections.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    connections.push_back(std::make_shared<ServerConnection>(this, fd, PeerOf(addr)));
+    connections.back()->Start();
+  }
+}
+
+StreamListener::StreamListener(AsyncServer* server, StreamOptions options)
+    : impl_(std::make_shared<Impl>()) {
+  impl_->server = server;
+  impl_->options = std::move(options);
+}
+
+StreamListener::~StreamListener() { Stop(absl::Now()); }
+
+absl::StatusOr<int> StreamListener::Listen(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* found = nullptr;
+  const std::string service = std::to_string(port);
+  const char* node = host.empty() || host == "0.0.0.0" || host == "[::]" ? nullptr : host.c_str();
+  std::string bare = host;
+  if (bare.size() > 2 && bare.front() == '[' && bare.back() == ']') bare = bare.substr(1, bare.size() - 2);
+  if (node != nullptr) node = bare.c_str();
+  if (const int e = getaddrinfo(node, service.c_str(), &hints, &found); e != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stream port: cannot resolve ", host, ": ", gai_strerror(e)));
+  }
+  std::string why = "no address";
+  int fd = -1;
+  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+    fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    const int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 128) != 0) {
+      why = Errno("bind");
+      close(fd);
+      fd = -1;
+    }
+  }
+  freeaddrinfo(found);
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrCat("stream port: cannot listen on ", host, ":", port,
+                                               ": ", why));
+  }
+  sockaddr_storage addr{};
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  const int bound = ntohs(addr.ss_family == AF_INET
+                              ? reinterpret_cast<sockaddr_in*>(&addr)->sin_port
+                              : reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
+  impl_->listener = fd;
+  Impl* impl = impl_.get();
+  impl_->acceptor = std::thread([impl] { impl->Accept(); });
+  return bound;
+}
+
+void StreamListener::Stop(absl::Time deadline) {
+  std::list<std::shared_ptr<ServerConnection>> connections;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    if (impl_->stopped) return;
+    impl_->stopped = true;
+    connections.swap(impl_->connections);
+  }
+  if (impl_->listener >= 0) shutdown(impl_->listener, SHUT_RDWR);  // wakes accept
+  if (impl_->acceptor.joinable()) impl_->acceptor.join();
+  if (impl_->listener >= 0) close(impl_->listener);
+  for (const auto& c : connections) c->StopReading();
+  auto idle = [&] {
+    return std::all_of(connections.begin(), connections.end(),
+                       [](const auto& c) { return c->Idle(); });
+  };
+  while (!idle() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(2));
+  for (const auto& c : connections) c->Break();
+  for (const auto& c : connections) c->Join();
+}
+
+// ---- Client side.
+
+namespace {
+
+class ClientConnection;
+class ClientCall;
+
+// The deadlines of the process's stream calls, ended by one thread.
+class Deadlines {
+ public:
+  using Entry = std::multimap<absl::Time, std::weak_ptr<ClientCall>>::iterator;
+  static Deadlines& Get() {
+    static Deadlines* d = new Deadlines;
+    return *d;
+  }
+  Entry Add(absl::Time at, std::weak_ptr<ClientCall> call) {
+    std::lock_guard<std::mutex> lock(mu_);
+    Entry e = calls_.emplace(at, std::move(call));
+    if (e == calls_.begin()) wake_.notify_one();
+    return e;
+  }
+  // An entry still there (Run removes only those of calls gone).
+  void Remove(Entry e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    calls_.erase(e);
+  }
+
+ private:
+  Deadlines() : thread_([this] { Run(); }) {}
+  void Run();
+
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::multimap<absl::Time, std::weak_ptr<ClientCall>> calls_;
+  std::thread thread_;
+};
+
+class ClientCall final : public StreamCall, public std::enable_shared_from_this<ClientCall> {
+ public:
+  ClientCall(std::string method, grpc::ByteBuffer request, absl::Time deadline,
+             grpc::ByteBuffer* response, std::function<void(grpc::Status)> done)
+      : method(std::move(method)), request(std::move(request)), deadline(deadline),
+        response_(response), done_(std::move(done)), start_(std::chrono::steady_clock::now()) {}
+
+  void Cancel() override;
+  // Ends the call with `status` (and `answer` as its response) unless it
+  // has ended; false if it had.
+  bool End(const grpc::Status& status, grpc::ByteBuffer* answer = nullptr);
+  // Ends the call at its deadline (unless it has ended by then). After
+  // the connection took it (Send), which sets id and connection.
+  void Arm() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (ended_) return;
+    entry_ = Deadlines::Get().Add(deadline, weak_from_this());
+    armed_ = true;
+  }
+
+  const std::string method;
+  const grpc::ByteBuffer request;
+  const absl::Time deadline;
+  uint64_t id = 0;                              // set once queued
+  std::weak_ptr<ClientConnection> connection;  // set once queued
+
+ private:
+  grpc::ByteBuffer* const response_;
+  const std::function<void(grpc::Status)> done_;
+  const std::chrono::steady_clock::time_point start_;
+  std::mutex mu_;
+  bool ended_ = false;  // guarded by mu_
+  bool armed_ = false;  // guarded by mu_
+  Deadlines::Entry entry_;
+};
+
+void Deadlines::Run() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    if (calls_.empty()) {
+      wake_.wait(lock);
+      continue;
+    }
+    const auto first = calls_.begin();
+    if (absl::Now() < first->first) {
+      wake_.wait_until(lock, absl::ToChronoTime(first->first));
+      continue;
+    }
+    std::shared_ptr<ClientCall> call = first->second.lock();
+    if (call == nullptr) {
+      calls_.erase(first);
+      continue;
+    }
+    lock.unlock();
+    // Removes the entry (End), or another thread's End did.
+    call->End(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded"));
+    lock.lock();
+  }
+}
+
+// The process's connection to one stream endpoint: a writer thread that
+// connects, says hello, and sends queued calls in order; a reader thread
+// that completes calls with their answers. A connection that breaks fails
+// its calls and is replaced at the next call.
+class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
+ public:
+  explicit ClientConnection(StreamTarget target) : target_(std::move(target)) {}
+  ~ClientConnection() {
+    if (fd_ >= 0) close(fd_);
+  }
+
+  // The process's connection for `target`, made (and its threads started)
+  // if there is none or it broke.
+  static std::shared_ptr<ClientConnection> For(const StreamTarget& target) {
+    using Key = std::tuple<std::string, int, std::string>;
+    static std::mutex* mu = new std::mutex;
+    static auto* connections = new std::map<Key, std::shared_ptr<ClientConnection>>;
+    std::lock_guard<std::mutex> lock(*mu);
+    std::shared_ptr<ClientConnection>& c =
+        (*connections)[{target.address, target.connection, target.token}];
+    if (c == nullptr || c->broken()) {
+      c = std::make_shared<ClientConnection>(target);
+      auto self = c;
+      std::thread([self] { self->Write(); }).detach();
+    }
+    return c;
+  }
+
+  bool broken() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return broken_;
+  }
+
+  // Queues `call`; fails it at once if the connection broke.
+  void Send(const std::shared_ptr<ClientCall>& call) {
+    grpc::Status why;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!broken_) {
+        call->id = next_id_++;
+        call->connection = weak_from_this();
+        pending_[call->id] = call;
+        queue_.push_back({call, 0});
+        wake_.notify_one();
+        return;
+      }
+      why = why_;
+    }
+    call->End(why);
+  }
+  // A call that ended otherwise (its deadline, Cancel): if it was sent,
+  // the server is told (its reactor's OnCancel), as gRPC does.
+  void Forget(uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (pending_.erase(id) == 0 || broken_) return;
+    if (sent_.erase(id) > 0) {
+      queue_.push_back({nullptr, id});
+      wake_.notify_one();
+    }
+  }
+
+ private:
+  void Write() {
+    absl::Status s = Open();
+    if (!s.ok()) return Break(grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(s.message())));
+    auto self = shared_from_this();
+    std::thread([self] { self->Read(); }).detach();
+    for (;;) {
+      std::shared_ptr<ClientCall> call;
+      uint64_t cancel;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return broken_ || !queue_.empty(); });
+        if (broken_) return;
+        std::tie(call, cancel) = std::move(queue_.front());
+        queue_.pop_front();
+        if (call != nullptr) {
+          if (pending_.count(call->id) == 0) continue;  // ended before it was sent
+          sent_.insert(call->id);
+        }
+      }
+      s = call != nullptr ? SendRequest(*call) : SendCancel(cancel);
+      if (!s.ok()) {
+        return Break(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                  absl::StrCat("stream connection to ", target_.address,
+                                               " broke: ", s.message())));
+      }
+    }
+  }
+
+  // Connects (within 10 s; the calls' deadlines end them sooner) and says
+  // hello.
+  absl::Status Open() {
+    absl::StatusOr<int> fd = Connect(target_.address, absl::Seconds(10));
+    if (!fd.ok()) return fd.status();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fd_ = *fd;
+      if (broken_) shutdown(fd_, SHUT_RDWR);
+    }
+    const uint32_t token_bytes = static_cast<uint32_t>(target_.token.size());
+    return WriteFully(*fd, {{const_cast<char*>(kMagic), sizeof(kMagic)},
+                            {const_cast<uint32_t*>(&token_bytes), sizeof(token_bytes)},
+                            {const_cast<char*>(target_.token.data()), target_.token.size()}});
+  }
+
+  absl::Status SendRequest(const ClientCall& call) {
+    const absl::Duration left = call.deadline - absl::Now();
+    RequestHeader h{static_cast<uint32_t>(call.method.size()), 0, call.id,
+                    left == absl::InfiniteDuration()
+                        ? std::numeric_limits<int64_t>::max()
+                        : std::max<int64_t>(0, absl::ToInt64Microseconds(left)),
+                    call.request.Length()};
+    std::vector<iovec> iov = {{&h, sizeof(h)},
+                              {const_cast<char*>(call.method.data()), call.method.size()}};
+    std::vector<grpc::Slice> slices;
+    Append(call.request, &slices, &iov);
+    return WriteFully(fd_, std::move(iov));
+  }
+
+  // A request header without method or body: "stop waiting for `id`".
+  absl::Status SendCancel(uint64_t id) {
+    RequestHeader h{0, 0, id, 0, 0};
+    return WriteFully(fd_, {{&h, sizeof(h)}});
+  }
+
+  void Read() {
+    absl::Status s;
+    while (s.ok()) s = ReadAnswer();
+    Break(grpc::Status(
+        absl::IsUnauthenticated(s) ? grpc::StatusCode::UNAUTHENTICATED : grpc::StatusCode::UNAVAILABLE,
+        absl::StrCat("stream connection to ", target_.address, " broke: ",
+                     s.message().empty() ? "the server closed it" : s.message())));
+  }
+
+  absl::Status ReadAnswer() {
+    AnswerHeader h;
+    absl::Status s = ReadFully(fd_, &h, sizeof(h));
+    if (!s.ok()) return s;
+    if (h.message_bytes > kMaxStatusMessageBytes || h.body_bytes > kMaxAnswerBytes) {
+      return absl::InternalError(absl::StrCat("a malformed answer (", h.message_bytes,
+                                              " bytes of message, ", h.body_bytes, " of body)"));
+    }
+    std::string message(h.message_bytes, '\0');
+    s = ReadFully(fd_, message.data(), message.size());
+    if (!s.ok()) return s;
+    if (h.id == 0) {  // the server ends the connection, saying why
+      return absl::Status(static_cast<absl::StatusCode>(h.code), message);
+    }
+    std::shared_ptr<ClientCall> call;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = pending_.find(h.id);
+      if (it != pending_.end()) {
+        call = std::move(it->second);
+        pending_.erase(it);
+      }
+      sent_.erase(h.id);
+    }
+    if (call == nullptr) return Skip(fd_, h.body_bytes);  // ended before (deadline, cancel)
+    grpc::ByteBuffer body;
+    s = ReadBuffer(fd_, h.body_bytes, &body);
+    if (!s.ok()) return s;
+    call->End(grpc::Status(static_cast<grpc::StatusCode>(h.code), message), &body);
+    return absl::OkStatus();
+  }
+
+  // Fails every call of the connection with `why` and shuts it.
+  void Break(const grpc::Status& why) {
+    std::map<uint64_t, std::shared_ptr<ClientCall>> pending;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (broken_) return;
+      broken_ = true;
+      why_ = why;
+      pending.swap(pending_);
+      queue_.clear();
+      if (fd_ >= 0) shutdown(fd_, SHUT_RDWR);
+    }
+    wake_.notify_all();
+    for (auto& [id, call] : pending) call->End(why);
+  }
+
+  const StreamTarget target_;
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  int fd_ = -1;  // set once by the writer, under mu_
+  bool broken_ = false;
+  grpc::Status why_;
+  uint64_t next_id_ = 1;
+  std::map<uint64_t, std::shared_ptr<ClientCall>> pending_;  // queued or sent, not answered
+  std::set<uint64_t> sent_;                                  // of those, sent
+  // To send: calls, or (null, id) a cancel of call id.
+  std::deque<std::pair<std::shared_ptr<ClientCall>, uint64_t>> queue_;
+};
+
+void ClientCall::Cancel() {
+  End(grpc::Status(grpc::StatusCode::CANCELLED, "Cancelled"));
+}
+
+bool ClientCall::End(const grpc::Status& status, grpc::ByteBuffer* answer) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (ended_) return false;
+    ended_ = true;
+    if (armed_) Deadlines::Get().Remove(entry_);
+    armed_ = false;
+  }
+  if (std::shared_ptr<ClientConnection> c = connection.lock()) c->Forget(id);
+  if (answer != nullptr) *response_ = std::move(*answer);
+  CountClientCall(method, static_cast<int>(status.error_code()), start_, request.Length());
+  if (response_->Length() >= kLargeMessageBytes) {
+    auto self = shared_from_this();
+    internal::CallbackPool().Run([self, status] { self->done_(status); });
+  } else {
+    done_(status);
+  }
+  return true;
+}
+
+}  // namespace
+
+std::shared_ptr<StreamCall> StartStreamCall(const StreamTarget& target, const std::string& method,
+                                            const grpc::ByteBuffer& request,
+                                            grpc::ByteBuffer* response, absl::Time deadline,
+                                            std::function<void(grpc::Status)> done) {
+  auto call = std::make_shared<ClientCall>(method, request, deadline, response, std::move(done));
+  ClientConnection::For(target)->Send(call);
+  call->Arm();
+  return call;
+}
+
+}  // namespace rpc
+}  // namespace mx
