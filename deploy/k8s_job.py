@@ -89,10 +89,12 @@ a namespace whose Pod Security level is "privileged" (neither "baseline" nor
 "restricted" admits them), so --shm is off by default.
 
 Ports: the coordinator listens on --port, every server on --server-port
-(each in its own pod), every process serves metrics on --metrics-port;
-all are declared containerPorts. A NetworkPolicy admits to the job's pods
-only the job's own pods on the gRPC ports, and metrics scrapes (from the
-namespace --metrics-from names, or any).
+(each in its own pod) and, without TLS, on --stream-port for the plain TCP
+connections that carry pushes and pulls (rpc/stream.h); every process
+serves metrics on --metrics-port; all are declared containerPorts. A
+NetworkPolicy admits to the job's pods only the job's own pods on the gRPC
+and stream ports, and metrics scrapes (from the namespace --metrics-from
+names, or any).
 
 Needs Kubernetes 1.24 or later (Indexed Jobs).
 """
@@ -269,6 +271,14 @@ def grpc_port(args, role):
             "spare": args.server_port}.get(role)
 
 
+def stream_port(args, role):
+    """The port servers and spares take stream connections on: --stream-port,
+    without TLS (streams are plaintext: with TLS every call goes through
+    gRPC); None for other roles."""
+    tls = args.tls or args.tls_secret
+    return args.stream_port if role in ("server", "spare") and not tls else None
+
+
 def readiness_path(args, role):
     """/healthz, except for servers in a JobSet: its in-order start-up
     starts the workers once the servers are ready, and a server finishes
@@ -293,6 +303,8 @@ def container(args, role, command, env):
         "env": env + metrics_env(args) + tls_env(args) + [token_env(args)],
         "ports": ([{"name": "grpc", "containerPort": grpc_port(args, role), "protocol": "TCP"}]
                   if grpc_port(args, role) else []) +
+                 ([{"name": "stream", "containerPort": stream_port(args, role), "protocol": "TCP"}]
+                  if stream_port(args, role) else []) +
                  [{"name": "metrics", "containerPort": args.metrics_port, "protocol": "TCP"}],
         "readinessProbe": probe(readiness_path(args, role), period=5, failures=1),
         "livenessProbe": probe("/livez", period=10, failures=3, delay=10),
@@ -391,6 +403,7 @@ def manifests(args, worker_command):
     server_command = [args.server_command, "--role=server",
                       f"--coordinator={coordinator_host(args)}:{args.port}",
                       f"--bind=0.0.0.0:{args.server_port}", "--advertise=$(POD_IP)",
+                      f"--stream_port={stream_port(args, 'server') or -1}",
                       f"--mode={mode}", f"--replicas={args.replicas}",
                       f"--staleness={args.staleness}"] + elastic
     # With replicas a failed server index does not stop the others: its
@@ -473,8 +486,9 @@ def network_policy(args):
             "podSelector": {"matchLabels": {JOB_LABEL: args.name}},
             "policyTypes": ["Ingress"],
             "ingress": [
-                {"from": [job_pods], "ports": [{"protocol": "TCP", "port": args.port},
-                                               {"protocol": "TCP", "port": args.server_port}]},
+                {"from": [job_pods], "ports": [{"protocol": "TCP", "port": port} for port in
+                                               (args.port, args.server_port,
+                                                stream_port(args, "server")) if port]},
                 {"from": [scrapers], "ports": [{"protocol": "TCP", "port": args.metrics_port}]},
             ],
         },
@@ -516,6 +530,9 @@ def main():
     ap.add_argument("--port", type=int, default=9091, help="the coordinator's port")
     ap.add_argument("--server-port", type=int, default=9092,
                     help="the port every server listens on (in its own pod)")
+    ap.add_argument("--stream-port", type=int, default=9093,
+                    help="the port every server takes the stream connections that carry pushes "
+                         "and pulls on (none with TLS)")
     ap.add_argument("--metrics-from", metavar="NAMESPACE",
                     help="admit metrics scrapes only from this namespace (default: any)")
     ap.add_argument("--startup-timeout", type=int, default=600,
@@ -588,6 +605,10 @@ def main():
     if not 1 <= args.server_port <= 65535 or args.server_port in (args.port, args.metrics_port):
         ap.error(f"--server-port {args.server_port}: not a port other than --port and "
                  "--metrics-port")
+    if not 1 <= args.stream_port <= 65535 or args.stream_port in (args.port, args.metrics_port,
+                                                                  args.server_port):
+        ap.error(f"--stream-port {args.stream_port}: not a port other than --port, "
+                 "--server-port and --metrics-port")
     for flag, value in (("--cpu", args.cpu), ("--memory", args.memory),
                         ("--coordinator-cpu", args.coordinator_cpu),
                         ("--coordinator-memory", args.coordinator_memory),

@@ -35,6 +35,7 @@
 #include "rpc/metrics.h"
 #include "rpc/rpc.h"
 #include "rpc/shared_memory.h"
+#include "rpc/stream.h"
 
 namespace mx {
 
@@ -317,6 +318,8 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // options.connections_per_server connections per server.
   std::vector<std::vector<std::unique_ptr<grpc::GenericStub>>> raw_stubs;
   std::vector<std::string> addresses;  // by rank; guarded by mu once serving
+  // Stream endpoints by rank ("": gRPC); guarded by mu once serving.
+  std::vector<std::string> stream_addresses;
 
   // Set when the coordinator reports a dead node: later calls fail with it.
   absl::Status Failure() const {
@@ -327,19 +330,19 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // hangs (stopped, partitioned) keeps its connections open, and calls to
   // it would otherwise wait for their deadline.
   void Fail(absl::Status s) {
-    std::vector<std::shared_ptr<Call>> calls;
+    std::vector<std::pair<std::shared_ptr<Call>, std::shared_ptr<rpc::StreamCall>>> calls;
     {
       std::lock_guard<std::mutex> lock(mu);
       if (!failure.ok()) return;
       failure = std::move(s);
-      calls.assign(in_flight.begin(), in_flight.end());
+      for (const std::shared_ptr<Call>& call : in_flight) calls.push_back({call, call->stream});
       // Under the lock, which a control call's context outlives; a
       // blocking call runs no callback of ours when cancelled.
       for (const auto& [ctx, server] : control_calls) ctx->TryCancel();
     }
     // Not under it: a cancelled call's callback, which takes it, may run
     // inside TryCancel.
-    for (const std::shared_ptr<Call>& call : calls) call->ctx.TryCancel();
+    for (const auto& [call, stream] : calls) call->Cancel(stream);
   }
 
   // Replicas 2: server s was declared dead. Its keys are held by their
@@ -347,7 +350,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // there). If a neighbour of s in the ring died too, both copies of some
   // keys are gone: the store fails, saying so.
   void ServerDied(int s) {
-    std::vector<std::shared_ptr<Call>> calls;
+    std::vector<std::pair<std::shared_ptr<Call>, std::shared_ptr<rpc::StreamCall>>> calls;
     absl::Status lost;
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -360,7 +363,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
             " both died: the keys whose two copies they held are lost"));
       }
       for (const std::shared_ptr<Call>& call : in_flight) {
-        if (call->server == s) calls.push_back(call);
+        if (call->server == s) calls.push_back({call, call->stream});
       }
       if (lost.ok()) {
         for (const auto& [ctx, server] : control_calls) {
@@ -369,7 +372,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
       }
     }
     if (!lost.ok()) return Fail(lost);
-    for (const std::shared_ptr<Call>& call : calls) call->ctx.TryCancel();
+    for (const auto& [call, stream] : calls) call->Cancel(stream);
   }
 
   bool Dead(int server) const {
@@ -420,11 +423,13 @@ struct Conn : std::enable_shared_from_this<Conn> {
     return -1;
   }
 
-  // Replicas 2: a spare at `address` took the rank of `s`, declared dead
-  // before: calls for s go there from now on, where it holds copies of the
-  // keys that lost theirs (after those that held them alone).
-  void ServerReplaced(int s, const std::string& address) {
+  // Replicas 2: a spare at `address` (streams at `stream_address`) took
+  // the rank of `s`, declared dead before: calls for s go there from now
+  // on, where it holds copies of the keys that lost theirs (after those
+  // that held them alone).
+  void ServerReplaced(int s, const std::string& address, const std::string& stream_address) {
     std::lock_guard<std::mutex> lock(mu);
+    stream_addresses[s] = options.security.tls() ? "" : stream_address;
     dead_servers.erase(s);
     // The spare never got this worker's segment: its values go by TCP.
     if (s < static_cast<int>(shm.size())) shm[s] = nullptr;
@@ -540,10 +545,11 @@ struct Conn : std::enable_shared_from_this<Conn> {
       done(ToGrpc(failed), call->resp);
       return;
     }
-    SetDeadline(&call->ctx);  // the credential is in the request
+    absl::Time deadline = absl::Now() + options.rpc_timeout;
     call->req = std::move(request);
     grpc::GenericStub* stub;
     std::string address;
+    rpc::StreamTarget stream;
     size_t connection;
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -555,23 +561,39 @@ struct Conn : std::enable_shared_from_this<Conn> {
       connection = turn % stubs.size();
       stub = stubs[connection].get();
       address = addresses[server];
+      stream = {stream_addresses[server], static_cast<int>(connection), options.security.token};
     }
     if (unconnected_deadline > absl::ZeroDuration() &&
-        rpc::SharedChannel(address, options.security, static_cast<int>(connection))
-                ->GetState(/*try_to_connect=*/true) != GRPC_CHANNEL_READY) {
-      call->ctx.set_deadline(absl::ToChronoTime(absl::Now() + unconnected_deadline));
+        !(stream.address.empty()
+              ? rpc::SharedChannel(address, options.security, static_cast<int>(connection))
+                        ->GetState(/*try_to_connect=*/true) == GRPC_CHANNEL_READY
+              : rpc::StreamConnected(stream))) {
+      deadline = absl::Now() + unconnected_deadline;
     }
-    rpc::StartUnaryCall(
-        stub, &call->ctx, method, call->req, &call->resp,
-        [self = shared_from_this(), call, done = std::move(done)](grpc::Status s) {
-          absl::Status failed;
-          {
-            std::lock_guard<std::mutex> lock(self->mu);
-            if (self->in_flight.erase(call) > 0) InFlightGauge()->Add(-1);
-            failed = self->failure;
-          }
-          done(s.ok() || failed.ok() ? s : ToGrpc(failed), call->resp);
-        });
+    auto finished = [self = shared_from_this(), call, done = std::move(done)](grpc::Status s) {
+      absl::Status failed;
+      {
+        std::lock_guard<std::mutex> lock(self->mu);
+        if (self->in_flight.erase(call) > 0) InFlightGauge()->Add(-1);
+        failed = self->failure;
+      }
+      done(s.ok() || failed.ok() ? s : ToGrpc(failed), call->resp);
+    };
+    if (stream.address.empty()) {
+      call->ctx.set_deadline(absl::ToChronoTime(deadline));  // the credential is in the request
+      rpc::StartUnaryCall(stub, &call->ctx, method, call->req, &call->resp, std::move(finished));
+      return;
+    }
+    std::shared_ptr<rpc::StreamCall> handle = rpc::StartStreamCall(
+        stream, method, call->req, &call->resp, deadline, std::move(finished));
+    bool cancel;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      call->stream = handle;
+      // Failed since it was counted in flight: Fail did not see the handle.
+      cancel = !failure.ok();
+    }
+    if (cancel) handle->Cancel();
   }
 
   // Sets what reports a server that does not answer (the coordinator).
@@ -613,8 +635,18 @@ struct Conn : std::enable_shared_from_this<Conn> {
  private:
   struct Call {
     int server;
-    grpc::ClientContext ctx;
+    grpc::ClientContext ctx;  // a gRPC call's
     grpc::ByteBuffer req, resp;
+    std::shared_ptr<rpc::StreamCall> stream;  // a stream call's, set under mu once started
+
+    // Ends the call CANCELLED; `stream` read under mu.
+    void Cancel(const std::shared_ptr<rpc::StreamCall>& s) {
+      if (s != nullptr) {
+        s->Cancel();
+      } else {
+        ctx.TryCancel();
+      }
+    }
   };
 
   // Sends resends[i...], then h's request, to `server`.
@@ -750,6 +782,9 @@ class DistKVStore : public KVStore {
     conn_->credential.set_node(claims.node);
     if (options.replicas > 1) conn_->timer = std::make_unique<Timer>();
     conn_->addresses = options.servers;
+    conn_->stream_addresses = options.stream_addresses;
+    conn_->stream_addresses.resize(options.servers.size());
+    if (options.security.tls()) conn_->stream_addresses.assign(options.servers.size(), "");
     for (const std::string& address : options.servers) {
       conn_->stubs.push_back(
           proto::KVStoreService::NewStub(rpc::SharedChannel(address, options.security)));
@@ -2040,7 +2075,7 @@ class DistKVStore : public KVStore {
       std::cerr << "worker " << conn_->options.rank << ": a spare took the rank of server "
                 << r.rank() << " (" << r.address() << "); its keys have two copies again"
                 << std::endl;
-      conn_->ServerReplaced(r.rank(), r.address());
+      conn_->ServerReplaced(r.rank(), r.address(), r.stream_address());
     }
   }
 
@@ -2144,7 +2179,10 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   options.rank = resp.self().rank();
   options.num_workers = resp.workers_size();
   options.session_key = resp.session_key();
-  for (const proto::NodeInfo& server : resp.servers()) options.servers.push_back(server.address());
+  for (const proto::NodeInfo& server : resp.servers()) {
+    options.servers.push_back(server.address());
+    options.stream_addresses.push_back(server.stream_address());
+  }
   MX_ASSIGN_OR_RETURN(std::unique_ptr<DistKVStore> kv, NewDistKVStore(options));
   // Heartbeats first: a server that hangs while it is handed shared
   // memory is then declared dead, which ends that call, rather than this

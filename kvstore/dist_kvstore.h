@@ -27,6 +27,10 @@ namespace mx {
 
 struct DistKVStoreOptions {
   std::vector<std::string> servers;  // host:port, by server rank
+  // Where each server (by rank) takes its stream connections (host:port,
+  // rpc/stream.h), which then carry pushes and pulls instead of gRPC;
+  // empty, or "" for a server: gRPC. Not with TLS (streams are plaintext).
+  std::vector<std::string> stream_addresses;
   int rank = 0;                      // this worker
   int num_workers = 1;
   bool sync = true;                  // dist_sync, else dist_async

@@ -141,6 +141,9 @@ class Guard {
   // The job token of a call (Register: before a node has a key); `method`
   // names it in the error.
   absl::Status CheckToken(const ServerContext& ctx, const char* method);
+  // The same for a token the call carries elsewhere (a stream's hello).
+  absl::Status CheckToken(const ServerContext& ctx, const char* method,
+                          const std::string& token);
   // Which registered node of `role` the caller is: its session key, which
   // implies the token. A call without a valid key is refused
   // UNAUTHENTICATED without the job token, else PERMISSION_DENIED.
@@ -161,8 +164,6 @@ class Guard {
  private:
   // Counts and (once per peer host and reason) logs a refusal; returns it.
   absl::Status Refuse(const ServerContext& ctx, absl::Status why);
-  absl::Status CheckToken(const ServerContext& ctx, const char* method,
-                          const std::string& token);
   absl::StatusOr<Node> IdentifyAny(const ServerContext& ctx, const char* method,
                                    const Claims& claims);
   absl::StatusOr<std::string> KeyOf(Role role, int rank);

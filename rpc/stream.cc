@@ -33,6 +33,7 @@
 #include "absl/time/clock.h"
 #include "ndarray/base.h"
 #include "rpc/call_metrics.h"
+#include "rpc/rpc.h"
 #include "rpc/security.h"
 #include "rpc/server_call.h"
 
@@ -69,14 +70,33 @@ struct AnswerHeader {
 
 std::string Errno(const char* what) { return absl::StrCat(what, ": ", std::strerror(errno)); }
 
+// The reading end of a connection. With `on_quiet`, reads wake every
+// 250 ms without data and call it with the time since the last byte came
+// (an error from it ends the read): the client's keepalive.
+struct Reader {
+  int fd = -1;
+  std::function<absl::Status(absl::Duration quiet)> on_quiet;
+  absl::Time last_data = absl::Now();
+};
+
 // Reads exactly n bytes; an error names what failed ("" at a clean end of
 // file before the first byte).
-absl::Status ReadFully(int fd, void* data, size_t n) {
+absl::Status ReadFully(Reader& in, void* data, size_t n) {
   char* p = static_cast<char*>(data);
   for (size_t got = 0; got < n;) {
-    const ssize_t r = read(fd, p + got, n - got);
+    if (in.on_quiet != nullptr) {
+      pollfd wait{in.fd, POLLIN, 0};
+      const int ready = poll(&wait, 1, 250);
+      if (ready == 0) {
+        absl::Status s = in.on_quiet(absl::Now() - in.last_data);
+        if (!s.ok()) return s;
+        continue;
+      }
+    }
+    const ssize_t r = read(in.fd, p + got, n - got);
     if (r > 0) {
       got += static_cast<size_t>(r);
+      if (in.on_quiet != nullptr) in.last_data = absl::Now();
     } else if (r == 0) {
       return absl::UnavailableError(got == 0 ? "" : "the peer closed the connection mid-message");
     } else if (errno != EINTR) {
@@ -87,11 +107,11 @@ absl::Status ReadFully(int fd, void* data, size_t n) {
 }
 
 // Reads and drops n bytes.
-absl::Status Skip(int fd, uint64_t n) {
+absl::Status Skip(Reader& in, uint64_t n) {
   char buffer[1 << 16];
   while (n > 0) {
     const size_t chunk = static_cast<size_t>(std::min<uint64_t>(n, sizeof(buffer)));
-    absl::Status s = ReadFully(fd, buffer, chunk);
+    absl::Status s = ReadFully(in, buffer, chunk);
     if (!s.ok()) return s;
     n -= chunk;
   }
@@ -133,25 +153,85 @@ void Append(const grpc::ByteBuffer& buffer, std::vector<grpc::Slice>* slices,
   }
 }
 
+// Memory for large bodies, kept for reuse. Why: a fresh buffer of 1 MiB
+// is new pages to the kernel more often than not (glibc gives a thread's
+// arena back and grows it again), and page faults cost much on these
+// virtual machines: reading a 1 MiB answer into fresh memory took 3.8 ms
+// (strace), about 0.3 GB/s, against well under 1 ms into memory used
+// before.
+class BufferPool {
+ public:
+  static BufferPool& Get() {
+    static BufferPool* pool = new BufferPool;
+    return *pool;
+  }
+  // A slice of n bytes (n >= kMinBytes) whose memory comes back here when
+  // its last reference goes.
+  grpc::Slice Take(size_t n) {
+    const size_t size = (n + kGrain - 1) / kGrain * kGrain;
+    Buffer* b = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(size);
+      if (it != free_.end() && !it->second.empty()) {
+        b = it->second.back();
+        it->second.pop_back();
+        kept_ -= size;
+      }
+    }
+    if (b == nullptr) b = new Buffer{std::unique_ptr<char[]>(new char[size]), size};
+    return grpc::Slice(b->data.get(), n, &BufferPool::Return, b);
+  }
+
+  static constexpr size_t kMinBytes = 64 << 10;
+
+ private:
+  static constexpr size_t kGrain = 64 << 10;
+  // At most this much memory is kept unused.
+  static constexpr size_t kMaxKeptBytes = size_t{256} << 20;
+  struct Buffer {
+    std::unique_ptr<char[]> data;
+    size_t size;
+  };
+  static void Return(void* p) {
+    auto* b = static_cast<Buffer*>(p);
+    BufferPool& pool = Get();
+    {
+      std::lock_guard<std::mutex> lock(pool.mu_);
+      if (pool.kept_ + b->size <= kMaxKeptBytes) {
+        pool.free_[b->size].push_back(b);
+        pool.kept_ += b->size;
+        return;
+      }
+    }
+    delete b;
+  }
+
+  std::mutex mu_;
+  std::map<size_t, std::vector<Buffer*>> free_;  // by size
+  size_t kept_ = 0;
+};
+
 // n bytes read into a new buffer of one slice.
-absl::Status ReadBuffer(int fd, uint64_t n, grpc::ByteBuffer* out) {
-  grpc::Slice slice(static_cast<size_t>(n));
+absl::Status ReadBuffer(Reader& in, uint64_t n, grpc::ByteBuffer* out) {
+  grpc::Slice slice = n >= BufferPool::kMinBytes ? BufferPool::Get().Take(static_cast<size_t>(n))
+                                                 : grpc::Slice(static_cast<size_t>(n));
   if (n > 0) {
-    absl::Status s = ReadFully(fd, const_cast<uint8_t*>(slice.begin()), static_cast<size_t>(n));
+    absl::Status s = ReadFully(in, const_cast<uint8_t*>(slice.begin()), static_cast<size_t>(n));
     if (!s.ok()) return s;
   }
   *out = grpc::ByteBuffer(&slice, 1);
   return absl::OkStatus();
 }
 
-// Both ends: no Nagle delay (requests are written whole), and TCP
-// keepalive probes after 5 s idle, 1 s apart, 5 unanswered ending the
-// connection; unacknowledged data ends it after 10 s. So a hung or
-// partitioned peer breaks the connection in about 10 s, as gRPC's
-// keepalive pings do (rpc/rpc.h, kKeepalive).
+// Both ends: no Nagle delay (requests are written whole); data
+// unacknowledged for kKeepalive (5 s) ends the connection, as gRPC's
+// keepalive sets it (so a partitioned peer breaks a connection that sends
+// within 5 s; the client's pings cover one that only waits); and TCP
+// keepalive probes after 5 s idle, 1 s apart, 5 unanswered ending it.
 void Tune(int fd) {
   const int one = 1, idle = 5, interval = 1, count = 5;
-  const unsigned int user_timeout_ms = 10000;
+  const auto user_timeout_ms = static_cast<unsigned int>(absl::ToInt64Milliseconds(kKeepalive));
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
@@ -302,9 +382,20 @@ struct StreamListener::Impl {
   std::mutex mu;
   std::list<std::shared_ptr<ServerConnection>> connections;  // guarded by mu
   bool stopped = false;                                        // guarded by mu
-  std::atomic<int64_t> refused{0};
+  std::set<std::string> logged;                                // hosts; guarded by mu
 
   void Accept();
+  // Logs why a connection from `peer` ended, once per peer host (a flood
+  // of bad connections is not a flood of lines).
+  void LogEnd(const std::string& peer, const absl::Status& why) {
+    const std::string host = peer.substr(0, peer.rfind(':'));
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (logged.size() >= 1000 || !logged.insert(host).second) return;
+    }
+    std::cerr << "mx stream server: a connection from " << peer << " ended: " << why.message()
+              << " (later ones from this host are not logged)" << std::endl;
+  }
 };
 
 // One accepted connection: a reader thread that reads the hello and then
@@ -313,7 +404,9 @@ struct StreamListener::Impl {
 class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
  public:
   ServerConnection(StreamListener::Impl* listener, int fd, std::string peer)
-      : listener_(listener), fd_(fd), peer_(std::move(peer)) {}
+      : listener_(listener), fd_(fd), peer_(std::move(peer)) {
+    in_.fd = fd;
+  }
   ~ServerConnection() { close(fd_); }
 
   void Start() {
@@ -387,10 +480,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
       draining = draining_;
     }
     if (draining) return;  // the calls open are still answered; Stop ends it
-    if (!s.message().empty()) {
-      std::cerr << "mx stream server: connection from " << peer_ << " ended: " << s.message()
-                << std::endl;
-    }
+    if (!s.message().empty()) listener_->LogEnd(peer_, s);
     Break();
     finished_.store(true);
   }
@@ -399,34 +489,38 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   absl::Status Hello() {
     char magic[4];
     uint32_t token_bytes;
-    absl::Status s = ReadFully(fd_, magic, sizeof(magic));
+    absl::Status s = ReadFully(in_, magic, sizeof(magic));
     if (s.ok() && std::memcmp(magic, kMagic, sizeof(magic)) != 0) {
       return absl::InvalidArgumentError("not an mx stream (no MXS1 hello)");
     }
-    if (s.ok()) s = ReadFully(fd_, &token_bytes, sizeof(token_bytes));
+    if (s.ok()) s = ReadFully(in_, &token_bytes, sizeof(token_bytes));
     if (s.ok() && token_bytes > kMaxTokenBytes) {
       return absl::InvalidArgumentError(absl::StrCat("a hello's token of ", token_bytes, " bytes"));
     }
     std::string token(s.ok() ? token_bytes : 0, '\0');
-    if (s.ok()) s = ReadFully(fd_, token.data(), token.size());
+    if (s.ok()) s = ReadFully(in_, token.data(), token.size());
     if (!s.ok()) return s;
-    const std::string& expected = listener_->options.token;
-    if (expected.empty() || ConstantTimeEquals(token, expected)) return absl::OkStatus();
-    listener_->refused.fetch_add(1);
-    const absl::Status refused = absl::UnauthenticatedError(absl::StrCat(
-        "stream connection: ", token.empty() ? "no job token" : "wrong job token",
-        " (a process that is not part of this job)"));
+    Guard* guard = listener_->options.guard;
+    if (guard == nullptr) return absl::OkStatus();
+    const StreamContext hello(peer_, std::chrono::system_clock::now());
+    const absl::Status refused = guard->CheckToken(hello, "stream connection", token);
+    if (refused.ok()) return refused;
     SendNow(0, ToGrpcStatus(refused));
-    return refused;
+    // The guard logged it (once per peer host); the connection just ends.
+    return absl::UnauthenticatedError("");
   }
 
   // One request: read whole, then dispatched (or refused).
   absl::Status ReadRequest() {
     RequestHeader h;
-    absl::Status s = ReadFully(fd_, &h, sizeof(h));
+    absl::Status s = ReadFully(in_, &h, sizeof(h));
     if (!s.ok()) return s;
-    if (h.method_bytes == 0 && h.body_bytes == 0 && h.id != 0) {  // a cancel
-      CancelCall(h.id);
+    if (h.method_bytes == 0 && h.body_bytes == 0) {
+      if (h.id == 0) {  // a ping: pong (a failed write ends the connection at the next)
+        SendNow(0, grpc::Status::OK);
+        return absl::OkStatus();
+      }
+      CancelCall(h.id);  // a cancel
       return absl::OkStatus();
     }
     if (h.method_bytes == 0 || h.method_bytes > kMaxMethodBytes || h.id == 0) {
@@ -434,19 +528,19 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
                                                      h.method_bytes, " bytes, call id ", h.id, ")"));
     }
     std::string method(h.method_bytes, '\0');
-    MX_RETURN_IF_ERROR(ReadFully(fd_, method.data(), method.size()));
+    MX_RETURN_IF_ERROR(ReadFully(in_, method.data(), method.size()));
     const auto deadline = std::chrono::system_clock::now() +
                           std::chrono::microseconds(std::max<int64_t>(h.timeout_us, 0));
     const StreamOptions& o = listener_->options;
     if (h.body_bytes > o.max_message_bytes) {
-      MX_RETURN_IF_ERROR(Skip(fd_, h.body_bytes));
+      MX_RETURN_IF_ERROR(Skip(in_, h.body_bytes));
       return Refuse(h.id, method, deadline,
                     grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                  absl::StrCat("a request of ", h.body_bytes, " bytes, over the ",
                                               o.max_message_bytes, " this server takes")));
     }
     grpc::ByteBuffer body;
-    MX_RETURN_IF_ERROR(ReadBuffer(fd_, h.body_bytes, &body));
+    MX_RETURN_IF_ERROR(ReadBuffer(in_, h.body_bytes, &body));
     if (o.methods.count(method) == 0) {
       return Refuse(h.id, method, deadline,
                     grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
@@ -529,6 +623,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   StreamListener::Impl* const listener_;
   const int fd_;
   const std::string peer_;
+  Reader in_;  // the reader thread's
   std::thread reader_, writer_;
   std::atomic<bool> finished_{false};
   std::mutex write_mu_;
@@ -722,7 +817,7 @@ class ClientCall final : public StreamCall, public std::enable_shared_from_this<
 
  private:
   grpc::ByteBuffer* const response_;
-  const std::function<void(grpc::Status)> done_;
+  std::function<void(grpc::Status)> done_;  // moved out by End
   const std::chrono::steady_clock::time_point start_;
   std::mutex mu_;
   bool ended_ = false;  // guarded by mu_
@@ -766,15 +861,15 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   }
 
   // The process's connection for `target`, made (and its threads started)
-  // if there is none or it broke.
-  static std::shared_ptr<ClientConnection> For(const StreamTarget& target) {
+  // if there is none or it broke, when `make`; else null if none.
+  static std::shared_ptr<ClientConnection> For(const StreamTarget& target, bool make = true) {
     using Key = std::tuple<std::string, int, std::string>;
     static std::mutex* mu = new std::mutex;
     static auto* connections = new std::map<Key, std::shared_ptr<ClientConnection>>;
     std::lock_guard<std::mutex> lock(*mu);
     std::shared_ptr<ClientConnection>& c =
         (*connections)[{target.address, target.connection, target.token}];
-    if (c == nullptr || c->broken()) {
+    if (make && (c == nullptr || c->broken())) {
       c = std::make_shared<ClientConnection>(target);
       auto self = c;
       std::thread([self] { self->Write(); }).detach();
@@ -785,6 +880,11 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   bool broken() const {
     std::lock_guard<std::mutex> lock(mu_);
     return broken_;
+  }
+  // Said hello and not broken.
+  bool open() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return opened_ && !broken_;
   }
 
   // Queues `call`; fails it at once if the connection broke.
@@ -819,6 +919,12 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   void Write() {
     absl::Status s = Open();
     if (!s.ok()) return Break(grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(s.message())));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      opened_ = true;
+    }
+    in_.fd = fd_;
+    in_.on_quiet = [this](absl::Duration quiet) { return Quiet(quiet); };
     auto self = shared_from_this();
     std::thread([self] { self->Read(); }).detach();
     for (;;) {
@@ -835,6 +941,7 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
           sent_.insert(call->id);
         }
       }
+      // (null, 0): a ping.
       s = call != nullptr ? SendRequest(*call) : SendCancel(cancel);
       if (!s.ok()) {
         return Break(grpc::Status(grpc::StatusCode::UNAVAILABLE,
@@ -874,7 +981,8 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
     return WriteFully(fd_, std::move(iov));
   }
 
-  // A request header without method or body: "stop waiting for `id`".
+  // A request header without method or body: "stop waiting for `id`", or
+  // with id 0 a ping.
   absl::Status SendCancel(uint64_t id) {
     RequestHeader h{0, 0, id, 0, 0};
     return WriteFully(fd_, {{&h, sizeof(h)}});
@@ -891,16 +999,17 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
 
   absl::Status ReadAnswer() {
     AnswerHeader h;
-    absl::Status s = ReadFully(fd_, &h, sizeof(h));
+    absl::Status s = ReadFully(in_, &h, sizeof(h));
     if (!s.ok()) return s;
     if (h.message_bytes > kMaxStatusMessageBytes || h.body_bytes > kMaxAnswerBytes) {
       return absl::InternalError(absl::StrCat("a malformed answer (", h.message_bytes,
                                               " bytes of message, ", h.body_bytes, " of body)"));
     }
     std::string message(h.message_bytes, '\0');
-    s = ReadFully(fd_, message.data(), message.size());
+    s = ReadFully(in_, message.data(), message.size());
     if (!s.ok()) return s;
-    if (h.id == 0) {  // the server ends the connection, saying why
+    if (h.id == 0) {  // a pong, or the server ends the connection saying why
+      if (h.code == 0 && h.body_bytes == 0) return absl::OkStatus();
       return absl::Status(static_cast<absl::StatusCode>(h.code), message);
     }
     std::shared_ptr<ClientCall> call;
@@ -913,12 +1022,32 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
       }
       sent_.erase(h.id);
     }
-    if (call == nullptr) return Skip(fd_, h.body_bytes);  // ended before (deadline, cancel)
+    if (call == nullptr) return Skip(in_, h.body_bytes);  // ended before (deadline, cancel)
     grpc::ByteBuffer body;
-    s = ReadBuffer(fd_, h.body_bytes, &body);
+    s = ReadBuffer(in_, h.body_bytes, &body);
     if (!s.ok()) return s;
     call->End(grpc::Status(static_cast<grpc::StatusCode>(h.code), message), &body);
     return absl::OkStatus();
+  }
+
+  // Keepalive, as gRPC's (rpc::kKeepalive): while calls await answers, a
+  // connection quiet for kKeepalive is pinged, and one whose ping is not
+  // answered within kKeepalive more is broken ("timed out"). Without it a
+  // partitioned peer was noticed only when TCP gave up retransmitting, up
+  // to 25 s later. On the reader thread (Reader::on_quiet).
+  absl::Status Quiet(absl::Duration quiet) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (sent_.empty() || quiet < kKeepalive) return absl::OkStatus();
+    if (ping_at_ < in_.last_data) {  // none since the last byte came
+      ping_at_ = absl::Now();
+      queue_.push_back({nullptr, 0});
+      wake_.notify_one();
+      return absl::OkStatus();
+    }
+    if (absl::Now() - ping_at_ < kKeepalive) return absl::OkStatus();
+    return absl::UnavailableError(absl::StrCat("keepalive ping unanswered within ",
+                                               absl::FormatDuration(kKeepalive),
+                                               ": the connection timed out"));
   }
 
   // Fails every call of the connection with `why` and shuts it.
@@ -942,7 +1071,10 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   std::condition_variable wake_;
   int fd_ = -1;  // set once by the writer, under mu_
   bool broken_ = false;
+  bool opened_ = false;
   grpc::Status why_;
+  Reader in_;                               // the reader thread's
+  absl::Time ping_at_ = absl::InfinitePast();  // the last ping's
   uint64_t next_id_ = 1;
   std::map<uint64_t, std::shared_ptr<ClientCall>> pending_;  // queued or sent, not answered
   std::set<uint64_t> sent_;                                  // of those, sent
@@ -965,16 +1097,23 @@ bool ClientCall::End(const grpc::Status& status, grpc::ByteBuffer* answer) {
   if (std::shared_ptr<ClientConnection> c = connection.lock()) c->Forget(id);
   if (answer != nullptr) *response_ = std::move(*answer);
   CountClientCall(method, static_cast<int>(status.error_code()), start_, request.Length());
+  // Moved out, so that what the callback holds (often this call's handle)
+  // goes once it has run.
+  std::function<void(grpc::Status)> done = std::move(done_);
   if (response_->Length() >= kLargeMessageBytes) {
-    auto self = shared_from_this();
-    internal::CallbackPool().Run([self, status] { self->done_(status); });
+    internal::CallbackPool().Run([done = std::move(done), status] { done(status); });
   } else {
-    done_(status);
+    done(status);
   }
   return true;
 }
 
 }  // namespace
+
+bool StreamConnected(const StreamTarget& target) {
+  std::shared_ptr<ClientConnection> c = ClientConnection::For(target, /*make=*/false);
+  return c != nullptr && c->open();
+}
 
 std::shared_ptr<StreamCall> StartStreamCall(const StreamTarget& target, const std::string& method,
                                             const grpc::ByteBuffer& request,

@@ -27,7 +27,7 @@
 // Anything malformed ends the connection, naming the peer in the log;
 // the server serves its other connections on.
 //
-// Trust: the hello's job token, and the claims (node and session key)
+// Trust: the hello's job token (StreamOptions::guard), and the claims (node and session key)
 // that every data-path request carries in its body, checked by the same
 // handlers as over gRPC. There is no TLS here: servers with TLS
 // configured serve no streams (mx_server), so their callers use gRPC.
@@ -56,11 +56,14 @@ namespace mx {
 namespace rpc {
 
 class AsyncServer;
+class Guard;
 
 // What a server serves on its stream connections.
 struct StreamOptions {
-  // The job token a connection's hello must carry ("": any).
-  std::string token;
+  // Checks the job token of each connection's hello (counted and logged
+  // once per peer host as the Guard does for calls); null: none checked.
+  // Must outlive the listener.
+  Guard* guard = nullptr;
   // A larger request is refused RESOURCE_EXHAUSTED (its bytes read and
   // dropped), as gRPC refuses one over its limit.
   size_t max_message_bytes = size_t{1} << 30;
@@ -115,6 +118,10 @@ struct StreamTarget {
 // (rpc/async.h), which it must not block, else on a pool thread; errors
 // on the thread that finds them (a broken connection's, the deadline
 // timer's, Cancel's caller). `response` must live until then.
+// Whether the process holds a connection to `target` that is open (said
+// hello, not broken).
+bool StreamConnected(const StreamTarget& target);
+
 std::shared_ptr<StreamCall> StartStreamCall(const StreamTarget& target, const std::string& method,
                                             const grpc::ByteBuffer& request,
                                             grpc::ByteBuffer* response, absl::Time deadline,

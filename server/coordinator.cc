@@ -323,6 +323,12 @@ class Service final {
                        registering_.end());
   }
 
+  // Where others reach the node that registered with `req`.
+  static void SetEndpoints(const proto::RegisterRequest& req, proto::NodeInfo* info) {
+    info->set_address(req.address());
+    info->set_stream_address(req.stream_address());
+  }
+
   // Records the node of a registration (rank, address) in *node.
   absl::Status StartRegister(const proto::RegisterRequest& req, proto::NodeInfo* node)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -330,7 +336,7 @@ class Service final {
     MX_ASSIGN_OR_RETURN(const int rank, RankFor(req, nodes));
     node->set_role(req.role());
     node->set_rank(rank);
-    node->set_address(req.address());
+    SetEndpoints(req, node);
     nodes[rank] = *node;
     NodeGauge(req.role(), "registered")->Add(1);
     // The guard holds the node's session key; the answer gives it out.
@@ -367,7 +373,7 @@ class Service final {
     proto::RegisterResponse resp;
     resp.mutable_self()->set_role(req.role());
     resp.mutable_self()->set_rank(req.rank());
-    resp.mutable_self()->set_address(req.address());
+    SetEndpoints(req, resp.mutable_self());
     resp.set_session_key(req.session_key());
     return resp;
   }
@@ -396,7 +402,7 @@ class Service final {
     proto::NodeInfo& info = nodes[req.rank()];
     info.set_role(req.role());
     info.set_rank(req.rank());
-    info.set_address(req.address());
+    SetEndpoints(req, &info);
     info.set_incarnation(req.incarnation());
     if (req.incarnation() > 0) replacements_[req.rank()] = info;
     guard_.Admit(RpcRole(req.role()), req.rank(), req.session_key());
@@ -422,20 +428,20 @@ class Service final {
       return absl::AlreadyExistsError(
           absl::StrCat("register (rejoin): spare server ", rank, " has rejoined already"));
     }
-    AddSpare(rank, req.address(), req.session_key());
+    AddSpare(rank, req, req.session_key());
     std::cerr << "mx_server: coordinator: the spare server at " << req.address() << " rejoined"
               << std::endl;
     return absl::OkStatus();
   }
 
-  // Spare server `rank` (past the job's servers) at `address`, proving it
-  // with `key`, waits from now on.
-  void AddSpare(int rank, const std::string& address, const std::string& key)
+  // Spare server `rank` (past the job's servers), registered with `req`,
+  // proving it with `key`, waits from now on.
+  void AddSpare(int rank, const proto::RegisterRequest& req, const std::string& key)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     Spare& spare = spares_[rank];
     spare.info.set_role(proto::SERVER);
     spare.info.set_rank(rank);
-    spare.info.set_address(address);
+    SetEndpoints(req, &spare.info);
     spare.seen = absl::Now();
     next_spare_ = std::max(next_spare_, rank - options_.num_servers + 1);
     guard_.Admit(rpc::Role::kServer, rank, key);
@@ -546,7 +552,7 @@ class Service final {
       return absl::InvalidArgumentError("register: only a server may be a spare");
     }
     const int rank = options_.num_servers + next_spare_;
-    AddSpare(rank, req.address(), rpc::NewSessionKey());
+    AddSpare(rank, req, rpc::NewSessionKey());
     proto::RegisterResponse resp;
     *resp.mutable_self() = spares_[rank].info;
     resp.set_session_key(guard_.Key(rpc::Role::kServer, rank));

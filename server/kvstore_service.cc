@@ -1159,7 +1159,21 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
   if (ps->impl_->server->server() == nullptr || port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", bind_address));
   }
-  ps->address_ = absl::StrCat(bind_address.substr(0, bind_address.rfind(':')), ":", port);
+  const std::string host = bind_address.substr(0, bind_address.rfind(':'));
+  ps->address_ = absl::StrCat(host, ":", port);
+  if (server_options.stream_port >= 0 && !server_options.security.tls()) {
+    rpc::StreamOptions streams;
+    streams.guard = &ps->impl_->service->guard();
+    streams.max_message_bytes = (size_t{1} << 20) * static_cast<size_t>(max_message_mb);
+    const std::string name = KVService::service_full_name();
+    for (const char* method : {"Push", "Pull", "PushPull", "PushPullMany"}) {
+      streams.methods.insert(absl::StrCat("/", name, "/", method));
+    }
+    absl::StatusOr<int> stream_port =
+        ps->impl_->server->ServeStreams(host, server_options.stream_port, std::move(streams));
+    if (!stream_port.ok()) return stream_port.status();
+    ps->stream_address_ = absl::StrCat(host, ":", *stream_port);
+  }
   // A server that checks identities serves once it knows the workers.
   ps->impl_->server->SetServing(!server_options.identities);
   return ps;

@@ -27,6 +27,11 @@ struct ParameterServerOptions {
   // The directory of the shared memory the workers on this host hand the
   // server (rpc/shared_memory.h, AttachSegment); empty: none taken.
   std::string shm_dir;
+  // The port (on the bind address's host; 0: a free one) of the stream
+  // connections (rpc/stream.h) that carry the data path's calls (Push,
+  // Pull, PushPull, PushPullMany) beside gRPC; -1: none. Streams are
+  // plaintext: with TLS configured there are none.
+  int stream_port = -1;
 };
 
 // Replicas 2 (docs/architecture.md, "Replicas"): where a server sends the
@@ -55,6 +60,8 @@ class ParameterServer {
   ~ParameterServer();
   // host:port it listens on, with the port actually bound.
   const std::string& address() const { return address_; }
+  // host:port of its stream connections; empty: none.
+  const std::string& stream_address() const { return stream_address_; }
   ParameterShard& shard() { return *shard_; }
   // The job's workers, by rank, with the session keys the coordinator gave
   // them (RegisterResponse.worker_keys). The server's grpc.health.v1
@@ -95,6 +102,7 @@ class ParameterServer {
   std::unique_ptr<Impl> impl_;
   std::unique_ptr<ParameterShard> shard_;
   std::string address_;
+  std::string stream_address_;
 };
 
 }  // namespace mx

@@ -112,6 +112,10 @@ ABSL_FLAG(std::string, tls_ca, "",
 ABSL_FLAG(std::string, shm_dir, "",
           "where workers on this host put the shared memory they hand this server (values then "
           "skip the network; default: $MX_SHM_DIR; launch.py sets it for jobs on one host)");
+ABSL_FLAG(std::string, stream_port, "",
+          "servers: the port (on the --bind host; 0: a free one) of the plain TCP connections "
+          "that carry pushes and pulls beside gRPC (rpc/stream.h); -1: none, all through gRPC "
+          "(default: $MX_STREAM_PORT, else 0; never with TLS)");
 ABSL_FLAG(std::string, tls_server_name, "",
           "the name servers' certificates carry, checked instead of the host dialled (default: "
           "$MX_TLS_SERVER_NAME; launch.py --tls uses one name for the whole job)");
@@ -508,6 +512,8 @@ int RunServer() {
   server_options.identities = true;
   server_options.shm_dir = absl::GetFlag(FLAGS_shm_dir);
   if (server_options.shm_dir.empty()) server_options.shm_dir = EnvString("MX_SHM_DIR");
+  server_options.stream_port =
+      IntSetting("stream_port", absl::GetFlag(FLAGS_stream_port), "MX_STREAM_PORT", -1, 65535, 0);
   std::unique_ptr<metrics::HttpServer> metrics = ServeMetrics(bind, "server");
   const int replicas = IntSetting("replicas", absl::GetFlag(FLAGS_replicas), "MX_REPLICAS", 1, 2, 1);
   const int staleness =
@@ -534,6 +540,11 @@ int RunServer() {
   proto::RegisterRequest req;
   req.set_role(proto::SERVER);
   req.set_address(Advertised(advertise, (*ps)->address()));
+  if (const std::string& streams = (*ps)->stream_address(); !streams.empty()) {
+    // The host others reach this server at, with the stream port.
+    req.set_stream_address(absl::StrCat(req.address().substr(0, req.address().rfind(':')), ":",
+                                        streams.substr(streams.rfind(':') + 1)));
+  }
   if (requested_rank.has_value() && !spare) req.set_rank(static_cast<int>(*requested_rank));
   req.set_spare(spare);
   rpc::CoordinatorClient::Options co;

@@ -70,13 +70,15 @@ kinds = sorted((i["kind"], i["metadata"]["name"]) for i in job["items"])
 check(kinds == [("Job", "fm-coordinator"), ("Job", "fm-server"), ("Job", "fm-worker"),
                 ("NetworkPolicy", "fm-mx"), ("Secret", "fm-token"), ("Service", "fm-coordinator")],
       f"objects {kinds}")
-# The NetworkPolicy: the job's pods only, on the gRPC ports; metrics from anywhere.
+# The NetworkPolicy: the job's pods only, on the gRPC and stream ports;
+# metrics from anywhere.
 pol = [i for i in job["items"] if i["kind"] == "NetworkPolicy"][0]["spec"]
 own = {"podSelector": {"matchLabels": {"mx-job": "fm"}}}
 check(pol["podSelector"] == own["podSelector"] and pol["policyTypes"] == ["Ingress"],
       "NetworkPolicy: the job's pods, ingress")
 check(pol["ingress"] == [
-    {"from": [own], "ports": [{"protocol": "TCP", "port": port}, {"protocol": "TCP", "port": 9092}]},
+    {"from": [own], "ports": [{"protocol": "TCP", "port": port}, {"protocol": "TCP", "port": 9092},
+                              {"protocol": "TCP", "port": 9093}]},
     {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": 9102}]}],
     f"NetworkPolicy rules: {pol['ingress']}")
 secret = [i for i in job["items"] if i["kind"] == "Secret"][0]
@@ -127,7 +129,9 @@ for i in job["items"]:
     check((mounted, claims) == want, f"{name}: volumes {mounted} {claims}")
     # Metrics, probes (HTTP: the kubelet's gRPC probe cannot do mutual TLS).
     grpc = {"fm-coordinator": [port], "fm-server": [9092], "fm-worker": []}[name]
+    stream = [9093] if name == "fm-server" else []
     check(c["ports"] == [{"name": "grpc", "containerPort": p, "protocol": "TCP"} for p in grpc] +
+          [{"name": "stream", "containerPort": p, "protocol": "TCP"} for p in stream] +
           [{"name": "metrics", "containerPort": 9102, "protocol": "TCP"}], f"{name}: ports")
     check(env["MX_METRICS_PORT"]["value"] == "9102" and env["MX_METRICS_HOST"]["value"] == "0.0.0.0",
           f"{name}: metrics settings")
@@ -150,6 +154,7 @@ for i in job["items"]:
     if name == "fm-server":
         check("--advertise=$(POD_IP)" in c["command"], f"{name}: advertise")
         check("--bind=0.0.0.0:9092" in c["command"], f"{name}: bind the fixed server port")
+        check("--stream_port=9093" in c["command"], f"{name}: the fixed stream port")
         check(env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", f"{name}: POD_IP")
         check("--mode=sync" in c["command"] and "--elastic" not in c["command"], f"{name}: flags")
     if name == "fm-worker":
@@ -179,6 +184,11 @@ if sec:
     v = subprocess.run(["openssl", "verify", "-CAfile", sys.argv[4] + ".ca", "-verify_hostname",
                         "mx-job", sys.argv[4] + ".crt"], capture_output=True, text=True)
     check(v.returncode == 0, f"TLS Secret: certificate not valid for mx-job: {v.stdout}{v.stderr}")
+# Streams are plaintext: with TLS servers take none, and nothing admits them.
+check(t["fm-server"]["spec"]["template"]["spec"]["containers"][0]["command"].count(
+    "--stream_port=-1") == 1, "tls: servers without a stream port")
+check(all(p["port"] != 9093 for rule in t["fm-mx"]["spec"]["ingress"] for p in rule["ports"]),
+      "tls: NetworkPolicy without the stream port")
 for name in ("fm-coordinator", "fm-server", "fm-worker"):
     pod = t[name]["spec"]["template"]["spec"]
     (c,) = pod["containers"]

@@ -54,7 +54,7 @@ for mode in "" --jobs; do
     --image reg/mx:1 "${sync[@]}"
   # Every other option at once.
   gen "$tag-all" $mode --name all -n 4 -s 2 --image registry.example.com/team/mx:1.2 \
-    --image-pull-policy Always --port 9000 --server-port 9100 --metrics-port 9200 \
+    --image-pull-policy Always --port 9000 --server-port 9100 --stream-port 9101 --metrics-port 9200 \
     --metrics-from monitoring --heartbeat-timeout 5 --startup-timeout 900 --ttl 0 \
     --coordinator-restarts 0 --coordinator-timeout 30 --deadline 7200 --namespace team-a \
     --service-account trainer --node-selector pool=cpu --node-selector zone=a \

@@ -1,6 +1,7 @@
 // The distributed KVStore against parameter servers on 127.0.0.1 (in this
 // process, on free ports), with threads standing in for workers.
 #include <atomic>
+#include <cstdlib>
 #include <map>
 #include <random>
 #include <thread>
@@ -28,15 +29,31 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
+// With MX_TEST_TRANSPORT=stream (the target dist_kvstore_stream_test),
+// servers take stream connections and the stores send their pushes and
+// pulls through them (rpc/stream.h); else all goes through gRPC.
+bool Streams() {
+  const char* transport = std::getenv("MX_TEST_TRANSPORT");
+  return transport != nullptr && std::string(transport) == "stream";
+}
+
 ParameterServerOptions MaxMessageMb(int mb) {
   ParameterServerOptions o;
   o.max_message_mb = mb;
+  o.stream_port = Streams() ? 0 : -1;
   return o;
+}
+
+// The store's servers: `server`'s gRPC and stream addresses.
+void AddServer(const ParameterServer& server, DistKVStoreOptions* o) {
+  o->servers.push_back(server.address());
+  o->stream_addresses.push_back(server.stream_address());
 }
 
 struct Cluster {
   std::vector<std::unique_ptr<ParameterServer>> servers;
   std::vector<std::string> addresses;
+  std::vector<std::string> stream_addresses;
 };
 
 Cluster StartServers(int n, int workers, bool sync = true, int staleness = 0) {
@@ -46,9 +63,11 @@ Cluster StartServers(int n, int workers, bool sync = true, int staleness = 0) {
     o.sync = sync;
     o.num_workers = workers;
     o.staleness = staleness;
-    auto s = ParameterServer::Start("127.0.0.1:0", o);
+    auto s = ParameterServer::Start("127.0.0.1:0", o, MaxMessageMb(1024));
     EXPECT_TRUE(s.ok()) << s.status();
+    EXPECT_EQ((*s)->stream_address().empty(), !Streams());
     c.addresses.push_back((*s)->address());
+    c.stream_addresses.push_back((*s)->stream_address());
     c.servers.push_back(*std::move(s));
   }
   return c;
@@ -58,6 +77,7 @@ std::unique_ptr<KVStore> Worker(const Cluster& c, int rank, int workers, int64_t
                                 bool sync = true, int staleness = 0) {
   DistKVStoreOptions o;
   o.servers = c.addresses;
+  o.stream_addresses = c.stream_addresses;
   o.rank = rank;
   o.num_workers = workers;
   o.sync = sync;
@@ -304,6 +324,7 @@ TEST(DistSsp, StalenessMustMatchTheServersAndSuitTheMode) {
 
   DistKVStoreOptions o;
   o.servers = c.addresses;
+  o.stream_addresses = c.stream_addresses;
   o.num_workers = 2;
   o.staleness = -1;
   EXPECT_THAT(CreateDistKVStore(o).status().message(),
@@ -767,7 +788,7 @@ TEST(DistErrors, OversizedMessagesAreRefusedAndTheServerKeepsServing) {
   auto server = ParameterServer::Start("127.0.0.1:0", {true, 1, false}, MaxMessageMb(1));
   ASSERT_TRUE(server.ok()) << server.status();
   DistKVStoreOptions o;
-  o.servers = {(*server)->address()};
+  AddServer(**server, &o);
   o.rpc_timeout = absl::Seconds(5);
   auto kv = CreateDistKVStore(o);
   ASSERT_TRUE(kv.ok());
@@ -787,6 +808,7 @@ TEST(DistErrors, PullFromAStoppedServerFailsWithinTheDeadlineNamingIt) {
   Cluster c = StartServers(1, 1);
   DistKVStoreOptions o;
   o.servers = c.addresses;
+  o.stream_addresses = c.stream_addresses;
   o.rpc_timeout = absl::Seconds(2);
   auto kv = CreateDistKVStore(o);
   ASSERT_TRUE(kv.ok());

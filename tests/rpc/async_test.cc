@@ -21,6 +21,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "rpc/rpc.h"
+#include "rpc/security.h"
 
 namespace mx {
 namespace rpc {
@@ -106,7 +107,7 @@ class AsyncServerTest : public ::testing::TestWithParam<Transport> {
         SharedChannel("127.0.0.1:" + std::to_string(port), {}));
     if (stream()) {
       StreamOptions o;
-      o.token = "secret";
+      o.guard = &guard_;
       o.max_message_bytes = 8 << 20;
       o.methods = {"/t/Echo", "/t/Later", "/t/Wait", "/t/Park"};
       absl::StatusOr<int> p = server_->ServeStreams("127.0.0.1", 0, o);
@@ -154,6 +155,7 @@ class AsyncServerTest : public ::testing::TestWithParam<Transport> {
 
   std::unique_ptr<AsyncServer> server_;
   std::unique_ptr<grpc::GenericStub> stub_;
+  Guard guard_{"secret", /*identities=*/false};
   int stream_port_ = 0;
   StreamTarget target_;
   absl::Mutex mu_;
@@ -315,10 +317,37 @@ TEST_P(StreamTest, AWrongOrMissingTokenIsRefusedSayingSo) {
               std::string::npos)
         << status.error_message();
   }
+  EXPECT_EQ(guard_.refused(), 2);  // counted as the guard counts refused calls
   // The server serves on.
   std::string got;
   ASSERT_TRUE(Call("/t/Echo", "still", &got).ok());
   EXPECT_EQ(got, "still");
+}
+
+TEST_P(StreamTest, ACallbackThatHoldsItsCallsHandleLetsItGo) {
+  // As the distributed store does: its record of the call holds the
+  // handle, and the callback holds the record. Once the callback has run,
+  // nothing may hold the call (a cycle kept every call's buffers: a leak).
+  std::weak_ptr<StreamCall> gone;
+  {
+    struct Record {
+      std::shared_ptr<StreamCall> handle;
+      grpc::ByteBuffer response;
+    };
+    auto record = std::make_shared<Record>();
+    absl::Notification done;
+    record->handle = StartStreamCall(target_, "/t/Echo", Bytes(std::string(2 << 20, 'x')),
+                                     &record->response, absl::Now() + absl::Seconds(10),
+                                     [record, &done](grpc::Status s) {
+                                       EXPECT_TRUE(s.ok()) << s.error_message();
+                                       done.Notify();
+                                     });
+    gone = record->handle;
+    ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  }
+  const absl::Time until = absl::Now() + absl::Seconds(5);
+  while (!gone.expired() && absl::Now() < until) absl::SleepFor(absl::Milliseconds(1));
+  EXPECT_TRUE(gone.expired());
 }
 
 TEST_P(StreamTest, AnOversizedRequestIsRefusedAndTheConnectionGoesOn) {
@@ -357,6 +386,57 @@ TEST_P(StreamTest, CallsToAServerThatStoppedFailUnavailable) {
             std::string::npos)
       << s.error_message();
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+}
+
+TEST_P(StreamTest, KeepalivePingsBreakAConnectionToAHungPeerButNotToAWaitingOne) {
+  // A "server" that takes the connection and reads, but never answers.
+  int port = 0;
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(listen(listener, 1), 0);
+  socklen_t len = sizeof(addr);
+  getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
+  port = ntohs(addr.sin_port);
+  std::thread hung([listener] {
+    const int fd = accept(listener, nullptr, nullptr);
+    char buffer[4096];
+    while (read(fd, buffer, sizeof(buffer)) > 0) {
+    }
+    close(fd);
+  });
+  // Meanwhile a call that waits on a live server, past the keepalive time.
+  grpc::Status parked;
+  std::function<void()> cancel;
+  std::thread waiter([&] { parked = Call("/t/Park", "", nullptr, &cancel, absl::Seconds(60)); });
+  const absl::Time start = absl::Now();
+  grpc::ByteBuffer resp;
+  absl::Notification done;
+  grpc::Status status;
+  StartStreamCall({"127.0.0.1:" + std::to_string(port), 0, "secret"}, "/t/Echo", Bytes("x"), &resp,
+                  absl::Now() + absl::Seconds(60), [&](grpc::Status s) {
+                    status = s;
+                    done.Notify();
+                  });
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_NE(status.error_message().find("timed out"), std::string::npos) << status.error_message();
+  EXPECT_GE(took, absl::Seconds(9));  // 5 s quiet, then 5 s for the ping's answer
+  EXPECT_LE(took, absl::Seconds(15));
+  // The parked call's connection answered its pings: it still waits.
+  ASSERT_TRUE(parked_arrived_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_FALSE(parked_->cancelled.HasBeenNotified());
+  cancel();
+  waiter.join();
+  EXPECT_EQ(parked.error_code(), grpc::StatusCode::CANCELLED) << parked.error_message();
+  EXPECT_TRUE(parked_done_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  delete parked_;
+  shutdown(listener, SHUT_RDWR);
+  close(listener);
+  hung.join();
 }
 
 INSTANTIATE_TEST_SUITE_P(Streams, StreamTest, ::testing::Values(Transport::kStream),
