@@ -432,10 +432,14 @@ struct Cluster : Workers {
 
   Cluster(int num_servers, int num_workers) {
     DistKVStoreOptions o;
+    // Pushes and pulls over stream connections, as mx_server's servers take them.
+    ParameterServerOptions streams;
+    streams.stream_port = 0;
     for (int i = 0; i < num_servers; ++i) {
-      auto s = ParameterServer::Start("127.0.0.1:0", {true, num_workers, false});
+      auto s = ParameterServer::Start("127.0.0.1:0", {true, num_workers, false}, streams);
       ThrowIfError(s.status());
       o.servers.push_back((*s)->address());
+      o.stream_addresses.push_back((*s)->stream_address());
       servers.push_back(*std::move(s));
     }
     o.num_workers = num_workers;

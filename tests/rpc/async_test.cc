@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <thread>
@@ -76,7 +77,8 @@ class AsyncServerTest : public ::testing::TestWithParam<Transport> {
                      return r;
                    });
     server_->Route("/t/Later", Runs::kPolling,
-                   [](ServerContext*, const grpc::ByteBuffer*, grpc::ByteBuffer* resp) {
+                   [this](ServerContext*, const grpc::ByteBuffer*, grpc::ByteBuffer* resp) {
+                     if (!later_seen_.exchange(true)) later_arrived_.Notify();
                      auto* r = new UnaryReactor;
                      std::thread([r, resp] {
                        absl::SleepFor(absl::Milliseconds(20));
@@ -161,7 +163,8 @@ class AsyncServerTest : public ::testing::TestWithParam<Transport> {
   absl::Mutex mu_;
   bool released_ ABSL_GUARDED_BY(mu_) = false;
   Waiter* parked_ = nullptr;
-  absl::Notification parked_arrived_, parked_done_;
+  absl::Notification parked_arrived_, parked_done_, later_arrived_;
+  std::atomic<bool> later_seen_{false};
 };
 
 TEST_P(AsyncServerTest, AnswersAtOnceAndLaterFromAnotherThread) {
@@ -222,7 +225,8 @@ TEST_P(AsyncServerTest, ShutdownWaitsForReactorsToFinish) {
     EXPECT_TRUE(Call("/t/Later", "").ok());
     answered.Notify();
   });
-  absl::SleepFor(absl::Milliseconds(5));  // the call is open
+  // The call is open (its answer comes 20 ms after it arrived).
+  ASSERT_TRUE(later_arrived_.WaitForNotificationWithTimeout(absl::Seconds(10)));
   server_->Shutdown(absl::Now() + absl::Seconds(5));
   caller.join();
   EXPECT_TRUE(answered.HasBeenNotified());
