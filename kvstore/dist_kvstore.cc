@@ -6,9 +6,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <thread>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <fstream>
@@ -17,20 +16,21 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <thread>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kvstore/compression_wire.h"
 #include "kvstore/gradient_compression.h"
 #include "kvstore/kvstore_internal.h"
 #include "kvstore/placement.h"
+#include "ndarray/env.h"
+#include "ndarray/trace.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/slice_key.h"
-#include "ndarray/env.h"
 #include "proto/wire.h"
-#include "ndarray/trace.h"
 #include "rpc/coordinator_client.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc.h"
@@ -584,8 +584,8 @@ struct Conn : std::enable_shared_from_this<Conn> {
       rpc::StartUnaryCall(stub, &call->ctx, method, call->req, &call->resp, std::move(finished));
       return;
     }
-    std::shared_ptr<rpc::StreamCall> handle = rpc::StartStreamCall(
-        stream, method, call->req, &call->resp, deadline, std::move(finished));
+    std::shared_ptr<rpc::StreamCall> handle =
+        rpc::StartStreamCall(stream, method, call->req, &call->resp, deadline, std::move(finished));
     bool cancel;
     {
       std::lock_guard<std::mutex> lock(mu);

@@ -1,7 +1,6 @@
 #include "rpc/async.h"
 
 #include <chrono>
-
 #include <deque>
 #include <utility>
 #include <vector>

@@ -48,7 +48,6 @@ namespace rpc {
 // (bench/dist_train_bench.py's job, 3 rounds in turns).
 constexpr size_t kLargeMessageBytes = 1 << 20;
 
-
 namespace internal {
 class Call;
 class Pool;

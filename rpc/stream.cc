@@ -118,23 +118,27 @@ absl::Status Skip(Reader& in, uint64_t n) {
   return absl::OkStatus();
 }
 
-// Writes all of `iov` (modified), without SIGPIPE.
-absl::Status WriteFully(int fd, std::vector<iovec> iov) {
+// Writes `iov` (advanced past what was written, *written counting it),
+// without SIGPIPE: all of it, or with `nonblocking` up to where the socket
+// is full.
+absl::Status SendSome(int fd, std::vector<iovec>* iov, bool nonblocking, size_t* written) {
   size_t at = 0;
-  while (at < iov.size()) {
+  while (at < iov->size()) {
     msghdr msg{};
-    msg.msg_iov = iov.data() + at;
-    msg.msg_iovlen = std::min<size_t>(iov.size() - at, 512);
-    const ssize_t w = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    msg.msg_iov = iov->data() + at;
+    msg.msg_iovlen = std::min<size_t>(iov->size() - at, 512);
+    const ssize_t w = sendmsg(fd, &msg, MSG_NOSIGNAL | (nonblocking ? MSG_DONTWAIT : 0));
     if (w < 0) {
       if (errno == EINTR) continue;
+      if (nonblocking && (errno == EAGAIN || errno == EWOULDBLOCK)) return absl::OkStatus();
       return absl::UnavailableError(Errno("sendmsg"));
     }
+    *written += static_cast<size_t>(w);
     size_t left = static_cast<size_t>(w);
-    while (at < iov.size() && left >= iov[at].iov_len) left -= iov[at++].iov_len;
+    while (at < iov->size() && left >= (*iov)[at].iov_len) left -= (*iov)[at++].iov_len;
     if (left > 0) {
-      iov[at].iov_base = static_cast<char*>(iov[at].iov_base) + left;
-      iov[at].iov_len -= left;
+      (*iov)[at].iov_base = static_cast<char*>((*iov)[at].iov_base) + left;
+      (*iov)[at].iov_len -= left;
     }
   }
   return absl::OkStatus();
@@ -328,26 +332,7 @@ class Outbox {
     };
     add(frame.head.data(), frame.head.size());
     for (const grpc::Slice& s : frame.body) add(s.begin(), s.size());
-    size_t at = 0;
-    while (at < iov.size()) {
-      msghdr msg{};
-      msg.msg_iov = iov.data() + at;
-      msg.msg_iovlen = std::min<size_t>(iov.size() - at, 512);
-      const ssize_t w = sendmsg(fd_, &msg, MSG_NOSIGNAL | (nonblocking ? MSG_DONTWAIT : 0));
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        if (nonblocking && (errno == EAGAIN || errno == EWOULDBLOCK)) return absl::OkStatus();
-        return absl::UnavailableError(Errno("sendmsg"));
-      }
-      *offset += static_cast<size_t>(w);
-      size_t left = static_cast<size_t>(w);
-      while (at < iov.size() && left >= iov[at].iov_len) left -= iov[at++].iov_len;
-      if (left > 0) {
-        iov[at].iov_base = static_cast<char*>(iov[at].iov_base) + left;
-        iov[at].iov_len -= left;
-      }
-    }
-    return absl::OkStatus();
+    return SendSome(fd_, &iov, nonblocking, offset);
   }
 
   int fd_;
@@ -431,7 +416,8 @@ absl::StatusOr<int> Connect(const std::string& address, absl::Duration timeout) 
         Tune(fd);
         break;
       }
-      why = ready == 0 ? std::string("connect: timed out") : absl::StrCat("connect: ", std::strerror(err));
+      why = ready == 0 ? std::string("connect: timed out")
+                       : absl::StrCat("connect: ", std::strerror(err));
     }
     close(fd);
     fd = -1;
@@ -488,8 +474,12 @@ class StreamServerCall final : public internal::Call {
  public:
   StreamServerCall(AsyncServer* server, std::shared_ptr<ServerConnection> connection, uint64_t id,
                    std::string method, StreamContext* ctx, grpc::ByteBuffer request)
-      : Call(server), connection_(std::move(connection)), id_(id), method_(std::move(method)),
-        ctx_(ctx), start_(std::chrono::steady_clock::now()) {
+      : Call(server),
+        connection_(std::move(connection)),
+        id_(id),
+        method_(std::move(method)),
+        ctx_(ctx),
+        start_(std::chrono::steady_clock::now()) {
     request_ = std::move(request);
     refs_.store(1);
   }
@@ -526,8 +516,8 @@ struct StreamListener::Impl {
   std::thread acceptor;
   std::mutex mu;
   std::list<std::shared_ptr<ServerConnection>> connections;  // guarded by mu
-  bool stopped = false;                                        // guarded by mu
-  std::set<std::string> logged;                                // hosts; guarded by mu
+  bool stopped = false;                                      // guarded by mu
+  std::set<std::string> logged;                              // hosts; guarded by mu
 
   void Accept();
   // Logs why a connection from `peer` ended, once per peer host (a flood
@@ -662,8 +652,8 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
       return absl::OkStatus();
     }
     if (h.method_bytes == 0 || h.method_bytes > kMaxMethodBytes || h.id == 0) {
-      return absl::InvalidArgumentError(absl::StrCat("a malformed request header (method of ",
-                                                     h.method_bytes, " bytes, call id ", h.id, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "a malformed request header (method of ", h.method_bytes, " bytes, call id ", h.id, ")"));
     }
     std::string method(h.method_bytes, '\0');
     MX_RETURN_IF_ERROR(ReadFully(in_, method.data(), method.size()));
@@ -730,8 +720,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   static Outbox::Frame AnswerFrame(uint64_t id, const grpc::Status& status,
                                    const grpc::ByteBuffer* body = nullptr,
                                    std::function<void()> done = nullptr) {
-    const std::string message =
-        status.error_message().substr(0, kMaxStatusMessageBytes);
+    const std::string message = status.error_message().substr(0, kMaxStatusMessageBytes);
     Outbox::Frame f;
     if (body != nullptr && body->Length() > 0) (void)body->Dump(&f.body);
     const AnswerHeader h{id, static_cast<int32_t>(status.error_code()),
@@ -745,14 +734,14 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   StreamListener::Impl* const listener_;
   const int fd_;
   const std::string peer_;
-  Reader in_;    // the reader thread's
-  Outbox out_;   // answers and pongs
+  Reader in_;   // the reader thread's
+  Outbox out_;  // answers and pongs
   std::thread reader_, writer_;
   std::atomic<bool> finished_{false};
   mutable std::mutex mu_;
-  bool broken_ = false;                          // guarded by mu_
-  bool draining_ = false;                        // guarded by mu_
-  std::map<uint64_t, StreamServerCall*> open_;   // guarded by mu_
+  bool broken_ = false;                         // guarded by mu_
+  bool draining_ = false;                       // guarded by mu_
+  std::map<uint64_t, StreamServerCall*> open_;  // guarded by mu_
 };
 
 StreamServerCall::~StreamServerCall() { connection_->Ended(this); }
@@ -775,7 +764,8 @@ void StreamListener::Impl::Accept() {
     }
     if (fd < 0) {
       if (errno == EINTR || errno == ECONNABORTED || errno == EMFILE || errno == ENFILE) {
-        if (errno == EMFILE || errno == ENFILE) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        if (errno == EMFILE || errno == ENFILE)
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
         continue;
       }
       std::cerr << "mx stream server: " << Errno("accept") << "; no more stream connections"
@@ -815,7 +805,8 @@ absl::StatusOr<int> StreamListener::Listen(const std::string& host, int port) {
   const std::string service = std::to_string(port);
   const char* node = host.empty() || host == "0.0.0.0" || host == "[::]" ? nullptr : host.c_str();
   std::string bare = host;
-  if (bare.size() > 2 && bare.front() == '[' && bare.back() == ']') bare = bare.substr(1, bare.size() - 2);
+  if (bare.size() > 2 && bare.front() == '[' && bare.back() == ']')
+    bare = bare.substr(1, bare.size() - 2);
   if (node != nullptr) node = bare.c_str();
   if (const int e = getaddrinfo(node, service.c_str(), &hints, &found); e != 0) {
     return absl::InvalidArgumentError(
@@ -836,15 +827,15 @@ absl::StatusOr<int> StreamListener::Listen(const std::string& host, int port) {
   }
   freeaddrinfo(found);
   if (fd < 0) {
-    return absl::UnavailableError(absl::StrCat("stream port: cannot listen on ", host, ":", port,
-                                               ": ", why));
+    return absl::UnavailableError(
+        absl::StrCat("stream port: cannot listen on ", host, ":", port, ": ", why));
   }
   sockaddr_storage addr{};
   socklen_t len = sizeof(addr);
   getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  const int bound = ntohs(addr.ss_family == AF_INET
-                              ? reinterpret_cast<sockaddr_in*>(&addr)->sin_port
-                              : reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
+  const int bound =
+      ntohs(addr.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&addr)->sin_port
+                                      : reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
   impl_->listener = fd;
   Impl* impl = impl_.get();
   impl_->acceptor = std::thread([impl] { impl->Accept(); });
@@ -913,8 +904,12 @@ class ClientCall final : public StreamCall, public std::enable_shared_from_this<
  public:
   ClientCall(std::string method, grpc::ByteBuffer request, absl::Time deadline,
              grpc::ByteBuffer* response, std::function<void(grpc::Status)> done)
-      : method(std::move(method)), request(std::move(request)), deadline(deadline),
-        response_(response), done_(std::move(done)), start_(std::chrono::steady_clock::now()) {}
+      : method(std::move(method)),
+        request(std::move(request)),
+        deadline(deadline),
+        response_(response),
+        done_(std::move(done)),
+        start_(std::chrono::steady_clock::now()) {}
 
   void Cancel() override;
   // Ends the call with `status` (and `answer` as its response) unless it
@@ -932,7 +927,7 @@ class ClientCall final : public StreamCall, public std::enable_shared_from_this<
   const std::string method;
   const grpc::ByteBuffer request;
   const absl::Time deadline;
-  uint64_t id = 0;                              // set once queued
+  uint64_t id = 0;                             // set once queued
   std::weak_ptr<ClientConnection> connection;  // set once queued
 
  private:
@@ -1039,7 +1034,8 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
  private:
   void Write() {
     absl::Status s = Open();
-    if (!s.ok()) return Break(grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(s.message())));
+    if (!s.ok())
+      return Break(grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(s.message())));
     {
       std::lock_guard<std::mutex> lock(mu_);
       opened_ = true;
@@ -1051,9 +1047,9 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
     out_.Ready(fd_);
     s = out_.Run();
     if (!s.ok()) {
-      Break(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                         absl::StrCat("stream connection to ", target_.address, " broke: ",
-                                      s.message())));
+      Break(grpc::Status(
+          grpc::StatusCode::UNAVAILABLE,
+          absl::StrCat("stream connection to ", target_.address, " broke: ", s.message())));
     }
   }
 
@@ -1068,9 +1064,11 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
       if (broken_) shutdown(fd_, SHUT_RDWR);
     }
     const uint32_t token_bytes = static_cast<uint32_t>(target_.token.size());
-    return WriteFully(*fd, {{const_cast<char*>(kMagic), sizeof(kMagic)},
-                            {const_cast<uint32_t*>(&token_bytes), sizeof(token_bytes)},
-                            {const_cast<char*>(target_.token.data()), target_.token.size()}});
+    std::vector<iovec> hello = {{const_cast<char*>(kMagic), sizeof(kMagic)},
+                                {const_cast<uint32_t*>(&token_bytes), sizeof(token_bytes)},
+                                {const_cast<char*>(target_.token.data()), target_.token.size()}};
+    size_t written = 0;
+    return SendSome(*fd, &hello, /*nonblocking=*/false, &written);
   }
 
   static Outbox::Frame RequestFrame(const ClientCall& call) {
@@ -1097,10 +1095,10 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   void Read() {
     absl::Status s;
     while (s.ok()) s = ReadAnswer();
-    Break(grpc::Status(
-        absl::IsUnauthenticated(s) ? grpc::StatusCode::UNAUTHENTICATED : grpc::StatusCode::UNAVAILABLE,
-        absl::StrCat("stream connection to ", target_.address, " broke: ",
-                     s.message().empty() ? "the server closed it" : s.message())));
+    Break(grpc::Status(absl::IsUnauthenticated(s) ? grpc::StatusCode::UNAUTHENTICATED
+                                                  : grpc::StatusCode::UNAVAILABLE,
+                       absl::StrCat("stream connection to ", target_.address, " broke: ",
+                                    s.message().empty() ? "the server closed it" : s.message())));
   }
 
   absl::Status ReadAnswer() {
@@ -1176,16 +1174,14 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   bool broken_ = false;
   bool opened_ = false;
   grpc::Status why_;
-  Reader in_;                               // the reader thread's
+  Reader in_;                                  // the reader thread's
   absl::Time ping_at_ = absl::InfinitePast();  // the last ping's
   uint64_t next_id_ = 1;
   std::map<uint64_t, std::shared_ptr<ClientCall>> pending_;  // sent (or queued), not answered
   Outbox out_{-1, /*ready=*/false};  // requests, cancels and pings; ready once connected
 };
 
-void ClientCall::Cancel() {
-  End(grpc::Status(grpc::StatusCode::CANCELLED, "Cancelled"));
-}
+void ClientCall::Cancel() { End(grpc::Status(grpc::StatusCode::CANCELLED, "Cancelled")); }
 
 bool ClientCall::End(const grpc::Status& status, grpc::ByteBuffer* answer) {
   {

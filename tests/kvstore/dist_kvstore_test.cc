@@ -1,13 +1,15 @@
 // The distributed KVStore against parameter servers on 127.0.0.1 (in this
 // process, on free ports), with threads standing in for workers.
+#include "kvstore/dist_kvstore.h"
+
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <map>
 #include <random>
 #include <thread>
-
-#include <grpcpp/generic/generic_stub.h>
-#include <grpcpp/grpcpp.h>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -16,7 +18,6 @@
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kvstore/dist_kvstore.h"
 #include "ndarray/row_sparse.h"
 #include "proto/mx.pb.h"
 #include "rpc/metrics.h"

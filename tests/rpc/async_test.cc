@@ -125,8 +125,7 @@ class AsyncServerTest : public ::testing::TestWithParam<Transport> {
   // `timeout`; *response gets the answer. *cancel (if given) is set, before
   // the call waits, to what cancels it.
   grpc::Status Call(const std::string& method, const std::string& request,
-                    std::string* response = nullptr,
-                    std::function<void()>* cancel = nullptr,
+                    std::string* response = nullptr, std::function<void()>* cancel = nullptr,
                     absl::Duration timeout = absl::Seconds(10)) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
@@ -138,8 +137,8 @@ class AsyncServerTest : public ::testing::TestWithParam<Transport> {
       done.Notify();
     };
     if (stream()) {
-      std::shared_ptr<StreamCall> call = StartStreamCall(target_, method, Bytes(request), &resp,
-                                                         absl::Now() + timeout, finished);
+      std::shared_ptr<StreamCall> call =
+          StartStreamCall(target_, method, Bytes(request), &resp, absl::Now() + timeout, finished);
       if (cancel != nullptr) *cancel = [call] { call->Cancel(); };
     } else {
       if (cancel != nullptr) *cancel = [&ctx] { ctx.TryCancel(); };
@@ -254,8 +253,8 @@ TEST_P(AsyncServerTest, ManyCallsInFlightEachGetTheirOwnAnswer) {
   std::vector<std::thread> callers;
   for (int i = 0; i < kCalls; ++i) {
     callers.emplace_back([&, i] {
-      status[i] = Call(i % 3 == 0 ? "/t/Later" : "/t/Echo", std::string(i * 1000, 'a' + i % 26),
-                       &got[i]);
+      status[i] =
+          Call(i % 3 == 0 ? "/t/Later" : "/t/Echo", std::string(i * 1000, 'a' + i % 26), &got[i]);
     });
   }
   for (std::thread& t : callers) t.join();
@@ -340,12 +339,12 @@ TEST_P(StreamTest, ACallbackThatHoldsItsCallsHandleLetsItGo) {
     };
     auto record = std::make_shared<Record>();
     absl::Notification done;
-    record->handle = StartStreamCall(target_, "/t/Echo", Bytes(std::string(2 << 20, 'x')),
-                                     &record->response, absl::Now() + absl::Seconds(10),
-                                     [record, &done](grpc::Status s) {
-                                       EXPECT_TRUE(s.ok()) << s.error_message();
-                                       done.Notify();
-                                     });
+    record->handle =
+        StartStreamCall(target_, "/t/Echo", Bytes(std::string(2 << 20, 'x')), &record->response,
+                        absl::Now() + absl::Seconds(10), [record, &done](grpc::Status s) {
+                          EXPECT_TRUE(s.ok()) << s.error_message();
+                          done.Notify();
+                        });
     gone = record->handle;
     ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
   }
@@ -365,10 +364,10 @@ TEST_P(StreamTest, AnOversizedRequestIsRefusedAndTheConnectionGoesOn) {
 TEST_P(StreamTest, GarbageEndsOnlyItsOwnConnection) {
   // Not a hello; then a hello and a request header with a method of 2^31
   // bytes: each connection is closed by the server, which serves on.
-  const std::vector<std::string> garbage = {
-      std::string("GET / HTTP/1.1\r\n\r\n"),
-      std::string("MXS1\x06\0\0\0secret", 14) + std::string("\0\0\0\x80", 4) +
-          std::string(28, '\x01')};
+  const std::vector<std::string> garbage = {std::string("GET / HTTP/1.1\r\n\r\n"),
+                                            std::string("MXS1\x06\0\0\0secret", 14) +
+                                                std::string("\0\0\0\x80", 4) +
+                                                std::string(28, '\x01')};
   for (const std::string& bytes : garbage) {
     const int fd = RawConnection(stream_port_);
     ASSERT_EQ(write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
@@ -386,8 +385,7 @@ TEST_P(StreamTest, CallsToAServerThatStoppedFailUnavailable) {
   const absl::Time start = absl::Now();
   const grpc::Status s = Call("/t/Echo", "x");
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
-  EXPECT_NE(s.error_message().find("127.0.0.1:" + std::to_string(stream_port_)),
-            std::string::npos)
+  EXPECT_NE(s.error_message().find("127.0.0.1:" + std::to_string(stream_port_)), std::string::npos)
       << s.error_message();
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 }
