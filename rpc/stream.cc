@@ -812,13 +812,26 @@ absl::StatusOr<int> StreamListener::Listen(const std::string& host, int port) {
     return absl::InvalidArgumentError(
         absl::StrCat("stream port: cannot resolve ", host, ": ", gai_strerror(e)));
   }
+  // Any address: IPv6's, taking IPv4 too (as gRPC listens on 0.0.0.0 and
+  // [::], so that pods that advertise an IPv6 address are reached), else
+  // IPv4's alone.
+  std::vector<addrinfo*> candidates;
+  for (addrinfo* a = found; a != nullptr; a = a->ai_next) candidates.push_back(a);
+  if (node == nullptr) {
+    std::stable_partition(candidates.begin(), candidates.end(),
+                          [](const addrinfo* a) { return a->ai_family == AF_INET6; });
+  }
   std::string why = "no address";
   int fd = -1;
-  for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
+  for (size_t i = 0; i < candidates.size() && fd < 0; ++i) {
+    const addrinfo* a = candidates[i];
     fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
     if (fd < 0) continue;
-    const int one = 1;
+    const int one = 1, zero = 0;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (node == nullptr && a->ai_family == AF_INET6) {
+      setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero));
+    }
     if (bind(fd, a->ai_addr, a->ai_addrlen) != 0 || listen(fd, 128) != 0) {
       why = Errno("bind");
       close(fd);

@@ -441,6 +441,46 @@ TEST_P(StreamTest, KeepalivePingsBreakAConnectionToAHungPeerButNotToAWaitingOne)
   hung.join();
 }
 
+TEST(StreamListen, AnyAddressTakesIPv4AndIPv6) {
+  grpc::ServerBuilder builder;
+  int port = 0;
+  Listen(&builder, "127.0.0.1:0", {}, &port);
+  AsyncServer server(&builder);
+  server.Route("/t/Echo", Runs::kPolling,
+               [](ServerContext*, const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) {
+                 *resp = *req;
+                 auto* r = new UnaryReactor;
+                 r->Finish(grpc::Status::OK);
+                 return r;
+               });
+  server.Start(builder.BuildAndStart());
+  StreamOptions o;
+  o.methods = {"/t/Echo"};
+  absl::StatusOr<int> stream_port = server.ServeStreams("0.0.0.0", 0, o);
+  ASSERT_TRUE(stream_port.ok()) << stream_port.status();
+  // IPv6 where the machine has a loopback address for it (::1 can be bound).
+  const int probe = socket(AF_INET6, SOCK_STREAM, 0);
+  sockaddr_in6 lo{};
+  lo.sin6_family = AF_INET6;
+  lo.sin6_addr = in6addr_loopback;
+  const bool ipv6 = probe >= 0 && bind(probe, reinterpret_cast<sockaddr*>(&lo), sizeof(lo)) == 0;
+  if (probe >= 0) close(probe);
+  for (const std::string host : {"127.0.0.1", "[::1]"}) {
+    if (host == "[::1]" && !ipv6) GTEST_SKIP() << "no IPv6 loopback address on this machine";
+    grpc::ByteBuffer resp;
+    absl::Notification done;
+    grpc::Status status;
+    StartStreamCall({host + ":" + std::to_string(*stream_port), 0, ""}, "/t/Echo", Bytes(host),
+                    &resp, absl::Now() + absl::Seconds(10), [&](grpc::Status s) {
+                      status = s;
+                      done.Notify();
+                    });
+    ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+    ASSERT_TRUE(status.ok()) << host << ": " << status.error_message();
+    EXPECT_EQ(String(resp), host);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Streams, StreamTest, ::testing::Values(Transport::kStream),
                          [](const ::testing::TestParamInfo<Transport>&) { return "Stream"; });
 
