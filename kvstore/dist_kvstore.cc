@@ -429,7 +429,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // that held them alone).
   void ServerReplaced(int s, const std::string& address, const std::string& stream_address) {
     std::lock_guard<std::mutex> lock(mu);
-    stream_addresses[s] = options.security.tls() ? "" : stream_address;
+    stream_addresses[s] = stream_address;
     dead_servers.erase(s);
     // The spare never got this worker's segment: its values go by TCP.
     if (s < static_cast<int>(shm.size())) shm[s] = nullptr;
@@ -561,7 +561,10 @@ struct Conn : std::enable_shared_from_this<Conn> {
       connection = turn % stubs.size();
       stub = stubs[connection].get();
       address = addresses[server];
-      stream = {stream_addresses[server], static_cast<int>(connection), options.security.token};
+      // Streams are plaintext: with TLS every call goes through gRPC.
+      if (!options.security.tls()) {
+        stream = {stream_addresses[server], static_cast<int>(connection), options.security.token};
+      }
     }
     if (unconnected_deadline > absl::ZeroDuration() &&
         !(stream.address.empty()
@@ -784,7 +787,6 @@ class DistKVStore : public KVStore {
     conn_->addresses = options.servers;
     conn_->stream_addresses = options.stream_addresses;
     conn_->stream_addresses.resize(options.servers.size());
-    if (options.security.tls()) conn_->stream_addresses.assign(options.servers.size(), "");
     for (const std::string& address : options.servers) {
       conn_->stubs.push_back(
           proto::KVStoreService::NewStub(rpc::SharedChannel(address, options.security)));

@@ -28,7 +28,6 @@
 #include <utility>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "ndarray/base.h"
@@ -440,10 +439,6 @@ std::string PeerOf(const sockaddr_storage& addr) {
   return absl::StrCat("ipv6:[", host, "]:", ntohs(a->sin6_port));
 }
 
-grpc::Status ToGrpcStatus(const absl::Status& s) {
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
-
 }  // namespace
 
 // ---- Server side.
@@ -633,7 +628,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     const StreamContext hello(peer_, std::chrono::system_clock::now());
     const absl::Status refused = guard->CheckToken(hello, "stream connection", token);
     if (refused.ok()) return refused;
-    out_.Send(AnswerFrame(0, ToGrpcStatus(refused)));
+    out_.Send(AnswerFrame(0, ToGrpc(refused)));
     // The guard logged it (once per peer host); the connection just ends.
     return absl::UnauthenticatedError("");
   }
@@ -940,8 +935,8 @@ class ClientCall final : public StreamCall, public std::enable_shared_from_this<
   const std::string method;
   const grpc::ByteBuffer request;
   const absl::Time deadline;
-  uint64_t id = 0;                             // set once queued
-  std::weak_ptr<ClientConnection> connection;  // set once queued
+  uint64_t id = 0;                             // set by ClientConnection::Send
+  std::weak_ptr<ClientConnection> connection;  // set by ClientConnection::Send
 
  private:
   grpc::ByteBuffer* const response_;
@@ -995,9 +990,13 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
     static std::mutex* mu = new std::mutex;
     static auto* connections = new std::map<Key, std::shared_ptr<ClientConnection>>;
     std::lock_guard<std::mutex> lock(*mu);
-    std::shared_ptr<ClientConnection>& c =
-        (*connections)[{target.address, target.connection, target.token}];
-    if (make && (c == nullptr || c->broken())) {
+    const Key key{target.address, target.connection, target.token};
+    if (!make) {
+      auto it = connections->find(key);
+      return it == connections->end() ? nullptr : it->second;
+    }
+    std::shared_ptr<ClientConnection>& c = (*connections)[key];
+    if (c == nullptr || c->broken()) {
       c = std::make_shared<ClientConnection>(target);
       auto self = c;
       std::thread([self] { self->Write(); }).detach();
@@ -1174,7 +1173,6 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
       broken_ = true;
       why_ = why;
       pending.swap(pending_);
-
       if (fd_ >= 0) shutdown(fd_, SHUT_RDWR);
     }
     out_.Close();
