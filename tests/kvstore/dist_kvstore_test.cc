@@ -805,6 +805,22 @@ TEST(DistErrors, OversizedMessagesAreRefusedAndTheServerKeepsServing) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// A stream port another process holds is an error naming it; the server
+// does not start.
+TEST(DistErrors, AStreamPortInUseIsAnErrorNamingIt) {
+  ParameterServerOptions first;
+  first.stream_port = 0;
+  auto holder = ParameterServer::Start("127.0.0.1:0", {true, 1, false}, first);
+  ASSERT_TRUE(holder.ok()) << holder.status();
+  const std::string taken = (*holder)->stream_address();
+  ParameterServerOptions second;
+  ASSERT_TRUE(absl::SimpleAtoi(taken.substr(taken.rfind(':') + 1), &second.stream_port));
+  auto clash = ParameterServer::Start("127.0.0.1:0", {true, 1, false}, second);
+  ASSERT_FALSE(clash.ok());
+  EXPECT_THAT(clash.status().message(), HasSubstr("stream port: cannot listen on 127.0.0.1:"));
+  EXPECT_THAT(clash.status().message(), HasSubstr("in use"));
+}
+
 TEST(DistErrors, PullFromAStoppedServerFailsWithinTheDeadlineNamingIt) {
   Cluster c = StartServers(1, 1);
   DistKVStoreOptions o;
