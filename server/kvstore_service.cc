@@ -6,8 +6,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <deque>
 #include <cstring>
+#include <deque>
 #include <iostream>
 #include <map>
 #include <set>
@@ -18,12 +18,13 @@
 #include "absl/synchronization/mutex.h"
 #include "kvstore/compression_wire.h"
 #include "kvstore/gradient_compression.h"
+#include "ndarray/trace.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
-#include "ndarray/trace.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc.h"
 #include "rpc/shared_memory.h"
+#include "rpc/stream.h"
 
 namespace mx {
 
@@ -399,11 +400,11 @@ class Replicator {
   // Calls complete on `queue` (the server's: a server polls one queue).
   Replicator(ParameterShard* shard, ReplicationOptions options, grpc::CompletionQueue* queue)
       : shard_(shard), options_(std::move(options)), queue_(queue) {
-    for (const std::string& address : options_.servers) {
+    const std::vector<std::string>& streams = options_.stream_servers;
+    for (size_t b = 0; b < options_.servers.size(); ++b) {
       peers_.emplace_back();
-      peers_.back().stub =
-          std::make_unique<grpc::GenericStub>(rpc::SharedChannel(address, options_.security));
-      peers_.back().address = address;
+      peers_.back().SetAddress(options_.servers[b], b < streams.size() ? streams[b] : "",
+                               options_.security);
     }
     credential_.set_token(options_.claims.token);
     credential_.set_node(options_.claims.node);
@@ -412,11 +413,15 @@ class Replicator {
 
   // Cancels the call in flight and waits for its callback.
   ~Replicator() {
+    std::vector<std::shared_ptr<rpc::StreamCall>> streams;
     {
       absl::MutexLock lock(&mu_);
       stop_ = true;
-      for (Peer& p : peers_) p.CancelCalls();
+      for (Peer& p : peers_) {
+        for (auto& stream : CancelLocked(p.calls)) streams.push_back(std::move(stream));
+      }
     }
+    Cancel(streams);
     thread_.join();
     absl::MutexLock lock(&mu_);
     mu_.Await(absl::Condition(this, &Replicator::Idle));
@@ -429,16 +434,16 @@ class Replicator {
     peers_[backup].queued.push_back(std::move(step));
   }
 
-  // A new server at `address` took the rank of `backup`, dropped before:
-  // its steps are sent there from now on.
-  void Reinstate(int backup, const std::string& address) {
+  // A new server at `address` (streams at `stream_address`, "" none) took
+  // the rank of `backup`, dropped before: its steps are sent there from now
+  // on.
+  void Reinstate(int backup, const std::string& address, const std::string& stream_address) {
     absl::MutexLock lock(&mu_);
     if (backup < 0 || backup >= static_cast<int>(peers_.size())) return;
     Peer& p = peers_[backup];
     mu_.Await(absl::Condition(
         +[](Peer* p) { return p->calls.empty(); }, &p));  // the dead one's calls end
-    p.stub = std::make_unique<grpc::GenericStub>(rpc::SharedChannel(address, options_.security));
-    p.address = address;
+    p.SetAddress(address, stream_address, options_.security);
     p.dropped = false;
     p.logged = false;
     p.queued.clear();
@@ -446,22 +451,31 @@ class Replicator {
 
   // `backup` was declared dead: its steps are dropped, now and later.
   void Drop(int backup) {
-    absl::MutexLock lock(&mu_);
-    if (backup < 0 || backup >= static_cast<int>(peers_.size())) return;
-    peers_[backup].dropped = true;
-    peers_[backup].queued.clear();
-    peers_[backup].CancelCalls();
+    std::vector<std::shared_ptr<rpc::StreamCall>> streams;
+    {
+      absl::MutexLock lock(&mu_);
+      if (backup < 0 || backup >= static_cast<int>(peers_.size())) return;
+      peers_[backup].dropped = true;
+      peers_[backup].queued.clear();
+      streams = CancelLocked(peers_[backup].calls);
+    }
+    Cancel(streams);
   }
 
  private:
+  // A call to a backup, through gRPC or on a stream connection. Started and
+  // cancelled without mu_ held: a stream call may end (and run Done, which
+  // takes mu_) on the thread that starts or cancels it.
   struct Call {
     grpc::ClientContext ctx;
     grpc::ByteBuffer req, resp;
     std::vector<ReplicaStep> steps;
+    std::shared_ptr<rpc::StreamCall> stream;  // set under mu_ once started there
   };
   struct Peer {
     std::unique_ptr<grpc::GenericStub> stub;
     std::string address;
+    rpc::StreamTarget stream;  // address "": through gRPC
     std::deque<ReplicaStep> queued;
     std::vector<std::shared_ptr<Call>> calls;  // in flight
     bool dropped = false;
@@ -499,10 +513,35 @@ class Replicator {
       }
       queued = std::move(held);
     }
-    void CancelCalls() {
-      for (const std::shared_ptr<Call>& call : calls) call->ctx.TryCancel();
+    // Streams are plaintext: with TLS every call goes through gRPC (and
+    // servers with TLS serve no streams).
+    void SetAddress(const std::string& grpc_address, const std::string& stream_address,
+                    const rpc::Security& security) {
+      stub = std::make_unique<grpc::GenericStub>(rpc::SharedChannel(grpc_address, security));
+      address = grpc_address;
+      // A connection of replication's own, apart from any of a worker in the
+      // same process (tests and benchmarks run them together).
+      stream = {security.tls() ? "" : stream_address, kReplicationConnection, security.token};
     }
   };
+  static constexpr int kReplicationConnection = -1;
+
+  // Cancels `calls`: gRPC's at once (a call not started yet is cancelled
+  // when it starts); returns the stream calls', to cancel once mu_ is let
+  // go (see Call). Those not started yet are cancelled after they start.
+  std::vector<std::shared_ptr<rpc::StreamCall>> CancelLocked(
+      const std::vector<std::shared_ptr<Call>>& calls) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<std::shared_ptr<rpc::StreamCall>> streams;
+    for (const std::shared_ptr<Call>& call : calls) {
+      call->ctx.TryCancel();
+      if (call->stream != nullptr) streams.push_back(call->stream);
+    }
+    return streams;
+  }
+  static void Cancel(const std::vector<std::shared_ptr<rpc::StreamCall>>& streams)
+      ABSL_LOCKS_EXCLUDED(mu_) {
+    for (const auto& stream : streams) stream->Cancel();
+  }
 
   // Whether the thread has something to do.
   bool Ready() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -523,6 +562,7 @@ class Replicator {
 
   void Loop() {
     absl::MutexLock lock(&mu_);
+    std::vector<std::pair<int, std::shared_ptr<Call>>> starting;  // backup, call
     while (!stop_) {
       // Queue and Done wake it; a retry is due within 100 ms.
       mu_.AwaitWithTimeout(absl::Condition(this, &Replicator::Ready), absl::Milliseconds(100));
@@ -538,8 +578,27 @@ class Replicator {
         auto call = std::make_shared<Call>();
         p.TakeSendable(&call->steps);
         p.calls.push_back(call);
-        Send(b, p, call);
+        Encode(call.get());
+        starting.push_back({b, call});
       }
+      if (starting.empty()) continue;
+      mu_.Unlock();
+      std::vector<std::shared_ptr<rpc::StreamCall>> started;
+      for (const auto& [b, call] : starting) started.push_back(Start(b, call));
+      mu_.Lock();
+      std::vector<std::shared_ptr<rpc::StreamCall>> cancel;
+      for (size_t i = 0; i < starting.size(); ++i) {
+        starting[i].second->stream = started[i];
+        // Dropped or stopping since: CancelLocked did not see the handle.
+        if (started[i] != nullptr && (stop_ || peers_[starting[i].first].dropped)) {
+          cancel.push_back(started[i]);
+        }
+      }
+      starting.clear();
+      if (cancel.empty()) continue;
+      mu_.Unlock();
+      Cancel(cancel);
+      mu_.Lock();
     }
   }
 
@@ -566,8 +625,8 @@ class Replicator {
     return Pieces::Of(state.value.data(), state.value.size(), shared);
   }
 
-  // Starts `call` to backup b (under mu_: gRPC only queues it).
-  void Send(int b, Peer& p, const std::shared_ptr<Call>& call) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // The request of `call`, from its steps.
+  void Encode(Call* call) const {
     std::vector<EncodedMessage> entries;
     for (const ReplicaStep& step : call->steps) {
       proto::ReplicatedStep header;
@@ -588,11 +647,24 @@ class Replicator {
     rest.set_primary(options_.rank);
     *rest.mutable_credential() = credential_;
     call->req = EncodeRepeated(kStepsField, entries, &rest);
-    call->ctx.set_deadline(std::chrono::system_clock::now() +
-                           absl::ToChronoMilliseconds(options_.rpc_timeout));
-    rpc::StartUnaryCall(
-        p.stub.get(), &call->ctx, kReplicateMethod, call->req, &call->resp,
-        [this, b, call](grpc::Status s) { Done(b, call, s); }, queue_);
+  }
+
+  // Starts `call` to backup b, without mu_ (see Call); returns the stream
+  // call, or null when it went through gRPC. The peer's address stays while
+  // it has calls in flight (Reinstate waits for them), so it is read here.
+  std::shared_ptr<rpc::StreamCall> Start(int b, const std::shared_ptr<Call>& call)
+      ABSL_LOCKS_EXCLUDED(mu_) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    const Peer& p = peers_[b];
+    const absl::Time deadline = absl::Now() + options_.rpc_timeout;
+    auto done = [this, b, call](grpc::Status s) { Done(b, call, s); };
+    if (p.stream.address.empty()) {
+      call->ctx.set_deadline(absl::ToChronoTime(deadline));
+      rpc::StartUnaryCall(p.stub.get(), &call->ctx, kReplicateMethod, call->req, &call->resp,
+                          std::move(done), queue_);
+      return nullptr;
+    }
+    return rpc::StartStreamCall(p.stream, kReplicateMethod, call->req, &call->resp, deadline,
+                                std::move(done));
   }
 
   void Done(int b, const std::shared_ptr<Call>& call, const grpc::Status& s) {
@@ -610,8 +682,9 @@ class Replicator {
     p.suspect = true;
     if (!p.logged) {
       p.logged = true;
-      std::cerr << "mx_server: server " << options_.rank << ": replicating to server " << b
-                << " (" << p.address << ") failed: " << s.error_message()
+      std::cerr << "mx_server: server " << options_.rank << ": replicating to server " << b << " ("
+                << (p.stream.address.empty() ? p.address : p.stream.address)
+                << ") failed: " << s.error_message()
                 << "; trying again until it answers or is declared dead" << std::endl;
     }
   }
@@ -1166,7 +1239,7 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
     streams.guard = &ps->impl_->service->guard();
     streams.max_message_bytes = (size_t{1} << 20) * static_cast<size_t>(max_message_mb);
     const std::string name = KVService::service_full_name();
-    for (const char* method : {"Push", "Pull", "PushPull", "PushPullMany"}) {
+    for (const char* method : {"Push", "Pull", "PushPull", "PushPullMany", "Replicate"}) {
       streams.methods.insert(absl::StrCat("/", name, "/", method));
     }
     absl::StatusOr<int> stream_port =
@@ -1208,10 +1281,11 @@ void ParameterServer::StartReplication(ReplicationOptions options) {
 }
 
 int ParameterServer::ServerReplaced(int server, const std::string& address,
+                                    const std::string& stream_address,
                                     const std::string& session_key) {
   if (impl_->replicator == nullptr) return 0;
   impl_->service->guard().Admit(rpc::Role::kServer, server, session_key);
-  impl_->replicator->Reinstate(server, address);
+  impl_->replicator->Reinstate(server, address, stream_address);
   return shard_->ServerReplaced(server);
 }
 

@@ -29,8 +29,9 @@ struct ParameterServerOptions {
   std::string shm_dir;
   // The port (on the bind address's host; 0: a free one) of the stream
   // connections (rpc/stream.h) that carry the data path's calls (Push,
-  // Pull, PushPull, PushPullMany) beside gRPC; -1: none. Streams are
-  // plaintext: with TLS configured there are none.
+  // Pull, PushPull, PushPullMany, and replicas' Replicate from the other
+  // servers) beside gRPC; -1: none. Streams are plaintext: with TLS
+  // configured there are none.
   int stream_port = -1;
 };
 
@@ -39,6 +40,9 @@ struct ParameterServerOptions {
 struct ReplicationOptions {
   int rank = -1;                     // this server's
   std::vector<std::string> servers;  // every server's address, by rank
+  // Every server's stream address (rpc/stream.h), by rank; "" or missing:
+  // none, and steps to that server go through gRPC.
+  std::vector<std::string> stream_servers;
   rpc::Security security;
   rpc::Claims claims;  // this server's identity on its calls to backups
   // Called (from the replication thread, which it may block briefly) when
@@ -85,7 +89,8 @@ class ParameterServer {
   // rank of `server` (dead before): its replicated steps come from it now,
   // and the keys here that lost their copy there get one again
   // (ParameterShard::ServerReplaced). Returns the number of keys.
-  int ServerReplaced(int server, const std::string& address, const std::string& session_key);
+  int ServerReplaced(int server, const std::string& address, const std::string& stream_address,
+                     const std::string& session_key);
   // Worker `rank` was declared dead (elastic jobs go on without it) or
   // left the job: the shard stops counting it, and its shared memory is
   // unmapped once no call holds it.

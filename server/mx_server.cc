@@ -415,7 +415,7 @@ bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, in
           if (r.rank() == rank || r.incarnation() <= incarnation[r.rank()]) continue;
           incarnation[r.rank()] = r.incarnation();
           const std::string key = i < hr.replacement_keys_size() ? hr.replacement_keys(i) : "";
-          const int restored = ps.ServerReplaced(r.rank(), r.address(), key);
+          const int restored = ps.ServerReplaced(r.rank(), r.address(), r.stream_address(), key);
           std::cout << "server " << rank << ": server " << r.rank() << " is back at "
                     << r.address() << " (a spare)"
                     << (restored > 0 ? absl::StrCat("; sending it copies of ", restored, " key(s)")
@@ -586,7 +586,10 @@ int RunServer() {
     (*ps)->AdmitServers({cluster.server_keys().begin(), cluster.server_keys().end()});
     ReplicationOptions ro;
     ro.rank = rank;
-    for (const proto::NodeInfo& server : cluster.servers()) ro.servers.push_back(server.address());
+    for (const proto::NodeInfo& server : cluster.servers()) {
+      ro.servers.push_back(server.address());
+      ro.stream_servers.push_back(server.stream_address());
+    }
     ro.security = server_options.security;
     ro.claims = (*client)->caller().claims();
     ro.unreachable = [c = client->get()](int server) { c->ReportUnreachable(server); };

@@ -228,6 +228,49 @@ TEST(DistSync, PushPullGivesEachStepsValue) {
   }
 }
 
+// Replicas 2 in one process: two servers, each the other's backup. A
+// primary answers a pull of a step only once its backup holds the step, so
+// a worker that gets each step's value proves that the steps reached the
+// backups, through gRPC, or with MX_TEST_TRANSPORT=stream on stream
+// connections: there the servers' gRPC addresses given to replication are
+// ones where nothing listens.
+TEST(DistReplicas, StepsReachTheBackupsThroughTheDataPathsTransport) {
+  constexpr int kSteps = 3;
+  const std::vector<int64_t> sizes = {3, 40};  // key 1 small, key 2 split (bound 16)
+  Cluster c = StartServers(2, 1);
+  for (int rank = 0; rank < 2; ++rank) {
+    ReplicationOptions ro;
+    ro.rank = rank;
+    ro.servers = Streams() ? std::vector<std::string>{"127.0.0.1:1", "127.0.0.1:1"} : c.addresses;
+    ro.stream_servers = c.stream_addresses;  // "" each without streams
+    ro.rpc_timeout = absl::Seconds(2);
+    c.servers[rank]->StartReplication(std::move(ro));
+  }
+  DistKVStoreOptions o;
+  o.servers = c.addresses;
+  o.stream_addresses = c.stream_addresses;
+  o.replicas = 2;
+  o.big_key_bound = 16;
+  o.rpc_timeout = absl::Seconds(5);
+  auto kv = CreateDistKVStore(o);
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  ASSERT_TRUE((*kv)->SetOptimizer(Sgd()).ok());
+  std::vector<NDArray> weights;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    ASSERT_TRUE((*kv)->Init(static_cast<int>(k + 1), Ones({sizes[k]})).ok());
+    weights.push_back(Empty({sizes[k]}));
+  }
+  const auto want = Reference(sizes, /*workers=*/1, kSteps);
+  for (int step = 0; step < kSteps; ++step) {
+    for (size_t k = 0; k < sizes.size(); ++k) {
+      NDArray g = FromVector(Grad(0, step, sizes[k]));
+      absl::Status s = (*kv)->PushPull(static_cast<int>(k + 1), {g}, {weights[k]});
+      ASSERT_TRUE(s.ok()) << "key " << k + 1 << " step " << step << ": " << s;
+      EXPECT_EQ(weights[k].ToVector(), want[step][k]) << "key " << k + 1 << " step " << step;
+    }
+  }
+}
+
 // Issue 17, item 7, over the network: a worker that only pushes (no
 // pulls to hold it back) runs ahead of one that has not started; the
 // server holds at most max_pending_pushes (4) of its pushes of the key and
