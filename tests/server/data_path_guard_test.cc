@@ -9,10 +9,13 @@
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/mx.grpc.pb.h"
+#include "proto/wire.h"
 #include "rpc/security.h"
+#include "rpc/stream.h"
 #include "server/kvstore_service.h"
 #include "tests/proto/raw_call.h"
 
@@ -50,6 +53,7 @@ class DataPathGuard : public ::testing::Test {
     ParameterServerOptions o;
     o.security.token = kToken;
     o.identities = true;
+    o.stream_port = 0;  // and stream connections
     // dist_async: one worker's push applies at once.
     auto ps = ParameterServer::Start("127.0.0.1:0", {false, 2, false}, o);
     ASSERT_TRUE(ps.ok()) << ps.status();
@@ -202,6 +206,36 @@ TEST_F(DataPathGuard, MalformedRequestsOfOutsidersAreRefusedNotDiagnosed) {
     EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << method << ": " << s.error_message();
   }
   EXPECT_EQ(server_->refused(), 4);
+  EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
+}
+
+// Replicate, which servers also send on stream connections (replicas 2),
+// is a server's call: a worker of the job with the right token on its
+// connection and its own credential is refused, counted, and the step it
+// carries is not applied.
+TEST_F(DataPathGuard, AWorkersReplicateOnAStreamIsRefused) {
+  ASSERT_FALSE(server_->stream_address().empty());
+  proto::ReplicateRequest req;
+  req.set_primary(1);
+  *req.mutable_credential() = CredentialOf(Worker(0));
+  proto::ReplicatedStep* step = req.add_steps();
+  step->set_key(7);
+  step->set_version(1);
+  *step->mutable_value() = TensorOf({9, 9});
+  const grpc::ByteBuffer request = EncodeMessage(req);
+  grpc::ByteBuffer response;
+  grpc::Status status;
+  absl::Notification done;
+  auto call = rpc::StartStreamCall({server_->stream_address(), 0, kToken},
+                                   "/mx.proto.KVStoreService/Replicate", request, &response,
+                                   absl::Now() + absl::Seconds(10), [&](grpc::Status s) {
+                                     status = s;
+                                     done.Notify();
+                                   });
+  done.WaitForNotification();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("replicate"));
+  EXPECT_EQ(server_->refused(), 1);
   EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
 }
 
