@@ -314,7 +314,12 @@ class Outbox {
   }
 
  private:
-  static constexpr size_t kInlineBytes = 64 << 10;
+  // Frames up to this are written by the thread that sends them when
+  // nothing is queued (the rest of one the socket does not take goes to
+  // the writer thread): as with handlers (rpc/async.h), work under
+  // kLargeMessageBytes stays on the thread that has it, since a hand-off
+  // costs more than copying such a frame into the socket.
+  static constexpr size_t kInlineBytes = kLargeMessageBytes;
 
   // Writes `frame` from *offset on (advanced); nonblocking: up to where
   // the socket is full.

@@ -471,6 +471,7 @@ class Replicator {
     grpc::ByteBuffer req, resp;
     std::vector<ReplicaStep> steps;
     std::shared_ptr<rpc::StreamCall> stream;  // set under mu_ once started there
+    int64_t started_us = 0;                   // with tracing on (ndarray/trace.h)
   };
   struct Peer {
     std::unique_ptr<grpc::GenericStub> stub;
@@ -656,6 +657,7 @@ class Replicator {
       ABSL_LOCKS_EXCLUDED(mu_) ABSL_NO_THREAD_SAFETY_ANALYSIS {
     const Peer& p = peers_[b];
     const absl::Time deadline = absl::Now() + options_.rpc_timeout;
+    if (trace::Enabled()) call->started_us = trace::NowMicros();
     auto done = [this, b, call](grpc::Status s) { Done(b, call, s); };
     if (p.stream.address.empty()) {
       call->ctx.set_deadline(absl::ToChronoTime(deadline));
@@ -668,6 +670,11 @@ class Replicator {
   }
 
   void Done(int b, const std::shared_ptr<Call>& call, const grpc::Status& s) {
+    if (call->started_us != 0) {
+      trace::Complete("server", "replicate", call->started_us, trace::NowMicros(),
+                      absl::StrCat("\"backup\":", b, ",\"steps\":", call->steps.size(),
+                                   ",\"bytes\":", call->req.Length(), ",\"ok\":", s.ok()));
+    }
     if (s.ok()) {
       for (const ReplicaStep& step : call->steps) shard_->Replicated(step.key, step.version);
     }
@@ -874,6 +881,7 @@ class Service final {
   }
 
   absl::Status HandleReplicate(const rpc::ServerContext& ctx, const grpc::ByteBuffer& request) {
+    trace::Span span("server", "apply_replicated");
     std::deque<proto::ReplicatedStep> headers;
     std::deque<PushData> data;
     proto::ReplicateRequest rest;
