@@ -90,7 +90,8 @@ a namespace whose Pod Security level is "privileged" (neither "baseline" nor
 
 Ports: the coordinator listens on --port, every server on --server-port
 (each in its own pod) and, without TLS, on --stream-port for the plain TCP
-connections that carry pushes and pulls (rpc/stream.h); every process
+connections that carry pushes and pulls (rpc/stream.h), and with
+--replicas 2 the servers' steps to their backups; every process
 serves metrics on --metrics-port; all are declared containerPorts. A
 NetworkPolicy admits to the job's pods only the job's own pods on the gRPC
 and stream ports, and metrics scrapes (from the namespace --metrics-from
@@ -532,7 +533,8 @@ def main():
                     help="the port every server listens on (in its own pod)")
     ap.add_argument("--stream-port", type=int, default=9093,
                     help="the port every server takes the stream connections that carry pushes "
-                         "and pulls on (none with TLS)")
+                         "and pulls (and, with --replicas 2, other servers' steps) on (none with "
+                         "TLS)")
     ap.add_argument("--metrics-from", metavar="NAMESPACE",
                     help="admit metrics scrapes only from this namespace (default: any)")
     ap.add_argument("--startup-timeout", type=int, default=600,
