@@ -114,7 +114,8 @@ ABSL_FLAG(std::string, shm_dir, "",
           "skip the network; default: $MX_SHM_DIR; launch.py sets it for jobs on one host)");
 ABSL_FLAG(std::string, stream_port, "",
           "servers: the port (on the --bind host; 0: a free one) of the plain TCP connections "
-          "that carry pushes and pulls beside gRPC (rpc/stream.h); -1: none, all through gRPC "
+          "that carry pushes and pulls (with --replicas=2 also other servers' steps) beside gRPC "
+          "(rpc/stream.h); -1: none, all through gRPC "
           "(default: $MX_STREAM_PORT, else 0; never with TLS)");
 ABSL_FLAG(std::string, tls_server_name, "",
           "the name servers' certificates carry, checked instead of the host dialled (default: "
