@@ -561,10 +561,8 @@ struct Conn : std::enable_shared_from_this<Conn> {
       connection = turn % stubs.size();
       stub = stubs[connection].get();
       address = addresses[server];
-      // Streams are plaintext: with TLS every call goes through gRPC.
-      if (!options.security.tls()) {
-        stream = {stream_addresses[server], static_cast<int>(connection), options.security.token};
-      }
+      stream = rpc::StreamTargetFor(stream_addresses[server], static_cast<int>(connection),
+                                    options.security);
     }
     if (unconnected_deadline > absl::ZeroDuration() &&
         !(stream.address.empty()

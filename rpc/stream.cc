@@ -1228,6 +1228,10 @@ bool StreamConnected(const StreamTarget& target) {
   return c != nullptr && c->open();
 }
 
+StreamTarget StreamTargetFor(const std::string& address, int connection, const Security& security) {
+  return {security.tls() ? "" : address, connection, security.token};
+}
+
 std::shared_ptr<StreamCall> StartStreamCall(const StreamTarget& target, const std::string& method,
                                             const grpc::ByteBuffer& request,
                                             grpc::ByteBuffer* response, absl::Time deadline,

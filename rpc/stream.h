@@ -51,6 +51,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "rpc/security.h"
 
 namespace mx {
 namespace rpc {
@@ -111,6 +112,16 @@ struct StreamTarget {
   std::string token;
 };
 
+// The target of calls to a server whose stream address is `address` (""
+// when it serves none), on `connection`, from a process with `security`.
+// Streams are plaintext: with TLS the address is "", and every call goes
+// through gRPC.
+StreamTarget StreamTargetFor(const std::string& address, int connection, const Security& security);
+
+// Whether the process holds a connection to `target` that is open (said
+// hello, not broken).
+bool StreamConnected(const StreamTarget& target);
+
 // Starts a call of `method` with `request` on the process's connection to
 // `target` (made at the first call, and again after one broke); `done`
 // gets its status once `response` holds the answer, at `deadline` at the
@@ -118,10 +129,6 @@ struct StreamTarget {
 // (rpc/async.h), which it must not block, else on a pool thread; errors
 // on the thread that finds them (a broken connection's, the deadline
 // timer's, Cancel's caller). `response` must live until then.
-// Whether the process holds a connection to `target` that is open (said
-// hello, not broken).
-bool StreamConnected(const StreamTarget& target);
-
 std::shared_ptr<StreamCall> StartStreamCall(const StreamTarget& target, const std::string& method,
                                             const grpc::ByteBuffer& request,
                                             grpc::ByteBuffer* response, absl::Time deadline,

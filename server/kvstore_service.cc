@@ -514,15 +514,13 @@ class Replicator {
       }
       queued = std::move(held);
     }
-    // Streams are plaintext: with TLS every call goes through gRPC (and
-    // servers with TLS serve no streams).
     void SetAddress(const std::string& grpc_address, const std::string& stream_address,
                     const rpc::Security& security) {
       stub = std::make_unique<grpc::GenericStub>(rpc::SharedChannel(grpc_address, security));
       address = grpc_address;
       // A connection of replication's own, apart from any of a worker in the
       // same process (tests and benchmarks run them together).
-      stream = {security.tls() ? "" : stream_address, kReplicationConnection, security.token};
+      stream = rpc::StreamTargetFor(stream_address, kReplicationConnection, security);
     }
   };
   static constexpr int kReplicationConnection = -1;
