@@ -146,6 +146,7 @@ def how_it_ended(code):
 IDENTITY = [
     (re.compile(r"^server (\d+) serving on (\S+)"), lambda m: f"rank {m[1]} at {m[2]}"),
     (re.compile(r"^worker (\d+) of \d+"), lambda m: f"rank {m[1]}"),
+    (re.compile(r"^spare server waiting on (\S+)"), lambda m: f"a spare at {m[1]}"),
 ]
 
 
@@ -177,7 +178,7 @@ class Proc:
         self.role = role          # "coordinator", "server" or "worker"
         self.popen = popen
         self.argv = argv          # (cmd, env) it was started with, to restart it
-        self.identity = None      # "rank 0 at 127.0.0.1:4711", once printed
+        self.identity = None      # "rank 0 at 127.0.0.1:4711", once it joined the job
         self.pump = None          # the thread copying its output
         self.blamed = []          # nodes its output said were dead, in order
 
@@ -297,11 +298,11 @@ class Job:
             line = raw.decode(errors="replace")
             if not line.endswith("\n"):
                 line += "\n"
-            if proc.identity is None:
-                for pattern, identity in IDENTITY:
-                    m = pattern.match(line)
-                    if m:
-                        proc.identity = identity(m)
+            # The latest: a spare's becomes its rank's once it takes one.
+            for pattern, identity in IDENTITY:
+                m = pattern.match(line)
+                if m:
+                    proc.identity = identity(m)
             for pattern, names in BLAME:
                 m = pattern.search(line)
                 if m:
@@ -500,7 +501,11 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
                 log(f"{p.describe()} died: {how_it_ended(code)}; "
                     "the job continues without it (elastic)")
                 continue
-            if replicas > 1 and p.role == "server" and code != 0:
+            # Only a server that joined the job (served, or a spare that
+            # waits): one that exits before (the job did not form, e.g. a
+            # node never registered) is the job's failure, not a death its
+            # keys' backups absorb.
+            if replicas > 1 and p.role == "server" and code != 0 and p.identity is not None:
                 lost.append(p)
                 log(f"{p.describe()} died: {how_it_ended(code)}; "
                     "its keys' backups take over (replicas 2)")

@@ -28,9 +28,13 @@ restarts it on its address and the nodes rejoin it.
 With --replicas=2 the job has 3 servers, each key a backup on the next
 one, and a server's death (kill -9 or SIGSTOP) must change nothing: the
 trial passes only if the job finishes with the undisturbed result, down to
-the parameters' checksum. For those trials it also records the time from
-the fault to the first line of training progress after the failover
-(resume_s: an upper bound, progress lines come every 100 batches).
+the parameters' checksum. Except a SIGSTOP before the server joined the
+job (said it serves): nothing can tell it from a slow start, the job
+never forms, and the trial passes as a worker's fault does, when the job
+fails at the startup timeout naming the server. For the others it also
+records the time from the fault to the first line of training progress
+after the failover (resume_s: an upper bound, progress lines come every
+100 batches).
 --victims limits the faults to some nodes (e.g. --victims=servers).
 
 Prints one line per trial and a summary; exits 1 if any trial failed.
@@ -63,6 +67,8 @@ RESULT = re.compile(r"\[(worker \d+)\] (Epoch\[\d+\] Train-.*?)(?: Time cost=.*)
                     r"|\[(worker \d+)\] (Final (?:test accuracy|params checksum)=.*)$")
 PROGRESS = re.compile(STAMP + r"\[worker \d+\] Epoch\[")
 FAILED_OVER = re.compile(STAMP + r"\[worker \d+\] .* was declared dead; its keys are served")
+# A server that joined the job: it prints this once every node registered.
+SERVING = re.compile(STAMP + r"\[(server \d+)\] server \d+ serving on ")
 
 
 def parse_args(argv):
@@ -256,12 +262,24 @@ def judge(trial, code, lines, reference, must_survive=False):
     trial["ok"] = False
 
 
-def must_survive(args, victim, fault_name):
+def joined_before(lines, victim, fault_at):
+    """Whether server `victim` had joined the job (said it serves) before
+    `fault_at`."""
+    return any(m and m[2] == victim and parse_stamp(m[1]) <= fault_at
+               for m in map(SERVING.search, lines))
+
+
+def must_survive(args, victim, fault_name, joined=True):
     """Whether the job must end as undisturbed: a server's death with
     replicas 2, and the coordinator's kill -9 (the launcher restarts it and
-    the nodes rejoin it; a hung one is not restarted, and ends the job)."""
+    the nodes rejoin it; a hung one is not restarted, and ends the job).
+    A server that hangs before it joined (`joined` false) is no death the
+    backups can absorb: the job never formed, and it ends at the startup
+    timeout naming the server (one killed then is started again)."""
     if victim == "coordinator":
         return fault_name == "kill -9"
+    if not joined and fault_name == "SIGSTOP":
+        return False
     return args.replicas > 1 and victim.startswith("server")
 
 
@@ -289,8 +307,9 @@ def run_trial(args, index, rng, reference, duration):
         trial["end_s"] = round(job.end - trial["fault_at"], 3)
     time.sleep(0.5)  # what the launcher stopped has gone by now
     trial["left"] = job.leftovers()
-    judge(trial, code, job.lines(), reference,
-          must_survive=must_survive(args, victim, fault_name))
+    lines = job.lines()
+    joined = trial["fault_at"] is None or joined_before(lines, victim, trial["fault_at"])
+    judge(trial, code, lines, reference, must_survive=must_survive(args, victim, fault_name, joined))
     if trial["left"]:
         trial["ok"] = False
         trial["outcome"] += f"; LEFT RUNNING: {', '.join(trial['left'])}"

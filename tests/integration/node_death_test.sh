@@ -139,30 +139,44 @@ grep -E "^\[worker 0\] mx_train: " "$log" | grep -q "worker(s) 1 died\|worker 1 
 
 # A server that hangs before it registers (found by tests/chaos): nobody
 # can report it dead, since it never joined; the others wait for it up to
-# the startup timeout (MX_STARTUP_TIMEOUT_S, 8 s here: 4 s was too short for the other worker to start on a loaded 2-core CI machine), and then the
-# coordinator's answer names the rank that did not come, so the launcher
-# blames it, not the worker that gave up.
-log="$TMP/hung_before_registering.log"
-MX_STARTUP_TIMEOUT_S=8 start_job "$log" -n 2 -s 2 -- "${worker[@]}" --epochs=1000
-victim=""
-for _ in $(seq 1 200); do
-  victim=$(started_pid "$log" "server 1")
-  [[ -n "$victim" ]] && break
-  sleep 0.01
-done
-[[ -n "$victim" ]] && kill -STOP "$victim"
-start=$(now_ms)
-wait "$launcher"; rc=$?
-elapsed=$(( $(now_ms) - start ))
-echo "hung_before_registering: the job stopped ${elapsed} ms after the hang (exit code $rc)"
-[[ $rc -ne 0 && $rc -ne 124 ]] || fail "hung_before_registering: the job exited $rc"
-(( elapsed <= 15000 )) || fail "hung_before_registering: the job took ${elapsed} ms to stop"
-first=$(grep -E "^launch.py: .*(failed|stopped responding)" "$log" | head -1)
-[[ "$first" =~ ^launch.py:\ server\ 1\ \(.*pid\ $victim\)\ stopped\ responding ]] ||
-  fail "hung_before_registering: the launcher blamed another node first: $first"
-grep -qE "^\[worker [01]\] mx_train: .*register: server 1 did not register in time" "$log" ||
-  { fail "hung_before_registering: no worker named server 1"; grep "mx_train:" "$log"; }
-sleep 0.5
-assert_nothing_left "$log"
+# the startup timeout (MX_STARTUP_TIMEOUT_S, 8 s here: 4 s was too short
+# for the other worker to start on a loaded 2-core CI machine), and then
+# the coordinator's answer names the rank that did not come, so the
+# launcher blames it, not the node that gave up.
+# hang_before_registering CASE VICTIM [LAUNCH FLAGS...]: VICTIM ("server 1")
+# is stopped as soon as it starts; sets $log.
+hang_before_registering() {
+  local case=$1 victim_name=$2; shift 2
+  log="$TMP/$case.log"
+  MX_STARTUP_TIMEOUT_S=8 start_job "$log" "$@" -- "${worker[@]}" --epochs=1000
+  local victim="" start elapsed rc first
+  for _ in $(seq 1 200); do
+    victim=$(started_pid "$log" "$victim_name")
+    [[ -n "$victim" ]] && break
+    sleep 0.01
+  done
+  [[ -n "$victim" ]] && kill -STOP "$victim"
+  start=$(now_ms)
+  wait "$launcher"; rc=$?
+  elapsed=$(( $(now_ms) - start ))
+  echo "$case: the job stopped ${elapsed} ms after the hang (exit code $rc)"
+  [[ $rc -ne 0 && $rc -ne 124 ]] || fail "$case: the job exited $rc"
+  (( elapsed <= 15000 )) || fail "$case: the job took ${elapsed} ms to stop"
+  first=$(grep -E "^launch.py: .*(failed|stopped responding|died)" "$log" | head -1)
+  [[ "$first" =~ ^launch.py:\ $victim_name\ \(.*pid\ $victim\)\ stopped\ responding ]] ||
+    fail "$case: the launcher blamed another node first: $first"
+  grep -qE "^\[worker [01]\] mx_train: .*register: $victim_name did not register in time" "$log" ||
+    { fail "$case: no worker named $victim_name"; grep "mx_train:" "$log"; }
+  sleep 0.5
+  assert_nothing_left "$log"
+}
+hang_before_registering hung_before_registering "server 1" -n 2 -s 2
+# With replicas 2 too: the servers that give up exit 1 before they served,
+# which is no death for their keys' backups to absorb (the job never
+# formed); the launcher said "its keys' backups take over" for each.
+hang_before_registering hung_before_registering_replicas "server 2" -n 2 -s 3 --replicas=2
+if grep -q "backups take over" "$log"; then
+  fail "hung_before_registering_replicas: the launcher took a failed start for a failover: $(grep "backups take over" "$log")"
+fi
 
 finish
