@@ -1145,7 +1145,21 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
     if (call == nullptr) return Skip(in_, h.body_bytes);  // ended before (deadline, cancel)
     grpc::ByteBuffer body;
     s = ReadBuffer(in_, h.body_bytes, &body);
-    if (!s.ok()) return s;
+    if (!s.ok()) {
+      // Back among the waiting calls, which Break fails with the others
+      // (unless it has: then as it did them).
+      grpc::Status why;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!broken_) {
+          pending_[h.id] = std::move(call);
+          return s;
+        }
+        why = why_;
+      }
+      call->End(why);
+      return s;
+    }
     call->End(grpc::Status(static_cast<grpc::StatusCode>(h.code), message), &body);
     return absl::OkStatus();
   }

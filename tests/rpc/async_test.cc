@@ -390,18 +390,25 @@ TEST_P(StreamTest, CallsToAServerThatStoppedFailUnavailable) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 }
 
-TEST_P(StreamTest, KeepalivePingsBreakAConnectionToAHungPeerButNotToAWaitingOne) {
-  // A "server" that takes the connection and reads, but never answers.
-  int port = 0;
+// A socket listening on 127.0.0.1 (a free port, in *port): a "server"
+// that a test plays by hand.
+int RawListener(int* port) {
   const int listener = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  ASSERT_EQ(listen(listener, 1), 0);
+  EXPECT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  EXPECT_EQ(listen(listener, 1), 0);
   socklen_t len = sizeof(addr);
   getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
-  port = ntohs(addr.sin_port);
+  *port = ntohs(addr.sin_port);
+  return listener;
+}
+
+TEST_P(StreamTest, KeepalivePingsBreakAConnectionToAHungPeerButNotToAWaitingOne) {
+  // A "server" that takes the connection and reads, but never answers.
+  int port = 0;
+  const int listener = RawListener(&port);
   std::thread hung([listener] {
     const int fd = accept(listener, nullptr, nullptr);
     char buffer[4096];
@@ -439,6 +446,52 @@ TEST_P(StreamTest, KeepalivePingsBreakAConnectionToAHungPeerButNotToAWaitingOne)
   shutdown(listener, SHUT_RDWR);
   close(listener);
   hung.join();
+}
+
+TEST_P(StreamTest, AnAnswerCutOffMidwayFailsItsCallAtOnce) {
+  // A "server" that takes the hello and the call (54 bytes: "MXS1", the
+  // token's length and "secret"; the request's header, "/t/Echo" and "x"),
+  // answers call 1 with a header that promises 1 MiB of body, sends 100 KB
+  // of it and closes the connection: as a server killed while it sends.
+  int port = 0;
+  const int listener = RawListener(&port);
+  std::thread cut([listener] {
+    const int fd = accept(listener, nullptr, nullptr);
+    char buffer[4096];
+    for (size_t got = 0; got < 54;) {
+      const ssize_t n = read(fd, buffer, sizeof(buffer));
+      if (n <= 0) break;
+      got += static_cast<size_t>(n);
+    }
+    struct {
+      uint64_t id = 1;
+      int32_t code = 0;
+      uint32_t message_bytes = 0;
+      uint64_t body_bytes = 1 << 20;
+    } header;
+    static_assert(sizeof(header) == 24, "the stream format's answer header");
+    const std::string part(100000, 'v');
+    EXPECT_EQ(write(fd, &header, sizeof(header)), static_cast<ssize_t>(sizeof(header)));
+    EXPECT_EQ(write(fd, part.data(), part.size()), static_cast<ssize_t>(part.size()));
+    close(fd);
+  });
+  const absl::Time start = absl::Now();
+  grpc::ByteBuffer resp;
+  absl::Notification done;
+  grpc::Status status;
+  StartStreamCall({"127.0.0.1:" + std::to_string(port), 0, "secret"}, "/t/Echo", Bytes("x"), &resp,
+                  absl::Now() + absl::Seconds(60), [&](grpc::Status s) {
+                    status = s;
+                    done.Notify();
+                  });
+  // At once, not at the call's deadline: the call had been taken off the
+  // connection's list of calls waiting for answers when its body started.
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(20)));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_NE(status.error_message().find("broke"), std::string::npos) << status.error_message();
+  cut.join();
+  close(listener);
 }
 
 TEST(StreamListen, AnyAddressTakesIPv4AndIPv6) {
