@@ -172,6 +172,12 @@ BLAME = [
 ]
 
 
+# A worker's word that the coordinator declared a server dead (replicas 2:
+# the job goes on without it): the server's identity.
+DECLARED_DEAD = re.compile(
+    r"^worker \d+: server (\d+) \((\S+)\) was declared dead; its keys are served")
+
+
 class Proc:
     def __init__(self, name, role, popen, argv):
         self.name = name          # "server 1": role and rank
@@ -181,6 +187,7 @@ class Proc:
         self.identity = None      # "rank 0 at 127.0.0.1:4711", once it joined the job
         self.pump = None          # the thread copying its output
         self.blamed = []          # nodes its output said were dead, in order
+        self.declared_dead = set()  # identities of servers it heard were declared dead
 
     def drain(self, timeout=1.0):
         """Waits (bounded) until the output of the exited process is copied."""
@@ -303,6 +310,9 @@ class Job:
                 m = pattern.match(line)
                 if m:
                     proc.identity = identity(m)
+            m = DECLARED_DEAD.match(line)
+            if m:
+                proc.declared_dead.add(f"rank {m[1]} at {m[2]}")
             for pattern, names in BLAME:
                 m = pattern.search(line)
                 if m:
@@ -397,6 +407,15 @@ def hung_nodes(job, proc):
     by_name = {p.name: p for p in job.procs}
     return [by_name[n] for n in proc.blamed
             if n in by_name and by_name[n] is not proc and by_name[n].popen.poll() is None]
+
+
+def declared_dead_yet_running(job, lost):
+    """The servers the coordinator declared dead (a worker said so) that
+    still run: hung, or cut off from the job, which goes on without them
+    (replicas 2)."""
+    declared = set().union(*(p.declared_dead for p in job.procs))
+    return [p for p in job.daemons() if p.role == "server" and p not in lost
+            and p.identity in declared and p.popen.poll() is None]
 
 
 def fail(job, proc, code, grace):
@@ -511,6 +530,13 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
                     "its keys' backups take over (replicas 2)")
                 continue
             return fail(job, p, code, grace)
+        # No longer part of the job: were it left to run, the job would end
+        # waiting for it to stop (a stopped process ignores SIGTERM).
+        for h in declared_dead_yet_running(job, lost) if replicas > 1 else []:
+            lost.append(h)
+            log(f"{h.describe()} was declared dead but is still running (hung, or cut off from "
+                "the job); killing it: its keys' backups took over (replicas 2)")
+            signal_group(h, signal.SIGKILL)
         workers = job.workers()
         if all_exited(workers):
             for w in workers:
