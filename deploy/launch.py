@@ -43,8 +43,8 @@ its rank.
 Replicas (--replicas=2): servers run with --replicas=2 and the workers
 with MX_REPLICAS=2; each key has a backup on the next server, and a
 server's death is logged and the job continues (its keys' backups take
-over). Two neighbouring servers dying loses keys: the workers fail, naming
-them.
+over); a server declared dead that still runs (hung, cut off) is killed.
+Two neighbouring servers dying loses keys: the workers fail, naming them.
 
 Bounded staleness (--staleness=S, dist_sync): servers run with
 --staleness=S and the workers with MX_STALENESS=S; a worker's pull after
