@@ -187,6 +187,29 @@ rc=$?
 [[ $rc -eq 1 && "$out" == *"MX_STARTUP_TIMEOUT_S=soon: must be a whole number from 1"* ]] ||
   fail "worker MX_STARTUP_TIMEOUT_S=soon: exit code $rc, said: $out"
 
+# 5a. Nodes that start before the coordinator listens (as the launcher and
+# Kubernetes start them) register as soon as it does. gRPC noticed the end
+# of a connection attempt only when a thread polled the channel, and in a
+# worker (it serves nothing) its backup poller did, every 5 s: the job
+# formed 5-10 s after the coordinator started (rpc/rpc.cc).
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+timeout -k 2 60 "$SERVER" --role=server --coordinator=127.0.0.1:$port --num_workers=1 \
+  > "$TMP/late_server.log" 2>&1 &
+server=$!
+MX_COORDINATOR=127.0.0.1:$port timeout -k 2 60 "${worker[@]}" --epochs=1 > "$TMP/late_worker.log" 2>&1 &
+late_worker=$!
+sleep 1.2
+start=$(now_ms)
+timeout -k 2 60 "$SERVER" --role=coordinator --bind=127.0.0.1:$port --num_servers=1 --num_workers=1 \
+  > "$TMP/late_coordinator.log" 2>&1 &
+coordinator=$!
+wait_for_line "$TMP/late_worker.log" "^worker 0 of 1" 30 || fail "the worker did not register with a late coordinator"
+elapsed=$(( $(now_ms) - start ))
+echo "nodes registered ${elapsed} ms after a late coordinator started"
+(( elapsed <= 4000 )) || fail "nodes registered ${elapsed} ms after a late coordinator started"
+wait "$late_worker" || fail "the worker of the late coordinator's job failed: $(cat "$TMP/late_worker.log")"
+wait "$server"; wait "$coordinator"
+
 # 5b. An IPv6 address to advertise (a dual-stack or IPv6 cluster's pod IP)
 # is accepted: the server registers with it, bracketed, and its own port.
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
