@@ -177,6 +177,9 @@ struct Held {
   // The outcome, and the server that gave it.
   std::function<void(grpc::Status, const grpc::ByteBuffer&, int server)> done;
   std::string trace_args;
+  // Where the answer's value goes, read there straight from a stream
+  // connection (rpc::AnswerPlacement; Received checks it); none: copied.
+  rpc::AnswerPlacement placement;
   absl::Time deadline;
   // An attempt failed: later ones give up after rpc::kKeepalive when their
   // connection is not up (one that cannot connect would otherwise wait for
@@ -514,10 +517,13 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // use).
   // `unconnected_deadline` (when not zero): the call's deadline instead,
   // if its connection is not up.
+  // `placement`: where the answer's value may be read straight to, on a
+  // stream connection (rpc/stream.h).
   void CallRaw(int server, int key, const std::string& method, grpc::ByteBuffer request,
                std::function<void(grpc::Status, const grpc::ByteBuffer&)> done,
                const std::string& trace_args = "",
-               absl::Duration unconnected_deadline = absl::ZeroDuration()) {
+               absl::Duration unconnected_deadline = absl::ZeroDuration(),
+               rpc::AnswerPlacement placement = {}) {
     auto call = std::make_shared<Call>();
     call->server = server;
     if (trace::Enabled()) {
@@ -585,8 +591,8 @@ struct Conn : std::enable_shared_from_this<Conn> {
       rpc::StartUnaryCall(stub, &call->ctx, method, call->req, &call->resp, std::move(finished));
       return;
     }
-    std::shared_ptr<rpc::StreamCall> handle =
-        rpc::StartStreamCall(stream, method, call->req, &call->resp, deadline, std::move(finished));
+    std::shared_ptr<rpc::StreamCall> handle = rpc::StartStreamCall(
+        stream, method, call->req, &call->resp, deadline, std::move(finished), placement);
     bool cancel;
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -673,7 +679,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
               if (!s.ok() && self->RetryLater(h, server, s)) return;
               h->done(s, resp, server);
             },
-            h->trace_args, h->retrying ? rpc::kKeepalive : absl::ZeroDuration());
+            h->trace_args, h->retrying ? rpc::kKeepalive : absl::ZeroDuration(), h->placement);
   }
 
   // Whether call h, whose attempt on `server` failed with s, is made again
@@ -993,6 +999,7 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPullMethod;
+              h->placement = PlacementOf(p, dsts);
               auto leases = CallLeases::For({p});
               h->encode = [conn, p, min_version, leases](int server) {
                 leases->Take(*conn, server);
@@ -1046,6 +1053,12 @@ class DistKVStore : public KVStore {
               auto h = std::make_shared<Held>();
               h->parts = {p};
               h->method = kPushPullMethod;
+              // Not into the pushed array (pushpull in place): an answer
+              // cut off midway would leave a retry of the push half
+              // overwritten.
+              if (!Overlaps(source.data, merged.size(), dsts[0], merged.size())) {
+                h->placement = PlacementOf(p, dsts);
+              }
               auto leases = CallLeases::For({p});
               h->encode = [conn, p, source, min_version, seq, leases](int server) {
                 leases->Take(*conn, server);
@@ -1822,6 +1835,45 @@ class DistKVStore : public KVStore {
     }
   }
 
+  // Whether [a, a + n) and [b, b + m) share memory.
+  static bool Overlaps(const float* a, int64_t n, const float* b, int64_t m) {
+    return a < b + m && b < a + n;
+  }
+
+  // Where a stream connection may read slice p of the value straight to:
+  // the first output (Received checks that it did).
+  static rpc::AnswerPlacement PlacementOf(const KeyPart& p, const std::vector<float*>& dsts) {
+    return {dsts[0] + p.begin, (p.end - p.begin) * sizeof(float)};
+  }
+
+  // Whether the value of `resp`, an answer read with p's placement (the
+  // connection read its last bytes into the first output), lay there: the
+  // data end the message (as mx's servers encode it). If not, *owned gets
+  // a copy of `resp` to decode instead, apart from the output it would
+  // otherwise be copied into.
+  static absl::StatusOr<bool> InPlace(const grpc::ByteBuffer& resp, const KeyPart& p,
+                                      const std::vector<float*>& dsts, grpc::ByteBuffer* owned) {
+    const rpc::AnswerPlacement place = PlacementOf(p, dsts);
+    MX_ASSIGN_OR_RETURN(Slices slices, SlicesOf(resp));
+    if (slices->empty() || slices->back().begin() != place.data) return false;  // not placed
+    size_t at = 0, bytes = 0;
+    proto::PullResponse header;
+    MX_RETURN_IF_ERROR(DecodeWithTensor(resp, kPullValueField, &header,
+                                        [&](size_t offset, size_t n) -> absl::StatusOr<void*> {
+                                          at = offset;
+                                          bytes = n;
+                                          return nullptr;
+                                        }));
+    if (bytes == place.bytes && at + bytes == resp.Length()) return true;
+    std::string all;
+    for (const grpc::Slice& slice : *slices) {
+      all.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    }
+    grpc::Slice copy(all);
+    *owned = grpc::ByteBuffer(&copy, 1);
+    return false;
+  }
+
   // The outcome of a call that answers with slice p of the value: copied to
   // every output.
   static absl::Status Received(const Conn& conn, const Entry& e, const char* what,
@@ -1831,7 +1883,19 @@ class DistKVStore : public KVStore {
     MX_RETURN_IF_ERROR(conn.Named(FromGrpc(status), what, e.label, p.server));
     bool received = false;
     proto::PullResponse header;
-    absl::Status s = DecodeWithTensor(resp, kPullValueField, &header, SliceSink(conn, p, dsts, &received));
+    grpc::ByteBuffer owned;
+    absl::StatusOr<bool> in_place = InPlace(resp, p, dsts, &owned);
+    TensorSink sink = SliceSink(conn, p, dsts, &received);
+    if (in_place.ok() && *in_place) {
+      sink = [sink](size_t offset, size_t bytes) -> absl::StatusOr<void*> {
+        MX_RETURN_IF_ERROR(sink(offset, bytes).status());
+        return nullptr;  // where they belong already
+      };
+    }
+    absl::Status s =
+        !in_place.ok() ? in_place.status()
+                       : DecodeWithTensor(owned.Length() > 0 ? owned : resp, kPullValueField,
+                                          &header, sink);
     if (s.ok()) s = FromShm(conn, p, header, lease, dsts, &received);
     if (s.ok() && !received) s = absl::DataLossError("the server sent no value");
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat(what, " of key ", e.label, ": ", s.message()));

@@ -214,6 +214,22 @@ absl::Status ReadBuffer(Reader& in, uint64_t n, grpc::ByteBuffer* out) {
   return absl::OkStatus();
 }
 
+// A body of n bytes (n >= place.bytes) read as ReadBuffer does, except its
+// last place.bytes, which go to place.data: *out is both, in order, the
+// second a slice over place.data that does not own it.
+absl::Status ReadPlaced(Reader& in, uint64_t n, const AnswerPlacement& place,
+                        grpc::ByteBuffer* out) {
+  grpc::ByteBuffer head;
+  absl::Status s = ReadBuffer(in, n - place.bytes, &head);
+  if (s.ok()) s = ReadFully(in, place.data, place.bytes);
+  if (!s.ok()) return s;
+  std::vector<grpc::Slice> slices;
+  if (!head.Dump(&slices).ok()) return absl::InternalError("an answer's buffer");
+  slices.emplace_back(place.data, place.bytes, grpc::Slice::STATIC_SLICE);
+  *out = grpc::ByteBuffer(slices.data(), slices.size());
+  return absl::OkStatus();
+}
+
 // One connection's outgoing frames, in order. The thread that sends a
 // small frame while nothing is queued or being written writes it at once,
 // without blocking (what the socket does not take then is left to the
@@ -916,18 +932,46 @@ class Deadlines {
 class ClientCall final : public StreamCall, public std::enable_shared_from_this<ClientCall> {
  public:
   ClientCall(std::string method, grpc::ByteBuffer request, absl::Time deadline,
-             grpc::ByteBuffer* response, std::function<void(grpc::Status)> done)
+             grpc::ByteBuffer* response, std::function<void(grpc::Status)> done,
+             AnswerPlacement placement)
       : method(std::move(method)),
         request(std::move(request)),
         deadline(deadline),
+        placement(placement),
         response_(response),
         done_(std::move(done)),
         start_(std::chrono::steady_clock::now()) {}
 
   void Cancel() override;
   // Ends the call with `status` (and `answer` as its response) unless it
-  // has ended; false if it had.
+  // has ended; false if it had. While its answer is read into
+  // placement.data, an end without an answer waits for StopReceiving.
   bool End(const grpc::Status& status, grpc::ByteBuffer* answer = nullptr);
+
+  // The connection's reader: whether it may read the answer into
+  // placement.data (the call has not ended); if so it must StopReceiving.
+  bool StartReceiving() {
+    std::lock_guard<std::mutex> lock(mu_);
+    receiving_ = !ended_;
+    return receiving_;
+  }
+  // The read into placement.data is over. If the call ended meanwhile
+  // (deadline, Cancel), it completes now as it ended, and this says true.
+  bool StopReceiving() {
+    grpc::Status ended_as;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      receiving_ = false;
+      if (!ended_) return false;
+      ended_as = deferred_;
+    }
+    Complete(ended_as, nullptr);
+    return true;
+  }
+  bool ended() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return ended_;
+  }
   // Ends the call at its deadline (unless it has ended by then). After
   // the connection took it (Send), which sets id and connection.
   void Arm() {
@@ -940,16 +984,22 @@ class ClientCall final : public StreamCall, public std::enable_shared_from_this<
   const std::string method;
   const grpc::ByteBuffer request;
   const absl::Time deadline;
+  const AnswerPlacement placement;
   uint64_t id = 0;                             // set by ClientConnection::Send
   std::weak_ptr<ClientConnection> connection;  // set by ClientConnection::Send
 
  private:
+  // Runs `done` with `status` (`answer` the response, if given), once.
+  void Complete(const grpc::Status& status, grpc::ByteBuffer* answer);
+
   grpc::ByteBuffer* const response_;
-  std::function<void(grpc::Status)> done_;  // moved out by End
+  std::function<void(grpc::Status)> done_;  // moved out by Complete
   const std::chrono::steady_clock::time_point start_;
   std::mutex mu_;
-  bool ended_ = false;  // guarded by mu_
-  bool armed_ = false;  // guarded by mu_
+  bool ended_ = false;      // guarded by mu_
+  bool armed_ = false;      // guarded by mu_
+  bool receiving_ = false;  // guarded by mu_: the answer is being read into placement.data
+  grpc::Status deferred_;   // guarded by mu_: how it ended while receiving_
   Deadlines::Entry entry_;
 };
 
@@ -1144,7 +1194,15 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
     }
     if (call == nullptr) return Skip(in_, h.body_bytes);  // ended before (deadline, cancel)
     grpc::ByteBuffer body;
-    s = ReadBuffer(in_, h.body_bytes, &body);
+    const AnswerPlacement& place = call->placement;
+    if (h.code == 0 && place.bytes > 0 && h.body_bytes >= place.bytes && call->StartReceiving()) {
+      receiving_ = call.get();
+      s = ReadPlaced(in_, h.body_bytes, place, &body);
+      receiving_ = nullptr;
+      if (call->StopReceiving()) return s;  // it ended meanwhile
+    } else {
+      s = ReadBuffer(in_, h.body_bytes, &body);
+    }
     if (!s.ok()) {
       // Back among the waiting calls, which Break fails with the others
       // (unless it has: then as it did them).
@@ -1170,6 +1228,12 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   // partitioned peer was noticed only when TCP gave up retransmitting, up
   // to 25 s later. On the reader thread (Reader::on_quiet).
   absl::Status Quiet(absl::Duration quiet) {
+    // A call that ended while its answer was read into its placement
+    // completes only once that read stops: the connection is given up.
+    if (receiving_ != nullptr && receiving_->ended()) {
+      return absl::UnavailableError(
+          "the answer of a call that ended (its deadline, or cancelled) stopped coming in");
+    }
     std::lock_guard<std::mutex> lock(mu_);
     if (pending_.empty() || quiet < kKeepalive) return absl::OkStatus();
     if (ping_at_ < in_.last_data) {  // none since the last byte came
@@ -1205,6 +1269,7 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   bool opened_ = false;
   grpc::Status why_;
   Reader in_;                                  // the reader thread's
+  ClientCall* receiving_ = nullptr;            // the reader thread's: whose answer it reads in place
   absl::Time ping_at_ = absl::InfinitePast();  // the last ping's
   uint64_t next_id_ = 1;
   std::map<uint64_t, std::shared_ptr<ClientCall>> pending_;  // sent (or queued), not answered
@@ -1220,7 +1285,16 @@ bool ClientCall::End(const grpc::Status& status, grpc::ByteBuffer* answer) {
     ended_ = true;
     if (armed_) Deadlines::Get().Remove(entry_);
     armed_ = false;
+    if (receiving_) {  // the reader still writes placement.data: it completes the call
+      deferred_ = status;
+      return true;
+    }
   }
+  Complete(status, answer);
+  return true;
+}
+
+void ClientCall::Complete(const grpc::Status& status, grpc::ByteBuffer* answer) {
   if (std::shared_ptr<ClientConnection> c = connection.lock()) c->Forget(id);
   if (answer != nullptr) *response_ = std::move(*answer);
   CountClientCall(method, static_cast<int>(status.error_code()), start_, request.Length());
@@ -1232,7 +1306,6 @@ bool ClientCall::End(const grpc::Status& status, grpc::ByteBuffer* answer) {
   } else {
     done(status);
   }
-  return true;
 }
 
 }  // namespace
@@ -1249,8 +1322,10 @@ StreamTarget StreamTargetFor(const std::string& address, int connection, const S
 std::shared_ptr<StreamCall> StartStreamCall(const StreamTarget& target, const std::string& method,
                                             const grpc::ByteBuffer& request,
                                             grpc::ByteBuffer* response, absl::Time deadline,
-                                            std::function<void(grpc::Status)> done) {
-  auto call = std::make_shared<ClientCall>(method, request, deadline, response, std::move(done));
+                                            std::function<void(grpc::Status)> done,
+                                            AnswerPlacement placement) {
+  auto call = std::make_shared<ClientCall>(method, request, deadline, response, std::move(done),
+                                           placement);
   ClientConnection::For(target)->Send(call);
   call->Arm();
   return call;

@@ -122,6 +122,20 @@ StreamTarget StreamTargetFor(const std::string& address, int connection, const S
 // hello, not broken).
 bool StreamConnected(const StreamTarget& target);
 
+// Where an answer's last bytes may go straight from the socket: a pulled
+// tensor's data end its answer (proto/wire.h), and reading them into
+// their array spares a copy of each byte. An OK answer whose body holds at
+// least `bytes` bytes has its last `bytes` read into `data`; the response
+// then ends with a slice over `data` (not owned). The caller checks that
+// those bytes are what it expected there (they are not when the body is
+// otherwise laid out). `data` must be writable, and nobody else's to read
+// or write, until the call's `done` has run: a call that ends (deadline,
+// Cancel) while its answer is read in completes once the read stops.
+struct AnswerPlacement {
+  void* data = nullptr;
+  size_t bytes = 0;
+};
+
 // Starts a call of `method` with `request` on the process's connection to
 // `target` (made at the first call, and again after one broke); `done`
 // gets its status once `response` holds the answer, at `deadline` at the
@@ -132,7 +146,8 @@ bool StreamConnected(const StreamTarget& target);
 std::shared_ptr<StreamCall> StartStreamCall(const StreamTarget& target, const std::string& method,
                                             const grpc::ByteBuffer& request,
                                             grpc::ByteBuffer* response, absl::Time deadline,
-                                            std::function<void(grpc::Status)> done);
+                                            std::function<void(grpc::Status)> done,
+                                            AnswerPlacement placement = {});
 
 }  // namespace rpc
 }  // namespace mx
