@@ -24,6 +24,8 @@
 // - answer: u64 call id, i32 status code, u32 message length, u64 body
 //   length; the status message; the body (the response, if OK). Answers
 //   come in the order calls finish, not the order they came.
+// A client may have an answer's last bytes (a pulled tensor's data) read
+// straight into their destination (AnswerPlacement).
 // Anything malformed ends the connection, naming the peer in the log;
 // the server serves its other connections on.
 //

@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <string>
@@ -491,6 +492,101 @@ TEST_P(StreamTest, AnAnswerCutOffMidwayFailsItsCallAtOnce) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
   EXPECT_NE(status.error_message().find("broke"), std::string::npos) << status.error_message();
   cut.join();
+  close(listener);
+}
+
+TEST_P(StreamTest, AnAnswersLastBytesAreReadIntoItsPlacement) {
+  // 3 MiB echoed: the last 1 MiB go straight to `placed`, and the response
+  // ends with a slice over it.
+  const std::string request = std::string(2 << 20, 'a') + std::string(1 << 20, 'b');
+  std::vector<char> placed(1 << 20, 0);
+  grpc::ByteBuffer resp;
+  absl::Notification done;
+  grpc::Status status;
+  StartStreamCall(
+      target_, "/t/Echo", Bytes(request), &resp, absl::Now() + absl::Seconds(10),
+      [&](grpc::Status s) {
+        status = s;
+        done.Notify();
+      },
+      AnswerPlacement{placed.data(), placed.size()});
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(std::string(placed.begin(), placed.end()), std::string(1 << 20, 'b'));
+  EXPECT_EQ(String(resp), request);
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(resp.Dump(&slices).ok());
+  EXPECT_EQ(static_cast<const void*>(slices.back().begin()), placed.data());
+  // An answer shorter than the placement is read as any other.
+  std::fill(placed.begin(), placed.end(), 0);
+  absl::Notification short_done;
+  StartStreamCall(
+      target_, "/t/Echo", Bytes("short"), &resp, absl::Now() + absl::Seconds(10),
+      [&](grpc::Status s) {
+        status = s;
+        short_done.Notify();
+      },
+      AnswerPlacement{placed.data(), placed.size()});
+  ASSERT_TRUE(short_done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(String(resp), "short");
+  EXPECT_EQ(placed[0], 0);
+}
+
+TEST_P(StreamTest, ACallThatEndsWhileItsAnswerIsReadInPlaceCompletesOnceTheReadStops) {
+  // A "server" that answers call 1 with a header promising 1 MiB, sends
+  // 100 KB, and stalls. The call's deadline (1 s) passes meanwhile: it must
+  // complete (DEADLINE_EXCEEDED) once the stalled read is given up (the
+  // connection ends), and nothing may reach its placement after that.
+  int port = 0;
+  const int listener = RawListener(&port);
+  absl::Notification called_back;
+  std::atomic<bool> rest_sent{false};
+  std::thread stall([&] {
+    const int fd = accept(listener, nullptr, nullptr);
+    char buffer[4096];
+    for (size_t got = 0; got < 54;) {
+      const ssize_t n = read(fd, buffer, sizeof(buffer));
+      if (n <= 0) break;
+      got += static_cast<size_t>(n);
+    }
+    struct {
+      uint64_t id = 1;
+      int32_t code = 0;
+      uint32_t message_bytes = 0;
+      uint64_t body_bytes = 1 << 20;
+    } header;
+    const std::string part(100000, 'v'), rest((1 << 20) - 100000, 'z');
+    EXPECT_EQ(write(fd, &header, sizeof(header)), static_cast<ssize_t>(sizeof(header)));
+    EXPECT_EQ(write(fd, part.data(), part.size()), static_cast<ssize_t>(part.size()));
+    EXPECT_TRUE(called_back.WaitForNotificationWithTimeout(absl::Seconds(20)));
+    // Too late: the connection is gone (or nobody reads into the placement).
+    (void)!send(fd, rest.data(), rest.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    rest_sent = true;
+    close(fd);
+  });
+  std::vector<char> placed(1 << 20, 0);
+  const absl::Time start = absl::Now();
+  grpc::ByteBuffer resp;
+  grpc::Status status;
+  StartStreamCall(
+      {"127.0.0.1:" + std::to_string(port), 0, "secret"}, "/t/Echo", Bytes("x"), &resp,
+      absl::Now() + absl::Seconds(1),
+      [&](grpc::Status s) {
+        status = s;
+        called_back.Notify();
+      },
+      AnswerPlacement{placed.data(), placed.size()});
+  ASSERT_TRUE(called_back.WaitForNotificationWithTimeout(absl::Seconds(20)));
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+  EXPECT_GE(took, absl::Seconds(1));
+  EXPECT_LT(took, absl::Seconds(5));
+  EXPECT_EQ(placed[0], 'v');
+  stall.join();
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_TRUE(rest_sent);
+  EXPECT_EQ(std::count(placed.begin(), placed.end(), 'z'), 0);
   close(listener);
 }
 
