@@ -1196,9 +1196,9 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
     grpc::ByteBuffer body;
     const AnswerPlacement& place = call->placement;
     if (h.code == 0 && place.bytes > 0 && h.body_bytes >= place.bytes && call->StartReceiving()) {
-      receiving_ = call.get();
+      placed_call_ = call.get();
       s = ReadPlaced(in_, h.body_bytes, place, &body);
-      receiving_ = nullptr;
+      placed_call_ = nullptr;
       if (call->StopReceiving()) return s;  // it ended meanwhile
     } else {
       s = ReadBuffer(in_, h.body_bytes, &body);
@@ -1230,7 +1230,7 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   absl::Status Quiet(absl::Duration quiet) {
     // A call that ended while its answer was read into its placement
     // completes only once that read stops: the connection is given up.
-    if (receiving_ != nullptr && receiving_->ended()) {
+    if (placed_call_ != nullptr && placed_call_->ended()) {
       return absl::UnavailableError(
           "the answer of a call that ended (its deadline, or cancelled) stopped coming in");
     }
@@ -1269,7 +1269,7 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   bool opened_ = false;
   grpc::Status why_;
   Reader in_;                                  // the reader thread's
-  ClientCall* receiving_ = nullptr;            // the reader thread's: whose answer it reads in place
+  ClientCall* placed_call_ = nullptr;          // the reader thread's: whose answer it reads in place
   absl::Time ping_at_ = absl::InfinitePast();  // the last ping's
   uint64_t next_id_ = 1;
   std::map<uint64_t, std::shared_ptr<ClientCall>> pending_;  // sent (or queued), not answered
