@@ -406,6 +406,20 @@ int RawListener(int* port) {
   return listener;
 }
 
+// Starts a call of /t/Echo with "x" on a stream connection to `port`,
+// ending by `deadline`: *status gets its status, then `done` is notified.
+// `response` must outlive the call.
+void StartEchoX(int port, absl::Time deadline, grpc::ByteBuffer* response, grpc::Status* status,
+                absl::Notification* done, AnswerPlacement placement = {}) {
+  StartStreamCall(
+      {"127.0.0.1:" + std::to_string(port), 0, "secret"}, "/t/Echo", Bytes("x"), response, deadline,
+      [status, done](grpc::Status s) {
+        *status = s;
+        done->Notify();
+      },
+      placement);
+}
+
 TEST_P(StreamTest, KeepalivePingsBreakAConnectionToAHungPeerButNotToAWaitingOne) {
   // A "server" that takes the connection and reads, but never answers.
   int port = 0;
@@ -425,11 +439,7 @@ TEST_P(StreamTest, KeepalivePingsBreakAConnectionToAHungPeerButNotToAWaitingOne)
   grpc::ByteBuffer resp;
   absl::Notification done;
   grpc::Status status;
-  StartStreamCall({"127.0.0.1:" + std::to_string(port), 0, "secret"}, "/t/Echo", Bytes("x"), &resp,
-                  absl::Now() + absl::Seconds(60), [&](grpc::Status s) {
-                    status = s;
-                    done.Notify();
-                  });
+  StartEchoX(port, absl::Now() + absl::Seconds(60), &resp, &status, &done);
   ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(30)));
   const absl::Duration took = absl::Now() - start;
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
@@ -449,42 +459,43 @@ TEST_P(StreamTest, KeepalivePingsBreakAConnectionToAHungPeerButNotToAWaitingOne)
   hung.join();
 }
 
+// Plays a server on `listener`: takes a connection, its hello and one call
+// (54 bytes: "MXS1", the token's length and "secret"; the request's
+// header, "/t/Echo" and "x"), answers call 1 with a header that promises
+// 1 MiB of body and sends the first 100 KB of it ('v'). Returns the
+// connection.
+int AnswerPartly(int listener) {
+  const int fd = accept(listener, nullptr, nullptr);
+  char buffer[4096];
+  for (size_t got = 0; got < 54;) {
+    const ssize_t n = read(fd, buffer, sizeof(buffer));
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+  }
+  struct {
+    uint64_t id = 1;
+    int32_t code = 0;
+    uint32_t message_bytes = 0;
+    uint64_t body_bytes = 1 << 20;
+  } header;
+  static_assert(sizeof(header) == 24, "the stream format's answer header");
+  const std::string part(100000, 'v');
+  EXPECT_EQ(write(fd, &header, sizeof(header)), static_cast<ssize_t>(sizeof(header)));
+  EXPECT_EQ(write(fd, part.data(), part.size()), static_cast<ssize_t>(part.size()));
+  return fd;
+}
+
 TEST_P(StreamTest, AnAnswerCutOffMidwayFailsItsCallAtOnce) {
-  // A "server" that takes the hello and the call (54 bytes: "MXS1", the
-  // token's length and "secret"; the request's header, "/t/Echo" and "x"),
-  // answers call 1 with a header that promises 1 MiB of body, sends 100 KB
-  // of it and closes the connection: as a server killed while it sends.
+  // A "server" that sends 100 KB of a promised 1 MiB answer and closes the
+  // connection: as a server killed while it sends.
   int port = 0;
   const int listener = RawListener(&port);
-  std::thread cut([listener] {
-    const int fd = accept(listener, nullptr, nullptr);
-    char buffer[4096];
-    for (size_t got = 0; got < 54;) {
-      const ssize_t n = read(fd, buffer, sizeof(buffer));
-      if (n <= 0) break;
-      got += static_cast<size_t>(n);
-    }
-    struct {
-      uint64_t id = 1;
-      int32_t code = 0;
-      uint32_t message_bytes = 0;
-      uint64_t body_bytes = 1 << 20;
-    } header;
-    static_assert(sizeof(header) == 24, "the stream format's answer header");
-    const std::string part(100000, 'v');
-    EXPECT_EQ(write(fd, &header, sizeof(header)), static_cast<ssize_t>(sizeof(header)));
-    EXPECT_EQ(write(fd, part.data(), part.size()), static_cast<ssize_t>(part.size()));
-    close(fd);
-  });
+  std::thread cut([listener] { close(AnswerPartly(listener)); });
   const absl::Time start = absl::Now();
   grpc::ByteBuffer resp;
   absl::Notification done;
   grpc::Status status;
-  StartStreamCall({"127.0.0.1:" + std::to_string(port), 0, "secret"}, "/t/Echo", Bytes("x"), &resp,
-                  absl::Now() + absl::Seconds(60), [&](grpc::Status s) {
-                    status = s;
-                    done.Notify();
-                  });
+  StartEchoX(port, absl::Now() + absl::Seconds(60), &resp, &status, &done);
   // At once, not at the call's deadline: the call had been taken off the
   // connection's list of calls waiting for answers when its body started.
   ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(20)));
@@ -543,22 +554,8 @@ TEST_P(StreamTest, ACallThatEndsWhileItsAnswerIsReadInPlaceCompletesOnceTheReadS
   absl::Notification called_back;
   std::atomic<bool> rest_sent{false};
   std::thread stall([&] {
-    const int fd = accept(listener, nullptr, nullptr);
-    char buffer[4096];
-    for (size_t got = 0; got < 54;) {
-      const ssize_t n = read(fd, buffer, sizeof(buffer));
-      if (n <= 0) break;
-      got += static_cast<size_t>(n);
-    }
-    struct {
-      uint64_t id = 1;
-      int32_t code = 0;
-      uint32_t message_bytes = 0;
-      uint64_t body_bytes = 1 << 20;
-    } header;
-    const std::string part(100000, 'v'), rest((1 << 20) - 100000, 'z');
-    EXPECT_EQ(write(fd, &header, sizeof(header)), static_cast<ssize_t>(sizeof(header)));
-    EXPECT_EQ(write(fd, part.data(), part.size()), static_cast<ssize_t>(part.size()));
+    const int fd = AnswerPartly(listener);
+    const std::string rest((1 << 20) - 100000, 'z');
     EXPECT_TRUE(called_back.WaitForNotificationWithTimeout(absl::Seconds(20)));
     // Too late: the connection is gone (or nobody reads into the placement).
     (void)!send(fd, rest.data(), rest.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -569,14 +566,8 @@ TEST_P(StreamTest, ACallThatEndsWhileItsAnswerIsReadInPlaceCompletesOnceTheReadS
   const absl::Time start = absl::Now();
   grpc::ByteBuffer resp;
   grpc::Status status;
-  StartStreamCall(
-      {"127.0.0.1:" + std::to_string(port), 0, "secret"}, "/t/Echo", Bytes("x"), &resp,
-      absl::Now() + absl::Seconds(1),
-      [&](grpc::Status s) {
-        status = s;
-        called_back.Notify();
-      },
-      AnswerPlacement{placed.data(), placed.size()});
+  StartEchoX(port, absl::Now() + absl::Seconds(1), &resp, &status, &called_back,
+             AnswerPlacement{placed.data(), placed.size()});
   ASSERT_TRUE(called_back.WaitForNotificationWithTimeout(absl::Seconds(20)));
   const absl::Duration took = absl::Now() - start;
   EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
