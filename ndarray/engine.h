@@ -46,8 +46,9 @@
 //    core while GPU work is in flight. It completes GPU operations, and runs
 //    the kInline operations that this makes ready.
 // The workers and the pool each default to every usable core: processes
-// that share a machine need smaller counts (deploy/launch.py sets
-// OMP_NUM_THREADS per worker).
+// that share a machine need smaller counts (deploy/launch.py gives each
+// worker its share of the cores as OMP_NUM_THREADS and
+// MX_CPU_WORKER_NTHREADS).
 //
 // GPUs. An operation on gpu(i) runs on a worker like any other, but only
 // enqueues work on the device's compute stream (ndarray/launch.h,
