@@ -581,6 +581,22 @@ TEST_P(StreamTest, ACallThatEndsWhileItsAnswerIsReadInPlaceCompletesOnceTheReadS
   close(listener);
 }
 
+// Streams are plaintext: a process with TLS sends every call through gRPC
+// (the worker's calls and the servers' replication both take their
+// targets from here).
+TEST(StreamTarget, TlsMeansNoStreams) {
+  Security plain;
+  plain.token = "t";
+  const StreamTarget p = StreamTargetFor("127.0.0.1:4711", 2, plain);
+  EXPECT_EQ(p.address, "127.0.0.1:4711");
+  EXPECT_EQ(p.connection, 2);
+  EXPECT_EQ(p.token, "t");
+  Security tls = plain;
+  tls.tls_cert = "-----BEGIN CERTIFICATE-----";  // any: only whether there is one counts
+  EXPECT_EQ(StreamTargetFor("127.0.0.1:4711", 2, tls).address, "");
+  EXPECT_EQ(StreamTargetFor("", 0, plain).address, "");  // a server without streams
+}
+
 TEST(StreamListen, AnyAddressTakesIPv4AndIPv6) {
   grpc::ServerBuilder builder;
   int port = 0;
