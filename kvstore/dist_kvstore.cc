@@ -1841,37 +1841,9 @@ class DistKVStore : public KVStore {
   }
 
   // Where a stream connection may read slice p of the value straight to:
-  // the first output (Received checks that it did).
+  // the first output (Received checks that the value lay there).
   static rpc::AnswerPlacement PlacementOf(const KeyPart& p, const std::vector<float*>& dsts) {
     return {dsts[0] + p.begin, (p.end - p.begin) * sizeof(float)};
-  }
-
-  // Whether the value of `resp`, an answer read with p's placement (the
-  // connection read its last bytes into the first output), lay there: the
-  // data end the message (as mx's servers encode it). If not, *owned gets
-  // a copy of `resp` to decode instead, apart from the output it would
-  // otherwise be copied into.
-  static absl::StatusOr<bool> InPlace(const grpc::ByteBuffer& resp, const KeyPart& p,
-                                      const std::vector<float*>& dsts, grpc::ByteBuffer* owned) {
-    const rpc::AnswerPlacement place = PlacementOf(p, dsts);
-    MX_ASSIGN_OR_RETURN(Slices slices, SlicesOf(resp));
-    if (slices->empty() || slices->back().begin() != place.data) return false;  // not placed
-    size_t at = 0, bytes = 0;
-    proto::PullResponse header;
-    MX_RETURN_IF_ERROR(DecodeWithTensor(resp, kPullValueField, &header,
-                                        [&](size_t offset, size_t n) -> absl::StatusOr<void*> {
-                                          at = offset;
-                                          bytes = n;
-                                          return nullptr;
-                                        }));
-    if (bytes == place.bytes && at + bytes == resp.Length()) return true;
-    std::string all;
-    for (const grpc::Slice& slice : *slices) {
-      all.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
-    }
-    grpc::Slice copy(all);
-    *owned = grpc::ByteBuffer(&copy, 1);
-    return false;
   }
 
   // The outcome of a call that answers with slice p of the value: copied to
@@ -1883,19 +1855,33 @@ class DistKVStore : public KVStore {
     MX_RETURN_IF_ERROR(conn.Named(FromGrpc(status), what, e.label, p.server));
     bool received = false;
     proto::PullResponse header;
-    grpc::ByteBuffer owned;
-    absl::StatusOr<bool> in_place = InPlace(resp, p, dsts, &owned);
-    TensorSink sink = SliceSink(conn, p, dsts, &received);
-    if (in_place.ok() && *in_place) {
-      sink = [sink](size_t offset, size_t bytes) -> absl::StatusOr<void*> {
-        MX_RETURN_IF_ERROR(sink(offset, bytes).status());
-        return nullptr;  // where they belong already
-      };
-    }
+    const TensorSink copy = SliceSink(conn, p, dsts, &received);
+    // Read with p's placement (the connection read the answer's last bytes
+    // into the first output, rpc::AnswerPlacement), the value lies where it
+    // belongs if it ends the answer, as mx's servers encode it. Otherwise
+    // a copy of the answer is decoded, apart from the output it goes to.
+    absl::StatusOr<Slices> slices = SlicesOf(resp);
+    const bool placed = slices.ok() && !(*slices)->empty() &&
+                        (*slices)->back().begin() == PlacementOf(p, dsts).data;
+    bool misplaced = false;
+    auto sink = [&](size_t offset, size_t bytes) -> absl::StatusOr<void*> {
+      MX_ASSIGN_OR_RETURN(void* dst, copy(offset, bytes));
+      if (!placed) return dst;
+      if (offset + bytes == resp.Length()) return nullptr;  // there already
+      misplaced = true;
+      return absl::AbortedError("misplaced");
+    };
     absl::Status s =
-        !in_place.ok() ? in_place.status()
-                       : DecodeWithTensor(owned.Length() > 0 ? owned : resp, kPullValueField,
-                                          &header, sink);
+        slices.ok() ? DecodeWithTensor(resp, kPullValueField, &header, sink) : slices.status();
+    if (misplaced) {
+      std::string all;
+      for (const grpc::Slice& slice : **slices) {
+        all.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+      }
+      grpc::Slice bytes(all);
+      header.Clear();
+      s = DecodeWithTensor(grpc::ByteBuffer(&bytes, 1), kPullValueField, &header, copy);
+    }
     if (s.ok()) s = FromShm(conn, p, header, lease, dsts, &received);
     if (s.ok() && !received) s = absl::DataLossError("the server sent no value");
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat(what, " of key ", e.label, ": ", s.message()));

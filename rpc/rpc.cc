@@ -99,7 +99,7 @@ int64_t RaiseOpenFileLimit() {
 // backup poller, every 5 s by default. A node that dialled the coordinator
 // a moment before it listened registered 5-10 s late (measured: with the
 // coordinator started 0.05-1.2 s after a server and a worker, the job
-// formed after 5.3-10.2 s; with 100 ms, 0.4-1.7 s). Set before main, so
+// formed after 5.3-10.2 s; with 100 ms, 0.4-2.0 s). Set before main, so
 // before gRPC starts and reads it; a value in the environment wins.
 const bool kBackupPollSet = [] {
   setenv("GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS", "100", /*overwrite=*/0);
