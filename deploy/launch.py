@@ -558,8 +558,9 @@ def cpu_threads(local_workers):
     threads spin while waiting: with 2 workers on 2 cores a dist_sync MLP
     step took 1.5x as long (and most of the time went to the kernel). Engine
     workers beyond the share hand operations between threads that then
-    wait for cores: the README job ran 6% faster with one per worker on 2
-    cores (median of 5 rounds in turns, 126.6k against 119.5k samples/s).
+    wait for cores: on 2 cores the README job ran 3% faster with one per
+    worker (median of 5 rounds in turns, 143.7k against 138.9k samples/s),
+    and 6% with one in every process, servers too (126.6k against 119.5k).
     The cores are those this process may run on. A value the user set is
     kept.
     """
