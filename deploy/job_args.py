@@ -28,8 +28,8 @@ def add_job_arguments(ap):
                          "its rank and the survivors give it copies of the keys left with one, "
                          "so that the job survives another server's death")
     ap.add_argument("--coordinator-restarts", type=int, default=1, metavar="N",
-                    help="a coordinator that was killed or crashed is restarted up to N times "
-                         "(default 1; 0: its death ends the job); the nodes go on meanwhile and "
+                    help="a coordinator that was killed, crashed or hangs is restarted up to N "
+                         "times (default 1; 0: its death ends the job); the nodes go on meanwhile and "
                          "rejoin it, and give it up after MX_COORDINATOR_TIMEOUT_S without an "
                          "answer")
 

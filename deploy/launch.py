@@ -31,7 +31,9 @@ have two copies again, and the job survives the death of another server,
 even a neighbour of the first. A spare's death is logged like a server's.
 
 Coordinator restarts (--coordinator-restarts, default 1): a coordinator
-killed by a signal is started again on its address; the servers and
+killed by a signal is started again on its address, and so is one that
+hangs: when at least half of the running nodes say it took a call and did
+not answer it (2 s), the launcher kills it and starts it again. The servers and
 workers go on training meanwhile (it holds no parameter state) and rejoin
 it, keeping their ranks. A node that hears nothing from the coordinator
 for MX_COORDINATOR_TIMEOUT_S (default 6 s; servers 2 s more) gives it up
@@ -172,6 +174,12 @@ BLAME = [
 ]
 
 
+# A node's word that the coordinator took a heartbeat and did not answer it
+# (rpc/coordinator_client.h): hung, or cut off from that node.
+COORDINATOR_SILENT = re.compile(
+    r"^(?:server|worker) \S+: the coordinator at \S+ has not answered for")
+
+
 # A worker's word that the coordinator declared a server dead (replicas 2:
 # the job goes on without it): the server's identity.
 DECLARED_DEAD = re.compile(
@@ -188,6 +196,8 @@ class Proc:
         self.pump = None          # the thread copying its output
         self.blamed = []          # nodes its output said were dead, in order
         self.declared_dead = set()  # identities of servers it heard were declared dead
+        self.started_at = None    # time.time() of its (last) start
+        self.coordinator_silent_at = None  # when it said the coordinator stopped answering
 
     def drain(self, timeout=1.0):
         """Waits (bounded) until the output of the exited process is copied."""
@@ -277,6 +287,7 @@ class Job:
             raise StartFailed(f"cannot start {name}: {cmd[0]}: {e.strerror}") from e
 
     def _started(self, proc):
+        proc.started_at = time.time()
         proc.pump = threading.Thread(target=self._pump, args=(proc,), daemon=True)
         proc.pump.start()
         log(f"started {proc.name} (pid {proc.popen.pid})")
@@ -313,6 +324,8 @@ class Job:
             m = DECLARED_DEAD.match(line)
             if m:
                 proc.declared_dead.add(f"rank {m[1]} at {m[2]}")
+            if COORDINATOR_SILENT.match(line):
+                proc.coordinator_silent_at = time.time()
             for pattern, names in BLAME:
                 m = pattern.search(line)
                 if m:
@@ -418,6 +431,34 @@ def declared_dead_yet_running(job, lost):
             and p.identity in declared and p.popen.poll() is None]
 
 
+def hung_coordinator(job):
+    """The coordinator, if it runs but at least half of the running nodes
+    said since its last start that it took a call and did not answer it
+    (hung, or cut off from them: one node of many may be cut off itself),
+    with those nodes; else (None, [])."""
+    coordinator = next((p for p in job.procs if p.role == "coordinator"), None)
+    if coordinator is None or coordinator.popen.poll() is not None:
+        return None, []
+    nodes = [p for p in job.procs if p is not coordinator and p.popen.poll() is None]
+    said = [p for p in nodes if p.coordinator_silent_at is not None
+            and p.coordinator_silent_at > coordinator.started_at]
+    return (coordinator, said) if said and 2 * len(said) >= len(nodes) else (None, [])
+
+
+def restart_coordinator(job, coordinator, why, restarts_left):
+    """Starts the coordinator again on its address (killing it first if it
+    still runs, as a hung one does); the nodes rejoin it."""
+    log(f"{coordinator.describe()} {why}; restarting it on its address "
+        f"(the nodes rejoin it; restarts left: {restarts_left})")
+    if coordinator.popen.poll() is None:
+        signal_group(coordinator, signal.SIGKILL)
+        try:
+            coordinator.popen.wait(timeout=5)  # its port must be free
+        except subprocess.TimeoutExpired:
+            pass
+    job.restart(coordinator)
+
+
 def fail(job, proc, code, grace):
     """A fatal failure: names the node to blame (one that `proc` reported
     dead but that still runs, else `proc`), kills hung nodes at once, lets
@@ -485,14 +526,23 @@ def finish(job, lost):
 
 def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
     """Waits for the job to end; returns the launcher's exit code. A
-    coordinator killed by a signal is restarted on its address, up to
-    `coordinator_restarts` times: the nodes go on without it meanwhile and
-    rejoin it. A server killed by a signal before it served (it held
+    coordinator killed by a signal, or one that hangs (at least half of the
+    nodes said it stopped answering their calls: they would give it up
+    MX_COORDINATOR_TIMEOUT_S after its last answer), is restarted on its
+    address, up to `coordinator_restarts` times: the nodes go on without it
+    meanwhile and rejoin it. A server killed by a signal before it served (it held
     nothing yet, and the job cannot form without its rank) is started again
     once, asking for the same rank."""
     lost = []  # workers that died in an elastic job, servers with replicas
     restarted_servers = set()
     while True:
+        coordinator, said = hung_coordinator(job) if coordinator_restarts > 0 else (None, [])
+        if coordinator is not None:
+            coordinator_restarts -= 1
+            restart_coordinator(
+                job, coordinator, f"stopped answering: {len(said)} of the nodes ("
+                + ", ".join(p.name for p in said) + ") heard nothing from it though it runs; "
+                "killing it", coordinator_restarts)
         for p in job.procs:
             code = p.popen.poll()
             if code is None or (code == 0 and p.role == "worker") or p in lost:
@@ -504,9 +554,7 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
             p.drain()  # its last lines first
             if p.role == "coordinator" and code < 0 and coordinator_restarts > 0:
                 coordinator_restarts -= 1
-                log(f"{p.describe()} died: {how_it_ended(code)}; restarting it on its address "
-                    f"(the nodes rejoin it; restarts left: {coordinator_restarts})")
-                job.restart(p)
+                restart_coordinator(job, p, f"died: {how_it_ended(code)}", coordinator_restarts)
                 continue
             if (p.role == "server" and code < 0 and p.identity is None
                     and p.name not in restarted_servers):

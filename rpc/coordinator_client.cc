@@ -24,6 +24,69 @@ absl::Status Doing(const std::string& what, const absl::Status& s) {
   return absl::Status(s.code(), absl::StrCat(what, s.message()));
 }
 
+// "worker 0: the coordinator at ADDRESS has not answered for 2s (hung?);
+// ...": a coordinator that took a call and did not answer it runs but
+// hangs (or is cut off from this node). deploy/launch.py restarts a hung
+// coordinator once at least half of the nodes say so.
+void SayCoordinatorSilent(const std::string& who, const std::string& address, absl::Duration silent,
+                          const std::string& meanwhile, absl::Duration gives_up_after) {
+  std::cerr << who << ": the coordinator at " << address << " has not answered for "
+            << absl::FormatDuration(absl::Trunc(silent, absl::Seconds(1))) << " (hung?); "
+            << meanwhile << ", giving it up after " << absl::FormatDuration(gives_up_after)
+            << std::endl;
+}
+
+// While a registration waits (the coordinator answers it once every node
+// has come, up to the startup timeout), a health check every heartbeat
+// period tells a coordinator that waits from one that hangs: the first
+// check it takes and does not answer by the heartbeat deadline makes the
+// node say so (SayCoordinatorSilent). Stops when destroyed.
+class RegistrationWatch {
+ public:
+  RegistrationWatch(const CoordinatorClient::Options& options, std::string who)
+      : thread_([this, options, who = std::move(who)] { Watch(options, who); }) {}
+  ~RegistrationWatch() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+    }
+    wake_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  void Watch(const CoordinatorClient::Options& o, const std::string& who) {
+    const absl::Time start = absl::Now();
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        if (wake_.wait_for(lock, absl::ToChronoMilliseconds(CoordinatorClient::kHeartbeatPeriod),
+                           [this] { return done_; })) {
+          return;
+        }
+      }
+      const absl::Time checked = absl::Now();
+      const bool answered =
+          HealthCheck(o.address, o.security, CoordinatorClient::kHeartbeatDeadline);
+      // Not a refused connection (nothing listening yet, or restarting),
+      // which fails at once.
+      if (!answered && absl::Now() - checked >= CoordinatorClient::kHeartbeatDeadline) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (done_) return;
+        SayCoordinatorSilent(
+            who, o.address, absl::Now() - checked, "registration waits",
+            absl::Trunc(o.startup_timeout - (absl::Now() - start), absl::Seconds(1)));
+        return;
+      }
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable wake_;
+  bool done_ = false;   // guarded by mu_
+  std::thread thread_;  // last: starts once the rest is made
+};
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Register(
@@ -41,6 +104,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Register(
   // Fail-fast attempts until one reaches the coordinator: between them a
   // connection that fails for good (TLS on one side only, a refused
   // handshake) ends registration at once instead of at the deadline.
+  RegistrationWatch watch(
+      options, absl::StrCat(req.role() == proto::SERVER ? "server " : "worker ",
+                            req.has_rank() ? absl::StrCat(req.rank()) : "(registering)"));
   for (;;) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(deadline));
@@ -48,7 +114,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Register(
     absl::Status s = FromGrpc(client->stub_->Register(&ctx, req, &client->cluster_));
     if (s.ok()) break;
     const bool reached = channel->GetState(false) == GRPC_CHANNEL_READY;
-    if (reached || !absl::IsUnavailable(s)) {
+    // UNAVAILABLE after the coordinator took the call: it went away (died,
+    // or a launcher restarts it): tried again, as before it listened.
+    if (!absl::IsUnavailable(s)) {
       if (absl::IsDeadlineExceeded(s) && !reached) return silent;
       // The coordinator answers a registration that waits too long itself,
       // before the deadline, naming the nodes that did not come
@@ -148,6 +216,7 @@ void CoordinatorClient::Beat(int unreachable_server) {
   if (rejoin && s.ok()) return;  // the next heartbeat goes to the restarted coordinator
   if (s.ok()) {
     last_answer_ = absl::Now();
+    warned_silent_ = false;
     for (const proto::NodeInfo& dead : resp.dead()) {
       auto [it, added] = heard_dead_.try_emplace({dead.role(), dead.rank()}, dead);
       if (!added && dead.incarnation() > it->second.incarnation()) it->second = dead;
@@ -172,7 +241,10 @@ void CoordinatorClient::Beat(int unreachable_server) {
   const bool refused = absl::IsUnauthenticated(s) || absl::IsPermissionDenied(s) ||
                        (rejoin && !absl::IsUnavailable(s) && !absl::IsDeadlineExceeded(s));
   const absl::Duration silent = absl::Now() - last_answer_;
-  if (!refused && silent < options_.lost_after) return;
+  if (!refused && silent < options_.lost_after) {
+    if (absl::IsDeadlineExceeded(s)) SaySilent();
+    return;
+  }
   lost_ = true;
   if (!on_lost_) return;
   if (refused) {
@@ -185,6 +257,14 @@ void CoordinatorClient::Beat(int unreachable_server) {
         "the coordinator at ", options_.address, " is unreachable: no answer for ",
         absl::FormatDuration(absl::Trunc(silent, absl::Seconds(1))), ": ", s.message())));
   }
+}
+
+void CoordinatorClient::SaySilent() {
+  if (warned_silent_) return;
+  warned_silent_ = true;
+  SayCoordinatorSilent(
+      absl::StrCat(caller_.role == Role::kServer ? "server " : "worker ", caller_.rank),
+      options_.address, absl::Now() - last_answer_, "going on without it", options_.lost_after);
 }
 
 absl::Status CoordinatorClient::Rejoin() {
@@ -223,17 +303,18 @@ absl::Status CoordinatorClient::Rejoin() {
               << std::endl;
     std::lock_guard<std::mutex> lock(mu_);
     last_answer_ = absl::Now();
+    warned_silent_ = false;
   }
   return s;
 }
 
 absl::Status CoordinatorClient::UntilAnswered(
     const std::string& what, absl::Time deadline,
-    const std::function<grpc::Status(grpc::ClientContext*)>& call) {
+    const std::function<grpc::Status(grpc::ClientContext*)>& call, absl::Duration attempt) {
   std::optional<absl::Time> away_since;  // the first call it could not take
   for (;;) {
     grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(deadline));
+    ctx.set_deadline(absl::ToChronoTime(std::min(deadline, absl::Now() + attempt)));
     {
       std::lock_guard<std::mutex> lock(mu_);
       caller_.Stamp(&ctx);
@@ -243,7 +324,13 @@ absl::Status CoordinatorClient::UntilAnswered(
       const absl::Status rejoined = Rejoin();
       if (rejoined.ok()) continue;
       if (!absl::IsUnavailable(rejoined)) return Doing(what, rejoined);
-    } else if (absl::IsDeadlineExceeded(s) && absl::Now() >= deadline) {
+    } else if (absl::IsDeadlineExceeded(s) && absl::Now() < deadline) {
+      // An attempt it took and did not answer: hung (the launcher may
+      // restart it), or slow; made again.
+      std::lock_guard<std::mutex> lock(mu_);
+      SaySilent();
+      continue;
+    } else if (absl::IsDeadlineExceeded(s)) {
       // The coordinator answers a call that waits too long itself, before
       // the deadline (rpc::GiveUpBefore): this one it took and never answered.
       return absl::UnavailableError(absl::StrCat(
@@ -294,9 +381,12 @@ absl::Status CoordinatorClient::Leave() {
   req.set_rank(caller_.rank);
   proto::LeaveResponse resp;
   // Answered at once by a coordinator that runs: a hung one is given up as
-  // heartbeats give it up.
-  return UntilAnswered("leaving the job: ", absl::Now() + options_.lost_after,
-                       [&](grpc::ClientContext* ctx) { return stub_->Leave(ctx, req, &resp); });
+  // heartbeats give it up, and each attempt waits as long as a heartbeat
+  // does (the node then says the coordinator is silent, and the launcher
+  // may restart it meanwhile).
+  return UntilAnswered(
+      "leaving the job: ", absl::Now() + options_.lost_after,
+      [&](grpc::ClientContext* ctx) { return stub_->Leave(ctx, req, &resp); }, kHeartbeatDeadline);
 }
 
 }  // namespace rpc

@@ -49,7 +49,11 @@ class CoordinatorClient {
   // address answers the node's next heartbeat NOT_FOUND, and the node
   // rejoins it (keeping its rank and session key, and telling it the dead
   // nodes and finished workers it heard of). Barrier and Leave wait for it
-  // up to their deadline. When no heartbeat has been answered for
+  // up to their deadline. A heartbeat it took but did not answer by its
+  // deadline (it runs but hangs, or is cut off) makes the node say, once
+  // per silence, "<role> <rank>: the coordinator at ADDRESS has not
+  // answered for 2s (hung?)...", which the launcher acts on (it restarts a
+  // hung coordinator). When no heartbeat has been answered for
   // Options::lost_after, the coordinator counts as lost.
 
   // Registers `req` with the coordinator, waiting up to the startup timeout
@@ -100,10 +104,15 @@ class CoordinatorClient {
   absl::Status Rejoin();
   // `call(ctx)` until the coordinator answers it or `deadline` passes: a
   // call it could not take (UNAVAILABLE: away, or restarting) is made again
-  // every 200 ms, and one it took before this node rejoined (NOT_FOUND)
-  // after rejoining. `what` starts the error.
+  // every 200 ms, one it took before this node rejoined (NOT_FOUND) after
+  // rejoining, and one not answered within `attempt` (SaySilent) at once.
+  // `what` starts the error.
   absl::Status UntilAnswered(const std::string& what, absl::Time deadline,
-                             const std::function<grpc::Status(grpc::ClientContext*)>& call);
+                             const std::function<grpc::Status(grpc::ClientContext*)>& call,
+                             absl::Duration attempt = absl::InfiniteDuration());
+  // Says (once per silence: until the coordinator answers again) that it
+  // took a call and did not answer it. Needs mu_.
+  void SaySilent();
 
   const Options options_;
   std::unique_ptr<proto::Coordinator::Stub> stub_;
@@ -121,6 +130,7 @@ class CoordinatorClient {
   std::map<int, int> heard_incarnation_;  // of servers replaced, by rank
   bool spare_ = false;  // a spare server not assigned a rank yet
   int64_t best_rtt_us_ = -1;  // the fastest heartbeat's round trip
+  bool warned_silent_ = false;  // that the coordinator has not answered, since its last answer
   bool lost_ = false;
   bool stop_ = false;
   // The loop sleeps here between heartbeats; StopHeartbeats wakes it.

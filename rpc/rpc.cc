@@ -217,6 +217,15 @@ Greeting Greet(const std::string& address) {
   return greeting;
 }
 
+// Whether `address`, which closed an HTTP/2 connection without a word (as
+// a TLS server does, and as a server that dies meanwhile does), does so
+// again 100 ms later: a dead one then refuses the connection, and one
+// restarted meanwhile speaks HTTP/2.
+bool StillTls(const std::string& address) {
+  absl::SleepFor(absl::Milliseconds(100));
+  return Greet(address) == Greeting::kTls;
+}
+
 }  // namespace
 
 absl::Status ConnectionProblem(const std::string& address, const Security& security) {
@@ -226,7 +235,7 @@ absl::Status ConnectionProblem(const std::string& address, const Security& secur
         address, " speaks plaintext, and this node is configured for TLS (MX_TLS_CERT): every "
                  "node of a job must use TLS, or none"));
   }
-  if (!security.tls() && g == Greeting::kTls) {
+  if (!security.tls() && g == Greeting::kTls && StillTls(address)) {
     return absl::FailedPreconditionError(absl::StrCat(
         address, " speaks TLS, and this node has no certificate (set MX_TLS_CERT, MX_TLS_KEY and "
                  "MX_TLS_CA, as for the other nodes of the job)"));

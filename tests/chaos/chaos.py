@@ -22,8 +22,11 @@ and no process of the job is left afterwards. For each trial it records the
 outcome, the time from the fault to the launcher's first word on it
 (detection) and to the launcher's exit (end), and the processes left.
 
-A kill -9 of the coordinator must change nothing either: the launcher
-restarts it on its address and the nodes rejoin it.
+A kill -9 or SIGSTOP of the coordinator must change nothing either: the
+launcher restarts it on its address (a hung one once the nodes say it
+stopped answering) and the nodes rejoin it. Except a SIGSTOP before it
+listened: its connections are refused as while it starts, and the trial
+passes when the job fails at the startup timeout naming it.
 
 With --replicas=2 the job has 3 servers, each key a backup on the next
 one, and a server's death (kill -9 or SIGSTOP) must change nothing: the
@@ -68,7 +71,9 @@ RESULT = re.compile(r"\[(worker \d+)\] (Epoch\[\d+\] Train-.*?)(?: Time cost=.*)
 PROGRESS = re.compile(STAMP + r"\[worker \d+\] Epoch\[")
 FAILED_OVER = re.compile(STAMP + r"\[worker \d+\] .* was declared dead; its keys are served")
 # A server that joined the job: it prints this once every node registered.
-SERVING = re.compile(STAMP + r"\[(server \d+)\] server \d+ serving on ")
+# A server that joined the job, or the coordinator that listens.
+SERVING = re.compile(STAMP + r"\[(server \d+|coordinator)\] (?:server \d+ serving|coordinator "
+                     r"listening) on ")
 
 
 def parse_args(argv):
@@ -263,23 +268,26 @@ def judge(trial, code, lines, reference, must_survive=False):
 
 
 def joined_before(lines, victim, fault_at):
-    """Whether server `victim` had joined the job (said it serves) before
-    `fault_at`."""
+    """Whether server `victim` had joined the job (said it serves), or the
+    coordinator listened, before `fault_at`."""
     return any(m and m[2] == victim and parse_stamp(m[1]) <= fault_at
                for m in map(SERVING.search, lines))
 
 
 def must_survive(args, victim, fault_name, joined=True):
     """Whether the job must end as undisturbed: a server's death with
-    replicas 2, and the coordinator's kill -9 (the launcher restarts it and
-    the nodes rejoin it; a hung one is not restarted, and ends the job).
+    replicas 2, and the coordinator's kill -9 or SIGSTOP (the launcher
+    restarts it, a hung one once the nodes say it stopped answering, and
+    the nodes rejoin it).
     A server that hangs before it joined (`joined` false) is no death the
     backups can absorb: the job never formed, and it ends at the startup
-    timeout naming the server (one killed then is started again)."""
-    if victim == "coordinator":
-        return fault_name == "kill -9"
+    timeout naming the server (one killed then is started again). So does
+    a coordinator that hangs before it listens: its connections are
+    refused, as while it starts, so nothing tells it from a slow start."""
     if not joined and fault_name == "SIGSTOP":
         return False
+    if victim == "coordinator":
+        return True
     return args.replicas > 1 and victim.startswith("server")
 
 

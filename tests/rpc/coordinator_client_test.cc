@@ -318,6 +318,51 @@ TEST(CoordinatorRestart, NodesRejoinARestartedCoordinator) {
   EXPECT_TRUE(c->finished());
 }
 
+// A hung coordinator keeps its port and takes calls without answering
+// them (found by tests/chaos: the nodes gave it up and the job failed).
+// A node says so once per silence, before it gives the coordinator up, so
+// that the launcher can restart it; a worker leaving the job meanwhile
+// tries again each heartbeat deadline and rejoins the restarted one.
+TEST(CoordinatorRestart, ANodeSaysOnceThatAHungCoordinatorDoesNotAnswer) {
+  rpc::Security job;
+  job.token = "the-token";
+  auto c = StartCoordinator(job, "127.0.0.1:0", 1);
+  const std::string address = c->address();
+  auto workers = RegisterWorkers(address, job, 1);
+  ASSERT_EQ(workers.size(), 1u);
+  Heartbeats beats;
+  beats.Start(workers[0].get());
+  ASSERT_TRUE(Eventually([&] { return beats.answers > 0; }));
+  c.reset();
+  Silent silent;  // the hung one, on its port
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials());
+  builder.RegisterCallbackGenericService(&silent);
+  std::unique_ptr<grpc::Server> hung = builder.BuildAndStart();
+  ASSERT_NE(hung, nullptr);
+  testing::internal::CaptureStderr();
+  absl::SleepFor(absl::Milliseconds(4500));  // two heartbeats past their deadline
+  workers[0]->StopHeartbeats();
+  absl::Status left;
+  std::thread leaving([&] { left = workers[0]->Leave(); });
+  absl::SleepFor(absl::Milliseconds(2500));  // the first attempt timed out
+  hung->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  hung.reset();
+  c = StartCoordinator(job, address, 1);  // restarted, as the launcher does
+  ASSERT_NE(c, nullptr);
+  leaving.join();
+  const std::string said = testing::internal::GetCapturedStderr();
+  EXPECT_TRUE(left.ok()) << left;
+  EXPECT_TRUE(c->finished());
+  const std::string silence =
+      absl::StrCat("worker 0: the coordinator at ", address, " has not answered for ");
+  EXPECT_THAT(said, HasSubstr(silence));
+  EXPECT_THAT(said, HasSubstr("s (hung?); going on without it, giving it up after 6s"));
+  EXPECT_EQ(said.find(silence), said.rfind(silence)) << said;  // once
+  EXPECT_THAT(said, HasSubstr("worker 0: rejoined the coordinator at " + address));
+  EXPECT_EQ(beats.Lost(), "");
+}
+
 // A node that does not rejoin the restarted coordinator within its
 // heartbeat timeout is declared dead, and the others hear of it; what a
 // rejoining node heard of before (a finished worker) is kept.
