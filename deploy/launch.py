@@ -571,8 +571,9 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
             # Only a server that joined the job (served, or a spare that
             # waits): one that exits before (the job did not form, e.g. a
             # node never registered) is the job's failure, not a death its
-            # keys' backups absorb.
-            if replicas > 1 and p.role == "server" and code != 0 and p.identity is not None:
+            # keys' backups absorb; so is one that gave up the coordinator.
+            if (replicas > 1 and p.role == "server" and code != 0 and p.identity is not None
+                    and "coordinator" not in p.blamed):
                 lost.append(p)
                 log(f"{p.describe()} died: {how_it_ended(code)}; "
                     "its keys' backups take over (replicas 2)")
