@@ -28,7 +28,8 @@ Spare servers (--spare-servers=N, with --replicas=2): N more servers that
 wait; when a server dies, one takes its rank, and the servers that held
 keys alone since give it copies of them while training goes on: the keys
 have two copies again, and the job survives the death of another server,
-even a neighbour of the first. A spare's death is logged like a server's.
+even a neighbour of the first. A spare's death is logged like a server's;
+a spare the coordinator says went silent (hung) is killed.
 
 Coordinator restarts (--coordinator-restarts, default 1): a coordinator
 killed by a signal is started again on its address, and so is one that
@@ -181,9 +182,14 @@ COORDINATOR_SILENT = re.compile(
 
 
 # A worker's word that the coordinator declared a server dead (replicas 2:
-# the job goes on without it): the server's identity.
-DECLARED_DEAD = re.compile(
-    r"^worker \d+: server (\d+) \((\S+)\) was declared dead; its keys are served")
+# the job goes on without it), or the coordinator's about a spare that went
+# silent: the server's identity (as IDENTITY gives it).
+DECLARED_DEAD = [
+    (re.compile(r"^worker \d+: server (\d+) \((\S+)\) was declared dead; its keys are served"),
+     lambda m: f"rank {m[1]} at {m[2]}"),
+    (re.compile(r"^mx_server: coordinator: the spare server at (\S+) stopped sending heartbeats"),
+     lambda m: f"a spare at {m[1]}"),
+]
 
 
 class Proc:
@@ -321,9 +327,10 @@ class Job:
                 m = pattern.match(line)
                 if m:
                     proc.identity = identity(m)
-            m = DECLARED_DEAD.match(line)
-            if m:
-                proc.declared_dead.add(f"rank {m[1]} at {m[2]}")
+            for pattern, identity in DECLARED_DEAD:
+                m = pattern.match(line)
+                if m:
+                    proc.declared_dead.add(identity(m))
             if COORDINATOR_SILENT.match(line):
                 proc.coordinator_silent_at = time.time()
             for pattern, names in BLAME:
@@ -423,9 +430,9 @@ def hung_nodes(job, proc):
 
 
 def declared_dead_yet_running(job, lost):
-    """The servers the coordinator declared dead (a worker said so) that
-    still run: hung, or cut off from the job, which goes on without them
-    (replicas 2)."""
+    """The servers the coordinator declared dead (a worker said so), and
+    the spares it said went silent, that still run: hung, or cut off from
+    the job, which goes on without them (replicas 2)."""
     declared = set().union(*(p.declared_dead for p in job.procs))
     return [p for p in job.daemons() if p.role == "server" and p not in lost
             and p.identity in declared and p.popen.poll() is None]
@@ -457,6 +464,19 @@ def restart_coordinator(job, coordinator, why, restarts_left):
         except subprocess.TimeoutExpired:
             pass
     job.restart(coordinator)
+
+
+def kill_declared_dead(job, lost):
+    """Kills the servers declared dead that still run, adding them to
+    `lost`: no longer part of the job, and were they left to run, the job
+    would end waiting for them to stop (a stopped process ignores SIGTERM)."""
+    for h in declared_dead_yet_running(job, lost):
+        lost.append(h)
+        took_over = ("a spare: it held nothing" if h.identity.startswith("a spare")
+                     else "its keys' backups took over (replicas 2)")
+        log(f"{h.describe()} was declared dead but is still running (hung, or cut off from "
+            f"the job); killing it: {took_over}")
+        signal_group(h, signal.SIGKILL)
 
 
 def fail(job, proc, code, grace):
@@ -504,8 +524,14 @@ def finish(job, lost):
         if p.role == "server":
             log(f"the job went on without {p.describe()} (replicas 2)")
     daemons = [d for d in job.daemons() if d not in lost]
+
+    def settled():
+        kill_declared_dead(job, lost)  # one declared dead meanwhile will not stop
+        return all_exited([d for d in daemons if d not in lost])
+
     # They hear of it at their next heartbeat (a second apart).
-    wait_for(lambda: all_exited(daemons), 5)
+    wait_for(settled, 5)
+    daemons = [d for d in daemons if d not in lost]
     lingering = [d for d in daemons if d.popen.poll() is None]
     if lingering:
         log("stopping " + ", ".join(d.describe() for d in lingering) +
@@ -579,13 +605,8 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
                     "its keys' backups take over (replicas 2)")
                 continue
             return fail(job, p, code, grace)
-        # No longer part of the job: were it left to run, the job would end
-        # waiting for it to stop (a stopped process ignores SIGTERM).
-        for h in declared_dead_yet_running(job, lost) if replicas > 1 else []:
-            lost.append(h)
-            log(f"{h.describe()} was declared dead but is still running (hung, or cut off from "
-                "the job); killing it: its keys' backups took over (replicas 2)")
-            signal_group(h, signal.SIGKILL)
+        if replicas > 1:
+            kill_declared_dead(job, lost)
         workers = job.workers()
         if all_exited(workers):
             for w in workers:

@@ -175,6 +175,7 @@ class Service final {
         if (dead_.count(node) || now - seen < options_.heartbeat_timeout) continue;
         DeclareDead(node);
       }
+      SweepSpares(now);
       if (!Failed() && EveryWorkerDied()) {
         failure_ = absl::StrCat("every worker of the job died: ", DeadList(proto::WORKER));
         failed_at_ = now;
@@ -544,6 +545,21 @@ class Service final {
     if (node.first == proto::SERVER) AssignSpare(node.second);
   }
 
+  // A waiting spare silent for the heartbeat timeout (hung, or cut off)
+  // will not take a rank (AssignSpare): said once, for the launcher, which
+  // kills such a process. One that heartbeats again may take one again.
+  void SweepSpares(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (auto& [rank, spare] : spares_) {
+      if (spare.assigned >= 0 || spare.silent || now - spare.seen < options_.heartbeat_timeout) {
+        continue;
+      }
+      spare.silent = true;
+      std::cerr << "mx_server: coordinator: the spare server at " << spare.info.address()
+                << " stopped sending heartbeats; it will not take a dead server's rank"
+                << std::endl;
+    }
+  }
+
   // A spare server: an identity of its own (a rank past the job's
   // servers) and its key.
   absl::StatusOr<proto::RegisterResponse> RegisterSpare(const proto::RegisterRequest& req)
@@ -650,6 +666,7 @@ class Service final {
     const bool spare = req.role() == proto::SERVER && spares_.count(req.rank());
     if (spare) {
       spares_[req.rank()].seen = absl::Now();
+      spares_[req.rank()].silent = false;
       if (const auto d = spares_[req.rank()].assigned; d >= 0) *resp->mutable_assignment() = Assignment(req.rank(), d);
     } else if (!nodes.count(req.rank())) {
       return absl::NotFoundError(absl::StrCat("heartbeat: ", RoleName(req.role()), " ", req.rank(),
@@ -876,6 +893,7 @@ class Service final {
     proto::NodeInfo info;
     absl::Time seen;    // its last heartbeat
     int assigned = -1;  // the dead server's rank it took
+    bool silent = false;  // said to have stopped heartbeating (until it heartbeats again)
   };
   std::map<int, Spare> spares_ ABSL_GUARDED_BY(mu_);
   int next_spare_ ABSL_GUARDED_BY(mu_) = 0;

@@ -38,7 +38,12 @@ fails at the startup timeout naming the server. For the others it also
 records the time from the fault to the first line of training progress
 after the failover (resume_s: an upper bound, progress lines come every
 100 batches).
---victims limits the faults to some nodes (e.g. --victims=servers).
+With --spare-servers=N too (launch.py's), the spares are victims as well:
+a spare's death must change nothing, and a server's death must leave the
+job with a spare in its rank (the launcher's log says whether one took
+it), finishing with the undisturbed result.
+--victims limits the faults to some nodes (e.g. --victims=servers, which
+includes the spares).
 
 Prints one line per trial and a summary; exits 1 if any trial failed.
 """
@@ -62,7 +67,7 @@ FAULTS = {"kill -9": signal.SIGKILL, "SIGSTOP": signal.SIGSTOP}
 STAMP = r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) "
 STARTED = re.compile(STAMP + r"launch\.py: started (.+) \(pid (\d+)\)$")
 # The launcher's first word on a failure: the node it blames.
-FAILED = re.compile(STAMP + r"launch\.py: (coordinator|server \d+|worker \d+) \(.*\) "
+FAILED = re.compile(STAMP + r"launch\.py: (coordinator|server \d+|spare \d+|worker \d+) \(.*\) "
                     r"(failed|stopped responding)")
 # What a run computed: each worker's metrics per epoch (without the time
 # they took) and its final accuracy.
@@ -72,8 +77,8 @@ PROGRESS = re.compile(STAMP + r"\[worker \d+\] Epoch\[")
 FAILED_OVER = re.compile(STAMP + r"\[worker \d+\] .* was declared dead; its keys are served")
 # A server that joined the job: it prints this once every node registered.
 # A server that joined the job, or the coordinator that listens.
-SERVING = re.compile(STAMP + r"\[(server \d+|coordinator)\] (?:server \d+ serving|coordinator "
-                     r"listening) on ")
+SERVING = re.compile(STAMP + r"\[(server \d+|spare \d+|coordinator)\] (?:server \d+ serving|"
+                     r"spare server waiting|coordinator listening) on ")
 
 
 def parse_args(argv):
@@ -92,6 +97,9 @@ def parse_args(argv):
     ap.add_argument("--replicas", type=int, default=1, choices=[1, 2],
                     help="2: 3 servers with a backup of every key; a server's death must "
                          "change nothing")
+    ap.add_argument("--spare-servers", type=int, default=0, metavar="N",
+                    help="with --replicas=2: N spare servers (launch.py --spare-servers); one "
+                         "takes a dead server's rank, and a spare's death changes nothing too")
     ap.add_argument("--victims", default="all", choices=["all", "servers", "coordinator"],
                     help="the nodes faults may hit (default all)")
     ap.add_argument("--fault", default="any", choices=["any"] + sorted(FAULTS),
@@ -103,6 +111,8 @@ def parse_args(argv):
         ap.error("--trials must be >= 0")
     if args.epochs < 1:
         ap.error("--epochs must be >= 1")
+    if args.spare_servers < 0 or (args.spare_servers > 0 and args.replicas < 2):
+        ap.error("--spare-servers needs --replicas=2 (and must be >= 0)")
     return args
 
 
@@ -160,7 +170,7 @@ class Job:
         self.bound = bound
         servers = "3" if args.replicas > 1 else "2"
         cmd = [sys.executable, args.launch, "--timestamps", "-n", "2", "-s", servers,
-               f"--replicas={args.replicas}",
+               f"--replicas={args.replicas}", f"--spare-servers={args.spare_servers}",
                f"--server-binary={args.server_binary}", "--", args.train,
                "--kvstore=dist_sync", "--network=mlp", f"--epochs={args.epochs}", "--lr=0.2",
                f"--data_dir={args.data_dir}"]
@@ -288,13 +298,15 @@ def must_survive(args, victim, fault_name, joined=True):
         return False
     if victim == "coordinator":
         return True
-    return args.replicas > 1 and victim.startswith("server")
+    return args.replicas > 1 and victim.startswith(("server", "spare"))
 
 
 def run_trial(args, index, rng, reference, duration):
-    victims = VICTIMS + (["server 2"] if args.replicas > 1 else [])
+    victims = (VICTIMS + (["server 2"] if args.replicas > 1 else [])
+               + [f"spare {i}" for i in range(args.spare_servers)])
     if args.victims != "all":
-        victims = [v for v in victims if v.startswith(args.victims.rstrip("s"))]
+        kinds = ("server", "spare") if args.victims == "servers" else (args.victims,)
+        victims = [v for v in victims if v.startswith(kinds)]
     victim = rng.choice(victims)
     fault_name = rng.choice(sorted(FAULTS)) if args.fault == "any" else args.fault
     at = rng.uniform(0, duration)

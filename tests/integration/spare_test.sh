@@ -42,6 +42,30 @@ grep -q "launch.py: the coordinator and 2 server(s) shut down cleanly" "$log" ||
 sleep 0.5
 assert_nothing_left "$log"
 
+# A spare that hangs while it waits (found by tests/chaos): the coordinator
+# says it went silent, and the launcher kills it at once. Left running, it
+# held up the job's end as the hung server did.
+# (A heartbeat timeout of 2 s and a longer job: the coordinator notices
+# the silence while the job trains.)
+log="$TMP/hung_spare.log"
+start_job "$log" -n 2 -s 3 --replicas=2 --spare-servers=1 --heartbeat-timeout=2 -- \
+  "${worker[@]}" --epochs=600
+wait_for_line "$log" '^\[spare 0\] spare server waiting on 127\.0\.0\.1:[0-9]+' 30 ||
+  fail "hung_spare: the spare never said it waits"
+victim=$(started_pid "$log" "spare 0")
+kill -STOP "$victim"
+wait "$launcher"; rc=$?
+[[ $rc -eq 0 ]] || fail "hung_spare: the job exited $rc after the spare hung: $(tail -3 "$log")"
+grep -qE "^\[coordinator\] mx_server: coordinator: the spare server at 127\.0\.0\.1:[0-9]+ stopped sending heartbeats" "$log" ||
+  fail "hung_spare: the coordinator did not say the spare went silent"
+grep -qE "^launch\.py: spare 0 \(a spare at 127\.0\.0\.1:[0-9]+, pid $victim\) was declared dead but is still running .*; killing it: a spare: it held nothing" "$log" ||
+  fail "hung_spare: the launcher did not say it killed the spare"
+wait_for_line "$log" "^\[worker [01]\] Final params checksum=" 1 ||
+  fail "hung_spare: the job did not finish"
+grep -q "warning\|^launch.py: stopping" "$log" && fail "hung_spare: $(grep "warning\|^launch.py: stopping" "$log")"
+sleep 0.5
+assert_nothing_left "$log"
+
 log="$TMP/spare.log"
 start_job "$log" -n 2 -s 3 --replicas=2 --spare-servers=1 -- "${worker[@]}" --epochs=200
 wait_for_line "$log" '^\[spare 0\] spare server waiting on 127\.0\.0\.1:[0-9]+' 30 ||
