@@ -314,7 +314,8 @@ absl::Status CoordinatorClient::UntilAnswered(
   std::optional<absl::Time> away_since;  // the first call it could not take
   for (;;) {
     grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(std::min(deadline, absl::Now() + attempt)));
+    const absl::Time attempt_deadline = std::min(deadline, absl::Now() + attempt);
+    ctx.set_deadline(absl::ToChronoTime(attempt_deadline));
     {
       std::lock_guard<std::mutex> lock(mu_);
       caller_.Stamp(&ctx);
@@ -324,13 +325,15 @@ absl::Status CoordinatorClient::UntilAnswered(
       const absl::Status rejoined = Rejoin();
       if (rejoined.ok()) continue;
       if (!absl::IsUnavailable(rejoined)) return Doing(what, rejoined);
-    } else if (absl::IsDeadlineExceeded(s) && absl::Now() < deadline) {
+    } else if (absl::IsDeadlineExceeded(s) && attempt_deadline < deadline &&
+               absl::Now() >= attempt_deadline) {
       // An attempt it took and did not answer: hung (the launcher may
-      // restart it), or slow; made again.
+      // restart it), or slow; made again. (Not its own answer of
+      // DEADLINE_EXCEEDED, such as a barrier's that a worker missed.)
       std::lock_guard<std::mutex> lock(mu_);
       SaySilent();
       continue;
-    } else if (absl::IsDeadlineExceeded(s)) {
+    } else if (absl::IsDeadlineExceeded(s) && absl::Now() >= deadline) {
       // The coordinator answers a call that waits too long itself, before
       // the deadline (rpc::GiveUpBefore): this one it took and never answered.
       return absl::UnavailableError(absl::StrCat(
