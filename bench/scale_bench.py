@@ -44,7 +44,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTED = re.compile(r"launch\.py: started (coordinator|server \d+|worker \d+) \(pid (\d+)\)")
 METRICS = re.compile(r"\[(coordinator|server \d+)\] [^:]*: metrics on (http://\S+)")
 REPORT = re.compile(r"\[worker (\d+)\] scale_worker: rank \d+ steps (\d+) step_ms p50 ([0-9.e+-]+)")
-BAD = re.compile(r"error|failed|FAIL", re.IGNORECASE)
+# Errors, and a coordinator taken for hung (a node's "has not answered",
+# the launcher's restart): under this load it must still answer in time.
+BAD = re.compile(r"error|failed|FAIL|has not answered|stopped answering", re.IGNORECASE)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 
