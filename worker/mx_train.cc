@@ -16,6 +16,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -23,17 +24,17 @@
 #include "absl/debugging/symbolize.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "absl/synchronization/mutex.h"
 #include "graph/symbol.h"
-#include "ndarray/ndarray.h"
 #include "kvstore/kvstore.h"
 #include "ndarray/env.h"
+#include "ndarray/ndarray.h"
 #include "ndarray/storage.h"
 #include "ndarray/trace.h"
 #include "rpc/metrics.h"
@@ -292,8 +293,10 @@ absl::Status Run() {
   if (kv_type != "local") {
     MX_ASSIGN_OR_RETURN(store, KVStore::Create(kv_type));
     MX_RETURN_IF_ERROR(store->SetGradientCompression(compression));
-    std::cout << "worker " << store->rank() << " of " << store->num_workers() << " (" << kv_type
-              << ")" << std::endl;
+    // One write (see the final lines): the launcher reads this line.
+    std::cout << absl::StrCat("worker ", store->rank(), " of ", store->num_workers(), " (", kv_type,
+                              ")\n")
+              << std::flush;
   } else if (compression["type"] != "none") {
     return absl::InvalidArgumentError(absl::StrCat(
         "--gradient_compression=", compression["type"],
@@ -368,10 +371,17 @@ absl::Status Run() {
     return checkpoint_error;
   }
   MX_ASSIGN_OR_RETURN(MetricValues score, model->Score(test.get(), "accuracy"));
-  std::cout << "Final test accuracy=" << score[0].second << std::endl;
+  // Each line in one write, its values computed first: another thread's
+  // message to stderr (which flushes cout) landed inside the checksum's
+  // line (found by tests/chaos: "Final params checksum=worker 0: a spare
+  // took the rank of server 1 ...", the value on the next line).
+  std::ostringstream accuracy;
+  accuracy << "Final test accuracy=" << score[0].second << "\n";
+  std::cout << accuracy.str() << std::flush;
   // Runs that should give the same bits (a fixed seed, a failover with
   // replicas) compare this line.
-  std::cout << "Final params checksum=" << ParamsChecksum(*model) << std::endl;
+  const std::string checksum = ParamsChecksum(*model);
+  std::cout << "Final params checksum=" + checksum + "\n" << std::flush;
   if (store != nullptr) MX_RETURN_IF_ERROR(store->Finish());
   return absl::OkStatus();
 }
