@@ -149,9 +149,20 @@ class Service final {
   bool Finished() {
     absl::MutexLock lock(&mu_);
     if (!EveryWorkerDone() && !Failed()) return false;
-    if (Failed() && absl::Now() - failed_at_ > options_.heartbeat_timeout) return true;
+    const absl::Time now = absl::Now();
+    if (Failed() && now - failed_at_ > options_.heartbeat_timeout) return true;
     for (const auto& [rank, unused] : servers_) {
       if (!told_.count(rank) && !dead_.count({proto::SERVER, rank})) return false;
+    }
+    // Waiting spares hear it at their next heartbeat too, for which the
+    // coordinator waits a few heartbeat periods at most (found by
+    // tests/chaos: after a coordinator's restart a spare's heartbeat came
+    // just after it had gone, and the spare ran on until the launcher
+    // stopped it). A silent spare is not waited for.
+    if (done_since_ == absl::InfiniteFuture()) done_since_ = now;
+    for (const auto& [rank, spare] : spares_) {
+      if (spare.assigned >= 0 || spare.silent || told_.count(rank)) continue;
+      if (now - done_since_ < kSpareGrace) return false;
     }
     return true;
   }
@@ -884,6 +895,11 @@ class Service final {
   const absl::Time started_ = absl::Now();
   std::map<int64_t, std::set<int>> entered_ ABSL_GUARDED_BY(mu_);
   std::set<int> left_ ABSL_GUARDED_BY(mu_);  // workers that finished
+  // How long a finished job's coordinator waits for waiting spares to
+  // hear it (they heartbeat every second).
+  static constexpr absl::Duration kSpareGrace = absl::Seconds(3);
+  // When Finished first found the job's work done.
+  absl::Time done_since_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   std::set<int> told_ ABSL_GUARDED_BY(mu_);  // servers told to shut down
   std::vector<Waiting> registering_ ABSL_GUARDED_BY(mu_);  // until all have registered
   std::vector<Waiting> in_barrier_ ABSL_GUARDED_BY(mu_);   // until all have entered

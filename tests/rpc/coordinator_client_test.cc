@@ -398,6 +398,65 @@ TEST(CoordinatorRestart, ANodeThatDoesNotRejoinIsDeclaredDead) {
   EXPECT_EQ(beats1.Lost(), "");
 }
 
+// A job of one worker and a waiting spare, which heartbeats only once a
+// test starts its heartbeats.
+struct JobWithSpare {
+  std::unique_ptr<CoordinatorServer> coordinator;
+  std::unique_ptr<rpc::CoordinatorClient> worker, spare;
+};
+JobWithSpare StartJobWithSpare() {
+  CoordinatorOptions o;
+  o.num_servers = 0;
+  o.num_workers = 1;
+  o.heartbeat_timeout = absl::Seconds(2);
+  JobWithSpare job;
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  EXPECT_TRUE(c.ok()) << c.status();
+  if (!c.ok()) return job;
+  job.coordinator = *std::move(c);
+  auto worker = RegisterWorker(job.coordinator->address(), rpc::Security(), 0);
+  rpc::CoordinatorClient::Options co;
+  co.address = job.coordinator->address();
+  proto::RegisterRequest req;
+  req.set_role(proto::SERVER);
+  req.set_address("127.0.0.1:1");
+  req.set_spare(true);
+  auto spare = rpc::CoordinatorClient::Register(co, req);
+  EXPECT_TRUE(worker.ok() && spare.ok()) << worker.status() << spare.status();
+  if (worker.ok()) job.worker = *std::move(worker);
+  if (spare.ok()) job.spare = *std::move(spare);
+  return job;
+}
+
+// Found by tests/chaos: a coordinator whose job was done exited once every
+// server had heard so, and a waiting spare whose heartbeat came just after
+// ran on until the launcher stopped it. The coordinator waits for it.
+TEST(CoordinatorClient, AFinishedJobsCoordinatorWaitsForAWaitingSpareToHearIt) {
+  JobWithSpare job = StartJobWithSpare();
+  ASSERT_NE(job.spare, nullptr);
+  ASSERT_TRUE(job.worker->Leave().ok());
+  absl::SleepFor(absl::Milliseconds(500));
+  EXPECT_FALSE(job.coordinator->finished());  // the spare has not heard it
+  std::atomic<bool> told{false};
+  job.spare->StartHeartbeats(
+      [&](const proto::HeartbeatResponse& r) { told = told || r.shutdown(); },
+      [](const absl::Status&) {});
+  ASSERT_TRUE(Eventually([&] { return told.load(); }));
+  EXPECT_TRUE(job.coordinator->finished());
+  job.spare->StopHeartbeats();
+}
+
+// ... but not for long: a spare that does not heartbeat (hung, or gone)
+// does not keep it.
+TEST(CoordinatorClient, AFinishedJobsCoordinatorDoesNotWaitForASilentSpare) {
+  JobWithSpare job = StartJobWithSpare();
+  ASSERT_NE(job.spare, nullptr);
+  ASSERT_TRUE(job.worker->Leave().ok());
+  const absl::Time left = absl::Now();
+  ASSERT_TRUE(Eventually([&] { return job.coordinator->finished(); }));
+  EXPECT_GE(absl::Now() - left, absl::Seconds(1));
+}
+
 // A spare server waits through a coordinator's restart (it rejoins as a
 // spare) and then takes the rank of a server that dies.
 TEST(CoordinatorRestart, ASpareRejoinsAndThenTakesADeadServersRank) {
