@@ -597,9 +597,11 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
             # Only a server that joined the job (served, or a spare that
             # waits): one that exits before (the job did not form, e.g. a
             # node never registered) is the job's failure, not a death its
-            # keys' backups absorb; so is one that gave up the coordinator.
+            # keys' backups absorb; so is one that stopped because of
+            # another node (it gave up the coordinator, or the job failed:
+            # "worker(s) 1 died ...").
             if (replicas > 1 and p.role == "server" and code != 0 and p.identity is not None
-                    and "coordinator" not in p.blamed):
+                    and not p.blamed):
                 lost.append(p)
                 log(f"{p.describe()} died: {how_it_ended(code)}; "
                     "its keys' backups take over (replicas 2)")

@@ -187,6 +187,7 @@ class Service final {
         DeclareDead(node);
       }
       SweepSpares(now);
+      FailForLastDeadWorker(now);
       if (!Failed() && EveryWorkerDied()) {
         failure_ = absl::StrCat("every worker of the job died: ", DeadList(proto::WORKER));
         failed_at_ = now;
@@ -556,6 +557,26 @@ class Service final {
     if (node.first == proto::SERVER) AssignSpare(node.second);
   }
 
+  // Without --elastic: the job fails when a worker died and every other
+  // one has finished. No worker is left to fail naming it (found by
+  // tests/chaos: a worker hung just before it finished, after the other
+  // had; the job was "finished" and the daemons exited 0), so the servers
+  // and the coordinator do ("worker(s) 1 died ..."), and the launcher
+  // blames the dead worker.
+  void FailForLastDeadWorker(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (Failed() || options_.elastic || left_.empty() || DeadWorkers() == 0) return;
+    std::vector<int> dead;
+    for (int rank = 0; rank < options_.num_workers; ++rank) {
+      if (left_.count(rank)) continue;
+      if (!dead_.count({proto::WORKER, rank})) return;  // one still runs: it will say so
+      dead.push_back(rank);
+    }
+    failure_ =
+        absl::StrCat("worker(s) ", absl::StrJoin(dead, ", "),
+                     " died before finishing, after the others had: ", DeadList(proto::WORKER));
+    failed_at_ = now;
+  }
+
   // A waiting spare silent for the heartbeat timeout (hung, or cut off)
   // will not take a rank (AssignSpare): said once, for the launcher, which
   // kills such a process. One that heartbeats again may take one again.
@@ -862,9 +883,12 @@ class Service final {
     }
     return true;
   }
-  // Whether every worker has finished or died, at least one finished.
+  // Whether every worker has finished or (elastic) died, at least one
+  // finished. Without --elastic a dead worker is the job's failure, even
+  // when it was the last one running (FailForLastDeadWorker).
   bool EveryWorkerDone() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (left_.empty() || static_cast<int>(workers_.size()) < options_.num_workers) return false;
+    if (!options_.elastic && DeadWorkers() > 0) return false;
     for (int rank = 0; rank < options_.num_workers; ++rank) {
       if (!left_.count(rank) && !dead_.count({proto::WORKER, rank})) return false;
     }

@@ -385,17 +385,40 @@ TEST(CoordinatorRestart, ANodeThatDoesNotRejoinIsDeclaredDead) {
   EXPECT_GE(absl::Now() - restarted, absl::Seconds(2));
   EXPECT_EQ(beats.Lost(), "");
   // Worker 2 finished before the restart: it is not declared dead, and
-  // once worker 0 leaves (worker 1 dead) the job is over.
+  // once worker 0 leaves the job is over, failed: worker 1 died (without
+  // --elastic a dead worker fails the job, also when the others finished).
   absl::SleepFor(absl::Seconds(1));
   EXPECT_EQ(beats.dead_workers.load(), 1);
   workers[0]->StopHeartbeats();
   ASSERT_TRUE(workers[0]->Leave().ok());
-  EXPECT_TRUE(c->finished());
+  EXPECT_TRUE(Eventually([&] { return c->finished(); }));
+  EXPECT_THAT(c->failure(), HasSubstr("worker(s) 1 died before finishing"));
   // A node declared dead may not come back.
   const absl::Status late = workers[1]->Barrier(5);
   EXPECT_EQ(late.code(), absl::StatusCode::kFailedPrecondition) << late;
   EXPECT_THAT(late.message(), HasSubstr("barrier: register (rejoin): worker 1 was declared dead"));
   EXPECT_EQ(beats1.Lost(), "");
+}
+
+// Found by tests/chaos: worker 1 hung just before it finished, after
+// worker 0 had finished; the coordinator counted the job as done (every
+// worker finished or dead) and the daemons exited 0, so the launcher
+// blamed whichever exited first. Without --elastic the job fails naming
+// the dead worker.
+TEST(CoordinatorClient, AWorkerThatDiesAfterTheOthersFinishedFailsTheJob) {
+  auto c = StartCoordinator(rpc::Security(), "127.0.0.1:0", 2);  // heartbeat timeout 2 s
+  auto workers = RegisterWorkers(c->address(), rpc::Security(), 2);
+  ASSERT_EQ(workers.size(), 2u);
+  Heartbeats beats;
+  beats.Start(workers[1].get());
+  ASSERT_TRUE(workers[0]->Leave().ok());
+  ASSERT_TRUE(Eventually([&] { return beats.answers > 0; }));
+  workers[1]->StopHeartbeats();  // hangs
+  ASSERT_TRUE(Eventually([&] { return !c->failure().empty(); }));
+  EXPECT_EQ(c->failure(),
+            "worker(s) 1 died before finishing, after the others had: worker 1 stopped sending "
+            "heartbeats");
+  EXPECT_TRUE(Eventually([&] { return c->finished(); }));
 }
 
 // A job of one worker and a waiting spare, which heartbeats only once a
