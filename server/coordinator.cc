@@ -564,12 +564,11 @@ class Service final {
   // and the coordinator do ("worker(s) 1 died ..."), and the launcher
   // blames the dead worker.
   void FailForLastDeadWorker(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (Failed() || options_.elastic || left_.empty() || DeadWorkers() == 0) return;
+    // While one still runs, it will say so itself.
+    if (Failed() || options_.elastic || DeadWorkers() == 0 || !EveryWorkerLeftOrDead()) return;
     std::vector<int> dead;
-    for (int rank = 0; rank < options_.num_workers; ++rank) {
-      if (left_.count(rank)) continue;
-      if (!dead_.count({proto::WORKER, rank})) return;  // one still runs: it will say so
-      dead.push_back(rank);
+    for (const auto& [node, info] : dead_) {
+      if (node.first == proto::WORKER) dead.push_back(node.second);
     }
     failure_ =
         absl::StrCat("worker(s) ", absl::StrJoin(dead, ", "),
@@ -887,8 +886,11 @@ class Service final {
   // finished. Without --elastic a dead worker is the job's failure, even
   // when it was the last one running (FailForLastDeadWorker).
   bool EveryWorkerDone() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return EveryWorkerLeftOrDead() && (options_.elastic || DeadWorkers() == 0);
+  }
+  // Whether every worker has finished or died, at least one finished.
+  bool EveryWorkerLeftOrDead() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (left_.empty() || static_cast<int>(workers_.size()) < options_.num_workers) return false;
-    if (!options_.elastic && DeadWorkers() > 0) return false;
     for (int rank = 0; rank < options_.num_workers; ++rank) {
       if (!left_.count(rank) && !dead_.count({proto::WORKER, rank})) return false;
     }

@@ -16,7 +16,6 @@
 #include <fstream>
 #include <iostream>
 #include <map>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -375,13 +374,10 @@ absl::Status Run() {
   // message to stderr (which flushes cout) landed inside the checksum's
   // line (found by tests/chaos: "Final params checksum=worker 0: a spare
   // took the rank of server 1 ...", the value on the next line).
-  std::ostringstream accuracy;
-  accuracy << "Final test accuracy=" << score[0].second << "\n";
-  std::cout << accuracy.str() << std::flush;
+  std::cout << absl::StrCat("Final test accuracy=", score[0].second, "\n") << std::flush;
   // Runs that should give the same bits (a fixed seed, a failover with
   // replicas) compare this line.
-  const std::string checksum = ParamsChecksum(*model);
-  std::cout << "Final params checksum=" + checksum + "\n" << std::flush;
+  std::cout << absl::StrCat("Final params checksum=", ParamsChecksum(*model), "\n") << std::flush;
   if (store != nullptr) MX_RETURN_IF_ERROR(store->Finish());
   return absl::OkStatus();
 }
