@@ -624,25 +624,20 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
 
 def cpu_threads(local_workers):
     """CPU threads for each of `local_workers` processes on this machine: its
-    share of the cores, for its CPU pool (BLAS) and its engine's workers.
+    share of the cores, for its CPU pool (BLAS and mx's kernels).
 
     Every worker's pool would otherwise start one thread per core, and their
     threads spin while waiting: with 2 workers on 2 cores a dist_sync MLP
-    step took 1.5x as long (and most of the time went to the kernel). Engine
-    workers beyond the share hand operations between threads that then
-    wait for cores: on 2 cores the README job ran 3% faster with one per
-    worker (median of 5 rounds in turns, 143.7k against 138.9k samples/s),
-    and 6% with one in every process, servers too (126.6k against 119.5k).
-    The cores are those this process may run on. A value the user set is
-    kept.
+    step took 1.5x as long (and most of the time went to the kernel). The
+    engine's workers need nothing here: a process runs one unless
+    MX_CPU_WORKER_NTHREADS says otherwise (on 2 cores the README job had run
+    6% faster with one in every process than with one per core). The cores
+    are those this process may run on. A value the user set is kept.
     """
     n = str(max(1, len(os.sched_getaffinity(0)) // local_workers))
-    threads = {}
-    if "OPENBLAS_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
-        threads.update(OPENBLAS_NUM_THREADS=n, OMP_NUM_THREADS=n)
-    if "MX_CPU_WORKER_NTHREADS" not in os.environ:
-        threads["MX_CPU_WORKER_NTHREADS"] = n
-    return threads
+    if "OPENBLAS_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n}
 
 
 def job_secrets(ap, args):

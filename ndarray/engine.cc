@@ -120,15 +120,18 @@ ErrorRef InputError(OprBlock* op) {
   return nullptr;
 }
 
+// One worker unless told otherwise, as in MXNet: the cores go to the CPU
+// pool inside operations, and a second worker mostly took operations over
+// from the first (a wake-up each, on 2 cores the MLP's training loop ran
+// 4-6% slower with 2 than with 1).
 int WorkersFromEnv(int requested) {
   if (requested > 0) return requested;
   if (const char* v = std::getenv("MX_CPU_WORKER_NTHREADS")) {
     int n = 0;
     if (absl::SimpleAtoi(v, &n) && n > 0) return n;
-    std::fprintf(stderr, "mx: MX_CPU_WORKER_NTHREADS=%s is not a number of threads; using %d\n", v,
-                 UsableCores());
+    std::fprintf(stderr, "mx: MX_CPU_WORKER_NTHREADS=%s is not a number of threads; using 1\n", v);
   }
-  return UsableCores();
+  return 1;
 }
 
 // Errors recorded by operations, for WaitForAll.
@@ -210,19 +213,25 @@ thread_local const OprBlock* t_running = nullptr;
 // A pool of worker threads that run ready operations, highest priority
 // first and in push order among equal priorities.
 //
-// Worker 0 runs every operation it can; the other workers start one only
-// while worker 0 is busy, i.e. when there is parallel work. A kCpuParallel
-// operation runs alone (it starts once nothing else runs, and nothing starts
-// beside it) on worker 0 or on a waiting thread: it uses every core through
-// the CPU pool (ndarray/parallel.h), whose helpers would otherwise compete
-// with the other workers. So a chain of operations stays on one thread
-// (with OpenBLAS's own spinning threads, spreading a LeNet step over two
-// threads that took turns calling it made it run at 3000 instead of 5000
-// samples/s on 2 cores). Threads that wait for results may run operations
-// too (TryRunOne).
+// A thread that is awake keeps the work: a worker that ends an operation
+// takes the next ready one itself, and a sleeping worker is woken only for
+// work that can start beside what runs (worker 0 first, so that a chain of
+// operations stays on one thread as long as nothing runs beside it). A
+// wake-up costs the waker a system call and the woken thread 20-40 us in
+// VMs before it runs, often on the waker's core, preempting it: handing a
+// chain to a sleeping thread (a helper ends an update that worker 0 must
+// follow with the next product) cost the MLP's training loop 5-9% of its
+// speed on 2 cores.
+//
+// A kCpuParallel operation runs alone (it starts once nothing else runs,
+// and nothing starts beside it): it uses every core through the CPU pool
+// (ndarray/parallel.h), whose helpers would otherwise compete with the
+// other workers. Threads that wait for results may run operations too
+// (RunWhile).
 class WorkerPool {
  public:
-  WorkerPool(int n, std::function<void(OprBlock*)> run) : run_(std::move(run)) {
+  WorkerPool(int n, std::function<void(OprBlock*)> run)
+      : run_(std::move(run)), sleepers_(static_cast<size_t>(n)) {
     for (int i = 0; i < n; ++i) threads_.emplace_back([this, i] { Loop(i); });
   }
   ~WorkerPool() {
@@ -230,41 +239,43 @@ class WorkerPool {
       absl::MutexLock lock(&mu_);
       stop_ = true;
     }
-    cv_.SignalAll();
-    cv0_.SignalAll();
+    for (Sleeper& s : sleepers_) s.cv.Signal();
     for (auto& t : threads_) t.join();
   }
   // `pusher_continues`: the pushing worker is ending its operation and
-  // looks for the next one right after, so it takes this one unless more
-  // are ready; it then wakes a helper itself (Loop). Waking one here would
-  // cost a context-switch pair for nothing, and in VMs the woken thread
-  // often lands on the waker's core and preempts it.
+  // looks for the next one right after, so it takes this one; once it has,
+  // it wakes a worker for what else can start (Loop).
   void Push(OprBlock* op, bool pusher_continues) {
-    bool wake_any, wake0;
+    Sleeper* wake = nullptr;
     {
       absl::MutexLock lock(&mu_);
       op->seq = next_seq_++;
       queue_.push(op);
-      // Worker 0 first; another worker only joins a busy worker 0.
-      wake0 = idle0_;
-      wake_any = !pusher_continues && HelperCanStartLocked();
+      if (!pusher_continues) wake = ClaimSleeperLocked();
     }
-    if (wake_any) cv_.Signal();
-    if (wake0) cv0_.Signal();
+    if (wake != nullptr) wake->cv.Signal();
   }
   int size() const { return static_cast<int>(threads_.size()); }
 
-  // Runs the highest-priority ready operation on the calling thread if it
-  // may start now; false otherwise.
-  bool TryRunOne() {
-    OprBlock* op;
-    {
-      absl::MutexLock lock(&mu_);
-      op = StartTopLocked(Caller::kWaiter);
+  // Runs ready operations on the calling thread, highest priority first,
+  // while `keep_going` (called under the pool's lock) is true and one may
+  // start; then wakes a worker for what can still start. Like a worker, the
+  // caller takes what its own operations make ready.
+  void RunWhile(absl::FunctionRef<bool()> keep_going) {
+    for (;;) {
+      OprBlock* op = nullptr;
+      Sleeper* wake = nullptr;
+      {
+        absl::MutexLock lock(&mu_);
+        if (keep_going()) op = StartTopLocked();
+        if (op == nullptr) wake = ClaimSleeperLocked();
+      }
+      if (op == nullptr) {
+        if (wake != nullptr) wake->cv.Signal();
+        return;
+      }
+      RunAndRelease(op);
     }
-    if (op == nullptr) return false;
-    RunAndRelease(op);
-    return true;
   }
 
  private:
@@ -275,97 +286,85 @@ class WorkerPool {
     }
   };
 
-  enum class Caller { kWorker0, kOtherWorker, kWaiter };
+  // A worker's wake-up: `asleep` is set by the worker before it waits and
+  // cleared by the thread that wakes it (or by itself after a spurious
+  // wake-up), so that two wake-ups in a row go to two workers.
+  struct Sleeper {
+    absl::CondVar cv;
+    bool asleep = false;
+  };
 
-  // Whether waking a sleeping worker other than worker 0 would let it start
-  // the top operation now (StartTopLocked's rules for kOtherWorker). A
-  // wake-up costs the waker a system call and the woken thread a core for
-  // nothing when it finds no work: in VMs 10-50 us each, and in the MLP's
-  // training loop such futile wake-ups were about half of all context
-  // switches (the top was a product, or a product held the cores).
-  bool HelperCanStartLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return idle_ > 0 && worker0_busy_ && !exclusive_running_ && !queue_.empty() &&
-           queue_.top()->prop != FnProperty::kCpuParallel;
+  // Whether the top operation may start now.
+  bool TopCanStartLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (queue_.empty() || exclusive_running_) return false;
+    return queue_.top()->prop != FnProperty::kCpuParallel || running_ == 0;
   }
 
-  // Pops the top operation if the caller may start it now (see the class
-  // comment for the rules).
-  OprBlock* StartTopLocked(Caller caller) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (queue_.empty() || exclusive_running_) return nullptr;
-    if (caller == Caller::kOtherWorker && !worker0_busy_) return nullptr;
+  // Pops the top operation if it may start now.
+  OprBlock* StartTopLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!TopCanStartLocked()) return nullptr;
     OprBlock* op = queue_.top();
-    const bool exclusive = op->prop == FnProperty::kCpuParallel;
-    // A waiting thread may run it too: it would only sleep otherwise, and
-    // running the product itself saves worker 0's wake-up (Dot, n = 256).
-    if (exclusive && (caller == Caller::kOtherWorker || running_ > 0)) return nullptr;
     queue_.pop();
     ++running_;
-    exclusive_running_ = exclusive;
-    if (caller == Caller::kWorker0) worker0_busy_ = true;
+    exclusive_running_ = op->prop == FnProperty::kCpuParallel;
     return op;
   }
 
-  void RunAndRelease(OprBlock* op, bool worker0 = false) {
-    const bool exclusive = op->prop == FnProperty::kCpuParallel;
-    run_(op);  // may complete and free op
-    bool wake, wake0;
-    {
-      absl::MutexLock lock(&mu_);
-      --running_;
-      if (exclusive) exclusive_running_ = false;
-      if (worker0) worker0_busy_ = false;
-      // Workers may have been held back by the exclusivity rule.
-      wake0 = !queue_.empty() && idle0_;
-      wake = HelperCanStartLocked();
+  // The sleeping worker to wake (worker 0 first) when the top operation may
+  // start now; null when none is needed or none sleeps. A worker woken for
+  // nothing costs a system call and, on 2 cores, a running thread its core.
+  Sleeper* ClaimSleeperLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!TopCanStartLocked()) return nullptr;
+    for (Sleeper& s : sleepers_) {
+      if (s.asleep) {
+        s.asleep = false;
+        return &s;
+      }
     }
-    if (wake) cv_.SignalAll();
-    if (wake0) cv0_.Signal();
+    return nullptr;
+  }
+
+  // Runs op on the calling thread, which looks for the next operation right
+  // after (a worker, or RunWhile): what op's completion makes ready is left
+  // for it (see Push).
+  void RunAndRelease(OprBlock* op) {
+    const bool exclusive = op->prop == FnProperty::kCpuParallel;
+    const OprBlock* outer = t_running;  // a wait inside an operation nests
+    t_running = op;
+    run_(op);  // may complete and free op
+    t_running = outer;
+    absl::MutexLock lock(&mu_);
+    --running_;
+    if (exclusive) exclusive_running_ = false;
   }
 
   void Loop(int index) {
-    const bool worker0 = index == 0;
-    const Caller caller = worker0 ? Caller::kWorker0 : Caller::kOtherWorker;
-    absl::CondVar& cv = worker0 ? cv0_ : cv_;
+    Sleeper& me = sleepers_[static_cast<size_t>(index)];
     for (;;) {
       OprBlock* op;
-      bool wake_helper;
+      Sleeper* wake;
       {
         absl::MutexLock lock(&mu_);
-        while ((op = StartTopLocked(caller)) == nullptr) {
+        while ((op = StartTopLocked()) == nullptr) {
           if (stop_ && queue_.empty()) return;
-          if (worker0) {
-            idle0_ = true;
-          } else {
-            ++idle_;
-          }
-          cv.Wait(&mu_);
-          if (worker0) {
-            idle0_ = false;
-          } else {
-            --idle_;
-          }
+          me.asleep = true;
+          me.cv.Wait(&mu_);
+          me.asleep = false;  // a spurious wake-up, or stop_
         }
-        // More ready work than this worker can take: let a helper join.
-        wake_helper = HelperCanStartLocked();
+        // More that can start beside this one: wake a worker for it.
+        wake = ClaimSleeperLocked();
       }
-      if (wake_helper) cv_.Signal();
-      t_running = op;
-      RunAndRelease(op, worker0);
-      t_running = nullptr;
+      if (wake != nullptr) wake->cv.Signal();
+      RunAndRelease(op);
     }
   }
 
   std::function<void(OprBlock*)> run_;
   absl::Mutex mu_;
-  // Wake-ups are explicit, and targeted, so that an operation pushed while
-  // worker 0 is idle wakes worker 0 alone.
-  absl::CondVar cv_;   // workers 1..n-1
-  absl::CondVar cv0_;  // worker 0
   std::priority_queue<OprBlock*, std::vector<OprBlock*>, Order> queue_ ABSL_GUARDED_BY(mu_);
   uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 0;
-  int idle_ ABSL_GUARDED_BY(mu_) = 0;           // idle workers other than worker 0
-  bool idle0_ ABSL_GUARDED_BY(mu_) = false;     // worker 0 is idle
-  bool worker0_busy_ ABSL_GUARDED_BY(mu_) = false;  // worker 0 is running an operation
+  // One per worker, indexed as the workers; the flags are guarded by mu_.
+  std::vector<Sleeper> sleepers_;
   int running_ ABSL_GUARDED_BY(mu_) = 0;        // operations started and not yet released
   bool exclusive_running_ ABSL_GUARDED_BY(mu_) = false;  // one of them is kCpuParallel
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
@@ -404,7 +403,7 @@ class ThreadedEngine : public Engine {
     Push(op);
     // Help while waiting: running ready operations on this thread saves a
     // worker's wake-up on the common push-then-wait path.
-    while (!done.HasBeenNotified() && pool_.TryRunOne()) {}
+    pool_.RunWhile([&done] { return !done.HasBeenNotified(); });
     done.WaitForNotification();
     RethrowVarError(var);
   }

@@ -19,13 +19,13 @@
 // stacks are readable); the default is ThreadedEngine.
 //
 // Who owns the CPU cores. Three sets of threads run a process's CPU work:
-//  - The engine's workers, MX_CPU_WORKER_NTHREADS of them (default:
-//    UsableCores(), ndarray/parallel.h). Worker 0 takes every ready
-//    operation it can; the others start one only while worker 0 is busy, so
-//    a chain of dependent operations stays on one thread and only
-//    independent ones spread out. A thread blocked in WaitForVar runs ready
-//    operations too, and a kInline operation runs on the thread that makes
-//    it ready. Reductions, and kernels that touch under 2^16 elements,
+//  - The engine's workers, MX_CPU_WORKER_NTHREADS of them (default 1, as
+//    in MXNet). A thread that ends an operation takes the next ready one
+//    itself, so a chain of dependent operations stays on one thread; a
+//    sleeping worker is woken (worker 0 first) only for an operation that
+//    can start beside those running. A thread blocked in WaitForVar runs
+//    ready operations too, and a kInline operation runs on the thread that
+//    makes it ready. Reductions, and kernels that touch under 2^16 elements,
 //    run on one thread inside their operation: their parallelism comes from
 //    independent operations. Larger kernels split over the CPU pool
 //    (kernel::Launch, ndarray/launch.h), like Pooling below.
@@ -33,7 +33,7 @@
 //    CpuThreads() - 1 helpers (OMP_NUM_THREADS, else OPENBLAS_NUM_THREADS,
 //    else UsableCores()), which spin for 100 us after a job, then sleep.
 //    kCpuParallel operations (Dot, FullyConnected, Convolution) split
-//    themselves over it, and the engine runs each alone, on worker 0 or on a
+//    themselves over it, and the engine runs each alone, on a worker or on a
 //    waiting thread: it starts once no other operation runs, and only
 //    kInline ones start beside it, so for its duration the pool owns the
 //    cores. OpenBLAS runs one thread per call and none of its own. A
@@ -45,10 +45,9 @@
 //    up to 100 ms before it blocks in the driver, so it takes part of a
 //    core while GPU work is in flight. It completes GPU operations, and runs
 //    the kInline operations that this makes ready.
-// The workers and the pool each default to every usable core: processes
-// that share a machine need smaller counts (deploy/launch.py gives each
-// worker its share of the cores as OMP_NUM_THREADS and
-// MX_CPU_WORKER_NTHREADS).
+// The pool defaults to every usable core: processes that share a machine
+// need smaller counts (deploy/launch.py gives each worker its share of the
+// cores as OMP_NUM_THREADS).
 //
 // GPUs. An operation on gpu(i) runs on a worker like any other, but only
 // enqueues work on the device's compute stream (ndarray/launch.h,

@@ -89,7 +89,7 @@ ABSL_FLAG(int, resume_epoch, 0, "resume from the checkpoint of this epoch (needs
 ABSL_FLAG(bool, allow_non_finite_params, false,
           "resume from parameters holding NaN or infinite values (refused by default)");
 ABSL_FLAG(uint64_t, seed, 0, "random seed (initialization and shuffling)");
-ABSL_FLAG(int, threads, 0, "engine worker threads (0: one per core)");
+ABSL_FLAG(int, threads, 0, "engine worker threads (0: MX_CPU_WORKER_NTHREADS, else 1)");
 ABSL_FLAG(std::string, metrics_log, "", "append per-epoch metrics to this .csv or .jsonl file");
 ABSL_FLAG(std::string, eval_metric, "accuracy,ce",
           "metrics to report, comma-separated: accuracy, top_k_accuracy, ce, mse, mae, rmse, f1");

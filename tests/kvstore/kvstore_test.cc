@@ -201,7 +201,7 @@ TEST(KVStoreLocal, BadRequestsNameKeyAndShapes) {
 
 // A push waits only for the operation that writes its gradient: the push of
 // a gradient produced early completes while another gradient is still being
-// computed.
+// computed (on the engine's second worker: the BUILD file asks for two).
 TEST(KVStoreLocal, PushWaitsOnlyForItsOwnGradient) {
   auto kv = Local();
   NDArray slow = Zeros({4}), fast = Zeros({4});
