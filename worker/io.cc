@@ -95,8 +95,7 @@ class FloatTable : public SampleTable {
 // table: the arithmetic vectorizes, a table lookup per byte does not).
 class ByteTable : public SampleTable {
  public:
-  ByteTable(std::vector<uint8_t> images, int64_t image_size,
-            std::vector<uint8_t> labels, float scale)
+  ByteTable(internal::Bytes images, int64_t image_size, internal::Bytes labels, float scale)
       : images_(std::move(images)),
         labels_(std::move(labels)),
         image_size_(image_size),
@@ -132,8 +131,8 @@ class ByteTable : public SampleTable {
     for (int64_t at = 0; at < image_size_; at += 64) __builtin_prefetch(p + at);
   }
 
-  std::vector<uint8_t> images_;
-  std::vector<uint8_t> labels_;
+  internal::Bytes images_;
+  internal::Bytes labels_;
   int64_t image_size_;
   float scale_;
 };
