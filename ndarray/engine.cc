@@ -122,8 +122,8 @@ ErrorRef InputError(OprBlock* op) {
 
 // One worker unless told otherwise, as in MXNet: the cores go to the CPU
 // pool inside operations, and a second worker mostly took operations over
-// from the first (a wake-up each, on 2 cores the MLP's training loop ran
-// 4-6% slower with 2 than with 1).
+// from the first, at a wake-up each (on 2 cores the MLP's training loop ran
+// 4-9% slower with 2 than with 1).
 int WorkersFromEnv(int requested) {
   if (requested > 0) return requested;
   if (const char* v = std::getenv("MX_CPU_WORKER_NTHREADS")) {
@@ -218,10 +218,10 @@ thread_local const OprBlock* t_running = nullptr;
 // work that can start beside what runs (worker 0 first, so that a chain of
 // operations stays on one thread as long as nothing runs beside it). A
 // wake-up costs the waker a system call and the woken thread 20-40 us in
-// VMs before it runs, often on the waker's core, preempting it: handing a
-// chain to a sleeping thread (a helper ends an update that worker 0 must
-// follow with the next product) cost the MLP's training loop 5-9% of its
-// speed on 2 cores.
+// VMs before it runs, often on the waker's core, preempting it. Traced on
+// 2 cores, the MLP's training step had its cores idle a quarter of the
+// time, mostly in hand-offs of a chain to a sleeping thread (a helper ended
+// an update that only worker 0 could follow with the next product).
 //
 // A kCpuParallel operation runs alone (it starts once nothing else runs,
 // and nothing starts beside it): it uses every core through the CPU pool
