@@ -202,10 +202,10 @@ hang_before_registering() {
     [[ -n "$victim" ]] && kill -STOP "$victim"
     start=$(now_ms)
     # The stop must land before the victim registers. On a loaded machine
-    # it can come too late (CI saw it), and the job then forms, its workers
-    # saying "worker N of 2": that is another case (a hang after
-    # registering), so that job is stopped and this one run again.
-    if ! wait_for_line "$log" '\[worker [01]\] worker [01] of 2' 3; then
+    # it can come too late (CI saw it), and the job then forms, the other
+    # servers saying "server N serving on": that is another case (a hang
+    # after registering), so that job is stopped and this one run again.
+    if ! wait_for_line "$log" '\[server [0-9]\] server [0-9] serving on' 3; then
       stopped=1
       break
     fi
