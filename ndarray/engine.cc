@@ -13,11 +13,11 @@
 #include "absl/algorithm/container.h"
 #include "absl/base/thread_annotations.h"
 #include "absl/container/inlined_vector.h"
+#include "absl/functional/function_ref.h"
 #include "absl/strings/numbers.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "ndarray/base.h"
-#include "ndarray/parallel.h"
 #include "ndarray/trace.h"
 
 namespace mx {
@@ -205,9 +205,10 @@ OprBlock* NewOpr(Context ctx, const std::vector<VarHandle>& const_vars,
   return op;
 }
 
-// The operation a pool worker is running on this thread, if any: the
-// operations that its completion makes ready are pushed by a thread that
-// looks for work right after (see WorkerPool::Push).
+// The operation this thread runs through the pool (as a worker, or as a
+// waiter in RunWhile), if any: the operations that its completion makes
+// ready are pushed by a thread that looks for work right after (see
+// WorkerPool::Push).
 thread_local const OprBlock* t_running = nullptr;
 
 // A pool of worker threads that run ready operations, highest priority
@@ -242,9 +243,10 @@ class WorkerPool {
     for (Sleeper& s : sleepers_) s.cv.Signal();
     for (auto& t : threads_) t.join();
   }
-  // `pusher_continues`: the pushing worker is ending its operation and
-  // looks for the next one right after, so it takes this one; once it has,
-  // it wakes a worker for what else can start (Loop).
+  // `pusher_continues`: the pushing thread (a worker, or a waiter in
+  // RunWhile) is ending its operation and looks for the next one right
+  // after, so it takes this one; once it has, a worker wakes another for
+  // what else can start (Loop), and a waiter does when it stops (RunWhile).
   void Push(OprBlock* op, bool pusher_continues) {
     Sleeper* wake = nullptr;
     {

@@ -20,7 +20,6 @@
 #include <memory>
 #include <new>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -67,11 +66,9 @@ struct ByteAllocator : std::allocator<T> {
     if (n * sizeof(T) < kHugePage) return std::allocator<T>::deallocate(p, n);
     std::free(p);
   }
-  template <typename U, typename... Args>
-  void construct(U* p, Args&&... args) {
-    // Default-initialization when no value is given: no zeroing.
-    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
-  }
+  // Default-initialization when no value is given (resize): no zeroing.
+  // With a value, std::allocator_traits constructs from it as usual (this
+  // overload hides std::allocator's).
   template <typename U>
   void construct(U* p) {
     ::new (static_cast<void*>(p)) U;
