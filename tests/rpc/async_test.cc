@@ -265,6 +265,27 @@ TEST_P(AsyncServerTest, ManyCallsInFlightEachGetTheirOwnAnswer) {
   }
 }
 
+TEST_P(AsyncServerTest, MessagesOfEverySizeAroundTheReadAheadArriveWhole) {
+  // Streams read up to 8 KiB ahead (several small answers in one read) and
+  // larger bodies straight into place: sizes on both sides of that, in
+  // flight together, each answered with its own bytes.
+  std::vector<size_t> sizes = {0, 1, 2, 31, 32, 33, 100, 16383, 16384, 16385, 200000};
+  for (size_t n = 8180; n <= 8200; ++n) sizes.push_back(n);
+  std::vector<std::string> got(sizes.size());
+  std::vector<grpc::Status> status(sizes.size());
+  std::vector<std::thread> callers;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    callers.emplace_back([&, i] {
+      status[i] = Call("/t/Echo", std::string(sizes[i], static_cast<char>('a' + i % 26)), &got[i]);
+    });
+  }
+  for (std::thread& t : callers) t.join();
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    ASSERT_TRUE(status[i].ok()) << sizes[i] << ": " << status[i].error_message();
+    EXPECT_EQ(got[i], std::string(sizes[i], static_cast<char>('a' + i % 26))) << sizes[i];
+  }
+}
+
 TEST_P(AsyncServerTest, HealthIsAnsweredByTheServer) {
   if (stream()) {  // a gRPC service: streams serve only the routes named
     EXPECT_EQ(Call("/grpc.health.v1.Health/Check", "").error_code(),
