@@ -9,6 +9,7 @@
 #include <cstring>
 #include <deque>
 #include <iostream>
+#include <iterator>
 #include <map>
 #include <set>
 #include <thread>
@@ -16,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "kvstore/compression_wire.h"
 #include "kvstore/gradient_compression.h"
 #include "ndarray/trace.h"
@@ -187,9 +189,12 @@ class PullDeadlines {
  private:
   void Loop();
 
+  // Each pull takes mu_ twice (Add, Remove): the thread waits apart from it
+  // (stop_), since a thread waiting on a mutex with a condition (Await)
+  // sends every unlock of it down absl's slow path.
   absl::Mutex mu_;
   std::map<PullReactor*, absl::Time> when_ ABSL_GUARDED_BY(mu_);
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Notification stop_;
   std::thread thread_;
 };
 
@@ -336,10 +341,7 @@ class PullReactor : public rpc::UnaryReactor {
 };
 
 PullDeadlines::~PullDeadlines() {
-  {
-    absl::MutexLock lock(&mu_);
-    stop_ = true;
-  }
+  stop_.Notify();
   thread_.join();
   for (const auto& [r, unused] : when_) r->Unref();  // none: the server has stopped
 }
@@ -363,11 +365,10 @@ void PullDeadlines::Remove(PullReactor* r) {
 
 void PullDeadlines::Loop() {
   for (;;) {
+    if (stop_.WaitForNotificationWithTimeout(absl::Milliseconds(100))) return;
     std::vector<PullReactor*> due;
     {
       absl::MutexLock lock(&mu_);
-      mu_.AwaitWithTimeout(absl::Condition(&stop_), absl::Milliseconds(100));
-      if (stop_) return;
       const absl::Time now = absl::Now();
       for (auto it = when_.begin(); it != when_.end();) {
         if (it->second > now) {
@@ -394,7 +395,10 @@ void PullDeadlines::Loop() {
 // backup, a step's later keys waited a whole extra round trip). An answered call
 // tells the shard that the backup holds those versions; a failed one is
 // sent again 100 ms later (after telling `unreachable`), until the backup
-// answers or is declared dead (Drop). One thread.
+// answers or is declared dead (Drop). Calls start on the threads that
+// complete steps (Flush, once the shard's lock is let go) and answers
+// (Done): with a thread of its own woken for each step, a job with replicas
+// 2 spent more CPU per step (see Flush). The thread sends retries.
 class Replicator {
  public:
   // Calls complete on `queue` (the server's: a server polls one queue).
@@ -417,6 +421,7 @@ class Replicator {
     {
       absl::MutexLock lock(&mu_);
       stop_ = true;
+      wake_.Signal();
       for (Peer& p : peers_) {
         for (auto& stream : CancelLocked(p.calls)) streams.push_back(std::move(stream));
       }
@@ -427,11 +432,20 @@ class Replicator {
     mu_.Await(absl::Condition(this, &Replicator::Idle));
   }
 
-  // Under the shard's lock: queues only.
+  // Under the shard's lock: queues only, without waking the thread (Flush
+  // follows).
   void Queue(int backup, ReplicaStep step) {
     absl::MutexLock lock(&mu_);
     if (backup < 0 || backup >= static_cast<int>(peers_.size()) || peers_[backup].dropped) return;
-    peers_[backup].queued.push_back(std::move(step));
+    peers_[backup].fresh.push_back(std::move(step));
+  }
+
+  // Without the shard's lock, after Queue: starts the calls that can start
+  // now, on this thread.
+  void Flush() {
+    absl::MutexLock lock(&mu_);
+    TakeFreshLocked();
+    SendLocked();
   }
 
   // A new server at `address` (streams at `stream_address`, "" none) took
@@ -446,6 +460,7 @@ class Replicator {
     p.SetAddress(address, stream_address, options_.security);
     p.dropped = false;
     p.logged = false;
+    p.fresh.clear();
     p.queued.clear();
   }
 
@@ -456,6 +471,7 @@ class Replicator {
       absl::MutexLock lock(&mu_);
       if (backup < 0 || backup >= static_cast<int>(peers_.size())) return;
       peers_[backup].dropped = true;
+      peers_[backup].fresh.clear();
       peers_[backup].queued.clear();
       streams = CancelLocked(peers_[backup].calls);
     }
@@ -477,7 +493,8 @@ class Replicator {
     std::unique_ptr<grpc::GenericStub> stub;
     std::string address;
     rpc::StreamTarget stream;  // address "": through gRPC
-    std::deque<ReplicaStep> queued;
+    std::deque<ReplicaStep> fresh;             // queued since the last Flush
+    std::deque<ReplicaStep> queued;            // to send, after the calls in flight
     std::vector<std::shared_ptr<Call>> calls;  // in flight
     bool dropped = false;
     bool suspect = false;        // to report to `unreachable`
@@ -559,46 +576,63 @@ class Replicator {
     return true;
   }
 
+  // Flush and Done start calls themselves; this thread tells `unreachable`
+  // of failed calls, sends their retries when due, and sends steps that no
+  // Flush took within 100 ms (none should wait that long).
   void Loop() {
     absl::MutexLock lock(&mu_);
-    std::vector<std::pair<int, std::shared_ptr<Call>>> starting;  // backup, call
     while (!stop_) {
-      // Queue and Done wake it; a retry is due within 100 ms.
-      mu_.AwaitWithTimeout(absl::Condition(this, &Replicator::Ready), absl::Milliseconds(100));
+      if (!Ready()) wake_.WaitWithTimeout(&mu_, absl::Milliseconds(100));
       for (int b = 0; b < static_cast<int>(peers_.size()) && !stop_; ++b) {
-        Peer& p = peers_[b];
-        if (p.suspect) {
-          p.suspect = false;
-          mu_.Unlock();
-          if (options_.unreachable) options_.unreachable(b);
-          mu_.Lock();
-        }
-        if (!p.CanSend(absl::Now())) continue;
-        auto call = std::make_shared<Call>();
-        p.TakeSendable(&call->steps);
-        p.calls.push_back(call);
-        Encode(call.get());
-        starting.push_back({b, call});
+        if (!peers_[b].suspect) continue;
+        peers_[b].suspect = false;
+        mu_.Unlock();
+        if (options_.unreachable) options_.unreachable(b);
+        mu_.Lock();
       }
-      if (starting.empty()) continue;
-      mu_.Unlock();
-      std::vector<std::shared_ptr<rpc::StreamCall>> started;
-      for (const auto& [b, call] : starting) started.push_back(Start(b, call));
-      mu_.Lock();
-      std::vector<std::shared_ptr<rpc::StreamCall>> cancel;
-      for (size_t i = 0; i < starting.size(); ++i) {
-        starting[i].second->stream = started[i];
-        // Dropped or stopping since: CancelLocked did not see the handle.
-        if (started[i] != nullptr && (stop_ || peers_[starting[i].first].dropped)) {
-          cancel.push_back(started[i]);
-        }
-      }
-      starting.clear();
-      if (cancel.empty()) continue;
-      mu_.Unlock();
-      Cancel(cancel);
-      mu_.Lock();
+      TakeFreshLocked();
+      SendLocked();
     }
+  }
+
+  void TakeFreshLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (Peer& p : peers_) {
+      std::move(p.fresh.begin(), p.fresh.end(), std::back_inserter(p.queued));
+      p.fresh.clear();
+    }
+  }
+
+  // Starts a call to each backup that has queued steps it can send now.
+  // Lets go of mu_ while the calls start (see Call).
+  void SendLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<std::pair<int, std::shared_ptr<Call>>> starting;  // backup, call
+    const absl::Time now = absl::Now();
+    for (int b = 0; b < static_cast<int>(peers_.size()) && !stop_; ++b) {
+      Peer& p = peers_[b];
+      if (!p.CanSend(now)) continue;
+      auto call = std::make_shared<Call>();
+      p.TakeSendable(&call->steps);
+      p.calls.push_back(call);
+      Encode(call.get());
+      starting.push_back({b, call});
+    }
+    if (starting.empty()) return;
+    mu_.Unlock();
+    std::vector<std::shared_ptr<rpc::StreamCall>> started;
+    for (const auto& [b, call] : starting) started.push_back(Start(b, call));
+    mu_.Lock();
+    std::vector<std::shared_ptr<rpc::StreamCall>> cancel;
+    for (size_t i = 0; i < starting.size(); ++i) {
+      starting[i].second->stream = started[i];
+      // Dropped or stopping since: CancelLocked did not see the handle.
+      if (started[i] != nullptr && (stop_ || peers_[starting[i].first].dropped)) {
+        cancel.push_back(started[i]);
+      }
+    }
+    if (cancel.empty()) return;
+    mu_.Unlock();
+    Cancel(cancel);
+    mu_.Lock();
   }
 
   // A key's whole state into `header` (ReplicatedStep.state); returns its
@@ -679,12 +713,14 @@ class Replicator {
     absl::MutexLock lock(&mu_);
     Peer& p = peers_[b];
     p.calls.erase(std::find(p.calls.begin(), p.calls.end(), call));
-    if (s.ok() || p.dropped || stop_) return;
+    if (stop_ || p.dropped) return;
+    if (s.ok()) return SendLocked();  // the key's next steps, if queued
     // Again, before the key's later steps (queued behind it).
     p.queued.insert(p.queued.begin(), std::make_move_iterator(call->steps.begin()),
                     std::make_move_iterator(call->steps.end()));
     p.retry_at = absl::Now() + absl::Milliseconds(100);
     p.suspect = true;
+    wake_.Signal();
     if (!p.logged) {
       p.logged = true;
       std::cerr << "mx_server: server " << options_.rank << ": replicating to server " << b << " ("
@@ -699,6 +735,9 @@ class Replicator {
   grpc::CompletionQueue* const queue_;
   proto::Credential credential_;
   absl::Mutex mu_;
+  // Wakes the thread (stop_, a suspect peer). Not an Await on mu_: a waiter
+  // with a condition sends every unlock of mu_ down absl's slow path.
+  absl::CondVar wake_;
   std::vector<Peer> peers_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
@@ -1022,6 +1061,7 @@ class Service final {
     join->remaining = reqs.size();
     join->wanted = std::move(wanted);
     join->done = std::move(done);
+    ParameterShard::ReplicaBatch batch(shard_);
     for (size_t i = 0; i < reqs.size(); ++i) {
       Apply(absl::OkStatus(), *slices, reqs[i], data[i], [join](absl::Status s) {
         if (!s.ok()) {
@@ -1281,9 +1321,9 @@ void ParameterServer::StartReplication(ReplicationOptions options) {
   impl_->service->set_rank(options.rank);
   impl_->replicator =
       std::make_unique<Replicator>(shard_.get(), std::move(options), impl_->server->queue());
-  shard_->SetReplicator([r = impl_->replicator.get()](int backup, ReplicaStep step) {
-    r->Queue(backup, std::move(step));
-  });
+  Replicator* r = impl_->replicator.get();
+  shard_->SetReplicator([r](int backup, ReplicaStep step) { r->Queue(backup, std::move(step)); },
+                        [r] { r->Flush(); });
 }
 
 int ParameterServer::ServerReplaced(int server, const std::string& address,

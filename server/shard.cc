@@ -29,9 +29,33 @@ absl::StatusOr<ParameterShard::Key*> ParameterShard::Find(int key) {
   return &it->second;
 }
 
-void ParameterShard::SetReplicator(ReplicateFn replicate) {
+void ParameterShard::SetReplicator(ReplicateFn replicate, std::function<void()> flush) {
   absl::MutexLock lock(&mu_);
   replicate_ = std::move(replicate);
+  flush_ = std::move(flush);
+}
+
+void ParameterShard::QueueReplica(int backup, ReplicaStep step) {
+  replicate_(backup, std::move(step));
+  flush_due_.store(true, std::memory_order_release);
+}
+
+namespace {
+thread_local int t_replica_batches = 0;  // ReplicaBatch scopes open on this thread
+}  // namespace
+
+ParameterShard::ReplicaBatch::ReplicaBatch(ParameterShard* shard) : shard_(shard) {
+  ++t_replica_batches;
+}
+
+ParameterShard::ReplicaBatch::~ReplicaBatch() {
+  --t_replica_batches;
+  shard_->FlushReplicas();
+}
+
+void ParameterShard::FlushReplicas() {
+  if (t_replica_batches > 0 || flush_ == nullptr) return;
+  if (flush_due_.exchange(false, std::memory_order_acq_rel)) flush_();
 }
 
 absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector<float>& value,
@@ -549,7 +573,7 @@ bool ParameterShard::CompleteTableStep(int id, Key* k, std::vector<Pending> pend
     const size_t n = static_cast<size_t>(sum.data().shape().Size());
     if (n > 0) step.value = Pieces::Of(sum.data().data(), n, std::make_shared<RowSparseNDArray>(sum));
     step.rows = sum.indices();
-    replicate_(k->copies.peer, std::move(step));
+    QueueReplica(k->copies.peer, std::move(step));
   }
   return true;
 }
@@ -589,7 +613,7 @@ bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pending> pending,
   }
   if (pushes.size() == 1 && replicate) step.value = pushes[0];
   auto replicated = [&] {
-    if (replicate) replicate_(k->copies.peer, std::move(step));
+    if (replicate) QueueReplica(k->copies.peer, std::move(step));
     return true;
   };
   if (optimizer_ == nullptr && pushes.size() == 1) {
@@ -707,6 +731,7 @@ void ParameterShard::TakeAnswered(int id, Key* k, Answers* answers) {
 }
 
 void ParameterShard::Deliver(Answers answers) {
+  FlushReplicas();  // first: the pulls of these steps wait for their backups
   for (auto& [done, value] : answers) done(std::move(value));
 }
 
@@ -932,6 +957,12 @@ int ParameterShard::ServerDied(int server) {
 }
 
 int ParameterShard::ServerReplaced(int server) {
+  const int restored = RestoreCopies(server);
+  FlushReplicas();
+  return restored;
+}
+
+int ParameterShard::RestoreCopies(int server) {
   absl::MutexLock lock(&mu_);
   mu_.Await(NoStepInFlight());  // the state sent is that of a completed step
   if (!dead_servers_.erase(server) || replicate_ == nullptr) return 0;
@@ -953,7 +984,7 @@ int ParameterShard::ServerReplaced(int server) {
     k.copies = Copies{Copies::kPrimary, server};
     k.lost_peer = -1;
     ReplicaStep step{id, k.version, {}, {}, *std::move(state)};
-    replicate_(server, std::move(step));
+    QueueReplica(server, std::move(step));
     ++restored;
   }
   return restored;

@@ -76,6 +76,7 @@
 #ifndef MX_SERVER_SHARD_H_
 #define MX_SERVER_SHARD_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -167,11 +168,29 @@ class ParameterShard {
   explicit ParameterShard(ShardOptions options);
   const ShardOptions& options() const { return options_; }
 
-  // Receives each step of a key held as primary, in the order of the key's
-  // steps, under the shard's lock (it must only queue it): the caller
-  // sends it to server `backup` and calls Replicated once it holds it.
+  // `replicate` receives each step of a key held as primary, in the order
+  // of the key's steps, under the shard's lock (it must only queue it): the
+  // caller sends it to server `backup` and calls Replicated once it holds
+  // it. `flush` (may be empty) runs without the lock after any call that
+  // queued steps, on the thread that made them, which may start sending
+  // them there: handing each step to a thread of the replicator's cost a
+  // wake-up per step. Set before any key is.
   using ReplicateFn = std::function<void(int backup, ReplicaStep step)>;
-  void SetReplicator(ReplicateFn replicate);
+  void SetReplicator(ReplicateFn replicate, std::function<void()> flush = nullptr);
+
+  // While one lives on a thread, the shard's calls on that thread leave the
+  // steps they queue for its end, which flushes them: the keys of one
+  // request reach each backup in one call, not one call per key.
+  class ReplicaBatch {
+   public:
+    explicit ReplicaBatch(ParameterShard* shard);
+    ~ReplicaBatch();
+    ReplicaBatch(const ReplicaBatch&) = delete;
+    ReplicaBatch& operator=(const ReplicaBatch&) = delete;
+
+   private:
+    ParameterShard* const shard_;
+  };
 
   // Creates key with a value. A second Init with the same shape is a no-op
   // (every worker may init); another shape is an error naming both.
@@ -357,7 +376,15 @@ class ParameterShard {
   };
   // Answers to give once the lock is released.
   using Answers = std::vector<std::pair<PullCallback, absl::StatusOr<Value>>>;
-  static void Deliver(Answers answers);
+  // Flushes the steps queued for backups (FlushReplicas), then gives the
+  // answers.
+  void Deliver(Answers answers) ABSL_LOCKS_EXCLUDED(mu_);
+  // Hands a primary's step to replicate_, to send once the lock is let go.
+  void QueueReplica(int backup, ReplicaStep step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // ServerReplaced under the lock: queues each key's state for `server`.
+  int RestoreCopies(int server) ABSL_LOCKS_EXCLUDED(mu_);
+  // Runs flush_ if steps were queued since it last ran.
+  void FlushReplicas() ABSL_LOCKS_EXCLUDED(mu_);
 
   absl::StatusOr<Key*> Find(int key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // PushAsync under the lock: records *value (and *done, which answers go
@@ -446,7 +473,9 @@ class ParameterShard {
   std::vector<int> MissingPushes(const Key& key) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const ShardOptions options_;
-  ReplicateFn replicate_;  // set before any key is
+  ReplicateFn replicate_;               // set before any key is
+  std::function<void()> flush_;         // the same
+  std::atomic<bool> flush_due_{false};  // QueueReplica since the last flush
   mutable absl::Mutex mu_;
   std::map<int, Key> keys_ ABSL_GUARDED_BY(mu_);
   std::set<int> live_ ABSL_GUARDED_BY(mu_);

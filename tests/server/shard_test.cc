@@ -840,6 +840,60 @@ TEST(ShardReplicas, ASpareRestoresTheSecondCopy) {
 // Found by tests/chaos: a key inited after its backup's server died is
 // held alone (not as a primary waiting for a dead backup), and a spare that
 // takes that rank gets a copy.
+// The replicator's flush runs without the shard's lock, after the steps it
+// sends were queued: once per push, or once per ReplicaBatch.
+struct Flushes {
+  explicit Flushes(ParameterShard* shard) {
+    shard->SetReplicator(
+        [this](int, ReplicaStep step) { steps.push_back(step.key); },
+        [this, shard] {
+          shard->live_workers();  // takes the shard's lock: would deadlock under it
+          queued_at_flush.push_back(steps.size());
+        });
+  }
+  std::vector<int> steps;               // keys, as queued
+  std::vector<size_t> queued_at_flush;  // steps queued when each flush ran
+};
+
+TEST(ShardReplicas, StepsAreFlushedOnceTheLockIsLetGo) {
+  ParameterShard primary({true, 1, false});
+  Flushes f(&primary);
+  ASSERT_TRUE(primary.Init(7, Shape{1}, {0}, {Copies::kPrimary, 1}).ok());
+  ASSERT_TRUE(primary.Init(8, Shape{1}, {0}, {Copies::kPrimary, 1}).ok());
+  ASSERT_TRUE(primary.Push(7, 0, {2}).ok());
+  ASSERT_TRUE(primary.Push(8, 0, {3}).ok());
+  EXPECT_THAT(f.steps, ElementsAre(7, 8));
+  EXPECT_THAT(f.queued_at_flush, ElementsAre(1, 2));  // one flush per push
+  // A push that completes no step queues nothing: no flush.
+  ParameterShard two({true, 2, false});
+  Flushes g(&two);
+  ASSERT_TRUE(two.Init(7, Shape{1}, {0}, {Copies::kPrimary, 1}).ok());
+  ASSERT_TRUE(PushSeq(two, 7, 0, {1}, 1).ok());
+  EXPECT_TRUE(g.queued_at_flush.empty());
+  ASSERT_TRUE(PushSeq(two, 7, 1, {1}, 1).ok());
+  EXPECT_THAT(g.queued_at_flush, ElementsAre(1));
+}
+
+TEST(ShardReplicas, ABatchFlushesTheStepsOfItsPushesOnceAtItsEnd) {
+  ParameterShard primary({true, 1, false});
+  Flushes f(&primary);
+  ASSERT_TRUE(primary.Init(7, Shape{1}, {0}, {Copies::kPrimary, 1}).ok());
+  ASSERT_TRUE(primary.Init(8, Shape{1}, {0}, {Copies::kPrimary, 1}).ok());
+  {
+    ParameterShard::ReplicaBatch batch(&primary);
+    ASSERT_TRUE(PushSeq(primary, 7, 0, {2}, 1).ok());
+    ASSERT_TRUE(PushSeq(primary, 8, 0, {3}, 1).ok());
+    EXPECT_TRUE(f.queued_at_flush.empty());
+  }
+  EXPECT_THAT(f.steps, ElementsAre(7, 8));
+  EXPECT_THAT(f.queued_at_flush, ElementsAre(2));
+  // A spare's state for each key is flushed too.
+  primary.ServerDied(1);
+  EXPECT_EQ(primary.ServerReplaced(1), 2);
+  EXPECT_THAT(f.steps, ElementsAre(7, 8, 7, 8));
+  EXPECT_THAT(f.queued_at_flush, ElementsAre(2, 4));
+}
+
 TEST(ShardReplicas, AKeyInitedAfterItsBackupDiedIsHeldAloneUntilASpareComes) {
   ParameterShard primary({true, 1, false});
   std::vector<ReplicaStep> steps;
