@@ -208,9 +208,18 @@ absl::Status ParameterShard::AssignRows(int key, std::vector<int64_t> rows, cons
 
 void ParameterShard::CopyWeights(Key* k) {
   if (k->table) return;  // a table's weights are its value
+  FreshenValue(k);
   k->weight = Empty(k->shape);
   k->value.CopyTo(0, k->value.bytes(), k->weight.data());
   k->grad = Empty(k->shape);
+}
+
+void ParameterShard::FreshenValue(Key* k) {
+  if (!k->value_stale) return;
+  std::vector<float> value = pool_->Take(k->shape.Size());
+  k->weight.SyncCopyToCPU(value.data(), value.size());
+  k->value = Publish(std::move(value));
+  k->value_stale = false;
 }
 
 Pieces ParameterShard::Publish(std::vector<float> buffer) {
@@ -630,7 +639,9 @@ bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pending> pending,
   const bool optimize = optimizer_ != nullptr;
   const int64_t traced_from = trace::Enabled() ? trace::NowMicros() : 0;
   const size_t n = k->shape.Size();
-  std::vector<float> next = pool_->Take(n);
+  // A backup's step changes only its weights (Key::value_stale).
+  const bool weights_only = optimize && k->copies.role == Copies::kBackup;
+  std::vector<float> next = weights_only ? std::vector<float>() : pool_->Take(n);
   // The sum, when the backup needs it and the update will not keep it.
   const bool copy_sum = replicate && optimize && pushes.size() > 1;
   std::vector<float> sum = copy_sum ? pool_->Take(n) : std::vector<float>();
@@ -646,11 +657,19 @@ bool ParameterShard::CompleteStep(int id, Key* k, std::vector<Pending> pending,
     mu_.Unlock();
     // The answers of the last version may still hold its buffer: the new
     // version is a copy.
-    if (s.ok()) s = CatchError([&] { k->weight.SyncCopyToCPU(next.data(), n); });
+    if (s.ok()) {
+      s = CatchError(
+          [&] { weights_only ? k->weight.WaitToRead() : k->weight.SyncCopyToCPU(next.data(), n); });
+    }
     mu_.Lock();
   }
   if (!EndStep(id, k, s)) return false;
-  k->value = Publish(std::move(next));
+  if (weights_only) {
+    k->value = Pieces();  // its buffer goes back to the pool
+    k->value_stale = true;
+  } else {
+    k->value = Publish(std::move(next));
+  }
   if (traced_from != 0) {
     trace::Complete("server", optimize ? "sum+update" : "sum", traced_from, trace::NowMicros(),
                     absl::StrCat("\"key\":", id, ",\"version\":", k->version,
@@ -949,6 +968,7 @@ int ParameterShard::ServerDied(int server) {
       if (k.copies.role == Copies::kBackup) ++taken;
       k.copies = Copies{};  // one copy, here
       k.lost_peer = server;
+      if (absl::Status s = CatchError([&] { FreshenValue(&k); }); !s.ok()) FailKey(id, &k, s);
       MaybeComplete(id, &k, &answers);
     }
   }
@@ -999,7 +1019,7 @@ absl::StatusOr<std::shared_ptr<const KeyState>> ParameterShard::StateOf(int id,
     std::memcpy(state->value.data(), k.weight.data(), state->value.size() * sizeof(float));
     state->table = k.table->table;
     state->first_row = k.table->first_row;
-  } else {
+  } else {  // fresh: only a backup's goes stale, and ServerDied freshens it
     k.value.CopyTo(0, k.value.bytes(), state->value.data());
   }
   state->seen = k.seen;

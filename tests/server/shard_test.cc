@@ -705,6 +705,30 @@ TEST(ShardReplicas, APullWaitsForTheBackupWhichThenHoldsTheSameBits) {
   }
 }
 
+// A backup's steps change only its weights; what it serves once it takes
+// over, or after an optimizer is set again (which starts from the values),
+// is made from them.
+TEST(ShardReplicas, ABackupServesTheValueItsWeightsHoldOnceItTakesOver) {
+  for (bool set_again : {false, true}) {
+    SCOPED_TRACE(set_again ? "optimizer set again" : "taken over");
+    Pair pair(/*optimizer=*/true);
+    for (int step : {1, 2}) {
+      for (int rank : {0, 1}) {
+        ASSERT_TRUE(PushSeq(pair.primary, 7, rank, Gradient(step, rank), step).ok());
+      }
+      pair.Replicate();
+    }
+    if (set_again) ASSERT_TRUE(pair.backup.SetOptimizer("sgd", kSgdMomentum).ok());
+    ASSERT_EQ(pair.backup.ServerDied(0), 1);
+    auto got = pair.backup.Pull(7, 2, Soon());
+    ASSERT_TRUE(got.ok()) << got.status();
+    auto primary = pair.primary.Pull(7, 2, Soon());
+    ASSERT_TRUE(primary.ok()) << primary.status();
+    EXPECT_EQ(got->data.ToFloats(), primary->data.ToFloats());
+    EXPECT_EQ(got->data.ToFloats(), Undisturbed(true, 2));
+  }
+}
+
 // The primary dies at either point of a step: after the step reached the
 // backup (the workers' resent pushes are recorded once), or with only one
 // push of it recorded (the backup completes it from the resent pushes).
