@@ -936,10 +936,14 @@ class Deadlines {
     static Deadlines* d = new Deadlines;
     return *d;
   }
+  // Wakes the thread only for a deadline before the time it sleeps until.
+  // Why: calls often start when none is in flight (one step's pushes and
+  // pulls, then the next's), and waking the thread for each cost a thread
+  // switch per call.
   Entry Add(absl::Time at, std::weak_ptr<ClientCall> call) {
     std::lock_guard<std::mutex> lock(mu_);
     Entry e = calls_.emplace(at, std::move(call));
-    if (e == calls_.begin()) wake_.notify_one();
+    if (at < sleeping_until_) wake_.notify_one();
     return e;
   }
   // An entry still there (Run removes only those of calls gone).
@@ -955,6 +959,10 @@ class Deadlines {
   std::mutex mu_;
   std::condition_variable wake_;
   std::multimap<absl::Time, std::weak_ptr<ClientCall>> calls_;
+  // When the thread wakes by itself (InfinitePast while it runs): the
+  // earliest deadline when it went to sleep, kept while calls come and go,
+  // so that a call added after the others ended does not wake it.
+  absl::Time sleeping_until_ = absl::InfinitePast();
   std::thread thread_;
 };
 
@@ -1034,16 +1042,22 @@ class ClientCall final : public StreamCall, public std::enable_shared_from_this<
 
 void Deadlines::Run() {
   std::unique_lock<std::mutex> lock(mu_);
+  absl::Time target = absl::InfiniteFuture();  // the last deadline it slept until
   for (;;) {
-    if (calls_.empty()) {
-      wake_.wait(lock);
+    const absl::Time now = absl::Now();
+    if (calls_.empty() || now < calls_.begin()->first) {
+      if (!calls_.empty()) target = calls_.begin()->first;
+      if (target <= now) target = absl::InfiniteFuture();  // no call: until one comes
+      sleeping_until_ = target;
+      if (target == absl::InfiniteFuture()) {
+        wake_.wait(lock);
+      } else {
+        wake_.wait_until(lock, absl::ToChronoTime(target));
+      }
+      sleeping_until_ = absl::InfinitePast();
       continue;
     }
     const auto first = calls_.begin();
-    if (absl::Now() < first->first) {
-      wake_.wait_until(lock, absl::ToChronoTime(first->first));
-      continue;
-    }
     std::shared_ptr<ClientCall> call = first->second.lock();
     if (call == nullptr) {
       calls_.erase(first);
