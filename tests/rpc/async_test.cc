@@ -246,6 +246,19 @@ TEST_P(AsyncServerTest, ACallPastItsDeadlineFailsAndItsReactorIsCancelled) {
   delete parked_;
 }
 
+TEST_P(AsyncServerTest, AShortDeadlineAfterALongOneEndsOnTime) {
+  // A call with a long deadline that ended leaves the deadline thread
+  // asleep until then; a later call with a short one must wake it.
+  ASSERT_TRUE(Call("/t/Echo", "x", nullptr, nullptr, absl::Seconds(60)).ok());
+  const absl::Time start = absl::Now();
+  const grpc::Status s = Call("/t/Park", "", nullptr, nullptr, absl::Milliseconds(300));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.error_message();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  ASSERT_TRUE(parked_arrived_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_TRUE(parked_done_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  delete parked_;
+}
+
 TEST_P(AsyncServerTest, ManyCallsInFlightEachGetTheirOwnAnswer) {
   // Answers come back in the order calls finish (Later's after Echo's).
   constexpr int kCalls = 64;
