@@ -293,8 +293,9 @@ def container(args, role, command, env):
     mutual TLS the kubelet's gRPC probe could not present a certificate.
     Readiness is /healthz, which says what the node's grpc.health.v1
     service says (not serving until the node has registered and, for a
-    server, knows the workers); liveness is /livez (the process answers),
-    as registration may wait up to --startup-timeout."""
+    server, knows the workers); liveness is /livez (the process answers,
+    and a coordinator's sweep has run within 15 s), as registration may
+    wait up to --startup-timeout."""
     resources = role_resources(args, role)
     return {
         "name": role,

@@ -105,9 +105,27 @@ HttpServer::Response HttpServer::Answer(const std::string& path, const std::stri
   if (path == "/metrics") {
     return {MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", registry_->Text()};
   }
-  if (path == "/livez") return {MHD_HTTP_OK, "text/plain", "ok\n"};
+  if (path == "/livez") return Liveness();
   if (serving_.load()) return {MHD_HTTP_OK, "text/plain", "ok\n"};
   return {MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain", "not serving\n"};
+}
+
+void HttpServer::SetLiveness(std::function<absl::Duration()> since_progress, absl::Duration limit,
+                             std::string what) {
+  absl::MutexLock lock(&liveness_mu_);
+  since_progress_ = std::move(since_progress);
+  liveness_limit_ = limit;
+  liveness_what_ = std::move(what);
+}
+
+HttpServer::Response HttpServer::Liveness() const {
+  absl::MutexLock lock(&liveness_mu_);
+  if (since_progress_ == nullptr) return {MHD_HTTP_OK, "text/plain", "ok\n"};
+  const absl::Duration since = since_progress_();
+  if (since <= liveness_limit_) return {MHD_HTTP_OK, "text/plain", "ok\n"};
+  return {MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain",
+          absl::StrCat("stuck: ", liveness_what_, " last ran ", absl::FormatDuration(since),
+                       " ago (the limit is ", absl::FormatDuration(liveness_limit_), ")\n")};
 }
 
 absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& bind_address,

@@ -3,7 +3,9 @@
 // whose stacks were too small for glibc's printf):
 //   GET /metrics  the Prometheus text format;
 //   GET /healthz  200 "ok" while the node says it is serving, else 503;
-//   GET /livez    200 while the process answers at all.
+//   GET /livez    200 while the process answers and, when a progress
+//                 probe is set (SetLiveness), the loop it watches has run
+//                 within its limit; else 503 saying how long ago it ran.
 // /healthz and /livez are the probes Kubernetes uses: with mutual TLS on
 // the gRPC port the kubelet's gRPC probe could not present a certificate.
 // Nothing here changes the job: every path only reads.
@@ -11,10 +13,14 @@
 #define MX_RPC_METRICS_HTTP_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "rpc/metrics.h"
 
 struct MHD_Daemon;
@@ -33,6 +39,14 @@ class HttpServer {
   int port() const { return port_; }
   // What /healthz answers; false until set.
   void SetServing(bool serving) { serving_.store(serving); }
+  // /livez fails once since_progress() (the time since a loop of the
+  // process last ran; called on the HTTP thread, so it must not block)
+  // exceeds `limit`: an answer from the HTTP thread alone says nothing of
+  // the rest (a coordinator deadlocked on its lock would still answer,
+  // and Kubernetes would never restart it). `what` names the loop in the
+  // answer.
+  void SetLiveness(std::function<absl::Duration()> since_progress, absl::Duration limit,
+                   std::string what);
 
   struct Response {
     unsigned code;
@@ -45,10 +59,16 @@ class HttpServer {
  private:
   explicit HttpServer(Registry* registry) : registry_(registry) {}
 
+  Response Liveness() const;
+
   Registry* const registry_;
   ::MHD_Daemon* daemon_ = nullptr;
   int port_ = 0;
   std::atomic<bool> serving_{false};
+  mutable absl::Mutex liveness_mu_;
+  std::function<absl::Duration()> since_progress_ ABSL_GUARDED_BY(liveness_mu_);
+  absl::Duration liveness_limit_ ABSL_GUARDED_BY(liveness_mu_);
+  std::string liveness_what_ ABSL_GUARDED_BY(liveness_mu_);
 };
 
 // The port of --metrics_port (`flag_value`) or, when that is empty, of

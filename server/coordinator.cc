@@ -1,25 +1,25 @@
 #include "server/coordinator.h"
 
-#include <optional>
-
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <set>
 #include <thread>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "ndarray/base.h"
+#include "ndarray/trace.h"
 #include "proto/mx.grpc.pb.h"
 #include "proto/wire.h"
-#include "ndarray/trace.h"
 #include "rpc/metrics.h"
 #include "rpc/rpc.h"
 
@@ -963,6 +963,7 @@ struct CoordinatorServer::Impl {
   std::unique_ptr<rpc::AsyncServer> server;
   absl::Mutex mu;
   bool stop ABSL_GUARDED_BY(mu) = false;
+  std::atomic<int64_t> swept_ns{absl::GetCurrentTimeNanos()};  // when the last sweep ended
   std::thread sweeper;
 };
 
@@ -997,6 +998,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     auto stopped = [impl]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(impl->mu) { return impl->stop; };
     while (!impl->mu.AwaitWithTimeout(absl::Condition(&stopped), period)) {
       impl->service->Sweep();
+      impl->swept_ns.store(absl::GetCurrentTimeNanos(), std::memory_order_relaxed);
     }
   });
   return c;
@@ -1005,6 +1007,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
 bool CoordinatorServer::finished() const { return impl_->service->Finished(); }
 std::string CoordinatorServer::failure() const { return impl_->service->Failure(); }
 int64_t CoordinatorServer::refused() const { return impl_->service->refused(); }
+absl::Duration CoordinatorServer::SinceLastSweep() const {
+  return absl::Nanoseconds(absl::GetCurrentTimeNanos() -
+                           impl_->swept_ns.load(std::memory_order_relaxed));
+}
 
 CoordinatorServer::~CoordinatorServer() {
   if (impl_ == nullptr) return;

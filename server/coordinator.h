@@ -67,6 +67,10 @@ class CoordinatorServer {
   std::string failure() const;
   // Calls refused for a missing or wrong token or identity.
   int64_t refused() const;
+  // The time since the sweep (every 100 ms: heartbeat timeouts, waiting
+  // calls' answers) last ended, without a lock: a sweep stuck on the
+  // coordinator's lock shows here (mx_server's /livez).
+  absl::Duration SinceLastSweep() const;
 
  private:
   CoordinatorServer() = default;

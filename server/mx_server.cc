@@ -28,6 +28,7 @@
 #include <string>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/debugging/failure_signal_handler.h"
 #include "absl/debugging/symbolize.h"
 #include "absl/flags/flag.h"
@@ -38,8 +39,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "ndarray/env.h"
-#include "proto/mx.grpc.pb.h"
 #include "ndarray/trace.h"
+#include "proto/mx.grpc.pb.h"
 #include "rpc/coordinator_client.h"
 #include "rpc/metrics.h"
 #include "rpc/metrics_http.h"
@@ -123,6 +124,10 @@ ABSL_FLAG(std::string, tls_server_name, "",
 
 namespace mx {
 namespace {
+
+// The coordinator's /livez fails once its sweep has not ended for this
+// long (see RunCoordinator).
+constexpr absl::Duration kStuckAfter = absl::Seconds(15);
 
 // Exits with code 2 and the setting's error unless `v` holds a value.
 template <class T>
@@ -353,7 +358,18 @@ int RunCoordinator() {
     return 1;
   }
   metrics::SetNodeInfo("coordinator", -1);
-  if (metrics != nullptr) metrics->SetServing(true);
+  if (metrics != nullptr) {
+    metrics->SetServing(true);
+    // Sweeps run every 100 ms and hold the coordinator's lock briefly; one
+    // that has not ended in this long is stuck (Kubernetes' liveness probe
+    // restarts the pod, and the nodes rejoin the new coordinator).
+    metrics->SetLiveness([c = c->get()] { return c->SinceLastSweep(); }, kStuckAfter,
+                         "the coordinator's sweep");
+  }
+  // Before the coordinator goes (it is destroyed before `metrics`).
+  auto unwatch = absl::MakeCleanup([&metrics] {
+    if (metrics != nullptr) metrics->SetLiveness(nullptr, absl::ZeroDuration(), "");
+  });
   std::cout << "coordinator listening on " << (*c)->address()
             << (o.elastic ? " (elastic)" : "") << std::endl;
   const int sig = WaitForSignal([&c] { return (*c)->finished(); });

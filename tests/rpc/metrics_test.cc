@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -111,6 +112,29 @@ TEST(HttpServer, ServesMetricsAndHealth) {
   (*s)->SetServing(true);
   EXPECT_THAT(Get(port, "/healthz"), HasSubstr("HTTP/1.1 200"));
   EXPECT_THAT(Get(port, "/other"), Not(HasSubstr("HTTP/1.1 200")));
+}
+
+// With a progress probe, /livez fails once the loop it watches has not
+// run within the limit, saying which loop and how long ago.
+TEST(HttpServer, LivenessFailsWhileTheWatchedLoopIsStuck) {
+  Registry r;
+  auto s = HttpServer::Start("127.0.0.1:0", &r);
+  ASSERT_TRUE(s.ok()) << s.status();
+  const int port = (*s)->port();
+  std::atomic<int64_t> since_s{1};
+  (*s)->SetLiveness([&since_s] { return absl::Seconds(since_s.load()); }, absl::Seconds(15),
+                    "the test loop");
+  EXPECT_THAT(Get(port, "/livez"), HasSubstr("HTTP/1.1 200"));
+  since_s = 20;
+  const std::string stuck = Get(port, "/livez");
+  EXPECT_THAT(stuck, HasSubstr("HTTP/1.1 503"));
+  EXPECT_THAT(stuck, HasSubstr("stuck: the test loop last ran 20s ago (the limit is 15s)"));
+  EXPECT_THAT(Get(port, "/metrics"), HasSubstr("HTTP/1.1 200"));  // the rest still answers
+  since_s = 0;
+  EXPECT_THAT(Get(port, "/livez"), HasSubstr("HTTP/1.1 200"));
+  since_s = 20;
+  (*s)->SetLiveness(nullptr, absl::ZeroDuration(), "");  // no probe: the process answers
+  EXPECT_THAT(Get(port, "/livez"), HasSubstr("HTTP/1.1 200"));
 }
 
 // Every address (0.0.0.0) takes IPv6 too where the system has it, as

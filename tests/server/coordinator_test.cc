@@ -252,6 +252,19 @@ TEST(CoordinatorIdentity, NodesCannotActForOthers) {
   EXPECT_EQ(resp.finished_workers_size(), 0);
 }
 
+// The sweep runs every 100 ms whether or not nodes call: the time since it
+// last ended (what mx_server's /livez watches) stays short.
+TEST(CoordinatorSweep, RunsOnItsOwnAndSaysWhenItLastEnded) {
+  CoordinatorOptions o;
+  o.num_workers = 1;
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  for (int i = 0; i < 5; ++i) {
+    absl::SleepFor(absl::Milliseconds(300));
+    EXPECT_LT((*c)->SinceLastSweep(), absl::Seconds(2)) << "after " << (i + 1) * 300 << " ms";
+  }
+}
+
 // With a job token, every call must carry it: registration included.
 TEST(CoordinatorToken, CallsWithoutTheTokenAreRefused) {
   CoordinatorOptions o;
