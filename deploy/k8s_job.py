@@ -294,8 +294,8 @@ def container(args, role, command, env):
     Readiness is /healthz, which says what the node's grpc.health.v1
     service says (not serving until the node has registered and, for a
     server, knows the workers); liveness is /livez (the process answers,
-    and a coordinator's sweep has run within 15 s), as registration may
-    wait up to --startup-timeout."""
+    and the coordinator's sweep or a server's shard check has run within
+    15 s), as registration may wait up to --startup-timeout."""
     resources = role_resources(args, role)
     return {
         "name": role,

@@ -177,8 +177,15 @@ class PullReactor;
 // it may answer.
 class PullDeadlines {
  public:
-  PullDeadlines() : thread_([this] { Loop(); }) {}
+  // Every tick (100 ms) it also takes `shard`'s lock (live_workers), so
+  // that SinceShardChecked shows a shard stuck on its lock.
+  explicit PullDeadlines(ParameterShard* shard) : shard_(shard), thread_([this] { Loop(); }) {}
   ~PullDeadlines();
+  // The time since the last tick took the shard's lock; without a lock.
+  absl::Duration SinceShardChecked() const {
+    return absl::Nanoseconds(absl::GetCurrentTimeNanos() -
+                             checked_ns_.load(std::memory_order_relaxed));
+  }
 
   // Adds `r`, to be timed out at `when`, with the reference the caller took
   // for it; false (the caller drops that reference) if `r` has responded.
@@ -192,6 +199,8 @@ class PullDeadlines {
   // Each pull takes mu_ twice (Add, Remove): the thread waits apart from it
   // (stop_), since a thread waiting on a mutex with a condition (Await)
   // sends every unlock of it down absl's slow path.
+  ParameterShard* const shard_;
+  std::atomic<int64_t> checked_ns_{absl::GetCurrentTimeNanos()};
   absl::Mutex mu_;
   std::map<PullReactor*, absl::Time> when_ ABSL_GUARDED_BY(mu_);
   absl::Notification stop_;
@@ -366,6 +375,8 @@ void PullDeadlines::Remove(PullReactor* r) {
 void PullDeadlines::Loop() {
   for (;;) {
     if (stop_.WaitForNotificationWithTimeout(absl::Milliseconds(100))) return;
+    shard_->live_workers();
+    checked_ns_.store(absl::GetCurrentTimeNanos(), std::memory_order_relaxed);
     std::vector<PullReactor*> due;
     {
       absl::MutexLock lock(&mu_);
@@ -746,7 +757,11 @@ class Replicator {
 class Service final {
  public:
   Service(ParameterShard* shard, const ParameterServerOptions& o)
-      : shard_(shard), guard_(o.security.token, o.identities), segments_(o.shm_dir) {}
+      : shard_(shard),
+        guard_(o.security.token, o.identities),
+        segments_(o.shm_dir),
+        deadlines_(shard) {}
+  absl::Duration SinceShardChecked() const { return deadlines_.SinceShardChecked(); }
   Guard& guard() { return guard_; }
   Segments& segments() { return segments_; }
   void set_rank(int rank) { rank_.store(rank); }
@@ -1307,6 +1322,9 @@ void ParameterServer::AdmitWorkers(const std::vector<std::string>& keys) {
 }
 
 int64_t ParameterServer::refused() const { return impl_->service->guard().refused(); }
+absl::Duration ParameterServer::SinceShardChecked() const {
+  return impl_->service->SinceShardChecked();
+}
 
 void ParameterServer::AdmitServers(const std::vector<std::string>& keys) {
   for (size_t rank = 0; rank < keys.size(); ++rank) {
@@ -1362,6 +1380,7 @@ ParameterServer::~ParameterServer() {
   // Its callbacks call the shard, and its calls end through the server's
   // queue, which stops after.
   if (impl_ != nullptr) impl_->replicator.reset();
+  impl_.reset();  // the service's threads call the shard: they end first
 }
 
 }  // namespace mx

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "rpc/security.h"
 #include "server/shard.h"
 
@@ -100,6 +101,10 @@ class ParameterServer {
   size_t shm_segments() const;
   // Calls refused for a missing or wrong token or identity.
   int64_t refused() const;
+  // The time since a thread of the server (every 100 ms) last took the
+  // shard's lock, read without a lock: a shard stuck on its lock shows here
+  // (mx_server's /livez).
+  absl::Duration SinceShardChecked() const;
 
  private:
   ParameterServer() = default;

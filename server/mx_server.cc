@@ -129,6 +129,17 @@ namespace {
 // long (see RunCoordinator).
 constexpr absl::Duration kStuckAfter = absl::Seconds(15);
 
+// Makes /livez of `metrics` (may be null) fail once since() exceeds
+// kStuckAfter (HttpServer::SetLiveness), until the returned cleanup runs,
+// which must be before what since() reads goes.
+auto WatchLiveness(metrics::HttpServer* metrics, std::function<absl::Duration()> since,
+                   const char* what) {
+  if (metrics != nullptr) metrics->SetLiveness(std::move(since), kStuckAfter, what);
+  return absl::MakeCleanup([metrics] {
+    if (metrics != nullptr) metrics->SetLiveness(nullptr, absl::ZeroDuration(), "");
+  });
+}
+
 // Exits with code 2 and the setting's error unless `v` holds a value.
 template <class T>
 T OrExit(absl::StatusOr<T> v) {
@@ -358,18 +369,12 @@ int RunCoordinator() {
     return 1;
   }
   metrics::SetNodeInfo("coordinator", -1);
-  if (metrics != nullptr) {
-    metrics->SetServing(true);
-    // Sweeps run every 100 ms and hold the coordinator's lock briefly; one
-    // that has not ended in this long is stuck (Kubernetes' liveness probe
-    // restarts the pod, and the nodes rejoin the new coordinator).
-    metrics->SetLiveness([c = c->get()] { return c->SinceLastSweep(); }, kStuckAfter,
-                         "the coordinator's sweep");
-  }
-  // Before the coordinator goes (it is destroyed before `metrics`).
-  auto unwatch = absl::MakeCleanup([&metrics] {
-    if (metrics != nullptr) metrics->SetLiveness(nullptr, absl::ZeroDuration(), "");
-  });
+  if (metrics != nullptr) metrics->SetServing(true);
+  // Sweeps run every 100 ms and hold the coordinator's lock briefly; one
+  // that has not ended in kStuckAfter is stuck (Kubernetes' liveness probe
+  // restarts the pod, and the nodes rejoin the new coordinator).
+  auto unwatch = WatchLiveness(
+      metrics.get(), [c = c->get()] { return c->SinceLastSweep(); }, "the coordinator's sweep");
   std::cout << "coordinator listening on " << (*c)->address()
             << (o.elastic ? " (elastic)" : "") << std::endl;
   const int sig = WaitForSignal([&c] { return (*c)->finished(); });
@@ -549,6 +554,13 @@ int RunServer() {
     std::cerr << "mx_server: " << ps.status().message() << "\n";
     return 1;
   }
+  // A thread of the server takes the shard's lock every 100 ms: a shard
+  // stuck on it fails /livez, and Kubernetes restarts the pod (the
+  // coordinator then sees the server die; with replicas 2 its keys fail
+  // over). Its heartbeats, which never take that lock, would not show it.
+  auto unwatch = WatchLiveness(
+      metrics.get(), [ps = ps->get()] { return ps->SinceShardChecked(); },
+      "the server's shard check");
   const bool spare = absl::GetFlag(FLAGS_spare);
   if (spare && replicas < 2) {
     std::cerr << "mx_server: --spare needs --replicas=2 (a spare restores the second copies)\n";

@@ -6,11 +6,14 @@
 #include <grpcpp/grpcpp.h>
 
 #include <string>
+#include <thread>
 
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "server/coordinator.h"
 #include "server/kvstore_service.h"
+#include "server/shard.h"
 
 namespace mx {
 namespace {
@@ -67,6 +70,31 @@ TEST(Health, AServerWithoutIdentitiesServesAtOnce) {
   auto ps = ParameterServer::Start("127.0.0.1:0", {true, 1, false});
   ASSERT_TRUE(ps.ok()) << ps.status();
   EXPECT_EQ(HealthOf((*ps)->address()), kServing);
+}
+
+// What mx_server's /livez watches on a server: a thread takes the shard's
+// lock every 100 ms. A shard held on its lock (here by a replicator's
+// queue, which runs under it) shows; once let go, the checks resume.
+TEST(Liveness, AServerShowsAShardStuckOnItsLock) {
+  auto ps = ParameterServer::Start("127.0.0.1:0", {true, 1, false});
+  ASSERT_TRUE(ps.ok()) << ps.status();
+  ParameterShard& shard = (*ps)->shard();
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_LT((*ps)->SinceShardChecked(), absl::Seconds(1));
+  absl::Notification holding, release;
+  shard.SetReplicator([&](int, ReplicaStep) {
+    holding.Notify();
+    release.WaitForNotification();
+  });
+  ASSERT_TRUE(shard.Init(7, Shape{1}, {0}, {Copies::kPrimary, 1}).ok());
+  std::thread pusher([&] { EXPECT_TRUE(shard.Push(7, 0, {1}).ok()); });
+  ASSERT_TRUE(holding.WaitForNotificationWithTimeout(absl::Seconds(5)));
+  absl::SleepFor(absl::Milliseconds(1500));
+  EXPECT_GT((*ps)->SinceShardChecked(), absl::Seconds(1));
+  release.Notify();
+  pusher.join();
+  absl::SleepFor(absl::Milliseconds(500));
+  EXPECT_LT((*ps)->SinceShardChecked(), absl::Seconds(1));
 }
 
 }  // namespace
