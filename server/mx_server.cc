@@ -125,8 +125,8 @@ ABSL_FLAG(std::string, tls_server_name, "",
 namespace mx {
 namespace {
 
-// The coordinator's /livez fails once its sweep has not ended for this
-// long (see RunCoordinator).
+// A node's /livez fails once the loop it watches (the coordinator's sweep,
+// a server's shard check) has not run for this long.
 constexpr absl::Duration kStuckAfter = absl::Seconds(15);
 
 // Makes /livez of `metrics` (may be null) fail once since() exceeds

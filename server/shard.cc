@@ -41,20 +41,23 @@ void ParameterShard::QueueReplica(int backup, ReplicaStep step) {
 }
 
 namespace {
-thread_local int t_replica_batches = 0;  // ReplicaBatch scopes open on this thread
+// The shard whose ReplicaBatch is open on this thread, if any: another
+// shard of the process (tests run several) flushes as usual.
+thread_local const ParameterShard* t_batching = nullptr;
 }  // namespace
 
-ParameterShard::ReplicaBatch::ReplicaBatch(ParameterShard* shard) : shard_(shard) {
-  ++t_replica_batches;
+ParameterShard::ReplicaBatch::ReplicaBatch(ParameterShard* shard)
+    : shard_(shard), outer_(t_batching) {
+  t_batching = shard;
 }
 
 ParameterShard::ReplicaBatch::~ReplicaBatch() {
-  --t_replica_batches;
+  t_batching = outer_;
   shard_->FlushReplicas();
 }
 
 void ParameterShard::FlushReplicas() {
-  if (t_replica_batches > 0 || flush_ == nullptr) return;
+  if (t_batching == this || flush_ == nullptr) return;
   if (flush_due_.exchange(false, std::memory_order_acq_rel)) flush_();
 }
 

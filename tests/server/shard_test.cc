@@ -903,11 +903,17 @@ TEST(ShardReplicas, ABatchFlushesTheStepsOfItsPushesOnceAtItsEnd) {
   Flushes f(&primary);
   ASSERT_TRUE(primary.Init(7, Shape{1}, {0}, {Copies::kPrimary, 1}).ok());
   ASSERT_TRUE(primary.Init(8, Shape{1}, {0}, {Copies::kPrimary, 1}).ok());
+  // Another shard of the process (a test's other server) flushes as usual.
+  ParameterShard other({true, 1, false});
+  Flushes g(&other);
+  ASSERT_TRUE(other.Init(7, Shape{1}, {0}, {Copies::kPrimary, 1}).ok());
   {
     ParameterShard::ReplicaBatch batch(&primary);
     ASSERT_TRUE(PushSeq(primary, 7, 0, {2}, 1).ok());
     ASSERT_TRUE(PushSeq(primary, 8, 0, {3}, 1).ok());
     EXPECT_TRUE(f.queued_at_flush.empty());
+    ASSERT_TRUE(PushSeq(other, 7, 0, {2}, 1).ok());
+    EXPECT_THAT(g.queued_at_flush, ElementsAre(1));
   }
   EXPECT_THAT(f.steps, ElementsAre(7, 8));
   EXPECT_THAT(f.queued_at_flush, ElementsAre(2));
