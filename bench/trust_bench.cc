@@ -79,11 +79,13 @@ struct Pair {
     ParameterServerOptions so;
     so.security = security;
     so.identities = identities;
+    so.stream_port = 0;  // as mx_server: pushes and pulls on stream connections
     auto s = ParameterServer::Start("127.0.0.1:0", {true, 1, false}, so);
     ThrowIfError(s.status());
     server = *std::move(s);
     DistKVStoreOptions o;
     o.servers = {server->address()};  // TLS: checked for tls_server_name
+    o.stream_addresses = {server->stream_address()};
     o.num_workers = 1;
     o.security = security;
     if (identities) {

@@ -89,8 +89,8 @@ a namespace whose Pod Security level is "privileged" (neither "baseline" nor
 "restricted" admits them), so --shm is off by default.
 
 Ports: the coordinator listens on --port, every server on --server-port
-(each in its own pod) and, without TLS, on --stream-port for the plain TCP
-connections that carry pushes and pulls (rpc/stream.h), and with
+(each in its own pod) and on --stream-port for the TCP connections
+(TLS with --tls) that carry pushes and pulls (rpc/stream.h), and with
 --replicas 2 the servers' steps to their backups; every process
 serves metrics on --metrics-port; all are declared containerPorts. A
 NetworkPolicy admits to the job's pods only the job's own pods on the gRPC
@@ -273,11 +273,9 @@ def grpc_port(args, role):
 
 
 def stream_port(args, role):
-    """The port servers and spares take stream connections on: --stream-port,
-    without TLS (streams are plaintext: with TLS every call goes through
-    gRPC); None for other roles."""
-    tls = args.tls or args.tls_secret
-    return args.stream_port if role in ("server", "spare") and not tls else None
+    """The port servers and spares take stream connections on (--stream-port;
+    with TLS, TLS too); None for other roles."""
+    return args.stream_port if role in ("server", "spare") else None
 
 
 def readiness_path(args, role):
@@ -534,8 +532,7 @@ def main():
                     help="the port every server listens on (in its own pod)")
     ap.add_argument("--stream-port", type=int, default=9093,
                     help="the port every server takes the stream connections that carry pushes "
-                         "and pulls (and, with --replicas 2, other servers' steps) on (none with "
-                         "TLS)")
+                         "and pulls (and, with --replicas 2, other servers' steps) on")
     ap.add_argument("--metrics-from", metavar="NAMESPACE",
                     help="admit metrics scrapes only from this namespace (default: any)")
     ap.add_argument("--startup-timeout", type=int, default=600,

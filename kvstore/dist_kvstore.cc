@@ -36,6 +36,7 @@
 #include "rpc/rpc.h"
 #include "rpc/shared_memory.h"
 #include "rpc/stream.h"
+#include "rpc/stream_tls.h"
 
 namespace mx {
 
@@ -2168,6 +2169,10 @@ absl::StatusOr<std::unique_ptr<DistKVStore>> NewDistKVStore(const DistKVStoreOpt
   if (options.shm_bytes < 1 << 20) {
     return absl::InvalidArgumentError(absl::StrCat(
         "dist kvstore: shared memory of ", options.shm_bytes, " bytes per server (1 MiB or more)"));
+  }
+  if (options.security.tls()) {  // the files the stream connections load
+    absl::Status tls = rpc::StreamTls::For(options.security).status();
+    if (!tls.ok()) return tls;
   }
   return std::make_unique<DistKVStore>(options);
 }

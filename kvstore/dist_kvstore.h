@@ -29,7 +29,7 @@ struct DistKVStoreOptions {
   std::vector<std::string> servers;  // host:port, by server rank
   // Where each server (by rank) takes its stream connections (host:port,
   // rpc/stream.h), which then carry pushes and pulls instead of gRPC;
-  // empty, or "" for a server: gRPC. Not with TLS (streams are plaintext).
+  // empty, or "" for a server: gRPC. With TLS, they are TLS too.
   std::vector<std::string> stream_addresses;
   int rank = 0;                      // this worker
   int num_workers = 1;

@@ -37,6 +37,7 @@
 #include "rpc/rpc.h"
 #include "rpc/security.h"
 #include "rpc/server_call.h"
+#include "rpc/stream_tls.h"
 
 namespace mx {
 namespace rpc {
@@ -78,13 +79,30 @@ std::string Errno(const char* what) { return absl::StrCat(what, ": ", std::strer
 // `on_quiet` (set through Attach), reads time out after 250 ms without
 // data and call it with the time since the last byte came (an error from
 // it ends the read): the client's keepalive.
+// With TLS (Secure), a read takes up to kSealedAhead bytes of records, and
+// a record that a message wants whole is opened straight into place; of
+// one it wants in part, the plaintext waits in `ahead`.
 struct Reader {
   static constexpr size_t kAhead = 8 << 10;
+  static constexpr size_t kSealedAhead =
+      2 * (kRecordHeaderBytes + kMaxRecordBytes + kRecordTagBytes);
   int fd = -1;
   std::function<absl::Status(absl::Duration quiet)> on_quiet;
   absl::Time last_data = absl::Now();
   std::unique_ptr<char[]> ahead{new char[kAhead]};
   size_t begin = 0, end = 0;  // the bytes read ahead, not yet taken: ahead[begin, end)
+  // TLS: the records' opener, and the records read, not yet opened:
+  // sealed[sealed_begin, sealed_end).
+  std::unique_ptr<Opener> opener;
+  std::unique_ptr<char[]> sealed;
+  size_t sealed_begin = 0, sealed_end = 0;
+
+  // Reads records opened by `in` from now on.
+  void Secure(std::unique_ptr<Opener> in) {
+    opener = std::move(in);
+    ahead.reset(new char[kMaxRecordBytes]);
+    sealed.reset(new char[kSealedAhead]);
+  }
 
   // Reads from fd, calling on_quiet after each 250 ms without data
   // (SO_RCVTIMEO: a poll(2) before each read cost a system call more).
@@ -100,36 +118,100 @@ struct Reader {
   }
 };
 
-// Reads exactly n bytes; an error names what failed ("" at a clean end of
-// file before the first byte).
-absl::Status ReadFully(Reader& in, void* data, size_t n) {
-  char* p = static_cast<char*>(data);
-  size_t got = std::min(n, in.end - in.begin);
-  if (got > 0) std::memcpy(p, in.ahead.get() + in.begin, got);
-  in.begin += got;
-  while (got < n) {
-    const bool straight = n - got >= Reader::kAhead;
-    const ssize_t r =
-        straight ? read(in.fd, p + got, n - got) : read(in.fd, in.ahead.get(), Reader::kAhead);
-    if (r > 0) {
-      if (in.on_quiet != nullptr) in.last_data = absl::Now();
-      if (straight) {
-        got += static_cast<size_t>(r);
-        continue;
-      }
-      const size_t take = std::min(static_cast<size_t>(r), n - got);
-      std::memcpy(p + got, in.ahead.get(), take);
-      got += take;
-      in.begin = take;
-      in.end = static_cast<size_t>(r);
-    } else if (r == 0) {
-      return absl::UnavailableError(got == 0 ? "" : "the peer closed the connection mid-message");
-    } else if ((errno == EAGAIN || errno == EWOULDBLOCK) && in.on_quiet != nullptr) {
+// Reads what the socket has, up to n bytes: how many (0 at the end of
+// the file), calling on_quiet while none come.
+absl::StatusOr<size_t> ReadSome(Reader& in, char* data, size_t n) {
+  for (;;) {
+    const ssize_t r = read(in.fd, data, n);
+    if (r >= 0) {
+      if (r > 0 && in.on_quiet != nullptr) in.last_data = absl::Now();
+      return static_cast<size_t>(r);
+    }
+    if ((errno == EAGAIN || errno == EWOULDBLOCK) && in.on_quiet != nullptr) {
       absl::Status s = in.on_quiet(absl::Now() - in.last_data);
       if (!s.ok()) return s;
     } else if (errno != EINTR) {
       return absl::UnavailableError(Errno("recvmsg"));
     }
+  }
+}
+
+absl::Status EndOfFile(bool mid_message) {
+  return absl::UnavailableError(mid_message ? "the peer closed the connection mid-message" : "");
+}
+
+// The next whole record, read into in.sealed if need be (its start
+// there); `mid_message`: whether an end of file now cuts a message.
+absl::StatusOr<const char*> NextRecord(Reader& in, bool mid_message) {
+  for (;;) {
+    const size_t have = in.sealed_end - in.sealed_begin;
+    size_t need = kRecordHeaderBytes;
+    if (have >= kRecordHeaderBytes) {
+      absl::StatusOr<size_t> length = Opener::Length(in.sealed.get() + in.sealed_begin);
+      if (!length.ok()) return length.status();
+      need += *length + kRecordTagBytes;
+      if (have >= need) return in.sealed.get() + in.sealed_begin;
+    }
+    if (in.sealed_begin + need > Reader::kSealedAhead) {  // room for the record
+      std::memmove(in.sealed.get(), in.sealed.get() + in.sealed_begin, have);
+      in.sealed_begin = 0;
+      in.sealed_end = have;
+    }
+    absl::StatusOr<size_t> r =
+        ReadSome(in, in.sealed.get() + in.sealed_end, Reader::kSealedAhead - in.sealed_end);
+    if (!r.ok()) return r.status();
+    if (*r == 0) return EndOfFile(mid_message || have > 0);
+    in.sealed_end += *r;
+  }
+}
+
+// ReadFully's, with TLS: the records' plaintext.
+absl::Status ReadSealed(Reader& in, char* p, size_t n) {
+  size_t got = std::min(n, in.end - in.begin);
+  if (got > 0) std::memcpy(p, in.ahead.get() + in.begin, got);
+  in.begin += got;
+  while (got < n) {
+    absl::StatusOr<const char*> record = NextRecord(in, got > 0);
+    if (!record.ok()) return record.status();
+    const size_t length = *Opener::Length(*record);
+    const bool straight = n - got >= length;
+    absl::Status s = in.opener->Open(*record, straight ? p + got : in.ahead.get());
+    if (!s.ok()) return s;
+    in.sealed_begin += kRecordHeaderBytes + length + kRecordTagBytes;
+    const size_t take = std::min(length, n - got);
+    if (!straight) {
+      std::memcpy(p + got, in.ahead.get(), take);
+      in.begin = take;
+      in.end = length;
+    }
+    got += take;
+  }
+  return absl::OkStatus();
+}
+
+// Reads exactly n bytes; an error names what failed ("" at a clean end of
+// file before the first byte).
+absl::Status ReadFully(Reader& in, void* data, size_t n) {
+  char* p = static_cast<char*>(data);
+  if (in.opener != nullptr) return ReadSealed(in, p, n);
+  size_t got = std::min(n, in.end - in.begin);
+  if (got > 0) std::memcpy(p, in.ahead.get() + in.begin, got);
+  in.begin += got;
+  while (got < n) {
+    const bool straight = n - got >= Reader::kAhead;
+    absl::StatusOr<size_t> r =
+        straight ? ReadSome(in, p + got, n - got) : ReadSome(in, in.ahead.get(), Reader::kAhead);
+    if (!r.ok()) return r.status();
+    if (*r == 0) return EndOfFile(got > 0);
+    if (straight) {
+      got += *r;
+      continue;
+    }
+    const size_t take = std::min(*r, n - got);
+    std::memcpy(p + got, in.ahead.get(), take);
+    got += take;
+    in.begin = take;
+    in.end = *r;
   }
   return absl::OkStatus();
 }
@@ -282,9 +364,14 @@ class Outbox {
   // `ready`: whether the socket is connected (else Ready says when).
   Outbox(int fd, bool ready) : fd_(fd), ready_(ready) {}
 
-  void Ready(int fd) {
+  // The socket is connected; with `sealer`, frames go in its records.
+  void Ready(int fd, std::unique_ptr<Sealer> sealer = nullptr) {
     std::lock_guard<std::mutex> lock(mu_);
     fd_ = fd;
+    if (sealer != nullptr) {
+      sealer_ = std::move(sealer);
+      sealed_.reset(new char[kRecordHeaderBytes + kMaxRecordBytes + kRecordTagBytes]);
+    }
     ready_ = true;
     wake_.notify_one();
   }
@@ -308,7 +395,7 @@ class Outbox {
     absl::Status s = WriteSome(frame, &offset, /*nonblocking=*/true);
     lock.lock();
     writing_ = false;
-    if (s.ok() && offset < frame.bytes()) {  // the rest, before anything else
+    if (s.ok() && !Written(frame, offset)) {  // the rest, before anything else
       queue_.push_front(std::move(frame));
       offset_ = offset;
       wake_.notify_one();
@@ -366,22 +453,51 @@ class Outbox {
   // costs more than copying such a frame into the socket.
   static constexpr size_t kInlineBytes = kLargeMessageBytes;
 
-  // Writes `frame` from *offset on (advanced); nonblocking: up to where
-  // the socket is full.
-  absl::Status WriteSome(const Frame& frame, size_t* offset, bool nonblocking) {
+  // Up to `limit` bytes of `frame` from `offset` on.
+  static std::vector<iovec> Pieces(const Frame& frame, size_t offset, size_t limit) {
     std::vector<iovec> iov;
-    size_t skip = *offset;
     auto add = [&](const void* data, size_t n) {
-      if (skip >= n) {
-        skip -= n;
+      if (offset >= n) {
+        offset -= n;
         return;
       }
-      iov.push_back({const_cast<char*>(static_cast<const char*>(data)) + skip, n - skip});
-      skip = 0;
+      const size_t take = std::min(n - offset, limit);
+      if (take == 0) return;
+      iov.push_back({const_cast<char*>(static_cast<const char*>(data)) + offset, take});
+      offset = 0;
+      limit -= take;
     };
     add(frame.head.data(), frame.head.size());
     for (const grpc::Slice& s : frame.body) add(s.begin(), s.size());
-    return SendSome(fd_, &iov, nonblocking, offset);
+    return iov;
+  }
+
+  // Whether `frame`, taken up to `offset`, is all written (a record it
+  // was sealed into included).
+  bool Written(const Frame& frame, size_t offset) const {
+    return offset == frame.bytes() && sealed_at_ == sealed_end_;
+  }
+
+  // Writes `frame` from *offset on (advanced); nonblocking: up to where
+  // the socket is full. With TLS, *offset counts the bytes sealed, and
+  // the rest of their record waits in sealed_.
+  absl::Status WriteSome(const Frame& frame, size_t* offset, bool nonblocking) {
+    if (sealer_ == nullptr) {
+      std::vector<iovec> iov = Pieces(frame, *offset, frame.bytes());
+      return SendSome(fd_, &iov, nonblocking, offset);
+    }
+    for (;;) {
+      if (sealed_at_ < sealed_end_) {
+        std::vector<iovec> iov = {{sealed_.get() + sealed_at_, sealed_end_ - sealed_at_}};
+        absl::Status s = SendSome(fd_, &iov, nonblocking, &sealed_at_);
+        if (!s.ok() || sealed_at_ < sealed_end_) return s;  // an error, or the socket is full
+      }
+      sealed_at_ = sealed_end_ = 0;
+      if (*offset == frame.bytes()) return absl::OkStatus();
+      const std::vector<iovec> pieces = Pieces(frame, *offset, kMaxRecordBytes);
+      sealed_end_ = sealer_->Seal(pieces, sealed_.get());
+      *offset += sealed_end_ - kRecordHeaderBytes - kRecordTagBytes;
+    }
   }
 
   int fd_;
@@ -393,6 +509,11 @@ class Outbox {
   bool writing_ = false;  // a thread writes a frame
   bool closed_ = false;
   absl::Status error_;
+  // TLS: set by Ready. The record being written, sealed_[sealed_at_,
+  // sealed_end_) unsent, is the writing thread's (writing_).
+  std::unique_ptr<Sealer> sealer_;
+  std::unique_ptr<char[]> sealed_;
+  size_t sealed_at_ = 0, sealed_end_ = 0;
 };
 
 // A frame's header bytes, then `text` (the method or the status message).
@@ -584,7 +705,10 @@ struct StreamListener::Impl {
 class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
  public:
   ServerConnection(StreamListener::Impl* listener, int fd, std::string peer)
-      : listener_(listener), fd_(fd), peer_(std::move(peer)), out_(fd, /*ready=*/true) {
+      : listener_(listener),
+        fd_(fd),
+        peer_(std::move(peer)),
+        out_(fd, /*ready=*/listener->options.tls == nullptr) {
     (void)in_.Attach(fd, nullptr);  // no keepalive: cannot fail
   }
   ~ServerConnection() { close(fd_); }
@@ -645,7 +769,8 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
 
  private:
   void Read() {
-    absl::Status s = Hello();
+    absl::Status s = Secure();
+    if (s.ok()) s = Hello();
     while (s.ok()) s = ReadRequest();
     bool draining;
     {
@@ -658,13 +783,41 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     finished_.store(true);
   }
 
+  // With TLS, the handshake (within kHandshakeTime), before anything else.
+  // A client without TLS (its plaintext hello comes first) is told so in
+  // its own format.
+  absl::Status Secure() {
+    const std::shared_ptr<const StreamTls>& tls = listener_->options.tls;
+    if (tls == nullptr) return absl::OkStatus();
+    const absl::Time deadline = absl::Now() + kHandshakeTime;
+    char first[sizeof(kMagic)];
+    const timeval wait = absl::ToTimeval(kHandshakeTime);
+    setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof(wait));
+    const ssize_t peeked = recv(fd_, first, sizeof(first), MSG_PEEK | MSG_WAITALL);
+    if (peeked == sizeof(first) && std::memcmp(first, kMagic, sizeof(kMagic)) == 0) {
+      const absl::Status refused = absl::UnauthenticatedError(
+          "this server's stream port takes TLS connections only, and this client has no TLS "
+          "configured");
+      out_.Ready(fd_);
+      out_.Send(AnswerFrame(0, ToGrpc(refused)));
+      return absl::UnauthenticatedError("a client without TLS (refused, told why)");
+    }
+    absl::StatusOr<StreamTls::Session> session = tls->Server(fd_, deadline);
+    if (!session.ok()) return session.status();
+    in_.Secure(std::move(session->in));
+    out_.Ready(fd_, std::move(session->out));
+    return absl::OkStatus();
+  }
+
   // The hello: the magic and the job token.
   absl::Status Hello() {
     char magic[4];
     uint32_t token_bytes;
     absl::Status s = ReadFully(in_, magic, sizeof(magic));
     if (s.ok() && std::memcmp(magic, kMagic, sizeof(magic)) != 0) {
-      return absl::InvalidArgumentError("not an mx stream (no MXS1 hello)");
+      return absl::InvalidArgumentError(magic[0] == 0x16 && magic[1] == 0x03
+                                            ? "a TLS client, on a stream port without TLS"
+                                            : "not an mx stream (no MXS1 hello)");
     }
     if (s.ok()) s = ReadFully(in_, &token_bytes, sizeof(token_bytes));
     if (s.ok() && token_bytes > kMaxTokenBytes) {
@@ -1084,11 +1237,11 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   // The process's connection for `target`, made (and its threads started)
   // if there is none or it broke, when `make`; else null if none.
   static std::shared_ptr<ClientConnection> For(const StreamTarget& target, bool make = true) {
-    using Key = std::tuple<std::string, int, std::string>;
+    using Key = std::tuple<std::string, int, std::string, const StreamTls*>;
     static std::mutex* mu = new std::mutex;
     static auto* connections = new std::map<Key, std::shared_ptr<ClientConnection>>;
     std::lock_guard<std::mutex> lock(*mu);
-    const Key key{target.address, target.connection, target.token};
+    const Key key{target.address, target.connection, target.token, target.tls.get()};
     if (!make) {
       auto it = connections->find(key);
       return it == connections->end() ? nullptr : it->second;
@@ -1143,7 +1296,8 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
 
  private:
   void Write() {
-    absl::Status s = Open();
+    std::unique_ptr<Sealer> sealer;
+    absl::Status s = Open(&sealer);
     if (!s.ok())
       return Break(grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(s.message())));
     {
@@ -1155,7 +1309,7 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
       return Break(grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(s.message())));
     auto self = shared_from_this();
     std::thread([self] { self->Read(); }).detach();
-    out_.Ready(fd_);
+    out_.Ready(fd_, std::move(sealer));
     s = out_.Run();
     if (!s.ok()) {
       Break(grpc::Status(
@@ -1164,9 +1318,10 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
     }
   }
 
-  // Connects (within 10 s; the calls' deadlines end them sooner) and says
-  // hello.
-  absl::Status Open() {
+  // Connects (within 10 s; the calls' deadlines end them sooner), shakes
+  // hands with TLS (within kHandshakeTime more; *sealer gets what seals
+  // the requests) and says hello.
+  absl::Status Open(std::unique_ptr<Sealer>* sealer) {
     absl::StatusOr<int> fd = Connect(target_.address, absl::Seconds(10));
     if (!fd.ok()) return fd.status();
     {
@@ -1178,6 +1333,23 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
     std::vector<iovec> hello = {{const_cast<char*>(kMagic), sizeof(kMagic)},
                                 {const_cast<uint32_t*>(&token_bytes), sizeof(token_bytes)},
                                 {const_cast<char*>(target_.token.data()), target_.token.size()}};
+    std::string record;
+    if (target_.tls != nullptr) {
+      std::string host, port;
+      MX_RETURN_IF_ERROR(SplitAddress(target_.address, &host, &port));
+      absl::StatusOr<StreamTls::Session> session =
+          target_.tls->Client(*fd, host, absl::Now() + kHandshakeTime);
+      if (!session.ok()) {
+        return absl::Status(session.status().code(),
+                            absl::StrCat(target_.address, ": ", session.status().message()));
+      }
+      in_.Secure(std::move(session->in));
+      *sealer = std::move(session->out);
+      record.resize(kRecordHeaderBytes + sizeof(kMagic) + sizeof(token_bytes) +
+                    target_.token.size() + kRecordTagBytes);
+      record.resize((*sealer)->Seal(hello, record.data()));
+      hello = {{record.data(), record.size()}};
+    }
     size_t written = 0;
     return SendSome(*fd, &hello, /*nonblocking=*/false, &written);
   }
@@ -1360,7 +1532,16 @@ bool StreamConnected(const StreamTarget& target) {
 }
 
 StreamTarget StreamTargetFor(const std::string& address, int connection, const Security& security) {
-  return {security.tls() ? "" : address, connection, security.token};
+  StreamTarget target{address, connection, security.token, nullptr};
+  if (security.tls() && !address.empty()) {
+    absl::StatusOr<std::shared_ptr<const StreamTls>> tls = StreamTls::For(security);
+    if (tls.ok()) {
+      target.tls = *std::move(tls);
+    } else {
+      target.address = "";  // gRPC's TLS says what is wrong with the files
+    }
+  }
+  return target;
 }
 
 std::shared_ptr<StreamCall> StartStreamCall(const StreamTarget& target, const std::string& method,

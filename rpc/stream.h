@@ -29,10 +29,11 @@
 // Anything malformed ends the connection, naming the peer in the log;
 // the server serves its other connections on.
 //
-// Trust: the hello's job token (StreamOptions::guard), and the claims (node and session key)
-// that every data-path request carries in its body, checked by the same
-// handlers as over gRPC. There is no TLS here: servers with TLS
-// configured serve no streams (mx_server), so their callers use gRPC.
+// Trust: the hello's job token (StreamOptions::guard), and the claims
+// (node and session key) that every data-path request carries in its
+// body, checked by the same handlers as over gRPC. With TLS, each
+// connection starts with a mutual TLS 1.3 handshake and everything after
+// it (the hello included) travels in sealed records (rpc/stream_tls.h).
 //
 // Failures: each call has a deadline (DEADLINE_EXCEEDED, "Deadline
 // Exceeded", as gRPC says); a connection that breaks (the peer died, a
@@ -54,6 +55,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "rpc/security.h"
+#include "rpc/stream_tls.h"
 
 namespace mx {
 namespace rpc {
@@ -74,7 +76,13 @@ struct StreamOptions {
   // requests carry their callers' claims (the data path's). Others are
   // answered UNIMPLEMENTED.
   std::set<std::string> methods;
+  // With TLS: every connection shakes hands first (rpc/stream_tls.h), and
+  // one that fails is logged and ends.
+  std::shared_ptr<const StreamTls> tls;
 };
+
+// How long a TLS handshake may take, at either end.
+constexpr absl::Duration kHandshakeTime = absl::Seconds(10);
 
 // A server's stream connections: accepts them on a port of its own and
 // dispatches their calls to the AsyncServer's handlers (AsyncServer::
@@ -106,18 +114,20 @@ class StreamCall {
 };
 
 // Where stream calls go: a server's stream endpoint (host:port), one of
-// several connections to it (calls on one connection start in order), and
-// the job token its hello carries.
+// several connections to it (calls on one connection start in order), the
+// job token its hello carries, and TLS (null: plaintext).
 struct StreamTarget {
   std::string address;
   int connection = 0;
   std::string token;
+  std::shared_ptr<const StreamTls> tls;
 };
 
 // The target of calls to a server whose stream address is `address` (""
-// when it serves none), on `connection`, from a process with `security`.
-// Streams are plaintext: with TLS the address is "", and every call goes
-// through gRPC.
+// when it serves none), on `connection`, from a process with `security`:
+// with TLS when it has TLS. If its TLS files cannot be loaded (which
+// servers and workers report at start-up: StreamTls::For), the address is
+// "" and calls go through gRPC.
 StreamTarget StreamTargetFor(const std::string& address, int connection, const Security& security);
 
 // Whether the process holds a connection to `target` that is open (said

@@ -27,6 +27,7 @@
 #include "rpc/rpc.h"
 #include "rpc/shared_memory.h"
 #include "rpc/stream.h"
+#include "rpc/stream_tls.h"
 
 namespace mx {
 
@@ -1296,8 +1297,14 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
   }
   const std::string host = bind_address.substr(0, bind_address.rfind(':'));
   ps->address_ = absl::StrCat(host, ":", port);
-  if (server_options.stream_port >= 0 && !server_options.security.tls()) {
+  if (server_options.stream_port >= 0) {
     rpc::StreamOptions streams;
+    if (server_options.security.tls()) {
+      absl::StatusOr<std::shared_ptr<const rpc::StreamTls>> tls =
+          rpc::StreamTls::For(server_options.security);
+      if (!tls.ok()) return tls.status();
+      streams.tls = *std::move(tls);
+    }
     streams.guard = &ps->impl_->service->guard();
     streams.max_message_bytes = (size_t{1} << 20) * static_cast<size_t>(max_message_mb);
     const std::string name = KVService::service_full_name();

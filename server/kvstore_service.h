@@ -31,8 +31,8 @@ struct ParameterServerOptions {
   // The port (on the bind address's host; 0: a free one) of the stream
   // connections (rpc/stream.h) that carry the data path's calls (Push,
   // Pull, PushPull, PushPullMany, and replicas' Replicate from the other
-  // servers) beside gRPC; -1: none. Streams are plaintext: with TLS
-  // configured there are none.
+  // servers) beside gRPC; -1: none. With TLS configured they are TLS
+  // too (rpc/stream_tls.h).
   int stream_port = -1;
 };
 

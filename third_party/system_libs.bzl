@@ -15,6 +15,7 @@ _LIBS = {
     "microhttpd": (["libmicrohttpd"], "libmicrohttpd-dev"),
     "gtest_main": (["gtest_main", "gmock"], "libgtest-dev libgmock-dev"),
     "openblas": (["openblas"], "libopenblas-dev"),
+    "openssl": (["openssl"], "libssl-dev"),
     "protobuf": (["protobuf"], "libprotobuf-dev"),
     "zlib": (["zlib"], "zlib1g-dev"),
 }

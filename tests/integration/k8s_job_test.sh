@@ -184,11 +184,11 @@ if sec:
     v = subprocess.run(["openssl", "verify", "-CAfile", sys.argv[4] + ".ca", "-verify_hostname",
                         "mx-job", sys.argv[4] + ".crt"], capture_output=True, text=True)
     check(v.returncode == 0, f"TLS Secret: certificate not valid for mx-job: {v.stdout}{v.stderr}")
-# Streams are plaintext: with TLS servers take none, and nothing admits them.
+# With TLS, streams are TLS too: servers take them, and the job's pods reach them.
 check(t["fm-server"]["spec"]["template"]["spec"]["containers"][0]["command"].count(
-    "--stream_port=-1") == 1, "tls: servers without a stream port")
-check(all(p["port"] != 9093 for rule in t["fm-mx"]["spec"]["ingress"] for p in rule["ports"]),
-      "tls: NetworkPolicy without the stream port")
+    "--stream_port=9093") == 1, "tls: servers with a stream port")
+check(any(p["port"] == 9093 for rule in t["fm-mx"]["spec"]["ingress"] for p in rule["ports"]),
+      "tls: NetworkPolicy with the stream port")
 for name in ("fm-coordinator", "fm-server", "fm-worker"):
     pod = t[name]["spec"]["template"]["spec"]
     (c,) = pod["containers"]

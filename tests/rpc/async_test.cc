@@ -24,6 +24,8 @@
 #include "absl/time/clock.h"
 #include "rpc/rpc.h"
 #include "rpc/security.h"
+#include "rpc/stream_tls.h"
+#include "tests/rpc/test_tls.h"
 
 namespace mx {
 namespace rpc {
@@ -52,7 +54,20 @@ struct Waiter : UnaryReactor {
   absl::Notification* done;
 };
 
-enum class Transport { kGrpc, kStream };
+enum class Transport { kGrpc, kStream, kStreamTls };
+
+std::shared_ptr<const StreamTls> TestStreamTlsFor(const Security& security) {
+  absl::StatusOr<std::shared_ptr<const StreamTls>> made = StreamTls::For(security);
+  EXPECT_TRUE(made.ok()) << made.status();
+  return made.ok() ? *made : nullptr;
+}
+
+// The TLS of every kStreamTls test (made once: openssl takes a while).
+std::shared_ptr<const StreamTls> TestStreamTls() {
+  static const auto* tls =
+      new std::shared_ptr<const StreamTls>(TestStreamTlsFor(test::MakeTls("async-test-ca")));
+  return *tls;
+}
 
 // A server on 127.0.0.1 with the test's methods, called over the
 // transport the test's parameter names:
@@ -63,7 +78,8 @@ enum class Transport { kGrpc, kStream };
 // Its streams take the job token "secret" and requests up to 8 MiB.
 class AsyncServerTest : public ::testing::TestWithParam<Transport> {
  protected:
-  bool stream() const { return GetParam() == Transport::kStream; }
+  bool stream() const { return GetParam() != Transport::kGrpc; }
+  bool tls() const { return GetParam() == Transport::kStreamTls; }
 
   void SetUp() override {
     grpc::ServerBuilder builder;
@@ -113,12 +129,16 @@ class AsyncServerTest : public ::testing::TestWithParam<Transport> {
       o.guard = &guard_;
       o.max_message_bytes = 8 << 20;
       o.methods = {"/t/Echo", "/t/Later", "/t/Wait", "/t/Park"};
+      if (tls()) {
+        o.tls = TestStreamTls();
+        ASSERT_NE(o.tls, nullptr);
+      }
       absl::StatusOr<int> p = server_->ServeStreams("127.0.0.1", 0, o);
       ASSERT_TRUE(p.ok()) << p.status();
       stream_port_ = *p;
       // A connection per test: the process keeps its connections by target.
       static int connection = 0;
-      target_ = {"127.0.0.1:" + std::to_string(stream_port_), connection++, "secret"};
+      target_ = {"127.0.0.1:" + std::to_string(stream_port_), connection++, "secret", o.tls};
     }
   }
 
@@ -280,10 +300,12 @@ TEST_P(AsyncServerTest, ManyCallsInFlightEachGetTheirOwnAnswer) {
 
 TEST_P(AsyncServerTest, MessagesOfEverySizeAroundTheReadAheadArriveWhole) {
   // Streams read up to 8 KiB ahead (several small answers in one read) and
-  // larger bodies straight into place: sizes on both sides of that, in
-  // flight together, each answered with its own bytes.
-  std::vector<size_t> sizes = {0, 1, 2, 31, 32, 33, 100, 16383, 16384, 16385, 200000};
+  // larger bodies straight into place; with TLS, records hold up to 128
+  // KiB, and those a body wants whole are opened in place: sizes on both
+  // sides of each, in flight together, each answered with its own bytes.
+  std::vector<size_t> sizes = {0, 1, 2, 31, 32, 33, 100, 16383, 16384, 16385, 200000, 400000};
   for (size_t n = 8180; n <= 8200; ++n) sizes.push_back(n);
+  for (size_t n = kMaxRecordBytes - 80; n <= kMaxRecordBytes + 8; n += 4) sizes.push_back(n);
   std::vector<std::string> got(sizes.size());
   std::vector<grpc::Status> status(sizes.size());
   std::vector<std::thread> callers;
@@ -315,11 +337,16 @@ TEST_P(AsyncServerTest, HealthIsAnsweredByTheServer) {
             grpc::StatusCode::NOT_FOUND);  // a named service
 }
 
+std::string TransportName(const ::testing::TestParamInfo<Transport>& info) {
+  return info.param == Transport::kGrpc     ? "Grpc"
+         : info.param == Transport::kStream ? "Stream"
+                                            : "StreamTls";
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, AsyncServerTest,
-                         ::testing::Values(Transport::kGrpc, Transport::kStream),
-                         [](const ::testing::TestParamInfo<Transport>& info) {
-                           return info.param == Transport::kGrpc ? "Grpc" : "Stream";
-                         });
+                         ::testing::Values(Transport::kGrpc, Transport::kStream,
+                                           Transport::kStreamTls),
+                         TransportName);
 
 // ---- Streams alone.
 
@@ -398,7 +425,8 @@ TEST_P(StreamTest, AnOversizedRequestIsRefusedAndTheConnectionGoesOn) {
 
 TEST_P(StreamTest, GarbageEndsOnlyItsOwnConnection) {
   // Not a hello; then a hello and a request header with a method of 2^31
-  // bytes: each connection is closed by the server, which serves on.
+  // bytes: each connection is closed by the server (after an answer that
+  // says why, or with TLS an alert), which serves on.
   const std::vector<std::string> garbage = {std::string("GET / HTTP/1.1\r\n\r\n"),
                                             std::string("MXS1\x06\0\0\0secret", 14) +
                                                 std::string("\0\0\0\x80", 4) +
@@ -406,8 +434,13 @@ TEST_P(StreamTest, GarbageEndsOnlyItsOwnConnection) {
   for (const std::string& bytes : garbage) {
     const int fd = RawConnection(stream_port_);
     ASSERT_EQ(write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
-    char c;
-    EXPECT_EQ(read(fd, &c, 1), 0) << "the server should close the connection";
+    const timeval wait{10, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof(wait));
+    char buffer[256];
+    ssize_t r;
+    while ((r = read(fd, buffer, sizeof(buffer))) > 0) {
+    }
+    EXPECT_EQ(r, 0) << "the server should close the connection";
     close(fd);
   }
   std::string got;
@@ -615,20 +648,157 @@ TEST_P(StreamTest, ACallThatEndsWhileItsAnswerIsReadInPlaceCompletesOnceTheReadS
   close(listener);
 }
 
-// Streams are plaintext: a process with TLS sends every call through gRPC
-// (the worker's calls and the servers' replication both take their
-// targets from here).
-TEST(StreamTarget, TlsMeansNoStreams) {
+INSTANTIATE_TEST_SUITE_P(Streams, StreamTest,
+                         ::testing::Values(Transport::kStream, Transport::kStreamTls),
+                         TransportName);
+
+// The worker's calls and the servers' replication take their targets
+// from here: with TLS when the process has TLS.
+TEST(StreamTarget, CarriesTheProcesssTls) {
   Security plain;
   plain.token = "t";
   const StreamTarget p = StreamTargetFor("127.0.0.1:4711", 2, plain);
   EXPECT_EQ(p.address, "127.0.0.1:4711");
   EXPECT_EQ(p.connection, 2);
   EXPECT_EQ(p.token, "t");
-  Security tls = plain;
-  tls.tls_cert = "-----BEGIN CERTIFICATE-----";  // any: only whether there is one counts
-  EXPECT_EQ(StreamTargetFor("127.0.0.1:4711", 2, tls).address, "");
+  EXPECT_EQ(p.tls, nullptr);
+  Security tls = test::MakeTls("target-ca");
+  tls.token = "t";
+  const StreamTarget t = StreamTargetFor("127.0.0.1:4711", 2, tls);
+  EXPECT_EQ(t.address, "127.0.0.1:4711");
+  EXPECT_EQ(t.tls, TestStreamTlsFor(tls));
+  EXPECT_NE(t.tls, nullptr);
+  // Files that do not load: gRPC's TLS takes the calls (and says why).
+  Security broken = plain;
+  broken.tls_cert = "-----BEGIN CERTIFICATE-----";
+  broken.tls_key = broken.tls_ca = "x";
+  EXPECT_EQ(StreamTargetFor("127.0.0.1:4711", 2, broken).address, "");
+  EXPECT_FALSE(StreamTls::For(broken).ok());
   EXPECT_EQ(StreamTargetFor("", 0, plain).address, "");  // a server without streams
+}
+
+// ---- TLS alone.
+
+// One call of /t/Echo with `request` to `target`, within 10 s.
+grpc::Status EchoOn(const StreamTarget& target, const std::string& request,
+                    std::string* got = nullptr) {
+  grpc::ByteBuffer resp;
+  absl::Notification done;
+  grpc::Status status;
+  StartStreamCall(target, "/t/Echo", Bytes(request), &resp, absl::Now() + absl::Seconds(10),
+                  [&](grpc::Status s) {
+                    status = s;
+                    done.Notify();
+                  });
+  EXPECT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(15)));
+  if (got != nullptr) *got = String(resp);
+  return status;
+}
+
+using StreamTlsTest = AsyncServerTest;
+
+TEST_P(StreamTlsTest, ACertificateOfAnotherCaIsRefusedAtTheHandshake) {
+  StreamTarget stranger = target_;
+  stranger.connection += 1000;
+  stranger.tls = *StreamTls::For(test::MakeTls("stranger-ca"));
+  const grpc::Status s = EchoOn(stranger, "let me in");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  // The client checks the server first: the server's certificate is not
+  // its CA's.
+  EXPECT_NE(s.error_message().find("TLS handshake: the server's certificate"), std::string::npos)
+      << s.error_message();
+  std::string got;
+  ASSERT_TRUE(EchoOn(target_, "still", &got).ok());
+  EXPECT_EQ(got, "still");
+}
+
+TEST_P(StreamTlsTest, AClientWithoutTlsIsToldSo) {
+  StreamTarget plain = target_;
+  plain.connection += 1000;
+  plain.tls = nullptr;
+  const grpc::Status s = EchoOn(plain, "hello");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+  EXPECT_NE(s.error_message().find("takes TLS connections only"), std::string::npos)
+      << s.error_message();
+  std::string got;
+  ASSERT_TRUE(EchoOn(target_, "still", &got).ok());
+  EXPECT_EQ(got, "still");
+}
+
+TEST(StreamTls, ATlsClientOfAServerWithoutTlsSaysSo) {
+  grpc::ServerBuilder builder;
+  int port = 0;
+  Listen(&builder, "127.0.0.1:0", {}, &port);
+  AsyncServer server(&builder);
+  server.Start(builder.BuildAndStart());
+  StreamOptions o;
+  absl::StatusOr<int> stream_port = server.ServeStreams("127.0.0.1", 0, o);
+  ASSERT_TRUE(stream_port.ok()) << stream_port.status();
+  const grpc::Status s =
+      EchoOn({"127.0.0.1:" + std::to_string(*stream_port), 0, "", TestStreamTls()}, "x");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << s.error_message();
+  EXPECT_NE(s.error_message().find("TLS handshake: the server closed the connection"),
+            std::string::npos)
+      << s.error_message();
+}
+
+INSTANTIATE_TEST_SUITE_P(Streams, StreamTlsTest, ::testing::Values(Transport::kStreamTls),
+                         TransportName);
+
+// Both ends of a handshake on a socket pair.
+struct Handshaken {
+  StreamTls::Session client, server;
+};
+Handshaken ShakeHands() {
+  int fds[2];
+  EXPECT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+  const std::shared_ptr<const StreamTls> tls = TestStreamTls();
+  absl::StatusOr<StreamTls::Session> server;
+  std::thread accept([&] { server = tls->Server(fds[1], absl::Now() + absl::Seconds(10)); });
+  absl::StatusOr<StreamTls::Session> client =
+      tls->Client(fds[0], "127.0.0.1", absl::Now() + absl::Seconds(10));
+  accept.join();
+  close(fds[0]);
+  close(fds[1]);
+  EXPECT_TRUE(client.ok()) << client.status();
+  EXPECT_TRUE(server.ok()) << server.status();
+  Handshaken h;
+  if (client.ok() && server.ok()) h = {*std::move(client), *std::move(server)};
+  return h;
+}
+
+std::string SealOne(Sealer& sealer, const std::string& plaintext) {
+  std::string record(plaintext.size() + kRecordHeaderBytes + kRecordTagBytes, '\0');
+  std::vector<iovec> pieces = {{const_cast<char*>(plaintext.data()), plaintext.size()}};
+  record.resize(sealer.Seal(pieces, record.data()));
+  return record;
+}
+
+TEST(StreamTls, RecordsOpenOnlyWholeInOrderAndWithTheirDirectionsKeys) {
+  Handshaken h = ShakeHands();
+  ASSERT_NE(h.client.out, nullptr);
+  const std::string text = "the weights of key 7";
+  std::string out(text.size(), '\0');
+  const std::string first = SealOne(*h.client.out, text);
+  EXPECT_EQ(first.find(text), std::string::npos) << "sealed, not in the clear";
+  ASSERT_TRUE(h.server.in->Open(first.data(), out.data()).ok());
+  EXPECT_EQ(out, text);
+  // A changed byte, anywhere: the length, the ciphertext or the tag.
+  for (size_t at : {size_t{0}, kRecordHeaderBytes + 3, first.size() - 1}) {
+    std::string changed = SealOne(*h.client.out, text);
+    changed[at] ^= 1;
+    EXPECT_FALSE(h.server.in->Open(changed.data(), out.data()).ok()) << "byte " << at;
+  }
+  // Replayed (record 0 again, where record 4 is due) or from the other
+  // direction: neither opens.
+  Handshaken fresh = ShakeHands();
+  const std::string zero = SealOne(*fresh.client.out, text);
+  ASSERT_TRUE(fresh.server.in->Open(zero.data(), out.data()).ok());
+  EXPECT_FALSE(fresh.server.in->Open(zero.data(), out.data()).ok());
+  const std::string reverse = SealOne(*fresh.server.out, text);
+  EXPECT_FALSE(fresh.server.in->Open(reverse.data(), out.data()).ok());
+  // Another handshake's keys do not open this one's records.
+  EXPECT_FALSE(fresh.client.in->Open(SealOne(*h.server.out, text).data(), out.data()).ok());
 }
 
 TEST(StreamListen, AnyAddressTakesIPv4AndIPv6) {
@@ -670,9 +840,6 @@ TEST(StreamListen, AnyAddressTakesIPv4AndIPv6) {
     EXPECT_EQ(String(resp), host);
   }
 }
-
-INSTANTIATE_TEST_SUITE_P(Streams, StreamTest, ::testing::Values(Transport::kStream),
-                         [](const ::testing::TestParamInfo<Transport>&) { return "Stream"; });
 
 }  // namespace
 }  // namespace rpc

@@ -5,6 +5,9 @@
 // the heartbeat rule: a coordinator that goes away is reported once.
 #include "rpc/coordinator_client.h"
 
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/grpcpp.h>
+
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -17,50 +20,20 @@
 #include <thread>
 #include <vector>
 
-#include <grpcpp/generic/async_generic_service.h>
-#include <grpcpp/grpcpp.h>
-
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "ndarray/trace.h"
 #include "server/coordinator.h"
+#include "tests/rpc/test_tls.h"
 
 namespace mx {
 namespace {
 
 using ::testing::HasSubstr;
 
-std::string TmpDir() {
-  const char* dir = std::getenv("TEST_TMPDIR");
-  return dir != nullptr ? dir : "/tmp";
-}
-
-// Runs a shell command; fails the test if it fails.
-void Run(const std::string& command) {
-  ASSERT_EQ(std::system((command + " > /dev/null 2>&1").c_str()), 0) << command;
-}
-
-// A CA named `ca` and a node certificate it signed (for DNS name mx-job),
-// made with openssl under TEST_TMPDIR; the node's Security.
-rpc::Security MakeTls(const std::string& ca) {
-  const std::string d = absl::StrCat(TmpDir(), "/", ca);
-  Run("mkdir -p " + d);
-  const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
-  Run(absl::StrCat("openssl req -x509 ", ec, " -keyout ", d, "/ca.key -out ", d,
-                   "/ca.pem -days 2 -subj /CN=", ca));
-  std::ofstream(d + "/ext") << "subjectAltName=DNS:mx-job\nextendedKeyUsage=serverAuth,clientAuth\n";
-  Run(absl::StrCat("openssl req ", ec, " -keyout ", d, "/node.key -out ", d,
-                   "/node.csr -subj /CN=node"));
-  Run(absl::StrCat("openssl x509 -req -in ", d, "/node.csr -CA ", d, "/ca.pem -CAkey ", d,
-                   "/ca.key -CAcreateserial -out ", d, "/node.pem -days 2 -extfile ", d, "/ext"));
-  absl::StatusOr<rpc::Security> s =
-      rpc::Security::Load("", {}, {d + "/node.pem", "cert"}, {d + "/node.key", "key"},
-                          {d + "/ca.pem", "ca"}, "mx-job");
-  EXPECT_TRUE(s.ok()) << s.status();
-  return s.ok() ? *s : rpc::Security();
-}
+using test::MakeTls;
 
 // A coordinator of a job of `workers` workers (and no servers) at `bind`.
 std::unique_ptr<CoordinatorServer> StartCoordinator(const rpc::Security& security,
@@ -563,7 +536,7 @@ TEST(CoordinatorRestart, AnAbsentCoordinatorIsLostAfterTheTimeout) {
 // the node its clock offset to the coordinator with an uncertainty; on one
 // host (one clock) the offset lies within it.
 TEST(CoordinatorClient, BarriersAndTheClockOffsetGoOnTheTimeline) {
-  const std::string path = TmpDir() + "/timeline.json";
+  const std::string path = test::TestTmpDir() + "/timeline.json";
   trace::Start(path);
   auto c = StartCoordinator(rpc::Security());
   auto client = RegisterWorker(c->address(), rpc::Security());
