@@ -520,11 +520,16 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // if its connection is not up.
   // `placement`: where the answer's value may be read straight to, on a
   // stream connection (rpc/stream.h).
+  // `incarnation` (when not -1): the server's (SinceLocked) that the
+  // request was made for. If a spare has taken the rank since, the call
+  // fails ABORTED unsent, and RetryLater makes it again for the spare: the
+  // request may refer to shared memory the spare never got (chaos.py saw
+  // a job fail so: "worker 1 attached no shared memory segment 1 here").
   void CallRaw(int server, int key, const std::string& method, grpc::ByteBuffer request,
                std::function<void(grpc::Status, const grpc::ByteBuffer&)> done,
                const std::string& trace_args = "",
                absl::Duration unconnected_deadline = absl::ZeroDuration(),
-               rpc::AnswerPlacement placement = {}) {
+               rpc::AnswerPlacement placement = {}, int64_t incarnation = -1) {
     auto call = std::make_shared<Call>();
     call->server = server;
     if (trace::Enabled()) {
@@ -543,6 +548,10 @@ struct Conn : std::enable_shared_from_this<Conn> {
     {
       std::lock_guard<std::mutex> lock(mu);
       failed = failure;
+      if (failed.ok() && incarnation >= 0 && SinceLocked(server) != incarnation) {
+        failed = absl::AbortedError(absl::StrCat("a spare took the rank of server ", server,
+                                                 " after the request was made for it"));
+      }
       if (failed.ok()) {
         in_flight.insert(call);
         InFlightGauge()->Add(1);
@@ -675,12 +684,20 @@ struct Conn : std::enable_shared_from_this<Conn> {
               "", h->retrying ? rpc::kKeepalive : absl::ZeroDuration());
       return;
     }
-    CallRaw(server, h->parts[0].server_key, h->method, h->encode(server),
-            [self, h, server](grpc::Status s, const grpc::ByteBuffer& resp) {
-              if (!s.ok() && self->RetryLater(h, server, s)) return;
-              h->done(s, resp, server);
-            },
-            h->trace_args, h->retrying ? rpc::kKeepalive : absl::ZeroDuration(), h->placement);
+    // Read before the request takes its shared memory (ShmLease), for CallRaw.
+    int64_t incarnation;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      incarnation = SinceLocked(server);
+    }
+    CallRaw(
+        server, h->parts[0].server_key, h->method, h->encode(server),
+        [self, h, server](grpc::Status s, const grpc::ByteBuffer& resp) {
+          if (!s.ok() && self->RetryLater(h, server, s)) return;
+          h->done(s, resp, server);
+        },
+        h->trace_args, h->retrying ? rpc::kKeepalive : absl::ZeroDuration(), h->placement,
+        incarnation);
   }
 
   // Whether call h, whose attempt on `server` failed with s, is made again
@@ -688,15 +705,17 @@ struct Conn : std::enable_shared_from_this<Conn> {
   bool RetryLater(const std::shared_ptr<Held>& h, int server, const grpc::Status& s) {
     if (options.replicas < 2 || timer == nullptr) return false;
     // DEADLINE_EXCEEDED before h's deadline: a retry's short wait for a
-    // connection (CallRaw's unconnected_deadline).
+    // connection (CallRaw's unconnected_deadline). ABORTED: CallRaw's, for
+    // a request made for a server that a spare replaced (not unanswered).
+    const bool replaced = s.error_code() == grpc::StatusCode::ABORTED;
     if (s.error_code() != grpc::StatusCode::UNAVAILABLE &&
-        s.error_code() != grpc::StatusCode::CANCELLED &&
+        s.error_code() != grpc::StatusCode::CANCELLED && !replaced &&
         !(s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED && h->retrying)) {
       return false;
     }
     if (!Failure().ok() || absl::Now() >= h->deadline) return false;
     h->retrying = true;
-    if (std::function<void(int)> report = ReporterFor(server)) {
+    if (std::function<void(int)> report = replaced ? nullptr : ReporterFor(server)) {
       timer->After(absl::ZeroDuration(), [report, server] { report(server); });
     }
     auto self = shared_from_this();

@@ -43,7 +43,8 @@ a spare's death must change nothing, and a server's death must leave the
 job with a spare in its rank (the launcher's log says whether one took
 it), finishing with the undisturbed result.
 --victims limits the faults to some nodes (e.g. --victims=servers, which
-includes the spares).
+includes the spares). --tls runs every job (the undisturbed one too) with
+mutual TLS on every connection, the stream connections included.
 
 Prints one line per trial and a summary; exits 1 if any trial failed.
 """
@@ -100,6 +101,8 @@ def parse_args(argv):
     ap.add_argument("--spare-servers", type=int, default=0, metavar="N",
                     help="with --replicas=2: N spare servers (launch.py --spare-servers); one "
                          "takes a dead server's rank, and a spare's death changes nothing too")
+    ap.add_argument("--tls", action="store_true",
+                    help="run the jobs with mutual TLS on every connection (launch.py --tls)")
     ap.add_argument("--victims", default="all", choices=["all", "servers", "coordinator"],
                     help="the nodes faults may hit (default all)")
     ap.add_argument("--fault", default="any", choices=["any"] + sorted(FAULTS),
@@ -171,6 +174,7 @@ class Job:
         servers = "3" if args.replicas > 1 else "2"
         cmd = [sys.executable, args.launch, "--timestamps", "-n", "2", "-s", servers,
                f"--replicas={args.replicas}", f"--spare-servers={args.spare_servers}",
+               *(["--tls"] if args.tls else []),
                f"--server-binary={args.server_binary}", "--", args.train,
                "--kvstore=dist_sync", "--network=mlp", f"--epochs={args.epochs}", "--lr=0.2",
                f"--data_dir={args.data_dir}"]
