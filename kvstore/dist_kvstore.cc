@@ -384,22 +384,35 @@ struct Conn : std::enable_shared_from_this<Conn> {
     return dead_servers.count(server) > 0;
   }
 
-  // Replicas 2: whether `server`, a call to which failed with s, is (or
-  // within the store's deadline becomes) declared dead; it is reported to
-  // the coordinator meanwhile. False at once for an error that is no sign
-  // of a server's death. Blocks: for control calls.
-  bool DiedAfter(int server, const absl::Status& s) {
+  // The incarnation of server rank s: how many spares had taken ranks
+  // when the last one took s (0: the first server).
+  int64_t Since(int server) const {
+    std::lock_guard<std::mutex> lock(mu);
+    return SinceLocked(server);
+  }
+
+  // Replicas 2: whether `server` in `incarnation` (Since, read before the
+  // call), a call to which failed with s, is (or within the store's
+  // deadline becomes) declared dead, or was replaced by a spare; it is
+  // reported to the coordinator meanwhile. False at once for an error that
+  // is no sign of a server's death. Blocks: for control calls.
+  // A replaced server is gone as a dead one is: reporting its rank would
+  // report the spare that took it (which a hung server's cancelled call,
+  // reporting for 5 s, had the coordinator declare dead, "a network
+  // partition").
+  bool DiedAfter(int server, int64_t incarnation, const absl::Status& s) {
     if (options.replicas < 2 || (s.code() != absl::StatusCode::kUnavailable &&
                                  s.code() != absl::StatusCode::kCancelled &&
                                  s.code() != absl::StatusCode::kDeadlineExceeded)) {
       return false;
     }
+    auto gone = [&] { return Dead(server) || Since(server) != incarnation; };
     const absl::Time deadline = absl::Now() + options.rpc_timeout;
-    while (!Dead(server) && Failure().ok() && absl::Now() < deadline) {
+    while (!gone() && Failure().ok() && absl::Now() < deadline) {
       if (std::function<void(int)> report = ReporterFor(server)) report(server);
       absl::SleepFor(absl::Milliseconds(100));
     }
-    return Dead(server);
+    return gone();
   }
 
   // The server that holds part p now: of its live copies (its primary and
@@ -685,11 +698,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
       return;
     }
     // Read before the request takes its shared memory (ShmLease), for CallRaw.
-    int64_t incarnation;
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      incarnation = SinceLocked(server);
-    }
+    const int64_t incarnation = Since(server);
     CallRaw(
         server, h->parts[0].server_key, h->method, h->encode(server),
         [self, h, server](grpc::Status s, const grpc::ByteBuffer& resp) {
@@ -941,10 +950,11 @@ class DistKVStore : public KVStore {
     int copies = 0;
     for (int server : {p.server, p.backup}) {
       if (server < 0 || conn_->Dead(server)) continue;
+      const int64_t incarnation = conn_->Since(server);
       absl::Status s = conn_->Control(server, what, label, call);
       if (s.ok()) {
         ++copies;
-      } else if (!conn_->DiedAfter(server, s)) {
+      } else if (!conn_->DiedAfter(server, incarnation, s)) {
         return s;
       } else if (first_error.ok()) {
         first_error = s;
@@ -1426,11 +1436,12 @@ class DistKVStore : public KVStore {
       for (const auto& [k, v] : optimizer->lr_mult()) (*req.mutable_lr_mult())[k] = v;
       for (const auto& [k, v] : optimizer->wd_mult()) (*req.mutable_wd_mult())[k] = v;
       proto::SetOptimizerResponse resp;
+      const int64_t incarnation = conn_->Since(static_cast<int>(s));
       const absl::Status st = conn_->Control(static_cast<int>(s), "set_optimizer", "-",
                                              [&](auto* ctx, auto* stub) {
                                                return stub->SetOptimizer(ctx, req, &resp);
                                              });
-      if (!st.ok() && !conn_->DiedAfter(static_cast<int>(s), st)) return st;
+      if (!st.ok() && !conn_->DiedAfter(static_cast<int>(s), incarnation, st)) return st;
     }
     return absl::OkStatus();
   }
@@ -1489,12 +1500,13 @@ class DistKVStore : public KVStore {
       }
       for (int server : copies) {
         proto::LoadOptimizerStatesResponse resp;
+        const int64_t incarnation = conn_->Since(server);
         const absl::Status st = conn_->Control(server, "load_optimizer_states", "-",
                                                [&](auto* ctx, auto* stub) {
                                                  return stub->LoadOptimizerStates(ctx, req, &resp);
                                                });
         // A copy whose server died meanwhile needs no state (replicas 2).
-        if (!st.ok() && !conn_->DiedAfter(server, st)) return st;
+        if (!st.ok() && !conn_->DiedAfter(server, incarnation, st)) return st;
       }
     }
     return absl::OkStatus();
@@ -1508,8 +1520,9 @@ class DistKVStore : public KVStore {
       const {
     for (;;) {
       MX_ASSIGN_OR_RETURN(const int holder, conn_->HolderOf(p));
+      const int64_t incarnation = conn_->Since(holder);
       const absl::Status s = conn_->Control(holder, what, "-", call);
-      if (s.ok() || !conn_->DiedAfter(holder, s)) return s;
+      if (s.ok() || !conn_->DiedAfter(holder, incarnation, s)) return s;
     }
   }
 
