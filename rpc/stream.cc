@@ -769,8 +769,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
 
  private:
   void Read() {
-    absl::Status s = Secure();
-    if (s.ok()) s = Hello();
+    absl::Status s = Greet();
     while (s.ok()) s = ReadRequest();
     bool draining;
     {
@@ -783,16 +782,37 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     finished_.store(true);
   }
 
-  // With TLS, the handshake (within kHandshakeTime), before anything else.
-  // A client without TLS (its plaintext hello comes first) is told so in
-  // its own format.
-  absl::Status Secure() {
+  // The handshake (TLS) and the hello, within StreamOptions::hello_time:
+  // until then reads time out.
+  absl::Status Greet() {
+    const absl::Duration limit = listener_->options.hello_time;
+    const absl::Time deadline = absl::Now() + limit;
+    auto receive_within = [this](absl::Duration d) {
+      const timeval wait = d > absl::ZeroDuration() ? absl::ToTimeval(d) : timeval{0, 0};
+      setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof(wait));
+    };
+    receive_within(limit);
+    absl::Status s = Secure(deadline);
+    if (s.ok()) {
+      receive_within(std::max(deadline - absl::Now(), absl::Milliseconds(1)));
+      s = Hello();
+    }
+    if (!s.ok() && absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("no ", listener_->options.tls != nullptr ? "TLS handshake and " : "",
+                       "hello within ", absl::FormatDuration(limit), " (", s.message(), ")"));
+    }
+    if (s.ok()) receive_within(absl::ZeroDuration());
+    return s;
+  }
+
+  // With TLS, the handshake (by `deadline`), before anything else. A client
+  // without TLS (its plaintext hello comes first) is told so in its own
+  // format.
+  absl::Status Secure(absl::Time deadline) {
     const std::shared_ptr<const StreamTls>& tls = listener_->options.tls;
     if (tls == nullptr) return absl::OkStatus();
-    const absl::Time deadline = absl::Now() + kHandshakeTime;
     char first[sizeof(kMagic)];
-    const timeval wait = absl::ToTimeval(kHandshakeTime);
-    setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof(wait));
     const ssize_t peeked = recv(fd_, first, sizeof(first), MSG_PEEK | MSG_WAITALL);
     if (peeked == sizeof(first) && std::memcmp(first, kMagic, sizeof(kMagic)) == 0) {
       const absl::Status refused = absl::UnauthenticatedError(

@@ -79,9 +79,13 @@ struct StreamOptions {
   // With TLS: every connection shakes hands first (rpc/stream_tls.h), and
   // one that fails is logged and ends.
   std::shared_ptr<const StreamTls> tls;
+  // How long a new connection may take to shake hands (TLS) and say its
+  // hello; then it ends, so that connections that say nothing do not hold
+  // a thread each.
+  absl::Duration hello_time = absl::Seconds(10);
 };
 
-// How long a TLS handshake may take, at either end.
+// How long a client's TLS handshake may take.
 constexpr absl::Duration kHandshakeTime = absl::Seconds(10);
 
 // A server's stream connections: accepts them on a port of its own and

@@ -50,11 +50,12 @@ bool IsIpLiteral(const std::string& host) {
          inet_pton(AF_INET6, host.c_str(), buffer) == 1;
 }
 
-// Blocking reads and writes on fd end with EAGAIN after `timeout` (0:
-// never).
+// Blocking reads and writes on fd end with EAGAIN after `timeout` (at
+// least 1 ms: a deadline that has passed fails the next read), or never
+// (InfiniteDuration).
 void SetTimeouts(int fd, absl::Duration timeout) {
-  timeval tv{0, 0};
-  if (timeout > absl::ZeroDuration()) {
+  timeval tv{0, 0};  // never
+  if (timeout != absl::InfiniteDuration()) {
     tv = absl::ToTimeval(std::max(timeout, absl::Milliseconds(1)));
   }
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
@@ -182,7 +183,7 @@ absl::StatusOr<StreamTls::Session> StreamTls::Handshake(int fd, bool server,
   // Freed without a close_notify: the connection goes on in records.
   absl::Cleanup free_ssl = [ssl] { SSL_free(ssl); };
   SetTimeouts(fd, deadline - absl::Now());
-  absl::Cleanup blocking = [fd] { SetTimeouts(fd, absl::ZeroDuration()); };
+  absl::Cleanup blocking = [fd] { SetTimeouts(fd, absl::InfiniteDuration()); };
   if (SSL_set_fd(ssl, fd) != 1) return absl::InternalError("SSL_set_fd: " + OpenSslErrors());
   if (!server) {
     const std::string& name = server_name_.empty() ? host : server_name_;

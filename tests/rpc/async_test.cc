@@ -75,7 +75,8 @@ std::shared_ptr<const StreamTls> TestStreamTls() {
 //  /t/Later    answers from another thread 20 ms later;
 //  /t/Wait     waits until Release (control pool);
 //  /t/Park     keeps its call until the client cancels it.
-// Its streams take the job token "secret" and requests up to 8 MiB.
+// Its streams take the job token "secret" and requests up to 8 MiB, and a
+// second for a connection's handshake (TLS) and hello.
 class AsyncServerTest : public ::testing::TestWithParam<Transport> {
  protected:
   bool stream() const { return GetParam() != Transport::kGrpc; }
@@ -129,6 +130,7 @@ class AsyncServerTest : public ::testing::TestWithParam<Transport> {
       o.guard = &guard_;
       o.max_message_bytes = 8 << 20;
       o.methods = {"/t/Echo", "/t/Later", "/t/Wait", "/t/Park"};
+      o.hello_time = absl::Seconds(1);
       if (tls()) {
         o.tls = TestStreamTls();
         ASSERT_NE(o.tls, nullptr);
@@ -446,6 +448,35 @@ TEST_P(StreamTest, GarbageEndsOnlyItsOwnConnection) {
   std::string got;
   ASSERT_TRUE(Call("/t/Echo", "fine", &got).ok());
   EXPECT_EQ(got, "fine");
+}
+
+TEST_P(StreamTest, AConnectionThatSaysNothingEndsAfterTheHelloTime) {
+  // Silent, then half a hello (with TLS, the start of a handshake's first
+  // record): each is closed by the server about a second (its hello time)
+  // after it connected, without holding a thread longer.
+  const std::string half =
+      tls() ? std::string("\x16\x03\x01", 3) : std::string("MXS1\x06\0\0\0sec", 11);
+  for (const std::string& bytes : {std::string(), half}) {
+    const absl::Time start = absl::Now();
+    const int fd = RawConnection(stream_port_);
+    if (!bytes.empty()) {
+      ASSERT_EQ(write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+    }
+    const timeval wait{20, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof(wait));
+    char buffer[256];
+    ssize_t r;
+    while ((r = read(fd, buffer, sizeof(buffer))) > 0) {
+    }
+    const absl::Duration took = absl::Now() - start;
+    EXPECT_EQ(r, 0) << "the server should close the connection";
+    EXPECT_GE(took, absl::Milliseconds(900)) << bytes.size() << " bytes sent";
+    EXPECT_LT(took, absl::Seconds(5)) << bytes.size() << " bytes sent";
+    close(fd);
+  }
+  std::string got;
+  ASSERT_TRUE(Call("/t/Echo", "after", &got).ok());
+  EXPECT_EQ(got, "after");
 }
 
 TEST_P(StreamTest, CallsToAServerThatStoppedFailUnavailable) {
