@@ -322,8 +322,20 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // options.connections_per_server connections per server.
   std::vector<std::vector<std::unique_ptr<grpc::GenericStub>>> raw_stubs;
   std::vector<std::string> addresses;  // by rank; guarded by mu once serving
-  // Stream endpoints by rank ("": gRPC); guarded by mu once serving.
-  std::vector<std::string> stream_addresses;
+  // Stream endpoints by rank and connection (address "": gRPC), made where
+  // addresses change, not per call (with TLS, StreamTargetFor looks the
+  // process's TLS up); guarded by mu once serving.
+  std::vector<std::vector<rpc::StreamTarget>> stream_targets;
+
+  // The targets of a server whose stream address is `stream_address`, one
+  // per connection.
+  std::vector<rpc::StreamTarget> StreamTargets(const std::string& stream_address) const {
+    std::vector<rpc::StreamTarget> targets;
+    for (int c = 0; c < std::max(1, options.connections_per_server); ++c) {
+      targets.push_back(rpc::StreamTargetFor(stream_address, c, options.security));
+    }
+    return targets;
+  }
 
   // Set when the coordinator reports a dead node: later calls fail with it.
   absl::Status Failure() const {
@@ -446,7 +458,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
   // that held them alone).
   void ServerReplaced(int s, const std::string& address, const std::string& stream_address) {
     std::lock_guard<std::mutex> lock(mu);
-    stream_addresses[s] = stream_address;
+    stream_targets[s] = StreamTargets(stream_address);
     dead_servers.erase(s);
     // The spare never got this worker's segment: its values go by TCP.
     if (s < static_cast<int>(shm.size())) shm[s] = nullptr;
@@ -590,8 +602,7 @@ struct Conn : std::enable_shared_from_this<Conn> {
       connection = turn % stubs.size();
       stub = stubs[connection].get();
       address = addresses[server];
-      stream = rpc::StreamTargetFor(stream_addresses[server], static_cast<int>(connection),
-                                    options.security);
+      stream = stream_targets[server][connection];
     }
     if (unconnected_deadline > absl::ZeroDuration() &&
         !(stream.address.empty()
@@ -818,8 +829,10 @@ class DistKVStore : public KVStore {
     conn_->credential.set_node(claims.node);
     if (options.replicas > 1) conn_->timer = std::make_unique<Timer>();
     conn_->addresses = options.servers;
-    conn_->stream_addresses = options.stream_addresses;
-    conn_->stream_addresses.resize(options.servers.size());
+    for (size_t s = 0; s < options.servers.size(); ++s) {
+      conn_->stream_targets.push_back(conn_->StreamTargets(
+          s < options.stream_addresses.size() ? options.stream_addresses[s] : ""));
+    }
     for (const std::string& address : options.servers) {
       conn_->stubs.push_back(
           proto::KVStoreService::NewStub(rpc::SharedChannel(address, options.security)));

@@ -84,8 +84,7 @@ std::string Errno(const char* what) { return absl::StrCat(what, ": ", std::strer
 // one it wants in part, the plaintext waits in `ahead`.
 struct Reader {
   static constexpr size_t kAhead = 8 << 10;
-  static constexpr size_t kSealedAhead =
-      2 * (kRecordHeaderBytes + kMaxRecordBytes + kRecordTagBytes);
+  static constexpr size_t kSealedAhead = 2 * kMaxSealedRecordBytes;
   int fd = -1;
   std::function<absl::Status(absl::Duration quiet)> on_quiet;
   absl::Time last_data = absl::Now();
@@ -140,9 +139,10 @@ absl::Status EndOfFile(bool mid_message) {
   return absl::UnavailableError(mid_message ? "the peer closed the connection mid-message" : "");
 }
 
-// The next whole record, read into in.sealed if need be (its start
-// there); `mid_message`: whether an end of file now cuts a message.
-absl::StatusOr<const char*> NextRecord(Reader& in, bool mid_message) {
+// Reads until the next record is whole at in.sealed + in.sealed_begin;
+// its plaintext length. `mid_message`: whether an end of file now cuts a
+// message.
+absl::StatusOr<size_t> NextRecord(Reader& in, bool mid_message) {
   for (;;) {
     const size_t have = in.sealed_end - in.sealed_begin;
     size_t need = kRecordHeaderBytes;
@@ -150,7 +150,7 @@ absl::StatusOr<const char*> NextRecord(Reader& in, bool mid_message) {
       absl::StatusOr<size_t> length = Opener::Length(in.sealed.get() + in.sealed_begin);
       if (!length.ok()) return length.status();
       need += *length + kRecordTagBytes;
-      if (have >= need) return in.sealed.get() + in.sealed_begin;
+      if (have >= need) return *length;
     }
     if (in.sealed_begin + need > Reader::kSealedAhead) {  // room for the record
       std::memmove(in.sealed.get(), in.sealed.get() + in.sealed_begin, have);
@@ -171,18 +171,18 @@ absl::Status ReadSealed(Reader& in, char* p, size_t n) {
   if (got > 0) std::memcpy(p, in.ahead.get() + in.begin, got);
   in.begin += got;
   while (got < n) {
-    absl::StatusOr<const char*> record = NextRecord(in, got > 0);
-    if (!record.ok()) return record.status();
-    const size_t length = *Opener::Length(*record);
-    const bool straight = n - got >= length;
-    absl::Status s = in.opener->Open(*record, straight ? p + got : in.ahead.get());
+    absl::StatusOr<size_t> length = NextRecord(in, got > 0);
+    if (!length.ok()) return length.status();
+    const bool straight = n - got >= *length;
+    absl::Status s =
+        in.opener->Open(in.sealed.get() + in.sealed_begin, straight ? p + got : in.ahead.get());
     if (!s.ok()) return s;
-    in.sealed_begin += kRecordHeaderBytes + length + kRecordTagBytes;
-    const size_t take = std::min(length, n - got);
+    in.sealed_begin += kRecordHeaderBytes + *length + kRecordTagBytes;
+    const size_t take = std::min(*length, n - got);
     if (!straight) {
       std::memcpy(p + got, in.ahead.get(), take);
       in.begin = take;
-      in.end = length;
+      in.end = *length;
     }
     got += take;
   }
@@ -370,7 +370,7 @@ class Outbox {
     fd_ = fd;
     if (sealer != nullptr) {
       sealer_ = std::move(sealer);
-      sealed_.reset(new char[kRecordHeaderBytes + kMaxRecordBytes + kRecordTagBytes]);
+      sealed_.reset(new char[kMaxSealedRecordBytes]);
     }
     ready_ = true;
     wake_.notify_one();

@@ -82,6 +82,8 @@ constexpr size_t kMaxRecordBytes = 128 << 10;
 // What a record adds to its plaintext: the length and the tag.
 constexpr size_t kRecordHeaderBytes = 4;
 constexpr size_t kRecordTagBytes = 16;
+// The largest record on the wire.
+constexpr size_t kMaxSealedRecordBytes = kRecordHeaderBytes + kMaxRecordBytes + kRecordTagBytes;
 
 // One direction's sealing (the writing thread's alone).
 class Sealer {
