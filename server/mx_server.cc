@@ -114,10 +114,10 @@ ABSL_FLAG(std::string, shm_dir, "",
           "where workers on this host put the shared memory they hand this server (values then "
           "skip the network; default: $MX_SHM_DIR; launch.py sets it for jobs on one host)");
 ABSL_FLAG(std::string, stream_port, "",
-          "servers: the port (on the --bind host; 0: a free one) of the plain TCP connections "
+          "servers: the port (on the --bind host; 0: a free one) of the TCP connections "
           "that carry pushes and pulls (with --replicas=2 also other servers' steps) beside gRPC "
-          "(rpc/stream.h); -1: none, all through gRPC "
-          "(default: $MX_STREAM_PORT, else 0; never with TLS)");
+          "(rpc/stream.h; mutual TLS when TLS is configured); -1: none, all through gRPC "
+          "(default: $MX_STREAM_PORT, else 0)");
 ABSL_FLAG(std::string, tls_server_name, "",
           "the name servers' certificates carry, checked instead of the host dialled (default: "
           "$MX_TLS_SERVER_NAME; launch.py --tls uses one name for the whole job)");
