@@ -11,9 +11,10 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "rpc/metrics.h"
 #include "ndarray/base.h"
 #include "ndarray/env.h"
+#include "rpc/metrics.h"
+#include "rpc/stream_tls.h"
 
 namespace mx {
 namespace rpc {
@@ -74,6 +75,17 @@ absl::StatusOr<Security> Security::Load(const std::string& token, const File& to
     MX_ASSIGN_OR_RETURN(s.tls_ca, ReadWholeFile(ca.from, ca.path));
   }
   s.tls_server_name = server_name;
+  if (given == 3) {
+    // Parsed now (and kept for the stream connections, rpc/stream_tls.h),
+    // so that files that hold no certificate or key stop the node at start
+    // naming them; gRPC's server said only "cannot listen on ...".
+    const absl::Status parsed = StreamTls::For(s).status();
+    if (!parsed.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(parsed.message(), " (", cert.from, " ",
+                                                     cert.path, ", ", key.from, " ", key.path, ", ",
+                                                     ca.from, " ", ca.path, ")"));
+    }
+  }
   return s;
 }
 

@@ -86,5 +86,12 @@ out=$(MX_TLS_CERT=/nonexistent/cert.pem timeout 10 "$SERVER" --role=server \
 rc=$?
 [[ $rc -eq 2 && "$out" == *"(MX_TLS_CERT, --tls_key, MX_TLS_CA): give all three or none"* ]] ||
   fail "two of three TLS files: exit code $rc, said: $out"
+# Files that hold no certificate: named at start (gRPC's server had said
+# only "cannot listen on 127.0.0.1:0").
+echo "not a certificate" > "$TMP/garbage.pem"
+out=$(timeout 10 "$SERVER" --role=server --coordinator=127.0.0.1:1 --num_workers=1       --tls_cert="$TMP/garbage.pem" --tls_key="$TMP/garbage.pem" --tls_ca="$TMP/garbage.pem" 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"TLS: the certificate is not a PEM certificate"*"(--tls_cert $TMP/garbage.pem,"* ]] ||
+  fail "TLS files of garbage: exit code $rc, said: $out"
 
 finish
