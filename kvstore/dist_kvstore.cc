@@ -463,16 +463,30 @@ struct Conn : std::enable_shared_from_this<Conn> {
     // The spare never got this worker's segment: its values go by TCP.
     if (s < static_cast<int>(shm.size())) shm[s] = nullptr;
     since[s] = ++replacements;
-    addresses[s] = address;
     // Calls in flight may hold the old stubs: they stay until the store goes.
     retired.push_back(std::move(stubs[s]));
-    stubs[s] = proto::KVStoreService::NewStub(rpc::SharedChannel(address, options.security));
     for (auto& raw : raw_stubs[s]) retired_raw.push_back(std::move(raw));
+    DialLocked(s, address);
+  }
+
+  // Points the stubs of server s at `address` (growing the vectors for a
+  // new s); returns the channels they use.
+  std::vector<std::shared_ptr<grpc::Channel>> DialLocked(size_t s, const std::string& address) {
+    if (s >= addresses.size()) {
+      addresses.resize(s + 1);
+      stubs.resize(s + 1);
+      raw_stubs.resize(s + 1);
+    }
+    addresses[s] = address;
+    std::vector<std::shared_ptr<grpc::Channel>> channels = {
+        rpc::SharedChannel(address, options.security)};
+    stubs[s] = proto::KVStoreService::NewStub(channels[0]);
     raw_stubs[s].clear();
     for (int c = 0; c < std::max(1, options.connections_per_server); ++c) {
-      raw_stubs[s].push_back(
-          std::make_unique<grpc::GenericStub>(rpc::SharedChannel(address, options.security, c)));
+      channels.push_back(rpc::SharedChannel(address, options.security, c));
+      raw_stubs[s].push_back(std::make_unique<grpc::GenericStub>(channels.back()));
     }
+    return channels;
   }
   // Where server s is now.
   std::string Address(int s) const {
@@ -828,20 +842,15 @@ class DistKVStore : public KVStore {
     conn_->credential.set_token(claims.token);
     conn_->credential.set_node(claims.node);
     if (options.replicas > 1) conn_->timer = std::make_unique<Timer>();
-    conn_->addresses = options.servers;
+    std::vector<std::shared_ptr<grpc::Channel>> channels;
     for (size_t s = 0; s < options.servers.size(); ++s) {
       conn_->stream_targets.push_back(conn_->StreamTargets(
           s < options.stream_addresses.size() ? options.stream_addresses[s] : ""));
+      for (auto& channel : conn_->DialLocked(s, options.servers[s])) channels.push_back(channel);
     }
-    for (const std::string& address : options.servers) {
-      conn_->stubs.push_back(
-          proto::KVStoreService::NewStub(rpc::SharedChannel(address, options.security)));
-      conn_->raw_stubs.emplace_back();
-      for (int c = 0; c < std::max(1, options.connections_per_server); ++c) {
-        conn_->raw_stubs.back().push_back(std::make_unique<grpc::GenericStub>(
-            rpc::SharedChannel(address, options.security, c)));
-      }
-    }
+    // The process's channels may have failed to reach these addresses
+    // before (see rpc::Reconnect); a second is more than a connection takes.
+    rpc::Reconnect(channels, absl::Now() + std::min(options.rpc_timeout, absl::Seconds(1)));
   }
 
   // Hands each server a segment of shared memory (DistKVStoreOptions::

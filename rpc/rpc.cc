@@ -173,6 +173,16 @@ std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, const S
   return channel;
 }
 
+void Reconnect(const std::vector<std::shared_ptr<grpc::Channel>>& channels, absl::Time deadline) {
+  std::vector<grpc::Channel*> failed;
+  for (const auto& channel : channels) {
+    if (channel->GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_TRANSIENT_FAILURE) continue;
+    grpc::experimental::ChannelResetConnectionBackoff(channel.get());
+    failed.push_back(channel.get());
+  }
+  for (grpc::Channel* channel : failed) channel->WaitForConnected(absl::ToChronoTime(deadline));
+}
+
 namespace {
 
 // What a listener at host:port says first, read through a plain TCP

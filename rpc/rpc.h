@@ -11,6 +11,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -62,6 +63,14 @@ void Listen(grpc::ServerBuilder* builder, const std::string& bind_address,
 // time): several let big transfers to one server proceed in parallel.
 std::shared_ptr<grpc::Channel> SharedChannel(const std::string& address, const Security& security,
                                              int connection = 0);
+
+// Makes each of `channels` whose last attempt to connect failed try again
+// at once, and waits until those connect, at most until `deadline`. For
+// a new user of shared channels (a new store): a server may listen now
+// where one died (a restarted one; a test's server given a dead one's
+// port), and a channel the dead one refused fails every call at once, not
+// trying, until its reconnect backoff ends (up to a second).
+void Reconnect(const std::vector<std::shared_ptr<grpc::Channel>>& channels, absl::Time deadline);
 
 // Why calls to `address` cannot connect, when the channel's last attempt
 // failed in a way that waiting will not mend: the peer speaks TLS and this

@@ -887,6 +887,51 @@ TEST(DistErrors, PullFromAStoppedServerFailsWithinTheDeadlineNamingIt) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(4));
 }
 
+// A server that starts where one died (its address, now free) serves a
+// store made after it at once. gRPC channels are shared in the process,
+// and the old one, refused by the dead server, would fail every call at
+// once until its reconnect backoff ended; CI saw it when a test's server
+// got a dead one's port.
+TEST(DistErrors, AStoreReachesAServerThatListensWhereADeadOneDid) {
+  Cluster c = StartServers(1, 1);
+  const std::string address = c.addresses[0];
+  {
+    DistKVStoreOptions o;
+    o.servers = c.addresses;
+    o.stream_addresses = c.stream_addresses;
+    o.rpc_timeout = absl::Seconds(2);
+    o.connections_per_server = 2;
+    auto old = CreateDistKVStore(o);
+    ASSERT_TRUE(old.ok()) << old.status();
+    for (int key = 1; key < 6; ++key) ASSERT_TRUE((*old)->Init(key, Ones({2})).ok());
+    c.servers.clear();
+    // Connections refused on every channel (the keys take both).
+    EXPECT_EQ((*old)->Init(6, Ones({2})).code(), absl::StatusCode::kUnavailable);
+    for (int key = 1; key < 6; ++key) {
+      NDArray out = Empty({2});
+      ASSERT_TRUE((*old)->Pull(key, &out).ok());
+      EXPECT_THROW(out.WaitToRead(), Error) << key;
+    }
+  }
+  auto again = ParameterServer::Start(address, {true, 1, false}, MaxMessageMb(1024));
+  ASSERT_TRUE(again.ok()) << again.status();
+  DistKVStoreOptions o;
+  AddServer(**again, &o);
+  o.rpc_timeout = absl::Seconds(2);
+  o.connections_per_server = 2;
+  auto kv = CreateDistKVStore(o);
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  for (int key = 1; key < 6; ++key) {
+    const absl::Status init = (*kv)->Init(key, Zeros({2}));
+    ASSERT_TRUE(init.ok()) << init;
+  }
+  for (int key = 1; key < 6; ++key) {
+    NDArray out = Empty({2});
+    ASSERT_TRUE((*kv)->PushPull(key, {Ones({2})}, {out}).ok());
+    EXPECT_THAT(out.ToVector(), ElementsAre(1, 1)) << key;
+  }
+}
+
 // Momentum lives on the servers: saving and loading it through the client
 // continues a run exactly, even on a new cluster.
 TEST(DistOptimizerStates, SaveAndLoadContinueARunExactly) {
