@@ -42,6 +42,12 @@ while IFS= read -r xml; do
   fi
 done < <(find -L bazel-testlogs/ -name test.xml 2>/dev/null)
 
+# What each failed test said, last, where a log's tail shows it (CI keeps
+# the end of a long log).
+if [[ $status -ne 0 ]]; then
+  find -L bazel-testlogs/ -name test.xml 2>/dev/null | python3 tests/print_failures.py
+fi
+
 # A target that failed without writing results (a crash, a timeout) still
 # counts as a failure.
 if [[ $status -ne 0 && $failed -eq 0 ]]; then failed=1; fi
