@@ -435,7 +435,19 @@ def declared_dead_yet_running(job, lost):
     the job, which goes on without them (replicas 2)."""
     declared = set().union(*(p.declared_dead for p in job.procs))
     return [p for p in job.daemons() if p.role == "server" and p not in lost
-            and p.identity in declared and p.popen.poll() is None]
+            and is_declared(p, declared) and p.popen.poll() is None]
+
+
+def is_declared(server, declared):
+    """Whether `server` is among the `declared` identities. One that has
+    not said where it serves (hung between registering and that line:
+    chaos.py found one) is known by the rank it was started with: "server
+    i" asked for rank i (MX_RANK), and only a spare that took it over later
+    would say so."""
+    if server.identity is not None:
+        return server.identity in declared
+    rank = server.name.removeprefix("server ")
+    return rank != server.name and any(d.startswith(f"rank {rank} at ") for d in declared)
 
 
 def hung_coordinator(job):
@@ -472,7 +484,7 @@ def kill_declared_dead(job, lost):
     would end waiting for them to stop (a stopped process ignores SIGTERM)."""
     for h in declared_dead_yet_running(job, lost):
         lost.append(h)
-        took_over = ("a spare: it held nothing" if h.identity.startswith("a spare")
+        took_over = ("a spare: it held nothing" if (h.identity or "").startswith("a spare")
                      else "its keys' backups took over (replicas 2)")
         log(f"{h.describe()} was declared dead but is still running (hung, or cut off from "
             f"the job); killing it: {took_over}")

@@ -42,6 +42,39 @@ grep -q "launch.py: the coordinator and 2 server(s) shut down cleanly" "$log" ||
 sleep 0.5
 assert_nothing_left "$log"
 
+# The same for a server that hangs before it says where it serves (found by
+# tests/chaos: stopped between registering and that line). The launcher
+# knows it by the rank it gave it. Here server 1 never says it (its line
+# is filtered out), and hangs while the job trains.
+quiet="$TMP/quiet_server.sh"
+cat > "$quiet" <<EOF
+#!/usr/bin/env bash
+if [[ "\${MX_RANK:-}" == 1 && "\$*" != *--spare* ]]; then
+  "$SERVER" "\$@" | grep --line-buffered -v " serving on "
+  exit "\${PIPESTATUS[0]}"
+fi
+exec "$SERVER" "\$@"
+EOF
+chmod +x "$quiet"
+log="$TMP/hung_quiet.log"
+start_job "$log" -n 2 -s 3 --replicas=2 --server-binary="$quiet" -- "${worker[@]}" --epochs=200
+wait_for_line "$log" '^\[worker [01]\] Epoch\[5\]' 60 || fail "hung_quiet: no epoch finished"
+wrapper=$(started_pid "$log" "server 1")
+victim=$(pgrep -P "$wrapper" -f mx_server)
+[[ -n "$victim" ]] || fail "hung_quiet: no mx_server under server 1's pid $wrapper"
+grep -q "^\[server 1\] server 1 serving on" "$log" && fail "hung_quiet: server 1 said where it serves"
+kill -STOP "$victim"
+wait "$launcher"; rc=$?
+[[ $rc -eq 0 ]] || fail "hung_quiet: the job exited $rc after server 1 hung: $(tail -3 "$log")"
+grep -qE "^launch\.py: server 1 \(pid $wrapper\) was declared dead but is still running .*; killing it" "$log" ||
+  fail "hung_quiet: the launcher did not say it killed server 1: $(grep '^launch.py' "$log")"
+got=$(checksums "$log")
+[[ "$got" == "$undisturbed" ]] ||
+  fail "hung_quiet: parameters differ from the undisturbed run: '$got' vs '$undisturbed'"
+grep -q "warning\|^launch.py: stopping" "$log" && fail "hung_quiet: $(grep "warning\|^launch.py: stopping" "$log")"
+sleep 0.5
+assert_nothing_left "$log"
+
 # A spare that hangs while it waits (found by tests/chaos): the coordinator
 # says it went silent, and the launcher kills it at once. Left running, it
 # held up the job's end as the hung server did.
