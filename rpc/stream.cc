@@ -787,14 +787,10 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   absl::Status Greet() {
     const absl::Duration limit = listener_->options.hello_time;
     const absl::Time deadline = absl::Now() + limit;
-    auto receive_within = [this](absl::Duration d) {
-      const timeval wait = d > absl::ZeroDuration() ? absl::ToTimeval(d) : timeval{0, 0};
-      setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof(wait));
-    };
-    receive_within(limit);
+    SetSocketTimeouts(fd_, limit);
     absl::Status s = Secure(deadline);
     if (s.ok()) {
-      receive_within(std::max(deadline - absl::Now(), absl::Milliseconds(1)));
+      SetSocketTimeouts(fd_, deadline - absl::Now());  // the handshake's end cleared them
       s = Hello();
     }
     if (!s.ok() && absl::Now() >= deadline) {
@@ -802,7 +798,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
           absl::StrCat("no ", listener_->options.tls != nullptr ? "TLS handshake and " : "",
                        "hello within ", absl::FormatDuration(limit), " (", s.message(), ")"));
     }
-    if (s.ok()) receive_within(absl::ZeroDuration());
+    if (s.ok()) SetSocketTimeouts(fd_, absl::InfiniteDuration());
     return s;
   }
 

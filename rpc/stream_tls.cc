@@ -50,18 +50,6 @@ bool IsIpLiteral(const std::string& host) {
          inet_pton(AF_INET6, host.c_str(), buffer) == 1;
 }
 
-// Blocking reads and writes on fd end with EAGAIN after `timeout` (at
-// least 1 ms: a deadline that has passed fails the next read), or never
-// (InfiniteDuration).
-void SetTimeouts(int fd, absl::Duration timeout) {
-  timeval tv{0, 0};  // never
-  if (timeout != absl::InfiniteDuration()) {
-    tv = absl::ToTimeval(std::max(timeout, absl::Milliseconds(1)));
-  }
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-}
-
 // Record i's nonce: iv XOR i, big-endian in its last 8 bytes.
 void Nonce(const uint8_t* iv, uint64_t i, uint8_t* nonce) {
   std::memcpy(nonce, iv, kIvBytes);
@@ -174,6 +162,15 @@ absl::StatusOr<StreamTls::Session> StreamTls::Server(int fd, absl::Time deadline
   return Handshake(fd, /*server=*/true, "", deadline);
 }
 
+void SetSocketTimeouts(int fd, absl::Duration timeout) {
+  timeval tv{0, 0};  // never
+  if (timeout != absl::InfiniteDuration()) {
+    tv = absl::ToTimeval(std::max(timeout, absl::Milliseconds(1)));
+  }
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+}
+
 absl::StatusOr<StreamTls::Session> StreamTls::Handshake(int fd, bool server,
                                                         const std::string& host,
                                                         absl::Time deadline) const {
@@ -182,8 +179,8 @@ absl::StatusOr<StreamTls::Session> StreamTls::Handshake(int fd, bool server,
   if (ssl == nullptr) return absl::InternalError("SSL_new: " + OpenSslErrors());
   // Freed without a close_notify: the connection goes on in records.
   absl::Cleanup free_ssl = [ssl] { SSL_free(ssl); };
-  SetTimeouts(fd, deadline - absl::Now());
-  absl::Cleanup blocking = [fd] { SetTimeouts(fd, absl::InfiniteDuration()); };
+  SetSocketTimeouts(fd, deadline - absl::Now());
+  absl::Cleanup blocking = [fd] { SetSocketTimeouts(fd, absl::InfiniteDuration()); };
   if (SSL_set_fd(ssl, fd) != 1) return absl::InternalError("SSL_set_fd: " + OpenSslErrors());
   if (!server) {
     const std::string& name = server_name_.empty() ? host : server_name_;

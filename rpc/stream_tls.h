@@ -77,6 +77,11 @@ class StreamTls {
   std::string server_name_;
 };
 
+// Blocking reads and writes on the socket fd end with EAGAIN after
+// `timeout` (at least 1 ms: a deadline that has passed fails the next
+// read), or never (InfiniteDuration).
+void SetSocketTimeouts(int fd, absl::Duration timeout);
+
 // The largest record's plaintext.
 constexpr size_t kMaxRecordBytes = 128 << 10;
 // What a record adds to its plaintext: the length and the tag.
