@@ -31,6 +31,36 @@ constexpr size_t kIvBytes = 12;   // GCM's nonce
 // connection that ends.
 constexpr char kReady = 'R';
 
+// Writes n bytes of data to the socket of BIO b as OpenSSL's socket BIO
+// does, but with MSG_NOSIGNAL: its write(2) raises SIGPIPE where the peer
+// has gone (mid-handshake), which kills the process.
+int SendNoSignal(BIO* b, const char* data, int n) {
+  const int fd = static_cast<int>(BIO_get_fd(b, nullptr));
+  errno = 0;
+  const int sent = static_cast<int>(send(fd, data, static_cast<size_t>(n), MSG_NOSIGNAL));
+  BIO_clear_retry_flags(b);
+  if (sent <= 0 && BIO_sock_should_retry(sent)) BIO_set_retry_write(b);
+  return sent;
+}
+
+// OpenSSL's socket BIO with SendNoSignal for its writes; made once.
+const BIO_METHOD* SocketWithoutSigpipe() {
+  static const BIO_METHOD* method = [] {
+    const BIO_METHOD* socket = BIO_s_socket();
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR,
+                                 "socket without SIGPIPE");
+    if (m == nullptr) return socket;  // out of memory: OpenSSL's own
+    BIO_meth_set_write(m, SendNoSignal);
+    BIO_meth_set_read(m, BIO_meth_get_read(socket));
+    BIO_meth_set_puts(m, BIO_meth_get_puts(socket));
+    BIO_meth_set_ctrl(m, BIO_meth_get_ctrl(socket));
+    BIO_meth_set_create(m, BIO_meth_get_create(socket));
+    BIO_meth_set_destroy(m, BIO_meth_get_destroy(socket));
+    return static_cast<const BIO_METHOD*>(m);
+  }();
+  return method;
+}
+
 // OpenSSL's queued errors, oldest first ("" if none), cleared.
 std::string OpenSslErrors() {
   std::string all;
@@ -181,7 +211,10 @@ absl::StatusOr<StreamTls::Session> StreamTls::Handshake(int fd, bool server,
   absl::Cleanup free_ssl = [ssl] { SSL_free(ssl); };
   SetSocketTimeouts(fd, deadline - absl::Now());
   absl::Cleanup blocking = [fd] { SetSocketTimeouts(fd, absl::InfiniteDuration()); };
-  if (SSL_set_fd(ssl, fd) != 1) return absl::InternalError("SSL_set_fd: " + OpenSslErrors());
+  BIO* bio = BIO_new(SocketWithoutSigpipe());
+  if (bio == nullptr) return absl::InternalError("BIO_new: " + OpenSslErrors());
+  BIO_set_fd(bio, fd, BIO_NOCLOSE);
+  SSL_set_bio(ssl, bio, bio);  // ssl owns it
   if (!server) {
     const std::string& name = server_name_.empty() ? host : server_name_;
     X509_VERIFY_PARAM* param = SSL_get0_param(ssl);

@@ -832,6 +832,39 @@ TEST(StreamTls, RecordsOpenOnlyWholeInOrderAndWithTheirDirectionsKeys) {
   EXPECT_FALSE(fresh.client.in->Open(SealOne(*h.server.out, text).data(), out.data()).ok());
 }
 
+// A peer that goes away during the handshake ends it with an error on
+// either end, never with SIGPIPE, which would kill the process (chaos.py
+// saw a worker killed so when a server died; a client that closes at once
+// could do it to a server). Unix sockets raise it on the first write to
+// a closed peer.
+TEST(StreamTls, APeerThatGoesAwayMidHandshakeIsAnErrorNotSigpipe) {
+  const std::shared_ptr<const StreamTls> tls = TestStreamTls();
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  // The client writes its hello to a closed peer.
+  int fds[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+  close(fds[1]);
+  EXPECT_FALSE(tls->Client(fds[0], "127.0.0.1", deadline).ok());
+  close(fds[0]);
+  // The server answers a client's hello after the client closed: the
+  // hello of a real client, which then goes.
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+  std::thread client([&] { (void)tls->Client(fds[0], "127.0.0.1", deadline); });
+  std::string hello(4096, '\0');
+  const ssize_t n = read(fds[1], hello.data(), hello.size());
+  ASSERT_GT(n, 0);
+  hello.resize(n);
+  shutdown(fds[1], SHUT_RDWR);
+  client.join();
+  close(fds[0]);
+  close(fds[1]);
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+  ASSERT_EQ(write(fds[0], hello.data(), hello.size()), static_cast<ssize_t>(hello.size()));
+  close(fds[0]);
+  EXPECT_FALSE(tls->Server(fds[1], deadline).ok());
+  close(fds[1]);
+}
+
 TEST(StreamListen, AnyAddressTakesIPv4AndIPv6) {
   grpc::ServerBuilder builder;
   int port = 0;
