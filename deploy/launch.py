@@ -100,7 +100,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -111,10 +110,38 @@ from job_args import add_job_arguments, add_worker_command, check_worker_kvstore
 from job_secrets import JobSecrets
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# How long a coordinator started on port 0 may take to say which port it
+# took (it says so as soon as it listens).
+COORDINATOR_LISTENS_WITHIN_S = 30
+
+
+def settle_coordinator_port(coordinator, env):
+    """Waits until `coordinator`, started on port 0, says where it listens;
+    then puts that address in `env` for the other nodes and in its own
+    command, so that a restart takes the same port. Binding port 0 itself,
+    rather than one the launcher found free, leaves no moment in which
+    another process (a server of this job binding port 0, seen in CI) can
+    take the port first. False if it exited or said nothing in time (then
+    it is stopped: supervise reports it)."""
+    deadline = time.time() + COORDINATOR_LISTENS_WITHIN_S
+    while coordinator.listening is None and coordinator.popen.poll() is None:
+        if time.time() > deadline:
+            log(f"{coordinator.describe()} did not say where it listens within "
+                f"{COORDINATOR_LISTENS_WITHIN_S} s; stopping it")
+            signal_group(coordinator, signal.SIGKILL)
+            coordinator.popen.wait()
+            return False
+        time.sleep(0.01)
+    if coordinator.listening is None:
+        return False
+    port = coordinator.listening.rsplit(":", 1)[1]
+    env.update(DMLC_PS_ROOT_PORT=port,
+               MX_COORDINATOR=f"{env['DMLC_PS_ROOT_URI']}:{port}")
+    cmd, its_env = coordinator.argv
+    cmd = [re.sub(r":0$", f":{port}", a) if a.startswith("--bind=") else a for a in cmd]
+    coordinator.argv = (cmd, dict(its_env, DMLC_PS_ROOT_PORT=port,
+                                  MX_COORDINATOR=env["MX_COORDINATOR"]))
+    return True
 
 
 # --timestamps: every line the launcher prints starts with the time.
@@ -151,6 +178,10 @@ IDENTITY = [
     (re.compile(r"^worker (\d+) of \d+"), lambda m: f"rank {m[1]}"),
     (re.compile(r"^spare server waiting on (\S+)"), lambda m: f"a spare at {m[1]}"),
 ]
+
+
+# The coordinator's first line: where it listens.
+COORDINATOR_LISTENING = re.compile(r"^coordinator listening on (\S+)")
 
 
 # What a node's error says about another node it found dead: "server 1
@@ -199,6 +230,7 @@ class Proc:
         self.popen = popen
         self.argv = argv          # (cmd, env) it was started with, to restart it
         self.identity = None      # "rank 0 at 127.0.0.1:4711", once it joined the job
+        self.listening = None     # a coordinator's "127.0.0.1:4711", once it said so
         self.pump = None          # the thread copying its output
         self.blamed = []          # nodes its output said were dead, in order
         self.declared_dead = set()  # identities of servers it heard were declared dead
@@ -327,6 +359,9 @@ class Job:
                 m = pattern.match(line)
                 if m:
                     proc.identity = identity(m)
+            m = COORDINATOR_LISTENING.match(line)
+            if m:
+                proc.listening = m[1]
             for pattern, identity in DECLARED_DEAD:
                 m = pattern.match(line)
                 if m:
@@ -728,7 +763,9 @@ def main():
 def run(args, cmd, secrets, remote):
     """Starts the job on this host, or through `remote` (a Remote or None),
     and supervises it; returns the exit code."""
-    port = args.port or (9091 if remote else free_port())
+    # Port 0 on this host: the coordinator takes a free one, and
+    # start_and_supervise reads which from its first line.
+    port = args.port or (9091 if remote else 0)
     root = address_of(remote.host(0)) if remote else "127.0.0.1"
     coordinator = f"{root}:{port}"
     env = dict(os.environ, DMLC_PS_ROOT_URI=root, DMLC_PS_ROOT_PORT=str(port),
@@ -793,15 +830,20 @@ def start_and_supervise(job, args, cmd, secrets, env):
     """Starts the coordinator, the servers and the workers (at the address
     `env` names); returns the launcher's exit code once the job has ended."""
     remote = job.remote
-    coordinator, port = env["MX_COORDINATOR"], env["DMLC_PS_ROOT_PORT"]
+    port = env["DMLC_PS_ROOT_PORT"]
     mode = "sync" if args.kvstore == "dist_sync" else "async"
     elastic = ["--elastic"] if args.elastic else []
     bind_host = "0.0.0.0" if remote else "127.0.0.1"
-    job.start("coordinator", "coordinator",
-              [args.server_binary, "--role=coordinator", f"--bind={bind_host}:{port}",
-               f"--heartbeat_timeout_s={args.heartbeat_timeout}"] + elastic,
-              dict(env, DMLC_ROLE="scheduler", **secrets.env("coordinator")),
-              host=remote and remote.host(0))
+    first = job.start("coordinator", "coordinator",
+                      [args.server_binary, "--role=coordinator", f"--bind={bind_host}:{port}",
+                       f"--heartbeat_timeout_s={args.heartbeat_timeout}"] + elastic,
+                      dict(env, DMLC_ROLE="scheduler", **secrets.env("coordinator")),
+                      host=remote and remote.host(0))
+    if port == "0" and not settle_coordinator_port(first, env):
+        code = supervise(job, args.elastic, grace=0)  # it failed: says how
+        first.drain()
+        return code
+    coordinator = env["MX_COORDINATOR"]
     for i in range(args.num_servers):
         host = remote and remote.host(i)
         advertise = [f"--advertise={address_of(host)}"] if remote else []
