@@ -110,19 +110,19 @@ from job_args import add_job_arguments, add_worker_command, check_worker_kvstore
 from job_secrets import JobSecrets
 
 
-# How long a coordinator started on port 0 may take to say which port it
-# took (it says so as soon as it listens).
+# How long the coordinator may take to say where it listens (it says so
+# as soon as it does; through ssh, after the connection's set-up).
 COORDINATOR_LISTENS_WITHIN_S = 30
 
 
-def settle_coordinator_port(coordinator, env):
-    """Waits until `coordinator`, started on port 0, says where it listens;
-    then puts that address in `env` for the other nodes and in its own
-    command, so that a restart takes the same port. Binding port 0 itself,
-    rather than one the launcher found free, leaves no moment in which
-    another process (a server of this job binding port 0, seen in CI) can
-    take the port first. False if it exited or said nothing in time (then
-    it is stopped: supervise reports it)."""
+def await_coordinator(coordinator, env):
+    """Waits until `coordinator` says where it listens, so that no server
+    of the job, binding port 0, can take its port first (seen in CI, when
+    the launcher chose a free port and closed it before the coordinator
+    bound it). Started on port 0 (env's DMLC_PS_ROOT_PORT), it took a free
+    one: puts that address in `env` for the other nodes and in its own
+    command, so that a restart takes the same port. False if it exited or
+    said nothing in time (then it is stopped: supervise reports it)."""
     deadline = time.time() + COORDINATOR_LISTENS_WITHIN_S
     while coordinator.listening is None and coordinator.popen.poll() is None:
         if time.time() > deadline:
@@ -134,6 +134,8 @@ def settle_coordinator_port(coordinator, env):
         time.sleep(0.01)
     if coordinator.listening is None:
         return False
+    if env["DMLC_PS_ROOT_PORT"] != "0":
+        return True
     port = coordinator.listening.rsplit(":", 1)[1]
     env.update(DMLC_PS_ROOT_PORT=port,
                MX_COORDINATOR=f"{env['DMLC_PS_ROOT_URI']}:{port}")
@@ -764,7 +766,7 @@ def run(args, cmd, secrets, remote):
     """Starts the job on this host, or through `remote` (a Remote or None),
     and supervises it; returns the exit code."""
     # Port 0 on this host: the coordinator takes a free one, and
-    # start_and_supervise reads which from its first line.
+    # start_and_supervise reads which from its first line (await_coordinator).
     port = args.port or (9091 if remote else 0)
     root = address_of(remote.host(0)) if remote else "127.0.0.1"
     coordinator = f"{root}:{port}"
@@ -839,7 +841,7 @@ def start_and_supervise(job, args, cmd, secrets, env):
                        f"--heartbeat_timeout_s={args.heartbeat_timeout}"] + elastic,
                       dict(env, DMLC_ROLE="scheduler", **secrets.env("coordinator")),
                       host=remote and remote.host(0))
-    if port == "0" and not settle_coordinator_port(first, env):
+    if not await_coordinator(first, env):
         code = supervise(job, args.elastic, grace=0)  # it failed: says how
         first.drain()
         return code
