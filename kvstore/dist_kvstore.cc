@@ -478,14 +478,13 @@ struct Conn : std::enable_shared_from_this<Conn> {
       raw_stubs.resize(s + 1);
     }
     addresses[s] = address;
-    std::vector<std::shared_ptr<grpc::Channel>> channels = {
-        rpc::SharedChannel(address, options.security)};
-    stubs[s] = proto::KVStoreService::NewStub(channels[0]);
+    std::vector<std::shared_ptr<grpc::Channel>> channels;
     raw_stubs[s].clear();
     for (int c = 0; c < std::max(1, options.connections_per_server); ++c) {
       channels.push_back(rpc::SharedChannel(address, options.security, c));
       raw_stubs[s].push_back(std::make_unique<grpc::GenericStub>(channels.back()));
     }
+    stubs[s] = proto::KVStoreService::NewStub(channels[0]);  // connection 0's, as before
     return channels;
   }
   // Where server s is now.

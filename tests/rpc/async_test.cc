@@ -365,6 +365,24 @@ int RawConnection(int port) {
   return fd;
 }
 
+// Sends `bytes` (none: nothing) on a new raw connection to `port`, then
+// reads until the server closes it or `wait` passes without data: the
+// last read's result (0: the server closed it).
+ssize_t SendAndReadToEnd(int port, const std::string& bytes, absl::Duration wait) {
+  const int fd = RawConnection(port);
+  if (!bytes.empty()) {
+    EXPECT_EQ(write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+  }
+  const timeval tv = absl::ToTimeval(wait);
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  char buffer[256];
+  ssize_t r;
+  while ((r = read(fd, buffer, sizeof(buffer))) > 0) {
+  }
+  close(fd);
+  return r;
+}
+
 TEST_P(StreamTest, AWrongOrMissingTokenIsRefusedSayingSo) {
   for (const std::string token : {"wrong", ""}) {
     StreamTarget other = target_;
@@ -434,16 +452,8 @@ TEST_P(StreamTest, GarbageEndsOnlyItsOwnConnection) {
                                                 std::string("\0\0\0\x80", 4) +
                                                 std::string(28, '\x01')};
   for (const std::string& bytes : garbage) {
-    const int fd = RawConnection(stream_port_);
-    ASSERT_EQ(write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
-    const timeval wait{10, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof(wait));
-    char buffer[256];
-    ssize_t r;
-    while ((r = read(fd, buffer, sizeof(buffer))) > 0) {
-    }
-    EXPECT_EQ(r, 0) << "the server should close the connection";
-    close(fd);
+    EXPECT_EQ(SendAndReadToEnd(stream_port_, bytes, absl::Seconds(10)), 0)
+        << "the server should close the connection";
   }
   std::string got;
   ASSERT_TRUE(Call("/t/Echo", "fine", &got).ok());
@@ -458,21 +468,11 @@ TEST_P(StreamTest, AConnectionThatSaysNothingEndsAfterTheHelloTime) {
       tls() ? std::string("\x16\x03\x01", 3) : std::string("MXS1\x06\0\0\0sec", 11);
   for (const std::string& bytes : {std::string(), half}) {
     const absl::Time start = absl::Now();
-    const int fd = RawConnection(stream_port_);
-    if (!bytes.empty()) {
-      ASSERT_EQ(write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
-    }
-    const timeval wait{20, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof(wait));
-    char buffer[256];
-    ssize_t r;
-    while ((r = read(fd, buffer, sizeof(buffer))) > 0) {
-    }
+    EXPECT_EQ(SendAndReadToEnd(stream_port_, bytes, absl::Seconds(20)), 0)
+        << "the server should close the connection";
     const absl::Duration took = absl::Now() - start;
-    EXPECT_EQ(r, 0) << "the server should close the connection";
     EXPECT_GE(took, absl::Milliseconds(900)) << bytes.size() << " bytes sent";
     EXPECT_LT(took, absl::Seconds(5)) << bytes.size() << " bytes sent";
-    close(fd);
   }
   std::string got;
   ASSERT_TRUE(Call("/t/Echo", "after", &got).ok());
