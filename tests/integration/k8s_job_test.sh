@@ -17,7 +17,7 @@ fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 source "$(dirname "$0")/../testdata/make_csv.sh"
 make_csv 400 "$TMP/train.csv" "$TMP/train_labels.csv"
 make_csv 100 "$TMP/test.csv" "$TMP/test_labels.csv"
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(python3 "$(dirname "$0")/free_port.py")
 worker=(mx_train --kvstore=dist_sync --network=mlp --batch_size=20 --lr=0.5 --epochs=3
         --train_csv="$TMP/train.csv" --train_label_csv="$TMP/train_labels.csv"
         --test_csv="$TMP/test.csv" --test_label_csv="$TMP/test_labels.csv")

@@ -156,7 +156,7 @@ rc=$?
 # (default 120 s; a Kubernetes cluster may take longer to start pods),
 # saying who is missing, or that no coordinator answered. A value that is
 # no number of seconds is refused.
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 "$SERVER" --role=coordinator --bind=127.0.0.1:$port --num_servers=1 --num_workers=2 > "$TMP/alone.log" 2>&1 &
 coordinator=$!
 # The nodes get 3 s: on a loaded machine the coordinator alone took longer
@@ -199,7 +199,7 @@ rc=$?
 # of a connection attempt only when a thread polled the channel, and in a
 # worker (it serves nothing) its backup poller did, every 5 s: the job
 # formed 5-10 s after the coordinator started (rpc/rpc.cc).
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 timeout -k 2 60 "$SERVER" --role=server --coordinator=127.0.0.1:$port --num_workers=1 \
   > "$TMP/late_server.log" 2>&1 &
 server=$!
@@ -219,7 +219,7 @@ wait "$server"; wait "$coordinator"
 
 # 5b. An IPv6 address to advertise (a dual-stack or IPv6 cluster's pod IP)
 # is accepted: the server registers with it, bracketed, and its own port.
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 timeout -k 2 30 "$SERVER" --role=coordinator --bind=127.0.0.1:$port --num_servers=1 \
   --num_workers=1 > "$TMP/v6_coordinator.log" 2>&1 &
 v6_coordinator=$!
@@ -274,7 +274,7 @@ left=$(live_job_pids "$log")
 # 6d. Every worker dies before any finishes, with no launcher to stop the
 # daemons (as under Kubernetes): the coordinator and the server end by
 # themselves, exit code 1, saying why, soon after the heartbeat timeout.
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 timeout -k 2 60 "$SERVER" --role=coordinator --bind=127.0.0.1:$port --num_servers=1 \
   --num_workers=1 --heartbeat_timeout_s=2 > "$TMP/orphan_coordinator.log" 2>&1 &
 orphan_coordinator=$!

@@ -9,6 +9,8 @@ failures=0
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 finish() { echo "$failures failures"; exit $(( failures > 0 )); }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+# A port to name before anything listens on it (see free_port.py).
+free_port() { python3 "$(dirname "${BASH_SOURCE[0]}")/free_port.py"; }
 
 source "$(dirname "$0")/../testdata/make_csv.sh"
 # 401 samples: two parts would differ by one sample, and at batch 20 by a

@@ -80,7 +80,7 @@ for who in coordinator "server 0" "server 1" "worker 0" "worker 1"; do
 done
 
 # A real Prometheus scrapes the job every second.
-prom_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+prom_port=$(free_port)
 cat > "$TMP/prometheus.yml" <<YML
 global:
   scrape_interval: 1s

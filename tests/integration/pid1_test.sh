@@ -14,10 +14,6 @@ if ! why=$(unshare --pid --fork true 2>&1); then
   skip_test pid1_test Pid1StopsOnSigterm "cannot create a PID namespace here: $why"
 fi
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 # pid1_stops NAME LOG EXPECT CMD...: runs CMD as PID 1 of a new PID
 # namespace, waits until LOG shows EXPECT (it is running; "": a second),
 # SIGTERMs it and checks that it ends within 5 s.

@@ -13,7 +13,7 @@ FAKE_SSH="$(cd "$(dirname "$0")" && pwd)/fake_ssh.sh"
 export FAKE_SSH_LOG="$TMP/ssh.log"
 : > "$FAKE_SSH_LOG"
 printf '# test hosts\n127.0.0.1\n\nroot@127.0.0.2  # a user is allowed\n' > "$TMP/hosts"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 
 log="$TMP/job.log"
 JOB_LOGS+=("$log")
