@@ -211,6 +211,9 @@ OprBlock* NewOpr(Context ctx, const std::vector<VarHandle>& const_vars,
 // WorkerPool::Push).
 thread_local const OprBlock* t_running = nullptr;
 
+// Set while a WaitWithoutRunning lives on this thread.
+thread_local bool t_wait_without_running = false;
+
 // A pool of worker threads that run ready operations, highest priority
 // first and in push order among equal priorities.
 //
@@ -405,7 +408,7 @@ class ThreadedEngine : public Engine {
     Push(op);
     // Help while waiting: running ready operations on this thread saves a
     // worker's wake-up on the common push-then-wait path.
-    pool_.RunWhile([&done] { return !done.HasBeenNotified(); });
+    if (!t_wait_without_running) pool_.RunWhile([&done] { return !done.HasBeenNotified(); });
     done.WaitForNotification();
     RethrowVarError(var);
   }
@@ -640,6 +643,12 @@ class NaiveEngine : public Engine {
 
 }  // namespace
 }  // namespace engine
+
+WaitWithoutRunning::WaitWithoutRunning() : outer_(engine::t_wait_without_running) {
+  engine::t_wait_without_running = true;
+}
+
+WaitWithoutRunning::~WaitWithoutRunning() { engine::t_wait_without_running = outer_; }
 
 void CallbackOnComplete::operator()(std::exception_ptr error) const {
   engine_->OnComplete(op_, std::move(error));

@@ -18,6 +18,7 @@
 #include <thread>
 #include <utility>
 
+#include "ndarray/engine.h"
 #include "worker/io.h"
 
 namespace mx {
@@ -129,6 +130,9 @@ class Prefetcher : public DataIter {
   }
 
   void Run() {
+    // This thread's waits (the inner iterator's for its arrays) are off the
+    // caller's training step: they must not take its operations over.
+    WaitWithoutRunning off_the_step;
     DataBatch batch;  // the inner iterator's arrays
     std::unique_lock<std::mutex> lock(mu_);
     while (true) {

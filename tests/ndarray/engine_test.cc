@@ -1070,6 +1070,54 @@ TEST(ThreadedEngine, AChainStaysOnTheWorkerThatRunsIt) {
   for (VarHandle x : {busy.var(), v}) engine->DeleteVariable([](RunContext) {}, cpu(), x);
 }
 
+// A thread with a WaitWithoutRunning (a data prefetcher) waits without
+// taking queued operations over: they stay with the workers, since such a
+// waiter would drop a chain of them where its own wait ended. Once the
+// guard is gone, the thread's waits run operations again.
+TEST(ThreadedEngine, AWaiterWithoutRunningLeavesOperationsToTheWorkers) {
+  std::unique_ptr<Engine> engine = CreateEngine(Threaded(1));
+  VarHandle x = engine->NewVariable();
+  std::thread::id ran_on;
+  auto push_recording_op = [&] {
+    ran_on = std::thread::id();
+    engine->PushSync([&](RunContext) { ran_on = std::this_thread::get_id(); }, cpu(), {}, {x});
+  };
+  std::thread::id waiter_id;
+  std::atomic<bool> waited{false};
+  Gate guarded_wait_done, second_part;
+  BusyWorker first(engine.get());  // the only worker
+  push_recording_op();
+  std::thread waiter([&] {
+    waiter_id = std::this_thread::get_id();
+    {
+      WaitWithoutRunning outer;
+      { WaitWithoutRunning inner; }  // nested: the outer one still holds
+      engine->WaitForVar(x);
+      waited = true;
+    }
+    guarded_wait_done.Open();
+    second_part.Wait();
+    engine->WaitForVar(x);  // the guard is gone: this wait runs the operation
+  });
+  SleepMs(50);
+  EXPECT_FALSE(waited.load()) << "the waiter ran the operation while the worker was busy";
+  first.Release();
+  ASSERT_TRUE(guarded_wait_done.Wait());
+  EXPECT_NE(ran_on, waiter_id) << "the operation ran on the waiter";
+  EXPECT_NE(ran_on, std::thread::id()) << "the operation did not run";
+
+  BusyWorker second(engine.get());
+  push_recording_op();
+  second_part.Open();
+  waiter.join();
+  EXPECT_EQ(ran_on, waiter_id) << "without the guard, the waiter left the operation to a worker";
+  second.Release();
+  engine->WaitForAll();
+  for (VarHandle v : {first.var(), second.var(), x}) {
+    engine->DeleteVariable([](RunContext) {}, cpu(), v);
+  }
+}
+
 // The engine runs one worker unless told otherwise (MXNet's default): the
 // cores go to the CPU pool inside operations.
 TEST(CreateEngine, RunsOneWorkerUnlessTold) {
