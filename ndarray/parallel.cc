@@ -260,8 +260,14 @@ void ParallelFor(int64_t tasks, absl::FunctionRef<void(int64_t, int)> fn) {
 void ParallelRanges(int64_t n, int64_t min_range,
                     absl::FunctionRef<void(int64_t begin, int64_t end)> fn) {
   if (n <= 0) return;
-  const int64_t ranges =
-      std::clamp<int64_t>(n / std::max<int64_t>(min_range, 1), 1, 4 * CpuThreads());
+  const int64_t threads = CpuThreads();
+  int64_t ranges = std::clamp<int64_t>(n / std::max<int64_t>(min_range, 1), 1, 4 * threads);
+  // A multiple of the threads once there are more ranges than threads:
+  // whichever thread is free claims the next range, so 3 equal ranges on 2
+  // threads end when one thread has run two of them, as late as 2 ranges
+  // would (the MLP's largest weight update, traced: median 10 us, 8 with
+  // 2 ranges instead of 3).
+  if (ranges > threads) ranges -= ranges % threads;
   if (ranges == 1) {
     fn(0, n);
     return;

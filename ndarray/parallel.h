@@ -57,6 +57,7 @@ void ParallelFor(int64_t tasks, absl::FunctionRef<void(int64_t task, int slot)> 
 // Runs fn(begin, end) over contiguous ranges of about equal length that
 // cover [0, n) exactly once, on the pool (ParallelFor): up to four ranges
 // per thread, so that a late helper leaves the others little to wait for,
+// and a multiple of the threads when there are more ranges than threads;
 // each at least min_range long (so one range, on the caller, when
 // n < 2 * min_range).
 void ParallelRanges(int64_t n, int64_t min_range,
