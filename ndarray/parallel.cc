@@ -293,8 +293,11 @@ void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float al
   const bool split_n = !trans_a && n >= 2 * m;
   const int64_t side = split_n ? n : m;
   const int64_t align = split_n ? 16 : 4;
-  const int64_t blocks =
-      threads == 1 || macs < kMinParallelMacs ? 1 : std::min<int64_t>(threads, side / align);
+  // Inside a pool task (a Convolution's chunk of images) the blocks would
+  // run one after the other: one call is faster than two halves.
+  const int64_t blocks = threads == 1 || macs < kMinParallelMacs || t_in_parallel
+                             ? 1
+                             : std::min<int64_t>(threads, side / align);
   if (blocks <= 1) {
     SgemmBlock(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;

@@ -79,10 +79,14 @@ TEST(ParallelRanges, CoverEveryIndexOnceInRangesOfAtLeastTheMinimum) {
     });
     for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "index " << i;
     EXPECT_LE(ranges.load(), std::max<int64_t>(1, std::min<int64_t>(n / kMin, 4 * CpuThreads())));
-    if (n < 2 * kMin) EXPECT_EQ(ranges.load(), 1);
+    if (n < 2 * kMin) {
+      EXPECT_EQ(ranges.load(), 1);
+    }
     // More ranges than threads come in a multiple of them (3 on 2 threads
     // would end as late as 2, after one thread has run two).
-    if (ranges.load() > CpuThreads()) EXPECT_EQ(ranges.load() % CpuThreads(), 0);
+    if (ranges.load() > CpuThreads()) {
+      EXPECT_EQ(ranges.load() % CpuThreads(), 0);
+    }
   }
 }
 
