@@ -94,6 +94,8 @@ void Compare(const std::string& name, const Symbol& net, int epochs, int rounds,
   int torch_rounds = 0;
   for (int seed = 0; seed < rounds; ++seed) {
     const Result r = TrainMx(net, epochs, lr, momentum, seed);
+    std::printf("# %s seed %d: mx %.0f samples/s, test accuracy %.4f\n", name.c_str(), seed,
+                r.samples_per_s, r.accuracy);
     mx_speed = std::max(mx_speed, r.samples_per_s);
     mx_accuracy += r.accuracy / rounds;
     auto t = RunTorchBest("train_epochs " + name + " {threads} " + std::to_string(epochs) + " " +
