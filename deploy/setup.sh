@@ -14,7 +14,7 @@ set -euo pipefail
 PACKAGES=(
   bazel-bootstrap bazel-rules-java pkg-config g++ python3
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libabsl-dev libopenblas-dev libgtest-dev libgmock-dev libbenchmark-dev
+  libabsl-dev libopenblas-dev libdnnl-dev libgtest-dev libgmock-dev libbenchmark-dev
   zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist openssl libssl-dev
   libmicrohttpd-dev prometheus iproute2 nftables
 )

@@ -20,6 +20,14 @@ _LIBS = {
     "zlib": (["zlib"], "zlib1g-dev"),
 }
 
+# Libraries without a pkg-config module: target: ([linkopts], header that
+# must exist, "debian package").
+_PLAIN_LIBS = {
+    # oneDNN (Debian builds it on OpenMP; mx calls it from its own threads,
+    # one OpenMP thread each, hence libgomp for omp_set_num_threads).
+    "dnnl": (["-ldnnl", "-lgomp"], "/usr/include/oneapi/dnnl/dnnl.hpp", "libdnnl-dev"),
+}
+
 def _system_libs_impl(ctx):
     pkg_config = ctx.which("pkg-config")
     if pkg_config == None:
@@ -30,6 +38,14 @@ def _system_libs_impl(ctx):
         if result.return_code != 0:
             fail("pkg-config could not find %s (install Debian package %s): %s" % (" ".join(modules), debian, result.stderr))
         flags = [f for f in result.stdout.strip().split(" ") if f]
+        lines.append("cc_library(")
+        lines.append('    name = "%s",' % name)
+        lines.append("    linkopts = %s," % repr(flags))
+        lines.append(")")
+        lines.append("")
+    for name, (flags, header, debian) in _PLAIN_LIBS.items():
+        if not ctx.path(header).exists:
+            fail("%s not found (install Debian package %s)" % (header, debian))
         lines.append("cc_library(")
         lines.append('    name = "%s",' % name)
         lines.append("    linkopts = %s," % repr(flags))

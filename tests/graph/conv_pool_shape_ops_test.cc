@@ -2,6 +2,7 @@
 // operator table: names and argument lists, shape inference from partial
 // knowledge (in both directions where MXNet does it), the errors for bad
 // shapes and parameters, and max pooling's choice among equal maxima.
+#include <cmath>
 #include <map>
 #include <string>
 #include <vector>
@@ -251,6 +252,61 @@ TEST(PoolingGradient, OverlappingWindowsAccumulate) {
   // 3 windows of width 2 over 4 columns; the maximum 9 wins the first two.
   std::vector<float> g = MaxPoolGradient({1, 9, 2, 3}, Shape{1, 1, 1, 4}, {{"kernel", "(1,2)"}});
   EXPECT_THAT(g, ElementsAre(0, 2, 0, 1));
+}
+
+// ---- Convolution's gradients beyond the operator table: accumulated
+// (grad_req add), and the same bits run after run, on both CPU paths
+// (3 channels: im2col; 16: oneDNN, graph/ops/dnnl_conv.h). Batch 5: the
+// pool's chunks of images differ in size.
+
+struct ConvGradients {
+  std::vector<float> out, data, weight, bias;
+};
+
+ConvGradients RunConvolution(int64_t channels, GradReq req, float start) {
+  const Shape data_shape{5, channels, 6, 7}, weight_shape{16, channels, 3, 3};
+  std::vector<float> data(data_shape.Size()), weight(weight_shape.Size()), head(5 * 16 * 6 * 7);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<float>(i % 13) / 13 - 0.4f;
+  for (size_t i = 0; i < weight.size(); ++i) weight[i] = static_cast<float>(i % 7) / 7 - 0.5f;
+  for (size_t i = 0; i < head.size(); ++i) head[i] = static_cast<float>(i % 5) / 5 - 0.3f;
+  const Symbol s = Op("Convolution", {Variable("data")},
+                      {{"kernel", "(3,3)"}, {"num_filter", 16}, {"pad", "(1,1)"}}, "conv");
+  NDArray dd = Full(data_shape, start), dw = Full(weight_shape, start), db = Full({16}, start);
+  auto exec = Executor::Bind(
+      s, cpu(),
+      {{"data", FromVector(data, data_shape)},
+       {"conv_weight", FromVector(weight, weight_shape)},
+       {"conv_bias", Full({16}, 0.25f)}},
+      {{"data", dd}, {"conv_weight", dw}, {"conv_bias", db}},
+      {{"data", req}, {"conv_weight", req}, {"conv_bias", req}});
+  EXPECT_TRUE(exec.ok()) << exec.status();
+  if (!exec.ok()) return {};
+  (*exec)->Forward(true);
+  (*exec)->Backward({FromVector(head, Shape{5, 16, 6, 7})});
+  return {(*exec)->outputs()[0].ToVector(), dd.ToVector(), dw.ToVector(), db.ToVector()};
+}
+
+void ExpectNear(const std::vector<float>& got, const std::vector<float>& want, float start) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_NEAR(got[i], want[i] + start, 1e-5f * (1 + std::abs(want[i]))) << "at " << i;
+  }
+}
+
+TEST(ConvolutionGradient, AddsToTheGradientsAndRepeatsBitForBit) {
+  for (int64_t channels : {3, 16}) {
+    SCOPED_TRACE(::testing::Message() << channels << " channels");
+    const ConvGradients write = RunConvolution(channels, GradReq::kWrite, 0.0f);
+    const ConvGradients again = RunConvolution(channels, GradReq::kWrite, 0.0f);
+    EXPECT_EQ(again.out, write.out);
+    EXPECT_EQ(again.data, write.data);
+    EXPECT_EQ(again.weight, write.weight);
+    EXPECT_EQ(again.bias, write.bias);
+    const ConvGradients add = RunConvolution(channels, GradReq::kAdd, 0.5f);
+    ExpectNear(add.data, write.data, 0.5f);
+    ExpectNear(add.weight, write.weight, 0.5f);
+    ExpectNear(add.bias, write.bias, 0.5f);
+  }
 }
 
 // 2x2 windows with stride 2 have their own kernels (graph/ops/pooling.cc):

@@ -121,6 +121,27 @@ MX_OP_CASE(Conv("Convolution_lenet_conv1", {.data = {100, 1, 28, 28}, .filters =
                                             .kernel = {5, 5}}, {}, false));
 MX_OP_CASE(Conv("Convolution_lenet_conv2", {.data = {100, 20, 12, 12}, .filters = 50,
                                             .kernel = {5, 5}}, {}, false));
+// Channels and filters in multiples of 16 run through oneDNN
+// (graph/ops/dnnl_conv.h), one chunk of images per pool thread: the zoo
+// ResNet's 3x3 layer on an odd batch (chunks of unequal size), then
+// strides, padding, a rectangular kernel, dilation and no bias; with
+// stride 2 on an even input, the output size rounds down and the bottom and
+// right need less padding than the top and left.
+MX_OP_CASE(Conv("Convolution_dnnl_resnet_3x3",
+                {.data = {5, 16, 8, 8}, .filters = 16, .kernel = {3, 3}, .pad = {1, 1}}));
+MX_OP_CASE(Conv("Convolution_dnnl_stride_pad_rect_no_bias",
+                {.data = {3, 32, 9, 10}, .filters = 16, .kernel = {3, 2}, .stride = {2, 3},
+                 .pad = {1, 2}, .no_bias = true}));
+MX_OP_CASE(Conv("Convolution_dnnl_dilate",
+                {.data = {2, 16, 9, 9}, .filters = 16, .kernel = {3, 3}, .pad = {2, 1},
+                 .dilate = {2, 3}}));
+MX_OP_CASE(Conv("Convolution_dnnl_stride2_even",
+                {.data = {3, 16, 8, 8}, .filters = 32, .kernel = {3, 3}, .stride = {2, 2},
+                 .pad = {1, 1}}));
+// Groups stay on im2col.
+MX_OP_CASE(Conv("Convolution_groups_wide",
+                {.data = {2, 32, 5, 5}, .filters = 4, .kernel = {3, 3}, .pad = {1, 1},
+                 .groups = 2}));
 
 // ---- Pooling.
 
