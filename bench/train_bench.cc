@@ -8,6 +8,7 @@
 // varies by about +-0.006 for either).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <map>
 #include <string>
@@ -120,15 +121,18 @@ void Compare(const std::string& name, const Symbol& net, int epochs, int rounds,
 int main(int argc, char** argv) {
   using namespace mx::bench;
   std::string only = argc > 1 ? argv[1] : "";
+  // train_bench MODEL ROUNDS: that many seeds instead of the default.
+  const int rounds = argc > 2 ? std::atoi(argv[2]) : 0;
+  auto or_default = [&](int n) { return rounds > 0 ? rounds : n; };
   // The configurations of the accuracy targets: MLP 10 epochs, LeNet 2,
   // the zoo's ResNet 1. Speed targets: issue 20's.
   // Rounds (seeds): enough for a mean accuracy within about +-0.003; a
   // round takes about 25 s for the MLP, 90 s for LeNet and 6 min for the
   // ResNet (both sides).
-  if (only.empty() || only == "mlp") Compare("mlp", mx::zoo::Mlp(), 10, 3, 0.1f, 0.0f, 2.0);
-  if (only.empty() || only == "lenet") Compare("lenet", mx::zoo::LeNet(), 2, 4, 0.05f, 0.9f, 1.8);
+  if (only.empty() || only == "mlp") Compare("mlp", mx::zoo::Mlp(), 10, or_default(3), 0.1f, 0.0f, 2.0);
+  if (only.empty() || only == "lenet") Compare("lenet", mx::zoo::LeNet(), 2, or_default(4), 0.05f, 0.9f, 1.8);
   if (only.empty() || only == "resnet") {
-    Compare("resnet", mx::zoo::ResNet(), 1, 2, 0.05f, 0.9f, 1.5);
+    Compare("resnet", mx::zoo::ResNet(), 1, or_default(2), 0.05f, 0.9f, 1.5);
   }
   return 0;
 }
