@@ -9,6 +9,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "ndarray/base.h"
@@ -159,6 +160,14 @@ int64_t Floats(const memory::desc& d) {
   return RoundUp(static_cast<int64_t>(d.get_size() / sizeof(float)));
 }
 
+// oneDNN falls back to plain loops ("ref:any") where it has no kernel for
+// the CPU or shape; mx's im2col is far faster than those.
+void RefuseReference(const char* implementation) {
+  if (absl::StrContains(implementation, "ref")) {
+    throw dnnl::error(dnnl_unimplemented, implementation);
+  }
+}
+
 // Creates the primitives of s, or throws dnnl::error.
 std::unique_ptr<Primitives> Create(const kernel::ConvShape& s, bool bias) {
   OneThread();
@@ -194,6 +203,9 @@ std::unique_ptr<Primitives> Create(const kernel::ConvShape& s, bool bias) {
       dnnl::convolution_backward_weights::desc(algo, any_x, any_w, p->bias, any_y, strides, dilates,
                                                pad_l, pad_r),
       attr, Engine(), fpd);
+  RefuseReference(fpd.impl_info_str());
+  RefuseReference(dpd.impl_info_str());
+  RefuseReference(wpd.impl_info_str());
   p->forward = dnnl::convolution_forward(fpd);
   p->backward_data = dnnl::convolution_backward_data(dpd);
   p->backward_weights = dnnl::convolution_backward_weights(wpd);

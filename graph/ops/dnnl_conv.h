@@ -27,7 +27,8 @@ namespace mx::ops::dnnl_conv {
 
 // Whether oneDNN runs convolutions of shape s (s.n images per call), with a
 // bias or without. False for what it cannot express (more than one group,
-// negative right padding) or when it fails to create the primitives.
+// negative right padding), where it has only its reference loops for the
+// shape on this CPU, or when it fails to create the primitives.
 bool Supported(const kernel::ConvShape& s, bool bias);
 
 // Floats of scratch one Forward or Backward call of shape s needs (s and
