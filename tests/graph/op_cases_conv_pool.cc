@@ -135,6 +135,8 @@ MX_OP_CASE(Conv("Convolution_dnnl_stride_pad_rect_no_bias",
 MX_OP_CASE(Conv("Convolution_dnnl_dilate",
                 {.data = {2, 16, 9, 9}, .filters = 16, .kernel = {3, 3}, .pad = {2, 1},
                  .dilate = {2, 3}}));
+MX_OP_CASE(Conv("Convolution_dnnl_one_image",
+                {.data = {1, 16, 5, 5}, .filters = 16, .kernel = {3, 3}, .pad = {1, 1}}));
 MX_OP_CASE(Conv("Convolution_dnnl_stride2_even",
                 {.data = {3, 16, 8, 8}, .filters = 32, .kernel = {3, 3}, .stride = {2, 2},
                  .pad = {1, 1}}));
