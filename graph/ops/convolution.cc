@@ -18,9 +18,10 @@
 //
 // Layers whose channels and filters are multiples of 16 (see kDnnlBlock)
 // run through oneDNN instead (graph/ops/dnnl_conv.h): the
-// batch is cut into one chunk of images per pool thread, each thread's
-// chunk is one oneDNN call, and the weight and bias gradients of the chunks
-// are added in chunk order. On GPUs the operator calls cuDNN (ndarray/dnn.h).
+// batch is cut into kDnnlChunksPerThread chunks of images per pool thread,
+// each chunk one oneDNN call on the thread that claims it, and the weight
+// and bias gradients of the chunks are added in chunk order. On GPUs the operator calls cuDNN
+// (ndarray/dnn.h).
 //
 // Chunks run in parallel on the CPU pool (ndarray/parallel.h), each thread
 // with its own col and tmp in the operator workspace. The weight and bias
@@ -167,9 +168,17 @@ kernel::ConvShape ShapeOf(const Geometry& g, int64_t images) {
 
 // ---- The oneDNN path's division of the batch and its workspace.
 
-// Images per oneDNN call: the batch in one chunk per pool thread.
+// Chunks of the batch per pool thread on the oneDNN path: with one per
+// thread, a helper that started late or was preempted left the others
+// waiting. The zoo ResNet's forward plus backward (batch 100, 2 threads),
+// 9 rounds in turns: 4 per thread ran faster than 1 in 8 of 9 pairs
+// (medians 3,748 and 3,554 samples/s), 2 per thread in between.
+constexpr int64_t kDnnlChunksPerThread = 4;
+
+// Images per oneDNN call.
 int64_t DnnlImages(const Geometry& g) {
-  const int64_t chunks = std::clamp<int64_t>(CpuThreads(), 1, std::max<int64_t>(g.batch, 1));
+  const int64_t chunks =
+      std::clamp<int64_t>(kDnnlChunksPerThread * CpuThreads(), 1, std::max<int64_t>(g.batch, 1));
   return std::max<int64_t>((g.batch + chunks - 1) / chunks, 1);
 }
 

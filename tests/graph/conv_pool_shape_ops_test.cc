@@ -256,16 +256,16 @@ TEST(PoolingGradient, OverlappingWindowsAccumulate) {
 
 // ---- Convolution's gradients beyond the operator table: accumulated
 // (grad_req add), and the same bits run after run, on both CPU paths
-// (3 channels: im2col; 16: oneDNN, graph/ops/dnnl_conv.h). Batch 5: the
-// pool's chunks of images differ in size.
+// (3 channels: im2col; 16: oneDNN, graph/ops/dnnl_conv.h). Batch 11: the
+// pool's chunks of images differ in size on both paths.
 
 struct ConvGradients {
   std::vector<float> out, data, weight, bias;
 };
 
 ConvGradients RunConvolution(int64_t channels, GradReq req, float start) {
-  const Shape data_shape{5, channels, 6, 7}, weight_shape{16, channels, 3, 3};
-  std::vector<float> data(data_shape.Size()), weight(weight_shape.Size()), head(5 * 16 * 6 * 7);
+  const Shape data_shape{11, channels, 6, 7}, weight_shape{16, channels, 3, 3};
+  std::vector<float> data(data_shape.Size()), weight(weight_shape.Size()), head(11 * 16 * 6 * 7);
   for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<float>(i % 13) / 13 - 0.4f;
   for (size_t i = 0; i < weight.size(); ++i) weight[i] = static_cast<float>(i % 7) / 7 - 0.5f;
   for (size_t i = 0; i < head.size(); ++i) head[i] = static_cast<float>(i % 5) / 5 - 0.3f;
@@ -282,7 +282,7 @@ ConvGradients RunConvolution(int64_t channels, GradReq req, float start) {
   EXPECT_TRUE(exec.ok()) << exec.status();
   if (!exec.ok()) return {};
   (*exec)->Forward(true);
-  (*exec)->Backward({FromVector(head, Shape{5, 16, 6, 7})});
+  (*exec)->Backward({FromVector(head, Shape{11, 16, 6, 7})});
   return {(*exec)->outputs()[0].ToVector(), dd.ToVector(), dw.ToVector(), db.ToVector()};
 }
 
