@@ -16,12 +16,12 @@
 // recomputed from the data), the data gradient from col2im(weight^T * tmp)
 // and the bias gradient from the sums of tmp's rows.
 //
-// Layers whose channels and filters are multiples of 16 (see kDnnlBlock)
-// run through oneDNN instead (graph/ops/dnnl_conv.h): the
-// batch is cut into kDnnlChunksPerThread chunks of images per pool thread,
-// each chunk one oneDNN call on the thread that claims it, and the weight
-// and bias gradients of the chunks are added in chunk order. On GPUs the operator calls cuDNN
-// (ndarray/dnn.h).
+// Layers of one group with kDnnlMinChannels input channels or more run
+// through oneDNN instead (graph/ops/dnnl_conv.h): the batch is cut into
+// kDnnlChunksPerThread chunks of images per pool thread, each chunk one
+// oneDNN call on the thread that claims it, and the weight and bias
+// gradients of the chunks are added in chunk order. On GPUs the operator
+// calls cuDNN (ndarray/dnn.h).
 //
 // Chunks run in parallel on the CPU pool (ndarray/parallel.h), each thread
 // with its own col and tmp in the operator workspace. The weight and bias
@@ -41,14 +41,14 @@
 namespace mx::ops {
 namespace {
 
-// oneDNN keeps channels in blocks of kDnnlBlock and computes on the zeros
-// that pad a partial block, so it runs layers whose input channels and
-// filters fill whole blocks (the zoo ResNet's 3x3x16). Others stay on
-// im2col, which was as fast or faster there: LeNet's 5x5x50 layer on 20
-// channels (both padded to blocks) took 6.9 ms for forward plus backward
-// through oneDNN against 6.6 ms, and one input channel (the ResNet's stem,
-// LeNet's first layer) 1.2-1.6 ms against 0.9 and 1.5 ms.
-constexpr int64_t kDnnlBlock = 16;
+// Input channels from which oneDNN runs a layer (one group). Below, on
+// one input channel (the ResNet's stem, LeNet's first layer), im2col was
+// as fast or faster: 1.2-1.6 ms for forward plus backward through oneDNN
+// against 0.9 and 1.5 ms. Above, oneDNN's direct convolution ran the zoo
+// ResNet's 3x3x16 layers 3x faster (graph/ops/dnnl_conv.h), and its
+// products in plain layouts LeNet's 20-channel layer faster too
+// (graph_bench lenet, mx only, 8 rounds in turns: faster in all 8, by 3-8%).
+constexpr int64_t kDnnlMinChannels = 16;
 
 // Columns of the matrix products per chunk: sgemm runs far below its peak
 // on thinner matrices, and wider ones only add cache misses.
@@ -187,9 +187,9 @@ int64_t DnnlChunks(const Geometry& g) { return (g.batch + DnnlImages(g) - 1) / D
 // The last chunk's images (the others have DnnlImages).
 int64_t DnnlLastImages(const Geometry& g) { return g.batch - (DnnlChunks(g) - 1) * DnnlImages(g); }
 
-// Whether oneDNN runs this layer (see kDnnlBlock).
+// Whether oneDNN runs this layer (see kDnnlMinChannels).
 bool UseDnnl(const ParsedParams& p, const Geometry& g) {
-  if (g.groups != 1 || g.channels % kDnnlBlock != 0 || g.filters % kDnnlBlock != 0 || g.batch < 1) {
+  if (g.groups != 1 || g.channels < kDnnlMinChannels || g.batch < 1) {
     return false;
   }
   const bool bias = !p.GetBool("no_bias");

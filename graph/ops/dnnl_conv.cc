@@ -21,6 +21,9 @@ namespace {
 using dnnl::memory;
 using Tag = memory::format_tag;
 
+// Channels per block of oneDNN's blocked layouts (AVX-512's 16 floats).
+constexpr int64_t kBlock = 16;
+
 // Scratch regions start on 64-byte boundaries (the vector width oneDNN's
 // kernels load at).
 constexpr int64_t kAlignFloats = 16;
@@ -183,9 +186,12 @@ std::unique_ptr<Primitives> Create(const kernel::ConvShape& s, bool bias) {
     if (pad_r[d] < 0) throw dnnl::error(dnnl_unimplemented, "negative right padding");
   }
   auto p = std::make_unique<Primitives>();
-  const memory::desc any_x(x_dims, memory::data_type::f32, Tag::any),
-      any_w(w_dims, memory::data_type::f32, Tag::any),
-      any_y(y_dims, memory::data_type::f32, Tag::any);
+  // The primitives choose their layouts (blocked) only where the channels
+  // and filters fill whole blocks (see the header).
+  const bool blocked = s.c % kBlock == 0 && s.k % kBlock == 0;
+  const memory::desc any_x(x_dims, memory::data_type::f32, blocked ? Tag::any : Tag::nchw),
+      any_w(w_dims, memory::data_type::f32, blocked ? Tag::any : Tag::oihw),
+      any_y(y_dims, memory::data_type::f32, blocked ? Tag::any : Tag::nchw);
   const memory::desc x = Plain(x_dims, Tag::nchw), w = Plain(w_dims, Tag::oihw),
                      y = Plain(y_dims, Tag::nchw);
   if (bias) p->bias = Plain({s.k}, Tag::x);

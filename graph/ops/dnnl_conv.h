@@ -7,6 +7,13 @@
 // backward took 3.5 ms, against 11.1 ms for mx's im2col + OpenBLAS products;
 // it is also what MXNet's and PyTorch's CPU convolutions use.
 //
+// Layouts: where the input channels and the filters are multiples of 16,
+// the primitives work in the blocked layout. Otherwise blocks would be
+// padded with zeros that are computed on (LeNet's 5x5x50 layer on 20
+// channels: 6.9 ms through the blocked kernels against 6.6 ms on im2col),
+// so the primitives take mx's plain layouts as they are, which oneDNN runs
+// as its own products, without reorders.
+//
 // Each call covers s.n images on the calling thread alone (oneDNN's own
 // OpenMP threading is set to one thread on it): the operator splits a
 // batch over the CPU pool in chunks of images, as it does for im2col, so

@@ -256,7 +256,8 @@ TEST(PoolingGradient, OverlappingWindowsAccumulate) {
 
 // ---- Convolution's gradients beyond the operator table: accumulated
 // (grad_req add), and the same bits run after run, on both CPU paths
-// (3 channels: im2col; 16: oneDNN, graph/ops/dnnl_conv.h). Batch 11: the
+// (3 channels: im2col; 16: oneDNN blocked; 20: oneDNN in plain layouts,
+// graph/ops/dnnl_conv.h). Batch 11: the
 // pool's chunks of images differ in size on both paths.
 
 struct ConvGradients {
@@ -294,7 +295,7 @@ void ExpectNear(const std::vector<float>& got, const std::vector<float>& want, f
 }
 
 TEST(ConvolutionGradient, AddsToTheGradientsAndRepeatsBitForBit) {
-  for (int64_t channels : {3, 16}) {
+  for (int64_t channels : {3, 16, 20}) {
     SCOPED_TRACE(::testing::Message() << channels << " channels");
     const ConvGradients write = RunConvolution(channels, GradReq::kWrite, 0.0f);
     const ConvGradients again = RunConvolution(channels, GradReq::kWrite, 0.0f);

@@ -121,8 +121,9 @@ MX_OP_CASE(Conv("Convolution_lenet_conv1", {.data = {100, 1, 28, 28}, .filters =
                                             .kernel = {5, 5}}, {}, false));
 MX_OP_CASE(Conv("Convolution_lenet_conv2", {.data = {100, 20, 12, 12}, .filters = 50,
                                             .kernel = {5, 5}}, {}, false));
-// Channels and filters in multiples of 16 run through oneDNN
-// (graph/ops/dnnl_conv.h), in chunks of images on the pool: the zoo
+// 16 channels or more run through oneDNN (graph/ops/dnnl_conv.h; LeNet's
+// 20-channel layer above in plain layouts, these blocked), in chunks of
+// images on the pool: the zoo
 // ResNet's 3x3 layer on a batch of 11 (on 2 threads, 8 chunks at most: 5
 // of 2 images and one of 1), then
 // strides, padding, a rectangular kernel, dilation and no bias; with
@@ -141,7 +142,10 @@ MX_OP_CASE(Conv("Convolution_dnnl_one_image",
 MX_OP_CASE(Conv("Convolution_dnnl_stride2_even",
                 {.data = {3, 16, 8, 8}, .filters = 32, .kernel = {3, 3}, .stride = {2, 2},
                  .pad = {1, 1}}));
-// Groups stay on im2col.
+// Plain layouts with strides and no bias; groups stay on im2col.
+MX_OP_CASE(Conv("Convolution_dnnl_plain_stride_no_bias",
+                {.data = {3, 20, 9, 10}, .filters = 6, .kernel = {3, 2}, .stride = {2, 3},
+                 .pad = {1, 2}, .no_bias = true}));
 MX_OP_CASE(Conv("Convolution_groups_wide",
                 {.data = {2, 32, 5, 5}, .filters = 4, .kernel = {3, 3}, .pad = {1, 1},
                  .groups = 2}));
