@@ -30,6 +30,7 @@
 // not depend on which thread ran what.
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 #include "graph/ops/dnnl_conv.h"
 #include "graph/ops/op_util.h"
@@ -58,9 +59,9 @@ absl::StatusOr<Window2D> ParseWindow(const ParsedParams& p) {
   Window2D w;
   const Shape kernel = p.GetShape("kernel");
   if (kernel.ndim() != 2) {
-    return absl::UnimplementedError(
-        absl::StrCat("parameter kernel=", kernel.ToString(), " has ", kernel.ndim(),
-                     " dimensions; only 2-D convolution (kernel=(kh, kw)) is supported"));
+    return absl::UnimplementedError(absl::StrCat(
+        "parameter kernel=", kernel.ToString(), " has ", kernel.ndim(),
+        " dimensions; only 2-D convolution (kernel=(kh, kw)) is supported"));
   }
   MX_RETURN_IF_ERROR(Get2D(p, "kernel", 1, w.kernel));
   MX_RETURN_IF_ERROR(Get2D(p, "stride", 1, w.stride));
@@ -74,7 +75,8 @@ absl::StatusOr<Window2D> ParseWindow(const ParsedParams& p) {
   }
   if (groups < 1 || filters % groups != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "parameter num_group=", groups, " must be positive and divide num_filter=", filters));
+        "parameter num_group=", groups, " must be positive and divide num_filter=",
+        filters));
   }
   return w;
 }
@@ -115,7 +117,9 @@ struct Geometry {
     const int64_t by_memory = threads * SlotFloats() / std::max<int64_t>(WeightFloats(), 1);
     return std::min(Chunks(), std::clamp<int64_t>(by_memory, 2 * threads, 8 * threads));
   }
-  int64_t WorkspaceFloats() const { return CpuThreads() * SlotFloats() + Tasks() * WeightFloats(); }
+  int64_t WorkspaceFloats() const {
+    return CpuThreads() * SlotFloats() + Tasks() * WeightFloats();
+  }
   float* Slot(float* workspace, int slot) const { return workspace + slot * SlotFloats(); }
   float* Partial(float* workspace, int64_t task) const {
     return workspace + CpuThreads() * SlotFloats() + task * WeightFloats();
@@ -126,15 +130,16 @@ struct Geometry {
 // within the workspace parameter (MB), at least one.
 int64_t ChunkImages(const ParsedParams& p, const Geometry& g) {
   const int64_t plane = std::max<int64_t>(g.OutPlane(), 1);
-  int64_t images =
-      std::clamp<int64_t>((kMinColumns + plane - 1) / plane, 1, std::max<int64_t>(g.batch, 1));
+  int64_t images = std::clamp<int64_t>((kMinColumns + plane - 1) / plane, 1,
+                                       std::max<int64_t>(g.batch, 1));
   const int64_t per_image = (g.ColFloats(1) + g.TmpFloats(1)) * sizeof(float);
   const int64_t limit = p.GetInt("workspace") * (int64_t{1} << 20);
   return std::max<int64_t>(1, std::min(images, limit / std::max<int64_t>(per_image, 1)));
 }
 
 // Geometry of a bound convolution; the shapes were checked by Infer.
-Geometry MakeGeometry(const ParsedParams& p, const Shape& data, const Shape& out) {
+Geometry MakeGeometry(const ParsedParams& p, const Shape& data,
+                      const Shape& out) {
   Geometry g;
   g.win = *ParseWindow(p);
   g.batch = data[0];
@@ -151,19 +156,9 @@ Geometry MakeGeometry(const ParsedParams& p, const Shape& data, const Shape& out
 
 // The convolution of `images` images of g's (as cuDNN and oneDNN take it).
 kernel::ConvShape ShapeOf(const Geometry& g, int64_t images) {
-  return {images,
-          g.channels,
-          g.height,
-          g.width,
-          g.filters,
-          g.win.kernel[0],
-          g.win.kernel[1],
-          {g.win.pad[0], g.win.pad[1]},
-          {g.win.stride[0], g.win.stride[1]},
-          {g.win.dilate[0], g.win.dilate[1]},
-          g.groups,
-          g.out_h,
-          g.out_w};
+  return {images, g.channels, g.height, g.width, g.filters, g.win.kernel[0], g.win.kernel[1],
+          {g.win.pad[0], g.win.pad[1]}, {g.win.stride[0], g.win.stride[1]},
+          {g.win.dilate[0], g.win.dilate[1]}, g.groups, g.out_h, g.out_w};
 }
 
 // ---- The oneDNN path's division of the batch and its workspace.
@@ -175,54 +170,50 @@ kernel::ConvShape ShapeOf(const Geometry& g, int64_t images) {
 // (medians 3,748 and 3,554 samples/s), 2 per thread in between.
 constexpr int64_t kDnnlChunksPerThread = 4;
 
-// Images per oneDNN call.
-int64_t DnnlImages(const Geometry& g) {
-  const int64_t chunks =
-      std::clamp<int64_t>(kDnnlChunksPerThread * CpuThreads(), 1, std::max<int64_t>(g.batch, 1));
-  return std::max<int64_t>((g.batch + chunks - 1) / chunks, 1);
-}
+// The oneDNN path of one call: the primitives of a chunk of `images`
+// images and of the last chunk (which may have fewer), and the workspace:
+// each thread's scratch, then each chunk's weight gradient followed by its
+// bias gradient.
+struct DnnlPlan {
+  const dnnl_conv::Primitives* full;
+  const dnnl_conv::Primitives* last;
+  int64_t images, chunks, slot, partial;
 
-int64_t DnnlChunks(const Geometry& g) { return (g.batch + DnnlImages(g) - 1) / DnnlImages(g); }
-
-// The last chunk's images (the others have DnnlImages).
-int64_t DnnlLastImages(const Geometry& g) { return g.batch - (DnnlChunks(g) - 1) * DnnlImages(g); }
-
-// Whether oneDNN runs this layer (see kDnnlMinChannels).
-bool UseDnnl(const ParsedParams& p, const Geometry& g) {
-  if (g.groups != 1 || g.channels < kDnnlMinChannels || g.batch < 1) {
-    return false;
+  const dnnl_conv::Primitives& Of(int64_t chunk) const {
+    return chunk + 1 == chunks ? *last : *full;
   }
-  const bool bias = !p.GetBool("no_bias");
-  return dnnl_conv::Supported(ShapeOf(g, DnnlImages(g)), bias) &&
-         dnnl_conv::Supported(ShapeOf(g, DnnlLastImages(g)), bias);
-}
-
-// The workspace: each thread's scratch, then each chunk's weight gradient
-// followed by its bias gradient.
-struct DnnlWorkspace {
-  int64_t slot, partial;
-
-  DnnlWorkspace(const ParsedParams& p, const Geometry& g) {
-    const bool bias = !p.GetBool("no_bias");
-    slot = std::max(dnnl_conv::ScratchFloats(ShapeOf(g, DnnlImages(g)), bias),
-                    dnnl_conv::ScratchFloats(ShapeOf(g, DnnlLastImages(g)), bias));
-    partial = g.WeightFloats() + g.filters;
-  }
-  int64_t Floats(const Geometry& g) const { return CpuThreads() * slot + DnnlChunks(g) * partial; }
+  int64_t Floats() const { return CpuThreads() * slot + chunks * partial; }
   float* Slot(float* workspace, int s) const { return workspace + s * slot; }
   float* Partial(float* workspace, int64_t chunk) const {
     return workspace + CpuThreads() * slot + chunk * partial;
   }
 };
 
-absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeList*) {
+// The plan of this layer when oneDNN runs it (see kDnnlMinChannels).
+std::optional<DnnlPlan> PlanDnnl(const ParsedParams& p, const Geometry& g) {
+  if (g.groups != 1 || g.channels < kDnnlMinChannels || g.batch < 1) return std::nullopt;
+  const int64_t wanted = std::min<int64_t>(kDnnlChunksPerThread * CpuThreads(), g.batch);
+  DnnlPlan plan;
+  plan.images = (g.batch + wanted - 1) / wanted;
+  plan.chunks = (g.batch + plan.images - 1) / plan.images;
+  const bool bias = !p.GetBool("no_bias");
+  plan.full = dnnl_conv::Find(ShapeOf(g, plan.images), bias);
+  plan.last = dnnl_conv::Find(ShapeOf(g, g.batch - (plan.chunks - 1) * plan.images), bias);
+  if (plan.full == nullptr || plan.last == nullptr) return std::nullopt;
+  plan.slot = std::max(dnnl_conv::ScratchFloats(*plan.full), dnnl_conv::ScratchFloats(*plan.last));
+  plan.partial = g.WeightFloats() + g.filters;
+  return plan;
+}
+
+absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
+                   ShapeList*) {
   MX_ASSIGN_OR_RETURN(Window2D w, ParseWindow(p));
   const int64_t filters = p.GetInt("num_filter");
   const int64_t groups = p.GetInt("num_group");
   if ((*in)[0].ndim() != 0 && (*in)[0].ndim() != 4) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("input data must be 4-D (batch, channel, height, width), but has shape ",
-                     (*in)[0].ToString()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input data must be 4-D (batch, channel, height, width), but has shape ",
+        (*in)[0].ToString()));
   }
   // The weight knows the channels when the data does not.
   const Shape& weight = (*in)[1];
@@ -236,23 +227,23 @@ absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeLi
   const Shape& data = (*in)[0];
   const int64_t channels = data.ndim() == 4 ? data[1] : 0;
   if (channels % groups != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("input data has shape ", data.ToString(), ": its ", channels,
-                     " channels do not divide into num_group=", groups, " groups"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input data has shape ", data.ToString(), ": its ", channels,
+        " channels do not divide into num_group=", groups, " groups"));
   }
-  MX_RETURN_IF_ERROR(MergeShape(in, 1, Shape{filters, channels / groups, w.kernel[0], w.kernel[1]},
-                                "input weight"));
+  MX_RETURN_IF_ERROR(MergeShape(
+      in, 1, Shape{filters, channels / groups, w.kernel[0], w.kernel[1]}, "input weight"));
   if (data.ndim() == 0) return absl::OkStatus();
   Shape o{data[0], filters, 0, 0};
   for (int d = 0; d < 2; ++d) {
     const int64_t size = data[2 + d];
     if (size == 0) continue;
     if (size + 2 * w.pad[d] < w.Extent(d)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("kernel ", p.GetShape("kernel").ToString(), " with dilate (", w.dilate[0],
-                       ",", w.dilate[1], ") spans ", w.Extent(0), "x", w.Extent(1),
-                       " and does not fit in input data of shape ", data.ToString(), " padded by (",
-                       w.pad[0], ",", w.pad[1], ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kernel ", p.GetShape("kernel").ToString(), " with dilate (", w.dilate[0], ",",
+          w.dilate[1], ") spans ", w.Extent(0), "x", w.Extent(1),
+          " and does not fit in input data of shape ", data.ToString(),
+          " padded by (", w.pad[0], ",", w.pad[1], ")"));
     }
     o[2 + d] = WindowOutput(w, d, size, false);
   }
@@ -262,7 +253,8 @@ absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeLi
 // Room for either path: a forward that adds to its output runs im2col.
 size_t Workspace(const ParsedParams& p, const ShapeList& in, const ShapeList& out) {
   const Geometry g = MakeGeometry(p, in[0], out[0]);
-  const int64_t dnnl = UseDnnl(p, g) ? DnnlWorkspace(p, g).Floats(g) : 0;
+  const std::optional<DnnlPlan> plan = PlanDnnl(p, g);
+  const int64_t dnnl = plan ? plan->Floats() : 0;
   return std::max(g.WorkspaceFloats(), dnnl) * sizeof(float);
 }
 
@@ -289,8 +281,8 @@ inline void CopyShort(const float* __restrict s, int64_t n, float* __restrict d)
 // [0, rows), d[r * n + ox] = s[r * pitch + ox] for ox in [lo, hi) and 0
 // elsewhere in [0, n). The per-row work is one copy (CopyShort); the
 // zeros are written only where padding puts them.
-inline void CopyRows(const float* __restrict s, int64_t pitch, int64_t rows, int64_t lo, int64_t hi,
-                     int64_t n, float* __restrict d) {
+inline void CopyRows(const float* __restrict s, int64_t pitch, int64_t rows, int64_t lo,
+                     int64_t hi, int64_t n, float* __restrict d) {
   const int64_t len = hi - lo;
   if (len >= 8) {
     for (int64_t r = 0; r < rows; ++r) CopyShort(s + r * pitch + lo, len, d + r * n + lo);
@@ -316,7 +308,8 @@ inline void CopyStridedRow(const float* __restrict s, int64_t stride, int64_t lo
 // from the first valid element to the last, then the columns outside
 // [lo, hi) of every row are cleared (the copy put neighbouring rows' values
 // there); every address read lies between two valid ones.
-inline void CopyBlock(const float* s, int64_t rows, int64_t lo, int64_t hi, int64_t n, float* d) {
+inline void CopyBlock(const float* s, int64_t rows, int64_t lo, int64_t hi, int64_t n,
+                      float* d) {
   if (rows <= 0 || lo >= hi) {
     std::fill(d, d + rows * n, 0.0f);
     return;
@@ -357,8 +350,8 @@ void Im2Col(const Geometry& g, const float* data, int64_t images, float* col) {
                      y_hi - y_lo, x_lo, x_hi, out_w, dst + y_lo * out_w);
           } else {
             for (int64_t oy = y_lo; oy < y_hi; ++oy) {
-              CopyStridedRow(src + (oy * w.stride[0] + y_off) * g.width + x_off, w.stride[1], x_lo,
-                             x_hi, out_w, dst + oy * out_w);
+              CopyStridedRow(src + (oy * w.stride[0] + y_off) * g.width + x_off, w.stride[1],
+                             x_lo, x_hi, out_w, dst + oy * out_w);
             }
           }
           std::fill(dst + y_hi * out_w, dst + out_plane, 0.0f);
@@ -423,8 +416,8 @@ void Col2ImAdd(const Geometry& g, float* col, int64_t images, float* data) {
             continue;
           }
           if (w.stride[1] == 1) {
-            AddRows(src + y_lo * g.out_w, y_hi - y_lo, x_lo, x_hi, g.out_w, w.stride[0] * g.width,
-                    dst + (y_lo * w.stride[0] + y_off) * g.width + x_off);
+            AddRows(src + y_lo * g.out_w, y_hi - y_lo, x_lo, x_hi, g.out_w,
+                    w.stride[0] * g.width, dst + (y_lo * w.stride[0] + y_off) * g.width + x_off);
             continue;
           }
           for (int64_t oy = y_lo; oy < y_hi; ++oy) {
@@ -453,8 +446,8 @@ inline double SumRow(const float* x, int64_t n) {
 }
 
 // Forward of images [n0, n0 + images) with col and tmp at col.
-void ForwardChunk(const Geometry& g, const ParsedParams& p, const std::vector<TBlob>& in, OpReq req,
-                  const TBlob& out, int64_t n0, int64_t images, float* col) {
+void ForwardChunk(const Geometry& g, const ParsedParams& p, const std::vector<TBlob>& in,
+                  OpReq req, const TBlob& out, int64_t n0, int64_t images, float* col) {
   const bool bias = !p.GetBool("no_bias");
   const int64_t plane = g.OutPlane();
   const int64_t image_in = g.channels * g.height * g.width;
@@ -473,8 +466,8 @@ void ForwardChunk(const Geometry& g, const ParsedParams& p, const std::vector<TB
   const OpReq product = direct && bias ? OpReq::kAdd : OpReq::kWrite;
   for (int64_t gr = 0; gr < g.groups; ++gr) {
     Gemm(cpu(), product, false, false, g.GroupFilters(), cols, g.GroupRows(), 1.0f,
-         in[1].data + gr * g.GroupFilters() * g.GroupRows(), col + gr * g.GroupRows() * cols,
-         tmp + gr * g.GroupFilters() * cols);
+         in[1].data + gr * g.GroupFilters() * g.GroupRows(),
+         col + gr * g.GroupRows() * cols, tmp + gr * g.GroupFilters() * cols);
   }
   if (direct) return;
   for (int64_t b = 0; b < images; ++b) {
@@ -510,40 +503,37 @@ void AddPartials(const float* first, int64_t stride, int64_t count, int64_t n, O
 // ---- On the CPU through oneDNN (forward: when its request is a write).
 
 void DnnlForward(const OpContext& ctx, const ParsedParams& p, const Geometry& g,
-                 const std::vector<TBlob>& in, const TBlob& out) {
-  const DnnlWorkspace ws(p, g);
-  const int64_t per = DnnlImages(g);
+                 const DnnlPlan& plan, const std::vector<TBlob>& in, const TBlob& out) {
   const int64_t image_in = g.channels * g.height * g.width, image_out = g.filters * g.OutPlane();
   const float* bias = p.GetBool("no_bias") ? nullptr : in[2].data;
-  ParallelFor(DnnlChunks(g), [&](int64_t chunk, int slot) {
-    const int64_t n0 = chunk * per;
-    dnnl_conv::Forward(ShapeOf(g, std::min(per, g.batch - n0)), in[0].data + n0 * image_in,
-                       in[1].data, bias, out.data + n0 * image_out, ws.Slot(ctx.workspace, slot));
+  ParallelFor(plan.chunks, [&](int64_t chunk, int slot) {
+    const int64_t n0 = chunk * plan.images;
+    dnnl_conv::Forward(plan.Of(chunk), in[0].data + n0 * image_in, in[1].data, bias,
+                       out.data + n0 * image_out, plan.Slot(ctx.workspace, slot));
   });
 }
 
-void DnnlBackward(const OpContext& ctx, const ParsedParams& p, const Geometry& g, const float* dy,
-                  const std::vector<TBlob>& in, const std::vector<OpReq>& req,
-                  const std::vector<TBlob>& in_grad) {
-  const DnnlWorkspace ws(p, g);
-  const int64_t per = DnnlImages(g), chunks = DnnlChunks(g);
+void DnnlBackward(const OpContext& ctx, const ParsedParams& p, const Geometry& g,
+                  const DnnlPlan& plan, const float* dy, const std::vector<TBlob>& in,
+                  const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad) {
   const int64_t image_in = g.channels * g.height * g.width, image_out = g.filters * g.OutPlane();
-  const bool bias = !p.GetBool("no_bias");
   const bool want_dx = req[0] != OpReq::kNull, want_dw = req[1] != OpReq::kNull;
-  const bool want_db = bias && req[2] != OpReq::kNull;
-  ParallelFor(chunks, [&](int64_t chunk, int slot) {
-    const int64_t n0 = chunk * per;
-    float* partial = ws.Partial(ctx.workspace, chunk);
-    dnnl_conv::Backward(ShapeOf(g, std::min(per, g.batch - n0)), bias, in[0].data + n0 * image_in,
-                        in[1].data, dy + n0 * image_out,
+  const bool want_db = !p.GetBool("no_bias") && req[2] != OpReq::kNull;
+  ParallelFor(plan.chunks, [&](int64_t chunk, int slot) {
+    const int64_t n0 = chunk * plan.images;
+    float* partial = plan.Partial(ctx.workspace, chunk);
+    dnnl_conv::Backward(plan.Of(chunk), in[0].data + n0 * image_in, in[1].data, dy + n0 * image_out,
                         want_dx ? in_grad[0].data + n0 * image_in : nullptr, req[0] == OpReq::kAdd,
                         want_dw ? partial : nullptr, want_db ? partial + g.WeightFloats() : nullptr,
-                        ws.Slot(ctx.workspace, slot));
+                        plan.Slot(ctx.workspace, slot));
   });
-  const float* first = ws.Partial(ctx.workspace, 0);
-  if (want_dw) AddPartials(first, ws.partial, chunks, g.WeightFloats(), req[1], in_grad[1].data);
+  const float* first = plan.Partial(ctx.workspace, 0);
+  if (want_dw) {
+    AddPartials(first, plan.partial, plan.chunks, g.WeightFloats(), req[1], in_grad[1].data);
+  }
   if (want_db) {
-    AddPartials(first + g.WeightFloats(), ws.partial, chunks, g.filters, req[2], in_grad[2].data);
+    AddPartials(first + g.WeightFloats(), plan.partial, plan.chunks, g.filters, req[2],
+                in_grad[2].data);
   }
 }
 
@@ -556,17 +546,17 @@ void GpuForward(const OpContext& ctx, const ParsedParams& p, const Geometry& g,
   const kernel::ConvShape s = ShapeOf(g, g.batch);
   const int dev = ctx.ctx.device_id;
   kernel::ThrowIfLaunchFailed(
-      kernel::GpuConvForward(dev, s, in[0].data, in[1].data, out.data, Beta(req)), "Convolution",
-      ctx.ctx);
+      kernel::GpuConvForward(dev, s, in[0].data, in[1].data, out.data, Beta(req)),
+      "Convolution", ctx.ctx);
   if (!p.GetBool("no_bias")) {
-    kernel::ThrowIfLaunchFailed(kernel::GpuConvAddBias(dev, s, in[2].data, out.data), "Convolution",
-                                ctx.ctx);
+    kernel::ThrowIfLaunchFailed(kernel::GpuConvAddBias(dev, s, in[2].data, out.data),
+                                "Convolution", ctx.ctx);
   }
 }
 
-void GpuBackward(const OpContext& ctx, const ParsedParams& p, const Geometry& g, const float* dy,
-                 const std::vector<TBlob>& in, const std::vector<OpReq>& req,
-                 const std::vector<TBlob>& in_grad) {
+void GpuBackward(const OpContext& ctx, const ParsedParams& p, const Geometry& g,
+                 const float* dy, const std::vector<TBlob>& in,
+                 const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad) {
   const kernel::ConvShape s = ShapeOf(g, g.batch);
   const int dev = ctx.ctx.device_id;
   if (req[0] != OpReq::kNull) {
@@ -586,18 +576,20 @@ void GpuBackward(const OpContext& ctx, const ParsedParams& p, const Geometry& g,
   }
 }
 
-void Forward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlob>& in,
-             const std::vector<OpReq>& req, const std::vector<TBlob>& out,
-             const std::vector<TBlob>&) {
+void Forward(const OpContext& ctx, const ParsedParams& p,
+             const std::vector<TBlob>& in, const std::vector<OpReq>& req,
+             const std::vector<TBlob>& out, const std::vector<TBlob>&) {
   if (req[0] == OpReq::kNull) return;
   const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
   if (ctx.ctx.is_gpu()) {
     GpuForward(ctx, p, g, in, req[0], out[0]);
     return;
   }
-  if (req[0] == OpReq::kWrite && UseDnnl(p, g)) {
-    DnnlForward(ctx, p, g, in, out[0]);
-    return;
+  if (req[0] == OpReq::kWrite) {
+    if (const std::optional<DnnlPlan> plan = PlanDnnl(p, g)) {
+      DnnlForward(ctx, p, g, *plan, in, out[0]);
+      return;
+    }
   }
   ParallelFor(g.Chunks(), [&](int64_t chunk, int slot) {
     const int64_t n0 = chunk * g.chunk;
@@ -606,10 +598,10 @@ void Forward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlo
   });
 }
 
-void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlob>& out_grad,
-              const std::vector<TBlob>& in, const std::vector<TBlob>&,
-              const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
-              const std::vector<TBlob>&) {
+void Backward(const OpContext& ctx, const ParsedParams& p,
+              const std::vector<TBlob>& out_grad, const std::vector<TBlob>& in,
+              const std::vector<TBlob>&, const std::vector<OpReq>& req,
+              const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
   const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
   if (ctx.ctx.is_gpu()) {
     GpuBackward(ctx, p, g, out_grad[0].data, in, req, in_grad);
@@ -617,8 +609,8 @@ void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBl
   }
   const bool bias = !p.GetBool("no_bias") && req[2] != OpReq::kNull;
   if (req[0] == OpReq::kNull && req[1] == OpReq::kNull && !bias) return;
-  if (UseDnnl(p, g)) {
-    DnnlBackward(ctx, p, g, out_grad[0].data, in, req, in_grad);
+  if (const std::optional<DnnlPlan> plan = PlanDnnl(p, g)) {
+    DnnlBackward(ctx, p, g, *plan, out_grad[0].data, in, req, in_grad);
     return;
   }
   const int64_t plane = g.OutPlane();
@@ -644,8 +636,8 @@ void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBl
         float* gathered = col + g.ColFloats(images);
         for (int64_t b = 0; b < images; ++b) {
           for (int64_t f = 0; f < g.filters; ++f) {
-            std::memcpy(gathered + f * cols + b * plane, dout + (n0 + b) * image_out + f * plane,
-                        plane * sizeof(float));
+            std::memcpy(gathered + f * cols + b * plane,
+                        dout + (n0 + b) * image_out + f * plane, plane * sizeof(float));
           }
         }
         tmp = gathered;
@@ -704,10 +696,7 @@ OpDef Make() {
       {"workspace", ParamSpec::Type::kInt, "1024"},
       {"no_bias", ParamSpec::Type::kBool, "False"},
       // Accepted for MXNet compatibility; the CPU kernels have one algorithm.
-      {"cudnn_tune",
-       ParamSpec::Type::kString,
-       "None",
-       false,
+      {"cudnn_tune", ParamSpec::Type::kString, "None", false,
        {"None", "off", "limited_workspace", "fastest"}},
       {"cudnn_off", ParamSpec::Type::kBool, "False"},
       {"layout", ParamSpec::Type::kString, "None", false, {"None", "NCHW"}},

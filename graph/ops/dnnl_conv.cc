@@ -56,6 +56,19 @@ memory::desc Plain(const memory::dims& dims, Tag tag) {
   return memory::desc(dims, memory::data_type::f32, tag);
 }
 
+// Primitives that take their scratchpad from the caller, so that threads
+// can run one primitive at once, each with its own.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// Floats that memory of layout d takes in scratch.
+int64_t Floats(const memory::desc& d) {
+  return RoundUp(static_cast<int64_t>(d.get_size() / sizeof(float)));
+}
+
 // How a primitive uses an operand: reads it, writes it, or writes it for
 // the caller to have it either written or added to its own.
 enum class Use { kRead, kWrite, kWriteOrAdd };
@@ -76,8 +89,7 @@ struct Operand {
 // adding to its destination when `add`, or an exception when oneDNN has
 // none.
 dnnl::reorder MakeReorder(const memory::desc& from, const memory::desc& to, bool add = false) {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::primitive_attr attr = UserScratchpad();
   if (add) {
     dnnl::post_ops sum;
     sum.append_sum(1.0f);
@@ -95,7 +107,7 @@ Operand MakeOperand(const memory::desc& plain, const memory::desc& want, Use use
   Operand o{plain, want};
   if (o.Same() && use != Use::kWriteOrAdd) return o;
   o.at = *floats;
-  *floats += RoundUp(static_cast<int64_t>(want.get_size() / sizeof(float)));
+  *floats += Floats(want);
   if (use == Use::kRead) o.in = MakeReorder(plain, want);
   if (use != Use::kRead && !o.Same()) o.out = MakeReorder(want, plain);
   if (use == Use::kWriteOrAdd) o.add = MakeReorder(want, plain, true);
@@ -134,6 +146,8 @@ memory Scratchpad(const Region& r, float* scratch) {
   return memory(r.desc, Engine(), scratch + r.at);
 }
 
+}  // namespace
+
 // Everything one shape needs: the three primitives, their operands, and
 // where each call's copies and oneDNN's scratchpad lie in the scratch.
 struct Primitives {
@@ -151,17 +165,11 @@ struct Primitives {
   // computes dw and db together).
   int64_t spare_dw = 0, spare_db = 0;
   int64_t floats = 0;  // the larger of forward's and backward's scratch
+
+  bool HasBias() const { return !bias.is_zero(); }
 };
 
-dnnl::primitive_attr UserScratchpad() {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  return attr;
-}
-
-int64_t Floats(const memory::desc& d) {
-  return RoundUp(static_cast<int64_t>(d.get_size() / sizeof(float)));
-}
+namespace {
 
 // oneDNN falls back to plain loops ("ref:any") where it has no kernel for
 // the CPU or shape; mx's im2col is far faster than those.
@@ -252,8 +260,20 @@ std::string Key(const kernel::ConvShape& s, bool bias) {
                       ",", s.dilate[1], ",", s.groups, ",", s.oh, ",", s.ow, ",", bias);
 }
 
-// The primitives of s, created on first use; null when oneDNN has none.
-const Primitives* Get(const kernel::ConvShape& s, bool bias) {
+// Runs fn, turning oneDNN's exceptions into mx's.
+template <typename Fn>
+void Run(const char* what, Fn fn) {
+  try {
+    OneThread();
+    fn();
+  } catch (const dnnl::error& e) {
+    throw Error(absl::InternalError(absl::StrCat("oneDNN convolution ", what, ": ", e.what())));
+  }
+}
+
+}  // namespace
+
+const Primitives* Find(const kernel::ConvShape& s, bool bias) {
   static absl::Mutex mu;
   static auto* cache = new absl::flat_hash_map<std::string, std::unique_ptr<Primitives>>;
   const std::string key = Key(s, bias);
@@ -271,38 +291,10 @@ const Primitives* Get(const kernel::ConvShape& s, bool bias) {
   return cache->emplace(key, std::move(p)).first->second.get();
 }
 
-const Primitives& MustGet(const kernel::ConvShape& s, bool bias) {
-  const Primitives* p = Get(s, bias);
-  if (p == nullptr) {
-    throw Error(
-        absl::InternalError(absl::StrCat("oneDNN has no convolution for shape ", Key(s, bias))));
-  }
-  return *p;
-}
+int64_t ScratchFloats(const Primitives& p) { return p.floats; }
 
-// Runs fn, turning oneDNN's exceptions into mx's.
-template <typename Fn>
-void Run(const char* what, Fn fn) {
-  try {
-    OneThread();
-    fn();
-  } catch (const dnnl::error& e) {
-    throw Error(absl::InternalError(absl::StrCat("oneDNN convolution ", what, ": ", e.what())));
-  }
-}
-
-}  // namespace
-
-bool Supported(const kernel::ConvShape& s, bool bias) { return Get(s, bias) != nullptr; }
-
-int64_t ScratchFloats(const kernel::ConvShape& s, bool bias) {
-  const Primitives* p = Get(s, bias);
-  return p == nullptr ? 0 : p->floats;
-}
-
-void Forward(const kernel::ConvShape& s, const float* x, const float* w, const float* b, float* y,
+void Forward(const Primitives& p, const float* x, const float* w, const float* b, float* y,
              float* scratch) {
-  const Primitives& p = MustGet(s, b != nullptr);
   Run("forward", [&] {
     float* base = Aligned(scratch);
     const memory mx = Bind(p.f_x, x, base, true), mw = Bind(p.f_w, w, base, true),
@@ -311,15 +303,14 @@ void Forward(const kernel::ConvShape& s, const float* x, const float* w, const f
                                          {DNNL_ARG_WEIGHTS, mw},
                                          {DNNL_ARG_DST, my},
                                          {DNNL_ARG_SCRATCHPAD, Scratchpad(p.f_pad, base)}};
-    if (b != nullptr) args.emplace(DNNL_ARG_BIAS, memory(p.bias, Engine(), const_cast<float*>(b)));
+    if (p.HasBias()) args.emplace(DNNL_ARG_BIAS, memory(p.bias, Engine(), const_cast<float*>(b)));
     p.forward.execute(Stream(), args);
     WriteBack(p.f_y, my, y);
   });
 }
 
-void Backward(const kernel::ConvShape& s, bool bias, const float* x, const float* w,
-              const float* dy, float* dx, bool add_dx, float* dw, float* db, float* scratch) {
-  const Primitives& p = MustGet(s, bias);
+void Backward(const Primitives& p, const float* x, const float* w, const float* dy, float* dx,
+              bool add_dx, float* dw, float* db, float* scratch) {
   Run("backward", [&] {
     float* base = Aligned(scratch);
     memory d_dy;  // dy in backward data's layout, kept for backward weights
@@ -343,7 +334,7 @@ void Backward(const kernel::ConvShape& s, bool bias, const float* x, const float
                                          {DNNL_ARG_DIFF_DST, w_dy},
                                          {DNNL_ARG_DIFF_WEIGHTS, mdw},
                                          {DNNL_ARG_SCRATCHPAD, Scratchpad(p.w_pad, base)}};
-    if (bias) {
+    if (p.HasBias()) {
       args.emplace(DNNL_ARG_DIFF_BIAS,
                    memory(p.bias, Engine(), db != nullptr ? db : base + p.spare_db));
     }

@@ -32,27 +32,31 @@
 
 namespace mx::ops::dnnl_conv {
 
-// Whether oneDNN runs convolutions of shape s (s.n images per call), with a
-// bias or without. False for what it cannot express (more than one group,
-// negative right padding), where it has only its reference loops for the
-// shape on this CPU, or when it fails to create the primitives.
-bool Supported(const kernel::ConvShape& s, bool bias);
+// The primitives of convolutions of shape s (s.n images per call), with a
+// bias or without, made on first use and kept.
+struct Primitives;
 
-// Floats of scratch one Forward or Backward call of shape s needs (s and
-// bias as given to Supported, which must have returned true). Scratch
+// The primitives of shape s, or null where oneDNN does not run it: what it
+// cannot express (more than one group, negative right padding), shapes it
+// has only its reference loops for on this CPU, or primitives it fails to
+// create.
+const Primitives* Find(const kernel::ConvShape& s, bool bias);
+
+// Floats of scratch one Forward or Backward call with p needs. Scratch
 // needs no alignment beyond float's.
-int64_t ScratchFloats(const kernel::ConvShape& s, bool bias);
+int64_t ScratchFloats(const Primitives& p);
 
-// y = conv(x, w) (+ b[f] on filter f when b is not null), written, for s.n
-// images: x (s.n, c, h, w), w (k, c, kh, kw), y (s.n, k, oh, ow).
-void Forward(const kernel::ConvShape& s, const float* x, const float* w, const float* b, float* y,
+// y = conv(x, w) (+ b[f] on filter f when p has a bias), written, for the
+// s.n images of p's shape: x (s.n, c, h, w), w (k, c, kh, kw), y (s.n, k,
+// oh, ow).
+void Forward(const Primitives& p, const float* x, const float* w, const float* b, float* y,
              float* scratch);
 
-// The gradients of s.n images of a convolution with a bias or without,
-// each computed when not null: dx (as x) from dy and w, written or, with
-// add_dx, added to; dw (as w) and db (k) from x and dy, written.
-void Backward(const kernel::ConvShape& s, bool bias, const float* x, const float* w,
-              const float* dy, float* dx, bool add_dx, float* dw, float* db, float* scratch);
+// The gradients of the s.n images of p's shape, each computed when not
+// null: dx (as x) from dy and w, written or, with add_dx, added to; dw (as
+// w) and db (k, when p has a bias) from x and dy, written.
+void Backward(const Primitives& p, const float* x, const float* w, const float* dy, float* dx,
+              bool add_dx, float* dw, float* db, float* scratch);
 
 }  // namespace mx::ops::dnnl_conv
 
