@@ -28,6 +28,10 @@ _PLAIN_LIBS = {
     "dnnl": (["-ldnnl", "-lgomp"], "/usr/include/oneapi/dnnl/dnnl.hpp", "libdnnl-dev"),
 }
 
+def _cc_library(name, flags):
+    """The BUILD lines of a cc_library that only links with `flags`."""
+    return ["cc_library(", '    name = "%s",' % name, "    linkopts = %s," % repr(flags), ")", ""]
+
 def _system_libs_impl(ctx):
     pkg_config = ctx.which("pkg-config")
     if pkg_config == None:
@@ -37,20 +41,11 @@ def _system_libs_impl(ctx):
         result = ctx.execute([pkg_config, "--libs"] + modules)
         if result.return_code != 0:
             fail("pkg-config could not find %s (install Debian package %s): %s" % (" ".join(modules), debian, result.stderr))
-        flags = [f for f in result.stdout.strip().split(" ") if f]
-        lines.append("cc_library(")
-        lines.append('    name = "%s",' % name)
-        lines.append("    linkopts = %s," % repr(flags))
-        lines.append(")")
-        lines.append("")
+        lines += _cc_library(name, [f for f in result.stdout.strip().split(" ") if f])
     for name, (flags, header, debian) in _PLAIN_LIBS.items():
         if not ctx.path(header).exists:
             fail("%s not found (install Debian package %s)" % (header, debian))
-        lines.append("cc_library(")
-        lines.append('    name = "%s",' % name)
-        lines.append("    linkopts = %s," % repr(flags))
-        lines.append(")")
-        lines.append("")
+        lines += _cc_library(name, flags)
     ctx.file("WORKSPACE", 'workspace(name = "%s")\n' % ctx.name)
     ctx.file("BUILD", "\n".join(lines))
 

@@ -257,8 +257,8 @@ TEST(PoolingGradient, OverlappingWindowsAccumulate) {
 // ---- Convolution's gradients beyond the operator table: accumulated
 // (grad_req add), and the same bits run after run, on both CPU paths
 // (3 channels: im2col; 16: oneDNN blocked; 20: oneDNN in plain layouts,
-// graph/ops/dnnl_conv.h). Batch 11: the
-// pool's chunks of images differ in size on both paths.
+// graph/ops/dnnl_conv.h). Batch 11: the pool's chunks of images differ in
+// size on every path.
 
 struct ConvGradients {
   std::vector<float> out, data, weight, bias;

@@ -123,12 +123,11 @@ MX_OP_CASE(Conv("Convolution_lenet_conv2", {.data = {100, 20, 12, 12}, .filters 
                                             .kernel = {5, 5}}, {}, false));
 // 16 channels or more run through oneDNN (graph/ops/dnnl_conv.h; LeNet's
 // 20-channel layer above in plain layouts, these blocked), in chunks of
-// images on the pool: the zoo
-// ResNet's 3x3 layer on a batch of 11 (on 2 threads, 8 chunks at most: 5
-// of 2 images and one of 1), then
-// strides, padding, a rectangular kernel, dilation and no bias; with
-// stride 2 on an even input, the output size rounds down and the bottom and
-// right need less padding than the top and left.
+// images on the pool: the zoo ResNet's 3x3 layer on a batch of 11 (on 2
+// threads, 8 chunks at most: 5 of 2 images and one of 1), then strides,
+// padding, a rectangular kernel, dilation and no bias; with stride 2 on an
+// even input, the output size rounds down and the bottom and right need
+// less padding than the top and left.
 MX_OP_CASE(Conv("Convolution_dnnl_resnet_3x3",
                 {.data = {11, 16, 8, 8}, .filters = 16, .kernel = {3, 3}, .pad = {1, 1}}));
 MX_OP_CASE(Conv("Convolution_dnnl_stride_pad_rect_no_bias",
@@ -142,6 +141,10 @@ MX_OP_CASE(Conv("Convolution_dnnl_one_image",
 MX_OP_CASE(Conv("Convolution_dnnl_stride2_even",
                 {.data = {3, 16, 8, 8}, .filters = 32, .kernel = {3, 3}, .stride = {2, 2},
                  .pad = {1, 1}}));
+// Stride 3 on 10 rows leaves the last row out: oneDNN would need negative
+// bottom and right padding, so this layer stays on im2col.
+MX_OP_CASE(Conv("Convolution_dnnl_refused_negative_padding",
+                {.data = {2, 16, 10, 10}, .filters = 16, .kernel = {3, 3}, .stride = {3, 3}}));
 // Plain layouts with strides and no bias; groups stay on im2col.
 MX_OP_CASE(Conv("Convolution_dnnl_plain_stride_no_bias",
                 {.data = {3, 20, 9, 10}, .filters = 6, .kernel = {3, 2}, .stride = {2, 3},
