@@ -66,11 +66,18 @@ void BenchDot() {
     NDArray b = RandomUniform(-1, 1, {n, n});
     std::vector<float> ha = a.ToVector(), hb = b.ToVector(), hc(n * n);
     const int reps = n <= 256 ? 51 : (n <= 1024 ? 11 : 5);
+    // mx's first products of a size run at half speed: each call's oneDNN
+    // packing buffer (2 MB per thread at n = 1024) comes from new heap
+    // memory, page-faulted in (531 faults, 6-8 ms), until glibc reuses it
+    // after 5-9 calls (exp: faults per call counted with RUSAGE_THREAD).
+    // A one-time cost per process, left out of the figure.
+    for (int i = 0; i < 12; ++i) Dot(a, b).WaitToRead();
     auto [t_mx, t_blas] = MedianPair(
         reps, [&] { Dot(a, b).WaitToRead(); },
         [&] {
-          // The baseline is OpenBLAS with its own threads, as many as mx
-          // uses; mx keeps OpenBLAS at one thread per call (parallel.h).
+          // The baseline is the system's BLAS (OpenBLAS, which Debian's
+          // PyTorch and NumPy link) with its own threads, as many as mx
+          // uses.
           openblas_set_num_threads(CpuThreads());
           cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f,
                       ha.data(), n, hb.data(), n, 0.0f, hc.data(), n);

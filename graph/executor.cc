@@ -213,7 +213,7 @@ OpContext RunContextFor(const NodeRun& run, bool is_train,
   return op_ctx;
 }
 
-// How a run's operations use the CPU (OpenBLAS products use every core).
+// How a run's operations use the CPU (matrix products use every core).
 FnProperty Property(const NodeRun& run) {
   return run.op->uses_all_cores ? FnProperty::kCpuParallel : FnProperty::kNormal;
 }

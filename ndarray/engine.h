@@ -37,7 +37,7 @@
 //    themselves over it, and the engine runs each alone, on a worker or on a
 //    waiting thread: it starts once no other operation runs, and only
 //    kInline ones start beside it, so for its duration the pool owns the
-//    cores. OpenBLAS runs one thread per call and none of its own. A
+//    cores. oneDNN runs one thread per call and none of its own. A
 //    kNormal operation may call ParallelFor too (Pooling does): it then
 //    shares the cores with the other workers' operations, and runs
 //    serially while another job holds the pool.

@@ -140,7 +140,7 @@ ColMajorGemm RowMajorAsColMajor(bool trans_a, bool trans_b, int64_t m, int64_t n
                                 float* c, int64_t ldc);
 
 // C = alpha * op(A) * op(B) + beta * C on ctx, row-major, C contiguous
-// (m x n), beta 0 or 1: OpenBLAS on the CPU pool (Sgemm, ndarray/parallel.h)
+// (m x n), beta 0 or 1: oneDNN's sgemm on the CPU pool (Sgemm, ndarray/parallel.h)
 // or cuBLAS on the GPU's compute stream. Any of m, n, k may be 0 (k == 0
 // leaves beta * C). The one product of NDArray's Dot and the operators.
 void Gemm(const char* name, Context ctx, bool trans_a, bool trans_b, int64_t m, int64_t n,

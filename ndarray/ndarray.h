@@ -209,7 +209,7 @@ NDArray operator-(const NDArray& a);
 // of an expression that would otherwise make a temporary.
 NDArray Axpby(float alpha, const NDArray& x, float beta, const NDArray& y);
 
-// Matrix product of 2-D arrays through OpenBLAS sgemm: op(a) * op(b) where
+// Matrix product of 2-D arrays (sgemm, ndarray/parallel.h): op(a) * op(b) where
 // op transposes when asked. Inner dimensions must agree.
 NDArray Dot(const NDArray& a, const NDArray& b, bool transpose_a = false,
             bool transpose_b = false);

@@ -223,7 +223,7 @@ NDArray Max(const NDArray& a, int axis, bool keepdims) { return ReduceAxis<MaxRe
 NDArray Min(const NDArray& a, int axis, bool keepdims) { return ReduceAxis<MinReducer>("min", a, axis, keepdims); }
 NDArray Norm(const NDArray& a, int axis, bool keepdims) { return ReduceAxis<NormReducer>("norm", a, axis, keepdims); }
 
-// ---- Dot. On the CPU, OpenBLAS parallelizes one sgemm over the pool
+// ---- Dot. On the CPU, Sgemm parallelizes one product over the pool
 // (ndarray/parallel.h), so a product runs as a single engine operation that
 // owns the cores for its duration; on a GPU, cuBLAS on the compute stream.
 

@@ -1,5 +1,6 @@
 #include "ndarray/parallel.h"
 
+#include <omp.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -14,16 +15,11 @@
 #include <thread>
 #include <vector>
 
-#include <cblas.h>
-
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
-
-// OpenBLAS's own; declared here because the cblas.h of Debian's
-// alternatives need not be OpenBLAS's.
-extern "C" void openblas_set_num_threads(int num_threads);
+#include "oneapi/dnnl/dnnl.h"
 
 namespace mx {
 namespace {
@@ -80,7 +76,6 @@ thread_local bool t_in_parallel = false;
 class CpuPool {
  public:
   explicit CpuPool(int threads) : threads_(threads) {
-    openblas_set_num_threads(1);  // our threads split the products
     for (int slot = 1; slot < threads_; ++slot) {
       // Detached: the pool is never destroyed (see Pool()).
       std::thread([this, slot] { HelperLoop(slot); }).detach();
@@ -192,16 +187,31 @@ CpuPool& Pool() {
   return *pool;
 }
 
-// Products below this many multiply-adds (about 10 us on one core) run on
+// Products below this many multiply-adds (3-10 us on one core) run on
 // the calling thread: handing half to a helper costs more than it saves.
 constexpr double kMinParallelMacs = 1 << 18;
 
+// One product on the calling thread, through oneDNN's sgemm (row-major,
+// as cblas_sgemm). oneDNN generates its kernel for the CPU it runs on
+// (AVX-512 where there is one). OpenBLAS 0.3.21 picks its kernels from a
+// table, and environments whose processors an old OpenBLAS miscomputes on
+// pin it to an older type (OPENBLAS_CORETYPE=Haswell on the development
+// machines): there oneDNN ran the MLP's and LeNet's products 1.5-2.1x
+// faster, one thread each. Unpinned, OpenBLAS's AVX-512 kernels were within
+// 0.9-1.2x of oneDNN's. oneDNN would spread a
+// product over omp_get_max_threads() OpenMP threads of the calling thread;
+// mx's pool splits products itself, so each calling thread sets its own
+// OpenMP count to one, once.
 void SgemmBlock(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                 const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                 int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c,
-              ldc);
+  thread_local const bool one_thread = [] {
+    omp_set_num_threads(1);
+    return true;
+  }();
+  (void)one_thread;
+  dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c,
+             ldc);
 }
 
 }  // namespace
@@ -281,6 +291,13 @@ void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float al
            const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
            int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum: C = beta * C (oneDNN would leave C as it is)
+    for (int64_t i = 0; i < m; ++i) {
+      float* row = c + i * ldc;
+      for (int64_t j = 0; j < n; ++j) row[j] = beta == 0 ? 0.0f : beta * row[j];
+    }
+    return;
+  }
   const int threads = CpuThreads();
   const double macs = static_cast<double>(m) * n * k;
   // Blocks of C's rows (in multiples of 4), or of its columns (in multiples

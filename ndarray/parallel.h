@@ -2,14 +2,16 @@
 // the calling thread on a loop of independent tasks, and the matrix product
 // built on it.
 //
-// Why a pool of our own instead of OpenBLAS's threads: OpenBLAS splits each
-// product statically among its threads and its helpers spin in sched_yield
-// between products. On 2 cores a LeNet step ran as fast with one OpenBLAS
-// thread as with two (31 vs 29 ms): the code between the products (im2col,
-// col2im, pooling) ran on one core while the other spun, and a product
-// waited for whichever helper the scheduler had put aside. Here OpenBLAS runs
-// one thread per call, tasks are claimed from a shared counter (a late helper
-// costs nothing but its share), and helpers sleep after a short spin.
+// Why a pool of our own instead of a BLAS's threads: OpenBLAS (mx's BLAS
+// until oneDNN's sgemm replaced it) splits each product statically among
+// its threads and its helpers spin in sched_yield between products. On 2
+// cores a LeNet step ran as fast with one OpenBLAS thread as with two (31 vs
+// 29 ms): the code between the products (im2col, col2im, pooling) ran on one
+// core while the other spun, and a product waited for whichever helper the
+// scheduler had put aside. oneDNN's OpenMP threads would do the same. Here
+// each sgemm call runs on one thread, tasks are claimed from a shared counter
+// (a late helper costs nothing but its share), and helpers sleep after a
+// short spin.
 //
 // Threads: CpuThreads() counts the caller and the helpers. It is
 // OMP_NUM_THREADS if set (MXNet's knob, which deploy/launch.py sets per local
@@ -66,8 +68,8 @@ void ParallelRanges(int64_t n, int64_t min_range,
 // C = alpha * op(A) * op(B) + beta * C, row-major, with leading dimensions
 // lda, ldb, ldc (as cblas_sgemm). Products worth it are split into blocks
 // of C's rows or columns that run on the pool; each element of C is computed
-// by one OpenBLAS call over the whole of k, so results do not depend on
-// timing.
+// by one call of oneDNN's sgemm over the whole of k, so results do not depend
+// on timing. k == 0 leaves beta * C.
 void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
            const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
            int64_t ldc);

@@ -456,8 +456,7 @@ void ForwardChunk(const Geometry& g, const ParsedParams& p, const std::vector<TB
   Im2Col(g, in[0].data + n0 * image_in, images, col);
   // One image in write mode: tmp is the output itself. With a bias, the
   // output starts as the bias and the products add to it: one pass over the
-  // output fewer than adding the bias afterwards (OpenBLAS clears C in a
-  // pass of its own when beta is 0).
+  // output fewer than adding the bias afterwards.
   const bool direct = images == 1 && req == OpReq::kWrite;
   float* tmp = direct ? out.data + n0 * image_out : col + g.ColFloats(images);
   if (direct && bias) {
@@ -710,7 +709,7 @@ OpDef Make() {
   op.backward = Backward;
   op.workspace = Workspace;
   op.backward_uses_outputs = OpDef::OutputUse::kNone;
-  op.uses_all_cores = true;  // OpenBLAS products
+  op.uses_all_cores = true;  // matrix products, oneDNN chunks
   op.gpu = true;             // cuDNN
   return op;
 }

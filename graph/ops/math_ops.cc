@@ -134,7 +134,7 @@ OpDef MakeDot() {
   op.backward = DotBackward;
   op.backward_uses_outputs = OpDef::OutputUse::kNone;
   op.gpu = true;
-  op.uses_all_cores = true;  // OpenBLAS products
+  op.uses_all_cores = true;  // matrix products
   return op;
 }
 

@@ -118,8 +118,10 @@ struct GemmCase {
 
 // Shapes below and above the parallel threshold, split along n (n >= m) or m,
 // with sizes that do not divide evenly.
-const GemmCase kCases[] = {{3, 5, 7}, {100, 128, 784}, {128, 784, 100}, {500, 64, 20},
-                           {101, 37, 300}, {37, 301, 150}};
+// {4, 6, 0}: an empty sum (a FullyConnected's weight gradient over an
+// empty batch) leaves beta * C, zeros for beta 0.
+const GemmCase kCases[] = {{3, 5, 7},      {100, 128, 784}, {128, 784, 100}, {500, 64, 20},
+                           {101, 37, 300}, {37, 301, 150},  {4, 6, 0}};
 
 std::string TempDir() {
   const char* dir = std::getenv("TEST_TMPDIR");  // Bazel's, else /tmp
