@@ -17,8 +17,10 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "ndarray/base.h"
 #include "oneapi/dnnl/dnnl.h"
 
 namespace mx {
@@ -192,26 +194,26 @@ CpuPool& Pool() {
 constexpr double kMinParallelMacs = 1 << 18;
 
 // One product on the calling thread, through oneDNN's sgemm (row-major,
-// as cblas_sgemm). oneDNN generates its kernel for the CPU it runs on
-// (AVX-512 where there is one). OpenBLAS 0.3.21 picks its kernels from a
-// table, and environments whose processors an old OpenBLAS miscomputes on
-// pin it to an older type (OPENBLAS_CORETYPE=Haswell on the development
-// machines): there oneDNN ran the MLP's and LeNet's products 1.5-2.1x
-// faster, one thread each. Unpinned, OpenBLAS's AVX-512 kernels were within
-// 0.9-1.2x of oneDNN's. oneDNN would spread a
-// product over omp_get_max_threads() OpenMP threads of the calling thread;
-// mx's pool splits products itself, so each calling thread sets its own
-// OpenMP count to one, once.
-void SgemmBlock(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-                int64_t ldc) {
+// as cblas_sgemm); returns oneDNN's status. oneDNN generates its kernel for
+// the CPU it runs on (AVX-512 where there is one). OpenBLAS 0.3.21 picks its
+// kernels from a table, and environments whose processors an old OpenBLAS
+// miscomputes on pin it to an older type (OPENBLAS_CORETYPE=Haswell on the
+// development machines): there oneDNN ran the MLP's and LeNet's products
+// 1.5-2.1x faster, one thread each. Unpinned, OpenBLAS's AVX-512 kernels
+// were within 0.9-1.2x of oneDNN's. oneDNN would spread a product over
+// omp_get_max_threads() OpenMP threads of the calling thread; mx's pool
+// splits products itself, so each calling thread sets its own OpenMP count
+// to one, once. Runs in pool tasks, so it must not throw.
+dnnl_status_t SgemmBlock(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                         const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                         float* c, int64_t ldc) {
   thread_local const bool one_thread = [] {
     omp_set_num_threads(1);
     return true;
   }();
   (void)one_thread;
-  dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c,
-             ldc);
+  return dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta,
+                    c, ldc);
 }
 
 }  // namespace
@@ -290,6 +292,12 @@ void ParallelRanges(int64_t n, int64_t min_range,
 void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
            const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
            int64_t ldc) {
+  // As BLAS checks them (row-major): a row of each matrix fits its stride.
+  MX_THROW_IF_NOT(m >= 0 && n >= 0 && k >= 0, "Sgemm: negative size m=", m, " n=", n, " k=", k);
+  MX_THROW_IF_NOT(lda >= (trans_a ? m : k) && ldb >= (trans_b ? k : n) && ldc >= n,
+                  "Sgemm: leading dimensions lda=", lda, " ldb=", ldb, " ldc=", ldc,
+                  " too small for m=", m, " n=", n, " k=", k, " trans_a=", trans_a,
+                  " trans_b=", trans_b);
   if (m == 0 || n == 0) return;
   if (k == 0) {  // an empty sum: C = beta * C (oneDNN would leave C as it is)
     for (int64_t i = 0; i < m; ++i) {
@@ -315,22 +323,32 @@ void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float al
   const int64_t blocks = threads == 1 || macs < kMinParallelMacs || t_in_parallel
                              ? 1
                              : std::min<int64_t>(threads, side / align);
+  std::atomic<dnnl_status_t> failed{dnnl_success};  // a block's, if any failed
+  auto run = [&](int64_t rows, int64_t cols, const float* a_part, const float* b_part,
+                 float* c_part) {
+    const dnnl_status_t s = SgemmBlock(trans_a, trans_b, rows, cols, k, alpha, a_part, lda, b_part,
+                                       ldb, beta, c_part, ldc);
+    if (s != dnnl_success) failed.store(s, std::memory_order_relaxed);
+  };
   if (blocks <= 1) {
-    SgemmBlock(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    return;
+    run(m, n, a, b, c);
+  } else {
+    const int64_t step = (side / blocks + align - 1) / align * align;
+    ParallelFor((side + step - 1) / step, [&](int64_t block, int) {
+      const int64_t lo = block * step, len = std::min(step, side - lo);
+      if (split_n) {
+        run(m, len, a, trans_b ? b + lo * ldb : b + lo, c + lo);
+      } else {
+        run(len, n, trans_a ? a + lo : a + lo * lda, b, c + lo * ldc);
+      }
+    });
   }
-  const int64_t step = (side / blocks + align - 1) / align * align;
-  ParallelFor((side + step - 1) / step, [&](int64_t block, int) {
-    const int64_t lo = block * step, len = std::min(step, side - lo);
-    if (split_n) {
-      const float* b_part = trans_b ? b + lo * ldb : b + lo;
-      SgemmBlock(trans_a, trans_b, m, len, k, alpha, a, lda, b_part, ldb, beta, c + lo, ldc);
-    } else {
-      const float* a_part = trans_a ? a + lo : a + lo * lda;
-      SgemmBlock(trans_a, trans_b, len, n, k, alpha, a_part, lda, b, ldb, beta, c + lo * ldc,
-                 ldc);
-    }
-  });
+  // Arguments are checked above, so what is left is oneDNN running out of
+  // memory for its packing buffers.
+  if (const dnnl_status_t s = failed.load(); s != dnnl_success) {
+    throw Error(absl::ResourceExhaustedError(absl::StrCat(
+        "Sgemm: oneDNN's sgemm failed (dnnl_status_t ", s, ") for m=", m, " n=", n, " k=", k)));
+  }
 }
 
 }  // namespace mx

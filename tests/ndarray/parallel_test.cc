@@ -10,7 +10,9 @@
 #include <thread>
 #include <vector>
 
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "ndarray/base.h"
 #include "tests/ndarray/random_values.h"
 
 namespace mx {
@@ -195,6 +197,22 @@ TEST(Sgemm, MatchesTheReferenceWithTransposesAndAccumulation) {
       }
     }
   }
+}
+
+TEST(Sgemm, RefusesLeadingDimensionsShorterThanARow) {
+  std::vector<float> a(3 * 7, 1.0f), b(7 * 5, 1.0f), c(3 * 5, 0.0f);
+  try {
+    Sgemm(false, false, 3, 5, 7, 1.0f, a.data(), 6, b.data(), 5, 0.0f, c.data(), 5);
+    FAIL() << "lda 6 < k 7 was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("lda=6"));
+  }
+  EXPECT_THROW(Sgemm(false, true, 3, 5, 7, 1.0f, a.data(), 7, b.data(), 5, 0.0f, c.data(), 5),
+               Error);  // B transposed: ldb must be >= k
+  EXPECT_THROW(Sgemm(false, false, 3, 5, 7, 1.0f, a.data(), 7, b.data(), 5, 0.0f, c.data(), 4),
+               Error);
+  EXPECT_EQ(c, std::vector<float>(3 * 5, 0.0f));  // nothing written
 }
 
 TEST(Sgemm, GivesBitIdenticalResultsEveryTime) {
