@@ -202,16 +202,12 @@ constexpr double kMinParallelMacs = 1 << 18;
 // 1.5-2.1x faster, one thread each. Unpinned, OpenBLAS's AVX-512 kernels
 // were within 0.9-1.2x of oneDNN's. oneDNN would spread a product over
 // omp_get_max_threads() OpenMP threads of the calling thread; mx's pool
-// splits products itself, so each calling thread sets its own OpenMP count
-// to one, once. Runs in pool tasks, so it must not throw.
+// splits products itself (OneOpenMpThread). Runs in pool tasks, so it must
+// not throw.
 dnnl_status_t SgemmBlock(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                          const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
                          float* c, int64_t ldc) {
-  thread_local const bool one_thread = [] {
-    omp_set_num_threads(1);
-    return true;
-  }();
-  (void)one_thread;
+  OneOpenMpThread one_thread;
   return dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta,
                     c, ldc);
 }
@@ -219,6 +215,14 @@ dnnl_status_t SgemmBlock(bool trans_a, bool trans_b, int64_t m, int64_t n, int64
 }  // namespace
 
 int CpuThreads() { return Pool().threads(); }
+
+OneOpenMpThread::OneOpenMpThread() : before_(omp_get_max_threads()) {
+  if (before_ != 1) omp_set_num_threads(1);
+}
+
+OneOpenMpThread::~OneOpenMpThread() {
+  if (before_ != 1) omp_set_num_threads(before_);
+}
 
 namespace internal {
 

@@ -65,6 +65,21 @@ void ParallelFor(int64_t tasks, absl::FunctionRef<void(int64_t task, int slot)> 
 void ParallelRanges(int64_t n, int64_t min_range,
                     absl::FunctionRef<void(int64_t begin, int64_t end)> fn);
 
+// While alive, OpenMP runtimes (oneDNN's) run on the calling thread alone:
+// mx's pool divides the work, and oneDNN's own threads would fight it for
+// the cores. The thread's OpenMP setting is restored after, since the
+// caller may be the application's thread (waiting threads run operations).
+class OneOpenMpThread {
+ public:
+  OneOpenMpThread();
+  ~OneOpenMpThread();
+  OneOpenMpThread(const OneOpenMpThread&) = delete;
+  OneOpenMpThread& operator=(const OneOpenMpThread&) = delete;
+
+ private:
+  int before_;
+};
+
 // C = alpha * op(A) * op(B) + beta * C, row-major, with leading dimensions
 // lda, ldb, ldc (as cblas_sgemm). Products worth it are split into blocks
 // of C's rows or columns that run on the pool; each element of C is computed

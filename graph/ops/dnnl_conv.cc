@@ -1,7 +1,5 @@
 #include "graph/ops/dnnl_conv.h"
 
-#include <omp.h>
-
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -13,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "ndarray/base.h"
+#include "ndarray/parallel.h"
 #include "oneapi/dnnl/dnnl.hpp"
 
 namespace mx::ops::dnnl_conv {
@@ -41,11 +40,6 @@ const dnnl::engine& Engine() {
   static const auto* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
   return *engine;
 }
-
-// oneDNN divides its work over omp_get_max_threads() OpenMP threads of the
-// calling thread; mx divides the batch over its own pool instead, so each
-// calling thread runs oneDNN alone. The setting is the calling thread's own.
-void OneThread() { omp_set_num_threads(1); }
 
 dnnl::stream& Stream() {
   thread_local dnnl::stream stream(Engine());
@@ -181,7 +175,7 @@ void RefuseReference(const char* implementation) {
 
 // Creates the primitives of s, or throws dnnl::error.
 std::unique_ptr<Primitives> Create(const kernel::ConvShape& s, bool bias) {
-  OneThread();
+  OneOpenMpThread one_thread;  // mx divides the batch over its own pool
   const memory::dims x_dims{s.n, s.c, s.h, s.w}, w_dims{s.k, s.c, s.kh, s.kw},
       y_dims{s.n, s.k, s.oh, s.ow}, strides{s.stride[0], s.stride[1]},
       dilates{s.dilate[0] - 1, s.dilate[1] - 1}, pad_l{s.pad[0], s.pad[1]};
@@ -264,7 +258,7 @@ std::string Key(const kernel::ConvShape& s, bool bias) {
 template <typename Fn>
 void Run(const char* what, Fn fn) {
   try {
-    OneThread();
+    OneOpenMpThread one_thread;  // mx divides the batch over its own pool
     fn();
   } catch (const dnnl::error& e) {
     throw Error(absl::InternalError(absl::StrCat("oneDNN convolution ", what, ": ", e.what())));

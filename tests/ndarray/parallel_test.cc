@@ -1,6 +1,7 @@
 // The CPU pool (ParallelFor) and the matrix product on it (Sgemm).
 #include "ndarray/parallel.h"
 
+#include <omp.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -213,6 +214,19 @@ TEST(Sgemm, RefusesLeadingDimensionsShorterThanARow) {
   EXPECT_THROW(Sgemm(false, false, 3, 5, 7, 1.0f, a.data(), 7, b.data(), 5, 0.0f, c.data(), 4),
                Error);
   EXPECT_EQ(c, std::vector<float>(3 * 5, 0.0f));  // nothing written
+}
+
+// oneDNN runs one OpenMP thread under mx's pool, but the calling thread
+// may be the application's, whose own OpenMP setting must survive.
+TEST(Sgemm, LeavesTheCallersOpenMpSettingAsItWas) {
+  omp_set_num_threads(3);
+  const GemmCase small{3, 5, 7}, large{100, 128, 784};  // serial, then split
+  for (const GemmCase& g : {small, large}) {
+    std::vector<float> a(g.m * g.k, 1.0f), b(g.k * g.n, 1.0f), c(g.m * g.n);
+    Sgemm(false, false, g.m, g.n, g.k, 1.0f, a.data(), g.k, b.data(), g.n, 0.0f, c.data(), g.n);
+    EXPECT_EQ(c[0], static_cast<float>(g.k));
+    EXPECT_EQ(omp_get_max_threads(), 3) << "after a " << g.m << "x" << g.n << " product";
+  }
 }
 
 TEST(Sgemm, GivesBitIdenticalResultsEveryTime) {
