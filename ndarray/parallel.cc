@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -119,6 +120,7 @@ class CpuPool {
     // Every task is claimed (Work returned); the helpers that joined finish
     // the ones they claimed before they leave.
     while (job.users.load(std::memory_order_acquire) != 0) CpuRelax();
+    if (job.error) std::rethrow_exception(job.error);
   }
 
  private:
@@ -128,18 +130,34 @@ class CpuPool {
     absl::FunctionRef<void(int64_t, int)> fn;
     std::atomic<int64_t> next{0};  // the next unclaimed task
     std::atomic<int> users{0};     // helpers inside Work
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;  // the first failed task's, written by who set failed
   };
 
   static void RunSerially(int64_t tasks, absl::FunctionRef<void(int64_t, int)> fn) {
     const bool outer = t_in_parallel;
     t_in_parallel = true;
-    for (int64_t i = 0; i < tasks; ++i) fn(i, 0);
+    try {
+      for (int64_t i = 0; i < tasks; ++i) fn(i, 0);
+    } catch (...) {
+      t_in_parallel = outer;
+      throw;
+    }
     t_in_parallel = outer;
   }
 
+  // Runs the job's tasks until none is left unclaimed. A task's exception
+  // must not leave a helper thread (it would end the process) nor the
+  // caller's Work (the pool would stay held): the first is kept for Run to
+  // rethrow, and the tasks claimed after it are skipped.
   static void Work(Job* job, int slot) {
     for (int64_t i; (i = job->next.fetch_add(1, std::memory_order_relaxed)) < job->tasks;) {
-      job->fn(i, slot);
+      if (job->failed.load(std::memory_order_relaxed)) continue;
+      try {
+        job->fn(i, slot);
+      } catch (...) {
+        if (!job->failed.exchange(true)) job->error = std::current_exception();
+      }
     }
   }
 
@@ -194,22 +212,26 @@ CpuPool& Pool() {
 constexpr double kMinParallelMacs = 1 << 18;
 
 // One product on the calling thread, through oneDNN's sgemm (row-major,
-// as cblas_sgemm); returns oneDNN's status. oneDNN generates its kernel for
-// the CPU it runs on (AVX-512 where there is one). OpenBLAS 0.3.21 picks its
-// kernels from a table, and environments whose processors an old OpenBLAS
-// miscomputes on pin it to an older type (OPENBLAS_CORETYPE=Haswell on the
-// development machines): there oneDNN ran the MLP's and LeNet's products
-// 1.5-2.1x faster, one thread each. Unpinned, OpenBLAS's AVX-512 kernels
-// were within 0.9-1.2x of oneDNN's. oneDNN would spread a product over
+// as cblas_sgemm). oneDNN generates its kernel for the CPU it runs on
+// (AVX-512 where there is one). OpenBLAS 0.3.21 picks its kernels from a
+// table, and environments whose processors an old OpenBLAS miscomputes on
+// pin it to an older type (OPENBLAS_CORETYPE=Haswell on the development
+// machines): there oneDNN ran the MLP's and LeNet's products 1.5-2.1x
+// faster, one thread each. Unpinned, OpenBLAS's AVX-512 kernels were within
+// 0.9-1.2x of oneDNN's. oneDNN would spread a product over
 // omp_get_max_threads() OpenMP threads of the calling thread; mx's pool
-// splits products itself (OneOpenMpThread). Runs in pool tasks, so it must
-// not throw.
-dnnl_status_t SgemmBlock(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                         const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
-                         float* c, int64_t ldc) {
+// splits products itself (OneOpenMpThread). Sgemm checks the arguments, so
+// a failure left is oneDNN running out of memory for its packing buffers.
+void SgemmBlock(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                int64_t ldc) {
   OneOpenMpThread one_thread;
-  return dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta,
-                    c, ldc);
+  const dnnl_status_t s = dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a,
+                                     lda, b, ldb, beta, c, ldc);
+  if (s != dnnl_success) {
+    throw Error(absl::ResourceExhaustedError(absl::StrCat(
+        "Sgemm: oneDNN's sgemm failed (dnnl_status_t ", s, ") for m=", m, " n=", n, " k=", k)));
+  }
 }
 
 }  // namespace
@@ -327,32 +349,21 @@ void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float al
   const int64_t blocks = threads == 1 || macs < kMinParallelMacs || t_in_parallel
                              ? 1
                              : std::min<int64_t>(threads, side / align);
-  std::atomic<dnnl_status_t> failed{dnnl_success};  // a block's, if any failed
-  auto run = [&](int64_t rows, int64_t cols, const float* a_part, const float* b_part,
-                 float* c_part) {
-    const dnnl_status_t s = SgemmBlock(trans_a, trans_b, rows, cols, k, alpha, a_part, lda, b_part,
-                                       ldb, beta, c_part, ldc);
-    if (s != dnnl_success) failed.store(s, std::memory_order_relaxed);
-  };
   if (blocks <= 1) {
-    run(m, n, a, b, c);
-  } else {
-    const int64_t step = (side / blocks + align - 1) / align * align;
-    ParallelFor((side + step - 1) / step, [&](int64_t block, int) {
-      const int64_t lo = block * step, len = std::min(step, side - lo);
-      if (split_n) {
-        run(m, len, a, trans_b ? b + lo * ldb : b + lo, c + lo);
-      } else {
-        run(len, n, trans_a ? a + lo : a + lo * lda, b, c + lo * ldc);
-      }
-    });
+    SgemmBlock(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
   }
-  // Arguments are checked above, so what is left is oneDNN running out of
-  // memory for its packing buffers.
-  if (const dnnl_status_t s = failed.load(); s != dnnl_success) {
-    throw Error(absl::ResourceExhaustedError(absl::StrCat(
-        "Sgemm: oneDNN's sgemm failed (dnnl_status_t ", s, ") for m=", m, " n=", n, " k=", k)));
-  }
+  const int64_t step = (side / blocks + align - 1) / align * align;
+  ParallelFor((side + step - 1) / step, [&](int64_t block, int) {
+    const int64_t lo = block * step, len = std::min(step, side - lo);
+    if (split_n) {
+      const float* b_part = trans_b ? b + lo * ldb : b + lo;
+      SgemmBlock(trans_a, trans_b, m, len, k, alpha, a, lda, b_part, ldb, beta, c + lo, ldc);
+    } else {
+      const float* a_part = trans_a ? a + lo : a + lo * lda;
+      SgemmBlock(trans_a, trans_b, len, n, k, alpha, a_part, lda, b, ldb, beta, c + lo * ldc, ldc);
+    }
+  });
 }
 
 }  // namespace mx

@@ -53,7 +53,9 @@ int CpuThreads();
 // space; which task gets which slot depends on timing, so results must not
 // depend on it.
 // Runs serially (slot 0) when called from inside a task, and when another
-// ParallelFor holds the pool.
+// ParallelFor holds the pool. When a task throws, the tasks not yet started
+// are skipped and the first exception is rethrown here once the running
+// ones have ended.
 void ParallelFor(int64_t tasks, absl::FunctionRef<void(int64_t task, int slot)> fn);
 
 // Runs fn(begin, end) over contiguous ranges of about equal length that
@@ -84,7 +86,9 @@ class OneOpenMpThread {
 // lda, ldb, ldc (as cblas_sgemm). Products worth it are split into blocks
 // of C's rows or columns that run on the pool; each element of C is computed
 // by one call of oneDNN's sgemm over the whole of k, so results do not depend
-// on timing. k == 0 leaves beta * C.
+// on timing. k == 0 leaves beta * C. Throws mx::Error: InvalidArgument for
+// a stride shorter than a row (nothing written), ResourceExhausted when
+// oneDNN fails.
 void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
            const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
            int64_t ldc);

@@ -6,11 +6,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "ndarray/base.h"
@@ -177,6 +179,33 @@ TEST(UsableCores, CgroupV1QuotaOfTheCpuController) {
 TEST(UsableCores, AtLeastOneAndAtMostTheMachines) {
   EXPECT_GE(UsableCores(), 1);
   EXPECT_LE(UsableCores(), static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+}
+
+// A task's exception reaches the caller (it would end the process on a
+// helper thread), and the pool keeps working.
+TEST(ParallelFor, RethrowsATasksExceptionToTheCaller) {
+  for (int64_t tasks : {1, 64}) {
+    try {
+      ParallelFor(tasks, [](int64_t task, int) {
+        throw Error(absl::ResourceExhaustedError(absl::StrCat("task ", task, " failed")));
+      });
+      FAIL() << "no exception from " << tasks << " failing tasks";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), absl::StatusCode::kResourceExhausted);
+      EXPECT_THAT(e.what(), ::testing::HasSubstr("failed"));
+    }
+    // Every task of the next call runs once, helpers taking part (a pool
+    // left holding the failed call would run it all on the caller).
+    std::vector<std::atomic<int>> runs(200);
+    std::atomic<bool> helped{false};
+    ParallelFor(runs.size(), [&](int64_t task, int slot) {
+      runs[task].fetch_add(1);
+      if (slot > 0) helped = true;
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    });
+    for (size_t i = 0; i < runs.size(); ++i) ASSERT_EQ(runs[i].load(), 1) << "task " << i;
+    if (CpuThreads() > 1) EXPECT_TRUE(helped) << "after " << tasks << " failing tasks";
+  }
 }
 
 TEST(Sgemm, MatchesTheReferenceWithTransposesAndAccumulation) {
