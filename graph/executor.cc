@@ -10,7 +10,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "graph/node.h"
+#include "ndarray/env.h"
 #include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx {
 
@@ -53,6 +55,9 @@ struct Executor::Plan {
   };
   std::vector<Shape> entry_shapes;
   std::vector<Context> entry_ctx;  // where each entry lives
+  // Entries (and so their gradients) stored in the blocked layout
+  // (TBlob::blocked; PlanBuilder::ChooseLayouts).
+  std::vector<bool> entry_blocked;
   std::vector<NDArray> entries;    // by data entry id
   std::vector<int> grad_of;        // data entry id -> grad slot, -1 for none
   std::vector<NDArray> grads;      // by grad slot
@@ -165,14 +170,17 @@ class Planner {
   std::set<std::pair<int64_t, int>> free_;
 };
 
-std::vector<TBlob> Blobs(const std::vector<NDArray>& arrays,
-                         const std::vector<int>& ids) {
+// The blobs of arrays[ids[i]] (empty for -1), in the layout of the data
+// entry entries[i] (an entry's gradient has the entry's layout).
+std::vector<TBlob> Blobs(const std::vector<NDArray>& arrays, const std::vector<int>& ids,
+                         const std::vector<int>& entries, const std::vector<bool>& blocked) {
   std::vector<TBlob> blobs;
-  for (int id : ids) {
-    if (id < 0) {
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0) {
       blobs.push_back(TBlob{});
     } else {
-      blobs.push_back(TBlob{arrays[id].data(), arrays[id].shape()});
+      const NDArray& a = arrays[ids[i]];
+      blobs.push_back(TBlob{a.data(), a.shape(), static_cast<bool>(blocked[entries[i]])});
     }
   }
   return blobs;
@@ -183,6 +191,18 @@ void AddVars(const std::vector<NDArray>& arrays, const std::vector<int>& ids,
   for (int id : ids) {
     if (id >= 0) vars->push_back(arrays[id].var());
   }
+}
+
+// A row-major copy of a blocked (N, C, H, W) array (TBlob::blocked).
+NDArray RowMajorCopy(const NDArray& blocked) {
+  NDArray out = Empty(blocked.shape(), blocked.context());
+  const Context ctx = blocked.context();
+  kernel::Push("row_major_copy", ctx, {blocked.var()}, {out.var()}, [ctx, blocked, out] {
+    const Shape& s = blocked.shape();
+    kernel::Launch<kernel::UnblockKernel>("row_major_copy", ctx, s.Size(),
+                                          {out.data(), blocked.data(), s[1], s[2] * s[3]});
+  });
+  return out;
 }
 
 // The entries of run's outputs that its backward reads
@@ -443,6 +463,58 @@ class PlanBuilder {
     }
   }
 
+  // Which entries live in the blocked layout (TBlob::blocked), saving
+  // Convolution its conversions from and to oneDNN's layout: 4-D results
+  // on the CPU whose channels fill whole blocks, that callers never see
+  // (not graph outputs; Monitor gets row-major copies), and that every run
+  // writing or reading them takes blocked (OpDef::blocked). The entries of
+  // a uniform run (element-wise, BatchNorm) share one layout: blocked only
+  // if each of them can be. Throws mx::Error (an operator's query).
+  void ChooseLayouts(bool enabled) {
+    const int n = static_cast<int>(plan_->entry_shapes.size());
+    plan_->entry_blocked.assign(n, false);
+    if (!enabled) return;
+    std::vector<bool> can(n);
+    for (int id = 0; id < n; ++id) {
+      const Shape& s = plan_->entry_shapes[id];
+      can[id] = producer_[id] >= 0 && !plan_->entry_ctx[id].is_gpu() && s.ndim() == 4 &&
+                s.Size() > 0 && s[1] % kernel::kChannelBlock == 0;
+    }
+    for (int id : plan_->output_entries) can[id] = false;
+    std::vector<int> parent(n);
+    for (int id = 0; id < n; ++id) parent[id] = id;
+    auto root = [&](int id) {
+      while (parent[id] != id) id = parent[id] = parent[parent[id]];
+      return id;
+    };
+    for (const NodeRun& run : plan_->nodes) {
+      const BlockedIo io = BlockedIoOf(run);
+      std::vector<int> takes;  // the entries this run takes blocked
+      auto allow = [&](const std::vector<int>& ids, const std::vector<int>& which) {
+        std::vector<bool> ok(ids.size(), false);
+        for (int i : which) {
+          if (i >= 0 && i < static_cast<int>(ids.size())) ok[i] = true;
+        }
+        for (size_t i = 0; i < ids.size(); ++i) {
+          if (ok[i]) {
+            takes.push_back(ids[i]);
+          } else {
+            can[ids[i]] = false;
+          }
+        }
+      };
+      allow(run.in, io.inputs);
+      allow(run.out, io.outputs);
+      if (!io.uniform) continue;
+      for (int id : takes) parent[root(id)] = root(takes[0]);
+    }
+    std::vector<bool> group_can(n, true);
+    for (int id = 0; id < n; ++id) {
+      if (!can[id]) group_can[root(id)] = false;
+    }
+    for (int id = 0; id < n; ++id) plan_->entry_blocked[id] = group_can[root(id)];
+  }
+
   // Buffers for every computed entry and gradient, one planner per
   // context; operators that allow it write over an input in place.
   void PlanMemory() {
@@ -547,9 +619,10 @@ class PlanBuilder {
         }
         continue;
       }
-      run.in_blobs = Blobs(plan_->entries, run.in);
-      run.out_blobs = Blobs(plan_->entries, run.out);
-      run.aux_blobs = Blobs(plan_->entries, run.aux);
+      const std::vector<bool>& blocked = plan_->entry_blocked;
+      run.in_blobs = Blobs(plan_->entries, run.in, run.in, blocked);
+      run.out_blobs = Blobs(plan_->entries, run.out, run.out, blocked);
+      run.aux_blobs = Blobs(plan_->entries, run.aux, run.aux, blocked);
       AddVars(plan_->entries, run.in, &run.fwd_reads);
       AddVars(plan_->entries, run.out, &run.fwd_writes);
       AddVars(plan_->entries, run.aux, &run.fwd_writes);
@@ -561,8 +634,8 @@ class PlanBuilder {
         run.fwd_writes.push_back(workspace);
       }
       if (!run.in_backward) continue;
-      run.in_grad_blobs = Blobs(plan_->grads, run.in_grad);
-      run.out_grad_blobs = Blobs(plan_->grads, run.out_grad);
+      run.in_grad_blobs = Blobs(plan_->grads, run.in_grad, run.in, blocked);
+      run.out_grad_blobs = Blobs(plan_->grads, run.out_grad, run.out, blocked);
       AddVars(plan_->grads, run.out_grad, &run.bwd_reads);
       if (run.op->backward_uses_inputs) AddVars(plan_->entries, run.in, &run.bwd_reads);
       AddVars(plan_->entries, OutputsBackwardReads(run), &run.bwd_reads);
@@ -578,6 +651,16 @@ class PlanBuilder {
 
  private:
   int EntryOf(const NodeEntry& e) const { return first_entry_.at(e.node.get()) + e.index; }
+
+  // What run takes blocked: nothing for copies, operators without
+  // OpDef::blocked, and runs off the CPU.
+  BlockedIo BlockedIoOf(const NodeRun& run) const {
+    if (run.node == nullptr || !run.op->blocked || run.ctx.is_gpu()) return {};
+    ShapeList in, out;
+    for (int id : run.in) in.push_back(plan_->entry_shapes[id]);
+    for (int id : run.out) out.push_back(plan_->entry_shapes[id]);
+    return run.op->blocked(run.node->parsed, in, out);
+  }
   int BackwardStep(int k) const { return 2 * static_cast<int>(plan_->nodes.size()) - k; }
 
   // The entry holding entry `id`'s value on context c: id itself, or a copy
@@ -645,7 +728,9 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::Bind(
   MX_RETURN_IF_ERROR(builder.Runs(row_sparse));
   builder.Schedule();
   builder.PlanMemory();
+  MX_ASSIGN_OR_RETURN(const std::optional<bool> blocked, EnvBool("MX_BLOCKED_LAYOUT"));
   try {
+    builder.ChooseLayouts(blocked.value_or(true));
     builder.Allocate(exec->args_, exec->aux_, exec->grads_, &exec->memory_);
     builder.Connect();
   } catch (const Error& e) {
@@ -947,8 +1032,24 @@ void Executor::PushForward(size_t k, bool is_train) const {
       0, Property(run));
   if (monitor_) {
     std::vector<std::string> names = run.node->output_names();
-    for (size_t j = 0; j < run.out.size(); ++j) monitor_(names[j], plan_->entries[run.out[j]]);
+    for (size_t j = 0; j < run.out.size(); ++j) {
+      const int id = run.out[j];
+      const NDArray& value = plan_->entries[id];
+      monitor_(names[j], plan_->entry_blocked[id] ? RowMajorCopy(value) : value);
+    }
   }
+}
+
+std::vector<std::string> Executor::blocked_outputs() const {
+  std::vector<std::string> blocked;
+  for (const Plan::NodeRun& run : plan_->nodes) {
+    if (run.node == nullptr) continue;
+    const std::vector<std::string> names = run.node->output_names();
+    for (size_t j = 0; j < run.out.size(); ++j) {
+      if (plan_->entry_blocked[run.out[j]]) blocked.push_back(names[j]);
+    }
+  }
+  return blocked;
 }
 
 void Executor::Backward(const std::vector<NDArray>& head_grads) {

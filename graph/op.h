@@ -89,10 +89,15 @@ class ParsedParams {
 absl::StatusOr<bool> ParseBool(const std::string& s);
 absl::StatusOr<Shape> ParseShape(const std::string& s);
 
-// A view of an array's memory inside a kernel.
+// A view of an array's memory inside a kernel. `blocked`: a 4-D (N, C, H,
+// W) array whose C is a multiple of kernel::kChannelBlock (16), stored in
+// oneDNN's blocked order (N, C / 16, H, W, 16) instead of row-major. The
+// executor gives an operator such blobs only where its OpDef::blocked says
+// it takes them; shapes always read (N, C, H, W).
 struct TBlob {
   float* data = nullptr;
   Shape shape;
+  bool blocked = false;
   int64_t Size() const { return shape.Size(); }
 };
 
@@ -143,6 +148,18 @@ using WorkspaceFn = std::function<size_t(const ParsedParams&,
                                          const ShapeList& in,
                                          const ShapeList& out)>;
 
+// The inputs and outputs (by index) that an operator reads and writes in
+// the blocked layout (TBlob::blocked) when its blobs say so; in backward,
+// their gradients have the same layout. `uniform`: all of them always share
+// one layout (element-wise operators, BatchNorm); otherwise each may have
+// its own (Convolution converts at its edges).
+struct BlockedIo {
+  std::vector<int> inputs, outputs;
+  bool uniform = false;
+};
+using BlockedIoFn =
+    std::function<BlockedIo(const ParsedParams&, const ShapeList& in, const ShapeList& out)>;
+
 struct OpDef {
   std::string name;
   // Prefix of automatic node names (`_plus` gives _plus0); default: the
@@ -168,6 +185,10 @@ struct OpDef {
   // kernel must then work when in[i].data == out[j].data.
   std::vector<std::pair<int, int>> inplace;
   WorkspaceFn workspace;  // bytes; null means none
+  // Which blobs may be blocked, for the given shapes, on the CPU; null:
+  // none. The executor stores an intermediate result blocked only where
+  // every operator that writes or reads it takes it so (executor.h).
+  BlockedIoFn blocked;
   // The kernels use the whole CPU pool (ndarray/parallel.h): the engine
   // runs them alone (FnProperty::kCpuParallel).
   bool uses_all_cores = false;

@@ -568,16 +568,61 @@ struct EmbeddingGradKernel {
   }
 };
 
+// Channels per block of the blocked layout (graph/op.h's TBlob::blocked,
+// oneDNN's nChw16c): (N, C, H, W) stored as (N, C / 16, H, W, 16).
+constexpr int64_t kChannelBlock = 16;
+
+// Calls f(j, c, len) over [k, k + n) of a blocked array cut at block
+// boundaries: elements j .. j + len - 1 are channels c .. c + len - 1 of
+// one block (rows of blocked data start at multiples of kChannelBlock).
+template <typename F>
+MX_XINLINE void ForEachBlockRun(int64_t k, int64_t n, F&& f) {
+  for (int64_t j = k; j < k + n;) {
+    const int64_t c = j % kChannelBlock;
+    const int64_t len = kChannelBlock - c < k + n - j ? kChannelBlock - c : k + n - j;
+    f(j, c, len);
+    j += len;
+  }
+}
+
+// A row-major copy of a blocked (N, C, H, W) array: out[i] for row-major
+// index i, with plane = H * W.
+struct UnblockKernel {
+  struct Params {
+    float* out;
+    const float* in;
+    int64_t channels, plane;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const int64_t groups = p.channels / kChannelBlock;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / (p.channels * p.plane), c = i / p.plane % p.channels, k = i % p.plane;
+      const int64_t block = n * groups + c / kChannelBlock;
+      p.out[i] = p.in[(block * p.plane + k) * kChannelBlock + c % kChannelBlock];
+    }
+  }
+};
+
 // BatchNorm. Data is viewed as (outer, channels, inner) around the channel
-// axis. A channel's sums are taken in `parts` slices of its elements, one
-// index per (channel, part), into partial sums (in double; BnPartsKernel),
-// which one index per channel then combines: the GPU thus runs channels x
-// parts threads, not one per channel. Per-channel values live in a table of
-// kBnColumns arrays of `channels` floats, read by the element-wise kernels.
-// Both live in the operator's workspace.
+// axis, row-major or (4-D data, axis 1) blocked as (outer, channels / 16,
+// inner, 16). A channel's sums are taken in `parts` slices of its elements,
+// one index per (channel, part) (blocked: per block of 16 channels and
+// part), into partial sums (in double; BnPartsKernel), which one index per
+// channel then combines: the GPU thus runs channels x parts threads, not
+// one per channel. Per-channel values live in a table of kBnColumns arrays
+// of `channels` floats, read by the element-wise kernels. Both live in the
+// operator's workspace. Both layouts give the same bits.
 struct BnLayout {
   int64_t outer, channels, inner;
+  // 1: row-major; kChannelBlock: blocked.
+  int64_t block = 1;
   MX_XINLINE int64_t PerChannel() const { return outer * inner; }
+  // What BnPartsKernel runs `parts` indices for: channels, or blocks.
+  MX_XINLINE int64_t Groups() const { return channels / block; }
+  // Where element k of channel c's outer slice o lies in blocked data.
+  MX_XINLINE int64_t BlockedAt(int64_t o, int64_t c, int64_t k) const {
+    return ((o * Groups() + c / kChannelBlock) * inner + k) * kChannelBlock + c % kChannelBlock;
+  }
 };
 
 // Columns of the per-channel table.
@@ -644,6 +689,10 @@ struct BnPartsKernel {
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
     const BnLayout& l = p.layout;
     for (int64_t j = begin; j < end; ++j) {
+      if (l.block != 1) {
+        Blocked(j, p);
+        continue;
+      }
       const int64_t c = j / p.parts;
       int64_t first, last;
       BnSlice(l.PerChannel(), p.parts, j % p.parts, &first, &last);
@@ -673,6 +722,61 @@ struct BnPartsKernel {
       p.partials[2 * j] = BnLaneTotal(a);
       p.partials[2 * j + 1] = BnLaneTotal(b);
     }
+  }
+
+  // On blocked data: index j = block * parts + part sums the slice of the
+  // block's 16 channels at once (each element one vector of them). Each
+  // channel's terms go to the lanes, in the order, of the row-major
+  // kernel, so the sums are the same to the bit.
+  MX_XINLINE static void Blocked(int64_t j, const Params& p) {
+    constexpr int64_t B = kChannelBlock;
+    const BnLayout& l = p.layout;
+    const int64_t block = j / p.parts, part = j % p.parts;
+    int64_t first, last;
+    BnSlice(l.PerChannel(), p.parts, part, &first, &last);
+    double a[kBnLanes][B] = {}, b[kBnLanes][B] = {};
+    // f(lane, at) for each element of the slice: `at` is its channel 0.
+    auto each = [&](auto&& f) {
+      ForEachRowRun(first, last, l.inner, [&](int64_t o, int64_t i, int64_t, int64_t run) {
+        const int64_t at = l.BlockedAt(o, block * B, i);
+        for (int64_t k = 0; k < run; ++k) f(static_cast<int>(k % kBnLanes), at + k * B);
+      });
+    };
+    if (p.what == kBnMoments) {
+      each([&](int u, int64_t at) {
+        for (int64_t c = 0; c < B; ++c) a[u][c] += static_cast<double>(p.x[at + c]);
+      });
+      double m[B];
+      for (int64_t c = 0; c < B; ++c) {
+        m[c] = last > first ? Total(a, c) / static_cast<double>(last - first) : 0.0;
+      }
+      each([&](int u, int64_t at) {
+        for (int64_t c = 0; c < B; ++c) {
+          const double d = p.x[at + c] - m[c];
+          b[u][c] += d * d;
+        }
+      });
+    } else {
+      const float* m = p.center + block * B;
+      each([&](int u, int64_t at) {
+        for (int64_t c = 0; c < B; ++c) {
+          a[u][c] += static_cast<double>(p.g[at + c]);
+          b[u][c] += static_cast<double>(p.g[at + c]) * (p.x[at + c] - m[c]);
+        }
+      });
+    }
+    for (int64_t c = 0; c < B; ++c) {
+      const int64_t to = 2 * ((block * B + c) * p.parts + part);
+      p.partials[to] = Total(a, c);
+      p.partials[to + 1] = Total(b, c);
+    }
+  }
+
+  // BnLaneTotal of channel c's lanes.
+  MX_XINLINE static double Total(const double (*lanes)[kChannelBlock], int64_t c) {
+    double l[kBnLanes];
+    for (int u = 0; u < kBnLanes; ++u) l[u] = lanes[u][c];
+    return BnLaneTotal(l);
   }
 };
 
@@ -767,12 +871,27 @@ struct BnApplyKernel {
     bool add;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    const int64_t C = p.layout.channels;
-    ForEachRowRun(begin, end, p.layout.inner, [&](int64_t r, int64_t, int64_t k, int64_t n) {
-      const int64_t c = r % C;
-      const float m = p.table[kBnMean * C + c], scale = p.table[kBnScale * C + c];
-      const float b = p.beta[c];
-      for (int64_t j = k; j < k + n; ++j) Put(p.y + j, (p.x[j] - m) * scale + b, p.add);
+    const int64_t C = p.layout.channels, B = p.layout.block;
+    ForEachRowRun(begin, end, p.layout.inner * B, [&](int64_t r, int64_t, int64_t k, int64_t n) {
+      const int64_t c = r % p.layout.Groups() * B;  // the row's (first) channel
+      if (B == 1) {
+        const float m = p.table[kBnMean * C + c], scale = p.table[kBnScale * C + c];
+        const float b = p.beta[c];
+        for (int64_t j = k; j < k + n; ++j) Put(p.y + j, (p.x[j] - m) * scale + b, p.add);
+        return;
+      }
+      // Copies: y might alias the table as far as the compiler knows.
+      float m[kChannelBlock], scale[kChannelBlock], b[kChannelBlock];
+      for (int64_t u = 0; u < kChannelBlock; ++u) {
+        m[u] = p.table[kBnMean * C + c + u];
+        scale[u] = p.table[kBnScale * C + c + u];
+        b[u] = p.beta[c + u];
+      }
+      ForEachBlockRun(k, n, [&](int64_t j, int64_t c0, int64_t len) {
+        for (int64_t u = 0; u < len; ++u) {
+          Put(p.y + j + u, (p.x[j + u] - m[c0 + u]) * scale[c0 + u] + b[c0 + u], p.add);
+        }
+      });
     });
   }
 };
@@ -832,14 +951,31 @@ struct BnGradApplyKernel {
     bool add;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    const int64_t C = p.layout.channels;
-    ForEachRowRun(begin, end, p.layout.inner, [&](int64_t r, int64_t, int64_t k, int64_t n) {
-      const int64_t c = r % C;
-      const float m = p.table[kBnMean * C + c], scale = p.table[kBnScale * C + c];
-      const float mg = p.table[kBnMeanGrad * C + c], proj = p.table[kBnProj * C + c];
-      for (int64_t j = k; j < k + n; ++j) {
-        Put(p.dx + j, (p.g[j] - mg - (p.x[j] - m) * proj) * scale, p.add);
+    const int64_t C = p.layout.channels, B = p.layout.block;
+    ForEachRowRun(begin, end, p.layout.inner * B, [&](int64_t r, int64_t, int64_t k, int64_t n) {
+      const int64_t c = r % p.layout.Groups() * B;  // the row's (first) channel
+      if (B == 1) {
+        const float m = p.table[kBnMean * C + c], scale = p.table[kBnScale * C + c];
+        const float mg = p.table[kBnMeanGrad * C + c], proj = p.table[kBnProj * C + c];
+        for (int64_t j = k; j < k + n; ++j) {
+          Put(p.dx + j, (p.g[j] - mg - (p.x[j] - m) * proj) * scale, p.add);
+        }
+        return;
       }
+      // Copies: dx might alias the table as far as the compiler knows.
+      float m[kChannelBlock], scale[kChannelBlock], mg[kChannelBlock], proj[kChannelBlock];
+      for (int64_t u = 0; u < kChannelBlock; ++u) {
+        m[u] = p.table[kBnMean * C + c + u];
+        scale[u] = p.table[kBnScale * C + c + u];
+        mg[u] = p.table[kBnMeanGrad * C + c + u];
+        proj[u] = p.table[kBnProj * C + c + u];
+      }
+      ForEachBlockRun(k, n, [&](int64_t j, int64_t c0, int64_t len) {
+        for (int64_t u = 0; u < len; ++u) {
+          const int64_t i = j + u, ch = c0 + u;
+          Put(p.dx + i, (p.g[i] - mg[ch] - (p.x[i] - m[ch]) * proj[ch]) * scale[ch], p.add);
+        }
+      });
     });
   }
 };

@@ -26,6 +26,7 @@ OpDef Make() {
   op.params = {{"act_type", ParamSpec::Type::kString, "", true,
                 {"relu", "sigmoid", "tanh", "softrelu"}}};
   op.infer_shape = SameShapeInfer;
+  op.blocked = ElementWiseBlocked;
   op.inplace = {{0, 0}};
   op.backward_uses_inputs = false;
   op.gpu = true;

@@ -83,7 +83,21 @@ bool UsesBatchStats(const OpContext& ctx, const ParsedParams& p) {
   return ctx.is_train && !p.GetBool("use_global_stats");
 }
 
-kernel::BnLayout KernelLayout(const Layout& l) { return {l.outer, l.channels, l.inner}; }
+// The kernels' view of data laid out as `blob` is (row-major, or blocked).
+kernel::BnLayout KernelLayout(const Layout& l, const TBlob& blob) {
+  return {l.outer, l.channels, l.inner, blob.blocked ? kernel::kChannelBlock : 1};
+}
+
+// Blocked data and output where the channels are axis 1 of 4-D data and
+// fill whole blocks (kernel::BnLayout).
+BlockedIo Blocked(const ParsedParams& p, const ShapeList& in, const ShapeList&) {
+  const Shape& data = in[0];
+  const int64_t axis = p.GetInt("axis");
+  if (data.ndim() != 4 || (axis != 1 && axis != -3) || data[1] % kernel::kChannelBlock != 0) {
+    return {};
+  }
+  return {{0}, {0}, /*uniform=*/true};
+}
 
 // Slices per channel for the partial sums: about 512 elements each, at most
 // 1024 (ndarray/nn_kernels.h).
@@ -113,27 +127,31 @@ size_t WorkspaceBytes(const ParsedParams& p, const ShapeList& in, const ShapeLis
 // Sums `what` over every channel's slices into the partials. Each index
 // is a slice of about 512 elements, which tells Launch to split the sums
 // over the CPU pool (ResNet's: 16 channels of 100 x 28 x 28).
-void SumParts(const OpContext& ctx, const Scratch& s, const Layout& l, kernel::BnSum what,
+// (Blocked: an index per block of 16 channels and slice.)
+void SumParts(const OpContext& ctx, const Scratch& s, const kernel::BnLayout& l, kernel::BnSum what,
               const float* x, const float* g, const float* center) {
-  kernel::Launch<kernel::BnPartsKernel>("BatchNorm", ctx.ctx, l.channels * s.parts,
-                                        {s.partials, x, g, center, KernelLayout(l), s.parts, what},
-                                        /*split=*/true, /*index_cost=*/l.PerChannel() / s.parts);
+  kernel::Launch<kernel::BnPartsKernel>("BatchNorm", ctx.ctx, l.Groups() * s.parts,
+                                        {s.partials, x, g, center, l, s.parts, what},
+                                        /*split=*/true,
+                                        /*index_cost=*/l.PerChannel() * l.block / s.parts);
 }
 
 // The batch mean and variance into the table, in one pass over x.
-void BatchMoments(const OpContext& ctx, const Scratch& s, const Layout& l, const float* x) {
+void BatchMoments(const OpContext& ctx, const Scratch& s, const kernel::BnLayout& l,
+                  const float* x) {
   SumParts(ctx, s, l, kernel::kBnMoments, x, nullptr, nullptr);
   kernel::Launch<kernel::BnMomentsKernel>("BatchNorm", ctx.ctx, l.channels,
-                                          {s.table, s.partials, KernelLayout(l), s.parts});
+                                          {s.table, s.partials, l, s.parts});
 }
 
 void Forward(const OpContext& ctx, const ParsedParams& p,
              const std::vector<TBlob>& in, const std::vector<OpReq>& req,
              const std::vector<TBlob>& out, const std::vector<TBlob>& aux) {
   const Layout l = GetLayout(p, in[0].shape);
+  const kernel::BnLayout kl = KernelLayout(l, in[0]);
   const Scratch scratch = GetScratch(ctx.workspace, l);
   const bool batch_stats = UsesBatchStats(ctx, p);
-  if (batch_stats) BatchMoments(ctx, scratch, l, in[0].data);
+  if (batch_stats) BatchMoments(ctx, scratch, kl, in[0].data);
   auto output = [&](size_t i) { return req[i] != OpReq::kNull ? out[i].data : nullptr; };
   kernel::BnStatsKernel::Params stats{
       scratch.table, aux[0].data, aux[1].data, output(1), output(2), in[1].data, l.channels,
@@ -143,8 +161,7 @@ void Forward(const OpContext& ctx, const ParsedParams& p,
   if (req[0] == OpReq::kNull) return;
   kernel::Launch<kernel::BnApplyKernel>(
       "BatchNorm", ctx.ctx, in[0].Size(),
-      {out[0].data, in[0].data, scratch.table, in[2].data, KernelLayout(l),
-       req[0] == OpReq::kAdd});
+      {out[0].data, in[0].data, scratch.table, in[2].data, kl, req[0] == OpReq::kAdd});
 }
 
 void Backward(const OpContext& ctx, const ParsedParams& p,
@@ -152,23 +169,33 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
               const std::vector<TBlob>& out, const std::vector<OpReq>& req,
               const std::vector<TBlob>& in_grad, const std::vector<TBlob>&) {
   const Layout l = GetLayout(p, in[0].shape);
+  const kernel::BnLayout kl = KernelLayout(l, in[0]);
   const Scratch scratch = GetScratch(ctx.workspace, l);
   const bool batch_stats = UsesBatchStats(ctx, p);
   // Forward's statistics: the batch's, or with global stats the moving ones.
   const float* mean = out[1].data;
   const float* var = out[2].data;
-  SumParts(ctx, scratch, l, kernel::kBnSumGrad, in[0].data, out_grad[0].data, mean);
+  SumParts(ctx, scratch, kl, kernel::kBnSumGrad, in[0].data, out_grad[0].data, mean);
   auto grad = [&](size_t i) { return req[i] != OpReq::kNull ? in_grad[i].data : nullptr; };
-  kernel::BnGradStatsKernel::Params stats{
-      scratch.table, grad(1), grad(2), scratch.partials, in[1].data, mean, var, KernelLayout(l),
-      scratch.parts, p.GetFloat("eps"), batch_stats, p.GetBool("fix_gamma"),
-      req[1] == OpReq::kAdd, req[2] == OpReq::kAdd};
+  kernel::BnGradStatsKernel::Params stats{scratch.table,
+                                          grad(1),
+                                          grad(2),
+                                          scratch.partials,
+                                          in[1].data,
+                                          mean,
+                                          var,
+                                          kl,
+                                          scratch.parts,
+                                          p.GetFloat("eps"),
+                                          batch_stats,
+                                          p.GetBool("fix_gamma"),
+                                          req[1] == OpReq::kAdd,
+                                          req[2] == OpReq::kAdd};
   kernel::Launch<kernel::BnGradStatsKernel>("BatchNorm", ctx.ctx, l.channels, stats);
   if (req[0] == OpReq::kNull) return;
   kernel::Launch<kernel::BnGradApplyKernel>(
       "BatchNorm", ctx.ctx, in[0].Size(),
-      {in_grad[0].data, out_grad[0].data, in[0].data, scratch.table, KernelLayout(l),
-       req[0] == OpReq::kAdd});
+      {in_grad[0].data, out_grad[0].data, in[0].data, scratch.table, kl, req[0] == OpReq::kAdd});
 }
 
 OpDef Make() {
@@ -193,6 +220,7 @@ OpDef Make() {
   op.backward = Backward;
   op.backward_uses_outputs = OpDef::OutputUse::kAllButFirst;  // the statistics
   op.workspace = WorkspaceBytes;
+  op.blocked = Blocked;
   op.gpu = true;  // through the kernel layer
   return op;
 }

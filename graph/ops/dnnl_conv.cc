@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "ndarray/base.h"
+#include "ndarray/nn_kernels.h"
 #include "ndarray/parallel.h"
 #include "oneapi/dnnl/dnnl.hpp"
 
@@ -21,7 +22,7 @@ using dnnl::memory;
 using Tag = memory::format_tag;
 
 // Channels per block of oneDNN's blocked layouts (AVX-512's 16 floats).
-constexpr int64_t kBlock = 16;
+constexpr int64_t kBlock = kernel::kChannelBlock;
 
 // Scratch regions start on 64-byte boundaries (the vector width oneDNN's
 // kernels load at).
@@ -67,8 +68,9 @@ int64_t Floats(const memory::desc& d) {
 // the caller to have it either written or added to its own.
 enum class Use { kRead, kWrite, kWriteOrAdd };
 
-// One operand of a primitive: the caller's plain layout and the layout the
-// primitive wants. When they differ (or the caller may want a sum), the
+// One operand of a primitive: the caller's layout (`plain`: mx's row-major
+// one, or the blocked one the caller chose) and the layout the primitive
+// wants. When they differ (or the caller may want a sum), the
 // primitive's copy lives in scratch at `at` (floats); `in` / `out` reorder
 // between the two layouts and `add` adds the copy to the caller's.
 struct Operand {
@@ -159,6 +161,7 @@ struct Primitives {
   // computes dw and db together).
   int64_t spare_dw = 0, spare_db = 0;
   int64_t floats = 0;  // the larger of forward's and backward's scratch
+  Layouts blocked;     // what the primitives work on blocked: x and dx, y and dy
 
   bool HasBias() const { return !bias.is_zero(); }
 };
@@ -174,7 +177,7 @@ void RefuseReference(const char* implementation) {
 }
 
 // Creates the primitives of s, or throws dnnl::error.
-std::unique_ptr<Primitives> Create(const kernel::ConvShape& s, bool bias) {
+std::unique_ptr<Primitives> Create(const kernel::ConvShape& s, bool bias, Layouts layouts) {
   OneOpenMpThread one_thread;  // mx divides the batch over its own pool
   const memory::dims x_dims{s.n, s.c, s.h, s.w}, w_dims{s.k, s.c, s.kh, s.kw},
       y_dims{s.n, s.k, s.oh, s.ow}, strides{s.stride[0], s.stride[1]},
@@ -189,13 +192,17 @@ std::unique_ptr<Primitives> Create(const kernel::ConvShape& s, bool bias) {
   }
   auto p = std::make_unique<Primitives>();
   // The primitives choose their layouts (blocked) only where the channels
-  // and filters fill whole blocks (see the header).
-  const bool blocked = s.c % kBlock == 0 && s.k % kBlock == 0;
-  const memory::desc any_x(x_dims, memory::data_type::f32, blocked ? Tag::any : Tag::nchw),
-      any_w(w_dims, memory::data_type::f32, blocked ? Tag::any : Tag::oihw),
-      any_y(y_dims, memory::data_type::f32, blocked ? Tag::any : Tag::nchw);
-  const memory::desc x = Plain(x_dims, Tag::nchw), w = Plain(w_dims, Tag::oihw),
-                     y = Plain(y_dims, Tag::nchw);
+  // and filters fill whole blocks (see the header); or, for y alone, where
+  // the filters do (a first layer on 1 or 3 channels, for which oneDNN has
+  // kernels that read x plain and write y blocked).
+  const bool block_y = s.k % kBlock == 0, block_x = block_y && s.c % kBlock == 0;
+  const memory::desc any_x(x_dims, memory::data_type::f32, block_x ? Tag::any : Tag::nchw),
+      any_w(w_dims, memory::data_type::f32, block_y ? Tag::any : Tag::oihw),
+      any_y(y_dims, memory::data_type::f32, block_y ? Tag::any : Tag::nchw);
+  // The caller's layouts.
+  const memory::desc x = Plain(x_dims, layouts.x ? Tag::aBcd16b : Tag::nchw),
+                     w = Plain(w_dims, Tag::oihw),
+                     y = Plain(y_dims, layouts.y ? Tag::aBcd16b : Tag::nchw);
   if (bias) p->bias = Plain({s.k}, Tag::x);
   const dnnl::primitive_attr attr = UserScratchpad();
   const auto algo = dnnl::algorithm::convolution_direct;
@@ -214,6 +221,9 @@ std::unique_ptr<Primitives> Create(const kernel::ConvShape& s, bool bias) {
   RefuseReference(fpd.impl_info_str());
   RefuseReference(dpd.impl_info_str());
   RefuseReference(wpd.impl_info_str());
+  const memory::desc bx = Plain(x_dims, Tag::aBcd16b), by = Plain(y_dims, Tag::aBcd16b);
+  p->blocked.x = fpd.src_desc() == bx;
+  p->blocked.y = fpd.dst_desc() == by;
   p->forward = dnnl::convolution_forward(fpd);
   p->backward_data = dnnl::convolution_backward_data(dpd);
   p->backward_weights = dnnl::convolution_backward_weights(wpd);
@@ -248,10 +258,11 @@ std::unique_ptr<Primitives> Create(const kernel::ConvShape& s, bool bias) {
   return p;
 }
 
-std::string Key(const kernel::ConvShape& s, bool bias) {
+std::string Key(const kernel::ConvShape& s, bool bias, Layouts layouts) {
   return absl::StrCat(s.n, ",", s.c, ",", s.h, ",", s.w, ",", s.k, ",", s.kh, ",", s.kw, ",",
                       s.pad[0], ",", s.pad[1], ",", s.stride[0], ",", s.stride[1], ",", s.dilate[0],
-                      ",", s.dilate[1], ",", s.groups, ",", s.oh, ",", s.ow, ",", bias);
+                      ",", s.dilate[1], ",", s.groups, ",", s.oh, ",", s.ow, ",", bias, ",",
+                      layouts.x, ",", layouts.y);
 }
 
 // Runs fn, turning oneDNN's exceptions into mx's.
@@ -267,17 +278,17 @@ void Run(const char* what, Fn fn) {
 
 }  // namespace
 
-const Primitives* Find(const kernel::ConvShape& s, bool bias) {
+const Primitives* Find(const kernel::ConvShape& s, bool bias, Layouts layouts) {
   static absl::Mutex mu;
   static auto* cache = new absl::flat_hash_map<std::string, std::unique_ptr<Primitives>>;
-  const std::string key = Key(s, bias);
+  const std::string key = Key(s, bias, layouts);
   absl::MutexLock lock(&mu);
   auto it = cache->find(key);
   if (it != cache->end()) return it->second.get();
   std::unique_ptr<Primitives> p;
   if (s.groups == 1) {
     try {
-      p = Create(s, bias);
+      p = Create(s, bias, layouts);
     } catch (const dnnl::error&) {
       p = nullptr;  // the operator keeps its own kernels for this shape
     }
@@ -286,6 +297,8 @@ const Primitives* Find(const kernel::ConvShape& s, bool bias) {
 }
 
 int64_t ScratchFloats(const Primitives& p) { return p.floats; }
+
+Layouts WorksBlocked(const Primitives& p) { return p.blocked; }
 
 void Forward(const Primitives& p, const float* x, const float* w, const float* b, float* y,
              float* scratch) {

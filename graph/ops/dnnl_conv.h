@@ -8,18 +8,23 @@
 // it is also what MXNet's and PyTorch's CPU convolutions use.
 //
 // Layouts: where the input channels and the filters are multiples of 16,
-// the primitives work in the blocked layout. Otherwise blocks would be
-// padded with zeros that are computed on (LeNet's 5x5x50 layer on 20
-// channels: 6.9 ms through the blocked kernels against 6.6 ms on im2col),
-// so the primitives take mx's plain layouts as they are, which oneDNN runs
-// as its own products, without reorders.
+// the primitives work in the blocked layout; where only the filters are
+// (a first layer on 1 or 3 channels), forward reads x plain and writes y
+// blocked. Otherwise blocks would be padded with zeros that are computed
+// on (LeNet's 5x5x50 layer on 20 channels: 6.9 ms through the blocked
+// kernels against 6.6 ms on im2col), so the primitives take mx's plain
+// layouts as they are, which oneDNN runs as its own products, without
+// reorders.
 //
 // Each call covers s.n images on the calling thread alone (oneDNN's own
 // OpenMP threading is set to one thread on it): the operator splits a
 // batch over the CPU pool in chunks of images, as it does for im2col, so
-// the results do not depend on timing. Data, weights and gradients stay in
-// mx's plain layouts (NCHW, OIHW); each call reorders what it reads into
-// the blocked layout and what it writes back, in `scratch`.
+// the results do not depend on timing. The caller holds weights and
+// gradients in mx's plain layout (OIHW), and x (dx) and y (dy) in NCHW or
+// blocked (graph/op.h's TBlob::blocked; `Layouts`). Each call reorders
+// what a primitive wants in another layout into it, and back for what it
+// writes, in `scratch`: nothing for x and y where the executor chose the
+// layouts the forward primitive wants (WorksBlocked).
 //
 // Primitives are created once per shape and kept for the process (a few
 // per distinct layer and batch size).
@@ -36,11 +41,22 @@ namespace mx::ops::dnnl_conv {
 // bias or without, made on first use and kept.
 struct Primitives;
 
+// Which operands the caller holds in the blocked layout: x (and dx), and
+// y (and dy).
+struct Layouts {
+  bool x = false, y = false;
+};
+
 // The primitives of shape s, or null where oneDNN does not run it: what it
 // cannot express (more than one group, negative right padding), shapes it
 // has only its reference loops for on this CPU, or primitives it fails to
 // create.
-const Primitives* Find(const kernel::ConvShape& s, bool bias);
+const Primitives* Find(const kernel::ConvShape& s, bool bias, Layouts layouts = {});
+
+// Which of x and y p's forward primitive works on in the blocked layout:
+// where callers hold them so, forward converts nothing (backward may, where
+// its primitives want other layouts: backward data of a first layer).
+Layouts WorksBlocked(const Primitives& p);
 
 // Floats of scratch one Forward or Backward call with p needs. Scratch
 // needs no alignment beyond float's.

@@ -27,6 +27,7 @@ OpDef MakeBinary(const char* name, const char* hint) {
   op.arguments = Names({"lhs", "rhs"});
   op.required_inputs = {"lhs", "rhs"};
   op.infer_shape = SameShapeInfer;
+  op.blocked = ElementWiseBlocked;
   op.inplace = {{0, 0}, {1, 0}};
   op.backward_uses_outputs = OpDef::OutputUse::kNone;
   op.backward_uses_inputs = F::kGradUsesInputs;
@@ -64,6 +65,7 @@ OpDef MakeScalar(const char* name, const char* hint) {
   op.name_hint = hint;
   op.params = {{"scalar", ParamSpec::Type::kFloat, "1"}};
   op.infer_shape = SameShapeInfer;
+  op.blocked = ElementWiseBlocked;
   op.inplace = {{0, 0}};
   op.backward_uses_outputs = OpDef::OutputUse::kNone;
   op.backward_uses_inputs = F::kGradAUsesA;

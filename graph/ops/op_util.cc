@@ -11,6 +11,14 @@ void Gemm(Context ctx, OpReq req, bool trans_a, bool trans_b, int64_t m, int64_t
                trans_b ? k : n, req == OpReq::kAdd ? 1.0f : 0.0f, c);
 }
 
+BlockedIo ElementWiseBlocked(const ParsedParams&, const ShapeList& in, const ShapeList& out) {
+  BlockedIo io;
+  io.uniform = true;
+  for (size_t i = 0; i < in.size(); ++i) io.inputs.push_back(static_cast<int>(i));
+  for (size_t i = 0; i < out.size(); ++i) io.outputs.push_back(static_cast<int>(i));
+  return io;
+}
+
 absl::Status SameShapeInfer(const ParsedParams&, ShapeList* in, ShapeList* out,
                             ShapeList*) {
   Shape s;

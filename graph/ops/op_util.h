@@ -36,6 +36,10 @@ void MapStore(OpReq req, const float* in, float* out, int64_t n, F f) {
 absl::Status SameShapeInfer(const ParsedParams&, ShapeList* in, ShapeList* out,
                             ShapeList* aux);
 
+// OpDef::blocked of element-wise operators of SameShapeInfer: every input
+// and output, in one layout, which the kernels then need not know.
+BlockedIo ElementWiseBlocked(const ParsedParams&, const ShapeList& in, const ShapeList& out);
+
 }  // namespace mx::ops
 
 #endif  // MX_GRAPH_OPS_OP_UTIL_H_

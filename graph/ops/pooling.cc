@@ -20,6 +20,7 @@
 #include "graph/ops/window2d.h"
 #include "ndarray/dnn.h"
 #include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 #include "ndarray/parallel.h"
 
 namespace mx::ops {
@@ -280,6 +281,70 @@ void Max2x2BackwardPlane(const Geometry& g, const float* x, const float* gy, flo
   if (!kAdd) std::fill(gx + 2 * g.out_h * width, gx + g.height * width, 0.0f);
 }
 
+// ---- Global avg and sum pooling of blocked data (TBlob::blocked; the
+// output is row-major): ForwardRow's and SumBackwardRow's arithmetic in
+// the same order (rows into a row, then its columns), for a block's 16
+// channels at once, so both layouts give the same bits.
+
+constexpr int64_t kBlock = kernel::kChannelBlock;
+
+BlockedIo Blocked(const ParsedParams& p, const ShapeList& in, const ShapeList&) {
+  if (!p.GetBool("global_pool") || TypeOf(p) == PoolType::kMax || in[0].ndim() != 4 ||
+      in[0][1] % kBlock != 0) {
+    return {};
+  }
+  return {{0}, {}, /*uniform=*/false};
+}
+
+// fn(begin, end) over ranges of blocks (an image's 16 channels).
+template <typename Fn>
+void ForEachBlockRange(const Geometry& g, Fn fn) {
+  const int64_t block_floats = std::max<int64_t>(g.height * g.width * kBlock, 1);
+  ParallelRanges(g.planes / kBlock, std::max<int64_t>(1, (16 << 10) / block_floats), fn);
+}
+
+void BlockedGlobalForward(const Geometry& g, const float* x, OpReq req, float* y) {
+  const int64_t plane = g.height * g.width;
+  ForEachBlockRange(g, [&](int64_t begin, int64_t end) {
+    std::vector<float> col(g.width * kBlock);
+    for (int64_t b = begin; b < end; ++b) {
+      const float* in = x + b * plane * kBlock;
+      std::fill(col.begin(), col.end(), 0.0f);
+      for (int64_t i = 0; i < plane * kBlock; i += g.width * kBlock) {
+        for (int64_t k = 0; k < g.width * kBlock; ++k) col[k] += in[i + k];
+      }
+      float sum[kBlock] = {};
+      for (int64_t ix = 0; ix < g.width; ++ix) {
+        for (int64_t c = 0; c < kBlock; ++c) sum[c] += col[ix * kBlock + c];
+      }
+      for (int64_t c = 0; c < kBlock; ++c) {
+        const float v = g.type == PoolType::kAvg ? sum[c] * g.inv_divisor[0] : sum[c];
+        Store(req, y + b * kBlock + c, v);
+      }
+    }
+  });
+}
+
+void BlockedGlobalBackward(const Geometry& g, const float* gy, OpReq req, float* gx) {
+  const int64_t plane = g.height * g.width;
+  ForEachBlockRange(g, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      float share[kBlock];
+      for (int64_t c = 0; c < kBlock; ++c) {
+        const float v =
+            g.type == PoolType::kAvg ? gy[b * kBlock + c] * g.inv_divisor[0] : gy[b * kBlock + c];
+        share[c] = 0.0f + v;  // SumBackwardRow's column, 0 + v (-0 becomes +0)
+      }
+      float* out = gx + b * plane * kBlock;
+      for (int64_t i = 0; i < plane * kBlock; i += kBlock) {
+        for (int64_t c = 0; c < kBlock; ++c) {
+          out[i + c] = (req == OpReq::kAdd ? out[i + c] : 0.0f) + share[c];
+        }
+      }
+    }
+  });
+}
+
 // ---- On GPUs: cuDNN (ndarray/dnn.h), which has max and avg pooling with
 // the valid convention; the others are refused there.
 kernel::PoolShape CudnnShape(const OpContext& ctx, const ParsedParams& p, const Shape& data,
@@ -313,6 +378,10 @@ void Forward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlo
     return;
   }
   const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
+  if (in[0].blocked) {
+    BlockedGlobalForward(g, in[0].data, req[0], out[0].data);
+    return;
+  }
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
   if (IsMax2x2Stride2(g)) {
     const bool add = req[0] == OpReq::kAdd;
@@ -424,6 +493,10 @@ void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBl
     return;
   }
   const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
+  if (in[0].blocked) {
+    BlockedGlobalBackward(g, out_grad[0].data, req[0], in_grad[0].data);
+    return;
+  }
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
   if (IsMax2x2Stride2(g)) {
     const bool add = req[0] == OpReq::kAdd;
@@ -479,6 +552,7 @@ OpDef Make() {
   op.infer_shape = Infer;
   op.forward = Forward;
   op.backward = Backward;
+  op.blocked = Blocked;
   // Backward finds the maxima again from the input on the CPU; cuDNN reads
   // the output too.
   op.backward_uses_outputs = OpDef::OutputUse::kAll;
