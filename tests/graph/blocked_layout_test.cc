@@ -47,14 +47,14 @@ Symbol Relu(const Symbol& in, const std::string& name) {
 
 // The zoo ResNet's shape in small: a stem on 3 channels, a residual block
 // of 16 channels, a widening to 32 (two blocks of channels), a global
-// average.
-Symbol Net() {
+// average (or sum).
+Symbol Net(const std::string& pool = "avg") {
   Symbol x = Relu(Bn(Conv(Variable("data"), 16, "stem"), "stem_bn"), "stem_relu");
   Symbol branch = Relu(Bn(Conv(x, 16, "a"), "a_bn"), "a_relu");
   branch = Bn(Conv(branch, 16, "b"), "b_bn");
   x = Relu(Op("elemwise_add", {branch, x}, {}, "add"), "block_out");
   x = Relu(Bn(Conv(x, 32, "wide"), "wide_bn"), "wide_relu");
-  x = Op("Pooling", {x}, {{"pool_type", "avg"}, {"global_pool", true}, {"kernel", Shape{1, 1}}},
+  x = Op("Pooling", {x}, {{"pool_type", pool}, {"global_pool", true}, {"kernel", Shape{1, 1}}},
          "pool");
   x = Op("FullyConnected", {Op("Flatten", {x}, {}, "flatten")}, {{"num_hidden", 10}}, "fc");
   return Op("SoftmaxOutput", {x}, {}, "softmax");
@@ -90,7 +90,7 @@ std::unique_ptr<Executor> BindNet(const Symbol& net) {
 }
 
 // Every array of a few SGD steps: outputs, gradients, arguments and
-// moving statistics after each.
+// moving statistics after each; then an inference forward's output.
 std::map<std::string, std::vector<float>> Train(Executor* exec, int steps) {
   std::map<std::string, std::vector<float>> seen;
   for (int step = 0; step < steps; ++step) {
@@ -107,6 +107,8 @@ std::map<std::string, std::vector<float>> Train(Executor* exec, int steps) {
     }
     for (const auto& [name, aux] : exec->aux_dict()) seen[at + name] = aux.ToVector();
   }
+  exec->Forward(false);
+  seen["inference_output"] = exec->outputs()[0].ToVector();
   return seen;
 }
 
@@ -123,23 +125,26 @@ TEST(BlockedLayout, StoresResultsBetweenConvolutionsBlocked) {
 }
 
 TEST(BlockedLayout, TrainsToTheSameBitsAsRowMajor) {
-  std::map<std::string, std::vector<float>> blocked, row_major;
-  {
-    std::unique_ptr<Executor> exec = BindNet(Net());
-    ASSERT_NE(exec, nullptr);
-    ASSERT_THAT(exec->blocked_outputs(), Not(IsEmpty()));
-    blocked = Train(exec.get(), 3);
-  }
-  {
-    BlockedLayout off("0");
-    std::unique_ptr<Executor> exec = BindNet(Net());
-    ASSERT_NE(exec, nullptr);
-    ASSERT_THAT(exec->blocked_outputs(), IsEmpty());
-    row_major = Train(exec.get(), 3);
-  }
-  ASSERT_EQ(blocked.size(), row_major.size());
-  for (const auto& [name, values] : row_major) {
-    EXPECT_EQ(blocked.at(name), values) << name;  // bit for bit
+  for (const std::string pool : {"avg", "sum"}) {
+    SCOPED_TRACE(pool);
+    std::map<std::string, std::vector<float>> blocked, row_major;
+    {
+      std::unique_ptr<Executor> exec = BindNet(Net(pool));
+      ASSERT_NE(exec, nullptr);
+      ASSERT_THAT(exec->blocked_outputs(), Not(IsEmpty()));
+      blocked = Train(exec.get(), 3);
+    }
+    {
+      BlockedLayout off("0");
+      std::unique_ptr<Executor> exec = BindNet(Net(pool));
+      ASSERT_NE(exec, nullptr);
+      ASSERT_THAT(exec->blocked_outputs(), IsEmpty());
+      row_major = Train(exec.get(), 3);
+    }
+    ASSERT_EQ(blocked.size(), row_major.size());
+    for (const auto& [name, values] : row_major) {
+      EXPECT_EQ(blocked.at(name), values) << name;  // bit for bit
+    }
   }
 }
 
