@@ -281,19 +281,20 @@ void Max2x2BackwardPlane(const Geometry& g, const float* x, const float* gy, flo
   if (!kAdd) std::fill(gx + 2 * g.out_h * width, gx + g.height * width, 0.0f);
 }
 
-// ---- Global avg and sum pooling of blocked data (TBlob::blocked; the
-// output is row-major): ForwardRow's and SumBackwardRow's arithmetic in
-// the same order (rows into a row, then its columns), for a block's 16
-// channels at once, so both layouts give the same bits.
+// ---- Blocked data (TBlob::blocked): global avg and sum pooling (the
+// output row-major) with ForwardRow's and SumBackwardRow's arithmetic in
+// the same order (rows into a row, then its columns), and max pooling over
+// 2x2 windows with stride 2 (blocked to blocked) with Max2x2*Plane's
+// comparisons; each for a block's 16 channels at once, so both layouts
+// give the same bits.
 
 constexpr int64_t kBlock = kernel::kChannelBlock;
 
-BlockedIo Blocked(const ParsedParams& p, const ShapeList& in, const ShapeList&) {
-  if (!p.GetBool("global_pool") || TypeOf(p) == PoolType::kMax || in[0].ndim() != 4 ||
-      in[0][1] % kBlock != 0) {
-    return {};
-  }
-  return {{0}, {}, /*uniform=*/false};
+BlockedIo Blocked(const ParsedParams& p, const ShapeList& in, const ShapeList& out) {
+  if (in[0].ndim() != 4 || in[0][1] % kBlock != 0) return {};
+  if (p.GetBool("global_pool") && TypeOf(p) != PoolType::kMax) return {{0}, {}, false};
+  if (IsMax2x2Stride2(MakeGeometry(p, in[0], out[0]))) return {{0}, {0}, /*uniform=*/true};
+  return {};
 }
 
 // fn(begin, end) over ranges of blocks (an image's 16 channels).
@@ -345,6 +346,93 @@ void BlockedGlobalBackward(const Geometry& g, const float* gy, OpReq req, float*
   });
 }
 
+// One block's Max2x2ForwardPlane.
+template <bool kAdd>
+void BlockedMax2x2Forward(const Geometry& g, const float* x, float* y) {
+  constexpr float kLow = std::numeric_limits<float>::lowest();
+  const int64_t row = g.width * kBlock, out_row = g.out_w * kBlock;
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    const float* __restrict r0 = x + 2 * oy * row;
+    const float* __restrict r1 = r0 + row;
+    float* __restrict out = y + oy * out_row;
+    for (int64_t ox = 0; ox < g.out_w; ++ox) {
+      const int64_t left = 2 * ox * kBlock, right = left + kBlock;
+      for (int64_t c = 0; c < kBlock; ++c) {
+        const float c0 = std::max(std::max(kLow, r0[left + c]), r1[left + c]);
+        const float c1 = std::max(std::max(kLow, r0[right + c]), r1[right + c]);
+        const float m = std::max(std::max(kLow, c0), c1);
+        out[ox * kBlock + c] = kAdd ? out[ox * kBlock + c] + m : m;
+      }
+    }
+  }
+}
+
+// One block's Max2x2BackwardPlane: the same choices per channel.
+template <bool kAdd>
+void BlockedMax2x2Backward(const Geometry& g, const float* x, const float* gy, float* gx,
+                           Max2x2Scratch* scratch) {
+  const int64_t row = g.width * kBlock, n = 2 * g.out_w * kBlock;
+  float* __restrict col = scratch->col.data();
+  int32_t* __restrict down = scratch->down.data();
+  float* __restrict sel = scratch->grad.data();
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    const float* __restrict r0 = x + 2 * oy * row;
+    const float* __restrict r1 = r0 + row;
+    const float* __restrict grad = gy + oy * g.out_w * kBlock;
+    float* __restrict g0 = gx + 2 * oy * row;
+    float* __restrict g1 = g0 + row;
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t d = r1[i] > r0[i];
+      col[i] = d ? r1[i] : r0[i];
+      down[i] = d;
+    }
+    for (int64_t ox = 0; ox < g.out_w; ++ox) {
+      for (int64_t c = 0; c < kBlock; ++c) {
+        const int64_t l = 2 * ox * kBlock + c, r = l + kBlock;
+        const int32_t right = (col[r] > col[l]) | ((col[r] == col[l]) & down[l] & (down[r] ^ 1));
+        const float v = grad[ox * kBlock + c];
+        sel[l] = right ? 0.0f : v;
+        sel[r] = right ? v : 0.0f;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const float v0 = down[i] ? 0.0f : sel[i], v1 = down[i] ? sel[i] : 0.0f;
+      g0[i] = kAdd ? g0[i] + v0 : v0;
+      g1[i] = kAdd ? g1[i] + v1 : v1;
+    }
+    if (!kAdd) std::fill(g0 + n, g0 + row, 0.0f);  // an odd width's last column
+    if (!kAdd) std::fill(g1 + n, g1 + row, 0.0f);
+  }
+  if (!kAdd) std::fill(gx + 2 * g.out_h * row, gx + g.height * row, 0.0f);  // and row
+}
+
+void BlockedMax2x2Forward(const Geometry& g, const float* x, OpReq req, float* y) {
+  const int64_t in_block = g.height * g.width * kBlock, out_block = g.out_h * g.out_w * kBlock;
+  ForEachBlockRange(g, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* in = x + b * in_block;
+      float* out = y + b * out_block;
+      req == OpReq::kAdd ? BlockedMax2x2Forward<true>(g, in, out)
+                         : BlockedMax2x2Forward<false>(g, in, out);
+    }
+  });
+}
+
+void BlockedMax2x2Backward(const Geometry& g, const float* x, const float* gy, OpReq req,
+                           float* gx) {
+  const int64_t in_block = g.height * g.width * kBlock, out_block = g.out_h * g.out_w * kBlock;
+  ForEachBlockRange(g, [&](int64_t begin, int64_t end) {
+    Max2x2Scratch scratch(2 * g.out_w * kBlock);
+    for (int64_t b = begin; b < end; ++b) {
+      const float* in = x + b * in_block;
+      const float* grad = gy + b * out_block;
+      float* out = gx + b * in_block;
+      req == OpReq::kAdd ? BlockedMax2x2Backward<true>(g, in, grad, out, &scratch)
+                         : BlockedMax2x2Backward<false>(g, in, grad, out, &scratch);
+    }
+  });
+}
+
 // ---- On GPUs: cuDNN (ndarray/dnn.h), which has max and avg pooling with
 // the valid convention; the others are refused there.
 kernel::PoolShape CudnnShape(const OpContext& ctx, const ParsedParams& p, const Shape& data,
@@ -378,8 +466,9 @@ void Forward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlo
     return;
   }
   const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
-  if (in[0].blocked) {
-    BlockedGlobalForward(g, in[0].data, req[0], out[0].data);
+  if (in[0].blocked) {  // as Blocked allows
+    p.GetBool("global_pool") ? BlockedGlobalForward(g, in[0].data, req[0], out[0].data)
+                             : BlockedMax2x2Forward(g, in[0].data, req[0], out[0].data);
     return;
   }
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
@@ -493,8 +582,10 @@ void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBl
     return;
   }
   const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
-  if (in[0].blocked) {
-    BlockedGlobalBackward(g, out_grad[0].data, req[0], in_grad[0].data);
+  if (in[0].blocked) {  // as Blocked allows
+    p.GetBool("global_pool")
+        ? BlockedGlobalBackward(g, out_grad[0].data, req[0], in_grad[0].data)
+        : BlockedMax2x2Backward(g, in[0].data, out_grad[0].data, req[0], in_grad[0].data);
     return;
   }
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;

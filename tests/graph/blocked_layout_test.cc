@@ -46,14 +46,18 @@ Symbol Relu(const Symbol& in, const std::string& name) {
 }
 
 // The zoo ResNet's shape in small: a stem on 3 channels, a residual block
-// of 16 channels, a widening to 32 (two blocks of channels), a global
-// average (or sum).
+// of 16 channels, a widening to 32 (two blocks of channels), 2x2 max
+// pooling, a global average (or sum).
 Symbol Net(const std::string& pool = "avg") {
   Symbol x = Relu(Bn(Conv(Variable("data"), 16, "stem"), "stem_bn"), "stem_relu");
   Symbol branch = Relu(Bn(Conv(x, 16, "a"), "a_bn"), "a_relu");
   branch = Bn(Conv(branch, 16, "b"), "b_bn");
   x = Relu(Op("elemwise_add", {branch, x}, {}, "add"), "block_out");
   x = Relu(Bn(Conv(x, 32, "wide"), "wide_bn"), "wide_relu");
+  // 9x9 -> 4x4: the last row and column are in no window.
+  x = Op("Pooling", {x}, {{"pool_type", "max"}, {"kernel", Shape{2, 2}}, {"stride", Shape{2, 2}}},
+         "max");
+  x = Relu(Bn(Conv(x, 32, "deep"), "deep_bn"), "deep_relu");
   x = Op("Pooling", {x}, {{"pool_type", pool}, {"global_pool", true}, {"kernel", Shape{1, 1}}},
          "pool");
   x = Op("FullyConnected", {Op("Flatten", {x}, {}, "flatten")}, {{"num_hidden", 10}}, "fc");
@@ -117,11 +121,12 @@ TEST(BlockedLayout, StoresResultsBetweenConvolutionsBlocked) {
   ASSERT_NE(exec, nullptr);
   // The stem reads the data (an argument) row-major, and the pooled result
   // (1x1 planes) stays row-major; everything between is blocked.
-  EXPECT_THAT(exec->blocked_outputs(),
-              UnorderedElementsAre("stem_output", "stem_bn_output", "stem_relu_output", "a_output",
-                                   "a_bn_output", "a_relu_output", "b_output", "b_bn_output",
-                                   "add_output", "block_out_output", "wide_output",
-                                   "wide_bn_output", "wide_relu_output"));
+  EXPECT_THAT(
+      exec->blocked_outputs(),
+      UnorderedElementsAre("stem_output", "stem_bn_output", "stem_relu_output", "a_output",
+                           "a_bn_output", "a_relu_output", "b_output", "b_bn_output", "add_output",
+                           "block_out_output", "wide_output", "wide_bn_output", "wide_relu_output",
+                           "max_output", "deep_output", "deep_bn_output", "deep_relu_output"));
 }
 
 TEST(BlockedLayout, TrainsToTheSameBitsAsRowMajor) {
