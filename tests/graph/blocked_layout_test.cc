@@ -30,10 +30,10 @@ class BlockedLayout {
   ~BlockedLayout() { unsetenv("MX_BLOCKED_LAYOUT"); }
 };
 
-Symbol Conv(const Symbol& in, int filters, const std::string& name) {
+Symbol Conv(const Symbol& in, int filters, const std::string& name, bool bias = false) {
   return Op(
       "Convolution", {in},
-      {{"kernel", Shape{3, 3}}, {"pad", Shape{1, 1}}, {"num_filter", filters}, {"no_bias", true}},
+      {{"kernel", Shape{3, 3}}, {"pad", Shape{1, 1}}, {"num_filter", filters}, {"no_bias", !bias}},
       name);
 }
 
@@ -47,7 +47,7 @@ Symbol Relu(const Symbol& in, const std::string& name) {
 
 // The zoo ResNet's shape in small: a stem on 3 channels, a residual block
 // of 16 channels, a widening to 32 (two blocks of channels), 2x2 max
-// pooling, a global average (or sum).
+// pooling, a convolution with a bias, a global average (or sum).
 Symbol Net(const std::string& pool = "avg") {
   Symbol x = Relu(Bn(Conv(Variable("data"), 16, "stem"), "stem_bn"), "stem_relu");
   Symbol branch = Relu(Bn(Conv(x, 16, "a"), "a_bn"), "a_relu");
@@ -57,7 +57,7 @@ Symbol Net(const std::string& pool = "avg") {
   // 9x9 -> 4x4: the last row and column are in no window.
   x = Op("Pooling", {x}, {{"pool_type", "max"}, {"kernel", Shape{2, 2}}, {"stride", Shape{2, 2}}},
          "max");
-  x = Relu(Bn(Conv(x, 32, "deep"), "deep_bn"), "deep_relu");
+  x = Relu(Bn(Conv(x, 32, "deep", /*bias=*/true), "deep_bn"), "deep_relu");
   x = Op("Pooling", {x}, {{"pool_type", pool}, {"global_pool", true}, {"kernel", Shape{1, 1}}},
          "pool");
   x = Op("FullyConnected", {Op("Flatten", {x}, {}, "flatten")}, {{"num_hidden", 10}}, "fc");
