@@ -210,26 +210,32 @@ bool IsMax2x2Stride2(const Geometry& g) {
          g.win.pad[1] == 0 && 2 * g.out_h <= g.height && 2 * g.out_w <= g.width;
 }
 
-template <bool kAdd>
+// kLanes: 1 for a row-major plane; kernel::kChannelBlock for a block of
+// blocked data (its 16 channels' planes interleaved), each channel then
+// getting the same comparisons as in its own plane.
+template <bool kAdd, int64_t kLanes = 1>
 void Max2x2ForwardPlane(const Geometry& g, const float* x, float* y) {
   constexpr float kLow = std::numeric_limits<float>::lowest();
-  const int64_t width = g.width, out_w = g.out_w;
+  const int64_t width = g.width * kLanes, out_w = g.out_w;
   for (int64_t oy = 0; oy < g.out_h; ++oy) {
     const float* __restrict r0 = x + 2 * oy * width;
     const float* __restrict r1 = r0 + width;
-    float* __restrict out = y + oy * out_w;
+    float* __restrict out = y + oy * out_w * kLanes;
     for (int64_t ox = 0; ox < out_w; ++ox) {
-      const float c0 = std::max(std::max(kLow, r0[2 * ox]), r1[2 * ox]);
-      const float c1 = std::max(std::max(kLow, r0[2 * ox + 1]), r1[2 * ox + 1]);
-      const float m = std::max(std::max(kLow, c0), c1);
-      out[ox] = kAdd ? out[ox] + m : m;
+      for (int64_t c = 0; c < kLanes; ++c) {
+        const int64_t l = 2 * ox * kLanes + c, r = l + kLanes;
+        const float c0 = std::max(std::max(kLow, r0[l]), r1[l]);
+        const float c1 = std::max(std::max(kLow, r0[r]), r1[r]);
+        const float m = std::max(std::max(kLow, c0), c1);
+        out[ox * kLanes + c] = kAdd ? out[ox * kLanes + c] + m : m;
+      }
     }
   }
 }
 
-// Scratch of one row pair, 2 * out_w each: per input column the larger of
-// its two rows and whether that is the lower one, then the gradient it
-// receives if its row wins.
+// Scratch of one row pair, 2 * out_w (times the lanes) each: per input
+// column the larger of its two rows and whether that is the lower one,
+// then the gradient it receives if its row wins.
 struct Max2x2Scratch {
   explicit Max2x2Scratch(int64_t n) : col(n), down(n), grad(n) {}
   std::vector<float> col;
@@ -239,17 +245,18 @@ struct Max2x2Scratch {
 
 // In three passes over a row pair that the compiler vectorizes (one
 // window-wise loop with its selections did not: it branched on the data).
-template <bool kAdd>
+// kLanes as for Max2x2ForwardPlane.
+template <bool kAdd, int64_t kLanes = 1>
 void Max2x2BackwardPlane(const Geometry& g, const float* x, const float* gy, float* gx,
                          Max2x2Scratch* scratch) {
-  const int64_t width = g.width, out_w = g.out_w, n = 2 * out_w;
+  const int64_t width = g.width * kLanes, out_w = g.out_w, n = 2 * out_w * kLanes;
   float* __restrict col = scratch->col.data();
   int32_t* __restrict down = scratch->down.data();
   float* __restrict sel = scratch->grad.data();
   for (int64_t oy = 0; oy < g.out_h; ++oy) {
     const float* __restrict r0 = x + 2 * oy * width;
     const float* __restrict r1 = r0 + width;
-    const float* __restrict grad = gy + oy * out_w;
+    const float* __restrict grad = gy + oy * out_w * kLanes;
     float* __restrict g0 = gx + 2 * oy * width;
     float* __restrict g1 = g0 + width;
     // Per column: the larger row, the upper one on a tie.
@@ -261,12 +268,15 @@ void Max2x2BackwardPlane(const Geometry& g, const float* x, const float* gy, flo
     // Per window: the larger column; on a tie the one whose maximum is in
     // the upper row, then the left one.
     for (int64_t ox = 0; ox < out_w; ++ox) {
-      const float c0 = col[2 * ox], c1 = col[2 * ox + 1];
-      const int32_t d0 = down[2 * ox], d1 = down[2 * ox + 1];
-      const int32_t right = (c1 > c0) | ((c1 == c0) & d0 & (d1 ^ 1));
-      const float v = grad[ox];
-      sel[2 * ox] = right ? 0.0f : v;
-      sel[2 * ox + 1] = right ? v : 0.0f;
+      for (int64_t c = 0; c < kLanes; ++c) {
+        const int64_t l = 2 * ox * kLanes + c, r = l + kLanes;
+        const float c0 = col[l], c1 = col[r];
+        const int32_t d0 = down[l], d1 = down[r];
+        const int32_t right = (c1 > c0) | ((c1 == c0) & d0 & (d1 ^ 1));
+        const float v = grad[ox * kLanes + c];
+        sel[l] = right ? 0.0f : v;
+        sel[r] = right ? v : 0.0f;
+      }
     }
     for (int64_t ix = 0; ix < n; ++ix) {
       const float v0 = down[ix] ? 0.0f : sel[ix], v1 = down[ix] ? sel[ix] : 0.0f;
@@ -346,74 +356,14 @@ void BlockedGlobalBackward(const Geometry& g, const float* gy, OpReq req, float*
   });
 }
 
-// One block's Max2x2ForwardPlane.
-template <bool kAdd>
-void BlockedMax2x2Forward(const Geometry& g, const float* x, float* y) {
-  constexpr float kLow = std::numeric_limits<float>::lowest();
-  const int64_t row = g.width * kBlock, out_row = g.out_w * kBlock;
-  for (int64_t oy = 0; oy < g.out_h; ++oy) {
-    const float* __restrict r0 = x + 2 * oy * row;
-    const float* __restrict r1 = r0 + row;
-    float* __restrict out = y + oy * out_row;
-    for (int64_t ox = 0; ox < g.out_w; ++ox) {
-      const int64_t left = 2 * ox * kBlock, right = left + kBlock;
-      for (int64_t c = 0; c < kBlock; ++c) {
-        const float c0 = std::max(std::max(kLow, r0[left + c]), r1[left + c]);
-        const float c1 = std::max(std::max(kLow, r0[right + c]), r1[right + c]);
-        const float m = std::max(std::max(kLow, c0), c1);
-        out[ox * kBlock + c] = kAdd ? out[ox * kBlock + c] + m : m;
-      }
-    }
-  }
-}
-
-// One block's Max2x2BackwardPlane: the same choices per channel.
-template <bool kAdd>
-void BlockedMax2x2Backward(const Geometry& g, const float* x, const float* gy, float* gx,
-                           Max2x2Scratch* scratch) {
-  const int64_t row = g.width * kBlock, n = 2 * g.out_w * kBlock;
-  float* __restrict col = scratch->col.data();
-  int32_t* __restrict down = scratch->down.data();
-  float* __restrict sel = scratch->grad.data();
-  for (int64_t oy = 0; oy < g.out_h; ++oy) {
-    const float* __restrict r0 = x + 2 * oy * row;
-    const float* __restrict r1 = r0 + row;
-    const float* __restrict grad = gy + oy * g.out_w * kBlock;
-    float* __restrict g0 = gx + 2 * oy * row;
-    float* __restrict g1 = g0 + row;
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t d = r1[i] > r0[i];
-      col[i] = d ? r1[i] : r0[i];
-      down[i] = d;
-    }
-    for (int64_t ox = 0; ox < g.out_w; ++ox) {
-      for (int64_t c = 0; c < kBlock; ++c) {
-        const int64_t l = 2 * ox * kBlock + c, r = l + kBlock;
-        const int32_t right = (col[r] > col[l]) | ((col[r] == col[l]) & down[l] & (down[r] ^ 1));
-        const float v = grad[ox * kBlock + c];
-        sel[l] = right ? 0.0f : v;
-        sel[r] = right ? v : 0.0f;
-      }
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const float v0 = down[i] ? 0.0f : sel[i], v1 = down[i] ? sel[i] : 0.0f;
-      g0[i] = kAdd ? g0[i] + v0 : v0;
-      g1[i] = kAdd ? g1[i] + v1 : v1;
-    }
-    if (!kAdd) std::fill(g0 + n, g0 + row, 0.0f);  // an odd width's last column
-    if (!kAdd) std::fill(g1 + n, g1 + row, 0.0f);
-  }
-  if (!kAdd) std::fill(gx + 2 * g.out_h * row, gx + g.height * row, 0.0f);  // and row
-}
-
 void BlockedMax2x2Forward(const Geometry& g, const float* x, OpReq req, float* y) {
   const int64_t in_block = g.height * g.width * kBlock, out_block = g.out_h * g.out_w * kBlock;
   ForEachBlockRange(g, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const float* in = x + b * in_block;
       float* out = y + b * out_block;
-      req == OpReq::kAdd ? BlockedMax2x2Forward<true>(g, in, out)
-                         : BlockedMax2x2Forward<false>(g, in, out);
+      req == OpReq::kAdd ? Max2x2ForwardPlane<true, kBlock>(g, in, out)
+                         : Max2x2ForwardPlane<false, kBlock>(g, in, out);
     }
   });
 }
@@ -427,8 +377,8 @@ void BlockedMax2x2Backward(const Geometry& g, const float* x, const float* gy, O
       const float* in = x + b * in_block;
       const float* grad = gy + b * out_block;
       float* out = gx + b * in_block;
-      req == OpReq::kAdd ? BlockedMax2x2Backward<true>(g, in, grad, out, &scratch)
-                         : BlockedMax2x2Backward<false>(g, in, grad, out, &scratch);
+      req == OpReq::kAdd ? Max2x2BackwardPlane<true, kBlock>(g, in, grad, out, &scratch)
+                         : Max2x2BackwardPlane<false, kBlock>(g, in, grad, out, &scratch);
     }
   });
 }
