@@ -585,6 +585,13 @@ MX_XINLINE void ForEachBlockRun(int64_t k, int64_t n, F&& f) {
   }
 }
 
+// Where element k of channel c of image n lies in a blocked array of
+// `channels` channels of `plane` elements each.
+MX_XINLINE int64_t BlockedIndex(int64_t channels, int64_t plane, int64_t n, int64_t c, int64_t k) {
+  return ((n * (channels / kChannelBlock) + c / kChannelBlock) * plane + k) * kChannelBlock +
+         c % kChannelBlock;
+}
+
 // A row-major copy of a blocked (N, C, H, W) array: out[i] for row-major
 // index i, with plane = H * W.
 struct UnblockKernel {
@@ -594,11 +601,9 @@ struct UnblockKernel {
     int64_t channels, plane;
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
-    const int64_t groups = p.channels / kChannelBlock;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / (p.channels * p.plane), c = i / p.plane % p.channels, k = i % p.plane;
-      const int64_t block = n * groups + c / kChannelBlock;
-      p.out[i] = p.in[(block * p.plane + k) * kChannelBlock + c % kChannelBlock];
+      p.out[i] = p.in[BlockedIndex(p.channels, p.plane, n, c, k)];
     }
   }
 };
@@ -621,7 +626,7 @@ struct BnLayout {
   MX_XINLINE int64_t Groups() const { return channels / block; }
   // Where element k of channel c's outer slice o lies in blocked data.
   MX_XINLINE int64_t BlockedAt(int64_t o, int64_t c, int64_t k) const {
-    return ((o * Groups() + c / kChannelBlock) * inner + k) * kChannelBlock + c % kChannelBlock;
+    return BlockedIndex(channels, inner, o, c, k);
   }
 };
 

@@ -199,8 +199,8 @@ struct DnnlPlan {
 // x (dx) and y (dy) in the given layouts.
 std::optional<DnnlPlan> PlanDnnl(const ParsedParams& p, const Geometry& g,
                                  dnnl_conv::Layouts layouts = {}) {
-  const bool first_layer = g.filters % kernel::kChannelBlock == 0;
-  if (g.groups != 1 || (g.channels < kDnnlMinChannels && !first_layer) || g.batch < 1) {
+  const bool blocked_output = g.filters % kernel::kChannelBlock == 0;
+  if (g.groups != 1 || (g.channels < kDnnlMinChannels && !blocked_output) || g.batch < 1) {
     return std::nullopt;
   }
   const int64_t wanted = std::min<int64_t>(kDnnlChunksPerThread * CpuThreads(), g.batch);

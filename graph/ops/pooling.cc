@@ -154,12 +154,14 @@ Geometry MakeGeometry(const ParsedParams& p, const Shape& data, const Shape& out
 // columns of each window then reduce.
 
 // Runs fn(begin, end) over ranges of planes (image x channel) on the CPU
-// pool; planes are independent.
-template <typename Fn>
+// pool; planes are independent. With kLanes = kernel::kChannelBlock, over
+// ranges of blocks of blocked data (an image's 16 channels, their planes
+// interleaved).
+template <int64_t kLanes = 1, typename Fn>
 void ForEachPlaneRange(const Geometry& g, Fn fn) {
   // Ranges of at least 64 KiB of input.
-  const int64_t plane_floats = std::max<int64_t>(g.height * g.width, 1);
-  ParallelRanges(g.planes, std::max<int64_t>(1, (16 << 10) / plane_floats), fn);
+  const int64_t unit_floats = std::max<int64_t>(g.height * g.width * kLanes, 1);
+  ParallelRanges(g.planes / kLanes, std::max<int64_t>(1, (16 << 10) / unit_floats), fn);
 }
 
 // Forward of one output row: col[ix] reduces input rows [y0, y1) of
@@ -307,16 +309,9 @@ BlockedIo Blocked(const ParsedParams& p, const ShapeList& in, const ShapeList& o
   return {};
 }
 
-// fn(begin, end) over ranges of blocks (an image's 16 channels).
-template <typename Fn>
-void ForEachBlockRange(const Geometry& g, Fn fn) {
-  const int64_t block_floats = std::max<int64_t>(g.height * g.width * kBlock, 1);
-  ParallelRanges(g.planes / kBlock, std::max<int64_t>(1, (16 << 10) / block_floats), fn);
-}
-
 void BlockedGlobalForward(const Geometry& g, const float* x, OpReq req, float* y) {
   const int64_t plane = g.height * g.width;
-  ForEachBlockRange(g, [&](int64_t begin, int64_t end) {
+  ForEachPlaneRange<kBlock>(g, [&](int64_t begin, int64_t end) {
     std::vector<float> col(g.width * kBlock);
     for (int64_t b = begin; b < end; ++b) {
       const float* in = x + b * plane * kBlock;
@@ -338,7 +333,7 @@ void BlockedGlobalForward(const Geometry& g, const float* x, OpReq req, float* y
 
 void BlockedGlobalBackward(const Geometry& g, const float* gy, OpReq req, float* gx) {
   const int64_t plane = g.height * g.width;
-  ForEachBlockRange(g, [&](int64_t begin, int64_t end) {
+  ForEachPlaneRange<kBlock>(g, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       float share[kBlock];
       for (int64_t c = 0; c < kBlock; ++c) {
@@ -356,29 +351,32 @@ void BlockedGlobalBackward(const Geometry& g, const float* gy, OpReq req, float*
   });
 }
 
-void BlockedMax2x2Forward(const Geometry& g, const float* x, OpReq req, float* y) {
-  const int64_t in_block = g.height * g.width * kBlock, out_block = g.out_h * g.out_w * kBlock;
-  ForEachBlockRange(g, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const float* in = x + b * in_block;
-      float* out = y + b * out_block;
-      req == OpReq::kAdd ? Max2x2ForwardPlane<true, kBlock>(g, in, out)
-                         : Max2x2ForwardPlane<false, kBlock>(g, in, out);
+// Max pooling over 2x2 windows with stride 2 of every plane (kLanes 1) or
+// block of blocked data (kernel::kChannelBlock).
+template <int64_t kLanes>
+void Max2x2Forward(const Geometry& g, const float* x, OpReq req, float* y) {
+  const int64_t in_unit = g.height * g.width * kLanes, out_unit = g.out_h * g.out_w * kLanes;
+  ForEachPlaneRange<kLanes>(g, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const float* in = x + u * in_unit;
+      float* out = y + u * out_unit;
+      req == OpReq::kAdd ? Max2x2ForwardPlane<true, kLanes>(g, in, out)
+                         : Max2x2ForwardPlane<false, kLanes>(g, in, out);
     }
   });
 }
 
-void BlockedMax2x2Backward(const Geometry& g, const float* x, const float* gy, OpReq req,
-                           float* gx) {
-  const int64_t in_block = g.height * g.width * kBlock, out_block = g.out_h * g.out_w * kBlock;
-  ForEachBlockRange(g, [&](int64_t begin, int64_t end) {
-    Max2x2Scratch scratch(2 * g.out_w * kBlock);
-    for (int64_t b = begin; b < end; ++b) {
-      const float* in = x + b * in_block;
-      const float* grad = gy + b * out_block;
-      float* out = gx + b * in_block;
-      req == OpReq::kAdd ? Max2x2BackwardPlane<true, kBlock>(g, in, grad, out, &scratch)
-                         : Max2x2BackwardPlane<false, kBlock>(g, in, grad, out, &scratch);
+template <int64_t kLanes>
+void Max2x2Backward(const Geometry& g, const float* x, const float* gy, OpReq req, float* gx) {
+  const int64_t in_unit = g.height * g.width * kLanes, out_unit = g.out_h * g.out_w * kLanes;
+  ForEachPlaneRange<kLanes>(g, [&](int64_t begin, int64_t end) {
+    Max2x2Scratch scratch(2 * g.out_w * kLanes);
+    for (int64_t u = begin; u < end; ++u) {
+      const float* in = x + u * in_unit;
+      const float* grad = gy + u * out_unit;
+      float* out = gx + u * in_unit;
+      req == OpReq::kAdd ? Max2x2BackwardPlane<true, kLanes>(g, in, grad, out, &scratch)
+                         : Max2x2BackwardPlane<false, kLanes>(g, in, grad, out, &scratch);
     }
   });
 }
@@ -416,23 +414,17 @@ void Forward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlo
     return;
   }
   const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
-  if (in[0].blocked) {  // as Blocked allows
-    p.GetBool("global_pool") ? BlockedGlobalForward(g, in[0].data, req[0], out[0].data)
-                             : BlockedMax2x2Forward(g, in[0].data, req[0], out[0].data);
+  // Blocked data is global avg or sum pooling's, or else 2x2 max's (Blocked).
+  if (in[0].blocked && p.GetBool("global_pool")) {
+    BlockedGlobalForward(g, in[0].data, req[0], out[0].data);
+    return;
+  }
+  if (IsMax2x2Stride2(g)) {
+    in[0].blocked ? Max2x2Forward<kBlock>(g, in[0].data, req[0], out[0].data)
+                  : Max2x2Forward<1>(g, in[0].data, req[0], out[0].data);
     return;
   }
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
-  if (IsMax2x2Stride2(g)) {
-    const bool add = req[0] == OpReq::kAdd;
-    ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
-      for (int64_t pl = begin; pl < end; ++pl) {
-        const float* x = in[0].data + pl * in_plane;
-        float* y = out[0].data + pl * out_plane;
-        add ? Max2x2ForwardPlane<true>(g, x, y) : Max2x2ForwardPlane<false>(g, x, y);
-      }
-    });
-    return;
-  }
   ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
     std::vector<float> col(g.width), row(g.out_w);
     for (int64_t pl = begin; pl < end; ++pl) {
@@ -532,30 +524,18 @@ void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBl
     return;
   }
   const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
-  if (in[0].blocked) {  // as Blocked allows
-    p.GetBool("global_pool")
-        ? BlockedGlobalBackward(g, out_grad[0].data, req[0], in_grad[0].data)
-        : BlockedMax2x2Backward(g, in[0].data, out_grad[0].data, req[0], in_grad[0].data);
+  // Blocked data is global avg or sum pooling's, or else 2x2 max's (Blocked).
+  if (in[0].blocked && p.GetBool("global_pool")) {
+    BlockedGlobalBackward(g, out_grad[0].data, req[0], in_grad[0].data);
+    return;
+  }
+  if (IsMax2x2Stride2(g)) {
+    const float *x = in[0].data, *gy = out_grad[0].data;
+    in[0].blocked ? Max2x2Backward<kBlock>(g, x, gy, req[0], in_grad[0].data)
+                  : Max2x2Backward<1>(g, x, gy, req[0], in_grad[0].data);
     return;
   }
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
-  if (IsMax2x2Stride2(g)) {
-    const bool add = req[0] == OpReq::kAdd;
-    ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
-      Max2x2Scratch scratch(2 * g.out_w);
-      for (int64_t pl = begin; pl < end; ++pl) {
-        const float* x = in[0].data + pl * in_plane;
-        const float* gy = out_grad[0].data + pl * out_plane;
-        float* gx = in_grad[0].data + pl * in_plane;
-        if (add) {
-          Max2x2BackwardPlane<true>(g, x, gy, gx, &scratch);
-        } else {
-          Max2x2BackwardPlane<false>(g, x, gy, gx, &scratch);
-        }
-      }
-    });
-    return;
-  }
   ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
     std::vector<float> col(g.width), scaled(g.out_w);
     std::vector<int32_t> arg(g.width);  // rows: Infer keeps the height below 2^31
