@@ -15,7 +15,7 @@ PACKAGES=(
   bazel-bootstrap bazel-rules-java pkg-config g++ python3
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libopenblas-dev libdnnl-dev libgtest-dev libgmock-dev libbenchmark-dev
-  zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist openssl libssl-dev
+  zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist openssl libssl-dev libipsec-mb-dev
   libmicrohttpd-dev prometheus iproute2 nftables
 )
 # Node.js from Debian, unless a node and npm are installed already.

@@ -1,6 +1,7 @@
 // Mutual TLS for stream connections (rpc/stream.h): a TLS 1.3 handshake
 // by OpenSSL, then the connection's bytes in records sealed with
-// AES-128-GCM under keys the handshake exported.
+// AES-128-GCM (Intel's multi-buffer crypto library; stream_tls.cc says
+// why) under keys the handshake exported.
 //
 // Why not OpenSSL's own records: a stream connection is read by one
 // thread and written by another at both ends, so that its two directions
@@ -82,6 +83,9 @@ class StreamTls {
 // read), or never (InfiniteDuration).
 void SetSocketTimeouts(int fd, absl::Duration timeout);
 
+// A direction's AES-128 key and GCM nonce base.
+constexpr size_t kStreamKeyBytes = 16;
+constexpr size_t kStreamIvBytes = 12;
 // The largest record's plaintext.
 constexpr size_t kMaxRecordBytes = 128 << 10;
 // What a record adds to its plaintext: the length and the tag.
@@ -93,14 +97,16 @@ constexpr size_t kMaxSealedRecordBytes = kRecordHeaderBytes + kMaxRecordBytes + 
 // One direction's sealing (the writing thread's alone).
 class Sealer {
  public:
+  // Seals with AES-128-GCM under `key` (kStreamKeyBytes) and record i's
+  // nonce `iv` (kStreamIvBytes) XOR i; StreamTls makes them from a
+  // handshake.
+  Sealer(const uint8_t* key, const uint8_t* iv);
   ~Sealer();
   // Writes to `out` one record of `pieces` (1 to kMaxRecordBytes in all):
   // their bytes plus kRecordHeaderBytes + kRecordTagBytes, returned.
   size_t Seal(const std::vector<iovec>& pieces, char* out);
 
  private:
-  friend class StreamTls;
-  Sealer(const uint8_t* key, const uint8_t* iv);
   struct State;
   std::unique_ptr<State> state_;
 };
@@ -108,6 +114,8 @@ class Sealer {
 // One direction's opening (the reading thread's alone).
 class Opener {
  public:
+  // Opens what a Sealer of the same key and iv sealed, in its order.
+  Opener(const uint8_t* key, const uint8_t* iv);
   ~Opener();
   // The plaintext length of the record whose header is `header`
   // (kRecordHeaderBytes), or an error if it is not one.
@@ -119,8 +127,6 @@ class Opener {
   absl::Status Open(const char* record, char* out);
 
  private:
-  friend class StreamTls;
-  Opener(const uint8_t* key, const uint8_t* iv);
   struct State;
   std::unique_ptr<State> state_;
 };

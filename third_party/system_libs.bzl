@@ -26,6 +26,9 @@ _PLAIN_LIBS = {
     # oneDNN (Debian builds it on OpenMP; mx calls it from its own threads,
     # one OpenMP thread each, hence libgomp for omp_set_num_threads).
     "dnnl": (["-ldnnl", "-lgomp"], "/usr/include/oneapi/dnnl/dnnl.hpp", "libdnnl-dev"),
+    # Intel's multi-buffer crypto, for the AES-GCM of TLS stream records
+    # (rpc/stream_tls.cc says why not OpenSSL's).
+    "ipsec_mb": (["-lIPSec_MB"], "/usr/include/intel-ipsec-mb.h", "libipsec-mb-dev"),
 }
 
 def _cc_library(name, flags):

@@ -9,11 +9,13 @@
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <openssl/evp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <thread>
@@ -830,6 +832,66 @@ TEST(StreamTls, RecordsOpenOnlyWholeInOrderAndWithTheirDirectionsKeys) {
   EXPECT_FALSE(fresh.server.in->Open(reverse.data(), out.data()).ok());
   // Another handshake's keys do not open this one's records.
   EXPECT_FALSE(fresh.client.in->Open(SealOne(*h.server.out, text).data(), out.data()).ok());
+}
+
+// OpenSSL's AES-128-GCM of record `i` of `plaintext` under key and iv
+// (the record format of rpc/stream_tls.h, sealed independently of
+// Sealer's library).
+std::string OpenSslRecord(const uint8_t* key, const uint8_t* iv, uint64_t i,
+                          const std::string& plaintext) {
+  uint8_t nonce[kStreamIvBytes];
+  std::memcpy(nonce, iv, kStreamIvBytes);
+  for (int b = 0; b < 8; ++b) nonce[kStreamIvBytes - 1 - b] ^= static_cast<uint8_t>(i >> (8 * b));
+  std::string record(kRecordHeaderBytes + plaintext.size() + kRecordTagBytes, '\0');
+  const uint32_t length = static_cast<uint32_t>(plaintext.size());
+  std::memcpy(record.data(), &length, kRecordHeaderBytes);
+  auto* at = reinterpret_cast<uint8_t*>(record.data());
+  EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
+  int n = 0;
+  EXPECT_EQ(EVP_EncryptInit_ex(ctx, EVP_aes_128_gcm(), nullptr, key, nonce), 1);
+  EXPECT_EQ(EVP_EncryptUpdate(ctx, nullptr, &n, at, kRecordHeaderBytes), 1);
+  EXPECT_EQ(EVP_EncryptUpdate(ctx, at + kRecordHeaderBytes, &n,
+                              reinterpret_cast<const uint8_t*>(plaintext.data()), length),
+            1);
+  EXPECT_EQ(EVP_EncryptFinal_ex(ctx, at + kRecordHeaderBytes + length, &n), 1);
+  EXPECT_EQ(EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, kRecordTagBytes,
+                                at + kRecordHeaderBytes + length),
+            1);
+  EVP_CIPHER_CTX_free(ctx);
+  return record;
+}
+
+// Records are plain AES-128-GCM: what Sealer writes is byte for byte what
+// OpenSSL makes of the same record, and Opener opens OpenSSL's, for sizes
+// around GCM's 16-byte blocks and pieces that split blocks (a sealer
+// carries a partial block from one piece into the next).
+TEST(StreamTls, RecordsAreAes128GcmAsOpenSslSealsThem) {
+  uint8_t key[kStreamKeyBytes], iv[kStreamIvBytes];
+  for (size_t i = 0; i < kStreamKeyBytes; ++i) key[i] = static_cast<uint8_t>(17 * i + 3);
+  for (size_t i = 0; i < kStreamIvBytes; ++i) iv[i] = static_cast<uint8_t>(29 * i + 5);
+  Sealer sealer(key, iv);
+  Opener opener(key, iv);
+  uint64_t record = 0;
+  for (size_t size : {size_t{1}, size_t{15}, size_t{16}, size_t{17}, size_t{255}, size_t{4103},
+                      kMaxRecordBytes}) {
+    std::string text(size, '\0');
+    for (size_t i = 0; i < size; ++i) text[i] = static_cast<char>((i * 131 + size) & 0xff);
+    // In one piece, and in pieces of 1, 7, 33, ... bytes (then the rest).
+    std::vector<iovec> pieces;
+    for (size_t at = 0, piece = 1; at < size; at += piece, piece = piece * 4 + 3) {
+      pieces.push_back({text.data() + at, std::min(piece, size - at)});
+    }
+    for (const std::vector<iovec>& split : {std::vector<iovec>{{text.data(), size}}, pieces}) {
+      std::string sealed(size + kRecordHeaderBytes + kRecordTagBytes, '\0');
+      ASSERT_EQ(sealer.Seal(split, sealed.data()), sealed.size());
+      const std::string expected = OpenSslRecord(key, iv, record, text);
+      EXPECT_TRUE(sealed == expected) << size << " bytes in " << split.size() << " pieces";
+      std::string out(size, '\0');
+      ASSERT_TRUE(opener.Open(expected.data(), out.data()).ok()) << size;
+      EXPECT_TRUE(out == text) << size;
+      ++record;
+    }
+  }
 }
 
 // A peer that goes away during the handshake ends it with an error on
