@@ -36,7 +36,8 @@ killed by a signal is started again on its address, and so is one that
 hangs: when at least half of the running nodes say it took a call and did
 not answer it (2 s), the launcher kills it and starts it again. The servers and
 workers go on training meanwhile (it holds no parameter state) and rejoin
-it, keeping their ranks. A node that hears nothing from the coordinator
+it, keeping their ranks. One killed before it said where it listens is
+started again too, before any other node (it may take another port). A node that hears nothing from the coordinator
 for MX_COORDINATOR_TIMEOUT_S (default 6 s; servers 2 s more) gives it up
 and fails, naming it. A coordinator that exits with an error (the job
 failed) is not restarted. A server killed by a signal before it served
@@ -115,25 +116,33 @@ from job_secrets import JobSecrets
 COORDINATOR_LISTENS_WITHIN_S = 30
 
 
-def await_coordinator(coordinator, env):
+def await_coordinator(job, coordinator, env, restarts):
     """Waits until `coordinator` says where it listens, so that no server
     of the job, binding port 0, can take its port first (seen in CI, when
     the launcher chose a free port and closed it before the coordinator
     bound it). Started on port 0 (env's DMLC_PS_ROOT_PORT), it took a free
     one: puts that address in `env` for the other nodes and in its own
     command, so that a restart takes the same port. False if it exited or
-    said nothing in time (then it is stopped: supervise reports it)."""
+    said nothing in time (then it is stopped: supervise reports it).
+    Killed by a signal before it listened, it is started again (nobody knew
+    its address yet) while `restarts` (a one-element list: what is left of
+    --coordinator-restarts) allows."""
     deadline = time.time() + COORDINATOR_LISTENS_WITHIN_S
-    while coordinator.listening is None and coordinator.popen.poll() is None:
-        if time.time() > deadline:
+    while coordinator.listening is None:
+        code = coordinator.popen.poll()
+        if code is not None:
+            if code >= 0 or restarts[0] <= 0:
+                return False
+            restarts[0] -= 1
+            restart_coordinator(job, coordinator, f"died before it listened: {how_it_ended(code)}",
+                                restarts[0], listened=False)
+        elif time.time() > deadline:
             log(f"{coordinator.describe()} did not say where it listens within "
                 f"{COORDINATOR_LISTENS_WITHIN_S} s; stopping it")
             signal_group(coordinator, signal.SIGKILL)
             coordinator.popen.wait()
             return False
         time.sleep(0.01)
-    if coordinator.listening is None:
-        return False
     if env["DMLC_PS_ROOT_PORT"] != "0":
         return True
     port = coordinator.listening.rsplit(":", 1)[1]
@@ -501,11 +510,12 @@ def hung_coordinator(job):
     return (coordinator, said) if said and 2 * len(said) >= len(nodes) else (None, [])
 
 
-def restart_coordinator(job, coordinator, why, restarts_left):
+def restart_coordinator(job, coordinator, why, restarts_left, listened=True):
     """Starts the coordinator again on its address (killing it first if it
-    still runs, as a hung one does); the nodes rejoin it."""
-    log(f"{coordinator.describe()} {why}; restarting it on its address "
-        f"(the nodes rejoin it; restarts left: {restarts_left})")
+    still runs, as a hung one does); the nodes rejoin it. One that never
+    `listened` has no nodes yet."""
+    where = "on its address (the nodes rejoin it; " if listened else "("
+    log(f"{coordinator.describe()} {why}; restarting it {where}restarts left: {restarts_left})")
     if coordinator.popen.poll() is None:
         signal_group(coordinator, signal.SIGKILL)
         try:
@@ -841,7 +851,8 @@ def start_and_supervise(job, args, cmd, secrets, env):
                        f"--heartbeat_timeout_s={args.heartbeat_timeout}"] + elastic,
                       dict(env, DMLC_ROLE="scheduler", **secrets.env("coordinator")),
                       host=remote and remote.host(0))
-    if not await_coordinator(first, env):
+    restarts = [args.coordinator_restarts]
+    if not await_coordinator(job, first, env, restarts):
         code = supervise(job, args.elastic, grace=0)  # it failed: says how
         first.drain()
         return code
@@ -878,7 +889,7 @@ def start_and_supervise(job, args, cmd, secrets, env):
     # it) of its last heartbeat, and the others hear of it at their next
     # heartbeat (a second).
     code = supervise(job, args.elastic, grace=args.heartbeat_timeout * 1.2 + 3,
-                     replicas=args.replicas, coordinator_restarts=args.coordinator_restarts)
+                     replicas=args.replicas, coordinator_restarts=restarts[0])
     for p in job.procs:
         p.drain()
     return code

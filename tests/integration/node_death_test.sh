@@ -139,6 +139,37 @@ coordinator_fault coordinator_hung_while_forming STOP "$hung" \
 grep -qE "^\[server [01]\] server [01]: the coordinator at 127\.0\.0\.1:[0-9]+ has not answered for [0-9]+s \(hung\?\); registration waits" "$log" ||
   fail "coordinator_hung_while_forming: no server said the coordinator did not answer"
 
+# A coordinator killed before it says where it listens (found by
+# tests/chaos: a kill -9 0.03 s after its start ended the job) is started
+# again as well, once: no node knew its address yet, so it may take
+# another port. Its first start here kills itself at once.
+printf '#!/bin/sh\ncase "$*" in *--role=coordinator*)\n  [ -e "%s" ] || { touch "%s"; kill -9 $$; } ;;\nesac\nexec "%s" "$@"\n' \
+  "$TMP/killed_once" "$TMP/killed_once" "$SERVER" > "$TMP/killed_first.sh"
+chmod +x "$TMP/killed_first.sh"
+log="$TMP/coordinator_killed_before_listening.log"
+start_job "$log" -n 2 -s 2 --server-binary="$TMP/killed_first.sh" -- "${worker[@]}" --epochs=80
+wait "$launcher"; rc=$?
+[[ $rc -eq 0 ]] || { fail "coordinator_killed_before_listening: the job exited $rc"; grep "^launch.py" "$log"; }
+grep -qE "^launch.py: coordinator \(pid [0-9]+\) died before it listened: killed by signal 9 \(SIGKILL\); restarting it" "$log" ||
+  fail "coordinator_killed_before_listening: the launcher did not say it restarted the coordinator"
+restarted=$(grep -E '^\[worker [01]\] Final params checksum=' "$log" | sort)
+[[ -n "$undisturbed" && "$restarted" == "$undisturbed" ]] ||
+  fail "coordinator_killed_before_listening: parameters differ: '$restarted' vs '$undisturbed'"
+sleep 0.5
+assert_nothing_left "$log"
+# With no restarts allowed it ends the job at once, naming it.
+rm -f "$TMP/killed_once"
+log="$TMP/coordinator_killed_before_listening_no_restart.log"
+start_job "$log" -n 2 -s 2 --coordinator-restarts=0 --server-binary="$TMP/killed_first.sh" -- "${worker[@]}" --epochs=80
+wait "$launcher"; rc=$?
+[[ $rc -ne 0 ]] || fail "coordinator_killed_before_listening_no_restart: the job exited 0"
+grep -qE "^launch.py: coordinator \(pid [0-9]+\) failed: killed by signal 9 \(SIGKILL\); stopping the job" "$log" ||
+  { fail "coordinator_killed_before_listening_no_restart: the launcher did not name the coordinator"; grep "^launch.py" "$log"; }
+grep -q "^launch.py: started \(server\|worker\)" "$log" &&
+  fail "coordinator_killed_before_listening_no_restart: nodes started without a coordinator"
+left=$(live_job_pids "$log")
+[[ -z "$left" ]] || fail "coordinator_killed_before_listening_no_restart: processes left behind: $(echo $left)"
+
 # hang_during_job CASE VICTIM: VICTIM ("server 1", "worker 1") hangs
 # (SIGSTOP) while the job trains. A hung node keeps its connections open,
 # so no call to it fails on its own before the 30 s RPC deadline: the
