@@ -99,7 +99,8 @@ class Sealer {
  public:
   // Seals with AES-128-GCM under `key` (kStreamKeyBytes) and record i's
   // nonce `iv` (kStreamIvBytes) XOR i; StreamTls makes them from a
-  // handshake.
+  // handshake. Only once a StreamTls::For has succeeded in the process
+  // (it checks that the cipher's library runs on this CPU).
   Sealer(const uint8_t* key, const uint8_t* iv);
   ~Sealer();
   // Writes to `out` one record of `pieces` (1 to kMaxRecordBytes in all):
@@ -114,7 +115,8 @@ class Sealer {
 // One direction's opening (the reading thread's alone).
 class Opener {
  public:
-  // Opens what a Sealer of the same key and iv sealed, in its order.
+  // Opens what a Sealer of the same key and iv sealed, in its order (as
+  // Sealer's, only after a StreamTls::For succeeded).
   Opener(const uint8_t* key, const uint8_t* iv);
   ~Opener();
   // The plaintext length of the record whose header is `header`
