@@ -37,9 +37,9 @@ hangs: when at least half of the running nodes say it took a call and did
 not answer it (2 s), the launcher kills it and starts it again. The servers and
 workers go on training meanwhile (it holds no parameter state) and rejoin
 it, keeping their ranks. One killed before it said where it listens is
-started again too, before any other node (it may take another port). A node that hears nothing from the coordinator
-for MX_COORDINATOR_TIMEOUT_S (default 6 s; servers 2 s more) gives it up
-and fails, naming it. A coordinator that exits with an error (the job
+started again too, before any other node (it may take another port). A
+node that hears nothing from the coordinator for MX_COORDINATOR_TIMEOUT_S
+(default 6 s; servers 2 s more) gives it up and fails, naming it. A coordinator that exits with an error (the job
 failed) is not restarted. A server killed by a signal before it served
 (while the job was forming; it held nothing) is started again, once, with
 its rank.
@@ -122,29 +122,29 @@ def await_coordinator(job, coordinator, env, restarts):
     the launcher chose a free port and closed it before the coordinator
     bound it). Started on port 0 (env's DMLC_PS_ROOT_PORT), it took a free
     one: puts that address in `env` for the other nodes and in its own
-    command, so that a restart takes the same port. False if it exited or
-    said nothing in time (then it is stopped: supervise reports it).
-    Killed by a signal before it listened, it is started again (nobody knew
-    its address yet) while `restarts` (a one-element list: what is left of
-    --coordinator-restarts) allows."""
+    command, so that a restart takes the same port. Killed by a signal
+    before it listened, it is started again (nobody knew its address yet)
+    while `restarts` (what is left of --coordinator-restarts) allows.
+    Returns the restarts left once it listens, or None if it exited or
+    said nothing in time (then it is stopped: supervise reports it)."""
     deadline = time.time() + COORDINATOR_LISTENS_WITHIN_S
     while coordinator.listening is None:
         code = coordinator.popen.poll()
         if code is not None:
-            if code >= 0 or restarts[0] <= 0:
-                return False
-            restarts[0] -= 1
+            if code >= 0 or restarts <= 0:
+                return None
+            restarts -= 1
             restart_coordinator(job, coordinator, f"died before it listened: {how_it_ended(code)}",
-                                restarts[0], listened=False)
+                                restarts, listened=False)
         elif time.time() > deadline:
             log(f"{coordinator.describe()} did not say where it listens within "
                 f"{COORDINATOR_LISTENS_WITHIN_S} s; stopping it")
             signal_group(coordinator, signal.SIGKILL)
             coordinator.popen.wait()
-            return False
+            return None
         time.sleep(0.01)
     if env["DMLC_PS_ROOT_PORT"] != "0":
-        return True
+        return restarts
     port = coordinator.listening.rsplit(":", 1)[1]
     env.update(DMLC_PS_ROOT_PORT=port,
                MX_COORDINATOR=f"{env['DMLC_PS_ROOT_URI']}:{port}")
@@ -152,7 +152,7 @@ def await_coordinator(job, coordinator, env, restarts):
     cmd = [re.sub(r":0$", f":{port}", a) if a.startswith("--bind=") else a for a in cmd]
     coordinator.argv = (cmd, dict(its_env, DMLC_PS_ROOT_PORT=port,
                                   MX_COORDINATOR=env["MX_COORDINATOR"]))
-    return True
+    return restarts
 
 
 # --timestamps: every line the launcher prints starts with the time.
@@ -851,8 +851,8 @@ def start_and_supervise(job, args, cmd, secrets, env):
                        f"--heartbeat_timeout_s={args.heartbeat_timeout}"] + elastic,
                       dict(env, DMLC_ROLE="scheduler", **secrets.env("coordinator")),
                       host=remote and remote.host(0))
-    restarts = [args.coordinator_restarts]
-    if not await_coordinator(job, first, env, restarts):
+    restarts = await_coordinator(job, first, env, args.coordinator_restarts)
+    if restarts is None:
         code = supervise(job, args.elastic, grace=0)  # it failed: says how
         first.drain()
         return code
@@ -889,7 +889,7 @@ def start_and_supervise(job, args, cmd, secrets, env):
     # it) of its last heartbeat, and the others hear of it at their next
     # heartbeat (a second).
     code = supervise(job, args.elastic, grace=args.heartbeat_timeout * 1.2 + 3,
-                     replicas=args.replicas, coordinator_restarts=restarts[0])
+                     replicas=args.replicas, coordinator_restarts=restarts)
     for p in job.procs:
         p.drain()
     return code

@@ -27,8 +27,6 @@ namespace rpc {
 namespace {
 
 constexpr char kExporterLabel[] = "EXPORTER-mx-stream-v1";
-constexpr size_t kKeyBytes = kStreamKeyBytes;  // AES-128, as TLS 1.3's mandatory suite
-constexpr size_t kIvBytes = kStreamIvBytes;    // GCM's nonce
 // After the server's handshake it sends this one byte through TLS proper,
 // and the client reads it before the records begin: a TLS 1.3 client is
 // done before the server has checked its certificate, and only so does a
@@ -87,8 +85,8 @@ bool IsIpLiteral(const std::string& host) {
 
 // Record i's nonce: iv XOR i, big-endian in its last 8 bytes.
 void Nonce(const uint8_t* iv, uint64_t i, uint8_t* nonce) {
-  std::memcpy(nonce, iv, kIvBytes);
-  for (int b = 0; b < 8; ++b) nonce[kIvBytes - 1 - b] ^= static_cast<uint8_t>(i >> (8 * b));
+  std::memcpy(nonce, iv, kStreamIvBytes);
+  for (int b = 0; b < 8; ++b) nonce[kStreamIvBytes - 1 - b] ^= static_cast<uint8_t>(i >> (8 * b));
 }
 
 // Intel's multi-buffer crypto library, only for its AES-GCM functions
@@ -287,16 +285,16 @@ absl::StatusOr<StreamTls::Session> StreamTls::Handshake(int fd, bool server,
   r = server ? SSL_write(ssl, &ready, 1) : SSL_read(ssl, &ready, 1);
   if (r != 1) return why(r, "handshake");
   if (ready != kReady) return absl::UnavailableError("TLS handshake: a malformed ready byte");
-  uint8_t keys[2 * (kKeyBytes + kIvBytes)];
+  uint8_t keys[2 * (kStreamKeyBytes + kStreamIvBytes)];
   if (SSL_export_keying_material(ssl, keys, sizeof(keys), kExporterLabel,
                                  sizeof(kExporterLabel) - 1, nullptr, 0, 0) != 1) {
     return absl::InternalError("TLS: exporting the stream keys: " + OpenSslErrors());
   }
   // The client's direction first.
   const uint8_t* client_key = keys;
-  const uint8_t* client_iv = keys + kKeyBytes;
-  const uint8_t* server_key = keys + kKeyBytes + kIvBytes;
-  const uint8_t* server_iv = server_key + kKeyBytes;
+  const uint8_t* client_iv = keys + kStreamKeyBytes;
+  const uint8_t* server_key = keys + kStreamKeyBytes + kStreamIvBytes;
+  const uint8_t* server_iv = server_key + kStreamKeyBytes;
   Session session;
   session.out.reset(server ? new Sealer(server_key, server_iv) : new Sealer(client_key, client_iv));
   session.in.reset(server ? new Opener(client_key, client_iv) : new Opener(server_key, server_iv));
@@ -309,27 +307,23 @@ absl::StatusOr<StreamTls::Session> StreamTls::Handshake(int fd, bool server,
 // A direction's key, expanded once, and its records' count.
 struct RecordKey {
   gcm_key_data key;  // 64-byte aligned (the type says so)
-  uint8_t iv[kIvBytes];
+  uint8_t iv[kStreamIvBytes];
   uint64_t next = 0;  // the next record's number
 
   RecordKey(const uint8_t* raw_key, const uint8_t* raw_iv) {
     IMB_AES128_GCM_PRE(Gcm(), raw_key, &key);
-    std::memcpy(iv, raw_iv, kIvBytes);
+    std::memcpy(iv, raw_iv, kStreamIvBytes);
   }
   ~RecordKey() { OPENSSL_cleanse(&key, sizeof(key)); }
   // Starts the next record's cipher in `gcm`, its header as authenticated data.
   void Begin(gcm_context_data* gcm, const uint8_t* header) {
-    uint8_t nonce[kIvBytes];
+    uint8_t nonce[kStreamIvBytes];
     Nonce(iv, next++, nonce);
-    IMB_AES128_GCM_INIT_VAR_IV(Gcm(), &key, gcm, nonce, kIvBytes, header, kRecordHeaderBytes);
+    IMB_AES128_GCM_INIT_VAR_IV(Gcm(), &key, gcm, nonce, kStreamIvBytes, header, kRecordHeaderBytes);
   }
 };
 
-struct Sealer::State : RecordKey {
-  using RecordKey::RecordKey;
-};
-
-Sealer::Sealer(const uint8_t* key, const uint8_t* iv) : state_(new State(key, iv)) {}
+Sealer::Sealer(const uint8_t* key, const uint8_t* iv) : state_(new RecordKey(key, iv)) {}
 
 Sealer::~Sealer() = default;
 
@@ -351,11 +345,7 @@ size_t Sealer::Seal(const std::vector<iovec>& pieces, char* out) {
   return kRecordHeaderBytes + length + kRecordTagBytes;
 }
 
-struct Opener::State : RecordKey {
-  using RecordKey::RecordKey;
-};
-
-Opener::Opener(const uint8_t* key, const uint8_t* iv) : state_(new State(key, iv)) {}
+Opener::Opener(const uint8_t* key, const uint8_t* iv) : state_(new RecordKey(key, iv)) {}
 
 Opener::~Opener() = default;
 

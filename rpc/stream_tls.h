@@ -43,6 +43,7 @@ namespace rpc {
 
 class Sealer;
 class Opener;
+struct RecordKey;  // a direction's expanded key and record count
 
 // A node's TLS settings, loaded once (certificates parsed, OpenSSL
 // contexts made): made through For, shared by its connections.
@@ -83,7 +84,8 @@ class StreamTls {
 // read), or never (InfiniteDuration).
 void SetSocketTimeouts(int fd, absl::Duration timeout);
 
-// A direction's AES-128 key and GCM nonce base.
+// A direction's AES-128 key (as TLS 1.3's mandatory suite) and GCM
+// nonce base.
 constexpr size_t kStreamKeyBytes = 16;
 constexpr size_t kStreamIvBytes = 12;
 // The largest record's plaintext.
@@ -108,8 +110,7 @@ class Sealer {
   size_t Seal(const std::vector<iovec>& pieces, char* out);
 
  private:
-  struct State;
-  std::unique_ptr<State> state_;
+  std::unique_ptr<RecordKey> state_;
 };
 
 // One direction's opening (the reading thread's alone).
@@ -129,8 +130,7 @@ class Opener {
   absl::Status Open(const char* record, char* out);
 
  private:
-  struct State;
-  std::unique_ptr<State> state_;
+  std::unique_ptr<RecordKey> state_;
 };
 
 }  // namespace rpc
