@@ -14,6 +14,7 @@
 #include <iostream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -830,7 +831,7 @@ void CallLeases::Take(const Conn& conn, int server) {
 class DistKVStore : public KVStore {
  public:
   explicit DistKVStore(const DistKVStoreOptions& options)
-      : KVStore(options.sync ? "dist_sync" : "dist_async"), conn_(std::make_shared<Conn>()) {
+      : KVStore(TypeOf(options)), conn_(std::make_shared<Conn>()) {
     conn_->options = options;
     conn_->caller.token = options.security.token;
     if (!options.session_key.empty()) {
@@ -1041,7 +1042,8 @@ class DistKVStore : public KVStore {
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pull", "output", outs, e->shape));
     return CatchError([&] {
       const int64_t min_version = PullVersion(e->pushes);
-      const std::vector<float*> dsts = Destinations(outs);
+      const Landing landing = LandingOf(*e, outs);
+      const std::vector<float*>& dsts = landing.dsts;
       Engine::Get()->PushAsync(
           [conn = conn_, e, min_version, dsts](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done,
@@ -1074,8 +1076,9 @@ class DistKVStore : public KVStore {
               conn->Send(h, {{p.server_key, min_version}});
             }
           },
-          cpu(), {e->token.var()}, Vars(outs), priority, e->pull_name.c_str(),
+          cpu(), {e->token.var()}, landing.writes, priority, e->pull_name.c_str(),
           FnProperty::kInline);
+      Spread(*e, landing, outs, priority);
     });
   }
 
@@ -1091,8 +1094,9 @@ class DistKVStore : public KVStore {
       NDArray merged = Merge(*e, values, priority);
       const int64_t seq = e->pushes;
       const int64_t min_version = PullVersion(seq);
-      const std::vector<float*> dsts = Destinations(outs);
-      std::vector<VarHandle> writes = Vars(outs);
+      const Landing landing = LandingOf(*e, outs);
+      const std::vector<float*>& dsts = landing.dsts;
+      std::vector<VarHandle> writes = landing.writes;
       writes.push_back(e->token.var());
       const std::vector<VarHandle> reads = ReadsBesides({merged}, writes);
       Engine::Get()->PushAsync(
@@ -1127,6 +1131,7 @@ class DistKVStore : public KVStore {
             }
           },
           cpu(), reads, writes, priority, e->pushpull_name.c_str(), FnProperty::kInline);
+      Spread(*e, landing, outs, priority);
     });
   }
 
@@ -1145,14 +1150,15 @@ class DistKVStore : public KVStore {
     }
     return CatchError([&] {
       std::vector<Item> items;
+      std::vector<Landing> landings;
       std::vector<VarHandle> writes, reads;
       std::map<int, std::vector<ItemPart>> by_server;
       for (size_t i = 0; i < entries.size(); ++i) {
         Entry& e = *entries[i];
         NDArray merged = Merge(e, values[i], priority);
-        items.push_back({entries[i], merged, e.pushes, PullVersion(e.pushes),
-                         Destinations(outs[i])});
-        for (const NDArray& o : outs[i]) writes.push_back(o.var());
+        landings.push_back(LandingOf(e, outs[i]));
+        items.push_back({entries[i], merged, e.pushes, PullVersion(e.pushes), landings[i].dsts});
+        writes.insert(writes.end(), landings[i].writes.begin(), landings[i].writes.end());
         writes.push_back(e.token.var());
         for (const KeyPart& p : e.parts) by_server[p.server].push_back({i, p});
       }
@@ -1204,6 +1210,9 @@ class DistKVStore : public KVStore {
             }
           },
           cpu(), reads, writes, priority, "dist_pushpull_bucket", FnProperty::kInline);
+      for (size_t i = 0; i < entries.size(); ++i) {
+        Spread(*entries[i], landings[i], outs[i], priority);
+      }
     });
   }
 
@@ -1576,7 +1585,14 @@ class DistKVStore : public KVStore {
     std::vector<KeyPart> parts;
     bool table = false;  // a row-sparse key (InitRowSparse)
     NDArray token;   // written by pushes, read by pulls: orders them
-    NDArray merged;  // the sum of a multi-device push
+    NDArray merged;  // the sum of a multi-device push (on sum_ctx)
+    // Device copies (Merge, LandingOf): where they are summed, fixed at the
+    // first push; the host copy of a sum made on a GPU, which the push
+    // sends; and the host array a pull's answer lands in when an output is
+    // not in host memory. Each is allocated once, when first needed.
+    std::optional<Context> sum_ctx;
+    NDArray staged, landing;
+    int slot = 0;  // the key's id: keys take the copies' devices in turn
     int64_t pushes = 0;
     // Gradient compression: what this worker's pushes lost so far, added
     // to the next (error feedback). Only push operations touch it, and the
@@ -1649,6 +1665,7 @@ class DistKVStore : public KVStore {
     e->pull_name = "dist_pull:" + e->label;
     e->pushpull_name = "dist_pushpull:" + e->label;
     e->token = Zeros({1});
+    e->slot = key.id();
     return e;
   }
 
@@ -1757,20 +1774,70 @@ class DistKVStore : public KVStore {
     return resends;
   }
 
-  // The sum of a push's device copies (an engine operation when there are
-  // several), counted as this worker's next push of the key.
-  static NDArray Merge(Entry& e, const std::vector<NDArray>& values, int priority) {
-    ++e.pushes;
-    return internal::SumCopies(values, e.shape, &e.merged, priority, e.push_name.c_str());
+  static std::string TypeOf(const DistKVStoreOptions& o) {
+    if (!o.sync) return "dist_async";
+    return o.device_sums ? "dist_device_sync" : "dist_sync";
   }
 
-  static std::vector<float*> Destinations(const std::vector<NDArray>& outs) {
-    std::vector<float*> dsts;
-    for (const NDArray& o : outs) {
-      internal::RequireHostMemory(o, "pull");
-      dsts.push_back(o.data());
+  // The sum of a push's device copies, in host memory for the push to send
+  // (engine operations: copies, and the sum when there are several),
+  // counted as this worker's next push of the key. dist_sync and
+  // dist_async sum on the CPU, device copies brought to the host first;
+  // dist_device_sync sums on the device of one copy (key k on copy k mod
+  // n's, as "device" spreads keys over GPUs) and moves only the sum.
+  NDArray Merge(Entry& e, const std::vector<NDArray>& values, int priority) const {
+    ++e.pushes;
+    if (!e.sum_ctx.has_value()) {
+      e.sum_ctx = conn_->options.device_sums ? values[e.slot % values.size()].context() : cpu();
     }
-    return dsts;
+    NDArray sum =
+        internal::SumCopies(values, e.shape, &e.merged, priority, e.push_name.c_str(), *e.sum_ctx);
+    if (sum.context().is_cpu()) return sum;
+    if (e.staged.is_none()) e.staged = Empty(e.shape, cpu());
+    internal::Copy(sum, e.staged, priority, e.push_name.c_str());
+    return e.staged;
+  }
+
+  // Where a pull's answer goes (Received writes it to every dsts entry)
+  // and what the pull's operation writes: the outputs themselves when all
+  // are in host memory, else the entry's landing array, which Spread then
+  // copies to the outputs.
+  struct Landing {
+    std::vector<float*> dsts;
+    std::vector<VarHandle> writes;
+    bool spread = false;
+  };
+  static Landing LandingOf(Entry& e, const std::vector<NDArray>& outs) {
+    Landing l;
+    const bool host = std::all_of(outs.begin(), outs.end(),
+                                  [](const NDArray& o) { return o.context().is_cpu(); });
+    if (host) {
+      for (const NDArray& o : outs) {
+        l.dsts.push_back(o.data());
+        l.writes.push_back(o.var());
+      }
+      return l;
+    }
+    if (e.landing.is_none()) e.landing = Empty(e.shape, cpu());
+    l.dsts = {e.landing.data()};
+    l.writes = {e.landing.var()};
+    l.spread = true;
+    return l;
+  }
+
+  // After a pull that landed in e.landing: copies it to the outputs, in
+  // engine order. One copy crosses to the first output on a GPU; the
+  // others on GPUs come from that one (peer copies where the devices
+  // allow), those on the CPU from the landing array.
+  static void Spread(const Entry& e, const Landing& landing, const std::vector<NDArray>& outs,
+                     int priority) {
+    if (!landing.spread) return;
+    const NDArray* first_gpu = nullptr;
+    for (const NDArray& o : outs) {
+      const NDArray& from = o.context().is_cpu() || first_gpu == nullptr ? e.landing : *first_gpu;
+      internal::Copy(from, o, priority, e.pull_name.c_str());
+      if (first_gpu == nullptr && !o.context().is_cpu()) first_gpu = &o;
+    }
   }
 
   static std::vector<VarHandle> Vars(const std::vector<NDArray>& arrays) {
@@ -2210,6 +2277,10 @@ absl::StatusOr<std::unique_ptr<DistKVStore>> NewDistKVStore(const DistKVStoreOpt
                                                    " need as many servers; the job has ",
                                                    options.servers.size()));
   }
+  if (options.device_sums && !options.sync) {
+    return absl::InvalidArgumentError(
+        "dist kvstore: device sums (dist_device_sync) apply to dist_sync only");
+  }
   if (options.staleness < 0 || (options.staleness > 0 && !options.sync)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "dist kvstore: staleness ", options.staleness,
@@ -2246,6 +2317,7 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
   }
   DistKVStoreOptions options;
   options.sync = type != "dist_async";
+  options.device_sums = type == "dist_device_sync";
   absl::Status bad;
   auto setting = [&](auto v) {
     if (!v.ok() && bad.ok()) bad = prefixed(v.status());
@@ -2301,8 +2373,11 @@ absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStoreFromEnvironment(const 
 }
 
 namespace {
-const bool kRegistered = KVStore::RegisterType("dist_sync", CreateDistKVStoreFromEnvironment) &&
-                         KVStore::RegisterType("dist_async", CreateDistKVStoreFromEnvironment);
+// KVStore::Create checks first that dist_device_sync has GPUs to sum on.
+const bool kRegistered =
+    KVStore::RegisterType("dist_sync", CreateDistKVStoreFromEnvironment) &&
+    KVStore::RegisterType("dist_async", CreateDistKVStoreFromEnvironment) &&
+    KVStore::RegisterType("dist_device_sync", CreateDistKVStoreFromEnvironment);
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KVStore>> CreateDistKVStore(const DistKVStoreOptions& options) {

@@ -34,6 +34,11 @@ struct DistKVStoreOptions {
   int rank = 0;                      // this worker
   int num_workers = 1;
   bool sync = true;                  // dist_sync, else dist_async
+  // dist_device_sync (with sync): a push's device copies are summed on the
+  // GPU of one of them (keys take the copies' devices in turn), and only the
+  // sum crosses to the host; dist_sync copies each to the host and sums
+  // there. Either way values and outputs may be on any context.
+  bool device_sums = false;
   // Placement (kvstore/placement.h), in elements; every worker of a job
   // must use the same values.
   int64_t big_key_bound = 1 << 20;   // keys this big are cut at this size

@@ -104,7 +104,6 @@ bool KVStore::RegisterType(const std::string& type, Factory factory) {
 
 absl::StatusOr<std::unique_ptr<KVStore>> KVStore::Create(const std::string& type) {
   if (type == "local") return internal::NewLocalKVStore(type);
-  if (auto it = Factories().find(type); it != Factories().end()) return it->second(type);
   // dist_device_sync is dist_sync whose device copies are summed on a GPU
   // before they travel: it needs the GPU reduction as "device" does.
   if (type == "device" || type == "nccl" || type == "dist_device_sync") {
@@ -117,11 +116,12 @@ absl::StatusOr<std::unique_ptr<KVStore>> KVStore::Create(const std::string& type
                                      : " (use 'local')"));
     }
     if (type == "device") return internal::NewLocalKVStore(type);
-    return absl::UnimplementedError(absl::StrCat(
-        "kvstore type '", type, "' is not implemented yet: use '",
-        type == "nccl" ? "device" : "dist_sync", "'"));
+    if (type == "nccl") {
+      return absl::UnimplementedError("kvstore type 'nccl' is not implemented yet: use 'device'");
+    }
   }
-  if (type == "dist_sync" || type == "dist_async") {
+  if (auto it = Factories().find(type); it != Factories().end()) return it->second(type);
+  if (type == "dist_sync" || type == "dist_async" || type == "dist_device_sync") {
     return absl::UnimplementedError(absl::StrCat(
         "kvstore type '", type, "' needs the parameter-server client, which this binary "
         "was built without (link //kvstore:dist_kvstore)"));

@@ -11,10 +11,6 @@
 
 namespace mx::internal {
 
-// Throws kUnimplemented unless a is in host memory (the distributed
-// store's transfers read and write host memory).
-void RequireHostMemory(const NDArray& a, const char* what);
-
 // Pushes a copy from -> to with a priority (named for traces); between
 // contexts other than the CPU's, through the device (NDArray::Assign).
 void Copy(const NDArray& from, const NDArray& to, int priority, const char* name);

@@ -228,14 +228,6 @@ NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArra
   return *merged;
 }
 
-void RequireHostMemory(const NDArray& a, const char* what) {
-  if (!a.context().is_cpu()) {
-    throw Error(absl::UnimplementedError(absl::StrCat(
-        what, ": arrays on ", a.context().ToString(),
-        " are not supported by the distributed store yet; use 'local' or 'device'")));
-  }
-}
-
 void Copy(const NDArray& from, const NDArray& to, int priority, const char* name) {
   if (from.SharesStorageWith(to) && from.data() == to.data()) return;
   if (!from.context().is_cpu() || !to.context().is_cpu()) {

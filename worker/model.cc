@@ -159,7 +159,8 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
   const Executor& exec = *execs[0];
   Optimizer::Options opt_options = options.optimizer_options;
   if (!opt_options.count("rescale_grad")) {
-    const bool summed = options.store != nullptr && options.store->type() == "dist_sync";
+    const bool summed = options.store != nullptr && (options.store->type() == "dist_sync" ||
+                                                     options.store->type() == "dist_device_sync");
     const int workers = summed ? options.store->num_workers() : 1;
     opt_options["rescale_grad"] = absl::StrCat(1.0 / (static_cast<double>(batch_size) * workers));
   }

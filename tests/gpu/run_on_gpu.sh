@@ -24,11 +24,14 @@ cd "$(dirname "$0")/../.."
 
 # Test targets with GPU tests (each also runs its CPU cases), then benches.
 TESTS=(//tests/ndarray:gpu_ndarray_test //tests/ndarray:kernel_test //tests/kvstore:kvstore_test
-       //tests/kvstore:optimizer_test //tests/graph:gpu_executor_test)
+       //tests/kvstore:optimizer_test //tests/kvstore:dist_kvstore_test
+       //tests/graph:gpu_executor_test)
 BENCHES=(//bench:gpu_bench)
 # Training end to end on gpu(0): mx_train on Fashion-MNIST's test set
-# (the pack carries it; the training set would not fit in 64 MiB).
+# (the pack carries it; the training set would not fit in 64 MiB), alone
+# and as a distributed job (deploy/launch.py, which the working tree has).
 TRAIN=//worker:mx_train
+SERVER=//server:mx_server
 DATA=/usr/share/datasets/fashion-mnist
 
 # Libraries the GPU machine provides: the driver, the C runtime, and the
@@ -38,13 +41,13 @@ SYSTEM_LIBS='^(linux-vdso|libc\.|libm\.|libdl\.|librt\.|libpthread\.|ld-linux|li
 pack() {
   local dir=${1:-.gpu_pack}
   bazel build --disk_cache="${HOME}/.cache/mx-bazel-disk" "${TESTS[@]}" "${BENCHES[@]}" \
-    "$TRAIN" || return 1
+    "$TRAIN" "$SERVER" || return 1
   rm -rf "$dir"
   local stage="$dir/stage"
   mkdir -p "$stage/bin" "$stage/lib" "$stage/data"
   cp "$DATA"/t10k-*.gz "$stage/data/" || return 1
   local target bin
-  for target in "${TESTS[@]}" "${BENCHES[@]}" "$TRAIN"; do
+  for target in "${TESTS[@]}" "${BENCHES[@]}" "$TRAIN" "$SERVER"; do
     bin="bazel-bin/$(sed 's|^//||; s|:|/|' <<<"$target")"
     cp "$bin" "$stage/bin/" || return 1
     # Every library it loads, resolved here; copied by its soname.
@@ -94,7 +97,7 @@ run() {
   local passed=0 failed=0 skipped=0 bin name xml tests bad skips
   for bin in "$dir"/bin/*; do
     name=$(basename "$bin")
-    [[ $name == *_bench || $name == mx_train ]] && continue
+    [[ $name == *_bench || $name == mx_train || $name == mx_server ]] && continue
     xml="$out/$name.xml"
     echo "== $name"
     timeout 300 "$bin" --gtest_output="xml:$xml" 2>&1 | grep -Ev '^\[ +(RUN|OK) +\]'
@@ -170,6 +173,19 @@ run() {
       failed=$((failed + 1))
     fi
   done
+  # The same as a job: 2 workers on gpu(0), dist_device_sync (each sums its
+  # device copies on the GPU), 1 server.
+  echo "== launch.py -n 2 -s 1: mx_train --kvstore=dist_device_sync on gpu(0)"
+  if timeout 300 python3 deploy/launch.py -n 2 -s 1 --server-binary "$dir/bin/mx_server" -- \
+       "$dir/bin/mx_train" --kvstore=dist_device_sync --network=mlp --contexts='gpu(0)' \
+       --epochs=3 --lr=0.2 --data_dir="$dir/data" --seed=1 2>&1 |
+       tee "$out/dist_device_sync.log" | tail -4 &&
+     [[ $(grep -c 'Final test accuracy' "$out/dist_device_sync.log") -eq 2 ]]; then
+    passed=$((passed + 1))
+  else
+    echo "the dist_device_sync job on gpu(0) failed"
+    failed=$((failed + 1))
+  fi
   echo "${passed} passed, ${failed} failed, ${skipped} skipped"
   [[ $failed -eq 0 ]]
 }

@@ -22,6 +22,7 @@
 #include "proto/mx.pb.h"
 #include "rpc/metrics.h"
 #include "server/kvstore_service.h"
+#include "tests/gpu_skip.h"
 #include "tests/proto/raw_call.h"
 
 namespace mx {
@@ -533,6 +534,109 @@ TEST(DistSync, PushPullOfSeveralKeysMatchesOneAtATime) {
       EXPECT_EQ(bucketed[r][k], single[r][k]) << "worker " << r << " key " << k;
       EXPECT_EQ(bucketed[r][k], bucketed[0][k]);
     }
+  }
+}
+
+// Device copies in the distributed stores: each worker pushes its gradient
+// as two halves on the contexts `copies` (their sum is the gradient, bit
+// for bit) and pulls into arrays on the contexts `outs`: keys 1 and 2 by a
+// bucket PushPull, key 3 by Push then Pull, key 4 by PushPull. Checks every
+// output after every step against the single-process reference.
+void TrainWithCopies(bool device_sums, const std::vector<Context>& copies,
+                     const std::vector<Context>& outs) {
+  constexpr int kWorkers = 2, kSteps = 3;
+  const std::vector<int64_t> sizes = {3, 40, 5, 20};  // key 2 is split (bound 16)
+  Cluster c = StartServers(2, kWorkers);
+  // pulled[rank][step][key][output]
+  std::vector<std::vector<std::vector<std::vector<std::vector<float>>>>> pulled(kWorkers);
+  std::vector<std::thread> workers;
+  for (int r = 0; r < kWorkers; ++r) {
+    workers.emplace_back([&, r] {
+      DistKVStoreOptions o;
+      o.servers = c.addresses;
+      o.stream_addresses = c.stream_addresses;
+      o.rank = r;
+      o.num_workers = kWorkers;
+      o.big_key_bound = 16;
+      o.device_sums = device_sums;
+      o.rpc_timeout = absl::Seconds(5);
+      auto kv = CreateDistKVStore(o);
+      ASSERT_TRUE(kv.ok()) << kv.status();
+      EXPECT_EQ((*kv)->type(), device_sums ? "dist_device_sync" : "dist_sync");
+      ASSERT_TRUE((*kv)->SetOptimizer(Sgd()).ok());
+      std::vector<std::vector<NDArray>> weights;
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        ASSERT_TRUE((*kv)->Init(static_cast<int>(k + 1), Ones({sizes[k]})).ok());
+        weights.emplace_back();
+        for (Context ctx : outs) weights.back().push_back(Empty({sizes[k]}, ctx));
+      }
+      for (int step = 0; step < kSteps; ++step) {
+        std::vector<std::vector<NDArray>> halves;
+        for (int64_t n : sizes) {
+          const NDArray half = FromVector(Grad(r, step, n)) * 0.5f;
+          halves.emplace_back();
+          for (Context ctx : copies) halves.back().push_back(half.Copy(ctx));
+        }
+        ASSERT_TRUE((*kv)->PushPull({1, 2}, {halves[0], halves[1]}, {weights[0], weights[1]}).ok());
+        ASSERT_TRUE((*kv)->Push(3, halves[2]).ok());
+        ASSERT_TRUE((*kv)->Pull(3, weights[2]).ok());
+        ASSERT_TRUE((*kv)->PushPull(4, halves[3], weights[3]).ok());
+        pulled[r].emplace_back();
+        for (const std::vector<NDArray>& key : weights) {
+          pulled[r].back().emplace_back();
+          for (const NDArray& w : key) pulled[r].back().back().push_back(w.ToVector());
+        }
+      }
+    });
+  }
+  for (auto& t : workers) t.join();
+  const auto want = Reference(sizes, kWorkers, kSteps);
+  for (int r = 0; r < kWorkers; ++r) {
+    ASSERT_EQ(pulled[r].size(), static_cast<size_t>(kSteps));
+    for (int step = 0; step < kSteps; ++step) {
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        for (size_t i = 0; i < outs.size(); ++i) {
+          EXPECT_EQ(pulled[r][step][k][i], want[step][k])
+              << "worker " << r << " step " << step << " key " << k + 1 << " output on "
+              << outs[i].ToString();
+        }
+      }
+    }
+  }
+}
+
+// dist_device_sync sums device copies where one of them lies (key k on copy
+// k mod n's context): copies on two CPU contexts give dist_sync's values.
+TEST(DistDeviceSync, CopiesOnCpuContextsGiveDistSyncsValues) {
+  TrainWithCopies(/*device_sums=*/true, {cpu(0), cpu(1)}, {cpu(0), cpu(1)});
+}
+
+TEST(DistDeviceSync, OnlyWithDistSync) {
+  Cluster c = StartServers(1, 1);
+  DistKVStoreOptions o;
+  o.servers = c.addresses;
+  o.sync = false;
+  o.device_sums = true;
+  auto kv = CreateDistKVStore(o);
+  ASSERT_FALSE(kv.ok());
+  EXPECT_EQ(kv.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(kv.status().message(), HasSubstr("dist_sync only"));
+}
+
+// The GPU twins: copies on gpu(0) and the CPU, outputs on both (two on
+// gpu(0): the second comes from the first), summed on the CPU (dist_sync)
+// or where a copy lies (dist_device_sync: key 1 on the CPU, key 2 on the
+// GPU, ...); every output holds the CPU reference's bits (one sum of two
+// halves is exact, and the servers add the workers' sums as before).
+class DistOnGpu : public ::testing::Test {
+ protected:
+  void SetUp() override { MX_SKIP_WITHOUT_GPU(); }
+};
+
+TEST_F(DistOnGpu, DeviceCopiesAndOutputsGiveTheCpuValues) {
+  for (bool device_sums : {false, true}) {
+    SCOPED_TRACE(device_sums ? "dist_device_sync" : "dist_sync");
+    TrainWithCopies(device_sums, {gpu(0), cpu()}, {gpu(0), cpu(), gpu(0)});
   }
 }
 
