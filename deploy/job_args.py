@@ -11,8 +11,10 @@ def add_job_arguments(ap):
     ap.add_argument("-n", "--num-workers", type=int, required=True, help="workers in the job")
     ap.add_argument("-s", "--num-servers", type=int, required=True,
                     help="parameter servers in the job")
-    ap.add_argument("--kvstore", default="dist_sync", choices=["dist_sync", "dist_async"],
-                    help="the servers' mode; the worker command must use the same kvstore")
+    ap.add_argument("--kvstore", default="dist_sync",
+                    choices=["dist_sync", "dist_async", "dist_device_sync"],
+                    help="the servers' mode (dist_device_sync: dist_sync whose workers sum their "
+                         "GPUs' copies on a GPU); the worker command must use the same kvstore")
     ap.add_argument("--elastic", action="store_true",
                     help="continue without workers that die (servers, coordinator and workers)")
     ap.add_argument("--replicas", type=int, default=1, choices=[1, 2],
@@ -52,11 +54,17 @@ def worker_command(ap, args):
         ap.error("--heartbeat-timeout must be at least 2 (nodes heartbeat every second)")
     if args.spare_servers < 0 or (args.spare_servers and args.replicas < 2):
         ap.error(f"--spare-servers {args.spare_servers}: must be 0 or more, and needs --replicas 2")
-    if args.staleness < 0 or (args.staleness and args.kvstore != "dist_sync"):
+    if args.staleness < 0 or (args.staleness and server_mode(args.kvstore) != "sync"):
         ap.error(f"--staleness {args.staleness}: must be 0 or more, and applies to dist_sync only")
     if args.coordinator_restarts < 0:
         ap.error(f"--coordinator-restarts {args.coordinator_restarts}: must be 0 or more")
     return cmd
+
+
+def server_mode(kvstore):
+    """mx_server's --mode for the job's --kvstore: dist_device_sync differs
+    from dist_sync only on the workers."""
+    return "async" if kvstore == "dist_async" else "sync"
 
 
 def check_worker_kvstore(ap, args, cmd):

@@ -105,7 +105,8 @@ import re
 import secrets
 import sys
 
-from job_args import add_job_arguments, add_worker_command, check_worker_kvstore, worker_command
+from job_args import (add_job_arguments, add_worker_command, check_worker_kvstore, server_mode,
+                      worker_command)
 from job_secrets import SERVER_NAME, JobSecrets
 
 ROLE_LABEL = "mx-role"
@@ -385,7 +386,7 @@ def job(args, role, count, command, env, per_index=False, claim=None, max_failed
 
 def manifests(args, worker_command):
     elastic = ["--elastic"] if args.elastic else []
-    mode = "sync" if args.kvstore == "dist_sync" else "async"
+    mode = server_mode(args.kvstore)
     service = {
         "apiVersion": "v1",
         "kind": "Service",

@@ -107,7 +107,8 @@ import tempfile
 import threading
 import time
 
-from job_args import add_job_arguments, add_worker_command, check_worker_kvstore, worker_command
+from job_args import (add_job_arguments, add_worker_command, check_worker_kvstore, server_mode,
+                      worker_command)
 from job_secrets import JobSecrets
 
 
@@ -843,7 +844,7 @@ def start_and_supervise(job, args, cmd, secrets, env):
     `env` names); returns the launcher's exit code once the job has ended."""
     remote = job.remote
     port = env["DMLC_PS_ROOT_PORT"]
-    mode = "sync" if args.kvstore == "dist_sync" else "async"
+    mode = server_mode(args.kvstore)
     elastic = ["--elastic"] if args.elastic else []
     bind_host = "0.0.0.0" if remote else "127.0.0.1"
     first = job.start("coordinator", "coordinator",

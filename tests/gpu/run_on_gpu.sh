@@ -175,8 +175,9 @@ run() {
   done
   # The same as a job: 2 workers on gpu(0), dist_device_sync (each sums its
   # device copies on the GPU), 1 server.
-  echo "== launch.py -n 2 -s 1: mx_train --kvstore=dist_device_sync on gpu(0)"
-  if timeout 300 python3 deploy/launch.py -n 2 -s 1 --server-binary "$dir/bin/mx_server" -- \
+  echo "== launch.py -n 2 -s 1 --kvstore dist_device_sync: mx_train on gpu(0)"
+  if timeout 300 python3 deploy/launch.py -n 2 -s 1 --kvstore dist_device_sync \
+       --server-binary "$dir/bin/mx_server" -- \
        "$dir/bin/mx_train" --kvstore=dist_device_sync --network=mlp --contexts='gpu(0)' \
        --epochs=3 --lr=0.2 --data_dir="$dir/data" --seed=1 2>&1 |
        tee "$out/dist_device_sync.log" | tail -4 &&

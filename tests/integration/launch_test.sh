@@ -147,6 +147,23 @@ out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --kvstore dist_async --staleness 2 
 rc=$?
 [[ $rc -eq 2 && "$out" == *"--staleness 2: must be 0 or more, and applies to dist_sync only"* ]] ||
   fail "--staleness with dist_async: exit code $rc, said: $out"
+# 4c. dist_device_sync: the servers run dist_sync; where no GPU is usable
+# the workers say so and the job ends at once, leaving nothing behind.
+device_worker=("${worker[@]/--kvstore=dist_sync/--kvstore=dist_device_sync}")
+out=$(timeout -k 5 60 python3 "$LAUNCH" -n 2 -s 1 --kvstore dist_device_sync --server-binary="$SERVER" -- "${device_worker[@]}" --epochs=1 2>&1)
+rc=$?
+echo "$out" > "$TMP/device_sync.log"
+JOB_LOGS+=("$TMP/device_sync.log")
+if [[ "$out" == *"no usable GPU"* || "$out" == *"no GPU support"* ]]; then
+  [[ $rc -eq 1 && "$out" == *"[worker 0] mx_train: kvstore type 'dist_device_sync' reduces on GPUs"* &&
+     "$out" == *"(use 'dist_sync', which sums device copies on the CPU)"* ]] ||
+    fail "dist_device_sync without a GPU: exit code $rc, said: $out"
+else
+  [[ $rc -eq 0 && "$out" == *"[worker 1] worker 1 of 2 (dist_device_sync)"* ]] ||
+    fail "dist_device_sync job: exit code $rc, said: $out"
+fi
+assert_nothing_left "$TMP/device_sync.log"
+
 out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --coordinator-restarts -1 --server-binary="$SERVER" -- "${worker[@]}" 2>&1)
 rc=$?
 [[ $rc -eq 2 && "$out" == *"--coordinator-restarts -1: must be 0 or more"* ]] ||
