@@ -7,7 +7,9 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <set>
 #include <thread>
+#include <utility>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
@@ -165,6 +167,10 @@ class CudaDevice : public DeviceApi {
   absl::Status Copy(void* dst, Context dst_ctx, const void* src,
                     Context src_ctx, size_t bytes) override {
     if (bytes == 0) return absl::OkStatus();
+    if (dst_ctx.is_gpu() && src_ctx.is_gpu() && dst_ctx.device_id != src_ctx.device_id) {
+      EnablePeerAccess(dst_ctx.device_id, src_ctx.device_id);
+      EnablePeerAccess(src_ctx.device_id, dst_ctx.device_id);
+    }
     int dev = dst_ctx.is_gpu() ? dst_ctx.device_id : src_ctx.device_id;
     MX_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(dev), Where("cudaSetDevice", dev)));
     // Unified addressing lets the runtime infer the direction.
@@ -178,6 +184,31 @@ class CudaDevice : public DeviceApi {
   }
 
  private:
+  // Lets `device` reach `peer`'s memory directly, once per ordered pair, so
+  // that a copy between them moves over NVLink or PCIe rather than through
+  // host memory (the runtime stages it there otherwise). Devices that
+  // cannot reach each other keep copying through the host; any error here
+  // (access already enabled, by the application for instance) is cleared
+  // and changes nothing else.
+  void EnablePeerAccess(int device, int peer) {
+    {
+      absl::MutexLock lock(&peer_mu_);
+      if (!peer_tried_.insert({device, peer}).second) return;
+    }
+    int can = 0;
+    if (cudaDeviceCanAccessPeer(&can, device, peer) != cudaSuccess || can == 0) {
+      cudaGetLastError();
+      return;
+    }
+    int previous = 0;
+    cudaGetDevice(&previous);
+    if (cudaSetDevice(device) != cudaSuccess ||
+        cudaDeviceEnablePeerAccess(peer, 0) != cudaSuccess) {
+      cudaGetLastError();
+    }
+    cudaSetDevice(previous);
+  }
+
   StreamWatcher* Watcher(int id) {
     std::call_once(watcher_once_[id], [&] { watchers_[id] = new StreamWatcher(id); });
     return watchers_[id];
@@ -185,6 +216,8 @@ class CudaDevice : public DeviceApi {
 
   std::array<std::once_flag, kMaxDevices> watcher_once_;
   std::array<StreamWatcher*, kMaxDevices> watchers_{};
+  absl::Mutex peer_mu_;
+  std::set<std::pair<int, int>> peer_tried_ ABSL_GUARDED_BY(peer_mu_);
 };
 
 }  // namespace

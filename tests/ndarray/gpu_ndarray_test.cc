@@ -177,6 +177,24 @@ TEST_F(GpuTest, LongChainsAcrossDevicesRunInEngineOrder) {
   ExpectNear(h, g, 0, "chain");
 }
 
+// Copies between two GPUs (directly where they reach each other's memory,
+// through the host otherwise), both ways and back-to-back with work on
+// each: the values arrive whole and in engine order.
+TEST_F(GpuTest, CopiesBetweenTwoGpusKeepTheValuesInEngineOrder) {
+  if (NumGpus() < 2) GTEST_SKIP() << "needs 2 GPUs; this machine has " << NumGpus();
+  std::vector<float> values(1 << 20);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>(i);
+  const NDArray c = FromVector(values);
+  NDArray a = c.Copy(gpu(0)), b = Empty(c.shape(), gpu(1));
+  for (int i = 0; i < 10; ++i) {
+    b.Assign(a);
+    b += 1.0f;
+    a.Assign(b);
+  }
+  ExpectNear(c + 10.0f, a, 0, "gpu(0) -> gpu(1) -> gpu(0), 10 times");
+  EXPECT_EQ(b.ToVector(), (c + 10.0f).ToVector()) << "on gpu(1)";
+}
+
 TEST_F(GpuTest, MixingContextsIsRefusedNamingBoth) {
   NDArray a = Ones({2}, cpu());
   NDArray b = Ones({2}, gpu(0));
