@@ -115,10 +115,7 @@ absl::StatusOr<std::unique_ptr<KVStore>> KVStore::Create(const std::string& type
           type == "dist_device_sync" ? " (use 'dist_sync', which sums device copies on the CPU)"
                                      : " (use 'local')"));
     }
-    if (type == "device") return internal::NewLocalKVStore(type);
-    if (type == "nccl") {
-      return absl::UnimplementedError("kvstore type 'nccl' is not implemented yet: use 'device'");
-    }
+    if (type == "device" || type == "nccl") return internal::NewLocalKVStore(type);
   }
   if (auto it = Factories().find(type); it != Factories().end()) return it->second(type);
   if (type == "dist_sync" || type == "dist_async" || type == "dist_device_sync") {

@@ -22,9 +22,9 @@
 // with GPUs), "dist_sync", "dist_async" (parameter servers; values and
 // outputs on any context, device copies summed on the CPU),
 // "dist_device_sync" (dist_sync whose device copies are summed on a GPU;
-// machines with GPUs). "nccl" is refused as not implemented yet. A type
-// this binary cannot provide is an error from Create, never a crash or a
-// guess.
+// machines with GPUs), "nccl" ("device" with NCCL's reduce and broadcast
+// across the GPUs of a push or pull). A type this binary cannot provide is
+// an error from Create, never a crash or a guess.
 //
 // A KVStore is used from one thread (the training loop).
 #ifndef MX_KVSTORE_KVSTORE_H_

@@ -5,17 +5,23 @@
 // keys spread over the GPUs round-robin (MXNet's CommDevice); pushes are
 // copied to that GPU (peer copies where the devices allow), summed there by
 // the kernel layer, updated there by the optimizer, and pulls copy from
-// there.
+// there. "nccl": as "device", but the copies of a push that lie on
+// distinct GPUs, the key's among them, are summed by one NCCL reduce onto
+// the key's GPU, and a pull into such outputs is one NCCL broadcast from
+// it; a bucket of such keys (PushPull of several) makes one NCCL group of
+// reduces and one of broadcasts. Other copies go as "device" moves them.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kvstore/kvstore.h"
 #include "kvstore/kvstore_internal.h"
+#include "ndarray/launch.h"
 
 namespace mx {
 namespace internal {
@@ -39,7 +45,8 @@ void SumInto(const std::vector<const float*>& values, float* out, int64_t n) {
 
 class LocalKVStore : public KVStore {
  public:
-  explicit LocalKVStore(std::string type) : KVStore(type), on_gpus_(type == "device") {}
+  explicit LocalKVStore(std::string type)
+      : KVStore(type), on_gpus_(type == "device" || type == "nccl"), nccl_(type == "nccl") {}
 
   absl::Status Init(Key key, const NDArray& value) override {
     if (value.is_none()) return absl::InvalidArgumentError(absl::StrCat("init of key ", key.label(), ": null array"));
@@ -60,29 +67,56 @@ class LocalKVStore : public KVStore {
   absl::Status Push(Key key, const std::vector<NDArray>& values, int priority) override {
     MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "push", false));
     MX_RETURN_IF_ERROR(CheckArrays(key, "push", "value", values, e->stored.shape()));
-    return CatchError([&] {
-      NDArray merged = SumCopies(values, e->stored.shape(), &e->merged, priority,
-                                 e->push_name.c_str(), e->ctx);
-      if (optimizer_ != nullptr) {
-        optimizer_->Update(key.id(), e->stored, merged);
-      } else if (updater_) {
-        updater_(key.id(), merged, &e->stored);
-      } else if (merged.SharesStorageWith(e->merged)) {
-        // The sum is the new value: swap buffers instead of copying (the
-        // engine orders later pulls after the sum, and the next sum after
-        // those pulls, through the buffers' variables).
-        std::swap(e->stored, e->merged);
-      } else {
-        Copy(merged, e->stored, priority, e->push_name.c_str());
-      }
-    });
+    return CatchError([&] { Apply(key, e, Reduce(e, values, priority), priority); });
   }
 
   absl::Status Pull(Key key, const std::vector<NDArray>& outs, int priority) override {
     MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "pull", false));
     MX_RETURN_IF_ERROR(CheckArrays(key, "pull", "output", outs, e->stored.shape()));
+    return CatchError([&] { Spread(*e, outs, priority); });
+  }
+
+  // nccl: a bucket whose keys' copies and outputs all lie on one set of
+  // distinct GPUs is one NCCL group of reduces, the updates, then one group
+  // of broadcasts. Any other bucket goes key by key.
+  absl::Status PushPull(const std::vector<Key>& keys,
+                        const std::vector<std::vector<NDArray>>& values,
+                        const std::vector<std::vector<NDArray>>& outs, int priority) override {
+    if (!nccl_) return KVStore::PushPull(keys, values, outs, priority);
+    MX_RETURN_IF_ERROR(CheckBucket(keys, values, outs));
+    std::vector<Entry*> entries;
+    std::optional<std::vector<int>> devices;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      MX_ASSIGN_OR_RETURN(Entry * e, Find(keys[i], "pushpull", false));
+      MX_RETURN_IF_ERROR(CheckArrays(keys[i], "pushpull", "value", values[i], e->stored.shape()));
+      MX_RETURN_IF_ERROR(CheckArrays(keys[i], "pushpull", "output", outs[i], e->stored.shape()));
+      entries.push_back(e);
+      if (i == 0) devices = NcclRanks(values[0], e->ctx);
+      if (devices.has_value() &&
+          (NcclRanks(values[i], e->ctx) != devices || NcclRanks(outs[i], e->ctx) != devices)) {
+        devices.reset();
+      }
+    }
+    if (!devices.has_value()) return KVStore::PushPull(keys, values, outs, priority);
     return CatchError([&] {
-      for (const NDArray& out : outs) Copy(e->stored, out, priority, e->pull_name.c_str());
+      std::vector<kernel::GpuCollective> reduces, broadcasts;
+      std::vector<VarHandle> pushed, sums, stored, pulled;
+      for (size_t i = 0; i < keys.size(); ++i) {
+        reduces.push_back(ReduceCall(*entries[i], values[i], *devices, &pushed));
+        sums.push_back(entries[i]->merged.var());
+      }
+      const Context first = gpu((*devices)[0]);
+      kernel::PushCollectives("kvstore_nccl_reduce", first, *devices, std::move(reduces),
+                              std::move(pushed), std::move(sums), priority);
+      for (size_t i = 0; i < keys.size(); ++i) {
+        Apply(keys[i], entries[i], entries[i]->merged, priority);
+      }
+      for (size_t i = 0; i < keys.size(); ++i) {
+        broadcasts.push_back(BroadcastCall(*entries[i], outs[i], *devices, &pulled));
+        stored.push_back(entries[i]->stored.var());
+      }
+      kernel::PushCollectives("kvstore_nccl_broadcast", first, *devices, std::move(broadcasts),
+                              std::move(stored), std::move(pulled), priority);
     });
   }
 
@@ -191,7 +225,107 @@ class LocalKVStore : public KVStore {
     return &it->second;
   }
 
+  // nccl: the GPU ids of `arrays` when NCCL can take them: on distinct GPUs,
+  // the key's GPU `home` among them, more than one; else nullopt.
+  std::optional<std::vector<int>> NcclRanks(const std::vector<NDArray>& arrays,
+                                            Context home) const {
+    if (!nccl_ || arrays.size() < 2) return std::nullopt;
+    std::vector<int> devices;
+    for (const NDArray& a : arrays) {
+      if (!a.context().is_gpu()) return std::nullopt;
+      devices.push_back(a.context().device_id);
+    }
+    if (std::set<int>(devices.begin(), devices.end()).size() != devices.size()) return std::nullopt;
+    if (std::find(devices.begin(), devices.end(), home.device_id) == devices.end()) {
+      return std::nullopt;
+    }
+    return devices;
+  }
+
+  // The NCCL reduce of `values` (ranked as `devices`) into e.merged, on the
+  // key's GPU; adds the variables it reads to *reads.
+  static kernel::GpuCollective ReduceCall(Entry& e, const std::vector<NDArray>& values,
+                                          const std::vector<int>& devices,
+                                          std::vector<VarHandle>* reads) {
+    if (e.merged.is_none()) e.merged = Empty(e.stored.shape(), e.ctx);
+    kernel::GpuCollective c;
+    c.kind = kernel::GpuCollective::kReduceSum;
+    c.root = RankOf(devices, e.ctx);
+    c.n = e.stored.size();
+    for (const NDArray& v : values) {
+      c.sends.push_back(v.data());
+      reads->push_back(v.var());
+    }
+    c.recv = e.merged.data();
+    return c;
+  }
+
+  // The NCCL broadcast of e.stored into `outs` (ranked as `devices`); adds
+  // the variables it writes to *writes.
+  static kernel::GpuCollective BroadcastCall(const Entry& e, const std::vector<NDArray>& outs,
+                                             const std::vector<int>& devices,
+                                             std::vector<VarHandle>* writes) {
+    kernel::GpuCollective c;
+    c.kind = kernel::GpuCollective::kBroadcast;
+    c.root = RankOf(devices, e.ctx);
+    c.n = e.stored.size();
+    c.send = e.stored.data();
+    for (const NDArray& o : outs) {
+      c.recvs.push_back(o.data());
+      writes->push_back(o.var());
+    }
+    return c;
+  }
+
+  static int RankOf(const std::vector<int>& devices, Context ctx) {
+    return static_cast<int>(std::find(devices.begin(), devices.end(), ctx.device_id) -
+                            devices.begin());
+  }
+
+  // The sum of a push's copies on the key's context: one NCCL reduce (nccl,
+  // NcclRanks), or copies brought there and summed (SumCopies).
+  NDArray Reduce(Entry* e, const std::vector<NDArray>& values, int priority) const {
+    if (std::optional<std::vector<int>> devices = NcclRanks(values, e->ctx)) {
+      std::vector<VarHandle> reads;
+      kernel::GpuCollective c = ReduceCall(*e, values, *devices, &reads);
+      kernel::PushCollectives(e->push_name.c_str(), e->ctx, *devices, {c}, std::move(reads),
+                              {e->merged.var()}, priority);
+      return e->merged;
+    }
+    return SumCopies(values, e->stored.shape(), &e->merged, priority, e->push_name.c_str(), e->ctx);
+  }
+
+  // A push's sum `merged` becomes the key's update (optimizer or updater)
+  // or its new value.
+  void Apply(Key key, Entry* e, const NDArray& merged, int priority) {
+    if (optimizer_ != nullptr) {
+      optimizer_->Update(key.id(), e->stored, merged);
+    } else if (updater_) {
+      updater_(key.id(), merged, &e->stored);
+    } else if (merged.SharesStorageWith(e->merged)) {
+      // The sum is the new value: swap buffers instead of copying (the
+      // engine orders later pulls after the sum, and the next sum after
+      // those pulls, through the buffers' variables).
+      std::swap(e->stored, e->merged);
+    } else {
+      Copy(merged, e->stored, priority, e->push_name.c_str());
+    }
+  }
+
+  // A pull: one NCCL broadcast (nccl, NcclRanks), or a copy to each output.
+  void Spread(const Entry& e, const std::vector<NDArray>& outs, int priority) const {
+    if (std::optional<std::vector<int>> devices = NcclRanks(outs, e.ctx)) {
+      std::vector<VarHandle> writes;
+      kernel::GpuCollective c = BroadcastCall(e, outs, *devices, &writes);
+      kernel::PushCollectives(e.pull_name.c_str(), e.ctx, *devices, {c}, {e.stored.var()},
+                              std::move(writes), priority);
+      return;
+    }
+    for (const NDArray& out : outs) Copy(e.stored, out, priority, e.pull_name.c_str());
+  }
+
   const bool on_gpus_;
+  const bool nccl_;  // "nccl"
   std::map<int, Entry> store_;
   Updater updater_;
   std::unique_ptr<Optimizer> optimizer_;

@@ -1,8 +1,11 @@
 #include "ndarray/launch.h"
 
 #include <algorithm>
+#include <memory>
+#include <mutex>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "ndarray/device.h"
 #include "ndarray/parallel.h"
@@ -38,6 +41,43 @@ void Push(const char* name, Context ctx, std::vector<VarHandle> reads,
             });
       },
       ctx, std::move(reads), std::move(writes), priority, name, prop);
+}
+
+void PushCollectives(const char* name, Context ctx, std::vector<int> devices,
+                     std::vector<GpuCollective> calls, std::vector<VarHandle> reads,
+                     std::vector<VarHandle> writes, int priority) {
+  Engine::Get()->PushAsync(
+      [devices = std::move(devices), calls = std::move(calls), op = std::string(name)](
+          RunContext, CallbackOnComplete done) {
+        auto fail = [done, op](const std::string& why) {
+          done(std::make_exception_ptr(Error(absl::InternalError(absl::StrCat(op, ": ", why)))));
+        };
+        if (const char* error = GpuCollectives(devices, calls)) return fail(error);
+        // Done once every device's stream has run its part; the first
+        // error a device reports is the operation's.
+        struct Join {
+          std::mutex mu;
+          size_t left;
+          absl::Status first;
+        };
+        auto join = std::make_shared<Join>();
+        join->left = devices.size();
+        for (int d : devices) {
+          internal::DeviceApiFor(gpu(d))->WhenStreamDone(d, [join, done, op](absl::Status s) {
+            absl::Status first;
+            {
+              std::lock_guard<std::mutex> lock(join->mu);
+              if (!s.ok() && join->first.ok()) join->first = s;
+              if (--join->left > 0) return;
+              first = join->first;
+            }
+            if (first.ok()) return done(nullptr);
+            done(std::make_exception_ptr(
+                Error(absl::Status(first.code(), absl::StrCat(op, ": ", first.message())))));
+          });
+        }
+      },
+      ctx, std::move(reads), std::move(writes), priority, name);
 }
 
 void ThrowIfLaunchFailed(const char* error, const char* name, Context ctx) {

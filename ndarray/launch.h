@@ -151,6 +151,38 @@ void Gemm(const char* name, Context ctx, bool trans_a, bool trans_b, int64_t m, 
 // or the error's text. Defined in ndarray/cuda (or no_cuda.cc).
 const char* GpuSgemm(int device, const ColMajorGemm& call, float alpha, float beta);
 
+// One NCCL collective over the GPUs of a GpuCollectives call (rank i is its
+// devices[i]): kReduceSum sums every rank's sends[i] into recv on rank
+// `root`; kBroadcast copies send (on rank `root`) into every rank's
+// recvs[i]. n floats each.
+struct GpuCollective {
+  enum Kind { kReduceSum, kBroadcast };
+  Kind kind = kReduceSum;
+  int root = 0;
+  int64_t n = 0;
+  std::vector<const float*> sends;  // kReduceSum: one per rank
+  float* recv = nullptr;            // kReduceSum: on the root
+  const float* send = nullptr;      // kBroadcast: on the root
+  std::vector<float*> recvs;        // kBroadcast: one per rank
+};
+
+// Enqueues `calls` on the compute streams of `devices` (distinct GPUs) as
+// one NCCL group, through one communicator per device set (made at the set's
+// first call). Calls from every thread are serialized, so that all devices
+// see them in the same order, as NCCL requires. NCCL is loaded with dlopen
+// at the first call. nullptr or the error's text. Defined in ndarray/cuda
+// (or no_cuda.cc).
+const char* GpuCollectives(const std::vector<int>& devices,
+                           const std::vector<GpuCollective>& calls);
+
+// Pushes `calls` over `devices` (GpuCollectives) to the engine as one
+// operation on ctx (one of the devices) that reads `reads` and writes
+// `writes`; it completes once every device's stream has run its part, and
+// an error (NCCL's, or a device's) is stored on `writes`, named `name`.
+void PushCollectives(const char* name, Context ctx, std::vector<int> devices,
+                     std::vector<GpuCollective> calls, std::vector<VarHandle> reads,
+                     std::vector<VarHandle> writes, int priority = 0);
+
 }  // namespace mx::kernel
 
 #endif  // MX_NDARRAY_LAUNCH_H_

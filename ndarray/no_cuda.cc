@@ -31,6 +31,10 @@ const char* GpuReduce(int, const float*, float*, int64_t, int64_t, int64_t, bool
 
 const char* GpuSgemm(int, const ColMajorGemm&, float, float) { return kNoGpu; }
 
+const char* GpuCollectives(const std::vector<int>&, const std::vector<GpuCollective>&) {
+  return kNoGpu;
+}
+
 #define MX_KERNEL(K) template const char* GpuLaunch<K>(int, int64_t, const K::Params&);
 #define MX_REDUCER(R) \
   template const char* GpuReduce<R>(int, const float*, float*, int64_t, int64_t, int64_t, bool);

@@ -64,9 +64,9 @@ ABSL_FLAG(bool, ctr_sparse, true,
 ABSL_FLAG(int64_t, ctr_features, 80000,
           "feature indices of the click logs lie below this (mx_ctr_gen: fields x vocab)");
 ABSL_FLAG(std::string, kvstore, "local",
-          "KVStore type: local, device (GPUs), or dist_sync / dist_async / dist_device_sync "
-          "(GPUs) for a job started by deploy/launch.py (the cluster comes from the "
-          "environment)");
+          "KVStore type: local, device or nccl (GPUs), or dist_sync / dist_async / "
+          "dist_device_sync (GPUs) for a job started by deploy/launch.py (the cluster comes from "
+          "the environment)");
 ABSL_FLAG(std::string, gradient_compression, "none",
           "how a distributed store sends gradients: 2bit (+-threshold or 0 per element, with "
           "error feedback), fp16, or none");

@@ -173,6 +173,22 @@ run() {
       failed=$((failed + 1))
     fi
   done
+  # Data-parallel on every GPU present through the nccl store (with one GPU
+  # it moves values as "device" does).
+  local gpus
+  gpus=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)
+  [[ $gpus -ge 1 ]] || gpus=1
+  local contexts
+  contexts=$(seq 0 $((gpus - 1)) | sed 's/.*/gpu(&)/' | paste -sd,)
+  echo "== mx_train --kvstore=nccl --contexts=$contexts"
+  if timeout 300 "$dir/bin/mx_train" --network=mlp --kvstore=nccl --contexts="$contexts" \
+       --epochs=3 --data_dir="$dir/data" --seed=1 2>&1 | tee "$out/mx_train_nccl.log" | tail -3 &&
+     grep -q 'Final test accuracy' "$out/mx_train_nccl.log"; then
+    passed=$((passed + 1))
+  else
+    echo "mx_train --kvstore=nccl failed"
+    failed=$((failed + 1))
+  fi
   # The same as a job: 2 workers on gpu(0), dist_device_sync (each sums its
   # device copies on the GPU), 1 server.
   echo "== launch.py -n 2 -s 1 --kvstore dist_device_sync: mx_train on gpu(0)"

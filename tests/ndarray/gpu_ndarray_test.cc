@@ -7,6 +7,7 @@
 // relative for reductions (different summation order) and dot (cuBLAS and
 // OpenBLAS block differently). Every test is skipped, with the reason, where
 // no GPU is usable.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -16,10 +17,10 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/gpu_skip.h"
 #include "ndarray/launch.h"
 #include "ndarray/ndarray.h"
 #include "ndarray/storage.h"
+#include "tests/gpu_skip.h"
 #include "tests/ndarray/random_values.h"
 
 namespace mx {
@@ -193,6 +194,44 @@ TEST_F(GpuTest, CopiesBetweenTwoGpusKeepTheValuesInEngineOrder) {
   }
   ExpectNear(c + 10.0f, a, 0, "gpu(0) -> gpu(1) -> gpu(0), 10 times");
   EXPECT_EQ(b.ToVector(), (c + 10.0f).ToVector()) << "on gpu(1)";
+}
+
+// The NCCL layer (kernel::PushCollectives) on the GPUs present; one is
+// enough to load NCCL, make a communicator, run a group and complete it
+// through the engine. A reduce of every GPU's array onto gpu(0), then a
+// broadcast of the sum back to each (small integers: exact sums).
+TEST_F(GpuTest, NcclReducesAndBroadcastsThroughTheEngine) {
+  const int ranks = std::min(NumGpus(), 8);
+  const int64_t n = 1 << 16;
+  std::vector<float> base(n);
+  for (int64_t i = 0; i < n; ++i) base[i] = static_cast<float>(i % 100);
+  std::vector<int> devices;
+  std::vector<NDArray> sends, recvs;
+  kernel::GpuCollective reduce, broadcast;
+  std::vector<VarHandle> send_vars, recv_vars;
+  for (int d = 0; d < ranks; ++d) {
+    devices.push_back(d);
+    sends.push_back((FromVector(base) * static_cast<float>(d + 1)).Copy(gpu(d)));
+    recvs.push_back(Empty({n}, gpu(d)));
+    reduce.sends.push_back(sends.back().data());
+    broadcast.recvs.push_back(recvs.back().data());
+    send_vars.push_back(sends.back().var());
+    recv_vars.push_back(recvs.back().var());
+  }
+  NDArray sum = Empty({n}, gpu(0));
+  reduce.kind = kernel::GpuCollective::kReduceSum;
+  reduce.n = n;
+  reduce.recv = sum.data();
+  broadcast.kind = kernel::GpuCollective::kBroadcast;
+  broadcast.n = n;
+  broadcast.send = sum.data();
+  kernel::PushCollectives("test_nccl_reduce", gpu(0), devices, {reduce}, send_vars, {sum.var()});
+  kernel::PushCollectives("test_nccl_broadcast", gpu(0), devices, {broadcast}, {sum.var()},
+                          recv_vars);
+  const NDArray want = FromVector(base) * static_cast<float>(ranks * (ranks + 1) / 2);
+  for (int d = 0; d < ranks; ++d) {
+    EXPECT_EQ(recvs[d].ToVector(), want.ToVector()) << "on gpu(" << d << ")";
+  }
 }
 
 TEST_F(GpuTest, MixingContextsIsRefusedNamingBoth) {
