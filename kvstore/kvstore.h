@@ -111,8 +111,8 @@ class KVStore {
                         const std::vector<NDArray>& outs, int priority = 0);
   // PushPull of several keys (values[i] and outs[i] belong to keys[i]) as
   // one unit: a store may send them together; the distributed store makes
-  // one round trip per server instead of one per key. The local store
-  // does each key on its own.
+  // one round trip per server instead of one per key; "nccl", one NCCL
+  // group per bucket. The local store does each key on its own.
   virtual absl::Status PushPull(const std::vector<Key>& keys,
                                 const std::vector<std::vector<NDArray>>& values,
                                 const std::vector<std::vector<NDArray>>& outs, int priority = 0);

@@ -76,6 +76,10 @@ class LocalKVStore : public KVStore {
     return CatchError([&] { Spread(*e, outs, priority); });
   }
 
+  // nccl: training sends small keys together (each NCCL group launch has
+  // a fixed cost), in buckets of about a dist store's size.
+  int64_t bucket_bytes() const override { return nccl_ ? int64_t{4} << 20 : 0; }
+
   // nccl: a bucket whose keys' copies and outputs all lie on one set of
   // distinct GPUs is one NCCL group of reduces, the updates, then one group
   // of broadcasts. Any other bucket goes key by key.

@@ -127,6 +127,8 @@ TEST_F(KVStoreOnGpu, TheNcclStoreGivesTheDeviceStoresBits) {
   ASSERT_TRUE(nccl.ok()) << nccl.status();
   ASSERT_TRUE(device.ok()) << device.status();
   EXPECT_EQ((*nccl)->type(), "nccl");
+  EXPECT_EQ((*nccl)->bucket_bytes(), 4 << 20);  // training sends one NCCL group per bucket
+  EXPECT_EQ((*device)->bucket_bytes(), 0);
   constexpr int kKeys = 4;
   const Shape shape{1000};
   std::map<KVStore*, std::vector<std::vector<NDArray>>> weights;
