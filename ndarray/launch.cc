@@ -12,6 +12,40 @@
 
 namespace mx::kernel {
 
+namespace {
+
+// Ends operation `op` (done) once each GPU of `devices` has run the work
+// enqueued on its compute stream so far: with the first error a device
+// reports (a failed kernel), named after the operation; CUDA reports a
+// failure at the first event after it, so it may have begun in earlier
+// work on the stream.
+void DoneWhenStreamsDone(const std::vector<int>& devices, CallbackOnComplete done,
+                         const std::string& op) {
+  struct Join {
+    std::mutex mu;
+    size_t left = 0;
+    absl::Status first;
+  };
+  auto join = std::make_shared<Join>();
+  join->left = devices.size();
+  for (int d : devices) {
+    internal::DeviceApiFor(gpu(d))->WhenStreamDone(d, [join, done, op](absl::Status s) {
+      absl::Status first;
+      {
+        std::lock_guard<std::mutex> lock(join->mu);
+        if (!s.ok() && join->first.ok()) join->first = s;
+        if (--join->left > 0) return;
+        first = join->first;
+      }
+      if (first.ok()) return done(nullptr);
+      done(std::make_exception_ptr(
+          Error(absl::Status(first.code(), absl::StrCat(op, ": ", first.message())))));
+    });
+  }
+}
+
+}  // namespace
+
 void Push(const char* name, Context ctx, std::vector<VarHandle> reads,
           std::vector<VarHandle> writes, std::function<void()> fn, int priority,
           FnProperty prop) {
@@ -22,9 +56,7 @@ void Push(const char* name, Context ctx, std::vector<VarHandle> reads,
   }
   // On a GPU, fn only enqueues work on the device's compute stream; the
   // operation completes when the stream has run it, and an error the device
-  // reports then (a failed kernel) is stored on the written variables.
-  // The error names the operation; CUDA reports a failure at the first
-  // event after it, so it may have begun in earlier work on the stream.
+  // reports then is stored on the written variables.
   Engine::Get()->PushAsync(
       [fn = std::move(fn), op = std::string(name)](RunContext rctx, CallbackOnComplete done) {
         try {
@@ -33,12 +65,7 @@ void Push(const char* name, Context ctx, std::vector<VarHandle> reads,
           done(std::current_exception());
           return;
         }
-        internal::DeviceApiFor(rctx.ctx)->WhenStreamDone(
-            rctx.ctx.device_id, [done, op](absl::Status s) {
-              if (s.ok()) return done(nullptr);
-              done(std::make_exception_ptr(
-                  Error(absl::Status(s.code(), absl::StrCat(op, ": ", s.message())))));
-            });
+        DoneWhenStreamsDone({rctx.ctx.device_id}, done, op);
       },
       ctx, std::move(reads), std::move(writes), priority, name, prop);
 }
@@ -49,33 +76,11 @@ void PushCollectives(const char* name, Context ctx, std::vector<int> devices,
   Engine::Get()->PushAsync(
       [devices = std::move(devices), calls = std::move(calls), op = std::string(name)](
           RunContext, CallbackOnComplete done) {
-        auto fail = [done, op](const std::string& why) {
-          done(std::make_exception_ptr(Error(absl::InternalError(absl::StrCat(op, ": ", why)))));
-        };
-        if (const char* error = GpuCollectives(devices, calls)) return fail(error);
-        // Done once every device's stream has run its part; the first
-        // error a device reports is the operation's.
-        struct Join {
-          std::mutex mu;
-          size_t left;
-          absl::Status first;
-        };
-        auto join = std::make_shared<Join>();
-        join->left = devices.size();
-        for (int d : devices) {
-          internal::DeviceApiFor(gpu(d))->WhenStreamDone(d, [join, done, op](absl::Status s) {
-            absl::Status first;
-            {
-              std::lock_guard<std::mutex> lock(join->mu);
-              if (!s.ok() && join->first.ok()) join->first = s;
-              if (--join->left > 0) return;
-              first = join->first;
-            }
-            if (first.ok()) return done(nullptr);
-            done(std::make_exception_ptr(
-                Error(absl::Status(first.code(), absl::StrCat(op, ": ", first.message())))));
-          });
+        if (const char* error = GpuCollectives(devices, calls)) {
+          done(std::make_exception_ptr(Error(absl::InternalError(absl::StrCat(op, ": ", error)))));
+          return;
         }
+        DoneWhenStreamsDone(devices, done, op);
       },
       ctx, std::move(reads), std::move(writes), priority, name);
 }
