@@ -234,6 +234,32 @@ TEST_F(GpuTest, NcclReducesAndBroadcastsThroughTheEngine) {
   }
 }
 
+// Where no GPU is usable, a collective fails as an error stored on what it
+// writes, named after the operation: no crash, no hang. (A build without
+// CUDA says so; a CUDA build fails in NCCL or the runtime.)
+TEST(GpuCollectives, AFailureIsAnErrorOnTheWritesNamingTheOperation) {
+  if (NumGpus() > 0) GTEST_SKIP() << "checks the failure where no GPU is usable";
+  NDArray out = Zeros({4});  // a host array standing in for the written one
+  kernel::GpuCollective reduce;
+  reduce.n = 4;
+  reduce.sends = {out.data()};
+  reduce.recv = out.data();
+  // Twice: the second finds the device set's failure remembered.
+  std::string first;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    kernel::PushCollectives("test_collective", cpu(), {0}, {reduce}, {}, {out.var()});
+    try {
+      out.WaitToRead();
+      FAIL() << "a collective without a GPU succeeded";
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), HasSubstr("test_collective: "));
+      if (attempt == 0) first = e.what();
+      EXPECT_EQ(e.what(), first);
+    }
+  }
+  std::printf("the collective's error: %s\n", first.c_str());
+}
+
 TEST_F(GpuTest, MixingContextsIsRefusedNamingBoth) {
   NDArray a = Ones({2}, cpu());
   NDArray b = Ones({2}, gpu(0));
