@@ -346,6 +346,10 @@ NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArra
   };
   if (values.size() == 1 && readable(values[0])) return values[0];
   if (merged->is_none()) *merged = Empty(shape, ctx);
+  if (values.size() == 1) {  // one copy, straight into the sum's buffer
+    Copy(values[0], *merged, priority, name);
+    return *merged;
+  }
   std::vector<NDArray> here;
   for (const NDArray& v : values) here.push_back(readable(v) ? v : v.Copy(ctx));
   if (ctx.is_gpu()) {

@@ -85,6 +85,14 @@ TEST_F(KVStoreOnGpu, LocalAndDeviceStoresSumGpuAndCpuCopiesAsTheCpuStoreDoes) {
     ASSERT_TRUE((*kv)->Pull(3, {on_gpu, on_cpu}).ok());
     EXPECT_THAT(on_gpu.ToVector(), ElementsAre(1.5f, 1, 0)) << type;
     EXPECT_THAT(on_cpu.ToVector(), ElementsAre(1.5f, 1, 0)) << type;
+    // One copy elsewhere than the key (on the GPU for "local", on the CPU
+    // for "device") travels once, straight into the sum's buffer.
+    const NDArray one =
+        std::string(type) == "local" ? FromVector({2, 4, 8}).Copy(gpu(0)) : FromVector({2, 4, 8});
+    ASSERT_TRUE((*kv)->Push(3, {one}).ok());
+    ASSERT_TRUE((*kv)->Pull(3, {on_gpu, on_cpu}).ok());
+    EXPECT_THAT(on_gpu.ToVector(), ElementsAre(2, 4, 8)) << type;
+    EXPECT_THAT(on_cpu.ToVector(), ElementsAre(2, 4, 8)) << type;
   }
 }
 
