@@ -95,9 +95,9 @@ class LocalKVStore : public KVStore {
       MX_RETURN_IF_ERROR(CheckArrays(keys[i], "pushpull", "value", values[i], e->stored.shape()));
       MX_RETURN_IF_ERROR(CheckArrays(keys[i], "pushpull", "output", outs[i], e->stored.shape()));
       entries.push_back(e);
-      if (i == 0) devices = NcclRanks(values[0], e->ctx);
-      if (devices.has_value() &&
-          (NcclRanks(values[i], e->ctx) != devices || NcclRanks(outs[i], e->ctx) != devices)) {
+      const std::optional<std::vector<int>> ranks = NcclRanks(values[i], e->ctx);
+      if (i == 0) devices = ranks;
+      if (devices.has_value() && (ranks != devices || NcclRanks(outs[i], e->ctx) != devices)) {
         devices.reset();
       }
     }
