@@ -12,10 +12,15 @@
 //                  event and two thread hand-offs per operation);
 //   gpu_train_step_lenet, gpu_train_step_resnet: forward and backward of
 //                  zoo::LeNet and zoo::ResNet at batch 100 on gpu(0), vs the
-//                  same networks in PyTorch on the same GPU (target 1.0).
+//                  same networks in PyTorch on the same GPU (target 1.0);
+//   gpu_bulk_lenet, gpu_bulk_resnet: the same step with the executor's
+//                  bulks (graph/executor.h) vs one engine operation per
+//                  node (MX_EXEC_BULK_GPU=1), in the same run (target 1.0:
+//                  bulks must not cost speed).
 // Without a usable GPU (or in a build without CUDA) it prints one line
 // saying it was skipped.
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "bench/bench_util.h"
@@ -162,6 +167,10 @@ void BenchTraining() {
     const double base = torch ? torch->samples_per_s : 0;
     Line((std::string("gpu_train_step_") + model).c_str(), mx, "samples/s", base,
          base > 0 ? mx / base : 0, 1.0);
+    setenv("MX_EXEC_BULK_GPU", "1", 1);  // read when the executor is bound
+    const double per_node = TrainStepRate(*zoo::ByName(model), 3.0);
+    unsetenv("MX_EXEC_BULK_GPU");
+    Line((std::string("gpu_bulk_") + model).c_str(), mx, "samples/s", per_node, mx / per_node, 1.0);
   }
 }
 

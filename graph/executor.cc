@@ -62,6 +62,18 @@ struct Executor::Plan {
   std::vector<int> grad_of;        // data entry id -> grad slot, -1 for none
   std::vector<NDArray> grads;      // by grad slot
   std::vector<NodeRun> nodes;      // runs, in execution order
+  // Runs pushed together as one engine operation (see "Bulks" in
+  // executor.h): every run of forward, in order, falls in one bulk of
+  // `forward`, and every run in backward, in backward order, in one of
+  // `backward`. A bulk of one run is pushed as that run.
+  struct Bulk {
+    std::vector<size_t> runs;  // indices into nodes, in push order
+    Context ctx;
+    std::string name;  // "bulk(<first run> .. <last run>)", for traces and errors
+    std::vector<VarHandle> reads, writes;
+    FnProperty prop = FnProperty::kNormal;
+  };
+  std::vector<Bulk> forward, backward;
   std::vector<int> output_entries;
   std::vector<bool> output_needs_head;  // non-loss outputs that need grads
   std::vector<int> zero_grads;          // slots no one writes: zero-filled
@@ -76,6 +88,7 @@ namespace {
 
 constexpr int kForever = std::numeric_limits<int>::max();
 using NodeRun = Executor::Plan::NodeRun;
+using Bulk = Executor::Plan::Bulk;
 
 std::string ShapeMismatch(const std::string& what, const std::string& name,
                           const Shape& got, const Shape& want) {
@@ -250,6 +263,36 @@ const OpDef& CopyOp() {
     return def;
   }();
   return *op;
+}
+
+// The most runs one engine operation holds, per kind of context (Bulks in
+// executor.h).
+struct BulkLimits {
+  int64_t gpu = 15, cpu = 1;
+  int64_t For(Context c) const { return c.is_gpu() ? gpu : cpu; }
+};
+
+// MX_EXEC_BULK_GPU and MX_EXEC_BULK_CPU, or their defaults.
+absl::StatusOr<BulkLimits> BulkLimitsFromEnv() {
+  BulkLimits limits;
+  MX_ASSIGN_OR_RETURN(const std::optional<int64_t> gpu, EnvInt("MX_EXEC_BULK_GPU", 1, 1000));
+  MX_ASSIGN_OR_RETURN(const std::optional<int64_t> cpu, EnvInt("MX_EXEC_BULK_CPU", 1, 1000));
+  limits.gpu = gpu.value_or(limits.gpu);
+  limits.cpu = cpu.value_or(limits.cpu);
+  return limits;
+}
+
+// Pushes the work of a bulk's runs (Executor::ForwardWork, BackwardWork), in
+// order, as one engine operation; the operation holds the plan, which owns
+// the bulk's name.
+void PushBulk(std::shared_ptr<const Executor::Plan> plan, const Bulk& bulk,
+              std::vector<std::function<void()>> work) {
+  kernel::Push(
+      bulk.name.c_str(), bulk.ctx, bulk.reads, bulk.writes,
+      [plan = std::move(plan), work = std::move(work)] {
+        for (const std::function<void()>& w : work) w();
+      },
+      0, bulk.prop);
 }
 
 // The context group2ctx gives the node's "__ctx_group__", if any.
@@ -647,6 +690,19 @@ class PlanBuilder {
     }
   }
 
+  // Groups the runs into bulks (Plan::Bulk): a run joins the bulk before it
+  // when both are operator runs (a copy stands alone) on the same context
+  // and that bulk holds fewer than limits.For(context) runs.
+  void MakeBulks(const BulkLimits& limits) {
+    std::vector<size_t> forward, backward;
+    for (size_t k = 0; k < plan_->nodes.size(); ++k) forward.push_back(k);
+    for (size_t k = plan_->nodes.size(); k-- > 0;) {
+      if (plan_->nodes[k].in_backward) backward.push_back(k);
+    }
+    plan_->forward = Bulks(forward, /*backward=*/false, limits);
+    plan_->backward = Bulks(backward, /*backward=*/true, limits);
+  }
+
   std::shared_ptr<Executor::Plan> Finish() { return std::move(plan_); }
 
  private:
@@ -662,6 +718,53 @@ class PlanBuilder {
     return run.op->blocked(run.node->parsed, in, out);
   }
   int BackwardStep(int k) const { return 2 * static_cast<int>(plan_->nodes.size()) - k; }
+
+  // The bulks of the runs `order` (forward's or backward's, as `backward`
+  // says), in that order.
+  std::vector<Bulk> Bulks(const std::vector<size_t>& order, bool backward,
+                          const BulkLimits& limits) const {
+    std::vector<Bulk> bulks;
+    for (size_t k : order) {
+      const NodeRun& run = plan_->nodes[k];
+      const Bulk* last = bulks.empty() ? nullptr : &bulks.back();
+      const bool joins = last != nullptr && run.node != nullptr &&
+                         plan_->nodes[last->runs[0]].node != nullptr && last->ctx == run.ctx &&
+                         static_cast<int64_t>(last->runs.size()) < limits.For(run.ctx);
+      if (!joins) {
+        bulks.emplace_back();
+        bulks.back().ctx = run.ctx;
+      }
+      bulks.back().runs.push_back(k);
+    }
+    for (Bulk& bulk : bulks) {
+      if (bulk.runs.size() > 1) Declare(&bulk, backward);
+    }
+    return bulks;
+  }
+
+  // A bulk's name, variables and property, from its runs': it writes what
+  // any of them writes, reads what they read and none writes, and uses
+  // every core if one of them does.
+  void Declare(Bulk* bulk, bool backward) const {
+    auto name = [&](size_t k) -> const std::string& {
+      return backward ? plan_->nodes[k].bwd_name : plan_->nodes[k].fwd_name;
+    };
+    bulk->name =
+        absl::StrCat("bulk(", name(bulk->runs.front()), " .. ", name(bulk->runs.back()), ")");
+    std::set<VarHandle> reads, writes;
+    for (size_t k : bulk->runs) {
+      const NodeRun& run = plan_->nodes[k];
+      const std::vector<VarHandle>& r = backward ? run.bwd_reads : run.fwd_reads;
+      const std::vector<VarHandle>& w = backward ? run.bwd_writes : run.fwd_writes;
+      reads.insert(r.begin(), r.end());
+      writes.insert(w.begin(), w.end());
+      if (Property(run) == FnProperty::kCpuParallel) bulk->prop = FnProperty::kCpuParallel;
+    }
+    for (VarHandle v : reads) {
+      if (!writes.count(v)) bulk->reads.push_back(v);
+    }
+    bulk->writes.assign(writes.begin(), writes.end());
+  }
 
   // The entry holding entry `id`'s value on context c: id itself, or a copy
   // (made once per entry and context) whose run is added now, before the
@@ -729,10 +832,12 @@ absl::StatusOr<std::unique_ptr<Executor>> Executor::Bind(
   builder.Schedule();
   builder.PlanMemory();
   MX_ASSIGN_OR_RETURN(const std::optional<bool> blocked, EnvBool("MX_BLOCKED_LAYOUT"));
+  MX_ASSIGN_OR_RETURN(const BulkLimits bulk_limits, BulkLimitsFromEnv());
   try {
     builder.ChooseLayouts(blocked.value_or(true));
     builder.Allocate(exec->args_, exec->aux_, exec->grads_, &exec->memory_);
     builder.Connect();
+    builder.MakeBulks(bulk_limits);
   } catch (const Error& e) {
     return absl::Status(e.code(), absl::StrCat("bind: ", e.what()));
   }
@@ -1005,8 +1110,32 @@ absl::StatusOr<std::string> Executor::RowSparseIndexInput(const std::string& nam
 
 void Executor::Forward(bool is_train) {
   RequireRowSparseRows("Forward");
-  for (size_t k = 0; k < plan_->nodes.size(); ++k) PushForward(k, is_train);
+  for (const Plan::Bulk& bulk : plan_->forward) {
+    // A monitor sees each node's outputs as they are pushed.
+    if (bulk.runs.size() == 1 || monitor_) {
+      for (size_t k : bulk.runs) PushForward(k, is_train);
+      continue;
+    }
+    std::vector<std::function<void()>> work;
+    for (size_t k : bulk.runs) work.push_back(ForwardWork(k, is_train));
+    PushBulk(plan_, bulk, std::move(work));
+  }
   trained_forward_ = is_train;
+}
+
+std::function<void()> Executor::ForwardWork(size_t k, bool is_train) const {
+  const Plan::NodeRun& run = plan_->nodes[k];
+  OpContext op_ctx = RunContextFor(run, is_train, RowsFor(run.sparse_arg));
+  if (op_ctx.rows != nullptr) {
+    // This step's scratch, for its backward too (see OpContext).
+    run.row_positions = std::make_shared<std::vector<float>>();
+    op_ctx.row_positions = run.row_positions;
+  }
+  std::vector<OpReq> req(run.out.size(), OpReq::kWrite);
+  return [plan = plan_, k, op_ctx, req = std::move(req)] {
+    const Plan::NodeRun& r = plan->nodes[k];
+    r.op->forward(op_ctx, r.node->parsed, r.in_blobs, req, r.out_blobs, r.aux_blobs);
+  };
 }
 
 void Executor::PushForward(size_t k, bool is_train) const {
@@ -1016,20 +1145,8 @@ void Executor::PushForward(size_t k, bool is_train) const {
     to.Assign(plan_->entries[run.in[0]]);
     return;
   }
-  OpContext op_ctx = RunContextFor(run, is_train, RowsFor(run.sparse_arg));
-  if (op_ctx.rows != nullptr) {
-    // This step's scratch, for its backward too (see OpContext).
-    run.row_positions = std::make_shared<std::vector<float>>();
-    op_ctx.row_positions = run.row_positions;
-  }
-  std::vector<OpReq> req(run.out.size(), OpReq::kWrite);
-  kernel::Push(
-      run.fwd_name.c_str(), run.ctx, run.fwd_reads, run.fwd_writes,
-      [plan = plan_, k, op_ctx, req = std::move(req)] {
-        const Plan::NodeRun& r = plan->nodes[k];
-        r.op->forward(op_ctx, r.node->parsed, r.in_blobs, req, r.out_blobs, r.aux_blobs);
-      },
-      0, Property(run));
+  kernel::Push(run.fwd_name.c_str(), run.ctx, run.fwd_reads, run.fwd_writes,
+               ForwardWork(k, is_train), 0, Property(run));
   if (monitor_) {
     std::vector<std::string> names = run.node->output_names();
     for (size_t j = 0; j < run.out.size(); ++j) {
@@ -1078,9 +1195,26 @@ void Executor::Backward(const std::vector<NDArray>& head_grads) {
     NDArray slot = plan_->grads[plan_->grad_of[id]];
     slot.Assign(0.0f);
   }
-  for (size_t k = plan_->nodes.size(); k-- > 0;) {
-    if (plan_->nodes[k].in_backward) PushBackward(k);
+  for (const Plan::Bulk& bulk : plan_->backward) {
+    if (bulk.runs.size() == 1) {
+      PushBackward(bulk.runs[0]);
+      continue;
+    }
+    std::vector<std::function<void()>> work;
+    for (size_t k : bulk.runs) work.push_back(BackwardWork(k));
+    PushBulk(plan_, bulk, std::move(work));
   }
+}
+
+std::function<void()> Executor::BackwardWork(size_t k) const {
+  const Plan::NodeRun& run = plan_->nodes[k];
+  OpContext op_ctx = RunContextFor(run, /*is_train=*/true, RowsFor(run.sparse_arg));
+  op_ctx.row_positions = run.row_positions;
+  return [plan = plan_, k, op_ctx] {
+    const Plan::NodeRun& r = plan->nodes[k];
+    r.op->backward(op_ctx, r.node->parsed, r.out_grad_blobs, r.in_blobs, r.out_blobs, r.bwd_req,
+                   r.in_grad_blobs, r.aux_blobs);
+  };
 }
 
 void Executor::PushBackward(size_t k) const {
@@ -1097,16 +1231,8 @@ void Executor::PushBackward(size_t k) const {
     }
     return;
   }
-  OpContext op_ctx = RunContextFor(run, /*is_train=*/true, RowsFor(run.sparse_arg));
-  op_ctx.row_positions = run.row_positions;
-  kernel::Push(
-      run.bwd_name.c_str(), run.ctx, run.bwd_reads, run.bwd_writes,
-      [plan = plan_, k, op_ctx] {
-        const Plan::NodeRun& r = plan->nodes[k];
-        r.op->backward(op_ctx, r.node->parsed, r.out_grad_blobs, r.in_blobs, r.out_blobs,
-                       r.bwd_req, r.in_grad_blobs, r.aux_blobs);
-      },
-      0, Property(run));
+  kernel::Push(run.bwd_name.c_str(), run.ctx, run.bwd_reads, run.bwd_writes, BackwardWork(k), 0,
+               Property(run));
 }
 
 }  // namespace mx

@@ -8,6 +8,7 @@
 // and OpenBLAS sum products in different orders), 1e-4 through cuDNN's
 // convolutions. Skipped, with the reason, without a GPU.
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -100,6 +101,42 @@ TEST_F(GpuExecutor, AnMlpTrainsOnTheGpuAsOnTheCpuForEveryActivation) {
     SCOPED_TRACE(act);
     ExpectGpuMatchesCpu(Mlp(act), {{"data", {32, 20}}, {"label", {32}}}, 10, GradReq::kWrite);
   }
+}
+
+// On a GPU consecutive nodes run as one engine operation by default
+// (graph/executor.h, "Bulks"); one operation per node must give the same
+// bits, since the same kernels run in the same order on the same stream.
+TEST_F(GpuExecutor, BulkedNodesGiveTheBitsOfOneOperationPerNode) {
+  const std::map<std::string, Shape> shapes = {{"data", {32, 20}}, {"label", {32}}};
+  std::vector<std::vector<float>> seen[2];
+  for (const bool bulked : {true, false}) {
+    setenv("MX_EXEC_BULK_GPU", bulked ? "15" : "1", 1);
+    auto exec = Executor::SimpleBind(Mlp("relu"), gpu(0), shapes);
+    unsetenv("MX_EXEC_BULK_GPU");
+    ASSERT_TRUE(exec.ok()) << exec.status();
+    mx::srand(3);
+    for (const auto& [name, array] : (*exec)->arg_dict()) {
+      NDArray(array).Assign(name == "label" ? Zeros(array.shape())
+                                            : RandomUniform(-1, 1, array.shape()));
+    }
+    WaitAll();
+    Engine::Get()->StartTrace();
+    (*exec)->Forward(true);
+    (*exec)->Backward();
+    WaitAll();
+    std::vector<std::string> names;
+    for (const TraceEvent& e : Engine::Get()->StopTrace()) names.push_back(e.name);
+    if (bulked) {
+      EXPECT_THAT(names, ::testing::Contains("bulk(fc1 .. softmax)"));
+      EXPECT_THAT(names, ::testing::Contains("bulk(softmax_backward .. fc1_backward)"));
+    } else {
+      EXPECT_THAT(names, ::testing::Contains("fc1_backward"));
+    }
+    std::vector<std::vector<float>>& values = seen[bulked ? 0 : 1];
+    values.push_back((*exec)->outputs()[0].ToVector());
+    for (const auto& [name, grad] : (*exec)->grad_dict()) values.push_back(grad.ToVector());
+  }
+  EXPECT_EQ(seen[0], seen[1]);
 }
 
 TEST_F(GpuExecutor, AccumulatedGradientsMatchTheCpu) {
