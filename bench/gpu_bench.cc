@@ -6,6 +6,11 @@
 //                  own device-to-device cudaMemcpy bandwidth (target 0.9);
 //   gpu_sum_64M:   Sum of 64M floats as bandwidth vs the same memcpy
 //                  (target 0.8);
+//   gpu_copy_h2d_64M, gpu_copy_d2h_64M: Assign between cpu_pinned and
+//                  gpu(0) arrays vs cudaMemcpy between the same buffers
+//                  (target 0.9); gpu_copy_both_ways_64M: both at once vs
+//                  the two one-way bandwidths summed (target 0.8: the copy
+//                  streams overlap the directions);
 //   gpu_small_op_latency: per operation of a chain of dependent 256-element
 //                  additions, vs launching the kernel and synchronizing
 //                  the stream after each (target 0.5: the engine adds an
@@ -104,6 +109,45 @@ void BenchBandwidth() {
   cudaFree(dst);
 }
 
+// Host <-> GPU copies of 64 MiB through the engine (Assign between a
+// cpu_pinned array and a gpu(0) one, on the GPU's copy streams) against
+// cudaMemcpy between the same page-locked buffer and the device; and the
+// two directions at once through the engine (separate copy streams) against
+// their one-way bandwidths summed.
+void BenchCopies() {
+  const int64_t n = int64_t{16} << 20;  // floats: 64 MiB
+  const double bytes = sizeof(float) * double(n);
+  NDArray host = RandomUniform(-1, 1, {n}).Copy(cpu_pinned());
+  NDArray host_out = Empty({n}, cpu_pinned());
+  NDArray dev = Empty({n}, gpu(0)), dev_out = RandomUniform(-1, 1, {n}, gpu(0));
+  WaitAll();
+  const std::vector<double> t = MedianTurns(
+      20,
+      {[&] {
+         dev.Assign(host);
+         dev.WaitToRead();
+       },
+       [&] { Check(cudaMemcpy(dev.data(), host.data(), bytes, cudaMemcpyHostToDevice), "h2d"); },
+       [&] {
+         host_out.Assign(dev_out);
+         host_out.WaitToRead();
+       },
+       [&] {
+         Check(cudaMemcpy(host_out.data(), dev_out.data(), bytes, cudaMemcpyDeviceToHost), "d2h");
+       },
+       [&] {
+         dev.Assign(host);
+         host_out.Assign(dev_out);
+         WaitAll();
+       }});
+  Line("gpu_copy_h2d_64M", bytes / t[0] / 1e9, "GB/s", bytes / t[1] / 1e9, t[1] / t[0], 0.9);
+  Line("gpu_copy_d2h_64M", bytes / t[2] / 1e9, "GB/s", bytes / t[3] / 1e9, t[3] / t[2], 0.9);
+  // Both at once, as bytes moved per second, against the one-way figures
+  // of cudaMemcpy summed (1.0 when the directions overlap fully).
+  const double both = 2 * bytes / t[4] / 1e9, one_way = bytes / t[1] / 1e9 + bytes / t[3] / 1e9;
+  Line("gpu_copy_both_ways_64M", both, "GB/s", one_way, both / one_way, 0.8);
+}
+
 // A chain of small dependent operations: what the engine adds per GPU
 // operation (launch, completion event, hand-offs) against launching the
 // kernel of the same size (cuBLAS's axpy, x += 1 * ones) and synchronizing
@@ -185,6 +229,7 @@ int Main() {
 #ifdef MX_HAVE_CUDA
   BenchDot();
   BenchBandwidth();
+  BenchCopies();
   BenchSmallOps();
   BenchTraining();
 #endif

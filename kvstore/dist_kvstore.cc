@@ -1589,7 +1589,9 @@ class DistKVStore : public KVStore {
     // Device copies (Merge, LandingOf): where they are summed, fixed at the
     // first push; the host copy of a sum made on a GPU, which the push
     // sends; and the host array a pull's answer lands in when an output is
-    // not in host memory. Each is allocated once, when first needed.
+    // not in host memory. Each is allocated once, when first needed. Host
+    // arrays that a GPU copies to or from are page-locked (cpu_pinned), so
+    // those copies run on the GPU's copy streams at the bus's speed.
     std::optional<Context> sum_ctx;
     NDArray staged, landing;
     int slot = 0;  // the key's id: keys take the copies' devices in turn
@@ -1788,12 +1790,16 @@ class DistKVStore : public KVStore {
   NDArray Merge(Entry& e, const std::vector<NDArray>& values, int priority) const {
     ++e.pushes;
     if (!e.sum_ctx.has_value()) {
-      e.sum_ctx = conn_->options.device_sums ? values[e.slot % values.size()].context() : cpu();
+      const bool any_gpu = std::any_of(values.begin(), values.end(),
+                                       [](const NDArray& v) { return v.context().is_gpu(); });
+      e.sum_ctx = conn_->options.device_sums ? values[e.slot % values.size()].context()
+                  : any_gpu                  ? cpu_pinned()
+                                             : cpu();
     }
     NDArray sum =
         internal::SumCopies(values, e.shape, &e.merged, priority, e.push_name.c_str(), *e.sum_ctx);
     if (sum.context().is_cpu()) return sum;
-    if (e.staged.is_none()) e.staged = Empty(e.shape, cpu());
+    if (e.staged.is_none()) e.staged = Empty(e.shape, cpu_pinned());
     internal::Copy(sum, e.staged, priority, e.push_name.c_str());
     return e.staged;
   }
@@ -1818,7 +1824,7 @@ class DistKVStore : public KVStore {
       }
       return l;
     }
-    if (e.landing.is_none()) e.landing = Empty(e.shape, cpu());
+    if (e.landing.is_none()) e.landing = Empty(e.shape, cpu_pinned());
     l.dsts = {e.landing.data()};
     l.writes = {e.landing.var()};
     l.spread = true;

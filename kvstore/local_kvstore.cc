@@ -340,7 +340,8 @@ class LocalKVStore : public KVStore {
 NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArray* merged,
                   int priority, const char* name, Context ctx) {
   // The CPU reads host memory of every CPU context in place; other copies
-  // come to ctx first (pooled temporaries).
+  // come to ctx first (pooled temporaries, page-locked when the sum is on
+  // the host, so that the GPUs' copies out run on their copy streams).
   auto readable = [ctx](const NDArray& v) {
     return v.context() == ctx || (ctx.is_cpu() && v.context().is_cpu());
   };
@@ -351,7 +352,9 @@ NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArra
     return *merged;
   }
   std::vector<NDArray> here;
-  for (const NDArray& v : values) here.push_back(readable(v) ? v : v.Copy(ctx));
+  for (const NDArray& v : values) {
+    here.push_back(readable(v) ? v : v.Copy(ctx.is_cpu() ? cpu_pinned() : ctx));
+  }
   if (ctx.is_gpu()) {
     merged->Assign(here[0]);
     for (size_t k = 1; k < here.size(); ++k) *merged += here[k];

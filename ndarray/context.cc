@@ -9,7 +9,7 @@
 namespace mx {
 
 std::string Context::ToString() const {
-  return absl::StrCat(is_gpu() ? "gpu(" : "cpu(", device_id, ")");
+  return absl::StrCat(is_gpu() ? "gpu(" : is_pinned() ? "cpu_pinned(" : "cpu(", device_id, ")");
 }
 
 std::ostream& operator<<(std::ostream& os, const Context& ctx) {
@@ -72,6 +72,11 @@ class CpuDevice : public DeviceApi {
     return absl::OkStatus();
   }
 
+  void CopyAsync(void* dst, Context dst_ctx, const void* src, Context src_ctx, size_t bytes,
+                 std::function<void(absl::Status)> done) override {
+    done(Copy(dst, dst_ctx, src, src_ctx, bytes));
+  }
+
   void WhenStreamDone(int, std::function<void(absl::Status)> done) override {
     done(absl::OkStatus());
   }
@@ -88,7 +93,11 @@ DeviceApi* CpuDeviceApi() {
 }
 
 DeviceApi* DeviceApiFor(Context ctx) {
-  return ctx.is_gpu() ? GpuDeviceApi() : CpuDeviceApi();
+  if (ctx.is_gpu()) return GpuDeviceApi();
+  if (!ctx.is_pinned()) return CpuDeviceApi();
+  // Decided once, so that every block is freed by what allocated it.
+  static DeviceApi* const pinned = NumGpus() > 0 ? PinnedHostApi() : CpuDeviceApi();
+  return pinned;
 }
 
 }  // namespace internal

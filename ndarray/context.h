@@ -1,10 +1,20 @@
-// Context: the device an NDArray lives on, cpu(i) or gpu(i).
+// Context: the device an NDArray lives on, cpu(i), cpu_pinned(i) or gpu(i).
 //
 // cpu(i) for any i is host memory; distinct CPU ids act as distinct devices
 // (the local KVStore and data-parallel training treat them so), which lets
 // multi-device code run on machines without GPUs. gpu(i) needs a build with
 // CUDA and a machine with at least i+1 GPUs; CheckContextAvailable says which
 // of the two is missing.
+//
+// cpu_pinned(i) (MXNet's) is host memory that GPUs copy to and from
+// directly: page-locked (cudaHostAlloc), so a copy between it and a GPU
+// runs asynchronously on the GPU's copy streams at the bus's speed, beside
+// the GPU's computation. Operations run on it as on the CPU (is_cpu() is
+// true). Like distinct CPU ids it is a context of its own: an operation
+// takes arrays of one context, and Assign or Copy moves values between
+// cpu(i) and cpu_pinned(i). Without a usable GPU it is ordinary host
+// memory. Page-locked memory is taken from the system's RAM for good, so
+// it is meant for transfer buffers, not for whole models.
 #ifndef MX_NDARRAY_CONTEXT_H_
 #define MX_NDARRAY_CONTEXT_H_
 
@@ -15,7 +25,8 @@
 
 namespace mx {
 
-enum class DeviceType : int { kCPU = 1, kGPU = 2 };
+// MXNet's numbering.
+enum class DeviceType : int { kCPU = 1, kGPU = 2, kCPUPinned = 3 };
 
 struct Context {
   DeviceType device_type = DeviceType::kCPU;
@@ -23,11 +34,14 @@ struct Context {
 
   static Context CPU(int id = 0) { return {DeviceType::kCPU, id}; }
   static Context GPU(int id = 0) { return {DeviceType::kGPU, id}; }
+  static Context CPUPinned(int id = 0) { return {DeviceType::kCPUPinned, id}; }
 
-  bool is_cpu() const { return device_type == DeviceType::kCPU; }
+  // Host memory: cpu(i) or cpu_pinned(i).
+  bool is_cpu() const { return device_type != DeviceType::kGPU; }
   bool is_gpu() const { return device_type == DeviceType::kGPU; }
+  bool is_pinned() const { return device_type == DeviceType::kCPUPinned; }
 
-  // "cpu(0)" or "gpu(1)".
+  // "cpu(0)", "cpu_pinned(0)" or "gpu(1)".
   std::string ToString() const;
 
   friend bool operator==(const Context& a, const Context& b) {
@@ -46,6 +60,7 @@ struct Context {
 
 inline Context cpu(int id = 0) { return Context::CPU(id); }
 inline Context gpu(int id = 0) { return Context::GPU(id); }
+inline Context cpu_pinned(int id = 0) { return Context::CPUPinned(id); }
 
 std::ostream& operator<<(std::ostream& os, const Context& ctx);
 

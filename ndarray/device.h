@@ -28,6 +28,17 @@ class DeviceApi {
   // kind (or both host). Blocks until the copy is complete.
   virtual absl::Status Copy(void* dst, Context dst_ctx, const void* src,
                             Context src_ctx, size_t bytes) = 0;
+  // Copies as Copy does, and calls done exactly once, from any thread, when
+  // the copy is complete: OK or the error. A GPU runs it on a stream: a copy
+  // within one GPU on that GPU's compute stream, one into a GPU (from the
+  // host or another GPU) on the destination's copy-in stream, one out to the
+  // host on the source's copy-out stream, so copies overlap computation and
+  // each other. It returns once the copy is enqueued where the host side is
+  // pinned (cpu_pinned) and the bytes have left pageable host memory
+  // otherwise (the driver stages them). The CPU copies at once. done must
+  // not call into the device.
+  virtual void CopyAsync(void* dst, Context dst_ctx, const void* src, Context src_ctx, size_t bytes,
+                         std::function<void(absl::Status)> done) = 0;
   // Calls done exactly once, from any thread, when all work enqueued so far
   // on device id's compute stream has run: OK, or the error the device
   // reported. done must not call into the device. The CPU has no stream and
@@ -39,7 +50,11 @@ class DeviceApi {
 DeviceApi* CpuDeviceApi();
 // The CUDA implementation, or nullptr in a build without CUDA.
 DeviceApi* GpuDeviceApi();
-// The implementation for ctx's device type (nullptr for an unbuilt GPU).
+// Page-locked host memory through CUDA (cudaHostAlloc), or nullptr in a
+// build without CUDA. Needs a usable GPU.
+DeviceApi* PinnedHostApi();
+// The implementation for ctx's device type (nullptr for an unbuilt GPU;
+// the host's for cpu_pinned where no GPU is usable).
 DeviceApi* DeviceApiFor(Context ctx);
 
 }  // namespace mx::internal

@@ -41,20 +41,23 @@
 //    kNormal operation may call ParallelFor too (Pooling does): it then
 //    shares the cores with the other workers' operations, and runs
 //    serially while another job holds the pool.
-//  - One thread per GPU in use (ndarray/cuda/cuda_device.cc) that waits for
-//    the device's compute stream: it polls, spinning and then napping, for
-//    up to 100 ms before it blocks in the driver, so it takes part of a
-//    core while GPU work is in flight. It completes GPU operations, and runs
-//    the kInline operations that this makes ready.
+//  - One thread per GPU stream in use (ndarray/cuda/cuda_device.cc: each
+//    GPU's compute stream, and its copy-in and copy-out streams once copies
+//    use them) that waits for the stream: it polls, spinning and then
+//    napping, for up to 100 ms before it blocks in the driver, so it takes
+//    part of a core while GPU work is in flight. It completes GPU
+//    operations, and runs the kInline operations that this makes ready.
 // The pool defaults to every usable core: processes that share a machine
 // need smaller counts (deploy/launch.py gives each worker its share of the
 // cores as OMP_NUM_THREADS).
 //
 // GPUs. An operation on gpu(i) runs on a worker like any other, but only
 // enqueues work on the device's compute stream (ndarray/launch.h,
-// kernel::Push); it completes, through CallbackOnComplete, when the stream
-// has run that work, so the engine orders GPU work against CPU work and
-// copies by the same variables.
+// kernel::Push), or a copy on one of its copy streams (NDArray::Assign);
+// it completes, through CallbackOnComplete, when the stream has run that
+// work, so the engine orders GPU work against CPU work and copies by the
+// same variables, and copies overlap computation where nothing orders
+// them.
 //
 // All methods are thread-safe. The first engine created (Get, Shared or
 // CreateEngine) turns absl's mutex deadlock detection off for the process,

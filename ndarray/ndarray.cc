@@ -136,15 +136,21 @@ NDArray& NDArray::Assign(const NDArray& src) {
   if (src.chunk_ == chunk_ && src.offset_ == offset_) return *this;
   float* dst = data();
   const float* from = src.data();
-  Context dst_ctx = context(), src_ctx = src.context();
-  size_t bytes = size() * sizeof(float);
-  internal::PushKernel("Copy", dst_ctx.is_gpu() ? dst_ctx : src_ctx, {&src},
-                       {this}, [=] {
-                         internal::DeviceApi* api = internal::DeviceApiFor(
-                             dst_ctx.is_gpu() ? dst_ctx : src_ctx);
-                         ThrowIfError(
-                             api->Copy(dst, dst_ctx, from, src_ctx, bytes));
-                       });
+  const Context dst_ctx = context(), src_ctx = src.context();
+  const size_t bytes = size() * sizeof(float);
+  // A GPU side runs the copy on one of its streams (DeviceApi::CopyAsync);
+  // the operation completes when the stream has.
+  const Context run_ctx = dst_ctx.is_gpu() ? dst_ctx : src_ctx;
+  Engine::Get()->PushAsync(
+      [=](RunContext, CallbackOnComplete done) {
+        internal::DeviceApiFor(run_ctx)->CopyAsync(
+            dst, dst_ctx, from, src_ctx, bytes, [done](absl::Status s) {
+              if (s.ok()) return done();
+              done(std::make_exception_ptr(
+                  Error(absl::Status(s.code(), absl::StrCat("Copy: ", s.message())))));
+            });
+      },
+      run_ctx, {src.var()}, {var()}, 0, "Copy");
   return *this;
 }
 

@@ -11,6 +11,7 @@
 
 namespace mx::internal {
 DeviceApi* GpuDeviceApi() { return nullptr; }
+DeviceApi* PinnedHostApi() { return nullptr; }
 }  // namespace mx::internal
 
 namespace mx::kernel {

@@ -1,6 +1,6 @@
-// The GPU DeviceApi over the CUDA runtime, each device's compute stream and
-// the threads that report when a stream has run its work. Compiled only with
-// CUDA.
+// The GPU DeviceApi over the CUDA runtime, page-locked host memory, each
+// device's streams and the threads that report when a stream has run its
+// work. Compiled only with CUDA.
 #include <cuda_runtime.h>
 
 #include <array>
@@ -36,25 +36,28 @@ absl::Status CudaStatus(cudaError_t err, const std::string& what) {
   return absl::Status(code, absl::StrCat(what, ": ", cudaGetErrorString(err)));
 }
 
-// Completes WhenStreamDone requests of one device in the order they were
-// made: each is an event recorded on the compute stream, which one thread
+// Completes the requests to be told when one stream of one device has run
+// its work (WhenStreamDone, CopyAsync), in the order they were made: each
+// is an event recorded on the stream, which one thread
 // waits for before calling the request's callback. It polls the event,
 // spinning for kSpin and then sleeping kNap between polls, and blocks in
 // the driver only after kPoll: a blocking wait alone wakes up hundreds of
 // microseconds late (measured on an H200: a 4096^3 product ran at 0.84 of
 // cuBLAS, a 64M-element add at 0.6 of memcpy bandwidth), and spinning
-// throughout would hold a core while long kernels run.
+// throughout would hold a core while long kernels run. One thread per
+// stream, so that a copy's completion is not reported behind a long
+// kernel's.
 class StreamWatcher {
  public:
-  explicit StreamWatcher(int device) : device_(device) {
+  StreamWatcher(int device, cudaStream_t stream) : device_(device), stream_(stream) {
     std::thread([this] { Run(); }).detach();
   }
 
-  void Watch(cudaStream_t stream, std::function<void(absl::Status)> done) {
+  void Watch(std::function<void(absl::Status)> done) {
     cudaEvent_t event = nullptr;
     absl::Status s = CudaStatus(cudaSetDevice(device_), Where("cudaSetDevice", device_));
     if (s.ok()) s = TakeEvent(&event);
-    if (s.ok()) s = CudaStatus(cudaEventRecord(event, stream), Where("cudaEventRecord", device_));
+    if (s.ok()) s = CudaStatus(cudaEventRecord(event, stream_), Where("cudaEventRecord", device_));
     if (!s.ok()) {
       if (event != nullptr) GiveEvent(event);
       done(s);
@@ -124,6 +127,7 @@ class StreamWatcher {
   }
 
   const int device_;
+  const cudaStream_t stream_;
   absl::Mutex mu_;
   std::deque<Request> queue_ ABSL_GUARDED_BY(mu_);
   std::vector<cudaEvent_t> free_events_ ABSL_GUARDED_BY(mu_);
@@ -167,23 +171,48 @@ class CudaDevice : public DeviceApi {
   absl::Status Copy(void* dst, Context dst_ctx, const void* src,
                     Context src_ctx, size_t bytes) override {
     if (bytes == 0) return absl::OkStatus();
+    const int dev = PrepareCopy(dst_ctx, src_ctx);
+    MX_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(dev), Where("cudaSetDevice", dev)));
+    // Unified addressing lets the runtime infer the direction.
+    return CudaStatus(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), CopyName(dst_ctx, src_ctx));
+  }
+
+  void CopyAsync(void* dst, Context dst_ctx, const void* src, Context src_ctx, size_t bytes,
+                 std::function<void(absl::Status)> done) override {
+    if (bytes == 0) return done(absl::OkStatus());
+    const int dev = PrepareCopy(dst_ctx, src_ctx);
+    const cuda::StreamKind kind = !src_ctx.is_gpu()    ? cuda::StreamKind::kCopyIn
+                                  : !dst_ctx.is_gpu()  ? cuda::StreamKind::kCopyOut
+                                  : dst_ctx == src_ctx ? cuda::StreamKind::kCompute
+                                                       : cuda::StreamKind::kCopyIn;
+    absl::Status s = CudaStatus(cudaSetDevice(dev), Where("cudaSetDevice", dev));
+    if (s.ok()) {
+      s = CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, cuda::Stream(dev, kind)),
+                     CopyName(dst_ctx, src_ctx));
+    }
+    if (!s.ok()) return done(s);
+    Watcher(dev, kind)->Watch(std::move(done));
+  }
+
+  void WhenStreamDone(int id, std::function<void(absl::Status)> done) override {
+    Watcher(id, cuda::StreamKind::kCompute)->Watch(std::move(done));
+  }
+
+ private:
+  // The device whose streams run a copy (the destination if it is a GPU,
+  // else the source), after giving two GPUs access to each other.
+  int PrepareCopy(Context dst_ctx, Context src_ctx) {
     if (dst_ctx.is_gpu() && src_ctx.is_gpu() && dst_ctx.device_id != src_ctx.device_id) {
       EnablePeerAccess(dst_ctx.device_id, src_ctx.device_id);
       EnablePeerAccess(src_ctx.device_id, dst_ctx.device_id);
     }
-    int dev = dst_ctx.is_gpu() ? dst_ctx.device_id : src_ctx.device_id;
-    MX_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(dev), Where("cudaSetDevice", dev)));
-    // Unified addressing lets the runtime infer the direction.
-    return CudaStatus(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault),
-                      absl::StrCat("copy ", src_ctx.ToString(), " -> ",
-                                   dst_ctx.ToString()));
+    return dst_ctx.is_gpu() ? dst_ctx.device_id : src_ctx.device_id;
   }
 
-  void WhenStreamDone(int id, std::function<void(absl::Status)> done) override {
-    Watcher(id)->Watch(cuda::ComputeStream(id), std::move(done));
+  static std::string CopyName(Context dst_ctx, Context src_ctx) {
+    return absl::StrCat("copy ", src_ctx.ToString(), " -> ", dst_ctx.ToString());
   }
 
- private:
   // Lets `device` reach `peer`'s memory directly, once per ordered pair, so
   // that a copy between them moves over NVLink or PCIe rather than through
   // host memory (the runtime stages it there otherwise). Devices that
@@ -209,34 +238,68 @@ class CudaDevice : public DeviceApi {
     cudaSetDevice(previous);
   }
 
-  StreamWatcher* Watcher(int id) {
-    std::call_once(watcher_once_[id], [&] { watchers_[id] = new StreamWatcher(id); });
-    return watchers_[id];
+  StreamWatcher* Watcher(int id, cuda::StreamKind kind) {
+    const int k = static_cast<int>(kind);
+    std::call_once(watcher_once_[id][k],
+                   [&] { watchers_[id][k] = new StreamWatcher(id, cuda::Stream(id, kind)); });
+    return watchers_[id][k];
   }
 
-  std::array<std::once_flag, kMaxDevices> watcher_once_;
-  std::array<StreamWatcher*, kMaxDevices> watchers_{};
+  std::array<std::array<std::once_flag, cuda::kStreamKinds>, kMaxDevices> watcher_once_;
+  std::array<std::array<StreamWatcher*, cuda::kStreamKinds>, kMaxDevices> watchers_{};
   absl::Mutex peer_mu_;
   std::set<std::pair<int, int>> peer_tried_ ABSL_GUARDED_BY(peer_mu_);
+};
+
+// Page-locked host memory, portable (every GPU reads it directly); copies
+// among host arrays are the CPU's.
+class PinnedHost : public DeviceApi {
+ public:
+  int DeviceCount() override { return CpuDeviceApi()->DeviceCount(); }
+
+  absl::StatusOr<void*> Alloc(int, size_t bytes) override {
+    void* p = nullptr;
+    const cudaError_t err = cudaHostAlloc(&p, bytes, cudaHostAllocPortable);
+    if (err == cudaSuccess) return p;
+    cudaGetLastError();  // not sticky; clear it
+    return CudaStatus(err, absl::StrCat("cudaHostAlloc of ", bytes, " page-locked bytes"));
+  }
+
+  void Free(int, void* ptr) override { cudaFreeHost(ptr); }
+
+  absl::Status Copy(void* dst, Context dst_ctx, const void* src, Context src_ctx,
+                    size_t bytes) override {
+    return CpuDeviceApi()->Copy(dst, dst_ctx, src, src_ctx, bytes);
+  }
+
+  void CopyAsync(void* dst, Context dst_ctx, const void* src, Context src_ctx, size_t bytes,
+                 std::function<void(absl::Status)> done) override {
+    CpuDeviceApi()->CopyAsync(dst, dst_ctx, src, src_ctx, bytes, std::move(done));
+  }
+
+  void WhenStreamDone(int id, std::function<void(absl::Status)> done) override {
+    CpuDeviceApi()->WhenStreamDone(id, std::move(done));
+  }
 };
 
 }  // namespace
 
 namespace cuda {
 
-cudaStream_t ComputeStream(int device) {
-  static std::array<std::once_flag, kMaxDevices> once;
-  static std::array<cudaStream_t, kMaxDevices> streams{};
+cudaStream_t Stream(int device, StreamKind kind) {
+  static std::array<std::array<std::once_flag, kStreamKinds>, kMaxDevices> once;
+  static std::array<std::array<cudaStream_t, kStreamKinds>, kMaxDevices> streams{};
   if (device < 0 || device >= kMaxDevices) return nullptr;
-  std::call_once(once[device], [device] {
+  const int k = static_cast<int>(kind);
+  std::call_once(once[device][k], [device, k] {
     int previous = 0;
     cudaGetDevice(&previous);
     if (cudaSetDevice(device) == cudaSuccess) {
-      cudaStreamCreateWithFlags(&streams[device], cudaStreamNonBlocking);
+      cudaStreamCreateWithFlags(&streams[device][k], cudaStreamNonBlocking);
     }
     cudaSetDevice(previous);
   });
-  return streams[device];
+  return streams[device][k];
 }
 
 }  // namespace cuda
@@ -244,6 +307,11 @@ cudaStream_t ComputeStream(int device) {
 DeviceApi* GpuDeviceApi() {
   static CudaDevice* device = new CudaDevice();
   return device;
+}
+
+DeviceApi* PinnedHostApi() {
+  static PinnedHost* host = new PinnedHost();
+  return host;
 }
 
 }  // namespace mx::internal

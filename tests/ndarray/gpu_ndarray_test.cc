@@ -178,6 +178,55 @@ TEST_F(GpuTest, LongChainsAcrossDevicesRunInEngineOrder) {
   ExpectNear(h, g, 0, "chain");
 }
 
+// The same chain through page-locked host memory, whose copies run on the
+// GPU's copy streams asynchronously: the engine must still order them
+// against the compute stream and the host's work.
+TEST_F(GpuTest, ChainsThroughPinnedHostMemoryRunInEngineOrder) {
+  NDArray g = Zeros({1 << 16}, gpu(0));
+  NDArray p = Zeros({1 << 16}, cpu_pinned());
+  NDArray h = Zeros({1 << 16}, cpu());
+  for (int i = 0; i < 50; ++i) {
+    g += 1.0f;
+    p.Assign(g);
+    p *= 2.0f;
+    g.Assign(p);
+    h += 1.0f;
+    h *= 2.0f;
+  }
+  ExpectNear(h, g, 0, "chain");
+  ExpectNear(h, p, 0, "pinned");
+}
+
+// Many independent round trips at once: host -> GPU on the copy-in stream,
+// work on the compute stream, GPU -> host on the copy-out stream, all in
+// flight together with no waits; each array gets its own values back.
+TEST_F(GpuTest, IndependentCopiesInBothDirectionsOverlapAndKeepTheirValues) {
+  constexpr int kArrays = 16;
+  std::vector<NDArray> in, on_gpu, out;
+  for (int i = 0; i < kArrays; ++i) {
+    std::vector<float> values(1 << 18);
+    for (size_t j = 0; j < values.size(); ++j) values[j] = static_cast<float>(i * 1000 + j % 997);
+    in.push_back(FromVector(values).Copy(cpu_pinned()));
+    on_gpu.push_back(Empty(in.back().shape(), gpu(0)));
+    out.push_back(Empty(in.back().shape(), i % 2 == 0 ? cpu_pinned() : cpu()));
+  }
+  for (int round = 0; round < 3; ++round) {
+    for (int i = 0; i < kArrays; ++i) {
+      on_gpu[i].Assign(in[i]);
+      on_gpu[i] *= 3.0f;
+      out[i].Assign(on_gpu[i]);
+      in[i].Assign(out[i]);
+    }
+  }
+  for (int i = 0; i < kArrays; ++i) {
+    std::vector<float> got = out[i].ToVector();
+    ASSERT_EQ(got.size(), size_t{1} << 18);
+    for (size_t j = 0; j < got.size(); j += 4099) {
+      ASSERT_EQ(got[j], 27.0f * static_cast<float>(i * 1000 + j % 997)) << i << " at " << j;
+    }
+  }
+}
+
 // Copies between two GPUs (directly where they reach each other's memory,
 // through the host otherwise), both ways and back-to-back with work on
 // each: the values arrive whole and in engine order.

@@ -1228,6 +1228,24 @@ TEST(NDArrayAsync, ExpressionTemporariesAreServedFromThePool) {
   EXPECT_EQ(after.bytes_in_use, before.bytes_in_use);
 }
 
+// cpu_pinned arrays compute as CPU ones (they are host memory) and move to
+// and from other contexts by copies, like any context.
+TEST(NDArrayContexts, PinnedHostArraysComputeAsOnTheCpu) {
+  NDArray p = FromVector({1, 2, 3, 4}, {2, 2}).Copy(cpu_pinned());
+  EXPECT_EQ(p.context(), cpu_pinned());
+  NDArray q = Ones({2, 2}, cpu_pinned());
+  p += q * 2.0f;
+  EXPECT_EQ(p.ToVector(), (std::vector<float>{3, 4, 5, 6}));
+  EXPECT_EQ(Dot(p, q).ToVector(), (std::vector<float>{7, 7, 11, 11}));
+  EXPECT_EQ(Dot(p, q).context(), cpu_pinned());
+  NDArray c = Zeros({2, 2});
+  c.Assign(p);
+  p.Assign(c + 1.0f);
+  EXPECT_EQ(p.ToVector(), (std::vector<float>{4, 5, 6, 7}));
+  ExpectError([&] { c + p; }, absl::StatusCode::kInvalidArgument,
+              {"add", "cpu(0)", "cpu_pinned(0)"});
+}
+
 TEST(NDArrayContexts, MixingContextsInOneOperationIsRefusedNamingBoth) {
   NDArray a = Ones({2, 2}, cpu(0));
   NDArray b = Ones({2, 2}, cpu(1));

@@ -34,6 +34,19 @@ TEST(Context, PrintsAsDeviceTypeAndId) {
   EXPECT_EQ(os.str(), "gpu(0) cpu(2)");
 }
 
+TEST(Context, PinnedHostMemoryIsAHostContextOfItsOwn) {
+  EXPECT_EQ(cpu_pinned().ToString(), "cpu_pinned(0)");
+  EXPECT_EQ(cpu_pinned(2), Context::CPUPinned(2));
+  EXPECT_TRUE(cpu_pinned().is_cpu());
+  EXPECT_TRUE(cpu_pinned().is_pinned());
+  EXPECT_FALSE(cpu().is_pinned());
+  EXPECT_FALSE(cpu_pinned().is_gpu());
+  EXPECT_NE(cpu_pinned(0), cpu(0));
+  EXPECT_LT(gpu(3), cpu_pinned(0));  // MXNet's numbering: cpu 1, gpu 2, cpu_pinned 3
+  EXPECT_TRUE(CheckContextAvailable(cpu_pinned(0)).ok());
+  EXPECT_EQ(CheckContextAvailable(cpu_pinned(-1)).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(Context, DefaultIsCpuZero) {
   Context ctx;
   EXPECT_TRUE(ctx.is_cpu());
@@ -249,6 +262,24 @@ TEST_F(StorageTest, PoolsAreKeptPerContext) {
   EXPECT_EQ(storage_.Stats(cpu(0)).bytes_in_use, 0u);
   storage_.Free(b);
   EXPECT_EQ(storage_.Stats(cpu(1)).bytes_pooled, 256u);
+}
+
+// Page-locked blocks (cudaHostAlloc where a GPU is usable, host memory
+// otherwise) never serve a cpu(0) request, nor the other way round.
+TEST_F(StorageTest, PinnedHostMemoryHasAPoolOfItsOwn) {
+  StorageHandle a = Alloc(1000, cpu_pinned());
+  EXPECT_EQ(a.ctx, cpu_pinned());
+  std::memset(a.dptr, 7, 1000);  // host memory
+  storage_.Free(a);
+  StorageHandle b = Alloc(1000, cpu());
+  EXPECT_EQ(storage_.Stats(cpu()).pool_hits, 0u);
+  EXPECT_EQ(storage_.Stats(cpu_pinned()).bytes_pooled, Storage::SizeClass(1000));
+  StorageHandle c = Alloc(1000, cpu_pinned());
+  EXPECT_EQ(storage_.Stats(cpu_pinned()).pool_hits, 1u);
+  storage_.Free(b);
+  storage_.Free(c);
+  storage_.ReleasePooled(cpu_pinned());
+  EXPECT_EQ(storage_.Stats(cpu_pinned()).bytes_pooled, 0u);
 }
 
 TEST_F(StorageTest, ReleasePooledEmptiesOnlyThatContextsPool) {
