@@ -1,11 +1,13 @@
 #include "ndarray/engine.h"
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>  // std::recursive_mutex, for NaiveEngine only
+#include <memory>
+#include <mutex>  // std::call_once; std::recursive_mutex, for NaiveEngine only
 #include <queue>
 #include <string>
 #include <thread>
@@ -376,6 +378,20 @@ class WorkerPool {
   std::vector<std::thread> threads_;  // written only by the constructor
 };
 
+// Operations on gpu(i) run on a worker thread of the device's own, started
+// at its first operation: they only enqueue work on the device's streams
+// and complete later, so they must neither wait behind the CPU's
+// operations (with one CPU worker, a long CPU operation held up every GPU
+// launch) nor take a CPU worker from them. kCpuParallel means nothing to
+// them there: they do not use the CPU pool.
+constexpr int kMaxDevicePools = 64;
+
+// Which pool runs operations on ctx: 0 for the CPU's, 1 + i for gpu(i)'s.
+int PoolIndex(Context ctx) {
+  if (!ctx.is_gpu() || ctx.device_id < 0 || ctx.device_id >= kMaxDevicePools) return 0;
+  return 1 + ctx.device_id;
+}
+
 class ThreadedEngine : public Engine {
  public:
   explicit ThreadedEngine(int num_workers)
@@ -483,8 +499,16 @@ class ThreadedEngine : public Engine {
     if (op->prop == FnProperty::kInline) {
       Run(op);
     } else {
-      pool_.Push(op, pusher_continues);
+      PoolFor(PoolIndex(op->ctx))->Push(op, pusher_continues);
     }
+  }
+
+  WorkerPool* PoolFor(int index) {
+    if (index == 0) return &pool_;
+    std::call_once(device_pool_once_[index - 1], [this, index] {
+      device_pools_[index - 1] = std::make_unique<WorkerPool>(1, [this](OprBlock* op) { Run(op); });
+    });
+    return device_pools_[index - 1].get();
   }
 
   void Run(OprBlock* op) {
@@ -530,7 +554,9 @@ class ThreadedEngine : public Engine {
       }
       if (op->delete_var) delete v;
     }
-    for (OprBlock* r : ready) DecWait(r, continues);
+    // The thread goes on in its own pool only.
+    const int pool = PoolIndex(op->ctx);
+    for (OprBlock* r : ready) DecWait(r, continues && PoolIndex(r->ctx) == pool);
     delete op;
     if (pending_ops_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       absl::MutexLock lock(&finish_mu_);
@@ -554,7 +580,11 @@ class ThreadedEngine : public Engine {
   absl::Mutex finish_mu_;
   absl::CondVar finish_cv_;
   ErrorLog errors_;
-  WorkerPool pool_;  // last: its threads stop before the state above dies
+  // Last: their threads stop before the state above dies (the devices'
+  // first).
+  WorkerPool pool_;
+  std::array<std::once_flag, kMaxDevicePools> device_pool_once_;
+  std::array<std::unique_ptr<WorkerPool>, kMaxDevicePools> device_pools_;
 };
 
 // Runs every operation inline, in Push. Async operations are waited for.

@@ -18,7 +18,7 @@
 // every operation inline in Push (for debugging: errors surface at once and
 // stacks are readable); the default is ThreadedEngine.
 //
-// Who owns the CPU cores. Three sets of threads run a process's CPU work:
+// Who owns the CPU cores. These threads run a process's CPU work:
 //  - The engine's workers, MX_CPU_WORKER_NTHREADS of them (default 1, as
 //    in MXNet). A thread that ends an operation takes the next ready one
 //    itself, so a chain of dependent operations stays on one thread; a
@@ -41,6 +41,8 @@
 //    kNormal operation may call ParallelFor too (Pooling does): it then
 //    shares the cores with the other workers' operations, and runs
 //    serially while another job holds the pool.
+//  - One engine worker per GPU in use (see "GPUs" below), which enqueues
+//    GPU work and returns at once.
 //  - One thread per GPU stream in use (ndarray/cuda/cuda_device.cc: each
 //    GPU's compute stream, and its copy-in and copy-out streams once copies
 //    use them) that waits for the stream: it polls, spinning and then
@@ -51,13 +53,15 @@
 // need smaller counts (deploy/launch.py gives each worker its share of the
 // cores as OMP_NUM_THREADS).
 //
-// GPUs. An operation on gpu(i) runs on a worker like any other, but only
-// enqueues work on the device's compute stream (ndarray/launch.h,
-// kernel::Push), or a copy on one of its copy streams (NDArray::Assign);
-// it completes, through CallbackOnComplete, when the stream has run that
-// work, so the engine orders GPU work against CPU work and copies by the
-// same variables, and copies overlap computation where nothing orders
-// them.
+// GPUs. An operation on gpu(i) runs on a worker thread of the device's own
+// (started at its first operation; not among MX_CPU_WORKER_NTHREADS), so
+// that GPU launches neither wait behind CPU operations nor take CPU
+// workers from them. It only enqueues work on the device's compute stream
+// (ndarray/launch.h, kernel::Push), or a copy on one of its copy streams
+// (NDArray::Assign), and completes, through CallbackOnComplete, when the
+// stream has run that work: the engine orders GPU work against CPU work
+// and copies by the same variables, and copies overlap computation where
+// nothing orders them.
 //
 // All methods are thread-safe. The first engine created (Get, Shared or
 // CreateEngine) turns absl's mutex deadlock detection off for the process,

@@ -34,6 +34,7 @@
 namespace mx {
 namespace {
 
+using ::testing::Each;
 using ::testing::HasSubstr;
 
 // The status of the mx::Error thrown by f, or OK when it throws nothing.
@@ -1068,6 +1069,51 @@ TEST(ThreadedEngine, AChainStaysOnTheWorkerThatRunsIt) {
     EXPECT_EQ(ran[i], ran[0]) << "operation " << i << " moved to another thread";
   }
   for (VarHandle x : {busy.var(), v}) engine->DeleteVariable([](RunContext) {}, cpu(), x);
+}
+
+// Operations on gpu(i) (which only enqueue work on the device's streams)
+// run on a worker of that device's own: with the only CPU worker busy they
+// still run, each device's on one thread, none on the waiting thread. The
+// engine does not touch the device, so this runs without a GPU.
+TEST(ThreadedEngine, GpuOperationsRunOnTheirDevicesOwnWorker) {
+  std::unique_ptr<Engine> engine = CreateEngine(Threaded(1));
+  BusyWorker busy(engine.get());  // the only CPU worker
+  VarHandle x = engine->NewVariable(), y = engine->NewVariable();
+  std::vector<std::thread::id> on_gpu0, on_gpu1;
+  for (int i = 0; i < 5; ++i) {
+    engine->PushSync([&](RunContext) { on_gpu0.push_back(std::this_thread::get_id()); }, gpu(0), {},
+                     {x});
+    engine->PushSync([&](RunContext) { on_gpu1.push_back(std::this_thread::get_id()); }, gpu(1), {},
+                     {y});
+  }
+  RunOrDie([&] { engine->WaitForVar(x); }, 10, "WaitForVar on gpu(0)'s operations");
+  RunOrDie([&] { engine->WaitForVar(y); }, 10, "WaitForVar on gpu(1)'s operations");
+  ASSERT_EQ(on_gpu0.size(), 5u);
+  ASSERT_EQ(on_gpu1.size(), 5u);
+  EXPECT_THAT(on_gpu0, Each(on_gpu0[0]));
+  EXPECT_THAT(on_gpu1, Each(on_gpu1[0]));
+  EXPECT_NE(on_gpu0[0], on_gpu1[0]);
+  EXPECT_NE(on_gpu0[0], std::this_thread::get_id());
+  busy.Release();
+  engine->WaitForAll();
+  for (VarHandle v : {busy.var(), x, y}) engine->DeleteVariable([](RunContext) {}, cpu(), v);
+}
+
+// A chain of operations on one variable that moves between the CPU's
+// workers and two devices' runs in push order.
+TEST(ThreadedEngine, AChainAcrossCpuAndDeviceWorkersRunsInOrder) {
+  std::unique_ptr<Engine> engine = CreateEngine(Threaded(2));
+  VarHandle v = engine->NewVariable();
+  std::vector<int> order;
+  const Context where[] = {cpu(), gpu(0), gpu(1), gpu(0), cpu(1)};
+  for (int i = 0; i < 200; ++i) {
+    engine->PushSync([&order, i](RunContext) { order.push_back(i); }, where[i % 5], {}, {v}, 0,
+                     "chain", i % 7 == 0 ? FnProperty::kCpuParallel : FnProperty::kNormal);
+  }
+  RunOrDie([&] { engine->WaitForAll(); }, 10, "the chain");
+  ASSERT_EQ(order.size(), 200u);
+  for (int i = 0; i < 200; ++i) EXPECT_EQ(order[i], i);
+  engine->DeleteVariable([](RunContext) {}, cpu(), v);
 }
 
 // A thread with a WaitWithoutRunning (a data prefetcher) waits without
