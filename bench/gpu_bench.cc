@@ -11,6 +11,10 @@
 //                  (target 0.9); gpu_copy_both_ways_64M: both at once vs
 //                  the two one-way bandwidths summed (target 0.8: the copy
 //                  streams overlap the directions);
+//   gpu_nccl_reduce_4x64M: the nccl KVStore's push of 4 keys of 64 MiB, a
+//                  copy per GPU, as NCCL reduce bus bandwidth vs NCCL's own
+//                  all-reduce of the same arrays (target 0.9; needs 2 GPUs,
+//                  else one line says it was skipped);
 //   gpu_small_op_latency: per operation of a chain of dependent 256-element
 //                  additions, vs launching the kernel and synchronizing
 //                  the stream after each (target 0.5: the engine adds an
@@ -32,6 +36,8 @@
 #include "bench/torch_runner.h"
 #include "bench/train_step.h"
 #include "graph/executor.h"
+#include "kvstore/kvstore.h"
+#include "ndarray/launch.h"
 #include "ndarray/ndarray.h"
 #include "worker/zoo.h"
 
@@ -48,6 +54,13 @@ namespace {
 void Check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     std::fprintf(stderr, "gpu_bench: %s: %s\n", what, cudaGetErrorString(err));
+    std::exit(1);
+  }
+}
+
+void CheckOk(const absl::Status& s, const char* what) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "gpu_bench: %s: %s\n", what, s.ToString().c_str());
     std::exit(1);
   }
 }
@@ -148,6 +161,69 @@ void BenchCopies() {
   Line("gpu_copy_both_ways_64M", both, "GB/s", one_way, both / one_way, 0.8);
 }
 
+// The nccl KVStore's reduce of 4 keys of 64 MiB, each pushed as one copy
+// per GPU and summed onto its key's GPU by one NCCL reduce, against NCCL's
+// own all-reduce of the same 4 x 64 MiB called directly (one group per
+// key, as kernel::GpuCollectives makes them, then a device synchronize), as
+// nccl-tests states bus bandwidth: bytes / time for a reduce, times
+// 2 (n - 1) / n for an all-reduce.
+void BenchNccl() {
+  const int gpus = NumGpus();
+  if (gpus < 2) {
+    std::printf("gpu_bench: gpu_nccl_reduce_4x64M skipped: needs 2 GPUs, this machine has %d\n",
+                gpus);
+    return;
+  }
+  constexpr int kKeys = 4;
+  const int64_t n = int64_t{16} << 20;  // floats: 64 MiB
+  absl::StatusOr<std::unique_ptr<KVStore>> kv = KVStore::Create("nccl");
+  CheckOk(kv.status(), "KVStore::Create(nccl)");
+  std::vector<int> devices;
+  for (int d = 0; d < gpus; ++d) devices.push_back(d);
+  std::vector<std::vector<NDArray>> copies(kKeys);
+  std::vector<kernel::GpuCollective> all_reduce(kKeys);
+  std::vector<NDArray> sums;  // the all-reduce's outputs
+  for (int k = 0; k < kKeys; ++k) {
+    CheckOk((*kv)->Init(k, Zeros({n})), "Init");
+    all_reduce[k].kind = kernel::GpuCollective::kAllReduceSum;
+    all_reduce[k].n = n;
+    for (int d = 0; d < gpus; ++d) {
+      copies[k].push_back(RandomUniform(-1, 1, {n}, gpu(d)));
+      sums.push_back(Empty({n}, gpu(d)));
+      all_reduce[k].sends.push_back(copies[k].back().data());
+      all_reduce[k].recvs.push_back(sums.back().data());
+    }
+  }
+  WaitAll();
+  auto synchronize = [&] {
+    for (int d = 0; d < gpus; ++d) {
+      Check(cudaSetDevice(d), "cudaSetDevice");
+      Check(cudaDeviceSynchronize(), "all-reduce");
+    }
+  };
+  const std::vector<double> t = MedianTurns(
+      10, {[&] {
+             for (int k = 0; k < kKeys; ++k) {
+               CheckOk((*kv)->Push(k, copies[k]), "Push");
+             }
+             WaitAll();
+           },
+           [&] {
+             for (int k = 0; k < kKeys; ++k) {
+               if (const char* error = kernel::GpuCollectives(devices, {all_reduce[k]})) {
+                 std::fprintf(stderr, "gpu_bench: all-reduce: %s\n", error);
+                 std::exit(1);
+               }
+             }
+             synchronize();
+           }});
+  const double bytes = kKeys * sizeof(float) * double(n);
+  const double reduce_bus = bytes / t[0] / 1e9;
+  const double all_reduce_bus = bytes / t[1] / 1e9 * 2 * (gpus - 1) / gpus;
+  Line("gpu_nccl_reduce_4x64M", reduce_bus, "GB/s", all_reduce_bus, reduce_bus / all_reduce_bus,
+       0.9);
+}
+
 // A chain of small dependent operations: what the engine adds per GPU
 // operation (launch, completion event, hand-offs) against launching the
 // kernel of the same size (cuBLAS's axpy, x += 1 * ones) and synchronizing
@@ -230,6 +306,7 @@ int Main() {
   BenchDot();
   BenchBandwidth();
   BenchCopies();
+  BenchNccl();
   BenchSmallOps();
   BenchTraining();
 #endif

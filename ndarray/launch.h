@@ -154,16 +154,17 @@ const char* GpuSgemm(int device, const ColMajorGemm& call, float alpha, float be
 // One NCCL collective over the GPUs of a GpuCollectives call (rank i is its
 // devices[i]): kReduceSum sums every rank's sends[i] into recv on rank
 // `root`; kBroadcast copies send (on rank `root`) into every rank's
-// recvs[i]. n floats each.
+// recvs[i]; kAllReduceSum sums every rank's sends[i] into every rank's
+// recvs[i] (gpu_bench's baseline: NCCL's own all-reduce). n floats each.
 struct GpuCollective {
-  enum Kind { kReduceSum, kBroadcast };
+  enum Kind { kReduceSum, kBroadcast, kAllReduceSum };
   Kind kind = kReduceSum;
   int root = 0;
   int64_t n = 0;
-  std::vector<const float*> sends;  // kReduceSum: one per rank
+  std::vector<const float*> sends;  // kReduceSum, kAllReduceSum: one per rank
   float* recv = nullptr;            // kReduceSum: on the root
   const float* send = nullptr;      // kBroadcast: on the root
-  std::vector<float*> recvs;        // kBroadcast: one per rank
+  std::vector<float*> recvs;        // kBroadcast, kAllReduceSum: one per rank
 };
 
 // Enqueues `calls` on the compute streams of `devices` (distinct GPUs) as

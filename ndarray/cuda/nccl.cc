@@ -30,6 +30,7 @@ struct Nccl {
   decltype(&ncclGroupEnd) group_end;
   decltype(&ncclReduce) reduce;
   decltype(&ncclBroadcast) broadcast;
+  decltype(&ncclAllReduce) all_reduce;
   decltype(&ncclGetErrorString) error_string;
 };
 
@@ -50,9 +51,10 @@ const Nccl* LoadNccl(const char** error) {
     n->group_end = reinterpret_cast<decltype(n->group_end)>(dlsym(lib, "ncclGroupEnd"));
     n->reduce = reinterpret_cast<decltype(n->reduce)>(dlsym(lib, "ncclReduce"));
     n->broadcast = reinterpret_cast<decltype(n->broadcast)>(dlsym(lib, "ncclBroadcast"));
+    n->all_reduce = reinterpret_cast<decltype(n->all_reduce)>(dlsym(lib, "ncclAllReduce"));
     n->error_string = reinterpret_cast<decltype(n->error_string)>(dlsym(lib, "ncclGetErrorString"));
     if (!n->comm_init_all || !n->group_start || !n->group_end || !n->reduce || !n->broadcast ||
-        !n->error_string) {
+        !n->all_reduce || !n->error_string) {
       failure = soname + " lacks a function mx needs";
       delete n;
       return nullptr;
@@ -96,10 +98,16 @@ const std::vector<ncclComm_t>* Communicators(const Nccl& nccl, const std::vector
 std::string Malformed(const GpuCollective& c, size_t ranks) {
   if (c.root < 0 || static_cast<size_t>(c.root) >= ranks) return "root outside the devices";
   if (c.n < 0) return "negative count";
-  if (c.kind == GpuCollective::kReduceSum) {
-    return c.sends.size() == ranks && c.recv != nullptr ? "" : "one send per device and a recv";
+  switch (c.kind) {
+    case GpuCollective::kReduceSum:
+      return c.sends.size() == ranks && c.recv != nullptr ? "" : "one send per device and a recv";
+    case GpuCollective::kBroadcast:
+      return c.recvs.size() == ranks && c.send != nullptr ? "" : "a send and one recv per device";
+    case GpuCollective::kAllReduceSum:
+      break;
   }
-  return c.recvs.size() == ranks && c.send != nullptr ? "" : "a send and one recv per device";
+  return c.sends.size() == ranks && c.recvs.size() == ranks ? ""
+                                                            : "one send and one recv per device";
 }
 
 }  // namespace
@@ -126,12 +134,20 @@ const char* GpuCollectives(const std::vector<int>& devices,
     for (size_t i = 0; i < devices.size() && r == ncclSuccess; ++i) {
       cudaStream_t stream = internal::cuda::ComputeStream(devices[i]);
       const size_t n = static_cast<size_t>(c.n);
-      if (c.kind == GpuCollective::kReduceSum) {
-        float* recv = static_cast<int>(i) == c.root ? c.recv : nullptr;
-        r = nccl->reduce(c.sends[i], recv, n, ncclFloat32, ncclSum, c.root, (*comms)[i], stream);
-      } else {
-        const float* send = static_cast<int>(i) == c.root ? c.send : nullptr;
-        r = nccl->broadcast(send, c.recvs[i], n, ncclFloat32, c.root, (*comms)[i], stream);
+      const bool root = static_cast<int>(i) == c.root;
+      switch (c.kind) {
+        case GpuCollective::kReduceSum:
+          r = nccl->reduce(c.sends[i], root ? c.recv : nullptr, n, ncclFloat32, ncclSum, c.root,
+                           (*comms)[i], stream);
+          break;
+        case GpuCollective::kBroadcast:
+          r = nccl->broadcast(root ? c.send : nullptr, c.recvs[i], n, ncclFloat32, c.root,
+                              (*comms)[i], stream);
+          break;
+        case GpuCollective::kAllReduceSum:
+          r = nccl->all_reduce(c.sends[i], c.recvs[i], n, ncclFloat32, ncclSum, (*comms)[i],
+                               stream);
+          break;
       }
     }
   }

@@ -309,6 +309,30 @@ TEST(GpuCollectives, AFailureIsAnErrorOnTheWritesNamingTheOperation) {
   std::printf("the collective's error: %s\n", first.c_str());
 }
 
+// Calls whose buffers do not fit the device set are refused before NCCL
+// is loaded, each saying what it lacks (no GPU needed).
+TEST(GpuCollectives, MalformedCallsAreRefusedSayingWhatTheyLack) {
+  if (!BuiltWithCuda()) GTEST_SKIP() << "a build without CUDA refuses every collective alike";
+  float buffer[4] = {};
+  kernel::GpuCollective reduce, broadcast, all_reduce;
+  reduce.n = broadcast.n = all_reduce.n = 4;
+  reduce.sends = {buffer, buffer};  // no recv
+  broadcast.recvs = {buffer};       // one recv for two devices, no send
+  broadcast.kind = kernel::GpuCollective::kBroadcast;
+  all_reduce.kind = kernel::GpuCollective::kAllReduceSum;
+  all_reduce.sends = {buffer, buffer};
+  all_reduce.recvs = {buffer};  // one recv for two devices
+  const std::pair<kernel::GpuCollective, const char*> cases[] = {
+      {reduce, "one send per device and a recv"},
+      {broadcast, "a send and one recv per device"},
+      {all_reduce, "one send and one recv per device"}};
+  for (const auto& [call, lack] : cases) {
+    const char* error = kernel::GpuCollectives({0, 1}, {call});
+    ASSERT_NE(error, nullptr) << lack;
+    EXPECT_THAT(error, HasSubstr(std::string("malformed collective: ") + lack));
+  }
+}
+
 TEST_F(GpuTest, MixingContextsIsRefusedNamingBoth) {
   NDArray a = Ones({2}, cpu());
   NDArray b = Ones({2}, gpu(0));
