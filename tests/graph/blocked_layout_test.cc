@@ -14,6 +14,7 @@
 #include "graph/executor.h"
 #include "graph/symbol.h"
 #include "gtest/gtest.h"
+#include "tests/graph/sgd_steps.h"
 
 namespace mx {
 namespace {
@@ -93,29 +94,6 @@ std::unique_ptr<Executor> BindNet(const Symbol& net) {
   return *std::move(exec);
 }
 
-// Every array of a few SGD steps: outputs, gradients, arguments and
-// moving statistics after each; then an inference forward's output.
-std::map<std::string, std::vector<float>> Train(Executor* exec, int steps) {
-  std::map<std::string, std::vector<float>> seen;
-  for (int step = 0; step < steps; ++step) {
-    exec->Forward(true);
-    exec->Backward();
-    const std::string at = absl::StrCat("step", step, "_");
-    seen[at + "output"] = exec->outputs()[0].ToVector();
-    for (const auto& [name, grad] : exec->grad_dict()) {
-      if (grad.is_none()) continue;
-      seen[at + "grad_" + name] = grad.ToVector();
-      if (name == "data" || name == "softmax_label") continue;
-      NDArray weight = exec->arg_dict().at(name);
-      weight -= grad * 0.1f;
-    }
-    for (const auto& [name, aux] : exec->aux_dict()) seen[at + name] = aux.ToVector();
-  }
-  exec->Forward(false);
-  seen["inference_output"] = exec->outputs()[0].ToVector();
-  return seen;
-}
-
 TEST(BlockedLayout, StoresResultsBetweenConvolutionsBlocked) {
   std::unique_ptr<Executor> exec = BindNet(Net());
   ASSERT_NE(exec, nullptr);
@@ -137,14 +115,14 @@ TEST(BlockedLayout, TrainsToTheSameBitsAsRowMajor) {
       std::unique_ptr<Executor> exec = BindNet(Net(pool));
       ASSERT_NE(exec, nullptr);
       ASSERT_THAT(exec->blocked_outputs(), Not(IsEmpty()));
-      blocked = Train(exec.get(), 3);
+      blocked = SgdSteps(exec.get(), 3);
     }
     {
       BlockedLayout off("0");
       std::unique_ptr<Executor> exec = BindNet(Net(pool));
       ASSERT_NE(exec, nullptr);
       ASSERT_THAT(exec->blocked_outputs(), IsEmpty());
-      row_major = Train(exec.get(), 3);
+      row_major = SgdSteps(exec.get(), 3);
     }
     ASSERT_EQ(blocked.size(), row_major.size());
     for (const auto& [name, values] : row_major) {

@@ -18,6 +18,7 @@
 #include "graph/symbol.h"
 #include "gtest/gtest.h"
 #include "ndarray/ndarray.h"
+#include "tests/graph/sgd_steps.h"
 
 namespace mx {
 namespace {
@@ -105,26 +106,10 @@ std::unique_ptr<Executor> BindNet(const Symbol& net,
   return *std::move(exec);
 }
 
-// Every array of three SGD steps, then an inference forward's output.
+// SgdSteps with the same Dropout masks for every executor.
 std::map<std::string, std::vector<float>> Train(Executor* exec) {
-  mx::srand(42);  // the same Dropout masks for every executor
-  std::map<std::string, std::vector<float>> seen;
-  for (int step = 0; step < 3; ++step) {
-    exec->Forward(true);
-    exec->Backward();
-    const std::string at = absl::StrCat("step", step, "_");
-    seen[at + "output"] = exec->outputs()[0].ToVector();
-    for (const auto& [name, grad] : exec->grad_dict()) {
-      seen[at + "grad_" + name] = grad.ToVector();
-      if (name == "data" || name == "softmax_label") continue;
-      NDArray weight = exec->arg_dict().at(name);
-      weight -= grad * 0.1f;
-    }
-    for (const auto& [name, aux] : exec->aux_dict()) seen[at + name] = aux.ToVector();
-  }
-  exec->Forward(false);
-  seen["inference_output"] = exec->outputs()[0].ToVector();
-  return seen;
+  mx::srand(42);
+  return SgdSteps(exec, 3);
 }
 
 // The names of the engine operations of one training Forward and Backward.
