@@ -46,6 +46,26 @@ class DeviceApi {
   virtual void WhenStreamDone(int id, std::function<void(absl::Status)> done) = 0;
 };
 
+// A GPU's streams (ndarray/cuda/stream.h): kernels and library calls run on
+// its compute stream; copies into it (from the host or a peer) on its
+// copy-in stream, copies out to the host on its copy-out stream, so that
+// both directions overlap computation and each other.
+enum class StreamKind { kCompute = 0, kCopyIn = 1, kCopyOut = 2 };
+inline constexpr int kStreamKinds = 3;
+
+// Where DeviceApi::CopyAsync runs a copy from src_ctx to dst_ctx, at least
+// one of them a GPU: on the destination GPU (copy-in stream, or compute
+// stream within one GPU), else on the source GPU (copy-out stream).
+struct CopyPlace {
+  int device;
+  StreamKind stream;
+};
+inline CopyPlace CopyPlaceFor(Context dst_ctx, Context src_ctx) {
+  if (!dst_ctx.is_gpu()) return {src_ctx.device_id, StreamKind::kCopyOut};
+  if (dst_ctx == src_ctx) return {dst_ctx.device_id, StreamKind::kCompute};
+  return {dst_ctx.device_id, StreamKind::kCopyIn};
+}
+
 // The host implementation.
 DeviceApi* CpuDeviceApi();
 // The CUDA implementation, or nullptr in a build without CUDA.

@@ -26,6 +26,10 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
+// gpu(device)'s stream of `kind` (StreamKind, ndarray/device.h), created on
+// first use, non-blocking as the compute stream is (stream.h).
+cudaStream_t Stream(int device, StreamKind kind);
+
 std::string Where(const char* what, int id) { return absl::StrCat(what, " on gpu(", id, ")"); }
 
 absl::Status CudaStatus(cudaError_t err, const std::string& what) {
@@ -181,13 +185,10 @@ class CudaDevice : public DeviceApi {
                  std::function<void(absl::Status)> done) override {
     if (bytes == 0) return done(absl::OkStatus());
     const int dev = PrepareCopy(dst_ctx, src_ctx);
-    const cuda::StreamKind kind = !src_ctx.is_gpu()    ? cuda::StreamKind::kCopyIn
-                                  : !dst_ctx.is_gpu()  ? cuda::StreamKind::kCopyOut
-                                  : dst_ctx == src_ctx ? cuda::StreamKind::kCompute
-                                                       : cuda::StreamKind::kCopyIn;
+    const StreamKind kind = CopyPlaceFor(dst_ctx, src_ctx).stream;
     absl::Status s = CudaStatus(cudaSetDevice(dev), Where("cudaSetDevice", dev));
     if (s.ok()) {
-      s = CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, cuda::Stream(dev, kind)),
+      s = CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, Stream(dev, kind)),
                      CopyName(dst_ctx, src_ctx));
     }
     if (!s.ok()) return done(s);
@@ -195,18 +196,18 @@ class CudaDevice : public DeviceApi {
   }
 
   void WhenStreamDone(int id, std::function<void(absl::Status)> done) override {
-    Watcher(id, cuda::StreamKind::kCompute)->Watch(std::move(done));
+    Watcher(id, StreamKind::kCompute)->Watch(std::move(done));
   }
 
  private:
-  // The device whose streams run a copy (the destination if it is a GPU,
-  // else the source), after giving two GPUs access to each other.
+  // The device that runs a copy (CopyPlaceFor), after giving two GPUs
+  // access to each other.
   int PrepareCopy(Context dst_ctx, Context src_ctx) {
     if (dst_ctx.is_gpu() && src_ctx.is_gpu() && dst_ctx.device_id != src_ctx.device_id) {
       EnablePeerAccess(dst_ctx.device_id, src_ctx.device_id);
       EnablePeerAccess(src_ctx.device_id, dst_ctx.device_id);
     }
-    return dst_ctx.is_gpu() ? dst_ctx.device_id : src_ctx.device_id;
+    return CopyPlaceFor(dst_ctx, src_ctx).device;
   }
 
   static std::string CopyName(Context dst_ctx, Context src_ctx) {
@@ -238,15 +239,15 @@ class CudaDevice : public DeviceApi {
     cudaSetDevice(previous);
   }
 
-  StreamWatcher* Watcher(int id, cuda::StreamKind kind) {
+  StreamWatcher* Watcher(int id, StreamKind kind) {
     const int k = static_cast<int>(kind);
     std::call_once(watcher_once_[id][k],
-                   [&] { watchers_[id][k] = new StreamWatcher(id, cuda::Stream(id, kind)); });
+                   [&] { watchers_[id][k] = new StreamWatcher(id, Stream(id, kind)); });
     return watchers_[id][k];
   }
 
-  std::array<std::array<std::once_flag, cuda::kStreamKinds>, kMaxDevices> watcher_once_;
-  std::array<std::array<StreamWatcher*, cuda::kStreamKinds>, kMaxDevices> watchers_{};
+  std::array<std::array<std::once_flag, kStreamKinds>, kMaxDevices> watcher_once_;
+  std::array<std::array<StreamWatcher*, kStreamKinds>, kMaxDevices> watchers_{};
   absl::Mutex peer_mu_;
   std::set<std::pair<int, int>> peer_tried_ ABSL_GUARDED_BY(peer_mu_);
 };
@@ -282,10 +283,6 @@ class PinnedHost : public DeviceApi {
   }
 };
 
-}  // namespace
-
-namespace cuda {
-
 cudaStream_t Stream(int device, StreamKind kind) {
   static std::array<std::array<std::once_flag, kStreamKinds>, kMaxDevices> once;
   static std::array<std::array<cudaStream_t, kStreamKinds>, kMaxDevices> streams{};
@@ -301,6 +298,12 @@ cudaStream_t Stream(int device, StreamKind kind) {
   });
   return streams[device][k];
 }
+
+}  // namespace
+
+namespace cuda {
+
+cudaStream_t ComputeStream(int device) { return Stream(device, StreamKind::kCompute); }
 
 }  // namespace cuda
 

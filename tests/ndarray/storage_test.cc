@@ -17,6 +17,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "ndarray/context.h"
+#include "ndarray/device.h"
 
 namespace mx {
 namespace {
@@ -45,6 +46,30 @@ TEST(Context, PinnedHostMemoryIsAHostContextOfItsOwn) {
   EXPECT_LT(gpu(3), cpu_pinned(0));  // MXNet's numbering: cpu 1, gpu 2, cpu_pinned 3
   EXPECT_TRUE(CheckContextAvailable(cpu_pinned(0)).ok());
   EXPECT_EQ(CheckContextAvailable(cpu_pinned(-1)).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Which GPU and stream run a copy (DeviceApi::CopyAsync): into a GPU on its
+// copy-in stream, out of one on its copy-out stream, within one GPU on its
+// compute stream; a copy between two GPUs runs on the destination's.
+TEST(CopyPlace, IntoAGpuOnItsCopyInStreamOutOfOneOnItsCopyOutStream) {
+  using internal::CopyPlaceFor;
+  using internal::StreamKind;
+  struct Case {
+    Context dst, src;
+    int device;
+    StreamKind stream;
+  };
+  const Case cases[] = {
+      {gpu(1), cpu(), 1, StreamKind::kCopyIn},   {gpu(1), cpu_pinned(), 1, StreamKind::kCopyIn},
+      {cpu(), gpu(2), 2, StreamKind::kCopyOut},  {cpu_pinned(), gpu(0), 0, StreamKind::kCopyOut},
+      {gpu(0), gpu(1), 0, StreamKind::kCopyIn},  {gpu(1), gpu(0), 1, StreamKind::kCopyIn},
+      {gpu(3), gpu(3), 3, StreamKind::kCompute},
+  };
+  for (const Case& c : cases) {
+    const internal::CopyPlace place = CopyPlaceFor(c.dst, c.src);
+    EXPECT_EQ(place.device, c.device) << c.src << " -> " << c.dst;
+    EXPECT_EQ(place.stream, c.stream) << c.src << " -> " << c.dst;
+  }
 }
 
 TEST(Context, DefaultIsCpuZero) {
