@@ -19,6 +19,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "ndarray/base.h"
 #include "ndarray/trace.h"
 
@@ -234,10 +236,19 @@ thread_local bool t_wait_without_running = false;
 // (ndarray/parallel.h), whose helpers would otherwise compete with the
 // other workers. Threads that wait for results may run operations too
 // (RunWhile).
+//
+// With `spin`, a worker that finds nothing to run polls for a push that
+// long before it sleeps, so that a push in that time costs neither a system
+// call nor a wake-up (20-50 us in VMs). The devices' workers do (see
+// PoolIndex): a chain of short GPU operations hands each one from the
+// stream's watcher thread to the worker, and a kernel of a few microseconds
+// would otherwise wait several times its length for the worker to wake.
+// The CPU's workers do not: on a machine with few cores a spinning worker
+// takes a core from the threads that compute.
 class WorkerPool {
  public:
-  WorkerPool(int n, std::function<void(OprBlock*)> run)
-      : run_(std::move(run)), sleepers_(static_cast<size_t>(n)) {
+  WorkerPool(int n, std::function<void(OprBlock*)> run, absl::Duration spin = absl::ZeroDuration())
+      : run_(std::move(run)), spin_(spin), sleepers_(static_cast<size_t>(n)) {
     for (int i = 0; i < n; ++i) threads_.emplace_back([this, i] { Loop(i); });
   }
   ~WorkerPool() {
@@ -258,6 +269,7 @@ class WorkerPool {
       absl::MutexLock lock(&mu_);
       op->seq = next_seq_++;
       queue_.push(op);
+      pushes_.store(next_seq_, std::memory_order_release);
       if (!pusher_continues) wake = ClaimSleeperLocked();
     }
     if (wake != nullptr) wake->cv.Signal();
@@ -347,29 +359,52 @@ class WorkerPool {
 
   void Loop(int index) {
     Sleeper& me = sleepers_[static_cast<size_t>(index)];
+    bool spun = spin_ == absl::ZeroDuration();  // since the last operation
     for (;;) {
       OprBlock* op;
-      Sleeper* wake;
+      Sleeper* wake = nullptr;
+      uint64_t pushes = 0;
       {
         absl::MutexLock lock(&mu_);
-        while ((op = StartTopLocked()) == nullptr) {
+        op = StartTopLocked();
+        while (op == nullptr && spun) {
           if (stop_ && queue_.empty()) return;
           me.asleep = true;
           me.cv.Wait(&mu_);
           me.asleep = false;  // a spurious wake-up, or stop_
+          op = StartTopLocked();
         }
         // More that can start beside this one: wake a worker for it.
-        wake = ClaimSleeperLocked();
+        if (op != nullptr) wake = ClaimSleeperLocked();
+        pushes = next_seq_;
       }
+      if (op == nullptr) {  // not asleep, so a push does not wake it
+        SpinWhileNoPush(pushes);
+        spun = true;
+        continue;
+      }
+      spun = spin_ == absl::ZeroDuration();
       if (wake != nullptr) wake->cv.Signal();
       RunAndRelease(op);
     }
   }
 
+  // Returns once an operation was pushed after the count `pushes`, or
+  // after spin_.
+  void SpinWhileNoPush(uint64_t pushes) const {
+    const absl::Time end = absl::Now() + spin_;
+    while (pushes_.load(std::memory_order_acquire) == pushes && absl::Now() < end) {
+      std::this_thread::yield();
+    }
+  }
+
   std::function<void(OprBlock*)> run_;
+  const absl::Duration spin_;
   absl::Mutex mu_;
   std::priority_queue<OprBlock*, std::vector<OprBlock*>, Order> queue_ ABSL_GUARDED_BY(mu_);
   uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 0;
+  // next_seq_, published for spinning workers to read without the lock.
+  std::atomic<uint64_t> pushes_{0};
   // One per worker, indexed as the workers; the flags are guarded by mu_.
   std::vector<Sleeper> sleepers_;
   int running_ ABSL_GUARDED_BY(mu_) = 0;        // operations started and not yet released
@@ -506,7 +541,8 @@ class ThreadedEngine : public Engine {
   WorkerPool* PoolFor(int index) {
     if (index == 0) return &pool_;
     std::call_once(device_pool_once_[index - 1], [this, index] {
-      device_pools_[index - 1] = std::make_unique<WorkerPool>(1, [this](OprBlock* op) { Run(op); });
+      device_pools_[index - 1] = std::make_unique<WorkerPool>(
+          1, [this](OprBlock* op) { Run(op); }, absl::Microseconds(100));
     });
     return device_pools_[index - 1].get();
   }
