@@ -42,7 +42,9 @@
 //    shares the cores with the other workers' operations, and runs
 //    serially while another job holds the pool.
 //  - One engine worker per GPU in use (see "GPUs" below), which enqueues
-//    GPU work and returns at once.
+//    GPU work and returns at once; idle, it polls for 100 us before it
+//    sleeps, so that a chain of short GPU operations reaches it without
+//    wake-ups.
 //  - One thread per GPU stream in use (ndarray/cuda/cuda_device.cc: each
 //    GPU's compute stream, and its copy-in and copy-out streams once copies
 //    use them) that waits for the stream: it polls, spinning and then
