@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <functional>
 #include <future>
 #include <memory>
@@ -1097,6 +1098,25 @@ TEST(ThreadedEngine, GpuOperationsRunOnTheirDevicesOwnWorker) {
   busy.Release();
   engine->WaitForAll();
   for (VarHandle v : {busy.var(), x, y}) engine->DeleteVariable([](RunContext) {}, cpu(), v);
+}
+
+// A device's worker polls for work for 100 us after its last operation,
+// then sleeps: an idle process burns no CPU.
+TEST(ThreadedEngine, AnIdleDeviceWorkerSleeps) {
+  std::unique_ptr<Engine> engine = CreateEngine(Threaded(1));
+  VarHandle x = engine->NewVariable();
+  engine->PushSync([](RunContext) {}, gpu(0), {}, {x});
+  engine->WaitForVar(x);
+  SleepMs(20);  // past the poll
+  auto cpu_seconds = [] {
+    timespec t{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+  };
+  const double before = cpu_seconds();
+  SleepMs(200);
+  EXPECT_LT(cpu_seconds() - before, 0.05) << "a worker kept running while the engine was idle";
+  engine->DeleteVariable([](RunContext) {}, cpu(), x);
 }
 
 // A chain of operations on one variable that moves between the CPU's
