@@ -267,9 +267,8 @@ class WorkerPool {
     Sleeper* wake = nullptr;
     {
       absl::MutexLock lock(&mu_);
-      op->seq = next_seq_++;
+      op->seq = next_seq_.fetch_add(1, std::memory_order_relaxed);
       queue_.push(op);
-      pushes_.store(next_seq_, std::memory_order_release);
       if (!pusher_continues) wake = ClaimSleeperLocked();
     }
     if (wake != nullptr) wake->cv.Signal();
@@ -376,7 +375,7 @@ class WorkerPool {
         }
         // More that can start beside this one: wake a worker for it.
         if (op != nullptr) wake = ClaimSleeperLocked();
-        pushes = next_seq_;
+        pushes = next_seq_.load(std::memory_order_relaxed);
       }
       if (op == nullptr) {  // not asleep, so a push does not wake it
         SpinWhileNoPush(pushes);
@@ -393,7 +392,7 @@ class WorkerPool {
   // after spin_.
   void SpinWhileNoPush(uint64_t pushes) const {
     const absl::Time end = absl::Now() + spin_;
-    while (pushes_.load(std::memory_order_acquire) == pushes && absl::Now() < end) {
+    while (next_seq_.load(std::memory_order_relaxed) == pushes && absl::Now() < end) {
       std::this_thread::yield();
     }
   }
@@ -402,9 +401,9 @@ class WorkerPool {
   const absl::Duration spin_;
   absl::Mutex mu_;
   std::priority_queue<OprBlock*, std::vector<OprBlock*>, Order> queue_ ABSL_GUARDED_BY(mu_);
-  uint64_t next_seq_ ABSL_GUARDED_BY(mu_) = 0;
-  // next_seq_, published for spinning workers to read without the lock.
-  std::atomic<uint64_t> pushes_{0};
+  // The pushes so far: incremented under mu_ (it orders the queue), read
+  // without it by a spinning worker, which takes mu_ before acting on it.
+  std::atomic<uint64_t> next_seq_{0};
   // One per worker, indexed as the workers; the flags are guarded by mu_.
   std::vector<Sleeper> sleepers_;
   int running_ ABSL_GUARDED_BY(mu_) = 0;        // operations started and not yet released
