@@ -28,7 +28,8 @@ namespace mx {
 namespace engine {
 
 // A failure shared by every variable it reached. `reported` turns true once a
-// waiter has rethrown it, so that WaitForAll does not report it again.
+// waiter has rethrown it, so that WaitForAll does not report it again and
+// operations no longer skip for it.
 struct ErrorBox {
   explicit ErrorBox(std::exception_ptr e) : error(std::move(e)) {}
   std::exception_ptr error;
@@ -112,16 +113,24 @@ void Dedupe(VarList* const_vars, VarList* mutable_vars) {
       const_vars->end());
 }
 
-// The first error carried by any variable of op, or null.
+// The first error carried by any variable of op that nobody has reported
+// yet, or null: a reported error no longer stops operations (engine.h).
 ErrorRef InputError(OprBlock* op) {
   if (op->always_run) return nullptr;
   for (const VarList* list : {&op->const_vars, &op->mutable_vars}) {
     for (Var* v : *list) {
       absl::MutexLock lock(&v->mu);
-      if (v->error) return v->error;
+      if (v->error && !v->error->reported) return v->error;
     }
   }
   return nullptr;
+}
+
+// Stores error (null: success) on a variable op wrote. A successful write
+// replaces the value, so it drops an error the variable carried (one
+// already reported, or op would have been skipped).
+void SetWriteError(Var* v, const ErrorRef& error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(v->mu) {
+  v->error = error;
 }
 
 // One worker unless told otherwise, as in MXNet: the cores go to the CPU
@@ -572,7 +581,7 @@ class ThreadedEngine : public Engine {
     for (Var* v : op->mutable_vars) {
       {
         absl::MutexLock lock(&v->mu);
-        if (error) v->error = error;
+        SetWriteError(v, error);
         v->running_write = false;
         if (!v->pending.empty() && v->pending.front().write) {
           ready.push_back(v->pending.front().op);
@@ -593,10 +602,20 @@ class ThreadedEngine : public Engine {
     const int pool = PoolIndex(op->ctx);
     for (OprBlock* r : ready) DecWait(r, continues && PoolIndex(r->ctx) == pool);
     delete op;
-    if (pending_ops_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      absl::MutexLock lock(&finish_mu_);
-      finish_cv_.SignalAll();
+    CountOut();
+  }
+
+  // Counts an operation out of pending_ops_. The count reaches zero only
+  // under finish_mu_, so a WaitForPending that sees zero returns (and the
+  // engine may be destroyed) only once the last thread out, which may be a
+  // GPU stream's watcher that the engine does not join, is done with it.
+  void CountOut() {
+    int64_t n = pending_ops_.load(std::memory_order_acquire);
+    while (n > 1) {
+      if (pending_ops_.compare_exchange_weak(n, n - 1, std::memory_order_acq_rel)) return;
     }
+    absl::MutexLock lock(&finish_mu_);
+    if (pending_ops_.fetch_sub(1, std::memory_order_acq_rel) == 1) finish_cv_.SignalAll();
   }
 
   void WaitForPending() ABSL_LOCKS_EXCLUDED(finish_mu_) {
@@ -609,8 +628,8 @@ class ThreadedEngine : public Engine {
   absl::Mutex push_mu_;
   // Operations pushed and not yet completed. Atomic, so that Push and
   // Complete need no common lock; finish_mu_ guards no state and only
-  // orders the wake-up when it reaches zero: Complete signals under it, so
-  // a waiter that has seen a nonzero count is already waiting.
+  // orders the step to zero (CountOut), so a waiter that has seen a
+  // nonzero count is already waiting when it is signalled.
   std::atomic<int64_t> pending_ops_{0};
   absl::Mutex finish_mu_;
   absl::CondVar finish_cv_;
@@ -668,11 +687,9 @@ class NaiveEngine : public Engine {
         errors_.Record(error);
       }
     }
-    if (error) {
-      for (Var* v : op->mutable_vars) {
-        absl::MutexLock lock(&v->mu);
-        v->error = error;
-      }
+    for (Var* v : op->mutable_vars) {
+      absl::MutexLock lock(&v->mu);
+      SetWriteError(v, error);
     }
     delete op;
   }

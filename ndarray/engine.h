@@ -13,6 +13,11 @@
 // and their written variables carry the same error. WaitForVar rethrows the
 // error to the waiter and clears it from that variable; WaitForAll rethrows
 // the first error that no WaitForVar has reported. The engine keeps running.
+// Once reported (by either), an error no longer makes operations skip, as
+// in MXNet: a caller that catches it and goes on (with the next training
+// step, say) runs normally, and an operation that writes a variable
+// successfully clears the error it carried. Until then, waiting on another
+// variable that carries it still throws it.
 //
 // Choice of engine: the environment variable MX_ENGINE_TYPE=NaiveEngine runs
 // every operation inline in Push (for debugging: errors surface at once and

@@ -196,6 +196,35 @@ TEST(ExecutorBulks, AnErrorInsideABulkReachesItsWaiters) {
   }
 }
 
+// A failed step does not break the executor: once its caller has been told
+// of the error, the next steps run as on a fresh executor (the failed step
+// changed no weight or auxiliary state).
+TEST(ExecutorBulks, AnExecutorTrainsOnAfterAFailedStep) {
+  for (const char* size : {"1", "15"}) {
+    BulkCpu bulk(size);
+    std::map<std::string, std::vector<float>> want;
+    {
+      std::unique_ptr<Executor> fresh = BindNet(Net());
+      ASSERT_NE(fresh, nullptr);
+      want = Train(fresh.get());
+    }
+    std::unique_ptr<Executor> exec = BindNet(Net());
+    ASSERT_NE(exec, nullptr);
+    NDArray data = exec->arg_dict().at("data");
+    const std::vector<float> good = data.ToVector();
+    std::vector<float> bad = good;
+    bad[0] = -1;
+    data.Assign(bad);
+    exec->Forward(true);
+    exec->Backward();
+    EXPECT_THROW(exec->outputs()[0].WaitToRead(), Error) << size;
+    data.Assign(good);
+    std::map<std::string, std::vector<float>> got = Train(exec.get());
+    ASSERT_EQ(got.size(), want.size()) << size;
+    for (const auto& [name, values] : want) EXPECT_EQ(got[name], values) << name << ", " << size;
+  }
+}
+
 TEST(ExecutorBulks, AMonitorSeesEveryNodeOfABulk) {
   BulkCpu many("15");
   std::unique_ptr<Executor> exec = BindNet(Net());

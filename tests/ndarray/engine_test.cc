@@ -535,6 +535,29 @@ TEST_P(EngineTest, WaitForVarReportsAnErrorOnlyOnce) {
   EXPECT_TRUE(StatusOfCall([&] { engine_->WaitForVar(x); }).ok());
 }
 
+// As in MXNet: a caller that has been told of an error and goes on is not
+// stopped by it again. Variables that carry it still throw it to their own
+// waiters until an operation writes them successfully.
+TEST_P(EngineTest, AReportedErrorNoLongerSkipsOperations) {
+  VarHandle x = NewVar(), y = NewVar(), z = NewVar();
+  engine_->PushSync([](RunContext) { throw Error(absl::InternalError("step 3 failed")); }, cpu(),
+                    {}, {x, y});
+  std::atomic<bool> ran{false};
+  engine_->PushSync([&](RunContext) { ran = true; }, cpu(), {y}, {z});
+  EXPECT_FALSE(StatusOfCall([&] { engine_->WaitForVar(z); }).ok());
+  EXPECT_FALSE(ran.load()) << "ran before anyone was told of the error";
+  // z's waiter was told; y still carries the error for its own waiters.
+  engine_->PushSync([&](RunContext) { ran = true; }, cpu(), {y}, {z});
+  EXPECT_TRUE(StatusOfCall([&] { engine_->WaitForVar(z); }).ok());
+  EXPECT_TRUE(ran.load());
+  EXPECT_THAT(std::string(StatusOfCall([&] { engine_->WaitForVar(y); }).message()),
+              HasSubstr("step 3 failed"));
+  // A successful write clears x's copy of it.
+  engine_->PushSync([](RunContext) {}, cpu(), {}, {x});
+  EXPECT_TRUE(StatusOfCall([&] { engine_->WaitForVar(x); }).ok());
+  EXPECT_TRUE(StatusOfCall([&] { engine_->WaitForAll(); }).ok());
+}
+
 TEST_P(EngineTest, ForeignExceptionTypeIsRethrownUnchanged) {
   VarHandle x = NewVar();
   engine_->PushSync([](RunContext) { throw std::out_of_range("index 12 > 3"); },
