@@ -635,7 +635,8 @@ class PlanBuilder {
       for (int id : run.in) in.push_back(plan_->entry_shapes[id]);
       for (int id : run.out) out.push_back(plan_->entry_shapes[id]);
       run.workspace_floats =
-          (run.op->workspace(run.node->parsed, in, out) + sizeof(float) - 1) / sizeof(float);
+          (run.op->workspace(run.node->parsed, in, out, run.ctx) + sizeof(float) - 1) /
+          sizeof(float);
       workspace[run.ctx] = std::max(workspace[run.ctx], run.workspace_floats);
     }
     for (const auto& [c, floats] : workspace) {

@@ -144,9 +144,10 @@ using BackwardFn = std::function<void(
     const std::vector<TBlob>& in, const std::vector<TBlob>& out,
     const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
     const std::vector<TBlob>& aux)>;
-using WorkspaceFn = std::function<size_t(const ParsedParams&,
-                                         const ShapeList& in,
-                                         const ShapeList& out)>;
+// Bytes of scratch memory the operator needs on ctx (shared by the
+// operators of a context, one at a time).
+using WorkspaceFn = std::function<size_t(const ParsedParams&, const ShapeList& in,
+                                         const ShapeList& out, Context ctx)>;
 
 // The inputs and outputs (by index) that an operator reads and writes in
 // the blocked layout (TBlob::blocked) when its blobs say so; in backward,

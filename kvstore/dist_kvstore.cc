@@ -879,7 +879,8 @@ class DistKVStore : public KVStore {
   // nor waits for it at barriers.
   absl::Status Finish() override {
     if (coordinator_ == nullptr) return absl::OkStatus();
-    WaitAll();
+    // A failed operation's error (rethrown by the engine) is the answer.
+    MX_RETURN_IF_ERROR(CatchError([] { WaitAll(); }));
     coordinator_->StopHeartbeats();
     return coordinator_->Leave();
   }
@@ -994,7 +995,7 @@ class DistKVStore : public KVStore {
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "push", "value", values, e->shape));
     return CatchError([&] {
       NDArray merged = Merge(*e, values, priority);
-      const int64_t seq = e->pushes;
+      const int64_t seq = ++e->pushes;
       Engine::Get()->PushAsync(
           [conn = conn_, e, merged, seq](RunContext, CallbackOnComplete done) {
             PushSource source = SourceOf(*conn, *e, merged);
@@ -1092,9 +1093,9 @@ class DistKVStore : public KVStore {
     MX_RETURN_IF_ERROR(internal::CheckArrays(key, "pushpull", "output", outs, e->shape));
     return CatchError([&] {
       NDArray merged = Merge(*e, values, priority);
-      const int64_t seq = e->pushes;
-      const int64_t min_version = PullVersion(seq);
       const Landing landing = LandingOf(*e, outs);
+      const int64_t seq = ++e->pushes;
+      const int64_t min_version = PullVersion(seq);
       const std::vector<float*>& dsts = landing.dsts;
       std::vector<VarHandle> writes = landing.writes;
       writes.push_back(e->token.var());
@@ -1153,11 +1154,16 @@ class DistKVStore : public KVStore {
       std::vector<Landing> landings;
       std::vector<VarHandle> writes, reads;
       std::map<int, std::vector<ItemPart>> by_server;
+      std::vector<NDArray> merged;
+      for (size_t i = 0; i < entries.size(); ++i) {
+        merged.push_back(Merge(*entries[i], values[i], priority));
+        landings.push_back(LandingOf(*entries[i], outs[i]));
+      }
+      // Counted once every key's arrays exist (see Merge).
       for (size_t i = 0; i < entries.size(); ++i) {
         Entry& e = *entries[i];
-        NDArray merged = Merge(e, values[i], priority);
-        landings.push_back(LandingOf(e, outs[i]));
-        items.push_back({entries[i], merged, e.pushes, PullVersion(e.pushes), landings[i].dsts});
+        const int64_t seq = ++e.pushes;
+        items.push_back({entries[i], merged[i], seq, PullVersion(seq), landings[i].dsts});
         writes.insert(writes.end(), landings[i].writes.begin(), landings[i].writes.end());
         writes.push_back(e.token.var());
         for (const KeyPart& p : e.parts) by_server[p.server].push_back({i, p});
@@ -1569,7 +1575,7 @@ class DistKVStore : public KVStore {
     if (coordinator_ == nullptr) {
       return absl::FailedPreconditionError("Barrier: this store was not created through a coordinator");
     }
-    WaitAll();
+    MX_RETURN_IF_ERROR(CatchError([] { WaitAll(); }));
     return coordinator_->Barrier(barriers_++);
   }
 
@@ -1782,13 +1788,15 @@ class DistKVStore : public KVStore {
   }
 
   // The sum of a push's device copies, in host memory for the push to send
-  // (engine operations: copies, and the sum when there are several),
-  // counted as this worker's next push of the key. dist_sync and
+  // (engine operations: copies, and the sum when there are several). The
+  // caller counts the push (e.pushes) only after this and every other
+  // allocation the push needs: one that throws (a GPU or page-locked
+  // buffer that does not fit) then leaves the count alone, and the next
+  // push still carries the number the server expects. dist_sync and
   // dist_async sum on the CPU, device copies brought to the host first;
   // dist_device_sync sums on the device of one copy (key k on copy k mod
   // n's, as "device" spreads keys over GPUs) and moves only the sum.
   NDArray Merge(Entry& e, const std::vector<NDArray>& values, int priority) const {
-    ++e.pushes;
     if (!e.sum_ctx.has_value()) {
       const bool any_gpu = std::any_of(values.begin(), values.end(),
                                        [](const NDArray& v) { return v.context().is_gpu(); });
@@ -1800,7 +1808,7 @@ class DistKVStore : public KVStore {
         internal::SumCopies(values, e.shape, &e.merged, priority, e.push_name.c_str(), *e.sum_ctx);
     if (sum.context().is_cpu()) return sum;
     if (e.staged.is_none()) e.staged = Empty(e.shape, cpu_pinned());
-    internal::Copy(sum, e.staged, priority, e.push_name.c_str());
+    CopyFromTo(sum, e.staged, priority, e.push_name.c_str());
     return e.staged;
   }
 
@@ -1841,7 +1849,7 @@ class DistKVStore : public KVStore {
     const NDArray* first_gpu = nullptr;
     for (const NDArray& o : outs) {
       const NDArray& from = o.context().is_cpu() || first_gpu == nullptr ? e.landing : *first_gpu;
-      internal::Copy(from, o, priority, e.pull_name.c_str());
+      CopyFromTo(from, o, priority, e.pull_name.c_str());
       if (first_gpu == nullptr && !o.context().is_cpu()) first_gpu = &o;
     }
   }

@@ -11,10 +11,6 @@
 
 namespace mx::internal {
 
-// Pushes a copy from -> to with a priority (named for traces); between
-// contexts other than the CPU's, through the device (NDArray::Assign).
-void Copy(const NDArray& from, const NDArray& to, int priority, const char* name);
-
 // The sum of a push's device copies on ctx: the value itself for a single
 // copy on ctx, else the sum of every copy (those on other contexts copied
 // to ctx first) in *merged, which is allocated on ctx at the first call. On

@@ -1,11 +1,13 @@
-// The local KVStores. "local": values live on the CPU; pushes of several
-// device copies (on any contexts, GPUs included: they are copied to the
-// host first) are summed by one engine operation per key, so keys reduce in
-// parallel on the engine's workers. "device": each key lives on one GPU,
-// keys spread over the GPUs round-robin (MXNet's CommDevice); pushes are
-// copied to that GPU (peer copies where the devices allow), summed there by
-// the kernel layer, updated there by the optimizer, and pulls copy from
-// there. "nccl": as "device", but the copies of a push that lie on
+// The local KVStores. "local": values live in host memory (page-locked
+// once a copy on a GPU comes); pushes of several device copies (on any
+// contexts, GPUs included: they are copied to the host first) are summed by
+// one engine operation per key, so keys reduce in parallel on the engine's
+// workers. "device": each key lives on one GPU, settled at its first push
+// or pull among its arrays' GPUs, the one holding the fewest bytes of keys
+// (MXNet's CommDevice balances so); pushes are copied to that GPU (peer
+// copies where the devices allow), summed there by the kernel layer,
+// updated there by the optimizer, and pulls copy from there. "nccl": as
+// "device", but the copies of a push that lie on
 // distinct GPUs, the key's among them, are summed by one NCCL reduce onto
 // the key's GPU, and a pull into such outputs is one NCCL broadcast from
 // it; a bucket of such keys (PushPull of several) makes one NCCL group of
@@ -55,25 +57,35 @@ class LocalKVStore : public KVStore {
       return CheckReinit(key, it->second.table, it->second.stored.shape(), false, value.shape());
     }
     return CatchError([&] {
-      Entry& e = store_[key.id()];
-      e.ctx = on_gpus_ ? gpu(static_cast<int>(store_.size() - 1) % NumGpus()) : cpu();
+      Entry e;
+      // Where it lives until its first push or pull on a GPU (Place).
+      e.ctx = !on_gpus_                  ? cpu()
+              : value.context().is_gpu() ? value.context()
+                                         : gpu(static_cast<int>(store_.size()) % NumGpus());
       e.stored = Empty(value.shape(), e.ctx);
       e.stored.Assign(value);
       e.push_name = absl::StrCat("kvstore_push:", key.label());
       e.pull_name = absl::StrCat("kvstore_pull:", key.label());
+      store_.emplace(key.id(), std::move(e));  // only once its array exists
     });
   }
 
   absl::Status Push(Key key, const std::vector<NDArray>& values, int priority) override {
     MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "push", false));
     MX_RETURN_IF_ERROR(CheckArrays(key, "push", "value", values, e->stored.shape()));
-    return CatchError([&] { Apply(key, e, Reduce(e, values, priority), priority); });
+    return CatchError([&] {
+      Place(e, values);
+      Apply(key, e, Reduce(e, values, priority), priority);
+    });
   }
 
   absl::Status Pull(Key key, const std::vector<NDArray>& outs, int priority) override {
     MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "pull", false));
     MX_RETURN_IF_ERROR(CheckArrays(key, "pull", "output", outs, e->stored.shape()));
-    return CatchError([&] { Spread(*e, outs, priority); });
+    return CatchError([&] {
+      Place(e, outs);
+      Spread(*e, outs, priority);
+    });
   }
 
   // nccl: training sends small keys together (each NCCL group launch has
@@ -89,12 +101,21 @@ class LocalKVStore : public KVStore {
     if (!nccl_) return KVStore::PushPull(keys, values, outs, priority);
     MX_RETURN_IF_ERROR(CheckBucket(keys, values, outs));
     std::vector<Entry*> entries;
-    std::optional<std::vector<int>> devices;
     for (size_t i = 0; i < keys.size(); ++i) {
       MX_ASSIGN_OR_RETURN(Entry * e, Find(keys[i], "pushpull", false));
       MX_RETURN_IF_ERROR(CheckArrays(keys[i], "pushpull", "value", values[i], e->stored.shape()));
       MX_RETURN_IF_ERROR(CheckArrays(keys[i], "pushpull", "output", outs[i], e->stored.shape()));
       entries.push_back(e);
+    }
+    MX_RETURN_IF_ERROR(CatchError([&] {
+      for (size_t i = 0; i < keys.size(); ++i) {
+        Place(entries[i], values[i]);
+        Place(entries[i], outs[i]);
+      }
+    }));
+    std::optional<std::vector<int>> devices;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      const Entry* e = entries[i];
       const std::optional<std::vector<int>> ranks = NcclRanks(values[i], e->ctx);
       if (i == 0) devices = ranks;
       if (devices.has_value() && (ranks != devices || NcclRanks(outs[i], e->ctx) != devices)) {
@@ -212,9 +233,49 @@ class LocalKVStore : public KVStore {
     Context ctx;  // where the key lives, is summed and updated
     NDArray stored;
     NDArray merged;  // the sum of a multi-device push, allocated once
+    bool placed = false;  // ctx settled by Place
     bool table = false;  // a row-sparse key (InitRowSparse)
     std::string push_name, pull_name;  // engine operation names (stable)
   };
+
+  // Settles where key e lives at its first push or pull that brings an
+  // array on a GPU (a key that never sees one stays where Init put it),
+  // moving it there (engine-ordered copies):
+  //  - local: page-locked host memory, so that copies to and from the GPUs
+  //    run on their copy streams instead of blocking in the driver (MXNet
+  //    keeps its local keys there too);
+  //  - device, nccl: the GPU among the arrays' that holds the fewest bytes
+  //    of keys so far, as MXNet's CommDevice balances its keys; so keys stay
+  //    on the GPUs the job trains on, and NCCL finds the key's GPU among the
+  //    copies'.
+  void Place(Entry* e, const std::vector<NDArray>& arrays) {
+    if (e->placed) return;
+    std::vector<int> gpus;
+    for (const NDArray& a : arrays) {
+      const Context c = a.context();
+      if (c.is_gpu() && std::find(gpus.begin(), gpus.end(), c.device_id) == gpus.end()) {
+        gpus.push_back(c.device_id);
+      }
+    }
+    if (gpus.empty()) return;
+    Context home = cpu_pinned();
+    if (on_gpus_) {
+      int least = gpus[0];
+      for (int g : gpus) {
+        if (gpu_bytes_[g] < gpu_bytes_[least]) least = g;
+      }
+      home = gpu(least);
+    }
+    if (home != e->ctx) {
+      NDArray moved = Empty(e->stored.shape(), home);
+      moved.Assign(e->stored);
+      e->stored = moved;
+      e->merged = NDArray();
+      e->ctx = home;
+    }
+    if (home.is_gpu()) gpu_bytes_[home.device_id] += e->stored.size() * int64_t{sizeof(float)};
+    e->placed = true;
+  }
 
   // The entry of key for `what`, which uses it as a table (row-sparse) or
   // as a dense key.
@@ -296,7 +357,14 @@ class LocalKVStore : public KVStore {
                               {e->merged.var()}, priority);
       return e->merged;
     }
-    return SumCopies(values, e->stored.shape(), &e->merged, priority, e->push_name.c_str(), e->ctx);
+    NDArray sum =
+        SumCopies(values, e->stored.shape(), &e->merged, priority, e->push_name.c_str(), e->ctx);
+    if (sum.context() == e->ctx) return sum;
+    // One copy in host memory of another context (cpu(1), cpu_pinned),
+    // which SumCopies reads in place: the update runs on the key's own.
+    if (e->merged.is_none()) e->merged = Empty(e->stored.shape(), e->ctx);
+    CopyFromTo(sum, e->merged, priority, e->push_name.c_str());
+    return e->merged;
   }
 
   // A push's sum `merged` becomes the key's update (optimizer or updater)
@@ -312,7 +380,7 @@ class LocalKVStore : public KVStore {
       // those pulls, through the buffers' variables).
       std::swap(e->stored, e->merged);
     } else {
-      Copy(merged, e->stored, priority, e->push_name.c_str());
+      CopyFromTo(merged, e->stored, priority, e->push_name.c_str());
     }
   }
 
@@ -325,12 +393,13 @@ class LocalKVStore : public KVStore {
                               std::move(writes), priority);
       return;
     }
-    for (const NDArray& out : outs) Copy(e.stored, out, priority, e.pull_name.c_str());
+    for (const NDArray& out : outs) CopyFromTo(e.stored, out, priority, e.pull_name.c_str());
   }
 
   const bool on_gpus_;
   const bool nccl_;  // "nccl"
   std::map<int, Entry> store_;
+  std::map<int, int64_t> gpu_bytes_;  // bytes of the keys Place put on each GPU
   Updater updater_;
   std::unique_ptr<Optimizer> optimizer_;
 };
@@ -348,12 +417,17 @@ NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArra
   if (values.size() == 1 && readable(values[0])) return values[0];
   if (merged->is_none()) *merged = Empty(shape, ctx);
   if (values.size() == 1) {  // one copy, straight into the sum's buffer
-    Copy(values[0], *merged, priority, name);
+    CopyFromTo(values[0], *merged, priority, name);
     return *merged;
   }
   std::vector<NDArray> here;
   for (const NDArray& v : values) {
-    here.push_back(readable(v) ? v : v.Copy(ctx.is_cpu() ? cpu_pinned() : ctx));
+    if (readable(v)) {
+      here.push_back(v);
+      continue;
+    }
+    here.push_back(Empty(shape, ctx.is_cpu() ? cpu_pinned() : ctx));
+    CopyFromTo(v, here.back(), priority, name);
   }
   if (ctx.is_gpu()) {
     merged->Assign(here[0]);
@@ -371,19 +445,6 @@ NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArra
   Engine::Get()->PushSync([ptrs, out, n](RunContext) { SumInto(ptrs, out, n); }, cpu(), reads,
                           {merged->var()}, priority, name);
   return *merged;
-}
-
-void Copy(const NDArray& from, const NDArray& to, int priority, const char* name) {
-  if (from.SharesStorageWith(to) && from.data() == to.data()) return;
-  if (!from.context().is_cpu() || !to.context().is_cpu()) {
-    NDArray(to).Assign(from);  // through the device, in engine order (a handle copy)
-    return;
-  }
-  const float* src = from.data();
-  float* dst = to.data();
-  const size_t bytes = from.size() * sizeof(float);
-  Engine::Get()->PushSync([src, dst, bytes](RunContext) { std::memcpy(dst, src, bytes); },
-                          cpu(), {from.var()}, {to.var()}, priority, name);
 }
 
 absl::Status CheckArrays(const Key& key, const char* what, const char* role,

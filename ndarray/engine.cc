@@ -27,13 +27,29 @@
 namespace mx {
 namespace engine {
 
-// A failure shared by every variable it reached. `reported` turns true once a
-// waiter has rethrown it, so that WaitForAll does not report it again and
-// operations no longer skip for it.
+// Operations made so far in the process (NewOpr numbers each): orders an
+// operation against the moment an error was reported.
+std::atomic<uint64_t> g_made{0};
+
+// A failure shared by every variable it reached.
 struct ErrorBox {
   explicit ErrorBox(std::exception_ptr e) : error(std::move(e)) {}
+
+  // Marks it reported to a waiter; true the first time (WaitForAll
+  // reports only errors nobody has). From then on it stops only the
+  // operations made before (engine.h): those belong to the work that
+  // failed, while what the caller makes after hearing of it runs.
+  bool Report() {
+    if (reported.exchange(true)) return false;
+    stops_before = g_made.load();
+    return true;
+  }
+  // Whether it stops (skips) an operation numbered `made`.
+  bool Stops(uint64_t made) const { return made < stops_before.load(); }
+
   std::exception_ptr error;
   std::atomic<bool> reported{false};
+  std::atomic<uint64_t> stops_before{UINT64_MAX};
 };
 using ErrorRef = std::shared_ptr<ErrorBox>;
 
@@ -71,7 +87,12 @@ struct Var {
   Queue pending ABSL_GUARDED_BY(mu);
   int running_reads ABSL_GUARDED_BY(mu) = 0;
   bool running_write ABSL_GUARDED_BY(mu) = false;
+  // The error of the last write, if it failed: it stays until a write
+  // succeeds, stopping the operations made before it was reported
+  // (ErrorBox::Stops); `error_thrown` once a WaitForVar on this variable
+  // has thrown it, so that the next one does not.
   ErrorRef error ABSL_GUARDED_BY(mu);
+  bool error_thrown ABSL_GUARDED_BY(mu) = false;
 };
 
 struct OprBlock {
@@ -84,7 +105,8 @@ struct OprBlock {
   VarList const_vars;
   VarList mutable_vars;
   int priority = 0;
-  uint64_t seq = 0;
+  uint64_t seq = 0;   // order of entry into its worker pool's queue
+  uint64_t made = 0;  // order of making (g_made), for errors
   const char* name = "";
   // Runs even when its variables carry errors (waits and deletions).
   bool always_run = false;
@@ -113,14 +135,14 @@ void Dedupe(VarList* const_vars, VarList* mutable_vars) {
       const_vars->end());
 }
 
-// The first error carried by any variable of op that nobody has reported
-// yet, or null: a reported error no longer stops operations (engine.h).
+// The first error carried by any variable of op that stops op (one not
+// reported before op was made), or null.
 ErrorRef InputError(OprBlock* op) {
   if (op->always_run) return nullptr;
   for (const VarList* list : {&op->const_vars, &op->mutable_vars}) {
     for (Var* v : *list) {
       absl::MutexLock lock(&v->mu);
-      if (v->error && !v->error->reported) return v->error;
+      if (v->error && v->error->Stops(op->made)) return v->error;
     }
   }
   return nullptr;
@@ -128,9 +150,10 @@ ErrorRef InputError(OprBlock* op) {
 
 // Stores error (null: success) on a variable op wrote. A successful write
 // replaces the value, so it drops an error the variable carried (one
-// already reported, or op would have been skipped).
+// reported before op was made, or op would have been skipped).
 void SetWriteError(Var* v, const ErrorRef& error) ABSL_EXCLUSIVE_LOCKS_REQUIRED(v->mu) {
   v->error = error;
+  v->error_thrown = false;
 }
 
 // One worker unless told otherwise, as in MXNet: the cores go to the CPU
@@ -162,7 +185,7 @@ class ErrorLog {
       errors.swap(errors_);
     }
     for (const ErrorRef& e : errors) {
-      if (!e->reported.exchange(true)) std::rethrow_exception(e->error);
+      if (e->Report()) std::rethrow_exception(e->error);
     }
   }
 
@@ -171,15 +194,17 @@ class ErrorLog {
   std::vector<ErrorRef> errors_ ABSL_GUARDED_BY(mu_);
 };
 
-// Rethrows and clears var's error, if any.
+// Rethrows var's error, if it has one that no wait on var has thrown.
 void RethrowVarError(Var* var) {
   ErrorRef error;
   {
     absl::MutexLock lock(&var->mu);
-    error.swap(var->error);
+    if (var->error_thrown) return;
+    error = var->error;
+    var->error_thrown = true;
   }
   if (error) {
-    error->reported = true;
+    error->Report();
     std::rethrow_exception(error->error);
   }
 }
@@ -215,6 +240,7 @@ OprBlock* NewOpr(Context ctx, const std::vector<VarHandle>& const_vars,
   Dedupe(&op->const_vars, &op->mutable_vars);
   op->priority = priority;
   op->name = name;
+  op->made = g_made.fetch_add(1, std::memory_order_relaxed);
   return op;
 }
 

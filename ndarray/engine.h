@@ -10,14 +10,16 @@
 //
 // Errors. An exception thrown by an operation is stored on the variables it
 // writes. Later operations that read or write a failed variable are skipped,
-// and their written variables carry the same error. WaitForVar rethrows the
-// error to the waiter and clears it from that variable; WaitForAll rethrows
-// the first error that no WaitForVar has reported. The engine keeps running.
-// Once reported (by either), an error no longer makes operations skip, as
-// in MXNet: a caller that catches it and goes on (with the next training
-// step, say) runs normally, and an operation that writes a variable
-// successfully clears the error it carried. Until then, waiting on another
-// variable that carries it still throws it.
+// and their written variables carry the same error. WaitForVar rethrows a
+// variable's error to its first waiter after the failure; WaitForAll
+// rethrows the first error that no WaitForVar has reported. The engine
+// keeps running. Once reported (by either), an error stops only the
+// operations made before the report (the rest of the work that failed,
+// whether or not it has run yet). So, as in MXNet, which clears a reported
+// error, a caller that catches it and goes on (with the next training
+// step, say) runs normally. A variable keeps its error until an operation
+// writes it successfully; until then its first waiter gets the error even
+// if another variable's waiter got it before.
 //
 // Choice of engine: the environment variable MX_ENGINE_TYPE=NaiveEngine runs
 // every operation inline in Push (for debugging: errors surface at once and
@@ -189,7 +191,7 @@ class Engine {
   virtual void DeleteVariable(SyncFn delete_fn, Context ctx, VarHandle var) = 0;
 
   // Blocks until every operation pushed so far that writes var is complete,
-  // then rethrows var's error, if any, and clears it. While it waits, the
+  // then rethrows var's error, if any and if no wait on var has yet. While it waits, the
   // calling thread may run ready operations itself (unless a
   // WaitWithoutRunning lives on it), so an operation must not block on
   // something the waiting thread would do after WaitForVar.

@@ -15,12 +15,14 @@ namespace mx::kernel {
 namespace {
 
 // Ends operation `op` (done) once each GPU of `devices` has run the work
-// enqueued on its compute stream so far: with the first error a device
-// reports (a failed kernel), named after the operation; CUDA reports a
-// failure at the first event after it, so it may have begun in earlier
-// work on the stream.
+// enqueued on its compute stream so far: with `thrown` when the host side
+// of the operation threw (after enqueuing part of its work, which must
+// still finish before the engine frees what it uses), else with the first
+// error a device reports (a failed kernel), named after the operation;
+// CUDA reports a failure at the first event after it, so it may have begun
+// in earlier work on the stream.
 void DoneWhenStreamsDone(const std::vector<int>& devices, CallbackOnComplete done,
-                         const std::string& op) {
+                         const std::string& op, std::exception_ptr thrown = nullptr) {
   struct Join {
     std::mutex mu;
     size_t left = 0;
@@ -29,7 +31,7 @@ void DoneWhenStreamsDone(const std::vector<int>& devices, CallbackOnComplete don
   auto join = std::make_shared<Join>();
   join->left = devices.size();
   for (int d : devices) {
-    internal::DeviceApiFor(gpu(d))->WhenStreamDone(d, [join, done, op](absl::Status s) {
+    internal::DeviceApiFor(gpu(d))->WhenStreamDone(d, [join, done, op, thrown](absl::Status s) {
       absl::Status first;
       {
         std::lock_guard<std::mutex> lock(join->mu);
@@ -37,6 +39,7 @@ void DoneWhenStreamsDone(const std::vector<int>& devices, CallbackOnComplete don
         if (--join->left > 0) return;
         first = join->first;
       }
+      if (thrown) return done(thrown);
       if (first.ok()) return done(nullptr);
       done(std::make_exception_ptr(
           Error(absl::Status(first.code(), absl::StrCat(op, ": ", first.message())))));
@@ -59,13 +62,13 @@ void Push(const char* name, Context ctx, std::vector<VarHandle> reads,
   // reports then is stored on the written variables.
   Engine::Get()->PushAsync(
       [fn = std::move(fn), op = std::string(name)](RunContext rctx, CallbackOnComplete done) {
+        std::exception_ptr thrown;
         try {
           fn();
         } catch (...) {
-          done(std::current_exception());
-          return;
+          thrown = std::current_exception();
         }
-        DoneWhenStreamsDone({rctx.ctx.device_id}, done, op);
+        DoneWhenStreamsDone({rctx.ctx.device_id}, done, op, thrown);
       },
       ctx, std::move(reads), std::move(writes), priority, name, prop);
 }

@@ -133,25 +133,32 @@ NDArray& NDArray::Assign(const NDArray& src) {
   CheckNotNone("Assign");
   src.CheckNotNone("Assign");
   internal::RequireSameShape("Assign", *this, src);
-  if (src.chunk_ == chunk_ && src.offset_ == offset_) return *this;
-  float* dst = data();
-  const float* from = src.data();
-  const Context dst_ctx = context(), src_ctx = src.context();
-  const size_t bytes = size() * sizeof(float);
+  CopyFromTo(src, *this);
+  return *this;
+}
+
+void CopyFromTo(const NDArray& from, const NDArray& to, int priority, const char* name) {
+  MX_THROW_IF_NOT(!from.is_none() && !to.is_none(), name,
+                  ": an argument is a null NDArray (default-constructed)");
+  internal::RequireSameShape(name, to, from);
+  if (from.SharesStorageWith(to) && from.data() == to.data()) return;
+  float* dst = to.data();
+  const float* src = from.data();
+  const Context dst_ctx = to.context(), src_ctx = from.context();
+  const size_t bytes = to.size() * sizeof(float);
   // A GPU side runs the copy on one of its streams (DeviceApi::CopyAsync);
   // the operation completes when the stream has.
   const Context run_ctx = dst_ctx.is_gpu() ? dst_ctx : src_ctx;
   Engine::Get()->PushAsync(
       [=](RunContext, CallbackOnComplete done) {
         internal::DeviceApiFor(run_ctx)->CopyAsync(
-            dst, dst_ctx, from, src_ctx, bytes, [done](absl::Status s) {
+            dst, dst_ctx, src, src_ctx, bytes, [done, name](absl::Status s) {
               if (s.ok()) return done();
               done(std::make_exception_ptr(
-                  Error(absl::Status(s.code(), absl::StrCat("Copy: ", s.message())))));
+                  Error(absl::Status(s.code(), absl::StrCat(name, ": ", s.message())))));
             });
       },
-      run_ctx, {src.var()}, {var()}, 0, "Copy");
-  return *this;
+      run_ctx, {from.var()}, {to.var()}, priority, name);
 }
 
 NDArray NDArray::Copy(Context ctx) const {

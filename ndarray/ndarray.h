@@ -265,6 +265,15 @@ void SampleNormal(float mean, float stddev, NDArray* out);
 // the call, by any thread); rethrows the first error no wait has reported.
 void WaitAll();
 
+// Copies from's values into to (the same shape, any two contexts) in engine
+// order, as MXNet's CopyFromTo: at `priority` (higher runs first among
+// ready operations; the KVStore gives the first layers' traffic a higher
+// one), named `name` in traces and errors (a string that outlives the
+// copy). A GPU side runs it on one of its streams (ndarray/device.h).
+// to.Assign(from) is CopyFromTo(from, to).
+void CopyFromTo(const NDArray& from, const NDArray& to, int priority = 0,
+                const char* name = "Copy");
+
 // ---- Files: a named list of arrays (checkpoints use this).
 // Format (little-endian): magic "MXND", version u32, count u64, then per
 // array: name length u32, name bytes, ndim u32, dims i64[ndim], float32

@@ -118,7 +118,7 @@ Scratch GetScratch(float* workspace, const Layout& l) {
   return {partials, reinterpret_cast<float*>(partials + 2 * l.channels * parts), parts};
 }
 
-size_t WorkspaceBytes(const ParsedParams& p, const ShapeList& in, const ShapeList&) {
+size_t WorkspaceBytes(const ParsedParams& p, const ShapeList& in, const ShapeList&, Context) {
   const Layout l = GetLayout(p, in[0]);
   return static_cast<size_t>(2 * l.channels * Parts(l)) * sizeof(double) +
          static_cast<size_t>(kernel::kBnColumns * l.channels) * sizeof(float);

@@ -284,9 +284,11 @@ std::optional<DnnlPlan> PlanDnnlFor(const ParsedParams& p, const Geometry& g, co
   return plan;
 }
 
-// Room for either path: a forward that adds to its output runs im2col.
-// Plain layouts need the most (their conversions to oneDNN's).
-size_t Workspace(const ParsedParams& p, const ShapeList& in, const ShapeList& out) {
+// Room for either CPU path: a forward that adds to its output runs im2col.
+// Plain layouts need the most (their conversions to oneDNN's). None on a
+// GPU: cuDNN takes its scratch memory from the stream (ndarray/cuda/dnn.cc).
+size_t Workspace(const ParsedParams& p, const ShapeList& in, const ShapeList& out, Context ctx) {
+  if (ctx.is_gpu()) return 0;
   const Geometry g = MakeGeometry(p, in[0], out[0]);
   const std::optional<DnnlPlan> plan = PlanDnnl(p, g);
   const int64_t dnnl = plan ? plan->Floats() : 0;

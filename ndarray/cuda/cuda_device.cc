@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -157,6 +158,17 @@ class CudaDevice : public DeviceApi {
     MX_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(id), Where("cudaSetDevice", id)));
     void* p = nullptr;
     cudaError_t err = cudaMalloc(&p, bytes);
+    if (err == cudaErrorMemoryAllocation) {
+      // Memory the stream-ordered allocator keeps for reuse (cuDNN's
+      // workspaces, reductions' scratch) counts as taken: give back what
+      // no stream still uses, and try once more.
+      cudaGetLastError();
+      cudaMemPool_t pool = nullptr;
+      if (cudaDeviceGetDefaultMemPool(&pool, id) == cudaSuccess &&
+          cudaMemPoolTrimTo(pool, 0) == cudaSuccess) {
+        err = cudaMalloc(&p, bytes);
+      }
+    }
     if (err == cudaSuccess) return p;
     std::string what = absl::StrCat(Where("cudaMalloc", id), " of ", bytes, " bytes");
     size_t free = 0, total = 0;
@@ -177,8 +189,15 @@ class CudaDevice : public DeviceApi {
     if (bytes == 0) return absl::OkStatus();
     const int dev = PrepareCopy(dst_ctx, src_ctx);
     MX_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(dev), Where("cudaSetDevice", dev)));
+    // On the copy's stream, waited for: a cudaMemcpy from pageable memory
+    // returns once the bytes are staged, before they reach the device, and
+    // nothing would order the (non-blocking) compute stream after them.
     // Unified addressing lets the runtime infer the direction.
-    return CudaStatus(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), CopyName(dst_ctx, src_ctx));
+    cudaStream_t stream = Stream(dev, CopyPlaceFor(dst_ctx, src_ctx).stream);
+    absl::Status s = CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream),
+                                CopyName(dst_ctx, src_ctx));
+    if (s.ok()) s = CudaStatus(cudaStreamSynchronize(stream), CopyName(dst_ctx, src_ctx));
+    return s;
   }
 
   void CopyAsync(void* dst, Context dst_ctx, const void* src, Context src_ctx, size_t bytes,
@@ -188,10 +207,13 @@ class CudaDevice : public DeviceApi {
     const StreamKind kind = CopyPlaceFor(dst_ctx, src_ctx).stream;
     absl::Status s = CudaStatus(cudaSetDevice(dev), Where("cudaSetDevice", dev));
     if (s.ok()) {
-      s = CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, Stream(dev, kind)),
+      s = CudaStatus(EnqueueCopy(dst, src, bytes, dst_ctx == src_ctx, Stream(dev, kind)),
                      CopyName(dst_ctx, src_ctx));
     }
-    if (!s.ok()) return done(s);
+    if (!s.ok()) {
+      cudaGetLastError();  // not sticky (a refused allocation); clear it
+      return done(s);
+    }
     Watcher(dev, kind)->Watch(std::move(done));
   }
 
@@ -208,6 +230,27 @@ class CudaDevice : public DeviceApi {
       EnablePeerAccess(src_ctx.device_id, dst_ctx.device_id);
     }
     return CopyPlaceFor(dst_ctx, src_ctx).device;
+  }
+
+  // Enqueues the copy on stream. Within one device (`same_device`) the two
+  // ranges may overlap (slices of one array), which cudaMemcpyAsync does
+  // not allow: such a copy goes through stream-ordered scratch memory, so
+  // it moves the values as the CPU's memmove does.
+  static cudaError_t EnqueueCopy(void* dst, const void* src, size_t bytes, bool same_device,
+                                 cudaStream_t stream) {
+    const auto d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+    if (!same_device || d + bytes <= s || s + bytes <= d) {
+      return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream);
+    }
+    void* scratch = nullptr;
+    cudaError_t err = cudaMallocAsync(&scratch, bytes, stream);
+    if (err != cudaSuccess) return err;
+    err = cudaMemcpyAsync(scratch, src, bytes, cudaMemcpyDeviceToDevice, stream);
+    if (err == cudaSuccess) {
+      err = cudaMemcpyAsync(dst, scratch, bytes, cudaMemcpyDeviceToDevice, stream);
+    }
+    cudaFreeAsync(scratch, stream);
+    return err;
   }
 
   static std::string CopyName(Context dst_ctx, Context src_ctx) {

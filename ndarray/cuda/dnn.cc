@@ -1,14 +1,21 @@
 // Convolution and pooling through cuDNN (see ndarray/dnn.h): one handle per
 // device bound to its compute stream; descriptors made per call (cheap);
-// workspaces from stream-ordered memory. Compiled only with CUDA.
+// each convolution pass's algorithms found once per shape; workspaces from
+// stream-ordered memory. Compiled only with CUDA.
 #include "ndarray/dnn.h"
 
 #include <cuda_runtime.h>
 #include <cudnn.h>
 
 #include <array>
+#include <memory>
 #include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
 #include "ndarray/cuda/stream.h"
 
 namespace mx::kernel {
@@ -116,11 +123,23 @@ class Call {
     return pool_;
   }
 
-  // Stream-ordered scratch memory of `bytes`, freed when the call ends.
-  void* Workspace(size_t bytes) {
-    if (!ok() || bytes == 0) return nullptr;
-    Check(cudaMallocAsync(&workspace_, bytes, internal::cuda::ComputeStream(device_)));
-    return workspace_;
+  // Stream-ordered scratch memory of `bytes` in *ws (null for 0 bytes),
+  // freed when the call ends; false when the device has not that much.
+  bool TryWorkspace(size_t bytes, void** ws) {
+    *ws = nullptr;
+    if (bytes == 0) return true;
+    if (workspace_ != nullptr) {
+      cudaFreeAsync(workspace_, internal::cuda::ComputeStream(device_));
+      workspace_ = nullptr;
+    }
+    if (cudaMallocAsync(&workspace_, bytes, internal::cuda::ComputeStream(device_)) !=
+        cudaSuccess) {
+      cudaGetLastError();  // not sticky; clear it
+      workspace_ = nullptr;
+      return false;
+    }
+    *ws = workspace_;
+    return true;
   }
 
  private:
@@ -135,19 +154,62 @@ class Call {
   void* workspace_ = nullptr;
 };
 
-// The first deterministic algorithm cuDNN's heuristics rank as working.
-template <typename Perf>
-bool PickDeterministic(const Perf* perf, int count, Perf* chosen) {
+// One deterministic algorithm cuDNN's heuristics rank as working for a
+// convolution pass, with the workspace it needs.
+struct Algorithm {
+  int algo;
+  size_t workspace;
+};
+
+enum class ConvPass { kForward, kBackwardData, kBackwardFilter };
+
+// The deterministic algorithms for (device, pass, shape), best first: asked
+// of cuDNN once and remembered, since the heuristics query (and creating
+// its descriptors) costs more host time than a small convolution's kernels.
+// `query(perf, capacity, &count)` runs cuDNN's query; `c` carries its error.
+template <typename Perf, int kCapacity, typename Query>
+const std::vector<Algorithm>* Algorithms(Call& c, int device, ConvPass pass, const ConvShape& s,
+                                         Query query) {
+  // ConvShape is plain int64_t fields, so its bytes name the shape.
+  static_assert(sizeof(ConvShape) == 16 * sizeof(int64_t));
+  using Key = std::tuple<int, ConvPass, std::string>;
+  static absl::Mutex mu;
+  static auto* known = new absl::flat_hash_map<Key, std::unique_ptr<std::vector<Algorithm>>>();
+  const Key key{device, pass, std::string(reinterpret_cast<const char*>(&s), sizeof(s))};
+  {
+    absl::MutexLock lock(&mu);
+    if (auto it = known->find(key); it != known->end()) return it->second.get();
+  }
+  Perf perf[kCapacity];
+  int count = 0;
+  if (!c.Check(query(perf, kCapacity, &count))) return nullptr;
+  auto found = std::make_unique<std::vector<Algorithm>>();
   for (int i = 0; i < count; ++i) {
     if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].determinism == CUDNN_DETERMINISTIC) {
-      *chosen = perf[i];
-      return true;
+      found->push_back({static_cast<int>(perf[i].algo), perf[i].memory});
     }
   }
-  return false;
+  absl::MutexLock lock(&mu);
+  auto& slot = (*known)[key];
+  if (slot == nullptr) slot = std::move(found);
+  return slot.get();
 }
 
-constexpr const char* kNoAlgorithm = "cuDNN offers no deterministic algorithm for this shape";
+// Runs `run(algo, workspace, bytes)` with the first of `algorithms` whose
+// workspace can be had: when GPU memory is short, a lesser algorithm that
+// needs less beats failing.
+template <typename Run>
+const char* RunFirstThatFits(Call& c, const std::vector<Algorithm>* algorithms, Run run) {
+  if (!c.ok()) return c.error();
+  if (algorithms->empty()) return "cuDNN offers no deterministic algorithm for this shape";
+  for (const Algorithm& a : *algorithms) {
+    void* ws = nullptr;
+    if (!c.TryWorkspace(a.workspace, &ws)) continue;
+    c.Check(run(a.algo, ws, a.workspace));
+    return c.error();
+  }
+  return "cuDNN: out of GPU memory for the workspace of every deterministic algorithm";
+}
 
 }  // namespace
 
@@ -156,19 +218,18 @@ const char* GpuConvForward(int device, const ConvShape& s, const float* x, const
   Call c(device);
   const ConvDescriptors d = c.Conv(s);
   if (!c.ok()) return c.error();
-  cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT], chosen;
-  int count = 0;
-  if (!c.Check(cudnnGetConvolutionForwardAlgorithm_v7(c.handle(), d.x, d.filter, d.conv, d.y,
-                                                      CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &count,
-                                                      perf))) {
-    return c.error();
-  }
-  if (!PickDeterministic(perf, count, &chosen)) return kNoAlgorithm;
-  void* ws = c.Workspace(chosen.memory);
+  const auto* algorithms =
+      Algorithms<cudnnConvolutionFwdAlgoPerf_t, CUDNN_CONVOLUTION_FWD_ALGO_COUNT>(
+          c, device, ConvPass::kForward, s, [&](auto* perf, int capacity, int* count) {
+            return cudnnGetConvolutionForwardAlgorithm_v7(c.handle(), d.x, d.filter, d.conv, d.y,
+                                                          capacity, count, perf);
+          });
   const float alpha = 1;
-  c.Check(cudnnConvolutionForward(c.handle(), &alpha, d.x, x, d.filter, w, d.conv, chosen.algo,
-                                  ws, chosen.memory, &beta, d.y, y));
-  return c.error();
+  return RunFirstThatFits(c, algorithms, [&](int algo, void* ws, size_t bytes) {
+    return cudnnConvolutionForward(c.handle(), &alpha, d.x, x, d.filter, w, d.conv,
+                                   static_cast<cudnnConvolutionFwdAlgo_t>(algo), ws, bytes, &beta,
+                                   d.y, y);
+  });
 }
 
 const char* GpuConvAddBias(int device, const ConvShape& s, const float* bias, float* y) {
@@ -186,19 +247,18 @@ const char* GpuConvBackwardData(int device, const ConvShape& s, const float* w, 
   Call c(device);
   const ConvDescriptors d = c.Conv(s);
   if (!c.ok()) return c.error();
-  cudnnConvolutionBwdDataAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT], chosen;
-  int count = 0;
-  if (!c.Check(cudnnGetConvolutionBackwardDataAlgorithm_v7(
-          c.handle(), d.filter, d.y, d.conv, d.x, CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &count,
-          perf))) {
-    return c.error();
-  }
-  if (!PickDeterministic(perf, count, &chosen)) return kNoAlgorithm;
-  void* ws = c.Workspace(chosen.memory);
+  const auto* algorithms =
+      Algorithms<cudnnConvolutionBwdDataAlgoPerf_t, CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT>(
+          c, device, ConvPass::kBackwardData, s, [&](auto* perf, int capacity, int* count) {
+            return cudnnGetConvolutionBackwardDataAlgorithm_v7(c.handle(), d.filter, d.y, d.conv,
+                                                               d.x, capacity, count, perf);
+          });
   const float alpha = 1;
-  c.Check(cudnnConvolutionBackwardData(c.handle(), &alpha, d.filter, w, d.y, dy, d.conv,
-                                       chosen.algo, ws, chosen.memory, &beta, d.x, dx));
-  return c.error();
+  return RunFirstThatFits(c, algorithms, [&](int algo, void* ws, size_t bytes) {
+    return cudnnConvolutionBackwardData(c.handle(), &alpha, d.filter, w, d.y, dy, d.conv,
+                                        static_cast<cudnnConvolutionBwdDataAlgo_t>(algo), ws, bytes,
+                                        &beta, d.x, dx);
+  });
 }
 
 const char* GpuConvBackwardFilter(int device, const ConvShape& s, const float* x,
@@ -206,19 +266,18 @@ const char* GpuConvBackwardFilter(int device, const ConvShape& s, const float* x
   Call c(device);
   const ConvDescriptors d = c.Conv(s);
   if (!c.ok()) return c.error();
-  cudnnConvolutionBwdFilterAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT], chosen;
-  int count = 0;
-  if (!c.Check(cudnnGetConvolutionBackwardFilterAlgorithm_v7(
-          c.handle(), d.x, d.y, d.conv, d.filter, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &count,
-          perf))) {
-    return c.error();
-  }
-  if (!PickDeterministic(perf, count, &chosen)) return kNoAlgorithm;
-  void* ws = c.Workspace(chosen.memory);
+  const auto* algorithms =
+      Algorithms<cudnnConvolutionBwdFilterAlgoPerf_t, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT>(
+          c, device, ConvPass::kBackwardFilter, s, [&](auto* perf, int capacity, int* count) {
+            return cudnnGetConvolutionBackwardFilterAlgorithm_v7(c.handle(), d.x, d.y, d.conv,
+                                                                 d.filter, capacity, count, perf);
+          });
   const float alpha = 1;
-  c.Check(cudnnConvolutionBackwardFilter(c.handle(), &alpha, d.x, x, d.y, dy, d.conv,
-                                         chosen.algo, ws, chosen.memory, &beta, d.filter, dw));
-  return c.error();
+  return RunFirstThatFits(c, algorithms, [&](int algo, void* ws, size_t bytes) {
+    return cudnnConvolutionBackwardFilter(c.handle(), &alpha, d.x, x, d.y, dy, d.conv,
+                                          static_cast<cudnnConvolutionBwdFilterAlgo_t>(algo), ws,
+                                          bytes, &beta, d.filter, dw);
+  });
 }
 
 const char* GpuConvBackwardBias(int device, const ConvShape& s, const float* dy, float* db,

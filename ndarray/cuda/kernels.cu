@@ -112,6 +112,12 @@ __global__ void CombineKernel(const double* partial, float* out, int64_t outputs
   }
 }
 
+// Forgets a failure an earlier call on this thread left behind that did
+// not break the device (an allocation refused, say): the runtime keeps it
+// until read, and cudaGetLastError after a launch would blame the launch.
+// A fault that did break the device comes back from every later call.
+void ClearLastError() { cudaGetLastError(); }
+
 // Parts per output: enough blocks to fill the GPU when there are few
 // outputs, each part at least 4096 elements long.
 int64_t Parts(int64_t outputs, int64_t n) {
@@ -129,6 +135,7 @@ template <typename K>
 const char* GpuLaunch(int device, int64_t n, const typename K::Params& params) {
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return ErrorText(err);
+  ClearLastError();
   MapKernel<K><<<Blocks(n), kThreads, 0, internal::cuda::ComputeStream(device)>>>(n, params);
   return ErrorText(cudaGetLastError());
 }
@@ -138,6 +145,7 @@ const char* GpuReduce(int device, const float* in, float* out, int64_t outer, in
                       int64_t inner, bool add) {
   cudaError_t err = cudaSetDevice(device);
   if (err != cudaSuccess) return ErrorText(err);
+  ClearLastError();
   cudaStream_t stream = internal::cuda::ComputeStream(device);
   const int64_t outputs = outer * inner, parts = Parts(outputs, n);
   if (parts == 1) {

@@ -230,6 +230,24 @@ TEST(KVStoreLocal, OptimizerUpdatesAndStatesRoundTrip) {
   EXPECT_THAT(w.ToVector(), ElementsAre(0.5f - 0.45f - 0.5f, 1.5f + 0.45f + 0.5f));
 }
 
+// The update runs on the key's context: one copy on another host context
+// (another CPU id, page-locked memory) is brought there first, as several
+// copies are by their sum.
+TEST(KVStoreLocal, AnOptimizerTakesOneCopyFromAnotherHostContext) {
+  for (Context where : {cpu(1), cpu_pinned()}) {
+    auto kv = Local();
+    auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}});
+    ASSERT_TRUE(sgd.ok());
+    ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+    ASSERT_TRUE(kv->Init(1, FromVector({1, 1})).ok());
+    absl::Status pushed = kv->Push(1, FromVector({1, -1}, where));
+    ASSERT_TRUE(pushed.ok()) << where.ToString() << ": " << pushed;
+    NDArray w = Empty({2}, where);
+    ASSERT_TRUE(kv->Pull(1, &w).ok());
+    EXPECT_THAT(w.ToVector(), ElementsAre(0.5f, 1.5f)) << where.ToString();
+  }
+}
+
 TEST(KVStoreLocal, PushPullAndBroadcast) {
   auto kv = Local();
   NDArray a = Empty({2}), b = Empty({2}, cpu(1));

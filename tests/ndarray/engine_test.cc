@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "ndarray/base.h"
@@ -556,6 +557,32 @@ TEST_P(EngineTest, AReportedErrorNoLongerSkipsOperations) {
   engine_->PushSync([](RunContext) {}, cpu(), {}, {x});
   EXPECT_TRUE(StatusOfCall([&] { engine_->WaitForVar(x); }).ok());
   EXPECT_TRUE(StatusOfCall([&] { engine_->WaitForAll(); }).ok());
+}
+
+// The report divides by when operations were made, not when they run: one
+// made before it, still waiting when the error is reported, is skipped
+// (the naive engine runs every operation at once, so it has none such).
+TEST_P(EngineTest, AnOperationMadeBeforeTheReportIsSkippedEvenIfItRunsAfter) {
+  if (std::string(engine_->type()) == "NaiveEngine") GTEST_SKIP() << "no operation waits";
+  VarHandle x = NewVar(), gate = NewVar(), z = NewVar();
+  std::function<void()> open_gate;
+  absl::Notification gate_running;
+  engine_->PushAsync(
+      [&](RunContext, CallbackOnComplete done) {
+        open_gate = [done] { done(); };
+        gate_running.Notify();
+      },
+      cpu(), {}, {gate});
+  gate_running.WaitForNotification();
+  engine_->PushSync([](RunContext) { throw Error(absl::InternalError("the failed step")); }, cpu(),
+                    {}, {x});
+  std::atomic<bool> ran{false};
+  engine_->PushSync([&](RunContext) { ran = true; }, cpu(), {x, gate}, {z});
+  EXPECT_FALSE(StatusOfCall([&] { engine_->WaitForVar(x); }).ok());
+  open_gate();
+  EXPECT_THAT(std::string(StatusOfCall([&] { engine_->WaitForVar(z); }).message()),
+              HasSubstr("the failed step"));
+  EXPECT_FALSE(ran.load());
 }
 
 TEST_P(EngineTest, ForeignExceptionTypeIsRethrownUnchanged) {
