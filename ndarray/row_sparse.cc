@@ -123,6 +123,7 @@ NDArray RowSparseNDArray::ToDense() const {
 }
 
 RowSparseNDArray RowSparseNDArray::Copy(Context ctx) const {
+  RequireCpu("RowSparseNDArray::Copy", ctx);
   RowSparseNDArray out = *this;
   out.data_ = data_.Copy(ctx);
   return out;

@@ -282,6 +282,9 @@ absl::Status Run() {
   MX_ASSIGN_OR_RETURN(std::unique_ptr<metrics::HttpServer> endpoint,
                       metrics::ServeMetrics(metrics_host, metrics_port, "worker"));
   WatchStorage();
+  // Checked before a distributed store joins the job, which would wait for
+  // this worker otherwise.
+  MX_ASSIGN_OR_RETURN(std::vector<Context> contexts, ParseContexts(absl::GetFlag(FLAGS_contexts)));
   // A distributed store first: its rank selects this worker's part of the data.
   std::unique_ptr<KVStore> store;
   const std::string kv_type = absl::GetFlag(FLAGS_kvstore);
@@ -306,7 +309,6 @@ absl::Status Run() {
   metrics::SetNodeInfo("worker", part);
   trace::SetProcessName(absl::StrCat("worker ", part));
   if (endpoint != nullptr) endpoint->SetServing(true);
-  MX_ASSIGN_OR_RETURN(std::vector<Context> contexts, ParseContexts(absl::GetFlag(FLAGS_contexts)));
   const std::string network = absl::GetFlag(FLAGS_network);
   const std::string prefix = absl::GetFlag(FLAGS_checkpoint_prefix);
   const int resume = absl::GetFlag(FLAGS_resume_epoch);

@@ -148,6 +148,19 @@ TEST(RowSparseTest, CopyHasItsOwnData) {
   EXPECT_EQ(b.indices(), a.indices());
 }
 
+// Row-sparse arrays live on CPU contexts: a copy to a GPU is refused at
+// once, saying so (here and on a machine with GPUs, where the copy would
+// otherwise hand host row ids to GPU kernels).
+TEST(RowSparseTest, ACopyToAGpuIsRefused) {
+  try {
+    Rows({2}).Copy(gpu(0));
+    ADD_FAILURE() << "copied to gpu(0)";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status().code(), absl::StatusCode::kUnimplemented);
+    EXPECT_THAT(e.what(), HasSubstr("row_sparse arrays live on CPU contexts"));
+  }
+}
+
 TEST(RowSparseTest, Prints) {
   const std::string s = Rows({1, 4}).ToString();
   EXPECT_THAT(s, HasSubstr("6×2 RowSparseNDArray<float> @ cpu(0), 2 stored rows, ids 1, 4:"));

@@ -42,6 +42,8 @@ expect_fail "distributed kvstore" "dist_sync" --kvstore=dist_sync
 expect_fail "resume without prefix" "--resume_epoch needs --checkpoint_prefix" --resume_epoch=2
 expect_fail "bad context" "--contexts" --contexts=tpu0
 expect_fail "gpu context" "gpu(0)" --contexts="gpu(0)"
+# Refused before a distributed store joins (and would keep its job waiting).
+expect_fail "bad context before joining" "--contexts" --kvstore=dist_sync --contexts=tpu0
 expect_fail "bad batch size" "--batch_size" --batch_size=0
 
 source "$(dirname "$0")/../testdata/make_csv.sh"
