@@ -16,7 +16,8 @@
 #       training on gpu(0), and ends with "N passed, N failed, N skipped".
 #       Exit status 0 only when nothing failed. MX_GPU_CHECK=tests runs the
 #       tests alone, MX_GPU_CHECK=fast all but the sanitizer runs (quicker
-#       checks when little device time is left).
+#       checks when little device time is left); MX_GPU_TIMEOUT (seconds,
+#       default 300) bounds each binary, so a hang costs no more.
 #
 # docs/operations.md ("Checking the GPU path") tells how to run it.
 set -uo pipefail
@@ -94,6 +95,8 @@ run() {
   tar -C "$dir" -xJf "$pack/pack.tar.xz" || return 1
   export LD_LIBRARY_PATH="$dir/lib:$(cuda_lib_dirs)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   nvidia-smi -L || echo "nvidia-smi found no GPU"
+  # Seconds each binary may run (a hang costs no more than this).
+  local limit=${MX_GPU_TIMEOUT:-300}
   local passed=0 failed=0 skipped=0 bin name xml tests bad skips
   for bin in "$dir"/bin/*; do
     name=$(basename "$bin")
@@ -103,7 +106,7 @@ run() {
     # The environment its Bazel target sets (tests/*/BUILD).
     local test_env=()
     [[ $name == kvstore_test ]] && test_env=(MX_CPU_WORKER_NTHREADS=2)
-    env "${test_env[@]}" timeout 300 "$bin" --gtest_output="xml:$xml" 2>&1 |
+    env "${test_env[@]}" timeout "$limit" "$bin" --gtest_output="xml:$xml" 2>&1 |
       grep -Ev '^\[ +(RUN|OK) +\]'
     if [[ ! -s $xml ]]; then
       echo "$name: no results (crashed or timed out)"
@@ -135,7 +138,7 @@ run() {
     for tool in memcheck racecheck; do
       for name in gpu_ndarray_test gpu_executor_test; do
         echo "== compute-sanitizer --tool $tool $name"
-        if timeout 300 "$sanitizer" --tool "$tool" --error-exitcode 1 "$dir/bin/$name" \
+        if timeout "$limit" "$sanitizer" --tool "$tool" --error-exitcode 1 "$dir/bin/$name" \
              --gtest_filter='-*Exhausted*:*FailedKernel*' > "$out/$tool-$name.log" 2>&1; then
           passed=$((passed + 1))
         else
@@ -158,7 +161,9 @@ run() {
   done
   for bin in "$dir"/bin/*_bench; do
     echo "== $(basename "$bin")"
-    timeout 300 "$bin" || { echo "$(basename "$bin") failed"; failed=$((failed + 1)); }
+    # Also kept under OUT, which comes back even when the run is cut off.
+    timeout "$limit" "$bin" 2>&1 | tee "$out/$(basename "$bin").log"
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "$(basename "$bin") failed"; failed=$((failed + 1)); }
   done
   # Training on gpu(0) must learn: the test set's 10000 images as training
   # data (train-* named so mx_train finds them), the MLP and LeNet (cuDNN).
@@ -168,7 +173,7 @@ run() {
   local network
   for network in mlp lenet; do
     echo "== mx_train --network=$network on gpu(0)"
-    if timeout 300 "$dir/bin/mx_train" --network="$network" --contexts='gpu(0)' --epochs=3 \
+    if timeout "$limit" "$dir/bin/mx_train" --network="$network" --contexts='gpu(0)' --epochs=3 \
          --data_dir="$dir/data" --seed=1 2>&1 | tee "$out/mx_train_$network.log" | tail -3 &&
        grep -q 'Final test accuracy' "$out/mx_train_$network.log"; then
       passed=$((passed + 1))
@@ -185,7 +190,7 @@ run() {
   local contexts
   contexts=$(seq 0 $((gpus - 1)) | sed 's/.*/gpu(&)/' | paste -sd,)
   echo "== mx_train --kvstore=nccl --contexts=$contexts"
-  if timeout 300 "$dir/bin/mx_train" --network=mlp --kvstore=nccl --contexts="$contexts" \
+  if timeout "$limit" "$dir/bin/mx_train" --network=mlp --kvstore=nccl --contexts="$contexts" \
        --epochs=3 --data_dir="$dir/data" --seed=1 2>&1 | tee "$out/mx_train_nccl.log" | tail -3 &&
      grep -q 'Final test accuracy' "$out/mx_train_nccl.log"; then
     passed=$((passed + 1))
@@ -196,7 +201,7 @@ run() {
   # The same as a job: 2 workers on gpu(0), dist_device_sync (each sums its
   # device copies on the GPU), 1 server.
   echo "== launch.py -n 2 -s 1 --kvstore dist_device_sync: mx_train on gpu(0)"
-  if timeout 300 python3 deploy/launch.py -n 2 -s 1 --kvstore dist_device_sync \
+  if timeout "$limit" python3 deploy/launch.py -n 2 -s 1 --kvstore dist_device_sync \
        --server-binary "$dir/bin/mx_server" -- \
        "$dir/bin/mx_train" --kvstore=dist_device_sync --network=mlp --contexts='gpu(0)' \
        --epochs=3 --lr=0.2 --data_dir="$dir/data" --seed=1 2>&1 |
