@@ -26,6 +26,7 @@ namespace {
 // The NCCL functions mx calls.
 struct Nccl {
   decltype(&ncclCommInitAll) comm_init_all;
+  decltype(&ncclCommAbort) comm_abort;
   decltype(&ncclGroupStart) group_start;
   decltype(&ncclGroupEnd) group_end;
   decltype(&ncclReduce) reduce;
@@ -47,14 +48,15 @@ const Nccl* LoadNccl(const char** error) {
     }
     auto* n = new Nccl;
     n->comm_init_all = reinterpret_cast<decltype(n->comm_init_all)>(dlsym(lib, "ncclCommInitAll"));
+    n->comm_abort = reinterpret_cast<decltype(n->comm_abort)>(dlsym(lib, "ncclCommAbort"));
     n->group_start = reinterpret_cast<decltype(n->group_start)>(dlsym(lib, "ncclGroupStart"));
     n->group_end = reinterpret_cast<decltype(n->group_end)>(dlsym(lib, "ncclGroupEnd"));
     n->reduce = reinterpret_cast<decltype(n->reduce)>(dlsym(lib, "ncclReduce"));
     n->broadcast = reinterpret_cast<decltype(n->broadcast)>(dlsym(lib, "ncclBroadcast"));
     n->all_reduce = reinterpret_cast<decltype(n->all_reduce)>(dlsym(lib, "ncclAllReduce"));
     n->error_string = reinterpret_cast<decltype(n->error_string)>(dlsym(lib, "ncclGetErrorString"));
-    if (!n->comm_init_all || !n->group_start || !n->group_end || !n->reduce || !n->broadcast ||
-        !n->all_reduce || !n->error_string) {
+    if (!n->comm_init_all || !n->comm_abort || !n->group_start || !n->group_end || !n->reduce ||
+        !n->broadcast || !n->all_reduce || !n->error_string) {
       failure = soname + " lacks a function mx needs";
       delete n;
       return nullptr;
@@ -72,14 +74,24 @@ std::mutex& CollectiveMutex() {
   return *mu;
 }
 
-// The communicators of a device set, one per rank, made at its first use;
-// null with *error set if NCCL could not make them. Under CollectiveMutex.
+// Each device set's communicators, one per rank, and the sets NCCL could
+// not make them for (with why). Under CollectiveMutex.
+struct CommCache {
+  std::map<std::vector<int>, std::vector<ncclComm_t>> comms;
+  std::map<std::vector<int>, std::string> failures;
+};
+CommCache& Comms() {
+  static auto* cache = new CommCache;
+  return *cache;
+}
+
+// The communicators of a device set, made at its first use; null with
+// *error set if NCCL could not make them. Under CollectiveMutex.
 const std::vector<ncclComm_t>* Communicators(const Nccl& nccl, const std::vector<int>& devices,
                                              std::string* error) {
-  static auto* comms = new std::map<std::vector<int>, std::vector<ncclComm_t>>;
-  static auto* failures = new std::map<std::vector<int>, std::string>;
-  if (auto it = comms->find(devices); it != comms->end()) return &it->second;
-  if (auto it = failures->find(devices); it != failures->end()) {
+  CommCache& cache = Comms();
+  if (auto it = cache.comms.find(devices); it != cache.comms.end()) return &it->second;
+  if (auto it = cache.failures.find(devices); it != cache.failures.end()) {
     *error = it->second;
     return nullptr;
   }
@@ -87,11 +99,23 @@ const std::vector<ncclComm_t>* Communicators(const Nccl& nccl, const std::vector
   const ncclResult_t r =
       nccl.comm_init_all(made.data(), static_cast<int>(devices.size()), devices.data());
   if (r != ncclSuccess) {
-    *error = (*failures)[devices] = absl::StrCat(
+    *error = cache.failures[devices] = absl::StrCat(
         "ncclCommInitAll on gpus ", absl::StrJoin(devices, ","), ": ", nccl.error_string(r));
     return nullptr;
   }
-  return &((*comms)[devices] = std::move(made));
+  return &(cache.comms[devices] = std::move(made));
+}
+
+// After a failed group: aborts the set's communicators, so that kernels
+// the group did launch on some ranks stop waiting for ranks it did not
+// (they would spin on their streams forever), and forgets them, so that
+// the next collective on the set makes fresh ones. Under CollectiveMutex.
+void AbortCommunicators(const Nccl& nccl, const std::vector<int>& devices) {
+  CommCache& cache = Comms();
+  auto it = cache.comms.find(devices);
+  if (it == cache.comms.end()) return;
+  for (ncclComm_t comm : it->second) nccl.comm_abort(comm);
+  cache.comms.erase(it);
 }
 
 // Checks a call's buffers against the device set; "" when they fit.
@@ -157,6 +181,7 @@ const char* GpuCollectives(const std::vector<int>& devices,
   if (r == ncclSuccess) r = end;
   if (r == ncclSuccess) return nullptr;
   error = absl::StrCat("NCCL on gpus ", absl::StrJoin(devices, ","), ": ", nccl->error_string(r));
+  AbortCommunicators(*nccl, devices);
   return error.c_str();
 }
 
