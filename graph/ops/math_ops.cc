@@ -17,6 +17,7 @@
 // input's shape.
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "graph/ops/op_util.h"
@@ -199,6 +200,27 @@ kernel::BroadcastIndex OutputIndex(const ParsedParams& p, const Shape& data) {
   return kernel::MakeBroadcastIndex("sum/mean", data, kept, kept);
 }
 
+// A reduction over one contiguous run of axes, as kernel::Reduce views its
+// input: (outer, n, inner), n the reduced elements per output.
+struct OneRun {
+  int64_t outer = 1, n = 1, inner = 1;
+};
+std::optional<OneRun> AsOneRun(const Shape& data, const std::vector<bool>& reduced) {
+  int first = -1, last = -1;
+  for (int d = 0; d < data.ndim(); ++d) {
+    if (!reduced[d]) continue;
+    if (first >= 0 && last != d - 1) return std::nullopt;  // a gap: not one run
+    if (first < 0) first = d;
+    last = d;
+  }
+  if (first < 0) return std::nullopt;
+  OneRun run;
+  for (int d = 0; d < data.ndim(); ++d) {
+    (d < first ? run.outer : d <= last ? run.n : run.inner) *= data[d];
+  }
+  return run;
+}
+
 // mean's factor, 1 / (elements per output), or 1 for sum.
 float MeanScale(bool mean, int64_t outputs, int64_t inputs) {
   return mean ? static_cast<float>(static_cast<double>(outputs) / std::max<int64_t>(inputs, 1))
@@ -221,7 +243,23 @@ OpDef MakeReduce(const char* name, bool mean) {
                       const std::vector<TBlob>& in, const std::vector<OpReq>& req,
                       const std::vector<TBlob>& out, const std::vector<TBlob>&) {
     if (req[0] == OpReq::kNull) return;
-    const Shape kept = KeptShape(in[0].shape, *ReducedAxes(p, in[0].shape.ndim()));
+    const std::vector<bool> reduced = *ReducedAxes(p, in[0].shape.ndim());
+    // On a GPU, one run of axes goes to kernel::Reduce, which spreads each
+    // output's elements over many threads: the kernel below gives each
+    // output one thread, which leaves a GPU idle on a large sum.
+    if (std::optional<OneRun> run = AsOneRun(in[0].shape, reduced);
+        ctx.ctx.is_gpu() && run.has_value() && run->n > 0) {
+      const bool add = req[0] == OpReq::kAdd;
+      if (mean) {
+        kernel::Reduce<kernel::MeanReducer>("mean", ctx.ctx, in[0].data, out[0].data, run->outer,
+                                            run->n, run->inner, add);
+      } else {
+        kernel::Reduce<kernel::SumReducer>("sum", ctx.ctx, in[0].data, out[0].data, run->outer,
+                                           run->n, run->inner, add);
+      }
+      return;
+    }
+    const Shape kept = KeptShape(in[0].shape, reduced);
     kernel::ReduceBroadcastKernel<kernel::op::Add>::Params params{};
     kernel::MakeReductionIndices("sum/mean", in[0].shape, kept, kept, &params.outer,
                                  &params.inner);
