@@ -247,8 +247,9 @@ OpDef MakeReduce(const char* name, bool mean) {
     // On a GPU, one run of axes goes to kernel::Reduce, which spreads each
     // output's elements over many threads: the kernel below gives each
     // output one thread, which leaves a GPU idle on a large sum.
-    if (std::optional<OneRun> run = AsOneRun(in[0].shape, reduced);
-        ctx.ctx.is_gpu() && run.has_value() && run->n > 0) {
+    const std::optional<OneRun> run =
+        ctx.ctx.is_gpu() ? AsOneRun(in[0].shape, reduced) : std::nullopt;
+    if (run.has_value() && run->n > 0) {
       const bool add = req[0] == OpReq::kAdd;
       if (mean) {
         kernel::Reduce<kernel::MeanReducer>("mean", ctx.ctx, in[0].data, out[0].data, run->outer,
