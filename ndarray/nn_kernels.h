@@ -292,7 +292,10 @@ struct SoftmaxRowsKernel {
 };
 
 // SoftmaxOutput's gradient: g[r, c] (=|+=) (prob[r, c] - [c == label[r]]) *
-// scale, or 0 for rows whose label is `ignore` when use_ignore.
+// scale, or 0 for rows whose label is `ignore` when use_ignore. With
+// `valid` (normalization='valid' with use_ignore: the count of rows not
+// ignored, ValidLabelKernel summed on the device), scale is divided by
+// max(*valid, 1) too.
 struct SoftmaxOutputGradKernel {
   struct Params {
     float* g;
@@ -301,16 +304,31 @@ struct SoftmaxOutputGradKernel {
     int64_t classes;
     float scale, ignore;
     bool use_ignore, add;
+    const float* valid;  // or null
   };
   MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const float scale = p.valid != nullptr ? p.scale / fmaxf(*p.valid, 1.0f) : p.scale;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / p.classes, c = i % p.classes;
       const float l = p.label[r];
       const bool skip = p.use_ignore && l == p.ignore;
       const float v =
-          skip ? 0.0f : (p.prob[i] - (c == static_cast<int64_t>(l) ? 1.0f : 0.0f)) * p.scale;
+          skip ? 0.0f : (p.prob[i] - (c == static_cast<int64_t>(l) ? 1.0f : 0.0f)) * scale;
       Put(p.g + i, v, p.add);
     }
+  }
+};
+
+// valid[r] = 1 where label[r] is not `ignore`, else 0: summed (Reduce), the
+// count SoftmaxOutputGradKernel's `valid` divides by.
+struct ValidLabelKernel {
+  struct Params {
+    float* valid;
+    const float* label;
+    float ignore;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    for (int64_t r = begin; r < end; ++r) p.valid[r] = p.label[r] != p.ignore ? 1.0f : 0.0f;
   }
 };
 

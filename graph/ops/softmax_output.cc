@@ -46,6 +46,12 @@ void Forward(const OpContext& ctx, const ParsedParams&, const std::vector<TBlob>
                                             {out[0].data, in[0].data, classes});
 }
 
+// Labels get no gradient; a requested one is zero.
+void FillLabelGradient(const OpContext& ctx, int64_t rows, OpReq req, const TBlob& grad) {
+  if (req != OpReq::kWrite) return;
+  kernel::Launch<kernel::FillKernel>("SoftmaxOutput", ctx.ctx, rows, {grad.data, 0.0f});
+}
+
 void Backward(const OpContext& ctx, const ParsedParams& p,
               const std::vector<TBlob>&, const std::vector<TBlob>& in,
               const std::vector<TBlob>& out, const std::vector<OpReq>& req,
@@ -56,27 +62,31 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
   const bool use_ignore = p.GetBool("use_ignore");
   const float ignore = p.GetFloat("ignore_label");
   const std::string& norm = p.GetString("normalization");
-  int64_t valid = rows;
-  if (norm == "valid" && use_ignore) {
-    // Counting the labels reads them on the host.
-    MX_THROW_IF_NOT(ctx.ctx.is_cpu(), "SoftmaxOutput: normalization='valid' with use_ignore "
-                    "is not supported on ", ctx.ctx.ToString(), " yet");
-    valid = 0;
-    for (int64_t r = 0; r < rows; ++r) valid += label[r] != ignore;
-  }
   float scale = p.GetFloat("grad_scale");
-  if (norm == "batch") scale /= std::max<int64_t>(rows, 1);
-  if (norm == "valid") scale /= std::max<int64_t>(valid, 1);
-  if (req[0] != OpReq::kNull) {
-    kernel::Launch<kernel::SoftmaxOutputGradKernel>(
-        "SoftmaxOutput", ctx.ctx, rows * classes,
-        {in_grad[0].data, out[0].data, label, classes, scale, ignore, use_ignore,
-         req[0] == OpReq::kAdd});
+  if (norm == "batch" || (norm == "valid" && !use_ignore)) scale /= std::max<int64_t>(rows, 1);
+  if (req[0] == OpReq::kNull) return FillLabelGradient(ctx, rows, req[1], in_grad[1]);
+  // With ignored labels, the rows that count are counted where the labels
+  // are (on a GPU too, with no copy to the host): a 0/1 mask summed into
+  // the workspace's last float, which the gradient kernel divides by.
+  const float* valid = nullptr;
+  if (norm == "valid" && use_ignore && rows > 0) {
+    float* mask = ctx.workspace;
+    kernel::Launch<kernel::ValidLabelKernel>("SoftmaxOutput", ctx.ctx, rows, {mask, label, ignore});
+    kernel::Reduce<kernel::SumReducer>("SoftmaxOutput", ctx.ctx, mask, mask + rows, 1, rows, 1);
+    valid = mask + rows;
   }
-  // Labels get no gradient; a requested one is zero.
-  if (req[1] == OpReq::kWrite) {
-    kernel::Launch<kernel::FillKernel>("SoftmaxOutput", ctx.ctx, rows, {in_grad[1].data, 0.0f});
-  }
+  kernel::Launch<kernel::SoftmaxOutputGradKernel>(
+      "SoftmaxOutput", ctx.ctx, rows * classes,
+      {in_grad[0].data, out[0].data, label, classes, scale, ignore, use_ignore,
+       req[0] == OpReq::kAdd, valid});
+  FillLabelGradient(ctx, rows, req[1], in_grad[1]);
+}
+
+// rows floats of mask and one of count for normalization='valid' with
+// use_ignore (Backward); none otherwise.
+size_t Workspace(const ParsedParams& p, const ShapeList& in, const ShapeList&, Context) {
+  if (p.GetString("normalization") != "valid" || !p.GetBool("use_ignore")) return 0;
+  return in[0].ndim() > 0 ? (in[0][0] + 1) * sizeof(float) : 0;
 }
 
 OpDef Make() {
@@ -95,6 +105,7 @@ OpDef Make() {
   op.infer_shape = Infer;
   op.forward = Forward;
   op.backward = Backward;
+  op.workspace = Workspace;
   op.is_loss = true;
   op.gpu = true;
   return op;

@@ -217,6 +217,19 @@ TEST_F(GpuExecutor, ElementWiseOperatorsMatchTheCpu) {
   ExpectGpuMatchesCpu(net, {{"data", {6, 5}}, {"label", {6}}}, 10, GradReq::kAdd);
 }
 
+// The rows that count are counted on the GPU (labels i * 7 % 5: 0 is
+// ignored in 2 of the 6 rows).
+TEST_F(GpuExecutor, SoftmaxOutputWithIgnoredLabelsMatchesTheCpu) {
+  for (const char* norm : {"valid", "batch", "null"}) {
+    SCOPED_TRACE(norm);
+    Symbol net = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 5}}, "fc");
+    net = Op("SoftmaxOutput", {net, Variable("label")},
+             {{"normalization", norm}, {"use_ignore", true}, {"ignore_label", 0.0f}}, "softmax");
+    ExpectGpuMatchesCpu(net, {{"data", {6, 4}}, {"label", {6}}}, 5, GradReq::kWrite);
+    ExpectGpuMatchesCpu(net, {{"data", {6, 4}}, {"label", {6}}}, 5, GradReq::kAdd);
+  }
+}
+
 TEST_F(GpuExecutor, LeakyReluOfEveryTypeMatchesTheCpu) {
   for (const char* act : {"leaky", "elu", "selu", "gelu", "prelu"}) {
     SCOPED_TRACE(act);

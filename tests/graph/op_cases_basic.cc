@@ -118,7 +118,8 @@ HostArrays SoftmaxRows(const std::vector<float>& x, int64_t rows, int64_t classe
   return {out};
 }
 
-OpCase Softmax(const char* name, Params params, double scale) {
+// Rows whose label is `ignore` (when not -1) add nothing to the loss.
+OpCase Softmax(const char* name, Params params, double scale, float ignore = -1) {
   OpCase c;
   c.name = name;
   c.op = "SoftmaxOutput";
@@ -138,6 +139,7 @@ OpCase Softmax(const char* name, Params params, double scale) {
   c.loss = [=](const HostArrays& out, const HostArrays& in) {
     double total = 0;
     for (int64_t r = 0; r < rows; ++r) {
+      if (in[1][r] == ignore) continue;
       total -= std::log(out[0][r * classes + static_cast<int64_t>(in[1][r])]);
     }
     return scale * total;
@@ -148,6 +150,17 @@ OpCase Softmax(const char* name, Params params, double scale) {
 MX_OP_CASE(Softmax("SoftmaxOutput", {}, 1.0));
 MX_OP_CASE(Softmax("SoftmaxOutput_batch_norm_scaled",
                    {{"normalization", "batch"}, {"grad_scale", 2.0f}}, 2.0 / 4));
+// Labels 0, 1, 2, 3: with 1 ignored, 3 rows count.
+MX_OP_CASE(Softmax("SoftmaxOutput_valid_ignored",
+                   {{"normalization", "valid"},
+                    {"use_ignore", true},
+                    {"ignore_label", 1.0f},
+                    {"grad_scale", 1.5f}},
+                   1.5 / 3, 1.0f));
+MX_OP_CASE(Softmax("SoftmaxOutput_null_ignored", {{"use_ignore", true}, {"ignore_label", 2.0f}},
+                   1.0, 2.0f));
+// Without use_ignore, 'valid' counts every row.
+MX_OP_CASE(Softmax("SoftmaxOutput_valid", {{"normalization", "valid"}}, 1.0 / 4));
 
 }  // namespace
 }  // namespace mx::testing
