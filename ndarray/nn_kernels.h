@@ -332,6 +332,163 @@ struct ValidLabelKernel {
   }
 };
 
+// ---- Pooling (graph/ops/pooling.cc) through the kernel layer: what cuDNN
+// lacks on a GPU (sum, the 'full' convention) and cudnn_off=True. The same
+// arithmetic in the same order as the operator's CPU code, so both give
+// the same bits, ties and NaNs included: a window reduces each of its
+// columns over its rows, then the columns left to right; max backward
+// sends a window's gradient to its first maximum in row-major order.
+
+// 2-D windows over planes of height x width: window (oy, ox) covers rows
+// oy * s[0] - p[0] + [0, k[0]) and columns likewise (d 1), of which only
+// the real ones (inside the plane) are read.
+struct PoolWindows {
+  enum Type { kMax, kAvg, kSum };
+  int64_t height, width, out_h, out_w;
+  int64_t k[2], s[2], p[2];
+  int type;        // Type
+  bool count_pad;  // avg: divide by the window clipped to the padded data
+
+  // The real positions [*lo, *hi) of window o along dimension d (size n).
+  MX_XINLINE void Real(int d, int64_t o, int64_t n, int64_t* lo, int64_t* hi) const {
+    const int64_t start = o * s[d] - p[d];
+    *lo = start > 0 ? start : 0;
+    *hi = start + k[d] < n ? start + k[d] : n;
+  }
+  // The windows [*first, *end) along dimension d (of `outs`) covering
+  // position i: o * s - p <= i < o * s - p + k.
+  MX_XINLINE void Covering(int d, int64_t i, int64_t outs, int64_t* first, int64_t* end) const {
+    const int64_t before = i + p[d] - k[d];  // windows starting at or before it end before i
+    *first = before < 0 ? 0 : before / s[d] + 1;
+    const int64_t last = (i + p[d]) / s[d];
+    *end = last + 1 < outs ? last + 1 : outs;
+  }
+  // avg's factor for window (oy, ox): 1 / its size, clipped to the padded
+  // data (count_pad) or to the real data.
+  MX_XINLINE float InvDivisor(int64_t oy, int64_t ox) const {
+    const int64_t ey = Extent(0, oy, height), ex = Extent(1, ox, width);
+    return 1.0f / static_cast<float>(ey * ex > 1 ? ey * ex : 1);
+  }
+  MX_XINLINE int64_t Extent(int d, int64_t o, int64_t n) const {
+    int64_t lo, hi;
+    Real(d, o, n, &lo, &hi);
+    if (!count_pad) return hi > lo ? hi - lo : 0;
+    const int64_t start = o * s[d] - p[d];
+    return (start + k[d] < n + p[d] ? start + k[d] : n + p[d]) - start;
+  }
+  // std::max's choice: a unless a < b (a NaN in a stays).
+  MX_XINLINE static float Max(float a, float b) { return a < b ? b : a; }
+  // The window's value before any element: max's lowest float, or 0.
+  MX_XINLINE float Init() const { return type == kMax ? -3.40282347e+38f : 0.0f; }
+  // The flat plane offset of window (oy, ox)'s first maximum in row-major
+  // order: each column's first maximum over the rows, then across columns
+  // the larger, on a tie the smaller row, then the left one. -1 for a
+  // window with no real element.
+  MX_XINLINE int64_t ArgMax(const float* x, int64_t oy, int64_t ox) const {
+    int64_t y0, y1, x0, x1;
+    Real(0, oy, height, &y0, &y1);
+    Real(1, ox, width, &x0, &x1);
+    if (y0 >= y1 || x0 >= x1) return -1;
+    int64_t best = -1, best_row = 0;
+    float best_value = 0.0f;
+    for (int64_t ix = x0; ix < x1; ++ix) {
+      float col = x[y0 * width + ix];
+      int64_t row = y0;
+      for (int64_t iy = y0 + 1; iy < y1; ++iy) {
+        if (x[iy * width + ix] > col) {
+          col = x[iy * width + ix];
+          row = iy;
+        }
+      }
+      if (best < 0 || col > best_value || (col == best_value && row < best_row)) {
+        best = ix;
+        best_value = col;
+        best_row = row;
+      }
+    }
+    return best_row * width + best;
+  }
+};
+
+// Pooling forward: y[i] (=|+=) the pooled window of output element i
+// (planes x out_h x out_w).
+struct PoolKernel {
+  struct Params {
+    float* y;
+    const float* x;
+    PoolWindows w;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const PoolWindows& w = p.w;
+    const bool max = w.type == PoolWindows::kMax;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t ox = i % w.out_w, oy = i / w.out_w % w.out_h;
+      const float* x = p.x + i / (w.out_w * w.out_h) * w.height * w.width;
+      int64_t y0, y1, x0, x1;
+      w.Real(0, oy, w.height, &y0, &y1);
+      w.Real(1, ox, w.width, &x0, &x1);
+      float v = w.Init();
+      for (int64_t ix = x0; ix < x1; ++ix) {
+        float col = w.Init();
+        for (int64_t iy = y0; iy < y1; ++iy) {
+          const float e = x[iy * w.width + ix];
+          col = max ? PoolWindows::Max(col, e) : col + e;
+        }
+        v = max ? PoolWindows::Max(v, col) : v + col;
+      }
+      if (w.type == PoolWindows::kAvg) v *= w.InvDivisor(oy, ox);
+      Put(p.y + i, v, p.add);
+    }
+  }
+};
+
+// Pooling backward, gathered per input element i (planes x height x
+// width), so that no two indices write one element: gx[i] (=|+=) the
+// gradients of the windows covering it, in order of rows then columns of
+// windows (max: those whose first maximum it is; avg: scaled by each
+// window's InvDivisor). Within a window row, the windows' shares are summed
+// before being added, as the CPU code adds a row of them at a time.
+struct PoolGradKernel {
+  struct Params {
+    float* gx;
+    const float* x;
+    const float* gy;
+    PoolWindows w;
+    bool add;
+  };
+  MX_XINLINE static void MapRange(int64_t begin, int64_t end, const Params& p) {
+    const PoolWindows& w = p.w;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t ix = i % w.width, iy = i / w.width % w.height;
+      const int64_t plane = i / (w.width * w.height);
+      const float* x = p.x + plane * w.height * w.width;
+      const float* gy = p.gy + plane * w.out_h * w.out_w;
+      int64_t oy0, oy1, ox0, ox1;
+      w.Covering(0, iy, w.out_h, &oy0, &oy1);
+      w.Covering(1, ix, w.out_w, &ox0, &ox1);
+      float acc = p.add ? p.gx[i] : 0.0f;
+      for (int64_t oy = oy0; oy < oy1; ++oy) {
+        if (w.type == PoolWindows::kMax) {
+          for (int64_t ox = ox0; ox < ox1; ++ox) {
+            if (w.ArgMax(x, oy, ox) == iy * w.width + ix) acc += gy[oy * w.out_w + ox];
+          }
+          continue;
+        }
+        // The CPU code's column sum: window columns kx = 0, 1, ... (ox
+        // descending); avg's scaling fused explicitly, as there.
+        float col = 0.0f;
+        for (int64_t ox = ox1 - 1; ox >= ox0; --ox) {
+          const float g = gy[oy * w.out_w + ox];
+          col = w.type == PoolWindows::kAvg ? fmaf(g, w.InvDivisor(oy, ox), col) : col + g;
+        }
+        acc += col;
+      }
+      p.gx[i] = acc;
+    }
+  }
+};
+
 // Dropout in training: element i is kept with probability `keep`, drawing
 // from Philox at (seed, m), m its offset in the mask with the shared axes
 // (index from MakeBroadcastIndex(data, mask, mask): sa maps element to

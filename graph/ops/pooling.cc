@@ -10,8 +10,9 @@
 // to its first maximum in row-major order, and spreads avg and sum windows'
 // gradients as the forward weighed them. On GPUs the operator calls cuDNN
 // (max and avg, valid convention), whose max backward may pick another of
-// tied maxima.
+// tied maxima, and the kernel layer for the rest (below).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -381,16 +382,34 @@ void Max2x2Backward(const Geometry& g, const float* x, const float* gy, OpReq re
   });
 }
 
-// ---- On GPUs: cuDNN (ndarray/dnn.h), which has max and avg pooling with
-// the valid convention; the others are refused there.
-kernel::PoolShape CudnnShape(const OpContext& ctx, const ParsedParams& p, const Shape& data,
-                             const Shape& out) {
-  MX_THROW_IF_NOT(p.GetString("pooling_convention") == "valid" || p.GetBool("global_pool"),
-                  "Pooling: pooling_convention='full' is not supported on ",
-                  ctx.ctx.ToString(), " yet");
+// ---- On GPUs: cuDNN (ndarray/dnn.h) for max and avg pooling with the
+// valid convention, the kernel layer's PoolKernel and PoolGradKernel
+// (ndarray/nn_kernels.h) for the rest and with cudnn_off=True (MXNet's
+// switch to its own kernels; these also keep the CPU's rule for tied
+// maxima, which cuDNN's max backward does not).
+bool UsesCudnn(const ParsedParams& p) {
+  return !p.GetBool("cudnn_off") && TypeOf(p) != PoolType::kSum &&
+         (p.GetString("pooling_convention") == "valid" || p.GetBool("global_pool"));
+}
+
+kernel::PoolWindows KernelWindows(const ParsedParams& p, const Shape& data, const Shape& out) {
+  const Window2D w = *ParseWindow(p, data);
   const PoolType type = TypeOf(p);
-  MX_THROW_IF_NOT(type != PoolType::kSum, "Pooling: pool_type='sum' is not supported on ",
-                  ctx.ctx.ToString(), " yet");
+  return {data[2],
+          data[3],
+          out[2],
+          out[3],
+          {w.kernel[0], w.kernel[1]},
+          {w.stride[0], w.stride[1]},
+          {w.pad[0], w.pad[1]},
+          type == PoolType::kMax   ? kernel::PoolWindows::kMax
+          : type == PoolType::kAvg ? kernel::PoolWindows::kAvg
+                                   : kernel::PoolWindows::kSum,
+          p.GetBool("count_include_pad")};
+}
+
+kernel::PoolShape CudnnShape(const ParsedParams& p, const Shape& data, const Shape& out) {
+  const PoolType type = TypeOf(p);
   const Window2D w = *ParseWindow(p, data);
   using Mode = kernel::PoolShape::Mode;
   const Mode mode = type == PoolType::kMax          ? Mode::kMax
@@ -406,11 +425,18 @@ void Forward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBlo
              const std::vector<OpReq>& req, const std::vector<TBlob>& out,
              const std::vector<TBlob>&) {
   if (req[0] == OpReq::kNull) return;
-  if (ctx.ctx.is_gpu()) {
+  if (ctx.ctx.is_gpu() && UsesCudnn(p)) {
     kernel::ThrowIfLaunchFailed(
-        kernel::GpuPoolForward(ctx.ctx.device_id, CudnnShape(ctx, p, in[0].shape, out[0].shape),
+        kernel::GpuPoolForward(ctx.ctx.device_id, CudnnShape(p, in[0].shape, out[0].shape),
                                in[0].data, out[0].data, Beta(req[0])),
         "Pooling", ctx.ctx);
+    return;
+  }
+  if (ctx.ctx.is_gpu()) {
+    kernel::Launch<kernel::PoolKernel>(
+        "Pooling", ctx.ctx, out[0].shape.Size(),
+        {out[0].data, in[0].data, KernelWindows(p, in[0].shape, out[0].shape),
+         req[0] == OpReq::kAdd});
     return;
   }
   const Geometry g = MakeGeometry(p, in[0].shape, out[0].shape);
@@ -488,19 +514,23 @@ void MaxBackwardRow(const Geometry& g, const float* x, int64_t oy, const float* 
   }
 }
 
-// Sum and avg backward of one output row: the adjoint of ForwardRow.
-void SumBackwardRow(const Geometry& g, int64_t oy, const float* gy, float* scaled, float* col,
-                    float* gx) {
-  if (g.type == PoolType::kAvg) {
-    const float* inv = g.inv_divisor.data() + oy * g.out_w;
-    for (int64_t ox = 0; ox < g.out_w; ++ox) scaled[ox] = gy[ox] * inv[ox];
-    gy = scaled;
-  }
+// Sum and avg backward of one output row: the adjoint of ForwardRow. avg's
+// scaling is one explicit fused multiply-add per share, so that the
+// kernel layer's PoolGradKernel (which a compiler may fuse) gives the same
+// bits.
+void SumBackwardRow(const Geometry& g, int64_t oy, const float* gy, float* col, float* gx) {
   std::fill(col, col + g.width, 0.0f);
   const int64_t sx = g.win.stride[1];
+  const float* inv = g.type == PoolType::kAvg ? g.inv_divisor.data() + oy * g.out_w : nullptr;
   for (int64_t kx = 0; kx < g.win.kernel[1]; ++kx) {
     float* c = col + kx - g.win.pad[1];
-    for (int64_t ox = g.x_lo[kx]; ox < g.x_hi[kx]; ++ox) c[ox * sx] += gy[ox];
+    if (inv == nullptr) {
+      for (int64_t ox = g.x_lo[kx]; ox < g.x_hi[kx]; ++ox) c[ox * sx] += gy[ox];
+    } else {
+      for (int64_t ox = g.x_lo[kx]; ox < g.x_hi[kx]; ++ox) {
+        c[ox * sx] = std::fma(gy[ox], inv[ox], c[ox * sx]);
+      }
+    }
   }
   int64_t y0, y1;
   g.Rows(oy, &y0, &y1);
@@ -515,12 +545,19 @@ void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBl
               const std::vector<OpReq>& req, const std::vector<TBlob>& in_grad,
               const std::vector<TBlob>&) {
   if (req[0] == OpReq::kNull) return;
-  if (ctx.ctx.is_gpu()) {
+  if (ctx.ctx.is_gpu() && UsesCudnn(p)) {
     kernel::ThrowIfLaunchFailed(
-        kernel::GpuPoolBackward(ctx.ctx.device_id, CudnnShape(ctx, p, in[0].shape, out[0].shape),
+        kernel::GpuPoolBackward(ctx.ctx.device_id, CudnnShape(p, in[0].shape, out[0].shape),
                                 in[0].data, out[0].data, out_grad[0].data, in_grad[0].data,
                                 Beta(req[0])),
         "Pooling", ctx.ctx);
+    return;
+  }
+  if (ctx.ctx.is_gpu()) {
+    kernel::Launch<kernel::PoolGradKernel>(
+        "Pooling", ctx.ctx, in[0].shape.Size(),
+        {in_grad[0].data, in[0].data, out_grad[0].data,
+         KernelWindows(p, in[0].shape, out_grad[0].shape), req[0] == OpReq::kAdd});
     return;
   }
   const Geometry g = MakeGeometry(p, in[0].shape, out_grad[0].shape);
@@ -537,7 +574,7 @@ void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBl
   }
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
   ForEachPlaneRange(g, [&](int64_t begin, int64_t end) {
-    std::vector<float> col(g.width), scaled(g.out_w);
+    std::vector<float> col(g.width);
     std::vector<int32_t> arg(g.width);  // rows: Infer keeps the height below 2^31
     for (int64_t pl = begin; pl < end; ++pl) {
       const float* x = in[0].data + pl * in_plane;
@@ -548,7 +585,7 @@ void Backward(const OpContext& ctx, const ParsedParams& p, const std::vector<TBl
         if (g.type == PoolType::kMax) {
           MaxBackwardRow(g, x, oy, gy + oy * g.out_w, col.data(), arg.data(), gx);
         } else {
-          SumBackwardRow(g, oy, gy + oy * g.out_w, scaled.data(), col.data(), gx);
+          SumBackwardRow(g, oy, gy + oy * g.out_w, col.data(), gx);
         }
       }
     }
@@ -566,8 +603,9 @@ OpDef Make() {
       {"stride", ParamSpec::Type::kShape, "(1,1)"},
       {"pad", ParamSpec::Type::kShape, "(0,0)"},
       {"count_include_pad", ParamSpec::Type::kBool, "True"},
-      // Accepted for MXNet compatibility.
+      // On GPUs, the kernel layer instead of cuDNN (as MXNet's).
       {"cudnn_off", ParamSpec::Type::kBool, "False"},
+      // Accepted for MXNet compatibility.
       {"layout", ParamSpec::Type::kString, "None", false, {"None", "NCHW"}},
   };
   op.infer_shape = Infer;

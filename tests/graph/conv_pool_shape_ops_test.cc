@@ -11,7 +11,9 @@
 #include "graph/executor.h"
 #include "graph/symbol.h"
 #include "gtest/gtest.h"
+#include "ndarray/launch.h"
 #include "ndarray/ndarray.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx {
 namespace {
@@ -352,6 +354,119 @@ TEST(PoolingGradient, Max2x2Stride2KeepsTheFirstMaximumRule) {
       for (float& v : want) v += 0.5f;
     }
     EXPECT_EQ(grad.ToVector(), want);
+  }
+}
+
+// ---- The kernel layer's pooling (PoolKernel, PoolGradKernel: GPUs run
+// them for what cuDNN lacks, and with cudnn_off) against the operator's
+// CPU code, bit for bit: every type, both conventions, padding, strides
+// smaller and larger than the window, global pooling, writing and adding,
+// on data full of ties and with a NaN.
+
+struct PoolCase {
+  Params params;
+  int64_t k[2], s[2], p[2];
+};
+
+struct Pooled {
+  std::vector<float> out, grad;
+};
+
+Pooled PoolOnTheCpu(const Symbol& s, const std::vector<float>& data, const Shape& shape,
+                    const std::vector<float>& head, GradReq req) {
+  NDArray grad = Full(shape, 0.5f);
+  auto exec = Executor::Bind(s, cpu(), {{"data", FromVector(data, shape)}}, {{"data", grad}},
+                             {{"data", req}});
+  EXPECT_TRUE(exec.ok()) << exec.status();
+  if (!exec.ok()) return {};
+  (*exec)->Forward(true);
+  (*exec)->Backward({FromVector(head, (*exec)->outputs()[0].shape())});
+  return {(*exec)->outputs()[0].ToVector(), grad.ToVector()};
+}
+
+Pooled PoolWithTheKernels(const kernel::PoolWindows& w, const std::vector<float>& data,
+                          const std::vector<float>& head, bool add) {
+  Pooled r{std::vector<float>(head.size(), 0.5f), std::vector<float>(data.size(), 0.5f)};
+  kernel::Launch<kernel::PoolKernel>("test", cpu(), static_cast<int64_t>(head.size()),
+                                     {r.out.data(), data.data(), w, add});
+  kernel::Launch<kernel::PoolGradKernel>("test", cpu(), static_cast<int64_t>(data.size()),
+                                         {r.grad.data(), data.data(), head.data(), w, add});
+  return r;
+}
+
+// Equal as bits, so that NaNs compare.
+void ExpectSameBits(const std::vector<float>& got, const std::vector<float>& want) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_EQ(std::isnan(got[i]), std::isnan(want[i])) << "at " << i;
+    if (!std::isnan(want[i])) {
+      ASSERT_EQ(got[i], want[i]) << "at " << i;
+    }
+  }
+}
+
+TEST(PoolingKernels, MatchTheCpuOperatorBitForBit) {
+  const Shape shape{2, 3, 7, 8};
+  std::vector<float> data(shape.Size());
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<float>((i * 7 + i / 5) % 4) / 3;
+  std::vector<float> with_nan = data;
+  with_nan[19] = std::nanf("");
+  const std::vector<PoolCase> cases = {
+      {{{"kernel", "(2,2)"}, {"stride", "(2,2)"}}, {2, 2}, {2, 2}, {0, 0}},
+      {{{"kernel", "(3,3)"}}, {3, 3}, {1, 1}, {0, 0}},
+      {{{"kernel", "(3,2)"}, {"stride", "(2,3)"}, {"pad", "(1,1)"}}, {3, 2}, {2, 3}, {1, 1}},
+      {{{"kernel", "(2,3)"}, {"stride", "(3,2)"}, {"pad", "(1,0)"}, {"pooling_convention", "full"}},
+       {2, 3},
+       {3, 2},
+       {1, 0}},
+      {{{"kernel", "(3,3)"}, {"stride", "(2,2)"}, {"pooling_convention", "full"}},
+       {3, 3},
+       {2, 2},
+       {0, 0}},
+      {{{"global_pool", true}}, {7, 8}, {1, 1}, {0, 0}},
+  };
+  for (const PoolCase& c : cases) {
+    for (const char* type : {"max", "avg", "sum"}) {
+      for (const bool count_pad : {true, false}) {
+        Params params = c.params;
+        params.push_back({"pool_type", type});
+        params.push_back({"count_include_pad", count_pad});
+        const Symbol s = Op("Pooling", {Variable("data")}, params, "pool");
+        auto shapes = s.InferShape({{"data", shape}});
+        ASSERT_TRUE(shapes.ok()) << shapes.status();
+        const Shape out = shapes->outputs[0];
+        const kernel::PoolWindows w{shape[2],
+                                    shape[3],
+                                    out[2],
+                                    out[3],
+                                    {c.k[0], c.k[1]},
+                                    {c.s[0], c.s[1]},
+                                    {c.p[0], c.p[1]},
+                                    std::string(type) == "max"   ? kernel::PoolWindows::kMax
+                                    : std::string(type) == "avg" ? kernel::PoolWindows::kAvg
+                                                                 : kernel::PoolWindows::kSum,
+                                    count_pad};
+        std::vector<float> head(out.Size());
+        for (size_t i = 0; i < head.size(); ++i) head[i] = static_cast<float>(i % 5 + 1) / 4;
+        for (const std::vector<float>* x : {&data, &with_nan}) {
+          for (GradReq req : {GradReq::kWrite, GradReq::kAdd}) {
+            SCOPED_TRACE(::testing::Message()
+                         << type << " " << out.ToString() << (count_pad ? " count_pad" : "")
+                         << (x == &data ? "" : " nan") << (req == GradReq::kAdd ? " add" : " write")
+                         << " k=(" << c.k[0] << "," << c.k[1] << ") s=(" << c.s[0] << "," << c.s[1]
+                         << ") p=(" << c.p[0] << "," << c.p[1] << ")");
+            const Pooled want = PoolOnTheCpu(s, *x, shape, head, req);
+            const Pooled got = PoolWithTheKernels(w, *x, head, req == GradReq::kAdd);
+            std::vector<float> want_out = want.out;
+            if (req == GradReq::kAdd) {
+              for (float& v : want_out) v += 0.5f;  // the kernel adds to 0.5s
+            }
+            ExpectSameBits(got.out, want_out);
+            ExpectSameBits(got.grad, want.grad);
+          }
+        }
+      }
+    }
   }
 }
 

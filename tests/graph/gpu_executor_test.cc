@@ -387,19 +387,32 @@ TEST_F(GpuExecutor, BindingAnOperatorWithoutAGpuImplementationIsRefusedNamingIt)
   EXPECT_THAT(std::string(e.status().message()), HasSubstr("gpu(0)"));
 }
 
-TEST_F(GpuExecutor, PoolingTheGpuLacksIsAnErrorNamingIt) {
-  Symbol net = Op("Pooling", {Variable("data")},
-                  {{"kernel", "(3,3)"}, {"stride", "(2,2)"}, {"pooling_convention", "full"}},
-                  "pool");
-  auto e = Executor::SimpleBind(net, gpu(0), {{"data", {1, 1, 8, 8}}});
-  ASSERT_TRUE(e.ok()) << e.status();
-  (*e)->Forward(false);
-  try {
-    (*e)->outputs()[0].WaitToRead();
-    FAIL() << "pooled with the full convention on a GPU";
-  } catch (const Error& err) {
-    EXPECT_THAT(err.what(), HasSubstr("pooling_convention='full'"));
-    EXPECT_THAT(err.what(), HasSubstr("gpu(0)"));
+// What cuDNN lacks (sum, the full convention) and cudnn_off=True run
+// through the kernel layer, which keeps the CPU's rule for tied maxima: the
+// data comes from a convolution of random values, the head gradient from
+// SoftmaxOutput.
+TEST_F(GpuExecutor, PoolingThroughTheKernelLayerMatchesTheCpu) {
+  const std::vector<Params> pools = {
+      {{"kernel", "(3,3)"}, {"stride", "(2,2)"}, {"pooling_convention", "full"}},
+      {{"kernel", "(3,2)"}, {"stride", "(2,1)"}, {"pad", "(1,1)"}, {"pool_type", "sum"}},
+      {{"kernel", "(2,3)"},
+       {"stride", "(3,2)"},
+       {"pad", "(1,0)"},
+       {"pool_type", "avg"},
+       {"pooling_convention", "full"},
+       {"count_include_pad", false}},
+      {{"kernel", "(2,2)"}, {"stride", "(2,2)"}, {"cudnn_off", true}},
+      {{"global_pool", true}, {"pool_type", "sum"}},
+  };
+  for (const Params& pool : pools) {
+    SCOPED_TRACE(::testing::Message() << "pool " << &pool - pools.data());
+    Symbol net =
+        Op("Convolution", {Variable("data")}, {{"kernel", "(3,3)"}, {"num_filter", 4}}, "conv");
+    net = Op("Pooling", {net}, pool, "pool");
+    net = Op("FullyConnected", {Op("Flatten", {net}, {}, "flat")}, {{"num_hidden", 5}}, "fc");
+    net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
+    ExpectGpuMatchesCpu(net, {{"data", {3, 2, 11, 10}}, {"label", {3}}}, 5, GradReq::kWrite, 1e-4f);
+    ExpectGpuMatchesCpu(net, {{"data", {3, 2, 11, 10}}, {"label", {3}}}, 5, GradReq::kAdd, 1e-4f);
   }
 }
 
