@@ -998,20 +998,11 @@ class DistKVStore : public KVStore {
       const int64_t seq = ++e->pushes;
       Engine::Get()->PushAsync(
           [conn = conn_, e, merged, seq](RunContext, CallbackOnComplete done) {
-            PushSource source = SourceOf(*conn, *e, merged);
+            // Answered at once, before its step is replicated.
+            const PushSource source =
+                KeptUntilReplicated(*conn, *e, seq, 0, SourceOf(*conn, *e, merged), merged.size());
             const float* base = source.data;
             std::shared_ptr<const void> owner = source.owner;
-            if (conn->options.replicas > 1 && conn->options.sync) {
-              // Kept until the pull of its step returns (the caller may
-              // overwrite the array before then; a compressed push is
-              // already a copy).
-              auto copy = source.quantized != nullptr
-                              ? source.quantized
-                              : std::make_shared<const std::vector<float>>(base, base + merged.size());
-              Keep(*e, seq, copy);
-              base = copy->data();
-              owner = copy;
-            }
             auto* join = new Join(static_cast<int>(e->parts.size()), done);
             for (const KeyPart& p : e->parts) {
               auto h = std::make_shared<Held>();
@@ -1104,7 +1095,8 @@ class DistKVStore : public KVStore {
           [conn = conn_, e, merged, seq, min_version, dsts](RunContext, CallbackOnComplete done) {
             auto* join = new Join(static_cast<int>(e->parts.size()), done,
                                   [e, min_version] { Acked(*e, min_version); });
-            const PushSource source = SourceOf(*conn, *e, merged);
+            const PushSource source = KeptUntilReplicated(
+                *conn, *e, seq, min_version, SourceOf(*conn, *e, merged), merged.size());
             for (const KeyPart& p : e->parts) {
               auto h = std::make_shared<Held>();
               h->parts = {p};
@@ -1122,8 +1114,9 @@ class DistKVStore : public KVStore {
                                                seq, true, leases->at(0)));
               };
               h->resends = [conn, e, p, seq](int server) { return Resends(conn, e, p, seq - 1, server); };
-              h->done = [conn, join, e, dsts, p, leases](grpc::Status s, const grpc::ByteBuffer& resp,
-                                                         int server) {
+              h->done = [conn, join, e, dsts, p, seq, leases](
+                            grpc::Status s, const grpc::ByteBuffer& resp, int server) {
+                if (s.ok()) Recorded(*e, seq, p.index, server);
                 if (s.ok()) leases->Succeeded();
                 join->Finish(
                     Received(*conn, *e, "pushpull", s, resp, On(p, server), dsts, leases->at(0)));
@@ -1177,7 +1170,11 @@ class DistKVStore : public KVStore {
               for (const Item& item : items) Acked(*item.e, item.min_version);
             });
             auto sources = std::make_shared<std::vector<PushSource>>();
-            for (const Item& item : items) sources->push_back(SourceOf(*conn, *item.e, item.merged));
+            for (const Item& item : items) {
+              sources->push_back(KeptUntilReplicated(*conn, *item.e, item.seq, item.min_version,
+                                                     SourceOf(*conn, *item.e, item.merged),
+                                                     item.merged.size()));
+            }
             for (const auto& [server, parts] : by_server) {
               std::vector<std::pair<int, int64_t>> traced;
               for (const ItemPart& ip : parts) {
@@ -1209,7 +1206,12 @@ class DistKVStore : public KVStore {
               };
               h->done = [conn, join, items, leases, parts = parts](
                             grpc::Status s, const grpc::ByteBuffer& resp, int server) {
-                if (s.ok()) leases->Succeeded();
+                if (s.ok()) {
+                  leases->Succeeded();
+                  for (const ItemPart& ip : parts) {
+                    Recorded(*items[ip.item].e, items[ip.item].seq, ip.part.index, server);
+                  }
+                }
                 join->Finish(ReceivedMany(*conn, items, parts, s, resp, server, *leases));
               };
               conn->Send(h, traced);
@@ -1929,6 +1931,24 @@ class DistKVStore : public KVStore {
     auto q = std::make_shared<std::vector<float>>(n);
     Quantize(conn.compression, merged.data(), n, e.residual.data(), q->data());
     return {q->data(), q, q};
+  }
+  // With replicas in dist_sync, push `seq` of e, answered once version
+  // `answered_at` is replicated (0: at once, as Push; a PushPull's
+  // min_version), is kept until a pull of its step returns (Acked) when
+  // that answer may come before its own step is replicated: after a
+  // failover it is sent to the backup again (Resends). Bounded staleness
+  // answers a PushPull s steps early. Returns what to send: the kept copy
+  // (the caller may overwrite its array meanwhile; a compressed push is
+  // already one), or `source` when nothing is kept.
+  static PushSource KeptUntilReplicated(const Conn& conn, Entry& e, int64_t seq,
+                                        int64_t answered_at, PushSource source, int64_t n) {
+    if (conn.options.replicas < 2 || !conn.options.sync || answered_at >= seq) return source;
+    std::shared_ptr<const std::vector<float>> copy =
+        source.quantized != nullptr
+            ? source.quantized
+            : std::make_shared<const std::vector<float>>(source.data, source.data + n);
+    Keep(e, seq, copy);
+    return {copy->data(), copy, source.quantized};
   }
 
   // Where a pulled slice p goes: the first output, after checking its size;
