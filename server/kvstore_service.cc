@@ -1326,6 +1326,10 @@ void ParameterServer::AdmitWorkers(const std::vector<std::string>& keys) {
     impl_->service->guard().Admit(kWorker, static_cast<int>(rank), keys[rank]);
   }
   impl_->service->guard().AdmitAll(kWorker);
+  // A server that does not replicate takes calls from no server: a claim
+  // to be one is refused at once rather than waiting (on the thread that
+  // serves every call) for servers' keys that never come.
+  if (impl_->replicator == nullptr) impl_->service->guard().AdmitAll(kServer);
   impl_->server->SetServing(true);
 }
 

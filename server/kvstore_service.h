@@ -71,6 +71,8 @@ class ParameterServer {
   // The job's workers, by rank, with the session keys the coordinator gave
   // them (RegisterResponse.worker_keys). The server's grpc.health.v1
   // status turns SERVING (with identities, it is NOT_SERVING until then).
+  // Without replication started (StartReplication) by then, calls that
+  // claim to come from a server are refused from then on.
   void AdmitWorkers(const std::vector<std::string>& keys);
   // This server's rank, once the coordinator has given it (for its logs and
   // replication).

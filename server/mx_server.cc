@@ -638,6 +638,12 @@ int RunServer() {
   int sig = 0;
   const bool finished = ServeUntilDone(**client, **ps, &sig);
   if (sig != 0 || finished) LogShutdown(absl::StrCat("server ", rank), sig, (*ps)->refused());
+  // The server goes before the client, which was made after it: its
+  // replicator reports unreachable servers through the client until it
+  // stops (a replication call failing during the shutdown did so on a
+  // freed client). /livez's watch, which reads the server, goes first.
+  std::move(unwatch).Invoke();
+  ps->reset();
   return sig != 0 || finished ? 0 : 1;
 }
 

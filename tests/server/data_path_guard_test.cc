@@ -136,6 +136,27 @@ TEST_F(DataPathGuard, ClaimsInMetadataDoNotCountOnTheDataPath) {
   EXPECT_EQ(server_->refused(), 1);
 }
 
+// A server without replication takes no calls from servers, so a claim
+// to be one is refused at once: it used to wait 10 s for servers' keys
+// that never come, on the thread that serves every call (an outsider
+// without the token could stall the server that way, call after call).
+TEST_F(DataPathGuard, AServersClaimIsRefusedAtOnceWithoutReplication) {
+  proto::Credential claim;
+  claim.set_node("server/0:not-a-key");
+  proto::PushRequest req;
+  req.set_key(7);
+  req.set_rank(0);
+  *req.mutable_value() = TensorOf({9, 9});
+  *req.mutable_credential() = claim;
+  proto::PushResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  const grpc::Status s = stub_->Push(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("no job token"));
+  EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
+}
+
 TEST_F(DataPathGuard, WrongClaimsAreRefusedAndNothingApplies) {
   proto::Credential none, wrong_token, token_only, wrong_key, other_rank;
   wrong_token.set_token("not-the-job-token");
