@@ -25,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <system_error>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -684,8 +685,12 @@ struct StreamListener::Impl {
   std::list<std::shared_ptr<ServerConnection>> connections;  // guarded by mu
   bool stopped = false;                                      // guarded by mu
   std::set<std::string> logged;                              // hosts; guarded by mu
+  enum Refusal { kTooMany, kNoThread };
+  std::set<Refusal> warned;  // guarded by mu
 
   void Accept();
+  // Logs a refused connection, once per reason. Under mu.
+  void Warn(Refusal why, const std::string& what);
   // Logs why a connection from `peer` ended, once per peer host (a flood
   // of bad connections is not a flood of lines).
   void LogEnd(const std::string& peer, const absl::Status& why) {
@@ -713,10 +718,19 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   }
   ~ServerConnection() { close(fd_); }
 
-  void Start() {
+  // Starts the connection's threads; false, with the connection broken and
+  // joined, when the system refuses one.
+  bool Start() {
     auto self = shared_from_this();
-    reader_ = std::thread([self] { self->Read(); });
-    writer_ = std::thread([self] { self->Write(); });
+    try {
+      reader_ = std::thread([self] { self->Read(); });
+      writer_ = std::thread([self] { self->Write(); });
+      return true;
+    } catch (const std::system_error&) {
+      Break();
+      Join();
+      return false;
+    }
   }
   // Ends the connection: its open calls are cancelled; unsent answers are
   // dropped. Any thread.
@@ -997,9 +1011,26 @@ void StreamListener::Impl::Accept() {
         ++it;
       }
     }
-    connections.push_back(std::make_shared<ServerConnection>(this, fd, PeerOf(addr)));
-    connections.back()->Start();
+    if (static_cast<int>(connections.size()) >= options.max_connections) {
+      Warn(kTooMany, absl::StrCat(options.max_connections,
+                                  " stream connections are open; closing further ones (from ",
+                                  PeerOf(addr), " first)"));
+      close(fd);
+      continue;
+    }
+    auto connection = std::make_shared<ServerConnection>(this, fd, PeerOf(addr));
+    if (!connection->Start()) {
+      Warn(kNoThread, absl::StrCat("no thread for a stream connection from ", PeerOf(addr), " (",
+                                   connections.size(), " open); closing it and any that follow"));
+      continue;
+    }
+    connections.push_back(std::move(connection));
   }
+}
+
+void StreamListener::Impl::Warn(Refusal why, const std::string& what) {
+  if (!warned.insert(why).second) return;
+  std::cerr << "mx stream server: " << what << " (said once)" << std::endl;
 }
 
 StreamListener::StreamListener(AsyncServer* server, StreamOptions options)

@@ -83,6 +83,12 @@ struct StreamOptions {
   // hello; then it ends, so that connections that say nothing do not hold
   // a thread each.
   absl::Duration hello_time = absl::Seconds(10);
+  // Connections open at once (each holds two threads): a further one is
+  // closed at once, and one the system refuses a thread for is closed too,
+  // so that many connections (up to the hello time each, from anyone who
+  // reaches the port) cannot end the process. 64 workers with a few
+  // connections each stay far below it.
+  int max_connections = 2048;
 };
 
 // How long a client's TLS handshake may take.

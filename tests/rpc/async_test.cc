@@ -77,8 +77,11 @@ std::shared_ptr<const StreamTls> TestStreamTls() {
 //  /t/Later    answers from another thread 20 ms later;
 //  /t/Wait     waits until Release (control pool);
 //  /t/Park     keeps its call until the client cancels it.
-// Its streams take the job token "secret" and requests up to 8 MiB, and a
-// second for a connection's handshake (TLS) and hello.
+// Its streams take the job token "secret", requests up to 8 MiB, a
+// second for a connection's handshake (TLS) and hello, and kMaxConnections
+// connections at once.
+constexpr int kMaxConnections = 24;
+
 class AsyncServerTest : public ::testing::TestWithParam<Transport> {
  protected:
   bool stream() const { return GetParam() != Transport::kGrpc; }
@@ -133,6 +136,7 @@ class AsyncServerTest : public ::testing::TestWithParam<Transport> {
       o.max_message_bytes = 8 << 20;
       o.methods = {"/t/Echo", "/t/Later", "/t/Wait", "/t/Park"};
       o.hello_time = absl::Seconds(1);
+      o.max_connections = kMaxConnections;
       if (tls()) {
         o.tls = TestStreamTls();
         ASSERT_NE(o.tls, nullptr);
@@ -476,6 +480,28 @@ TEST_P(StreamTest, AConnectionThatSaysNothingEndsAfterTheHelloTime) {
     EXPECT_GE(took, absl::Milliseconds(900)) << bytes.size() << " bytes sent";
     EXPECT_LT(took, absl::Seconds(5)) << bytes.size() << " bytes sent";
   }
+  std::string got;
+  ASSERT_TRUE(Call("/t/Echo", "after", &got).ok());
+  EXPECT_EQ(got, "after");
+}
+
+// Connections beyond the listener's limit are closed at once (each open
+// one holds two threads; a flood of them from anyone who reaches the port
+// once ended the process when the system refused a thread), and the
+// server serves again once the silent ones reach their hello time.
+TEST_P(StreamTest, ConnectionsBeyondTheLimitAreClosedAtOnce) {
+  std::vector<int> silent;
+  for (int i = 0; i < kMaxConnections; ++i) silent.push_back(RawConnection(stream_port_));
+  // The listener takes them in turn: a raw connection refused at once
+  // tells that the limit is reached.
+  absl::Duration took = absl::InfiniteDuration();
+  for (int attempt = 0; attempt < 50 && took >= absl::Milliseconds(500); ++attempt) {
+    const absl::Time start = absl::Now();
+    EXPECT_EQ(SendAndReadToEnd(stream_port_, "", absl::Seconds(5)), 0);
+    took = absl::Now() - start;
+  }
+  EXPECT_LT(took, absl::Milliseconds(500)) << "no connection was refused before its hello time";
+  for (int fd : silent) close(fd);
   std::string got;
   ASSERT_TRUE(Call("/t/Echo", "after", &got).ok());
   EXPECT_EQ(got, "after");
