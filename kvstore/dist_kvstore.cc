@@ -1135,6 +1135,7 @@ class DistKVStore : public KVStore {
                         const std::vector<std::vector<NDArray>>& outs, int priority) override {
     MX_RETURN_IF_ERROR(conn_->Failure());
     MX_RETURN_IF_ERROR(internal::CheckBucket(keys, values, outs));
+    if (keys.empty()) return absl::OkStatus();  // no operation, which would wait for no call
     std::vector<std::shared_ptr<Entry>> entries;
     for (size_t i = 0; i < keys.size(); ++i) {
       MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(keys[i], "pushpull"));
@@ -1327,6 +1328,10 @@ class DistKVStore : public KVStore {
     const char* what = "row-sparse pushpull";
     MX_RETURN_IF_ERROR(conn_->Failure());
     MX_RETURN_IF_ERROR(internal::CheckTableBucket(keys, values, row_ids));
+    if (keys.empty()) {  // no operation, which would wait for no call
+      outs->clear();
+      return absl::OkStatus();
+    }
     std::vector<std::shared_ptr<Entry>> entries;
     for (size_t i = 0; i < keys.size(); ++i) {
       MX_ASSIGN_OR_RETURN(std::shared_ptr<Entry> e, Find(keys[i], what, true));
@@ -2327,6 +2332,12 @@ absl::StatusOr<std::unique_ptr<DistKVStore>> NewDistKVStore(const DistKVStoreOpt
   if (options.shm_bytes < 1 << 20) {
     return absl::InvalidArgumentError(absl::StrCat(
         "dist kvstore: shared memory of ", options.shm_bytes, " bytes per server (1 MiB or more)"));
+  }
+  // As MX_RPC_TIMEOUT_S allows: every call has a deadline.
+  if (options.rpc_timeout < absl::Seconds(1) || options.rpc_timeout > absl::Hours(24)) {
+    return absl::InvalidArgumentError(absl::StrCat("dist kvstore: rpc_timeout ",
+                                                   absl::FormatDuration(options.rpc_timeout),
+                                                   ": must be from 1s to 24h"));
   }
   if (options.security.tls()) {  // the files the stream connections load
     absl::Status tls = rpc::StreamTls::For(options.security).status();

@@ -1167,6 +1167,38 @@ TEST(DistKVStoreOptions, BadOptionsAreErrors) {
   o.rank = 2;
   o.num_workers = 2;
   EXPECT_THAT(CreateDistKVStore(o).status().message(), HasSubstr("rank 2 outside 0..1"));
+  o.rank = 0;
+  // No deadline at all, or one every call misses.
+  for (absl::Duration timeout : {absl::InfiniteDuration(), absl::ZeroDuration()}) {
+    o.rpc_timeout = timeout;
+    EXPECT_THAT(
+        CreateDistKVStore(o).status().message(),
+        HasSubstr("rpc_timeout " + absl::FormatDuration(timeout) + ": must be from 1s to 24h"));
+  }
+}
+
+// An empty bucket is nothing to do: it made an engine operation that
+// waited for no call and never ended, so WaitAll hung.
+TEST(DistBucket, AnEmptyBucketIsNothingToDo) {
+  Cluster c = StartServers(1, 1);
+  std::unique_ptr<KVStore> kv = Worker(c, 0, 1, 16);
+  ASSERT_TRUE(kv->PushPull(std::vector<Key>{}, {}, {}).ok());
+  std::vector<RowSparseNDArray> outs(3);
+  ASSERT_TRUE(kv->PushPullRowSparse(std::vector<Key>{}, {}, {}, &outs).ok());
+  EXPECT_TRUE(outs.empty());
+  auto waited = std::make_shared<absl::Notification>();
+  std::thread([waited] {
+    for (;;) {  // until no error of an earlier test's operations is left to throw
+      try {
+        Engine::Get()->WaitForAll();
+        break;
+      } catch (const Error&) {
+      }
+    }
+    waited->Notify();
+  }).detach();
+  EXPECT_TRUE(waited->WaitForNotificationWithTimeout(absl::Seconds(10)))
+      << "the engine did not finish its work";
 }
 
 // ---- Row-sparse keys (tables split by row ranges over the servers).
