@@ -66,6 +66,16 @@ absl::Status Bad(size_t node, const std::string& name, const std::string& msg) {
       ": ", msg));
 }
 
+// What a malformed value is, for an error: a number or string as written
+// (up to 40 characters), or its kind and size. Never the whole value: a
+// deeply nested one would exhaust the stack being printed.
+std::string Describe(const json& v) {
+  if (v.is_array()) return absl::StrCat("an array of ", v.size(), " element(s)");
+  if (v.is_object()) return absl::StrCat("an object of ", v.size(), " key(s)");
+  const std::string text = v.dump();
+  return text.size() <= 40 ? text : absl::StrCat(text.substr(0, 40), "...");
+}
+
 // Reads [node_id, index(, version)] entries.
 absl::StatusOr<NodeEntry> ReadEntry(
     const json& e, size_t limit,
@@ -73,8 +83,7 @@ absl::StatusOr<NodeEntry> ReadEntry(
   if (!e.is_array() || e.size() < 2 || !e[0].is_number_integer() ||
       !e[1].is_number_integer()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "symbol JSON: ", where, ": an input must be [node, output(, version)], got ",
-        e.dump()));
+        "symbol JSON: ", where, ": an input must be [node, output(, version)], got ", Describe(e)));
   }
   int64_t id = e[0].get<int64_t>(), index = e[1].get<int64_t>();
   if (id < 0 || static_cast<size_t>(id) >= limit) {

@@ -102,7 +102,12 @@ absl::StatusOr<ParsedParams> OpDef::Parse(
     switch (spec->type) {
       case ParamSpec::Type::kInt: {
         int64_t v;
-        if (!absl::SimpleAtoi(value, &v)) bad = absl::InvalidArgumentError("not an integer");
+        if (!absl::SimpleAtoi(value, &v)) {
+          bad = absl::InvalidArgumentError("not an integer");
+        } else if (v < spec->min_int || v > spec->max_int) {
+          bad = absl::InvalidArgumentError(
+              absl::StrCat("must be from ", spec->min_int, " to ", spec->max_int));
+        }
         break;
       }
       case ParamSpec::Type::kFloat: {

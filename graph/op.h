@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -65,6 +66,9 @@ struct ParamSpec {
   bool required = false;
   // For kString: the allowed values (empty allows anything).
   std::vector<std::string> choices;
+  // For kInt: the allowed range, bounds included.
+  int64_t min_int = std::numeric_limits<int64_t>::min();
+  int64_t max_int = std::numeric_limits<int64_t>::max();
 };
 
 // Parameters after validation against an OpDef: every declared parameter is

@@ -382,6 +382,10 @@ class ClientCall final : public internal::Event {
 
  private:
   void Done() {
+    // The reader lives in the call's memory, which the caller's
+    // ClientContext owns and may free as soon as done_ has run (HealthCheck
+    // returns then): it goes first.
+    reader_.reset();
     done_(std::move(status_));
     delete this;
   }

@@ -252,6 +252,7 @@ OpDef MakeReshape() {
 // OpDef::required_inputs is a fixed list, so larger concatenations would
 // get automatic variables for missing inputs.
 constexpr int kMaxRequiredConcatArgs = 256;
+constexpr int64_t kMaxConcatArgs = 1 << 16;
 
 std::vector<std::string> ArgNames(int64_t n) {
   std::vector<std::string> names;
@@ -358,17 +359,14 @@ void ForEachConcatInput(const ParsedParams& p, const std::vector<TBlob>& in, con
 OpDef MakeConcat() {
   OpDef op;
   op.name = "Concat";
-  op.params = {{"num_args", ParamSpec::Type::kInt, "", true},
+  // At most kMaxConcatArgs: the argument names are made from it before a
+  // graph's inputs are counted (a symbol file's num_args=10^12 was a
+  // trillion names).
+  op.params = {{"num_args", ParamSpec::Type::kInt, "", true, {}, 1, kMaxConcatArgs},
                {"dim", ParamSpec::Type::kInt, "1"}};
   op.arguments = [](const ParsedParams& p) { return ArgNames(p.GetInt("num_args")); };
   op.required_inputs = ArgNames(kMaxRequiredConcatArgs);
-  op.infer_shape = [](const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeList* aux) {
-    if (p.GetInt("num_args") < 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("parameter num_args=", p.GetInt("num_args"), " must be positive"));
-    }
-    return ConcatInfer(p, in, out, aux);
-  };
+  op.infer_shape = ConcatInfer;
   op.forward = [](const OpContext& ctx, const ParsedParams& p, const std::vector<TBlob>& in,
                   const std::vector<OpReq>& req, const std::vector<TBlob>& out,
                   const std::vector<TBlob>&) {

@@ -1,9 +1,11 @@
 // Symbol: names, operators, listings, attributes, shape inference, JSON
 // (written in the 1.x layout, read in 1.x and 0.8 layouts), errors, Graphviz.
+#include "graph/symbol.h"
+
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
-#include "graph/symbol.h"
 #include "gtest/gtest.h"
 
 namespace mx {
@@ -262,6 +264,20 @@ TEST(SymbolJson, BadFilesGiveClearErrors) {
                "takes 2 inputs but 1");
   expect_error(R"({"nodes": [{"op": "null", "name": "x", "inputs": []}], "heads": [[3,0,0]]})",
                "heads");
+  // Concat names its arguments from num_args before the inputs are counted:
+  // 10^12 of them was a trillion names.
+  for (const char* n : {"1000000000000", "0"}) {
+    expect_error(absl::StrCat(R"({"nodes": [{"op": "null", "name": "x", "inputs": []},
+        {"op": "Concat", "name": "c", "attrs": {"num_args": ")",
+                              n, R"("}, "inputs": [[0,0,0]]}], "heads": [[1,0,0]]})"),
+                 absl::StrCat("num_args='", n, "' is invalid: must be from 1 to 65536"));
+  }
+  // An input nested a million arrays deep: described, not printed (which
+  // recursed that deep and overflowed the stack).
+  const std::string deep = std::string(1000000, '[') + std::string(1000000, ']');
+  expect_error(absl::StrCat(R"({"nodes": [{"op": "null", "name": "x", "inputs": []}], "heads": [)",
+                            deep, "]}"),
+               "an input must be [node, output(, version)], got an array of 1 element(s)");
 }
 
 TEST(SymbolJson, SaveAndLoadFile) {
