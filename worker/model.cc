@@ -449,8 +449,16 @@ absl::Status FeedForward::ForEachBatch(
     }));
   }
   for (const auto& [name, value] : aux_params_) {
-    NDArray dst = exec.aux_dict().at(name);
-    dst.Assign(value);
+    NDArray dst = exec.aux_dict().at(name);  // LoadCheckpoint keeps only the network's
+    if (value.shape() != dst.shape()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("auxiliary state '", name, "' has shape ", value.shape().ToString(),
+                       " but the network needs ", dst.shape().ToString()));
+    }
+    MX_RETURN_IF_ERROR(Catch([&] {
+      dst.Assign(value);
+      return absl::OkStatus();
+    }));
   }
   return Catch([&]() -> absl::Status {
     data->Reset();
@@ -686,10 +694,35 @@ absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) c
   return absl::OkStatus();
 }
 
+namespace {
+
+// A checkpoint's arrays must be the network's: MXNet refuses a name that
+// is none of its arguments or auxiliary states when it copies them in, as
+// this does at the load (an extra "aux:" entry failed at the end of the
+// first epoch, outside any error handling).
+absl::Status OfTheNetwork(const Checkpoint& ckpt, const std::string& path) {
+  auto check = [&](const std::map<std::string, NDArray>& arrays, const char* prefix,
+                   const std::vector<std::string>& names, const char* what) -> absl::Status {
+    for (const auto& [name, array] : arrays) {
+      if (std::find(names.begin(), names.end(), name) != names.end()) continue;
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": '", prefix, name, "' is not ", what, " of the network (",
+          names.empty() ? "it has none" : absl::StrCat("it has ", absl::StrJoin(names, ", ")),
+          ")"));
+    }
+    return absl::OkStatus();
+  };
+  MX_RETURN_IF_ERROR(check(ckpt.arg_params, "arg:", ckpt.symbol.ListArguments(), "an argument"));
+  return check(ckpt.aux_params, "aux:", ckpt.symbol.ListAuxiliaryStates(), "an auxiliary state");
+}
+
+}  // namespace
+
 absl::StatusOr<FeedForward> FeedForward::LoadCheckpoint(const std::string& prefix, int epoch,
                                                          std::vector<Context> contexts,
                                                          const ParamsLoadOptions& options) {
   MX_ASSIGN_OR_RETURN(Checkpoint ckpt, mx::LoadCheckpoint(prefix, epoch, options));
+  MX_RETURN_IF_ERROR(OfTheNetwork(ckpt, CheckpointParamsPath(prefix, epoch)));
   FeedForward model(ckpt.symbol, std::move(contexts));
   if (!RowSparseVariables(ckpt.symbol).empty()) {
     model.tables_path_ = CheckpointTablesPath(prefix, epoch);

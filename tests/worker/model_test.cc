@@ -365,6 +365,31 @@ TEST(Checkpoint, SaveAndLoadModel) {
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
 }
 
+// A checkpoint whose arrays are not the network's is refused at the load,
+// naming the file and the array, as MXNet refuses it when copying them in
+// (an extra "aux:" entry aborted the process at the end of the first
+// epoch).
+TEST(Checkpoint, ArraysTheNetworkLacksAreRefusedAtTheLoad) {
+  srand(4);
+  Blobs train = MakeBlobs(40, 2, 6);
+  FeedForward model(SmallMlp(2));
+  auto it = Iter(train, 20);
+  ASSERT_TRUE(model.Fit(it.get(), nullptr, Sgd(1, 0.1f)).ok());
+  const std::string prefix = TempPrefix("extra");
+  for (const bool aux : {true, false}) {
+    std::map<std::string, NDArray> args = model.arg_params(), states = model.aux_params();
+    (aux ? states : args)["bogus"] = Zeros({3});
+    ASSERT_TRUE(mx::SaveCheckpoint(prefix, 1, model.symbol(), args, states).ok());
+    auto loaded = FeedForward::LoadCheckpoint(prefix, 1);
+    ASSERT_FALSE(loaded.ok());
+    EXPECT_EQ(loaded.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(loaded.status().message(),
+                HasSubstr(CheckpointParamsPath(prefix, 1) + ": '" + (aux ? "aux" : "arg") +
+                          ":bogus' is not an " + (aux ? "auxiliary state" : "argument") +
+                          " of the network"));
+  }
+}
+
 // Training 4 epochs at once equals training 2, checkpointing, loading and
 // training 2 more: parameters and optimizer state (momentum) carry over.
 TEST(Checkpoint, ResumingGivesTheSameParametersAsAnUninterruptedRun) {
