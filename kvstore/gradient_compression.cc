@@ -184,12 +184,15 @@ void Pack(const GradientCompression& c, const float* q, int64_t n, uint8_t* out)
   }
 }
 
+absl::Status CheckPacked(const GradientCompression& c, size_t bytes, int64_t n) {
+  if (bytes == PackedBytes(c, n)) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(c.ToString(), " data of ", n, " values takes ",
+                                                 PackedBytes(c, n), " bytes, not ", bytes));
+}
+
 absl::Status Unpack(const GradientCompression& c, const uint8_t* in, size_t bytes, int64_t n,
                     float* out) {
-  if (bytes != PackedBytes(c, n)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        c.ToString(), " data of ", n, " values takes ", PackedBytes(c, n), " bytes, not ", bytes));
-  }
+  if (absl::Status s = CheckPacked(c, bytes, n); !s.ok()) return s;
   switch (c.type) {
     case GradientCompression::Type::kTwoBit: {
       const float values[4] = {0.0f, c.threshold, -c.threshold, 0.0f};  // by code

@@ -48,6 +48,9 @@ void Quantize(const GradientCompression& c, const float* g, int64_t n, float* re
 // The bytes n values take on the wire.
 size_t PackedBytes(const GradientCompression& c, int64_t n);
 
+// INVALID_ARGUMENT unless `bytes` is PackedBytes(c, n): a receiver checks
+// this before it allocates for the n values a message claims.
+absl::Status CheckPacked(const GradientCompression& c, size_t bytes, int64_t n);
 // Writes n values of Quantize's output in PackedBytes(c, n) bytes.
 void Pack(const GradientCompression& c, const float* q, int64_t n, uint8_t* out);
 

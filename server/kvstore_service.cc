@@ -1119,6 +1119,9 @@ class Service final {
       return PiecesOf(request, data.offset, data.bytes);
     }
     MX_ASSIGN_OR_RETURN(const Shape shape, TensorDims(t));
+    // Before anything is allocated for the shape the request claims (a
+    // 50-byte request claimed 2^30 floats, zero-filled).
+    MX_RETURN_IF_ERROR(CheckPacked(c, data.bytes, shape.Size()));
     MX_ASSIGN_OR_RETURN(const Pieces packed, PiecesOf(request, data.offset, data.bytes));
     std::vector<uint8_t> bytes(data.bytes);
     packed.CopyTo(0, bytes.size(), bytes.data());

@@ -7,10 +7,12 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <fstream>
 #include <map>
 #include <random>
 #include <thread>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -97,6 +99,21 @@ std::unique_ptr<Optimizer> Sgd() {
   auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}, {"momentum", "0.9"}});
   EXPECT_TRUE(sgd.ok()) << sgd.status();
   return *std::move(sgd);
+}
+
+// The process's peak resident memory (VmHWM), in KiB.
+int64_t PeakResidentKb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  int64_t kb = 0;
+  while (std::getline(status, line)) {
+    absl::string_view rest = line;
+    if (absl::ConsumePrefix(&rest, "VmHWM:")) {
+      EXPECT_TRUE(absl::SimpleAtoi(absl::StripSuffix(absl::StripAsciiWhitespace(rest), "kB"), &kb))
+          << line;
+    }
+  }
+  return kb;
 }
 
 // A dist_sync worker (bound 16) whose servers apply Sgd().
@@ -777,6 +794,15 @@ TEST(DistErrors, MalformedMessagesAreRejectedAndTheServerKeepsServing) {
   bad.mutable_value()->set_data(std::string(8, '\0'));
   s = call("Push", bad.SerializeAsString());
   EXPECT_THAT(s.error_message(), HasSubstr("2bit (threshold 0.5) data of 2 values takes 4 bytes, not 8"));
+  // Refused before the 2^30 floats (4 GiB) it claims are allocated: the
+  // process's peak memory stays where it was.
+  const int64_t peak = PeakResidentKb();
+  bad.mutable_value()->set_shape(0, int64_t{1} << 30);
+  s = call("Push", bad.SerializeAsString());
+  EXPECT_THAT(s.error_message(),
+              HasSubstr("data of 1073741824 values takes 268435456 bytes, not 8"));
+  EXPECT_LT(PeakResidentKb() - peak, 512 << 10) << "KiB more at the peak";
+  bad.mutable_value()->set_shape(0, 2);
   bad.mutable_value()->set_dtype(static_cast<proto::DType>(9));
   s = call("Push", bad.SerializeAsString());
   EXPECT_THAT(s.error_message(), HasSubstr("push of key 1: unsupported dtype 9"));
