@@ -69,11 +69,11 @@ absl::Status ParameterShard::Init(int key, const Shape& shape, const std::vector
   }
   absl::MutexLock lock(&mu_);
   auto it = keys_.find(key);
+  if (tables_in_creation_.count(key) > 0 || (it != keys_.end() && it->second.table)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("init of key ", key, ": the key is row-sparse (a table) on this server"));
+  }
   if (it != keys_.end()) {
-    if (it->second.table) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "init of key ", key, ": the key is row-sparse (a table) on this server"));
-    }
     if (it->second.shape != shape) {
       return absl::InvalidArgumentError(absl::StrCat(
           "init of key ", key, ": already initialized with shape ",
@@ -178,8 +178,13 @@ absl::Status ParameterShard::InitTable(int key, const Shape& table, int64_t firs
   mu_.Lock();
   tables_in_creation_.erase(key);
   MX_RETURN_IF_ERROR(filled);
-  // As of now: a server may have died meanwhile.
+  // As of now: a server may have died meanwhile, and a key's state may
+  // have come (ApplyState) while the lock was not held.
   MX_ASSIGN_OR_RETURN(copies, CopiesNow(key, copies, &lost_peer));
+  if (keys_.count(key) > 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("init of row-sparse key ", key, ": the key was given a state meanwhile"));
+  }
   Key& k = keys_[key];
   k.shape = range;
   k.table = TableRange{table, first_row};

@@ -1,6 +1,9 @@
 // ParameterShard: the dist_sync and dist_async rules, driven by threads that
 // stand in for workers.
+#include "server/shard.h"
+
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -11,9 +14,8 @@
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/shard.h"
-#include "ndarray/row_sparse.h"
 #include "ndarray/ndarray.h"
+#include "ndarray/row_sparse.h"
 
 namespace mx {
 namespace {
@@ -999,6 +1001,29 @@ TEST(ShardTable, DeadWorkersEndOrSkipTheStepAsForDenseKeys) {
     ASSERT_TRUE(got.ok()) << got.status();
     EXPECT_THAT(got->data.ToFloats(), ElementsAre(3));  // no optimizer: the sum
   }
+}
+
+// A dense init of a key while the same key's table is being filled (outside
+// the shard's lock) is refused: it succeeded, and the table then replaced
+// the dense key under its waiters. Exactly one of the two inits wins,
+// however they interleave.
+TEST(ShardTable, ADenseInitDuringATablesFillIsRefused) {
+  ParameterShard shard(ShardOptions{});
+  absl::Status table;
+  std::atomic<bool> done{false};
+  std::thread filler([&] {
+    table = shard.InitTable(5, {1 << 22, 16}, 0, 1 << 22, 0.5f, 1);  // 256 MiB
+    done = true;
+  });
+  // Most likely while the table is filled (which takes far longer).
+  absl::SleepFor(absl::Milliseconds(30));
+  absl::Status dense = absl::UnknownError("not tried");
+  while (!done && !dense.ok()) dense = shard.Init(5, {4}, {1, 2, 3, 4});
+  filler.join();
+  EXPECT_NE(table.ok(), dense.ok()) << "table: " << table << "; dense: " << dense;
+  EXPECT_THAT(std::string((table.ok() ? dense : table).message()),
+              ::testing::AnyOf(HasSubstr("the key is row-sparse (a table) on this server"),
+                               HasSubstr("already initialized here as a dense key")));
 }
 
 TEST(ShardTable, BadRowsAndWrongKindsAreRefusedAndChangeNothing) {
