@@ -465,7 +465,17 @@ absl::Status ParameterShard::Record(int key, int rank, int64_t seq, Pieces* valu
   }
   if (options_.sync) {
     // Parked behind the worker's earlier pushes; admitted (and answered)
-    // at once if there is room.
+    // at once if there is room. A worker has at most staleness + 2 pushes
+    // of a key unanswered (its own, and those it sends again after a
+    // failover): one that sends more, without waiting for answers, is
+    // refused rather than held without bound.
+    const size_t most_parked = std::max(options_.max_pending_pushes, options_.staleness) + 2;
+    if (k->parked[rank].size() >= most_parked) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "push of key ", key, " from worker ", rank, ": ", most_parked,
+          " of its pushes of the key wait for room already (a worker sends the next push "
+          "of a key once the last is answered)"));
+    }
     k->parked[rank].push_back({{std::move(*value), seq, std::move(row_ids)}, std::move(*done)});
     MaybeComplete(key, k, answers);
   } else if (!CompleteStep(key, k, {{std::move(*value), seq, std::move(row_ids)}}, {rank})) {

@@ -13,7 +13,9 @@
 // make room: the worker, whose next push of that key waits for this one's
 // answer, is slowed down, not failed, and the server holds at most
 // max_pending_pushes + 1 pushes of each key per worker (+1: the parked
-// one; an mx worker sends one push of a key at a time). It
+// one; an mx worker sends one push of a key at a time, or after a failover
+// those the new primary lacks, and a worker that sends more than
+// max(max_pending_pushes, staleness) + 2 without answers is refused). It
 // then sums the pushes in rank order, so results are bit-reproducible
 // whatever order they arrived in, applies the optimizer once (or, without
 // one, stores the sum: the summation service), and bumps the key's version.

@@ -163,6 +163,28 @@ TEST(ShardSync, AWorkerFarAheadIsParkedNotFailedAndMemoryStaysBounded) {
   EXPECT_EQ(shard.held(1).parked, 0);
 }
 
+// A worker that sends pushes of a key without waiting for their answers
+// (an mx worker never does) is refused beyond max(max_pending_pushes,
+// staleness) + 2 parked ones, not held without bound.
+TEST(ShardSync, PushesBeyondTheParkingBoundAreRefused) {
+  ShardOptions o{true, 2, false};
+  o.max_pending_pushes = 2;
+  ParameterShard shard(o);
+  ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+  std::vector<std::unique_ptr<Outcome>> outcomes;
+  for (int i = 0; i < 7; ++i) {
+    outcomes.push_back(std::make_unique<Outcome>());
+    shard.PushAsync(1, 0, Pieces::Of(std::vector<float>{1}), outcomes.back()->Callback());
+  }
+  EXPECT_EQ(shard.held(1).pending, 2);
+  EXPECT_EQ(shard.held(1).parked, 4);
+  ASSERT_TRUE(outcomes[6]->answered.WaitForNotificationWithTimeout(absl::Seconds(2)));
+  EXPECT_EQ(outcomes[6]->status.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(outcomes[6]->status.message(),
+              HasSubstr("push of key 1 from worker 0: 4 of its pushes of the key wait for room"));
+  EXPECT_FALSE(outcomes[5]->answered.HasBeenNotified());
+}
+
 // A shard of 2 workers (max_pending_pushes 1) where worker 0 has one push
 // of key 1 pending and one parked, whose outcome goes to *parked (which
 // must outlive the shard).
