@@ -5,6 +5,11 @@ timeout, coordinator restarts and the worker command after --."""
 import argparse
 import os
 
+# The most --staleness that mx_server (--staleness, MX_STALENESS) and the
+# workers' kvstore (MX_STALENESS) take: more and every node would refuse to
+# start, after the launcher had started them.
+MAX_STALENESS = 1000
+
 
 def add_job_arguments(ap):
     """The options; call add_worker_command last (it takes the rest)."""
@@ -22,7 +27,8 @@ def add_job_arguments(ap):
                          "no failure (its keys' backups on the next server take over)")
     ap.add_argument("--staleness", type=int, default=0, metavar="S",
                     help="dist_sync with bounded staleness: a worker runs at most S steps ahead "
-                         "of the slowest, its pulls may lack up to S steps (0: plain dist_sync)")
+                         "of the slowest, its pulls may lack up to S steps (0: plain dist_sync; "
+                         f"at most {MAX_STALENESS})")
     ap.add_argument("--heartbeat-timeout", type=int, default=5,
                     help="seconds of silence after which a node is declared dead (at least 2)")
     ap.add_argument("--spare-servers", type=int, default=0, metavar="N",
@@ -54,6 +60,9 @@ def worker_command(ap, args):
         ap.error("--heartbeat-timeout must be at least 2 (nodes heartbeat every second)")
     if args.spare_servers < 0 or (args.spare_servers and args.replicas < 2):
         ap.error(f"--spare-servers {args.spare_servers}: must be 0 or more, and needs --replicas 2")
+    if args.staleness > MAX_STALENESS:
+        ap.error(f"--staleness {args.staleness}: at most {MAX_STALENESS} (the servers and the "
+                 "workers refuse more)")
     if args.staleness < 0 or (args.staleness and server_mode(args.kvstore) != "sync"):
         ap.error(f"--staleness {args.staleness}: must be 0 or more, and applies to dist_sync only")
     if args.coordinator_restarts < 0:

@@ -26,12 +26,16 @@ class JobSecrets:
         tls: make a CA and per-node certificates; tls_files: (cert, key, ca)
         paths to use for every node instead."""
         self.dir = tempfile.mkdtemp(prefix="mx-job-")  # mode 0700
-        self.token_file = token_file or self._write("token", secrets.token_hex(32) + "\n")
         self.tls = tls or tls_files is not None
         self.tls_files = tls_files
         self._ca = None
-        if tls and tls_files is None:
-            self._ca = self._make_ca()
+        try:
+            self.token_file = token_file or self._write("token", secrets.token_hex(32) + "\n")
+            if tls and tls_files is None:
+                self._ca = self._make_ca()
+        except BaseException:  # no object to remove() it: not even a CA key stays behind
+            self.remove()
+            raise
 
     def _write(self, name, text):
         path = os.path.join(self.dir, name)

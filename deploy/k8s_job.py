@@ -41,7 +41,8 @@ container port "metrics", with the prometheus.io/scrape, /port and /path
 annotations that Prometheus's Kubernetes discovery reads), and its probes
 use that port: readiness GET /healthz (ready once the node has registered
 and, for a server, knows the workers: what its grpc.health.v1 service
-says), liveness GET /livez. They are HTTP because the kubelet's gRPC probe
+says), except for the servers of a JobSet, GET /livez (see
+readiness_path); liveness GET /livez. They are HTTP because the kubelet's gRPC probe
 cannot present a certificate to a node that requires mutual TLS.
 
 Success: the workers exit 0, then the servers and the coordinator shut down
@@ -97,7 +98,10 @@ NetworkPolicy admits to the job's pods only the job's own pods on the gRPC
 and stream ports, and metrics scrapes (from the namespace --metrics-from
 names, or any).
 
-Needs Kubernetes 1.24 or later (Indexed Jobs).
+Needs Kubernetes 1.26 or later (Indexed Jobs; the coordinator Job's
+podFailurePolicy, on by default from 1.26, unless --coordinator-restarts
+0), 1.29 for --elastic and --replicas 2 (backoffLimitPerIndex), and
+without --jobs the JobSet controller.
 """
 import argparse
 import json
@@ -292,7 +296,8 @@ def container(args, role, command, env):
     mutual TLS the kubelet's gRPC probe could not present a certificate.
     Readiness is /healthz, which says what the node's grpc.health.v1
     service says (not serving until the node has registered and, for a
-    server, knows the workers); liveness is /livez (the process answers,
+    server, knows the workers), but /livez for a JobSet's servers
+    (readiness_path); liveness is /livez (the process answers,
     and the coordinator's sweep or a server's shard check has run within
     15 s), as registration may wait up to --startup-timeout."""
     resources = role_resources(args, role)
@@ -538,7 +543,8 @@ def main():
                     help="admit metrics scrapes only from this namespace (default: any)")
     ap.add_argument("--startup-timeout", type=int, default=600,
                     help="seconds within which every pod must start and register (scheduling "
-                         "and image pulls included), else the job fails saying who is missing")
+                         "and image pulls included), else the job fails saying who is missing "
+                         "(1 to 86400)")
     ap.add_argument("--ttl", type=int, default=3600,
                     help="seconds a finished Job (its pods, their logs) is kept before deletion")
     ap.add_argument("--coordinator-timeout", type=int, default=60, metavar="SECONDS",
@@ -599,8 +605,10 @@ def main():
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", args.name):
         ap.error(f"--name {args.name!r}: lower-case letters, digits and '-', starting with a "
                  "letter, at most 40 characters")
-    if args.startup_timeout < 1:
-        ap.error(f"--startup-timeout {args.startup_timeout}: must be at least 1 second")
+    # The nodes' limit for MX_STARTUP_TIMEOUT_S: more, and every pod would
+    # refuse to start.
+    if not 1 <= args.startup_timeout <= 86400:
+        ap.error(f"--startup-timeout {args.startup_timeout}: must be 1 to 86400 seconds")
     if not 1 <= args.port <= 65535:
         ap.error(f"--port {args.port}: not a port")
     if not 1 <= args.server_port <= 65535 or args.server_port in (args.port, args.metrics_port):

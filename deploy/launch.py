@@ -68,7 +68,9 @@ current directory, which must hold the same binaries and data on every
 host. The coordinator runs on the first host, listening on --port (default
 9091); servers and workers go round-robin over the hosts, servers
 advertising their host's name. Every process is started with `ssh -tt`, so
-stopping the launcher hangs up its remote processes.
+stopping the launcher hangs up its remote processes, under `sh`, whose exit
+code 128 + N says it was killed by signal N (ssh's own would be 255). Give
+--token-file (and with TLS --tls-cert, --tls-key and --tls-ca): see Trust.
 
 Trust: every process gets the job token (a random secret the launcher
 makes, or --token-file) through a file named in its environment
@@ -77,9 +79,10 @@ refuse calls without it. With --tls every connection is mutual TLS: the
 launcher makes a CA and a certificate per process with openssl (or uses
 --tls-cert/--tls-key/--tls-ca for every process). Secrets live in a
 private directory (mode 0700, files 0600) removed when the launcher ends.
-With -H the token file and the TLS files must be readable at the same
-path on every host (a shared directory, or --token-file and --tls-* files
-copied there).
+With -H every host reads the token file and the TLS files at the paths
+this host names: -H is refused without --token-file, and --tls without
+--tls-cert/--tls-key/--tls-ca (what the launcher makes stays on its host);
+put them in a shared directory, or copy them to each host.
 
 Metrics: with --metrics every process serves Prometheus metrics (and
 /healthz) on a free port and prints "<who>: metrics on http://HOST:PORT/metrics".
@@ -93,9 +96,12 @@ mode 0700, removed when the launcher ends), and dense values of 16 KiB or
 more travel through it instead of TCP (docs/architecture.md, "Shared
 memory"). --no-shm turns it off.
 
-Ctrl-C (or SIGTERM, SIGHUP) stops everything.
+Ctrl-C (or SIGTERM, SIGHUP) stops everything (exit code 130, 143, 129), and
+so does a closed stdout (`launch.py ... | head`: 141, as for SIGPIPE). The
+processes get /dev/null as stdin.
 """
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -130,7 +136,7 @@ def await_coordinator(job, coordinator, env, restarts):
     said nothing in time (then it is stopped: supervise reports it)."""
     deadline = time.time() + COORDINATOR_LISTENS_WITHIN_S
     while coordinator.listening is None:
-        code = coordinator.popen.poll()
+        code = coordinator.poll()
         if code is not None:
             if code >= 0 or restarts <= 0:
                 return None
@@ -169,7 +175,32 @@ def stamp():
 
 
 def log(message):
-    print(f"{stamp()}launch.py: {message}", file=sys.stderr, flush=True)
+    try:
+        print(f"{stamp()}launch.py: {message}", file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        to_devnull(sys.stderr)
+
+
+def console(text):
+    """Writes a line of a process's output to stdout. Once stdout has no
+    reader (EPIPE), writes go to /dev/null: the write's SIGPIPE stops the
+    job (STOP_SIGNALS), and meanwhile the threads that copy the processes'
+    output must go on reading their pipes, which would otherwise fill and
+    block the processes."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        to_devnull(sys.stdout)
+
+
+def to_devnull(stream):
+    """Points `stream`'s file descriptor, whose reader is gone, at /dev/null,
+    so that its buffered text and later writes (Python's last flush
+    included) go nowhere instead of failing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def how_it_ended(code):
@@ -236,8 +267,10 @@ DECLARED_DEAD = [
 
 
 class Proc:
-    def __init__(self, name, role, popen, argv):
-        self.name = name          # "server 1": role and rank
+    def __init__(self, name, role, popen, argv, node=None, remote=False):
+        self.name = name          # "server 1": role and rank ("server 1 on HOST" with -H)
+        self.node = node or name  # "server 1" even with -H: how the nodes' output names it
+        self.remote = remote      # started through ssh (-H)
         self.role = role          # "coordinator", "server" or "worker"
         self.popen = popen
         self.argv = argv          # (cmd, env) it was started with, to restart it
@@ -252,6 +285,18 @@ class Proc:
     def drain(self, timeout=1.0):
         """Waits (bounded) until the output of the exited process is copied."""
         self.pump.join(timeout)
+
+    def poll(self):
+        """Its exit code as Popen.poll() gives it (None while it runs; -N:
+        killed by signal N), also through ssh. ssh exits 255 for a remote
+        process killed by a signal, as for a lost connection, so a remote
+        node runs under sh (Remote.command), which exits 128 + N instead:
+        read back as -N. (A remote node that exits 129 or more itself would
+        be read as killed too; mx's binaries exit 0, 1 or 2.)"""
+        code = self.popen.poll()
+        if code is None or not self.remote or not 128 < code < 255:
+            return code
+        return -(code - 128)
 
     def describe(self):
         extra = f"{self.identity}, " if self.identity else ""
@@ -293,16 +338,59 @@ def begin_stop():
     _stopping = True
 
 
+# While true, a stop signal is held (in _held) instead of raised: see
+# stop_signals_held.
+_holding = False
+_held = None  # the exit code of the first stop signal held, or None
+
+
 def raise_stopped(code):
     def handler(*_):
+        global _held
         if _stopping:
+            return
+        if _holding:
+            _held = code if _held is None else _held
             return
         begin_stop()
         raise Stopped(code)
     return handler
 
 
-STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+# SIGPIPE: the launcher's output has no reader any more (`launch.py ... |
+# head`); like any program in a pipeline it ends, and so does its job
+# (its console writes fail with EPIPE and raise it; see console()).
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129,
+                signal.SIGPIPE: 141}
+
+
+def install_stop_handlers():
+    """Makes each of STOP_SIGNALS raise Stopped in the main thread (once)."""
+    for sig, code in STOP_SIGNALS.items():
+        signal.signal(sig, raise_stopped(code))
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Holds stop signals for the duration of the block and raises Stopped
+    for the first of them once it is over (unless a stop is under way).
+    Around what must finish before a stop can clean it up: forking a child
+    and recording it in job.procs (a Stopped raised in between, even inside
+    Popen, would leave stop_all blind to a child that runs in its own
+    session and outlives the launcher), and making a directory and keeping
+    its name (the job's secrets, its shared memory). Not pthread_sigmask:
+    children inherit the mask across exec, and would ignore SIGTERM.
+    Not reentrant; main thread only, as Python runs handlers there."""
+    global _holding, _held
+    _holding, _held = True, None
+    try:
+        yield
+    finally:
+        _holding = False
+    code, _held = _held, None
+    if code is not None and not _stopping:
+        begin_stop()
+        raise Stopped(code)
 
 
 class Job:
@@ -313,26 +401,35 @@ class Job:
         self.log_dir = log_dir  # --log-dir: a file per process there, or None
 
     def start(self, name, role, cmd, env, host=None):
-        if self.remote is not None:
+        node, remote = name, self.remote is not None
+        if remote:
             cmd, env = self.remote.command(host, cmd, env), os.environ
             name = f"{name} on {host}"
-        proc = Proc(name, role, self._spawn(name, cmd, env), (cmd, env))
-        self.procs.append(proc)
-        self._started(proc)
+        # A stop signal waits until the child is in self.procs (stop_all
+        # stops it) and its output is copied.
+        with stop_signals_held():
+            proc = Proc(name, role, self._spawn(name, cmd, env), (cmd, env), node, remote)
+            self.procs.append(proc)
+            self._started(proc)
         return proc
 
     def restart(self, proc):
         """Starts proc's command again, in its place (its output goes on
         under the same name)."""
         proc.drain()
-        proc.popen = self._spawn(proc.name, *proc.argv)
-        self._started(proc)
+        with stop_signals_held():  # as in start: stop_all must see the new child
+            proc.popen = self._spawn(proc.name, *proc.argv)
+            self._started(proc)
 
     @staticmethod
     def _spawn(name, cmd, env):
+        """Starts cmd in a session of its own, its output to a pipe. Its
+        stdin is /dev/null: nothing the launcher starts reads it, and ssh
+        (-H) given a terminal there would put it in raw mode (Ctrl-C would
+        no longer stop the launcher, and the terminal could stay raw)."""
         try:
-            return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as e:
             raise StartFailed(f"cannot start {name}: {cmd[0]}: {e.strerror}") from e
 
@@ -350,8 +447,8 @@ class Job:
 
     def _pump(self, proc):
         log_file = None
-        if self.log_dir is not None:  # "server 1" -> server-1.log
-            path = os.path.join(self.log_dir, proc.name.replace(" ", "-") + ".log")
+        if self.log_dir is not None:  # "server 1" -> server-1.log (with -H too)
+            path = os.path.join(self.log_dir, proc.node.replace(" ", "-") + ".log")
             log_file = open(path, "a", encoding="utf-8")
         try:
             self._copy_output(proc, log_file)
@@ -386,8 +483,7 @@ class Job:
                     proc.blamed += [n for n in names(m) if n not in proc.blamed]
             when = stamp()
             with self.lock:
-                sys.stdout.write(f"{when}[{proc.name}] {line}")
-                sys.stdout.flush()
+                console(f"{when}[{proc.name}] {line}")
             if log_file is not None:
                 log_file.write(when + line)
                 log_file.flush()
@@ -417,6 +513,11 @@ class Job:
         self.stop(self.procs)
 
 
+# What every remote node runs under (Remote.command): its command, then sh's
+# exit with its exit status.
+REMOTE_WRAPPER = '"$@"; exit $?'
+
+
 class Remote:
     """Runs commands on other hosts through ssh."""
 
@@ -433,10 +534,14 @@ class Remote:
         `env` (DMLC_*, MX_*, OMP_*, OPENBLAS_*)."""
         # Never MX_JOB_TOKEN: it would be on the command lines of ssh here
         # and of env there. The token travels as a file (MX_JOB_TOKEN_FILE).
-        exported = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())
+        exported = [f"{k}={v}" for k, v in sorted(env.items())
                     if k.startswith(("DMLC_", "MX_", "OMP_", "OPENBLAS_")) and k != "MX_JOB_TOKEN"]
-        remote = (f"cd {shlex.quote(os.getcwd())} && exec env {' '.join(exported)} "
-                  + " ".join(shlex.quote(c) for c in cmd))
+        # Under sh, not exec'd: a command killed by signal N makes sh exit
+        # 128 + N, which ssh passes on (Proc.poll); ssh's own exit code for
+        # it would be 255, as for a lost connection. (`; exit $?`: a last
+        # command alone, sh might exec it.)
+        remote = (f"cd {shlex.quote(os.getcwd())} && exec sh -c {shlex.quote(REMOTE_WRAPPER)} sh "
+                  + " ".join(shlex.quote(c) for c in ["env"] + exported + cmd))
         return self.ssh + ["-tt", "-o", "BatchMode=yes", host, remote]
 
 
@@ -470,8 +575,9 @@ def wait_for(condition, seconds):
 
 def hung_nodes(job, proc):
     """The nodes `proc` reported dead that are still running: hung (a
-    stopped process, one that no longer answers)."""
-    by_name = {p.name: p for p in job.procs}
+    stopped process, one that no longer answers). Output names nodes
+    without their host ("server 1", not "server 1 on HOST")."""
+    by_name = {p.node: p for p in job.procs}
     return [by_name[n] for n in proc.blamed
             if n in by_name and by_name[n] is not proc and by_name[n].popen.poll() is None]
 
@@ -493,8 +599,8 @@ def is_declared(server, declared):
     would say so."""
     if server.identity is not None:
         return server.identity in declared
-    rank = server.name.removeprefix("server ")
-    return rank != server.name and any(d.startswith(f"rank {rank} at ") for d in declared)
+    rank = server.node.removeprefix("server ")
+    return rank != server.node and any(d.startswith(f"rank {rank} at ") for d in declared)
 
 
 def hung_coordinator(job):
@@ -630,7 +736,7 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
                 + ", ".join(p.name for p in said) + ") heard nothing from it though it runs; "
                 "killing it", coordinator_restarts)
         for p in job.procs:
-            code = p.popen.poll()
+            code = p.poll()
             if code is None or (code == 0 and p.role == "worker") or p in lost:
                 continue
             # Daemons exit 0 on their own once every worker has finished
@@ -724,7 +830,8 @@ def main():
     ap.add_argument("--ssh", default="ssh", help="the ssh command for --hostfile")
     ap.add_argument("--port", type=int, default=0,
                     help="the coordinator's port (default: a free one; 9091 with --hostfile)")
-    ap.add_argument("--token-file", help="a file holding the job token (default: a new random one)")
+    ap.add_argument("--token-file", help="a file holding the job token (default: a new random one; "
+                                         "with -H required, at the same path on every host)")
     ap.add_argument("--tls", action="store_true",
                     help="mutual TLS on every connection, with a CA and certificates made for the job")
     ap.add_argument("--tls-cert", help="with --tls-key and --tls-ca: TLS with these files instead")
@@ -747,13 +854,6 @@ def main():
     args = ap.parse_args()
     global TIMESTAMPS
     TIMESTAMPS = args.timestamps
-    if args.log_dir:
-        try:
-            os.makedirs(args.log_dir, exist_ok=True)
-            open(os.path.join(args.log_dir, ".mx-write-test"), "w").close()
-            os.remove(os.path.join(args.log_dir, ".mx-write-test"))
-        except OSError as e:
-            ap.error(f"--log-dir {args.log_dir}: {e.strerror}")
     cmd = worker_command(ap, args)
     if not os.access(args.server_binary, os.X_OK):
         ap.error(f"server binary {args.server_binary} not found (bazel build //server:mx_server)")
@@ -766,11 +866,52 @@ def main():
             remote = Remote(args.ssh, read_hostfile(args.hostfile))
         except (OSError, ValueError) as e:
             ap.error(f"--hostfile: {e}")
-    secrets = job_secrets(ap, args)
+        check_shared_secrets(ap, args)
+    for flag, path in (("--log-dir", args.log_dir), ("--trace", args.trace)):
+        if path:
+            make_writable_dir(ap, flag, path)
+    # From here on a stop signal ends the launcher through its clean-up:
+    # the secrets' directory (with --tls, the CA's key) is removed.
+    install_stop_handlers()
+    secrets = None
     try:
+        with stop_signals_held():  # until `secrets` names what to remove
+            secrets = job_secrets(ap, args)
         return run(args, cmd, secrets, remote)
+    except Stopped as stopped:  # before the job started, or as it ended
+        return stopped.code
     finally:
-        secrets.remove()
+        begin_stop()  # a signal now changes nothing: the clean-up runs to its end
+        if secrets is not None:
+            secrets.remove()
+
+
+def make_writable_dir(ap, flag, path):
+    """Makes directory `path` (--log-dir, --trace) if need be and checks
+    that files can be written there, before anything starts (ap.error:
+    exit code 2 with the reason)."""
+    probe = os.path.join(path, ".mx-write-test")
+    try:
+        os.makedirs(path, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        ap.error(f"{flag} {path}: {e.strerror}")
+
+
+def check_shared_secrets(ap, args):
+    """With -H every host reads the token file and the TLS files at the
+    paths this host gives them: they must be files the user placed on
+    every host (a shared directory, or copies). The launcher's own token
+    and the CA that --tls makes are in a private directory of this host
+    only, where the remote nodes would fail to read them."""
+    if not args.token_file:
+        ap.error("-H: give --token-file FILE, a file holding the job token at the same path on "
+                 "every host (a shared directory, or copied there); the token the launcher "
+                 "makes would exist on this host only")
+    if args.tls and not all([args.tls_cert, args.tls_key, args.tls_ca]):
+        ap.error("-H with --tls: give --tls-cert, --tls-key and --tls-ca, files at the same path "
+                 "on every host; the certificates the launcher makes would exist on this host only")
 
 
 def run(args, cmd, secrets, remote):
@@ -785,19 +926,21 @@ def run(args, cmd, secrets, remote):
                MX_COORDINATOR=coordinator, DMLC_NUM_SERVER=str(args.num_servers),
                DMLC_NUM_WORKER=str(args.num_workers))
     env.pop("MX_JOB_TOKEN", None)  # the job's own token comes from its file
-    if args.trace:
-        os.makedirs(args.trace, exist_ok=True)
+    if args.trace:  # made and checked by main
         env["MX_TRACE_DIR"] = os.path.abspath(args.trace)
     if args.metrics:
         # Servers serve on their --bind host; workers on MX_METRICS_HOST.
         env.update(MX_METRICS_PORT="0", MX_METRICS_HOST="0.0.0.0" if remote else "127.0.0.1")
     env.pop("MX_SHM_DIR", None)
-    shm_dir = None if remote or args.no_shm else shared_memory_dir()
-    if shm_dir:
-        env["MX_SHM_DIR"] = shm_dir
-        log(f"shared memory in {shm_dir}")
-    job = Job(remote, args.log_dir)
+    shm_dir = None
     try:
+        # A stop signal waits until shm_dir names the directory to remove.
+        with stop_signals_held():
+            shm_dir = None if remote or args.no_shm else shared_memory_dir()
+        if shm_dir:
+            env["MX_SHM_DIR"] = shm_dir
+            log(f"shared memory in {shm_dir}")
+        job = Job(remote, args.log_dir)
         return run_until_stopped(job, lambda: start_and_supervise(job, args, cmd, secrets, env))
     finally:
         if shm_dir:
@@ -810,7 +953,8 @@ def shared_memory_dir():
     """A private directory (mode 0700) under /dev/shm for the job's shared
     memory, or None (and the job uses TCP) where there is none."""
     try:
-        return tempfile.mkdtemp(prefix="mx-job-", dir="/dev/shm")
+        # The launcher's pid in the name: whose directory it is.
+        return tempfile.mkdtemp(prefix=f"mx-job-{os.getpid()}-", dir="/dev/shm")
     except OSError as e:
         log(f"no shared memory for the job ({e.strerror}); values go over TCP")
         return None
@@ -820,12 +964,14 @@ def run_until_stopped(job, body):
     """Returns body() (which starts and supervises `job`), unless SIGINT,
     SIGTERM or SIGHUP comes first: then stops the job and returns 130, 143
     or 129. Whatever way body() ends, nothing it started is left running:
-    a process that cannot be started stops the others and returns 1."""
-    for sig, code in STOP_SIGNALS.items():
-        signal.signal(sig, raise_stopped(code))
+    a process that cannot be started stops the others and returns 1.
+    SIGPIPE (stdout's reader went away) stops the job too: 141."""
+    install_stop_handlers()
     try:
         return body()
     except Stopped as stopped:
+        if stopped.code == STOP_SIGNALS[signal.SIGPIPE]:
+            log("the output's reader went away (broken pipe); stopping the job")
         job.stop_all()
         return stopped.code
     except StartFailed as e:

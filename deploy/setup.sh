@@ -5,7 +5,8 @@
 # the validators of the Kubernetes schemas (tests/integration/k8s_schema,
 # versions pinned by its package-lock.json), installed in
 # /usr/local/lib/mx-k8s-schema. Without the npm registry that test skips,
-# saying why.
+# saying why; without the tests (the Docker image's build copies only this
+# script), neither they nor Node.js are installed.
 #
 #   deploy/setup.sh            build + test dependencies, Fashion-MNIST
 #   deploy/setup.sh --bench    also python3-torch, the benchmarks' baseline
@@ -18,8 +19,14 @@ PACKAGES=(
   zlib1g-dev nlohmann-json3-dev dataset-fashion-mnist openssl libssl-dev libipsec-mb-dev
   libmicrohttpd-dev prometheus iproute2 nftables
 )
+# The Kubernetes schema validators' sources, as package-lock.json pins
+# them. Absent where only this script was copied (deploy/Dockerfile's build
+# stage, which runs no tests): then neither they nor Node.js are installed.
+SCHEMA_SRC="$(dirname "$0")/../tests/integration/k8s_schema"
+SCHEMA_DIR=/usr/local/lib/mx-k8s-schema
+[[ -f "$SCHEMA_SRC/package-lock.json" ]] && schema=1 || schema=0
 # Node.js from Debian, unless a node and npm are installed already.
-if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+if ((schema)) && { ! command -v node >/dev/null || ! command -v npm >/dev/null; }; then
   PACKAGES+=(nodejs npm)
 fi
 if [[ "${1:-}" == "--bench" ]]; then
@@ -45,9 +52,8 @@ if ((${#missing[@]} > 0)); then
 fi
 
 # The Kubernetes schema validators, as package-lock.json pins them.
-SCHEMA_SRC="$(dirname "$0")/../tests/integration/k8s_schema"
-SCHEMA_DIR=/usr/local/lib/mx-k8s-schema
-if [[ $(id -u) -eq 0 ]] && ! cmp -s "$SCHEMA_SRC/package-lock.json" "$SCHEMA_DIR/package-lock.json"; then
+if ((schema)) && [[ $(id -u) -eq 0 ]] &&
+   ! cmp -s "$SCHEMA_SRC/package-lock.json" "$SCHEMA_DIR/package-lock.json"; then
   mkdir -p "$SCHEMA_DIR"
   cp "$SCHEMA_SRC/package.json" "$SCHEMA_SRC/package-lock.json" "$SCHEMA_DIR/"
   if ! timeout 300 npm ci --prefix "$SCHEMA_DIR" --no-audit --no-fund --loglevel=error >/dev/null; then

@@ -96,6 +96,45 @@ copy_all=$(grep -n '^COPY \. \.$' "$DOCKERFILE" | cut -d: -f1)
 [[ -n "$copy_setup" && -n "$run_setup" && -n "$copy_all" && $copy_setup -lt $run_setup &&
    $run_setup -lt $copy_all ]] || fail "setup.sh does not run in a layer before the sources are copied"
 
+# The build stage's `RUN bash deploy/setup.sh` succeeds with only what the
+# Dockerfile copied before it (the tests, and so the Kubernetes schema
+# validators' package files, come later): run as it would be, as root, with
+# stand-ins for dpkg-query (nothing installed), apt-get and npm on PATH.
+setup_dir=$(dirname "$DOCKERFILE")
+[[ -f "$setup_dir/setup.sh" ]] || setup_dir=$(dirname "$(readlink -f "$DOCKERFILE")")
+if [[ ! -f "$setup_dir/setup.sh" ]]; then
+  fail "no deploy/setup.sh beside the Dockerfile (is //deploy:setup.sh in the test's data?)"
+else
+  ctx=$(mktemp -d); stubs=$(mktemp -d)
+  copies=$(python3 - "$DOCKERFILE" <<'EOF2'
+import sys
+text = open(sys.argv[1]).read().replace("\\\n", " ")
+for line in text.splitlines():
+    if line.startswith("RUN bash deploy/setup.sh"):
+        break
+    words = line.split()
+    if words[:1] == ["COPY"]:
+        print(" ".join(words[1:]))
+EOF2
+)
+  [[ "$copies" == "deploy/setup.sh deploy/setup.sh" ]] ||
+    fail "the build stage copies more than setup.sh before running it ($copies): copy that here too"
+  mkdir -p "$ctx/deploy" && cp "$setup_dir/setup.sh" "$ctx/deploy/setup.sh"
+  printf '#!/bin/sh\nexit 1\n' > "$stubs/dpkg-query"
+  printf '#!/bin/sh\necho "apt-get $*" >> "%s/calls"\n' "$stubs" > "$stubs/apt-get"
+  printf '#!/bin/sh\necho "npm $*" >> "%s/calls"\nexit 1\n' "$stubs" > "$stubs/npm"
+  printf '#!/bin/sh\n[ "$1" = -u ] && { echo 0; exit 0; }\nexec /usr/bin/id "$@"\n' > "$stubs/id"
+  chmod +x "$stubs"/*
+  out=$(cd "$ctx" && PATH="$stubs:$PATH" timeout 60 bash deploy/setup.sh 2>&1)
+  rc=$?
+  [[ $rc -eq 0 && "$out" == *"setup.sh: all dependencies present"* ]] ||
+    fail "deploy/setup.sh alone, as the image's build runs it: exit code $rc, said: $out"
+  grep -q "^apt-get install .* libgrpc++-dev" "$stubs/calls" 2>/dev/null ||
+    fail "deploy/setup.sh alone did not install the build's packages: $(cat "$stubs/calls" 2>/dev/null)"
+  ! grep -q "^npm" "$stubs/calls" 2>/dev/null || fail "deploy/setup.sh alone ran npm: $(grep ^npm "$stubs/calls")"
+  rm -rf "$ctx" "$stubs"
+fi
+
 grep -q 'bazel build //server:mx_server //worker:mx_train' "$DOCKERFILE" || fail "build stage does not build both binaries"
 grep -q 'install -D -t /out bazel-bin/server/mx_server bazel-bin/worker/mx_train' "$DOCKERFILE" ||
   fail "build stage does not copy both binaries"

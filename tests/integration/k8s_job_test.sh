@@ -504,8 +504,14 @@ expect_refusal "give --tls (a new Secret) or --tls-secret" --name fm -n 1 -s 1 -
   --tls-secret s -- mx_train
 expect_refusal "--metrics-port 9091: not a port other than --port" --name fm -n 1 -s 1 --image x \
   --metrics-port 9091 -- mx_train
-expect_refusal "--startup-timeout 0: must be at least 1 second" --name fm -n 1 -s 1 --image x \
+expect_refusal "--startup-timeout 0: must be 1 to 86400 seconds" --name fm -n 1 -s 1 --image x \
   --startup-timeout 0 -- mx_train
+# Beyond what the pods take (MX_STARTUP_TIMEOUT_S, MX_STALENESS): every pod
+# would refuse to start.
+expect_refusal "--startup-timeout 86401: must be 1 to 86400 seconds" --name fm -n 1 -s 1 --image x \
+  --startup-timeout 86401 -- mx_train --kvstore=dist_sync
+expect_refusal "--staleness 1001: at most 1000" --name fm -n 1 -s 1 --image x \
+  --staleness 1001 -- mx_train --kvstore=dist_sync
 expect_refusal "--spare-servers 1: must be 0 or more, and needs --replicas 2" --name fm -n 1 -s 2 \
   --image x --spare-servers 1 -- mx_train --kvstore=dist_sync
 expect_refusal "--coordinator-restarts -1: must be 0 or more" --name fm -n 1 -s 1 --image x \

@@ -147,6 +147,28 @@ out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --kvstore dist_async --staleness 2 
 rc=$?
 [[ $rc -eq 2 && "$out" == *"--staleness 2: must be 0 or more, and applies to dist_sync only"* ]] ||
   fail "--staleness with dist_async: exit code $rc, said: $out"
+# More staleness than the servers and workers take (1000), and a --trace
+# directory that cannot be had, are refused before anything starts (the
+# nodes refused it after starting; the launcher made the trace directory
+# only then, and printed a traceback).
+out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --staleness 1001 --server-binary="$SERVER" -- "${worker[@]}" 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"--staleness 1001: at most 1000 (the servers and the workers refuse more)"* ]] ||
+  fail "--staleness 1001: exit code $rc, said: $out"
+: > "$TMP/trace_is_a_file"
+trace_cases=("$TMP/trace_is_a_file:File exists" "$TMP/trace_is_a_file/sub:Not a directory")
+if [[ $(id -u) -ne 0 ]]; then  # root writes anywhere
+  mkdir -p "$TMP/read_only" && chmod 555 "$TMP/read_only"
+  trace_cases+=("$TMP/read_only:Permission denied")
+fi
+for case in "${trace_cases[@]}"; do
+  dir=${case%%:*}; why=${case#*:}
+  out=$(timeout 20 python3 "$LAUNCH" -n 1 -s 1 --trace "$dir" --server-binary="$SERVER" -- "${worker[@]}" 2>&1)
+  rc=$?
+  [[ $rc -eq 2 && "$out" == *"--trace $dir: $why"* && "$out" != *"launch.py: started"* ]] ||
+    fail "--trace $dir: exit code $rc, said: $out"
+done
+
 # 4c. dist_device_sync: the servers run dist_sync; where no GPU is usable
 # the workers say so and the job ends at once, leaving nothing behind.
 device_worker=("${worker[@]/--kvstore=dist_sync/--kvstore=dist_device_sync}")
@@ -367,5 +389,123 @@ PY
 rc=$?
 [[ $rc -eq 0 && "$out" == *"exit code 130; sleep ended"* ]] ||
   fail "a second signal during the stop: exit code $rc, said: $out"
+
+# 9. A stop signal that comes while a process is being started (forked,
+# not yet among the job's processes) stops it too: the launcher recorded
+# it only after the signal's handler had run, and stop_all left it
+# running in its own session. The job's binaries are called through
+# links under $mark, which only this test's processes have in their
+# command lines.
+mark="$TMP/mark"
+mkdir -p "$mark"
+ln -sf "$(command -v sleep)" "$mark/sleep"
+ln -sf "$(readlink -f "$SERVER")" "$mark/mx_server"
+# marked_left CASE: fails if a process under $mark still runs, and kills it.
+marked_left() {
+  local left
+  left=$(pgrep -f -- "^$mark/")
+  if [[ -n "$left" ]]; then
+    fail "$1: processes left behind: $(ps -o pid=,args= -p "$(echo $left | tr ' ' ,)")"
+    kill -9 $left 2>/dev/null
+  fi
+}
+# The signal as the N-th child (1: the coordinator, 2: the server, 3 and
+# on: workers) has just been forked, inside Popen.
+for n in 1 2 4; do
+  out=$(cd "$(dirname "$LAUNCH")" && timeout -k 2 30 python3 - "$mark" "$n" 2>&1 <<'PY'
+import os, signal, subprocess, sys
+import launch
+mark, n = sys.argv[1], int(sys.argv[2])
+forked = []
+class Popen(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        forked.append(self.pid)
+        if len(forked) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+launch.subprocess.Popen = Popen
+sys.argv = ["launch.py", "-n", "3", "-s", "1", f"--server-binary={mark}/mx_server", "--",
+            f"{mark}/sleep", "100"]
+print(f"exit code {launch.main()}")
+PY
+)
+  rc=$?
+  [[ $rc -eq 0 && "$out" == *"exit code 143"* ]] || fail "SIGTERM as child $n is forked: exit code $rc, said: $out"
+  marked_left "SIGTERM as child $n is forked"
+done
+# The same from outside: SIGTERM at several moments while 24 workers start.
+for delay in 0 0.01 0.02 0.03 0.05 0.08; do
+  log="$TMP/early_stop.log"
+  python3 "$LAUNCH" -n 24 -s 1 --server-binary="$mark/mx_server" -- "$mark/sleep" 100 > "$log" 2>&1 &
+  early=$!
+  deadline=$(( $(now_ms) + 30000 ))
+  until grep -q "^launch.py: started server 0 " "$log" || (( $(now_ms) > deadline )); do sleep 0.01; done
+  sleep "$delay"
+  kill -TERM "$early"
+  wait "$early"; rc=$?
+  [[ $rc -eq 143 ]] || fail "SIGTERM $delay s after the server started: exit code $rc"
+  marked_left "SIGTERM $delay s after the server started ($(grep -c '^launch.py: started worker' "$log") workers had)"
+done
+
+# 10. A stop signal right after the launcher made the directory of its
+# secrets (with --tls, the CA's key) or of its shared memory, before any
+# process starts: it removes it and exits 143. (Its handlers came after
+# both: the signal killed it and they stayed behind.)
+if [[ -d /dev/shm && -w /dev/shm ]]; then
+  server_path=$(readlink -f "$SERVER")  # the Python below runs in the launcher's directory
+  for which in secrets shared-memory; do
+    made="$TMP/made_$which"
+    out=$(cd "$(dirname "$LAUNCH")" && TMPDIR="$TMP" timeout -k 2 30 python3 - "$server_path" "$which" "$made" 2>&1 <<'PY'
+import os, signal, sys, tempfile
+import launch
+server, which, made_log = sys.argv[1:]
+made = []
+real_mkdtemp = tempfile.mkdtemp
+def mkdtemp(*args, **kwargs):
+    path = real_mkdtemp(*args, **kwargs)
+    made.append(path)
+    with open(made_log, "a") as f:
+        f.write(path + "\n")
+    if len(made) == ["secrets", "shared-memory"].index(which) + 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return path
+tempfile.mkdtemp = mkdtemp
+sys.argv = ["launch.py", "-n", "1", "-s", "1", "--tls", f"--server-binary={server}", "--", "sleep", "100"]
+code = launch.main()
+print(f"exit code {code}; left behind: {[p for p in made if os.path.exists(p)]}")
+PY
+)
+    rc=$?
+    [[ $rc -eq 0 && "$out" == *"exit code 143; left behind: []"* && "$out" != *"launch.py: started"* ]] ||
+      fail "SIGTERM as the $which directory is made: exit code $rc, said: $out"
+    for dir in $(cat "$made" 2>/dev/null); do
+      [[ -e "$dir" ]] && { fail "SIGTERM as the $which directory is made: $dir left behind"; rm -rf "$dir"; }
+    done
+  done
+fi
+
+# 11. Its output's reader goes away (`launch.py ... | head -1`): the
+# launcher stops the job and exits 141, as a program of a pipeline killed
+# by SIGPIPE would, within seconds, with no traceback and nothing left
+# behind. (Its threads that copy the processes' output died of the
+# broken pipe, and the job went on, unseen, its processes blocking once
+# their pipes filled.)
+log="$TMP/head.log"
+JOB_LOGS+=("$log")
+start=$(now_ms)
+{ timeout -k 5 40 python3 "$LAUNCH" -n 2 -s 1 --server-binary="$SERVER" -- "${worker[@]}" --epochs=1000 \
+    2> "$log"; echo $? > "$TMP/head.rc"; } | head -1 > "$TMP/head.out"
+elapsed=$(( $(now_ms) - start ))
+rc=$(cat "$TMP/head.rc")
+echo "a job whose output's reader went away stopped after ${elapsed} ms (exit code $rc)"
+[[ $rc -eq 141 ]] || fail "launch.py | head -1: exit code $rc, not 141"
+(( elapsed <= 15000 )) || fail "launch.py | head -1 took ${elapsed} ms"
+[[ -s "$TMP/head.out" ]] || fail "launch.py | head -1: no line"
+grep -q "^launch.py: the output's reader went away (broken pipe); stopping the job$" "$log" ||
+  fail "launch.py | head -1: the launcher did not say why it stopped: $(tail -3 "$log")"
+! grep -qE "Traceback|Exception ignored" "$log" || fail "launch.py | head -1: $(grep -A3 -E 'Traceback|Exception ignored' "$log")"
+sleep 0.5
+left=$({ live_job_pids "$log"; pgrep -f -- "^[^ ]*mx_train .*$TMP/"; } | sort -u)
+[[ -z "$left" ]] || { fail "launch.py | head -1 left processes: $(echo $left)"; kill -9 $left; }
 
 finish
