@@ -2126,12 +2126,18 @@ class DistKVStore : public KVStore {
                                      int server) {
     std::vector<std::string> labels;
     for (const ItemPart& ip : parts) labels.push_back(items[ip.item].e->label);
-    // An entry of no rows may come without data: only the count is checked.
-    const absl::Status s =
-        DecodeAnswers(status, resp, parts.size(), [&](size_t i, bool* received) {
-          *received = true;
-          return RowsSink(conn, On(parts[i].part, server), items[parts[i].item].pulled);
-        });
+    // An entry of no rows may come without data; one of rows must bring
+    // them (DecodeAnswers: DATA_LOSS otherwise), as a row-sparse pull's.
+    const absl::Status s = DecodeAnswers(status, resp, parts.size(), [&](size_t i, bool* received) {
+      const RowSparseNDArray& pulled = items[parts[i].item].pulled;
+      const auto [lo, hi] = RowsIn(pulled.indices(), parts[i].part);
+      *received = hi == lo;
+      const TensorSink sink = RowsSink(conn, On(parts[i].part, server), pulled);
+      return [sink, received](size_t offset, size_t bytes) {
+        *received = true;
+        return sink(offset, bytes);
+      };
+    });
     return conn.Named(s, "row-sparse pushpull", absl::StrJoin(labels, ", "), server);
   }
 

@@ -245,12 +245,42 @@ class PullReactor : public rpc::UnaryReactor {
 
   // Answers with `error` at once, or with the values of `wanted`, or with
   // what they wait for shortly before the client's `deadline`.
+  // May run on another thread than OnCancel, and after it (a PushPull
+  // whose push was parked starts when room is made).
   void Start(const absl::Status& error, std::vector<Wanted> wanted,
              std::chrono::system_clock::time_point deadline) {
-    if (!error.ok()) {
-      Finish(ToGrpc(error));
+    absl::Status s = error;
+    {
+      absl::MutexLock lock(&start_mu_);
+      if (s.ok() && cancelled_) s = absl::CancelledError("the call was cancelled before its pull");
+      if (s.ok()) StartPulls(std::move(wanted));
+    }
+    if (!s.ok()) {
+      Finish(ToGrpc(s));
       return;
     }
+    const absl::Time when = GiveUpBefore(deadline);
+    if (when == absl::InfiniteFuture() || !deadlines_->Add(this, when)) Unref();
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&start_mu_);
+    cancelled_ = true;
+    // Pulls already answered (CancelPull false) count as they are; none
+    // exist before Start.
+    for (size_t i = 0; i < ids_.size(); ++i) {
+      if (shard_->CancelPull(wanted_[i].key, ids_[i])) {
+        Answered(i, absl::CancelledError(
+                        absl::StrCat("pull of key ", wanted_[i].key, " cancelled while waiting")));
+      }
+    }
+  }
+  void OnDone() override { Unref(); }
+
+ private:
+  // Registers the pulls of `wanted` with the shard, holding the reference
+  // PullDeadlines will hold. Under start_mu_.
+  void StartPulls(std::vector<Wanted> wanted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(start_mu_) {
     wanted_ = std::move(wanted);
     started_ = std::chrono::steady_clock::now();
     if (trace::Enabled()) traced_from_ = trace::NowMicros();
@@ -268,22 +298,8 @@ class PullReactor : public rpc::UnaryReactor {
           [this, i](absl::StatusOr<ParameterShard::Value> v) { Answered(i, std::move(v)); },
           wanted_[i].rows);
     }
-    const absl::Time when = GiveUpBefore(deadline);
-    if (when == absl::InfiniteFuture() || !deadlines_->Add(this, when)) Unref();
   }
 
-  void OnCancel() override {
-    // Pulls already answered (CancelPull false) count as they are.
-    for (size_t i = 0; i < ids_.size(); ++i) {
-      if (shard_->CancelPull(wanted_[i].key, ids_[i])) {
-        Answered(i, absl::CancelledError(absl::StrCat("pull of key ", wanted_[i].key,
-                                                      " cancelled while waiting")));
-      }
-    }
-  }
-  void OnDone() override { Unref(); }
-
- private:
   void Answered(size_t i, absl::StatusOr<ParameterShard::Value> v) {
     ServerMetrics::Get().pulls_waiting->Add(-1);
     {
@@ -345,6 +361,9 @@ class PullReactor : public rpc::UnaryReactor {
   std::atomic<int> remaining_{0};
   bool responded_ = false;    // guarded by deadlines_->mu_
   std::atomic<int> refs_{1};  // gRPC's (until OnDone) and PullDeadlines'
+  // Orders Start's registering of the pulls (wanted_, ids_) and OnCancel.
+  absl::Mutex start_mu_;
+  bool cancelled_ ABSL_GUARDED_BY(start_mu_) = false;
   absl::Mutex mu_;
   std::vector<absl::StatusOr<ParameterShard::Value>> values_;  // guarded by mu_ until remaining_ is 0
   absl::Status error_;                                         // likewise
