@@ -1,11 +1,14 @@
 // Training callbacks (declared in worker/model.h).
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <memory>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -119,10 +122,14 @@ EpochEndCallback EarlyStopping(const std::string& metric, int patience, bool hig
 EpochEndCallback MetricsLog(const std::string& path) {
   const bool csv = absl::EndsWith(path, ".csv");
   auto wrote_header = std::make_shared<bool>(false);
+  auto said = std::make_shared<bool>(false);  // the error is printed once
   return [=](const EpochEndParam& p) {
     std::ofstream out(path, std::ios::app);
     if (!out) {
-      std::fprintf(stderr, "cannot append to metrics log %s\n", path.c_str());
+      if (!std::exchange(*said, true)) {
+        std::fprintf(stderr, "cannot append to metrics log %s: %s (not said again)\n", path.c_str(),
+                     std::strerror(errno));
+      }
       return true;
     }
     if (csv) {

@@ -403,6 +403,11 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
     if (!st.ok()) {
       return absl::Status(st.code(), absl::StrCat("epoch ", epoch, ": ", st.message()));
     }
+    if (nbatch == 0) {  // else the metrics say nan and the model is untrained
+      return absl::FailedPreconditionError(absl::StrCat(
+          "epoch ", epoch, ": the training data gave no batch of ", train->batch_size(),
+          " samples (fewer samples than a batch, and the last batch discarded?)"));
+    }
     EpochEndParam end;
     end.epoch = epoch;
     end.seconds = Now() - start;

@@ -10,9 +10,12 @@
 // default, or CSV files. Prints per-epoch metrics and the final test
 // accuracy ("Final test accuracy=0.8765").
 
+#include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -242,6 +245,37 @@ absl::Status CheckFlags() {
     return absl::InvalidArgumentError(absl::StrCat(
         "--epochs=", absl::GetFlag(FLAGS_epochs), " is not more than --resume_epoch=",
         absl::GetFlag(FLAGS_resume_epoch), ": nothing to train (--epochs counts the resumed ones)"));
+  }
+  // Training and test data from one source: a --train_csv alone tested on
+  // Fashion-MNIST from --data_dir, and its "test accuracy" was of that.
+  struct Source {
+    const char *train, *test;
+    bool has_train, has_test;
+  };
+  for (const Source& f :
+       {Source{"train_csv", "test_csv", !absl::GetFlag(FLAGS_train_csv).empty(),
+               !absl::GetFlag(FLAGS_test_csv).empty()},
+        Source{"train_libsvm", "test_libsvm", !absl::GetFlag(FLAGS_train_libsvm).empty(),
+               !absl::GetFlag(FLAGS_test_libsvm).empty()}}) {
+    if (f.has_train == f.has_test) continue;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--", f.has_train ? f.train : f.test, " without --", f.has_train ? f.test : f.train,
+        ": give both (the training and the test data come from one source)"));
+  }
+  if (absl::GetFlag(FLAGS_early_stopping) > 0) {
+    const std::vector<std::string> metrics = absl::StrSplit(absl::GetFlag(FLAGS_eval_metric), ',');
+    if (std::find(metrics.begin(), metrics.end(), "accuracy") == metrics.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--early_stopping watches accuracy, which --eval_metric=",
+                       absl::GetFlag(FLAGS_eval_metric), " does not compute: add accuracy"));
+    }
+  }
+  if (const std::string log = absl::GetFlag(FLAGS_metrics_log); !log.empty()) {
+    // At start-up, not after the first epoch.
+    if (!std::ofstream(log, std::ios::app)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--metrics_log=", log, ": cannot append to it: ", std::strerror(errno)));
+    }
   }
   for (const auto& [flag, value] : {std::pair{"lr", absl::GetFlag(FLAGS_lr)},
                                     std::pair{"momentum", absl::GetFlag(FLAGS_momentum)},

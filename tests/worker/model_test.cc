@@ -160,6 +160,29 @@ TEST(FeedForwardFit, EarlyStoppingEndsTraining) {
   EXPECT_EQ(epochs, 4);  // the best at epoch 0, then 3 without improvement
 }
 
+// Data that gives no batch in an epoch (a libsvm file shorter than a batch,
+// its last batch discarded) is an error, not an epoch trained on nothing
+// whose metrics say nan.
+TEST(FeedForwardFit, AnEpochWithoutABatchIsAnError) {
+  class NoBatches : public DataIter {
+   public:
+    explicit NoBatches(std::unique_ptr<DataIter> shapes) : shapes_(std::move(shapes)) {}
+    void Reset() override {}
+    bool Next(DataBatch*) override { return false; }
+    std::vector<DataDesc> ProvideData() const override { return shapes_->ProvideData(); }
+    std::vector<DataDesc> ProvideLabel() const override { return shapes_->ProvideLabel(); }
+    int batch_size() const override { return shapes_->batch_size(); }
+
+   private:
+    std::unique_ptr<DataIter> shapes_;
+  };
+  NoBatches empty(Iter(MakeBlobs(40, 2, 5), 20));
+  FeedForward model(SmallMlp(2));
+  const absl::Status s = model.Fit(&empty, nullptr, Sgd(2, 0.1f));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr("epoch 0: the training data gave no batch of 20 samples"));
+}
+
 TEST(FeedForwardFit, BadOptimizerIsAnError) {
   Blobs train = MakeBlobs(40, 2, 5);
   FeedForward model(SmallMlp(2));

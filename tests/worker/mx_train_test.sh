@@ -45,6 +45,17 @@ expect_fail "gpu context" "gpu(0)" --contexts="gpu(0)"
 # Refused before a distributed store joins (and would keep its job waiting).
 expect_fail "bad context before joining" "--contexts" --kvstore=dist_sync --contexts=tpu0
 expect_fail "bad batch size" "--batch_size" --batch_size=0
+# Training and test data from one source (a --train_csv alone tested on
+# Fashion-MNIST), early stopping on a metric that is computed, and a
+# metrics log that can be written: all before anything runs.
+expect_fail "train csv alone" "--train_csv without --test_csv: give both" --train_csv=/x.csv
+expect_fail "test libsvm alone" "--test_libsvm without --train_libsvm: give both" \
+  --test_libsvm=/x.txt
+expect_fail "early stopping without accuracy" \
+  "--early_stopping watches accuracy, which --eval_metric=ce does not compute" \
+  --early_stopping=2 --eval_metric=ce
+expect_fail "unwritable metrics log" "--metrics_log=$TMP/nodir/m.csv: cannot append to it" \
+  --metrics_log="$TMP/nodir/m.csv"
 
 source "$(dirname "$0")/../testdata/make_csv.sh"
 make_csv 200 "$TMP/train.csv" "$TMP/train_labels.csv"
