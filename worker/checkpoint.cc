@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <optional>
 #include <set>
 
@@ -67,6 +68,18 @@ class Reader {
   size_t pos_ = 0;
 };
 
+// A shape's element count fits int64 (a damaged header's may not).
+absl::Status CheckSize(const Reader& r, const Shape& shape, size_t index) {
+  int64_t elements = 1;
+  for (int64_t dim : shape) {
+    if (dim > 0 && elements > std::numeric_limits<int64_t>::max() / dim) {
+      return r.Error(absl::StrCat("array ", index, " has an impossible shape ", shape.ToString()));
+    }
+    elements *= dim;
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Shape> ReadShape(Reader& r, bool int64_dims, size_t index) {
   uint32_t ndim = 0;
   MX_RETURN_IF_ERROR(r.Get(&ndim, absl::StrCat("the rank of array ", index)));
@@ -84,6 +97,7 @@ absl::StatusOr<Shape> ReadShape(Reader& r, bool int64_dims, size_t index) {
     if (dim < 0) return r.Error(absl::StrCat("array ", index, " has a negative dimension"));
     shape.push_back(dim);
   }
+  MX_RETURN_IF_ERROR(CheckSize(r, shape, index));
   return shape;
 }
 
@@ -126,6 +140,7 @@ absl::StatusOr<ReadResult> ReadArray(Reader& r, size_t index, Context ctx) {
       MX_RETURN_IF_ERROR(r.Get(&dim, absl::StrCat("the shape of array ", index)));
       shape.push_back(dim);
     }
+    MX_RETURN_IF_ERROR(CheckSize(r, shape, index));
   }
   if (shape.ndim() == 0) return ReadResult{};  // MXNet writes none arrays so
   int32_t dev_type = 0, dev_id = 0, type_flag = 0;
@@ -164,9 +179,15 @@ std::string Checksum(const std::string& data) {
   return absl::StrFormat("crc32=%08x bytes=%d", crc, data.size());
 }
 
+// NOT_FOUND only when the file does not exist; one that cannot be read is
+// another error, saying why.
 absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
+  errno = 0;
   std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  if (!in) {
+    const int e = errno;
+    return absl::ErrnoToStatus(e, absl::StrCat("cannot open ", path));
+  }
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
@@ -174,6 +195,11 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
 absl::Status VerifyChecksum(const std::string& path, const std::string& data) {
   const std::string sum_path = ChecksumPath(path);
   absl::StatusOr<std::string> recorded = ReadWholeFile(sum_path);
+  if (!recorded.ok() && !absl::IsNotFound(recorded.status())) {
+    return absl::Status(
+        recorded.status().code(),
+        absl::StrCat(path, ": its checksum file cannot be read: ", recorded.status().message()));
+  }
   if (!recorded.ok()) {
     static absl::Mutex mu(absl::kConstInit);
     static auto* warned = new std::set<std::string>();

@@ -1,21 +1,23 @@
 // FeedForward: fit/predict/score, checkpoints in MXNet's layout, resuming.
+#include "worker/model.h"
+
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <string>
 #include <vector>
-#include <condition_variable>
-#include <mutex>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvstore/kvstore.h"
 #include "worker/checkpoint.h"
-#include "worker/model.h"
 #include "worker/zoo.h"
 
 namespace mx {
@@ -266,6 +268,35 @@ TEST(Checkpoint, ReadsV1RecordsAndReportsTruncation) {
   EXPECT_EQ(truncated.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_THAT(truncated.status().message(), HasSubstr("truncated"));
   EXPECT_THAT(truncated.status().message(), HasSubstr(path));
+
+  // A shape whose element count overflows (2^62 x 4; its product wrapped
+  // to 0, which the array constructor refused without the file's name).
+  std::string impossible = bytes.substr(0, 28);  // the list header and a V1 magic
+  auto put_into = [&](auto v) { impossible.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+  put_into(uint32_t{2});
+  put_into(int64_t{1} << 62);
+  put_into(int64_t{4});
+  std::ofstream(path, std::ios::binary) << impossible;
+  auto overflowing = LoadNDArrayList(path);
+  ASSERT_FALSE(overflowing.ok());
+  EXPECT_EQ(overflowing.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(overflowing.status().message(),
+              HasSubstr(path + ": array 0 has an impossible shape (4611686018427387904,4)"));
+}
+
+// A checksum file that exists but cannot be read is an error, not taken
+// for an absent one (which loads the file unverified, with a warning).
+TEST(Checkpoint, AChecksumFileThatCannotBeReadIsAnError) {
+  const std::string path = TempPrefix("unreadable_sum.params");
+  ASSERT_TRUE(SaveNDArrayList(path, {{"arg:w", FromVector({1, 2})}}).ok());
+  const std::string sum = ChecksumPath(path);
+  ASSERT_EQ(std::remove(sum.c_str()), 0);
+  ASSERT_EQ(symlink(sum.c_str(), sum.c_str()), 0);  // a loop: ELOOP, even for root
+  auto loaded = LoadNDArrayList(path);
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_THAT(loaded.status().message(),
+              HasSubstr(path + ": its checksum file cannot be read: cannot open " + sum));
+  std::remove(sum.c_str());
 }
 
 // Writes `bytes` over the file at `path` from `offset` (or appends them).
