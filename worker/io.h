@@ -134,8 +134,8 @@ absl::StatusOr<std::unique_ptr<DataIter>> CsvIter(const CsvOptions& options);
 // line. The last incomplete batch is dropped (kDiscard) or padded with its
 // own first samples (kPad); kRollOver is not offered. A damaged line
 // (another number of features, a value other than 1, an index that is no
-// number or too large, a label other than 0, 1, -1 or +1) is an mx::Error
-// thrown by Next() naming the file and line.
+// number or not below num_features, a label other than 0, 1, -1 or +1) is
+// an mx::Error thrown by Next() naming the file and line.
 struct LibSvmOptions {
   std::string path;
   int num_fields = 0;
@@ -143,6 +143,8 @@ struct LibSvmOptions {
   int part_index = 0;
   int num_parts = 1;
   LastBatch last_batch = LastBatch::kDiscard;
+  // Feature indices are below this (the model's table rows), at most 2^24.
+  int64_t num_features = int64_t{1} << 24;
 };
 absl::StatusOr<std::unique_ptr<DataIter>> LibSvmIter(const LibSvmOptions& options);
 

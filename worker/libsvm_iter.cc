@@ -123,8 +123,9 @@ class LibSvm : public DataIter {
           !absl::SimpleAtod(word.substr(colon + 1), &value)) {
         return bad(absl::StrCat("feature '", word, "' is not INDEX:VALUE"));
       }
-      if (index < 0 || index >= kMaxIndex) {
-        return bad(absl::StrCat("feature index ", index, " is outside 0..", kMaxIndex - 1));
+      if (index < 0 || index >= o_.num_features) {
+        return bad(absl::StrCat("feature index ", index, " is outside 0..", o_.num_features - 1,
+                                " (the model's features)"));
       }
       if (value != 1) return bad(absl::StrCat("feature '", word, "': only binary features (value 1)"));
       features[f] = static_cast<float>(index);
@@ -149,6 +150,11 @@ absl::StatusOr<std::unique_ptr<DataIter>> LibSvmIter(const LibSvmOptions& o) {
         "LibSvmIter: num_fields (", o.num_fields, ") and batch_size (", o.batch_size,
         ") must be at least 1, and part_index (", o.part_index, ") within 0..num_parts-1 (",
         o.num_parts, ")"));
+  }
+  if (o.num_features < 1 || o.num_features > kMaxIndex) {
+    return absl::InvalidArgumentError(absl::StrCat("LibSvmIter: num_features ", o.num_features,
+                                                   " must be from 1 to ", kMaxIndex,
+                                                   " (indices travel as floats)"));
   }
   if (o.last_batch == LastBatch::kRollOver) {
     return absl::InvalidArgumentError("LibSvmIter: last_batch kRollOver is not offered (streamed)");

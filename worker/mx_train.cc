@@ -169,6 +169,7 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(bool train, bool flat, int pa
     LibSvmOptions o;
     o.path = libsvm;
     o.num_fields = absl::GetFlag(FLAGS_ctr_fields);
+    o.num_features = absl::GetFlag(FLAGS_ctr_features);
     o.batch_size = batch;
     if (train) {
       o.part_index = part;
@@ -241,6 +242,12 @@ absl::Status CheckFlags() {
   MX_RETURN_IF_ERROR(at_least("early_stopping", absl::GetFlag(FLAGS_early_stopping), 0));
   MX_RETURN_IF_ERROR(at_least("resume_epoch", absl::GetFlag(FLAGS_resume_epoch), 0));
   MX_RETURN_IF_ERROR(at_least("ctr_embed_dim", absl::GetFlag(FLAGS_ctr_embed_dim), 1));
+  MX_RETURN_IF_ERROR(at_least("ctr_fields", absl::GetFlag(FLAGS_ctr_fields), 1));
+  // Indices travel as floats, exact below 2^24 (LibSvmIter).
+  if (const int64_t n = absl::GetFlag(FLAGS_ctr_features); n < 1 || n > (int64_t{1} << 24)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--ctr_features=", n, ": must be from 1 to ", int64_t{1} << 24));
+  }
   if (absl::GetFlag(FLAGS_resume_epoch) >= absl::GetFlag(FLAGS_epochs)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--epochs=", absl::GetFlag(FLAGS_epochs), " is not more than --resume_epoch=",

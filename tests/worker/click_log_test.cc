@@ -241,9 +241,9 @@ TEST(LibSvmIterTest, PartsPaddingAndLabels) {
 
 TEST(LibSvmIterTest, DamagedLinesNameTheFileAndLine) {
   const std::string path = TempPath("bad.txt");
-  auto error_of = [&](const std::string& second_line) {
+  auto error_of = [&](const std::string& second_line, int64_t features = int64_t{1} << 24) {
     Write(path, "1 3:1 7:1\n" + second_line + "\n");
-    auto it = LibSvmIter({path, 2, 2});
+    auto it = LibSvmIter({path, 2, 2, 0, 1, LastBatch::kDiscard, features});
     EXPECT_TRUE(it.ok());
     DataBatch b;
     try {
@@ -259,6 +259,9 @@ TEST(LibSvmIterTest, DamagedLinesNameTheFileAndLine) {
   EXPECT_THAT(error_of("1 3:0.5 4:1"), HasSubstr("line 2: feature '3:0.5': only binary features"));
   EXPECT_THAT(error_of("1 x:1 4:1"), HasSubstr("line 2: feature 'x:1' is not INDEX:VALUE"));
   EXPECT_THAT(error_of("1 16777216:1 4:1"), HasSubstr("line 2: feature index 16777216 is outside"));
+  // Beyond the model's features (its Embedding would clamp it silently).
+  EXPECT_THAT(error_of("1 3:1 100:1", 100),
+              HasSubstr("line 2: feature index 100 is outside 0..99 (the model's features)"));
   EXPECT_EQ(LibSvmIter({TempPath("missing.txt"), 2, 2}).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(LibSvmIter({path, 0, 2}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(LibSvmIter({path, 2, 2, 0, 1, LastBatch::kRollOver}).status().code(),

@@ -54,6 +54,8 @@ expect_fail "test libsvm alone" "--test_libsvm without --train_libsvm: give both
 expect_fail "early stopping without accuracy" \
   "--early_stopping watches accuracy, which --eval_metric=ce does not compute" \
   --early_stopping=2 --eval_metric=ce
+expect_fail "ctr features beyond floats" "--ctr_features=4294967297: must be from 1 to 16777216" \
+  --ctr_features=4294967297
 expect_fail "unwritable metrics log" "--metrics_log=$TMP/nodir/m.csv: cannot append to it" \
   --metrics_log="$TMP/nodir/m.csv"
 
