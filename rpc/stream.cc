@@ -1444,6 +1444,9 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
     if (!s.ok()) return s;
     if (h.id == 0) {  // a pong, or the server ends the connection saying why
       if (h.code == 0 && h.body_bytes == 0) return absl::OkStatus();
+      // An OK status here would read on, the body's bytes taken for the
+      // next answer's header.
+      if (h.code == 0) return absl::InternalError("a malformed answer (a pong with a body)");
       return absl::Status(static_cast<absl::StatusCode>(h.code), message);
     }
     std::shared_ptr<ClientCall> call;

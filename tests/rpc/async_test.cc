@@ -632,6 +632,47 @@ TEST_P(StreamTest, AnAnswerCutOffMidwayFailsItsCallAtOnce) {
   close(listener);
 }
 
+TEST_P(StreamTest, APongWithABodyBreaksTheConnectionInsteadOfAnsweringACall) {
+  // A "server" that sends a pong (id 0, OK) carrying a body: an answer
+  // header for call 1 and its 4 bytes. Read as a pong, the body was taken
+  // for the next answer, and call 1 completed with what it forged.
+  int port = 0;
+  const int listener = RawListener(&port);
+  std::thread forger([listener] {
+    const int fd = accept(listener, nullptr, nullptr);
+    char buffer[4096];
+    for (size_t got = 0; got < 54;) {  // the hello and the call (AnswerPartly)
+      const ssize_t n = read(fd, buffer, sizeof(buffer));
+      if (n <= 0) break;
+      got += static_cast<size_t>(n);
+    }
+    struct Header {
+      uint64_t id;
+      int32_t code;
+      uint32_t message_bytes;
+      uint64_t body_bytes;
+    };
+    const Header pong{0, 0, 0, sizeof(Header) + 4}, forged{1, 0, 0, 4};
+    std::string bytes(reinterpret_cast<const char*>(&pong), sizeof(pong));
+    bytes.append(reinterpret_cast<const char*>(&forged), sizeof(forged));
+    bytes += "evil";
+    EXPECT_EQ(write(fd, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+    absl::SleepFor(absl::Seconds(1));
+    close(fd);
+  });
+  grpc::ByteBuffer resp;
+  absl::Notification done;
+  grpc::Status status;
+  StartEchoX(port, absl::Now() + absl::Seconds(20), &resp, &status, &done);
+  ASSERT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(20)));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << String(resp);
+  EXPECT_NE(status.error_message().find("a malformed answer (a pong with a body)"),
+            std::string::npos)
+      << status.error_message();
+  forger.join();
+  close(listener);
+}
+
 TEST_P(StreamTest, AnAnswersLastBytesAreReadIntoItsPlacement) {
   // 3 MiB echoed: the last 1 MiB go straight to `placed`, and the response
   // ends with a slice over it.
