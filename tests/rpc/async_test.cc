@@ -585,12 +585,10 @@ TEST_P(StreamTest, KeepalivePingsBreakAConnectionToAHungPeerButNotToAWaitingOne)
   hung.join();
 }
 
-// Plays a server on `listener`: takes a connection, its hello and one call
-// (54 bytes: "MXS1", the token's length and "secret"; the request's
-// header, "/t/Echo" and "x"), answers call 1 with a header that promises
-// 1 MiB of body and sends the first 100 KB of it ('v'). Returns the
-// connection.
-int AnswerPartly(int listener) {
+// Takes a connection on `listener` and reads its hello and one call (54
+// bytes: "MXS1", the token's length and "secret"; the request's header,
+// "/t/Echo" and "x"). Returns the connection.
+int AcceptCall(int listener) {
   const int fd = accept(listener, nullptr, nullptr);
   char buffer[4096];
   for (size_t got = 0; got < 54;) {
@@ -598,6 +596,15 @@ int AnswerPartly(int listener) {
     if (n <= 0) break;
     got += static_cast<size_t>(n);
   }
+  return fd;
+}
+
+// Plays a server on `listener`: takes a connection, its hello and one call
+// (AcceptCall), answers call 1 with a header that promises
+// 1 MiB of body and sends the first 100 KB of it ('v'). Returns the
+// connection.
+int AnswerPartly(int listener) {
+  const int fd = AcceptCall(listener);
   struct {
     uint64_t id = 1;
     int32_t code = 0;
@@ -639,13 +646,7 @@ TEST_P(StreamTest, APongWithABodyBreaksTheConnectionInsteadOfAnsweringACall) {
   int port = 0;
   const int listener = RawListener(&port);
   std::thread forger([listener] {
-    const int fd = accept(listener, nullptr, nullptr);
-    char buffer[4096];
-    for (size_t got = 0; got < 54;) {  // the hello and the call (AnswerPartly)
-      const ssize_t n = read(fd, buffer, sizeof(buffer));
-      if (n <= 0) break;
-      got += static_cast<size_t>(n);
-    }
+    const int fd = AcceptCall(listener);
     struct Header {
       uint64_t id;
       int32_t code;
