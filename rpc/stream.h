@@ -86,9 +86,9 @@ struct StreamOptions {
   // Connections open at once (each holds two threads): a further one is
   // closed at once, and one the system refuses a thread for is closed too,
   // so that many connections (up to the hello time each, from anyone who
-  // reaches the port) cannot end the process. 64 workers with a few
-  // connections each stay far below it.
-  int max_connections = 2048;
+  // reaches the port) cannot end the process. docs/scaling.md's 1,000
+  // workers need about 2,000.
+  int max_connections = 8192;
 };
 
 // How long a client's TLS handshake may take.
