@@ -1465,6 +1465,11 @@ class DistKVStore : public KVStore {
             "set gradient compression before the first push (key ", e->label, " was pushed)"));
       }
     }
+    // The calls in flight (pulls: a pull's shared-memory lease reads it)
+    // end before it changes.
+    MX_RETURN_IF_ERROR(CatchError([&] {
+      for (const auto& [key, e] : keys_) e->token.WaitToWrite();
+    }));
     conn_->compression = c;
     return absl::OkStatus();
   }

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -191,6 +192,19 @@ namespace {
 // that are no TLS record with an alert (a record of type 21) or by closing.
 enum class Greeting { kUnknown, kHttp2, kTls, kNothing };
 
+// Connects fd (non-blocking) to `to` within `ms`: a peer that drops the
+// SYN (a full accept queue, a firewall) would hold a blocking connect for
+// the kernel's SYN retries, about two minutes.
+bool ConnectWithin(int fd, const addrinfo* to, int ms) {
+  if (connect(fd, to->ai_addr, to->ai_addrlen) == 0) return true;
+  if (errno != EINPROGRESS) return false;
+  pollfd p{fd, POLLOUT, 0};
+  if (poll(&p, 1, ms) <= 0) return false;
+  int error = 0;
+  socklen_t len = sizeof(error);
+  return getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error == 0;
+}
+
 Greeting Greet(const std::string& address) {
   const size_t colon = address.rfind(':');
   if (colon == std::string::npos) return Greeting::kUnknown;
@@ -201,9 +215,9 @@ Greeting Greet(const std::string& address) {
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* found = nullptr;
   if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0) return Greeting::kUnknown;
-  const int fd = socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const int fd = socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   Greeting greeting = Greeting::kUnknown;
-  if (fd >= 0 && connect(fd, found->ai_addr, found->ai_addrlen) == 0) {
+  if (fd >= 0 && ConnectWithin(fd, found, 1000)) {
     // Up to 0.5 s for what the server says unasked.
     auto read_some = [fd](unsigned char* buf, size_t n, int ms) -> ssize_t {
       pollfd p{fd, POLLIN, 0};

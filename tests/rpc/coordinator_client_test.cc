@@ -5,8 +5,12 @@
 // the heartbeat rule: a coordinator that goes away is reported once.
 #include "rpc/coordinator_client.h"
 
+#include <arpa/inet.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdio>
@@ -25,6 +29,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "ndarray/trace.h"
+#include "rpc/rpc.h"
 #include "server/coordinator.h"
 #include "tests/rpc/test_tls.h"
 
@@ -116,6 +121,39 @@ TEST_F(CoordinatorClientTls, ACertificateOfAnotherCaIsRefusedAtTheHandshake) {
   EXPECT_THAT(client.status().message(), HasSubstr("the TLS handshake failed"));
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
   EXPECT_EQ(c->refused(), 0);  // refused before any call reached it
+}
+
+// Telling why a connection fails (rpc::ConnectionProblem) connects with a
+// bound: to a listener whose accept queue is full, which drops the SYN, a
+// blocking connect waited for the kernel's SYN retries (about 2 minutes),
+// far past a node's start-up deadline.
+TEST(CoordinatorClient, APeerThatDropsTheConnectionIsJudgedWithinASecond) {
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(listen(listener, 0), 0);
+  socklen_t len = sizeof(addr);
+  getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
+  // Fill the accept queue (never accepted): later SYNs are dropped.
+  std::vector<int> queued;
+  for (int i = 0; i < 4; ++i) {
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+    queued.push_back(fd);
+  }
+  absl::SleepFor(absl::Milliseconds(100));
+  const std::string address = absl::StrCat("127.0.0.1:", ntohs(addr.sin_port));
+  auto judged = std::make_shared<absl::Notification>();
+  std::thread([address, judged] {
+    (void)rpc::ConnectionProblem(address, rpc::Security{});
+    judged->Notify();
+  }).detach();
+  EXPECT_TRUE(judged->WaitForNotificationWithTimeout(absl::Seconds(10)))
+      << "still connecting to " << address;
+  for (int fd : queued) close(fd);
+  close(listener);
 }
 
 TEST(CoordinatorClient, TheJobTokenIsRequired) {
