@@ -110,6 +110,9 @@ struct OprBlock {
   const char* name = "";
   // Runs even when its variables carry errors (waits and deletions).
   bool always_run = false;
+  // Writes nothing (a wait for readers and writers): leaves the errors of
+  // mutable_vars as they are.
+  bool keeps_errors = false;
   // Frees mutable_vars[0] after completion.
   bool delete_var = false;
   FnProperty prop = FnProperty::kNormal;
@@ -483,11 +486,18 @@ class ThreadedEngine : public Engine {
     Push(op);
   }
 
-  void WaitForVar(VarHandle var) override {
+  void WaitForVar(VarHandle var) override { Wait(var, /*for_readers=*/false); }
+  void WaitForVarIdle(VarHandle var) override { Wait(var, /*for_readers=*/true); }
+
+  // WaitForVar, and with for_readers WaitForVarIdle: an operation that
+  // reads (or writes, without writing) var.
+  void Wait(VarHandle var, bool for_readers) {
     absl::Notification done;
-    OprBlock* op = NewOpr(Context::CPU(), {var}, {}, 0, "WaitForVar");
+    OprBlock* op = for_readers ? NewOpr(Context::CPU(), {}, {var}, 0, "WaitForVarIdle")
+                               : NewOpr(Context::CPU(), {var}, {}, 0, "WaitForVar");
     op->sync_fn = [&done](RunContext) { done.Notify(); };
     op->always_run = true;
+    op->keeps_errors = for_readers;
     // Woken by the thread that ends what it waits for, not via a worker.
     op->prop = FnProperty::kInline;
     Push(op);
@@ -607,7 +617,7 @@ class ThreadedEngine : public Engine {
     for (Var* v : op->mutable_vars) {
       {
         absl::MutexLock lock(&v->mu);
-        SetWriteError(v, error);
+        if (!op->keeps_errors) SetWriteError(v, error);
         v->running_write = false;
         if (!v->pending.empty() && v->pending.front().write) {
           ready.push_back(v->pending.front().op);
@@ -684,6 +694,8 @@ class NaiveEngine : public Engine {
     std::lock_guard<std::recursive_mutex> lock(run_mu_);
     RethrowVarError(var);
   }
+  // Everything pushed ran already.
+  void WaitForVarIdle(VarHandle var) override { WaitForVar(var); }
 
   void WaitForAll() override {
     std::lock_guard<std::recursive_mutex> lock(run_mu_);

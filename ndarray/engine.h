@@ -196,6 +196,9 @@ class Engine {
   // WaitWithoutRunning lives on it), so an operation must not block on
   // something the waiting thread would do after WaitForVar.
   virtual void WaitForVar(VarHandle var) = 0;
+  // The same, also waiting for every operation pushed so far that reads
+  // var (NDArray::WaitToWrite). The wait is no write: var keeps its error.
+  virtual void WaitForVarIdle(VarHandle var) = 0;
 
   // Blocks until every operation pushed so far is complete, then rethrows the
   // first error not yet reported by WaitForVar.

@@ -1,8 +1,12 @@
 // Save and Load of named NDArray lists; the format is documented in
 // ndarray.h next to the declarations.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
-#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -344,16 +348,31 @@ absl::StatusOr<NamedArrays> DenseOnly(std::vector<Entry> entries, const std::str
   return out;
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return ErrnoError("cannot open", path);
-  std::string data((std::istreambuf_iterator<char>(in)),
-                   std::istreambuf_iterator<char>());
-  if (in.bad()) return ErrnoError("cannot read", path);
+}  // namespace
+
+// POSIX reads: a std::ifstream opens a directory, and its first read then
+// throws past any status (libstdc++'s filebuf reports EISDIR so).
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot open ", path));
+  std::string data;
+  struct stat st {};
+  if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) data.reserve(static_cast<size_t>(st.st_size));
+  char buffer[1 << 16];
+  for (;;) {
+    const ssize_t n = read(fd, buffer, sizeof(buffer));
+    if (n == 0) break;
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int e = errno;
+      close(fd);
+      return absl::ErrnoToStatus(e, absl::StrCat("cannot read ", path));
+    }
+    data.append(buffer, static_cast<size_t>(n));
+  }
+  close(fd);
   return data;
 }
-
-}  // namespace
 
 absl::StatusOr<std::string> SerializeArrays(const NamedArrays& arrays) {
   return Encode(DenseEntries(arrays), "SerializeArrays");
@@ -393,7 +412,7 @@ absl::Status Save(const std::string& path, const NamedArrays& arrays) {
 }
 
 absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx) {
-  MX_ASSIGN_OR_RETURN(const std::string data, ReadFile(path));
+  MX_ASSIGN_OR_RETURN(const std::string data, ReadWholeFile(path));
   MX_ASSIGN_OR_RETURN(std::vector<Entry> entries, Decode(data, path, ctx));
   return DenseOnly(std::move(entries), path);
 }
@@ -413,7 +432,7 @@ absl::Status SaveRowSparse(const std::string& path, const NamedRowSparse& arrays
 }
 
 absl::StatusOr<NamedRowSparse> LoadRowSparse(const std::string& path, Context ctx) {
-  MX_ASSIGN_OR_RETURN(const std::string data, ReadFile(path));
+  MX_ASSIGN_OR_RETURN(const std::string data, ReadWholeFile(path));
   MX_ASSIGN_OR_RETURN(std::vector<Entry> entries, Decode(data, path, ctx));
   NamedRowSparse out;
   for (Entry& e : entries) {

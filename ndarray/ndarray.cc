@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -225,7 +226,7 @@ NDArray NDArray::Reshape(const Shape& shape) const {
   CheckNotNone("Reshape");
   Shape target = shape;
   int infer = -1;
-  int64_t known = 1;
+  Shape rest;  // the dimensions given
   for (int i = 0; i < target.ndim(); ++i) {
     if (target[i] == -1) {
       MX_THROW_IF_NOT(infer < 0, "Reshape: more than one -1 in ",
@@ -234,8 +235,18 @@ NDArray NDArray::Reshape(const Shape& shape) const {
     } else {
       MX_THROW_IF_NOT(target[i] >= 0, "Reshape: invalid dimension ",
                       target[i], " in ", shape.ToString());
-      known *= target[i];
+      rest.push_back(target[i]);
     }
+  }
+  // Their product must not wrap around (to this array's size even, which
+  // made a view far beyond its memory).
+  int64_t known = 1;
+  if (std::find(rest.begin(), rest.end(), 0) != rest.end()) known = 0;
+  for (int64_t d : rest) {
+    if (known == 0) break;
+    MX_THROW_IF_NOT(known <= std::numeric_limits<int64_t>::max() / d, "Reshape: shape ",
+                    shape.ToString(), " has too many elements");
+    known *= d;
   }
   if (infer >= 0) {
     MX_THROW_IF_NOT(known > 0 && size() % known == 0, "Reshape: cannot infer -1 in ",
@@ -243,8 +254,8 @@ NDArray NDArray::Reshape(const Shape& shape) const {
                     shape_.ToString());
     target[infer] = size() / known;
   }
-  MX_THROW_IF_NOT(target.Size() == size(), "Reshape: cannot reshape ",
-                  shape_.ToString(), " (", size(), " elements) to ",
+  MX_THROW_IF_NOT((infer >= 0 ? known * target[infer] : known) == size(),
+                  "Reshape: cannot reshape ", shape_.ToString(), " (", size(), " elements) to ",
                   shape.ToString(), " (", target.Size(), " elements)");
   return NDArray(chunk_, target, offset_);
 }
@@ -256,10 +267,9 @@ void NDArray::WaitToRead() const {
 
 void NDArray::WaitToWrite() const {
   if (is_none()) return;
-  // A no-op write waits for every earlier read and write of the variable.
-  chunk_->engine->PushSync([](RunContext) {}, context(), {}, {var()}, 0,
-                           "WaitToWrite");
-  chunk_->engine->WaitForVar(var());
+  // Not a no-op write: one ran once an error had been reported, and wiped
+  // the array's error as a successful write does.
+  chunk_->engine->WaitForVarIdle(var());
 }
 
 NDArray Empty(const Shape& shape, Context ctx) { return NDArray(shape, ctx); }

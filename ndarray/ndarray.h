@@ -290,6 +290,10 @@ absl::Status Save(const std::string& path, const NamedArrays& arrays);
 // that fails (a full disk) leaves a file already at `path` as it was. The
 // error names the file and the system's reason.
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes);
+// The bytes of the file at `path`: NOT_FOUND when there is none, another
+// error naming the file and the system's reason when it cannot be read
+// (a directory, no permission).
+absl::StatusOr<std::string> ReadWholeFile(const std::string& path);
 absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx = cpu());
 
 // The same format written and read an array piece at a time, for arrays

@@ -179,18 +179,6 @@ std::string Checksum(const std::string& data) {
   return absl::StrFormat("crc32=%08x bytes=%d", crc, data.size());
 }
 
-// NOT_FOUND only when the file does not exist; one that cannot be read is
-// another error, saying why.
-absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
-  errno = 0;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    const int e = errno;
-    return absl::ErrnoToStatus(e, absl::StrCat("cannot open ", path));
-  }
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
 // Compares `data` (the file at `path`) with its checksum file, if any.
 absl::Status VerifyChecksum(const std::string& path, const std::string& data) {
   const std::string sum_path = ChecksumPath(path);

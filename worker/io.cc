@@ -338,27 +338,11 @@ absl::Status WithContext(const absl::Status& status, absl::string_view what) {
 
 // ---- CSV.
 
-absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    std::string msg =
-        absl::StrCat("cannot open ", path, ": ", std::strerror(errno));
-    if (errno == ENOENT) return absl::NotFoundError(msg);
-    return absl::PermissionDeniedError(msg);
-  }
-  std::string text((std::istreambuf_iterator<char>(in)),
-                   std::istreambuf_iterator<char>());
-  if (in.bad()) {
-    return absl::DataLossError(absl::StrCat("cannot read ", path));
-  }
-  return text;
-}
-
 // Parses a CSV file of `cols` numbers per line into rows. Blank lines are
 // allowed only at the end of the file.
 absl::StatusOr<std::vector<float>> ParseCsv(const std::string& path,
                                             int64_t cols) {
-  MX_ASSIGN_OR_RETURN(std::string text, ReadTextFile(path));
+  MX_ASSIGN_OR_RETURN(std::string text, ReadWholeFile(path));
   std::vector<float> values;
   absl::string_view rest = text;
   int64_t line_no = 0;

@@ -559,6 +559,46 @@ TEST_P(EngineTest, AReportedErrorNoLongerSkipsOperations) {
   EXPECT_TRUE(StatusOfCall([&] { engine_->WaitForAll(); }).ok());
 }
 
+// Waiting for a variable's readers and writers (NDArray::WaitToWrite) is no
+// write: once an error was reported through another variable of the failed
+// operation, a no-op write ran, cleared x's error, and x's waiters were
+// told nothing of it.
+TEST_P(EngineTest, WaitingForReadersAndWritersKeepsTheError) {
+  VarHandle x = NewVar(), y = NewVar();
+  engine_->PushSync([](RunContext) { throw Error(absl::InternalError("the failed step")); }, cpu(),
+                    {}, {x, y});
+  EXPECT_FALSE(StatusOfCall([&] { engine_->WaitForVar(y); }).ok());
+  EXPECT_THAT(std::string(StatusOfCall([&] { engine_->WaitForVarIdle(x); }).message()),
+              HasSubstr("the failed step"));
+  // Thrown once per variable, as by WaitForVar.
+  EXPECT_TRUE(StatusOfCall([&] { engine_->WaitForVar(x); }).ok());
+}
+
+// ... and it waits for the readers too (WaitForVar does not).
+TEST_P(EngineTest, WaitingForAVariableIdleWaitsForItsReaders) {
+  if (std::string(engine_->type()) == "NaiveEngine") GTEST_SKIP() << "no operation waits";
+  VarHandle x = NewVar(), out = NewVar();
+  std::function<void()> finish_read;
+  absl::Notification reading;
+  engine_->PushAsync(
+      [&](RunContext, CallbackOnComplete done) {
+        finish_read = [done] { done(); };
+        reading.Notify();
+      },
+      cpu(), {x}, {out});
+  reading.WaitForNotification();
+  absl::Notification idle;
+  std::thread waiter([&] {
+    engine_->WaitForVarIdle(x);
+    idle.Notify();
+  });
+  EXPECT_FALSE(idle.WaitForNotificationWithTimeout(absl::Milliseconds(100)));
+  finish_read();
+  EXPECT_TRUE(idle.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  waiter.join();
+  engine_->WaitForAll();
+}
+
 // The report divides by when operations were made, not when they run: one
 // made before it, still waiting when the error is reported, is skipped
 // (the naive engine runs every operation at once, so it has none such).

@@ -188,6 +188,16 @@ TEST(SaveLoad, LoadingAMissingFileIsNotFoundNamingThePath) {
   EXPECT_THAT(std::string(loaded.status().message()), HasSubstr(path));
 }
 
+// A directory opens as a file would, and its first read fails: an error
+// naming it (the read threw std::ios_base::failure past Load's status).
+TEST(SaveLoad, LoadingADirectoryIsAnErrorNamingIt) {
+  const std::string dir = ::testing::TempDir();
+  absl::StatusOr<NamedArrays> loaded = Load(dir);
+  ASSERT_FALSE(loaded.ok());
+  EXPECT_THAT(std::string(loaded.status().message()), HasSubstr("cannot read " + dir));
+  EXPECT_THAT(std::string(loaded.status().message()), HasSubstr("Is a directory"));
+}
+
 TEST(SaveLoad, ForeignFileIsDataLossMentioningTheMagic) {
   const std::string path = TempPath("foreign.bin");
   WriteFile(path, "PK\x03\x04 this is a zip file, not an array file");

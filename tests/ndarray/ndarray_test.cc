@@ -402,6 +402,22 @@ TEST(NDArrayReshape, InfersOneMinusOneDimension) {
   EXPECT_EQ(a.Reshape({1, -1, 3}).shape(), Shape({1, 2, 3}));
 }
 
+// Shapes whose element count does not fit int64: their product wrapped to
+// the array's size, and the view reached far beyond its memory.
+TEST(NDArrayReshape, AShapeTooLargeToCountIsRefused) {
+  for (const Shape& shape : {Shape{4, (int64_t{1} << 62) + 2}, Shape{int64_t{1} << 62, 4, -1}}) {
+    SCOPED_TRACE(shape.ToString());
+    try {
+      Zeros({8}).Reshape(shape);
+      FAIL() << "reshaped";
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), HasSubstr("has too many elements"));
+    }
+  }
+  EXPECT_THROW(Zeros({0}).Reshape({int64_t{1} << 32, int64_t{1} << 32}), Error);
+  EXPECT_EQ(Zeros({0}).Reshape({int64_t{1} << 40, 0}).shape(), Shape({int64_t{1} << 40, 0}));
+}
+
 TEST(NDArrayReshape, OfASliceViewsOnlyTheSlice) {
   NDArray a = FromVector(Iota(12), {4, 3});
   NDArray r = a.Slice(1, 3).Reshape({-1});
