@@ -76,6 +76,7 @@ struct Executor::Plan {
   std::vector<Bulk> forward, backward;
   std::vector<int> output_entries;
   std::vector<bool> output_needs_head;  // non-loss outputs that need grads
+  std::vector<bool> output_head_adds;   // their head gradient is added (Schedule)
   std::vector<int> zero_grads;          // slots no one writes: zero-filled
   std::map<Context, NDArray> workspaces;
 };
@@ -477,8 +478,16 @@ class PlanBuilder {
     std::vector<bool> written(num_entries, false);
     for (int id : plan_->output_entries) {
       const int k = producer_[id];
-      const bool head = needs_grad_[id] && k >= 0 && !plan_->nodes[k].op->is_loss;
+      // A loss needs none; a variable among the outputs gets one too.
+      const bool head = needs_grad_[id] && (k < 0 || !plan_->nodes[k].op->is_loss);
       plan_->output_needs_head.push_back(head);
+      // Added to its slot when the entry was an output before (the second
+      // head gradient replaced the first) or is a variable whose gradient
+      // accumulates (grad_req add).
+      auto var = variable_at_.find(id);
+      plan_->output_head_adds.push_back(
+          head && (written[id] || (var != variable_at_.end() &&
+                                   grad_req_->at(var->second->name) == GradReq::kAdd)));
       if (head && !written[id]) {
         written[id] = true;
         grad_first_[id] = F;
@@ -939,6 +948,18 @@ absl::Status Executor::AdoptArrays(const Placement& placement,
                                    std::map<std::string, Shape>* known) {
   const std::vector<std::string> arg_names = symbol_.ListArguments();
   const std::vector<std::string> aux_names = symbol_.ListAuxiliaryStates();
+  // Two variables of one name would share one array and one gradient, and
+  // one's gradient would overwrite the other's (MXNet refuses them too).
+  std::set<std::string> seen;
+  for (const std::vector<std::string>* names : {&arg_names, &aux_names}) {
+    for (const std::string& name : *names) {
+      if (!seen.insert(name).second) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("bind: two variables are named '", name,
+                         "'; give them different names, or use one variable in both places"));
+      }
+    }
+  }
   std::map<std::string, const Node*> variables;
   for (const auto& [n, c] : placement.where) {
     if (n->is_variable()) variables[n->name] = n;
@@ -1190,7 +1211,11 @@ void Executor::Backward(const std::vector<NDArray>& head_grads) {
   for (size_t i = 0; i < plan_->output_entries.size(); ++i) {
     if (!plan_->output_needs_head[i]) continue;
     NDArray slot = plan_->grads[plan_->grad_of[plan_->output_entries[i]]];
-    slot.Assign(head_grads[i]);
+    if (plan_->output_head_adds[i]) {
+      slot += head_grads[i];
+    } else {
+      slot.Assign(head_grads[i]);
+    }
   }
   for (int id : plan_->zero_grads) {
     NDArray slot = plan_->grads[plan_->grad_of[id]];

@@ -437,11 +437,15 @@ absl::StatusOr<Symbol::Shapes> Symbol::InferShape(
           absl::StrJoin(ListInputs(), ", "), ")"));
     }
   }
-  // Forward passes until nothing changes: operators can also infer their
-  // inputs (the weight of FullyConnected) from other inputs.
-  for (int pass = 0; pass < 8; ++pass) {
+  // Passes until nothing changes, forward and backward in turn: operators
+  // also infer their inputs (the weight of FullyConnected) from other
+  // inputs and their outputs, so knowledge flows both ways (forward passes
+  // alone took a pass per level to carry it back, and stopped after 8).
+  // Shapes only become better known, so this ends; the bound is a guard.
+  for (size_t pass = 0; pass < 2 * order.size() + 2; ++pass) {
     bool changed = false;
-    for (Node* n : order) {
+    for (size_t j = 0; j < order.size(); ++j) {
+      Node* n = order[pass % 2 == 0 ? j : order.size() - 1 - j];
       if (n->is_variable()) continue;
       const int nargs = n->num_arguments();
       ShapeList in, aux;

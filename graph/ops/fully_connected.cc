@@ -89,7 +89,7 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
 OpDef Make() {
   OpDef op;
   op.name = "FullyConnected";
-  op.params = {{"num_hidden", ParamSpec::Type::kInt, "", true},
+  op.params = {{"num_hidden", ParamSpec::Type::kInt, "", true, {}, 1},
                {"no_bias", ParamSpec::Type::kBool, "False"},
                {"flatten", ParamSpec::Type::kBool, "True"}};
   op.arguments = [](const ParsedParams& p) {

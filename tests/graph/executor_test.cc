@@ -38,6 +38,51 @@ void Randomize(const std::map<std::string, NDArray>& arrays, uint64_t seed) {
   }
 }
 
+// Head gradients MXNet's way: an output listed twice gets the sum of its
+// two head gradients (the second replaced the first), and a variable among
+// the outputs gets its head gradient added to what flows back to it (it got
+// none).
+TEST(ExecutorHeads, AnOutputListedTwiceSumsItsHeadGradients) {
+  Symbol x = Variable("x");
+  Symbol y = x * 2.0f;
+  auto e = Executor::SimpleBind(Group({y, y}), cpu(), {{"x", {3}}});
+  ASSERT_TRUE(e.ok()) << e.status();
+  (*e)->Forward(true);
+  (*e)->Backward({Full({3}, 1.0f), Full({3}, 3.0f)});
+  EXPECT_THAT((*e)->grad_dict().at("x").ToVector(), ElementsAre(8, 8, 8));
+}
+
+TEST(ExecutorHeads, AVariableAmongTheOutputsGetsItsHeadGradient) {
+  Symbol x = Variable("x");
+  for (GradReq req : {GradReq::kWrite, GradReq::kAdd}) {
+    auto e = Executor::SimpleBind(Group({x * 2.0f, x}), cpu(), {{"x", {2}}}, req);
+    ASSERT_TRUE(e.ok()) << e.status();
+    NDArray((*e)->grad_dict().at("x")).Assign(10.0f);
+    (*e)->Forward(true);
+    (*e)->Backward({Full({2}, 1.0f), Full({2}, 5.0f)});
+    const float want = req == GradReq::kAdd ? 17 : 7;
+    EXPECT_THAT((*e)->grad_dict().at("x").ToVector(), ElementsAre(want, want));
+  }
+}
+
+// Two variables of one name would share an array and a gradient; bind
+// refuses them, naming the name (x * x through two Variable("x") had the
+// gradient x, not 2x).
+TEST(ExecutorBind, TwoVariablesOfOneNameAreRefused) {
+  auto e = Executor::SimpleBind(Variable("x") * Variable("x"), cpu(), {{"x", {3}}});
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(e.status().message()), HasSubstr("two variables are named 'x'"));
+  // One variable used twice is fine: its gradient is 2x.
+  Symbol x = Variable("x");
+  auto ok = Executor::SimpleBind(x * x, cpu(), {{"x", {3}}});
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  NDArray((*ok)->arg_dict().at("x")).Assign(std::vector<float>{1, 2, 3});
+  (*ok)->Forward(true);
+  (*ok)->Backward({Ones({3})});
+  EXPECT_THAT((*ok)->grad_dict().at("x").ToVector(), ElementsAre(2, 4, 6));
+}
+
 TEST(ExecutorBind, MissingArgumentIsNamed) {
   Symbol c = Variable("A") * Variable("B");
   auto exec = Executor::Bind(c, cpu(), {{"A", Ones({3})}});

@@ -58,6 +58,13 @@ TEST(SymbolOps, BadParametersNameOperatorAndParameter) {
   } catch (const Error& e) {
     EXPECT_THAT(e.what(), HasSubstr("required parameter 'num_hidden'"));
   }
+  // Not a shape error at bind (a (-3,784) weight) that names neither.
+  try {
+    Op("FullyConnected", {x}, {{"num_hidden", -3}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("parameter num_hidden='-3' is invalid: must be from 1"));
+  }
   try {
     Op("Activation", {x}, {{"act_type", "swish"}});
     FAIL();
@@ -131,6 +138,19 @@ TEST(SymbolInferShape, PartialKnowledgeLeavesUnknowns) {
   auto strict = net.InferShape({}, /*require_complete=*/true);
   ASSERT_FALSE(strict.ok());
   EXPECT_THAT(strict.status().message(), HasSubstr("data"));
+}
+
+// Shapes flow back through any number of levels: x is known from y
+// through 9 activations (forward passes alone carried it back a level per
+// pass and stopped after 8).
+TEST(SymbolInferShape, ShapesFlowBackThroughManyLevels) {
+  Symbol h = Variable("x");
+  for (int i = 0; i < 9; ++i)
+    h = Op("Activation", {h}, {{"act_type", "relu"}}, "act" + std::to_string(i));
+  Symbol net = Op("elemwise_add", {h, Variable("y")}, {}, "add");
+  auto shapes = net.InferShape({{"y", Shape{2, 3}}}, /*require_complete=*/true);
+  ASSERT_TRUE(shapes.ok()) << shapes.status();
+  EXPECT_THAT(shapes->arguments, ElementsAre(Shape{2, 3}, Shape{2, 3}));
 }
 
 TEST(SymbolInferShape, InconsistencyNamesOperatorInputAndShapes) {
