@@ -98,7 +98,9 @@ class LocalKVStore : public KVStore {
   absl::Status PushPull(const std::vector<Key>& keys,
                         const std::vector<std::vector<NDArray>>& values,
                         const std::vector<std::vector<NDArray>>& outs, int priority) override {
-    if (!nccl_) return KVStore::PushPull(keys, values, outs, priority);
+    // Every key is checked before any is pushed: a bad one later in the
+    // bucket left the earlier ones updated, and a corrected retry updated
+    // them twice.
     MX_RETURN_IF_ERROR(CheckBucket(keys, values, outs));
     std::vector<Entry*> entries;
     for (size_t i = 0; i < keys.size(); ++i) {
@@ -107,6 +109,7 @@ class LocalKVStore : public KVStore {
       MX_RETURN_IF_ERROR(CheckArrays(keys[i], "pushpull", "output", outs[i], e->stored.shape()));
       entries.push_back(e);
     }
+    if (!nccl_) return KVStore::PushPull(keys, values, outs, priority);
     MX_RETURN_IF_ERROR(CatchError([&] {
       for (size_t i = 0; i < keys.size(); ++i) {
         Place(entries[i], values[i]);
@@ -201,10 +204,16 @@ class LocalKVStore : public KVStore {
     });
   }
 
-  void SetUpdater(Updater updater) override { updater_ = std::move(updater); }
+  // The last of SetUpdater and SetOptimizer decides how pushes update, as
+  // in MXNet (an updater set after an optimizer was ignored).
+  void SetUpdater(Updater updater) override {
+    updater_ = std::move(updater);
+    optimizer_.reset();
+  }
 
   absl::Status SetOptimizer(std::unique_ptr<Optimizer> optimizer) override {
     optimizer_ = std::move(optimizer);
+    updater_ = nullptr;
     return absl::OkStatus();
   }
 
@@ -219,7 +228,10 @@ class LocalKVStore : public KVStore {
     if (optimizer_ == nullptr) {
       return absl::FailedPreconditionError("LoadOptimizerStates: set an optimizer first");
     }
-    return optimizer_->LoadStatesFromFile(path);
+    // Checked against the keys' shapes at the load, not at the next push.
+    std::map<int, Shape> shapes;
+    for (const auto& [key, e] : store_) shapes[key] = e.stored.shape();
+    return optimizer_->LoadStatesFromFile(path, shapes);
   }
 
   absl::Status Barrier() override {

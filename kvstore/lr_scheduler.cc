@@ -11,6 +11,7 @@
 #include <cmath>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -92,25 +93,40 @@ class Scheduler : public LRScheduler {
 // num_update, floored at stop_factor_lr.
 class FactorScheduler : public Scheduler {
  public:
-  FactorScheduler(double base_lr, Warmup warmup, int64_t step, double factor,
-                  double stop_factor_lr)
+  FactorScheduler(double base_lr, Warmup warmup, int64_t step, double factor, double stop_factor_lr)
       : Scheduler("factor", base_lr, warmup),
         step_(step),
         factor_(factor),
-        stop_factor_lr_(stop_factor_lr) {}
+        stop_factor_lr_(stop_factor_lr),
+        lr_(base_lr) {}
 
  protected:
   double AfterWarmup(int64_t num_update) const override {
     // MXNet: while n > count + step: count += step; lr *= factor (clamped).
+    // The same products in the same order, carried on from the last call
+    // (counts only grow in training; from the start when one is smaller),
+    // so that each costs the reductions since, not all of them again (with
+    // a step of 1, training slowed down as it went).
     const int64_t reductions = num_update > 0 ? (num_update - 1) / step_ : 0;
-    double lr = base_lr();
-    for (int64_t i = 0; i < reductions; ++i) {
-      const double next = lr * factor_;
-      if (next < stop_factor_lr_) return stop_factor_lr_;
-      if (next == lr) break;  // a fixed point (factor 1, or 0): done early
-      lr = next;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (reductions < done_) {
+      done_ = 0;
+      lr_ = base_lr();
+      settled_ = false;
     }
-    return lr;
+    while (done_ < reductions && !settled_) {
+      const double next = lr_ * factor_;
+      if (next < stop_factor_lr_) {
+        lr_ = stop_factor_lr_;
+        settled_ = true;
+      } else if (next == lr_) {
+        settled_ = true;  // a fixed point (factor 1, or 0)
+      } else {
+        lr_ = next;
+        ++done_;
+      }
+    }
+    return lr_;
   }
   OptionMap OwnOptions() const override {
     return {{"step", absl::StrCat(step_)},
@@ -122,6 +138,12 @@ class FactorScheduler : public Scheduler {
   int64_t step_;
   double factor_;
   double stop_factor_lr_;
+  // Where AfterWarmup got to: `done_` reductions give lr_; `settled_`
+  // once the floor or a fixed point is reached.
+  mutable std::mutex mu_;
+  mutable int64_t done_ = 0;
+  mutable double lr_;
+  mutable bool settled_ = false;
 };
 
 // base_lr * factor^(number of steps strictly below num_update).

@@ -40,6 +40,9 @@ constexpr NumberSpec kSchedulerBaseLr{"lr_scheduler.base_lr", 0.0, 0.0};
 
 // Options of one optimizer each, with MXNet's defaults.
 constexpr NumberSpec kMomentum{"momentum", 0.0, 0.0, 1.0};
+// The most updates a saved count may claim (2^53: what a double counts
+// exactly); beyond, counting on would overflow.
+constexpr int64_t kMaxUpdates = int64_t{1} << 53;
 constexpr NumberSpec kBeta1{"beta1", 0.9, 0.0, 1.0, /*hi_open=*/true};
 constexpr NumberSpec kBeta2{"beta2", 0.999, 0.0, 1.0, /*hi_open=*/true};
 constexpr NumberSpec kAdamEpsilon{"epsilon", 1e-8, 0.0};
@@ -560,9 +563,8 @@ absl::Status Optimizer::RestoreStates(const NamedArrays& arrays,
     }
     int index = 0;
     int64_t value = 0;
-    if (parts.size() != 4 || parts[0] != "param" ||
-        !absl::SimpleAtoi(parts[1], &index) ||
-        !absl::SimpleAtoi(parts[3], &value) || value < 0) {
+    if (parts.size() != 4 || parts[0] != "param" || !absl::SimpleAtoi(parts[1], &index) ||
+        !absl::SimpleAtoi(parts[3], &value) || value < 0 || value > kMaxUpdates) {
       return BadEntry(entry);
     }
     if (parts[2] == "count") {
@@ -681,9 +683,10 @@ absl::Status Optimizer::SaveStatesToFile(const std::string& path) const {
   return Save(path, StateArrays());
 }
 
-absl::Status Optimizer::LoadStatesFromFile(const std::string& path) {
+absl::Status Optimizer::LoadStatesFromFile(const std::string& path,
+                                           const std::map<int, Shape>& shapes) {
   MX_ASSIGN_OR_RETURN(NamedArrays arrays, Load(path));
-  absl::Status status = RestoreStates(arrays, {});
+  absl::Status status = RestoreStates(arrays, shapes);
   if (status.ok()) return status;
   return absl::Status(status.code(), absl::StrCat("LoadStatesFromFile ", path,
                                                   ": ", status.message()));

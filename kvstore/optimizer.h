@@ -183,7 +183,8 @@ class Optimizer {
   absl::StatusOr<std::string> SaveStatesOf(const std::set<int>& indices) const;
   absl::Status MergeStates(const std::string& bytes, const std::map<int, Shape>& shapes = {});
   absl::Status SaveStatesToFile(const std::string& path) const;
-  absl::Status LoadStatesFromFile(const std::string& path);
+  // `shapes` as for LoadStates: the parameters' (a store's keys').
+  absl::Status LoadStatesFromFile(const std::string& path, const std::map<int, Shape>& shapes = {});
 
   // Updates of 2^16 elements or more on the CPU split over the CPU pool
   // (kernel::Launch's split, ndarray/launch.h). For a trainer that updates

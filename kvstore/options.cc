@@ -17,8 +17,13 @@ absl::StatusOr<double> ParseNumber(const std::string& where,
                                                    spec.key, "' = '", value,
                                                    "' is not a finite number"));
   }
-  const bool above = spec.hi_open ? v >= spec.hi : v > spec.hi;
-  if (v < spec.lo || above) {
+  // In range as a double, and as the float the updates use (Adam's beta1
+  // 0.99999999999 is 1 in float32, and its mean then never moves).
+  const double f = static_cast<float>(v);
+  auto outside = [&](double x) {
+    return x < spec.lo || (spec.hi_open ? x >= spec.hi : x > spec.hi);
+  };
+  if (outside(v) || outside(f)) {
     std::string range;
     if (spec.hi == kInf) {
       range = absl::StrCat(">= ", FormatNumber(spec.lo));
@@ -26,8 +31,9 @@ absl::StatusOr<double> ParseNumber(const std::string& where,
       range = absl::StrCat("in [", FormatNumber(spec.lo), ", ",
                            FormatNumber(spec.hi), spec.hi_open ? ")" : "]");
     }
-    return absl::InvalidArgumentError(absl::StrCat(
-        where, ": option '", spec.key, "' = ", value, " must be ", range));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": option '", spec.key, "' = ", value, " must be ", range,
+                     outside(v) ? "" : absl::StrCat(" (in float32 it is ", FormatNumber(f), ")")));
   }
   return v;
 }

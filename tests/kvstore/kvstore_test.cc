@@ -230,6 +230,65 @@ TEST(KVStoreLocal, OptimizerUpdatesAndStatesRoundTrip) {
   EXPECT_THAT(w.ToVector(), ElementsAre(0.5f - 0.45f - 0.5f, 1.5f + 0.45f + 0.5f));
 }
 
+// As in MXNet, the last of SetOptimizer and SetUpdater decides (an updater
+// set after an optimizer was ignored).
+TEST(KVStoreLocal, TheLastOfOptimizerAndUpdaterDecides) {
+  auto kv = Local();
+  auto sgd = Optimizer::Create("sgd", {{"learning_rate", "0.5"}});
+  ASSERT_TRUE(sgd.ok());
+  ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+  kv->SetUpdater([](int, const NDArray& merged, NDArray* stored) { stored->Assign(merged); });
+  ASSERT_TRUE(kv->Init(1, FromVector({1, 1})).ok());
+  ASSERT_TRUE(kv->Push(1, FromVector({1, -1})).ok());
+  NDArray w = Empty({2});
+  ASSERT_TRUE(kv->Pull(1, &w).ok());
+  EXPECT_THAT(w.ToVector(), ElementsAre(1, -1));
+  EXPECT_EQ(kv->SaveOptimizerStates(::testing::TempDir() + "/none.states").code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+// Saved states of other shapes than the store's keys are refused at the
+// load, naming the parameter (the load succeeded, and every push failed).
+TEST(KVStoreLocal, StatesOfOtherShapesAreRefusedAtTheLoad) {
+  const std::string path = ::testing::TempDir() + "/other.states";
+  {
+    auto other = Local();
+    auto sgd = Optimizer::Create("sgd", {{"momentum", "0.9"}});
+    ASSERT_TRUE(sgd.ok());
+    ASSERT_TRUE(other->SetOptimizer(*std::move(sgd)).ok());
+    ASSERT_TRUE(other->Init(1, Ones({3})).ok());
+    ASSERT_TRUE(other->Push(1, Ones({3})).ok());
+    ASSERT_TRUE(other->SaveOptimizerStates(path).ok());
+  }
+  auto kv = Local();
+  ASSERT_TRUE(kv->Init(1, Ones({2})).ok());
+  auto sgd = Optimizer::Create("sgd", {{"momentum", "0.9"}});
+  ASSERT_TRUE(sgd.ok());
+  ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+  const absl::Status s = kv->LoadOptimizerStates(path);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("parameter 1"));
+}
+
+// A bucket is checked whole before any of it is pushed: a bad key after a
+// good one left the good one updated (and a corrected retry updated it
+// twice).
+TEST(KVStoreLocal, ABadKeyInABucketLeavesTheOthersUntouched) {
+  auto kv = Local();
+  auto sgd = Optimizer::Create("sgd", {{"learning_rate", "1"}});
+  ASSERT_TRUE(sgd.ok());
+  ASSERT_TRUE(kv->SetOptimizer(*std::move(sgd)).ok());
+  ASSERT_TRUE(kv->Init(0, Ones({2})).ok());
+  ASSERT_TRUE(kv->Init(1, Ones({2})).ok());
+  NDArray out0 = Empty({2}), out1 = Empty({2});
+  const absl::Status s =
+      kv->PushPull(std::vector<Key>{0, 1}, {{Ones({2})}, {Ones({3})}}, {{out0}, {out1}});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  NDArray w = Empty({2});
+  ASSERT_TRUE(kv->Pull(0, &w).ok());
+  EXPECT_THAT(w.ToVector(), ElementsAre(1, 1));
+}
+
 // The update runs on the key's context: one copy on another host context
 // (another CPU id, page-locked memory) is brought there first, as several
 // copies are by their sum.

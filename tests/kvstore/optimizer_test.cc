@@ -598,6 +598,20 @@ TEST(LRScheduler, FactorAtKeySteps) {
   EXPECT_FLOAT_EQ(s->LearningRate(int64_t{1} << 50), 1e-8f);
 }
 
+// The scheduler carries its products on from its last answer: a count
+// smaller than the last (a resumed run) starts again, with the same bits.
+TEST(LRScheduler, FactorAnswersAnyOrderOfCountsAlike) {
+  const std::map<std::string, std::string> options = {
+      {"step", "3"}, {"factor", "0.9"}, {"stop_factor_lr", "1e-5"}};
+  auto ordered = MustCreateScheduler("factor", 0.5f, options);
+  std::vector<float> want;
+  for (int64_t n = 0; n < 400; ++n) want.push_back(ordered->LearningRate(n));
+  auto mixed = MustCreateScheduler("factor", 0.5f, options);
+  for (int64_t n : {300, 7, 399, 0, 150, 151, 40}) {
+    EXPECT_EQ(mixed->LearningRate(n), want[n]) << n;
+  }
+}
+
 TEST(LRScheduler, FactorOfOneNeverChangesAndZeroFloorsAtStop) {
   auto one = MustCreateScheduler("factor", 0.3f, {{"step", "1"}});
   EXPECT_EQ(one->LearningRate(int64_t{1} << 60), 0.3f);
@@ -877,6 +891,9 @@ TEST(Options, UnknownOrMalformedOptionsAreInvalidArgumentNamingThem) {
   ExpectCreateError("sgd", {{"wd", "1e39"}}, {"'wd'", "float"});
   ExpectCreateError("sgd", {{"momentum", "1.5"}}, {"'momentum'", "[0, 1]"});
   ExpectCreateError("adam", {{"beta1", "1"}}, {"'beta1'", "[0, 1)"});
+  // In range as a double, 1 as the float the update uses.
+  ExpectCreateError("adam", {{"beta1", "0.99999999999"}},
+                    {"'beta1'", "[0, 1)", "in float32 it is 1"});
   ExpectCreateError("adagrad", {{"eps", "-1e-7"}}, {"'eps'"});
   ExpectCreateError("rmsprop", {{"centered", "true"}}, {"'centered'", "true"});
   ExpectCreateError("adadelta", {{"rho", ""}}, {"'rho'"});
@@ -1180,6 +1197,15 @@ TEST(SaveLoadStates, ForeignOrCorruptBytesAreRejected) {
   ASSERT_TRUE(bad_count.ok());
   ExpectStatus(opt->LoadStates(*bad_count), absl::StatusCode::kInvalidArgument,
                {"param:0:count:-4"});
+  // A count that counting on would overflow (Adam's step then went
+  // negative and its weights stopped moving).
+  absl::StatusOr<std::string> huge_count =
+      SerializeArrays({{"optimizer:sgd", Empty({0})},
+                       {"num_update:1", Empty({0})},
+                       {"param:0:count:9223372036854775807", Empty({0})}});
+  ASSERT_TRUE(huge_count.ok());
+  ExpectStatus(opt->LoadStates(*huge_count), absl::StatusCode::kInvalidArgument,
+               {"param:0:count:9223372036854775807"});
 }
 
 TEST(SaveLoadStates, MissingFileIsNotFoundNamingIt) {
