@@ -276,6 +276,9 @@ absl::Status CoordinatorClient::Rejoin() {
     req.set_role(cluster_.self().role());
     req.set_rank(cluster_.self().rank());
     req.set_address(cluster_.self().address());
+    // Without it a restarted coordinator told everyone this server takes
+    // no stream connections, and they fell back to gRPC.
+    req.set_stream_address(cluster_.self().stream_address());
     req.set_incarnation(cluster_.self().incarnation());
     req.set_session_key(caller_.key);
     req.set_spare(spare_);

@@ -460,11 +460,26 @@ class Service final {
     guard_.Admit(rpc::Role::kServer, rank, key);
   }
 
+  // The newest incarnation of server `rank` known here: the one that
+  // serves as it, or that rejoins with `req`; -1 when none is.
+  int64_t NewestIncarnation(const proto::RegisterRequest& req, int rank) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    int64_t newest = -1;
+    if (auto n = servers_.find(rank); n != servers_.end()) newest = n->second.incarnation();
+    if (req.role() == proto::SERVER && req.rank() == rank) {
+      newest = std::max<int64_t>(newest, req.incarnation());
+    }
+    return newest;
+  }
+
   // What a rejoining node heard: dead nodes and finished workers.
   void MergeHeard(const proto::RegisterRequest& req) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (const proto::NodeInfo& d : req.dead()) {
       const int expected = d.role() == proto::SERVER ? options_.num_servers : options_.num_workers;
       if (d.rank() < 0 || d.rank() >= expected || dead_.count({d.role(), d.rank()})) continue;
+      if (d.role() == proto::SERVER && d.incarnation() < NewestIncarnation(req, d.rank())) {
+        continue;  // news of a server whose rank a replacement took since
+      }
       (d.role() == proto::SERVER ? servers_ : workers_).emplace(d.rank(), d);
       DeclareDead({d.role(), d.rank()});
     }

@@ -5,8 +5,9 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
-#include <map>
 #include <chrono>
+#include <functional>
+#include <map>
 #include <thread>
 #include <vector>
 
@@ -462,11 +463,13 @@ TEST(CoordinatorStartup, NodesThatNeverRegisterFailTheJobAtTheStartupTimeout) {
 // A rejoin (RegisterRequest.session_key) of node `rank` of `role` with `key`,
 // carrying `token`.
 grpc::Status Rejoin(proto::Coordinator::Stub& stub, proto::Role role, int rank,
-                    const std::string& key, const std::string& token = "t") {
+                    const std::string& key, const std::string& token = "t",
+                    const std::function<void(proto::RegisterRequest*)>& more = nullptr) {
   proto::RegisterRequest req;
   req.set_role(role);
   req.set_rank(rank);
   req.set_session_key(key);
+  if (more) more(&req);
   proto::RegisterResponse resp;
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
@@ -523,6 +526,43 @@ TEST(CoordinatorRestart, RejoinsAreCheckedAndAnsweredAtOnce) {
   EXPECT_TRUE(heartbeat(1, "key-1").ok());
   EXPECT_EQ(heartbeat(1, "another-key").error_code(), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_EQ((*c)->refused(), 3);  // rank 5, the wrong token, the wrong key
+}
+
+// After a restart, nodes' news of a server's death predating its
+// replacement (a spare that took its rank, incarnation 1) is stale: it
+// declared the live replacement dead, whichever rejoined first, and the
+// replacement's own news of its predecessor did too.
+TEST(CoordinatorRestart, NewsOfADeathOlderThanTheReplacementIsIgnored) {
+  CoordinatorOptions o;
+  o.num_servers = 2;
+  o.num_workers = 1;
+  o.security.token = "t";
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
+  auto predecessor_dead = [](proto::RegisterRequest* req) {
+    proto::NodeInfo* dead = req->add_dead();
+    dead->set_role(proto::SERVER);
+    dead->set_rank(0);
+    dead->set_incarnation(0);
+  };
+  ASSERT_TRUE(Rejoin(*stub, proto::SERVER, 0, "key-s0", "t", [&](proto::RegisterRequest* req) {
+                req->set_incarnation(1);
+                predecessor_dead(req);
+              }).ok());
+  ASSERT_TRUE(Rejoin(*stub, proto::WORKER, 0, "key-w0", "t", predecessor_dead).ok());
+  proto::HeartbeatRequest req;
+  req.set_role(proto::WORKER);
+  req.set_rank(0);
+  proto::HeartbeatResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  Act(&ctx, proto::WORKER, 0, "key-w0");
+  ASSERT_TRUE(stub->Heartbeat(&ctx, req, &resp).ok());
+  for (const proto::NodeInfo& dead : resp.dead()) {
+    EXPECT_FALSE(dead.role() == proto::SERVER && dead.rank() == 0)
+        << "the live replacement of server 0 was declared dead";
+  }
 }
 
 }  // namespace
