@@ -807,11 +807,17 @@ class Service final {
         std::remove_if(registering_.begin(), registering_.end(), expired_registration),
         registering_.end());
     auto expired_barrier = [&](const Waiting& w) {
-      if (w.give_up > now) return false;
-      answers->push_back({w.reactor, absl::DeadlineExceededError(absl::StrCat(
-                                         "barrier ", w.epoch, ": worker(s) ",
-                                         absl::StrJoin(NotEntered(w.epoch), ", "),
-                                         " did not arrive in time"))});
+      if (w.give_up <= now) {
+        answers->push_back(
+            {w.reactor, absl::DeadlineExceededError(absl::StrCat(
+                            "barrier ", w.epoch, ": worker(s) ",
+                            absl::StrJoin(NotEntered(w.epoch), ", "), " did not arrive in time"))});
+        return true;
+      }
+      // A call its client gave up: one without a deadline was held on to,
+      // and such calls piled up, each swept every 100 ms.
+      if (!w.ctx->IsCancelled()) return false;
+      answers->push_back({w.reactor, absl::CancelledError("barrier: cancelled")});
       return true;
     };
     in_barrier_.erase(std::remove_if(in_barrier_.begin(), in_barrier_.end(), expired_barrier),
