@@ -65,6 +65,12 @@ class Service final {
                               grpc::ByteBuffer* response) {
     absl::StatusOr<proto::RegisterRequest> req =
         ParseRequest<proto::RegisterRequest>(*request, "register");
+    // An open enum on the wire: a role 7 took a worker's rank.
+    if (req.ok() && !proto::Role_IsValid(req->role())) {
+      req =
+          absl::InvalidArgumentError(absl::StrCat("register: role ", static_cast<int>(req->role()),
+                                                  " is neither a worker (0) nor a server (1)"));
+    }
     if (req.ok() && !req->session_key().empty()) {
       return AnswerAtOnce(ctx, response, [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
         return Rejoin(*req);
@@ -476,7 +482,10 @@ class Service final {
   void MergeHeard(const proto::RegisterRequest& req) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (const proto::NodeInfo& d : req.dead()) {
       const int expected = d.role() == proto::SERVER ? options_.num_servers : options_.num_workers;
-      if (d.rank() < 0 || d.rank() >= expected || dead_.count({d.role(), d.rank()})) continue;
+      if (!proto::Role_IsValid(d.role()) || d.rank() < 0 || d.rank() >= expected ||
+          dead_.count({d.role(), d.rank()})) {
+        continue;
+      }
       if (d.role() == proto::SERVER && d.incarnation() < NewestIncarnation(req, d.rank())) {
         continue;  // news of a server whose rank a replacement took since
       }

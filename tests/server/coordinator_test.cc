@@ -528,6 +528,23 @@ TEST(CoordinatorRestart, RejoinsAreCheckedAndAnsweredAtOnce) {
   EXPECT_EQ((*c)->refused(), 3);  // rank 5, the wrong token, the wrong key
 }
 
+// A role that is neither is refused, not taken for a worker (a role 7
+// took worker rank 0 from the real worker 0).
+TEST(CoordinatorRestart, ARoleThatIsNeitherIsRefused) {
+  CoordinatorOptions o;
+  o.num_servers = 1;
+  o.num_workers = 1;
+  o.security.token = "t";
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
+  const grpc::Status s = Rejoin(*stub, static_cast<proto::Role>(7), 0, "key", "t", nullptr);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_THAT(s.error_message(),
+              HasSubstr("register: role 7 is neither a worker (0) nor a server"));
+  EXPECT_TRUE(Rejoin(*stub, proto::WORKER, 0, "key-w0").ok());
+}
+
 // After a restart, nodes' news of a server's death predating its
 // replacement (a spare that took its rank, incarnation 1) is stale: it
 // declared the live replacement dead, whichever rejoined first, and the
