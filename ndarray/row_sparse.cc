@@ -279,16 +279,23 @@ NDArray operator+(const NDArray& dense, const RowSparseNDArray& b) {
   return out;
 }
 
+// b's rows, as a copy when they lie in `dense`'s memory: the kernels would
+// read rows they already overwrote (d += a row-sparse view of d's own rows
+// gave 6 where 5 was due), as dense in-place arithmetic reads a copy too.
+NDArray RowsApartFrom(const NDArray& dense, const RowSparseNDArray& b) {
+  return b.data().SharesStorageWith(dense) ? b.data().Copy() : b.data();
+}
+
 NDArray& operator+=(NDArray& dense, const RowSparseNDArray& b) {
   RequireDenseRows("operator+=", dense, b);
-  PushScatterAdd("operator+=", b.data(), Share(b.indices()), &dense, b.row_size());
+  PushScatterAdd("operator+=", RowsApartFrom(dense, b), Share(b.indices()), &dense, b.row_size());
   return dense;
 }
 
 void AssignRows(const RowSparseNDArray& b, NDArray* dense) {
   RequireDenseRows("AssignRows", *dense, b);
-  PushRows<kernel::ScatterRowsKernel>("AssignRows", b.data(), Share(b.indices()), dense,
-                                      b.row_size(), b.data().size());
+  PushRows<kernel::ScatterRowsKernel>("AssignRows", RowsApartFrom(*dense, b), Share(b.indices()),
+                                      dense, b.row_size(), b.data().size());
 }
 
 }  // namespace mx

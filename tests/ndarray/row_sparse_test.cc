@@ -140,6 +140,18 @@ TEST(RowSparseTest, DenseArithmetic) {
               HasSubstr("shape mismatch (6,2) vs (6,3)"));
 }
 
+// Rows that are a view of the dense array itself: read before any is
+// written (the kernel read a row it had already overwritten).
+TEST(RowSparseTest, RowsThatAreAViewOfTheTargetAreReadFirst) {
+  NDArray d = FromVector({1, 2, 3, 4}, {4, 1});
+  RowSparseNDArray b({4, 1}, {1, 2}, d.Slice(0, 2));
+  d += b;
+  EXPECT_EQ(d.ToVector(), std::vector<float>({1, 3, 5, 4}));
+  NDArray e = FromVector({1, 2, 3, 4}, {4, 1});
+  AssignRows(RowSparseNDArray({4, 1}, {1, 2}, e.Slice(0, 2)), &e);
+  EXPECT_EQ(e.ToVector(), std::vector<float>({1, 1, 2, 4}));
+}
+
 TEST(RowSparseTest, CopyHasItsOwnData) {
   RowSparseNDArray a = Rows({2});
   RowSparseNDArray b = a.Copy();
