@@ -36,6 +36,7 @@ absl::Status Infer(const ParsedParams& p, ShapeList* in, ShapeList* out,
   }
   MX_RETURN_IF_ERROR(SameShapeInfer(p, in, out, aux));
   const Shape& data = (*in)[0];
+  MX_RETURN_IF_ERROR(AtMostKernelDims(data.ndim(), "Dropout"));
   if (data.ndim() == 0) return absl::OkStatus();
   for (int64_t axis : p.GetShape("axes")) {
     if (axis < -data.ndim() || axis >= data.ndim()) {

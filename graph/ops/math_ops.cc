@@ -178,6 +178,7 @@ absl::Status ReduceInfer(const ParsedParams& p, ShapeList* in, ShapeList* out,
                          ShapeList*) {
   const Shape& data = (*in)[0];
   if (data.ndim() == 0) return absl::OkStatus();
+  MX_RETURN_IF_ERROR(AtMostKernelDims(data.ndim(), "a reduction over axes"));
   MX_ASSIGN_OR_RETURN(std::vector<bool> reduced, ReducedAxes(p, data.ndim()));
   Shape o;
   if (p.GetBool("keepdims")) {
@@ -299,6 +300,7 @@ absl::Status BroadcastInfer(const ParsedParams&, ShapeList* in, ShapeList* out,
   const Shape& r = (*in)[1];
   if (l.ndim() == 0 || r.ndim() == 0) return absl::OkStatus();
   const int nd = std::max(l.ndim(), r.ndim());
+  MX_RETURN_IF_ERROR(AtMostKernelDims(nd, "broadcasting"));
   Shape o;
   for (int d = 0; d < nd; ++d) {
     const int dl = d - (nd - l.ndim()), dr = d - (nd - r.ndim());

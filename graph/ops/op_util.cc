@@ -19,6 +19,12 @@ BlockedIo ElementWiseBlocked(const ParsedParams&, const ShapeList& in, const Sha
   return io;
 }
 
+absl::Status AtMostKernelDims(int ndim, const char* op) {
+  if (ndim <= kernel::kMaxBroadcastDims) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("input data has ", ndim, " dimensions; ", op,
+                                                 " supports at most ", kernel::kMaxBroadcastDims));
+}
+
 absl::Status SameShapeInfer(const ParsedParams&, ShapeList* in, ShapeList* out,
                             ShapeList*) {
   Shape s;

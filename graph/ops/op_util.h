@@ -36,6 +36,12 @@ void MapStore(OpReq req, const float* in, float* out, int64_t n, F f) {
 absl::Status SameShapeInfer(const ParsedParams&, ShapeList* in, ShapeList* out,
                             ShapeList* aux);
 
+// For operators whose kernels index through kernel::BroadcastIndex
+// (broadcasts, reductions over axes, transpose, Dropout's axes): an error
+// at inference when `ndim` exceeds what the index holds, not at the first
+// forward.
+absl::Status AtMostKernelDims(int ndim, const char* op);
+
 // OpDef::blocked of element-wise operators of SameShapeInfer: every input
 // and output, in one layout, which the kernels then need not know.
 BlockedIo ElementWiseBlocked(const ParsedParams&, const ShapeList& in, const ShapeList& out);

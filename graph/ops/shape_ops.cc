@@ -431,11 +431,7 @@ absl::StatusOr<std::vector<int>> Permutation(const ParsedParams& p, int ndim) {
 absl::Status TransposeInfer(const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeList*) {
   const int ndim = (*in)[0].ndim() != 0 ? (*in)[0].ndim() : (*out)[0].ndim();
   if (ndim == 0) return absl::OkStatus();
-  if (ndim > kernel::kMaxBroadcastDims) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "input data has ", ndim, " dimensions; transpose supports at most ",
-        kernel::kMaxBroadcastDims));
-  }
+  MX_RETURN_IF_ERROR(AtMostKernelDims(ndim, "transpose"));
   MX_ASSIGN_OR_RETURN(std::vector<int> perm, Permutation(p, ndim));
   Shape o(perm.begin(), perm.end()), d(perm.begin(), perm.end());
   for (int i = 0; i < ndim; ++i) {

@@ -153,6 +153,21 @@ TEST(SymbolInferShape, ShapesFlowBackThroughManyLevels) {
   EXPECT_THAT(shapes->arguments, ElementsAre(Shape{2, 3}, Shape{2, 3}));
 }
 
+// More dimensions than the kernels index: an error at inference, naming
+// them, not at the first forward (Dropout's only in training).
+TEST(SymbolInferShape, MoreDimensionsThanTheKernelsIndexAreRefused) {
+  const Shape nine{1, 1, 1, 1, 1, 1, 1, 1, 2};
+  const std::map<std::string, Shape> x_only = {{"x", nine}}, both = {{"x", nine}, {"y", {2}}};
+  for (const auto& [net, known] :
+       {std::pair{Op("sum", {Variable("x")}, {}, "s"), x_only},
+        std::pair{Op("broadcast_add", {Variable("x"), Variable("y")}, {}, "b"), both},
+        std::pair{Op("Dropout", {Variable("x")}, {}, "d"), x_only}}) {
+    auto shapes = net.InferShape(known);
+    ASSERT_FALSE(shapes.ok()) << net.ListOutputs()[0];
+    EXPECT_THAT(std::string(shapes.status().message()), HasSubstr("input data has 9 dimensions"));
+  }
+}
+
 TEST(SymbolInferShape, InconsistencyNamesOperatorInputAndShapes) {
   Symbol a = Variable("a"), b = Variable("b");
   Symbol c = Op("elemwise_add", {a, b}, {}, "add1");
