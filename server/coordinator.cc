@@ -436,10 +436,11 @@ class Service final {
   // with its identity.
   absl::Status RejoinSpare(const proto::RegisterRequest& req) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const int rank = req.has_rank() ? req.rank() : -1;
-    if (req.role() != proto::SERVER || rank < options_.num_servers) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("register (rejoin): a spare server's rank is past the job's ",
-                       options_.num_servers, " servers, not ", rank));
+    if (req.role() != proto::SERVER || rank < options_.num_servers ||
+        rank - options_.num_servers >= kMaxSpares) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "register (rejoin): a spare server's rank is past the job's ", options_.num_servers,
+          " servers (by less than ", kMaxSpares, "), not ", rank));
     }
     const std::string key = guard_.Key(rpc::Role::kServer, rank);
     if (!key.empty()) {
@@ -617,10 +618,18 @@ class Service final {
 
   // A spare server: an identity of its own (a rank past the job's
   // servers) and its key.
+  // Spare ranks a job hands out, over its life: a bound on what spares'
+  // registrations (each a record and a key) can take, and on their ranks.
+  static constexpr int kMaxSpares = 1 << 16;
+
   absl::StatusOr<proto::RegisterResponse> RegisterSpare(const proto::RegisterRequest& req)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (req.role() != proto::SERVER) {
       return absl::InvalidArgumentError("register: only a server may be a spare");
+    }
+    if (next_spare_ >= kMaxSpares) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "register: ", kMaxSpares, " spare servers have registered with this job already"));
     }
     const int rank = options_.num_servers + next_spare_;
     AddSpare(rank, req, rpc::NewSessionKey());

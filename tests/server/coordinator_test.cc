@@ -543,6 +543,13 @@ TEST(CoordinatorRestart, ARoleThatIsNeitherIsRefused) {
   EXPECT_THAT(s.error_message(),
               HasSubstr("register: role 7 is neither a worker (0) nor a server"));
   EXPECT_TRUE(Rejoin(*stub, proto::WORKER, 0, "key-w0").ok());
+  // A spare's rank far past the servers (INT_MAX: the next spare's rank
+  // overflowed) is refused too.
+  const grpc::Status spare = Rejoin(*stub, proto::SERVER, 2147483647, "key-spare", "t",
+                                    [](proto::RegisterRequest* req) { req->set_spare(true); });
+  EXPECT_EQ(spare.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << spare.error_message();
+  EXPECT_THAT(spare.error_message(),
+              HasSubstr("a spare server's rank is past the job's 1 servers"));
 }
 
 // After a restart, nodes' news of a server's death predating its
