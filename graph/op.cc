@@ -28,20 +28,30 @@ absl::StatusOr<bool> ParseBool(const std::string& s) {
   return absl::InvalidArgumentError(absl::StrCat("'", s, "' is not a boolean"));
 }
 
+// As MXNet's tuples read them: "(5,5)" or "[5,5]" (a trailing comma, as
+// Python's "(5,)", and "()" too), a bare "5" for one dimension, "None" for
+// none (MXNet writes axis="None" for "all"), and Python 2's long suffix
+// ("(3L, 3L)"). Anything else, such as "(5,5", "5,5" or "(3,,3)", is not.
 absl::StatusOr<Shape> ParseShape(const std::string& s) {
+  const auto bad = [&] {
+    return absl::InvalidArgumentError(absl::StrCat("'", s, "' is not a shape"));
+  };
   absl::string_view v = absl::StripAsciiWhitespace(s);
-  if (v == "None") return Shape();  // MXNet writes axis="None" for "all"
-  bool bracketed = (absl::ConsumePrefix(&v, "(") && absl::ConsumeSuffix(&v, ")")) ||
-                   (absl::ConsumePrefix(&v, "[") && absl::ConsumeSuffix(&v, "]"));
-  (void)bracketed;
+  if (v == "None") return Shape();
+  const bool bracketed = (absl::ConsumePrefix(&v, "(") && absl::ConsumeSuffix(&v, ")")) ||
+                         (absl::ConsumePrefix(&v, "[") && absl::ConsumeSuffix(&v, "]"));
+  std::vector<absl::string_view> parts = absl::StrSplit(v, ',');
+  if (!bracketed && parts.size() != 1) return bad();
+  // One empty part at the end: "(5,)", or "()" alone.
+  if (absl::StripAsciiWhitespace(parts.back()).empty() && (parts.size() > 1 || bracketed)) {
+    parts.pop_back();
+  }
   Shape shape;
-  for (absl::string_view part : absl::StrSplit(v, ',')) {
+  for (absl::string_view part : parts) {
     part = absl::StripAsciiWhitespace(part);
-    if (part.empty()) continue;  // "(5,)" and "()"
+    if (!absl::ConsumeSuffix(&part, "L")) absl::ConsumeSuffix(&part, "l");
     int64_t d;
-    if (!absl::SimpleAtoi(part, &d)) {
-      return absl::InvalidArgumentError(absl::StrCat("'", s, "' is not a shape"));
-    }
+    if (!absl::SimpleAtoi(part, &d)) return bad();
     shape.push_back(d);
   }
   return shape;

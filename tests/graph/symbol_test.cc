@@ -58,6 +58,21 @@ TEST(SymbolOps, BadParametersNameOperatorAndParameter) {
   } catch (const Error& e) {
     EXPECT_THAT(e.what(), HasSubstr("required parameter 'num_hidden'"));
   }
+  // Shapes as MXNet's tuples read them: "(3,3" and "(3,,3)" were taken for
+  // (3,3), and Python 2's "(3L, 3L)" was refused.
+  for (const char* bad : {"(3,3", "3,3", "(3,,3)", "(3,3]"}) {
+    try {
+      Op("Pooling", {x}, {{"kernel", bad}});
+      FAIL() << bad;
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), HasSubstr(std::string("'") + bad + "' is not a shape"));
+    }
+  }
+  for (const char* good : {"(3L, 3L)", "[3,3]", " (3, 3,) "}) {
+    EXPECT_EQ(Op("Pooling", {x}, {{"kernel", good}}).InferShape({{"x", {1, 1, 5, 5}}})->outputs[0],
+              Shape({1, 1, 3, 3}))
+        << good;
+  }
   // Not a shape error at bind (a (-3,784) weight) that names neither.
   try {
     Op("FullyConnected", {x}, {{"num_hidden", -3}});
