@@ -23,6 +23,10 @@ struct Node {
   // The operator's arguments, then its auxiliary states.
   std::vector<NodeEntry> inputs;
 
+  // Releases the inputs a chain at a time, not recursively: freeing a
+  // graph some 100,000 nodes deep (a symbol file's) overflowed the stack.
+  ~Node();
+
   bool is_variable() const { return op == nullptr; }
   int num_arguments() const;
   int num_outputs() const;          // all, hidden ones included

@@ -19,6 +19,20 @@ using graph::NodeEntry;
 
 namespace graph {
 
+Node::~Node() {
+  std::vector<std::shared_ptr<Node>> pending;
+  for (NodeEntry& e : inputs) pending.push_back(std::move(e.node));
+  while (!pending.empty()) {
+    std::shared_ptr<Node> n = std::move(pending.back());
+    pending.pop_back();
+    // The last owner takes the node's inputs before the node goes, so its
+    // destructor has none to release.
+    if (n.use_count() == 1) {
+      for (NodeEntry& e : n->inputs) pending.push_back(std::move(e.node));
+    }
+  }
+}
+
 int Node::num_arguments() const {
   return is_variable() ? 0 : static_cast<int>(op->ListArguments(parsed).size());
 }

@@ -183,6 +183,16 @@ TEST(SymbolInferShape, MoreDimensionsThanTheKernelsIndexAreRefused) {
   }
 }
 
+// A graph hundreds of thousands of nodes deep is freed without
+// recursing a level per node (which overflowed the stack).
+TEST(SymbolGraph, AVeryDeepGraphIsFreed) {
+  Symbol h = Variable("x");
+  for (int i = 0; i < 300000; ++i) h = Op("Activation", {h}, {{"act_type", "relu"}});
+  EXPECT_EQ(h.ListArguments().size(), 1u);
+  h = Variable("y");  // frees the chain
+  EXPECT_EQ(h.ListArguments()[0], "y");
+}
+
 TEST(SymbolInferShape, InconsistencyNamesOperatorInputAndShapes) {
   Symbol a = Variable("a"), b = Variable("b");
   Symbol c = Op("elemwise_add", {a, b}, {}, "add1");
