@@ -50,6 +50,19 @@ class LocalKVStore : public KVStore {
   explicit LocalKVStore(std::string type)
       : KVStore(type), on_gpus_(type == "device" || type == "nccl"), nccl_(type == "nccl") {}
 
+  // The operations pushed under the entries' names (push_name, pull_name)
+  // end before the names go: the engine reads them for traces and errors.
+  // Every such operation reads or writes its key's stored array.
+  ~LocalKVStore() override {
+    for (auto& [key, e] : store_) {
+      try {
+        e.stored.WaitToWrite();
+      } catch (const Error&) {
+        // Its waiters were, or will be, told; a destructor throws nothing.
+      }
+    }
+  }
+
   absl::Status Init(Key key, const NDArray& value) override {
     if (value.is_none()) return absl::InvalidArgumentError(absl::StrCat("init of key ", key.label(), ": null array"));
     auto it = store_.find(key.id());
