@@ -482,18 +482,31 @@ grpc::Status Rejoin(proto::Coordinator::Stub& stub, proto::Role role, int rank,
   return s;
 }
 
+// A coordinator of `servers` servers and `workers` workers (job token "t")
+// that no node has registered with: as a restarted one, and a stub to it.
+struct Restarted {
+  Restarted(int servers, int workers) {
+    CoordinatorOptions o;
+    o.num_servers = servers;
+    o.num_workers = workers;
+    o.security.token = "t";
+    coordinator = CoordinatorServer::Start("127.0.0.1:0", o);
+    EXPECT_TRUE(coordinator.ok()) << coordinator.status();
+    stub = proto::Coordinator::NewStub(rpc::SharedChannel((*coordinator)->address(), {}));
+  }
+  absl::StatusOr<std::unique_ptr<CoordinatorServer>> coordinator;
+  std::unique_ptr<proto::Coordinator::Stub> stub;
+};
+
 // A restarted coordinator (one that never saw the job's registrations)
 // tells a node's calls NOT_FOUND, so that it rejoins; a rejoin needs the
 // job token and a rank in range, takes a rank once (the same key again is
 // fine), and the node's calls are then checked against that key.
 TEST(CoordinatorRestart, RejoinsAreCheckedAndAnsweredAtOnce) {
-  CoordinatorOptions o;
-  o.num_servers = 1;
-  o.num_workers = 2;
-  o.security.token = "t";
-  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
+  Restarted r(1, 2);
+  ASSERT_TRUE(r.coordinator.ok());
+  auto& c = r.coordinator;
+  auto& stub = r.stub;
   auto heartbeat = [&](int rank, const std::string& key) {
     proto::HeartbeatRequest req;
     req.set_role(proto::WORKER);
@@ -531,13 +544,9 @@ TEST(CoordinatorRestart, RejoinsAreCheckedAndAnsweredAtOnce) {
 // A role that is neither is refused, not taken for a worker (a role 7
 // took worker rank 0 from the real worker 0).
 TEST(CoordinatorRestart, ARoleThatIsNeitherIsRefused) {
-  CoordinatorOptions o;
-  o.num_servers = 1;
-  o.num_workers = 1;
-  o.security.token = "t";
-  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
+  Restarted r(1, 1);
+  ASSERT_TRUE(r.coordinator.ok());
+  auto& stub = r.stub;
   const grpc::Status s = Rejoin(*stub, static_cast<proto::Role>(7), 0, "key", "t", nullptr);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
   EXPECT_THAT(s.error_message(),
@@ -557,13 +566,9 @@ TEST(CoordinatorRestart, ARoleThatIsNeitherIsRefused) {
 // declared the live replacement dead, whichever rejoined first, and the
 // replacement's own news of its predecessor did too.
 TEST(CoordinatorRestart, NewsOfADeathOlderThanTheReplacementIsIgnored) {
-  CoordinatorOptions o;
-  o.num_servers = 2;
-  o.num_workers = 1;
-  o.security.token = "t";
-  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
+  Restarted r(2, 1);
+  ASSERT_TRUE(r.coordinator.ok());
+  auto& stub = r.stub;
   auto predecessor_dead = [](proto::RegisterRequest* req) {
     proto::NodeInfo* dead = req->add_dead();
     dead->set_role(proto::SERVER);
