@@ -3,14 +3,12 @@
 #include <grpc/grpc.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <malloc.h>
-#include <netdb.h>
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -19,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "rpc/call_metrics.h"
+#include "rpc/stream.h"
 
 namespace mx {
 namespace rpc {
@@ -192,52 +191,29 @@ namespace {
 // that are no TLS record with an alert (a record of type 21) or by closing.
 enum class Greeting { kUnknown, kHttp2, kTls, kNothing };
 
-// Connects fd (non-blocking) to `to` within `ms`: a peer that drops the
-// SYN (a full accept queue, a firewall) would hold a blocking connect for
-// the kernel's SYN retries, about two minutes.
-bool ConnectWithin(int fd, const addrinfo* to, int ms) {
-  if (connect(fd, to->ai_addr, to->ai_addrlen) == 0) return true;
-  if (errno != EINPROGRESS) return false;
-  pollfd p{fd, POLLOUT, 0};
-  if (poll(&p, 1, ms) <= 0) return false;
-  int error = 0;
-  socklen_t len = sizeof(error);
-  return getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) == 0 && error == 0;
-}
-
 Greeting Greet(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos) return Greeting::kUnknown;
-  std::string host = address.substr(0, colon);
-  if (host.size() > 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
-  const std::string port = address.substr(colon + 1);
-  addrinfo hints{};
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* found = nullptr;
-  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0) return Greeting::kUnknown;
-  const int fd = socket(found->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  const absl::StatusOr<int> connected = ConnectTcp(address, absl::Seconds(1));
+  if (!connected.ok()) return Greeting::kUnknown;
+  const int fd = *connected;
   Greeting greeting = Greeting::kUnknown;
-  if (fd >= 0 && ConnectWithin(fd, found, 1000)) {
-    // Up to 0.5 s for what the server says unasked.
-    auto read_some = [fd](unsigned char* buf, size_t n, int ms) -> ssize_t {
-      pollfd p{fd, POLLIN, 0};
-      if (poll(&p, 1, ms) <= 0) return -1;  // nothing said
-      return recv(fd, buf, n, 0);
-    };
-    unsigned char buf[16];
-    ssize_t got = read_some(buf, sizeof(buf), 500);
-    if (got >= 4 && buf[3] == 0x04) {
-      greeting = Greeting::kHttp2;  // a SETTINGS frame
-    } else if (got < 0) {
-      // Silent: speak HTTP/2 and see whether TLS objects.
-      static const char kPreface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-      (void)send(fd, kPreface, sizeof(kPreface) - 1, MSG_NOSIGNAL);
-      got = read_some(buf, sizeof(buf), 500);
-      greeting = got == 0 || (got > 0 && buf[0] == 21) ? Greeting::kTls : Greeting::kNothing;
-    }
+  // Up to 0.5 s for what the server says unasked.
+  auto read_some = [fd](unsigned char* buf, size_t n, int ms) -> ssize_t {
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, ms) <= 0) return -1;  // nothing said
+    return recv(fd, buf, n, 0);
+  };
+  unsigned char buf[16];
+  ssize_t got = read_some(buf, sizeof(buf), 500);
+  if (got >= 4 && buf[3] == 0x04) {
+    greeting = Greeting::kHttp2;  // a SETTINGS frame
+  } else if (got < 0) {
+    // Silent: speak HTTP/2 and see whether TLS objects.
+    static const char kPreface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    (void)send(fd, kPreface, sizeof(kPreface) - 1, MSG_NOSIGNAL);
+    got = read_some(buf, sizeof(buf), 500);
+    greeting = got == 0 || (got > 0 && buf[0] == 21) ? Greeting::kTls : Greeting::kNothing;
   }
-  if (fd >= 0) close(fd);
-  freeaddrinfo(found);
+  close(fd);
   return greeting;
 }
 

@@ -555,8 +555,9 @@ absl::Status SplitAddress(const std::string& address, std::string* host, std::st
   return absl::OkStatus();
 }
 
-// A connected socket to `address`, or why not, within `timeout`.
-absl::StatusOr<int> Connect(const std::string& address, absl::Duration timeout) {
+}  // namespace
+
+absl::StatusOr<int> ConnectTcp(const std::string& address, absl::Duration timeout) {
   std::string host, port;
   absl::Status split = SplitAddress(address, &host, &port);
   if (!split.ok()) return split;
@@ -597,6 +598,8 @@ absl::StatusOr<int> Connect(const std::string& address, absl::Duration timeout) 
   if (fd < 0) return absl::UnavailableError(absl::StrCat("cannot connect to ", address, ": ", why));
   return fd;
 }
+
+namespace {
 
 // "ipv4:127.0.0.1:5000", as gRPC names peers.
 std::string PeerOf(const sockaddr_storage& addr) {
@@ -1369,7 +1372,7 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   // hands with TLS (within kHandshakeTime more; *sealer gets what seals
   // the requests) and says hello.
   absl::Status Open(std::unique_ptr<Sealer>* sealer) {
-    absl::StatusOr<int> fd = Connect(target_.address, absl::Seconds(10));
+    absl::StatusOr<int> fd = ConnectTcp(target_.address, absl::Seconds(10));
     if (!fd.ok()) return fd.status();
     {
       std::lock_guard<std::mutex> lock(mu_);

@@ -91,6 +91,12 @@ struct StreamOptions {
   int max_connections = 8192;
 };
 
+// A connected TCP socket (blocking, tuned as the data path's: no delay,
+// keepalive) to "host:port" (the host a name or [v6]), or why not, within
+// `timeout` per address tried: a peer that drops SYNs does not hold it for
+// the kernel's minutes of retries. The caller closes it.
+absl::StatusOr<int> ConnectTcp(const std::string& address, absl::Duration timeout);
+
 // How long a client's TLS handshake may take.
 constexpr absl::Duration kHandshakeTime = absl::Seconds(10);
 
