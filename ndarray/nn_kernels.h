@@ -343,7 +343,7 @@ struct ValidLabelKernel {
 // oy * s[0] - p[0] + [0, k[0]) and columns likewise (d 1), of which only
 // the real ones (inside the plane) are read.
 struct PoolWindows {
-  enum Type { kMax, kAvg, kSum };
+  enum Type { kMax, kAvg, kSum };  // graph/ops/pooling.cc's PoolType
   int64_t height, width, out_h, out_w;
   int64_t k[2], s[2], p[2];
   int type;        // Type

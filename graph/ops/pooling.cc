@@ -27,7 +27,8 @@
 namespace mx::ops {
 namespace {
 
-enum class PoolType { kMax, kAvg, kSum };
+// The kernel layer's (ndarray/nn_kernels.h), which both paths share.
+using PoolType = kernel::PoolWindows::Type;
 
 // The window with global_pool applied: the whole plane, no padding.
 absl::StatusOr<Window2D> ParseWindow(const ParsedParams& p, const Shape& data) {
@@ -101,7 +102,7 @@ struct Geometry {
   // input column there: [x_lo[kx], x_hi[kx]).
   std::vector<int64_t> x_lo, x_hi;
   // avg: 1 / divisor per output element of a plane (the divisor is the
-  // product of the window's extents along y and x).
+  // product of the window's extents along y and x: PoolWindows::InvDivisor).
   std::vector<float> inv_divisor;
 
   // The real input rows [*y0, *y1) of output row oy's windows.
@@ -112,13 +113,19 @@ struct Geometry {
   }
 };
 
-// The extent of the window at output position o along dimension d, clipped
-// to the padded data (count_pad) or to the real data.
-int64_t WindowExtent(const Window2D& w, int d, int64_t size, int64_t o, bool count_pad) {
-  const int64_t start = o * w.stride[d] - w.pad[d];
-  const int64_t end = std::min(start + w.kernel[d], size + w.pad[d]);
-  if (count_pad) return end - start;
-  return std::max<int64_t>(std::min(end, size) - std::max<int64_t>(start, 0), 0);
+// The windows as the kernel layer's PoolKernel and PoolGradKernel take
+// them; the CPU code takes avg's divisors from it too.
+kernel::PoolWindows KernelWindows(const ParsedParams& p, const Shape& data, const Shape& out) {
+  const Window2D w = *ParseWindow(p, data);
+  return {data[2],
+          data[3],
+          out[2],
+          out[3],
+          {w.kernel[0], w.kernel[1]},
+          {w.stride[0], w.stride[1]},
+          {w.pad[0], w.pad[1]},
+          TypeOf(p),
+          p.GetBool("count_include_pad")};
 }
 
 Geometry MakeGeometry(const ParsedParams& p, const Shape& data, const Shape& out) {
@@ -137,13 +144,9 @@ Geometry MakeGeometry(const ParsedParams& p, const Shape& data, const Shape& out
     g.x_hi.push_back(hi);
   }
   if (g.type == PoolType::kAvg) {
-    const bool count_pad = p.GetBool("count_include_pad");
+    const kernel::PoolWindows w = KernelWindows(p, data, out);
     for (int64_t oy = 0; oy < g.out_h; ++oy) {
-      const int64_t ey = WindowExtent(g.win, 0, g.height, oy, count_pad);
-      for (int64_t ox = 0; ox < g.out_w; ++ox) {
-        const int64_t ex = WindowExtent(g.win, 1, g.width, ox, count_pad);
-        g.inv_divisor.push_back(1.0f / static_cast<float>(std::max<int64_t>(ey * ex, 1)));
-      }
+      for (int64_t ox = 0; ox < g.out_w; ++ox) g.inv_divisor.push_back(w.InvDivisor(oy, ox));
     }
   }
   return g;
@@ -390,22 +393,6 @@ void Max2x2Backward(const Geometry& g, const float* x, const float* gy, OpReq re
 bool UsesCudnn(const ParsedParams& p) {
   return !p.GetBool("cudnn_off") && TypeOf(p) != PoolType::kSum &&
          (p.GetString("pooling_convention") == "valid" || p.GetBool("global_pool"));
-}
-
-kernel::PoolWindows KernelWindows(const ParsedParams& p, const Shape& data, const Shape& out) {
-  const Window2D w = *ParseWindow(p, data);
-  const PoolType type = TypeOf(p);
-  return {data[2],
-          data[3],
-          out[2],
-          out[3],
-          {w.kernel[0], w.kernel[1]},
-          {w.stride[0], w.stride[1]},
-          {w.pad[0], w.pad[1]},
-          type == PoolType::kMax   ? kernel::PoolWindows::kMax
-          : type == PoolType::kAvg ? kernel::PoolWindows::kAvg
-                                   : kernel::PoolWindows::kSum,
-          p.GetBool("count_include_pad")};
 }
 
 kernel::PoolShape CudnnShape(const ParsedParams& p, const Shape& data, const Shape& out) {
