@@ -1,7 +1,9 @@
 #include "ndarray/base.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 
 #include "absl/strings/str_join.h"
 
@@ -33,6 +35,16 @@ void CheckFailed(const char* file, int line, const char* cond) {
 int64_t Shape::Size() const {
   int64_t n = 1;
   for (int64_t d : dims_) n *= d;
+  return n;
+}
+
+std::optional<int64_t> Shape::CheckedSize() const {
+  if (std::find(dims_.begin(), dims_.end(), 0) != dims_.end()) return 0;
+  int64_t n = 1;
+  for (int64_t d : dims_) {
+    if (d > 0 && n > std::numeric_limits<int64_t>::max() / d) return std::nullopt;
+    n *= d;
+  }
   return n;
 }
 

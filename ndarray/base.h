@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <ostream>
 #include <stdexcept>
 #include <string>
@@ -113,6 +114,9 @@ class Shape {
 
   // Product of the dimensions (1 for a scalar shape).
   int64_t Size() const;
+  // The same, or nullopt when it does not fit int64_t (a damaged file's
+  // shape, a caller's); 0 when a dimension is 0, however large the others.
+  std::optional<int64_t> CheckedSize() const;
   // Number of elements in one step of the first dimension.
   int64_t RowSize() const;
   // True when every dimension is >= 0.

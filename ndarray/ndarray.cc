@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <limits>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -86,15 +85,9 @@ NDArray::NDArray(const Shape& shape, Context ctx) : shape_(shape) {
   MX_THROW_IF_NOT(shape.IsValid(), "NDArray: invalid shape ", shape.ToString(),
                   ": dimensions must be >= 0");
   // The byte count must not wrap around (to a small block for a huge array).
-  if (std::find(shape.begin(), shape.end(), 0) == shape.end()) {
-    int64_t elements = 1;
-    for (int64_t d : shape) {
-      MX_THROW_IF_NOT(elements <= PTRDIFF_MAX / int64_t{sizeof(float)} / d,
-                      "NDArray: shape ", shape.ToString(),
-                      " has too many elements to address");
-      elements *= d;
-    }
-  }
+  const std::optional<int64_t> elements = shape.CheckedSize();
+  MX_THROW_IF_NOT(elements.has_value() && *elements <= PTRDIFF_MAX / int64_t{sizeof(float)},
+                  "NDArray: shape ", shape.ToString(), " has too many elements to address");
   ThrowIfError(CheckContextAvailable(ctx));
   chunk_ = std::make_shared<Chunk>(shape.Size(), ctx);
 }
@@ -240,14 +233,10 @@ NDArray NDArray::Reshape(const Shape& shape) const {
   }
   // Their product must not wrap around (to this array's size even, which
   // made a view far beyond its memory).
-  int64_t known = 1;
-  if (std::find(rest.begin(), rest.end(), 0) != rest.end()) known = 0;
-  for (int64_t d : rest) {
-    if (known == 0) break;
-    MX_THROW_IF_NOT(known <= std::numeric_limits<int64_t>::max() / d, "Reshape: shape ",
-                    shape.ToString(), " has too many elements");
-    known *= d;
-  }
+  const std::optional<int64_t> checked = rest.CheckedSize();
+  MX_THROW_IF_NOT(checked.has_value(), "Reshape: shape ", shape.ToString(),
+                  " has too many elements");
+  const int64_t known = *checked;
   if (infer >= 0) {
     MX_THROW_IF_NOT(known > 0 && size() % known == 0, "Reshape: cannot infer -1 in ",
                     shape.ToString(), " from ", size(), " elements of ",

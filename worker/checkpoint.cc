@@ -10,7 +10,6 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
-#include <limits>
 #include <optional>
 #include <set>
 
@@ -70,14 +69,8 @@ class Reader {
 
 // A shape's element count fits int64 (a damaged header's may not).
 absl::Status CheckSize(const Reader& r, const Shape& shape, size_t index) {
-  int64_t elements = 1;
-  for (int64_t dim : shape) {
-    if (dim > 0 && elements > std::numeric_limits<int64_t>::max() / dim) {
-      return r.Error(absl::StrCat("array ", index, " has an impossible shape ", shape.ToString()));
-    }
-    elements *= dim;
-  }
-  return absl::OkStatus();
+  if (shape.CheckedSize().has_value()) return absl::OkStatus();
+  return r.Error(absl::StrCat("array ", index, " has an impossible shape ", shape.ToString()));
 }
 
 absl::StatusOr<Shape> ReadShape(Reader& r, bool int64_dims, size_t index) {
