@@ -136,6 +136,10 @@ absl::StatusOr<std::unique_ptr<DataIter>> CsvIter(const CsvOptions& options);
 // (another number of features, a value other than 1, an index that is no
 // number or not below num_features, a label other than 0, 1, -1 or +1) is
 // an mx::Error thrown by Next() naming the file and line.
+// Click-log feature indices lie below this: a batch carries them as
+// floats, which hold integers exactly below 2^24.
+inline constexpr int64_t kMaxFeatures = int64_t{1} << 24;
+
 struct LibSvmOptions {
   std::string path;
   int num_fields = 0;
@@ -143,8 +147,9 @@ struct LibSvmOptions {
   int part_index = 0;
   int num_parts = 1;
   LastBatch last_batch = LastBatch::kDiscard;
-  // Feature indices are below this (the model's table rows), at most 2^24.
-  int64_t num_features = int64_t{1} << 24;
+  // Feature indices are below this (the model's table rows), at most
+  // kMaxFeatures.
+  int64_t num_features = kMaxFeatures;
 };
 absl::StatusOr<std::unique_ptr<DataIter>> LibSvmIter(const LibSvmOptions& options);
 

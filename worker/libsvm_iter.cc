@@ -16,8 +16,6 @@
 namespace mx {
 namespace {
 
-constexpr int64_t kMaxIndex = int64_t{1} << 24;  // floats hold indices exactly below this
-
 class LibSvm : public DataIter {
  public:
   LibSvm(const LibSvmOptions& o, gzFile file)
@@ -151,9 +149,9 @@ absl::StatusOr<std::unique_ptr<DataIter>> LibSvmIter(const LibSvmOptions& o) {
         ") must be at least 1, and part_index (", o.part_index, ") within 0..num_parts-1 (",
         o.num_parts, ")"));
   }
-  if (o.num_features < 1 || o.num_features > kMaxIndex) {
+  if (o.num_features < 1 || o.num_features > kMaxFeatures) {
     return absl::InvalidArgumentError(absl::StrCat("LibSvmIter: num_features ", o.num_features,
-                                                   " must be from 1 to ", kMaxIndex,
+                                                   " must be from 1 to ", kMaxFeatures,
                                                    " (indices travel as floats)"));
   }
   if (o.last_batch == LastBatch::kRollOver) {

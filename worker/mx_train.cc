@@ -243,10 +243,10 @@ absl::Status CheckFlags() {
   MX_RETURN_IF_ERROR(at_least("resume_epoch", absl::GetFlag(FLAGS_resume_epoch), 0));
   MX_RETURN_IF_ERROR(at_least("ctr_embed_dim", absl::GetFlag(FLAGS_ctr_embed_dim), 1));
   MX_RETURN_IF_ERROR(at_least("ctr_fields", absl::GetFlag(FLAGS_ctr_fields), 1));
-  // Indices travel as floats, exact below 2^24 (LibSvmIter).
-  if (const int64_t n = absl::GetFlag(FLAGS_ctr_features); n < 1 || n > (int64_t{1} << 24)) {
+  // Indices travel as floats (LibSvmIter).
+  if (const int64_t n = absl::GetFlag(FLAGS_ctr_features); n < 1 || n > kMaxFeatures) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--ctr_features=", n, ": must be from 1 to ", int64_t{1} << 24));
+        absl::StrCat("--ctr_features=", n, ": must be from 1 to ", kMaxFeatures));
   }
   if (absl::GetFlag(FLAGS_resume_epoch) >= absl::GetFlag(FLAGS_epochs)) {
     return absl::InvalidArgumentError(absl::StrCat(
