@@ -100,12 +100,16 @@ absl::StatusOr<GradientCompression> GradientCompression::FromParams(
       return absl::InvalidArgumentError(absl::StrCat(
           "gradient compression: 'threshold' applies to type 2bit, not ", t));
     }
+    // Checked as the float32 it travels as: 1e-50 would be 0, 1e39 inf.
     double v = 0;
-    if (!absl::SimpleAtod(threshold->second, &v) || !(v > 0) || !std::isfinite(v)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "gradient compression: threshold '", threshold->second, "' must be a number above 0"));
+    const bool number = absl::SimpleAtod(threshold->second, &v);
+    const float f = static_cast<float>(v);
+    if (!number || !(f > 0) || !std::isfinite(f)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gradient compression: threshold '", threshold->second,
+                       "' must be a float32 number above 0 and below infinity"));
     }
-    c.threshold = static_cast<float>(v);
+    c.threshold = f;
   }
   return c;
 }
@@ -121,16 +125,26 @@ std::string GradientCompression::ToString() const {
 
 void Quantize(const GradientCompression& c, const float* g, int64_t n, float* residual, float* out) {
   if (c.type == GradientCompression::Type::kFp16) {
-    // In blocks: v = g + r, q = half(v), r = v - q.
+    // In blocks: v = g + r, q = half(v), r = v - q. A finite v beyond
+    // half's range is sent as the largest half and the excess kept, where
+    // half(v) would be inf and the residual -inf, then NaN for good. A
+    // non-finite v (a diverged gradient) is sent as it is, residual 0.
     constexpr int64_t kBlock = 256;
+    constexpr float kHalfMax = 65504.0f;
     float v[kBlock];
     uint16_t h[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = std::min(kBlock, n - b);
-      for (int64_t i = 0; i < m; ++i) v[i] = g[b + i] + residual[b + i];
+      for (int64_t i = 0; i < m; ++i) {
+        const float x = g[b + i] + residual[b + i];
+        v[i] = std::isfinite(x) ? std::clamp(x, -kHalfMax, kHalfMax) : x;
+        residual[b + i] = std::isfinite(x) ? x - v[i] : 0.0f;
+      }
       ToHalves(v, m, h);
       FromHalves(h, m, out + b);
-      for (int64_t i = 0; i < m; ++i) residual[b + i] = v[i] - out[b + i];
+      for (int64_t i = 0; i < m; ++i) {
+        if (std::isfinite(v[i])) residual[b + i] += v[i] - out[b + i];
+      }
     }
     return;
   }

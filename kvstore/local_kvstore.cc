@@ -201,6 +201,23 @@ class LocalKVStore : public KVStore {
     });
   }
 
+  // Every key, value and row id list is checked before any key is pushed,
+  // as in PushPull: a pull refused after its push left the table updated,
+  // and a corrected retry updated it twice.
+  absl::Status PushPullRowSparse(const std::vector<Key>& keys,
+                                 const std::vector<std::vector<RowSparseNDArray>>& values,
+                                 std::vector<std::vector<int64_t>> row_ids,
+                                 std::vector<RowSparseNDArray>* outs, int priority) override {
+    MX_RETURN_IF_ERROR(CheckTableBucket(keys, values, row_ids));
+    for (size_t i = 0; i < keys.size(); ++i) {
+      MX_ASSIGN_OR_RETURN(Entry * e, Find(keys[i], "row-sparse pushpull", true));
+      MX_RETURN_IF_ERROR(CheckRowSparseValues(keys[i], values[i], e->stored.shape()));
+      MX_RETURN_IF_ERROR(CheckRowIds(row_ids[i], e->stored.shape()[0],
+                                     absl::StrCat("row_sparse_pull of key ", keys[i].label())));
+    }
+    return KVStore::PushPullRowSparse(keys, values, std::move(row_ids), outs, priority);
+  }
+
   absl::Status RowSparsePull(Key key, std::vector<int64_t> row_ids, RowSparseNDArray* out,
                              int) override {
     MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "row_sparse_pull", true));

@@ -3,7 +3,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace mx {
@@ -35,9 +37,11 @@ TEST(GradientCompressionTest, BadParametersNameWhatIsWrong) {
     return std::string(GradientCompression::FromParams(p).status().message());
   };
   EXPECT_THAT(message({{"type", "1bit"}}), HasSubstr("unknown type '1bit' (known: 2bit, fp16, none)"));
-  for (const char* t : {"0", "-1", "nan", "inf", "half"}) {
+  // 1e-50 and 1e39 are doubles above 0 but float32 0 and inf.
+  for (const char* t : {"0", "-1", "nan", "inf", "half", "1e-50", "1e39"}) {
     EXPECT_THAT(message({{"type", "2bit"}, {"threshold", t}}),
-                HasSubstr(std::string("threshold '") + t + "' must be a number above 0"));
+                HasSubstr(std::string("threshold '") + t +
+                          "' must be a float32 number above 0 and below infinity"));
   }
   EXPECT_THAT(message({{"type", "fp16"}, {"threshold", "0.5"}}),
               HasSubstr("'threshold' applies to type 2bit, not fp16"));
@@ -69,6 +73,31 @@ TEST(GradientCompressionTest, Fp16RoundsToNearestHalf) {
   Quantize(c, g.data(), g.size(), residual.data(), q.data());
   EXPECT_THAT(q, ElementsAre(1.0f, 1.0f, 65504.0f, -3.140625f));  // 2^-12 is below half's step
   EXPECT_FLOAT_EQ(residual[1], 1.0f / 4096);
+}
+
+// Beyond half's range a push sends 65504 and keeps the rest for later:
+// rounding 70000 to inf made the residual -inf, then NaN on every push.
+TEST(GradientCompressionTest, Fp16KeepsWhatIsBeyondHalfsRange) {
+  GradientCompression c;
+  c.type = GradientCompression::Type::kFp16;
+  std::vector<float> g = {70000.0f, -1e30f}, residual(2, 0.0f), q(2);
+  Quantize(c, g.data(), g.size(), residual.data(), q.data());
+  EXPECT_THAT(q, ElementsAre(65504.0f, -65504.0f));
+  EXPECT_THAT(residual, ElementsAre(70000.0f - 65504.0f, -1e30f + 65504.0f));
+  g = {0.0f, 0.0f};
+  Quantize(c, g.data(), g.size(), residual.data(), q.data());
+  EXPECT_THAT(q, ElementsAre(4496.0f, -65504.0f));
+  EXPECT_THAT(residual, ElementsAre(0.0f, -1e30f + 2 * 65504.0f));
+  // A diverged gradient is sent as it is and does not stay in the residual.
+  g = {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};
+  residual = {0.0f, 0.0f};
+  Quantize(c, g.data(), g.size(), residual.data(), q.data());
+  EXPECT_EQ(q[0], std::numeric_limits<float>::infinity());
+  EXPECT_TRUE(std::isnan(q[1]));
+  EXPECT_THAT(residual, ElementsAre(0.0f, 0.0f));
+  g = {1.0f, 2.0f};
+  Quantize(c, g.data(), g.size(), residual.data(), q.data());
+  EXPECT_THAT(q, ElementsAre(1.0f, 2.0f));
 }
 
 TEST(GradientCompressionTest, PackIsExactForQuantizedValuesAndSmall) {

@@ -146,5 +146,26 @@ TEST(RowSparseKVStore, ErrorsNameTheKeyAndWhatIsWrong) {
   EXPECT_EQ(rows.data().ToVector(), std::vector<float>(12, 0.f));
 }
 
+// A pushpull whose pull is refused (unsorted row ids, a key never made)
+// pushes nothing: the push was applied first, and a corrected retry
+// applied it twice.
+TEST(RowSparseKVStore, RefusedPushPullLeavesTheTableAlone) {
+  auto kv = Local();
+  ASSERT_TRUE(kv->InitRowSparse(3, {4, 1}).ok());
+  auto opt = Optimizer::Create("sgd", {{"learning_rate", "1"}});
+  ASSERT_TRUE(opt.ok());
+  ASSERT_TRUE(kv->SetOptimizer(std::move(*opt)).ok());
+  const RowSparseNDArray grad({4, 1}, {1}, FromVector({2}, {1, 1}));
+  RowSparseNDArray out;
+  EXPECT_THAT(std::string(kv->PushPullRowSparse(3, {grad}, {3, 1}, &out).message()),
+              HasSubstr("row_sparse_pull of key 3"));
+  std::vector<RowSparseNDArray> outs;
+  EXPECT_THAT(
+      std::string(kv->PushPullRowSparse({3, 4}, {{grad}, {grad}}, {{1}, {1}}, &outs).message()),
+      HasSubstr("never initialized"));
+  ASSERT_TRUE(kv->PushPullRowSparse(3, {grad}, {1, 3}, &out).ok());
+  EXPECT_EQ(out.data().ToVector(), std::vector<float>({-2, 0}));
+}
+
 }  // namespace
 }  // namespace mx
