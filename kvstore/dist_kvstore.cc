@@ -1344,14 +1344,20 @@ class DistKVStore : public KVStore {
       std::vector<TableItem> items;
       std::vector<VarHandle> reads, writes;
       std::map<int, std::vector<ItemPart>> by_server;
+      // Each push is numbered once every item's arrays exist: an
+      // allocation that threw after a key's count went up left that key
+      // a push number ahead of its server for good.
+      for (size_t i = 0; i < entries.size(); ++i) {
+        items.push_back({entries[i], internal::SumRowSparse(values[i]), 0, 0,
+                         RowsToPull(*entries[i], std::move(row_ids[i]))});
+      }
       for (size_t i = 0; i < entries.size(); ++i) {
         Entry& e = *entries[i];
-        const int64_t seq = ++e.pushes;
-        items.push_back({entries[i], internal::SumRowSparse(values[i]), seq, PullVersion(seq),
-                         RowsToPull(e, std::move(row_ids[i]))});
-        reads.push_back(items.back().merged.data().var());
+        items[i].seq = ++e.pushes;
+        items[i].min_version = PullVersion(items[i].seq);
+        reads.push_back(items[i].merged.data().var());
         writes.push_back(e.token.var());
-        writes.push_back(items.back().pulled.data().var());
+        writes.push_back(items[i].pulled.data().var());
         for (const KeyPart& p : e.parts) by_server[p.server].push_back({i, p});
       }
       Engine::Get()->PushAsync(

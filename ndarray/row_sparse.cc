@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 #include "ndarray/op_util.h"
 #include "ndarray/sparse_kernels.h"
 
@@ -198,13 +199,10 @@ Ids UniqueRowIds(const NDArray& values, int64_t num_rows) {
   const std::vector<float> v = values.ToVector();
   Ids ids;
   ids.reserve(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    const float x = v[i];
-    MX_THROW_IF_NOT(x >= 0 && x < static_cast<float>(num_rows) && x == std::floor(x),
-                    "UniqueRowIds: value ", x, " at position ", i,
-                    " is not a row id in [0, ", num_rows, ")");
-    ids.push_back(static_cast<int64_t>(x));
-  }
+  MX_THROW_IF_NOT(num_rows > 0, "UniqueRowIds: a table needs rows, not ", num_rows);
+  // The rows dense Embedding reads: indices clipped and truncated as MXNet
+  // does. Refusing them failed sparse training on data dense trained on.
+  for (const float x : v) ids.push_back(kernel::EmbeddingRow(x, num_rows));
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   return ids;

@@ -96,9 +96,10 @@ RowSparseNDArray GatherRows(const NDArray& dense, std::vector<int64_t> ids);
 // does not store: the result stores exactly `ids` (MXNet's sparse.retain,
 // but keeping every requested id, which is what a pull needs).
 RowSparseNDArray Retain(const RowSparseNDArray& a, std::vector<int64_t> ids);
-// The sorted unique row ids among `values` (floats holding integers, as
-// Embedding's indices do), each checked to be in [0, num_rows); waits for
-// the values. The ids a batch's embedding lookup touches.
+// The sorted unique rows of a table of num_rows rows that Embedding reads
+// for the indices `values` (floats, truncated, clipped to [0, num_rows),
+// NaN reading row 0, as MXNet's Embedding does); waits for the values. The
+// ids a batch's embedding lookup touches.
 std::vector<int64_t> UniqueRowIds(const NDArray& values, int64_t num_rows);
 
 // Fills *out with rows [first_row, first_row + out->shape()[0]) of a table

@@ -459,7 +459,8 @@ TEST(DistCompression, BadSettingsAreErrors) {
   auto kv = Worker(c, 0, 1, 1 << 20);
   absl::Status s = kv->SetGradientCompression({{"type", "2bit"}, {"threshold", "0"}});
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(s.message(), HasSubstr("kvstore dist_sync: gradient compression: threshold '0' must be a number above 0"));
+  EXPECT_THAT(s.message(), HasSubstr("kvstore dist_sync: gradient compression: threshold '0' must "
+                                     "be a float32 number above 0"));
   EXPECT_THAT(kv->SetGradientCompression({{"type", "3bit"}}).message(), HasSubstr("unknown type '3bit'"));
   ASSERT_TRUE(kv->Init(7, Zeros({2})).ok());
   ASSERT_TRUE(kv->Push(7, {Ones({2})}).ok());

@@ -3,6 +3,7 @@
 // and files.
 #include "ndarray/row_sparse.h"
 
+#include <cmath>
 #include <cstdio>
 #include <functional>
 #include <string>
@@ -95,10 +96,11 @@ TEST(RowSparseTest, GatherAndRetain) {
 
 TEST(RowSparseTest, UniqueRowIdsOfEmbeddingIndices) {
   EXPECT_EQ(UniqueRowIds(FromVector({5, 1, 5, 0, 1}), 6), std::vector<int64_t>({0, 1, 5}));
-  EXPECT_THAT(ErrorOf([&] { UniqueRowIds(FromVector({1, 6}), 6); }),
-              HasSubstr("value 6 at position 1 is not a row id in [0, 6)"));
-  EXPECT_THAT(ErrorOf([&] { UniqueRowIds(FromVector({1.5f}), 6); }),
-              HasSubstr("value 1.5"));
+  // The rows dense Embedding reads: truncated, clipped, NaN reads row 0.
+  EXPECT_EQ(UniqueRowIds(FromVector({1.5f, 6, 1e9f, -3, 4.99f}), 6),
+            std::vector<int64_t>({0, 1, 4, 5}));
+  EXPECT_EQ(UniqueRowIds(FromVector({std::nanf(""), 2}), 6), std::vector<int64_t>({0, 2}));
+  EXPECT_THAT(ErrorOf([&] { UniqueRowIds(FromVector({1}), 0); }), HasSubstr("a table needs rows"));
 }
 
 TEST(RowSparseTest, SumsOnTheUnionOfRows) {
