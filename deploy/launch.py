@@ -291,8 +291,9 @@ class Proc:
         killed by signal N), also through ssh. ssh exits 255 for a remote
         process killed by a signal, as for a lost connection, so a remote
         node runs under sh (Remote.command), which exits 128 + N instead:
-        read back as -N. (A remote node that exits 129 or more itself would
-        be read as killed too; mx's binaries exit 0, 1 or 2.)"""
+        read back as -N. (A remote node that exits 129 or more itself is
+        read as killed too; mx's binaries exit 0, 1 or 2, or 128 + N when
+        signal N stopped them, which is the same news.)"""
         code = self.popen.poll()
         if code is None or not self.remote or not 128 < code < 255:
             return code

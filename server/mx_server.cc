@@ -297,6 +297,12 @@ void LogShutdown(const std::string& who, int sig, int64_t refused) {
   }
 }
 
+// The exit code of a node stopped by signal `sig` before its job finished:
+// 128 + the signal, as a shell reports a process killed by it. Such a stop
+// is no success: with exit 0, Kubernetes marked a coordinator pod deleted
+// or drained mid-job Succeeded, its Job Complete, and never replaced it.
+int StopExitCode(int sig) { return 128 + sig; }
+
 // The metrics endpoint of a node bound at `bind` (host:port), on the same
 // host, when --metrics_port or MX_METRICS_PORT asks for one; nullptr when
 // not. Exits on a bad setting or a port that cannot be had.
@@ -383,7 +389,7 @@ int RunCoordinator() {
     return 1;
   }
   LogShutdown("coordinator", sig, (*c)->refused());
-  return 0;
+  return (*c)->finished() && (*c)->failure().empty() ? 0 : StopExitCode(sig);
 }
 
 // The address other nodes use to reach a server bound at `bound`.
@@ -599,7 +605,7 @@ int RunServer() {
     std::optional<proto::RegisterResponse> assignment = AwaitAssignment(**client, &sig, &finished);
     if (!assignment.has_value()) {
       if (sig != 0) LogShutdown("spare server", sig, (*ps)->refused());
-      return sig != 0 || finished ? 0 : 1;
+      return finished ? 0 : sig != 0 ? StopExitCode(sig) : 1;
     }
     (*client)->Reassign(*assignment);
   }
@@ -644,7 +650,7 @@ int RunServer() {
   // freed client). /livez's watch, which reads the server, goes first.
   std::move(unwatch).Invoke();
   ps->reset();
-  return sig != 0 || finished ? 0 : 1;
+  return finished ? 0 : sig != 0 ? StopExitCode(sig) : 1;
 }
 
 }  // namespace

@@ -41,6 +41,7 @@ pid1_stops() {
     return
   fi
   wait "$outer"
+  PID1_RC=$?
   echo "$name as PID 1 stopped $(( $(now_ms) - start )) ms after SIGTERM: $(tail -1 "$log")"
 }
 
@@ -49,6 +50,9 @@ pid1_stops coordinator "$TMP/coordinator.log" "coordinator listening" \
   "$SERVER" --role=coordinator --bind=127.0.0.1:$port --num_servers=1 --num_workers=1
 grep -q "coordinator: shutting down (SIGTERM)" "$TMP/coordinator.log" ||
   fail "the coordinator did not say it stopped on SIGTERM: $(cat "$TMP/coordinator.log")"
+# Not 0: a stop before the job finished is no success (Kubernetes would
+# call the pod Succeeded and never replace it).
+[[ $PID1_RC -eq 143 ]] || fail "the coordinator stopped by SIGTERM exited $PID1_RC, not 143"
 
 # A server that cannot register yet (nothing listens at the coordinator's
 # address) stops as well.
