@@ -724,6 +724,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   // Starts the connection's threads; false, with the connection broken and
   // joined, when the system refuses one.
   bool Start() {
+    greet_deadline_ = absl::Now() + listener_->options.hello_time;
     auto self = shared_from_this();
     try {
       reader_ = std::thread([self] { self->Read(); });
@@ -749,6 +750,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
         open.push_back(call);
       }
     }
+    greeted_cv_.notify_all();
     out_.Close();
     for (StreamServerCall* call : open) {
       call->Cancel();
@@ -787,6 +789,11 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
  private:
   void Read() {
     absl::Status s = Greet();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      greeted_ = true;
+    }
+    greeted_cv_.notify_all();
     while (s.ok()) s = ReadRequest();
     bool draining;
     {
@@ -799,11 +806,12 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     finished_.store(true);
   }
 
-  // The handshake (TLS) and the hello, within StreamOptions::hello_time:
-  // until then reads time out.
+  // The handshake (TLS) and the hello, within StreamOptions::hello_time of
+  // the connection's start: each read times out, and the writer breaks the
+  // connection at the deadline (AwaitGreeting).
   absl::Status Greet() {
     const absl::Duration limit = listener_->options.hello_time;
-    const absl::Time deadline = absl::Now() + limit;
+    const absl::Time deadline = greet_deadline_;
     SetSocketTimeouts(fd_, limit);
     absl::Status s = Secure(deadline);
     if (s.ok()) {
@@ -944,7 +952,21 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   }
 
   void Write() {
-    if (!out_.Run().ok()) Break();
+    if (!AwaitGreeting() || !out_.Run().ok()) Break();
+  }
+
+  // The writer's first task: whether the reader finished the greeting (well
+  // or not) by its deadline. SO_RCVTIMEO bounds each read of it, not the
+  // whole: a client sending a byte every 9 s held a connection, and its two
+  // threads, for hours.
+  bool AwaitGreeting() {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto done = [&] { return greeted_ || broken_; };
+    if (greet_deadline_ == absl::InfiniteFuture()) {
+      greeted_cv_.wait(lock, done);
+      return true;
+    }
+    return greeted_cv_.wait_until(lock, absl::ToChronoTime(greet_deadline_), done);
   }
 
   // An answer's frame: id 0 is a pong (OK) or the end of the connection.
@@ -969,7 +991,10 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
   Outbox out_;  // answers and pongs
   std::thread reader_, writer_;
   std::atomic<bool> finished_{false};
+  absl::Time greet_deadline_;  // set by Start, before the threads
   mutable std::mutex mu_;
+  std::condition_variable greeted_cv_;          // greeted_ or broken_ turned true
+  bool greeted_ = false;                        // guarded by mu_
   bool broken_ = false;                         // guarded by mu_
   bool draining_ = false;                       // guarded by mu_
   std::map<uint64_t, StreamServerCall*> open_;  // guarded by mu_

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <openssl/evp.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -480,6 +481,44 @@ TEST_P(StreamTest, AConnectionThatSaysNothingEndsAfterTheHelloTime) {
     EXPECT_GE(took, absl::Milliseconds(900)) << bytes.size() << " bytes sent";
     EXPECT_LT(took, absl::Seconds(5)) << bytes.size() << " bytes sent";
   }
+  std::string got;
+  ASSERT_TRUE(Call("/t/Echo", "after", &got).ok());
+  EXPECT_EQ(got, "after");
+}
+
+// Sends `bytes` on a new raw connection to `port`, one byte every
+// `every`, until the server closes it: how long that took after the
+// connect (InfiniteDuration: not closed by the last byte).
+absl::Duration TrickleUntilClosed(int port, const std::string& bytes, absl::Duration every) {
+  const int fd = RawConnection(port);
+  const absl::Time start = absl::Now();
+  absl::Duration closed = absl::InfiniteDuration();
+  for (size_t i = 0; i < bytes.size() && closed == absl::InfiniteDuration(); ++i) {
+    if (send(fd, bytes.data() + i, 1, MSG_NOSIGNAL) != 1) {
+      closed = absl::Now() - start;
+      break;
+    }
+    pollfd p{fd, POLLIN | POLLRDHUP, 0};
+    if (poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(every))) <= 0) continue;
+    char buffer[256];
+    while (read(fd, buffer, sizeof(buffer)) > 0) {  // an answer or alert, then the end
+    }
+    closed = absl::Now() - start;
+  }
+  close(fd);
+  return closed;
+}
+
+TEST_P(StreamTest, AConnectionThatTricklesItsHelloEndsAfterTheHelloTime) {
+  // A byte every 200 ms: each read is quick, the whole hello is not. Each
+  // read's timeout alone let such a client hold the connection (and its
+  // two threads) for hours.
+  const std::string hello = tls()
+                                ? std::string("\x16\x03\x01\x02\x00", 5) + std::string(512, '\x01')
+                                : std::string("MXS1\x40\0\0\0", 8) + std::string(64, 's');
+  const absl::Duration closed = TrickleUntilClosed(stream_port_, hello, absl::Milliseconds(200));
+  EXPECT_GE(closed, absl::Milliseconds(900));
+  EXPECT_LT(closed, absl::Seconds(3)) << "hello time 1 s";
   std::string got;
   ASSERT_TRUE(Call("/t/Echo", "after", &got).ok());
   EXPECT_EQ(got, "after");
