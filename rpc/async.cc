@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "rpc/call_metrics.h"
 #include "rpc/server_call.h"
 
 namespace mx {
@@ -232,6 +233,7 @@ AsyncServer::AsyncServer(grpc::ServerBuilder* builder)
 AsyncServer::~AsyncServer() { Shutdown(absl::Now() + absl::Seconds(1)); }
 
 void AsyncServer::Route(const std::string& method, Runs runs, Handler handler) {
+  RouteCallMetrics(method);
   routes_[method] = {runs, std::move(handler)};
 }
 

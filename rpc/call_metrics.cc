@@ -7,6 +7,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 
 #include "absl/status/status.h"
@@ -78,18 +79,29 @@ class Side {
     }
   }
 
+  // The stats of `full_method`; on the server side, of "/unrouted" for a
+  // method no server of this process routes (RouteCallMetrics): a caller
+  // inventing paths, even without the job's token, added series without
+  // bound, each kept for good.
   MethodStats* For(const char* full_method) {
     std::lock_guard<std::mutex> lock(mu_);
-    std::unique_ptr<MethodStats>& s = methods_[full_method == nullptr ? "" : full_method];
+    std::string name = full_method == nullptr ? "" : full_method;
+    if (received_ != nullptr && !routed_.count(name)) name = "/unrouted";
+    std::unique_ptr<MethodStats>& s = methods_[name];
     if (s == nullptr) {
       s = std::make_unique<MethodStats>();
-      s->method = Split(full_method).second;
+      s->method = Split(name.c_str()).second;
       s->handled_family = handled_;
       s->seconds = seconds_->With({s->method});
       s->sent_bytes = sent_->With({s->method});
       if (received_ != nullptr) s->received_bytes = received_->With({s->method});
     }
     return s.get();
+  }
+
+  void Route(const std::string& full_method) {
+    std::lock_guard<std::mutex> lock(mu_);
+    routed_.insert(full_method);
   }
 
  private:
@@ -99,6 +111,7 @@ class Side {
   metrics::Family<metrics::Counter>* received_ = nullptr;
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<MethodStats>> methods_;
+  std::set<std::string> routed_ = {"/grpc.health.v1.Health/Check"};  // server side
 };
 
 Side& ServerSide() {
@@ -185,6 +198,8 @@ class ClientFactory : public grpc::experimental::ClientInterceptorFactoryInterfa
 };
 
 }  // namespace
+
+void RouteCallMetrics(const std::string& method) { ServerSide().Route(method); }
 
 void CountServerCall(const std::string& method, int code,
                      std::chrono::steady_clock::time_point start, size_t received, size_t sent) {

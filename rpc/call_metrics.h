@@ -23,6 +23,12 @@ ServerCallMetrics();
 std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>>
 ClientCallMetrics();
 
+// Counts calls of `method` (in full: "/mx.proto.KVStoreService/Push")
+// under its own name on the server side; calls of methods no server of the
+// process routes are counted as method "unrouted". AsyncServer::Route
+// calls it.
+void RouteCallMetrics(const std::string& method);
+
 // The same counts for a call that gRPC did not carry (a stream
 // connection's, rpc/stream.h): `method` in full, `code` a gRPC status
 // code, `start` when it arrived or was made.

@@ -144,12 +144,16 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
   }
   std::unique_ptr<HttpServer> server(new HttpServer(registry));
   server->port_ = PortOf(*fd);
-  // One thread answers every request (a scrape every few seconds); each
-  // connection may last 10 s at most.
-  server->daemon_ = MHD_start_daemon(
-      MHD_USE_AUTO_INTERNAL_THREAD, 0, nullptr, nullptr, &Handle, server.get(),
-      MHD_OPTION_LISTEN_SOCKET, *fd, MHD_OPTION_CONNECTION_TIMEOUT, 10u,
-      MHD_OPTION_CONNECTION_LIMIT, 32u, MHD_OPTION_END);
+  // One thread answers every request (a scrape every few seconds); a
+  // connection idle for 10 s is closed. At most kPerAddress connections
+  // per client address: 32 idle ones from anywhere took every slot, and
+  // the kubelet's probes failed until it restarted the pod.
+  constexpr unsigned kConnections = 128, kPerAddress = 8;
+  server->daemon_ =
+      MHD_start_daemon(MHD_USE_AUTO_INTERNAL_THREAD, 0, nullptr, nullptr, &Handle, server.get(),
+                       MHD_OPTION_LISTEN_SOCKET, *fd, MHD_OPTION_CONNECTION_TIMEOUT, 10u,
+                       MHD_OPTION_CONNECTION_LIMIT, kConnections,
+                       MHD_OPTION_PER_IP_CONNECTION_LIMIT, kPerAddress, MHD_OPTION_END);
   if (server->daemon_ == nullptr) {
     close(*fd);
     return absl::InternalError(absl::StrCat("metrics: cannot serve on ", bind_address));

@@ -8,13 +8,19 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/mx.grpc.pb.h"
+#include "rpc/async.h"
 #include "rpc/metrics_http.h"
 #include "rpc/rpc.h"
 #include "server/coordinator.h"
@@ -69,6 +75,33 @@ TEST(Registry, RefreshesGaugesBeforeEachExposition) {
   EXPECT_THAT(r.Text(), HasSubstr("g 2\n"));
 }
 
+// A connection to 127.0.0.1:port from the address `from` (IPv4).
+int ConnectFrom(int port, const char* from) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in source{};
+  source.sin_family = AF_INET;
+  inet_pton(AF_INET, from, &source.sin_addr);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  EXPECT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&source), sizeof(source)), 0) << from;
+  EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0) << from;
+  return fd;
+}
+
+// The whole response to a GET of `path` on the connection fd, closed then.
+std::string GetOn(int fd, const std::string& path) {
+  const std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+  (void)send(fd, req.data(), req.size(), MSG_NOSIGNAL);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) out.append(buf, n);
+  close(fd);
+  return out;
+}
+
 // A GET of `path` on 127.0.0.1:port (or [::1]:port): the whole response.
 std::string Get(int port, const std::string& path, bool ipv6 = false) {
   const int fd = socket(ipv6 ? AF_INET6 : AF_INET, SOCK_STREAM, 0);
@@ -86,14 +119,7 @@ std::string Get(int port, const std::string& path, bool ipv6 = false) {
     close(fd);
     return "connect failed";
   }
-  const std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
-  (void)send(fd, req.data(), req.size(), MSG_NOSIGNAL);
-  std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) out.append(buf, n);
-  close(fd);
-  return out;
+  return GetOn(fd, path);
 }
 
 TEST(HttpServer, ServesMetricsAndHealth) {
@@ -112,6 +138,22 @@ TEST(HttpServer, ServesMetricsAndHealth) {
   (*s)->SetServing(true);
   EXPECT_THAT(Get(port, "/healthz"), HasSubstr("HTTP/1.1 200"));
   EXPECT_THAT(Get(port, "/other"), Not(HasSubstr("HTTP/1.1 200")));
+}
+
+// Idle connections from one address cannot starve the probes of another:
+// 32 held from anywhere made the kubelet's /livez fail, and the pod was
+// restarted.
+TEST(HttpServer, IdleConnectionsFromOneAddressLeaveRoomForOthers) {
+  Registry r;
+  auto s = HttpServer::Start("127.0.0.1:0", &r);
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::vector<int> idle;
+  for (int i = 0; i < 40; ++i) idle.push_back(ConnectFrom((*s)->port(), "127.0.0.1"));
+  absl::SleepFor(absl::Milliseconds(200));  // the server takes them in
+  const absl::Time start = absl::Now();
+  EXPECT_THAT(GetOn(ConnectFrom((*s)->port(), "127.0.0.2"), "/livez"), HasSubstr("HTTP/1.1 200"));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2)) << "not until the idle ones timed out";
+  for (int fd : idle) close(fd);
 }
 
 // With a progress probe, /livez fails once the loop it watches has not
@@ -216,6 +258,47 @@ TEST(CallMetrics, CountCallsByMethodAndCodeWhileEnabled) {
   EXPECT_GT(Sample(text, "mx_rpc_server_received_bytes_total{method=\"Heartbeat\"}"), -1);
   EXPECT_EQ(Sample(text, "mx_rpc_server_handling_seconds_count{method=\"Heartbeat\"}"),
             std::max(before, 0.0) + 2);
+}
+
+// Calls of methods the server does not route are counted as one method,
+// "unrouted": a caller without the job's token inventing paths added
+// series without bound.
+TEST(CallMetrics, CallsOfUnroutedMethodsShareOneSeries) {
+  CoordinatorOptions o;
+  o.num_workers = 1;
+  o.num_servers = 0;
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  grpc::GenericStub stub(rpc::SharedChannel((*c)->address(), {}));
+  const std::string unrouted =
+      "mx_rpc_server_handled_total{method=\"unrouted\",code=\"UNIMPLEMENTED\"}";
+  const double before = std::max(Sample(Registry::Global().Text(), unrouted), 0.0);
+  grpc::Slice empty;
+  const grpc::ByteBuffer request(&empty, 1);
+  SetEnabled(true);
+  for (int i = 0; i < 50; ++i) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    grpc::ByteBuffer response;
+    absl::Notification done;
+    grpc::Status status;
+    rpc::StartUnaryCall(&stub, &ctx, absl::StrCat("/mx.proto.Coordinator/Invented", i), request,
+                        &response, [&](grpc::Status s) {
+                          status = s;
+                          done.Notify();
+                        });
+    done.WaitForNotification();
+    ASSERT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED) << status.error_message();
+  }
+  SetEnabled(false);
+  const std::string text = Registry::Global().Text();
+  EXPECT_EQ(Sample(text, unrouted), before + 50);
+  // (The client side, this test's own, names them.)
+  for (const char* family : {"handled_total", "handling_seconds_count", "received_bytes_total"}) {
+    EXPECT_EQ(text.find(absl::StrCat("mx_rpc_server_", family, "{method=\"Invented")),
+              std::string::npos)
+        << family;
+  }
 }
 
 }  // namespace
