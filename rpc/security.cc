@@ -59,6 +59,12 @@ absl::StatusOr<Security> Security::Load(const std::string& token, const File& to
   if (s.token.empty() && !token_file.path.empty()) {
     MX_ASSIGN_OR_RETURN(const std::string text, ReadWholeFile(token_file.from, token_file.path));
     s.token = text.substr(0, text.find('\n'));
+    // A token file with a blank first line (a stray newline) gave token
+    // "": every node then obeyed every caller.
+    if (s.token.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(token_file.from, "=", token_file.path,
+                                                     ": the job token file's first line is empty"));
+    }
   }
   if (s.token.find_first_of(" \t\r\n") != std::string::npos) {
     return absl::InvalidArgumentError("the job token must not contain white space");

@@ -896,8 +896,13 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     }
     std::string method(h.method_bytes, '\0');
     MX_RETURN_IF_ERROR(ReadFully(in_, method.data(), method.size()));
-    const auto deadline = std::chrono::system_clock::now() +
-                          std::chrono::microseconds(std::max<int64_t>(h.timeout_us, 0));
+    // A timeout of a year or more is none: the client's "infinite"
+    // (INT64_MAX us) overflowed, added to now, into the past.
+    constexpr int64_t kNoDeadlineUs = int64_t{365} * 24 * 3600 * 1000 * 1000;
+    const auto deadline = h.timeout_us >= kNoDeadlineUs
+                              ? std::chrono::system_clock::time_point::max()
+                              : std::chrono::system_clock::now() +
+                                    std::chrono::microseconds(std::max<int64_t>(h.timeout_us, 0));
     const StreamOptions& o = listener_->options;
     if (h.body_bytes > o.max_message_bytes) {
       MX_RETURN_IF_ERROR(Skip(in_, h.body_bytes));

@@ -1180,6 +1180,14 @@ TEST(DistKVStoreOptions, BadEnvironmentVariablesAreErrors) {
   unsetenv("MX_RPC_TIMEOUT_S");
   setenv("MX_JOB_TOKEN_FILE", "/nonexistent/token", 1);
   EXPECT_THAT(message(), HasSubstr("MX_JOB_TOKEN_FILE: cannot read /nonexistent/token"));
+  // A blank first line is no token (it made an open job).
+  const std::string blank = absl::StrCat(getenv("TEST_TMPDIR"), "/blank_token");
+  {
+    std::ofstream f(blank);
+    f << "\nsecret\n";
+  }
+  setenv("MX_JOB_TOKEN_FILE", blank.c_str(), 1);
+  EXPECT_THAT(message(), HasSubstr("the job token file's first line is empty"));
   unsetenv("MX_JOB_TOKEN_FILE");
   setenv("MX_TLS_CERT", "/etc/hostname", 1);
   EXPECT_THAT(message(), HasSubstr("give all three or none"));

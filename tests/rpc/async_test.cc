@@ -75,6 +75,7 @@ std::shared_ptr<const StreamTls> TestStreamTls() {
 // A server on 127.0.0.1 with the test's methods, called over the
 // transport the test's parameter names:
 //  /t/Echo     answers with the request at once (polling thread);
+//  /t/Deadline answers "far" for a deadline over 300 days away, else "near";
 //  /t/Later    answers from another thread 20 ms later;
 //  /t/Wait     waits until Release (control pool);
 //  /t/Park     keeps its call until the client cancels it.
@@ -96,6 +97,15 @@ class AsyncServerTest : public ::testing::TestWithParam<Transport> {
     server_->Route("/t/Echo", Runs::kPolling,
                    [](ServerContext*, const grpc::ByteBuffer* req, grpc::ByteBuffer* resp) {
                      *resp = *req;
+                     auto* r = new UnaryReactor;
+                     r->Finish(grpc::Status::OK);
+                     return r;
+                   });
+    server_->Route("/t/Deadline", Runs::kPolling,
+                   [](ServerContext* ctx, const grpc::ByteBuffer*, grpc::ByteBuffer* resp) {
+                     const bool far = ctx->deadline() > std::chrono::system_clock::now() +
+                                                            std::chrono::hours(24 * 300);
+                     *resp = Bytes(far ? "far" : "near");
                      auto* r = new UnaryReactor;
                      r->Finish(grpc::Status::OK);
                      return r;
@@ -135,7 +145,7 @@ class AsyncServerTest : public ::testing::TestWithParam<Transport> {
       StreamOptions o;
       o.guard = &guard_;
       o.max_message_bytes = 8 << 20;
-      o.methods = {"/t/Echo", "/t/Later", "/t/Wait", "/t/Park"};
+      o.methods = {"/t/Echo", "/t/Deadline", "/t/Later", "/t/Wait", "/t/Park"};
       o.hello_time = absl::Seconds(1);
       o.max_connections = kMaxConnections;
       if (tls()) {
@@ -522,6 +532,17 @@ TEST_P(StreamTest, AConnectionThatTricklesItsHelloEndsAfterTheHelloTime) {
   std::string got;
   ASSERT_TRUE(Call("/t/Echo", "after", &got).ok());
   EXPECT_EQ(got, "after");
+}
+
+// A call without a deadline has none on the server either: over a stream,
+// the client's "infinite" (INT64_MAX us) overflowed into a deadline in the
+// past, and a waiting handler gave up at once.
+TEST_P(AsyncServerTest, ACallWithoutADeadlineHasNoneThere) {
+  std::string got;
+  ASSERT_TRUE(Call("/t/Deadline", "", &got, nullptr, absl::InfiniteDuration()).ok());
+  EXPECT_EQ(got, "far");
+  ASSERT_TRUE(Call("/t/Deadline", "", &got, nullptr, absl::Seconds(10)).ok());
+  EXPECT_EQ(got, "near");
 }
 
 // Connections beyond the listener's limit are closed at once (each open
