@@ -157,11 +157,28 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
                                        const FitOptions& options, int batch_size,
                                        const std::vector<std::string>& params) {
   const Executor& exec = *execs[0];
+  kvstore_ = nullptr;
+  owned_kvstore_.reset();
+  optimizer_.reset();
+  // The store: the one given, else one of options.kvstore's type, except
+  // that one context with a local type updates in place (nothing to sum;
+  // MXNet makes no store then either). A dist type always makes one.
+  const bool local_type =
+      options.kvstore == "local" || options.kvstore == "device" || options.kvstore == "nccl";
+  const bool in_place = contexts_.size() == 1 && options.store == nullptr && tables_.empty() &&
+                        local_type;
+  if (options.store != nullptr) {
+    kvstore_ = options.store;
+  } else if (!in_place) {
+    MX_ASSIGN_OR_RETURN(owned_kvstore_, KVStore::Create(options.kvstore));
+    kvstore_ = owned_kvstore_.get();
+  }
   Optimizer::Options opt_options = options.optimizer_options;
   if (!opt_options.count("rescale_grad")) {
-    const bool summed = options.store != nullptr && (options.store->type() == "dist_sync" ||
-                                                     options.store->type() == "dist_device_sync");
-    const int workers = summed ? options.store->num_workers() : 1;
+    // dist_sync servers sum every worker's gradient.
+    const bool summed = kvstore_ != nullptr && (kvstore_->type() == "dist_sync" ||
+                                                kvstore_->type() == "dist_device_sync");
+    const int workers = summed ? kvstore_->num_workers() : 1;
     opt_options["rescale_grad"] = absl::StrCat(1.0 / (static_cast<double>(batch_size) * workers));
   }
   MX_ASSIGN_OR_RETURN(std::unique_ptr<Optimizer> optimizer,
@@ -173,22 +190,13 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
   MX_ASSIGN_OR_RETURN(const auto wd_mult, MultFromAttrs(symbol_, "__wd_mult__"));
   optimizer->SetLrMult(lr_mult);
   optimizer->SetWdMult(wd_mult);
-  kvstore_ = nullptr;
-  owned_kvstore_.reset();
-  optimizer_.reset();
-  if (contexts_.size() == 1 && options.store == nullptr && tables_.empty()) {
+  if (kvstore_ == nullptr) {
     optimizer_ = std::move(optimizer);
     optimizer_->SplitLargeUpdates(true);  // its updates are this step's critical path
     if (!options.optimizer_states_path.empty()) {
       return optimizer_->LoadStatesFromFile(options.optimizer_states_path);
     }
     return absl::OkStatus();
-  }
-  if (options.store != nullptr) {
-    kvstore_ = options.store;
-  } else {
-    MX_ASSIGN_OR_RETURN(owned_kvstore_, KVStore::Create(options.kvstore));
-    kvstore_ = owned_kvstore_.get();
   }
   MX_RETURN_IF_ERROR(kvstore_->SetOptimizer(std::move(optimizer)));
   TableInit table_init;

@@ -94,8 +94,10 @@ struct FitOptions {
   std::string initializer = "uniform";
   std::map<std::string, std::string> initializer_options;
   std::string eval_metric = "accuracy";
-  // The KVStore that sums gradients and applies the optimizer when training
-  // on several contexts (one context updates in place, without a store).
+  // The type of KVStore that sums gradients and applies the optimizer:
+  // one context with a local type (local, device, nccl) updates in place,
+  // without a store; a dist type makes one, with rescale_grad as for
+  // `store`.
   std::string kvstore = "local";
   // An existing store to train through instead (distributed training: the
   // caller creates it first to learn its rank, for partitioning the data).

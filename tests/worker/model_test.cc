@@ -196,6 +196,28 @@ TEST(FeedForwardFit, BadOptimizerIsAnError) {
   EXPECT_THAT(s.message(), HasSubstr("sgdd"));
 }
 
+// FitOptions.kvstore is used on one context too: a dist type makes its
+// store (this test binary has no parameter-server client, so that is an
+// error saying so), an unknown type is an error. Both trained locally,
+// silently, before.
+TEST(FeedForwardFit, TheKVStoreTypeIsHonouredOnOneContext) {
+  Blobs train = MakeBlobs(40, 2, 5);
+  for (const auto& [type, expected] : std::vector<std::pair<std::string, std::string>>{
+           {"dist_sync", "needs the parameter-server client"},
+           {"bogus", "unknown kvstore type 'bogus'"}}) {
+    FeedForward model(SmallMlp(2));
+    auto it = Iter(train, 20);
+    FitOptions f = Sgd(1, 0.1f);
+    f.kvstore = type;
+    EXPECT_THAT(model.Fit(it.get(), nullptr, f).message(), HasSubstr(expected)) << type;
+  }
+  FeedForward model(SmallMlp(2));
+  auto it = Iter(train, 20);
+  FitOptions f = Sgd(1, 0.1f);
+  f.kvstore = "nccl";  // one device: nothing to sum, updated in place
+  EXPECT_TRUE(model.Fit(it.get(), nullptr, f).ok());
+}
+
 TEST(FeedForwardFit, DataThatDoesNotFitTheNetworkIsAnError) {
   NDArray x = Zeros({40, 8}), y = Zeros({40});
   ArrayIterOptions o;
