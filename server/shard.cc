@@ -861,6 +861,14 @@ absl::Status ParameterShard::SetOptimizer(const std::string& name,
   // A step completing outside the lock uses the optimizer it started with
   // (or none): let it land before the weights are copied from the values.
   mu_.Await(NoStepInFlight());
+  // The optimizer it has, set again (every worker sets it; in dist_async a
+  // late worker's did so after the others' updates): its states and update
+  // counts are kept. Replaced, they restarted momentum and the schedule.
+  if (optimizer_ != nullptr && optimizer_->name() == opt->name() &&
+      optimizer_->options() == opt->options() && param_names_ == param_names &&
+      optimizer_->lr_mult() == opt->lr_mult() && optimizer_->wd_mult() == opt->wd_mult()) {
+    return absl::OkStatus();
+  }
   return InstallOptimizer(std::move(opt), param_names);
 }
 

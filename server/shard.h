@@ -276,7 +276,8 @@ class ParameterShard {
   absl::Status TimeOutPull(int key, uint64_t id, int64_t min_version);
 
   // Sets the updater applied to the sum of each step (or each async push),
-  // with the parameter names and multipliers it applies per key.
+  // with the parameter names and multipliers it applies per key. The same
+  // optimizer set again (each worker sets it) keeps its states and counts.
   absl::Status SetOptimizer(const std::string& name, const Optimizer::Options& options,
                             const std::map<int, std::string>& param_names = {},
                             const std::map<std::string, float>& lr_mult = {},

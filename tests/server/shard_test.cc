@@ -259,6 +259,26 @@ TEST(ShardAsync, AppliesEachPushOnArrival) {
   EXPECT_EQ(got->version, 2);
 }
 
+// A late worker setting the same optimizer (dist_async: after the others'
+// updates) keeps the momentum; another optimizer replaces it.
+TEST(ShardAsync, TheSameOptimizerSetAgainKeepsItsState) {
+  ParameterShard shard({/*sync=*/false, 2, false});
+  ASSERT_TRUE(shard.Init(3, Shape{1}, {0}).ok());
+  const Optimizer::Options momentum = {{"learning_rate", "1"}, {"momentum", "0.5"}};
+  ASSERT_TRUE(shard.SetOptimizer("sgd", momentum).ok());
+  ASSERT_TRUE(shard.Push(3, 0, {1}).ok());  // m = -1, w = -1
+  ASSERT_TRUE(shard.SetOptimizer("sgd", momentum).ok());
+  ASSERT_TRUE(shard.Push(3, 1, {1}).ok());  // m = 0.5 * -1 - 1 = -1.5, w = -2.5
+  auto got = shard.Pull(3, 2, Soon());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_THAT(got->data.ToFloats(), ElementsAre(-2.5f));
+  ASSERT_TRUE(shard.SetOptimizer("sgd", {{"learning_rate", "1"}, {"momentum", "0.25"}}).ok());
+  ASSERT_TRUE(shard.Push(3, 0, {1}).ok());  // a fresh momentum: m = -1, w = -3.5
+  got = shard.Pull(3, 3, Soon());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_THAT(got->data.ToFloats(), ElementsAre(-3.5f));
+}
+
 TEST(ShardFailures, DeadWorkerFailsWaitingPullsWithItsRank) {
   ParameterShard shard({true, 3, false});
   ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
