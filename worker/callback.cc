@@ -1,4 +1,5 @@
 // Training callbacks (declared in worker/model.h).
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -13,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "ndarray/base.h"
 #include "worker/checkpoint.h"
 #include "worker/model.h"
 
@@ -37,13 +39,23 @@ std::string Format(const MetricValues& values, const std::string& prefix) {
 }  // namespace
 
 BatchEndCallback Speedometer(int batch_size, int frequent) {
-  auto last = std::make_shared<double>(Now());
+  MX_THROW_IF_NOT(frequent >= 1, "Speedometer: frequent must be at least 1, not ", frequent);
+  // The clock and the batch it started at: the end of an epoch's first
+  // batch (the clock restarts each epoch), then each report.
+  struct Clock {
+    double at = 0;
+    int batch = 0;
+  };
+  auto clock = std::make_shared<Clock>();
   return [=](const BatchEndParam& p) {
-    if (p.nbatch == 1) *last = Now();  // new epoch: restart the clock
-    if (p.nbatch % frequent != 0) return;
-    double now = Now();
-    double speed = frequent * batch_size / std::max(now - *last, 1e-9);
-    *last = now;
+    if (p.nbatch == 1) *clock = {Now(), 1};  // new epoch: restart the clock
+    if (p.nbatch % frequent != 0 || p.nbatch == clock->batch) return;
+    const double now = Now();
+    // The batches timed, not `frequent`: the first report of an epoch times
+    // one batch fewer (with frequent 1 it divided by nearly no time).
+    const double speed = (p.nbatch - clock->batch) * static_cast<double>(batch_size) /
+                         std::max(now - clock->at, 1e-9);
+    *clock = {now, p.nbatch};
     std::printf("Epoch[%d] Batch [%d]\tSpeed: %.2f samples/sec%s\n", p.epoch, p.nbatch, speed,
                 p.metric ? Format(p.metric->Get(), "").c_str() : "");
     std::fflush(stdout);
@@ -76,6 +88,7 @@ EpochEndCallback LogEpoch() {
 }
 
 EpochEndCallback DoCheckpoint(const std::string& prefix, int period, absl::Status* error) {
+  MX_THROW_IF_NOT(period >= 1, "DoCheckpoint: period must be at least 1, not ", period);
   return [=](const EpochEndParam& p) {
     if ((p.epoch + 1) % period != 0) return true;
     absl::Status s = p.model->SaveCheckpoint(prefix, p.epoch + 1);
@@ -90,7 +103,10 @@ EpochEndCallback DoCheckpoint(const std::string& prefix, int period, absl::Statu
       }
       return false;  // stop rather than train on without checkpoints
     }
-    std::printf("Saved checkpoint to \"%s\"\n", CheckpointParamsPath(prefix, p.epoch + 1).c_str());
+    if (p.model->WritesCheckpoints()) {
+      std::printf("Saved checkpoint to \"%s\"\n",
+                  CheckpointParamsPath(prefix, p.epoch + 1).c_str());
+    }
     return true;
   };
 }
@@ -121,9 +137,19 @@ EpochEndCallback EarlyStopping(const std::string& metric, int patience, bool hig
 
 EpochEndCallback MetricsLog(const std::string& path) {
   const bool csv = absl::EndsWith(path, ".csv");
-  auto wrote_header = std::make_shared<bool>(false);
   auto said = std::make_shared<bool>(false);  // the error is printed once
+  // JSON has no NaN or infinity: written as Python's json module writes
+  // and reads them (a diverged loss made lines json.loads refused).
+  auto json = [](double v) -> std::string {
+    if (std::isnan(v)) return "NaN";
+    if (std::isinf(v)) return v > 0 ? "Infinity" : "-Infinity";
+    return absl::StrCat(v);
+  };
   return [=](const EpochEndParam& p) {
+    // A header only in a new or empty file: a resumed run appending to its
+    // log put a second header line in the middle.
+    struct stat st;
+    const bool empty = stat(path.c_str(), &st) != 0 || st.st_size == 0;
     std::ofstream out(path, std::ios::app);
     if (!out) {
       if (!std::exchange(*said, true)) {
@@ -133,12 +159,11 @@ EpochEndCallback MetricsLog(const std::string& path) {
       return true;
     }
     if (csv) {
-      if (!*wrote_header) {
+      if (empty) {
         out << "epoch,seconds,samples_per_second";
         for (const auto& [n, v] : p.train_metrics) out << ",train_" << n;
         for (const auto& [n, v] : p.eval_metrics) out << ",eval_" << n;
         out << "\n";
-        *wrote_header = true;
       }
       out << p.epoch << "," << p.seconds << "," << p.samples_per_second;
       for (const auto& [n, v] : p.train_metrics) out << "," << v;
@@ -147,8 +172,8 @@ EpochEndCallback MetricsLog(const std::string& path) {
     } else {
       out << "{\"epoch\": " << p.epoch << ", \"seconds\": " << p.seconds
           << ", \"samples_per_second\": " << p.samples_per_second;
-      for (const auto& [n, v] : p.train_metrics) out << ", \"train_" << n << "\": " << v;
-      for (const auto& [n, v] : p.eval_metrics) out << ", \"eval_" << n << "\": " << v;
+      for (const auto& [n, v] : p.train_metrics) out << ", \"train_" << n << "\": " << json(v);
+      for (const auto& [n, v] : p.eval_metrics) out << ", \"eval_" << n << "\": " << json(v);
       out << "}\n";
     }
     return true;

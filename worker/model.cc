@@ -694,13 +694,15 @@ absl::Status FeedForward::RestoreTables(const std::string& path) {
   return kvstore_->Barrier();
 }
 
+bool FeedForward::WritesCheckpoints() const {
+  return kvstore_ == nullptr || kvstore_->rank() == kvstore_->first_live_rank();
+}
+
 absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) const {
   // Every worker of a distributed job holds the same parameters: one
   // writes the checkpoint (with the servers' optimizer state), worker 0 or,
   // once it died in an elastic job, the lowest-ranked worker left.
-  if (kvstore_ != nullptr && kvstore_->rank() != kvstore_->first_live_rank()) {
-    return absl::OkStatus();
-  }
+  if (!WritesCheckpoints()) return absl::OkStatus();
   MX_RETURN_IF_ERROR(mx::SaveCheckpoint(prefix, epoch, symbol_, arg_params_, aux_params_));
   if (!tables_.empty()) MX_RETURN_IF_ERROR(SaveTables(CheckpointTablesPath(prefix, epoch)));
   if (optimizer_ != nullptr) {

@@ -131,6 +131,9 @@ class FeedForward {
   // `epoch` under `prefix` (see worker/checkpoint.h). In a distributed job
   // only worker 0 writes (the optimizer state then comes from the servers).
   absl::Status SaveCheckpoint(const std::string& prefix, int epoch) const;
+  // Whether SaveCheckpoint writes files in this process (not on the other
+  // workers of a distributed job).
+  bool WritesCheckpoints() const;
   // A model with the symbol and parameters of a checkpoint (damaged files
   // are refused: worker/checkpoint.h).
   static absl::StatusOr<FeedForward> LoadCheckpoint(
@@ -191,13 +194,14 @@ class FeedForward {
 
 // Callbacks in the manner of MXNet's mx.callback.
 // Logs "Epoch[e] Batch [n] Speed: s samples/sec <metric>=<v>" every
-// `frequent` batches.
+// `frequent` (>= 1; else mx::Error) batches.
 BatchEndCallback Speedometer(int batch_size, int frequent = 50);
 // A progress bar redrawn in place when stdout is a terminal, else nothing.
 BatchEndCallback ProgressBar(int64_t batches_per_epoch);
 // Logs "Epoch[e] Train-accuracy=... Validation-accuracy=... Time cost=...".
 EpochEndCallback LogEpoch();
-// Saves a checkpoint every `period` epochs (numbered epoch + 1, as MXNet).
+// Saves a checkpoint every `period` (>= 1; else mx::Error) epochs (numbered
+// epoch + 1, as MXNet).
 // A checkpoint that cannot be written stops training (rather than train on
 // without checkpoints) and, given `error`, is recorded there, so that the
 // caller can report the run as failed.
@@ -208,8 +212,9 @@ EpochEndCallback DoCheckpoint(const std::string& prefix, int period = 1,
 // accuracy-like metrics.
 EpochEndCallback EarlyStopping(const std::string& metric, int patience,
                                bool higher_is_better = true);
-// Appends one record per epoch to `path`: CSV (header written once) or JSON
-// lines, chosen by the extension (.csv or .jsonl).
+// Appends one record per epoch to `path`: CSV (with a header line when the
+// file is new or empty) or JSON lines (NaN and Infinity written as Python
+// writes them), chosen by the extension (.csv or .jsonl).
 EpochEndCallback MetricsLog(const std::string& path);
 
 }  // namespace mx

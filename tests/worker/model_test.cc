@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <string>
@@ -525,6 +526,39 @@ TEST(Callbacks, MetricsLogWritesCsvAndJsonLines) {
       EXPECT_THAT(lines[1], HasSubstr("\"eval_accuracy\": "));
     }
   }
+}
+
+// A second run appending to a log (a resumed job) adds no second header;
+// non-finite values are JSON Python reads (NaN, Infinity).
+TEST(Callbacks, MetricsLogAppendsAfterAnEarlierRun) {
+  for (std::string ext : {".csv", ".jsonl"}) {
+    const std::string path = TempPrefix("appended" + ext);
+    std::remove(path.c_str());
+    EpochEndParam p;
+    p.train_metrics = {{"cross-entropy", std::nan("")}, {"accuracy", 0.5}};
+    for (int run = 0; run < 2; ++run) {
+      p.epoch = run;
+      p.train_metrics[1].second = run == 0 ? 0.5 : std::numeric_limits<double>::infinity();
+      ASSERT_TRUE(MetricsLog(path)(p));
+    }
+    std::ifstream in(path);
+    std::vector<std::string> lines;
+    for (std::string l; std::getline(in, l);) lines.push_back(l);
+    if (ext == ".csv") {
+      ASSERT_EQ(lines.size(), 3u);
+      EXPECT_THAT(lines[0], ::testing::StartsWith("epoch,"));
+      EXPECT_THAT(lines[2], ::testing::StartsWith("1,"));
+    } else {
+      ASSERT_EQ(lines.size(), 2u);
+      EXPECT_THAT(lines[0], HasSubstr("\"train_cross-entropy\": NaN, \"train_accuracy\": 0.5}"));
+      EXPECT_THAT(lines[1], HasSubstr("\"train_accuracy\": Infinity}"));
+    }
+  }
+}
+
+TEST(Callbacks, PeriodsBelowOneAreErrors) {
+  EXPECT_THROW(Speedometer(20, 0), Error);
+  EXPECT_THROW(DoCheckpoint(TempPrefix("never"), 0), Error);
 }
 
 }  // namespace
