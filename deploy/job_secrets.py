@@ -19,12 +19,21 @@ import tempfile
 # made (mx_server --tls_server_name, MX_TLS_SERVER_NAME).
 SERVER_NAME = "mx-job"
 
+# How long a CA made here and the certificates it signs are valid, in days:
+# longer than any job runs, since every new handshake (a reconnect, a
+# spare, a restarted coordinator) checks the dates, and a Kubernetes Secret
+# made of them (deploy/k8s_job.py --tls) lives as long as its job. (30
+# days, before: a job's 31st day refused every new connection.) 10 years;
+# k8s_job.py --tls-days sets another.
+DEFAULT_TLS_DAYS = 3650
+
 
 class JobSecrets:
-    def __init__(self, token_file=None, tls=False, tls_files=None):
+    def __init__(self, token_file=None, tls=False, tls_files=None, tls_days=DEFAULT_TLS_DAYS):
         """token_file: a file holding the token (else one is generated);
-        tls: make a CA and per-node certificates; tls_files: (cert, key, ca)
-        paths to use for every node instead."""
+        tls: make a CA and per-node certificates, valid for tls_days days;
+        tls_files: (cert, key, ca) paths to use for every node instead."""
+        self.tls_days = str(int(tls_days))
         self.dir = tempfile.mkdtemp(prefix="mx-job-")  # mode 0700
         self.tls = tls or tls_files is not None
         self.tls_files = tls_files
@@ -57,7 +66,7 @@ class JobSecrets:
         old = os.umask(0o077)
         try:
             self._openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                          "-nodes", "-keyout", key, "-out", cert, "-days", "30",
+                          "-nodes", "-keyout", key, "-out", cert, "-days", self.tls_days,
                           "-subj", "/CN=mx job CA")
         finally:
             os.umask(old)
@@ -78,7 +87,7 @@ class JobSecrets:
             self._openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                           "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
             self._openssl("x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key,
-                          "-CAcreateserial", "-out", cert, "-days", "30", "-extfile", ext)
+                          "-CAcreateserial", "-out", cert, "-days", self.tls_days, "-extfile", ext)
         finally:
             os.umask(old)
         return cert, key, ca_cert

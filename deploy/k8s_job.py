@@ -14,8 +14,9 @@ kubectl reads like YAML: a List of
   given as DMLC_PS_ROOT_URI), start-up in order (coordinator, servers,
   workers, each once the one before is ready), success when the workers
   succeed, failure of the whole set (every pod stopped) when any Job
-  fails, and deletion --ttl seconds after it ends. With --jobs, the three
-  Jobs themselves instead, and:
+  fails (a spare's failure fails no Job: see Replicas), and deletion --ttl
+  seconds after it ends. With --jobs, the three Jobs themselves instead,
+  and:
 - Service NAME-coordinator (--jobs): the coordinator's cluster DNS name,
   which every node is given as DMLC_PS_ROOT_URI (port --port).
 - Job NAME-coordinator: one pod, `mx_server --role=coordinator`.
@@ -31,10 +32,17 @@ kubectl reads like YAML: a List of
   an existing Secret (key "token") instead, and then none is printed.
 
 - Secret NAME-tls, with --tls: a new CA's certificate and one key and
-  certificate it signed (for the name mx-job, which every node checks), made
-  with openssl and mounted in every pod at /etc/mx/tls; every connection is
-  then mutual TLS. --tls-secret names an existing Secret (keys tls.crt,
-  tls.key, ca.crt) instead.
+  certificate it signed (for the name mx-job, which every node checks; valid
+  for --tls-days, default 3650), made with openssl and mounted in every pod
+  at /etc/mx/tls; every connection is then mutual TLS. --tls-secret names an
+  existing Secret (keys tls.crt, tls.key, ca.crt) instead.
+
+The Secrets printed are immutable ("immutable": true): as each run of this
+makes a new token and CA, applying its output again under a running job
+would otherwise replace them, and every node the job started later (a
+replaced coordinator, a spare) would then refuse, or be refused by, the
+nodes already running. kubectl apply fails on them instead ("field is
+immutable"); delete the job's objects first to run it again under its name.
 
 Every pod serves Prometheus metrics on --metrics-port (default 9102; the
 container port "metrics", with the prometheus.io/scrape, /port and /path
@@ -65,7 +73,17 @@ MX_REPLICAS=2; the server Job keeps going past a failed index
 the failed server's keys are served by their backups. --spare-servers N
 adds a Job of N spare servers (mx_server --spare), started after the
 servers; when a server fails, a spare takes its rank and the survivors give
-it copies, so the job survives a later failure of a neighbour too.
+it copies, so the job survives a later failure of a neighbour too. A spare
+holds no rank of its own, so one that fails is replaced by a new spare (a
+podFailurePolicy with action Ignore, see spare_failure_rules) and its Job
+never fails: in a JobSet, where any failed Job fails the set, a spare lost
+to an OOM kill, a drain or a node's loss would otherwise have ended the
+training. A server's failed index, though, fails the server Job once its
+other pods end (Kubernetes counts no failed index as done): the JobSet
+completes when the worker Job does, and ends Failed after all, although the
+workers finished, if the JobSet controller sees the server Job's failure
+first (possible when the servers end within a second or two of the
+workers): the worker Job's status says whether training finished.
 
 Elastic (--elastic): the coordinator and servers run with --elastic and the
 workers with MX_ELASTIC=1; a failed worker index does not stop the others
@@ -111,7 +129,7 @@ import sys
 
 from job_args import (add_job_arguments, add_worker_command, check_worker_kvstore, server_mode,
                       worker_command)
-from job_secrets import SERVER_NAME, JobSecrets
+from job_secrets import DEFAULT_TLS_DAYS, SERVER_NAME, JobSecrets
 
 ROLE_LABEL = "mx-role"
 JOB_LABEL = "mx-job"
@@ -321,6 +339,45 @@ def container(args, role, command, env):
     }
 
 
+# A container's exit codes when it was stopped from outside, as Kubernetes
+# reports them (128 + the signal): SIGKILL (the OOM killer, the kubelet at
+# the end of a grace period) and SIGTERM (a deletion, a drain, an eviction,
+# a failed liveness probe).
+STOPPED_FROM_OUTSIDE = [137, 143]
+
+
+def coordinator_failure_rules(role):
+    """A coordinator that may be replaced (backoffLimit > 0) is replaced only
+    when killed, stopped or crashed: exit code 1 or 2 is the daemon's own
+    decision (the job failed, a bad setting), which a new pod would not
+    change, and fails the Job at once. Any other failure, 143 (stopped by
+    SIGTERM before the job finished: a deletion, a drain) and 137 included,
+    counts toward the backoffLimit, and the pod is replaced."""
+    return [{"action": "FailJob",
+             "onExitCodes": {"containerName": role, "operator": "In", "values": [1, 2]}}]
+
+
+def spare_failure_rules(args, role):
+    """A failed spare is replaced by a new one, its failure not counted
+    (action Ignore): a spare holds nothing until it takes a dead server's
+    rank, and a new one registers as a spare again, so the spare Job never
+    fails, and with it no JobSet. Failures so ignored: a pod disrupted (a
+    node lost or drained, a preemption, an eviction: the condition
+    DisruptionTarget) and, in a JobSet, any other (exit code 137: OOM-killed;
+    1: it lost the coordinator, or the job failed, which the other Jobs
+    report); the JobSet deletes the Job when it ends, which bounds the
+    replacements. With --jobs, which has no JobSet to do that, only a spare
+    stopped from outside (STOPPED_FROM_OUTSIDE) is replaced: a spare that
+    fails on its own (1, 2) would fail again in every replacement, for
+    ever once the job has ended, and its Job's failure fails nothing
+    there."""
+    codes = ({"operator": "NotIn", "values": [0]} if not args.jobs
+             else {"operator": "In", "values": STOPPED_FROM_OUTSIDE})
+    return [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
+                                                      "status": "True"}]},
+            {"action": "Ignore", "onExitCodes": {"containerName": role, **codes}}]
+
+
 def job(args, role, count, command, env, per_index=False, claim=None, max_failed=None,
         backoff=0):
     """A Job of `count` pods that never restart, as the image's unprivileged
@@ -374,13 +431,10 @@ def job(args, role, count, command, env, per_index=False, claim=None, max_failed
         spec["maxFailedIndexes"] = count - 1 if max_failed is None else max_failed
     else:
         spec["backoffLimit"] = backoff
-    if backoff > 0:
-        # Replaced only when killed or crashed: exit code 1 or 2 is the
-        # daemon's own decision (the job failed, a bad setting), which a new
-        # pod would not change.
-        spec["podFailurePolicy"] = {"rules": [{
-            "action": "FailJob",
-            "onExitCodes": {"containerName": role, "operator": "In", "values": [1, 2]}}]}
+    rules = (spare_failure_rules(args, role) if role == "spare"
+             else coordinator_failure_rules(role) if backoff > 0 else [])
+    if rules:
+        spec["podFailurePolicy"] = {"rules": rules}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -442,6 +496,8 @@ def manifests(args, worker_command):
             "kind": "Secret",
             "metadata": metadata(args, token_secret_name(args)),
             "type": "Opaque",
+            # A new token each run: never one applied over a running job's.
+            "immutable": True,
             "stringData": {"token": secrets.token_hex(32)},
         })
     if args.tls:
@@ -503,9 +559,11 @@ def network_policy(args):
 
 def tls_secret(args):
     """A Secret NAME-tls with a new CA's certificate (ca.crt) and one key
-    and certificate it signed (tls.key, tls.crt) that every pod presents;
-    made with openssl in a private directory removed at once."""
-    made = JobSecrets(tls=True)
+    and certificate it signed (tls.key, tls.crt) that every pod presents,
+    valid for --tls-days; made with openssl in a private directory removed
+    at once. Immutable, as the token's Secret: a new CA applied over a
+    running job's would split the job in two."""
+    made = JobSecrets(tls=True, tls_days=args.tls_days or DEFAULT_TLS_DAYS)
     try:
         cert, key, ca = made.issue("pod")
         files = {}
@@ -519,6 +577,7 @@ def tls_secret(args):
         "kind": "Secret",
         "metadata": metadata(args, tls_secret_name(args)),
         "type": "kubernetes.io/tls",
+        "immutable": True,
         "stringData": files,
     }
 
@@ -585,6 +644,10 @@ def main():
     ap.add_argument("--tls", action="store_true",
                     help="mutual TLS between the pods: print a Secret NAME-tls with a new CA and "
                          "a certificate for the pods (made with openssl)")
+    ap.add_argument("--tls-days", type=int, metavar="DAYS",
+                    help=f"with --tls: how long the CA and the certificate are valid (default "
+                         f"{DEFAULT_TLS_DAYS}; every new connection checks, so longer than the "
+                         "job runs)")
     ap.add_argument("--tls-secret",
                     help="mutual TLS with an existing Secret: keys tls.crt, tls.key and ca.crt, "
                          f"the certificate valid for the name {SERVER_NAME}")
@@ -599,6 +662,10 @@ def main():
         ap.error(f"--coordinator-timeout {args.coordinator_timeout}: must be 2 to 86400 seconds")
     if args.tls and args.tls_secret:
         ap.error("give --tls (a new Secret) or --tls-secret (an existing one), not both")
+    if args.tls_days is not None and not args.tls:
+        ap.error("--tls-days: applies to --tls (the CA it makes)")
+    if args.tls_days is not None and not 1 <= args.tls_days <= 36500:
+        ap.error(f"--tls-days {args.tls_days}: must be 1 to 36500 days")
     if not 1 <= args.metrics_port <= 65535 or args.metrics_port == args.port:
         ap.error(f"--metrics-port {args.metrics_port}: not a port other than --port")
     # Object names are DNS labels; the longest suffix is "-coordinator".

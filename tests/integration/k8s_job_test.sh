@@ -3,7 +3,7 @@
 # (with --jobs a Service, a NetworkPolicy and three Jobs; by default a
 # JobSet of them, checked in part 4; ranks from completion
 # indexes, fixed ports, pods that never restart, fail-fast or elastic
-# failure policies), and, run as local processes the way Kubernetes would
+# failure policies, immutable Secrets), and, run as local processes the way Kubernetes would
 # start them (k8s_local.py: each pod has an address of its own, 127.0.1.N,
 # and the Service's name resolves to the coordinator's), they make a dist_sync job that
 # trains, whose nodes take the ranks of their indexes and whose daemons shut
@@ -17,19 +17,32 @@ fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 source "$(dirname "$0")/../testdata/make_csv.sh"
 make_csv 400 "$TMP/train.csv" "$TMP/train_labels.csv"
 make_csv 100 "$TMP/test.csv" "$TMP/test_labels.csv"
-PORT=$(python3 "$(dirname "$0")/free_port.py")
+# The ports the pods run here listen on (each pod on an address of its own,
+# 127.0.1.N, beside other tests' processes): free now, all different. The
+# defaults (9091, 9092, 9093, 9102) are checked on a manifest not run.
+picked=()
+while (( ${#picked[@]} < 4 )); do
+  candidate=$(python3 "$(dirname "$0")/free_port.py")
+  [[ " ${picked[*]} " == *" $candidate "* ]] || picked+=("$candidate")
+done
+PORT=${picked[0]}; SERVER_PORT=${picked[1]}; STREAM_PORT=${picked[2]}; METRICS_PORT=${picked[3]}
+ports=(--port "$PORT" --server-port "$SERVER_PORT" --stream-port "$STREAM_PORT"
+       --metrics-port "$METRICS_PORT")
 worker=(mx_train --kvstore=dist_sync --network=mlp --batch_size=20 --lr=0.5 --epochs=3
         --train_csv="$TMP/train.csv" --train_label_csv="$TMP/train_labels.csv"
         --test_csv="$TMP/test.csv" --test_label_csv="$TMP/test_labels.csv")
 
 # 1. The objects.
-python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --checkpoint-claim ck \
+python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 "${ports[@]}" --checkpoint-claim ck \
   -- "${worker[@]}" --checkpoint_prefix=/checkpoints/fm > "$TMP/job.json" || fail "k8s_job.py failed"
 python3 "$K8S_JOB" --jobs --name fm -n 3 -s 1 --image reg/mx:1 --elastic -- mx_train --kvstore=dist_sync \
   > "$TMP/elastic.json" || fail "k8s_job.py --elastic failed"
-python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --tls \
+python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 "${ports[@]}" --tls \
   -- "${worker[@]}" --epochs=1 > "$TMP/tls.json" || fail "k8s_job.py --tls failed"
-python3 - "$TMP/job.json" "$TMP/elastic.json" "$PORT" "$TMP/tls.json" <<'EOF' || fail "objects: see above"
+python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 --tls --tls-days 400 \
+  -- "${worker[@]}" > "$TMP/tls400.json" || fail "k8s_job.py --tls --tls-days 400 failed"
+python3 - "$TMP/job.json" "$TMP/elastic.json" "$TMP/tls.json" "$TMP/tls400.json" \
+  "$PORT" "$SERVER_PORT" "$STREAM_PORT" "$METRICS_PORT" <<'EOF' || fail "objects: see above"
 import json, subprocess, sys
 INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
@@ -60,8 +73,8 @@ def restricted(name, pod):
         check(set(caps.get("add", [])) <= {"NET_BIND_SERVICE"}, f"{where}: capabilities added")
         check(not any(p.get("hostPort") for p in c.get("ports", [])), f"{where}: hostPort")
         check(csc.get("procMount", "Default") == "Default", f"{where}: procMount")
-job, elastic, port = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), int(sys.argv[3])
-tls = json.load(open(sys.argv[4]))
+job, elastic, tls = (json.load(open(f)) for f in sys.argv[1:4])
+port, sport, stport, mport = map(int, sys.argv[5:9])
 bad = []
 def check(cond, what):
     if not cond: bad.append(what)
@@ -77,14 +90,20 @@ own = {"podSelector": {"matchLabels": {"mx-job": "fm"}}}
 check(pol["podSelector"] == own["podSelector"] and pol["policyTypes"] == ["Ingress"],
       "NetworkPolicy: the job's pods, ingress")
 check(pol["ingress"] == [
-    {"from": [own], "ports": [{"protocol": "TCP", "port": port}, {"protocol": "TCP", "port": 9092},
-                              {"protocol": "TCP", "port": 9093}]},
-    {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": 9102}]}],
+    {"from": [own], "ports": [{"protocol": "TCP", "port": port}, {"protocol": "TCP", "port": sport},
+                              {"protocol": "TCP", "port": stport}]},
+    {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": mport}]}],
     f"NetworkPolicy rules: {pol['ingress']}")
 secret = [i for i in job["items"] if i["kind"] == "Secret"][0]
 token = secret["stringData"]["token"]
 check(len(token) == 64 and token != [i for i in elastic["items"] if i["kind"] == "Secret"][0]
       ["stringData"]["token"], "the job token: 64 hex digits, new for every job")
+# Every Secret printed is immutable: a new token or CA applied again over a
+# running job must fail, not replace the one its nodes hold.
+for doc in (job, elastic, tls):
+    for i in doc["items"]:
+        if i["kind"] == "Secret":
+            check(i.get("immutable") is True, f"Secret {i['metadata']['name']}: not immutable")
 svc = [i for i in job["items"] if i["kind"] == "Service"][0]
 check(svc["spec"]["ports"][0]["port"] == port, "service port")
 check(svc["spec"]["selector"] == {"mx-job": "fm", "mx-role": "coordinator"}, "service selector")
@@ -128,19 +147,19 @@ for i in job["items"]:
     want = (["/checkpoints"], ["ck"]) if name == "fm-worker" else ([], [])
     check((mounted, claims) == want, f"{name}: volumes {mounted} {claims}")
     # Metrics, probes (HTTP: the kubelet's gRPC probe cannot do mutual TLS).
-    grpc = {"fm-coordinator": [port], "fm-server": [9092], "fm-worker": []}[name]
-    stream = [9093] if name == "fm-server" else []
+    grpc = {"fm-coordinator": [port], "fm-server": [sport], "fm-worker": []}[name]
+    stream = [stport] if name == "fm-server" else []
     check(c["ports"] == [{"name": "grpc", "containerPort": p, "protocol": "TCP"} for p in grpc] +
           [{"name": "stream", "containerPort": p, "protocol": "TCP"} for p in stream] +
-          [{"name": "metrics", "containerPort": 9102, "protocol": "TCP"}], f"{name}: ports")
-    check(env["MX_METRICS_PORT"]["value"] == "9102" and env["MX_METRICS_HOST"]["value"] == "0.0.0.0",
+          [{"name": "metrics", "containerPort": mport, "protocol": "TCP"}], f"{name}: ports")
+    check(env["MX_METRICS_PORT"]["value"] == str(mport) and env["MX_METRICS_HOST"]["value"] == "0.0.0.0",
           f"{name}: metrics settings")
     check(c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"},
           f"{name}: readiness probe")
     check(c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"},
           f"{name}: liveness probe")
     check(spec["template"]["metadata"]["annotations"] == {
-        "prometheus.io/scrape": "true", "prometheus.io/port": "9102",
+        "prometheus.io/scrape": "true", "prometheus.io/port": str(mport),
         "prometheus.io/path": "/metrics"}, f"{name}: scrape annotations")
     check("MX_TLS_CERT" not in env, f"{name}: TLS without --tls")
     if name == "fm-coordinator":
@@ -153,8 +172,8 @@ for i in job["items"]:
         check(env["MX_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == INDEX, f"{name}: MX_RANK")
     if name == "fm-server":
         check("--advertise=$(POD_IP)" in c["command"], f"{name}: advertise")
-        check("--bind=0.0.0.0:9092" in c["command"], f"{name}: bind the fixed server port")
-        check("--stream_port=9093" in c["command"], f"{name}: the fixed stream port")
+        check(f"--bind=0.0.0.0:{sport}" in c["command"], f"{name}: bind the fixed server port")
+        check(f"--stream_port={stport}" in c["command"], f"{name}: the fixed stream port")
         check(env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", f"{name}: POD_IP")
         check("--mode=sync" in c["command"] and "--elastic" not in c["command"], f"{name}: flags")
     if name == "fm-worker":
@@ -178,16 +197,35 @@ t = {i["metadata"]["name"]: i for i in tls["items"]}
 sec = t.get("fm-tls", {})
 check(sec.get("type") == "kubernetes.io/tls" and
       sorted(sec.get("stringData", {})) == ["ca.crt", "tls.crt", "tls.key"], "TLS Secret")
+def pem_files(doc, at):
+    """The TLS Secret's CA and certificate, as files at+".ca", at+".crt"."""
+    sec = {i["metadata"]["name"]: i for i in doc["items"]}["fm-tls"]
+    open(at + ".ca", "w").write(sec["stringData"]["ca.crt"])
+    open(at + ".crt", "w").write(sec["stringData"]["tls.crt"])
+    return at + ".ca", at + ".crt"
+def valid_for(path, seconds):
+    """Whether the certificate at path is still valid `seconds` from now."""
+    return subprocess.run(["openssl", "x509", "-noout", "-checkend", str(seconds), "-in", path],
+                          capture_output=True).returncode == 0
+YEAR = 365 * 86400
 if sec:
-    open(sys.argv[4] + ".ca", "w").write(sec["stringData"]["ca.crt"])
-    open(sys.argv[4] + ".crt", "w").write(sec["stringData"]["tls.crt"])
-    v = subprocess.run(["openssl", "verify", "-CAfile", sys.argv[4] + ".ca", "-verify_hostname",
-                        "mx-job", sys.argv[4] + ".crt"], capture_output=True, text=True)
+    ca, crt = pem_files(tls, sys.argv[3])
+    v = subprocess.run(["openssl", "verify", "-CAfile", ca, "-verify_hostname",
+                        "mx-job", crt], capture_output=True, text=True)
     check(v.returncode == 0, f"TLS Secret: certificate not valid for mx-job: {v.stdout}{v.stderr}")
+    # Valid far longer than a job runs (every new handshake checks the
+    # dates): 10 years by default, --tls-days 400 for 400 days.
+    for path in (ca, crt):
+        end = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", path],
+                             capture_output=True, text=True).stdout.strip()
+        check(valid_for(path, 9 * YEAR), f"TLS Secret: {path} expires within 9 years ({end})")
+    for path in pem_files(json.load(open(sys.argv[4])), sys.argv[4]):
+        check(valid_for(path, YEAR) and not valid_for(path, 401 * 86400),
+              f"--tls-days 400: {path} not valid for 400 days")
 # With TLS, streams are TLS too: servers take them, and the job's pods reach them.
 check(t["fm-server"]["spec"]["template"]["spec"]["containers"][0]["command"].count(
-    "--stream_port=9093") == 1, "tls: servers with a stream port")
-check(any(p["port"] == 9093 for rule in t["fm-mx"]["spec"]["ingress"] for p in rule["ports"]),
+    f"--stream_port={stport}") == 1, "tls: servers with a stream port")
+check(any(p["port"] == stport for rule in t["fm-mx"]["spec"]["ingress"] for p in rule["ports"]),
       "tls: NetworkPolicy with the stream port")
 for name in ("fm-coordinator", "fm-server", "fm-worker"):
     pod = t[name]["spec"]["template"]["spec"]
@@ -204,6 +242,42 @@ for b in bad:
     print("objects:", b)
 sys.exit(1 if bad else 0)
 EOF
+# The default ports, on a manifest of their own (the ones run here take
+# free ports): the coordinator's 9091, the servers' 9092 and 9093 (streams),
+# every pod's metrics on 9102; declared, bound, scraped and admitted.
+python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 -- "${worker[@]}" \
+  > "$TMP/defaults.json" || fail "k8s_job.py (default ports) failed"
+python3 - "$TMP/defaults.json" <<'EOF' || fail "default ports: see above"
+import json, sys
+items = {(i["kind"], i["metadata"]["name"]): i for i in json.load(open(sys.argv[1]))["items"]}
+bad = []
+def check(ok, what):
+    if not ok:
+        bad.append(what)
+want = {"fm-coordinator": {"grpc": 9091, "metrics": 9102},
+        "fm-server": {"grpc": 9092, "stream": 9093, "metrics": 9102}, "fm-worker": {"metrics": 9102}}
+command = {}
+for name, ports in want.items():
+    template = items[("Job", name)]["spec"]["template"]
+    (c,) = template["spec"]["containers"]
+    command[name] = c["command"]
+    env = {v["name"]: v.get("value") for v in c["env"]}
+    check({p["name"]: p["containerPort"] for p in c["ports"]} == ports, f"{name}: ports {c['ports']}")
+    check(env["MX_METRICS_PORT"] == "9102" and env["DMLC_PS_ROOT_PORT"] == "9091",
+          f"{name}: MX_METRICS_PORT, DMLC_PS_ROOT_PORT")
+    check(template["metadata"]["annotations"]["prometheus.io/port"] == "9102", f"{name}: scrape port")
+check("--bind=0.0.0.0:9092" in command["fm-server"] and "--stream_port=9093" in command["fm-server"],
+      f"fm-server: {command['fm-server']}")
+check("--bind=0.0.0.0:9091" in command["fm-coordinator"], "fm-coordinator: --bind")
+check(items[("Service", "fm-coordinator")]["spec"]["ports"] ==
+      [{"name": "grpc", "port": 9091, "targetPort": 9091}], "Service port")
+rules = items[("NetworkPolicy", "fm-mx")]["spec"]["ingress"]
+check([[p["port"] for p in r["ports"]] for r in rules] == [[9091, 9092, 9093], [9102]],
+      f"NetworkPolicy ports: {rules}")
+for b in bad:
+    print("default ports:", b)
+sys.exit(1 if bad else 0)
+EOF
 
 # 2. The pods, run here: a job that trains, checkpoints to its volume and
 # ends cleanly.
@@ -215,7 +289,7 @@ out=$(cat "$TMP/run.log")
 echo "$out" | grep -q "^\[coordinator\] coordinator listening on 127\.0\.1\.1:$PORT$" \
   || fail "coordinator not on the Service's port, at its pod's address"
 for r in 0 1; do
-  echo "$out" | grep -q "^\[server $r\] server $r serving on 127\.0\.1\.[0-9]*:9092$" \
+  echo "$out" | grep -q "^\[server $r\] server $r serving on 127\.0\.1\.[0-9]*:$SERVER_PORT$" \
     || fail "server $r did not take rank $r or advertise its pod IP"
   echo "$out" | grep -q "^\[worker $r\] worker $r of 2 (dist_sync)" || fail "worker $r is not rank $r"
   echo "$out" | grep -q "^\[worker $r\] Final test accuracy=1" || fail "worker $r did not reach accuracy 1"
@@ -254,7 +328,7 @@ grep -q "^k8s_local.py: every pod exited 0$" "$TMP/tls.log" || fail "--tls: not 
 # (a hostPath) and set MX_SHM_DIR; run here, all on this one node, every
 # worker hands its values to every server in shared memory, and no segment
 # file stays behind.
-python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" --shm \
+python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 "${ports[@]}" --shm \
   -- "${worker[@]}" --epochs=1 > "$TMP/shm.json" || fail "k8s_job.py --shm failed"
 python3 - "$TMP/shm.json" <<'EOF' || fail "--shm objects: see above"
 import json, sys
@@ -310,7 +384,7 @@ kill_worker_pod() {
 # A worker pod killed mid-job: its Job fails (backoffLimit 0) and stops its
 # other pod, the servers and the coordinator see every worker gone and
 # stop with an error, and the whole job ends failed with every pod gone.
-python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
+python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 "${ports[@]}" -- "${worker[@]}" \
   --epochs=1000 > "$TMP/kill.json" || fail "k8s_job.py for the killed-worker job failed"
 kill_worker_pod "killed worker pod" "$TMP/kill.json" "$TMP/kill.log" 30000
 grep -q "^k8s_local.py: Job fm-worker failed (worker 1 exited -9); terminating the pods of fm-worker$" \
@@ -330,7 +404,7 @@ grep -q "^\[coordinator\] mx_server: coordinator: every worker of the job died" 
 
 # 4. The default: one JobSet of the three Jobs, with stable DNS names,
 # start-up in order, success when the workers succeed, failure as a whole.
-python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
+python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 "${ports[@]}" -- "${worker[@]}" \
   > "$TMP/jobset.json" || fail "k8s_job.py (JobSet) failed"
 python3 - "$TMP/jobset.json" "$PORT" <<'EOF' || fail "JobSet: see above"
 import json, sys
@@ -374,6 +448,8 @@ for r in 0 1; do
   grep -q "^\[worker $r\] Final test accuracy=1" "$TMP/jobset.log" || fail "JobSet: worker $r did not reach accuracy 1"
 done
 grep -q "^k8s_local.py: every pod exited 0$" "$TMP/jobset.log" || fail "JobSet: not every pod exited 0"
+grep -q "^k8s_local.py: JobSet fm completed (fm-worker-0 completed)$" "$TMP/jobset.log" ||
+  fail "JobSet: did not complete: $(grep '^k8s_local.py: Job' "$TMP/jobset.log")"
 # In order: the servers start once the coordinator is ready, the workers
 # once the servers are.
 order=$(grep -E "^k8s_local.py: (started (coordinator|server 0|worker 0) |start-up stage [01] ready)" \
@@ -383,23 +459,32 @@ order=$(grep -E "^k8s_local.py: (started (coordinator|server 0|worker 0) |start-
 
 # A worker pod of the JobSet killed: its Job fails, so the JobSet does, and
 # every pod of it is stopped at once.
-python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
+python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 "${ports[@]}" -- "${worker[@]}" \
   --epochs=1000 > "$TMP/jobset_kill.json" || fail "k8s_job.py (JobSet, killed worker) failed"
 kill_worker_pod "JobSet, killed worker pod" "$TMP/jobset_kill.json" "$TMP/jobset_kill.log" 10000
-grep -q "^k8s_local.py: Job fm-worker-0 failed (worker 1 exited -9); terminating the pods of fm$" \
+grep -q "^k8s_local.py: Job fm-worker-0 failed (worker 1 exited -9); terminating the pods of fm-worker-0$" \
+  "$TMP/jobset_kill.log" && grep -q "^k8s_local.py: JobSet fm failed (Job fm-worker-0 failed); terminating the pods of fm$" \
   "$TMP/jobset_kill.log" || fail "JobSet, killed worker pod: $(grep '^k8s_local' "$TMP/jobset_kill.log" | tail -3)"
 
-# kill_pod_mid_job MANIFEST LOG POD: runs the manifest's pods, kills POD
-# (kill -9, its first) once worker 1 has trained 5 epochs, and returns the
-# local run's exit code.
+# kill_pod_mid_job MANIFEST LOG POD [SIGNAL]: runs the manifest's pods, sends
+# POD (its first) SIGNAL once worker 1 has trained 5 epochs, and returns the
+# local run's exit code. KILL (the default): to the pod's process (unshare,
+# which takes the pod with it), as a node's OOM killer or a crash ends it;
+# TERM: to the pod's PID 1 (unshare's child, where pods have PID
+# namespaces), as the kubelet stops a pod that is deleted (kubectl delete
+# pod, a drain).
 kill_pod_mid_job() {
-  local manifest=$1 log=$2 pod=$3 local_run victim
+  local manifest=$1 log=$2 pod=$3 sig=${4:-KILL} local_run victim
   timeout -k 5 150 python3 "$LOCAL" "$manifest" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
     --timeout 120 > "$log" 2>&1 &
   local_run=$!
   for _ in $(seq 600); do grep -q '^\[worker 1\] Epoch\[5\]' "$log" && break; sleep 0.1; done
   victim=$(sed -n "s/^k8s_local.py: started $pod (pid \([0-9]*\))$/\1/p" "$log" | head -1)
-  [[ -n "$victim" ]] && kill -9 "$victim"
+  if [[ -n "$victim" && $sig == TERM ]]; then
+    victim=$(cat "/proc/$victim/task/$victim/children" 2>/dev/null | awk '{print $1}' | grep . ||
+             echo "$victim")
+  fi
+  [[ -n "$victim" ]] && kill "-$sig" "$victim"
   wait "$local_run"
 }
 
@@ -428,12 +513,17 @@ out=$(python3 "$K8S_JOB" --name fm -n 2 -s 2 --kvstore dist_async --staleness 3 
 # changes nothing for the workers: the spare takes its rank, and only the
 # killed pod failed.
 python3 "$K8S_JOB" --name fm -n 2 -s 3 --replicas 2 --spare-servers 1 --image reg/mx:1 \
-  --port "$PORT" -- "${worker[@]}" --epochs=300 > "$TMP/replicas.json" ||
+  "${ports[@]}" -- "${worker[@]}" --epochs=300 > "$TMP/replicas.json" ||
   fail "k8s_job.py --replicas 2 --spare-servers 1 failed"
-python3 - "$TMP/replicas.json" <<'EOF' || fail "replicas: see above"
+python3 "$K8S_JOB" --jobs --name fm -n 2 -s 3 --replicas 2 --spare-servers 1 --image reg/mx:1 \
+  -- "${worker[@]}" > "$TMP/replicas_jobs.json" ||
+  fail "k8s_job.py --jobs --replicas 2 --spare-servers 1 failed"
+python3 - "$TMP/replicas.json" "$TMP/replicas_jobs.json" <<'EOF' || fail "replicas: see above"
 import json, sys
 js = [i for i in json.load(open(sys.argv[1]))["items"] if i["kind"] == "JobSet"][0]
 jobs = {r["name"]: r["template"]["spec"] for r in js["spec"]["replicatedJobs"]}
+plain = {i["metadata"]["name"]: i["spec"] for i in json.load(open(sys.argv[2]))["items"]
+         if i["kind"] == "Job"}
 bad = []
 def check(ok, what):
     if not ok:
@@ -446,7 +536,19 @@ check(jobs["server"].get("backoffLimitPerIndex") == 0 and jobs["server"].get("ma
 check("--replicas=2" in command("server") and "--spare" not in command("server"), "servers: --replicas=2")
 check(command("spare")[-1] == "--spare" and "--replicas=2" in command("spare")
       and "MX_RANK" not in env("spare"), "spare: --spare, no rank")
-check(jobs["spare"].get("maxFailedIndexes") == 1, "spare: its failure fails nothing")
+# A failed spare is replaced by a new one, its failure ignored, so that the
+# spare Job, and with it the JobSet, never fails for it: any failure in a
+# JobSet (which deletes the Job, and so ends the replacements, when it
+# ends); with --jobs, a spare stopped from outside (137, 143) or disrupted.
+disrupted = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+check(jobs["spare"].get("podFailurePolicy") == {"rules": [disrupted, {
+    "action": "Ignore", "onExitCodes": {"containerName": "spare", "operator": "NotIn", "values": [0]}}]},
+    f"spare: a failed spare is not replaced: {jobs['spare'].get('podFailurePolicy')}")
+check(plain["fm-spare"].get("podFailurePolicy") == {"rules": [disrupted, {
+    "action": "Ignore", "onExitCodes": {"containerName": "spare", "operator": "In", "values": [137, 143]}}]},
+    f"--jobs spare: {plain['fm-spare'].get('podFailurePolicy')}")
+check("podFailurePolicy" not in jobs["server"] and "podFailurePolicy" not in plain["fm-server"],
+      "servers: a failed server is never replaced (a new one could not take its rank)")
 check(env("worker")["MX_REPLICAS"] == "2", "workers: MX_REPLICAS=2")
 for b in bad:
     print("replicas:", b)
@@ -460,11 +562,32 @@ for r in 0 1; do
   grep -q "^\[worker $r\] worker $r: a spare took the rank of server 1" "$TMP/replicas.log" ||
     fail "replicas: worker $r did not hear of the spare"
 done
+# Known limit (k8s_job.py's doc): the server Job ends Failed, its index 1
+# failed, once its other pods end; the JobSet completed if it saw the worker
+# Job complete first, as it does here but for servers that end within the
+# same 0.1 s as the last worker. Said, not checked.
+grep -E "^k8s_local.py: (Job fm-server-0|JobSet fm) " "$TMP/replicas.log"
+
+# The waiting spare killed mid-job (OOM-killed, say): its Job replaces it
+# with a new spare, the failure ignored, and the JobSet completes. (A spare
+# Job failed at its first failed pod, and with it the JobSet: every pod
+# was stopped, the training with them.)
+kill_pod_mid_job "$TMP/replicas.json" "$TMP/spare.log" "spare 0" ||
+  fail "spare killed: the job failed: $(grep -E '^k8s_local.py: (failed|Job|JobSet)|mx_(train|server): ' "$TMP/spare.log")"
+grep -q "^k8s_local.py: Job fm-spare-0 replaces spare 0 (exited -9; its podFailurePolicy ignores that)$" \
+  "$TMP/spare.log" || fail "spare killed: not replaced: $(grep '^k8s_local.py: Job' "$TMP/spare.log")"
+for r in 0 1; do
+  grep -q "^\[worker $r\] Final test accuracy=1" "$TMP/spare.log" || fail "spare killed: worker $r did not finish"
+done
+grep -q "^k8s_local.py: Job fm-spare-0 completed$" "$TMP/spare.log" ||
+  fail "spare killed: the new spare's Job did not complete: $(grep '^k8s_local.py: Job' "$TMP/spare.log")"
+grep -q "^k8s_local.py: JobSet fm completed (fm-worker-0 completed)$" "$TMP/spare.log" ||
+  fail "spare killed: the JobSet did not complete: $(grep '^k8s_local.py: Job' "$TMP/spare.log")"
 
 # The coordinator pod killed mid-job: its Job (backoffLimit 1) replaces it,
 # the nodes, which go on meanwhile (MX_COORDINATOR_TIMEOUT_S 60), rejoin
 # the new one, and the job finishes.
-python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 --port "$PORT" -- "${worker[@]}" \
+python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 "${ports[@]}" -- "${worker[@]}" \
   --epochs=300 > "$TMP/coordinator.json" || fail "k8s_job.py (coordinator restart) failed"
 python3 - "$TMP/coordinator.json" <<'EOF' || fail "coordinator restart: see above"
 import json, sys
@@ -488,6 +611,30 @@ for node in "server 0" "server 1" "worker 0" "worker 1"; do
   grep -qE "^\[$node\] .*: rejoined the coordinator at " "$TMP/coordinator.log" ||
     fail "coordinator restart: $node did not rejoin"
 done
+grep -q "^k8s_local.py: JobSet fm completed (fm-worker-0 completed)$" "$TMP/coordinator.log" ||
+  fail "coordinator restart: the JobSet did not complete: $(grep '^k8s_local.py: Job' "$TMP/coordinator.log")"
+
+# The coordinator pod deleted mid-job (kubectl delete pod, a drain): the
+# kubelet's SIGTERM stops it before the job finished, so it exits 143 (with
+# 0 its Job completed, nothing replaced it, and the nodes gave it up after
+# MX_COORDINATOR_TIMEOUT_S), a failure its Job counts (its podFailurePolicy
+# fails the Job on 1 and 2 only): the pod is replaced, the nodes rejoin
+# the new one, and every worker finishes.
+kill_pod_mid_job "$TMP/coordinator.json" "$TMP/coordinator_term.log" coordinator TERM ||
+  fail "coordinator stopped: the job failed: $(grep -E '^k8s_local.py: (failed|Job)|mx_(train|server): ' "$TMP/coordinator_term.log")"
+grep -qE "^k8s_local.py: Job fm-coordinator-0 replaces coordinator \(exited (143|-15); backoffLimit 1\)$" \
+  "$TMP/coordinator_term.log" ||
+  fail "coordinator stopped: the Job did not replace the pod: $(grep -E '^k8s_local.py: (Job|failed)|^\[coordinator\]' "$TMP/coordinator_term.log" | tail -4)"
+for node in "server 0" "server 1" "worker 0" "worker 1"; do
+  grep -qE "^\[$node\] .*: rejoined the coordinator at " "$TMP/coordinator_term.log" ||
+    fail "coordinator stopped: $node did not rejoin"
+done
+for r in 0 1; do
+  grep -q "^\[worker $r\] Final test accuracy=1" "$TMP/coordinator_term.log" ||
+    fail "coordinator stopped: worker $r did not finish"
+done
+grep -q "^k8s_local.py: JobSet fm completed (fm-worker-0 completed)$" "$TMP/coordinator_term.log" ||
+  fail "coordinator stopped: the JobSet did not complete"
 
 # 3. Bad flags: refused, saying why.
 expect_refusal() {  # expect_refusal MESSAGE ARGS...
@@ -504,6 +651,10 @@ expect_refusal "give --tls (a new Secret) or --tls-secret" --name fm -n 1 -s 1 -
   --tls-secret s -- mx_train
 expect_refusal "--metrics-port 9091: not a port other than --port" --name fm -n 1 -s 1 --image x \
   --metrics-port 9091 -- mx_train
+expect_refusal "--tls-days: applies to --tls" --name fm -n 1 -s 1 --image x --tls-days 30 \
+  -- mx_train --kvstore=dist_sync
+expect_refusal "--tls-days 0: must be 1 to 36500 days" --name fm -n 1 -s 1 --image x --tls \
+  --tls-days 0 -- mx_train --kvstore=dist_sync
 expect_refusal "--startup-timeout 0: must be 1 to 86400 seconds" --name fm -n 1 -s 1 --image x \
   --startup-timeout 0 -- mx_train
 # Beyond what the pods take (MX_STARTUP_TIMEOUT_S, MX_STALENESS): every pod

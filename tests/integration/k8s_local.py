@@ -24,28 +24,57 @@ volume is that path on this machine, the pods' one node. Probes
 (httpGet, to the pod's address) run as the kubelet runs them: a
 pod is "ready" once its readiness probe first succeeds (printed as
 "k8s_local.py: server 1 ready"), and a pod whose liveness probe fails
-failureThreshold times in a row is killed (and so fails). Pods run as this process's
+failureThreshold times in a row is stopped (and so fails). Pods are
+stopped as the kubelet stops them, after a failed liveness probe as when
+deleted (by a failed Job or JobSet): SIGTERM to the pod's PID 1, then
+SIGKILL once --grace-period seconds (default 5; the kubelet's default is
+30) have passed if it still runs. Pods run as this process's
 user, whatever their securityContext says. Anything else in the objects (another kind, another
 valueFrom) is an error that says what: the manifests would rely on
 something this runner does not play.
 
 Each pod runs in a PID namespace of its own (unshare), as its PID 1, where
-the system allows. A Job with backoffLimit N > 0 replaces a failed pod (at once) up to N
-times. A Job with backoffLimit 0 fails at its first failed pod,
-and its other pods are terminated, as the Job controller does.
+the system allows. Jobs are judged as the Job controller judges them, from
+their pods' exits (each pod's exit code as Kubernetes reports it, 128 + the
+signal for one killed by a signal): a failed pod meets its Job's
+podFailurePolicy first (the first rule whose onExitCodes, In or NotIn,
+match; onPodConditions rules never match here, as no pod here is evicted,
+preempted or loses its node): FailJob fails the Job at once; Ignore
+replaces the pod (at once, where Kubernetes may wait), counting nothing;
+FailIndex fails the pod's index; Count, or no rule, counts the failure. A
+Job with backoffLimit N replaces failed pods (at once) until more than N
+have failed, and then fails; one with backoffLimitPerIndex N does so per
+index, an index failing when it has failed more than N times, and the Job
+fails when more indexes than maxFailedIndexes have failed, or once every
+index has ended, succeeded or failed, if any failed (what Kubernetes does:
+a failed index is never counted as done). A Job completes when every index
+(every one of its completions) has succeeded. A failed Job's pods still
+running are stopped, as the Job controller deletes them. Each verdict is
+printed ("k8s_local.py: Job fm-server failed (failed indexes 1)",
+"k8s_local.py: Job fm-worker completed").
 
 A JobSet (jobset.x-k8s.io) is played as its controller plays it: its
 replicated Jobs become Jobs <jobset>-<job>-<i>; with enableDNSHostnames,
 each pod's <job>-<index>.<subdomain> resolves to its address; with
 startupPolicyOrder InOrder, each replicated Job starts once the pods of
-the ones before are ready ("k8s_local.py: start-up stage 1 ready"); with
-failurePolicy maxRestarts 0, a failed Job fails the JobSet and every pod
-of it is terminated.
+the ones before are ready ("k8s_local.py: start-up stage 1 ready"). After
+each round of the Jobs' verdicts it is judged as its controller judges
+it, failure first: a failed Job (failurePolicy maxRestarts 0, or none)
+fails the JobSet and every pod of it is stopped ("k8s_local.py: JobSet fm
+failed ..."); else it completes when its successPolicy's target Jobs have
+completed (operator All or Any; every Job without one): "k8s_local.py:
+JobSet fm completed". A finished JobSet stays so: a Job that fails after
+it completed changes nothing. Not played: restarts (maxRestarts > 0, or
+failurePolicy rules, are refused), and the deletion of the Jobs still
+running once the JobSet has finished (their pods end on their own, as
+they do within seconds of the workers; here at once would stop them
+before they heard the workers had finished).
 
 Pods start as Kubernetes would start them, the Jobs' pods all at once in
 the List's order; each output line is prefixed with the pod's role and
-index ("[server 1] ..."). Exits 0 when every pod exits 0 within --timeout,
-else 1 after killing what still runs, saying which pods failed.
+index ("[server 1] ..."). Exits 0 when every pod exits 0 within --timeout
+(a pod that its Job replaced aside), else 1 after killing what still runs,
+saying which pods failed.
 """
 import argparse
 import json
@@ -195,19 +224,46 @@ def service_addresses(items, addresses):
     return services
 
 
+class JobSet:
+    """A JobSet's verdict, as its controller reaches it (see the module
+    doc): `jobs` its Jobs' names, `targets` those its successPolicy waits
+    for, `any_target` whether one of them is enough (operator Any)."""
+
+    def __init__(self, name, spec):
+        failure = spec.get("failurePolicy", {})
+        if failure.get("maxRestarts", 0) != 0 or failure.get("rules"):
+            raise Unsupported(f"JobSet {name}: failurePolicy {json.dumps(failure)} "
+                              "(restarts are not played)")
+        success = spec.get("successPolicy", {})
+        if success.get("operator", "All") not in ("All", "Any"):
+            raise Unsupported(f"JobSet {name}: successPolicy {json.dumps(success)}")
+        self.name = name
+        self.any_target = success.get("operator") == "Any"
+        target_names = success.get("targetReplicatedJobs") or [
+            rj["name"] for rj in spec["replicatedJobs"]]
+        self.jobs, self.targets = [], []
+        for rj in spec["replicatedJobs"]:
+            for j in range(rj.get("replicas", 1)):
+                self.jobs.append(f"{name}-{rj['name']}-{j}")
+                if rj["name"] in target_names:
+                    self.targets.append(f"{name}-{rj['name']}-{j}")
+        self.state = None  # "Completed" or "Failed" once finished
+
+
 def expand_jobsets(items):
     """A JobSet's replicated Jobs as the Jobs its controller makes
     (<jobset>-<job>-<i>), in its order. Returns (items, {pod host name in
     the JobSet's subdomain: (Job, pod index)}, {Job: start-up stage}, {Job:
-    the JobSet that fails as a whole with it}). Stages: a JobSet with
-    startupPolicyOrder InOrder starts each replicated Job once the ones
-    before are ready; everything else starts at once (stage 0)."""
-    out, hosts, stages, whole = [], {}, {}, {}
+    its JobSet}). Stages: a JobSet with startupPolicyOrder InOrder starts
+    each replicated Job once the ones before are ready; everything else
+    starts at once (stage 0)."""
+    out, hosts, stages, owner = [], {}, {}, {}
     for item in items:
         if item["kind"] != "JobSet":
             out.append(item)
             continue
         js, spec = item["metadata"]["name"], item["spec"]
+        jobset = JobSet(js, spec)
         subdomain = spec.get("network", {}).get("subdomain", js)
         in_order = spec.get("startupPolicy", {}).get("startupPolicyOrder") == "InOrder"
         for stage, rj in enumerate(spec["replicatedJobs"]):
@@ -220,17 +276,86 @@ def expand_jobsets(items):
                 for i in range(job["spec"]["completions"]):
                     hosts[f"{name}-{i}.{subdomain}"] = (name, i)
                 stages[name] = stage if in_order else 0
-                if spec.get("failurePolicy", {}).get("maxRestarts", 0) == 0:
-                    whole[name] = js
-    return out, hosts, stages, whole
+                owner[name] = jobset
+    return out, hosts, stages, owner
+
+
+class Job:
+    """A Job's verdict, as the Job controller reaches it from its pods'
+    exits (see the module doc)."""
+
+    ACTIONS = ("FailJob", "Ignore", "FailIndex", "Count")
+
+    def __init__(self, name, spec, container, jobset):
+        self.name, self.container, self.jobset = name, container, jobset
+        self.completions = spec["completions"]
+        self.per_index = spec.get("backoffLimitPerIndex")
+        # Kubernetes' default backoffLimit is 6 (unlimited with a per-index one).
+        self.backoff_limit = None if self.per_index is not None else spec.get("backoffLimit", 6)
+        self.max_failed = spec.get("maxFailedIndexes")
+        self.rules = spec.get("podFailurePolicy", {}).get("rules", [])
+        for rule in self.rules:
+            on = rule.get("onExitCodes")
+            if rule.get("action") not in self.ACTIONS or (
+                    on is not None and on.get("operator") not in ("In", "NotIn")):
+                raise Unsupported(f"{name}: podFailurePolicy rule {json.dumps(rule)}")
+        self.failures = 0           # pod failures counted (backoffLimit)
+        self.index_failures = {}    # index: its pod failures counted (backoffLimitPerIndex)
+        self.failed_indexes, self.succeeded = set(), set()
+        self.state = None           # "Complete" or "Failed" once finished; "Deleted"
+
+    def action(self, code):
+        """The action of the first podFailurePolicy rule that a pod that
+        exited with `code` (not 0) matches, or Count."""
+        for rule in self.rules:
+            on = rule.get("onExitCodes")
+            if on is None or on.get("containerName", self.container) != self.container:
+                continue  # onPodConditions: no pod here gets a disruption condition
+            if (code in on["values"]) == (on["operator"] == "In"):
+                return rule["action"]
+        return "Count"
+
+    def judge(self, index, code):
+        """A pod of index `index` exited with `code`: returns what the
+        controller does, "replace" (with why), "fail" (with why) or None
+        (the index succeeded, or failed with the Job going on)."""
+        if code == 0:
+            self.succeeded.add(index)
+            return None, None
+        act = self.action(code)
+        if act == "FailJob":
+            return "fail", "its podFailurePolicy fails the Job"  # whatever the backoffLimit
+        if act == "Ignore":
+            return "replace", "its podFailurePolicy ignores that"
+        if self.per_index is None:
+            self.failures += 1
+            if self.failures > self.backoff_limit:
+                return "fail", None
+            return "replace", f"backoffLimit {self.backoff_limit}"
+        self.index_failures[index] = self.index_failures.get(index, 0) + 1
+        if act == "FailIndex" or self.index_failures[index] > self.per_index:
+            self.failed_indexes.add(index)
+            return None, None
+        return "replace", f"backoffLimitPerIndex {self.per_index}"
+
+    def verdict(self):
+        """Why the Job has failed, "" once it has completed, or None while
+        it runs, from its indexes' ends."""
+        failed = self.failed_indexes
+        if self.max_failed is not None and len(failed) > self.max_failed:
+            return (f"failed indexes {','.join(map(str, sorted(failed)))}: more than "
+                    f"maxFailedIndexes {self.max_failed}")
+        if failed and len(failed | self.succeeded) >= self.completions:
+            return f"failed indexes {','.join(map(str, sorted(failed)))}"
+        if len(self.succeeded) >= self.completions:
+            return ""
+        return None
 
 
 def pods(items, bins, volumes_dir, secrets_dir):
-    """(label, argv, env, probes, Job, backoffLimit, stage, failure group,
-    exit codes that fail the Job at once) of every pod the objects would
-    start: a pod's failure group is its JobSet (which fails as a whole) or
-    its own Job."""
-    items, hosts, stages, whole = expand_jobsets(items)
+    """(label, argv, env, probes, Job name, pod index, stage) of every pod
+    the objects would start, and {Job name: Job}."""
+    items, hosts, stages, owner = expand_jobsets(items)
     addresses = pod_addresses(items)
     services, secrets = service_addresses(items, addresses), {}
     for host, pod in hosts.items():  # cluster DNS for the JobSet's pods
@@ -239,7 +364,7 @@ def pods(items, bins, volumes_dir, secrets_dir):
         if item["kind"] == "Secret":
             for key, value in item.get("stringData", {}).items():
                 secrets[(item["metadata"]["name"], key)] = value
-    out = []
+    out, jobs = [], {}
     for item in items:
         if item["kind"] in ("Service", "Secret", "NetworkPolicy"):
             continue
@@ -253,6 +378,8 @@ def pods(items, bins, volumes_dir, secrets_dir):
         paths = mounts(template, volumes_dir, secrets, secrets_dir)
         indexed = spec.get("completionMode") == "Indexed"
         role = item["metadata"]["labels"]["mx-role"]
+        job = item["metadata"]["name"]
+        jobs[job] = Job(job, spec, container["name"], owner.get(job))
         for i in range(spec["completions"]):
             pod_ip = addresses[(item["metadata"]["name"], i)]
             env = pod_env(container, i if indexed else None, services, secrets, pod_ip)
@@ -270,23 +397,9 @@ def pods(items, bins, volumes_dir, secrets_dir):
             if program not in bins:
                 raise Unsupported(f"{item['metadata']['name']}: no --bin for {argv[0]}")
             argv[0] = bins[program]
-            job = item["metadata"]["name"]
             out.append((f"{role} {i}" if indexed else role, argv, env,
-                        probes(container, ports, pod_ip), job, spec.get("backoffLimit"),
-                        stages.get(job, 0), whole.get(job, job), fail_job_codes(spec)))
-    return out
-
-
-def fail_job_codes(spec):
-    """The exit codes on which a Job's podFailurePolicy fails the Job at
-    once (action FailJob, onExitCodes operator In), whatever its
-    backoffLimit."""
-    codes = set()
-    for rule in spec.get("podFailurePolicy", {}).get("rules", []):
-        on = rule.get("onExitCodes", {})
-        if rule.get("action") == "FailJob" and on.get("operator") == "In":
-            codes.update(on.get("values", []))
-    return codes
+                        probes(container, ports, pod_ip), job, i, stages.get(job, 0)))
+    return out, jobs
 
 
 def exit_code(returncode):
@@ -323,10 +436,11 @@ def ok(target):
 READY = set()
 
 
-def kubelet(label, process, pod_probes, lock, stop):
+def kubelet(pod, pod_probes, lock, stop):
     """Runs a pod's probes until it exits: says when it is first ready,
-    kills it when its liveness probe fails failureThreshold times in a
-    row."""
+    stops it (Pod.stop) when its liveness probe fails failureThreshold
+    times in a row."""
+    label, process = pod.label, pod.process
     ready = "readiness" not in pod_probes
     if ready:
         READY.add(label)
@@ -347,9 +461,10 @@ def kubelet(label, process, pod_probes, lock, stop):
                 failures = 0 if ok(target) else failures + 1
                 if failures >= threshold:
                     with lock:
-                        print(f"k8s_local.py: {label} failed its liveness probe; killing it",
+                        print(f"k8s_local.py: {label} failed its liveness probe; stopping it",
                               file=sys.stderr, flush=True)
-                    process.kill()
+                    pod.stop()
+                    return
         time.sleep(0.02)
 
 
@@ -360,54 +475,110 @@ def pump(label, stream, lock):
             sys.stdout.flush()
 
 
-def fail_jobs(running, failed_jobs, lock):
-    """The Job controller with backoffLimit 0 (or a podFailurePolicy
-    FailJob rule for the exit code), and the JobSet controller with
-    maxRestarts 0: a Job one of whose pods failed has failed, and the pods
-    still running of its failure group (its JobSet, or itself) are
-    terminated (SIGTERM, as the kubelet stops a pod)."""
-    for pod in running:
-        if pod.job in failed_jobs or pod.process.poll() in (None, 0) or pod.replaced:
-            continue
-        if pod.backoff != 0 and exit_code(pod.process.returncode) not in pod.fail_codes:
-            continue
-        failed_jobs.add(pod.job)
-        with lock:
-            print(f"k8s_local.py: Job {pod.job} failed ({pod.label} exited "
-                  f"{pod.process.returncode}); terminating the pods of {pod.group}",
-                  file=sys.stderr, flush=True)
-        for other in running:
-            if other.group == pod.group and other.process.poll() is None:
-                other.terminate()
-
-
-def replace_failed(running, start_pod):
-    """The Job controller's retries: a failed pod of a Job whose
-    backoffLimit is not used up is replaced by a new one (the same spec, one
-    retry fewer; at once, where Kubernetes waits 10 s). Returns the new
-    pods; the replaced ones are marked so."""
+def control(running, jobs, start_pod, lock):
+    """One round of the Job controller over the pods that ended since the
+    last (replacing pods, failing or completing Jobs, stopping a failed
+    Job's pods), then of the JobSet controller over the Jobs' verdicts.
+    Returns the new pods."""
     new = []
     for pod in running:
-        if pod.replaced or not pod.backoff or pod.process.poll() in (None, 0):
+        code = pod.process.poll()
+        if code is None or pod.judged:
             continue
-        if exit_code(pod.process.returncode) in pod.fail_codes:
-            continue  # its Job fails instead (fail_jobs)
-        pod.replaced = True
-        label, argv, env, probes_, job, backoff, stage, group, codes = pod.spec
-        print(f"k8s_local.py: Job {job} replaces {label} (exited {pod.process.returncode}; "
-              f"backoffLimit {backoff})", file=sys.stderr, flush=True)
-        new += start_pod([(label, argv, env, probes_, job, backoff - 1, stage, group, codes)])
+        pod.judged = True
+        job = jobs[pod.job]
+        if job.state is not None:
+            continue  # ended after its Job finished, or stopped with it
+        what, why = job.judge(pod.index, exit_code(code))
+        if what == "replace":
+            pod.replaced = True
+            with lock:
+                print(f"k8s_local.py: Job {job.name} replaces {pod.label} (exited {code}; {why})",
+                      file=sys.stderr, flush=True)
+            new += start_pod([pod.spec])
+        elif what == "fail":
+            finish_job(job, f"{pod.label} exited {code}" + (f": {why}" if why else ""),
+                       running, lock)
+    for job in jobs.values():
+        if job.state is None and job.verdict() is not None:
+            finish_job(job, job.verdict(), running, lock)
+    for jobset in {job.jobset for job in jobs.values() if job.jobset is not None}:
+        judge_jobset(jobset, jobs, running, lock)
     return new
 
 
+def finish_job(job, why, running, lock):
+    """Marks the Job complete (`why` "") or failed, saying so; a failed
+    Job's pods still running are stopped."""
+    job.state = "Failed" if why else "Complete"
+    with lock:
+        print(f"k8s_local.py: Job {job.name} " +
+              (f"failed ({why}); terminating the pods of {job.name}" if why else "completed"),
+              file=sys.stderr, flush=True)
+    if why:
+        for pod in running:
+            if pod.job == job.name and pod.process.poll() is None:
+                pod.stop()
+
+
+def judge_jobset(jobset, jobs, running, lock):
+    """The JobSet controller: failure first (any of its Jobs failed: every
+    pod of it is stopped, its other Jobs deleted), then success (its
+    targets completed). A finished JobSet stays so."""
+    if jobset.state is not None:
+        return
+    failed = [name for name in jobset.jobs if jobs[name].state == "Failed"]
+    done = [name for name in jobset.targets if jobs[name].state == "Complete"]
+    if failed:
+        jobset.state = "Failed"
+        with lock:
+            print(f"k8s_local.py: JobSet {jobset.name} failed (Job {failed[0]} failed); "
+                  f"terminating the pods of {jobset.name}", file=sys.stderr, flush=True)
+        for name in jobset.jobs:
+            if jobs[name].state is None:
+                jobs[name].state = "Deleted"
+        for pod in running:
+            if pod.job in jobset.jobs and pod.process.poll() is None:
+                pod.stop()
+    elif done and (jobset.any_target or len(done) == len(jobset.targets)):
+        jobset.state = "Completed"
+        with lock:
+            print(f"k8s_local.py: JobSet {jobset.name} completed ({', '.join(done)} completed)",
+                  file=sys.stderr, flush=True)
+
+
 class Pod:
-    def __init__(self, spec, process, pump):
-        label, _, _, _, job, backoff, _, group, fail_codes = spec
+    def __init__(self, spec, process, grace):
+        label, _, _, _, job, index, _ = spec
         self.spec = spec  # what started it (a tuple of pods())
-        self.label, self.process, self.pump = label, process, pump
-        self.job, self.backoff, self.group = job, backoff, group
-        self.fail_codes = fail_codes
+        self.label, self.process, self.pump = label, process, None
+        self.job, self.index = job, index
+        self.grace = grace  # seconds from SIGTERM to SIGKILL when stopped
+        self.judged = False  # its exit seen by the Job controller (control)
         self.replaced = False  # failed, and the Job started another
+        self.stopping = False
+
+    def stop(self):
+        """As the kubelet stops a pod (deleted, or its liveness probe
+        failed): SIGTERM to its PID 1, and SIGKILL if it still runs
+        self.grace seconds later."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.terminate()
+        timer = threading.Timer(self.grace, self.kill)
+        timer.daemon = True
+        timer.start()
+
+    def kill(self):
+        """SIGKILL, if it still runs: to unshare, whose --kill-child takes
+        the pod's PID 1 with it (or to the pod's process, without PID
+        namespaces)."""
+        if self.process.poll() is None:
+            try:
+                self.process.kill()
+            except ProcessLookupError:
+                pass
 
     def terminate(self):
         """SIGTERM to the pod's PID 1, as the kubelet stops a container: in
@@ -426,19 +597,19 @@ class Pod:
                 pass
 
 
-def start(todo_stage, base, namespace, lock, stop):
-    """Starts the pods of one start-up stage."""
+def start(todo_stage, base, namespace, lock, stop, grace):
+    """Starts the pods of one start-up stage (or replacements)."""
     started = []
     for spec in todo_stage:
         label, argv, env, pod_probes = spec[:4]
         p = subprocess.Popen(namespace + argv, env=dict(base, **env), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
         print(f"k8s_local.py: started {label} (pid {p.pid})", file=sys.stderr, flush=True)
-        t = threading.Thread(target=pump, args=(label, p.stdout, lock), daemon=True)
-        t.start()
-        threading.Thread(target=kubelet, args=(label, p, pod_probes, lock, stop),
-                         daemon=True).start()
-        started.append(Pod(spec, p, t))
+        pod = Pod(spec, p, grace)
+        pod.pump = threading.Thread(target=pump, args=(label, p.stdout, lock), daemon=True)
+        pod.pump.start()
+        threading.Thread(target=kubelet, args=(pod, pod_probes, lock, stop), daemon=True).start()
+        started.append(pod)
     return started
 
 
@@ -448,14 +619,16 @@ def main():
     ap.add_argument("--bin", action="append", default=[], help="NAME=PATH")
     ap.add_argument("--volumes", help="where PersistentVolumeClaims live, one directory each")
     ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument("--grace-period", type=float, default=5,
+                    help="seconds from a stopped pod's SIGTERM to its SIGKILL")
     args = ap.parse_args()
     bins = dict(b.split("=", 1) for b in args.bin)
     with open(args.manifest) as f:
         doc = json.load(f)
     secrets_dir = tempfile.mkdtemp(prefix="k8s-local-secrets-")
     try:
-        todo = pods(doc["items"] if doc.get("kind") == "List" else [doc], bins, args.volumes,
-                    secrets_dir)
+        todo, jobs = pods(doc["items"] if doc.get("kind") == "List" else [doc], bins,
+                          args.volumes, secrets_dir)
     except (Unsupported, KeyError, ValueError) as e:
         print(f"k8s_local.py: unsupported: {e}", file=sys.stderr)
         return 2
@@ -466,26 +639,29 @@ def main():
     running = []
     namespace = pid_namespaces()
     deadline = time.monotonic() + args.timeout
-    failed_jobs = set()
-    start_pod = lambda specs: start(specs, base, namespace, lock, stop)
+    start_pod = lambda specs: start(specs, base, namespace, lock, stop, args.grace_period)
+    halted = lambda: any(job.state in ("Failed", "Deleted") for job in jobs.values())
     for stage in sorted({pod[6] for pod in todo}):
         stage_pods = start_pod([pod for pod in todo if pod[6] == stage])
         running += stage_pods
         # The next stage starts once every pod of this one is ready (in
         # order), unless a Job failed meanwhile.
-        while (time.monotonic() < deadline and not failed_jobs and
+        while (time.monotonic() < deadline and not halted() and
                not all(p.label in READY for p in stage_pods)):
-            running += replace_failed(running, start_pod)
-            fail_jobs(running, failed_jobs, lock)
+            running += control(running, jobs, start_pod, lock)
             time.sleep(0.05)
-        if failed_jobs:
+        if halted():
             break
         if len({pod[6] for pod in todo}) > 1:
             with lock:
                 print(f"k8s_local.py: start-up stage {stage} ready", file=sys.stderr, flush=True)
-    while time.monotonic() < deadline and any(p.process.poll() is None for p in running):
-        running += replace_failed(running, start_pod)
-        fail_jobs(running, failed_jobs, lock)
+    while time.monotonic() < deadline:
+        # Every exit judged, the last ones too, before the end.
+        ended = all(p.process.poll() is not None for p in running)
+        new = control(running, jobs, start_pod, lock)
+        running += new
+        if ended and not new:
+            break
         time.sleep(0.1)
     failed = []
     for pod in running:

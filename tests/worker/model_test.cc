@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <fstream>
 #include <limits>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <string>
