@@ -102,6 +102,11 @@ int64_t ClassOf(absl::string_view metric, float label, int64_t sample,
   return static_cast<int64_t>(label);
 }
 
+// Whether a label is an ignored one: a negative whole number, as
+// SoftmaxOutput's ignore_label (-1 by default). Accuracy counts such a
+// sample as a miss, as MXNet does (it compares the labels as integers).
+bool Ignored(float label) { return label < 0 && label == std::floor(label); }
+
 // The index of the largest value of row[0..n), the first one on ties.
 int64_t ArgMax(const float* row, int64_t n) {
   int64_t best = 0;
@@ -164,7 +169,7 @@ class Accuracy : public MeanMetric {
     if (PredictsIndices(p)) return;
     RequireClassRows(name_, p);
     for (int64_t i = 0; i < p.n; ++i) {
-      ClassOf(name_, p.label.v[i], i, p.pred.shape[1]);
+      if (!Ignored(p.label.v[i])) ClassOf(name_, p.label.v[i], i, p.pred.shape[1]);
     }
   }
   double Sum(const Pair& p) const override {
@@ -180,8 +185,8 @@ class Accuracy : public MeanMetric {
     }
     const int64_t classes = p.pred.shape[1];
     for (int64_t i = 0; i < p.n; ++i) {
-      correct += ArgMax(&p.pred.v[i * classes], classes) ==
-                 static_cast<int64_t>(p.label.v[i]);
+      correct += !Ignored(p.label.v[i]) &&
+                 ArgMax(&p.pred.v[i * classes], classes) == static_cast<int64_t>(p.label.v[i]);
     }
     return static_cast<double>(correct);
   }
@@ -196,13 +201,14 @@ class TopKAccuracy : public MeanMetric {
   void Check(const Pair& p) const override {
     RequireClassRows(name_, p);
     for (int64_t i = 0; i < p.n; ++i) {
-      ClassOf(name_, p.label.v[i], i, p.pred.shape[1]);
+      if (!Ignored(p.label.v[i])) ClassOf(name_, p.label.v[i], i, p.pred.shape[1]);
     }
   }
   double Sum(const Pair& p) const override {
     const int64_t classes = p.pred.shape[1];
     int64_t correct = 0;
     for (int64_t i = 0; i < p.n; ++i) {
+      if (Ignored(p.label.v[i])) continue;  // a miss
       const float* row = &p.pred.v[i * classes];
       const float score = row[static_cast<int64_t>(p.label.v[i])];
       int64_t higher = 0;
