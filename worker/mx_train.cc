@@ -20,6 +20,7 @@
 #include <iostream>
 #include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/debugging/failure_signal_handler.h"
@@ -43,6 +44,7 @@
 #include "rpc/metrics_http.h"
 #include "worker/checkpoint.h"
 #include "worker/io.h"
+#include "worker/metric.h"
 #include "worker/model.h"
 #include "worker/zoo.h"
 
@@ -269,13 +271,36 @@ absl::Status CheckFlags() {
         "--", f.has_train ? f.train : f.test, " without --", f.has_train ? f.test : f.train,
         ": give both (the training and the test data come from one source)"));
   }
+  // Without labels a CSV's samples all had label 0, and the run still
+  // printed a test accuracy.
+  for (const auto& [split, data, labels] :
+       {std::tuple{"train", absl::GetFlag(FLAGS_train_csv), absl::GetFlag(FLAGS_train_label_csv)},
+        std::tuple{"test", absl::GetFlag(FLAGS_test_csv), absl::GetFlag(FLAGS_test_label_csv)}}) {
+    if (!data.empty() && labels.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("--", split, "_csv needs --", split,
+                                                     "_label_csv (the labels of its samples)"));
+    }
+  }
+  // The metrics, before the job is joined; a bad name failed inside Fit.
+  absl::StatusOr<std::unique_ptr<EvalMetric>> metric =
+      CreateMetric(absl::GetFlag(FLAGS_eval_metric));
+  if (!metric.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--eval_metric=", absl::GetFlag(FLAGS_eval_metric), ": ", metric.status().message()));
+  }
   if (absl::GetFlag(FLAGS_early_stopping) > 0) {
-    const std::vector<std::string> metrics = absl::StrSplit(absl::GetFlag(FLAGS_eval_metric), ',');
-    if (std::find(metrics.begin(), metrics.end(), "accuracy") == metrics.end()) {
+    const MetricValues computed = (*metric)->Get();
+    if (std::none_of(computed.begin(), computed.end(),
+                     [](const auto& m) { return m.first == "accuracy"; })) {
       return absl::InvalidArgumentError(
           absl::StrCat("--early_stopping watches accuracy, which --eval_metric=",
                        absl::GetFlag(FLAGS_eval_metric), " does not compute: add accuracy"));
     }
+  }
+  if (const std::string o = absl::GetFlag(FLAGS_optimizer);
+      absl::GetFlag(FLAGS_momentum) != 0 && o != "sgd" && o != "nag") {
+    return absl::InvalidArgumentError(absl::StrCat("--momentum applies to sgd and nag, not ", o,
+                                                   " (its options go in --optimizer_options)"));
   }
   if (const std::string log = absl::GetFlag(FLAGS_metrics_log); !log.empty()) {
     // At start-up, not after the first epoch.

@@ -54,6 +54,18 @@ expect_fail "test libsvm alone" "--test_libsvm without --train_libsvm: give both
 expect_fail "early stopping without accuracy" \
   "--early_stopping watches accuracy, which --eval_metric=ce does not compute" \
   --early_stopping=2 --eval_metric=ce
+# Accuracy named "acc", in a list with spaces, is accuracy (the run then
+# fails for its missing data, not for the flags).
+expect_fail "early stopping on acc" "$TMP/nodata" \
+  --early_stopping=2 --eval_metric="ce, acc" --data_dir="$TMP/nodata"
+expect_fail "unknown metric" "--eval_metric=accuracyy: unknown metric 'accuracyy'" \
+  --eval_metric=accuracyy
+expect_fail "momentum for adam" "--momentum applies to sgd and nag, not adam" \
+  --optimizer=adam --momentum=0.9
+expect_fail "train csv without labels" "--train_csv needs --train_label_csv" \
+  --train_csv=/x.csv --test_csv=/y.csv --test_label_csv=/z.csv
+expect_fail "test csv without labels" "--test_csv needs --test_label_csv" \
+  --train_csv=/x.csv --train_label_csv=/z.csv --test_csv=/y.csv
 expect_fail "ctr features beyond floats" "--ctr_features=4294967297: must be from 1 to 16777216" \
   --ctr_features=4294967297
 expect_fail "unwritable metrics log" "--metrics_log=$TMP/nodir/m.csv: cannot append to it" \
