@@ -409,6 +409,7 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
         for (const auto& cb : options.batch_end_callbacks) cb(p);
       }
       FlushTablePushes();
+      AverageAuxStates(execs);
       WaitAll();
       return absl::OkStatus();
     });
@@ -439,6 +440,19 @@ absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions&
     if (!go_on) break;
   }
   return absl::OkStatus();
+}
+
+void FeedForward::AverageAuxStates(const std::vector<std::unique_ptr<Executor>>& execs) {
+  if (execs.size() < 2) return;
+  for (const auto& [name, first] : execs[0]->aux_dict()) {
+    NDArray mean = first.Copy(cpu());
+    for (size_t d = 1; d < execs.size(); ++d) mean += execs[d]->aux_dict().at(name).Copy(cpu());
+    mean *= 1.0f / static_cast<float>(execs.size());
+    for (const auto& e : execs) {
+      NDArray dst = e->aux_dict().at(name);
+      dst.Assign(mean);
+    }
+  }
 }
 
 absl::Status FeedForward::ForEachBatch(

@@ -141,6 +141,11 @@ class FeedForward {
       const ParamsLoadOptions& options = {});
 
  private:
+  // Makes each auxiliary state (BatchNorm's moving mean and variance) the
+  // mean of the devices' at the end of an epoch, on every device: each
+  // device's saw only its share of the batches, and checkpoints,
+  // evaluation and Predict read device 0's (MXNet averages them too).
+  static void AverageAuxStates(const std::vector<std::unique_ptr<Executor>>& execs);
   // One training executor per context, each taking an equal share of the
   // batch; or, for inference, one executor on the first context.
   absl::StatusOr<std::vector<std::unique_ptr<Executor>>> BindAll(

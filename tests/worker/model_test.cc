@@ -596,6 +596,26 @@ TEST(DataParallel, TwoContextsTrainLikeOne) {
   EXPECT_NEAR(acc[1], acc[0], 0.01);
 }
 
+// BatchNorm's moving statistics are the mean of the devices': device 0's
+// alone, from its half of each batch, went into checkpoints and Predict.
+TEST(DataParallel, MovingStatisticsAreAveragedOverDevices) {
+  Symbol net = Op("BatchNorm", {Variable("data")}, {{"fix_gamma", true}}, "bn");
+  net = Op("FullyConnected", {net}, {{"num_hidden", 2}}, "fc");
+  net = Op("SoftmaxOutput", {net}, {}, "softmax");
+  // One batch: device 0 gets rows of 1, device 1 rows of 3.
+  NDArray x = FromVector({1, 1, 1, 1, 3, 3, 3, 3}, {4, 2}), y = FromVector({0, 1, 0, 1}, {4});
+  ArrayIterOptions o;
+  o.batch_size = 4;
+  auto it = ArrayIter(x, y, o);
+  ASSERT_TRUE(it.ok()) << it.status();
+  FeedForward model(net, {cpu(0), cpu(1)});
+  ASSERT_TRUE(model.Fit(it->get(), nullptr, Sgd(1, 0.0f)).ok());
+  // moving = 0.9 * 0 + 0.1 * batch mean: 0.1 and 0.3 on the devices.
+  const std::vector<float> mean = model.aux_params().at("bn_moving_mean").ToVector();
+  ASSERT_EQ(mean.size(), 2u);
+  for (float m : mean) EXPECT_NEAR(m, 0.2f, 1e-6f);
+}
+
 TEST(DataParallel, BatchMustSplitEvenly) {
   Blobs train = MakeBlobs(60, 2, 13);
   FeedForward model(SmallMlp(2), {cpu(0), cpu(1), cpu(2)});
