@@ -63,13 +63,15 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
   const float ignore = p.GetFloat("ignore_label");
   const std::string& norm = p.GetString("normalization");
   float scale = p.GetFloat("grad_scale");
-  if (norm == "batch" || (norm == "valid" && !use_ignore)) scale /= std::max<int64_t>(rows, 1);
+  if (norm == "batch") scale /= std::max<int64_t>(rows, 1);
   if (req[0] == OpReq::kNull) return FillLabelGradient(ctx, rows, req[1], in_grad[1]);
-  // With ignored labels, the rows that count are counted where the labels
-  // are (on a GPU too, with no copy to the host): a 0/1 mask summed into
-  // the workspace's last float, which the gradient kernel divides by.
+  // 'valid' divides by the rows whose label is not ignore_label, with or
+  // without use_ignore (as MXNet, which counts them either way), counted
+  // where the labels are (on a GPU too, with no copy to the host): a 0/1
+  // mask summed into the workspace's last float, which the gradient kernel
+  // divides by.
   const float* valid = nullptr;
-  if (norm == "valid" && use_ignore && rows > 0) {
+  if (norm == "valid" && rows > 0) {
     float* mask = ctx.workspace;
     kernel::Launch<kernel::ValidLabelKernel>("SoftmaxOutput", ctx.ctx, rows, {mask, label, ignore});
     kernel::Reduce<kernel::SumReducer>("SoftmaxOutput", ctx.ctx, mask, mask + rows, 1, rows, 1);
@@ -82,10 +84,10 @@ void Backward(const OpContext& ctx, const ParsedParams& p,
   FillLabelGradient(ctx, rows, req[1], in_grad[1]);
 }
 
-// rows floats of mask and one of count for normalization='valid' with
-// use_ignore (Backward); none otherwise.
+// rows floats of mask and one of count for normalization='valid'
+// (Backward); none otherwise.
 size_t Workspace(const ParsedParams& p, const ShapeList& in, const ShapeList&, Context) {
-  if (p.GetString("normalization") != "valid" || !p.GetBool("use_ignore")) return 0;
+  if (p.GetString("normalization") != "valid") return 0;
   return in[0].ndim() > 0 ? (in[0][0] + 1) * sizeof(float) : 0;
 }
 

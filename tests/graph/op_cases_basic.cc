@@ -159,8 +159,11 @@ MX_OP_CASE(Softmax("SoftmaxOutput_valid_ignored",
                    1.5 / 3, 1.0f));
 MX_OP_CASE(Softmax("SoftmaxOutput_null_ignored", {{"use_ignore", true}, {"ignore_label", 2.0f}},
                    1.0, 2.0f));
-// Without use_ignore, 'valid' counts every row.
+// Without use_ignore, 'valid' counts every row whose label is not
+// ignore_label (as MXNet), while every row has its gradient.
 MX_OP_CASE(Softmax("SoftmaxOutput_valid", {{"normalization", "valid"}}, 1.0 / 4));
+MX_OP_CASE(Softmax("SoftmaxOutput_valid_counts_without_use_ignore",
+                   {{"normalization", "valid"}, {"ignore_label", 1.0f}}, 1.0 / 3));
 
 }  // namespace
 }  // namespace mx::testing
