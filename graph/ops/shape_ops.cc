@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+#include <optional>
 
 #include "absl/strings/str_join.h"
 #include "graph/ops/op_util.h"
@@ -204,16 +205,44 @@ absl::StatusOr<Shape> ReshapeTarget(const Shape& spec_shape, const Shape& data, 
   return Shape(dst.begin(), dst.end());
 }
 
-absl::Status ReshapeInfer(const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeList*) {
-  if (p.GetShape("target_shape").ndim() != 0 || p.GetBool("keep_highest")) {
-    return absl::UnimplementedError(
-        "the legacy parameters target_shape and keep_highest are not supported; use shape");
+// MXNet 0.8's legacy form, used when `shape` is empty: target_shape, whose
+// one 0 (if exactly one) is inferred from the input's size, and
+// keep_highest, which takes the first dimension from the input. (Files of
+// that time write every parameter: a target_shape of (0,0) beside a shape,
+// which then wins, as in MXNet.) Unknown until the input's shape is.
+absl::StatusOr<std::optional<Shape>> LegacyReshapeTarget(Shape target, bool keep_highest,
+                                                         const Shape& data) {
+  if (!IsKnown(data)) return std::optional<Shape>();
+  if (keep_highest) target[0] = data[0];
+  const int first = keep_highest ? 1 : 0;
+  const int zeros = static_cast<int>(std::count(target.begin() + first, target.end(), 0));
+  if (zeros == 1) {
+    const int at =
+        static_cast<int>(std::find(target.begin() + first, target.end(), 0) - target.begin());
+    target[at] = 1;
+    target[at] = target.Size() > 0 ? data.Size() / target.Size() : 0;
   }
+  if (target.Size() != data.Size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "target_shape=", target.ToString(),
+        " (the legacy form of shape) does not fit input data of shape ", data.ToString()));
+  }
+  return std::optional<Shape>(target);
+}
+
+absl::Status ReshapeInfer(const ParsedParams& p, ShapeList* in, ShapeList* out, ShapeList*) {
   const Shape spec = p.GetShape("shape");
+  const Shape& data = (*in)[0];
+  if (spec.ndim() == 0 && p.GetShape("target_shape").ndim() != 0) {
+    MX_ASSIGN_OR_RETURN(
+        std::optional<Shape> o,
+        LegacyReshapeTarget(p.GetShape("target_shape"), p.GetBool("keep_highest"), data));
+    if (o.has_value()) MX_RETURN_IF_ERROR(MergeShape(out, 0, *o, "output"));
+    return absl::OkStatus();
+  }
   if (spec.ndim() == 0) {
     return absl::InvalidArgumentError("parameter shape is missing or empty");
   }
-  const Shape& data = (*in)[0];
   if (data.ndim() == 0) {
     // Without -2, -3, -4 or 0 the output dimensions are the given ones.
     bool plain = std::all_of(spec.begin(), spec.end(), [](int64_t v) { return v > 0 || v == -1; });

@@ -537,8 +537,24 @@ TEST(ReshapeShapes, ErrorsNameTheShapes) {
               HasSubstr("more dimensions than input data of shape (2,3)"));
   EXPECT_THAT(InferError(Unary("Reshape", {{"shape", "(-5,)"}}), {{"data", Shape{2, 3}}}),
               HasSubstr("-5 is not a dimension"));
-  EXPECT_THAT(InferError(Unary("Reshape", {{"target_shape", "(6,)"}}), {{"data", Shape{2, 3}}}),
-              HasSubstr("target_shape"));
+  EXPECT_THAT(InferError(Unary("Reshape", {{"target_shape", "(5,)"}}), {{"data", Shape{2, 3}}}),
+              HasSubstr("target_shape=(5,) (the legacy form of shape) does not fit"));
+}
+
+// MXNet 0.8's target_shape and keep_highest, used when shape is empty; its
+// files write them beside a shape too (every parameter, target_shape
+// (0,0) by default), which then wins: such files were refused.
+TEST(ReshapeShapes, LegacyParametersAsMXNet08) {
+  auto out = [](Params params, Shape data) {
+    const Symbol::Shapes s = Infer(Unary("Reshape", params), {{"data", data}});
+    return s.outputs.empty() ? Shape{} : s.outputs[0];
+  };
+  EXPECT_EQ(
+      out({{"target_shape", "(0,0)"}, {"keep_highest", "False"}, {"shape", "(0,-1)"}}, {2, 3, 4}),
+      (Shape{2, 12}));
+  EXPECT_EQ(out({{"target_shape", "(6,)"}}, {2, 3}), (Shape{6}));
+  EXPECT_EQ(out({{"target_shape", "(3,0)"}}, {2, 3, 4}), (Shape{3, 8}));
+  EXPECT_EQ(out({{"target_shape", "(1,0)"}, {"keep_highest", "True"}}, {2, 3, 4}), (Shape{2, 12}));
 }
 
 // ---- Concat.
