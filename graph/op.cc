@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 
 #include "absl/strings/ascii.h"
@@ -202,10 +203,42 @@ bool OpRegistry::Register(OpDef op) {
   return true;
 }
 
+// MXNet's other names of operators: those of its 0.8 files (_Plus,
+// _MulScalar, Softmax) and 1.x's aliases (_add, flatten). Found as the
+// operator they name, which symbols save under its own name.
+static const std::map<std::string, std::string>& Aliases() {
+  static const auto* aliases =
+      new std::map<std::string, std::string>{{"_Plus", "elemwise_add"},
+                                             {"_add", "elemwise_add"},
+                                             {"_plus", "elemwise_add"},
+                                             {"_Minus", "elemwise_sub"},
+                                             {"_sub", "elemwise_sub"},
+                                             {"_minus", "elemwise_sub"},
+                                             {"_Mul", "elemwise_mul"},
+                                             {"_mul", "elemwise_mul"},
+                                             {"_Div", "elemwise_div"},
+                                             {"_div", "elemwise_div"},
+                                             {"_PlusScalar", "_plus_scalar"},
+                                             {"_MinusScalar", "_minus_scalar"},
+                                             {"_RMinusScalar", "_rminus_scalar"},
+                                             {"_MulScalar", "_mul_scalar"},
+                                             {"_DivScalar", "_div_scalar"},
+                                             {"_RDivScalar", "_rdiv_scalar"},
+                                             {"Softmax", "SoftmaxOutput"},
+                                             {"flatten", "Flatten"},
+                                             {"concat", "Concat"},
+                                             {"reshape", "Reshape"}};
+  return *aliases;
+}
+
 const OpDef* OpRegistry::Find(const std::string& name) {
   Table& t = GetTable();
   std::lock_guard<std::mutex> lock(t.mu);
   auto it = t.ops.find(name);
+  if (it == t.ops.end()) {
+    auto alias = Aliases().find(name);
+    if (alias != Aliases().end()) it = t.ops.find(alias->second);
+  }
   return it == t.ops.end() ? nullptr : &it->second;
 }
 

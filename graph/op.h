@@ -231,7 +231,8 @@ class OpRegistry {
  public:
   // Adds op; registering a name twice is a bug (aborts).
   static bool Register(OpDef op);
-  // nullptr when no operator has that name.
+  // The operator of that name or of an MXNet alias of it ("_Plus",
+  // "Softmax"); nullptr when none has it.
   static const OpDef* Find(const std::string& name);
   static std::vector<std::string> ListNames();
 };

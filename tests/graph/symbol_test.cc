@@ -2,10 +2,12 @@
 // (written in the 1.x layout, read in 1.x and 0.8 layouts), errors, Graphviz.
 #include "graph/symbol.h"
 
+#include <cmath>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
+#include "graph/executor.h"
 #include "gtest/gtest.h"
 
 namespace mx {
@@ -13,6 +15,7 @@ namespace {
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 TEST(SymbolNames, AutomaticNamesCountPerOperatorWithinAScope) {
   NameScope scope;
@@ -293,6 +296,42 @@ TEST(SymbolJson, ReadsMxnet08Files) {
   auto again = Symbol::FromJSON(s->ToJSON());
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->DebugString(), s->DebugString());
+}
+
+// Operators by MXNet's other names (0.8's _Plus, _MulScalar, Softmax): a
+// ResNet's shortcut add in an 0.8 file was an unknown operator. They are
+// saved under mx's names.
+TEST(SymbolJson, ReadsMxnetAliasesOfOperators) {
+  auto s = Symbol::FromJSON(R"({
+  "nodes": [
+    {"op": "null", "param": {}, "name": "a", "inputs": [], "backward_source_id": -1},
+    {"op": "null", "param": {}, "name": "b", "inputs": [], "backward_source_id": -1},
+    {"op": "_Plus", "param": {}, "name": "_plus0", "inputs": [[0, 0], [1, 0]],
+     "backward_source_id": -1},
+    {"op": "_MulScalar", "param": {"scalar": "2"}, "name": "_mulscalar0",
+     "inputs": [[2, 0]], "backward_source_id": -1},
+    {"op": "null", "param": {}, "name": "softmax_label", "inputs": [], "backward_source_id": -1},
+    {"op": "Softmax", "param": {"grad_scale": "1"}, "name": "softmax",
+     "inputs": [[3, 0], [4, 0]], "backward_source_id": -1}
+  ],
+  "arg_nodes": [0, 1, 4],
+  "heads": [[5, 0]]
+})");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_THAT(s->ListArguments(), ElementsAre("a", "b", "softmax_label"));
+  auto exec = Executor::SimpleBind(*s, cpu(), {{"a", Shape{1, 2}}, {"b", Shape{1, 2}}});
+  ASSERT_TRUE(exec.ok()) << exec.status();
+  NDArray((*exec)->arg_dict().at("a")).Assign(FromVector({1, 0}, {1, 2}));
+  NDArray((*exec)->arg_dict().at("b")).Assign(FromVector({0, -1}, {1, 2}));
+  (*exec)->Forward(false);
+  // softmax(2 * (a + b)) = softmax(2, -2)
+  const std::vector<float> out = (*exec)->outputs()[0].ToVector();
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_NEAR(out[0], 1 / (1 + std::exp(-4.0f)), 1e-6);
+  const std::string json = s->ToJSON();
+  EXPECT_THAT(json, HasSubstr("\"elemwise_add\""));
+  EXPECT_THAT(json, HasSubstr("\"SoftmaxOutput\""));
+  EXPECT_THAT(json, Not(HasSubstr("_Plus")));
 }
 
 TEST(SymbolJson, BadFilesGiveClearErrors) {
