@@ -385,17 +385,25 @@ Symbol Symbol::operator()(const std::map<std::string, Symbol>& inputs,
                     key, "' has ", sym.outputs().size(), " outputs");
   }
   // Copy every node that depends on a replaced variable; share the rest.
-  std::unordered_map<Node*, std::shared_ptr<Node>> copies;
-  std::function<NodeEntry(const NodeEntry&)> rewrite =
-      [&](const NodeEntry& e) -> NodeEntry {
+  // In one pass over the nodes, inputs before consumers: a recursion per
+  // level overflowed the stack on graphs 100,000 nodes deep (which symbol
+  // files may hold).
+  const std::vector<Node*> order = graph::TopoSort(outputs_);
+  std::unordered_map<Node*, std::shared_ptr<Node>> owners, copies;
+  for (const NodeEntry& e : outputs_) owners[e.node.get()] = e.node;
+  for (Node* n : order) {
+    for (const NodeEntry& in : n->inputs) owners[in.node.get()] = in.node;
+  }
+  // What an entry becomes: a replaced variable's symbol, or the entry of
+  // the node's copy (the node itself when nothing it reads changed).
+  auto rewrite = [&](const NodeEntry& e) -> NodeEntry {
     Node* n = e.node.get();
-    if (n->is_variable()) {
-      auto it = inputs.find(n->name);
-      if (it != inputs.end()) return it->second.outputs()[0];
-      return e;
-    }
-    auto done = copies.find(n);
-    if (done != copies.end()) return {done->second, e.index};
+    if (!n->is_variable()) return {copies.at(n), e.index};
+    auto it = inputs.find(n->name);
+    return it != inputs.end() ? it->second.outputs()[0] : e;
+  };
+  for (Node* n : order) {
+    if (n->is_variable()) continue;
     std::vector<NodeEntry> new_inputs;
     bool changed = false;
     for (const NodeEntry& in : n->inputs) {
@@ -403,14 +411,13 @@ Symbol Symbol::operator()(const std::map<std::string, Symbol>& inputs,
       changed = changed || r.node != in.node || r.index != in.index;
       new_inputs.push_back(std::move(r));
     }
-    std::shared_ptr<Node> result = e.node;
+    std::shared_ptr<Node> result = owners.at(n);
     if (changed) {
       result = std::make_shared<Node>(*n);
       result->inputs = std::move(new_inputs);
     }
-    copies[n] = result;
-    return {result, e.index};
-  };
+    copies[n] = std::move(result);
+  }
   std::vector<NodeEntry> outs;
   for (const NodeEntry& e : outputs_) outs.push_back(rewrite(e));
   if (!name.empty() && outs.size() == 1 && !outs[0].node->is_variable()) {

@@ -196,6 +196,19 @@ TEST(SymbolGraph, AVeryDeepGraphIsFreed) {
   EXPECT_EQ(h.ListArguments()[0], "y");
 }
 
+// Composing such a graph copies it in one pass (a recursion per level
+// overflowed the stack), and shares what the replaced variable does not
+// reach.
+TEST(SymbolGraph, AVeryDeepGraphIsComposed) {
+  Symbol h = Variable("x");
+  for (int i = 0; i < 300000; ++i) h = Op("Activation", {h}, {{"act_type", "relu"}});
+  Symbol side = Op("Activation", {Variable("z")}, {{"act_type", "relu"}}, "side");
+  h = Op("elemwise_add", {h, side}, {}, "sum");
+  Symbol composed = h({{"x", Op("Activation", {Variable("w")}, {{"act_type", "tanh"}})}});
+  EXPECT_THAT(composed.ListArguments(), ElementsAre("w", "z"));
+  EXPECT_THAT(h.ListArguments(), ElementsAre("x", "z"));  // the original is unchanged
+}
+
 TEST(SymbolInferShape, InconsistencyNamesOperatorInputAndShapes) {
   Symbol a = Variable("a"), b = Variable("b");
   Symbol c = Op("elemwise_add", {a, b}, {}, "add1");
