@@ -51,6 +51,14 @@ struct SoftReluAct {
   // sigmoid(x) = 1 - e^{-y}
   MX_XINLINE static float Backward(float g, float y) { return g * -expm1f(-y); }
 };
+struct SoftSignAct {
+  MX_XINLINE static float Apply(float x) { return x / (1.0f + fabsf(x)); }
+  // 1 / (1 + |x|)^2 = (1 - |y|)^2
+  MX_XINLINE static float Backward(float g, float y) {
+    const float d = 1.0f - fabsf(y);
+    return g * (d * d);
+  }
+};
 }  // namespace op
 
 // y[i] (=|+=) A(x[i]).

@@ -1,4 +1,4 @@
-// Activation (relu, sigmoid, tanh, softrelu). The gradient is computed from
+// Activation (relu, sigmoid, tanh, softrelu, softsign). The gradient is computed from
 // the output alone, so the output may overwrite the input.
 #include <string>
 
@@ -17,14 +17,18 @@ void Dispatch(const std::string& act, F f) {
   if (act == "relu") return f(kernel::op::ReluAct());
   if (act == "sigmoid") return f(kernel::op::SigmoidAct());
   if (act == "tanh") return f(kernel::op::TanhAct());
+  if (act == "softsign") return f(kernel::op::SoftSignAct());
   return f(kernel::op::SoftReluAct());  // the only other value ParamSpec admits
 }
 
 OpDef Make() {
   OpDef op;
   op.name = "Activation";
-  op.params = {{"act_type", ParamSpec::Type::kString, "", true,
-                {"relu", "sigmoid", "tanh", "softrelu"}}};
+  op.params = {{"act_type",
+                ParamSpec::Type::kString,
+                "",
+                true,
+                {"relu", "sigmoid", "tanh", "softrelu", "softsign"}}};
   op.infer_shape = SameShapeInfer;
   op.blocked = ElementWiseBlocked;
   op.inplace = {{0, 0}};

@@ -106,6 +106,7 @@ MX_OP_CASE(Act("Activation_relu", "relu", [](float x) { return x > 0 ? x : 0.0f;
 MX_OP_CASE(Act("Activation_sigmoid", "sigmoid", [](float x) { return 1 / (1 + std::exp(-x)); }));
 MX_OP_CASE(Act("Activation_tanh", "tanh", [](float x) { return std::tanh(x); }));
 MX_OP_CASE(Act("Activation_softrelu", "softrelu", [](float x) { return std::log1p(std::exp(x)); }));
+MX_OP_CASE(Act("Activation_softsign", "softsign", [](float x) { return x / (1 + std::fabs(x)); }));
 
 HostArrays SoftmaxRows(const std::vector<float>& x, int64_t rows, int64_t classes) {
   std::vector<float> out(x.size());
