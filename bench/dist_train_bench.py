@@ -42,6 +42,12 @@ def mx_rate(epochs, servers=2, replicas=1, shm=True):
            f"--epochs={epochs}", "--lr=0.1", f"--data_dir={DATA}"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     out = run.stdout
+    # The launcher's exit code first: workers that reported every epoch's
+    # time can still belong to a job that failed (a daemon's error, a
+    # worker failing after its last epoch), whose rate is no figure.
+    if run.returncode != 0:
+        sys.exit(f"mx run failed (launch.py exited {run.returncode}):\n" + out[-2000:] +
+                 run.stderr[-2000:])
     seconds = {}
     for m in re.finditer(r"\[worker (\d+)\] Epoch\[\d+\] .*Time cost=([0-9.]+) s", out):
         seconds[m.group(1)] = seconds.get(m.group(1), 0.0) + float(m.group(2))

@@ -11,7 +11,9 @@ memory, open file descriptors, CPU time) and the coordinator's metrics
   line that says error or failed (target 0);
 - resident memory per role (median and max, MB) and its growth after the
   warm-up (the first third): the largest of any process between the
-  highest in the first and in the second half of the rest (target <= 5%);
+  highest in the first and in the second half of the rest (target <= 5%;
+  a process without two samples there has no figure, which --check counts
+  as a miss: a growth not measured is no growth within the target);
 - file descriptors per process (max);
 - the coordinator's CPU (% of one core) and the calls it answers per
   second;
@@ -169,6 +171,9 @@ class Job:
             "step_ms": median(p for _, p in reports.values()) if reports else float("nan"),
             "steps": sum(n for n, _ in reports.values()),
             "growth": growth,
+            # Processes started without a growth figure (fewer than two
+            # steady samples: never sampled, or ended early).
+            "no_growth": sorted(who for who in self.pids if who not in growth),
             "rss": rss,
             "fds": fds,
             "coordinator_cpu": per_second(self.steady(self.samples.get("coordinator", [])), 3),
@@ -211,7 +216,7 @@ def print_job(r, workers, servers, base_ms):
     # Ratio: the step time the first job's would give if it grew with the
     # workers (base * workers / first job's workers) over this one's.
     bench(f"scale_step_{tag}", r["step_ms"], "ms", base_ms, base_ms / r["step_ms"], "info")
-    worst = max(r["growth"].items(), key=lambda kv: kv[1], default=("none", 0.0))
+    worst = max(r["growth"].items(), key=lambda kv: kv[1], default=("none", float("nan")))
     bench(f"scale_rss_growth_{tag}", 100 * worst[1], "%", 5.0,
           5.0 / max(100 * worst[1], 1e-9), "<=5")
     for role, values in sorted(r["rss"].items()):
@@ -229,6 +234,10 @@ def print_job(r, workers, servers, base_ms):
           "0")
     for e in r["errors"]:
         print(f"scale_bench: {tag}: {e}", flush=True)
+    if r["no_growth"]:
+        print(f"scale_bench: {tag}: no memory growth figure (fewer than 2 samples after the "
+              f"warm-up) for {len(r['no_growth'])} process(es): {', '.join(r['no_growth'])}",
+              flush=True)
     print(f"scale_bench: {tag}: {r['steps']} steps in all; largest growth {worst[0]}",
           flush=True)
 
@@ -240,8 +249,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=20, help="each job's workers' time")
     ap.add_argument("--long-seconds", type=float, default=180, help="the 64x8 job's time")
     ap.add_argument("--check", action="store_true",
-                    help="exit 1 when a job has an error or a process grows more than "
-                         "--max-growth")
+                    help="exit 1 when a job has an error, a process grows more than "
+                         "--max-growth, or a process's growth was not measured")
     ap.add_argument("--max-growth", type=float, default=0.05)
     ap.add_argument("--launch", default=os.path.join(ROOT, "deploy/launch.py"))
     ap.add_argument("--server-binary", default=os.path.join(ROOT, "bazel-bin/server/mx_server"))
@@ -261,7 +270,7 @@ def main():
             base = (r["step_ms"], workers)
         print_job(r, workers, servers, base[0] * workers / base[1])
         worst = max(r["growth"].values(), default=0.0)
-        if r["errors"] or worst > args.max_growth:
+        if r["errors"] or worst > args.max_growth or r["no_growth"]:
             failed = True
     return 1 if args.check and failed else 0
 

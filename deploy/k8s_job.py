@@ -56,8 +56,9 @@ cannot present a certificate to a node that requires mutual TLS.
 Success: the workers exit 0, then the servers and the coordinator shut down
 on their own (they exit 0), and all three Jobs complete. Failure: server
 and worker pods are never restarted (a restarted node could not take its
-rank back); a coordinator pod that was killed or crashed is replaced up to
---coordinator-restarts times (backoffLimit, default 1; a podFailurePolicy
+rank back); a coordinator pod that was killed, crashed or stopped (deleted
+or drained: SIGTERM before its job finished, exit code 143) is replaced up
+to --coordinator-restarts times (backoffLimit, default 1; a podFailurePolicy
 fails the Job at once when it exits 1 or 2, having failed the job or
 refused a setting itself), and the nodes,
 which go on for --coordinator-timeout seconds (default 60) without it,
@@ -75,10 +76,10 @@ adds a Job of N spare servers (mx_server --spare), started after the
 servers; when a server fails, a spare takes its rank and the survivors give
 it copies, so the job survives a later failure of a neighbour too. A spare
 holds no rank of its own, so one that fails is replaced by a new spare (a
-podFailurePolicy with action Ignore, see spare_failure_rules) and its Job
-never fails: in a JobSet, where any failed Job fails the set, a spare lost
-to an OOM kill, a drain or a node's loss would otherwise have ended the
-training. A server's failed index, though, fails the server Job once its
+podFailurePolicy with action Ignore) and, in a JobSet, its Job never fails:
+there any failed Job fails the set, and a spare lost to an OOM kill, a
+drain or a node's loss ended the training. (With --jobs only a spare
+disrupted or stopped from outside is replaced: see spare_failure_rules.) A server's failed index, though, fails the server Job once its
 other pods end (Kubernetes counts no failed index as done): the JobSet
 completes when the worker Job does, and ends Failed after all, although the
 workers finished, if the JobSet controller sees the server Job's failure

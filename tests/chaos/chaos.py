@@ -46,7 +46,15 @@ it), finishing with the undisturbed result.
 includes the spares). --tls runs every job (the undisturbed one too) with
 mutual TLS on every connection, the stream connections included.
 
-Prints one line per trial and a summary; exits 1 if any trial failed.
+--budget bounds the whole run's time: a trial that could not end within
+what is left of it is not run, and chaos.py then exits 1 (a test's limit,
+such as bazel's, would otherwise kill it in the middle of a job). A stop
+signal (SIGTERM, SIGINT, SIGHUP: timeout's, bazel's) kills the job running
+then, every process of it, before chaos.py exits: the jobs run in sessions
+of their own, out of reach of a signal to chaos.py's process group.
+
+Prints one line per trial and a summary; exits 1 if any trial failed or
+was not run.
 """
 
 import argparse
@@ -109,6 +117,10 @@ def parse_args(argv):
                     help="the fault to make (default: a random one)")
     ap.add_argument("--work-dir", default=None, help="where the logs go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write the trials as JSON here")
+    ap.add_argument("--budget", type=float, default=0, metavar="SECONDS",
+                    help="the whole run's time, the undisturbed job's included: trials that "
+                         "could not end within it are not run, and chaos.py exits 1 "
+                         "(default 0: no bound)")
     args = ap.parse_args(argv)
     if args.trials < 0:
         ap.error("--trials must be >= 0")
@@ -116,6 +128,8 @@ def parse_args(argv):
         ap.error("--epochs must be >= 1")
     if args.spare_servers < 0 or (args.spare_servers > 0 and args.replicas < 2):
         ap.error("--spare-servers needs --replicas=2 (and must be >= 0)")
+    if args.budget < 0:
+        ap.error("--budget must be >= 0")
     return args
 
 
@@ -133,12 +147,14 @@ def read_lines(path):
 
 
 def started_pids(lines):
-    """The launcher's processes by name: {"server 1": pid}."""
+    """The launcher's processes by name, every one it started under that
+    name in order (a restarted coordinator or server has several, each to
+    be checked for leftovers): {"server 1": [pid, ...]}."""
     pids = {}
     for line in lines:
         m = STARTED.match(line)
         if m:
-            pids[m[2]] = int(m[3])
+            pids.setdefault(m[2], []).append(int(m[3]))
     return pids
 
 
@@ -165,6 +181,22 @@ def is_job_process(pid):
     return state != "Z" and os.path.basename(argv0) in ("mx_server", "mx_train")
 
 
+# The Jobs started and not yet cleaned up (Job.leftovers), for stop().
+RUNNING = set()
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def stop(signum, frame):
+    """A stop signal: kills the running job, every process of it (each job
+    runs in a session of its own, which a signal to this process's group
+    misses), then exits 128 + the signal."""
+    for job in list(RUNNING):
+        job.kill_everything()
+    print(f"chaos.py: stopped by signal {signum}; killed the running job's processes",
+          file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
 class Job:
     """One run of the README job through the launcher, its log in `log`."""
 
@@ -183,6 +215,7 @@ class Job:
         env = dict(os.environ, MX_STARTUP_TIMEOUT_S=str(args.startup_timeout))
         self.popen = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        RUNNING.add(self)
 
     def lines(self):
         return read_lines(self.log)
@@ -202,10 +235,11 @@ class Job:
 
     def leftovers(self):
         """The job's processes still running (by the pids the launcher
-        logged); killed once found."""
-        left = [f"{name} (pid {pid})" for name, pid in started_pids(self.lines()).items()
-                if is_job_process(pid)]
+        logged, every incarnation of each); killed once found."""
+        left = [f"{name} (pid {pid})" for name, pids in started_pids(self.lines()).items()
+                for pid in pids if is_job_process(pid)]
         self.kill_everything()
+        RUNNING.discard(self)
         return left
 
     def kill_everything(self):
@@ -213,10 +247,14 @@ class Job:
             os.killpg(self.popen.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        for pid in started_pids(self.lines()).values():
-            if is_job_process(pid):
-                os.kill(pid, signal.SIGKILL)
-                os.kill(pid, signal.SIGCONT)  # a stopped process dies once continued
+        for pids in started_pids(self.lines()).values():
+            for pid in pids:
+                if is_job_process(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        os.kill(pid, signal.SIGCONT)  # a stopped process dies once continued
+                    except ProcessLookupError:
+                        pass
 
 
 def fault(job, victim, sig, at):
@@ -225,7 +263,8 @@ def fault(job, victim, sig, at):
     victim had already exited (or never started) by then."""
     time.sleep(max(0.0, job.start + at - time.time()))
     while job.popen.poll() is None:
-        pid = started_pids(job.lines()).get(victim)
+        # Its latest incarnation: the one running now.
+        pid = started_pids(job.lines()).get(victim, [None])[-1]
         if pid is not None:
             if not is_job_process(pid):
                 return None
@@ -305,6 +344,14 @@ def must_survive(args, victim, fault_name, joined=True):
     return args.replicas > 1 and victim.startswith(("server", "spare"))
 
 
+def trial_bound(args, duration):
+    """A trial's time bound. Generous: a fault makes the job end within
+    seconds (15 s for a hung node, the startup timeout for one that hangs
+    before registering), or it finishes as undisturbed; past this it is a
+    hang."""
+    return 2 * duration + args.startup_timeout + 30
+
+
 def run_trial(args, index, rng, reference, duration):
     victims = (VICTIMS + (["server 2"] if args.replicas > 1 else [])
                + [f"spare {i}" for i in range(args.spare_servers)])
@@ -314,10 +361,7 @@ def run_trial(args, index, rng, reference, duration):
     victim = rng.choice(victims)
     fault_name = rng.choice(sorted(FAULTS)) if args.fault == "any" else args.fault
     at = rng.uniform(0, duration)
-    # Generous: a fault makes the job end within seconds (15 s for a hung
-    # node, the startup timeout for one that hangs before registering), or
-    # it finishes as undisturbed; past this it is a hang.
-    bound = 2 * duration + args.startup_timeout + 30
+    bound = trial_bound(args, duration)
     job = Job(args, os.path.join(args.work_dir, f"trial{index}.log"), bound)
     trial = {"trial": index, "victim": victim, "fault": fault_name, "planned_at_s": round(at, 3),
              "bound_s": bound, "fault_at": None, "detect_s": None, "end_s": None, "ok": False,
@@ -356,6 +400,12 @@ def describe(t):
 
 def main(argv):
     args = parse_args(argv)
+    began = time.time()
+    # What is left of --budget, less what a job's end and cleanup take.
+    time_left = lambda: (args.budget - (time.time() - began) - 5 if args.budget
+                         else float("inf"))
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
     if not os.path.isfile(os.path.join(args.data_dir, "train-images-idx3-ubyte.gz")):
         print(f"chaos.py: no Fashion-MNIST in {args.data_dir} "
               "(apt-get install dataset-fashion-mnist)", file=sys.stderr)
@@ -367,7 +417,7 @@ def main(argv):
     rng = random.Random(seed)
     print(f"chaos.py: seed {seed}, {args.trials} trials, logs in {args.work_dir}", flush=True)
 
-    base = Job(args, os.path.join(args.work_dir, "undisturbed.log"), 600)
+    base = Job(args, os.path.join(args.work_dir, "undisturbed.log"), min(600, time_left()))
     code = base.wait()
     left = base.leftovers()
     reference = result_of(base.lines())
@@ -380,11 +430,19 @@ def main(argv):
 
     trials = []
     for i in range(args.trials):
+        if time_left() < trial_bound(args, duration):
+            print(f"chaos.py: trials {i} to {args.trials - 1} not run: the --budget of "
+                  f"{args.budget:g} s would not cover their time bound "
+                  f"({trial_bound(args, duration):.0f} s each)", flush=True)
+            break
         trials.append(run_trial(args, i, rng, reference, duration))
         print(describe(trials[-1]), flush=True)
+    not_run = args.trials - len(trials)
     bad = [t for t in trials if not t["ok"]]
     detect = sorted(t["detect_s"] for t in trials if t["detect_s"] is not None)
-    summary = f"{len(trials) - len(bad)} of {len(trials)} trials ok"
+    summary = f"{len(trials) - len(bad)} of {args.trials} trials ok"
+    if not_run:
+        summary += f" ({not_run} not run)"
     if detect:
         summary += (f"; detection p50 {detect[len(detect) // 2]:.2f} s, "
                     f"max {detect[-1]:.2f} s")
@@ -395,9 +453,9 @@ def main(argv):
     print(summary)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"seed": seed, "undisturbed_s": round(duration, 3), "trials": trials}, f,
-                      indent=1)
-    return 1 if bad else 0
+            json.dump({"seed": seed, "undisturbed_s": round(duration, 3), "not_run": not_run,
+                       "trials": trials}, f, indent=1)
+    return 1 if bad or not_run else 0
 
 
 if __name__ == "__main__":

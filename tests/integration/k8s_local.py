@@ -4,7 +4,7 @@ Kubernetes would start them, so that a test can check that the manifests'
 commands, flags and environment make a working job:
 
   k8s_local.py MANIFEST.json --bin mx_server=PATH --bin mx_train=PATH
-               [--volumes DIR] [--timeout S]
+               [--volumes DIR] [--timeout S] [--grace-period S]
 
 What Kubernetes would provide is played here on the loopback network: each
 pod gets an address of its own, 127.0.1.N (status.podIP), where its
@@ -64,11 +64,12 @@ fails the JobSet and every pod of it is stopped ("k8s_local.py: JobSet fm
 failed ..."); else it completes when its successPolicy's target Jobs have
 completed (operator All or Any; every Job without one): "k8s_local.py:
 JobSet fm completed". A finished JobSet stays so: a Job that fails after
-it completed changes nothing. Not played: restarts (maxRestarts > 0, or
-failurePolicy rules, are refused), and the deletion of the Jobs still
-running once the JobSet has finished (their pods end on their own, as
-they do within seconds of the workers; here at once would stop them
-before they heard the workers had finished).
+it completed changes nothing, and its Jobs replace no pod (it deletes
+them). Not played: restarts (maxRestarts > 0, or failurePolicy rules, are
+refused), and the stopping of the pods still running once the JobSet has
+finished (they end on their own, as they do within seconds of the
+workers; stopped here at once, they would not have heard the workers had
+finished).
 
 Pods start as Kubernetes would start them, the Jobs' pods all at once in
 the List's order; each output line is prefixed with the pod's role and
@@ -490,7 +491,11 @@ def control(running, jobs, start_pod, lock):
         if job.state is not None:
             continue  # ended after its Job finished, or stopped with it
         what, why = job.judge(pod.index, exit_code(code))
-        if what == "replace":
+        if what == "replace" and job.jobset is not None and job.jobset.state is not None:
+            with lock:  # its JobSet deletes its Jobs once it has ended
+                print(f"k8s_local.py: Job {job.name} does not replace {pod.label} (exited "
+                      f"{code}): JobSet {job.jobset.name} has ended", file=sys.stderr, flush=True)
+        elif what == "replace":
             pod.replaced = True
             with lock:
                 print(f"k8s_local.py: Job {job.name} replaces {pod.label} (exited {code}; {why})",

@@ -434,10 +434,15 @@ PY
   marked_left "SIGTERM as child $n is forked"
 done
 # The same from outside: SIGTERM at several moments while 24 workers start.
+# Each launcher is bounded (timeout, which passes the SIGTERM on; the
+# launcher's processes are in sessions of their own, out of reach of
+# timeout's signal to its group) and known to the EXIT trap (LAUNCHERS).
 for delay in 0 0.01 0.02 0.03 0.05 0.08; do
   log="$TMP/early_stop.log"
-  python3 "$LAUNCH" -n 24 -s 1 --server-binary="$mark/mx_server" -- "$mark/sleep" 100 > "$log" 2>&1 &
+  timeout -k 5 30 python3 "$LAUNCH" -n 24 -s 1 --server-binary="$mark/mx_server" \
+    -- "$mark/sleep" 100 > "$log" 2>&1 &
   early=$!
+  LAUNCHERS+=("$early")
   deadline=$(( $(now_ms) + 30000 ))
   until grep -q "^launch.py: started server 0 " "$log" || (( $(now_ms) > deadline )); do sleep 0.01; done
   sleep "$delay"
