@@ -24,6 +24,7 @@
 #include "kvstore/kvstore.h"
 #include "kvstore/kvstore_internal.h"
 #include "ndarray/launch.h"
+#include "ndarray/nn_kernels.h"
 
 namespace mx {
 namespace internal {
@@ -52,13 +53,17 @@ class LocalKVStore : public KVStore {
 
   // The operations pushed under the entries' names (push_name, pull_name)
   // end before the names go: the engine reads them for traces and errors.
-  // Every such operation reads or writes its key's stored array.
+  // Every such operation reads or writes its key's stored array or its sum
+  // buffer (which a pull read as the stored one before Apply swapped them).
   ~LocalKVStore() override {
     for (auto& [key, e] : store_) {
-      try {
-        e.stored.WaitToWrite();
-      } catch (const Error&) {
-        // Its waiters were, or will be, told; a destructor throws nothing.
+      for (NDArray* a : {&e.stored, &e.merged}) {
+        if (a->is_none()) continue;
+        try {
+          a->WaitToWrite();
+        } catch (const Error&) {
+          // Its waiters were, or will be, told; a destructor throws nothing.
+        }
       }
     }
   }
@@ -72,9 +77,10 @@ class LocalKVStore : public KVStore {
     return CatchError([&] {
       Entry e;
       // Where it lives until its first push or pull on a GPU (Place).
-      e.ctx = !on_gpus_                  ? cpu()
-              : value.context().is_gpu() ? value.context()
-                                         : gpu(static_cast<int>(store_.size()) % NumGpus());
+      // A host value waits in page-locked memory: spread over every
+      // visible GPU, such keys made contexts and allocations on GPUs the
+      // job does not use.
+      e.ctx = !on_gpus_ ? cpu() : value.context().is_gpu() ? value.context() : cpu_pinned();
       e.stored = Empty(value.shape(), e.ctx);
       e.stored.Assign(value);
       e.push_name = absl::StrCat("kvstore_push:", key.label());
@@ -471,11 +477,6 @@ NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArra
     here.push_back(Empty(shape, ctx.is_cpu() ? cpu_pinned() : ctx));
     CopyFromTo(v, here.back(), priority, name);
   }
-  if (ctx.is_gpu()) {
-    merged->Assign(here[0]);
-    for (size_t k = 1; k < here.size(); ++k) *merged += here[k];
-    return *merged;
-  }
   std::vector<VarHandle> reads;
   std::vector<const float*> ptrs;
   for (const NDArray& v : here) {
@@ -484,6 +485,20 @@ NDArray SumCopies(const std::vector<NDArray>& values, const Shape& shape, NDArra
   }
   float* out = merged->data();
   const int64_t n = merged->size();
+  if (ctx.is_gpu()) {
+    // One operation at the push's priority, adding the copies in order
+    // (an Assign and +='s ran at priority 0, behind the backward pass's
+    // kernels, while a pull waited on the sum).
+    kernel::Push(
+        name, ctx, reads, {merged->var()},
+        [ptrs, out, n, ctx, name] {
+          for (size_t k = 0; k < ptrs.size(); ++k) {
+            kernel::Launch<kernel::CopyKernel>(name, ctx, n, {out, ptrs[k], /*add=*/k > 0});
+          }
+        },
+        priority);
+    return *merged;
+  }
   Engine::Get()->PushSync([ptrs, out, n](RunContext) { SumInto(ptrs, out, n); }, cpu(), reads,
                           {merged->var()}, priority, name);
   return *merged;

@@ -6,6 +6,7 @@
 #ifndef MX_NDARRAY_DEVICE_H_
 #define MX_NDARRAY_DEVICE_H_
 
+#include <atomic>
 #include <cstddef>
 #include <functional>
 
@@ -76,6 +77,17 @@ DeviceApi* PinnedHostApi();
 // The implementation for ctx's device type (nullptr for an unbuilt GPU;
 // the host's for cpu_pinned where no GPU is usable).
 DeviceApi* DeviceApiFor(Context ctx);
+
+// What gives the blocks Storage keeps pooled on a context back to its
+// device (Storage::Get() installs it; nullptr before). Memory taken outside
+// Storage, in stream-ordered scratch (internal::cuda::MallocScratch),
+// calls it when the device is full and tries once more, as a failed
+// Storage::Alloc does: pooled blocks counted as taken made cuDNN settle for
+// slower algorithms, and reductions fail, with gigabytes free in the pool.
+inline std::atomic<void (*)(Context)>& PooledMemoryReleaser() {
+  static std::atomic<void (*)(Context)> release{nullptr};
+  return release;
+}
 
 }  // namespace mx::internal
 

@@ -28,6 +28,7 @@ void DoneWhenStreamsDone(const std::vector<int>& devices, CallbackOnComplete don
     size_t left = 0;
     absl::Status first;
   };
+  if (devices.empty()) return done(thrown);  // nothing enqueued anywhere
   auto join = std::make_shared<Join>();
   join->left = devices.size();
   for (int d : devices) {
@@ -79,11 +80,16 @@ void PushCollectives(const char* name, Context ctx, std::vector<int> devices,
   Engine::Get()->PushAsync(
       [devices = std::move(devices), calls = std::move(calls), op = std::string(name)](
           RunContext, CallbackOnComplete done) {
+        // A failed group may have enqueued kernels on some ranks (aborted,
+        // but still on their streams): the operation ends, with the error,
+        // once the streams have run them, so that nothing they touch is
+        // freed or reused under them.
+        std::exception_ptr failed;
         if (const char* error = GpuCollectives(devices, calls)) {
-          done(std::make_exception_ptr(Error(absl::InternalError(absl::StrCat(op, ": ", error)))));
-          return;
+          failed =
+              std::make_exception_ptr(Error(absl::InternalError(absl::StrCat(op, ": ", error))));
         }
-        DoneWhenStreamsDone(devices, done, op);
+        DoneWhenStreamsDone(devices, done, op, failed);
       },
       ctx, std::move(reads), std::move(writes), priority, name);
 }

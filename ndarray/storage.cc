@@ -23,7 +23,11 @@ Storage* Storage::Get() { return Shared().get(); }
 
 std::shared_ptr<Storage> Storage::Shared() {
   // Destroyed at exit once the last NDArray chunk lets go of it.
-  static std::shared_ptr<Storage> storage = std::make_shared<Storage>();
+  static std::shared_ptr<Storage> storage = [] {
+    auto made = std::make_shared<Storage>();
+    internal::PooledMemoryReleaser().store([](Context ctx) { Storage::Get()->ReleasePooled(ctx); });
+    return made;
+  }();
   return storage;
 }
 
@@ -62,18 +66,23 @@ absl::StatusOr<StorageHandle> Storage::Alloc(size_t bytes, Context ctx) {
     }
   }
   absl::StatusOr<void*> p = device->Alloc(ctx.device_id, cls);
-  if (!p.ok()) {
+  if (absl::IsResourceExhausted(p.status())) {
     // Give the pooled blocks back to the device and try once more.
     ReleasePooled(ctx);
     p = device->Alloc(ctx.device_id, cls);
   }
   absl::MutexLock lock(&mu_);
   Pool& pool = pools_[ctx];
-  if (!p.ok()) {
+  if (absl::IsResourceExhausted(p.status())) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "out of memory on ", ctx.ToString(), " allocating ", bytes,
         " bytes (", pool.stats.bytes_in_use, " bytes in use): ",
         p.status().message()));
+  }
+  if (!p.ok()) {  // not memory: a device fault (sticky), say; its own code
+    return absl::Status(p.status().code(),
+                        absl::StrCat("allocating ", bytes, " bytes on ", ctx.ToString(), ": ",
+                                     p.status().message()));
   }
   pool.stats.bytes_in_use += cls;
   pool.stats.allocs++;

@@ -10,6 +10,7 @@
 #include <dlfcn.h>
 
 #include <array>
+#include <atomic>
 #include <climits>
 #include <mutex>
 #include <string>
@@ -59,22 +60,31 @@ const Cublas* LoadCublas(const char** error) {
   return api;
 }
 
-// The handle of gpu(device), or nullptr with *error set.
+// The handle of gpu(device) on its compute stream, or nullptr with *error
+// set. Made at the first use that succeeds: a failed creation (cuBLAS
+// allocates device memory, which may be short at that moment) is tried
+// again at the next use, where it was remembered for the process's life.
 cublasHandle_t Handle(const Cublas& cublas, int device, const char** error) {
-  static std::array<std::once_flag, kMaxDevices> once;
-  static std::array<cublasHandle_t, kMaxDevices> handles{};
-  static std::array<cublasStatus_t, kMaxDevices> status{};
-  std::call_once(once[device], [&cublas, device] {
-    status[device] = cublas.create(&handles[device]);
-    if (status[device] == CUBLAS_STATUS_SUCCESS) {
-      status[device] = cublas.set_stream(handles[device], internal::cuda::ComputeStream(device));
-    }
-  });
-  if (status[device] != CUBLAS_STATUS_SUCCESS) {
-    *error = cublas.status_string(status[device]);
+  static std::array<std::atomic<cublasHandle_t>, kMaxDevices> ready{};
+  if (cublasHandle_t h = ready[device].load(std::memory_order_acquire)) return h;
+  static std::mutex mu;
+  static std::array<cublasHandle_t, kMaxDevices> made{};  // its stream perhaps not set yet
+  std::lock_guard<std::mutex> lock(mu);
+  if (cublasHandle_t h = ready[device].load(std::memory_order_relaxed)) return h;
+  cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
+  if (made[device] == nullptr) {
+    status = cublas.create(&made[device]);
+    if (status != CUBLAS_STATUS_SUCCESS) made[device] = nullptr;
+  }
+  if (status == CUBLAS_STATUS_SUCCESS) {
+    status = cublas.set_stream(made[device], internal::cuda::ComputeStream(device));
+  }
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    *error = cublas.status_string(status);
     return nullptr;
   }
-  return handles[device];
+  ready[device].store(made[device], std::memory_order_release);
+  return made[device];
 }
 
 }  // namespace

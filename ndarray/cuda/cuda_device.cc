@@ -207,7 +207,7 @@ class CudaDevice : public DeviceApi {
     const StreamKind kind = CopyPlaceFor(dst_ctx, src_ctx).stream;
     absl::Status s = CudaStatus(cudaSetDevice(dev), Where("cudaSetDevice", dev));
     if (s.ok()) {
-      s = CudaStatus(EnqueueCopy(dst, src, bytes, dst_ctx == src_ctx, Stream(dev, kind)),
+      s = CudaStatus(EnqueueCopy(dst, src, bytes, dst_ctx == src_ctx, dev, Stream(dev, kind)),
                      CopyName(dst_ctx, src_ctx));
     }
     if (!s.ok()) {
@@ -237,13 +237,13 @@ class CudaDevice : public DeviceApi {
   // not allow: such a copy goes through stream-ordered scratch memory, so
   // it moves the values as the CPU's memmove does.
   static cudaError_t EnqueueCopy(void* dst, const void* src, size_t bytes, bool same_device,
-                                 cudaStream_t stream) {
+                                 int device, cudaStream_t stream) {
     const auto d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
     if (!same_device || d + bytes <= s || s + bytes <= d) {
       return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream);
     }
     void* scratch = nullptr;
-    cudaError_t err = cudaMallocAsync(&scratch, bytes, stream);
+    cudaError_t err = internal::cuda::MallocScratch(&scratch, bytes, device, stream);
     if (err != cudaSuccess) return err;
     err = cudaMemcpyAsync(scratch, src, bytes, cudaMemcpyDeviceToDevice, stream);
     if (err == cudaSuccess) {
@@ -347,6 +347,16 @@ cudaStream_t Stream(int device, StreamKind kind) {
 namespace cuda {
 
 cudaStream_t ComputeStream(int device) { return Stream(device, StreamKind::kCompute); }
+
+cudaError_t MallocScratch(void** p, size_t bytes, int device, cudaStream_t stream) {
+  cudaError_t err = cudaMallocAsync(p, bytes, stream);
+  if (err != cudaErrorMemoryAllocation) return err;
+  cudaGetLastError();  // not sticky; clear it
+  void (*release)(Context) = PooledMemoryReleaser().load();
+  if (release == nullptr) return err;
+  release(gpu(device));
+  return cudaMallocAsync(p, bytes, stream);
+}
 
 }  // namespace cuda
 

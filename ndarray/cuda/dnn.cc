@@ -8,6 +8,7 @@
 #include <cudnn.h>
 
 #include <array>
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -25,21 +26,30 @@ namespace {
 constexpr int kMaxDevices = 64;
 
 // The handle of gpu(device) on its compute stream, or nullptr with *error.
+// Made at the first use that succeeds: a failed creation (cuDNN allocates
+// device memory, which may be short at that moment) is tried again at the
+// next use, where it was remembered for the process's life.
 cudnnHandle_t Handle(int device, const char** error) {
-  static std::array<std::once_flag, kMaxDevices> once;
-  static std::array<cudnnHandle_t, kMaxDevices> handles{};
-  static std::array<cudnnStatus_t, kMaxDevices> status{};
-  std::call_once(once[device], [device] {
-    status[device] = cudnnCreate(&handles[device]);
-    if (status[device] == CUDNN_STATUS_SUCCESS) {
-      status[device] = cudnnSetStream(handles[device], internal::cuda::ComputeStream(device));
-    }
-  });
-  if (status[device] != CUDNN_STATUS_SUCCESS) {
-    *error = cudnnGetErrorString(status[device]);
+  static std::array<std::atomic<cudnnHandle_t>, kMaxDevices> ready{};
+  if (cudnnHandle_t h = ready[device].load(std::memory_order_acquire)) return h;
+  static std::mutex mu;
+  static std::array<cudnnHandle_t, kMaxDevices> made{};  // its stream perhaps not set yet
+  std::lock_guard<std::mutex> lock(mu);
+  if (cudnnHandle_t h = ready[device].load(std::memory_order_relaxed)) return h;
+  cudnnStatus_t status = CUDNN_STATUS_SUCCESS;
+  if (made[device] == nullptr) {
+    status = cudnnCreate(&made[device]);
+    if (status != CUDNN_STATUS_SUCCESS) made[device] = nullptr;
+  }
+  if (status == CUDNN_STATUS_SUCCESS) {
+    status = cudnnSetStream(made[device], internal::cuda::ComputeStream(device));
+  }
+  if (status != CUDNN_STATUS_SUCCESS) {
+    *error = cudnnGetErrorString(status);
     return nullptr;
   }
-  return handles[device];
+  ready[device].store(made[device], std::memory_order_release);
+  return made[device];
 }
 
 struct ConvDescriptors {
@@ -132,8 +142,8 @@ class Call {
       cudaFreeAsync(workspace_, internal::cuda::ComputeStream(device_));
       workspace_ = nullptr;
     }
-    if (cudaMallocAsync(&workspace_, bytes, internal::cuda::ComputeStream(device_)) !=
-        cudaSuccess) {
+    if (internal::cuda::MallocScratch(&workspace_, bytes, device_,
+                                      internal::cuda::ComputeStream(device_)) != cudaSuccess) {
       cudaGetLastError();  // not sticky; clear it
       workspace_ = nullptr;
       return false;

@@ -155,7 +155,8 @@ const char* GpuReduce(int device, const float* in, float* out, int64_t outer, in
   }
   // The partial results live in stream-ordered memory, freed after use.
   double* partial = nullptr;
-  err = cudaMallocAsync(&partial, sizeof(double) * outputs * parts, stream);
+  err = internal::cuda::MallocScratch(reinterpret_cast<void**>(&partial),
+                                      sizeof(double) * outputs * parts, device, stream);
   if (err != cudaSuccess) return ErrorText(err);
   ReduceKernel<R, false><<<Capped(outputs * parts), kThreads, 0, stream>>>(
       in, nullptr, partial, outputs, n, inner, parts, add);

@@ -74,8 +74,8 @@ std::mutex& CollectiveMutex() {
   return *mu;
 }
 
-// Each device set's communicators, one per rank, and the sets NCCL could
-// not make them for (with why). Under CollectiveMutex.
+// Each device set's communicators, one per rank, and the sets NCCL cannot
+// make them for (with why). Under CollectiveMutex.
 struct CommCache {
   std::map<std::vector<int>, std::vector<ncclComm_t>> comms;
   std::map<std::vector<int>, std::string> failures;
@@ -99,8 +99,12 @@ const std::vector<ncclComm_t>* Communicators(const Nccl& nccl, const std::vector
   const ncclResult_t r =
       nccl.comm_init_all(made.data(), static_cast<int>(devices.size()), devices.data());
   if (r != ncclSuccess) {
-    *error = cache.failures[devices] = absl::StrCat(
-        "ncclCommInitAll on gpus ", absl::StrJoin(devices, ","), ": ", nccl.error_string(r));
+    *error = absl::StrCat("ncclCommInitAll on gpus ", absl::StrJoin(devices, ","), ": ",
+                          nccl.error_string(r));
+    // Remembered only when asking again cannot help; out of memory (NCCL's
+    // buffers, made at a first push after the passes filled the GPU) may
+    // pass, and was remembered for the process's life.
+    if (r == ncclInvalidArgument || r == ncclInvalidUsage) cache.failures[devices] = *error;
     return nullptr;
   }
   return &(cache.comms[devices] = std::move(made));

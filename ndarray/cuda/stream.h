@@ -15,6 +15,11 @@ namespace mx::internal::cuda {
 // then goes to the default stream and fails there with the same error.
 cudaStream_t ComputeStream(int device);
 
+// cudaMallocAsync of scratch memory on gpu(device)'s `stream`; when the
+// device is full, the blocks Storage keeps pooled there are given back
+// (internal::PooledMemoryReleaser) and it tries once more.
+cudaError_t MallocScratch(void** p, size_t bytes, int device, cudaStream_t stream);
+
 }  // namespace mx::internal::cuda
 
 #endif  // MX_NDARRAY_CUDA_STREAM_H_

@@ -55,8 +55,8 @@ void ExpectNear(const NDArray& want, const NDArray& got, float rel, const std::s
 // Binds net on the CPU and on gpu(0) with the same random arguments (labels
 // in [0, classes)), runs forward and backward `steps` times on each (with
 // kAdd, gradients accumulate), and compares outputs and gradients.
-void ExpectGpuMatchesCpu(const Symbol& net, const std::map<std::string, Shape>& shapes,
-                         int classes, GradReq req, float rel = 1e-5f) {
+void ExpectGpuMatchesCpu(const Symbol& net, const std::map<std::string, Shape>& shapes, int classes,
+                         GradReq req, float rel = 1e-5f, bool train = true) {
   auto on_cpu = Executor::SimpleBind(net, cpu(), shapes, req, {{"label", GradReq::kNull}});
   auto on_gpu = Executor::SimpleBind(net, gpu(0), shapes, req, {{"label", GradReq::kNull}});
   ASSERT_TRUE(on_cpu.ok()) << on_cpu.status();
@@ -71,10 +71,15 @@ void ExpectGpuMatchesCpu(const Symbol& net, const std::map<std::string, Shape>& 
     NDArray(array).Assign(value);
     NDArray((*on_gpu)->arg_dict().at(name)).Assign(value);
   }
+  for (const auto& [name, array] : (*on_cpu)->aux_dict()) {  // moving statistics, as if trained
+    NDArray value = RandomUniform(0.5f, 1.5f, array.shape());
+    NDArray(array).Assign(value);
+    NDArray((*on_gpu)->aux_dict().at(name)).Assign(value);
+  }
   for (int step = 0; step < 2; ++step) {
     for (Executor* e : {on_cpu->get(), on_gpu->get()}) {
-      e->Forward(true);
-      e->Backward();
+      e->Forward(train);
+      if (train) e->Backward();
     }
   }
   for (size_t i = 0; i < (*on_cpu)->outputs().size(); ++i) {
@@ -97,7 +102,7 @@ Symbol Mlp(const std::string& act) {
 }
 
 TEST_F(GpuExecutor, AnMlpTrainsOnTheGpuAsOnTheCpuForEveryActivation) {
-  for (const char* act : {"relu", "sigmoid", "tanh", "softrelu"}) {
+  for (const char* act : {"relu", "sigmoid", "tanh", "softrelu", "softsign"}) {
     SCOPED_TRACE(act);
     ExpectGpuMatchesCpu(Mlp(act), {{"data", {32, 20}}, {"label", {32}}}, 10, GradReq::kWrite);
   }
@@ -253,6 +258,25 @@ TEST_F(GpuExecutor, BatchNormMatchesTheCpuInTrainingWithItsMovingStatistics) {
     net = Op("SoftmaxOutput", {net, Variable("label")}, {}, "softmax");
     ExpectGpuMatchesCpu(net, {{"data", {5, 2, 6, 6}}, {"label", {5}}}, 3, GradReq::kWrite, 1e-4f);
     ExpectGpuMatchesCpu(net, {{"data", {5, 2, 6, 6}}, {"label", {5}}}, 3, GradReq::kAdd, 1e-4f);
+  }
+}
+
+// Inference (the moving statistics), use_global_stats in training, and a
+// channel axis other than 1.
+TEST_F(GpuExecutor, BatchNormMatchesTheCpuInInferenceWithGlobalStatsAndOnOtherAxes) {
+  auto net = [](Params bn) {
+    Symbol s = Op("BatchNorm", {Variable("data")}, bn, "bn");
+    s = Op("FullyConnected", {Op("Flatten", {s}, {}, "flat")}, {{"num_hidden", 3}}, "fc");
+    return Op("SoftmaxOutput", {s, Variable("label")}, {}, "softmax");
+  };
+  const std::map<std::string, Shape> shapes = {{"data", {5, 4, 3, 3}}, {"label", {5}}};
+  ExpectGpuMatchesCpu(net({{"fix_gamma", false}}), shapes, 3, GradReq::kWrite, 1e-5f,
+                      /*train=*/false);
+  ExpectGpuMatchesCpu(net({{"fix_gamma", false}, {"use_global_stats", true}}), shapes, 3,
+                      GradReq::kWrite);
+  for (const int axis : {-1, 2}) {
+    SCOPED_TRACE(axis);
+    ExpectGpuMatchesCpu(net({{"fix_gamma", false}, {"axis", axis}}), shapes, 3, GradReq::kAdd);
   }
 }
 

@@ -401,5 +401,30 @@ TEST_F(GpuTest, AFailedKernelIsAnErrorNamingTheOperationAndTheGpu) {
       ::testing::ExitedWithCode(3), "bad_fill: (GPU work|cudaEventRecord) on gpu\\(0\\)");
 }
 
+// After such a fault an allocation fails for the fault, not for memory:
+// it said "out of memory" (and released the pool first), sending users to
+// look for a memory problem.
+TEST_F(GpuTest, AnAllocationAfterAFaultSaysSoNotOutOfMemory) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        NDArray a = Zeros({16}, gpu(0));
+        a.WaitToRead();
+        float* unmapped = reinterpret_cast<float*>(uintptr_t{64});
+        kernel::Push("bad_fill", gpu(0), {}, {a.var()}, [unmapped] {
+          kernel::Launch<kernel::FillKernel>("bad_fill", gpu(0), 1 << 20, {unmapped, 1.0f});
+        });
+        try {
+          a.WaitToRead();
+        } catch (const Error&) {
+        }
+        absl::StatusOr<StorageHandle> h = Storage::Get()->Alloc(1 << 20, gpu(0));
+        std::fprintf(stderr, "code %d: %s\n", static_cast<int>(h.status().code()),
+                     std::string(h.status().message()).c_str());
+        std::_Exit(h.ok() || absl::IsResourceExhausted(h.status()) ? 1 : 3);
+      },
+      ::testing::ExitedWithCode(3), "allocating 1048576 bytes on gpu\\(0\\)");
+}
+
 }  // namespace
 }  // namespace mx
