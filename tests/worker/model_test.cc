@@ -10,7 +10,6 @@
 #include <cstdio>
 #include <fstream>
 #include <limits>
-#include <limits>
 #include <mutex>
 #include <random>
 #include <string>
