@@ -211,8 +211,11 @@ struct OpDef {
   bool backward_uses_inputs = true;
   OutputUse backward_uses_outputs = OutputUse::kAll;
   // Arguments that, when missing, are an error rather than an automatically
-  // created variable (e.g. "data").
-  std::vector<std::string> required_inputs = {"data"};
+  // created variable `<node>_<argument>` (Concat's: it joins what it is
+  // given). A missing data or lhs is such a variable, as in MXNet, whose
+  // composition fills it in later (`fc3_data` of an `fc3` made without
+  // input).
+  std::vector<std::string> required_inputs;
 
   // Validates `given` (unknown names, malformed values, missing required
   // parameters, values outside `choices`); errors name the operator and

@@ -12,8 +12,9 @@
 //
 // Names. An operator without a name gets `<hint><n>` from the thread's
 // NameManager (`fullyconnected0`, `_plus0`); missing arguments become
-// variables `<node>_<argument>` (`fc1_weight`), except required inputs such
-// as `data`, whose absence is an error.
+// variables `<node>_<argument>` (`fc1_weight`, and `fc3_data` for an fc3
+// given no input, which composition may fill in, as in MXNet), except
+// Concat's inputs, whose absence is an error.
 //
 // Orders. ListArguments and ListAuxiliaryStates visit the graph depth-first
 // from the outputs, inputs in operator order, and list each variable once at

@@ -25,7 +25,6 @@ OpDef MakeBinary(const char* name, const char* hint) {
   op.name = name;
   op.name_hint = hint;
   op.arguments = Names({"lhs", "rhs"});
-  op.required_inputs = {"lhs", "rhs"};
   op.infer_shape = SameShapeInfer;
   op.blocked = ElementWiseBlocked;
   op.inplace = {{0, 0}, {1, 0}};

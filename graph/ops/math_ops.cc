@@ -129,7 +129,6 @@ OpDef MakeDot() {
                {"forward_stype", ParamSpec::Type::kString, "None", false,
                 {"None", "default", "row_sparse", "csr"}}};
   op.arguments = Names({"lhs", "rhs"});
-  op.required_inputs = {"lhs", "rhs"};
   op.infer_shape = DotInfer;
   op.forward = DotForward;
   op.backward = DotBackward;
@@ -328,7 +327,6 @@ OpDef MakeBroadcast(const char* name) {
   OpDef op;
   op.name = name;
   op.arguments = Names({"lhs", "rhs"});
-  op.required_inputs = {"lhs", "rhs"};
   op.infer_shape = BroadcastInfer;
   // Only an input of the output's size can share its memory, and such an
   // input is read at the output's own offsets.

@@ -41,19 +41,25 @@ TEST(SeedSymbols, PlusPrintsLikeTheSeed) {
 }
 
 TEST(SeedSymbols, MlpPrintListsEveryNodeInOrder) {
-  std::string s = Mlp().DebugString();
-  EXPECT_THAT(s, HasSubstr("Symbol Outputs:\n\toutput[0]=out(0)\n"
-                           "Variable:data\nVariable:fc1_weight\nVariable:fc1_bias\n"
-                           "--------------------\nOp:FullyConnected, Name=fc1\n"
-                           "Inputs:\n\targ[0]=data(0) version=0\n"
-                           "\targ[1]=fc1_weight(0) version=0\n"
-                           "\targ[2]=fc1_bias(0) version=0\n"
-                           "Attrs:\n\tnum_hidden=128\n"));
-  EXPECT_THAT(s, HasSubstr("Op:Activation, Name=relu1\nInputs:\n\targ[0]=fc1(0)\n"
-                           "Attrs:\n\tact_type=relu\n"));
-  EXPECT_THAT(s, HasSubstr("Variable:out_label\n--------------------\n"
-                           "Op:SoftmaxOutput, Name=out\nInputs:\n"
-                           "\targ[0]=fc2(0)\n\targ[1]=out_label(0) version=0\n"));
+  EXPECT_EQ(Mlp().DebugString(),
+            "Symbol Outputs:\n\toutput[0]=out(0)\n"
+            "Variable:data\nVariable:fc1_weight\nVariable:fc1_bias\n"
+            "--------------------\nOp:FullyConnected, Name=fc1\n"
+            "Inputs:\n\targ[0]=data(0) version=0\n"
+            "\targ[1]=fc1_weight(0) version=0\n"
+            "\targ[2]=fc1_bias(0) version=0\n"
+            "Attrs:\n\tnum_hidden=128\n"
+            "--------------------\nOp:Activation, Name=relu1\nInputs:\n\targ[0]=fc1(0)\n"
+            "Attrs:\n\tact_type=relu\n"
+            "Variable:fc2_weight\nVariable:fc2_bias\n"
+            "--------------------\nOp:FullyConnected, Name=fc2\n"
+            "Inputs:\n\targ[0]=relu1(0)\n"
+            "\targ[1]=fc2_weight(0) version=0\n"
+            "\targ[2]=fc2_bias(0) version=0\n"
+            "Attrs:\n\tnum_hidden=64\n"
+            "Variable:out_label\n--------------------\n"
+            "Op:SoftmaxOutput, Name=out\nInputs:\n"
+            "\targ[0]=fc2(0)\n\targ[1]=out_label(0) version=0\n");
 }
 
 TEST(SeedSymbols, MlpListArguments) {
@@ -84,6 +90,12 @@ TEST(SeedSymbols, ComposeReplacesAnArgument) {
               ElementsAre("data", "fc1_weight", "fc1_bias", "net2_weight", "net2_bias"));
   // The original symbol is unchanged.
   EXPECT_THAT(net2.ListArguments(), ElementsAre("data2", "net2_weight", "net2_bias"));
+  EXPECT_EQ(net2.name(), "net2");
+  // Data flows through: net's 128 outputs are net2's inputs.
+  auto shapes = composed.InferShape({{"data", Shape{4, 10}}});
+  ASSERT_TRUE(shapes.ok()) << shapes.status();
+  EXPECT_EQ(shapes->arguments[3], (Shape{128, 128}));  // net2_weight
+  EXPECT_THAT(shapes->outputs, ElementsAre(Shape{4, 128}));
 }
 
 TEST(SeedShapeInference, FullyConnectedRowMajor) {
@@ -96,12 +108,20 @@ TEST(SeedShapeInference, FullyConnectedRowMajor) {
   EXPECT_THAT(shapes->outputs, ElementsAre(Shape{64, 10}));
   EXPECT_TRUE(shapes->aux_states.empty());
   EXPECT_THAT(net.ListOutputs(), ElementsAre("fc1_output"));
+  // (num_hidden, inputs), which the seed's square case cannot tell apart.
+  shapes = net.InferShape({{"data", Shape{64, 20}}});
+  ASSERT_TRUE(shapes.ok()) << shapes.status();
+  EXPECT_THAT(shapes->arguments, ElementsAre(Shape{64, 20}, Shape{10, 20}, Shape{10}));
+  EXPECT_THAT(shapes->outputs, ElementsAre(Shape{64, 10}));
 }
 
 TEST(SeedBinding, ElementwiseMultiplyForward) {
+  NameScope scope;
   Symbol a = Variable("A");
   Symbol b = Variable("B");
   Symbol c = a * b;
+  EXPECT_EQ(c.name(), "_mul0");  // the seed's "SymbolicNode _mul0"
+  EXPECT_THAT(c.DebugString(), HasSubstr("Op:elemwise_mul, Name=_mul0\n"));
   NDArray av = Ones({3}) * 4;
   NDArray bv = Ones({3}) * 2;
   auto exec = Executor::Bind(c, cpu(), {{"A", av}, {"B", bv}});

@@ -96,12 +96,24 @@ TEST(SymbolOps, WrongInputsAreErrors) {
   Symbol x = Variable("x");
   EXPECT_THROW(Op("Activation", {x, x}, {{"act_type", "relu"}}), Error);
   EXPECT_THROW(Op("FullyConnected", {{"wieght", x}}, {{"num_hidden", 2}}), Error);
-  try {
-    Op("FullyConnected", {{"weight", x}}, {{"num_hidden", 2}});
-    FAIL();
-  } catch (const Error& e) {
-    EXPECT_THAT(e.what(), HasSubstr("required input 'data'"));
-  }
+}
+
+// As in MXNet: a missing data input is a variable <node>_data, which
+// composition fills in later (MXNet's test_symbol_compose).
+TEST(SymbolOps, AMissingDataInputIsAVariableThatCompositionFills) {
+  Symbol net1 = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 10}}, "fc1");
+  Symbol net2 = Op("FullyConnected", {}, {{"num_hidden", 10}}, "fc3");
+  net2 = Op("Activation", {net2}, {{"act_type", "relu"}});
+  net2 = Op("FullyConnected", {net2}, {{"num_hidden", 20}}, "fc4");
+  EXPECT_THAT(net2.ListArguments(),
+              ElementsAre("fc3_data", "fc3_weight", "fc3_bias", "fc4_weight", "fc4_bias"));
+  Symbol composed = net2({{"fc3_data", net1}}, "composed");
+  EXPECT_THAT(composed.ListArguments(), ElementsAre("data", "fc1_weight", "fc1_bias", "fc3_weight",
+                                                    "fc3_bias", "fc4_weight", "fc4_bias"));
+  auto shapes = composed.InferShape({{"data", Shape{4, 7}}});
+  ASSERT_TRUE(shapes.ok()) << shapes.status();
+  EXPECT_EQ(shapes->outputs[0], (Shape{4, 20}));
+  EXPECT_THAT(Op("elemwise_add", {}, {}, "add").ListArguments(), ElementsAre("add_lhs", "add_rhs"));
 }
 
 TEST(SymbolOps, NoBiasDropsTheBiasArgument) {

@@ -87,9 +87,17 @@ TEST(SeedExamples, CommonWaysToCreateArrays) {
       EXPECT_EQ(err.code(), absl::StatusCode::kFailedPrecondition);
       EXPECT_THAT(err.what(), HasSubstr("gpu(2)"));
     }
+  } else {
+    EXPECT_EQ(Empty({2, 3}, gpu(2)).context(), gpu(2));
   }
   EXPECT_THAT(Zeros({2, 3}).ToVector(), Each(0.0f));
   EXPECT_THAT(Ones({2, 3}).ToVector(), Each(1.0f));
+  // mx.zeros(shape[, context]), mx.ones, mx.empty on another context.
+  for (const NDArray& a : {Zeros({2, 3}, cpu(1)), Ones({2, 3}, cpu(1)), Empty({2, 3}, cpu(1))}) {
+    EXPECT_EQ(a.context(), cpu(1));
+    EXPECT_EQ(a.shape(), Shape({2, 3}));
+  }
+  EXPECT_THAT(Ones({2, 3}, cpu(1)).ToVector(), Each(1.0f));
   const std::vector<float> jl_arr = {1, 2, 3, 4, 5, 6};
   NDArray c = FromVector(jl_arr, {2, 3}, cpu(1));
   EXPECT_EQ(c.context(), cpu(1));
