@@ -21,8 +21,8 @@ kubectl reads like YAML: a List of
   which every node is given as DMLC_PS_ROOT_URI (port --port).
 - Job NAME-coordinator: one pod, `mx_server --role=coordinator`.
 - Job NAME-server: S pods of an Indexed Job, `mx_server --role=server`. Each
-  asks for its completion index as its rank (MX_RANK), listens on a free
-  port and advertises its pod's IP.
+  asks for its completion index as its rank (MX_RANK), listens on
+  --server-port and advertises its pod's IP.
 - Job NAME-worker: N pods of an Indexed Job running the command after --,
   with the DMLC_* environment the workers' KVStore reads and MX_RANK = its
   completion index.

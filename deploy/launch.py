@@ -59,8 +59,9 @@ S = 0 is dist_sync.
 Elastic (--elastic): servers and the coordinator run with --elastic and the
 workers with MX_ELASTIC=1; a worker's death is logged and the job continues
 with the others. The job succeeds (exit 0) when every other worker finishes
-with exit code 0; a server's or the coordinator's death is still fatal, and
-so is the death of every worker.
+with exit code 0; a server's death (without --replicas 2), the
+coordinator's once its restarts are used up, and the death of every worker
+are still fatal.
 
 Other machines (-H HOSTFILE, one host per line, `#` comments): each
 process runs through `ssh HOST` (--ssh to use another command) in the

@@ -9,8 +9,8 @@
 // other nodes use (they differ behind a Kubernetes Service). Runs until
 // every worker has finished (the coordinator tells the servers through
 // heartbeats), or until SIGINT or SIGTERM; it then logs "<role>: every
-// worker finished; shutting down" (or "... shutting down (SIGTERM)"), stops
-// serving and exits 0. A server also stops, with an error and exit code 1,
+// worker finished; shutting down" and exits 0 (or "... shutting down
+// (SIGTERM)" and exits 128 + the signal: StopExitCode). A server also stops, with an error and exit code 1,
 // when the coordinator has not answered for --coordinator_timeout_s + 2
 // seconds (workers give up 2 s sooner, so they are the ones to report it);
 // a coordinator restarted on its address before then is rejoined.

@@ -12,6 +12,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "ndarray/env.h"
 #include "worker/ctr_data.h"
 
 ABSL_FLAG(std::string, out, "", "the file to write (gzip if it ends in .gz)");
@@ -26,6 +27,7 @@ ABSL_FLAG(uint64_t, seed, 1, "the samples' seed (give a training and a test log 
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("writes a synthetic click log with a planted model");
+  mx::ExitOnHelpFlag(argc, argv);
   absl::ParseCommandLine(argc, argv);
   mx::ClickLogOptions o;
   o.path = absl::GetFlag(FLAGS_out);

@@ -1,5 +1,5 @@
-// The README's main job until training lands: the NDArray section of the
-// MXNet.jl overview, step by step, in C++.
+// ndarray_demo: the NDArray section of the MXNet.jl overview, step by
+// step, in C++.
 #include <iostream>
 
 #include "ndarray/ndarray.h"

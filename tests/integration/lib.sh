@@ -41,6 +41,9 @@ start_job() {
 # vocabulary 500) and sets ctr to a worker command that trains the ctr
 # model on them (dist_sync, SGD with momentum; no --epochs).
 click_logs() {
+  # --help lists the flags and exits 0, as every binary's does.
+  [[ "$("$1" --help 2>&1)" == *"--vocab"* ]] && "$1" --help > /dev/null 2>&1 ||
+    fail "mx_ctr_gen --help did not list its flags and exit 0"
   "$1" --out="$TMP/clicks.txt" --samples="$2" --fields=4 --vocab=500 --seed=1 > /dev/null ||
     fail "mx_ctr_gen failed"
   "$1" --out="$TMP/clicks_test.txt" --samples="$3" --fields=4 --vocab=500 --seed=2 > /dev/null
