@@ -374,6 +374,16 @@ TEST_F(GpuTest, ExhaustedMemorySaysHowMuchWasAskedAndHowMuchIsFree) {
   EXPECT_THAT((a + a).ToVector(), ::testing::Each(2.0f));
 }
 
+// Writes through an unmapped address in an operation that writes `a`
+// (which the fault is then stored on): a sticky CUDA fault.
+void FaultGpu0(const NDArray& a) {
+  a.WaitToRead();
+  float* unmapped = reinterpret_cast<float*>(uintptr_t{64});
+  kernel::Push("bad_fill", gpu(0), {}, {a.var()}, [unmapped] {
+    kernel::Launch<kernel::FillKernel>("bad_fill", gpu(0), 1 << 20, {unmapped, 1.0f});
+  });
+}
+
 // A kernel that fails on the device stores its error on the arrays its
 // operation writes; waiting on them throws it, naming the operation and the
 // GPU. CUDA's error is sticky (the process's GPU context is lost), so this
@@ -383,11 +393,7 @@ TEST_F(GpuTest, AFailedKernelIsAnErrorNamingTheOperationAndTheGpu) {
   EXPECT_EXIT(
       {
         NDArray a = Zeros({16}, gpu(0));
-        a.WaitToRead();
-        float* unmapped = reinterpret_cast<float*>(uintptr_t{64});
-        kernel::Push("bad_fill", gpu(0), {}, {a.var()}, [unmapped] {
-          kernel::Launch<kernel::FillKernel>("bad_fill", gpu(0), 1 << 20, {unmapped, 1.0f});
-        });
+        FaultGpu0(a);
         try {
           a.WaitToRead();
         } catch (const Error& e) {
@@ -409,11 +415,7 @@ TEST_F(GpuTest, AnAllocationAfterAFaultSaysSoNotOutOfMemory) {
   EXPECT_EXIT(
       {
         NDArray a = Zeros({16}, gpu(0));
-        a.WaitToRead();
-        float* unmapped = reinterpret_cast<float*>(uintptr_t{64});
-        kernel::Push("bad_fill", gpu(0), {}, {a.var()}, [unmapped] {
-          kernel::Launch<kernel::FillKernel>("bad_fill", gpu(0), 1 << 20, {unmapped, 1.0f});
-        });
+        FaultGpu0(a);
         try {
           a.WaitToRead();
         } catch (const Error&) {
