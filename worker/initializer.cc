@@ -9,6 +9,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "nlohmann/json.hpp"
 
 namespace mx {
 
@@ -37,6 +38,18 @@ absl::Status Initializer::operator()(const std::string& name,
   } catch (const Error& e) {
     return absl::Status(
         e.code(), absl::StrCat("initializer: array '", name, "': ", e.what()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Initializer::InitByRule(const std::string& name, NDArray* array) const {
+  if (array == nullptr || array->is_none()) {
+    return absl::InvalidArgumentError(absl::StrCat("initializer: array '", name, "' is null"));
+  }
+  try {
+    InitWeight(name, array);
+  } catch (const Error& e) {
+    return absl::Status(e.code(), absl::StrCat("initializer: array '", name, "': ", e.what()));
   }
   return absl::OkStatus();
 }
@@ -217,6 +230,32 @@ absl::StatusOr<std::unique_ptr<Initializer>> CreateInitializer(
                      "' (known: uniform, normal, xavier, constant)"));
   }
   MX_RETURN_IF_ERROR(opts.CheckNoOthers());
+  return init;
+}
+
+absl::StatusOr<std::unique_ptr<Initializer>> InitializerFromAttr(const std::string& attr) {
+  const nlohmann::json j = nlohmann::json::parse(attr, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_array() || j.size() != 2 || !j[0].is_string() || !j[1].is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "__init__ '", attr, "' is not an MXNet initializer (a list [name, {options}])"));
+  }
+  const std::string name = j[0].get<std::string>();
+  std::map<std::string, std::string> options;
+  for (const auto& [key, value] : j[1].items()) {
+    options[key] = value.is_string() ? value.get<std::string>() : value.dump();
+  }
+  if (name == "zero" || name == "one") {
+    if (!options.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("__init__ '", attr, "': ", name, " takes no options"));
+    }
+    return CreateInitializer("constant", {{"value", name == "zero" ? "0" : "1"}});
+  }
+  absl::StatusOr<std::unique_ptr<Initializer>> init = CreateInitializer(name, options);
+  if (!init.ok()) {
+    return absl::Status(init.status().code(),
+                        absl::StrCat("__init__ '", attr, "': ", init.status().message()));
+  }
   return init;
 }
 

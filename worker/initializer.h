@@ -21,6 +21,9 @@ class Initializer {
   // Fills *array according to its name (see above). Random draws come from
   // mx's process generator (srand makes them reproducible).
   absl::Status operator()(const std::string& name, NDArray* array) const;
+  // Fills *array by the initializer's weight rule whatever its name: what
+  // an MXNet variable's __init__ attribute asks for (MXNet applies it so).
+  absl::Status InitByRule(const std::string& name, NDArray* array) const;
 
  protected:
   // The rule for weights.
@@ -33,6 +36,14 @@ class Initializer {
 // (out, in, k...) is in * prod(k); fan_out is out * prod(k).
 absl::StatusOr<std::unique_ptr<Initializer>> CreateInitializer(
     const std::string& name, const std::map<std::string, std::string>& options = {});
+
+// The initializer of an MXNet variable's "__init__" attribute (a symbol
+// file's, or Variable(name, {{"__init__", ...}})), as MXNet's
+// Initializer.dumps() writes it: '["normal", {"sigma": 0.5}]', '["zero",
+// {}]', '["one", {}]', '["constant", {"value": 2}]', uniform, xavier. Other
+// initializers of MXNet (orthogonal, msraprelu, ...) are kInvalidArgument
+// naming them.
+absl::StatusOr<std::unique_ptr<Initializer>> InitializerFromAttr(const std::string& attr);
 
 }  // namespace mx
 

@@ -296,6 +296,19 @@ void FeedForward::Update(const std::vector<std::unique_ptr<Executor>>& execs,
 absl::Status FeedForward::InitParams(const Executor& exec, const FitOptions& options) {
   MX_ASSIGN_OR_RETURN(auto init, CreateInitializer(options.initializer,
                                                    options.initializer_options));
+  // A variable's own initializer (its __init__ attribute, as MXNet's
+  // Variable(init=...) and symbol files give it) comes first, as in MXNet.
+  const std::map<std::string, std::string> attrs = symbol_.ListAttrs();
+  auto initialize = [&](const std::string& name, NDArray* target) -> absl::Status {
+    auto own = attrs.find(name + "$__init__");
+    if (own == attrs.end()) return (*init)(name, target);
+    absl::StatusOr<std::unique_ptr<Initializer>> by_attr = InitializerFromAttr(own->second);
+    if (!by_attr.ok()) {
+      return absl::Status(by_attr.status().code(),
+                          absl::StrCat("parameter '", name, "': ", by_attr.status().message()));
+    }
+    return (*by_attr)->InitByRule(name, target);
+  };
   auto fill = [&](const std::map<std::string, NDArray>& bound,
                   std::map<std::string, NDArray>* params,
                   const std::vector<std::string>& names) -> absl::Status {
@@ -310,7 +323,7 @@ absl::Status FeedForward::InitParams(const Executor& exec, const FitOptions& opt
         }
         target.Assign(it->second);
       } else {
-        MX_RETURN_IF_ERROR((*init)(name, &target));
+        MX_RETURN_IF_ERROR(initialize(name, &target));
       }
       (*params)[name] = target;  // the model now refers to the bound array
     }

@@ -197,5 +197,35 @@ TEST(CreateInitializer, RejectsUnknownNamesAndBadOptions) {
   }
 }
 
+// An MXNet variable's __init__ attribute, as Initializer.dumps() writes
+// it; its rule applies whatever the array's name.
+TEST(InitializerFromAttr, ReadsMxnetsDumps) {
+  auto from = [](const std::string& attr, const std::string& name) {
+    absl::StatusOr<std::unique_ptr<Initializer>> init = InitializerFromAttr(attr);
+    EXPECT_TRUE(init.ok()) << init.status();
+    NDArray a = Full({64, 32}, -123.0f);
+    if (init.ok()) EXPECT_TRUE((*init)->InitByRule(name, &a).ok());
+    return a.ToVector();
+  };
+  EXPECT_THAT(from(R"(["zero", {}])", "fc_weight"), Each(0.0f));
+  EXPECT_THAT(from(R"(["one", {}])", "fc_bias"), Each(1.0f));  // not the bias rule's 0
+  EXPECT_THAT(from(R"(["constant", {"value": 2.5}])", "data"), Each(2.5f));
+  EXPECT_LE(StatsOf(from(R"(["uniform", {"scale": 0.5}])", "w")).max_abs, 0.5);
+  EXPECT_NEAR(StatsOf(from(R"(["normal", {"sigma": 2.0}])", "w")).stddev, 2.0, 0.1);
+  const double xavier_scale = std::sqrt(3.0 / ((64 + 32) / 2.0));
+  EXPECT_LE(
+      StatsOf(
+          from(R"(["xavier", {"rnd_type": "uniform", "factor_type": "avg", "magnitude": 3}])", "w"))
+          .max_abs,
+      xavier_scale);
+  for (const auto& [attr, message] : std::vector<std::pair<std::string, std::string>>{
+           {"normal", "is not an MXNet initializer"},
+           {R"(["orthogonal", {}])", "unknown initializer 'orthogonal'"},
+           {R"(["zero", {"value": 1}])", "zero takes no options"},
+           {R"(["normal", {"sigma": -1}])", "sigma must not be negative"}}) {
+    EXPECT_THAT(InitializerFromAttr(attr).status().message(), HasSubstr(message)) << attr;
+  }
+}
+
 }  // namespace
 }  // namespace mx

@@ -219,6 +219,33 @@ TEST(FeedForwardFit, TheKVStoreTypeIsHonouredOnOneContext) {
   EXPECT_TRUE(model.Fit(it.get(), nullptr, f).ok());
 }
 
+// A variable's __init__ attribute (MXNet's Variable(init=...), kept in
+// symbol files) decides its initial value, before the name rules.
+TEST(FeedForwardFit, AVariablesOwnInitializerComesFirst) {
+  Symbol net =
+      Op("FullyConnected",
+         {Variable("data"),
+          {"weight", Variable("fc_weight", {{"__init__", R"(["constant", {"value": 0.5}])"}})},
+          {"bias", Variable("fc_bias", {{"__init__", R"(["one", {}])"}})}},
+         {{"num_hidden", 2}}, "fc");
+  net = Op("SoftmaxOutput", {net}, {}, "softmax");
+  Blobs train = MakeBlobs(40, 2, 5);
+  FeedForward model(net);
+  auto it = Iter(train, 20);
+  ASSERT_TRUE(model.Fit(it.get(), nullptr, Sgd(1, 0.0f)).ok());
+  EXPECT_THAT(model.arg_params().at("fc_weight").ToVector(), ::testing::Each(0.5f));
+  EXPECT_THAT(model.arg_params().at("fc_bias").ToVector(), ::testing::Each(1.0f));
+  Symbol unknown = Op(
+      "FullyConnected",
+      {Variable("data"), {"weight", Variable("fc_weight", {{"__init__", R"(["bilinear", {}])"}})}},
+      {{"num_hidden", 2}}, "fc");
+  FeedForward bad(Op("SoftmaxOutput", {unknown}, {}, "softmax"));
+  it = Iter(train, 20);
+  EXPECT_THAT(
+      bad.Fit(it.get(), nullptr, Sgd(1, 0.0f)).message(),
+      HasSubstr("parameter 'fc_weight': __init__ '[\"bilinear\", {}]': unknown initializer"));
+}
+
 TEST(FeedForwardFit, DataThatDoesNotFitTheNetworkIsAnError) {
   NDArray x = Zeros({40, 8}), y = Zeros({40});
   ArrayIterOptions o;
