@@ -54,9 +54,9 @@ readiness_path); liveness GET /livez. They are HTTP because the kubelet's gRPC p
 cannot present a certificate to a node that requires mutual TLS.
 
 Success: the workers exit 0, then the servers and the coordinator shut down
-on their own (they exit 0), and all three Jobs complete. Failure: server
-and worker pods are never restarted (a restarted node could not take its
-rank back); a coordinator pod that was killed, crashed or stopped (deleted
+on their own (they exit 0), and all three Jobs complete. Failure: worker
+pods are never restarted (a restarted worker could not take its rank
+back), nor are server pods but with replicas (see Replicas); a coordinator pod that was killed, crashed or stopped (deleted
 or drained: SIGTERM before its job finished, exit code 143) is replaced up
 to --coordinator-restarts times (backoffLimit, default 1; a podFailurePolicy
 fails the Job at once when it exits 1 or 2, having failed the job or
@@ -79,12 +79,18 @@ holds no rank of its own, so one that fails is replaced by a new spare (a
 podFailurePolicy with action Ignore) and, in a JobSet, its Job never fails:
 there any failed Job fails the set, and a spare lost to an OOM kill, a
 drain or a node's loss ended the training. (With --jobs only a spare
-disrupted or stopped from outside is replaced: see spare_failure_rules.) A server's failed index, though, fails the server Job once its
-other pods end (Kubernetes counts no failed index as done): the JobSet
-completes when the worker Job does, and ends Failed after all, although the
-workers finished, if the JobSet controller sees the server Job's failure
-first (possible when the servers end within a second or two of the
-workers): the worker Job's status says whether training finished.
+disrupted or stopped from outside is replaced: see spare_failure_rules.)
+A server stopped from outside (OOM-killed, deleted, drained, its node
+lost: server_failure_rules) is replaced the same way: the new pod finds
+its rank taken and joins as a spare (mx_server), which takes that rank
+once the coordinator has declared the old one dead and ends, as a spare
+does, with exit 0 when the job finishes, so the server Job completes. A
+server that fails on its own (exit 1 or 2) is not replaced; its failed
+index fails the server Job once its other pods end (Kubernetes counts no
+failed index as done), and the JobSet, which completes when the worker Job
+does, may then end Failed although the workers finished, if its controller
+sees the server Job's failure first: the worker Job's status says whether
+training finished.
 
 Elastic (--elastic): the coordinator and servers run with --elastic and the
 workers with MX_ELASTIC=1; a failed worker index does not stop the others
@@ -358,6 +364,20 @@ def coordinator_failure_rules(role):
              "onExitCodes": {"containerName": role, "operator": "In", "values": [1, 2]}}]
 
 
+def server_failure_rules(role):
+    """With replicas, a server stopped from outside (STOPPED_FROM_OUTSIDE, or
+    disrupted) is replaced, its failure not counted: the new pod finds its
+    rank taken and joins as a spare (mx_server), which takes the rank back
+    and ends with exit 0 when the job finishes, so the server Job completes
+    (its failed index failed it, and perhaps the JobSet, after training
+    finished). A server that fails on its own (1, 2) is not replaced: a new
+    one would fail again."""
+    return [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
+                                                      "status": "True"}]},
+            {"action": "Ignore", "onExitCodes": {"containerName": role, "operator": "In",
+                                                 "values": STOPPED_FROM_OUTSIDE}}]
+
+
 def spare_failure_rules(args, role):
     """A failed spare is replaced by a new one, its failure not counted
     (action Ignore): a spare holds nothing until it takes a dead server's
@@ -433,6 +453,7 @@ def job(args, role, count, command, env, per_index=False, claim=None, max_failed
     else:
         spec["backoffLimit"] = backoff
     rules = (spare_failure_rules(args, role) if role == "spare"
+             else server_failure_rules(role) if role == "server" and args.replicas > 1
              else coordinator_failure_rules(role) if backoff > 0 else [])
     if rules:
         spec["podFailurePolicy"] = {"rules": rules}

@@ -567,7 +567,7 @@ int RunServer() {
   auto unwatch = WatchLiveness(
       metrics.get(), [ps = ps->get()] { return ps->SinceShardChecked(); },
       "the server's shard check");
-  const bool spare = absl::GetFlag(FLAGS_spare);
+  bool spare = absl::GetFlag(FLAGS_spare);
   if (spare && replicas < 2) {
     std::cerr << "mx_server: --spare needs --replicas=2 (a spare restores the second copies)\n";
     return 2;
@@ -591,6 +591,20 @@ int RunServer() {
   // has already left (seen: a worker named the server instead).
   co.lost_after = absl::Seconds(CoordinatorTimeoutSeconds() + 2);
   auto client = rpc::CoordinatorClient::Register(co, req);
+  // With replicas, a server whose rank is taken (the replacement pod of one
+  // that was stopped: Kubernetes replaces it, deploy/k8s_job.py) joins as a
+  // spare: it takes the dead one's rank, and restores its keys' second
+  // copies, once the coordinator has declared it dead. Its pod then ends
+  // as a spare's does, with exit 0 when the job finishes, where a refusal
+  // failed the server Job (and perhaps the JobSet) after the job finished.
+  if (!client.ok() && absl::IsAlreadyExists(client.status()) && replicas > 1 && !spare) {
+    std::cout << "mx_server: " << client.status().message() << "; joining as a spare"
+              << std::endl;
+    spare = true;
+    req.clear_rank();
+    req.set_spare(true);
+    client = rpc::CoordinatorClient::Register(co, req);
+  }
   if (!client.ok()) {
     std::cerr << "mx_server: " << client.status().message() << "\n";
     return 1;
