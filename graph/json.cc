@@ -184,7 +184,10 @@ absl::StatusOr<std::shared_ptr<Node>> ReadNode(
                                 node->op->ListArguments(node->parsed), &per_argument));
   }
 
-  const json inputs = j.contains("inputs") ? j["inputs"] : json::array();
+  // By reference: a copy of a value nested a million deep (json's copy
+  // recurses) overflowed the stack.
+  static const json kNoInputs = json::array();
+  const json& inputs = j.contains("inputs") ? j["inputs"] : kNoInputs;
   if (!inputs.is_array()) return Bad(id, node->name, "'inputs' must be an array");
   for (const json& e : inputs) {
     MX_ASSIGN_OR_RETURN(NodeEntry entry,

@@ -258,6 +258,15 @@ absl::StatusOr<std::string> Encode(const std::vector<Entry>& entries, const std:
       return absl::InvalidArgumentError(
           absl::StrCat(what, ": array '", e.name, "' is null"));
     }
+    // What Decode takes back: a longer name or a higher rank was saved
+    // and then refused at the load.
+    const Shape& shape = sparse ? e.sparse.shape() : e.dense.shape();
+    if (e.name.size() > kMaxNameLength || shape.ndim() > kMaxDims) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": array '", e.name.substr(0, 64), e.name.size() > 64 ? "...'" : "'",
+                       " has a name of ", e.name.size(), " bytes and rank ", shape.ndim(),
+                       " (at most ", kMaxNameLength, " and ", kMaxDims, ")"));
+    }
     w.Put(static_cast<uint32_t>(e.name.size()));
     w.Bytes(e.name.data(), e.name.size());
     if (any_sparse) w.Put(sparse ? kRowSparse : kDense);
@@ -391,6 +400,8 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& byt
   if (f == nullptr) return ErrnoError("cannot create", tmp);
   bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
   ok = (std::fflush(f) == 0) && ok;
+  ok = (fsync(fileno(f)) == 0) && ok;  // on disk before the rename: else a
+                                       // power loss may leave an empty file
   if (std::fclose(f) != 0) ok = false;
   if (!ok) {
     absl::Status s = ErrnoError("cannot write", tmp);
@@ -512,7 +523,8 @@ absl::Status ArrayFileWriter::Finish() {
                                                       " values missing"));
   }
   const uint32_t crc = crc_;
-  if (std::fwrite(&crc, 1, sizeof(crc), file_) != sizeof(crc) || std::fflush(file_) != 0) {
+  if (std::fwrite(&crc, 1, sizeof(crc), file_) != sizeof(crc) || std::fflush(file_) != 0 ||
+      fsync(fileno(file_)) != 0) {
     return ErrnoError("cannot write", path_ + ".tmp");
   }
   const int closed = std::fclose(file_);

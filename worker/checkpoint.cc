@@ -24,6 +24,7 @@ namespace mx {
 namespace {
 
 constexpr uint64_t kListMagic = 0x112;
+constexpr uint32_t kV3Magic = 0xF993FACA;  // V2 with numpy shapes (MXNet 1.6+ np, 2.x)
 constexpr uint32_t kV2Magic = 0xF993FAC9;
 constexpr uint32_t kV1Magic = 0xF993FAC8;
 constexpr int32_t kDenseStorage = 0;
@@ -73,9 +74,17 @@ absl::Status CheckSize(const Reader& r, const Shape& shape, size_t index) {
   return r.Error(absl::StrCat("array ", index, " has an impossible shape ", shape.ToString()));
 }
 
-absl::StatusOr<Shape> ReadShape(Reader& r, bool int64_dims, size_t index) {
+// A V3 record's rank is signed: -1 is a none array (an empty Shape here,
+// as rank 0 is in V1 and V2), 0 a scalar, which mx arrays cannot be.
+absl::StatusOr<Shape> ReadShape(Reader& r, bool int64_dims, size_t index, bool v3 = false) {
   uint32_t ndim = 0;
   MX_RETURN_IF_ERROR(r.Get(&ndim, absl::StrCat("the rank of array ", index)));
+  if (v3 && ndim == 0xFFFFFFFFu) return Shape();
+  if (v3 && ndim == 0) {
+    return r.Error(absl::StrCat("array ", index,
+                                " is a 0-d (scalar) array of MXNet's numpy semantics; mx arrays "
+                                "have at least one dimension"));
+  }
   if (ndim > 32) return r.Error(absl::StrCat("array ", index, " has rank ", ndim));
   Shape shape;
   for (uint32_t d = 0; d < ndim; ++d) {
@@ -114,8 +123,8 @@ absl::StatusOr<ReadResult> ReadArray(Reader& r, size_t index, Context ctx) {
   uint32_t magic = 0;
   MX_RETURN_IF_ERROR(r.Get(&magic, absl::StrCat("the header of array ", index)));
   Shape shape;
-  if (magic == kV2Magic || magic == kV1Magic) {
-    if (magic == kV2Magic) {
+  if (magic == kV3Magic || magic == kV2Magic || magic == kV1Magic) {
+    if (magic != kV1Magic) {
       int32_t stype = 0;
       MX_RETURN_IF_ERROR(r.Get(&stype, "the storage type"));
       if (stype != kDenseStorage) {
@@ -123,7 +132,7 @@ absl::StatusOr<ReadResult> ReadArray(Reader& r, size_t index, Context ctx) {
                                     "); only dense arrays are supported"));
       }
     }
-    MX_ASSIGN_OR_RETURN(shape, ReadShape(r, true, index));
+    MX_ASSIGN_OR_RETURN(shape, ReadShape(r, true, index, magic == kV3Magic));
   } else {
     // Pre-V1 files start with the rank itself and store 32-bit dims.
     uint32_t ndim = magic;
@@ -196,9 +205,11 @@ absl::Status VerifyChecksum(const std::string& path, const std::string& data) {
   const std::string want(absl::StripAsciiWhitespace(*recorded));
   const std::string got = Checksum(data);
   if (got == want) return absl::OkStatus();
-  return absl::DataLossError(absl::StrCat(path, ": damaged: its contents have ", got, " but ",
-                                          sum_path, " records ", want,
-                                          " (the file changed after it was written)"));
+  return absl::DataLossError(absl::StrCat(
+      path, ": damaged: its contents have ", got, " but ", sum_path, " records ", want,
+      " (the file changed after it was written; if another program, MXNet's save_checkpoint "
+      "say, rewrote it on purpose, delete ",
+      sum_path, ")"));
 }
 
 }  // namespace
@@ -209,6 +220,13 @@ absl::Status SaveNDArrayList(const std::string& path, const NamedArrays& arrays)
   w.Put<uint64_t>(0);
   w.Put<uint64_t>(arrays.size());
   for (const auto& [name, a] : arrays) {
+    // Rank 0 is a none array in the V2 layout, with nothing after it: a 0-d
+    // array's value made the rest of the file unreadable (to MXNet too).
+    if (a.ndim() == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("saving '", name, "' to ", path,
+                       ": MXNet's .params layout cannot hold a 0-d (or null) array"));
+    }
     w.Put<uint32_t>(kV2Magic);
     w.Put<int32_t>(kDenseStorage);
     w.Put<uint32_t>(a.ndim());

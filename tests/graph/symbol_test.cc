@@ -402,6 +402,10 @@ TEST(SymbolJson, BadFilesGiveClearErrors) {
   expect_error(absl::StrCat(R"({"nodes": [{"op": "null", "name": "x", "inputs": []}], "heads": [)",
                             deep, "]}"),
                "an input must be [node, output(, version)], got an array of 1 element(s)");
+  // The same in a node's inputs, which were copied (a copy recursed as deep).
+  expect_error(absl::StrCat(R"({"nodes": [{"op": "null", "name": "x", "inputs": [)", deep,
+                            R"(]}], "heads": [[0,0,0]]})"),
+               "an input must be [node, output(, version)]");
 }
 
 TEST(SymbolJson, SaveAndLoadFile) {

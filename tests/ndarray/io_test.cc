@@ -172,6 +172,15 @@ TEST(SaveLoad, SavingANullArrayIsInvalidArgumentNamingIt) {
   EXPECT_THAT(std::string(s.message()), HasSubstr(path));
 }
 
+// What Load would refuse is not saved: a name over 64 KiB was written and
+// then refused at the load.
+TEST(SaveLoad, ANameLoadWouldRefuseIsNotSaved) {
+  const std::string path = TempPath("long.mxnd");
+  const absl::Status s = Save(path, {{std::string(70000, 'n'), Ones({1})}});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("a name of 70000 bytes"));
+}
+
 TEST(SaveLoad, SaveIntoAMissingDirectoryFailsNamingThePath) {
   const std::string path = ::testing::TempDir() + "no_such_dir/sub/x.mxnd";
   absl::Status s = Save(path, {{"a", Ones({1})}});
