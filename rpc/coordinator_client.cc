@@ -163,6 +163,7 @@ void CoordinatorClient::StartHeartbeats(
     on_answer_ = std::move(on_answer);
     on_lost_ = std::move(on_lost);
     stop_ = false;
+    lost_ = false;
     last_answer_ = absl::Now();
   }
   {
@@ -173,7 +174,10 @@ void CoordinatorClient::StartHeartbeats(
     // The first at once: the coordinator's timeout for this node started
     // when it answered the registration.
     for (;;) {
-      Beat();
+      // Not after the coordinator is lost: the node's calls have failed,
+      // and a heartbeat rejoining a restarted coordinator made it count
+      // this node as alive.
+      if (!Beat()) return;
       std::unique_lock<std::mutex> lock(sleep_mu_);
       if (wake_.wait_for(lock, absl::ToChronoMilliseconds(kHeartbeatPeriod),
                          [this] { return stopping_; })) {
@@ -183,8 +187,8 @@ void CoordinatorClient::StartHeartbeats(
   });
 }
 
-void CoordinatorClient::HeartbeatNow() { Beat(); }
-void CoordinatorClient::ReportUnreachable(int server) { Beat(server); }
+void CoordinatorClient::HeartbeatNow() { (void)Beat(); }
+void CoordinatorClient::ReportUnreachable(int server) { (void)Beat(server); }
 
 void CoordinatorClient::Reassign(const proto::RegisterResponse& assignment) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -194,11 +198,14 @@ void CoordinatorClient::Reassign(const proto::RegisterResponse& assignment) {
   spare_ = false;
 }
 
-void CoordinatorClient::Beat(int unreachable_server) {
+bool CoordinatorClient::Beat(int unreachable_server) {
   proto::HeartbeatRequest req;
   grpc::ClientContext ctx;
   {
     std::lock_guard<std::mutex> lock(mu_);  // Reassign may change them
+    // Stopped (a worker that left, a server shutting down) or lost: none,
+    // which could rejoin a restarted coordinator.
+    if (lost_ || stop_) return false;
     req.set_role(cluster_.self().role());
     req.set_rank(cluster_.self().rank());
     caller_.Stamp(&ctx);
@@ -212,8 +219,8 @@ void CoordinatorClient::Beat(int unreachable_server) {
   const bool rejoin = absl::IsNotFound(s);
   if (rejoin) s = Rejoin();
   std::lock_guard<std::mutex> lock(mu_);
-  if (lost_ || stop_) return;
-  if (rejoin && s.ok()) return;  // the next heartbeat goes to the restarted coordinator
+  if (lost_ || stop_) return false;
+  if (rejoin && s.ok()) return true;  // the next heartbeat goes to the restarted coordinator
   if (s.ok()) {
     last_answer_ = absl::Now();
     warned_silent_ = false;
@@ -235,7 +242,7 @@ void CoordinatorClient::Beat(int unreachable_server) {
       trace::SetClockOffset(resp.time_us() - (sent_us + answered_us) / 2, (rtt + 1) / 2);
     }
     if (on_answer_) on_answer_(resp);
-    return;
+    return true;
   }
   // A refusal (a wrong token or key, or a rejoin refused) will not mend.
   const bool refused = absl::IsUnauthenticated(s) || absl::IsPermissionDenied(s) ||
@@ -243,10 +250,10 @@ void CoordinatorClient::Beat(int unreachable_server) {
   const absl::Duration silent = absl::Now() - last_answer_;
   if (!refused && silent < options_.lost_after) {
     if (absl::IsDeadlineExceeded(s)) SaySilent();
-    return;
+    return true;
   }
   lost_ = true;
-  if (!on_lost_) return;
+  if (!on_lost_) return false;
   if (refused) {
     on_lost_(absl::UnavailableError(absl::StrCat(
         "the coordinator at ", options_.address,
@@ -257,6 +264,7 @@ void CoordinatorClient::Beat(int unreachable_server) {
         "the coordinator at ", options_.address, " is unreachable: no answer for ",
         absl::FormatDuration(absl::Trunc(silent, absl::Seconds(1))), ": ", s.message())));
   }
+  return false;
 }
 
 void CoordinatorClient::SaySilent() {
@@ -326,13 +334,17 @@ absl::Status CoordinatorClient::UntilAnswered(
     absl::Status s = FromGrpc(call(&ctx));
     if (absl::IsNotFound(s)) {
       const absl::Status rejoined = Rejoin();
-      if (rejoined.ok()) continue;
+      if (rejoined.ok()) {
+        away_since.reset();  // it is back: a later outage has its own time
+        continue;
+      }
       if (!absl::IsUnavailable(rejoined)) return Doing(what, rejoined);
     } else if (absl::IsDeadlineExceeded(s) && attempt_deadline < deadline &&
                absl::Now() >= attempt_deadline) {
       // An attempt it took and did not answer: hung (the launcher may
       // restart it), or slow; made again. (Not its own answer of
       // DEADLINE_EXCEEDED, such as a barrier's that a worker missed.)
+      away_since.reset();  // it took the call
       std::lock_guard<std::mutex> lock(mu_);
       SaySilent();
       continue;

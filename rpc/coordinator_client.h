@@ -99,7 +99,9 @@ class CoordinatorClient {
  private:
   CoordinatorClient(Options options, std::unique_ptr<proto::Coordinator::Stub> stub)
       : options_(std::move(options)), stub_(std::move(stub)) {}
-  void Beat(int unreachable_server = -1);
+  // One heartbeat, none once stopped or lost; whether the coordinator is
+  // still there (false: stopped, or lost, which on_lost heard).
+  bool Beat(int unreachable_server = -1);
   // Registers again with a restarted coordinator (RegisterRequest.session_key).
   absl::Status Rejoin();
   // `call(ctx)` until the coordinator answers it or `deadline` passes: a

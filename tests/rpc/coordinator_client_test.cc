@@ -570,6 +570,27 @@ TEST(CoordinatorRestart, AnAbsentCoordinatorIsLostAfterTheTimeout) {
                                      " is unreachable: away (or restarting) for ")));
 }
 
+// Once a node has lost the coordinator its calls have failed: its
+// heartbeats stop, where they rejoined a restarted coordinator, which then
+// counted the node as alive (and held its rank).
+TEST(CoordinatorRestart, ANodeThatLostTheCoordinatorDoesNotRejoinARestartedOne) {
+  auto c = StartCoordinator(rpc::Security());
+  const std::string address = c->address();
+  auto client = RegisterWorker(address, rpc::Security(), 0);
+  ASSERT_TRUE(client.ok()) << client.status();
+  Heartbeats beats;
+  beats.Start(client->get());
+  ASSERT_TRUE(Eventually([&] { return beats.answers > 0; }));
+  c.reset();
+  ASSERT_TRUE(Eventually([&] { return !beats.Lost().empty(); }));
+  c = StartCoordinator(rpc::Security(), address);
+  ASSERT_NE(c, nullptr);
+  absl::SleepFor(absl::Seconds(3));  // heartbeats come every second
+  auto fresh = RegisterWorker(address, rpc::Security(), 0);
+  EXPECT_TRUE(fresh.ok()) << fresh.status();  // rank 0 is not the lost node's again
+  (*client)->StopHeartbeats();
+}
+
 // The timeline (ndarray/trace.h): a barrier is a span, and heartbeats give
 // the node its clock offset to the coordinator with an uncertainty; on one
 // host (one clock) the offset lies within it.
