@@ -13,16 +13,11 @@
 
 namespace mx {
 
-absl::Status Initializer::operator()(const std::string& name,
-                                     NDArray* array) const {
-  if (array == nullptr || array->is_none()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("initializer: array '", name, "' is null"));
-  }
+absl::Status Initializer::operator()(const std::string& name, NDArray* array) const {
   auto ends = [&](absl::string_view suffix) {
     return absl::EndsWith(name, suffix);
   };
-  try {
+  return Fill(name, array, [&]() -> absl::Status {
     if (ends("bias") || ends("beta") || ends("moving_mean")) {
       array->Assign(0.0f);
     } else if (ends("gamma") || ends("moving_var")) {
@@ -35,23 +30,27 @@ absl::Status Initializer::operator()(const std::string& name,
           "': names must end in weight, bias, gamma, beta, moving_mean or "
           "moving_var (an input such as data is not a parameter)"));
     }
-  } catch (const Error& e) {
-    return absl::Status(
-        e.code(), absl::StrCat("initializer: array '", name, "': ", e.what()));
-  }
-  return absl::OkStatus();
+    return absl::OkStatus();
+  });
 }
 
 absl::Status Initializer::InitByRule(const std::string& name, NDArray* array) const {
+  return Fill(name, array, [&] {
+    InitWeight(name, array);
+    return absl::OkStatus();
+  });
+}
+
+absl::Status Initializer::Fill(const std::string& name, NDArray* array,
+                               const std::function<absl::Status()>& fill) {
   if (array == nullptr || array->is_none()) {
     return absl::InvalidArgumentError(absl::StrCat("initializer: array '", name, "' is null"));
   }
   try {
-    InitWeight(name, array);
+    return fill();
   } catch (const Error& e) {
     return absl::Status(e.code(), absl::StrCat("initializer: array '", name, "': ", e.what()));
   }
-  return absl::OkStatus();
 }
 
 namespace {

@@ -5,6 +5,7 @@
 #ifndef MX_WORKER_INITIALIZER_H_
 #define MX_WORKER_INITIALIZER_H_
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -28,6 +29,12 @@ class Initializer {
  protected:
   // The rule for weights.
   virtual void InitWeight(const std::string& name, NDArray* array) const = 0;
+
+ private:
+  // Runs `fill` on a non-null *array, its errors (and mx::Error) naming
+  // the array.
+  static absl::Status Fill(const std::string& name, NDArray* array,
+                           const std::function<absl::Status()>& fill);
 };
 
 // "uniform" (scale, default 0.07: U(-scale, scale)), "normal" (sigma,
