@@ -9,12 +9,10 @@
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
-#include <array>
-#include <atomic>
 #include <climits>
-#include <mutex>
 #include <string>
 
+#include "ndarray/cuda/handles.h"
 #include "ndarray/cuda/stream.h"
 #include "ndarray/launch.h"
 
@@ -22,7 +20,7 @@ namespace mx::kernel {
 
 namespace {
 
-constexpr int kMaxDevices = 64;
+using internal::cuda::kMaxDevices;
 
 // The cuBLAS functions mx calls.
 struct Cublas {
@@ -61,30 +59,15 @@ const Cublas* LoadCublas(const char** error) {
 }
 
 // The handle of gpu(device) on its compute stream, or nullptr with *error
-// set. Made at the first use that succeeds: a failed creation (cuBLAS
-// allocates device memory, which may be short at that moment) is tried
-// again at the next use, where it was remembered for the process's life.
+// set (internal::cuda::DeviceHandles).
 cublasHandle_t Handle(const Cublas& cublas, int device, const char** error) {
-  static std::array<std::atomic<cublasHandle_t>, kMaxDevices> ready{};
-  if (cublasHandle_t h = ready[device].load(std::memory_order_acquire)) return h;
-  static std::mutex mu;
-  static std::array<cublasHandle_t, kMaxDevices> made{};  // its stream perhaps not set yet
-  std::lock_guard<std::mutex> lock(mu);
-  if (cublasHandle_t h = ready[device].load(std::memory_order_relaxed)) return h;
+  using Handles =
+      internal::cuda::DeviceHandles<cublasHandle_t, cublasStatus_t, CUBLAS_STATUS_SUCCESS>;
+  static auto* handles = new Handles;
   cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
-  if (made[device] == nullptr) {
-    status = cublas.create(&made[device]);
-    if (status != CUBLAS_STATUS_SUCCESS) made[device] = nullptr;
-  }
-  if (status == CUBLAS_STATUS_SUCCESS) {
-    status = cublas.set_stream(made[device], internal::cuda::ComputeStream(device));
-  }
-  if (status != CUBLAS_STATUS_SUCCESS) {
-    *error = cublas.status_string(status);
-    return nullptr;
-  }
-  ready[device].store(made[device], std::memory_order_release);
-  return made[device];
+  const cublasHandle_t h = handles->Get(device, cublas.create, cublas.set_stream, &status);
+  if (h == nullptr) *error = cublas.status_string(status);
+  return h;
 }
 
 }  // namespace

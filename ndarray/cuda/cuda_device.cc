@@ -25,7 +25,7 @@ namespace mx::internal {
 
 namespace {
 
-constexpr int kMaxDevices = 64;
+using cuda::kMaxDevices;
 
 // gpu(device)'s stream of `kind` (StreamKind, ndarray/device.h), created on
 // first use, non-blocking as the compute stream is (stream.h).

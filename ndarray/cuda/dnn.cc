@@ -8,48 +8,31 @@
 #include <cudnn.h>
 
 #include <array>
-#include <atomic>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "ndarray/cuda/handles.h"
 #include "ndarray/cuda/stream.h"
 
 namespace mx::kernel {
 
 namespace {
 
-constexpr int kMaxDevices = 64;
+using internal::cuda::kMaxDevices;
 
-// The handle of gpu(device) on its compute stream, or nullptr with *error.
-// Made at the first use that succeeds: a failed creation (cuDNN allocates
-// device memory, which may be short at that moment) is tried again at the
-// next use, where it was remembered for the process's life.
+// The handle of gpu(device) on its compute stream, or nullptr with *error
+// (internal::cuda::DeviceHandles).
 cudnnHandle_t Handle(int device, const char** error) {
-  static std::array<std::atomic<cudnnHandle_t>, kMaxDevices> ready{};
-  if (cudnnHandle_t h = ready[device].load(std::memory_order_acquire)) return h;
-  static std::mutex mu;
-  static std::array<cudnnHandle_t, kMaxDevices> made{};  // its stream perhaps not set yet
-  std::lock_guard<std::mutex> lock(mu);
-  if (cudnnHandle_t h = ready[device].load(std::memory_order_relaxed)) return h;
+  using Handles = internal::cuda::DeviceHandles<cudnnHandle_t, cudnnStatus_t, CUDNN_STATUS_SUCCESS>;
+  static auto* handles = new Handles;
   cudnnStatus_t status = CUDNN_STATUS_SUCCESS;
-  if (made[device] == nullptr) {
-    status = cudnnCreate(&made[device]);
-    if (status != CUDNN_STATUS_SUCCESS) made[device] = nullptr;
-  }
-  if (status == CUDNN_STATUS_SUCCESS) {
-    status = cudnnSetStream(made[device], internal::cuda::ComputeStream(device));
-  }
-  if (status != CUDNN_STATUS_SUCCESS) {
-    *error = cudnnGetErrorString(status);
-    return nullptr;
-  }
-  ready[device].store(made[device], std::memory_order_release);
-  return made[device];
+  const cudnnHandle_t h = handles->Get(device, cudnnCreate, cudnnSetStream, &status);
+  if (h == nullptr) *error = cudnnGetErrorString(status);
+  return h;
 }
 
 struct ConvDescriptors {

@@ -9,6 +9,10 @@
 
 namespace mx::internal::cuda {
 
+// The most GPUs mx uses in a process (DeviceApi::DeviceCount caps the count
+// found): what per-device tables (streams, library handles) hold.
+constexpr int kMaxDevices = 64;
+
 // gpu(device)'s compute stream, created on first use (non-blocking: it does
 // not wait for the legacy default stream, and the engine orders work on it
 // against everything else). Thread-safe. nullptr if creation failed; work
