@@ -189,22 +189,8 @@ class LocalKVStore : public KVStore {
 
   absl::Status PushRowSparse(Key key, const std::vector<RowSparseNDArray>& values,
                              int) override {
-    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "row-sparse push", true));
-    MX_RETURN_IF_ERROR(CheckRowSparseValues(key, values, e->stored.shape()));
-    if (optimizer_ == nullptr && updater_) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "row-sparse push of key ", key.label(),
-          ": a custom updater takes dense values; set an optimizer instead"));
-    }
-    return CatchError([&] {
-      const RowSparseNDArray merged = SumRowSparse(values);
-      if (optimizer_ != nullptr) {
-        optimizer_->UpdateRows(key.id(), e->stored, merged);
-      } else {
-        e->stored.Assign(0.f);
-        e->stored += merged;
-      }
-    });
+    MX_ASSIGN_OR_RETURN(Entry * e, TableToPush(key, values, "row-sparse push"));
+    return CatchError([&] { UpdateRows(key, e, values); });
   }
 
   // Every key, value and row id list is checked before any key is pushed,
@@ -213,22 +199,26 @@ class LocalKVStore : public KVStore {
   absl::Status PushPullRowSparse(const std::vector<Key>& keys,
                                  const std::vector<std::vector<RowSparseNDArray>>& values,
                                  std::vector<std::vector<int64_t>> row_ids,
-                                 std::vector<RowSparseNDArray>* outs, int priority) override {
+                                 std::vector<RowSparseNDArray>* outs, int) override {
     MX_RETURN_IF_ERROR(CheckTableBucket(keys, values, row_ids));
+    std::vector<Entry*> entries;
     for (size_t i = 0; i < keys.size(); ++i) {
-      MX_ASSIGN_OR_RETURN(Entry * e, Find(keys[i], "row-sparse pushpull", true));
-      MX_RETURN_IF_ERROR(CheckRowSparseValues(keys[i], values[i], e->stored.shape()));
-      MX_RETURN_IF_ERROR(CheckRowIds(row_ids[i], e->stored.shape()[0],
-                                     absl::StrCat("row_sparse_pull of key ", keys[i].label())));
+      MX_ASSIGN_OR_RETURN(Entry * e, TableToPush(keys[i], values[i], "row-sparse pushpull"));
+      MX_RETURN_IF_ERROR(TableToPull(keys[i], row_ids[i], "row-sparse pushpull").status());
+      entries.push_back(e);
     }
-    return KVStore::PushPullRowSparse(keys, values, std::move(row_ids), outs, priority);
+    outs->assign(keys.size(), RowSparseNDArray());
+    return CatchError([&] {
+      for (size_t i = 0; i < keys.size(); ++i) {
+        UpdateRows(keys[i], entries[i], values[i]);
+        (*outs)[i] = GatherRows(entries[i]->stored, std::move(row_ids[i]));
+      }
+    });
   }
 
   absl::Status RowSparsePull(Key key, std::vector<int64_t> row_ids, RowSparseNDArray* out,
                              int) override {
-    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, "row_sparse_pull", true));
-    MX_RETURN_IF_ERROR(CheckRowIds(row_ids, e->stored.shape()[0],
-                                   absl::StrCat("row_sparse_pull of key ", key.label())));
+    MX_ASSIGN_OR_RETURN(Entry * e, TableToPull(key, row_ids, "row_sparse_pull"));
     return CatchError([&] { *out = GatherRows(e->stored, std::move(row_ids)); });
   }
 
@@ -327,6 +317,39 @@ class LocalKVStore : public KVStore {
 
   // The entry of key for `what`, which uses it as a table (row-sparse) or
   // as a dense key.
+  // The table a push of `values` updates, checked (`what`: the call, for
+  // errors).
+  absl::StatusOr<Entry*> TableToPush(const Key& key, const std::vector<RowSparseNDArray>& values,
+                                     const char* what) {
+    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, what, true));
+    MX_RETURN_IF_ERROR(CheckRowSparseValues(key, values, e->stored.shape()));
+    if (optimizer_ == nullptr && updater_) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("row-sparse push of key ", key.label(),
+                       ": a custom updater takes dense values; set an optimizer instead"));
+    }
+    return e;
+  }
+  // The table a pull of `row_ids` reads, checked.
+  absl::StatusOr<Entry*> TableToPull(const Key& key, const std::vector<int64_t>& row_ids,
+                                     const char* what) {
+    MX_ASSIGN_OR_RETURN(Entry * e, Find(key, what, true));
+    MX_RETURN_IF_ERROR(CheckRowIds(row_ids, e->stored.shape()[0],
+                                   absl::StrCat("row_sparse_pull of key ", key.label())));
+    return e;
+  }
+  // A checked push's update: the optimizer's on the pushed rows, or the
+  // table becomes their sum.
+  void UpdateRows(const Key& key, Entry* e, const std::vector<RowSparseNDArray>& values) {
+    const RowSparseNDArray merged = SumRowSparse(values);
+    if (optimizer_ != nullptr) {
+      optimizer_->UpdateRows(key.id(), e->stored, merged);
+    } else {
+      e->stored.Assign(0.f);
+      e->stored += merged;
+    }
+  }
+
   absl::StatusOr<Entry*> Find(const Key& key, const char* what, bool as_table) {
     auto it = store_.find(key.id());
     if (it == store_.end()) {
