@@ -10,10 +10,12 @@
 // every worker has finished (the coordinator tells the servers through
 // heartbeats), or until SIGINT or SIGTERM; it then logs "<role>: every
 // worker finished; shutting down" and exits 0 (or "... shutting down
-// (SIGTERM)" and exits 128 + the signal: StopExitCode). A server also stops, with an error and exit code 1,
-// when the coordinator has not answered for --coordinator_timeout_s + 2
-// seconds (workers give up 2 s sooner, so they are the ones to report it);
-// a coordinator restarted on its address before then is rejoined.
+// (SIGTERM)" and exits 128 + the signal: StopExitCode). A server also
+// stops, with an error and exit code 1, when the coordinator has not
+// answered for --coordinator_timeout_s + 2 seconds (workers give up 2 s
+// sooner, so they are the ones to report it); a coordinator restarted on
+// its address before then is rejoined. With replicas, a server whose rank
+// is taken joins as a spare.
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 
