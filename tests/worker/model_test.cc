@@ -286,10 +286,17 @@ TEST(Checkpoint, ParamsFileHasMxnetLayout) {
   EXPECT_EQ(bytes.substr(104), "arg:w");
 }
 
+// Appends v's bytes (as the machine stores them, as MXNet writes them) to
+// *bytes: a .params file built by hand.
+template <typename T>
+void Put(std::string* bytes, T v) {
+  bytes->append(reinterpret_cast<const char*>(&v), sizeof(v));
+}
+
 TEST(Checkpoint, ReadsV1RecordsAndReportsTruncation) {
   // A file as older MXNet versions wrote it: V1 records have no storage type.
   std::string bytes;
-  auto put = [&](auto v) { bytes.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+  auto put = [&](auto v) { Put(&bytes, v); };
   put(uint64_t{0x112});
   put(uint64_t{0});
   put(uint64_t{1});
@@ -322,7 +329,7 @@ TEST(Checkpoint, ReadsV1RecordsAndReportsTruncation) {
   // A shape whose element count overflows (2^62 x 4; its product wrapped
   // to 0, which the array constructor refused without the file's name).
   std::string impossible = bytes.substr(0, 28);  // the list header and a V1 magic
-  auto put_into = [&](auto v) { impossible.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+  auto put_into = [&](auto v) { Put(&impossible, v); };
   put_into(uint32_t{2});
   put_into(int64_t{1} << 62);
   put_into(int64_t{4});
@@ -339,7 +346,7 @@ TEST(Checkpoint, ReadsV1RecordsAndReportsTruncation) {
 // reported as damage ("a bad header").
 TEST(Checkpoint, ReadsV3Records) {
   std::string bytes;
-  auto put = [&](auto v) { bytes.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+  auto put = [&](auto v) { Put(&bytes, v); };
   put(uint64_t{0x112});
   put(uint64_t{0});
   put(uint64_t{2});
@@ -370,7 +377,7 @@ TEST(Checkpoint, ReadsV3Records) {
   // A scalar (rank 0) says what it is.
   std::string scalar = bytes.substr(0, 24);
   scalar.replace(16, 8, std::string("\1\0\0\0\0\0\0\0", 8));
-  auto put_scalar = [&](auto v) { scalar.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+  auto put_scalar = [&](auto v) { Put(&scalar, v); };
   put_scalar(uint32_t{0xF993FACA});
   put_scalar(int32_t{0});
   put_scalar(int32_t{0});
