@@ -82,6 +82,25 @@ bool CopyField(uint32_t tag, CodedInputStream* in, CodedOutputStream* out) {
   }
 }
 
+// Reads past the field whose tag was just read (CopyField without the copy).
+bool SkipField(uint32_t tag, CodedInputStream* in) {
+  if ((tag >> 3) == 0) return false;
+  uint64_t v64;
+  uint32_t v32;
+  switch (tag & 7) {
+    case 0:
+      return in->ReadVarint64(&v64);
+    case 1:
+      return in->ReadLittleEndian64(&v64);
+    case 2:
+      return ReadLength(in, &v32) && in->Skip(static_cast<int>(v32));
+    case 5:
+      return in->ReadLittleEndian32(&v32);
+    default:
+      return false;
+  }
+}
+
 // Reads the next n bytes of `in` to dst, as CopyAroundCache copies: they
 // are a tensor's data, which its reader reads later if at all.
 bool ReadAroundCache(CodedInputStream* in, char* dst, size_t n) {
@@ -339,6 +358,28 @@ absl::Status DecodeRepeated(const grpc::ByteBuffer& buffer, int field, int tenso
     return absl::InvalidArgumentError("malformed message");
   }
   return absl::OkStatus();
+}
+
+proto::Credential PeekCredential(const grpc::ByteBuffer& buffer, int field) {
+  constexpr uint32_t kMaxCredentialBytes = 64 << 10;
+  proto::Credential credential;
+  if (!CheckLength(buffer).ok()) return credential;
+  BufferInput input(buffer);
+  CodedInputStream& in = *input.get();
+  bool malformed = false;
+  while (uint32_t tag = ReadTag(&in, &malformed)) {
+    if (tag != Tag(field, kLengthDelimited)) {
+      if (!SkipField(tag, &in)) break;
+      continue;
+    }
+    uint32_t n;
+    std::string bytes;
+    if (!ReadLength(&in, &n) || n > kMaxCredentialBytes ||
+        !in.ReadString(&bytes, static_cast<int>(n)) || !credential.MergeFromString(bytes)) {
+      break;
+    }
+  }
+  return credential;
 }
 
 absl::StatusOr<Shape> TensorShape(const proto::Tensor& t, size_t data_bytes) {

@@ -86,6 +86,15 @@ absl::Status DecodeRepeated(const grpc::ByteBuffer& buffer, int field, int tenso
                             const std::function<TensorSink(int)>& sink,
                             google::protobuf::MessageLite* rest = nullptr);
 
+// The credential (a proto::Credential in field `field`) of a request, read
+// without decoding the rest of it, so that a handler can refuse a caller
+// not of the job before the request costs it any memory: decoding
+// allocates per entry and per packed row id, many times the bytes sent.
+// Several occurrences merge, as protobuf's do; a credential longer than
+// 64 KiB, or a malformed message, ends the reading (the decoder, run only
+// for an admitted caller, says what is malformed).
+proto::Credential PeekCredential(const grpc::ByteBuffer& buffer, int field);
+
 // The request of a raw method without a tensor. Bytes that are no such
 // message are INVALID_ARGUMENT "METHOD: malformed request: ...", where
 // gRPC's own parser (of a method that is not raw) answers INTERNAL with no

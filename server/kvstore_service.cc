@@ -53,6 +53,10 @@ using rpc::ToGrpc;
 constexpr rpc::Role kWorker = rpc::Role::kWorker;
 constexpr rpc::Role kServer = rpc::Role::kServer;
 constexpr int kStepsField = 1;      // ReplicateRequest.steps
+constexpr int kPushCredentialField = 5;       // PushRequest.credential
+constexpr int kPullCredentialField = 4;       // PullRequest.credential
+constexpr int kManyCredentialField = 2;       // PushPullManyRequest.credential
+constexpr int kReplicateCredentialField = 3;  // ReplicateRequest.credential
 constexpr int kStepValueField = 3;  // ReplicatedStep.value
 const std::string kReplicateMethod = "/mx.proto.KVStoreService/Replicate";
 
@@ -819,10 +823,10 @@ class Service final {
   rpc::UnaryReactor* Pull(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
                           grpc::ByteBuffer* response) {
     proto::PullRequest req;
-    const absl::Status decoded = DecodeWithTensor(*request, 0, &req, nullptr);  // no tensor
-    absl::StatusOr<Guard::Node> caller = Worker(*ctx, "pull", req.credential());
+    absl::StatusOr<Guard::Node> caller =
+        Worker(*ctx, "pull", PeekCredential(*request, kPullCredentialField));
     absl::Status s = caller.status();
-    if (s.ok()) s = decoded;
+    if (s.ok()) s = DecodeWithTensor(*request, 0, &req, nullptr);  // no tensor
     if (s.ok()) s = guard_.CheckClaim(*ctx, "pull", *caller, kWorker, req.rank());
     std::optional<ShmSpan> reply;
     if (s.ok()) s = ReplyOf(req, &reply);
@@ -955,16 +959,16 @@ class Service final {
 
   absl::Status HandleReplicate(const rpc::ServerContext& ctx, const grpc::ByteBuffer& request) {
     trace::Span span("server", "apply_replicated");
+    const proto::Credential credential = PeekCredential(request, kReplicateCredentialField);
+    MX_ASSIGN_OR_RETURN(
+        const Guard::Node caller,
+        guard_.Identify(ctx, "replicate", kServer, {credential.token(), credential.node()}));
     std::deque<proto::ReplicatedStep> headers;
     std::deque<PushData> data;
     proto::ReplicateRequest rest;
-    const absl::Status decoded = DecodeRepeated(
+    MX_RETURN_IF_ERROR(DecodeRepeated(
         request, kStepsField, kStepValueField, [&](int) { return &headers.emplace_back(); },
-        [&](int) { return Locate(&data.emplace_back()); }, &rest);
-    MX_ASSIGN_OR_RETURN(const Guard::Node caller,
-                        guard_.Identify(ctx, "replicate", kServer,
-                                        {rest.credential().token(), rest.credential().node()}));
-    MX_RETURN_IF_ERROR(decoded);
+        [&](int) { return Locate(&data.emplace_back()); }, &rest));
     MX_RETURN_IF_ERROR(guard_.CheckClaim(ctx, "replicate", caller, kServer, rest.primary()));
     MX_ASSIGN_OR_RETURN(const Slices slices, SlicesOf(request));
     std::vector<ReplicaStep> steps;
@@ -1045,10 +1049,11 @@ class Service final {
   // request, even whether it decoded.
   void HandlePush(const rpc::ServerContext& ctx, const grpc::ByteBuffer& request,
                   proto::PushRequest* req, ParameterShard::PushCallback done) {
+    absl::StatusOr<Guard::Node> caller =
+        Worker(ctx, "push", PeekCredential(request, kPushCredentialField));
+    if (!caller.ok()) return done(caller.status());
     PushData data;
     absl::Status s = DecodeWithTensor(request, kPushValueField, req, Locate(&data));
-    absl::StatusOr<Guard::Node> caller = Worker(ctx, "push", req->credential());
-    if (!caller.ok()) return done(caller.status());
     if (s.ok()) s = guard_.CheckClaim(ctx, "push", *caller, kWorker, req->rank());
     absl::StatusOr<Slices> slices = SlicesOf(request);
     if (s.ok()) s = slices.status();
@@ -1061,22 +1066,28 @@ class Service final {
   using PushesDone = std::function<void(absl::Status, std::vector<PullReactor::Wanted>)>;
   void HandlePushes(const rpc::ServerContext& ctx, const grpc::ByteBuffer& request,
                     PushesDone done) {
+    absl::StatusOr<Guard::Node> caller =
+        Worker(ctx, "pushpull", PeekCredential(request, kManyCredentialField));
+    if (!caller.ok()) return done(caller.status(), {});
     std::deque<proto::PushRequest> reqs;  // stable addresses while decoding
     std::deque<PushData> data;
-    proto::PushPullManyRequest rest;  // the credential
     absl::Status s = DecodeRepeated(
-        request, kManyEntriesField, kPushValueField,
-        [&](int) { return &reqs.emplace_back(); },
-        [&](int) { return Locate(&data.emplace_back()); }, &rest);
-    absl::StatusOr<Guard::Node> caller = Worker(ctx, "pushpull", rest.credential());
-    if (!caller.ok()) return done(caller.status(), {});
+        request, kManyEntriesField, kPushValueField, [&](int) { return &reqs.emplace_back(); },
+        [&](int) { return Locate(&data.emplace_back()); });
     if (!s.ok()) return done(absl::Status(s.code(), absl::StrCat("pushpull: ", s.message())), {});
     absl::StatusOr<Slices> slices = SlicesOf(request);  // once for every entry
     if (!slices.ok()) return done(slices.status(), {});
     if (reqs.empty()) return done(absl::InvalidArgumentError("pushpull of no keys"), {});
+    std::set<int> keys;
     for (const proto::PushRequest& req : reqs) {  // all checked before any applies
       absl::Status claim = guard_.CheckClaim(ctx, "pushpull", *caller, kWorker, req.rank());
       if (!claim.ok()) return done(claim, {});
+      // A second entry of a key would count as the worker's next step.
+      if (!keys.insert(req.key()).second) {
+        return done(absl::InvalidArgumentError(
+                        absl::StrCat("pushpull: key ", req.key(), " given twice in one request")),
+                    {});
+      }
     }
     // The entries' outcomes, joined: the last to be recorded answers.
     struct Join {

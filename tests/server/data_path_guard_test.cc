@@ -6,7 +6,9 @@
 // nothing of it is applied, even when its bytes are malformed.
 #include <grpcpp/grpcpp.h>
 
+#include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/synchronization/notification.h"
@@ -227,6 +229,76 @@ TEST_F(DataPathGuard, MalformedRequestsOfOutsidersAreRefusedNotDiagnosed) {
     EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << method << ": " << s.error_message();
   }
   EXPECT_EQ(server_->refused(), 4);
+  EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
+}
+
+// The peak resident memory of this process (bytes) since ResetPeakMemory.
+int64_t PeakMemory() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  }
+  return -1;
+}
+void ResetPeakMemory() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+// A protobuf varint.
+std::string Varint(uint64_t v) {
+  std::string out;
+  do {
+    out.push_back(static_cast<char>((v & 0x7f) | (v > 0x7f ? 0x80 : 0)));
+    v >>= 7;
+  } while (v > 0);
+  return out;
+}
+
+// Decoding allocates per entry (about a hundred bytes for a 2-byte empty
+// entry) and per packed row id (8 bytes for 1): an outsider's request is
+// refused before it is decoded, so refusing it costs no more memory than
+// its bytes. Both requests below used to cost the server over 500 MB.
+TEST_F(DataPathGuard, AnOutsidersRequestIsRefusedBeforeItIsDecoded) {
+  constexpr int kEntries = 8 << 20;
+  std::string many;
+  many.reserve(2 * kEntries);
+  for (int i = 0; i < kEntries; ++i) many.append("\x0a\x00", 2);  // empty entries
+  // A push whose rows (field 7) hold 64M packed ids of one byte each.
+  constexpr int kIds = 64 << 20;
+  const std::string ids = "\x0a" + Varint(kIds) + std::string(kIds, '\x01');
+  const std::string push = "\x3a" + Varint(ids.size()) + ids;
+  ResetPeakMemory();
+  const int64_t before = PeakMemory();
+  ASSERT_GT(before, 0);
+  using Request = std::pair<const char*, const std::string*>;
+  for (const auto& [method, bytes] : {Request{"PushPullMany", &many}, Request{"Push", &push}}) {
+    const grpc::Status s = Raw(method, *bytes);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED)
+        << method << ": " << s.error_message();
+  }
+  // The larger request's bytes (64 MB) held by the client's copy and the
+  // server's, and little more: decoding them would take over 500 MB.
+  EXPECT_LT(PeakMemory() - before, 300 << 20);
+  EXPECT_EQ(server_->refused(), 2);
+  EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
+}
+
+// PushPullMany carries at most one entry per key: a second would count as
+// the worker's push of its next step (the shard numbers a worker's pushes
+// in order). The request is refused, and nothing of it applies.
+TEST_F(DataPathGuard, PushPullManyRefusesAKeyTwice) {
+  proto::PushRequest entry;
+  entry.set_key(7);
+  entry.set_rank(0);
+  *entry.mutable_value() = TensorOf({3, 3});
+  proto::PushPullManyRequest many;
+  *many.add_entries() = entry;
+  *many.add_entries() = entry;
+  *many.mutable_credential() = CredentialOf(Worker(0));
+  proto::PushPullManyResponse resp;
+  grpc::ClientContext ctx;
+  const grpc::Status s = stub_->PushPullMany(&ctx, many, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("key 7 given twice"));
   EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
 }
 
