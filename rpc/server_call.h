@@ -70,6 +70,14 @@ class Call {
   // The caller cancelled the call or is gone: the reactor's OnCancel.
   void Cancelled();
   void Ref() { refs_.fetch_add(1); }
+  // A reference if the call still has one (it is not being destroyed).
+  bool TryRef() {
+    int n = refs_.load();
+    while (n > 0) {
+      if (refs_.compare_exchange_weak(n, n + 1)) return true;
+    }
+    return false;
+  }
   void Unref();
 
   AsyncServer* const server_;

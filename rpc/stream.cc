@@ -396,7 +396,9 @@ class Outbox {
     absl::Status s = WriteSome(frame, &offset, /*nonblocking=*/true);
     lock.lock();
     writing_ = false;
-    if (s.ok() && !Written(frame, offset)) {  // the rest, before anything else
+    // The rest, before anything else; unless the outbox closed meanwhile
+    // (Close dropped the queue, and Run has ended): dropped too.
+    if (s.ok() && !Written(frame, offset) && !closed_ && error_.ok()) {
       queue_.push_front(std::move(frame));
       offset_ = offset;
       wake_.notify_one();
@@ -659,8 +661,10 @@ class StreamServerCall final : public internal::Call {
   const grpc::ByteBuffer& response() const { return response_; }
 
   // The connection broke: the caller is gone. `Hold` first (under the
-  // connection's lock), then Cancel and Release outside it.
-  void Hold() { Ref(); }
+  // connection's lock), then Cancel and Release outside it. A call whose
+  // last reference went (it is being destroyed, and waits for the lock to
+  // leave the connection's open calls) cannot be held: false.
+  bool Hold() { return TryRef(); }
   void Cancel() {
     ctx_->SetCancelled();
     Cancelled();
@@ -687,7 +691,10 @@ struct StreamListener::Impl {
   std::mutex mu;
   std::list<std::shared_ptr<ServerConnection>> connections;  // guarded by mu
   bool stopped = false;                                      // guarded by mu
-  std::set<std::string> logged;                              // hosts; guarded by mu
+  // Its own lock: a connection that fails to start is joined under mu,
+  // and its reader may be logging its end.
+  std::mutex log_mu;
+  std::set<std::string> logged;  // hosts; guarded by log_mu
   enum Refusal { kTooMany, kNoThread };
   std::set<Refusal> warned;  // guarded by mu
 
@@ -699,7 +706,7 @@ struct StreamListener::Impl {
   void LogEnd(const std::string& peer, const absl::Status& why) {
     const std::string host = peer.substr(0, peer.rfind(':'));
     {
-      std::lock_guard<std::mutex> lock(mu);
+      std::lock_guard<std::mutex> lock(log_mu);
       if (logged.size() >= 1000 || !logged.insert(host).second) return;
     }
     std::cerr << "mx stream server: a connection from " << peer << " ended: " << why.message()
@@ -746,8 +753,7 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
       broken_ = true;
       shutdown(fd_, SHUT_RDWR);
       for (const auto& [id, call] : open_) {
-        call->Hold();
-        open.push_back(call);
+        if (call->Hold()) open.push_back(call);
       }
     }
     greeted_cv_.notify_all();
@@ -894,6 +900,10 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
       return absl::InvalidArgumentError(absl::StrCat(
           "a malformed request header (method of ", h.method_bytes, " bytes, call id ", h.id, ")"));
     }
+    if (IsOpen(h.id)) {  // its cancel or its end could no longer reach the first
+      return absl::InvalidArgumentError(
+          absl::StrCat("a request with call id ", h.id, ", which is still open"));
+    }
     std::string method(h.method_bytes, '\0');
     MX_RETURN_IF_ERROR(ReadFully(in_, method.data(), method.size()));
     // A timeout of a year or more is none: the client's "infinite"
@@ -930,12 +940,16 @@ class ServerConnection : public std::enable_shared_from_this<ServerConnection> {
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = open_.find(id);
-      if (it == open_.end()) return;
+      if (it == open_.end() || !it->second->Hold()) return;
       call = it->second;
-      call->Hold();
     }
     call->Cancel();
     call->Release();
+  }
+
+  bool IsOpen(uint64_t id) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return open_.count(id) > 0;
   }
 
   StreamServerCall* NewCall(uint64_t id, std::string method,

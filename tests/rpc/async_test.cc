@@ -477,6 +477,44 @@ TEST_P(StreamTest, GarbageEndsOnlyItsOwnConnection) {
   EXPECT_EQ(got, "fine");
 }
 
+// A request whose call id is still open is malformed: it used to replace
+// the first call in the connection's list, so the connection's end could
+// no longer cancel that one, which kept its reactor (and the connection)
+// until the server stopped.
+TEST_P(StreamTest, ARequestWithTheIdOfAnOpenCallEndsTheConnection) {
+  if (tls()) GTEST_SKIP() << "raw bytes: the plain transport only";
+  const uint32_t method_bytes = 7;  // "/t/Park"
+  struct {
+    uint32_t method_bytes, reserved = 0;
+    uint64_t id = 5;
+    int64_t timeout_us = int64_t{60} * 1000 * 1000;
+    uint64_t body_bytes = 0;
+  } header{method_bytes};
+  static_assert(sizeof(header) == 32, "the stream format's request header");
+  const std::string request =
+      std::string(reinterpret_cast<const char*>(&header), sizeof(header)) + "/t/Park";
+  const int fd = RawConnection(stream_port_);
+  const std::string first = std::string("MXS1\x06\0\0\0secret", 14) + request;
+  ASSERT_EQ(write(fd, first.data(), first.size()), static_cast<ssize_t>(first.size()));
+  ASSERT_TRUE(parked_arrived_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  Waiter* parked = parked_;
+  ASSERT_EQ(write(fd, request.data(), request.size()), static_cast<ssize_t>(request.size()));
+  // The server ends the connection (an answer may come first), and the
+  // first call's reactor is cancelled and ends.
+  const timeval tv = absl::ToTimeval(absl::Seconds(10));
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  char buffer[256];
+  ssize_t r;
+  while ((r = read(fd, buffer, sizeof(buffer))) > 0) {
+  }
+  close(fd);
+  EXPECT_EQ(r, 0) << "the server should close the connection";
+  EXPECT_TRUE(parked->cancelled.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_TRUE(parked_done_.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  EXPECT_EQ(parked_, parked) << "the second request was dispatched";
+  delete parked;
+}
+
 TEST_P(StreamTest, AConnectionThatSaysNothingEndsAfterTheHelloTime) {
   // Silent, then half a hello (with TLS, the start of a handshake's first
   // record): each is closed by the server about a second (its hello time)
