@@ -1131,8 +1131,10 @@ void ParameterShard::MarkDead(int rank) {
     if (!live_.erase(rank)) return;
     dead_.insert(rank);
     // Elastic: steps may now complete without it. Otherwise waiting pulls
-    // fail (see Answer).
+    // fail (see Answer). Either way its pushes queued for later steps never
+    // count: let go of them (and of the buffers they hold) now.
     for (auto& [id, k] : keys_) {
+      k.pending.erase(rank);
       if (options_.elastic) {
         MaybeComplete(id, &k, &answers);
       } else {

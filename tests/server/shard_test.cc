@@ -313,6 +313,34 @@ TEST(ShardFailures, ElasticShardCompletesStepsWithoutTheDeadWorker) {
   EXPECT_TRUE(shard.Pull(1, 2, Soon()).ok());
 }
 
+// The pushes a dead worker queued for steps it never reached are dropped
+// at its death, with what they hold (the request they arrived in, a
+// shared memory segment): they used to stay until the job ended, a step's
+// worth of the model per death on every server.
+TEST(ShardFailures, ADeadWorkersQueuedPushesAreLetGo) {
+  ParameterShard shard({true, 3, /*elastic=*/true});
+  ASSERT_TRUE(shard.Init(1, Shape{1}, {0}).ok());
+  std::weak_ptr<void> gone;
+  {
+    auto bytes = std::make_shared<std::vector<float>>(std::vector<float>{100});
+    gone = bytes;
+    Pieces value;
+    value.owner = bytes;
+    value.pieces.emplace_back(reinterpret_cast<const char*>(bytes->data()), sizeof(float));
+    ASSERT_TRUE(shard.Push(1, 2, std::move(value)).ok());  // worker 2 runs ahead
+  }
+  ASSERT_TRUE(shard.Push(1, 0, {1}).ok());
+  EXPECT_EQ(shard.held(1).pending, 2);
+  shard.MarkDead(2);
+  EXPECT_TRUE(gone.expired());
+  EXPECT_EQ(shard.held(1).pending, 1);
+  ASSERT_TRUE(shard.Push(1, 1, {2}).ok());
+  auto got = shard.Pull(1, 1, Soon());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_THAT(got->data.ToFloats(), ElementsAre(3));
+  EXPECT_EQ(shard.held(1).pending, 0);
+}
+
 // A worker that ran out of data leaves the job (MarkFinished): the pushes
 // it queued still count, then the other's extra steps complete without it,
 // a step already waiting for it among them. Its later pushes are refused.
