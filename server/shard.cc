@@ -929,6 +929,9 @@ absl::Status ParameterShard::ApplyReplicated(int primary, std::vector<ReplicaSte
       continue;
     }
     MX_ASSIGN_OR_RETURN(Key * k, Find(step.key));
+    // A step being applied (outside the lock) by a call the primary sent
+    // again, its first having failed on its side, is not applied twice.
+    mu_.Await(absl::Condition(k, &Key::idle));
     if (k->copies.role != Copies::kBackup || k->copies.peer != primary) {
       return absl::FailedPreconditionError(absl::StrCat(
           "replicated step of key ", step.key, " from server ", primary,
@@ -1071,7 +1074,9 @@ absl::Status ParameterShard::ApplyState(int primary, const ReplicaStep& step) {
     return absl::FailedPreconditionError(
         absl::StrCat(what, ": this server holds the key already"));
   }
-  if (!state.shape.IsValid() || static_cast<int64_t>(state.value.size()) != state.shape.Size()) {
+  const std::optional<int64_t> size = state.shape.CheckedSize();
+  if (!state.shape.IsValid() || !size.has_value() ||
+      static_cast<int64_t>(state.value.size()) != *size) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": ", state.value.size(),
                                                    " values for shape ", state.shape.ToString()));
   }

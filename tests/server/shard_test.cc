@@ -869,6 +869,36 @@ TEST(ShardReplicas, AnAsyncPushIsAnsweredOnceTheBackupHoldsIt) {
   EXPECT_THAT(got->data.ToFloats(), ElementsAre(2.0f));  // no optimizer: the last push
 }
 
+// A primary sends a step again when its call failed on its side, which
+// may be while the backup still applies the first copy (outside its
+// lock): the second waits and finds it applied, not applying it twice.
+TEST(ShardReplicas, AStepSentAgainWhileTheFirstIsAppliedAppliesOnce) {
+  constexpr int64_t n = 1 << 23;  // long enough a step that the two meet
+  auto init = [](ParameterShard& shard, Copies copies) {
+    return shard.Init(7, Shape{n}, std::vector<float>(n, 1.0f), copies);
+  };
+  Pair pair(/*optimizer=*/true, init);
+  for (int rank : {0, 1}) {
+    ASSERT_TRUE(PushSeq(pair.primary, 7, rank, std::vector<float>(n, 0.5f), 1).ok());
+  }
+  ASSERT_EQ(pair.steps.size(), 1u);
+  std::vector<absl::Status> applied(2);
+  std::vector<std::thread> senders;
+  for (int i = 0; i < 2; ++i) {
+    senders.emplace_back([&, i] { applied[i] = pair.backup.ApplyReplicated(0, pair.steps); });
+  }
+  for (std::thread& t : senders) t.join();
+  for (const absl::Status& s : applied) EXPECT_TRUE(s.ok()) << s;
+  pair.primary.Replicated(7, 1);
+  auto primary = pair.primary.Pull(7, 1, Soon());
+  ASSERT_TRUE(primary.ok()) << primary.status();
+  pair.backup.ServerDied(0);
+  auto backup = pair.backup.Pull(7, 1, Soon());
+  ASSERT_TRUE(backup.ok()) << backup.status();
+  EXPECT_EQ(backup->version, 1);
+  EXPECT_TRUE(backup->data.ToFloats() == primary->data.ToFloats());
+}
+
 // A backup applies steps only from its primary, and none once it has
 // taken the key over (a primary declared dead that still runs).
 TEST(ShardReplicas, StepsFromAnyoneButThePrimaryAreRefused) {
