@@ -555,17 +555,29 @@ class Replicator {
       return false;
     }
     // Moves the queued steps of the keys no call in flight carries into
-    // `steps`, in their order.
-    void TakeSendable(std::vector<ReplicaStep>* steps) {
+    // `steps`, in their order, up to `max_bytes` of values (at least one
+    // step): the backup takes messages of a bounded size, and a spare's
+    // first steps carry the whole state of every key it gets.
+    void TakeSendable(size_t max_bytes, std::vector<ReplicaStep>* steps) {
       std::deque<ReplicaStep> held;
+      std::set<int> left;  // keys with a step held: their later steps wait too
+      size_t bytes = 0;
       for (ReplicaStep& step : queued) {
-        if (InFlight(step.key)) {
+        const size_t step_bytes = StepBytes(step);
+        const bool fits = steps->empty() || bytes + step_bytes <= max_bytes;
+        if (InFlight(step.key) || left.count(step.key) || !fits) {
+          left.insert(step.key);
           held.push_back(std::move(step));
         } else {
+          bytes += step_bytes;
           steps->push_back(std::move(step));
         }
       }
       queued = std::move(held);
+    }
+    static size_t StepBytes(const ReplicaStep& step) {
+      if (step.state == nullptr) return step.value.bytes() + step.rows.size() * sizeof(int64_t);
+      return step.state->value.size() * sizeof(float) + step.state->optimizer_states.size();
     }
     void SetAddress(const std::string& grpc_address, const std::string& stream_address,
                     const rpc::Security& security) {
@@ -606,6 +618,7 @@ class Replicator {
   }
 
   bool Idle() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (senders_ > 0) return false;
     for (const Peer& p : peers_) {
       if (!p.calls.empty()) return false;
     }
@@ -647,16 +660,18 @@ class Replicator {
       Peer& p = peers_[b];
       if (!p.CanSend(now)) continue;
       auto call = std::make_shared<Call>();
-      p.TakeSendable(&call->steps);
+      p.TakeSendable(options_.max_call_bytes, &call->steps);
       p.calls.push_back(call);
       Encode(call.get());
       starting.push_back({b, call});
     }
     if (starting.empty()) return;
+    ++senders_;
     mu_.Unlock();
     std::vector<std::shared_ptr<rpc::StreamCall>> started;
     for (const auto& [b, call] : starting) started.push_back(Start(b, call));
     mu_.Lock();
+    --senders_;
     std::vector<std::shared_ptr<rpc::StreamCall>> cancel;
     for (size_t i = 0; i < starting.size(); ++i) {
       starting[i].second->stream = started[i];
@@ -666,9 +681,11 @@ class Replicator {
       }
     }
     if (cancel.empty()) return;
+    ++senders_;
     mu_.Unlock();
     Cancel(cancel);
     mu_.Lock();
+    --senders_;
   }
 
   // A key's whole state into `header` (ReplicatedStep.state); returns its
@@ -776,6 +793,9 @@ class Replicator {
   absl::CondVar wake_;
   std::vector<Peer> peers_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Threads in SendLocked with mu_ let go, which lock it again: a call
+  // they started may have ended (the replicator looking idle) meanwhile.
+  int senders_ ABSL_GUARDED_BY(mu_) = 0;
   std::thread thread_;
 };
 
@@ -1275,6 +1295,7 @@ struct ParameterServer::Impl {
   std::unique_ptr<Service> service;
   std::unique_ptr<rpc::AsyncServer> server;
   std::unique_ptr<Replicator> replicator;  // replicas 2
+  size_t max_state_bytes = 0;              // ShardOptions::max_state_bytes
 };
 
 namespace {
@@ -1311,6 +1332,7 @@ absl::StatusOr<std::unique_ptr<ParameterServer>> ParameterServer::Start(
   options.max_state_bytes = std::max<size_t>((size_t{1} << 20) * max_message_mb, 1 << 16) - (1 << 16);
   ps->shard_ = std::make_unique<ParameterShard>(options);
   ps->impl_ = std::make_unique<Impl>();
+  ps->impl_->max_state_bytes = options.max_state_bytes;
   ps->impl_->service = std::make_unique<Service>(ps->shard_.get(), server_options);
   grpc::ServerBuilder builder;
   int port = 0;
@@ -1382,6 +1404,8 @@ void ParameterServer::SetRank(int rank) { impl_->service->set_rank(rank); }
 
 void ParameterServer::StartReplication(ReplicationOptions options) {
   impl_->service->set_rank(options.rank);
+  // Backups are started alike: they take the messages this server takes.
+  options.max_call_bytes = impl_->max_state_bytes;
   impl_->replicator =
       std::make_unique<Replicator>(shard_.get(), std::move(options), impl_->server->queue());
   Replicator* r = impl_->replicator.get();

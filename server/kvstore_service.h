@@ -50,6 +50,9 @@ struct ReplicationOptions {
   // a backup does not answer: the coordinator should check it.
   std::function<void(int server)> unreachable;
   absl::Duration rpc_timeout = absl::Seconds(10);  // of each call
+  // The most bytes of steps' values one call carries (more go in the next
+  // calls). StartReplication sets it from the server's own largest message.
+  size_t max_call_bytes = size_t{1} << 30;
 };
 
 // A running parameter server: a gRPC server on `bind_address` (host:port;

@@ -289,6 +289,56 @@ TEST(DistReplicas, StepsReachTheBackupsThroughTheDataPathsTransport) {
   }
 }
 
+// A spare that takes a dead server's rank gets the whole state of every
+// key the survivor held alone, in calls of at most the size its servers
+// take (1 MiB here): two keys of 600 KB used to go in one call of 1.2 MB,
+// refused again and again, so no key ever had its second copy back.
+TEST(DistReplicas, ASparesStatesComeInCallsItTakes) {
+  constexpr int64_t kFloats = 150000;  // 600 KB
+  ShardOptions so;
+  so.num_workers = 1;
+  auto survivor = ParameterServer::Start("127.0.0.1:0", so, MaxMessageMb(1));
+  auto spare = ParameterServer::Start("127.0.0.1:0", so, MaxMessageMb(1));
+  ASSERT_TRUE(survivor.ok()) << survivor.status();
+  ASSERT_TRUE(spare.ok()) << spare.status();
+  const std::vector<std::string> addresses = {(*survivor)->address(), (*spare)->address()};
+  for (int rank = 0; rank < 2; ++rank) {
+    ReplicationOptions ro;
+    ro.rank = rank;
+    ro.servers = {addresses[0], "127.0.0.1:1"};  // server 1 is dead at first
+    if (rank == 1) ro.servers = addresses;
+    ro.stream_servers = {(*survivor)->stream_address(), ""};
+    ro.rpc_timeout = absl::Seconds(2);
+    (rank == 0 ? *survivor : *spare)->StartReplication(std::move(ro));
+  }
+  // Server 1 died: keys 1 and 2 are held by server 0 alone.
+  (*survivor)->ServerDied(1);
+  for (int key : {1, 2}) {
+    ASSERT_TRUE(
+        (*survivor)
+            ->shard()
+            .Init(key, Shape{kFloats}, std::vector<float>(kFloats, key), {Copies::kPrimary, 1})
+            .ok());
+  }
+  EXPECT_EQ((*survivor)->ServerReplaced(1, (*spare)->address(), (*spare)->stream_address(), ""), 2);
+  // A step of each key: its pull answers once the key's new backup holds
+  // the step, which it takes after the key's state.
+  for (int key : {1, 2}) {
+    ASSERT_TRUE((*survivor)->shard().Push(key, 0, std::vector<float>(kFloats, 10.0f + key)).ok());
+  }
+  for (int key : {1, 2}) {
+    auto got = (*survivor)->shard().Pull(key, 1, absl::Now() + absl::Seconds(10));
+    EXPECT_TRUE(got.ok()) << "key " << key << ": " << got.status();
+  }
+  // The spare holds both, with their values, once it takes over.
+  EXPECT_EQ((*spare)->ServerDied(0), 2);
+  for (int key : {1, 2}) {
+    auto got = (*spare)->shard().Pull(key, 1, absl::Now() + absl::Seconds(5));
+    ASSERT_TRUE(got.ok()) << "key " << key << ": " << got.status();
+    EXPECT_EQ(got->data.ToFloats(), std::vector<float>(kFloats, 10.0f + key));
+  }
+}
+
 // Issue 17, item 7, over the network: a worker that only pushes (no
 // pulls to hold it back) runs ahead of one that has not started; the
 // server holds at most max_pending_pushes (4) of its pushes of the key and
