@@ -146,6 +146,9 @@ EpochEndCallback MetricsLog(const std::string& path) {
     return absl::StrCat(v);
   };
   return [=](const EpochEndParam& p) {
+    // One worker of a distributed job writes, as for checkpoints: each
+    // appending its own rows made a file of two headers and mixed rows.
+    if (p.model != nullptr && !p.model->WritesCheckpoints()) return true;
     // A header only in a new or empty file: a resumed run appending to its
     // log put a second header line in the middle.
     struct stat st;

@@ -219,7 +219,9 @@ EpochEndCallback EarlyStopping(const std::string& metric, int patience,
                                bool higher_is_better = true);
 // Appends one record per epoch to `path`: CSV (with a header line when the
 // file is new or empty) or JSON lines (NaN and Infinity written as Python
-// writes them), chosen by the extension (.csv or .jsonl).
+// writes them), chosen by the extension (.csv or .jsonl). In a
+// distributed job only the worker that writes checkpoints writes it
+// (FeedForward::WritesCheckpoints), with its own training metrics.
 EpochEndCallback MetricsLog(const std::string& path);
 
 }  // namespace mx

@@ -10,6 +10,8 @@
 // default, or CSV files. Prints per-epoch metrics and the final test
 // accuracy ("Final test accuracy=0.8765").
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -96,7 +98,9 @@ ABSL_FLAG(bool, allow_non_finite_params, false,
           "resume from parameters holding NaN or infinite values (refused by default)");
 ABSL_FLAG(uint64_t, seed, 0, "random seed (initialization and shuffling)");
 ABSL_FLAG(int, threads, 0, "engine worker threads (0: MX_CPU_WORKER_NTHREADS, else 1)");
-ABSL_FLAG(std::string, metrics_log, "", "append per-epoch metrics to this .csv or .jsonl file");
+ABSL_FLAG(std::string, metrics_log, "",
+          "append per-epoch metrics to this .csv or .jsonl file (in a distributed job the "
+          "worker that writes checkpoints writes it)");
 ABSL_FLAG(std::string, eval_metric, "accuracy,ce",
           "metrics to report, comma-separated: accuracy, top_k_accuracy, ce, mse, mae, rmse, f1");
 ABSL_FLAG(std::string, metrics_port, "",
@@ -320,9 +324,22 @@ absl::Status CheckFlags() {
   return absl::OkStatus();
 }
 
-
 // FNV-1a (64 bits) of every parameter's bytes, in name order: equal for
 // bit-identical parameters.
+// The optimizer state to resume from: the checkpoint's, or none where it
+// has no .states file (MXNet's save_checkpoint writes none), said once:
+// the optimizer starts afresh, as MXNet's fit does when it resumes.
+std::string ResumedStates(const std::string& prefix, int epoch) {
+  std::string path = CheckpointStatesPath(prefix, epoch);
+  struct stat st;
+  if (stat(path.c_str(), &st) == 0 || errno != ENOENT) return path;  // loading says what is wrong
+  std::fprintf(stderr,
+               "warning: no optimizer state %s (a checkpoint written by MXNet?): the optimizer "
+               "starts afresh (momentum and update counts at zero)\n",
+               path.c_str());
+  return "";
+}
+
 std::string ParamsChecksum(FeedForward& model) {
   uint64_t h = 1469598103934665603ull;
   auto add = [&h](const std::map<std::string, NDArray>& params) {
@@ -408,7 +425,7 @@ absl::Status Run() {
   fit.begin_epoch = resume;
   fit.optimizer = absl::GetFlag(FLAGS_optimizer);
   MX_ASSIGN_OR_RETURN(fit.optimizer_options, OptimizerOptions());
-  if (resume > 0) fit.optimizer_states_path = CheckpointStatesPath(prefix, resume);
+  if (resume > 0) fit.optimizer_states_path = ResumedStates(prefix, resume);
   fit.initializer = absl::GetFlag(FLAGS_initializer);
   fit.eval_metric = absl::GetFlag(FLAGS_eval_metric);
   fit.store = store.get();

@@ -16,9 +16,14 @@ train=("${worker[@]}" --lr=0.1 --momentum=0.9)
 
 # The uninterrupted job.
 log="$TMP/whole.log"
-start_job "$log" -n 2 -s 2 -- "${train[@]}" --epochs=3 --checkpoint_prefix="$TMP/whole"
+start_job "$log" -n 2 -s 2 -- "${train[@]}" --epochs=3 --checkpoint_prefix="$TMP/whole" \
+  --metrics_log="$TMP/whole.csv"
 wait "$launcher" || fail "the uninterrupted job failed: $(tail -3 "$log")"
 grep -q "^\[worker 0\] Final test accuracy=1$" "$log" || fail "the uninterrupted job did not learn"
+# One worker (the one that writes checkpoints) writes the metrics log: a
+# header and a row per epoch (both workers wrote, two headers among them).
+[[ "$(grep -c '^epoch,' "$TMP/whole.csv")" == 1 ]] || fail "metrics log headers: $(cat "$TMP/whole.csv")"
+[[ "$(grep -c '^[0-9]' "$TMP/whole.csv")" == 3 ]] || fail "metrics log rows: $(cat "$TMP/whole.csv")"
 assert_nothing_left "$log"
 
 # The job that crashes: it would train for long; worker 1 is killed once

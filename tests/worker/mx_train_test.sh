@@ -104,6 +104,17 @@ for f in 0003.params 0003.states; do
     echo "FAIL: resumed $f differs from the uninterrupted run's"; failures=$((failures + 1))
   fi
 done
+# A checkpoint as MXNet writes it (symbol and params, no .states) resumes
+# with a warning: the optimizer starts afresh, as MXNet's fit does.
+mkdir -p "$TMP/mxnet"
+cp "$TMP/m-symbol.json" "$TMP/m-0002.params" "$TMP/m-0002.params.crc32" "$TMP/mxnet/"
+out=$("${train[@]}" --epochs=3 --checkpoint_prefix="$TMP/mxnet/m" --resume_epoch=2 2>&1)
+if [[ $? -ne 0 || "$out" != *"warning: no optimizer state $TMP/mxnet/m-0002.states"* ||
+      "$out" != *"Epoch[2]"* ]]; then
+  echo "FAIL: resume without .states:"; echo "$out" | tail -5; failures=$((failures + 1))
+else
+  echo "ok: a checkpoint without .states resumes with a fresh optimizer, said"
+fi
 head -c 100 "$TMP/m-0002.params" > "$TMP/cut.params" && mv "$TMP/cut.params" "$TMP/m-0002.params"
 expect_fail "truncated checkpoint" "m-0002.params" "${csv[@]}" --checkpoint_prefix="$TMP/m" --resume_epoch=2
 # A checkpoint prefix where nothing can be written fails the run before
