@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -55,10 +56,20 @@ absl::StatusOr<Security> Security::Load(const std::string& token, const File& to
                                         const File& cert, const File& key, const File& ca,
                                         const std::string& server_name) {
   Security s;
-  s.token = token;
+  // One line end is not part of a token: a Kubernetes Secret made from a
+  // file that `echo` or `print` wrote holds one, as does a file of Windows
+  // lines.
+  auto line = [](std::string text) {
+    if (absl::EndsWith(text, "\n")) text.pop_back();
+    if (absl::EndsWith(text, "\r")) text.pop_back();
+    return text;
+  };
+  s.token = line(token);
+  std::string from = "MX_JOB_TOKEN";
   if (s.token.empty() && !token_file.path.empty()) {
     MX_ASSIGN_OR_RETURN(const std::string text, ReadWholeFile(token_file.from, token_file.path));
-    s.token = text.substr(0, text.find('\n'));
+    s.token = line(text.substr(0, text.find('\n')));
+    from = absl::StrCat("the first line of ", token_file.from, "=", token_file.path);
     // A token file with a blank first line (a stray newline) gave token
     // "": every node then obeyed every caller.
     if (s.token.empty()) {
@@ -67,7 +78,8 @@ absl::StatusOr<Security> Security::Load(const std::string& token, const File& to
     }
   }
   if (s.token.find_first_of(" \t\r\n") != std::string::npos) {
-    return absl::InvalidArgumentError("the job token must not contain white space");
+    return absl::InvalidArgumentError(
+        absl::StrCat("the job token (", from, ") must not contain white space"));
   }
   const int given = !cert.path.empty() + !key.path.empty() + !ca.path.empty();
   if (given != 0 && given != 3) {

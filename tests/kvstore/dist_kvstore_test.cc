@@ -23,6 +23,7 @@
 #include "ndarray/row_sparse.h"
 #include "proto/mx.pb.h"
 #include "rpc/metrics.h"
+#include "rpc/security.h"
 #include "server/kvstore_service.h"
 #include "tests/gpu_skip.h"
 #include "tests/proto/raw_call.h"
@@ -1238,7 +1239,28 @@ TEST(DistKVStoreOptions, BadEnvironmentVariablesAreErrors) {
   }
   setenv("MX_JOB_TOKEN_FILE", blank.c_str(), 1);
   EXPECT_THAT(message(), HasSubstr("the job token file's first line is empty"));
+  // A token's line end (a Kubernetes Secret made from a file `echo` wrote,
+  // a file of Windows lines) is no part of it; white space within is an
+  // error naming where the token came from.
+  const std::string crlf = absl::StrCat(getenv("TEST_TMPDIR"), "/crlf_token");
+  {
+    std::ofstream f(crlf);
+    f << "secret\r\n";
+  }
+  setenv("MX_JOB_TOKEN_FILE", crlf.c_str(), 1);
+  auto security = rpc::Security::FromEnvironment();
+  ASSERT_TRUE(security.ok()) << security.status();
+  EXPECT_EQ(security->token, "secret");
   unsetenv("MX_JOB_TOKEN_FILE");
+  for (const char* token : {"secret\n", "secret\r\n"}) {
+    setenv("MX_JOB_TOKEN", token, 1);
+    security = rpc::Security::FromEnvironment();
+    ASSERT_TRUE(security.ok()) << security.status();
+    EXPECT_EQ(security->token, "secret");
+  }
+  setenv("MX_JOB_TOKEN", "sec ret", 1);
+  EXPECT_THAT(message(), HasSubstr("the job token (MX_JOB_TOKEN) must not contain white space"));
+  unsetenv("MX_JOB_TOKEN");
   setenv("MX_TLS_CERT", "/etc/hostname", 1);
   EXPECT_THAT(message(), HasSubstr("give all three or none"));
   unsetenv("MX_TLS_CERT");
