@@ -3,14 +3,17 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "ndarray/env.h"
 
 namespace mx {
 namespace trace {
@@ -29,13 +32,22 @@ struct Event {
   std::string args;
 };
 
+// The most events kept unless MX_TRACE_MAX_EVENTS says other: about 150
+// bytes each, so 150 MB.
+constexpr int64_t kDefaultMaxEvents = 1 << 20;
+
 struct State {
   std::mutex mu;
   std::string path;
   std::string process = "mx";
   int64_t offset_us = 0;
   int64_t uncertainty_us = 0;
+  // The newest max_events events: a ring once full, whose oldest is at
+  // `oldest`; `dropped` counts the events it overwrote.
   std::vector<Event> events;
+  size_t max_events = kDefaultMaxEvents;
+  size_t oldest = 0;
+  int64_t dropped = 0;
 };
 
 State& S() {
@@ -51,10 +63,17 @@ int64_t ThreadId() {
 }  // namespace
 
 void Start(const std::string& path) {
+  absl::StatusOr<std::optional<int64_t>> max = EnvInt("MX_TRACE_MAX_EVENTS", 1, int64_t{1} << 30);
+  if (!max.ok()) {
+    std::fprintf(stderr, "mx: %s; keeping %lld events\n",
+                 std::string(max.status().message()).c_str(),
+                 static_cast<long long>(kDefaultMaxEvents));
+  }
   {
     std::lock_guard<std::mutex> lock(S().mu);
     S().path = path;
-    S().events.reserve(1 << 16);
+    S().max_events = max.ok() && max->has_value() ? **max : kDefaultMaxEvents;
+    S().events.reserve(std::min<size_t>(S().max_events, 1 << 16));
   }
   internal::enabled.store(true);
 }
@@ -98,8 +117,20 @@ void Complete(const char* category, const std::string& name, int64_t start_us, i
               const std::string& args) {
   if (!Enabled()) return;
   Event e{category, name, start_us, std::max<int64_t>(end_us - start_us, 0), ThreadId(), args};
+  State& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (s.events.size() < s.max_events) {
+    s.events.push_back(std::move(e));
+    return;
+  }
+  s.events[s.oldest] = std::move(e);
+  s.oldest = (s.oldest + 1) % s.events.size();
+  ++s.dropped;
+}
+
+int64_t DroppedCount() {
   std::lock_guard<std::mutex> lock(S().mu);
-  S().events.push_back(std::move(e));
+  return S().dropped;
 }
 
 std::string JsonEscape(const std::string& s) {
@@ -127,11 +158,12 @@ absl::Status Write() {
   if (!f) return absl::UnavailableError(absl::StrCat("trace: cannot write ", s.path));
   const int64_t pid = getpid();
   f << "{\"displayTimeUnit\":\"ms\",\"otherData\":{\"process\":\"" << JsonEscape(s.process)
-    << "\",\"clock_offset_us\":" << s.offset_us
-    << ",\"clock_uncertainty_us\":" << s.uncertainty_us << "},\"traceEvents\":[\n";
+    << "\",\"clock_offset_us\":" << s.offset_us << ",\"clock_uncertainty_us\":" << s.uncertainty_us
+    << ",\"dropped_events\":" << s.dropped << "},\"traceEvents\":[\n";
   f << "{\"ph\":\"M\",\"name\":\"process_name\",\"pid\":" << pid << ",\"args\":{\"name\":\""
     << JsonEscape(s.process) << "\"}}";
-  for (const Event& e : s.events) {
+  for (size_t i = 0; i < s.events.size(); ++i) {  // oldest first
+    const Event& e = s.events[(s.oldest + i) % s.events.size()];
     f << ",\n{\"ph\":\"X\",\"cat\":\"" << e.category << "\",\"name\":\"" << JsonEscape(e.name)
       << "\",\"ts\":" << e.start_us << ",\"dur\":" << e.dur_us << ",\"pid\":" << pid
       << ",\"tid\":" << e.tid << ",\"args\":{" << e.args << "}}";

@@ -28,7 +28,10 @@ extern std::atomic<bool> enabled;
 
 inline bool Enabled() { return internal::enabled.load(std::memory_order_relaxed); }
 
-// Starts recording; the events go to `path` at Write.
+// Starts recording; the events go to `path` at Write. A process keeps
+// the newest MX_TRACE_MAX_EVENTS events (default 1048576, about 150 MB):
+// a long job's timeline ends with its last stretch, and the file says how
+// many earlier events it dropped ("dropped_events").
 void Start(const std::string& path);
 // Starts recording into DIR/ROLE-PID.trace.json as process `role` when
 // `dir` (a --trace flag) or else MX_TRACE_DIR names a directory; nothing
@@ -36,8 +39,9 @@ void Start(const std::string& path);
 void StartIn(const std::string& dir, const std::string& role);
 // Stops recording; what was recorded stays for Write.
 void Stop();
-// The number of events recorded so far.
+// The number of events held, and of those dropped to hold the newest.
 size_t EventCount();
+int64_t DroppedCount();
 
 // The name the merged timeline shows for this process ("worker 1").
 void SetProcessName(const std::string& name);
