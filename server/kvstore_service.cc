@@ -810,6 +810,7 @@ class Service final {
   Guard& guard() { return guard_; }
   Segments& segments() { return segments_; }
   void set_rank(int rank) { rank_.store(rank); }
+  void set_servers(int servers) { servers_.store(servers); }
 
   rpc::UnaryReactor* Init(rpc::ServerContext* ctx, const grpc::ByteBuffer* request,
                           grpc::ByteBuffer* response) {
@@ -972,6 +973,12 @@ class Service final {
     };
     if (self < 0) return refuse("this server does not replicate (start it with --replicas=2)");
     if (req.primary() == req.backup()) return refuse("the two copies must be on two servers");
+    const int servers = servers_.load();
+    for (int server : {req.primary(), req.backup()}) {
+      if (server < 0 || server >= servers) {
+        return refuse(absl::StrCat("the job has servers 0 to ", servers - 1));
+      }
+    }
     if (self == req.primary()) return Copies{Copies::kPrimary, req.backup()};
     if (self == req.backup()) return Copies{Copies::kBackup, req.primary()};
     return refuse(absl::StrCat("this is server ", self));
@@ -1286,6 +1293,7 @@ class Service final {
   Guard guard_;
   Segments segments_;
   std::atomic<int> rank_{-1};  // this server's (SetRank); -1 before
+  std::atomic<int> servers_{0};  // the job's (StartReplication)
   PullDeadlines deadlines_;
 };
 
@@ -1404,6 +1412,7 @@ void ParameterServer::SetRank(int rank) { impl_->service->set_rank(rank); }
 
 void ParameterServer::StartReplication(ReplicationOptions options) {
   impl_->service->set_rank(options.rank);
+  impl_->service->set_servers(static_cast<int>(options.servers.size()));
   // Backups are started alike: they take the messages this server takes.
   options.max_call_bytes = impl_->max_state_bytes;
   impl_->replicator =

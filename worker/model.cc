@@ -231,11 +231,14 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
     for (const auto& e : execs) weights.push_back(e->arg_dict().at(params[i]));
     MX_RETURN_IF_ERROR(kvstore_->Pull(static_cast<int>(i), weights));
   }
-  if (options.optimizer_states_path.empty()) return absl::OkStatus();
   // One worker loads the states into the store, and the others start
   // training once they are there: every worker loaded them, and in
-  // dist_async a late one rewound the states of the others' updates.
-  if (kvstore_->rank() == kvstore_->first_live_rank()) {
+  // dist_async a late one rewound the states of the others' updates. A
+  // resumed run meets at the barrier with or without states (a checkpoint
+  // of MXNet's has none), so that workers that see the file and workers
+  // that do not still agree on their barriers.
+  if (options.optimizer_states_path.empty() && options.begin_epoch == 0) return absl::OkStatus();
+  if (!options.optimizer_states_path.empty() && kvstore_->rank() == kvstore_->first_live_rank()) {
     MX_RETURN_IF_ERROR(kvstore_->LoadOptimizerStates(options.optimizer_states_path));
   }
   return kvstore_->Barrier();

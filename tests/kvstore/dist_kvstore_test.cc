@@ -290,6 +290,33 @@ TEST(DistReplicas, StepsReachTheBackupsThroughTheDataPathsTransport) {
   }
 }
 
+// An init naming a server the job does not have as a key's backup is
+// refused: the key's steps went nowhere, so every pull of it ran out of
+// time waiting for "server 7" to acknowledge them.
+TEST(DistReplicas, AnInitNamingAServerTheJobHasNotIsRefused) {
+  Cluster c = StartServers(2, 1);
+  for (int rank = 0; rank < 2; ++rank) {
+    ReplicationOptions ro;
+    ro.rank = rank;
+    ro.servers = c.addresses;
+    c.servers[rank]->StartReplication(std::move(ro));
+  }
+  auto channel = grpc::CreateChannel(c.addresses[0], grpc::InsecureChannelCredentials());
+  proto::InitRequest init;
+  init.set_key(1);
+  init.mutable_value()->add_shape(1);
+  init.mutable_value()->set_data(std::string(4, '\0'));
+  init.set_primary(0);
+  init.set_backup(7);
+  grpc::Status s =
+      testing::RawCall(channel, "/mx.proto.KVStoreService/Init", init.SerializeAsString());
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("the job has servers 0 to 1"));
+  init.set_backup(1);
+  s = testing::RawCall(channel, "/mx.proto.KVStoreService/Init", init.SerializeAsString());
+  EXPECT_TRUE(s.ok()) << s.error_message();
+}
+
 // A spare that takes a dead server's rank gets the whole state of every
 // key the survivor held alone, in calls of at most the size its servers
 // take (1 MiB here): two keys of 600 KB used to go in one call of 1.2 MB,
