@@ -76,17 +76,29 @@ def server_mode(kvstore):
     return "async" if kvstore == "dist_async" else "sync"
 
 
+def worker_flag_values(cmd, name):
+    """The values the worker command gives absl flag `name` (a flag that
+    takes a value: not a bool), in order: absl takes `--name=V`, `-name=V`,
+    `--name V` and `-name V` alike."""
+    values = []
+    for i, arg in enumerate(cmd[1:], 1):
+        flag, eq, value = arg.partition("=")
+        if flag not in (f"--{name}", f"-{name}"):
+            continue
+        if eq:
+            values.append(value)
+        elif i + 1 < len(cmd):
+            values.append(cmd[i + 1])
+    return values
+
+
 def check_worker_kvstore(ap, args, cmd):
     """Refuses (ap.error) a worker command that would not train as one job:
     a --kvstore other than the job's (local: each worker trains alone, and
     the job reports success), or an mx_train without one (its default is
     local). Other worker programs may leave it out."""
-    given = None
-    for i, arg in enumerate(cmd):
-        if arg.startswith("--kvstore="):
-            given = arg.split("=", 1)[1]
-        elif arg == "--kvstore" and i + 1 < len(cmd):
-            given = cmd[i + 1]
+    values = worker_flag_values(cmd, "kvstore")
+    given = values[-1] if values else None  # the last one counts, as in absl
     if given is None:
         if os.path.basename(cmd[0]) == "mx_train":
             ap.error(f"the worker command has no --kvstore: mx_train would train each worker "

@@ -135,7 +135,7 @@ import secrets
 import sys
 
 from job_args import (add_job_arguments, add_worker_command, check_worker_kvstore, server_mode,
-                      worker_command)
+                      worker_command, worker_flag_values)
 from job_secrets import DEFAULT_TLS_DAYS, SERVER_NAME, JobSecrets
 
 ROLE_LABEL = "mx-role"
@@ -224,14 +224,10 @@ def quantity_is_zero(value):
 
 def check_checkpoint_prefix(ap, args, cmd):
     """Refuses a worker --checkpoint_prefix that would write outside the
-    mounted checkpoint volume (lost with the pod)."""
-    for i, arg in enumerate(cmd):
-        if arg.startswith("--checkpoint_prefix="):
-            prefix = arg.split("=", 1)[1]
-        elif arg == "--checkpoint_prefix" and i + 1 < len(cmd):
-            prefix = cmd[i + 1]
-        else:
-            continue
+    mounted checkpoint volume (lost with the pod), however absl's spelling
+    gives it (-checkpoint_prefix=P, --checkpoint_prefix P, ...); every one
+    given is checked."""
+    for prefix in worker_flag_values(cmd, "checkpoint_prefix"):
         if not args.checkpoint_claim:
             ap.error(f"--checkpoint_prefix={prefix}: give --checkpoint-claim, or the "
                      "checkpoints are lost with the pods")

@@ -14,7 +14,11 @@ itself (a server's address) and its pid.
 Success: when every worker has exited 0 (mx_train leaves the job when it is
 done), the servers and the coordinator shut down on their own (each logs
 "every worker finished; shutting down" and exits 0; any still running 5 s
-later is stopped with SIGTERM and reported) and the launcher exits 0.
+later is stopped with SIGTERM and reported) and the launcher exits 0. Workers
+that all exit 0 without the coordinator having seen them finish (they never
+joined the job: a worker command `true`, an mx_train with --kvstore=local
+inside a wrapper script, `mx_train --help`) leave it waiting: the launcher
+stops it, says the job never ran, and exits 1.
 
 Failure: when a process fails (a worker that exits non-zero or is killed, a
 server or the coordinator that exits at all, unless restarted), the launcher says which,
@@ -155,7 +159,7 @@ def await_coordinator(job, coordinator, env, restarts):
         return restarts
     port = coordinator.listening.rsplit(":", 1)[1]
     env.update(DMLC_PS_ROOT_PORT=port,
-               MX_COORDINATOR=f"{env['DMLC_PS_ROOT_URI']}:{port}")
+               MX_COORDINATOR=host_port(env["DMLC_PS_ROOT_URI"], port))
     cmd, its_env = coordinator.argv
     cmd = [re.sub(r":0$", f":{port}", a) if a.startswith("--bind=") else a for a in cmd]
     coordinator.argv = (cmd, dict(its_env, DMLC_PS_ROOT_PORT=port,
@@ -565,6 +569,15 @@ def address_of(host):
     return host.rsplit("@", 1)[-1]
 
 
+def host_port(host, port):
+    """The address "host:port" to dial, an IPv6 literal in brackets
+    ("[fd00::1]:9091"; "fd00::1:9091" would be read as a host alone, or
+    with port 1)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 def all_exited(procs):
     return all(p.popen.poll() is not None for p in procs)
 
@@ -679,7 +692,8 @@ def finish(job, lost):
     """Every worker is done; `lost` ones died (workers: elastic; servers:
     replicas 2): waits for the other daemons to shut down on their own (the
     coordinator tells them when every worker has finished), stops any that
-    do not, reports, returns 0."""
+    do not, reports; returns 0 if the job ran to its end (job_ran), else
+    1, or the exit code of a coordinator that failed by itself."""
     workers = job.workers()
     lost_workers = [p for p in lost if p.role == "worker"]
     if lost_workers:
@@ -715,7 +729,34 @@ def finish(job, lost):
         log(f"warning: {p.describe()} did not shut down cleanly: {how}")
     if not unclean:
         log(f"the coordinator and {len(daemons) - 1} server(s) shut down cleanly")
-    return 0
+    if job_ran(daemons):
+        return 0
+    coordinator = next(d for d in daemons if d.role == "coordinator")
+    code = coordinator.poll()
+    if coordinator not in lingering and code != 0:  # it ended by itself: the job failed
+        log(f"the job failed: {coordinator.describe()} {how_it_ended(code)}")
+        return code if code > 0 else 1
+    if any(w.identity is not None for w in workers):  # "worker 0 of 2": some joined it
+        log("the workers exited 0 but the coordinator had not seen every worker finish (the "
+            "launcher had to stop it): a worker must leave the job (KVStore::Finish) before "
+            "it exits")
+        return 1
+    log("the workers exited but the job never ran: the coordinator had not seen every worker "
+        "finish (the launcher had to stop it); was the worker command an mx_train with a dist "
+        "kvstore (--kvstore=dist_sync, dist_async or dist_device_sync)?")
+    return 1
+
+
+def job_ran(daemons):
+    """Whether the coordinator saw every worker finish: a daemon exits 0
+    only then (the coordinator once it has, a server once the coordinator
+    told it so), even one stopped by SIGTERM after that; stopped before,
+    it exits 128 + the signal (mx_server.cc). A daemon that had to be
+    stopped because it waited for a server may still have exited non-zero
+    after a job that ran, so any one's 0 is enough. Workers that exit 0
+    without ever joining the job (`true`, mx_train --kvstore=local or
+    --help) leave every daemon waiting for them."""
+    return any(d.popen.returncode == 0 for d in daemons)
 
 
 def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
@@ -923,7 +964,7 @@ def run(args, cmd, secrets, remote):
     # start_and_supervise reads which from its first line (await_coordinator).
     port = args.port or (9091 if remote else 0)
     root = address_of(remote.host(0)) if remote else "127.0.0.1"
-    coordinator = f"{root}:{port}"
+    coordinator = host_port(root, port)  # DMLC_PS_ROOT_URI stays the bare host
     env = dict(os.environ, DMLC_PS_ROOT_URI=root, DMLC_PS_ROOT_PORT=str(port),
                MX_COORDINATOR=coordinator, DMLC_NUM_SERVER=str(args.num_servers),
                DMLC_NUM_WORKER=str(args.num_workers))

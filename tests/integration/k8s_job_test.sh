@@ -692,6 +692,17 @@ expect_refusal "--checkpoint_prefix=/tmp/fm: outside the checkpoint volume" --na
   --image x --checkpoint-claim ck -- mx_train --kvstore=dist_sync --checkpoint_prefix=/tmp/fm
 expect_refusal "--checkpoint_prefix=/checkpoints/fm: give --checkpoint-claim" --name fm -n 1 -s 1 \
   --image x -- mx_train --kvstore=dist_sync --checkpoint_prefix=/checkpoints/fm
+# absl's other spellings of the flag: one dash, or the value as the next
+# argument (one dash went unchecked, and the checkpoints stayed in the pod).
+expect_refusal "--checkpoint_prefix=/tmp/fm: outside the checkpoint volume" --name fm -n 1 -s 1 \
+  --image x --checkpoint-claim ck -- mx_train --kvstore=dist_sync -checkpoint_prefix=/tmp/fm
+expect_refusal "--checkpoint_prefix=/tmp/fm: outside the checkpoint volume" --name fm -n 1 -s 1 \
+  --image x --checkpoint-claim ck -- mx_train --kvstore=dist_sync -checkpoint_prefix /tmp/fm
+expect_refusal "--checkpoint_prefix=/checkpoints/fm: give --checkpoint-claim" --name fm -n 1 -s 1 \
+  --image x -- mx_train --kvstore=dist_sync -checkpoint_prefix=/checkpoints/fm
+python3 "$K8S_JOB" --jobs --name fm -n 1 -s 1 --image x --checkpoint-claim ck -- mx_train \
+  -kvstore=dist_sync -checkpoint_prefix=/checkpoints/fm > /dev/null ||
+  fail "k8s_job.py refused -kvstore=dist_sync -checkpoint_prefix=/checkpoints/fm"
 expect_refusal "--toleration 'gpu': give KEY[=VALUE]:EFFECT" --name fm -n 1 -s 1 --image x \
   --toleration gpu -- mx_train --kvstore=dist_sync
 expect_refusal "--namespace 'ML': lower-case letters" --name fm -n 1 -s 1 --image x \
@@ -736,6 +747,10 @@ expect_refusal "the worker command's --kvstore=local is not the job's --kvstore 
   --name fm -n 2 -s 1 --image x -- mx_train --kvstore=local
 expect_refusal "the worker command's --kvstore=dist_sync is not the job's --kvstore dist_async" \
   --name fm -n 2 -s 1 --image x --kvstore dist_async -- mx_train --kvstore dist_sync
+expect_refusal "the worker command's --kvstore=local is not the job's --kvstore dist_sync" \
+  --name fm -n 2 -s 1 --image x -- mx_train -kvstore=local
+expect_refusal "the worker command's --kvstore=local is not the job's --kvstore dist_sync" \
+  --name fm -n 2 -s 1 --image x -- mx_train -kvstore local
 
 # A pod IP variable that Kubernetes left unexpanded (a typo in its name)
 # stops the server at once, instead of registering an address nobody can

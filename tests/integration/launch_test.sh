@@ -135,6 +135,23 @@ out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --server-binary="$SERVER" -- "${loc
 rc=$?
 [[ $rc -eq 2 && "$out" == *"the worker command's --kvstore=local is not the job's --kvstore dist_sync (each worker would train alone)"* ]] ||
   fail "a local worker command: exit code $rc, said: $out"
+# absl's one-dash spelling is the same flag (it was let through).
+out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --server-binary="$SERVER" -- "${local_worker[@]/--kvstore=/-kvstore=}" 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"the worker command's --kvstore=local is not the job's --kvstore dist_sync"* ]] ||
+  fail "a local worker command with -kvstore=local: exit code $rc, said: $out"
+# Workers that exit 0 without ever joining the job (`true`; an mx_train
+# with --kvstore=local inside a wrapper script): the coordinator and the
+# server wait for them until the launcher stops them; the job never ran,
+# and the launcher says so and exits 1 (it said "all workers finished"
+# and exited 0).
+log="$TMP/never_ran.log"
+start_job "$log" -n 2 -s 1 -- true
+wait "$launcher"; rc=$?
+[[ $rc -eq 1 ]] || fail "workers that never joined the job: launcher exited $rc, not 1"
+grep -q "^launch.py: the workers exited but the job never ran: the coordinator had not seen every worker finish" "$log" ||
+  fail "workers that never joined the job: the launcher did not say the job never ran: $(tail -5 "$log")"
+assert_nothing_left "$log"
 
 out=$(timeout 20 python3 "$LAUNCH" -n 2 -s 1 --port 70000 --server-binary="$SERVER" -- "${worker[@]}" 2>&1)
 rc=$?
@@ -512,5 +529,42 @@ grep -q "^launch.py: the output's reader went away (broken pipe); stopping the j
 sleep 0.5
 left=$({ live_job_pids "$log"; pgrep -f -- "^[^ ]*mx_train .*$TMP/"; } | sort -u)
 [[ -z "$left" ]] || { fail "launch.py | head -1 left processes: $(echo $left)"; kill -9 $left; }
+
+# 12. Pure helpers, without a job: the coordinator's address for an IPv6
+# host of a hostfile is bracketed (it was "fd00::1:9091"), and absl's
+# spellings of a worker flag (one dash or two, "=V" or V next) all count.
+out=$(cd "$(dirname "$LAUNCH")" && timeout 20 python3 - 2>&1 <<'PY'
+import argparse
+import launch
+from job_args import check_worker_kvstore, worker_flag_values
+bad = []
+for host, want in [("fd00::1", "[fd00::1]:9091"), ("[fd00::1]", "[fd00::1]:9091"),
+                   ("10.0.0.1", "10.0.0.1:9091"), ("node-1.example", "node-1.example:9091")]:
+    got = launch.host_port(launch.address_of("me@" + host), 9091)
+    if got != want:
+        bad.append(f"host_port({host!r}): {got}, not {want}")
+for cmd, want in [(["mx_train", "--kvstore=dist_sync"], ["dist_sync"]),
+                  (["mx_train", "-kvstore=dist_sync"], ["dist_sync"]),
+                  (["mx_train", "--kvstore", "dist_sync"], ["dist_sync"]),
+                  (["mx_train", "-kvstore", "local", "--kvstore=dist_sync"], ["local", "dist_sync"]),
+                  (["mx_train", "---kvstore=local", "--kvstore_x=local"], []),
+                  (["mx_train", "--kvstore"], [])]:
+    if worker_flag_values(cmd, "kvstore") != want:
+        bad.append(f"worker_flag_values({cmd}): {worker_flag_values(cmd, 'kvstore')}, not {want}")
+class Refused(Exception):
+    pass
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise Refused(message)
+job = argparse.Namespace(kvstore="dist_sync")
+for cmd in (["mx_train", "-kvstore=dist_sync"], ["mx_train", "-kvstore", "dist_sync"]):
+    try:
+        check_worker_kvstore(Parser(), job, cmd)
+    except Refused as e:
+        bad.append(f"{cmd} refused: {e}")
+print("\n".join(bad) or "ok")
+PY
+)
+[[ "$out" == ok ]] || fail "pure helpers: $out"
 
 finish
