@@ -1168,8 +1168,8 @@ class Service final {
   // A push's value as float32: where it lies in the request, or, sent
   // compressed (kvstore/gradient_compression.h), decompressed into a
   // buffer of its own.
-  static absl::StatusOr<Pieces> PushedValue(const Slices& request, const proto::Tensor& t,
-                                            const PushData& data) {
+  absl::StatusOr<Pieces> PushedValue(const Slices& request, int key, const proto::Tensor& t,
+                                     const PushData& data) const {
     MX_ASSIGN_OR_RETURN(const GradientCompression c, CompressionOf(t));
     if (!c.enabled()) {
       MX_RETURN_IF_ERROR(TensorShape(t, data.bytes).status());
@@ -1177,8 +1177,14 @@ class Service final {
     }
     MX_ASSIGN_OR_RETURN(const Shape shape, TensorDims(t));
     // Before anything is allocated for the shape the request claims (a
-    // 50-byte request claimed 2^30 floats, zero-filled).
+    // 50-byte request claimed 2^30 floats, zero-filled; 256 MiB of 2-bit
+    // values unpack to 4 GiB): the packing's size, and the key's.
     MX_RETURN_IF_ERROR(CheckPacked(c, data.bytes, shape.Size()));
+    MX_ASSIGN_OR_RETURN(const int64_t held, shard_->DenseSize(key));
+    if (shape.Size() != held) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(shape.Size(), " values but the key holds ", held));
+    }
     MX_ASSIGN_OR_RETURN(const Pieces packed, PiecesOf(request, data.offset, data.bytes));
     std::vector<uint8_t> bytes(data.bytes);
     packed.CopyTo(0, bytes.size(), bytes.data());
@@ -1204,7 +1210,7 @@ class Service final {
                          "push", req.key()));
     }
     absl::StatusOr<Pieces> pieces =
-        req.has_shm_value() ? ShmValue(req) : PushedValue(request, req.value(), data);
+        req.has_shm_value() ? ShmValue(req) : PushedValue(request, req.key(), req.value(), data);
     if (!pieces.ok()) return done(Prefix(pieces.status(), "push", req.key()));
     if (req.assign()) {
       if (!req.has_rows()) {

@@ -500,6 +500,17 @@ ParameterShard::Held ParameterShard::held(int key) const {
   return h;
 }
 
+absl::StatusOr<int64_t> ParameterShard::DenseSize(int key) const {
+  absl::MutexLock lock(&mu_);
+  auto k = keys_.find(key);
+  if (k == keys_.end())
+    return absl::NotFoundError(absl::StrCat("key ", key, " was never initialized"));
+  if (k->second.table) {
+    return absl::InvalidArgumentError(absl::StrCat("key ", key, " is row-sparse (a table)"));
+  }
+  return k->second.shape.Size();
+}
+
 void ParameterShard::AdmitParked(int id, Key* k, Answers* answers) {
   const absl::Status stuck = Stuck(id, *k, "push");
   for (auto it = k->parked.begin(); it != k->parked.end();) {

@@ -241,6 +241,10 @@ class ParameterShard {
     int parked = 0;
   };
   Held held(int key) const;
+  // The number of floats a dense key holds, for checks before a push is
+  // unpacked (a compressed push claims its size): NOT_FOUND for a key never
+  // initialized, INVALID_ARGUMENT for a table.
+  absl::StatusOr<int64_t> DenseSize(int key) const;
 
   // A version of a key's value; every pull of that version shares it, and
   // it never changes (the next version is other memory). Without an

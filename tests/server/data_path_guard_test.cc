@@ -282,6 +282,29 @@ TEST_F(DataPathGuard, AnOutsidersRequestIsRefusedBeforeItIsDecoded) {
   EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
 }
 
+// A compressed push claims its size: 64 MiB of 2-bit values claim 2^28
+// floats, which were unpacked (1 GiB) before the key's size refused them.
+TEST_F(DataPathGuard, ACompressedPushIsCheckedAgainstTheKeyBeforeItIsUnpacked) {
+  constexpr int64_t kClaimed = int64_t{1} << 28;
+  proto::PushRequest req;
+  req.set_key(7);
+  req.set_rank(0);
+  req.mutable_value()->add_shape(kClaimed);
+  req.mutable_value()->set_dtype(proto::TWO_BIT);
+  req.mutable_value()->set_threshold(0.5f);
+  req.mutable_value()->set_data(std::string(kClaimed / 4, '\0'));  // 4 bytes per 16 values
+  *req.mutable_credential() = CredentialOf(Worker(0));
+  ResetPeakMemory();
+  const int64_t before = PeakMemory();
+  proto::PushResponse resp;
+  grpc::ClientContext ctx;
+  const grpc::Status s = stub_->Push(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("268435456 values but the key holds 2"));
+  EXPECT_LT(PeakMemory() - before, 512 << 20);  // the request's copies, not 1 GiB more
+  EXPECT_EQ(Value(), (std::vector<float>{1, 2}));
+}
+
 // PushPullMany carries at most one entry per key: a second would count as
 // the worker's push of its next step (the shard numbers a worker's pushes
 // in order). The request is refused, and nothing of it applies.
