@@ -372,6 +372,9 @@ struct Conn : std::enable_shared_from_this<Conn> {
     {
       std::lock_guard<std::mutex> lock(mu);
       if (!dead_servers.insert(s).second) return;
+      // Its segment goes once the leases in flight let go of it (the dead
+      // server's mapping went with it: this worker's kept the pages).
+      if (s < static_cast<int>(shm.size())) shm[s] = nullptr;
       const int n = static_cast<int>(options.servers.size());
       for (int other : {(s + n - 1) % n, (s + 1) % n}) {
         if (other == s || !dead_servers.count(other)) continue;
@@ -645,8 +648,9 @@ struct Conn : std::enable_shared_from_this<Conn> {
     {
       std::lock_guard<std::mutex> lock(mu);
       call->stream = handle;
-      // Failed since it was counted in flight: Fail did not see the handle.
-      cancel = !failure.ok();
+      // Failed, or its server declared dead, since it was counted in flight:
+      // Fail and ServerDied did not see the handle.
+      cancel = !failure.ok() || dead_servers.count(call->server) > 0;
     }
     if (cancel) handle->Cancel();
   }

@@ -1344,7 +1344,11 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
     if (c == nullptr || c->broken()) {
       c = std::make_shared<ClientConnection>(target);
       auto self = c;
-      std::thread([self] { self->Write(); }).detach();
+      try {
+        std::thread([self] { self->Write(); }).detach();
+      } catch (const std::system_error& e) {  // its calls fail at once, the next call retries
+        c->Break(c->NoThread(e));
+      }
     }
     return c;
   }
@@ -1402,7 +1406,11 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
     if (!s.ok())
       return Break(grpc::Status(grpc::StatusCode::UNAVAILABLE, std::string(s.message())));
     auto self = shared_from_this();
-    std::thread([self] { self->Read(); }).detach();
+    try {
+      std::thread([self] { self->Read(); }).detach();
+    } catch (const std::system_error& e) {  // on this thread of its own: not std::terminate
+      return Break(NoThread(e));
+    }
     out_.Ready(fd_, std::move(sealer));
     s = out_.Run();
     if (!s.ok()) {
@@ -1561,6 +1569,12 @@ class ClientConnection : public std::enable_shared_from_this<ClientConnection> {
   }
 
   // Fails every call of the connection with `why` and shuts it.
+  // The status of calls on a connection whose thread could not start.
+  grpc::Status NoThread(const std::system_error& e) const {
+    return grpc::Status(
+        grpc::StatusCode::UNAVAILABLE,
+        absl::StrCat("no thread for the stream connection to ", target_.address, ": ", e.what()));
+  }
   void Break(const grpc::Status& why) {
     std::map<uint64_t, std::shared_ptr<ClientCall>> pending;
     {
