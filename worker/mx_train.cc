@@ -58,6 +58,9 @@ ABSL_FLAG(std::string, data_dir, "/usr/share/datasets/fashion-mnist",
 ABSL_FLAG(std::string, train_csv, "", "training data as CSV (instead of --data_dir)");
 ABSL_FLAG(std::string, train_label_csv, "", "training labels as CSV");
 ABSL_FLAG(std::string, test_csv, "", "test data as CSV");
+ABSL_FLAG(std::string, data_shape, "1,28,28",
+          "the shape of one sample of --train_csv and --test_csv, comma-separated: each row "
+          "holds as many values as the shape has elements");
 ABSL_FLAG(std::string, test_label_csv, "", "test labels as CSV");
 ABSL_FLAG(std::string, train_libsvm, "",
           "training click log in libsvm text, plain or gzip (mx_ctr_gen writes one); for "
@@ -167,6 +170,25 @@ std::string DataFile(const std::string& dir, const std::string& stem) {
   return std::ifstream(gz).good() ? gz : absl::StrCat(dir, "/", stem);
 }
 
+// --data_shape: dimensions from 1 to 2^24, at most 2^26 elements.
+absl::StatusOr<Shape> CsvDataShape() {
+  const std::string text = absl::GetFlag(FLAGS_data_shape);
+  std::vector<int64_t> dims;
+  for (absl::string_view d : absl::StrSplit(text, ',')) {
+    MX_ASSIGN_OR_RETURN(const int64_t n,
+                        ParseInt(absl::StrCat("--data_shape=", text, ": dimension"), std::string(d),
+                                 1, int64_t{1} << 24));
+    dims.push_back(n);
+  }
+  const Shape shape(dims.begin(), dims.end());
+  const std::optional<int64_t> size = shape.CheckedSize();
+  if (!size.has_value() || *size > (int64_t{1} << 26)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--data_shape=", text, ": more than 2^26 values per sample"));
+  }
+  return shape;
+}
+
 absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(bool train, bool flat, int part, int parts) {
   const int batch = absl::GetFlag(FLAGS_batch_size);
   if (batch <= 0) return absl::InvalidArgumentError("--batch_size must be positive");
@@ -190,7 +212,7 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(bool train, bool flat, int pa
     CsvOptions o;
     o.data_csv = csv;
     o.label_csv = absl::GetFlag(train ? FLAGS_train_label_csv : FLAGS_test_label_csv);
-    o.data_shape = flat ? Shape{784} : Shape{1, 28, 28};
+    MX_ASSIGN_OR_RETURN(o.data_shape, CsvDataShape());
     o.batch_size = batch;
     o.shuffle = train;
     o.seed = absl::GetFlag(FLAGS_seed);
@@ -242,6 +264,7 @@ absl::Status CheckFlags() {
         absl::StrCat("--", flag, "=", value, ": must be at least ", min));
   };
   MX_RETURN_IF_ERROR(at_least("epochs", absl::GetFlag(FLAGS_epochs), 1));
+  MX_RETURN_IF_ERROR(CsvDataShape().status());
   MX_RETURN_IF_ERROR(at_least("batch_size", absl::GetFlag(FLAGS_batch_size), 1));
   MX_RETURN_IF_ERROR(at_least("checkpoint_period", absl::GetFlag(FLAGS_checkpoint_period), 1));
   MX_RETURN_IF_ERROR(at_least("threads", absl::GetFlag(FLAGS_threads), 0));

@@ -68,6 +68,10 @@ expect_fail "test csv without labels" "--test_csv needs --test_label_csv" \
   --train_csv=/x.csv --train_label_csv=/z.csv --test_csv=/y.csv
 expect_fail "ctr features beyond floats" "--ctr_features=4294967297: must be from 1 to 16777216" \
   --ctr_features=4294967297
+expect_fail "bad data shape" "--data_shape=2,x: dimension=x: must be a whole number from 1" \
+  --data_shape=2,x
+expect_fail "huge data shape" "--data_shape=16777216,16777216: more than 2^26 values per sample" \
+  --data_shape=16777216,16777216
 expect_fail "unwritable metrics log" "--metrics_log=$TMP/nodir/m.csv: cannot append to it" \
   --metrics_log="$TMP/nodir/m.csv"
 
@@ -84,6 +88,15 @@ if [[ $? -ne 0 || "$out" != *"Final test accuracy=1"* ]]; then
 else
   echo "ok: CSV training run reaches accuracy 1"
 fi
+# The same CSV read as flat samples of 784 (--data_shape; an MLP takes
+# either), and a shape whose size is not the rows' refused naming both.
+out=$("${train[@]}" --epochs=2 --data_shape=784 2>&1)
+if [[ $? -ne 0 || "$out" != *"Final test accuracy=1"* ]]; then
+  echo "FAIL: --data_shape=784:"; echo "$out" | tail -5; failures=$((failures + 1))
+else
+  echo "ok: --data_shape=784 reads the CSV as flat samples"
+fi
+expect_fail "data shape of another size" "train.csv:1: expected 3072 values, found 784" "${csv[@]}" --network=mlp --data_shape=3,32,32
 for f in m-symbol.json m-0001.params m-0002.params m-0002.states; do
   [[ -s "$TMP/$f" ]] || { echo "FAIL: checkpoint file $f missing"; failures=$((failures + 1)); }
 done
