@@ -462,8 +462,10 @@ class ParameterShard {
   // Completes a step of key from `pushes` (in rank order; one in
   // dist_async): their sum becomes the value, or the optimizer's update
   // with it. It sums, and waits for the update, outside the lock
-  // (releasing and retaking it), so that a server's cores complete
-  // different keys' steps at once. False if the step failed (FailKey).
+  // (releasing and retaking it), so that a server's cores sum different
+  // keys' steps at once; the update is pushed under it (on the
+  // NaiveEngine, which mx_server runs, it runs there, inline). False if
+  // the step failed (FailKey).
   bool CompleteStep(int id, Key* key, std::vector<Pending> pushes,
                     const std::vector<int>& ranks) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The key's whole state, for a new backup.
