@@ -554,7 +554,7 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
   // have left add the pushes they queued before.
   for (;;) {
     AdmitParked(id, k, answers);
-    if (!MissingPushes(*k).empty()) break;
+    if (AnyPushMissing(k)) break;
     std::vector<int> ranks;  // sorted: rank order gives the same bits every run
     for (const auto& [r, queued] : k->pending) {
       if (!queued.empty() && (live_.count(r) || finished_.count(r))) ranks.push_back(r);
@@ -564,6 +564,7 @@ void ParameterShard::MaybeComplete(int id, Key* k, Answers* answers) {
     for (int r : ranks) {
       pushes.push_back(std::move(k->pending[r].front()));
       k->pending[r].pop_front();
+      k->filled_below = 0;
     }
     if (!CompleteStep(id, k, std::move(pushes), ranks)) break;
   }
@@ -715,6 +716,7 @@ void ParameterShard::FailKey(int id, Key* k, const absl::Status& s) {
                                                     " failed: ", s.message()));
   }
   k->pending.clear();
+  k->filled_below = 0;
 }
 
 std::vector<float> ParameterShard::BufferPool::Take(size_t n) {
@@ -766,16 +768,30 @@ void ParameterShard::TakeAnswered(int id, Key* k, Answers* answers) {
     answers->push_back(PushAnswer(std::move(it->second), stuck));
     it = k->unreplicated.erase(it);
   }
+  if (!WaitersMayBeAnswered(*k)) return;
+  k->min_waiting = std::numeric_limits<int64_t>::max();
   for (auto it = k->waiters.begin(); it != k->waiters.end();) {
     std::optional<absl::StatusOr<Value>> answer =
         Answer(id, k, it->second.min_version, it->second.rows);
     if (!answer.has_value()) {
+      k->min_waiting = std::min(k->min_waiting, it->second.min_version);
       ++it;
       continue;
     }
     answers->emplace_back(std::move(it->second.done), *std::move(answer));
     it = k->waiters.erase(it);
   }
+}
+
+bool ParameterShard::WaitersMayBeAnswered(const Key& k) const {
+  if (k.waiters.empty()) return false;
+  // Answer's cases: the key stuck or held as a backup answers every
+  // waiter; else a servable version answers those that wait for it.
+  if (!closed_.empty() || !k.failed.ok() || (!options_.elastic && !dead_.empty()) ||
+      k.copies.role == Copies::kBackup) {
+    return true;
+  }
+  return Servable(k) && k.version >= k.min_waiting;
 }
 
 void ParameterShard::Deliver(Answers answers) {
@@ -799,6 +815,7 @@ uint64_t ParameterShard::PullAsync(int key, int64_t min_version, PullCallback do
       answer = Answer(key, *k, min_version, rows);
       if (!answer.has_value()) {
         (*k)->waiters.emplace(id, Waiter{min_version, std::move(done), std::move(rows)});
+        (*k)->min_waiting = std::min((*k)->min_waiting, min_version);
       }
     }
   }
@@ -849,6 +866,18 @@ absl::Status ParameterShard::TimeOutPull(int key, uint64_t id, int64_t min_versi
       "pull of key ", key, ": version ", min_version, " not reached by the deadline (at ",
       held.version, "; waiting for pushes from worker(s) ",
       absl::StrJoin(MissingPushes(held), ", "), ")"));
+}
+
+bool ParameterShard::AnyPushMissing(Key* k) const {
+  for (auto r = live_.lower_bound(k->filled_below); r != live_.end(); ++r) {
+    auto it = k->pending.find(*r);
+    if (it == k->pending.end() || it->second.empty()) {
+      k->filled_below = *r;
+      return true;
+    }
+  }
+  k->filled_below = std::numeric_limits<int>::max();
+  return false;
 }
 
 std::vector<int> ParameterShard::MissingPushes(const Key& k) const {

@@ -82,6 +82,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -371,6 +372,9 @@ class ParameterShard {
     std::multimap<int64_t, PushCallback> unreplicated;
     // Pushes not yet in a completed step, by rank, oldest first.
     std::map<int, std::deque<Pending>> pending;
+    // Every live rank below it has a push pending (AnyPushMissing goes on
+    // from there: pushes only add until a step takes them, which resets it).
+    int filled_below = 0;
     // Pushes beyond max_pending_pushes, by rank, oldest first: not
     // answered until they move to `pending`.
     struct Parked {
@@ -379,6 +383,9 @@ class ParameterShard {
     };
     std::map<int, std::deque<Parked>> parked;
     std::map<uint64_t, Waiter> waiters;  // pulls waiting for a version
+    // At most the least version a waiter waits for (a waiter cancelled
+    // leaves it lower): below it, a new version answers none of them.
+    int64_t min_waiting = std::numeric_limits<int64_t>::max();
     // A thread is completing a step of this key outside the lock; in
     // dist_sync it also completes the steps that become ready meanwhile
     // (in order), in dist_async the next push waits.
@@ -489,6 +496,12 @@ class ParameterShard {
   std::map<int, std::string> SliceKeyNames() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The live workers without a push queued for the key's next step.
   std::vector<int> MissingPushes(const Key& key) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether MissingPushes is not empty, without making the list (per push:
+  // it was a list of every live worker, so a step cost workers^2).
+  bool AnyPushMissing(Key* key) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether TakeAnswered may answer a waiter of `key` (Answer's cases):
+  // every push used to try every waiter, so a step cost workers^2.
+  bool WaitersMayBeAnswered(const Key& key) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const ShardOptions options_;
   ReplicateFn replicate_;               // set before any key is
