@@ -1259,7 +1259,7 @@ TEST(DistKVStoreOptions, BadEnvironmentVariablesAreErrors) {
   setenv("MX_JOB_TOKEN_FILE", "/nonexistent/token", 1);
   EXPECT_THAT(message(), HasSubstr("MX_JOB_TOKEN_FILE: cannot read /nonexistent/token"));
   // A blank first line is no token (it made an open job).
-  const std::string blank = absl::StrCat(getenv("TEST_TMPDIR"), "/blank_token");
+  const std::string blank = ::testing::TempDir() + "blank_token";
   {
     std::ofstream f(blank);
     f << "\nsecret\n";
@@ -1269,7 +1269,7 @@ TEST(DistKVStoreOptions, BadEnvironmentVariablesAreErrors) {
   // A token's line end (a Kubernetes Secret made from a file `echo` wrote,
   // a file of Windows lines) is no part of it; white space within is an
   // error naming where the token came from.
-  const std::string crlf = absl::StrCat(getenv("TEST_TMPDIR"), "/crlf_token");
+  const std::string crlf = ::testing::TempDir() + "crlf_token";
   {
     std::ofstream f(crlf);
     f << "secret\r\n";

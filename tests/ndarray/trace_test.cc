@@ -21,7 +21,7 @@ using ::testing::Not;
 
 TEST(Trace, KeepsTheNewestEventsAndSaysHowManyItDropped) {
   setenv("MX_TRACE_MAX_EVENTS", "100", 1);
-  const std::string path = absl::StrCat(std::getenv("TEST_TMPDIR"), "/t.trace.json");
+  const std::string path = ::testing::TempDir() + "t.trace.json";
   trace::Start(path);
   for (int i = 0; i < 1000; ++i) trace::Complete("test", absl::StrCat("e", i), i, i + 1);
   trace::Stop();
