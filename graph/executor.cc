@@ -1194,7 +1194,9 @@ std::vector<std::string> Executor::blocked_outputs() const {
 void Executor::Backward(const std::vector<NDArray>& head_grads) {
   if (!trained_forward_) {
     throw Error(absl::FailedPreconditionError(
-        "Backward needs a preceding Forward(is_train=true)"));
+        "Backward needs a preceding Forward(is_train=true): one Backward per "
+        "Forward(is_train=true) "
+        "(the forward's values it reads share memory with gradients)"));
   }
   // Validate every head gradient before pushing anything.
   const std::vector<std::string> names = symbol_.ListOutputs();
@@ -1221,6 +1223,9 @@ void Executor::Backward(const std::vector<NDArray>& head_grads) {
     NDArray slot = plan_->grads[plan_->grad_of[id]];
     slot.Assign(0.0f);
   }
+  // The forward's values are spent: buffers of those it read last are
+  // gradients' now (the plan shares memory along the whole step).
+  trained_forward_ = false;
   for (const Plan::Bulk& bulk : plan_->backward) {
     if (bulk.runs.size() == 1) {
       PushBackward(bulk.runs[0]);

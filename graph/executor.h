@@ -131,7 +131,9 @@ class Executor {
   // Pushes the backward pass. head_grads gives, for each output in order,
   // the gradient flowing into it; outputs of loss operators need none, and
   // may be given a null NDArray. Throws mx::Error when a needed head
-  // gradient is missing or mis-shaped, or without a training Forward.
+  // gradient is missing or mis-shaped, or without a training Forward since
+  // the last Backward (one Backward per Forward: the forward's values it
+  // reads share memory with gradients, so a second gave wrong ones).
   void Backward(const std::vector<NDArray>& head_grads = {});
 
   const std::vector<NDArray>& outputs() const { return outputs_; }

@@ -365,3 +365,51 @@ TEST(ExecutorForward, ReturnsBeforeTheWorkIsDone) {
 
 }  // namespace
 }  // namespace mx
+
+namespace mx {
+namespace {
+
+// A second Backward without a Forward between: the forward's values that
+// backward reads share memory with gradients computed after their last
+// read, so the second gave other gradients, silently (fc3_weight's and
+// fc1_weight's both differed). It is an error; the first's gradients stay.
+TEST(ExecutorBackward, ASecondBackwardNeedsAForwardBetween) {
+  Symbol x = Variable("data");
+  x = Op("FullyConnected", {x}, {{"num_hidden", 64}}, "fc1");
+  x = Op("Activation", {x}, {{"act_type", "relu"}}, "relu1");
+  x = Op("FullyConnected", {x}, {{"num_hidden", 128}}, "fc2");
+  x = Op("Activation", {x}, {{"act_type", "relu"}}, "relu2");
+  x = Op("FullyConnected", {x}, {{"num_hidden", 10}}, "fc3");
+  x = Op("SoftmaxOutput", {x}, {}, "softmax");
+  auto exec = Executor::SimpleBind(x, cpu(), {{"data", Shape{4, 8}}});
+  ASSERT_TRUE(exec.ok()) << exec.status();
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-1, 1);
+  for (const auto& [name, arg] : (*exec)->arg_dict()) {
+    NDArray a = arg;
+    std::vector<float> v(a.size());
+    for (float& f : v) f = u(rng);
+    if (name == "softmax_label")
+      for (size_t i = 0; i < v.size(); ++i) v[i] = i % 10;
+    a.SyncCopyFromCPU(v.data(), v.size());
+  }
+  (*exec)->Forward(true);
+  (*exec)->Backward();
+  const std::vector<float> first = (*exec)->grad_dict().at("fc3_weight").ToVector();
+  const std::vector<float> first1 = (*exec)->grad_dict().at("fc1_weight").ToVector();
+  try {
+    (*exec)->Backward();
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("one Backward per Forward(is_train=true)"));
+  }
+  EXPECT_EQ((*exec)->grad_dict().at("fc3_weight").ToVector(), first);
+  EXPECT_EQ((*exec)->grad_dict().at("fc1_weight").ToVector(), first1);
+  (*exec)->Forward(true);  // and again, the same
+  (*exec)->Backward();
+  EXPECT_EQ((*exec)->grad_dict().at("fc3_weight").ToVector(), first);
+  EXPECT_EQ((*exec)->grad_dict().at("fc1_weight").ToVector(), first1);
+}
+
+}  // namespace
+}  // namespace mx
