@@ -202,7 +202,13 @@ Symbol Op(const std::string& op_name, const SymbolInputs& inputs,
   MX_THROW_IF_NOT(op != nullptr, "unknown operator '", op_name, "'");
   auto node = std::make_shared<Node>();
   node->op = op;
-  node->attrs = ScopeAttrs();
+  // An operator's attributes are hidden keys: a scope's plain key ("stage")
+  // is stored as "__stage__". MXNet reads an operator's plain keys as its
+  // parameters, so a file with one did not load, here or there, and one
+  // named as a parameter ("p" over Dropout) replaced it in the file.
+  for (const auto& [key, value] : ScopeAttrs()) {
+    node->attrs[IsWrapped(key) ? key : absl::StrCat("__", key, "__")] = value;
+  }
   for (const auto& [key, value] : params) {
     const bool is_param = std::any_of(op->params.begin(), op->params.end(),
                                       [&](const ParamSpec& p) { return p.name == key; });
@@ -360,6 +366,9 @@ std::optional<std::string> Symbol::GetAttr(const std::string& key) const {
   if (outputs_.size() != 1) return std::nullopt;
   const auto& attrs = outputs_[0].node->attrs;
   auto it = attrs.find(key);
+  // A key as given, or stored hidden ("lr_mult" as "__lr_mult__"), as
+  // MXNet's attr() finds it.
+  if (it == attrs.end() && !IsWrapped(key)) it = attrs.find(absl::StrCat("__", key, "__"));
   if (it == attrs.end()) return std::nullopt;
   return it->second;
 }

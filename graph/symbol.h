@@ -91,7 +91,9 @@ class Symbol {
   std::vector<std::string> ListInputs() const;
 
   // ---- Attributes of the output node (variables: "__shape__",
-  // "__lr_mult__", "__wd_mult__"; anything else is kept as given).
+  // "__lr_mult__", "__wd_mult__"; anything else is kept as given; an
+  // operator's are all hidden keys, "__key__"). GetAttr finds a key as
+  // given or hidden: "lr_mult" finds "__lr_mult__", as MXNet's attr().
   std::optional<std::string> GetAttr(const std::string& key) const;
   // Attributes of every node, as "node$key" -> value.
   std::map<std::string, std::string> ListAttrs() const;
@@ -157,7 +159,9 @@ Symbol Op(const std::string& op, const SymbolInputs& inputs,
 
 // Attributes for every Variable and Op created on this thread while the
 // scope lives (MXNet's AttrScope), on top of the enclosing scope's; keys
-// are stored as Variable stores them. Placing a part of a graph on another
+// are stored as Variable stores them, and on operators as hidden keys
+// ("stage" as "__stage__": an operator's plain keys are its parameters in
+// MXNet's files). Placing a part of a graph on another
 // device (Executor::Bind's group2ctx):
 //
 //   { mx::AttrScope stage({{"ctx_group", "stage2"}}); fc2 = mx::Op(...); }

@@ -31,6 +31,34 @@ TEST(SymbolNames, AutomaticNamesCountPerOperatorWithinAScope) {
   EXPECT_EQ(Op("Activation", {x}, {{"act_type", "relu"}}).name(), "activation0");
 }
 
+// An AttrScope's plain keys on an operator are stored hidden ("__stage__"):
+// as plain keys they were written among the operator's parameters, so the
+// file did not load ("unknown attribute 'stage'"), and a key named as a
+// parameter ("p" over Dropout) replaced the parameter in the file.
+TEST(SymbolAttrs, ScopeKeysOnOperatorsSurviveTheFileAndLeaveParametersAlone) {
+  Symbol net;
+  {
+    AttrScope scope({{"stage", "a"}, {"p", "0.9"}});
+    net = Op("Dropout", {Op("FullyConnected", {Variable("data")}, {{"num_hidden", 4}}, "fc")},
+             {{"p", 0.25f}}, "drop");
+  }
+  absl::StatusOr<Symbol> loaded = Symbol::FromJSON(net.ToJSON());
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->GetAttr("stage"), "a");
+  EXPECT_EQ(loaded->GetAttr("p"), "0.9");  // the scope's attribute, hidden
+  EXPECT_EQ(loaded->ToJSON(), net.ToJSON());
+  EXPECT_THAT(net.ToJSON(), HasSubstr("\"p\": \"0.25\""));  // the parameter
+}
+
+// GetAttr finds a key as MXNet's attr() does: as given, or hidden.
+TEST(SymbolAttrs, GetAttrFindsHiddenKeysByTheirNames) {
+  Symbol w = Variable("w", {{"lr_mult", "2"}, {"mood", "calm"}});
+  EXPECT_EQ(w.GetAttr("lr_mult"), "2");
+  EXPECT_EQ(w.GetAttr("__lr_mult__"), "2");
+  EXPECT_EQ(w.GetAttr("mood"), "calm");
+  EXPECT_EQ(w.GetAttr("colour"), std::nullopt);
+}
+
 TEST(SymbolOps, UnknownOperatorIsAnError) {
   try {
     Op("NoSuchOp", {Variable("x")});
