@@ -85,8 +85,14 @@ struct RDiv {
   MX_XINLINE static float GradA(float g, float a, float b) { return -g * b / (a * a); }
   MX_XINLINE static float GradB(float g, float a, float) { return g / a; }
 };
-struct Max { MX_XINLINE static float Apply(float a, float b) { return a > b ? a : b; } };
-struct Min { MX_XINLINE static float Apply(float a, float b) { return a < b ? a : b; } };
+// NaN wins, as in MXNet (mshadow_op.h): a diverging value must not turn
+// into a number on its way to the loss.
+struct Max {
+  MX_XINLINE static float Apply(float a, float b) { return a > b || a != a ? a : b; }
+};
+struct Min {
+  MX_XINLINE static float Apply(float a, float b) { return a < b || a != a ? a : b; }
+};
 
 struct Exp { MX_XINLINE static float Apply(float x) { return expf(x); } };
 struct Log { MX_XINLINE static float Apply(float x) { return logf(x); } };
@@ -96,7 +102,9 @@ struct Abs { MX_XINLINE static float Apply(float x) { return fabsf(x); } };
 struct Sign {
   MX_XINLINE static float Apply(float x) { return x > 0 ? 1.0f : (x < 0 ? -1.0f : 0.0f); }
 };
-struct Relu { MX_XINLINE static float Apply(float x) { return x > 0 ? x : 0.0f; } };
+struct Relu {
+  MX_XINLINE static float Apply(float x) { return !(x <= 0) ? x : 0.0f; }
+};  // NaN stays
 struct Sigmoid { MX_XINLINE static float Apply(float x) { return 1.0f / (1.0f + expf(-x)); } };
 struct Tanh { MX_XINLINE static float Apply(float x) { return tanhf(x); } };
 }  // namespace op
@@ -327,14 +335,15 @@ struct NormReducer : SumReducer {
 };
 struct MaxReducer {
   MX_XINLINE static double Init() { return -INFINITY; }
-  MX_XINLINE static double Reduce(double acc, float x) { return acc > x ? acc : x; }
-  MX_XINLINE static double Combine(double a, double b) { return a > b ? a : b; }
+  // Sticks at NaN, as MXNet's red::maximum.
+  MX_XINLINE static double Reduce(double acc, float x) { return acc >= x || acc != acc ? acc : x; }
+  MX_XINLINE static double Combine(double a, double b) { return a >= b || a != a ? a : b; }
   MX_XINLINE static float Finalize(double acc, int64_t) { return static_cast<float>(acc); }
 };
 struct MinReducer {
   MX_XINLINE static double Init() { return INFINITY; }
-  MX_XINLINE static double Reduce(double acc, float x) { return acc < x ? acc : x; }
-  MX_XINLINE static double Combine(double a, double b) { return a < b ? a : b; }
+  MX_XINLINE static double Reduce(double acc, float x) { return acc <= x || acc != acc ? acc : x; }
+  MX_XINLINE static double Combine(double a, double b) { return a <= b || a != a ? a : b; }
   MX_XINLINE static float Finalize(double acc, int64_t) { return static_cast<float>(acc); }
 };
 

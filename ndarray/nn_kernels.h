@@ -30,10 +30,12 @@ MX_XINLINE void ForEachRowRun(int64_t begin, int64_t end, int64_t row, F&& f) {
 // Backward(g, y) = g * dy/dx.
 namespace op {
 struct ReluAct {
-  MX_XINLINE static float Apply(float x) { return x > 0 ? x : 0.0f; }
+  // NaN stays NaN, forward and backward, as in MXNet (mshadow_op.h's
+  // relu and relu_grad): a diverging layer shows in the loss.
+  MX_XINLINE static float Apply(float x) { return !(x <= 0) ? x : 0.0f; }
   // A select of an unconditionally loaded value vectorizes; g * (y > 0)
   // does not (GCC sees control flow) and mispredicts on random signs.
-  MX_XINLINE static float Backward(float g, float y) { return y > 0 ? g : 0.0f; }
+  MX_XINLINE static float Backward(float g, float y) { return y > 0 ? g : (y <= 0 ? 0.0f : y); }
 };
 struct SigmoidAct {
   MX_XINLINE static float Apply(float x) { return 1.0f / (1.0f + expf(-x)); }

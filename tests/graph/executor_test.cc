@@ -1,13 +1,15 @@
 // Executor: bind checks, forward/backward values, gradient requests, head
 // gradients, reshape, the monitor and the memory plan.
+#include "graph/executor.h"
+
 #include <cmath>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "gmock/gmock.h"
-#include "graph/executor.h"
 #include "graph/symbol.h"
 #include "gtest/gtest.h"
 
@@ -409,6 +411,31 @@ TEST(ExecutorBackward, ASecondBackwardNeedsAForwardBetween) {
   (*exec)->Backward();
   EXPECT_EQ((*exec)->grad_dict().at("fc3_weight").ToVector(), first);
   EXPECT_EQ((*exec)->grad_dict().at("fc1_weight").ToVector(), first1);
+}
+
+}  // namespace
+}  // namespace mx
+
+namespace mx {
+namespace {
+
+// Activation relu keeps NaN forward and backward, as MXNet's relu and
+// relu_grad do (it gave 0 and a gradient of 0).
+TEST(ExecutorNaN, ReluActivationKeepsNaNForwardAndBackward) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  Symbol y = Op("Activation", {Variable("x")}, {{"act_type", "relu"}}, "relu");
+  NDArray x = FromVector({nan, -1, 2}), gx = Zeros({3});
+  auto exec = Executor::Bind(y, cpu(), {{"x", x}}, {{"x", gx}});
+  ASSERT_TRUE(exec.ok()) << exec.status();
+  (*exec)->Forward(true);
+  (*exec)->Backward({FromVector({1, 1, 1})});
+  const std::vector<float> out = (*exec)->outputs()[0].ToVector(), grad = gx.ToVector();
+  EXPECT_TRUE(std::isnan(out[0]));
+  EXPECT_EQ(out[1], 0);
+  EXPECT_EQ(out[2], 2);
+  EXPECT_TRUE(std::isnan(grad[0]));
+  EXPECT_EQ(grad[1], 0);
+  EXPECT_EQ(grad[2], 1);
 }
 
 }  // namespace

@@ -1275,3 +1275,35 @@ TEST(NDArrayContexts, MixingContextsInOneOperationIsRefusedNamingBoth) {
 
 }  // namespace
 }  // namespace mx
+
+namespace mx {
+namespace {
+
+// NaN wins in relu, maximum, minimum and the max and min reductions, as in
+// MXNet (mshadow_op.h): relu turned NaN into 0, and max over {NaN, 1} was 1
+// or NaN by the elements' order, so a diverging layer hid from the loss.
+TEST(NDArrayNaN, ReluMaximumMinimumAndMaxMinKeepNaN) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto all_nan = [](const NDArray& a) {
+    for (float v : a.ToVector()) {
+      if (!std::isnan(v)) return false;
+    }
+    return true;
+  };
+  EXPECT_TRUE(all_nan(Relu(FromVector({nan}))));
+  EXPECT_THAT(Relu(FromVector({-1, 2})).ToVector(), ElementsAre(0, 2));
+  for (const std::vector<float>& v : {std::vector<float>{nan, 1}, std::vector<float>{1, nan}}) {
+    EXPECT_TRUE(all_nan(Max(FromVector(v))));
+    EXPECT_TRUE(all_nan(Min(FromVector(v))));
+  }
+  EXPECT_TRUE(all_nan(Maximum(FromVector({nan}), 3.0f)));
+  EXPECT_TRUE(all_nan(Minimum(FromVector({nan}), 3.0f)));
+  EXPECT_TRUE(all_nan(Maximum(FromVector({nan, 1}), FromVector({1, nan}))));
+  EXPECT_TRUE(all_nan(Minimum(FromVector({nan, 1}), FromVector({1, nan}))));
+  EXPECT_THAT(Maximum(FromVector({1, 5}), FromVector({3, 2})).ToVector(), ElementsAre(3, 5));
+  EXPECT_THAT(Max(FromVector({1, 5, -2})).ToVector(), ElementsAre(5));
+  EXPECT_THAT(Min(FromVector({1, 5, -2})).ToVector(), ElementsAre(-2));
+}
+
+}  // namespace
+}  // namespace mx
