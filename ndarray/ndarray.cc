@@ -211,8 +211,8 @@ NDArray NDArray::Slice(int64_t begin, int64_t end) const {
 
 NDArray NDArray::At(int64_t i) const {
   NDArray row = Slice(i, i + 1);
-  return NDArray(row.chunk_, Shape(shape_.begin() + 1, shape_.end()),
-                 row.offset_);
+  if (ndim() == 1) return row;  // (1,), as MXNet's NDArray::At
+  return NDArray(row.chunk_, Shape(shape_.begin() + 1, shape_.end()), row.offset_);
 }
 
 NDArray NDArray::Reshape(const Shape& shape) const {

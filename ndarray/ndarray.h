@@ -125,7 +125,9 @@ class NDArray {
 
   // Rows [begin, end) of the first dimension. 0 <= begin <= end <= shape[0].
   NDArray Slice(int64_t begin, int64_t end) const;
-  // Row i of the first dimension, with one dimension fewer.
+  // Row i of the first dimension, with one dimension fewer; of a vector,
+  // element i as shape (1,), as MXNet's At (a 0-d array binds and saves
+  // nowhere: MXNet reads ndim 0 as an unknown shape).
   NDArray At(int64_t i) const;
   // The same elements with another shape of equal size. One dimension may be
   // -1 and is then inferred.

@@ -368,11 +368,15 @@ TEST(NDArrayAt, SelectsOneRowWithOneDimensionFewer) {
   EXPECT_THAT(a.ToVector(), ElementsAre(0, 1, -1, -1, 4, 5));
 }
 
-TEST(NDArrayAt, OfAVectorIsAZeroDimensionalElement) {
+// As MXNet's At: element i of a vector has shape (1,) (it was a 0-d
+// array, which binds nowhere: "cannot infer the shapes of x").
+TEST(NDArrayAt, OfAVectorIsAnElementOfShapeOne) {
   NDArray v = FromVector({4, 5, 6});
   NDArray e = v.At(2);
-  EXPECT_EQ(e.ndim(), 0);
+  EXPECT_EQ(e.shape(), Shape({1}));
   EXPECT_EQ(e.Scalar(), 6.0f);
+  e.Assign(7.0f);  // a view
+  EXPECT_THAT(v.ToVector(), ElementsAre(4, 5, 7));
 }
 
 TEST(NDArrayAt, OutOfRangeNamesTheIndexAndShape) {
