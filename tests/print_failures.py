@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
 """Prints each failed test case of the JUnit XML files named on stdin (one
-path per line, under bazel-testlogs/), one line each: target, test and the
-start of its failure message. run_all.sh prints these last, where the
-tail of a long CI log still shows why a run failed."""
+path per line, under bazel-testlogs/ or the testlogs/ folder it links to),
+one line each: target, test and the start of its failure message.
+run_all.sh prints these last, where the tail of a long CI log still shows
+why a run failed."""
 
 import sys
 import xml.etree.ElementTree as ET
 
 
 def main():
-    for path in sys.stdin.read().split():
-        target = path.removeprefix("bazel-testlogs/").removesuffix("/test.xml")
+    for path in sys.stdin.read().splitlines():
+        if not path:
+            continue
+        target = path.split("testlogs/", 1)[-1].removesuffix("/test.xml")
         try:
             root = ET.parse(path).getroot()
-        except ET.ParseError as e:
+        except (ET.ParseError, OSError) as e:
             print(f"FAILED {target}: unreadable results ({e})")
             continue
         for case in root.iter("testcase"):

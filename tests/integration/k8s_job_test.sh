@@ -14,6 +14,59 @@ K8S_JOB="$1"; LOCAL="$2"; SERVER="$3"; TRAIN="$4"
 TMP="${TEST_TMPDIR:-$(mktemp -d)}"
 failures=0
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+
+# live_pods LOG: the pod processes a local run's LOG names ("k8s_local.py:
+# started worker 1 (pid N)": unshare, whose --kill-child takes the pod's
+# PID namespace with it, or the pod's own process where there are none)
+# that still run, checked against their command lines in case a pid was
+# reused.
+live_pods() {
+  local pid
+  for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$1" 2>/dev/null); do
+    if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qE 'mx_(server|train) '; then
+      echo "$pid"
+    fi
+  done
+}
+# expect_no_pods WHAT LOG: fails for each pod process of LOG still running,
+# and kills it.
+expect_no_pods() {
+  local pid
+  for pid in $(live_pods "$2"); do
+    fail "$1: pod process $pid left running"
+    kill -9 "$pid" 2>/dev/null
+  done
+}
+# The /dev/shm segments (mx-w*) there before the --shm run, and whether
+# that run's new ones are still to be removed.
+shm_before=""
+shm_pending=0
+# remove_new_segments: removes the mx-w* segments of the machine's /dev/shm
+# that were not there before the --shm run, once; sets shm_removed to
+# their names.
+shm_removed=""
+remove_new_segments() {
+  local name
+  (( shm_pending )) || return 0
+  shm_pending=0
+  shm_removed=$(comm -13 <(echo "$shm_before") <(ls /dev/shm | grep '^mx-w' | sort))
+  for name in $shm_removed; do rm -f -- "/dev/shm/$name"; done
+}
+# On any exit (a failure, or Bazel's SIGTERM at a timeout): each local run
+# is a `timeout` child of this script in a process group of its own, which
+# a signal to the test's group does not reach; killed, group and all,
+# first, so that no Job replaces the pods killed next: those the runs' logs
+# name. Then the --shm run's segments, if it was cut off.
+cleanup() {
+  local pid log
+  for pid in $(pgrep -P $$ -x timeout); do kill -KILL -- "-$pid" 2>/dev/null; done
+  for log in "$TMP"/*.log; do
+    for pid in $(live_pods "$log"); do kill -KILL "$pid" 2>/dev/null; done
+  done
+  remove_new_segments
+}
+trap cleanup EXIT
+
 source "$(dirname "$0")/../testdata/make_csv.sh"
 make_csv 400 "$TMP/train.csv" "$TMP/train_labels.csv"
 make_csv 100 "$TMP/test.csv" "$TMP/test_labels.csv"
@@ -309,12 +362,7 @@ echo "$out" | grep -q "liveness" && fail "a liveness probe failed: $(grep livene
 for f in fm-0003.params fm-0003.states; do
   [[ -s "$TMP/volumes/ck/$f" ]] || fail "no checkpoint $f on the claim: $(ls "$TMP/volumes/ck" 2>&1)"
 done
-for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$TMP/run.log"); do
-  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qE 'mx_(server|train) '; then
-    fail "pod process $pid left running"
-    kill -9 "$pid"
-  fi
-done
+expect_no_pods "the job" "$TMP/run.log"
 
 # The same job with --tls: the pods read the TLS files from the Secret's
 # volume and train over mutual TLS.
@@ -344,7 +392,10 @@ for name, shared in (("fm-coordinator", False), ("fm-server", True), ("fm-worker
     if got != (shared,) * 3:
         sys.exit(f"--shm {name}: hostPath volume, mount, MX_SHM_DIR: {got}, want all {shared}")
 EOF
-before=$(ls /dev/shm | grep -c '^mx-w')
+# The segments there already, by name: only the ones this run leaves count
+# (and are removed, here or by the EXIT trap), whatever an earlier run left.
+shm_before=$(ls /dev/shm | grep '^mx-w' | sort)
+shm_pending=1
 timeout -k 5 150 python3 "$LOCAL" "$TMP/shm.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
   --timeout 120 > "$TMP/shm.log" 2>&1 ||
   fail "--shm: local run failed: $(grep -E 'mx_(train|server): ' "$TMP/shm.log"; tail -5 "$TMP/shm.log")"
@@ -356,7 +407,8 @@ for s in 0 1; do
   done
 done
 grep -q "no shared memory" "$TMP/shm.log" && fail "--shm: $(grep 'no shared memory' "$TMP/shm.log")"
-[[ $(ls /dev/shm | grep -c '^mx-w') -eq $before ]] || fail "--shm: segment files left in /dev/shm"
+remove_new_segments
+[[ -z $shm_removed ]] || fail "--shm: segment files left in /dev/shm (now removed): $(echo $shm_removed)"
 
 # kill_worker_pod CASE MANIFEST LOG MAX_MS: runs MANIFEST's pods, kills
 # worker 1's pod (kill -9) once it has finished an epoch, and checks that
@@ -376,9 +428,7 @@ kill_worker_pod() {
   echo "$case: the job ended ${elapsed} ms after the kill (exit code $rc)"
   [[ $rc -eq 1 ]] || fail "$case: local run exit code $rc, not 1"
   (( elapsed <= max_ms )) || fail "$case: the job took ${elapsed} ms to end"
-  for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$log"); do
-    if kill -0 "$pid" 2>/dev/null; then fail "$case: pod process $pid left running"; kill -9 "$pid"; fi
-  done
+  expect_no_pods "$case" "$log"
 }
 
 # A worker pod killed mid-job: its Job fails (backoffLimit 0) and stops its
@@ -467,8 +517,9 @@ grep -q "^k8s_local.py: Job fm-worker-0 failed (worker 1 exited -9); terminating
   "$TMP/jobset_kill.log" || fail "JobSet, killed worker pod: $(grep '^k8s_local' "$TMP/jobset_kill.log" | tail -3)"
 
 # kill_pod_mid_job MANIFEST LOG POD [SIGNAL]: runs the manifest's pods, sends
-# POD (its first) SIGNAL once worker 1 has trained 5 epochs, and returns the
-# local run's exit code. KILL (the default): to the pod's process (unshare,
+# POD (its first) SIGNAL once worker 1 has trained 5 epochs, fails for any
+# pod process left running once the run has ended, and returns the local
+# run's exit code. KILL (the default): to the pod's process (unshare,
 # which takes the pod with it), as a node's OOM killer or a crash ends it;
 # TERM: to the pod's PID 1 (unshare's child, where pods have PID
 # namespaces), as the kubelet stops a pod that is deleted (kubectl delete
@@ -486,6 +537,9 @@ kill_pod_mid_job() {
   fi
   [[ -n "$victim" ]] && kill "-$sig" "$victim"
   wait "$local_run"
+  local rc=$?
+  expect_no_pods "$pod sent SIG$sig mid-job ($(basename "$log"))" "$log"
+  return $rc
 }
 
 # Bounded staleness reaches every server (flag) and worker (environment),

@@ -24,6 +24,7 @@ worker=("$TRAIN" --kvstore=dist_sync --network=mlp --batch_size=20 --lr=0.5
 
 JOB_LOGS=()      # every job's log, for the EXIT trap
 LAUNCHERS=()     # launchers started in the background
+declare -gA LAUNCHER_OF=()  # a background job's log -> its launcher's pid
 
 # start_job LOG LAUNCH_ARGS... -- WORKER_ARGS...: runs launch.py in the
 # background (at most 120 s, then SIGKILL 5 s later if it ignores the
@@ -34,6 +35,7 @@ start_job() {
   timeout -k 5 120 python3 "$LAUNCH" --server-binary="$SERVER" "$@" > "$log" 2>&1 &
   launcher=$!
   LAUNCHERS+=("$launcher")
+  LAUNCHER_OF["$log"]=$launcher
 }
 
 # click_logs GEN TRAIN_SAMPLES TEST_SAMPLES: writes click-through logs with
@@ -107,10 +109,13 @@ assert_nothing_left() {
     fail "$log: processes left behind: $(echo $left)"
     kill -9 $left 2>/dev/null
   fi
-  # The job's shared memory directory goes with its launcher.
-  local shm
+  # The job's shared memory directory goes with its launcher: once that has
+  # ended it must be gone. The launcher is start_job's for LOG, else the
+  # one a test started itself ($launcher); none (a job run in the
+  # foreground, as launch_test.sh's first ones) has ended.
+  local shm pid=${LAUNCHER_OF["$log"]:-${launcher:-}}
   shm=$(sed -n 's/.*launch\.py: shared memory in \(.*\)$/\1/p' "$log" | head -1)
-  if [[ -n "$shm" && -e "$shm" ]] && ! kill -0 "$launcher" 2>/dev/null; then
+  if [[ -n "$shm" && -e "$shm" ]] && { [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; }; then
     fail "$log: shared memory left behind in $shm: $(ls -A "$shm" | head -3)"
   fi
 }
