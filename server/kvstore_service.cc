@@ -974,6 +974,7 @@ class Service final {
     if (self < 0) return refuse("this server does not replicate (start it with --replicas=2)");
     if (req.primary() == req.backup()) return refuse("the two copies must be on two servers");
     const int servers = servers_.load();
+    if (servers == 0) return refuse("this server does not replicate (start it with --replicas=2)");
     for (int server : {req.primary(), req.backup()}) {
       if (server < 0 || server >= servers) {
         return refuse(absl::StrCat("the job has servers 0 to ", servers - 1));

@@ -315,6 +315,13 @@ TEST(DistReplicas, AnInitNamingAServerTheJobHasNotIsRefused) {
   init.set_backup(1);
   s = testing::RawCall(channel, "/mx.proto.KVStoreService/Init", init.SerializeAsString());
   EXPECT_TRUE(s.ok()) << s.error_message();
+  // A server with a rank but without replication says so.
+  Cluster plain = StartServers(1, 1);
+  plain.servers[0]->SetRank(0);
+  s = testing::RawCall(grpc::CreateChannel(plain.addresses[0], grpc::InsecureChannelCredentials()),
+                       "/mx.proto.KVStoreService/Init", init.SerializeAsString());
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("this server does not replicate"));
 }
 
 // A spare that takes a dead server's rank gets the whole state of every
