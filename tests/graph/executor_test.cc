@@ -21,11 +21,13 @@ using ::testing::HasSubstr;
 using ::testing::Pointwise;
 using ::testing::FloatNear;
 
-Symbol Mlp() {
+// The MLP data -> fc1 (hidden1) -> relu -> fc2 (hidden2) -> relu -> fc3 (10)
+// -> softmax.
+Symbol Mlp(int hidden1 = 128, int hidden2 = 64) {
   Symbol net = Variable("data");
-  net = Op("FullyConnected", {net}, {{"num_hidden", 128}}, "fc1");
+  net = Op("FullyConnected", {net}, {{"num_hidden", hidden1}}, "fc1");
   net = Op("Activation", {net}, {{"act_type", "relu"}}, "relu1");
-  net = Op("FullyConnected", {net}, {{"num_hidden", 64}}, "fc2");
+  net = Op("FullyConnected", {net}, {{"num_hidden", hidden2}}, "fc2");
   net = Op("Activation", {net}, {{"act_type", "relu"}}, "relu2");
   net = Op("FullyConnected", {net}, {{"num_hidden", 10}}, "fc3");
   return Op("SoftmaxOutput", {net}, {}, "softmax");
@@ -376,14 +378,9 @@ namespace {
 // read, so the second gave other gradients, silently (fc3_weight's and
 // fc1_weight's both differed). It is an error; the first's gradients stay.
 TEST(ExecutorBackward, ASecondBackwardNeedsAForwardBetween) {
-  Symbol x = Variable("data");
-  x = Op("FullyConnected", {x}, {{"num_hidden", 64}}, "fc1");
-  x = Op("Activation", {x}, {{"act_type", "relu"}}, "relu1");
-  x = Op("FullyConnected", {x}, {{"num_hidden", 128}}, "fc2");
-  x = Op("Activation", {x}, {{"act_type", "relu"}}, "relu2");
-  x = Op("FullyConnected", {x}, {{"num_hidden", 10}}, "fc3");
-  x = Op("SoftmaxOutput", {x}, {}, "softmax");
-  auto exec = Executor::SimpleBind(x, cpu(), {{"data", Shape{4, 8}}});
+  // Widening (64 then 128): a buffer of the second relu's output is free
+  // for the first's gradient when backward reaches it.
+  auto exec = Executor::SimpleBind(Mlp(64, 128), cpu(), {{"data", Shape{4, 8}}});
   ASSERT_TRUE(exec.ok()) << exec.status();
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> u(-1, 1);
