@@ -12,7 +12,7 @@ messages (on stderr, "launch.py: ...") add what the process said about
 itself (a server's address) and its pid.
 
 Success: when every worker has exited 0 (mx_train leaves the job when it is
-done), the servers and the coordinator shut down on their own (each logs
+done, and says "worker N: left the job"), the servers and the coordinator shut down on their own (each logs
 "every worker finished; shutting down" and exits 0; any still running 5 s
 later is stopped with SIGTERM and reported) and the launcher exits 0. Workers
 that all exit 0 without the coordinator having seen them finish (they never
@@ -260,6 +260,11 @@ COORDINATOR_SILENT = re.compile(
     r"^(?:server|worker) \S+: the coordinator at \S+ has not answered for")
 
 
+# A worker's word that the coordinator acknowledged its leaving the job
+# (DistKVStore::Finish): the coordinator has seen it finish.
+LEFT_JOB = re.compile(r"^worker \d+: left the job")
+
+
 # A worker's word that the coordinator declared a server dead (replicas 2:
 # the job goes on without it), or the coordinator's about a spare that went
 # silent: the server's identity (as IDENTITY gives it).
@@ -286,6 +291,7 @@ class Proc:
         self.declared_dead = set()  # identities of servers it heard were declared dead
         self.started_at = None    # time.time() of its (last) start
         self.coordinator_silent_at = None  # when it said the coordinator stopped answering
+        self.left_job = False     # a worker that said the coordinator saw it finish
 
     def drain(self, timeout=1.0):
         """Waits (bounded) until the output of the exited process is copied."""
@@ -481,6 +487,8 @@ class Job:
                 m = pattern.match(line)
                 if m:
                     proc.declared_dead.add(identity(m))
+            if LEFT_JOB.match(line):
+                proc.left_job = True
             if COORDINATOR_SILENT.match(line):
                 proc.coordinator_silent_at = time.time()
             for pattern, names in BLAME:
@@ -729,7 +737,7 @@ def finish(job, lost):
         log(f"warning: {p.describe()} did not shut down cleanly: {how}")
     if not unclean:
         log(f"the coordinator and {len(daemons) - 1} server(s) shut down cleanly")
-    if job_ran(daemons):
+    if job_ran(daemons, [w for w in workers if w not in lost]):
         return 0
     coordinator = next(d for d in daemons if d.role == "coordinator")
     code = coordinator.poll()
@@ -747,16 +755,25 @@ def finish(job, lost):
     return 1
 
 
-def job_ran(daemons):
-    """Whether the coordinator saw every worker finish: a daemon exits 0
-    only then (the coordinator once it has, a server once the coordinator
-    told it so), even one stopped by SIGTERM after that; stopped before,
-    it exits 128 + the signal (mx_server.cc). A daemon that had to be
-    stopped because it waited for a server may still have exited non-zero
-    after a job that ran, so any one's 0 is enough. Workers that exit 0
-    without ever joining the job (`true`, mx_train --kvstore=local or
-    --help) leave every daemon waiting for them."""
-    return any(d.popen.returncode == 0 for d in daemons)
+def job_ran(daemons, workers):
+    """Whether the coordinator saw every worker finish. Each of `workers`
+    (those not lost) says so when the coordinator acknowledged its leaving
+    (LEFT_JOB): enough even when the coordinator was killed right after,
+    before it told the servers. And a daemon exits 0 only then (the
+    coordinator once it has, a server once the coordinator told it so),
+    even one stopped by SIGTERM after that; stopped before, it exits 128 +
+    the signal (mx_server.cc). A daemon that had to be stopped because it
+    waited for a server may still have exited non-zero after a job that
+    ran, so any one's 0 is enough. Workers that exit 0 without ever
+    joining the job (`true`, mx_train --kvstore=local or --help) or
+    without leaving it leave every daemon waiting for them."""
+    return every_worker_left(workers) or any(d.popen.returncode == 0 for d in daemons)
+
+
+def every_worker_left(workers):
+    """Whether each of `workers` said the coordinator acknowledged its
+    leaving the job (LEFT_JOB)."""
+    return bool(workers) and all(w.left_job for w in workers)
 
 
 def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
@@ -787,6 +804,9 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
             if code == 0 and all_workers_finished(job, lost, grace):
                 break
             p.drain()  # its last lines first
+            if p.role == "coordinator" and every_worker_left(
+                    [w for w in job.workers() if w not in lost]):
+                continue  # killed after the job ran: finish() stops the servers
             if p.role == "coordinator" and code < 0 and coordinator_restarts > 0:
                 coordinator_restarts -= 1
                 restart_coordinator(job, p, f"died: {how_it_ended(code)}", coordinator_restarts)

@@ -170,6 +170,32 @@ grep -q "^launch.py: started \(server\|worker\)" "$log" &&
 left=$(live_job_pids "$log")
 [[ -z "$left" ]] || fail "coordinator_killed_before_listening_no_restart: processes left behind: $(echo $left)"
 
+# A coordinator killed once every worker has left the job, before it told
+# the servers (found by tests/chaos: the job ran, yet the launcher said "the
+# job failed: coordinator killed by signal 9"). The worker kills it the
+# moment it exits 0; the servers have to be stopped, and the job exits 0.
+printf '#!/bin/sh
+case "$*" in *--role=coordinator*) echo $$ > "%s" ;; esac
+exec "%s" "$@"
+' \
+  "$TMP/coordinator.pid" "$SERVER" > "$TMP/pid_noted.sh"
+printf '#!/bin/sh
+"$@" || exit $?
+kill -9 "$(cat "%s")"
+' "$TMP/coordinator.pid" > "$TMP/kills_coordinator.sh"
+chmod +x "$TMP/pid_noted.sh" "$TMP/kills_coordinator.sh"
+log="$TMP/coordinator_killed_after_workers_left.log"
+start_job "$log" -n 1 -s 2 --server-binary="$TMP/pid_noted.sh" -- "$TMP/kills_coordinator.sh" \
+  "${worker[@]}" --epochs=2
+wait "$launcher"; rc=$?
+[[ $rc -eq 0 ]] || { fail "coordinator_killed_after_workers_left: the job exited $rc"; grep "^launch.py" "$log"; }
+grep -q "^\[worker 0\] worker 0: left the job$" "$log" ||
+  fail "coordinator_killed_after_workers_left: the worker did not say it left the job"
+grep -qE "^launch.py: warning: coordinator \(pid [0-9]+\) did not shut down cleanly: killed by signal 9" "$log" ||
+  fail "coordinator_killed_after_workers_left: the launcher did not say how the coordinator ended"
+sleep 0.5
+assert_nothing_left "$log"
+
 # hang_during_job CASE VICTIM: VICTIM ("server 1", "worker 1") hangs
 # (SIGSTOP) while the job trains. A hung node keeps its connections open,
 # so no call to it fails on its own before the 30 s RPC deadline: the
