@@ -421,6 +421,48 @@ void PullDeadlines::Loop() {
   }
 }
 
+// A key's whole state into `header` (ReplicatedStep.state); returns its
+// value, which goes as the step's tensor.
+Pieces EncodeState(const std::shared_ptr<const KeyState>& shared, proto::ReplicatedStep* header) {
+  const KeyState& state = *shared;
+  proto::KeyState* out = header->mutable_state();
+  for (int64_t d : state.shape) out->add_shape(d);
+  for (int64_t d : state.table) out->add_table(d);
+  out->set_first_row(state.first_row);
+  for (const auto& [rank, seq] : state.seen) {
+    header->add_ranks(rank);
+    header->add_seqs(seq);
+  }
+  proto::SetOptimizerRequest* opt = out->mutable_optimizer();
+  opt->set_name(state.optimizer);
+  for (const auto& [k, v] : state.optimizer_options) (*opt->mutable_options())[k] = v;
+  for (const auto& [k, v] : state.param_names) (*opt->mutable_param_names())[k] = v;
+  for (const auto& [k, v] : state.lr_mult) (*opt->mutable_lr_mult())[k] = v;
+  for (const auto& [k, v] : state.wd_mult) (*opt->mutable_wd_mult())[k] = v;
+  out->set_optimizer_states(state.optimizer_states);
+  return Pieces::Of(state.value.data(), state.value.size(), shared);
+}
+
+}  // namespace
+
+EncodedMessage EncodeReplicaStep(const ReplicaStep& step) {
+  proto::ReplicatedStep header;
+  header.set_key(step.key);
+  header.set_version(step.version);
+  for (const auto& [rank, seq] : step.pushes) {
+    header.add_ranks(rank);
+    header.add_seqs(seq);
+  }
+  header.mutable_rows()->mutable_ids()->Add(step.rows.begin(), step.rows.end());
+  Pieces value = step.value;
+  if (step.state != nullptr) value = EncodeState(step.state, &header);
+  header.mutable_value()->add_shape(static_cast<int64_t>(value.bytes() / sizeof(float)));
+  header.mutable_value()->set_dtype(proto::FLOAT32);
+  return EncodeTensorMessage(header, kStepValueField, value);
+}
+
+namespace {
+
 // Sends the steps of the keys a server holds as primary to their backups
 // (ParameterShard::SetReplicator): for each backup, the steps queued since
 // the last call go in one call, except those of a key that a call in
@@ -555,15 +597,15 @@ class Replicator {
       return false;
     }
     // Moves the queued steps of the keys no call in flight carries into
-    // `steps`, in their order, up to `max_bytes` of values (at least one
-    // step): the backup takes messages of a bounded size, and a spare's
-    // first steps carry the whole state of every key it gets.
+    // `steps`, in their order, up to `max_bytes` of their encoding (at
+    // least one step): the backup takes messages of a bounded size, and a
+    // spare's first steps carry the whole state of every key it gets.
     void TakeSendable(size_t max_bytes, std::vector<ReplicaStep>* steps) {
       std::deque<ReplicaStep> held;
       std::set<int> left;  // keys with a step held: their later steps wait too
       size_t bytes = 0;
       for (ReplicaStep& step : queued) {
-        const size_t step_bytes = StepBytes(step);
+        const size_t step_bytes = step.WireBytes();
         const bool fits = steps->empty() || bytes + step_bytes <= max_bytes;
         if (InFlight(step.key) || left.count(step.key) || !fits) {
           left.insert(step.key);
@@ -574,10 +616,6 @@ class Replicator {
         }
       }
       queued = std::move(held);
-    }
-    static size_t StepBytes(const ReplicaStep& step) {
-      if (step.state == nullptr) return step.value.bytes() + step.rows.size() * sizeof(int64_t);
-      return step.state->value.size() * sizeof(float) + step.state->optimizer_states.size();
     }
     void SetAddress(const std::string& grpc_address, const std::string& stream_address,
                     const rpc::Security& security) {
@@ -688,47 +726,10 @@ class Replicator {
     --senders_;
   }
 
-  // A key's whole state into `header` (ReplicatedStep.state); returns its
-  // value, which goes as the step's tensor.
-  static Pieces EncodeState(const std::shared_ptr<const KeyState>& shared,
-                            proto::ReplicatedStep* header) {
-    const KeyState& state = *shared;
-    proto::KeyState* out = header->mutable_state();
-    for (int64_t d : state.shape) out->add_shape(d);
-    for (int64_t d : state.table) out->add_table(d);
-    out->set_first_row(state.first_row);
-    for (const auto& [rank, seq] : state.seen) {
-      header->add_ranks(rank);
-      header->add_seqs(seq);
-    }
-    proto::SetOptimizerRequest* opt = out->mutable_optimizer();
-    opt->set_name(state.optimizer);
-    for (const auto& [k, v] : state.optimizer_options) (*opt->mutable_options())[k] = v;
-    for (const auto& [k, v] : state.param_names) (*opt->mutable_param_names())[k] = v;
-    for (const auto& [k, v] : state.lr_mult) (*opt->mutable_lr_mult())[k] = v;
-    for (const auto& [k, v] : state.wd_mult) (*opt->mutable_wd_mult())[k] = v;
-    out->set_optimizer_states(state.optimizer_states);
-    return Pieces::Of(state.value.data(), state.value.size(), shared);
-  }
-
   // The request of `call`, from its steps.
   void Encode(Call* call) const {
     std::vector<EncodedMessage> entries;
-    for (const ReplicaStep& step : call->steps) {
-      proto::ReplicatedStep header;
-      header.set_key(step.key);
-      header.set_version(step.version);
-      for (const auto& [rank, seq] : step.pushes) {
-        header.add_ranks(rank);
-        header.add_seqs(seq);
-      }
-      header.mutable_rows()->mutable_ids()->Add(step.rows.begin(), step.rows.end());
-      Pieces value = step.value;
-      if (step.state != nullptr) value = EncodeState(step.state, &header);
-      header.mutable_value()->add_shape(static_cast<int64_t>(value.bytes() / sizeof(float)));
-      header.mutable_value()->set_dtype(proto::FLOAT32);
-      entries.push_back(EncodeTensorMessage(header, kStepValueField, value));
-    }
+    for (const ReplicaStep& step : call->steps) entries.push_back(EncodeReplicaStep(step));
     proto::ReplicateRequest rest;
     rest.set_primary(options_.rank);
     *rest.mutable_credential() = credential_;

@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "proto/wire.h"
 #include "rpc/security.h"
 #include "server/shard.h"
 
@@ -54,6 +55,10 @@ struct ReplicationOptions {
   // calls). StartReplication sets it from the server's own largest message.
   size_t max_call_bytes = size_t{1} << 30;
 };
+
+// A step for a backup as it goes in a ReplicateRequest (its entry in
+// `steps`); ReplicaStep::WireBytes bounds its size.
+EncodedMessage EncodeReplicaStep(const ReplicaStep& step);
 
 // A running parameter server: a gRPC server on `bind_address` (host:port;
 // port 0 picks a free one) serving one shard. Every handler checks the

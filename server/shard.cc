@@ -6,14 +6,15 @@
 #include <cmath>
 #include <cstring>
 #include <iostream>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
 #include "ndarray/ndarray.h"
 #include "ndarray/row_sparse.h"
-#include "proto/slice_key.h"
 #include "ndarray/trace.h"
+#include "proto/slice_key.h"
 
 namespace mx {
 
@@ -1045,6 +1046,39 @@ int ParameterShard::ServerDied(int server) {
   return taken;
 }
 
+namespace {
+
+// Protobuf's bound for an entry of each kind: a tag, a varint length and,
+// in a map, the entry's own tags (a key or value of up to 10 bytes).
+constexpr size_t kFieldBytes = 16;
+constexpr size_t kVarintBytes = 10;  // an int64, packed
+
+template <class Map>
+size_t MapBytes(const Map& map) {
+  size_t bytes = 0;
+  for (const auto& [k, v] : map) {
+    bytes += kFieldBytes + 2 * kVarintBytes;
+    if constexpr (std::is_same_v<std::decay_t<decltype(k)>, std::string>) bytes += k.size();
+    if constexpr (std::is_same_v<std::decay_t<decltype(v)>, std::string>) bytes += v.size();
+  }
+  return bytes;
+}
+
+}  // namespace
+
+size_t KeyState::WireBytes() const {
+  return kFieldBytes * 8 + value.size() * sizeof(float) + optimizer_states.size() +
+         optimizer.size() + (shape.ndim() + table.ndim() + 1) * kVarintBytes +
+         seen.size() * 2 * kVarintBytes + MapBytes(optimizer_options) + MapBytes(param_names) +
+         MapBytes(lr_mult) + MapBytes(wd_mult);
+}
+
+size_t ReplicaStep::WireBytes() const {
+  if (state != nullptr) return state->WireBytes();
+  return kFieldBytes * 8 + value.bytes() + (rows.size() + 3) * kVarintBytes +
+         pushes.size() * 2 * kVarintBytes;
+}
+
 int ParameterShard::ServerReplaced(int server) {
   const int restored = RestoreCopies(server);
   FlushReplicas();
@@ -1063,7 +1097,7 @@ int ParameterShard::RestoreCopies(int server) {
       FailKey(id, &k, state.status());
       continue;
     }
-    const size_t bytes = (*state)->value.size() * sizeof(float) + (*state)->optimizer_states.size();
+    const size_t bytes = (*state)->WireBytes();
     if (bytes > options_.max_state_bytes) {
       std::cerr << "mx_server: key " << id << " keeps one copy: its state (" << bytes / 1e6
                 << " MB) is more than a message to server " << server << " may carry ("

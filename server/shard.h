@@ -145,6 +145,11 @@ struct ReplicaStep {
   // A table's step: the rows `value` holds, ascending, counted from the
   // range's first row.
   std::vector<int64_t> rows;
+
+  // At least the bytes of its encoding (a ReplicatedStep): a message to a
+  // backup is capped by it (ReplicationOptions::max_call_bytes), and so is
+  // a key's state for a new backup (ShardOptions::max_state_bytes).
+  size_t WireBytes() const;
 };
 
 // A key's whole state on its primary: what a new backup needs to hold the
@@ -164,6 +169,11 @@ struct KeyState {
   std::map<int, std::string> param_names;
   std::map<std::string, float> lr_mult, wd_mult;
   std::string optimizer_states;
+
+  // At least the bytes of its encoding, value included (see
+  // ReplicaStep::WireBytes): the optimizer's settings and names count, as
+  // does a worker's seq per rank, not only the values.
+  size_t WireBytes() const;
 };
 
 class ParameterShard {
