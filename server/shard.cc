@@ -1113,6 +1113,17 @@ int ParameterShard::RestoreCopies(int server) {
   return restored;
 }
 
+int64_t ParameterShard::Unapplied(const Key& k, int rank) {
+  int64_t n = 0;
+  if (auto it = k.pending.find(rank); it != k.pending.end()) {
+    for (const Pending& p : it->second) n += p.seq > 0;
+  }
+  if (auto it = k.parked.find(rank); it != k.parked.end()) {
+    for (const Key::Parked& p : it->second) n += p.push.seq > 0;
+  }
+  return n;
+}
+
 absl::StatusOr<std::shared_ptr<const KeyState>> ParameterShard::StateOf(int id,
                                                                        const Key& k) const {
   auto state = std::make_shared<KeyState>();
@@ -1125,7 +1136,11 @@ absl::StatusOr<std::shared_ptr<const KeyState>> ParameterShard::StateOf(int id,
   } else {  // fresh: only a backup's goes stale, and ServerDied freshens it
     k.value.CopyTo(0, k.value.bytes(), state->value.data());
   }
+  // Only the pushes of completed steps: those pending or parked here are
+  // not in the value, and their workers send them again to whichever copy
+  // takes the key over (a push is numbered one above the last recorded).
   state->seen = k.seen;
+  for (auto& [rank, seen] : state->seen) seen -= Unapplied(k, rank);
   if (optimizer_ != nullptr) {
     state->optimizer = optimizer_->name();
     state->optimizer_options = optimizer_->options();

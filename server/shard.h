@@ -488,6 +488,9 @@ class ParameterShard {
   // The key's whole state, for a new backup.
   absl::StatusOr<std::shared_ptr<const KeyState>> StateOf(int id, const Key& k) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The numbered pushes of `rank` recorded for k but in no completed step
+  // (pending or parked).
+  static int64_t Unapplied(const Key& k, int rank);
   // The backup's side of a step that carries a KeyState: creates the key
   // (or, sent again, leaves it) as the backup of `primary`.
   absl::Status ApplyState(int primary, const ReplicaStep& step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

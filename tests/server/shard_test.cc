@@ -963,6 +963,35 @@ TEST(ShardReplicas, ASpareRestoresTheSecondCopy) {
   }
 }
 
+// A push recorded for a step that has not completed is not in the state a
+// spare gets: the worker sends it again to whichever copy takes the key
+// over. Before, the state counted it as seen, and the spare that took over
+// dropped the resend as a duplicate: the step waited for it for ever.
+TEST(ShardReplicas, ASparesStateCountsOnlyThePushesOfCompletedSteps) {
+  Pair pair(false);
+  for (int rank : {0, 1}) ASSERT_TRUE(PushSeq(pair.primary, 7, rank, Gradient(1, rank), 1).ok());
+  pair.Replicate();
+  EXPECT_EQ(pair.primary.ServerDied(1), 0);
+  // Worker 0's push of step 2 waits for worker 1's (answered: pending).
+  ASSERT_TRUE(PushSeq(pair.primary, 7, 0, Gradient(2, 0), 2).ok());
+  ParameterShard spare({true, 2, false});
+  EXPECT_EQ(pair.primary.ServerReplaced(1), 1);
+  ASSERT_EQ(pair.steps.size(), 1u);
+  ASSERT_NE(pair.steps[0].state, nullptr);
+  EXPECT_EQ(pair.steps[0].version, 1);
+  EXPECT_THAT(pair.steps[0].state->seen, ElementsAre(std::make_pair(0, 1), std::make_pair(1, 1)));
+  ASSERT_TRUE(spare.ApplyReplicated(0, pair.steps).ok());
+  // The primary dies before step 2 completes: both workers push it to the
+  // spare, worker 0 again.
+  EXPECT_EQ(spare.ServerDied(0), 1);
+  for (int step : {2, 3}) {
+    for (int rank : {0, 1}) ASSERT_TRUE(PushSeq(spare, 7, rank, Gradient(step, rank), step).ok());
+  }
+  auto got = spare.Pull(7, 3, Soon());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->data.ToFloats(), Undisturbed(false, 3));
+}
+
 // Found by tests/chaos: a key inited after its backup's server died is
 // held alone (not as a primary waiting for a dead backup), and a spare that
 // takes that rank gets a copy.
