@@ -451,6 +451,7 @@ class Service final {
     AddSpare(rank, req, req.session_key());
     std::cerr << "mx_server: coordinator: the spare server at " << req.address() << " rejoined"
               << std::endl;
+    AssignVacantRanks();
     return absl::OkStatus();
   }
 
@@ -638,6 +639,7 @@ class Service final {
     resp.set_session_key(guard_.Key(rpc::Role::kServer, rank));
     std::cerr << "mx_server: coordinator: a spare server (" << req.address()
               << ") waits for a server's death" << std::endl;
+    AssignVacantRanks();
     return resp;
   }
 
@@ -664,6 +666,17 @@ class Service final {
                 << ")" << std::endl;
       return;
     }
+  }
+
+  // Servers declared dead while no live spare waited keep their ranks
+  // vacant (their keys have one copy): a spare that registers, rejoins or
+  // heartbeats again after a silence takes one.
+  void AssignVacantRanks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::vector<int> vacant;
+    for (const auto& [node, info] : dead_) {
+      if (node.first == proto::SERVER) vacant.push_back(node.second);
+    }
+    for (int d : vacant) AssignSpare(d);
   }
 
   // What a spare assigned rank `d` needs, as a registering server gets it.
@@ -731,6 +744,7 @@ class Service final {
     if (spare) {
       spares_[req.rank()].seen = absl::Now();
       spares_[req.rank()].silent = false;
+      if (spares_[req.rank()].assigned < 0) AssignVacantRanks();  // it may have been silent
       if (const auto d = spares_[req.rank()].assigned; d >= 0) *resp->mutable_assignment() = Assignment(req.rank(), d);
     } else if (!nodes.count(req.rank())) {
       return absl::NotFoundError(absl::StrCat("heartbeat: ", RoleName(req.role()), " ", req.rank(),

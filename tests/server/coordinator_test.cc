@@ -482,6 +482,69 @@ grpc::Status Rejoin(proto::Coordinator::Stub& stub, proto::Role role, int rank,
   return s;
 }
 
+// A server declared dead while no spare waited keeps its rank vacant
+// until one comes: the first spare that registers takes it. Before, a spare
+// took a rank only at a death, so one started after it waited for ever
+// and the dead server's keys kept one copy.
+TEST(CoordinatorSpares, ASpareThatRegistersAfterADeathTakesTheVacantRank) {
+  CoordinatorOptions o;
+  o.num_servers = 2;
+  o.num_workers = 1;
+  o.heartbeat_timeout = absl::FromChrono(kTimeout);
+  auto c = CoordinatorServer::Start("127.0.0.1:0", o);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto stub = proto::Coordinator::NewStub(rpc::SharedChannel((*c)->address(), {}));
+  std::map<std::pair<proto::Role, int>, std::string> keys;
+  {
+    std::vector<std::thread> registering;
+    proto::RegisterResponse resp[3];
+    const proto::Role roles[3] = {proto::SERVER, proto::SERVER, proto::WORKER};
+    const int ranks[3] = {0, 1, 0};
+    for (int i = 0; i < 3; ++i) {
+      registering.emplace_back(
+          [&, i] { EXPECT_TRUE(Register(*stub, roles[i], ranks[i], &resp[i]).ok()); });
+    }
+    for (std::thread& t : registering) t.join();
+    for (const proto::RegisterResponse& r : resp)
+      keys[{r.self().role(), r.self().rank()}] = r.session_key();
+  }
+  auto heartbeat = [&](proto::Role role, int rank, const std::string& key) {
+    proto::HeartbeatRequest req;
+    req.set_role(role);
+    req.set_rank(rank);
+    proto::HeartbeatResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    Act(&ctx, role, rank, key);
+    EXPECT_TRUE(stub->Heartbeat(&ctx, req, &resp).ok());
+    return resp;
+  };
+  // Server 1 falls silent and is declared dead; no spare waits.
+  bool dead = false;
+  for (int i = 0; i < 60 && !dead; ++i) {
+    heartbeat(proto::SERVER, 0, keys[{proto::SERVER, 0}]);
+    const proto::HeartbeatResponse resp = heartbeat(proto::WORKER, 0, keys[{proto::WORKER, 0}]);
+    for (const proto::NodeInfo& d : resp.dead()) dead |= d.role() == proto::SERVER && d.rank() == 1;
+    std::this_thread::sleep_for(kTimeout / 6);
+  }
+  ASSERT_TRUE(dead) << "server 1 was never declared dead";
+  // A spare registers: its first heartbeat's answer gives it rank 1.
+  proto::RegisterRequest req;
+  req.set_role(proto::SERVER);
+  req.set_address("127.0.0.1:2");
+  req.set_spare(true);
+  proto::RegisterResponse spare;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  ASSERT_TRUE(stub->Register(&ctx, req, &spare).ok());
+  const proto::HeartbeatResponse resp =
+      heartbeat(proto::SERVER, spare.self().rank(), spare.session_key());
+  ASSERT_TRUE(resp.has_assignment()) << "the spare was not given the dead server's rank";
+  EXPECT_EQ(resp.assignment().self().rank(), 1);
+  EXPECT_EQ(resp.assignment().self().address(), "127.0.0.1:2");
+  EXPECT_EQ(resp.assignment().self().incarnation(), 1);
+}
+
 // A coordinator of `servers` servers and `workers` workers (job token "t")
 // that no node has registered with: as a restarted one, and a stub to it.
 struct Restarted {
