@@ -757,7 +757,13 @@ class Service final {
     }
     if (req.role() == proto::SERVER && !spare) Serving(req.rank());
     for (int server : req.unreachable_servers()) {
-      if (!servers_.count(server) || dead_.count({proto::SERVER, server})) continue;
+      // Not for one a restarted coordinator awaits (no address yet): it is
+      // given up if it does not rejoin within the heartbeat timeout.
+      auto it = servers_.find(server);
+      if (it == servers_.end() || it->second.address().empty() ||
+          dead_.count({proto::SERVER, server})) {
+        continue;
+      }
       suspects_.insert(server);
       Reported(server, absl::StrCat(RoleName(req.role()), " ", req.rank()));
     }

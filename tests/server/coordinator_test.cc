@@ -561,6 +561,36 @@ struct Restarted {
   std::unique_ptr<proto::Coordinator::Stub> stub;
 };
 
+// A restarted coordinator knows no address of a server that has not
+// rejoined yet: a worker's report that it cannot reach that server (it
+// could not reach it while the coordinator was away, say) waits for the
+// rejoin or the heartbeat timeout. Before, the health check of the empty
+// address failed at once and the live server was declared dead.
+TEST(CoordinatorRestart, AReportOfAServerNotRejoinedYetDoesNotDeclareItDead) {
+  Restarted r(2, 1);
+  ASSERT_TRUE(r.coordinator.ok());
+  ASSERT_TRUE(Rejoin(*r.stub, proto::WORKER, 0, "key-w0").ok());
+  auto heartbeat = [&](bool report) {
+    proto::HeartbeatRequest req;
+    req.set_role(proto::WORKER);
+    req.set_rank(0);
+    if (report) req.add_unreachable_servers(1);
+    proto::HeartbeatResponse resp;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    Act(&ctx, proto::WORKER, 0, "key-w0");
+    EXPECT_TRUE(r.stub->Heartbeat(&ctx, req, &resp).ok());
+    return resp;
+  };
+  heartbeat(true);
+  absl::SleepFor(absl::Milliseconds(1500));  // the health check takes at most 1 s
+  EXPECT_EQ(heartbeat(false).dead_size(), 0) << "server 1 was declared dead";
+  ASSERT_TRUE(Rejoin(*r.stub, proto::SERVER, 1, "key-s1", "t", [](proto::RegisterRequest* req) {
+                req->set_address("127.0.0.1:1");
+              }).ok());
+  EXPECT_EQ(heartbeat(false).dead_size(), 0);
+}
+
 // A restarted coordinator (one that never saw the job's registrations)
 // tells a node's calls NOT_FOUND, so that it rejoins; a rejoin needs the
 // job token and a rank in range, takes a rank once (the same key again is
