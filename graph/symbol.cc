@@ -209,12 +209,17 @@ Symbol Op(const std::string& op_name, const SymbolInputs& inputs,
   for (const auto& [key, value] : ScopeAttrs()) {
     node->attrs[IsWrapped(key) ? key : absl::StrCat("__", key, "__")] = value;
   }
+  // The variables made for its missing inputs get what a Variable made
+  // here gets, and the operator's own attributes (as MXNet: lr_mult on a
+  // layer is its weight's and bias's).
+  std::map<std::string, std::string> var_attrs = ScopeAttrs();
   for (const auto& [key, value] : params) {
     const bool is_param = std::any_of(op->params.begin(), op->params.end(),
                                       [&](const ParamSpec& p) { return p.name == key; });
     const bool is_attr = key == "lr_mult" || key == "wd_mult" || key == "ctx_group" || IsWrapped(key);
     if (!is_param && is_attr) {
       node->attrs[StoredKey(key)] = value.str();
+      var_attrs[StoredKey(key)] = value.str();
     } else {
       node->params[key] = value.str();
     }
@@ -261,7 +266,7 @@ Symbol Op(const std::string& op_name, const SymbolInputs& inputs,
                     "): required input '", slots[i], "' is missing");
     auto var = std::make_shared<Node>();
     var->name = absl::StrCat(node->name, "_", slots[i]);
-    var->attrs = node->attrs;  // as MXNet: lr_mult on a layer is its weight's and bias's
+    var->attrs = var_attrs;
     node->inputs.push_back({var, 0});
   }
   return FromNode(std::move(node));

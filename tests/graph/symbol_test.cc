@@ -50,6 +50,30 @@ TEST(SymbolAttrs, ScopeKeysOnOperatorsSurviveTheFileAndLeaveParametersAlone) {
   EXPECT_THAT(net.ToJSON(), HasSubstr("\"p\": \"0.25\""));  // the parameter
 }
 
+// An operator's weight and bias, made for it, get the attributes a
+// Variable made in the same scope gets ("stage" as given), and the
+// operator's own (an lr_mult on the layer is its weight's and bias's).
+// Before, they took the operator's stored keys: "__stage__" on fc_weight
+// but "stage" on data.
+TEST(SymbolAttrs, MadeVariablesGetTheScopesKeysAsVariablesDo) {
+  Symbol net;
+  {
+    AttrScope scope({{"stage", "a"}, {"ctx_group", "dev1"}});
+    net = Op("FullyConnected", {Variable("data")}, {{"num_hidden", 4}, {"lr_mult", "2"}}, "fc");
+  }
+  const std::map<std::string, std::string> attrs = net.ListAttrs();
+  for (const char* var : {"data", "fc_weight", "fc_bias"}) {
+    SCOPED_TRACE(var);
+    EXPECT_EQ(attrs.at(absl::StrCat(var, "$stage")), "a");
+    EXPECT_EQ(attrs.count(absl::StrCat(var, "$__stage__")), 0u);
+    EXPECT_EQ(attrs.at(absl::StrCat(var, "$__ctx_group__")), "dev1");
+  }
+  EXPECT_EQ(attrs.at("fc_weight$__lr_mult__"), "2");
+  EXPECT_EQ(attrs.at("fc_bias$__lr_mult__"), "2");
+  EXPECT_EQ(attrs.count("data$__lr_mult__"), 0u);
+  EXPECT_EQ(attrs.at("fc$__stage__"), "a");  // the operator's: hidden
+}
+
 // GetAttr finds a key as MXNet's attr() does: as given, or hidden.
 TEST(SymbolAttrs, GetAttrFindsHiddenKeysByTheirNames) {
   Symbol w = Variable("w", {{"lr_mult", "2"}, {"mood", "calm"}});
