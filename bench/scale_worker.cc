@@ -18,7 +18,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "kvstore/kvstore.h"
@@ -88,8 +87,7 @@ void Run(double seconds) {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "a worker of bench/scale_bench.py's jobs (started by deploy/launch.py)");
-  mx::ExitOnHelpFlag(argc, argv);
-  absl::ParseCommandLine(argc, argv);
+  mx::ParseFlags(argc, argv);
   const double seconds = absl::GetFlag(FLAGS_seconds);
   if (!(seconds > 0)) {
     std::cerr << "scale_worker: --seconds=" << seconds << ": must be more than 0\n";

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/flags/commandlineflag.h"
+#include "absl/flags/parse.h"
 #include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
@@ -97,6 +98,17 @@ void ExitOnHelpFlag(int argc, char** argv) {
   }
   std::cout.flush();
   std::exit(0);
+}
+
+void ParseFlags(int argc, char** argv) {
+  ExitOnHelpFlag(argc, argv);
+  const std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
+  if (rest.size() <= 1) return;  // rest[0] is the program
+  std::cerr << argv[0] << ": unexpected argument '" << rest[1]
+            << "': every setting is a --flag=value (a boolean flag's value too, as "
+               "--elastic=false)"
+            << std::endl;
+  std::exit(1);
 }
 
 }  // namespace mx

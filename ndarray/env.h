@@ -31,6 +31,12 @@ std::string EnvString(const char* name);
 // scripts and container probes read as a failure.)
 void ExitOnHelpFlag(int argc, char** argv);
 
+// A program's flags: ExitOnHelpFlag, then absl::ParseCommandLine (which
+// exits 1 naming an unknown flag or a bad value); then any word that is no
+// flag is refused the same way, exit code 1: "--elastic false" set
+// --elastic and left "false" unread (a boolean takes --flag=false).
+void ParseFlags(int argc, char** argv);
+
 // `text` read as a whole number in [min, max]; `what` names where it came
 // from in the error ("MX_RANK" or "--rank"): INVALID_ARGUMENT
 // "WHAT=TEXT: must be a whole number from MIN to MAX".

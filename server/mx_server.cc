@@ -34,7 +34,6 @@
 #include "absl/debugging/failure_signal_handler.h"
 #include "absl/debugging/symbolize.h"
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -674,8 +673,7 @@ int RunServer() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("runs a coordinator or a parameter server of an mx job");
-  mx::ExitOnHelpFlag(argc, argv);
-  absl::ParseCommandLine(argc, argv);
+  mx::ParseFlags(argc, argv);
   // A crash prints its signal and stack (with symbols) before the process dies.
   absl::InitializeSymbolizer(argv[0]);
   absl::InstallFailureSignalHandler(absl::FailureSignalHandlerOptions());

@@ -10,7 +10,6 @@
 #include <iostream>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "ndarray/env.h"
 #include "worker/ctr_data.h"
@@ -27,8 +26,7 @@ ABSL_FLAG(uint64_t, seed, 1, "the samples' seed (give a training and a test log 
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("writes a synthetic click log with a planted model");
-  mx::ExitOnHelpFlag(argc, argv);
-  absl::ParseCommandLine(argc, argv);
+  mx::ParseFlags(argc, argv);
   mx::ClickLogOptions o;
   o.path = absl::GetFlag(FLAGS_out);
   if (o.path.empty()) {

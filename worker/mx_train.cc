@@ -28,7 +28,6 @@
 #include "absl/debugging/failure_signal_handler.h"
 #include "absl/debugging/symbolize.h"
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -501,8 +500,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "trains a network on Fashion-MNIST (or CSV data) and reports test accuracy.\n"
       "Example: mx_train --network=lenet --lr=0.05 --momentum=0.9 --epochs=2");
-  mx::ExitOnHelpFlag(argc, argv);
-  absl::ParseCommandLine(argc, argv);
+  mx::ParseFlags(argc, argv);
   // A crash prints its signal and stack (with symbols) before the process dies.
   absl::InitializeSymbolizer(argv[0]);
   absl::InstallFailureSignalHandler(absl::FailureSignalHandlerOptions());

@@ -36,6 +36,9 @@ expect_fail "a negative learning rate" "--lr=-1: must be a finite number, at lea
 expect_fail "nothing left to train" "--epochs=2 is not more than --resume_epoch=2: nothing to train" \
   --epochs=2 --resume_epoch=2 --checkpoint_prefix="$TMP/m"
 expect_fail "unknown flag" "nosuchflag" --nosuchflag=1
+# A boolean's value as a separate word was left unread: the flag was set.
+expect_fail "a word that is no flag" "unexpected argument 'false'" \
+  --allow_non_finite_params false
 expect_fail "unknown network" "unknown network 'vgg'" --network=vgg
 expect_fail "missing data" "$TMP/nodata" --data_dir="$TMP/nodata"
 expect_fail "distributed kvstore" "dist_sync" --kvstore=dist_sync
