@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 #include <sys/random.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -81,6 +82,16 @@ absl::StatusOr<Security> Security::Load(const std::string& token, const File& to
     return absl::InvalidArgumentError(
         absl::StrCat("the job token (", from, ") must not contain white space"));
   }
+  // It goes in call metadata, which takes printable ASCII only: gRPC
+  // refused the call's start, and its C++ layer aborted the node.
+  for (const char c : s.token) {
+    if (c < 0x21 || c > 0x7e) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the job token (", from, ") must be printable ASCII (bytes 0x21 to 0x7e; e.g. ",
+          "`openssl rand -hex 32`), not byte 0x",
+          absl::Hex(static_cast<unsigned char>(c), absl::kZeroPad2)));
+    }
+  }
   const int given = !cert.path.empty() + !key.path.empty() + !ca.path.empty();
   if (given != 0 && given != 3) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -109,6 +120,14 @@ absl::StatusOr<Security> Security::Load(const std::string& token, const File& to
 
 absl::StatusOr<Security> Security::FromEnvironment() {
   auto file = [](const char* name) { return File{EnvString(name), name}; };
+  // Set but empty (a Kubernetes Secret whose token is ""): not the same as
+  // unset, which runs an open job on purpose; this one would have too.
+  const char* token = std::getenv("MX_JOB_TOKEN");
+  if (token != nullptr && std::string(token).find_first_not_of("\r\n") == std::string::npos) {
+    return absl::InvalidArgumentError(
+        "MX_JOB_TOKEN is set but empty (a Secret with an empty token?): give the job's token, "
+        "or unset it to run a job without one");
+  }
   return Load(EnvString("MX_JOB_TOKEN"), file("MX_JOB_TOKEN_FILE"), file("MX_TLS_CERT"),
               file("MX_TLS_KEY"), file("MX_TLS_CA"), EnvString("MX_TLS_SERVER_NAME"));
 }

@@ -1294,6 +1294,15 @@ TEST(DistKVStoreOptions, BadEnvironmentVariablesAreErrors) {
   }
   setenv("MX_JOB_TOKEN", "sec ret", 1);
   EXPECT_THAT(message(), HasSubstr("the job token (MX_JOB_TOKEN) must not contain white space"));
+  // Metadata takes printable ASCII only: a token of random bytes aborted
+  // the node in gRPC; a set but empty one ran an open job.
+  setenv("MX_JOB_TOKEN", "t\xc3\xb6ken", 1);
+  EXPECT_THAT(message(), HasSubstr("the job token (MX_JOB_TOKEN) must be printable ASCII (bytes "
+                                   "0x21 to 0x7e; e.g. `openssl rand -hex 32`), not byte 0xc3"));
+  for (const char* empty : {"", "\n"}) {
+    setenv("MX_JOB_TOKEN", empty, 1);
+    EXPECT_THAT(message(), HasSubstr("MX_JOB_TOKEN is set but empty"));
+  }
   unsetenv("MX_JOB_TOKEN");
   setenv("MX_TLS_CERT", "/etc/hostname", 1);
   EXPECT_THAT(message(), HasSubstr("give all three or none"));
