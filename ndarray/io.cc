@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -394,10 +395,33 @@ absl::StatusOr<NamedArrays> DeserializeArrays(const std::string& bytes,
   return DenseOnly(std::move(entries), label);
 }
 
+namespace {
+
+// Creates a file to write `path` through, beside it (a rename within a
+// directory is atomic), named *tmp: a name of its own, PATH.tmp.PID.N. Two
+// writers of one path (a worker declared dead that does not know it yet,
+// and the one that took over the checkpoints) shared "PATH.tmp": one
+// truncated what the other then renamed.
+absl::StatusOr<std::FILE*> CreateTemp(const std::string& path, std::string* tmp) {
+  static std::atomic<uint64_t> files{0};
+  *tmp = absl::StrCat(path, ".tmp.", getpid(), ".", files++);
+  const int fd = open(tmp->c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (fd < 0) return ErrnoError("cannot create", *tmp);
+  std::FILE* f = fdopen(fd, "wb");
+  if (f == nullptr) {
+    absl::Status s = ErrnoError("cannot create", *tmp);
+    close(fd);
+    std::remove(tmp->c_str());
+    return s;
+  }
+  return f;
+}
+
+}  // namespace
+
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes) {
-  const std::string tmp = path + ".tmp";
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (f == nullptr) return ErrnoError("cannot create", tmp);
+  std::string tmp;
+  MX_ASSIGN_OR_RETURN(std::FILE * f, CreateTemp(path, &tmp));
   bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
   ok = (std::fflush(f) == 0) && ok;
   ok = (fsync(fileno(f)) == 0) && ok;  // on disk before the rename: else a
@@ -461,16 +485,14 @@ absl::StatusOr<NamedRowSparse> LoadRowSparse(const std::string& path, Context ct
 ArrayFileWriter::~ArrayFileWriter() {
   if (file_ == nullptr) return;
   std::fclose(file_);
-  std::remove((path_ + ".tmp").c_str());
+  std::remove(tmp_.c_str());
 }
 
 absl::StatusOr<std::unique_ptr<ArrayFileWriter>> ArrayFileWriter::Create(const std::string& path,
                                                                          uint64_t count) {
   std::unique_ptr<ArrayFileWriter> w(new ArrayFileWriter());
   w->path_ = path;
-  const std::string tmp = path + ".tmp";
-  w->file_ = std::fopen(tmp.c_str(), "wb");
-  if (w->file_ == nullptr) return ErrnoError("cannot create", tmp);
+  MX_ASSIGN_OR_RETURN(w->file_, CreateTemp(path, &w->tmp_));
   w->crc_ = CrcStart();
   w->arrays_left_ = count;
   MX_RETURN_IF_ERROR(w->Write(kMagic, 4));
@@ -480,7 +502,7 @@ absl::StatusOr<std::unique_ptr<ArrayFileWriter>> ArrayFileWriter::Create(const s
 }
 
 absl::Status ArrayFileWriter::Write(const void* p, size_t n) {
-  if (n > 0 && std::fwrite(p, 1, n, file_) != n) return ErrnoError("cannot write", path_ + ".tmp");
+  if (n > 0 && std::fwrite(p, 1, n, file_) != n) return ErrnoError("cannot write", tmp_);
   crc_ = CrcUpdate(crc_, p, n);
   return absl::OkStatus();
 }
@@ -525,14 +547,13 @@ absl::Status ArrayFileWriter::Finish() {
   const uint32_t crc = crc_;
   if (std::fwrite(&crc, 1, sizeof(crc), file_) != sizeof(crc) || std::fflush(file_) != 0 ||
       fsync(fileno(file_)) != 0) {
-    return ErrnoError("cannot write", path_ + ".tmp");
+    return ErrnoError("cannot write", tmp_);
   }
   const int closed = std::fclose(file_);
   file_ = nullptr;
-  const std::string tmp = path_ + ".tmp";
-  if (closed != 0 || std::rename(tmp.c_str(), path_.c_str()) != 0) {
+  if (closed != 0 || std::rename(tmp_.c_str(), path_.c_str()) != 0) {
     absl::Status s = ErrnoError("cannot finish", path_);
-    std::remove(tmp.c_str());
+    std::remove(tmp_.c_str());
     return s;
   }
   return absl::OkStatus();

@@ -324,6 +324,7 @@ class ArrayFileWriter {
   ArrayFileWriter() = default;
   absl::Status Write(const void* p, size_t n);
   std::string path_;
+  std::string tmp_;  // where it writes until Finish renames it to path_
   std::FILE* file_ = nullptr;
   uint32_t crc_ = 0;
   uint64_t arrays_left_ = 0;

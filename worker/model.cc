@@ -744,15 +744,17 @@ absl::Status FeedForward::SaveCheckpoint(const std::string& prefix, int epoch) c
   // Every worker of a distributed job holds the same parameters: one
   // writes the checkpoint (with the servers' optimizer state), worker 0 or,
   // once it died in an elastic job, the lowest-ranked worker left.
+  // The .params file last: it is what a resume looks for, so a writer that
+  // died or failed part way (a full disk) leaves no epoch that seems whole
+  // but resumes with a fresh optimizer or tables.
   if (!WritesCheckpoints()) return absl::OkStatus();
-  MX_RETURN_IF_ERROR(mx::SaveCheckpoint(prefix, epoch, symbol_, arg_params_, aux_params_));
   if (!tables_.empty()) MX_RETURN_IF_ERROR(SaveTables(CheckpointTablesPath(prefix, epoch)));
   if (optimizer_ != nullptr) {
     MX_RETURN_IF_ERROR(optimizer_->SaveStatesToFile(CheckpointStatesPath(prefix, epoch)));
   } else if (kvstore_ != nullptr) {
     MX_RETURN_IF_ERROR(kvstore_->SaveOptimizerStates(CheckpointStatesPath(prefix, epoch)));
   }
-  return absl::OkStatus();
+  return mx::SaveCheckpoint(prefix, epoch, symbol_, arg_params_, aux_params_);
 }
 
 namespace {

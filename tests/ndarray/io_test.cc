@@ -1,6 +1,7 @@
 // Tests of Save / Load (ndarray/io.cc): round trips, and every way a file can
 // be missing, foreign, truncated or corrupt, each reported as a status that
 // names the file rather than a crash or garbage arrays.
+#include <dirent.h>
 #include <sys/resource.h>
 
 #include <csignal>
@@ -11,6 +12,7 @@
 #include <functional>
 #include <iterator>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -32,6 +34,18 @@ std::string TempPath(const std::string& name) {
       ::testing::UnitTest::GetInstance()->current_test_info();
   return ::testing::TempDir() + info->test_suite_name() + "_" + info->name() +
          "_" + name;
+}
+
+// Whether a temporary file of a write of `path` (PATH.tmp.*) is left.
+bool TempLeft(const std::string& path) {
+  const std::string dir = path.substr(0, path.rfind('/') + 1);
+  const std::string stem = path.substr(dir.size()) + ".tmp";
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) return false;
+  bool left = false;
+  while (const dirent* e = readdir(d)) left |= std::string(e->d_name).rfind(stem, 0) == 0;
+  closedir(d);
+  return left;
 }
 
 // Runs fn with the process's file size limit at `bytes` (writes beyond it
@@ -150,8 +164,28 @@ TEST(SaveLoad, FileStartsWithMagicAndVersionAndLeavesNoTemporary) {
   uint32_t version;
   std::memcpy(&version, data.data() + 4, 4);
   EXPECT_EQ(version, 1u);
-  std::ifstream tmp(path + ".tmp");
-  EXPECT_FALSE(tmp.good()) << "the temporary file was left behind";
+  EXPECT_FALSE(TempLeft(path)) << "the temporary file was left behind";
+}
+
+// Two writers of one path (a worker declared dead that does not know it
+// yet, and the one that took over the checkpoints) each write a whole file:
+// the last rename wins. Before, they shared PATH.tmp: one truncated what
+// the other renamed, and the other's rename failed.
+TEST(SaveLoad, TwoWritersOfOnePathLeaveOneWholeFile) {
+  const std::string path = TempPath("twice.bin");
+  const std::string a(8 << 20, 'a'), b(8 << 20, 'b');
+  for (int round = 0; round < 5; ++round) {
+    absl::Status sa, sb;
+    std::thread ta([&] { sa = WriteFileAtomically(path, a); });
+    std::thread tb([&] { sb = WriteFileAtomically(path, b); });
+    ta.join();
+    tb.join();
+    ASSERT_TRUE(sa.ok()) << sa;
+    ASSERT_TRUE(sb.ok()) << sb;
+    const std::string got = ReadFile(path);
+    EXPECT_TRUE(got == a || got == b) << got.size() << " bytes, neither writer's";
+    EXPECT_FALSE(TempLeft(path));
+  }
 }
 
 TEST(SaveLoad, SaveOverwritesAnExistingFile) {
@@ -414,8 +448,9 @@ TEST(ArrayFileStreams, AFailedWriteKeepsTheFileThatWasThere) {
     for (int i = 0; s.ok() && i < 10; ++i) s = (*w)->Append(chunk.data(), chunk.size());
     if (s.ok()) s = (*w)->Finish();
   });
-  EXPECT_THAT(std::string(s.message()), HasSubstr(path + ".tmp: File too large"));
-  EXPECT_EQ(std::fopen((path + ".tmp").c_str(), "rb"), nullptr);
+  EXPECT_THAT(std::string(s.message()), HasSubstr(path + ".tmp."));
+  EXPECT_THAT(std::string(s.message()), HasSubstr(": File too large"));
+  EXPECT_FALSE(TempLeft(path));
   auto back = Load(path);
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ((*back)[0].first, "a");
@@ -437,7 +472,7 @@ TEST(ArrayFileStreams, TheReaderChecksTheWholeFileFirst) {
   EXPECT_EQ(ArrayFileReader::Open(path + ".missing").status().code(), absl::StatusCode::kNotFound);
   // A writer dropped before Finish leaves nothing behind.
   { auto w = ArrayFileWriter::Create(path + ".new", 1); }
-  EXPECT_EQ(std::fopen((path + ".new.tmp").c_str(), "rb"), nullptr);
+  EXPECT_FALSE(TempLeft(path + ".new"));
   EXPECT_EQ(std::fopen((path + ".new").c_str(), "rb"), nullptr);
   std::remove(path.c_str());
 }
@@ -452,8 +487,9 @@ TEST(SaveLoad, AFailedWriteKeepsTheFileThatWasThere) {
   absl::Status s;
   WithFileSizeLimit(4096, [&] { s = Save(path, {{"big", Zeros({100000})}}); });
   EXPECT_FALSE(s.ok());
-  EXPECT_THAT(s.message(), HasSubstr("cannot write " + path + ".tmp: File too large"));
-  EXPECT_EQ(std::fopen((path + ".tmp").c_str(), "rb"), nullptr);
+  EXPECT_THAT(s.message(), HasSubstr("cannot write " + path + ".tmp."));
+  EXPECT_THAT(s.message(), HasSubstr(": File too large"));
+  EXPECT_FALSE(TempLeft(path));
   auto back = Load(path);
   ASSERT_TRUE(back.ok()) << back.status();
   ASSERT_EQ(back->size(), 1u);

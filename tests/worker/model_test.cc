@@ -2,6 +2,7 @@
 #include "worker/model.h"
 
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -520,6 +521,21 @@ FeedForward FittedMlp() {
   auto it = Iter(train, 20);
   EXPECT_TRUE(model.Fit(it.get(), nullptr, Sgd(1, 0.1f)).ok());
   return model;
+}
+
+// The .params file is written last: a checkpoint whose optimizer state
+// could not be written leaves no .params of its epoch, which a resume
+// would have taken for a whole checkpoint (resuming with a fresh
+// optimizer, a warning its only sign).
+TEST(Checkpoint, AFailedStateWriteLeavesNoParamsOfItsEpoch) {
+  FeedForward model = FittedMlp();
+  const std::string prefix = TempPrefix("half");
+  ASSERT_EQ(mkdir(CheckpointStatesPath(prefix, 1).c_str(), 0755), 0);  // rename fails: EISDIR
+  absl::Status s = model.SaveCheckpoint(prefix, 1);
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr(CheckpointStatesPath(prefix, 1)));
+  EXPECT_EQ(access(CheckpointParamsPath(prefix, 1).c_str(), F_OK), -1)
+      << "the epoch's .params was written before its .states failed";
 }
 
 TEST(Checkpoint, SaveAndLoadModel) {
