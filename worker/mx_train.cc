@@ -471,12 +471,11 @@ absl::Status Run() {
     fit.epoch_end_callbacks.push_back(EarlyStopping("accuracy", absl::GetFlag(FLAGS_early_stopping)));
   }
   MX_RETURN_IF_ERROR(model->Fit(train.get(), test.get(), fit));
-  if (!checkpoint_error.ok()) {
-    // Leave the job first: the servers then finish the other workers'
-    // steps without this one.
-    if (store != nullptr) store->Finish().IgnoreError();
-    return checkpoint_error;
-  }
+  // Without leaving the job: this worker dies to it (the process ends), so
+  // a job without --elastic fails, and in an elastic one the next worker
+  // writes the checkpoints. Left, it counted as finished: nobody took its
+  // place and no checkpoint was written again.
+  if (!checkpoint_error.ok()) return checkpoint_error;
   MX_ASSIGN_OR_RETURN(MetricValues score, model->Score(test.get(), "accuracy"));
   // Each line in one write, its values computed first: another thread's
   // message to stderr (which flushes cout) landed inside the checksum's

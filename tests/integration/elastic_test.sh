@@ -54,4 +54,21 @@ last=$(printf "%s/e-%04d" "$TMP" "$epochs")
 [[ -s "$last.params" && -s "$last.states" ]] || fail "no checkpoint of the last epoch ($last.params, .states)"
 assert_nothing_left "$log"
 
+# Worker 0's checkpoint of epoch 2 cannot be written (its .states path is
+# a directory): worker 0 fails, and worker 1 writes the later ones. Before,
+# worker 0 left the job as if it had finished, nobody took its place, no
+# later checkpoint was written, and the job still exited 0.
+epochs=6
+mkdir -p "$TMP/c-0002.states"
+log="$TMP/elastic_checkpoint.log"
+start_job "$log" -n 2 -s 2 --elastic -- "${worker[@]}" --epochs=$epochs --checkpoint_prefix="$TMP/c"
+wait "$launcher" || fail "the elastic job whose worker 0 could not checkpoint exited $?"
+grep -q "^\[worker 0\] mx_train: .*c-0002.states" "$log" ||
+  fail "worker 0 did not fail naming the checkpoint it could not write"
+[[ -e "$TMP/c-0002.params" ]] && fail "epoch 2's .params was written without its .states"
+last=$(printf "%s/c-%04d" "$TMP" "$epochs")
+[[ -s "$last.params" && -s "$last.states" ]] ||
+  { fail "no checkpoint after worker 0's failed one ($last.params, .states)"; grep "^launch.py" "$log"; }
+assert_nothing_left "$log"
+
 finish
