@@ -1548,12 +1548,15 @@ class DistKVStore : public KVStore {
     for (int s = 0; s < static_cast<int>(conn_->stubs.size()); ++s) {
       proto::OptimizerStates req;
       req.set_states(all.servers(s));
+      // None: a file saved with replicas 2 where server s was no key's
+      // primary (an empty entry, which a server cannot parse).
+      if (req.states().empty()) continue;
       std::vector<int> copies = {s};
       if (conn_->options.replicas > 1) {
         // Into every copy of server s's keys, keeping the states of the
         // other keys there.
         auto parts = by_primary.find(s);
-        if (req.states().empty() || parts == by_primary.end()) continue;
+        if (parts == by_primary.end()) continue;
         req.set_merge(true);
         MX_ASSIGN_OR_RETURN(const int holder, conn_->HolderOf(parts->second[0]));
         copies = {holder};
