@@ -56,7 +56,7 @@ class Writer {
 
 absl::StatusOr<ClickLogStats> WriteClickLog(const ClickLogOptions& o) {
   if (o.samples < 1 || o.fields < 1 || o.vocab < 1 || !(o.zipf > 0) || !(o.scale >= 0) ||
-      o.fields * o.vocab >= (int64_t{1} << 24)) {
+      o.vocab >= ((int64_t{1} << 24) + o.fields - 1) / o.fields) {  // fields x vocab, unwrapped
     return absl::InvalidArgumentError(absl::StrCat(
         "click log: samples, fields and vocab must be at least 1, zipf above 0, scale 0 or more, "
         "and fields x vocab below 2^24 (got ", o.samples, ", ", o.fields, ", ", o.vocab, ", ",

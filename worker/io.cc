@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -326,8 +327,13 @@ absl::StatusOr<std::unique_ptr<DataIter>> MakeIter(
   MX_CHECK(config.first < table->num_samples() && config.count <= table->num_samples());
   config.data.shape[0] = config.batch_size;
   config.label.shape[0] = config.batch_size;
-  return std::unique_ptr<DataIter>(
-      new BatchIter(std::move(table), std::move(config)));
+  const int batch = config.batch_size;
+  try {  // its batch arrays: a batch size too big for memory is an error
+    return std::unique_ptr<DataIter>(new BatchIter(std::move(table), std::move(config)));
+  } catch (const Error& e) {
+    return absl::Status(e.status().code(),
+                        absl::StrCat("a batch of ", batch, " samples: ", e.status().message()));
+  }
 }
 
 // Prefixes a status message with what was being made.
@@ -366,10 +372,12 @@ absl::StatusOr<std::vector<float>> ParseCsv(const std::string& path,
       const size_t comma = line.find(',');
       absl::string_view field = line.substr(0, comma);
       float v;
-      if (found < cols && !absl::SimpleAtof(field, &v)) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            path, ":", line_no, ": value ", found + 1, " '",
-            absl::StripAsciiWhitespace(field), "' is not a number"));
+      // nan, inf and 1e999 (which reads as inf) too: the run trained
+      // on them and wrote non-finite checkpoints.
+      if (found < cols && (!absl::SimpleAtof(field, &v) || !std::isfinite(v))) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ":", line_no, ": value ", found + 1,
+                                                       " '", absl::StripAsciiWhitespace(field),
+                                                       "' is not a finite number"));
       }
       if (found < cols) values.push_back(v);
       ++found;

@@ -119,7 +119,8 @@ struct CsvOptions {
 };
 
 // Reads CSV files; a line with the wrong number of values or a value that
-// is not a number is an error naming the file and line.
+// is not a finite number (nan, inf, 1e999) is an error naming the file and
+// line.
 absl::StatusOr<std::unique_ptr<DataIter>> CsvIter(const CsvOptions& options);
 
 // Click logs in libsvm's text format, streamed: one sample per line,

@@ -163,7 +163,12 @@ absl::StatusOr<std::unique_ptr<DataIter>> LibSvmIter(const LibSvmOptions& o) {
     return absl::Status(s.code(), absl::StrCat("LibSvmIter: ", s.message()));
   }
   gzbuffer(file, 1 << 20);
-  return std::unique_ptr<DataIter>(new LibSvm(o, file));
+  try {  // its batch arrays: a batch size too big for memory is an error
+    return std::unique_ptr<DataIter>(new LibSvm(o, file));
+  } catch (const Error& e) {
+    return absl::Status(e.status().code(), absl::StrCat("LibSvmIter: a batch of ", o.batch_size,
+                                                        " samples: ", e.status().message()));
+  }
 }
 
 }  // namespace mx

@@ -522,6 +522,7 @@ absl::Status FeedForward::ForEachBatch(
   return Catch([&]() -> absl::Status {
     data->Reset();
     DataBatch batch;
+    int nbatch = 0;
     while (data->Next(&batch)) {
       for (size_t i = 0; i < batch.data.size(); ++i) {
         NDArray dst = exec.arg_dict().at(data->ProvideData()[i].name);
@@ -530,6 +531,12 @@ absl::Status FeedForward::ForEachBatch(
       PrepareTables({&exec}, *data, batch);
       exec.Forward(false);
       MX_RETURN_IF_ERROR(fn(batch, exec));
+      ++nbatch;
+    }
+    // Else a score is nan (an empty test file) and the run "succeeds".
+    if (nbatch == 0) {
+      return absl::FailedPreconditionError(
+          "the evaluation data gave no batch (no samples: an empty file?)");
     }
     return absl::OkStatus();
   });

@@ -104,6 +104,14 @@ TEST(ClickLogTest, TheSameSeedWritesTheSameFile) {
   EXPECT_NE(Contents(TempPath("a.txt")), Contents(TempPath("c.txt")));
   o.samples = 0;
   EXPECT_EQ(WriteClickLog(o).status().code(), absl::StatusCode::kInvalidArgument);
+  // fields x vocab past 2^24, also where the product wraps to 0 (it
+  // passed the check and crashed).
+  o.samples = 10;
+  for (int64_t vocab : {int64_t{1} << 22, int64_t{1} << 62}) {
+    o.fields = 4;
+    o.vocab = vocab;
+    EXPECT_EQ(WriteClickLog(o).status().code(), absl::StatusCode::kInvalidArgument) << vocab;
+  }
 }
 
 // Trains the zoo's click-through model (dense or row-sparse tables) for 3

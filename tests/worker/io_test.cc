@@ -892,8 +892,12 @@ TEST(CsvIter, MalformedLinesNameFileAndLine) {
   } cases[] = {
       {"1,2,3\n4,5\n", ":2: expected 3 values, found 2"},
       {"1,2,3\n4,5,6,7\n", ":2: expected 3 values, found 4"},
-      {"1,2,3\n4,5,6\n7,x8,9\n", ":3: value 2 'x8' is not a number"},
-      {"1,2,3\n4,,6\n", ":2: value 2 '' is not a number"},
+      {"1,2,3\n4,5,6\n7,x8,9\n", ":3: value 2 'x8' is not a finite number"},
+      {"1,2,3\n4,,6\n", ":2: value 2 '' is not a finite number"},
+      // Read as numbers, but a run trained on them and wrote NaN checkpoints.
+      {"1,2,3\n4,nan,6\n", ":2: value 2 'nan' is not a finite number"},
+      {"1e999,2,3\n", ":1: value 1 '1e999' is not a finite number"},
+      {"1,2,-inf\n", ":1: value 3 '-inf' is not a finite number"},
       {"1,2,3\n\n4,5,6\n", ":2: blank line before more samples"},
       {"", "no samples"},
   };

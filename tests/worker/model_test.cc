@@ -164,6 +164,8 @@ TEST(FeedForwardFit, EarlyStoppingEndsTraining) {
   EXPECT_EQ(epochs, 4);  // the best at epoch 0, then 3 without improvement
 }
 
+FeedForward FittedMlp();  // below
+
 // Data that gives no batch in an epoch (a libsvm file shorter than a batch,
 // its last batch discarded) is an error, not an epoch trained on nothing
 // whose metrics say nan.
@@ -185,6 +187,12 @@ TEST(FeedForwardFit, AnEpochWithoutABatchIsAnError) {
   const absl::Status s = model.Fit(&empty, nullptr, Sgd(2, 0.1f));
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(s.message(), HasSubstr("epoch 0: the training data gave no batch of 20 samples"));
+  // So is scoring on data without a batch (an empty test file): the
+  // accuracy was nan and mx_train exited 0.
+  FeedForward trained = FittedMlp();
+  const auto score = trained.Score(&empty, "accuracy");
+  EXPECT_EQ(score.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(score.status().message(), HasSubstr("the evaluation data gave no batch"));
 }
 
 TEST(FeedForwardFit, BadOptimizerIsAnError) {

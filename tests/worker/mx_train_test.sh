@@ -32,6 +32,7 @@ done
 expect_fail "malformed number" "epochs" --epochs=ten
 expect_fail "no epochs" "--epochs=0: must be at least 1" --epochs=0
 expect_fail "negative threads" "--threads=-2: must be at least 0" --threads=-2
+expect_fail "threads past any plan" "--threads=100000: must be at most 1024" --threads=100000
 expect_fail "a negative learning rate" "--lr=-1: must be a finite number, at least 0" --lr=-1
 expect_fail "nothing left to train" "--epochs=2 is not more than --resume_epoch=2: nothing to train" \
   --epochs=2 --resume_epoch=2 --checkpoint_prefix="$TMP/m"
@@ -125,6 +126,9 @@ if [[ $? -ne 0 || "$out" != *"Final test accuracy=1"* ]]; then
 else
   echo "ok: --data_shape=784 reads the CSV as flat samples"
 fi
+# A batch too big for memory: an error naming it, not an abort.
+expect_fail "a batch too big for memory" "CsvIter: a batch of 2147483647 samples: out of memory" \
+  "${csv[@]}" --batch_size=2147483647
 expect_fail "data shape of another size" "train.csv:1: expected 3072 values, found 784" "${csv[@]}" --network=mlp --data_shape=3,32,32
 for f in m-symbol.json m-0001.params m-0002.params m-0002.states; do
   [[ -s "$TMP/$f" ]] || { echo "FAIL: checkpoint file $f missing"; failures=$((failures + 1)); }
