@@ -4,9 +4,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <mutex>
 #include <optional>
@@ -78,15 +80,25 @@ void Start(const std::string& path) {
   internal::enabled.store(true);
 }
 
-void StartIn(const std::string& dir, const std::string& role) {
+absl::Status StartIn(const std::string& dir, const std::string& role) {
   std::string d = dir;
+  const char* from = "--trace";
   if (d.empty()) {
     const char* env = std::getenv("MX_TRACE_DIR");
     d = env != nullptr ? env : "";
+    from = "MX_TRACE_DIR";
   }
-  if (d.empty()) return;
-  Start(absl::StrCat(d, "/", role, "-", getpid(), ".trace.json"));
+  if (d.empty()) return absl::OkStatus();
+  const std::string path = absl::StrCat(d, "/", role, "-", getpid(), ".trace.json");
+  if (std::FILE* f = std::fopen(path.c_str(), "w")) {
+    std::fclose(f);
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat(from, "=", d, ": cannot create ", path, ": ", std::strerror(errno)));
+  }
+  Start(path);
   SetProcessName(role);
+  return absl::OkStatus();
 }
 
 void Stop() { internal::enabled.store(false); }
@@ -155,7 +167,10 @@ absl::Status Write() {
   std::lock_guard<std::mutex> lock(s.mu);
   if (s.path.empty()) return absl::OkStatus();
   std::ofstream f(s.path, std::ios::trunc);
-  if (!f) return absl::UnavailableError(absl::StrCat("trace: cannot write ", s.path));
+  if (!f) {
+    return absl::UnavailableError(
+        absl::StrCat("trace: cannot write ", s.path, ": ", std::strerror(errno)));
+  }
   const int64_t pid = getpid();
   f << "{\"displayTimeUnit\":\"ms\",\"otherData\":{\"process\":\"" << JsonEscape(s.process)
     << "\",\"clock_offset_us\":" << s.offset_us << ",\"clock_uncertainty_us\":" << s.uncertainty_us

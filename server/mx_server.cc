@@ -321,7 +321,12 @@ std::unique_ptr<metrics::HttpServer> ServeMetrics(const std::string& bind, const
 // Starts recording this process's timeline when --trace or MX_TRACE_DIR
 // names a directory (ndarray/trace.h); Finish writes it.
 struct Timeline {
-  explicit Timeline(const std::string& role) { trace::StartIn(absl::GetFlag(FLAGS_trace), role); }
+  explicit Timeline(const std::string& role) {
+    if (absl::Status s = trace::StartIn(absl::GetFlag(FLAGS_trace), role); !s.ok()) {
+      std::cerr << "mx_server: " << s.message() << "\n";
+      std::exit(2);
+    }
+  }
   ~Timeline() {
     if (absl::Status s = trace::Write(); !s.ok()) std::cerr << "mx_server: " << s.message() << "\n";
   }

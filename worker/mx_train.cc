@@ -519,7 +519,10 @@ int main(int argc, char** argv) {
   if (int threads = absl::GetFlag(FLAGS_threads); threads > 0) {
     setenv("MX_CPU_WORKER_NTHREADS", std::to_string(threads).c_str(), 1);
   }
-  mx::trace::StartIn(absl::GetFlag(FLAGS_trace), "worker");
+  if (absl::Status t = mx::trace::StartIn(absl::GetFlag(FLAGS_trace), "worker"); !t.ok()) {
+    std::cerr << "mx_train: " << t.message() << std::endl;
+    return 1;
+  }
   absl::Status s = mx::Run();
   if (absl::Status w = mx::trace::Write(); !w.ok()) std::cerr << "mx_train: " << w.message() << "\n";
   if (!s.ok()) {

@@ -54,6 +54,9 @@ expect_fail "missing gpu context" "gpu(99) requested but this" --contexts="gpu(9
 # Refused before a distributed store joins (and would keep its job waiting).
 expect_fail "bad context before joining" "--contexts" --kvstore=dist_sync --contexts=tpu0
 expect_fail "bad batch size" "--batch_size" --batch_size=0
+# Checked at start, not after the run (which then exited 0 without it).
+expect_fail "a trace directory that does not exist" \
+  "--trace=$TMP/no/dir: cannot create $TMP/no/dir/worker-" --trace="$TMP/no/dir"
 # Training and test data from one source (a --train_csv alone tested on
 # Fashion-MNIST), early stopping on a metric that is computed, and a
 # metrics log that can be written: all before anything runs.
