@@ -135,6 +135,24 @@ EpochEndCallback EarlyStopping(const std::string& metric, int patience, bool hig
   };
 }
 
+std::string MetricsLogHeader(const std::vector<std::string>& names, bool eval) {
+  std::string header = "epoch,seconds,samples_per_second";
+  for (const std::string& n : names) absl::StrAppend(&header, ",train_", n);
+  if (eval) {
+    for (const std::string& n : names) absl::StrAppend(&header, ",eval_", n);
+  }
+  return header;
+}
+
+absl::Status CheckMetricsLogHeader(const std::string& path, const std::string& header) {
+  std::ifstream in(path);
+  std::string first;
+  if (!in || !std::getline(in, first) || first == header) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("metrics log ", path, " has the columns ", first, "; this run's are ", header,
+                   " (other metrics, or another order): give another file"));
+}
+
 EpochEndCallback MetricsLog(const std::string& path) {
   const bool csv = absl::EndsWith(path, ".csv");
   auto said = std::make_shared<bool>(false);  // the error is printed once
@@ -162,11 +180,17 @@ EpochEndCallback MetricsLog(const std::string& path) {
       return true;
     }
     if (csv) {
+      std::vector<std::string> names;
+      for (const auto& [n, v] : p.train_metrics) names.push_back(n);
+      const std::string header = MetricsLogHeader(names, !p.eval_metrics.empty());
       if (empty) {
-        out << "epoch,seconds,samples_per_second";
-        for (const auto& [n, v] : p.train_metrics) out << ",train_" << n;
-        for (const auto& [n, v] : p.eval_metrics) out << ",eval_" << n;
-        out << "\n";
+        out << header << "\n";
+      } else if (absl::Status s = CheckMetricsLogHeader(path, header); !s.ok()) {
+        if (!std::exchange(*said, true)) {
+          std::fprintf(stderr, "%s (not appended to; not said again)\n",
+                       std::string(s.message()).c_str());
+        }
+        return true;
       }
       out << p.epoch << "," << p.seconds << "," << p.samples_per_second;
       for (const auto& [n, v] : p.train_metrics) out << "," << v;

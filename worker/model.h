@@ -223,6 +223,13 @@ EpochEndCallback EarlyStopping(const std::string& metric, int patience,
 // distributed job only the worker that writes checkpoints writes it
 // (FeedForward::WritesCheckpoints), with its own training metrics.
 EpochEndCallback MetricsLog(const std::string& path);
+// The CSV header of a metrics log whose records carry the metrics `names`
+// of training and, with `eval`, of evaluation.
+std::string MetricsLogHeader(const std::vector<std::string>& names, bool eval);
+// A CSV metrics log to append records under `header` to: fine when missing
+// or empty; else its first line must be `header` (a resumed run with other
+// --eval_metric put its values under the old columns' names).
+absl::Status CheckMetricsLogHeader(const std::string& path, const std::string& header);
 
 }  // namespace mx
 

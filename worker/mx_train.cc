@@ -338,6 +338,12 @@ absl::Status CheckFlags() {
       return absl::InvalidArgumentError(
           absl::StrCat("--metrics_log=", log, ": cannot append to it: ", std::strerror(errno)));
     }
+    if (absl::EndsWith(log, ".csv")) {
+      MX_ASSIGN_OR_RETURN(auto metric, CreateMetric(absl::GetFlag(FLAGS_eval_metric)));
+      std::vector<std::string> names;
+      for (const auto& [name, value] : metric->Get()) names.push_back(name);
+      MX_RETURN_IF_ERROR(CheckMetricsLogHeader(log, MetricsLogHeader(names, /*eval=*/true)));
+    }
   }
   for (const auto& [flag, value] : {std::pair{"lr", absl::GetFlag(FLAGS_lr)},
                                     std::pair{"momentum", absl::GetFlag(FLAGS_momentum)},

@@ -129,6 +129,12 @@ if [[ $? -ne 0 || "$out" != *"Final test accuracy=1"* ]]; then
 else
   echo "ok: --data_shape=784 reads the CSV as flat samples"
 fi
+# A CSV metrics log with other columns (a resumed run with another
+# --eval_metric) is refused at start: the values went under the old names.
+printf 'epoch,seconds,samples_per_second,train_accuracy\n0,1,2,0.5\n' > "$TMP/other.csv"
+expect_fail "a metrics log of other columns" \
+  "metrics log $TMP/other.csv has the columns epoch,seconds,samples_per_second,train_accuracy; this run's are epoch,seconds,samples_per_second,train_cross-entropy,eval_cross-entropy" \
+  "${csv[@]}" --metrics_log="$TMP/other.csv" --eval_metric=ce
 # A batch too big for memory: an error naming it, not an abort.
 expect_fail "a batch too big for memory" "CsvIter: a batch of 2147483647 samples: out of memory" \
   "${csv[@]}" --batch_size=2147483647
