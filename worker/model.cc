@@ -46,6 +46,25 @@ absl::Status Catch(F&& fn) {
   return s;
 }
 
+// Evaluation data must have the training data's sample shapes (the batch
+// size may differ): else the evaluation failed after the first epoch.
+absl::Status SameSampleShapes(const DataIter& train, const DataIter& eval) {
+  const std::vector<DataDesc> t = train.ProvideData(), e = eval.ProvideData();
+  for (const DataDesc& ed : e) {
+    for (const DataDesc& td : t) {
+      if (td.name != ed.name || td.shape.ndim() == 0 || ed.shape.ndim() == 0) continue;
+      std::vector<int64_t> a(td.shape.begin() + 1, td.shape.end());
+      std::vector<int64_t> b(ed.shape.begin() + 1, ed.shape.end());
+      if (a != b) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "Fit: the evaluation data's '", ed.name, "' has shape ", ed.shape.ToString(),
+            " but the training data's is ", td.shape.ToString(), " (samples of another shape)"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 bool IsInput(const std::string& name, const DataIter& data) {
   for (const DataDesc& d : data.ProvideData()) {
     if (d.name == name) return true;
@@ -355,6 +374,7 @@ absl::Status FeedForward::InitParams(const Executor& exec, const FitOptions& opt
 
 absl::Status FeedForward::Fit(DataIter* train, DataIter* eval, const FitOptions& options) {
   if (train == nullptr) return absl::InvalidArgumentError("Fit: no training data");
+  if (eval != nullptr) MX_RETURN_IF_ERROR(SameSampleShapes(*train, *eval));
   MX_ASSIGN_OR_RETURN(auto execs, BindAll(*train, true));
   Executor& exec = *execs[0];
   MX_RETURN_IF_ERROR(InitParams(exec, options));
@@ -502,6 +522,12 @@ absl::Status FeedForward::ForEachBatch(
           "parameter '", name, "' is not initialized: Fit or load a checkpoint first"));
     }
     NDArray dst = exec.arg_dict().at(name);
+    if (it->second.shape() != dst.shape()) {  // Assign said only "shape mismatch"
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameter '", name, "' has shape ", it->second.shape().ToString(),
+                       " but the network bound to this data needs ", dst.shape().ToString(),
+                       " (data of another shape than the model was trained on?)"));
+    }
     MX_RETURN_IF_ERROR(Catch([&] {
       dst.Assign(it->second);
       return absl::OkStatus();

@@ -195,6 +195,35 @@ TEST(FeedForwardFit, AnEpochWithoutABatchIsAnError) {
   EXPECT_THAT(score.status().message(), HasSubstr("the evaluation data gave no batch"));
 }
 
+// Evaluation data with samples of another shape (test images of 30x30
+// beside training ones of 28x28) is refused before training, naming both
+// shapes; before, the evaluation failed after the first epoch with
+// "Assign: shape mismatch". Scoring a model on such data names the
+// parameter.
+TEST(FeedForwardFit, EvaluationDataOfAnotherShapeIsRefusedAtOnce) {
+  FeedForward model(SmallMlp(2));
+  const Blobs blobs = MakeBlobs(40, 2, 5);
+  const Blobs narrow{Zeros({40, 6}), blobs.label};  // 6 features, not 8
+  auto train = Iter(blobs, 20);
+  auto eval = Iter(narrow, 20);
+  int epochs = 0;
+  FitOptions f = Sgd(2, 0.1f);
+  f.epoch_end_callbacks.push_back([&](const EpochEndParam&) {
+    ++epochs;
+    return true;
+  });
+  const absl::Status s = model.Fit(train.get(), eval.get(), f);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("the evaluation data's 'data' has shape (20,6) but the "
+                                     "training data's is (20,8)"));
+  EXPECT_EQ(epochs, 0);
+  FeedForward trained = FittedMlp();
+  const auto score = trained.Score(eval.get(), "accuracy");
+  EXPECT_THAT(score.status().message(),
+              HasSubstr("parameter 'fc1_weight' has shape (16,8) but the network bound to this "
+                        "data needs (16,6)"));
+}
+
 TEST(FeedForwardFit, BadOptimizerIsAnError) {
   Blobs train = MakeBlobs(40, 2, 5);
   FeedForward model(SmallMlp(2));
