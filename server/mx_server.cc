@@ -239,12 +239,25 @@ bool DialableAddress(const std::string& address) {
              std::string::npos;
 }
 
-// A --bind address: host:port with a port from 0 (any free one) to 65535;
-// otherwise an error naming it (gRPC would listen on another port).
-absl::Status CheckBind(const std::string& bind) {
-  if (PortIn(SplitHostPort(bind).port, 0).has_value()) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      "--bind=", bind, ": needs host:port with a port from 0 (any free port) to 65535"));
+// An address setting: flag `flag`'s value, or else (when `root`)
+// DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT, or else `otherwise`; host:port with a
+// port from `min_port` (0 for a bind: any free one) to 65535. Otherwise an
+// error naming where it came from: gRPC would listen on another port, and
+// a server dialled "127.0.0.1:" until its startup timeout.
+absl::StatusOr<std::string> AddressSetting(const char* flag, const std::string& value, bool root,
+                                           int min_port, const std::string& otherwise = "") {
+  std::string address = value, from = absl::StrCat("--", flag);
+  if (address.empty() && root && !EnvString("DMLC_PS_ROOT_URI").empty()) {
+    address = RootAddress();
+    from = "DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT";
+  }
+  if (address.empty()) address = otherwise;
+  if (address.empty()) return address;  // not given
+  const HostPort hp = SplitHostPort(address);
+  if (!hp.host.empty() && PortIn(hp.port, min_port).has_value()) return address;
+  return absl::InvalidArgumentError(
+      absl::StrCat(from, "=", address, ": needs host:port with a port from ", min_port,
+                   min_port == 0 ? " (any free port)" : "", " to 65535"));
 }
 
 // Signals. SIGINT and SIGTERM run OnStopSignal in whichever thread the
@@ -348,14 +361,10 @@ int CoordinatorTimeoutSeconds() {
 
 int RunCoordinator() {
   Timeline timeline("coordinator");
-  std::string bind = absl::GetFlag(FLAGS_bind);
-  if (bind.empty()) bind = RootAddress();
+  const std::string bind =
+      OrExit(AddressSetting("bind", absl::GetFlag(FLAGS_bind), /*root=*/true, 0));
   if (bind.empty()) {
     std::cerr << "mx_server: the coordinator needs --bind (or DMLC_PS_ROOT_URI/PORT)\n";
-    return 2;
-  }
-  if (absl::Status s = CheckBind(bind); !s.ok()) {
-    std::cerr << "mx_server: " << s.message() << "\n";
     return 2;
   }
   const int timeout_s = absl::GetFlag(FLAGS_heartbeat_timeout_s);
@@ -511,8 +520,8 @@ std::optional<proto::RegisterResponse> AwaitAssignment(rpc::CoordinatorClient& c
 
 int RunServer() {
   Timeline timeline("server");
-  std::string coordinator = absl::GetFlag(FLAGS_coordinator);
-  if (coordinator.empty()) coordinator = RootAddress();
+  const std::string coordinator =
+      OrExit(AddressSetting("coordinator", absl::GetFlag(FLAGS_coordinator), /*root=*/true, 1));
   if (coordinator.empty()) {
     std::cerr << "mx_server: a server needs --coordinator (or DMLC_PS_ROOT_URI/PORT)\n";
     return 2;
@@ -534,12 +543,8 @@ int RunServer() {
               << "' is not a host or host:port that other nodes could reach\n";
     return 2;
   }
-  std::string bind = absl::GetFlag(FLAGS_bind);
-  if (bind.empty()) bind = "0.0.0.0:0";
-  if (absl::Status s = CheckBind(bind); !s.ok()) {
-    std::cerr << "mx_server: " << s.message() << "\n";
-    return 2;
-  }
+  const std::string bind =
+      OrExit(AddressSetting("bind", absl::GetFlag(FLAGS_bind), /*root=*/false, 0, "0.0.0.0:0"));
   ParameterServerOptions server_options;
   server_options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
   server_options.security = SecuritySettings();

@@ -820,6 +820,17 @@ out=$(timeout 10 "$SERVER" --role=coordinator --bind=127.0.0.1:99999 --num_serve
 rc=$?
 [[ $rc -eq 2 && "$out" == *"--bind=127.0.0.1:99999: needs host:port with a port from 0"* ]] ||
   fail "--bind=127.0.0.1:99999: exit code $rc, said: $out"
+# A coordinator address without a port: refused at once, naming where it
+# came from (a server dialled "127.0.0.1:" until its startup timeout).
+out=$(DMLC_PS_ROOT_URI=127.0.0.1 DMLC_PS_ROOT_PORT= timeout 10 "$SERVER" --role=server \
+      --num_workers=1 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT=127.0.0.1:: needs host:port with a port from 1 to 65535"* ]] ||
+  fail "a server with DMLC_PS_ROOT_URI and no port: exit code $rc, said: $out"
+out=$(timeout 10 "$SERVER" --role=server --coordinator=bogus --num_workers=1 2>&1)
+rc=$?
+[[ $rc -eq 2 && "$out" == *"--coordinator=bogus: needs host:port"* ]] ||
+  fail "--coordinator=bogus: exit code $rc, said: $out"
 timeout 10 "$SERVER" --help > "$TMP/server_help.txt" 2>&1 || fail "mx_server --help exited $?, not 0"
 grep -q -- "--role" "$TMP/server_help.txt" || fail "mx_server --help lacks --role"
 
