@@ -269,10 +269,25 @@ absl::Status FeedForward::SetUpUpdates(const std::vector<std::unique_ptr<Executo
   // of MXNet's has none), so that workers that see the file and workers
   // that do not still agree on their barriers.
   if (options.optimizer_states_path.empty() && options.begin_epoch == 0) return absl::OkStatus();
-  if (!options.optimizer_states_path.empty() && kvstore_->rank() == kvstore_->first_live_rank()) {
-    MX_RETURN_IF_ERROR(kvstore_->LoadOptimizerStates(options.optimizer_states_path));
+  if (options.optimizer_states_path.empty()) return kvstore_->Barrier();
+  return OnOneWorker(options.optimizer_states_path,
+                     [&] { return kvstore_->LoadOptimizerStates(options.optimizer_states_path); });
+}
+
+absl::Status FeedForward::OnOneWorker(const std::string& path,
+                                      const std::function<absl::Status()>& load) {
+  const int loader = kvstore_->first_live_rank();
+  if (kvstore_->rank() == loader) MX_RETURN_IF_ERROR(load());
+  MX_RETURN_IF_ERROR(kvstore_->Barrier());
+  // An elastic job's barrier completes without a worker that died: the
+  // others would train from fresh or half-loaded state.
+  if (kvstore_->first_live_rank() != loader) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker ", loader, ", which loaded ", path,
+                     " into the servers, died before it finished (its error, if any, is in its "
+                     "log): resume again"));
   }
-  return kvstore_->Barrier();
+  return absl::OkStatus();
 }
 
 void FeedForward::Update(const std::vector<std::unique_ptr<Executor>>& execs,
@@ -730,7 +745,7 @@ absl::Status FeedForward::SaveTables(const std::string& path) const {
 }
 
 absl::Status FeedForward::RestoreTables(const std::string& path) {
-  if (kvstore_->rank() == kvstore_->first_live_rank()) {
+  return OnOneWorker(path, [&]() -> absl::Status {
     MX_ASSIGN_OR_RETURN(auto reader, ArrayFileReader::Open(path));
     std::set<std::string> restored;
     for (;;) {
@@ -764,9 +779,8 @@ absl::Status FeedForward::RestoreTables(const std::string& path) {
           absl::StrCat(path, ": holds ", restored.size(), " of the model's ", tables_.size(),
                        " row-sparse tables"));
     }
-  }
-  // The others start training once the tables are back.
-  return kvstore_->Barrier();
+    return absl::OkStatus();
+  });
 }
 
 bool FeedForward::WritesCheckpoints() const {

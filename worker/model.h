@@ -174,6 +174,10 @@ class FeedForward {
   // a time (no process holds a table).
   absl::Status SaveTables(const std::string& path) const;
   absl::Status RestoreTables(const std::string& path);
+  // Distributed: the first live worker runs `load` (of `path` into the
+  // servers) and every worker meets at a barrier after it, failing if that
+  // worker did not live to it (an elastic barrier completes without it).
+  absl::Status OnOneWorker(const std::string& path, const std::function<absl::Status()>& load);
 
   Symbol symbol_;
   std::vector<Context> contexts_;

@@ -27,11 +27,12 @@ grep -q "^\[worker 0\] Final test accuracy=1$" "$log" || fail "the uninterrupted
 assert_nothing_left "$log"
 
 # The job that crashes: it would train for long; worker 1 is killed once
-# epoch 2's checkpoint (weights, then the servers' states) is written.
+# epoch 2's checkpoint (the servers' states, then the weights: the .params
+# file is the last written) is written.
 log="$TMP/crash.log"
 start_job "$log" -n 2 -s 2 -- "${train[@]}" --epochs=100000 --checkpoint_prefix="$TMP/crash"
-for _ in $(seq 600); do [[ -s "$TMP/crash-0002.states" ]] && break; sleep 0.1; done
-[[ -s "$TMP/crash-0002.states" ]] || fail "the job wrote no checkpoint of epoch 2"
+for _ in $(seq 600); do [[ -s "$TMP/crash-0002.params" ]] && break; sleep 0.1; done
+[[ -s "$TMP/crash-0002.params" ]] || fail "the job wrote no checkpoint of epoch 2"
 victim=$(started_pid "$log" "worker 1")
 [[ -n "$victim" ]] && kill -9 "$victim"
 wait "$launcher" && fail "the job whose worker was killed exited 0"
@@ -48,6 +49,20 @@ for f in 0003.params 0003.states; do
   cmp -s "$TMP/whole-$f" "$TMP/crash-$f" || fail "the resumed job's $f differs from the uninterrupted job's"
 done
 
+# An elastic job resumed with a .states file it cannot load (saved by 2
+# servers, loaded by 1): the worker that loads it fails, and so must the
+# other, which met it at the barrier. Before, the elastic barrier went on
+# without the dead loader, and worker 1 trained with a fresh optimizer.
+log="$TMP/resumed_wrong_states.log"
+start_job "$log" -n 2 -s 1 --elastic -- "${train[@]}" --epochs=3 --checkpoint_prefix="$TMP/crash" \
+  --resume_epoch=2
+wait "$launcher" && fail "the elastic job resumed with another job's .states exited 0"
+grep -q "^\[worker 0\] mx_train: .*holds the state of 2 servers; this job has 1" "$log" ||
+  fail "worker 0 did not say why it could not load the states: $(grep mx_train: "$log")"
+grep -q "^\[worker 1\] mx_train: .*worker 0, which loaded .*crash-0002.states into the servers, died before it finished" "$log" ||
+  fail "worker 1 did not fail for the states it never got: $(grep 'worker 1' "$log" | tail -3)"
+assert_nothing_left "$log"
+
 # With replicas 2 (3 servers) a checkpoint written after a server's death
 # holds the same states (each key's, saved from the copy that holds it),
 # and resuming from it continues exactly: server 1 is killed, a checkpoint
@@ -56,19 +71,19 @@ done
 replicas=(-n 2 -s 3 --replicas=2)
 log="$TMP/failover.log"
 start_job "$log" "${replicas[@]}" -- "${train[@]}" --epochs=100000 --checkpoint_prefix="$TMP/failover"
-for _ in $(seq 600); do [[ -s "$TMP/failover-0001.states" ]] && break; sleep 0.1; done
+for _ in $(seq 600); do [[ -s "$TMP/failover-0001.params" ]] && break; sleep 0.1; done
 kill -9 "$(started_pid "$log" "server 1")"
 wait_for_line "$log" '^\[worker 0\] worker 0: server 1 .* was declared dead' 30 || fail "no failover"
 # The first checkpoint begun after the failover, and one more: then stop.
-saved=$(ls "$TMP"/failover-*.states | wc -l)
-for _ in $(seq 600); do (( $(ls "$TMP"/failover-*.states | wc -l) >= saved + 2 )) && break; sleep 0.05; done
+saved=$(ls "$TMP"/failover-*.params | wc -l)
+for _ in $(seq 600); do (( $(ls "$TMP"/failover-*.params | wc -l) >= saved + 2 )) && break; sleep 0.05; done
 epoch=$(( saved + 1 ))
 kill -9 "$(started_pid "$log" "worker 1")"
 wait "$launcher"
 assert_nothing_left "$log"
 printf -v at '%04d' "$epoch"
 printf -v next '%04d' $(( epoch + 1 ))
-[[ -s "$TMP/failover-$at.states" ]] || fail "no checkpoint of epoch $epoch after the failover"
+[[ -s "$TMP/failover-$at.params" ]] || fail "no checkpoint of epoch $epoch after the failover"
 rm -f "$TMP/failover-$next".*
 log="$TMP/failover_resumed.log"
 start_job "$log" "${replicas[@]}" -- "${train[@]}" --epochs=$(( epoch + 1 )) \
