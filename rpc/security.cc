@@ -2,8 +2,10 @@
 
 #include <grpcpp/grpcpp.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -33,8 +35,15 @@ constexpr absl::Duration kKeyWait = absl::Seconds(10);
 
 // The whole of file `path`; `what` names the setting in errors.
 absl::StatusOr<std::string> ReadWholeFile(const std::string& what, const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {  // it "read" as empty
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", path, " is a directory"));
+  }
   std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(what, ": cannot read ", path));
+  if (!in) {
+    return absl::NotFoundError(
+        absl::StrCat(what, ": cannot read ", path, ": ", std::strerror(errno)));
+  }
   std::stringstream text;
   text << in.rdbuf();
   if (text.str().empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": ", path, " is empty"));

@@ -42,6 +42,7 @@
 #include "ndarray/env.h"
 #include "ndarray/trace.h"
 #include "proto/mx.grpc.pb.h"
+#include "proto/wire.h"
 #include "rpc/coordinator_client.h"
 #include "rpc/metrics.h"
 #include "rpc/metrics_http.h"
@@ -418,10 +419,19 @@ std::string Advertised(const std::string& advertise, const std::string& bound) {
   return hp.host + ":" + hp.port.value_or(bound_port);  // a host alone takes the bound port
 }
 
+// The exit code of a server the coordinator declared dead (stopped or cut
+// off long enough for the job to go on without it): its keys are served
+// elsewhere, and a new server of its rank would join as a spare and give
+// them two copies again, so a Kubernetes Job replaces it (k8s_job.py), as
+// one stopped from outside, where 1 (the job failed) is final.
+constexpr int kExitDeclaredDead = 3;
+
 // Heartbeats until the coordinator says every worker finished (returns
 // true), the coordinator says the job failed or is lost (closes the shard,
 // prints why, returns false), or a signal (returns false; *sig is set).
-bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, int* sig) {
+// *declared_dead: the coordinator declared this server dead.
+bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, int* sig,
+                    bool* declared_dead) {
   const int rank = coordinator.cluster().self().rank();
   std::atomic<bool> finished{false}, lost{false};
   // Servers' deaths handled and incarnations known, by rank (heartbeat
@@ -445,6 +455,7 @@ bool ServeUntilDone(rpc::CoordinatorClient& coordinator, ParameterServer& ps, in
             std::cerr << "mx_server: server " << rank
                       << ": the coordinator declared this server dead; stopping\n";
             ps.shard().Close(absl::StrCat("server ", rank, " was declared dead"));
+            *declared_dead = true;
             lost = true;
             continue;
           }
@@ -547,6 +558,11 @@ int RunServer() {
       OrExit(AddressSetting("bind", absl::GetFlag(FLAGS_bind), /*root=*/false, 0, "0.0.0.0:0"));
   ParameterServerOptions server_options;
   server_options.max_message_mb = absl::GetFlag(FLAGS_max_message_mb);
+  if (const int mb = server_options.max_message_mb; mb < 1 || mb > (kMaxMessageBytes >> 20)) {
+    std::cerr << "mx_server: --max_message_mb=" << mb << ": must be from 1 to "
+              << (kMaxMessageBytes >> 20) << "\n";
+    return 2;
+  }
   server_options.security = SecuritySettings();
   server_options.identities = true;
   server_options.shm_dir = absl::GetFlag(FLAGS_shm_dir);
@@ -667,7 +683,8 @@ int RunServer() {
                       : "")
             << std::endl;
   int sig = 0;
-  const bool finished = ServeUntilDone(**client, **ps, &sig);
+  bool declared_dead = false;
+  const bool finished = ServeUntilDone(**client, **ps, &sig, &declared_dead);
   if (sig != 0 || finished) LogShutdown(absl::StrCat("server ", rank), sig, (*ps)->refused());
   // The server goes before the client, which was made after it: its
   // replicator reports unreachable servers through the client until it
@@ -675,7 +692,9 @@ int RunServer() {
   // freed client). /livez's watch, which reads the server, goes first.
   std::move(unwatch).Invoke();
   ps->reset();
-  return finished ? 0 : sig != 0 ? StopExitCode(sig) : 1;
+  if (finished) return 0;
+  if (sig != 0) return StopExitCode(sig);
+  return declared_dead ? kExitDeclaredDead : 1;
 }
 
 }  // namespace

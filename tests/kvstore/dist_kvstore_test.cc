@@ -1310,7 +1310,10 @@ TEST(DistKVStoreOptions, BadEnvironmentVariablesAreErrors) {
   EXPECT_THAT(message(), HasSubstr("MX_RPC_TIMEOUT_S=soon: must be a whole number from 1"));
   unsetenv("MX_RPC_TIMEOUT_S");
   setenv("MX_JOB_TOKEN_FILE", "/nonexistent/token", 1);
-  EXPECT_THAT(message(), HasSubstr("MX_JOB_TOKEN_FILE: cannot read /nonexistent/token"));
+  EXPECT_THAT(message(),
+              HasSubstr("MX_JOB_TOKEN_FILE: cannot read /nonexistent/token: No such file"));
+  setenv("MX_JOB_TOKEN_FILE", "/tmp", 1);  // said "is empty"
+  EXPECT_THAT(message(), HasSubstr("MX_JOB_TOKEN_FILE: /tmp is a directory"));
   // A blank first line is no token (it made an open job).
   const std::string blank = ::testing::TempDir() + "blank_token";
   {
