@@ -13,10 +13,10 @@ kubectl reads like YAML: a List of
   names (the coordinator is NAME-coordinator-0-0.NAME, which every node is
   given as DMLC_PS_ROOT_URI), start-up in order (coordinator, servers,
   workers, each once the one before is ready), success when the workers
-  succeed, failure of the whole set (every pod stopped) when any Job
-  fails (a spare's failure fails no Job: see Replicas), and deletion --ttl
-  seconds after it ends. With --jobs, the three Jobs themselves instead,
-  and:
+  and the coordinator have succeeded (see Success), failure of the whole
+  set (every pod stopped) when any Job fails (a spare's failure fails no
+  Job: see Replicas), and deletion --ttl seconds after it ends. With
+  --jobs, the three Jobs themselves instead, and:
 - Service NAME-coordinator (--jobs): the coordinator's cluster DNS name,
   which every node is given as DMLC_PS_ROOT_URI (port --port).
 - Job NAME-coordinator: one pod, `mx_server --role=coordinator`.
@@ -53,8 +53,18 @@ says), except for the servers of a JobSet, GET /livez (see
 readiness_path); liveness GET /livez. They are HTTP because the kubelet's gRPC probe
 cannot present a certificate to a node that requires mutual TLS.
 
-Success: the workers exit 0, then the servers and the coordinator shut down
-on their own (they exit 0), and all three Jobs complete. Failure: worker
+Success: the workers exit 0; the coordinator then tells every server and
+waiting spare to shut down and exits 0 (only then), and they exit 0 on their
+own moments later. With --jobs every Job completes. A JobSet completes
+when the worker and coordinator Jobs have (its successPolicy: the
+coordinator's exit says the servers and spares were told), and its
+controller (JobSet v0.8.0 and later) then deletes at once every Job still
+running, pods and logs with it: a server or spare still shutting down is
+stopped (SIGTERM), and the logs of its Job's pods are lost; the finished
+Jobs, and their pods' logs, stay until the JobSet is deleted, --ttl seconds
+later. (With the workers as its only target, the JobSet deleted the
+coordinator's and the servers' Jobs as the workers finished, before the
+coordinator had told anyone.) Failure: worker
 pods are never restarted (a restarted worker could not take its rank
 back), nor are server pods but with replicas (see Replicas); a coordinator pod that was killed, crashed or stopped (deleted
 or drained: SIGTERM before its job finished, exit code 143) is replaced up
@@ -87,10 +97,10 @@ once the coordinator has declared the old one dead and ends, as a spare
 does, with exit 0 when the job finishes, so the server Job completes. A
 server that fails on its own (exit 1 or 2) is not replaced; its failed
 index fails the server Job once its other pods end (Kubernetes counts no
-failed index as done), and the JobSet, which completes when the worker Job
-does, may then end Failed although the workers finished, if its controller
-sees the server Job's failure first: the worker Job's status says whether
-training finished.
+failed index as done), and the JobSet, which completes when the worker and
+coordinator Jobs do, may then end Failed although the workers finished, if
+its controller sees the server Job's failure first: the worker Job's status
+says whether training finished.
 
 Elastic (--elastic): the coordinator and servers run with --elastic and the
 workers with MX_ELASTIC=1; a failed worker index does not stop the others
@@ -360,9 +370,16 @@ def coordinator_failure_rules(role):
              "onExitCodes": {"containerName": role, "operator": "In", "values": [1, 2]}}]
 
 
+# A server's exit code when the coordinator declared it dead (stopped or
+# cut off long enough for the job to go on without it; mx_server.cc
+# kExitDeclaredDead): as one stopped from outside, a new pod restores it.
+DECLARED_DEAD = 3
+
+
 def server_failure_rules(role):
     """With replicas, a server stopped from outside (STOPPED_FROM_OUTSIDE, or
-    disrupted) is replaced, its failure not counted: the new pod finds its
+    disrupted) or declared dead (DECLARED_DEAD: a partition, a long pause)
+    is replaced, its failure not counted: the new pod finds its
     rank taken and joins as a spare (mx_server), which takes the rank back
     and ends with exit 0 when the job finishes, so the server Job completes
     (its failed index failed it, and perhaps the JobSet, after training
@@ -371,7 +388,7 @@ def server_failure_rules(role):
     return [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
                                                       "status": "True"}]},
             {"action": "Ignore", "onExitCodes": {"containerName": role, "operator": "In",
-                                                 "values": STOPPED_FROM_OUTSIDE}}]
+                                                 "values": STOPPED_FROM_OUTSIDE + [DECLARED_DEAD]}}]
 
 
 def spare_failure_rules(args, role):
@@ -527,8 +544,19 @@ def jobset(args, jobs):
     """One JobSet (jobset.x-k8s.io/v1alpha2) of the (role, Job) pairs, each
     a replicated Job of one: stable DNS names (<name>-<role>-0-<index>.<name>),
     start-up in order (coordinator, servers, workers, each once the one
-    before is ready), success when the workers succeed, failure (and every
-    pod stopped) when any Job fails, deletion --ttl seconds after."""
+    before is ready), success when the workers and the coordinator have
+    succeeded, failure (and every pod stopped) when any Job fails, deletion
+    --ttl seconds after.
+
+    Success waits for the coordinator too: a finished JobSet's controller
+    deletes every Job still running at once (jobset v0.8.0 and later, PR
+    #667), pods and logs with it, and the coordinator exits 0 only once
+    every worker has finished and every server and waiting spare has been
+    told to shut down. With the workers as the only target, the
+    coordinator's and the servers' Jobs were deleted as the workers
+    finished, before anyone was told. Servers and spares still shutting
+    down when the coordinator exits may still be stopped so, their Job's
+    logs lost with it."""
     replicated = []
     for role, job_object in jobs:
         spec = {k: v for k, v in job_object["spec"].items() if k != "ttlSecondsAfterFinished"}
@@ -542,7 +570,10 @@ def jobset(args, jobs):
         "spec": {
             "network": {"enableDNSHostnames": True, "subdomain": args.name},
             "startupPolicy": {"startupPolicyOrder": "InOrder"},
-            "successPolicy": {"operator": "All", "targetReplicatedJobs": ["worker"]},
+            # Done once the workers have finished and the coordinator has
+            # told the servers and spares so (see above).
+            "successPolicy": {"operator": "All",
+                              "targetReplicatedJobs": ["worker", "coordinator"]},
             "failurePolicy": {"maxRestarts": 0},
             "ttlSecondsAfterFinished": args.ttl,
             "replicatedJobs": replicated,
@@ -623,7 +654,8 @@ def main():
                          "and image pulls included), else the job fails saying who is missing "
                          "(1 to 86400)")
     ap.add_argument("--ttl", type=int, default=3600,
-                    help="seconds a finished Job (its pods, their logs) is kept before deletion")
+                    help="seconds a finished JobSet or Job (its pods, their logs) is kept before "
+                         "deletion (a finished JobSet's Jobs still running go at once)")
     ap.add_argument("--coordinator-timeout", type=int, default=60, metavar="SECONDS",
                     help="how long nodes go on without an answer from the coordinator before "
                          "they give it up (MX_COORDINATOR_TIMEOUT_S; default 60: the Job "

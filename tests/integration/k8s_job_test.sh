@@ -15,15 +15,30 @@ TMP="${TEST_TMPDIR:-$(mktemp -d)}"
 failures=0
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
+# Every process this test starts has this in its environment (k8s_local.py
+# hands its pods all of its own but DMLC_* and MX_*), a value no other run
+# has: a pid that a log names, ended and reused since by another test's
+# process (mx_server or mx_train too, under Bazel's parallel tests), is
+# never taken for one of this run's pods.
+export K8S_JOB_TEST_RUN="$$.$(date +%s%N).$RANDOM"
+# in_this_run PID: whether PID's environment has this run's mark. (Read
+# whole first: grep -q in a pipeline could end the reader with SIGPIPE,
+# which pipefail would take for a miss.)
+in_this_run() {
+  local environ
+  environ=$({ tr '\0' '\n' < "/proc/$1/environ"; } 2>/dev/null) || return 1
+  grep -qxF "K8S_JOB_TEST_RUN=$K8S_JOB_TEST_RUN" <<<"$environ"
+}
 # live_pods LOG: the pod processes a local run's LOG names ("k8s_local.py:
 # started worker 1 (pid N)": unshare, whose --kill-child takes the pod's
 # PID namespace with it, or the pod's own process where there are none)
-# that still run, checked against their command lines in case a pid was
-# reused.
+# that still run, checked against their command lines and this run's mark
+# in their environment in case a pid was reused.
 live_pods() {
   local pid
   for pid in $(sed -n 's/^k8s_local.py: started .* (pid \([0-9]*\))$/\1/p' "$1" 2>/dev/null); do
-    if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qE 'mx_(server|train) '; then
+    if { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qE 'mx_(server|train) ' &&
+       in_this_run "$pid"; then
       echo "$pid"
     fi
   done
@@ -37,33 +52,25 @@ expect_no_pods() {
     kill -9 "$pid" 2>/dev/null
   done
 }
-# The /dev/shm segments (mx-w*) there before the --shm run, and whether
-# that run's new ones are still to be removed.
-shm_before=""
-shm_pending=0
-# remove_new_segments: removes the mx-w* segments of the machine's /dev/shm
-# that were not there before the --shm run, once; sets shm_removed to
-# their names.
-shm_removed=""
-remove_new_segments() {
-  local name
-  (( shm_pending )) || return 0
-  shm_pending=0
-  shm_removed=$(comm -13 <(echo "$shm_before") <(ls /dev/shm | grep '^mx-w' | sort))
-  for name in $shm_removed; do rm -f -- "/dev/shm/$name"; done
-}
+# The --shm run's node: a private directory on tmpfs (/dev/shm, where
+# segments live as they do in a pod's), made for that run, that the local
+# runner puts every hostPath under (--host-path-root): the pods' /dev/shm
+# is $SHM_ROOT/dev/shm. What they leave there is theirs alone, and removing
+# it touches no other run's segments (the machine's /dev/shm is shared
+# with other tests, and other runs of this one).
+SHM_ROOT=""
 # On any exit (a failure, or Bazel's SIGTERM at a timeout): each local run
 # is a `timeout` child of this script in a process group of its own, which
 # a signal to the test's group does not reach; killed, group and all,
 # first, so that no Job replaces the pods killed next: those the runs' logs
-# name. Then the --shm run's segments, if it was cut off.
+# name (this run's only, see live_pods). Then the --shm run's directory.
 cleanup() {
   local pid log
   for pid in $(pgrep -P $$ -x timeout); do kill -KILL -- "-$pid" 2>/dev/null; done
   for log in "$TMP"/*.log; do
     for pid in $(live_pods "$log"); do kill -KILL "$pid" 2>/dev/null; done
   done
-  remove_new_segments
+  [[ -z $SHM_ROOT ]] || rm -rf -- "$SHM_ROOT"
 }
 trap cleanup EXIT
 
@@ -373,9 +380,10 @@ grep -q "^\[worker 1\] Final test accuracy=" "$TMP/tls.log" || fail "--tls: work
 grep -q "^k8s_local.py: every pod exited 0$" "$TMP/tls.log" || fail "--tls: not every pod exited 0"
 
 # The same job with --shm: server and worker pods mount the node's /dev/shm
-# (a hostPath) and set MX_SHM_DIR; run here, all on this one node, every
-# worker hands its values to every server in shared memory, and no segment
-# file stays behind.
+# (a hostPath) and set MX_SHM_DIR; run here, all on this one node (its
+# /dev/shm a private directory, $SHM_ROOT/dev/shm), every worker hands its
+# values to every server in shared memory, and no segment file stays
+# behind.
 python3 "$K8S_JOB" --jobs --name fm -n 2 -s 2 --image reg/mx:1 "${ports[@]}" --shm \
   -- "${worker[@]}" --epochs=1 > "$TMP/shm.json" || fail "k8s_job.py --shm failed"
 python3 - "$TMP/shm.json" <<'EOF' || fail "--shm objects: see above"
@@ -392,12 +400,10 @@ for name, shared in (("fm-coordinator", False), ("fm-server", True), ("fm-worker
     if got != (shared,) * 3:
         sys.exit(f"--shm {name}: hostPath volume, mount, MX_SHM_DIR: {got}, want all {shared}")
 EOF
-# The segments there already, by name: only the ones this run leaves count
-# (and are removed, here or by the EXIT trap), whatever an earlier run left.
-shm_before=$(ls /dev/shm | grep '^mx-w' | sort)
-shm_pending=1
+SHM_ROOT=$(mktemp -d /dev/shm/mx-k8s-test.XXXXXX) ||
+  { SHM_ROOT=""; fail "--shm: no private directory in /dev/shm"; }
 timeout -k 5 150 python3 "$LOCAL" "$TMP/shm.json" --bin mx_server="$SERVER" --bin mx_train="$TRAIN" \
-  --timeout 120 > "$TMP/shm.log" 2>&1 ||
+  --host-path-root "${SHM_ROOT:-$TMP/shm-root}" --timeout 120 > "$TMP/shm.log" 2>&1 ||
   fail "--shm: local run failed: $(grep -E 'mx_(train|server): ' "$TMP/shm.log"; tail -5 "$TMP/shm.log")"
 grep -q "^k8s_local.py: every pod exited 0$" "$TMP/shm.log" || fail "--shm: not every pod exited 0"
 for s in 0 1; do
@@ -407,8 +413,14 @@ for s in 0 1; do
   done
 done
 grep -q "no shared memory" "$TMP/shm.log" && fail "--shm: $(grep 'no shared memory' "$TMP/shm.log")"
-remove_new_segments
-[[ -z $shm_removed ]] || fail "--shm: segment files left in /dev/shm (now removed): $(echo $shm_removed)"
+# The pods' /dev/shm was the private one, and they left nothing in it.
+if [[ -n $SHM_ROOT ]]; then
+  [[ -d "$SHM_ROOT/dev/shm" ]] || fail "--shm: the pods' /dev/shm was not $SHM_ROOT/dev/shm"
+  left=$(cd "$SHM_ROOT" && find . -mindepth 1 ! -type d | sort)
+  [[ -z $left ]] || fail "--shm: files left in the pods' /dev/shm (now removed): $(echo $left)"
+  rm -rf -- "$SHM_ROOT"
+  SHM_ROOT=""
+fi
 
 # kill_worker_pod CASE MANIFEST LOG MAX_MS: runs MANIFEST's pods, kills
 # worker 1's pod (kill -9) once it has finished an epoch, and checks that
@@ -453,7 +465,8 @@ grep -q "^\[coordinator\] mx_server: coordinator: every worker of the job died" 
   fail "killed worker pod: the coordinator did not stop saying why"
 
 # 4. The default: one JobSet of the three Jobs, with stable DNS names,
-# start-up in order, success when the workers succeed, failure as a whole.
+# start-up in order, success when the workers and the coordinator succeed,
+# failure as a whole.
 python3 "$K8S_JOB" --name fm -n 2 -s 2 --image reg/mx:1 "${ports[@]}" -- "${worker[@]}" \
   > "$TMP/jobset.json" || fail "k8s_job.py (JobSet) failed"
 python3 - "$TMP/jobset.json" "$PORT" <<'EOF' || fail "JobSet: see above"
@@ -471,8 +484,12 @@ check(js["apiVersion"] == "jobset.x-k8s.io/v1alpha2", "JobSet apiVersion")
 spec = js["spec"]
 check(spec["network"] == {"enableDNSHostnames": True, "subdomain": "fm"}, "JobSet: DNS hostnames")
 check(spec["startupPolicy"] == {"startupPolicyOrder": "InOrder"}, "JobSet: in-order start-up")
-check(spec["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["worker"]},
-      "JobSet: success when the workers succeed")
+# Success once the coordinator has ended too (it exits 0 only once every
+# worker finished and every server and spare was told to shut down): a
+# finished JobSet's controller deletes the Jobs still running, pods and
+# logs with them.
+check(spec["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["worker", "coordinator"]},
+      f"JobSet: success when the workers and the coordinator succeed: {spec['successPolicy']}")
 check(spec["failurePolicy"] == {"maxRestarts": 0}, "JobSet: fails as a whole")
 check(spec["ttlSecondsAfterFinished"] == 3600, "JobSet: TTL")
 check([r["name"] for r in spec["replicatedJobs"]] == ["coordinator", "server", "worker"] and
@@ -498,7 +515,7 @@ for r in 0 1; do
   grep -q "^\[worker $r\] Final test accuracy=1" "$TMP/jobset.log" || fail "JobSet: worker $r did not reach accuracy 1"
 done
 grep -q "^k8s_local.py: every pod exited 0$" "$TMP/jobset.log" || fail "JobSet: not every pod exited 0"
-grep -q "^k8s_local.py: JobSet fm completed (fm-worker-0 completed)$" "$TMP/jobset.log" ||
+grep -q "^k8s_local.py: JobSet fm completed (fm-coordinator-0, fm-worker-0 completed)$" "$TMP/jobset.log" ||
   fail "JobSet: did not complete: $(grep '^k8s_local.py: Job' "$TMP/jobset.log")"
 # In order: the servers start once the coordinator is ready, the workers
 # once the servers are.
@@ -601,9 +618,10 @@ check(jobs["spare"].get("podFailurePolicy") == {"rules": [disrupted, {
 check(plain["fm-spare"].get("podFailurePolicy") == {"rules": [disrupted, {
     "action": "Ignore", "onExitCodes": {"containerName": "spare", "operator": "In", "values": [137, 143]}}]},
     f"--jobs spare: {plain['fm-spare'].get('podFailurePolicy')}")
-# A server stopped from outside is replaced: the new pod joins as a spare.
+# A server stopped from outside, or declared dead (exit code 3: cut off or
+# paused long enough), is replaced: the new pod joins as a spare.
 stopped = {"action": "Ignore", "onExitCodes": {"containerName": "server", "operator": "In",
-                                               "values": [137, 143]}}
+                                               "values": [137, 143, 3]}}
 for policy in (jobs["server"].get("podFailurePolicy"), plain["fm-server"].get("podFailurePolicy")):
     check(policy == {"rules": [dict(disrupted), stopped]},
           f"servers: a stopped server is not replaced: {policy}")
@@ -628,7 +646,7 @@ for r in 0 1; do
   grep -q "^\[worker $r\] worker $r: a spare took the rank of server 1" "$TMP/replicas.log" ||
     fail "replicas: worker $r did not hear of the spare"
 done
-for completed in "Job fm-server-0 completed" "JobSet fm completed (fm-worker-0 completed)"; do
+for completed in "Job fm-server-0 completed" "JobSet fm completed (fm-coordinator-0, fm-worker-0 completed)"; do
   grep -q "^k8s_local.py: $completed$" "$TMP/replicas.log" ||
     fail "replicas: no '$completed': $(grep -E '^k8s_local.py: (Job|JobSet)' "$TMP/replicas.log")"
 done
@@ -646,7 +664,7 @@ for r in 0 1; do
 done
 grep -q "^k8s_local.py: Job fm-spare-0 completed$" "$TMP/spare.log" ||
   fail "spare killed: the new spare's Job did not complete: $(grep '^k8s_local.py: Job' "$TMP/spare.log")"
-grep -q "^k8s_local.py: JobSet fm completed (fm-worker-0 completed)$" "$TMP/spare.log" ||
+grep -q "^k8s_local.py: JobSet fm completed (fm-coordinator-0, fm-worker-0 completed)$" "$TMP/spare.log" ||
   fail "spare killed: the JobSet did not complete: $(grep '^k8s_local.py: Job' "$TMP/spare.log")"
 
 # The coordinator pod killed mid-job: its Job (backoffLimit 1) replaces it,
@@ -676,7 +694,7 @@ for node in "server 0" "server 1" "worker 0" "worker 1"; do
   grep -qE "^\[$node\] .*: rejoined the coordinator at " "$TMP/coordinator.log" ||
     fail "coordinator restart: $node did not rejoin"
 done
-grep -q "^k8s_local.py: JobSet fm completed (fm-worker-0 completed)$" "$TMP/coordinator.log" ||
+grep -q "^k8s_local.py: JobSet fm completed (fm-coordinator-0, fm-worker-0 completed)$" "$TMP/coordinator.log" ||
   fail "coordinator restart: the JobSet did not complete: $(grep '^k8s_local.py: Job' "$TMP/coordinator.log")"
 
 # The coordinator pod deleted mid-job (kubectl delete pod, a drain): the
@@ -698,7 +716,7 @@ for r in 0 1; do
   grep -q "^\[worker $r\] Final test accuracy=1" "$TMP/coordinator_term.log" ||
     fail "coordinator stopped: worker $r did not finish"
 done
-grep -q "^k8s_local.py: JobSet fm completed (fm-worker-0 completed)$" "$TMP/coordinator_term.log" ||
+grep -q "^k8s_local.py: JobSet fm completed (fm-coordinator-0, fm-worker-0 completed)$" "$TMP/coordinator_term.log" ||
   fail "coordinator stopped: the JobSet did not complete"
 
 # 3. Bad flags: refused, saying why.

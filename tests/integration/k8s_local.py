@@ -4,7 +4,8 @@ Kubernetes would start them, so that a test can check that the manifests'
 commands, flags and environment make a working job:
 
   k8s_local.py MANIFEST.json --bin mx_server=PATH --bin mx_train=PATH
-               [--volumes DIR] [--timeout S] [--grace-period S]
+               [--volumes DIR] [--host-path-root DIR] [--timeout S]
+               [--grace-period S]
 
 What Kubernetes would provide is played here on the loopback network: each
 pod gets an address of its own, 127.0.1.N (status.podIP), where its
@@ -20,7 +21,11 @@ every pod that mounts it, as a ReadWriteMany volume), and its mount path in
 a pod's arguments the path of that directory. A Secret volume is a private
 directory holding a file per key, and its mount path in the pod's
 arguments and environment values the path of that directory. A hostPath
-volume is that path on this machine, the pods' one node. Probes
+volume is that path on this machine, the pods' one node, or with
+--host-path-root DIR the same path under DIR (DIR/dev/shm for /dev/shm,
+made if missing): a directory of the caller's own, so that what the pods
+leave there is theirs alone, not the machine's, where other runs write
+too. Probes
 (httpGet, to the pod's address) run as the kubelet runs them: a
 pod is "ready" once its readiness probe first succeeds (printed as
 "k8s_local.py: server 1 ready"), and a pod whose liveness probe fails
@@ -62,14 +67,19 @@ each round of the Jobs' verdicts it is judged as its controller judges
 it, failure first: a failed Job (failurePolicy maxRestarts 0, or none)
 fails the JobSet and every pod of it is stopped ("k8s_local.py: JobSet fm
 failed ..."); else it completes when its successPolicy's target Jobs have
-completed (operator All or Any; every Job without one): "k8s_local.py:
-JobSet fm completed". A finished JobSet stays so: a Job that fails after
-it completed changes nothing, and its Jobs replace no pod (it deletes
-them). Not played: restarts (maxRestarts > 0, or failurePolicy rules, are
-refused), and the stopping of the pods still running once the JobSet has
-finished (they end on their own, as they do within seconds of the
-workers; stopped here at once, they would not have heard the workers had
-finished).
+completed (operator All or Any, over the replicated Jobs that
+targetReplicatedJobs names; every Job without one): "k8s_local.py: JobSet
+fm completed (fm-coordinator-0, fm-worker-0 completed)". A finished JobSet
+stays so: a Job that fails after it completed changes nothing, and its
+Jobs replace no pod (it deletes them). Not played: restarts (maxRestarts
+> 0, or failurePolicy rules, are refused), and the deletion of the Jobs
+still running once the JobSet has finished, which stops their pods
+(jobset v0.8.0 and later): each such Job is named ("k8s_local.py: JobSet
+fm: Job fm-server-0 still running; its controller deletes it, not played
+here"), and its pods end on their own, so that a test still sees their
+exits and logs (with k8s_job.py's JobSet, servers and spares the
+coordinator told to shut down before it exited; a real controller stops
+those still running, and their logs go with their Job).
 
 Pods start as Kubernetes would start them, the Jobs' pods all at once in
 the List's order; each output line is prefixed with the pod's role and
@@ -145,16 +155,24 @@ def secret_dir(name, secrets, secrets_dir):
     return path
 
 
-def mounts(pod_spec, volumes_dir, secrets, secrets_dir):
+def host_path(path, root):
+    """Where a hostPath volume's `path` is here: itself, or under `root`
+    (--host-path-root)."""
+    if root is None:
+        return path
+    return os.path.join(root, os.path.normpath(path).lstrip("/"))
+
+
+def mounts(pod_spec, volumes_dir, secrets, secrets_dir, host_root=None):
     """{mount path: local directory} of a pod's PersistentVolumeClaims,
-    Secrets and hostPaths."""
+    Secrets and hostPaths (under host_root, if given)."""
     claims = {}
     for v in pod_spec.get("volumes", []):
         if "secret" in v:
             claims[v["name"]] = secret_dir(v["secret"]["secretName"], secrets, secrets_dir)
             continue
         if "hostPath" in v:  # the pods run here: this machine is their node
-            claims[v["name"]] = v["hostPath"]["path"]
+            claims[v["name"]] = host_path(v["hostPath"]["path"], host_root)
             continue
         if "persistentVolumeClaim" not in v:
             raise Unsupported(f"volume {v['name']}: {json.dumps(v)}")
@@ -353,7 +371,7 @@ class Job:
         return None
 
 
-def pods(items, bins, volumes_dir, secrets_dir):
+def pods(items, bins, volumes_dir, secrets_dir, host_root=None):
     """(label, argv, env, probes, Job name, pod index, stage) of every pod
     the objects would start, and {Job name: Job}."""
     items, hosts, stages, owner = expand_jobsets(items)
@@ -376,7 +394,7 @@ def pods(items, bins, volumes_dir, secrets_dir):
         if template.get("restartPolicy") != "Never":
             raise Unsupported(f"{item['metadata']['name']}: restartPolicy is not Never")
         (container,) = template["containers"]
-        paths = mounts(template, volumes_dir, secrets, secrets_dir)
+        paths = mounts(template, volumes_dir, secrets, secrets_dir, host_root)
         indexed = spec.get("completionMode") == "Indexed"
         role = item["metadata"]["labels"]["mx-role"]
         job = item["metadata"]["name"]
@@ -550,6 +568,12 @@ def judge_jobset(jobset, jobs, running, lock):
         with lock:
             print(f"k8s_local.py: JobSet {jobset.name} completed ({', '.join(done)} completed)",
                   file=sys.stderr, flush=True)
+            # Its controller deletes these at once, stopping their pods:
+            # not played (see the module doc).
+            for name in jobset.jobs:
+                if jobs[name].state is None:
+                    print(f"k8s_local.py: JobSet {jobset.name}: Job {name} still running; its "
+                          "controller deletes it, not played here", file=sys.stderr, flush=True)
 
 
 class Pod:
@@ -623,6 +647,9 @@ def main():
     ap.add_argument("manifest")
     ap.add_argument("--bin", action="append", default=[], help="NAME=PATH")
     ap.add_argument("--volumes", help="where PersistentVolumeClaims live, one directory each")
+    ap.add_argument("--host-path-root", metavar="DIR",
+                    help="hostPath volumes are their paths under DIR (made if missing), not "
+                         "this machine's own (default: the paths themselves)")
     ap.add_argument("--timeout", type=float, default=120)
     ap.add_argument("--grace-period", type=float, default=5,
                     help="seconds from a stopped pod's SIGTERM to its SIGKILL")
@@ -633,7 +660,8 @@ def main():
     secrets_dir = tempfile.mkdtemp(prefix="k8s-local-secrets-")
     try:
         todo, jobs = pods(doc["items"] if doc.get("kind") == "List" else [doc], bins,
-                          args.volumes, secrets_dir)
+                          args.volumes, secrets_dir,
+                          args.host_path_root and os.path.abspath(args.host_path_root))
     except (Unsupported, KeyError, ValueError) as e:
         print(f"k8s_local.py: unsupported: {e}", file=sys.stderr)
         return 2
