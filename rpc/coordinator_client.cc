@@ -147,7 +147,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Register(
   me.role = static_cast<Role>(client->cluster_.self().role());
   me.rank = client->cluster_.self().rank();
   me.key = client->cluster_.session_key();
-  client->last_answer_ = absl::Now();
+  client->last_answer_ = SteadyNow();
   client->spare_ = req.spare();
   return client;
 }
@@ -164,7 +164,7 @@ void CoordinatorClient::StartHeartbeats(
     on_lost_ = std::move(on_lost);
     stop_ = false;
     lost_ = false;
-    last_answer_ = absl::Now();
+    last_answer_ = SteadyNow();
   }
   {
     std::lock_guard<std::mutex> lock(sleep_mu_);
@@ -222,7 +222,7 @@ bool CoordinatorClient::Beat(int unreachable_server) {
   if (lost_ || stop_) return false;
   if (rejoin && s.ok()) return true;  // the next heartbeat goes to the restarted coordinator
   if (s.ok()) {
-    last_answer_ = absl::Now();
+    last_answer_ = SteadyNow();
     warned_silent_ = false;
     for (const proto::NodeInfo& dead : resp.dead()) {
       auto [it, added] = heard_dead_.try_emplace({dead.role(), dead.rank()}, dead);
@@ -247,7 +247,7 @@ bool CoordinatorClient::Beat(int unreachable_server) {
   // A refusal (a wrong token or key, or a rejoin refused) will not mend.
   const bool refused = absl::IsUnauthenticated(s) || absl::IsPermissionDenied(s) ||
                        (rejoin && !absl::IsUnavailable(s) && !absl::IsDeadlineExceeded(s));
-  const absl::Duration silent = absl::Now() - last_answer_;
+  const absl::Duration silent = SteadyNow() - last_answer_;
   if (!refused && silent < options_.lost_after) {
     if (absl::IsDeadlineExceeded(s)) SaySilent();
     return true;
@@ -272,7 +272,7 @@ void CoordinatorClient::SaySilent() {
   warned_silent_ = true;
   SayCoordinatorSilent(
       absl::StrCat(caller_.role == Role::kServer ? "server " : "worker ", caller_.rank),
-      options_.address, absl::Now() - last_answer_, "going on without it", options_.lost_after);
+      options_.address, SteadyNow() - last_answer_, "going on without it", options_.lost_after);
 }
 
 absl::Status CoordinatorClient::Rejoin() {
@@ -313,7 +313,7 @@ absl::Status CoordinatorClient::Rejoin() {
               << ": rejoined the coordinator at " << options_.address << " (it had restarted)"
               << std::endl;
     std::lock_guard<std::mutex> lock(mu_);
-    last_answer_ = absl::Now();
+    last_answer_ = SteadyNow();
     warned_silent_ = false;
   }
   return s;

@@ -125,7 +125,7 @@ class CoordinatorClient {
   std::mutex mu_;
   std::function<void(const proto::HeartbeatResponse&)> on_answer_;
   std::function<void(const absl::Status&)> on_lost_;
-  absl::Time last_answer_;  // of the coordinator, to a heartbeat or a (re)registration
+  absl::Time last_answer_;  // of the coordinator (SteadyNow), to a heartbeat or a (re)registration
   // What heartbeat answers said, which a rejoin tells a restarted coordinator.
   std::map<std::pair<int, int>, proto::NodeInfo> heard_dead_;  // by (role, rank)
   std::set<int> heard_finished_;

@@ -92,6 +92,15 @@ bool HealthCheck(const std::string& address, const Security& security, absl::Dur
 // InfiniteFuture for a call without a deadline.
 absl::Time GiveUpBefore(std::chrono::system_clock::time_point deadline);
 
+// Now on the steady clock, as an absl::Time: for how long since an event
+// only (a heartbeat's arrival, a node's last answer). On the wall clock a
+// step (NTP, a VM resumed) made every node look silent at once, and the
+// coordinator declared them all dead; a step back hid a dead one. Never a
+// deadline: gRPC's are wall-clock (absl::Now()), and the two do not mix.
+inline absl::Time SteadyNow() {
+  return absl::UnixEpoch() + absl::FromChrono(std::chrono::steady_clock::now().time_since_epoch());
+}
+
 // How long servers and workers wait for every node of the job to register,
 // unless MX_STARTUP_TIMEOUT_S (or mx_server --startup_timeout_s) says.
 constexpr int kDefaultStartupTimeoutSeconds = 120;

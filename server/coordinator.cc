@@ -155,7 +155,7 @@ class Service final {
   bool Finished() {
     absl::MutexLock lock(&mu_);
     if (!EveryWorkerDone() && !Failed()) return false;
-    const absl::Time now = absl::Now();
+    const absl::Time now = rpc::SteadyNow();
     if (Failed() && now - failed_at_ > options_.heartbeat_timeout) return true;
     for (const auto& [rank, unused] : servers_) {
       if (!told_.count(rank) && !dead_.count({proto::SERVER, rank})) return false;
@@ -187,7 +187,7 @@ class Service final {
     Answers answers;
     {
       absl::MutexLock lock(&mu_);
-      const absl::Time now = absl::Now();
+      const absl::Time now = rpc::SteadyNow();
       for (const auto& [node, seen] : last_seen_) {
         if (dead_.count(node) || now - seen < options_.heartbeat_timeout) continue;
         DeclareDead(node);
@@ -205,7 +205,7 @@ class Service final {
         failed_at_ = now;
       }
       AnswerBarriers(&answers);
-      TimeOut(now, &answers);
+      TimeOut(absl::Now(), &answers);  // callers' deadlines: wall-clock
     }
     Deliver(answers);
   }
@@ -244,11 +244,11 @@ class Service final {
       // A job with replicas (the only one whose nodes report) goes on
       // without it; every node then stops calling it, and it stops itself.
       const Reports& r = reports_[rank];
-      if (absl::Now() - r.since < options_.heartbeat_timeout) continue;
+      if (rpc::SteadyNow() - r.since < options_.heartbeat_timeout) continue;
       std::cerr << "mx_server: coordinator: server " << rank << " (" << address
                 << ") answers the coordinator, but " << absl::StrJoin(r.by, ", ")
                 << " could not reach it for "
-                << absl::FormatDuration(absl::Trunc(absl::Now() - r.since, absl::Seconds(1)))
+                << absl::FormatDuration(absl::Trunc(rpc::SteadyNow() - r.since, absl::Seconds(1)))
                 << " (a network partition?); declaring it dead" << std::endl;
       DeclareDead(node);
     }
@@ -427,7 +427,8 @@ class Service final {
     guard_.Admit(RpcRole(req.role()), req.rank(), req.session_key());
     NodeGauge(req.role(), "registered")->Add(1);
     if (!rebuilding_) AwaitTheOthers();
-    if (!left_.count(req.rank()) || req.role() == proto::SERVER) last_seen_[node] = absl::Now();
+    if (!left_.count(req.rank()) || req.role() == proto::SERVER)
+      last_seen_[node] = rpc::SteadyNow();
     std::cerr << "mx_server: coordinator: " << role << " " << req.rank() << " rejoined"
               << std::endl;
     return absl::OkStatus();
@@ -463,7 +464,7 @@ class Service final {
     spare.info.set_role(proto::SERVER);
     spare.info.set_rank(rank);
     SetEndpoints(req, &spare.info);
-    spare.seen = absl::Now();
+    spare.seen = rpc::SteadyNow();
     next_spare_ = std::max(next_spare_, rank - options_.num_servers + 1);
     guard_.Admit(rpc::Role::kServer, rank, key);
   }
@@ -507,7 +508,7 @@ class Service final {
   // heartbeat timeout, as a registered node is expected to heartbeat.
   void AwaitTheOthers() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     rebuilding_ = true;
-    const absl::Time now = absl::Now();
+    const absl::Time now = rpc::SteadyNow();
     auto await = [&](proto::Role role, int expected, std::map<int, proto::NodeInfo>& nodes) {
       for (int rank = 0; rank < expected; ++rank) {
         if (nodes.count(rank)) continue;
@@ -559,7 +560,7 @@ class Service final {
   // at most kReportGap apart make a streak, which the prober weighs.
   void Reported(int server, const std::string& by) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     static constexpr absl::Duration kReportGap = absl::Seconds(8);  // > rpc::kKeepalive
-    const absl::Time now = absl::Now();
+    const absl::Time now = rpc::SteadyNow();
     Reports& r = reports_[server];
     if (now - r.last > kReportGap) r = Reports{now, now, {}};
     r.last = now;
@@ -648,7 +649,7 @@ class Service final {
   // one's is void from now on), and is expected to heartbeat as that rank
   // within the heartbeat timeout. Its next heartbeat answer tells it.
   void AssignSpare(int d) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    const absl::Time now = absl::Now();
+    const absl::Time now = rpc::SteadyNow();
     for (auto& [rank, spare] : spares_) {
       if (spare.assigned >= 0 || now - spare.seen > options_.heartbeat_timeout) continue;
       spare.assigned = d;
@@ -712,7 +713,7 @@ class Service final {
   // starts now, not at its own registration (which may be long before the
   // last node's).
   void AnswerRegistrations(Answers* answers) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    const absl::Time now = absl::Now();
+    const absl::Time now = rpc::SteadyNow();
     for (const Waiting& w : registering_) {
       proto::RegisterResponse resp;
       *resp.mutable_self() = w.node;
@@ -742,7 +743,7 @@ class Service final {
     const auto& nodes = req.role() == proto::SERVER ? servers_ : workers_;
     const bool spare = req.role() == proto::SERVER && spares_.count(req.rank());
     if (spare) {
-      spares_[req.rank()].seen = absl::Now();
+      spares_[req.rank()].seen = rpc::SteadyNow();
       spares_[req.rank()].silent = false;
       if (spares_[req.rank()].assigned < 0) AssignVacantRanks();  // it may have been silent
       if (const auto d = spares_[req.rank()].assigned; d >= 0) *resp->mutable_assignment() = Assignment(req.rank(), d);
@@ -753,7 +754,7 @@ class Service final {
     // Not for a worker that has left (no longer expected) or one declared
     // dead (which stays dead).
     if (auto it = last_seen_.find(key); it != last_seen_.end() && !dead_.count(key)) {
-      it->second = absl::Now();
+      it->second = rpc::SteadyNow();
     }
     if (req.role() == proto::SERVER && !spare) Serving(req.rank());
     for (int server : req.unreachable_servers()) {
@@ -977,7 +978,7 @@ class Service final {
   std::map<std::pair<proto::Role, int>, proto::NodeInfo> dead_ ABSL_GUARDED_BY(mu_);
   std::string failure_ ABSL_GUARDED_BY(mu_);  // why the job failed, "" if it has not
   absl::Time failed_at_ ABSL_GUARDED_BY(mu_);
-  const absl::Time started_ = absl::Now();
+  const absl::Time started_ = rpc::SteadyNow();
   std::map<int64_t, std::set<int>> entered_ ABSL_GUARDED_BY(mu_);
   std::set<int> left_ ABSL_GUARDED_BY(mu_);  // workers that finished
   // How long a finished job's coordinator waits for waiting spares to
