@@ -652,7 +652,8 @@ def main():
     ap.add_argument("--startup-timeout", type=int, default=600,
                     help="seconds within which every pod must start and register (scheduling "
                          "and image pulls included), else the job fails saying who is missing "
-                         "(1 to 86400)")
+                         "(1 to 86400); enforced by the pods that started: a job none of whose "
+                         "pods starts waits until --deadline")
     ap.add_argument("--ttl", type=int, default=3600,
                     help="seconds a finished JobSet or Job (its pods, their logs) is kept before "
                          "deletion (a finished JobSet's Jobs still running go at once)")
