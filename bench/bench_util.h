@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <vector>
@@ -93,13 +94,35 @@ inline std::pair<double, double> MedianPair(int rounds, const std::function<void
 
 // One figure's BENCH line; `extra` (e.g. "range=A-B": the value's spread
 // over the repetitions) goes at its end.
+inline int& FiguresReported() {
+  static int n = 0;
+  return n;
+}
 inline void Report(const std::string& name, double value,
                    const std::string& unit, double baseline, double ratio,
                    const std::string& target, const std::string& extra = "") {
+  ++FiguresReported();
   std::printf("BENCH name=%s value=%.4g unit=%s baseline=%.4g ratio=%.3f target=%s%s%s\n",
               name.c_str(), value, unit.c_str(), baseline, ratio,
               target.c_str(), extra.empty() ? "" : " ", extra.c_str());
   std::fflush(stdout);
+}
+
+// A bench's exit code once it ran: 2, saying so, when it was given a
+// `filter` that no figure matched (a mistyped name printed nothing and
+// exited 0, which a script reads as a run).
+inline int ExitCode(const char* bench, const std::string& filter) {
+  if (filter.empty() || FiguresReported() > 0) return 0;
+  std::fprintf(stderr, "%s: no figure matches '%s'\n", bench, filter.c_str());
+  return 2;
+}
+
+// A bench that takes no arguments refuses any (exit code 2): it ran every
+// figure, whatever was asked.
+inline void NoArguments(const char* bench, int argc, char** argv) {
+  if (argc <= 1) return;
+  std::fprintf(stderr, "%s takes no arguments (got '%s'): it runs every figure\n", bench, argv[1]);
+  std::exit(2);
 }
 
 }  // namespace mx::bench

@@ -836,5 +836,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "dist_bench: %s\n", e.what());
     return 1;
   }
-  return 0;
+  // A job's workers print only their own figures: judged in-process only.
+  return job ? 0 : mx::bench::ExitCode("dist_bench", mx::bench::only);
 }

@@ -113,6 +113,11 @@ int main(int argc, char** argv) {
   // graph_bench --profile mlp|lenet|resnet: per-operation times, no comparison.
   if (only == "--profile" && argc > 2) {
     const std::string model = argv[2];
+    if (model != "mlp" && model != "lenet" && model != "resnet") {
+      std::fprintf(stderr, "graph_bench --profile: mlp, lenet or resnet, not '%s'\n",
+                   model.c_str());
+      return 2;
+    }
     Profile(model == "mlp" ? Mlp() : model == "resnet" ? mx::zoo::ResNet() : LeNet(), 50);
     return 0;
   }
@@ -121,5 +126,5 @@ int main(int argc, char** argv) {
   // The zoo's ResNet (worker/zoo.h: a 3x3x16 stem, 2 residual blocks with
   // BatchNorm, global average pooling), as bench/torch_baseline.py's resnet().
   if (only.empty() || only == "resnet") Compare("resnet", mx::zoo::ResNet(), 1.5);
-  return 0;
+  return ExitCode("graph_bench", only);
 }

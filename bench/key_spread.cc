@@ -9,11 +9,13 @@
 // than under MXNet's rule) and the target on the value: <= 1.1. Then a
 // table of the slices per step (message entries) and the spread with
 // other min_slice settings, for docs/scaling.md.
+#include "tests/kvstore/key_spread.h"
+
 #include <cstdio>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "kvstore/placement.h"
-#include "tests/kvstore/key_spread.h"
 
 namespace mx {
 namespace {
@@ -61,4 +63,7 @@ int Main() {
 }  // namespace
 }  // namespace mx
 
-int main() { return mx::Main(); }
+int main(int argc, char** argv) {
+  mx::bench::NoArguments("key_spread", argc, argv);
+  return mx::Main();
+}

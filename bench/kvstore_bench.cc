@@ -44,7 +44,8 @@ void Run() {
 }  // namespace
 }  // namespace mx::bench
 
-int main() {
+int main(int argc, char** argv) {
+  mx::bench::NoArguments("kvstore_bench", argc, argv);
   mx::bench::Run();
   return 0;
 }

@@ -211,6 +211,7 @@ void SettleOpenBlasThreads(char** argv) {
 
 int main(int argc, char** argv) {
   using namespace mx::bench;
+  NoArguments("ndarray_bench", argc, argv);
   SettleOpenBlasThreads(argv);
   BenchElementwise();
   BenchDot();

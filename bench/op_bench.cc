@@ -19,5 +19,5 @@ int main(int argc, char** argv) {
                       t.reference_seconds * 1e6, t.reference_seconds / t.mx_seconds,
                       "info(naive_reference_forward)");
   }
-  return 0;
+  return mx::bench::ExitCode("op_bench", filter);
 }

@@ -93,4 +93,7 @@ int Main() {
 }  // namespace
 }  // namespace mx
 
-int main() { return mx::Main(); }
+int main(int argc, char** argv) {
+  mx::bench::NoArguments("sparse_bench", argc, argv);
+  return mx::Main();
+}

@@ -160,5 +160,5 @@ int main(int argc, char** argv) {
   if (only.empty() || only == "resnet") {
     Compare("resnet", mx::zoo::ResNet(), 1, or_default(4), 0.01f, 0.9f, 1.5);
   }
-  return 0;
+  return ExitCode("train_bench", only);
 }

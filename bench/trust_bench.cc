@@ -261,5 +261,5 @@ int main(int argc, char** argv) {
   mx::bench::Token();
   mx::bench::Metrics();
   mx::bench::TraceOff();
-  return 0;
+  return mx::bench::ExitCode("trust_bench", mx::bench::only);
 }
