@@ -5,8 +5,8 @@
 //   mx_ctr_gen --out=test.txt.gz --samples=100000 --seed=2   (the same planted model)
 //
 // Prints one line: samples, click rate, the planted model's log-loss (the
-// best achievable) and a constant predictor's. Exit 1 on an error, 2 on a
-// bad flag.
+// best achievable) and a constant predictor's. Exit 1 on an error or a
+// flag that does not parse, 2 on a value out of range.
 #include <iostream>
 
 #include "absl/flags/flag.h"

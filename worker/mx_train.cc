@@ -11,6 +11,7 @@
 // accuracy ("Final test accuracy=0.8765").
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -407,6 +408,10 @@ absl::Status Run() {
       {"type", absl::GetFlag(FLAGS_gradient_compression)}};
   if (!absl::GetFlag(FLAGS_gradient_compression_threshold).empty()) {
     compression["threshold"] = absl::GetFlag(FLAGS_gradient_compression_threshold);
+    if (compression["type"] == "none") {  // set alone, it was ignored
+      return absl::InvalidArgumentError(
+          "--gradient_compression_threshold needs --gradient_compression=2bit");
+    }
   }
   if (kv_type != "local") {
     MX_ASSIGN_OR_RETURN(store, KVStore::Create(kv_type));
@@ -445,7 +450,11 @@ absl::Status Run() {
                                     absl::GetFlag(FLAGS_ctr_embed_dim),
                                     absl::GetFlag(FLAGS_ctr_sparse))
                          : zoo::ByName(network);
-    if (!net.ok() && network.find('.') != std::string::npos) net = Symbol::Load(network);
+    // Not a built-in name: a symbol file (any path, with or without a dot).
+    if (!net.ok() &&
+        (network.find_first_of("./") != std::string::npos || access(network.c_str(), F_OK) == 0)) {
+      net = Symbol::Load(network);
+    }
     if (!net.ok()) return net.status();
     model = std::make_unique<FeedForward>(*net, contexts);
   }

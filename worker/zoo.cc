@@ -83,7 +83,8 @@ absl::StatusOr<Symbol> ByName(const std::string& name, int num_classes) {
   if (name == "lenet") return LeNet(num_classes);
   if (name == "resnet") return ResNet(2, num_classes);
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown network '", name, "' (built in: mlp, lenet, resnet)"));
+      absl::StrCat("unknown network '", name,
+                   "' (built in: mlp, lenet, resnet; mx_train also ctr, or a symbol file)"));
 }
 
 }  // namespace mx::zoo

@@ -41,6 +41,11 @@ expect_fail "unknown flag" "nosuchflag" --nosuchflag=1
 expect_fail "a word that is no flag" "unexpected argument 'false'" \
   --allow_non_finite_params false
 expect_fail "unknown network" "unknown network 'vgg'" --network=vgg
+# A symbol file whose name has no dot is still read as one.
+expect_fail "a symbol file without a dot" "$TMP/nodot" --network="$TMP/nodot"
+expect_fail "a compression threshold alone" \
+  "--gradient_compression_threshold needs --gradient_compression=2bit" \
+  --gradient_compression_threshold=0.5
 expect_fail "missing data" "$TMP/nodata" --data_dir="$TMP/nodata"
 expect_fail "distributed kvstore" "dist_sync" --kvstore=dist_sync
 expect_fail "resume without prefix" "--resume_epoch needs --checkpoint_prefix" --resume_epoch=2
