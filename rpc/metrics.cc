@@ -26,8 +26,14 @@ std::string Number(double v) {
   // The shortest form that reads back as v (0.0005, not
   // 0.00050000000000000001). No printf: the HTTP server's threads have
   // small stacks, and glibc's printf of a double overflowed one.
+  // Whole numbers below 2^53 as integers (1000000, not 1e+06), and the
+  // rest in the general style (0.0005, not 5e-04: Prometheus matches a
+  // bucket's le="0.0005" as the text, as other clients write it).
   char buf[32];
-  const std::to_chars_result r = std::to_chars(buf, buf + sizeof(buf), v);
+  const std::to_chars_result r =
+      std::abs(v) < 9007199254740992.0 && v == std::trunc(v)
+          ? std::to_chars(buf, buf + sizeof(buf), static_cast<int64_t>(v))
+          : std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::general);
   return std::string(buf, r.ptr);
 }
 

@@ -81,26 +81,55 @@ int PortOf(int fd) {
 
 // libmicrohttpd's request callback: `self` is the HttpServer.
 MHD_Result Handle(void* self, MHD_Connection* conn, const char* url, const char* method,
-                  const char*, const char*, size_t* upload_size, void**) {
+                  const char*, const char*, size_t*, void**) {
+  // A request with a body says so in its headers (the first call sees none
+  // of the body yet, whatever its size).
+  const char* length = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
+  const bool has_body =
+      (length != nullptr && std::string(length) != "0") ||
+      MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Transfer-Encoding") != nullptr;
   const HttpServer::Response a = static_cast<const HttpServer*>(self)->Answer(
-      url != nullptr ? url : "", method != nullptr ? method : "", *upload_size != 0);
+      url != nullptr ? url : "", method != nullptr ? method : "", has_body);
   MHD_Response* r = MHD_create_response_from_buffer(
       a.body.size(), const_cast<char*>(a.body.data()), MHD_RESPMEM_MUST_COPY);
   MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, a.type);
+  if (a.code == MHD_HTTP_METHOD_NOT_ALLOWED) MHD_add_response_header(r, "Allow", "GET, HEAD");
   const MHD_Result result = MHD_queue_response(conn, a.code, r);
   MHD_destroy_response(r);
   return result;
 }
 
+// A connection's whole life, its request and our answer: a peer that
+// sends its request a line at a time (within the idle timeout each) held
+// a slot for ever, and 16 addresses with 8 such connections each took
+// every slot: the kubelet's probes failed and it restarted the pod.
+constexpr absl::Duration kRequestTime = absl::Seconds(2);
+
 }  // namespace
+
+void HttpServer::Loop() {
+  while (!stop_.load()) {
+    MHD_run_wait(daemon_, 100);
+    const absl::Time now = absl::Now();
+    for (const auto& [conn, started] : started_) {
+      if (now - started < kRequestTime) continue;
+      // The daemon closes it at its next run; it runs on this thread only,
+      // so the socket is still its own.
+      const MHD_ConnectionInfo* info =
+          MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+      if (info != nullptr) shutdown(info->connect_fd, SHUT_RDWR);
+    }
+  }
+}
 
 HttpServer::Response HttpServer::Answer(const std::string& path, const std::string& method,
                                         bool has_body) const {
   if (path != "/metrics" && path != "/healthz" && path != "/livez") {
     return {MHD_HTTP_NOT_FOUND, "text/plain", "mx serves /metrics, /healthz and /livez\n"};
   }
-  if (method != MHD_HTTP_METHOD_GET || has_body) {
-    return {MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain", "only GET\n"};
+  // HEAD as GET (the daemon sends no body): uptime checkers use it.
+  if ((method != MHD_HTTP_METHOD_GET && method != MHD_HTTP_METHOD_HEAD) || has_body) {
+    return {MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain", "only GET and HEAD, without a body\n"};
   }
   if (path == "/metrics") {
     return {MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", registry_->Text()};
@@ -144,24 +173,35 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
   }
   std::unique_ptr<HttpServer> server(new HttpServer(registry));
   server->port_ = PortOf(*fd);
-  // One thread answers every request (a scrape every few seconds); a
-  // connection idle for 10 s is closed. At most kPerAddress connections
-  // per client address: 32 idle ones from anywhere took every slot, and
-  // the kubelet's probes failed until it restarted the pod.
-  constexpr unsigned kConnections = 128, kPerAddress = 8;
-  server->daemon_ =
-      MHD_start_daemon(MHD_USE_AUTO_INTERNAL_THREAD, 0, nullptr, nullptr, &Handle, server.get(),
-                       MHD_OPTION_LISTEN_SOCKET, *fd, MHD_OPTION_CONNECTION_TIMEOUT, 10u,
-                       MHD_OPTION_CONNECTION_LIMIT, kConnections,
-                       MHD_OPTION_PER_IP_CONNECTION_LIMIT, kPerAddress, MHD_OPTION_END);
+  // One thread (Loop) answers every request (a scrape every few seconds)
+  // and ends every connection after kRequestTime. At most kPerAddress
+  // connections per client address: 32 idle ones from anywhere took every
+  // slot, and the kubelet's probes failed until it restarted the pod.
+  constexpr unsigned kConnections = 128, kPerAddress = 4;
+  auto notify = +[](void* self, MHD_Connection* conn, void**, MHD_ConnectionNotificationCode code) {
+    auto& started = static_cast<HttpServer*>(self)->started_;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+      started[conn] = absl::Now();
+    } else {
+      started.erase(conn);
+    }
+  };
+  server->daemon_ = MHD_start_daemon(
+      MHD_USE_AUTO, 0, nullptr, nullptr, &Handle, server.get(), MHD_OPTION_LISTEN_SOCKET, *fd,
+      MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_CONNECTION_LIMIT, kConnections,
+      MHD_OPTION_PER_IP_CONNECTION_LIMIT, kPerAddress, MHD_OPTION_NOTIFY_CONNECTION, notify,
+      server.get(), MHD_OPTION_END);
   if (server->daemon_ == nullptr) {
     close(*fd);
     return absl::InternalError(absl::StrCat("metrics: cannot serve on ", bind_address));
   }
+  server->thread_ = std::thread([s = server.get()] { s->Loop(); });
   return server;
 }
 
 HttpServer::~HttpServer() {
+  stop_.store(true);
+  if (thread_.joinable()) thread_.join();
   if (daemon_ != nullptr) MHD_stop_daemon(daemon_);  // closes the socket
 }
 

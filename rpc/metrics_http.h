@@ -14,8 +14,10 @@
 
 #include <atomic>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -24,6 +26,7 @@
 #include "rpc/metrics.h"
 
 struct MHD_Daemon;
+struct MHD_Connection;
 
 namespace mx {
 namespace metrics {
@@ -61,8 +64,16 @@ class HttpServer {
 
   Response Liveness() const;
 
+  // The HTTP thread: runs the daemon's events, and ends each connection
+  // older than kRequestTime (see Start).
+  void Loop();
+
   Registry* const registry_;
   ::MHD_Daemon* daemon_ = nullptr;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  // Open connections and when they started (HTTP thread only).
+  std::map<::MHD_Connection*, absl::Time> started_;
   int port_ = 0;
   std::atomic<bool> serving_{false};
   mutable absl::Mutex liveness_mu_;

@@ -56,6 +56,19 @@ TEST(Registry, WritesTheTextFormat) {
             "pushes_total{method=\"Push\",code=\"OK\"} 3\n");
 }
 
+// Numbers as other Prometheus clients write them: a bucket's bound
+// le="0.0005" (Prometheus matches le as text; "5e-04" missed a selector
+// written for other exporters) and a whole count without an exponent.
+TEST(Registry, NumbersAreWrittenAsOtherClientsWriteThem) {
+  Registry r;
+  r.AddCounter("bytes_total", "Bytes")->With({})->Add(1e6);
+  r.AddHistogram("wait_seconds", "Wait", {1e-05, 0.0005})->With({})->Observe(1);
+  const std::string text = r.Text();
+  EXPECT_THAT(text, HasSubstr("bytes_total 1000000\n"));
+  EXPECT_THAT(text, HasSubstr("wait_seconds_bucket{le=\"0.0005\"} 0\n"));
+  EXPECT_THAT(text, HasSubstr("wait_seconds_bucket{le=\"1e-05\"} 0\n"));  // as Go's client
+}
+
 TEST(Registry, EscapesLabelValuesAndKeepsMembers) {
   Registry r;
   Family<Counter>* f = r.AddCounter("c_total", "C", {"l"});
@@ -154,6 +167,70 @@ TEST(HttpServer, IdleConnectionsFromOneAddressLeaveRoomForOthers) {
   EXPECT_THAT(GetOn(ConnectFrom((*s)->port(), "127.0.0.2"), "/livez"), HasSubstr("HTTP/1.1 200"));
   EXPECT_LT(absl::Now() - start, absl::Seconds(2)) << "not until the idle ones timed out";
   for (int fd : idle) close(fd);
+}
+
+// A request sent a line at a time, each within the idle timeout, is ended
+// after 2 s: 16 addresses with 8 such connections each held every slot,
+// and the kubelet's probes failed for as long as they trickled.
+TEST(HttpServer, ARequestThatTricklesInIsEndedAfterTwoSeconds) {
+  Registry r;
+  auto s = HttpServer::Start("127.0.0.1:0", &r);
+  ASSERT_TRUE(s.ok()) << s.status();
+  std::vector<int> slow;
+  for (const char* from : {"127.0.0.3", "127.0.0.4"}) {
+    for (int i = 0; i < 4; ++i) slow.push_back(ConnectFrom((*s)->port(), from));
+  }
+  for (int fd : slow) {
+    const std::string line = "GET /livez HTTP/1.1\r\n";
+    ASSERT_EQ(send(fd, line.data(), line.size(), MSG_NOSIGNAL), static_cast<ssize_t>(line.size()));
+  }
+  const absl::Time start = absl::Now();
+  std::vector<bool> ended(slow.size(), false);
+  size_t left = slow.size();
+  while (left > 0 && absl::Now() - start < absl::Seconds(8)) {
+    absl::SleepFor(absl::Milliseconds(250));
+    for (size_t i = 0; i < slow.size(); ++i) {
+      if (ended[i]) continue;
+      const std::string header = "X-Slow: 1\r\n";
+      char buf[256];
+      const bool closed = send(slow[i], header.data(), header.size(), MSG_NOSIGNAL) < 0 ||
+                          recv(slow[i], buf, sizeof(buf), MSG_DONTWAIT) == 0;
+      if (closed) {
+        ended[i] = true;
+        --left;
+      }
+    }
+  }
+  EXPECT_EQ(left, 0u) << "connections still open after 8 s of trickling";
+  EXPECT_LT(absl::Now() - start, absl::Seconds(4));
+  for (int fd : slow) close(fd);
+  EXPECT_THAT(GetOn(ConnectFrom((*s)->port(), "127.0.0.3"), "/livez"), HasSubstr("HTTP/1.1 200"));
+}
+
+// HEAD is answered as GET, without a body (uptime checkers use it); a GET
+// with a body is refused, saying what is allowed (the check never fired:
+// the first callback sees no body yet).
+TEST(HttpServer, HeadIsAGetAndAGetWithABodyIsRefused) {
+  Registry r;
+  auto s = HttpServer::Start("127.0.0.1:0", &r);
+  ASSERT_TRUE(s.ok()) << s.status();
+  (*s)->SetServing(true);
+  auto raw = [&](const std::string& request) {
+    const int fd = ConnectFrom((*s)->port(), "127.0.0.1");
+    (void)send(fd, request.data(), request.size(), MSG_NOSIGNAL);
+    std::string out;
+    char buf[4096];
+    ssize_t n;
+    while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) out.append(buf, n);
+    close(fd);
+    return out;
+  };
+  const std::string head = raw("HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_THAT(head, HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(head, Not(HasSubstr("ok\n")));
+  const std::string body = raw("GET /livez HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello");
+  EXPECT_THAT(body, HasSubstr("HTTP/1.1 405"));
+  EXPECT_THAT(body, HasSubstr("Allow: GET, HEAD"));
 }
 
 // With a progress probe, /livez fails once the loop it watches has not
