@@ -1,6 +1,7 @@
 // Save and Load of named NDArray lists; the format is documented in
 // ndarray.h next to the declarations.
 #include <fcntl.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -398,14 +399,22 @@ absl::StatusOr<NamedArrays> DeserializeArrays(const std::string& bytes,
 namespace {
 
 // Creates a file to write `path` through, beside it (a rename within a
-// directory is atomic), named *tmp: a name of its own, PATH.tmp.PID.N. Two
-// writers of one path (a worker declared dead that does not know it yet,
-// and the one that took over the checkpoints) shared "PATH.tmp": one
-// truncated what the other then renamed.
+// directory is atomic), named *tmp: a name of its own, PATH.tmp.PID.RANDOM.
+// Two writers of one path (a worker declared dead that does not know it
+// yet, and the one that took over the checkpoints) shared "PATH.tmp": one
+// truncated what the other then renamed. Random, as a pid and a count are
+// the same in every run of a container (PID 1), where a writer killed part
+// way leaves its file on the volume for the next run to meet.
 absl::StatusOr<std::FILE*> CreateTemp(const std::string& path, std::string* tmp) {
   static std::atomic<uint64_t> files{0};
-  *tmp = absl::StrCat(path, ".tmp.", getpid(), ".", files++);
-  const int fd = open(tmp->c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  int fd = -1;
+  for (int attempt = 0; fd < 0 && attempt < 8; ++attempt) {
+    uint64_t r = 0;
+    if (getrandom(&r, sizeof(r), 0) != sizeof(r)) r = files.load();
+    *tmp = absl::StrCat(path, ".tmp.", getpid(), ".", absl::Hex(r ^ files++, absl::kZeroPad16));
+    fd = open(tmp->c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0 && errno != EEXIST) break;
+  }
   if (fd < 0) return ErrnoError("cannot create", *tmp);
   std::FILE* f = fdopen(fd, "wb");
   if (f == nullptr) {

@@ -288,7 +288,8 @@ void CopyFromTo(const NDArray& from, const NDArray& to, int priority = 0,
 using NamedArrays = std::vector<std::pair<std::string, NDArray>>;
 absl::Status Save(const std::string& path, const NamedArrays& arrays);
 
-// Writes `bytes` to `path` through path + ".tmp" and a rename, so a write
+// Writes `bytes` to `path` through a file of its own beside it
+// (PATH.tmp.PID.RANDOM) and a rename, so a write
 // that fails (a full disk) leaves a file already at `path` as it was. The
 // error names the file and the system's reason.
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes);
@@ -309,7 +310,8 @@ absl::StatusOr<NamedArrays> Load(const std::string& path, Context ctx = cpu());
 //   w->Finish();                             // the checksum, then rename
 class ArrayFileWriter {
  public:
-  // Starts `path` + ".tmp" for `count` arrays.
+  // Starts a file of its own beside `path` (PATH.tmp.PID.RANDOM) for
+  // `count` arrays.
   static absl::StatusOr<std::unique_ptr<ArrayFileWriter>> Create(const std::string& path,
                                                                  uint64_t count);
   ~ArrayFileWriter();  // without Finish: removes the temporary file

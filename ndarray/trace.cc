@@ -90,8 +90,11 @@ absl::Status StartIn(const std::string& dir, const std::string& role) {
   }
   if (d.empty()) return absl::OkStatus();
   const std::string path = absl::StrCat(d, "/", role, "-", getpid(), ".trace.json");
+  // Created and removed: a file left empty by a process killed before
+  // Write made deploy/trace_merge.py refuse the whole directory.
   if (std::FILE* f = std::fopen(path.c_str(), "w")) {
     std::fclose(f);
+    std::remove(path.c_str());
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat(from, "=", d, ": cannot create ", path, ": ", std::strerror(errno)));

@@ -35,8 +35,9 @@ inline bool Enabled() { return internal::enabled.load(std::memory_order_relaxed)
 void Start(const std::string& path);
 // Starts recording into DIR/ROLE-PID.trace.json as process `role` when
 // `dir` (a --trace flag) or else MX_TRACE_DIR names a directory; nothing
-// otherwise. The file is created now: one that cannot be (no such
-// directory) is an error at start, not after the run, and nothing records.
+// otherwise. The file is tried now (created and removed): one that cannot
+// be (no such directory) is an error at start, not after the run, and
+// nothing records.
 absl::Status StartIn(const std::string& dir, const std::string& role);
 // Stops recording; what was recorded stays for Write.
 void Stop();
