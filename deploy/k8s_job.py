@@ -401,12 +401,13 @@ def spare_failure_rules(args, role):
     1: it lost the coordinator, or the job failed, which the other Jobs
     report); the JobSet deletes the Job when it ends, which bounds the
     replacements. With --jobs, which has no JobSet to do that, only a spare
-    stopped from outside (STOPPED_FROM_OUTSIDE) is replaced: a spare that
+    stopped from outside (STOPPED_FROM_OUTSIDE), or declared dead once it
+    took a rank (DECLARED_DEAD), is replaced: a spare that
     fails on its own (1, 2) would fail again in every replacement, for
     ever once the job has ended, and its Job's failure fails nothing
     there."""
     codes = ({"operator": "NotIn", "values": [0]} if not args.jobs
-             else {"operator": "In", "values": STOPPED_FROM_OUTSIDE})
+             else {"operator": "In", "values": STOPPED_FROM_OUTSIDE + [DECLARED_DEAD]})
     return [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
                                                       "status": "True"}]},
             {"action": "Ignore", "onExitCodes": {"containerName": role, **codes}}]
@@ -587,7 +588,7 @@ def network_policy(args):
     namespace by default: Prometheus runs elsewhere); nothing else."""
     job_pods = {"podSelector": {"matchLabels": {JOB_LABEL: args.name}}}
     scrapers = ({"namespaceSelector": {"matchLabels": {
-        "kubernetes.io/metadata.name": args.metrics_from}}} if args.metrics_from
+        "kubernetes.io/metadata.name": args.metrics_from}}} if args.metrics_from is not None
         else {"namespaceSelector": {}})
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -723,6 +724,11 @@ def main():
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", args.name):
         ap.error(f"--name {args.name!r}: lower-case letters, digits and '-', starting with a "
                  "letter, at most 40 characters")
+    # A namespace name; "" (an unset shell variable) admitted every
+    # namespace without a word.
+    if args.metrics_from is not None and not re.fullmatch(
+            r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", args.metrics_from):
+        ap.error(f"--metrics-from {args.metrics_from!r}: not a namespace name")
     # The nodes' limit for MX_STARTUP_TIMEOUT_S: more, and every pod would
     # refuse to start.
     if not 1 <= args.startup_timeout <= 86400:

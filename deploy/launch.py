@@ -303,8 +303,9 @@ class Proc:
         process killed by a signal, as for a lost connection, so a remote
         node runs under sh (Remote.command), which exits 128 + N instead:
         read back as -N. (A remote node that exits 129 or more itself is
-        read as killed too; mx's binaries exit 0, 1 or 2, or 128 + N when
-        signal N stopped them, which is the same news.)"""
+        read as killed too; mx's binaries exit 0, 1, 2 or 3 (a server
+        declared dead), or 128 + N when signal N stopped them, which is the
+        same news.)"""
         code = self.popen.poll()
         if code is None or not self.remote or not 128 < code < 255:
             return code
@@ -776,6 +777,19 @@ def every_worker_left(workers):
     return bool(workers) and all(w.left_job for w in workers)
 
 
+def workers_left(job, lost):
+    """Whether every worker but the `lost` ones left the job, giving the
+    threads that copy their output a moment to read a last line ("left the
+    job") already written: a coordinator killed just after it is seen dead
+    first."""
+    workers = [w for w in job.workers() if w not in lost]
+    for w in workers:
+        if w.popen.poll() is not None:
+            w.drain()
+    wait_for(lambda: every_worker_left(workers), 0.3)
+    return every_worker_left(workers)
+
+
 def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
     """Waits for the job to end; returns the launcher's exit code. A
     coordinator killed by a signal, or one that hangs (at least half of the
@@ -804,8 +818,7 @@ def supervise(job, elastic, grace, replicas=1, coordinator_restarts=0):
             if code == 0 and all_workers_finished(job, lost, grace):
                 break
             p.drain()  # its last lines first
-            if p.role == "coordinator" and every_worker_left(
-                    [w for w in job.workers() if w not in lost]):
+            if p.role == "coordinator" and workers_left(job, lost):
                 continue  # killed after the job ran: finish() stops the servers
             if p.role == "coordinator" and code < 0 and coordinator_restarts > 0:
                 coordinator_restarts -= 1

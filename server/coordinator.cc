@@ -673,6 +673,7 @@ class Service final {
   // vacant (their keys have one copy): a spare that registers, rejoins or
   // heartbeats again after a silence takes one.
   void AssignVacantRanks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (EveryWorkerDone() || Failed()) return;  // nothing left to serve
     std::vector<int> vacant;
     for (const auto& [node, info] : dead_) {
       if (node.first == proto::SERVER) vacant.push_back(node.second);

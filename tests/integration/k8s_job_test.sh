@@ -610,13 +610,14 @@ check(command("spare")[-1] == "--spare" and "--replicas=2" in command("spare")
 # A failed spare is replaced by a new one, its failure ignored, so that the
 # spare Job, and with it the JobSet, never fails for it: any failure in a
 # JobSet (which deletes the Job, and so ends the replacements, when it
-# ends); with --jobs, a spare stopped from outside (137, 143) or disrupted.
+# ends); with --jobs, a spare stopped from outside (137, 143), declared dead
+# once it took a rank (3) or disrupted.
 disrupted = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
 check(jobs["spare"].get("podFailurePolicy") == {"rules": [disrupted, {
     "action": "Ignore", "onExitCodes": {"containerName": "spare", "operator": "NotIn", "values": [0]}}]},
     f"spare: a failed spare is not replaced: {jobs['spare'].get('podFailurePolicy')}")
 check(plain["fm-spare"].get("podFailurePolicy") == {"rules": [disrupted, {
-    "action": "Ignore", "onExitCodes": {"containerName": "spare", "operator": "In", "values": [137, 143]}}]},
+    "action": "Ignore", "onExitCodes": {"containerName": "spare", "operator": "In", "values": [137, 143, 3]}}]},
     f"--jobs spare: {plain['fm-spare'].get('podFailurePolicy')}")
 # A server stopped from outside, or declared dead (exit code 3: cut off or
 # paused long enough), is replaced: the new pod joins as a spare.
@@ -729,6 +730,9 @@ expect_refusal() {  # expect_refusal MESSAGE ARGS...
 expect_refusal "-n and -s must be at least 1" --name fm -n 0 -s 1 --image x -- mx_train
 expect_refusal "give the worker command after --" --name fm -n 1 -s 1 --image x
 expect_refusal "--name 'Fm': lower-case letters" --name Fm -n 1 -s 1 --image x -- mx_train
+# An unset variable ("") admitted scrapes from every namespace.
+expect_refusal "--metrics-from '': not a namespace name" --name fm -n 1 -s 1 --image x \
+  --metrics-from "" -- mx_train
 expect_refusal "--port 70000: not a port" --name fm -n 1 -s 1 --image x --port 70000 -- mx_train
 expect_refusal "give --tls (a new Secret) or --tls-secret" --name fm -n 1 -s 1 --image x --tls \
   --tls-secret s -- mx_train
