@@ -103,16 +103,21 @@ int ConnectFrom(int port, const char* from) {
   return fd;
 }
 
-// The whole response to a GET of `path` on the connection fd, closed then.
-std::string GetOn(int fd, const std::string& path) {
-  const std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
-  (void)send(fd, req.data(), req.size(), MSG_NOSIGNAL);
+// The whole response to `request` (raw bytes) on the connection fd, closed
+// then.
+std::string Exchange(int fd, const std::string& request) {
+  (void)send(fd, request.data(), request.size(), MSG_NOSIGNAL);
   std::string out;
   char buf[4096];
   ssize_t n;
   while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) out.append(buf, n);
   close(fd);
   return out;
+}
+
+// The whole response to a GET of `path` on the connection fd, closed then.
+std::string GetOn(int fd, const std::string& path) {
+  return Exchange(fd, "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
 }
 
 // A GET of `path` on 127.0.0.1:port (or [::1]:port): the whole response.
@@ -216,14 +221,7 @@ TEST(HttpServer, HeadIsAGetAndAGetWithABodyIsRefused) {
   ASSERT_TRUE(s.ok()) << s.status();
   (*s)->SetServing(true);
   auto raw = [&](const std::string& request) {
-    const int fd = ConnectFrom((*s)->port(), "127.0.0.1");
-    (void)send(fd, request.data(), request.size(), MSG_NOSIGNAL);
-    std::string out;
-    char buf[4096];
-    ssize_t n;
-    while ((n = recv(fd, buf, sizeof(buf), 0)) > 0) out.append(buf, n);
-    close(fd);
-    return out;
+    return Exchange(ConnectFrom((*s)->port(), "127.0.0.1"), request);
   };
   const std::string head = raw("HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_THAT(head, HasSubstr("HTTP/1.1 200"));
