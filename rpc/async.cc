@@ -286,8 +286,16 @@ void AsyncServer::Dispatch(internal::Call* call) {
 
 UnaryReactor* AsyncServer::Check(const grpc::ByteBuffer& request, grpc::ByteBuffer* response) {
   auto* reactor = new UnaryReactor;
-  // HealthCheckRequest{service = 1}: only the whole server ("") is known.
-  if (request.Length() != 0) {
+  // HealthCheckRequest{service = 1}: only the whole server ("") is known,
+  // sent as no bytes or (a client that writes the empty string) 0a 00.
+  std::string bytes;
+  std::vector<grpc::Slice> slices;
+  if (request.Length() <= 2 && request.Dump(&slices).ok()) {
+    for (const grpc::Slice& s : slices) {
+      bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    }
+  }
+  if (request.Length() > 2 || (!bytes.empty() && bytes != std::string("\x0a\x00", 2))) {
     reactor->Finish(
         grpc::Status(grpc::StatusCode::NOT_FOUND, "only the empty service name is served"));
     return reactor;

@@ -19,12 +19,15 @@ namespace metrics {
 
 namespace {
 
-// A dual-stack socket listening on [::]:port, or -1 where the system has
-// no IPv6: 0.0.0.0 (every address) then takes IPv6 too, as gRPC's wildcard
-// ports do, for pods on IPv6 or dual-stack clusters.
+// A dual-stack socket listening on [::]:port, or -1 with errno set (no
+// IPv6 on the system, say): 0.0.0.0 (every address) then takes IPv6 too,
+// as gRPC's wildcard ports do, for pods on IPv6 or dual-stack clusters.
 int ListenDualStack(const std::string& port) {
   int p;
-  if (!absl::SimpleAtoi(port, &p) || p < 0 || p > 65535) return -1;
+  if (!absl::SimpleAtoi(port, &p) || p < 0 || p > 65535) {
+    errno = EINVAL;
+    return -1;
+  }
   const int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return -1;
   const int one = 1, zero = 0;
@@ -35,7 +38,9 @@ int ListenDualStack(const std::string& port) {
   a.sin6_port = htons(static_cast<uint16_t>(p));
   if (setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) != 0 ||
       bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || listen(fd, 64) != 0) {
+    const int e = errno;
     close(fd);
+    errno = e;
     return -1;
   }
   return fd;
@@ -47,6 +52,9 @@ int ListenDualStack(const std::string& port) {
 absl::StatusOr<int> ListenOn(const std::string& host, const std::string& port) {
   if (host == "0.0.0.0") {
     if (const int fd = ListenDualStack(port); fd >= 0) return fd;
+    // Taken on IPv6 (another process's [::]:port): not IPv4 alone, which
+    // left IPv6 probes and scrapes to that process.
+    if (errno == EADDRINUSE) return absl::UnavailableError(std::strerror(EADDRINUSE));
   }
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;

@@ -353,6 +353,10 @@ TEST_P(AsyncServerTest, HealthIsAnsweredByTheServer) {
   server_->SetServing(true);
   ASSERT_TRUE(Call("/grpc.health.v1.Health/Check", "", &got).ok());
   EXPECT_EQ(got, std::string("\x08\x01", 2));  // SERVING
+  // The empty name written out (service = ""), as some clients send it:
+  // the whole server too (it was NOT_FOUND).
+  ASSERT_TRUE(Call("/grpc.health.v1.Health/Check", std::string("\x0a\x00", 2), &got).ok());
+  EXPECT_EQ(got, std::string("\x08\x01", 2));
   EXPECT_EQ(Call("/grpc.health.v1.Health/Check", "\x0a\x01s").error_code(),
             grpc::StatusCode::NOT_FOUND);  // a named service
 }

@@ -273,6 +273,32 @@ TEST(HttpServer, EveryAddressMeansIpv4AndIpv6) {
   EXPECT_THAT(Get((*s)->port(), "/livez", /*ipv6=*/true), HasSubstr("HTTP/1.1 200"));
 }
 
+// Every address on a port another process holds on IPv6 alone is an error,
+// not IPv4 alone (which left IPv6 probes and scrapes to that process).
+TEST(HttpServer, EveryAddressOnAPortTakenOnIpv6IsAnError) {
+  const int other = socket(AF_INET6, SOCK_STREAM, 0);
+  const int one = 1;
+  sockaddr_in6 any{};
+  any.sin6_family = AF_INET6;
+  any.sin6_addr = in6addr_any;
+  if (other < 0 || setsockopt(other, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0 ||
+      bind(other, reinterpret_cast<sockaddr*>(&any), sizeof(any)) != 0 || listen(other, 1) != 0) {
+    if (other >= 0) close(other);
+    GTEST_SKIP() << "no IPv6 on this machine";
+  }
+  socklen_t n = sizeof(any);
+  getsockname(other, reinterpret_cast<sockaddr*>(&any), &n);
+  Registry r;
+  const std::string address = "0.0.0.0:" + std::to_string(ntohs(any.sin6_port));
+  auto s = HttpServer::Start(address, &r);
+  EXPECT_FALSE(s.ok()) << "served IPv4 alone";
+  if (!s.ok()) {
+    EXPECT_THAT(s.status().message(),
+                HasSubstr("cannot listen on " + address + ": Address already in use"));
+  }
+  close(other);
+}
+
 TEST(HttpServer, APortInUseIsAnErrorNamingIt) {
   Registry r;
   auto first = HttpServer::Start("127.0.0.1:0", &r);
