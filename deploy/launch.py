@@ -12,9 +12,10 @@ messages (on stderr, "launch.py: ...") add what the process said about
 itself (a server's address) and its pid.
 
 Success: when every worker has exited 0 (mx_train leaves the job when it is
-done, and says "worker N: left the job"), the servers and the coordinator shut down on their own (each logs
-"every worker finished; shutting down" and exits 0; any still running 5 s
-later is stopped with SIGTERM and reported) and the launcher exits 0. Workers
+done, and says "worker N: left the job"), the servers and the coordinator
+shut down on their own (each logs "every worker finished; shutting down"
+and exits 0; any still running 5 s later is stopped with SIGTERM and
+reported) and the launcher exits 0. Workers
 that all exit 0 without the coordinator having seen them finish (they never
 joined the job: a worker command `true`, an mx_train with --kvstore=local
 inside a wrapper script, `mx_train --help`) leave it waiting: the launcher

@@ -167,12 +167,11 @@ int WorkersFromEnv(int requested) {
   if (requested > 0) return requested;
   if (const char* v = std::getenv("MX_CPU_WORKER_NTHREADS")) {
     int n = 0;
-    // More than 1024 is no plan: thread creation failed (an abort).
-    if (absl::SimpleAtoi(v, &n) && n > 0 && n <= 1024) return n;
+    if (absl::SimpleAtoi(v, &n) && n > 0 && n <= kMaxEngineWorkers) return n;
     std::fprintf(stderr,
-                 "mx: MX_CPU_WORKER_NTHREADS=%s is not a number of threads from 1 to 1024; "
+                 "mx: MX_CPU_WORKER_NTHREADS=%s is not a number of threads from 1 to %d; "
                  "using 1\n",
-                 v);
+                 v, kMaxEngineWorkers);
   }
   return 1;
 }

@@ -98,6 +98,11 @@ struct Var;
 struct OprBlock;
 }  // namespace engine
 
+// The most engine workers a process may ask for (MX_CPU_WORKER_NTHREADS,
+// mx_train --threads): more is no plan, and thread creation failed (an
+// abort).
+constexpr int kMaxEngineWorkers = 1024;
+
 // A variable: the unit of dependency tracking. NDArrays own one each (slices
 // and reshapes share their parent's).
 using VarHandle = engine::Var*;

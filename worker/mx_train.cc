@@ -38,6 +38,7 @@
 #include "absl/synchronization/mutex.h"
 #include "graph/symbol.h"
 #include "kvstore/kvstore.h"
+#include "ndarray/engine.h"
 #include "ndarray/env.h"
 #include "ndarray/ndarray.h"
 #include "ndarray/storage.h"
@@ -268,9 +269,9 @@ absl::Status CheckFlags() {
   MX_RETURN_IF_ERROR(at_least("batch_size", absl::GetFlag(FLAGS_batch_size), 1));
   MX_RETURN_IF_ERROR(at_least("checkpoint_period", absl::GetFlag(FLAGS_checkpoint_period), 1));
   MX_RETURN_IF_ERROR(at_least("threads", absl::GetFlag(FLAGS_threads), 0));
-  if (absl::GetFlag(FLAGS_threads) > 1024) {  // as MX_CPU_WORKER_NTHREADS (engine.cc)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--threads=", absl::GetFlag(FLAGS_threads), ": must be at most 1024"));
+  if (absl::GetFlag(FLAGS_threads) > kMaxEngineWorkers) {
+    return absl::InvalidArgumentError(absl::StrCat("--threads=", absl::GetFlag(FLAGS_threads),
+                                                   ": must be at most ", kMaxEngineWorkers));
   }
   MX_RETURN_IF_ERROR(at_least("early_stopping", absl::GetFlag(FLAGS_early_stopping), 0));
   MX_RETURN_IF_ERROR(at_least("resume_epoch", absl::GetFlag(FLAGS_resume_epoch), 0));
